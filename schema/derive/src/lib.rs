@@ -1,0 +1,299 @@
+//! `#[derive(Syncable)]`: generates a Keel model's `Syncable` implementation from attributes.
+//!
+//! Struct attributes: `#[syncable(model = "entry", domain = "index", priority = 30)]` where `domain`
+//! is `index`, `content`, `scope` (the type provides `fn scope_domain(&self) -> SyncDomain`) or
+//! `parent:FIELD` (the domain of the record that FIELD references).
+//! Field attributes: `uuid` (the record uuid, `Uuid` or `Option<Uuid>`), `skip` (not synced),
+//! `references = "model"` (a dependency) and `breaks_cycle` (a nullable reference applied in a
+//! second step).
+
+use proc_macro::TokenStream;
+use proc_macro2::Span;
+use quote::quote;
+use syn::{parse_macro_input, Data, DeriveInput, Fields, LitInt, LitStr, Type};
+
+/// Derives `keel_schema::Syncable`. See the crate docs for the attributes.
+#[proc_macro_derive(Syncable, attributes(syncable))]
+pub fn derive_syncable(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    match expand(&input) {
+        Ok(tokens) => tokens.into(),
+        Err(err) => err.to_compile_error().into(),
+    }
+}
+
+struct FieldInfo {
+    ident: syn::Ident,
+    ty: Type,
+    references: Option<String>,
+    breaks_cycle: bool,
+}
+
+enum DomainAttr {
+    Index,
+    Content,
+    Scope,
+    Parent(String),
+}
+
+fn is_option(ty: &Type) -> bool {
+    match ty {
+        Type::Path(p) => p
+            .path
+            .segments
+            .last()
+            .map(|s| s.ident == "Option")
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
+fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
+    let name = &input.ident;
+    let mut model: Option<String> = None;
+    let mut domain: Option<DomainAttr> = None;
+    let mut priority: u8 = 50;
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("model") {
+                model = Some(meta.value()?.parse::<LitStr>()?.value());
+            } else if meta.path.is_ident("priority") {
+                priority = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+            } else if meta.path.is_ident("domain") {
+                let lit = meta.value()?.parse::<LitStr>()?;
+                let text = lit.value();
+                domain = Some(match text.as_str() {
+                    "index" => DomainAttr::Index,
+                    "content" => DomainAttr::Content,
+                    "scope" => DomainAttr::Scope,
+                    other => match other.strip_prefix("parent:") {
+                        Some(field) => DomainAttr::Parent(field.to_string()),
+                        None => {
+                            return Err(syn::Error::new(
+                                lit.span(),
+                                "syncable: domain must be \"index\", \"content\", \"scope\" or \"parent:FIELD\"",
+                            ))
+                        }
+                    },
+                });
+            } else {
+                return Err(meta.error(
+                    "syncable: unknown struct attribute; expected `model`, `domain` or `priority`",
+                ));
+            }
+            Ok(())
+        })?;
+    }
+    let model = model.ok_or_else(|| {
+        syn::Error::new(
+            Span::call_site(),
+            "syncable: missing #[syncable(model = \"name\")] on the struct",
+        )
+    })?;
+    let domain = domain.ok_or_else(|| {
+        syn::Error::new(
+            Span::call_site(),
+            "syncable: missing #[syncable(domain = \"...\")] on the struct",
+        )
+    })?;
+
+    let Data::Struct(data) = &input.data else {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "syncable: only structs with named fields can be Syncable",
+        ));
+    };
+    let Fields::Named(named) = &data.fields else {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "syncable: only structs with named fields can be Syncable",
+        ));
+    };
+
+    let mut uuid_field: Option<(syn::Ident, bool)> = None;
+    let mut synced: Vec<FieldInfo> = Vec::new();
+    let mut skipped: Vec<syn::Ident> = Vec::new();
+    for field in &named.named {
+        let Some(ident) = field.ident.clone() else {
+            continue;
+        };
+        let mut is_uuid = false;
+        let mut skip = false;
+        let mut references = None;
+        let mut breaks_cycle = false;
+        for attr in field.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
+            attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("uuid") {
+                    is_uuid = true;
+                } else if meta.path.is_ident("skip") {
+                    skip = true;
+                } else if meta.path.is_ident("references") {
+                    references = Some(meta.value()?.parse::<LitStr>()?.value());
+                } else if meta.path.is_ident("breaks_cycle") {
+                    breaks_cycle = true;
+                } else {
+                    return Err(meta.error(
+                        "syncable: unknown field attribute; expected `uuid`, `skip`, `references = \"model\"` or `breaks_cycle`",
+                    ));
+                }
+                Ok(())
+            })?;
+        }
+        if breaks_cycle && (references.is_none() || !is_option(&field.ty)) {
+            return Err(syn::Error::new_spanned(
+                &field.ty,
+                "syncable: `breaks_cycle` needs `references = \"model\"` on an Option field",
+            ));
+        }
+        if is_uuid {
+            if uuid_field.is_some() {
+                return Err(syn::Error::new_spanned(
+                    &ident,
+                    "syncable: only one field can be #[syncable(uuid)]",
+                ));
+            }
+            uuid_field = Some((ident, is_option(&field.ty)));
+        } else if skip {
+            skipped.push(ident);
+        } else {
+            synced.push(FieldInfo {
+                ident,
+                ty: field.ty.clone(),
+                references,
+                breaks_cycle,
+            });
+        }
+    }
+    let (uuid_ident, uuid_is_option) = uuid_field.ok_or_else(|| {
+        syn::Error::new(
+            Span::call_site(),
+            "syncable: one field must be marked #[syncable(uuid)]",
+        )
+    })?;
+
+    let field_defs = synced.iter().map(|f| {
+        let fname = f.ident.to_string();
+        let ty = &f.ty;
+        let references = match &f.references {
+            Some(r) => quote!(::core::option::Option::Some(#r)),
+            None => quote!(::core::option::Option::None),
+        };
+        let breaks_cycle = f.breaks_cycle;
+        quote! {
+            ::keel_schema::FieldDef {
+                name: #fname,
+                ty: <#ty as ::keel_schema::FieldValue>::TYPE,
+                nullable: <#ty as ::keel_schema::FieldValue>::NULLABLE,
+                references: #references,
+                breaks_cycle: #breaks_cycle,
+            }
+        }
+    });
+    let skipped_names = skipped.iter().map(|s| s.to_string());
+    let uuid_name = uuid_ident.to_string();
+    let (domain_rule, domain_body) = match &domain {
+        DomainAttr::Index => (
+            quote!(::keel_schema::DomainRule::Fixed(::keel_schema::SyncDomain::Index)),
+            quote!(::keel_schema::SyncDomain::Index),
+        ),
+        DomainAttr::Content => (
+            quote!(::keel_schema::DomainRule::Fixed(::keel_schema::SyncDomain::Content)),
+            quote!(::keel_schema::SyncDomain::Content),
+        ),
+        DomainAttr::Scope => (
+            quote!(::keel_schema::DomainRule::ByScope),
+            quote!(self.scope_domain()),
+        ),
+        DomainAttr::Parent(field) => {
+            let Some(parent) = synced.iter().find(|f| f.ident == field.as_str()) else {
+                return Err(syn::Error::new(
+                    Span::call_site(),
+                    format!("syncable: domain parent field `{field}` is not a synced field"),
+                ));
+            };
+            let Some(parent_model) = parent.references.clone() else {
+                return Err(syn::Error::new_spanned(
+                    &parent.ident,
+                    "syncable: a domain parent field needs `references = \"model\"`",
+                ));
+            };
+            let pident = &parent.ident;
+            (
+                quote!(::keel_schema::DomainRule::ByParent(#field)),
+                quote! {
+                    lookup
+                        .domain_of(#parent_model, ::core::convert::Into::into(self.#pident))
+                        .unwrap_or(::keel_schema::SyncDomain::Index)
+                },
+            )
+        }
+    };
+    let to_values = synced.iter().map(|f| {
+        let ident = &f.ident;
+        quote!(::keel_schema::FieldValue::to_value(&self.#ident))
+    });
+    let from_values = synced.iter().enumerate().map(|(i, f)| {
+        let ident = &f.ident;
+        let ty = &f.ty;
+        quote!(#ident: <#ty as ::keel_schema::FieldValue>::from_value(values.get(#i)?)?)
+    });
+    let skipped_init = skipped
+        .iter()
+        .map(|s| quote!(#s: ::core::default::Default::default()));
+    let record_uuid = if uuid_is_option {
+        quote!(self.#uuid_ident)
+    } else {
+        quote!(::core::option::Option::Some(self.#uuid_ident))
+    };
+    let uuid_init = if uuid_is_option {
+        quote!(#uuid_ident: ::core::option::Option::Some(uuid))
+    } else {
+        quote!(#uuid_ident: uuid)
+    };
+    let field_count = synced.len();
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let lookup_ident = if matches!(domain, DomainAttr::Parent(_)) {
+        quote!(lookup)
+    } else {
+        quote!(_lookup)
+    };
+
+    Ok(quote! {
+        impl #impl_generics ::keel_schema::Syncable for #name #ty_generics #where_clause {
+            const DEF: &'static ::keel_schema::ModelDef = &::keel_schema::ModelDef {
+                name: #model,
+                uuid_field: #uuid_name,
+                domain: #domain_rule,
+                fields: &[#(#field_defs),*],
+                skipped: &[#(#skipped_names),*],
+                priority: #priority,
+            };
+
+            fn record_uuid(&self) -> ::core::option::Option<::keel_schema::uuid::Uuid> {
+                #record_uuid
+            }
+
+            fn field_values(&self) -> ::std::vec::Vec<::keel_schema::Value> {
+                ::std::vec![#(#to_values),*]
+            }
+
+            fn from_field_values(
+                uuid: ::keel_schema::uuid::Uuid,
+                values: &[::keel_schema::Value],
+            ) -> ::core::option::Option<Self> {
+                if values.len() != #field_count {
+                    return ::core::option::Option::None;
+                }
+                ::core::option::Option::Some(Self {
+                    #uuid_init,
+                    #(#from_values,)*
+                    #(#skipped_init,)*
+                })
+            }
+
+            fn sync_domain(&self, #lookup_ident: &dyn ::keel_schema::DomainLookup) -> ::keel_schema::SyncDomain {
+                #domain_body
+            }
+        }
+    })
+}

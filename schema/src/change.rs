@@ -1,0 +1,240 @@
+//! `Change`: one write to one record, and its versioned canonical encoding.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::SchemaError;
+use crate::hlc::Hlc;
+use crate::ids::{ChangeId, DeviceId};
+use crate::registry::{code_of, model_by_code};
+use crate::syncable::ModelDef;
+use crate::value::Value;
+use crate::Syncable;
+
+/// The newest change encoding this build writes and reads.
+pub const CHANGE_FORMAT_VERSION: u8 = 1;
+
+/// Upper bound on fields in one upsert (no model has more).
+pub const FIELDS_PER_CHANGE_MAX: usize = 64;
+
+/// What a change does to its record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Sets these fields (by index in the model's field list); other fields keep their values.
+    Upsert(Vec<(u8, Value)>),
+    /// Deletes the record (a tombstone, ordered like any write).
+    Delete,
+}
+
+/// One write to one record, made by one device at one HLC reading.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Unique id (UUIDv7); pushing a change twice is idempotent by this id.
+    pub id: ChangeId,
+    /// When and where it was made; its `device` is the origin device.
+    pub hlc: Hlc,
+    /// The model's code (see [`MODELS`](crate::MODELS)).
+    pub model: u8,
+    /// The record's uuid.
+    pub record: Uuid,
+    /// What it does.
+    pub op: Op,
+}
+
+impl Change {
+    /// The device that made the change.
+    pub fn origin(&self) -> DeviceId {
+        self.hlc.device
+    }
+
+    /// The model's definition (`None` only for a change that failed [`Change::validate`]).
+    pub fn model_def(&self) -> Option<&'static ModelDef> {
+        model_by_code(self.model)
+    }
+
+    /// A full upsert of `record`; `None` if it is not sync-ready (no uuid yet).
+    pub fn upsert<M: Syncable>(id: ChangeId, hlc: Hlc, record: &M) -> Option<Self> {
+        let uuid = record.record_uuid()?;
+        let fields = record
+            .field_values()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, v)| u8::try_from(i).ok().map(|i| (i, v)))
+            .collect();
+        Some(Self {
+            id,
+            hlc,
+            model: code_of::<M>(),
+            record: uuid,
+            op: Op::Upsert(fields),
+        })
+    }
+
+    /// An upsert of some fields of model `M`, by name. Unknown names are a [`SchemaError`].
+    pub fn upsert_fields<M: Syncable>(
+        id: ChangeId,
+        hlc: Hlc,
+        record: Uuid,
+        fields: Vec<(&str, Value)>,
+    ) -> Result<Self, SchemaError> {
+        let def = M::DEF;
+        let mut indexed = Vec::with_capacity(fields.len());
+        for (name, value) in fields {
+            let index = def
+                .field_index(name)
+                .and_then(|i| u8::try_from(i).ok())
+                .ok_or_else(|| SchemaError::Malformed(format!("{}.{name}: no such field", def.name)))?;
+            indexed.push((index, value));
+        }
+        let change = Self {
+            id,
+            hlc,
+            model: code_of::<M>(),
+            record,
+            op: Op::Upsert(indexed),
+        };
+        change.validate()?;
+        Ok(change)
+    }
+
+    /// A delete of a record of model `M`.
+    pub fn delete<M: Syncable>(id: ChangeId, hlc: Hlc, record: Uuid) -> Self {
+        Self {
+            id,
+            hlc,
+            model: code_of::<M>(),
+            record,
+            op: Op::Delete,
+        }
+    }
+
+    /// Checks the model code, field indexes and value types.
+    pub fn validate(&self) -> Result<(), SchemaError> {
+        let def = model_by_code(self.model)
+            .ok_or_else(|| SchemaError::UnknownModel(format!("code {}", self.model)))?;
+        if let Op::Upsert(fields) = &self.op {
+            if fields.len() > FIELDS_PER_CHANGE_MAX {
+                return Err(SchemaError::Malformed(format!(
+                    "{} fields in one change (max {FIELDS_PER_CHANGE_MAX})",
+                    fields.len()
+                )));
+            }
+            for (index, value) in fields {
+                let field = def
+                    .fields
+                    .get(usize::from(*index))
+                    .ok_or(SchemaError::UnknownField {
+                        model: def.name,
+                        index: *index,
+                    })?;
+                if !field.ty.accepts(value) || (matches!(value, Value::Null) && !field.nullable) {
+                    return Err(SchemaError::WrongType {
+                        model: def.name,
+                        field: field.name,
+                        expected: field.ty.name(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The canonical encoding: a version byte, then MessagePack.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        out.push(CHANGE_FORMAT_VERSION);
+        // Writing into a Vec cannot fail, and every field type is serializable.
+        let mut serializer = rmp_serde::Serializer::new(&mut out).with_binary();
+        if self.serialize(&mut serializer).is_err() {
+            out.truncate(1);
+        }
+        out
+    }
+
+    /// Decodes and validates [`Change::encode`] output. Never panics on any input.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SchemaError> {
+        let (&version, body) = bytes.split_first().ok_or(SchemaError::Empty)?;
+        if version != CHANGE_FORMAT_VERSION {
+            return Err(SchemaError::UnsupportedVersion {
+                found: version,
+                supported: CHANGE_FORMAT_VERSION,
+            });
+        }
+        let mut reader = body;
+        let mut deserializer = rmp_serde::Deserializer::new(&mut reader).with_binary();
+        let change = Change::deserialize(&mut deserializer)
+            .map_err(|e| SchemaError::Malformed(e.to_string()))?;
+        let rest = reader.len();
+        if rest != 0 {
+            return Err(SchemaError::Malformed(format!("{rest} trailing bytes")));
+        }
+        change.validate()?;
+        Ok(change)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{Entry, EntryKind};
+
+    fn sample() -> Change {
+        let entry = Entry {
+            uuid: Some(Uuid::now_v7()),
+            location: Uuid::now_v7(),
+            relative_path: "photos/2024".into(),
+            name: "beach.jpg".into(),
+            kind: EntryKind::File.code(),
+            size: 123_456,
+            created_ms: 1_700_000_000_000,
+            modified_ms: 1_700_000_000_001,
+            content: Some(Uuid::new_v4()),
+            metadata: None,
+        };
+        let hlc = Hlc {
+            physical_ms: 1_700_000_000_002,
+            counter: 3,
+            device: DeviceId([7; 32]),
+        };
+        Change::upsert(ChangeId::new(), hlc, &entry).expect("entry has a uuid")
+    }
+
+    #[test]
+    fn round_trips_and_is_compact() {
+        let change = sample();
+        let bytes = change.encode();
+        assert_eq!(bytes[0], CHANGE_FORMAT_VERSION);
+        assert!(bytes.len() < 256, "encoded size {}", bytes.len());
+        assert_eq!(Change::decode(&bytes).expect("decodes"), change);
+    }
+
+    #[test]
+    fn rejects_bad_versions_and_truncation() {
+        let mut bytes = sample().encode();
+        assert!(matches!(Change::decode(&[]), Err(SchemaError::Empty)));
+        bytes[0] = 9;
+        assert!(matches!(
+            Change::decode(&bytes),
+            Err(SchemaError::UnsupportedVersion { found: 9, .. })
+        ));
+        bytes[0] = CHANGE_FORMAT_VERSION;
+        for cut in 1..bytes.len() {
+            assert!(Change::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_types() {
+        let mut change = sample();
+        change.op = Op::Upsert(vec![(0, Value::Int(3))]);
+        assert!(matches!(
+            Change::decode(&change.encode()),
+            Err(SchemaError::WrongType { .. })
+        ));
+        change.op = Op::Upsert(vec![(200, Value::Null)]);
+        assert!(matches!(
+            Change::decode(&change.encode()),
+            Err(SchemaError::UnknownField { .. })
+        ));
+    }
+}

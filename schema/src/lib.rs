@@ -1,0 +1,31 @@
+//! Keel's domain schema: the seven synced models, the `Syncable` trait and its derive, the
+//! dependency graph, `Change`/`Op`, hybrid logical clocks, ids, and the canonical encoding.
+//!
+//! This crate does no I/O. Every other Keel crate depends on it.
+
+extern crate self as keel_schema;
+
+mod change;
+mod error;
+mod graph;
+mod hlc;
+mod ids;
+mod models;
+mod registry;
+mod syncable;
+mod value;
+
+pub use change::{Change, Op, CHANGE_FORMAT_VERSION, FIELDS_PER_CHANGE_MAX};
+pub use error::SchemaError;
+pub use graph::{plan, SyncPlan};
+pub use hlc::{Hlc, HlcClock};
+pub use ids::{ChangeId, DeviceId, Epoch, LibraryId, Lsn};
+pub use keel_schema_derive::Syncable;
+pub use models::{
+    content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
+    ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata, UserMetadataTag,
+};
+pub use registry::{code_of, model_by_code, model_code, MODELS};
+pub use syncable::{DomainLookup, DomainRule, FieldDef, ModelDef, SyncDomain, Syncable};
+pub use uuid;
+pub use value::{FieldType, FieldValue, Value};

@@ -1,0 +1,225 @@
+//! The seven synced models of a library, with the fields of the source design.
+
+use uuid::Uuid;
+
+use crate::syncable::SyncDomain;
+use crate::Syncable;
+
+/// A device that belongs to the library.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "device", domain = "index", priority = 0)]
+pub struct Device {
+    /// Record uuid (UUIDv5 of the device id).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The device id in hex.
+    pub device_id: String,
+    /// A name the user recognises.
+    pub name: String,
+    /// Operating system.
+    pub os: String,
+    /// When the device joined, ms since the Unix epoch.
+    pub created_ms: i64,
+}
+
+/// A folder on one device that the library indexes.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "location", domain = "index", priority = 10)]
+pub struct Location {
+    /// Record uuid.
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The owning device's record uuid.
+    #[syncable(references = "device")]
+    pub device: Uuid,
+    /// Absolute path on the owning device.
+    pub path: String,
+    /// Display name.
+    pub name: String,
+    /// When it was added, ms since the Unix epoch.
+    pub created_ms: i64,
+}
+
+/// What an entry is on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file.
+    File = 0,
+    /// A directory.
+    Directory = 1,
+    /// A symbolic link (not followed).
+    Symlink = 2,
+}
+
+impl EntryKind {
+    /// The stored code.
+    pub fn code(self) -> i64 {
+        self as i64
+    }
+
+    /// From the stored code; unknown codes read as `File`.
+    pub fn from_code(code: i64) -> Self {
+        match code {
+            1 => EntryKind::Directory,
+            2 => EntryKind::Symlink,
+            _ => EntryKind::File,
+        }
+    }
+}
+
+/// One file or directory inside a location.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "entry", domain = "index", priority = 30)]
+pub struct Entry {
+    /// Record uuid; `None` until the entry is identified (sync readiness).
+    #[syncable(uuid)]
+    pub uuid: Option<Uuid>,
+    /// The location it is in.
+    #[syncable(references = "location")]
+    pub location: Uuid,
+    /// The parent directory's path relative to the location root (`""` at the root).
+    pub relative_path: String,
+    /// File or directory name.
+    pub name: String,
+    /// [`EntryKind`] code.
+    pub kind: i64,
+    /// Size in bytes (0 for directories).
+    pub size: i64,
+    /// Creation time, ms since the Unix epoch (0 if unknown).
+    pub created_ms: i64,
+    /// Modification time, ms since the Unix epoch.
+    pub modified_ms: i64,
+    /// The content it holds, once identified.
+    #[syncable(references = "content_identity")]
+    pub content: Option<Uuid>,
+    /// Its entry-scoped metadata; breaks the Entry ↔ UserMetadata cycle.
+    #[syncable(references = "user_metadata", breaks_cycle)]
+    pub metadata: Option<Uuid>,
+}
+
+/// A unique content, identified by hash; the same bytes give the same uuid on every device.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "content_identity", domain = "content", priority = 20)]
+pub struct ContentIdentity {
+    /// UUIDv5 of (library id, content hash); see [`content_uuid`](crate::content_uuid).
+    #[syncable(uuid)]
+    pub uuid: Option<Uuid>,
+    /// BLAKE3 of the content, hex.
+    pub content_hash: String,
+    /// MIME type, when known.
+    pub mime: Option<String>,
+    /// A coarse kind (`text`, `image`, …).
+    pub kind: String,
+    /// Size of the content in bytes.
+    pub size: i64,
+    /// Number of entries with this content: derived by each projection, never synced.
+    #[syncable(skip)]
+    pub entry_count: i64,
+    /// Total size of those entries: derived by each projection, never synced.
+    #[syncable(skip)]
+    pub total_size: i64,
+}
+
+/// Notes and flags about one entry or one content (exactly one scope).
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "user_metadata", domain = "scope", priority = 40)]
+pub struct UserMetadata {
+    /// Record uuid.
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// Entry scope.
+    #[syncable(references = "entry")]
+    pub entry: Option<Uuid>,
+    /// Content scope.
+    #[syncable(references = "content_identity")]
+    pub content: Option<Uuid>,
+    /// Free text notes.
+    pub notes: Option<String>,
+    /// Favourite flag.
+    pub favorite: bool,
+    /// Hidden flag.
+    pub hidden: bool,
+    /// Host-app data, JSON text.
+    pub custom_data: Option<String>,
+}
+
+impl UserMetadata {
+    /// Entry scope syncs in the Index domain, content scope in the Content domain.
+    pub fn scope_domain(&self) -> SyncDomain {
+        if self.entry.is_some() {
+            SyncDomain::Index
+        } else {
+            SyncDomain::Content
+        }
+    }
+}
+
+/// A tag.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "tag", domain = "content", priority = 20)]
+pub struct Tag {
+    /// Record uuid (UUIDv5 of the name, so devices agree on a tag; see [`tag_uuid`](crate::tag_uuid)).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// Tag name.
+    pub name: String,
+    /// Display colour.
+    pub color: Option<String>,
+    /// When it was created, ms since the Unix epoch.
+    pub created_ms: i64,
+}
+
+/// A tag applied to a UserMetadata, keyed by (user metadata uuid, tag uuid).
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "user_metadata_tag", domain = "parent:user_metadata", priority = 50)]
+pub struct UserMetadataTag {
+    /// UUIDv5 of the pair; see [`user_metadata_tag_uuid`](crate::user_metadata_tag_uuid).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The UserMetadata.
+    #[syncable(references = "user_metadata")]
+    pub user_metadata: Uuid,
+    /// The tag.
+    #[syncable(references = "tag")]
+    pub tag: Uuid,
+    /// When it was applied, ms since the Unix epoch.
+    pub created_ms: i64,
+}
+
+const CONTENT_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d63_6f6e_7465_6e74_0000_0001);
+const TAG_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d74_6167_0000_0000_0000_0001);
+const UMT_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d75_6d74_0000_0000_0000_0001);
+
+/// The deterministic uuid of a content: UUIDv5 of (library id, content hash).
+pub fn content_uuid(library: Uuid, content_hash: &str) -> Uuid {
+    let mut name = Vec::with_capacity(16 + content_hash.len());
+    name.extend_from_slice(library.as_bytes());
+    name.extend_from_slice(content_hash.as_bytes());
+    Uuid::new_v5(&CONTENT_NAMESPACE, &name)
+}
+
+/// The deterministic uuid of a tag in a library: UUIDv5 of (library id, name).
+pub fn tag_uuid(library: Uuid, name: &str) -> Uuid {
+    let mut bytes = Vec::with_capacity(16 + name.len());
+    bytes.extend_from_slice(library.as_bytes());
+    bytes.extend_from_slice(name.as_bytes());
+    Uuid::new_v5(&TAG_NAMESPACE, &bytes)
+}
+
+/// The portable key of a UserMetadataTag: UUIDv5 of (user metadata uuid, tag uuid).
+pub fn user_metadata_tag_uuid(user_metadata: Uuid, tag: Uuid) -> Uuid {
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(user_metadata.as_bytes());
+    bytes[16..].copy_from_slice(tag.as_bytes());
+    Uuid::new_v5(&UMT_NAMESPACE, &bytes)
+}
+
+/// The deterministic uuid of the content-scoped UserMetadata of a content (so devices share one).
+pub fn content_metadata_uuid(content: Uuid) -> Uuid {
+    Uuid::new_v5(&CONTENT_NAMESPACE, content.as_bytes())
+}
+
+/// The deterministic uuid of the entry-scoped UserMetadata of an entry.
+pub fn entry_metadata_uuid(entry: Uuid) -> Uuid {
+    Uuid::new_v5(&UMT_NAMESPACE, entry.as_bytes())
+}
