@@ -1,1 +1,23 @@
-//! placeholder
+//! Keel's journal: one `journal.redb` per library holding the offline journal (local changes
+//! waiting for a leader), the leader log (`Lsn → (Epoch, sealed change)`), positions, jobs,
+//! conflicts and meta. Changes are sealed (encrypted) before they reach the disk.
+//!
+//! The journal knows nothing about SQLite or the network. Layout and commit protocol:
+//! `docs/journal-format.md`.
+
+mod error;
+mod record;
+mod seal;
+mod store;
+mod tables;
+mod writer;
+
+pub use error::{JournalError, RecordPlace};
+pub use record::{
+    LocalRecord, LogRecord, PushState, RecordError, LOCAL_HEADER_LEN, LOG_HEADER_LEN,
+    RECORD_LEN_MAX, RECORD_VERSION,
+};
+pub use seal::{KdfParams, LibraryKey, Sealer, WrappedKey, SEAL_HEADER_LEN, SEAL_TAG_LEN};
+pub use store::{Journal, JournalOptions, JournalStats, ReadEntry, VerifyReport};
+pub use tables::JOURNAL_FORMAT;
+pub use writer::{CommittedBatch, Placement, Role, BATCH_CHANGES_MAX, QUEUE_REQUESTS_MAX};

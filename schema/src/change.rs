@@ -83,7 +83,9 @@ impl Change {
             let index = def
                 .field_index(name)
                 .and_then(|i| u8::try_from(i).ok())
-                .ok_or_else(|| SchemaError::Malformed(format!("{}.{name}: no such field", def.name)))?;
+                .ok_or_else(|| {
+                    SchemaError::Malformed(format!("{}.{name}: no such field", def.name))
+                })?;
             indexed.push((index, value));
         }
         let change = Self {
@@ -120,13 +122,13 @@ impl Change {
                 )));
             }
             for (index, value) in fields {
-                let field = def
-                    .fields
-                    .get(usize::from(*index))
-                    .ok_or(SchemaError::UnknownField {
-                        model: def.name,
-                        index: *index,
-                    })?;
+                let field =
+                    def.fields
+                        .get(usize::from(*index))
+                        .ok_or(SchemaError::UnknownField {
+                            model: def.name,
+                            index: *index,
+                        })?;
                 if !field.ty.accepts(value) || (matches!(value, Value::Null) && !field.nullable) {
                     return Err(SchemaError::WrongType {
                         model: def.name,

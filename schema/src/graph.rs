@@ -35,7 +35,8 @@ pub fn plan(models: &[&'static ModelDef]) -> Result<SyncPlan, SchemaError> {
             (m.name, deps)
         })
         .collect();
-    let priority: BTreeMap<&'static str, u8> = models.iter().map(|m| (m.name, m.priority)).collect();
+    let priority: BTreeMap<&'static str, u8> =
+        models.iter().map(|m| (m.name, m.priority)).collect();
     let mut batches = Vec::new();
     while !pending.is_empty() {
         let mut ready: Vec<&'static str> = pending
@@ -60,10 +61,7 @@ pub fn plan(models: &[&'static ModelDef]) -> Result<SyncPlan, SchemaError> {
     }
     let deferred = models
         .iter()
-        .flat_map(|m| {
-            m.nullable_references()
-                .map(move |(_, f)| (m.name, f.name))
-        })
+        .flat_map(|m| m.nullable_references().map(move |(_, f)| (m.name, f.name)))
         .collect();
     Ok(SyncPlan { batches, deferred })
 }

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::ids::DeviceId;
 
 /// A hybrid logical clock reading. Ordered by `(physical_ms, counter, device)`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch (the larger of wall time and the last reading).
     pub physical_ms: u64,
@@ -123,8 +125,16 @@ mod tests {
     #[test]
     fn byte_order_is_clock_order() {
         let d = DeviceId([3; 32]);
-        let a = Hlc { physical_ms: 1, counter: 300, device: d };
-        let b = Hlc { physical_ms: 2, counter: 0, device: d };
+        let a = Hlc {
+            physical_ms: 1,
+            counter: 300,
+            device: d,
+        };
+        let b = Hlc {
+            physical_ms: 2,
+            counter: 0,
+            device: d,
+        };
         assert!(a.to_bytes() < b.to_bytes());
     }
 }

@@ -107,7 +107,9 @@ impl fmt::Display for ChangeId {
 }
 
 /// A position in the leader log; the first entry is 1, 0 means "nothing".
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct Lsn(pub u64);
 
 impl fmt::Display for Lsn {
@@ -117,7 +119,9 @@ impl fmt::Display for Lsn {
 }
 
 /// A leadership term: `(counter, leader device)`, totally ordered so two leaders never share one.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct Epoch {
     /// Increases by one at each election.
     pub counter: u64,

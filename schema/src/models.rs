@@ -171,7 +171,11 @@ pub struct Tag {
 
 /// A tag applied to a UserMetadata, keyed by (user metadata uuid, tag uuid).
 #[derive(Clone, Debug, PartialEq, Eq, Syncable)]
-#[syncable(model = "user_metadata_tag", domain = "parent:user_metadata", priority = 50)]
+#[syncable(
+    model = "user_metadata_tag",
+    domain = "parent:user_metadata",
+    priority = 50
+)]
 pub struct UserMetadataTag {
     /// UUIDv5 of the pair; see [`user_metadata_tag_uuid`](crate::user_metadata_tag_uuid).
     #[syncable(uuid)]

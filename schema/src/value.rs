@@ -256,9 +256,7 @@ impl<'de> Deserialize<'de> for Value {
                     TAG_BOOL => Value::Bool(seq.next_element()?.ok_or_else(missing)?),
                     TAG_INT => Value::Int(seq.next_element()?.ok_or_else(missing)?),
                     TAG_TEXT => Value::Text(seq.next_element()?.ok_or_else(missing)?),
-                    TAG_BYTES => {
-                        Value::Bytes(seq.next_element::<BinBuf>()?.ok_or_else(missing)?.0)
-                    }
+                    TAG_BYTES => Value::Bytes(seq.next_element::<BinBuf>()?.ok_or_else(missing)?.0),
                     TAG_UUID => {
                         let bytes = seq.next_element::<BinBuf>()?.ok_or_else(missing)?.0;
                         let uuid = Uuid::from_slice(&bytes)

@@ -193,11 +193,15 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let uuid_name = uuid_ident.to_string();
     let (domain_rule, domain_body) = match &domain {
         DomainAttr::Index => (
-            quote!(::keel_schema::DomainRule::Fixed(::keel_schema::SyncDomain::Index)),
+            quote!(::keel_schema::DomainRule::Fixed(
+                ::keel_schema::SyncDomain::Index
+            )),
             quote!(::keel_schema::SyncDomain::Index),
         ),
         DomainAttr::Content => (
-            quote!(::keel_schema::DomainRule::Fixed(::keel_schema::SyncDomain::Content)),
+            quote!(::keel_schema::DomainRule::Fixed(
+                ::keel_schema::SyncDomain::Content
+            )),
             quote!(::keel_schema::SyncDomain::Content),
         ),
         DomainAttr::Scope => (

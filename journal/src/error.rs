@@ -1,0 +1,88 @@
+//! The journal's error type.
+
+use keel_schema::{Lsn, SchemaError};
+
+/// Errors from the journal: storage, sealing and integrity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// The password does not unwrap the library key. Nothing was written.
+    #[error("wrong password for this library")]
+    WrongPassword,
+    /// The key-derivation parameters stored with the wrapped key are out of the accepted range.
+    #[error("key-derivation parameters out of range: {0}")]
+    KdfParamsOutOfRange(String),
+    /// The wrapped key or its parameters are malformed.
+    #[error("malformed key material: {0}")]
+    BadKeyMaterial(String),
+    /// Another process holds the journal open.
+    #[error("the journal is open in another process")]
+    AlreadyOpen,
+    /// The journal file is damaged beyond what redb repairs.
+    #[error("journal file is corrupt: {0}")]
+    Corrupt(String),
+    /// The journal belongs to another library.
+    #[error("journal belongs to library {found}, expected {expected}")]
+    WrongLibrary {
+        /// The library id recorded in the journal.
+        found: String,
+        /// The library id asked for.
+        expected: String,
+    },
+    /// A log record failed its checksum, failed to open, or did not decode.
+    #[error("bad record at {place}: {reason}")]
+    BadRecord {
+        /// Which table and position.
+        place: RecordPlace,
+        /// Why.
+        reason: String,
+    },
+    /// A change could not be encoded or decoded.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The storage engine failed (I/O error, full disk, …).
+    #[error("journal storage: {0}")]
+    Storage(#[from] redb::Error),
+    /// A group commit failed (for example a full disk); nothing in it was acknowledged.
+    #[error("commit failed, nothing acknowledged: {0}")]
+    CommitFailed(String),
+    /// The writer thread has stopped (the journal is closing or crashed).
+    #[error("the journal writer has stopped")]
+    WriterStopped,
+    /// The journal was written by a newer format.
+    #[error("journal format {found} is newer than this build reads ({supported})")]
+    UnsupportedFormat {
+        /// The format found.
+        found: u64,
+        /// The newest this build reads.
+        supported: u64,
+    },
+}
+
+/// Where a record lives, for error reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordPlace {
+    /// The leader log at this position.
+    Log(Lsn),
+    /// The local (offline) journal at this sequence number.
+    Local(u64),
+}
+
+impl std::fmt::Display for RecordPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordPlace::Log(lsn) => write!(f, "log lsn {lsn}"),
+            RecordPlace::Local(seq) => write!(f, "local seq {seq}"),
+        }
+    }
+}
+
+/// Converts any redb error into [`JournalError`].
+pub(crate) fn storage<E: Into<redb::Error>>(err: E) -> JournalError {
+    let err: redb::Error = err.into();
+    match err {
+        redb::Error::DatabaseAlreadyOpen => JournalError::AlreadyOpen,
+        redb::Error::Corrupted(reason) => JournalError::Corrupt(reason),
+        other => JournalError::Storage(other),
+    }
+}

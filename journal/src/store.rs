@@ -1,0 +1,465 @@
+//! `Journal`: opening `journal.redb`, committing through the writer, reading, and verifying.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use uuid::Uuid;
+
+use crate::error::{storage, JournalError, RecordPlace};
+use crate::record::{LocalRecord, LogRecord};
+use crate::seal::{LibraryKey, Sealer};
+use crate::tables::{
+    CHANGE_INDEX, CONFLICTS, JOBS, JOURNAL_FORMAT, LOCAL, LOG, META, META_EPOCH, META_FORMAT,
+    META_HLC, META_LIBRARY, META_OWN_CHANGES, POSITIONS,
+};
+use crate::writer::{
+    epoch_bytes, next_key, CommittedBatch, Placement, Request, Role, Sealed, WriterState,
+    QUEUE_REQUESTS_MAX,
+};
+
+/// One decoded entry of the log or the local journal; a record that fails its checks is an `Err`
+/// with its position, and is never applied.
+pub type ReadEntry = Result<(Placement, Option<Epoch>, Change), JournalError>;
+
+/// What `verify` found.
+#[derive(Debug, Default, Clone)]
+pub struct VerifyReport {
+    /// Log records read.
+    pub log_records: u64,
+    /// Local records read.
+    pub local_records: u64,
+    /// Records that failed a check, with their position and reason.
+    pub faults: Vec<(RecordPlace, String)>,
+}
+
+/// Counters shown by `status`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JournalStats {
+    /// Changes this device made.
+    pub own_changes: u64,
+    /// Changes in the local journal, not yet sequenced by a leader.
+    pub pending_local: u64,
+    /// Records in the leader log.
+    pub log_len: u64,
+    /// The last log position (0 if empty).
+    pub last_lsn: Lsn,
+}
+
+/// A library's journal. Cheap to share by reference across threads.
+pub struct Journal {
+    db: Arc<Database>,
+    library: LibraryId,
+    sealer: Sealer,
+    requests: Option<Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Journal(library {})", self.library)
+    }
+}
+
+/// Options for [`Journal::open`].
+#[derive(Debug, Default)]
+pub struct JournalOptions {
+    /// Receives each durable batch, in order (the engine applies them to its projections).
+    pub committed: Option<Sender<CommittedBatch>>,
+    /// The role the writer starts in; `None` reads the stored epoch and leads if it names `device`.
+    pub role: Option<Role>,
+}
+
+fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(storage(e)),
+    };
+    Ok(meta.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+}
+
+fn decode_epoch(bytes: &[u8]) -> Option<Epoch> {
+    if bytes.len() != 40 {
+        return None;
+    }
+    let counter = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+    let device = DeviceId(bytes[8..].try_into().ok()?);
+    Some(Epoch { counter, device })
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+impl Journal {
+    /// Opens or creates `journal.redb` at `path` for `library`, owned by `device`.
+    ///
+    /// Checks the format, the library id and the HLC high-water mark before starting the writer.
+    pub fn open(
+        path: &Path,
+        library: LibraryId,
+        key: &LibraryKey,
+        device: DeviceId,
+        options: JournalOptions,
+    ) -> Result<Self, JournalError> {
+        let opened = std::panic::catch_unwind(|| Database::create(path));
+        let db = match opened {
+            Ok(result) => result.map_err(storage)?,
+            Err(_) => {
+                return Err(JournalError::Corrupt(
+                    "the storage engine refused the file".into(),
+                ))
+            }
+        };
+        let db = Arc::new(db);
+        Self::init_tables(&db, library)?;
+        let sealer = key.sealer(library);
+
+        let stored_epoch = read_meta(&db, META_EPOCH)?.and_then(|b| decode_epoch(&b));
+        let role = options.role.unwrap_or(match stored_epoch {
+            Some(epoch) if epoch.device == device => Role::Leader(epoch),
+            Some(_) => Role::Follower,
+            None => Role::Leader(Epoch { counter: 1, device }),
+        });
+        let (next_lsn, next_local) = {
+            let txn = db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let local = txn.open_table(LOCAL).map_err(storage)?;
+            (next_key(&log)?, next_key(&local)?)
+        };
+        let mut hlc_high_water = read_meta(&db, META_HLC)?
+            .and_then(|b| Hlc::from_bytes(&b))
+            .unwrap_or(Hlc {
+                physical_ms: 0,
+                counter: 0,
+                device,
+            });
+        let own_changes = read_meta(&db, META_OWN_CHANGES)?
+            .map(|b| decode_u64(&b))
+            .unwrap_or(0);
+
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_REQUESTS_MAX);
+        let mut journal = Self {
+            db: db.clone(),
+            library,
+            sealer,
+            requests: Some(tx),
+            writer: None,
+        };
+        // The high-water mark must cover the newest record; heal it if a record is newer.
+        if let Some(last) = journal.last_change_hlc()? {
+            if last > hlc_high_water {
+                tracing::warn!("HLC high-water mark was behind the newest record; raised");
+                hlc_high_water = last;
+            }
+        }
+        let state = WriterState {
+            db,
+            role,
+            next_lsn,
+            next_local,
+            hlc_high_water,
+            own_changes,
+            committed: options.committed,
+        };
+        let handle = std::thread::Builder::new()
+            .name("keel-journal-writer".into())
+            .spawn(move || state.run(rx))
+            .map_err(|e| JournalError::Storage(redb::Error::Io(e)))?;
+        journal.writer = Some(handle);
+        if let Role::Leader(epoch) = role {
+            if stored_epoch != Some(epoch) {
+                journal.set_role(role)?;
+            }
+        }
+        Ok(journal)
+    }
+
+    fn init_tables(db: &Database, library: LibraryId) -> Result<(), JournalError> {
+        let mut txn = db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        {
+            txn.open_table(LOG).map_err(storage)?;
+            txn.open_table(CHANGE_INDEX).map_err(storage)?;
+            txn.open_table(LOCAL).map_err(storage)?;
+            txn.open_table(POSITIONS).map_err(storage)?;
+            txn.open_table(JOBS).map_err(storage)?;
+            txn.open_table(CONFLICTS).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let format = meta
+                .get(META_FORMAT)
+                .map_err(storage)?
+                .map(|v| decode_u64(v.value()));
+            match format {
+                Some(found) if found > JOURNAL_FORMAT => {
+                    return Err(JournalError::UnsupportedFormat {
+                        found,
+                        supported: JOURNAL_FORMAT,
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(META_FORMAT, &JOURNAL_FORMAT.to_be_bytes()[..])
+                        .map_err(storage)?;
+                }
+            }
+            let stored = meta
+                .get(META_LIBRARY)
+                .map_err(storage)?
+                .map(|v| v.value().to_vec());
+            match stored {
+                Some(bytes) => {
+                    let found = Uuid::from_slice(&bytes).map_err(|_| {
+                        JournalError::Corrupt("library id in meta is malformed".into())
+                    })?;
+                    if found != library.0 {
+                        return Err(JournalError::WrongLibrary {
+                            found: found.to_string(),
+                            expected: library.0.to_string(),
+                        });
+                    }
+                }
+                None => {
+                    meta.insert(META_LIBRARY, library.0.as_bytes().as_slice())
+                        .map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(())
+    }
+
+    fn last_change_hlc(&self) -> Result<Option<Hlc>, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let mut newest = None;
+        for (table, is_log) in [(LOG, true), (LOCAL, false)] {
+            let t = txn.open_table(table).map_err(storage)?;
+            let last = t
+                .last()
+                .map_err(storage)?
+                .map(|(k, v)| (k.value(), v.value().to_vec()));
+            if let Some((key, bytes)) = last {
+                let place = if is_log {
+                    Placement::Log(Lsn(key))
+                } else {
+                    Placement::Local(key)
+                };
+                if let Ok((_, _, change)) = self.decode_entry(place, &bytes) {
+                    newest = newest.max(Some(change.hlc));
+                }
+            }
+        }
+        Ok(newest)
+    }
+
+    /// The library this journal belongs to.
+    pub fn library(&self) -> LibraryId {
+        self.library
+    }
+
+    /// Seals and durably commits `changes` as one group. `Ok` means every change is durable.
+    pub fn commit(&self, changes: Vec<Change>) -> Result<Vec<Placement>, JournalError> {
+        let sealed = changes
+            .into_iter()
+            .map(|change| {
+                let bytes = self.sealer.seal(change.id, &change.encode());
+                Sealed { change, bytes }
+            })
+            .collect();
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.requests
+            .as_ref()
+            .ok_or(JournalError::WriterStopped)?
+            .send(Request::Commit { sealed, reply })
+            .map_err(|_| JournalError::WriterStopped)?;
+        answer.recv().map_err(|_| JournalError::WriterStopped)?
+    }
+
+    /// Switches the writer's role; becoming leader durably records the epoch first.
+    pub fn set_role(&self, role: Role) -> Result<(), JournalError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.requests
+            .as_ref()
+            .ok_or(JournalError::WriterStopped)?
+            .send(Request::SetRole { role, reply })
+            .map_err(|_| JournalError::WriterStopped)?;
+        answer.recv().map_err(|_| JournalError::WriterStopped)?
+    }
+
+    /// The stored current epoch.
+    pub fn epoch(&self) -> Result<Option<Epoch>, JournalError> {
+        Ok(read_meta(&self.db, META_EPOCH)?.and_then(|b| decode_epoch(&b)))
+    }
+
+    /// The HLC high-water mark: seed the device's clock with it so it never goes back.
+    pub fn hlc_high_water(&self) -> Result<Option<Hlc>, JournalError> {
+        let stored = read_meta(&self.db, META_HLC)?.and_then(|b| Hlc::from_bytes(&b));
+        Ok(stored.max(self.last_change_hlc()?))
+    }
+
+    fn decode_entry(&self, place: Placement, bytes: &[u8]) -> ReadEntry {
+        let (record_place, epoch, sealed) = match place {
+            Placement::Log(lsn) => {
+                let rec = LogRecord::decode(bytes).map_err(|e| JournalError::BadRecord {
+                    place: RecordPlace::Log(lsn),
+                    reason: e.to_string(),
+                })?;
+                (RecordPlace::Log(lsn), Some(rec.epoch), rec.sealed)
+            }
+            Placement::Local(seq) => {
+                let rec = LocalRecord::decode(bytes).map_err(|e| JournalError::BadRecord {
+                    place: RecordPlace::Local(seq),
+                    reason: e.to_string(),
+                })?;
+                (RecordPlace::Local(seq), None, rec.sealed)
+            }
+        };
+        let bad = |reason: String| JournalError::BadRecord {
+            place: record_place,
+            reason,
+        };
+        let (id, plain) = self.sealer.open(sealed).map_err(bad)?;
+        let change = Change::decode(&plain).map_err(|e| bad(e.to_string()))?;
+        if change.id != id {
+            return Err(bad("change id differs from the sealed header".into()));
+        }
+        Ok((place, epoch, change))
+    }
+
+    /// Reads up to `limit` log entries from `from` (inclusive), decoded and opened.
+    pub fn read_log(&self, from: Lsn, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let log = txn.open_table(LOG).map_err(storage)?;
+        let mut out = Vec::with_capacity(limit.min(65_536));
+        for item in log.range(from.0..).map_err(storage)?.take(limit) {
+            let (k, v) = item.map_err(storage)?;
+            out.push(self.decode_entry(Placement::Log(Lsn(k.value())), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Reads up to `limit` raw log records from `from` (inclusive), unopened.
+    pub fn read_log_raw(
+        &self,
+        from: Lsn,
+        limit: usize,
+    ) -> Result<Vec<(Lsn, Vec<u8>)>, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let log = txn.open_table(LOG).map_err(storage)?;
+        let mut out = Vec::with_capacity(limit.min(65_536));
+        for item in log.range(from.0..).map_err(storage)?.take(limit) {
+            let (k, v) = item.map_err(storage)?;
+            out.push((Lsn(k.value()), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Decodes one raw log record (see [`Journal::read_log_raw`]); used to open records on
+    /// several threads.
+    pub fn open_log_record(&self, lsn: Lsn, bytes: &[u8]) -> ReadEntry {
+        self.decode_entry(Placement::Log(lsn), bytes)
+    }
+
+    /// Reads up to `limit` local (not yet sequenced) entries from `from` (inclusive).
+    pub fn read_local(&self, from: u64, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let local = txn.open_table(LOCAL).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in local.range(from..).map_err(storage)?.take(limit) {
+            let (k, v) = item.map_err(storage)?;
+            out.push(self.decode_entry(Placement::Local(k.value()), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Whether a change with this id is in the log.
+    pub fn contains(&self, id: ChangeId) -> Result<bool, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
+        Ok(index.get(id.0.as_u128()).map_err(storage)?.is_some())
+    }
+
+    /// Counters for `status`.
+    pub fn stats(&self) -> Result<JournalStats, JournalError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let log = txn.open_table(LOG).map_err(storage)?;
+        let local = txn.open_table(LOCAL).map_err(storage)?;
+        let last_lsn = log
+            .last()
+            .map_err(storage)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0);
+        let own_changes = read_meta(&self.db, META_OWN_CHANGES)?
+            .map(|b| decode_u64(&b))
+            .unwrap_or(0);
+        Ok(JournalStats {
+            own_changes,
+            pending_local: local.len().map_err(storage)?,
+            log_len: log.len().map_err(storage)?,
+            last_lsn: Lsn(last_lsn),
+        })
+    }
+
+    /// Reads every record, checking checksums, seals and encodings. Reports each fault with its
+    /// position; never stops at the first.
+    pub fn verify(&self) -> Result<VerifyReport, JournalError> {
+        let mut report = VerifyReport::default();
+        let mut from = Lsn(1);
+        loop {
+            let chunk = self.read_log_raw(from, 8192)?;
+            let Some((last, _)) = chunk.last() else { break };
+            from = Lsn(last.0 + 1);
+            for (lsn, bytes) in &chunk {
+                report.log_records += 1;
+                if let Err(err) = self.open_log_record(*lsn, bytes) {
+                    report
+                        .faults
+                        .push((RecordPlace::Log(*lsn), err.to_string()));
+                }
+            }
+        }
+        for entry in self.read_local(0, usize::MAX)? {
+            report.local_records += 1;
+            if let Err(JournalError::BadRecord { place, reason }) = entry {
+                report.faults.push((place, reason));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Stores the current epoch without changing the writer's role (used by followers).
+    pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_EPOCH, &epoch_bytes(epoch)[..])
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(())
+    }
+
+    /// Stops the writer after it has answered every request already sent.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.requests = None;
+        if let Some(handle) = self.writer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,32 @@
+//! The redb tables of `journal.redb` and the keys of its meta table.
+
+use redb::TableDefinition;
+
+/// The leader log: `lsn → log record` (epoch, checksum, sealed change).
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Every change id in the log: `change id → lsn`, for idempotent sequencing.
+pub(crate) const CHANGE_INDEX: TableDefinition<u128, u64> = TableDefinition::new("change_index");
+/// The offline journal: `local seq → local record` (push state, checksum, sealed change).
+pub(crate) const LOCAL: TableDefinition<u64, &[u8]> = TableDefinition::new("local");
+/// Replication positions per peer and domain: `"peer/domain" → lsn`.
+pub(crate) const POSITIONS: TableDefinition<&str, u64> = TableDefinition::new("positions");
+/// Persisted jobs: `job id → state`.
+pub(crate) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// Recorded conflicts: `conflict id → record`.
+pub(crate) const CONFLICTS: TableDefinition<u128, &[u8]> = TableDefinition::new("conflicts");
+/// Meta values: see the `META_*` keys.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Journal format version (u64 BE).
+pub(crate) const META_FORMAT: &str = "format";
+/// The library id (16 bytes).
+pub(crate) const META_LIBRARY: &str = "library_id";
+/// The current epoch (8-byte counter ‖ 32-byte device).
+pub(crate) const META_EPOCH: &str = "epoch";
+/// The HLC high-water mark (44 bytes, [`keel_schema::Hlc::to_bytes`]).
+pub(crate) const META_HLC: &str = "hlc_high_water";
+/// Count of changes this device made (u64 BE).
+pub(crate) const META_OWN_CHANGES: &str = "own_changes";
+
+/// The journal format this build writes.
+pub const JOURNAL_FORMAT: u64 = 1;

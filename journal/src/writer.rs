@@ -1,0 +1,230 @@
+//! The single writer: group-commits changes handed over a channel, durably, in arrival order.
+//!
+//! Callers seal their changes on their own thread and send them with a reply channel. The writer
+//! drains every request waiting (up to [`BATCH_CHANGES_MAX`] changes), writes them in one redb
+//! transaction with `Durability::Immediate`, and only then answers. An answer of `Ok` is the
+//! acknowledgement: the change is durable.
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use keel_schema::{Change, Epoch, Hlc, Lsn};
+use redb::{Database, Durability, ReadableTable};
+
+use crate::error::{storage, JournalError};
+use crate::record::{LocalRecord, LogRecord, PushState};
+use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES};
+
+/// Most changes written in one transaction.
+pub const BATCH_CHANGES_MAX: usize = 16 * 1024;
+/// Most requests waiting for the writer before callers block.
+pub const QUEUE_REQUESTS_MAX: usize = 4096;
+
+/// Where a committed change was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Placement {
+    /// In the leader log at this position.
+    Log(Lsn),
+    /// In the local (offline) journal at this sequence number, waiting to be pushed.
+    Local(u64),
+}
+
+/// How the writer places local changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// This device sequences its own changes into the log, stamped with this epoch.
+    Leader(Epoch),
+    /// Changes wait in the local journal until a leader sequences them.
+    Follower,
+}
+
+/// A change sealed by its caller, ready for the writer.
+pub(crate) struct Sealed {
+    pub(crate) change: Change,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// A batch of changes that became durable, in order, for whoever applies them.
+#[derive(Debug)]
+pub struct CommittedBatch {
+    /// Each change with where it was written.
+    pub entries: Vec<(Placement, Change)>,
+}
+
+pub(crate) enum Request {
+    Commit {
+        sealed: Vec<Sealed>,
+        reply: Sender<Result<Vec<Placement>, JournalError>>,
+    },
+    SetRole {
+        role: Role,
+        reply: Sender<Result<(), JournalError>>,
+    },
+}
+
+pub(crate) struct WriterState {
+    pub(crate) db: Arc<Database>,
+    pub(crate) role: Role,
+    pub(crate) next_lsn: u64,
+    pub(crate) next_local: u64,
+    pub(crate) hlc_high_water: Hlc,
+    pub(crate) own_changes: u64,
+    pub(crate) committed: Option<Sender<CommittedBatch>>,
+}
+
+pub(crate) fn epoch_bytes(epoch: Epoch) -> [u8; 40] {
+    let mut out = [0u8; 40];
+    out[..8].copy_from_slice(&epoch.counter.to_be_bytes());
+    out[8..].copy_from_slice(&epoch.device.0);
+    out
+}
+
+impl WriterState {
+    pub(crate) fn run(mut self, requests: Receiver<Request>) {
+        while let Ok(first) = requests.recv() {
+            let mut commits: Vec<(Vec<Sealed>, Sender<Result<Vec<Placement>, JournalError>>)> =
+                Vec::new();
+            let mut pending = Some(first);
+            let mut total = 0usize;
+            while let Some(request) = pending.take() {
+                match request {
+                    Request::Commit { sealed, reply } => {
+                        total += sealed.len();
+                        commits.push((sealed, reply));
+                    }
+                    Request::SetRole { role, reply } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(self.set_role(role));
+                    }
+                }
+                if total < BATCH_CHANGES_MAX {
+                    pending = requests.try_recv().ok();
+                }
+            }
+            self.flush(&mut commits);
+        }
+    }
+
+    fn set_role(&mut self, role: Role) -> Result<(), JournalError> {
+        if let Role::Leader(epoch) = role {
+            let mut txn = self.db.begin_write().map_err(storage)?;
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(META_EPOCH, &epoch_bytes(epoch)[..])
+                    .map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+        }
+        self.role = role;
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        commits: &mut Vec<(Vec<Sealed>, Sender<Result<Vec<Placement>, JournalError>>)>,
+    ) {
+        if commits.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(commits);
+        let saved = (
+            self.next_lsn,
+            self.next_local,
+            self.hlc_high_water,
+            self.own_changes,
+        );
+        match self.write(&batch) {
+            Ok(placements) => {
+                let mut entries = Vec::new();
+                let mut offset = 0;
+                for (sealed, reply) in batch {
+                    let n = sealed.len();
+                    let mine = placements[offset..offset + n].to_vec();
+                    offset += n;
+                    let _ = reply.send(Ok(mine.clone()));
+                    if self.committed.is_some() {
+                        entries.extend(mine.into_iter().zip(sealed.into_iter().map(|s| s.change)));
+                    }
+                }
+                if let Some(tx) = &self.committed {
+                    if tx.send(CommittedBatch { entries }).is_err() {
+                        self.committed = None;
+                    }
+                }
+            }
+            Err(err) => {
+                (
+                    self.next_lsn,
+                    self.next_local,
+                    self.hlc_high_water,
+                    self.own_changes,
+                ) = saved;
+                let reason = err.to_string();
+                tracing::error!(%reason, "journal commit failed; nothing in this batch was acknowledged");
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(JournalError::CommitFailed(reason.clone())));
+                }
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        batch: &[(Vec<Sealed>, Sender<Result<Vec<Placement>, JournalError>>)],
+    ) -> Result<Vec<Placement>, JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let mut placements = Vec::new();
+        {
+            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
+            let mut local = txn.open_table(LOCAL).map_err(storage)?;
+            for (sealed, _) in batch {
+                for item in sealed {
+                    if item.change.hlc > self.hlc_high_water {
+                        self.hlc_high_water = item.change.hlc;
+                    }
+                    self.own_changes += 1;
+                    match self.role {
+                        Role::Leader(epoch) => {
+                            let lsn = self.next_lsn;
+                            self.next_lsn += 1;
+                            let record = LogRecord::encode(epoch, &item.bytes);
+                            log.insert(lsn, record.as_slice()).map_err(storage)?;
+                            index
+                                .insert(item.change.id.0.as_u128(), lsn)
+                                .map_err(storage)?;
+                            placements.push(Placement::Log(Lsn(lsn)));
+                        }
+                        Role::Follower => {
+                            let seq = self.next_local;
+                            self.next_local += 1;
+                            let record = LocalRecord::encode(PushState::Pending, &item.bytes);
+                            local.insert(seq, record.as_slice()).map_err(storage)?;
+                            placements.push(Placement::Local(seq));
+                        }
+                    }
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
+                .map_err(storage)?;
+            meta.insert(META_OWN_CHANGES, &self.own_changes.to_be_bytes()[..])
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(placements)
+    }
+}
+
+/// Reads the next free key of a `u64`-keyed table.
+pub(crate) fn next_key<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+) -> Result<u64, JournalError> {
+    Ok(table
+        .last()
+        .map_err(storage)?
+        .map(|(k, _)| k.value() + 1)
+        .unwrap_or(1))
+}

@@ -1,0 +1,121 @@
+//! Journal behaviour against a real redb file: commit, reopen, follower mode, verify.
+
+use keel_journal::{
+    Journal, JournalError, JournalOptions, KdfParams, LibraryKey, Placement, RecordPlace, Role,
+};
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn, Tag};
+use uuid::Uuid;
+
+fn tag_change(device: DeviceId, ms: u64, name: &str) -> Change {
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: name.into(),
+        color: None,
+        created_ms: 1,
+    };
+    let hlc = Hlc {
+        physical_ms: ms,
+        counter: 0,
+        device,
+    };
+    Change::upsert(ChangeId::new(), hlc, &tag).expect("tag has a uuid")
+}
+
+#[test]
+fn commits_survive_reopen_and_read_back_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let device = DeviceId([1; 32]);
+    let changes: Vec<Change> = (0..10).map(|i| tag_change(device, 100 + i, "t")).collect();
+    {
+        let journal =
+            Journal::open(&path, lib, &key, device, JournalOptions::default()).expect("opens");
+        let placed = journal.commit(changes.clone()).expect("commits");
+        assert_eq!(placed.first(), Some(&Placement::Log(Lsn(1))));
+        assert_eq!(placed.last(), Some(&Placement::Log(Lsn(10))));
+        journal.close();
+    }
+    let journal =
+        Journal::open(&path, lib, &key, device, JournalOptions::default()).expect("reopens");
+    let read: Vec<Change> = journal
+        .read_log(Lsn(1), 100)
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.expect("record is sound").2)
+        .collect();
+    assert_eq!(read, changes);
+    assert_eq!(
+        journal.epoch().expect("meta"),
+        Some(Epoch { counter: 1, device })
+    );
+    assert_eq!(
+        journal
+            .hlc_high_water()
+            .expect("meta")
+            .map(|h| h.physical_ms),
+        Some(109)
+    );
+    assert!(journal.contains(changes[3].id).expect("index"));
+    let more = journal
+        .commit(vec![tag_change(device, 200, "u")])
+        .expect("commits");
+    assert_eq!(more, vec![Placement::Log(Lsn(11))]);
+}
+
+#[test]
+fn follower_changes_wait_in_the_local_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let device = DeviceId([2; 32]);
+    let journal = Journal::open(
+        &dir.path().join("j.redb"),
+        lib,
+        &key,
+        device,
+        JournalOptions {
+            committed: None,
+            role: Some(Role::Follower),
+        },
+    )
+    .expect("opens");
+    let placed = journal
+        .commit(vec![tag_change(device, 5, "x")])
+        .expect("commits");
+    assert_eq!(placed, vec![Placement::Local(1)]);
+    let stats = journal.stats().expect("stats");
+    assert_eq!((stats.pending_local, stats.log_len), (1, 0));
+    assert_eq!(journal.read_local(0, 10).expect("reads").len(), 1);
+}
+
+#[test]
+fn wrong_library_and_foreign_key_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let device = DeviceId([3; 32]);
+    {
+        let journal =
+            Journal::open(&path, lib, &key, device, JournalOptions::default()).expect("opens");
+        journal
+            .commit(vec![tag_change(device, 1, "a")])
+            .expect("commits");
+    }
+    let other = LibraryId(Uuid::new_v4());
+    assert!(matches!(
+        Journal::open(&path, other, &key, device, JournalOptions::default()),
+        Err(JournalError::WrongLibrary { .. })
+    ));
+    // Opening with another key: records do not open, and verify says where.
+    let stranger = LibraryKey::generate();
+    let journal =
+        Journal::open(&path, lib, &stranger, device, JournalOptions::default()).expect("opens");
+    let report = journal.verify().expect("verifies");
+    assert_eq!(report.log_records, 1);
+    assert_eq!(report.faults.len(), 1);
+    assert_eq!(report.faults[0].0, RecordPlace::Log(Lsn(1)));
+    let _ = KdfParams::INSECURE_FAST;
+}
