@@ -1,1 +1,19 @@
-//! placeholder
+//! Keel's projections: the SQLite views (`projections.sqlite`) of Device, Location, Entry,
+//! ContentIdentity, UserMetadata, Tag and UserMetadataTag, materialized from the journal.
+//!
+//! Apply is order-independent (per-field LWW clocks, tombstones, dependency parking) and records
+//! the applied position in the same transaction, so a projection can always be healed or rebuilt
+//! from the journal. It knows nothing about redb or the network.
+
+mod apply;
+mod clocks;
+mod ddl;
+mod digest;
+mod error;
+mod queries;
+mod store;
+
+pub use apply::ApplyStats;
+pub use error::ProjectionError;
+pub use queries::{Counts, EntryMetadata};
+pub use store::{configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB};

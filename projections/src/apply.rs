@@ -1,0 +1,519 @@
+//! Applying changes: per-field last-writer-wins, tombstones, dependency parking.
+//!
+//! The result is a function of the *set* of changes applied, whatever their order:
+//! - each field keeps the value of its newest write by `(HLC, device)`;
+//! - a delete is a tombstone clock; a row is visible (`_live = 1`) when no tombstone is newer than
+//!   its newest field write and every non-nullable field has been written;
+//! - a change whose reference points at a row that does not exist yet is parked and applied when
+//!   that row arrives; a missing cycle-breaking reference (`Entry.metadata`) is split off and
+//!   parked alone, so the rest of the change applies now (the two-step apply).
+
+use keel_schema::{model_by_code, Change, Hlc, ModelDef, Op, SyncDomain, Value};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension, ToSql};
+use uuid::Uuid;
+
+use crate::clocks::FieldClocks;
+use crate::ddl::ModelSql;
+use crate::error::ProjectionError;
+use crate::store::{AppliedPosition, Projections};
+
+/// Most parked changes retried in one pass.
+const PARKED_RETRY_MAX: usize = 100_000;
+
+/// What one `apply` call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Changes that changed a row.
+    pub applied: u64,
+    /// Changes that changed nothing (already applied, or older than what is there).
+    pub unchanged: u64,
+    /// Changes parked for a missing dependency.
+    pub parked: u64,
+    /// Parked changes applied because their dependency arrived.
+    pub unparked: u64,
+    /// Changes in the Index domain.
+    pub index_domain: u64,
+    /// Changes in the Content domain.
+    pub content_domain: u64,
+}
+
+/// A SQL parameter borrowed from a change or a row.
+enum Param<'a> {
+    Null,
+    Value(&'a Value),
+    Blob(&'a [u8]),
+    Int(i64),
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Param::Null => ValueRef::Null,
+            Param::Blob(b) => ValueRef::Blob(b),
+            Param::Int(i) => ValueRef::Integer(*i),
+            Param::Value(v) => match v {
+                Value::Null => ValueRef::Null,
+                Value::Bool(b) => ValueRef::Integer(i64::from(*b)),
+                Value::Int(i) => ValueRef::Integer(*i),
+                Value::Text(t) => ValueRef::Text(t.as_bytes()),
+                Value::Bytes(b) => ValueRef::Blob(b),
+                Value::Uuid(u) => ValueRef::Blob(u.as_bytes()),
+            },
+        }))
+    }
+}
+
+/// Reads a column into a [`Value`] of the field's type.
+pub(crate) fn read_value(
+    def: &ModelDef,
+    index: usize,
+    raw: ValueRef<'_>,
+) -> Result<Value, ProjectionError> {
+    use keel_schema::FieldType;
+    let field = &def.fields[index];
+    let bad = || ProjectionError::MalformedRow(format!("{}.{}", def.name, field.name));
+    Ok(match (field.ty, raw) {
+        (_, ValueRef::Null) => Value::Null,
+        (FieldType::Bool, ValueRef::Integer(i)) => Value::Bool(i != 0),
+        (FieldType::Int, ValueRef::Integer(i)) => Value::Int(i),
+        (FieldType::Text, ValueRef::Text(t)) => {
+            Value::Text(String::from_utf8(t.to_vec()).map_err(|_| bad())?)
+        }
+        (FieldType::Bytes, ValueRef::Blob(b)) => Value::Bytes(b.to_vec()),
+        (FieldType::Uuid, ValueRef::Blob(b)) => {
+            Value::Uuid(Uuid::from_slice(b).map_err(|_| bad())?)
+        }
+        _ => return Err(bad()),
+    })
+}
+
+struct Row {
+    values: Vec<Value>,
+    clocks: FieldClocks,
+    tomb: Option<Hlc>,
+}
+
+fn is_live(def: &ModelDef, clocks: &FieldClocks, tomb: Option<Hlc>) -> bool {
+    let complete = def
+        .fields
+        .iter()
+        .zip(&clocks.0)
+        .all(|(f, c)| f.nullable || c.is_some());
+    complete && tomb.is_none_or(|t| clocks.newest().is_some_and(|n| n > t))
+}
+
+fn is_fk_violation(err: &rusqlite::Error) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(e, _)
+        if e.code == ErrorCode::ConstraintViolation && e.extended_code == 787)
+}
+
+enum Outcome {
+    Applied,
+    Unchanged,
+    Parked,
+}
+
+struct Applier<'a> {
+    conn: &'a Connection,
+    sql: &'a [ModelSql],
+}
+
+impl Applier<'_> {
+    fn read_row(
+        &self,
+        def: &ModelDef,
+        sql: &ModelSql,
+        uuid: Uuid,
+    ) -> Result<Option<Row>, ProjectionError> {
+        let mut stmt = self.conn.prepare_cached(&sql.select)?;
+        let n = def.fields.len();
+        let raw = stmt
+            .query_row([uuid.as_bytes().as_slice()], |r| {
+                let mut values = Vec::with_capacity(n);
+                for i in 0..n {
+                    values.push(read_value(def, i, r.get_ref(i)?));
+                }
+                let clocks: Vec<u8> = r.get(n)?;
+                let tomb: Option<Vec<u8>> = r.get(n + 1)?;
+                Ok((values, clocks, tomb))
+            })
+            .optional()?;
+        let Some((values, clocks, tomb)) = raw else {
+            return Ok(None);
+        };
+        let values = values.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let bad = || ProjectionError::MalformedRow(format!("{} clocks", def.name));
+        let clocks = FieldClocks::decode(&clocks, n).ok_or_else(bad)?;
+        let tomb = match tomb {
+            Some(bytes) => Some(Hlc::from_bytes(&bytes).ok_or_else(bad)?),
+            None => None,
+        };
+        Ok(Some(Row {
+            values,
+            clocks,
+            tomb,
+        }))
+    }
+
+    fn write_row(
+        &self,
+        def: &ModelDef,
+        sql: &ModelSql,
+        uuid: Uuid,
+        row: &Row,
+    ) -> Result<(), rusqlite::Error> {
+        let clocks = row.clocks.encode();
+        let tomb = row.tomb.map(|t| t.to_bytes());
+        let live = is_live(def, &row.clocks, row.tomb);
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(def.fields.len() + 4);
+        params.push(Param::Blob(uuid.as_bytes()));
+        params.extend(row.values.iter().map(Param::Value));
+        params.push(Param::Blob(&clocks));
+        params.push(match &tomb {
+            Some(t) => Param::Blob(t),
+            None => Param::Null,
+        });
+        params.push(Param::Int(i64::from(live)));
+        let mut stmt = self.conn.prepare_cached(&sql.update)?;
+        stmt.execute(params_from_iter(params))?;
+        Ok(())
+    }
+
+    fn apply(&self, change: &Change) -> Result<Outcome, ProjectionError> {
+        let Some(def) = model_by_code(change.model) else {
+            return Ok(Outcome::Unchanged);
+        };
+        let sql = &self.sql[usize::from(change.model)];
+        let n = def.fields.len();
+        match &change.op {
+            Op::Upsert(fields) => {
+                // Fast path: a new row, inserted in one statement.
+                let mut slots: Vec<Option<&Value>> = vec![None; n];
+                for (i, v) in fields {
+                    if let Some(slot) = slots.get_mut(usize::from(*i)) {
+                        *slot = Some(v);
+                    }
+                }
+                let clocks = FieldClocks(slots.iter().map(|s| s.map(|_| change.hlc)).collect());
+                let live = is_live(def, &clocks, None);
+                let clock_bytes = clocks.encode();
+                let mut params: Vec<Param<'_>> = Vec::with_capacity(n + 4);
+                params.push(Param::Blob(change.record.as_bytes()));
+                params.extend(slots.iter().map(|s| s.map_or(Param::Null, Param::Value)));
+                params.push(Param::Blob(&clock_bytes));
+                params.push(Param::Null);
+                params.push(Param::Int(i64::from(live)));
+                let inserted = {
+                    let mut stmt = self.conn.prepare_cached(&sql.insert)?;
+                    stmt.execute(params_from_iter(params))
+                };
+                match inserted {
+                    Ok(1) => return Ok(Outcome::Applied),
+                    Ok(_) => {}
+                    Err(e) if is_fk_violation(&e) => return self.park_or_split(def, change),
+                    Err(e) => return Err(e.into()),
+                }
+                // Merge into the existing row, field by field.
+                let Some(mut row) = self.read_row(def, sql, change.record)? else {
+                    return Ok(Outcome::Unchanged);
+                };
+                let mut changed = false;
+                for (i, v) in fields {
+                    let i = usize::from(*i);
+                    if i < n && row.clocks.0[i] < Some(change.hlc) {
+                        row.values[i] = v.clone();
+                        row.clocks.0[i] = Some(change.hlc);
+                        changed = true;
+                    }
+                }
+                if !changed {
+                    return Ok(Outcome::Unchanged);
+                }
+                match self.write_row(def, sql, change.record, &row) {
+                    Ok(()) => Ok(Outcome::Applied),
+                    Err(e) if is_fk_violation(&e) => self.park_or_split(def, change),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Op::Delete => {
+                match self.read_row(def, sql, change.record)? {
+                    Some(mut row) => {
+                        if row.tomb >= Some(change.hlc) {
+                            return Ok(Outcome::Unchanged);
+                        }
+                        row.tomb = Some(change.hlc);
+                        self.write_row(def, sql, change.record, &row)?;
+                    }
+                    None => {
+                        // A tombstone for a row not seen yet: a hidden placeholder keeps the clock.
+                        let tomb = change.hlc.to_bytes();
+                        let mut params: Vec<Param<'_>> = Vec::with_capacity(n + 4);
+                        params.push(Param::Blob(change.record.as_bytes()));
+                        params.extend((0..n).map(|_| Param::Null));
+                        params.push(Param::Blob(&[]));
+                        params.push(Param::Blob(&tomb));
+                        params.push(Param::Int(0));
+                        let mut stmt = self.conn.prepare_cached(&sql.insert)?;
+                        stmt.execute(params_from_iter(params))?;
+                    }
+                }
+                Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    fn exists(&self, model: &str, uuid: Uuid) -> Result<bool, ProjectionError> {
+        let Some(code) = keel_schema::model_code(model) else {
+            return Ok(false);
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(&self.sql[usize::from(code)].exists)?;
+        Ok(stmt.exists([uuid.as_bytes().as_slice()])?)
+    }
+
+    /// A reference is missing: park the change, or (for a cycle-breaking reference only) apply the
+    /// rest now and park that field alone.
+    fn park_or_split(&self, def: &ModelDef, change: &Change) -> Result<Outcome, ProjectionError> {
+        let Op::Upsert(fields) = &change.op else {
+            return Ok(Outcome::Unchanged);
+        };
+        let mut missing_hard = Vec::new();
+        let mut missing_soft = Vec::new();
+        for (i, v) in fields {
+            let Some(field) = def.fields.get(usize::from(*i)) else {
+                continue;
+            };
+            let (Some(target), Value::Uuid(target_uuid)) = (field.references, v) else {
+                continue;
+            };
+            if !self.exists(target, *target_uuid)? {
+                if field.breaks_cycle {
+                    missing_soft.push((*i, target, *target_uuid));
+                } else {
+                    missing_hard.push(format!("{target}:{target_uuid}"));
+                }
+            }
+        }
+        if !missing_hard.is_empty() {
+            self.park(change, 0, &missing_hard.join(","))?;
+            return Ok(Outcome::Parked);
+        }
+        if missing_soft.is_empty() {
+            // The violation was not ours to explain (should not happen): park to be safe.
+            self.park(change, 0, "unknown")?;
+            return Ok(Outcome::Parked);
+        }
+        let soft: Vec<u8> = missing_soft.iter().map(|(i, _, _)| *i).collect();
+        let rest = Change {
+            op: Op::Upsert(
+                fields
+                    .iter()
+                    .filter(|(i, _)| !soft.contains(i))
+                    .cloned()
+                    .collect(),
+            ),
+            ..change.clone()
+        };
+        let deferred = Change {
+            op: Op::Upsert(
+                fields
+                    .iter()
+                    .filter(|(i, _)| soft.contains(i))
+                    .cloned()
+                    .collect(),
+            ),
+            ..change.clone()
+        };
+        let missing: Vec<String> = missing_soft
+            .iter()
+            .map(|(_, t, u)| format!("{t}:{u}"))
+            .collect();
+        self.park(&deferred, 1, &missing.join(","))?;
+        if let Op::Upsert(f) = &rest.op {
+            if !f.is_empty() {
+                self.apply(&rest)?;
+            }
+        }
+        Ok(Outcome::Parked)
+    }
+
+    fn park(&self, change: &Change, part: u8, missing: &str) -> Result<(), ProjectionError> {
+        let mut key = change.id.0.as_bytes().to_vec();
+        key.push(part);
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO _parked (key, missing, change) VALUES (?1, ?2, ?3)",
+        )?;
+        stmt.execute((key, missing, change.encode()))?;
+        Ok(())
+    }
+
+    /// Retries parked changes until a pass makes no progress. Returns how many were applied.
+    fn retry_parked(&self) -> Result<u64, ProjectionError> {
+        let mut unparked = 0;
+        loop {
+            let parked: Vec<(Vec<u8>, Vec<u8>)> = {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached("SELECT key, change FROM _parked ORDER BY key LIMIT ?1")?;
+                let rows =
+                    stmt.query_map([PARKED_RETRY_MAX as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut progress = 0;
+            for (key, bytes) in parked {
+                self.conn
+                    .execute("DELETE FROM _parked WHERE key = ?1", [&key])?;
+                let change = match Change::decode(&bytes) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dropping an undecodable parked change");
+                        continue;
+                    }
+                };
+                match self.apply(&change)? {
+                    Outcome::Parked => {}
+                    _ => progress += 1,
+                }
+            }
+            unparked += progress;
+            if progress == 0 {
+                return Ok(unparked);
+            }
+        }
+    }
+}
+
+impl Projections {
+    /// Applies `changes` in one transaction, in dependency order, and records `position` with them.
+    pub fn apply(
+        &mut self,
+        changes: &[Change],
+        position: Option<AppliedPosition>,
+    ) -> Result<ApplyStats, ProjectionError> {
+        let mut order: Vec<usize> = (0..changes.len()).collect();
+        order.sort_by_key(|&i| {
+            self.ranks
+                .get(usize::from(changes[i].model))
+                .copied()
+                .unwrap_or(usize::MAX)
+        });
+        let mut stats = ApplyStats::default();
+        for change in changes {
+            match self.domain_of(change) {
+                SyncDomain::Index => stats.index_domain += 1,
+                SyncDomain::Content => stats.content_domain += 1,
+            }
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        let applier = Applier {
+            conn: &tx,
+            sql: &self.sql,
+        };
+        for i in order {
+            match applier.apply(&changes[i])? {
+                Outcome::Applied => stats.applied += 1,
+                Outcome::Unchanged => stats.unchanged += 1,
+                Outcome::Parked => stats.parked += 1,
+            }
+        }
+        if (self.parked > 0 && stats.applied > 0) || stats.parked > 0 {
+            stats.unparked = applier.retry_parked()?;
+        }
+        if let Some(position) = position {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO _meta (key, value) VALUES ('applied_lsn', ?1), ('applied_local', ?2) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )?;
+            stmt.execute((
+                i64::try_from(position.log.0).unwrap_or(i64::MAX),
+                i64::try_from(position.local).unwrap_or(i64::MAX),
+            ))?;
+        }
+        let parked: i64 = tx.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
+        tx.commit()?;
+        self.parked = u64::try_from(parked).unwrap_or(0);
+        Ok(stats)
+    }
+
+    /// The domain of a change's record. UserMetadata by its scope; UserMetadataTag by its parent,
+    /// whose domain is cached.
+    pub fn domain_of(&mut self, change: &Change) -> SyncDomain {
+        let Some(def) = change.model_def() else {
+            return SyncDomain::Index;
+        };
+        let scope_of = |fields: &[(u8, Value)]| -> Option<SyncDomain> {
+            let entry = def.field_index("entry")?;
+            fields
+                .iter()
+                .find(|(i, _)| usize::from(*i) == entry)
+                .map(|(_, v)| {
+                    if matches!(v, Value::Null) {
+                        SyncDomain::Content
+                    } else {
+                        SyncDomain::Index
+                    }
+                })
+        };
+        match def.domain {
+            keel_schema::DomainRule::Fixed(d) => d,
+            keel_schema::DomainRule::ByScope => {
+                let known = match &change.op {
+                    Op::Upsert(fields) => scope_of(fields),
+                    Op::Delete => None,
+                };
+                let domain = known
+                    .or_else(|| self.domain_cache.get(&change.record).copied())
+                    .or_else(|| self.lookup_user_metadata_domain(change.record))
+                    .unwrap_or(SyncDomain::Content);
+                self.cache_domain(change.record, domain);
+                domain
+            }
+            keel_schema::DomainRule::ByParent(field) => {
+                let parent = match (&change.op, def.field_index(field)) {
+                    (Op::Upsert(fields), Some(index)) => fields.iter().find_map(|(i, v)| match v {
+                        Value::Uuid(u) if usize::from(*i) == index => Some(*u),
+                        _ => None,
+                    }),
+                    _ => None,
+                };
+                parent
+                    .and_then(|p| {
+                        self.domain_cache
+                            .get(&p)
+                            .copied()
+                            .or_else(|| self.lookup_user_metadata_domain(p))
+                    })
+                    .unwrap_or(SyncDomain::Content)
+            }
+        }
+    }
+
+    fn cache_domain(&mut self, uuid: Uuid, domain: SyncDomain) {
+        const DOMAIN_CACHE_MAX: usize = 100_000;
+        if self.domain_cache.len() >= DOMAIN_CACHE_MAX {
+            self.domain_cache.clear();
+        }
+        self.domain_cache.insert(uuid, domain);
+    }
+
+    fn lookup_user_metadata_domain(&self, uuid: Uuid) -> Option<SyncDomain> {
+        self.conn
+            .query_row(
+                "SELECT entry IS NOT NULL FROM user_metadata WHERE uuid = ?1",
+                [uuid.as_bytes().as_slice()],
+                |r| r.get::<_, bool>(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .map(|is_entry| {
+                if is_entry {
+                    SyncDomain::Index
+                } else {
+                    SyncDomain::Content
+                }
+            })
+    }
+}

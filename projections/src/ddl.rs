@@ -1,0 +1,105 @@
+//! SQL generated from the model definitions: tables, indexes and the prepared statements.
+
+use keel_schema::{FieldType, ModelDef};
+
+/// Projection schema version, stored in `PRAGMA user_version`.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+fn sql_type(ty: FieldType) -> &'static str {
+    match ty {
+        FieldType::Bool | FieldType::Int => "INTEGER",
+        FieldType::Text => "TEXT",
+        FieldType::Bytes | FieldType::Uuid => "BLOB",
+    }
+}
+
+/// `CREATE TABLE` for a model: uuid key, every field (nullable: a row may exist before all its
+/// fields arrive), the clock blob, the tombstone clock and the visibility flag.
+pub(crate) fn create_table(def: &ModelDef) -> String {
+    let mut sql = format!(
+        "CREATE TABLE IF NOT EXISTS {} (uuid BLOB PRIMARY KEY NOT NULL",
+        def.name
+    );
+    for f in def.fields {
+        sql.push_str(&format!(", {} {}", f.name, sql_type(f.ty)));
+        if let Some(target) = f.references {
+            sql.push_str(&format!(" REFERENCES {target}(uuid)"));
+        }
+    }
+    sql.push_str(", _clocks BLOB NOT NULL, _tomb BLOB, _live INTEGER NOT NULL) WITHOUT ROWID");
+    sql
+}
+
+/// Indexes for the host-app queries.
+pub(crate) const INDEXES: &[&str] = &[
+    "CREATE INDEX IF NOT EXISTS location_device ON location(device)",
+    "CREATE INDEX IF NOT EXISTS entry_dir ON entry(location, relative_path)",
+    "CREATE INDEX IF NOT EXISTS entry_content ON entry(content)",
+    "CREATE INDEX IF NOT EXISTS user_metadata_entry ON user_metadata(entry)",
+    "CREATE INDEX IF NOT EXISTS user_metadata_content ON user_metadata(content)",
+    "CREATE INDEX IF NOT EXISTS user_metadata_tag_parent ON user_metadata_tag(user_metadata)",
+    "CREATE INDEX IF NOT EXISTS user_metadata_tag_tag ON user_metadata_tag(tag)",
+];
+
+/// Internal tables: the applied position and parked changes.
+pub(crate) const INTERNAL: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS _parked (key BLOB PRIMARY KEY NOT NULL, missing TEXT NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE VIEW IF NOT EXISTS content_identity_stats AS \
+       SELECT c.uuid AS uuid, \
+              (SELECT count(*) FROM entry e WHERE e.content = c.uuid AND e._live = 1) AS entry_count, \
+              (SELECT coalesce(sum(e.size), 0) FROM entry e WHERE e.content = c.uuid AND e._live = 1) AS total_size \
+       FROM content_identity c WHERE c._live = 1",
+];
+
+/// The prepared statements of one model.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelSql {
+    /// Insert a new row; does nothing if the uuid exists.
+    pub(crate) insert: String,
+    /// Read a row's fields, clocks and tombstone.
+    pub(crate) select: String,
+    /// Write a row's fields, clocks, tombstone and visibility.
+    pub(crate) update: String,
+    /// Whether a uuid exists (visible or not).
+    pub(crate) exists: String,
+}
+
+impl ModelSql {
+    pub(crate) fn new(def: &ModelDef) -> Self {
+        let cols: Vec<&str> = def.fields.iter().map(|f| f.name).collect();
+        let n = cols.len();
+        let placeholders: Vec<String> = (1..=n + 4).map(|i| format!("?{i}")).collect();
+        let insert = format!(
+            "INSERT INTO {} (uuid, {}, _clocks, _tomb, _live) VALUES ({}) ON CONFLICT(uuid) DO NOTHING",
+            def.name,
+            cols.join(", "),
+            placeholders.join(", ")
+        );
+        let select = format!(
+            "SELECT {}, _clocks, _tomb FROM {} WHERE uuid = ?1",
+            cols.join(", "),
+            def.name
+        );
+        let sets: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = ?{}", i + 2))
+            .collect();
+        let update = format!(
+            "UPDATE {} SET {}, _clocks = ?{}, _tomb = ?{}, _live = ?{} WHERE uuid = ?1",
+            def.name,
+            sets.join(", "),
+            n + 2,
+            n + 3,
+            n + 4
+        );
+        let exists = format!("SELECT 1 FROM {} WHERE uuid = ?1", def.name);
+        Self {
+            insert,
+            select,
+            update,
+            exists,
+        }
+    }
+}

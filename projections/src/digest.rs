@@ -1,0 +1,59 @@
+//! The canonical digest: BLAKE3 over every row of every model table, sorted by uuid.
+//!
+//! Covers field values, clocks, tombstones and visibility; not the applied position or parked
+//! changes (those describe progress, not state). Equal state gives an equal digest.
+
+use keel_schema::MODELS;
+use rusqlite::types::ValueRef;
+
+use crate::error::ProjectionError;
+use crate::store::Projections;
+
+fn hash_value(hasher: &mut blake3::Hasher, value: ValueRef<'_>) {
+    match value {
+        ValueRef::Null => {
+            hasher.update(&[0]);
+        }
+        ValueRef::Integer(i) => {
+            hasher.update(&[1]);
+            hasher.update(&i.to_be_bytes());
+        }
+        ValueRef::Real(f) => {
+            hasher.update(&[2]);
+            hasher.update(&f.to_bits().to_be_bytes());
+        }
+        ValueRef::Text(t) => {
+            hasher.update(&[3]);
+            hasher.update(&(t.len() as u64).to_be_bytes());
+            hasher.update(t);
+        }
+        ValueRef::Blob(b) => {
+            hasher.update(&[4]);
+            hasher.update(&(b.len() as u64).to_be_bytes());
+            hasher.update(b);
+        }
+    }
+}
+
+impl Projections {
+    /// The digest of the whole projection, as 64 hex digits.
+    pub fn digest(&self) -> Result<String, ProjectionError> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"keel projection digest v1");
+        for def in MODELS.iter() {
+            hasher.update(def.name.as_bytes());
+            let mut stmt = self
+                .conn
+                .prepare(&format!("SELECT * FROM {} ORDER BY uuid", def.name))?;
+            let columns = stmt.column_count();
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                hasher.update(&[0xAA]);
+                for i in 0..columns {
+                    hash_value(&mut hasher, row.get_ref(i)?);
+                }
+            }
+        }
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+}

@@ -1,0 +1,205 @@
+//! Queries for host apps: typed rows by uuid, directory listings, metadata with both scopes, counts.
+
+use keel_schema::{ContentIdentity, Entry, Location, Syncable, Tag, UserMetadata, Value, MODELS};
+use rusqlite::{OptionalExtension, Params};
+use uuid::Uuid;
+
+use crate::apply::read_value;
+use crate::error::ProjectionError;
+use crate::store::Projections;
+
+/// Visible rows per model.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Devices.
+    pub devices: u64,
+    /// Locations.
+    pub locations: u64,
+    /// Entries.
+    pub entries: u64,
+    /// Content identities.
+    pub content_identities: u64,
+    /// User metadata records.
+    pub user_metadata: u64,
+    /// Tags.
+    pub tags: u64,
+    /// Tag applications.
+    pub user_metadata_tags: u64,
+}
+
+/// The metadata of an entry: its own, and its content's under it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EntryMetadata {
+    /// Entry-scoped metadata and its tags.
+    pub entry: Option<(UserMetadata, Vec<Tag>)>,
+    /// Content-scoped metadata and its tags.
+    pub content: Option<(UserMetadata, Vec<Tag>)>,
+}
+
+impl Projections {
+    /// Visible records of model `M` matching `filter` (an SQL condition on its columns).
+    pub fn select<M: Syncable, P: Params>(
+        &self,
+        filter: &str,
+        params: P,
+    ) -> Result<Vec<M>, ProjectionError> {
+        let def = M::DEF;
+        let cols: Vec<&str> = def.fields.iter().map(|f| f.name).collect();
+        let sql = format!(
+            "SELECT uuid, {} FROM {} WHERE _live = 1 AND ({filter}) ORDER BY uuid",
+            cols.join(", "),
+            def.name
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let uuid_bytes: Vec<u8> = row.get(0)?;
+            let uuid = Uuid::from_slice(&uuid_bytes)
+                .map_err(|_| ProjectionError::MalformedRow(format!("{} uuid", def.name)))?;
+            let mut values: Vec<Value> = Vec::with_capacity(cols.len());
+            for i in 0..cols.len() {
+                values.push(read_value(def, i, row.get_ref(i + 1)?)?);
+            }
+            let record = M::from_field_values(uuid, &values)
+                .ok_or_else(|| ProjectionError::MalformedRow(format!("{} {uuid}", def.name)))?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// The visible record of model `M` with this uuid.
+    pub fn get<M: Syncable>(&self, uuid: Uuid) -> Result<Option<M>, ProjectionError> {
+        Ok(self
+            .select::<M, _>("uuid = ?1", [uuid.as_bytes().as_slice()])?
+            .into_iter()
+            .next())
+    }
+
+    /// All visible locations.
+    pub fn locations(&self) -> Result<Vec<Location>, ProjectionError> {
+        self.select::<Location, _>("1", [])
+    }
+
+    /// The entries directly inside directory `relative_path` of a location.
+    pub fn children(
+        &self,
+        location: Uuid,
+        relative_path: &str,
+    ) -> Result<Vec<Entry>, ProjectionError> {
+        self.select::<Entry, _>(
+            "location = ?1 AND relative_path = ?2",
+            (location.as_bytes().as_slice(), relative_path),
+        )
+    }
+
+    /// Every entry of a location.
+    pub fn entries_of_location(&self, location: Uuid) -> Result<Vec<Entry>, ProjectionError> {
+        self.select::<Entry, _>("location = ?1", [location.as_bytes().as_slice()])
+    }
+
+    /// The entry at `relative_path`/`name` in a location.
+    pub fn entry_at(
+        &self,
+        location: Uuid,
+        relative_path: &str,
+        name: &str,
+    ) -> Result<Option<Entry>, ProjectionError> {
+        Ok(self
+            .select::<Entry, _>(
+                "location = ?1 AND relative_path = ?2 AND name = ?3",
+                (location.as_bytes().as_slice(), relative_path, name),
+            )?
+            .into_iter()
+            .next())
+    }
+
+    /// A content identity with its derived `entry_count` and `total_size`.
+    pub fn content_identity(&self, uuid: Uuid) -> Result<Option<ContentIdentity>, ProjectionError> {
+        let Some(mut content) = self.get::<ContentIdentity>(uuid)? else {
+            return Ok(None);
+        };
+        let stats: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT entry_count, total_size FROM content_identity_stats WHERE uuid = ?1",
+                [uuid.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((count, size)) = stats {
+            content.entry_count = count;
+            content.total_size = size;
+        }
+        Ok(Some(content))
+    }
+
+    /// The tags applied to a UserMetadata, by name.
+    pub fn tags_of(&self, user_metadata: Uuid) -> Result<Vec<Tag>, ProjectionError> {
+        let mut tags = self.select::<Tag, _>(
+            "uuid IN (SELECT tag FROM user_metadata_tag WHERE _live = 1 AND user_metadata = ?1)",
+            [user_metadata.as_bytes().as_slice()],
+        )?;
+        tags.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(tags)
+    }
+
+    /// The tags of a content (through its content-scoped metadata).
+    pub fn tags_of_content(&self, content: Uuid) -> Result<Vec<Tag>, ProjectionError> {
+        let mut tags = self.select::<Tag, _>(
+            "uuid IN (SELECT t.tag FROM user_metadata_tag t JOIN user_metadata m ON m.uuid = t.user_metadata \
+             WHERE t._live = 1 AND m._live = 1 AND m.content = ?1)",
+            [content.as_bytes().as_slice()],
+        )?;
+        tags.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(tags)
+    }
+
+    /// An entry's metadata in both scopes, with tags.
+    pub fn metadata_of(&self, entry: &Entry) -> Result<EntryMetadata, ProjectionError> {
+        let mut out = EntryMetadata::default();
+        if let Some(uuid) = entry.uuid {
+            if let Some(m) = self
+                .select::<UserMetadata, _>("entry = ?1", [uuid.as_bytes().as_slice()])?
+                .into_iter()
+                .next()
+            {
+                let tags = self.tags_of(m.uuid)?;
+                out.entry = Some((m, tags));
+            }
+        }
+        if let Some(content) = entry.content {
+            if let Some(m) = self
+                .select::<UserMetadata, _>("content = ?1", [content.as_bytes().as_slice()])?
+                .into_iter()
+                .next()
+            {
+                let tags = self.tags_of(m.uuid)?;
+                out.content = Some((m, tags));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Visible rows per model.
+    pub fn counts(&self) -> Result<Counts, ProjectionError> {
+        let mut n = [0u64; 7];
+        for (slot, def) in n.iter_mut().zip(MODELS.iter()) {
+            let count: i64 = self.conn.query_row(
+                &format!("SELECT count(*) FROM {} WHERE _live = 1", def.name),
+                [],
+                |r| r.get(0),
+            )?;
+            *slot = u64::try_from(count).unwrap_or(0);
+        }
+        Ok(Counts {
+            devices: n[0],
+            locations: n[1],
+            entries: n[2],
+            content_identities: n[3],
+            user_metadata: n[4],
+            tags: n[5],
+            user_metadata_tags: n[6],
+        })
+    }
+}

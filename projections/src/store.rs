@@ -1,0 +1,115 @@
+//! `Projections`: opening `projections.sqlite`, its pragmas and schema, the applied position.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use keel_schema::{plan, Lsn, SyncDomain, MODELS};
+use rusqlite::{Connection, OptionalExtension};
+use uuid::Uuid;
+
+use crate::ddl::{create_table, ModelSql, INDEXES, INTERNAL, SCHEMA_VERSION};
+use crate::error::ProjectionError;
+
+/// Page cache of the projection connection, in KiB (random uuid keys thrash SQLite's 2 MB default).
+pub const PAGE_CACHE_KIB: i64 = 128 * 1024;
+
+/// How far the journal has been applied: the log position and the local-journal sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AppliedPosition {
+    /// Last log position applied.
+    pub log: Lsn,
+    /// Last local-journal sequence applied.
+    pub local: u64,
+}
+
+/// The SQLite views of one library.
+pub struct Projections {
+    pub(crate) conn: Connection,
+    pub(crate) sql: Vec<ModelSql>,
+    pub(crate) ranks: Vec<usize>,
+    pub(crate) parked: u64,
+    pub(crate) domain_cache: HashMap<Uuid, SyncDomain>,
+}
+
+impl std::fmt::Debug for Projections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Projections(parked {})", self.parked)
+    }
+}
+
+/// Applies Keel's connection settings: WAL, `synchronous=NORMAL`, foreign keys, page cache.
+pub fn configure_connection(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    Ok(())
+}
+
+impl Projections {
+    /// Opens or creates the projection file and migrates its schema.
+    pub fn open(path: &Path) -> Result<Self, ProjectionError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        configure_connection(&conn)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(ProjectionError::UnsupportedSchema {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let plan = plan(&MODELS)?;
+        let mut ranks = Vec::with_capacity(MODELS.len());
+        let mut sql = Vec::with_capacity(MODELS.len());
+        let mut ddl = String::from("BEGIN;");
+        for def in MODELS.iter() {
+            ranks.push(plan.rank(def.name).unwrap_or(usize::MAX));
+            sql.push(ModelSql::new(def));
+            ddl.push_str(&create_table(def));
+            ddl.push(';');
+        }
+        for stmt in INDEXES.iter().chain(INTERNAL) {
+            ddl.push_str(stmt);
+            ddl.push(';');
+        }
+        ddl.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
+        conn.execute_batch(&ddl)?;
+        let parked: i64 = conn.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
+        Ok(Self {
+            conn,
+            sql,
+            ranks,
+            parked: u64::try_from(parked).unwrap_or(0),
+            domain_cache: HashMap::new(),
+        })
+    }
+
+    /// The position applied so far (saved in the same transaction as the rows).
+    pub fn applied_position(&self) -> Result<AppliedPosition, ProjectionError> {
+        let read = |key: &str| -> Result<u64, ProjectionError> {
+            let v: Option<i64> = self
+                .conn
+                .query_row("SELECT value FROM _meta WHERE key = ?1", [key], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
+        };
+        Ok(AppliedPosition {
+            log: Lsn(read("applied_lsn")?),
+            local: read("applied_local")?,
+        })
+    }
+
+    /// Changes waiting for a dependency.
+    pub fn parked_len(&self) -> u64 {
+        self.parked
+    }
+
+    /// The underlying connection, for host-app queries beyond the ones provided.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}

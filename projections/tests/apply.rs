@@ -1,0 +1,230 @@
+//! Apply semantics against a real SQLite file: order independence, parking, the two-step cycle,
+//! tombstones, LWW.
+
+use keel_projections::{AppliedPosition, Projections};
+use keel_schema::{
+    content_uuid, user_metadata_tag_uuid, Change, ChangeId, ContentIdentity, Device, DeviceId,
+    Entry, EntryKind, Hlc, Location, Lsn, Tag, UserMetadata, UserMetadataTag, Value,
+};
+use uuid::Uuid;
+
+struct Gen {
+    device: DeviceId,
+    ms: u64,
+}
+
+impl Gen {
+    fn hlc(&mut self) -> Hlc {
+        self.ms += 1;
+        Hlc {
+            physical_ms: self.ms,
+            counter: 0,
+            device: self.device,
+        }
+    }
+}
+
+/// A small library: device, location, content, an entry with entry-scoped metadata (the cycle),
+/// content-scoped metadata with a tag, a second entry later deleted.
+fn scenario() -> Vec<Change> {
+    let device = DeviceId([4; 32]);
+    let mut g = Gen { device, ms: 1000 };
+    let lib = Uuid::new_v4();
+    let dev = Device {
+        uuid: device.record_uuid(),
+        device_id: device.to_hex(),
+        name: "laptop".into(),
+        os: "linux".into(),
+        created_ms: 1,
+    };
+    let loc = Location {
+        uuid: Uuid::now_v7(),
+        device: dev.uuid,
+        path: "/data".into(),
+        name: "data".into(),
+        created_ms: 2,
+    };
+    let content = ContentIdentity {
+        uuid: Some(content_uuid(lib, "abc")),
+        content_hash: "abc".into(),
+        mime: None,
+        kind: "text".into(),
+        size: 3,
+        entry_count: 0,
+        total_size: 0,
+    };
+    let entry_uuid = Uuid::now_v7();
+    let meta = UserMetadata {
+        uuid: Uuid::now_v7(),
+        entry: Some(entry_uuid),
+        content: None,
+        notes: Some("entry note".into()),
+        favorite: true,
+        hidden: false,
+        custom_data: None,
+    };
+    let entry = Entry {
+        uuid: Some(entry_uuid),
+        location: loc.uuid,
+        relative_path: String::new(),
+        name: "a.txt".into(),
+        kind: EntryKind::File.code(),
+        size: 3,
+        created_ms: 0,
+        modified_ms: 5,
+        content: content.uuid,
+        metadata: Some(meta.uuid),
+    };
+    let gone = Entry {
+        uuid: Some(Uuid::now_v7()),
+        name: "b.txt".into(),
+        metadata: None,
+        ..entry.clone()
+    };
+    let cmeta = UserMetadata {
+        uuid: Uuid::now_v7(),
+        entry: None,
+        content: content.uuid,
+        notes: Some("content note".into()),
+        favorite: false,
+        hidden: false,
+        custom_data: None,
+    };
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: "red".into(),
+        color: None,
+        created_ms: 3,
+    };
+    let umt = UserMetadataTag {
+        uuid: user_metadata_tag_uuid(cmeta.uuid, tag.uuid),
+        user_metadata: cmeta.uuid,
+        tag: tag.uuid,
+        created_ms: 4,
+    };
+    let mut out = Vec::new();
+    let mut push = |c: Option<Change>| out.push(c.expect("sync-ready"));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &dev));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &loc));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &content));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &entry));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &meta));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &gone));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &cmeta));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &tag));
+    push(Change::upsert(ChangeId::new(), g.hlc(), &umt));
+    push(
+        Change::upsert_fields::<UserMetadata>(
+            ChangeId::new(),
+            g.hlc(),
+            cmeta.uuid,
+            vec![("notes", Value::Text("edited".into()))],
+        )
+        .ok(),
+    );
+    push(Some(Change::delete::<Entry>(
+        ChangeId::new(),
+        g.hlc(),
+        gone.uuid.unwrap_or_default(),
+    )));
+    out
+}
+
+fn digest_of(changes: &[Change], batch: usize) -> (String, Projections, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    for chunk in changes.chunks(batch) {
+        p.apply(chunk, None).expect("applies");
+    }
+    (p.digest().expect("digest"), p, dir)
+}
+
+#[test]
+fn any_order_gives_the_same_rows() {
+    let changes = scenario();
+    let (forward, p, _d) = digest_of(&changes, 100);
+    let counts = p.counts().expect("counts");
+    assert_eq!(counts.entries, 1, "the deleted entry is hidden");
+    assert_eq!(counts.user_metadata, 2);
+    assert_eq!(counts.user_metadata_tags, 1);
+    assert_eq!(p.parked_len(), 0);
+    let mut reversed = changes.clone();
+    reversed.reverse();
+    for batch in [1, 3, 100] {
+        let (d, p2, _d2) = digest_of(&reversed, batch);
+        assert_eq!(d, forward, "reversed, batch {batch}");
+        assert_eq!(p2.parked_len(), 0);
+    }
+    // A rotation of one-at-a-time applies.
+    for k in 1..changes.len() {
+        let mut rotated = changes.clone();
+        rotated.rotate_left(k);
+        let (d, _, _dir) = digest_of(&rotated, 1);
+        assert_eq!(d, forward, "rotation {k}");
+    }
+}
+
+#[test]
+fn entry_cycle_is_applied_in_two_steps() {
+    let changes = scenario();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    // Device, location, content, entry — but not the entry's metadata yet.
+    p.apply(&changes[..4], None).expect("applies");
+    let entry_uuid = changes[3].record;
+    let entry: Entry = p.get(entry_uuid).expect("query").expect("entry is visible");
+    assert_eq!(entry.metadata, None, "the cycle reference waits");
+    assert_eq!(p.parked_len(), 1);
+    p.apply(&changes[4..5], None).expect("applies");
+    let entry: Entry = p.get(entry_uuid).expect("query").expect("entry is visible");
+    assert_eq!(entry.metadata, Some(changes[4].record));
+    assert_eq!(p.parked_len(), 0);
+    let md = p.metadata_of(&entry).expect("metadata");
+    assert_eq!(
+        md.entry.map(|(m, _)| m.notes),
+        Some(Some("entry note".into()))
+    );
+}
+
+#[test]
+fn a_change_without_its_dependency_waits_and_is_never_shown() {
+    let changes = scenario();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    // The entry before its location exists.
+    let stats = p.apply(&changes[3..4], None).expect("applies");
+    assert_eq!(stats.parked, 1);
+    assert_eq!(p.counts().expect("counts").entries, 0);
+    p.apply(
+        &changes[..3],
+        Some(AppliedPosition {
+            log: Lsn(3),
+            local: 0,
+        }),
+    )
+    .expect("applies");
+    assert_eq!(p.counts().expect("counts").entries, 1);
+    assert_eq!(p.applied_position().expect("pos").log, Lsn(3));
+}
+
+#[test]
+fn last_writer_wins_per_field_and_reapply_is_a_no_op() {
+    let changes = scenario();
+    let (before, mut p, _d) = digest_of(&changes, 100);
+    let stats = p.apply(&changes, None).expect("reapplies");
+    assert_eq!(stats.applied, 0);
+    assert_eq!(p.digest().expect("digest"), before);
+    let cmeta = changes[6].record;
+    let m: UserMetadata = p.get(cmeta).expect("query").expect("visible");
+    assert_eq!(m.notes.as_deref(), Some("edited"));
+    assert!(!m.favorite);
+    let content = p
+        .content_identity(changes[2].record)
+        .expect("query")
+        .expect("visible");
+    assert_eq!(
+        (content.entry_count, content.total_size),
+        (1, 3),
+        "derived, not synced"
+    );
+}
