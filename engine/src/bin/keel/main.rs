@@ -1,0 +1,20 @@
+//! The `keel` command: run a library on this device, benchmark it, or demo it.
+
+mod bench;
+mod cli;
+mod demo;
+
+fn main() {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error: {info}");
+    }));
+    let code = match cli::run() {
+        Ok(code) => code,
+        Err(err) => {
+            let text = format!("{err:#}").replace('\n', " ");
+            eprintln!("error: {text}");
+            1
+        }
+    };
+    std::process::exit(code);
+}

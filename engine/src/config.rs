@@ -1,0 +1,224 @@
+//! On-disk layout of a Keel home, `library.toml`, and the device identity.
+
+use std::path::{Path, PathBuf};
+
+use keel_journal::WrappedKey;
+use keel_schema::{DeviceId, LibraryId};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{io_at, EngineError};
+
+/// Version of `library.toml` this build writes.
+pub const LIBRARY_CONFIG_VERSION: u32 = 1;
+/// Largest `library.toml` read (a bigger file is not ours).
+const CONFIG_LEN_MAX: u64 = 64 * 1024;
+
+/// A Keel home folder: `device/` and `libraries/<name>.keel/`.
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// A home at `root` (created on first use).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The home folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder of library `name`.
+    pub fn library_dir(&self, name: &str) -> PathBuf {
+        self.root.join("libraries").join(format!("{name}.keel"))
+    }
+
+    /// The names of the libraries in this home.
+    pub fn libraries(&self) -> Result<Vec<String>, EngineError> {
+        let dir = self.root.join("libraries");
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = read
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".keel"))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// This home's device identity, created on first use.
+    pub fn device(&self) -> Result<DeviceIdentity, EngineError> {
+        let dir = self.root.join("device");
+        let path = dir.join("identity.toml");
+        if path.exists() {
+            let text = read_small(&path)?;
+            let parsed: DeviceIdentityFile =
+                toml::from_str(&text).map_err(|e| EngineError::BadDeviceIdentity {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let id = DeviceId::from_hex(&parsed.device_id).ok_or_else(|| {
+                EngineError::BadDeviceIdentity {
+                    path: path.clone(),
+                    reason: "device_id is not 64 hex digits".into(),
+                }
+            })?;
+            return Ok(DeviceIdentity {
+                id,
+                name: parsed.name,
+            });
+        }
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let identity = DeviceIdentity {
+            id: DeviceId(bytes),
+            name: default_device_name(),
+        };
+        let file = DeviceIdentityFile {
+            device_id: identity.id.to_hex(),
+            name: identity.name.clone(),
+        };
+        let text = toml::to_string(&file).map_err(|e| EngineError::BadDeviceIdentity {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, text.as_bytes())?;
+        Ok(identity)
+    }
+}
+
+fn default_device_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "this device".into())
+}
+
+/// This device's identity.
+#[derive(Debug, Clone)]
+pub struct DeviceIdentity {
+    /// The device id.
+    pub id: DeviceId,
+    /// A readable name.
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeviceIdentityFile {
+    device_id: String,
+    name: String,
+}
+
+/// `library.toml`: the library's ids and its wrapped key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LibraryConfig {
+    /// File version.
+    pub version: u32,
+    /// Library name.
+    pub name: String,
+    /// Library id.
+    pub library_id: Uuid,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The library key wrapped under the password (Argon2id parameters and salt inside).
+    pub key: WrappedKey,
+}
+
+impl LibraryConfig {
+    /// The typed library id.
+    pub fn library(&self) -> LibraryId {
+        LibraryId(self.library_id)
+    }
+
+    /// Reads and checks `library.toml` in `dir`.
+    pub fn read(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join("library.toml");
+        if !path.exists() {
+            return Err(EngineError::MissingConfig(dir.to_path_buf()));
+        }
+        let text = read_small(&path)?;
+        let bad = |reason: String| EngineError::BadConfig {
+            path: path.clone(),
+            reason,
+        };
+        let config: LibraryConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if config.version > LIBRARY_CONFIG_VERSION {
+            return Err(bad(format!(
+                "version {} is newer than this build ({LIBRARY_CONFIG_VERSION})",
+                config.version
+            )));
+        }
+        config.key.kdf.check().map_err(|e| bad(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Writes `library.toml` in `dir` atomically (temp file, fsync, rename).
+    pub fn write(&self, dir: &Path) -> Result<(), EngineError> {
+        let path = dir.join("library.toml");
+        let text = toml::to_string_pretty(self).map_err(|e| EngineError::BadConfig {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, text.as_bytes())
+    }
+}
+
+fn read_small(path: &Path) -> Result<String, EngineError> {
+    let meta = std::fs::metadata(path).map_err(io_at(path))?;
+    if meta.len() > CONFIG_LEN_MAX {
+        return Err(EngineError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("file is {} bytes, larger than any Keel config", meta.len()),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(io_at(path))?;
+    String::from_utf8(bytes).map_err(|_| EngineError::BadConfig {
+        path: path.to_path_buf(),
+        reason: "not UTF-8".into(),
+    })
+}
+
+/// Writes a file so that a crash leaves either the old or the new content.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        file.write_all(bytes).map_err(io_at(&tmp))?;
+        file.sync_all().map_err(io_at(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_at(path))?;
+    if let Some(parent) = path.parent() {
+        if let Ok(dir) = std::fs::File::open(parent) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a usable library name.
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}

@@ -1,0 +1,63 @@
+//! Typed events for host apps, on a tokio broadcast bus.
+
+use keel_schema::{Lsn, Op};
+use uuid::Uuid;
+
+/// Capacity of the event bus; a receiver that lags further loses the oldest events.
+pub const EVENT_BUS_CAPACITY: usize = 1024;
+/// Most records listed in one [`Event::RecordsChanged`].
+pub const EVENT_RECORDS_MAX: usize = 4096;
+
+/// What happened to one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Created or updated.
+    Upserted,
+    /// Deleted.
+    Deleted,
+}
+
+impl ChangeKind {
+    pub(crate) fn of(op: &Op) -> Self {
+        match op {
+            Op::Upsert(_) => ChangeKind::Upserted,
+            Op::Delete => ChangeKind::Deleted,
+        }
+    }
+}
+
+/// An event on the library's bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Records changed in the projections (committed here or elsewhere).
+    RecordsChanged {
+        /// `(model name, record uuid, kind)`, at most [`EVENT_RECORDS_MAX`].
+        records: Vec<(&'static str, Uuid, ChangeKind)>,
+        /// How many changes the batch held in all.
+        total: usize,
+        /// The log position applied after this batch.
+        applied: Lsn,
+    },
+    /// Progress of a long job (indexing, rebuild).
+    JobProgress {
+        /// The job's name.
+        job: &'static str,
+        /// Units done.
+        done: u64,
+        /// Units in all (0 if unknown).
+        total: u64,
+    },
+    /// A job finished.
+    JobFinished {
+        /// The job's name.
+        job: &'static str,
+        /// A one-line summary.
+        summary: String,
+    },
+    /// The applier failed; the projection will be healed from the journal on next open.
+    ApplyFailed {
+        /// Why.
+        reason: String,
+    },
+}

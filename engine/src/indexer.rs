@@ -1,0 +1,492 @@
+//! The indexer: walks a folder as a Location and brings its entries up to date.
+//!
+//! A file becomes sync-ready only once its content is identified (hashed): its Entry and its
+//! ContentIdentity are written together. Re-indexing keeps Entry uuids across changes and moves:
+//! - **new**: a path not seen before (and not a move) gets a new Entry;
+//! - **changed**: same path, new size or time: the Entry is kept (with its entry-scoped metadata)
+//!   and linked to the re-identified content;
+//! - **moved**: a path that disappeared and a new path with the same content: the Entry moves;
+//! - **removed**: a path gone: the Entry and its entry-scoped metadata become tombstones.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use crossbeam_channel::bounded;
+use keel_schema::{
+    content_uuid, ContentIdentity, Entry, EntryKind, Location, UserMetadata, UserMetadataTag, Value,
+};
+use uuid::Uuid;
+
+use crate::error::{io_at, EngineError};
+use crate::events::Event;
+use crate::library::{now_ms, Library};
+use crate::ops::split_relative;
+
+/// Changes committed per transaction while indexing.
+pub const INDEX_COMMIT_BATCH: usize = 4096;
+/// Hashing threads.
+const HASH_THREADS: usize = 2;
+
+/// Progress of an indexing run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IndexProgress {
+    /// Files processed.
+    pub done: u64,
+    /// Files in all.
+    pub total: u64,
+    /// Bytes hashed so far.
+    pub bytes: u64,
+}
+
+/// What an indexing run found.
+#[derive(Debug, Clone, Default)]
+pub struct IndexReport {
+    /// The location.
+    pub location: Uuid,
+    /// Files seen.
+    pub files: u64,
+    /// Directories seen.
+    pub dirs: u64,
+    /// New entries.
+    pub new: u64,
+    /// Entries whose content changed.
+    pub changed: u64,
+    /// Entries that moved.
+    pub moved: u64,
+    /// Entries removed.
+    pub removed: u64,
+    /// Entries unchanged.
+    pub unchanged: u64,
+    /// Paths that could not be read (skipped, with a warning).
+    pub unreadable: u64,
+    /// Bytes hashed.
+    pub bytes_hashed: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+struct Item {
+    path: PathBuf,
+    relative_path: String,
+    name: String,
+    kind: EntryKind,
+    size: i64,
+    created_ms: i64,
+    modified_ms: i64,
+}
+
+enum Planned {
+    Upsert(Box<Entry>),
+    Content(Box<ContentIdentity>),
+    Update(Uuid, Vec<(&'static str, Value)>),
+    DeleteEntry(Uuid),
+    DeleteMetadata(Uuid),
+    DeleteTag(Uuid),
+}
+
+fn millis(time: std::io::Result<std::time::SystemTime>) -> i64 {
+    time.ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A coarse kind and MIME type from the file extension.
+pub fn kind_of(name: &str) -> (&'static str, Option<&'static str>) {
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("txt" | "md" | "rs" | "toml" | "json" | "csv" | "log") => ("text", Some("text/plain")),
+        Some("jpg" | "jpeg") => ("image", Some("image/jpeg")),
+        Some("png") => ("image", Some("image/png")),
+        Some("gif") => ("image", Some("image/gif")),
+        Some("mp4" | "mov" | "mkv") => ("video", Some("video/mp4")),
+        Some("mp3" | "flac" | "wav") => ("audio", Some("audio/mpeg")),
+        Some("pdf") => ("document", Some("application/pdf")),
+        Some("zip" | "tar" | "gz") => ("archive", Some("application/zip")),
+        _ => ("other", None),
+    }
+}
+
+fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let n = std::io::copy(&mut file, &mut hasher)?;
+    Ok((hasher.finalize().to_hex().to_string(), n))
+}
+
+impl Library {
+    /// Adds `path` as a Location (if it is not one yet) and indexes it.
+    pub fn index(
+        &self,
+        path: &Path,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
+        let started = Instant::now();
+        let root = path.canonicalize().map_err(io_at(path))?;
+        if !root.is_dir() {
+            return Err(EngineError::Io {
+                path: root,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
+            });
+        }
+        let location = match self.location_at(&root)? {
+            Some(l) => l,
+            None => {
+                let location = Location {
+                    uuid: Uuid::now_v7(),
+                    device: self.device_id().record_uuid(),
+                    path: root.to_string_lossy().into_owned(),
+                    name: root
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "/".into()),
+                    created_ms: now_ms() as i64,
+                };
+                self.transact(|tx| {
+                    tx.upsert(&location);
+                    Ok(())
+                })?;
+                self.flush()?;
+                location
+            }
+        };
+        let mut report = IndexReport {
+            location: location.uuid,
+            ..IndexReport::default()
+        };
+        let mut existing: HashMap<(String, String), Entry> = self
+            .read(|p| p.entries_of_location(location.uuid))?
+            .into_iter()
+            .map(|e| ((e.relative_path.clone(), e.name.clone()), e))
+            .collect();
+
+        // Walk first (stat only), so removals and moves are known before hashing.
+        let mut items = Vec::new();
+        for item in walkdir::WalkDir::new(&root)
+            .follow_links(false)
+            .sort_by_file_name()
+            .min_depth(1)
+        {
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable path");
+                    report.unreadable += 1;
+                    continue;
+                }
+            };
+            let Ok(rel) = item.path().strip_prefix(&root) else {
+                continue;
+            };
+            let (relative_path, name) = split_relative(rel);
+            let file_type = item.file_type();
+            let kind = if file_type.is_dir() {
+                EntryKind::Directory
+            } else if file_type.is_symlink() {
+                EntryKind::Symlink
+            } else {
+                EntryKind::File
+            };
+            let meta = match item.metadata() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable path");
+                    report.unreadable += 1;
+                    continue;
+                }
+            };
+            items.push(Item {
+                path: item.path().to_path_buf(),
+                relative_path,
+                name,
+                kind,
+                size: if kind == EntryKind::File {
+                    meta.len() as i64
+                } else {
+                    0
+                },
+                created_ms: millis(meta.created()),
+                modified_ms: millis(meta.modified()),
+            });
+        }
+
+        let mut planned: Vec<Planned> = Vec::new();
+        let mut to_hash: Vec<(Item, Option<Entry>)> = Vec::new();
+        for item in items {
+            let key = (item.relative_path.clone(), item.name.clone());
+            let previous = existing.remove(&key);
+            match item.kind {
+                EntryKind::File => {
+                    report.files += 1;
+                    match previous {
+                        Some(prev)
+                            if prev.kind == EntryKind::File.code()
+                                && prev.size == item.size
+                                && prev.modified_ms == item.modified_ms
+                                && prev.content.is_some() =>
+                        {
+                            report.unchanged += 1;
+                        }
+                        Some(prev) if prev.kind == EntryKind::File.code() => {
+                            to_hash.push((item, Some(prev)))
+                        }
+                        Some(prev) => {
+                            // A directory became a file: the old entry goes, a new one comes.
+                            existing.insert(
+                                (prev.relative_path.clone(), format!("\0{}", prev.name)),
+                                prev,
+                            );
+                            to_hash.push((item, None));
+                        }
+                        None => to_hash.push((item, None)),
+                    }
+                }
+                EntryKind::Directory | EntryKind::Symlink => {
+                    if item.kind == EntryKind::Directory {
+                        report.dirs += 1;
+                    }
+                    match previous {
+                        Some(prev) if prev.kind == item.kind.code() => report.unchanged += 1,
+                        other => {
+                            if let Some(prev) = other {
+                                existing.insert(
+                                    (prev.relative_path.clone(), format!("\0{}", prev.name)),
+                                    prev,
+                                );
+                            }
+                            report.new += 1;
+                            planned.push(Planned::Upsert(Box::new(Entry {
+                                uuid: Some(Uuid::now_v7()),
+                                location: location.uuid,
+                                relative_path: item.relative_path,
+                                name: item.name,
+                                kind: item.kind.code(),
+                                size: 0,
+                                created_ms: item.created_ms,
+                                modified_ms: item.modified_ms,
+                                content: None,
+                                metadata: None,
+                            })));
+                        }
+                    }
+                }
+            }
+        }
+        // What is left in `existing` disappeared; files among them may reappear as moves.
+        let mut gone_by_content: HashMap<Uuid, Vec<Entry>> = HashMap::new();
+        let mut gone: Vec<Entry> = Vec::new();
+        for (_, entry) in existing.drain() {
+            match entry.content {
+                Some(c) if entry.kind == EntryKind::File.code() => {
+                    gone_by_content.entry(c).or_default().push(entry)
+                }
+                _ => gone.push(entry),
+            }
+        }
+
+        let total = report.files;
+        let mut done = report.files - to_hash.len() as u64;
+        progress(IndexProgress {
+            done,
+            total,
+            bytes: 0,
+        });
+        let library = self.id().0;
+        let mut known_content: HashSet<Uuid> = HashSet::new();
+        let mut result: Result<(), EngineError> = Ok(());
+
+        std::thread::scope(|scope| {
+            let (work_tx, work_rx) = bounded::<(Item, Option<Entry>)>(1024);
+            let (done_tx, done_rx) =
+                bounded::<(Item, Option<Entry>, std::io::Result<(String, u64)>)>(1024);
+            for _ in 0..HASH_THREADS {
+                let work_rx = work_rx.clone();
+                let done_tx = done_tx.clone();
+                scope.spawn(move || {
+                    for (item, prev) in work_rx {
+                        let hashed = hash_file(&item.path);
+                        if done_tx.send((item, prev, hashed)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(done_tx);
+            drop(work_rx);
+            scope.spawn(move || {
+                for job in to_hash {
+                    if work_tx.send(job).is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut last_report = Instant::now();
+            for (item, prev, hashed) in done_rx {
+                done += 1;
+                if result.is_err() {
+                    continue;
+                }
+                let (hash, n) = match hashed {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(path = %item.path.display(), error = %e, "skipping an unreadable file");
+                        report.unreadable += 1;
+                        if let Some(prev) = prev {
+                            // Keep the old entry as it was rather than lose it.
+                            let _ = prev;
+                        }
+                        continue;
+                    }
+                };
+                report.bytes_hashed += n;
+                let content = content_uuid(library, &hash);
+                if !known_content.contains(&content) {
+                    match self.get::<ContentIdentity>(content) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            let (kind, mime) = kind_of(&item.name);
+                            planned.push(Planned::Content(Box::new(ContentIdentity {
+                                uuid: Some(content),
+                                content_hash: hash.clone(),
+                                mime: mime.map(str::to_string),
+                                kind: kind.into(),
+                                size: n as i64,
+                                entry_count: 0,
+                                total_size: 0,
+                            })));
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            continue;
+                        }
+                    }
+                    known_content.insert(content);
+                }
+                let moved_from = if prev.is_none() {
+                    gone_by_content.get_mut(&content).and_then(|v| v.pop())
+                } else {
+                    None
+                };
+                if let Some(prev) = prev {
+                    report.changed += 1;
+                    planned.push(Planned::Update(
+                        prev.uuid.unwrap_or_default(),
+                        vec![
+                            ("content", Value::Uuid(content)),
+                            ("size", Value::Int(item.size)),
+                            ("modified_ms", Value::Int(item.modified_ms)),
+                        ],
+                    ));
+                } else if let Some(old) = moved_from {
+                    report.moved += 1;
+                    planned.push(Planned::Update(
+                        old.uuid.unwrap_or_default(),
+                        vec![
+                            ("relative_path", Value::Text(item.relative_path.clone())),
+                            ("name", Value::Text(item.name.clone())),
+                            ("modified_ms", Value::Int(item.modified_ms)),
+                        ],
+                    ));
+                } else {
+                    report.new += 1;
+                    planned.push(Planned::Upsert(Box::new(Entry {
+                        uuid: Some(Uuid::now_v7()),
+                        location: location.uuid,
+                        relative_path: item.relative_path,
+                        name: item.name,
+                        kind: EntryKind::File.code(),
+                        size: item.size,
+                        created_ms: item.created_ms,
+                        modified_ms: item.modified_ms,
+                        content: Some(content),
+                        metadata: None,
+                    })));
+                }
+                if planned.len() >= INDEX_COMMIT_BATCH {
+                    if let Err(e) = self.commit_planned(&mut planned) {
+                        result = Err(e);
+                    }
+                }
+                if last_report.elapsed() >= Duration::from_millis(100) {
+                    last_report = Instant::now();
+                    let p = IndexProgress {
+                        done,
+                        total,
+                        bytes: report.bytes_hashed,
+                    };
+                    progress(p);
+                    self.publish(Event::JobProgress {
+                        job: "indexer",
+                        done,
+                        total,
+                    });
+                }
+            }
+        });
+        result?;
+
+        // Removals: the entry and its entry-scoped metadata and tags.
+        gone.extend(gone_by_content.into_values().flatten());
+        for entry in gone {
+            let Some(uuid) = entry.uuid else { continue };
+            report.removed += 1;
+            let metadata = self.read(|p| {
+                p.select::<UserMetadata, _>("entry = ?1", [uuid.as_bytes().as_slice()])
+            })?;
+            for m in metadata {
+                for link in self.read(|p| {
+                    p.select::<UserMetadataTag, _>(
+                        "user_metadata = ?1",
+                        [m.uuid.as_bytes().as_slice()],
+                    )
+                })? {
+                    planned.push(Planned::DeleteTag(link.uuid));
+                }
+                planned.push(Planned::DeleteMetadata(m.uuid));
+            }
+            planned.push(Planned::DeleteEntry(uuid));
+        }
+        self.commit_planned(&mut planned)?;
+        self.flush()?;
+        progress(IndexProgress {
+            done: total,
+            total,
+            bytes: report.bytes_hashed,
+        });
+        report.elapsed = started.elapsed();
+        self.publish(Event::JobFinished {
+            job: "indexer",
+            summary: format!(
+                "{} files, {} new, {} changed, {} moved, {} removed",
+                report.files, report.new, report.changed, report.moved, report.removed
+            ),
+        });
+        Ok(report)
+    }
+
+    fn commit_planned(&self, planned: &mut Vec<Planned>) -> Result<(), EngineError> {
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(planned);
+        self.transact(|tx| {
+            for op in batch {
+                match op {
+                    Planned::Upsert(entry) => {
+                        tx.upsert(entry.as_ref());
+                    }
+                    Planned::Content(content) => {
+                        tx.upsert(content.as_ref());
+                    }
+                    Planned::Update(uuid, fields) => tx.update::<Entry>(uuid, fields)?,
+                    Planned::DeleteEntry(uuid) => tx.delete::<Entry>(uuid),
+                    Planned::DeleteMetadata(uuid) => tx.delete::<UserMetadata>(uuid),
+                    Planned::DeleteTag(uuid) => tx.delete::<UserMetadataTag>(uuid),
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,501 @@
+//! `Library`: one open library — its journal, projections, clock, applier and event bus.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use keel_journal::{Journal, JournalOptions, KdfParams, LibraryKey, Placement, VerifyReport};
+use keel_projections::{AppliedPosition, Counts, Projections};
+use keel_schema::{Device, DeviceId, HlcClock, LibraryId, Syncable};
+use serde::Serialize;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::applier::{self, advance, ApplyState, Shared};
+use crate::config::{valid_name, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
+use crate::error::{io_at, EngineError};
+use crate::events::{Event, EVENT_BUS_CAPACITY};
+use crate::replay::{replay, ReplayReport};
+use crate::tx::Tx;
+
+/// Options for creating a library.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateOptions {
+    /// Argon2id parameters for wrapping the library key.
+    pub kdf: KdfParams,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        Self {
+            kdf: KdfParams::RECOMMENDED,
+        }
+    }
+}
+
+/// What a successful `transact` wrote. Every change in it is durable.
+#[derive(Debug, Clone)]
+pub struct CommitReceipt {
+    /// Where each change was written, in order.
+    pub placements: Vec<Placement>,
+}
+
+/// A summary of a library for `keel status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Library name.
+    pub name: String,
+    /// Library id.
+    pub library_id: String,
+    /// This device's id (hex).
+    pub device_id: String,
+    /// Visible rows per model.
+    pub counts: CountsJson,
+    /// Journal counters.
+    pub journal: JournalJson,
+    /// Last log position applied to the projections.
+    pub applied_lsn: u64,
+    /// Changes waiting for a dependency.
+    pub parked: u64,
+    /// The projection digest.
+    pub digest: String,
+}
+
+/// Row counts in `status --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CountsJson {
+    /// Devices.
+    pub devices: u64,
+    /// Locations.
+    pub locations: u64,
+    /// Entries.
+    pub entries: u64,
+    /// Content identities.
+    pub content_identities: u64,
+    /// User metadata.
+    pub user_metadata: u64,
+    /// Tags.
+    pub tags: u64,
+    /// Tag applications.
+    pub user_metadata_tags: u64,
+}
+
+impl From<Counts> for CountsJson {
+    fn from(c: Counts) -> Self {
+        Self {
+            devices: c.devices,
+            locations: c.locations,
+            entries: c.entries,
+            content_identities: c.content_identities,
+            user_metadata: c.user_metadata,
+            tags: c.tags,
+            user_metadata_tags: c.user_metadata_tags,
+        }
+    }
+}
+
+/// Journal counters in `status --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct JournalJson {
+    /// Changes this device has made (all durable).
+    pub local_changes: u64,
+    /// Changes in the offline journal not yet sequenced by a leader.
+    pub pending_local: u64,
+    /// Records in the leader log.
+    pub log_len: u64,
+}
+
+/// The current time in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An open library. Dropping it closes it cleanly (everything committed is applied first).
+pub struct Library {
+    name: String,
+    dir: PathBuf,
+    config: LibraryConfig,
+    device: DeviceIdentity,
+    journal: Option<Journal>,
+    shared: Arc<Shared>,
+    clock: Mutex<HlcClock>,
+    committed: Mutex<AppliedPosition>,
+    applier: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Library {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Library({} {})", self.name, self.config.library_id)
+    }
+}
+
+const JOURNAL_FILE: &str = "journal.redb";
+const PROJECTIONS_FILE: &str = "projections.sqlite";
+
+fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{PROJECTIONS_FILE}{suffix}"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at(path)(e)),
+        }
+    }
+    Ok(())
+}
+
+impl Library {
+    /// Creates library `name` in `home`, with its key wrapped under `password`.
+    pub fn create(
+        home: &Home,
+        name: &str,
+        password: &str,
+        options: CreateOptions,
+    ) -> Result<Self, EngineError> {
+        if !valid_name(name) {
+            return Err(EngineError::InvalidName(name.into()));
+        }
+        let dir = home.library_dir(name);
+        if dir.join("library.toml").exists() {
+            return Err(EngineError::LibraryExists(name.into()));
+        }
+        let device = home.device()?;
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let library = LibraryId(Uuid::new_v4());
+        let key = LibraryKey::generate();
+        let config = LibraryConfig {
+            version: LIBRARY_CONFIG_VERSION,
+            name: name.into(),
+            library_id: library.0,
+            created_ms: now_ms(),
+            key: key.wrap(library, password, options.kdf)?,
+        };
+        config.write(&dir)?;
+        Self::open_with_key(name, dir, config, device, &key)
+    }
+
+    /// Opens library `name` in `home`. A wrong password fails before anything is written.
+    pub fn open(home: &Home, name: &str, password: &str) -> Result<Self, EngineError> {
+        if !valid_name(name) {
+            return Err(EngineError::InvalidName(name.into()));
+        }
+        let dir = home.library_dir(name);
+        if !dir.exists() {
+            return Err(EngineError::NoSuchLibrary(name.into()));
+        }
+        let config = LibraryConfig::read(&dir)?;
+        let key = LibraryKey::unwrap_with(&config.key, config.library(), password)?;
+        let device = home.device()?;
+        Self::open_with_key(name, dir, config, device, &key)
+    }
+
+    fn open_with_key(
+        name: &str,
+        dir: PathBuf,
+        config: LibraryConfig,
+        device: DeviceIdentity,
+        key: &LibraryKey,
+    ) -> Result<Self, EngineError> {
+        let (committed_tx, committed_rx) = crossbeam_channel::bounded(64);
+        let journal = Journal::open(
+            &dir.join(JOURNAL_FILE),
+            config.library(),
+            key,
+            device.id,
+            JournalOptions {
+                committed: Some(committed_tx),
+                role: None,
+            },
+        )?;
+        // Projections are disposable: one that cannot be opened is rebuilt from the journal.
+        let projections_path = dir.join(PROJECTIONS_FILE);
+        let mut projections = match Projections::open(&projections_path) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "projection unreadable; rebuilding it from the journal");
+                remove_projection_files(&dir)?;
+                Projections::open(&projections_path)?
+            }
+        };
+        // Heal: apply whatever the journal holds beyond the applied position.
+        let from = projections.applied_position()?;
+        let healed = replay(&journal, &mut projections, from, &mut |_, _| {})?;
+        if healed.changes > 0 {
+            tracing::info!(
+                changes = healed.changes,
+                "healed projections from the journal"
+            );
+        }
+        let mut clock = HlcClock::new(device.id);
+        if let Some(hwm) = journal.hlc_high_water()? {
+            clock.observe(hwm);
+        }
+        let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
+        let shared = Arc::new(Shared {
+            projections: Mutex::new(projections),
+            applied: Mutex::new(ApplyState {
+                position: healed.position,
+                error: None,
+            }),
+            applied_changed: Condvar::new(),
+            events,
+        });
+        let applier_shared = shared.clone();
+        let applier = std::thread::Builder::new()
+            .name("keel-applier".into())
+            .spawn(move || applier::run(applier_shared, committed_rx))
+            .map_err(io_at(&dir))?;
+        let library = Self {
+            name: name.into(),
+            dir,
+            config,
+            device,
+            journal: Some(journal),
+            shared,
+            clock: Mutex::new(clock),
+            committed: Mutex::new(healed.position),
+            applier: Some(applier),
+        };
+        library.register_device()?;
+        Ok(library)
+    }
+
+    /// Makes sure this device has its Device record.
+    fn register_device(&self) -> Result<(), EngineError> {
+        let uuid = self.device.id.record_uuid();
+        if self.get::<Device>(uuid)?.is_some() {
+            return Ok(());
+        }
+        let device = Device {
+            uuid,
+            device_id: self.device.id.to_hex(),
+            name: self.device.name.clone(),
+            os: std::env::consts::OS.into(),
+            created_ms: now_ms() as i64,
+        };
+        self.transact(|tx| {
+            tx.upsert(&device);
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    fn journal(&self) -> Result<&Journal, EngineError> {
+        self.journal.as_ref().ok_or(EngineError::Closed)
+    }
+
+    /// The library's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The library's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The library id.
+    pub fn id(&self) -> LibraryId {
+        self.config.library()
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.device.id
+    }
+
+    /// Runs `f` to collect changes, then commits them as one durable group. `Ok` means durable.
+    /// The projections follow a moment later; call [`Library::flush`] to wait for them.
+    pub fn transact<T>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, EngineError>,
+    ) -> Result<(T, CommitReceipt), EngineError> {
+        let changes = {
+            let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+            let mut tx = Tx::new(&mut clock, now_ms());
+            let value = f(&mut tx)?;
+            (value, tx.changes)
+        };
+        let (value, changes) = changes;
+        if changes.is_empty() {
+            return Ok((
+                value,
+                CommitReceipt {
+                    placements: Vec::new(),
+                },
+            ));
+        }
+        let placements = self.journal()?.commit(changes)?;
+        if let Ok(mut committed) = self.committed.lock() {
+            for p in &placements {
+                advance(&mut committed, *p);
+            }
+        }
+        Ok((value, CommitReceipt { placements }))
+    }
+
+    /// Waits until everything committed so far is applied to the projections.
+    pub fn flush(&self) -> Result<(), EngineError> {
+        let target = *self.committed.lock().map_err(|_| EngineError::Closed)?;
+        let mut state = self
+            .shared
+            .applied
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        loop {
+            if let Some(reason) = &state.error {
+                return Err(EngineError::Projection(
+                    keel_projections::ProjectionError::MalformedRow(format!(
+                        "applier failed: {reason}"
+                    )),
+                ));
+            }
+            if state.position.log >= target.log && state.position.local >= target.local {
+                return Ok(());
+            }
+            state = self
+                .shared
+                .applied_changed
+                .wait(state)
+                .map_err(|_| EngineError::Closed)?;
+        }
+    }
+
+    /// Subscribes to the library's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// Publishes an event (used by jobs).
+    pub(crate) fn publish(&self, event: Event) {
+        let _ = self.shared.events.send(event);
+    }
+
+    /// Runs `f` with the projections (read-only use: host-app queries).
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Projections) -> Result<T, keel_projections::ProjectionError>,
+    ) -> Result<T, EngineError> {
+        let p = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        Ok(f(&p)?)
+    }
+
+    /// The visible record of model `M` with this uuid.
+    pub fn get<M: Syncable>(&self, uuid: Uuid) -> Result<Option<M>, EngineError> {
+        self.read(|p| p.get::<M>(uuid))
+    }
+
+    /// The projection digest (after applying everything committed).
+    pub fn digest(&self) -> Result<String, EngineError> {
+        self.flush()?;
+        self.read(|p| p.digest())
+    }
+
+    /// A summary of the library.
+    pub fn status(&self) -> Result<Status, EngineError> {
+        self.flush()?;
+        let stats = self.journal()?.stats()?;
+        let (counts, applied, parked, digest) = self.read(|p| {
+            Ok((
+                p.counts()?,
+                p.applied_position()?,
+                p.parked_len(),
+                p.digest()?,
+            ))
+        })?;
+        Ok(Status {
+            name: self.name.clone(),
+            library_id: self.config.library_id.to_string(),
+            device_id: self.device.id.to_hex(),
+            counts: counts.into(),
+            journal: JournalJson {
+                local_changes: stats.own_changes,
+                pending_local: stats.pending_local,
+                log_len: stats.log_len,
+            },
+            applied_lsn: applied.log.0,
+            parked,
+            digest,
+        })
+    }
+
+    /// Checks every journal record, then replays the journal into a scratch projection and compares
+    /// its digest with the live one.
+    pub fn verify(&self) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
+        let report = self.journal()?.verify()?;
+        let live = self.digest()?;
+        let scratch = tempfile::tempdir_in(&self.dir).map_err(io_at(&self.dir))?;
+        let mut fresh = Projections::open(&scratch.path().join(PROJECTIONS_FILE))?;
+        replay(
+            self.journal()?,
+            &mut fresh,
+            AppliedPosition::default(),
+            &mut |_, _| {},
+        )?;
+        let expected = fresh.digest()?;
+        let outcome = if expected == live {
+            Ok(live)
+        } else {
+            Err(EngineError::DigestMismatch {
+                found: live,
+                expected,
+            })
+        };
+        Ok((report, outcome))
+    }
+
+    /// Drops the projections and replays the whole journal into fresh ones.
+    pub fn rebuild(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReplayReport, EngineError> {
+        self.flush()?;
+        let journal = self.journal()?;
+        let mut guard = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let path = self.dir.join(PROJECTIONS_FILE);
+        // Close the old connection before removing its files.
+        let placeholder_dir = tempfile::tempdir().map_err(io_at(&self.dir))?;
+        let placeholder = Projections::open(&placeholder_dir.path().join("placeholder.sqlite"))?;
+        drop(std::mem::replace(&mut *guard, placeholder));
+        remove_projection_files(&self.dir)?;
+        let mut fresh = Projections::open(&path)?;
+        let report = replay(journal, &mut fresh, AppliedPosition::default(), progress)?;
+        *guard = fresh;
+        drop(guard);
+        if let Ok(mut state) = self.shared.applied.lock() {
+            state.position = report.position;
+        }
+        Ok(report)
+    }
+
+    /// Closes the library: waits for the projections to catch up, stops the writer and applier.
+    pub fn close(mut self) -> Result<(), EngineError> {
+        let flushed = self.flush();
+        self.shutdown();
+        flushed
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(journal) = self.journal.take() {
+            journal.close();
+        }
+        if let Some(handle) = self.applier.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Library {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
