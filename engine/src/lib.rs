@@ -41,6 +41,7 @@ mod library;
 mod ops;
 mod replay;
 mod tx;
+pub mod workload;
 
 pub use applier::APPLY_GROUP_MAX;
 pub use config::{DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};

@@ -1,6 +1,357 @@
-//! Benchmarks (`keel bench`).
+//! `keel bench`: each figure measured next to its raw limit in the same run.
 
-/// Runs the benchmarks.
-pub(crate) fn run(_json: bool, _quick: bool) -> anyhow::Result<i32> {
-    anyhow::bail!("bench is not built yet")
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use keel_engine::workload::{library_changes, write_tree};
+use keel_engine::{CreateOptions, Home, KdfParams, Library};
+use keel_journal::{Journal, JournalOptions, LibraryKey, LogRecord, Role};
+use keel_projections::{configure_connection, AppliedPosition, Projections};
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, LibraryId, Lsn, Tag};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+struct Sizes {
+    p1_commits: usize,
+    p2_changes: usize,
+    p3_files: usize,
+    p7_files: usize,
+    p8_files: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Resets the peak-RSS counter (Linux); later reads give the peak since now.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn device() -> DeviceId {
+    DeviceId([0x42; 32])
+}
+
+fn tag_change(i: u64) -> Change {
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: format!("tag-{i}"),
+        color: Some("blue".into()),
+        created_ms: i as i64,
+    };
+    let hlc = keel_schema::Hlc {
+        physical_ms: 1_700_000_000_000 + i,
+        counter: 0,
+        device: device(),
+    };
+    Change::upsert(ChangeId::new(), hlc, &tag).unwrap_or_else(|| unreachable!("tags always have a uuid"))
+}
+
+fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryId)> {
+    let library = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let journal = Journal::open(
+        &dir.join(name),
+        library,
+        &key,
+        device(),
+        JournalOptions {
+            committed: None,
+            role: Some(Role::Leader(Epoch {
+                counter: 1,
+                device: device(),
+            })),
+        },
+    )?;
+    Ok((journal, key, library))
+}
+
+fn p1(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
+    reset_peak_rss();
+    let home = Home::new(dir.join("p1-home"));
+    let lib = Library::create(&home, "p1", "bench", CreateOptions { kdf: KdfParams::INSECURE_FAST })?;
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let change = tag_change(i as u64);
+        let t = Instant::now();
+        lib.transact(|tx| {
+            tx.push(change);
+            Ok(())
+        })?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lib.close()?;
+    times.sort_by(f64::total_cmp);
+    out.insert("p1_commit_p50_ms".into(), json!(percentile(&times, 0.5)));
+    out.insert("p1_commit_p99_ms".into(), json!(percentile(&times, 0.99)));
+    out.insert("p1_peak_rss_mb".into(), json!(peak_rss_mb()));
+
+    let db = redb::Database::create(dir.join("p1-raw.redb"))?;
+    let table: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("raw");
+    let payload = vec![7u8; LogRecord::encode(Epoch::default(), &[0; 150]).len()];
+    let mut raw = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        let t = Instant::now();
+        let txn = db.begin_write()?;
+        {
+            let mut tbl = txn.open_table(table)?;
+            tbl.insert(i, payload.as_slice())?;
+        }
+        txn.commit()?;
+        raw.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    raw.sort_by(f64::total_cmp);
+    out.insert("p1_raw_redb_commit_p50_ms".into(), json!(percentile(&raw, 0.5)));
+    Ok(())
+}
+
+fn p2(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
+    const WRITERS: usize = 8;
+    const BATCH: usize = 1000;
+    reset_peak_rss();
+    let (journal, key, library) = open_journal(dir, "p2.redb")?;
+    let journal = Arc::new(journal);
+    let per_writer = n / WRITERS;
+    let batches: Vec<Vec<Vec<Change>>> = (0..WRITERS)
+        .map(|w| {
+            (0..per_writer / BATCH)
+                .map(|b| {
+                    (0..BATCH)
+                        .map(|i| tag_change((w * per_writer + b * BATCH + i) as u64))
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let total: usize = batches.iter().flatten().map(Vec::len).sum();
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = batches
+            .into_iter()
+            .map(|mine| {
+                let journal = journal.clone();
+                s.spawn(move || -> Result<()> {
+                    for batch in mine {
+                        journal.commit(batch)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    out.insert("p2_changes_per_s".into(), json!(rate));
+    out.insert("p2_peak_rss_mb".into(), json!(peak_rss_mb()));
+
+    // Raw: the same sealed record bytes appended in durable batches of the same size.
+    let sealer = key.sealer(library);
+    let records: Vec<Vec<u8>> = (0..total as u64)
+        .map(|i| {
+            let c = tag_change(i);
+            LogRecord::encode(Epoch::default(), &sealer.seal(c.id, &c.encode()))
+        })
+        .collect();
+    let db = redb::Database::create(dir.join("p2-raw.redb"))?;
+    let table: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("raw");
+    let t = Instant::now();
+    for (b, chunk) in records.chunks(BATCH).enumerate() {
+        let txn = db.begin_write()?;
+        {
+            let mut tbl = txn.open_table(table)?;
+            for (i, r) in chunk.iter().enumerate() {
+                tbl.insert((b * BATCH + i) as u64, r.as_slice())?;
+            }
+        }
+        txn.commit()?;
+    }
+    out.insert("p2_raw_redb_per_s".into(), json!(total as f64 / t.elapsed().as_secs_f64()));
+    out.insert("p2_changes".into(), json!(total));
+    Ok(())
+}
+
+fn p3(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
+    let changes = library_changes(Uuid::new_v4(), device(), files, 3);
+    reset_peak_rss();
+    let mut projections = Projections::open(&dir.join("p3.sqlite"))?;
+    let t = Instant::now();
+    for chunk in changes.chunks(65_536) {
+        projections.apply(chunk, Some(AppliedPosition::default()))?;
+    }
+    let rate = changes.len() as f64 / t.elapsed().as_secs_f64();
+    out.insert("p3_apply_rows_per_s".into(), json!(rate));
+    out.insert("p3_peak_rss_mb".into(), json!(peak_rss_mb()));
+    drop(projections);
+
+    // Raw: the same rows, one table per model with the same columns, uuid primary key only.
+    let conn = rusqlite::Connection::open(dir.join("p3-raw.sqlite"))?;
+    configure_connection(&conn)?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    for def in keel_schema::MODELS.iter() {
+        let cols: Vec<String> = def.fields.iter().map(|f| f.name.to_string()).collect();
+        conn.execute_batch(&format!(
+            "CREATE TABLE {} (uuid BLOB PRIMARY KEY NOT NULL, {}) WITHOUT ROWID",
+            def.name,
+            cols.join(", ")
+        ))?;
+    }
+    let t = Instant::now();
+    let tx = conn.unchecked_transaction()?;
+    {
+        let mut stmts = Vec::new();
+        for def in keel_schema::MODELS.iter() {
+            let cols: Vec<&str> = def.fields.iter().map(|f| f.name).collect();
+            let marks: Vec<String> = (1..=cols.len() + 1).map(|i| format!("?{i}")).collect();
+            stmts.push(tx.prepare(&format!(
+                "INSERT INTO {} (uuid, {}) VALUES ({})",
+                def.name,
+                cols.join(", "),
+                marks.join(", ")
+            ))?);
+        }
+        for change in &changes {
+            let keel_schema::Op::Upsert(fields) = &change.op else { continue };
+            let mut params: Vec<rusqlite::types::Value> = vec![change.record.as_bytes().to_vec().into()];
+            for (_, v) in fields {
+                params.push(match v {
+                    keel_schema::Value::Null => rusqlite::types::Value::Null,
+                    keel_schema::Value::Bool(b) => i64::from(*b).into(),
+                    keel_schema::Value::Int(i) => (*i).into(),
+                    keel_schema::Value::Text(t) => t.clone().into(),
+                    keel_schema::Value::Bytes(b) => b.clone().into(),
+                    keel_schema::Value::Uuid(u) => u.as_bytes().to_vec().into(),
+                });
+            }
+            stmts[usize::from(change.model)].execute(rusqlite::params_from_iter(params))?;
+        }
+    }
+    tx.commit()?;
+    out.insert(
+        "p3_raw_sqlite_rows_per_s".into(),
+        json!(changes.len() as f64 / t.elapsed().as_secs_f64()),
+    );
+    out.insert("p3_rows".into(), json!(changes.len()));
+    Ok(())
+}
+
+fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
+    let (journal, _, library) = open_journal(dir, "p7.redb")?;
+    let changes = library_changes(library.0, device(), files, 7);
+    let n = changes.len();
+    for chunk in changes.chunks(10_000) {
+        journal.commit(chunk.to_vec())?;
+    }
+    drop(changes);
+    reset_peak_rss();
+    let mut projections = Projections::open(&dir.join("p7.sqlite"))?;
+    let t = Instant::now();
+    let report = keel_engine::replay(&journal, &mut projections, AppliedPosition::default(), &mut |_, _| {})?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(report.changes as usize == n, "replay applied {} of {n}", report.changes);
+    anyhow::ensure!(report.position.log == Lsn(n as u64), "replay stopped early");
+    out.insert("p7_replay_changes_per_s".into(), json!(n as f64 / secs));
+    out.insert("p7_changes".into(), json!(n));
+    out.insert("p7_peak_rss_mb".into(), json!(peak_rss_mb()));
+    Ok(())
+}
+
+fn p8(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
+    let tree = dir.join("p8-tree");
+    write_tree(&tree, files, 8)?;
+    // Raw: read and hash every file, one thread.
+    let mut paths = Vec::with_capacity(files);
+    for e in walkdir::WalkDir::new(&tree) {
+        let e = e?;
+        if e.file_type().is_file() {
+            paths.push(e.into_path());
+        }
+    }
+    let t = Instant::now();
+    for p in &paths {
+        let bytes = std::fs::read(p).with_context(|| p.display().to_string())?;
+        std::hint::black_box(blake3::hash(&bytes));
+    }
+    out.insert(
+        "p8_raw_read_hash_files_per_s".into(),
+        json!(paths.len() as f64 / t.elapsed().as_secs_f64()),
+    );
+    reset_peak_rss();
+    let home = Home::new(dir.join("p8-home"));
+    let lib = Library::create(&home, "p8", "bench", CreateOptions { kdf: KdfParams::INSECURE_FAST })?;
+    let t = Instant::now();
+    let report = lib.index(&tree, &mut |_| {})?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(report.files as usize == files, "indexed {} of {files} files", report.files);
+    out.insert("p8_index_files_per_s".into(), json!(files as f64 / secs));
+    out.insert("p8_files".into(), json!(files));
+    out.insert("p8_peak_rss_mb".into(), json!(peak_rss_mb()));
+    lib.close()?;
+    Ok(())
+}
+
+/// Runs every benchmark and prints a table, or one JSON object with `--json`.
+pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
+    let sizes = if quick {
+        Sizes {
+            p1_commits: 300,
+            p2_changes: 200_000,
+            p3_files: 50_000,
+            p7_files: 100_000,
+            p8_files: 10_000,
+        }
+    } else {
+        Sizes {
+            p1_commits: 2000,
+            p2_changes: 1_000_000,
+            p3_files: 250_000,
+            p7_files: 500_000,
+            p8_files: 100_000,
+        }
+    };
+    let dir = tempfile::tempdir()?;
+    let mut out = Map::new();
+    out.insert("quick".into(), json!(quick));
+    let steps: [(&str, &dyn Fn(&mut Map<String, Value>) -> Result<()>); 5] = [
+        ("P1 durable commit", &|o| p1(dir.path(), sizes.p1_commits, o)),
+        ("P2 group commit", &|o| p2(dir.path(), sizes.p2_changes, o)),
+        ("P3 projection apply", &|o| p3(dir.path(), sizes.p3_files, o)),
+        ("P7 replay", &|o| p7(dir.path(), sizes.p7_files, o)),
+        ("P8 indexing", &|o| p8(dir.path(), sizes.p8_files, o)),
+    ];
+    for (name, step) in steps {
+        if !as_json {
+            eprintln!("running {name}…");
+        }
+        step(&mut out)?;
+    }
+    if as_json {
+        println!("{}", Value::Object(out));
+    } else {
+        for (k, v) in &out {
+            match v.as_f64() {
+                Some(f) => println!("{k:<32} {f:>16.3}"),
+                None => println!("{k:<32} {v:>16}"),
+            }
+        }
+    }
+    Ok(0)
 }

@@ -1,0 +1,100 @@
+//! Synthetic workloads for benchmarks, the demo and tests: change streams and file trees.
+
+use std::path::Path;
+
+use keel_schema::{
+    content_uuid, Change, ChangeId, ContentIdentity, Device, DeviceId, Entry, EntryKind, HlcClock,
+    Location,
+};
+use rand::{Rng, RngCore, SeedableRng};
+use uuid::Uuid;
+
+use crate::error::{io_at, EngineError};
+
+/// A stream of changes shaped like an indexed library: one device, one location, then per file a
+/// ContentIdentity and an Entry (so `2 × files + 2` changes).
+pub fn library_changes(library: Uuid, device: DeviceId, files: usize, seed: u64) -> Vec<Change> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut clock = HlcClock::new(device);
+    let mut ms = 1_700_000_000_000u64;
+    let mut tick = |clock: &mut HlcClock| {
+        ms += 1;
+        clock.tick(ms)
+    };
+    let dev = Device {
+        uuid: device.record_uuid(),
+        device_id: device.to_hex(),
+        name: "bench".into(),
+        os: "linux".into(),
+        created_ms: 1,
+    };
+    let location = Location {
+        uuid: Uuid::now_v7(),
+        device: dev.uuid,
+        path: "/bench".into(),
+        name: "bench".into(),
+        created_ms: 1,
+    };
+    let mut out = Vec::with_capacity(files * 2 + 2);
+    out.extend(Change::upsert(ChangeId::new(), tick(&mut clock), &dev));
+    out.extend(Change::upsert(ChangeId::new(), tick(&mut clock), &location));
+    for i in 0..files {
+        let hash = format!("{:016x}{:016x}", rng.next_u64(), i);
+        let content = content_uuid(library, &hash);
+        let size = rng.gen_range(100..1_000_000);
+        out.extend(Change::upsert(
+            ChangeId::new(),
+            tick(&mut clock),
+            &ContentIdentity {
+                uuid: Some(content),
+                content_hash: hash,
+                mime: Some("image/jpeg".into()),
+                kind: "image".into(),
+                size,
+                entry_count: 0,
+                total_size: 0,
+            },
+        ));
+        out.extend(Change::upsert(
+            ChangeId::new(),
+            tick(&mut clock),
+            &Entry {
+                uuid: Some(Uuid::now_v7()),
+                location: location.uuid,
+                relative_path: format!("photos/{:03}", i / 500),
+                name: format!("IMG_{i:07}.jpg"),
+                kind: EntryKind::File.code(),
+                size,
+                created_ms: 1_600_000_000_000,
+                modified_ms: 1_600_000_000_000 + i as i64,
+                content: Some(content),
+                metadata: None,
+            },
+        ));
+    }
+    out
+}
+
+/// Writes a tree of `files` small files (100 B to 4 KiB, about 1 in 20 duplicated) under `root`,
+/// in folders of 100. Returns the bytes written.
+pub fn write_tree(root: &Path, files: usize, seed: u64) -> Result<u64, EngineError> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 4096];
+    for i in 0..files {
+        let dir = root.join(format!("d{:03}", i / 1000)).join(format!("s{:02}", (i / 100) % 10));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        }
+        let len = rng.gen_range(100..4096);
+        if i % 20 == 0 {
+            buf[..len].fill(7);
+        } else {
+            rng.fill_bytes(&mut buf[..len]);
+        }
+        let path = dir.join(format!("f{i:07}.txt"));
+        std::fs::write(&path, &buf[..len]).map_err(io_at(&path))?;
+        bytes += len as u64;
+    }
+    Ok(bytes)
+}
