@@ -337,7 +337,11 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
         ("P7 replay", &|o| p7(dir.path(), sizes.p7_files, o)),
         ("P8 indexing", &|o| p8(dir.path(), sizes.p8_files, o)),
     ];
+    let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
     for (name, step) in steps {
+        if !only.is_empty() && !name.to_lowercase().starts_with(&only.to_lowercase()) {
+            continue;
+        }
         if !as_json {
             eprintln!("running {name}…");
         }
