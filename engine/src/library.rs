@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use keel_journal::{Journal, JournalOptions, KdfParams, LibraryKey, Placement, VerifyReport};
 use keel_projections::{AppliedPosition, Counts, Projections};
-use keel_schema::{Device, DeviceId, HlcClock, LibraryId, Syncable};
+use keel_schema::{ChangeId, Device, DeviceId, HlcClock, LibraryId, Syncable};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -37,6 +37,8 @@ impl Default for CreateOptions {
 /// What a successful `transact` wrote. Every change in it is durable.
 #[derive(Debug, Clone)]
 pub struct CommitReceipt {
+    /// The ids of the changes, in order.
+    pub change_ids: Vec<ChangeId>,
     /// Where each change was written, in order.
     pub placements: Vec<Placement>,
 }
@@ -325,17 +327,25 @@ impl Library {
             return Ok((
                 value,
                 CommitReceipt {
+                    change_ids: Vec::new(),
                     placements: Vec::new(),
                 },
             ));
         }
+        let change_ids = changes.iter().map(|c| c.id).collect();
         let placements = self.journal()?.commit(changes)?;
         if let Ok(mut committed) = self.committed.lock() {
             for p in &placements {
                 advance(&mut committed, *p);
             }
         }
-        Ok((value, CommitReceipt { placements }))
+        Ok((
+            value,
+            CommitReceipt {
+                change_ids,
+                placements,
+            },
+        ))
     }
 
     /// Waits until everything committed so far is applied to the projections.
@@ -363,6 +373,43 @@ impl Library {
                 .wait(state)
                 .map_err(|_| EngineError::Closed)?;
         }
+    }
+
+    /// Whether the change with this id is durable in this library's journal log.
+    pub fn contains_change(&self, id: ChangeId) -> Result<bool, EngineError> {
+        Ok(self.journal()?.contains(id)?)
+    }
+
+    /// Every change in the journal (log, then local), in order, for tests and tools. Records that
+    /// fail their checks are skipped (and reported by `verify`).
+    pub fn journal_changes(&self) -> Result<Vec<keel_schema::Change>, EngineError> {
+        let journal = self.journal()?;
+        let mut out = Vec::new();
+        let mut next = keel_schema::Lsn(1);
+        loop {
+            let chunk = journal.read_log(next, crate::replay::REPLAY_READ_CHUNK)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for entry in chunk {
+                if let Ok((placement, _, change)) = entry {
+                    if let Placement::Log(lsn) = placement {
+                        next = keel_schema::Lsn(lsn.0 + 1);
+                    }
+                    out.push(change);
+                } else {
+                    next = keel_schema::Lsn(next.0 + 1);
+                }
+            }
+        }
+        out.extend(
+            journal
+                .read_local(0, usize::MAX)?
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|(_, _, c)| c),
+        );
+        Ok(out)
     }
 
     /// Subscribes to the library's events.

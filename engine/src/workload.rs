@@ -82,7 +82,9 @@ pub fn write_tree(root: &Path, files: usize, seed: u64) -> Result<u64, EngineErr
     let mut bytes = 0u64;
     let mut buf = vec![0u8; 4096];
     for i in 0..files {
-        let dir = root.join(format!("d{:03}", i / 1000)).join(format!("s{:02}", (i / 100) % 10));
+        let dir = root
+            .join(format!("d{:03}", i / 1000))
+            .join(format!("s{:02}", (i / 100) % 10));
         if i % 100 == 0 {
             std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }

@@ -60,7 +60,8 @@ fn tag_change(i: u64) -> Change {
         counter: 0,
         device: device(),
     };
-    Change::upsert(ChangeId::new(), hlc, &tag).unwrap_or_else(|| unreachable!("tags always have a uuid"))
+    Change::upsert(ChangeId::new(), hlc, &tag)
+        .unwrap_or_else(|| unreachable!("tags always have a uuid"))
 }
 
 fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryId)> {
@@ -85,7 +86,14 @@ fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryI
 fn p1(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
     reset_peak_rss();
     let home = Home::new(dir.join("p1-home"));
-    let lib = Library::create(&home, "p1", "bench", CreateOptions { kdf: KdfParams::INSECURE_FAST })?;
+    let lib = Library::create(
+        &home,
+        "p1",
+        "bench",
+        CreateOptions {
+            kdf: KdfParams::INSECURE_FAST,
+        },
+    )?;
     let mut times = Vec::with_capacity(n);
     for i in 0..n {
         let change = tag_change(i as u64);
@@ -117,7 +125,10 @@ fn p1(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
         raw.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     raw.sort_by(f64::total_cmp);
-    out.insert("p1_raw_redb_commit_p50_ms".into(), json!(percentile(&raw, 0.5)));
+    out.insert(
+        "p1_raw_redb_commit_p50_ms".into(),
+        json!(percentile(&raw, 0.5)),
+    );
     Ok(())
 }
 
@@ -155,7 +166,8 @@ fn p2(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
         }
         Ok(())
     })?;
@@ -184,7 +196,10 @@ fn p2(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
         }
         txn.commit()?;
     }
-    out.insert("p2_raw_redb_per_s".into(), json!(total as f64 / t.elapsed().as_secs_f64()));
+    out.insert(
+        "p2_raw_redb_per_s".into(),
+        json!(total as f64 / t.elapsed().as_secs_f64()),
+    );
     out.insert("p2_changes".into(), json!(total));
     Ok(())
 }
@@ -229,8 +244,11 @@ fn p3(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
             ))?);
         }
         for change in &changes {
-            let keel_schema::Op::Upsert(fields) = &change.op else { continue };
-            let mut params: Vec<rusqlite::types::Value> = vec![change.record.as_bytes().to_vec().into()];
+            let keel_schema::Op::Upsert(fields) = &change.op else {
+                continue;
+            };
+            let mut params: Vec<rusqlite::types::Value> =
+                vec![change.record.as_bytes().to_vec().into()];
             for (_, v) in fields {
                 params.push(match v {
                     keel_schema::Value::Null => rusqlite::types::Value::Null,
@@ -264,9 +282,18 @@ fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     reset_peak_rss();
     let mut projections = Projections::open(&dir.join("p7.sqlite"))?;
     let t = Instant::now();
-    let report = keel_engine::replay(&journal, &mut projections, AppliedPosition::default(), &mut |_, _| {})?;
+    let report = keel_engine::replay(
+        &journal,
+        &mut projections,
+        AppliedPosition::default(),
+        &mut |_, _| {},
+    )?;
     let secs = t.elapsed().as_secs_f64();
-    anyhow::ensure!(report.changes as usize == n, "replay applied {} of {n}", report.changes);
+    anyhow::ensure!(
+        report.changes as usize == n,
+        "replay applied {} of {n}",
+        report.changes
+    );
     anyhow::ensure!(report.position.log == Lsn(n as u64), "replay stopped early");
     out.insert("p7_replay_changes_per_s".into(), json!(n as f64 / secs));
     out.insert("p7_changes".into(), json!(n));
@@ -296,11 +323,22 @@ fn p8(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     );
     reset_peak_rss();
     let home = Home::new(dir.join("p8-home"));
-    let lib = Library::create(&home, "p8", "bench", CreateOptions { kdf: KdfParams::INSECURE_FAST })?;
+    let lib = Library::create(
+        &home,
+        "p8",
+        "bench",
+        CreateOptions {
+            kdf: KdfParams::INSECURE_FAST,
+        },
+    )?;
     let t = Instant::now();
     let report = lib.index(&tree, &mut |_| {})?;
     let secs = t.elapsed().as_secs_f64();
-    anyhow::ensure!(report.files as usize == files, "indexed {} of {files} files", report.files);
+    anyhow::ensure!(
+        report.files as usize == files,
+        "indexed {} of {files} files",
+        report.files
+    );
     out.insert("p8_index_files_per_s".into(), json!(files as f64 / secs));
     out.insert("p8_files".into(), json!(files));
     out.insert("p8_peak_rss_mb".into(), json!(peak_rss_mb()));
@@ -331,9 +369,13 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
     let mut out = Map::new();
     out.insert("quick".into(), json!(quick));
     let steps: [(&str, &dyn Fn(&mut Map<String, Value>) -> Result<()>); 5] = [
-        ("P1 durable commit", &|o| p1(dir.path(), sizes.p1_commits, o)),
+        ("P1 durable commit", &|o| {
+            p1(dir.path(), sizes.p1_commits, o)
+        }),
         ("P2 group commit", &|o| p2(dir.path(), sizes.p2_changes, o)),
-        ("P3 projection apply", &|o| p3(dir.path(), sizes.p3_files, o)),
+        ("P3 projection apply", &|o| {
+            p3(dir.path(), sizes.p3_files, o)
+        }),
         ("P7 replay", &|o| p7(dir.path(), sizes.p7_files, o)),
         ("P8 indexing", &|o| p8(dir.path(), sizes.p8_files, o)),
     ];
