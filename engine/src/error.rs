@@ -58,6 +58,18 @@ pub enum EngineError {
         /// The digest of a fresh replay.
         expected: String,
     },
+    /// The journal file of an existing library is missing or empty.
+    #[error("the journal {0} is missing or empty; restore it from a backup (the projections alone cannot be trusted)")]
+    JournalMissing(PathBuf),
+    /// The projections have applied more than the journal holds (the journal was truncated or
+    /// replaced by an older copy).
+    #[error("the projections are ahead of the journal (applied lsn {applied}, journal ends at {journal_last}); restore the journal, or run `keel rebuild` to accept it as it is")]
+    ProjectionAhead {
+        /// The applied log position.
+        applied: u64,
+        /// The journal's last log position.
+        journal_last: u64,
+    },
     /// Journal failure.
     #[error(transparent)]
     Journal(#[from] JournalError),

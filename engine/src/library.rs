@@ -191,8 +191,26 @@ impl Library {
         }
         let config = LibraryConfig::read(&dir)?;
         let key = LibraryKey::unwrap_with(&config.key, config.library(), password)?;
+        let journal_path = dir.join(JOURNAL_FILE);
+        let journal_len = std::fs::metadata(&journal_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if journal_len == 0 {
+            return Err(EngineError::JournalMissing(journal_path));
+        }
         let device = home.device()?;
         Self::open_with_key(name, dir, config, device, &key)
+    }
+
+    /// Opens library `name` after discarding its projections, which are rebuilt from the journal.
+    /// The way out of [`EngineError::ProjectionAhead`].
+    pub fn open_rebuilding(home: &Home, name: &str, password: &str) -> Result<Self, EngineError> {
+        let dir = home.library_dir(name);
+        let config = LibraryConfig::read(&dir)?;
+        // Check the password before touching anything.
+        LibraryKey::unwrap_with(&config.key, config.library(), password)?;
+        remove_projection_files(&dir)?;
+        Self::open(home, name, password)
     }
 
     fn open_with_key(
@@ -225,6 +243,13 @@ impl Library {
         };
         // Heal: apply whatever the journal holds beyond the applied position.
         let from = projections.applied_position()?;
+        let journal_last = journal.stats()?.last_lsn;
+        if from.log > journal_last {
+            return Err(EngineError::ProjectionAhead {
+                applied: from.log.0,
+                journal_last: journal_last.0,
+            });
+        }
         let healed = replay(&journal, &mut projections, from, &mut |_, _| {})?;
         if healed.changes > 0 {
             tracing::info!(

@@ -92,6 +92,17 @@ fn decode_epoch(bytes: &[u8]) -> Option<Epoch> {
     Some(Epoch { counter, device })
 }
 
+/// Runs a read against the storage engine, turning a panic inside it (a damaged page it did not
+/// expect) into [`JournalError::Corrupt`].
+fn guarded<T>(f: impl FnOnce() -> Result<T, JournalError>) -> Result<T, JournalError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(_) => Err(JournalError::Corrupt(
+            "the storage engine failed on a damaged page".into(),
+        )),
+    }
+}
+
 fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
@@ -117,7 +128,7 @@ impl Journal {
             }
         };
         let db = Arc::new(db);
-        Self::init_tables(&db, library)?;
+        guarded(|| Self::init_tables(&db, library))?;
         let sealer = key.sealer(library);
 
         let stored_epoch = read_meta(&db, META_EPOCH)?.and_then(|b| decode_epoch(&b));
@@ -126,12 +137,12 @@ impl Journal {
             Some(_) => Role::Follower,
             None => Role::Leader(Epoch { counter: 1, device }),
         });
-        let (next_lsn, next_local) = {
+        let (next_lsn, next_local) = guarded(|| {
             let txn = db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let local = txn.open_table(LOCAL).map_err(storage)?;
-            (next_key(&log)?, next_key(&local)?)
-        };
+            Ok((next_key(&log)?, next_key(&local)?))
+        })?;
         let mut hlc_high_water = read_meta(&db, META_HLC)?
             .and_then(|b| Hlc::from_bytes(&b))
             .unwrap_or(Hlc {
@@ -152,7 +163,7 @@ impl Journal {
             writer: None,
         };
         // The high-water mark must cover the newest record; heal it if a record is newer.
-        if let Some(last) = journal.last_change_hlc()? {
+        if let Some(last) = guarded(|| journal.last_change_hlc())? {
             if last > hlc_high_water {
                 tracing::warn!("HLC high-water mark was behind the newest record; raised");
                 hlc_high_water = last;
@@ -333,14 +344,16 @@ impl Journal {
 
     /// Reads up to `limit` log entries from `from` (inclusive), decoded and opened.
     pub fn read_log(&self, from: Lsn, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let log = txn.open_table(LOG).map_err(storage)?;
-        let mut out = Vec::with_capacity(limit.min(65_536));
-        for item in log.range(from.0..).map_err(storage)?.take(limit) {
-            let (k, v) = item.map_err(storage)?;
-            out.push(self.decode_entry(Placement::Log(Lsn(k.value())), v.value()));
-        }
-        Ok(out)
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let mut out = Vec::with_capacity(limit.min(65_536));
+            for item in log.range(from.0..).map_err(storage)?.take(limit) {
+                let (k, v) = item.map_err(storage)?;
+                out.push(self.decode_entry(Placement::Log(Lsn(k.value())), v.value()));
+            }
+            Ok(out)
+        })
     }
 
     /// Reads up to `limit` raw log records from `from` (inclusive), unopened.
@@ -349,14 +362,16 @@ impl Journal {
         from: Lsn,
         limit: usize,
     ) -> Result<Vec<(Lsn, Vec<u8>)>, JournalError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let log = txn.open_table(LOG).map_err(storage)?;
-        let mut out = Vec::with_capacity(limit.min(65_536));
-        for item in log.range(from.0..).map_err(storage)?.take(limit) {
-            let (k, v) = item.map_err(storage)?;
-            out.push((Lsn(k.value()), v.value().to_vec()));
-        }
-        Ok(out)
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let mut out = Vec::with_capacity(limit.min(65_536));
+            for item in log.range(from.0..).map_err(storage)?.take(limit) {
+                let (k, v) = item.map_err(storage)?;
+                out.push((Lsn(k.value()), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Decodes one raw log record (see [`Journal::read_log_raw`]); used to open records on
@@ -367,41 +382,47 @@ impl Journal {
 
     /// Reads up to `limit` local (not yet sequenced) entries from `from` (inclusive).
     pub fn read_local(&self, from: u64, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let local = txn.open_table(LOCAL).map_err(storage)?;
-        let mut out = Vec::new();
-        for item in local.range(from..).map_err(storage)?.take(limit) {
-            let (k, v) = item.map_err(storage)?;
-            out.push(self.decode_entry(Placement::Local(k.value()), v.value()));
-        }
-        Ok(out)
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let local = txn.open_table(LOCAL).map_err(storage)?;
+            let mut out = Vec::new();
+            for item in local.range(from..).map_err(storage)?.take(limit) {
+                let (k, v) = item.map_err(storage)?;
+                out.push(self.decode_entry(Placement::Local(k.value()), v.value()));
+            }
+            Ok(out)
+        })
     }
 
     /// Whether a change with this id is in the log.
     pub fn contains(&self, id: ChangeId) -> Result<bool, JournalError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
-        Ok(index.get(id.0.as_u128()).map_err(storage)?.is_some())
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
+            Ok(index.get(id.0.as_u128()).map_err(storage)?.is_some())
+        })
     }
 
     /// Counters for `status`.
     pub fn stats(&self) -> Result<JournalStats, JournalError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let log = txn.open_table(LOG).map_err(storage)?;
-        let local = txn.open_table(LOCAL).map_err(storage)?;
-        let last_lsn = log
-            .last()
-            .map_err(storage)?
-            .map(|(k, _)| k.value())
-            .unwrap_or(0);
-        let own_changes = read_meta(&self.db, META_OWN_CHANGES)?
-            .map(|b| decode_u64(&b))
-            .unwrap_or(0);
-        Ok(JournalStats {
-            own_changes,
-            pending_local: local.len().map_err(storage)?,
-            log_len: log.len().map_err(storage)?,
-            last_lsn: Lsn(last_lsn),
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let local = txn.open_table(LOCAL).map_err(storage)?;
+            let last_lsn = log
+                .last()
+                .map_err(storage)?
+                .map(|(k, _)| k.value())
+                .unwrap_or(0);
+            let own_changes = read_meta(&self.db, META_OWN_CHANGES)?
+                .map(|b| decode_u64(&b))
+                .unwrap_or(0);
+            Ok(JournalStats {
+                own_changes,
+                pending_local: local.len().map_err(storage)?,
+                log_len: log.len().map_err(storage)?,
+                last_lsn: Lsn(last_lsn),
+            })
         })
     }
 

@@ -51,10 +51,13 @@ pub struct CommittedBatch {
     pub entries: Vec<(Placement, Change)>,
 }
 
+/// The answer channel of one commit request.
+pub(crate) type CommitReply = Sender<Result<Vec<Placement>, JournalError>>;
+
 pub(crate) enum Request {
     Commit {
         sealed: Vec<Sealed>,
-        reply: Sender<Result<Vec<Placement>, JournalError>>,
+        reply: CommitReply,
     },
     SetRole {
         role: Role,
@@ -82,7 +85,7 @@ pub(crate) fn epoch_bytes(epoch: Epoch) -> [u8; 40] {
 impl WriterState {
     pub(crate) fn run(mut self, requests: Receiver<Request>) {
         while let Ok(first) = requests.recv() {
-            let mut commits: Vec<(Vec<Sealed>, Sender<Result<Vec<Placement>, JournalError>>)> =
+            let mut commits: Vec<(Vec<Sealed>, CommitReply)> =
                 Vec::new();
             let mut pending = Some(first);
             let mut total = 0usize;
@@ -122,7 +125,7 @@ impl WriterState {
 
     fn flush(
         &mut self,
-        commits: &mut Vec<(Vec<Sealed>, Sender<Result<Vec<Placement>, JournalError>>)>,
+        commits: &mut Vec<(Vec<Sealed>, CommitReply)>,
     ) {
         if commits.is_empty() {
             return;
@@ -171,7 +174,7 @@ impl WriterState {
 
     fn write(
         &mut self,
-        batch: &[(Vec<Sealed>, Sender<Result<Vec<Placement>, JournalError>>)],
+        batch: &[(Vec<Sealed>, CommitReply)],
     ) -> Result<Vec<Placement>, JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;

@@ -16,7 +16,7 @@ pub(crate) struct FieldClocks(pub(crate) Vec<Option<Hlc>>);
 impl FieldClocks {
     /// Decodes a blob; `None` if it is malformed.
     pub(crate) fn decode(bytes: &[u8], fields: usize) -> Option<Self> {
-        if bytes.len() % ENTRY_LEN != 0 {
+        if !bytes.len().is_multiple_of(ENTRY_LEN) {
             return None;
         }
         let mut clocks = vec![None; fields];

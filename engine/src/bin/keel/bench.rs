@@ -368,7 +368,8 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
     let dir = tempfile::tempdir()?;
     let mut out = Map::new();
     out.insert("quick".into(), json!(quick));
-    let steps: [(&str, &dyn Fn(&mut Map<String, Value>) -> Result<()>); 5] = [
+    type Step<'a> = &'a dyn Fn(&mut Map<String, Value>) -> Result<()>;
+    let steps: [(&str, Step<'_>); 5] = [
         ("P1 durable commit", &|o| {
             p1(dir.path(), sizes.p1_commits, o)
         }),

@@ -311,7 +311,7 @@ pub(crate) fn run() -> Result<i32> {
             }
         }
         Command::Rebuild { lib } => {
-            let lib = open(&home, &lib)?;
+            let lib = Library::open_rebuilding(&home, &lib, &password()?)?;
             let bar = bar(0, "replaying");
             let report = lib.rebuild(&mut |done, total| {
                 bar.set_length(total);
