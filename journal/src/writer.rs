@@ -85,8 +85,7 @@ pub(crate) fn epoch_bytes(epoch: Epoch) -> [u8; 40] {
 impl WriterState {
     pub(crate) fn run(mut self, requests: Receiver<Request>) {
         while let Ok(first) = requests.recv() {
-            let mut commits: Vec<(Vec<Sealed>, CommitReply)> =
-                Vec::new();
+            let mut commits: Vec<(Vec<Sealed>, CommitReply)> = Vec::new();
             let mut pending = Some(first);
             let mut total = 0usize;
             while let Some(request) = pending.take() {
@@ -123,10 +122,7 @@ impl WriterState {
         Ok(())
     }
 
-    fn flush(
-        &mut self,
-        commits: &mut Vec<(Vec<Sealed>, CommitReply)>,
-    ) {
+    fn flush(&mut self, commits: &mut Vec<(Vec<Sealed>, CommitReply)>) {
         if commits.is_empty() {
             return;
         }

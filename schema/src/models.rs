@@ -227,3 +227,56 @@ pub fn content_metadata_uuid(content: Uuid) -> Uuid {
 pub fn entry_metadata_uuid(entry: Uuid) -> Uuid {
     Uuid::new_v5(&UMT_NAMESPACE, entry.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syncable::{DomainLookup, DomainRule};
+
+    struct Lookup;
+    impl DomainLookup for Lookup {
+        fn domain_of(&self, model: &str, _uuid: Uuid) -> Option<SyncDomain> {
+            (model == "user_metadata").then_some(SyncDomain::Index)
+        }
+    }
+
+    #[test]
+    fn derive_records_dependencies_skips_and_domains() {
+        assert_eq!(ContentIdentity::DEF.skipped, &["entry_count", "total_size"]);
+        assert!(ContentIdentity::DEF.field_index("entry_count").is_none());
+        let deps: Vec<&str> = Entry::DEF.dependencies().collect();
+        assert_eq!(deps, vec!["location", "content_identity"]);
+        let cycle: Vec<&str> = Entry::DEF
+            .nullable_references()
+            .map(|(_, f)| f.name)
+            .collect();
+        assert_eq!(cycle, vec!["metadata"]);
+        assert_eq!(UserMetadata::DEF.domain, DomainRule::ByScope);
+        assert_eq!(
+            UserMetadataTag::DEF.domain,
+            DomainRule::ByParent("user_metadata")
+        );
+        let m = UserMetadata {
+            uuid: Uuid::nil(),
+            entry: None,
+            content: Some(Uuid::nil()),
+            notes: None,
+            favorite: false,
+            hidden: false,
+            custom_data: None,
+        };
+        assert_eq!(m.sync_domain(&Lookup), SyncDomain::Content);
+        let link = UserMetadataTag {
+            uuid: Uuid::nil(),
+            user_metadata: Uuid::nil(),
+            tag: Uuid::nil(),
+            created_ms: 0,
+        };
+        assert_eq!(link.sync_domain(&Lookup), SyncDomain::Index);
+        let values = m.field_values();
+        assert_eq!(
+            UserMetadata::from_field_values(Uuid::nil(), &values),
+            Some(m)
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! A domain that does not exist.
+use keel_schema::Syncable;
+use keel_schema::uuid::Uuid;
+
+#[derive(Syncable)]
+#[syncable(model = "note", domain = "everywhere")]
+struct Note {
+    #[syncable(uuid)]
+    uuid: Uuid,
+}
+
+fn main() {}
