@@ -294,6 +294,7 @@ impl Library {
         });
         let library = self.id().0;
         let mut known_content: HashSet<Uuid> = HashSet::new();
+        let mut new_content: Vec<ContentIdentity> = Vec::new();
         let mut result: Result<(), EngineError> = Ok(());
 
         std::thread::scope(|scope| {
@@ -332,36 +333,24 @@ impl Library {
                     Err(e) => {
                         tracing::warn!(path = %item.path.display(), error = %e, "skipping an unreadable file");
                         report.unreadable += 1;
-                        if let Some(prev) = prev {
-                            // Keep the old entry as it was rather than lose it.
-                            let _ = prev;
-                        }
+                        // An existing entry (`prev`) is kept as it was rather than lost.
                         continue;
                     }
                 };
                 report.bytes_hashed += n;
                 let content = content_uuid(library, &hash);
-                if !known_content.contains(&content) {
-                    match self.get::<ContentIdentity>(content) {
-                        Ok(Some(_)) => {}
-                        Ok(None) => {
-                            let (kind, mime) = kind_of(&item.name);
-                            planned.push(Planned::Content(Box::new(ContentIdentity {
-                                uuid: Some(content),
-                                content_hash: hash.clone(),
-                                mime: mime.map(str::to_string),
-                                kind: kind.into(),
-                                size: n as i64,
-                                entry_count: 0,
-                                total_size: 0,
-                            })));
-                        }
-                        Err(e) => {
-                            result = Err(e);
-                            continue;
-                        }
-                    }
-                    known_content.insert(content);
+                if known_content.insert(content) {
+                    // Whether it is new to the library is checked in one go before the commit.
+                    let (kind, mime) = kind_of(&item.name);
+                    new_content.push(ContentIdentity {
+                        uuid: Some(content),
+                        content_hash: hash.clone(),
+                        mime: mime.map(str::to_string),
+                        kind: kind.into(),
+                        size: n as i64,
+                        entry_count: 0,
+                        total_size: 0,
+                    });
                 }
                 let moved_from = if prev.is_none() {
                     gone_by_content.get_mut(&content).and_then(|v| v.pop())
@@ -403,8 +392,8 @@ impl Library {
                         metadata: None,
                     })));
                 }
-                if planned.len() >= INDEX_COMMIT_BATCH {
-                    if let Err(e) = self.commit_planned(&mut planned) {
+                if planned.len() + new_content.len() >= INDEX_COMMIT_BATCH {
+                    if let Err(e) = self.commit_planned(&mut new_content, &mut planned) {
                         result = Err(e);
                     }
                 }
@@ -447,7 +436,7 @@ impl Library {
             }
             planned.push(Planned::DeleteEntry(uuid));
         }
-        self.commit_planned(&mut planned)?;
+        self.commit_planned(&mut new_content, &mut planned)?;
         self.flush()?;
         progress(IndexProgress {
             done: total,
@@ -465,7 +454,24 @@ impl Library {
         Ok(report)
     }
 
-    fn commit_planned(&self, planned: &mut Vec<Planned>) -> Result<(), EngineError> {
+    /// Commits the planned changes, preceded by the contents that the library does not have yet.
+    fn commit_planned(
+        &self,
+        contents: &mut Vec<ContentIdentity>,
+        planned: &mut Vec<Planned>,
+    ) -> Result<(), EngineError> {
+        if !contents.is_empty() {
+            let uuids: Vec<Uuid> = contents.iter().filter_map(|c| c.uuid).collect();
+            let exists = self.read(|p| p.existing::<ContentIdentity>(&uuids))?;
+            let mut fresh: Vec<Planned> = std::mem::take(contents)
+                .into_iter()
+                .zip(exists)
+                .filter(|(_, exists)| !exists)
+                .map(|(c, _)| Planned::Content(Box::new(c)))
+                .collect();
+            fresh.append(planned);
+            *planned = fresh;
+        }
         if planned.is_empty() {
             return Ok(());
         }

@@ -54,5 +54,7 @@ pub use keel_schema::{
 };
 pub use library::{now_ms, CommitReceipt, CountsJson, CreateOptions, JournalJson, Library, Status};
 pub use ops::{ResolvedPath, Scope};
-pub use replay::{replay, ReplayReport, REPLAY_APPLY_BATCH, REPLAY_READ_CHUNK};
+pub use replay::{
+    replay, ReplayReport, REPLAY_APPLY_BATCH, REPLAY_QUEUE_CHUNKS, REPLAY_READ_CHUNK,
+};
 pub use tx::Tx;

@@ -12,6 +12,8 @@ use crate::error::EngineError;
 
 /// Records read per journal read.
 pub const REPLAY_READ_CHUNK: usize = 8192;
+/// Chunks read ahead of the applier.
+pub const REPLAY_QUEUE_CHUNKS: usize = 16;
 /// Changes applied per SQLite transaction during replay.
 pub const REPLAY_APPLY_BATCH: usize = 65_536;
 
@@ -46,8 +48,14 @@ pub fn replay(
         position: from,
         ..ReplayReport::default()
     };
+    let bulk = from == AppliedPosition::default()
+        && total > REPLAY_APPLY_BATCH as u64
+        && projections.is_empty()?;
+    if bulk {
+        projections.set_bulk_load(true)?;
+    }
     std::thread::scope(|scope| -> Result<(), EngineError> {
-        let (tx, rx) = bounded::<Result<Chunk, JournalError>>(4);
+        let (tx, rx) = bounded::<Result<Chunk, JournalError>>(REPLAY_QUEUE_CHUNKS);
         scope.spawn(move || {
             let mut position = from;
             let mut next = Lsn(from.log.0 + 1);
@@ -152,5 +160,8 @@ pub fn replay(
         report.position = pending_position;
         Ok(())
     })?;
+    if bulk {
+        projections.set_bulk_load(false)?;
+    }
     Ok(report)
 }

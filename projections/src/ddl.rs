@@ -30,15 +30,36 @@ pub(crate) fn create_table(def: &ModelDef) -> String {
     sql
 }
 
-/// Indexes for the host-app queries.
-pub(crate) const INDEXES: &[&str] = &[
-    "CREATE INDEX IF NOT EXISTS location_device ON location(device)",
-    "CREATE INDEX IF NOT EXISTS entry_dir ON entry(location, relative_path)",
-    "CREATE INDEX IF NOT EXISTS entry_content ON entry(content)",
-    "CREATE INDEX IF NOT EXISTS user_metadata_entry ON user_metadata(entry)",
-    "CREATE INDEX IF NOT EXISTS user_metadata_content ON user_metadata(content)",
-    "CREATE INDEX IF NOT EXISTS user_metadata_tag_parent ON user_metadata_tag(user_metadata)",
-    "CREATE INDEX IF NOT EXISTS user_metadata_tag_tag ON user_metadata_tag(tag)",
+/// Indexes for the host-app queries: `(name, CREATE statement)`.
+pub(crate) const INDEXES: &[(&str, &str)] = &[
+    (
+        "location_device",
+        "CREATE INDEX IF NOT EXISTS location_device ON location(device)",
+    ),
+    (
+        "entry_dir",
+        "CREATE INDEX IF NOT EXISTS entry_dir ON entry(location, relative_path)",
+    ),
+    (
+        "entry_content",
+        "CREATE INDEX IF NOT EXISTS entry_content ON entry(content)",
+    ),
+    (
+        "user_metadata_entry",
+        "CREATE INDEX IF NOT EXISTS user_metadata_entry ON user_metadata(entry)",
+    ),
+    (
+        "user_metadata_content",
+        "CREATE INDEX IF NOT EXISTS user_metadata_content ON user_metadata(content)",
+    ),
+    (
+        "user_metadata_tag_parent",
+        "CREATE INDEX IF NOT EXISTS user_metadata_tag_parent ON user_metadata_tag(user_metadata)",
+    ),
+    (
+        "user_metadata_tag_tag",
+        "CREATE INDEX IF NOT EXISTS user_metadata_tag_tag ON user_metadata_tag(tag)",
+    ),
 ];
 
 /// Internal tables: the applied position and parked changes.

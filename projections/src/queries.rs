@@ -68,6 +68,19 @@ impl Projections {
         Ok(out)
     }
 
+    /// Which of `uuids` have a visible record of model `M` (one prepared lookup each).
+    pub fn existing<M: Syncable>(&self, uuids: &[Uuid]) -> Result<Vec<bool>, ProjectionError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE uuid = ?1 AND _live = 1)",
+            M::DEF.name
+        ))?;
+        let mut out = Vec::with_capacity(uuids.len());
+        for uuid in uuids {
+            out.push(stmt.query_row([uuid.as_bytes().as_slice()], |r| r.get::<_, bool>(0))?);
+        }
+        Ok(out)
+    }
+
     /// The visible record of model `M` with this uuid.
     pub fn get<M: Syncable>(&self, uuid: Uuid) -> Result<Option<M>, ProjectionError> {
         Ok(self

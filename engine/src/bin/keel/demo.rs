@@ -23,14 +23,25 @@ pub(crate) fn run() -> Result<i32> {
     let tree = dir.path().join("photos");
     let mut n = 0;
 
-    step(&mut n, &format!("generating {FILES} files under {}", tree.display()));
+    step(
+        &mut n,
+        &format!("generating {FILES} files under {}", tree.display()),
+    );
     let bytes = write_tree(&tree, FILES, 2026)?;
     println!("    {FILES} files, {:.1} MB", bytes as f64 / 1e6);
 
-    step(&mut n, "creating library 'demo' (Argon2id key wrap, sealed journal)");
+    step(
+        &mut n,
+        "creating library 'demo' (Argon2id key wrap, sealed journal)",
+    );
     let t = Instant::now();
     let lib = Library::create(&home, "demo", PASSWORD, CreateOptions::default())?;
-    println!("    library {} on device {} in {:.0} ms", lib.id(), lib.device_id(), t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "    library {} on device {} in {:.0} ms",
+        lib.id(),
+        lib.device_id(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     step(&mut n, "indexing");
     let report = lib.index(&tree, &mut |_| {})?;
@@ -42,7 +53,10 @@ pub(crate) fn run() -> Result<i32> {
         report.files as f64 / report.elapsed.as_secs_f64()
     );
 
-    step(&mut n, "tagging 20 files by content and annotating 5 entries");
+    step(
+        &mut n,
+        "tagging 20 files by content and annotating 5 entries",
+    );
     let t = Instant::now();
     let files: Vec<_> = walkdir::WalkDir::new(&tree)
         .sort_by_file_name()
@@ -60,7 +74,10 @@ pub(crate) fn run() -> Result<i32> {
     }
     println!("    in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
 
-    step(&mut n, "changing one file, removing one, moving one; re-indexing");
+    step(
+        &mut n,
+        "changing one file, removing one, moving one; re-indexing",
+    );
     let changed = &files[1];
     let removed = &files[2];
     let moved = &files[7];
@@ -77,9 +94,15 @@ pub(crate) fn run() -> Result<i32> {
         report.unchanged,
         report.elapsed.as_secs_f64() * 1e3
     );
-    ensure!(report.changed == 1 && report.moved == 1 && report.removed == 1, "re-index missed a change");
+    ensure!(
+        report.changed == 1 && report.moved == 1 && report.removed == 1,
+        "re-index missed a change"
+    );
     let moved_entry = lib.entry_at_path(&moved_to)?;
-    let note = lib.metadata_of(&moved_entry)?.entry.and_then(|(m, _)| m.notes);
+    let note = lib
+        .metadata_of(&moved_entry)?
+        .entry
+        .and_then(|(m, _)| m.notes);
     ensure!(note.is_some(), "the moved entry lost its entry-scoped note");
     println!("    the moved file kept its entry and its note");
 
@@ -98,7 +121,11 @@ pub(crate) fn run() -> Result<i32> {
     let t = Instant::now();
     let replay = lib.rebuild(&mut |_, _| {})?;
     let rebuilt = lib.digest()?;
-    println!("    {} changes replayed in {:.0} ms", replay.changes, t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "    {} changes replayed in {:.0} ms",
+        replay.changes,
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     step(&mut n, "closing and reopening (a restart)");
     lib.close()?;
