@@ -202,6 +202,25 @@ impl Library {
         Self::open_with_key(name, dir, config, device, &key)
     }
 
+    /// Changes the password: unwraps the library key with `old` and wraps it under `new` (fresh
+    /// salt, same Argon2id parameters). The journal is not re-encrypted. The library must not be
+    /// open elsewhere.
+    pub fn change_password(
+        home: &Home,
+        name: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<(), EngineError> {
+        let dir = home.library_dir(name);
+        if !dir.exists() {
+            return Err(EngineError::NoSuchLibrary(name.into()));
+        }
+        let mut config = LibraryConfig::read(&dir)?;
+        let key = LibraryKey::unwrap_with(&config.key, config.library(), old)?;
+        config.key = key.wrap(config.library(), new, config.key.kdf)?;
+        config.write(&dir)
+    }
+
     /// Opens library `name` after discarding its projections, which are rebuilt from the journal.
     /// The way out of [`EngineError::ProjectionAhead`].
     pub fn open_rebuilding(home: &Home, name: &str, password: &str) -> Result<Self, EngineError> {

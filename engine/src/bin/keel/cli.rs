@@ -98,6 +98,12 @@ enum Command {
         /// Library name.
         lib: String,
     },
+    /// Change the library password (the key is rewrapped; the journal is not re-encrypted).
+    /// The new password comes from KEEL_NEW_PASSWORD or a prompt.
+    Passwd {
+        /// Library name.
+        lib: String,
+    },
     /// Run the benchmarks.
     Bench {
         /// Print one JSON object.
@@ -324,6 +330,23 @@ pub(crate) fn run() -> Result<i32> {
                 lib.digest()?
             );
             lib.close()?;
+        }
+        Command::Passwd { lib } => {
+            let old = password()?;
+            let new = match std::env::var("KEEL_NEW_PASSWORD") {
+                Ok(p) => p,
+                Err(_) if std::io::stdin().is_terminal() => {
+                    let first = rpassword::prompt_password("New password: ")?;
+                    let again = rpassword::prompt_password("New password again: ")?;
+                    if first != again {
+                        bail!("the new passwords differ");
+                    }
+                    first
+                }
+                Err(_) => bail!("no new password: set KEEL_NEW_PASSWORD or run on a terminal"),
+            };
+            Library::change_password(&home, &lib, &old, &new)?;
+            println!("password changed for {lib}");
         }
         Command::Bench { .. } | Command::Demo => {}
     }

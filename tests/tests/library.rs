@@ -1,0 +1,192 @@
+//! Library behaviour across crates: re-indexing semantics, events, clock monotonicity across
+//! restarts, password change.
+
+use std::time::Duration;
+
+use keel_engine::{Event, Home, Library, Scope, Tag};
+use keel_schema::{Change, ChangeId, Hlc};
+use keel_tests::{create_library, PASSWORD};
+use uuid::Uuid;
+
+#[test]
+fn reindex_keeps_entries_across_change_and_move_and_tombstones_removals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+    std::fs::write(tree.join("keep.txt"), b"keep").expect("write");
+    std::fs::write(tree.join("change.txt"), b"before").expect("write");
+    std::fs::write(tree.join("move.txt"), b"moving bytes").expect("write");
+    std::fs::write(tree.join("gone.txt"), b"gone").expect("write");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let first = lib.index(&tree, &mut |_| {}).expect("indexes");
+    assert_eq!((first.files, first.dirs, first.new), (4, 1, 5));
+
+    lib.note_path(&tree.join("change.txt"), "entry note", Scope::Entry)
+        .expect("note");
+    lib.tag_path(&tree.join("change.txt"), &["old".into()], Scope::Content)
+        .expect("tag");
+    lib.note_path(&tree.join("move.txt"), "follows the file", Scope::Entry)
+        .expect("note");
+    lib.note_path(&tree.join("gone.txt"), "dies with the file", Scope::Entry)
+        .expect("note");
+    let changed_before = lib.entry_at_path(&tree.join("change.txt")).expect("entry");
+    let moved_before = lib.entry_at_path(&tree.join("move.txt")).expect("entry");
+    let old_content = changed_before.content.expect("identified");
+    let metadata_before = lib.status().expect("status").counts.user_metadata;
+
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(tree.join("change.txt"), b"after, longer").expect("write");
+    std::fs::rename(tree.join("move.txt"), tree.join("sub/moved.txt")).expect("rename");
+    std::fs::remove_file(tree.join("gone.txt")).expect("remove");
+    let second = lib.index(&tree, &mut |_| {}).expect("re-indexes");
+    assert_eq!(
+        (second.changed, second.moved, second.removed, second.new),
+        (1, 1, 1, 0),
+        "{second:?}"
+    );
+
+    let changed = lib.entry_at_path(&tree.join("change.txt")).expect("entry");
+    assert_eq!(changed.uuid, changed_before.uuid, "the entry is preserved");
+    assert_ne!(
+        changed.content,
+        Some(old_content),
+        "the content is re-identified"
+    );
+    let md = lib.metadata_of(&changed).expect("metadata");
+    assert_eq!(
+        md.entry.map(|(m, _)| m.notes),
+        Some(Some("entry note".into()))
+    );
+    assert!(
+        md.content.is_none(),
+        "content-scoped tags stay with the old content"
+    );
+    let old_tags = lib.read(|p| p.tags_of_content(old_content)).expect("tags");
+    assert_eq!(old_tags.len(), 1);
+
+    let moved = lib
+        .entry_at_path(&tree.join("sub/moved.txt"))
+        .expect("entry");
+    assert_eq!(moved.uuid, moved_before.uuid, "a move keeps the entry");
+    let md = lib.metadata_of(&moved).expect("metadata");
+    assert_eq!(
+        md.entry.map(|(m, _)| m.notes),
+        Some(Some("follows the file".into()))
+    );
+
+    assert!(lib.entry_at_path(&tree.join("gone.txt")).is_err());
+    let status = lib.status().expect("status");
+    assert_eq!(status.counts.entries, 4, "keep, change, sub, moved");
+    assert_eq!(
+        status.counts.user_metadata,
+        metadata_before - 1,
+        "the removed entry's metadata goes too"
+    );
+    let third = lib.index(&tree, &mut |_| {}).expect("re-indexes");
+    assert_eq!(
+        (third.changed, third.moved, third.removed, third.new),
+        (0, 0, 0, 0)
+    );
+    let content = lib
+        .read(|p| p.content_identity(moved.content.expect("identified")))
+        .expect("query")
+        .expect("content");
+    assert_eq!((content.entry_count, content.total_size), (1, 12));
+}
+
+#[test]
+fn subscribers_see_applied_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let mut events = lib.subscribe();
+    let tag = Uuid::now_v7();
+    lib.transact(|tx| {
+        tx.upsert(&Tag {
+            uuid: tag,
+            name: "x".into(),
+            color: None,
+            created_ms: 0,
+        });
+        Ok(())
+    })
+    .expect("commit");
+    lib.flush().expect("flush");
+    let mut seen = false;
+    while let Ok(event) = events.try_recv() {
+        if let Event::RecordsChanged { records, .. } = event {
+            seen |= records
+                .iter()
+                .any(|(model, uuid, _)| *model == "tag" && *uuid == tag);
+        }
+    }
+    assert!(seen, "no RecordsChanged event for the tag");
+}
+
+#[test]
+fn clock_never_goes_back_across_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let device = lib.device_id();
+    let future_ms = keel_engine::now_ms() + 3_600_000;
+    let future = Hlc {
+        physical_ms: future_ms,
+        counter: 5,
+        device,
+    };
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: "future".into(),
+        color: None,
+        created_ms: 0,
+    };
+    let change = Change::upsert(ChangeId::new(), future, &tag).expect("sync-ready");
+    lib.transact(|tx| {
+        tx.push(change);
+        Ok(())
+    })
+    .expect("commit");
+    lib.close().expect("close");
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopen");
+    let (_, receipt) = lib
+        .transact(|tx| {
+            tx.upsert(&Tag {
+                uuid: Uuid::now_v7(),
+                name: "after restart".into(),
+                color: None,
+                created_ms: 0,
+            });
+            Ok(())
+        })
+        .expect("commit");
+    let changes = lib.journal_changes().expect("journal");
+    let last = changes
+        .iter()
+        .find(|c| c.id == receipt.change_ids[0])
+        .expect("in the journal");
+    assert!(
+        last.hlc > future,
+        "{:?} is not after {:?}",
+        last.hlc,
+        future
+    );
+}
+
+#[test]
+fn password_change_rewraps_the_key_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let digest = lib.digest().expect("digest");
+    lib.close().expect("close");
+    let journal = home.library_dir("lib").join("journal.redb");
+    let before = std::fs::read(&journal).expect("read");
+    assert!(Library::change_password(&home, "lib", "wrong", "new").is_err());
+    Library::change_password(&home, "lib", PASSWORD, "new password").expect("changes");
+    assert_eq!(
+        std::fs::read(&journal).expect("read"),
+        before,
+        "the log is not re-encrypted"
+    );
+    assert!(Library::open(&home, "lib", PASSWORD).is_err());
+    let lib = Library::open(&Home::new(home.root()), "lib", "new password").expect("opens");
+    assert_eq!(lib.digest().expect("digest"), digest);
+}
