@@ -26,7 +26,7 @@ pub(crate) fn create_table(def: &ModelDef) -> String {
             sql.push_str(&format!(" REFERENCES {target}(uuid)"));
         }
     }
-    sql.push_str(", _clocks BLOB NOT NULL, _tomb BLOB, _live INTEGER NOT NULL) WITHOUT ROWID");
+    sql.push_str(", _clocks BLOB NOT NULL, _tomb BLOB, _live INTEGER NOT NULL)");
     sql
 }
 

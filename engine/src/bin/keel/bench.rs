@@ -224,7 +224,7 @@ fn p3(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     for def in keel_schema::MODELS.iter() {
         let cols: Vec<String> = def.fields.iter().map(|f| f.name.to_string()).collect();
         conn.execute_batch(&format!(
-            "CREATE TABLE {} (uuid BLOB PRIMARY KEY NOT NULL, {}) WITHOUT ROWID",
+            "CREATE TABLE {} (uuid BLOB PRIMARY KEY NOT NULL, {})",
             def.name,
             cols.join(", ")
         ))?;
@@ -279,6 +279,20 @@ fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
         journal.commit(chunk.to_vec())?;
     }
     drop(changes);
+    // The reader's share alone: read and open every record (no apply).
+    let t = Instant::now();
+    let mut next = Lsn(1);
+    let mut opened = 0usize;
+    loop {
+        let raw = journal.read_log_raw(next, keel_engine::REPLAY_READ_CHUNK)?;
+        let Some((last, _)) = raw.last() else { break };
+        next = Lsn(last.0 + 1);
+        for (lsn, bytes) in &raw {
+            opened += usize::from(journal.open_log_record(*lsn, bytes).is_ok());
+        }
+    }
+    anyhow::ensure!(opened == n, "opened {opened} of {n}");
+    out.insert("p7_read_open_changes_per_s".into(), json!(n as f64 / t.elapsed().as_secs_f64()));
     reset_peak_rss();
     let mut projections = Projections::open(&dir.join("p7.sqlite"))?;
     let t = Instant::now();
