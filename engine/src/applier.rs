@@ -16,7 +16,10 @@ pub const APPLY_GROUP_MAX: usize = 65_536;
 
 /// State shared by the library and its applier thread.
 pub(crate) struct Shared {
+    /// The writing connection: the applier, heal and rebuild.
     pub(crate) projections: Mutex<Projections>,
+    /// A query-only connection for host-app reads, so they never wait for an apply.
+    pub(crate) reader: Mutex<Projections>,
     pub(crate) applied: Mutex<ApplyState>,
     pub(crate) applied_changed: Condvar,
     pub(crate) events: broadcast::Sender<Event>,

@@ -298,9 +298,9 @@ impl Library {
         let mut result: Result<(), EngineError> = Ok(());
 
         std::thread::scope(|scope| {
-            let (work_tx, work_rx) = bounded::<(Item, Option<Entry>)>(1024);
+            let (work_tx, work_rx) = bounded::<(Item, Option<Entry>)>(4096);
             let (done_tx, done_rx) =
-                bounded::<(Item, Option<Entry>, std::io::Result<(String, u64)>)>(1024);
+                bounded::<(Item, Option<Entry>, std::io::Result<(String, u64)>)>(4096);
             for _ in 0..HASH_THREADS {
                 let work_rx = work_rx.clone();
                 let done_tx = done_tx.clone();

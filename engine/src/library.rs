@@ -281,8 +281,10 @@ impl Library {
             clock.observe(hwm);
         }
         let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
+        let reader = Projections::open_reader(&projections_path)?;
         let shared = Arc::new(Shared {
             projections: Mutex::new(projections),
+            reader: Mutex::new(reader),
             applied: Mutex::new(ApplyState {
                 position: healed.position,
                 error: None,
@@ -471,11 +473,7 @@ impl Library {
         &self,
         f: impl FnOnce(&Projections) -> Result<T, keel_projections::ProjectionError>,
     ) -> Result<T, EngineError> {
-        let p = self
-            .shared
-            .projections
-            .lock()
-            .map_err(|_| EngineError::Closed)?;
+        let p = self.shared.reader.lock().map_err(|_| EngineError::Closed)?;
         Ok(f(&p)?)
     }
 
@@ -552,15 +550,25 @@ impl Library {
             .projections
             .lock()
             .map_err(|_| EngineError::Closed)?;
+        let mut reader = self.shared.reader.lock().map_err(|_| EngineError::Closed)?;
         let path = self.dir.join(PROJECTIONS_FILE);
-        // Close the old connection before removing its files.
+        // Close both connections before removing the files; placeholders stand in meanwhile.
         let placeholder_dir = tempfile::tempdir().map_err(io_at(&self.dir))?;
-        let placeholder = Projections::open(&placeholder_dir.path().join("placeholder.sqlite"))?;
-        drop(std::mem::replace(&mut *guard, placeholder));
+        let placeholder_path = placeholder_dir.path().join("placeholder.sqlite");
+        drop(std::mem::replace(
+            &mut *guard,
+            Projections::open(&placeholder_path)?,
+        ));
+        drop(std::mem::replace(
+            &mut *reader,
+            Projections::open_reader(&placeholder_path)?,
+        ));
         remove_projection_files(&self.dir)?;
         let mut fresh = Projections::open(&path)?;
         let report = replay(journal, &mut fresh, AppliedPosition::default(), progress)?;
         *guard = fresh;
+        *reader = Projections::open_reader(&path)?;
+        drop(reader);
         drop(guard);
         if let Ok(mut state) = self.shared.applied.lock() {
             state.position = report.position;

@@ -54,6 +54,16 @@ pub fn configure_connection(conn: &Connection) -> Result<(), rusqlite::Error> {
 impl Projections {
     /// Opens or creates the projection file and migrates its schema.
     pub fn open(path: &Path) -> Result<Self, ProjectionError> {
+        Self::open_with(path, false)
+    }
+
+    /// Opens a second, query-only connection to a projection that [`Projections::open`] has
+    /// created. In WAL mode it reads committed state while the writer applies, without waiting.
+    pub fn open_reader(path: &Path) -> Result<Self, ProjectionError> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, reader: bool) -> Result<Self, ProjectionError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         configure_connection(&conn)?;
@@ -79,7 +89,11 @@ impl Projections {
             ddl.push(';');
         }
         ddl.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
-        conn.execute_batch(&ddl)?;
+        if reader {
+            conn.pragma_update(None, "query_only", "ON")?;
+        } else {
+            conn.execute_batch(&ddl)?;
+        }
         let parked: i64 = conn.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
         Ok(Self {
             conn,

@@ -292,7 +292,10 @@ fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
         }
     }
     anyhow::ensure!(opened == n, "opened {opened} of {n}");
-    out.insert("p7_read_open_changes_per_s".into(), json!(n as f64 / t.elapsed().as_secs_f64()));
+    out.insert(
+        "p7_read_open_changes_per_s".into(),
+        json!(n as f64 / t.elapsed().as_secs_f64()),
+    );
     reset_peak_rss();
     let mut projections = Projections::open(&dir.join("p7.sqlite"))?;
     let t = Instant::now();
