@@ -12,66 +12,108 @@ use uuid::Uuid;
 use crate::error::{io_at, EngineError};
 
 /// A stream of changes shaped like an indexed library: one device, one location, then per file a
-/// ContentIdentity and an Entry (so `2 × files + 2` changes).
-pub fn library_changes(library: Uuid, device: DeviceId, files: usize, seed: u64) -> Vec<Change> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut clock = HlcClock::new(device);
-    let mut ms = 1_700_000_000_000u64;
-    let mut tick = |clock: &mut HlcClock| {
-        ms += 1;
-        clock.tick(ms)
-    };
-    let dev = Device {
-        uuid: device.record_uuid(),
-        device_id: device.to_hex(),
-        name: "bench".into(),
-        os: "linux".into(),
-        created_ms: 1,
-    };
-    let location = Location {
-        uuid: Uuid::now_v7(),
-        device: dev.uuid,
-        path: "/bench".into(),
-        name: "bench".into(),
-        created_ms: 1,
-    };
-    let mut out = Vec::with_capacity(files * 2 + 2);
-    out.extend(Change::upsert(ChangeId::new(), tick(&mut clock), &dev));
-    out.extend(Change::upsert(ChangeId::new(), tick(&mut clock), &location));
-    for i in 0..files {
-        let hash = format!("{:016x}{:016x}", rng.next_u64(), i);
-        let content = content_uuid(library, &hash);
-        let size = rng.gen_range(100..1_000_000);
-        out.extend(Change::upsert(
-            ChangeId::new(),
-            tick(&mut clock),
-            &ContentIdentity {
-                uuid: Some(content),
-                content_hash: hash,
-                mime: Some("image/jpeg".into()),
-                kind: "image".into(),
-                size,
-                entry_count: 0,
-                total_size: 0,
-            },
-        ));
-        out.extend(Change::upsert(
-            ChangeId::new(),
-            tick(&mut clock),
-            &Entry {
-                uuid: Some(Uuid::now_v7()),
-                location: location.uuid,
-                relative_path: format!("photos/{:03}", i / 500),
-                name: format!("IMG_{i:07}.jpg"),
-                kind: EntryKind::File.code(),
-                size,
-                created_ms: 1_600_000_000_000,
-                modified_ms: 1_600_000_000_000 + i as i64,
-                content: Some(content),
-                metadata: None,
-            },
-        ));
+/// ContentIdentity and an Entry. Generated in chunks, so a large library never sits in memory.
+pub struct LibraryWorkload {
+    library: Uuid,
+    device: DeviceId,
+    rng: rand::rngs::StdRng,
+    clock: HlcClock,
+    ms: u64,
+    location: Uuid,
+    next_file: usize,
+}
+
+impl LibraryWorkload {
+    /// A workload for `library` written by `device`, reproducible from `seed`.
+    pub fn new(library: Uuid, device: DeviceId, seed: u64) -> Self {
+        Self {
+            library,
+            device,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            clock: HlcClock::new(device),
+            ms: 1_700_000_000_000,
+            location: Uuid::now_v7(),
+            next_file: 0,
+        }
     }
+
+    fn tick(&mut self) -> keel_schema::Hlc {
+        self.ms += 1;
+        self.clock.tick(self.ms)
+    }
+
+    /// The Device and Location records (two changes).
+    pub fn header(&mut self) -> Vec<Change> {
+        let dev = Device {
+            uuid: self.device.record_uuid(),
+            device_id: self.device.to_hex(),
+            name: "bench".into(),
+            os: "linux".into(),
+            created_ms: 1,
+        };
+        let location = Location {
+            uuid: self.location,
+            device: dev.uuid,
+            path: "/bench".into(),
+            name: "bench".into(),
+            created_ms: 1,
+        };
+        let mut out = Vec::with_capacity(2);
+        out.extend(Change::upsert(ChangeId::new(), self.tick(), &dev));
+        out.extend(Change::upsert(ChangeId::new(), self.tick(), &location));
+        out
+    }
+
+    /// The next `files` files: a ContentIdentity and an Entry each.
+    pub fn files(&mut self, files: usize) -> Vec<Change> {
+        let mut out = Vec::with_capacity(files * 2);
+        for _ in 0..files {
+            let i = self.next_file;
+            self.next_file += 1;
+            let hash = format!("{:016x}{:016x}", self.rng.next_u64(), i);
+            let content = content_uuid(self.library, &hash);
+            let size = self.rng.gen_range(100..1_000_000);
+            let hlc = self.tick();
+            out.extend(Change::upsert(
+                ChangeId::new(),
+                hlc,
+                &ContentIdentity {
+                    uuid: Some(content),
+                    content_hash: hash,
+                    mime: Some("image/jpeg".into()),
+                    kind: "image".into(),
+                    size,
+                    entry_count: 0,
+                    total_size: 0,
+                },
+            ));
+            let hlc = self.tick();
+            out.extend(Change::upsert(
+                ChangeId::new(),
+                hlc,
+                &Entry {
+                    uuid: Some(Uuid::now_v7()),
+                    location: self.location,
+                    relative_path: format!("photos/{:03}", i / 500),
+                    name: format!("IMG_{i:07}.jpg"),
+                    kind: EntryKind::File.code(),
+                    size,
+                    created_ms: 1_600_000_000_000,
+                    modified_ms: 1_600_000_000_000 + i as i64,
+                    content: Some(content),
+                    metadata: None,
+                },
+            ));
+        }
+        out
+    }
+}
+
+/// All of a [`LibraryWorkload`] at once: `2 × files + 2` changes.
+pub fn library_changes(library: Uuid, device: DeviceId, files: usize, seed: u64) -> Vec<Change> {
+    let mut workload = LibraryWorkload::new(library, device, seed);
+    let mut out = workload.header();
+    out.extend(workload.files(files));
     out
 }
 

@@ -21,6 +21,10 @@ use crate::writer::{
     QUEUE_REQUESTS_MAX,
 };
 
+/// redb's page cache for the journal (its default of 1 GiB would let replay memory grow with the
+/// library).
+pub const JOURNAL_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// One decoded entry of the log or the local journal; a record that fails its checks is an `Err`
 /// with its position, and is never applied.
 pub type ReadEntry = Result<(Placement, Option<Epoch>, Change), JournalError>;
@@ -118,7 +122,11 @@ impl Journal {
         device: DeviceId,
         options: JournalOptions,
     ) -> Result<Self, JournalError> {
-        let opened = std::panic::catch_unwind(|| Database::create(path));
+        let opened = std::panic::catch_unwind(|| {
+            Database::builder()
+                .set_cache_size(JOURNAL_CACHE_BYTES)
+                .create(path)
+        });
         let db = match opened {
             Ok(result) => result.map_err(storage)?,
             Err(_) => {

@@ -16,4 +16,6 @@ mod store;
 pub use apply::ApplyStats;
 pub use error::ProjectionError;
 pub use queries::{Counts, EntryMetadata};
-pub use store::{configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE};
+pub use store::{
+    configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE, READER_CACHE_KIB,
+};

@@ -12,6 +12,8 @@ use crate::error::ProjectionError;
 
 /// Page cache of the projection connection, in KiB (random uuid keys thrash SQLite's 2 MB default).
 pub const PAGE_CACHE_KIB: i64 = 128 * 1024;
+/// Page cache of a query-only connection, in KiB.
+pub const READER_CACHE_KIB: i64 = 32 * 1024;
 /// Page size of new projection files.
 pub const PAGE_SIZE: i64 = 8192;
 
@@ -91,6 +93,7 @@ impl Projections {
         ddl.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
         if reader {
             conn.pragma_update(None, "query_only", "ON")?;
+            conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
         } else {
             conn.execute_batch(&ddl)?;
         }

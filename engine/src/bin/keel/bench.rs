@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use keel_engine::workload::{library_changes, write_tree};
+use keel_engine::workload::{library_changes, write_tree, LibraryWorkload};
 use keel_engine::{CreateOptions, Home, KdfParams, Library};
 use keel_journal::{Journal, JournalOptions, LibraryKey, LogRecord, Role};
 use keel_projections::{configure_connection, AppliedPosition, Projections};
@@ -273,12 +273,17 @@ fn p3(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
 
 fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     let (journal, _, library) = open_journal(dir, "p7.redb")?;
-    let changes = library_changes(library.0, device(), files, 7);
-    let n = changes.len();
-    for chunk in changes.chunks(10_000) {
-        journal.commit(chunk.to_vec())?;
+    let mut workload = LibraryWorkload::new(library.0, device(), 7);
+    let header = workload.header();
+    let mut n = header.len();
+    journal.commit(header)?;
+    let mut left = files;
+    while left > 0 {
+        let chunk = workload.files(left.min(5_000));
+        left -= chunk.len() / 2;
+        n += chunk.len();
+        journal.commit(chunk)?;
     }
-    drop(changes);
     // The reader's share alone: read and open every record (no apply).
     let t = Instant::now();
     let mut next = Lsn(1);
@@ -382,9 +387,39 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
             p8_files: 100_000,
         }
     };
-    let dir = tempfile::tempdir()?;
     let mut out = Map::new();
     out.insert("quick".into(), json!(quick));
+    let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
+    if std::env::var_os("KEEL_BENCH_CHILD").is_none() {
+        // Each step runs in its own process, so its peak RSS is its own.
+        for step in ["p1", "p2", "p3", "p7", "p8"] {
+            if !only.is_empty() && !step.starts_with(&only.to_lowercase()) {
+                continue;
+            }
+            if !as_json {
+                eprintln!("running {step}…");
+            }
+            let mut cmd = std::process::Command::new(std::env::current_exe()?);
+            cmd.args(["bench", "--json"]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            let child = cmd
+                .env("KEEL_BENCH_ONLY", step)
+                .env("KEEL_BENCH_CHILD", "1")
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            anyhow::ensure!(child.status.success(), "benchmark step {step} failed");
+            let text = String::from_utf8(child.stdout)?;
+            let Value::Object(figures) = serde_json::from_str::<Value>(text.trim())? else {
+                anyhow::bail!("benchmark step {step} printed no JSON object");
+            };
+            out.extend(figures);
+        }
+        print_figures(&out, as_json);
+        return Ok(0);
+    }
+    let dir = tempfile::tempdir()?;
     type Step<'a> = &'a dyn Fn(&mut Map<String, Value>) -> Result<()>;
     let steps: [(&str, Step<'_>); 5] = [
         ("P1 durable commit", &|o| {
@@ -397,25 +432,25 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
         ("P7 replay", &|o| p7(dir.path(), sizes.p7_files, o)),
         ("P8 indexing", &|o| p8(dir.path(), sizes.p8_files, o)),
     ];
-    let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
     for (name, step) in steps {
         if !only.is_empty() && !name.to_lowercase().starts_with(&only.to_lowercase()) {
             continue;
         }
-        if !as_json {
-            eprintln!("running {name}…");
-        }
         step(&mut out)?;
     }
+    print_figures(&out, true);
+    Ok(0)
+}
+
+fn print_figures(out: &Map<String, Value>, as_json: bool) {
     if as_json {
-        println!("{}", Value::Object(out));
+        println!("{}", Value::Object(out.clone()));
     } else {
-        for (k, v) in &out {
+        for (k, v) in out {
             match v.as_f64() {
                 Some(f) => println!("{k:<32} {f:>16.3}"),
                 None => println!("{k:<32} {v:>16}"),
             }
         }
     }
-    Ok(0)
 }
