@@ -133,7 +133,7 @@ fn p1(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
 }
 
 fn p2(dir: &Path, n: usize, out: &mut Map<String, Value>) -> Result<()> {
-    const WRITERS: usize = 8;
+    const WRITERS: usize = 4;
     const BATCH: usize = 1000;
     reset_peak_rss();
     let (journal, key, library) = open_journal(dir, "p2.redb")?;
