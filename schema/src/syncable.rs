@@ -5,7 +5,9 @@ use uuid::Uuid;
 use crate::value::{FieldType, Value};
 
 /// The sync domain of a record: who may write it and how conflicts are treated.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum SyncDomain {
     /// Device-owned index data (Device, Location, Entry, entry-scoped metadata): one writer, no conflicts.
     Index,

@@ -1,0 +1,25 @@
+//! The transport crate's error type.
+
+/// Errors from framing and message decoding. Each closes the connection it came from, and only it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// A frame announced more bytes than [`FRAME_LEN_MAX`](crate::FRAME_LEN_MAX).
+    #[error("frame of {0} bytes exceeds the limit")]
+    FrameTooLarge(u64),
+    /// A frame ended early.
+    #[error("truncated frame: {needed} more bytes needed")]
+    Truncated {
+        /// Bytes still missing.
+        needed: usize,
+    },
+    /// The message starts with a version this build does not speak.
+    #[error("unsupported message version {0}")]
+    Version(u8),
+    /// The message does not decode.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message decodes but breaks a limit (too many records, a record too long, …).
+    #[error("message over a limit: {0}")]
+    OverLimit(String),
+}

@@ -1,0 +1,371 @@
+//! `DeviceMessage`: everything devices say to each other, versioned and checked on decode.
+//!
+//! Encoding: a version byte, then MessagePack (binary form). Decoding refuses unknown versions,
+//! trailing bytes and anything over the limits below, so a hostile peer costs one closed
+//! connection and nothing else.
+
+use keel_schema::{DeviceId, Epoch, LibraryId, Lsn, SyncDomain};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use uuid::Uuid;
+
+use crate::error::TransportError;
+
+/// The message version this build speaks.
+pub const MESSAGE_VERSION: u8 = 1;
+/// Most records in one segment, change push or model batch.
+pub const RECORDS_PER_MESSAGE_MAX: usize = 16_384;
+/// Largest single record or blob in a message.
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
+/// Longest name or reason string.
+pub const TEXT_LEN_MAX: usize = 256;
+/// Most domain positions in one message.
+pub const POSITIONS_MAX: usize = 16;
+
+/// A replication position in one sync domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainPosition {
+    /// The domain.
+    pub domain: SyncDomain,
+    /// The last log position applied in it.
+    pub lsn: Lsn,
+}
+
+/// One log entry on the wire: the epoch that sequenced it and the sealed change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLogEntry {
+    /// The sequencing epoch.
+    pub epoch: Epoch,
+    /// The sealed change, as stored in the journal.
+    pub sealed: ByteBuf,
+}
+
+/// Leader election.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ElectionMessage {
+    /// A candidate asks for a vote in `epoch`, showing how far its log goes.
+    RequestVote {
+        /// The epoch the candidate would lead.
+        epoch: Epoch,
+        /// The epoch of its last log entry.
+        last_epoch: Epoch,
+        /// Its last log position.
+        last_lsn: Lsn,
+    },
+    /// The answer to a vote request.
+    Vote {
+        /// The epoch voted on.
+        epoch: Epoch,
+        /// Whether the vote is granted.
+        granted: bool,
+    },
+    /// The leader of `epoch` is alive; its log ends at `log_end`.
+    Heartbeat {
+        /// The leader's epoch.
+        epoch: Epoch,
+        /// Its last log position.
+        log_end: Lsn,
+    },
+}
+
+/// Pairing (SPAKE2 over a short code, then key transfer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PairingMessage {
+    /// The joining device's SPAKE2 message and the name it wants to show.
+    Start {
+        /// SPAKE2 message.
+        spake: ByteBuf,
+        /// The joining device's name.
+        name: String,
+    },
+    /// The inviting device's SPAKE2 message.
+    Reply {
+        /// SPAKE2 message.
+        spake: ByteBuf,
+    },
+    /// Key confirmation: a MAC over the transcript under the PAKE session key.
+    Confirm {
+        /// The MAC.
+        mac: ByteBuf,
+    },
+    /// Accepted: the library key sealed under the session key, and the library's identity.
+    Accepted {
+        /// The library id.
+        library: LibraryId,
+        /// The library name.
+        name: String,
+        /// The sealed library key.
+        sealed_key: ByteBuf,
+    },
+    /// Refused (wrong code, rate limit, device limit, user said no).
+    Rejected {
+        /// Why, for the joining user.
+        reason: String,
+    },
+}
+
+/// Every message between devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceMessage {
+    /// First message on a connection: who, which library, how far.
+    Hello {
+        /// The sender.
+        device: DeviceId,
+        /// The library.
+        library: LibraryId,
+        /// The highest epoch the sender accepted.
+        epoch: Epoch,
+        /// Its last log position.
+        log_end: Lsn,
+        /// Its applied positions per domain.
+        positions: Vec<DomainPosition>,
+    },
+    /// Asks for log entries from `from` (inclusive).
+    SyncPullRequest {
+        /// First position wanted.
+        from: Lsn,
+        /// Most entries wanted.
+        limit: u32,
+    },
+    /// Log entries `first..` sequenced by the leader of `epoch`.
+    SyncLogSegment {
+        /// The sender's (leader's) epoch.
+        epoch: Epoch,
+        /// Position of the first entry.
+        first: Lsn,
+        /// The entries.
+        entries: Vec<WireLogEntry>,
+    },
+    /// A follower's own changes (sealed), pushed to the leader; idempotent by change id.
+    SyncChange {
+        /// Sealed changes.
+        changes: Vec<ByteBuf>,
+    },
+    /// A follower's acknowledgement of what it holds and applied.
+    SyncAck {
+        /// The epoch acknowledged.
+        epoch: Epoch,
+        /// Last log position stored.
+        stored: Lsn,
+        /// Applied positions per domain.
+        positions: Vec<DomainPosition>,
+    },
+    /// Asks for records of one model after a uuid (backfill in dependency order).
+    SyncPullModelBatchRequest {
+        /// Model code.
+        model: u8,
+        /// Continue after this record.
+        after: Option<Uuid>,
+        /// Most records wanted.
+        limit: u32,
+    },
+    /// Records of one model (each an encoded change upserting it).
+    SyncPullModelBatchResponse {
+        /// Model code.
+        model: u8,
+        /// Encoded records.
+        records: Vec<ByteBuf>,
+        /// Whether this was the last batch of the model.
+        done: bool,
+    },
+    /// Leader election.
+    Election(ElectionMessage),
+    /// Pairing.
+    Pairing(PairingMessage),
+}
+
+fn over(what: String) -> TransportError {
+    TransportError::OverLimit(what)
+}
+
+fn check_blobs<'a>(
+    what: &str,
+    blobs: impl ExactSizeIterator<Item = &'a ByteBuf>,
+) -> Result<(), TransportError> {
+    if blobs.len() > RECORDS_PER_MESSAGE_MAX {
+        return Err(over(format!(
+            "{} {what} (max {RECORDS_PER_MESSAGE_MAX})",
+            blobs.len()
+        )));
+    }
+    for blob in blobs {
+        if blob.len() > RECORD_BYTES_MAX {
+            return Err(over(format!("a {what} of {} bytes", blob.len())));
+        }
+    }
+    Ok(())
+}
+
+fn check_text(what: &str, text: &str) -> Result<(), TransportError> {
+    if text.len() > TEXT_LEN_MAX {
+        return Err(over(format!("{what} of {} bytes", text.len())));
+    }
+    Ok(())
+}
+
+impl DeviceMessage {
+    /// Encodes: version byte, then MessagePack.
+    pub fn encode(&self) -> Result<Vec<u8>, TransportError> {
+        self.check()?;
+        let mut out = vec![MESSAGE_VERSION];
+        let mut serializer = rmp_serde::Serializer::new(&mut out).with_binary();
+        self.serialize(&mut serializer)
+            .map_err(|e| TransportError::Malformed(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Decodes and checks a message. Never panics on any input.
+    pub fn decode(bytes: &[u8]) -> Result<Self, TransportError> {
+        let (&version, body) = bytes
+            .split_first()
+            .ok_or(TransportError::Truncated { needed: 1 })?;
+        if version != MESSAGE_VERSION {
+            return Err(TransportError::Version(version));
+        }
+        let mut reader = body;
+        let mut deserializer = rmp_serde::Deserializer::new(&mut reader).with_binary();
+        let message = DeviceMessage::deserialize(&mut deserializer)
+            .map_err(|e| TransportError::Malformed(e.to_string()))?;
+        if !reader.is_empty() {
+            return Err(TransportError::Malformed(format!(
+                "{} trailing bytes",
+                reader.len()
+            )));
+        }
+        message.check()?;
+        Ok(message)
+    }
+
+    /// Checks the limits.
+    pub fn check(&self) -> Result<(), TransportError> {
+        match self {
+            DeviceMessage::Hello { positions, .. } | DeviceMessage::SyncAck { positions, .. } => {
+                if positions.len() > POSITIONS_MAX {
+                    return Err(over(format!("{} positions", positions.len())));
+                }
+            }
+            DeviceMessage::SyncPullRequest { limit, .. }
+            | DeviceMessage::SyncPullModelBatchRequest { limit, .. } => {
+                if *limit as usize > RECORDS_PER_MESSAGE_MAX {
+                    return Err(over(format!("a request for {limit} records")));
+                }
+            }
+            DeviceMessage::SyncLogSegment { entries, .. } => {
+                check_blobs("log entries", entries.iter().map(|e| &e.sealed))?
+            }
+            DeviceMessage::SyncChange { changes } => check_blobs("changes", changes.iter())?,
+            DeviceMessage::SyncPullModelBatchResponse { records, .. } => {
+                check_blobs("records", records.iter())?
+            }
+            DeviceMessage::Election(_) => {}
+            DeviceMessage::Pairing(p) => p.check()?,
+        }
+        Ok(())
+    }
+}
+
+impl PairingMessage {
+    /// Checks the limits of a pairing message.
+    pub fn check(&self) -> Result<(), TransportError> {
+        const SPAKE_LEN_MAX: usize = 256;
+        match self {
+            PairingMessage::Start { spake, name } => {
+                check_text("name", name)?;
+                if spake.len() > SPAKE_LEN_MAX {
+                    return Err(over(format!("SPAKE2 message of {} bytes", spake.len())));
+                }
+            }
+            PairingMessage::Reply { spake } | PairingMessage::Confirm { mac: spake } => {
+                if spake.len() > SPAKE_LEN_MAX {
+                    return Err(over(format!("pairing blob of {} bytes", spake.len())));
+                }
+            }
+            PairingMessage::Accepted {
+                name, sealed_key, ..
+            } => {
+                check_text("name", name)?;
+                if sealed_key.len() > SPAKE_LEN_MAX {
+                    return Err(over(format!("sealed key of {} bytes", sealed_key.len())));
+                }
+            }
+            PairingMessage::Rejected { reason } => check_text("reason", reason)?,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<DeviceMessage> {
+        let device = DeviceId([1; 32]);
+        let epoch = Epoch { counter: 3, device };
+        vec![
+            DeviceMessage::Hello {
+                device,
+                library: LibraryId(Uuid::nil()),
+                epoch,
+                log_end: Lsn(9),
+                positions: vec![DomainPosition {
+                    domain: SyncDomain::Index,
+                    lsn: Lsn(9),
+                }],
+            },
+            DeviceMessage::SyncPullRequest {
+                from: Lsn(10),
+                limit: 100,
+            },
+            DeviceMessage::SyncLogSegment {
+                epoch,
+                first: Lsn(10),
+                entries: vec![WireLogEntry {
+                    epoch,
+                    sealed: ByteBuf::from(vec![5u8; 90]),
+                }],
+            },
+            DeviceMessage::SyncChange {
+                changes: vec![ByteBuf::from(vec![1u8; 10])],
+            },
+            DeviceMessage::Election(ElectionMessage::RequestVote {
+                epoch,
+                last_epoch: epoch,
+                last_lsn: Lsn(4),
+            }),
+            DeviceMessage::Pairing(PairingMessage::Rejected {
+                reason: "wrong code".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        for m in samples() {
+            let bytes = m.encode().expect("encodes");
+            assert_eq!(DeviceMessage::decode(&bytes).expect("decodes"), m);
+            for cut in 0..bytes.len() {
+                assert!(DeviceMessage::decode(&bytes[..cut]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced_on_decode() {
+        let too_many = DeviceMessage::SyncChange {
+            changes: vec![ByteBuf::new(); RECORDS_PER_MESSAGE_MAX + 1],
+        };
+        assert!(matches!(
+            too_many.encode(),
+            Err(TransportError::OverLimit(_))
+        ));
+        let long_name = DeviceMessage::Pairing(PairingMessage::Start {
+            spake: ByteBuf::new(),
+            name: "x".repeat(TEXT_LEN_MAX + 1),
+        });
+        assert!(long_name.encode().is_err());
+        assert_eq!(
+            DeviceMessage::decode(&[9, 1, 2]),
+            Err(TransportError::Version(9))
+        );
+    }
+}
