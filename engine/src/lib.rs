@@ -40,6 +40,7 @@ mod indexer;
 mod library;
 mod ops;
 mod replay;
+pub mod replication;
 mod tx;
 pub mod workload;
 

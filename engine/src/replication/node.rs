@@ -1,0 +1,487 @@
+//! `Node`: one device's election and replication core.
+//!
+//! Rules, in brief:
+//! - An epoch is `(counter, device)`; a candidate takes `max(counter seen) + 1` with its own id,
+//!   so no two leaders share an epoch. A device votes once per counter, only for a log at least as
+//!   up to date as its own (`(last epoch, last lsn)`), and only while it has reachable peers.
+//! - A leader starts its epoch with a barrier entry, sequences its own and pushed changes
+//!   (idempotent by change id) and ships entries to each follower from its next position,
+//!   backing off on a mismatch.
+//! - A follower refuses entries from an epoch below the highest it accepted (answering `Stale`,
+//!   which deposes the sender). Entries that conflict with the leader's, and stale-epoch entries
+//!   beyond the leader's, are truncated and their changes go back to `pending` to be resubmitted:
+//!   epochs fence off log positions, never changes.
+//! - Without a reachable leader a device keeps committing into `pending` and pushes when it can.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
+
+use super::types::{Durable, Entry, Input, Message, Output, Role};
+
+/// Timing and sizing of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This device.
+    pub device: DeviceId,
+    /// How long without a leader before an election (plus up to the same again as jitter).
+    pub election_timeout_ms: u64,
+    /// How often a leader sends entries or heartbeats, and a follower pushes pending changes.
+    pub heartbeat_ms: u64,
+    /// Most entries per `Append`.
+    pub segment_max: usize,
+}
+
+/// One device's replication state machine. No I/O: see [`Node::handle`].
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    durable: Durable,
+    role: Role,
+    leader: Option<DeviceId>,
+    connected: BTreeSet<DeviceId>,
+    election_deadline_ms: u64,
+    last_send_ms: u64,
+    votes: BTreeSet<DeviceId>,
+    next: BTreeMap<DeviceId, u64>,
+    in_log: HashSet<ChangeId>,
+}
+
+impl Node {
+    /// A node starting (or restarting) from its durable state. A device whose stored epoch is its
+    /// own resumes leading that epoch (the library's creator starts that way with epoch 1).
+    pub fn new(config: NodeConfig, durable: Durable, now_ms: u64) -> Self {
+        let in_log = durable
+            .log
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Entry::Change(id) => Some(*id),
+                Entry::Barrier => None,
+            })
+            .collect();
+        // Resume leading only an epoch this device actually won (its barrier is in the log); a
+        // candidacy interrupted by a crash is simply abandoned.
+        let won = durable.epoch.device == config.device
+            && durable
+                .log
+                .iter()
+                .rev()
+                .any(|(e, entry)| *e == durable.epoch && *entry == Entry::Barrier);
+        let role = if won { Role::Leader } else { Role::Alone };
+        let mut node = Self {
+            leader: (role == Role::Leader).then_some(config.device),
+            config,
+            durable,
+            role,
+            connected: BTreeSet::new(),
+            election_deadline_ms: 0,
+            last_send_ms: 0,
+            votes: BTreeSet::new(),
+            next: BTreeMap::new(),
+            in_log,
+        };
+        node.reset_election_timer(now_ms);
+        if node.role == Role::Leader {
+            for id in std::mem::take(&mut node.durable.pending) {
+                node.sequence(id);
+            }
+        }
+        node
+    }
+
+    /// The creator of a library: leader of epoch `(1, device)` from the start.
+    pub fn founder(config: NodeConfig, now_ms: u64) -> Self {
+        let durable = Durable {
+            epoch: Epoch {
+                counter: 1,
+                device: config.device,
+            },
+            voted: Epoch {
+                counter: 1,
+                device: config.device,
+            },
+            log: vec![(
+                Epoch {
+                    counter: 1,
+                    device: config.device,
+                },
+                Entry::Barrier,
+            )],
+            pending: Vec::new(),
+        };
+        Self::new(config, durable, now_ms)
+    }
+
+    /// The state the runtime must keep durable (persist it after each `handle`, before sending).
+    pub fn durable(&self) -> &Durable {
+        &self.durable
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The leader this node follows (itself when leading).
+    pub fn leader(&self) -> Option<DeviceId> {
+        self.leader
+    }
+
+    /// This node's device.
+    pub fn device(&self) -> DeviceId {
+        self.config.device
+    }
+
+    fn reset_election_timer(&mut self, now_ms: u64) {
+        // Deterministic jitter from the device and the epoch, so nodes do not tie forever.
+        let seed = u64::from(self.config.device.0[0])
+            .wrapping_mul(31)
+            .wrapping_add(self.durable.epoch.counter.wrapping_mul(17));
+        let jitter = seed % self.config.election_timeout_ms.max(1);
+        self.election_deadline_ms = now_ms + self.config.election_timeout_ms + jitter;
+    }
+
+    fn send(out: &mut Vec<Output>, to: DeviceId, message: Message) {
+        out.push(Output::Send { to, message });
+    }
+
+    fn idle_role(&self) -> Role {
+        if self.connected.is_empty() {
+            Role::Alone
+        } else {
+            Role::Follower
+        }
+    }
+
+    /// Handles one input at time `now_ms`; returns what to send. Persist [`Node::durable`] first.
+    pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick => self.tick(now_ms, &mut out),
+            Input::Connected(peer) => {
+                if peer != self.config.device {
+                    self.connected.insert(peer);
+                    if self.role == Role::Leader {
+                        self.next.insert(peer, self.durable.last_lsn().0);
+                        self.append_to(peer, &mut out);
+                    } else if self.role == Role::Alone {
+                        self.role = Role::Follower;
+                        self.reset_election_timer(now_ms);
+                    }
+                }
+            }
+            Input::Disconnected(peer) => {
+                self.connected.remove(&peer);
+                self.next.remove(&peer);
+                self.votes.remove(&peer);
+                if self.leader == Some(peer) {
+                    self.leader = None;
+                }
+                if self.role != Role::Leader && self.connected.is_empty() {
+                    self.role = Role::Alone;
+                }
+            }
+            Input::Commit(id) => {
+                if self.role == Role::Leader {
+                    self.sequence(id);
+                    let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
+                    for peer in peers {
+                        self.append_to(peer, &mut out);
+                    }
+                } else {
+                    self.durable.pending.push(id);
+                    if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
+                        Self::send(&mut out, leader, Message::Push { changes: vec![id] });
+                    }
+                }
+            }
+            Input::Received { from, message } => self.receive(from, message, now_ms, &mut out),
+        }
+        out
+    }
+
+    fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let beat = now_ms >= self.last_send_ms + self.config.heartbeat_ms;
+        match self.role {
+            Role::Leader => {
+                if beat {
+                    self.last_send_ms = now_ms;
+                    let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
+                    for peer in peers {
+                        self.append_to(peer, out);
+                    }
+                }
+            }
+            Role::Follower | Role::Candidate | Role::Alone => {
+                if beat && !self.durable.pending.is_empty() {
+                    if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
+                        self.last_send_ms = now_ms;
+                        Self::send(
+                            out,
+                            leader,
+                            Message::Push {
+                                changes: self.durable.pending.clone(),
+                            },
+                        );
+                    }
+                }
+                if now_ms >= self.election_deadline_ms {
+                    if self.connected.is_empty() {
+                        self.role = Role::Alone;
+                        self.reset_election_timer(now_ms);
+                    } else {
+                        self.start_election(now_ms, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_election(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let counter = self.durable.epoch.counter.max(self.durable.voted.counter) + 1;
+        let epoch = Epoch {
+            counter,
+            device: self.config.device,
+        };
+        self.durable.epoch = epoch;
+        self.durable.voted = epoch;
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.votes = BTreeSet::from([self.config.device]);
+        self.reset_election_timer(now_ms);
+        let last = self.durable.last();
+        for peer in self.connected.iter().copied() {
+            Self::send(out, peer, Message::RequestVote { epoch, last });
+        }
+        self.maybe_win(now_ms, out);
+    }
+
+    fn maybe_win(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let electorate = self.connected.len() + 1;
+        if self.role == Role::Candidate && self.votes.len() * 2 > electorate {
+            self.become_leader(now_ms, out);
+        }
+    }
+
+    fn become_leader(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let epoch = self.durable.epoch;
+        self.role = Role::Leader;
+        self.leader = Some(self.config.device);
+        self.durable.log.push((epoch, Entry::Barrier));
+        for id in std::mem::take(&mut self.durable.pending) {
+            self.sequence(id);
+        }
+        let barrier = self.durable.last_lsn().0;
+        self.next = self.connected.iter().map(|p| (*p, barrier)).collect();
+        self.last_send_ms = now_ms;
+        let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
+        for peer in peers {
+            self.append_to(peer, out);
+        }
+    }
+
+    /// Appends a change to the leader's log unless it is there already.
+    fn sequence(&mut self, id: ChangeId) {
+        if self.in_log.insert(id) {
+            self.durable
+                .log
+                .push((self.durable.epoch, Entry::Change(id)));
+        }
+    }
+
+    fn append_to(&mut self, peer: DeviceId, out: &mut Vec<Output>) {
+        let last = self.durable.last_lsn().0;
+        let next = self
+            .next
+            .get(&peer)
+            .copied()
+            .unwrap_or(last + 1)
+            .clamp(1, last + 1);
+        let prev = Lsn(next - 1);
+        let prev_epoch = self.durable.epoch_at(prev).unwrap_or_default();
+        let end = (next - 1 + self.config.segment_max as u64).min(last);
+        let entries = self.durable.log[(next - 1) as usize..end as usize].to_vec();
+        Self::send(
+            out,
+            peer,
+            Message::Append {
+                epoch: self.durable.epoch,
+                prev,
+                prev_epoch,
+                entries,
+            },
+        );
+    }
+
+    fn step_down(&mut self, epoch: Epoch, leader: Option<DeviceId>, now_ms: u64) {
+        if epoch > self.durable.epoch {
+            self.durable.epoch = epoch;
+        }
+        if self.role == Role::Leader {
+            // Own changes this leader sequenced are safe: they stay in its log until the new
+            // leader's entries truncate them, and truncation returns them to `pending`.
+            self.next.clear();
+        }
+        self.role = self.idle_role();
+        self.leader = leader;
+        self.votes.clear();
+        self.reset_election_timer(now_ms);
+    }
+
+    fn receive(&mut self, from: DeviceId, message: Message, now_ms: u64, out: &mut Vec<Output>) {
+        match message {
+            Message::RequestVote { epoch, last } => {
+                let fresh =
+                    epoch.counter > self.durable.voted.counter && epoch >= self.durable.epoch;
+                let up_to_date = last >= self.durable.last();
+                let granted = fresh && up_to_date && epoch.device == from;
+                if granted {
+                    self.durable.voted = epoch;
+                    self.step_down(epoch, None, now_ms);
+                } else if epoch > self.durable.epoch {
+                    // Learn the newer epoch even when refusing (a better log then proposes above
+                    // it), without resetting the election timer.
+                    let deadline = self.election_deadline_ms;
+                    self.step_down(epoch, None, now_ms);
+                    self.election_deadline_ms = deadline;
+                }
+                Self::send(out, from, Message::Vote { epoch, granted });
+            }
+            Message::Vote { epoch, granted } => {
+                if self.role == Role::Candidate && epoch == self.durable.epoch && granted {
+                    self.votes.insert(from);
+                    self.maybe_win(now_ms, out);
+                }
+            }
+            Message::Stale { epoch } => {
+                if epoch > self.durable.epoch {
+                    self.step_down(epoch, None, now_ms);
+                }
+            }
+            Message::Push { changes } => {
+                if self.role == Role::Leader {
+                    let before = self.durable.log.len();
+                    for id in changes {
+                        self.sequence(id);
+                    }
+                    if self.durable.log.len() > before {
+                        let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
+                        for peer in peers {
+                            self.append_to(peer, out);
+                        }
+                    }
+                }
+            }
+            Message::AppendReply { epoch, ok, last } => {
+                if epoch > self.durable.epoch {
+                    self.step_down(epoch, None, now_ms);
+                    return;
+                }
+                if self.role != Role::Leader || epoch != self.durable.epoch {
+                    return;
+                }
+                let log_len = self.durable.last_lsn().0;
+                let next = self.next.entry(from).or_insert(log_len + 1);
+                if ok {
+                    *next = (last.0 + 1).max(*next).min(log_len + 1);
+                    if *next <= log_len {
+                        self.append_to(from, out);
+                    }
+                } else {
+                    *next = (last.0 + 1).min(next.saturating_sub(1)).max(1);
+                    self.append_to(from, out);
+                }
+            }
+            Message::Append {
+                epoch,
+                prev,
+                prev_epoch,
+                entries,
+            } => {
+                if epoch < self.durable.epoch {
+                    Self::send(
+                        out,
+                        from,
+                        Message::Stale {
+                            epoch: self.durable.epoch,
+                        },
+                    );
+                    return;
+                }
+                if epoch.device != from {
+                    return;
+                }
+                if self.role != Role::Follower
+                    || self.leader != Some(from)
+                    || epoch > self.durable.epoch
+                {
+                    self.step_down(epoch, Some(from), now_ms);
+                    self.role = Role::Follower;
+                }
+                self.reset_election_timer(now_ms);
+                if self.durable.epoch_at(prev) != Some(prev_epoch) {
+                    let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
+                    Self::send(
+                        out,
+                        from,
+                        Message::AppendReply {
+                            epoch: self.durable.epoch,
+                            ok: false,
+                            last: hint,
+                        },
+                    );
+                    return;
+                }
+                let end = prev.0 + entries.len() as u64;
+                for (i, (entry_epoch, entry)) in entries.into_iter().enumerate() {
+                    let at = prev.0 as usize + i;
+                    match self.durable.log.get(at) {
+                        Some((e, existing)) if *e == entry_epoch && *existing == entry => {}
+                        Some(_) => {
+                            self.truncate_from(at);
+                            self.push_entry(entry_epoch, entry);
+                        }
+                        None => self.push_entry(entry_epoch, entry),
+                    }
+                }
+                // Entries past the leader's segment from an older epoch can never be committed by
+                // this leader: give their changes back to `pending`.
+                if let Some(stale) = self.durable.log[end as usize..]
+                    .iter()
+                    .position(|(e, _)| *e < epoch)
+                {
+                    self.truncate_from(end as usize + stale);
+                }
+                Self::send(
+                    out,
+                    from,
+                    Message::AppendReply {
+                        epoch: self.durable.epoch,
+                        ok: true,
+                        last: Lsn(end),
+                    },
+                );
+            }
+        }
+    }
+
+    fn push_entry(&mut self, epoch: Epoch, entry: Entry) {
+        if let Entry::Change(id) = entry {
+            self.in_log.insert(id);
+            self.durable.pending.retain(|p| *p != id);
+        }
+        self.durable.log.push((epoch, entry));
+    }
+
+    /// Removes `log[at..]`, returning their changes to `pending` (resubmitted, never dropped).
+    fn truncate_from(&mut self, at: usize) {
+        for (_, entry) in self.durable.log.split_off(at) {
+            if let Entry::Change(id) = entry {
+                self.in_log.remove(&id);
+                if !self.durable.pending.contains(&id) {
+                    self.durable.pending.push(id);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Unit tests that drive one or two cores directly and assert the messages they emit.
+
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
+use uuid::Uuid;
+
+use super::{Durable, Entry, Input, Message, Node, NodeConfig, Output, Role};
+
+fn config(byte: u8) -> NodeConfig {
+    NodeConfig {
+        device: DeviceId([byte; 32]),
+        election_timeout_ms: 100,
+        heartbeat_ms: 10,
+        segment_max: 100,
+    }
+}
+
+fn id(n: u128) -> ChangeId {
+    ChangeId(Uuid::from_u128(n))
+}
+
+fn sent(outputs: &[Output]) -> Vec<&Message> {
+    outputs
+        .iter()
+        .map(|Output::Send { message, .. }| message)
+        .collect()
+}
+
+#[test]
+fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
+    let old = Epoch {
+        counter: 1,
+        device: DeviceId([1; 32]),
+    };
+    let newer = Epoch {
+        counter: 2,
+        device: DeviceId([3; 32]),
+    };
+    let mut follower = Node::new(
+        config(2),
+        Durable {
+            epoch: newer,
+            voted: newer,
+            ..Durable::default()
+        },
+        0,
+    );
+    let out = follower.handle(
+        Input::Received {
+            from: old.device,
+            message: Message::Append {
+                epoch: old,
+                prev: Lsn(0),
+                prev_epoch: Epoch::default(),
+                entries: vec![(old, Entry::Change(id(1)))],
+            },
+        },
+        1,
+    );
+    assert_eq!(sent(&out), vec![&Message::Stale { epoch: newer }]);
+    assert!(
+        follower.durable().log.is_empty(),
+        "nothing from the stale epoch was stored"
+    );
+
+    let mut leader = Node::founder(config(1), 0);
+    assert_eq!(leader.role(), Role::Leader);
+    leader.handle(
+        Input::Received {
+            from: newer.device,
+            message: Message::Stale { epoch: newer },
+        },
+        2,
+    );
+    assert_ne!(leader.role(), Role::Leader);
+}
+
+#[test]
+fn a_leader_sequences_pushed_changes_once() {
+    let mut leader = Node::founder(config(1), 0);
+    let follower = DeviceId([2; 32]);
+    leader.handle(Input::Connected(follower), 0);
+    for _ in 0..2 {
+        leader.handle(
+            Input::Received {
+                from: follower,
+                message: Message::Push {
+                    changes: vec![id(7), id(8)],
+                },
+            },
+            1,
+        );
+    }
+    let changes = leader
+        .durable()
+        .log
+        .iter()
+        .filter(|(_, e)| matches!(e, Entry::Change(_)))
+        .count();
+    assert_eq!(changes, 2);
+}
+
+#[test]
+fn truncated_changes_return_to_pending() {
+    let a = Epoch {
+        counter: 2,
+        device: DeviceId([1; 32]),
+    };
+    let b = Epoch {
+        counter: 3,
+        device: DeviceId([3; 32]),
+    };
+    let base = Epoch {
+        counter: 1,
+        device: DeviceId([1; 32]),
+    };
+    // A deposed leader's log: a common prefix, then its own epoch-2 suffix.
+    let durable = Durable {
+        epoch: a,
+        voted: a,
+        log: vec![
+            (base, Entry::Barrier),
+            (a, Entry::Barrier),
+            (a, Entry::Change(id(5))),
+        ],
+        pending: Vec::new(),
+    };
+    let mut node = Node::new(config(1), durable, 0);
+    let out = node.handle(
+        Input::Received {
+            from: b.device,
+            message: Message::Append {
+                epoch: b,
+                prev: Lsn(1),
+                prev_epoch: base,
+                entries: vec![(b, Entry::Barrier)],
+            },
+        },
+        1,
+    );
+    assert_eq!(node.role(), Role::Follower);
+    assert_eq!(
+        node.durable().log,
+        vec![(base, Entry::Barrier), (b, Entry::Barrier)]
+    );
+    assert_eq!(
+        node.durable().pending,
+        vec![id(5)],
+        "the truncated change is resubmitted"
+    );
+    assert_eq!(
+        sent(&out),
+        vec![&Message::AppendReply {
+            epoch: b,
+            ok: true,
+            last: Lsn(2)
+        }]
+    );
+    // Committing now goes to pending and is pushed to the known leader.
+    node.handle(Input::Connected(b.device), 2);
+    let out = node.handle(Input::Commit(id(6)), 3);
+    assert_eq!(
+        sent(&out),
+        vec![&Message::Push {
+            changes: vec![id(6)]
+        }]
+    );
+}
+
+#[test]
+fn a_lone_device_keeps_committing_and_never_elects_itself() {
+    let mut node = Node::new(config(4), Durable::default(), 0);
+    for t in 0..50 {
+        node.handle(Input::Commit(id(t)), t as u64 * 10);
+        assert!(node.handle(Input::Tick, t as u64 * 10).is_empty());
+    }
+    assert_eq!(node.role(), Role::Alone);
+    assert_eq!(node.durable().pending.len(), 50);
+    assert_eq!(
+        node.durable().epoch,
+        Epoch::default(),
+        "no epoch inflation while alone"
+    );
+}
