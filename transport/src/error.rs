@@ -1,5 +1,11 @@
 //! The transport crate's error type.
 
+impl TransportError {
+    pub(crate) fn io(e: std::io::Error) -> Self {
+        TransportError::Io(e.to_string())
+    }
+}
+
 /// Errors from framing and message decoding. Each closes the connection it came from, and only it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -19,6 +25,12 @@ pub enum TransportError {
     /// The message does not decode.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// TLS or QUIC failed (handshake, unpinned peer, closed connection, …).
+    #[error("connection: {0}")]
+    Tls(String),
+    /// A socket failed.
+    #[error("socket: {0}")]
+    Io(String),
     /// The message decodes but breaks a limit (too many records, a record too long, …).
     #[error("message over a limit: {0}")]
     OverLimit(String),

@@ -1,18 +1,25 @@
 //! Keel's wire protocol: length-prefixed frames with a size limit checked before allocating, and
 //! the versioned `DeviceMessage` set (hello, log segments, change pushes, acks, model batches,
-//! leader election, pairing). QUIC endpoints, device certificates and pairing build on this.
+//! leader election, pairing), device identities (self-signed certificates; the device id is
+//! their SHA-256) and QUIC endpoints with mutual TLS that accept pinned devices only.
 //!
 //! Depends on `schema` only.
 
+mod endpoint;
 mod error;
 mod frame;
+mod identity;
 mod message;
+mod verifier;
 
+pub use endpoint::{Connection, Endpoint, ALPN};
 pub use error::TransportError;
 pub use frame::{
     decode_frame, encode_frame, frame_len, FrameDecoder, FRAME_HEADER_LEN, FRAME_LEN_MAX,
 };
+pub use identity::{device_id_of, Identity};
 pub use message::{
     DeviceMessage, DomainPosition, ElectionMessage, PairingMessage, WireLogEntry, MESSAGE_VERSION,
     POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, TEXT_LEN_MAX,
 };
+pub use verifier::Pins;
