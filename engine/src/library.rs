@@ -260,8 +260,13 @@ impl Library {
                 Projections::open(&projections_path)?
             }
         };
-        // Heal: apply whatever the journal holds beyond the applied position.
-        let from = projections.applied_position()?;
+        // Heal: apply whatever the journal holds beyond the applied position — from no later than
+        // a truncation point, since positions after it were reused (apply is idempotent).
+        let mut from = projections.applied_position()?;
+        let floor = journal.replay_floor()?;
+        if let Some(floor) = floor {
+            from.log = from.log.min(floor);
+        }
         let journal_last = journal.stats()?.last_lsn;
         if from.log > journal_last {
             return Err(EngineError::ProjectionAhead {
@@ -270,6 +275,9 @@ impl Library {
             });
         }
         let healed = replay(&journal, &mut projections, from, &mut |_, _| {})?;
+        if floor.is_some() {
+            journal.clear_replay_floor()?;
+        }
         if healed.changes > 0 {
             tracing::info!(
                 changes = healed.changes,

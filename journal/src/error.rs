@@ -46,6 +46,17 @@ pub enum JournalError {
     /// A group commit failed (for example a full disk); nothing in it was acknowledged.
     #[error("commit failed, nothing acknowledged: {0}")]
     CommitFailed(String),
+    /// A leader-only operation on a device that is not leading.
+    #[error("this device is not the leader")]
+    NotLeader,
+    /// A replicated segment does not start right after the local log.
+    #[error("segment starts at {found}, the log continues at {expected}")]
+    NotContiguous {
+        /// The next position of the local log.
+        expected: Lsn,
+        /// Where the segment starts.
+        found: Lsn,
+    },
     /// The writer thread has stopped (the journal is closing or crashed).
     #[error("the journal writer has stopped")]
     WriterStopped,
@@ -66,6 +77,8 @@ pub enum RecordPlace {
     Log(Lsn),
     /// The local (offline) journal at this sequence number.
     Local(u64),
+    /// The n-th record of an incoming batch from a peer.
+    Incoming(usize),
 }
 
 impl std::fmt::Display for RecordPlace {
@@ -73,6 +86,7 @@ impl std::fmt::Display for RecordPlace {
         match self {
             RecordPlace::Log(lsn) => write!(f, "log lsn {lsn}"),
             RecordPlace::Local(seq) => write!(f, "local seq {seq}"),
+            RecordPlace::Incoming(n) => write!(f, "incoming record #{n}"),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod error;
 mod record;
+mod replicate;
 mod seal;
 mod store;
 mod tables;

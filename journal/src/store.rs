@@ -14,7 +14,7 @@ use crate::record::{LocalRecord, LogRecord};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
     CHANGE_INDEX, CONFLICTS, JOBS, JOURNAL_FORMAT, LOCAL, LOG, META, META_EPOCH, META_FORMAT,
-    META_HLC, META_LIBRARY, META_OWN_CHANGES, POSITIONS,
+    META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, POSITIONS,
 };
 use crate::writer::{
     epoch_bytes, next_key, CommittedBatch, Placement, Request, Role, Sealed, WriterState,
@@ -402,6 +402,27 @@ impl Journal {
         })
     }
 
+    /// Reads up to `limit` local records from `from` (inclusive) as sealed payloads, for pushing
+    /// to a leader. Records that fail their checks are skipped (`verify` reports them).
+    pub fn read_local_sealed(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let local = txn.open_table(LOCAL).map_err(storage)?;
+            let mut out = Vec::new();
+            for item in local.range(from..).map_err(storage)?.take(limit) {
+                let (k, v) = item.map_err(storage)?;
+                if let Ok(record) = LocalRecord::decode(v.value()) {
+                    out.push((k.value(), record.sealed.to_vec()));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Whether a change with this id is in the log.
     pub fn contains(&self, id: ChangeId) -> Result<bool, JournalError> {
         guarded(|| {
@@ -459,6 +480,101 @@ impl Journal {
             }
         }
         Ok(report)
+    }
+
+    fn open_incoming(&self, place: RecordPlace, sealed: &[u8]) -> Result<Change, JournalError> {
+        let bad = |reason: String| JournalError::BadRecord { place, reason };
+        let (id, plain) = self.sealer.open(sealed).map_err(bad)?;
+        let change = Change::decode(&plain).map_err(|e| bad(e.to_string()))?;
+        if change.id != id {
+            return Err(bad("change id differs from the sealed header".into()));
+        }
+        Ok(change)
+    }
+
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(crossbeam_channel::Sender<Result<T, JournalError>>) -> Request,
+    ) -> Result<T, JournalError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.requests
+            .as_ref()
+            .ok_or(JournalError::WriterStopped)?
+            .send(make(reply))
+            .map_err(|_| JournalError::WriterStopped)?;
+        answer.recv().map_err(|_| JournalError::WriterStopped)?
+    }
+
+    /// Leader: sequences changes pushed by a follower (sealed by their origin). Every record must
+    /// open under this library's key; one that does not fails the whole batch and nothing is
+    /// written. Changes already in the log keep their position (idempotent by change id).
+    pub fn sequence_remote(&self, sealed: Vec<Vec<u8>>) -> Result<Vec<Lsn>, JournalError> {
+        let mut items = Vec::with_capacity(sealed.len());
+        for (i, bytes) in sealed.into_iter().enumerate() {
+            let change = self.open_incoming(RecordPlace::Incoming(i), &bytes)?;
+            items.push((change, bytes));
+        }
+        self.ask(|reply| Request::SequenceRemote { items, reply })
+    }
+
+    /// Follower: appends a leader's segment verbatim at `first`, which must be the next position.
+    /// Every record is checked first; a bad one fails the whole segment.
+    pub fn append_replicated(
+        &self,
+        first: Lsn,
+        entries: Vec<(Epoch, Vec<u8>)>,
+    ) -> Result<(), JournalError> {
+        let mut checked = Vec::with_capacity(entries.len());
+        for (i, (epoch, bytes)) in entries.into_iter().enumerate() {
+            let place = RecordPlace::Log(Lsn(first.0 + i as u64));
+            let change = self.open_incoming(place, &bytes)?;
+            checked.push((epoch, change, bytes));
+        }
+        self.ask(|reply| Request::AppendReplicated {
+            first,
+            entries: checked,
+            reply,
+        })
+    }
+
+    /// Removes every log entry after `keep`, returning their changes to the offline journal as
+    /// pending, in one durable transaction. Returns the ids returned.
+    pub fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
+        self.ask(|reply| Request::Truncate { keep, reply })
+    }
+
+    /// The epoch of the log entry at `lsn` (`None` if there is none).
+    pub fn epoch_at(&self, lsn: Lsn) -> Result<Option<Epoch>, JournalError> {
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let Some(bytes) = log.get(lsn.0).map_err(storage)? else {
+                return Ok(None);
+            };
+            let record = LogRecord::decode(bytes.value()).map_err(|e| JournalError::BadRecord {
+                place: RecordPlace::Log(lsn),
+                reason: e.to_string(),
+            })?;
+            Ok(Some(record.epoch))
+        })
+    }
+
+    /// After a truncation, the position replay must start from (at most); cleared by
+    /// [`Journal::clear_replay_floor`] once the projections have caught up.
+    pub fn replay_floor(&self) -> Result<Option<Lsn>, JournalError> {
+        Ok(read_meta(&self.db, META_REPLAY_FROM)?.map(|b| Lsn(decode_u64(&b))))
+    }
+
+    /// Forgets the replay floor.
+    pub fn clear_replay_floor(&self) -> Result<(), JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.remove(META_REPLAY_FROM).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(())
     }
 
     /// Stores the current epoch without changing the writer's role (used by followers).

@@ -28,5 +28,8 @@ pub(crate) const META_HLC: &str = "hlc_high_water";
 /// Count of changes this device made (u64 BE).
 pub(crate) const META_OWN_CHANGES: &str = "own_changes";
 
+/// After a truncation: replay after a crash must start no later than this log position (u64 BE).
+pub(crate) const META_REPLAY_FROM: &str = "replay_from";
+
 /// The journal format this build writes.
 pub const JOURNAL_FORMAT: u64 = 1;

@@ -63,6 +63,19 @@ pub(crate) enum Request {
         role: Role,
         reply: Sender<Result<(), JournalError>>,
     },
+    SequenceRemote {
+        items: Vec<(Change, Vec<u8>)>,
+        reply: Sender<Result<Vec<Lsn>, JournalError>>,
+    },
+    AppendReplicated {
+        first: Lsn,
+        entries: Vec<(Epoch, Change, Vec<u8>)>,
+        reply: Sender<Result<(), JournalError>>,
+    },
+    Truncate {
+        keep: Lsn,
+        reply: Sender<Result<Vec<keel_schema::ChangeId>, JournalError>>,
+    },
 }
 
 pub(crate) struct WriterState {
@@ -97,6 +110,22 @@ impl WriterState {
                     Request::SetRole { role, reply } => {
                         self.flush(&mut commits);
                         let _ = reply.send(self.set_role(role));
+                    }
+                    Request::SequenceRemote { items, reply } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(self.sequence_remote(items));
+                    }
+                    Request::AppendReplicated {
+                        first,
+                        entries,
+                        reply,
+                    } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(self.append_replicated(first, entries));
+                    }
+                    Request::Truncate { keep, reply } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(self.truncate_after(keep));
                     }
                 }
                 if total < BATCH_CHANGES_MAX {

@@ -1,0 +1,183 @@
+//! The writer's replication operations: sequencing pushed changes (leader), appending a leader's
+//! segment verbatim (follower), and truncating a stale suffix with its changes returned to the
+//! offline journal (a deposed leader or a follower of one). Each is one durable transaction.
+
+use keel_schema::{Change, ChangeId, Epoch, Lsn};
+use redb::{Durability, ReadableTable};
+
+use crate::error::{storage, JournalError};
+use crate::record::{LocalRecord, LogRecord, PushState};
+use crate::seal::Sealer;
+use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_HLC, META_REPLAY_FROM};
+use crate::writer::{CommittedBatch, Placement, Role, WriterState};
+
+impl WriterState {
+    fn notify(&mut self, entries: Vec<(Placement, Change)>) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.committed {
+            if tx.send(CommittedBatch { entries }).is_err() {
+                self.committed = None;
+            }
+        }
+    }
+
+    /// Leader: appends pushed changes not yet in the log. Returns each change's position.
+    pub(crate) fn sequence_remote(
+        &mut self,
+        items: Vec<(Change, Vec<u8>)>,
+    ) -> Result<Vec<Lsn>, JournalError> {
+        let Role::Leader(epoch) = self.role else {
+            return Err(JournalError::NotLeader);
+        };
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let mut positions = Vec::with_capacity(items.len());
+        let mut fresh = Vec::new();
+        let next_before = self.next_lsn;
+        {
+            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
+            for (change, sealed) in items {
+                let key = change.id.0.as_u128();
+                if let Some(existing) = index.get(key).map_err(storage)? {
+                    positions.push(Lsn(existing.value()));
+                    continue;
+                }
+                let lsn = self.next_lsn;
+                self.next_lsn += 1;
+                log.insert(lsn, LogRecord::encode(epoch, &sealed).as_slice())
+                    .map_err(storage)?;
+                index.insert(key, lsn).map_err(storage)?;
+                self.hlc_high_water = self.hlc_high_water.max(change.hlc);
+                positions.push(Lsn(lsn));
+                fresh.push((Placement::Log(Lsn(lsn)), change));
+            }
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
+                .map_err(storage)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.next_lsn = next_before;
+            return Err(storage(e));
+        }
+        self.notify(fresh);
+        Ok(positions)
+    }
+
+    /// Follower: appends a leader's entries verbatim at `first` (which must be the next position)
+    /// and drops the matching changes from the offline journal (they are sequenced now).
+    pub(crate) fn append_replicated(
+        &mut self,
+        first: Lsn,
+        entries: Vec<(Epoch, Change, Vec<u8>)>,
+    ) -> Result<(), JournalError> {
+        if first.0 != self.next_lsn {
+            return Err(JournalError::NotContiguous {
+                expected: Lsn(self.next_lsn),
+                found: first,
+            });
+        }
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let mut appended = Vec::with_capacity(entries.len());
+        let next_before = self.next_lsn;
+        {
+            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
+            let mut local = txn.open_table(LOCAL).map_err(storage)?;
+            let mut ids = std::collections::HashSet::new();
+            for (epoch, change, sealed) in entries {
+                let lsn = self.next_lsn;
+                self.next_lsn += 1;
+                log.insert(lsn, LogRecord::encode(epoch, &sealed).as_slice())
+                    .map_err(storage)?;
+                index.insert(change.id.0.as_u128(), lsn).map_err(storage)?;
+                ids.insert(change.id);
+                self.hlc_high_water = self.hlc_high_water.max(change.hlc);
+                appended.push((Placement::Log(Lsn(lsn)), change));
+            }
+            let mut sequenced = Vec::new();
+            for item in local.iter().map_err(storage)? {
+                let (seq, bytes) = item.map_err(storage)?;
+                let id = LocalRecord::decode(bytes.value())
+                    .ok()
+                    .and_then(|r| Sealer::peek_change_id(r.sealed));
+                if id.is_some_and(|id| ids.contains(&id)) {
+                    sequenced.push(seq.value());
+                }
+            }
+            for seq in sequenced {
+                local.remove(seq).map_err(storage)?;
+            }
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
+                .map_err(storage)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.next_lsn = next_before;
+            return Err(storage(e));
+        }
+        self.notify(appended);
+        Ok(())
+    }
+
+    /// Removes every log entry after `keep`; their changes go back to the offline journal as
+    /// pending (to be resubmitted), and replay after a crash starts no later than `keep`.
+    pub(crate) fn truncate_after(&mut self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let mut returned = Vec::new();
+        let next_local_before = self.next_local;
+        {
+            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
+            let mut local = txn.open_table(LOCAL).map_err(storage)?;
+            let mut suffix = Vec::new();
+            for item in log.range(keep.0 + 1..).map_err(storage)? {
+                let (lsn, bytes) = item.map_err(storage)?;
+                suffix.push((lsn.value(), bytes.value().to_vec()));
+            }
+            for (lsn, bytes) in suffix {
+                log.remove(lsn).map_err(storage)?;
+                // A record that fails its checks cannot be resubmitted; `verify` reports it.
+                let Ok(record) = LogRecord::decode(&bytes) else {
+                    continue;
+                };
+                let Some(id) = Sealer::peek_change_id(record.sealed) else {
+                    continue;
+                };
+                index.remove(id.0.as_u128()).map_err(storage)?;
+                let seq = self.next_local;
+                self.next_local += 1;
+                local
+                    .insert(
+                        seq,
+                        LocalRecord::encode(PushState::Pending, record.sealed).as_slice(),
+                    )
+                    .map_err(storage)?;
+                returned.push(id);
+            }
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let floor = meta
+                .get(META_REPLAY_FROM)
+                .map_err(storage)?
+                .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(u64::MAX)
+                .min(keep.0);
+            meta.insert(META_REPLAY_FROM, &floor.to_be_bytes()[..])
+                .map_err(storage)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.next_local = next_local_before;
+            return Err(storage(e));
+        }
+        self.next_lsn = keep.0 + 1;
+        Ok(returned)
+    }
+}

@@ -1,0 +1,205 @@
+//! The journal's replication operations on real redb files: a follower appends a leader's
+//! segment verbatim, a leader sequences pushes idempotently, a deposed log truncates its suffix
+//! into the offline journal, and hostile segments are refused whole.
+
+use keel_journal::{Journal, JournalError, JournalOptions, LibraryKey, LogRecord, Role};
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn, Tag};
+use uuid::Uuid;
+
+fn change(device: DeviceId, n: u64) -> Change {
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: format!("t{n}"),
+        color: None,
+        created_ms: 0,
+    };
+    let hlc = Hlc {
+        physical_ms: 1000 + n,
+        counter: 0,
+        device,
+    };
+    Change::upsert(ChangeId::new(), hlc, &tag).expect("sync-ready")
+}
+
+fn open(
+    dir: &std::path::Path,
+    name: &str,
+    lib: LibraryId,
+    key: &LibraryKey,
+    device: DeviceId,
+    role: Role,
+) -> Journal {
+    Journal::open(
+        &dir.join(name),
+        lib,
+        key,
+        device,
+        JournalOptions {
+            committed: None,
+            role: Some(role),
+        },
+    )
+    .expect("opens")
+}
+
+fn segment(journal: &Journal, from: Lsn) -> Vec<(Epoch, Vec<u8>)> {
+    journal
+        .read_log_raw(from, 1000)
+        .expect("reads")
+        .into_iter()
+        .map(|(_, bytes)| {
+            let record = LogRecord::decode(&bytes).expect("sound record");
+            (record.epoch, record.sealed.to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let (l, f) = (DeviceId([1; 32]), DeviceId([2; 32]));
+    let epoch = Epoch {
+        counter: 1,
+        device: l,
+    };
+    let leader = open(dir.path(), "l.redb", lib, &key, l, Role::Leader(epoch));
+    let follower = open(dir.path(), "f.redb", lib, &key, f, Role::Follower);
+
+    leader
+        .commit((0..5).map(|n| change(l, n)).collect())
+        .expect("commits");
+    follower
+        .append_replicated(Lsn(1), segment(&leader, Lsn(1)))
+        .expect("appends");
+    assert_eq!(
+        follower.read_log_raw(Lsn(1), 100).expect("reads"),
+        leader.read_log_raw(Lsn(1), 100).expect("reads")
+    );
+
+    // The follower commits offline, then pushes; the leader sequences once however often pushed.
+    let mine = change(f, 99);
+    follower
+        .commit(vec![mine.clone()])
+        .expect("commits offline");
+    let sealed: Vec<Vec<u8>> = follower
+        .read_local_sealed(0, 100)
+        .expect("reads")
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(
+        leader.sequence_remote(sealed.clone()).expect("sequences"),
+        vec![Lsn(6)]
+    );
+    assert_eq!(
+        leader.sequence_remote(sealed).expect("idempotent"),
+        vec![Lsn(6)]
+    );
+    assert_eq!(leader.stats().expect("stats").log_len, 6);
+
+    follower
+        .append_replicated(Lsn(6), segment(&leader, Lsn(6)))
+        .expect("appends");
+    let stats = follower.stats().expect("stats");
+    assert_eq!(
+        (stats.log_len, stats.pending_local),
+        (6, 0),
+        "sequenced, so no longer pending"
+    );
+    assert!(follower.contains(mine.id).expect("index"));
+    assert_eq!(follower.epoch_at(Lsn(6)).expect("reads"), Some(epoch));
+}
+
+#[test]
+fn truncation_returns_the_suffix_to_the_offline_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let a = DeviceId([3; 32]);
+    let journal = open(
+        dir.path(),
+        "a.redb",
+        lib,
+        &key,
+        a,
+        Role::Leader(Epoch {
+            counter: 2,
+            device: a,
+        }),
+    );
+    let changes: Vec<Change> = (0..7).map(|n| change(a, n)).collect();
+    journal.commit(changes.clone()).expect("commits");
+    let returned = journal.truncate_after(Lsn(5)).expect("truncates");
+    assert_eq!(returned, vec![changes[5].id, changes[6].id]);
+    let stats = journal.stats().expect("stats");
+    assert_eq!((stats.log_len, stats.pending_local), (5, 2));
+    assert!(!journal.contains(changes[6].id).expect("index"));
+    assert_eq!(journal.replay_floor().expect("meta"), Some(Lsn(5)));
+    let pending: Vec<ChangeId> = journal
+        .read_local(0, 10)
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.expect("sound").2.id)
+        .collect();
+    assert_eq!(pending, returned, "nothing acknowledged is dropped");
+    journal.set_role(Role::Follower).expect("steps down");
+    assert!(matches!(
+        journal.append_replicated(Lsn(9), Vec::new()),
+        Err(JournalError::NotContiguous { .. })
+    ));
+}
+
+#[test]
+fn a_tampered_or_foreign_segment_is_refused_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let (l, f) = (DeviceId([1; 32]), DeviceId([2; 32]));
+    let leader = open(
+        dir.path(),
+        "l.redb",
+        lib,
+        &key,
+        l,
+        Role::Leader(Epoch {
+            counter: 1,
+            device: l,
+        }),
+    );
+    let follower = open(dir.path(), "f.redb", lib, &key, f, Role::Follower);
+    leader
+        .commit((0..3).map(|n| change(l, n)).collect())
+        .expect("commits");
+    let mut seg = segment(&leader, Lsn(1));
+    let last = seg[1].1.len() - 1;
+    seg[1].1[last] ^= 1;
+    assert!(matches!(
+        follower.append_replicated(Lsn(1), seg),
+        Err(JournalError::BadRecord { .. })
+    ));
+    assert_eq!(
+        follower.stats().expect("stats").log_len,
+        0,
+        "nothing written"
+    );
+
+    // Records sealed for another library never open here.
+    let stranger = open(
+        dir.path(),
+        "s.redb",
+        LibraryId(Uuid::new_v4()),
+        &key,
+        l,
+        Role::Leader(Epoch {
+            counter: 1,
+            device: l,
+        }),
+    );
+    stranger.commit(vec![change(l, 9)]).expect("commits");
+    assert!(follower
+        .append_replicated(Lsn(1), segment(&stranger, Lsn(1)))
+        .is_err());
+    assert!(leader.sequence_remote(vec![vec![0u8; 10]]).is_err());
+}
