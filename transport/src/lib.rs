@@ -10,6 +10,7 @@ mod error;
 mod frame;
 mod identity;
 mod message;
+mod pairing;
 mod verifier;
 
 pub use endpoint::{Connection, Endpoint, ALPN};
@@ -21,5 +22,9 @@ pub use identity::{device_id_of, Identity};
 pub use message::{
     DeviceMessage, DomainPosition, ElectionMessage, PairingMessage, WireLogEntry, MESSAGE_VERSION,
     POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, TEXT_LEN_MAX,
+};
+pub use pairing::{
+    Binding, InviteRun, Inviter, Joined, Joiner, PairingCode, PairingError, CODE_FAILURES_MAX,
+    CODE_TTL_MS, DEVICE_LIMIT_DEFAULT, RATE_FAILURES_MAX, RATE_WINDOW_MS,
 };
 pub use verifier::Pins;
