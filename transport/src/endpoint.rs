@@ -16,18 +16,23 @@ use crate::verifier::{PinnedClientVerifier, PinnedServerVerifier, Pins};
 /// ALPN protocol id of Keel's wire protocol version 1.
 pub const ALPN: &[u8] = b"keel/1";
 
-/// A QUIC endpoint that accepts and makes connections with pinned devices only.
+/// A QUIC endpoint that accepts and makes connections with pinned devices only (and, while an
+/// invitation is open, with unpinned devices for pairing).
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     endpoint: quinn::Endpoint,
     device: DeviceId,
+    pins: Pins,
+    pairing_client: quinn::ClientConfig,
 }
 
-/// A connection to an authenticated, pinned device.
+/// A connection to an authenticated device (pinned, or unpinned during pairing: check
+/// [`Connection::pinned`] before acting on anything but pairing messages).
 #[derive(Debug, Clone)]
 pub struct Connection {
     connection: quinn::Connection,
     peer: DeviceId,
+    pinned: bool,
 }
 
 fn tls(e: impl std::fmt::Display) -> TransportError {
@@ -49,26 +54,38 @@ impl Endpoint {
             .map_err(tls)?;
         server.alpn_protocols = vec![ALPN.to_vec()];
         server.max_early_data_size = 0;
-        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier { pins, provider }))
-            .with_client_auth_cert(vec![identity.cert()], identity.key())
-            .map_err(tls)?;
-        client.alpn_protocols = vec![ALPN.to_vec()];
-        client.enable_early_data = false;
+        let client_config = |pins: Pins| -> Result<quinn::ClientConfig, TransportError> {
+            let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(tls)?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
+                    pins,
+                    provider: provider.clone(),
+                }))
+                .with_client_auth_cert(vec![identity.cert()], identity.key())
+                .map_err(tls)?;
+            client.alpn_protocols = vec![ALPN.to_vec()];
+            client.enable_early_data = false;
+            Ok(quinn::ClientConfig::new(Arc::new(
+                QuicClientConfig::try_from(client).map_err(tls)?,
+            )))
+        };
+        // Joining: the inviter is not pinned yet; the PAKE binding authenticates it instead.
+        let open_pins = Pins::new();
+        open_pins.set_pairing_open(true);
+        let pairing_client = client_config(open_pins)?;
         let server_config = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server).map_err(tls)?,
         ));
-        let client_config =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).map_err(tls)?));
         let mut endpoint =
             quinn::Endpoint::server(server_config, addr).map_err(TransportError::io)?;
-        endpoint.set_default_client_config(client_config);
+        endpoint.set_default_client_config(client_config(pins.clone())?);
         Ok(Self {
             endpoint,
             device: identity.device(),
+            pins,
+            pairing_client,
         })
     }
 
@@ -86,14 +103,29 @@ impl Endpoint {
     pub async fn connect(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
         let connecting = self.endpoint.connect(addr, "keel").map_err(tls)?;
         let connection = connecting.await.map_err(tls)?;
-        Connection::authenticated(connection)
+        Connection::authenticated(connection, &self.pins)
+    }
+
+    /// Connects to an inviting device that is not pinned yet, to pair with it.
+    pub async fn connect_to_pair(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.pairing_client.clone(), addr, "keel")
+            .map_err(tls)?;
+        let connection = connecting.await.map_err(tls)?;
+        Connection::authenticated(connection, &self.pins)
+    }
+
+    /// The pins this endpoint checks.
+    pub fn pins(&self) -> &Pins {
+        &self.pins
     }
 
     /// Waits for the next incoming connection from a pinned device; `None` once closed.
     pub async fn accept(&self) -> Option<Result<Connection, TransportError>> {
         let incoming = self.endpoint.accept().await?;
         Some(match incoming.await {
-            Ok(connection) => Connection::authenticated(connection),
+            Ok(connection) => Connection::authenticated(connection, &self.pins),
             Err(e) => Err(tls(e)),
         })
     }
@@ -105,7 +137,7 @@ impl Endpoint {
 }
 
 impl Connection {
-    fn authenticated(connection: quinn::Connection) -> Result<Self, TransportError> {
+    fn authenticated(connection: quinn::Connection, pins: &Pins) -> Result<Self, TransportError> {
         let certs = connection
             .peer_identity()
             .and_then(|any| {
@@ -116,10 +148,27 @@ impl Connection {
         let first = certs
             .first()
             .ok_or_else(|| TransportError::Tls("peer presented no certificate".into()))?;
+        let peer = device_id_of(first.as_ref());
         Ok(Self {
-            peer: device_id_of(first.as_ref()),
+            pinned: pins.contains(&peer),
+            peer,
             connection,
         })
+    }
+
+    /// Whether the peer was pinned when the connection was made.
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// 32 bytes of TLS keying material unique to this connection (the same on both ends), for
+    /// binding pairing to it.
+    pub fn exporter(&self) -> Result<[u8; 32], TransportError> {
+        let mut out = [0u8; 32];
+        self.connection
+            .export_keying_material(&mut out, b"EXPORTER-keel-pairing-v1", b"")
+            .map_err(|_| TransportError::Tls("keying material export failed".into()))?;
+        Ok(out)
     }
 
     /// The authenticated peer.

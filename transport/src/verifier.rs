@@ -14,9 +14,11 @@ use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use crate::identity::device_id_of;
 
 /// The set of device ids this device talks to. Shared so pairing can add to it while running.
+/// While an invitation is open, unpinned devices may connect too — for pairing only.
 #[derive(Debug, Clone, Default)]
 pub struct Pins {
     inner: Arc<RwLock<HashSet<DeviceId>>>,
+    pairing_open: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pins {
@@ -39,6 +41,17 @@ impl Pins {
         }
     }
 
+    /// Lets unpinned devices connect (to pair) or stops it.
+    pub fn set_pairing_open(&self, open: bool) {
+        self.pairing_open
+            .store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether unpinned devices may connect to pair.
+    pub fn pairing_open(&self) -> bool {
+        self.pairing_open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Whether a device is pinned.
     pub fn contains(&self, device: &DeviceId) -> bool {
         self.inner
@@ -50,7 +63,7 @@ impl Pins {
 
 fn check_pinned(pins: &Pins, cert: &CertificateDer<'_>) -> Result<(), Error> {
     let device = device_id_of(cert.as_ref());
-    if pins.contains(&device) {
+    if pins.contains(&device) || pins.pairing_open() {
         Ok(())
     } else {
         Err(Error::General(format!(

@@ -135,3 +135,173 @@ async fn an_oversized_frame_is_refused_and_the_endpoint_keeps_serving() {
     again.send(&ping).await.expect("sends");
     assert_eq!(back.recv().await.expect("receives"), ping);
 }
+
+/// Runs the pairing protocol over a real QUIC connection. Returns the joiner's outcome.
+async fn pair_over_quic(
+    inviter_endpoint: &Endpoint,
+    joiner_endpoint: &Endpoint,
+    inviter: std::sync::Arc<tokio::sync::Mutex<keel_transport::Inviter>>,
+    code: keel_transport::PairingCode,
+) -> Result<keel_transport::Joined, keel_transport::PairingError> {
+    use keel_transport::{Binding, Joiner, PairingError};
+    let addr = inviter_endpoint.local_addr().expect("addr");
+    let server = inviter_endpoint.clone();
+    let inviter_task = tokio::spawn(async move {
+        let connection = server.accept().await.expect("incoming").expect("handshake");
+        assert!(!connection.pinned(), "the joiner is not pinned yet");
+        let binding = Binding {
+            exporter: connection.exporter().expect("exporter"),
+            inviter: server.device(),
+            joiner: connection.peer(),
+        };
+        let DeviceMessage::Pairing(start) = connection.recv().await.expect("start") else {
+            panic!("expected a pairing message");
+        };
+        let mut invitation = inviter.lock().await;
+        let (mut run, reply) =
+            match invitation.on_start(&start, binding, std::net::IpAddr::from([127, 0, 0, 1]), 1) {
+                Ok(ok) => ok,
+                Err(rejection) => {
+                    connection
+                        .send(&DeviceMessage::Pairing(rejection))
+                        .await
+                        .expect("send");
+                    return;
+                }
+            };
+        connection
+            .send(&DeviceMessage::Pairing(reply))
+            .await
+            .expect("reply");
+        let DeviceMessage::Pairing(confirm) = connection.recv().await.expect("confirm") else {
+            panic!("expected a pairing message");
+        };
+        let (verdict, outcome) = invitation.on_confirm(&mut run, &confirm, 1, |_, _| true, 2);
+        if let Ok(device) = outcome {
+            server.pins().pin(device);
+        }
+        connection
+            .send(&DeviceMessage::Pairing(verdict))
+            .await
+            .expect("verdict");
+        // Keep the connection up until the joiner has read the verdict.
+        let _ = connection.recv().await;
+    });
+    let connection = joiner_endpoint
+        .connect_to_pair(addr)
+        .await
+        .expect("connects to pair");
+    let binding = Binding {
+        exporter: connection.exporter().expect("exporter"),
+        inviter: connection.peer(),
+        joiner: joiner_endpoint.device(),
+    };
+    let (mut joiner, start) = Joiner::start(&code, binding, "phone");
+    connection
+        .send(&DeviceMessage::Pairing(start))
+        .await
+        .expect("start");
+    let outcome = async {
+        let DeviceMessage::Pairing(reply) = connection
+            .recv()
+            .await
+            .map_err(|e| PairingError::Protocol(e.to_string()))?
+        else {
+            return Err(PairingError::Protocol("not pairing".into()));
+        };
+        let confirm = joiner.on_reply(&reply)?;
+        connection
+            .send(&DeviceMessage::Pairing(confirm))
+            .await
+            .map_err(|e| PairingError::Protocol(e.to_string()))?;
+        let DeviceMessage::Pairing(verdict) = connection
+            .recv()
+            .await
+            .map_err(|e| PairingError::Protocol(e.to_string()))?
+        else {
+            return Err(PairingError::Protocol("not pairing".into()));
+        };
+        joiner.on_verdict(&verdict)
+    }
+    .await;
+    connection.close("done");
+    let _ = inviter_task.await;
+    outcome
+}
+
+#[tokio::test]
+async fn devices_pair_over_quic_with_a_code_then_talk_pinned() {
+    use keel_schema::LibraryId;
+    use keel_transport::{Inviter, PairingCode, PairingError};
+    let inviter_id = Identity::generate("desk").expect("identity");
+    let joiner_id = Identity::generate("phone").expect("identity");
+    let inviter_pins = Pins::new();
+    let joiner_pins = Pins::new();
+    let inviter_endpoint =
+        Endpoint::bind(&inviter_id, localhost(), inviter_pins.clone()).expect("binds");
+    let joiner_endpoint =
+        Endpoint::bind(&joiner_id, localhost(), joiner_pins.clone()).expect("binds");
+
+    // Before an invitation is open, the stranger cannot even connect.
+    let addr = inviter_endpoint.local_addr().expect("addr");
+    let refusing = tokio::spawn({
+        let server = inviter_endpoint.clone();
+        async move { server.accept().await.map(|r| r.map(|_| ())) }
+    });
+    let early = tokio::time::timeout(Duration::from_secs(5), async {
+        let c = joiner_endpoint.connect_to_pair(addr).await?;
+        c.recv().await.map(|_| ())
+    })
+    .await
+    .expect("does not hang");
+    assert!(early.is_err());
+    let refused = tokio::time::timeout(Duration::from_secs(5), refusing)
+        .await
+        .expect("does not hang")
+        .expect("task");
+    assert!(matches!(refused, Some(Err(_))));
+
+    inviter_pins.set_pairing_open(true);
+    let invitation = Inviter::new(LibraryId(uuid::Uuid::nil()), "family", vec![9u8; 32], 16, 0);
+    let code = invitation.code().clone();
+    let invitation = std::sync::Arc::new(tokio::sync::Mutex::new(invitation));
+
+    let wrong = PairingCode::parse(if code.as_str() == "0000-0001" {
+        "0000-0002"
+    } else {
+        "0000-0001"
+    })
+    .expect("valid");
+    let failed = pair_over_quic(
+        &inviter_endpoint,
+        &joiner_endpoint,
+        invitation.clone(),
+        wrong,
+    )
+    .await;
+    assert_eq!(failed, Err(PairingError::WrongCode));
+
+    let joined = pair_over_quic(&inviter_endpoint, &joiner_endpoint, invitation, code)
+        .await
+        .expect("pairs");
+    assert_eq!(joined.key, vec![9u8; 32]);
+    assert_eq!(joined.inviter, inviter_id.device());
+    inviter_pins.set_pairing_open(false);
+    joiner_pins.pin(joined.inviter);
+    assert!(inviter_pins.contains(&joiner_id.device()));
+
+    // Now they talk as pinned peers.
+    let accept = tokio::spawn({
+        let server = inviter_endpoint.clone();
+        async move { server.accept().await }
+    });
+    let connection = joiner_endpoint.connect(addr).await.expect("pinned connect");
+    let back = accept.await.expect("task").expect("incoming").expect("ok");
+    assert!(back.pinned() && connection.pinned());
+    let hello = DeviceMessage::SyncPullRequest {
+        from: Lsn(1),
+        limit: 10,
+    };
+    connection.send(&hello).await.expect("sends");
+    assert_eq!(back.recv().await.expect("receives"), hello);
+}
