@@ -295,6 +295,7 @@ impl Library {
         let library = self.id().0;
         let mut known_content: HashSet<Uuid> = HashSet::new();
         let mut new_content: Vec<ContentIdentity> = Vec::new();
+        let mut in_flight: Option<crate::library::PendingTransaction<'_>> = None;
         let mut result: Result<(), EngineError> = Ok(());
 
         std::thread::scope(|scope| {
@@ -393,7 +394,9 @@ impl Library {
                     })));
                 }
                 if planned.len() + new_content.len() >= INDEX_COMMIT_BATCH {
-                    if let Err(e) = self.commit_planned(&mut new_content, &mut planned) {
+                    if let Err(e) =
+                        self.commit_planned(&mut new_content, &mut planned, &mut in_flight)
+                    {
                         result = Err(e);
                     }
                 }
@@ -436,7 +439,10 @@ impl Library {
             }
             planned.push(Planned::DeleteEntry(uuid));
         }
-        self.commit_planned(&mut new_content, &mut planned)?;
+        self.commit_planned(&mut new_content, &mut planned, &mut in_flight)?;
+        if let Some(last) = in_flight.take() {
+            last.wait()?;
+        }
         self.flush()?;
         progress(IndexProgress {
             done: total,
@@ -455,10 +461,11 @@ impl Library {
     }
 
     /// Commits the planned changes, preceded by the contents that the library does not have yet.
-    fn commit_planned(
-        &self,
+    fn commit_planned<'a>(
+        &'a self,
         contents: &mut Vec<ContentIdentity>,
         planned: &mut Vec<Planned>,
+        in_flight: &mut Option<crate::library::PendingTransaction<'a>>,
     ) -> Result<(), EngineError> {
         if !contents.is_empty() {
             let uuids: Vec<Uuid> = contents.iter().filter_map(|c| c.uuid).collect();
@@ -476,7 +483,7 @@ impl Library {
             return Ok(());
         }
         let batch = std::mem::take(planned);
-        self.transact(|tx| {
+        let pending = self.transact_pipelined(|tx| {
             for op in batch {
                 match op {
                     Planned::Upsert(entry) => {
@@ -493,6 +500,11 @@ impl Library {
             }
             Ok(())
         })?;
+        // At most one batch in flight: the previous one must be durable before this one queues
+        // behind it, so an error surfaces in order.
+        if let Some(previous) = in_flight.replace(pending) {
+            previous.wait()?;
+        }
         Ok(())
     }
 }

@@ -43,6 +43,34 @@ pub struct CommitReceipt {
     pub placements: Vec<Placement>,
 }
 
+/// A transaction handed to the journal writer; acknowledged by [`PendingTransaction::wait`].
+#[derive(Debug)]
+#[must_use = "a pipelined transaction is acknowledged only by wait()"]
+pub struct PendingTransaction<'a> {
+    library: &'a Library,
+    pending: Option<keel_journal::PendingCommit>,
+    change_ids: Vec<ChangeId>,
+}
+
+impl PendingTransaction<'_> {
+    /// Waits until the changes are durable.
+    pub fn wait(self) -> Result<CommitReceipt, EngineError> {
+        let placements = match self.pending {
+            Some(p) => p.wait()?,
+            None => Vec::new(),
+        };
+        if let Ok(mut committed) = self.library.committed.lock() {
+            for p in &placements {
+                advance(&mut committed, *p);
+            }
+        }
+        Ok(CommitReceipt {
+            change_ids: self.change_ids,
+            placements,
+        })
+    }
+}
+
 /// A summary of a library for `keel status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -400,6 +428,32 @@ impl Library {
                 placements,
             },
         ))
+    }
+
+    /// Like [`Library::transact`], but returns as soon as the changes are handed to the journal
+    /// writer; [`PendingTransaction::wait`] gives the acknowledgement. Lets a long job prepare its
+    /// next batch while this one is written.
+    pub fn transact_pipelined(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<(), EngineError>,
+    ) -> Result<PendingTransaction<'_>, EngineError> {
+        let changes = {
+            let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+            let mut tx = Tx::new(&mut clock, now_ms());
+            f(&mut tx)?;
+            tx.changes
+        };
+        let change_ids = changes.iter().map(|c| c.id).collect();
+        let pending = if changes.is_empty() {
+            None
+        } else {
+            Some(self.journal()?.commit_pipelined(changes)?)
+        };
+        Ok(PendingTransaction {
+            library: self,
+            pending,
+            change_ids,
+        })
     }
 
     /// Waits until everything committed so far is applied to the projections.

@@ -20,7 +20,8 @@ pub use record::{
 };
 pub use seal::{KdfParams, LibraryKey, Sealer, WrappedKey, SEAL_HEADER_LEN, SEAL_TAG_LEN};
 pub use store::{
-    Journal, JournalOptions, JournalStats, ReadEntry, VerifyReport, JOURNAL_CACHE_BYTES,
+    Journal, JournalOptions, JournalStats, PendingCommit, ReadEntry, VerifyReport,
+    JOURNAL_CACHE_BYTES,
 };
 pub use tables::JOURNAL_FORMAT;
 pub use writer::{CommittedBatch, Placement, Role, BATCH_CHANGES_MAX, QUEUE_REQUESTS_MAX};

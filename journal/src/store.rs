@@ -68,6 +68,22 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// A commit handed to the writer; see [`Journal::commit_pipelined`].
+#[derive(Debug)]
+#[must_use = "a pipelined commit is acknowledged only by wait()"]
+pub struct PendingCommit {
+    answer: crossbeam_channel::Receiver<Result<Vec<Placement>, JournalError>>,
+}
+
+impl PendingCommit {
+    /// Waits until the batch is durable (`Ok`) or failed.
+    pub fn wait(self) -> Result<Vec<Placement>, JournalError> {
+        self.answer
+            .recv()
+            .map_err(|_| JournalError::WriterStopped)?
+    }
+}
+
 /// Options for [`Journal::open`].
 #[derive(Debug, Default)]
 pub struct JournalOptions {
@@ -283,6 +299,13 @@ impl Journal {
 
     /// Seals and durably commits `changes` as one group. `Ok` means every change is durable.
     pub fn commit(&self, changes: Vec<Change>) -> Result<Vec<Placement>, JournalError> {
+        self.commit_pipelined(changes)?.wait()
+    }
+
+    /// Seals `changes` and hands them to the writer without waiting: the caller may prepare its
+    /// next batch while this one is written. Nothing is acknowledged until
+    /// [`PendingCommit::wait`] returns `Ok`. Batches are written in the order they are handed over.
+    pub fn commit_pipelined(&self, changes: Vec<Change>) -> Result<PendingCommit, JournalError> {
         let sealed = changes
             .into_iter()
             .map(|change| {
@@ -296,7 +319,7 @@ impl Journal {
             .ok_or(JournalError::WriterStopped)?
             .send(Request::Commit { sealed, reply })
             .map_err(|_| JournalError::WriterStopped)?;
-        answer.recv().map_err(|_| JournalError::WriterStopped)?
+        Ok(PendingCommit { answer })
     }
 
     /// Switches the writer's role; becoming leader durably records the epoch first.
