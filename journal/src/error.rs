@@ -100,3 +100,44 @@ pub(crate) fn storage<E: Into<redb::Error>>(err: E) -> JournalError {
         other => JournalError::Storage(other),
     }
 }
+
+/// Runs a read against the storage engine, turning a panic inside it (a damaged page it did not
+/// expect) into [`JournalError::Corrupt`].
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, JournalError>) -> Result<T, JournalError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(_) => Err(JournalError::Corrupt(
+            "the storage engine failed on a damaged page".into(),
+        )),
+    }
+}
+
+/// The redb database, dropped inside `catch_unwind`: closing a file whose pages were damaged must
+/// not take the process down.
+pub(crate) struct DbHandle(Option<redb::Database>);
+
+impl DbHandle {
+    pub(crate) fn new(db: redb::Database) -> Self {
+        Self(Some(db))
+    }
+}
+
+impl std::ops::Deref for DbHandle {
+    type Target = redb::Database;
+
+    fn deref(&self) -> &redb::Database {
+        match &self.0 {
+            Some(db) => db,
+            // Only `drop` takes the database out, and nothing derefs after that.
+            None => unreachable!("database used after drop"),
+        }
+    }
+}
+
+impl Drop for DbHandle {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+        }
+    }
+}

@@ -9,7 +9,7 @@ use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use uuid::Uuid;
 
-use crate::error::{storage, JournalError, RecordPlace};
+use crate::error::{guarded, storage, DbHandle, JournalError, RecordPlace};
 use crate::record::{LocalRecord, LogRecord};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
@@ -55,7 +55,7 @@ pub struct JournalStats {
 
 /// A library's journal. Cheap to share by reference across threads.
 pub struct Journal {
-    db: Arc<Database>,
+    db: Arc<DbHandle>,
     library: LibraryId,
     sealer: Sealer,
     requests: Option<Sender<Request>>,
@@ -94,13 +94,15 @@ pub struct JournalOptions {
 }
 
 fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
-    let txn = db.begin_read().map_err(storage)?;
-    let meta = match txn.open_table(META) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(storage(e)),
-    };
-    Ok(meta.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+    guarded(|| {
+        let txn = db.begin_read().map_err(storage)?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(storage(e)),
+        };
+        Ok(meta.get(key).map_err(storage)?.map(|v| v.value().to_vec()))
+    })
 }
 
 fn decode_epoch(bytes: &[u8]) -> Option<Epoch> {
@@ -112,15 +114,18 @@ fn decode_epoch(bytes: &[u8]) -> Option<Epoch> {
     Some(Epoch { counter, device })
 }
 
-/// Runs a read against the storage engine, turning a panic inside it (a damaged page it did not
-/// expect) into [`JournalError::Corrupt`].
-fn guarded<T>(f: impl FnOnce() -> Result<T, JournalError>) -> Result<T, JournalError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(result) => result,
-        Err(_) => Err(JournalError::Corrupt(
-            "the storage engine failed on a damaged page".into(),
-        )),
+/// Checks that keys read from a range only increase (a damaged tree could return them out of
+/// order, and a reader that continues from the last key would then loop).
+fn check_order(previous: &mut Option<u64>, key: u64, from: u64) -> Result<(), JournalError> {
+    let fine = match *previous {
+        Some(p) => key > p,
+        None => key >= from,
+    };
+    if !fine {
+        return Err(JournalError::Corrupt(format!("keys out of order at {key}")));
     }
+    *previous = Some(key);
+    Ok(())
 }
 
 fn decode_u64(bytes: &[u8]) -> u64 {
@@ -151,7 +156,7 @@ impl Journal {
                 ))
             }
         };
-        let db = Arc::new(db);
+        let db = Arc::new(DbHandle::new(db));
         guarded(|| Self::init_tables(&db, library))?;
         let sealer = key.sealer(library);
 
@@ -379,8 +384,10 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(65_536));
+            let mut previous = None;
             for item in log.range(from.0..).map_err(storage)?.take(limit) {
                 let (k, v) = item.map_err(storage)?;
+                check_order(&mut previous, k.value(), from.0)?;
                 out.push(self.decode_entry(Placement::Log(Lsn(k.value())), v.value()));
             }
             Ok(out)
@@ -396,9 +403,11 @@ impl Journal {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
-            let mut out = Vec::with_capacity(limit.min(65_536));
+            let mut out: Vec<(Lsn, Vec<u8>)> = Vec::with_capacity(limit.min(65_536));
+            let mut previous = None;
             for item in log.range(from.0..).map_err(storage)?.take(limit) {
                 let (k, v) = item.map_err(storage)?;
+                check_order(&mut previous, k.value(), from.0)?;
                 out.push((Lsn(k.value()), v.value().to_vec()));
             }
             Ok(out)
@@ -417,8 +426,10 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let local = txn.open_table(LOCAL).map_err(storage)?;
             let mut out = Vec::new();
+            let mut previous = None;
             for item in local.range(from..).map_err(storage)?.take(limit) {
                 let (k, v) = item.map_err(storage)?;
+                check_order(&mut previous, k.value(), from)?;
                 out.push(self.decode_entry(Placement::Local(k.value()), v.value()));
             }
             Ok(out)
@@ -436,8 +447,10 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let local = txn.open_table(LOCAL).map_err(storage)?;
             let mut out = Vec::new();
+            let mut previous = None;
             for item in local.range(from..).map_err(storage)?.take(limit) {
                 let (k, v) = item.map_err(storage)?;
+                check_order(&mut previous, k.value(), from)?;
                 if let Ok(record) = LocalRecord::decode(v.value()) {
                     out.push((k.value(), record.sealed.to_vec()));
                 }
@@ -590,6 +603,10 @@ impl Journal {
 
     /// Forgets the replay floor.
     pub fn clear_replay_floor(&self) -> Result<(), JournalError> {
+        guarded(|| self.clear_replay_floor_inner())
+    }
+
+    fn clear_replay_floor_inner(&self) -> Result<(), JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
@@ -602,6 +619,10 @@ impl Journal {
 
     /// Stores the current epoch without changing the writer's role (used by followers).
     pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
+        guarded(|| self.store_epoch_inner(epoch))
+    }
+
+    fn store_epoch_inner(&self, epoch: Epoch) -> Result<(), JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use keel_schema::{Change, Epoch, Hlc, Lsn};
-use redb::{Database, Durability, ReadableTable};
+use redb::{Durability, ReadableTable};
 
-use crate::error::{storage, JournalError};
+use crate::error::{guarded, storage, DbHandle, JournalError};
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES};
 
@@ -79,7 +79,7 @@ pub(crate) enum Request {
 }
 
 pub(crate) struct WriterState {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<DbHandle>,
     pub(crate) role: Role,
     pub(crate) next_lsn: u64,
     pub(crate) next_local: u64,
@@ -109,11 +109,11 @@ impl WriterState {
                     }
                     Request::SetRole { role, reply } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(self.set_role(role));
+                        let _ = reply.send(guarded(|| self.set_role(role)));
                     }
                     Request::SequenceRemote { items, reply } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(self.sequence_remote(items));
+                        let _ = reply.send(guarded(|| self.sequence_remote(items)));
                     }
                     Request::AppendReplicated {
                         first,
@@ -121,11 +121,11 @@ impl WriterState {
                         reply,
                     } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(self.append_replicated(first, entries));
+                        let _ = reply.send(guarded(|| self.append_replicated(first, entries)));
                     }
                     Request::Truncate { keep, reply } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(self.truncate_after(keep));
+                        let _ = reply.send(guarded(|| self.truncate_after(keep)));
                     }
                 }
                 if total < BATCH_CHANGES_MAX {
@@ -162,7 +162,7 @@ impl WriterState {
             self.hlc_high_water,
             self.own_changes,
         );
-        match self.write(&batch) {
+        match guarded(|| self.write(&batch)) {
             Ok(placements) => {
                 let mut entries = Vec::new();
                 let mut offset = 0;

@@ -70,8 +70,11 @@ fn truncated_journal_gives_a_typed_error_and_the_intact_copy_loses_nothing() {
 
 #[test]
 fn bit_flips_in_the_journal_never_panic() {
-    let seed: u64 = rand::thread_rng().gen();
-    eprintln!("bit flip seed {seed}");
+    let seed: u64 = std::env::var("KEEL_BITFLIP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    eprintln!("bit flip seed {seed} (KEEL_BITFLIP_SEED reproduces it)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let (home, lib) = create_library(dir.path(), "lib").expect("creates");
