@@ -28,8 +28,7 @@ fn ip(last: u8) -> IpAddr {
 fn attempt(
     inviter: &mut Inviter,
     code: &PairingCode,
-    joiner_binding: Binding,
-    inviter_binding: Binding,
+    (joiner_binding, inviter_binding): (Binding, Binding),
     address: IpAddr,
     devices: usize,
     accept: bool,
@@ -68,8 +67,7 @@ fn the_right_code_pairs_and_transfers_the_key() {
     let (joined, pinned) = attempt(
         &mut inviter,
         &code,
-        binding(7),
-        binding(7),
+        (binding(7), binding(7)),
         ip(1),
         1,
         true,
@@ -97,8 +95,7 @@ fn a_wrong_code_fails_and_repeated_failures_are_limited_then_void_the_code() {
         let (joined, outcome) = attempt(
             &mut inviter,
             &wrong,
-            binding(1),
-            binding(1),
+            (binding(1), binding(1)),
             ip(1),
             1,
             true,
@@ -112,8 +109,7 @@ fn a_wrong_code_fails_and_repeated_failures_are_limited_then_void_the_code() {
     let (joined, _) = attempt(
         &mut inviter,
         &right,
-        binding(1),
-        binding(1),
+        (binding(1), binding(1)),
         ip(1),
         1,
         true,
@@ -126,8 +122,7 @@ fn a_wrong_code_fails_and_repeated_failures_are_limited_then_void_the_code() {
         last = attempt(
             &mut inviter,
             &wrong,
-            binding(1),
-            binding(1),
+            (binding(1), binding(1)),
             ip(n as u8 + 10),
             1,
             true,
@@ -139,8 +134,7 @@ fn a_wrong_code_fails_and_repeated_failures_are_limited_then_void_the_code() {
     let (joined, _) = attempt(
         &mut inviter,
         &right,
-        binding(1),
-        binding(1),
+        (binding(1), binding(1)),
         ip(99),
         1,
         true,
@@ -151,8 +145,7 @@ fn a_wrong_code_fails_and_repeated_failures_are_limited_then_void_the_code() {
     let (joined, _) = attempt(
         &mut inviter,
         &right,
-        binding(1),
-        binding(1),
+        (binding(1), binding(1)),
         ip(1),
         1,
         true,
@@ -168,8 +161,7 @@ fn an_expired_code_is_refused() {
     let (joined, _) = attempt(
         &mut inviter,
         &code,
-        binding(1),
-        binding(1),
+        (binding(1), binding(1)),
         ip(1),
         1,
         true,
@@ -185,8 +177,7 @@ fn device_limit_and_declined_confirmation_are_refused() {
     let (joined, outcome) = attempt(
         &mut inviter,
         &code,
-        binding(1),
-        binding(1),
+        (binding(1), binding(1)),
         ip(1),
         2,
         true,
@@ -197,8 +188,7 @@ fn device_limit_and_declined_confirmation_are_refused() {
     let (joined, outcome) = attempt(
         &mut inviter,
         &code,
-        binding(1),
-        binding(1),
+        (binding(1), binding(1)),
         ip(1),
         1,
         false,
@@ -217,8 +207,7 @@ fn a_relayed_run_fails_because_each_side_is_bound_to_its_own_connection() {
     let (joined, outcome) = attempt(
         &mut inviter,
         &code,
-        binding(1),
-        binding(2),
+        (binding(1), binding(2)),
         ip(1),
         1,
         true,
