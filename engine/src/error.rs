@@ -47,6 +47,10 @@ pub enum EngineError {
     /// A content-scoped operation on an entry without content (a directory).
     #[error("{0} has no content (a directory?); use --entry to attach to the entry itself")]
     NoContent(PathBuf),
+    /// Applying committed changes to the projections failed (they are durable in the journal and
+    /// are applied again when the library is next opened).
+    #[error("applying to the projections failed: {0}; reopen the library to heal them")]
+    ApplyFailed(String),
     /// The library is closed or its background threads stopped.
     #[error("the library is closed")]
     Closed,

@@ -466,11 +466,7 @@ impl Library {
             .map_err(|_| EngineError::Closed)?;
         loop {
             if let Some(reason) = &state.error {
-                return Err(EngineError::Projection(
-                    keel_projections::ProjectionError::MalformedRow(format!(
-                        "applier failed: {reason}"
-                    )),
-                ));
+                return Err(EngineError::ApplyFailed(reason.clone()));
             }
             if state.position.log >= target.log && state.position.local >= target.local {
                 return Ok(());
