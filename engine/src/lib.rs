@@ -50,10 +50,11 @@ pub use error::EngineError;
 pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
 pub use indexer::{kind_of, IndexProgress, IndexReport, INDEX_COMMIT_BATCH};
 pub use keel_journal::KdfParams;
+pub use keel_projections::Counts;
 pub use keel_schema::{
     ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata, UserMetadataTag,
 };
-pub use library::{now_ms, CommitReceipt, CountsJson, CreateOptions, JournalJson, Library, Status};
+pub use library::{now_ms, CommitReceipt, CreateOptions, JournalJson, Library, Status};
 pub use ops::{ResolvedPath, Scope};
 pub use replay::{
     replay, ReplayReport, REPLAY_APPLY_BATCH, REPLAY_QUEUE_CHUNKS, REPLAY_READ_CHUNK,

@@ -81,7 +81,7 @@ pub struct Status {
     /// This device's id (hex).
     pub device_id: String,
     /// Visible rows per model.
-    pub counts: CountsJson,
+    pub counts: Counts,
     /// Journal counters.
     pub journal: JournalJson,
     /// Last log position applied to the projections.
@@ -90,39 +90,6 @@ pub struct Status {
     pub parked: u64,
     /// The projection digest.
     pub digest: String,
-}
-
-/// Row counts in `status --json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct CountsJson {
-    /// Devices.
-    pub devices: u64,
-    /// Locations.
-    pub locations: u64,
-    /// Entries.
-    pub entries: u64,
-    /// Content identities.
-    pub content_identities: u64,
-    /// User metadata.
-    pub user_metadata: u64,
-    /// Tags.
-    pub tags: u64,
-    /// Tag applications.
-    pub user_metadata_tags: u64,
-}
-
-impl From<Counts> for CountsJson {
-    fn from(c: Counts) -> Self {
-        Self {
-            devices: c.devices,
-            locations: c.locations,
-            entries: c.entries,
-            content_identities: c.content_identities,
-            user_metadata: c.user_metadata,
-            tags: c.tags,
-            user_metadata_tags: c.user_metadata_tags,
-        }
-    }
 }
 
 /// Journal counters in `status --json`.
@@ -562,7 +529,7 @@ impl Library {
             name: self.name.clone(),
             library_id: self.config.library_id.to_string(),
             device_id: self.device.id.to_hex(),
-            counts: counts.into(),
+            counts,
             journal: JournalJson {
                 local_changes: stats.own_changes,
                 pending_local: stats.pending_local,

@@ -12,6 +12,26 @@ use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_HLC, META_REPLAY_FROM};
 use crate::writer::{CommittedBatch, Placement, Role, WriterState};
 
 impl WriterState {
+    /// Records the HLC high-water mark and commits; on failure the log position is rolled back.
+    fn commit_with_high_water(
+        &mut self,
+        txn: redb::WriteTransaction,
+        next_before: u64,
+    ) -> Result<(), JournalError> {
+        let written = (|| {
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
+                    .map_err(storage)?;
+            }
+            txn.commit().map_err(storage)
+        })();
+        if written.is_err() {
+            self.next_lsn = next_before;
+        }
+        written
+    }
+
     fn notify(&mut self, entries: Vec<(Placement, Change)>) {
         if entries.is_empty() {
             return;
@@ -55,15 +75,7 @@ impl WriterState {
                 fresh.push((Placement::Log(Lsn(lsn)), change));
             }
         }
-        {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
-                .map_err(storage)?;
-        }
-        if let Err(e) = txn.commit() {
-            self.next_lsn = next_before;
-            return Err(storage(e));
-        }
+        self.commit_with_high_water(txn, next_before)?;
         self.notify(fresh);
         Ok(positions)
     }
@@ -114,15 +126,7 @@ impl WriterState {
                 local.remove(seq).map_err(storage)?;
             }
         }
-        {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
-                .map_err(storage)?;
-        }
-        if let Err(e) = txn.commit() {
-            self.next_lsn = next_before;
-            return Err(storage(e));
-        }
+        self.commit_with_high_water(txn, next_before)?;
         self.notify(appended);
         Ok(())
     }

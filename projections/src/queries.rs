@@ -8,8 +8,8 @@ use crate::apply::read_value;
 use crate::error::ProjectionError;
 use crate::store::Projections;
 
-/// Visible rows per model.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Visible rows per model (the `counts` object of `keel status --json`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {
     /// Devices.
     pub devices: u64,
