@@ -76,6 +76,24 @@ struct Item {
     modified_ms: i64,
 }
 
+impl Item {
+    /// A new Entry for this item (a fresh uuid), with `content` once identified.
+    fn into_entry(self, location: Uuid, content: Option<Uuid>) -> Entry {
+        Entry {
+            uuid: Some(Uuid::now_v7()),
+            location,
+            relative_path: self.relative_path,
+            name: self.name,
+            kind: self.kind.code(),
+            size: self.size,
+            created_ms: self.created_ms,
+            modified_ms: self.modified_ms,
+            content,
+            metadata: None,
+        }
+    }
+}
+
 enum Planned {
     Upsert(Box<Entry>),
     Content(Box<ContentIdentity>),
@@ -256,18 +274,9 @@ impl Library {
                                 );
                             }
                             report.new += 1;
-                            planned.push(Planned::Upsert(Box::new(Entry {
-                                uuid: Some(Uuid::now_v7()),
-                                location: location.uuid,
-                                relative_path: item.relative_path,
-                                name: item.name,
-                                kind: item.kind.code(),
-                                size: 0,
-                                created_ms: item.created_ms,
-                                modified_ms: item.modified_ms,
-                                content: None,
-                                metadata: None,
-                            })));
+                            planned.push(Planned::Upsert(Box::new(
+                                item.into_entry(location.uuid, None),
+                            )));
                         }
                     }
                 }
@@ -380,18 +389,9 @@ impl Library {
                     ));
                 } else {
                     report.new += 1;
-                    planned.push(Planned::Upsert(Box::new(Entry {
-                        uuid: Some(Uuid::now_v7()),
-                        location: location.uuid,
-                        relative_path: item.relative_path,
-                        name: item.name,
-                        kind: EntryKind::File.code(),
-                        size: item.size,
-                        created_ms: item.created_ms,
-                        modified_ms: item.modified_ms,
-                        content: Some(content),
-                        metadata: None,
-                    })));
+                    planned.push(Planned::Upsert(Box::new(
+                        item.into_entry(location.uuid, Some(content)),
+                    )));
                 }
                 if planned.len() + new_content.len() >= INDEX_COMMIT_BATCH {
                     if let Err(e) =

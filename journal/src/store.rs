@@ -17,7 +17,7 @@ use crate::tables::{
     META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, POSITIONS,
 };
 use crate::writer::{
-    epoch_bytes, next_key, CommittedBatch, Placement, Request, Role, Sealed, WriterState,
+    next_key, write_epoch, CommittedBatch, Placement, Request, Role, Sealed, WriterState,
     QUEUE_REQUESTS_MAX,
 };
 
@@ -619,19 +619,7 @@ impl Journal {
 
     /// Stores the current epoch without changing the writer's role (used by followers).
     pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
-        guarded(|| self.store_epoch_inner(epoch))
-    }
-
-    fn store_epoch_inner(&self, epoch: Epoch) -> Result<(), JournalError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
-        txn.set_durability(Durability::Immediate).map_err(storage)?;
-        {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(META_EPOCH, &epoch_bytes(epoch)[..])
-                .map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
-        Ok(())
+        guarded(|| write_epoch(&self.db, epoch))
     }
 
     /// Stops the writer after it has answered every request already sent.

@@ -88,6 +88,19 @@ pub(crate) struct WriterState {
     pub(crate) committed: Option<Sender<CommittedBatch>>,
 }
 
+/// Durably records `epoch` as the current epoch.
+pub(crate) fn write_epoch(db: &redb::Database, epoch: Epoch) -> Result<(), JournalError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(Durability::Immediate).map_err(storage)?;
+    {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        meta.insert(META_EPOCH, &epoch_bytes(epoch)[..])
+            .map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    Ok(())
+}
+
 pub(crate) fn epoch_bytes(epoch: Epoch) -> [u8; 40] {
     let mut out = [0u8; 40];
     out[..8].copy_from_slice(&epoch.counter.to_be_bytes());
@@ -138,14 +151,7 @@ impl WriterState {
 
     fn set_role(&mut self, role: Role) -> Result<(), JournalError> {
         if let Role::Leader(epoch) = role {
-            let mut txn = self.db.begin_write().map_err(storage)?;
-            txn.set_durability(Durability::Immediate).map_err(storage)?;
-            {
-                let mut meta = txn.open_table(META).map_err(storage)?;
-                meta.insert(META_EPOCH, &epoch_bytes(epoch)[..])
-                    .map_err(storage)?;
-            }
-            txn.commit().map_err(storage)?;
+            write_epoch(&self.db, epoch)?;
         }
         self.role = role;
         Ok(())
