@@ -93,9 +93,18 @@ impl<'a> LogRecord<'a> {
         out
     }
 
-    /// Decodes and checks a record. Never panics on any input.
+    /// Whether these stored bytes are an epoch barrier (a record with no change: the first entry
+    /// a new leader writes). Readers of changes skip barriers.
+    pub fn is_barrier(bytes: &[u8]) -> bool {
+        bytes.len() == LOG_HEADER_LEN
+    }
+
+    /// Decodes and checks a record (a barrier decodes with an empty `sealed`). Never panics on
+    /// any input.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, RecordError> {
-        check_len(bytes.len(), LOG_HEADER_LEN)?;
+        if !Self::is_barrier(bytes) {
+            check_len(bytes.len(), LOG_HEADER_LEN)?;
+        }
         if bytes[0] != RECORD_VERSION {
             return Err(RecordError::Version(bytes[0]));
         }

@@ -80,12 +80,14 @@ impl WriterState {
         Ok(positions)
     }
 
-    /// Follower: appends a leader's entries verbatim at `first` (which must be the next position)
-    /// and drops the matching changes from the offline journal (they are sequenced now).
+    /// Appends log entries at `first` (which must be the next position): a follower copying its
+    /// leader's segment, or a leader writing what its replication core sequenced. Drops the
+    /// matching changes from the offline journal (they are sequenced now). An entry without a
+    /// change is an epoch barrier.
     pub(crate) fn append_replicated(
         &mut self,
         first: Lsn,
-        entries: Vec<(Epoch, Change, Vec<u8>)>,
+        entries: Vec<(Epoch, Option<Change>, Vec<u8>)>,
     ) -> Result<(), JournalError> {
         if first.0 != self.next_lsn {
             return Err(JournalError::NotContiguous {
@@ -107,6 +109,8 @@ impl WriterState {
                 self.next_lsn += 1;
                 log.insert(lsn, LogRecord::encode(epoch, &sealed).as_slice())
                     .map_err(storage)?;
+                // A barrier (no change) only marks the start of an epoch.
+                let Some(change) = change else { continue };
                 index.insert(change.id.0.as_u128(), lsn).map_err(storage)?;
                 ids.insert(change.id);
                 self.hlc_high_water = self.hlc_high_water.max(change.hlc);

@@ -14,11 +14,11 @@ use crate::record::{LocalRecord, LogRecord};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
     CHANGE_INDEX, CONFLICTS, JOBS, JOURNAL_FORMAT, LOCAL, LOG, META, META_EPOCH, META_FORMAT,
-    META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, POSITIONS,
+    META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, POSITIONS,
 };
 use crate::writer::{
-    next_key, write_epoch, CommittedBatch, Placement, Request, Role, Sealed, WriterState,
-    QUEUE_REQUESTS_MAX,
+    epoch_bytes, next_key, write_epoch, CommittedBatch, Placement, Request, Role, Sealed,
+    WriterState, QUEUE_REQUESTS_MAX,
 };
 
 /// redb's page cache for the journal (its default of 1 GiB would let replay memory grow with the
@@ -385,9 +385,15 @@ impl Journal {
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(65_536));
             let mut previous = None;
-            for item in log.range(from.0..).map_err(storage)?.take(limit) {
+            for item in log.range(from.0..).map_err(storage)? {
+                if out.len() >= limit {
+                    break;
+                }
                 let (k, v) = item.map_err(storage)?;
                 check_order(&mut previous, k.value(), from.0)?;
+                if LogRecord::is_barrier(v.value()) {
+                    continue;
+                }
                 out.push(self.decode_entry(Placement::Log(Lsn(k.value())), v.value()));
             }
             Ok(out)
@@ -405,9 +411,15 @@ impl Journal {
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out: Vec<(Lsn, Vec<u8>)> = Vec::with_capacity(limit.min(65_536));
             let mut previous = None;
-            for item in log.range(from.0..).map_err(storage)?.take(limit) {
+            for item in log.range(from.0..).map_err(storage)? {
+                if out.len() >= limit {
+                    break;
+                }
                 let (k, v) = item.map_err(storage)?;
                 check_order(&mut previous, k.value(), from.0)?;
+                if LogRecord::is_barrier(v.value()) {
+                    continue;
+                }
                 out.push((Lsn(k.value()), v.value().to_vec()));
             }
             Ok(out)
@@ -553,8 +565,10 @@ impl Journal {
         self.ask(|reply| Request::SequenceRemote { items, reply })
     }
 
-    /// Follower: appends a leader's segment verbatim at `first`, which must be the next position.
-    /// Every record is checked first; a bad one fails the whole segment.
+    /// Appends log entries verbatim at `first`, which must be the next position (a follower
+    /// copying its leader's segment, or a leader writing what its replication core sequenced).
+    /// An empty payload is an epoch barrier. Every record is checked first; a bad one fails the
+    /// whole segment. Changes found in the offline journal are removed from it.
     pub fn append_replicated(
         &self,
         first: Lsn,
@@ -562,9 +576,13 @@ impl Journal {
     ) -> Result<(), JournalError> {
         let mut checked = Vec::with_capacity(entries.len());
         for (i, (epoch, bytes)) in entries.into_iter().enumerate() {
+            if bytes.is_empty() {
+                checked.push((epoch, None, bytes));
+                continue;
+            }
             let place = RecordPlace::Log(Lsn(first.0 + i as u64));
             let change = self.open_incoming(place, &bytes)?;
-            checked.push((epoch, change, bytes));
+            checked.push((epoch, Some(change), bytes));
         }
         self.ask(|reply| Request::AppendReplicated {
             first,
@@ -620,6 +638,96 @@ impl Journal {
     /// Stores the current epoch without changing the writer's role (used by followers).
     pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
         guarded(|| write_epoch(&self.db, epoch))
+    }
+
+    /// Durably stores the election state: the current epoch and the highest epoch voted for.
+    pub fn store_election(&self, epoch: Epoch, voted: Epoch) -> Result<(), JournalError> {
+        guarded(|| {
+            let mut txn = self.db.begin_write().map_err(storage)?;
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(META_EPOCH, &epoch_bytes(epoch)[..])
+                    .map_err(storage)?;
+                meta.insert(META_VOTED, &epoch_bytes(voted)[..])
+                    .map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+            Ok(())
+        })
+    }
+
+    /// The highest epoch this device voted for, if it ever voted.
+    pub fn voted(&self) -> Result<Option<Epoch>, JournalError> {
+        Ok(read_meta(&self.db, META_VOTED)?.and_then(|b| decode_epoch(&b)))
+    }
+
+    /// Reads up to `limit` log entries from `from` (inclusive) as stored, barriers included (an
+    /// empty payload), for shipping to followers: `(lsn, epoch, sealed)`. A record that fails its
+    /// checksum is an error: it must not be shipped.
+    pub fn log_entries(
+        &self,
+        from: Lsn,
+        limit: usize,
+    ) -> Result<Vec<(Lsn, Epoch, Vec<u8>)>, JournalError> {
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let mut out = Vec::with_capacity(limit.min(65_536));
+            let mut previous = None;
+            for item in log.range(from.0..).map_err(storage)?.take(limit) {
+                let (k, v) = item.map_err(storage)?;
+                check_order(&mut previous, k.value(), from.0)?;
+                let lsn = Lsn(k.value());
+                let record = LogRecord::decode(v.value()).map_err(|e| JournalError::BadRecord {
+                    place: RecordPlace::Log(lsn),
+                    reason: e.to_string(),
+                })?;
+                out.push((lsn, record.epoch, record.sealed.to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The whole log as `(epoch, change id)` per position from 1 (`None` for a barrier or a
+    /// record whose header cannot be read), without opening any payload: the replication core's
+    /// view of the log.
+    pub fn log_index(&self) -> Result<Vec<(Epoch, Option<ChangeId>)>, JournalError> {
+        guarded(|| {
+            let txn = self.db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let mut out = Vec::with_capacity(log.len().map_err(storage)? as usize);
+            let mut previous = None;
+            for item in log.range(1..).map_err(storage)? {
+                let (k, v) = item.map_err(storage)?;
+                check_order(&mut previous, k.value(), 1)?;
+                if k.value() != out.len() as u64 + 1 {
+                    return Err(JournalError::Corrupt(format!(
+                        "a gap in the log at {}",
+                        k.value()
+                    )));
+                }
+                match LogRecord::decode(v.value()) {
+                    Ok(record) => out.push((record.epoch, Sealer::peek_change_id(record.sealed))),
+                    Err(e) => {
+                        return Err(JournalError::BadRecord {
+                            place: RecordPlace::Log(Lsn(k.value())),
+                            reason: e.to_string(),
+                        })
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The offline journal's changes as `(change id, sealed)`, oldest first (to push to a leader).
+    pub fn local_pending(&self) -> Result<Vec<(ChangeId, Vec<u8>)>, JournalError> {
+        Ok(self
+            .read_local_sealed(0, usize::MAX)?
+            .into_iter()
+            .filter_map(|(_, sealed)| Some((Sealer::peek_change_id(&sealed)?, sealed)))
+            .collect())
     }
 
     /// Stops the writer after it has answered every request already sent.

@@ -23,6 +23,8 @@ pub(crate) const META_FORMAT: &str = "format";
 pub(crate) const META_LIBRARY: &str = "library_id";
 /// The current epoch (8-byte counter ‖ 32-byte device).
 pub(crate) const META_EPOCH: &str = "epoch";
+/// The highest epoch this device voted for (same layout as the epoch).
+pub(crate) const META_VOTED: &str = "voted";
 /// The HLC high-water mark (44 bytes, [`keel_schema::Hlc::to_bytes`]).
 pub(crate) const META_HLC: &str = "hlc_high_water";
 /// Count of changes this device made (u64 BE).

@@ -69,7 +69,7 @@ pub(crate) enum Request {
     },
     AppendReplicated {
         first: Lsn,
-        entries: Vec<(Epoch, Change, Vec<u8>)>,
+        entries: Vec<(Epoch, Option<Change>, Vec<u8>)>,
         reply: Sender<Result<(), JournalError>>,
     },
     Truncate {

@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use keel_engine::replication::{Durable, Entry, Input, Message, Node, NodeConfig, Output, Role};
+use keel_engine::replication::{
+    Durable, Entry, Input, LogOp, Message, Node, NodeConfig, Output, Role,
+};
 use keel_schema::{ChangeId, DeviceId, Epoch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -147,8 +149,38 @@ impl Sim {
             return;
         };
         let out = node.handle(input, now);
+        self.persist(i);
         self.dispatch(i, out, lossy);
         self.check_node(i);
+    }
+
+    /// What a runtime does before sending: writes the node's log operations and epochs to its
+    /// "disk". The disk log must then equal the node's own view, so a
+    /// restart from the disk is a restart from exactly what the runtime would have written.
+    fn persist(&mut self, i: usize) {
+        let Some(node) = self.nodes[i].as_mut() else {
+            return;
+        };
+        let disk = &mut self.disks[i];
+        for op in node.take_ops() {
+            match op {
+                LogOp::Append { at, epoch, entry } => {
+                    assert_eq!(
+                        at.0,
+                        disk.log.len() as u64 + 1,
+                        "node {i}: append not at the end"
+                    );
+                    disk.log.push((epoch, entry));
+                }
+                LogOp::Truncate { keep } => disk.log.truncate(keep.0 as usize),
+            }
+        }
+        let d = node.durable();
+        // A cheap check on every step; the whole log is compared at each crash.
+        assert_eq!(disk.log.len(), d.log.len(), "node {i}: log ops differ");
+        assert_eq!(disk.log.last(), d.log.last(), "node {i}: log ops differ");
+        disk.epoch = d.epoch;
+        disk.voted = d.voted;
     }
 
     fn check_node(&mut self, i: usize) {
@@ -218,7 +250,14 @@ impl Sim {
             if self.rng.gen_bool(0.004) {
                 let i = self.rng.gen_range(0..n);
                 if let Some(node) = self.nodes[i].take() {
-                    self.disks[i] = node.durable().clone();
+                    assert_eq!(
+                        self.disks[i].log,
+                        node.durable().log,
+                        "node {i}: disk differs"
+                    );
+                    // The disk holds the log as persisted after the last input; the offline
+                    // journal is written by each commit itself.
+                    self.disks[i].pending = node.durable().pending.clone();
                     self.views[i].clear();
                 }
             }
@@ -237,6 +276,7 @@ impl Sim {
             if self.nodes[i].is_none() && (!chaos || self.rng.gen_bool(0.02)) {
                 let node = Node::new(config(self.devices[i]), self.disks[i].clone(), self.now_ms);
                 self.nodes[i] = Some(node);
+                self.persist(i);
             }
         }
         self.refresh_views(chaos);

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 
-use super::types::{Durable, Entry, Input, Message, Output, Role};
+use super::types::{Durable, Entry, Input, LogOp, Message, Output, Role};
 
 /// Timing and sizing of a node.
 #[derive(Clone, Debug)]
@@ -45,6 +45,7 @@ pub struct Node {
     votes: BTreeSet<DeviceId>,
     next: BTreeMap<DeviceId, u64>,
     in_log: HashSet<ChangeId>,
+    ops: Vec<LogOp>,
 }
 
 impl Node {
@@ -61,12 +62,14 @@ impl Node {
             .collect();
         // Resume leading only an epoch this device actually won (its barrier is in the log); a
         // candidacy interrupted by a crash is simply abandoned.
+        // The founder's epoch 1 needs no barrier (candidates always start at 2 or above).
         let won = durable.epoch.device == config.device
-            && durable
-                .log
-                .iter()
-                .rev()
-                .any(|(e, entry)| *e == durable.epoch && *entry == Entry::Barrier);
+            && (durable.epoch.counter == 1
+                || durable
+                    .log
+                    .iter()
+                    .rev()
+                    .any(|(e, entry)| *e == durable.epoch && *entry == Entry::Barrier));
         let role = if won { Role::Leader } else { Role::Alone };
         let mut node = Self {
             leader: (role == Role::Leader).then_some(config.device),
@@ -79,6 +82,7 @@ impl Node {
             votes: BTreeSet::new(),
             next: BTreeMap::new(),
             in_log,
+            ops: Vec::new(),
         };
         node.reset_election_timer(now_ms);
         if node.role == Role::Leader {
@@ -115,6 +119,22 @@ impl Node {
     /// The state the runtime must keep durable (persist it after each `handle`, before sending).
     pub fn durable(&self) -> &Durable {
         &self.durable
+    }
+
+    /// The log changes made since the last call, in order: the runtime writes them to the journal
+    /// (with [`Node::durable`]'s epochs) before sending anything `handle` returned.
+    pub fn take_ops(&mut self) -> Vec<LogOp> {
+        std::mem::take(&mut self.ops)
+    }
+
+    /// Whether `id` is in this node's log.
+    pub fn in_log(&self, id: &ChangeId) -> bool {
+        self.in_log.contains(id)
+    }
+
+    /// The devices this node counts as reachable.
+    pub fn connected(&self) -> impl Iterator<Item = &DeviceId> {
+        self.connected.iter()
     }
 
     /// The current role.
@@ -238,7 +258,14 @@ impl Node {
     }
 
     fn start_election(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let counter = self.durable.epoch.counter.max(self.durable.voted.counter) + 1;
+        // Epoch 1 belongs to the founder: a candidate never takes it.
+        let counter = self
+            .durable
+            .epoch
+            .counter
+            .max(self.durable.voted.counter)
+            .max(1)
+            + 1;
         let epoch = Epoch {
             counter,
             device: self.config.device,
@@ -267,7 +294,7 @@ impl Node {
         let epoch = self.durable.epoch;
         self.role = Role::Leader;
         self.leader = Some(self.config.device);
-        self.durable.log.push((epoch, Entry::Barrier));
+        self.record_push(epoch, Entry::Barrier);
         for id in std::mem::take(&mut self.durable.pending) {
             self.sequence(id);
         }
@@ -283,9 +310,8 @@ impl Node {
     /// Appends a change to the leader's log unless it is there already.
     fn sequence(&mut self, id: ChangeId) {
         if self.in_log.insert(id) {
-            self.durable
-                .log
-                .push((self.durable.epoch, Entry::Change(id)));
+            self.durable.pending.retain(|p| *p != id);
+            self.record_push(self.durable.epoch, Entry::Change(id));
         }
     }
 
@@ -470,11 +496,23 @@ impl Node {
             self.in_log.insert(id);
             self.durable.pending.retain(|p| *p != id);
         }
+        self.record_push(epoch, entry);
+    }
+
+    fn record_push(&mut self, epoch: Epoch, entry: Entry) {
         self.durable.log.push((epoch, entry));
+        self.ops.push(LogOp::Append {
+            at: self.durable.last_lsn(),
+            epoch,
+            entry,
+        });
     }
 
     /// Removes `log[at..]`, returning their changes to `pending` (resubmitted, never dropped).
     fn truncate_from(&mut self, at: usize) {
+        self.ops.push(LogOp::Truncate {
+            keep: Lsn(at as u64),
+        });
         for (_, entry) in self.durable.log.split_off(at) {
             if let Entry::Change(id) = entry {
                 self.in_log.remove(&id);

@@ -93,6 +93,25 @@ pub enum Output {
     },
 }
 
+/// One change a node made to its log, for the runtime to make durable in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogOp {
+    /// An entry was appended at position `at`.
+    Append {
+        /// Its position.
+        at: Lsn,
+        /// The epoch it carries.
+        epoch: Epoch,
+        /// The entry.
+        entry: Entry,
+    },
+    /// Every entry after `keep` was removed (their changes are pending again).
+    Truncate {
+        /// The last position kept.
+        keep: Lsn,
+    },
+}
+
 /// The node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
