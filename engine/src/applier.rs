@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crossbeam_channel::Receiver;
 use keel_journal::{CommittedBatch, Placement};
 use keel_projections::{AppliedPosition, Projections};
-use keel_schema::Change;
+use keel_schema::{Change, ChangeId};
 use tokio::sync::broadcast;
 
 use crate::events::{ChangeKind, Event, EVENT_RECORDS_MAX};
@@ -23,6 +23,9 @@ pub(crate) struct Shared {
     pub(crate) applied: Mutex<ApplyState>,
     pub(crate) applied_changed: Condvar,
     pub(crate) events: broadcast::Sender<Event>,
+    /// Where to announce this device's changes committed to the offline journal (the replication
+    /// runtime pushes them to a leader).
+    pub(crate) local_commits: Mutex<Option<crossbeam_channel::Sender<Vec<ChangeId>>>>,
 }
 
 /// Where the applier is.
@@ -39,6 +42,21 @@ pub(crate) fn advance(position: &mut AppliedPosition, placement: Placement) {
     }
 }
 
+fn announce_local(shared: &Shared, entries: &[(Placement, Change)]) {
+    let Ok(mut slot) = shared.local_commits.lock() else {
+        return;
+    };
+    let Some(tx) = slot.as_ref() else { return };
+    let ids: Vec<ChangeId> = entries
+        .iter()
+        .filter(|(p, _)| matches!(p, Placement::Local(_)))
+        .map(|(_, c)| c.id)
+        .collect();
+    if !ids.is_empty() && tx.send(ids).is_err() {
+        *slot = None;
+    }
+}
+
 /// Runs until the journal writer stops (its sender is dropped).
 pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
     while let Ok(first) = batches.recv() {
@@ -49,6 +67,7 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
                 Err(_) => break,
             }
         }
+        announce_local(&shared, &entries);
         let mut position = match shared.applied.lock() {
             Ok(state) => state.position,
             Err(_) => return,

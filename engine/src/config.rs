@@ -1,10 +1,11 @@
 //! On-disk layout of a Keel home, `library.toml`, and the device identity.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use keel_journal::WrappedKey;
 use keel_schema::{DeviceId, LibraryId};
-use rand::RngCore;
+use keel_transport::Identity;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -56,45 +57,47 @@ impl Home {
         Ok(names)
     }
 
-    /// This home's device identity, created on first use.
+    /// This home's device identity (a key pair and self-signed certificate; the device id is the
+    /// SHA-256 of the certificate), created on first use with owner-only permissions.
     pub fn device(&self) -> Result<DeviceIdentity, EngineError> {
         let dir = self.root.join("device");
         let path = dir.join("identity.toml");
+        let bad = |reason: String| EngineError::BadDeviceIdentity {
+            path: path.clone(),
+            reason,
+        };
         if path.exists() {
             let text = read_small(&path)?;
             let parsed: DeviceIdentityFile =
-                toml::from_str(&text).map_err(|e| EngineError::BadDeviceIdentity {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            let id = DeviceId::from_hex(&parsed.device_id).ok_or_else(|| {
-                EngineError::BadDeviceIdentity {
-                    path: path.clone(),
-                    reason: "device_id is not 64 hex digits".into(),
-                }
-            })?;
+                toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let cert = hex::decode(&parsed.cert).map_err(|e| bad(format!("cert: {e}")))?;
+            let key = hex::decode(&parsed.key).map_err(|e| bad(format!("key: {e}")))?;
+            let tls = Identity::from_parts(cert, key);
+            if DeviceId::from_hex(&parsed.device_id) != Some(tls.device()) {
+                return Err(bad("device_id is not the SHA-256 of the certificate".into()));
+            }
             return Ok(DeviceIdentity {
-                id,
+                id: tls.device(),
                 name: parsed.name,
+                tls: Arc::new(tls),
             });
         }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        let mut bytes = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut bytes);
-        let identity = DeviceIdentity {
-            id: DeviceId(bytes),
-            name: default_device_name(),
-        };
+        let name = default_device_name();
+        let tls = Identity::generate(&name).map_err(|e| bad(e.to_string()))?;
         let file = DeviceIdentityFile {
-            device_id: identity.id.to_hex(),
-            name: identity.name.clone(),
+            device_id: tls.device().to_hex(),
+            name: name.clone(),
+            cert: hex::encode(tls.cert_der()),
+            key: hex::encode(tls.key_der()),
         };
-        let text = toml::to_string(&file).map_err(|e| EngineError::BadDeviceIdentity {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        write_atomic(&path, text.as_bytes())?;
-        Ok(identity)
+        let text = toml::to_string(&file).map_err(|e| bad(e.to_string()))?;
+        write_private(&path, text.as_bytes())?;
+        Ok(DeviceIdentity {
+            id: tls.device(),
+            name,
+            tls: Arc::new(tls),
+        })
     }
 }
 
@@ -114,16 +117,22 @@ fn default_device_name() -> String {
 /// This device's identity.
 #[derive(Debug, Clone)]
 pub struct DeviceIdentity {
-    /// The device id.
+    /// The device id (SHA-256 of the certificate).
     pub id: DeviceId,
     /// A readable name.
     pub name: String,
+    /// The TLS key pair and certificate.
+    pub tls: Arc<Identity>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct DeviceIdentityFile {
     device_id: String,
     name: String,
+    /// Certificate, DER, hex.
+    cert: String,
+    /// PKCS#8 private key, DER, hex.
+    key: String,
 }
 
 /// `library.toml`: the library's ids and its wrapped key.
@@ -196,11 +205,31 @@ fn read_small(path: &Path) -> Result<String, EngineError> {
 }
 
 /// Writes a file so that a crash leaves either the old or the new content.
+/// Like [`write_atomic`], but the file is created readable by its owner only (the device's
+/// private key), never visible with wider permissions.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    write_with_mode(path, bytes, 0o600)
+}
+
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    write_with_mode(path, bytes, 0o644)
+}
+
+fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EngineError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     {
-        let mut file = std::fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(mode);
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        let mut file = options.open(&tmp).map_err(io_at(&tmp))?;
         file.write_all(bytes).map_err(io_at(&tmp))?;
         file.sync_all().map_err(io_at(&tmp))?;
     }

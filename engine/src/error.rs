@@ -74,6 +74,18 @@ pub enum EngineError {
         /// The journal's last log position.
         journal_last: u64,
     },
+    /// Network failure (binding, connecting, a peer's message).
+    #[error(transparent)]
+    Transport(#[from] keel_transport::TransportError),
+    /// Pairing failed (wrong or expired code, rate limit, device limit, declined).
+    #[error("pairing failed: {0}")]
+    Pairing(#[from] keel_transport::PairingError),
+    /// The node (replication runtime) stopped or is not running.
+    #[error("the node is not running")]
+    NodeStopped,
+    /// A request to a running node failed or timed out.
+    #[error("{0}")]
+    Node(String),
     /// Journal failure.
     #[error(transparent)]
     Journal(#[from] JournalError),

@@ -55,6 +55,16 @@ pub enum Event {
         /// A one-line summary.
         summary: String,
     },
+    /// Catching up with the leader (initial sync of a new device, or after being away): log
+    /// entries stored so far and how many the leader has.
+    SyncProgress {
+        /// Last log position stored here.
+        stored: u64,
+        /// The leader's last log position.
+        leader_end: u64,
+        /// Bytes received in log segments since the node started.
+        bytes: u64,
+    },
     /// The applier failed; the projection will be healed from the journal on next open.
     ApplyFailed {
         /// Why.

@@ -41,6 +41,7 @@ mod library;
 mod ops;
 mod replay;
 pub mod replication;
+pub mod runtime;
 mod tx;
 pub mod workload;
 

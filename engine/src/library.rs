@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use keel_journal::{Journal, JournalOptions, KdfParams, LibraryKey, Placement, VerifyReport};
 use keel_projections::{AppliedPosition, Counts, Projections};
-use keel_schema::{ChangeId, Device, DeviceId, HlcClock, LibraryId, Syncable};
+use keel_schema::{ChangeId, Device, DeviceId, Epoch, HlcClock, LibraryId, Syncable};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -118,6 +118,7 @@ pub struct Library {
     config: LibraryConfig,
     device: DeviceIdentity,
     journal: Option<Journal>,
+    key: LibraryKey,
     shared: Arc<Shared>,
     clock: Mutex<HlcClock>,
     committed: Mutex<AppliedPosition>,
@@ -172,7 +173,39 @@ impl Library {
             key: key.wrap(library, password, options.kdf)?,
         };
         config.write(&dir)?;
-        Self::open_with_key(name, dir, config, device, &key)
+        Self::open_with_key(name, dir, config, device, &key, None)
+    }
+
+    /// Creates library `name` in `home` from a key received by pairing (see
+    /// [`crate::runtime::join`]): same library id and key as the inviting device, wrapped under this
+    /// device's `password`. The journal starts as a follower with no epoch: it learns the leader's
+    /// log by replication.
+    pub fn create_joined(
+        home: &Home,
+        name: &str,
+        password: &str,
+        library: LibraryId,
+        key: &LibraryKey,
+        options: CreateOptions,
+    ) -> Result<Self, EngineError> {
+        if !valid_name(name) {
+            return Err(EngineError::InvalidName(name.into()));
+        }
+        let dir = home.library_dir(name);
+        if dir.join("library.toml").exists() {
+            return Err(EngineError::LibraryExists(name.into()));
+        }
+        let device = home.device()?;
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let config = LibraryConfig {
+            version: LIBRARY_CONFIG_VERSION,
+            name: name.into(),
+            library_id: library.0,
+            created_ms: now_ms(),
+            key: key.wrap(library, password, options.kdf)?,
+        };
+        config.write(&dir)?;
+        Self::open_with_key(name, dir, config, device, key, Some(Epoch::default()))
     }
 
     /// Opens library `name` in `home`. A wrong password fails before anything is written.
@@ -194,7 +227,7 @@ impl Library {
             return Err(EngineError::JournalMissing(journal_path));
         }
         let device = home.device()?;
-        Self::open_with_key(name, dir, config, device, &key)
+        Self::open_with_key(name, dir, config, device, &key, None)
     }
 
     /// Changes the password: unwraps the library key with `old` and wraps it under `new` (fresh
@@ -233,6 +266,7 @@ impl Library {
         config: LibraryConfig,
         device: DeviceIdentity,
         key: &LibraryKey,
+        follower_epoch: Option<Epoch>,
     ) -> Result<Self, EngineError> {
         let (committed_tx, committed_rx) = crossbeam_channel::bounded(64);
         let journal = Journal::open(
@@ -242,9 +276,12 @@ impl Library {
             device.id,
             JournalOptions {
                 committed: Some(committed_tx),
-                role: None,
+                role: follower_epoch.map(|_| keel_journal::Role::Follower),
             },
         )?;
+        if let Some(epoch) = follower_epoch {
+            journal.store_election(epoch, epoch)?;
+        }
         // Projections are disposable: one that cannot be opened is rebuilt from the journal.
         let projections_path = dir.join(PROJECTIONS_FILE);
         let mut projections = match Projections::open(&projections_path) {
@@ -294,6 +331,7 @@ impl Library {
             }),
             applied_changed: Condvar::new(),
             events,
+            local_commits: Mutex::new(None),
         });
         let applier_shared = shared.clone();
         let applier = std::thread::Builder::new()
@@ -306,6 +344,7 @@ impl Library {
             config,
             device,
             journal: Some(journal),
+            key: key.clone(),
             shared,
             clock: Mutex::new(clock),
             committed: Mutex::new(healed.position),
@@ -335,8 +374,32 @@ impl Library {
         self.flush()
     }
 
-    fn journal(&self) -> Result<&Journal, EngineError> {
+    /// The journal (for the replication runtime).
+    pub(crate) fn journal(&self) -> Result<&Journal, EngineError> {
         self.journal.as_ref().ok_or(EngineError::Closed)
+    }
+
+    /// The library key (for pairing a new device).
+    pub(crate) fn key(&self) -> &LibraryKey {
+        &self.key
+    }
+
+    /// This device's identity.
+    pub fn device(&self) -> &DeviceIdentity {
+        &self.device
+    }
+
+    /// From now on, sends the ids of every change committed to the offline journal (this
+    /// device's changes waiting for a leader) to `tx`, before they are applied.
+    pub(crate) fn watch_local_commits(&self, tx: crossbeam_channel::Sender<Vec<ChangeId>>) {
+        if let Ok(mut slot) = self.shared.local_commits.lock() {
+            *slot = Some(tx);
+        }
+    }
+
+    /// The devices of this library (their Device records), by device id.
+    pub fn devices(&self) -> Result<Vec<Device>, EngineError> {
+        self.read(|p| p.select::<Device, _>("1 = 1", []))
     }
 
     /// The library's name.

@@ -132,6 +132,19 @@ impl LibraryKey {
         Self { bytes, key_id: 1 }
     }
 
+    /// A key received from another device (pairing), with key id 1. `None` unless 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Some(Self {
+            bytes: bytes.try_into().ok()?,
+            key_id: 1,
+        })
+    }
+
+    /// The raw key, to hand to a device being paired (sealed under the pairing session key).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
     /// The key id written into sealed records.
     pub fn key_id(&self) -> u32 {
         self.key_id

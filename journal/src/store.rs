@@ -128,6 +128,25 @@ fn check_order(previous: &mut Option<u64>, key: u64, from: u64) -> Result<(), Jo
     Ok(())
 }
 
+/// Whether the log holds the barrier of `epoch` (searching back until an older epoch).
+fn won(db: &Database, epoch: Epoch) -> Result<bool, JournalError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let log = txn.open_table(LOG).map_err(storage)?;
+    for item in log.range(1..).map_err(storage)?.rev() {
+        let (_, v) = item.map_err(storage)?;
+        let Ok(record) = LogRecord::decode(v.value()) else {
+            continue;
+        };
+        if record.epoch < epoch {
+            return Ok(false);
+        }
+        if record.epoch == epoch && LogRecord::is_barrier(v.value()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
@@ -161,11 +180,22 @@ impl Journal {
         let sealer = key.sealer(library);
 
         let stored_epoch = read_meta(&db, META_EPOCH)?.and_then(|b| decode_epoch(&b));
-        let role = options.role.unwrap_or(match stored_epoch {
-            Some(epoch) if epoch.device == device => Role::Leader(epoch),
-            Some(_) => Role::Follower,
-            None => Role::Leader(Epoch { counter: 1, device }),
-        });
+        // Lead only an epoch this device won: the founder's epoch 1, or one whose barrier is in
+        // the log (a candidacy interrupted by a crash is not a win).
+        let role = match options.role {
+            Some(role) => role,
+            None => match stored_epoch {
+                Some(epoch) if epoch.device == device => {
+                    if epoch.counter == 1 || guarded(|| won(&db, epoch))? {
+                        Role::Leader(epoch)
+                    } else {
+                        Role::Follower
+                    }
+                }
+                Some(_) => Role::Follower,
+                None => Role::Leader(Epoch { counter: 1, device }),
+            },
+        };
         let (next_lsn, next_local) = guarded(|| {
             let txn = db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -638,6 +668,13 @@ impl Journal {
     /// Stores the current epoch without changing the writer's role (used by followers).
     pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
         guarded(|| write_epoch(&self.db, epoch))
+    }
+
+    /// Checks a sealed change received from a peer (it opens under this library's key and
+    /// decodes) and returns its id.
+    pub fn check_sealed(&self, sealed: &[u8]) -> Result<ChangeId, JournalError> {
+        self.open_incoming(RecordPlace::Incoming(0), sealed)
+            .map(|c| c.id)
     }
 
     /// Durably stores the election state: the current epoch and the highest epoch voted for.

@@ -21,3 +21,116 @@ pub fn create_library(root: &Path, name: &str) -> Result<(Home, Library), Engine
     )?;
     Ok((home, lib))
 }
+
+/// Multi-device helpers: nodes on 127.0.0.1 with their own homes under one folder.
+pub mod cluster {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use keel_engine::runtime::{join, JoinOptions, Node, NodeOptions};
+    use keel_engine::{CreateOptions, EngineError, Home, KdfParams, Library};
+
+    use super::PASSWORD;
+
+    /// Options for test nodes: loopback, any port.
+    pub fn options(peers: Vec<SocketAddr>) -> NodeOptions {
+        NodeOptions {
+            peers,
+            ..NodeOptions::default()
+        }
+    }
+
+    /// Creates library `name` in home `root/<device>` and starts it as a node (the founder, so
+    /// the leader of epoch 1).
+    pub fn founder(root: &Path, device: &str, name: &str) -> Result<(Home, Node), EngineError> {
+        let home = Home::new(root.join(device));
+        let lib = Library::create(
+            &home,
+            name,
+            PASSWORD,
+            CreateOptions {
+                kdf: KdfParams::INSECURE_FAST,
+            },
+        )?;
+        let node = Node::start(lib, options(Vec::new()))?;
+        Ok((home, node))
+    }
+
+    /// Pairs a new device (home `root/<device>`) with `inviter` using a code, then opens the
+    /// joined library and starts it as a node connected to the inviter.
+    pub fn joiner(root: &Path, device: &str, inviter: &Node) -> Result<(Home, Node), EngineError> {
+        let home = Home::new(root.join(device));
+        let name = pair(&home, inviter, inviter.local_addr())?;
+        let lib = Library::open(&home, &name, PASSWORD)?;
+        let node = Node::start(lib, options(vec![inviter.local_addr()]))?;
+        Ok((home, node))
+    }
+
+    /// Opens an auto-accepting invitation on `inviter` and joins it from `home` at `addr`.
+    pub fn pair(home: &Home, inviter: &Node, addr: SocketAddr) -> Result<String, EngineError> {
+        let invite = inviter.invite(true)?;
+        join_with_code(home, addr, invite.code.as_str())
+    }
+
+    /// Joins the node at `addr` with `code` from `home`.
+    pub fn join_with_code(
+        home: &Home,
+        addr: SocketAddr,
+        code: &str,
+    ) -> Result<String, EngineError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::Node(e.to_string()))?;
+        rt.block_on(join(
+            home,
+            JoinOptions {
+                addr,
+                code: code.into(),
+                device_name: None,
+                password: PASSWORD.into(),
+                create: CreateOptions {
+                    kdf: KdfParams::INSECURE_FAST,
+                },
+            },
+        ))
+    }
+
+    /// Waits until every node has the same digest, nothing waits to be pushed, and all agree on
+    /// the leader. Returns the digest, or a report of where each node stands.
+    pub fn converge(nodes: &[&Node], timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut digests = Vec::new();
+            let mut report = String::new();
+            for node in nodes {
+                let status = node.status();
+                let digest = node.library().digest().map_err(|e| e.to_string())?;
+                report.push_str(&format!(
+                    "{} role {} epoch {} leader {:?} log {} pending {} digest {}\n",
+                    &node.library().device_id().to_hex()[..8],
+                    status.role,
+                    status.epoch.counter,
+                    status.leader.as_deref().map(|l| &l[..8]),
+                    status.log_len,
+                    status.pending_push,
+                    &digest[..12]
+                ));
+                digests.push((digest, status));
+            }
+            let same_digest = digests.windows(2).all(|w| w[0].0 == w[1].0);
+            let nothing_pending = digests.iter().all(|(_, s)| s.pending_push == 0);
+            let one_leader = digests.windows(2).all(|w| w[0].1.leader == w[1].1.leader)
+                && digests[0].1.leader.is_some();
+            let same_log = digests.windows(2).all(|w| w[0].1.log_len == w[1].1.log_len);
+            if same_digest && nothing_pending && one_leader && same_log {
+                return Ok(digests[0].0.clone());
+            }
+            if Instant::now() > deadline {
+                return Err(report);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

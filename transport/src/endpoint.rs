@@ -39,6 +39,22 @@ fn tls(e: impl std::fmt::Display) -> TransportError {
     TransportError::Tls(e.to_string())
 }
 
+/// A peer silent for this long is gone (a killed process sends nothing).
+pub const IDLE_TIMEOUT_MS: u64 = 3_000;
+/// Keep-alive interval: an idle but healthy connection never reaches the idle timeout.
+pub const KEEP_ALIVE_MS: u64 = 500;
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut config = quinn::TransportConfig::default();
+    config.keep_alive_interval(Some(std::time::Duration::from_millis(KEEP_ALIVE_MS)));
+    if let Ok(idle) =
+        quinn::IdleTimeout::try_from(std::time::Duration::from_millis(IDLE_TIMEOUT_MS))
+    {
+        config.max_idle_timeout(Some(idle));
+    }
+    Arc::new(config)
+}
+
 impl Endpoint {
     /// Binds `addr` (use port 0 for any) with `identity`, accepting and reaching only `pins`.
     pub fn bind(identity: &Identity, addr: SocketAddr, pins: Pins) -> Result<Self, TransportError> {
@@ -67,17 +83,20 @@ impl Endpoint {
                 .map_err(tls)?;
             client.alpn_protocols = vec![ALPN.to_vec()];
             client.enable_early_data = false;
-            Ok(quinn::ClientConfig::new(Arc::new(
+            let mut config = quinn::ClientConfig::new(Arc::new(
                 QuicClientConfig::try_from(client).map_err(tls)?,
-            )))
+            ));
+            config.transport_config(transport_config());
+            Ok(config)
         };
         // Joining: the inviter is not pinned yet; the PAKE binding authenticates it instead.
         let open_pins = Pins::new();
         open_pins.set_pairing_open(true);
         let pairing_client = client_config(open_pins)?;
-        let server_config = quinn::ServerConfig::with_crypto(Arc::new(
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server).map_err(tls)?,
         ));
+        server_config.transport_config(transport_config());
         let mut endpoint =
             quinn::Endpoint::server(server_config, addr).map_err(TransportError::io)?;
         endpoint.set_default_client_config(client_config(pins.clone())?);
@@ -169,6 +188,11 @@ impl Connection {
             .export_keying_material(&mut out, b"EXPORTER-keel-pairing-v1", b"")
             .map_err(|_| TransportError::Tls("keying material export failed".into()))?;
         Ok(out)
+    }
+
+    /// The peer's address (for a Keel node, the address it listens on: one socket serves both).
+    pub fn remote_address(&self) -> SocketAddr {
+        self.connection.remote_address()
     }
 
     /// The authenticated peer.

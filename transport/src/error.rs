@@ -35,3 +35,18 @@ pub enum TransportError {
     #[error("message over a limit: {0}")]
     OverLimit(String),
 }
+
+impl TransportError {
+    /// Whether the peer sent something malformed or oversized (as opposed to the connection
+    /// simply ending): the connection is closed with a logged reason.
+    pub fn is_hostile(&self) -> bool {
+        matches!(
+            self,
+            Self::FrameTooLarge(_)
+                | Self::Truncated { .. }
+                | Self::Version(_)
+                | Self::Malformed(_)
+                | Self::OverLimit(_)
+        )
+    }
+}

@@ -59,6 +59,11 @@ pub enum ElectionMessage {
         /// Whether the vote is granted.
         granted: bool,
     },
+    /// "My epoch is higher": the receiver's epoch is stale and it steps down.
+    Stale {
+        /// The sender's epoch.
+        epoch: Epoch,
+    },
     /// The leader of `epoch` is alive; its log ends at `log_end`.
     Heartbeat {
         /// The leader's epoch.
@@ -127,12 +132,17 @@ pub enum DeviceMessage {
         /// Most entries wanted.
         limit: u32,
     },
-    /// Log entries `first..` sequenced by the leader of `epoch`.
+    /// Log entries `first..` sequenced by the leader of `epoch`. An entry with an empty payload
+    /// is the barrier that starts an epoch.
     SyncLogSegment {
         /// The sender's (leader's) epoch.
         epoch: Epoch,
         /// Position of the first entry.
         first: Lsn,
+        /// Epoch of the entry before `first` (the follower checks its log agrees there).
+        prev_epoch: Epoch,
+        /// The leader's last log position (for catch-up progress).
+        leader_end: Lsn,
         /// The entries.
         entries: Vec<WireLogEntry>,
     },
@@ -145,6 +155,9 @@ pub enum DeviceMessage {
     SyncAck {
         /// The epoch acknowledged.
         epoch: Epoch,
+        /// Whether the segment matched the follower's log (if not, `stored` hints where to
+        /// resume).
+        ok: bool,
         /// Last log position stored.
         stored: Lsn,
         /// Applied positions per domain.
@@ -319,6 +332,8 @@ mod tests {
             DeviceMessage::SyncLogSegment {
                 epoch,
                 first: Lsn(10),
+                prev_epoch: epoch,
+                leader_end: Lsn(12),
                 entries: vec![WireLogEntry {
                     epoch,
                     sealed: ByteBuf::from(vec![5u8; 90]),

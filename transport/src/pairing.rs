@@ -295,6 +295,7 @@ pub struct InviteRun {
     joiner_name: String,
     spake: Option<Spake2<Ed25519Group>>,
     session: Option<[u8; 32]>,
+    proven: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for InviteRun {
@@ -383,6 +384,7 @@ impl Inviter {
                 joiner_name: name.clone(),
                 spake: None,
                 session: Some(session_key(&raw)),
+                proven: None,
             },
             PairingMessage::Reply {
                 spake: ByteBuf::from(reply),
@@ -412,6 +414,53 @@ impl Inviter {
                 Ok(run.binding.joiner),
             ),
             Err(e) => (PairingMessage::Rejected { reason: reason(&e) }, Err(e)),
+        }
+    }
+
+    /// Confirmation in two steps, for an inviting user who answers asynchronously: first check
+    /// the joiner's proof of the code and the device limit (the user is never asked about a
+    /// wrong code)…
+    pub fn check_proof(
+        &mut self,
+        run: &mut InviteRun,
+        confirm: &PairingMessage,
+        devices: usize,
+        now_ms: u64,
+    ) -> Result<(), PairingMessage> {
+        match self.check_confirm(run, confirm, devices, |_, _| true, now_ms) {
+            Ok(session) => {
+                run.proven = Some(session);
+                Ok(())
+            }
+            Err(e) => Err(PairingMessage::Rejected { reason: reason(&e) }),
+        }
+    }
+
+    /// …then apply the user's answer: the verdict to send and, if accepted, the device to pin.
+    pub fn decide(
+        &self,
+        run: &mut InviteRun,
+        accepted: bool,
+    ) -> (PairingMessage, Result<DeviceId, PairingError>) {
+        match run.proven.take() {
+            Some(session) if accepted => (
+                PairingMessage::Accepted {
+                    library: self.library,
+                    name: self.name.clone(),
+                    sealed_key: ByteBuf::from(seal_key(&session, self.library, &self.key)),
+                },
+                Ok(run.binding.joiner),
+            ),
+            Some(_) => (
+                PairingMessage::Rejected {
+                    reason: reason(&PairingError::Declined),
+                },
+                Err(PairingError::Declined),
+            ),
+            None => {
+                let e = PairingError::Protocol("decide before a proven code".into());
+                (PairingMessage::Rejected { reason: reason(&e) }, Err(e))
+            }
         }
     }
 

@@ -1,0 +1,483 @@
+//! The core thread: runs the replication [`Node`] over the journal. Each input is handled, the
+//! node's log operations and election state are made durable, and only then are its messages
+//! sent. A journal error reloads the node from the journal (what is durable is the truth).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use keel_journal::{Journal, Role as JournalRole, Sealer};
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
+use keel_transport::{DeviceMessage, ElectionMessage, WireLogEntry};
+use serde_bytes::ByteBuf;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::error::EngineError;
+use crate::events::Event;
+use crate::library::Library;
+use crate::replication::{Durable, Entry, Input, LogOp, Message, Node, NodeConfig, Output, Role};
+
+use super::status::{EpochJson, NodeStatus};
+
+/// How often the core ticks (timers: heartbeats, elections, pushes).
+pub const TICK_MS: u64 = 10;
+/// How often the pins are refreshed from the library's Device records.
+const PIN_REFRESH_MS: u64 = 1_000;
+
+/// What the network side tells the core.
+pub(crate) enum CoreEvent {
+    /// A message from an authenticated, pinned peer.
+    Received {
+        from: DeviceId,
+        message: DeviceMessage,
+    },
+    /// A session with `peer` is up; `tx` sends to it.
+    Connected {
+        peer: DeviceId,
+        conn: u64,
+        tx: UnboundedSender<DeviceMessage>,
+    },
+    /// That session ended.
+    Disconnected { peer: DeviceId, conn: u64 },
+    /// Stop the core.
+    Stop,
+}
+
+pub(crate) struct Core {
+    library: Arc<Library>,
+    config: NodeConfig,
+    node: Node,
+    payloads: HashMap<ChangeId, Vec<u8>>,
+    conns: HashMap<DeviceId, Vec<(u64, UnboundedSender<DeviceMessage>)>>,
+    persisted: (Epoch, Epoch),
+    status: Arc<Mutex<NodeStatus>>,
+    start: Instant,
+    pins: keel_transport::Pins,
+    last_pin_refresh: u64,
+    received_bytes: u64,
+}
+
+/// The node's durable state as the journal holds it.
+fn load(journal: &Journal) -> Result<(Durable, HashMap<ChangeId, Vec<u8>>), EngineError> {
+    let epoch = journal.epoch()?.unwrap_or_default();
+    let voted = journal.voted()?.unwrap_or(epoch);
+    let log = journal
+        .log_index()?
+        .into_iter()
+        .map(|(e, id)| (e, id.map_or(Entry::Barrier, Entry::Change)))
+        .collect();
+    let pending = journal.local_pending()?;
+    let ids = pending.iter().map(|(id, _)| *id).collect();
+    Ok((
+        Durable {
+            epoch,
+            voted,
+            log,
+            pending: ids,
+        },
+        pending.into_iter().collect(),
+    ))
+}
+
+impl Core {
+    pub(crate) fn new(
+        library: Arc<Library>,
+        config: NodeConfig,
+        status: Arc<Mutex<NodeStatus>>,
+        pins: keel_transport::Pins,
+    ) -> Result<Self, EngineError> {
+        let journal = library.journal()?;
+        // The core sequences this device's changes: commits wait in the offline journal.
+        journal.set_role(JournalRole::Follower)?;
+        let (durable, payloads) = load(journal)?;
+        let persisted = (durable.epoch, durable.voted);
+        let node = Node::new(config.clone(), durable, 0);
+        let mut core = Self {
+            library,
+            config,
+            node,
+            payloads,
+            conns: HashMap::new(),
+            persisted,
+            status,
+            start: Instant::now(),
+            pins,
+            last_pin_refresh: 0,
+            received_bytes: 0,
+        };
+        core.persist()?;
+        core.refresh_pins();
+        core.publish_status();
+        Ok(core)
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Runs until `Stop` or the event channel closes.
+    pub(crate) fn run(mut self, events: Receiver<CoreEvent>, commits: Receiver<Vec<ChangeId>>) {
+        let mut last_tick = 0;
+        loop {
+            let wait = Duration::from_millis(TICK_MS);
+            crossbeam_channel::select! {
+                recv(events) -> event => match event {
+                    Ok(CoreEvent::Stop) | Err(_) => break,
+                    Ok(event) => self.on_event(event),
+                },
+                recv(commits) -> ids => match ids {
+                    Ok(ids) => {
+                        for id in ids {
+                            self.handle(Input::Commit(id));
+                        }
+                    }
+                    Err(_) => break,
+                },
+                default(wait) => {}
+            }
+            let now = self.now();
+            if now >= last_tick + TICK_MS {
+                last_tick = now;
+                self.handle(Input::Tick);
+                if now >= self.last_pin_refresh + PIN_REFRESH_MS {
+                    self.last_pin_refresh = now;
+                    self.refresh_pins();
+                }
+                self.publish_status();
+            }
+        }
+        self.publish_status();
+    }
+
+    fn on_event(&mut self, event: CoreEvent) {
+        match event {
+            CoreEvent::Connected { peer, conn, tx } => {
+                let list = self.conns.entry(peer).or_default();
+                let first = list.is_empty();
+                list.push((conn, tx));
+                if first {
+                    self.handle(Input::Connected(peer));
+                }
+            }
+            CoreEvent::Disconnected { peer, conn } => {
+                if let Some(list) = self.conns.get_mut(&peer) {
+                    list.retain(|(c, _)| *c != conn);
+                    if list.is_empty() {
+                        self.conns.remove(&peer);
+                        self.handle(Input::Disconnected(peer));
+                    }
+                }
+            }
+            CoreEvent::Received { from, message } => {
+                if let Some(message) = self.incoming(from, message) {
+                    self.handle(Input::Received { from, message });
+                }
+            }
+            CoreEvent::Stop => {}
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = self.now();
+        let out = self.node.handle(input, now);
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "writing replication state failed; reloading it from the journal");
+            self.reload();
+            return;
+        }
+        for output in out {
+            let Output::Send { to, message } = output;
+            if let Some(wire) = self.outgoing(message) {
+                self.send(to, wire);
+            }
+        }
+    }
+
+    fn reload(&mut self) {
+        let Ok(journal) = self.library.journal() else {
+            return;
+        };
+        match load(journal) {
+            Ok((durable, payloads)) => {
+                self.persisted = (durable.epoch, durable.voted);
+                self.node = Node::new(self.config.clone(), durable, self.now());
+                self.payloads.extend(payloads);
+                let peers: Vec<DeviceId> = self.conns.keys().copied().collect();
+                for peer in peers {
+                    let out = self.node.handle(Input::Connected(peer), self.now());
+                    if self.persist().is_err() {
+                        return;
+                    }
+                    for Output::Send { to, message } in out {
+                        if let Some(wire) = self.outgoing(message) {
+                            self.send(to, wire);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reloading replication state failed"),
+        }
+    }
+
+    fn send(&mut self, to: DeviceId, message: DeviceMessage) {
+        if let Some((_, tx)) = self.conns.get(&to).and_then(|l| l.last()) {
+            let _ = tx.send(message);
+        }
+    }
+
+    /// Takes a payload for the log, from the cache or the offline journal.
+    fn payload(&mut self, id: ChangeId) -> Result<Vec<u8>, EngineError> {
+        if let Some(bytes) = self.payloads.remove(&id) {
+            return Ok(bytes);
+        }
+        self.payloads
+            .extend(self.library.journal()?.local_pending()?);
+        self.payloads
+            .remove(&id)
+            .ok_or_else(|| EngineError::Node(format!("no payload for change {}", id.0)))
+    }
+
+    /// Makes the node's new state durable: election state first, then log operations in order.
+    fn persist(&mut self) -> Result<(), EngineError> {
+        let durable = self.node.durable();
+        let election = (durable.epoch, durable.voted);
+        let ops = self.node.take_ops();
+        let journal_epoch_changed = election != self.persisted;
+        if journal_epoch_changed {
+            self.library
+                .journal()?
+                .store_election(election.0, election.1)?;
+            self.persisted = election;
+        }
+        let mut first: Option<Lsn> = None;
+        let mut batch: Vec<(Epoch, Vec<u8>)> = Vec::new();
+        for op in ops {
+            match op {
+                LogOp::Append { at, epoch, entry } => {
+                    first.get_or_insert(at);
+                    let bytes = match entry {
+                        Entry::Barrier => Vec::new(),
+                        Entry::Change(id) => self.payload(id)?,
+                    };
+                    batch.push((epoch, bytes));
+                }
+                LogOp::Truncate { keep } => {
+                    if let Some(at) = first.take() {
+                        self.library
+                            .journal()?
+                            .append_replicated(at, std::mem::take(&mut batch))?;
+                    }
+                    let returned = self.library.journal()?.truncate_after(keep)?;
+                    tracing::info!(
+                        keep = keep.0,
+                        returned = returned.len(),
+                        "log truncated after an epoch change; its changes will be resubmitted"
+                    );
+                    self.payloads
+                        .extend(self.library.journal()?.local_pending()?);
+                }
+            }
+        }
+        if let Some(at) = first {
+            self.library.journal()?.append_replicated(at, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Maps a core message to the wire, reading payloads from the journal.
+    fn outgoing(&mut self, message: Message) -> Option<DeviceMessage> {
+        Some(match message {
+            Message::RequestVote { epoch, last } => {
+                DeviceMessage::Election(ElectionMessage::RequestVote {
+                    epoch,
+                    last_epoch: last.0,
+                    last_lsn: last.1,
+                })
+            }
+            Message::Vote { epoch, granted } => {
+                DeviceMessage::Election(ElectionMessage::Vote { epoch, granted })
+            }
+            Message::Stale { epoch } => DeviceMessage::Election(ElectionMessage::Stale { epoch }),
+            Message::AppendReply { epoch, ok, last } => DeviceMessage::SyncAck {
+                epoch,
+                ok,
+                stored: last,
+                positions: Vec::new(),
+            },
+            Message::Push { changes } => {
+                let mut sealed = Vec::with_capacity(changes.len());
+                for id in changes {
+                    if !self.payloads.contains_key(&id) {
+                        if let Ok(local) =
+                            self.library.journal().and_then(|j| Ok(j.local_pending()?))
+                        {
+                            self.payloads.extend(local);
+                        }
+                    }
+                    if let Some(bytes) = self.payloads.get(&id) {
+                        sealed.push(ByteBuf::from(bytes.clone()));
+                    }
+                }
+                sealed.truncate(keel_transport::RECORDS_PER_MESSAGE_MAX);
+                DeviceMessage::SyncChange { changes: sealed }
+            }
+            Message::Append {
+                epoch,
+                prev,
+                prev_epoch,
+                entries,
+            } => {
+                let first = Lsn(prev.0 + 1);
+                let wire = if entries.is_empty() {
+                    Vec::new()
+                } else {
+                    match self
+                        .library
+                        .journal()
+                        .and_then(|j| Ok(j.log_entries(first, entries.len())?))
+                    {
+                        Ok(stored) => stored
+                            .into_iter()
+                            .map(|(_, e, sealed)| WireLogEntry {
+                                epoch: e,
+                                sealed: ByteBuf::from(sealed),
+                            })
+                            .collect(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading the log to ship failed");
+                            return None;
+                        }
+                    }
+                };
+                DeviceMessage::SyncLogSegment {
+                    epoch,
+                    first,
+                    prev_epoch,
+                    leader_end: self.node.durable().last_lsn(),
+                    entries: wire,
+                }
+            }
+        })
+    }
+
+    /// Maps a wire message to a core message, caching payloads. `None` drops it (logged).
+    fn incoming(&mut self, from: DeviceId, message: DeviceMessage) -> Option<Message> {
+        match message {
+            DeviceMessage::SyncLogSegment {
+                epoch,
+                first,
+                prev_epoch,
+                leader_end,
+                entries,
+            } => {
+                let mut out = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    self.received_bytes += entry.sealed.len() as u64;
+                    if entry.sealed.is_empty() {
+                        out.push((entry.epoch, Entry::Barrier));
+                        continue;
+                    }
+                    let Some(id) = Sealer::peek_change_id(&entry.sealed) else {
+                        tracing::warn!(peer = %from.short(), "segment with an unreadable record dropped");
+                        return None;
+                    };
+                    if !self.node.in_log(&id) {
+                        self.payloads.insert(id, entry.sealed.into_vec());
+                    }
+                    out.push((entry.epoch, Entry::Change(id)));
+                }
+                if !out.is_empty() {
+                    self.library.publish(Event::SyncProgress {
+                        stored: first.0 + out.len() as u64 - 1,
+                        leader_end: leader_end.0,
+                        bytes: self.received_bytes,
+                    });
+                }
+                Some(Message::Append {
+                    epoch,
+                    prev: Lsn(first.0.saturating_sub(1)),
+                    prev_epoch,
+                    entries: out,
+                })
+            }
+            DeviceMessage::SyncChange { changes } => {
+                let journal = self.library.journal().ok()?;
+                let mut ids = Vec::with_capacity(changes.len());
+                for sealed in changes {
+                    match journal.check_sealed(&sealed) {
+                        Ok(id) => {
+                            if !self.node.in_log(&id) {
+                                self.payloads.insert(id, sealed.into_vec());
+                            }
+                            ids.push(id);
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %from.short(), error = %e, "a pushed change does not open; dropped");
+                        }
+                    }
+                }
+                Some(Message::Push { changes: ids })
+            }
+            DeviceMessage::SyncAck {
+                epoch, ok, stored, ..
+            } => Some(Message::AppendReply {
+                epoch,
+                ok,
+                last: stored,
+            }),
+            DeviceMessage::Election(ElectionMessage::RequestVote {
+                epoch,
+                last_epoch,
+                last_lsn,
+            }) => Some(Message::RequestVote {
+                epoch,
+                last: (last_epoch, last_lsn),
+            }),
+            DeviceMessage::Election(ElectionMessage::Vote { epoch, granted }) => {
+                Some(Message::Vote { epoch, granted })
+            }
+            DeviceMessage::Election(ElectionMessage::Stale { epoch }) => {
+                Some(Message::Stale { epoch })
+            }
+            _ => None,
+        }
+    }
+
+    /// Pins every device with a Device record in the library (unless revoked).
+    fn refresh_pins(&mut self) {
+        let revoked = super::devices::DevicesFile::read(self.library.dir())
+            .map(|f| f.revoked)
+            .unwrap_or_default();
+        if let Ok(devices) = self.library.devices() {
+            for device in devices {
+                if revoked.contains(&device.device_id) {
+                    continue;
+                }
+                if let Some(id) = DeviceId::from_hex(&device.device_id) {
+                    if id != self.node.device() {
+                        self.pins.pin(id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let durable = self.node.durable();
+        let role = match self.node.role() {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Alone => "alone",
+        };
+        if let Ok(mut status) = self.status.lock() {
+            status.role = role.into();
+            status.epoch = EpochJson::from(durable.epoch);
+            status.leader = self.node.leader().map(|d| d.to_hex());
+            status.log_len = durable.log.len() as u64;
+            status.pending_push = durable.pending.len() as u64;
+            status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
+        }
+    }
+}
