@@ -79,6 +79,16 @@ pub mod cluster {
         addr: SocketAddr,
         code: &str,
     ) -> Result<String, EngineError> {
+        join_from(home, None, addr, code)
+    }
+
+    /// Joins the node at `addr` with `code` from `home`, pairing from local address `bind`.
+    pub fn join_from(
+        home: &Home,
+        bind: Option<SocketAddr>,
+        addr: SocketAddr,
+        code: &str,
+    ) -> Result<String, EngineError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -87,6 +97,7 @@ pub mod cluster {
             home,
             JoinOptions {
                 addr,
+                bind,
                 code: code.into(),
                 device_name: None,
                 password: PASSWORD.into(),

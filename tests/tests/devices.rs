@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keel_engine::Tag;
-use keel_tests::cluster::{converge, founder, joiner};
+use keel_tests::cluster::{converge, founder, join_with_code, joiner};
 use uuid::Uuid;
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -61,4 +61,402 @@ fn three_devices_pair_and_replicate_both_ways() {
     }
     assert_eq!(a.library().devices().expect("devices").len(), 3);
     assert!(!digest.is_empty());
+}
+
+fn commit(node: &keel_engine::runtime::Node, t: &Tag) {
+    node.library()
+        .transact(|tx| {
+            tx.upsert(t);
+            Ok(())
+        })
+        .expect("commits");
+}
+
+fn has(node: &keel_engine::runtime::Node, t: &Tag) -> bool {
+    node.library().get::<Tag>(t.uuid).expect("reads").as_ref() == Some(t)
+}
+
+#[test]
+fn follower_writes_while_the_leader_is_down_then_the_leader_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, a) = founder(dir.path(), "a", "docs").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let addr_a = a.local_addr();
+    a.stop().expect("a stops");
+    // With a single peer gone, b cannot win an election alone: it keeps committing offline.
+    let offline: Vec<Tag> = (0..20).map(|i| tag(&format!("offline {i}"))).collect();
+    for t in &offline {
+        commit(&b, t);
+    }
+    assert!(b.status().pending_push > 0, "b's changes wait for a leader");
+    // The leader comes back on the same address; b reconnects and pushes.
+    let lib = keel_engine::Library::open(&home_a, "docs", keel_tests::PASSWORD).expect("opens");
+    let a = keel_engine::runtime::Node::start(
+        lib,
+        keel_engine::runtime::NodeOptions {
+            listen: addr_a,
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )
+    .expect("a restarts");
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    for t in &offline {
+        assert!(has(&a, t) && has(&b, t));
+    }
+}
+
+#[test]
+fn leader_killed_a_follower_takes_over_and_the_old_leader_steps_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, a) = founder(dir.path(), "a", "music").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    let (_hc, c) = joiner(dir.path(), "c", &a).expect("c joins");
+    b.add_peer(c.local_addr());
+    let before = tag("before the failover");
+    commit(&a, &before);
+    converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let addr_a = a.local_addr();
+    let old_epoch = a.status().epoch.counter;
+    // The leader stops without a word (its connections just go quiet for the others).
+    drop(a);
+    let during = tag("while a is down");
+    commit(&b, &during);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let new_leader = loop {
+        let leaders: Vec<_> = [&b, &c]
+            .into_iter()
+            .filter(|n| n.status().role == "leader")
+            .collect();
+        if let Some(l) = leaders.first() {
+            break l.status();
+        }
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(new_leader.epoch.counter > old_epoch);
+    let lib = keel_engine::Library::open(&home_a, "music", keel_tests::PASSWORD).expect("opens");
+    let a = keel_engine::runtime::Node::start(
+        lib,
+        keel_engine::runtime::NodeOptions {
+            listen: addr_a,
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )
+    .expect("a restarts");
+    let after = tag("a writes after coming back");
+    commit(&a, &after);
+    converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert_ne!(a.status().role, "leader", "the old leader stepped down");
+    for node in [&a, &b, &c] {
+        for t in [&before, &during, &after] {
+            assert!(has(node, t), "{} missing", t.name);
+        }
+    }
+}
+
+#[test]
+fn two_leaders_after_a_partition_heal_converge_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "films").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    let (_hc, c) = joiner(dir.path(), "c", &a).expect("c joins");
+    b.add_peer(c.local_addr());
+    converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    // Partition: a alone (still leading epoch 1) | b and c, who elect a new leader.
+    a.set_offline(true);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while ![&b, &c].iter().any(|n| n.status().role == "leader") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b and c elect no leader"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.status().role, "leader", "a still believes it leads");
+    let on_a: Vec<Tag> = (0..10).map(|i| tag(&format!("a side {i}"))).collect();
+    let on_b: Vec<Tag> = (0..10).map(|i| tag(&format!("b side {i}"))).collect();
+    for t in &on_a {
+        commit(&a, t);
+    }
+    for t in &on_b {
+        commit(&b, t);
+    }
+    // Heal: a meets the higher epoch, steps down, truncates and resubmits its suffix.
+    a.set_offline(false);
+    converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert_ne!(a.status().role, "leader");
+    for node in [&a, &b, &c] {
+        for t in on_a.iter().chain(&on_b) {
+            assert!(has(node, t), "{} missing", t.name);
+        }
+    }
+}
+
+#[test]
+fn a_delete_made_while_another_device_is_offline_is_never_undone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "notes").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    let doomed = tag("doomed");
+    commit(&a, &doomed);
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    b.set_offline(true);
+    a.library()
+        .transact(|tx| {
+            tx.delete::<Tag>(doomed.uuid);
+            Ok(())
+        })
+        .expect("deletes");
+    // b, offline, still sees it and keeps working on other records.
+    assert!(has(&b, &doomed));
+    let unrelated = tag("written offline");
+    commit(&b, &unrelated);
+    b.set_offline(false);
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    for node in [&a, &b] {
+        assert_eq!(node.library().get::<Tag>(doomed.uuid).expect("reads"), None);
+        assert!(has(node, &unrelated));
+        // Nor does it come back when the projections are rebuilt from the journal.
+        node.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+        assert_eq!(node.library().get::<Tag>(doomed.uuid).expect("reads"), None);
+    }
+}
+
+fn pairing_error(result: Result<String, keel_engine::EngineError>) -> keel_transport::PairingError {
+    match result {
+        Err(keel_engine::EngineError::Pairing(e)) => e,
+        other => panic!("expected a pairing error, got {other:?}"),
+    }
+}
+
+fn wrong_code(right: &str) -> String {
+    let digits: String = right.chars().filter(char::is_ascii_digit).collect();
+    let flipped: String = digits
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 0 {
+                if c == '1' {
+                    '2'
+                } else {
+                    '1'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("{}-{}", &flipped[..4], &flipped[4..])
+}
+
+#[test]
+fn pairing_refuses_wrong_codes_rate_limits_then_the_right_code_works() {
+    use keel_transport::PairingError;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "pics").expect("founder");
+    let invite = a.invite(true).expect("invites");
+    let code = invite.code.as_str().to_string();
+    let home = keel_engine::Home::new(dir.path().join("b"));
+    for _ in 0..3 {
+        let e = pairing_error(join_with_code(&home, a.local_addr(), &wrong_code(&code)));
+        assert_eq!(e, PairingError::WrongCode);
+    }
+    // A fourth try from the same address within the window is refused before any SPAKE2.
+    let e = pairing_error(join_with_code(&home, a.local_addr(), &code));
+    assert_eq!(e, PairingError::RateLimited);
+    assert!(
+        home.libraries().expect("lists").is_empty(),
+        "nothing created"
+    );
+    // From another address the right code still works (the code is not void yet).
+    let from = std::net::SocketAddr::from(([127, 0, 0, 2], 0));
+    let name = keel_tests::cluster::join_from(&home, Some(from), a.local_addr(), &code)
+        .expect("the right code pairs");
+    assert_eq!(home.libraries().expect("lists"), vec![name]);
+}
+
+#[test]
+fn an_expired_code_is_refused() {
+    use keel_transport::PairingError;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = keel_engine::Home::new(dir.path().join("a"));
+    let lib = keel_engine::Library::create(
+        &home,
+        "pics",
+        keel_tests::PASSWORD,
+        keel_engine::CreateOptions {
+            kdf: keel_engine::KdfParams::INSECURE_FAST,
+        },
+    )
+    .expect("creates");
+    let a = keel_engine::runtime::Node::start(
+        lib,
+        keel_engine::runtime::NodeOptions {
+            code_ttl_ms: 50,
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )
+    .expect("starts");
+    let invite = a.invite(true).expect("invites");
+    std::thread::sleep(Duration::from_millis(100));
+    let joiner = keel_engine::Home::new(dir.path().join("b"));
+    let e = pairing_error(join_with_code(
+        &joiner,
+        a.local_addr(),
+        invite.code.as_str(),
+    ));
+    assert_eq!(e, PairingError::Expired);
+}
+
+#[test]
+fn a_code_is_voided_after_five_failures_from_any_addresses() {
+    use keel_transport::PairingError;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "pics").expect("founder");
+    let invite = a.invite(true).expect("invites");
+    let code = invite.code.as_str().to_string();
+    // Two failures each from 127.0.0.2, .3 and .4 (under the per-address limit of 3).
+    let mut errors = Vec::new();
+    for i in 0..5u8 {
+        let home = keel_engine::Home::new(dir.path().join(format!("m{i}")));
+        let from = std::net::SocketAddr::from(([127, 0, 0, 2 + i / 2], 0));
+        errors.push(pairing_error(keel_tests::cluster::join_from(
+            &home,
+            Some(from),
+            a.local_addr(),
+            &wrong_code(&code),
+        )));
+    }
+    assert!(
+        errors[..4].iter().all(|e| *e == PairingError::WrongCode),
+        "{errors:?}"
+    );
+    assert_eq!(errors[4], PairingError::Voided);
+    // The right code is no good any more either.
+    let home = keel_engine::Home::new(dir.path().join("late"));
+    let from = std::net::SocketAddr::from(([127, 0, 0, 9], 0));
+    let e = pairing_error(keel_tests::cluster::join_from(
+        &home,
+        Some(from),
+        a.local_addr(),
+        &code,
+    ));
+    assert!(
+        matches!(e, PairingError::Voided | PairingError::Protocol(_)),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn declined_confirmation_and_the_device_limit_refuse_pairing() {
+    use keel_transport::PairingError;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "pics").expect("founder");
+    // The user says no.
+    let mut invite = a.invite(false).expect("invites");
+    let code = invite.code.as_str().to_string();
+    let answerer = std::thread::spawn({
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        move || {
+            rt.block_on(async {
+                let question = invite.questions.recv().await.expect("asked");
+                let _ = question.answer.send(false);
+                invite.outcome.await.expect("outcome")
+            })
+        }
+    });
+    let home = keel_engine::Home::new(dir.path().join("b"));
+    let e = pairing_error(join_with_code(&home, a.local_addr(), &code));
+    assert_eq!(e, PairingError::Declined);
+    assert_eq!(
+        answerer.join().expect("answers"),
+        Err(PairingError::Declined)
+    );
+    // A library at its device limit opens no invitation.
+    let lib_dir = dir.path().join("limited");
+    let home = keel_engine::Home::new(&lib_dir);
+    let lib = keel_engine::Library::create(
+        &home,
+        "small",
+        keel_tests::PASSWORD,
+        keel_engine::CreateOptions {
+            kdf: keel_engine::KdfParams::INSECURE_FAST,
+        },
+    )
+    .expect("creates");
+    let node = keel_engine::runtime::Node::start(
+        lib,
+        keel_engine::runtime::NodeOptions {
+            device_limit: 1,
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )
+    .expect("starts");
+    match node.invite(true) {
+        Err(keel_engine::EngineError::Pairing(PairingError::DeviceLimit(1))) => {}
+        other => panic!("expected the device limit, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_peer_sending_garbage_or_an_oversized_frame_is_cut_off_alone() {
+    use keel_transport::{DeviceMessage, Endpoint, Pins};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "pics").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    // Mallory pairs properly (so she is pinned), then misbehaves.
+    let mallory = keel_engine::Home::new(dir.path().join("mallory"));
+    keel_tests::cluster::pair(&mallory, &a, a.local_addr()).expect("pairs");
+    let identity = mallory.device().expect("identity");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pins = Pins::new();
+    pins.pin(a.library().device_id());
+    let library = a.library().id();
+    for (what, bytes) in [
+        ("garbage", vec![0u8, 0, 0, 8, 9, 9, 9, 9, 9, 9, 9, 9]),
+        ("oversized", (u32::MAX).to_be_bytes().to_vec()),
+    ] {
+        let closed = rt.block_on(async {
+            let endpoint = Endpoint::bind(
+                &identity.tls,
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                pins.clone(),
+            )
+            .expect("binds");
+            let conn = endpoint.connect(a.local_addr()).await.expect("connects");
+            let _hello = conn.recv().await.expect("a says hello");
+            conn.send(&DeviceMessage::Hello {
+                device: identity.id,
+                library,
+                epoch: keel_schema::Epoch::default(),
+                log_end: keel_schema::Lsn(0),
+                positions: Vec::new(),
+            })
+            .await
+            .expect("hello");
+            conn.send_raw(&bytes).await.expect("sends");
+            // a closes this connection: reading from it fails soon.
+            let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if conn.recv().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            outcome.is_ok()
+        });
+        assert!(closed, "{what}: the connection was not closed");
+    }
+    // The node runs on: a and b still replicate.
+    let t = tag("after the attack");
+    commit(&b, &t);
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert!(has(&a, &t));
 }

@@ -337,6 +337,12 @@ impl Inviter {
         }
     }
 
+    /// Makes the code expire `ttl_ms` after `now_ms` instead of the default.
+    pub fn expiring(mut self, now_ms: u64, ttl_ms: u64) -> Self {
+        self.expires_ms = now_ms + ttl_ms;
+        self
+    }
+
     /// The code to show.
     pub fn code(&self) -> &PairingCode {
         &self.code
@@ -426,13 +432,13 @@ impl Inviter {
         confirm: &PairingMessage,
         devices: usize,
         now_ms: u64,
-    ) -> Result<(), PairingMessage> {
+    ) -> Result<(), (PairingMessage, PairingError)> {
         match self.check_confirm(run, confirm, devices, |_, _| true, now_ms) {
             Ok(session) => {
                 run.proven = Some(session);
                 Ok(())
             }
-            Err(e) => Err(PairingMessage::Rejected { reason: reason(&e) }),
+            Err(e) => Err((PairingMessage::Rejected { reason: reason(&e) }, e)),
         }
     }
 

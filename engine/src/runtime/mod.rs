@@ -14,7 +14,7 @@ mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -36,7 +36,7 @@ use crate::library::{now_ms, Library};
 use crate::replication::NodeConfig;
 
 /// Default most devices per library.
-pub const DEVICE_LIMIT_DEFAULT: usize = 16;
+pub const DEVICE_LIMIT_DEFAULT: usize = keel_transport::DEVICE_LIMIT_DEFAULT;
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -53,6 +53,8 @@ pub struct NodeOptions {
     pub segment_max: usize,
     /// Most devices in the library.
     pub device_limit: usize,
+    /// How long a pairing code lives.
+    pub code_ttl_ms: u64,
 }
 
 impl Default for NodeOptions {
@@ -64,6 +66,7 @@ impl Default for NodeOptions {
             heartbeat_ms: 50,
             segment_max: 4096,
             device_limit: DEVICE_LIMIT_DEFAULT,
+            code_ttl_ms: keel_transport::CODE_TTL_MS,
         }
     }
 }
@@ -77,6 +80,7 @@ pub struct Node {
     core: Option<JoinHandle<()>>,
     rt: Option<tokio::runtime::Runtime>,
     device_limit: usize,
+    code_ttl_ms: u64,
 }
 
 impl std::fmt::Debug for Node {
@@ -139,6 +143,8 @@ impl Node {
             dialing: Mutex::new(Default::default()),
             next_conn: AtomicU64::new(0),
             library_dir: library.dir().to_path_buf(),
+            offline: AtomicBool::new(false),
+            live: Mutex::new(HashMap::new()),
         });
         {
             let _guard = rt.enter();
@@ -158,6 +164,7 @@ impl Node {
             core: Some(core),
             rt: Some(rt),
             device_limit: options.device_limit,
+            code_ttl_ms: options.code_ttl_ms,
         })
     }
 
@@ -212,6 +219,12 @@ impl Node {
         status
     }
 
+    /// Cuts this node off the network (every session closed, none accepted or made) or brings it
+    /// back. It keeps committing meanwhile; what it wrote is pushed when it is back.
+    pub fn set_offline(&self, offline: bool) {
+        self.net.set_offline(offline);
+    }
+
     /// Connects to another peer (kept up with reconnects).
     pub fn add_peer(&self, addr: SocketAddr) {
         if let Some(rt) = &self.rt {
@@ -235,7 +248,8 @@ impl Node {
             self.library.key().to_bytes(),
             self.device_limit,
             now_ms(),
-        );
+        )
+        .expiring(now_ms(), self.code_ttl_ms);
         let code = inviter.code().clone();
         let (questions_tx, questions) = mpsc::unbounded_channel();
         let (outcome_tx, outcome) = oneshot::channel();

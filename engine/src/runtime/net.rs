@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,9 +48,32 @@ pub(crate) struct Net {
     pub(crate) dialing: Mutex<HashSet<SocketAddr>>,
     pub(crate) next_conn: AtomicU64,
     pub(crate) library_dir: std::path::PathBuf,
+    /// Cut off from the network (no sessions in or out) while set.
+    pub(crate) offline: AtomicBool,
+    /// Live sessions' connections, to close when going offline.
+    pub(crate) live: Mutex<HashMap<u64, Arc<Connection>>>,
 }
 
 impl Net {
+    /// Cuts the node off (closing every session) or lets it reconnect.
+    pub(crate) fn set_offline(&self, offline: bool) {
+        self.offline.store(offline, Ordering::SeqCst);
+        if offline {
+            let live: Vec<Arc<Connection>> = self
+                .live
+                .lock()
+                .map(|l| l.values().cloned().collect())
+                .unwrap_or_default();
+            for conn in live {
+                conn.close("going offline");
+            }
+        }
+    }
+
+    fn is_offline(&self) -> bool {
+        self.offline.load(Ordering::SeqCst)
+    }
+
     fn connected(&self, device: &DeviceId) -> bool {
         self.sessions
             .lock()
@@ -61,6 +84,12 @@ impl Net {
     /// Accepts connections until the endpoint closes.
     pub(crate) async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
+            if self.is_offline() {
+                if let Ok(conn) = incoming {
+                    conn.close("offline");
+                }
+                continue;
+            }
             match incoming {
                 Ok(conn) if conn.pinned() => {
                     tokio::spawn(self.clone().session(conn));
@@ -89,7 +118,7 @@ impl Net {
         let mut attempt = 0u32;
         let mut known: Option<DeviceId> = None;
         loop {
-            if known.is_some_and(|d| self.connected(&d)) {
+            if self.is_offline() || known.is_some_and(|d| self.connected(&d)) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -164,6 +193,9 @@ impl Net {
         self.remember_addr(peer, addr);
         let conn = Arc::new(conn);
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, conn.clone());
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DeviceMessage>();
         if let Ok(mut sessions) = self.sessions.lock() {
             *sessions.entry(peer).or_default() += 1;
@@ -204,6 +236,9 @@ impl Net {
             }
         }
         writer.abort();
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&id);
+        }
         if let Ok(mut sessions) = self.sessions.lock() {
             if let Some(n) = sessions.get_mut(&peer) {
                 *n = n.saturating_sub(1);

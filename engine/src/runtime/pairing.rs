@@ -106,6 +106,7 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
         Ok(ok) => ok,
         Err(rejection) => {
             let _ = send_pairing(&conn, rejection).await;
+            linger(&conn).await;
             return;
         }
     };
@@ -120,13 +121,7 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
         .inviter
         .check_proof(&mut run, &confirm, devices, now_ms());
     let (verdict, outcome) = match checked {
-        Err(rejection) => {
-            let error = match &rejection {
-                PairingMessage::Rejected { reason } => reason.clone(),
-                _ => String::new(),
-            };
-            (rejection, Err(error))
-        }
+        Err((rejection, error)) => (rejection, Err(error)),
         Ok(()) => {
             // Only now, with the code proven, is the user asked.
             let answer = match &invitation.questions {
@@ -145,8 +140,7 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
                         )
                 }
             };
-            let (verdict, outcome) = invitation.inviter.decide(&mut run, answer);
-            (verdict, outcome.map_err(|e| e.to_string()))
+            invitation.inviter.decide(&mut run, answer)
         }
     };
     let finished = match &outcome {
@@ -161,16 +155,15 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
             tracing::info!(device = %device.short(), name = run.joiner_name(), "device paired");
             Some(Ok((*device, run.joiner_name().to_string())))
         }
-        Err(reason) => {
-            tracing::warn!(%reason, %address, "pairing attempt refused");
+        Err(error) => {
+            tracing::warn!(%error, %address, "pairing attempt refused");
             // A voided code, a declined device or a full library end the invitation.
-            let final_error = match reason.as_str() {
-                "voided" => Some(PairingError::Voided),
-                "declined" => Some(PairingError::Declined),
-                r if r.starts_with("device limit") => Some(PairingError::DeviceLimit(0)),
+            match error {
+                PairingError::Voided | PairingError::Declined | PairingError::DeviceLimit(_) => {
+                    Some(Err(error.clone()))
+                }
                 _ => None,
-            };
-            final_error.map(Err)
+            }
         }
     };
     let _ = send_pairing(&conn, verdict).await;
@@ -182,7 +175,11 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
         net.endpoint.pins().set_pairing_open(false);
     }
     drop(slot);
-    // Give the joiner time to read the verdict before the connection goes.
+    linger(&conn).await;
+}
+
+/// Gives the joiner time to read the last message before the connection goes (it closes first).
+async fn linger(conn: &Connection) {
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.recv()).await;
 }
 
@@ -191,6 +188,8 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
 pub struct JoinOptions {
     /// The inviting node's address.
     pub addr: SocketAddr,
+    /// The local address to pair from (default: any, port 0).
+    pub bind: Option<SocketAddr>,
     /// The code it showed.
     pub code: String,
     /// This device's name as the inviter sees it.
@@ -208,11 +207,11 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, EngineErr
         .ok_or_else(|| EngineError::Pairing(PairingError::Protocol("malformed code".into())))?;
     let device = home.device()?;
     let identity: &Identity = &device.tls;
-    let bind: SocketAddr = if options.addr.is_ipv4() {
+    let bind: SocketAddr = options.bind.unwrap_or(if options.addr.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
         SocketAddr::from(([0u16; 8], 0))
-    };
+    });
     let endpoint = Endpoint::bind(identity, bind, Pins::new())?;
     let conn = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect_to_pair(options.addr))
         .await
