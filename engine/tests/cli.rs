@@ -131,3 +131,121 @@ fn failures_are_one_error_line_and_non_zero() {
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong password"));
     fails_with_one_error_line(&keel(&home, &["init", "../escape"]));
 }
+
+/// A `keel serve` child, killed when dropped.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(home: &Path, listen: &str, peers: &[&str]) -> Served {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.arg("--home")
+        .arg(home)
+        .args(["serve", "lib", "--listen", listen])
+        .env("KEEL_PASSWORD", "pw")
+        .env("KEEL_INSECURE_FAST_KDF", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for p in peers {
+        cmd.args(["--peer", p]);
+    }
+    let child = Served(cmd.spawn().expect("serve starts"));
+    let sock = home.join("libraries/lib.keel/control.sock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+fn free_port() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("binds");
+    socket.local_addr().expect("addr").to_string()
+}
+
+#[test]
+fn serve_pair_and_status_through_the_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&keel(&home_a, &["init", "lib"]));
+    let (addr_a, addr_b) = (free_port(), free_port());
+    let _a = serve(&home_a, &addr_a, &[]);
+    let sock = home_a.join("libraries/lib.keel/control.sock");
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the control socket is owner-only");
+
+    // `pair invite --yes`: the code alone on the first line, and it returns at once.
+    let invite = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = invite.lines().next().expect("a first line").to_string();
+    assert_eq!(code.len(), 9, "code line: {code}");
+    ok(&keel(
+        &home_b,
+        &[
+            "pair", "join", "--addr", &addr_a, "--code", &code, "--name", "bee",
+        ],
+    ));
+    // No --peer needed: b remembers a from pairing.
+    let _b = serve(&home_b, &addr_b, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (status_a, status_b) = loop {
+        let a: serde_json::Value =
+            serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
+        let b: serde_json::Value =
+            serde_json::from_str(&ok(&keel(&home_b, &["status", "lib", "--json"]))).expect("json");
+        if a["digest"] == b["digest"] && b["peers"][0]["connected"] == true {
+            break (a, b);
+        }
+        assert!(std::time::Instant::now() < deadline, "no sync: {a} {b}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status_a["role"], "leader");
+    assert_eq!(status_b["role"], "follower");
+    assert_eq!(status_a["epoch"]["counter"], 1);
+    assert_eq!(status_b["epoch"], status_a["epoch"]);
+    assert_eq!(status_b["leader"], status_a["device_id"]);
+    assert_eq!(status_b["pending_push"], 0);
+    let peer = &status_b["peers"][0];
+    assert_eq!(peer["device_id"], status_a["device_id"]);
+    assert_eq!(peer["addr"], addr_a.as_str());
+    // `devices` lists both, through the node.
+    let devices = ok(&keel(&home_a, &["devices", "lib"]));
+    assert_eq!(devices.lines().count(), 2, "{devices}");
+    // Without a node, `pair invite` is a clear error.
+    drop(_b);
+    let _ = std::fs::remove_file(home_b.join("libraries/lib.keel/control.sock"));
+    fails_with_one_error_line(&keel(&home_b, &["pair", "invite", "lib", "--yes"]));
+}
+
+#[test]
+fn demo_runs_three_devices_through_a_leader_kill_to_one_digest() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("demo")
+        .env("KEEL_DEMO_FILES", "120")
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("OK: all digests are equal"), "{stdout}");
+    assert!(stdout.contains("leads epoch 2"), "{stdout}");
+    let digests: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("digest "))
+        .map(|l| l.rsplit(' ').next().unwrap_or(""))
+        .collect();
+    assert_eq!(digests.len(), 3);
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+}

@@ -1,5 +1,6 @@
-//! `keel demo`: one device, end to end, on real files, a real redb journal and real SQLite
-//! projections in a temporary home. (Multi-device sync over QUIC arrives with replication.)
+//! `keel demo`: one device end to end on real files, a real redb journal and real SQLite
+//! projections in a temporary home; then three devices syncing over QUIC on 127.0.0.1
+//! (`demo_devices.rs`).
 
 use std::time::Instant;
 
@@ -7,10 +8,17 @@ use anyhow::{ensure, Result};
 use keel_engine::workload::write_tree;
 use keel_engine::{CreateOptions, Home, Library, Scope};
 
-const FILES: usize = 3000;
-const PASSWORD: &str = "demo password";
+/// Files in the generated tree (`KEEL_DEMO_FILES` overrides, for tests).
+fn files_wanted() -> usize {
+    std::env::var("KEEL_DEMO_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000)
+}
+/// The demo libraries' password.
+pub(crate) const PASSWORD: &str = "demo password";
 
-fn step(n: &mut u32, text: &str) {
+pub(crate) fn step(n: &mut u32, text: &str) {
     *n += 1;
     println!("[{n}] {text}");
 }
@@ -19,16 +27,17 @@ fn step(n: &mut u32, text: &str) {
 pub(crate) fn run() -> Result<i32> {
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
-    let home = Home::new(dir.path().join("home"));
+    let home = Home::new(dir.path().join("a"));
     let tree = dir.path().join("photos");
     let mut n = 0;
+    let file_count = files_wanted().max(40);
 
     step(
         &mut n,
-        &format!("generating {FILES} files under {}", tree.display()),
+        &format!("generating {file_count} files under {}", tree.display()),
     );
-    let bytes = write_tree(&tree, FILES, 2026)?;
-    println!("    {FILES} files, {:.1} MB", bytes as f64 / 1e6);
+    let bytes = write_tree(&tree, file_count, 2026)?;
+    println!("    {file_count} files, {:.1} MB", bytes as f64 / 1e6);
 
     step(
         &mut n,
@@ -132,13 +141,20 @@ pub(crate) fn run() -> Result<i32> {
     let lib = Library::open(&home, "demo", PASSWORD)?;
     let reopened = lib.digest()?;
     lib.close()?;
+    println!(
+        "    digest live {}, rebuilt {}, reopened {}",
+        &live[..16],
+        &rebuilt[..16],
+        &reopened[..16]
+    );
+    ensure!(
+        live == rebuilt && rebuilt == reopened,
+        "one device: digests differ (live {live}, rebuilt {rebuilt}, reopened {reopened})"
+    );
 
-    println!();
-    println!("digest live      {live}");
-    println!("digest rebuilt   {rebuilt}");
-    println!("digest reopened  {reopened}");
+    let ok = crate::demo_devices::run(&mut n, dir.path(), &tree, &files)?;
     println!("total {:.2} s", started.elapsed().as_secs_f64());
-    if live == rebuilt && rebuilt == reopened {
+    if ok {
         println!("OK: all digests are equal");
         Ok(0)
     } else {

@@ -2,7 +2,10 @@
 
 mod bench;
 mod cli;
+mod control;
 mod demo;
+mod demo_devices;
+mod serve;
 
 fn main() {
     std::panic::set_hook(Box::new(|info| {
