@@ -13,7 +13,7 @@ use crate::writer::{CommittedBatch, Placement, Role, WriterState};
 
 impl WriterState {
     /// Records the HLC high-water mark and commits; on failure the log position is rolled back.
-    fn commit_with_high_water(
+    pub(crate) fn commit_with_high_water(
         &mut self,
         txn: redb::WriteTransaction,
         next_before: u64,
@@ -32,7 +32,7 @@ impl WriterState {
         written
     }
 
-    fn notify(&mut self, entries: Vec<(Placement, Change)>) {
+    pub(crate) fn notify(&mut self, entries: Vec<(Placement, Change)>) {
         if entries.is_empty() {
             return;
         }
@@ -80,59 +80,54 @@ impl WriterState {
         Ok(positions)
     }
 
-    /// Appends log entries at `first` (which must be the next position): a follower copying its
-    /// leader's segment, or a leader writing what its replication core sequenced. Drops the
-    /// matching changes from the offline journal (they are sequenced now). An entry without a
-    /// change is an epoch barrier.
-    pub(crate) fn append_replicated(
+    /// Appends log entries at `first` (which must be the next position) inside the writer's
+    /// transaction, together with any local commits waiting (one sync for both): a follower
+    /// copying its leader's segment, or a leader writing what its replication core sequenced.
+    /// Drops the matching changes from the offline journal (they are sequenced now). An entry
+    /// without a change is an epoch barrier. On error the caller restores `next_lsn`.
+    pub(crate) fn append_in(
         &mut self,
+        txn: &redb::WriteTransaction,
         first: Lsn,
         entries: Vec<(Epoch, Option<Change>, Vec<u8>)>,
-    ) -> Result<(), JournalError> {
+    ) -> Result<Vec<(Placement, Change)>, JournalError> {
         if first.0 != self.next_lsn {
             return Err(JournalError::NotContiguous {
                 expected: Lsn(self.next_lsn),
                 found: first,
             });
         }
-        let mut txn = self.db.begin_write().map_err(storage)?;
-        txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut appended = Vec::with_capacity(entries.len());
-        let next_before = self.next_lsn;
-        {
-            let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
-            let mut local = txn.open_table(LOCAL).map_err(storage)?;
-            let mut ids = std::collections::HashSet::new();
-            for (epoch, change, sealed) in entries {
-                let lsn = self.next_lsn;
-                self.next_lsn += 1;
-                log.insert(lsn, LogRecord::encode(epoch, &sealed).as_slice())
-                    .map_err(storage)?;
-                // A barrier (no change) only marks the start of an epoch.
-                let Some(change) = change else { continue };
-                index.insert(change.id.0.as_u128(), lsn).map_err(storage)?;
-                ids.insert(change.id);
-                self.hlc_high_water = self.hlc_high_water.max(change.hlc);
-                appended.push((Placement::Log(Lsn(lsn)), change));
-            }
-            let mut sequenced = Vec::new();
-            for item in local.iter().map_err(storage)? {
-                let (seq, bytes) = item.map_err(storage)?;
-                let id = LocalRecord::decode(bytes.value())
-                    .ok()
-                    .and_then(|r| Sealer::peek_change_id(r.sealed));
-                if id.is_some_and(|id| ids.contains(&id)) {
-                    sequenced.push(seq.value());
-                }
-            }
-            for seq in sequenced {
-                local.remove(seq).map_err(storage)?;
+        let mut log = txn.open_table(LOG).map_err(storage)?;
+        let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
+        let mut local = txn.open_table(LOCAL).map_err(storage)?;
+        let mut ids = std::collections::HashSet::new();
+        for (epoch, change, sealed) in entries {
+            let lsn = self.next_lsn;
+            self.next_lsn += 1;
+            log.insert(lsn, LogRecord::encode(epoch, &sealed).as_slice())
+                .map_err(storage)?;
+            // A barrier (no change) only marks the start of an epoch.
+            let Some(change) = change else { continue };
+            index.insert(change.id.0.as_u128(), lsn).map_err(storage)?;
+            ids.insert(change.id);
+            self.hlc_high_water = self.hlc_high_water.max(change.hlc);
+            appended.push((Placement::Log(Lsn(lsn)), change));
+        }
+        let mut sequenced = Vec::new();
+        for item in local.iter().map_err(storage)? {
+            let (seq, bytes) = item.map_err(storage)?;
+            let id = LocalRecord::decode(bytes.value())
+                .ok()
+                .and_then(|r| Sealer::peek_change_id(r.sealed));
+            if id.is_some_and(|id| ids.contains(&id)) {
+                sequenced.push(seq.value());
             }
         }
-        self.commit_with_high_water(txn, next_before)?;
-        self.notify(appended);
-        Ok(())
+        for seq in sequenced {
+            local.remove(seq).map_err(storage)?;
+        }
+        Ok(appended)
     }
 
     /// Removes every log entry after `keep`; their changes go back to the offline journal as

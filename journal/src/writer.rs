@@ -51,6 +51,13 @@ pub struct CommittedBatch {
     pub entries: Vec<(Placement, Change)>,
 }
 
+/// Log entries to append: epoch, the change (`None` for a barrier) and its sealed bytes.
+pub(crate) type AppendEntries = Vec<(Epoch, Option<Change>, Vec<u8>)>;
+/// Changes written, with where.
+type Placed = Vec<(Placement, Change)>;
+/// An append waiting for the writer: first position, entries, reply.
+type Append = (Lsn, AppendEntries, Sender<Result<(), JournalError>>);
+
 /// The answer channel of one commit request.
 pub(crate) type CommitReply = Sender<Result<Vec<Placement>, JournalError>>;
 
@@ -69,7 +76,7 @@ pub(crate) enum Request {
     },
     AppendReplicated {
         first: Lsn,
-        entries: Vec<(Epoch, Option<Change>, Vec<u8>)>,
+        entries: AppendEntries,
         reply: Sender<Result<(), JournalError>>,
     },
     Truncate {
@@ -133,8 +140,8 @@ impl WriterState {
                         entries,
                         reply,
                     } => {
-                        self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.append_replicated(first, entries)));
+                        // One transaction (one sync) for the waiting commits and the append.
+                        self.flush_with(&mut commits, Some((first, entries, reply)));
                     }
                     Request::Truncate { keep, reply } => {
                         self.flush(&mut commits);
@@ -158,18 +165,26 @@ impl WriterState {
     }
 
     fn flush(&mut self, commits: &mut Vec<(Vec<Sealed>, CommitReply)>) {
-        if commits.is_empty() {
+        self.flush_with(commits, None);
+    }
+
+    fn flush_with(&mut self, commits: &mut Vec<(Vec<Sealed>, CommitReply)>, append: Option<Append>) {
+        if commits.is_empty() && append.is_none() {
             return;
         }
         let batch = std::mem::take(commits);
+        let (append, append_reply) = match append {
+            Some((first, entries, reply)) => (Some((first, entries)), Some(reply)),
+            None => (None, None),
+        };
         let saved = (
             self.next_lsn,
             self.next_local,
             self.hlc_high_water,
             self.own_changes,
         );
-        match guarded(|| self.write(&batch)) {
-            Ok(placements) => {
+        match guarded(|| self.write(&batch, append)) {
+            Ok((placements, appended)) => {
                 let mut entries = Vec::new();
                 let mut offset = 0;
                 for (sealed, reply) in batch {
@@ -181,8 +196,12 @@ impl WriterState {
                         entries.extend(mine.into_iter().zip(sealed.into_iter().map(|s| s.change)));
                     }
                 }
+                entries.extend(appended);
+                if let Some(reply) = append_reply {
+                    let _ = reply.send(Ok(()));
+                }
                 if let Some(tx) = &self.committed {
-                    if tx.send(CommittedBatch { entries }).is_err() {
+                    if !entries.is_empty() && tx.send(CommittedBatch { entries }).is_err() {
                         self.committed = None;
                     }
                 }
@@ -199,6 +218,9 @@ impl WriterState {
                 for (_, reply) in batch {
                     let _ = reply.send(Err(JournalError::CommitFailed(reason.clone())));
                 }
+                if let Some(reply) = append_reply {
+                    let _ = reply.send(Err(err));
+                }
             }
         }
     }
@@ -206,7 +228,8 @@ impl WriterState {
     fn write(
         &mut self,
         batch: &[(Vec<Sealed>, CommitReply)],
-    ) -> Result<Vec<Placement>, JournalError> {
+        append: Option<(Lsn, AppendEntries)>,
+    ) -> Result<(Vec<Placement>, Placed), JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut placements = Vec::new();
@@ -241,6 +264,12 @@ impl WriterState {
                     }
                 }
             }
+        }
+        let appended = match append {
+            Some((first, entries)) => self.append_in(&txn, first, entries)?,
+            None => Vec::new(),
+        };
+        {
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
                 .map_err(storage)?;
@@ -248,7 +277,7 @@ impl WriterState {
                 .map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        Ok(placements)
+        Ok((placements, appended))
     }
 }
 

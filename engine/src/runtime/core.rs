@@ -22,6 +22,8 @@ use super::status::{EpochJson, NodeStatus};
 
 /// How often the core ticks (timers: heartbeats, elections, pushes).
 pub const TICK_MS: u64 = 10;
+/// Most queued events taken before one journal write and send.
+const EVENTS_PER_FLUSH_MAX: usize = 256;
 /// How often the pins are refreshed from the library's Device records.
 const PIN_REFRESH_MS: u64 = 1_000;
 
@@ -56,6 +58,7 @@ pub(crate) struct Core {
     pins: keel_transport::Pins,
     last_pin_refresh: u64,
     received_bytes: u64,
+    outbox: Vec<Output>,
 }
 
 /// The node's durable state as the journal holds it.
@@ -105,6 +108,7 @@ impl Core {
             pins,
             last_pin_refresh: 0,
             received_bytes: 0,
+            outbox: Vec::new(),
         };
         core.persist()?;
         core.refresh_pins();
@@ -119,22 +123,30 @@ impl Core {
     /// Runs until `Stop` or the event channel closes.
     pub(crate) fn run(mut self, events: Receiver<CoreEvent>, commits: Receiver<Vec<ChangeId>>) {
         let mut last_tick = 0;
-        loop {
+        'run: loop {
             let wait = Duration::from_millis(TICK_MS);
             crossbeam_channel::select! {
                 recv(events) -> event => match event {
-                    Ok(CoreEvent::Stop) | Err(_) => break,
+                    Ok(CoreEvent::Stop) | Err(_) => break 'run,
                     Ok(event) => self.on_event(event),
                 },
                 recv(commits) -> ids => match ids {
-                    Ok(ids) => {
-                        for id in ids {
-                            self.handle(Input::Commit(id));
-                        }
-                    }
-                    Err(_) => break,
+                    Ok(ids) => self.on_commits(ids),
+                    Err(_) => break 'run,
                 },
                 default(wait) => {}
+            }
+            // Take whatever else is waiting, so one journal write covers all of it.
+            for _ in 0..EVENTS_PER_FLUSH_MAX {
+                if let Ok(ids) = commits.try_recv() {
+                    self.on_commits(ids);
+                    continue;
+                }
+                match events.try_recv() {
+                    Ok(CoreEvent::Stop) => break 'run,
+                    Ok(event) => self.on_event(event),
+                    Err(_) => break,
+                }
             }
             let now = self.now();
             if now >= last_tick + TICK_MS {
@@ -144,10 +156,20 @@ impl Core {
                     self.last_pin_refresh = now;
                     self.refresh_pins();
                 }
+            }
+            self.flush();
+            if now == last_tick {
                 self.publish_status();
             }
         }
+        self.flush();
         self.publish_status();
+    }
+
+    fn on_commits(&mut self, ids: Vec<ChangeId>) {
+        for id in ids {
+            self.handle(Input::Commit(id));
+        }
     }
 
     fn on_event(&mut self, event: CoreEvent) {
@@ -178,16 +200,33 @@ impl Core {
         }
     }
 
+    /// Hands one input to the node; what it wants sent waits for [`Core::flush`].
     fn handle(&mut self, input: Input) {
         let now = self.now();
         let out = self.node.handle(input, now);
+        self.outbox.extend(out);
+    }
+
+    /// Makes the node's state durable, then sends what it asked for (only the newest `Append`
+    /// per peer: it covers the older ones).
+    fn flush(&mut self) {
         if let Err(e) = self.persist() {
             tracing::error!(error = %e, "writing replication state failed; reloading it from the journal");
+            self.outbox.clear();
             self.reload();
             return;
         }
-        for output in out {
-            let Output::Send { to, message } = output;
+        let outbox = std::mem::take(&mut self.outbox);
+        let mut last_append: HashMap<DeviceId, usize> = HashMap::new();
+        for (i, Output::Send { to, message }) in outbox.iter().enumerate() {
+            if matches!(message, Message::Append { .. }) {
+                last_append.insert(*to, i);
+            }
+        }
+        for (i, Output::Send { to, message }) in outbox.into_iter().enumerate() {
+            if matches!(message, Message::Append { .. }) && last_append.get(&to) != Some(&i) {
+                continue;
+            }
             if let Some(wire) = self.outgoing(message) {
                 self.send(to, wire);
             }
@@ -203,17 +242,10 @@ impl Core {
                 self.persisted = (durable.epoch, durable.voted);
                 self.node = Node::new(self.config.clone(), durable, self.now());
                 self.payloads.extend(payloads);
+                // Its sessions are still up: tell the fresh node (sent at the next flush).
                 let peers: Vec<DeviceId> = self.conns.keys().copied().collect();
                 for peer in peers {
-                    let out = self.node.handle(Input::Connected(peer), self.now());
-                    if self.persist().is_err() {
-                        return;
-                    }
-                    for Output::Send { to, message } in out {
-                        if let Some(wire) = self.outgoing(message) {
-                            self.send(to, wire);
-                        }
-                    }
+                    self.handle(Input::Connected(peer));
                 }
             }
             Err(e) => tracing::error!(error = %e, "reloading replication state failed"),

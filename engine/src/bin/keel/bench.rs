@@ -19,9 +19,12 @@ struct Sizes {
     p3_files: usize,
     p7_files: usize,
     p8_files: usize,
+    p4_files: usize,
+    p5_changes: usize,
+    p6_rounds: usize,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -30,11 +33,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Resets the peak-RSS counter (Linux); later reads give the peak since now.
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn peak_rss_mb() -> f64 {
+pub(crate) fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
@@ -377,6 +380,9 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
             p3_files: 50_000,
             p7_files: 100_000,
             p8_files: 10_000,
+            p4_files: 100_000,
+            p5_changes: 1_000,
+            p6_rounds: 2,
         }
     } else {
         Sizes {
@@ -385,6 +391,9 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
             p3_files: 250_000,
             p7_files: 500_000,
             p8_files: 100_000,
+            p4_files: 1_000_000,
+            p5_changes: 5_000,
+            p6_rounds: 5,
         }
     };
     let mut out = Map::new();
@@ -392,7 +401,7 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
     let only = std::env::var("KEEL_BENCH_ONLY").unwrap_or_default();
     if std::env::var_os("KEEL_BENCH_CHILD").is_none() {
         // Each step runs in its own process, so its peak RSS is its own.
-        for step in ["p1", "p2", "p3", "p7", "p8"] {
+        for step in ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic"] {
             if !only.is_empty() && !step.starts_with(&only.to_lowercase()) {
                 continue;
             }
@@ -421,7 +430,12 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
     }
     let dir = tempfile::tempdir()?;
     type Step<'a> = &'a dyn Fn(&mut Map<String, Value>) -> Result<()>;
-    let steps: [(&str, Step<'_>); 5] = [
+    if only == "p4join" {
+        crate::bench_sync::p4_join(&mut out)?;
+        print_figures(&out, true);
+        return Ok(0);
+    }
+    let steps: [(&str, Step<'_>); 9] = [
         ("P1 durable commit", &|o| {
             p1(dir.path(), sizes.p1_commits, o)
         }),
@@ -429,6 +443,16 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
         ("P3 projection apply", &|o| {
             p3(dir.path(), sizes.p3_files, o)
         }),
+        ("P4 initial sync", &|o| {
+            crate::bench_sync::p4(dir.path(), sizes.p4_files, o)
+        }),
+        ("P5 live latency", &|o| {
+            crate::bench_sync::p5(dir.path(), sizes.p5_changes, o)
+        }),
+        ("P6 failover", &|o| {
+            crate::bench_sync::p6(dir.path(), sizes.p6_rounds, o)
+        }),
+        ("QUIC raw", &crate::bench_sync::quic_raw),
         ("P7 replay", &|o| p7(dir.path(), sizes.p7_files, o)),
         ("P8 indexing", &|o| p8(dir.path(), sizes.p8_files, o)),
     ];

@@ -199,6 +199,58 @@ fn show_roles(devices: &[&Device], statuses: &[Value]) {
     }
 }
 
+/// Polls `devices` until one leads an epoch above `old_epoch`.
+fn wait_new_leader(devices: &[&Device], old_epoch: u64) -> Result<(&'static str, Value)> {
+    let start = Instant::now();
+    loop {
+        for d in devices {
+            let s = d.status()?;
+            if str_of(&s, "role") == "leader"
+                && s["epoch"]["counter"].as_u64().unwrap_or(0) > old_epoch
+            {
+                return Ok((d.label, s));
+            }
+        }
+        if start.elapsed() > CONVERGE_TIMEOUT {
+            for d in devices {
+                let s = d.status()?;
+                println!(
+                    "    {}: {} {} peers {}",
+                    d.label,
+                    str_of(&s, "role"),
+                    epoch_of(&s),
+                    s["peers"]
+                );
+            }
+            bail!("no device took over after the leader was killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// For `keel bench` (P6): three nodes on the library `demo` in `root/a`, the leader killed;
+/// milliseconds until another device leads a new epoch.
+pub(crate) fn failover_ms(root: &Path) -> Result<f64> {
+    let mut a = Device::new(root, "A")?;
+    let mut b = Device::new(root, "B")?;
+    let mut c = Device::new(root, "C")?;
+    a.serve(&[])?;
+    for joiner in [&mut b, &mut c] {
+        let code = a.run(&["pair", "invite", "demo", "--yes"])?;
+        let code = code.lines().next().unwrap_or("").trim().to_string();
+        let addr = a.addr.to_string();
+        joiner.run(&["pair", "join", "--addr", &addr, "--code", &code])?;
+    }
+    b.serve(&[a.addr, c.addr])?;
+    c.serve(&[a.addr, b.addr])?;
+    converge(&[&a, &b, &c])?;
+    let old_epoch = a.status()?["epoch"]["counter"].as_u64().unwrap_or(0);
+    a.stop(true)?;
+    let killed = Instant::now();
+    wait_new_leader(&[&b, &c], old_epoch)?;
+    Ok(killed.elapsed().as_secs_f64() * 1e3)
+}
+
 /// Runs the multi-device demo on the library `demo` already created and indexed in
 /// `root/a`. Returns whether the three final digests are equal.
 pub(crate) fn run(n: &mut u32, root: &Path, tree: &Path, files: &[PathBuf]) -> Result<bool> {
@@ -291,34 +343,7 @@ pub(crate) fn run(n: &mut u32, root: &Path, tree: &Path, files: &[PathBuf]) -> R
     let old_epoch = a.status()?["epoch"]["counter"].as_u64().unwrap_or(0);
     a.stop(true)?;
     let killed = Instant::now();
-    let (leader, status) = loop {
-        let mut found = None;
-        for d in [&b, &c] {
-            let s = d.status()?;
-            if str_of(&s, "role") == "leader"
-                && s["epoch"]["counter"].as_u64().unwrap_or(0) > old_epoch
-            {
-                found = Some((d.label, s));
-            }
-        }
-        if let Some(found) = found {
-            break found;
-        }
-        if killed.elapsed() > CONVERGE_TIMEOUT {
-            for d in [&b, &c] {
-                let s = d.status()?;
-                println!(
-                    "    {}: {} {} peers {}",
-                    d.label,
-                    str_of(&s, "role"),
-                    epoch_of(&s),
-                    s["peers"]
-                );
-            }
-            bail!("no device took over after A was killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (leader, status) = wait_new_leader(&[&b, &c], old_epoch)?;
     println!(
         "    {leader} leads {} after {:.0} ms",
         epoch_of(&status),

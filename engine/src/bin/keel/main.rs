@@ -1,6 +1,7 @@
 //! The `keel` command: run a library on this device, benchmark it, or demo it.
 
 mod bench;
+mod bench_sync;
 mod cli;
 mod control;
 mod demo;
