@@ -32,6 +32,8 @@ pub(crate) struct Shared {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct ApplyState {
     pub(crate) position: AppliedPosition,
+    /// The number of the last journal batch handled (see `Journal::batches_sent`).
+    pub(crate) batch: u64,
     pub(crate) error: Option<String>,
 }
 
@@ -61,9 +63,13 @@ fn announce_local(shared: &Shared, entries: &[(Placement, Change)]) {
 pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
     while let Ok(first) = batches.recv() {
         let mut entries = first.entries;
+        let mut seq = first.seq;
         while entries.len() < APPLY_GROUP_MAX {
             match batches.try_recv() {
-                Ok(more) => entries.extend(more.entries),
+                Ok(more) => {
+                    entries.extend(more.entries);
+                    seq = seq.max(more.seq);
+                }
                 Err(_) => break,
             }
         }
@@ -83,6 +89,7 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         let Ok(mut state) = shared.applied.lock() else {
             return;
         };
+        state.batch = state.batch.max(seq);
         match result {
             Ok(_) => {
                 state.position = position;

@@ -327,6 +327,7 @@ impl Library {
             reader: Mutex::new(reader),
             applied: Mutex::new(ApplyState {
                 position: healed.position,
+                batch: 0,
                 error: None,
             }),
             applied_changed: Condvar::new(),
@@ -395,6 +396,11 @@ impl Library {
         if let Ok(mut slot) = self.shared.local_commits.lock() {
             *slot = Some(tx);
         }
+    }
+
+    /// How many of this device's changes wait in the offline journal for a leader.
+    pub fn pending_local(&self) -> Result<u64, EngineError> {
+        Ok(self.journal()?.stats()?.pending_local)
     }
 
     /// The devices of this library (their Device records), by device id.
@@ -489,6 +495,8 @@ impl Library {
     /// Waits until everything committed so far is applied to the projections.
     pub fn flush(&self) -> Result<(), EngineError> {
         let target = *self.committed.lock().map_err(|_| EngineError::Closed)?;
+        // Also everything the journal handed over so far (replicated segments included).
+        let batches = self.journal()?.batches_sent();
         let mut state = self
             .shared
             .applied
@@ -498,7 +506,10 @@ impl Library {
             if let Some(reason) = &state.error {
                 return Err(EngineError::ApplyFailed(reason.clone()));
             }
-            if state.position.log >= target.log && state.position.local >= target.local {
+            if state.position.log >= target.log
+                && state.position.local >= target.local
+                && state.batch >= batches
+            {
                 return Ok(());
             }
             state = self

@@ -9,7 +9,7 @@ use crate::error::{storage, JournalError};
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
 use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_HLC, META_REPLAY_FROM};
-use crate::writer::{CommittedBatch, Placement, Role, WriterState};
+use crate::writer::{Placement, Role, WriterState};
 
 impl WriterState {
     /// Records the HLC high-water mark and commits; on failure the log position is rolled back.
@@ -36,11 +36,7 @@ impl WriterState {
         if entries.is_empty() {
             return;
         }
-        if let Some(tx) = &self.committed {
-            if tx.send(CommittedBatch { entries }).is_err() {
-                self.committed = None;
-            }
-        }
+        self.send_batch(entries);
     }
 
     /// Leader: appends pushed changes not yet in the log. Returns each change's position.

@@ -60,6 +60,7 @@ pub struct Journal {
     sealer: Sealer,
     requests: Option<Sender<Request>>,
     writer: Option<JoinHandle<()>>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -214,7 +215,9 @@ impl Journal {
             .unwrap_or(0);
 
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_REQUESTS_MAX);
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut journal = Self {
+            sent: sent.clone(),
             db: db.clone(),
             library,
             sealer,
@@ -236,6 +239,7 @@ impl Journal {
             hlc_high_water,
             own_changes,
             committed: options.committed,
+            sent: sent.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("keel-journal-writer".into())
@@ -325,6 +329,12 @@ impl Journal {
             }
         }
         Ok(newest)
+    }
+
+    /// How many committed batches the writer has sent so far (each carries its number in
+    /// [`CommittedBatch::seq`]): whoever applies them is caught up once it applied this one.
+    pub fn batches_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The library this journal belongs to.

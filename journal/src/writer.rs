@@ -47,6 +47,9 @@ pub(crate) struct Sealed {
 /// A batch of changes that became durable, in order, for whoever applies them.
 #[derive(Debug)]
 pub struct CommittedBatch {
+    /// Its number: batches are numbered 1, 2, … in the order they are sent
+    /// (see [`crate::Journal::batches_sent`]).
+    pub seq: u64,
     /// Each change with where it was written.
     pub entries: Vec<(Placement, Change)>,
 }
@@ -93,6 +96,8 @@ pub(crate) struct WriterState {
     pub(crate) hlc_high_water: Hlc,
     pub(crate) own_changes: u64,
     pub(crate) committed: Option<Sender<CommittedBatch>>,
+    /// How many batches were sent to `committed` (shared with the `Journal` handle).
+    pub(crate) sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Durably records `epoch` as the current epoch.
@@ -156,6 +161,18 @@ impl WriterState {
         }
     }
 
+    /// Sends a durable batch to whoever applies it, numbered.
+    pub(crate) fn send_batch(&mut self, entries: Vec<(Placement, Change)>) {
+        use std::sync::atomic::Ordering;
+        let Some(tx) = &self.committed else { return };
+        let seq = self.sent.load(Ordering::SeqCst) + 1;
+        if tx.send(CommittedBatch { seq, entries }).is_err() {
+            self.committed = None;
+            return;
+        }
+        self.sent.store(seq, Ordering::SeqCst);
+    }
+
     fn set_role(&mut self, role: Role) -> Result<(), JournalError> {
         if let Role::Leader(epoch) = role {
             write_epoch(&self.db, epoch)?;
@@ -200,10 +217,8 @@ impl WriterState {
                 if let Some(reply) = append_reply {
                     let _ = reply.send(Ok(()));
                 }
-                if let Some(tx) = &self.committed {
-                    if !entries.is_empty() && tx.send(CommittedBatch { entries }).is_err() {
-                        self.committed = None;
-                    }
+                if !entries.is_empty() {
+                    self.send_batch(entries);
                 }
             }
             Err(err) => {

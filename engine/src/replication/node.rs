@@ -137,6 +137,14 @@ impl Node {
         self.connected.iter()
     }
 
+    /// Tells a follower that the time since `now_ms` went on its own work (writing what its
+    /// leader sent), not on a silent leader: its election timer starts again.
+    pub fn busy_until(&mut self, now_ms: u64) {
+        if self.role == Role::Follower && self.leader.is_some() {
+            self.reset_election_timer(now_ms);
+        }
+    }
+
     /// The current role.
     pub fn role(&self) -> Role {
         self.role
@@ -153,10 +161,20 @@ impl Node {
     }
 
     fn reset_election_timer(&mut self, now_ms: u64) {
-        // Deterministic jitter from the device and the epoch, so nodes do not tie forever.
-        let seed = u64::from(self.config.device.0[0])
-            .wrapping_mul(31)
-            .wrapping_add(self.durable.epoch.counter.wrapping_mul(17));
+        // Jitter from the device, the epoch and the time (deterministic, so a simulation
+        // replays exactly), so that nodes do not time out together again and again.
+        let mut seed = self
+            .config
+            .device
+            .0
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        seed ^= self.durable.epoch.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        seed ^= now_ms.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        seed = (seed ^ (seed >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        seed ^= seed >> 29;
         let jitter = seed % self.config.election_timeout_ms.max(1);
         self.election_deadline_ms = now_ms + self.config.election_timeout_ms + jitter;
     }

@@ -24,8 +24,10 @@ use super::status::{EpochJson, NodeStatus};
 pub const TICK_MS: u64 = 10;
 /// Most queued events taken before one journal write and send.
 const EVENTS_PER_FLUSH_MAX: usize = 256;
+/// Most received log entries written in one journal transaction.
+const ENTRIES_PER_FLUSH_MAX: usize = 16_384;
 /// How often the pins are refreshed from the library's Device records.
-const PIN_REFRESH_MS: u64 = 1_000;
+const PIN_REFRESH_MS: u64 = 250;
 
 /// What the network side tells the core.
 pub(crate) enum CoreEvent {
@@ -59,6 +61,7 @@ pub(crate) struct Core {
     last_pin_refresh: u64,
     received_bytes: u64,
     outbox: Vec<Output>,
+    batch_entries: usize,
 }
 
 /// The node's durable state as the journal holds it.
@@ -109,6 +112,7 @@ impl Core {
             last_pin_refresh: 0,
             received_bytes: 0,
             outbox: Vec::new(),
+            batch_entries: 0,
         };
         core.persist()?;
         core.refresh_pins();
@@ -136,8 +140,12 @@ impl Core {
                 },
                 default(wait) => {}
             }
-            // Take whatever else is waiting, so one journal write covers all of it.
+            // Take whatever else is waiting, so one journal write covers all of it (within
+            // bounds: a long write would look like a silent leader).
             for _ in 0..EVENTS_PER_FLUSH_MAX {
+                if self.batch_entries >= ENTRIES_PER_FLUSH_MAX {
+                    break;
+                }
                 if let Ok(ids) = commits.try_recv() {
                     self.on_commits(ids);
                     continue;
@@ -210,7 +218,13 @@ impl Core {
     /// Makes the node's state durable, then sends what it asked for (only the newest `Append`
     /// per peer: it covers the older ones).
     fn flush(&mut self) {
-        if let Err(e) = self.persist() {
+        self.batch_entries = 0;
+        let started = self.now();
+        let persisted = self.persist();
+        if self.now() > started + TICK_MS {
+            self.node.busy_until(self.now());
+        }
+        if let Err(e) = persisted {
             tracing::error!(error = %e, "writing replication state failed; reloading it from the journal");
             self.outbox.clear();
             self.reload();
@@ -404,6 +418,7 @@ impl Core {
                 entries,
             } => {
                 let mut out = Vec::with_capacity(entries.len());
+                self.batch_entries += entries.len();
                 for entry in entries {
                     self.received_bytes += entry.sealed.len() as u64;
                     if entry.sealed.is_empty() {

@@ -62,7 +62,7 @@ impl Default for NodeOptions {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             peers: Vec::new(),
-            election_timeout_ms: 300,
+            election_timeout_ms: 200,
             heartbeat_ms: 50,
             segment_max: 4096,
             device_limit: DEVICE_LIMIT_DEFAULT,
@@ -184,6 +184,10 @@ impl Node {
     /// This node's replication state, with every known peer.
     pub fn status(&self) -> NodeStatus {
         let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        // The offline journal itself says what waits to be pushed (the core's view lags a tick).
+        if let Ok(pending) = self.library.pending_local() {
+            status.pending_push = pending;
+        }
         let addrs = self.net.addrs.lock().map(|a| a.clone()).unwrap_or_default();
         let file = DevicesFile::read(self.library.dir()).unwrap_or_default();
         let mut known: Vec<DeviceId> = file.ids().collect();

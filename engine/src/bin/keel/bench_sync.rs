@@ -77,6 +77,10 @@ fn join_blocking(home: &Home, addr: SocketAddr, code: &str) -> Result<String> {
 /// P4: a fresh device joins a library of `files` files and syncs it whole (log stored,
 /// projections built). The joining side runs in its own process so its peak RSS is its own.
 pub(crate) fn p4(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
+    let files = std::env::var("KEEL_P4_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(files);
     let leader = leader_with(dir, files)?;
     let log_len = leader.status().log_len;
     let invite = leader.invite(true)?;
@@ -102,12 +106,24 @@ pub(crate) fn p4(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Resu
         std::thread::sleep(Duration::from_millis(10));
     }
     let digest = leader.library().digest()?;
+    if std::env::var_os("KEEL_P4_KEEP").is_some() {
+        let keep = std::path::PathBuf::from("/tmp/p4-keep");
+        let _ = std::fs::create_dir_all(&keep);
+        for (who, file) in [("leader", ""), ("leader", "-wal"), ("joiner", ""), ("joiner", "-wal")] {
+            let _ = std::fs::copy(
+                dir.join(format!("{who}/libraries/bench.keel/projections.sqlite{file}")),
+                keep.join(format!("{who}.sqlite{file}")),
+            );
+        }
+    }
     ensure!(
         figures.get("p4_digest").and_then(Value::as_str) == Some(digest.as_str()),
-        "the joined device's digest differs from the leader's"
+        "the joined device's digest differs from the leader's ({:?} there, {:?} here)",
+        figures.get("p4_counts"),
+        leader.library().status()?.counts
     );
     for (k, v) in figures {
-        if k != "p4_digest" {
+        if k != "p4_digest" && k != "p4_counts" {
             out.insert(k, v);
         }
     }
@@ -155,6 +171,10 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     out.insert("p4_digest".into(), json!(node.library().digest()?));
+    out.insert(
+        "p4_counts".into(),
+        json!(format!("{:?}", node.library().status()?.counts)),
+    );
     node.stop()?;
     Ok(())
 }

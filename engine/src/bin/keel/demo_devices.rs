@@ -155,14 +155,18 @@ fn str_of<'a>(status: &'a Value, key: &str) -> &'a str {
     status[key].as_str().unwrap_or("")
 }
 
-/// Waits until the serving devices agree (same digest and log, nothing to push, one leader).
+/// Waits until the serving devices agree (same digest and log, nothing to push, one leader)
+/// and each has a session with every other.
 fn converge(devices: &[&Device]) -> Result<Vec<Value>> {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     loop {
         let statuses: Vec<Value> = devices.iter().map(|d| d.status()).collect::<Result<_>>()?;
         let first = &statuses[0];
         let agreed = statuses.iter().all(|s| {
-            s["digest"] == first["digest"]
+            let peers = s["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            let linked = peers.iter().filter(|p| p["connected"] == true).count();
+            linked + 1 >= devices.len()
+                && s["digest"] == first["digest"]
                 && s["journal"]["log_len"] == first["journal"]["log_len"]
                 && s["pending_push"] == 0
                 && s["leader"] == first["leader"]
