@@ -185,7 +185,11 @@ impl WriterState {
         self.flush_with(commits, None);
     }
 
-    fn flush_with(&mut self, commits: &mut Vec<(Vec<Sealed>, CommitReply)>, append: Option<Append>) {
+    fn flush_with(
+        &mut self,
+        commits: &mut Vec<(Vec<Sealed>, CommitReply)>,
+        append: Option<Append>,
+    ) {
         if commits.is_empty() && append.is_none() {
             return;
         }

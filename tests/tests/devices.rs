@@ -460,3 +460,48 @@ fn a_peer_sending_garbage_or_an_oversized_frame_is_cut_off_alone() {
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
     assert!(has(&a, &t));
 }
+
+#[test]
+fn a_joining_device_reports_initial_sync_progress_as_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "big").expect("founder");
+    a.library()
+        .transact(|tx| {
+            for i in 0..3000 {
+                tx.upsert(&tag(&format!("bulk {i}")));
+            }
+            Ok(())
+        })
+        .expect("commits");
+    let home = keel_engine::Home::new(dir.path().join("b"));
+    let name = keel_tests::cluster::pair(&home, &a, a.local_addr()).expect("pairs");
+    let lib = keel_engine::Library::open(&home, &name, keel_tests::PASSWORD).expect("opens");
+    let mut events = lib.subscribe();
+    let b =
+        keel_engine::runtime::Node::start(lib, keel_tests::cluster::options(vec![a.local_addr()]))
+            .expect("starts");
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let mut progress = Vec::new();
+    loop {
+        let event = match events.try_recv() {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => break,
+        };
+        if let keel_engine::Event::SyncProgress {
+            stored,
+            leader_end,
+            bytes,
+        } = event
+        {
+            progress.push((stored, leader_end, bytes));
+        }
+    }
+    let last = progress.last().copied().expect("progress events");
+    assert!(last.1 >= 3000, "the leader's end is reported: {last:?}");
+    assert!(last.2 > 0, "bytes are counted");
+    assert!(
+        progress.windows(2).all(|w| w[0].0 <= w[1].0),
+        "stored only grows: {progress:?}"
+    );
+}

@@ -171,7 +171,11 @@ impl Node {
             .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                 (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
             });
-        seed ^= self.durable.epoch.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        seed ^= self
+            .durable
+            .epoch
+            .counter
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         seed ^= now_ms.wrapping_mul(0xbf58_476d_1ce4_e5b9);
         seed = (seed ^ (seed >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
         seed ^= seed >> 29;

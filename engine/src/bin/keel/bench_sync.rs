@@ -95,23 +95,34 @@ pub(crate) fn p4(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Resu
         .stderr(std::process::Stdio::inherit())
         .output()?;
     ensure!(child.status.success(), "the joining process failed");
-    let Value::Object(figures) = serde_json::from_str::<Value>(String::from_utf8(child.stdout)?.trim())?
+    let Value::Object(figures) =
+        serde_json::from_str::<Value>(String::from_utf8(child.stdout)?.trim())?
     else {
         anyhow::bail!("the joining process printed no JSON object");
     };
     // The joiner's own Device record is the one entry it added: wait for it here too.
     let deadline = Instant::now() + Duration::from_secs(60);
     while leader.status().log_len < log_len + 1 {
-        ensure!(Instant::now() < deadline, "the joiner's own record never arrived");
+        ensure!(
+            Instant::now() < deadline,
+            "the joiner's own record never arrived"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let digest = leader.library().digest()?;
     if std::env::var_os("KEEL_P4_KEEP").is_some() {
         let keep = std::path::PathBuf::from("/tmp/p4-keep");
         let _ = std::fs::create_dir_all(&keep);
-        for (who, file) in [("leader", ""), ("leader", "-wal"), ("joiner", ""), ("joiner", "-wal")] {
+        for (who, file) in [
+            ("leader", ""),
+            ("leader", "-wal"),
+            ("joiner", ""),
+            ("joiner", "-wal"),
+        ] {
             let _ = std::fs::copy(
-                dir.join(format!("{who}/libraries/bench.keel/projections.sqlite{file}")),
+                dir.join(format!(
+                    "{who}/libraries/bench.keel/projections.sqlite{file}"
+                )),
                 keep.join(format!("{who}.sqlite{file}")),
             );
         }
@@ -160,14 +171,14 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
     node.library().flush()?;
     let secs = t.elapsed().as_secs_f64();
     out.insert("p4_initial_sync_s".into(), json!(secs));
-    out.insert(
-        "p4_changes_per_s".into(),
-        json!(log_len as f64 / secs),
-    );
+    out.insert("p4_changes_per_s".into(), json!(log_len as f64 / secs));
     out.insert("p4_peak_rss_mb".into(), json!(peak_rss_mb()));
     // Then its own Device record goes to the leader and comes back sequenced.
     while node.status().log_len < log_len + 1 || node.status().pending_push > 0 {
-        ensure!(Instant::now() < deadline, "the joiner's own record was not sequenced");
+        ensure!(
+            Instant::now() < deadline,
+            "the joiner's own record was not sequenced"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     out.insert("p4_digest".into(), json!(node.library().digest()?));
@@ -183,7 +194,10 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
 /// follower's projection (its apply event).
 pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Result<()> {
     let home = Home::new(dir.join("p5-a"));
-    let a = Node::start(Library::create(&home, "bench", PASSWORD, fast())?, NodeOptions::default())?;
+    let a = Node::start(
+        Library::create(&home, "bench", PASSWORD, fast())?,
+        NodeOptions::default(),
+    )?;
     let invite = a.invite(true)?;
     let home_b = Home::new(dir.join("p5-b"));
     let name = join_blocking(&home_b, a.local_addr(), invite.code.as_str())?;
@@ -253,8 +267,14 @@ pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Re
         latencies.len()
     );
     latencies.sort_by(f64::total_cmp);
-    out.insert("p5_latency_p50_ms".into(), json!(percentile(&latencies, 0.5)));
-    out.insert("p5_latency_p99_ms".into(), json!(percentile(&latencies, 0.99)));
+    out.insert(
+        "p5_latency_p50_ms".into(),
+        json!(percentile(&latencies, 0.5)),
+    );
+    out.insert(
+        "p5_latency_p99_ms".into(),
+        json!(percentile(&latencies, 0.99)),
+    );
     out.insert(
         "p5_rate_per_s".into(),
         json!(changes as f64 / begin.elapsed().as_secs_f64()),
@@ -310,8 +330,10 @@ pub(crate) fn quic_raw(out: &mut Map<String, Value>) -> Result<()> {
                     Ok(DeviceMessage::SyncChange { changes }) if changes.len() > 1 => {
                         bytes += changes.iter().map(|c| c.len()).sum::<usize>();
                         if bytes >= 256 << 20 {
-                            conn.send(&DeviceMessage::SyncChange { changes: Vec::new() })
-                                .await?;
+                            conn.send(&DeviceMessage::SyncChange {
+                                changes: Vec::new(),
+                            })
+                            .await?;
                         }
                     }
                     Ok(m) => conn.send(&m).await?,
@@ -333,7 +355,9 @@ pub(crate) fn quic_raw(out: &mut Map<String, Value>) -> Result<()> {
         }
         rtts.sort_by(f64::total_cmp);
         let block = DeviceMessage::SyncChange {
-            changes: (0..16).map(|_| ByteBuf::from(vec![7u8; 64 << 10])).collect(),
+            changes: (0..16)
+                .map(|_| ByteBuf::from(vec![7u8; 64 << 10]))
+                .collect(),
         };
         let t = Instant::now();
         for _ in 0..256 {

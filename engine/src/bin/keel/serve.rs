@@ -41,6 +41,7 @@ pub(crate) fn run(
         },
     )?);
     let server = Server::start(&dir, node.clone())?;
+    show_sync_progress(node.library().subscribe());
     println!(
         "serving {name} on {} as device {}",
         node.local_addr(),
@@ -68,6 +69,51 @@ pub(crate) fn run(
         Err(node) => drop(node),
     }
     Ok(0)
+}
+
+/// Shows catching up with the leader (initial sync) as a progress bar on a terminal: entries
+/// stored of the leader's, bytes received, rate and ETA.
+fn show_sync_progress(mut events: tokio::sync::broadcast::Receiver<keel_engine::Event>) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("keel-progress".into())
+        .spawn(move || {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "syncing {bar:40} {pos}/{len} entries, {msg} {per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            loop {
+                match events.blocking_recv() {
+                    Ok(keel_engine::Event::SyncProgress {
+                        stored,
+                        leader_end,
+                        bytes,
+                    }) => {
+                        let left = leader_end.saturating_sub(stored);
+                        if left == 0 {
+                            bar.finish_and_clear();
+                            continue;
+                        }
+                        let per_entry = bytes as f64 / stored.max(1) as f64;
+                        bar.set_length(leader_end);
+                        bar.set_position(stored);
+                        bar.set_message(format!(
+                            "{:.1} MB received, ~{:.1} MB left",
+                            bytes as f64 / 1e6,
+                            left as f64 * per_entry / 1e6
+                        ));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        });
 }
 
 /// `keel pair join`.
