@@ -110,23 +110,6 @@ pub(crate) fn p4(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Resu
         std::thread::sleep(Duration::from_millis(10));
     }
     let digest = leader.library().digest()?;
-    if std::env::var_os("KEEL_P4_KEEP").is_some() {
-        let keep = std::path::PathBuf::from("/tmp/p4-keep");
-        let _ = std::fs::create_dir_all(&keep);
-        for (who, file) in [
-            ("leader", ""),
-            ("leader", "-wal"),
-            ("joiner", ""),
-            ("joiner", "-wal"),
-        ] {
-            let _ = std::fs::copy(
-                dir.join(format!(
-                    "{who}/libraries/bench.keel/projections.sqlite{file}"
-                )),
-                keep.join(format!("{who}.sqlite{file}")),
-            );
-        }
-    }
     ensure!(
         figures.get("p4_digest").and_then(Value::as_str) == Some(digest.as_str()),
         "the joined device's digest differs from the leader's ({:?} there, {:?} here)",
@@ -134,7 +117,7 @@ pub(crate) fn p4(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Resu
         leader.library().status()?.counts
     );
     for (k, v) in figures {
-        if k != "p4_digest" && k != "p4_counts" {
+        if k.starts_with("p4_") && k != "p4_digest" && k != "p4_counts" {
             out.insert(k, v);
         }
     }
