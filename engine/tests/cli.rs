@@ -249,3 +249,61 @@ fn demo_runs_three_devices_through_a_leader_kill_to_one_digest() {
     assert_eq!(digests.len(), 3);
     assert!(digests.windows(2).all(|w| w[0] == w[1]));
 }
+
+#[test]
+fn serve_stops_cleanly_on_sigterm_and_loses_nothing_acknowledged_on_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    std::fs::write(tree.join("photo.jpg"), b"pixels").expect("file");
+    let photo = tree.join("photo.jpg");
+    let photo = photo.to_str().expect("utf-8");
+    ok(&keel(&home, &["init", "lib"]));
+    ok(&keel(&home, &["index", "lib", tree.to_str().expect("utf-8")]));
+    let addr = free_port();
+    let sock = home.join("libraries/lib.keel/control.sock");
+
+    // SIGTERM: exits 0 and removes its socket.
+    let mut served = serve(&home, &addr, &[]);
+    let pid = served.0.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(status.success());
+    let code = served.0.wait().expect("waits");
+    assert!(code.success(), "serve exited with {code}");
+    assert!(!sock.exists(), "the control socket was removed");
+
+    // kill -9 while tags are being committed through the node.
+    let served = serve(&home, &addr, &[]);
+    let pid = served.0.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    });
+    let mut acknowledged = Vec::new();
+    for i in 0..500 {
+        let name = format!("t{i}");
+        let out = keel(&home, &["tag", "lib", photo, &name]);
+        if out.status.success() {
+            acknowledged.push(name);
+        } else if !sock.exists() || i > 0 {
+            break;
+        }
+    }
+    killer.join().expect("killer");
+    drop(served);
+    assert!(!acknowledged.is_empty());
+    // Without a node the command opens the library itself (the socket is stale).
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home, &["show", "lib", photo, "--json"]))).expect("json");
+    let tags: Vec<String> = shown["content_metadata"]["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    for name in &acknowledged {
+        assert!(tags.contains(name), "acknowledged tag {name} lost");
+    }
+    ok(&keel(&home, &["verify", "lib"]));
+}

@@ -263,3 +263,22 @@ impl Net {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_around_it() {
+        for attempt in 0..20 {
+            let base = (BACKOFF_MIN_MS << attempt.min(16)).min(BACKOFF_MAX_MS);
+            let delays: Vec<u64> = (0..50)
+                .map(|_| backoff_delay(attempt).as_millis() as u64)
+                .collect();
+            assert!(delays.iter().all(|d| *d >= base / 2 && *d <= base + base / 2));
+            // Jitter: not every delay is the same.
+            assert!(delays.iter().any(|d| *d != delays[0]), "attempt {attempt}");
+        }
+        assert!(backoff_delay(30).as_millis() as u64 <= BACKOFF_MAX_MS * 3 / 2);
+    }
+}
