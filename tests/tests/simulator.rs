@@ -57,7 +57,7 @@ fn changes_of(d: &Durable) -> BTreeSet<ChangeId> {
     d.log
         .iter()
         .filter_map(|(_, e)| match e {
-            Entry::Change(id) => Some(*id),
+            Entry::Change(id) => Some(id),
             Entry::Barrier => None,
         })
         .chain(d.pending.iter().copied())
@@ -380,9 +380,9 @@ fn run(seed: u64) {
     assert_eq!(digests.len(), 1, "seed {seed}: digests differ");
     let log = &nodes[0].durable().log;
     let mut counts: BTreeMap<ChangeId, usize> = BTreeMap::new();
-    for (_, e) in log {
+    for (_, e) in log.iter() {
         if let Entry::Change(id) = e {
-            *counts.entry(*id).or_default() += 1;
+            *counts.entry(id).or_default() += 1;
         }
     }
     for id in &sim.acked {

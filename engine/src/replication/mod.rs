@@ -10,7 +10,7 @@ mod node;
 mod types;
 
 pub use node::{Node, NodeConfig};
-pub use types::{Durable, Entry, Input, LogOp, Message, Output, Role};
+pub use types::{Durable, Entry, Input, Log, LogOp, Message, Output, Role};
 
 #[cfg(test)]
 mod tests;

@@ -56,7 +56,7 @@ impl Node {
             .log
             .iter()
             .filter_map(|(_, e)| match e {
-                Entry::Change(id) => Some(*id),
+                Entry::Change(id) => Some(id),
                 Entry::Barrier => None,
             })
             .collect();
@@ -69,7 +69,7 @@ impl Node {
                     .log
                     .iter()
                     .rev()
-                    .any(|(e, entry)| *e == durable.epoch && *entry == Entry::Barrier));
+                    .any(|(e, entry)| e == durable.epoch && entry == Entry::Barrier));
         let role = if won { Role::Leader } else { Role::Alone };
         let mut node = Self {
             leader: (role == Role::Leader).then_some(config.device),
@@ -110,7 +110,8 @@ impl Node {
                     device: config.device,
                 },
                 Entry::Barrier,
-            )],
+            )]
+            .into(),
             pending: Vec::new(),
         };
         Self::new(config, durable, now_ms)
@@ -348,7 +349,7 @@ impl Node {
         let prev = Lsn(next - 1);
         let prev_epoch = self.durable.epoch_at(prev).unwrap_or_default();
         let end = (next - 1 + self.config.segment_max as u64).min(last);
-        let entries = self.durable.log[(next - 1) as usize..end as usize].to_vec();
+        let entries = self.durable.log.range((next - 1) as usize, end as usize);
         Self::send(
             out,
             peer,
@@ -484,7 +485,7 @@ impl Node {
                 for (i, (entry_epoch, entry)) in entries.into_iter().enumerate() {
                     let at = prev.0 as usize + i;
                     match self.durable.log.get(at) {
-                        Some((e, existing)) if *e == entry_epoch && *existing == entry => {}
+                        Some((e, existing)) if e == entry_epoch && existing == entry => {}
                         Some(_) => {
                             self.truncate_from(at);
                             self.push_entry(entry_epoch, entry);
@@ -494,11 +495,8 @@ impl Node {
                 }
                 // Entries past the leader's segment from an older epoch can never be committed by
                 // this leader: give their changes back to `pending`.
-                if let Some(stale) = self.durable.log[end as usize..]
-                    .iter()
-                    .position(|(e, _)| *e < epoch)
-                {
-                    self.truncate_from(end as usize + stale);
+                if let Some(stale) = self.durable.log.first_older(end as usize, epoch) {
+                    self.truncate_from(stale);
                 }
                 Self::send(
                     out,

@@ -121,7 +121,8 @@ fn truncated_changes_return_to_pending() {
             (base, Entry::Barrier),
             (a, Entry::Barrier),
             (a, Entry::Change(id(5))),
-        ],
+        ]
+        .into(),
         pending: Vec::new(),
     };
     let mut node = Node::new(config(1), durable, 0);
@@ -140,7 +141,7 @@ fn truncated_changes_return_to_pending() {
     assert_eq!(node.role(), Role::Follower);
     assert_eq!(
         node.durable().log,
-        vec![(base, Entry::Barrier), (b, Entry::Barrier)]
+        vec![(base, Entry::Barrier), (b, Entry::Barrier)].into()
     );
     assert_eq!(
         node.durable().pending,
@@ -180,4 +181,31 @@ fn a_lone_device_keeps_committing_and_never_elects_itself() {
         Epoch::default(),
         "no epoch inflation while alone"
     );
+}
+
+#[test]
+fn the_compact_log_keeps_epochs_as_runs_and_truncates_them() {
+    use super::Log;
+    let e = |c: u64| Epoch {
+        counter: c,
+        device: DeviceId([c as u8; 32]),
+    };
+    let items = vec![
+        (e(1), Entry::Barrier),
+        (e(1), Entry::Change(id(1))),
+        (e(2), Entry::Barrier),
+        (e(2), Entry::Change(id(2))),
+        (e(3), Entry::Barrier),
+    ];
+    let mut log = Log::from(items.clone());
+    assert_eq!(log.to_vec(), items);
+    assert_eq!(log.get(3), Some((e(2), Entry::Change(id(2)))));
+    assert_eq!(log.first_older(2, e(3)), Some(2));
+    assert_eq!(log.first_older(4, e(3)), None);
+    assert_eq!(log.split_off(3), items[3..].to_vec());
+    assert_eq!(log, Log::from(items[..3].to_vec()), "runs stay canonical");
+    log.truncate(1);
+    log.push((e(2), Entry::Barrier));
+    assert_eq!(log.to_vec(), vec![items[0], (e(2), Entry::Barrier)]);
+    assert_eq!(log.last(), Some((e(2), Entry::Barrier)));
 }
