@@ -44,7 +44,9 @@ pub struct Node {
     last_send_ms: u64,
     votes: BTreeSet<DeviceId>,
     next: BTreeMap<DeviceId, u64>,
-    in_log: HashSet<ChangeId>,
+    /// The change ids in the log, kept only while leading (to sequence idempotently); built
+    /// when needed, dropped on stepping down (a follower of a big library does not need it).
+    in_log: Option<HashSet<ChangeId>>,
     ops: Vec<LogOp>,
 }
 
@@ -52,14 +54,6 @@ impl Node {
     /// A node starting (or restarting) from its durable state. A device whose stored epoch is its
     /// own resumes leading that epoch (the library's creator starts that way with epoch 1).
     pub fn new(config: NodeConfig, durable: Durable, now_ms: u64) -> Self {
-        let in_log = durable
-            .log
-            .iter()
-            .filter_map(|(_, e)| match e {
-                Entry::Change(id) => Some(id),
-                Entry::Barrier => None,
-            })
-            .collect();
         // Resume leading only an epoch this device actually won (its barrier is in the log); a
         // candidacy interrupted by a crash is simply abandoned.
         // The founder's epoch 1 needs no barrier (candidates always start at 2 or above).
@@ -81,7 +75,7 @@ impl Node {
             last_send_ms: 0,
             votes: BTreeSet::new(),
             next: BTreeMap::new(),
-            in_log,
+            in_log: None,
             ops: Vec::new(),
         };
         node.reset_election_timer(now_ms);
@@ -130,7 +124,7 @@ impl Node {
 
     /// Whether `id` is in this node's log.
     pub fn in_log(&self, id: &ChangeId) -> bool {
-        self.in_log.contains(id)
+        self.in_log.as_ref().is_some_and(|set| set.contains(id))
     }
 
     /// The devices this node counts as reachable.
@@ -332,7 +326,16 @@ impl Node {
 
     /// Appends a change to the leader's log unless it is there already.
     fn sequence(&mut self, id: ChangeId) {
-        if self.in_log.insert(id) {
+        let log = &self.durable.log;
+        let in_log = self.in_log.get_or_insert_with(|| {
+            log.iter()
+                .filter_map(|(_, e)| match e {
+                    Entry::Change(id) => Some(id),
+                    Entry::Barrier => None,
+                })
+                .collect()
+        });
+        if in_log.insert(id) {
             self.durable.pending.retain(|p| *p != id);
             self.record_push(self.durable.epoch, Entry::Change(id));
         }
@@ -370,6 +373,7 @@ impl Node {
             // Own changes this leader sequenced are safe: they stay in its log until the new
             // leader's entries truncate them, and truncation returns them to `pending`.
             self.next.clear();
+            self.in_log = None;
         }
         self.role = self.idle_role();
         self.leader = leader;
@@ -513,7 +517,9 @@ impl Node {
 
     fn push_entry(&mut self, epoch: Epoch, entry: Entry) {
         if let Entry::Change(id) = entry {
-            self.in_log.insert(id);
+            if let Some(set) = &mut self.in_log {
+                set.insert(id);
+            }
             self.durable.pending.retain(|p| *p != id);
         }
         self.record_push(epoch, entry);
@@ -535,7 +541,9 @@ impl Node {
         });
         for (_, entry) in self.durable.log.split_off(at) {
             if let Entry::Change(id) = entry {
-                self.in_log.remove(&id);
+                if let Some(set) = &mut self.in_log {
+                    set.remove(&id);
+                }
                 if !self.durable.pending.contains(&id) {
                     self.durable.pending.push(id);
                 }

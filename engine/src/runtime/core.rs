@@ -419,7 +419,9 @@ impl Core {
             } => {
                 let mut out = Vec::with_capacity(entries.len());
                 self.batch_entries += entries.len();
-                for entry in entries {
+                let known = self.node.durable().last_lsn().0;
+                let first = Lsn(first.0.max(1));
+                for (i, entry) in entries.into_iter().enumerate() {
                     self.received_bytes += entry.sealed.len() as u64;
                     if entry.sealed.is_empty() {
                         out.push((entry.epoch, Entry::Barrier));
@@ -429,7 +431,12 @@ impl Core {
                         tracing::warn!(peer = %from.short(), "segment with an unreadable record dropped");
                         return None;
                     };
-                    if !self.node.in_log(&id) {
+                    // Keep the payload unless this very entry is already in the log.
+                    let position = first.0 + i as u64;
+                    let have = position <= known
+                        && self.node.durable().log.get(position as usize - 1)
+                            == Some((entry.epoch, Entry::Change(id)));
+                    if !have {
                         self.payloads.insert(id, entry.sealed.into_vec());
                     }
                     out.push((entry.epoch, Entry::Change(id)));
