@@ -220,6 +220,44 @@ fn serve_pair_and_status_through_the_control_socket() {
     // `devices` lists both, through the node.
     let devices = ok(&keel(&home_a, &["devices", "lib"]));
     assert_eq!(devices.lines().count(), 2, "{devices}");
+    // `devices remove` revokes b: listed as revoked, and no longer a peer of a.
+    let b_id = status_b["device_id"]
+        .as_str()
+        .expect("device id")
+        .to_string();
+    ok(&keel(&home_a, &["devices", "lib", "remove", &b_id[..12]]));
+    let devices = ok(&keel(&home_a, &["devices", "lib"]));
+    assert!(
+        devices
+            .lines()
+            .any(|l| l.starts_with(&b_id[..8]) && l.contains("(revoked)")),
+        "{devices}"
+    );
+    let after: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
+    assert!(
+        after["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .all(|p| p["device_id"] != b_id.as_str()),
+        "{after}"
+    );
+    fails_with_one_error_line(&keel(&home_a, &["devices", "lib", "remove", "ffffffff"]));
+    // b loses its session with a and cannot make a new one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let b: serde_json::Value =
+            serde_json::from_str(&ok(&keel(&home_b, &["status", "lib", "--json"]))).expect("json");
+        if b["peers"][0]["connected"] == false {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b still connected: {b}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // Without a node, `pair invite` is a clear error.
     drop(_b);
     let _ = std::fs::remove_file(home_b.join("libraries/lib.keel/control.sock"));
@@ -260,14 +298,20 @@ fn serve_stops_cleanly_on_sigterm_and_loses_nothing_acknowledged_on_kill_9() {
     let photo = tree.join("photo.jpg");
     let photo = photo.to_str().expect("utf-8");
     ok(&keel(&home, &["init", "lib"]));
-    ok(&keel(&home, &["index", "lib", tree.to_str().expect("utf-8")]));
+    ok(&keel(
+        &home,
+        &["index", "lib", tree.to_str().expect("utf-8")],
+    ));
     let addr = free_port();
     let sock = home.join("libraries/lib.keel/control.sock");
 
     // SIGTERM: exits 0 and removes its socket.
     let mut served = serve(&home, &addr, &[]);
     let pid = served.0.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let code = served.0.wait().expect("waits");
     assert!(code.success(), "serve exited with {code}");
@@ -278,7 +322,9 @@ fn serve_stops_cleanly_on_sigterm_and_loses_nothing_acknowledged_on_kill_9() {
     let pid = served.0.id();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(400));
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
     });
     let mut acknowledged = Vec::new();
     for i in 0..500 {

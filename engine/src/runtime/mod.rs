@@ -291,11 +291,13 @@ impl Node {
         Ok(ids.len())
     }
 
-    /// Revokes a device: it is unpinned at once (its connections fail their next handshake),
-    /// recorded as revoked, and its Device record is deleted so every device drops it.
+    /// Revokes a device: it is unpinned and its sessions are closed at once (a new handshake
+    /// fails), it is recorded as revoked, and its Device record is deleted so every device drops
+    /// it.
     pub fn revoke(&self, device: DeviceId) -> Result<(), EngineError> {
         revoke_in(&self.library, device)?;
         self.net.endpoint.pins().unpin(device);
+        self.net.disconnect(device);
         Ok(())
     }
 

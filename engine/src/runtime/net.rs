@@ -70,6 +70,18 @@ impl Net {
         }
     }
 
+    /// Closes every session with `device` (after revoking it).
+    pub(crate) fn disconnect(&self, device: DeviceId) {
+        let live: Vec<Arc<Connection>> = self
+            .live
+            .lock()
+            .map(|l| l.values().filter(|c| c.peer() == device).cloned().collect())
+            .unwrap_or_default();
+        for conn in live {
+            conn.close("revoked");
+        }
+    }
+
     fn is_offline(&self) -> bool {
         self.offline.load(Ordering::SeqCst)
     }
@@ -275,7 +287,9 @@ mod tests {
             let delays: Vec<u64> = (0..50)
                 .map(|_| backoff_delay(attempt).as_millis() as u64)
                 .collect();
-            assert!(delays.iter().all(|d| *d >= base / 2 && *d <= base + base / 2));
+            assert!(delays
+                .iter()
+                .all(|d| *d >= base / 2 && *d <= base + base / 2));
             // Jitter: not every delay is the same.
             assert!(delays.iter().any(|d| *d != delays[0]), "attempt {attempt}");
         }
