@@ -62,7 +62,7 @@ impl Default for NodeOptions {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             peers: Vec::new(),
-            election_timeout_ms: 200,
+            election_timeout_ms: 300,
             heartbeat_ms: 50,
             segment_max: 4096,
             device_limit: DEVICE_LIMIT_DEFAULT,

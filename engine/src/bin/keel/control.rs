@@ -131,13 +131,15 @@ impl Server {
             );
         }
         let _ = std::fs::remove_file(&path);
+        // The library folder is the owner's alone (it holds the journal too), so the socket is
+        // never reachable by others, not even before its own mode is set.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
         let listener =
             UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("restricting {}", path.display()))?;
-        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
         std::thread::Builder::new()
             .name("keel-control".into())
             .spawn(move || {
