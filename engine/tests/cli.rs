@@ -366,3 +366,41 @@ fn serve_stops_cleanly_on_sigterm_and_loses_nothing_acknowledged_on_kill_9() {
     }
     ok(&keel(&home, &["verify", "lib"]));
 }
+
+#[test]
+fn pair_invite_without_yes_asks_and_no_answer_declines_the_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&keel(&home_a, &["init", "lib"]));
+    let addr_a = free_port();
+    let _a = serve(&home_a, &addr_a, &[]);
+    // No terminal to answer on: the question counts as "no".
+    let mut invite = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--home")
+        .arg(&home_a)
+        .args(["pair", "invite", "lib"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("invite runs");
+    let mut stdout = std::io::BufReader::new(invite.stdout.take().expect("stdout"));
+    let mut code = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut code).expect("the code line");
+    let joined = keel(
+        &home_b,
+        &["pair", "join", "--addr", &addr_a, "--code", code.trim()],
+    );
+    fails_with_one_error_line(&joined);
+    assert!(
+        String::from_utf8_lossy(&joined.stderr).contains("declined"),
+        "{}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
+    let status = invite.wait().expect("invite ends");
+    assert!(!status.success(), "the inviting side reports the refusal");
+    assert!(
+        !home_b.join("libraries/lib.keel").exists(),
+        "nothing joined"
+    );
+}
