@@ -398,6 +398,15 @@ impl Library {
         }
     }
 
+    /// The last log position applied to the projections.
+    pub fn applied_lsn(&self) -> keel_schema::Lsn {
+        self.shared
+            .applied
+            .lock()
+            .map(|s| s.position.log)
+            .unwrap_or_default()
+    }
+
     /// How many of this device's changes wait in the offline journal for a leader.
     pub fn pending_local(&self) -> Result<u64, EngineError> {
         Ok(self.journal()?.stats()?.pending_local)

@@ -222,6 +222,19 @@ fn serve_pair_and_status_through_the_control_socket() {
     let peer = &status_b["peers"][0];
     assert_eq!(peer["device_id"], status_a["device_id"]);
     assert_eq!(peer["addr"], addr_a.as_str());
+    // The leader knows what b applied, per domain (from b's acks).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let a: serde_json::Value =
+            serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
+        let applied = &a["peers"][0]["applied"];
+        if applied["index"].as_u64() == a["applied_lsn"].as_u64() {
+            assert_eq!(applied["content"], applied["index"]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no positions: {a}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // `devices` lists both, through the node.
     let devices = ok(&keel(&home_a, &["devices", "lib"]));
     assert_eq!(devices.lines().count(), 2, "{devices}");

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use keel_journal::{Journal, Role as JournalRole, Sealer};
+use keel_schema::SyncDomain;
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
-use keel_transport::{DeviceMessage, ElectionMessage, WireLogEntry};
+use keel_transport::{DeviceMessage, DomainPosition, ElectionMessage, WireLogEntry};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -18,7 +19,7 @@ use crate::events::Event;
 use crate::library::Library;
 use crate::replication::{Durable, Entry, Input, LogOp, Message, Node, NodeConfig, Output, Role};
 
-use super::status::{EpochJson, NodeStatus};
+use super::status::{DomainsJson, EpochJson, NodeStatus};
 
 /// How often the core ticks (timers: heartbeats, elections, pushes).
 pub const TICK_MS: u64 = 10;
@@ -62,6 +63,8 @@ pub(crate) struct Core {
     received_bytes: u64,
     outbox: Vec<Output>,
     batch_entries: usize,
+    /// Applied positions per domain that followers acknowledged (a leader's view).
+    acknowledged: HashMap<DeviceId, DomainsJson>,
 }
 
 /// The node's durable state as the journal holds it.
@@ -113,6 +116,7 @@ impl Core {
             received_bytes: 0,
             outbox: Vec::new(),
             batch_entries: 0,
+            acknowledged: HashMap::new(),
         };
         core.persist()?;
         core.refresh_pins();
@@ -345,12 +349,22 @@ impl Core {
                 DeviceMessage::Election(ElectionMessage::Vote { epoch, granted })
             }
             Message::Stale { epoch } => DeviceMessage::Election(ElectionMessage::Stale { epoch }),
-            Message::AppendReply { epoch, ok, last } => DeviceMessage::SyncAck {
-                epoch,
-                ok,
-                stored: last,
-                positions: Vec::new(),
-            },
+            Message::AppendReply { epoch, ok, last } => {
+                // Apply runs in log order, so both domains are applied through the same point.
+                let applied = self.library.applied_lsn();
+                DeviceMessage::SyncAck {
+                    epoch,
+                    ok,
+                    stored: last,
+                    positions: [SyncDomain::Index, SyncDomain::Content]
+                        .into_iter()
+                        .map(|domain| DomainPosition {
+                            domain,
+                            lsn: applied,
+                        })
+                        .collect(),
+                }
+            }
             Message::Push { changes } => {
                 let mut sealed = Vec::with_capacity(changes.len());
                 for id in changes {
@@ -474,12 +488,24 @@ impl Core {
                 Some(Message::Push { changes: ids })
             }
             DeviceMessage::SyncAck {
-                epoch, ok, stored, ..
-            } => Some(Message::AppendReply {
                 epoch,
                 ok,
-                last: stored,
-            }),
+                stored,
+                positions,
+            } => {
+                let entry = self.acknowledged.entry(from).or_default();
+                for p in positions {
+                    match p.domain {
+                        SyncDomain::Index => entry.index = entry.index.max(p.lsn.0),
+                        SyncDomain::Content => entry.content = entry.content.max(p.lsn.0),
+                    }
+                }
+                Some(Message::AppendReply {
+                    epoch,
+                    ok,
+                    last: stored,
+                })
+            }
             DeviceMessage::Election(ElectionMessage::RequestVote {
                 epoch,
                 last_epoch,
@@ -532,6 +558,11 @@ impl Core {
             status.log_len = durable.log.len() as u64;
             status.pending_push = durable.pending.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
+            status.acknowledged = self
+                .acknowledged
+                .iter()
+                .map(|(d, p)| (d.to_hex(), *p))
+                .collect();
         }
     }
 }

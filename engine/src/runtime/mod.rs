@@ -26,7 +26,7 @@ pub use self::core::TICK_MS;
 pub use devices::{DevicesFile, PairedDevice};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
-pub use status::{EpochJson, NodeStatus, PeerStatus};
+pub use status::{DomainsJson, EpochJson, NodeStatus, PeerStatus};
 
 use self::core::{Core, CoreEvent};
 use self::net::Net;
@@ -213,7 +213,13 @@ impl Node {
                         .find(|p| p.device_id == hex)
                         .and_then(|p| p.addr)
                 });
+                let applied = status
+                    .acknowledged
+                    .iter()
+                    .find(|(d, _)| *d == hex)
+                    .map(|(_, p)| *p);
                 PeerStatus {
+                    applied,
                     connected: status.connected.contains(&hex),
                     device_id: hex,
                     addr: addr.map(|a| a.to_string()),

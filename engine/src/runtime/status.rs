@@ -30,6 +30,17 @@ pub struct PeerStatus {
     pub addr: Option<String>,
     /// Whether a session with it is up.
     pub connected: bool,
+    /// What it last acknowledged applying, per sync domain (reported to its leader).
+    pub applied: Option<DomainsJson>,
+}
+
+/// Applied log positions per sync domain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainsJson {
+    /// Index domain (devices, locations, entries, entry-scoped metadata).
+    pub index: u64,
+    /// Content domain (contents, content-scoped metadata, tags).
+    pub content: u64,
 }
 
 /// A running node's replication state.
@@ -52,4 +63,7 @@ pub struct NodeStatus {
     /// Devices with a session up, hex (also shown per peer in `peers`).
     #[serde(skip)]
     pub connected: Vec<String>,
+    /// Applied positions followers acknowledged, by device hex (shown per peer in `peers`).
+    #[serde(skip)]
+    pub acknowledged: Vec<(String, DomainsJson)>,
 }
