@@ -154,26 +154,16 @@ impl Library {
         password: &str,
         options: CreateOptions,
     ) -> Result<Self, EngineError> {
-        if !valid_name(name) {
-            return Err(EngineError::InvalidName(name.into()));
-        }
-        let dir = home.library_dir(name);
-        if dir.join("library.toml").exists() {
-            return Err(EngineError::LibraryExists(name.into()));
-        }
-        let device = home.device()?;
-        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let library = LibraryId(Uuid::new_v4());
-        let key = LibraryKey::generate();
-        let config = LibraryConfig {
-            version: LIBRARY_CONFIG_VERSION,
-            name: name.into(),
-            library_id: library.0,
-            created_ms: now_ms(),
-            key: key.wrap(library, password, options.kdf)?,
-        };
-        config.write(&dir)?;
-        Self::open_with_key(name, dir, config, device, &key, None)
+        Self::create_with(
+            home,
+            name,
+            password,
+            library,
+            &LibraryKey::generate(),
+            options,
+            None,
+        )
     }
 
     /// Creates library `name` in `home` from a key received by pairing (see
@@ -187,6 +177,19 @@ impl Library {
         library: LibraryId,
         key: &LibraryKey,
         options: CreateOptions,
+    ) -> Result<Self, EngineError> {
+        let follower = Some(Epoch::default());
+        Self::create_with(home, name, password, library, key, options, follower)
+    }
+
+    fn create_with(
+        home: &Home,
+        name: &str,
+        password: &str,
+        library: LibraryId,
+        key: &LibraryKey,
+        options: CreateOptions,
+        follower_epoch: Option<Epoch>,
     ) -> Result<Self, EngineError> {
         if !valid_name(name) {
             return Err(EngineError::InvalidName(name.into()));
@@ -205,7 +208,7 @@ impl Library {
             key: key.wrap(library, password, options.kdf)?,
         };
         config.write(&dir)?;
-        Self::open_with_key(name, dir, config, device, key, Some(Epoch::default()))
+        Self::open_with_key(name, dir, config, device, key, follower_epoch)
     }
 
     /// Opens library `name` in `home`. A wrong password fails before anything is written.

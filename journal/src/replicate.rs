@@ -111,13 +111,17 @@ impl WriterState {
             appended.push((Placement::Log(Lsn(lsn)), change));
         }
         let mut sequenced = Vec::new();
-        for item in local.iter().map_err(storage)? {
-            let (seq, bytes) = item.map_err(storage)?;
-            let id = LocalRecord::decode(bytes.value())
-                .ok()
-                .and_then(|r| Sealer::peek_change_id(r.sealed));
-            if id.is_some_and(|id| ids.contains(&id)) {
-                sequenced.push(seq.value());
+        // Usually empty (a follower that wrote nothing offline): then there is nothing to scan.
+        let waiting = !ids.is_empty() && local.first().map_err(storage)?.is_some();
+        if waiting {
+            for item in local.iter().map_err(storage)? {
+                let (seq, bytes) = item.map_err(storage)?;
+                let id = LocalRecord::decode(bytes.value())
+                    .ok()
+                    .and_then(|r| Sealer::peek_change_id(r.sealed));
+                if id.is_some_and(|id| ids.contains(&id)) {
+                    sequenced.push(seq.value());
+                }
             }
         }
         for seq in sequenced {

@@ -10,7 +10,11 @@ pub const PASSWORD: &str = "test password";
 
 /// Creates library `name` in a home under `root`, with cheap key derivation.
 pub fn create_library(root: &Path, name: &str) -> Result<(Home, Library), EngineError> {
-    let home = Home::new(root.join("home"));
+    create_in(Home::new(root.join("home")), name)
+}
+
+/// Creates library `name` in `home`, with cheap key derivation.
+pub fn create_in(home: Home, name: &str) -> Result<(Home, Library), EngineError> {
     let lib = Library::create(
         &home,
         name,
@@ -44,17 +48,18 @@ pub mod cluster {
     /// Creates library `name` in home `root/<device>` and starts it as a node (the founder, so
     /// the leader of epoch 1).
     pub fn founder(root: &Path, device: &str, name: &str) -> Result<(Home, Node), EngineError> {
-        let home = Home::new(root.join(device));
-        let lib = Library::create(
-            &home,
-            name,
-            PASSWORD,
-            CreateOptions {
-                kdf: KdfParams::INSECURE_FAST,
-            },
-        )?;
-        let node = Node::start(lib, options(Vec::new()))?;
-        Ok((home, node))
+        founder_with(root, device, name, options(Vec::new()))
+    }
+
+    /// Like [`founder`], with its own node options.
+    pub fn founder_with(
+        root: &Path,
+        device: &str,
+        name: &str,
+        options: NodeOptions,
+    ) -> Result<(Home, Node), EngineError> {
+        let (home, lib) = super::create_in(Home::new(root.join(device)), name)?;
+        Ok((home, Node::start(lib, options)?))
     }
 
     /// Pairs a new device (home `root/<device>`) with `inviter` using a code, then opens the

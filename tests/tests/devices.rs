@@ -280,18 +280,10 @@ fn pairing_refuses_wrong_codes_rate_limits_then_the_right_code_works() {
 fn an_expired_code_is_refused() {
     use keel_transport::PairingError;
     let dir = tempfile::tempdir().expect("tempdir");
-    let home = keel_engine::Home::new(dir.path().join("a"));
-    let lib = keel_engine::Library::create(
-        &home,
+    let (_home, a) = keel_tests::cluster::founder_with(
+        dir.path(),
+        "a",
         "pics",
-        keel_tests::PASSWORD,
-        keel_engine::CreateOptions {
-            kdf: keel_engine::KdfParams::INSECURE_FAST,
-        },
-    )
-    .expect("creates");
-    let a = keel_engine::runtime::Node::start(
-        lib,
         keel_engine::runtime::NodeOptions {
             code_ttl_ms: 50,
             ..keel_tests::cluster::options(Vec::new())
@@ -376,19 +368,10 @@ fn declined_confirmation_and_the_device_limit_refuse_pairing() {
         Err(PairingError::Declined)
     );
     // A library at its device limit opens no invitation.
-    let lib_dir = dir.path().join("limited");
-    let home = keel_engine::Home::new(&lib_dir);
-    let lib = keel_engine::Library::create(
-        &home,
+    let (_home, node) = keel_tests::cluster::founder_with(
+        dir.path(),
+        "limited",
         "small",
-        keel_tests::PASSWORD,
-        keel_engine::CreateOptions {
-            kdf: keel_engine::KdfParams::INSECURE_FAST,
-        },
-    )
-    .expect("creates");
-    let node = keel_engine::runtime::Node::start(
-        lib,
         keel_engine::runtime::NodeOptions {
             device_limit: 1,
             ..keel_tests::cluster::options(Vec::new())

@@ -486,7 +486,11 @@ impl Node {
                     return;
                 }
                 let end = prev.0 + entries.len() as u64;
+                let mut sequenced = Vec::new();
                 for (i, (entry_epoch, entry)) in entries.into_iter().enumerate() {
+                    if let Entry::Change(id) = entry {
+                        sequenced.push(id);
+                    }
                     let at = prev.0 as usize + i;
                     match self.durable.log.get(at) {
                         Some((e, existing)) if e == entry_epoch && existing == entry => {}
@@ -502,6 +506,12 @@ impl Node {
                 if let Some(stale) = self.durable.log.first_older(end as usize, epoch) {
                     self.truncate_from(stale);
                 }
+                // The segment's changes are sequenced now (including any a truncation above
+                // just returned): one pass over `pending` per segment.
+                if !self.durable.pending.is_empty() && !sequenced.is_empty() {
+                    let sequenced: HashSet<ChangeId> = sequenced.into_iter().collect();
+                    self.durable.pending.retain(|p| !sequenced.contains(p));
+                }
                 Self::send(
                     out,
                     from,
@@ -515,12 +525,13 @@ impl Node {
         }
     }
 
+    /// Appends a leader's entry (its change leaves `pending` when the segment is done: see
+    /// `receive`, one pass per segment rather than one per entry).
     fn push_entry(&mut self, epoch: Epoch, entry: Entry) {
         if let Entry::Change(id) = entry {
             if let Some(set) = &mut self.in_log {
                 set.insert(id);
             }
-            self.durable.pending.retain(|p| *p != id);
         }
         self.record_push(epoch, entry);
     }

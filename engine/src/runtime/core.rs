@@ -366,20 +366,19 @@ impl Core {
                 }
             }
             Message::Push { changes } => {
-                let mut sealed = Vec::with_capacity(changes.len());
-                for id in changes {
-                    if !self.payloads.contains_key(&id) {
-                        if let Ok(local) =
-                            self.library.journal().and_then(|j| Ok(j.local_pending()?))
-                        {
-                            self.payloads.extend(local);
-                        }
-                    }
-                    if let Some(bytes) = self.payloads.get(&id) {
-                        sealed.push(ByteBuf::from(bytes.clone()));
+                let changes =
+                    &changes[..changes.len().min(keel_transport::RECORDS_PER_MESSAGE_MAX)];
+                // One read of the offline journal covers every payload not cached yet.
+                if changes.iter().any(|id| !self.payloads.contains_key(id)) {
+                    if let Ok(local) = self.library.journal().and_then(|j| Ok(j.local_pending()?)) {
+                        self.payloads.extend(local);
                     }
                 }
-                sealed.truncate(keel_transport::RECORDS_PER_MESSAGE_MAX);
+                let sealed = changes
+                    .iter()
+                    .filter_map(|id| self.payloads.get(id))
+                    .map(|bytes| ByteBuf::from(bytes.clone()))
+                    .collect();
                 DeviceMessage::SyncChange { changes: sealed }
             }
             Message::Append {
