@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crossbeam_channel::Receiver;
 use keel_journal::{CommittedBatch, Placement};
 use keel_projections::{AppliedPosition, Projections};
-use keel_schema::{Change, ChangeId};
+use keel_schema::{Change, ChangeId, Lsn};
 use tokio::sync::broadcast;
 
 use crate::events::{ChangeKind, Event, EVENT_RECORDS_MAX};
@@ -26,6 +26,45 @@ pub(crate) struct Shared {
     /// Where to announce this device's changes committed to the offline journal (the replication
     /// runtime pushes them to a leader).
     pub(crate) local_commits: Mutex<Option<crossbeam_channel::Sender<Vec<ChangeId>>>>,
+    /// While catching up a long log: the position at which the projections get their secondary
+    /// indexes back (`None` = not bulk loading). Locked after `projections`, never before.
+    pub(crate) bulk_until: Mutex<Option<Lsn>>,
+}
+
+/// A catch-up bulk-loads when at least this many log entries are missing...
+pub(crate) const CATCH_UP_BULK_MIN: u64 = 50_000;
+/// ...and they are this many times what the projections hold already (rebuilding the indexes
+/// costs in proportion to all the rows; maintaining them, to the rows added).
+pub(crate) const CATCH_UP_BULK_FACTOR: u64 = 2;
+
+/// Whether catching up from `applied` to `target` should load without secondary indexes.
+pub(crate) fn worth_bulk_loading(applied: Lsn, target: Lsn) -> bool {
+    let missing = target.0.saturating_sub(applied.0);
+    missing >= CATCH_UP_BULK_MIN && missing >= CATCH_UP_BULK_FACTOR.saturating_mul(applied.0)
+}
+
+/// After an apply that reached `position`: if a bulk load was waiting for it, builds the
+/// secondary indexes again (before the position is published, so whoever waits for it finds
+/// the projections complete).
+fn end_bulk_load_if_reached(
+    shared: &Shared,
+    projections: &mut Projections,
+    position: AppliedPosition,
+) -> Result<(), keel_projections::ProjectionError> {
+    let Ok(mut until) = shared.bulk_until.lock() else {
+        return Ok(());
+    };
+    if until.is_some_and(|target| position.log >= target) {
+        let started = std::time::Instant::now();
+        projections.set_bulk_load(false)?;
+        *until = None;
+        tracing::info!(
+            at = position.log.0,
+            ms = started.elapsed().as_millis() as u64,
+            "caught up: secondary indexes built"
+        );
+    }
+    Ok(())
 }
 
 /// Where the applier is.
@@ -83,7 +122,9 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         }
         let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).collect();
         let result = match shared.projections.lock() {
-            Ok(mut p) => p.apply(&changes, Some(position)),
+            Ok(mut p) => p.apply(&changes, Some(position)).and_then(|stats| {
+                end_bulk_load_if_reached(&shared, &mut p, position).map(|()| stats)
+            }),
             Err(_) => return,
         };
         let Ok(mut state) = shared.applied.lock() else {
@@ -117,5 +158,80 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         }
         drop(state);
         shared.applied_changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, Home, KdfParams, Library};
+
+    fn index_count(lib: &Library) -> i64 {
+        lib.read(|p| {
+            Ok(p.connection().query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap_or(-1)
+    }
+
+    #[test]
+    fn only_a_long_catch_up_relative_to_what_is_applied_bulk_loads() {
+        assert!(!worth_bulk_loading(Lsn(0), Lsn(CATCH_UP_BULK_MIN - 1)));
+        assert!(worth_bulk_loading(Lsn(0), Lsn(CATCH_UP_BULK_MIN)));
+        assert!(worth_bulk_loading(Lsn(100), Lsn(1_000_000)));
+        // Far behind in absolute terms, but the projections already hold more than half of it.
+        assert!(!worth_bulk_loading(Lsn(400_000), Lsn(1_000_000)));
+        assert!(!worth_bulk_loading(Lsn(10), Lsn(5)));
+    }
+
+    #[test]
+    fn a_catch_up_drops_the_secondary_indexes_and_the_apply_that_reaches_it_builds_them(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let home = Home::new(dir.path().join("home"));
+        let options = CreateOptions {
+            kdf: KdfParams::INSECURE_FAST,
+        };
+        let lib = Library::create(&home, "catch-up", "pw", options)?;
+        let with_indexes = index_count(&lib);
+        assert!(with_indexes > 0, "the projections start with their indexes");
+
+        // A short way behind: nothing changes.
+        lib.catching_up(Lsn(lib.applied_lsn().0 + 10))?;
+        assert!(!lib.bulk_loading());
+        assert_eq!(index_count(&lib), with_indexes);
+
+        // Far behind: the secondary indexes go, queries still answer.
+        lib.catching_up(Lsn(CATCH_UP_BULK_MIN * 10))?;
+        assert!(lib.bulk_loading());
+        assert_eq!(index_count(&lib), 0);
+        assert_eq!(lib.status()?.counts.devices, 1);
+
+        // Bring the target within reach (instead of writing half a million changes): the apply
+        // that reaches it builds the indexes before its position is published.
+        let target = Lsn(lib.applied_lsn().0 + 2);
+        if let Ok(mut until) = lib.shared.bulk_until.lock() {
+            *until = Some(target);
+        }
+        for name in ["a", "b", "c"] {
+            lib.transact(|tx| {
+                tx.upsert(&keel_schema::Tag {
+                    uuid: keel_schema::tag_uuid(lib.id().0, name),
+                    name: name.into(),
+                    color: None,
+                    created_ms: 1,
+                });
+                Ok(())
+            })?;
+        }
+        lib.flush()?;
+        assert!(lib.applied_lsn() >= target);
+        assert!(!lib.bulk_loading());
+        assert_eq!(index_count(&lib), with_indexes);
+        assert_eq!(lib.status()?.counts.tags, 3);
+        Ok(())
     }
 }

@@ -119,7 +119,7 @@ pub struct Library {
     device: DeviceIdentity,
     journal: Option<Journal>,
     key: LibraryKey,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     clock: Mutex<HlcClock>,
     committed: Mutex<AppliedPosition>,
     applier: Option<JoinHandle<()>>,
@@ -336,6 +336,7 @@ impl Library {
             applied_changed: Condvar::new(),
             events,
             local_commits: Mutex::new(None),
+            bulk_until: Mutex::new(None),
         });
         let applier_shared = shared.clone();
         let applier = std::thread::Builder::new()
@@ -408,6 +409,60 @@ impl Library {
             .lock()
             .map(|s| s.position.log)
             .unwrap_or_default()
+    }
+
+    /// Tells the library that the log reaches `leader_end` on the leader. When that is far ahead of
+    /// what is applied (a device that just joined), the projections drop their secondary indexes
+    /// and build them once when the applier reaches `leader_end` (or at the next open, if the
+    /// process stops first): maintaining them row by row costs more than one sorted build.
+    /// Queries stay correct meanwhile, only slower.
+    pub(crate) fn catching_up(&self, leader_end: keel_schema::Lsn) -> Result<(), EngineError> {
+        // Called for every segment: the usual answers come without waiting for an apply.
+        {
+            let mut until = self
+                .shared
+                .bulk_until
+                .lock()
+                .map_err(|_| EngineError::Closed)?;
+            if let Some(target) = until.as_mut() {
+                *target = (*target).max(leader_end);
+                return Ok(());
+            }
+        }
+        if !crate::applier::worth_bulk_loading(self.applied_lsn(), leader_end) {
+            return Ok(());
+        }
+        // Lock order: projections, then bulk_until.
+        let mut projections = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let mut until = self
+            .shared
+            .bulk_until
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let applied = projections.applied_position()?.log;
+        if until.is_none() && crate::applier::worth_bulk_loading(applied, leader_end) {
+            projections.set_bulk_load(true)?;
+            *until = Some(leader_end);
+            tracing::info!(
+                applied = applied.0,
+                leader_end = leader_end.0,
+                "catching up: loading without secondary indexes"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the projections are loading without their secondary indexes (a catch-up).
+    pub fn bulk_loading(&self) -> bool {
+        self.shared
+            .bulk_until
+            .lock()
+            .map(|u| u.is_some())
+            .unwrap_or(false)
     }
 
     /// How many of this device's changes wait in the offline journal for a leader.

@@ -17,5 +17,6 @@ pub use apply::ApplyStats;
 pub use error::ProjectionError;
 pub use queries::{Counts, EntryMetadata};
 pub use store::{
-    configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE, READER_CACHE_KIB,
+    configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,
+    READER_CACHE_KIB, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT,
 };

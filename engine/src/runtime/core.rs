@@ -455,6 +455,9 @@ impl Core {
                     out.push((entry.epoch, Entry::Change(id)));
                 }
                 if !out.is_empty() {
+                    if let Err(e) = self.library.catching_up(leader_end) {
+                        tracing::warn!(error = %e, "could not prepare the projections for a catch-up");
+                    }
                     self.library.publish(Event::SyncProgress {
                         stored: first.0 + out.len() as u64 - 1,
                         leader_end: leader_end.0,
