@@ -50,6 +50,7 @@ fn config(device: DeviceId) -> NodeConfig {
         election_timeout_ms: 150,
         heartbeat_ms: 25,
         segment_max: 16,
+        segments_in_flight: 3,
     }
 }
 

@@ -30,6 +30,19 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     /// Most entries per `Append`.
     pub segment_max: usize,
+    /// Most `Append` segments sent to one follower and not yet acknowledged (at least 1). With
+    /// more than one, the leader reads and sends the next segment while the follower stores
+    /// the previous one.
+    pub segments_in_flight: usize,
+}
+
+/// What a leader has sent to one follower beyond what it acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct Flight {
+    /// The last position sent.
+    upto: u64,
+    /// When the first unacknowledged segment was sent (for retransmission).
+    since_ms: u64,
 }
 
 /// One device's replication state machine. No I/O: see [`Node::handle`].
@@ -44,6 +57,8 @@ pub struct Node {
     last_send_ms: u64,
     votes: BTreeSet<DeviceId>,
     next: BTreeMap<DeviceId, u64>,
+    /// Sent to each follower and not yet acknowledged.
+    flights: BTreeMap<DeviceId, Flight>,
     /// The change ids in the log, kept only while leading (to sequence idempotently); built
     /// when needed, dropped on stepping down (a follower of a big library does not need it).
     in_log: Option<HashSet<ChangeId>>,
@@ -75,6 +90,7 @@ impl Node {
             last_send_ms: 0,
             votes: BTreeSet::new(),
             next: BTreeMap::new(),
+            flights: BTreeMap::new(),
             in_log: None,
             ops: Vec::new(),
         };
@@ -200,7 +216,8 @@ impl Node {
                     self.connected.insert(peer);
                     if self.role == Role::Leader {
                         self.next.insert(peer, self.durable.last_lsn().0);
-                        self.append_to(peer, &mut out);
+                        self.flights.remove(&peer);
+                        self.append_to(peer, now_ms, true, &mut out);
                     } else if self.role == Role::Alone {
                         self.role = Role::Follower;
                         self.reset_election_timer(now_ms);
@@ -210,6 +227,7 @@ impl Node {
             Input::Disconnected(peer) => {
                 self.connected.remove(&peer);
                 self.next.remove(&peer);
+                self.flights.remove(&peer);
                 self.votes.remove(&peer);
                 if self.leader == Some(peer) {
                     self.leader = None;
@@ -223,7 +241,7 @@ impl Node {
                     self.sequence(id);
                     let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
                     for peer in peers {
-                        self.append_to(peer, &mut out);
+                        self.append_to(peer, now_ms, false, &mut out);
                     }
                 } else {
                     self.durable.pending.push(id);
@@ -245,7 +263,7 @@ impl Node {
                     self.last_send_ms = now_ms;
                     let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
                     for peer in peers {
-                        self.append_to(peer, out);
+                        self.append_to(peer, now_ms, true, out);
                     }
                 }
             }
@@ -317,10 +335,11 @@ impl Node {
         }
         let barrier = self.durable.last_lsn().0;
         self.next = self.connected.iter().map(|p| (*p, barrier)).collect();
+        self.flights.clear();
         self.last_send_ms = now_ms;
         let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
         for peer in peers {
-            self.append_to(peer, out);
+            self.append_to(peer, now_ms, true, out);
         }
     }
 
@@ -341,7 +360,11 @@ impl Node {
         }
     }
 
-    fn append_to(&mut self, peer: DeviceId, out: &mut Vec<Output>) {
+    /// Sends a follower what it lacks: segments from its acknowledged position, at most
+    /// `segments_in_flight` of them unacknowledged. `beat` (a heartbeat is due): when nothing new
+    /// goes out, an empty `Append` at the acknowledged position does; and if nothing was
+    /// acknowledged for an election timeout, what is in flight is sent again (a message was lost).
+    fn append_to(&mut self, peer: DeviceId, now_ms: u64, beat: bool, out: &mut Vec<Output>) {
         let last = self.durable.last_lsn().0;
         let next = self
             .next
@@ -349,18 +372,53 @@ impl Node {
             .copied()
             .unwrap_or(last + 1)
             .clamp(1, last + 1);
-        let prev = Lsn(next - 1);
-        let prev_epoch = self.durable.epoch_at(prev).unwrap_or_default();
-        let end = (next - 1 + self.config.segment_max as u64).min(last);
-        let entries = self.durable.log.range((next - 1) as usize, end as usize);
+        let acked = next - 1;
+        let fresh = Flight {
+            upto: acked,
+            since_ms: now_ms,
+        };
+        let mut flight = self
+            .flights
+            .get(&peer)
+            .copied()
+            .filter(|f| f.upto >= acked && f.upto <= last)
+            .unwrap_or(fresh);
+        if beat
+            && flight.upto > acked
+            && now_ms >= flight.since_ms + self.config.election_timeout_ms
+        {
+            flight = fresh;
+        }
+        let segment = self.config.segment_max.max(1) as u64;
+        let window = segment.saturating_mul(self.config.segments_in_flight.max(1) as u64);
+        let limit = last.min(acked.saturating_add(window));
+        let mut sent = false;
+        while flight.upto < limit {
+            if flight.upto == acked {
+                flight.since_ms = now_ms;
+            }
+            let end = (flight.upto + segment).min(limit);
+            self.send_segment(peer, flight.upto, end, out);
+            flight.upto = end;
+            sent = true;
+        }
+        if beat && !sent {
+            self.send_segment(peer, acked, acked, out);
+        }
+        self.flights.insert(peer, flight);
+    }
+
+    /// Sends the log entries after `after` up to `end` (none: a heartbeat).
+    fn send_segment(&self, peer: DeviceId, after: u64, end: u64, out: &mut Vec<Output>) {
+        let prev = Lsn(after);
         Self::send(
             out,
             peer,
             Message::Append {
                 epoch: self.durable.epoch,
                 prev,
-                prev_epoch,
-                entries,
+                prev_epoch: self.durable.epoch_at(prev).unwrap_or_default(),
+                entries: self.durable.log.range(after as usize, end as usize),
             },
         );
     }
@@ -373,6 +431,7 @@ impl Node {
             // Own changes this leader sequenced are safe: they stay in its log until the new
             // leader's entries truncate them, and truncation returns them to `pending`.
             self.next.clear();
+            self.flights.clear();
             self.in_log = None;
         }
         self.role = self.idle_role();
@@ -420,7 +479,7 @@ impl Node {
                     if self.durable.log.len() > before {
                         let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
                         for peer in peers {
-                            self.append_to(peer, out);
+                            self.append_to(peer, now_ms, false, out);
                         }
                     }
                 }
@@ -436,13 +495,27 @@ impl Node {
                 let log_len = self.durable.last_lsn().0;
                 let next = self.next.entry(from).or_insert(log_len + 1);
                 if ok {
+                    if last.0 + 1 > *next {
+                        // Progress: the retransmission clock starts again.
+                        if let Some(flight) = self.flights.get_mut(&from) {
+                            flight.since_ms = now_ms;
+                        }
+                    }
                     *next = (last.0 + 1).max(*next).min(log_len + 1);
                     if *next <= log_len {
-                        self.append_to(from, out);
+                        self.append_to(from, now_ms, false, out);
                     }
                 } else {
+                    // A refusal that reaches at or past `next` answers a segment sent after one
+                    // still in flight (it was refused because that one had not arrived yet, or
+                    // for what the one in flight will settle): the reply to that one decides.
+                    let in_flight = self.flights.get(&from).is_some_and(|f| f.upto >= *next);
+                    if in_flight && last.0 + 1 >= *next {
+                        return;
+                    }
                     *next = (last.0 + 1).min(next.saturating_sub(1)).max(1);
-                    self.append_to(from, out);
+                    self.flights.remove(&from);
+                    self.append_to(from, now_ms, false, out);
                 }
             }
             Message::Append {

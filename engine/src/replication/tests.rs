@@ -11,6 +11,7 @@ fn config(byte: u8) -> NodeConfig {
         election_timeout_ms: 100,
         heartbeat_ms: 10,
         segment_max: 100,
+        segments_in_flight: 2,
     }
 }
 
@@ -208,4 +209,86 @@ fn the_compact_log_keeps_epochs_as_runs_and_truncates_them() {
     log.push((e(2), Entry::Barrier));
     assert_eq!(log.to_vec(), vec![items[0], (e(2), Entry::Barrier)]);
     assert_eq!(log.last(), Some((e(2), Entry::Barrier)));
+}
+
+/// The `(prev, entry count)` of each `Append` in `outputs`.
+fn appends(outputs: &[Output]) -> Vec<(u64, usize)> {
+    sent(outputs)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Append { prev, entries, .. } => Some((prev.0, entries.len())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_leader_keeps_segments_in_flight_and_resends_only_after_silence() {
+    let peer = DeviceId([2; 32]);
+    let mut leader = Node::founder(config(1), 0);
+    for n in 0..450 {
+        leader.handle(Input::Commit(id(n + 1)), 0);
+    }
+    let epoch = leader.durable().epoch;
+    leader.handle(Input::Connected(peer), 0);
+    // The follower answers the opening probe: it has nothing.
+    let reply = |ok: bool, last: u64| Input::Received {
+        from: peer,
+        message: Message::AppendReply {
+            epoch,
+            ok,
+            last: Lsn(last),
+        },
+    };
+    let out = leader.handle(reply(false, 0), 1);
+    assert_eq!(
+        appends(&out),
+        vec![(0, 100), (100, 100)],
+        "two segments go out without waiting (segments_in_flight = 2)"
+    );
+    // A heartbeat before the election timeout does not send them again.
+    let out = leader.handle(Input::Tick, 20);
+    assert_eq!(appends(&out), vec![(0, 0)], "only an empty heartbeat");
+    // The first is acknowledged: the window moves by one segment.
+    let out = leader.handle(reply(true, 100), 30);
+    assert_eq!(appends(&out), vec![(200, 100)]);
+    // A refusal of a segment sent after one still in flight changes nothing.
+    let out = leader.handle(reply(false, 100), 31);
+    assert!(appends(&out).is_empty(), "{out:?}");
+    // Silence for an election timeout: what is in flight is sent again.
+    let out = leader.handle(Input::Tick, 200);
+    assert_eq!(appends(&out), vec![(100, 100), (200, 100)]);
+}
+
+#[test]
+fn a_refusal_at_the_acknowledged_position_moves_the_leader_back() {
+    let peer = DeviceId([2; 32]);
+    let mut leader = Node::founder(config(1), 0);
+    for n in 0..50 {
+        leader.handle(Input::Commit(id(n + 1)), 0);
+    }
+    let epoch = leader.durable().epoch;
+    let last = leader.durable().last_lsn().0;
+    let out = leader.handle(Input::Connected(peer), 0);
+    assert_eq!(
+        appends(&out),
+        vec![(last - 1, 1)],
+        "an optimistic probe at the end"
+    );
+    let out = leader.handle(
+        Input::Received {
+            from: peer,
+            message: Message::AppendReply {
+                epoch,
+                ok: false,
+                last: Lsn(20),
+            },
+        },
+        1,
+    );
+    assert_eq!(
+        appends(&out),
+        vec![(20, (last - 20) as usize)],
+        "resent from the follower's end"
+    );
 }

@@ -2,7 +2,7 @@
 //! node's log operations and election state are made durable, and only then are its messages
 //! sent. A journal error reloads the node from the journal (what is durable is the truth).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -219,8 +219,8 @@ impl Core {
         self.outbox.extend(out);
     }
 
-    /// Makes the node's state durable, then sends what it asked for (only the newest `Append`
-    /// per peer: it covers the older ones).
+    /// Makes the node's state durable, then sends what it asked for (contiguous `Append`s to one
+    /// peer merged: see [`coalesce`]).
     fn flush(&mut self) {
         self.batch_entries = 0;
         let started = self.now();
@@ -234,17 +234,8 @@ impl Core {
             self.reload();
             return;
         }
-        let outbox = std::mem::take(&mut self.outbox);
-        let mut last_append: HashMap<DeviceId, usize> = HashMap::new();
-        for (i, Output::Send { to, message }) in outbox.iter().enumerate() {
-            if matches!(message, Message::Append { .. }) {
-                last_append.insert(*to, i);
-            }
-        }
-        for (i, Output::Send { to, message }) in outbox.into_iter().enumerate() {
-            if matches!(message, Message::Append { .. }) && last_append.get(&to) != Some(&i) {
-                continue;
-            }
+        let outbox = coalesce(std::mem::take(&mut self.outbox), self.config.segment_max);
+        for Output::Send { to, message } in outbox {
             if let Some(wire) = self.outgoing(message) {
                 self.send(to, wire);
             }
@@ -566,5 +557,132 @@ impl Core {
                 .map(|(d, p)| (d.to_hex(), *p))
                 .collect();
         }
+    }
+}
+
+/// Merges what a batch of inputs asked to send: an `Append` that continues the previous one to
+/// the same peer (same epoch, its `prev` is where that one ends) joins it, up to `segment_max`
+/// entries; a heartbeat (no entries) is dropped when that peer gets entries in the batch.
+pub(crate) fn coalesce(outbox: Vec<Output>, segment_max: usize) -> Vec<Output> {
+    let with_entries: HashSet<DeviceId> = outbox
+        .iter()
+        .filter_map(|Output::Send { to, message }| match message {
+            Message::Append { entries, .. } if !entries.is_empty() => Some(*to),
+            _ => None,
+        })
+        .collect();
+    let mut merged: Vec<Output> = Vec::with_capacity(outbox.len());
+    // Per peer: where its last `Append` sits in `merged`.
+    let mut open: HashMap<DeviceId, usize> = HashMap::new();
+    for Output::Send { to, message } in outbox {
+        let Message::Append {
+            epoch,
+            prev,
+            entries,
+            ..
+        } = &message
+        else {
+            // Nothing merges across another message to the same peer.
+            open.remove(&to);
+            merged.push(Output::Send { to, message });
+            continue;
+        };
+        if entries.is_empty() && with_entries.contains(&to) {
+            continue;
+        }
+        if let Some(Output::Send {
+            message:
+                Message::Append {
+                    epoch: open_epoch,
+                    prev: open_prev,
+                    entries: open_entries,
+                    ..
+                },
+            ..
+        }) = open.get(&to).and_then(|&i| merged.get_mut(i))
+        {
+            let open_end = open_prev.0 + open_entries.len() as u64;
+            if *open_epoch == *epoch
+                && open_end == prev.0
+                && open_entries.len() + entries.len() <= segment_max
+            {
+                open_entries.extend(entries.iter().copied());
+                continue;
+            }
+        }
+        open.insert(to, merged.len());
+        merged.push(Output::Send { to, message });
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(to: u8, prev: u64, n: usize) -> Output {
+        let epoch = Epoch {
+            counter: 1,
+            device: DeviceId([1; 32]),
+        };
+        Output::Send {
+            to: DeviceId([to; 32]),
+            message: Message::Append {
+                epoch,
+                prev: Lsn(prev),
+                prev_epoch: epoch,
+                entries: (0..n)
+                    .map(|i| {
+                        (
+                            epoch,
+                            Entry::Change(ChangeId(uuid::Uuid::from_u128(i as u128))),
+                        )
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    fn shape(outbox: &[Output]) -> Vec<(u8, u64, usize)> {
+        outbox
+            .iter()
+            .map(|Output::Send { to, message }| match message {
+                Message::Append { prev, entries, .. } => (to.0[0], prev.0, entries.len()),
+                _ => (to.0[0], u64::MAX, 0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn contiguous_appends_to_a_peer_merge_and_heartbeats_give_way() {
+        let stale = Output::Send {
+            to: DeviceId([2; 32]),
+            message: Message::Stale {
+                epoch: Epoch::default(),
+            },
+        };
+        let outbox = vec![
+            append(2, 10, 0), // heartbeat: dropped, peer 2 gets entries
+            append(2, 10, 1),
+            append(3, 10, 1),
+            append(2, 11, 1), // continues peer 2's
+            append(2, 12, 3), // would exceed 4 entries: starts a new one
+            stale,
+            append(2, 15, 1), // after another message to peer 2: not merged across it
+            append(3, 20, 1), // not contiguous with peer 3's
+            append(4, 7, 0),  // a lone heartbeat stays
+        ];
+        assert_eq!(
+            shape(&coalesce(outbox, 4)),
+            vec![
+                (2, 10, 2),
+                (3, 10, 1),
+                (2, 12, 3),
+                (2, u64::MAX, 0),
+                (2, 15, 1),
+                (3, 20, 1),
+                (4, 7, 0)
+            ]
+        );
     }
 }

@@ -51,6 +51,8 @@ pub struct NodeOptions {
     pub heartbeat_ms: u64,
     /// Most log entries per segment.
     pub segment_max: usize,
+    /// Most segments sent to one follower and not yet acknowledged.
+    pub segments_in_flight: usize,
     /// Most devices in the library.
     pub device_limit: usize,
     /// How long a pairing code lives.
@@ -65,6 +67,7 @@ impl Default for NodeOptions {
             election_timeout_ms: 300,
             heartbeat_ms: 50,
             segment_max: 4096,
+            segments_in_flight: 4,
             device_limit: DEVICE_LIMIT_DEFAULT,
             code_ttl_ms: keel_transport::CODE_TTL_MS,
         }
@@ -122,6 +125,7 @@ impl Node {
             election_timeout_ms: options.election_timeout_ms,
             heartbeat_ms: options.heartbeat_ms,
             segment_max: options.segment_max,
+            segments_in_flight: options.segments_in_flight,
         };
         let core = Core::new(library.clone(), config, status.clone(), pins)?;
         let (core_tx, core_rx) = crossbeam_channel::unbounded();
