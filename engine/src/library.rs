@@ -146,6 +146,11 @@ fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Durable batches waiting for the applier before the journal writer waits for it. A batch can be
+/// a whole replicated segment (4,096 decoded changes), so this bounds memory during a catch-up:
+/// at 64 the queue grew past 100 MB while a joining device stored faster than it applied.
+const COMMITTED_QUEUE_BATCHES: usize = 8;
+
 impl Library {
     /// Creates library `name` in `home`, with its key wrapped under `password`.
     pub fn create(
@@ -271,7 +276,7 @@ impl Library {
         key: &LibraryKey,
         follower_epoch: Option<Epoch>,
     ) -> Result<Self, EngineError> {
-        let (committed_tx, committed_rx) = crossbeam_channel::bounded(64);
+        let (committed_tx, committed_rx) = crossbeam_channel::bounded(COMMITTED_QUEUE_BATCHES);
         let journal = Journal::open(
             &dir.join(JOURNAL_FILE),
             config.library(),
