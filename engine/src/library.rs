@@ -434,10 +434,11 @@ impl Library {
                 return Ok(());
             }
         }
-        if !crate::applier::worth_bulk_loading(self.applied_lsn(), leader_end) {
+        let applied = self.applied_lsn();
+        if !crate::applier::worth_bulk_loading(applied, leader_end) {
             return Ok(());
         }
-        // Lock order: projections, then bulk_until.
+        // Lock order: projections, then bulk_until (another segment may have started it).
         let mut projections = self
             .shared
             .projections
@@ -448,8 +449,7 @@ impl Library {
             .bulk_until
             .lock()
             .map_err(|_| EngineError::Closed)?;
-        let applied = projections.applied_position()?.log;
-        if until.is_none() && crate::applier::worth_bulk_loading(applied, leader_end) {
+        if until.is_none() {
             projections.set_bulk_load(true)?;
             *until = Some(leader_end);
             tracing::info!(

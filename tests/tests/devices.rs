@@ -9,6 +9,22 @@ use uuid::Uuid;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
+/// Waits until one of `nodes` leads; returns its status.
+fn leader_among(nodes: &[&keel_engine::runtime::Node]) -> keel_engine::runtime::NodeStatus {
+    let deadline = std::time::Instant::now() + CONVERGE;
+    loop {
+        if let Some(status) = nodes
+            .iter()
+            .map(|n| n.status())
+            .find(|s| s.role == "leader")
+        {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn tag(name: &str) -> Tag {
     Tag {
         uuid: Uuid::new_v4(),
@@ -122,18 +138,7 @@ fn leader_killed_a_follower_takes_over_and_the_old_leader_steps_down() {
     drop(a);
     let during = tag("while a is down");
     commit(&b, &during);
-    let deadline = std::time::Instant::now() + CONVERGE;
-    let new_leader = loop {
-        let leaders: Vec<_> = [&b, &c]
-            .into_iter()
-            .filter(|n| n.status().role == "leader")
-            .collect();
-        if let Some(l) = leaders.first() {
-            break l.status();
-        }
-        assert!(std::time::Instant::now() < deadline, "no new leader");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let new_leader = leader_among(&[&b, &c]);
     assert!(new_leader.epoch.counter > old_epoch);
     let lib = keel_engine::Library::open(&home_a, "music", keel_tests::PASSWORD).expect("opens");
     let a = keel_engine::runtime::Node::start(
@@ -165,14 +170,7 @@ fn two_leaders_after_a_partition_heal_converge_and_nothing_is_lost() {
     converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
     // Partition: a alone (still leading epoch 1) | b and c, who elect a new leader.
     a.set_offline(true);
-    let deadline = std::time::Instant::now() + CONVERGE;
-    while ![&b, &c].iter().any(|n| n.status().role == "leader") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "b and c elect no leader"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    leader_among(&[&b, &c]);
     assert_eq!(a.status().role, "leader", "a still believes it leads");
     let on_a: Vec<Tag> = (0..10).map(|i| tag(&format!("a side {i}"))).collect();
     let on_b: Vec<Tag> = (0..10).map(|i| tag(&format!("b side {i}"))).collect();

@@ -41,7 +41,8 @@ pub struct NodeConfig {
 struct Flight {
     /// The last position sent.
     upto: u64,
-    /// When the first unacknowledged segment was sent (for retransmission).
+    /// When the follower last made progress, or the first segment past it was sent: what is in
+    /// flight is sent again after an election timeout without progress.
     since_ms: u64,
 }
 
