@@ -17,8 +17,8 @@ use crate::tables::{
     META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, POSITIONS,
 };
 use crate::writer::{
-    epoch_bytes, next_key, write_epoch, CommittedBatch, Placement, Request, Role, Sealed,
-    WriterState, QUEUE_REQUESTS_MAX,
+    epoch_bytes, next_key, write_epoch, CommittedBatch, LeadingHint, Placement, Request, Role,
+    Sealed, WriterState, QUEUE_REQUESTS_MAX,
 };
 
 /// redb's page cache for the journal (its default of 1 GiB would let replay memory grow with the
@@ -61,6 +61,7 @@ pub struct Journal {
     requests: Option<Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     sent: Arc<std::sync::atomic::AtomicU64>,
+    leading: LeadingHint,
 }
 
 impl std::fmt::Debug for Journal {
@@ -216,8 +217,10 @@ impl Journal {
 
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_REQUESTS_MAX);
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let leading = LeadingHint::default();
         let mut journal = Self {
             sent: sent.clone(),
+            leading: leading.clone(),
             db: db.clone(),
             library,
             sealer,
@@ -240,7 +243,9 @@ impl Journal {
             own_changes,
             committed: options.committed,
             sent: sent.clone(),
+            leading,
         };
+        state.publish_role();
         let handle = std::thread::Builder::new()
             .name("keel-journal-writer".into())
             .spawn(move || state.run(rx))
@@ -351,11 +356,23 @@ impl Journal {
     /// next batch while this one is written. Nothing is acknowledged until
     /// [`PendingCommit::wait`] returns `Ok`. Batches are written in the order they are handed over.
     pub fn commit_pipelined(&self, changes: Vec<Change>) -> Result<PendingCommit, JournalError> {
+        let framed_for = match self.leading.read() {
+            Ok(hint) => *hint,
+            Err(poisoned) => *poisoned.into_inner(),
+        };
         let sealed = changes
             .into_iter()
             .map(|change| {
-                let bytes = self.sealer.seal(change.id, &change.encode());
-                Sealed { change, bytes }
+                let sealed = self.sealer.seal(change.id, &change.encode());
+                let bytes = match framed_for {
+                    Some(epoch) => LogRecord::encode(epoch, &sealed),
+                    None => sealed,
+                };
+                Sealed {
+                    change,
+                    bytes,
+                    framed_for,
+                }
             })
             .collect();
         let (reply, answer) = crossbeam_channel::bounded(1);
@@ -793,5 +810,75 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_schema::Tag;
+
+    #[test]
+    fn a_record_framed_for_a_stale_epoch_is_reframed_for_the_writers_epoch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let device = DeviceId([5; 32]);
+        let journal = Journal::open(
+            &dir.path().join("journal.redb"),
+            LibraryId(Uuid::new_v4()),
+            &LibraryKey::generate(),
+            device,
+            JournalOptions::default(),
+        )
+        .expect("opens");
+        let current = Epoch { counter: 3, device };
+        journal.set_role(Role::Leader(current)).expect("leads");
+        let tag = Tag {
+            uuid: Uuid::now_v7(),
+            name: "t".into(),
+            color: None,
+            created_ms: 1,
+        };
+        let hlc = Hlc {
+            physical_ms: 10,
+            counter: 0,
+            device,
+        };
+        let change = Change::upsert(ChangeId::new(), hlc, &tag).expect("tag has a uuid");
+        // Sealed while the writer led epoch 1 (as a sealing thread could see it in a race).
+        let stale = Epoch { counter: 1, device };
+        let sealed = journal.sealer.seal(change.id, &change.encode());
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        journal
+            .requests
+            .as_ref()
+            .expect("writer runs")
+            .send(Request::Commit {
+                sealed: vec![Sealed {
+                    change: change.clone(),
+                    bytes: LogRecord::encode(stale, &sealed),
+                    framed_for: Some(stale),
+                }],
+                reply,
+            })
+            .expect("sent");
+        let placed = answer.recv().expect("answered").expect("durable");
+        assert_eq!(placed, vec![Placement::Log(Lsn(1))]);
+        let read = journal.read_log(Lsn(1), 10).expect("reads");
+        let (place, epoch, read_change) = read
+            .into_iter()
+            .next()
+            .expect("one change")
+            .expect("record is sound");
+        assert_eq!(place, Placement::Log(Lsn(1)));
+        assert_eq!(epoch, Some(current));
+        assert_eq!(read_change, change);
+        // And a commit through the API is framed for the current epoch directly.
+        journal.commit(vec![change.clone()]).expect("commits");
+        assert_eq!(
+            *journal.leading.read().expect("hint"),
+            Some(current),
+            "the sealing threads see the writer's epoch"
+        );
+        journal.close();
     }
 }

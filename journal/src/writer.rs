@@ -12,7 +12,7 @@ use keel_schema::{Change, Epoch, Hlc, Lsn};
 use redb::{Durability, ReadableTable};
 
 use crate::error::{guarded, storage, DbHandle, JournalError};
-use crate::record::{LocalRecord, LogRecord, PushState};
+use crate::record::{LocalRecord, LogRecord, PushState, LOG_HEADER_LEN};
 use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES};
 
 /// Most changes written in one transaction.
@@ -39,10 +39,31 @@ pub enum Role {
 }
 
 /// A change sealed by its caller, ready for the writer.
+///
+/// When the caller saw the writer leading, it also frames the log record (epoch and checksum) on
+/// its own thread, so the single writer only inserts it; the writer re-frames it if its role
+/// changed in between.
 pub(crate) struct Sealed {
     pub(crate) change: Change,
+    /// The sealed change, or the whole log record when `framed_for` is set.
     pub(crate) bytes: Vec<u8>,
+    /// The epoch `bytes` is framed for as a log record.
+    pub(crate) framed_for: Option<Epoch>,
 }
+
+impl Sealed {
+    /// The sealed change alone.
+    pub(crate) fn sealed(&self) -> &[u8] {
+        match self.framed_for {
+            Some(_) => self.bytes.get(LOG_HEADER_LEN..).unwrap_or_default(),
+            None => &self.bytes,
+        }
+    }
+}
+
+/// The epoch the writer leads in (`None` while it follows), shared with the threads that seal, so
+/// they can frame log records in advance. Only a hint: the writer checks it against its role.
+pub(crate) type LeadingHint = Arc<std::sync::RwLock<Option<Epoch>>>;
 
 /// A batch of changes that became durable, in order, for whoever applies them.
 #[derive(Debug)]
@@ -98,6 +119,8 @@ pub(crate) struct WriterState {
     pub(crate) committed: Option<Sender<CommittedBatch>>,
     /// How many batches were sent to `committed` (shared with the `Journal` handle).
     pub(crate) sent: Arc<std::sync::atomic::AtomicU64>,
+    /// The role as the sealing threads see it.
+    pub(crate) leading: LeadingHint,
 }
 
 /// Durably records `epoch` as the current epoch.
@@ -178,7 +201,20 @@ impl WriterState {
             write_epoch(&self.db, epoch)?;
         }
         self.role = role;
+        self.publish_role();
         Ok(())
+    }
+
+    /// Tells the sealing threads the current role.
+    pub(crate) fn publish_role(&self) {
+        let epoch = match self.role {
+            Role::Leader(epoch) => Some(epoch),
+            Role::Follower => None,
+        };
+        match self.leading.write() {
+            Ok(mut hint) => *hint = epoch,
+            Err(poisoned) => *poisoned.into_inner() = epoch,
+        }
     }
 
     fn flush(&mut self, commits: &mut Vec<(Vec<Sealed>, CommitReply)>) {
@@ -266,8 +302,12 @@ impl WriterState {
                         Role::Leader(epoch) => {
                             let lsn = self.next_lsn;
                             self.next_lsn += 1;
-                            let record = LogRecord::encode(epoch, &item.bytes);
-                            log.insert(lsn, record.as_slice()).map_err(storage)?;
+                            if item.framed_for == Some(epoch) {
+                                log.insert(lsn, item.bytes.as_slice()).map_err(storage)?;
+                            } else {
+                                let record = LogRecord::encode(epoch, item.sealed());
+                                log.insert(lsn, record.as_slice()).map_err(storage)?;
+                            }
                             index
                                 .insert(item.change.id.0.as_u128(), lsn)
                                 .map_err(storage)?;
@@ -276,7 +316,7 @@ impl WriterState {
                         Role::Follower => {
                             let seq = self.next_local;
                             self.next_local += 1;
-                            let record = LocalRecord::encode(PushState::Pending, &item.bytes);
+                            let record = LocalRecord::encode(PushState::Pending, item.sealed());
                             local.insert(seq, record.as_slice()).map_err(storage)?;
                             placements.push(Placement::Local(seq));
                         }
