@@ -19,6 +19,14 @@ use crate::events::{Event, EVENT_BUS_CAPACITY};
 use crate::replay::{replay, ReplayReport};
 use crate::tx::Tx;
 
+/// How a library created by pairing starts: a follower with no epoch, and the name its Device
+/// record carries.
+#[derive(Debug, Clone, Copy)]
+struct Joined<'a> {
+    epoch: Epoch,
+    device_name: Option<&'a str>,
+}
+
 /// Options for creating a library.
 #[derive(Debug, Clone, Copy)]
 pub struct CreateOptions {
@@ -174,7 +182,8 @@ impl Library {
     /// Creates library `name` in `home` from a key received by pairing (see
     /// [`crate::runtime::join`]): same library id and key as the inviting device, wrapped under this
     /// device's `password`. The journal starts as a follower with no epoch: it learns the leader's
-    /// log by replication.
+    /// log by replication. This device's Device record carries `device_name` (default: the home's
+    /// device name).
     pub fn create_joined(
         home: &Home,
         name: &str,
@@ -182,9 +191,13 @@ impl Library {
         library: LibraryId,
         key: &LibraryKey,
         options: CreateOptions,
+        device_name: Option<&str>,
     ) -> Result<Self, EngineError> {
-        let follower = Some(Epoch::default());
-        Self::create_with(home, name, password, library, key, options, follower)
+        let joined = Joined {
+            epoch: Epoch::default(),
+            device_name,
+        };
+        Self::create_with(home, name, password, library, key, options, Some(joined))
     }
 
     fn create_with(
@@ -194,7 +207,7 @@ impl Library {
         library: LibraryId,
         key: &LibraryKey,
         options: CreateOptions,
-        follower_epoch: Option<Epoch>,
+        joined: Option<Joined<'_>>,
     ) -> Result<Self, EngineError> {
         if !valid_name(name) {
             return Err(EngineError::InvalidName(name.into()));
@@ -203,7 +216,10 @@ impl Library {
         if dir.join("library.toml").exists() {
             return Err(EngineError::LibraryExists(name.into()));
         }
-        let device = home.device()?;
+        let mut device = home.device()?;
+        if let Some(name) = joined.and_then(|j| j.device_name) {
+            device.name = name.into();
+        }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let config = LibraryConfig {
             version: LIBRARY_CONFIG_VERSION,
@@ -213,7 +229,7 @@ impl Library {
             key: key.wrap(library, password, options.kdf)?,
         };
         config.write(&dir)?;
-        Self::open_with_key(name, dir, config, device, key, follower_epoch)
+        Self::open_with_key(name, dir, config, device, key, joined.map(|j| j.epoch))
     }
 
     /// Opens library `name` in `home`. A wrong password fails before anything is written.

@@ -72,10 +72,15 @@ pub mod cluster {
         Ok((home, node))
     }
 
-    /// Opens an auto-accepting invitation on `inviter` and joins it from `home` at `addr`.
+    /// Opens an auto-accepting invitation on `inviter` and joins it from `home` at `addr`. The
+    /// joining device names itself after its home's folder (`b` for `root/b`).
     pub fn pair(home: &Home, inviter: &Node, addr: SocketAddr) -> Result<String, EngineError> {
         let invite = inviter.invite(true)?;
-        join_with_code(home, addr, invite.code.as_str())
+        let name = home
+            .root()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        join_as(home, None, addr, invite.code.as_str(), name)
     }
 
     /// Joins the node at `addr` with `code` from `home`.
@@ -94,6 +99,18 @@ pub mod cluster {
         addr: SocketAddr,
         code: &str,
     ) -> Result<String, EngineError> {
+        join_as(home, bind, addr, code, None)
+    }
+
+    /// Joins the node at `addr` with `code` from `home` under `device_name` (default: the home's
+    /// device name), pairing from local address `bind`.
+    pub fn join_as(
+        home: &Home,
+        bind: Option<SocketAddr>,
+        addr: SocketAddr,
+        code: &str,
+        device_name: Option<String>,
+    ) -> Result<String, EngineError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -104,7 +121,7 @@ pub mod cluster {
                 addr,
                 bind,
                 code: code.into(),
-                device_name: None,
+                device_name,
                 password: PASSWORD.into(),
                 create: CreateOptions {
                     kdf: KdfParams::INSECURE_FAST,

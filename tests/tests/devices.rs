@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keel_engine::Tag;
+use keel_engine::{Device, Tag};
 use keel_tests::cluster::{converge, founder, join_with_code, joiner};
 use uuid::Uuid;
 
@@ -77,6 +77,14 @@ fn three_devices_pair_and_replicate_both_ways() {
     }
     assert_eq!(a.library().devices().expect("devices").len(), 3);
     assert!(!digest.is_empty());
+    // A joined device's record carries the name it joined with (`pair join --name`), everywhere.
+    for (joined, name) in [(&b, "b"), (&c, "c")] {
+        let uuid = joined.library().device_id().record_uuid();
+        for node in [&a, &b, &c] {
+            let record = node.library().get::<Device>(uuid).expect("reads");
+            assert_eq!(record.map(|d| d.name).as_deref(), Some(name));
+        }
+    }
 }
 
 fn commit(node: &keel_engine::runtime::Node, t: &Tag) {

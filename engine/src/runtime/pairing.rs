@@ -221,7 +221,10 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, EngineErr
         inviter: conn.peer(),
         joiner: endpoint.device(),
     };
-    let name = options.device_name.unwrap_or_else(|| device.name.clone());
+    let name = options
+        .device_name
+        .clone()
+        .unwrap_or_else(|| device.name.clone());
     let (mut joiner, start) = Joiner::start(&code, binding, &name);
     send_pairing(&conn, start).await?;
     let reply = recv_pairing(&conn).await?;
@@ -246,6 +249,7 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, EngineErr
         joined.library,
         &key,
         options.create,
+        options.device_name.as_deref(),
     )?;
     let mut file = DevicesFile::read(library.dir())?;
     file.add(joined.inviter, "inviter", Some(options.addr), now_ms());
