@@ -170,6 +170,22 @@ fn free_port() -> String {
 }
 
 #[test]
+fn a_second_serve_of_a_library_fails_with_one_line_and_the_first_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    ok(&keel(&home, &["init", "lib"]));
+    let _first = serve(&home, &free_port(), &[]);
+    let second = keel(&home, &["serve", "lib", "--listen", &free_port()]);
+    fails_with_one_error_line(&second);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("open in another process"), "{stderr}");
+    // The first node's control socket still answers.
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home, &["status", "lib", "--json"]))).expect("json");
+    assert_eq!(status["role"], "leader");
+}
+
+#[test]
 fn serve_pair_and_status_through_the_control_socket() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
