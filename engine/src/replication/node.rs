@@ -575,11 +575,11 @@ impl Node {
                         None => self.push_entry(entry_epoch, entry),
                     }
                 }
-                // Entries past the leader's segment from an older epoch can never be committed by
-                // this leader: give their changes back to `pending`.
-                if let Some(stale) = self.durable.log.first_older(end as usize, epoch) {
-                    self.truncate_from(stale);
-                }
+                // Entries past the segment stay, whatever their epoch: with segments in flight
+                // they are usually the leader's own next entries, and a heartbeat carries none.
+                // A deposed leader's stale suffix still goes: every leader starts its epoch with
+                // a barrier, so the new leader's entries conflict with that suffix at the barrier
+                // or before it, and the conflict above truncates it.
                 // The segment's changes are sequenced now (including any a truncation above
                 // just returned): one pass over `pending` per segment.
                 if !self.durable.pending.is_empty() && !sequenced.is_empty() {

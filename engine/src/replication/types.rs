@@ -193,15 +193,6 @@ impl Log {
         (from.min(to)..to).filter_map(|i| self.get(i)).collect()
     }
 
-    /// The first index at or after `from` whose epoch is below `epoch`.
-    pub fn first_older(&self, from: usize, epoch: Epoch) -> Option<usize> {
-        let len = self.entries.len();
-        self.runs.iter().enumerate().find_map(|(r, (start, e))| {
-            let end = self.runs.get(r + 1).map_or(len, |(next, _)| *next);
-            (end > from && *e < epoch && (*start).max(from) < len).then(|| (*start).max(from))
-        })
-    }
-
     /// Every entry, in order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Epoch, Entry)> + '_ {
         (0..self.entries.len()).filter_map(|i| self.get(i))
