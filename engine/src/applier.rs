@@ -4,7 +4,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use crossbeam_channel::Receiver;
-use keel_journal::{CommittedBatch, Placement};
+use keel_journal::{ApplyBudget, CommittedBatch, Placement};
 use keel_projections::{AppliedPosition, Projections};
 use keel_schema::{Change, ChangeId, Lsn};
 use tokio::sync::broadcast;
@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     /// While catching up a long log: the position at which the projections get their secondary
     /// indexes back (`None` = not bulk loading). Locked after `projections`, never before.
     pub(crate) bulk_until: Mutex<Option<Lsn>>,
+    /// Bounds the journal's queue of durable batches to the applier, in changes.
+    pub(crate) budget: Arc<ApplyBudget>,
 }
 
 /// A catch-up bulk-loads when at least this many log entries are missing...
@@ -98,14 +100,28 @@ fn announce_local(shared: &Shared, entries: &[(Placement, Change)]) {
     }
 }
 
-/// Runs until the journal writer stops (its sender is dropped).
+/// Closes the writer's budget when the applier stops, however it stops, so the writer never
+/// waits for an applier that is gone.
+struct CloseOnExit(Arc<ApplyBudget>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Runs until the journal writer stops (its sender is dropped). Gives the room of each batch
+/// back to the budget as it takes the batch off the queue.
 pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
+    let budget = CloseOnExit(shared.budget.clone());
     while let Ok(first) = batches.recv() {
+        budget.0.give_back(first.entries.len() as u64);
         let mut entries = first.entries;
         let mut seq = first.seq;
         while entries.len() < APPLY_GROUP_MAX {
             match batches.try_recv() {
                 Ok(more) => {
+                    budget.0.give_back(more.entries.len() as u64);
                     entries.extend(more.entries);
                     seq = seq.max(more.seq);
                 }
@@ -232,6 +248,41 @@ mod tests {
         assert!(!lib.bulk_loading());
         assert_eq!(index_count(&lib), with_indexes);
         assert_eq!(lib.status()?.counts.tags, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn more_changes_than_the_queue_budget_all_apply_and_the_budget_drains(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let home = Home::new(dir.path().join("home"));
+        let options = CreateOptions {
+            kdf: KdfParams::INSECURE_FAST,
+        };
+        let lib = Library::create(&home, "budget", "pw", options)?;
+        let per_batch = 8_192;
+        let batches = 10;
+        assert!(per_batch * batches > crate::library::COMMITTED_QUEUE_CHANGES);
+        let mut pending = Vec::new();
+        for b in 0..batches {
+            pending.push(lib.transact_pipelined(|tx| {
+                for i in 0..per_batch {
+                    tx.upsert(&keel_schema::Tag {
+                        uuid: uuid::Uuid::now_v7(),
+                        name: format!("t{b}-{i}"),
+                        color: None,
+                        created_ms: 1,
+                    });
+                }
+                Ok(())
+            })?);
+        }
+        for p in pending {
+            p.wait()?;
+        }
+        lib.flush()?;
+        assert_eq!(lib.status()?.counts.tags, per_batch * batches);
+        assert_eq!(lib.shared.budget.queued(), 0);
         Ok(())
     }
 }

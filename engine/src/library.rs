@@ -158,6 +158,10 @@ fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
 /// cut a joining device's peak memory a little (a batch can be a 4,096-change segment) but let
 /// small live commits queue behind an apply: P5's p99 went from 4–6 ms to 27–29 ms.
 const COMMITTED_QUEUE_BATCHES: usize = 64;
+/// Changes in durable batches waiting for the applier before the journal writer waits for it
+/// (see [`keel_journal::ApplyBudget`]): during a catch-up, 64 batches of segments could hold
+/// 250k decoded changes; this bounds them to 64k without holding back small live commits.
+pub(crate) const COMMITTED_QUEUE_CHANGES: u64 = 65_536;
 
 impl Library {
     /// Creates library `name` in `home`, with its key wrapped under `password`.
@@ -293,6 +297,7 @@ impl Library {
         follower_epoch: Option<Epoch>,
     ) -> Result<Self, EngineError> {
         let (committed_tx, committed_rx) = crossbeam_channel::bounded(COMMITTED_QUEUE_BATCHES);
+        let budget = Arc::new(keel_journal::ApplyBudget::new(COMMITTED_QUEUE_CHANGES));
         let journal = Journal::open(
             &dir.join(JOURNAL_FILE),
             config.library(),
@@ -301,6 +306,7 @@ impl Library {
             JournalOptions {
                 committed: Some(committed_tx),
                 role: follower_epoch.map(|_| keel_journal::Role::Follower),
+                committed_budget: Some(budget.clone()),
             },
         )?;
         if let Some(epoch) = follower_epoch {
@@ -358,6 +364,7 @@ impl Library {
             events,
             local_commits: Mutex::new(None),
             bulk_until: Mutex::new(None),
+            budget,
         });
         let applier_shared = shared.clone();
         let applier = std::thread::Builder::new()

@@ -5,6 +5,7 @@
 //! The journal knows nothing about SQLite or the network. Layout and commit protocol:
 //! `docs/journal-format.md`.
 
+mod budget;
 mod error;
 mod record;
 mod replicate;
@@ -13,6 +14,7 @@ mod store;
 mod tables;
 mod writer;
 
+pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};
 pub use record::{
     LocalRecord, LogRecord, PushState, RecordError, LOCAL_HEADER_LEN, LOG_HEADER_LEN,

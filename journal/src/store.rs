@@ -9,6 +9,7 @@ use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use uuid::Uuid;
 
+use crate::budget::ApplyBudget;
 use crate::error::{guarded, storage, DbHandle, JournalError, RecordPlace};
 use crate::record::{LocalRecord, LogRecord};
 use crate::seal::{LibraryKey, Sealer};
@@ -22,8 +23,10 @@ use crate::writer::{
 };
 
 /// redb's page cache for the journal (its default of 1 GiB would let replay memory grow with the
-/// library).
-pub const JOURNAL_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// library). The journal is written at its end and read in order, so a small cache does: at 16 MiB
+/// instead of 64, a 2M-entry initial sync and a 1M-change replay ran as fast, and their peak RSS
+/// fell by about 100 MB.
+pub const JOURNAL_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// One decoded entry of the log or the local journal; a record that fails its checks is an `Err`
 /// with its position, and is never applied.
@@ -93,6 +96,9 @@ pub struct JournalOptions {
     pub committed: Option<Sender<CommittedBatch>>,
     /// The role the writer starts in; `None` reads the stored epoch and leads if it names `device`.
     pub role: Option<Role>,
+    /// Bounds, in changes, the batches sent to `committed` and not yet taken: the writer waits
+    /// for room before sending (the receiver gives the room back as it takes batches).
+    pub committed_budget: Option<Arc<ApplyBudget>>,
 }
 
 fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
@@ -242,6 +248,7 @@ impl Journal {
             hlc_high_water,
             own_changes,
             committed: options.committed,
+            budget: options.committed_budget,
             sent: sent.clone(),
             leading,
         };

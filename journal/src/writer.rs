@@ -117,6 +117,8 @@ pub(crate) struct WriterState {
     pub(crate) hlc_high_water: Hlc,
     pub(crate) own_changes: u64,
     pub(crate) committed: Option<Sender<CommittedBatch>>,
+    /// Bounds what `committed` holds, in changes.
+    pub(crate) budget: Option<Arc<crate::ApplyBudget>>,
     /// How many batches were sent to `committed` (shared with the `Journal` handle).
     pub(crate) sent: Arc<std::sync::atomic::AtomicU64>,
     /// The role as the sealing threads see it.
@@ -189,7 +191,14 @@ impl WriterState {
         use std::sync::atomic::Ordering;
         let Some(tx) = &self.committed else { return };
         let seq = self.sent.load(Ordering::SeqCst) + 1;
+        let n = entries.len() as u64;
+        if let Some(budget) = &self.budget {
+            budget.take(n);
+        }
         if tx.send(CommittedBatch { seq, entries }).is_err() {
+            if let Some(budget) = &self.budget {
+                budget.give_back(n);
+            }
             self.committed = None;
             return;
         }

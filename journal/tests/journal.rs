@@ -77,6 +77,7 @@ fn follower_changes_wait_in_the_local_journal() {
         device,
         JournalOptions {
             committed: None,
+            committed_budget: None,
             role: Some(Role::Follower),
         },
     )

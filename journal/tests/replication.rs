@@ -36,6 +36,7 @@ fn open(
         device,
         JournalOptions {
             committed: None,
+            committed_budget: None,
             role: Some(role),
         },
     )

@@ -77,6 +77,7 @@ fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryI
         device(),
         JournalOptions {
             committed: None,
+            committed_budget: None,
             role: Some(Role::Leader(Epoch {
                 counter: 1,
                 device: device(),

@@ -134,6 +134,13 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
     let code = var("KEEL_P4_CODE")?;
     let home = Home::new(var("KEEL_P4_HOME")?);
     let log_len: u64 = var("KEEL_P4_LOG")?.parse()?;
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG") {
+        // Diagnosing a slow sync: the joiner's log on stderr.
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .try_init();
+    }
     reset_peak_rss();
     let t = Instant::now();
     let name = join_blocking(&home, addr, &code)?;
