@@ -154,9 +154,19 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
     )?;
     let deadline = Instant::now() + Duration::from_secs(600);
     // The joiner's own Device record adds one entry to the leader's log.
+    let verbose = std::env::var_os("KEEL_LOG").is_some();
+    let mut last_print = Instant::now();
     while node.status().log_len < log_len {
         ensure!(Instant::now() < deadline, "initial sync did not finish");
         std::thread::sleep(Duration::from_millis(5));
+        if verbose && last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            tracing::info!(
+                log = node.status().log_len,
+                applied = node.library().applied_lsn().0,
+                "initial sync"
+            );
+        }
     }
     node.library().flush()?;
     let secs = t.elapsed().as_secs_f64();
