@@ -50,6 +50,15 @@ impl FieldClocks {
         out
     }
 
+    /// The canonical encoding of "every field written at `hlc`" (what [`FieldClocks::encode`]
+    /// gives for uniform clocks), without allocating.
+    pub(crate) fn encode_uniform(hlc: &Hlc) -> [u8; ENTRY_LEN] {
+        let mut out = [0u8; ENTRY_LEN];
+        out[0] = ALL_FIELDS;
+        out[1..].copy_from_slice(&hlc.to_bytes());
+        out
+    }
+
     /// The newest clock of any field.
     pub(crate) fn newest(&self) -> Option<Hlc> {
         self.0.iter().flatten().max().copied()
@@ -73,10 +82,17 @@ mod tests {
     fn uniform_clocks_encode_compactly_and_round_trip() {
         let uniform = FieldClocks(vec![Some(hlc(5)); 4]);
         assert_eq!(uniform.encode().len(), ENTRY_LEN);
-        assert_eq!(FieldClocks::decode(&uniform.encode(), 4), Some(uniform));
+        assert_eq!(
+            FieldClocks::decode(&uniform.encode(), 4),
+            Some(uniform.clone())
+        );
         let mixed = FieldClocks(vec![Some(hlc(5)), None, Some(hlc(7)), Some(hlc(5))]);
         assert_eq!(FieldClocks::decode(&mixed.encode(), 4), Some(mixed.clone()));
         assert_eq!(mixed.newest(), Some(hlc(7)));
         assert_eq!(FieldClocks::decode(&[1, 2, 3], 4), None);
+        assert_eq!(
+            FieldClocks::encode_uniform(&hlc(5)).as_slice(),
+            uniform.encode().as_slice()
+        );
     }
 }
