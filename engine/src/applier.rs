@@ -261,7 +261,7 @@ mod tests {
         };
         let lib = Library::create(&home, "budget", "pw", options)?;
         let per_batch = 8_192;
-        let batches = 10;
+        let batches = 5;
         assert!(per_batch * batches > crate::library::COMMITTED_QUEUE_CHANGES);
         let mut pending = Vec::new();
         for b in 0..batches {

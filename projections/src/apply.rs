@@ -472,6 +472,9 @@ impl Projections {
         }
         let parked: i64 = tx.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
         tx.commit()?;
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.written(stats.applied + stats.parked + stats.unparked + 1);
+        }
         self.parked = u64::try_from(parked).unwrap_or(0);
         Ok(stats)
     }

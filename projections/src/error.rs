@@ -18,6 +18,9 @@ pub enum ProjectionError {
         /// The newest this build knows.
         supported: i64,
     },
+    /// A thread could not be started (the background checkpointer).
+    #[error("projection thread: {0}")]
+    Thread(String),
     /// The schema's dependency graph is invalid.
     #[error(transparent)]
     Schema(#[from] keel_schema::SchemaError),

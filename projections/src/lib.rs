@@ -6,6 +6,7 @@
 //! from the journal. It knows nothing about redb or the network.
 
 mod apply;
+mod checkpoint;
 mod clocks;
 mod ddl;
 mod digest;
@@ -14,9 +15,10 @@ mod queries;
 mod store;
 
 pub use apply::ApplyStats;
+pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
 pub use queries::{Counts, EntryMetadata};
 pub use store::{
     configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,
-    READER_CACHE_KIB, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT,
+    READER_CACHE_KIB, WAL_CHECKPOINT_BACKSTOP_PAGES, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT,
 };

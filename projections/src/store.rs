@@ -7,6 +7,7 @@ use keel_schema::{plan, Lsn, SyncDomain, MODELS};
 use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
+use crate::checkpoint::Checkpointer;
 use crate::ddl::{create_table, ModelSql, INDEXES, INTERNAL, SCHEMA_VERSION};
 use crate::error::ProjectionError;
 
@@ -17,6 +18,9 @@ pub const PAGE_CACHE_KIB: i64 = 32 * 1024;
 /// copies every page it holds into the database and syncs; with large applies touching the same
 /// index pages again and again, checkpointing 8× less often raised apply rates 10–40 %.
 pub const WAL_CHECKPOINT_PAGES: i64 = 16_384;
+/// The writer's own automatic checkpoint, a backstop: the background checkpointer
+/// ([`crate::CHECKPOINT_ROWS`]) normally checkpoints long before the WAL holds this many pages.
+pub const WAL_CHECKPOINT_BACKSTOP_PAGES: i64 = 65_536;
 /// Size the WAL file is truncated back to after a checkpoint, in bytes.
 pub const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// Page cache of a query-only connection, in KiB.
@@ -40,6 +44,9 @@ pub struct Projections {
     pub(crate) ranks: Vec<usize>,
     pub(crate) parked: u64,
     pub(crate) domain_cache: HashMap<Uuid, SyncDomain>,
+    /// Checkpoints the WAL in the background (the writer only; declared after `conn` so it
+    /// closes last and makes the final checkpoint).
+    pub(crate) checkpointer: Option<Checkpointer>,
 }
 
 impl std::fmt::Debug for Projections {
@@ -101,12 +108,15 @@ impl Projections {
             ddl.push(';');
         }
         ddl.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
-        if reader {
+        let checkpointer = if reader {
             conn.pragma_update(None, "query_only", "ON")?;
             conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
+            None
         } else {
             conn.execute_batch(&ddl)?;
-        }
+            conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_BACKSTOP_PAGES)?;
+            Some(Checkpointer::start(path)?)
+        };
         let parked: i64 = conn.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
         Ok(Self {
             conn,
@@ -114,6 +124,7 @@ impl Projections {
             ranks,
             parked: u64::try_from(parked).unwrap_or(0),
             domain_cache: HashMap::new(),
+            checkpointer,
         })
     }
 
@@ -174,6 +185,10 @@ impl Projections {
         let built = self.conn.execute_batch(&sql);
         self.conn.pragma_update(None, "temp_store", "MEMORY")?;
         built?;
+        if let Some(checkpointer) = &self.checkpointer {
+            // The new indexes are a lot of pages: checkpoint them soon.
+            checkpointer.written(crate::CHECKPOINT_ROWS);
+        }
         Ok(())
     }
 

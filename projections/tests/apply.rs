@@ -228,3 +228,38 @@ fn last_writer_wins_per_field_and_reapply_is_a_no_op() {
         "derived, not synced"
     );
 }
+
+#[test]
+fn a_background_checkpoint_moves_applied_rows_into_the_database_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("p.sqlite");
+    let mut p = Projections::open(&path).expect("opens");
+    let size = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let before = size();
+    let device = DeviceId([9; 32]);
+    let mut g = Gen { device, ms: 1 };
+    let changes: Vec<Change> = (0..2_000)
+        .map(|i| {
+            let tag = Tag {
+                uuid: Uuid::now_v7(),
+                name: format!("t{i}"),
+                color: None,
+                created_ms: 1,
+            };
+            Change::upsert(ChangeId::new(), g.hlc(), &tag).expect("tag has a uuid")
+        })
+        .collect();
+    p.apply(&changes, Some(AppliedPosition::default()))
+        .expect("applies");
+    // The apply itself left its pages in the WAL; the checkpointer copies them within about
+    // `CHECKPOINT_INTERVAL`, without the writer doing anything more.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while size() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint: the database file stayed at {before} bytes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(p.counts().expect("counts").tags, 2_000);
+}

@@ -156,7 +156,10 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
     // The joiner's own Device record adds one entry to the leader's log.
     let verbose = std::env::var_os("KEEL_LOG").is_some();
     let mut last_print = Instant::now();
-    while node.status().log_len < log_len {
+    // Done when the joiner holds the leader's whole log, has applied it, and its projections
+    // have their secondary indexes back (a catch-up loads without them; the apply that reaches
+    // the leader's end, which may include the joiner's own record, builds them).
+    while node.status().log_len < log_len || node.library().bulk_loading() {
         ensure!(Instant::now() < deadline, "initial sync did not finish");
         std::thread::sleep(Duration::from_millis(5));
         if verbose && last_print.elapsed() >= Duration::from_secs(1) {
@@ -170,6 +173,10 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
     }
     node.library().flush()?;
     let secs = t.elapsed().as_secs_f64();
+    ensure!(
+        !node.library().bulk_loading(),
+        "the joiner's indexes were not built"
+    );
     out.insert("p4_initial_sync_s".into(), json!(secs));
     out.insert("p4_changes_per_s".into(), json!(log_len as f64 / secs));
     out.insert("p4_peak_rss_mb".into(), json!(peak_rss_mb()));
