@@ -155,8 +155,10 @@ fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
 }
 
 /// Durable batches waiting for the applier before the journal writer waits for it. A bound of 8
-/// cut a joining device's peak memory a little (a batch can be a 4,096-change segment) but let
-/// small live commits queue behind an apply: P5's p99 went from 4–6 ms to 27–29 ms.
+/// cut a joining device's peak memory a little (a batch can be a 4,096-change segment); it was
+/// reverted for a P5 p99 of 27–29 ms, but p99s of 22–35 ms later showed up in half the runs at 64
+/// too and went away with the background WAL checkpointer, so the bound was likely not the
+/// cause. Memory is now bounded in changes instead.
 const COMMITTED_QUEUE_BATCHES: usize = 64;
 /// Changes in durable batches waiting for the applier before the journal writer waits for it
 /// (see [`keel_journal::ApplyBudget`]): during a catch-up, 64 batches of segments could hold
