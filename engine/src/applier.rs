@@ -182,6 +182,13 @@ mod tests {
     use super::*;
     use crate::{CreateOptions, Home, KdfParams, Library};
 
+    fn new_library(dir: &std::path::Path, name: &str) -> Result<Library, crate::EngineError> {
+        let options = CreateOptions {
+            kdf: KdfParams::INSECURE_FAST,
+        };
+        Library::create(&Home::new(dir.join("home")), name, "pw", options)
+    }
+
     fn index_count(lib: &Library) -> i64 {
         lib.read(|p| {
             Ok(p.connection().query_row(
@@ -207,11 +214,7 @@ mod tests {
     fn a_catch_up_drops_the_secondary_indexes_and_the_apply_that_reaches_it_builds_them(
     ) -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let home = Home::new(dir.path().join("home"));
-        let options = CreateOptions {
-            kdf: KdfParams::INSECURE_FAST,
-        };
-        let lib = Library::create(&home, "catch-up", "pw", options)?;
+        let lib = new_library(dir.path(), "catch-up")?;
         let with_indexes = index_count(&lib);
         assert!(with_indexes > 0, "the projections start with their indexes");
 
@@ -255,11 +258,7 @@ mod tests {
     fn more_changes_than_the_queue_budget_all_apply_and_the_budget_drains(
     ) -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let home = Home::new(dir.path().join("home"));
-        let options = CreateOptions {
-            kdf: KdfParams::INSECURE_FAST,
-        };
-        let lib = Library::create(&home, "budget", "pw", options)?;
+        let lib = new_library(dir.path(), "budget")?;
         let per_batch = 8_192;
         let batches = 5;
         assert!(per_batch * batches > crate::library::COMMITTED_QUEUE_CHANGES);

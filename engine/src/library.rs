@@ -19,11 +19,10 @@ use crate::events::{Event, EVENT_BUS_CAPACITY};
 use crate::replay::{replay, ReplayReport};
 use crate::tx::Tx;
 
-/// How a library created by pairing starts: a follower with no epoch, and the name its Device
-/// record carries.
+/// A library created by pairing: it starts as a follower with no epoch, and its Device record
+/// carries `device_name` when one was given.
 #[derive(Debug, Clone, Copy)]
 struct Joined<'a> {
-    epoch: Epoch,
     device_name: Option<&'a str>,
 }
 
@@ -200,10 +199,7 @@ impl Library {
         options: CreateOptions,
         device_name: Option<&str>,
     ) -> Result<Self, EngineError> {
-        let joined = Joined {
-            epoch: Epoch::default(),
-            device_name,
-        };
+        let joined = Joined { device_name };
         Self::create_with(home, name, password, library, key, options, Some(joined))
     }
 
@@ -236,7 +232,14 @@ impl Library {
             key: key.wrap(library, password, options.kdf)?,
         };
         config.write(&dir)?;
-        Self::open_with_key(name, dir, config, device, key, joined.map(|j| j.epoch))
+        Self::open_with_key(
+            name,
+            dir,
+            config,
+            device,
+            key,
+            joined.map(|_| Epoch::default()),
+        )
     }
 
     /// Opens library `name` in `home`. A wrong password fails before anything is written.

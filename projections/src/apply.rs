@@ -103,6 +103,15 @@ fn is_live(def: &ModelDef, clocks: &FieldClocks, tomb: Option<Hlc>) -> bool {
     complete && tomb.is_none_or(|t| clocks.newest().is_some_and(|n| n > t))
 }
 
+/// Whether an upsert writes every one of the model's `n` fields, in order (a whole record).
+fn is_whole(fields: &[(u8, Value)], n: usize) -> bool {
+    fields.len() == n
+        && fields
+            .iter()
+            .enumerate()
+            .all(|(i, (f, _))| usize::from(*f) == i)
+}
+
 fn is_fk_violation(err: &rusqlite::Error) -> bool {
     matches!(err, rusqlite::Error::SqliteFailure(e, _)
         if e.code == ErrorCode::ConstraintViolation && e.extended_code == 787)
@@ -188,54 +197,11 @@ impl Applier<'_> {
         let n = def.fields.len();
         match &change.op {
             Op::Upsert(fields) => {
-                // Fastest path: every field, in order (a whole record), as a new row: the
-                // parameters come straight from the change, with no allocation.
-                let whole = fields.len() == n
-                    && fields
-                        .iter()
-                        .enumerate()
-                        .all(|(i, (f, _))| usize::from(*f) == i);
-                if whole {
-                    let clocks = FieldClocks::encode_uniform(&change.hlc);
-                    // Every field written and no tombstone: visible (see `is_live`).
-                    let live = true;
-                    let params = std::iter::once(Param::Blob(change.record.as_bytes()))
-                        .chain(fields.iter().map(|(_, v)| Param::Value(v)))
-                        .chain([
-                            Param::Blob(&clocks),
-                            Param::Null,
-                            Param::Int(i64::from(live)),
-                        ]);
-                    let inserted = {
-                        let mut stmt = self.conn.prepare_cached(&sql.insert)?;
-                        stmt.execute(params_from_iter(params))
-                    };
-                    match inserted {
-                        Ok(1) => return Ok(Outcome::Applied),
-                        Ok(_) => return self.merge(def, sql, change, fields),
-                        Err(e) if is_fk_violation(&e) => return self.park_or_split(def, change),
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                // Fast path: a new row, inserted in one statement.
-                let mut slots: Vec<Option<&Value>> = vec![None; n];
-                for (i, v) in fields {
-                    if let Some(slot) = slots.get_mut(usize::from(*i)) {
-                        *slot = Some(v);
-                    }
-                }
-                let clocks = FieldClocks(slots.iter().map(|s| s.map(|_| change.hlc)).collect());
-                let live = is_live(def, &clocks, None);
-                let clock_bytes = clocks.encode();
-                let mut params: Vec<Param<'_>> = Vec::with_capacity(n + 4);
-                params.push(Param::Blob(change.record.as_bytes()));
-                params.extend(slots.iter().map(|s| s.map_or(Param::Null, Param::Value)));
-                params.push(Param::Blob(&clock_bytes));
-                params.push(Param::Null);
-                params.push(Param::Int(i64::from(live)));
-                let inserted = {
-                    let mut stmt = self.conn.prepare_cached(&sql.insert)?;
-                    stmt.execute(params_from_iter(params))
+                // Fast path: a new row, inserted in one statement; an existing one is merged.
+                let inserted = if is_whole(fields, n) {
+                    self.insert_whole(sql, change, fields)
+                } else {
+                    self.insert_partial(def, sql, change, fields)
                 };
                 match inserted {
                     Ok(1) => Ok(Outcome::Applied),
@@ -269,6 +235,57 @@ impl Applier<'_> {
                 Ok(Outcome::Applied)
             }
         }
+    }
+
+    /// Inserts a whole record (see [`is_whole`]) as a new row unless its uuid exists, with the
+    /// parameters taken straight from the change (no allocation). Returns the rows inserted.
+    fn insert_whole(
+        &self,
+        sql: &ModelSql,
+        change: &Change,
+        fields: &[(u8, Value)],
+    ) -> rusqlite::Result<usize> {
+        let clocks = FieldClocks::encode_uniform(&change.hlc);
+        // Every field written and no tombstone: visible (see `is_live`).
+        let live = true;
+        let params = std::iter::once(Param::Blob(change.record.as_bytes()))
+            .chain(fields.iter().map(|(_, v)| Param::Value(v)))
+            .chain([
+                Param::Blob(&clocks),
+                Param::Null,
+                Param::Int(i64::from(live)),
+            ]);
+        let mut stmt = self.conn.prepare_cached(&sql.insert)?;
+        stmt.execute(params_from_iter(params))
+    }
+
+    /// Inserts some fields of a record as a new row (the others NULL, without a clock) unless
+    /// its uuid exists. Returns the rows inserted.
+    fn insert_partial(
+        &self,
+        def: &ModelDef,
+        sql: &ModelSql,
+        change: &Change,
+        fields: &[(u8, Value)],
+    ) -> rusqlite::Result<usize> {
+        let n = def.fields.len();
+        let mut slots: Vec<Option<&Value>> = vec![None; n];
+        for (i, v) in fields {
+            if let Some(slot) = slots.get_mut(usize::from(*i)) {
+                *slot = Some(v);
+            }
+        }
+        let clocks = FieldClocks(slots.iter().map(|s| s.map(|_| change.hlc)).collect());
+        let live = is_live(def, &clocks, None);
+        let clock_bytes = clocks.encode();
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(n + 4);
+        params.push(Param::Blob(change.record.as_bytes()));
+        params.extend(slots.iter().map(|s| s.map_or(Param::Null, Param::Value)));
+        params.push(Param::Blob(&clock_bytes));
+        params.push(Param::Null);
+        params.push(Param::Int(i64::from(live)));
+        let mut stmt = self.conn.prepare_cached(&sql.insert)?;
+        stmt.execute(params_from_iter(params))
     }
 
     /// Merges an upsert into the existing row, field by field (last writer wins).

@@ -14,9 +14,10 @@ use crate::error::ProjectionError;
 /// Page cache of the projection connection, in KiB (random uuid keys thrash SQLite's 2 MB default;
 /// between 16 and 256 MiB, measured apply rates did not move, only memory did).
 pub const PAGE_CACHE_KIB: i64 = 32 * 1024;
-/// WAL pages written before the writer checkpoints (SQLite's default is 1000). Each checkpoint
-/// copies every page it holds into the database and syncs; with large applies touching the same
-/// index pages again and again, checkpointing 8× less often raised apply rates 10–40 %.
+/// WAL pages before a connection set up by [`configure_connection`] checkpoints by itself
+/// (SQLite's default is 1000; with large applies touching the same index pages again and again,
+/// checkpointing 8× less often raised apply rates 10–40 %). Keel's own writer leaves checkpoints
+/// to a background thread and keeps [`WAL_CHECKPOINT_BACKSTOP_PAGES`] instead.
 pub const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 /// The writer's own automatic checkpoint, a backstop: the background checkpointer
 /// ([`crate::CHECKPOINT_ROWS`]) normally checkpoints long before the WAL holds this many pages.
