@@ -8,6 +8,11 @@ mod demo;
 mod demo_devices;
 mod serve;
 
+/// mimalloc: the replay and sync pipelines allocate changes on one thread and free them on
+/// another, which glibc's allocator serialises on its arena locks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error: {info}");
