@@ -10,7 +10,10 @@
 
 use keel_schema::{model_by_code, Change, Hlc, ModelDef, Op, SyncDomain, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension, ToSql};
+use rusqlite::{
+    params_from_iter, CachedStatement, Connection, ErrorCode, OptionalExtension, Params, ToSql,
+};
+use std::cell::RefCell;
 use uuid::Uuid;
 
 use crate::clocks::FieldClocks;
@@ -126,9 +129,36 @@ enum Outcome {
 struct Applier<'a> {
     conn: &'a Connection,
     sql: &'a [ModelSql],
+    /// Each model's insert statement, prepared once per `apply` call (looking it up in the
+    /// connection's statement cache hashed its SQL text for every row).
+    inserts: Vec<RefCell<Option<CachedStatement<'a>>>>,
 }
 
-impl Applier<'_> {
+impl<'a> Applier<'a> {
+    fn new(conn: &'a Connection, sql: &'a [ModelSql]) -> Self {
+        Self {
+            conn,
+            sql,
+            inserts: sql.iter().map(|_| RefCell::new(None)).collect(),
+        }
+    }
+
+    /// Runs the insert statement of model `code` with `params`; returns the rows inserted.
+    fn insert<P: Params>(&self, code: u8, params: P) -> rusqlite::Result<usize> {
+        let (Some(slot), Some(sql)) = (
+            self.inserts.get(usize::from(code)),
+            self.sql.get(usize::from(code)),
+        ) else {
+            return Ok(0);
+        };
+        let mut slot = slot.borrow_mut();
+        let stmt = match &mut *slot {
+            Some(stmt) => stmt,
+            None => slot.insert(self.conn.prepare_cached(&sql.insert)?),
+        };
+        stmt.execute(params)
+    }
+
     fn read_row(
         &self,
         def: &ModelDef,
@@ -199,9 +229,9 @@ impl Applier<'_> {
             Op::Upsert(fields) => {
                 // Fast path: a new row, inserted in one statement; an existing one is merged.
                 let inserted = if is_whole(fields, n) {
-                    self.insert_whole(sql, change, fields)
+                    self.insert_whole(change, fields)
                 } else {
-                    self.insert_partial(def, sql, change, fields)
+                    self.insert_partial(def, change, fields)
                 };
                 match inserted {
                     Ok(1) => Ok(Outcome::Applied),
@@ -228,8 +258,7 @@ impl Applier<'_> {
                         params.push(Param::Blob(&[]));
                         params.push(Param::Blob(&tomb));
                         params.push(Param::Int(0));
-                        let mut stmt = self.conn.prepare_cached(&sql.insert)?;
-                        stmt.execute(params_from_iter(params))?;
+                        self.insert(change.model, params_from_iter(params))?;
                     }
                 }
                 Ok(Outcome::Applied)
@@ -239,12 +268,7 @@ impl Applier<'_> {
 
     /// Inserts a whole record (see [`is_whole`]) as a new row unless its uuid exists, with the
     /// parameters taken straight from the change (no allocation). Returns the rows inserted.
-    fn insert_whole(
-        &self,
-        sql: &ModelSql,
-        change: &Change,
-        fields: &[(u8, Value)],
-    ) -> rusqlite::Result<usize> {
+    fn insert_whole(&self, change: &Change, fields: &[(u8, Value)]) -> rusqlite::Result<usize> {
         let clocks = FieldClocks::encode_uniform(&change.hlc);
         // Every field written and no tombstone: visible (see `is_live`).
         let live = true;
@@ -255,8 +279,7 @@ impl Applier<'_> {
                 Param::Null,
                 Param::Int(i64::from(live)),
             ]);
-        let mut stmt = self.conn.prepare_cached(&sql.insert)?;
-        stmt.execute(params_from_iter(params))
+        self.insert(change.model, params_from_iter(params))
     }
 
     /// Inserts some fields of a record as a new row (the others NULL, without a clock) unless
@@ -264,7 +287,6 @@ impl Applier<'_> {
     fn insert_partial(
         &self,
         def: &ModelDef,
-        sql: &ModelSql,
         change: &Change,
         fields: &[(u8, Value)],
     ) -> rusqlite::Result<usize> {
@@ -284,8 +306,7 @@ impl Applier<'_> {
         params.push(Param::Blob(&clock_bytes));
         params.push(Param::Null);
         params.push(Param::Int(i64::from(live)));
-        let mut stmt = self.conn.prepare_cached(&sql.insert)?;
-        stmt.execute(params_from_iter(params))
+        self.insert(change.model, params_from_iter(params))
     }
 
     /// Merges an upsert into the existing row, field by field (last writer wins).
@@ -463,10 +484,7 @@ impl Projections {
             }
         }
         let tx = self.conn.unchecked_transaction()?;
-        let applier = Applier {
-            conn: &tx,
-            sql: &self.sql,
-        };
+        let applier = Applier::new(&tx, &self.sql);
         for i in order {
             match applier.apply(&changes[i])? {
                 Outcome::Applied => stats.applied += 1,
@@ -487,6 +505,7 @@ impl Projections {
                 i64::try_from(position.local).unwrap_or(i64::MAX),
             ))?;
         }
+        drop(applier);
         let parked: i64 = tx.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
         tx.commit()?;
         if let Some(checkpointer) = &self.checkpointer {
