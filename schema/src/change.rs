@@ -162,6 +162,10 @@ impl Change {
                 supported: CHANGE_FORMAT_VERSION,
             });
         }
+        if let Some(change) = crate::change_decode::decode_body(body) {
+            change.validate()?;
+            return Ok(change);
+        }
         let mut reader = body;
         let mut deserializer = rmp_serde::Deserializer::new(&mut reader).with_binary();
         let change = Change::deserialize(&mut deserializer)

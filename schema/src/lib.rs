@@ -6,6 +6,7 @@
 extern crate self as keel_schema;
 
 mod change;
+mod change_decode;
 mod error;
 mod graph;
 mod hlc;
