@@ -135,7 +135,7 @@ pub fn replay(
         let mut pending: Vec<Change> = Vec::with_capacity(REPLAY_APPLY_BATCH);
         let mut pending_position = from;
         let mut done = 0u64;
-        for chunk in rx {
+        for chunk in rx.iter() {
             let chunk = chunk?;
             for fault in &chunk.faults {
                 tracing::error!(%fault, "skipping a journal record that failed its checks");
@@ -143,7 +143,10 @@ pub fn replay(
             report.faults.extend(chunk.faults);
             pending.extend(chunk.changes);
             pending_position = chunk.position;
-            if pending.len() >= REPLAY_APPLY_BATCH {
+            // A full batch, or the reader has nothing more yet: at the start that means applying
+            // the first chunks instead of waiting for a whole batch to be read.
+            let idle = rx.is_empty() && pending.len() >= REPLAY_READ_CHUNK;
+            if pending.len() >= REPLAY_APPLY_BATCH || idle {
                 projections.apply(&pending, Some(pending_position))?;
                 done += pending.len() as u64;
                 report.changes += pending.len() as u64;
