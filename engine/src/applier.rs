@@ -118,12 +118,14 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         budget.0.give_back(first.entries.len() as u64);
         let mut entries = first.entries;
         let mut seq = first.seq;
+        let mut log_through = first.log_through;
         while entries.len() < APPLY_GROUP_MAX {
             match batches.try_recv() {
                 Ok(more) => {
                     budget.0.give_back(more.entries.len() as u64);
                     entries.extend(more.entries);
                     seq = seq.max(more.seq);
+                    log_through = log_through.max(more.log_through);
                 }
                 Err(_) => break,
             }
@@ -135,6 +137,10 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         };
         for (placement, _) in &entries {
             advance(&mut position, *placement);
+        }
+        if let Some(through) = log_through {
+            // Epoch barriers carry no change, but the position passes them too.
+            advance(&mut position, Placement::Log(through));
         }
         let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).collect();
         let result = match shared.projections.lock() {
@@ -251,6 +257,31 @@ mod tests {
         assert!(!lib.bulk_loading());
         assert_eq!(index_count(&lib), with_indexes);
         assert_eq!(lib.status()?.counts.tags, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn a_barrier_that_ends_the_log_is_applied_past_and_ends_a_catch_up(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let lib = new_library(dir.path(), "barrier")?;
+        lib.catching_up(Lsn(CATCH_UP_BULK_MIN * 10))?;
+        assert!(lib.bulk_loading());
+        let journal = lib.journal()?;
+        let barrier = Lsn(journal.stats()?.last_lsn.0 + 1);
+        // The catch-up's target is a barrier (a new epoch's first entry, with no change).
+        if let Ok(mut until) = lib.shared.bulk_until.lock() {
+            *until = Some(barrier);
+        }
+        let epoch = journal.epoch()?.ok_or("the founder has an epoch")?;
+        journal.append_replicated(barrier, vec![(epoch, Vec::new())])?;
+        lib.flush()?;
+        assert_eq!(
+            lib.applied_lsn(),
+            barrier,
+            "the position passes the barrier"
+        );
+        assert!(!lib.bulk_loading(), "the catch-up ended at the barrier");
         Ok(())
     }
 

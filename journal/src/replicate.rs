@@ -36,7 +36,14 @@ impl WriterState {
         if entries.is_empty() {
             return;
         }
-        self.send_batch(entries);
+        let through = entries
+            .iter()
+            .filter_map(|(placement, _)| match placement {
+                Placement::Log(lsn) => Some(*lsn),
+                Placement::Local(_) => None,
+            })
+            .max();
+        self.send_batch(entries, through);
     }
 
     /// Leader: appends pushed changes not yet in the log. Returns each change's position.

@@ -73,6 +73,10 @@ pub struct CommittedBatch {
     pub seq: u64,
     /// Each change with where it was written.
     pub entries: Vec<(Placement, Change)>,
+    /// The last log position this batch wrote, epoch barriers included (`None`: it wrote no log
+    /// entry). A barrier has no change, so without this whoever applies the batches would stop
+    /// short of a barrier that ends the log.
+    pub log_through: Option<Lsn>,
 }
 
 /// Log entries to append: epoch, the change (`None` for a barrier) and its sealed bytes.
@@ -187,7 +191,11 @@ impl WriterState {
     }
 
     /// Sends a durable batch to whoever applies it, numbered.
-    pub(crate) fn send_batch(&mut self, entries: Vec<(Placement, Change)>) {
+    pub(crate) fn send_batch(
+        &mut self,
+        entries: Vec<(Placement, Change)>,
+        log_through: Option<Lsn>,
+    ) {
         use std::sync::atomic::Ordering;
         let Some(tx) = &self.committed else { return };
         let seq = self.sent.load(Ordering::SeqCst) + 1;
@@ -195,7 +203,12 @@ impl WriterState {
         if let Some(budget) = &self.budget {
             budget.take(n);
         }
-        if tx.send(CommittedBatch { seq, entries }).is_err() {
+        let batch = CommittedBatch {
+            seq,
+            entries,
+            log_through,
+        };
+        if tx.send(batch).is_err() {
             if let Some(budget) = &self.budget {
                 budget.give_back(n);
             }
@@ -239,6 +252,9 @@ impl WriterState {
             return;
         }
         let batch = std::mem::take(commits);
+        let appended_through = append.as_ref().and_then(|(first, entries, _)| {
+            (!entries.is_empty()).then(|| Lsn(first.0 + entries.len() as u64 - 1))
+        });
         let (append, append_reply) = match append {
             Some((first, entries, reply)) => (Some((first, entries)), Some(reply)),
             None => (None, None),
@@ -266,8 +282,8 @@ impl WriterState {
                 if let Some(reply) = append_reply {
                     let _ = reply.send(Ok(()));
                 }
-                if !entries.is_empty() {
-                    self.send_batch(entries);
+                if !entries.is_empty() || appended_through.is_some() {
+                    self.send_batch(entries, appended_through);
                 }
             }
             Err(err) => {
