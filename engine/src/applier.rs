@@ -53,13 +53,21 @@ fn end_bulk_load_if_reached(
     projections: &mut Projections,
     position: AppliedPosition,
 ) -> Result<(), keel_projections::ProjectionError> {
-    let Ok(mut until) = shared.bulk_until.lock() else {
-        return Ok(());
-    };
-    if until.is_some_and(|target| position.log >= target) {
+    let reached = shared
+        .bulk_until
+        .lock()
+        .is_ok_and(|until| until.is_some_and(|target| position.log >= target));
+    if reached {
+        // The build takes seconds, so `bulk_until` is not held meanwhile: the replication core
+        // checks it for every segment it receives, and a core stalled that long looks like a
+        // node whose leader went silent (it would start an election). Whoever holds the
+        // projections' lock (this thread) is the only one that ends a bulk load, so the target
+        // cannot be reached twice.
         let started = std::time::Instant::now();
         projections.set_bulk_load(false)?;
-        *until = None;
+        if let Ok(mut until) = shared.bulk_until.lock() {
+            *until = None;
+        }
         tracing::info!(
             at = position.log.0,
             ms = started.elapsed().as_millis() as u64,

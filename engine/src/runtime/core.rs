@@ -204,7 +204,15 @@ impl Core {
                 }
             }
             CoreEvent::Received { from, message } => {
-                if let Some(message) = self.incoming(from, message) {
+                let started = self.now();
+                let message = self.incoming(from, message);
+                let now = self.now();
+                if now > started + TICK_MS {
+                    // Preparing it waited (on the projections): what the leader sent meanwhile
+                    // is still queued, so that silence was not the leader's.
+                    self.node.busy_until(now);
+                }
+                if let Some(message) = message {
                     self.handle(Input::Received { from, message });
                 }
             }
