@@ -223,8 +223,19 @@ impl Core {
     /// Hands one input to the node; what it wants sent waits for [`Core::flush`].
     fn handle(&mut self, input: Input) {
         let now = self.now();
+        let before = (self.node.role(), self.node.durable().epoch);
         let out = self.node.handle(input, now);
         self.outbox.extend(out);
+        let after = (self.node.role(), self.node.durable().epoch);
+        if after != before {
+            tracing::info!(
+                role = ?after.0,
+                epoch = after.1.counter,
+                by = %after.1.device.short(),
+                leader = ?self.node.leader().map(|d| d.short()),
+                "role or epoch changed"
+            );
+        }
     }
 
     /// Makes the node's state durable, then sends what it asked for (contiguous `Append`s to one
