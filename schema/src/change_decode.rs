@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::change::{Change, Op, FIELDS_PER_CHANGE_MAX};
 use crate::hlc::Hlc;
 use crate::ids::{ChangeId, DeviceId};
-use crate::value::Value;
+use crate::value::{Value, TAG_BOOL, TAG_BYTES, TAG_INT, TAG_NULL, TAG_TEXT, TAG_UUID};
 
 /// A cursor over the body. Every read returns `None` at the end of the input.
 struct Reader<'a> {
@@ -107,21 +107,21 @@ impl<'a> Reader<'a> {
             return None;
         }
         Some(match self.uint::<u8>()? {
-            0 => {
+            TAG_NULL => {
                 if self.byte()? != 0xc0 {
                     return None;
                 }
                 Value::Null
             }
-            1 => match self.byte()? {
+            TAG_BOOL => match self.byte()? {
                 0xc2 => Value::Bool(false),
                 0xc3 => Value::Bool(true),
                 _ => return None,
             },
-            2 => Value::Int(self.uint::<i64>()?),
-            3 => Value::Text(self.str()?.to_owned()),
-            4 => Value::Bytes(self.bin()?.to_vec()),
-            5 => Value::Uuid(self.uuid()?),
+            TAG_INT => Value::Int(self.uint::<i64>()?),
+            TAG_TEXT => Value::Text(self.str()?.to_owned()),
+            TAG_BYTES => Value::Bytes(self.bin()?.to_vec()),
+            TAG_UUID => Value::Uuid(self.uuid()?),
             _ => return None,
         })
     }

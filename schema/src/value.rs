@@ -164,12 +164,13 @@ impl<T: FieldValue> FieldValue for Option<T> {
     }
 }
 
-const TAG_NULL: u8 = 0;
-const TAG_BOOL: u8 = 1;
-const TAG_INT: u8 = 2;
-const TAG_TEXT: u8 = 3;
-const TAG_BYTES: u8 = 4;
-const TAG_UUID: u8 = 5;
+// The tag written before each value's payload (also read by `change_decode`).
+pub(crate) const TAG_NULL: u8 = 0;
+pub(crate) const TAG_BOOL: u8 = 1;
+pub(crate) const TAG_INT: u8 = 2;
+pub(crate) const TAG_TEXT: u8 = 3;
+pub(crate) const TAG_BYTES: u8 = 4;
+pub(crate) const TAG_UUID: u8 = 5;
 
 /// Wraps a byte slice so serde writes it as a MessagePack bin, not an array.
 struct BinRef<'a>(&'a [u8]);
