@@ -279,11 +279,14 @@ impl WriterState {
                     }
                 }
                 entries.extend(appended);
-                if let Some(reply) = append_reply {
-                    let _ = reply.send(Ok(()));
-                }
+                // Appended entries are handed to the applier before their writer hears back, so
+                // once `append_replicated` returns, `Journal::batches_sent` counts them (what
+                // `Library::flush` waits for: replicated entries have no commit position).
                 if !entries.is_empty() || appended_through.is_some() {
                     self.send_batch(entries, appended_through);
+                }
+                if let Some(reply) = append_reply {
+                    let _ = reply.send(Ok(()));
                 }
             }
             Err(err) => {
