@@ -71,6 +71,23 @@ pub enum ElectionMessage {
         /// Its last log position.
         log_end: Lsn,
     },
+    /// Before an election: would the receiver vote for the sender in `epoch`? Changes no state
+    /// on either side (a device that cannot hear a live leader does not depose it).
+    PreVote {
+        /// The epoch the sender would stand in.
+        epoch: Epoch,
+        /// The epoch of its last log entry.
+        last_epoch: Epoch,
+        /// Its last log position.
+        last_lsn: Lsn,
+    },
+    /// The answer to a pre-vote.
+    PreVoteReply {
+        /// The epoch asked about.
+        epoch: Epoch,
+        /// Whether a vote would be granted.
+        granted: bool,
+    },
 }
 
 /// Pairing (SPAKE2 over a short code, then key transfer).
@@ -346,6 +363,15 @@ mod tests {
                 epoch,
                 last_epoch: epoch,
                 last_lsn: Lsn(4),
+            }),
+            DeviceMessage::Election(ElectionMessage::PreVote {
+                epoch,
+                last_epoch: epoch,
+                last_lsn: Lsn(4),
+            }),
+            DeviceMessage::Election(ElectionMessage::PreVoteReply {
+                epoch,
+                granted: true,
             }),
             DeviceMessage::Pairing(PairingMessage::Rejected {
                 reason: "wrong code".into(),

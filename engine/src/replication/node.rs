@@ -57,6 +57,11 @@ pub struct Node {
     election_deadline_ms: u64,
     last_send_ms: u64,
     votes: BTreeSet<DeviceId>,
+    /// A pre-vote in progress: the epoch this node would stand in, and who would vote for it.
+    pre_vote: Option<(Epoch, BTreeSet<DeviceId>)>,
+    /// When this node last heard its leader (an `Append` it accepted); while that is less than
+    /// an election timeout ago it refuses pre-votes.
+    heard_ms: Option<u64>,
     next: BTreeMap<DeviceId, u64>,
     /// Sent to each follower and not yet acknowledged.
     flights: BTreeMap<DeviceId, Flight>,
@@ -90,6 +95,8 @@ impl Node {
             election_deadline_ms: 0,
             last_send_ms: 0,
             votes: BTreeSet::new(),
+            pre_vote: None,
+            heard_ms: None,
             next: BTreeMap::new(),
             flights: BTreeMap::new(),
             in_log: None,
@@ -286,14 +293,15 @@ impl Node {
                         self.role = Role::Alone;
                         self.reset_election_timer(now_ms);
                     } else {
-                        self.start_election(now_ms, out);
+                        self.start_pre_vote(now_ms, out);
                     }
                 }
             }
         }
     }
 
-    fn start_election(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+    /// The epoch this node would stand in next.
+    fn next_epoch(&self) -> Epoch {
         // Epoch 1 belongs to the founder: a candidate never takes it.
         let counter = self
             .durable
@@ -302,10 +310,38 @@ impl Node {
             .max(self.durable.voted.counter)
             .max(1)
             + 1;
-        let epoch = Epoch {
+        Epoch {
             counter,
             device: self.config.device,
-        };
+        }
+    }
+
+    /// Asks the reachable devices whether they would vote, before bumping any epoch: only when a
+    /// majority would does the election start (see [`Message::PreVote`]).
+    fn start_pre_vote(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let epoch = self.next_epoch();
+        self.pre_vote = Some((epoch, BTreeSet::from([self.config.device])));
+        self.reset_election_timer(now_ms);
+        let last = self.durable.last();
+        for peer in self.connected.iter().copied() {
+            Self::send(out, peer, Message::PreVote { epoch, last });
+        }
+        self.maybe_stand(now_ms, out);
+    }
+
+    /// Starts the election once a majority would vote in the pre-vote.
+    fn maybe_stand(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let electorate = self.connected.len() + 1;
+        if let Some((epoch, yes)) = &self.pre_vote {
+            if *epoch == self.next_epoch() && yes.len() * 2 > electorate {
+                self.pre_vote = None;
+                self.start_election(now_ms, out);
+            }
+        }
+    }
+
+    fn start_election(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let epoch = self.next_epoch();
         self.durable.epoch = epoch;
         self.durable.voted = epoch;
         self.role = Role::Candidate;
@@ -438,6 +474,8 @@ impl Node {
         self.role = self.idle_role();
         self.leader = leader;
         self.votes.clear();
+        self.pre_vote = None;
+        self.heard_ms = None;
         self.reset_election_timer(now_ms);
     }
 
@@ -459,6 +497,32 @@ impl Node {
                     self.election_deadline_ms = deadline;
                 }
                 Self::send(out, from, Message::Vote { epoch, granted });
+            }
+            Message::PreVote { epoch, last } => {
+                // Would vote as for `RequestVote`, unless a live leader is known: this node
+                // leads, or heard its leader less than an election timeout ago.
+                let leader_alive = self.role == Role::Leader
+                    || (self.leader.is_some()
+                        && self.heard_ms.is_some_and(|h| {
+                            now_ms < h.saturating_add(self.config.election_timeout_ms)
+                        }));
+                let granted = !leader_alive
+                    && epoch.counter > self.durable.voted.counter
+                    && epoch > self.durable.epoch
+                    && last >= self.durable.last()
+                    && epoch.device == from;
+                Self::send(out, from, Message::PreVoteReply { epoch, granted });
+            }
+            Message::PreVoteReply { epoch, granted } => {
+                if !granted || self.role == Role::Leader {
+                    return;
+                }
+                if let Some((asked, yes)) = &mut self.pre_vote {
+                    if *asked == epoch {
+                        yes.insert(from);
+                        self.maybe_stand(now_ms, out);
+                    }
+                }
             }
             Message::Vote { epoch, granted } => {
                 if self.role == Role::Candidate && epoch == self.durable.epoch && granted {
@@ -546,6 +610,8 @@ impl Node {
                     self.role = Role::Follower;
                 }
                 self.reset_election_timer(now_ms);
+                self.heard_ms = Some(now_ms);
+                self.pre_vote = None;
                 if self.durable.epoch_at(prev) != Some(prev_epoch) {
                     let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
                     Self::send(

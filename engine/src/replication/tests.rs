@@ -340,3 +340,98 @@ fn a_refusal_at_the_acknowledged_position_moves_the_leader_back() {
         "resent from the follower's end"
     );
 }
+
+/// Hands every message in `outputs` addressed to `to` over to it; returns what it sends back.
+fn deliver(from: DeviceId, outputs: &[Output], to: &mut Node, now: u64) -> Vec<Output> {
+    let mut back = Vec::new();
+    for Output::Send { to: dest, message } in outputs {
+        if *dest == to.device() {
+            back.extend(to.handle(
+                Input::Received {
+                    from,
+                    message: message.clone(),
+                },
+                now,
+            ));
+        }
+    }
+    back
+}
+
+#[test]
+fn a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
+    let mut leader = Node::founder(config(1), 0);
+    let mut follower = Node::new(config(2), Durable::default(), 0);
+    let (l, f) = (leader.device(), follower.device());
+    follower.handle(Input::Connected(l), 0);
+    let beat = leader.handle(Input::Connected(f), 0);
+    deliver(l, &beat, &mut follower, 1);
+    assert_eq!(follower.leader(), Some(l));
+    let epoch = leader.durable().epoch;
+
+    // The follower hears nothing for long (busy, or its leader's messages are lost): it asks
+    // before standing, and bumps no epoch.
+    let out = follower.handle(Input::Tick, 1_000);
+    assert!(
+        matches!(sent(&out).as_slice(), [Message::PreVote { .. }]),
+        "a pre-vote, not a vote request: {out:?}"
+    );
+    assert_eq!(follower.durable().epoch, epoch);
+    assert_ne!(follower.role(), Role::Candidate);
+
+    // The live leader refuses; nobody's epoch moves and the leader keeps leading.
+    let reply = deliver(f, &out, &mut leader, 1_000);
+    assert!(matches!(
+        sent(&reply).as_slice(),
+        [Message::PreVoteReply { granted: false, .. }]
+    ));
+    deliver(l, &reply, &mut follower, 1_001);
+    assert_eq!(leader.role(), Role::Leader);
+    assert_eq!(leader.durable().epoch, epoch);
+    assert_eq!(follower.durable().epoch, epoch);
+    assert_ne!(follower.role(), Role::Candidate);
+}
+
+#[test]
+fn followers_elect_a_new_leader_once_the_old_one_is_silent() {
+    let mut leader = Node::founder(config(1), 0);
+    let mut b = Node::new(config(2), Durable::default(), 0);
+    let mut c = Node::new(config(3), Durable::default(), 0);
+    let (l, bd, cd) = (leader.device(), b.device(), c.device());
+    for (node, peers) in [(&mut b, [l, cd]), (&mut c, [l, bd])] {
+        for p in peers {
+            node.handle(Input::Connected(p), 0);
+        }
+    }
+    let mut beat = leader.handle(Input::Connected(bd), 0);
+    beat.extend(leader.handle(Input::Connected(cd), 0));
+    deliver(l, &beat, &mut b, 1);
+    deliver(l, &beat, &mut c, 1);
+
+    // While c still hears the leader, b's pre-vote is refused by both.
+    let ask = b.handle(Input::Tick, 400);
+    let from_c = deliver(bd, &ask, &mut c, 50);
+    assert!(matches!(
+        sent(&from_c).as_slice(),
+        [Message::PreVoteReply { granted: false, .. }]
+    ));
+
+    // The leader is gone (silent): c grants, b stands, c votes, b leads a new epoch.
+    let ask = b.handle(Input::Tick, 1_000);
+    let from_c = deliver(bd, &ask, &mut c, 1_000);
+    assert!(matches!(
+        sent(&from_c).as_slice(),
+        [Message::PreVoteReply { granted: true, .. }]
+    ));
+    let request = deliver(cd, &from_c, &mut b, 1_000);
+    assert!(
+        sent(&request)
+            .iter()
+            .any(|m| matches!(m, Message::RequestVote { .. })),
+        "a majority would vote: b stands"
+    );
+    let vote = deliver(bd, &request, &mut c, 1_001);
+    deliver(cd, &vote, &mut b, 1_002);
+    assert_eq!(b.role(), Role::Leader);
+    assert!(b.durable().epoch > leader.durable().epoch);
+}

@@ -59,6 +59,22 @@ pub enum Message {
         /// The sender's epoch.
         epoch: Epoch,
     },
+    /// Before standing in `epoch`: would the receiver vote for the sender? Changes nothing on
+    /// either side, so a device that cannot hear a live leader (cut off from it alone, or busy)
+    /// does not depose it by bumping the epoch.
+    PreVote {
+        /// The epoch the sender would stand in.
+        epoch: Epoch,
+        /// Epoch and position of its last log entry.
+        last: (Epoch, Lsn),
+    },
+    /// A pre-vote answer.
+    PreVoteReply {
+        /// The epoch asked about.
+        epoch: Epoch,
+        /// Whether a vote would be granted.
+        granted: bool,
+    },
 }
 
 /// What happens to a node.

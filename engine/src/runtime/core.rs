@@ -359,6 +359,14 @@ impl Core {
                 DeviceMessage::Election(ElectionMessage::Vote { epoch, granted })
             }
             Message::Stale { epoch } => DeviceMessage::Election(ElectionMessage::Stale { epoch }),
+            Message::PreVote { epoch, last } => DeviceMessage::Election(ElectionMessage::PreVote {
+                epoch,
+                last_epoch: last.0,
+                last_lsn: last.1,
+            }),
+            Message::PreVoteReply { epoch, granted } => {
+                DeviceMessage::Election(ElectionMessage::PreVoteReply { epoch, granted })
+            }
             Message::AppendReply { epoch, ok, last } => {
                 // Apply runs in log order, so both domains are applied through the same point.
                 let applied = self.library.applied_lsn();
@@ -531,6 +539,17 @@ impl Core {
             }
             DeviceMessage::Election(ElectionMessage::Stale { epoch }) => {
                 Some(Message::Stale { epoch })
+            }
+            DeviceMessage::Election(ElectionMessage::PreVote {
+                epoch,
+                last_epoch,
+                last_lsn,
+            }) => Some(Message::PreVote {
+                epoch,
+                last: (last_epoch, last_lsn),
+            }),
+            DeviceMessage::Election(ElectionMessage::PreVoteReply { epoch, granted }) => {
+                Some(Message::PreVoteReply { epoch, granted })
             }
             _ => None,
         }
