@@ -21,7 +21,6 @@ use uuid::Uuid;
 use crate::error::{io_at, EngineError};
 use crate::events::Event;
 use crate::library::{now_ms, Library};
-use crate::ops::split_relative;
 
 /// Changes committed per transaction while indexing.
 pub const INDEX_COMMIT_BATCH: usize = 4096;
@@ -181,53 +180,36 @@ impl Library {
 
         // Walk first (stat only), so removals and moves are known before hashing.
         let mut items = Vec::new();
-        for item in walkdir::WalkDir::new(&root)
-            .follow_links(false)
-            .sort_by_file_name()
-            .min_depth(1)
-        {
-            let item = match item {
-                Ok(i) => i,
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping an unreadable path");
-                    report.unreadable += 1;
-                    continue;
-                }
-            };
-            let Ok(rel) = item.path().strip_prefix(&root) else {
-                continue;
-            };
-            let (relative_path, name) = split_relative(rel);
-            let file_type = item.file_type();
-            let kind = if file_type.is_dir() {
-                EntryKind::Directory
-            } else if file_type.is_symlink() {
-                EntryKind::Symlink
-            } else {
-                EntryKind::File
-            };
-            let meta = match item.metadata() {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping an unreadable path");
-                    report.unreadable += 1;
-                    continue;
-                }
-            };
-            items.push(Item {
-                path: item.path().to_path_buf(),
-                relative_path,
-                name,
-                kind,
-                size: if kind == EntryKind::File {
-                    meta.len() as i64
+        crate::walk::walk(
+            &root,
+            &mut |found| {
+                let kind = if found.file_type.is_dir() {
+                    EntryKind::Directory
+                } else if found.file_type.is_symlink() {
+                    EntryKind::Symlink
                 } else {
-                    0
-                },
-                created_ms: millis(meta.created()),
-                modified_ms: millis(meta.modified()),
-            });
-        }
+                    EntryKind::File
+                };
+                let meta = &found.metadata;
+                items.push(Item {
+                    size: if kind == EntryKind::File {
+                        meta.len() as i64
+                    } else {
+                        0
+                    },
+                    created_ms: millis(meta.created()),
+                    modified_ms: millis(meta.modified()),
+                    path: found.path,
+                    relative_path: found.relative_path,
+                    name: found.name,
+                    kind,
+                });
+            },
+            &mut |path, error| {
+                tracing::warn!(path = %path.display(), %error, "skipping an unreadable path");
+                report.unreadable += 1;
+            },
+        );
 
         let mut planned: Vec<Planned> = Vec::new();
         let mut to_hash: Vec<(Item, Option<Entry>)> = Vec::new();

@@ -43,6 +43,7 @@ mod replay;
 pub mod replication;
 pub mod runtime;
 mod tx;
+mod walk;
 pub mod workload;
 
 pub use applier::APPLY_GROUP_MAX;

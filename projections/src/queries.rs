@@ -1,12 +1,17 @@
 //! Queries for host apps: typed rows by uuid, directory listings, metadata with both scopes, counts.
 
 use keel_schema::{ContentIdentity, Entry, Location, Syncable, Tag, UserMetadata, Value, MODELS};
-use rusqlite::{OptionalExtension, Params};
+use std::collections::HashSet;
+
+use rusqlite::{params_from_iter, OptionalExtension, Params, Statement};
 use uuid::Uuid;
 
 use crate::apply::read_value;
 use crate::error::ProjectionError;
 use crate::store::Projections;
+
+/// Uuids looked up per statement by [`Projections::existing`].
+pub(crate) const EXISTING_CHUNK: usize = 256;
 
 /// Visible rows per model (the `counts` object of `keel status --json`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -68,17 +73,37 @@ impl Projections {
         Ok(out)
     }
 
-    /// Which of `uuids` have a visible record of model `M` (one prepared lookup each).
+    /// Which of `uuids` have a visible record of model `M`, in the order given. Looks them up
+    /// [`EXISTING_CHUNK`] at a time in one statement (one statement per uuid cost the indexer
+    /// about 15 % of its main thread).
     pub fn existing<M: Syncable>(&self, uuids: &[Uuid]) -> Result<Vec<bool>, ProjectionError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE uuid = ?1 AND _live = 1)",
-            M::DEF.name
-        ))?;
-        let mut out = Vec::with_capacity(uuids.len());
-        for uuid in uuids {
-            out.push(stmt.query_row([uuid.as_bytes().as_slice()], |r| r.get::<_, bool>(0))?);
+        let mut live: HashSet<Uuid> = HashSet::with_capacity(uuids.len());
+        for chunk in uuids.chunks(EXISTING_CHUNK) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let sql = format!(
+                "SELECT uuid FROM {} WHERE _live = 1 AND uuid IN ({marks})",
+                M::DEF.name
+            );
+            // Full chunks share one cached statement; the last, shorter one is prepared once.
+            let (mut cached, mut fresh);
+            let stmt: &mut Statement<'_> = if chunk.len() == EXISTING_CHUNK {
+                cached = self.conn.prepare_cached(&sql)?;
+                &mut cached
+            } else {
+                fresh = self.conn.prepare(&sql)?;
+                &mut fresh
+            };
+            let params = params_from_iter(chunk.iter().map(|u| u.as_bytes().as_slice()));
+            let mut rows = stmt.query(params)?;
+            while let Some(row) = rows.next()? {
+                let raw = row.get_ref(0)?;
+                // A malformed key matches none of `uuids` anyway.
+                if let Some(uuid) = raw.as_blob().ok().and_then(|b| Uuid::from_slice(b).ok()) {
+                    live.insert(uuid);
+                }
+            }
         }
-        Ok(out)
+        Ok(uuids.iter().map(|u| live.contains(u)).collect())
     }
 
     /// The visible record of model `M` with this uuid.

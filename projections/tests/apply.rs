@@ -263,3 +263,51 @@ fn a_background_checkpoint_moves_applied_rows_into_the_database_file() {
     }
     assert_eq!(p.counts().expect("counts").tags, 2_000);
 }
+
+#[test]
+fn existing_answers_for_many_uuids_in_order_and_skips_tombstones() {
+    let mut g = Gen {
+        device: DeviceId([5; 32]),
+        ms: 1,
+    };
+    let lib = Uuid::new_v4();
+    // More than one lookup chunk: 600 contents, every third deleted, and 300 never written.
+    let contents: Vec<ContentIdentity> = (0..600)
+        .map(|i| ContentIdentity {
+            uuid: Some(content_uuid(lib, &format!("h{i}"))),
+            content_hash: format!("h{i}"),
+            mime: None,
+            kind: "text".into(),
+            size: i,
+            entry_count: 0,
+            total_size: 0,
+        })
+        .collect();
+    let mut changes = Vec::new();
+    for c in &contents {
+        changes.extend(Change::upsert(ChangeId::new(), g.hlc(), c));
+    }
+    for c in contents.iter().step_by(3) {
+        changes.push(Change::delete::<ContentIdentity>(
+            ChangeId::new(),
+            g.hlc(),
+            c.uuid.unwrap_or_default(),
+        ));
+    }
+    let (_, p, _dir) = digest_of(&changes, 1000);
+    let mut asked: Vec<Uuid> = contents.iter().filter_map(|c| c.uuid).collect();
+    asked.extend((0..300).map(|i| content_uuid(lib, &format!("missing{i}"))));
+    asked.reverse();
+    let got = p.existing::<ContentIdentity>(&asked).expect("looks up");
+    let expected: Vec<bool> = asked
+        .iter()
+        .map(|u| {
+            contents
+                .iter()
+                .position(|c| c.uuid == Some(*u))
+                .is_some_and(|i| i % 3 != 0)
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(got.iter().filter(|x| **x).count(), 400);
+}
