@@ -433,3 +433,69 @@ fn pair_invite_without_yes_asks_and_no_answer_declines_the_device() {
         "nothing joined"
     );
 }
+
+/// Reads from `from` until the text read so far contains `wanted`; returns that text.
+fn read_until(from: &mut impl std::io::Read, wanted: &str) -> String {
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains(wanted) {
+        match from.read(&mut byte) {
+            Ok(1) => seen.push(byte[0]),
+            _ => panic!(
+                "ended before {wanted:?}; read {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[test]
+fn pair_invite_asks_on_the_terminal_and_yes_accepts_the_device() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&keel(&home_a, &["init", "lib"]));
+    let addr_a = free_port();
+    let _a = serve(&home_a, &addr_a, &[]);
+    // `script` (util-linux) runs the invite on a pseudo-terminal, as a user at a terminal would.
+    let inner = format!(
+        "'{}' --home '{}' pair invite lib",
+        env!("CARGO_BIN_EXE_keel"),
+        home_a.display()
+    );
+    let mut invite = Command::new("script")
+        .args(["-qfec", &inner, "/dev/null"])
+        .env("KEEL_PASSWORD", "pw")
+        .env("KEEL_INSECURE_FAST_KDF", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("`script` from util-linux runs (the CI image has it)");
+    let mut terminal = invite.stdout.take().expect("terminal output");
+    let first = read_until(&mut terminal, "\n");
+    let code = first.trim().to_string();
+    assert!(!code.is_empty(), "the code comes first: {first:?}");
+    let join = std::thread::spawn({
+        let home_b = home_b.clone();
+        let addr_a = addr_a.clone();
+        move || {
+            keel(
+                &home_b,
+                &["pair", "join", "--addr", &addr_a, "--code", &code],
+            )
+        }
+    });
+    read_until(&mut terminal, "? [y/N]");
+    let mut answer = invite.stdin.take().expect("terminal input");
+    answer.write_all(b"y\n").expect("answers");
+    ok(&join.join().expect("join finishes"));
+    let rest = read_until(&mut terminal, "paired with");
+    assert!(rest.contains("paired with"), "{rest}");
+    assert!(invite.wait().expect("invite ends").success());
+    assert!(
+        home_b.join("libraries/lib.keel").exists(),
+        "b holds the library"
+    );
+}

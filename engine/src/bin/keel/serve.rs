@@ -151,7 +151,7 @@ pub(crate) fn invite(node: &Node, yes: bool, io: &mut dyn Io) -> Result<i32> {
         io.line("the first device that proves this code will be accepted");
         return Ok(0);
     }
-    loop {
+    let outcome = loop {
         let next = node.block_on(async {
             tokio::select! {
                 question = handle.questions.recv() => Ok(question),
@@ -167,14 +167,18 @@ pub(crate) fn invite(node: &Node, yes: bool, io: &mut dyn Io) -> Result<i32> {
                 ));
                 let _ = question.answer.send(accepted);
             }
-            Ok(None) => bail!("the invitation ended"),
-            Err(Ok(Ok((device, name)))) => {
-                io.line(&format!("paired with '{name}' ({})", device.to_hex()));
-                return Ok(0);
-            }
-            Err(Ok(Err(e))) => bail!("pairing failed: {e}"),
-            Err(Err(_)) => bail!("the invitation ended"),
+            // No more questions (the invitation may have just succeeded): the outcome decides.
+            Ok(None) => break node.block_on(&mut handle.outcome)?,
+            Err(outcome) => break outcome,
         }
+    };
+    match outcome {
+        Ok(Ok((device, name))) => {
+            io.line(&format!("paired with '{name}' ({})", device.to_hex()));
+            Ok(0)
+        }
+        Ok(Err(e)) => bail!("pairing failed: {e}"),
+        Err(_) => bail!("the invitation ended"),
     }
 }
 
