@@ -87,6 +87,8 @@ pub enum ElectionMessage {
         epoch: Epoch,
         /// Whether a vote would be granted.
         granted: bool,
+        /// The highest epoch the answering device has taken or voted in.
+        highest: Epoch,
     },
 }
 
@@ -372,6 +374,7 @@ mod tests {
             DeviceMessage::Election(ElectionMessage::PreVoteReply {
                 epoch,
                 granted: true,
+                highest: epoch,
             }),
             DeviceMessage::Pairing(PairingMessage::Rejected {
                 reason: "wrong code".into(),

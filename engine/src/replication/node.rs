@@ -62,6 +62,9 @@ pub struct Node {
     /// When this node last heard its leader (an `Append` it accepted); while that is less than
     /// an election timeout ago it refuses pre-votes.
     heard_ms: Option<u64>,
+    /// The highest epoch counter other devices said they took or voted in (pre-vote refusals):
+    /// the next candidacy stands above it. Not durable; refusals teach it again.
+    highest_seen: u64,
     next: BTreeMap<DeviceId, u64>,
     /// Sent to each follower and not yet acknowledged.
     flights: BTreeMap<DeviceId, Flight>,
@@ -97,6 +100,7 @@ impl Node {
             votes: BTreeSet::new(),
             pre_vote: None,
             heard_ms: None,
+            highest_seen: 0,
             next: BTreeMap::new(),
             flights: BTreeMap::new(),
             in_log: None,
@@ -308,6 +312,7 @@ impl Node {
             .epoch
             .counter
             .max(self.durable.voted.counter)
+            .max(self.highest_seen)
             .max(1)
             + 1;
         Epoch {
@@ -511,9 +516,25 @@ impl Node {
                     && epoch > self.durable.epoch
                     && last >= self.durable.last()
                     && epoch.device == from;
-                Self::send(out, from, Message::PreVoteReply { epoch, granted });
+                let highest = self.durable.epoch.max(self.durable.voted);
+                Self::send(
+                    out,
+                    from,
+                    Message::PreVoteReply {
+                        epoch,
+                        granted,
+                        highest,
+                    },
+                );
             }
-            Message::PreVoteReply { epoch, granted } => {
+            Message::PreVoteReply {
+                epoch,
+                granted,
+                highest,
+            } => {
+                // A device that voted in a higher epoch than this one knows refuses every
+                // proposal up to it: the next one goes above.
+                self.highest_seen = self.highest_seen.max(highest.counter);
                 if !granted || self.role == Role::Leader {
                     return;
                 }

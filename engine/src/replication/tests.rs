@@ -435,3 +435,51 @@ fn followers_elect_a_new_leader_once_the_old_one_is_silent() {
     assert_eq!(b.role(), Role::Leader);
     assert!(b.durable().epoch > leader.durable().epoch);
 }
+
+#[test]
+fn a_refused_pre_vote_teaches_the_higher_epoch_so_the_next_one_can_win() {
+    // r voted in epoch 5 for a candidate that never won; p only knows epoch 1.
+    let voted = Epoch {
+        counter: 5,
+        device: DeviceId([9; 32]),
+    };
+    let mut p = Node::new(config(1), Durable::default(), 0);
+    let mut r = Node::new(
+        config(2),
+        Durable {
+            epoch: voted,
+            voted,
+            ..Durable::default()
+        },
+        0,
+    );
+    let (pd, rd) = (p.device(), r.device());
+    p.handle(Input::Connected(rd), 0);
+    r.handle(Input::Connected(pd), 0);
+
+    let ask = p.handle(Input::Tick, 1_000);
+    let refused = deliver(pd, &ask, &mut r, 1_000);
+    assert!(matches!(
+        sent(&refused).as_slice(),
+        [Message::PreVoteReply { granted: false, highest, .. }] if *highest == voted
+    ));
+    deliver(rd, &refused, &mut p, 1_000);
+    assert_eq!(
+        p.durable().epoch,
+        Epoch::default(),
+        "a refusal bumps nothing"
+    );
+
+    // The next pre-vote proposes above epoch 5 and is granted; p stands and wins.
+    let ask = p.handle(Input::Tick, 3_000);
+    assert!(matches!(
+        sent(&ask).as_slice(),
+        [Message::PreVote { epoch, .. }] if epoch.counter == 6
+    ));
+    let granted = deliver(pd, &ask, &mut r, 3_000);
+    let request = deliver(rd, &granted, &mut p, 3_000);
+    let vote = deliver(pd, &request, &mut r, 3_000);
+    deliver(rd, &vote, &mut p, 3_001);
+    assert_eq!(p.role(), Role::Leader);
+    assert_eq!(p.durable().epoch.counter, 6);
+}

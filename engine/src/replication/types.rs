@@ -74,6 +74,9 @@ pub enum Message {
         epoch: Epoch,
         /// Whether a vote would be granted.
         granted: bool,
+        /// The highest epoch the answering device has taken or voted in: a refused device
+        /// stands above it next time (nothing else changes on its side).
+        highest: Epoch,
     },
 }
 

@@ -364,9 +364,15 @@ impl Core {
                 last_epoch: last.0,
                 last_lsn: last.1,
             }),
-            Message::PreVoteReply { epoch, granted } => {
-                DeviceMessage::Election(ElectionMessage::PreVoteReply { epoch, granted })
-            }
+            Message::PreVoteReply {
+                epoch,
+                granted,
+                highest,
+            } => DeviceMessage::Election(ElectionMessage::PreVoteReply {
+                epoch,
+                granted,
+                highest,
+            }),
             Message::AppendReply { epoch, ok, last } => {
                 // Apply runs in log order, so both domains are applied through the same point.
                 let applied = self.library.applied_lsn();
@@ -548,9 +554,15 @@ impl Core {
                 epoch,
                 last: (last_epoch, last_lsn),
             }),
-            DeviceMessage::Election(ElectionMessage::PreVoteReply { epoch, granted }) => {
-                Some(Message::PreVoteReply { epoch, granted })
-            }
+            DeviceMessage::Election(ElectionMessage::PreVoteReply {
+                epoch,
+                granted,
+                highest,
+            }) => Some(Message::PreVoteReply {
+                epoch,
+                granted,
+                highest,
+            }),
             _ => None,
         }
     }
