@@ -1,7 +1,8 @@
-//! A seeded simulator of 3–5 replication cores through partitions, crashes and restarts, message
-//! loss, duplication, reordering and delays. After healing it checks: identical logs and digests,
-//! no pending change left, every acknowledged change present exactly once, at most one leader per
-//! epoch, epochs that never go back, and no node ever losing a change it had.
+//! A seeded simulator of 3–5 replication cores through partitions (two sides, or single links cut),
+//! crashes and restarts, message loss, duplication, reordering and delays. After healing it checks:
+//! identical logs and digests, no pending change left, every acknowledged change present exactly
+//! once, at most one leader per epoch, epochs that never go back, and no node ever losing a change
+//! it had.
 //!
 //! `KEEL_SIM_SEED=N` runs one seed; `KEEL_SIM_SEEDS=N` sets how many (default 200).
 
@@ -244,6 +245,14 @@ impl Sim {
                         self.up[a][b] = side[a] == side[b];
                     }
                 }
+            }
+            if self.rng.gen_bool(0.005) {
+                // One link cut, the others kept: a device may lose its leader and still reach
+                // the rest (what pre-vote is for).
+                let a = self.rng.gen_range(0..n);
+                let b = (a + self.rng.gen_range(1..n)) % n;
+                self.up[a][b] = false;
+                self.up[b][a] = false;
             }
             if self.rng.gen_bool(0.008) {
                 self.up = vec![vec![true; n]; n];
