@@ -362,13 +362,21 @@ fn serve_stops_cleanly_on_sigterm_and_loses_nothing_acknowledged_on_kill_9() {
     // kill -9 while tags are being committed through the node.
     let served = serve(&home, &addr, &[]);
     let pid = served.0.id();
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(400));
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = std::thread::spawn({
+        let killed = killed.clone();
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            killed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     });
     let mut acknowledged = Vec::new();
+    // Tags until a few commands after the kill (those find the socket stale and open the
+    // library themselves), or until one fails.
+    let mut after_kill = 0;
     for i in 0..500 {
         let name = format!("t{i}");
         let out = keel(&home, &["tag", "lib", photo, &name]);
@@ -376,6 +384,12 @@ fn serve_stops_cleanly_on_sigterm_and_loses_nothing_acknowledged_on_kill_9() {
             acknowledged.push(name);
         } else if !sock.exists() || i > 0 {
             break;
+        }
+        if killed.load(std::sync::atomic::Ordering::SeqCst) {
+            after_kill += 1;
+            if after_kill >= 3 {
+                break;
+            }
         }
     }
     killer.join().expect("killer");
