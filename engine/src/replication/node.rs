@@ -328,9 +328,7 @@ impl Node {
         self.pre_vote = Some((epoch, BTreeSet::from([self.config.device])));
         self.reset_election_timer(now_ms);
         let last = self.durable.last();
-        for peer in self.connected.iter().copied() {
-            Self::send(out, peer, Message::PreVote { epoch, last });
-        }
+        self.to_all(Message::PreVote { epoch, last }, out);
         self.maybe_stand(now_ms, out);
     }
 
@@ -354,9 +352,7 @@ impl Node {
         self.votes = BTreeSet::from([self.config.device]);
         self.reset_election_timer(now_ms);
         let last = self.durable.last();
-        for peer in self.connected.iter().copied() {
-            Self::send(out, peer, Message::RequestVote { epoch, last });
-        }
+        self.to_all(Message::RequestVote { epoch, last }, out);
         self.maybe_win(now_ms, out);
     }
 
@@ -484,13 +480,27 @@ impl Node {
         self.reset_election_timer(now_ms);
     }
 
+    /// Whether this node would vote for `from` standing in `epoch` with a log ending at `last`:
+    /// one vote per counter, only for the candidate's own epoch, only for a log at least as up to
+    /// date. `RequestVote` grants by it; `PreVote` also asks that no live leader be known.
+    fn would_vote(&self, from: DeviceId, epoch: Epoch, last: (Epoch, Lsn)) -> bool {
+        epoch.counter > self.durable.voted.counter
+            && epoch >= self.durable.epoch
+            && last >= self.durable.last()
+            && epoch.device == from
+    }
+
+    /// Sends `message` to every reachable device.
+    fn to_all(&self, message: Message, out: &mut Vec<Output>) {
+        for peer in self.connected.iter().copied() {
+            Self::send(out, peer, message.clone());
+        }
+    }
+
     fn receive(&mut self, from: DeviceId, message: Message, now_ms: u64, out: &mut Vec<Output>) {
         match message {
             Message::RequestVote { epoch, last } => {
-                let fresh =
-                    epoch.counter > self.durable.voted.counter && epoch >= self.durable.epoch;
-                let up_to_date = last >= self.durable.last();
-                let granted = fresh && up_to_date && epoch.device == from;
+                let granted = self.would_vote(from, epoch, last);
                 if granted {
                     self.durable.voted = epoch;
                     self.step_down(epoch, None, now_ms);
@@ -511,11 +521,7 @@ impl Node {
                         && self.heard_ms.is_some_and(|h| {
                             now_ms < h.saturating_add(self.config.election_timeout_ms)
                         }));
-                let granted = !leader_alive
-                    && epoch.counter > self.durable.voted.counter
-                    && epoch > self.durable.epoch
-                    && last >= self.durable.last()
-                    && epoch.device == from;
+                let granted = !leader_alive && self.would_vote(from, epoch, last);
                 let highest = self.durable.epoch.max(self.durable.voted);
                 Self::send(
                     out,
