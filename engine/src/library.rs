@@ -621,9 +621,10 @@ impl Library {
         }
     }
 
-    /// Whether the change with this id is durable in this library's journal log.
-    pub fn contains_change(&self, id: ChangeId) -> Result<bool, EngineError> {
-        Ok(self.journal()?.contains(id)?)
+    /// The id of every change durable in this library's journal (log and offline journal both).
+    /// Reads the whole journal: for checks and tools, not for a hot path.
+    pub fn journal_change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, EngineError> {
+        Ok(self.journal()?.change_ids()?)
     }
 
     /// Every change in the journal (log, then local), in order, for tests and tools. Records that

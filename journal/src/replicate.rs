@@ -1,6 +1,7 @@
-//! The writer's replication operations: sequencing pushed changes (leader), appending a leader's
-//! segment verbatim (follower), and truncating a stale suffix with its changes returned to the
-//! offline journal (a deposed leader or a follower of one). Each is one durable transaction.
+//! The writer's replication operations: appending log entries verbatim (a follower copying its
+//! leader's segment, or a leader writing what its replication core sequenced), and truncating a
+//! stale suffix with its changes returned to the offline journal (a deposed leader or a follower
+//! of one). Each is one durable transaction.
 
 use keel_schema::{Change, ChangeId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
@@ -8,75 +9,10 @@ use redb::{Durability, ReadableTable};
 use crate::error::{storage, JournalError};
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
-use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_HLC, META_REPLAY_FROM};
-use crate::writer::{Placement, Role, WriterState};
+use crate::tables::{LOCAL, LOG, META, META_REPLAY_FROM};
+use crate::writer::{Placement, WriterState};
 
 impl WriterState {
-    /// Records the HLC high-water mark and commits; on failure the log position is rolled back.
-    pub(crate) fn commit_with_high_water(
-        &mut self,
-        txn: redb::WriteTransaction,
-        next_before: u64,
-    ) -> Result<(), JournalError> {
-        let written = (|| {
-            {
-                let mut meta = txn.open_table(META).map_err(storage)?;
-                meta.insert(META_HLC, &self.hlc_high_water.to_bytes()[..])
-                    .map_err(storage)?;
-            }
-            txn.commit().map_err(storage)
-        })();
-        if written.is_err() {
-            self.next_lsn = next_before;
-        }
-        written
-    }
-
-    pub(crate) fn notify(&mut self, entries: Vec<(Placement, Change)>) {
-        if entries.is_empty() {
-            return;
-        }
-        // No barriers here: each change's own placement carries its position.
-        self.send_batch(entries, None);
-    }
-
-    /// Leader: appends pushed changes not yet in the log. Returns each change's position.
-    pub(crate) fn sequence_remote(
-        &mut self,
-        items: Vec<(Change, Vec<u8>)>,
-    ) -> Result<Vec<Lsn>, JournalError> {
-        let Role::Leader(epoch) = self.role else {
-            return Err(JournalError::NotLeader);
-        };
-        let mut txn = self.db.begin_write().map_err(storage)?;
-        txn.set_durability(Durability::Immediate).map_err(storage)?;
-        let mut positions = Vec::with_capacity(items.len());
-        let mut fresh = Vec::new();
-        let next_before = self.next_lsn;
-        {
-            let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
-            for (change, sealed) in items {
-                let key = change.id.0.as_u128();
-                if let Some(existing) = index.get(key).map_err(storage)? {
-                    positions.push(Lsn(existing.value()));
-                    continue;
-                }
-                let lsn = self.next_lsn;
-                self.next_lsn += 1;
-                log.insert(lsn, LogRecord::encode(epoch, &sealed).as_slice())
-                    .map_err(storage)?;
-                index.insert(key, lsn).map_err(storage)?;
-                self.hlc_high_water = self.hlc_high_water.max(change.hlc);
-                positions.push(Lsn(lsn));
-                fresh.push((Placement::Log(Lsn(lsn)), change));
-            }
-        }
-        self.commit_with_high_water(txn, next_before)?;
-        self.notify(fresh);
-        Ok(positions)
-    }
-
     /// Appends log entries at `first` (which must be the next position) inside the writer's
     /// transaction, together with any local commits waiting (one sync for both): a follower
     /// copying its leader's segment, or a leader writing what its replication core sequenced.
@@ -96,7 +32,6 @@ impl WriterState {
         }
         let mut appended = Vec::with_capacity(entries.len());
         let mut log = txn.open_table(LOG).map_err(storage)?;
-        let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
         let mut local = txn.open_table(LOCAL).map_err(storage)?;
         let mut ids = std::collections::HashSet::new();
         for (epoch, change, sealed) in entries {
@@ -106,7 +41,6 @@ impl WriterState {
                 .map_err(storage)?;
             // A barrier (no change) only marks the start of an epoch.
             let Some(change) = change else { continue };
-            index.insert(change.id.0.as_u128(), lsn).map_err(storage)?;
             ids.insert(change.id);
             self.hlc_high_water = self.hlc_high_water.max(change.hlc);
             appended.push((Placement::Log(Lsn(lsn)), change));
@@ -140,7 +74,6 @@ impl WriterState {
         let next_local_before = self.next_local;
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
             let mut local = txn.open_table(LOCAL).map_err(storage)?;
             let mut suffix = Vec::new();
             for item in log.range(keep.0 + 1..).map_err(storage)? {
@@ -156,7 +89,6 @@ impl WriterState {
                 let Some(id) = Sealer::peek_change_id(record.sealed) else {
                     continue;
                 };
-                index.remove(id.0.as_u128()).map_err(storage)?;
                 let seq = self.next_local;
                 self.next_local += 1;
                 local

@@ -14,8 +14,8 @@ use crate::error::{guarded, storage, DbHandle, JournalError, RecordPlace};
 use crate::record::{LocalRecord, LogRecord};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
-    CHANGE_INDEX, CONFLICTS, JOBS, JOURNAL_FORMAT, LOCAL, LOG, META, META_EPOCH, META_FORMAT,
-    META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, POSITIONS,
+    CONFLICTS, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LOCAL, LOG, META, META_EPOCH,
+    META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, POSITIONS,
 };
 use crate::writer::{
     epoch_bytes, next_key, write_epoch, CommittedBatch, LeadingHint, Placement, Request, Role,
@@ -271,7 +271,7 @@ impl Journal {
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             txn.open_table(LOG).map_err(storage)?;
-            txn.open_table(CHANGE_INDEX).map_err(storage)?;
+            txn.delete_table(LEGACY_CHANGE_INDEX).map_err(storage)?;
             txn.open_table(LOCAL).map_err(storage)?;
             txn.open_table(POSITIONS).map_err(storage)?;
             txn.open_table(JOBS).map_err(storage)?;
@@ -535,13 +535,16 @@ impl Journal {
         })
     }
 
-    /// Whether a change with this id is in the log.
-    pub fn contains(&self, id: ChangeId) -> Result<bool, JournalError> {
-        guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
-            let index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
-            Ok(index.get(id.0.as_u128()).map_err(storage)?.is_some())
-        })
+    /// The id of every change in the journal, log and offline journal both (records that fail
+    /// their checks are left out; `verify` reports them). Reads the whole journal.
+    pub fn change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, JournalError> {
+        let mut ids: std::collections::HashSet<ChangeId> = self
+            .log_index()?
+            .into_iter()
+            .filter_map(|(_, id)| id)
+            .collect();
+        ids.extend(self.local_pending()?.into_iter().map(|(id, _)| id));
+        Ok(ids)
     }
 
     /// Counters for `status`.
@@ -615,18 +618,6 @@ impl Journal {
             .send(make(reply))
             .map_err(|_| JournalError::WriterStopped)?;
         answer.recv().map_err(|_| JournalError::WriterStopped)?
-    }
-
-    /// Leader: sequences changes pushed by a follower (sealed by their origin). Every record must
-    /// open under this library's key; one that does not fails the whole batch and nothing is
-    /// written. Changes already in the log keep their position (idempotent by change id).
-    pub fn sequence_remote(&self, sealed: Vec<Vec<u8>>) -> Result<Vec<Lsn>, JournalError> {
-        let mut items = Vec::with_capacity(sealed.len());
-        for (i, bytes) in sealed.into_iter().enumerate() {
-            let change = self.open_incoming(RecordPlace::Incoming(i), &bytes)?;
-            items.push((change, bytes));
-        }
-        self.ask(|reply| Request::SequenceRemote { items, reply })
     }
 
     /// Appends log entries verbatim at `first`, which must be the next position (a follower
@@ -887,5 +878,38 @@ mod tests {
             "the sealing threads see the writer's epoch"
         );
         journal.close();
+    }
+
+    #[test]
+    fn opening_drops_the_legacy_change_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.redb");
+        let (library, key, device) = (
+            LibraryId(Uuid::new_v4()),
+            LibraryKey::generate(),
+            DeviceId([6; 32]),
+        );
+        Journal::open(&path, library, &key, device, JournalOptions::default())
+            .expect("creates")
+            .close();
+        {
+            // What an early build left: an index table beside the log.
+            let db = Database::create(&path).expect("opens the file");
+            let txn = db.begin_write().expect("write txn");
+            txn.open_table(LEGACY_CHANGE_INDEX)
+                .expect("table")
+                .insert(7u128, 1u64)
+                .expect("inserts");
+            txn.commit().expect("commits");
+        }
+        Journal::open(&path, library, &key, device, JournalOptions::default())
+            .expect("reopens")
+            .close();
+        let db = Database::create(&path).expect("opens the file");
+        let txn = db.begin_read().expect("read txn");
+        assert!(matches!(
+            txn.open_table(LEGACY_CHANGE_INDEX),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ));
     }
 }

@@ -4,8 +4,10 @@ use redb::TableDefinition;
 
 /// The leader log: `lsn → log record` (epoch, checksum, sealed change).
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-/// Every change id in the log: `change id → lsn`, for idempotent sequencing.
-pub(crate) const CHANGE_INDEX: TableDefinition<u128, u64> = TableDefinition::new("change_index");
+/// Dropped: an index `change id → lsn` that early builds kept beside the log. Deduplication is
+/// the replication core's (its log ids in memory), so opening a journal deletes this table.
+pub(crate) const LEGACY_CHANGE_INDEX: TableDefinition<u128, u64> =
+    TableDefinition::new("change_index");
 /// The offline journal: `local seq → local record` (push state, checksum, sealed change).
 pub(crate) const LOCAL: TableDefinition<u64, &[u8]> = TableDefinition::new("local");
 /// Replication positions per peer and domain: `"peer/domain" → lsn`.

@@ -13,7 +13,7 @@ use redb::{Durability, ReadableTable};
 
 use crate::error::{guarded, storage, DbHandle, JournalError};
 use crate::record::{LocalRecord, LogRecord, PushState, LOG_HEADER_LEN};
-use crate::tables::{CHANGE_INDEX, LOCAL, LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES};
+use crate::tables::{LOCAL, LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES};
 
 /// Most changes written in one transaction.
 pub const BATCH_CHANGES_MAX: usize = 16 * 1024;
@@ -98,10 +98,6 @@ pub(crate) enum Request {
         role: Role,
         reply: Sender<Result<(), JournalError>>,
     },
-    SequenceRemote {
-        items: Vec<(Change, Vec<u8>)>,
-        reply: Sender<Result<Vec<Lsn>, JournalError>>,
-    },
     AppendReplicated {
         first: Lsn,
         entries: AppendEntries,
@@ -164,10 +160,6 @@ impl WriterState {
                     Request::SetRole { role, reply } => {
                         self.flush(&mut commits);
                         let _ = reply.send(guarded(|| self.set_role(role)));
-                    }
-                    Request::SequenceRemote { items, reply } => {
-                        self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.sequence_remote(items)));
                     }
                     Request::AppendReplicated {
                         first,
@@ -318,7 +310,6 @@ impl WriterState {
         let mut placements = Vec::new();
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut index = txn.open_table(CHANGE_INDEX).map_err(storage)?;
             let mut local = txn.open_table(LOCAL).map_err(storage)?;
             for (sealed, _) in batch {
                 for item in sealed {
@@ -336,9 +327,6 @@ impl WriterState {
                                 let record = LogRecord::encode(epoch, item.sealed());
                                 log.insert(lsn, record.as_slice()).map_err(storage)?;
                             }
-                            index
-                                .insert(item.change.id.0.as_u128(), lsn)
-                                .map_err(storage)?;
                             placements.push(Placement::Log(Lsn(lsn)));
                         }
                         Role::Follower => {

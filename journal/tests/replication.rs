@@ -1,5 +1,5 @@
 //! The journal's replication operations on real redb files: a follower appends a leader's
-//! segment verbatim, a leader sequences pushes idempotently, a deposed log truncates its suffix
+//! segment verbatim, a leader appends what its replication core sequenced, a deposed log truncates its suffix
 //! into the offline journal, and hostile segments are refused whole.
 
 use keel_journal::{Journal, JournalError, JournalOptions, LibraryKey, LogRecord, Role};
@@ -79,24 +79,27 @@ fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_jou
         leader.read_log_raw(Lsn(1), 100).expect("reads")
     );
 
-    // The follower commits offline, then pushes; the leader sequences once however often pushed.
+    // The follower commits offline, then pushes; the leader's replication core sequences the
+    // pushed record by appending it verbatim under its epoch (it deduplicates by id itself).
     let mine = change(f, 99);
     follower
         .commit(vec![mine.clone()])
         .expect("commits offline");
-    let sealed: Vec<Vec<u8>> = follower
+    let sealed: Vec<(Epoch, Vec<u8>)> = follower
         .read_local_sealed(0, 100)
         .expect("reads")
         .into_iter()
-        .map(|(_, s)| s)
+        .map(|(_, s)| (epoch, s))
         .collect();
-    assert_eq!(
-        leader.sequence_remote(sealed.clone()).expect("sequences"),
-        vec![Lsn(6)]
-    );
-    assert_eq!(
-        leader.sequence_remote(sealed).expect("idempotent"),
-        vec![Lsn(6)]
+    leader
+        .append_replicated(Lsn(6), sealed.clone())
+        .expect("sequences");
+    assert!(
+        matches!(
+            leader.append_replicated(Lsn(6), sealed),
+            Err(JournalError::NotContiguous { .. })
+        ),
+        "a position is written once"
     );
     assert_eq!(leader.stats().expect("stats").log_len, 6);
 
@@ -109,7 +112,7 @@ fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_jou
         (6, 0),
         "sequenced, so no longer pending"
     );
-    assert!(follower.contains(mine.id).expect("index"));
+    assert!(follower.change_ids().expect("reads ids").contains(&mine.id));
     assert_eq!(follower.epoch_at(Lsn(6)).expect("reads"), Some(epoch));
 }
 
@@ -136,7 +139,12 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
     assert_eq!(returned, vec![changes[5].id, changes[6].id]);
     let stats = journal.stats().expect("stats");
     assert_eq!((stats.log_len, stats.pending_local), (5, 2));
-    assert!(!journal.contains(changes[6].id).expect("index"));
+    let ids = journal.change_ids().expect("reads ids");
+    assert!(
+        ids.contains(&changes[6].id),
+        "still in the journal: pending again"
+    );
+    assert_eq!(journal.log_index().expect("reads").len(), 5);
     assert_eq!(journal.replay_floor().expect("meta"), Some(Lsn(5)));
     let pending: Vec<ChangeId> = journal
         .read_local(0, 10)
@@ -202,5 +210,17 @@ fn a_tampered_or_foreign_segment_is_refused_whole() {
     assert!(follower
         .append_replicated(Lsn(1), segment(&stranger, Lsn(1)))
         .is_err());
-    assert!(leader.sequence_remote(vec![vec![0u8; 10]]).is_err());
+    assert!(leader
+        .append_replicated(
+            Lsn(4),
+            vec![(
+                Epoch {
+                    counter: 1,
+                    device: l
+                },
+                vec![0u8; 10]
+            )]
+        )
+        .is_err());
+    assert_eq!(leader.stats().expect("stats").log_len, 3, "nothing written");
 }
