@@ -33,6 +33,9 @@ impl WriterState {
         let mut appended = Vec::with_capacity(entries.len());
         let mut log = txn.open_table(LOG).map_err(storage)?;
         let mut local = txn.open_table(LOCAL).map_err(storage)?;
+        // Usually empty (a follower that wrote nothing offline): then no ids are collected and
+        // nothing is scanned.
+        let waiting = local.first().map_err(storage)?.is_some();
         let mut ids = std::collections::HashSet::new();
         for (epoch, change, sealed) in entries {
             let lsn = self.next_lsn;
@@ -41,14 +44,14 @@ impl WriterState {
                 .map_err(storage)?;
             // A barrier (no change) only marks the start of an epoch.
             let Some(change) = change else { continue };
-            ids.insert(change.id);
+            if waiting {
+                ids.insert(change.id);
+            }
             self.hlc_high_water = self.hlc_high_water.max(change.hlc);
             appended.push((Placement::Log(Lsn(lsn)), change));
         }
         let mut sequenced = Vec::new();
-        // Usually empty (a follower that wrote nothing offline): then there is nothing to scan.
-        let waiting = !ids.is_empty() && local.first().map_err(storage)?.is_some();
-        if waiting {
+        if !ids.is_empty() {
             for item in local.iter().map_err(storage)? {
                 let (seq, bytes) = item.map_err(storage)?;
                 let id = LocalRecord::decode(bytes.value())
