@@ -101,6 +101,48 @@ fn a_leader_sequences_pushed_changes_once() {
 }
 
 #[test]
+fn a_restarted_leader_still_sequences_a_change_it_holds_only_once() {
+    // The journal keeps no change-id index: after a restart the core's own log (loaded from the
+    // journal) is what makes a repeated push idempotent.
+    let mut first = Node::founder(config(1), 0);
+    let follower = DeviceId([2; 32]);
+    first.handle(Input::Connected(follower), 0);
+    let push = Message::Push {
+        changes: vec![id(7), id(8)],
+    };
+    first.handle(
+        Input::Received {
+            from: follower,
+            message: push,
+        },
+        1,
+    );
+    let durable = first.durable().clone();
+    let mut restarted = Node::new(config(1), durable, 2);
+    assert_eq!(restarted.role(), Role::Leader);
+    restarted.handle(Input::Connected(follower), 3);
+    restarted.handle(
+        Input::Received {
+            from: follower,
+            message: Message::Push {
+                changes: vec![id(8), id(9)],
+            },
+        },
+        4,
+    );
+    let changes: Vec<ChangeId> = restarted
+        .durable()
+        .log
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Entry::Change(c) => Some(c),
+            Entry::Barrier => None,
+        })
+        .collect();
+    assert_eq!(changes, vec![id(7), id(8), id(9)]);
+}
+
+#[test]
 fn truncated_changes_return_to_pending() {
     let a = Epoch {
         counter: 2,
