@@ -13,6 +13,7 @@ mod seal;
 mod store;
 mod tables;
 mod writer;
+mod xchacha;
 
 pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};

@@ -223,7 +223,7 @@ impl LibraryKey {
         Sealer {
             library,
             key_id: self.key_id,
-            cipher: XChaCha20Poly1305::new((&subkey).into()),
+            key: subkey,
         }
     }
 
@@ -238,7 +238,8 @@ impl LibraryKey {
 pub struct Sealer {
     library: LibraryId,
     key_id: u32,
-    cipher: XChaCha20Poly1305,
+    /// The payload subkey (XChaCha20-Poly1305, see [`crate::xchacha`]).
+    key: [u8; 32],
 }
 
 impl std::fmt::Debug for Sealer {
@@ -265,18 +266,13 @@ impl Sealer {
         out.extend_from_slice(&self.key_id.to_be_bytes());
         out.extend_from_slice(change.0.as_bytes());
         out.extend_from_slice(&nonce);
-        // Encryption of an in-memory buffer with a valid key cannot fail.
-        let ct = self
-            .cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plain,
-                    aad: &ad,
-                },
-            )
-            .unwrap_or_default();
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(plain);
+        // Encryption of an in-memory buffer with a valid key fails only past ChaCha20's length
+        // limit (256 GiB); records are capped at 1 MiB long before that. Should it ever fail,
+        // the record is left without a tag, so it fails to open rather than leaking plaintext.
+        if !crate::xchacha::seal_in_place(&self.key, &nonce, &ad, &mut out, SEAL_HEADER_LEN) {
+            out.truncate(SEAL_HEADER_LEN);
+        }
         out
     }
 
@@ -296,18 +292,13 @@ impl Sealer {
             return Err(format!("sealed with unknown key id {key_id}"));
         }
         let change = Self::peek_change_id(sealed).ok_or("short header")?;
-        let nonce = &sealed[20..SEAL_HEADER_LEN];
+        let nonce: &[u8; crate::xchacha::NONCE_LEN] = sealed
+            .get(20..SEAL_HEADER_LEN)
+            .and_then(|n| n.try_into().ok())
+            .ok_or("short header")?;
         let ad = seal_ad(self.library, change, key_id);
-        let plain = self
-            .cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: &sealed[SEAL_HEADER_LEN..],
-                    aad: &ad,
-                },
-            )
-            .map_err(|_| "payload failed to open (tampered or foreign)".to_string())?;
+        let plain = crate::xchacha::open(&self.key, nonce, &ad, &sealed[SEAL_HEADER_LEN..])
+            .ok_or_else(|| "payload failed to open (tampered or foreign)".to_string())?;
         Ok((change, plain))
     }
 }
