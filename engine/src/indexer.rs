@@ -8,7 +8,7 @@
 //! - **moved**: a path that disappeared and a new path with the same content: the Entry moves;
 //! - **removed**: a path gone: the Entry and its entry-scoped metadata become tombstones.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -26,6 +26,16 @@ use crate::library::{now_ms, Library};
 pub const INDEX_COMMIT_BATCH: usize = 4096;
 /// Hashing threads.
 const HASH_THREADS: usize = 2;
+/// Most hashed files waiting for the walk to end (each holds its path and entry). Tiny in unit
+/// tests, so that small trees go through the path where the hashers are full.
+const HASHED_AHEAD_MAX: usize = if cfg!(test) { 2 } else { 16_384 };
+/// Most files queued for the hashers.
+const HASH_QUEUE_MAX: usize = if cfg!(test) { 2 } else { 4096 };
+
+/// A file to hash, with its entry if it had one.
+type HashJob = (Item, Option<Entry>);
+/// A hashed file: the job and `(hex hash, bytes)` or why it could not be read.
+type Hashed = (Item, Option<Entry>, std::io::Result<(String, u64)>);
 
 /// Progress of an indexing run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -76,6 +86,31 @@ struct Item {
 }
 
 impl Item {
+    /// The item for what the walk found.
+    fn found(found: crate::walk::Found) -> Self {
+        let kind = if found.file_type.is_dir() {
+            EntryKind::Directory
+        } else if found.file_type.is_symlink() {
+            EntryKind::Symlink
+        } else {
+            EntryKind::File
+        };
+        let meta = &found.metadata;
+        Item {
+            size: if kind == EntryKind::File {
+                meta.len() as i64
+            } else {
+                0
+            },
+            created_ms: millis(meta.created()),
+            modified_ms: millis(meta.modified()),
+            path: found.path,
+            relative_path: found.relative_path,
+            name: found.name,
+            kind,
+        }
+    }
+
     /// A new Entry for this item (a fresh uuid), with `content` once identified.
     fn into_entry(self, location: Uuid, content: Option<Uuid>) -> Entry {
         Entry {
@@ -122,6 +157,65 @@ pub fn kind_of(name: &str) -> (&'static str, Option<&'static str>) {
         Some("pdf") => ("document", Some("application/pdf")),
         Some("zip" | "tar" | "gz") => ("archive", Some("application/zip")),
         _ => ("other", None),
+    }
+}
+
+/// Sorts one walked item against what the location held (`existing`, keyed by path; the item's
+/// entry is taken out of it). Unchanged items are counted; new directories and symlinks are
+/// planned; files that need hashing are returned as a job.
+fn classify(
+    item: Item,
+    existing: &mut HashMap<(String, String), Entry>,
+    report: &mut IndexReport,
+    planned: &mut Vec<Planned>,
+    location: Uuid,
+) -> Option<HashJob> {
+    let key = (item.relative_path.clone(), item.name.clone());
+    let previous = existing.remove(&key);
+    match item.kind {
+        EntryKind::File => {
+            report.files += 1;
+            match previous {
+                Some(prev)
+                    if prev.kind == EntryKind::File.code()
+                        && prev.size == item.size
+                        && prev.modified_ms == item.modified_ms
+                        && prev.content.is_some() =>
+                {
+                    report.unchanged += 1;
+                    None
+                }
+                Some(prev) if prev.kind == EntryKind::File.code() => Some((item, Some(prev))),
+                Some(prev) => {
+                    // A directory became a file: the old entry goes, a new one comes.
+                    existing.insert(
+                        (prev.relative_path.clone(), format!("\0{}", prev.name)),
+                        prev,
+                    );
+                    Some((item, None))
+                }
+                None => Some((item, None)),
+            }
+        }
+        EntryKind::Directory | EntryKind::Symlink => {
+            if item.kind == EntryKind::Directory {
+                report.dirs += 1;
+            }
+            match previous {
+                Some(prev) if prev.kind == item.kind.code() => report.unchanged += 1,
+                other => {
+                    if let Some(prev) = other {
+                        existing.insert(
+                            (prev.relative_path.clone(), format!("\0{}", prev.name)),
+                            prev,
+                        );
+                    }
+                    report.new += 1;
+                    planned.push(Planned::Upsert(Box::new(item.into_entry(location, None))));
+                }
+            }
+            None
+        }
     }
 }
 
@@ -178,111 +272,13 @@ impl Library {
             .map(|e| ((e.relative_path.clone(), e.name.clone()), e))
             .collect();
 
-        // Walk first (stat only), so removals and moves are known before hashing.
-        let mut items = Vec::new();
-        crate::walk::walk(
-            &root,
-            &mut |found| {
-                let kind = if found.file_type.is_dir() {
-                    EntryKind::Directory
-                } else if found.file_type.is_symlink() {
-                    EntryKind::Symlink
-                } else {
-                    EntryKind::File
-                };
-                let meta = &found.metadata;
-                items.push(Item {
-                    size: if kind == EntryKind::File {
-                        meta.len() as i64
-                    } else {
-                        0
-                    },
-                    created_ms: millis(meta.created()),
-                    modified_ms: millis(meta.modified()),
-                    path: found.path,
-                    relative_path: found.relative_path,
-                    name: found.name,
-                    kind,
-                });
-            },
-            &mut |path, error| {
-                tracing::warn!(path = %path.display(), %error, "skipping an unreadable path");
-                report.unreadable += 1;
-            },
-        );
-
+        // Hashing starts while the walk goes on, but results wait for the walk's end: only then
+        // are the removals (and so the moves) known.
         let mut planned: Vec<Planned> = Vec::new();
-        let mut to_hash: Vec<(Item, Option<Entry>)> = Vec::new();
-        for item in items {
-            let key = (item.relative_path.clone(), item.name.clone());
-            let previous = existing.remove(&key);
-            match item.kind {
-                EntryKind::File => {
-                    report.files += 1;
-                    match previous {
-                        Some(prev)
-                            if prev.kind == EntryKind::File.code()
-                                && prev.size == item.size
-                                && prev.modified_ms == item.modified_ms
-                                && prev.content.is_some() =>
-                        {
-                            report.unchanged += 1;
-                        }
-                        Some(prev) if prev.kind == EntryKind::File.code() => {
-                            to_hash.push((item, Some(prev)))
-                        }
-                        Some(prev) => {
-                            // A directory became a file: the old entry goes, a new one comes.
-                            existing.insert(
-                                (prev.relative_path.clone(), format!("\0{}", prev.name)),
-                                prev,
-                            );
-                            to_hash.push((item, None));
-                        }
-                        None => to_hash.push((item, None)),
-                    }
-                }
-                EntryKind::Directory | EntryKind::Symlink => {
-                    if item.kind == EntryKind::Directory {
-                        report.dirs += 1;
-                    }
-                    match previous {
-                        Some(prev) if prev.kind == item.kind.code() => report.unchanged += 1,
-                        other => {
-                            if let Some(prev) = other {
-                                existing.insert(
-                                    (prev.relative_path.clone(), format!("\0{}", prev.name)),
-                                    prev,
-                                );
-                            }
-                            report.new += 1;
-                            planned.push(Planned::Upsert(Box::new(
-                                item.into_entry(location.uuid, None),
-                            )));
-                        }
-                    }
-                }
-            }
-        }
-        // What is left in `existing` disappeared; files among them may reappear as moves.
         let mut gone_by_content: HashMap<Uuid, Vec<Entry>> = HashMap::new();
         let mut gone: Vec<Entry> = Vec::new();
-        for (_, entry) in existing.drain() {
-            match entry.content {
-                Some(c) if entry.kind == EntryKind::File.code() => {
-                    gone_by_content.entry(c).or_default().push(entry)
-                }
-                _ => gone.push(entry),
-            }
-        }
-
-        let total = report.files;
-        let mut done = report.files - to_hash.len() as u64;
-        progress(IndexProgress {
-            done,
-            total,
-            bytes: 0,
-        });
+        let mut total = 0;
+        let mut done = 0;
         let library = self.id().0;
         let mut known_content: HashSet<Uuid> = HashSet::new();
         let mut new_content: Vec<ContentIdentity> = Vec::new();
@@ -290,9 +286,8 @@ impl Library {
         let mut result: Result<(), EngineError> = Ok(());
 
         std::thread::scope(|scope| {
-            let (work_tx, work_rx) = bounded::<(Item, Option<Entry>)>(4096);
-            let (done_tx, done_rx) =
-                bounded::<(Item, Option<Entry>, std::io::Result<(String, u64)>)>(4096);
+            let (work_tx, work_rx) = bounded::<HashJob>(HASH_QUEUE_MAX);
+            let (done_tx, done_rx) = bounded::<Hashed>(HASHED_AHEAD_MAX);
             for _ in 0..HASH_THREADS {
                 let work_rx = work_rx.clone();
                 let done_tx = done_tx.clone();
@@ -307,12 +302,61 @@ impl Library {
             }
             drop(done_tx);
             drop(work_rx);
+            // Jobs the hashers have no room for yet. The walk never blocks on them: the hashers
+            // may be waiting for this thread to take their results, which it does after the walk.
+            let mut waiting: VecDeque<HashJob> = VecDeque::new();
+            let mut to_hash = 0u64;
+            let mut unreadable_paths = 0u64;
+            crate::walk::walk(
+                &root,
+                &mut |found| {
+                    let item = Item::found(found);
+                    let Some(job) = classify(
+                        item,
+                        &mut existing,
+                        &mut report,
+                        &mut planned,
+                        location.uuid,
+                    ) else {
+                        return;
+                    };
+                    to_hash += 1;
+                    waiting.push_back(job);
+                    while let Some(job) = waiting.pop_front() {
+                        if let Err(refused) = work_tx.try_send(job) {
+                            waiting.push_front(refused.into_inner());
+                            break;
+                        }
+                    }
+                },
+                &mut |path, error| {
+                    tracing::warn!(path = %path.display(), %error, "skipping an unreadable path");
+                    unreadable_paths += 1;
+                },
+            );
+            report.unreadable += unreadable_paths;
             scope.spawn(move || {
-                for job in to_hash {
+                for job in waiting {
                     if work_tx.send(job).is_err() {
                         return;
                     }
                 }
+            });
+            // What is left in `existing` disappeared; files among them may reappear as moves.
+            for (_, entry) in existing.drain() {
+                match entry.content {
+                    Some(c) if entry.kind == EntryKind::File.code() => {
+                        gone_by_content.entry(c).or_default().push(entry)
+                    }
+                    _ => gone.push(entry),
+                }
+            }
+            total = report.files;
+            done = report.files - to_hash;
+            progress(IndexProgress {
+                done,
+                total,
+                bytes: 0,
             });
             let mut last_report = Instant::now();
             for (item, prev, hashed) in done_rx {
@@ -488,5 +532,45 @@ impl Library {
             previous.wait()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{CreateOptions, Home, KdfParams, Library};
+
+    #[test]
+    fn hashing_during_the_walk_still_finds_every_new_changed_moved_and_removed_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        for i in 0..300 {
+            let sub = tree.join(format!("d{}", i % 7));
+            std::fs::create_dir_all(&sub).expect("mkdir");
+            std::fs::write(sub.join(format!("f{i}.txt")), format!("file {i}")).expect("write");
+        }
+        let lib = Library::create(
+            &Home::new(dir.path().join("home")),
+            "lib",
+            "pw",
+            CreateOptions {
+                kdf: KdfParams::INSECURE_FAST,
+            },
+        )
+        .expect("creates");
+        let first = lib.index(&tree, &mut |_| {}).expect("indexes");
+        assert_eq!((first.files, first.dirs, first.new), (300, 7, 307));
+        assert_eq!(lib.status().expect("status").counts.entries, 307);
+
+        std::fs::rename(tree.join("d0/f0.txt"), tree.join("d1/moved.txt")).expect("rename");
+        std::fs::remove_file(tree.join("d2/f2.txt")).expect("remove");
+        std::fs::write(tree.join("d3/f3.txt"), b"changed, and longer").expect("write");
+        let second = lib.index(&tree, &mut |_| {}).expect("re-indexes");
+        assert_eq!(
+            (second.changed, second.moved, second.removed, second.new),
+            (1, 1, 1, 0),
+            "{second:?}"
+        );
+        assert_eq!(second.unchanged, 297 + 7);
+        assert_eq!(lib.status().expect("status").counts.entries, 306);
     }
 }
