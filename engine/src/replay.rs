@@ -51,6 +51,8 @@ pub fn replay(
     let bulk = from == AppliedPosition::default()
         && total > REPLAY_APPLY_BATCH as u64
         && projections.is_empty()?;
+    // Only a projection with no other connection loads fast; otherwise it stays in WAL mode.
+    let fast = bulk && projections.begin_fast_load()?;
     if bulk {
         projections.set_bulk_load(true)?;
     }
@@ -165,6 +167,9 @@ pub fn replay(
     })?;
     if bulk {
         projections.set_bulk_load(false)?;
+    }
+    if fast {
+        projections.end_fast_load()?;
     }
     Ok(report)
 }

@@ -18,6 +18,17 @@ pub enum ProjectionError {
         /// The newest this build knows.
         supported: i64,
     },
+    /// A file beside the projection (the fast-load marker) could not be written or removed.
+    #[error("projection file {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// SQLite would not return the file to WAL mode after a fast load.
+    #[error("projection journal mode stayed {0} after a fast load")]
+    JournalMode(String),
     /// A thread could not be started (the background checkpointer).
     #[error("projection thread: {0}")]
     Thread(String),

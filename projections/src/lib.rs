@@ -12,6 +12,7 @@ mod ddl;
 mod digest;
 mod error;
 mod queries;
+mod rebuild;
 mod store;
 
 pub use apply::ApplyStats;

@@ -1,7 +1,7 @@
 //! `Projections`: opening `projections.sqlite`, its pragmas and schema, the applied position.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use keel_schema::{plan, Lsn, SyncDomain, MODELS};
 use rusqlite::{Connection, OptionalExtension};
@@ -48,6 +48,10 @@ pub struct Projections {
     /// Checkpoints the WAL in the background (the writer only; declared after `conn` so it
     /// closes last and makes the final checkpoint).
     pub(crate) checkpointer: Option<Checkpointer>,
+    /// The projection file.
+    pub(crate) path: PathBuf,
+    /// Whether a fast load runs (see [`Projections::begin_fast_load`]).
+    pub(crate) fast_load: bool,
 }
 
 impl std::fmt::Debug for Projections {
@@ -84,6 +88,9 @@ impl Projections {
     }
 
     fn open_with(path: &Path, reader: bool) -> Result<Self, ProjectionError> {
+        if !reader {
+            crate::rebuild::discard_interrupted_load(path)?;
+        }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         configure_connection(&conn)?;
@@ -126,6 +133,8 @@ impl Projections {
             parked: u64::try_from(parked).unwrap_or(0),
             domain_cache: HashMap::new(),
             checkpointer,
+            path: path.to_path_buf(),
+            fast_load: false,
         })
     }
 

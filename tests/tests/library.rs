@@ -190,3 +190,31 @@ fn password_change_rewraps_the_key_only() {
     let lib = Library::open(&Home::new(home.root()), "lib", "new password").expect("opens");
     assert_eq!(lib.digest().expect("digest"), digest);
 }
+
+#[test]
+fn a_projection_whose_fast_load_was_cut_short_is_rebuilt_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    for i in 0..20 {
+        std::fs::write(tree.join(format!("f{i}.txt")), format!("file {i}")).expect("write");
+    }
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    lib.tag_path(&tree.join("f3.txt"), &["kept".into()], Scope::Content)
+        .expect("tags");
+    let digest = lib.digest().expect("digest");
+    let lib_dir = home.library_dir("lib");
+    lib.close().expect("closes");
+
+    // What a process killed during a replay's fast load leaves: the marker beside the file.
+    std::fs::write(lib_dir.join("projections.sqlite.loading"), b"").expect("marker");
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
+    assert!(!lib_dir.join("projections.sqlite.loading").exists());
+    assert_eq!(
+        lib.digest().expect("digest"),
+        digest,
+        "the projection was replayed from the journal"
+    );
+    assert_eq!(lib.status().expect("status").counts.entries, 20);
+}
