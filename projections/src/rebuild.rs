@@ -139,6 +139,12 @@ impl Projections {
 mod tests {
     use super::*;
 
+    fn journal_mode(p: &Projections) -> String {
+        p.connection()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode")
+    }
+
     #[test]
     fn a_lone_connection_loads_fast_and_returns_to_wal() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -148,11 +154,7 @@ mod tests {
         assert!(marker_path(&path).exists());
         p.end_fast_load().expect("ends");
         assert!(!marker_path(&path).exists());
-        let mode: String = p
-            .connection()
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .expect("mode");
-        assert_eq!(mode, "wal");
+        assert_eq!(journal_mode(&p), "wal");
     }
 
     #[test]
@@ -175,11 +177,7 @@ mod tests {
             0,
             "the partial load is gone: the projection starts empty"
         );
-        let mode: String = p
-            .connection()
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .expect("mode");
-        assert_eq!(mode, "wal");
+        assert_eq!(journal_mode(&p), "wal");
     }
 
     #[test]
@@ -195,10 +193,6 @@ mod tests {
             .expect("reads");
         assert!(!p.begin_fast_load().expect("answers"));
         assert!(!marker_path(&path).exists());
-        let mode: String = p
-            .connection()
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .expect("mode");
-        assert_eq!(mode, "wal");
+        assert_eq!(journal_mode(&p), "wal");
     }
 }
