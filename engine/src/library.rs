@@ -142,15 +142,7 @@ const JOURNAL_FILE: &str = "journal.redb";
 const PROJECTIONS_FILE: &str = "projections.sqlite";
 
 fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
-    for suffix in ["", "-wal", "-shm"] {
-        let path = dir.join(format!("{PROJECTIONS_FILE}{suffix}"));
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_at(path)(e)),
-        }
-    }
-    Ok(())
+    Ok(Projections::remove_files(&dir.join(PROJECTIONS_FILE))?)
 }
 
 /// Durable batches waiting for the applier before the journal writer waits for it. A bound of 8

@@ -53,22 +53,29 @@ pub(crate) fn discard_interrupted_load(db: &Path) -> Result<bool, ProjectionErro
         path = %db.display(),
         "a replay into this projection was cut short; starting it over"
     );
-    for suffix in ["", "-wal", "-shm", "-journal"] {
-        let mut name = db.as_os_str().to_owned();
-        name.push(suffix);
-        let file = PathBuf::from(name);
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&file)(e)),
-        }
-    }
+    Projections::remove_files(db)?;
     std::fs::remove_file(&marker).map_err(io(&marker))?;
     sync_parent(db)?;
     Ok(true)
 }
 
 impl Projections {
+    /// Deletes the projection file at `db` and SQLite's files beside it (`-wal`, `-shm`,
+    /// `-journal`); missing ones are fine. No connection may be open on it.
+    pub fn remove_files(db: &Path) -> Result<(), ProjectionError> {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            let file = PathBuf::from(name);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&file)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Starts a fast load (see the module docs) of this projection, which must be empty and the
     /// only connection to its file. Returns `false`, changing nothing, when another connection
     /// holds the file (SQLite then keeps WAL mode). End it with [`Projections::end_fast_load`].
