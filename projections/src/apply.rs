@@ -7,17 +7,23 @@
 //! - a change whose reference points at a row that does not exist yet is parked and applied when
 //!   that row arrives; a missing cycle-breaking reference (`Entry.metadata`) is split off and
 //!   parked alone, so the rest of the change applies now (the two-step apply).
+//!
+//! A batch is applied optimistically first: runs of [`INSERT_ROWS`] whole records of one model
+//! go in as one multi-row insert, and references are not looked up by Keel (SQLite checks them,
+//! deferred, at commit). A reference missing at commit means something must be parked: the
+//! transaction is rolled back and the batch applied again, change by change, looking up each
+//! reference first. Parked changes are always retried that careful way.
 
 use keel_schema::{model_by_code, Change, Hlc, ModelDef, Op, SyncDomain, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{
     params_from_iter, CachedStatement, Connection, ErrorCode, OptionalExtension, Params, ToSql,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use uuid::Uuid;
 
 use crate::clocks::FieldClocks;
-use crate::ddl::ModelSql;
+use crate::ddl::{ModelSql, INSERT_ROWS};
 use crate::error::ProjectionError;
 use crate::store::{AppliedPosition, Projections};
 
@@ -115,6 +121,15 @@ fn is_whole(fields: &[(u8, Value)], n: usize) -> bool {
             .all(|(i, (f, _))| usize::from(*f) == i)
 }
 
+/// Whether `change` upserts a whole record of a known model.
+fn is_whole_change(change: &Change) -> bool {
+    match (&change.op, change.model_def()) {
+        (Op::Upsert(fields), Some(def)) => is_whole(fields, def.fields.len()),
+        _ => false,
+    }
+}
+
+/// Whether `err` is SQLite's foreign-key constraint (at commit, for deferred references).
 fn is_fk_violation(err: &rusqlite::Error) -> bool {
     matches!(err, rusqlite::Error::SqliteFailure(e, _)
         if e.code == ErrorCode::ConstraintViolation && e.extended_code == 787)
@@ -126,21 +141,145 @@ enum Outcome {
     Parked,
 }
 
+impl ApplyStats {
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Applied => self.applied += 1,
+            Outcome::Unchanged => self.unchanged += 1,
+            Outcome::Parked => self.parked += 1,
+        }
+    }
+}
+
 struct Applier<'a> {
     conn: &'a Connection,
     sql: &'a [ModelSql],
     /// Each model's insert statement, prepared once per `apply` call (looking it up in the
     /// connection's statement cache hashed its SQL text for every row).
     inserts: Vec<RefCell<Option<CachedStatement<'a>>>>,
+    /// Each model's multi-row insert, prepared on first use.
+    insert_runs: Vec<RefCell<Option<CachedStatement<'a>>>>,
+    /// Whether references are looked up before a change is applied (see the module docs).
+    careful: Cell<bool>,
 }
 
 impl<'a> Applier<'a> {
-    fn new(conn: &'a Connection, sql: &'a [ModelSql]) -> Self {
+    fn new(conn: &'a Connection, sql: &'a [ModelSql], careful: bool) -> Self {
         Self {
             conn,
             sql,
             inserts: sql.iter().map(|_| RefCell::new(None)).collect(),
+            insert_runs: sql.iter().map(|_| RefCell::new(None)).collect(),
+            careful: Cell::new(careful),
         }
+    }
+
+    /// Inserts the whole records of `run` ([`INSERT_ROWS`] upserts of model `code`, see
+    /// [`is_whole`]) in one statement, each as a new row unless its uuid exists. Returns the
+    /// rows inserted.
+    fn insert_run(&self, code: u8, run: &[&Change]) -> rusqlite::Result<usize> {
+        let (Some(slot), Some(sql)) = (
+            self.insert_runs.get(usize::from(code)),
+            self.sql.get(usize::from(code)),
+        ) else {
+            return Ok(0);
+        };
+        let clocks: Vec<_> = run
+            .iter()
+            .map(|c| FieldClocks::encode_uniform(&c.hlc))
+            .collect();
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(run.len() * 16);
+        for (change, clocks) in run.iter().zip(&clocks) {
+            let Op::Upsert(fields) = &change.op else {
+                return Ok(0);
+            };
+            params.push(Param::Blob(change.record.as_bytes()));
+            params.extend(fields.iter().map(|(_, v)| Param::Value(v)));
+            // Every field written and no tombstone: visible (see `is_live`).
+            params.extend([Param::Blob(clocks), Param::Null, Param::Int(1)]);
+        }
+        let mut slot = slot.borrow_mut();
+        let stmt = match &mut *slot {
+            Some(stmt) => stmt,
+            None => slot.insert(self.conn.prepare_cached(&sql.insert_run)?),
+        };
+        stmt.execute(params_from_iter(params))
+    }
+
+    /// Applies `order` (indexes into `changes`, in dependency order), a run of whole records at
+    /// a time where it can (optimistic pass only), and adds the outcomes to `stats`.
+    fn apply_all(
+        &self,
+        changes: &[Change],
+        order: &[usize],
+        stats: &mut ApplyStats,
+    ) -> Result<(), ProjectionError> {
+        let mut next = 0;
+        while next < order.len() {
+            let first = &changes[order[next]];
+            if !self.careful.get() && order.len() - next >= INSERT_ROWS {
+                let run: Vec<&Change> = order[next..next + INSERT_ROWS]
+                    .iter()
+                    .map(|&i| &changes[i])
+                    .collect();
+                if run
+                    .iter()
+                    .all(|c| c.model == first.model && is_whole_change(c))
+                {
+                    self.apply_run(first.model, &run, stats)?;
+                    next += INSERT_ROWS;
+                    continue;
+                }
+            }
+            stats.count(self.apply(first)?);
+            next += 1;
+        }
+        Ok(())
+    }
+
+    /// Applies a run of whole records: one multi-row insert, then, if it skipped some (their
+    /// uuid existed, or appears twice in the run), each change of the run on its own.
+    fn apply_run(
+        &self,
+        code: u8,
+        run: &[&Change],
+        stats: &mut ApplyStats,
+    ) -> Result<(), ProjectionError> {
+        let inserted = self.insert_run(code, run)?;
+        if inserted == run.len() {
+            stats.applied += inserted as u64;
+            return Ok(());
+        }
+        // Applied again one by one, a change whose row the run inserted finds its own clocks
+        // there and comes back unchanged: count those as applied instead.
+        let mut each = ApplyStats::default();
+        for change in run {
+            each.count(self.apply(change)?);
+        }
+        let inserted = inserted as u64;
+        stats.applied += each.applied + inserted;
+        stats.unchanged += each.unchanged.saturating_sub(inserted);
+        stats.parked += each.parked;
+        Ok(())
+    }
+
+    /// Whether a reference of `fields` points at a row that does not exist.
+    fn misses_a_reference(
+        &self,
+        def: &ModelDef,
+        fields: &[(u8, Value)],
+    ) -> Result<bool, ProjectionError> {
+        for (i, v) in fields {
+            let Some(field) = def.fields.get(usize::from(*i)) else {
+                continue;
+            };
+            if let (Some(target), Value::Uuid(target_uuid)) = (field.references, v) {
+                if !self.exists(target, *target_uuid)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Runs the insert statement of model `code` with `params`; returns the rows inserted.
@@ -227,17 +366,19 @@ impl<'a> Applier<'a> {
         let n = def.fields.len();
         match &change.op {
             Op::Upsert(fields) => {
+                if self.careful.get() && self.misses_a_reference(def, fields)? {
+                    return self.park_or_split(def, change);
+                }
                 // Fast path: a new row, inserted in one statement; an existing one is merged.
                 let inserted = if is_whole(fields, n) {
-                    self.insert_whole(change, fields)
+                    self.insert_whole(change, fields)?
                 } else {
-                    self.insert_partial(def, change, fields)
+                    self.insert_partial(def, change, fields)?
                 };
-                match inserted {
-                    Ok(1) => Ok(Outcome::Applied),
-                    Ok(_) => self.merge(def, sql, change, fields),
-                    Err(e) if is_fk_violation(&e) => self.park_or_split(def, change),
-                    Err(e) => Err(e.into()),
+                if inserted == 1 {
+                    Ok(Outcome::Applied)
+                } else {
+                    self.merge(def, sql, change, fields)
                 }
             }
             Op::Delete => {
@@ -333,11 +474,8 @@ impl<'a> Applier<'a> {
         if !changed {
             return Ok(Outcome::Unchanged);
         }
-        match self.write_row(def, sql, change.record, &row) {
-            Ok(()) => Ok(Outcome::Applied),
-            Err(e) if is_fk_violation(&e) => self.park_or_split(def, change),
-            Err(e) => Err(e.into()),
-        }
+        self.write_row(def, sql, change.record, &row)?;
+        Ok(Outcome::Applied)
     }
 
     fn exists(&self, model: &str, uuid: Uuid) -> Result<bool, ProjectionError> {
@@ -428,6 +566,13 @@ impl<'a> Applier<'a> {
 
     /// Retries parked changes until a pass makes no progress. Returns how many were applied.
     fn retry_parked(&self) -> Result<u64, ProjectionError> {
+        let careful = self.careful.replace(true);
+        let unparked = self.retry_parked_carefully();
+        self.careful.set(careful);
+        unparked
+    }
+
+    fn retry_parked_carefully(&self) -> Result<u64, ProjectionError> {
         let mut unparked = 0;
         loop {
             let parked: Vec<(Vec<u8>, Vec<u8>)> = {
@@ -476,22 +621,44 @@ impl Projections {
                 .copied()
                 .unwrap_or(usize::MAX)
         });
-        let mut stats = ApplyStats::default();
+        let (mut index_domain, mut content_domain) = (0, 0);
         for change in changes {
             match self.domain_of(change) {
-                SyncDomain::Index => stats.index_domain += 1,
-                SyncDomain::Content => stats.content_domain += 1,
+                SyncDomain::Index => index_domain += 1,
+                SyncDomain::Content => content_domain += 1,
             }
         }
+        let (stats, parked) = match self.apply_in_transaction(changes, &order, position, false) {
+            Err(ProjectionError::Sqlite(e)) if is_fk_violation(&e) => {
+                // A reference still missing at commit (the transaction rolled back): apply the
+                // batch again, parking what waits for a dependency.
+                self.apply_in_transaction(changes, &order, position, true)?
+            }
+            other => other?,
+        };
+        let mut stats = stats;
+        stats.index_domain = index_domain;
+        stats.content_domain = content_domain;
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.written(stats.applied + stats.parked + stats.unparked + 1);
+        }
+        self.parked = parked;
+        Ok(stats)
+    }
+
+    /// Applies `changes` in `order` in one transaction (optimistic or careful, see the module
+    /// docs) and commits it. Returns the outcomes and the number of changes parked.
+    fn apply_in_transaction(
+        &mut self,
+        changes: &[Change],
+        order: &[usize],
+        position: Option<AppliedPosition>,
+        careful: bool,
+    ) -> Result<(ApplyStats, u64), ProjectionError> {
+        let mut stats = ApplyStats::default();
         let tx = self.conn.unchecked_transaction()?;
-        let applier = Applier::new(&tx, &self.sql);
-        for i in order {
-            match applier.apply(&changes[i])? {
-                Outcome::Applied => stats.applied += 1,
-                Outcome::Unchanged => stats.unchanged += 1,
-                Outcome::Parked => stats.parked += 1,
-            }
-        }
+        let applier = Applier::new(&tx, &self.sql, careful);
+        applier.apply_all(changes, order, &mut stats)?;
         if (self.parked > 0 && stats.applied > 0) || stats.parked > 0 {
             stats.unparked = applier.retry_parked()?;
         }
@@ -508,11 +675,7 @@ impl Projections {
         drop(applier);
         let parked: i64 = tx.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
         tx.commit()?;
-        if let Some(checkpointer) = &self.checkpointer {
-            checkpointer.written(stats.applied + stats.parked + stats.unparked + 1);
-        }
-        self.parked = u64::try_from(parked).unwrap_or(0);
-        Ok(stats)
+        Ok((stats, u64::try_from(parked).unwrap_or(0)))
     }
 
     /// The domain of a change's record. UserMetadata by its scope; UserMetadataTag by its parent,

@@ -2,8 +2,15 @@
 
 use keel_schema::{FieldType, ModelDef};
 
-/// Projection schema version, stored in `PRAGMA user_version`.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// Projection schema version, stored in `PRAGMA user_version`. Version 2 made references
+/// deferred and dropped `NOT NULL` (see [`create_table`]); a projection of an older version is
+/// discarded on open and replayed from the journal.
+pub(crate) const SCHEMA_VERSION: i64 = 2;
+
+/// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes
+/// (cachegrind, whole run of the scratch harness): 2.07 G for 4 rows, 1.98 G for 8, 2.02 G for 16,
+/// 2.06 G for 32, 2.09 G for 64, against 2.50 G one row at a time; wall times were within noise.
+pub(crate) const INSERT_ROWS: usize = 16;
 
 fn sql_type(ty: FieldType) -> &'static str {
     match ty {
@@ -15,18 +22,27 @@ fn sql_type(ty: FieldType) -> &'static str {
 
 /// `CREATE TABLE` for a model: uuid key, every field (nullable: a row may exist before all its
 /// fields arrive), the clock blob, the tombstone clock and the visibility flag.
+///
+/// References are `DEFERRABLE INITIALLY DEFERRED` and no column is `NOT NULL`: either would make
+/// SQLite keep a statement journal for a multi-row insert (a copy of every page the statement
+/// touches, in case it has to abort halfway), which cost more than the multi-row insert saves.
+/// The apply code always writes the uuid, `_clocks` and `_live`; a deferred reference that is
+/// still missing fails the commit, and the batch is then applied again checking each reference
+/// (see [`crate::apply`]).
 pub(crate) fn create_table(def: &ModelDef) -> String {
     let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {} (uuid BLOB PRIMARY KEY NOT NULL",
+        "CREATE TABLE IF NOT EXISTS {} (uuid BLOB PRIMARY KEY",
         def.name
     );
     for f in def.fields {
         sql.push_str(&format!(", {} {}", f.name, sql_type(f.ty)));
         if let Some(target) = f.references {
-            sql.push_str(&format!(" REFERENCES {target}(uuid)"));
+            sql.push_str(&format!(
+                " REFERENCES {target}(uuid) DEFERRABLE INITIALLY DEFERRED"
+            ));
         }
     }
-    sql.push_str(", _clocks BLOB NOT NULL, _tomb BLOB, _live INTEGER NOT NULL)");
+    sql.push_str(", _clocks BLOB, _tomb BLOB, _live INTEGER)");
     sql
 }
 
@@ -78,6 +94,8 @@ pub(crate) const INTERNAL: &[&str] = &[
 pub(crate) struct ModelSql {
     /// Insert a new row; does nothing if the uuid exists.
     pub(crate) insert: String,
+    /// Insert [`INSERT_ROWS`] new rows in one statement, each unless its uuid exists.
+    pub(crate) insert_run: String,
     /// Read a row's fields, clocks and tombstone.
     pub(crate) select: String,
     /// Write a row's fields, clocks, tombstone and visibility.
@@ -96,6 +114,21 @@ impl ModelSql {
             def.name,
             cols.join(", "),
             placeholders.join(", ")
+        );
+        let width = n + 4;
+        let rows: Vec<String> = (0..INSERT_ROWS)
+            .map(|row| {
+                let marks: Vec<String> = (1..=width)
+                    .map(|i| format!("?{}", row * width + i))
+                    .collect();
+                format!("({})", marks.join(", "))
+            })
+            .collect();
+        let insert_run = format!(
+            "INSERT INTO {} (uuid, {}, _clocks, _tomb, _live) VALUES {} ON CONFLICT(uuid) DO NOTHING",
+            def.name,
+            cols.join(", "),
+            rows.join(", ")
         );
         let select = format!(
             "SELECT {}, _clocks, _tomb FROM {} WHERE uuid = ?1",
@@ -118,6 +151,7 @@ impl ModelSql {
         let exists = format!("SELECT 1 FROM {} WHERE uuid = ?1", def.name);
         Self {
             insert,
+            insert_run,
             select,
             update,
             exists,

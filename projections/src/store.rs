@@ -87,14 +87,32 @@ impl Projections {
         Self::open_with(path, true)
     }
 
+    fn connect(path: &Path) -> Result<Connection, ProjectionError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        configure_connection(&conn)?;
+        Ok(conn)
+    }
+
     fn open_with(path: &Path, reader: bool) -> Result<Self, ProjectionError> {
         if !reader {
             crate::rebuild::discard_interrupted_load(path)?;
         }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        configure_connection(&conn)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let mut conn = Self::connect(path)?;
+        let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if !reader && version > 0 && version < SCHEMA_VERSION {
+            // Written by an older build: a projection is disposable, the journal replays it.
+            tracing::warn!(
+                path = %path.display(),
+                found = version,
+                current = SCHEMA_VERSION,
+                "projection schema is older than this build; starting it over"
+            );
+            conn.close().map_err(|(_, e)| e)?;
+            Self::remove_files(path)?;
+            conn = Self::connect(path)?;
+            version = 0;
+        }
         if version > SCHEMA_VERSION {
             return Err(ProjectionError::UnsupportedSchema {
                 found: version,

@@ -191,11 +191,10 @@ fn password_change_rewraps_the_key_only() {
     assert_eq!(lib.digest().expect("digest"), digest);
 }
 
-#[test]
-fn a_projection_whose_fast_load_was_cut_short_is_rebuilt_on_open() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
-    let tree = dir.path().join("tree");
+/// A library "lib" with 20 indexed files, one tagged, closed. Returns its home and digest.
+fn closed_library_of_20_files(dir: &std::path::Path) -> (Home, String) {
+    let (home, lib) = create_library(dir, "lib").expect("creates");
+    let tree = dir.join("tree");
     std::fs::create_dir_all(&tree).expect("mkdir");
     for i in 0..20 {
         std::fs::write(tree.join(format!("f{i}.txt")), format!("file {i}")).expect("write");
@@ -204,13 +203,44 @@ fn a_projection_whose_fast_load_was_cut_short_is_rebuilt_on_open() {
     lib.tag_path(&tree.join("f3.txt"), &["kept".into()], Scope::Content)
         .expect("tags");
     let digest = lib.digest().expect("digest");
-    let lib_dir = home.library_dir("lib");
     lib.close().expect("closes");
+    (home, digest)
+}
+
+#[test]
+fn a_projection_whose_fast_load_was_cut_short_is_rebuilt_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, digest) = closed_library_of_20_files(dir.path());
+    let lib_dir = home.library_dir("lib");
 
     // What a process killed during a replay's fast load leaves: the marker beside the file.
     std::fs::write(lib_dir.join("projections.sqlite.loading"), b"").expect("marker");
     let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
     assert!(!lib_dir.join("projections.sqlite.loading").exists());
+    assert_eq!(
+        lib.digest().expect("digest"),
+        digest,
+        "the projection was replayed from the journal"
+    );
+    assert_eq!(lib.status().expect("status").counts.entries, 20);
+}
+
+#[test]
+fn a_projection_of_an_older_schema_is_replayed_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, digest) = closed_library_of_20_files(dir.path());
+    let lib_dir = home.library_dir("lib");
+
+    // A projection written by the previous build (schema 1), with rows that differ from the
+    // journal's: only a replay from scratch brings back the digest.
+    let projections = keel_projections::Projections::open(&lib_dir.join("projections.sqlite"))
+        .expect("opens the projection");
+    projections
+        .connection()
+        .execute_batch("UPDATE entry SET name = 'stale'; PRAGMA user_version = 1;")
+        .expect("marks it as schema 1");
+    drop(projections);
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
     assert_eq!(
         lib.digest().expect("digest"),
         digest,

@@ -1,0 +1,240 @@
+//! Batches applied as multi-row inserts: exact outcomes when a run meets existing rows, one
+//! change parked alone when a run misses a reference, and projections of an older schema.
+
+use keel_projections::Projections;
+use keel_schema::{
+    content_uuid, Change, ChangeId, ContentIdentity, Device, DeviceId, Entry, EntryKind, Hlc,
+    Location, Tag, UserMetadata, Value,
+};
+use uuid::Uuid;
+
+/// More than one run of multi-row inserts.
+const MANY: usize = 100;
+
+struct Clock {
+    device: DeviceId,
+    ms: u64,
+}
+
+impl Clock {
+    fn next(&mut self) -> Hlc {
+        self.ms += 1;
+        Hlc {
+            physical_ms: self.ms,
+            counter: 0,
+            device: self.device,
+        }
+    }
+}
+
+fn clock() -> Clock {
+    Clock {
+        device: DeviceId([9; 32]),
+        ms: 1_000,
+    }
+}
+
+fn tag(i: usize) -> Tag {
+    Tag {
+        uuid: Uuid::from_u128(0x1000 + i as u128),
+        name: format!("tag-{i}"),
+        color: None,
+        created_ms: i as i64,
+    }
+}
+
+fn upsert<T: keel_schema::Syncable>(clock: &mut Clock, record: &T) -> Change {
+    Change::upsert(ChangeId::new(), clock.next(), record).expect("sync-ready")
+}
+
+fn open(dir: &tempfile::TempDir, name: &str) -> Projections {
+    Projections::open(&dir.path().join(name)).expect("opens")
+}
+
+#[test]
+fn runs_that_meet_existing_rows_count_exactly_and_match_one_at_a_time() {
+    let mut clock = clock();
+    let first: Vec<Change> = (0..30).map(|i| upsert(&mut clock, &tag(i))).collect();
+    let mut second: Vec<Change> = Vec::new();
+    for i in 0..MANY {
+        second.push(match first.get(i) {
+            Some(existing) => existing.clone(),
+            None => upsert(&mut clock, &tag(i)),
+        });
+        if i == 50 {
+            // The same uuid again in the same run, newer: it must win.
+            let renamed = Tag {
+                name: "renamed".into(),
+                ..tag(50)
+            };
+            second.push(upsert(&mut clock, &renamed));
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut batched = open(&dir, "batched.sqlite");
+    let stats = batched.apply(&first, None).expect("applies");
+    assert_eq!((stats.applied, stats.unchanged), (30, 0));
+    let stats = batched.apply(&second, None).expect("applies");
+    assert_eq!(
+        (stats.applied, stats.unchanged, stats.parked),
+        (70 + 1, 30, 0),
+        "70 new rows, the newer duplicate merged, 30 already there"
+    );
+    let renamed: Tag = batched.get(tag(50).uuid).expect("query").expect("visible");
+    assert_eq!(renamed.name, "renamed");
+
+    let mut single = open(&dir, "single.sqlite");
+    for change in first.iter().chain(&second) {
+        single
+            .apply(std::slice::from_ref(change), None)
+            .expect("applies");
+    }
+    assert_eq!(
+        batched.digest().expect("digest"),
+        single.digest().expect("digest")
+    );
+    assert_eq!(batched.counts().expect("counts").tags, MANY as u64);
+}
+
+/// A device, a location, `MANY` contents and one entry per content.
+fn library(clock: &mut Clock) -> (Vec<Change>, Vec<Change>) {
+    let library = Uuid::from_u128(7);
+    let device = Device {
+        uuid: clock.device.record_uuid(),
+        device_id: clock.device.to_hex(),
+        name: "laptop".into(),
+        os: "linux".into(),
+        created_ms: 1,
+    };
+    let location = Location {
+        uuid: Uuid::from_u128(8),
+        device: device.uuid,
+        path: "/data".into(),
+        name: "data".into(),
+        created_ms: 2,
+    };
+    let mut parents = vec![upsert(clock, &device), upsert(clock, &location)];
+    let mut entries = Vec::new();
+    for i in 0..MANY {
+        let content = ContentIdentity {
+            uuid: Some(content_uuid(library, &format!("h{i}"))),
+            content_hash: format!("h{i}"),
+            mime: None,
+            kind: "text".into(),
+            size: i as i64,
+            entry_count: 0,
+            total_size: 0,
+        };
+        parents.push(upsert(clock, &content));
+        let entry = Entry {
+            uuid: Some(Uuid::from_u128(0x9000 + i as u128)),
+            location: location.uuid,
+            relative_path: String::new(),
+            name: format!("f{i}.txt"),
+            kind: EntryKind::File.code(),
+            size: i as i64,
+            created_ms: 0,
+            modified_ms: 0,
+            content: content.uuid,
+            metadata: None,
+        };
+        entries.push(upsert(clock, &entry));
+    }
+    (parents, entries)
+}
+
+#[test]
+fn a_run_that_misses_a_reference_parks_that_change_alone() {
+    let mut clock = clock();
+    let (parents, entries) = library(&mut clock);
+    // Content 7 is held back: entry 7, in the middle of a run, references nothing yet.
+    let held_back = parents[2 + 7].clone();
+    let mut batch: Vec<Change> = parents
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2 + 7)
+        .map(|(_, c)| c.clone())
+        .collect();
+    batch.extend(entries.iter().cloned());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = open(&dir, "p.sqlite");
+    let stats = p.apply(&batch, None).expect("applies");
+    assert_eq!(stats.parked, 1);
+    assert_eq!(stats.applied, batch.len() as u64 - 1);
+    assert_eq!(p.parked_len(), 1);
+    assert_eq!(p.counts().expect("counts").entries, MANY as u64 - 1);
+    let missing = entries[7].record;
+    assert!(p.get::<Entry>(missing).expect("query").is_none());
+
+    let stats = p.apply(&[held_back], None).expect("applies");
+    assert_eq!((stats.applied, stats.unparked), (1, 1));
+    assert_eq!(p.parked_len(), 0);
+    assert_eq!(p.counts().expect("counts").entries, MANY as u64);
+
+    let mut whole = open(&dir, "whole.sqlite");
+    let all: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
+    whole.apply(&all, None).expect("applies");
+    assert_eq!(p.digest().expect("digest"), whole.digest().expect("digest"));
+}
+
+#[test]
+fn a_cycle_closed_in_the_same_batch_is_not_parked() {
+    let mut clock = clock();
+    let (parents, entries) = library(&mut clock);
+    // Entry 3 points at metadata that points back at it. Entries apply before user metadata
+    // (dependency order), so the entry's reference waits for the metadata; both are in the
+    // batch, so the deferred reference is there by the commit.
+    let metadata = UserMetadata {
+        uuid: Uuid::from_u128(0x5000),
+        entry: Some(entries[3].record),
+        content: None,
+        notes: Some("note".into()),
+        favorite: false,
+        hidden: false,
+        custom_data: None,
+    };
+    let mut batch: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
+    batch.push(upsert(&mut clock, &metadata));
+    batch.push(
+        Change::upsert_fields::<Entry>(
+            ChangeId::new(),
+            clock.next(),
+            entries[3].record,
+            vec![("metadata", Value::Uuid(metadata.uuid))],
+        )
+        .expect("a field of Entry"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = open(&dir, "p.sqlite");
+    let stats = p.apply(&batch, None).expect("applies");
+    assert_eq!((stats.applied, stats.parked), (batch.len() as u64, 0));
+    assert_eq!(p.parked_len(), 0);
+    let entry: Entry = p.get(entries[3].record).expect("query").expect("visible");
+    assert_eq!(entry.metadata, Some(metadata.uuid));
+}
+
+#[test]
+fn a_projection_of_an_older_schema_is_started_over() {
+    let mut clock = clock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("p.sqlite");
+    {
+        let mut p = Projections::open(&path).expect("opens");
+        let tags: Vec<Change> = (0..3).map(|i| upsert(&mut clock, &tag(i))).collect();
+        p.apply(&tags, None).expect("applies");
+        p.connection()
+            .pragma_update(None, "user_version", 1)
+            .expect("marks it as the previous schema");
+    }
+    let p = Projections::open(&path).expect("reopens");
+    assert_eq!(
+        p.counts().expect("counts").tags,
+        0,
+        "discarded, to be replayed"
+    );
+    let version: i64 = p
+        .connection()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert!(version > 1);
+}
