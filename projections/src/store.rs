@@ -176,16 +176,24 @@ impl Projections {
     /// Whether no model table has a row (a fresh projection).
     pub fn is_empty(&self) -> Result<bool, ProjectionError> {
         for def in keel_schema::MODELS.iter() {
-            let any: bool = self.conn.query_row(
-                &format!("SELECT EXISTS (SELECT 1 FROM {})", def.name),
-                [],
-                |r| r.get(0),
-            )?;
-            if any {
+            if self.table_has_rows(def.name)? {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Whether the table of model `M` has a row, visible or not.
+    pub fn has_rows<M: keel_schema::Syncable>(&self) -> Result<bool, ProjectionError> {
+        self.table_has_rows(M::DEF.name)
+    }
+
+    fn table_has_rows(&self, table: &str) -> Result<bool, ProjectionError> {
+        Ok(self
+            .conn
+            .query_row(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// Bulk loading: drops the secondary indexes (`true`) or builds them again (`false`).
