@@ -145,6 +145,16 @@ fn library(clock: &mut Clock) -> (Vec<Change>, Vec<Change>) {
 
 #[test]
 fn a_run_that_misses_a_reference_parks_that_change_alone() {
+    misses_a_reference_in_a_run(false);
+}
+
+#[test]
+fn a_run_that_misses_a_reference_parks_it_alone_in_a_fast_load_too() {
+    // Without WAL (journal in memory) the failed commit must still roll back.
+    misses_a_reference_in_a_run(true);
+}
+
+fn misses_a_reference_in_a_run(fast_load: bool) {
     let mut clock = clock();
     let (parents, entries) = library(&mut clock);
     // Content 7 is held back: entry 7, in the middle of a run, references nothing yet.
@@ -158,6 +168,9 @@ fn a_run_that_misses_a_reference_parks_that_change_alone() {
     batch.extend(entries.iter().cloned());
     let dir = tempfile::tempdir().expect("tempdir");
     let mut p = open(&dir, "p.sqlite");
+    if fast_load {
+        assert!(p.begin_fast_load().expect("switches"));
+    }
     let stats = p.apply(&batch, None).expect("applies");
     assert_eq!(stats.parked, 1);
     assert_eq!(stats.applied, batch.len() as u64 - 1);
@@ -168,6 +181,7 @@ fn a_run_that_misses_a_reference_parks_that_change_alone() {
 
     let stats = p.apply(&[held_back], None).expect("applies");
     assert_eq!((stats.applied, stats.unparked), (1, 1));
+    p.end_fast_load().expect("ends the fast load");
     assert_eq!(p.parked_len(), 0);
     assert_eq!(p.counts().expect("counts").entries, MANY as u64);
 
