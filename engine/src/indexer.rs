@@ -219,6 +219,101 @@ fn classify(
     }
 }
 
+/// What taking hashed files builds: the report, the planned changes and their commits.
+struct Results<'a> {
+    library: &'a Library,
+    location: Uuid,
+    report: IndexReport,
+    planned: Vec<Planned>,
+    contents: NewContents,
+    /// Contents seen in this run.
+    known_content: HashSet<Uuid>,
+    /// Files of the location that the walk did not find, by content: a new file with one of
+    /// these contents is a move.
+    gone_by_content: HashMap<Uuid, Vec<Entry>>,
+    /// The last commit, not yet durable.
+    in_flight: Option<crate::library::PendingTransaction<'a>>,
+    /// The first error; once set, the remaining files are only counted.
+    result: Result<(), EngineError>,
+    /// Files processed.
+    done: u64,
+}
+
+impl Results<'_> {
+    /// Plans the change of one hashed file (new, changed or moved), and commits when a batch
+    /// is full.
+    fn take(&mut self, (item, prev, hashed): Hashed) {
+        self.done += 1;
+        if self.result.is_err() {
+            return;
+        }
+        let (hash, n) = match hashed {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(path = %item.path.display(), error = %e, "skipping an unreadable file");
+                self.report.unreadable += 1;
+                // An existing entry (`prev`) is kept as it was rather than lost.
+                return;
+            }
+        };
+        self.report.bytes_hashed += n;
+        let content = content_uuid(self.library.id().0, &hash);
+        if self.known_content.insert(content) {
+            // Whether it is new to the library is checked in one go before the commit.
+            let (kind, mime) = kind_of(&item.name);
+            self.contents.fresh.push(ContentIdentity {
+                uuid: Some(content),
+                content_hash: hash,
+                mime: mime.map(str::to_string),
+                kind: kind.into(),
+                size: n as i64,
+                entry_count: 0,
+                total_size: 0,
+            });
+        }
+        let moved_from = if prev.is_none() {
+            self.gone_by_content.get_mut(&content).and_then(|v| v.pop())
+        } else {
+            None
+        };
+        if let Some(prev) = prev {
+            self.report.changed += 1;
+            self.planned.push(Planned::Update(
+                prev.uuid.unwrap_or_default(),
+                vec![
+                    ("content", Value::Uuid(content)),
+                    ("size", Value::Int(item.size)),
+                    ("modified_ms", Value::Int(item.modified_ms)),
+                ],
+            ));
+        } else if let Some(old) = moved_from {
+            self.report.moved += 1;
+            self.planned.push(Planned::Update(
+                old.uuid.unwrap_or_default(),
+                vec![
+                    ("relative_path", Value::Text(item.relative_path.clone())),
+                    ("name", Value::Text(item.name.clone())),
+                    ("modified_ms", Value::Int(item.modified_ms)),
+                ],
+            ));
+        } else {
+            self.report.new += 1;
+            self.planned.push(Planned::Upsert(Box::new(
+                item.into_entry(self.location, Some(content)),
+            )));
+        }
+        if self.planned.len() + self.contents.fresh.len() >= INDEX_COMMIT_BATCH {
+            if let Err(e) = self.library.commit_planned(
+                &mut self.contents,
+                &mut self.planned,
+                &mut self.in_flight,
+            ) {
+                self.result = Err(e);
+            }
+        }
+    }
+}
+
 /// Contents first seen by this index run, waiting for their commit.
 struct NewContents {
     /// Whether the library may hold some of them already (then they are looked up).
@@ -270,34 +365,38 @@ impl Library {
                 location
             }
         };
-        let mut report = IndexReport {
-            location: location.uuid,
-            ..IndexReport::default()
-        };
         let mut existing: HashMap<(String, String), Entry> = self
             .read(|p| p.entries_of_location(location.uuid))?
             .into_iter()
             .map(|e| ((e.relative_path.clone(), e.name.clone()), e))
             .collect();
-
-        // Hashing starts while the walk goes on, but results wait for the walk's end: only then
-        // are the removals (and so the moves) known.
-        let mut planned: Vec<Planned> = Vec::new();
-        let mut gone_by_content: HashMap<Uuid, Vec<Entry>> = HashMap::new();
+        // A file can only be a move when the location had entries before the walk. Otherwise
+        // (a first index) hashed files are taken while the walk goes on; else they wait for the
+        // walk's end, when the removals (and so the moves) are known.
+        let take_while_walking = existing.is_empty();
+        let mut results = Results {
+            library: self,
+            location: location.uuid,
+            report: IndexReport {
+                location: location.uuid,
+                ..IndexReport::default()
+            },
+            planned: Vec::new(),
+            // A library without contents (the first index) has none to look up before adding
+            // them: that lookup cost about a tenth of the walking thread's time. A content that
+            // a peer adds meanwhile is then upserted twice, with the same values.
+            contents: NewContents {
+                look_up: self.read(|p| p.has_rows::<ContentIdentity>())?,
+                fresh: Vec::new(),
+            },
+            known_content: HashSet::new(),
+            gone_by_content: HashMap::new(),
+            in_flight: None,
+            result: Ok(()),
+            done: 0,
+        };
         let mut gone: Vec<Entry> = Vec::new();
         let mut total = 0;
-        let mut done = 0;
-        let library = self.id().0;
-        let mut known_content: HashSet<Uuid> = HashSet::new();
-        let mut in_flight: Option<crate::library::PendingTransaction<'_>> = None;
-        // A library without contents (the first index) has none to look up before adding them:
-        // that lookup cost about a tenth of the walking thread's time. A content that a peer
-        // adds meanwhile is then upserted twice, with the same values.
-        let mut contents = NewContents {
-            look_up: self.read(|p| p.has_rows::<ContentIdentity>())?,
-            fresh: Vec::new(),
-        };
-        let mut result: Result<(), EngineError> = Ok(());
 
         std::thread::scope(|scope| {
             let (work_tx, work_rx) = bounded::<HashJob>(HASH_QUEUE_MAX);
@@ -328,8 +427,8 @@ impl Library {
                     let Some(job) = classify(
                         item,
                         &mut existing,
-                        &mut report,
-                        &mut planned,
+                        &mut results.report,
+                        &mut results.planned,
                         location.uuid,
                     ) else {
                         return;
@@ -342,13 +441,18 @@ impl Library {
                             break;
                         }
                     }
+                    if take_while_walking {
+                        while let Ok(hashed) = done_rx.try_recv() {
+                            results.take(hashed);
+                        }
+                    }
                 },
                 &mut |path, error| {
                     tracing::warn!(path = %path.display(), %error, "skipping an unreadable path");
                     unreadable_paths += 1;
                 },
             );
-            report.unreadable += unreadable_paths;
+            results.report.unreadable += unreadable_paths;
             scope.spawn(move || {
                 for job in waiting {
                     if work_tx.send(job).is_err() {
@@ -360,101 +464,45 @@ impl Library {
             for (_, entry) in existing.drain() {
                 match entry.content {
                     Some(c) if entry.kind == EntryKind::File.code() => {
-                        gone_by_content.entry(c).or_default().push(entry)
+                        results.gone_by_content.entry(c).or_default().push(entry)
                     }
                     _ => gone.push(entry),
                 }
             }
-            total = report.files;
-            done = report.files - to_hash;
+            total = results.report.files;
+            results.done += results.report.files - to_hash;
             progress(IndexProgress {
-                done,
+                done: results.done,
                 total,
-                bytes: 0,
+                bytes: results.report.bytes_hashed,
             });
             let mut last_report = Instant::now();
-            for (item, prev, hashed) in done_rx {
-                done += 1;
-                if result.is_err() {
-                    continue;
-                }
-                let (hash, n) = match hashed {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::warn!(path = %item.path.display(), error = %e, "skipping an unreadable file");
-                        report.unreadable += 1;
-                        // An existing entry (`prev`) is kept as it was rather than lost.
-                        continue;
-                    }
-                };
-                report.bytes_hashed += n;
-                let content = content_uuid(library, &hash);
-                if known_content.insert(content) {
-                    // Whether it is new to the library is checked in one go before the commit.
-                    let (kind, mime) = kind_of(&item.name);
-                    contents.fresh.push(ContentIdentity {
-                        uuid: Some(content),
-                        content_hash: hash.clone(),
-                        mime: mime.map(str::to_string),
-                        kind: kind.into(),
-                        size: n as i64,
-                        entry_count: 0,
-                        total_size: 0,
-                    });
-                }
-                let moved_from = if prev.is_none() {
-                    gone_by_content.get_mut(&content).and_then(|v| v.pop())
-                } else {
-                    None
-                };
-                if let Some(prev) = prev {
-                    report.changed += 1;
-                    planned.push(Planned::Update(
-                        prev.uuid.unwrap_or_default(),
-                        vec![
-                            ("content", Value::Uuid(content)),
-                            ("size", Value::Int(item.size)),
-                            ("modified_ms", Value::Int(item.modified_ms)),
-                        ],
-                    ));
-                } else if let Some(old) = moved_from {
-                    report.moved += 1;
-                    planned.push(Planned::Update(
-                        old.uuid.unwrap_or_default(),
-                        vec![
-                            ("relative_path", Value::Text(item.relative_path.clone())),
-                            ("name", Value::Text(item.name.clone())),
-                            ("modified_ms", Value::Int(item.modified_ms)),
-                        ],
-                    ));
-                } else {
-                    report.new += 1;
-                    planned.push(Planned::Upsert(Box::new(
-                        item.into_entry(location.uuid, Some(content)),
-                    )));
-                }
-                if planned.len() + contents.fresh.len() >= INDEX_COMMIT_BATCH {
-                    if let Err(e) = self.commit_planned(&mut contents, &mut planned, &mut in_flight)
-                    {
-                        result = Err(e);
-                    }
-                }
+            for hashed in done_rx {
+                results.take(hashed);
                 if last_report.elapsed() >= Duration::from_millis(100) {
                     last_report = Instant::now();
-                    let p = IndexProgress {
-                        done,
+                    progress(IndexProgress {
+                        done: results.done,
                         total,
-                        bytes: report.bytes_hashed,
-                    };
-                    progress(p);
+                        bytes: results.report.bytes_hashed,
+                    });
                     self.publish(Event::JobProgress {
                         job: "indexer",
-                        done,
+                        done: results.done,
                         total,
                     });
                 }
             }
         });
+        let Results {
+            mut report,
+            mut planned,
+            mut contents,
+            gone_by_content,
+            mut in_flight,
+            result,
+            ..
+        } = results;
         result?;
 
         // Removals: the entry and its entry-scoped metadata and tags.
