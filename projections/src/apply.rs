@@ -609,6 +609,12 @@ impl<'a> Applier<'a> {
 
 impl Projections {
     /// Applies `changes` in one transaction, in dependency order, and records `position` with them.
+    ///
+    /// Optimistic first (multi-row inserts, references checked by SQLite at commit); if a
+    /// reference is still missing at commit, that transaction rolls back and the batch is
+    /// applied again change by change, parking what waits for a dependency (see the module
+    /// docs). Either way the rows are the same, and so are the returned counts, except that
+    /// a reference made later in the same batch is not counted as parked.
     pub fn apply(
         &mut self,
         changes: &[Change],
