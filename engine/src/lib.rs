@@ -56,7 +56,9 @@ pub use keel_projections::Counts;
 pub use keel_schema::{
     ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata, UserMetadataTag,
 };
-pub use library::{now_ms, CommitReceipt, CreateOptions, JournalJson, Library, Status};
+pub use library::{
+    now_ms, CommitReceipt, CreateOptions, JournalJson, Library, PendingTransaction, Status,
+};
 pub use ops::{ResolvedPath, Scope};
 pub use replay::{
     replay, ReplayReport, REPLAY_APPLY_BATCH, REPLAY_QUEUE_CHUNKS, REPLAY_READ_CHUNK,

@@ -74,8 +74,8 @@ impl Projections {
     }
 
     /// Which of `uuids` have a visible record of model `M`, in the order given. Looks them up
-    /// [`EXISTING_CHUNK`] at a time in one statement (one statement per uuid cost the indexer
-    /// about 15 % of its main thread).
+    /// 256 at a time in one statement (one statement per uuid cost the indexer about 15 % of its
+    /// main thread).
     pub fn existing<M: Syncable>(&self, uuids: &[Uuid]) -> Result<Vec<bool>, ProjectionError> {
         let mut live: HashSet<Uuid> = HashSet::with_capacity(uuids.len());
         for chunk in uuids.chunks(EXISTING_CHUNK) {

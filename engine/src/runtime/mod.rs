@@ -1,6 +1,6 @@
 //! The node runtime: a [`Library`] kept in sync with its peers over QUIC.
 //!
-//! [`Node`](crate::runtime::Node) runs three things: the core thread (the replication state
+//! [`Node`] runs three things: the core thread (the replication state
 //! machine over the journal: `core.rs`), a tokio runtime with the network tasks (accepting,
 //! dialing with backoff, one session per connection: `net.rs`), and pairing (`pairing.rs`).
 //! Messages from peers reach the core through one channel; the core answers through one
