@@ -178,12 +178,6 @@ impl<'a> Applier<'a> {
     /// [`is_whole`]) in one statement, each as a new row unless its uuid exists. Returns the
     /// rows inserted.
     fn insert_run(&self, code: u8, run: &[&Change]) -> rusqlite::Result<usize> {
-        let (Some(slot), Some(sql)) = (
-            self.insert_runs.get(usize::from(code)),
-            self.sql.get(usize::from(code)),
-        ) else {
-            return Ok(0);
-        };
         let clocks: Vec<_> = run
             .iter()
             .map(|c| FieldClocks::encode_uniform(&c.hlc))
@@ -198,12 +192,12 @@ impl<'a> Applier<'a> {
             // Every field written and no tombstone: visible (see `is_live`).
             params.extend([Param::Blob(clocks), Param::Null, Param::Int(1)]);
         }
-        let mut slot = slot.borrow_mut();
-        let stmt = match &mut *slot {
-            Some(stmt) => stmt,
-            None => slot.insert(self.conn.prepare_cached(&sql.insert_run)?),
-        };
-        stmt.execute(params_from_iter(params))
+        self.execute_kept(
+            &self.insert_runs,
+            code,
+            |sql| &sql.insert_run,
+            params_from_iter(params),
+        )
     }
 
     /// Applies `order` (indexes into `changes`, in dependency order), a run of whole records at
@@ -217,19 +211,17 @@ impl<'a> Applier<'a> {
         let mut next = 0;
         while next < order.len() {
             let first = &changes[order[next]];
-            if !self.careful.get() && order.len() - next >= INSERT_ROWS {
-                let run: Vec<&Change> = order[next..next + INSERT_ROWS]
-                    .iter()
-                    .map(|&i| &changes[i])
-                    .collect();
-                if run
-                    .iter()
-                    .all(|c| c.model == first.model && is_whole_change(c))
-                {
-                    self.apply_run(first.model, &run, stats)?;
-                    next += INSERT_ROWS;
-                    continue;
-                }
+            let run = order.get(next..next + INSERT_ROWS).filter(|run| {
+                !self.careful.get()
+                    && run
+                        .iter()
+                        .all(|&i| changes[i].model == first.model && is_whole_change(&changes[i]))
+            });
+            if let Some(run) = run {
+                let run: Vec<&Change> = run.iter().map(|&i| &changes[i]).collect();
+                self.apply_run(first.model, &run, stats)?;
+                next += INSERT_ROWS;
+                continue;
             }
             stats.count(self.apply(first)?);
             next += 1;
@@ -284,8 +276,20 @@ impl<'a> Applier<'a> {
 
     /// Runs the insert statement of model `code` with `params`; returns the rows inserted.
     fn insert<P: Params>(&self, code: u8, params: P) -> rusqlite::Result<usize> {
+        self.execute_kept(&self.inserts, code, |sql| &sql.insert, params)
+    }
+
+    /// Runs statement `text` of model `code`, prepared on first use and kept in `slots` for the
+    /// rest of this `apply` call; returns the rows changed (0 for an unknown model).
+    fn execute_kept<P: Params>(
+        &self,
+        slots: &[RefCell<Option<CachedStatement<'a>>>],
+        code: u8,
+        text: impl Fn(&ModelSql) -> &str,
+        params: P,
+    ) -> rusqlite::Result<usize> {
         let (Some(slot), Some(sql)) = (
-            self.inserts.get(usize::from(code)),
+            slots.get(usize::from(code)),
             self.sql.get(usize::from(code)),
         ) else {
             return Ok(0);
@@ -293,7 +297,7 @@ impl<'a> Applier<'a> {
         let mut slot = slot.borrow_mut();
         let stmt = match &mut *slot {
             Some(stmt) => stmt,
-            None => slot.insert(self.conn.prepare_cached(&sql.insert)?),
+            None => slot.insert(self.conn.prepare_cached(text(sql))?),
         };
         stmt.execute(params)
     }
@@ -634,7 +638,8 @@ impl Projections {
                 SyncDomain::Content => content_domain += 1,
             }
         }
-        let (stats, parked) = match self.apply_in_transaction(changes, &order, position, false) {
+        let (mut stats, parked) = match self.apply_in_transaction(changes, &order, position, false)
+        {
             Err(ProjectionError::Sqlite(e)) if is_fk_violation(&e) => {
                 // A reference still missing at commit (the transaction rolled back): apply the
                 // batch again, parking what waits for a dependency.
@@ -642,7 +647,6 @@ impl Projections {
             }
             other => other?,
         };
-        let mut stats = stats;
         stats.index_domain = index_domain;
         stats.content_domain = content_domain;
         if let Some(checkpointer) = &self.checkpointer {

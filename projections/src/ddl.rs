@@ -108,28 +108,26 @@ impl ModelSql {
     pub(crate) fn new(def: &ModelDef) -> Self {
         let cols: Vec<&str> = def.fields.iter().map(|f| f.name).collect();
         let n = cols.len();
-        let placeholders: Vec<String> = (1..=n + 4).map(|i| format!("?{i}")).collect();
-        let insert = format!(
-            "INSERT INTO {} (uuid, {}, _clocks, _tomb, _live) VALUES ({}) ON CONFLICT(uuid) DO NOTHING",
-            def.name,
-            cols.join(", "),
-            placeholders.join(", ")
-        );
+        // A statement inserting `rows` rows, numbered `?1` onwards, skipping existing uuids.
         let width = n + 4;
-        let rows: Vec<String> = (0..INSERT_ROWS)
-            .map(|row| {
-                let marks: Vec<String> = (1..=width)
-                    .map(|i| format!("?{}", row * width + i))
-                    .collect();
-                format!("({})", marks.join(", "))
-            })
-            .collect();
-        let insert_run = format!(
-            "INSERT INTO {} (uuid, {}, _clocks, _tomb, _live) VALUES {} ON CONFLICT(uuid) DO NOTHING",
-            def.name,
-            cols.join(", "),
-            rows.join(", ")
-        );
+        let insert_rows = |rows: usize| -> String {
+            let values: Vec<String> = (0..rows)
+                .map(|row| {
+                    let marks: Vec<String> = (1..=width)
+                        .map(|i| format!("?{}", row * width + i))
+                        .collect();
+                    format!("({})", marks.join(", "))
+                })
+                .collect();
+            format!(
+                "INSERT INTO {} (uuid, {}, _clocks, _tomb, _live) VALUES {} ON CONFLICT(uuid) DO NOTHING",
+                def.name,
+                cols.join(", "),
+                values.join(", ")
+            )
+        };
+        let insert = insert_rows(1);
+        let insert_run = insert_rows(INSERT_ROWS);
         let select = format!(
             "SELECT {}, _clocks, _tomb FROM {} WHERE uuid = ?1",
             cols.join(", "),
