@@ -37,15 +37,25 @@ type HashJob = (Item, Option<Entry>);
 /// A hashed file: the job and `(hex hash, bytes)` or why it could not be read.
 type Hashed = (Item, Option<Entry>, std::io::Result<(String, u64)>);
 
+/// Most time between two progress reports of an indexing run (none in unit tests, so that
+/// every step reports).
+const PROGRESS_EVERY: Duration = if cfg!(test) {
+    Duration::ZERO
+} else {
+    Duration::from_millis(100)
+};
+
 /// Progress of an indexing run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IndexProgress {
     /// Files processed.
     pub done: u64,
-    /// Files in all.
+    /// Files in all; while `walking`, the files found so far (the total grows).
     pub total: u64,
     /// Bytes hashed so far.
     pub bytes: u64,
+    /// Whether the walk of the folder is still going on (so `total` is not final yet).
+    pub walking: bool,
 }
 
 /// What an indexing run found.
@@ -420,9 +430,27 @@ impl Library {
             let mut waiting: VecDeque<HashJob> = VecDeque::new();
             let mut to_hash = 0u64;
             let mut unreadable_paths = 0u64;
+            let mut last_report = Instant::now();
             crate::walk::walk(
                 &root,
                 &mut |found| {
+                    // Files that need no hashing count as done as soon as they are found.
+                    if last_report.elapsed() >= PROGRESS_EVERY {
+                        last_report = Instant::now();
+                        let found = results.report.files;
+                        let done = results.done + found.saturating_sub(to_hash);
+                        progress(IndexProgress {
+                            done,
+                            total: found,
+                            bytes: results.report.bytes_hashed,
+                            walking: true,
+                        });
+                        self.publish(Event::JobProgress {
+                            job: "indexer",
+                            done,
+                            total: found,
+                        });
+                    }
                     let item = Item::found(found);
                     let Some(job) = classify(
                         item,
@@ -475,16 +503,18 @@ impl Library {
                 done: results.done,
                 total,
                 bytes: results.report.bytes_hashed,
+                walking: false,
             });
             let mut last_report = Instant::now();
             for hashed in done_rx {
                 results.take(hashed);
-                if last_report.elapsed() >= Duration::from_millis(100) {
+                if last_report.elapsed() >= PROGRESS_EVERY {
                     last_report = Instant::now();
                     progress(IndexProgress {
                         done: results.done,
                         total,
                         bytes: results.report.bytes_hashed,
+                        walking: false,
                     });
                     self.publish(Event::JobProgress {
                         job: "indexer",
@@ -535,6 +565,7 @@ impl Library {
             done: total,
             total,
             bytes: report.bytes_hashed,
+            walking: false,
         });
         report.elapsed = started.elapsed();
         self.publish(Event::JobFinished {
@@ -641,6 +672,56 @@ mod tests {
         );
         assert_eq!(second.unchanged, 297 + 7);
         assert_eq!(lib.status().expect("status").counts.entries, 306);
+    }
+
+    /// Checks a run's progress reports: the walk's first (its total growing), then the final
+    /// total; never more done than known; the last one complete. Returns the walk's reports.
+    fn check_progress(reports: &[super::IndexProgress], files: u64) -> Vec<super::IndexProgress> {
+        let walking: Vec<_> = reports.iter().copied().filter(|p| p.walking).collect();
+        let after = reports
+            .iter()
+            .position(|p| !p.walking)
+            .expect("a final report");
+        assert!(
+            reports[after..]
+                .iter()
+                .all(|p| !p.walking && p.total == files),
+            "after the walk the total is final"
+        );
+        assert!(reports.iter().all(|p| p.done <= p.total), "{reports:?}");
+        assert!(walking.windows(2).all(|w| w[0].total <= w[1].total));
+        assert!(walking.iter().all(|p| p.total <= files));
+        let last = reports.last().expect("reports");
+        assert_eq!((last.done, last.total), (files, files));
+        walking
+    }
+
+    #[test]
+    fn progress_is_reported_while_the_walk_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        for i in 0..200 {
+            let sub = tree.join(format!("d{}", i % 5));
+            std::fs::create_dir_all(&sub).expect("mkdir");
+            std::fs::write(sub.join(format!("f{i}.txt")), format!("file {i}")).expect("write");
+        }
+        let lib = library(dir.path());
+        let mut reports = Vec::new();
+        lib.index(&tree, &mut |p| reports.push(p)).expect("indexes");
+        let walking = check_progress(&reports, 200);
+        assert!(
+            walking.len() >= 100,
+            "a first index reports while it walks ({} reports)",
+            walking.len()
+        );
+        assert!(walking.iter().any(|p| p.total >= 100 && p.total < 200));
+
+        // A second run: unchanged files count as done as soon as the walk finds them.
+        let mut again = Vec::new();
+        lib.index(&tree, &mut |p| again.push(p))
+            .expect("indexes again");
+        let walking = check_progress(&again, 200);
+        assert!(walking.iter().any(|p| p.done >= 100 && p.done < 200));
     }
 
     #[test]

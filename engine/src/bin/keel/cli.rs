@@ -218,7 +218,7 @@ fn bar(total: u64, what: &str, terminal: bool) -> ProgressBar {
     let bar = ProgressBar::new(total);
     if terminal {
         let style = ProgressStyle::with_template(&format!(
-            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} ETA {{eta}}"
+            "{what} {{msg}}{{bar:40}} {{pos}}/{{len}} {{per_sec}} ETA {{eta}}"
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
@@ -388,6 +388,8 @@ pub(crate) fn exec(
         Command::Index { path, .. } => {
             let bar = bar(0, "indexing", io.terminal());
             let report = lib.index(&path, &mut |p| {
+                // While the walk goes on, the total is only what was found so far.
+                bar.set_message(if p.walking { "(still walking) " } else { "" });
                 bar.set_length(p.total);
                 bar.set_position(p.done);
             })?;
