@@ -647,15 +647,21 @@ mod tests {
         .expect("creates")
     }
 
-    #[test]
-    fn hashing_during_the_walk_still_finds_every_new_changed_moved_and_removed_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tree = dir.path().join("tree");
-        for i in 0..300 {
-            let sub = tree.join(format!("d{}", i % 7));
+    /// `files` small files spread over `dirs` folders under `dir/tree`.
+    fn small_tree(dir: &std::path::Path, files: usize, dirs: usize) -> std::path::PathBuf {
+        let tree = dir.join("tree");
+        for i in 0..files {
+            let sub = tree.join(format!("d{}", i % dirs));
             std::fs::create_dir_all(&sub).expect("mkdir");
             std::fs::write(sub.join(format!("f{i}.txt")), format!("file {i}")).expect("write");
         }
+        tree
+    }
+
+    #[test]
+    fn hashing_during_the_walk_still_finds_every_new_changed_moved_and_removed_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = small_tree(dir.path(), 300, 7);
         let lib = library(dir.path());
         let first = lib.index(&tree, &mut |_| {}).expect("indexes");
         assert_eq!((first.files, first.dirs, first.new), (300, 7, 307));
@@ -699,12 +705,7 @@ mod tests {
     #[test]
     fn progress_is_reported_while_the_walk_goes_on() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tree = dir.path().join("tree");
-        for i in 0..200 {
-            let sub = tree.join(format!("d{}", i % 5));
-            std::fs::create_dir_all(&sub).expect("mkdir");
-            std::fs::write(sub.join(format!("f{i}.txt")), format!("file {i}")).expect("write");
-        }
+        let tree = small_tree(dir.path(), 200, 5);
         let lib = library(dir.path());
         let mut reports = Vec::new();
         lib.index(&tree, &mut |p| reports.push(p)).expect("indexes");
