@@ -156,8 +156,15 @@ fn millis(time: std::io::Result<std::time::SystemTime>) -> i64 {
 
 /// A coarse kind and MIME type from the file extension.
 pub fn kind_of(name: &str) -> (&'static str, Option<&'static str>) {
-    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
-    match ext.as_deref() {
+    // Lower-cased in a small buffer: no extension we know is longer than 4 bytes.
+    let mut lower = [0u8; 4];
+    let ext = name.rsplit_once('.').and_then(|(_, e)| {
+        let slot = lower.get_mut(..e.len())?;
+        slot.copy_from_slice(e.as_bytes());
+        slot.make_ascii_lowercase();
+        std::str::from_utf8(slot).ok()
+    });
+    match ext {
         Some("txt" | "md" | "rs" | "toml" | "json" | "csv" | "log") => ("text", Some("text/plain")),
         Some("jpg" | "jpeg") => ("image", Some("image/jpeg")),
         Some("png") => ("image", Some("image/png")),
@@ -700,6 +707,24 @@ mod tests {
         let last = reports.last().expect("reports");
         assert_eq!((last.done, last.total), (files, files));
         walking
+    }
+
+    #[test]
+    fn kinds_come_from_the_extension_in_any_case() {
+        use super::kind_of;
+        assert_eq!(kind_of("a.txt"), ("text", Some("text/plain")));
+        assert_eq!(kind_of("Photo.JPEG"), ("image", Some("image/jpeg")));
+        assert_eq!(kind_of("x.tar.Gz"), ("archive", Some("application/zip")));
+        for other in [
+            "README",
+            "a.jpegg",
+            "a.",
+            ".hidden",
+            "long.extension",
+            "é.ÉÉ",
+        ] {
+            assert_eq!(kind_of(other), ("other", None), "{other}");
+        }
     }
 
     #[test]

@@ -145,11 +145,8 @@ impl Change {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(160);
         out.push(CHANGE_FORMAT_VERSION);
-        // Writing into a Vec cannot fail, and every field type is serializable.
-        let mut serializer = rmp_serde::Serializer::new(&mut out).with_binary();
-        if self.serialize(&mut serializer).is_err() {
-            out.truncate(1);
-        }
+        // The bytes rmp-serde would write, written directly (see `change_encode`).
+        crate::change_encode::encode_body(self, &mut out);
         out
     }
 

@@ -183,7 +183,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Option<Change> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::change::CHANGE_FORMAT_VERSION;
     use proptest::prelude::*;
@@ -196,18 +196,27 @@ mod tests {
         reader.is_empty().then_some(change)
     }
 
-    fn value() -> impl Strategy<Value = Value> {
+    /// Any value; texts and byte strings up to `len` long.
+    fn value(len: usize) -> impl Strategy<Value = Value> {
         prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::Int),
-            ".{0,40}".prop_map(Value::Text),
-            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bytes),
+            proptest::string::string_regex(&format!(".{{0,{len}}}"))
+                .unwrap_or_else(|_| unreachable!("a valid pattern"))
+                .prop_map(Value::Text),
+            proptest::collection::vec(any::<u8>(), 0..len).prop_map(Value::Bytes),
             any::<u128>().prop_map(|u| Value::Uuid(Uuid::from_u128(u))),
         ]
     }
 
     fn change() -> impl Strategy<Value = Change> {
+        change_with(12, 40)
+    }
+
+    /// Any change: a delete, or an upsert of fewer than `fields` fields with values up to `len`
+    /// long.
+    pub(crate) fn change_with(fields: usize, len: usize) -> impl Strategy<Value = Change> {
         (
             any::<u128>(),
             any::<u64>(),
@@ -215,7 +224,10 @@ mod tests {
             any::<[u8; 32]>(),
             any::<u8>(),
             any::<u128>(),
-            proptest::option::of(proptest::collection::vec((any::<u8>(), value()), 0..12)),
+            proptest::option::of(proptest::collection::vec(
+                (any::<u8>(), value(len)),
+                0..fields,
+            )),
         )
             .prop_map(|(id, ms, counter, device, model, record, fields)| Change {
                 id: ChangeId(Uuid::from_u128(id)),

@@ -7,6 +7,7 @@ extern crate self as keel_schema;
 
 mod change;
 mod change_decode;
+mod change_encode;
 mod error;
 mod graph;
 mod hlc;

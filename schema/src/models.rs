@@ -196,42 +196,66 @@ const UMT_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d75_6d74_0000_0000_0000
 
 /// The deterministic uuid of a content: UUIDv5 of (library id, content hash).
 pub fn content_uuid(library: Uuid, content_hash: &str) -> Uuid {
-    let mut name = Vec::with_capacity(16 + content_hash.len());
-    name.extend_from_slice(library.as_bytes());
-    name.extend_from_slice(content_hash.as_bytes());
-    Uuid::new_v5(&CONTENT_NAMESPACE, &name)
+    uuid_v5(
+        &CONTENT_NAMESPACE,
+        &[library.as_bytes(), content_hash.as_bytes()],
+    )
+}
+
+/// UUIDv5 of `namespace` and the concatenated `name` parts: the same uuid as
+/// `Uuid::new_v5(namespace, parts.concat())`, hashed with a SHA-1 that uses the CPU's SHA
+/// instructions where there are some (the indexer makes one per file).
+fn uuid_v5(namespace: &Uuid, parts: &[&[u8]]) -> Uuid {
+    use sha1::Digest;
+    let mut hasher = sha1::Sha1::new();
+    hasher.update(namespace.as_bytes());
+    for part in parts {
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
 /// The deterministic uuid of a tag in a library: UUIDv5 of (library id, name).
 pub fn tag_uuid(library: Uuid, name: &str) -> Uuid {
-    let mut bytes = Vec::with_capacity(16 + name.len());
-    bytes.extend_from_slice(library.as_bytes());
-    bytes.extend_from_slice(name.as_bytes());
-    Uuid::new_v5(&TAG_NAMESPACE, &bytes)
+    uuid_v5(&TAG_NAMESPACE, &[library.as_bytes(), name.as_bytes()])
 }
 
 /// The portable key of a UserMetadataTag: UUIDv5 of (user metadata uuid, tag uuid).
 pub fn user_metadata_tag_uuid(user_metadata: Uuid, tag: Uuid) -> Uuid {
-    let mut bytes = [0u8; 32];
-    bytes[..16].copy_from_slice(user_metadata.as_bytes());
-    bytes[16..].copy_from_slice(tag.as_bytes());
-    Uuid::new_v5(&UMT_NAMESPACE, &bytes)
+    uuid_v5(&UMT_NAMESPACE, &[user_metadata.as_bytes(), tag.as_bytes()])
 }
 
 /// The deterministic uuid of the content-scoped UserMetadata of a content (so devices share one).
 pub fn content_metadata_uuid(content: Uuid) -> Uuid {
-    Uuid::new_v5(&CONTENT_NAMESPACE, content.as_bytes())
+    uuid_v5(&CONTENT_NAMESPACE, &[content.as_bytes()])
 }
 
 /// The deterministic uuid of the entry-scoped UserMetadata of an entry.
 pub fn entry_metadata_uuid(entry: Uuid) -> Uuid {
-    Uuid::new_v5(&UMT_NAMESPACE, entry.as_bytes())
+    uuid_v5(&UMT_NAMESPACE, &[entry.as_bytes()])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::syncable::{DomainLookup, DomainRule};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The SHA-1 used for the deterministic uuids gives the uuid crate's UUIDv5.
+        #[test]
+        fn deterministic_uuids_are_the_uuid_crates_v5(
+            namespace in any::<u128>(),
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..90), 0..4),
+        ) {
+            let namespace = Uuid::from_u128(namespace);
+            let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            prop_assert_eq!(uuid_v5(&namespace, &refs), Uuid::new_v5(&namespace, &parts.concat()));
+        }
+    }
 
     struct Lookup;
     impl DomainLookup for Lookup {
