@@ -132,6 +132,73 @@ fn failures_are_one_error_line_and_non_zero() {
     fails_with_one_error_line(&keel(&home, &["init", "../escape"]));
 }
 
+/// A disk that fills up, stood in for by a file-size limit (`ulimit -f`, with SIGXFSZ ignored so
+/// a write past it fails with an error instead of killing the process): `keel index` fails with
+/// one error line, what was acknowledged before stays, the library opens and verifies, and the
+/// same index succeeds once there is room again.
+#[cfg(unix)]
+#[test]
+fn a_full_disk_fails_an_index_with_one_error_line_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let small = dir.path().join("small");
+    let big = dir.path().join("big");
+    std::fs::create_dir_all(&small).expect("tree");
+    std::fs::write(small.join("kept.txt"), b"acknowledged before").expect("file");
+    for i in 0..3000 {
+        let sub = big.join(format!("d{}", i % 10));
+        std::fs::create_dir_all(&sub).expect("tree");
+        std::fs::write(sub.join(format!("f{i}.txt")), format!("file {i}")).expect("file");
+    }
+    let kept = small.join("kept.txt");
+    let kept = kept.to_str().expect("utf-8 path");
+    ok(&keel(&home, &["init", "lib"]));
+    ok(&keel(
+        &home,
+        &["index", "lib", small.to_str().expect("path")],
+    ));
+    ok(&keel(&home, &["tag", "lib", kept, "precious"]));
+
+    // Room for 64 KiB more than the largest file of the library holds now (in 512-byte blocks,
+    // as POSIX counts them; a shell counting KiB allows twice as much, still far too little for
+    // the 6,000 changes of the big tree).
+    let library = home.join("libraries").join("lib.keel");
+    let largest = std::fs::read_dir(&library)
+        .expect("library folder")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .max()
+        .expect("library files");
+    let blocks = (largest + 64 * 1024) / 512;
+    let full = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {blocks}; exec \"$0\" \"$@\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_keel"))
+        .arg("--home")
+        .arg(&home)
+        .args(["index", "lib", big.to_str().expect("path")])
+        .env("KEEL_PASSWORD", "pw")
+        .env("KEEL_INSECURE_FAST_KDF", "1")
+        .output()
+        .expect("keel runs under sh");
+    fails_with_one_error_line(&full);
+
+    let show = ok(&keel(&home, &["show", "lib", kept, "--json"]));
+    assert!(show.contains("precious"), "{show}");
+    ok(&keel(&home, &["verify", "lib"]));
+
+    ok(&keel(&home, &["index", "lib", big.to_str().expect("path")]));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home, &["status", "lib", "--json"]))).expect("JSON");
+    assert_eq!(status["counts"]["entries"], 1 + 3000 + 10);
+    ok(&keel(&home, &["verify", "lib"]));
+    let digest = ok(&keel(&home, &["digest", "lib"]));
+    ok(&keel(&home, &["rebuild", "lib"]));
+    assert_eq!(ok(&keel(&home, &["digest", "lib"])), digest);
+}
+
 /// A `keel serve` child, killed when dropped.
 struct Served(std::process::Child);
 

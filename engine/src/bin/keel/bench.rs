@@ -276,6 +276,11 @@ fn p3(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
 }
 
 fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
+    // KEEL_P7_FILES overrides the size (for looking into how replay scales).
+    let files = std::env::var("KEEL_P7_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(files);
     let (journal, _, library) = open_journal(dir, "p7.redb")?;
     let mut workload = LibraryWorkload::new(library.0, device(), 7);
     let header = workload.header();
