@@ -38,16 +38,18 @@ pub(crate) fn walk(
                 continue;
             }
         };
+        // Each name is read once: a sort keyed by `DirEntry::file_name` would copy it out at
+        // every comparison.
         let mut entries = Vec::new();
         for entry in read {
             match entry {
-                Ok(entry) => entries.push(entry),
+                Ok(entry) => entries.push((entry.file_name(), entry)),
                 Err(e) => skipped(&dir, e),
             }
         }
-        entries.sort_by_key(|e| e.file_name());
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut subdirs = Vec::new();
-        for entry in entries {
+        for (name, entry) in entries {
             let path = entry.path();
             let (file_type, metadata) = match (entry.file_type(), entry.metadata()) {
                 (Ok(t), Ok(m)) => (t, m),
@@ -56,7 +58,9 @@ pub(crate) fn walk(
                     continue;
                 }
             };
-            let name = entry.file_name().to_string_lossy().into_owned();
+            let name = name
+                .into_string()
+                .unwrap_or_else(|name| name.to_string_lossy().into_owned());
             if file_type.is_dir() {
                 let child = if relative.is_empty() {
                     name.clone()

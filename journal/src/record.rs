@@ -83,14 +83,21 @@ impl<'a> LogRecord<'a> {
     /// Encodes the record with its checksum.
     pub fn encode(epoch: Epoch, sealed: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(LOG_HEADER_LEN + sealed.len());
+        Self::encode_into(epoch, &mut out, |buf| buf.extend_from_slice(sealed));
+        out
+    }
+
+    /// Writes into `out` (which must be empty) what [`LogRecord::encode`] returns, for the
+    /// sealed change that `write_sealed` appends to the buffer it is given.
+    pub fn encode_into(epoch: Epoch, out: &mut Vec<u8>, write_sealed: impl FnOnce(&mut Vec<u8>)) {
+        out.clear();
         out.push(RECORD_VERSION);
         out.extend_from_slice(&epoch.counter.to_be_bytes());
         out.extend_from_slice(&epoch.device.0);
         out.extend_from_slice(&[0; 4]);
-        out.extend_from_slice(sealed);
-        let crc = crc_without(&out, 41);
+        write_sealed(out);
+        let crc = crc_without(out, 41);
         out[41..45].copy_from_slice(&crc.to_be_bytes());
-        out
     }
 
     /// Whether these stored bytes are an epoch barrier (a record with no change: the first entry

@@ -259,21 +259,35 @@ fn seal_ad(library: LibraryId, change: ChangeId, key_id: u32) -> [u8; 36] {
 impl Sealer {
     /// Seals `plain` for change `change`: `key id ‖ change id ‖ nonce ‖ ciphertext+tag`.
     pub fn seal(&self, change: ChangeId, plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SEAL_HEADER_LEN + plain.len() + SEAL_TAG_LEN);
+        self.seal_into(change, &mut out, |buf| buf.extend_from_slice(plain));
+        out
+    }
+
+    /// Appends to `out` what [`Sealer::seal`] returns, for the plaintext that `write_plain`
+    /// appends to the buffer it is given (so the plaintext is sealed where it was written,
+    /// without a copy).
+    pub fn seal_into(
+        &self,
+        change: ChangeId,
+        out: &mut Vec<u8>,
+        write_plain: impl FnOnce(&mut Vec<u8>),
+    ) {
         let mut nonce = [0u8; 24];
         rand::thread_rng().fill_bytes(&mut nonce);
         let ad = seal_ad(self.library, change, self.key_id);
-        let mut out = Vec::with_capacity(SEAL_HEADER_LEN + plain.len() + SEAL_TAG_LEN);
+        let start = out.len();
         out.extend_from_slice(&self.key_id.to_be_bytes());
         out.extend_from_slice(change.0.as_bytes());
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
+        write_plain(out);
         // Encryption of an in-memory buffer with a valid key fails only past ChaCha20's length
         // limit (256 GiB); records are capped at 1 MiB long before that. Should it ever fail,
         // the record is left without a tag, so it fails to open rather than leaking plaintext.
-        if !crate::xchacha::seal_in_place(&self.key, &nonce, &ad, &mut out, SEAL_HEADER_LEN) {
-            out.truncate(SEAL_HEADER_LEN);
+        let from = start + SEAL_HEADER_LEN;
+        if !crate::xchacha::seal_in_place(&self.key, &nonce, &ad, out, from) {
+            out.truncate(from);
         }
-        out
     }
 
     /// The change id in a sealed payload's header, without opening it.

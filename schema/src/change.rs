@@ -144,10 +144,15 @@ impl Change {
     /// The canonical encoding: a version byte, then MessagePack.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(160);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends [`Change::encode`]'s bytes to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(CHANGE_FORMAT_VERSION);
         // The bytes rmp-serde would write, written directly (see `change_encode`).
-        crate::change_encode::encode_body(self, &mut out);
-        out
+        crate::change_encode::encode_body(self, out);
     }
 
     /// Decodes and validates [`Change::encode`] output. Never panics on any input.
