@@ -25,7 +25,7 @@ impl<'a> Tx<'a> {
     /// not sync-ready (its uuid is `None`).
     pub fn upsert<M: Syncable>(&mut self, record: &M) -> bool {
         let hlc = self.clock.tick(self.now_ms);
-        match Change::upsert(ChangeId::new(), hlc, record) {
+        match Change::upsert(ChangeId::at(self.now_ms), hlc, record) {
             Some(change) => {
                 self.changes.push(change);
                 true
@@ -42,7 +42,7 @@ impl<'a> Tx<'a> {
     ) -> Result<(), EngineError> {
         let hlc = self.clock.tick(self.now_ms);
         self.changes.push(Change::upsert_fields::<M>(
-            ChangeId::new(),
+            ChangeId::at(self.now_ms),
             hlc,
             uuid,
             fields,
@@ -54,7 +54,7 @@ impl<'a> Tx<'a> {
     pub fn delete<M: Syncable>(&mut self, uuid: Uuid) {
         let hlc = self.clock.tick(self.now_ms);
         self.changes
-            .push(Change::delete::<M>(ChangeId::new(), hlc, uuid));
+            .push(Change::delete::<M>(ChangeId::at(self.now_ms), hlc, uuid));
     }
 
     /// Adds an already-built change (its clock is observed so later ticks stay ahead of it).
