@@ -430,6 +430,9 @@ pub(crate) fn run(as_json: bool, quick: bool) -> Result<i32> {
             if !as_json {
                 eprintln!("running {step}…");
             }
+            // The last step's files are gone, but not always its disk work: start each step
+            // with nothing left to write back.
+            settle();
             let mut cmd = std::process::Command::new(std::env::current_exe()?);
             cmd.args(["bench", "--json"]);
             if quick {
