@@ -87,8 +87,8 @@ impl<'a> LogRecord<'a> {
         out
     }
 
-    /// Writes into `out` (which must be empty) what [`LogRecord::encode`] returns, for the
-    /// sealed change that `write_sealed` appends to the buffer it is given.
+    /// Replaces the contents of `out` with what [`LogRecord::encode`] returns, for the sealed
+    /// change that `write_sealed` appends to the buffer it is given.
     pub fn encode_into(epoch: Epoch, out: &mut Vec<u8>, write_sealed: impl FnOnce(&mut Vec<u8>)) {
         out.clear();
         out.push(RECORD_VERSION);
