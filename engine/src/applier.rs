@@ -140,6 +140,15 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         }
         announce_local(&shared, &entries);
         let mut position = match shared.applied.lock() {
+            Ok(mut state) if state.error.is_some() => {
+                // An earlier apply failed: applying this batch would record a position past
+                // the changes that failed, and the next open would heal from there without
+                // them. The projections stay where they were; the next open heals from there.
+                state.batch = state.batch.max(seq);
+                drop(state);
+                shared.applied_changed.notify_all();
+                continue;
+            }
             Ok(state) => state.position,
             Err(_) => return,
         };
@@ -181,7 +190,7 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
             }
             Err(e) => {
                 let reason = e.to_string();
-                tracing::error!(%reason, "applying to the projections failed; they will be healed from the journal on next open");
+                tracing::error!(%reason, "applying to the projections failed; nothing more is applied until they are healed from the journal at the next open");
                 state.error = Some(reason.clone());
                 let _ = shared.events.send(Event::ApplyFailed { reason });
             }
@@ -212,6 +221,64 @@ mod tests {
             )?)
         })
         .unwrap_or(-1)
+    }
+
+    fn tag(lib: &Library, name: &str) -> Result<(), crate::EngineError> {
+        lib.transact(|tx| {
+            tx.upsert(&keel_schema::Tag {
+                uuid: keel_schema::tag_uuid(lib.id().0, name),
+                name: name.into(),
+                color: None,
+                created_ms: 1,
+            });
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// An apply that fails (here a trigger on the writing connection refuses new tags) must
+    /// not be skipped over by a later apply that succeeds: the projection's applied position
+    /// stays before it, so the next open heals from there and every committed change shows.
+    #[test]
+    fn after_a_failed_apply_later_batches_do_not_move_the_position_past_it(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let home = Home::new(dir.path().join("home"));
+        let lib = new_library(dir.path(), "failing")?;
+        tag(&lib, "before")?;
+        lib.flush()?;
+        if let Ok(p) = lib.shared.projections.lock() {
+            p.connection().execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON tag \
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+            )?;
+        }
+        tag(&lib, "refused")?;
+        assert!(
+            matches!(lib.flush(), Err(crate::EngineError::ApplyFailed(_))),
+            "the failed apply is reported"
+        );
+        if let Ok(p) = lib.shared.projections.lock() {
+            p.connection().execute_batch("DROP TRIGGER temp.refuse")?;
+        }
+        // Committed (durable) although the projections are failing: the journal has it.
+        tag(&lib, "after")?;
+        // Closing reports the failure too (it flushes first), and still closes.
+        assert!(lib.close().is_err());
+
+        let lib = Library::open(&home, "failing", "pw")?;
+        lib.flush()?;
+        let tags: Vec<String> = lib
+            .read(|p| p.select::<keel_schema::Tag, _>("1 = 1", []))?
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        for name in ["before", "refused", "after"] {
+            assert!(tags.contains(&name.to_string()), "{name} missing: {tags:?}");
+        }
+        let (report, _) = lib.verify()?;
+        assert!(report.faults.is_empty());
+        Ok(())
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub enum EngineError {
     /// A content-scoped operation on an entry without content (a directory).
     #[error("{0} has no content (a directory?); use --entry to attach to the entry itself")]
     NoContent(PathBuf),
-    /// Applying committed changes to the projections failed (they are durable in the journal and
-    /// are applied again when the library is next opened).
+    /// Applying committed changes to the projections failed. They are durable in the journal;
+    /// nothing more is applied until the library is next opened, which applies them again from
+    /// the last position applied before the failure.
     #[error("applying to the projections failed: {0}; reopen the library to heal them")]
     ApplyFailed(String),
     /// The library is closed or its background threads stopped.

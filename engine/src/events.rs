@@ -65,7 +65,8 @@ pub enum Event {
         /// Bytes received in log segments since the node started.
         bytes: u64,
     },
-    /// The applier failed; the projection will be healed from the journal on next open.
+    /// The applier failed. Nothing more is applied (reads answer with what was applied before);
+    /// the next open heals the projection from the journal, from the last position applied.
     ApplyFailed {
         /// Why.
         reason: String,
