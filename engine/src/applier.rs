@@ -317,15 +317,7 @@ mod tests {
             *until = Some(target);
         }
         for name in ["a", "b", "c"] {
-            lib.transact(|tx| {
-                tx.upsert(&keel_schema::Tag {
-                    uuid: keel_schema::tag_uuid(lib.id().0, name),
-                    name: name.into(),
-                    color: None,
-                    created_ms: 1,
-                });
-                Ok(())
-            })?;
+            tag(&lib, name)?;
         }
         lib.flush()?;
         assert!(lib.applied_lsn() >= target);
