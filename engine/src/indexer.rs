@@ -446,17 +446,15 @@ impl Library {
                         last_report = Instant::now();
                         let found = results.report.files;
                         let done = results.done + found.saturating_sub(to_hash);
-                        progress(IndexProgress {
-                            done,
-                            total: found,
-                            bytes: results.report.bytes_hashed,
-                            walking: true,
-                        });
-                        self.publish(Event::JobProgress {
-                            job: "indexer",
-                            done,
-                            total: found,
-                        });
+                        self.report_progress(
+                            progress,
+                            IndexProgress {
+                                done,
+                                total: found,
+                                bytes: results.report.bytes_hashed,
+                                walking: true,
+                            },
+                        );
                     }
                     let item = Item::found(found);
                     let Some(job) = classify(
@@ -517,17 +515,15 @@ impl Library {
                 results.take(hashed);
                 if last_report.elapsed() >= PROGRESS_EVERY {
                     last_report = Instant::now();
-                    progress(IndexProgress {
-                        done: results.done,
-                        total,
-                        bytes: results.report.bytes_hashed,
-                        walking: false,
-                    });
-                    self.publish(Event::JobProgress {
-                        job: "indexer",
-                        done: results.done,
-                        total,
-                    });
+                    self.report_progress(
+                        progress,
+                        IndexProgress {
+                            done: results.done,
+                            total,
+                            bytes: results.report.bytes_hashed,
+                            walking: false,
+                        },
+                    );
                 }
             }
         });
@@ -583,6 +579,16 @@ impl Library {
             ),
         });
         Ok(report)
+    }
+
+    /// Hands a progress report to the caller and to subscribers (as `Event::JobProgress`).
+    fn report_progress(&self, progress: &mut dyn FnMut(IndexProgress), report: IndexProgress) {
+        progress(report);
+        self.publish(Event::JobProgress {
+            job: "indexer",
+            done: report.done,
+            total: report.total,
+        });
     }
 
     /// Commits the planned changes, preceded by the contents that the library does not have yet.
