@@ -291,10 +291,7 @@ fn p3_raw(path: &Path, changes: &[keel_schema::Change]) -> Result<f64> {
 
 fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     // KEEL_P7_FILES overrides the size (for looking into how replay scales).
-    let files = std::env::var("KEEL_P7_FILES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(files);
+    let files = size_from_env("KEEL_P7_FILES", files);
     let (journal, _, library) = open_journal(dir, "p7.redb")?;
     let mut workload = LibraryWorkload::new(library.0, device(), 7);
     let header = workload.header();
@@ -344,6 +341,14 @@ fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     out.insert("p7_changes".into(), json!(n));
     out.insert("p7_peak_rss_mb".into(), json!(peak_rss_mb()));
     Ok(())
+}
+
+/// The size in environment variable `var` if it holds a number, else `default`.
+pub(crate) fn size_from_env(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Writes dirty pages out (best effort), so that the kernel's write-back of what a step just

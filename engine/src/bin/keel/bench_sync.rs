@@ -77,10 +77,7 @@ fn join_blocking(home: &Home, addr: SocketAddr, code: &str) -> Result<String> {
 /// P4: a fresh device joins a library of `files` files and syncs it whole (log stored,
 /// projections built). The joining side runs in its own process so its peak RSS is its own.
 pub(crate) fn p4(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
-    let files = std::env::var("KEEL_P4_FILES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(files);
+    let files = crate::bench::size_from_env("KEEL_P4_FILES", files);
     let leader = leader_with(dir, files)?;
     let log_len = leader.status().log_len;
     let invite = leader.invite(true)?;
