@@ -273,20 +273,20 @@ impl Sealer {
         out: &mut Vec<u8>,
         write_plain: impl FnOnce(&mut Vec<u8>),
     ) {
-        let mut nonce = [0u8; 24];
-        rand::thread_rng().fill_bytes(&mut nonce);
         let ad = seal_ad(self.library, change, self.key_id);
         let start = out.len();
         out.extend_from_slice(&self.key_id.to_be_bytes());
         out.extend_from_slice(change.0.as_bytes());
-        out.extend_from_slice(&nonce);
+        // The nonce is chosen by the sealing step; its place is filled in after.
+        out.extend_from_slice(&[0u8; crate::xchacha::NONCE_LEN]);
         write_plain(out);
         // Encryption of an in-memory buffer with a valid key fails only past ChaCha20's length
         // limit (256 GiB); records are capped at 1 MiB long before that. Should it ever fail,
         // the record is left without a tag, so it fails to open rather than leaking plaintext.
         let from = start + SEAL_HEADER_LEN;
-        if !crate::xchacha::seal_in_place(&self.key, &nonce, &ad, out, from) {
-            out.truncate(from);
+        match crate::xchacha::seal_in_place(&self.key, &ad, out, from) {
+            Some(nonce) => out[from - nonce.len()..from].copy_from_slice(&nonce),
+            None => out.truncate(from),
         }
     }
 

@@ -8,62 +8,143 @@
 //! in about half the time.
 
 use chacha20::cipher::consts::U10;
+use rand::RngCore;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use std::cell::RefCell;
 
 /// Length of the nonce.
 pub(crate) const NONCE_LEN: usize = 24;
 
-fn key_and_nonce(key: &[u8; 32], nonce: &[u8; NONCE_LEN]) -> Option<(LessSafeKey, Nonce)> {
-    let (head, tail) = nonce.split_at(16);
-    let subkey = chacha20::hchacha::<U10>(key.into(), head.into());
-    let unbound = UnboundKey::new(&CHACHA20_POLY1305, subkey.as_slice()).ok()?;
-    let mut short = [0u8; 12];
-    short[4..].copy_from_slice(tail);
-    Some((
-        LessSafeKey::new(unbound),
-        Nonce::assume_unique_for_key(short),
-    ))
+/// Records a thread seals under one nonce head (so one HChaCha20 subkey) before it draws a new
+/// head. Within a head the last 8 nonce bytes are random: 2^16 of them collide with probability
+/// about 2^-33, and a new head is a new subkey.
+const RECORDS_PER_HEAD: u32 = 1 << 16;
+
+/// A ChaCha20-Poly1305 key derived for one (key, nonce head) pair, kept while records with the
+/// same head follow (HChaCha20 was a tenth of the cost of sealing a short record).
+struct Subkey {
+    key: [u8; 32],
+    head: [u8; 16],
+    cipher: LessSafeKey,
 }
 
-/// Encrypts `buf[from..]` in place and appends the tag. `false` only if the cipher refused (a
-/// message longer than ChaCha20 allows; records are capped far below that).
-pub(crate) fn seal_in_place(
-    key: &[u8; 32],
+impl Subkey {
+    fn derive(key: &[u8; 32], head: &[u8; 16]) -> Option<Self> {
+        let subkey = chacha20::hchacha::<U10>(key.into(), head.into());
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, subkey.as_slice()).ok()?;
+        Some(Self {
+            key: *key,
+            head: *head,
+            cipher: LessSafeKey::new(unbound),
+        })
+    }
+
+    fn is_for(&self, key: &[u8; 32], head: &[u8; 16]) -> bool {
+        self.key == *key && self.head == *head
+    }
+}
+
+/// The sealing side's state on one thread: its current head, its subkey and how many records
+/// used it.
+struct SealState {
+    subkey: Subkey,
+    uses: u32,
+}
+
+thread_local! {
+    static SEALING: RefCell<Option<SealState>> = const { RefCell::new(None) };
+    static OPENING: RefCell<Option<Subkey>> = const { RefCell::new(None) };
+}
+
+fn short_nonce(nonce: &[u8; NONCE_LEN]) -> Nonce {
+    let mut short = [0u8; 12];
+    short[4..].copy_from_slice(&nonce[16..]);
+    Nonce::assume_unique_for_key(short)
+}
+
+fn head_of(nonce: &[u8; NONCE_LEN]) -> [u8; 16] {
+    let mut head = [0u8; 16];
+    head.copy_from_slice(&nonce[..16]);
+    head
+}
+
+/// Encrypts `buf[from..]` in place under `subkey` and `nonce` (whose head is the subkey's) and
+/// appends the tag.
+fn seal_with(
+    subkey: &Subkey,
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     buf: &mut Vec<u8>,
     from: usize,
-) -> bool {
-    let Some((cipher, nonce)) = key_and_nonce(key, nonce) else {
-        return false;
-    };
-    let Some(plain) = buf.get_mut(from..) else {
-        return false;
-    };
-    match cipher.seal_in_place_separate_tag(nonce, Aad::from(aad), plain) {
-        Ok(tag) => {
-            buf.extend_from_slice(tag.as_ref());
-            true
+) -> Option<()> {
+    let plain = buf.get_mut(from..)?;
+    let tag = subkey
+        .cipher
+        .seal_in_place_separate_tag(short_nonce(nonce), Aad::from(aad), plain)
+        .ok()?;
+    buf.extend_from_slice(tag.as_ref());
+    Some(())
+}
+
+/// Encrypts `buf[from..]` in place under a fresh nonce, appends the tag and returns the nonce.
+/// The nonce's first 16 bytes are this thread's current head (random, renewed every
+/// [`RECORDS_PER_HEAD`] records and for every other key), the last 8 random (`thread_rng`,
+/// which reseeds after a fork). `None` only if the cipher refused (a message longer than
+/// ChaCha20 allows; records are capped far below that).
+pub(crate) fn seal_in_place(
+    key: &[u8; 32],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+    from: usize,
+) -> Option<[u8; NONCE_LEN]> {
+    let mut nonce = [0u8; NONCE_LEN];
+    let mut rng = rand::thread_rng();
+    rng.fill_bytes(&mut nonce[16..]);
+    SEALING.with(|state| {
+        let mut state = state.borrow_mut();
+        let fresh = match state.as_ref() {
+            Some(s) => s.uses >= RECORDS_PER_HEAD || s.subkey.key != *key,
+            None => true,
+        };
+        if fresh {
+            let mut head = [0u8; 16];
+            rng.fill_bytes(&mut head);
+            *state = Some(SealState {
+                subkey: Subkey::derive(key, &head)?,
+                uses: 0,
+            });
         }
-        Err(_) => false,
-    }
+        let state = state.as_mut()?;
+        state.uses += 1;
+        nonce[..16].copy_from_slice(&state.subkey.head);
+        seal_with(&state.subkey, &nonce, aad, buf, from)?;
+        Some(nonce)
+    })
 }
 
 /// Opens `sealed` (ciphertext ‖ tag): the plaintext, or `None` if it does not authenticate.
+/// The subkey of the last head opened on this thread is kept: records sealed together share it.
 pub(crate) fn open(
     key: &[u8; 32],
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     sealed: &[u8],
 ) -> Option<Vec<u8>> {
-    let (cipher, nonce) = key_and_nonce(key, nonce)?;
-    let mut buf = sealed.to_vec();
-    let len = cipher
-        .open_in_place(nonce, Aad::from(aad), &mut buf)
-        .ok()?
-        .len();
-    buf.truncate(len);
-    Some(buf)
+    let head = head_of(nonce);
+    OPENING.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if !cached.as_ref().is_some_and(|c| c.is_for(key, &head)) {
+            *cached = Some(Subkey::derive(key, &head)?);
+        }
+        let cipher = &cached.as_ref()?.cipher;
+        let mut buf = sealed.to_vec();
+        let len = cipher
+            .open_in_place(short_nonce(nonce), Aad::from(aad), &mut buf)
+            .ok()?
+            .len();
+        buf.truncate(len);
+        Some(buf)
+    })
 }
 
 #[cfg(test)]
@@ -81,7 +162,8 @@ mod tests {
 
     fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], msg: &[u8]) -> Vec<u8> {
         let mut buf = msg.to_vec();
-        assert!(seal_in_place(key, nonce, aad, &mut buf, 0));
+        let subkey = Subkey::derive(key, &head_of(nonce)).expect("derives");
+        assert!(seal_with(&subkey, nonce, aad, &mut buf, 0).is_some());
         buf
     }
 
@@ -134,6 +216,65 @@ mod tests {
             None
         );
         assert_eq!(open(&key, &nonce, b"ad", &[]), None);
+    }
+
+    /// Seals `msg` with a fresh nonce on this thread: (nonce, sealed).
+    fn seal_fresh(key: &[u8; 32], msg: &[u8]) -> ([u8; 24], Vec<u8>) {
+        let mut buf = msg.to_vec();
+        let nonce = seal_in_place(key, b"ad", &mut buf, 0).expect("seals");
+        (nonce, buf)
+    }
+
+    #[test]
+    fn a_thread_reuses_its_head_for_a_while_with_random_tails_then_draws_a_new_one() {
+        let key = [9u8; 32];
+        let (first, _) = seal_fresh(&key, b"x");
+        let mut tails = std::collections::HashSet::new();
+        let mut heads = std::collections::HashSet::new();
+        for i in 0..RECORDS_PER_HEAD + 2 {
+            let (nonce, sealed) = seal_fresh(&key, format!("record {i}").as_bytes());
+            heads.insert(head_of(&nonce));
+            tails.insert(nonce[16..].to_vec());
+            if i % 4096 == 0 {
+                assert_eq!(
+                    open(&key, &nonce, b"ad", &sealed).as_deref(),
+                    Some(format!("record {i}").as_bytes())
+                );
+            }
+        }
+        assert!(heads.contains(&head_of(&first)));
+        assert_eq!(
+            heads.len(),
+            2,
+            "one new head after {RECORDS_PER_HEAD} records"
+        );
+        assert_eq!(tails.len() as u32, RECORDS_PER_HEAD + 2, "tails repeat");
+        // Another key gets its own head at once; another thread has its own.
+        let (other_key, _) = seal_fresh(&[1u8; 32], b"y");
+        assert!(!heads.contains(&head_of(&other_key)));
+        let (here, _) = seal_fresh(&key, b"z");
+        let there = std::thread::spawn(move || seal_fresh(&key, b"z").0)
+            .join()
+            .expect("joins");
+        assert_ne!(head_of(&here), head_of(&there));
+    }
+
+    #[test]
+    fn the_kept_subkey_never_opens_a_record_of_another_key_or_head() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let (na, sa) = seal_fresh(&a, b"under a");
+        let (nb, sb) = seal_fresh(&b, b"under b");
+        // Interleaved opens switch the kept subkey back and forth.
+        for _ in 0..3 {
+            assert_eq!(open(&a, &na, b"ad", &sa).as_deref(), Some(&b"under a"[..]));
+            assert_eq!(open(&b, &nb, b"ad", &sb).as_deref(), Some(&b"under b"[..]));
+        }
+        // Same head, wrong key; right key, another head.
+        assert_eq!(open(&b, &na, b"ad", &sa), None);
+        let mut moved = na;
+        moved[0] ^= 1;
+        assert_eq!(open(&a, &moved, b"ad", &sa), None);
+        assert_eq!(open(&a, &na, b"ad", &sa).as_deref(), Some(&b"under a"[..]));
     }
 
     proptest! {
