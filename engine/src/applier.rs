@@ -201,7 +201,7 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{CreateOptions, Home, KdfParams, Library};
 
@@ -212,7 +212,8 @@ mod tests {
         Library::create(&Home::new(dir.join("home")), name, "pw", options)
     }
 
-    fn index_count(lib: &Library) -> i64 {
+    /// How many secondary indexes the projections have now (-1 if the query failed).
+    pub(crate) fn index_count(lib: &Library) -> i64 {
         lib.read(|p| {
             Ok(p.connection().query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",

@@ -348,12 +348,75 @@ fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
 
 impl Library {
     /// Adds `path` as a Location (if it is not one yet) and indexes it.
+    ///
+    /// The first index of a library without entries loads the projections without their
+    /// secondary indexes and builds them once at the end, before this returns (maintaining them
+    /// row by row was a sixth of the instructions of indexing 100k small files). Queries stay
+    /// correct meanwhile, only slower; if the process stops first, the next open builds them.
     pub fn index(
         &self,
         path: &Path,
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
         let started = Instant::now();
+        let bulk = !self.read(|p| p.has_rows::<Entry>())?;
+        if bulk {
+            self.set_bulk_load(true)?;
+        }
+        let report = self.index_location(path, progress);
+        // The indexes come back whether or not the run succeeded.
+        let rebuilt = if bulk {
+            self.set_bulk_load(false)
+        } else {
+            Ok(())
+        };
+        let mut report = report?;
+        rebuilt?;
+        progress(IndexProgress {
+            done: report.files,
+            total: report.files,
+            bytes: report.bytes_hashed,
+            walking: false,
+        });
+        report.elapsed = started.elapsed();
+        self.publish(Event::JobFinished {
+            job: "indexer",
+            summary: format!(
+                "{} files, {} new, {} changed, {} moved, {} removed",
+                report.files, report.new, report.changed, report.moved, report.removed
+            ),
+        });
+        Ok(report)
+    }
+
+    /// Drops (`true`) or builds (`false`) the projections' secondary indexes for an indexing run.
+    /// A catch-up that is bulk loading keeps them dropped: it builds them when it ends.
+    fn set_bulk_load(&self, bulk: bool) -> Result<(), EngineError> {
+        // Lock order: projections, then bulk_until.
+        let mut projections = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let catching_up = self
+            .shared
+            .bulk_until
+            .lock()
+            .map_err(|_| EngineError::Closed)?
+            .is_some();
+        if bulk || !catching_up {
+            projections.set_bulk_load(bulk)?;
+        }
+        Ok(())
+    }
+
+    /// [`Library::index`] up to the applied projections: the walk, the hashing and the
+    /// commits, then a flush. The last progress report and the event are left to the caller.
+    fn index_location(
+        &self,
+        path: &Path,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
         let root = path.canonicalize().map_err(io_at(path))?;
         if !root.is_dir() {
             return Err(EngineError::Io {
@@ -564,20 +627,6 @@ impl Library {
             last.wait()?;
         }
         self.flush()?;
-        progress(IndexProgress {
-            done: total,
-            total,
-            bytes: report.bytes_hashed,
-            walking: false,
-        });
-        report.elapsed = started.elapsed();
-        self.publish(Event::JobFinished {
-            job: "indexer",
-            summary: format!(
-                "{} files, {} new, {} changed, {} moved, {} removed",
-                report.files, report.new, report.changed, report.moved, report.removed
-            ),
-        });
         Ok(report)
     }
 
@@ -691,6 +740,41 @@ mod tests {
         );
         assert_eq!(second.unchanged, 297 + 7);
         assert_eq!(lib.status().expect("status").counts.entries, 306);
+    }
+
+    #[test]
+    fn a_first_index_loads_without_secondary_indexes_and_builds_them_before_it_returns() {
+        use crate::applier::tests::index_count;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = small_tree(dir.path(), 60, 3);
+        let lib = library(dir.path());
+        let all = index_count(&lib);
+        assert!(all >= 7, "{all} secondary indexes");
+        // A failed run gives them back too.
+        assert!(lib.index(&dir.path().join("missing"), &mut |_| {}).is_err());
+        assert_eq!(index_count(&lib), all);
+
+        let mut fewest = i64::MAX;
+        lib.index(&tree, &mut |p| {
+            if p.walking {
+                fewest = fewest.min(index_count(&lib));
+            }
+        })
+        .expect("indexes");
+        assert!(fewest < all, "the first index kept its indexes ({fewest})");
+        assert_eq!(index_count(&lib), all, "built again before index returned");
+
+        // The library has entries now: a re-index keeps its indexes all along.
+        std::fs::write(tree.join("d0/new.txt"), b"new").expect("write");
+        let mut fewest = i64::MAX;
+        let again = lib
+            .index(&tree, &mut |_| fewest = fewest.min(index_count(&lib)))
+            .expect("re-indexes");
+        assert_eq!((again.new, fewest), (1, all));
+        let children = lib
+            .read(|p| p.entries_of_location(again.location))
+            .expect("reads");
+        assert_eq!(children.len(), 64);
     }
 
     /// Checks a run's progress reports: the walk's first (its total growing), then the final
