@@ -32,10 +32,11 @@ const HASHED_AHEAD_MAX: usize = if cfg!(test) { 2 } else { 16_384 };
 /// Most files queued for the hashers.
 const HASH_QUEUE_MAX: usize = if cfg!(test) { 2 } else { 4096 };
 
-/// A file to hash, with its entry if it had one.
-type HashJob = (Item, Option<Entry>);
+/// A file to hash, with its entry if it had one (boxed: jobs are moved through two channels,
+/// and most have none).
+type HashJob = (Item, Option<Box<Entry>>);
 /// A hashed file: the job and `(hex hash, bytes)` or why it could not be read.
-type Hashed = (Item, Option<Entry>, std::io::Result<(String, u64)>);
+type Hashed = (Item, Option<Box<Entry>>, std::io::Result<(String, u64)>);
 
 /// Most time between two progress reports of an indexing run (none in unit tests, so that
 /// every step reports).
@@ -187,8 +188,12 @@ fn classify(
     planned: &mut Vec<Planned>,
     location: Uuid,
 ) -> Option<HashJob> {
-    let key = (item.relative_path.clone(), item.name.clone());
-    let previous = existing.remove(&key);
+    // A first index has nothing to look up (and need not build the key).
+    let previous = if existing.is_empty() {
+        None
+    } else {
+        existing.remove(&(item.relative_path.clone(), item.name.clone()))
+    };
     match item.kind {
         EntryKind::File => {
             report.files += 1;
@@ -202,7 +207,9 @@ fn classify(
                     report.unchanged += 1;
                     None
                 }
-                Some(prev) if prev.kind == EntryKind::File.code() => Some((item, Some(prev))),
+                Some(prev) if prev.kind == EntryKind::File.code() => {
+                    Some((item, Some(Box::new(prev))))
+                }
                 Some(prev) => {
                     // A directory became a file: the old entry goes, a new one comes.
                     existing.insert(
