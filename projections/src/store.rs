@@ -238,3 +238,28 @@ impl Projections {
         &self.conn
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The workspace's `.cargo/config.toml` builds the bundled SQLite without memory statistics
+    /// and without shared memory management (see the comment there); this shows it took effect.
+    #[test]
+    fn the_bundled_sqlite_has_the_build_options_of_the_workspace() {
+        let conn = rusqlite::Connection::open_in_memory().expect("opens");
+        let mut stmt = conn.prepare("PRAGMA compile_options").expect("prepares");
+        let options: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .expect("queries")
+            .collect::<Result<_, _>>()
+            .expect("reads");
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+        assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");
+    }
+}
