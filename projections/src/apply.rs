@@ -182,15 +182,16 @@ impl<'a> Applier<'a> {
             .iter()
             .map(|c| FieldClocks::encode_uniform(&c.hlc))
             .collect();
-        let mut params: Vec<Param<'_>> = Vec::with_capacity(run.len() * 16);
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(run.len() * 14);
         for (change, clocks) in run.iter().zip(&clocks) {
             let Op::Upsert(fields) = &change.op else {
                 return Ok(0);
             };
             params.push(Param::Blob(change.record.as_bytes()));
             params.extend(fields.iter().map(|(_, v)| Param::Value(v)));
-            // Every field written and no tombstone: visible (see `is_live`).
-            params.extend([Param::Blob(clocks), Param::Null, Param::Int(1)]);
+            // Every field written and no tombstone: visible (see `is_live`); the statement
+            // writes `_tomb` NULL and `_live` 1 itself.
+            params.push(Param::Blob(clocks));
         }
         self.execute_kept(
             &self.insert_runs,

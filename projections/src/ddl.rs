@@ -95,7 +95,8 @@ pub(crate) const INTERNAL: &[&str] = &[
 pub(crate) struct ModelSql {
     /// Insert a new row; does nothing if the uuid exists.
     pub(crate) insert: String,
-    /// Insert [`INSERT_ROWS`] new rows in one statement, each unless its uuid exists.
+    /// Insert [`INSERT_ROWS`] new, visible rows without tombstones in one statement, each unless
+    /// its uuid exists: each row binds its uuid, its fields and its clocks.
     pub(crate) insert_run: String,
     /// Read a row's fields, clocks and tombstone.
     pub(crate) select: String,
@@ -110,14 +111,17 @@ impl ModelSql {
         let cols: Vec<&str> = def.fields.iter().map(|f| f.name).collect();
         let n = cols.len();
         // A statement inserting `rows` rows, numbered `?1` onwards, skipping existing uuids.
-        let width = n + 4;
-        let insert_rows = |rows: usize| -> String {
+        // With `fresh`, every row is visible and has no tombstone: `_tomb` and `_live` are
+        // written as constants, and each row binds `n + 2` values (uuid, fields, clocks).
+        let insert_rows = |rows: usize, fresh: bool| -> String {
+            let width = if fresh { n + 2 } else { n + 4 };
             let values: Vec<String> = (0..rows)
                 .map(|row| {
                     let marks: Vec<String> = (1..=width)
                         .map(|i| format!("?{}", row * width + i))
                         .collect();
-                    format!("({})", marks.join(", "))
+                    let tail = if fresh { ", NULL, 1" } else { "" };
+                    format!("({}{tail})", marks.join(", "))
                 })
                 .collect();
             format!(
@@ -127,8 +131,8 @@ impl ModelSql {
                 values.join(", ")
             )
         };
-        let insert = insert_rows(1);
-        let insert_run = insert_rows(INSERT_ROWS);
+        let insert = insert_rows(1, false);
+        let insert_run = insert_rows(INSERT_ROWS, true);
         let select = format!(
             "SELECT {}, _clocks, _tomb FROM {} WHERE uuid = ?1",
             cols.join(", "),
