@@ -678,10 +678,10 @@ impl Library {
             for op in batch {
                 match op {
                     Planned::Upsert(entry) => {
-                        tx.upsert(entry.as_ref());
+                        tx.upsert_owned(*entry);
                     }
                     Planned::Content(content) => {
-                        tx.upsert(content.as_ref());
+                        tx.upsert_owned(*content);
                     }
                     Planned::Update(uuid, fields) => tx.update::<Entry>(uuid, fields)?,
                     Planned::DeleteEntry(uuid) => tx.delete::<Entry>(uuid),

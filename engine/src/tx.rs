@@ -24,8 +24,21 @@ impl<'a> Tx<'a> {
     /// Writes every synced field of `record`. Returns `false` (and writes nothing) if the record is
     /// not sync-ready (its uuid is `None`).
     pub fn upsert<M: Syncable>(&mut self, record: &M) -> bool {
+        self.push_upsert(|id, hlc| Change::upsert(id, hlc, record))
+    }
+
+    /// [`Tx::upsert`] of a record it takes (its strings and bytes move into the change).
+    pub fn upsert_owned<M: Syncable>(&mut self, record: M) -> bool {
+        self.push_upsert(|id, hlc| Change::upsert_owned(id, hlc, record))
+    }
+
+    /// Adds the upsert that `build` makes with a new id and clock, if it makes one.
+    fn push_upsert(
+        &mut self,
+        build: impl FnOnce(ChangeId, keel_schema::Hlc) -> Option<Change>,
+    ) -> bool {
         let hlc = self.clock.tick(self.now_ms);
-        match Change::upsert(ChangeId::at(self.now_ms), hlc, record) {
+        match build(ChangeId::at(self.now_ms), hlc) {
             Some(change) => {
                 self.changes.push(change);
                 true

@@ -70,6 +70,19 @@ impl Change {
         })
     }
 
+    /// [`Change::upsert`] of a record it takes: the same change, without copying its strings
+    /// and bytes.
+    pub fn upsert_owned<M: Syncable>(id: ChangeId, hlc: Hlc, record: M) -> Option<Self> {
+        let uuid = record.record_uuid()?;
+        Some(Self {
+            id,
+            hlc,
+            model: code_of::<M>(),
+            record: uuid,
+            op: Op::Upsert(record.into_indexed_values()),
+        })
+    }
+
     /// An upsert of some fields of model `M`, by name. Unknown names are a [`SchemaError`].
     pub fn upsert_fields<M: Syncable>(
         id: ChangeId,
@@ -205,6 +218,70 @@ mod tests {
             device: DeviceId([7; 32]),
         };
         Change::upsert(ChangeId::new(), hlc, &entry).expect("entry has a uuid")
+    }
+
+    /// Values of the types of `M`'s fields (Null for some nullable ones), for building records.
+    fn values_of<M: Syncable>() -> impl proptest::strategy::Strategy<Value = Vec<Value>> {
+        use crate::FieldType;
+        use proptest::prelude::*;
+        let per_field: Vec<BoxedStrategy<Value>> = M::DEF
+            .fields
+            .iter()
+            .map(|f| {
+                let value: BoxedStrategy<Value> = match f.ty {
+                    FieldType::Bool => any::<bool>().prop_map(Value::Bool).boxed(),
+                    FieldType::Int => any::<i64>().prop_map(Value::Int).boxed(),
+                    FieldType::Text => "[a-z/é.]{0,24}".prop_map(Value::Text).boxed(),
+                    FieldType::Bytes => proptest::collection::vec(any::<u8>(), 0..40)
+                        .prop_map(Value::Bytes)
+                        .boxed(),
+                    FieldType::Uuid => any::<u128>()
+                        .prop_map(|u| Value::Uuid(Uuid::from_u128(u)))
+                        .boxed(),
+                };
+                if f.nullable {
+                    prop_oneof![Just(Value::Null), value].boxed()
+                } else {
+                    value
+                }
+            })
+            .collect();
+        per_field
+    }
+
+    /// `upsert_owned` of a record built from `values` is `upsert` of the same record.
+    fn owned_matches_borrowed<M: Syncable + Clone>(
+        values: &[Value],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        let record = M::from_field_values(Uuid::now_v7(), values)
+            .ok_or_else(|| proptest::test_runner::TestCaseError::fail("builds"))?;
+        let (id, hlc) = (ChangeId::new(), sample().hlc);
+        proptest::prop_assert_eq!(
+            Change::upsert_owned(id, hlc, record.clone()),
+            Change::upsert(id, hlc, &record)
+        );
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_owned_upsert_is_the_same_change_for_every_model(
+            device in values_of::<crate::Device>(),
+            location in values_of::<crate::Location>(),
+            entry in values_of::<Entry>(),
+            content in values_of::<crate::ContentIdentity>(),
+            metadata in values_of::<crate::UserMetadata>(),
+            tag in values_of::<crate::Tag>(),
+            link in values_of::<crate::UserMetadataTag>(),
+        ) {
+            owned_matches_borrowed::<crate::Device>(&device)?;
+            owned_matches_borrowed::<crate::Location>(&location)?;
+            owned_matches_borrowed::<Entry>(&entry)?;
+            owned_matches_borrowed::<crate::ContentIdentity>(&content)?;
+            owned_matches_borrowed::<crate::UserMetadata>(&metadata)?;
+            owned_matches_borrowed::<crate::Tag>(&tag)?;
+            owned_matches_borrowed::<crate::UserMetadataTag>(&link)?;
+        }
     }
 
     #[test]

@@ -98,6 +98,16 @@ pub trait Syncable: Sized {
     /// The synced field values in [`ModelDef::fields`] order.
     fn field_values(&self) -> Vec<Value>;
 
+    /// The synced field values with their indexes in [`ModelDef::fields`], taken from the record
+    /// (strings and bytes move instead of being copied).
+    fn into_indexed_values(self) -> Vec<(u8, Value)> {
+        self.field_values()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, v)| u8::try_from(i).ok().map(|i| (i, v)))
+            .collect()
+    }
+
     /// Builds a record from its uuid and synced field values in [`ModelDef::fields`] order.
     /// Skipped fields take their `Default`.
     fn from_field_values(uuid: Uuid, values: &[Value]) -> Option<Self>;

@@ -73,6 +73,10 @@ pub trait FieldValue: Sized {
     const NULLABLE: bool = false;
     /// Converts to a [`Value`].
     fn to_value(&self) -> Value;
+    /// Converts to a [`Value`], moving what it owns.
+    fn into_value(self) -> Value {
+        self.to_value()
+    }
     /// Converts from a [`Value`]; `None` if the type does not match.
     fn from_value(value: &Value) -> Option<Self>;
 }
@@ -110,6 +114,9 @@ impl FieldValue for String {
     fn to_value(&self) -> Value {
         Value::Text(self.clone())
     }
+    fn into_value(self) -> Value {
+        Value::Text(self)
+    }
     fn from_value(value: &Value) -> Option<Self> {
         match value {
             Value::Text(t) => Some(t.clone()),
@@ -123,6 +130,9 @@ impl FieldValue for Vec<u8> {
     const TYPE: FieldType = FieldType::Bytes;
     fn to_value(&self) -> Value {
         Value::Bytes(self.clone())
+    }
+    fn into_value(self) -> Value {
+        Value::Bytes(self)
     }
     fn from_value(value: &Value) -> Option<Self> {
         match value {
@@ -153,6 +163,12 @@ impl<T: FieldValue> FieldValue for Option<T> {
     fn to_value(&self) -> Value {
         match self {
             Some(v) => v.to_value(),
+            None => Value::Null,
+        }
+    }
+    fn into_value(self) -> Value {
+        match self {
+            Some(v) => v.into_value(),
             None => Value::Null,
         }
     }

@@ -236,6 +236,17 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         let ident = &f.ident;
         quote!(::keel_schema::FieldValue::to_value(&self.#ident))
     });
+    if synced.len() > usize::from(u8::MAX) {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "syncable: a model has at most 255 synced fields (a change names them by a u8 index)",
+        ));
+    }
+    let into_values = synced.iter().enumerate().map(|(i, f)| {
+        let ident = &f.ident;
+        let index = i as u8;
+        quote!((#index, ::keel_schema::FieldValue::into_value(self.#ident)))
+    });
     let from_values = synced.iter().enumerate().map(|(i, f)| {
         let ident = &f.ident;
         let ty = &f.ty;
@@ -279,6 +290,10 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
 
             fn field_values(&self) -> ::std::vec::Vec<::keel_schema::Value> {
                 ::std::vec![#(#to_values),*]
+            }
+
+            fn into_indexed_values(self) -> ::std::vec::Vec<(u8, ::keel_schema::Value)> {
+                ::std::vec![#(#into_values),*]
             }
 
             fn from_field_values(
