@@ -1,9 +1,10 @@
 //! Sealing: the library key, its wrapping under the user's password, and per-change encryption.
 //!
 //! The library key is 32 random bytes, wrapped by a key derived from the password with Argon2id.
-//! Payloads are sealed with XChaCha20-Poly1305 under a subkey of the library key, with a random
-//! 192-bit nonce and `(library id, change id, key id)` as associated data, so a ciphertext moved to
-//! another record fails to open.
+//! Payloads are sealed with XChaCha20-Poly1305 under a subkey of the library key, with a 192-bit
+//! nonce (a random 16-byte head that a thread keeps for up to 65,536 records, and a random 8-byte
+//! tail for each; see [`crate::xchacha`]) and `(library id, change id, key id)` as associated data,
+//! so a ciphertext moved to another record fails to open.
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
