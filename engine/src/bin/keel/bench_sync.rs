@@ -275,6 +275,15 @@ pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Re
         "p5_latency_p99_ms".into(),
         json!(percentile(&latencies, 0.99)),
     );
+    // For telling one long stall from scattered slow changes when p99 misses its target.
+    out.insert(
+        "p5_latency_max_ms".into(),
+        json!(latencies.last().copied().unwrap_or(0.0)),
+    );
+    out.insert(
+        "p5_over_20ms".into(),
+        json!(latencies.iter().filter(|&&l| l > 20.0).count()),
+    );
     out.insert(
         "p5_rate_per_s".into(),
         json!(changes as f64 / begin.elapsed().as_secs_f64()),
