@@ -55,32 +55,35 @@ impl Change {
     /// A full upsert of `record`; `None` if it is not sync-ready (no uuid yet).
     pub fn upsert<M: Syncable>(id: ChangeId, hlc: Hlc, record: &M) -> Option<Self> {
         let uuid = record.record_uuid()?;
-        let fields = record
-            .field_values()
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, v)| u8::try_from(i).ok().map(|i| (i, v)))
-            .collect();
-        Some(Self {
+        Some(Self::whole::<M>(
             id,
             hlc,
-            model: code_of::<M>(),
-            record: uuid,
-            op: Op::Upsert(fields),
-        })
+            uuid,
+            crate::syncable::indexed(record.field_values()),
+        ))
     }
 
     /// [`Change::upsert`] of a record it takes: the same change, without copying its strings
     /// and bytes.
     pub fn upsert_owned<M: Syncable>(id: ChangeId, hlc: Hlc, record: M) -> Option<Self> {
         let uuid = record.record_uuid()?;
-        Some(Self {
+        Some(Self::whole::<M>(
+            id,
+            hlc,
+            uuid,
+            record.into_indexed_values(),
+        ))
+    }
+
+    /// The upsert of every field of record `uuid` of model `M`.
+    fn whole<M: Syncable>(id: ChangeId, hlc: Hlc, uuid: Uuid, fields: Vec<(u8, Value)>) -> Self {
+        Self {
             id,
             hlc,
             model: code_of::<M>(),
             record: uuid,
-            op: Op::Upsert(record.into_indexed_values()),
-        })
+            op: Op::Upsert(fields),
+        }
     }
 
     /// An upsert of some fields of model `M`, by name. Unknown names are a [`SchemaError`].

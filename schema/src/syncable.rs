@@ -101,11 +101,7 @@ pub trait Syncable: Sized {
     /// The synced field values with their indexes in [`ModelDef::fields`], taken from the record
     /// (strings and bytes move instead of being copied).
     fn into_indexed_values(self) -> Vec<(u8, Value)> {
-        self.field_values()
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, v)| u8::try_from(i).ok().map(|i| (i, v)))
-            .collect()
+        indexed(self.field_values())
     }
 
     /// Builds a record from its uuid and synced field values in [`ModelDef::fields`] order.
@@ -115,4 +111,14 @@ pub trait Syncable: Sized {
     /// This record's domain. For [`DomainRule::ByParent`] the parent's domain comes from `lookup`
     /// (Index when unknown).
     fn sync_domain(&self, lookup: &dyn DomainLookup) -> SyncDomain;
+}
+
+/// Field values in [`ModelDef::fields`] order, paired with their indexes (a change names fields
+/// by a `u8` index; the derive refuses models with more fields than that).
+pub(crate) fn indexed(values: Vec<Value>) -> Vec<(u8, Value)> {
+    values
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, v)| u8::try_from(i).ok().map(|i| (i, v)))
+        .collect()
 }
