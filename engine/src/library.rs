@@ -138,8 +138,10 @@ impl std::fmt::Debug for Library {
     }
 }
 
-const JOURNAL_FILE: &str = "journal.redb";
-const PROJECTIONS_FILE: &str = "projections.sqlite";
+/// The journal's file in a library folder.
+pub(crate) const JOURNAL_FILE: &str = "journal.redb";
+/// The projection's file in a library folder.
+pub(crate) const PROJECTIONS_FILE: &str = "projections.sqlite";
 
 fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
     Ok(Projections::remove_files(&dir.join(PROJECTIONS_FILE))?)

@@ -32,6 +32,9 @@ pub enum ProjectionError {
     /// A thread could not be started (the background checkpointer).
     #[error("projection thread: {0}")]
     Thread(String),
+    /// A projection snapshot received from another device is not usable.
+    #[error("projection snapshot: {0}")]
+    BadSnapshot(String),
     /// The schema's dependency graph is invalid.
     #[error(transparent)]
     Schema(#[from] keel_schema::SchemaError),

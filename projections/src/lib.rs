@@ -13,6 +13,7 @@ mod digest;
 mod error;
 mod queries;
 mod rebuild;
+mod snapshot;
 mod store;
 
 pub use apply::ApplyStats;

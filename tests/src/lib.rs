@@ -103,13 +103,25 @@ pub mod cluster {
     }
 
     /// Joins the node at `addr` with `code` from `home` under `device_name` (default: the home's
-    /// device name), pairing from local address `bind`.
+    /// device name), pairing from local address `bind`; the initial sync is by snapshot.
     pub fn join_as(
         home: &Home,
         bind: Option<SocketAddr>,
         addr: SocketAddr,
         code: &str,
         device_name: Option<String>,
+    ) -> Result<String, EngineError> {
+        join_with(home, bind, addr, code, device_name, true)
+    }
+
+    /// Like [`join_as`], with the initial sync by snapshot (`snapshot`) or left to replication.
+    pub fn join_with(
+        home: &Home,
+        bind: Option<SocketAddr>,
+        addr: SocketAddr,
+        code: &str,
+        device_name: Option<String>,
+        snapshot: bool,
     ) -> Result<String, EngineError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -126,6 +138,8 @@ pub mod cluster {
                 create: CreateOptions {
                     kdf: KdfParams::INSECURE_FAST,
                 },
+                snapshot,
+                progress: None,
             },
         ))
     }

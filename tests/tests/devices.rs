@@ -463,8 +463,19 @@ fn a_joining_device_reports_initial_sync_progress_as_events() {
         })
         .expect("commits");
     let home = keel_engine::Home::new(dir.path().join("b"));
-    let name = keel_tests::cluster::pair(&home, &a, a.local_addr()).expect("pairs");
+    // Without a snapshot: the whole log comes by replication once the node starts.
+    let invite = a.invite(true).expect("invites");
+    let name = keel_tests::cluster::join_with(
+        &home,
+        None,
+        a.local_addr(),
+        invite.code.as_str(),
+        None,
+        false,
+    )
+    .expect("pairs");
     let lib = keel_engine::Library::open(&home, &name, keel_tests::PASSWORD).expect("opens");
+    assert_eq!(lib.status().expect("status").journal.log_len, 0);
     let mut events = lib.subscribe();
     let b =
         keel_engine::runtime::Node::start(lib, keel_tests::cluster::options(vec![a.local_addr()]))

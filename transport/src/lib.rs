@@ -21,7 +21,7 @@ pub use frame::{
 pub use identity::{device_id_of, Identity};
 pub use message::{
     DeviceMessage, DomainPosition, ElectionMessage, PairingMessage, WireLogEntry, MESSAGE_VERSION,
-    POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, TEXT_LEN_MAX,
+    POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, SNAPSHOT_CHUNK_MAX, TEXT_LEN_MAX,
 };
 pub use pairing::{
     Binding, InviteRun, Inviter, Joined, Joiner, PairingCode, PairingError, CODE_FAILURES_MAX,

@@ -17,6 +17,8 @@ pub const MESSAGE_VERSION: u8 = 1;
 pub const RECORDS_PER_MESSAGE_MAX: usize = 16_384;
 /// Largest single record or blob in a message.
 pub const RECORD_BYTES_MAX: usize = 1 << 20;
+/// Largest piece of a projection snapshot in one [`DeviceMessage::SnapshotChunk`].
+pub const SNAPSHOT_CHUNK_MAX: usize = 4 << 20;
 /// Longest name or reason string.
 pub const TEXT_LEN_MAX: usize = 256;
 /// Most domain positions in one message.
@@ -204,6 +206,39 @@ pub enum DeviceMessage {
     Election(ElectionMessage),
     /// Pairing.
     Pairing(PairingMessage),
+    /// Sent instead of Hello by a device that has just joined: asks for the log and a snapshot
+    /// of the projections, so it need not replay the whole log. The answer is
+    /// [`DeviceMessage::SnapshotBegin`], log segments and chunks in any interleaving, then
+    /// [`DeviceMessage::SnapshotEnd`]; then the connection closes.
+    SnapshotRequest {
+        /// The library.
+        library: LibraryId,
+    },
+    /// What a snapshot holds: the log up to `log_end` (as [`DeviceMessage::SyncLogSegment`]s
+    /// from position 1) and a projection file of `file_bytes` bytes with everything up to
+    /// `applied` applied.
+    SnapshotBegin {
+        /// The sender's epoch.
+        epoch: Epoch,
+        /// The last log position the projection file has applied.
+        applied: Lsn,
+        /// The last log position sent (at least `applied`).
+        log_end: Lsn,
+        /// Size of the projection file.
+        file_bytes: u64,
+    },
+    /// A piece of the projection file.
+    SnapshotChunk {
+        /// Where the piece goes in the file.
+        offset: u64,
+        /// The bytes.
+        data: ByteBuf,
+    },
+    /// The snapshot is complete.
+    SnapshotEnd {
+        /// BLAKE3 of the whole projection file.
+        file_hash: ByteBuf,
+    },
 }
 
 fn over(what: String) -> TransportError {
@@ -291,6 +326,17 @@ impl DeviceMessage {
             }
             DeviceMessage::Election(_) => {}
             DeviceMessage::Pairing(p) => p.check()?,
+            DeviceMessage::SnapshotChunk { data, .. } => {
+                if data.len() > SNAPSHOT_CHUNK_MAX {
+                    return Err(over(format!("a snapshot chunk of {} bytes", data.len())));
+                }
+            }
+            DeviceMessage::SnapshotEnd { file_hash } => {
+                if file_hash.len() != 32 {
+                    return Err(over(format!("a file hash of {} bytes", file_hash.len())));
+                }
+            }
+            DeviceMessage::SnapshotRequest { .. } | DeviceMessage::SnapshotBegin { .. } => {}
         }
         Ok(())
     }
@@ -379,6 +425,22 @@ mod tests {
             DeviceMessage::Pairing(PairingMessage::Rejected {
                 reason: "wrong code".into(),
             }),
+            DeviceMessage::SnapshotRequest {
+                library: LibraryId(Uuid::nil()),
+            },
+            DeviceMessage::SnapshotBegin {
+                epoch,
+                applied: Lsn(7),
+                log_end: Lsn(9),
+                file_bytes: 4096,
+            },
+            DeviceMessage::SnapshotChunk {
+                offset: 4096,
+                data: ByteBuf::from(vec![3u8; 100]),
+            },
+            DeviceMessage::SnapshotEnd {
+                file_hash: ByteBuf::from(vec![8u8; 32]),
+            },
         ]
     }
 
@@ -407,6 +469,15 @@ mod tests {
             name: "x".repeat(TEXT_LEN_MAX + 1),
         });
         assert!(long_name.encode().is_err());
+        let big_chunk = DeviceMessage::SnapshotChunk {
+            offset: 0,
+            data: ByteBuf::from(vec![0u8; SNAPSHOT_CHUNK_MAX + 1]),
+        };
+        assert!(big_chunk.encode().is_err());
+        let short_hash = DeviceMessage::SnapshotEnd {
+            file_hash: ByteBuf::from(vec![0u8; 31]),
+        };
+        assert!(short_hash.encode().is_err());
         assert_eq!(
             DeviceMessage::decode(&[9, 1, 2]),
             Err(TransportError::Version(9))

@@ -10,6 +10,7 @@ mod core;
 mod devices;
 mod net;
 mod pairing;
+mod snapshot;
 mod status;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ pub use self::core::TICK_MS;
 pub use devices::{DevicesFile, PairedDevice};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
+pub use snapshot::{JoinProgress, SnapshotOutcome};
 pub use status::{DomainsJson, EpochJson, NodeStatus, PeerStatus};
 
 use self::core::{Core, CoreEvent};
@@ -105,6 +107,7 @@ impl Node {
             .build()
             .map_err(io_at(library.dir()))?;
         let file = DevicesFile::read(library.dir())?;
+        snapshot::remove_scratch(library.dir());
         let pins = Pins::new();
         for id in file.ids() {
             if !file.is_revoked(&id) {
@@ -149,6 +152,7 @@ impl Node {
             library_dir: library.dir().to_path_buf(),
             offline: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
+            lib: Arc::downgrade(&library),
         });
         {
             let _guard = rt.enter();

@@ -52,6 +52,8 @@ pub(crate) struct Net {
     pub(crate) offline: AtomicBool,
     /// Live sessions' connections, to close when going offline.
     pub(crate) live: Mutex<HashMap<u64, Arc<Connection>>>,
+    /// The library, for serving snapshots to devices that join.
+    pub(crate) lib: std::sync::Weak<crate::library::Library>,
 }
 
 impl Net {
@@ -183,6 +185,11 @@ impl Net {
             Ok(Ok(DeviceMessage::Hello {
                 device, library, ..
             })) if device == peer && library == self.library => {}
+            Ok(Ok(DeviceMessage::SnapshotRequest { library })) if library == self.library => {
+                // A device that has just joined: a snapshot, outside the replication core.
+                super::snapshot::serve(self.lib.clone(), epoch, conn).await;
+                return;
+            }
             Ok(Ok(_)) => {
                 tracing::warn!(peer = %peer.short(), "peer did not say Hello for this library; closed");
                 conn.close("expected Hello for this library");

@@ -198,6 +198,13 @@ pub struct JoinOptions {
     pub password: String,
     /// Key-derivation parameters for wrapping it.
     pub create: CreateOptions,
+    /// After pairing, fetch the log and a copy of the inviter's projections
+    /// (see [`crate::runtime::SnapshotOutcome`]) rather than leave the whole log to replicate
+    /// and replay once the node starts. If the fetch fails, the library is still usable: the
+    /// node catches up from whatever log was stored.
+    pub snapshot: bool,
+    /// Hears how far the snapshot fetch has come.
+    pub progress: Option<mpsc::UnboundedSender<super::JoinProgress>>,
 }
 
 /// Pairs this home's device with a running node and creates the library here. Returns the
@@ -254,6 +261,32 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, EngineErr
     let mut file = DevicesFile::read(library.dir())?;
     file.add(joined.inviter, "inviter", Some(options.addr), now_ms());
     file.write(library.dir())?;
+    let dir = library.dir().to_path_buf();
     library.close()?;
+    if options.snapshot {
+        match super::snapshot::fetch(
+            identity,
+            joined.inviter,
+            options.addr,
+            joined.library,
+            &key,
+            &dir,
+            options.progress,
+        )
+        .await
+        {
+            Ok(done) => tracing::info!(
+                log_entries = done.log_entries,
+                applied = done.applied.0,
+                file_bytes = done.file_bytes,
+                ms = done.elapsed.as_millis() as u64,
+                "initial sync by snapshot"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                "initial sync by snapshot failed; the node catches up by replication instead"
+            ),
+        }
+    }
     Ok(joined.name)
 }

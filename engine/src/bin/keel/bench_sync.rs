@@ -70,6 +70,8 @@ fn join_blocking(home: &Home, addr: SocketAddr, code: &str) -> Result<String> {
             device_name: Some("bench follower".into()),
             password: PASSWORD.into(),
             create: fast(),
+            snapshot: true,
+            progress: None,
         },
     ))?)
 }

@@ -116,6 +116,40 @@ fn show_sync_progress(mut events: tokio::sync::broadcast::Receiver<keel_engine::
         });
 }
 
+/// Shows the initial sync of `pair join` (log entries stored, projection bytes received, rate
+/// and ETA) as a progress bar on a terminal. Ends when the sender side of `heard` is dropped.
+fn show_join_progress(
+    mut heard: tokio::sync::mpsc::UnboundedReceiver<keel_engine::runtime::JoinProgress>,
+) -> Option<std::thread::JoinHandle<()>> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    std::thread::Builder::new()
+        .name("keel-progress".into())
+        .spawn(move || {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "initial sync {bar:40} {pos}/{len} log entries, {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            while let Some(p) = heard.blocking_recv() {
+                bar.set_length(p.log_total);
+                bar.set_position(p.log_stored);
+                bar.set_message(format!(
+                    "projections {:.1}/{:.1} MB, {:.1} MB received",
+                    p.file_received as f64 / 1e6,
+                    p.file_total as f64 / 1e6,
+                    p.bytes as f64 / 1e6
+                ));
+            }
+            bar.finish_and_clear();
+        })
+        .ok()
+}
+
 /// `keel pair join`.
 pub(crate) fn join(
     home: &Home,
@@ -128,6 +162,8 @@ pub(crate) fn join(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (progress, heard) = tokio::sync::mpsc::unbounded_channel();
+    let shown = show_join_progress(heard);
     let library = rt.block_on(join_library(
         home,
         JoinOptions {
@@ -137,8 +173,14 @@ pub(crate) fn join(
             device_name: name,
             password,
             create: CreateOptions { kdf },
+            snapshot: true,
+            progress: Some(progress),
         },
-    ))?;
+    ));
+    if let Some(shown) = shown {
+        let _ = shown.join();
+    }
+    let library = library?;
     println!("joined library {library}; run `keel serve {library}` to sync it");
     Ok(0)
 }
