@@ -407,6 +407,19 @@ impl Library {
         self.flush()
     }
 
+    /// Freezes the projection file for copying to a device that joins (see
+    /// [`keel_projections::FrozenFile`]); `None` if it cannot be frozen now.
+    pub(crate) fn freeze_projections(
+        &self,
+    ) -> Result<Option<keel_projections::FrozenFile>, EngineError> {
+        let projections = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        Ok(projections.freeze()?)
+    }
+
     /// The journal (for the replication runtime).
     pub(crate) fn journal(&self) -> Result<&Journal, EngineError> {
         self.journal.as_ref().ok_or(EngineError::Closed)

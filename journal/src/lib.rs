@@ -23,7 +23,7 @@ pub use record::{
 };
 pub use seal::{KdfParams, LibraryKey, Sealer, WrappedKey, SEAL_HEADER_LEN, SEAL_TAG_LEN};
 pub use store::{
-    Journal, JournalOptions, JournalStats, PendingCommit, ReadEntry, VerifyReport,
+    CheckedEntries, Journal, JournalOptions, JournalStats, PendingCommit, ReadEntry, VerifyReport,
     JOURNAL_CACHE_BYTES,
 };
 pub use tables::JOURNAL_FORMAT;

@@ -59,6 +59,43 @@ pub struct JournalStats {
     pub last_lsn: Lsn,
 }
 
+/// Log entries checked by [`Journal::check_replicated`], ready for [`Journal::append_checked`].
+#[derive(Debug)]
+pub struct CheckedEntries {
+    first: Lsn,
+    entries: crate::writer::AppendEntries,
+}
+
+impl CheckedEntries {
+    /// The position of the first entry.
+    pub fn first(&self) -> Lsn {
+        self.first
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends `next`, which must start right after these.
+    pub fn extend(&mut self, next: CheckedEntries) -> Result<(), JournalError> {
+        let expected = Lsn(self.first.0 + self.entries.len() as u64);
+        if next.first != expected {
+            return Err(JournalError::NotContiguous {
+                expected,
+                found: next.first,
+            });
+        }
+        self.entries.extend(next.entries);
+        Ok(())
+    }
+}
+
 /// A library's journal. Cheap to share by reference across threads.
 pub struct Journal {
     db: Arc<DbHandle>,
@@ -638,6 +675,18 @@ impl Journal {
         first: Lsn,
         entries: Vec<(Epoch, Vec<u8>)>,
     ) -> Result<(), JournalError> {
+        let checked = self.check_replicated(first, entries)?;
+        self.append_checked(checked)
+    }
+
+    /// The checking half of [`Journal::append_replicated`]: opens and decodes every record (a
+    /// bad one fails them all). Checking the next entries on one thread while
+    /// [`Journal::append_checked`] stores these on another keeps both busy.
+    pub fn check_replicated(
+        &self,
+        first: Lsn,
+        entries: Vec<(Epoch, Vec<u8>)>,
+    ) -> Result<CheckedEntries, JournalError> {
         let mut checked = Vec::with_capacity(entries.len());
         for (i, (epoch, bytes)) in entries.into_iter().enumerate() {
             if bytes.is_empty() {
@@ -648,9 +697,19 @@ impl Journal {
             let change = self.open_incoming(place, &bytes)?;
             checked.push((epoch, Some(change), bytes));
         }
-        self.ask(|reply| Request::AppendReplicated {
+        Ok(CheckedEntries {
             first,
             entries: checked,
+        })
+    }
+
+    /// The storing half of [`Journal::append_replicated`]: appends entries checked by
+    /// [`Journal::check_replicated`] in one durable transaction.
+    pub fn append_checked(&self, checked: CheckedEntries) -> Result<(), JournalError> {
+        let CheckedEntries { first, entries } = checked;
+        self.ask(|reply| Request::AppendReplicated {
+            first,
+            entries,
             reply,
         })
     }

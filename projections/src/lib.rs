@@ -20,6 +20,7 @@ pub use apply::ApplyStats;
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
 pub use queries::{Counts, EntryMetadata};
+pub use snapshot::FrozenFile;
 pub use store::{
     configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,
     READER_CACHE_KIB, WAL_CHECKPOINT_BACKSTOP_PAGES, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT,

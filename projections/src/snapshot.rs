@@ -38,7 +38,61 @@ fn applied_in(conn: &Connection) -> Result<AppliedPosition, ProjectionError> {
     })
 }
 
+/// A projection file frozen for copying. While this lives, SQLite writes nothing to the file:
+/// it holds a read transaction that reads the file alone (the WAL was empty when it began), and
+/// such a reader keeps every checkpoint from copying pages back. New commits wait in the WAL.
+/// So the file's bytes, read with ordinary file reads, are one consistent state.
+pub struct FrozenFile {
+    /// The connection holding the read transaction.
+    _conn: Connection,
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Its length when frozen.
+    pub len: u64,
+    /// The position it has applied.
+    pub applied: AppliedPosition,
+}
+
+impl std::fmt::Debug for FrozenFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrozenFile({}, {} bytes)", self.path.display(), self.len)
+    }
+}
+
 impl Projections {
+    /// Freezes this projection's file for copying (see [`FrozenFile`]); no apply may run
+    /// meanwhile, which `&self` on the writer ensures. Checkpoints the WAL into the file first.
+    /// Returns `None` when the file cannot be frozen (not in WAL mode, or a reader kept the
+    /// checkpoint from finishing): copy it with [`Projections::snapshot`] then.
+    pub fn freeze(&self) -> Result<Option<FrozenFile>, ProjectionError> {
+        let mode: String = self
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Ok(None);
+        }
+        let (busy, log, done): (i64, i64, i64) =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+        if busy != 0 || log != done {
+            return Ok(None);
+        }
+        let conn = Connection::open(&self.path)?;
+        conn.pragma_update(None, "query_only", "ON")?;
+        conn.execute_batch("BEGIN")?;
+        // The first read starts the transaction, on the file alone: the WAL is empty.
+        let applied = applied_in(&conn)?;
+        let len = std::fs::metadata(&self.path).map_err(io(&self.path))?.len();
+        Ok(Some(FrozenFile {
+            _conn: conn,
+            path: self.path.clone(),
+            len,
+            applied,
+        }))
+    }
+
     /// Copies the projection file `src` (open elsewhere, in WAL mode) into the new file `dest`,
     /// as of one read transaction, and returns the position the copy has applied. `dest` is a
     /// scratch file: it is written without a journal or syncs, and must be removed by the caller.
@@ -112,5 +166,99 @@ impl Projections {
             let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         }
         Ok(applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_applied(p: &Projections, lsn: i64) {
+        p.conn
+            .execute(
+                "INSERT OR REPLACE INTO _meta (key, value) VALUES ('applied_lsn', ?1)",
+                [lsn],
+            )
+            .expect("writes");
+    }
+
+    fn file_hash(path: &Path) -> blake3::Hash {
+        blake3::hash(&std::fs::read(path).expect("reads"))
+    }
+
+    #[test]
+    fn a_frozen_file_does_not_change_while_commits_and_checkpoints_go_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.sqlite");
+        let p = Projections::open(&path).expect("opens");
+        set_applied(&p, 7);
+        let frozen = p.freeze().expect("freezes").expect("in WAL mode");
+        assert_eq!(frozen.applied.log, Lsn(7));
+        let before = file_hash(&path);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), frozen.len);
+        for lsn in 8..200 {
+            set_applied(&p, lsn);
+        }
+        let (busy, log, done): (i64, i64, i64) = p
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("checkpoint runs");
+        assert!(
+            log > 0 && done == 0,
+            "nothing copied back: {busy} {log} {done}"
+        );
+        assert_eq!(file_hash(&path), before, "the file did not change");
+        // The writer sees its own commits all along.
+        assert_eq!(p.applied_position().expect("reads").log, Lsn(199));
+        drop(frozen);
+        p.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoints");
+        assert_ne!(file_hash(&path), before, "after thawing, checkpoints go on");
+    }
+
+    #[test]
+    fn a_copy_installs_with_no_local_changes_applied_and_garbage_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.sqlite");
+        let p = Projections::open(&src).expect("opens");
+        set_applied(&p, 42);
+        p.conn
+            .execute(
+                "INSERT OR REPLACE INTO _meta (key, value) VALUES ('applied_local', 9)",
+                [],
+            )
+            .expect("writes");
+        let copy = dir.path().join("copy.sqlite");
+        assert_eq!(
+            Projections::snapshot(&src, &copy).expect("copies").log,
+            Lsn(42)
+        );
+        let dest = dir.path().join("dest.sqlite");
+        drop(Projections::open(&dest).expect("creates"));
+        assert_eq!(
+            Projections::install_snapshot(&copy, &dest).expect("installs"),
+            Lsn(42)
+        );
+        let installed = Projections::open(&dest).expect("opens");
+        let applied = installed.applied_position().expect("reads");
+        assert_eq!((applied.log, applied.local), (Lsn(42), 0));
+        assert!(!copy.exists(), "moved in place");
+
+        let garbage = dir.path().join("garbage.sqlite");
+        std::fs::write(&garbage, vec![0x5a; 8192]).expect("writes");
+        let error = Projections::install_snapshot(&garbage, &dest).expect_err("refused");
+        assert!(
+            matches!(
+                error,
+                ProjectionError::Sqlite(_) | ProjectionError::BadSnapshot(_)
+            ),
+            "{error}"
+        );
+        drop(installed);
+        let still = Projections::open(&dest).expect("opens");
+        assert_eq!(still.applied_position().expect("reads").log, Lsn(42));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use keel_journal::{Journal, JournalOptions, LibraryKey, Role};
+use keel_journal::{CheckedEntries, Journal, JournalOptions, LibraryKey, Role};
 use keel_projections::Projections;
 use keel_schema::{DeviceId, Epoch, LibraryId, Lsn};
 use keel_transport::{
@@ -131,13 +131,61 @@ pub(crate) async fn serve(library: Weak<Library>, epoch: Epoch, conn: Connection
     }
 }
 
+/// What keeps the bytes being sent stable.
+enum Source {
+    /// The projection file itself, frozen.
+    Frozen(keel_projections::FrozenFile),
+    /// A scratch copy, removed when sent.
+    Copy { _scratch: Scratch },
+}
+
 /// The projection file being sent.
 struct Outgoing {
     file: std::fs::File,
     len: u64,
     offset: u64,
     hasher: blake3::Hasher,
-    _scratch: Scratch,
+    _source: Source,
+}
+
+/// Opens what to send: the projection file frozen in place, or else (it could not be frozen) a
+/// scratch copy made with SQLite's online backup. Returns it with the position it has applied.
+async fn projection_source(
+    library: &Weak<Library>,
+) -> Result<(Outgoing, keel_projections::AppliedPosition), EngineError> {
+    let weak = library.clone();
+    blocking(move || {
+        let lib = weak.upgrade().ok_or(EngineError::Closed)?;
+        let (path, applied, source) = match lib.freeze_projections()? {
+            Some(frozen) => (frozen.path.clone(), frozen.applied, Source::Frozen(frozen)),
+            None => {
+                let dir = lib.dir().to_path_buf();
+                drop(lib);
+                let scratch = dir.join(format!("{:016x}{SCRATCH_SUFFIX}", rand::random::<u64>()));
+                let scratch = Scratch(scratch);
+                let applied = Projections::snapshot(&dir.join(PROJECTIONS_FILE), &scratch.0)?;
+                (
+                    scratch.0.clone(),
+                    applied,
+                    Source::Copy { _scratch: scratch },
+                )
+            }
+        };
+        let file = std::fs::File::open(&path).map_err(io_at(&path))?;
+        let len = match &source {
+            Source::Frozen(frozen) => frozen.len,
+            Source::Copy { .. } => file.metadata().map_err(io_at(&path))?.len(),
+        };
+        let outgoing = Outgoing {
+            file,
+            len,
+            offset: 0,
+            hasher: blake3::Hasher::new(),
+            _source: source,
+        };
+        Ok((outgoing, applied))
+    })
+    .await
 }
 
 async fn send(
@@ -145,22 +193,24 @@ async fn send(
     epoch: Epoch,
     conn: &Connection,
 ) -> Result<(u64, u64), EngineError> {
-    let (dir, mut target) = {
+    let (mut out, applied) = projection_source(&library).await?;
+    let target = {
         let lib = library.upgrade().ok_or(EngineError::Closed)?;
-        let end = lib.journal()?.stats()?.last_lsn;
-        (lib.dir().to_path_buf(), end)
+        // The log must reach what the copy has applied.
+        lib.journal()?.stats()?.last_lsn.max(applied.log)
     };
-    let scratch = dir.join(format!("{:016x}{SCRATCH_SUFFIX}", rand::random::<u64>()));
-    let copy = {
-        let (src, dest) = (dir.join(PROJECTIONS_FILE), scratch.clone());
-        tokio::task::spawn_blocking(move || Projections::snapshot(&src, &dest))
-    };
-    let mut copy = Some(copy);
-    let mut scratch = Some(Scratch(scratch));
+    conn.send(&DeviceMessage::SnapshotBegin {
+        epoch,
+        applied: applied.log,
+        log_end: target,
+        file_bytes: out.len,
+    })
+    .await?;
     let mut next = 1u64;
     let mut prev_epoch = Epoch::default();
-    let mut outgoing: Option<Outgoing> = None;
-    loop {
+    // Log segments and file chunks alternate, so the receiver stores the log while the file
+    // arrives.
+    while next <= target.0 || out.offset < out.len {
         if next <= target.0 {
             let (from, limit) = (Lsn(next), (target.0 - next + 1) as usize);
             let weak = library.clone();
@@ -191,64 +241,28 @@ async fn send(
             next = last.0 + 1;
             prev_epoch = last_epoch;
         }
-        if outgoing.is_none()
-            && copy
-                .as_ref()
-                .is_some_and(|c| c.is_finished() || next > target.0)
-        {
-            let Some(handle) = copy.take() else {
-                continue;
-            };
-            let applied = handle
-                .await
-                .map_err(|e| node_error(format!("copy failed: {e}")))??;
-            let Some(scratch) = scratch.take() else {
-                continue;
-            };
-            let file = std::fs::File::open(&scratch.0).map_err(io_at(&scratch.0))?;
-            let len = file.metadata().map_err(io_at(&scratch.0))?.len();
-            // The log must reach what the copy has applied.
-            target = target.max(applied.log);
-            conn.send(&DeviceMessage::SnapshotBegin {
-                epoch,
-                applied: applied.log,
-                log_end: target,
-                file_bytes: len,
+        if out.offset < out.len {
+            let size = (out.len - out.offset).min(SNAPSHOT_CHUNK_MAX as u64) as usize;
+            let mut data = vec![0u8; size];
+            out.file
+                .read_exact(&mut data)
+                .map_err(|e| node_error(format!("reading the projection: {e}")))?;
+            out.hasher.update(&data);
+            let offset = out.offset;
+            out.offset += size as u64;
+            conn.send(&DeviceMessage::SnapshotChunk {
+                offset,
+                data: ByteBuf::from(data),
             })
             .await?;
-            outgoing = Some(Outgoing {
-                file,
-                len,
-                offset: 0,
-                hasher: blake3::Hasher::new(),
-                _scratch: scratch,
-            });
-        }
-        if let Some(out) = outgoing.as_mut() {
-            if out.offset < out.len {
-                let size = (out.len - out.offset).min(SNAPSHOT_CHUNK_MAX as u64) as usize;
-                let mut data = vec![0u8; size];
-                out.file
-                    .read_exact(&mut data)
-                    .map_err(|e| node_error(format!("reading the copy: {e}")))?;
-                out.hasher.update(&data);
-                let offset = out.offset;
-                out.offset += size as u64;
-                conn.send(&DeviceMessage::SnapshotChunk {
-                    offset,
-                    data: ByteBuf::from(data),
-                })
-                .await?;
-            } else if next > target.0 {
-                let hash = out.hasher.finalize();
-                conn.send(&DeviceMessage::SnapshotEnd {
-                    file_hash: ByteBuf::from(hash.as_bytes().to_vec()),
-                })
-                .await?;
-                return Ok((target.0, out.len));
-            }
         }
     }
+    let hash = out.hasher.finalize();
+    conn.send(&DeviceMessage::SnapshotEnd {
+        file_hash: ByteBuf::from(hash.as_bytes().to_vec()),
+    })
+    .await?;
+    Ok((target.0, out.len))
 }
 
 /// Fetches a snapshot from `addr` (a device of `library` that pinned this one) into the library
@@ -352,27 +366,45 @@ async fn receive(
     if journal.stats()?.last_lsn != Lsn(0) {
         return Err(node_error("this device's log is not empty"));
     }
-    // The journal thread: appends segments in order, several per transaction.
+    // Two journal threads: one checks (opens and decodes) each segment, the other appends
+    // checked segments in order, several per transaction.
+    let journal = Arc::new(journal);
     let stored = Arc::new(AtomicU64::new(0));
-    let (segments, queue) =
+    let (segments, raw) =
         crossbeam_channel::bounded::<(Lsn, Vec<(Epoch, Vec<u8>)>)>(SEGMENTS_QUEUED);
+    let (checked_tx, checked_rx) = crossbeam_channel::bounded::<CheckedEntries>(2);
+    let checker = {
+        let journal = journal.clone();
+        std::thread::Builder::new()
+            .name("keel-snapshot-check".into())
+            .spawn(move || -> Result<(), EngineError> {
+                while let Ok((first, entries)) = raw.recv() {
+                    let checked = journal.check_replicated(first, entries)?;
+                    if checked_tx.send(checked).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(io_at(dir))?
+    };
     let appender = {
         let stored = stored.clone();
         std::thread::Builder::new()
             .name("keel-snapshot-log".into())
             .spawn(move || -> Result<(), EngineError> {
-                while let Ok((first, mut entries)) = queue.recv() {
-                    while entries.len() < APPEND_BATCH {
-                        match queue.try_recv() {
-                            Ok((_, more)) => entries.extend(more),
+                while let Ok(mut batch) = checked_rx.recv() {
+                    while batch.len() < APPEND_BATCH {
+                        match checked_rx.try_recv() {
+                            Ok(more) => batch.extend(more)?,
                             Err(_) => break,
                         }
                     }
-                    let n = entries.len() as u64;
-                    journal.append_replicated(first, entries)?;
-                    stored.store(first.0 + n - 1, Ordering::Release);
+                    let last = batch.first().0 + batch.len() as u64 - 1;
+                    journal.append_checked(batch)?;
+                    stored.store(last, Ordering::Release);
                 }
-                journal.close();
+                drop(journal);
                 Ok(())
             })
             .map_err(io_at(dir))?
@@ -481,13 +513,202 @@ async fn receive(
         report(&incoming, bytes);
     };
     drop(segments);
-    let appended = tokio::task::spawn_blocking(move || appender.join())
-        .await
-        .map_err(|e| node_error(format!("worker failed: {e}")))?
-        .map_err(|_| node_error("the journal thread panicked"))?;
-    let outcome = outcome?;
+    let (checked, appended) =
+        tokio::task::spawn_blocking(move || (checker.join(), appender.join()))
+            .await
+            .map_err(|e| node_error(format!("worker failed: {e}")))?;
+    let panicked = || node_error("a journal thread panicked");
+    let (checked, appended) = (
+        checked.map_err(|_| panicked())?,
+        appended.map_err(|_| panicked())?,
+    );
+    // A journal thread's error is the cause of whatever the receiving loop saw.
+    checked?;
     appended?;
+    let outcome = outcome?;
     tracing::debug!("snapshot: log stored");
     report(&incoming, bytes);
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    //! A hostile or broken sender: every bad snapshot is refused with an error, nothing is
+    //! installed, and the library opens as it was.
+
+    use super::*;
+    use crate::{CreateOptions, Home, KdfParams};
+    use keel_transport::Identity;
+
+    /// A joined (follower) library with an empty log, closed; returns its folder and key.
+    fn joined_library(root: &Path) -> (Home, PathBuf, LibraryId, LibraryKey) {
+        let home = Home::new(root.join("joiner"));
+        let library = LibraryId(uuid::Uuid::new_v4());
+        let key = LibraryKey::generate();
+        let options = CreateOptions {
+            kdf: KdfParams::INSECURE_FAST,
+        };
+        let lib = Library::create_joined(&home, "lib", "pw", library, &key, options, None)
+            .expect("creates");
+        let dir = lib.dir().to_path_buf();
+        lib.close().expect("closes");
+        (home, dir, library, key)
+    }
+
+    /// Runs `fetch` against a fake sender that answers the request with `script`.
+    fn fetch_from_fake(
+        root: &Path,
+        script: Vec<DeviceMessage>,
+    ) -> Result<SnapshotOutcome, EngineError> {
+        let (home, dir, library, key) = joined_library(root);
+        let joiner = home.device().expect("device");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let sender = Identity::generate("sender").expect("identity");
+            let pins = Pins::new();
+            pins.pin(joiner.id);
+            let endpoint = Endpoint::bind(&sender, SocketAddr::from(([127, 0, 0, 1], 0)), pins)
+                .expect("binds");
+            let addr = endpoint.local_addr().expect("addr");
+            let device = sender.device();
+            let serving = tokio::spawn(async move {
+                let Some(Ok(conn)) = endpoint.accept().await else {
+                    return;
+                };
+                let hello = DeviceMessage::Hello {
+                    device,
+                    library,
+                    epoch: Epoch::default(),
+                    log_end: Lsn(1),
+                    positions: Vec::new(),
+                };
+                if conn.send(&hello).await.is_err() {
+                    return;
+                }
+                if !matches!(conn.recv().await, Ok(DeviceMessage::SnapshotRequest { .. })) {
+                    return;
+                }
+                for message in script {
+                    if conn.send(&message).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = conn.recv().await;
+            });
+            let result = fetch(&joiner.tls, device, addr, library, &key, &dir, None).await;
+            serving.abort();
+            result
+        })
+    }
+
+    fn begin(file_bytes: u64) -> DeviceMessage {
+        DeviceMessage::SnapshotBegin {
+            epoch: Epoch::default(),
+            applied: Lsn(0),
+            log_end: Lsn(0),
+            file_bytes,
+        }
+    }
+
+    fn chunk(data: &[u8]) -> DeviceMessage {
+        DeviceMessage::SnapshotChunk {
+            offset: 0,
+            data: ByteBuf::from(data.to_vec()),
+        }
+    }
+
+    fn end(data: &[u8]) -> DeviceMessage {
+        DeviceMessage::SnapshotEnd {
+            file_hash: ByteBuf::from(blake3::hash(data).as_bytes().to_vec()),
+        }
+    }
+
+    /// The library still opens with its own projection and an empty log.
+    fn assert_untouched(root: &Path) {
+        let dir = root.join("joiner").join("libraries").join("lib.keel");
+        assert!(
+            !dir.join(INCOMING_FILE).exists(),
+            "the incoming file is removed"
+        );
+        let lib = Library::open(&Home::new(root.join("joiner")), "lib", "pw").expect("opens");
+        let status = lib.status().expect("status");
+        assert_eq!(status.journal.log_len, 0);
+        assert_eq!(
+            status.counts.devices, 1,
+            "its own Device record is still there"
+        );
+        lib.close().expect("closes");
+    }
+
+    #[test]
+    fn a_file_that_does_not_match_its_hash_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = b"0123456789";
+        let error = fetch_from_fake(dir.path(), vec![begin(10), chunk(data), end(b"other")])
+            .expect_err("refused");
+        assert!(error.to_string().contains("hash"), "{error}");
+        assert_untouched(dir.path());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_projection_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = vec![7u8; 8192];
+        let error = fetch_from_fake(dir.path(), vec![begin(8192), chunk(&data), end(&data)])
+            .expect_err("refused");
+        assert!(
+            matches!(error, EngineError::Projection(_)),
+            "a typed projection error: {error}"
+        );
+        assert_untouched(dir.path());
+    }
+
+    #[test]
+    fn a_chunk_out_of_place_or_past_the_end_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let error =
+            fetch_from_fake(dir.path(), vec![begin(4), chunk(b"too long")]).expect_err("refused");
+        assert!(error.to_string().contains("out of place"), "{error}");
+        assert_untouched(dir.path());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let error = fetch_from_fake(dir.path(), vec![chunk(b"no header")]).expect_err("refused");
+        assert!(error.to_string().contains("before the header"), "{error}");
+        assert_untouched(dir.path());
+    }
+
+    #[test]
+    fn a_log_record_that_does_not_open_is_refused_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segment = DeviceMessage::SyncLogSegment {
+            epoch: Epoch::default(),
+            first: Lsn(1),
+            prev_epoch: Epoch::default(),
+            leader_end: Lsn(1),
+            entries: vec![WireLogEntry {
+                epoch: Epoch::default(),
+                sealed: ByteBuf::from(vec![1u8; 120]),
+            }],
+        };
+        let data = vec![7u8; 16];
+        let error = fetch_from_fake(
+            dir.path(),
+            vec![
+                DeviceMessage::SnapshotBegin {
+                    epoch: Epoch::default(),
+                    applied: Lsn(0),
+                    log_end: Lsn(1),
+                    file_bytes: 16,
+                },
+                segment,
+                chunk(&data),
+                end(&data),
+            ],
+        )
+        .expect_err("refused");
+        assert!(matches!(error, EngineError::Journal(_)), "{error}");
+        assert_untouched(dir.path());
+    }
 }

@@ -70,7 +70,8 @@ fn join_blocking(home: &Home, addr: SocketAddr, code: &str) -> Result<String> {
             device_name: Some("bench follower".into()),
             password: PASSWORD.into(),
             create: fast(),
-            snapshot: true,
+            // `KEEL_P4_SNAPSHOT=0` measures the initial sync by replication alone, for comparison.
+            snapshot: std::env::var("KEEL_P4_SNAPSHOT").map_or(true, |v| v != "0"),
             progress: None,
         },
     ))?)

@@ -1,0 +1,115 @@
+//! Initial sync by snapshot on loopback with real QUIC, redb and SQLite: a device that joins
+//! gets the inviter's whole log and a copy of its projections before its node starts, with
+//! progress, and then converges with the others; the copy matches a replay of the log.
+
+use std::time::Duration;
+
+use keel_engine::runtime::{join, JoinOptions, JoinProgress, Node};
+use keel_engine::{CreateOptions, Home, KdfParams, Library, Tag};
+use keel_tests::cluster::{converge, founder, options};
+use keel_tests::PASSWORD;
+use uuid::Uuid;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn tag(name: &str) -> Tag {
+    Tag {
+        uuid: Uuid::new_v4(),
+        name: name.into(),
+        color: None,
+        created_ms: 1,
+    }
+}
+
+#[test]
+fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_converges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "big").expect("founder");
+    a.library()
+        .transact(|tx| {
+            for i in 0..3000 {
+                tx.upsert(&tag(&format!("bulk {i}")));
+            }
+            Ok(())
+        })
+        .expect("commits");
+    // The leader's core sequences its own commits into the log: wait for all of them.
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while a.library().status().expect("status").journal.pending_local > 0 {
+        assert!(std::time::Instant::now() < deadline, "never sequenced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let leader_log = a.status().log_len;
+    assert!(leader_log >= 3000, "{leader_log}");
+
+    let home = Home::new(dir.path().join("b"));
+    let invite = a.invite(true).expect("invites");
+    let (progress, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let name = rt
+        .block_on(join(
+            &home,
+            JoinOptions {
+                addr: a.local_addr(),
+                bind: None,
+                code: invite.code.as_str().into(),
+                device_name: Some("b".into()),
+                password: PASSWORD.into(),
+                create: CreateOptions {
+                    kdf: KdfParams::INSECURE_FAST,
+                },
+                snapshot: true,
+                progress: Some(progress),
+            },
+        ))
+        .expect("joins");
+
+    // Progress: the log count only grows, and the last report has everything.
+    let mut reports: Vec<JoinProgress> = Vec::new();
+    while let Ok(p) = heard.try_recv() {
+        reports.push(p);
+    }
+    let last = *reports.last().expect("progress reports");
+    assert!(
+        reports
+            .windows(2)
+            .all(|w| w[0].log_stored <= w[1].log_stored),
+        "stored only grows"
+    );
+    assert!(last.log_total >= leader_log, "{last:?}");
+    assert_eq!(last.log_stored, last.log_total, "{last:?}");
+    assert!(
+        last.file_total > 0 && last.file_received == last.file_total,
+        "{last:?}"
+    );
+    assert!(last.bytes >= last.file_total);
+
+    // Before any node runs, the library holds the log and projections that applied it.
+    let lib = Library::open(&home, &name, PASSWORD).expect("opens");
+    let status = lib.status().expect("status");
+    assert_eq!(status.journal.log_len, last.log_total);
+    assert_eq!(status.applied_lsn, last.log_total);
+    assert_eq!(status.counts.tags, 3000);
+    assert_eq!(status.counts.devices, 2, "the inviter's Device and its own");
+    // The copy is what a replay of the log (and its own pending record) builds.
+    let installed = lib.digest().expect("digest");
+    let mut no_op = |_: u64, _: u64| {};
+    lib.rebuild(&mut no_op).expect("rebuilds");
+    assert_eq!(lib.digest().expect("digest"), installed);
+
+    let b = Node::start(lib, options(vec![a.local_addr()])).expect("starts");
+    b.library()
+        .transact(|tx| {
+            tx.upsert(&tag("made on b"));
+            Ok(())
+        })
+        .expect("commits on b");
+    let digest = converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(b.library().digest().expect("digest"), digest);
+    assert_eq!(a.library().status().expect("status").counts.tags, 3001);
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+}
