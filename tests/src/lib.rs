@@ -26,6 +26,16 @@ pub fn create_in(home: Home, name: &str) -> Result<(Home, Library), EngineError>
     Ok((home, lib))
 }
 
+/// A new tag named `name` with a random uuid.
+pub fn tag(name: &str) -> keel_engine::Tag {
+    keel_engine::Tag {
+        uuid: uuid::Uuid::new_v4(),
+        name: name.into(),
+        color: None,
+        created_ms: 1,
+    }
+}
+
 /// Multi-device helpers: nodes on 127.0.0.1 with their own homes under one folder.
 pub mod cluster {
     use std::net::SocketAddr;

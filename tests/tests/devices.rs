@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use keel_engine::{Device, Tag};
 use keel_tests::cluster::{converge, founder, join_with_code, joiner};
-use uuid::Uuid;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -25,14 +24,7 @@ fn leader_among(nodes: &[&keel_engine::runtime::Node]) -> keel_engine::runtime::
     }
 }
 
-fn tag(name: &str) -> Tag {
-    Tag {
-        uuid: Uuid::new_v4(),
-        name: name.into(),
-        color: None,
-        created_ms: 1,
-    }
-}
+use keel_tests::tag;
 
 #[test]
 fn three_devices_pair_and_replicate_both_ways() {

@@ -5,21 +5,13 @@
 use std::time::Duration;
 
 use keel_engine::runtime::{join, JoinOptions, JoinProgress, Node};
-use keel_engine::{CreateOptions, Home, KdfParams, Library, Tag};
+use keel_engine::{CreateOptions, Home, KdfParams, Library};
 use keel_tests::cluster::{converge, founder, options};
 use keel_tests::PASSWORD;
-use uuid::Uuid;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn tag(name: &str) -> Tag {
-    Tag {
-        uuid: Uuid::new_v4(),
-        name: name.into(),
-        color: None,
-        created_ms: 1,
-    }
-}
+use keel_tests::tag;
 
 #[test]
 fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_converges() {
