@@ -107,6 +107,10 @@ pub(crate) enum Request {
         keep: Lsn,
         reply: Sender<Result<Vec<keel_schema::ChangeId>, JournalError>>,
     },
+    RaiseHlc {
+        hlc: Hlc,
+        reply: Sender<Result<(), JournalError>>,
+    },
 }
 
 pub(crate) struct WriterState {
@@ -172,6 +176,10 @@ impl WriterState {
                     Request::Truncate { keep, reply } => {
                         self.flush(&mut commits);
                         let _ = reply.send(guarded(|| self.truncate_after(keep)));
+                    }
+                    Request::RaiseHlc { hlc, reply } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(guarded(|| self.raise_hlc(hlc)));
                     }
                 }
                 if total < BATCH_CHANGES_MAX {
@@ -353,6 +361,25 @@ impl WriterState {
         }
         txn.commit().map_err(storage)?;
         Ok((placements, appended))
+    }
+}
+
+impl WriterState {
+    /// Raises the HLC high-water mark to `hlc` (no-op if it is not higher), durably.
+    fn raise_hlc(&mut self, hlc: Hlc) -> Result<(), JournalError> {
+        if hlc <= self.hlc_high_water {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_HLC, &hlc.to_bytes()[..])
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        self.hlc_high_water = hlc;
+        Ok(())
     }
 }
 

@@ -4,7 +4,7 @@
 //! trailing bytes and anything over the limits below, so a hostile peer costs one closed
 //! connection and nothing else.
 
-use keel_schema::{DeviceId, Epoch, LibraryId, Lsn, SyncDomain};
+use keel_schema::{DeviceId, Epoch, Hlc, LibraryId, Lsn, SyncDomain};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use uuid::Uuid;
@@ -226,6 +226,8 @@ pub enum DeviceMessage {
         log_end: Lsn,
         /// Size of the projection file.
         file_bytes: u64,
+        /// The sender's HLC high-water mark (at least every clock in the log sent).
+        hlc: Hlc,
     },
     /// A piece of the projection file.
     SnapshotChunk {
@@ -433,6 +435,11 @@ mod tests {
                 applied: Lsn(7),
                 log_end: Lsn(9),
                 file_bytes: 4096,
+                hlc: Hlc {
+                    physical_ms: 5,
+                    counter: 1,
+                    device,
+                },
             },
             DeviceMessage::SnapshotChunk {
                 offset: 4096,

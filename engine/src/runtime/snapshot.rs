@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use keel_journal::{CheckedEntries, Journal, JournalOptions, LibraryKey, Role};
 use keel_projections::Projections;
-use keel_schema::{DeviceId, Epoch, LibraryId, Lsn};
+use keel_schema::{DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use keel_transport::{
     Connection, DeviceMessage, Endpoint, Pins, WireLogEntry, RECORDS_PER_MESSAGE_MAX,
     SNAPSHOT_CHUNK_MAX,
@@ -194,16 +194,20 @@ async fn send(
     conn: &Connection,
 ) -> Result<(u64, u64), EngineError> {
     let (mut out, applied) = projection_source(&library).await?;
-    let target = {
+    let (target, hlc) = {
         let lib = library.upgrade().ok_or(EngineError::Closed)?;
+        let journal = lib.journal()?;
         // The log must reach what the copy has applied.
-        lib.journal()?.stats()?.last_lsn.max(applied.log)
+        let target = journal.stats()?.last_lsn.max(applied.log);
+        // Read after the log end: it covers every entry up to there.
+        (target, journal.hlc_high_water()?.unwrap_or_default())
     };
     conn.send(&DeviceMessage::SnapshotBegin {
         epoch,
         applied: applied.log,
         log_end: target,
         file_bytes: out.len,
+        hlc,
     })
     .await?;
     let mut next = 1u64;
@@ -341,6 +345,7 @@ struct Incoming {
     written: u64,
     hasher: blake3::Hasher,
     log_end: Lsn,
+    hlc: Hlc,
 }
 
 async fn receive(
@@ -366,8 +371,10 @@ async fn receive(
     if journal.stats()?.last_lsn != Lsn(0) {
         return Err(node_error("this device's log is not empty"));
     }
-    // Two journal threads: one checks (opens and decodes) each segment, the other appends
-    // checked segments in order, several per transaction.
+    // Two journal threads: one checks each segment's seals, the other appends checked segments
+    // in order, several per transaction. The changes are not decoded (their clocks are covered
+    // by the sender's high-water mark, raised below): this device's offline journal holds only
+    // its own Device record, which no log can contain yet.
     let journal = Arc::new(journal);
     let stored = Arc::new(AtomicU64::new(0));
     let (segments, raw) =
@@ -379,7 +386,7 @@ async fn receive(
             .name("keel-snapshot-check".into())
             .spawn(move || -> Result<(), EngineError> {
                 while let Ok((first, entries)) = raw.recv() {
-                    let checked = journal.check_replicated(first, entries)?;
+                    let checked = journal.check_seals(first, entries)?;
                     if checked_tx.send(checked).is_err() {
                         break;
                     }
@@ -390,6 +397,7 @@ async fn receive(
     };
     let appender = {
         let stored = stored.clone();
+        let journal = journal.clone();
         std::thread::Builder::new()
             .name("keel-snapshot-log".into())
             .spawn(move || -> Result<(), EngineError> {
@@ -453,6 +461,7 @@ async fn receive(
                 applied,
                 log_end,
                 file_bytes,
+                hlc,
                 ..
             } => {
                 if incoming.is_some() || applied > log_end {
@@ -472,6 +481,7 @@ async fn receive(
                     written: 0,
                     hasher: blake3::Hasher::new(),
                     log_end,
+                    hlc,
                 });
             }
             DeviceMessage::SnapshotChunk { offset, data } => {
@@ -526,6 +536,10 @@ async fn receive(
     checked?;
     appended?;
     let outcome = outcome?;
+    if let Some(inc) = &incoming {
+        let hlc = inc.hlc;
+        blocking(move || Ok(journal.raise_hlc_high_water(hlc)?)).await?;
+    }
     tracing::debug!("snapshot: log stored");
     report(&incoming, bytes);
     Ok(outcome)
@@ -610,6 +624,7 @@ mod tests {
             applied: Lsn(0),
             log_end: Lsn(0),
             file_bytes,
+            hlc: Hlc::default(),
         }
     }
 
@@ -701,6 +716,7 @@ mod tests {
                     applied: Lsn(0),
                     log_end: Lsn(1),
                     file_bytes: 16,
+                    hlc: Hlc::default(),
                 },
                 segment,
                 chunk(&data),
