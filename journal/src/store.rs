@@ -96,6 +96,28 @@ impl CheckedEntries {
     }
 }
 
+/// Checks log entries from `first` with `check` (barriers, empty, pass unchecked); the first
+/// failure fails them all.
+fn check_each(
+    first: Lsn,
+    entries: Vec<(Epoch, Vec<u8>)>,
+    check: impl Fn(RecordPlace, &[u8]) -> Result<Option<Change>, JournalError>,
+) -> Result<CheckedEntries, JournalError> {
+    let mut checked = Vec::with_capacity(entries.len());
+    for (i, (epoch, bytes)) in entries.into_iter().enumerate() {
+        let change = if bytes.is_empty() {
+            None
+        } else {
+            check(RecordPlace::Log(Lsn(first.0 + i as u64)), &bytes)?
+        };
+        checked.push((epoch, change, bytes));
+    }
+    Ok(CheckedEntries {
+        first,
+        entries: checked,
+    })
+}
+
 /// A library's journal. Cheap to share by reference across threads.
 pub struct Journal {
     db: Arc<DbHandle>,
@@ -687,19 +709,8 @@ impl Journal {
         first: Lsn,
         entries: Vec<(Epoch, Vec<u8>)>,
     ) -> Result<CheckedEntries, JournalError> {
-        let mut checked = Vec::with_capacity(entries.len());
-        for (i, (epoch, bytes)) in entries.into_iter().enumerate() {
-            if bytes.is_empty() {
-                checked.push((epoch, None, bytes));
-                continue;
-            }
-            let place = RecordPlace::Log(Lsn(first.0 + i as u64));
-            let change = self.open_incoming(place, &bytes)?;
-            checked.push((epoch, Some(change), bytes));
-        }
-        Ok(CheckedEntries {
-            first,
-            entries: checked,
+        check_each(first, entries, |place, bytes| {
+            self.open_incoming(place, bytes).map(Some)
         })
     }
 
@@ -713,19 +724,11 @@ impl Journal {
         first: Lsn,
         entries: Vec<(Epoch, Vec<u8>)>,
     ) -> Result<CheckedEntries, JournalError> {
-        let mut checked = Vec::with_capacity(entries.len());
-        for (i, (epoch, bytes)) in entries.into_iter().enumerate() {
-            if !bytes.is_empty() {
-                let place = RecordPlace::Log(Lsn(first.0 + i as u64));
-                self.sealer
-                    .open(&bytes)
-                    .map_err(|reason| JournalError::BadRecord { place, reason })?;
-            }
-            checked.push((epoch, None, bytes));
-        }
-        Ok(CheckedEntries {
-            first,
-            entries: checked,
+        check_each(first, entries, |place, bytes| {
+            self.sealer
+                .open(bytes)
+                .map(|_| None)
+                .map_err(|reason| JournalError::BadRecord { place, reason })
         })
     }
 
@@ -1011,99 +1014,5 @@ mod tests {
             txn.open_table(LEGACY_CHANGE_INDEX),
             Err(redb::TableError::TableDoesNotExist(_))
         ));
-    }
-}
-
-#[cfg(test)]
-mod snapshot_tests {
-    use super::*;
-
-    fn open(path: &Path, library: LibraryId, key: &LibraryKey) -> Journal {
-        Journal::open(
-            path,
-            library,
-            key,
-            DeviceId([6; 32]),
-            JournalOptions {
-                role: Some(Role::Follower),
-                ..JournalOptions::default()
-            },
-        )
-        .expect("opens")
-    }
-
-    #[test]
-    fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (library, key) = (LibraryId(Uuid::new_v4()), LibraryKey::generate());
-        let sender_path = dir.path().join("sender.redb");
-        let sender = open(&sender_path, library, &key);
-        let epoch = Epoch {
-            counter: 1,
-            device: DeviceId([1; 32]),
-        };
-        sender.set_role(Role::Leader(epoch)).expect("leads");
-        let changes: Vec<Change> = (0..5)
-            .map(|i| {
-                let tag = keel_schema::Tag {
-                    uuid: Uuid::now_v7(),
-                    name: format!("t{i}"),
-                    color: None,
-                    created_ms: 1,
-                };
-                let hlc = Hlc {
-                    physical_ms: 1_000 + i,
-                    counter: 0,
-                    device: epoch.device,
-                };
-                Change::upsert(keel_schema::ChangeId(Uuid::now_v7()), hlc, &tag).expect("a change")
-            })
-            .collect();
-        sender.commit(changes).expect("commits");
-        let shipped: Vec<(Epoch, Vec<u8>)> = sender
-            .log_entries(Lsn(1), 100)
-            .expect("reads")
-            .into_iter()
-            .map(|(_, e, sealed)| (e, sealed))
-            .collect();
-        let high = sender.hlc_high_water().expect("reads").expect("has one");
-
-        let path = dir.path().join("joiner.redb");
-        let joiner = open(&path, library, &key);
-        let mut tampered = shipped.clone();
-        if let Some(byte) = tampered[2].1.last_mut() {
-            *byte ^= 1;
-        }
-        assert!(matches!(
-            joiner.check_seals(Lsn(1), tampered),
-            Err(JournalError::BadRecord { .. })
-        ));
-        let checked = joiner.check_seals(Lsn(1), shipped.clone()).expect("checks");
-        joiner.append_checked(checked).expect("appends");
-        joiner.raise_hlc_high_water(high).expect("raises");
-        let lower = Hlc {
-            physical_ms: 1,
-            ..high
-        };
-        joiner
-            .raise_hlc_high_water(lower)
-            .expect("a lower one is a no-op");
-        joiner.close();
-
-        let joiner = open(&path, library, &key);
-        assert!(joiner.hlc_high_water().expect("reads") >= Some(high));
-        let stored = joiner.read_log(Lsn(1), 100).expect("reads");
-        assert_eq!(stored.len(), 5);
-        assert!(stored.iter().all(|e| e.is_ok()), "every record opens");
-        let sealed: Vec<Vec<u8>> = joiner
-            .log_entries(Lsn(1), 100)
-            .expect("reads")
-            .into_iter()
-            .map(|(_, _, s)| s)
-            .collect();
-        assert_eq!(
-            sealed,
-            shipped.into_iter().map(|(_, s)| s).collect::<Vec<_>>()
-        );
     }
 }

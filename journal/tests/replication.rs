@@ -224,3 +224,66 @@ fn a_tampered_or_foreign_segment_is_refused_whole() {
         .is_err());
     assert_eq!(leader.stats().expect("stats").log_len, 3, "nothing written");
 }
+
+#[test]
+fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (lib, key) = (LibraryId(Uuid::new_v4()), LibraryKey::generate());
+    let epoch = Epoch {
+        counter: 1,
+        device: DeviceId([1; 32]),
+    };
+    let sender = open(
+        dir.path(),
+        "sender.redb",
+        lib,
+        &key,
+        epoch.device,
+        Role::Leader(epoch),
+    );
+    sender
+        .commit((0..5).map(|n| change(epoch.device, n)).collect())
+        .expect("commits");
+    let shipped: Vec<(Epoch, Vec<u8>)> = sender
+        .log_entries(Lsn(1), 100)
+        .expect("reads")
+        .into_iter()
+        .map(|(_, e, sealed)| (e, sealed))
+        .collect();
+    let high = sender.hlc_high_water().expect("reads").expect("has one");
+
+    let device = DeviceId([6; 32]);
+    let joiner = open(dir.path(), "joiner.redb", lib, &key, device, Role::Follower);
+    let mut tampered = shipped.clone();
+    if let Some(byte) = tampered[2].1.last_mut() {
+        *byte ^= 1;
+    }
+    assert!(matches!(
+        joiner.check_seals(Lsn(1), tampered),
+        Err(JournalError::BadRecord { .. })
+    ));
+    let checked = joiner.check_seals(Lsn(1), shipped.clone()).expect("checks");
+    joiner.append_checked(checked).expect("appends");
+    joiner.raise_hlc_high_water(high).expect("raises");
+    let lower = Hlc {
+        physical_ms: 1,
+        ..high
+    };
+    joiner
+        .raise_hlc_high_water(lower)
+        .expect("a lower one is a no-op");
+    joiner.close();
+
+    let joiner = open(dir.path(), "joiner.redb", lib, &key, device, Role::Follower);
+    assert!(joiner.hlc_high_water().expect("reads") >= Some(high));
+    let stored = joiner.read_log(Lsn(1), 100).expect("reads");
+    assert_eq!(stored.len(), 5);
+    assert!(stored.iter().all(|e| e.is_ok()), "every record opens");
+    let sealed: Vec<(Epoch, Vec<u8>)> = joiner
+        .log_entries(Lsn(1), 100)
+        .expect("reads")
+        .into_iter()
+        .map(|(_, e, s)| (e, s))
+        .collect();
+    assert_eq!(sealed, shipped);
+}
