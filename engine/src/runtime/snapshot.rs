@@ -188,6 +188,15 @@ async fn projection_source(
     .await
 }
 
+/// Sends one message, giving up if the receiver takes longer than [`STEP_TIMEOUT`] to make room
+/// for it: a receiver that stalls must not keep the projection frozen (and its WAL growing).
+async fn send_within(conn: &Connection, message: &DeviceMessage) -> Result<(), EngineError> {
+    tokio::time::timeout(STEP_TIMEOUT, conn.send(message))
+        .await
+        .map_err(|_| node_error("the receiver stopped reading"))??;
+    Ok(())
+}
+
 async fn send(
     library: Weak<Library>,
     epoch: Epoch,
@@ -202,13 +211,16 @@ async fn send(
         // Read after the log end: it covers every entry up to there.
         (target, journal.hlc_high_water()?.unwrap_or_default())
     };
-    conn.send(&DeviceMessage::SnapshotBegin {
-        epoch,
-        applied: applied.log,
-        log_end: target,
-        file_bytes: out.len,
-        hlc,
-    })
+    send_within(
+        conn,
+        &DeviceMessage::SnapshotBegin {
+            epoch,
+            applied: applied.log,
+            log_end: target,
+            file_bytes: out.len,
+            hlc,
+        },
+    )
     .await?;
     let mut next = 1u64;
     let mut prev_epoch = Epoch::default();
@@ -241,7 +253,7 @@ async fn send(
                     })
                     .collect(),
             };
-            conn.send(&message).await?;
+            send_within(conn, &message).await?;
             next = last.0 + 1;
             prev_epoch = last_epoch;
         }
@@ -254,18 +266,18 @@ async fn send(
             out.hasher.update(&data);
             let offset = out.offset;
             out.offset += size as u64;
-            conn.send(&DeviceMessage::SnapshotChunk {
+            let chunk = DeviceMessage::SnapshotChunk {
                 offset,
                 data: ByteBuf::from(data),
-            })
-            .await?;
+            };
+            send_within(conn, &chunk).await?;
         }
     }
     let hash = out.hasher.finalize();
-    conn.send(&DeviceMessage::SnapshotEnd {
+    let end = DeviceMessage::SnapshotEnd {
         file_hash: ByteBuf::from(hash.as_bytes().to_vec()),
-    })
-    .await?;
+    };
+    send_within(conn, &end).await?;
     Ok((target.0, out.len))
 }
 
