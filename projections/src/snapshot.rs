@@ -129,9 +129,14 @@ impl Projections {
     /// library and received whole, as the projection file `dest`, replacing whatever `dest` held.
     /// Checks it is a projection of this schema, records that none of this device's own
     /// changes are applied in it (they are applied again from the journal on open), syncs it and
-    /// moves it in place. Returns the log position it has applied; the caller must hold the log
-    /// up to there, or opening the library fails with a projection ahead of the journal.
-    pub fn install_snapshot(incoming: &Path, dest: &Path) -> Result<Lsn, ProjectionError> {
+    /// moves it in place. Returns the log position it has applied, which must not be past
+    /// `stored` (the end of the log this device holds): such a file is refused before it
+    /// replaces anything, since the library could not open with it.
+    pub fn install_snapshot(
+        incoming: &Path,
+        dest: &Path,
+        stored: Lsn,
+    ) -> Result<Lsn, ProjectionError> {
         let applied = {
             let conn = Connection::open(incoming)?;
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -148,6 +153,12 @@ impl Projections {
             }
             configure_connection(&conn)?;
             let applied = applied_in(&conn)?.log;
+            if applied > stored {
+                return Err(ProjectionError::BadSnapshot(format!(
+                    "it has applied log position {} but the log here ends at {}",
+                    applied.0, stored.0
+                )));
+            }
             conn.execute(
                 "INSERT OR REPLACE INTO _meta (key, value) VALUES ('applied_local', 0)",
                 [],
@@ -238,8 +249,11 @@ mod tests {
         );
         let dest = dir.path().join("dest.sqlite");
         drop(Projections::open(&dest).expect("creates"));
+        let ahead = Projections::install_snapshot(&copy, &dest, Lsn(41)).expect_err("refused");
+        assert!(matches!(ahead, ProjectionError::BadSnapshot(_)), "{ahead}");
+        assert!(copy.exists(), "nothing was moved");
         assert_eq!(
-            Projections::install_snapshot(&copy, &dest).expect("installs"),
+            Projections::install_snapshot(&copy, &dest, Lsn(42)).expect("installs"),
             Lsn(42)
         );
         let installed = Projections::open(&dest).expect("opens");
@@ -249,7 +263,7 @@ mod tests {
 
         let garbage = dir.path().join("garbage.sqlite");
         std::fs::write(&garbage, vec![0x5a; 8192]).expect("writes");
-        let error = Projections::install_snapshot(&garbage, &dest).expect_err("refused");
+        let error = Projections::install_snapshot(&garbage, &dest, Lsn(100)).expect_err("refused");
         assert!(
             matches!(
                 error,

@@ -72,6 +72,23 @@ pub mod cluster {
         Ok((home, Node::start(lib, options)?))
     }
 
+    /// Like [`founder`], with `tags` tags committed (named `bulk 0`, `bulk 1`, …).
+    pub fn founder_with_tags(
+        root: &Path,
+        device: &str,
+        name: &str,
+        tags: usize,
+    ) -> Result<(Home, Node), EngineError> {
+        let (home, node) = founder(root, device, name)?;
+        node.library().transact(|tx| {
+            for i in 0..tags {
+                tx.upsert(&crate::tag(&format!("bulk {i}")));
+            }
+            Ok(())
+        })?;
+        Ok((home, node))
+    }
+
     /// Pairs a new device (home `root/<device>`) with `inviter` using a code, then opens the
     /// joined library and starts it as a node connected to the inviter.
     pub fn joiner(root: &Path, device: &str, inviter: &Node) -> Result<(Home, Node), EngineError> {

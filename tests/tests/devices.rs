@@ -445,15 +445,8 @@ fn a_peer_sending_garbage_or_an_oversized_frame_is_cut_off_alone() {
 #[test]
 fn a_joining_device_reports_initial_sync_progress_as_events() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = founder(dir.path(), "a", "big").expect("founder");
-    a.library()
-        .transact(|tx| {
-            for i in 0..3000 {
-                tx.upsert(&tag(&format!("bulk {i}")));
-            }
-            Ok(())
-        })
-        .expect("commits");
+    let (_ha, a) =
+        keel_tests::cluster::founder_with_tags(dir.path(), "a", "big", 3000).expect("founder");
     let home = keel_engine::Home::new(dir.path().join("b"));
     // Without a snapshot: the whole log comes by replication once the node starts.
     let invite = a.invite(true).expect("invites");

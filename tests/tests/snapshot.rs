@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keel_engine::runtime::{join, JoinOptions, JoinProgress, Node};
 use keel_engine::{CreateOptions, Home, KdfParams, Library};
-use keel_tests::cluster::{converge, founder, options};
+use keel_tests::cluster::{converge, founder_with_tags, options};
 use keel_tests::PASSWORD;
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -16,15 +16,7 @@ use keel_tests::tag;
 #[test]
 fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_converges() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = founder(dir.path(), "a", "big").expect("founder");
-    a.library()
-        .transact(|tx| {
-            for i in 0..3000 {
-                tx.upsert(&tag(&format!("bulk {i}")));
-            }
-            Ok(())
-        })
-        .expect("commits");
+    let (_ha, a) = founder_with_tags(dir.path(), "a", "big", 3000).expect("founder");
     // The leader's core sequences its own commits into the log: wait for all of them.
     let deadline = std::time::Instant::now() + CONVERGE;
     while a.library().status().expect("status").journal.pending_local > 0 {

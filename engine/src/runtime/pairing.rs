@@ -246,7 +246,6 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, EngineErr
     };
     let joined = joiner.on_verdict(&verdict)?;
     conn.close("paired");
-    endpoint.close();
     let key = LibraryKey::from_bytes(&joined.key)
         .ok_or_else(|| PairingError::Protocol("the library key has the wrong length".into()))?;
     let library = Library::create_joined(
@@ -265,7 +264,7 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, EngineErr
     library.close()?;
     if options.snapshot {
         match super::snapshot::fetch(
-            identity,
+            &endpoint,
             joined.inviter,
             options.addr,
             joined.library,
@@ -288,5 +287,6 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, EngineErr
             ),
         }
     }
+    endpoint.close();
     Ok(joined.name)
 }

@@ -1,13 +1,13 @@
 //! Initial sync by snapshot: a device that has just joined fetches the log and a copy of the
 //! projections from the device it paired with, instead of replaying the whole log.
 //!
-//! The sender copies its projection file with SQLite's online backup (one read transaction, while
-//! its applier goes on) and ships it with its log from position 1, interleaving log segments and
-//! file chunks so the receiver stores the log while the file arrives. The receiver appends the
-//! log verbatim to its journal (one thread, contiguous and checked, as for any segment), writes
-//! the file beside its projection, checks its hash, and installs it only once the log it has
-//! applied is stored: until then the library is a valid follower with a shorter log, and an
-//! interrupted fetch leaves nothing worse than a slower catch-up.
+//! The sender freezes its projection file in place (see [`keel_projections::FrozenFile`]; if it
+//! cannot, it copies it with SQLite's online backup) and ships it with its log from position 1,
+//! interleaving log segments and file chunks so the receiver stores the log while the file
+//! arrives. The receiver checks the log's seals on one thread and appends it verbatim on
+//! another, writes the file beside its projection, checks its hash, and installs it only if the
+//! log it has applied is stored: until then the library is a valid follower with a shorter log,
+//! and an interrupted fetch leaves nothing worse than a slower catch-up.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
@@ -20,8 +20,7 @@ use keel_journal::{CheckedEntries, Journal, JournalOptions, LibraryKey, Role};
 use keel_projections::Projections;
 use keel_schema::{DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use keel_transport::{
-    Connection, DeviceMessage, Endpoint, Pins, WireLogEntry, RECORDS_PER_MESSAGE_MAX,
-    SNAPSHOT_CHUNK_MAX,
+    Connection, DeviceMessage, Endpoint, WireLogEntry, RECORDS_PER_MESSAGE_MAX, SNAPSHOT_CHUNK_MAX,
 };
 use serde_bytes::ByteBuf;
 
@@ -48,7 +47,7 @@ pub struct JoinProgress {
     pub log_total: u64,
     /// Bytes of the projection file received.
     pub file_received: u64,
-    /// Size of the projection file (0 until the sender has copied it).
+    /// Size of the projection file (0 until the sender's header arrives).
     pub file_total: u64,
     /// Bytes received on the connection so far.
     pub bytes: u64,
@@ -281,11 +280,11 @@ async fn send(
     Ok((target.0, out.len))
 }
 
-/// Fetches a snapshot from `addr` (a device of `library` that pinned this one) into the library
-/// folder `dir`, whose journal must hold no log yet: stores the log, then installs the projection.
-/// `progress` hears how far it has come.
+/// Fetches a snapshot from `addr` (device `peer` of `library`, which pinned this one) over
+/// `endpoint` into the library folder `dir`, whose journal must hold no log yet: stores the log,
+/// then installs the projection. `progress` hears how far it has come.
 pub(crate) async fn fetch(
-    identity: &keel_transport::Identity,
+    endpoint: &Endpoint,
     peer: DeviceId,
     addr: SocketAddr,
     library: LibraryId,
@@ -294,14 +293,7 @@ pub(crate) async fn fetch(
     progress: Option<tokio::sync::mpsc::UnboundedSender<JoinProgress>>,
 ) -> Result<SnapshotOutcome, EngineError> {
     let started = Instant::now();
-    let bind = if addr.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let pins = Pins::new();
-    pins.pin(peer);
-    let endpoint = Endpoint::bind(identity, bind, pins)?;
+    endpoint.pins().pin(peer);
     let conn = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect(addr))
         .await
         .map_err(|_| node_error(format!("no answer from {addr}")))??;
@@ -309,7 +301,7 @@ pub(crate) async fn fetch(
         &dir.join(JOURNAL_FILE),
         library,
         key,
-        identity.device(),
+        endpoint.device(),
         JournalOptions {
             role: Some(Role::Follower),
             ..JournalOptions::default()
@@ -317,7 +309,6 @@ pub(crate) async fn fetch(
     )?;
     let result = receive(&conn, library, journal, dir, progress).await;
     conn.close("snapshot received");
-    endpoint.close();
     let incoming = dir.join(INCOMING_FILE);
     let (log_entries, file_bytes) = match result {
         Ok(done) => done,
@@ -328,20 +319,15 @@ pub(crate) async fn fetch(
     };
     let dest = dir.join(PROJECTIONS_FILE);
     tracing::debug!("snapshot: installing");
+    let stored = Lsn(log_entries);
     let applied = blocking(move || {
-        let applied = Projections::install_snapshot(&incoming, &dest);
+        let applied = Projections::install_snapshot(&incoming, &dest, stored);
         if applied.is_err() {
             let _ = Projections::remove_files(&incoming);
         }
         Ok(applied?)
     })
     .await?;
-    if applied.0 > log_entries {
-        return Err(node_error(format!(
-            "the projection has applied {} but the log ends at {log_entries}",
-            applied.0
-        )));
-    }
     Ok(SnapshotOutcome {
         log_entries,
         applied,
@@ -378,11 +364,11 @@ async fn receive(
         } if l == library => log_end.0,
         _ => return Err(node_error("expected Hello for this library")),
     };
-    conn.send(&DeviceMessage::SnapshotRequest { library })
-        .await?;
     if journal.stats()?.last_lsn != Lsn(0) {
         return Err(node_error("this device's log is not empty"));
     }
+    conn.send(&DeviceMessage::SnapshotRequest { library })
+        .await?;
     // Two journal threads: one checks each segment's seals, the other appends checked segments
     // in order, several per transaction. The changes are not decoded (their clocks are covered
     // by the sender's high-water mark, raised below): this device's offline journal holds only
@@ -445,9 +431,11 @@ async fn receive(
         }
     };
     let outcome = loop {
-        let message = tokio::time::timeout(STEP_TIMEOUT, conn.recv())
-            .await
-            .map_err(|_| node_error("the sender went silent"))??;
+        let message = match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(e)) => break Err(e.into()),
+            Err(_) => break Err(node_error("the sender went silent")),
+        };
         match message {
             DeviceMessage::SyncLogSegment { first, entries, .. } => {
                 if first.0 != next || entries.is_empty() {
@@ -486,7 +474,10 @@ async fn receive(
                     "snapshot: header"
                 );
                 let _ = Projections::remove_files(&incoming_path);
-                let file = std::fs::File::create(&incoming_path).map_err(io_at(&incoming_path))?;
+                let file = match std::fs::File::create(&incoming_path) {
+                    Ok(file) => file,
+                    Err(e) => break Err(io_at(&incoming_path)(e)),
+                };
                 incoming = Some(Incoming {
                     file,
                     len: file_bytes,
@@ -503,10 +494,13 @@ async fn receive(
                 if offset != inc.written || inc.written + data.len() as u64 > inc.len {
                     break Err(node_error(format!("a chunk at {offset} out of place")));
                 }
-                inc.file
+                let written = inc
+                    .file
                     .seek(SeekFrom::Start(offset))
-                    .and_then(|_| inc.file.write_all(&data))
-                    .map_err(io_at(&incoming_path))?;
+                    .and_then(|_| inc.file.write_all(&data));
+                if let Err(e) = written {
+                    break Err(io_at(&incoming_path)(e));
+                }
                 inc.hasher.update(&data);
                 inc.written += data.len() as u64;
                 bytes += data.len() as u64;
@@ -522,8 +516,12 @@ async fn receive(
                     break Err(node_error("the projection file does not match its hash"));
                 }
                 tracing::debug!(stored = stored.load(Ordering::Acquire), "snapshot: end");
-                inc.file.sync_all().map_err(io_at(&incoming_path))?;
-                break Ok((inc.log_end.0, inc.len));
+                // Every exit from this loop goes on to stop the journal threads.
+                break inc
+                    .file
+                    .sync_all()
+                    .map(|()| (inc.log_end.0, inc.len))
+                    .map_err(io_at(&incoming_path));
             }
             other => {
                 break Err(node_error(format!(
@@ -564,7 +562,7 @@ mod tests {
 
     use super::*;
     use crate::{CreateOptions, Home, KdfParams};
-    use keel_transport::Identity;
+    use keel_transport::{Identity, Pins};
 
     /// A joined (follower) library with an empty log, closed; returns its folder and key.
     fn joined_library(root: &Path) -> (Home, PathBuf, LibraryId, LibraryKey) {
@@ -624,7 +622,10 @@ mod tests {
                 }
                 let _ = conn.recv().await;
             });
-            let result = fetch(&joiner.tls, device, addr, library, &key, &dir, None).await;
+            let local = SocketAddr::from(([127, 0, 0, 1], 0));
+            let ours = Endpoint::bind(&joiner.tls, local, Pins::new()).expect("binds");
+            let result = fetch(&ours, device, addr, library, &key, &dir, None).await;
+            ours.close();
             serving.abort();
             result
         })

@@ -71,6 +71,16 @@ pub(crate) fn run(
     Ok(0)
 }
 
+/// A progress bar drawn with `template` (indicatif's default if the template is invalid).
+fn styled_bar(template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// Shows catching up with the leader (initial sync) as a progress bar on a terminal: entries
 /// stored of the leader's, bytes received, rate and ETA.
 fn show_sync_progress(mut events: tokio::sync::broadcast::Receiver<keel_engine::Event>) {
@@ -81,13 +91,7 @@ fn show_sync_progress(mut events: tokio::sync::broadcast::Receiver<keel_engine::
     let _ = std::thread::Builder::new()
         .name("keel-progress".into())
         .spawn(move || {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "syncing {bar:40} {pos}/{len} entries, {msg} {per_sec} ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = styled_bar("syncing {bar:40} {pos}/{len} entries, {msg} {per_sec} ETA {eta}");
             loop {
                 match events.blocking_recv() {
                     Ok(keel_engine::Event::SyncProgress {
@@ -128,13 +132,7 @@ fn show_join_progress(
     std::thread::Builder::new()
         .name("keel-progress".into())
         .spawn(move || {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "initial sync {bar:40} {pos}/{len} log entries, {msg} ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = styled_bar("initial sync {bar:40} {pos}/{len} log entries, {msg} ETA {eta}");
             while let Some(p) = heard.blocking_recv() {
                 bar.set_length(p.log_total);
                 bar.set_position(p.log_stored);
