@@ -634,6 +634,16 @@ impl Library {
         Ok(self.journal()?.change_ids()?)
     }
 
+    /// How many log positions the journal's saved log index covers (`None`: none saved, or it no
+    /// longer matches the log). A node saves it when it stops and an initial sync saves it with
+    /// the log, so that starting a node need not read every record. For checks and tools.
+    pub fn saved_log_index_len(&self) -> Result<Option<u64>, EngineError> {
+        Ok(self
+            .journal()?
+            .saved_log_index()?
+            .map(|index| index.len() as u64))
+    }
+
     /// Every change in the journal (log, then local), in order, for tests and tools. Records that
     /// fail their checks are skipped (and reported by `verify`).
     pub fn journal_changes(&self) -> Result<Vec<keel_schema::Change>, EngineError> {

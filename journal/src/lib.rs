@@ -7,6 +7,7 @@
 
 mod budget;
 mod error;
+mod log_index;
 mod record;
 mod replicate;
 mod seal;
@@ -17,6 +18,7 @@ mod xchacha;
 
 pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};
+pub use log_index::LogIndex;
 pub use record::{
     LocalRecord, LogRecord, PushState, RecordError, LOCAL_HEADER_LEN, LOG_HEADER_LEN,
     RECORD_LEN_MAX, RECORD_VERSION,

@@ -9,7 +9,7 @@ use redb::{Durability, ReadableTable};
 use crate::error::{storage, JournalError};
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
-use crate::tables::{LOCAL, LOG, META, META_REPLAY_FROM};
+use crate::tables::{LOCAL, LOG, LOG_INDEX, META, META_REPLAY_FROM};
 use crate::writer::{Placement, WriterState};
 
 impl WriterState {
@@ -110,6 +110,11 @@ impl WriterState {
                 .unwrap_or(u64::MAX)
                 .min(keep.0);
             meta.insert(META_REPLAY_FROM, &floor.to_be_bytes()[..])
+                .map_err(storage)?;
+            // The saved index may describe removed positions.
+            txn.open_table(LOG_INDEX)
+                .map_err(storage)?
+                .remove(0)
                 .map_err(storage)?;
         }
         if let Err(e) = txn.commit() {

@@ -67,6 +67,13 @@ pub struct CheckedEntries {
 }
 
 impl CheckedEntries {
+    /// Appends these entries to `index` (which must end just before them).
+    pub fn index_into(&self, index: &mut crate::LogIndex) {
+        for (epoch, _, sealed) in &self.entries {
+            index.push(*epoch, Sealer::peek_change_id(sealed));
+        }
+    }
+
     /// The position of the first entry.
     pub fn first(&self) -> Lsn {
         self.first
@@ -120,7 +127,7 @@ fn check_each(
 
 /// A library's journal. Cheap to share by reference across threads.
 pub struct Journal {
-    db: Arc<DbHandle>,
+    pub(crate) db: Arc<DbHandle>,
     library: LibraryId,
     sealer: Sealer,
     requests: Option<Sender<Request>>,
@@ -606,11 +613,8 @@ impl Journal {
     /// The id of every change in the journal, log and offline journal both (records that fail
     /// their checks are left out; `verify` reports them). Reads the whole journal.
     pub fn change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, JournalError> {
-        let mut ids: std::collections::HashSet<ChangeId> = self
-            .log_index()?
-            .into_iter()
-            .filter_map(|(_, id)| id)
-            .collect();
+        let mut ids = std::collections::HashSet::new();
+        self.for_each_log_index(|_, id| ids.extend(id))?;
         ids.extend(self.local_pending()?.into_iter().map(|(id, _)| id));
         Ok(ids)
     }
@@ -856,24 +860,41 @@ impl Journal {
 
     /// The whole log as `(epoch, change id)` per position from 1 (`None` for a barrier or a
     /// record whose header cannot be read), without opening any payload: the replication core's
-    /// view of the log.
+    /// view of the log. See [`Journal::for_each_log_index`] to visit it without a copy.
     pub fn log_index(&self) -> Result<Vec<(Epoch, Option<ChangeId>)>, JournalError> {
+        let mut out = Vec::new();
+        self.for_each_log_index(|epoch, id| out.push((epoch, id)))?;
+        Ok(out)
+    }
+
+    /// Visits the whole log as [`Journal::log_index`] lists it, in order, without collecting it
+    /// first (a log of millions of entries is not copied). Fails on a gap or a record whose
+    /// header cannot be read. [`Journal::load_log_index`] is faster when a saved copy exists.
+    pub fn for_each_log_index(
+        &self,
+        visit: impl FnMut(Epoch, Option<ChangeId>),
+    ) -> Result<(), JournalError> {
+        self.for_each_log_index_from(Lsn(1), visit)
+    }
+
+    /// [`Journal::for_each_log_index`] from position `from` on.
+    pub(crate) fn for_each_log_index_from(
+        &self,
+        from: Lsn,
+        mut visit: impl FnMut(Epoch, Option<ChangeId>),
+    ) -> Result<(), JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
-            let mut out = Vec::with_capacity(log.len().map_err(storage)? as usize);
-            let mut previous = None;
-            for item in log.range(1..).map_err(storage)? {
+            for (expected, item) in (from.0..).zip(log.range(from.0..).map_err(storage)?) {
                 let (k, v) = item.map_err(storage)?;
-                check_order(&mut previous, k.value(), 1)?;
-                if k.value() != out.len() as u64 + 1 {
+                if k.value() != expected {
                     return Err(JournalError::Corrupt(format!(
-                        "a gap in the log at {}",
-                        k.value()
+                        "a gap in the log at {expected}"
                     )));
                 }
                 match LogRecord::decode(v.value()) {
-                    Ok(record) => out.push((record.epoch, Sealer::peek_change_id(record.sealed))),
+                    Ok(record) => visit(record.epoch, Sealer::peek_change_id(record.sealed)),
                     Err(e) => {
                         return Err(JournalError::BadRecord {
                             place: RecordPlace::Log(Lsn(k.value())),
@@ -882,7 +903,7 @@ impl Journal {
                     }
                 }
             }
-            Ok(out)
+            Ok(())
         })
     }
 

@@ -16,6 +16,9 @@ pub(crate) const POSITIONS: TableDefinition<&str, u64> = TableDefinition::new("p
 pub(crate) const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// Recorded conflicts: `conflict id → record`.
 pub(crate) const CONFLICTS: TableDefinition<u128, &[u8]> = TableDefinition::new("conflicts");
+/// A saved copy of the log index under key 0 (see `crate::log_index`), in a table of its own
+/// so that reading a meta value never reads it; deleted by a truncation.
+pub(crate) const LOG_INDEX: TableDefinition<u64, &[u8]> = TableDefinition::new("log_index");
 /// Meta values: see the `META_*` keys.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 

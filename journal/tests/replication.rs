@@ -2,7 +2,7 @@
 //! segment verbatim, a leader appends what its replication core sequenced, a deposed log truncates its suffix
 //! into the offline journal, and hostile segments are refused whole.
 
-use keel_journal::{Journal, JournalError, JournalOptions, LibraryKey, LogRecord, Role};
+use keel_journal::{Journal, JournalError, JournalOptions, LibraryKey, LogIndex, LogRecord, Role};
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn, Tag};
 use uuid::Uuid;
 
@@ -286,4 +286,61 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
         .map(|(_, e, s)| (e, s))
         .collect();
     assert_eq!(sealed, shipped);
+}
+
+/// The index read from every record.
+fn scanned(journal: &Journal) -> Vec<(Epoch, Option<ChangeId>)> {
+    journal.log_index().expect("reads the log")
+}
+
+/// The index as a node's start loads it (the saved copy, then the records after it).
+fn loaded(journal: &Journal) -> Vec<(Epoch, Option<ChangeId>)> {
+    journal.load_log_index().expect("loads").iter().collect()
+}
+
+#[test]
+fn a_saved_log_index_is_used_only_while_it_matches_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let a = DeviceId([3; 32]);
+    let leader = Role::Leader(Epoch {
+        counter: 2,
+        device: a,
+    });
+    let journal = open(dir.path(), "a.redb", lib, &key, a, leader);
+    journal
+        .commit((0..7).map(|n| change(a, n)).collect())
+        .expect("commits");
+    assert_eq!(journal.saved_log_index().expect("reads"), None);
+    assert_eq!(loaded(&journal), scanned(&journal));
+
+    // Saved, then extended: the copy is used and the records after it are read.
+    let index = journal.load_log_index().expect("loads");
+    journal.save_log_index(&index).expect("saves");
+    journal
+        .commit((7..10).map(|n| change(a, n)).collect())
+        .expect("commits");
+    drop(journal);
+    let journal = open(dir.path(), "a.redb", lib, &key, a, leader);
+    assert_eq!(journal.saved_log_index().expect("reads"), Some(index));
+    assert_eq!(loaded(&journal).len(), 10);
+    assert_eq!(loaded(&journal), scanned(&journal));
+
+    // A truncation deletes it (it described positions that are gone).
+    let index = journal.load_log_index().expect("loads");
+    journal.save_log_index(&index).expect("saves");
+    journal.truncate_after(Lsn(4)).expect("truncates");
+    assert_eq!(journal.saved_log_index().expect("reads"), None);
+    assert_eq!(loaded(&journal), scanned(&journal));
+    assert_eq!(loaded(&journal).len(), 4);
+
+    // A copy whose last entry is not the log's is ignored.
+    let mut wrong = LogIndex::default();
+    for (epoch, _) in scanned(&journal) {
+        wrong.push(epoch, Some(ChangeId::new()));
+    }
+    journal.save_log_index(&wrong).expect("saves");
+    assert_eq!(journal.saved_log_index().expect("reads"), None);
+    assert_eq!(loaded(&journal), scanned(&journal));
 }

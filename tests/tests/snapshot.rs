@@ -78,6 +78,11 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
     assert_eq!(status.applied_lsn, last.log_total);
     assert_eq!(status.counts.tags, 3000);
     assert_eq!(status.counts.devices, 2, "the inviter's Device and its own");
+    assert_eq!(
+        lib.saved_log_index_len().expect("reads"),
+        Some(last.log_total),
+        "the log index was saved with the log"
+    );
     // The copy is what a replay of the log (and its own pending record) builds.
     let installed = lib.digest().expect("digest");
     let mut no_op = |_: u64, _: u64| {};
@@ -96,4 +101,9 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
     assert_eq!(a.library().status().expect("status").counts.tags, 3001);
     b.stop().expect("stops");
     a.stop().expect("stops");
+    // A stopped node leaves its log index saved, whole.
+    let lib = Library::open(&home, &name, PASSWORD).expect("opens");
+    let log_len = lib.status().expect("status").journal.log_len;
+    assert!(log_len > last.log_total);
+    assert_eq!(lib.saved_log_index_len().expect("reads"), Some(log_len));
 }

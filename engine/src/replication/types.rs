@@ -217,6 +217,37 @@ impl Log {
         (0..self.entries.len()).filter_map(|i| self.get(i))
     }
 
+    /// The log held as the journal saves it ([`keel_journal::LogIndex`]).
+    pub fn to_index(&self) -> keel_journal::LogIndex {
+        let mut index = keel_journal::LogIndex::default();
+        for (epoch, entry) in self.iter() {
+            index.push(
+                epoch,
+                match entry {
+                    Entry::Change(id) => Some(id),
+                    Entry::Barrier => None,
+                },
+            );
+        }
+        index
+    }
+
+    /// A log from the journal's index of it (an entry without a change id is a barrier).
+    pub fn from_index(index: &keel_journal::LogIndex) -> Self {
+        Self {
+            entries: index
+                .ids()
+                .iter()
+                .map(|id| id.map_or(Entry::Barrier, Entry::Change))
+                .collect(),
+            runs: index
+                .runs()
+                .iter()
+                .map(|(start, epoch)| (*start as usize, *epoch))
+                .collect(),
+        }
+    }
+
     /// Every entry, as a vector.
     pub fn to_vec(&self) -> Vec<(Epoch, Entry)> {
         self.iter().collect()

@@ -17,7 +17,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::error::EngineError;
 use crate::events::Event;
 use crate::library::Library;
-use crate::replication::{Durable, Entry, Input, LogOp, Message, Node, NodeConfig, Output, Role};
+use crate::replication::{
+    Durable, Entry, Input, Log, LogOp, Message, Node, NodeConfig, Output, Role,
+};
 
 use super::status::{DomainsJson, EpochJson, NodeStatus};
 
@@ -71,11 +73,7 @@ pub(crate) struct Core {
 fn load(journal: &Journal) -> Result<(Durable, HashMap<ChangeId, Vec<u8>>), EngineError> {
     let epoch = journal.epoch()?.unwrap_or_default();
     let voted = journal.voted()?.unwrap_or(epoch);
-    let log = journal
-        .log_index()?
-        .into_iter()
-        .map(|(e, id)| (e, id.map_or(Entry::Barrier, Entry::Change)))
-        .collect();
+    let log = Log::from_index(&journal.load_log_index()?);
     let pending = journal.local_pending()?;
     let ids = pending.iter().map(|(id, _)| *id).collect();
     Ok((
@@ -169,13 +167,28 @@ impl Core {
                     self.refresh_pins();
                 }
             }
-            self.flush();
+            let _ = self.flush();
             if now == last_tick {
                 self.publish_status();
             }
         }
-        self.flush();
+        if self.flush() {
+            self.save_log_index();
+        }
         self.publish_status();
+    }
+
+    /// Saves the log index in the journal, so the next start need not read every record (see
+    /// [`keel_journal::LogIndex`]). Only after a flush that succeeded: the log in memory is then
+    /// the journal's.
+    fn save_log_index(&self) {
+        let Ok(journal) = self.library.journal() else {
+            return;
+        };
+        let log = &self.node.durable().log;
+        if let Err(e) = journal.save_log_index(&log.to_index()) {
+            tracing::warn!(error = %e, "saving the log index failed; the next start reads the whole log");
+        }
     }
 
     fn on_commits(&mut self, ids: Vec<ChangeId>) {
@@ -239,8 +252,8 @@ impl Core {
     }
 
     /// Makes the node's state durable, then sends what it asked for (contiguous `Append`s to one
-    /// peer merged: see [`coalesce`]).
-    fn flush(&mut self) {
+    /// peer merged: see [`coalesce`]). Returns whether the state was written.
+    fn flush(&mut self) -> bool {
         self.batch_entries = 0;
         let started = self.now();
         let persisted = self.persist();
@@ -251,7 +264,7 @@ impl Core {
             tracing::error!(error = %e, "writing replication state failed; reloading it from the journal");
             self.outbox.clear();
             self.reload();
-            return;
+            return false;
         }
         let outbox = coalesce(std::mem::take(&mut self.outbox), self.config.segment_max);
         for Output::Send { to, message } in outbox {
@@ -259,6 +272,7 @@ impl Core {
                 self.send(to, wire);
             }
         }
+        true
     }
 
     fn reload(&mut self) {
