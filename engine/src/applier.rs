@@ -26,6 +26,12 @@ pub(crate) struct Shared {
     /// Where to announce this device's changes committed to the offline journal (the replication
     /// runtime pushes them to a leader).
     pub(crate) local_commits: Mutex<Option<crossbeam_channel::Sender<Vec<ChangeId>>>>,
+    /// While a node runs: its core, which sequences this device's commits itself while it
+    /// leads (see `crate::leader_commit`).
+    pub(crate) sequencer:
+        Mutex<Option<crossbeam_channel::Sender<crate::leader_commit::SequenceRequest>>>,
+    /// Whether the running node leads (a hint: the core decides when it gets a request).
+    pub(crate) leading: std::sync::atomic::AtomicBool,
     /// While catching up a long log: the position at which the projections get their secondary
     /// indexes back (`None` = not bulk loading). Locked after `projections`, never before.
     pub(crate) bulk_until: Mutex<Option<Lsn>>,

@@ -37,6 +37,7 @@ mod config;
 mod error;
 mod events;
 mod indexer;
+mod leader_commit;
 mod library;
 mod ops;
 mod replay;

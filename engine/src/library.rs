@@ -363,6 +363,8 @@ impl Library {
             applied_changed: Condvar::new(),
             events,
             local_commits: Mutex::new(None),
+            sequencer: Mutex::new(None),
+            leading: std::sync::atomic::AtomicBool::new(false),
             bulk_until: Mutex::new(None),
             budget,
         });
@@ -437,6 +439,63 @@ impl Library {
 
     /// From now on, sends the ids of every change committed to the offline journal (this
     /// device's changes waiting for a leader) to `tx`, before they are applied.
+    /// While the running node leads: has its core append `changes` to the log (see
+    /// `crate::leader_commit`). `None` when the node does not lead or runs no more: nothing was
+    /// written, and the caller commits by the usual path.
+    fn sequence_as_leader(
+        &self,
+        changes: &[keel_schema::Change],
+    ) -> Result<Option<Vec<Placement>>, EngineError> {
+        use crate::leader_commit::{SequenceReply, SequenceRequest};
+        if !self
+            .shared
+            .leading
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(None);
+        }
+        let Some(sequencer) = self.shared.sequencer.lock().ok().and_then(|s| s.clone()) else {
+            return Ok(None);
+        };
+        let journal = self.journal()?;
+        let sealed = changes.iter().map(|c| (c.id, journal.seal(c))).collect();
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let request = SequenceRequest {
+            changes: sealed,
+            reply,
+        };
+        if sequencer.send(request).is_err() {
+            return Ok(None);
+        }
+        match answer.recv() {
+            Ok(SequenceReply::Done(placements)) => Ok(Some(placements)),
+            Ok(SequenceReply::Failed(reason)) => {
+                tracing::warn!(%reason, "the core could not append this commit; committing it to the offline journal");
+                Ok(None)
+            }
+            // Not leading, or the core stopped before it took the request: nothing written.
+            Ok(SequenceReply::NotLeading) | Err(_) => Ok(None),
+        }
+    }
+
+    /// Lets a running node's core sequence this device's commits while it leads.
+    /// `None` detaches it.
+    pub(crate) fn attach_sequencer(
+        &self,
+        tx: Option<crossbeam_channel::Sender<crate::leader_commit::SequenceRequest>>,
+    ) {
+        if let Ok(mut slot) = self.shared.sequencer.lock() {
+            *slot = tx;
+        }
+    }
+
+    /// Records whether the running node leads (read by [`Library::transact`]).
+    pub(crate) fn set_leading(&self, leading: bool) {
+        self.shared
+            .leading
+            .store(leading, std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) fn watch_local_commits(&self, tx: crossbeam_channel::Sender<Vec<ChangeId>>) {
         if let Ok(mut slot) = self.shared.local_commits.lock() {
             *slot = Some(tx);
@@ -559,7 +618,10 @@ impl Library {
             ));
         }
         let change_ids = changes.iter().map(|c| c.id).collect();
-        let placements = self.journal()?.commit(changes)?;
+        let placements = match self.sequence_as_leader(&changes)? {
+            Some(placements) => placements,
+            None => self.journal()?.commit(changes)?,
+        };
         if let Ok(mut committed) = self.committed.lock() {
             for p in &placements {
                 advance(&mut committed, *p);

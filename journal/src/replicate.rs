@@ -37,6 +37,7 @@ impl WriterState {
         // nothing is scanned.
         let waiting = local.first().map_err(storage)?.is_some();
         let mut ids = std::collections::HashSet::new();
+        let mut own = 0u64;
         for (epoch, change, sealed) in entries {
             let lsn = self.next_lsn;
             self.next_lsn += 1;
@@ -44,6 +45,7 @@ impl WriterState {
                 .map_err(storage)?;
             // A barrier (no change) only marks the start of an epoch.
             let Some(change) = change else { continue };
+            own += u64::from(change.origin() == self.device);
             if waiting {
                 ids.insert(change.id);
             }
@@ -62,6 +64,9 @@ impl WriterState {
                 }
             }
         }
+        // This device's changes that came through the offline journal were counted when they
+        // were committed; the others (sequenced by its own leading node directly) count now.
+        self.own_changes += own.saturating_sub(sequenced.len() as u64);
         for seq in sequenced {
             local.remove(seq).map_err(storage)?;
         }

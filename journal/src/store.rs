@@ -316,6 +316,7 @@ impl Journal {
             next_local,
             hlc_high_water,
             own_changes,
+            device,
             committed: options.committed,
             budget: options.committed_budget,
             sent: sent.clone(),
@@ -421,6 +422,15 @@ impl Journal {
     /// The library this journal belongs to.
     pub fn library(&self) -> LibraryId {
         self.library
+    }
+
+    /// Seals `change` under this library's key, as the log stores it (for a replication core
+    /// that appends this device's changes to the log itself).
+    pub fn seal(&self, change: &Change) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(RECORD_CAPACITY_HINT);
+        self.sealer
+            .seal_into(change.id, &mut bytes, |plain| change.encode_into(plain));
+        bytes
     }
 
     /// Seals and durably commits `changes` as one group. `Ok` means every change is durable.

@@ -120,6 +120,9 @@ pub(crate) struct WriterState {
     pub(crate) next_local: u64,
     pub(crate) hlc_high_water: Hlc,
     pub(crate) own_changes: u64,
+    /// This device (its changes appended to the log without passing through the offline
+    /// journal are counted in `own_changes` there).
+    pub(crate) device: keel_schema::DeviceId,
     pub(crate) committed: Option<Sender<CommittedBatch>>,
     /// Bounds what `committed` holds, in changes.
     pub(crate) budget: Option<Arc<crate::ApplyBudget>>,

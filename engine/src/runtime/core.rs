@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use keel_journal::{Journal, Role as JournalRole, Sealer};
+use keel_journal::{Journal, Placement, Role as JournalRole, Sealer};
 use keel_schema::SyncDomain;
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use keel_transport::{DeviceMessage, DomainPosition, ElectionMessage, WireLogEntry};
@@ -16,6 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::EngineError;
 use crate::events::Event;
+use crate::leader_commit::{SequenceReply, SequenceRequest};
 use crate::library::Library;
 use crate::replication::{
     Durable, Entry, Input, Log, LogOp, Message, Node, NodeConfig, Output, Role,
@@ -67,6 +68,9 @@ pub(crate) struct Core {
     batch_entries: usize,
     /// Applied positions per domain that followers acknowledged (a leader's view).
     acknowledged: HashMap<DeviceId, DomainsJson>,
+    /// This device's commits sequenced directly (see `crate::leader_commit`), answered once the
+    /// next flush made them durable.
+    sequenced: Vec<(Vec<Placement>, crossbeam_channel::Sender<SequenceReply>)>,
 }
 
 /// The node's durable state as the journal holds it.
@@ -115,7 +119,9 @@ impl Core {
             outbox: Vec::new(),
             batch_entries: 0,
             acknowledged: HashMap::new(),
+            sequenced: Vec::new(),
         };
+        core.library.set_leading(core.node.role() == Role::Leader);
         core.persist()?;
         core.refresh_pins();
         core.publish_status();
@@ -127,7 +133,12 @@ impl Core {
     }
 
     /// Runs until `Stop` or the event channel closes.
-    pub(crate) fn run(mut self, events: Receiver<CoreEvent>, commits: Receiver<Vec<ChangeId>>) {
+    pub(crate) fn run(
+        mut self,
+        events: Receiver<CoreEvent>,
+        commits: Receiver<Vec<ChangeId>>,
+        to_sequence: Receiver<SequenceRequest>,
+    ) {
         let mut last_tick = 0;
         'run: loop {
             let wait = Duration::from_millis(TICK_MS);
@@ -140,6 +151,11 @@ impl Core {
                     Ok(ids) => self.on_commits(ids),
                     Err(_) => break 'run,
                 },
+                recv(to_sequence) -> request => {
+                    if let Ok(request) = request {
+                        self.on_sequence(request);
+                    }
+                }
                 default(wait) => {}
             }
             // Take whatever else is waiting, so one journal write covers all of it (within
@@ -150,6 +166,10 @@ impl Core {
                 }
                 if let Ok(ids) = commits.try_recv() {
                     self.on_commits(ids);
+                    continue;
+                }
+                if let Ok(request) = to_sequence.try_recv() {
+                    self.on_sequence(request);
                     continue;
                 }
                 match events.try_recv() {
@@ -172,6 +192,10 @@ impl Core {
                 self.publish_status();
             }
         }
+        // Commits go by the offline journal again from here (requests still queued are dropped
+        // unanswered, which sends their callers that way too).
+        self.library.set_leading(false);
+        self.library.attach_sequencer(None);
         if self.flush() {
             self.save_log_index();
         }
@@ -189,6 +213,26 @@ impl Core {
         if let Err(e) = journal.save_log_index(&log.to_index()) {
             tracing::warn!(error = %e, "saving the log index failed; the next start reads the whole log");
         }
+    }
+
+    /// Appends this device's commits to the log while leading; answered at the next flush.
+    fn on_sequence(&mut self, request: SequenceRequest) {
+        if self.node.role() != Role::Leader {
+            let _ = request.reply.send(SequenceReply::NotLeading);
+            return;
+        }
+        let mut placements = Vec::with_capacity(request.changes.len());
+        for (id, sealed) in request.changes {
+            let before = self.node.durable().log.len();
+            self.payloads.insert(id, sealed);
+            self.handle(Input::Commit(id));
+            let log = &self.node.durable().log;
+            if log.len() > before {
+                placements.push(Placement::Log(Lsn(log.len() as u64)));
+                self.batch_entries += 1;
+            }
+        }
+        self.sequenced.push((placements, request.reply));
     }
 
     fn on_commits(&mut self, ids: Vec<ChangeId>) {
@@ -240,6 +284,9 @@ impl Core {
         let out = self.node.handle(input, now);
         self.outbox.extend(out);
         let after = (self.node.role(), self.node.durable().epoch);
+        if after.0 != before.0 {
+            self.library.set_leading(after.0 == Role::Leader);
+        }
         if after != before {
             tracing::info!(
                 role = ?after.0,
@@ -262,6 +309,9 @@ impl Core {
         }
         if let Err(e) = persisted {
             tracing::error!(error = %e, "writing replication state failed; reloading it from the journal");
+            for (_, reply) in self.sequenced.drain(..) {
+                let _ = reply.send(SequenceReply::Failed(e.to_string()));
+            }
             self.outbox.clear();
             self.reload();
             return false;
@@ -271,6 +321,9 @@ impl Core {
             if let Some(wire) = self.outgoing(message) {
                 self.send(to, wire);
             }
+        }
+        for (placements, reply) in self.sequenced.drain(..) {
+            let _ = reply.send(SequenceReply::Done(placements));
         }
         true
     }

@@ -1,0 +1,78 @@
+//! Where a running node's own commits go: a leader appends them to its log itself (one durable
+//! write before followers are sent them), a follower keeps them in its offline journal until the
+//! leader has sequenced them.
+
+use std::time::{Duration, Instant};
+
+use keel_engine::Library;
+use keel_journal::Placement;
+use keel_tests::cluster::{converge, founder, joiner};
+use keel_tests::{tag, PASSWORD};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+#[test]
+fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, a) = founder(dir.path(), "a", "photos").expect("founder");
+    let (_home_b, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    let deadline = Instant::now() + CONVERGE;
+    while a.status().role != "leader" || b.status().role != "follower" {
+        assert!(Instant::now() < deadline, "no leader and follower");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let before = a.library().status().expect("status").journal;
+    let on_a = tag("made on the leader");
+    let (_, receipt) = a
+        .library()
+        .transact(|tx| {
+            tx.upsert(&on_a);
+            Ok(())
+        })
+        .expect("commits on a");
+    assert!(
+        receipt
+            .placements
+            .iter()
+            .all(|p| matches!(p, Placement::Log(_))),
+        "{:?}",
+        receipt.placements
+    );
+    // In the log when `transact` returns, never in the offline journal, and counted as A's own.
+    let after = a.library().status().expect("status").journal;
+    assert_eq!(after.pending_local, 0);
+    assert_eq!(after.log_len, before.log_len + 1);
+    assert_eq!(after.local_changes, before.local_changes + 1);
+
+    let on_b = tag("made on the follower");
+    let (_, receipt_b) = b
+        .library()
+        .transact(|tx| {
+            tx.upsert(&on_b);
+            Ok(())
+        })
+        .expect("commits on b");
+    assert!(
+        receipt_b
+            .placements
+            .iter()
+            .all(|p| matches!(p, Placement::Local(_))),
+        "{:?}",
+        receipt_b.placements
+    );
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(
+        b.library().status().expect("status").journal.pending_local,
+        0
+    );
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+
+    // Durable on the leader: its journal holds the change after a stop and a reopen.
+    let lib = Library::open(&home_a, "photos", PASSWORD).expect("opens");
+    let ids = lib.journal_change_ids().expect("reads");
+    assert!(ids.contains(&receipt.change_ids[0]));
+    assert!(ids.contains(&receipt_b.change_ids[0]));
+    assert_eq!(lib.status().expect("status").counts.tags, 2);
+}
