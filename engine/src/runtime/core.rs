@@ -316,14 +316,15 @@ impl Core {
             self.reload();
             return false;
         }
+        // Durable now: the committers first (they wait), then the peers.
+        for (placements, reply) in self.sequenced.drain(..) {
+            let _ = reply.send(SequenceReply::Done(placements));
+        }
         let outbox = coalesce(std::mem::take(&mut self.outbox), self.config.segment_max);
         for Output::Send { to, message } in outbox {
             if let Some(wire) = self.outgoing(message) {
                 self.send(to, wire);
             }
-        }
-        for (placements, reply) in self.sequenced.drain(..) {
-            let _ = reply.send(SequenceReply::Done(placements));
         }
         true
     }

@@ -59,6 +59,10 @@ pub struct NodeOptions {
     pub device_limit: usize,
     /// How long a pairing code lives.
     pub code_ttl_ms: u64,
+    /// While the node leads, its core appends this device's commits to the log itself (one
+    /// sync before followers are sent them; see `leader_commit.rs`). `false` sends them through
+    /// the offline journal as on a follower (for comparison).
+    pub leader_commits: bool,
 }
 
 impl Default for NodeOptions {
@@ -72,6 +76,7 @@ impl Default for NodeOptions {
             segments_in_flight: 4,
             device_limit: DEVICE_LIMIT_DEFAULT,
             code_ttl_ms: keel_transport::CODE_TTL_MS,
+            leader_commits: true,
         }
     }
 }
@@ -135,7 +140,9 @@ impl Node {
         let (commits_tx, commits_rx) = crossbeam_channel::unbounded();
         library.watch_local_commits(commits_tx);
         let (sequence_tx, sequence_rx) = crossbeam_channel::unbounded();
-        library.attach_sequencer(Some(sequence_tx));
+        if options.leader_commits {
+            library.attach_sequencer(Some(sequence_tx));
+        }
         let core = std::thread::Builder::new()
             .name("keel-core".into())
             .spawn(move || core.run(core_rx, commits_rx, sequence_rx))

@@ -200,9 +200,15 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
 /// follower's projection (its apply event).
 pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Result<()> {
     let home = Home::new(dir.join("p5-a"));
+    // KEEL_P5_LEADER_COMMITS=0: the leader's commits go through its offline journal (the path
+    // before the core sequenced them itself), for comparison.
+    let leader_commits = std::env::var("KEEL_P5_LEADER_COMMITS").map_or(true, |v| v != "0");
     let a = Node::start(
         Library::create(&home, "bench", PASSWORD, fast())?,
-        NodeOptions::default(),
+        NodeOptions {
+            leader_commits,
+            ..NodeOptions::default()
+        },
     )?;
     let invite = a.invite(true)?;
     let home_b = Home::new(dir.join("p5-b"));
@@ -241,6 +247,7 @@ pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Re
         .unwrap_or(1000);
     let period = Duration::from_micros(1_000_000 / rate.max(1));
     let begin = Instant::now();
+    let mut commit_ms = Vec::with_capacity(changes);
     for i in 0..changes {
         let due = begin + period * i as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -252,11 +259,13 @@ pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Re
             color: None,
             created_ms: i as i64,
         };
-        started.insert(tag.uuid, Instant::now());
+        let t0 = Instant::now();
+        started.insert(tag.uuid, t0);
         a.library().transact(|tx| {
             tx.upsert(&tag);
             Ok(())
         })?;
+        commit_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     let mut latencies = Vec::with_capacity(changes);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -289,6 +298,12 @@ pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Re
     out.insert(
         "p5_over_20ms".into(),
         json!(latencies.iter().filter(|&&l| l > 20.0).count()),
+    );
+    // How long the leader's own commit took (durable), beside the latency to the follower.
+    commit_ms.sort_by(f64::total_cmp);
+    out.insert(
+        "p5_commit_p50_ms".into(),
+        json!(percentile(&commit_ms, 0.5)),
     );
     out.insert(
         "p5_rate_per_s".into(),
