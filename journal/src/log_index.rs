@@ -11,7 +11,7 @@
 //!   existing position).
 
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
-use redb::{Durability, ReadableDatabase};
+use redb::{Durability, ReadableDatabase, ReadableTable};
 use uuid::Uuid;
 
 use crate::error::{guarded, storage, JournalError};
@@ -26,6 +26,15 @@ const INDEX_VERSION: u8 = 1;
 const RUN_LEN: usize = 8 + 8 + 32;
 /// Bytes of one entry: a flag (1 = change, 0 = barrier or unreadable id) and the id.
 const ENTRY_LEN: usize = 1 + 16;
+/// Bytes of a header before its runs: version, save id, entry count, run count.
+const HEADER_FIXED: usize = 1 + 8 + 8 + 8;
+/// Entries per saved chunk (~1.1 MB).
+const CHUNK_ENTRIES: usize = 65_536;
+/// Chunks written per transaction (so the database's dirty pages stay small).
+const CHUNKS_PER_TXN: u64 = 8;
+
+/// Epoch runs: `(index of the first entry, epoch)`.
+type Runs = Vec<(u64, Epoch)>;
 
 /// Each log position's epoch and change id (`None` for a barrier), held compactly: the ids in
 /// order and the epochs as runs.
@@ -66,6 +75,11 @@ impl LogIndex {
         &self.ids
     }
 
+    /// The epoch runs and the ids, taken apart (no copy).
+    pub fn into_parts(self) -> (Vec<(u64, Epoch)>, Vec<Option<ChangeId>>) {
+        (self.runs, self.ids)
+    }
+
     /// Every entry with its epoch, in order.
     pub fn iter(&self) -> impl Iterator<Item = (Epoch, Option<ChangeId>)> + '_ {
         let mut run = 0usize;
@@ -93,50 +107,26 @@ impl LogIndex {
         self.ids.reserve_exact(additional);
     }
 
-    /// Bytes of [`LogIndex::encode_into`]'s output.
-    fn encoded_len(&self) -> usize {
-        1 + 16 + self.runs.len() * RUN_LEN + self.ids.len() * ENTRY_LEN + 32
-    }
-
-    /// Writes the saved form into `out`, exactly [`LogIndex::encoded_len`] bytes long: version,
-    /// run count, entry count, the runs, the entries, and a BLAKE3 of all that.
-    fn encode_into(&self, out: &mut [u8]) {
-        let mut at = 0;
-        let mut put = |bytes: &[u8]| {
-            out[at..at + bytes.len()].copy_from_slice(bytes);
-            at += bytes.len();
-        };
-        put(&[INDEX_VERSION]);
-        put(&(self.runs.len() as u64).to_be_bytes());
-        put(&(self.ids.len() as u64).to_be_bytes());
+    /// The saved header (key 0): version, save id, entry count, run count, the runs, and a
+    /// BLAKE3 of all that.
+    fn encode_header(&self, save: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_FIXED + self.runs.len() * RUN_LEN + 32);
+        out.push(INDEX_VERSION);
+        out.extend_from_slice(&save.to_be_bytes());
+        out.extend_from_slice(&(self.ids.len() as u64).to_be_bytes());
+        out.extend_from_slice(&(self.runs.len() as u64).to_be_bytes());
         for (start, epoch) in &self.runs {
-            put(&start.to_be_bytes());
-            put(&epoch.counter.to_be_bytes());
-            put(&epoch.device.0);
+            out.extend_from_slice(&start.to_be_bytes());
+            out.extend_from_slice(&epoch.counter.to_be_bytes());
+            out.extend_from_slice(&epoch.device.0);
         }
-        for id in &self.ids {
-            match id {
-                Some(id) => {
-                    put(&[1]);
-                    put(id.0.as_bytes());
-                }
-                None => put(&[0; ENTRY_LEN]),
-            }
-        }
-        let body = out.len() - 32;
-        let sum = blake3::hash(&out[..body]);
-        out[body..].copy_from_slice(sum.as_bytes());
-    }
-
-    #[cfg(test)]
-    fn encode(&self) -> Vec<u8> {
-        let mut out = vec![0; self.encoded_len()];
-        self.encode_into(&mut out);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
         out
     }
 
-    /// Decodes [`LogIndex::encode`] output; `None` if anything is off.
-    fn decode(bytes: &[u8]) -> Option<Self> {
+    /// Decodes a header: `(save id, entry count, runs)`; `None` if anything is off.
+    fn decode_header(bytes: &[u8]) -> Option<(u64, usize, Runs)> {
         let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
         if blake3::hash(body).as_bytes() != sum {
             return None;
@@ -145,17 +135,13 @@ impl LogIndex {
         if version != INDEX_VERSION {
             return None;
         }
-        let u64_at = |b: &[u8], at: usize| -> Option<u64> {
-            Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
-        };
-        let runs_len = usize::try_from(u64_at(rest, 0)?).ok()?;
-        let ids_len = usize::try_from(u64_at(rest, 8)?).ok()?;
-        let runs_bytes = runs_len.checked_mul(RUN_LEN)?;
-        let ids_bytes = ids_len.checked_mul(ENTRY_LEN)?;
-        if rest.len() != 16usize.checked_add(runs_bytes)?.checked_add(ids_bytes)? {
+        let save = u64_at(rest, 0)?;
+        let len = usize::try_from(u64_at(rest, 8)?).ok()?;
+        let runs_len = usize::try_from(u64_at(rest, 16)?).ok()?;
+        let runs_part = rest.get(24..)?;
+        if runs_part.len() != runs_len.checked_mul(RUN_LEN)? {
             return None;
         }
-        let (runs_part, ids_part) = rest[16..].split_at(runs_bytes);
         let mut runs = Vec::with_capacity(runs_len);
         for run in runs_part.chunks_exact(RUN_LEN) {
             let start = u64_at(run, 0)?;
@@ -164,26 +150,114 @@ impl LogIndex {
             // Runs start at 0, increase, and each starts inside the entries.
             let fine = match runs.last() {
                 None => start == 0,
-                Some((previous, _)) => start > *previous && start < ids_len as u64,
+                Some((previous, _)) => start > *previous && start < len as u64,
             };
             if !fine {
                 return None;
             }
             runs.push((start, Epoch { counter, device }));
         }
-        if runs.is_empty() != (ids_len == 0) {
+        if runs.is_empty() != (len == 0) {
             return None;
         }
-        let mut ids = Vec::with_capacity(ids_len);
-        for entry in ids_part.chunks_exact(ENTRY_LEN) {
-            ids.push(match entry[0] {
+        Some((save, len, runs))
+    }
+
+    /// Chunk `number` (from 1) of save `save`: its entries, then a BLAKE3 of the save id, the
+    /// chunk number and the entries (so a chunk of another save or place is refused).
+    fn encode_chunk(&self, save: u64, number: u64) -> Vec<u8> {
+        let from = (number as usize - 1) * CHUNK_ENTRIES;
+        let ids = &self.ids[from..(from + CHUNK_ENTRIES).min(self.ids.len())];
+        let mut out = Vec::with_capacity(ids.len() * ENTRY_LEN + 32);
+        for id in ids {
+            match id {
+                Some(id) => {
+                    out.push(1);
+                    out.extend_from_slice(id.0.as_bytes());
+                }
+                None => out.extend_from_slice(&[0; ENTRY_LEN]),
+            }
+        }
+        let sum = chunk_sum(save, number, &out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Appends the entries of chunk `number` of save `save`, which must hold `expected`
+    /// entries; `None` if anything is off.
+    fn decode_chunk_into(
+        &mut self,
+        save: u64,
+        number: u64,
+        expected: usize,
+        bytes: &[u8],
+    ) -> Option<()> {
+        let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+        if chunk_sum(save, number, body).as_bytes() != sum || body.len() != expected * ENTRY_LEN {
+            return None;
+        }
+        for entry in body.chunks_exact(ENTRY_LEN) {
+            self.ids.push(match entry[0] {
                 0 => None,
                 1 => Some(ChangeId(Uuid::from_slice(&entry[1..]).ok()?)),
                 _ => return None,
             });
         }
-        Some(Self { runs, ids })
+        Some(())
     }
+
+    /// The number of chunks an index of `len` entries is saved in.
+    fn chunks(len: usize) -> u64 {
+        len.div_ceil(CHUNK_ENTRIES) as u64
+    }
+}
+
+/// The saved index as stored (header and every chunk sound), not yet checked against the log.
+fn read_saved(txn: &redb::ReadTransaction) -> Result<Option<LogIndex>, JournalError> {
+    let saved = match txn.open_table(LOG_INDEX) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(storage(e)),
+    };
+    let Some(header) = saved.get(0).map_err(storage)? else {
+        return Ok(None);
+    };
+    let Some((save, len, runs)) = LogIndex::decode_header(header.value()) else {
+        tracing::warn!("the saved log index is damaged; reading the whole log");
+        return Ok(None);
+    };
+    drop(header);
+    let mut index = LogIndex {
+        runs,
+        ids: Vec::with_capacity(len),
+    };
+    for number in 1..=LogIndex::chunks(len) {
+        let expected = (len - index.ids.len()).min(CHUNK_ENTRIES);
+        let sound = saved
+            .get(number)
+            .map_err(storage)?
+            .and_then(|chunk| index.decode_chunk_into(save, number, expected, chunk.value()));
+        if sound.is_none() {
+            tracing::warn!(
+                number,
+                "the saved log index is damaged; reading the whole log"
+            );
+            return Ok(None);
+        }
+    }
+    Ok(Some(index))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn chunk_sum(save: u64, number: u64, body: &[u8]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&save.to_be_bytes());
+    hasher.update(&number.to_be_bytes());
+    hasher.update(body);
+    hasher.finalize()
 }
 
 impl Journal {
@@ -203,16 +277,7 @@ impl Journal {
     pub fn saved_log_index(&self) -> Result<Option<LogIndex>, JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
-            let saved = match txn.open_table(LOG_INDEX) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(storage(e)),
-            };
-            let Some(bytes) = saved.get(0).map_err(storage)? else {
-                return Ok(None);
-            };
-            let Some(index) = LogIndex::decode(bytes.value()) else {
-                tracing::warn!("the saved log index is damaged; reading the whole log");
+            let Some(index) = read_saved(&txn)? else {
                 return Ok(None);
             };
             let Some(last) = index.last() else {
@@ -242,25 +307,57 @@ impl Journal {
 
     /// Saves `index` as the log index, for [`Journal::load_log_index`]. It must be the index of
     /// this journal's log from position 1 (the load checks its last entry against the log and
-    /// ignores it otherwise). Not synced on its own (a cache: lost in a crash, the next start
-    /// reads the log); the next durable commit makes it durable.
+    /// ignores it otherwise). Written in chunks over several transactions, so memory stays
+    /// small: the old header goes first and the new one last, and chunks carry the save's id,
+    /// so an interrupted save leaves no index rather than a mixed one. Not synced on its own (a
+    /// cache: lost in a crash, the next start reads the log); the next durable commit makes it
+    /// durable.
     pub fn save_log_index(&self, index: &LogIndex) -> Result<(), JournalError> {
         if index.is_empty() {
             return Ok(());
         }
-        guarded(|| {
-            let mut txn = self.db.begin_write().map_err(storage)?;
-            txn.set_durability(Durability::None).map_err(storage)?;
-            {
-                let mut saved = txn.open_table(LOG_INDEX).map_err(storage)?;
-                // Written in place: no second copy of a large index in memory.
-                let mut value = saved
-                    .insert_reserve(0, index.encoded_len())
-                    .map_err(storage)?;
-                index.encode_into(value.as_mut());
-            }
-            txn.commit().map_err(storage)
-        })
+        let save: u64 = rand::random();
+        let chunks = LogIndex::chunks(index.len());
+        let write = |from: u64, to: u64, header: bool| {
+            guarded(|| {
+                let mut txn = self.db.begin_write().map_err(storage)?;
+                txn.set_durability(Durability::None).map_err(storage)?;
+                {
+                    let mut saved = txn.open_table(LOG_INDEX).map_err(storage)?;
+                    if from == 1 {
+                        saved.remove(0).map_err(storage)?;
+                    }
+                    for number in from..to {
+                        saved
+                            .insert(number, index.encode_chunk(save, number).as_slice())
+                            .map_err(storage)?;
+                    }
+                    if header {
+                        // Chunks of an older, longer save are no longer needed.
+                        loop {
+                            let last = saved.last().map_err(storage)?.map(|(k, _)| k.value());
+                            match last {
+                                Some(stale) if stale > chunks => {
+                                    saved.remove(stale).map_err(storage)?;
+                                }
+                                _ => break,
+                            }
+                        }
+                        saved
+                            .insert(0, index.encode_header(save).as_slice())
+                            .map_err(storage)?;
+                    }
+                }
+                txn.commit().map_err(storage)
+            })
+        };
+        let mut from = 1;
+        while from <= chunks {
+            let to = (from + CHUNKS_PER_TXN).min(chunks + 1);
+            write(from, to, false)?;
+            from = to;
+        }
+        write(chunks + 1, chunks + 1, true)
     }
 }
 
@@ -283,18 +380,108 @@ mod tests {
         index.push(epoch(2), None);
         index.push(epoch(2), Some(ChangeId(Uuid::from_u128(3))));
         assert_eq!(index.runs().len(), 2);
-        let bytes = index.encode();
-        assert_eq!(LogIndex::decode(&bytes), Some(index.clone()));
         let listed: Vec<_> = index.iter().collect();
         assert_eq!(listed[1], (epoch(1), Some(ChangeId(Uuid::from_u128(2)))));
         assert_eq!(listed[2], (epoch(2), None));
-        for i in 0..bytes.len() {
-            let mut bad = bytes.clone();
+
+        let header = index.encode_header(7);
+        assert_eq!(
+            LogIndex::decode_header(&header),
+            Some((7, 4, index.runs().to_vec()))
+        );
+        let chunk = index.encode_chunk(7, 1);
+        let mut back = LogIndex {
+            runs: index.runs().to_vec(),
+            ids: Vec::new(),
+        };
+        assert_eq!(back.decode_chunk_into(7, 1, 4, &chunk), Some(()));
+        assert_eq!(back, index);
+
+        for i in 0..header.len() {
+            let mut bad = header.clone();
             bad[i] ^= 0x40;
-            assert_eq!(LogIndex::decode(&bad), None, "flipped byte {i}");
+            assert_eq!(
+                LogIndex::decode_header(&bad),
+                None,
+                "flipped header byte {i}"
+            );
         }
-        for len in 0..bytes.len() {
-            assert_eq!(LogIndex::decode(&bytes[..len]), None, "cut at {len}");
+        for len in 0..header.len() {
+            assert_eq!(
+                LogIndex::decode_header(&header[..len]),
+                None,
+                "cut at {len}"
+            );
         }
+        let mut scratch = LogIndex::default();
+        for i in 0..chunk.len() {
+            let mut bad = chunk.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(scratch.decode_chunk_into(7, 1, 4, &bad), None, "byte {i}");
+        }
+        // A chunk of another save, in another place, or of another length is refused.
+        assert_eq!(scratch.decode_chunk_into(8, 1, 4, &chunk), None);
+        assert_eq!(scratch.decode_chunk_into(7, 2, 4, &chunk), None);
+        assert_eq!(scratch.decode_chunk_into(7, 1, 3, &chunk), None);
+    }
+
+    use redb::ReadableTableMetadata;
+
+    /// A journal file with no log, for saving synthetic indexes.
+    fn journal(dir: &std::path::Path) -> Journal {
+        let device = DeviceId([3; 32]);
+        Journal::open(
+            &dir.join("j.redb"),
+            keel_schema::LibraryId(Uuid::new_v4()),
+            &crate::LibraryKey::generate(),
+            device,
+            crate::JournalOptions::default(),
+        )
+        .expect("opens")
+    }
+
+    fn read(journal: &Journal) -> Option<LogIndex> {
+        let txn = journal.db.begin_read().expect("reads");
+        read_saved(&txn).expect("reads")
+    }
+
+    fn synthetic(len: usize, salt: u128) -> LogIndex {
+        let mut index = LogIndex::default();
+        for i in 0..len {
+            let id = (i % 1000 != 0).then(|| ChangeId(Uuid::from_u128(salt + i as u128)));
+            index.push(epoch(1 + (i / 50_000) as u64), id);
+        }
+        index
+    }
+
+    #[test]
+    fn a_long_index_is_saved_in_chunks_and_a_shorter_save_replaces_it_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = journal(dir.path());
+        let long = synthetic(3 * CHUNK_ENTRIES + 5, 1 << 64);
+        journal.save_log_index(&long).expect("saves");
+        assert_eq!(read(&journal).as_ref(), Some(&long));
+
+        let short = synthetic(CHUNK_ENTRIES + 1, 1 << 80);
+        journal.save_log_index(&short).expect("saves");
+        assert_eq!(read(&journal).as_ref(), Some(&short));
+        let txn = journal.db.begin_read().expect("reads");
+        let saved = txn.open_table(LOG_INDEX).expect("table");
+        assert_eq!(
+            saved.len().expect("len"),
+            1 + LogIndex::chunks(short.len()),
+            "the longer save's chunks are gone"
+        );
+        drop(saved);
+        drop(txn);
+
+        // A missing chunk voids the whole copy.
+        let txn = journal.db.begin_write().expect("writes");
+        txn.open_table(LOG_INDEX)
+            .expect("table")
+            .remove(2)
+            .expect("removes");
+        txn.commit().expect("commits");
+        assert_eq!(read(&journal), None);
     }
 }

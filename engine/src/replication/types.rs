@@ -232,18 +232,18 @@ impl Log {
         index
     }
 
-    /// A log from the journal's index of it (an entry without a change id is a barrier).
-    pub fn from_index(index: &keel_journal::LogIndex) -> Self {
+    /// A log from the journal's index of it (an entry without a change id is a barrier). The
+    /// ids are converted in place (same size), so a long log is not held twice.
+    pub fn from_index(index: keel_journal::LogIndex) -> Self {
+        let (runs, ids) = index.into_parts();
         Self {
-            entries: index
-                .ids()
-                .iter()
+            entries: ids
+                .into_iter()
                 .map(|id| id.map_or(Entry::Barrier, Entry::Change))
                 .collect(),
-            runs: index
-                .runs()
-                .iter()
-                .map(|(start, epoch)| (*start as usize, *epoch))
+            runs: runs
+                .into_iter()
+                .map(|(start, epoch)| (start as usize, epoch))
                 .collect(),
         }
     }

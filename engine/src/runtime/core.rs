@@ -77,7 +77,7 @@ pub(crate) struct Core {
 fn load(journal: &Journal) -> Result<(Durable, HashMap<ChangeId, Vec<u8>>), EngineError> {
     let epoch = journal.epoch()?.unwrap_or_default();
     let voted = journal.voted()?.unwrap_or(epoch);
-    let log = Log::from_index(&journal.load_log_index()?);
+    let log = Log::from_index(journal.load_log_index()?);
     let pending = journal.local_pending()?;
     let ids = pending.iter().map(|(id, _)| *id).collect();
     Ok((
