@@ -8,6 +8,7 @@
 
 mod core;
 mod devices;
+mod file_sink;
 mod net;
 mod pairing;
 mod snapshot;

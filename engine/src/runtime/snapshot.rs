@@ -9,7 +9,7 @@
 //! log it has applied is stored: until then the library is a valid follower with a shorter log,
 //! and an interrupted fetch leaves nothing worse than a slower catch-up.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +24,7 @@ use keel_transport::{
 };
 use serde_bytes::ByteBuf;
 
+use super::file_sink::FileSink;
 use crate::error::{io_at, EngineError};
 use crate::library::{Library, JOURNAL_FILE, PROJECTIONS_FILE};
 
@@ -348,10 +349,10 @@ pub(crate) async fn fetch(
 
 /// The receiving side's state for the projection file.
 struct Incoming {
-    file: std::fs::File,
+    /// Writes and hashes the file on its own thread.
+    sink: FileSink,
     len: u64,
     written: u64,
-    hasher: blake3::Hasher,
     log_end: Lsn,
     hlc: Hlc,
 }
@@ -433,15 +434,20 @@ async fn receive(
     };
     let incoming_path = dir.join(INCOMING_FILE);
     let mut incoming: Option<Incoming> = None;
+    // The sender's HLC mark, once the whole snapshot arrived.
+    let mut finished: Option<Hlc> = None;
     let mut next = 1u64;
     let mut bytes = 0u64;
-    let report = |incoming: &Option<Incoming>, bytes: u64| {
+    // (log end, file bytes received, file length), kept after the file is done.
+    let mut seen: Option<(u64, u64, u64)> = None;
+    let report = |seen: &Option<(u64, u64, u64)>, bytes: u64| {
         if let Some(tx) = &progress {
+            let (log_end, file_received, file_total) = seen.unwrap_or((log_total, 0, 0));
             let _ = tx.send(JoinProgress {
                 log_stored: stored.load(Ordering::Acquire),
-                log_total: incoming.as_ref().map_or(log_total, |i| i.log_end.0),
-                file_received: incoming.as_ref().map_or(0, |i| i.written),
-                file_total: incoming.as_ref().map_or(0, |i| i.len),
+                log_total: log_end,
+                file_received,
+                file_total,
                 bytes,
             });
         }
@@ -490,15 +496,14 @@ async fn receive(
                     "snapshot: header"
                 );
                 let _ = Projections::remove_files(&incoming_path);
-                let file = match std::fs::File::create(&incoming_path) {
-                    Ok(file) => file,
-                    Err(e) => break Err(io_at(&incoming_path)(e)),
+                let sink = match FileSink::create(&incoming_path) {
+                    Ok(sink) => sink,
+                    Err(e) => break Err(e),
                 };
                 incoming = Some(Incoming {
-                    file,
+                    sink,
                     len: file_bytes,
                     written: 0,
-                    hasher: blake3::Hasher::new(),
                     log_end,
                     hlc,
                 });
@@ -510,34 +515,41 @@ async fn receive(
                 if offset != inc.written || inc.written + data.len() as u64 > inc.len {
                     break Err(node_error(format!("a chunk at {offset} out of place")));
                 }
-                let written = inc
-                    .file
-                    .seek(SeekFrom::Start(offset))
-                    .and_then(|_| inc.file.write_all(&data));
-                if let Err(e) = written {
-                    break Err(io_at(&incoming_path)(e));
+                let len = data.len() as u64;
+                if !inc.sink.write(data.into_vec()) {
+                    // The writing thread stopped on an error: `finish` gives it.
+                    let Some(inc) = incoming.take() else {
+                        break Err(node_error("the incoming file went away"));
+                    };
+                    break Err(inc
+                        .sink
+                        .finish()
+                        .err()
+                        .unwrap_or_else(|| node_error("the incoming file stopped")));
                 }
-                inc.hasher.update(&data);
-                inc.written += data.len() as u64;
-                bytes += data.len() as u64;
+                inc.written += len;
+                bytes += len;
             }
             DeviceMessage::SnapshotEnd { file_hash } => {
-                let Some(inc) = incoming.as_mut() else {
+                let Some(inc) = incoming.take() else {
                     break Err(node_error("the end before the header"));
                 };
                 if inc.written != inc.len || next != inc.log_end.0 + 1 {
                     break Err(node_error("the end came early"));
                 }
-                if inc.hasher.finalize().as_bytes().as_slice() != file_hash.as_slice() {
+                let (log_end, len, hlc) = (inc.log_end, inc.len, inc.hlc);
+                // Written, synced and hashed by the file's thread.
+                let hash = match inc.sink.finish() {
+                    Ok(hash) => hash,
+                    Err(e) => break Err(e),
+                };
+                if hash.as_bytes().as_slice() != file_hash.as_slice() {
                     break Err(node_error("the projection file does not match its hash"));
                 }
                 tracing::debug!(stored = stored.load(Ordering::Acquire), "snapshot: end");
+                finished = Some(hlc);
                 // Every exit from this loop goes on to stop the journal threads.
-                break inc
-                    .file
-                    .sync_all()
-                    .map(|()| (inc.log_end.0, inc.len))
-                    .map_err(io_at(&incoming_path));
+                break Ok((log_end.0, len));
             }
             other => {
                 break Err(node_error(format!(
@@ -546,9 +558,15 @@ async fn receive(
                 )))
             }
         }
-        report(&incoming, bytes);
+        seen = incoming
+            .as_ref()
+            .map(|i| (i.log_end.0, i.written, i.len))
+            .or(seen);
+        report(&seen, bytes);
     };
     drop(segments);
+    // An unfinished file's thread is stopped before anything else.
+    drop(incoming.take());
     let (checked, appended) =
         tokio::task::spawn_blocking(move || (checker.join(), appender.join()))
             .await
@@ -562,13 +580,12 @@ async fn receive(
     checked?;
     let index = appended?;
     let outcome = outcome?;
-    if let Some(inc) = &incoming {
-        let hlc = inc.hlc;
+    if let Some(hlc) = finished {
         let journal = journal.clone();
         blocking(move || Ok(journal.raise_hlc_high_water(hlc)?)).await?;
     }
     tracing::debug!("snapshot: log stored");
-    report(&incoming, bytes);
+    report(&seen, bytes);
     let (log_entries, file_bytes) = outcome;
     // Saving the index (~0.4 s for 2M entries, most of it new memory) overlaps the install.
     let index_saved = std::thread::Builder::new()
