@@ -437,8 +437,6 @@ impl Library {
         &self.device
     }
 
-    /// From now on, sends the ids of every change committed to the offline journal (this
-    /// device's changes waiting for a leader) to `tx`, before they are applied.
     /// While the running node leads: has its core append `changes` to the log (see
     /// `crate::leader_commit`). `None` when the node does not lead or runs no more: nothing was
     /// written, and the caller commits by the usual path.
@@ -496,6 +494,8 @@ impl Library {
             .store(leading, std::sync::atomic::Ordering::Release);
     }
 
+    /// From now on, sends the ids of every change committed to the offline journal (this
+    /// device's changes waiting for a leader) to `tx`, before they are applied.
     pub(crate) fn watch_local_commits(&self, tx: crossbeam_channel::Sender<Vec<ChangeId>>) {
         if let Ok(mut slot) = self.shared.local_commits.lock() {
             *slot = Some(tx);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use keel_engine::Library;
 use keel_journal::Placement;
-use keel_tests::cluster::{converge, founder, joiner};
+use keel_tests::cluster::{converge, founder, founder_with, joiner, options};
 use keel_tests::{tag, PASSWORD};
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -75,4 +75,45 @@ fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_jou
     assert!(ids.contains(&receipt.change_ids[0]));
     assert!(ids.contains(&receipt_b.change_ids[0]));
     assert_eq!(lib.status().expect("status").counts.tags, 2);
+}
+
+#[test]
+fn with_leader_commits_off_a_leader_commits_through_its_offline_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, a) = founder_with(
+        dir.path(),
+        "a",
+        "photos",
+        keel_engine::runtime::NodeOptions {
+            leader_commits: false,
+            ..options(Vec::new())
+        },
+    )
+    .expect("founder");
+    let deadline = Instant::now() + CONVERGE;
+    while a.status().role != "leader" {
+        assert!(Instant::now() < deadline, "a never leads");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (_, receipt) = a
+        .library()
+        .transact(|tx| {
+            tx.upsert(&tag("by the offline journal"));
+            Ok(())
+        })
+        .expect("commits");
+    assert!(
+        receipt
+            .placements
+            .iter()
+            .all(|p| matches!(p, Placement::Local(_))),
+        "{:?}",
+        receipt.placements
+    );
+    // The core still sequences it into the log.
+    while a.library().status().expect("status").journal.pending_local > 0 {
+        assert!(Instant::now() < deadline, "never sequenced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    a.stop().expect("stops");
 }

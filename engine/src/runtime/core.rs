@@ -137,7 +137,7 @@ impl Core {
         mut self,
         events: Receiver<CoreEvent>,
         commits: Receiver<Vec<ChangeId>>,
-        to_sequence: Receiver<SequenceRequest>,
+        mut to_sequence: Receiver<SequenceRequest>,
     ) {
         let mut last_tick = 0;
         'run: loop {
@@ -151,11 +151,12 @@ impl Core {
                     Ok(ids) => self.on_commits(ids),
                     Err(_) => break 'run,
                 },
-                recv(to_sequence) -> request => {
-                    if let Ok(request) = request {
-                        self.on_sequence(request);
-                    }
-                }
+                recv(to_sequence) -> request => match request {
+                    Ok(request) => self.on_sequence(request),
+                    // No sequencer attached (or detached): a closed channel is always ready, so
+                    // stop watching it rather than spin.
+                    Err(_) => to_sequence = crossbeam_channel::never(),
+                },
                 default(wait) => {}
             }
             // Take whatever else is waiting, so one journal write covers all of it (within

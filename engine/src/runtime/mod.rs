@@ -140,10 +140,13 @@ impl Node {
         let (core_tx, core_rx) = crossbeam_channel::unbounded();
         let (commits_tx, commits_rx) = crossbeam_channel::unbounded();
         library.watch_local_commits(commits_tx);
-        let (sequence_tx, sequence_rx) = crossbeam_channel::unbounded();
-        if options.leader_commits {
+        let sequence_rx = if options.leader_commits {
+            let (sequence_tx, sequence_rx) = crossbeam_channel::unbounded();
             library.attach_sequencer(Some(sequence_tx));
-        }
+            sequence_rx
+        } else {
+            crossbeam_channel::never()
+        };
         let core = std::thread::Builder::new()
             .name("keel-core".into())
             .spawn(move || core.run(core_rx, commits_rx, sequence_rx))
