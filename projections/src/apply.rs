@@ -25,6 +25,7 @@ use uuid::Uuid;
 use crate::clocks::FieldClocks;
 use crate::ddl::{ModelSql, INSERT_ROWS};
 use crate::error::ProjectionError;
+use crate::references::References;
 use crate::store::{AppliedPosition, Projections};
 
 /// Most parked changes retried in one pass.
@@ -621,6 +622,36 @@ impl Projections {
     /// docs). Either way the rows are the same, and so are the returned counts, except that
     /// a reference made later in the same batch is not counted as parked.
     pub fn apply(
+        &mut self,
+        changes: &[Change],
+        position: Option<AppliedPosition>,
+    ) -> Result<ApplyStats, ProjectionError> {
+        self.apply_with(changes, position, References::Check)
+    }
+
+    /// [`Projections::apply`], told what is known of the batch's references: with
+    /// [`References::Present`] (proven by a [`crate::ReferenceTracker`]), SQLite does not look
+    /// them up. While parked changes wait, the references are checked anyway.
+    pub fn apply_with(
+        &mut self,
+        changes: &[Change],
+        position: Option<AppliedPosition>,
+        references: References,
+    ) -> Result<ApplyStats, ProjectionError> {
+        let unchecked = references == References::Present && self.parked == 0;
+        if unchecked {
+            // Outside a transaction (inside one the pragma does nothing); statements prepared
+            // with the checks are prepared again without them.
+            self.conn.pragma_update(None, "foreign_keys", "OFF")?;
+        }
+        let applied = self.apply_checked(changes, position);
+        if unchecked {
+            self.conn.pragma_update(None, "foreign_keys", "ON")?;
+        }
+        applied
+    }
+
+    fn apply_checked(
         &mut self,
         changes: &[Change],
         position: Option<AppliedPosition>,

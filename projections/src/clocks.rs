@@ -66,11 +66,12 @@ impl FieldClocks {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use keel_schema::DeviceId;
 
-    fn hlc(ms: u64) -> Hlc {
+    /// A clock at `ms` of a fixed device (shared by the crate's unit tests).
+    pub(crate) fn hlc(ms: u64) -> Hlc {
         Hlc {
             physical_ms: ms,
             counter: 0,

@@ -13,6 +13,7 @@ mod digest;
 mod error;
 mod queries;
 mod rebuild;
+mod references;
 mod snapshot;
 mod store;
 
@@ -20,6 +21,7 @@ pub use apply::ApplyStats;
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
 pub use queries::{Counts, EntryMetadata};
+pub use references::{ReferenceTracker, References};
 pub use snapshot::FrozenFile;
 pub use store::{
     configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,

@@ -28,6 +28,12 @@ pub const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 pub const READER_CACHE_KIB: i64 = 32 * 1024;
 /// Page size of new projection files.
 pub const PAGE_SIZE: i64 = 8192;
+/// Helper threads SQLite's sorter may use while building indexes after a bulk load.
+const SORT_THREADS: i64 = 2;
+/// Page cache while building indexes after a bulk load, KiB: it also bounds each sorted run.
+/// Building the indexes of 500k entries took 0.95-1.23 s with the normal cache and one thread,
+/// 0.82-0.95 s with this cache and two (medians of 5 interleaved runs each, two sittings).
+const SORT_CACHE_KIB: i64 = 4 * 1024;
 
 /// How far the journal has been applied: the log position and the local-journal sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -216,9 +222,17 @@ impl Projections {
             return Ok(());
         }
         // The index sorts spill to a temporary file rather than memory: building the indexes of a
-        // million entries in memory added about 90 MB to the peak.
+        // million entries in memory added about 90 MB to the peak. With a small page cache the
+        // sorter cuts its input into several runs, which a helper thread sorts while the
+        // connection reads on (a single run is sorted on the connection's thread alone).
         self.conn.pragma_update(None, "temp_store", "FILE")?;
+        self.conn.pragma_update(None, "threads", SORT_THREADS)?;
+        self.conn
+            .pragma_update(None, "cache_size", -SORT_CACHE_KIB)?;
         let built = self.conn.execute_batch(&sql);
+        self.conn
+            .pragma_update(None, "cache_size", -PAGE_CACHE_KIB)?;
+        self.conn.pragma_update(None, "threads", 0)?;
         self.conn.pragma_update(None, "temp_store", "MEMORY")?;
         built?;
         if let Some(checkpointer) = &self.checkpointer {

@@ -340,6 +340,7 @@ fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     );
     anyhow::ensure!(report.position.log == Lsn(n as u64), "replay stopped early");
     out.insert("p7_replay_changes_per_s".into(), json!(n as f64 / secs));
+    out.insert("p7_proven_changes".into(), json!(report.proven));
     out.insert("p7_changes".into(), json!(n));
     out.insert("p7_peak_rss_mb".into(), json!(peak_rss_mb()));
     Ok(())
