@@ -13,7 +13,7 @@ mod message;
 mod pairing;
 mod verifier;
 
-pub use endpoint::{Connection, Endpoint, ALPN, IDLE_TIMEOUT_MS, KEEP_ALIVE_MS};
+pub use endpoint::{Connection, Endpoint, ALPN, IDLE_TIMEOUT_MS, KEEP_ALIVE_MS, UDP_PAYLOAD_MAX};
 pub use error::TransportError;
 pub use frame::{
     decode_frame, encode_frame, frame_len, FrameDecoder, FRAME_HEADER_LEN, FRAME_LEN_MAX,

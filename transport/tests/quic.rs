@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use keel_schema::Lsn;
-use keel_transport::{DeviceMessage, Endpoint, Identity, Pins, TransportError};
+use keel_transport::{
+    DeviceMessage, Endpoint, Identity, Pins, TransportError, SNAPSHOT_CHUNK_MAX, UDP_PAYLOAD_MAX,
+};
 
 fn localhost() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -51,6 +53,40 @@ async fn pinned_devices_exchange_messages() {
     };
     to_b.send(&answer).await.expect("sends");
     assert_eq!(to_a.recv().await.expect("receives"), answer);
+}
+
+#[tokio::test]
+async fn on_loopback_mtu_discovery_raises_the_packet_size_above_ethernets() {
+    let (a, b, pins_a, pins_b) = pair();
+    let server = Endpoint::bind(&a, localhost(), pins_a).expect("binds");
+    let client = Endpoint::bind(&b, localhost(), pins_b).expect("binds");
+    let addr = server.local_addr().expect("addr");
+    let accept = tokio::spawn({
+        let server = server.clone();
+        async move { server.accept().await }
+    });
+    let to_a = client.connect(addr).await.expect("connects");
+    let to_b = accept
+        .await
+        .expect("task")
+        .expect("incoming")
+        .expect("authenticated");
+    // Bulk data gives discovery its probes; it searches in a few round trips. (Each message is
+    // sent whole before it is read, so it must fit in the stream's flow-control window.)
+    let chunk = DeviceMessage::SnapshotChunk {
+        offset: 0,
+        data: serde_bytes::ByteBuf::from(vec![7u8; SNAPSHOT_CHUNK_MAX / 16]),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while to_a.path_mtu() <= 1452 && tokio::time::Instant::now() < deadline {
+        to_a.send(&chunk).await.expect("sends");
+        assert_eq!(to_b.recv().await.expect("receives"), chunk);
+    }
+    let mtu = to_a.path_mtu();
+    assert!(
+        mtu > 1452 && mtu <= UDP_PAYLOAD_MAX,
+        "path MTU {mtu} after bulk sends"
+    );
 }
 
 #[tokio::test]
