@@ -23,23 +23,34 @@ fn pair() -> (Identity, Identity, Pins, Pins) {
     (a, b, pins_a, pins_b)
 }
 
-#[tokio::test]
-async fn pinned_devices_exchange_messages() {
-    let (a, b, pins_a, pins_b) = pair();
-    let server = Endpoint::bind(&a, localhost(), pins_a).expect("binds");
-    let client = Endpoint::bind(&b, localhost(), pins_b).expect("binds");
+/// `b` connected to `a` (each pinning the other): `b`'s side of the connection, then `a`'s.
+async fn connected(
+    a: &Identity,
+    b: &Identity,
+    pins_a: Pins,
+    pins_b: Pins,
+) -> (keel_transport::Connection, keel_transport::Connection) {
+    let server = Endpoint::bind(a, localhost(), pins_a).expect("binds");
+    let client = Endpoint::bind(b, localhost(), pins_b).expect("binds");
     let addr = server.local_addr().expect("addr");
     let accept = tokio::spawn({
         let server = server.clone();
         async move { server.accept().await }
     });
     let to_a = client.connect(addr).await.expect("connects");
-    assert_eq!(to_a.peer(), a.device());
     let to_b = accept
         .await
         .expect("task")
         .expect("incoming")
         .expect("authenticated");
+    (to_a, to_b)
+}
+
+#[tokio::test]
+async fn pinned_devices_exchange_messages() {
+    let (a, b, pins_a, pins_b) = pair();
+    let (to_a, to_b) = connected(&a, &b, pins_a, pins_b).await;
+    assert_eq!(to_a.peer(), a.device());
     assert_eq!(to_b.peer(), b.device());
 
     let ask = DeviceMessage::SyncPullRequest {
@@ -58,19 +69,7 @@ async fn pinned_devices_exchange_messages() {
 #[tokio::test]
 async fn on_loopback_mtu_discovery_raises_the_packet_size_above_ethernets() {
     let (a, b, pins_a, pins_b) = pair();
-    let server = Endpoint::bind(&a, localhost(), pins_a).expect("binds");
-    let client = Endpoint::bind(&b, localhost(), pins_b).expect("binds");
-    let addr = server.local_addr().expect("addr");
-    let accept = tokio::spawn({
-        let server = server.clone();
-        async move { server.accept().await }
-    });
-    let to_a = client.connect(addr).await.expect("connects");
-    let to_b = accept
-        .await
-        .expect("task")
-        .expect("incoming")
-        .expect("authenticated");
+    let (to_a, to_b) = connected(&a, &b, pins_a, pins_b).await;
     // Bulk data gives discovery its probes; it searches in a few round trips. (Each message is
     // sent whole before it is read, so it must fit in the stream's flow-control window.)
     let chunk = DeviceMessage::SnapshotChunk {
