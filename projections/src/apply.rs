@@ -31,6 +31,11 @@ use crate::store::{AppliedPosition, Projections};
 /// Most parked changes retried in one pass.
 const PARKED_RETRY_MAX: usize = 100_000;
 
+/// Smallest batch whose references [`Projections::apply`] proves itself before applying it
+/// with SQLite's checks off. Turning them off and on again makes SQLite prepare the batch's
+/// statements again (a fraction of a millisecond), which a small batch does not win back.
+pub const SELF_PROOF_MIN: usize = 4_096;
+
 /// What one `apply` call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -46,6 +51,9 @@ pub struct ApplyStats {
     pub index_domain: u64,
     /// Changes in the Content domain.
     pub content_domain: u64,
+    /// Whether the batch's references were proven present, so SQLite did not look them up
+    /// (see [`Projections::apply_with`]).
+    pub references_proven: bool,
 }
 
 /// A SQL parameter borrowed from a change or a row.
@@ -631,14 +639,21 @@ impl Projections {
 
     /// [`Projections::apply`], told what is known of the batch's references: with
     /// [`References::Present`] (proven by a [`crate::ReferenceTracker`]), SQLite does not look
-    /// them up. While parked changes wait, the references are checked anyway.
+    /// them up. With [`References::Check`], a batch of at least [`SELF_PROOF_MIN`] changes whose
+    /// references point at its own records or at a few existing rows (checked here) is applied
+    /// the same way. While parked changes wait, a [`References::Present`] claim is not taken.
     pub fn apply_with(
         &mut self,
         changes: &[Change],
         position: Option<AppliedPosition>,
         references: References,
     ) -> Result<ApplyStats, ProjectionError> {
-        let unchecked = references == References::Present && self.parked == 0;
+        // Parked changes are retried carefully, each reference looked up by Keel, so they need
+        // none of SQLite's checks either way.
+        let unchecked = match references {
+            References::Present => self.parked == 0,
+            References::Check => self.references_found(changes)?,
+        };
         if unchecked {
             // Outside a transaction (inside one the pragma does nothing); statements prepared
             // with the checks are prepared again without them.
@@ -648,7 +663,33 @@ impl Projections {
         if unchecked {
             self.conn.pragma_update(None, "foreign_keys", "ON")?;
         }
-        applied
+        applied.map(|stats| ApplyStats {
+            references_proven: unchecked,
+            ..stats
+        })
+    }
+
+    /// Whether every reference of `changes`, a batch of at least [`SELF_PROOF_MIN`], points at
+    /// a record of the batch or at an existing row (a few lookups here instead of one per
+    /// reference in SQLite; see [`crate::references`]).
+    fn references_found(&self, changes: &[Change]) -> Result<bool, ProjectionError> {
+        if changes.len() < SELF_PROOF_MIN {
+            return Ok(false);
+        }
+        let limit = changes.len() / 16;
+        let Some(outside) = crate::references::references_outside(changes, limit) else {
+            return Ok(false);
+        };
+        for (target, uuid) in outside {
+            let Some(sql) = self.sql.get(target) else {
+                return Ok(false);
+            };
+            let mut stmt = self.conn.prepare_cached(&sql.exists)?;
+            if !stmt.exists([uuid.as_bytes().as_slice()])? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn apply_checked(

@@ -17,7 +17,7 @@ mod references;
 mod snapshot;
 mod store;
 
-pub use apply::ApplyStats;
+pub use apply::{ApplyStats, SELF_PROOF_MIN};
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
 pub use queries::{Counts, EntryMetadata};

@@ -8,6 +8,10 @@
 //! A batch made only of such chunks is applied with [`References::Present`], and SQLite skips
 //! the lookups. The rows are the same either way: the check only decides whether the commit may
 //! fail, and for a proven batch it cannot.
+//!
+//! Without a tracker, a large batch proves itself ([`references_outside`]): the references to
+//! its own records need no lookup, and the few others (the location of a folder of entries) are
+//! looked up once each by [`crate::Projections::apply_with`].
 
 use std::collections::HashSet;
 
@@ -51,23 +55,81 @@ impl Default for ReferenceTracker {
     }
 }
 
+/// For each model code, each reference field: (field index, target model code).
+fn reference_fields() -> Vec<Vec<(u8, usize)>> {
+    MODELS
+        .iter()
+        .map(|def| {
+            def.fields
+                .iter()
+                .enumerate()
+                .filter_map(|(i, field)| {
+                    let target = field.references.and_then(model_code).map(usize::from)?;
+                    Some((u8::try_from(i).ok()?, target))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Each reference of `change` (per `refs`, see [`reference_fields`]) that is not NULL, as
+/// (target model code, uuid); `Err` if one is neither NULL nor a uuid (SQLite's to judge).
+fn references_of<'a>(
+    refs: &'a [Vec<(u8, usize)>],
+    change: &'a Change,
+) -> impl Iterator<Item = Result<(usize, Uuid), ()>> + 'a {
+    let fields: &[(u8, Value)] = match &change.op {
+        Op::Upsert(fields) => fields,
+        Op::Delete => &[],
+    };
+    let model_refs: &[(u8, usize)] = refs
+        .get(usize::from(change.model))
+        .map_or(&[], Vec::as_slice);
+    fields.iter().filter_map(move |(i, value)| {
+        let &(_, target) = model_refs.iter().find(|(f, _)| f == i)?;
+        match value {
+            Value::Null => None,
+            Value::Uuid(uuid) => Some(Ok((target, *uuid))),
+            _ => Some(Err(())),
+        }
+    })
+}
+
+/// The references of `changes` that point at none of their records, without repeats, as
+/// (target model code, uuid). `None` if a reference is neither NULL nor a uuid, or if there are
+/// more than `limit`: then checking each is not worth it.
+///
+/// Every change of a batch applied optimistically leaves a row for its record (an upsert
+/// inserts or merges, a delete tombstones or leaves a placeholder; rows are never removed), so
+/// a reference to a record of the same batch finds its row at commit.
+pub(crate) fn references_outside(changes: &[Change], limit: usize) -> Option<Vec<(usize, Uuid)>> {
+    let refs = reference_fields();
+    let records: HashSet<(usize, Uuid)> = changes
+        .iter()
+        .filter(|c| model_by_code(c.model).is_some())
+        .map(|c| (usize::from(c.model), c.record))
+        .collect();
+    let mut outside = HashSet::new();
+    for change in changes {
+        for reference in references_of(&refs, change) {
+            let reference = reference.ok()?;
+            if !records.contains(&reference) && outside.insert(reference) && outside.len() > limit {
+                return None;
+            }
+        }
+    }
+    Some(outside.into_iter().collect())
+}
+
 impl ReferenceTracker {
     /// A tracker that has seen nothing (for a projection that holds nothing).
     pub fn new() -> Self {
+        let refs = reference_fields();
         let mut seen: Vec<Option<HashSet<Uuid>>> = MODELS.iter().map(|_| None).collect();
-        let mut refs = Vec::with_capacity(MODELS.len());
-        for def in MODELS.iter() {
-            let mut fields = Vec::new();
-            for (i, field) in def.fields.iter().enumerate() {
-                let target = field.references.and_then(model_code).map(usize::from);
-                if let (Some(target), Ok(i)) = (target, u8::try_from(i)) {
-                    fields.push((i, target));
-                    if let Some(slot) = seen.get_mut(target) {
-                        slot.get_or_insert_with(HashSet::new);
-                    }
-                }
+        for &(_, target) in refs.iter().flatten() {
+            if let Some(slot) = seen.get_mut(target) {
+                slot.get_or_insert_with(HashSet::new);
             }
-            refs.push(fields);
         }
         Self {
             seen,
@@ -100,26 +162,13 @@ impl ReferenceTracker {
 
     /// Whether every reference of `change` points at a seen record.
     fn proves(&self, change: &Change) -> bool {
-        let Op::Upsert(fields) = &change.op else {
-            return true;
-        };
-        let Some(refs) = self.refs.get(usize::from(change.model)) else {
-            return true;
-        };
-        fields.iter().all(|(i, value)| {
-            let Some(&(_, target)) = refs.iter().find(|(f, _)| f == i) else {
-                return true;
-            };
-            match value {
-                Value::Null => true,
-                Value::Uuid(uuid) => self
-                    .seen
+        references_of(&self.refs, change).all(|reference| {
+            reference.is_ok_and(|(target, uuid)| {
+                self.seen
                     .get(target)
                     .and_then(Option::as_ref)
-                    .is_some_and(|set| set.contains(uuid)),
-                // Anything else in a reference column is SQLite's to judge.
-                _ => false,
-            }
+                    .is_some_and(|set| set.contains(&uuid))
+            })
         })
     }
 }
@@ -193,6 +242,19 @@ mod tests {
     }
 
     #[test]
+    fn references_outside_a_batch_are_listed_once_up_to_a_limit() {
+        let (inside, outside) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut batch = content(inside);
+        batch.push(metadata_of_content(Uuid::new_v4(), inside));
+        batch.push(metadata_of_content(Uuid::new_v4(), outside));
+        batch.push(metadata_of_content(Uuid::new_v4(), outside));
+        let code = usize::from(model_code("content_identity").expect("model"));
+        assert_eq!(references_outside(&batch, 1), Some(vec![(code, outside)]));
+        assert_eq!(references_outside(&batch, 0), None, "over the limit");
+        assert_eq!(references_outside(&content(inside), 0), Some(Vec::new()));
+    }
+
+    #[test]
     fn a_reference_that_is_not_a_uuid_is_not_proven() {
         let mut t = ReferenceTracker::new();
         let mut change = metadata_of_content(Uuid::new_v4(), Uuid::new_v4());
@@ -203,6 +265,7 @@ mod tests {
                 }
             }
         }
-        assert!(!t.observe(&[change]));
+        assert!(!t.observe(std::slice::from_ref(&change)));
+        assert_eq!(references_outside(&[change], 10), None);
     }
 }

@@ -98,6 +98,12 @@ fn runs_that_meet_existing_rows_count_exactly_and_match_one_at_a_time() {
 
 /// A device, a location, `MANY` contents and one entry per content.
 fn library(clock: &mut Clock) -> (Vec<Change>, Vec<Change>) {
+    library_of(clock, MANY, 0)
+}
+
+/// A device, a location and `files` files (content identities after them in the first list,
+/// their entries in the second); the files of another `set` are other records.
+fn library_of(clock: &mut Clock, files: usize, set: u128) -> (Vec<Change>, Vec<Change>) {
     let library = Uuid::from_u128(7);
     let device = Device {
         uuid: clock.device.record_uuid(),
@@ -115,10 +121,11 @@ fn library(clock: &mut Clock) -> (Vec<Change>, Vec<Change>) {
     };
     let mut parents = vec![upsert(clock, &device), upsert(clock, &location)];
     let mut entries = Vec::new();
-    for i in 0..MANY {
+    for i in 0..files {
+        let hash = format!("{set}h{i}");
         let content = ContentIdentity {
-            uuid: Some(content_uuid(library, &format!("h{i}"))),
-            content_hash: format!("h{i}"),
+            uuid: Some(content_uuid(library, &hash)),
+            content_hash: hash,
             mime: None,
             kind: "text".into(),
             size: i as i64,
@@ -127,7 +134,7 @@ fn library(clock: &mut Clock) -> (Vec<Change>, Vec<Change>) {
         };
         parents.push(upsert(clock, &content));
         let entry = Entry {
-            uuid: Some(Uuid::from_u128(0x9000 + i as u128)),
+            uuid: Some(Uuid::from_u128(0x9000 + (set << 32) + i as u128)),
             location: location.uuid,
             relative_path: String::new(),
             name: format!("f{i}.txt"),
@@ -189,6 +196,61 @@ fn misses_a_reference_in_a_run(fast_load: bool) {
     let all: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
     whole.apply(&all, None).expect("applies");
     assert_eq!(p.digest().expect("digest"), whole.digest().expect("digest"));
+}
+
+#[test]
+fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
+    let files = keel_projections::SELF_PROOF_MIN;
+    let mut clock = clock();
+    let (parents, entries) = library_of(&mut clock, files, 0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = open(&dir, "p.sqlite");
+    // The device and the location first: the entries reference the location outside the batch.
+    assert!(
+        !p.apply(&parents[..2], None)
+            .expect("applies")
+            .references_proven
+    );
+    // Content 7 is held back: entry 7 references a row neither in the batch nor stored.
+    let held_back = parents[2 + 7].clone();
+    let mut batch: Vec<Change> = parents[2..]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 7)
+        .map(|(_, c)| c.clone())
+        .collect();
+    batch.extend(entries.iter().cloned());
+    let stats = p.apply(&batch, None).expect("applies");
+    assert!(!stats.references_proven, "a reference is missing");
+    assert_eq!(stats.parked, 1);
+    assert!(p.get::<Entry>(entries[7].record).expect("query").is_none());
+    // Another set of files, with the held-back content: every reference is in the batch or
+    // stored (the location), so the batch is proven and SQLite skips the lookups.
+    let (more_parents, more_entries) = library_of(&mut clock, files, 1);
+    let more: Vec<Change> = more_parents[2..]
+        .iter()
+        .chain(&more_entries)
+        .cloned()
+        .collect();
+    let mut second = vec![held_back];
+    second.extend(more.iter().cloned());
+    let stats = p.apply(&second, None).expect("applies");
+    assert!(stats.references_proven, "{stats:?}");
+    assert_eq!(stats.unparked, 1, "entry 7 found its content");
+    assert_eq!(p.parked_len(), 0);
+    // The same changes in small batches (SQLite checking every reference) give the same rows.
+    let mut small = open(&dir, "small.sqlite");
+    let all: Vec<Change> = parents
+        .iter()
+        .chain(&entries)
+        .chain(&more)
+        .cloned()
+        .collect();
+    for chunk in all.chunks(MANY) {
+        small.apply(chunk, None).expect("applies");
+    }
+    assert_eq!(small.parked_len(), 0);
+    assert_eq!(p.digest().expect("digest"), small.digest().expect("digest"));
 }
 
 #[test]
