@@ -12,7 +12,9 @@
 //! go in as one multi-row insert, and references are not looked up by Keel (SQLite checks them,
 //! deferred, at commit). A reference missing at commit means something must be parked: the
 //! transaction is rolled back and the batch applied again, change by change, looking up each
-//! reference first. Parked changes are always retried that careful way.
+//! reference first. Parked changes are always retried that careful way. When a batch's
+//! references are proven present beforehand (see [`crate::references`]), SQLite's checks are off
+//! for its transaction: the commit could not have failed, so the rows are the same.
 
 use keel_schema::{model_by_code, Change, Hlc, ModelDef, Op, SyncDomain, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
