@@ -31,8 +31,9 @@ pub const PAGE_SIZE: i64 = 8192;
 /// Helper threads SQLite's sorter may use while building indexes after a bulk load.
 const SORT_THREADS: i64 = 2;
 /// Page cache while building indexes after a bulk load, KiB: it also bounds each sorted run.
-/// Building the indexes of 500k entries took 0.95-1.23 s with the normal cache and one thread,
-/// 0.82-0.95 s with this cache and two (medians of 5 interleaved runs each, two sittings).
+/// Building the indexes of 500k entries and ending the load took 1.20-1.23 s with the normal
+/// cache and one thread, 0.82-0.95 s with this cache and two (medians of 5 interleaved runs of
+/// each of four settings: both ways, with a 32 or a 128 MiB cache during the load).
 const SORT_CACHE_KIB: i64 = 4 * 1024;
 
 /// How far the journal has been applied: the log position and the local-journal sequence.
