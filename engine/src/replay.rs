@@ -5,7 +5,7 @@
 
 use crossbeam_channel::bounded;
 use keel_journal::{Journal, JournalError, Placement};
-use keel_projections::{AppliedPosition, Projections, ReferenceTracker, References};
+use keel_projections::{AppliedPosition, Projections};
 use keel_schema::{Change, Lsn};
 
 use crate::error::EngineError;
@@ -27,8 +27,7 @@ pub struct ReplayReport {
     /// The position reached.
     pub position: AppliedPosition,
     /// Changes applied in batches whose references were proven beforehand, so SQLite did not
-    /// look them up (see [`keel_projections::ReferenceTracker`]; only a replay into an empty
-    /// projection proves them).
+    /// look them up (see `keel_projections::ApplyStats::references_proven`).
     pub proven: u64,
 }
 
@@ -36,9 +35,6 @@ struct Chunk {
     changes: Vec<Change>,
     position: AppliedPosition,
     faults: Vec<String>,
-    /// Whether every reference in `changes` is proven to find its row (see
-    /// [`keel_projections::ReferenceTracker`]).
-    proven: bool,
 }
 
 /// Applies every log record after `from.log` and every local record after `from.local`.
@@ -68,8 +64,6 @@ pub fn replay(
         scope.spawn(move || {
             let mut position = from;
             let mut next = Lsn(from.log.0 + 1);
-            // Into an empty projection, the records it has are exactly those replayed so far.
-            let mut tracker = bulk.then(ReferenceTracker::new);
             loop {
                 let raw = match journal.read_log_raw(next, REPLAY_READ_CHUNK) {
                     Ok(raw) => raw,
@@ -84,7 +78,6 @@ pub fn replay(
                     changes: Vec::with_capacity(raw.len()),
                     position,
                     faults: Vec::new(),
-                    proven: false,
                 };
                 for (lsn, bytes) in &raw {
                     match journal.open_log_record(*lsn, bytes) {
@@ -93,7 +86,6 @@ pub fn replay(
                     }
                     chunk.position.log = *lsn;
                 }
-                chunk.proven = tracker.as_mut().is_some_and(|t| t.observe(&chunk.changes));
                 position = chunk.position;
                 if tx.send(Ok(chunk)).is_err() {
                     return;
@@ -115,7 +107,6 @@ pub fn replay(
                     changes: Vec::with_capacity(entries.len()),
                     position,
                     faults: Vec::new(),
-                    proven: false,
                 };
                 for entry in entries {
                     match entry {
@@ -140,7 +131,6 @@ pub fn replay(
                         }
                     }
                 }
-                chunk.proven = tracker.as_mut().is_some_and(|t| t.observe(&chunk.changes));
                 position = chunk.position;
                 if tx.send(Ok(chunk)).is_err() {
                     return;
@@ -149,15 +139,6 @@ pub fn replay(
         });
         let mut pending: Vec<Change> = Vec::with_capacity(REPLAY_APPLY_BATCH);
         let mut pending_position = from;
-        // Whether every chunk in `pending` is proven (see `Chunk::proven`).
-        let mut pending_proven = true;
-        let references = |proven: bool| {
-            if proven {
-                References::Present
-            } else {
-                References::Check
-            }
-        };
         let mut done = 0u64;
         for chunk in rx.iter() {
             let chunk = chunk?;
@@ -167,31 +148,25 @@ pub fn replay(
             report.faults.extend(chunk.faults);
             pending.extend(chunk.changes);
             pending_position = chunk.position;
-            pending_proven &= chunk.proven;
             // A full batch, or the reader has nothing more yet: at the start that means applying
             // the first chunks instead of waiting for a whole batch to be read.
             let idle = rx.is_empty() && pending.len() >= REPLAY_READ_CHUNK;
             if pending.len() >= REPLAY_APPLY_BATCH || idle {
-                projections.apply_with(
-                    &pending,
-                    Some(pending_position),
-                    references(pending_proven),
-                )?;
+                let stats = projections.apply(&pending, Some(pending_position))?;
                 done += pending.len() as u64;
                 report.changes += pending.len() as u64;
-                if pending_proven {
+                if stats.references_proven {
                     report.proven += pending.len() as u64;
                 }
                 pending.clear();
-                pending_proven = true;
                 progress(done, total);
             }
         }
         if !pending.is_empty() || pending_position != from {
-            projections.apply_with(&pending, Some(pending_position), references(pending_proven))?;
+            let stats = projections.apply(&pending, Some(pending_position))?;
             done += pending.len() as u64;
             report.changes += pending.len() as u64;
-            if pending_proven {
+            if stats.references_proven {
                 report.proven += pending.len() as u64;
             }
             progress(done, total);

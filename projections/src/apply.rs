@@ -27,7 +27,6 @@ use uuid::Uuid;
 use crate::clocks::FieldClocks;
 use crate::ddl::{ModelSql, INSERT_ROWS};
 use crate::error::ProjectionError;
-use crate::references::References;
 use crate::store::{AppliedPosition, Projections};
 
 /// Most parked changes retried in one pass.
@@ -54,7 +53,7 @@ pub struct ApplyStats {
     /// Changes in the Content domain.
     pub content_domain: u64,
     /// Whether the batch's references were proven present, so SQLite did not look them up
-    /// (see [`Projections::apply_with`]).
+    /// (see [`crate::references`]).
     pub references_proven: bool,
 }
 
@@ -630,35 +629,19 @@ impl Projections {
     /// reference is still missing at commit, that transaction rolls back and the batch is
     /// applied again change by change, parking what waits for a dependency (see the module
     /// docs). Either way the rows are the same, and so are the returned counts, except that
-    /// a reference made later in the same batch is not counted as parked.
+    /// a reference made later in the same batch is not counted as parked. A batch of at least
+    /// [`SELF_PROOF_MIN`] changes whose references point at its own records or at a few existing
+    /// rows (looked up here) runs without SQLite's checks (`ApplyStats::references_proven`).
     pub fn apply(
         &mut self,
         changes: &[Change],
         position: Option<AppliedPosition>,
     ) -> Result<ApplyStats, ProjectionError> {
-        self.apply_with(changes, position, References::Check)
-    }
-
-    /// [`Projections::apply`], told what is known of the batch's references: with
-    /// [`References::Present`] (proven by a [`crate::ReferenceTracker`]), SQLite does not look
-    /// them up. With [`References::Check`], a batch of at least [`SELF_PROOF_MIN`] changes whose
-    /// references point at its own records or at a few existing rows (checked here) is applied
-    /// the same way. While parked changes wait, a [`References::Present`] claim is not taken.
-    pub fn apply_with(
-        &mut self,
-        changes: &[Change],
-        position: Option<AppliedPosition>,
-        references: References,
-    ) -> Result<ApplyStats, ProjectionError> {
-        // Parked changes are retried carefully, each reference looked up by Keel, so they need
-        // none of SQLite's checks either way.
-        let unchecked = match references {
-            References::Present => self.parked == 0,
-            References::Check => self.references_found(changes)?,
-        };
+        let unchecked = self.references_found(changes)?;
         if unchecked {
             // Outside a transaction (inside one the pragma does nothing); statements prepared
-            // with the checks are prepared again without them.
+            // with the checks are prepared again without them. Parked changes retried in this
+            // transaction are applied carefully, each reference looked up by Keel.
             self.conn.pragma_update(None, "foreign_keys", "OFF")?;
         }
         let applied = self.apply_checked(changes, position);

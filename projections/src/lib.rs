@@ -21,7 +21,6 @@ pub use apply::{ApplyStats, SELF_PROOF_MIN};
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
 pub use queries::{Counts, EntryMetadata};
-pub use references::{ReferenceTracker, References};
 pub use snapshot::FrozenFile;
 pub use store::{
     configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,

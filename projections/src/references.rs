@@ -1,59 +1,17 @@
 //! Proving, ahead of an apply, that every reference of a batch will find its row.
 //!
 //! SQLite checks each reference of each inserted row (one index lookup per reference) so that
-//! a change whose dependency is missing can be parked (see [`crate::apply`]). A full replay into
-//! an empty projection usually meets its references in order, and the thread reading the
-//! journal has time to spare: a [`ReferenceTracker`] there remembers which records the replay
-//! has created so far and tells, chunk by chunk, whether every reference points at one of them.
-//! A batch made only of such chunks is applied with [`References::Present`], and SQLite skips
-//! the lookups. The rows are the same either way: the check only decides whether the commit may
-//! fail, and for a proven batch it cannot.
-//!
-//! Without a tracker, a large batch proves itself ([`references_outside`]): the references to
-//! its own records need no lookup, and the few others (the location of a folder of entries) are
-//! looked up once each by [`crate::Projections::apply_with`].
+//! a change whose dependency is missing can be parked (see [`crate::apply`]). A large batch
+//! usually carries what it references (a file's content identity beside its entry): those
+//! references need no lookup, and the few others (the location of a folder of entries) are
+//! looked up once each by [`crate::Projections::apply`] ([`references_outside`]). If all are
+//! there, SQLite's checks are off for that batch's transaction. The rows are the same either
+//! way: the check only decides whether the commit may fail, and for a proven batch it cannot.
 
 use std::collections::HashSet;
 
 use keel_schema::{model_by_code, model_code, Change, Op, Value, MODELS};
 use uuid::Uuid;
-
-/// What the caller of [`crate::Projections::apply_with`] knows about a batch's references.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum References {
-    /// Nothing: SQLite checks every reference, and a change whose dependency is missing is
-    /// parked.
-    #[default]
-    Check,
-    /// Every reference of the batch points at a row that exists once the batch is applied (as a
-    /// [`ReferenceTracker`] proves it). SQLite does not look them up. Wrongly claimed, a dangling
-    /// reference would be stored instead of parked; the projection falls back to
-    /// [`References::Check`] while it holds parked changes.
-    Present,
-}
-
-/// Remembers the records a replay into an empty projection has created, to prove chunks of
-/// changes free of missing references (see the module docs).
-///
-/// The proof holds only when the projection was empty when tracking began and receives exactly
-/// the observed changes, in order, each chunk applied in a batch together with the chunks after
-/// it or alone (never split). Once a chunk fails, every later chunk fails too: a change of that
-/// chunk may be parked, and then its record has no row although it was seen.
-#[derive(Debug)]
-pub struct ReferenceTracker {
-    /// Records seen, per model code; `None` for a model that nothing references.
-    seen: Vec<Option<HashSet<Uuid>>>,
-    /// For each model code, each reference field: (field index, target model code).
-    refs: Vec<Vec<(u8, usize)>>,
-    /// Whether every chunk so far was proven.
-    proving: bool,
-}
-
-impl Default for ReferenceTracker {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 /// For each model code, each reference field: (field index, target model code).
 fn reference_fields() -> Vec<Vec<(u8, usize)>> {
@@ -121,58 +79,6 @@ pub(crate) fn references_outside(changes: &[Change], limit: usize) -> Option<Vec
     Some(outside.into_iter().collect())
 }
 
-impl ReferenceTracker {
-    /// A tracker that has seen nothing (for a projection that holds nothing).
-    pub fn new() -> Self {
-        let refs = reference_fields();
-        let mut seen: Vec<Option<HashSet<Uuid>>> = MODELS.iter().map(|_| None).collect();
-        for &(_, target) in refs.iter().flatten() {
-            if let Some(slot) = seen.get_mut(target) {
-                slot.get_or_insert_with(HashSet::new);
-            }
-        }
-        Self {
-            seen,
-            refs,
-            proving: true,
-        }
-    }
-
-    /// Records the records of `chunk` and returns whether every reference in it points at a
-    /// record seen so far (this chunk included). `false` from then on, once it has failed.
-    pub fn observe(&mut self, chunk: &[Change]) -> bool {
-        if !self.proving {
-            return false;
-        }
-        for change in chunk {
-            if model_by_code(change.model).is_none() {
-                continue;
-            }
-            if let Some(Some(set)) = self.seen.get_mut(usize::from(change.model)) {
-                set.insert(change.record);
-            }
-        }
-        self.proving = chunk.iter().all(|change| self.proves(change));
-        if !self.proving {
-            // Nothing will be proven again: free the sets.
-            self.seen.iter_mut().for_each(|s| *s = None);
-        }
-        self.proving
-    }
-
-    /// Whether every reference of `change` points at a seen record.
-    fn proves(&self, change: &Change) -> bool {
-        references_of(&self.refs, change).all(|reference| {
-            reference.is_ok_and(|(target, uuid)| {
-                self.seen
-                    .get(target)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|set| set.contains(&uuid))
-            })
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,37 +114,39 @@ mod tests {
     }
 
     #[test]
-    fn a_reference_to_a_record_seen_before_or_in_the_same_chunk_is_proven() {
-        let mut t = ReferenceTracker::new();
+    fn a_reference_to_a_record_of_the_same_batch_needs_no_lookup() {
         let (c1, c2) = (Uuid::new_v4(), Uuid::new_v4());
-        assert!(t.observe(&content(c1)));
-        assert!(t.observe(&[metadata_of_content(Uuid::new_v4(), c1)]));
-        // The reference comes first, its record later in the same chunk.
-        let mut chunk = vec![metadata_of_content(Uuid::new_v4(), c2)];
-        chunk.extend(content(c2));
-        assert!(t.observe(&chunk));
+        let mut batch = content(c1);
+        batch.push(metadata_of_content(Uuid::new_v4(), c1));
+        // The reference comes first, its record later in the same batch.
+        batch.push(metadata_of_content(Uuid::new_v4(), c2));
+        batch.extend(content(c2));
+        assert_eq!(references_outside(&batch, 0), Some(Vec::new()));
     }
 
     #[test]
-    fn a_missing_reference_fails_that_chunk_and_every_later_one() {
-        let mut t = ReferenceTracker::new();
+    fn a_reference_to_another_model_or_elsewhere_is_outside() {
         let missing = Uuid::new_v4();
-        assert!(!t.observe(&[metadata_of_content(Uuid::new_v4(), missing)]));
-        // Its record arrives now, but the earlier change may have been parked: no proof again.
-        assert!(!t.observe(&content(missing)));
+        let code = usize::from(model_code("content_identity").expect("model"));
+        assert_eq!(
+            references_outside(&[metadata_of_content(Uuid::new_v4(), missing)], 1),
+            Some(vec![(code, missing)])
+        );
+        // A tag with the referenced uuid is not the content it names.
         let tag = Change::upsert(
             ChangeId::new(),
             hlc(3),
             &Tag {
-                uuid: Uuid::new_v4(),
+                uuid: missing,
                 name: "t".into(),
                 color: None,
                 created_ms: 0,
             },
         )
         .into_iter()
+        .chain([metadata_of_content(Uuid::new_v4(), missing)])
         .collect::<Vec<_>>();
-        assert!(!t.observe(&tag));
+        assert_eq!(references_outside(&tag, 1), Some(vec![(code, missing)]));
     }
 
     #[test]
@@ -256,7 +164,6 @@ mod tests {
 
     #[test]
     fn a_reference_that_is_not_a_uuid_is_not_proven() {
-        let mut t = ReferenceTracker::new();
         let mut change = metadata_of_content(Uuid::new_v4(), Uuid::new_v4());
         if let Op::Upsert(fields) = &mut change.op {
             for (_, v) in fields.iter_mut() {
@@ -265,7 +172,6 @@ mod tests {
                 }
             }
         }
-        assert!(!t.observe(std::slice::from_ref(&change)));
         assert_eq!(references_outside(&[change], 10), None);
     }
 }

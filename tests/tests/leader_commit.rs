@@ -11,6 +11,25 @@ use keel_tests::{tag, PASSWORD};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
+/// Commits `tag` on `library`.
+fn commit_tag(library: &Library, tag: &keel_schema::Tag) -> keel_engine::CommitReceipt {
+    let (_, receipt) = library
+        .transact(|tx| {
+            tx.upsert(tag);
+            Ok(())
+        })
+        .expect("commits");
+    receipt
+}
+
+/// Whether every placement is in the log (`log`) or every one in the offline journal.
+fn all_in(placements: &[Placement], log: bool) -> bool {
+    placements.iter().all(|p| match p {
+        Placement::Log(_) => log,
+        Placement::Local(_) => !log,
+    })
+}
+
 #[test]
 fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_journal() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -24,18 +43,9 @@ fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_jou
 
     let before = a.library().status().expect("status").journal;
     let on_a = tag("made on the leader");
-    let (_, receipt) = a
-        .library()
-        .transact(|tx| {
-            tx.upsert(&on_a);
-            Ok(())
-        })
-        .expect("commits on a");
+    let receipt = commit_tag(a.library(), &on_a);
     assert!(
-        receipt
-            .placements
-            .iter()
-            .all(|p| matches!(p, Placement::Log(_))),
+        all_in(&receipt.placements, true),
         "{:?}",
         receipt.placements
     );
@@ -46,18 +56,9 @@ fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_jou
     assert_eq!(after.local_changes, before.local_changes + 1);
 
     let on_b = tag("made on the follower");
-    let (_, receipt_b) = b
-        .library()
-        .transact(|tx| {
-            tx.upsert(&on_b);
-            Ok(())
-        })
-        .expect("commits on b");
+    let receipt_b = commit_tag(b.library(), &on_b);
     assert!(
-        receipt_b
-            .placements
-            .iter()
-            .all(|p| matches!(p, Placement::Local(_))),
+        all_in(&receipt_b.placements, false),
         "{:?}",
         receipt_b.placements
     );
@@ -95,18 +96,9 @@ fn with_leader_commits_off_a_leader_commits_through_its_offline_journal() {
         assert!(Instant::now() < deadline, "a never leads");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (_, receipt) = a
-        .library()
-        .transact(|tx| {
-            tx.upsert(&tag("by the offline journal"));
-            Ok(())
-        })
-        .expect("commits");
+    let receipt = commit_tag(a.library(), &tag("by the offline journal"));
     assert!(
-        receipt
-            .placements
-            .iter()
-            .all(|p| matches!(p, Placement::Local(_))),
+        all_in(&receipt.placements, false),
         "{:?}",
         receipt.placements
     );
