@@ -1,7 +1,8 @@
-//! Fuzz target: journal record decoding (log and local records) and sealed-payload opening.
+//! Fuzz target: journal record decoding (log pages, log and local records) and sealed-payload
+//! opening.
 #![no_main]
 
-use keel_journal::{LibraryKey, LocalRecord, LogRecord, Sealer};
+use keel_journal::{LibraryKey, LocalRecord, LogPage, LogRecord, PageBuilder, Sealer};
 use keel_schema::LibraryId;
 use libfuzzer_sys::fuzz_target;
 
@@ -13,6 +14,16 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(record) = LocalRecord::decode(data) {
         assert_eq!(LocalRecord::encode(record.state, record.sealed), data);
     }
+    if let Ok(page) = LogPage::parse(data) {
+        // A page that parses rebuilds to the same bytes, and covers as many positions.
+        let mut builder = PageBuilder::default();
+        for record in page.records() {
+            builder.push(record);
+        }
+        assert_eq!(builder.take(), data);
+        assert_eq!(LogPage::positions(data), page.len());
+    }
+    assert!(LogPage::positions(data) >= 1);
     let _ = Sealer::peek_change_id(data);
     let sealer = LibraryKey::generate().sealer(LibraryId(uuid::Uuid::nil()));
     assert!(sealer.open(data).is_err(), "a random payload opened under a fresh key");

@@ -8,6 +8,8 @@
 mod budget;
 mod error;
 mod log_index;
+mod log_table;
+mod page;
 mod record;
 mod replicate;
 mod seal;
@@ -19,6 +21,7 @@ mod xchacha;
 pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};
 pub use log_index::LogIndex;
+pub use page::{LogPage, PageBuilder, Records, PAGE_BYTES_MAX, PAGE_HEADER_LEN, PAGE_VERSION};
 pub use record::{
     LocalRecord, LogRecord, PushState, RecordError, LOCAL_HEADER_LEN, LOG_HEADER_LEN,
     RECORD_LEN_MAX, RECORD_VERSION,

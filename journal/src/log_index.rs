@@ -285,11 +285,10 @@ impl Journal {
             };
             let log = txn.open_table(LOG).map_err(storage)?;
             let at = index.len() as u64;
-            let matches = log
-                .get(at)
-                .map_err(storage)?
-                .and_then(|v| {
-                    LogRecord::decode(v.value())
+            let matches = crate::log_table::get(&log, at)?
+                .and_then(Result::ok)
+                .and_then(|bytes| {
+                    LogRecord::decode(&bytes)
                         .ok()
                         .map(|r| (r.epoch, Sealer::peek_change_id(r.sealed)))
                 })

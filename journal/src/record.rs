@@ -37,6 +37,9 @@ pub enum RecordError {
     /// Unknown push state.
     #[error("unknown push state {0}")]
     PushState(u8),
+    /// A log page whose record lengths or count do not add up.
+    #[error("log page framing is damaged")]
+    Framing,
 }
 
 /// A leader-log record: the epoch that sequenced it and the sealed change.
@@ -91,13 +94,24 @@ impl<'a> LogRecord<'a> {
     /// change that `write_sealed` appends to the buffer it is given.
     pub fn encode_into(epoch: Epoch, out: &mut Vec<u8>, write_sealed: impl FnOnce(&mut Vec<u8>)) {
         out.clear();
+        Self::append_encoded(epoch, out, write_sealed);
+    }
+
+    /// Appends to `out` what [`LogRecord::encode`] returns, for the sealed change that
+    /// `write_sealed` appends (a log page is built this way without a copy per record).
+    pub fn append_encoded(
+        epoch: Epoch,
+        out: &mut Vec<u8>,
+        write_sealed: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let start = out.len();
         out.push(RECORD_VERSION);
         out.extend_from_slice(&epoch.counter.to_be_bytes());
         out.extend_from_slice(&epoch.device.0);
         out.extend_from_slice(&[0; 4]);
         write_sealed(out);
-        let crc = crc_without(out, 41);
-        out[41..45].copy_from_slice(&crc.to_be_bytes());
+        let crc = crc_without(&out[start..], 41);
+        out[start + 41..start + 45].copy_from_slice(&crc.to_be_bytes());
     }
 
     /// Whether these stored bytes are an epoch barrier (a record with no change: the first entry

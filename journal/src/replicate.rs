@@ -7,6 +7,7 @@ use keel_schema::{Change, ChangeId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
 use crate::error::{storage, JournalError};
+use crate::log_table::{split_off, PageWriter};
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
 use crate::tables::{LOCAL, LOG, LOG_INDEX, META, META_REPLAY_FROM};
@@ -38,11 +39,13 @@ impl WriterState {
         let waiting = local.first().map_err(storage)?.is_some();
         let mut ids = std::collections::HashSet::new();
         let mut own = 0u64;
+        let mut pages = PageWriter::new(self.next_lsn);
         for (epoch, change, sealed) in entries {
             let lsn = self.next_lsn;
             self.next_lsn += 1;
-            log.insert(lsn, LogRecord::encode(epoch, &sealed).as_slice())
-                .map_err(storage)?;
+            pages.push_with(&mut log, |buf| {
+                LogRecord::append_encoded(epoch, buf, |buf| buf.extend_from_slice(&sealed))
+            })?;
             // A barrier (no change) only marks the start of an epoch.
             let Some(change) = change else { continue };
             own += u64::from(change.origin() == self.device);
@@ -52,6 +55,7 @@ impl WriterState {
             self.hlc_high_water = self.hlc_high_water.max(change.hlc);
             appended.push((Placement::Log(Lsn(lsn)), change));
         }
+        pages.flush(&mut log)?;
         let mut sequenced = Vec::new();
         if !ids.is_empty() {
             for item in local.iter().map_err(storage)? {
@@ -83,13 +87,7 @@ impl WriterState {
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
             let mut local = txn.open_table(LOCAL).map_err(storage)?;
-            let mut suffix = Vec::new();
-            for item in log.range(keep.0 + 1..).map_err(storage)? {
-                let (lsn, bytes) = item.map_err(storage)?;
-                suffix.push((lsn.value(), bytes.value().to_vec()));
-            }
-            for (lsn, bytes) in suffix {
-                log.remove(lsn).map_err(storage)?;
+            for bytes in split_off(&mut log, keep.0)? {
                 // A record that fails its checks cannot be resubmitted; `verify` reports it.
                 let Ok(record) = LogRecord::decode(&bytes) else {
                     continue;

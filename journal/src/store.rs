@@ -1,5 +1,6 @@
 //! `Journal`: opening `journal.redb`, committing through the writer, reading, and verifying.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,10 +12,11 @@ use uuid::Uuid;
 
 use crate::budget::ApplyBudget;
 use crate::error::{guarded, storage, DbHandle, JournalError, RecordPlace};
-use crate::record::{LocalRecord, LogRecord};
+use crate::log_table;
+use crate::record::{LocalRecord, LogRecord, RecordError};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
-    CONFLICTS, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LOCAL, LOG, META, META_EPOCH,
+    CONFLICTS, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LEGACY_LOG, LOCAL, LOG, META, META_EPOCH,
     META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, POSITIONS,
 };
 use crate::writer::{
@@ -209,19 +211,67 @@ fn check_order(previous: &mut Option<u64>, key: u64, from: u64) -> Result<(), Jo
 fn won(db: &Database, epoch: Epoch) -> Result<bool, JournalError> {
     let txn = db.begin_read().map_err(storage)?;
     let log = txn.open_table(LOG).map_err(storage)?;
-    for item in log.range(1..).map_err(storage)?.rev() {
-        let (_, v) = item.map_err(storage)?;
-        let Ok(record) = LogRecord::decode(v.value()) else {
-            continue;
+    let mut won = false;
+    log_table::visit_back(&log, |bytes| {
+        let Ok(record) = LogRecord::decode(bytes) else {
+            return ControlFlow::Continue(());
         };
         if record.epoch < epoch {
-            return Ok(false);
+            return ControlFlow::Break(());
         }
-        if record.epoch == epoch && LogRecord::is_barrier(v.value()) {
-            return Ok(true);
+        if record.epoch == epoch && LogRecord::is_barrier(bytes) {
+            won = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(won)
+}
+
+/// The error for a log page whose framing is damaged, at its first position.
+fn damaged_page(lsn: Lsn, e: &RecordError) -> JournalError {
+    JournalError::BadRecord {
+        place: RecordPlace::Log(lsn),
+        reason: format!("its log page is unreadable ({e}); the page's records are lost"),
+    }
+}
+
+/// Moves a format-1 log (one key per record) into pages, keeping every record's bytes and
+/// position, and drops the old table. Returns how many records moved.
+fn migrate_legacy_log(txn: &redb::WriteTransaction) -> Result<u64, JournalError> {
+    let mut log = txn.open_table(LOG).map_err(storage)?;
+    let mut moved = 0u64;
+    {
+        let legacy = txn.open_table(LEGACY_LOG).map_err(storage)?;
+        let mut writer: Option<log_table::PageWriter> = None;
+        for item in legacy.range(0..).map_err(storage)? {
+            let (key, record) = item.map_err(storage)?;
+            let key = key.value();
+            // Pages hold consecutive positions: a gap starts a new page.
+            let fresh = writer.as_ref().is_none_or(|w| w.next() != key);
+            if fresh {
+                if let Some(mut w) = writer.take() {
+                    w.flush(&mut log)?;
+                }
+                writer = Some(log_table::PageWriter::new(key));
+            }
+            if let Some(w) = writer.as_mut() {
+                w.push(&mut log, record.value())?;
+            }
+            moved += 1;
+        }
+        if let Some(mut w) = writer {
+            w.flush(&mut log)?;
         }
     }
-    Ok(false)
+    txn.delete_table(LEGACY_LOG).map_err(storage)?;
+    if moved > 0 {
+        tracing::info!(
+            records = moved,
+            "moved the log into pages (journal format 2)"
+        );
+    }
+    Ok(moved)
 }
 
 fn decode_u64(bytes: &[u8]) -> u64 {
@@ -277,7 +327,7 @@ impl Journal {
             let txn = db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let local = txn.open_table(LOCAL).map_err(storage)?;
-            Ok((next_key(&log)?, next_key(&local)?))
+            Ok((log_table::last_lsn(&log)? + 1, next_key(&local)?))
         })?;
         let mut hlc_high_water = read_meta(&db, META_HLC)?
             .and_then(|b| Hlc::from_bytes(&b))
@@ -340,7 +390,6 @@ impl Journal {
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
-            txn.open_table(LOG).map_err(storage)?;
             txn.delete_table(LEGACY_CHANGE_INDEX).map_err(storage)?;
             txn.open_table(LOCAL).map_err(storage)?;
             txn.open_table(POSITIONS).map_err(storage)?;
@@ -358,8 +407,8 @@ impl Journal {
                         supported: JOURNAL_FORMAT,
                     })
                 }
-                Some(_) => {}
-                None => {
+                Some(found) if found == JOURNAL_FORMAT => {}
+                _ => {
                     meta.insert(META_FORMAT, &JOURNAL_FORMAT.to_be_bytes()[..])
                         .map_err(storage)?;
                 }
@@ -386,6 +435,8 @@ impl Journal {
                 }
             }
         }
+        // After the format check: a newer format is refused before anything moves.
+        migrate_legacy_log(&txn)?;
         txn.commit().map_err(storage)?;
         Ok(())
     }
@@ -393,21 +444,17 @@ impl Journal {
     fn last_change_hlc(&self) -> Result<Option<Hlc>, JournalError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let mut newest = None;
-        for (table, is_log) in [(LOG, true), (LOCAL, false)] {
-            let t = txn.open_table(table).map_err(storage)?;
-            let last = t
-                .last()
-                .map_err(storage)?
-                .map(|(k, v)| (k.value(), v.value().to_vec()));
-            if let Some((key, bytes)) = last {
-                let place = if is_log {
-                    Placement::Log(Lsn(key))
-                } else {
-                    Placement::Local(key)
-                };
-                if let Ok((_, _, change)) = self.decode_entry(place, &bytes) {
-                    newest = newest.max(Some(change.hlc));
-                }
+        let log = txn.open_table(LOG).map_err(storage)?;
+        let local = txn.open_table(LOCAL).map_err(storage)?;
+        let last_log =
+            log_table::last_record(&log)?.map(|(lsn, bytes)| (Placement::Log(Lsn(lsn)), bytes));
+        let last_local = local
+            .last()
+            .map_err(storage)?
+            .map(|(k, v)| (Placement::Local(k.value()), v.value().to_vec()));
+        for (place, bytes) in last_log.into_iter().chain(last_local) {
+            if let Ok((_, _, change)) = self.decode_entry(place, &bytes) {
+                newest = newest.max(Some(change.hlc));
             }
         }
         Ok(newest)
@@ -533,23 +580,24 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(65_536));
-            let mut previous = None;
-            for item in log.range(from.0..).map_err(storage)? {
+            log_table::visit(&log, from.0, |lsn, record| {
                 if out.len() >= limit {
-                    break;
+                    return Ok(ControlFlow::Break(()));
                 }
-                let (k, v) = item.map_err(storage)?;
-                check_order(&mut previous, k.value(), from.0)?;
-                if LogRecord::is_barrier(v.value()) {
-                    continue;
+                match record {
+                    Ok(bytes) if LogRecord::is_barrier(bytes) => {}
+                    Ok(bytes) => out.push(self.decode_entry(Placement::Log(Lsn(lsn)), bytes)),
+                    Err(e) => out.push(Err(damaged_page(Lsn(lsn), &e))),
                 }
-                out.push(self.decode_entry(Placement::Log(Lsn(k.value())), v.value()));
-            }
+                Ok(ControlFlow::Continue(()))
+            })?;
             Ok(out)
         })
     }
 
-    /// Reads up to `limit` raw log records from `from` (inclusive), unopened.
+    /// Reads up to `limit` raw log records from `from` (inclusive), unopened, barriers left out.
+    /// A damaged log page shows as one empty record at its first position, which
+    /// [`Journal::open_log_record`] reports.
     pub fn read_log_raw(
         &self,
         from: Lsn,
@@ -559,18 +607,17 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out: Vec<(Lsn, Vec<u8>)> = Vec::with_capacity(limit.min(65_536));
-            let mut previous = None;
-            for item in log.range(from.0..).map_err(storage)? {
+            log_table::visit(&log, from.0, |lsn, record| {
                 if out.len() >= limit {
-                    break;
+                    return Ok(ControlFlow::Break(()));
                 }
-                let (k, v) = item.map_err(storage)?;
-                check_order(&mut previous, k.value(), from.0)?;
-                if LogRecord::is_barrier(v.value()) {
-                    continue;
+                match record {
+                    Ok(bytes) if LogRecord::is_barrier(bytes) => {}
+                    Ok(bytes) => out.push((Lsn(lsn), bytes.to_vec())),
+                    Err(_) => out.push((Lsn(lsn), Vec::new())),
                 }
-                out.push((Lsn(k.value()), v.value().to_vec()));
-            }
+                Ok(ControlFlow::Continue(()))
+            })?;
             Ok(out)
         })
     }
@@ -578,6 +625,9 @@ impl Journal {
     /// Decodes one raw log record (see [`Journal::read_log_raw`]); used to open records on
     /// several threads.
     pub fn open_log_record(&self, lsn: Lsn, bytes: &[u8]) -> ReadEntry {
+        if bytes.is_empty() {
+            return Err(damaged_page(lsn, &RecordError::Framing));
+        }
         self.decode_entry(Placement::Log(lsn), bytes)
     }
 
@@ -635,18 +685,15 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let local = txn.open_table(LOCAL).map_err(storage)?;
-            let last_lsn = log
-                .last()
-                .map_err(storage)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0);
+            let last_lsn = log_table::last_lsn(&log)?;
             let own_changes = read_meta(&self.db, META_OWN_CHANGES)?
                 .map(|b| decode_u64(&b))
                 .unwrap_or(0);
             Ok(JournalStats {
                 own_changes,
                 pending_local: local.len().map_err(storage)?,
-                log_len: log.len().map_err(storage)?,
+                // The log is contiguous from position 1.
+                log_len: last_lsn,
                 last_lsn: Lsn(last_lsn),
             })
         })
@@ -774,10 +821,11 @@ impl Journal {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
-            let Some(bytes) = log.get(lsn.0).map_err(storage)? else {
+            let Some(bytes) = log_table::get(&log, lsn.0)? else {
                 return Ok(None);
             };
-            let record = LogRecord::decode(bytes.value()).map_err(|e| JournalError::BadRecord {
+            let bytes = bytes.map_err(|e| damaged_page(lsn, &e))?;
+            let record = LogRecord::decode(&bytes).map_err(|e| JournalError::BadRecord {
                 place: RecordPlace::Log(lsn),
                 reason: e.to_string(),
             })?;
@@ -853,17 +901,19 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(65_536));
-            let mut previous = None;
-            for item in log.range(from.0..).map_err(storage)?.take(limit) {
-                let (k, v) = item.map_err(storage)?;
-                check_order(&mut previous, k.value(), from.0)?;
-                let lsn = Lsn(k.value());
-                let record = LogRecord::decode(v.value()).map_err(|e| JournalError::BadRecord {
+            log_table::visit(&log, from.0, |lsn, record| {
+                if out.len() >= limit {
+                    return Ok(ControlFlow::Break(()));
+                }
+                let lsn = Lsn(lsn);
+                let bytes = record.map_err(|e| damaged_page(lsn, &e))?;
+                let record = LogRecord::decode(bytes).map_err(|e| JournalError::BadRecord {
                     place: RecordPlace::Log(lsn),
                     reason: e.to_string(),
                 })?;
                 out.push((lsn, record.epoch, record.sealed.to_vec()));
-            }
+                Ok(ControlFlow::Continue(()))
+            })?;
             Ok(out)
         })
     }
@@ -896,23 +946,22 @@ impl Journal {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
-            for (expected, item) in (from.0..).zip(log.range(from.0..).map_err(storage)?) {
-                let (k, v) = item.map_err(storage)?;
-                if k.value() != expected {
+            let mut expected = from.0;
+            log_table::visit(&log, from.0, |lsn, record| {
+                if lsn != expected {
                     return Err(JournalError::Corrupt(format!(
                         "a gap in the log at {expected}"
                     )));
                 }
-                match LogRecord::decode(v.value()) {
-                    Ok(record) => visit(record.epoch, Sealer::peek_change_id(record.sealed)),
-                    Err(e) => {
-                        return Err(JournalError::BadRecord {
-                            place: RecordPlace::Log(Lsn(k.value())),
-                            reason: e.to_string(),
-                        })
-                    }
-                }
-            }
+                expected += 1;
+                let bytes = record.map_err(|e| damaged_page(Lsn(lsn), &e))?;
+                let record = LogRecord::decode(bytes).map_err(|e| JournalError::BadRecord {
+                    place: RecordPlace::Log(Lsn(lsn)),
+                    reason: e.to_string(),
+                })?;
+                visit(record.epoch, Sealer::peek_change_id(record.sealed));
+                Ok(ControlFlow::Continue(()))
+            })?;
             Ok(())
         })
     }

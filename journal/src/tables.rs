@@ -2,8 +2,12 @@
 
 use redb::TableDefinition;
 
-/// The leader log: `lsn → log record` (epoch, checksum, sealed change).
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// The leader log: `first lsn → log page` (consecutive log records, each with its epoch,
+/// checksum and sealed change; see `crate::page`).
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log_pages");
+/// The leader log of format 1, one record per key: `lsn → log record`. Opening a journal moves
+/// it into [`LOG`].
+pub(crate) const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// Dropped: an index `change id → lsn` that early builds kept beside the log. Deduplication is
 /// the replication core's (its log ids in memory), so opening a journal deletes this table.
 pub(crate) const LEGACY_CHANGE_INDEX: TableDefinition<u128, u64> =
@@ -38,5 +42,6 @@ pub(crate) const META_OWN_CHANGES: &str = "own_changes";
 /// After a truncation: replay after a crash must start no later than this log position (u64 BE).
 pub(crate) const META_REPLAY_FROM: &str = "replay_from";
 
-/// The journal format this build writes.
-pub const JOURNAL_FORMAT: u64 = 1;
+/// The journal format this build writes: 2 stores the log in pages (format 1 had one key per
+/// record, and is converted on open).
+pub const JOURNAL_FORMAT: u64 = 2;

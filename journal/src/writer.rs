@@ -12,6 +12,7 @@ use keel_schema::{Change, Epoch, Hlc, Lsn};
 use redb::{Durability, ReadableTable};
 
 use crate::error::{guarded, storage, DbHandle, JournalError};
+use crate::log_table::PageWriter;
 use crate::record::{LocalRecord, LogRecord, PushState, LOG_HEADER_LEN};
 use crate::tables::{LOCAL, LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES};
 
@@ -322,6 +323,7 @@ impl WriterState {
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
             let mut local = txn.open_table(LOCAL).map_err(storage)?;
+            let mut pages = PageWriter::new(self.next_lsn);
             for (sealed, _) in batch {
                 for item in sealed {
                     if item.change.hlc > self.hlc_high_water {
@@ -333,10 +335,13 @@ impl WriterState {
                             let lsn = self.next_lsn;
                             self.next_lsn += 1;
                             if item.framed_for == Some(epoch) {
-                                log.insert(lsn, item.bytes.as_slice()).map_err(storage)?;
+                                pages.push(&mut log, &item.bytes)?;
                             } else {
-                                let record = LogRecord::encode(epoch, item.sealed());
-                                log.insert(lsn, record.as_slice()).map_err(storage)?;
+                                pages.push_with(&mut log, |buf| {
+                                    LogRecord::append_encoded(epoch, buf, |buf| {
+                                        buf.extend_from_slice(item.sealed())
+                                    })
+                                })?;
                             }
                             placements.push(Placement::Log(Lsn(lsn)));
                         }
@@ -350,6 +355,7 @@ impl WriterState {
                     }
                 }
             }
+            pages.flush(&mut log)?;
         }
         let appended = match append {
             Some((first, entries)) => self.append_in(&txn, first, entries)?,

@@ -2,24 +2,11 @@
 //! segment verbatim, a leader appends what its replication core sequenced, a deposed log truncates its suffix
 //! into the offline journal, and hostile segments are refused whole.
 
+mod common;
+use common::change;
 use keel_journal::{Journal, JournalError, JournalOptions, LibraryKey, LogIndex, LogRecord, Role};
-use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn, Tag};
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use uuid::Uuid;
-
-fn change(device: DeviceId, n: u64) -> Change {
-    let tag = Tag {
-        uuid: Uuid::now_v7(),
-        name: format!("t{n}"),
-        color: None,
-        created_ms: 0,
-    };
-    let hlc = Hlc {
-        physical_ms: 1000 + n,
-        counter: 0,
-        device,
-    };
-    Change::upsert(ChangeId::new(), hlc, &tag).expect("sync-ready")
-}
 
 fn open(
     dir: &std::path::Path,

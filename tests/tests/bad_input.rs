@@ -93,43 +93,110 @@ fn bit_flips_in_the_journal_never_panic() {
     }
 }
 
+/// Ten tags in one transaction: their records share one log page.
+fn fill_one_page(lib: &Library) {
+    lib.transact(|tx| {
+        for i in 0..10 {
+            tx.upsert(&Tag {
+                uuid: Uuid::now_v7(),
+                name: format!("p{i}"),
+                color: None,
+                created_ms: 0,
+            });
+        }
+        Ok(())
+    })
+    .expect("commit");
+}
+
+/// Rewrites the log page holding `lsn` with `edit`, which gets the page's bytes and the byte
+/// range of that record within them. Returns the page's first position and record count.
+fn edit_log_page(
+    path: &Path,
+    lsn: u64,
+    edit: impl FnOnce(&mut Vec<u8>, std::ops::Range<usize>),
+) -> (u64, u64) {
+    let db = redb::Database::open(path).expect("redb opens");
+    let pages: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
+    let txn = db.begin_write().expect("write");
+    let found;
+    {
+        let mut table = txn.open_table(pages).expect("log table");
+        let (first, mut bytes) = {
+            let (k, v) = table
+                .range(..=lsn)
+                .expect("range")
+                .next_back()
+                .expect("a page holds it")
+                .expect("reads");
+            (k.value(), v.value().to_vec())
+        };
+        let page = keel_journal::LogPage::parse(&bytes).expect("a sound page");
+        let record = page
+            .records()
+            .nth((lsn - first) as usize)
+            .expect("the page holds the position");
+        let at = record.as_ptr() as usize - bytes.as_ptr() as usize;
+        let range = at..at + record.len();
+        found = (first, page.len());
+        edit(&mut bytes, range);
+        table.insert(first, bytes.as_slice()).expect("insert");
+    }
+    txn.commit().expect("commit");
+    found
+}
+
 #[test]
 fn a_tampered_record_is_reported_with_its_position_and_never_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (home, lib) = create_library(dir.path(), "lib").expect("creates");
-    fill(&lib, 10);
+    fill(&lib, 2);
+    fill_one_page(&lib);
     lib.close().expect("closes");
-    let path = journal_path(&home);
-    {
-        let db = redb::Database::open(&path).expect("redb opens");
-        let log: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
-        let txn = db.begin_write().expect("write");
-        {
-            let mut table = txn.open_table(log).expect("log table");
-            let mut bytes = table
-                .get(5)
-                .expect("get")
-                .expect("lsn 5 exists")
-                .value()
-                .to_vec();
-            let last = bytes.len() - 1;
-            bytes[last] ^= 0x40;
-            table.insert(5, bytes.as_slice()).expect("insert");
-        }
-        txn.commit().expect("commit");
-    }
+    // Position 8 is in the middle of the ten tags' page.
+    let (first, count) = edit_log_page(&journal_path(&home), 8, |bytes, record| {
+        bytes[record.end - 1] ^= 0x40;
+    });
+    assert!(first < 8 && first + count > 9, "page {first}+{count}");
     let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
     let (report, _) = lib.verify().expect("verify");
     assert_eq!(report.faults.len(), 1, "{:?}", report.faults);
     assert_eq!(
         report.faults[0].0,
-        keel_journal::RecordPlace::Log(keel_schema::Lsn(5))
+        keel_journal::RecordPlace::Log(keel_schema::Lsn(8))
     );
     // A rebuild skips the bad record: one tag fewer, everything else intact.
     let before = lib.status().expect("status").counts.tags;
     let replay = lib.rebuild(&mut |_, _| {}).expect("rebuild");
     assert_eq!(replay.faults.len(), 1);
     assert_eq!(lib.status().expect("status").counts.tags, before - 1);
+}
+
+#[test]
+fn a_log_page_with_damaged_framing_is_reported_at_its_first_position_and_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    fill(&lib, 2);
+    fill_one_page(&lib);
+    fill(&lib, 2);
+    lib.close().expect("closes");
+    // The page's record count no longer matches its records.
+    let (first, count) = edit_log_page(&journal_path(&home), 8, |bytes, _| {
+        bytes[4] ^= 0x01;
+    });
+    assert_eq!(count, 10);
+    let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+    let (report, _) = lib.verify().expect("verify");
+    assert_eq!(report.faults.len(), 1, "{:?}", report.faults);
+    assert_eq!(
+        report.faults[0].0,
+        keel_journal::RecordPlace::Log(keel_schema::Lsn(first))
+    );
+    // The page's ten tags are lost to a rebuild; the records after it are not.
+    let before = lib.status().expect("status").counts.tags;
+    let replay = lib.rebuild(&mut |_, _| {}).expect("rebuild");
+    assert_eq!(replay.faults.len(), 1);
+    assert_eq!(lib.status().expect("status").counts.tags, before - 10);
 }
 
 #[test]

@@ -1,0 +1,232 @@
+//! Reading and writing the leader log's table, whose values are [`LogPage`]s keyed by the
+//! position of their first record: visiting records from a position, appending, truncating.
+
+use std::ops::ControlFlow;
+
+use redb::{ReadableTable, Table};
+
+use crate::error::{storage, JournalError};
+use crate::page::{LogPage, PageBuilder};
+use crate::record::RecordError;
+
+/// What a visitor sees at one position: a record's bytes, or (once, at the page's first
+/// position) why a whole page could not be read.
+pub(crate) type Visited<'a> = Result<&'a [u8], RecordError>;
+
+/// The key of the page holding `lsn`, if one does.
+fn page_of<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+    lsn: u64,
+) -> Result<Option<u64>, JournalError> {
+    let Some(item) = table.range(..=lsn).map_err(storage)?.next_back() else {
+        return Ok(None);
+    };
+    let (key, page) = item.map_err(storage)?;
+    let key = key.value();
+    let count = LogPage::positions(page.value());
+    Ok((key.saturating_add(count) > lsn).then_some(key))
+}
+
+/// Visits the records from position `from` on, in order, until `visit` breaks. Page keys must
+/// increase and pages must not overlap (a damaged tree could return them out of order, and a
+/// reader that continues from the last key would then loop); a gap is left to the caller.
+pub(crate) fn visit<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+    from: u64,
+    mut visit: impl FnMut(u64, Visited<'_>) -> Result<ControlFlow<()>, JournalError>,
+) -> Result<(), JournalError> {
+    let start = page_of(table, from)?.unwrap_or(from);
+    // Where the previous page ended: the next must start there or later.
+    let mut end = start;
+    for item in table.range(start..).map_err(storage)? {
+        let (key, page) = item.map_err(storage)?;
+        let key = key.value();
+        if key < end {
+            return Err(JournalError::Corrupt(format!(
+                "log pages out of order at {key}"
+            )));
+        }
+        match LogPage::parse(page.value()) {
+            Ok(page) => {
+                end = key.saturating_add(page.len());
+                for (lsn, record) in (key..).zip(page.records()) {
+                    if lsn < from {
+                        continue;
+                    }
+                    if visit(lsn, Ok(record))?.is_break() {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(e) => {
+                // Its true length is unknown: the next page's key tells where it ended.
+                end = key.saturating_add(1);
+                if key >= from && visit(key, Err(e))?.is_break() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The record at `lsn`, copied.
+pub(crate) fn get<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+    lsn: u64,
+) -> Result<Option<Result<Vec<u8>, RecordError>>, JournalError> {
+    let mut found = None;
+    visit(table, lsn, |at, record| {
+        if at == lsn {
+            found = Some(record.map(<[u8]>::to_vec));
+        }
+        Ok(ControlFlow::Break(()))
+    })?;
+    Ok(found)
+}
+
+/// The last position in the log (0 if it is empty).
+pub(crate) fn last_lsn<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+) -> Result<u64, JournalError> {
+    let Some((key, page)) = table.last().map_err(storage)? else {
+        return Ok(0);
+    };
+    let count = LogPage::positions(page.value());
+    Ok(key.value().saturating_add(count - 1))
+}
+
+/// The last record (`None` if the log is empty or its last page is damaged).
+pub(crate) fn last_record<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+) -> Result<Option<(u64, Vec<u8>)>, JournalError> {
+    let Some((key, page)) = table.last().map_err(storage)? else {
+        return Ok(None);
+    };
+    let Ok(parsed) = LogPage::parse(page.value()) else {
+        return Ok(None);
+    };
+    let last = key.value() + parsed.len() - 1;
+    Ok(parsed.records().last().map(|r| (last, r.to_vec())))
+}
+
+/// Visits the records from the newest back, page by page, until `visit` breaks; damaged pages
+/// are skipped.
+pub(crate) fn visit_back<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+    mut visit: impl FnMut(&[u8]) -> ControlFlow<()>,
+) -> Result<(), JournalError> {
+    for item in table.range(0..).map_err(storage)?.rev() {
+        let (_, page) = item.map_err(storage)?;
+        let Ok(parsed) = LogPage::parse(page.value()) else {
+            continue;
+        };
+        let records: Vec<&[u8]> = parsed.records().collect();
+        for record in records.into_iter().rev() {
+            if visit(record).is_break() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes records at consecutive positions into a log table, packed into pages.
+pub(crate) struct PageWriter {
+    first: u64,
+    page: PageBuilder,
+}
+
+impl PageWriter {
+    /// A writer whose first record goes at `first`.
+    pub(crate) fn new(first: u64) -> Self {
+        Self {
+            first,
+            page: PageBuilder::default(),
+        }
+    }
+
+    /// The position the next record pushed goes to.
+    pub(crate) fn next(&self) -> u64 {
+        self.first + self.page.len()
+    }
+
+    /// Appends the record that `write` appends to the buffer it is given; writes the page out
+    /// when it is full.
+    pub(crate) fn push_with(
+        &mut self,
+        table: &mut Table<'_, u64, &'static [u8]>,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), JournalError> {
+        self.page.push_with(write);
+        while let Some((page, count)) = self.page.take_full() {
+            table.insert(self.first, page.as_slice()).map_err(storage)?;
+            self.first += count;
+        }
+        Ok(())
+    }
+
+    /// Appends one record's bytes.
+    pub(crate) fn push(
+        &mut self,
+        table: &mut Table<'_, u64, &'static [u8]>,
+        record: &[u8],
+    ) -> Result<(), JournalError> {
+        self.push_with(table, |buf| buf.extend_from_slice(record))
+    }
+
+    /// Writes out the records pushed since the last page was written.
+    pub(crate) fn flush(
+        &mut self,
+        table: &mut Table<'_, u64, &'static [u8]>,
+    ) -> Result<(), JournalError> {
+        if self.page.is_empty() {
+            return Ok(());
+        }
+        let count = self.page.len();
+        let bytes = self.page.take();
+        table
+            .insert(self.first, bytes.as_slice())
+            .map_err(storage)?;
+        self.first += count;
+        Ok(())
+    }
+}
+
+/// Removes every record after `keep` and returns them (a damaged page's records cannot be
+/// read and are dropped with it). The page holding `keep` keeps its records up to `keep`.
+pub(crate) fn split_off(
+    table: &mut Table<'_, u64, &'static [u8]>,
+    keep: u64,
+) -> Result<Vec<Vec<u8>>, JournalError> {
+    let mut suffix = Vec::new();
+    let mut pages = Vec::new();
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    let start = page_of(table, keep + 1)?.unwrap_or(keep + 1);
+    for item in table.range(start..).map_err(storage)? {
+        let (key, page) = item.map_err(storage)?;
+        let key = key.value();
+        pages.push(key);
+        let Ok(parsed) = LogPage::parse(page.value()) else {
+            continue;
+        };
+        for (lsn, record) in (key..).zip(parsed.records()) {
+            if lsn <= keep {
+                kept.push(record.to_vec());
+            } else {
+                suffix.push(record.to_vec());
+            }
+        }
+    }
+    for key in &pages {
+        table.remove(*key).map_err(storage)?;
+    }
+    if !kept.is_empty() {
+        let mut writer = PageWriter::new(start);
+        for record in &kept {
+            writer.push(table, record)?;
+        }
+        writer.flush(table)?;
+    }
+    Ok(suffix)
+}

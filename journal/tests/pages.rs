@@ -1,0 +1,189 @@
+//! The log stored in pages, on real redb files: many records per page read back by position,
+//! a truncation in the middle of a page, and a format-1 journal (one key per record) moved into
+//! pages on open with every record and position kept.
+
+mod common;
+use common::change;
+use keel_journal::{Journal, JournalOptions, LibraryKey, LogRecord, Role, PAGE_BYTES_MAX};
+use keel_schema::{Change, DeviceId, Epoch, LibraryId, Lsn};
+use redb::ReadableDatabase;
+use uuid::Uuid;
+
+const PAGES: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
+const LEGACY: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    lib: LibraryId,
+    key: LibraryKey,
+    device: DeviceId,
+    epoch: Epoch,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let device = DeviceId([1; 32]);
+        Self {
+            path: dir.path().join("journal.redb"),
+            _dir: dir,
+            lib: LibraryId(Uuid::new_v4()),
+            key: LibraryKey::generate(),
+            device,
+            epoch: Epoch { counter: 1, device },
+        }
+    }
+
+    fn open(&self) -> Journal {
+        Journal::open(
+            &self.path,
+            self.lib,
+            &self.key,
+            self.device,
+            JournalOptions {
+                role: Some(Role::Leader(self.epoch)),
+                ..JournalOptions::default()
+            },
+        )
+        .expect("opens")
+    }
+}
+
+/// Every record from position 1, as stored.
+fn all_raw(journal: &Journal) -> Vec<(Lsn, Vec<u8>)> {
+    journal.read_log_raw(Lsn(1), usize::MAX).expect("reads")
+}
+
+fn page_keys(path: &std::path::Path) -> Vec<u64> {
+    let db = redb::Database::open(path).expect("redb opens");
+    let txn = db.begin_read().expect("read");
+    let table = txn.open_table(PAGES).expect("pages");
+    table
+        .range(0..)
+        .expect("range")
+        .map(|item| item.expect("reads").0.value())
+        .collect()
+}
+
+#[test]
+fn a_large_commit_fills_several_pages_and_every_position_reads_back() {
+    let s = Setup::new();
+    let journal = s.open();
+    let changes: Vec<Change> = (0..2_000).map(|n| change(s.device, n)).collect();
+    journal.commit(changes.clone()).expect("commits");
+    journal
+        .commit(vec![change(s.device, 9_999)])
+        .expect("commits");
+    let read = journal.read_log(Lsn(1), usize::MAX).expect("reads");
+    assert_eq!(read.len(), 2_001);
+    for (i, entry) in read.iter().take(2_000).enumerate() {
+        let (_, _, got) = entry.as_ref().expect("sound");
+        assert_eq!(got.id, changes[i].id, "position {}", i + 1);
+    }
+    // A read from the middle of a page starts at that position.
+    let from_middle = journal.read_log_raw(Lsn(777), 3).expect("reads");
+    assert_eq!(
+        from_middle.iter().map(|(l, _)| l.0).collect::<Vec<_>>(),
+        vec![777, 778, 779]
+    );
+    assert_eq!(journal.epoch_at(Lsn(1_500)).expect("reads"), Some(s.epoch));
+    assert_eq!(journal.epoch_at(Lsn(2_002)).expect("reads"), None);
+    assert_eq!(journal.stats().expect("stats").log_len, 2_001);
+    assert!(journal.verify().expect("verifies").faults.is_empty());
+    journal.close();
+    // 2,000 records of this size fill several pages; the single commit after them is its own.
+    let keys = page_keys(&s.path);
+    let record = LogRecord::decode(&all_raw(&s.open())[0].1)
+        .expect("sound")
+        .sealed
+        .len();
+    assert!(keys.len() as u64 >= (2_000 * record as u64) / PAGE_BYTES_MAX as u64);
+    assert!(keys.len() < 100, "{} pages", keys.len());
+    assert_eq!(keys.last(), Some(&2_001));
+}
+
+#[test]
+fn a_truncation_in_the_middle_of_a_page_keeps_the_prefix_and_returns_the_rest() {
+    let s = Setup::new();
+    let journal = s.open();
+    let changes: Vec<Change> = (0..1_000).map(|n| change(s.device, n)).collect();
+    journal.commit(changes.clone()).expect("commits");
+    let before = all_raw(&journal);
+    // Keep 1..=333: the cut falls inside a page.
+    let returned = journal.truncate_after(Lsn(333)).expect("truncates");
+    assert_eq!(
+        returned,
+        changes[333..].iter().map(|c| c.id).collect::<Vec<_>>()
+    );
+    assert_eq!(all_raw(&journal), before[..333].to_vec());
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(333));
+    assert_eq!(journal.stats().expect("stats").pending_local, 667);
+    // Appending continues right after the kept prefix.
+    let segment: Vec<(Epoch, Vec<u8>)> = before[333..400]
+        .iter()
+        .map(|(_, bytes)| {
+            let record = LogRecord::decode(bytes).expect("sound");
+            (record.epoch, record.sealed.to_vec())
+        })
+        .collect();
+    journal
+        .append_replicated(Lsn(334), segment)
+        .expect("appends after the cut");
+    assert_eq!(all_raw(&journal), before[..400].to_vec());
+    assert!(journal.verify().expect("verifies").faults.is_empty());
+    journal.close();
+    // Reopened, the next position is still right.
+    let journal = s.open();
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(400));
+}
+
+#[test]
+fn a_format_1_log_is_moved_into_pages_on_open_with_every_record_kept() {
+    let s = Setup::new();
+    let journal = s.open();
+    for n in 0..5 {
+        journal
+            .commit((0..100).map(|i| change(s.device, n * 100 + i)).collect())
+            .expect("commits");
+    }
+    let before = all_raw(&journal);
+    let ids = journal.change_ids().expect("ids");
+    journal.close();
+    // Turn the file back into format 1: one key per record, format 1 in meta.
+    {
+        let db = redb::Database::open(&s.path).expect("redb opens");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut legacy = txn.open_table(LEGACY).expect("legacy");
+            for (lsn, bytes) in &before {
+                legacy.insert(lsn.0, bytes.as_slice()).expect("insert");
+            }
+            let mut meta = txn.open_table(META).expect("meta");
+            meta.insert("format", &1u64.to_be_bytes()[..])
+                .expect("insert");
+        }
+        assert!(txn.delete_table(PAGES).expect("deletes"));
+        txn.commit().expect("commit");
+    }
+    let journal = s.open();
+    assert_eq!(all_raw(&journal), before);
+    assert_eq!(journal.change_ids().expect("ids"), ids);
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(500));
+    assert!(journal.verify().expect("verifies").faults.is_empty());
+    journal
+        .commit(vec![change(s.device, 1_000)])
+        .expect("commits");
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(501));
+    journal.close();
+    let db = redb::Database::open(&s.path).expect("redb opens");
+    let txn = db.begin_read().expect("read");
+    assert!(txn.open_table(LEGACY).is_err(), "the old table is gone");
+    let meta = txn.open_table(META).expect("meta");
+    let format = meta.get("format").expect("get").expect("stored");
+    assert_eq!(
+        format.value(),
+        &keel_journal::JOURNAL_FORMAT.to_be_bytes()[..]
+    );
+}
