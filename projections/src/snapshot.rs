@@ -38,6 +38,23 @@ fn applied_in(conn: &Connection) -> Result<AppliedPosition, ProjectionError> {
     })
 }
 
+/// `file:` URI of `path`, opened immutable (its bytes read as they are, no WAL, no locks).
+fn file_uri(path: &Path) -> Result<String, ProjectionError> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| ProjectionError::BadSnapshot(format!("{} is not UTF-8", path.display())))?;
+    let mut uri = String::from("file:");
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"/._-~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    Ok(uri)
+}
+
 /// A projection file frozen for copying. While this lives, SQLite writes nothing to the file:
 /// it holds a read transaction that reads the file alone (the WAL was empty when it began), and
 /// such a reader keeps every checkpoint from copying pages back. New commits wait in the WAL.
@@ -125,6 +142,27 @@ impl Projections {
         Ok(applied)
     }
 
+    /// Checks the structure of the projection file at `path` (SQLite's `quick_check`), as its
+    /// bytes are on disk: the file is opened immutable, so a WAL beside it is not read. Meant
+    /// for a [`FrozenFile`] (whose bytes do not change while it lives) or a copy: the sending
+    /// side checks what it sends while it sends it, and the receiver, which checks the bytes
+    /// it got against the sender's hash, need not read the whole file back.
+    pub fn check_file(path: &Path) -> Result<(), ProjectionError> {
+        let conn = Connection::open_with_flags(
+            file_uri(path)?,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let check: String = conn.pragma_query_value(None, "quick_check", |r| r.get(0))?;
+        if check != "ok" {
+            return Err(ProjectionError::BadSnapshot(format!(
+                "the file is damaged: {check}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Installs `incoming`, a file made by [`Projections::snapshot`] on another device of the
     /// library and received whole, as the projection file `dest`, replacing whatever `dest` held.
     /// Checks it is a projection of this schema, records that none of this device's own
@@ -143,12 +181,6 @@ impl Projections {
             if version != SCHEMA_VERSION {
                 return Err(ProjectionError::BadSnapshot(format!(
                     "schema version {version}, this build has {SCHEMA_VERSION}"
-                )));
-            }
-            let check: String = conn.pragma_query_value(None, "quick_check", |r| r.get(0))?;
-            if check != "ok" {
-                return Err(ProjectionError::BadSnapshot(format!(
-                    "the file is damaged: {check}"
                 )));
             }
             configure_connection(&conn)?;
@@ -228,6 +260,39 @@ mod tests {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .expect("checkpoints");
         assert_ne!(file_hash(&path), before, "after thawing, checkpoints go on");
+    }
+
+    #[test]
+    fn the_check_reads_a_frozen_file_as_frozen_and_finds_a_damaged_one() {
+        let dir = tempfile::tempdir().expect("tempdir #1 & co");
+        let path = dir.path().join("p q%.sqlite");
+        let p = Projections::open(&path).expect("opens");
+        for lsn in 1..50 {
+            set_applied(&p, lsn);
+        }
+        let frozen = p.freeze().expect("freezes").expect("in WAL mode");
+        for lsn in 50..100 {
+            set_applied(&p, lsn);
+        }
+        Projections::check_file(&frozen.path).expect("a sound file");
+        drop(frozen);
+        drop(p);
+        // Garbage over the second page (the first table's root) is found.
+        let mut bytes = std::fs::read(&path).expect("reads");
+        assert!(bytes.len() >= 3 * 4096, "{} bytes", bytes.len());
+        for b in &mut bytes[4096 + 8..2 * 4096] {
+            *b = 0xa5;
+        }
+        let damaged = dir.path().join("damaged.sqlite");
+        std::fs::write(&damaged, &bytes).expect("writes");
+        let error = Projections::check_file(&damaged).expect_err("damaged");
+        assert!(
+            matches!(
+                error,
+                ProjectionError::Sqlite(_) | ProjectionError::BadSnapshot(_)
+            ),
+            "{error}"
+        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! The sender freezes its projection file in place (see [`keel_projections::FrozenFile`]; if it
 //! cannot, it copies it with SQLite's online backup) and ships it with its log from position 1,
 //! interleaving log segments and file chunks so the receiver stores the log while the file
-//! arrives. The receiver checks the log's seals on one thread and appends it verbatim on
-//! another, writes the file beside its projection, checks its hash, and installs it only if the
-//! log it has applied is stored: until then the library is a valid follower with a shorter log,
+//! arrives; it checks the file's structure (SQLite's `quick_check`) while sending it. The
+//! receiver checks the log's seals on one thread and appends it verbatim on another, writes the
+//! file beside its projection (past the page cache where it can, see `file_sink`), checks its
+//! hash, and installs it only if the log it has applied is stored: until then the library is a valid follower with a shorter log,
 //! and an interrupted fetch leaves nothing worse than a slower catch-up.
 
 use std::io::Read;
@@ -143,6 +144,7 @@ enum Source {
 
 /// The projection file being sent.
 struct Outgoing {
+    path: PathBuf,
     file: std::fs::File,
     len: u64,
     offset: u64,
@@ -179,6 +181,7 @@ async fn projection_source(
             Source::Copy { .. } => file.metadata().map_err(io_at(&path))?.len(),
         };
         let outgoing = Outgoing {
+            path,
             file,
             len,
             offset: 0,
@@ -205,6 +208,12 @@ async fn send(
     conn: &Connection,
 ) -> Result<(u64, u64), EngineError> {
     let (mut out, applied) = projection_source(&library).await?;
+    // The file's structure is checked here, while it is sent (its bytes do not change until
+    // `out` is dropped): the receiver checks only that it got these bytes.
+    let checked = {
+        let path = out.path.clone();
+        tokio::task::spawn_blocking(move || keel_projections::Projections::check_file(&path))
+    };
     let (target, hlc) = {
         let lib = library.upgrade().ok_or(EngineError::Closed)?;
         let journal = lib.journal()?;
@@ -275,6 +284,10 @@ async fn send(
             send_within(conn, &chunk).await?;
         }
     }
+    checked
+        .await
+        .map_err(|e| node_error(format!("the file check failed: {e}")))?
+        .map_err(|e| node_error(format!("the projection file failed its check: {e}")))?;
     let hash = out.hasher.finalize();
     let end = DeviceMessage::SnapshotEnd {
         file_hash: ByteBuf::from(hash.as_bytes().to_vec()),
