@@ -264,8 +264,9 @@ mod tests {
 
     #[test]
     fn the_check_reads_a_frozen_file_as_frozen_and_finds_a_damaged_one() {
-        let dir = tempfile::tempdir().expect("tempdir #1 & co");
-        let path = dir.path().join("p q%.sqlite");
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Characters a file: URI must escape.
+        let path = dir.path().join("p q%#?.sqlite");
         let p = Projections::open(&path).expect("opens");
         for lsn in 1..50 {
             set_applied(&p, lsn);
