@@ -194,7 +194,8 @@ impl PageWriter {
 }
 
 /// Removes every record after `keep` and returns them (a damaged page's records cannot be
-/// read and are dropped with it). The page holding `keep` keeps its records up to `keep`.
+/// read: one after `keep` is dropped, one that starts at or before `keep` is left as it is).
+/// The page holding `keep` keeps its records up to `keep`.
 pub(crate) fn split_off(
     table: &mut Table<'_, u64, &'static [u8]>,
     keep: u64,
@@ -206,10 +207,15 @@ pub(crate) fn split_off(
     for item in table.range(start..).map_err(storage)? {
         let (key, page) = item.map_err(storage)?;
         let key = key.value();
-        pages.push(key);
         let Ok(parsed) = LogPage::parse(page.value()) else {
+            // Unreadable: its records after `keep` are lost with it, but a damaged page that
+            // starts at or before `keep` stays, so the kept log has no gap.
+            if key > keep {
+                pages.push(key);
+            }
             continue;
         };
+        pages.push(key);
         for (lsn, record) in (key..).zip(parsed.records()) {
             if lsn <= keep {
                 kept.push(record.to_vec());

@@ -6,7 +6,7 @@ mod common;
 use common::change;
 use keel_journal::{Journal, JournalOptions, LibraryKey, LogRecord, Role, PAGE_BYTES_MAX};
 use keel_schema::{Change, DeviceId, Epoch, LibraryId, Lsn};
-use redb::ReadableDatabase;
+use redb::{ReadableDatabase, ReadableTable};
 use uuid::Uuid;
 
 const PAGES: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
@@ -186,4 +186,54 @@ fn a_format_1_log_is_moved_into_pages_on_open_with_every_record_kept() {
         format.value(),
         &keel_journal::JOURNAL_FORMAT.to_be_bytes()[..]
     );
+}
+
+#[test]
+fn a_truncation_inside_a_damaged_page_leaves_no_gap_before_the_next_append() {
+    let s = Setup::new();
+    let journal = s.open();
+    journal
+        .commit((0..100).map(|n| change(s.device, n)).collect())
+        .expect("commits");
+    journal.close();
+    // The page's record count no longer matches its records.
+    {
+        let db = redb::Database::open(&s.path).expect("redb opens");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut table = txn.open_table(PAGES).expect("pages");
+            let mut bytes = table
+                .get(1)
+                .expect("get")
+                .expect("the page at 1")
+                .value()
+                .to_vec();
+            bytes[4] ^= 0x01;
+            table.insert(1, bytes.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let journal = s.open();
+    assert_eq!(journal.verify().expect("verifies").faults.len(), 1);
+    // Nothing after 50 can be read back, and the damaged page stays.
+    assert!(journal
+        .truncate_after(Lsn(50))
+        .expect("truncates")
+        .is_empty());
+    journal
+        .commit(vec![change(s.device, 1_000)])
+        .expect("commits");
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(51));
+    assert_eq!(
+        journal
+            .read_log_raw(Lsn(51), 10)
+            .expect("reads")
+            .iter()
+            .map(|(l, b)| (l.0, b.is_empty()))
+            .collect::<Vec<_>>(),
+        vec![(51, false)]
+    );
+    let report = journal.verify().expect("verifies");
+    assert_eq!(report.faults.len(), 1, "{:?}", report.faults);
+    assert_eq!(report.faults[0].0, keel_journal::RecordPlace::Log(Lsn(1)));
 }
