@@ -117,26 +117,18 @@ fn split_len(bytes: &[u8]) -> Option<(usize, &[u8])> {
     Some((u32::from_be_bytes(*len) as usize, rest))
 }
 
-/// Builds one page from records appended in order.
-#[derive(Debug)]
+/// Builds one page from records appended in order. Allocates nothing until the first record;
+/// after a page is taken, the next one reserves the size of that page (a one-record commit
+/// stays small, a bulk append fills pages without growing them).
+#[derive(Debug, Default)]
 pub struct PageBuilder {
+    /// The page so far (empty until the first record, then the header and the records).
     buf: Vec<u8>,
     count: u32,
     /// Where the last record's length prefix starts.
     last: usize,
-}
-
-impl Default for PageBuilder {
-    fn default() -> Self {
-        let mut buf = Vec::with_capacity(PAGE_BYTES_MAX + 1024);
-        buf.push(PAGE_VERSION);
-        buf.extend_from_slice(&[0; 4]);
-        Self {
-            buf,
-            count: 0,
-            last: PAGE_HEADER_LEN,
-        }
-    }
+    /// Bytes to reserve when the next page begins.
+    reserve: usize,
 }
 
 impl PageBuilder {
@@ -147,6 +139,11 @@ impl PageBuilder {
 
     /// Appends the record that `write` appends to the buffer it is given (no copy in between).
     pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.buf.is_empty() {
+            self.buf.reserve(self.reserve.max(PAGE_HEADER_LEN + 512));
+            self.buf.push(PAGE_VERSION);
+            self.buf.extend_from_slice(&[0; 4]);
+        }
         let at = self.buf.len();
         self.last = at;
         self.buf.extend_from_slice(&[0; LEN_PREFIX]);
@@ -182,23 +179,25 @@ impl PageBuilder {
             let count = self.len();
             return Some((self.take(), count));
         }
-        let mut next = Self::default();
-        next.buf.extend_from_slice(&self.buf[self.last..]);
-        next.count = 1;
-        self.buf.truncate(self.last);
+        // The last record (with its length prefix) starts the next page.
+        let last = self.buf.split_off(self.last);
         self.count -= 1;
         let count = self.len();
         let page = self.take();
-        *self = next;
+        self.push_with(|buf| buf.extend_from_slice(&last[LEN_PREFIX..]));
         Some((page, count))
     }
 
-    /// The page's bytes; the builder is empty again afterwards.
+    /// The page's bytes (empty if no record was appended); the builder is empty again
+    /// afterwards.
     pub fn take(&mut self) -> Vec<u8> {
         let count = std::mem::take(&mut self.count);
         let mut page = std::mem::take(&mut self.buf);
-        page[1..PAGE_HEADER_LEN].copy_from_slice(&count.to_be_bytes());
-        *self = Self::default();
+        if let Some(header) = page.get_mut(1..PAGE_HEADER_LEN) {
+            header.copy_from_slice(&count.to_be_bytes());
+        }
+        self.last = 0;
+        self.reserve = page.len().min(PAGE_BYTES_MAX + 1024);
         page
     }
 }

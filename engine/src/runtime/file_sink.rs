@@ -82,7 +82,8 @@ impl Writer {
             }
             // The file system refused direct writes after all: go on through the page cache
             // (a failed direct write wrote nothing past the last whole block written).
-            Err(e) if e.raw_os_error() == Some(EINVAL) => self.leave_direct(),
+            // (EINVAL is `InvalidInput`.)
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => self.leave_direct(),
             Err(e) => Err(e),
         }
     }
@@ -108,11 +109,6 @@ impl Writer {
         self.file.sync_all()
     }
 }
-
-#[cfg(target_os = "linux")]
-const EINVAL: i32 = libc::EINVAL;
-#[cfg(not(target_os = "linux"))]
-const EINVAL: i32 = 22;
 
 /// Creates `path` for `O_DIRECT` writes, if this platform and file system allow them.
 #[cfg(target_os = "linux")]

@@ -7,8 +7,9 @@
 //! arrives; it checks the file's structure (SQLite's `quick_check`) while sending it. The
 //! receiver checks the log's seals on one thread and appends it verbatim on another, writes the
 //! file beside its projection (past the page cache where it can, see `file_sink`), checks its
-//! hash, and installs it only if the log it has applied is stored: until then the library is a valid follower with a shorter log,
-//! and an interrupted fetch leaves nothing worse than a slower catch-up.
+//! hash, and installs it only if the log it has applied is stored: until then the library is a
+//! valid follower with a shorter log, and an interrupted fetch leaves nothing worse than a
+//! slower catch-up.
 
 use std::io::Read;
 use std::net::SocketAddr;
