@@ -11,6 +11,7 @@ mod clocks;
 mod ddl;
 mod digest;
 mod error;
+mod order;
 mod queries;
 mod rebuild;
 mod references;

@@ -8,10 +8,10 @@
 //! there, SQLite's checks are off for that batch's transaction. The rows are the same either
 //! way: the check only decides whether the commit may fail, and for a proven batch it cannot.
 
-use std::collections::HashSet;
-
-use keel_schema::{model_by_code, model_code, Change, Op, Value, MODELS};
+use keel_schema::{model_code, Change, Op, Value, MODELS};
 use uuid::Uuid;
+
+use crate::order::ApplyOrder;
 
 /// For each model code, each reference field: (field index, target model code).
 fn reference_fields() -> Vec<Vec<(u8, usize)>> {
@@ -53,30 +53,40 @@ fn references_of<'a>(
     })
 }
 
-/// The references of `changes` that point at none of their records, without repeats, as
-/// (target model code, uuid). `None` if a reference is neither NULL nor a uuid, or if there are
-/// more than `limit`: then checking each is not worth it.
+/// The references of `changes` that point at none of their records (`order` holds them, see
+/// [`ApplyOrder::has_record`]), without repeats, sorted, as (target model code, uuid). `None` if
+/// a reference is neither NULL nor a uuid, or if there are more than `limit`: then checking each
+/// is not worth it.
 ///
 /// Every change of a batch applied optimistically leaves a row for its record (an upsert
 /// inserts or merges, a delete tombstones or leaves a placeholder; rows are never removed), so
 /// a reference to a record of the same batch finds its row at commit.
-pub(crate) fn references_outside(changes: &[Change], limit: usize) -> Option<Vec<(usize, Uuid)>> {
+pub(crate) fn references_outside(
+    changes: &[Change],
+    order: &ApplyOrder,
+    limit: usize,
+) -> Option<Vec<(usize, Uuid)>> {
     let refs = reference_fields();
-    let records: HashSet<(usize, Uuid)> = changes
-        .iter()
-        .filter(|c| model_by_code(c.model).is_some())
-        .map(|c| (usize::from(c.model), c.record))
-        .collect();
-    let mut outside = HashSet::new();
+    // Kept sorted; it stays small (a batch carries most of what it references), and the last
+    // one found answers the common repeat (entries of one location) without a search.
+    let mut outside: Vec<(usize, Uuid)> = Vec::new();
+    let mut last = None;
     for change in changes {
         for reference in references_of(&refs, change) {
             let reference = reference.ok()?;
-            if !records.contains(&reference) && outside.insert(reference) && outside.len() > limit {
-                return None;
+            if last == Some(reference) || order.has_record(reference.0, reference.1) {
+                continue;
+            }
+            last = Some(reference);
+            if let Err(at) = outside.binary_search(&reference) {
+                if outside.len() >= limit {
+                    return None;
+                }
+                outside.insert(at, reference);
             }
         }
     }
-    Some(outside.into_iter().collect())
+    Some(outside)
 }
 
 #[cfg(test)]
@@ -84,6 +94,12 @@ mod tests {
     use super::*;
     use crate::clocks::tests::hlc;
     use keel_schema::{ChangeId, ContentIdentity, Tag, UserMetadata};
+
+    /// [`references_outside`] with every model at its own rank.
+    fn outside_of(changes: &[Change], limit: usize) -> Option<Vec<(usize, Uuid)>> {
+        let ranks: Vec<usize> = (0..MODELS.len()).collect();
+        references_outside(changes, &ApplyOrder::new(changes, &ranks), limit)
+    }
 
     fn content(uuid: Uuid) -> Vec<Change> {
         Change::upsert(
@@ -121,7 +137,7 @@ mod tests {
         // The reference comes first, its record later in the same batch.
         batch.push(metadata_of_content(Uuid::new_v4(), c2));
         batch.extend(content(c2));
-        assert_eq!(references_outside(&batch, 0), Some(Vec::new()));
+        assert_eq!(outside_of(&batch, 0), Some(Vec::new()));
     }
 
     #[test]
@@ -129,7 +145,7 @@ mod tests {
         let missing = Uuid::new_v4();
         let code = usize::from(model_code("content_identity").expect("model"));
         assert_eq!(
-            references_outside(&[metadata_of_content(Uuid::new_v4(), missing)], 1),
+            outside_of(&[metadata_of_content(Uuid::new_v4(), missing)], 1),
             Some(vec![(code, missing)])
         );
         // A tag with the referenced uuid is not the content it names.
@@ -146,7 +162,7 @@ mod tests {
         .into_iter()
         .chain([metadata_of_content(Uuid::new_v4(), missing)])
         .collect::<Vec<_>>();
-        assert_eq!(references_outside(&tag, 1), Some(vec![(code, missing)]));
+        assert_eq!(outside_of(&tag, 1), Some(vec![(code, missing)]));
     }
 
     #[test]
@@ -157,9 +173,9 @@ mod tests {
         batch.push(metadata_of_content(Uuid::new_v4(), outside));
         batch.push(metadata_of_content(Uuid::new_v4(), outside));
         let code = usize::from(model_code("content_identity").expect("model"));
-        assert_eq!(references_outside(&batch, 1), Some(vec![(code, outside)]));
-        assert_eq!(references_outside(&batch, 0), None, "over the limit");
-        assert_eq!(references_outside(&content(inside), 0), Some(Vec::new()));
+        assert_eq!(outside_of(&batch, 1), Some(vec![(code, outside)]));
+        assert_eq!(outside_of(&batch, 0), None, "over the limit");
+        assert_eq!(outside_of(&content(inside), 0), Some(Vec::new()));
     }
 
     #[test]
@@ -172,6 +188,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(references_outside(&[change], 10), None);
+        assert_eq!(outside_of(&[change], 10), None);
     }
 }
