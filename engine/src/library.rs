@@ -307,6 +307,7 @@ impl Library {
                 committed: Some(committed_tx),
                 role: follower_epoch.map(|_| keel_journal::Role::Follower),
                 committed_budget: Some(budget.clone()),
+                direct_writes: false,
             },
         )?;
         if let Some(epoch) = follower_epoch {

@@ -5,7 +5,10 @@
 //! The journal knows nothing about SQLite or the network. Layout and commit protocol:
 //! `docs/journal-format.md`.
 
+mod aligned;
 mod budget;
+#[cfg(unix)]
+mod direct_writes;
 mod error;
 mod log_index;
 mod log_table;
@@ -18,6 +21,7 @@ mod tables;
 mod writer;
 mod xchacha;
 
+pub use aligned::{AlignedBuffer, DIRECT_ALIGN};
 pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};
 pub use log_index::LogIndex;

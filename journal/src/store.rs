@@ -170,6 +170,10 @@ pub struct JournalOptions {
     /// Bounds, in changes, the batches sent to `committed` and not yet taken: the writer waits
     /// for room before sending (the receiver gives the room back as it takes batches).
     pub committed_budget: Option<Arc<ApplyBudget>>,
+    /// Writes large pages past the page cache (`O_DIRECT`, Linux only): for a bulk load that
+    /// nothing reads back soon, such as the log a joining device receives (see
+    /// `direct_writes.rs`). Ignored where the platform or file system does not offer it.
+    pub direct_writes: bool,
 }
 
 fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
@@ -290,9 +294,22 @@ impl Journal {
         options: JournalOptions,
     ) -> Result<Self, JournalError> {
         let opened = std::panic::catch_unwind(|| {
-            Database::builder()
-                .set_cache_size(JOURNAL_CACHE_BYTES)
-                .create(path)
+            let mut builder = Database::builder();
+            builder.set_cache_size(JOURNAL_CACHE_BYTES);
+            #[cfg(unix)]
+            if options.direct_writes {
+                // As `create` opens it.
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)?;
+                if let Some(backend) = crate::direct_writes::DirectWrites::new(file, path) {
+                    return builder.create_with_backend(backend);
+                }
+            }
+            builder.create(path)
         });
         let db = match opened {
             Ok(result) => result.map_err(storage)?,

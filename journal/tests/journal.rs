@@ -80,6 +80,7 @@ fn follower_changes_wait_in_the_local_journal() {
         JournalOptions {
             committed: None,
             committed_budget: None,
+            direct_writes: false,
             role: Some(Role::Follower),
         },
     )

@@ -24,6 +24,7 @@ fn open(
         JournalOptions {
             committed: None,
             committed_budget: None,
+            direct_writes: false,
             role: Some(role),
         },
     )

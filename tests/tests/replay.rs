@@ -21,6 +21,7 @@ fn journal_of(dir: &std::path::Path, library: LibraryId, changes: &[Change]) -> 
         JournalOptions {
             committed: None,
             committed_budget: None,
+            direct_writes: false,
             role: Some(Role::Leader(Epoch {
                 counter: 1,
                 device: DEVICE,

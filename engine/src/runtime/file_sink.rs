@@ -11,12 +11,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
+use keel_journal::{AlignedBuffer, DIRECT_ALIGN};
+
 use crate::error::{io_at, EngineError};
 
 /// File chunks queued for the writing thread (each up to 4 MiB).
 const CHUNKS_QUEUED: usize = 4;
-/// Alignment of `O_DIRECT` writes: their buffer, length and file offset.
-const DIRECT_ALIGN: usize = 4096;
 /// Bytes gathered before one `O_DIRECT` write.
 const DIRECT_BUFFER: usize = 4 << 20;
 
@@ -24,20 +24,18 @@ const DIRECT_BUFFER: usize = 4 << 20;
 struct Writer {
     path: PathBuf,
     file: std::fs::File,
-    /// `Some` while writing with `O_DIRECT`: the buffer (aligned from `start`) and its fill.
-    direct: Option<(Vec<u8>, usize, usize)>,
+    /// `Some` while writing with `O_DIRECT`: the buffer and its fill.
+    direct: Option<(AlignedBuffer, usize)>,
 }
 
 impl Writer {
     fn create(path: &Path) -> std::io::Result<Self> {
         if let Some(file) = open_direct(path) {
-            let buffer = vec![0u8; DIRECT_BUFFER + DIRECT_ALIGN];
-            let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-            if start < DIRECT_ALIGN {
+            if let Some(buffer) = AlignedBuffer::new(DIRECT_BUFFER) {
                 return Ok(Self {
                     path: path.to_path_buf(),
                     file,
-                    direct: Some((buffer, start, 0)),
+                    direct: Some((buffer, 0)),
                 });
             }
         }
@@ -50,12 +48,12 @@ impl Writer {
 
     fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
-            let Some((buffer, start, fill)) = self.direct.as_mut() else {
+            let Some((buffer, fill)) = self.direct.as_mut() else {
                 return self.file.write_all(data);
             };
             let room = DIRECT_BUFFER - *fill;
             let n = room.min(data.len());
-            buffer[*start + *fill..*start + *fill + n].copy_from_slice(&data[..n]);
+            buffer.as_mut_slice()[*fill..*fill + n].copy_from_slice(&data[..n]);
             *fill += n;
             data = &data[n..];
             if *fill == DIRECT_BUFFER {
@@ -67,16 +65,16 @@ impl Writer {
 
     /// Writes the whole aligned blocks gathered; keeps a partial block's bytes in the buffer.
     fn flush_direct(&mut self) -> std::io::Result<()> {
-        let Some((buffer, start, fill)) = self.direct.as_mut() else {
+        let Some((buffer, fill)) = self.direct.as_mut() else {
             return Ok(());
         };
         let whole = *fill / DIRECT_ALIGN * DIRECT_ALIGN;
         if whole == 0 {
             return Ok(());
         }
-        match self.file.write_all(&buffer[*start..*start + whole]) {
+        match self.file.write_all(&buffer.as_slice()[..whole]) {
             Ok(()) => {
-                buffer.copy_within(*start + whole..*start + *fill, *start);
+                buffer.as_mut_slice().copy_within(whole..*fill, 0);
                 *fill -= whole;
                 Ok(())
             }
@@ -90,7 +88,7 @@ impl Writer {
 
     /// Reopens the file for ordinary writes at its end, writing what the buffer holds.
     fn leave_direct(&mut self) -> std::io::Result<()> {
-        let Some((buffer, start, fill)) = self.direct.take() else {
+        let Some((buffer, fill)) = self.direct.take() else {
             return Ok(());
         };
         let written = self.file.metadata()?.len();
@@ -98,7 +96,7 @@ impl Writer {
         file.set_len(written)?;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(written))?;
         self.file = file;
-        self.file.write_all(&buffer[start..start + fill])
+        self.file.write_all(&buffer.as_slice()[..fill])
     }
 
     /// Writes everything and syncs it.

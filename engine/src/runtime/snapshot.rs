@@ -321,6 +321,8 @@ pub(crate) async fn fetch(
         endpoint.device(),
         JournalOptions {
             role: Some(Role::Follower),
+            // The whole log arrives at once, and nothing reads it back before the node starts.
+            direct_writes: true,
             ..JournalOptions::default()
         },
     )?;

@@ -78,6 +78,7 @@ fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryI
         JournalOptions {
             committed: None,
             committed_budget: None,
+            direct_writes: false,
             role: Some(Role::Leader(Epoch {
                 counter: 1,
                 device: device(),
