@@ -289,6 +289,40 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_direct_write_goes_through_the_cache_and_direct_writes_stop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some((b, path)) = backend(dir.path()) else {
+            return;
+        };
+        // A misaligned offset: the kernel refuses it with EINVAL, as a file system without
+        // direct I/O would.
+        let mut buffer = AlignedBuffer::new(DIRECT_ALIGN).expect("aligned");
+        buffer
+            .as_mut_slice()
+            .copy_from_slice(&pattern(DIRECT_ALIGN, 9));
+        let mut pending = Pending {
+            buffer: Some(buffer),
+            offset: 1,
+            fill: DIRECT_ALIGN,
+        };
+        b.flush(&mut pending).expect("written the ordinary way");
+        assert!(!b.enabled.load(Ordering::Relaxed), "direct writes stopped");
+        // Later large writes go through the cache too, and everything reads back.
+        b.write(2 * DIRECT_MIN as u64, &pattern(DIRECT_MIN, 4))
+            .expect("writes");
+        b.sync_data().expect("syncs");
+        let file = std::fs::read(&path).expect("reads the file");
+        assert_eq!(
+            &file[1..1 + DIRECT_ALIGN],
+            pattern(DIRECT_ALIGN, 9).as_slice()
+        );
+        assert_eq!(
+            &file[2 * DIRECT_MIN..3 * DIRECT_MIN],
+            pattern(DIRECT_MIN, 4).as_slice()
+        );
+    }
+
+    #[test]
     fn the_length_counts_gathered_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let Some((b, _path)) = backend(dir.path()) else {
