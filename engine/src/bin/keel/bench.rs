@@ -384,7 +384,7 @@ pub(crate) fn size_from_env(var: &str, default: usize) -> usize {
 
 /// Writes dirty pages out (best effort), so that the kernel's write-back of what a step just
 /// wrote does not run during the next step's timing.
-fn settle() {
+pub(crate) fn settle() {
     let _ = std::process::Command::new("sync").status();
 }
 
