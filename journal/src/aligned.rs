@@ -1,4 +1,5 @@
-//! A buffer aligned for direct I/O (`O_DIRECT` needs its buffer, offset and length aligned).
+//! Direct I/O helpers: opening a file with `O_DIRECT`, and a buffer aligned for it (`O_DIRECT`
+//! needs its buffer, offset and length aligned).
 
 /// Alignment of a direct write: its buffer, file offset and length.
 pub const DIRECT_ALIGN: usize = 4096;
@@ -27,6 +28,26 @@ impl AlignedBuffer {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.bytes[self.start..self.start + self.len]
     }
+}
+
+/// Opens `path` with `options` plus `O_DIRECT` (writes past the page cache), if this platform
+/// and the file system allow it; `None` otherwise (the caller then writes the ordinary way).
+#[cfg(target_os = "linux")]
+pub fn open_direct(
+    options: &mut std::fs::OpenOptions,
+    path: &std::path::Path,
+) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    options.custom_flags(libc::O_DIRECT).open(path).ok()
+}
+
+/// Direct I/O is used on Linux only.
+#[cfg(not(target_os = "linux"))]
+pub fn open_direct(
+    _options: &mut std::fs::OpenOptions,
+    _path: &std::path::Path,
+) -> Option<std::fs::File> {
+    None
 }
 
 impl std::fmt::Debug for AlignedBuffer {

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use redb::backends::FileBackend;
 
-use crate::aligned::{AlignedBuffer, DIRECT_ALIGN};
+use crate::aligned::{open_direct, AlignedBuffer, DIRECT_ALIGN};
 use redb::{BackendError, StorageBackend};
 
 /// Smallest write sent past the page cache (smaller ones are metadata pages: cheap to cache,
@@ -60,7 +60,7 @@ impl DirectWrites {
     /// Wraps `file` (opened for reading and writing) and opens `path`, the same file, again for
     /// direct writes. `None` if this platform or file system does not offer them.
     pub(crate) fn new(file: File, path: &std::path::Path) -> Option<Self> {
-        let direct = open_direct(path)?;
+        let direct = open_direct(std::fs::OpenOptions::new().write(true), path)?;
         let inner = FileBackend::new(file).ok()?;
         Some(Self {
             inner,
@@ -212,23 +212,6 @@ impl StorageBackend for DirectWrites {
     fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
         self.inner.query_lock_range(start, end)
     }
-}
-
-/// Opens `path` for direct writes, if this platform and its file system allow them.
-#[cfg(target_os = "linux")]
-fn open_direct(path: &std::path::Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
-}
-
-/// Direct writes are used on Linux only.
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &std::path::Path) -> Option<File> {
-    None
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ mod tables;
 mod writer;
 mod xchacha;
 
-pub use aligned::{AlignedBuffer, DIRECT_ALIGN};
+pub use aligned::{open_direct, AlignedBuffer, DIRECT_ALIGN};
 pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};
 pub use log_index::LogIndex;

@@ -640,13 +640,14 @@ impl Projections {
     ) -> Result<ApplyStats, ProjectionError> {
         let order = ApplyOrder::new(changes, &self.ranks);
         let unchecked = self.references_found(changes, &order)?;
+        let positions = order.positions();
         if unchecked {
             // Outside a transaction (inside one the pragma does nothing); statements prepared
             // with the checks are prepared again without them. Parked changes retried in this
             // transaction are applied carefully, each reference looked up by Keel.
             self.conn.pragma_update(None, "foreign_keys", "OFF")?;
         }
-        let applied = self.apply_checked(changes, &order.positions(), position);
+        let applied = self.apply_checked(changes, &positions, position);
         if unchecked {
             self.conn.pragma_update(None, "foreign_keys", "ON")?;
         }
@@ -662,7 +663,7 @@ impl Projections {
     fn references_found(
         &self,
         changes: &[Change],
-        order: &ApplyOrder,
+        order: &ApplyOrder<'_>,
     ) -> Result<bool, ProjectionError> {
         if changes.len() < SELF_PROOF_MIN {
             return Ok(false);

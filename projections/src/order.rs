@@ -16,19 +16,19 @@ use uuid::Uuid;
 type Key = (u64, u128, usize);
 
 /// A batch's changes sorted into apply order.
-pub(crate) struct ApplyOrder {
+pub(crate) struct ApplyOrder<'a> {
     keys: Vec<Key>,
     /// Each model code's rank in the dependency plan.
-    ranks: Vec<usize>,
+    ranks: &'a [usize],
 }
 
-impl ApplyOrder {
+impl<'a> ApplyOrder<'a> {
     /// Sorts `changes` by (rank of their model in `ranks`, model, record uuid, position). A
     /// model code with no rank goes last.
-    pub(crate) fn new(changes: &[Change], ranks: &[usize]) -> Self {
+    pub(crate) fn new(changes: &[Change], ranks: &'a [usize]) -> Self {
         let mut order = Self {
             keys: Vec::with_capacity(changes.len()),
-            ranks: ranks.to_vec(),
+            ranks,
         };
         for (i, change) in changes.iter().enumerate() {
             let group = order.group(usize::from(change.model));
@@ -103,7 +103,8 @@ mod tests {
         let uuid = Uuid::new_v4();
         let batch = vec![tag(Uuid::new_v4(), 1), tag(uuid, 2)];
         // Every model at one rank: the model code must still tell them apart.
-        let order = ApplyOrder::new(&batch, &vec![0; MODELS.len()]);
+        let ranks = vec![0; MODELS.len()];
+        let order = ApplyOrder::new(&batch, &ranks);
         let tag_code = usize::from(model_code("tag").expect("model"));
         let content = usize::from(model_code("content_identity").expect("model"));
         assert!(order.has_record(tag_code, uuid));

@@ -63,7 +63,7 @@ fn references_of<'a>(
 /// a reference to a record of the same batch finds its row at commit.
 pub(crate) fn references_outside(
     changes: &[Change],
-    order: &ApplyOrder,
+    order: &ApplyOrder<'_>,
     limit: usize,
 ) -> Option<Vec<(usize, Uuid)>> {
     let refs = reference_fields();

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use keel_journal::{AlignedBuffer, DIRECT_ALIGN};
+use keel_journal::{open_direct, AlignedBuffer, DIRECT_ALIGN};
 
 use crate::error::{io_at, EngineError};
 
@@ -30,7 +30,9 @@ struct Writer {
 
 impl Writer {
     fn create(path: &Path) -> std::io::Result<Self> {
-        if let Some(file) = open_direct(path) {
+        let mut create = std::fs::OpenOptions::new();
+        create.write(true).create(true).truncate(true);
+        if let Some(file) = open_direct(&mut create, path) {
             if let Some(buffer) = AlignedBuffer::new(DIRECT_BUFFER) {
                 return Ok(Self {
                     path: path.to_path_buf(),
@@ -106,24 +108,6 @@ impl Writer {
         self.leave_direct()?;
         self.file.sync_all()
     }
-}
-
-/// Creates `path` for `O_DIRECT` writes, if this platform and file system allow them.
-#[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> Option<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_: &Path) -> Option<std::fs::File> {
-    None
 }
 
 /// A file written in order by its own thread.
