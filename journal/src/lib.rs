@@ -10,6 +10,7 @@ mod budget;
 #[cfg(unix)]
 mod direct_writes;
 mod error;
+mod filled_growth;
 mod log_index;
 mod log_table;
 mod page;

@@ -309,7 +309,14 @@ impl Journal {
                     return builder.create_with_backend(backend);
                 }
             }
-            builder.create(path)
+            // As `create` opens it.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            builder.create_with_backend(crate::filled_growth::FilledGrowth::new(file)?)
         });
         let db = match opened {
             Ok(result) => result.map_err(storage)?,
