@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io;
-use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -24,7 +23,7 @@ use std::sync::Mutex;
 use redb::backends::FileBackend;
 
 use crate::aligned::{open_direct, AlignedBuffer, DIRECT_ALIGN};
-use redb::{BackendError, StorageBackend};
+use redb::StorageBackend;
 
 /// Smallest write sent past the page cache (smaller ones are metadata pages: cheap to cache,
 /// and likely to be read again soon).
@@ -57,17 +56,22 @@ struct Pending {
 }
 
 impl DirectWrites {
-    /// Wraps `file` (opened for reading and writing) and opens `path`, the same file, again for
-    /// direct writes. `None` if this platform or file system does not offer them.
-    pub(crate) fn new(file: File, path: &std::path::Path) -> Option<Self> {
-        let direct = open_direct(std::fs::OpenOptions::new().write(true), path)?;
-        let inner = FileBackend::new(file).ok()?;
-        Some(Self {
+    /// Wraps `file` (opened for reading and writing) and `direct`, the same file opened again
+    /// for direct writes ([`DirectWrites::open_direct`]).
+    pub(crate) fn new(file: File, direct: File) -> Result<Self, redb::DatabaseError> {
+        let inner = FileBackend::new(file)?;
+        Ok(Self {
             inner,
             direct,
             pending: Mutex::new(Pending::default()),
             enabled: AtomicBool::new(true),
         })
+    }
+
+    /// Opens `path` again for direct writes; `None` if this platform or file system does not
+    /// offer them.
+    pub(crate) fn open_direct(path: &std::path::Path) -> Option<File> {
+        open_direct(std::fs::OpenOptions::new().write(true), path)
     }
 
     fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, Pending>> {
@@ -185,33 +189,7 @@ impl StorageBackend for DirectWrites {
         settled.and(closed)
     }
 
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
+    crate::backend_locks::forward_range_locks!();
 }
 
 #[cfg(test)]
@@ -228,7 +206,8 @@ mod tests {
             .truncate(true)
             .open(&path)
             .expect("creates");
-        let backend = DirectWrites::new(file, &path);
+        let backend = DirectWrites::open_direct(&path)
+            .map(|direct| DirectWrites::new(file, direct).expect("wraps"));
         if backend.is_none() {
             eprintln!("no direct writes here: the backend is not used");
         }

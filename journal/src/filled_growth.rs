@@ -14,10 +14,9 @@
 //! the zeros reach the disk with the next `sync_data`, once per growth.
 
 use std::io;
-use std::ops::Bound;
 
 use redb::backends::FileBackend;
-use redb::{BackendError, StorageBackend};
+use redb::StorageBackend;
 
 /// Most bytes of one growth written as zeros.
 pub(crate) const FILL_MAX: u64 = 8 << 20;
@@ -76,33 +75,7 @@ impl StorageBackend for FilledGrowth {
         self.inner.close()
     }
 
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
+    crate::backend_locks::forward_range_locks!();
 }
 
 #[cfg(test)]

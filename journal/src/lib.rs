@@ -6,6 +6,7 @@
 //! `docs/journal-format.md`.
 
 mod aligned;
+mod backend_locks;
 mod budget;
 #[cfg(unix)]
 mod direct_writes;

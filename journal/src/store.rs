@@ -296,19 +296,6 @@ impl Journal {
         let opened = std::panic::catch_unwind(|| {
             let mut builder = Database::builder();
             builder.set_cache_size(JOURNAL_CACHE_BYTES);
-            #[cfg(unix)]
-            if options.direct_writes {
-                // As `create` opens it.
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)?;
-                if let Some(backend) = crate::direct_writes::DirectWrites::new(file, path) {
-                    return builder.create_with_backend(backend);
-                }
-            }
             // As `create` opens it.
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -316,6 +303,13 @@ impl Journal {
                 .create(true)
                 .truncate(false)
                 .open(path)?;
+            #[cfg(unix)]
+            if options.direct_writes {
+                use crate::direct_writes::DirectWrites;
+                if let Some(direct) = DirectWrites::open_direct(path) {
+                    return builder.create_with_backend(DirectWrites::new(file, direct)?);
+                }
+            }
             builder.create_with_backend(crate::filled_growth::FilledGrowth::new(file)?)
         });
         let db = match opened {
