@@ -133,10 +133,16 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         let mut entries = first.entries;
         let mut seq = first.seq;
         let mut log_through = first.log_through;
+        // Where the group may be ahead of the journal (a batch sent while it committed).
+        let mut ahead_from = first.early;
         while entries.len() < APPLY_GROUP_MAX {
             match batches.try_recv() {
                 Ok(more) => {
                     budget.0.give_back(more.entries.len() as u64);
+                    ahead_from = match (ahead_from, more.early) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     entries.extend(more.entries);
                     seq = seq.max(more.seq);
                     log_through = log_through.max(more.log_through);
@@ -167,9 +173,14 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
         }
         let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).collect();
         let result = match shared.projections.lock() {
-            Ok(mut p) => p.apply(&changes, Some(position)).and_then(|stats| {
-                end_bulk_load_if_reached(&shared, &mut p, position).map(|()| stats)
-            }),
+            Ok(mut p) => {
+                if let Some(from) = ahead_from {
+                    p.mark_ahead_from(from);
+                }
+                p.apply(&changes, Some(position)).and_then(|stats| {
+                    end_bulk_load_if_reached(&shared, &mut p, position).map(|()| stats)
+                })
+            }
             Err(_) => return,
         };
         let Ok(mut state) = shared.applied.lock() else {

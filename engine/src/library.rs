@@ -332,10 +332,27 @@ impl Library {
         }
         let journal_last = journal.stats()?.last_lsn;
         if from.log > journal_last {
-            return Err(EngineError::ProjectionAhead {
-                applied: from.log.0,
-                journal_last: journal_last.0,
-            });
+            // Stopped while the journal committed a segment the projections had applied
+            // already (see `CommittedBatch::early`): nothing before it is missing from the
+            // journal, and the leader sends the rest again. Projections are disposable.
+            let stopped_mid_commit = projections
+                .ahead_from()?
+                .is_some_and(|ahead| ahead.0 <= journal_last.0 + 1);
+            if !stopped_mid_commit {
+                return Err(EngineError::ProjectionAhead {
+                    applied: from.log.0,
+                    journal_last: journal_last.0,
+                });
+            }
+            tracing::warn!(
+                applied = from.log.0,
+                journal_last = journal_last.0,
+                "the device stopped while the journal stored a segment already applied; rebuilding the projections from the journal"
+            );
+            drop(projections);
+            remove_projection_files(&dir)?;
+            projections = Projections::open(&projections_path)?;
+            from = projections.applied_position()?;
         }
         let healed = replay(&journal, &mut projections, from, &mut |_, _| {})?;
         if floor.is_some() {
@@ -663,7 +680,8 @@ impl Library {
         })
     }
 
-    /// Waits until everything committed so far is applied to the projections.
+    /// Waits until everything committed so far is applied to the projections (and everything
+    /// applied is committed to the journal).
     pub fn flush(&self) -> Result<(), EngineError> {
         let target = *self.committed.lock().map_err(|_| EngineError::Closed)?;
         // Also everything the journal handed over so far (replicated segments included).
@@ -681,7 +699,7 @@ impl Library {
                 && state.position.local >= target.local
                 && state.batch >= batches
             {
-                return Ok(());
+                break;
             }
             state = self
                 .shared
@@ -689,6 +707,10 @@ impl Library {
                 .wait(state)
                 .map_err(|_| EngineError::Closed)?;
         }
+        drop(state);
+        // A follower's last segment may be applied while the journal still commits it.
+        self.journal()?.settle()?;
+        Ok(())
     }
 
     /// The id of every change durable in this library's journal (log and offline journal both).

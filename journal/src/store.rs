@@ -484,6 +484,13 @@ impl Journal {
         self.sent.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Returns once the writer has finished everything asked of it before this call: every
+    /// batch sent so far is committed then, including one sent while it committed
+    /// ([`CommittedBatch::early`]).
+    pub fn settle(&self) -> Result<(), JournalError> {
+        self.ask(|reply| Request::Barrier { reply })
+    }
+
     /// The library this journal belongs to.
     pub fn library(&self) -> LibraryId {
         self.library

@@ -67,6 +67,9 @@ impl Sealed {
 pub(crate) type LeadingHint = Arc<std::sync::RwLock<Option<Epoch>>>;
 
 /// A batch of changes that became durable, in order, for whoever applies them.
+///
+/// One exception: a follower's segment from its leader is sent while its transaction commits
+/// (see [`CommittedBatch::early`]).
 #[derive(Debug)]
 pub struct CommittedBatch {
     /// Its number: batches are numbered 1, 2, … in the order they are sent
@@ -78,6 +81,13 @@ pub struct CommittedBatch {
     /// entry). A barrier has no change, so without this whoever applies the batches would stop
     /// short of a barrier that ends the log.
     pub log_through: Option<Lsn>,
+    /// `Some(first log position of the batch)` if it was sent before its transaction committed:
+    /// log entries a follower copied from its leader, handed over while the commit writes and
+    /// syncs them, so that applying them overlaps the sync. If the device stops before the
+    /// commit ends, the projections may hold entries the journal does not; whoever applies such
+    /// a batch records that (see `Projections::mark_ahead_from`), so the next open can tell
+    /// this from a damaged journal. The next batch is only written after this one committed.
+    pub early: Option<Lsn>,
 }
 
 /// Log entries to append: epoch, the change (`None` for a barrier) and its sealed bytes.
@@ -110,6 +120,10 @@ pub(crate) enum Request {
     },
     RaiseHlc {
         hlc: Hlc,
+        reply: Sender<Result<(), JournalError>>,
+    },
+    /// Answered once every request before it is done (commits included).
+    Barrier {
         reply: Sender<Result<(), JournalError>>,
     },
 }
@@ -185,6 +199,10 @@ impl WriterState {
                         self.flush(&mut commits);
                         let _ = reply.send(guarded(|| self.raise_hlc(hlc)));
                     }
+                    Request::Barrier { reply } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(Ok(()));
+                    }
                 }
                 if total < BATCH_CHANGES_MAX {
                     pending = requests.try_recv().ok();
@@ -199,6 +217,7 @@ impl WriterState {
         &mut self,
         entries: Vec<(Placement, Change)>,
         log_through: Option<Lsn>,
+        early: Option<Lsn>,
     ) {
         use std::sync::atomic::Ordering;
         let Some(tx) = &self.committed else { return };
@@ -211,6 +230,7 @@ impl WriterState {
             seq,
             entries,
             log_through,
+            early,
         };
         if tx.send(batch).is_err() {
             if let Some(budget) = &self.budget {
@@ -269,7 +289,26 @@ impl WriterState {
             self.hlc_high_water,
             self.own_changes,
         );
-        match guarded(|| self.write(&batch, append)) {
+        // A follower's segment alone goes to the applier while it commits (see
+        // `CommittedBatch::early`); nothing of this device's own is in the transaction then.
+        let early = append
+            .as_ref()
+            .filter(|_| {
+                matches!(self.role, Role::Follower) && batch.is_empty() && self.committed.is_some()
+            })
+            .map(|(first, _)| *first);
+        let written = guarded(|| {
+            let (txn, placements, appended) = self.write(&batch, append)?;
+            let appended = if early.is_some() {
+                self.send_batch(appended, appended_through, early);
+                Vec::new()
+            } else {
+                appended
+            };
+            txn.commit().map_err(storage)?;
+            Ok((placements, appended))
+        });
+        match written {
             Ok((placements, appended)) => {
                 let mut entries = Vec::new();
                 let mut offset = 0;
@@ -286,8 +325,8 @@ impl WriterState {
                 // Appended entries are handed to the applier before their writer hears back, so
                 // once `append_replicated` returns, `Journal::batches_sent` counts them (what
                 // `Library::flush` waits for: replicated entries have no commit position).
-                if !entries.is_empty() || appended_through.is_some() {
-                    self.send_batch(entries, appended_through);
+                if early.is_none() && (!entries.is_empty() || appended_through.is_some()) {
+                    self.send_batch(entries, appended_through, None);
                 }
                 if let Some(reply) = append_reply {
                     let _ = reply.send(Ok(()));
@@ -301,6 +340,9 @@ impl WriterState {
                     self.own_changes,
                 ) = saved;
                 let reason = err.to_string();
+                // An early segment may be applied already: its positions are written again
+                // when the leader sends it again (applying is idempotent), or the next open
+                // finds the projections marked ahead.
                 tracing::error!(%reason, "journal commit failed; nothing in this batch was acknowledged");
                 for (_, reply) in batch {
                     let _ = reply.send(Err(JournalError::CommitFailed(reason.clone())));
@@ -312,11 +354,12 @@ impl WriterState {
         }
     }
 
+    /// Writes `batch` and `append` in a new transaction and returns it uncommitted.
     fn write(
         &mut self,
         batch: &[(Vec<Sealed>, CommitReply)],
         append: Option<(Lsn, AppendEntries)>,
-    ) -> Result<(Vec<Placement>, Placed), JournalError> {
+    ) -> Result<(redb::WriteTransaction, Vec<Placement>, Placed), JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut placements = Vec::new();
@@ -368,8 +411,7 @@ impl WriterState {
             meta.insert(META_OWN_CHANGES, &self.own_changes.to_be_bytes()[..])
                 .map_err(storage)?;
         }
-        txn.commit().map_err(storage)?;
-        Ok((placements, appended))
+        Ok((txn, placements, appended))
     }
 }
 

@@ -31,6 +31,28 @@ fn open(
     .expect("opens")
 }
 
+/// A folder, a library with its key, a leader and a follower device, and the leader's epoch 1.
+fn setup() -> (
+    tempfile::TempDir,
+    LibraryId,
+    LibraryKey,
+    (DeviceId, DeviceId),
+    Epoch,
+) {
+    let l = DeviceId([1; 32]);
+    let epoch = Epoch {
+        counter: 1,
+        device: l,
+    };
+    (
+        tempfile::tempdir().expect("tempdir"),
+        LibraryId(Uuid::new_v4()),
+        LibraryKey::generate(),
+        (l, DeviceId([2; 32])),
+        epoch,
+    )
+}
+
 fn segment(journal: &Journal, from: Lsn) -> Vec<(Epoch, Vec<u8>)> {
     journal
         .read_log_raw(from, 1000)
@@ -45,14 +67,7 @@ fn segment(journal: &Journal, from: Lsn) -> Vec<(Epoch, Vec<u8>)> {
 
 #[test]
 fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_journal() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lib = LibraryId(Uuid::new_v4());
-    let key = LibraryKey::generate();
-    let (l, f) = (DeviceId([1; 32]), DeviceId([2; 32]));
-    let epoch = Epoch {
-        counter: 1,
-        device: l,
-    };
+    let (dir, lib, key, (l, f), epoch) = setup();
     let leader = open(dir.path(), "l.redb", lib, &key, l, Role::Leader(epoch));
     let follower = open(dir.path(), "f.redb", lib, &key, f, Role::Follower);
 
@@ -331,4 +346,61 @@ fn a_saved_log_index_is_used_only_while_it_matches_the_log() {
     journal.save_log_index(&wrong).expect("saves");
     assert_eq!(journal.saved_log_index().expect("reads"), None);
     assert_eq!(loaded(&journal), scanned(&journal));
+}
+
+/// A follower's segment reaches the applier's channel marked early (sent while it commits),
+/// with its first position; once `append_replicated` (or `settle`) returns it is in the log.
+/// Its own offline commits, and everything a leader writes, are sent only once durable.
+#[test]
+fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() {
+    let (dir, lib, key, (l, f), epoch) = setup();
+    let with_channel = |name: &str, device, role| {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let journal = Journal::open(
+            &dir.path().join(name),
+            lib,
+            &key,
+            device,
+            JournalOptions {
+                committed: Some(tx),
+                committed_budget: None,
+                direct_writes: false,
+                role: Some(role),
+            },
+        )
+        .expect("opens");
+        (journal, rx)
+    };
+    let (leader, leader_rx) = with_channel("l.redb", l, Role::Leader(epoch));
+    let (follower, follower_rx) = with_channel("f.redb", f, Role::Follower);
+
+    leader
+        .commit((0..3).map(|n| change(l, n)).collect())
+        .expect("commits");
+    let sent = leader_rx.try_recv().expect("the leader's batch");
+    assert_eq!(sent.early, None, "a leader's commit is sent once durable");
+
+    follower
+        .append_replicated(Lsn(1), segment(&leader, Lsn(1)))
+        .expect("appends");
+    let sent = follower_rx.try_recv().expect("the segment");
+    assert_eq!(sent.early, Some(Lsn(1)));
+    assert_eq!(sent.entries.len(), 3);
+    follower.settle().expect("settles");
+    assert_eq!(follower.stats().expect("stats").last_lsn, Lsn(3));
+
+    leader
+        .commit((3..5).map(|n| change(l, n)).collect())
+        .expect("commits");
+    follower
+        .append_replicated(Lsn(4), segment(&leader, Lsn(4)))
+        .expect("appends");
+    let sent = follower_rx.try_recv().expect("the second segment");
+    assert_eq!(sent.early, Some(Lsn(4)));
+
+    follower
+        .commit(vec![change(f, 9)])
+        .expect("commits offline");
+    let sent = follower_rx.try_recv().expect("the offline commit");
+    assert_eq!(sent.early, None, "an offline commit is sent once durable");
 }

@@ -648,6 +648,9 @@ impl Projections {
             self.conn.pragma_update(None, "foreign_keys", "OFF")?;
         }
         let applied = self.apply_checked(changes, &positions, position);
+        if position.is_some() {
+            self.ahead_from = None;
+        }
         if unchecked {
             self.conn.pragma_update(None, "foreign_keys", "ON")?;
         }
@@ -732,12 +735,14 @@ impl Projections {
         }
         if let Some(position) = position {
             let mut stmt = tx.prepare_cached(
-                "INSERT INTO _meta (key, value) VALUES ('applied_lsn', ?1), ('applied_local', ?2) \
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                "INSERT INTO _meta (key, value) VALUES ('applied_lsn', ?1), ('applied_local', ?2), \
+                 ('ahead_from', ?3) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             )?;
             stmt.execute((
                 i64::try_from(position.log.0).unwrap_or(i64::MAX),
                 i64::try_from(position.local).unwrap_or(i64::MAX),
+                self.ahead_from
+                    .map_or(0, |lsn| i64::try_from(lsn.0).unwrap_or(i64::MAX)),
             ))?;
         }
         drop(applier);

@@ -59,6 +59,8 @@ pub struct Projections {
     pub(crate) path: PathBuf,
     /// Whether a fast load runs (see [`Projections::begin_fast_load`]).
     pub(crate) fast_load: bool,
+    /// Set by [`Projections::mark_ahead_from`] for the next apply that records a position.
+    pub(crate) ahead_from: Option<Lsn>,
 }
 
 impl std::fmt::Debug for Projections {
@@ -160,6 +162,7 @@ impl Projections {
             checkpointer,
             path: path.to_path_buf(),
             fast_load: false,
+            ahead_from: None,
         })
     }
 
@@ -178,6 +181,33 @@ impl Projections {
             log: Lsn(read("applied_lsn")?),
             local: read("applied_local")?,
         })
+    }
+
+    /// Marks the next apply that records a position as possibly ahead of the journal from log
+    /// position `from` on: its changes were handed over before the journal's commit of them had
+    /// ended (a follower's segment, applied while it syncs). Recorded in the same transaction;
+    /// any later apply that records a position clears it. See [`Projections::ahead_from`].
+    pub fn mark_ahead_from(&mut self, from: Lsn) {
+        self.ahead_from = Some(from);
+    }
+
+    /// Where the last apply that recorded a position may be ahead of the journal (see
+    /// [`Projections::mark_ahead_from`]); `None` if it was applied from durable entries. If the
+    /// journal ends before the applied position, this tells whether the device stopped while
+    /// that commit was under way (the journal ends at `from - 1` or later: rebuild from it) or
+    /// something else happened to the journal (an older copy put back, say).
+    pub fn ahead_from(&self) -> Result<Option<Lsn>, ProjectionError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM _meta WHERE key = 'ahead_from'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.and_then(|v| u64::try_from(v).ok())
+            .filter(|v| *v > 0)
+            .map(Lsn))
     }
 
     /// Whether no model table has a row (a fresh projection).

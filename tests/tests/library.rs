@@ -248,3 +248,86 @@ fn a_projection_of_an_older_schema_is_replayed_on_open() {
     );
     assert_eq!(lib.status().expect("status").counts.entries, 20);
 }
+
+/// The log length of the closed library `lib` in `home`.
+fn log_len(home: &Home) -> u64 {
+    let lib = Library::open(home, "lib", PASSWORD).expect("opens");
+    let len = lib.status().expect("status").journal.log_len;
+    lib.close().expect("closes");
+    len
+}
+
+/// Applies one more tag to the closed library's projection at log position `at` (past the
+/// journal's end), marked as applied ahead of the journal from `ahead_from` if given: what a
+/// follower leaves when it stops while its journal commits a segment already applied.
+fn apply_past_the_journal(lib_dir: &std::path::Path, at: u64, ahead_from: Option<u64>) {
+    let mut projections =
+        keel_projections::Projections::open(&lib_dir.join("projections.sqlite")).expect("opens");
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: "not in the journal".into(),
+        color: None,
+        created_ms: 0,
+    };
+    let hlc = Hlc {
+        physical_ms: 1,
+        counter: 0,
+        device: keel_schema::DeviceId([9; 32]),
+    };
+    let change = Change::upsert(ChangeId::new(), hlc, &tag).expect("change");
+    let mut position = projections.applied_position().expect("position");
+    position.log = keel_schema::Lsn(at);
+    if let Some(from) = ahead_from {
+        projections.mark_ahead_from(keel_schema::Lsn(from));
+    }
+    projections
+        .apply(&[change], Some(position))
+        .expect("applies");
+}
+
+#[test]
+fn projections_ahead_by_a_segment_the_journal_was_storing_are_rebuilt_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, digest) = closed_library_of_20_files(dir.path());
+    let lib_dir = home.library_dir("lib");
+    let last = log_len(&home);
+    apply_past_the_journal(&lib_dir, last + 1, Some(last + 1));
+
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
+    assert_eq!(
+        lib.digest().expect("digest"),
+        digest,
+        "the projection was rebuilt from the journal"
+    );
+    assert_eq!(lib.status().expect("status").applied_lsn, last);
+}
+
+#[test]
+fn projections_ahead_of_a_journal_that_lost_more_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, _) = closed_library_of_20_files(dir.path());
+    let lib_dir = home.library_dir("lib");
+    let last = log_len(&home);
+    // Not marked: the journal is an older copy, or was damaged.
+    apply_past_the_journal(&lib_dir, last + 1, None);
+    let refused = Library::open(&home, "lib", PASSWORD).map(|_| ());
+    assert!(
+        matches!(
+            refused,
+            Err(keel_engine::EngineError::ProjectionAhead { applied, journal_last })
+                if applied == last + 1 && journal_last == last
+        ),
+        "{refused:?}"
+    );
+    // Marked, but the journal ends before the segment under way began: more than that
+    // segment is missing.
+    apply_past_the_journal(&lib_dir, last + 3, Some(last + 2));
+    let refused = Library::open(&home, "lib", PASSWORD).map(|_| ());
+    assert!(
+        matches!(
+            refused,
+            Err(keel_engine::EngineError::ProjectionAhead { .. })
+        ),
+        "{refused:?}"
+    );
+}
