@@ -377,7 +377,9 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
     leader
         .commit((0..3).map(|n| change(l, n)).collect())
         .expect("commits");
-    let sent = leader_rx.try_recv().expect("the leader's batch");
+    // Sent after the committers are answered: it may come a moment later.
+    let wait = std::time::Duration::from_secs(10);
+    let sent = leader_rx.recv_timeout(wait).expect("the leader's batch");
     assert_eq!(sent.early, None, "a leader's commit is sent once durable");
 
     follower
@@ -401,6 +403,6 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
     follower
         .commit(vec![change(f, 9)])
         .expect("commits offline");
-    let sent = follower_rx.try_recv().expect("the offline commit");
+    let sent = follower_rx.recv_timeout(wait).expect("the offline commit");
     assert_eq!(sent.early, None, "an offline commit is sent once durable");
 }
