@@ -189,7 +189,7 @@ impl StorageBackend for DirectWrites {
         settled.and(closed)
     }
 
-    crate::backend_locks::forward_range_locks!();
+    crate::backends::forward_range_locks!();
 }
 
 #[cfg(test)]
@@ -198,14 +198,7 @@ mod tests {
 
     /// A backend on a new file in `dir` (on a file system with direct writes, or it says so).
     fn backend(dir: &std::path::Path) -> Option<(DirectWrites, std::path::PathBuf)> {
-        let path = dir.join("f");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("creates");
+        let (file, path) = crate::backends::new_file(dir);
         let backend = DirectWrites::open_direct(&path)
             .map(|direct| DirectWrites::new(file, direct).expect("wraps"));
         if backend.is_none() {

@@ -75,7 +75,7 @@ impl StorageBackend for FilledGrowth {
         self.inner.close()
     }
 
-    crate::backend_locks::forward_range_locks!();
+    crate::backends::forward_range_locks!();
 }
 
 #[cfg(test)]
@@ -83,14 +83,7 @@ mod tests {
     use super::*;
 
     fn backend(dir: &std::path::Path) -> (FilledGrowth, std::path::PathBuf) {
-        let path = dir.join("f");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("creates");
+        let (file, path) = crate::backends::new_file(dir);
         (FilledGrowth::new(file).expect("wraps"), path)
     }
 

@@ -6,7 +6,7 @@
 //! `docs/journal-format.md`.
 
 mod aligned;
-mod backend_locks;
+mod backends;
 mod budget;
 #[cfg(unix)]
 mod direct_writes;

@@ -1,4 +1,5 @@
-//! The file-range locks of Keel's redb storage backends, forwarded to the wrapped backend.
+//! What Keel's redb storage backends share: their file-range locks, forwarded to the wrapped
+//! backend, and (in tests) a fresh file to wrap.
 
 /// Implements the range-lock methods of [`redb::StorageBackend`] by calling the same methods
 /// on `self.inner` (redb's own `FileBackend`, which takes the locks on the file).
@@ -55,3 +56,17 @@ macro_rules! forward_range_locks {
 }
 
 pub(crate) use forward_range_locks;
+
+/// A new, empty file `f` in `dir`, opened for reading and writing, and its path.
+#[cfg(test)]
+pub(crate) fn new_file(dir: &std::path::Path) -> (std::fs::File, std::path::PathBuf) {
+    let path = dir.join("f");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("creates");
+    (file, path)
+}
