@@ -521,7 +521,16 @@ impl Node {
                         && self.heard_ms.is_some_and(|h| {
                             now_ms < h.saturating_add(self.config.election_timeout_ms)
                         }));
-                let granted = !leader_alive && self.would_vote(from, epoch, last);
+                // Two devices whose timers ran out together would each grant the other's
+                // pre-vote, both stand in the same counter, vote for themselves and split it
+                // (a second election timeout, P6's outliers near 1 s). A device asking for
+                // votes itself grants only an asker that outranks it: a better log, or the same
+                // log and a higher device id. Pre-votes change nothing durable, so refusing
+                // more of them costs liveness at most, never safety; one of any two askers
+                // outranks the other.
+                let outranked = self.pre_vote.is_some()
+                    && (last, from) < (self.durable.last(), self.config.device);
+                let granted = !leader_alive && !outranked && self.would_vote(from, epoch, last);
                 let highest = self.durable.epoch.max(self.durable.voted);
                 Self::send(
                     out,

@@ -434,8 +434,8 @@ fn a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
     assert_ne!(follower.role(), Role::Candidate);
 }
 
-#[test]
-fn followers_elect_a_new_leader_once_the_old_one_is_silent() {
+/// A founder leading followers `b` and `c` (connected to each other), whom it reached at time 1.
+fn leader_and_two_followers() -> (Node, Node, Node) {
     let mut leader = Node::founder(config(1), 0);
     let mut b = Node::new(config(2), Durable::default(), 0);
     let mut c = Node::new(config(3), Durable::default(), 0);
@@ -449,6 +449,13 @@ fn followers_elect_a_new_leader_once_the_old_one_is_silent() {
     beat.extend(leader.handle(Input::Connected(cd), 0));
     deliver(l, &beat, &mut b, 1);
     deliver(l, &beat, &mut c, 1);
+    (leader, b, c)
+}
+
+#[test]
+fn followers_elect_a_new_leader_once_the_old_one_is_silent() {
+    let (leader, mut b, mut c) = leader_and_two_followers();
+    let (bd, cd) = (b.device(), c.device());
 
     // While c still hears the leader, b's pre-vote is refused by both.
     let ask = b.handle(Input::Tick, 400);
@@ -524,4 +531,73 @@ fn a_refused_pre_vote_teaches_the_higher_epoch_so_the_next_one_can_win() {
     deliver(rd, &vote, &mut p, 3_001);
     assert_eq!(p.role(), Role::Leader);
     assert_eq!(p.durable().epoch.counter, 6);
+}
+
+/// The answer of the one `PreVoteReply` in `outputs`, if that is all they hold.
+fn pre_vote_granted(outputs: &[Output]) -> Option<bool> {
+    match sent(outputs).as_slice() {
+        [Message::PreVoteReply { granted, .. }] => Some(*granted),
+        _ => None,
+    }
+}
+
+#[test]
+fn two_followers_whose_timers_run_out_together_do_not_split_the_vote() {
+    let (leader, mut b, mut c) = leader_and_two_followers();
+    let (bd, cd) = (b.device(), c.device());
+
+    // The leader goes silent and both timers run out in the same tick: each asks the other.
+    let ask_b = b.handle(Input::Tick, 1_000);
+    let ask_c = c.handle(Input::Tick, 1_000);
+    let from_c = deliver(bd, &ask_b, &mut c, 1_000);
+    let from_b = deliver(cd, &ask_c, &mut b, 1_000);
+    // Same logs: the higher device id (c) is granted, b is refused.
+    assert_eq!(pre_vote_granted(&from_b), Some(true));
+    assert_eq!(pre_vote_granted(&from_c), Some(false));
+    let not_standing = deliver(cd, &from_c, &mut b, 1_001);
+    assert!(sent(&not_standing).is_empty(), "b does not stand");
+    let request = deliver(bd, &from_b, &mut c, 1_001);
+    assert_eq!(c.role(), Role::Candidate);
+    let vote = deliver(cd, &request, &mut b, 1_002);
+    assert!(matches!(
+        sent(&vote).as_slice(),
+        [Message::Vote { granted: true, .. }]
+    ));
+    deliver(bd, &vote, &mut c, 1_002);
+    assert_eq!(c.role(), Role::Leader, "elected in the first round");
+    assert!(c.durable().epoch > leader.durable().epoch);
+}
+
+#[test]
+fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
+    let mut b = Node::new(config(2), Durable::default(), 0);
+    let mut c = Node::new(config(3), Durable::default(), 0);
+    let (bd, cd) = (b.device(), c.device());
+    b.handle(Input::Connected(cd), 0);
+    c.handle(Input::Connected(bd), 0);
+    // b holds one entry more than c: c asks first, then b asks while c's pre-vote is open.
+    let epoch = Epoch {
+        counter: 1,
+        device: DeviceId([1; 32]),
+    };
+    let append = Message::Append {
+        epoch,
+        prev: Lsn(0),
+        prev_epoch: Epoch::default(),
+        entries: vec![(epoch, Entry::Change(id(1)))],
+    };
+    b.handle(
+        Input::Received {
+            from: epoch.device,
+            message: append,
+        },
+        0,
+    );
+    assert!(b.durable().last() > c.durable().last());
+    let ask_c = c.handle(Input::Tick, 1_000);
+    let ask_b = b.handle(Input::Tick, 1_000);
+    let from_b = deliver(cd, &ask_c, &mut b, 1_000);
+    let from_c = deliver(bd, &ask_b, &mut c, 1_000);
+    assert_eq!(pre_vote_granted(&from_c), Some(true));
+    assert_eq!(pre_vote_granted(&from_b), Some(false));
 }

@@ -357,6 +357,8 @@ pub(crate) fn p5(dir: &Path, changes: usize, out: &mut Map<String, Value>) -> Re
 /// P6: three `keel serve` processes; the leader is killed (`kill -9`); time until another
 /// device leads a new epoch (and so accepts changes), over `rounds` kills.
 pub(crate) fn p6(dir: &Path, rounds: usize, out: &mut Map<String, Value>) -> Result<()> {
+    // KEEL_P6_ROUNDS overrides the number of rounds (for looking at the spread).
+    let rounds = crate::bench::size_from_env("KEEL_P6_ROUNDS", rounds);
     let mut times = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let root = dir.join(format!("p6-{round}"));
@@ -364,6 +366,7 @@ pub(crate) fn p6(dir: &Path, rounds: usize, out: &mut Map<String, Value>) -> Res
         Library::create(&home, "demo", crate::demo::PASSWORD, fast())?.close()?;
         times.push(crate::demo_devices::failover_ms(&root)?);
     }
+    out.insert("p6_failover_rounds_ms".into(), json!(times));
     times.sort_by(f64::total_cmp);
     out.insert("p6_failover_p50_ms".into(), json!(percentile(&times, 0.5)));
     out.insert(
