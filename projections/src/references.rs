@@ -54,7 +54,8 @@ fn references_of<'a>(
 }
 
 /// The references of `changes` that point at none of their records (`order` holds them, see
-/// [`ApplyOrder::has_record`]), without repeats, sorted, as (target model code, uuid). `None` if
+/// [`ApplyOrder::records_missing`]), without repeats, in apply order, as (target model code,
+/// uuid). `None` if
 /// a reference is neither NULL nor a uuid, or if there are more than `limit`: then checking each
 /// is not worth it.
 ///
@@ -67,26 +68,20 @@ pub(crate) fn references_outside(
     limit: usize,
 ) -> Option<Vec<(usize, Uuid)>> {
     let refs = reference_fields();
-    // Kept sorted; it stays small (a batch carries most of what it references), and the last
-    // one found answers the common repeat (entries of one location) without a search.
-    let mut outside: Vec<(usize, Uuid)> = Vec::new();
+    // The last one taken answers the common repeat (entries of one location) at once.
+    let mut wanted = Vec::new();
     let mut last = None;
     for change in changes {
         for reference in references_of(&refs, change) {
             let reference = reference.ok()?;
-            if last == Some(reference) || order.has_record(reference.0, reference.1) {
-                continue;
-            }
-            last = Some(reference);
-            if let Err(at) = outside.binary_search(&reference) {
-                if outside.len() >= limit {
-                    return None;
-                }
-                outside.insert(at, reference);
+            if last != Some(reference) {
+                last = Some(reference);
+                wanted.push(reference);
             }
         }
     }
-    Some(outside)
+    let outside = order.records_missing(&wanted);
+    (outside.len() <= limit).then_some(outside)
 }
 
 #[cfg(test)]
