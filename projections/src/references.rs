@@ -55,9 +55,8 @@ fn references_of<'a>(
 
 /// The references of `changes` that point at none of their records (`order` holds them, see
 /// [`ApplyOrder::records_missing`]), without repeats, in apply order, as (target model code,
-/// uuid). `None` if
-/// a reference is neither NULL nor a uuid, or if there are more than `limit`: then checking each
-/// is not worth it.
+/// uuid). `None` if a reference is neither NULL nor a uuid, or if there are more than `limit`:
+/// then checking each is not worth it.
 ///
 /// Every change of a batch applied optimistically leaves a row for its record (an upsert
 /// inserts or merges, a delete tombstones or leaves a placeholder; rows are never removed), so
