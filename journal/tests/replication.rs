@@ -16,19 +16,17 @@ fn open(
     device: DeviceId,
     role: Role,
 ) -> Journal {
-    Journal::open(
-        &dir.join(name),
-        lib,
-        key,
-        device,
-        JournalOptions {
-            committed: None,
-            committed_budget: None,
-            direct_writes: false,
-            role: Some(role),
-        },
-    )
-    .expect("opens")
+    Journal::open(&dir.join(name), lib, key, device, options(role)).expect("opens")
+}
+
+/// The options the journals of these tests open with: no applier, no direct writes.
+fn options(role: Role) -> JournalOptions {
+    JournalOptions {
+        committed: None,
+        committed_budget: None,
+        direct_writes: false,
+        role: Some(role),
+    }
 }
 
 /// A folder, a library with its key, a leader and a follower device, and the leader's epoch 1.
@@ -356,19 +354,12 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
     let (dir, lib, key, (l, f), epoch) = setup();
     let with_channel = |name: &str, device, role| {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let journal = Journal::open(
-            &dir.path().join(name),
-            lib,
-            &key,
-            device,
-            JournalOptions {
-                committed: Some(tx),
-                committed_budget: None,
-                direct_writes: false,
-                role: Some(role),
-            },
-        )
-        .expect("opens");
+        let options = JournalOptions {
+            committed: Some(tx),
+            ..options(role)
+        };
+        let journal =
+            Journal::open(&dir.path().join(name), lib, &key, device, options).expect("opens");
         (journal, rx)
     };
     let (leader, leader_rx) = with_channel("l.redb", l, Role::Leader(epoch));
