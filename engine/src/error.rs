@@ -63,6 +63,13 @@ pub enum EngineError {
         /// The digest of a fresh replay.
         expected: String,
     },
+    /// Stored derived counts of contents (`entry_count`, `total_size`) differ from counting
+    /// their entries; `keel rebuild` recomputes them.
+    #[error("{contents} content identities have entry counts that differ from their entries; run `keel rebuild`")]
+    Miscounted {
+        /// How many contents are miscounted.
+        contents: usize,
+    },
     /// The journal file of an existing library is missing or empty.
     #[error("the journal {0} is missing or empty; restore it from a backup (the projections alone cannot be trusted)")]
     JournalMissing(PathBuf),

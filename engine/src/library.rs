@@ -820,7 +820,7 @@ impl Library {
     }
 
     /// Checks every journal record, then replays the journal into a scratch projection and compares
-    /// its digest with the live one.
+    /// its digest with the live one, and recounts each content's entries in both.
     pub fn verify(&self) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
         let report = self.journal()?.verify()?;
         let live = self.digest()?;
@@ -833,7 +833,13 @@ impl Library {
             &mut |_, _| {},
         )?;
         let expected = fresh.digest()?;
-        let outcome = if expected == live {
+        let live_miscounted = self.read(|p| Ok(p.miscounted_contents()?.len()))?;
+        let miscounted = live_miscounted.max(fresh.miscounted_contents()?.len());
+        let outcome = if miscounted > 0 {
+            Err(EngineError::Miscounted {
+                contents: miscounted,
+            })
+        } else if expected == live {
             Ok(live)
         } else {
             Err(EngineError::DigestMismatch {

@@ -22,10 +22,12 @@ use rusqlite::{
     params_from_iter, CachedStatement, Connection, ErrorCode, OptionalExtension, Params, ToSql,
 };
 use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use uuid::Uuid;
 
 use crate::clocks::FieldClocks;
 use crate::ddl::{ModelSql, INSERT_ROWS};
+use crate::derived::{CountDeltas, CountPlan};
 use crate::error::ProjectionError;
 use crate::order::ApplyOrder;
 use crate::store::{AppliedPosition, Projections};
@@ -172,6 +174,10 @@ struct Applier<'a> {
     insert_runs: Vec<RefCell<Option<CachedStatement<'a>>>>,
     /// Whether references are looked up before a change is applied (see the module docs).
     careful: Cell<bool>,
+    /// Where the derived counts of a content come from (see [`crate::derived`]).
+    counts: Option<CountPlan>,
+    /// Changes to those counts not yet written, written by [`Applier::write_counts`].
+    deltas: CountDeltas,
 }
 
 impl<'a> Applier<'a> {
@@ -182,19 +188,96 @@ impl<'a> Applier<'a> {
             inserts: sql.iter().map(|_| RefCell::new(None)).collect(),
             insert_runs: sql.iter().map(|_| RefCell::new(None)).collect(),
             careful: Cell::new(careful),
+            counts: CountPlan::new(),
+            deltas: CountDeltas::default(),
         }
     }
 
+    /// What a row of model `code` adds to the derived counts (see [`CountPlan::share`]).
+    fn share<'v>(
+        &self,
+        code: u8,
+        live: bool,
+        value: impl Fn(usize) -> Option<&'v Value>,
+    ) -> Option<(Uuid, i64)> {
+        self.counts.and_then(|plan| plan.share(code, live, value))
+    }
+
+    /// What a row read back adds to the derived counts.
+    fn share_of_row(&self, def: &ModelDef, code: u8, row: &Row) -> Option<(Uuid, i64)> {
+        let live = is_live(def, &row.clocks, row.tomb);
+        self.share(code, live, |i| row.values.get(i))
+    }
+
+    /// Whether model `code` holds the derived counts.
+    fn holds_counts(&self, code: u8) -> bool {
+        self.counts.is_some_and(|plan| plan.counted == code)
+    }
+
+    /// Writes the derived counts still pending into their content rows, in uuid order. A content
+    /// row that does not exist (its entry's reference is missing) takes nothing: the commit then
+    /// fails on that reference, or the entry was parked and counted nothing.
+    fn write_counts(&self) -> Result<(), ProjectionError> {
+        let Some(plan) = self.counts else {
+            return Ok(());
+        };
+        let pending = self.deltas.drain_sorted();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let Some(sql) = self
+            .sql
+            .get(usize::from(plan.counted))
+            .and_then(|sql| sql.add_counts.as_deref())
+        else {
+            return Ok(());
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        for (content, entries, bytes) in pending {
+            stmt.execute((content.as_bytes().as_slice(), entries, bytes))?;
+        }
+        Ok(())
+    }
+
+    /// The uuids of the `rows` rows model `code` inserted last. A new row's rowid is one more
+    /// than the largest in its table (Keel never chooses a rowid, so the largest is far from
+    /// SQLite's limit), so the rows a statement just inserted are the newest ones.
+    fn newest(&self, code: u8, rows: usize) -> Result<HashSet<Uuid>, ProjectionError> {
+        let Some(sql) = self.sql.get(usize::from(code)) else {
+            return Ok(HashSet::new());
+        };
+        let mut stmt = self.conn.prepare_cached(&sql.newest)?;
+        let uuids = stmt.query_map([i64::try_from(rows).unwrap_or(i64::MAX)], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?;
+        let mut out = HashSet::with_capacity(rows);
+        for uuid in uuids {
+            let bytes = uuid?;
+            let uuid = Uuid::from_slice(&bytes)
+                .map_err(|_| ProjectionError::MalformedRow("uuid of a new row".into()))?;
+            out.insert(uuid);
+        }
+        Ok(out)
+    }
+
     /// Inserts the whole records of `run` ([`INSERT_ROWS`] upserts of model `code`, see
-    /// [`is_whole`]) in one statement, each as a new row unless its uuid exists. Returns the
-    /// rows inserted.
-    fn insert_run(&self, code: u8, run: &[&Change]) -> rusqlite::Result<usize> {
+    /// [`is_whole`]) in one statement, each as a new row unless its uuid exists, and keeps the
+    /// derived counts (see [`crate::derived`]). Returns the rows inserted.
+    fn insert_run(&self, code: u8, run: &[&Change]) -> Result<usize, ProjectionError> {
+        let holds_counts = self.holds_counts(code);
         let clocks: Vec<_> = run
             .iter()
             .map(|c| FieldClocks::encode_uniform(&c.hlc))
             .collect();
-        let mut params: Vec<Param<'_>> = Vec::with_capacity(run.len() * 14);
-        for (change, clocks) in run.iter().zip(&clocks) {
+        // A content's pending counts go into its new row (a uuid twice in the run takes them
+        // at its first row, the one inserted).
+        let counts: Vec<(i64, i64)> = if holds_counts {
+            run.iter().map(|c| self.deltas.take(c.record)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut params: Vec<Param<'_>> = Vec::with_capacity(run.len() * 16);
+        for (i, (change, clocks)) in run.iter().zip(&clocks).enumerate() {
             let Op::Upsert(fields) = &change.op else {
                 return Ok(0);
             };
@@ -203,13 +286,43 @@ impl<'a> Applier<'a> {
             // Every field written and no tombstone: visible (see `is_live`); the statement
             // writes `_tomb` NULL and `_live` 1 itself.
             params.push(Param::Blob(clocks));
+            if let Some(&(entries, bytes)) = counts.get(i) {
+                params.push(Param::Int(entries));
+                params.push(Param::Int(bytes));
+            }
         }
-        self.execute_kept(
+        let inserted = self.execute_kept(
             &self.insert_runs,
             code,
             |sql| &sql.insert_run,
             params_from_iter(params),
-        )
+        )?;
+        let counted = self.counts.is_some_and(|plan| plan.counting == code);
+        if !holds_counts && !counted {
+            return Ok(inserted);
+        }
+        // Which changes of the run made a row: all, or the newest rows' uuids (each at its
+        // first change in the run).
+        let new = (inserted < run.len())
+            .then(|| self.newest(code, inserted))
+            .transpose()?;
+        let mut seen = HashSet::new();
+        for (i, change) in run.iter().enumerate() {
+            let made_row = match &new {
+                None => true,
+                Some(new) => new.contains(&change.record) && seen.insert(change.record),
+            };
+            if holds_counts && !made_row {
+                if let Some(&taken) = counts.get(i) {
+                    self.deltas.put_back(change.record, taken);
+                }
+            }
+            if counted && made_row {
+                self.deltas
+                    .add(self.counts.and_then(|p| p.share_of_whole(change)), 1);
+            }
+        }
+        Ok(inserted)
     }
 
     /// Applies `order` (indexes into `changes`, in dependency order), a run of whole records at
@@ -350,16 +463,21 @@ impl<'a> Applier<'a> {
         }))
     }
 
+    /// Writes `row` over the row of `uuid`, which added `before` to the derived counts.
     fn write_row(
         &self,
         def: &ModelDef,
-        sql: &ModelSql,
+        code: u8,
         uuid: Uuid,
         row: &Row,
+        before: Option<(Uuid, i64)>,
     ) -> Result<(), rusqlite::Error> {
+        let sql = &self.sql[usize::from(code)];
         let clocks = row.clocks.encode();
         let tomb = row.tomb.map(|t| t.to_bytes());
         let live = is_live(def, &row.clocks, row.tomb);
+        self.deltas
+            .replace(before, self.share(code, live, |i| row.values.get(i)));
         let mut params: Vec<Param<'_>> = Vec::with_capacity(def.fields.len() + 4);
         params.push(Param::Blob(uuid.as_bytes()));
         params.extend(row.values.iter().map(Param::Value));
@@ -403,8 +521,9 @@ impl<'a> Applier<'a> {
                         if row.tomb >= Some(change.hlc) {
                             return Ok(Outcome::Unchanged);
                         }
+                        let before = self.share_of_row(def, change.model, &row);
                         row.tomb = Some(change.hlc);
-                        self.write_row(def, sql, change.record, &row)?;
+                        self.write_row(def, change.model, change.record, &row, before)?;
                     }
                     None => {
                         // A tombstone for a row not seen yet: a hidden placeholder keeps the clock.
@@ -436,7 +555,12 @@ impl<'a> Applier<'a> {
                 Param::Null,
                 Param::Int(i64::from(live)),
             ]);
-        self.insert(change.model, params_from_iter(params))
+        let inserted = self.insert(change.model, params_from_iter(params))?;
+        if inserted == 1 {
+            let share = self.share(change.model, live, |i| fields.get(i).map(|(_, v)| v));
+            self.deltas.add(share, 1);
+        }
+        Ok(inserted)
     }
 
     /// Inserts some fields of a record as a new row (the others NULL, without a clock) unless
@@ -463,7 +587,12 @@ impl<'a> Applier<'a> {
         params.push(Param::Blob(&clock_bytes));
         params.push(Param::Null);
         params.push(Param::Int(i64::from(live)));
-        self.insert(change.model, params_from_iter(params))
+        let inserted = self.insert(change.model, params_from_iter(params))?;
+        if inserted == 1 {
+            let share = self.share(change.model, live, |i| slots.get(i).copied().flatten());
+            self.deltas.add(share, 1);
+        }
+        Ok(inserted)
     }
 
     /// Merges an upsert into the existing row, field by field (last writer wins).
@@ -478,6 +607,7 @@ impl<'a> Applier<'a> {
         let Some(mut row) = self.read_row(def, sql, change.record)? else {
             return Ok(Outcome::Unchanged);
         };
+        let before = self.share_of_row(def, change.model, &row);
         let mut changed = false;
         for (i, v) in fields {
             let i = usize::from(*i);
@@ -490,7 +620,7 @@ impl<'a> Applier<'a> {
         if !changed {
             return Ok(Outcome::Unchanged);
         }
-        self.write_row(def, sql, change.record, &row)?;
+        self.write_row(def, change.model, change.record, &row, before)?;
         Ok(Outcome::Applied)
     }
 
@@ -647,7 +777,7 @@ impl Projections {
             // transaction are applied carefully, each reference looked up by Keel.
             self.conn.pragma_update(None, "foreign_keys", "OFF")?;
         }
-        let applied = self.apply_checked(changes, &positions, position);
+        let applied = self.apply_checked(changes, &positions, unchecked, position);
         if position.is_some() {
             self.ahead_from = None;
         }
@@ -687,10 +817,13 @@ impl Projections {
         Ok(true)
     }
 
+    /// Applies `changes` in `order` (dependency order), optimistically and then carefully if a
+    /// reference is missing at commit; `unchecked` says SQLite's reference checks are off.
     fn apply_checked(
         &mut self,
         changes: &[Change],
         order: &[usize],
+        unchecked: bool,
         position: Option<AppliedPosition>,
     ) -> Result<ApplyStats, ProjectionError> {
         let (mut index_domain, mut content_domain) = (0, 0);
@@ -700,14 +833,25 @@ impl Projections {
                 SyncDomain::Content => content_domain += 1,
             }
         }
-        let (mut stats, parked) = match self.apply_in_transaction(changes, order, position, false) {
-            Err(ProjectionError::Sqlite(e)) if is_fk_violation(&e) => {
-                // A reference still missing at commit (the transaction rolled back): apply the
-                // batch again, parking what waits for a dependency.
-                self.apply_in_transaction(changes, order, position, true)?
-            }
-            other => other?,
+        // With the references proven and SQLite's checks off, nothing looks a reference up
+        // while the batch is written, so contents may go in after their entries, each new
+        // content row with its counts (see `crate::derived`). Not with the checks on: a content
+        // inserted while an earlier row's reference is still missing makes SQLite look for that
+        // content's entries, and without an index on `entry(content)` that reads every entry.
+        // In dependency order, contents come before any row that has a reference.
+        let optimistic = match CountPlan::new() {
+            Some(plan) if unchecked => plan.counted_after_counting(changes, order),
+            _ => order.to_vec(),
         };
+        let (mut stats, parked) =
+            match self.apply_in_transaction(changes, &optimistic, position, false) {
+                Err(ProjectionError::Sqlite(e)) if is_fk_violation(&e) => {
+                    // A reference still missing at commit (the transaction rolled back): apply the
+                    // batch again, parking what waits for a dependency.
+                    self.apply_in_transaction(changes, order, position, true)?
+                }
+                other => other?,
+            };
         stats.index_domain = index_domain;
         stats.content_domain = content_domain;
         if let Some(checkpointer) = &self.checkpointer {
@@ -733,6 +877,7 @@ impl Projections {
         if (self.parked > 0 && stats.applied > 0) || stats.parked > 0 {
             stats.unparked = applier.retry_parked()?;
         }
+        applier.write_counts()?;
         if let Some(position) = position {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO _meta (key, value) VALUES ('applied_lsn', ?1), ('applied_local', ?2), \

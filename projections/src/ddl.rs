@@ -2,10 +2,13 @@
 
 use keel_schema::{FieldType, ModelDef};
 
+use crate::derived::{holds_counts, COUNT_COLUMNS};
+
 /// Projection schema version, stored in `PRAGMA user_version`. Version 2 made references
-/// deferred and dropped `NOT NULL` (see [`create_table`]); a projection of an older version is
-/// discarded on open and replayed from the journal.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+/// deferred and dropped `NOT NULL` (see [`create_table`]); version 3 keeps a content's derived
+/// counts in its row instead of an index on `entry(content)` (see [`crate::derived`]). A
+/// projection of an older version is discarded on open and replayed from the journal.
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes
 /// (cachegrind, whole run of the scratch harness): 2.07 G for 4 rows, 1.98 G for 8, 2.02 G for 16,
@@ -22,7 +25,8 @@ fn sql_type(ty: FieldType) -> &'static str {
 }
 
 /// `CREATE TABLE` for a model: uuid key, every field (nullable: a row may exist before all its
-/// fields arrive), the clock blob, the tombstone clock and the visibility flag.
+/// fields arrive), the clock blob, the tombstone clock and the visibility flag; a content's row
+/// also holds its derived counts (see [`crate::derived`]).
 ///
 /// References are `DEFERRABLE INITIALLY DEFERRED` and no column is `NOT NULL`: either would make
 /// SQLite keep a statement journal for a multi-row insert (a copy of every page the statement
@@ -43,7 +47,11 @@ pub(crate) fn create_table(def: &ModelDef) -> String {
             ));
         }
     }
-    sql.push_str(", _clocks BLOB, _tomb BLOB, _live INTEGER)");
+    sql.push_str(", _clocks BLOB, _tomb BLOB, _live INTEGER");
+    if holds_counts(def) {
+        sql.push_str(", _entries INTEGER DEFAULT 0, _bytes INTEGER DEFAULT 0");
+    }
+    sql.push(')');
     sql
 }
 
@@ -56,10 +64,6 @@ pub(crate) const INDEXES: &[(&str, &str)] = &[
     (
         "entry_dir",
         "CREATE INDEX IF NOT EXISTS entry_dir ON entry(location, relative_path)",
-    ),
-    (
-        "entry_content",
-        "CREATE INDEX IF NOT EXISTS entry_content ON entry(content)",
     ),
     (
         "user_metadata_entry",
@@ -84,10 +88,8 @@ pub(crate) const INTERNAL: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS _parked (key BLOB PRIMARY KEY NOT NULL, missing TEXT NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
     "CREATE VIEW IF NOT EXISTS content_identity_stats AS \
-       SELECT c.uuid AS uuid, \
-              (SELECT count(*) FROM entry e WHERE e.content = c.uuid AND e._live = 1) AS entry_count, \
-              (SELECT coalesce(sum(e.size), 0) FROM entry e WHERE e.content = c.uuid AND e._live = 1) AS total_size \
-       FROM content_identity c WHERE c._live = 1",
+       SELECT uuid, _entries AS entry_count, _bytes AS total_size \
+       FROM content_identity WHERE _live = 1",
 ];
 
 /// The prepared statements of one model.
@@ -96,7 +98,8 @@ pub(crate) struct ModelSql {
     /// Insert a new row; does nothing if the uuid exists.
     pub(crate) insert: String,
     /// Insert [`INSERT_ROWS`] new, visible rows without tombstones in one statement, each unless
-    /// its uuid exists: each row binds its uuid, its fields and its clocks.
+    /// its uuid exists: each row binds its uuid, its fields and its clocks (and, for a content,
+    /// its derived counts).
     pub(crate) insert_run: String,
     /// Read a row's fields, clocks and tombstone.
     pub(crate) select: String,
@@ -104,6 +107,11 @@ pub(crate) struct ModelSql {
     pub(crate) update: String,
     /// Whether a uuid exists (visible or not).
     pub(crate) exists: String,
+    /// The uuids of the newest rows (by rowid, newest first), as many as `?1`.
+    pub(crate) newest: String,
+    /// Adds `?2` entries and `?3` bytes to the derived counts of row `?1` (only for the model
+    /// that holds them, see [`crate::derived`]).
+    pub(crate) add_counts: Option<String>,
 }
 
 impl ModelSql {
@@ -112,20 +120,38 @@ impl ModelSql {
         let n = cols.len();
         // A statement inserting `rows` rows, numbered `?1` onwards, skipping existing uuids.
         // With `fresh`, every row is visible and has no tombstone: `_tomb` and `_live` are
-        // written as constants, and each row binds `n + 2` values (uuid, fields, clocks).
+        // written as constants, and each row binds `n + 2` values (uuid, fields, clocks), then
+        // for the model that holds derived counts two more (see [`crate::derived`]).
+        let counts = holds_counts(def);
         let insert_rows = |rows: usize, fresh: bool| -> String {
-            let width = if fresh { n + 2 } else { n + 4 };
+            let width = match (fresh, counts) {
+                (true, false) => n + 2,
+                _ => n + 4,
+            };
             let values: Vec<String> = (0..rows)
                 .map(|row| {
-                    let marks: Vec<String> = (1..=width)
-                        .map(|i| format!("?{}", row * width + i))
-                        .collect();
-                    let tail = if fresh { ", NULL, 1" } else { "" };
-                    format!("({}{tail})", marks.join(", "))
+                    let marks = |from: usize, to: usize| -> String {
+                        let marks: Vec<String> = (from..=to)
+                            .map(|i| format!("?{}", row * width + i))
+                            .collect();
+                        marks.join(", ")
+                    };
+                    match (fresh, counts) {
+                        (true, true) => {
+                            format!("({}, NULL, 1, {})", marks(1, n + 2), marks(n + 3, n + 4))
+                        }
+                        (true, false) => format!("({}, NULL, 1)", marks(1, n + 2)),
+                        (false, _) => format!("({})", marks(1, n + 4)),
+                    }
                 })
                 .collect();
+            let extra = if fresh && counts {
+                format!(", {COUNT_COLUMNS}")
+            } else {
+                String::new()
+            };
             format!(
-                "INSERT INTO {} (uuid, {}, _clocks, _tomb, _live) VALUES {} ON CONFLICT(uuid) DO NOTHING",
+                "INSERT INTO {} (uuid, {}, _clocks, _tomb, _live{extra}) VALUES {} ON CONFLICT(uuid) DO NOTHING",
                 def.name,
                 cols.join(", "),
                 values.join(", ")
@@ -152,12 +178,21 @@ impl ModelSql {
             n + 4
         );
         let exists = format!("SELECT 1 FROM {} WHERE uuid = ?1", def.name);
+        let newest = format!("SELECT uuid FROM {} ORDER BY rowid DESC LIMIT ?1", def.name);
+        let add_counts = counts.then(|| {
+            format!(
+                "UPDATE {} SET _entries = _entries + ?2, _bytes = _bytes + ?3 WHERE uuid = ?1",
+                def.name
+            )
+        });
         Self {
             insert,
             insert_run,
             select,
             update,
             exists,
+            newest,
+            add_counts,
         }
     }
 }

@@ -9,6 +9,7 @@ mod apply;
 mod checkpoint;
 mod clocks;
 mod ddl;
+mod derived;
 mod digest;
 mod error;
 mod order;

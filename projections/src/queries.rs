@@ -172,6 +172,30 @@ impl Projections {
         Ok(Some(content))
     }
 
+    /// Contents whose stored derived counts (`entry_count`, `total_size`, kept as entries are
+    /// written, see `derived.rs`) differ from counting their visible entries now. Empty on a
+    /// sound projection; a full scan of both tables, for checks and tests.
+    pub fn miscounted_contents(&self) -> Result<Vec<Uuid>, ProjectionError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT c.uuid FROM content_identity c \
+             LEFT JOIN (SELECT content, count(*) AS n, coalesce(sum(size), 0) AS bytes \
+                        FROM entry WHERE _live = 1 AND content IS NOT NULL GROUP BY content) e \
+               ON e.content = c.uuid \
+             WHERE c._entries IS NOT coalesce(e.n, 0) OR c._bytes IS NOT coalesce(e.bytes, 0) \
+             ORDER BY c.uuid",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let bytes = row?;
+            out.push(
+                Uuid::from_slice(&bytes)
+                    .map_err(|_| ProjectionError::MalformedRow("content uuid".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// The tags applied to a UserMetadata, by name.
     pub fn tags_of(&self, user_metadata: Uuid) -> Result<Vec<Tag>, ProjectionError> {
         let mut tags = self.select::<Tag, _>(

@@ -4,7 +4,7 @@
 use keel_projections::Projections;
 use keel_schema::{
     content_uuid, Change, ChangeId, ContentIdentity, Device, DeviceId, Entry, EntryKind, Hlc,
-    Location, Tag, UserMetadata, Value,
+    Location, Op, Tag, UserMetadata, Value,
 };
 use uuid::Uuid;
 
@@ -94,6 +94,180 @@ fn runs_that_meet_existing_rows_count_exactly_and_match_one_at_a_time() {
         single.digest().expect("digest")
     );
     assert_eq!(batched.counts().expect("counts").tags, MANY as u64);
+}
+
+/// An upsert of some fields of entry `uuid`, by name.
+fn entry_fields(clock: &mut Clock, uuid: Uuid, fields: &[(&str, Value)]) -> Change {
+    let code = keel_schema::model_code("entry").expect("entry model");
+    let def = keel_schema::model_by_code(code).expect("entry model");
+    Change {
+        id: ChangeId::new(),
+        hlc: clock.next(),
+        model: code,
+        record: uuid,
+        op: Op::Upsert(
+            fields
+                .iter()
+                .map(|(name, v)| {
+                    let i = def.field_index(name).expect("entry field");
+                    (u8::try_from(i).expect("field index"), v.clone())
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn delete_entry(clock: &mut Clock, uuid: Uuid) -> Change {
+    Change {
+        id: ChangeId::new(),
+        hlc: clock.next(),
+        model: keel_schema::model_code("entry").expect("entry model"),
+        record: uuid,
+        op: Op::Delete,
+    }
+}
+
+/// `(entry_count, total_size)` of a content.
+fn counts_of(p: &Projections, content: Uuid) -> (i64, i64) {
+    let c = p
+        .content_identity(content)
+        .expect("query")
+        .expect("visible");
+    (c.entry_count, c.total_size)
+}
+
+#[test]
+fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() {
+    // The first two batches are large enough to prove their references, so their contents are
+    // written after their entries (with their counts); the third is applied in dependency order.
+    let files = keel_projections::SELF_PROOF_MIN;
+    let mut clock = clock();
+    let (parents, entries) = library_of(&mut clock, files, 0);
+    let content = |i: usize| parents[2 + i].record;
+    // 1. Contents and their entries in one batch, and the same entry twice in a run.
+    let mut first: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
+    first.push(entries[3].clone());
+    // 2. More entries naming contents that are already stored (their counts are updated), an
+    //    entry already stored, an entry moved to another content and resized, one deleted,
+    //    one deleted and then written again later.
+    let (_, more) = library_of(&mut clock, MANY, 1);
+    let mut second: Vec<Change> = more
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let Op::Upsert(fields) = &e.op else {
+                panic!("an upsert");
+            };
+            let mut fields = fields.clone();
+            let c = keel_schema::model_by_code(e.model)
+                .and_then(|d| d.field_index("content"))
+                .expect("content field");
+            fields[c].1 = Value::Uuid(content(i % 5));
+            Change {
+                op: Op::Upsert(fields),
+                ..e.clone()
+            }
+        })
+        .collect();
+    // Contents 0-9 again (stored already) among 20 new ones with their entries: the runs of
+    // contents meet stored rows, whose counts must not go into a row that was not inserted.
+    let (new_parents, new_entries) = library_of(&mut clock, 20, 2);
+    second.extend(parents[2..12].iter().cloned());
+    second.extend(new_parents[2..].iter().cloned());
+    second.extend(new_entries.iter().cloned());
+    second.push(entries[5].clone());
+    second.push(entry_fields(
+        &mut clock,
+        entries[6].record,
+        &[
+            ("content", Value::Uuid(content(0))),
+            ("size", Value::Int(1_000)),
+        ],
+    ));
+    second.push(delete_entry(&mut clock, entries[7].record));
+    second.push(delete_entry(&mut clock, entries[8].record));
+    // Enough other files to make the batch large.
+    let (other_parents, other_entries) = library_of(&mut clock, files, 3);
+    second.extend(other_parents[2..].iter().chain(&other_entries).cloned());
+    let third = vec![entry_fields(
+        &mut clock,
+        entries[8].record,
+        &[("name", Value::Text("back.txt".into()))],
+    )];
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut batched = open(&dir, "batched.sqlite");
+    assert!(
+        batched
+            .apply(&first, None)
+            .expect("applies")
+            .references_proven
+    );
+    assert_eq!(counts_of(&batched, content(3)), (1, 3));
+    assert_eq!(counts_of(&batched, content(7)), (1, 7));
+    assert!(
+        batched
+            .apply(&second, None)
+            .expect("applies")
+            .references_proven
+    );
+    // Content 0: its own entry (size 0), twenty of the new ones (sizes 0, 5, ..., 95) and
+    // entry 6 (1,000).
+    assert_eq!(counts_of(&batched, content(0)), (22, 950 + 1_000));
+    // Content 1: its own entry (1) and twenty new ones (1, 6, ..., 96).
+    assert_eq!(counts_of(&batched, content(1)), (21, 1 + 970));
+    assert_eq!(
+        counts_of(&batched, content(6)),
+        (0, 0),
+        "entry 6 moved away"
+    );
+    assert_eq!(counts_of(&batched, content(7)), (0, 0), "entry 7 deleted");
+    assert_eq!(counts_of(&batched, content(8)), (0, 0), "entry 8 deleted");
+    assert_eq!(counts_of(&batched, content(50)), (1, 50));
+    assert_eq!(counts_of(&batched, new_parents[2 + 3].record), (1, 3));
+    assert!(
+        !batched
+            .apply(&third, None)
+            .expect("applies")
+            .references_proven
+    );
+    assert_eq!(
+        counts_of(&batched, content(8)),
+        (1, 8),
+        "entry 8 written after its tombstone is visible again"
+    );
+    assert_eq!(
+        batched.miscounted_contents().expect("recount"),
+        Vec::<Uuid>::new()
+    );
+
+    // In reverse, in small batches (SQLite checks every reference; entries wait for their
+    // contents): the same rows, counts included.
+    let mut single = open(&dir, "single.sqlite");
+    let reversed: Vec<Change> = first
+        .iter()
+        .chain(&second)
+        .chain(&third)
+        .rev()
+        .cloned()
+        .collect();
+    for chunk in reversed.chunks(1_000) {
+        single.apply(chunk, None).expect("applies");
+    }
+    assert_same_rows(&batched, &single);
+}
+
+/// Both projections hold the same rows (digest), nothing parked, and counts that match a
+/// recount of their entries.
+fn assert_same_rows(a: &Projections, b: &Projections) {
+    for p in [a, b] {
+        assert_eq!(p.parked_len(), 0);
+        assert_eq!(
+            p.miscounted_contents().expect("recount"),
+            Vec::<Uuid>::new()
+        );
+    }
+    assert_eq!(a.digest().expect("digest"), b.digest().expect("digest"));
 }
 
 /// A device, a location, `MANY` contents and one entry per content.
@@ -249,8 +423,11 @@ fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
     for chunk in all.chunks(MANY) {
         small.apply(chunk, None).expect("applies");
     }
-    assert_eq!(small.parked_len(), 0);
-    assert_eq!(p.digest().expect("digest"), small.digest().expect("digest"));
+    assert_eq!(
+        p.counts().expect("counts").content_identities,
+        2 * files as u64
+    );
+    assert_same_rows(&p, &small);
 }
 
 #[test]

@@ -197,6 +197,23 @@ fn check_against_model(p: &Projections, location: Uuid, model: &Model) {
             .collect();
         assert_eq!(&names, tags, "tags of {content}");
     }
+    // Each content's derived counts: its files in the model (a file's size is its content's).
+    for content in &model.known_content {
+        let files = model.files.values().filter(|(_, c)| c == content).count();
+        let c = p
+            .content_identity(*content)
+            .expect("query")
+            .expect("content visible");
+        assert_eq!(
+            (c.entry_count, c.total_size),
+            (files as i64, files as i64 * c.size),
+            "counts of {content}"
+        );
+    }
+    assert_eq!(
+        p.miscounted_contents().expect("recount"),
+        Vec::<Uuid>::new()
+    );
     for (content, note) in &model.notes {
         let m: UserMetadata = p
             .get(content_metadata_uuid(*content))
@@ -246,6 +263,7 @@ proptest! {
                 rest = &rest[n..];
             }
             prop_assert_eq!(p.parked_len(), 0, "every dependency arrived");
+            check_against_model(&p, location.uuid, &model);
             p.digest().expect("digest")
         };
         prop_assert_eq!(&shuffled, &incremental);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keel_engine::{Event, Home, Library, Scope, Tag};
+use keel_engine::{EngineError, Event, Home, Library, Scope, Tag};
 use keel_schema::{Change, ChangeId, Hlc};
 use keel_tests::{create_library, PASSWORD};
 use uuid::Uuid;
@@ -247,6 +247,39 @@ fn a_projection_of_an_older_schema_is_replayed_on_open() {
         "the projection was replayed from the journal"
     );
     assert_eq!(lib.status().expect("status").counts.entries, 20);
+}
+
+#[test]
+fn verify_finds_content_counts_that_differ_from_their_entries_and_rebuild_mends_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, digest) = closed_library_of_20_files(dir.path());
+    let lib_dir = home.library_dir("lib");
+    let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+    let (_, outcome) = lib.verify().expect("verifies");
+    assert_eq!(outcome.expect("sound"), digest);
+    lib.close().expect("closes");
+
+    let projections = keel_projections::Projections::open(&lib_dir.join("projections.sqlite"))
+        .expect("opens the projection");
+    projections
+        .connection()
+        .execute_batch("UPDATE content_identity SET _entries = _entries + 1 WHERE rowid <= 2")
+        .expect("miscounts two contents");
+    assert_eq!(
+        projections.miscounted_contents().expect("recounts").len(),
+        2
+    );
+    drop(projections);
+
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
+    let (_, outcome) = lib.verify().expect("verifies");
+    assert!(
+        matches!(outcome, Err(EngineError::Miscounted { contents: 2 })),
+        "{outcome:?}"
+    );
+    lib.rebuild(&mut |_, _| {}).expect("rebuilds");
+    let (_, outcome) = lib.verify().expect("verifies");
+    assert_eq!(outcome.expect("sound again"), digest);
 }
 
 /// The log length of the closed library `lib` in `home`.
