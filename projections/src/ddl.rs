@@ -55,7 +55,11 @@ pub(crate) fn create_table(def: &ModelDef) -> String {
     sql
 }
 
-/// Indexes for the host-app queries: `(name, CREATE statement)`.
+/// Indexes for the host-app queries and for SQLite's reference checks: `(name, CREATE
+/// statement)`. Every reference has an index that starts with it, except an entry's `content`
+/// (see [`crate::derived`]): with SQLite's checks on, a row inserted while some reference of the
+/// transaction is still missing makes SQLite look up the rows that reference it, which without
+/// such an index reads the whole referencing table.
 pub(crate) const INDEXES: &[(&str, &str)] = &[
     (
         "location_device",
@@ -64,6 +68,11 @@ pub(crate) const INDEXES: &[(&str, &str)] = &[
     (
         "entry_dir",
         "CREATE INDEX IF NOT EXISTS entry_dir ON entry(location, relative_path)",
+    ),
+    (
+        // Few entries name a metadata row (the cycle-breaking reference), so only those are in it.
+        "entry_metadata",
+        "CREATE INDEX IF NOT EXISTS entry_metadata ON entry(metadata) WHERE metadata IS NOT NULL",
     ),
     (
         "user_metadata_entry",
@@ -194,5 +203,25 @@ impl ModelSql {
             newest,
             add_counts,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_schema::MODELS;
+
+    #[test]
+    fn every_reference_but_an_entrys_content_has_an_index_that_starts_with_it() {
+        let mut unindexed = Vec::new();
+        for def in MODELS.iter() {
+            for field in def.fields.iter().filter(|f| f.references.is_some()) {
+                let start = format!("ON {}({}", def.name, field.name);
+                if !INDEXES.iter().any(|(_, sql)| sql.contains(&start)) {
+                    unindexed.push(format!("{}.{}", def.name, field.name));
+                }
+            }
+        }
+        assert_eq!(unindexed, vec!["entry.content".to_string()]);
     }
 }
