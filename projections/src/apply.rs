@@ -216,7 +216,9 @@ impl<'a> Applier<'a> {
 
     /// Writes the derived counts still pending into their content rows, in uuid order. A content
     /// row that does not exist (its entry's reference is missing) takes nothing: the commit then
-    /// fails on that reference, or the entry was parked and counted nothing.
+    /// fails on that reference, or the entry was parked and counted nothing. The sums wrap
+    /// around in Rust, as the pending ones do, rather than in SQL, where an overflowing `+`
+    /// turns into a float: sizes a peer made up stay integers, the same in any order.
     fn write_counts(&self) -> Result<(), ProjectionError> {
         let Some(plan) = self.counts else {
             return Ok(());
@@ -225,16 +227,27 @@ impl<'a> Applier<'a> {
         if pending.is_empty() {
             return Ok(());
         }
-        let Some(sql) = self
+        let Some((read, write)) = self
             .sql
             .get(usize::from(plan.counted))
-            .and_then(|sql| sql.add_counts.as_deref())
+            .and_then(|sql| sql.counts.as_ref())
         else {
             return Ok(());
         };
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut read = self.conn.prepare_cached(read)?;
+        let mut write = self.conn.prepare_cached(write)?;
         for (content, entries, bytes) in pending {
-            stmt.execute((content.as_bytes().as_slice(), entries, bytes))?;
+            let key = content.as_bytes().as_slice();
+            let stored: Option<(Option<i64>, Option<i64>)> = read
+                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((stored_entries, stored_bytes)) = stored {
+                write.execute((
+                    key,
+                    stored_entries.unwrap_or(0).wrapping_add(entries),
+                    stored_bytes.unwrap_or(0).wrapping_add(bytes),
+                ))?;
+            }
         }
         Ok(())
     }

@@ -118,9 +118,9 @@ pub(crate) struct ModelSql {
     pub(crate) exists: String,
     /// The uuids of the newest rows (by rowid, newest first), as many as `?1`.
     pub(crate) newest: String,
-    /// Adds `?2` entries and `?3` bytes to the derived counts of row `?1` (only for the model
-    /// that holds them, see [`crate::derived`]).
-    pub(crate) add_counts: Option<String>,
+    /// Reads the derived counts of row `?1`, and sets them to `?2` entries and `?3` bytes (only
+    /// for the model that holds them, see [`crate::derived`]).
+    pub(crate) counts: Option<(String, String)>,
 }
 
 impl ModelSql {
@@ -188,10 +188,13 @@ impl ModelSql {
         );
         let exists = format!("SELECT 1 FROM {} WHERE uuid = ?1", def.name);
         let newest = format!("SELECT uuid FROM {} ORDER BY rowid DESC LIMIT ?1", def.name);
-        let add_counts = counts.then(|| {
-            format!(
-                "UPDATE {} SET _entries = _entries + ?2, _bytes = _bytes + ?3 WHERE uuid = ?1",
-                def.name
+        let counts = counts.then(|| {
+            (
+                format!("SELECT _entries, _bytes FROM {} WHERE uuid = ?1", def.name),
+                format!(
+                    "UPDATE {} SET _entries = ?2, _bytes = ?3 WHERE uuid = ?1",
+                    def.name
+                ),
             )
         });
         Self {
@@ -201,7 +204,7 @@ impl ModelSql {
             update,
             exists,
             newest,
-            add_counts,
+            counts,
         }
     }
 }

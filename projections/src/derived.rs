@@ -128,7 +128,7 @@ impl CountDeltas {
         if let Some((content, size)) = share {
             let mut map = self.0.borrow_mut();
             let slot = map.entry(content).or_default();
-            slot.0 += sign;
+            slot.0 = slot.0.wrapping_add(sign);
             slot.1 = slot.1.wrapping_add(sign.wrapping_mul(size));
         }
     }
@@ -151,7 +151,7 @@ impl CountDeltas {
         if (entries, bytes) != (0, 0) {
             let mut map = self.0.borrow_mut();
             let slot = map.entry(content).or_default();
-            slot.0 += entries;
+            slot.0 = slot.0.wrapping_add(entries);
             slot.1 = slot.1.wrapping_add(bytes);
         }
     }

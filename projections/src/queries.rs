@@ -173,25 +173,35 @@ impl Projections {
     }
 
     /// Contents whose stored derived counts (`entry_count`, `total_size`, kept as entries are
-    /// written, see `derived.rs`) differ from counting their visible entries now. Empty on a
-    /// sound projection; a full scan of both tables, for checks and tests.
+    /// written, see `derived.rs`) differ from counting their visible entries now, in uuid order.
+    /// Empty on a sound projection; a full scan of both tables, for checks and tests. Sizes add
+    /// up wrapping around, as the stored counts do.
     pub fn miscounted_contents(&self) -> Result<Vec<Uuid>, ProjectionError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT c.uuid FROM content_identity c \
-             LEFT JOIN (SELECT content, count(*) AS n, coalesce(sum(size), 0) AS bytes \
-                        FROM entry WHERE _live = 1 AND content IS NOT NULL GROUP BY content) e \
-               ON e.content = c.uuid \
-             WHERE c._entries IS NOT coalesce(e.n, 0) OR c._bytes IS NOT coalesce(e.bytes, 0) \
-             ORDER BY c.uuid",
-        )?;
-        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let bad = || ProjectionError::MalformedRow("content uuid".into());
+        let mut counted: std::collections::HashMap<Uuid, (i64, i64)> = Default::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT content, size FROM entry WHERE _live = 1 AND content IS NOT NULL")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let content = Uuid::from_slice(&row.get::<_, Vec<u8>>(0)?).map_err(|_| bad())?;
+            let size: Option<i64> = row.get(1)?;
+            let slot = counted.entry(content).or_default();
+            slot.0 = slot.0.wrapping_add(1);
+            slot.1 = slot.1.wrapping_add(size.unwrap_or(0));
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT uuid, _entries, _bytes FROM content_identity ORDER BY uuid")?;
+        let mut rows = stmt.query([])?;
         let mut out = Vec::new();
-        for row in rows {
-            let bytes = row?;
-            out.push(
-                Uuid::from_slice(&bytes)
-                    .map_err(|_| ProjectionError::MalformedRow("content uuid".into()))?,
-            );
+        while let Some(row) = rows.next()? {
+            let uuid = Uuid::from_slice(&row.get::<_, Vec<u8>>(0)?).map_err(|_| bad())?;
+            let stored: (Option<i64>, Option<i64>) = (row.get(1)?, row.get(2)?);
+            let expected = counted.get(&uuid).copied().unwrap_or_default();
+            if stored != (Some(expected.0), Some(expected.1)) {
+                out.push(uuid);
+            }
         }
         Ok(out)
     }

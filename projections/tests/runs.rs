@@ -257,6 +257,52 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
     assert_same_rows(&batched, &single);
 }
 
+#[test]
+fn sizes_that_overflow_a_contents_total_wrap_around_the_same_in_any_order() {
+    let mut clock = clock();
+    let (parents, entries) = library_of(&mut clock, 3, 0);
+    let content = parents[2].record;
+    // Three entries of content 0, each claiming the largest size: a made-up total.
+    let huge: Vec<Change> = entries
+        .iter()
+        .map(|e| {
+            entry_fields(
+                &mut clock,
+                e.record,
+                &[
+                    ("content", Value::Uuid(content)),
+                    ("size", Value::Int(i64::MAX)),
+                ],
+            )
+        })
+        .collect();
+    let all: Vec<Change> = parents
+        .iter()
+        .chain(&entries)
+        .chain(&huge)
+        .cloned()
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut whole = open(&dir, "whole.sqlite");
+    whole.apply(&all, None).expect("applies");
+    assert_eq!(
+        counts_of(&whole, content),
+        (3, i64::MAX.wrapping_mul(3)),
+        "wrapped, still an integer"
+    );
+    // The files first, then each size in a transaction of its own: the stored total overflows.
+    let mut one_by_one = open(&dir, "one_by_one.sqlite");
+    let files: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
+    one_by_one.apply(&files, None).expect("applies");
+    for change in &huge {
+        one_by_one
+            .apply(std::slice::from_ref(change), None)
+            .expect("applies");
+    }
+    assert_eq!(counts_of(&one_by_one, content), counts_of(&whole, content));
+    assert_same_rows(&whole, &one_by_one);
+}
+
 /// Both projections hold the same rows (digest), nothing parked, and counts that match a
 /// recount of their entries.
 fn assert_same_rows(a: &Projections, b: &Projections) {
