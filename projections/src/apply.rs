@@ -188,7 +188,7 @@ impl<'a> Applier<'a> {
             inserts: sql.iter().map(|_| RefCell::new(None)).collect(),
             insert_runs: sql.iter().map(|_| RefCell::new(None)).collect(),
             careful: Cell::new(careful),
-            counts: CountPlan::new(),
+            counts: CountPlan::get(),
             deltas: CountDeltas::default(),
         }
     }
@@ -852,7 +852,7 @@ impl Projections {
         // inserted while an earlier row's reference is still missing makes SQLite look for that
         // content's entries, and without an index on `entry(content)` that reads every entry.
         // In dependency order, contents come before any row that has a reference.
-        let optimistic = match CountPlan::new() {
+        let optimistic = match CountPlan::get() {
             Some(plan) if unchecked => plan.counted_after_counting(changes, order),
             _ => order.to_vec(),
         };

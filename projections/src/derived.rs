@@ -50,9 +50,14 @@ pub(crate) struct CountPlan {
 }
 
 impl CountPlan {
-    /// The plan for the registered models; `None` if a model or field is missing (the counts
-    /// then stay zero).
-    pub(crate) fn new() -> Option<Self> {
+    /// The plan for the registered models, looked up once; `None` if a model or field is
+    /// missing (the counts then stay zero).
+    pub(crate) fn get() -> Option<Self> {
+        static PLAN: std::sync::OnceLock<Option<CountPlan>> = std::sync::OnceLock::new();
+        *PLAN.get_or_init(Self::new)
+    }
+
+    fn new() -> Option<Self> {
         let counted = model_code(COUNTED)?;
         let counting = model_code(COUNTING)?;
         let def = keel_schema::model_by_code(counting)?;
@@ -212,7 +217,7 @@ mod tests {
 
     #[test]
     fn counted_changes_move_after_the_counting_ones_and_nothing_else_moves() {
-        let Some(plan) = CountPlan::new() else {
+        let Some(plan) = CountPlan::get() else {
             panic!("the registry has Entry and ContentIdentity");
         };
         let other = (0..7u8)
