@@ -42,8 +42,8 @@ pub mod cluster {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use keel_engine::runtime::{join, JoinOptions, Node, NodeOptions};
-    use keel_engine::{CreateOptions, EngineError, Home, KdfParams, Library};
+    use keel_engine::{CreateOptions, Home, KdfParams, Library};
+    use keel_node::{join, JoinOptions, Node, NodeError, NodeOptions};
 
     use super::PASSWORD;
 
@@ -57,7 +57,7 @@ pub mod cluster {
 
     /// Creates library `name` in home `root/<device>` and starts it as a node (the founder, so
     /// the leader of epoch 1).
-    pub fn founder(root: &Path, device: &str, name: &str) -> Result<(Home, Node), EngineError> {
+    pub fn founder(root: &Path, device: &str, name: &str) -> Result<(Home, Node), NodeError> {
         founder_with(root, device, name, options(Vec::new()))
     }
 
@@ -67,7 +67,7 @@ pub mod cluster {
         device: &str,
         name: &str,
         options: NodeOptions,
-    ) -> Result<(Home, Node), EngineError> {
+    ) -> Result<(Home, Node), NodeError> {
         let (home, lib) = super::create_in(Home::new(root.join(device)), name)?;
         Ok((home, Node::start(lib, options)?))
     }
@@ -78,7 +78,7 @@ pub mod cluster {
         device: &str,
         name: &str,
         tags: usize,
-    ) -> Result<(Home, Node), EngineError> {
+    ) -> Result<(Home, Node), NodeError> {
         let (home, node) = founder(root, device, name)?;
         node.library().transact(|tx| {
             for i in 0..tags {
@@ -91,7 +91,7 @@ pub mod cluster {
 
     /// Pairs a new device (home `root/<device>`) with `inviter` using a code, then opens the
     /// joined library and starts it as a node connected to the inviter.
-    pub fn joiner(root: &Path, device: &str, inviter: &Node) -> Result<(Home, Node), EngineError> {
+    pub fn joiner(root: &Path, device: &str, inviter: &Node) -> Result<(Home, Node), NodeError> {
         let home = Home::new(root.join(device));
         let name = pair(&home, inviter, inviter.local_addr())?;
         let lib = Library::open(&home, &name, PASSWORD)?;
@@ -101,7 +101,7 @@ pub mod cluster {
 
     /// Opens an auto-accepting invitation on `inviter` and joins it from `home` at `addr`. The
     /// joining device names itself after its home's folder (`b` for `root/b`).
-    pub fn pair(home: &Home, inviter: &Node, addr: SocketAddr) -> Result<String, EngineError> {
+    pub fn pair(home: &Home, inviter: &Node, addr: SocketAddr) -> Result<String, NodeError> {
         let invite = inviter.invite(true)?;
         let name = home
             .root()
@@ -111,11 +111,7 @@ pub mod cluster {
     }
 
     /// Joins the node at `addr` with `code` from `home`.
-    pub fn join_with_code(
-        home: &Home,
-        addr: SocketAddr,
-        code: &str,
-    ) -> Result<String, EngineError> {
+    pub fn join_with_code(home: &Home, addr: SocketAddr, code: &str) -> Result<String, NodeError> {
         join_from(home, None, addr, code)
     }
 
@@ -125,7 +121,7 @@ pub mod cluster {
         bind: Option<SocketAddr>,
         addr: SocketAddr,
         code: &str,
-    ) -> Result<String, EngineError> {
+    ) -> Result<String, NodeError> {
         join_as(home, bind, addr, code, None)
     }
 
@@ -137,7 +133,7 @@ pub mod cluster {
         addr: SocketAddr,
         code: &str,
         device_name: Option<String>,
-    ) -> Result<String, EngineError> {
+    ) -> Result<String, NodeError> {
         join_with(home, bind, addr, code, device_name, true)
     }
 
@@ -149,11 +145,11 @@ pub mod cluster {
         code: &str,
         device_name: Option<String>,
         snapshot: bool,
-    ) -> Result<String, EngineError> {
+    ) -> Result<String, NodeError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| EngineError::Node(e.to_string()))?;
+            .map_err(|e| NodeError::Failed(e.to_string()))?;
         rt.block_on(join(
             home,
             JoinOptions {

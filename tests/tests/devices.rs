@@ -9,7 +9,7 @@ use keel_tests::cluster::{converge, founder, join_with_code, joiner};
 const CONVERGE: Duration = Duration::from_secs(30);
 
 /// Waits until one of `nodes` leads; returns its status.
-fn leader_among(nodes: &[&keel_engine::runtime::Node]) -> keel_engine::runtime::NodeStatus {
+fn leader_among(nodes: &[&keel_node::Node]) -> keel_node::NodeStatus {
     let deadline = std::time::Instant::now() + CONVERGE;
     loop {
         if let Some(status) = nodes
@@ -79,7 +79,7 @@ fn three_devices_pair_and_replicate_both_ways() {
     }
 }
 
-fn commit(node: &keel_engine::runtime::Node, t: &Tag) {
+fn commit(node: &keel_node::Node, t: &Tag) {
     node.library()
         .transact(|tx| {
             tx.upsert(t);
@@ -88,7 +88,7 @@ fn commit(node: &keel_engine::runtime::Node, t: &Tag) {
         .expect("commits");
 }
 
-fn has(node: &keel_engine::runtime::Node, t: &Tag) -> bool {
+fn has(node: &keel_node::Node, t: &Tag) -> bool {
     node.library().get::<Tag>(t.uuid).expect("reads").as_ref() == Some(t)
 }
 
@@ -108,9 +108,9 @@ fn follower_writes_while_the_leader_is_down_then_the_leader_comes_back() {
     assert!(b.status().pending_push > 0, "b's changes wait for a leader");
     // The leader comes back on the same address; b reconnects and pushes.
     let lib = keel_engine::Library::open(&home_a, "docs", keel_tests::PASSWORD).expect("opens");
-    let a = keel_engine::runtime::Node::start(
+    let a = keel_node::Node::start(
         lib,
-        keel_engine::runtime::NodeOptions {
+        keel_node::NodeOptions {
             listen: addr_a,
             ..keel_tests::cluster::options(Vec::new())
         },
@@ -141,9 +141,9 @@ fn leader_killed_a_follower_takes_over_and_the_old_leader_steps_down() {
     let new_leader = leader_among(&[&b, &c]);
     assert!(new_leader.epoch.counter > old_epoch);
     let lib = keel_engine::Library::open(&home_a, "music", keel_tests::PASSWORD).expect("opens");
-    let a = keel_engine::runtime::Node::start(
+    let a = keel_node::Node::start(
         lib,
-        keel_engine::runtime::NodeOptions {
+        keel_node::NodeOptions {
             listen: addr_a,
             ..keel_tests::cluster::options(Vec::new())
         },
@@ -221,9 +221,9 @@ fn a_delete_made_while_another_device_is_offline_is_never_undone() {
     }
 }
 
-fn pairing_error(result: Result<String, keel_engine::EngineError>) -> keel_transport::PairingError {
+fn pairing_error(result: Result<String, keel_node::NodeError>) -> keel_transport::PairingError {
     match result {
-        Err(keel_engine::EngineError::Pairing(e)) => e,
+        Err(keel_node::NodeError::Pairing(e)) => e,
         other => panic!("expected a pairing error, got {other:?}"),
     }
 }
@@ -282,7 +282,7 @@ fn an_expired_code_is_refused() {
         dir.path(),
         "a",
         "pics",
-        keel_engine::runtime::NodeOptions {
+        keel_node::NodeOptions {
             code_ttl_ms: 50,
             ..keel_tests::cluster::options(Vec::new())
         },
@@ -370,14 +370,14 @@ fn declined_confirmation_and_the_device_limit_refuse_pairing() {
         dir.path(),
         "limited",
         "small",
-        keel_engine::runtime::NodeOptions {
+        keel_node::NodeOptions {
             device_limit: 1,
             ..keel_tests::cluster::options(Vec::new())
         },
     )
     .expect("starts");
     match node.invite(true) {
-        Err(keel_engine::EngineError::Pairing(PairingError::DeviceLimit(1))) => {}
+        Err(keel_node::NodeError::Pairing(PairingError::DeviceLimit(1))) => {}
         other => panic!("expected the device limit, got {other:?}"),
     }
 }
@@ -462,9 +462,8 @@ fn a_joining_device_reports_initial_sync_progress_as_events() {
     let lib = keel_engine::Library::open(&home, &name, keel_tests::PASSWORD).expect("opens");
     assert_eq!(lib.status().expect("status").journal.log_len, 0);
     let mut events = lib.subscribe();
-    let b =
-        keel_engine::runtime::Node::start(lib, keel_tests::cluster::options(vec![a.local_addr()]))
-            .expect("starts");
+    let b = keel_node::Node::start(lib, keel_tests::cluster::options(vec![a.local_addr()]))
+        .expect("starts");
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
     let mut progress = Vec::new();
     loop {

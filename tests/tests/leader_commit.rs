@@ -85,7 +85,7 @@ fn with_leader_commits_off_a_leader_commits_through_its_offline_journal() {
         dir.path(),
         "a",
         "photos",
-        keel_engine::runtime::NodeOptions {
+        keel_node::NodeOptions {
             leader_commits: false,
             ..options(Vec::new())
         },

@@ -2,7 +2,7 @@
 //! then skips looking them up): it must store exactly what a checked apply stores, in order or
 //! not.
 
-use keel_engine::workload::library_changes;
+use keel_bench::workload::library_changes;
 use keel_engine::{replay, REPLAY_APPLY_BATCH};
 use keel_journal::{Journal, JournalOptions, LibraryKey, Role};
 use keel_projections::{AppliedPosition, Projections};

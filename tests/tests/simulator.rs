@@ -8,9 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use keel_engine::replication::{
-    Durable, Entry, Input, LogOp, Message, Node, NodeConfig, Output, Role,
-};
+use keel_replication::{Durable, Entry, Input, LogOp, Message, Node, NodeConfig, Output, Role};
 use keel_schema::{ChangeId, DeviceId, Epoch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use keel_engine::runtime::{join, JoinOptions, JoinProgress, Node};
 use keel_engine::{CreateOptions, Home, KdfParams, Library};
+use keel_node::{join, JoinOptions, JoinProgress, Node};
 use keel_tests::cluster::{converge, founder_with_tags, options};
 use keel_tests::PASSWORD;
 

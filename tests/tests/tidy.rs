@@ -53,3 +53,96 @@ fn every_module_is_documented_and_tidy() {
         problems.join("\n")
     );
 }
+
+/// The crates a package compiles for its users (`cargo tree -e normal`), by name.
+fn normal_dependencies(package: &str) -> std::collections::BTreeSet<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "tree",
+            "--offline",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "-p",
+            package,
+        ])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let names: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    assert!(names.contains(package), "{package} not in its own tree");
+    names
+}
+
+/// Checks that `package` compiles none of `banned`.
+fn assert_free_of(package: &str, banned: &[&str]) {
+    let names = normal_dependencies(package);
+    let found: Vec<&&str> = banned.iter().filter(|b| names.contains(**b)).collect();
+    assert!(found.is_empty(), "{package} depends on {found:?}");
+}
+
+/// The tools of the command line, benchmarks and tests, which an embedding app never needs.
+const TOOLING: &[&str] = &[
+    "clap",
+    "indicatif",
+    "rpassword",
+    "anyhow",
+    "mimalloc",
+    "tracing-subscriber",
+    "criterion",
+    "walkdir",
+    "serde_json",
+    "keel-bench",
+];
+
+#[test]
+fn the_library_a_host_app_embeds_compiles_no_tooling_and_no_runtime() {
+    let mut banned = TOOLING.to_vec();
+    banned.extend(["keel-node", "keel-replication"]);
+    assert_free_of("keel-engine", &banned);
+    assert_free_of("keel-node", TOOLING);
+}
+
+#[test]
+fn the_protocol_core_depends_on_nothing_that_does_io() {
+    assert_free_of(
+        "keel-replication",
+        &[
+            "tokio",
+            "quinn",
+            "redb",
+            "rusqlite",
+            "keel-journal",
+            "keel-projections",
+            "keel-transport",
+            "keel-engine",
+        ],
+    );
+}
+
+#[test]
+fn storage_and_network_crates_do_not_import_each_other() {
+    let keel = |p: &str| -> Vec<String> {
+        normal_dependencies(p)
+            .into_iter()
+            .filter(|n| n.starts_with("keel-") && n != p && n != "keel-schema-derive")
+            .collect()
+    };
+    for package in ["keel-journal", "keel-projections", "keel-transport"] {
+        assert_eq!(keel(package), ["keel-schema"], "{package}");
+    }
+    assert_eq!(keel("keel-replication"), ["keel-schema"]);
+}

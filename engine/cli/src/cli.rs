@@ -1,0 +1,613 @@
+//! Command-line parsing and the commands of `keel`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use keel_engine::{CreateOptions, Entry, Home, KdfParams, Library, Scope};
+
+/// Keel keeps a file library's metadata identical across your devices.
+#[derive(Parser)]
+#[command(name = "keel", version, about)]
+struct Cli {
+    /// Data folder (default: $KEEL_HOME, else ~/.keel).
+    #[arg(long, global = true, env = "KEEL_HOME")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Create a library.
+    Init {
+        /// Library name.
+        name: String,
+    },
+    /// Index a folder (added as a Location on first use).
+    Index {
+        /// Library name.
+        lib: String,
+        /// Folder to index.
+        path: PathBuf,
+    },
+    /// Tag a file or folder (content scope by default).
+    Tag {
+        /// Library name.
+        lib: String,
+        /// File or folder.
+        path: PathBuf,
+        /// Tags.
+        #[arg(required = true)]
+        tags: Vec<String>,
+        /// Attach to this entry only, not to its content.
+        #[arg(long)]
+        entry: bool,
+    },
+    /// Set a note on a file or folder (content scope by default).
+    Note {
+        /// Library name.
+        lib: String,
+        /// File or folder.
+        path: PathBuf,
+        /// The note.
+        text: String,
+        /// Attach to this entry only, not to its content.
+        #[arg(long)]
+        entry: bool,
+    },
+    /// List locations, or the entries of a folder.
+    Ls {
+        /// Library name.
+        lib: String,
+        /// Folder inside a location.
+        path: Option<PathBuf>,
+    },
+    /// Show an entry with its tags and notes in both scopes.
+    Show {
+        /// Library name.
+        lib: String,
+        /// File or folder.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the library's counters and digest.
+    Status {
+        /// Library name.
+        lib: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the projection digest.
+    Digest {
+        /// Library name.
+        lib: String,
+    },
+    /// Check every journal record and compare the projections with a fresh replay.
+    Verify {
+        /// Library name.
+        lib: String,
+    },
+    /// Drop the projections and rebuild them from the journal.
+    Rebuild {
+        /// Library name.
+        lib: String,
+    },
+    /// Change the library password (the key is rewrapped; the journal is not re-encrypted).
+    /// The new password comes from KEEL_NEW_PASSWORD or a prompt.
+    Passwd {
+        /// Library name.
+        lib: String,
+    },
+    /// Run a node: hold the library open, listen, connect to peers, and serve the other `keel`
+    /// commands on this library through a control socket in its folder.
+    Serve {
+        /// Library name.
+        lib: String,
+        /// Address to listen on (QUIC/UDP).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// A peer to connect to (repeatable; paired devices' addresses are remembered).
+        #[arg(long = "peer")]
+        peers: Vec<std::net::SocketAddr>,
+        /// Most devices in the library.
+        #[arg(long, default_value_t = keel_node::DEVICE_LIMIT_DEFAULT)]
+        device_limit: usize,
+    },
+    /// Pair devices.
+    Pair {
+        #[command(subcommand)]
+        command: PairCommand,
+    },
+    /// List the library's devices, or revoke one.
+    Devices {
+        /// Library name.
+        lib: String,
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the benchmarks.
+    Bench {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Smaller sizes (under five minutes).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Run the demo in a temporary home.
+    Demo,
+}
+
+/// `keel pair …`.
+#[derive(Subcommand)]
+pub(crate) enum PairCommand {
+    /// On a running node: print a pairing code (first line of stdout) and accept a device that
+    /// proves it.
+    Invite {
+        /// Library name.
+        lib: String,
+        /// Accept the first device that proves the code, without asking; return at once.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// On a new device: pair with a running node and set the library up in this home.
+    Join {
+        /// The inviting node's address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// The code it printed.
+        #[arg(long)]
+        code: String,
+        /// This device's name, shown to the inviting user.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// `keel devices LIB …`.
+#[derive(Subcommand)]
+pub(crate) enum DevicesCommand {
+    /// Revoke a device: it can no longer connect, and its Device record is deleted everywhere.
+    Remove {
+        /// Device id (hex, or a unique prefix).
+        device: String,
+    },
+}
+
+fn home_of(cli_home: Option<PathBuf>) -> Result<Home> {
+    if let Some(h) = cli_home {
+        return Ok(Home::new(h));
+    }
+    let base = std::env::var_os("HOME").context("no --home, KEEL_HOME or HOME set")?;
+    Ok(Home::new(PathBuf::from(base).join(".keel")))
+}
+
+pub(crate) fn password() -> Result<String> {
+    if let Ok(p) = std::env::var("KEEL_PASSWORD") {
+        return Ok(p);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no password: set KEEL_PASSWORD or run on a terminal");
+    }
+    Ok(rpassword::prompt_password("Library password: ")?)
+}
+
+/// Argon2id parameters for new libraries; `KEEL_INSECURE_FAST_KDF=1` is for tests only.
+pub(crate) fn kdf() -> KdfParams {
+    if std::env::var("KEEL_INSECURE_FAST_KDF").is_ok_and(|v| v == "1") {
+        KdfParams::INSECURE_FAST
+    } else {
+        KdfParams::RECOMMENDED
+    }
+}
+
+fn open(home: &Home, lib: &str) -> Result<Library> {
+    Ok(Library::open(home, lib, &password()?)?)
+}
+
+fn bar(total: u64, what: &str, terminal: bool) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if terminal {
+        let style = ProgressStyle::with_template(&format!(
+            "{what} {{msg}}{{bar:40}} {{pos}}/{{len}} {{per_sec}} ETA {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn entry_line(e: &Entry) -> String {
+    let kind = match keel_engine::EntryKind::from_code(e.kind) {
+        keel_engine::EntryKind::Directory => "dir ",
+        keel_engine::EntryKind::Symlink => "link",
+        keel_engine::EntryKind::File => "file",
+    };
+    format!("{kind} {:>12} {}", e.size, e.name)
+}
+
+/// Where a command's output goes: this terminal, or a `keel` client on the control socket.
+pub(crate) trait Io {
+    /// Prints one line of output.
+    fn line(&mut self, text: &str);
+    /// Asks the user a yes/no question (no answer is no).
+    fn ask(&mut self, question: &str) -> bool;
+    /// Whether progress bars make sense.
+    fn terminal(&self) -> bool;
+}
+
+/// This process's own stdout and stdin.
+pub(crate) struct Terminal;
+
+impl Io for Terminal {
+    fn line(&mut self, text: &str) {
+        println!("{text}");
+    }
+
+    fn ask(&mut self, question: &str) -> bool {
+        ask_terminal(question)
+    }
+
+    fn terminal(&self) -> bool {
+        std::io::stderr().is_terminal()
+    }
+}
+
+/// Asks on this terminal; false without one.
+pub(crate) fn ask_terminal(question: &str) -> bool {
+    use std::io::Write;
+    if !std::io::stdin().is_terminal() {
+        return false;
+    }
+    eprint!("{question} ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
+impl Command {
+    /// The library a command works on, if it works on one through the node.
+    fn library(&self) -> Option<&str> {
+        match self {
+            Command::Index { lib, .. }
+            | Command::Tag { lib, .. }
+            | Command::Note { lib, .. }
+            | Command::Ls { lib, .. }
+            | Command::Show { lib, .. }
+            | Command::Status { lib, .. }
+            | Command::Digest { lib }
+            | Command::Verify { lib }
+            | Command::Rebuild { lib }
+            | Command::Devices { lib, .. } => Some(lib),
+            Command::Pair {
+                command: PairCommand::Invite { lib, .. },
+            } => Some(lib),
+            _ => None,
+        }
+    }
+}
+
+/// Parses arguments given to a running node over its control socket.
+pub(crate) fn parse_forwarded(args: &[String]) -> Result<Command, String> {
+    Cli::try_parse_from(std::iter::once("keel".to_string()).chain(args.iter().cloned()))
+        .map(|cli| cli.command)
+        .map_err(|e| e.to_string())
+}
+
+pub(crate) fn run() -> Result<i32> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench { json, quick } => return keel_bench::run_bench(json, quick),
+        Command::Demo => return keel_bench::run_demo(),
+        _ => {}
+    }
+    let home = home_of(cli.home)?;
+    match cli.command {
+        Command::Init { name } => {
+            let lib = Library::create(&home, &name, &password()?, CreateOptions { kdf: kdf() })?;
+            println!("created library {name} ({})", lib.id());
+            lib.close()?;
+            Ok(0)
+        }
+        Command::Passwd { lib } => {
+            let old = password()?;
+            let new = match std::env::var("KEEL_NEW_PASSWORD") {
+                Ok(p) => p,
+                Err(_) if std::io::stdin().is_terminal() => {
+                    let first = rpassword::prompt_password("New password: ")?;
+                    let again = rpassword::prompt_password("New password again: ")?;
+                    if first != again {
+                        bail!("the new passwords differ");
+                    }
+                    first
+                }
+                Err(_) => bail!("no new password: set KEEL_NEW_PASSWORD or run on a terminal"),
+            };
+            Library::change_password(&home, &lib, &old, &new)?;
+            println!("password changed for {lib}");
+            Ok(0)
+        }
+        Command::Serve {
+            lib,
+            listen,
+            peers,
+            device_limit,
+        } => {
+            let library = open(&home, &lib)?;
+            crate::serve::run(&home, library, listen, peers, device_limit)
+        }
+        Command::Pair {
+            command: PairCommand::Join { addr, code, name },
+        } => crate::serve::join(&home, addr, code, name, password()?, kdf()),
+        command => {
+            let Some(lib) = command.library().map(str::to_string) else {
+                return Ok(0);
+            };
+            // A running node holds the library: ask it.
+            if let Some(code) = crate::control::forward(&home.library_dir(&lib), &args)? {
+                return Ok(code);
+            }
+            if matches!(command, Command::Pair { .. }) {
+                bail!("`pair invite` needs a running node: start `keel serve {lib}` first");
+            }
+            let library = if matches!(command, Command::Rebuild { .. }) {
+                Library::open_rebuilding(&home, &lib, &password()?)?
+            } else {
+                open(&home, &lib)?
+            };
+            let result = exec(&library, None, command, &mut Terminal);
+            library.close()?;
+            result
+        }
+    }
+}
+
+/// Runs a library command on an open library (directly, or in a node for a socket client).
+pub(crate) fn exec(
+    lib: &Library,
+    node: Option<&keel_node::Node>,
+    command: Command,
+    io: &mut dyn Io,
+) -> Result<i32> {
+    match command {
+        Command::Index { path, .. } => {
+            let bar = bar(0, "indexing", io.terminal());
+            let report = lib.index(&path, &mut |p| {
+                // While the walk goes on, the total is only what was found so far.
+                bar.set_message(if p.walking { "(still walking) " } else { "" });
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+            })?;
+            bar.finish_and_clear();
+            io.line(&format!(
+                "indexed {}: {} files, {} dirs; {} new, {} changed, {} moved, {} removed, {} unchanged in {:.2}s",
+                path.display(),
+                report.files,
+                report.dirs,
+                report.new,
+                report.changed,
+                report.moved,
+                report.removed,
+                report.unchanged,
+                report.elapsed.as_secs_f64()
+            ));
+        }
+        Command::Tag {
+            path, tags, entry, ..
+        } => {
+            let scope = if entry { Scope::Entry } else { Scope::Content };
+            lib.tag_path(&path, &tags, scope)?;
+        }
+        Command::Note {
+            path, text, entry, ..
+        } => {
+            let scope = if entry { Scope::Entry } else { Scope::Content };
+            lib.note_path(&path, &text, scope)?;
+        }
+        Command::Ls { path, .. } => match path {
+            None => {
+                for l in lib.read(|p| p.locations())? {
+                    io.line(&format!("{} {}", l.uuid, l.path));
+                }
+            }
+            Some(path) => {
+                let r = lib.resolve(&path)?;
+                let dir = if r.name.is_empty() {
+                    r.relative_path
+                } else if r.relative_path.is_empty() {
+                    r.name
+                } else {
+                    format!("{}/{}", r.relative_path, r.name)
+                };
+                let mut children = lib.read(|p| p.children(r.location.uuid, &dir))?;
+                children.sort_by(|a, b| a.name.cmp(&b.name));
+                for e in children {
+                    io.line(&entry_line(&e));
+                }
+            }
+        },
+        Command::Show { path, json, .. } => show(lib, &path, json, io)?,
+        Command::Status { json, .. } => status(lib, node, json, io)?,
+        Command::Digest { .. } => io.line(&lib.digest()?),
+        Command::Verify { .. } => {
+            let (report, digest) = lib.verify()?;
+            for (place, reason) in &report.faults {
+                io.line(&format!("bad record at {place}: {reason}"));
+            }
+            io.line(&format!(
+                "{} log records, {} local records, {} faults",
+                report.log_records,
+                report.local_records,
+                report.faults.len()
+            ));
+            let digest = digest?;
+            io.line(&format!("projections match a fresh replay: {digest}"));
+            if !report.faults.is_empty() {
+                bail!(
+                    "{} journal records failed their checks",
+                    report.faults.len()
+                );
+            }
+        }
+        Command::Rebuild { .. } => {
+            let bar = bar(0, "replaying", io.terminal());
+            let report = lib.rebuild(&mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            io.line(&format!(
+                "rebuilt from {} changes; digest {}",
+                report.changes,
+                lib.digest()?
+            ));
+        }
+        Command::Devices { command, json, .. } => {
+            crate::serve::devices(lib, node, command, json, io)?;
+        }
+        Command::Pair {
+            command: PairCommand::Invite { yes, .. },
+        } => {
+            let Some(node) = node else {
+                bail!("`pair invite` needs a running node");
+            };
+            return crate::serve::invite(node, yes, io);
+        }
+        Command::Init { .. }
+        | Command::Passwd { .. }
+        | Command::Serve { .. }
+        | Command::Pair { .. }
+        | Command::Bench { .. }
+        | Command::Demo => bail!("this command does not run on an open library"),
+    }
+    Ok(0)
+}
+
+fn status(
+    lib: &Library,
+    node: Option<&keel_node::Node>,
+    json: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    let s = lib.status()?;
+    let n = node.map(|n| n.status());
+    if json {
+        let mut value = serde_json::to_value(&s)?;
+        if let (Some(n), Some(map)) = (&n, value.as_object_mut()) {
+            map.insert("role".into(), serde_json::json!(n.role));
+            map.insert("epoch".into(), serde_json::to_value(&n.epoch)?);
+            map.insert("leader".into(), serde_json::json!(n.leader));
+            map.insert("peers".into(), serde_json::to_value(&n.peers)?);
+            map.insert("pending_push".into(), serde_json::json!(n.pending_push));
+            map.insert("listen".into(), serde_json::json!(n.listen));
+        }
+        io.line(&serde_json::to_string(&value)?);
+        return Ok(());
+    }
+    io.line(&format!("library   {} ({})", s.name, s.library_id));
+    io.line(&format!("device    {}", s.device_id));
+    io.line(&format!(
+        "rows      {} devices, {} locations, {} entries, {} contents, {} metadata, {} tags, {} tag links",
+        s.counts.devices,
+        s.counts.locations,
+        s.counts.entries,
+        s.counts.content_identities,
+        s.counts.user_metadata,
+        s.counts.tags,
+        s.counts.user_metadata_tags
+    ));
+    io.line(&format!(
+        "journal   {} local changes, {} pending, {} in log; applied up to {}",
+        s.journal.local_changes, s.journal.pending_local, s.journal.log_len, s.applied_lsn
+    ));
+    if let Some(n) = n {
+        io.line(&format!(
+            "node      {} in epoch {} ({}), leader {}, listening on {}, {} to push",
+            n.role,
+            n.epoch.counter,
+            short(&n.epoch.device),
+            n.leader.as_deref().map(short).unwrap_or("none"),
+            n.listen,
+            n.pending_push
+        ));
+        for p in &n.peers {
+            io.line(&format!(
+                "peer      {} {} {}",
+                short(&p.device_id),
+                p.addr.as_deref().unwrap_or("-"),
+                if p.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                }
+            ));
+        }
+    }
+    io.line(&format!("digest    {}", s.digest));
+    Ok(())
+}
+
+/// The first 8 hex digits of a device id.
+pub(crate) fn short(hex: &str) -> &str {
+    hex.get(..8).unwrap_or(hex)
+}
+
+fn show(lib: &Library, path: &Path, json: bool, io: &mut dyn Io) -> Result<()> {
+    let entry = lib.entry_at_path(path)?;
+    let md = lib.metadata_of(&entry)?;
+    let scope_json = |s: &Option<(keel_engine::UserMetadata, Vec<keel_engine::Tag>)>| match s {
+        Some((m, tags)) => serde_json::json!({
+            "uuid": m.uuid.to_string(),
+            "notes": m.notes,
+            "favorite": m.favorite,
+            "hidden": m.hidden,
+            "tags": tags.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+        }),
+        None => serde_json::Value::Null,
+    };
+    let value = serde_json::json!({
+        "uuid": entry.uuid.map(|u| u.to_string()),
+        "name": entry.name,
+        "relative_path": entry.relative_path,
+        "kind": entry.kind,
+        "size": entry.size,
+        "modified_ms": entry.modified_ms,
+        "content": entry.content.map(|u| u.to_string()),
+        "entry_metadata": scope_json(&md.entry),
+        "content_metadata": scope_json(&md.content),
+    });
+    if json {
+        io.line(&value.to_string());
+        return Ok(());
+    }
+    io.line(&entry_line(&entry));
+    if let Some(c) = entry.content {
+        io.line(&format!("content   {c}"));
+    }
+    for (label, scope) in [("entry", &md.entry), ("content", &md.content)] {
+        if let Some((m, tags)) = scope {
+            let names: Vec<&str> = tags.iter().map(|t| t.name.as_str()).collect();
+            io.line(&format!(
+                "{label:<9} tags [{}] note {}",
+                names.join(", "),
+                m.notes.as_deref().unwrap_or("-")
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! On-disk layout of a Keel home, `library.toml`, and the device identity.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use keel_journal::WrappedKey;
+use keel_schema::{DeviceId, LibraryId};
+use keel_transport::Identity;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{io_at, EngineError};
+
+/// Version of `library.toml` this build writes.
+pub const LIBRARY_CONFIG_VERSION: u32 = 1;
+/// Largest `library.toml` read (a bigger file is not ours).
+const CONFIG_LEN_MAX: u64 = 64 * 1024;
+
+/// A Keel home folder: `device/` and `libraries/<name>.keel/`.
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// A home at `root` (created on first use).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The home folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder of library `name`.
+    pub fn library_dir(&self, name: &str) -> PathBuf {
+        self.root.join("libraries").join(format!("{name}.keel"))
+    }
+
+    /// The names of the libraries in this home.
+    pub fn libraries(&self) -> Result<Vec<String>, EngineError> {
+        let dir = self.root.join("libraries");
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = read
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".keel"))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// This home's device identity (a key pair and self-signed certificate; the device id is the
+    /// SHA-256 of the certificate), created on first use with owner-only permissions.
+    pub fn device(&self) -> Result<DeviceIdentity, EngineError> {
+        let dir = self.root.join("device");
+        let path = dir.join("identity.toml");
+        let bad = |reason: String| EngineError::BadDeviceIdentity {
+            path: path.clone(),
+            reason,
+        };
+        if path.exists() {
+            let text = read_small(&path)?;
+            let parsed: DeviceIdentityFile =
+                toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let cert = hex::decode(&parsed.cert).map_err(|e| bad(format!("cert: {e}")))?;
+            let key = hex::decode(&parsed.key).map_err(|e| bad(format!("key: {e}")))?;
+            let tls = Identity::from_parts(cert, key);
+            if DeviceId::from_hex(&parsed.device_id) != Some(tls.device()) {
+                return Err(bad("device_id is not the SHA-256 of the certificate".into()));
+            }
+            return Ok(DeviceIdentity {
+                id: tls.device(),
+                name: parsed.name,
+                tls: Arc::new(tls),
+            });
+        }
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let name = default_device_name();
+        let tls = Identity::generate(&name).map_err(|e| bad(e.to_string()))?;
+        let file = DeviceIdentityFile {
+            device_id: tls.device().to_hex(),
+            name: name.clone(),
+            cert: hex::encode(tls.cert_der()),
+            key: hex::encode(tls.key_der()),
+        };
+        let text = toml::to_string(&file).map_err(|e| bad(e.to_string()))?;
+        write_private(&path, text.as_bytes())?;
+        Ok(DeviceIdentity {
+            id: tls.device(),
+            name,
+            tls: Arc::new(tls),
+        })
+    }
+}
+
+fn default_device_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "this device".into())
+}
+
+/// This device's identity.
+#[derive(Debug, Clone)]
+pub struct DeviceIdentity {
+    /// The device id (SHA-256 of the certificate).
+    pub id: DeviceId,
+    /// A readable name.
+    pub name: String,
+    /// The TLS key pair and certificate.
+    pub tls: Arc<Identity>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeviceIdentityFile {
+    device_id: String,
+    name: String,
+    /// Certificate, DER, hex.
+    cert: String,
+    /// PKCS#8 private key, DER, hex.
+    key: String,
+}
+
+/// `library.toml`: the library's ids and its wrapped key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LibraryConfig {
+    /// File version.
+    pub version: u32,
+    /// Library name.
+    pub name: String,
+    /// Library id.
+    pub library_id: Uuid,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The library key wrapped under the password (Argon2id parameters and salt inside).
+    pub key: WrappedKey,
+}
+
+impl LibraryConfig {
+    /// The typed library id.
+    pub fn library(&self) -> LibraryId {
+        LibraryId(self.library_id)
+    }
+
+    /// Reads and checks `library.toml` in `dir`.
+    pub fn read(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join("library.toml");
+        if !path.exists() {
+            return Err(EngineError::MissingConfig(dir.to_path_buf()));
+        }
+        let text = read_small(&path)?;
+        let bad = |reason: String| EngineError::BadConfig {
+            path: path.clone(),
+            reason,
+        };
+        let config: LibraryConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if config.version > LIBRARY_CONFIG_VERSION {
+            return Err(bad(format!(
+                "version {} is newer than this build ({LIBRARY_CONFIG_VERSION})",
+                config.version
+            )));
+        }
+        config.key.kdf.check().map_err(|e| bad(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Writes `library.toml` in `dir` atomically (temp file, fsync, rename).
+    pub fn write(&self, dir: &Path) -> Result<(), EngineError> {
+        let path = dir.join("library.toml");
+        let text = toml::to_string_pretty(self).map_err(|e| EngineError::BadConfig {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, text.as_bytes())
+    }
+}
+
+fn read_small(path: &Path) -> Result<String, EngineError> {
+    let meta = std::fs::metadata(path).map_err(io_at(path))?;
+    if meta.len() > CONFIG_LEN_MAX {
+        return Err(EngineError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("file is {} bytes, larger than any Keel config", meta.len()),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(io_at(path))?;
+    String::from_utf8(bytes).map_err(|_| EngineError::BadConfig {
+        path: path.to_path_buf(),
+        reason: "not UTF-8".into(),
+    })
+}
+
+/// Like [`write_atomic`], but the file is created readable by its owner only (the device's
+/// private key), never visible with wider permissions.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    write_with_mode(path, bytes, 0o600)
+}
+
+/// Writes a file so that a crash leaves either the old or the new content (a synced temporary
+/// file renamed over it, then the folder synced).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    write_with_mode(path, bytes, 0o644)
+}
+
+fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EngineError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(mode);
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        let mut file = options.open(&tmp).map_err(io_at(&tmp))?;
+        file.write_all(bytes).map_err(io_at(&tmp))?;
+        file.sync_all().map_err(io_at(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_at(path))?;
+    if let Some(parent) = path.parent() {
+        if let Ok(dir) = std::fs::File::open(parent) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a usable library name.
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}

@@ -1,0 +1,123 @@
+//! The engine's error type.
+
+use std::path::PathBuf;
+
+use keel_journal::JournalError;
+use keel_projections::ProjectionError;
+use keel_schema::SchemaError;
+
+/// Errors from the engine. Every variant is a normal operating condition with a defined recovery.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// No library of that name in this home.
+    #[error("no library named '{0}' (create it with `keel init {0}`)")]
+    NoSuchLibrary(String),
+    /// A library of that name already exists.
+    #[error("a library named '{0}' already exists")]
+    LibraryExists(String),
+    /// The library name is not usable as a folder name.
+    #[error("invalid library name '{0}': use letters, digits, '-', '_' or '.'")]
+    InvalidName(String),
+    /// `library.toml` is missing.
+    #[error("library.toml is missing in {0} (the library folder is incomplete)")]
+    MissingConfig(PathBuf),
+    /// `library.toml` does not parse or holds invalid values.
+    #[error("library.toml in {path} is invalid: {reason}")]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The device identity file is invalid.
+    #[error("device identity in {path} is invalid: {reason}")]
+    BadDeviceIdentity {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A path is not inside any indexed location.
+    #[error("{0} is not inside an indexed location of this library")]
+    NotInLocation(PathBuf),
+    /// A path is inside a location but has no entry (not indexed yet?).
+    #[error("{0} is not indexed (run `keel index` on its location)")]
+    NotIndexed(PathBuf),
+    /// A content-scoped operation on an entry without content (a directory).
+    #[error("{0} has no content (a directory?); use --entry to attach to the entry itself")]
+    NoContent(PathBuf),
+    /// Applying committed changes to the projections failed. They are durable in the journal;
+    /// nothing more is applied until the library is next opened, which applies them again from
+    /// the last position applied before the failure.
+    #[error("applying to the projections failed: {0}; reopen the library to heal them")]
+    ApplyFailed(String),
+    /// The library is closed or its background threads stopped.
+    #[error("the library is closed")]
+    Closed,
+    /// A projection was found different from a fresh replay of the journal.
+    #[error("projection digest {found} differs from the journal's {expected}")]
+    DigestMismatch {
+        /// The projection's digest.
+        found: String,
+        /// The digest of a fresh replay.
+        expected: String,
+    },
+    /// Stored derived counts of contents (`entry_count`, `total_size`) differ from counting
+    /// their entries; `keel rebuild` recomputes them.
+    #[error("{contents} content identities have entry counts that differ from their entries; run `keel rebuild`")]
+    Miscounted {
+        /// How many contents are miscounted.
+        contents: usize,
+    },
+    /// The journal file of an existing library is missing or empty.
+    #[error("the journal {0} is missing or empty; restore it from a backup (the projections alone cannot be trusted)")]
+    JournalMissing(PathBuf),
+    /// The projections have applied more than the journal holds (the journal was truncated or
+    /// replaced by an older copy).
+    #[error("the projections are ahead of the journal (applied lsn {applied}, journal ends at {journal_last}); restore the journal, or run `keel rebuild` to accept it as it is")]
+    ProjectionAhead {
+        /// The applied log position.
+        applied: u64,
+        /// The journal's last log position.
+        journal_last: u64,
+    },
+    /// Network failure (binding, connecting, a peer's message).
+    #[error(transparent)]
+    Transport(#[from] keel_transport::TransportError),
+    /// Pairing failed (wrong or expired code, rate limit, device limit, declined).
+    #[error("pairing failed: {0}")]
+    Pairing(#[from] keel_transport::PairingError),
+    /// The node (replication runtime) stopped or is not running.
+    #[error("the node is not running")]
+    NodeStopped,
+    /// A node is linked to this library already (one at a time).
+    #[error("a node is already linked to this library")]
+    Linked,
+    /// A request to a running node failed or timed out.
+    #[error("{0}")]
+    Node(String),
+    /// Journal failure.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Projection failure.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// Schema failure.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// File-system failure, with the path involved.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Attaches a path to an I/O error.
+pub(crate) fn io_at(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> EngineError {
+    let path = path.into();
+    move |source| EngineError::Io { path, source }
+}

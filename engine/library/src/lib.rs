@@ -1,0 +1,68 @@
+//! Keel: a sync engine that keeps a file library's metadata identical across a person's devices.
+//!
+//! A [`Library`] holds an append-only, sealed journal (redb) and its SQLite projections. Every
+//! change goes through [`Library::transact`]: when it returns `Ok`, the change is durable. The
+//! projections are rebuilt from the journal at will ([`Library::rebuild`]) to the same digest.
+//!
+//! # Embedding Keel
+//!
+//! ```
+//! use keel_engine::{CreateOptions, Home, Library, Scope};
+//! use keel_engine::KdfParams;
+//!
+//! # fn main() -> Result<(), keel_engine::EngineError> {
+//! let dir = tempfile::tempdir().expect("temp dir");
+//! let home = Home::new(dir.path().join("home"));
+//! let photos = dir.path().join("photos");
+//! std::fs::create_dir_all(&photos).expect("folder");
+//! std::fs::write(photos.join("beach.jpg"), b"sand and sea").expect("file");
+//!
+//! // Tests use cheap key derivation; real libraries keep the default.
+//! let options = CreateOptions { kdf: KdfParams::INSECURE_FAST };
+//! let library = Library::create(&home, "family", "correct horse", options)?;
+//! let mut events = library.subscribe();
+//! library.index(&photos, &mut |_progress| {})?;
+//! library.tag_path(&photos.join("beach.jpg"), &["holiday".to_string()], Scope::Content)?;
+//! let entry = library.entry_at_path(&photos.join("beach.jpg"))?;
+//! let tags = library.metadata_of(&entry)?.content.map(|(_, tags)| tags).unwrap_or_default();
+//! assert_eq!(tags[0].name, "holiday");
+//! assert!(events.try_recv().is_ok());
+//! library.close()?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod applier;
+mod config;
+mod error;
+mod events;
+mod indexer;
+mod leader_commit;
+mod library;
+mod link;
+mod ops;
+mod replay;
+mod tx;
+mod walk;
+
+pub use applier::APPLY_GROUP_MAX;
+pub use config::{write_atomic, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
+pub use error::EngineError;
+pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
+pub use indexer::{kind_of, IndexProgress, IndexReport, INDEX_COMMIT_BATCH};
+pub use keel_journal::KdfParams;
+pub use keel_projections::Counts;
+pub use keel_schema::{
+    ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata, UserMetadataTag,
+};
+pub use leader_commit::{SequenceReply, SequenceRequest};
+pub use library::{
+    now_ms, CommitReceipt, CreateOptions, JournalJson, Library, PendingTransaction, Status,
+    JOURNAL_FILE, PROJECTIONS_FILE,
+};
+pub use link::{LinkOptions, NodeLink};
+pub use ops::{ResolvedPath, Scope};
+pub use replay::{
+    replay, ReplayReport, REPLAY_APPLY_BATCH, REPLAY_QUEUE_CHUNKS, REPLAY_READ_CHUNK,
+};
+pub use tx::Tx;

@@ -1,0 +1,930 @@
+//! `Library`: one open library — its journal, projections, clock, applier and event bus.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use keel_journal::{Journal, JournalOptions, KdfParams, LibraryKey, Placement, VerifyReport};
+use keel_projections::{AppliedPosition, Counts, Projections};
+use keel_schema::{ChangeId, Device, DeviceId, Epoch, HlcClock, LibraryId, Syncable};
+use serde::Serialize;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::applier::{self, advance, ApplyState, Shared};
+use crate::config::{valid_name, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
+use crate::error::{io_at, EngineError};
+use crate::events::{Event, EVENT_BUS_CAPACITY};
+use crate::replay::{replay, ReplayReport};
+use crate::tx::Tx;
+
+/// A library created by pairing: it starts as a follower with no epoch, and its Device record
+/// carries `device_name` when one was given.
+#[derive(Debug, Clone, Copy)]
+struct Joined<'a> {
+    device_name: Option<&'a str>,
+}
+
+/// Options for creating a library.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateOptions {
+    /// Argon2id parameters for wrapping the library key.
+    pub kdf: KdfParams,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        Self {
+            kdf: KdfParams::RECOMMENDED,
+        }
+    }
+}
+
+/// What a successful `transact` wrote. Every change in it is durable.
+#[derive(Debug, Clone)]
+pub struct CommitReceipt {
+    /// The ids of the changes, in order.
+    pub change_ids: Vec<ChangeId>,
+    /// Where each change was written, in order.
+    pub placements: Vec<Placement>,
+}
+
+/// A transaction handed to the journal writer; acknowledged by [`PendingTransaction::wait`].
+#[derive(Debug)]
+#[must_use = "a pipelined transaction is acknowledged only by wait()"]
+pub struct PendingTransaction<'a> {
+    library: &'a Library,
+    pending: Option<keel_journal::PendingCommit>,
+    change_ids: Vec<ChangeId>,
+}
+
+impl PendingTransaction<'_> {
+    /// Waits until the changes are durable.
+    pub fn wait(self) -> Result<CommitReceipt, EngineError> {
+        let placements = match self.pending {
+            Some(p) => p.wait()?,
+            None => Vec::new(),
+        };
+        if let Ok(mut committed) = self.library.committed.lock() {
+            for p in &placements {
+                advance(&mut committed, *p);
+            }
+        }
+        Ok(CommitReceipt {
+            change_ids: self.change_ids,
+            placements,
+        })
+    }
+}
+
+/// A summary of a library for `keel status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Library name.
+    pub name: String,
+    /// Library id.
+    pub library_id: String,
+    /// This device's id (hex).
+    pub device_id: String,
+    /// Visible rows per model.
+    pub counts: Counts,
+    /// Journal counters.
+    pub journal: JournalJson,
+    /// Last log position applied to the projections.
+    pub applied_lsn: u64,
+    /// Changes waiting for a dependency.
+    pub parked: u64,
+    /// The projection digest.
+    pub digest: String,
+}
+
+/// Journal counters in `status --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct JournalJson {
+    /// Changes this device has made (all durable).
+    pub local_changes: u64,
+    /// Changes in the offline journal not yet sequenced by a leader.
+    pub pending_local: u64,
+    /// Records in the leader log.
+    pub log_len: u64,
+}
+
+/// The current time in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An open library. Dropping it closes it cleanly (everything committed is applied first).
+pub struct Library {
+    name: String,
+    dir: PathBuf,
+    config: LibraryConfig,
+    device: DeviceIdentity,
+    journal: Option<Journal>,
+    key: LibraryKey,
+    pub(crate) shared: Arc<Shared>,
+    clock: Mutex<HlcClock>,
+    committed: Mutex<AppliedPosition>,
+    applier: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Library {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Library({} {})", self.name, self.config.library_id)
+    }
+}
+
+/// The journal's file in a library folder.
+pub const JOURNAL_FILE: &str = "journal.redb";
+/// The projection's file in a library folder.
+pub const PROJECTIONS_FILE: &str = "projections.sqlite";
+
+fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
+    Ok(Projections::remove_files(&dir.join(PROJECTIONS_FILE))?)
+}
+
+/// Durable batches waiting for the applier before the journal writer waits for it. A bound of 8
+/// cut a joining device's peak memory a little (a batch can be a 4,096-change segment); it was
+/// reverted for a P5 p99 of 27–29 ms, but p99s of 22–35 ms later showed up in half the runs at 64
+/// too and went away with the background WAL checkpointer, so the bound was likely not the
+/// cause. Memory is now bounded in changes instead.
+const COMMITTED_QUEUE_BATCHES: usize = 64;
+/// Changes in durable batches waiting for the applier before the journal writer waits for it
+/// (see [`keel_journal::ApplyBudget`]): during a catch-up, 64 batches of segments could hold
+/// 250k decoded changes; this bounds them to 32k without holding back small live commits
+/// (P4 at 1M entries: peak 195–203 MB at 32k, 219–225 MB at 64k, the same time).
+pub(crate) const COMMITTED_QUEUE_CHANGES: u64 = 32_768;
+
+impl Library {
+    /// Creates library `name` in `home`, with its key wrapped under `password`.
+    pub fn create(
+        home: &Home,
+        name: &str,
+        password: &str,
+        options: CreateOptions,
+    ) -> Result<Self, EngineError> {
+        let library = LibraryId(Uuid::new_v4());
+        Self::create_with(
+            home,
+            name,
+            password,
+            library,
+            &LibraryKey::generate(),
+            options,
+            None,
+        )
+    }
+
+    /// Creates library `name` in `home` from a key received by pairing (see
+    /// [`crate::runtime::join`]): same library id and key as the inviting device, wrapped under this
+    /// device's `password`. The journal starts as a follower with no epoch: it learns the leader's
+    /// log by replication. This device's Device record carries `device_name` (default: the home's
+    /// device name).
+    pub fn create_joined(
+        home: &Home,
+        name: &str,
+        password: &str,
+        library: LibraryId,
+        key: &LibraryKey,
+        options: CreateOptions,
+        device_name: Option<&str>,
+    ) -> Result<Self, EngineError> {
+        let joined = Joined { device_name };
+        Self::create_with(home, name, password, library, key, options, Some(joined))
+    }
+
+    fn create_with(
+        home: &Home,
+        name: &str,
+        password: &str,
+        library: LibraryId,
+        key: &LibraryKey,
+        options: CreateOptions,
+        joined: Option<Joined<'_>>,
+    ) -> Result<Self, EngineError> {
+        if !valid_name(name) {
+            return Err(EngineError::InvalidName(name.into()));
+        }
+        let dir = home.library_dir(name);
+        if dir.join("library.toml").exists() {
+            return Err(EngineError::LibraryExists(name.into()));
+        }
+        let mut device = home.device()?;
+        if let Some(name) = joined.and_then(|j| j.device_name) {
+            device.name = name.into();
+        }
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let config = LibraryConfig {
+            version: LIBRARY_CONFIG_VERSION,
+            name: name.into(),
+            library_id: library.0,
+            created_ms: now_ms(),
+            key: key.wrap(library, password, options.kdf)?,
+        };
+        config.write(&dir)?;
+        Self::open_with_key(
+            name,
+            dir,
+            config,
+            device,
+            key,
+            joined.map(|_| Epoch::default()),
+        )
+    }
+
+    /// Opens library `name` in `home`. A wrong password fails before anything is written.
+    pub fn open(home: &Home, name: &str, password: &str) -> Result<Self, EngineError> {
+        if !valid_name(name) {
+            return Err(EngineError::InvalidName(name.into()));
+        }
+        let dir = home.library_dir(name);
+        if !dir.exists() {
+            return Err(EngineError::NoSuchLibrary(name.into()));
+        }
+        let config = LibraryConfig::read(&dir)?;
+        let key = LibraryKey::unwrap_with(&config.key, config.library(), password)?;
+        let journal_path = dir.join(JOURNAL_FILE);
+        let journal_len = std::fs::metadata(&journal_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if journal_len == 0 {
+            return Err(EngineError::JournalMissing(journal_path));
+        }
+        let device = home.device()?;
+        Self::open_with_key(name, dir, config, device, &key, None)
+    }
+
+    /// Changes the password: unwraps the library key with `old` and wraps it under `new` (fresh
+    /// salt, same Argon2id parameters). The journal is not re-encrypted. The library must not be
+    /// open elsewhere.
+    pub fn change_password(
+        home: &Home,
+        name: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<(), EngineError> {
+        let dir = home.library_dir(name);
+        if !dir.exists() {
+            return Err(EngineError::NoSuchLibrary(name.into()));
+        }
+        let mut config = LibraryConfig::read(&dir)?;
+        let key = LibraryKey::unwrap_with(&config.key, config.library(), old)?;
+        config.key = key.wrap(config.library(), new, config.key.kdf)?;
+        config.write(&dir)
+    }
+
+    /// Opens library `name` after discarding its projections, which are rebuilt from the journal.
+    /// The way out of [`EngineError::ProjectionAhead`].
+    pub fn open_rebuilding(home: &Home, name: &str, password: &str) -> Result<Self, EngineError> {
+        let dir = home.library_dir(name);
+        let config = LibraryConfig::read(&dir)?;
+        // Check the password before touching anything.
+        LibraryKey::unwrap_with(&config.key, config.library(), password)?;
+        remove_projection_files(&dir)?;
+        Self::open(home, name, password)
+    }
+
+    fn open_with_key(
+        name: &str,
+        dir: PathBuf,
+        config: LibraryConfig,
+        device: DeviceIdentity,
+        key: &LibraryKey,
+        follower_epoch: Option<Epoch>,
+    ) -> Result<Self, EngineError> {
+        let (committed_tx, committed_rx) = crossbeam_channel::bounded(COMMITTED_QUEUE_BATCHES);
+        let budget = Arc::new(keel_journal::ApplyBudget::new(COMMITTED_QUEUE_CHANGES));
+        let journal = Journal::open(
+            &dir.join(JOURNAL_FILE),
+            config.library(),
+            key,
+            device.id,
+            JournalOptions {
+                committed: Some(committed_tx),
+                role: follower_epoch.map(|_| keel_journal::Role::Follower),
+                committed_budget: Some(budget.clone()),
+                direct_writes: false,
+            },
+        )?;
+        if let Some(epoch) = follower_epoch {
+            journal.store_election(epoch, epoch)?;
+        }
+        // Projections are disposable: one that cannot be opened is rebuilt from the journal.
+        let projections_path = dir.join(PROJECTIONS_FILE);
+        let mut projections = match Projections::open(&projections_path) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "projection unreadable; rebuilding it from the journal");
+                remove_projection_files(&dir)?;
+                Projections::open(&projections_path)?
+            }
+        };
+        // Heal: apply whatever the journal holds beyond the applied position — from no later than
+        // a truncation point, since positions after it were reused (apply is idempotent).
+        let mut from = projections.applied_position()?;
+        let floor = journal.replay_floor()?;
+        if let Some(floor) = floor {
+            from.log = from.log.min(floor);
+        }
+        let journal_last = journal.stats()?.last_lsn;
+        if from.log > journal_last {
+            // Stopped while the journal committed a segment the projections had applied
+            // already (see `CommittedBatch::early`): nothing before it is missing from the
+            // journal, and the leader sends the rest again. Projections are disposable.
+            let stopped_mid_commit = projections
+                .ahead_from()?
+                .is_some_and(|ahead| ahead.0 <= journal_last.0 + 1);
+            if !stopped_mid_commit {
+                return Err(EngineError::ProjectionAhead {
+                    applied: from.log.0,
+                    journal_last: journal_last.0,
+                });
+            }
+            tracing::warn!(
+                applied = from.log.0,
+                journal_last = journal_last.0,
+                "the device stopped while the journal stored a segment already applied; rebuilding the projections from the journal"
+            );
+            drop(projections);
+            remove_projection_files(&dir)?;
+            projections = Projections::open(&projections_path)?;
+            from = projections.applied_position()?;
+        }
+        let healed = replay(&journal, &mut projections, from, &mut |_, _| {})?;
+        if floor.is_some() {
+            journal.clear_replay_floor()?;
+        }
+        if healed.changes > 0 {
+            tracing::info!(
+                changes = healed.changes,
+                "healed projections from the journal"
+            );
+        }
+        let mut clock = HlcClock::new(device.id);
+        if let Some(hwm) = journal.hlc_high_water()? {
+            clock.observe(hwm);
+        }
+        let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
+        let reader = Projections::open_reader(&projections_path)?;
+        let shared = Arc::new(Shared {
+            projections: Mutex::new(projections),
+            reader: Mutex::new(reader),
+            applied: Mutex::new(ApplyState {
+                position: healed.position,
+                batch: 0,
+                error: None,
+            }),
+            applied_changed: Condvar::new(),
+            events,
+            local_commits: Mutex::new(None),
+            sequencer: Mutex::new(None),
+            leading: std::sync::atomic::AtomicBool::new(false),
+            bulk_until: Mutex::new(None),
+            budget,
+        });
+        let applier_shared = shared.clone();
+        let applier = std::thread::Builder::new()
+            .name("keel-applier".into())
+            .spawn(move || applier::run(applier_shared, committed_rx))
+            .map_err(io_at(&dir))?;
+        let library = Self {
+            name: name.into(),
+            dir,
+            config,
+            device,
+            journal: Some(journal),
+            key: key.clone(),
+            shared,
+            clock: Mutex::new(clock),
+            committed: Mutex::new(healed.position),
+            applier: Some(applier),
+        };
+        library.register_device()?;
+        Ok(library)
+    }
+
+    /// Makes sure this device has its Device record.
+    fn register_device(&self) -> Result<(), EngineError> {
+        let uuid = self.device.id.record_uuid();
+        if self.get::<Device>(uuid)?.is_some() {
+            return Ok(());
+        }
+        let device = Device {
+            uuid,
+            device_id: self.device.id.to_hex(),
+            name: self.device.name.clone(),
+            os: std::env::consts::OS.into(),
+            created_ms: now_ms() as i64,
+        };
+        self.transact(|tx| {
+            tx.upsert(&device);
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    /// Freezes the projection file for copying to a device that joins (see
+    /// [`keel_projections::FrozenFile`]); `None` if it cannot be frozen now.
+    pub(crate) fn freeze_projections(
+        &self,
+    ) -> Result<Option<keel_projections::FrozenFile>, EngineError> {
+        let projections = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        Ok(projections.freeze()?)
+    }
+
+    /// The journal (for the replication runtime).
+    pub(crate) fn journal(&self) -> Result<&Journal, EngineError> {
+        self.journal.as_ref().ok_or(EngineError::Closed)
+    }
+
+    /// The library key (for pairing a new device).
+    pub(crate) fn key(&self) -> &LibraryKey {
+        &self.key
+    }
+
+    /// This device's identity.
+    pub fn device(&self) -> &DeviceIdentity {
+        &self.device
+    }
+
+    /// While the running node leads: has its core append `changes` to the log (see
+    /// `crate::leader_commit`). `None` when the node does not lead or runs no more: nothing was
+    /// written, and the caller commits by the usual path.
+    fn sequence_as_leader(
+        &self,
+        changes: &[keel_schema::Change],
+    ) -> Result<Option<Vec<Placement>>, EngineError> {
+        use crate::leader_commit::{SequenceReply, SequenceRequest};
+        if !self
+            .shared
+            .leading
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(None);
+        }
+        let Some(sequencer) = self.shared.sequencer.lock().ok().and_then(|s| s.clone()) else {
+            return Ok(None);
+        };
+        let journal = self.journal()?;
+        let sealed = changes.iter().map(|c| (c.id, journal.seal(c))).collect();
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let request = SequenceRequest {
+            changes: sealed,
+            reply,
+        };
+        if sequencer.send(request).is_err() {
+            return Ok(None);
+        }
+        match answer.recv() {
+            Ok(SequenceReply::Done(placements)) => Ok(Some(placements)),
+            Ok(SequenceReply::Failed(reason)) => {
+                tracing::warn!(%reason, "the core could not append this commit; committing it to the offline journal");
+                Ok(None)
+            }
+            // Not leading, or the core stopped before it took the request: nothing written.
+            Ok(SequenceReply::NotLeading) | Err(_) => Ok(None),
+        }
+    }
+
+    /// Attaches a node's channels (see [`crate::NodeLink`]); fails if one is attached already.
+    pub(crate) fn attach_node(
+        &self,
+        offline_commits: crossbeam_channel::Sender<Vec<ChangeId>>,
+        sequencer: crossbeam_channel::Sender<crate::leader_commit::SequenceRequest>,
+    ) -> Result<(), EngineError> {
+        let mut commits = self
+            .shared
+            .local_commits
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let mut sequence = self
+            .shared
+            .sequencer
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        if commits.is_some() || sequence.is_some() {
+            return Err(EngineError::Linked);
+        }
+        *commits = Some(offline_commits);
+        *sequence = Some(sequencer);
+        Ok(())
+    }
+
+    /// Commits go through the offline journal from here, never to the node's core.
+    pub(crate) fn stop_sequencing(&self) {
+        self.set_leading(false);
+        if let Ok(mut slot) = self.shared.sequencer.lock() {
+            *slot = None;
+        }
+    }
+
+    /// Detaches the node: commits go through the offline journal and nobody is told of them.
+    pub(crate) fn detach_node(&self) {
+        self.stop_sequencing();
+        if let Ok(mut slot) = self.shared.local_commits.lock() {
+            *slot = None;
+        }
+    }
+
+    /// Records whether the running node leads (read by [`Library::transact`]).
+    pub(crate) fn set_leading(&self, leading: bool) {
+        self.shared
+            .leading
+            .store(leading, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The last log position applied to the projections.
+    pub fn applied_lsn(&self) -> keel_schema::Lsn {
+        self.shared
+            .applied
+            .lock()
+            .map(|s| s.position.log)
+            .unwrap_or_default()
+    }
+
+    /// Tells the library that the log reaches `leader_end` on the leader. When that is far ahead of
+    /// what is applied (a device that just joined), the projections drop their secondary indexes
+    /// and build them once when the applier reaches `leader_end` (or at the next open, if the
+    /// process stops first): maintaining them row by row costs more than one sorted build.
+    /// Queries stay correct meanwhile, only slower.
+    pub(crate) fn catching_up(&self, leader_end: keel_schema::Lsn) -> Result<(), EngineError> {
+        // Called for every segment: the usual answers come without waiting for an apply.
+        {
+            let mut until = self
+                .shared
+                .bulk_until
+                .lock()
+                .map_err(|_| EngineError::Closed)?;
+            if let Some(target) = until.as_mut() {
+                *target = (*target).max(leader_end);
+                return Ok(());
+            }
+        }
+        let applied = self.applied_lsn();
+        if !crate::applier::worth_bulk_loading(applied, leader_end) {
+            return Ok(());
+        }
+        // Lock order: projections, then bulk_until (another segment may have started it).
+        let mut projections = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let mut until = self
+            .shared
+            .bulk_until
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        if until.is_none() {
+            projections.set_bulk_load(true)?;
+            *until = Some(leader_end);
+            tracing::info!(
+                applied = applied.0,
+                leader_end = leader_end.0,
+                "catching up: loading without secondary indexes"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the projections are loading without their secondary indexes (a catch-up).
+    pub fn bulk_loading(&self) -> bool {
+        self.shared
+            .bulk_until
+            .lock()
+            .map(|u| u.is_some())
+            .unwrap_or(false)
+    }
+
+    /// How many of this device's changes wait in the offline journal for a leader.
+    pub fn pending_local(&self) -> Result<u64, EngineError> {
+        Ok(self.journal()?.stats()?.pending_local)
+    }
+
+    /// The devices of this library (their Device records), by device id.
+    pub fn devices(&self) -> Result<Vec<Device>, EngineError> {
+        self.read(|p| p.select::<Device, _>("1 = 1", []))
+    }
+
+    /// The library's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The library's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The library id.
+    pub fn id(&self) -> LibraryId {
+        self.config.library()
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.device.id
+    }
+
+    /// Runs `f` to collect changes, then commits them as one durable group. `Ok` means durable.
+    /// The projections follow a moment later; call [`Library::flush`] to wait for them.
+    pub fn transact<T>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, EngineError>,
+    ) -> Result<(T, CommitReceipt), EngineError> {
+        let changes = {
+            let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+            let mut tx = Tx::new(&mut clock, now_ms());
+            let value = f(&mut tx)?;
+            (value, tx.changes)
+        };
+        let (value, changes) = changes;
+        if changes.is_empty() {
+            return Ok((
+                value,
+                CommitReceipt {
+                    change_ids: Vec::new(),
+                    placements: Vec::new(),
+                },
+            ));
+        }
+        let change_ids = changes.iter().map(|c| c.id).collect();
+        let placements = match self.sequence_as_leader(&changes)? {
+            Some(placements) => placements,
+            None => self.journal()?.commit(changes)?,
+        };
+        if let Ok(mut committed) = self.committed.lock() {
+            for p in &placements {
+                advance(&mut committed, *p);
+            }
+        }
+        Ok((
+            value,
+            CommitReceipt {
+                change_ids,
+                placements,
+            },
+        ))
+    }
+
+    /// Like [`Library::transact`], but returns as soon as the changes are handed to the journal
+    /// writer; [`PendingTransaction::wait`] gives the acknowledgement. Lets a long job prepare its
+    /// next batch while this one is written.
+    pub fn transact_pipelined(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<(), EngineError>,
+    ) -> Result<PendingTransaction<'_>, EngineError> {
+        let changes = {
+            let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+            let mut tx = Tx::new(&mut clock, now_ms());
+            f(&mut tx)?;
+            tx.changes
+        };
+        let change_ids = changes.iter().map(|c| c.id).collect();
+        let pending = if changes.is_empty() {
+            None
+        } else {
+            Some(self.journal()?.commit_pipelined(changes)?)
+        };
+        Ok(PendingTransaction {
+            library: self,
+            pending,
+            change_ids,
+        })
+    }
+
+    /// Waits until everything committed so far is applied to the projections (and everything
+    /// applied is committed to the journal).
+    pub fn flush(&self) -> Result<(), EngineError> {
+        let target = *self.committed.lock().map_err(|_| EngineError::Closed)?;
+        // Also everything the journal handed over so far (replicated segments included).
+        let batches = self.journal()?.batches_sent();
+        let mut state = self
+            .shared
+            .applied
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        loop {
+            if let Some(reason) = &state.error {
+                return Err(EngineError::ApplyFailed(reason.clone()));
+            }
+            if state.position.log >= target.log
+                && state.position.local >= target.local
+                && state.batch >= batches
+            {
+                break;
+            }
+            state = self
+                .shared
+                .applied_changed
+                .wait(state)
+                .map_err(|_| EngineError::Closed)?;
+        }
+        drop(state);
+        // A follower's last segment may be applied while the journal still commits it.
+        self.journal()?.settle()?;
+        Ok(())
+    }
+
+    /// The id of every change durable in this library's journal (log and offline journal both).
+    /// Reads the whole journal: for checks and tools, not for a hot path.
+    pub fn journal_change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, EngineError> {
+        Ok(self.journal()?.change_ids()?)
+    }
+
+    /// How many log positions the journal's saved log index covers (`None`: none saved, or it no
+    /// longer matches the log). A node saves it when it stops and an initial sync saves it with
+    /// the log, so that starting a node need not read every record. For checks and tools.
+    pub fn saved_log_index_len(&self) -> Result<Option<u64>, EngineError> {
+        Ok(self
+            .journal()?
+            .saved_log_index()?
+            .map(|index| index.len() as u64))
+    }
+
+    /// Every change in the journal (log, then local), in order, for tests and tools. Records that
+    /// fail their checks are skipped (and reported by `verify`).
+    pub fn journal_changes(&self) -> Result<Vec<keel_schema::Change>, EngineError> {
+        let journal = self.journal()?;
+        let mut out = Vec::new();
+        let mut next = keel_schema::Lsn(1);
+        loop {
+            let chunk = journal.read_log(next, crate::replay::REPLAY_READ_CHUNK)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for entry in chunk {
+                if let Ok((placement, _, change)) = entry {
+                    if let Placement::Log(lsn) = placement {
+                        next = keel_schema::Lsn(lsn.0 + 1);
+                    }
+                    out.push(change);
+                } else {
+                    next = keel_schema::Lsn(next.0 + 1);
+                }
+            }
+        }
+        out.extend(
+            journal
+                .read_local(0, usize::MAX)?
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|(_, _, c)| c),
+        );
+        Ok(out)
+    }
+
+    /// Subscribes to the library's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// Publishes an event (used by jobs).
+    pub(crate) fn publish(&self, event: Event) {
+        let _ = self.shared.events.send(event);
+    }
+
+    /// Runs `f` with the projections (read-only use: host-app queries).
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Projections) -> Result<T, keel_projections::ProjectionError>,
+    ) -> Result<T, EngineError> {
+        let p = self.shared.reader.lock().map_err(|_| EngineError::Closed)?;
+        Ok(f(&p)?)
+    }
+
+    /// The visible record of model `M` with this uuid.
+    pub fn get<M: Syncable>(&self, uuid: Uuid) -> Result<Option<M>, EngineError> {
+        self.read(|p| p.get::<M>(uuid))
+    }
+
+    /// The projection digest (after applying everything committed).
+    pub fn digest(&self) -> Result<String, EngineError> {
+        self.flush()?;
+        self.read(|p| p.digest())
+    }
+
+    /// A summary of the library.
+    pub fn status(&self) -> Result<Status, EngineError> {
+        self.flush()?;
+        let stats = self.journal()?.stats()?;
+        let (counts, applied, parked, digest) = self.read(|p| {
+            Ok((
+                p.counts()?,
+                p.applied_position()?,
+                p.parked_len(),
+                p.digest()?,
+            ))
+        })?;
+        Ok(Status {
+            name: self.name.clone(),
+            library_id: self.config.library_id.to_string(),
+            device_id: self.device.id.to_hex(),
+            counts,
+            journal: JournalJson {
+                local_changes: stats.own_changes,
+                pending_local: stats.pending_local,
+                log_len: stats.log_len,
+            },
+            applied_lsn: applied.log.0,
+            parked,
+            digest,
+        })
+    }
+
+    /// Checks every journal record, then replays the journal into a scratch projection and compares
+    /// its digest with the live one, and recounts each content's entries in both.
+    pub fn verify(&self) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
+        let report = self.journal()?.verify()?;
+        let live = self.digest()?;
+        let scratch = tempfile::tempdir_in(&self.dir).map_err(io_at(&self.dir))?;
+        let mut fresh = Projections::open(&scratch.path().join(PROJECTIONS_FILE))?;
+        replay(
+            self.journal()?,
+            &mut fresh,
+            AppliedPosition::default(),
+            &mut |_, _| {},
+        )?;
+        let expected = fresh.digest()?;
+        let live_miscounted = self.read(|p| Ok(p.miscounted_contents()?.len()))?;
+        let miscounted = live_miscounted.max(fresh.miscounted_contents()?.len());
+        let outcome = if miscounted > 0 {
+            Err(EngineError::Miscounted {
+                contents: miscounted,
+            })
+        } else if expected == live {
+            Ok(live)
+        } else {
+            Err(EngineError::DigestMismatch {
+                found: live,
+                expected,
+            })
+        };
+        Ok((report, outcome))
+    }
+
+    /// Drops the projections and replays the whole journal into fresh ones.
+    pub fn rebuild(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReplayReport, EngineError> {
+        self.flush()?;
+        let journal = self.journal()?;
+        let mut guard = self
+            .shared
+            .projections
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let mut reader = self.shared.reader.lock().map_err(|_| EngineError::Closed)?;
+        let path = self.dir.join(PROJECTIONS_FILE);
+        // Close both connections before removing the files; placeholders stand in meanwhile.
+        let placeholder_dir = tempfile::tempdir().map_err(io_at(&self.dir))?;
+        let placeholder_path = placeholder_dir.path().join("placeholder.sqlite");
+        drop(std::mem::replace(
+            &mut *guard,
+            Projections::open(&placeholder_path)?,
+        ));
+        drop(std::mem::replace(
+            &mut *reader,
+            Projections::open_reader(&placeholder_path)?,
+        ));
+        remove_projection_files(&self.dir)?;
+        let mut fresh = Projections::open(&path)?;
+        let report = replay(journal, &mut fresh, AppliedPosition::default(), progress)?;
+        *guard = fresh;
+        *reader = Projections::open_reader(&path)?;
+        drop(reader);
+        drop(guard);
+        if let Ok(mut state) = self.shared.applied.lock() {
+            state.position = report.position;
+        }
+        Ok(report)
+    }
+
+    /// Closes the library: waits for the projections to catch up, stops the writer and applier.
+    pub fn close(mut self) -> Result<(), EngineError> {
+        let flushed = self.flush();
+        self.shutdown();
+        flushed
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(journal) = self.journal.take() {
+            journal.close();
+        }
+        if let Some(handle) = self.applier.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Library {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,58 @@
+//! The node's error type.
+
+use std::path::PathBuf;
+
+use keel_engine::EngineError;
+use keel_journal::JournalError;
+use keel_projections::ProjectionError;
+use keel_transport::{PairingError, TransportError};
+
+/// Errors from a running node, its pairing and its joins. Every variant is a normal operating
+/// condition with a defined recovery.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The library failed (its own error says how to recover).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Journal failure.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Projection failure.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// Network failure.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Pairing failed: wrong code, refused, device limit, ...
+    #[error(transparent)]
+    Pairing(#[from] PairingError),
+    /// The node was stopped, or its library closed under it.
+    #[error("the node is not running")]
+    Stopped,
+    /// A join or sync step failed (what failed).
+    #[error("{0}")]
+    Failed(String),
+    /// `devices.toml` does not parse or holds invalid values.
+    #[error("{path} is invalid: {reason}")]
+    BadDevicesFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// File-system failure, with the path involved.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Attaches a path to an I/O error.
+pub(crate) fn io_at(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let path = path.into();
+    move |source| NodeError::Io { path, source }
+}

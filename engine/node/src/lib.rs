@@ -1,0 +1,379 @@
+//! The node runtime: a [`Library`] kept in sync with its peers over QUIC.
+//!
+//! [`Node`] runs three things: the core thread (the replication state
+//! machine over the journal: `core.rs`), a tokio runtime with the network tasks (accepting,
+//! dialing with backoff, one session per connection: `net.rs`), and pairing (`pairing.rs`).
+//! Messages from peers reach the core through one channel; the core answers through one
+//! unbounded channel per session. Everything the core decides is durable before it is sent.
+
+mod core;
+mod devices;
+mod error;
+mod file_sink;
+mod net;
+mod pairing;
+mod snapshot;
+mod status;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use keel_schema::DeviceId;
+use keel_transport::{Endpoint, Inviter, Pins};
+use tokio::sync::{mpsc, oneshot};
+
+pub use self::core::TICK_MS;
+pub use devices::{DevicesFile, PairedDevice};
+pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
+pub use pairing::{join, InviteHandle, JoinOptions, Question};
+pub use snapshot::{JoinProgress, SnapshotOutcome};
+pub use status::{DomainsJson, EpochJson, NodeStatus, PeerStatus};
+
+use self::core::{Core, CoreEvent};
+use self::net::Net;
+use self::pairing::Invitation;
+use crate::error::io_at;
+pub use crate::error::NodeError;
+use keel_engine::{now_ms, Library, LinkOptions, NodeLink};
+use keel_replication::NodeConfig;
+
+/// Default most devices per library.
+pub const DEVICE_LIMIT_DEFAULT: usize = keel_transport::DEVICE_LIMIT_DEFAULT;
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Where to listen (port 0: any).
+    pub listen: SocketAddr,
+    /// Peers to connect to (besides the addresses remembered in `devices.toml`).
+    pub peers: Vec<SocketAddr>,
+    /// Leader silent this long: elect another (plus up to as much again as jitter).
+    pub election_timeout_ms: u64,
+    /// Leader heartbeat and follower push interval.
+    pub heartbeat_ms: u64,
+    /// Most log entries per segment.
+    pub segment_max: usize,
+    /// Most segments sent to one follower and not yet acknowledged.
+    pub segments_in_flight: usize,
+    /// Most devices in the library.
+    pub device_limit: usize,
+    /// How long a pairing code lives.
+    pub code_ttl_ms: u64,
+    /// While the node leads, its core appends this device's commits to the log itself (one
+    /// sync before followers are sent them; see `leader_commit.rs`). `false` sends them through
+    /// the offline journal as on a follower (for comparison).
+    pub leader_commits: bool,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peers: Vec::new(),
+            election_timeout_ms: 300,
+            heartbeat_ms: 50,
+            segment_max: 4096,
+            segments_in_flight: 4,
+            device_limit: DEVICE_LIMIT_DEFAULT,
+            code_ttl_ms: keel_transport::CODE_TTL_MS,
+            leader_commits: true,
+        }
+    }
+}
+
+/// A running node: the library, its replication core and its network side.
+pub struct Node {
+    /// Dropped before `library` is closed (it holds the library too).
+    link: Arc<NodeLink>,
+    library: Arc<Library>,
+    net: Arc<Net>,
+    status: Arc<Mutex<NodeStatus>>,
+    core_tx: crossbeam_channel::Sender<CoreEvent>,
+    core: Option<JoinHandle<()>>,
+    rt: Option<tokio::runtime::Runtime>,
+    device_limit: usize,
+    code_ttl_ms: u64,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({:?})", self.library)
+    }
+}
+
+impl Node {
+    /// Starts a node for `library`: binds `options.listen`, trusts the library's devices and
+    /// the ones paired in `devices.toml`, and connects to `options.peers` and the remembered
+    /// addresses.
+    pub fn start(library: Library, options: NodeOptions) -> Result<Self, NodeError> {
+        let library = Arc::new(library);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("keel-net")
+            .enable_all()
+            .build()
+            .map_err(io_at(library.dir()))?;
+        let file = DevicesFile::read(library.dir())?;
+        snapshot::remove_scratch(library.dir());
+        let pins = Pins::new();
+        for id in file.ids() {
+            if !file.is_revoked(&id) {
+                pins.pin(id);
+            }
+        }
+        let endpoint = {
+            let _guard = rt.enter();
+            Endpoint::bind(&library.device().tls, options.listen, pins.clone())?
+        };
+        let listen = endpoint.local_addr()?;
+        let status = Arc::new(Mutex::new(NodeStatus {
+            listen: listen.to_string(),
+            ..NodeStatus::default()
+        }));
+        let config = NodeConfig {
+            device: library.device_id(),
+            election_timeout_ms: options.election_timeout_ms,
+            heartbeat_ms: options.heartbeat_ms,
+            segment_max: options.segment_max,
+            segments_in_flight: options.segments_in_flight,
+        };
+        let link = Arc::new(library.link(LinkOptions {
+            leader_commits: options.leader_commits,
+        })?);
+        let core = Core::new(link.clone(), config, status.clone(), pins)?;
+        let (core_tx, core_rx) = crossbeam_channel::unbounded();
+        let core = std::thread::Builder::new()
+            .name("keel-core".into())
+            .spawn(move || core.run(core_rx))
+            .map_err(io_at(library.dir()))?;
+        let net = Arc::new(Net {
+            endpoint,
+            core: core_tx.clone(),
+            library: library.id(),
+            device: library.device_id(),
+            status: status.clone(),
+            invitation: Arc::new(tokio::sync::Mutex::new(None)),
+            sessions: Mutex::new(HashMap::new()),
+            addrs: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(Default::default()),
+            next_conn: AtomicU64::new(0),
+            library_dir: library.dir().to_path_buf(),
+            offline: AtomicBool::new(false),
+            live: Mutex::new(HashMap::new()),
+            link: Arc::downgrade(&link),
+        });
+        {
+            let _guard = rt.enter();
+            rt.spawn(net.clone().accept_loop());
+            for addr in options.peers.iter().copied().chain(file.addrs()) {
+                if addr != listen {
+                    net.dial(addr);
+                }
+            }
+        }
+        tracing::info!(%listen, device = %library.device_id().short(), "node started");
+        Ok(Self {
+            link,
+            library,
+            net,
+            status,
+            core_tx,
+            core: Some(core),
+            rt: Some(rt),
+            device_limit: options.device_limit,
+            code_ttl_ms: options.code_ttl_ms,
+        })
+    }
+
+    /// The library (commit, query and subscribe as usual; changes replicate by themselves).
+    pub fn library(&self) -> &Library {
+        &self.library
+    }
+
+    /// The address this node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.net
+            .endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// This node's replication state, with every known peer.
+    pub fn status(&self) -> NodeStatus {
+        let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        // The offline journal itself says what waits to be pushed (the core's view lags a tick).
+        if let Ok(pending) = self.library.pending_local() {
+            status.pending_push = pending;
+        }
+        let addrs = self.net.addrs.lock().map(|a| a.clone()).unwrap_or_default();
+        let file = DevicesFile::read(self.library.dir()).unwrap_or_default();
+        let mut known: Vec<DeviceId> = file.ids().collect();
+        if let Ok(devices) = self.library.devices() {
+            known.extend(
+                devices
+                    .iter()
+                    .filter_map(|d| DeviceId::from_hex(&d.device_id)),
+            );
+        }
+        known.extend(addrs.keys().copied());
+        known.sort();
+        known.dedup();
+        let me = self.library.device_id();
+        status.peers = known
+            .into_iter()
+            .filter(|d| *d != me && !file.is_revoked(d))
+            .map(|d| {
+                let hex = d.to_hex();
+                let addr = addrs.get(&d).copied().or_else(|| {
+                    file.paired
+                        .iter()
+                        .find(|p| p.device_id == hex)
+                        .and_then(|p| p.addr)
+                });
+                let applied = status
+                    .acknowledged
+                    .iter()
+                    .find(|(d, _)| *d == hex)
+                    .map(|(_, p)| *p);
+                PeerStatus {
+                    applied,
+                    connected: status.connected.contains(&hex),
+                    device_id: hex,
+                    addr: addr.map(|a| a.to_string()),
+                }
+            })
+            .collect();
+        status
+    }
+
+    /// Cuts this node off the network (every session closed, none accepted or made) or brings it
+    /// back. It keeps committing meanwhile; what it wrote is pushed when it is back.
+    pub fn set_offline(&self, offline: bool) {
+        self.net.set_offline(offline);
+    }
+
+    /// Connects to another peer (kept up with reconnects).
+    pub fn add_peer(&self, addr: SocketAddr) {
+        if let Some(rt) = &self.rt {
+            let _guard = rt.enter();
+            self.net.dial(addr);
+        }
+    }
+
+    /// Opens an invitation: unpinned devices may connect to pair with the returned code until
+    /// one succeeds, the code expires or is voided. With `auto_accept` the first device that
+    /// proves the code is accepted; otherwise each one arrives in `questions` to be answered.
+    pub fn invite(&self, auto_accept: bool) -> Result<InviteHandle, NodeError> {
+        let rt = self.rt.as_ref().ok_or(NodeError::Stopped)?;
+        let devices = self.device_count()?;
+        if devices >= self.device_limit {
+            return Err(keel_transport::PairingError::DeviceLimit(self.device_limit).into());
+        }
+        let inviter = Inviter::new(
+            self.library.id(),
+            self.library.name(),
+            self.link.key().to_bytes(),
+            self.device_limit,
+            now_ms(),
+        )
+        .expiring(now_ms(), self.code_ttl_ms);
+        let code = inviter.code().clone();
+        let (questions_tx, questions) = mpsc::unbounded_channel();
+        let (outcome_tx, outcome) = oneshot::channel();
+        let invitation = Invitation {
+            inviter,
+            questions: (!auto_accept).then_some(questions_tx),
+            outcome: Some(outcome_tx),
+            devices,
+        };
+        let slot = self.net.invitation.clone();
+        rt.block_on(async move {
+            *slot.lock().await = Some(invitation);
+        });
+        self.net.endpoint.pins().set_pairing_open(true);
+        Ok(InviteHandle {
+            code,
+            questions,
+            outcome,
+        })
+    }
+
+    /// How many devices the library has (its Device records and paired devices).
+    pub fn device_count(&self) -> Result<usize, NodeError> {
+        let file = DevicesFile::read(self.library.dir())?;
+        let mut ids: Vec<String> = self
+            .library
+            .devices()?
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        ids.extend(file.paired.iter().map(|p| p.device_id.clone()));
+        ids.sort();
+        ids.dedup();
+        ids.retain(|id| !file.revoked.contains(id));
+        Ok(ids.len())
+    }
+
+    /// Revokes a device: it is unpinned and its sessions are closed at once (a new handshake
+    /// fails), it is recorded as revoked, and its Device record is deleted so every device drops
+    /// it.
+    pub fn revoke(&self, device: DeviceId) -> Result<(), NodeError> {
+        revoke_in(&self.library, device)?;
+        self.net.endpoint.pins().unpin(device);
+        self.net.disconnect(device);
+        Ok(())
+    }
+
+    /// Runs `f` on the node's tokio runtime (for async work such as answering questions).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output, NodeError> {
+        let rt = self.rt.as_ref().ok_or(NodeError::Stopped)?;
+        Ok(rt.block_on(f))
+    }
+
+    /// Stops the node cleanly: connections closed, core stopped, library closed (everything
+    /// committed is applied first).
+    pub fn stop(mut self) -> Result<(), NodeError> {
+        self.shutdown();
+        let library = self.library.clone();
+        drop(self);
+        match Arc::try_unwrap(library) {
+            Ok(library) => Ok(library.close()?),
+            Err(_) => Err(NodeError::Failed("the library is still in use".into())),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.net.endpoint.close();
+        let _ = self.core_tx.send(CoreEvent::Stop);
+        if let Some(core) = self.core.take() {
+            let _ = core.join();
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Revokes `device` in `library` without a running node (`keel devices remove`).
+pub fn revoke_in(library: &Library, device: DeviceId) -> Result<(), NodeError> {
+    let mut file = DevicesFile::read(library.dir())?;
+    file.revoke(device);
+    file.write(library.dir())?;
+    let uuid = device.record_uuid();
+    if library.get::<keel_schema::Device>(uuid)?.is_some() {
+        library.transact(|tx| {
+            tx.delete::<keel_schema::Device>(uuid);
+            Ok(())
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The network side of a node: accepting and dialing QUIC connections, one session per
+//! connection (Hello, then messages to and from the core), reconnecting with exponential backoff
+//! and jitter. A peer that sends anything malformed loses its connection; the node runs on.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use keel_schema::{DeviceId, LibraryId};
+use keel_transport::{Connection, DeviceMessage, Endpoint};
+use rand::Rng;
+
+use super::core::CoreEvent;
+use super::pairing::{self, Invitation};
+use super::status::NodeStatus;
+
+/// First reconnect delay.
+pub const BACKOFF_MIN_MS: u64 = 100;
+/// Longest reconnect delay.
+pub const BACKOFF_MAX_MS: u64 = 2_000;
+/// How long a peer has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The next delay: doubled, capped, with ±50% jitter so peers do not retry in lockstep.
+pub fn backoff_delay(attempt: u32) -> Duration {
+    let base = BACKOFF_MIN_MS
+        .saturating_mul(1u64 << attempt.min(16))
+        .min(BACKOFF_MAX_MS);
+    let jitter = rand::thread_rng().gen_range(base / 2..=base + base / 2);
+    Duration::from_millis(jitter)
+}
+
+/// State shared by the network tasks.
+pub(crate) struct Net {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) core: Sender<CoreEvent>,
+    pub(crate) library: LibraryId,
+    pub(crate) device: DeviceId,
+    pub(crate) status: Arc<Mutex<NodeStatus>>,
+    pub(crate) invitation: Arc<tokio::sync::Mutex<Option<Invitation>>>,
+    pub(crate) sessions: Mutex<HashMap<DeviceId, usize>>,
+    pub(crate) addrs: Mutex<HashMap<DeviceId, SocketAddr>>,
+    pub(crate) dialing: Mutex<HashSet<SocketAddr>>,
+    pub(crate) next_conn: AtomicU64,
+    pub(crate) library_dir: std::path::PathBuf,
+    /// Cut off from the network (no sessions in or out) while set.
+    pub(crate) offline: AtomicBool,
+    /// Live sessions' connections, to close when going offline.
+    pub(crate) live: Mutex<HashMap<u64, Arc<Connection>>>,
+    /// The library, for serving snapshots to devices that join.
+    pub(crate) link: std::sync::Weak<keel_engine::NodeLink>,
+}
+
+impl Net {
+    /// Cuts the node off (closing every session) or lets it reconnect.
+    pub(crate) fn set_offline(&self, offline: bool) {
+        self.offline.store(offline, Ordering::SeqCst);
+        if offline {
+            let live: Vec<Arc<Connection>> = self
+                .live
+                .lock()
+                .map(|l| l.values().cloned().collect())
+                .unwrap_or_default();
+            for conn in live {
+                conn.close("going offline");
+            }
+        }
+    }
+
+    /// Closes every session with `device` (after revoking it).
+    pub(crate) fn disconnect(&self, device: DeviceId) {
+        let live: Vec<Arc<Connection>> = self
+            .live
+            .lock()
+            .map(|l| l.values().filter(|c| c.peer() == device).cloned().collect())
+            .unwrap_or_default();
+        for conn in live {
+            conn.close("revoked");
+        }
+    }
+
+    fn is_offline(&self) -> bool {
+        self.offline.load(Ordering::SeqCst)
+    }
+
+    fn connected(&self, device: &DeviceId) -> bool {
+        self.sessions
+            .lock()
+            .map(|s| s.get(device).copied().unwrap_or(0) > 0)
+            .unwrap_or(false)
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub(crate) async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            if self.is_offline() {
+                if let Ok(conn) = incoming {
+                    conn.close("offline");
+                }
+                continue;
+            }
+            match incoming {
+                Ok(conn) if conn.pinned() => {
+                    tokio::spawn(self.clone().session(conn));
+                }
+                Ok(conn) => {
+                    tokio::spawn(pairing::serve_joiner(self.clone(), conn));
+                }
+                Err(e) => tracing::debug!(error = %e, "incoming connection refused"),
+            }
+        }
+    }
+
+    /// Keeps a connection to `addr` up (no-op if a dialer for it runs already).
+    pub(crate) fn dial(self: &Arc<Self>, addr: SocketAddr) {
+        let fresh = self
+            .dialing
+            .lock()
+            .map(|mut d| d.insert(addr))
+            .unwrap_or(false);
+        if fresh {
+            tokio::spawn(self.clone().dial_loop(addr));
+        }
+    }
+
+    async fn dial_loop(self: Arc<Self>, addr: SocketAddr) {
+        let mut attempt = 0u32;
+        let mut known: Option<DeviceId> = None;
+        loop {
+            if self.is_offline() || known.is_some_and(|d| self.connected(&d)) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(addr)).await {
+                Ok(Ok(conn)) => {
+                    attempt = 0;
+                    known = Some(conn.peer());
+                    self.clone().session(conn).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "connecting failed");
+                    tokio::time::sleep(backoff_delay(attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
+                Err(_) => {
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    /// Runs one session: Hello both ways, then messages until the connection ends.
+    pub(crate) async fn session(self: Arc<Self>, conn: Connection) {
+        let peer = conn.peer();
+        let (epoch, log_end) = self
+            .status
+            .lock()
+            .map(|s| {
+                (
+                    keel_schema::Epoch {
+                        counter: s.epoch.counter,
+                        device: DeviceId::from_hex(&s.epoch.device).unwrap_or_default(),
+                    },
+                    keel_schema::Lsn(s.log_len),
+                )
+            })
+            .unwrap_or_default();
+        let hello = DeviceMessage::Hello {
+            device: self.device,
+            library: self.library,
+            epoch,
+            log_end,
+            positions: Vec::new(),
+        };
+        if let Err(e) = conn.send(&hello).await {
+            tracing::debug!(peer = %peer.short(), error = %e, "hello not sent");
+            return;
+        }
+        match tokio::time::timeout(HELLO_TIMEOUT, conn.recv()).await {
+            Ok(Ok(DeviceMessage::Hello {
+                device, library, ..
+            })) if device == peer && library == self.library => {}
+            Ok(Ok(DeviceMessage::SnapshotRequest { library })) if library == self.library => {
+                // A device that has just joined: a snapshot, outside the replication core.
+                super::snapshot::serve(self.link.clone(), epoch, conn).await;
+                return;
+            }
+            Ok(Ok(_)) => {
+                tracing::warn!(peer = %peer.short(), "peer did not say Hello for this library; closed");
+                conn.close("expected Hello for this library");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %peer.short(), error = %e, "peer's Hello unreadable; closed");
+                conn.close("malformed message");
+                return;
+            }
+            Err(_) => {
+                conn.close("no Hello");
+                return;
+            }
+        }
+        let addr = conn.remote_address();
+        if let Ok(mut addrs) = self.addrs.lock() {
+            addrs.insert(peer, addr);
+        }
+        self.remember_addr(peer, addr);
+        let conn = Arc::new(conn);
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, conn.clone());
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DeviceMessage>();
+        if let Ok(mut sessions) = self.sessions.lock() {
+            *sessions.entry(peer).or_default() += 1;
+        }
+        let _ = self.core.send(CoreEvent::Connected { peer, conn: id, tx });
+        let writer_conn = conn.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(message) = rx.recv().await {
+                if let Err(e) = writer_conn.send(&message).await {
+                    tracing::debug!(error = %e, "send failed");
+                    break;
+                }
+            }
+        });
+        loop {
+            match conn.recv().await {
+                Ok(message) => {
+                    if self
+                        .core
+                        .send(CoreEvent::Received {
+                            from: peer,
+                            message,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if e.is_hostile() {
+                        tracing::warn!(peer = %peer.short(), error = %e, "peer sent a malformed or oversized message; connection closed");
+                        conn.close("malformed message");
+                    } else {
+                        tracing::debug!(peer = %peer.short(), error = %e, "connection ended");
+                    }
+                    break;
+                }
+            }
+        }
+        writer.abort();
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&id);
+        }
+        if let Ok(mut sessions) = self.sessions.lock() {
+            if let Some(n) = sessions.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let _ = self.core.send(CoreEvent::Disconnected { peer, conn: id });
+    }
+
+    /// Records where a paired device listens, so `serve` reaches it next time without `--peer`.
+    fn remember_addr(&self, peer: DeviceId, addr: SocketAddr) {
+        let Ok(mut file) = super::devices::DevicesFile::read(&self.library_dir) else {
+            return;
+        };
+        let hex = peer.to_hex();
+        match file.paired.iter_mut().find(|d| d.device_id == hex) {
+            Some(entry) if entry.addr == Some(addr) => return,
+            Some(entry) => entry.addr = Some(addr),
+            None => file.add(peer, "", Some(addr), keel_engine::now_ms()),
+        }
+        if let Err(e) = file.write(&self.library_dir) {
+            tracing::warn!(error = %e, "could not record a peer's address");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_around_it() {
+        for attempt in 0..20 {
+            let base = (BACKOFF_MIN_MS << attempt.min(16)).min(BACKOFF_MAX_MS);
+            let delays: Vec<u64> = (0..50)
+                .map(|_| backoff_delay(attempt).as_millis() as u64)
+                .collect();
+            assert!(delays
+                .iter()
+                .all(|d| *d >= base / 2 && *d <= base + base / 2));
+            // Jitter: not every delay is the same.
+            assert!(delays.iter().any(|d| *d != delays[0]), "attempt {attempt}");
+        }
+        assert!(backoff_delay(30).as_millis() as u64 <= BACKOFF_MAX_MS * 3 / 2);
+    }
+}

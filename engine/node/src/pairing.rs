@@ -1,0 +1,292 @@
+//! Pairing on a running node (the inviting side) and `join` (the new device's side).
+//!
+//! The inviter opens an [`Invitation`]: unpinned devices may then connect, prove the code
+//! (SPAKE2 bound to the connection and both certificates, with key confirmation), and after the
+//! local user confirms, receive the library key sealed under the session key. Both sides then pin
+//! each other. Rate limits, the void-after-5 rule and the device limit live in
+//! [`keel_transport::Inviter`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_journal::LibraryKey;
+use keel_schema::DeviceId;
+use keel_transport::{
+    Binding, Connection, DeviceMessage, Endpoint, Identity, Inviter, Joiner, PairingCode,
+    PairingError, PairingMessage, Pins,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::devices::DevicesFile;
+use super::net::Net;
+use crate::error::NodeError;
+use keel_engine::Home;
+use keel_engine::{now_ms, CreateOptions, Library};
+
+/// How long a joiner has for each pairing step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the inviting user has to answer.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A joining device waiting for the inviting user's answer.
+#[derive(Debug)]
+pub struct Question {
+    /// The name the joining device gave.
+    pub name: String,
+    /// Its device id.
+    pub device: DeviceId,
+    /// Send `true` to accept.
+    pub answer: oneshot::Sender<bool>,
+}
+
+/// An open invitation on a node.
+pub(crate) struct Invitation {
+    pub(crate) inviter: Inviter,
+    /// `None`: accept the first device that proves the code (`--yes`).
+    pub(crate) questions: Option<mpsc::UnboundedSender<Question>>,
+    pub(crate) outcome: Option<oneshot::Sender<Result<(DeviceId, String), PairingError>>>,
+    pub(crate) devices: usize,
+}
+
+/// What `invite` returns: the code, the questions to answer and the outcome.
+#[derive(Debug)]
+pub struct InviteHandle {
+    /// The code to show the other device's user.
+    pub code: PairingCode,
+    /// Joining devices to confirm (empty with auto-accept).
+    pub questions: mpsc::UnboundedReceiver<Question>,
+    /// The paired device (id, name), or why pairing failed for good.
+    pub outcome: oneshot::Receiver<Result<(DeviceId, String), PairingError>>,
+}
+
+async fn recv_pairing(conn: &Connection) -> Result<PairingMessage, PairingError> {
+    match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
+        Ok(Ok(DeviceMessage::Pairing(m))) => Ok(m),
+        Ok(Ok(_)) => Err(PairingError::Protocol("expected a pairing message".into())),
+        Ok(Err(e)) => Err(PairingError::Protocol(e.to_string())),
+        Err(_) => Err(PairingError::Protocol("timed out".into())),
+    }
+}
+
+async fn send_pairing(conn: &Connection, message: PairingMessage) -> Result<(), PairingError> {
+    conn.send(&DeviceMessage::Pairing(message))
+        .await
+        .map_err(|e| PairingError::Protocol(e.to_string()))
+}
+
+/// Serves one unpinned connection: a pairing run if an invitation is open, else closed.
+pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
+    if !net.endpoint.pins().pairing_open() {
+        conn.close("not paired");
+        return;
+    }
+    let binding = match conn.exporter() {
+        Ok(exporter) => Binding {
+            exporter,
+            inviter: net.device,
+            joiner: conn.peer(),
+        },
+        Err(_) => return,
+    };
+    let address: IpAddr = conn.remote_address().ip();
+    let Ok(start) = recv_pairing(&conn).await else {
+        conn.close("pairing: no start");
+        return;
+    };
+    let mut slot = net.invitation.lock().await;
+    let Some(invitation) = slot.as_mut() else {
+        conn.close("no open invitation");
+        return;
+    };
+    let (mut run, reply) = match invitation
+        .inviter
+        .on_start(&start, binding, address, now_ms())
+    {
+        Ok(ok) => ok,
+        Err(rejection) => {
+            let _ = send_pairing(&conn, rejection).await;
+            linger(&conn).await;
+            return;
+        }
+    };
+    if send_pairing(&conn, reply).await.is_err() {
+        return;
+    }
+    let Ok(confirm) = recv_pairing(&conn).await else {
+        return;
+    };
+    let devices = invitation.devices;
+    let checked = invitation
+        .inviter
+        .check_proof(&mut run, &confirm, devices, now_ms());
+    let (verdict, outcome) = match checked {
+        Err((rejection, error)) => (rejection, Err(error)),
+        Ok(()) => {
+            // Only now, with the code proven, is the user asked.
+            let answer = match &invitation.questions {
+                None => true,
+                Some(questions) => {
+                    let (tx, rx) = oneshot::channel();
+                    let asked = questions.send(Question {
+                        name: run.joiner_name().to_string(),
+                        device: run.joiner(),
+                        answer: tx,
+                    });
+                    asked.is_ok()
+                        && matches!(
+                            tokio::time::timeout(CONFIRM_TIMEOUT, rx).await,
+                            Ok(Ok(true))
+                        )
+                }
+            };
+            invitation.inviter.decide(&mut run, answer)
+        }
+    };
+    let finished = match &outcome {
+        Ok(device) => {
+            net.endpoint.pins().pin(*device);
+            if let Ok(mut file) = DevicesFile::read(&net.library_dir) {
+                file.add(*device, run.joiner_name(), None, now_ms());
+                if let Err(e) = file.write(&net.library_dir) {
+                    tracing::warn!(error = %e, "could not record the paired device");
+                }
+            }
+            tracing::info!(device = %device.short(), name = run.joiner_name(), "device paired");
+            Some(Ok((*device, run.joiner_name().to_string())))
+        }
+        Err(error) => {
+            tracing::warn!(%error, %address, "pairing attempt refused");
+            // A voided code, a declined device or a full library end the invitation.
+            match error {
+                PairingError::Voided | PairingError::Declined | PairingError::DeviceLimit(_) => {
+                    Some(Err(error.clone()))
+                }
+                _ => None,
+            }
+        }
+    };
+    let _ = send_pairing(&conn, verdict).await;
+    if let Some(result) = finished {
+        if let Some(tx) = invitation.outcome.take() {
+            let _ = tx.send(result);
+        }
+        *slot = None;
+        net.endpoint.pins().set_pairing_open(false);
+    }
+    drop(slot);
+    linger(&conn).await;
+}
+
+/// Gives the joiner time to read the last message before the connection goes (it closes first).
+async fn linger(conn: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.recv()).await;
+}
+
+/// Options for [`join`].
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The inviting node's address.
+    pub addr: SocketAddr,
+    /// The local address to pair from (default: any, port 0).
+    pub bind: Option<SocketAddr>,
+    /// The code it showed.
+    pub code: String,
+    /// This device's name as the inviter sees it.
+    pub device_name: Option<String>,
+    /// This device's password for the library (wraps the received key).
+    pub password: String,
+    /// Key-derivation parameters for wrapping it.
+    pub create: CreateOptions,
+    /// After pairing, fetch the log and a copy of the inviter's projections
+    /// (see [`crate::SnapshotOutcome`]) rather than leave the whole log to replicate
+    /// and replay once the node starts. If the fetch fails, the library is still usable: the
+    /// node catches up from whatever log was stored.
+    pub snapshot: bool,
+    /// Hears how far the snapshot fetch has come.
+    pub progress: Option<mpsc::UnboundedSender<super::JoinProgress>>,
+}
+
+/// Pairs this home's device with a running node and creates the library here. Returns the
+/// library's name; `serve` then reaches the inviter without `--peer`.
+pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError> {
+    let code = PairingCode::parse(&options.code)
+        .ok_or_else(|| NodeError::Pairing(PairingError::Protocol("malformed code".into())))?;
+    let device = home.device()?;
+    let identity: &Identity = &device.tls;
+    let bind: SocketAddr = options.bind.unwrap_or(if options.addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    });
+    let endpoint = Endpoint::bind(identity, bind, Pins::new())?;
+    let conn = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect_to_pair(options.addr))
+        .await
+        .map_err(|_| NodeError::Failed(format!("no answer from {}", options.addr)))??;
+    let binding = Binding {
+        exporter: conn.exporter()?,
+        inviter: conn.peer(),
+        joiner: endpoint.device(),
+    };
+    let name = options
+        .device_name
+        .clone()
+        .unwrap_or_else(|| device.name.clone());
+    let (mut joiner, start) = Joiner::start(&code, binding, &name);
+    send_pairing(&conn, start).await?;
+    let reply = recv_pairing(&conn).await?;
+    let confirm = joiner.on_reply(&reply)?;
+    send_pairing(&conn, confirm).await?;
+    // The inviting user may take a while to confirm.
+    let verdict = match tokio::time::timeout(CONFIRM_TIMEOUT + STEP_TIMEOUT, conn.recv()).await {
+        Ok(Ok(DeviceMessage::Pairing(m))) => m,
+        Ok(Ok(_)) => return Err(PairingError::Protocol("expected a verdict".into()).into()),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(PairingError::Protocol("timed out".into()).into()),
+    };
+    let joined = joiner.on_verdict(&verdict)?;
+    conn.close("paired");
+    let key = LibraryKey::from_bytes(&joined.key)
+        .ok_or_else(|| PairingError::Protocol("the library key has the wrong length".into()))?;
+    let library = Library::create_joined(
+        home,
+        &joined.name,
+        &options.password,
+        joined.library,
+        &key,
+        options.create,
+        options.device_name.as_deref(),
+    )?;
+    let mut file = DevicesFile::read(library.dir())?;
+    file.add(joined.inviter, "inviter", Some(options.addr), now_ms());
+    file.write(library.dir())?;
+    let dir = library.dir().to_path_buf();
+    library.close()?;
+    if options.snapshot {
+        match super::snapshot::fetch(
+            &endpoint,
+            joined.inviter,
+            options.addr,
+            joined.library,
+            &key,
+            &dir,
+            options.progress,
+        )
+        .await
+        {
+            Ok(done) => tracing::info!(
+                log_entries = done.log_entries,
+                applied = done.applied.0,
+                file_bytes = done.file_bytes,
+                ms = done.elapsed.as_millis() as u64,
+                "initial sync by snapshot"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                "initial sync by snapshot failed; the node catches up by replication instead"
+            ),
+        }
+    }
+    endpoint.close();
+    Ok(joined.name)
+}

@@ -1,0 +1,294 @@
+//! The vocabulary of the replication core: log entries, messages, inputs, outputs, durable state.
+
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
+
+/// One log entry: a sequenced change, or the barrier a new leader writes at the start of its epoch
+/// (so every follower's log ends in the newest epoch once it has caught up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Entry {
+    /// A change, by id (the payload travels beside it in the real runtime).
+    Change(ChangeId),
+    /// The start of a leader's epoch.
+    Barrier,
+}
+
+/// Messages between replication cores (mapped onto `DeviceMessage` by the runtime).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// A candidate asks for a vote.
+    RequestVote {
+        /// The epoch it would lead.
+        epoch: Epoch,
+        /// Epoch and position of its last log entry.
+        last: (Epoch, Lsn),
+    },
+    /// A vote answer.
+    Vote {
+        /// The epoch voted on.
+        epoch: Epoch,
+        /// Granted or not.
+        granted: bool,
+    },
+    /// Log entries from the leader of `epoch`, after position `prev` (whose entry has `prev_epoch`).
+    Append {
+        /// The leader's epoch.
+        epoch: Epoch,
+        /// Position before the first entry.
+        prev: Lsn,
+        /// Epoch of the entry at `prev` (ignored when `prev` is 0).
+        prev_epoch: Epoch,
+        /// The entries with their epochs.
+        entries: Vec<(Epoch, Entry)>,
+    },
+    /// A follower's answer to `Append`.
+    AppendReply {
+        /// The follower's epoch.
+        epoch: Epoch,
+        /// Whether `prev` matched.
+        ok: bool,
+        /// The follower's last position (a hint where to continue).
+        last: Lsn,
+    },
+    /// A follower's own changes (idempotent by id).
+    Push {
+        /// Change ids.
+        changes: Vec<ChangeId>,
+    },
+    /// "My epoch is higher": the receiver's epoch is stale and it steps down.
+    Stale {
+        /// The sender's epoch.
+        epoch: Epoch,
+    },
+    /// Before standing in `epoch`: would the receiver vote for the sender? Changes nothing on
+    /// either side, so a device that cannot hear a live leader (cut off from it alone, or busy)
+    /// does not depose it by bumping the epoch.
+    PreVote {
+        /// The epoch the sender would stand in.
+        epoch: Epoch,
+        /// Epoch and position of its last log entry.
+        last: (Epoch, Lsn),
+    },
+    /// A pre-vote answer.
+    PreVoteReply {
+        /// The epoch asked about.
+        epoch: Epoch,
+        /// Whether a vote would be granted.
+        granted: bool,
+        /// The highest epoch the answering device has taken or voted in: a refused device
+        /// stands above it next time (nothing else changes on its side).
+        highest: Epoch,
+    },
+}
+
+/// What happens to a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Time passes (timers fire).
+    Tick,
+    /// A message arrived.
+    Received {
+        /// From whom.
+        from: DeviceId,
+        /// What.
+        message: Message,
+    },
+    /// A peer became reachable.
+    Connected(DeviceId),
+    /// A peer became unreachable.
+    Disconnected(DeviceId),
+    /// The host committed a change on this device (already durable in the local journal).
+    Commit(ChangeId),
+}
+
+/// What a node asks its runtime to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send a message.
+    Send {
+        /// To whom.
+        to: DeviceId,
+        /// What.
+        message: Message,
+    },
+}
+
+/// One change a node made to its log, for the runtime to make durable in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogOp {
+    /// An entry was appended at position `at`.
+    Append {
+        /// Its position.
+        at: Lsn,
+        /// The epoch it carries.
+        epoch: Epoch,
+        /// The entry.
+        entry: Entry,
+    },
+    /// Every entry after `keep` was removed (their changes are pending again).
+    Truncate {
+        /// The last position kept.
+        keep: Lsn,
+    },
+}
+
+/// The node's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Sequences changes for its epoch.
+    Leader,
+    /// Follows a leader.
+    Follower,
+    /// Asking for votes.
+    Candidate,
+    /// No leader and no reachable peer: commits wait in the local journal.
+    Alone,
+}
+
+/// A log held compactly: one entry per position (a change id or a barrier, 17 bytes) and the
+/// epochs as runs (a new run only where the epoch changes), so a million entries take ~17 MB.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Log {
+    entries: Vec<Entry>,
+    /// `(index of the first entry, epoch)`, increasing, no two neighbours with the same epoch.
+    runs: Vec<(usize, Epoch)>,
+}
+
+impl Log {
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the log is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends an entry.
+    pub fn push(&mut self, (epoch, entry): (Epoch, Entry)) {
+        if self.runs.last().map(|(_, e)| *e) != Some(epoch) {
+            self.runs.push((self.entries.len(), epoch));
+        }
+        self.entries.push(entry);
+    }
+
+    fn epoch_of(&self, index: usize) -> Epoch {
+        let run = self.runs.partition_point(|(start, _)| *start <= index);
+        run.checked_sub(1)
+            .and_then(|r| self.runs.get(r))
+            .map(|(_, e)| *e)
+            .unwrap_or_default()
+    }
+
+    /// The entry at index `index` (position `index + 1`).
+    pub fn get(&self, index: usize) -> Option<(Epoch, Entry)> {
+        let entry = *self.entries.get(index)?;
+        Some((self.epoch_of(index), entry))
+    }
+
+    /// The last entry.
+    pub fn last(&self) -> Option<(Epoch, Entry)> {
+        self.get(self.entries.len().checked_sub(1)?)
+    }
+
+    /// Keeps the first `len` entries.
+    pub fn truncate(&mut self, len: usize) {
+        self.entries.truncate(len);
+        while self.runs.last().is_some_and(|(start, _)| *start >= len) {
+            self.runs.pop();
+        }
+    }
+
+    /// Removes and returns the entries from index `at` on.
+    pub fn split_off(&mut self, at: usize) -> Vec<(Epoch, Entry)> {
+        let tail = self.range(at, self.entries.len());
+        self.truncate(at);
+        tail
+    }
+
+    /// The entries with indexes `from..to` (clamped).
+    pub fn range(&self, from: usize, to: usize) -> Vec<(Epoch, Entry)> {
+        let to = to.min(self.entries.len());
+        (from.min(to)..to).filter_map(|i| self.get(i)).collect()
+    }
+
+    /// Every entry, in order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Epoch, Entry)> + '_ {
+        (0..self.entries.len()).filter_map(|i| self.get(i))
+    }
+
+    /// A log from its runs (the index at which each epoch starts, ascending) and its entries
+    /// (`None` is a barrier): the form the journal saves it in. The ids are converted in place
+    /// (same size), so a long log is not held twice.
+    pub fn from_runs(runs: Vec<(u64, Epoch)>, ids: Vec<Option<ChangeId>>) -> Self {
+        debug_assert!(runs.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1));
+        Self {
+            entries: ids
+                .into_iter()
+                .map(|id| id.map_or(Entry::Barrier, Entry::Change))
+                .collect(),
+            runs: runs
+                .into_iter()
+                .map(|(start, epoch)| (start as usize, epoch))
+                .collect(),
+        }
+    }
+
+    /// Every entry, as a vector.
+    pub fn to_vec(&self) -> Vec<(Epoch, Entry)> {
+        self.iter().collect()
+    }
+}
+
+impl FromIterator<(Epoch, Entry)> for Log {
+    fn from_iter<I: IntoIterator<Item = (Epoch, Entry)>>(iter: I) -> Self {
+        let mut log = Self::default();
+        for item in iter {
+            log.push(item);
+        }
+        log
+    }
+}
+
+impl From<Vec<(Epoch, Entry)>> for Log {
+    fn from(items: Vec<(Epoch, Entry)>) -> Self {
+        items.into_iter().collect()
+    }
+}
+
+/// The state that survives a crash (kept in the journal by the runtime). Every change to it is
+/// made durable before any message that depends on it is sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// The highest epoch accepted.
+    pub epoch: Epoch,
+    /// The highest epoch voted for.
+    pub voted: Epoch,
+    /// The log: entry `i` is at position `i + 1`.
+    pub log: Log,
+    /// This device's changes not yet seen in the log (the offline journal).
+    pub pending: Vec<ChangeId>,
+}
+
+impl Durable {
+    /// The last position.
+    pub fn last_lsn(&self) -> Lsn {
+        Lsn(self.log.len() as u64)
+    }
+
+    /// Epoch and position of the last entry (the "how up to date" order used in elections).
+    pub fn last(&self) -> (Epoch, Lsn) {
+        (
+            self.log.last().map(|(e, _)| e).unwrap_or_default(),
+            self.last_lsn(),
+        )
+    }
+
+    /// The epoch of the entry at `lsn` (`None` past the end; the default epoch at 0).
+    pub fn epoch_at(&self, lsn: Lsn) -> Option<Epoch> {
+        if lsn.0 == 0 {
+            return Some(Epoch::default());
+        }
+        self.log.get(lsn.0 as usize - 1).map(|(e, _)| e)
+    }
+}
