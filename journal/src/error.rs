@@ -75,8 +75,8 @@ pub enum JournalError {
 pub enum RecordPlace {
     /// The leader log at this position.
     Log(Lsn),
-    /// The local (offline) journal at this sequence number.
-    Local(u64),
+    /// The offline journal at this sequence number.
+    Offline(u64),
     /// The n-th record of an incoming batch from a peer.
     Incoming(usize),
 }
@@ -85,7 +85,7 @@ impl std::fmt::Display for RecordPlace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RecordPlace::Log(lsn) => write!(f, "log lsn {lsn}"),
-            RecordPlace::Local(seq) => write!(f, "local seq {seq}"),
+            RecordPlace::Offline(seq) => write!(f, "offline journal seq {seq}"),
             RecordPlace::Incoming(n) => write!(f, "incoming record #{n}"),
         }
     }

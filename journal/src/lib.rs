@@ -38,4 +38,4 @@ pub use store::{
     JOURNAL_CACHE_BYTES,
 };
 pub use tables::JOURNAL_FORMAT;
-pub use writer::{CommittedBatch, Placement, Role, BATCH_CHANGES_MAX, QUEUE_REQUESTS_MAX};
+pub use writer::{CommitRoute, CommittedBatch, Placement, BATCH_CHANGES_MAX, QUEUE_REQUESTS_MAX};

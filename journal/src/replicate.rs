@@ -10,7 +10,7 @@ use crate::error::{storage, JournalError};
 use crate::log_table::{split_off, PageWriter};
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
-use crate::tables::{LOCAL, LOG, LOG_INDEX, META, META_REPLAY_FROM};
+use crate::tables::{LOG, LOG_INDEX, META, META_REPLAY_FROM, OFFLINE};
 use crate::writer::{Placement, WriterState};
 
 impl WriterState {
@@ -33,7 +33,7 @@ impl WriterState {
         }
         let mut appended = Vec::with_capacity(entries.len());
         let mut log = txn.open_table(LOG).map_err(storage)?;
-        let mut local = txn.open_table(LOCAL).map_err(storage)?;
+        let mut local = txn.open_table(OFFLINE).map_err(storage)?;
         // Usually empty (a follower that wrote nothing offline): then no ids are collected and
         // nothing is scanned.
         let waiting = local.first().map_err(storage)?.is_some();
@@ -86,7 +86,7 @@ impl WriterState {
         let next_local_before = self.next_local;
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut local = txn.open_table(LOCAL).map_err(storage)?;
+            let mut local = txn.open_table(OFFLINE).map_err(storage)?;
             for bytes in split_off(&mut log, keep.0)? {
                 // A record that fails its checks cannot be resubmitted; `verify` reports it.
                 let Ok(record) = LogRecord::decode(&bytes) else {

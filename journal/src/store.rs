@@ -16,12 +16,13 @@ use crate::log_table;
 use crate::record::{LocalRecord, LogRecord, RecordError};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
-    CONFLICTS, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LEGACY_LOG, LOCAL, LOG, META, META_EPOCH,
-    META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, POSITIONS,
+    CONFLICTS, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LEGACY_LOG, LOG, META, META_EPOCH,
+    META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, OFFLINE,
+    POSITIONS,
 };
 use crate::writer::{
-    epoch_bytes, next_key, write_epoch, CommittedBatch, LeadingHint, Placement, Request, Role,
-    Sealed, WriterState, QUEUE_REQUESTS_MAX,
+    epoch_bytes, next_key, write_epoch, CommitRoute, CommittedBatch, LeadingHint, Placement,
+    Request, Sealed, WriterState, QUEUE_REQUESTS_MAX,
 };
 
 /// redb's page cache for the journal (its default of 1 GiB would let replay memory grow with the
@@ -54,7 +55,7 @@ pub struct JournalStats {
     /// Changes this device made.
     pub own_changes: u64,
     /// Changes in the local journal, not yet sequenced by a leader.
-    pub pending_local: u64,
+    pub offline: u64,
     /// Records in the leader log.
     pub log_len: u64,
     /// The last log position (0 if empty).
@@ -166,7 +167,7 @@ pub struct JournalOptions {
     /// Receives each durable batch, in order (the engine applies them to its projections).
     pub committed: Option<Sender<CommittedBatch>>,
     /// The role the writer starts in; `None` reads the stored epoch and leads if it names `device`.
-    pub role: Option<Role>,
+    pub role: Option<CommitRoute>,
     /// Bounds, in changes, the batches sent to `committed` and not yet taken: the writer waits
     /// for room before sending (the receiver gives the room back as it takes batches).
     pub committed_budget: Option<Arc<ApplyBudget>>,
@@ -332,19 +333,19 @@ impl Journal {
             None => match stored_epoch {
                 Some(epoch) if epoch.device == device => {
                     if epoch.counter == 1 || guarded(|| won(&db, epoch))? {
-                        Role::Leader(epoch)
+                        CommitRoute::Log(epoch)
                     } else {
-                        Role::Follower
+                        CommitRoute::Offline
                     }
                 }
-                Some(_) => Role::Follower,
-                None => Role::Leader(Epoch { counter: 1, device }),
+                Some(_) => CommitRoute::Offline,
+                None => CommitRoute::Log(Epoch { counter: 1, device }),
             },
         };
         let (next_lsn, next_local) = guarded(|| {
             let txn = db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
-            let local = txn.open_table(LOCAL).map_err(storage)?;
+            let local = txn.open_table(OFFLINE).map_err(storage)?;
             Ok((log_table::last_lsn(&log)? + 1, next_key(&local)?))
         })?;
         let mut hlc_high_water = read_meta(&db, META_HLC)?
@@ -396,7 +397,7 @@ impl Journal {
             .spawn(move || state.run(rx))
             .map_err(|e| JournalError::Storage(redb::Error::Io(e)))?;
         journal.writer = Some(handle);
-        if let Role::Leader(epoch) = role {
+        if let CommitRoute::Log(epoch) = role {
             if stored_epoch != Some(epoch) {
                 journal.set_role(role)?;
             }
@@ -409,7 +410,7 @@ impl Journal {
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             txn.delete_table(LEGACY_CHANGE_INDEX).map_err(storage)?;
-            txn.open_table(LOCAL).map_err(storage)?;
+            txn.open_table(OFFLINE).map_err(storage)?;
             txn.open_table(POSITIONS).map_err(storage)?;
             txn.open_table(JOBS).map_err(storage)?;
             txn.open_table(CONFLICTS).map_err(storage)?;
@@ -463,13 +464,13 @@ impl Journal {
         let txn = self.db.begin_read().map_err(storage)?;
         let mut newest = None;
         let log = txn.open_table(LOG).map_err(storage)?;
-        let local = txn.open_table(LOCAL).map_err(storage)?;
+        let local = txn.open_table(OFFLINE).map_err(storage)?;
         let last_log =
             log_table::last_record(&log)?.map(|(lsn, bytes)| (Placement::Log(Lsn(lsn)), bytes));
         let last_local = local
             .last()
             .map_err(storage)?
-            .map(|(k, v)| (Placement::Local(k.value()), v.value().to_vec()));
+            .map(|(k, v)| (Placement::Offline(k.value()), v.value().to_vec()));
         for (place, bytes) in last_log.into_iter().chain(last_local) {
             if let Ok((_, _, change)) = self.decode_entry(place, &bytes) {
                 newest = newest.max(Some(change.hlc));
@@ -549,7 +550,7 @@ impl Journal {
     }
 
     /// Switches the writer's role; becoming leader durably records the epoch first.
-    pub fn set_role(&self, role: Role) -> Result<(), JournalError> {
+    pub fn set_role(&self, role: CommitRoute) -> Result<(), JournalError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.requests
             .as_ref()
@@ -579,12 +580,12 @@ impl Journal {
                 })?;
                 (RecordPlace::Log(lsn), Some(rec.epoch), rec.sealed)
             }
-            Placement::Local(seq) => {
+            Placement::Offline(seq) => {
                 let rec = LocalRecord::decode(bytes).map_err(|e| JournalError::BadRecord {
-                    place: RecordPlace::Local(seq),
+                    place: RecordPlace::Offline(seq),
                     reason: e.to_string(),
                 })?;
-                (RecordPlace::Local(seq), None, rec.sealed)
+                (RecordPlace::Offline(seq), None, rec.sealed)
             }
         };
         let bad = |reason: String| JournalError::BadRecord {
@@ -660,13 +661,13 @@ impl Journal {
     pub fn read_local(&self, from: u64, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
-            let local = txn.open_table(LOCAL).map_err(storage)?;
+            let local = txn.open_table(OFFLINE).map_err(storage)?;
             let mut out = Vec::new();
             let mut previous = None;
             for item in local.range(from..).map_err(storage)?.take(limit) {
                 let (k, v) = item.map_err(storage)?;
                 check_order(&mut previous, k.value(), from)?;
-                out.push(self.decode_entry(Placement::Local(k.value()), v.value()));
+                out.push(self.decode_entry(Placement::Offline(k.value()), v.value()));
             }
             Ok(out)
         })
@@ -681,7 +682,7 @@ impl Journal {
     ) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
-            let local = txn.open_table(LOCAL).map_err(storage)?;
+            let local = txn.open_table(OFFLINE).map_err(storage)?;
             let mut out = Vec::new();
             let mut previous = None;
             for item in local.range(from..).map_err(storage)?.take(limit) {
@@ -700,7 +701,7 @@ impl Journal {
     pub fn change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, JournalError> {
         let mut ids = std::collections::HashSet::new();
         self.for_each_log_index(|_, id| ids.extend(id))?;
-        ids.extend(self.local_pending()?.into_iter().map(|(id, _)| id));
+        ids.extend(self.offline_changes()?.into_iter().map(|(id, _)| id));
         Ok(ids)
     }
 
@@ -709,14 +710,14 @@ impl Journal {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
-            let local = txn.open_table(LOCAL).map_err(storage)?;
+            let local = txn.open_table(OFFLINE).map_err(storage)?;
             let last_lsn = log_table::last_lsn(&log)?;
             let own_changes = read_meta(&self.db, META_OWN_CHANGES)?
                 .map(|b| decode_u64(&b))
                 .unwrap_or(0);
             Ok(JournalStats {
                 own_changes,
-                pending_local: local.len().map_err(storage)?,
+                offline: local.len().map_err(storage)?,
                 // The log is contiguous from position 1.
                 log_len: last_lsn,
                 last_lsn: Lsn(last_lsn),
@@ -992,7 +993,7 @@ impl Journal {
     }
 
     /// The offline journal's changes as `(change id, sealed)`, oldest first (to push to a leader).
-    pub fn local_pending(&self) -> Result<Vec<(ChangeId, Vec<u8>)>, JournalError> {
+    pub fn offline_changes(&self) -> Result<Vec<(ChangeId, Vec<u8>)>, JournalError> {
         Ok(self
             .read_local_sealed(0, usize::MAX)?
             .into_iter()
@@ -1037,7 +1038,7 @@ mod tests {
         )
         .expect("opens");
         let current = Epoch { counter: 3, device };
-        journal.set_role(Role::Leader(current)).expect("leads");
+        journal.set_role(CommitRoute::Log(current)).expect("leads");
         let tag = Tag {
             uuid: Uuid::now_v7(),
             name: "t".into(),

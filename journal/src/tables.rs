@@ -12,8 +12,9 @@ pub(crate) const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new(
 /// the replication core's (its log ids in memory), so opening a journal deletes this table.
 pub(crate) const LEGACY_CHANGE_INDEX: TableDefinition<u128, u64> =
     TableDefinition::new("change_index");
-/// The offline journal: `local seq → local record` (push state, checksum, sealed change).
-pub(crate) const LOCAL: TableDefinition<u64, &[u8]> = TableDefinition::new("local");
+/// The offline journal: `seq → record` (push state, checksum, sealed change). Its table keeps
+/// the name "local" it was created with (format 1).
+pub(crate) const OFFLINE: TableDefinition<u64, &[u8]> = TableDefinition::new("local");
 /// Replication positions per peer and domain: `"peer/domain" → lsn`.
 pub(crate) const POSITIONS: TableDefinition<&str, u64> = TableDefinition::new("positions");
 /// Persisted jobs: `job id → state`.

@@ -14,7 +14,7 @@ use redb::{Durability, ReadableTable};
 use crate::error::{guarded, storage, DbHandle, JournalError};
 use crate::log_table::PageWriter;
 use crate::record::{LocalRecord, LogRecord, PushState, LOG_HEADER_LEN};
-use crate::tables::{LOCAL, LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES};
+use crate::tables::{LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES, OFFLINE};
 
 /// Most changes written in one transaction.
 pub const BATCH_CHANGES_MAX: usize = 16 * 1024;
@@ -26,17 +26,17 @@ pub const QUEUE_REQUESTS_MAX: usize = 4096;
 pub enum Placement {
     /// In the leader log at this position.
     Log(Lsn),
-    /// In the local (offline) journal at this sequence number, waiting to be pushed.
-    Local(u64),
+    /// In the offline journal at this sequence number, waiting to be pushed to a leader.
+    Offline(u64),
 }
 
-/// How the writer places local changes.
+/// Where the writer puts this device's commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// This device sequences its own changes into the log, stamped with this epoch.
-    Leader(Epoch),
-    /// Changes wait in the local journal until a leader sequences them.
-    Follower,
+pub enum CommitRoute {
+    /// Into the log, stamped with this epoch: this device leads it.
+    Log(Epoch),
+    /// Into the offline journal, until a leader sequences them.
+    Offline,
 }
 
 /// A change sealed by its caller, ready for the writer.
@@ -106,7 +106,7 @@ pub(crate) enum Request {
         reply: CommitReply,
     },
     SetRole {
-        role: Role,
+        role: CommitRoute,
         reply: Sender<Result<(), JournalError>>,
     },
     AppendReplicated {
@@ -130,7 +130,7 @@ pub(crate) enum Request {
 
 pub(crate) struct WriterState {
     pub(crate) db: Arc<DbHandle>,
-    pub(crate) role: Role,
+    pub(crate) role: CommitRoute,
     pub(crate) next_lsn: u64,
     pub(crate) next_local: u64,
     pub(crate) hlc_high_water: Hlc,
@@ -242,8 +242,8 @@ impl WriterState {
         self.sent.store(seq, Ordering::SeqCst);
     }
 
-    fn set_role(&mut self, role: Role) -> Result<(), JournalError> {
-        if let Role::Leader(epoch) = role {
+    fn set_role(&mut self, role: CommitRoute) -> Result<(), JournalError> {
+        if let CommitRoute::Log(epoch) = role {
             write_epoch(&self.db, epoch)?;
         }
         self.role = role;
@@ -254,8 +254,8 @@ impl WriterState {
     /// Tells the sealing threads the current role.
     pub(crate) fn publish_role(&self) {
         let epoch = match self.role {
-            Role::Leader(epoch) => Some(epoch),
-            Role::Follower => None,
+            CommitRoute::Log(epoch) => Some(epoch),
+            CommitRoute::Offline => None,
         };
         match self.leading.write() {
             Ok(mut hint) => *hint = epoch,
@@ -294,7 +294,9 @@ impl WriterState {
         let early = append
             .as_ref()
             .filter(|_| {
-                matches!(self.role, Role::Follower) && batch.is_empty() && self.committed.is_some()
+                matches!(self.role, CommitRoute::Offline)
+                    && batch.is_empty()
+                    && self.committed.is_some()
             })
             .map(|(first, _)| *first);
         let written = guarded(|| {
@@ -365,7 +367,7 @@ impl WriterState {
         let mut placements = Vec::new();
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut local = txn.open_table(LOCAL).map_err(storage)?;
+            let mut local = txn.open_table(OFFLINE).map_err(storage)?;
             let mut pages = PageWriter::new(self.next_lsn);
             for (sealed, _) in batch {
                 for item in sealed {
@@ -374,7 +376,7 @@ impl WriterState {
                     }
                     self.own_changes += 1;
                     match self.role {
-                        Role::Leader(epoch) => {
+                        CommitRoute::Log(epoch) => {
                             let lsn = self.next_lsn;
                             self.next_lsn += 1;
                             if item.framed_for == Some(epoch) {
@@ -388,12 +390,12 @@ impl WriterState {
                             }
                             placements.push(Placement::Log(Lsn(lsn)));
                         }
-                        Role::Follower => {
+                        CommitRoute::Offline => {
                             let seq = self.next_local;
                             self.next_local += 1;
                             let record = LocalRecord::encode(PushState::Pending, item.sealed());
                             local.insert(seq, record.as_slice()).map_err(storage)?;
-                            placements.push(Placement::Local(seq));
+                            placements.push(Placement::Offline(seq));
                         }
                     }
                 }

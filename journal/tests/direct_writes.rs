@@ -3,7 +3,7 @@
 
 mod common;
 use common::change;
-use keel_journal::{Journal, JournalOptions, LibraryKey, Role};
+use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey};
 use keel_schema::{Change, DeviceId, Epoch, LibraryId, Lsn};
 use uuid::Uuid;
 
@@ -23,7 +23,7 @@ fn a_journal_written_past_the_page_cache_reads_back_the_same() {
             &key,
             device,
             JournalOptions {
-                role: Some(Role::Leader(Epoch { counter: 1, device })),
+                role: Some(CommitRoute::Log(Epoch { counter: 1, device })),
                 direct_writes,
                 ..JournalOptions::default()
             },

@@ -1,7 +1,8 @@
 //! Journal behaviour against a real redb file: commit, reopen, follower mode, verify.
 
 use keel_journal::{
-    Journal, JournalError, JournalOptions, KdfParams, LibraryKey, Placement, RecordPlace, Role,
+    CommitRoute, Journal, JournalError, JournalOptions, KdfParams, LibraryKey, Placement,
+    RecordPlace,
 };
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn, Tag};
 use uuid::Uuid;
@@ -81,16 +82,16 @@ fn follower_changes_wait_in_the_local_journal() {
             committed: None,
             committed_budget: None,
             direct_writes: false,
-            role: Some(Role::Follower),
+            role: Some(CommitRoute::Offline),
         },
     )
     .expect("opens");
     let placed = journal
         .commit(vec![tag_change(device, 5, "x")])
         .expect("commits");
-    assert_eq!(placed, vec![Placement::Local(1)]);
+    assert_eq!(placed, vec![Placement::Offline(1)]);
     let stats = journal.stats().expect("stats");
-    assert_eq!((stats.pending_local, stats.log_len), (1, 0));
+    assert_eq!((stats.offline, stats.log_len), (1, 0));
     assert_eq!(journal.read_local(0, 10).expect("reads").len(), 1);
 }
 

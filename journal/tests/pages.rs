@@ -4,7 +4,7 @@
 
 mod common;
 use common::change;
-use keel_journal::{Journal, JournalOptions, LibraryKey, LogRecord, Role, PAGE_BYTES_MAX};
+use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey, LogRecord, PAGE_BYTES_MAX};
 use keel_schema::{Change, DeviceId, Epoch, LibraryId, Lsn};
 use redb::{ReadableDatabase, ReadableTable};
 use uuid::Uuid;
@@ -43,7 +43,7 @@ impl Setup {
             &self.key,
             self.device,
             JournalOptions {
-                role: Some(Role::Leader(self.epoch)),
+                role: Some(CommitRoute::Log(self.epoch)),
                 ..JournalOptions::default()
             },
         )
@@ -119,7 +119,7 @@ fn a_truncation_in_the_middle_of_a_page_keeps_the_prefix_and_returns_the_rest() 
     );
     assert_eq!(all_raw(&journal), before[..333].to_vec());
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(333));
-    assert_eq!(journal.stats().expect("stats").pending_local, 667);
+    assert_eq!(journal.stats().expect("stats").offline, 667);
     // Appending continues right after the kept prefix.
     let segment: Vec<(Epoch, Vec<u8>)> = before[333..400]
         .iter()

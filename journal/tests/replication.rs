@@ -4,7 +4,9 @@
 
 mod common;
 use common::change;
-use keel_journal::{Journal, JournalError, JournalOptions, LibraryKey, LogIndex, LogRecord, Role};
+use keel_journal::{
+    CommitRoute, Journal, JournalError, JournalOptions, LibraryKey, LogIndex, LogRecord,
+};
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use uuid::Uuid;
 
@@ -14,13 +16,13 @@ fn open(
     lib: LibraryId,
     key: &LibraryKey,
     device: DeviceId,
-    role: Role,
+    role: CommitRoute,
 ) -> Journal {
     Journal::open(&dir.join(name), lib, key, device, options(role)).expect("opens")
 }
 
 /// The options the journals of these tests open with: no applier, no direct writes.
-fn options(role: Role) -> JournalOptions {
+fn options(role: CommitRoute) -> JournalOptions {
     JournalOptions {
         committed: None,
         committed_budget: None,
@@ -66,8 +68,8 @@ fn segment(journal: &Journal, from: Lsn) -> Vec<(Epoch, Vec<u8>)> {
 #[test]
 fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_journal() {
     let (dir, lib, key, (l, f), epoch) = setup();
-    let leader = open(dir.path(), "l.redb", lib, &key, l, Role::Leader(epoch));
-    let follower = open(dir.path(), "f.redb", lib, &key, f, Role::Follower);
+    let leader = open(dir.path(), "l.redb", lib, &key, l, CommitRoute::Log(epoch));
+    let follower = open(dir.path(), "f.redb", lib, &key, f, CommitRoute::Offline);
 
     leader
         .commit((0..5).map(|n| change(l, n)).collect())
@@ -109,7 +111,7 @@ fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_jou
         .expect("appends");
     let stats = follower.stats().expect("stats");
     assert_eq!(
-        (stats.log_len, stats.pending_local),
+        (stats.log_len, stats.offline),
         (6, 0),
         "sequenced, so no longer pending"
     );
@@ -129,7 +131,7 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
         lib,
         &key,
         a,
-        Role::Leader(Epoch {
+        CommitRoute::Log(Epoch {
             counter: 2,
             device: a,
         }),
@@ -139,7 +141,7 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
     let returned = journal.truncate_after(Lsn(5)).expect("truncates");
     assert_eq!(returned, vec![changes[5].id, changes[6].id]);
     let stats = journal.stats().expect("stats");
-    assert_eq!((stats.log_len, stats.pending_local), (5, 2));
+    assert_eq!((stats.log_len, stats.offline), (5, 2));
     let ids = journal.change_ids().expect("reads ids");
     assert!(
         ids.contains(&changes[6].id),
@@ -154,7 +156,7 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
         .map(|e| e.expect("sound").2.id)
         .collect();
     assert_eq!(pending, returned, "nothing acknowledged is dropped");
-    journal.set_role(Role::Follower).expect("steps down");
+    journal.set_role(CommitRoute::Offline).expect("steps down");
     assert!(matches!(
         journal.append_replicated(Lsn(9), Vec::new()),
         Err(JournalError::NotContiguous { .. })
@@ -173,12 +175,12 @@ fn a_tampered_or_foreign_segment_is_refused_whole() {
         lib,
         &key,
         l,
-        Role::Leader(Epoch {
+        CommitRoute::Log(Epoch {
             counter: 1,
             device: l,
         }),
     );
-    let follower = open(dir.path(), "f.redb", lib, &key, f, Role::Follower);
+    let follower = open(dir.path(), "f.redb", lib, &key, f, CommitRoute::Offline);
     leader
         .commit((0..3).map(|n| change(l, n)).collect())
         .expect("commits");
@@ -202,7 +204,7 @@ fn a_tampered_or_foreign_segment_is_refused_whole() {
         LibraryId(Uuid::new_v4()),
         &key,
         l,
-        Role::Leader(Epoch {
+        CommitRoute::Log(Epoch {
             counter: 1,
             device: l,
         }),
@@ -240,7 +242,7 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
         lib,
         &key,
         epoch.device,
-        Role::Leader(epoch),
+        CommitRoute::Log(epoch),
     );
     sender
         .commit((0..5).map(|n| change(epoch.device, n)).collect())
@@ -254,7 +256,17 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
     let high = sender.hlc_high_water().expect("reads").expect("has one");
 
     let device = DeviceId([6; 32]);
-    let joiner = open(dir.path(), "joiner.redb", lib, &key, device, Role::Follower);
+    let reopen = || {
+        open(
+            dir.path(),
+            "joiner.redb",
+            lib,
+            &key,
+            device,
+            CommitRoute::Offline,
+        )
+    };
+    let joiner = reopen();
     let mut tampered = shipped.clone();
     if let Some(byte) = tampered[2].1.last_mut() {
         *byte ^= 1;
@@ -275,7 +287,7 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
         .expect("a lower one is a no-op");
     joiner.close();
 
-    let joiner = open(dir.path(), "joiner.redb", lib, &key, device, Role::Follower);
+    let joiner = reopen();
     assert!(joiner.hlc_high_water().expect("reads") >= Some(high));
     let stored = joiner.read_log(Lsn(1), 100).expect("reads");
     assert_eq!(stored.len(), 5);
@@ -305,7 +317,7 @@ fn a_saved_log_index_is_used_only_while_it_matches_the_log() {
     let lib = LibraryId(Uuid::new_v4());
     let key = LibraryKey::generate();
     let a = DeviceId([3; 32]);
-    let leader = Role::Leader(Epoch {
+    let leader = CommitRoute::Log(Epoch {
         counter: 2,
         device: a,
     });
@@ -362,8 +374,8 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
             Journal::open(&dir.path().join(name), lib, &key, device, options).expect("opens");
         (journal, rx)
     };
-    let (leader, leader_rx) = with_channel("l.redb", l, Role::Leader(epoch));
-    let (follower, follower_rx) = with_channel("f.redb", f, Role::Follower);
+    let (leader, leader_rx) = with_channel("l.redb", l, CommitRoute::Log(epoch));
+    let (follower, follower_rx) = with_channel("f.redb", f, CommitRoute::Offline);
 
     leader
         .commit((0..3).map(|n| change(l, n)).collect())

@@ -8,6 +8,12 @@ use keel_engine::{CreateOptions, EngineError, Home, KdfParams, Library};
 /// The password every test library uses.
 pub const PASSWORD: &str = "test password";
 
+/// Whether the full test tier runs (`KEEL_FULL=1`): more simulator seeds and more kills. The
+/// README's test command runs every test at the default size; the full tier enlarges them.
+pub fn full_tier() -> bool {
+    std::env::var("KEEL_FULL").is_ok_and(|v| v == "1")
+}
+
 /// Creates library `name` in a home under `root`, with cheap key derivation.
 pub fn create_library(root: &Path, name: &str) -> Result<(Home, Library), EngineError> {
     create_in(Home::new(root.join("home")), name)
@@ -184,13 +190,13 @@ pub mod cluster {
                     status.epoch.counter,
                     status.leader.as_deref().map(|l| &l[..8]),
                     status.log_len,
-                    status.pending_push,
+                    status.offline,
                     &digest[..12]
                 ));
                 digests.push((digest, status));
             }
             let same_digest = digests.windows(2).all(|w| w[0].0 == w[1].0);
-            let nothing_pending = digests.iter().all(|(_, s)| s.pending_push == 0);
+            let nothing_pending = digests.iter().all(|(_, s)| s.offline == 0);
             let one_leader = digests.windows(2).all(|w| w[0].1.leader == w[1].1.leader)
                 && digests[0].1.leader.is_some();
             let same_log = digests.windows(2).all(|w| w[0].1.log_len == w[1].1.log_len);

@@ -13,7 +13,14 @@ use keel_tests::{create_library, PASSWORD};
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-const KILLS: usize = 50;
+/// Kills per run: 50 by default, 500 in the full tier.
+fn kills() -> usize {
+    if keel_tests::full_tier() {
+        500
+    } else {
+        50
+    }
+}
 
 #[test]
 fn kill_9_loses_nothing_acknowledged() {
@@ -28,7 +35,8 @@ fn kill_9_loses_nothing_acknowledged() {
     lib.close().expect("closes");
     let child_bin = env!("CARGO_BIN_EXE_crash_child");
     let mut acknowledged: Vec<ChangeId> = Vec::new();
-    for round in 0..KILLS {
+    let kills = kills();
+    for round in 0..kills {
         let mut child = Command::new(child_bin)
             .arg(home.root())
             .arg("crash")
@@ -73,7 +81,7 @@ fn kill_9_loses_nothing_acknowledged() {
         }
     }
     assert!(
-        acknowledged.len() > KILLS,
+        acknowledged.len() > kills,
         "the children acknowledged only {} changes",
         acknowledged.len()
     );
@@ -86,6 +94,10 @@ fn kill_9_loses_nothing_acknowledged() {
             "acknowledged change {id} is missing (seed {seed})"
         );
     }
+    eprintln!(
+        "crash test: {kills} kills, {} acknowledged changes all present",
+        acknowledged.len()
+    );
     let (report, digest) = lib.verify().expect("verify runs");
     assert!(
         report.faults.is_empty(),

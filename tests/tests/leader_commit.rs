@@ -2,6 +2,7 @@
 //! write before followers are sent them), a follower keeps them in its offline journal until the
 //! leader has sequenced them.
 
+use keel_replication::ElectionRole;
 use std::time::{Duration, Instant};
 
 use keel_engine::Library;
@@ -26,7 +27,7 @@ fn commit_tag(library: &Library, tag: &keel_schema::Tag) -> keel_engine::CommitR
 fn all_in(placements: &[Placement], log: bool) -> bool {
     placements.iter().all(|p| match p {
         Placement::Log(_) => log,
-        Placement::Local(_) => !log,
+        Placement::Offline(_) => !log,
     })
 }
 
@@ -36,7 +37,7 @@ fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_jou
     let (home_a, a) = founder(dir.path(), "a", "photos").expect("founder");
     let (_home_b, b) = joiner(dir.path(), "b", &a).expect("b joins");
     let deadline = Instant::now() + CONVERGE;
-    while a.status().role != "leader" || b.status().role != "follower" {
+    while a.status().role != ElectionRole::Leader || b.status().role != ElectionRole::Follower {
         assert!(Instant::now() < deadline, "no leader and follower");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -51,7 +52,7 @@ fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_jou
     );
     // In the log when `transact` returns, never in the offline journal, and counted as A's own.
     let after = a.library().status().expect("status").journal;
-    assert_eq!(after.pending_local, 0);
+    assert_eq!(after.offline, 0);
     assert_eq!(after.log_len, before.log_len + 1);
     assert_eq!(after.local_changes, before.local_changes + 1);
 
@@ -63,10 +64,7 @@ fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_jou
         receipt_b.placements
     );
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
-    assert_eq!(
-        b.library().status().expect("status").journal.pending_local,
-        0
-    );
+    assert_eq!(b.library().status().expect("status").journal.offline, 0);
     b.stop().expect("stops");
     a.stop().expect("stops");
 
@@ -92,7 +90,7 @@ fn with_leader_commits_off_a_leader_commits_through_its_offline_journal() {
     )
     .expect("founder");
     let deadline = Instant::now() + CONVERGE;
-    while a.status().role != "leader" {
+    while a.status().role != ElectionRole::Leader {
         assert!(Instant::now() < deadline, "a never leads");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -103,7 +101,7 @@ fn with_leader_commits_off_a_leader_commits_through_its_offline_journal() {
         receipt.placements
     );
     // The core still sequences it into the log.
-    while a.library().status().expect("status").journal.pending_local > 0 {
+    while a.library().status().expect("status").journal.offline > 0 {
         assert!(Instant::now() < deadline, "never sequenced");
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -4,7 +4,7 @@
 
 use keel_bench::workload::library_changes;
 use keel_engine::{replay, REPLAY_APPLY_BATCH};
-use keel_journal::{Journal, JournalOptions, LibraryKey, Role};
+use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey};
 use keel_projections::{AppliedPosition, Projections};
 use keel_schema::{Change, DeviceId, Epoch, LibraryId};
 use uuid::Uuid;
@@ -22,7 +22,7 @@ fn journal_of(dir: &std::path::Path, library: LibraryId, changes: &[Change]) -> 
             committed: None,
             committed_budget: None,
             direct_writes: false,
-            role: Some(Role::Leader(Epoch {
+            role: Some(CommitRoute::Log(Epoch {
                 counter: 1,
                 device: DEVICE,
             })),

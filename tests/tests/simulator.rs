@@ -4,11 +4,14 @@
 //! once, at most one leader per epoch, epochs that never go back, and no node ever losing a change
 //! it had.
 //!
-//! `KEEL_SIM_SEED=N` runs one seed; `KEEL_SIM_SEEDS=N` sets how many (default 200).
+//! `KEEL_SIM_SEED=N` runs one seed; `KEEL_SIM_SEEDS=N` sets how many (default 200; 1,000 in
+//! the full tier, `KEEL_FULL=1`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use keel_replication::{Durable, Entry, Input, LogOp, Message, Node, NodeConfig, Output, Role};
+use keel_replication::{
+    Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output, Replica, ReplicaConfig,
+};
 use keel_schema::{ChangeId, DeviceId, Epoch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -29,7 +32,7 @@ struct Sim {
     rng: StdRng,
     now_ms: u64,
     devices: Vec<DeviceId>,
-    nodes: Vec<Option<Node>>,
+    nodes: Vec<Option<Replica>>,
     disks: Vec<Durable>,
     /// `up[a][b]`: whether a and b can talk.
     up: Vec<Vec<bool>>,
@@ -43,8 +46,8 @@ struct Sim {
     delivered: u64,
 }
 
-fn config(device: DeviceId) -> NodeConfig {
-    NodeConfig {
+fn config(device: DeviceId) -> ReplicaConfig {
+    ReplicaConfig {
         device,
         election_timeout_ms: 150,
         heartbeat_ms: 25,
@@ -57,10 +60,10 @@ fn changes_of(d: &Durable) -> BTreeSet<ChangeId> {
     d.log
         .iter()
         .filter_map(|(_, e)| match e {
-            Entry::Change(id) => Some(id),
-            Entry::Barrier => None,
+            LogSlot::Change(id) => Some(id),
+            LogSlot::Barrier => None,
         })
-        .chain(d.pending.iter().copied())
+        .chain(d.offline.iter().copied())
         .collect()
 }
 
@@ -79,9 +82,9 @@ impl Sim {
         let mut nodes = Vec::new();
         for (i, d) in devices.iter().enumerate() {
             let node = if i == 0 {
-                Node::founder(config(*d), 0)
+                Replica::founder(config(*d), 0)
             } else {
-                Node::new(config(*d), Durable::default(), 0)
+                Replica::new(config(*d), Durable::default(), 0)
             };
             nodes.push(Some(node));
         }
@@ -190,7 +193,7 @@ impl Sim {
         let d = node.durable();
         assert!(d.epoch >= self.max_epoch[i], "node {i}: epoch went back");
         self.max_epoch[i] = d.epoch;
-        if node.role() == Role::Leader {
+        if node.role() == ElectionRole::Leader {
             let leader = *self.leaders.entry(d.epoch).or_insert(node.device());
             assert_eq!(leader, node.device(), "two leaders in epoch {}", d.epoch);
         }
@@ -265,7 +268,7 @@ impl Sim {
                     );
                     // The disk holds the log as persisted after the last input; the offline
                     // journal is written by each commit itself.
-                    self.disks[i].pending = node.durable().pending.clone();
+                    self.disks[i].offline = node.durable().offline.clone();
                     self.views[i].clear();
                 }
             }
@@ -282,7 +285,8 @@ impl Sim {
         }
         for i in 0..n {
             if self.nodes[i].is_none() && (!chaos || self.rng.gen_bool(0.02)) {
-                let node = Node::new(config(self.devices[i]), self.disks[i].clone(), self.now_ms);
+                let node =
+                    Replica::new(config(self.devices[i]), self.disks[i].clone(), self.now_ms);
                 self.nodes[i] = Some(node);
                 self.persist(i);
             }
@@ -328,12 +332,12 @@ impl Sim {
         let log = &first.durable().log;
         self.nodes.iter().all(|n| {
             n.as_ref()
-                .is_some_and(|n| n.durable().log == *log && n.durable().pending.is_empty())
+                .is_some_and(|n| n.durable().log == *log && n.durable().offline.is_empty())
         }) && self
             .nodes
             .iter()
             .flatten()
-            .filter(|n| n.role() == Role::Leader)
+            .filter(|n| n.role() == ElectionRole::Leader)
             .count()
             == 1
     }
@@ -377,19 +381,19 @@ fn run(seed: u64) {
                     n.role(),
                     n.durable().epoch,
                     n.durable().log.len(),
-                    n.durable().pending.len()
+                    n.durable().offline.len()
                 )
             })
             .collect();
         panic!("seed {seed}: no convergence after healing: {summary:?}");
     };
-    let nodes: Vec<&Node> = sim.nodes.iter().flatten().collect();
+    let nodes: Vec<&Replica> = sim.nodes.iter().flatten().collect();
     let digests: BTreeSet<String> = nodes.iter().map(|n| digest(n.durable())).collect();
     assert_eq!(digests.len(), 1, "seed {seed}: digests differ");
     let log = &nodes[0].durable().log;
     let mut counts: BTreeMap<ChangeId, usize> = BTreeMap::new();
     for (_, e) in log.iter() {
-        if let Entry::Change(id) = e {
+        if let LogSlot::Change(id) = e {
             *counts.entry(id).or_default() += 1;
         }
     }
@@ -412,10 +416,11 @@ fn seeded_simulation_converges_and_loses_nothing() {
         run(seed);
         return;
     }
+    let tier_default = if keel_tests::full_tier() { 1_000 } else { 200 };
     let seeds: u64 = std::env::var("KEEL_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(tier_default);
     for seed in 0..seeds {
         let outcome = std::panic::catch_unwind(|| run(seed));
         if let Err(panic) = outcome {
@@ -423,4 +428,5 @@ fn seeded_simulation_converges_and_loses_nothing() {
             std::panic::resume_unwind(panic);
         }
     }
+    eprintln!("simulator: {seeds} seeds converged");
 }

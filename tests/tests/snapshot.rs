@@ -20,9 +20,7 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
     // The leader's core sequences its own commits into the log: wait for all of them (and for
     // the core to publish its status, which it does once per tick).
     let deadline = std::time::Instant::now() + CONVERGE;
-    while a.library().status().expect("status").journal.pending_local > 0
-        || a.status().log_len < 3000
-    {
+    while a.library().status().expect("status").journal.offline > 0 || a.status().log_len < 3000 {
         assert!(std::time::Instant::now() < deadline, "never sequenced");
         std::thread::sleep(Duration::from_millis(10));
     }

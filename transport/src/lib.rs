@@ -15,9 +15,7 @@ mod verifier;
 
 pub use endpoint::{Connection, Endpoint, ALPN, IDLE_TIMEOUT_MS, KEEP_ALIVE_MS, UDP_PAYLOAD_MAX};
 pub use error::TransportError;
-pub use frame::{
-    decode_frame, encode_frame, frame_len, FrameDecoder, FRAME_HEADER_LEN, FRAME_LEN_MAX,
-};
+pub use frame::{decode_frame, encode_frame, frame_len, FRAME_HEADER_LEN, FRAME_LEN_MAX};
 pub use identity::{device_id_of, Identity};
 pub use message::{
     DeviceMessage, DomainPosition, ElectionMessage, PairingMessage, WireLogEntry, MESSAGE_VERSION,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::workload::{library_changes, write_tree, LibraryWorkload};
 use anyhow::{Context, Result};
 use keel_engine::{CreateOptions, Home, KdfParams, Library};
-use keel_journal::{Journal, JournalOptions, LibraryKey, LogRecord, PageBuilder, Role};
+use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey, LogRecord, PageBuilder};
 use keel_projections::{configure_connection, AppliedPosition, Projections};
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, LibraryId, Lsn, Tag};
 use serde_json::{json, Map, Value};
@@ -79,7 +79,7 @@ fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryI
             committed: None,
             committed_budget: None,
             direct_writes: false,
-            role: Some(Role::Leader(Epoch {
+            role: Some(CommitRoute::Log(Epoch {
                 counter: 1,
                 device: device(),
             })),

@@ -183,7 +183,7 @@ pub(crate) fn p4_join(out: &mut Map<String, Value>) -> Result<()> {
     out.insert("p4_changes_per_s".into(), json!(log_len as f64 / secs));
     out.insert("p4_peak_rss_mb".into(), json!(peak_rss_mb()));
     // Then its own Device record goes to the leader and comes back sequenced.
-    while node.status().log_len < log_len + 1 || node.status().pending_push > 0 {
+    while node.status().log_len < log_len + 1 || node.status().offline > 0 {
         ensure!(
             Instant::now() < deadline,
             "the joiner's own record was not sequenced"

@@ -168,7 +168,7 @@ fn converge(devices: &[&Device]) -> Result<Vec<Value>> {
             linked + 1 >= devices.len()
                 && s["digest"] == first["digest"]
                 && s["journal"]["log_len"] == first["journal"]["log_len"]
-                && s["pending_push"] == 0
+                && s["offline"] == 0
                 && s["leader"] == first["leader"]
                 && !s["leader"].is_null()
         });
@@ -334,7 +334,7 @@ pub(crate) fn run(n: &mut u32, root: &Path, tree: &Path, files: &[PathBuf]) -> R
     let c_status: Value = serde_json::from_str(&c_status)?;
     println!(
         "    C holds {} change(s) waiting to be pushed",
-        c_status["journal"]["pending_local"]
+        c_status["journal"]["offline"]
     );
 
     step(n, "C comes back and pushes what it wrote offline");

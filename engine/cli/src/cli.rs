@@ -509,12 +509,15 @@ fn status(
     if json {
         let mut value = serde_json::to_value(&s)?;
         if let (Some(n), Some(map)) = (&n, value.as_object_mut()) {
-            map.insert("role".into(), serde_json::json!(n.role));
-            map.insert("epoch".into(), serde_json::to_value(&n.epoch)?);
-            map.insert("leader".into(), serde_json::json!(n.leader));
-            map.insert("peers".into(), serde_json::to_value(&n.peers)?);
-            map.insert("pending_push".into(), serde_json::json!(n.pending_push));
-            map.insert("listen".into(), serde_json::json!(n.listen));
+            // The node's fields as it serializes them (roles by name, epochs in hex).
+            let serde_json::Value::Object(node) = serde_json::to_value(n)? else {
+                anyhow::bail!("a node status that is not a JSON object");
+            };
+            for key in ["role", "epoch", "leader", "peers", "offline", "listen"] {
+                if let Some(field) = node.get(key) {
+                    map.insert(key.into(), field.clone());
+                }
+            }
         }
         io.line(&serde_json::to_string(&value)?);
         return Ok(());
@@ -533,17 +536,17 @@ fn status(
     ));
     io.line(&format!(
         "journal   {} local changes, {} pending, {} in log; applied up to {}",
-        s.journal.local_changes, s.journal.pending_local, s.journal.log_len, s.applied_lsn
+        s.journal.local_changes, s.journal.offline, s.journal.log_len, s.applied_lsn
     ));
     if let Some(n) = n {
         io.line(&format!(
             "node      {} in epoch {} ({}), leader {}, listening on {}, {} to push",
             n.role,
             n.epoch.counter,
-            short(&n.epoch.device),
+            short(&n.epoch.device.to_hex()),
             n.leader.as_deref().map(short).unwrap_or("none"),
             n.listen,
-            n.pending_push
+            n.offline
         ));
         for p in &n.peers {
             io.line(&format!(

@@ -299,9 +299,13 @@ fn serve_pair_and_status_through_the_control_socket() {
     assert_eq!(status_a["role"], "leader");
     assert_eq!(status_b["role"], "follower");
     assert_eq!(status_a["epoch"]["counter"], 1);
+    assert_eq!(
+        status_a["epoch"]["device"], status_a["device_id"],
+        "the epoch names its leader in hex"
+    );
     assert_eq!(status_b["epoch"], status_a["epoch"]);
     assert_eq!(status_b["leader"], status_a["device_id"]);
-    assert_eq!(status_b["pending_push"], 0);
+    assert_eq!(status_b["offline"], 0);
     let peer = &status_b["peers"][0];
     assert_eq!(peer["device_id"], status_a["device_id"]);
     assert_eq!(peer["addr"], addr_a.as_str());

@@ -95,7 +95,7 @@ pub(crate) struct ApplyState {
 pub(crate) fn advance(position: &mut AppliedPosition, placement: Placement) {
     match placement {
         Placement::Log(lsn) => position.log = position.log.max(lsn),
-        Placement::Local(seq) => position.local = position.local.max(seq),
+        Placement::Offline(seq) => position.local = position.local.max(seq),
     }
 }
 
@@ -106,7 +106,7 @@ fn announce_local(shared: &Shared, entries: &[(Placement, Change)]) {
     let Some(tx) = slot.as_ref() else { return };
     let ids: Vec<ChangeId> = entries
         .iter()
-        .filter(|(p, _)| matches!(p, Placement::Local(_)))
+        .filter(|(p, _)| matches!(p, Placement::Offline(_)))
         .map(|(_, c)| c.id)
         .collect();
     if !ids.is_empty() && tx.send(ids).is_err() {

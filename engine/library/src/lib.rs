@@ -57,7 +57,7 @@ pub use keel_schema::{
 };
 pub use leader_commit::{SequenceReply, SequenceRequest};
 pub use library::{
-    now_ms, CommitReceipt, CreateOptions, JournalJson, Library, PendingTransaction, Status,
+    now_ms, CommitReceipt, CreateOptions, JournalStatus, Library, PendingTransaction, Status,
     JOURNAL_FILE, PROJECTIONS_FILE,
 };
 pub use link::{LinkOptions, NodeLink};

@@ -90,7 +90,7 @@ pub struct Status {
     /// Visible rows per model.
     pub counts: Counts,
     /// Journal counters.
-    pub journal: JournalJson,
+    pub journal: JournalStatus,
     /// Last log position applied to the projections.
     pub applied_lsn: u64,
     /// Changes waiting for a dependency.
@@ -101,11 +101,11 @@ pub struct Status {
 
 /// Journal counters in `status --json`.
 #[derive(Debug, Clone, Serialize)]
-pub struct JournalJson {
+pub struct JournalStatus {
     /// Changes this device has made (all durable).
     pub local_changes: u64,
     /// Changes in the offline journal not yet sequenced by a leader.
-    pub pending_local: u64,
+    pub offline: u64,
     /// Records in the leader log.
     pub log_len: u64,
 }
@@ -305,7 +305,7 @@ impl Library {
             device.id,
             JournalOptions {
                 committed: Some(committed_tx),
-                role: follower_epoch.map(|_| keel_journal::Role::Follower),
+                role: follower_epoch.map(|_| keel_journal::CommitRoute::Offline),
                 committed_budget: Some(budget.clone()),
                 direct_writes: false,
             },
@@ -605,8 +605,8 @@ impl Library {
     }
 
     /// How many of this device's changes wait in the offline journal for a leader.
-    pub fn pending_local(&self) -> Result<u64, EngineError> {
-        Ok(self.journal()?.stats()?.pending_local)
+    pub fn offline_len(&self) -> Result<u64, EngineError> {
+        Ok(self.journal()?.stats()?.offline)
     }
 
     /// The devices of this library (their Device records), by device id.
@@ -829,9 +829,9 @@ impl Library {
             library_id: self.config.library_id.to_string(),
             device_id: self.device.id.to_hex(),
             counts,
-            journal: JournalJson {
+            journal: JournalStatus {
                 local_changes: stats.own_changes,
-                pending_local: stats.pending_local,
+                offline: stats.offline,
                 log_len: stats.log_len,
             },
             applied_lsn: applied.log.0,

@@ -46,7 +46,7 @@ pub fn replay(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ReplayReport, EngineError> {
     let stats = journal.stats()?;
-    let total = stats.last_lsn.0.saturating_sub(from.log.0) + stats.pending_local;
+    let total = stats.last_lsn.0.saturating_sub(from.log.0) + stats.offline;
     let mut report = ReplayReport {
         position: from,
         ..ReplayReport::default()
@@ -110,14 +110,14 @@ pub fn replay(
                 };
                 for entry in entries {
                     match entry {
-                        Ok((Placement::Local(s), _, change)) => {
+                        Ok((Placement::Offline(s), _, change)) => {
                             chunk.changes.push(change);
                             chunk.position.local = s;
                             seq = s + 1;
                         }
                         Ok(_) => {}
                         Err(JournalError::BadRecord { place, reason }) => {
-                            if let keel_journal::RecordPlace::Local(s) = place {
+                            if let keel_journal::RecordPlace::Offline(s) = place {
                                 chunk.position.local = s;
                                 seq = s + 1;
                             }

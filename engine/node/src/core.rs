@@ -1,13 +1,13 @@
-//! The core thread: runs the replication [`Node`] over the journal. Each input is handled, the
-//! node's log operations and election state are made durable, and only then are its messages
-//! sent. A journal error reloads the node from the journal (what is durable is the truth).
+//! The core thread: runs the replication [`Replica`] over the journal. Each input is handled, the
+//! replica's log operations and election state are made durable, and only then are its messages
+//! sent. A journal error reloads the replica from the journal (what is durable is the truth).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use keel_journal::{Journal, Placement, Role as JournalRole, Sealer};
+use keel_journal::{CommitRoute, Journal, Placement, Sealer};
 use keel_schema::SyncDomain;
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use keel_transport::{DeviceMessage, DomainPosition, ElectionMessage, WireLogEntry};
@@ -19,10 +19,10 @@ use keel_engine::Event;
 use keel_engine::NodeLink;
 use keel_engine::{SequenceReply, SequenceRequest};
 use keel_replication::{
-    Durable, Entry, Input, Log, LogOp, Message, Node, NodeConfig, Output, Role,
+    Durable, ElectionRole, Input, Log, LogOp, LogSlot, Message, Output, Replica, ReplicaConfig,
 };
 
-use super::status::{DomainsJson, EpochJson, NodeStatus};
+use super::status::{AppliedDomains, NodeStatus};
 
 /// How often the core ticks (timers: heartbeats, elections, pushes).
 pub const TICK_MS: u64 = 10;
@@ -54,8 +54,8 @@ pub(crate) enum CoreEvent {
 
 pub(crate) struct Core {
     link: Arc<NodeLink>,
-    config: NodeConfig,
-    node: Node,
+    config: ReplicaConfig,
+    replica: Replica,
     payloads: HashMap<ChangeId, Vec<u8>>,
     conns: HashMap<DeviceId, Vec<(u64, UnboundedSender<DeviceMessage>)>>,
     persisted: (Epoch, Epoch),
@@ -67,7 +67,7 @@ pub(crate) struct Core {
     outbox: Vec<Output>,
     batch_entries: usize,
     /// Applied positions per domain that followers acknowledged (a leader's view).
-    acknowledged: HashMap<DeviceId, DomainsJson>,
+    acknowledged: HashMap<DeviceId, AppliedDomains>,
     /// This device's commits sequenced directly (see `crate::leader_commit`), answered once the
     /// next flush made them durable.
     sequenced: Vec<(Vec<Placement>, crossbeam_channel::Sender<SequenceReply>)>,
@@ -80,28 +80,28 @@ fn log_index(log: &Log) -> keel_journal::LogIndex {
         index.push(
             epoch,
             match entry {
-                Entry::Change(id) => Some(id),
-                Entry::Barrier => None,
+                LogSlot::Change(id) => Some(id),
+                LogSlot::Barrier => None,
             },
         );
     }
     index
 }
 
-/// The node's durable state as the journal holds it.
+/// The replica's durable state as the journal holds it.
 fn load(journal: &Journal) -> Result<(Durable, HashMap<ChangeId, Vec<u8>>), NodeError> {
     let epoch = journal.epoch()?.unwrap_or_default();
     let voted = journal.voted()?.unwrap_or(epoch);
     let (runs, ids) = journal.load_log_index()?.into_parts();
     let log = Log::from_runs(runs, ids);
-    let pending = journal.local_pending()?;
+    let pending = journal.offline_changes()?;
     let ids = pending.iter().map(|(id, _)| *id).collect();
     Ok((
         Durable {
             epoch,
             voted,
             log,
-            pending: ids,
+            offline: ids,
         },
         pending.into_iter().collect(),
     ))
@@ -110,20 +110,20 @@ fn load(journal: &Journal) -> Result<(Durable, HashMap<ChangeId, Vec<u8>>), Node
 impl Core {
     pub(crate) fn new(
         link: Arc<NodeLink>,
-        config: NodeConfig,
+        config: ReplicaConfig,
         status: Arc<Mutex<NodeStatus>>,
         pins: keel_transport::Pins,
     ) -> Result<Self, NodeError> {
         let journal = link.journal()?;
         // The core sequences this device's changes: commits wait in the offline journal.
-        journal.set_role(JournalRole::Follower)?;
+        journal.set_role(CommitRoute::Offline)?;
         let (durable, payloads) = load(journal)?;
         let persisted = (durable.epoch, durable.voted);
-        let node = Node::new(config.clone(), durable, 0);
+        let replica = Replica::new(config.clone(), durable, 0);
         let mut core = Self {
             link,
             config,
-            node,
+            replica,
             payloads,
             conns: HashMap::new(),
             persisted,
@@ -137,7 +137,8 @@ impl Core {
             acknowledged: HashMap::new(),
             sequenced: Vec::new(),
         };
-        core.link.set_leading(core.node.role() == Role::Leader);
+        core.link
+            .set_leading(core.replica.role() == ElectionRole::Leader);
         core.persist()?;
         core.refresh_pins();
         core.publish_status();
@@ -222,7 +223,7 @@ impl Core {
         let Ok(journal) = self.link.journal() else {
             return;
         };
-        let log = &self.node.durable().log;
+        let log = &self.replica.durable().log;
         if let Err(e) = journal.save_log_index(&log_index(log)) {
             tracing::warn!(error = %e, "saving the log index failed; the next start reads the whole log");
         }
@@ -230,16 +231,16 @@ impl Core {
 
     /// Appends this device's commits to the log while leading; answered at the next flush.
     fn on_sequence(&mut self, request: SequenceRequest) {
-        if self.node.role() != Role::Leader {
+        if self.replica.role() != ElectionRole::Leader {
             let _ = request.reply.send(SequenceReply::NotLeading);
             return;
         }
         let mut placements = Vec::with_capacity(request.changes.len());
         for (id, sealed) in request.changes {
-            let before = self.node.durable().log.len();
+            let before = self.replica.durable().log.len();
             self.payloads.insert(id, sealed);
             self.handle(Input::Commit(id));
-            let log = &self.node.durable().log;
+            let log = &self.replica.durable().log;
             if log.len() > before {
                 placements.push(Placement::Log(Lsn(log.len() as u64)));
                 self.batch_entries += 1;
@@ -280,7 +281,7 @@ impl Core {
                 if now > started + TICK_MS {
                     // Preparing it waited (on the projections): what the leader sent meanwhile
                     // is still queued, so that silence was not the leader's.
-                    self.node.busy_until(now);
+                    self.replica.busy_until(now);
                 }
                 if let Some(message) = message {
                     self.handle(Input::Received { from, message });
@@ -290,35 +291,35 @@ impl Core {
         }
     }
 
-    /// Hands one input to the node; what it wants sent waits for [`Core::flush`].
+    /// Hands one input to the replica; what it wants sent waits for [`Core::flush`].
     fn handle(&mut self, input: Input) {
         let now = self.now();
-        let before = (self.node.role(), self.node.durable().epoch);
-        let out = self.node.handle(input, now);
+        let before = (self.replica.role(), self.replica.durable().epoch);
+        let out = self.replica.handle(input, now);
         self.outbox.extend(out);
-        let after = (self.node.role(), self.node.durable().epoch);
+        let after = (self.replica.role(), self.replica.durable().epoch);
         if after.0 != before.0 {
-            self.link.set_leading(after.0 == Role::Leader);
+            self.link.set_leading(after.0 == ElectionRole::Leader);
         }
         if after != before {
             tracing::info!(
                 role = ?after.0,
                 epoch = after.1.counter,
                 by = %after.1.device.short(),
-                leader = ?self.node.leader().map(|d| d.short()),
+                leader = ?self.replica.leader().map(|d| d.short()),
                 "role or epoch changed"
             );
         }
     }
 
-    /// Makes the node's state durable, then sends what it asked for (contiguous `Append`s to one
+    /// Makes the replica's state durable, then sends what it asked for (contiguous `Append`s to one
     /// peer merged: see [`coalesce`]). Returns whether the state was written.
     fn flush(&mut self) -> bool {
         self.batch_entries = 0;
         let started = self.now();
         let persisted = self.persist();
         if self.now() > started + TICK_MS {
-            self.node.busy_until(self.now());
+            self.replica.busy_until(self.now());
         }
         if let Err(e) = persisted {
             tracing::error!(error = %e, "writing replication state failed; reloading it from the journal");
@@ -349,9 +350,9 @@ impl Core {
         match load(journal) {
             Ok((durable, payloads)) => {
                 self.persisted = (durable.epoch, durable.voted);
-                self.node = Node::new(self.config.clone(), durable, self.now());
+                self.replica = Replica::new(self.config.clone(), durable, self.now());
                 self.payloads.extend(payloads);
-                // Its sessions are still up: tell the fresh node (sent at the next flush).
+                // Its sessions are still up: tell the fresh replica (sent at the next flush).
                 let peers: Vec<DeviceId> = self.conns.keys().copied().collect();
                 for peer in peers {
                     self.handle(Input::Connected(peer));
@@ -372,17 +373,18 @@ impl Core {
         if let Some(bytes) = self.payloads.remove(&id) {
             return Ok(bytes);
         }
-        self.payloads.extend(self.link.journal()?.local_pending()?);
+        self.payloads
+            .extend(self.link.journal()?.offline_changes()?);
         self.payloads
             .remove(&id)
             .ok_or_else(|| NodeError::Failed(format!("no payload for change {}", id.0)))
     }
 
-    /// Makes the node's new state durable: election state first, then log operations in order.
+    /// Makes the replica's new state durable: election state first, then log operations in order.
     fn persist(&mut self) -> Result<(), NodeError> {
-        let durable = self.node.durable();
+        let durable = self.replica.durable();
         let election = (durable.epoch, durable.voted);
-        let ops = self.node.take_ops();
+        let ops = self.replica.take_ops();
         let journal_epoch_changed = election != self.persisted;
         if journal_epoch_changed {
             self.link
@@ -397,8 +399,8 @@ impl Core {
                 LogOp::Append { at, epoch, entry } => {
                     first.get_or_insert(at);
                     let bytes = match entry {
-                        Entry::Barrier => Vec::new(),
-                        Entry::Change(id) => self.payload(id)?,
+                        LogSlot::Barrier => Vec::new(),
+                        LogSlot::Change(id) => self.payload(id)?,
                     };
                     batch.push((epoch, bytes));
                 }
@@ -414,7 +416,8 @@ impl Core {
                         returned = returned.len(),
                         "log truncated after an epoch change; its changes will be resubmitted"
                     );
-                    self.payloads.extend(self.link.journal()?.local_pending()?);
+                    self.payloads
+                        .extend(self.link.journal()?.offline_changes()?);
                 }
             }
         }
@@ -473,7 +476,7 @@ impl Core {
                     &changes[..changes.len().min(keel_transport::RECORDS_PER_MESSAGE_MAX)];
                 // One read of the offline journal covers every payload not cached yet.
                 if changes.iter().any(|id| !self.payloads.contains_key(id)) {
-                    if let Ok(local) = self.link.journal().and_then(|j| Ok(j.local_pending()?)) {
+                    if let Ok(local) = self.link.journal().and_then(|j| Ok(j.offline_changes()?)) {
                         self.payloads.extend(local);
                     }
                 }
@@ -516,7 +519,7 @@ impl Core {
                     epoch,
                     first,
                     prev_epoch,
-                    leader_end: self.node.durable().last_lsn(),
+                    leader_end: self.replica.durable().last_lsn(),
                     entries: wire,
                 }
             }
@@ -535,12 +538,12 @@ impl Core {
             } => {
                 let mut out = Vec::with_capacity(entries.len());
                 self.batch_entries += entries.len();
-                let known = self.node.durable().last_lsn().0;
+                let known = self.replica.durable().last_lsn().0;
                 let first = Lsn(first.0.max(1));
                 for (i, entry) in entries.into_iter().enumerate() {
                     self.received_bytes += entry.sealed.len() as u64;
                     if entry.sealed.is_empty() {
-                        out.push((entry.epoch, Entry::Barrier));
+                        out.push((entry.epoch, LogSlot::Barrier));
                         continue;
                     }
                     let Some(id) = Sealer::peek_change_id(&entry.sealed) else {
@@ -550,12 +553,12 @@ impl Core {
                     // Keep the payload unless this very entry is already in the log.
                     let position = first.0 + i as u64;
                     let have = position <= known
-                        && self.node.durable().log.get(position as usize - 1)
-                            == Some((entry.epoch, Entry::Change(id)));
+                        && self.replica.durable().log.get(position as usize - 1)
+                            == Some((entry.epoch, LogSlot::Change(id)));
                     if !have {
                         self.payloads.insert(id, entry.sealed.into_vec());
                     }
-                    out.push((entry.epoch, Entry::Change(id)));
+                    out.push((entry.epoch, LogSlot::Change(id)));
                 }
                 if !out.is_empty() {
                     if let Err(e) = self.link.catching_up(leader_end) {
@@ -580,7 +583,7 @@ impl Core {
                 for sealed in changes {
                     match journal.check_sealed(&sealed) {
                         Ok(id) => {
-                            if !self.node.in_log(&id) {
+                            if !self.replica.in_log(&id) {
                                 self.payloads.insert(id, sealed.into_vec());
                             }
                             ids.push(id);
@@ -657,7 +660,7 @@ impl Core {
                     continue;
                 }
                 if let Some(id) = DeviceId::from_hex(&device.device_id) {
-                    if id != self.node.device() {
+                    if id != self.replica.device() {
                         self.pins.pin(id);
                     }
                 }
@@ -666,19 +669,13 @@ impl Core {
     }
 
     fn publish_status(&self) {
-        let durable = self.node.durable();
-        let role = match self.node.role() {
-            Role::Leader => "leader",
-            Role::Follower => "follower",
-            Role::Candidate => "candidate",
-            Role::Alone => "alone",
-        };
+        let durable = self.replica.durable();
         if let Ok(mut status) = self.status.lock() {
-            status.role = role.into();
-            status.epoch = EpochJson::from(durable.epoch);
-            status.leader = self.node.leader().map(|d| d.to_hex());
+            status.role = self.replica.role();
+            status.epoch = durable.epoch;
+            status.leader = self.replica.leader().map(|d| d.to_hex());
             status.log_len = durable.log.len() as u64;
-            status.pending_push = durable.pending.len() as u64;
+            status.offline = durable.offline.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
             status.acknowledged = self
                 .acknowledged
@@ -764,7 +761,7 @@ mod tests {
                     .map(|i| {
                         (
                             epoch,
-                            Entry::Change(ChangeId(uuid::Uuid::from_u128(i as u128))),
+                            LogSlot::Change(ChangeId(uuid::Uuid::from_u128(i as u128))),
                         )
                     })
                     .collect(),

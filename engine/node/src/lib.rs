@@ -30,7 +30,7 @@ pub use devices::{DevicesFile, PairedDevice};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
 pub use snapshot::{JoinProgress, SnapshotOutcome};
-pub use status::{DomainsJson, EpochJson, NodeStatus, PeerStatus};
+pub use status::{AppliedDomains, NodeStatus, PeerStatus};
 
 use self::core::{Core, CoreEvent};
 use self::net::Net;
@@ -38,7 +38,7 @@ use self::pairing::Invitation;
 use crate::error::io_at;
 pub use crate::error::NodeError;
 use keel_engine::{now_ms, Library, LinkOptions, NodeLink};
-use keel_replication::NodeConfig;
+use keel_replication::ReplicaConfig;
 
 /// Default most devices per library.
 pub const DEVICE_LIMIT_DEFAULT: usize = keel_transport::DEVICE_LIMIT_DEFAULT;
@@ -133,7 +133,7 @@ impl Node {
             listen: listen.to_string(),
             ..NodeStatus::default()
         }));
-        let config = NodeConfig {
+        let config = ReplicaConfig {
             device: library.device_id(),
             election_timeout_ms: options.election_timeout_ms,
             heartbeat_ms: options.heartbeat_ms,
@@ -205,8 +205,8 @@ impl Node {
     pub fn status(&self) -> NodeStatus {
         let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
         // The offline journal itself says what waits to be pushed (the core's view lags a tick).
-        if let Ok(pending) = self.library.pending_local() {
-            status.pending_push = pending;
+        if let Ok(pending) = self.library.offline_len() {
+            status.offline = pending;
         }
         let addrs = self.net.addrs.lock().map(|a| a.clone()).unwrap_or_default();
         let file = DevicesFile::read(self.library.dir()).unwrap_or_default();

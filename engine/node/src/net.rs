@@ -160,15 +160,7 @@ impl Net {
         let (epoch, log_end) = self
             .status
             .lock()
-            .map(|s| {
-                (
-                    keel_schema::Epoch {
-                        counter: s.epoch.counter,
-                        device: DeviceId::from_hex(&s.epoch.device).unwrap_or_default(),
-                    },
-                    keel_schema::Lsn(s.log_len),
-                )
-            })
+            .map(|s| (s.epoch, keel_schema::Lsn(s.log_len)))
             .unwrap_or_default();
         let hello = DeviceMessage::Hello {
             device: self.device,

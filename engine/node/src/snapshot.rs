@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use keel_journal::{CheckedEntries, Journal, JournalOptions, LibraryKey, LogIndex, Role};
+use keel_journal::{CheckedEntries, CommitRoute, Journal, JournalOptions, LibraryKey, LogIndex};
 use keel_projections::Projections;
 use keel_schema::{DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use keel_transport::{
@@ -320,7 +320,7 @@ pub(crate) async fn fetch(
         key,
         endpoint.device(),
         JournalOptions {
-            role: Some(Role::Follower),
+            role: Some(CommitRoute::Offline),
             // The whole log arrives at once, and nothing reads it back before the node starts.
             direct_writes: true,
             ..JournalOptions::default()

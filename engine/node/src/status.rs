@@ -1,28 +1,30 @@
 //! What a running node reports (`keel status --json` adds these fields).
 
+use keel_replication::ElectionRole;
 use keel_schema::Epoch;
-use serde::{Deserialize, Serialize};
+use serde::{Serialize, Serializer};
 
-/// An epoch in JSON: `{counter, device}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EpochJson {
-    /// The counter.
-    pub counter: u64,
-    /// The device that leads (led) it, hex.
-    pub device: String,
+/// Serializes an epoch as `{counter, device}`, the device in hex.
+fn epoch_fields<S: Serializer>(epoch: &Epoch, serializer: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Fields {
+        counter: u64,
+        device: String,
+    }
+    Fields {
+        counter: epoch.counter,
+        device: epoch.device.to_hex(),
+    }
+    .serialize(serializer)
 }
 
-impl From<Epoch> for EpochJson {
-    fn from(epoch: Epoch) -> Self {
-        Self {
-            counter: epoch.counter,
-            device: epoch.device.to_hex(),
-        }
-    }
+/// Serializes a role by its name (`leader`, `follower`, `candidate`, `alone`).
+fn role_name<S: Serializer>(role: &ElectionRole, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(role.as_str())
 }
 
 /// One peer of a node.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PeerStatus {
     /// Its device id, hex.
     pub device_id: String,
@@ -31,12 +33,12 @@ pub struct PeerStatus {
     /// Whether a session with it is up.
     pub connected: bool,
     /// What it last acknowledged applying, per sync domain (reported to its leader).
-    pub applied: Option<DomainsJson>,
+    pub applied: Option<AppliedDomains>,
 }
 
 /// Applied log positions per sync domain.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomainsJson {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AppliedDomains {
     /// Index domain (devices, locations, entries, entry-scoped metadata).
     pub index: u64,
     /// Content domain (contents, content-scoped metadata, tags).
@@ -44,18 +46,20 @@ pub struct DomainsJson {
 }
 
 /// A running node's replication state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NodeStatus {
-    /// `leader`, `follower`, `candidate` or `alone`.
-    pub role: String,
+    /// Its part in the election.
+    #[serde(serialize_with = "role_name")]
+    pub role: ElectionRole,
     /// The highest epoch accepted.
-    pub epoch: EpochJson,
+    #[serde(serialize_with = "epoch_fields")]
+    pub epoch: Epoch,
     /// The leader followed (itself when leading), hex.
     pub leader: Option<String>,
     /// Known peers.
     pub peers: Vec<PeerStatus>,
     /// This device's changes not yet in the log.
-    pub pending_push: u64,
+    pub offline: u64,
     /// Entries in the log (changes and epoch barriers).
     pub log_len: u64,
     /// Where this node listens.
@@ -65,5 +69,5 @@ pub struct NodeStatus {
     pub connected: Vec<String>,
     /// Applied positions followers acknowledged, by device hex (shown per peer in `peers`).
     #[serde(skip)]
-    pub acknowledged: Vec<(String, DomainsJson)>,
+    pub acknowledged: Vec<(String, AppliedDomains)>,
 }

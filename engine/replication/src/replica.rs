@@ -1,4 +1,4 @@
-//! `Node`: one device's election and replication core.
+//! `Replica`: one device's election and replication core.
 //!
 //! Rules, in brief:
 //! - An epoch is `(counter, device)`; a candidate takes `max(counter seen) + 1` with its own id,
@@ -17,11 +17,11 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 
-use super::types::{Durable, Entry, Input, LogOp, Message, Output, Role};
+use super::types::{Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output};
 
-/// Timing and sizing of a node.
+/// Timing and sizing of a replica.
 #[derive(Clone, Debug)]
-pub struct NodeConfig {
+pub struct ReplicaConfig {
     /// This device.
     pub device: DeviceId,
     /// How long without a leader before an election (plus up to the same again as jitter).
@@ -46,20 +46,20 @@ struct Flight {
     since_ms: u64,
 }
 
-/// One device's replication state machine. No I/O: see [`Node::handle`].
+/// One device's replication state machine. No I/O: see [`Replica::handle`].
 #[derive(Debug)]
-pub struct Node {
-    config: NodeConfig,
+pub struct Replica {
+    config: ReplicaConfig,
     durable: Durable,
-    role: Role,
+    role: ElectionRole,
     leader: Option<DeviceId>,
     connected: BTreeSet<DeviceId>,
     election_deadline_ms: u64,
     last_send_ms: u64,
     votes: BTreeSet<DeviceId>,
-    /// A pre-vote in progress: the epoch this node would stand in, and who would vote for it.
+    /// A pre-vote in progress: the epoch this replica would stand in, and who would vote for it.
     pre_vote: Option<(Epoch, BTreeSet<DeviceId>)>,
-    /// When this node last heard its leader (an `Append` it accepted); while that is less than
+    /// When this replica last heard its leader (an `Append` it accepted); while that is less than
     /// an election timeout ago it refuses pre-votes.
     heard_ms: Option<u64>,
     /// The highest epoch counter other devices said they took or voted in (pre-vote refusals):
@@ -74,10 +74,10 @@ pub struct Node {
     ops: Vec<LogOp>,
 }
 
-impl Node {
-    /// A node starting (or restarting) from its durable state. A device whose stored epoch is its
+impl Replica {
+    /// A replica starting (or restarting) from its durable state. A device whose stored epoch is its
     /// own resumes leading that epoch (the library's creator starts that way with epoch 1).
-    pub fn new(config: NodeConfig, durable: Durable, now_ms: u64) -> Self {
+    pub fn new(config: ReplicaConfig, durable: Durable, now_ms: u64) -> Self {
         // Resume leading only an epoch this device actually won (its barrier is in the log); a
         // candidacy interrupted by a crash is simply abandoned.
         // The founder's epoch 1 needs no barrier (candidates always start at 2 or above).
@@ -87,10 +87,14 @@ impl Node {
                     .log
                     .iter()
                     .rev()
-                    .any(|(e, entry)| e == durable.epoch && entry == Entry::Barrier));
-        let role = if won { Role::Leader } else { Role::Alone };
-        let mut node = Self {
-            leader: (role == Role::Leader).then_some(config.device),
+                    .any(|(e, entry)| e == durable.epoch && entry == LogSlot::Barrier));
+        let role = if won {
+            ElectionRole::Leader
+        } else {
+            ElectionRole::Alone
+        };
+        let mut replica = Self {
+            leader: (role == ElectionRole::Leader).then_some(config.device),
             config,
             durable,
             role,
@@ -106,17 +110,17 @@ impl Node {
             in_log: None,
             ops: Vec::new(),
         };
-        node.reset_election_timer(now_ms);
-        if node.role == Role::Leader {
-            for id in std::mem::take(&mut node.durable.pending) {
-                node.sequence(id);
+        replica.reset_election_timer(now_ms);
+        if replica.role == ElectionRole::Leader {
+            for id in std::mem::take(&mut replica.durable.offline) {
+                replica.sequence(id);
             }
         }
-        node
+        replica
     }
 
     /// The creator of a library: leader of epoch `(1, device)` from the start.
-    pub fn founder(config: NodeConfig, now_ms: u64) -> Self {
+    pub fn founder(config: ReplicaConfig, now_ms: u64) -> Self {
         let durable = Durable {
             epoch: Epoch {
                 counter: 1,
@@ -131,10 +135,10 @@ impl Node {
                     counter: 1,
                     device: config.device,
                 },
-                Entry::Barrier,
+                LogSlot::Barrier,
             )]
             .into(),
-            pending: Vec::new(),
+            offline: Vec::new(),
         };
         Self::new(config, durable, now_ms)
     }
@@ -145,17 +149,17 @@ impl Node {
     }
 
     /// The log changes made since the last call, in order: the runtime writes them to the journal
-    /// (with [`Node::durable`]'s epochs) before sending anything `handle` returned.
+    /// (with [`Replica::durable`]'s epochs) before sending anything `handle` returned.
     pub fn take_ops(&mut self) -> Vec<LogOp> {
         std::mem::take(&mut self.ops)
     }
 
-    /// Whether `id` is in this node's log.
+    /// Whether `id` is in this replica's log.
     pub fn in_log(&self, id: &ChangeId) -> bool {
         self.in_log.as_ref().is_some_and(|set| set.contains(id))
     }
 
-    /// The devices this node counts as reachable.
+    /// The devices this replica counts as reachable.
     pub fn connected(&self) -> impl Iterator<Item = &DeviceId> {
         self.connected.iter()
     }
@@ -163,29 +167,29 @@ impl Node {
     /// Tells a follower that the time since `now_ms` went on its own work (writing what its
     /// leader sent), not on a silent leader: its election timer starts again.
     pub fn busy_until(&mut self, now_ms: u64) {
-        if self.role == Role::Follower && self.leader.is_some() {
+        if self.role == ElectionRole::Follower && self.leader.is_some() {
             self.reset_election_timer(now_ms);
         }
     }
 
     /// The current role.
-    pub fn role(&self) -> Role {
+    pub fn role(&self) -> ElectionRole {
         self.role
     }
 
-    /// The leader this node follows (itself when leading).
+    /// The leader this replica follows (itself when leading).
     pub fn leader(&self) -> Option<DeviceId> {
         self.leader
     }
 
-    /// This node's device.
+    /// This replica's device.
     pub fn device(&self) -> DeviceId {
         self.config.device
     }
 
     fn reset_election_timer(&mut self, now_ms: u64) {
         // Jitter from the device, the epoch and the time (deterministic, so a simulation
-        // replays exactly), so that nodes do not time out together again and again.
+        // replays exactly), so that replicas do not time out together again and again.
         let mut seed = self
             .config
             .device
@@ -210,15 +214,15 @@ impl Node {
         out.push(Output::Send { to, message });
     }
 
-    fn idle_role(&self) -> Role {
+    fn idle_role(&self) -> ElectionRole {
         if self.connected.is_empty() {
-            Role::Alone
+            ElectionRole::Alone
         } else {
-            Role::Follower
+            ElectionRole::Follower
         }
     }
 
-    /// Handles one input at time `now_ms`; returns what to send. Persist [`Node::durable`] first.
+    /// Handles one input at time `now_ms`; returns what to send. Persist [`Replica::durable`] first.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Output> {
         let mut out = Vec::new();
         match input {
@@ -226,12 +230,12 @@ impl Node {
             Input::Connected(peer) => {
                 if peer != self.config.device {
                     self.connected.insert(peer);
-                    if self.role == Role::Leader {
+                    if self.role == ElectionRole::Leader {
                         self.next.insert(peer, self.durable.last_lsn().0);
                         self.flights.remove(&peer);
                         self.append_to(peer, now_ms, true, &mut out);
-                    } else if self.role == Role::Alone {
-                        self.role = Role::Follower;
+                    } else if self.role == ElectionRole::Alone {
+                        self.role = ElectionRole::Follower;
                         self.reset_election_timer(now_ms);
                     }
                 }
@@ -244,19 +248,19 @@ impl Node {
                 if self.leader == Some(peer) {
                     self.leader = None;
                 }
-                if self.role != Role::Leader && self.connected.is_empty() {
-                    self.role = Role::Alone;
+                if self.role != ElectionRole::Leader && self.connected.is_empty() {
+                    self.role = ElectionRole::Alone;
                 }
             }
             Input::Commit(id) => {
-                if self.role == Role::Leader {
+                if self.role == ElectionRole::Leader {
                     self.sequence(id);
                     let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
                     for peer in peers {
                         self.append_to(peer, now_ms, false, &mut out);
                     }
                 } else {
-                    self.durable.pending.push(id);
+                    self.durable.offline.push(id);
                     if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
                         Self::send(&mut out, leader, Message::Push { changes: vec![id] });
                     }
@@ -270,7 +274,7 @@ impl Node {
     fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let beat = now_ms >= self.last_send_ms + self.config.heartbeat_ms;
         match self.role {
-            Role::Leader => {
+            ElectionRole::Leader => {
                 if beat {
                     self.last_send_ms = now_ms;
                     let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
@@ -279,22 +283,22 @@ impl Node {
                     }
                 }
             }
-            Role::Follower | Role::Candidate | Role::Alone => {
-                if beat && !self.durable.pending.is_empty() {
+            ElectionRole::Follower | ElectionRole::Candidate | ElectionRole::Alone => {
+                if beat && !self.durable.offline.is_empty() {
                     if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
                         self.last_send_ms = now_ms;
                         Self::send(
                             out,
                             leader,
                             Message::Push {
-                                changes: self.durable.pending.clone(),
+                                changes: self.durable.offline.clone(),
                             },
                         );
                     }
                 }
                 if now_ms >= self.election_deadline_ms {
                     if self.connected.is_empty() {
-                        self.role = Role::Alone;
+                        self.role = ElectionRole::Alone;
                         self.reset_election_timer(now_ms);
                     } else {
                         self.start_pre_vote(now_ms, out);
@@ -304,7 +308,7 @@ impl Node {
         }
     }
 
-    /// The epoch this node would stand in next.
+    /// The epoch this replica would stand in next.
     fn next_epoch(&self) -> Epoch {
         // Epoch 1 belongs to the founder: a candidate never takes it.
         let counter = self
@@ -347,7 +351,7 @@ impl Node {
         let epoch = self.next_epoch();
         self.durable.epoch = epoch;
         self.durable.voted = epoch;
-        self.role = Role::Candidate;
+        self.role = ElectionRole::Candidate;
         self.leader = None;
         self.votes = BTreeSet::from([self.config.device]);
         self.reset_election_timer(now_ms);
@@ -358,17 +362,17 @@ impl Node {
 
     fn maybe_win(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let electorate = self.connected.len() + 1;
-        if self.role == Role::Candidate && self.votes.len() * 2 > electorate {
+        if self.role == ElectionRole::Candidate && self.votes.len() * 2 > electorate {
             self.become_leader(now_ms, out);
         }
     }
 
     fn become_leader(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let epoch = self.durable.epoch;
-        self.role = Role::Leader;
+        self.role = ElectionRole::Leader;
         self.leader = Some(self.config.device);
-        self.record_push(epoch, Entry::Barrier);
-        for id in std::mem::take(&mut self.durable.pending) {
+        self.record_push(epoch, LogSlot::Barrier);
+        for id in std::mem::take(&mut self.durable.offline) {
             self.sequence(id);
         }
         let barrier = self.durable.last_lsn().0;
@@ -387,14 +391,14 @@ impl Node {
         let in_log = self.in_log.get_or_insert_with(|| {
             log.iter()
                 .filter_map(|(_, e)| match e {
-                    Entry::Change(id) => Some(id),
-                    Entry::Barrier => None,
+                    LogSlot::Change(id) => Some(id),
+                    LogSlot::Barrier => None,
                 })
                 .collect()
         });
         if in_log.insert(id) {
-            self.durable.pending.retain(|p| *p != id);
-            self.record_push(self.durable.epoch, Entry::Change(id));
+            self.durable.offline.retain(|p| *p != id);
+            self.record_push(self.durable.epoch, LogSlot::Change(id));
         }
     }
 
@@ -465,7 +469,7 @@ impl Node {
         if epoch > self.durable.epoch {
             self.durable.epoch = epoch;
         }
-        if self.role == Role::Leader {
+        if self.role == ElectionRole::Leader {
             // Own changes this leader sequenced are safe: they stay in its log until the new
             // leader's entries truncate them, and truncation returns them to `pending`.
             self.next.clear();
@@ -480,7 +484,7 @@ impl Node {
         self.reset_election_timer(now_ms);
     }
 
-    /// Whether this node would vote for `from` standing in `epoch` with a log ending at `last`:
+    /// Whether this replica would vote for `from` standing in `epoch` with a log ending at `last`:
     /// one vote per counter, only for the candidate's own epoch, only for a log at least as up to
     /// date. `RequestVote` grants by it; `PreVote` also asks that no live leader be known.
     fn would_vote(&self, from: DeviceId, epoch: Epoch, last: (Epoch, Lsn)) -> bool {
@@ -514,9 +518,9 @@ impl Node {
                 Self::send(out, from, Message::Vote { epoch, granted });
             }
             Message::PreVote { epoch, last } => {
-                // Would vote as for `RequestVote`, unless a live leader is known: this node
+                // Would vote as for `RequestVote`, unless a live leader is known: this replica
                 // leads, or heard its leader less than an election timeout ago.
-                let leader_alive = self.role == Role::Leader
+                let leader_alive = self.role == ElectionRole::Leader
                     || (self.leader.is_some()
                         && self.heard_ms.is_some_and(|h| {
                             now_ms < h.saturating_add(self.config.election_timeout_ms)
@@ -550,7 +554,7 @@ impl Node {
                 // A device that voted in a higher epoch than this one knows refuses every
                 // proposal up to it: the next one goes above.
                 self.highest_seen = self.highest_seen.max(highest.counter);
-                if !granted || self.role == Role::Leader {
+                if !granted || self.role == ElectionRole::Leader {
                     return;
                 }
                 if let Some((asked, yes)) = &mut self.pre_vote {
@@ -561,7 +565,7 @@ impl Node {
                 }
             }
             Message::Vote { epoch, granted } => {
-                if self.role == Role::Candidate && epoch == self.durable.epoch && granted {
+                if self.role == ElectionRole::Candidate && epoch == self.durable.epoch && granted {
                     self.votes.insert(from);
                     self.maybe_win(now_ms, out);
                 }
@@ -572,7 +576,7 @@ impl Node {
                 }
             }
             Message::Push { changes } => {
-                if self.role == Role::Leader {
+                if self.role == ElectionRole::Leader {
                     let before = self.durable.log.len();
                     for id in changes {
                         self.sequence(id);
@@ -590,7 +594,7 @@ impl Node {
                     self.step_down(epoch, None, now_ms);
                     return;
                 }
-                if self.role != Role::Leader || epoch != self.durable.epoch {
+                if self.role != ElectionRole::Leader || epoch != self.durable.epoch {
                     return;
                 }
                 let log_len = self.durable.last_lsn().0;
@@ -638,12 +642,12 @@ impl Node {
                 if epoch.device != from {
                     return;
                 }
-                if self.role != Role::Follower
+                if self.role != ElectionRole::Follower
                     || self.leader != Some(from)
                     || epoch > self.durable.epoch
                 {
                     self.step_down(epoch, Some(from), now_ms);
-                    self.role = Role::Follower;
+                    self.role = ElectionRole::Follower;
                 }
                 self.reset_election_timer(now_ms);
                 self.heard_ms = Some(now_ms);
@@ -664,7 +668,7 @@ impl Node {
                 let end = prev.0 + entries.len() as u64;
                 let mut sequenced = Vec::new();
                 for (i, (entry_epoch, entry)) in entries.into_iter().enumerate() {
-                    if let Entry::Change(id) = entry {
+                    if let LogSlot::Change(id) = entry {
                         sequenced.push(id);
                     }
                     let at = prev.0 as usize + i;
@@ -684,9 +688,9 @@ impl Node {
                 // or before it, and the conflict above truncates it.
                 // The segment's changes are sequenced now (including any a truncation above
                 // just returned): one pass over `pending` per segment.
-                if !self.durable.pending.is_empty() && !sequenced.is_empty() {
+                if !self.durable.offline.is_empty() && !sequenced.is_empty() {
                     let sequenced: HashSet<ChangeId> = sequenced.into_iter().collect();
-                    self.durable.pending.retain(|p| !sequenced.contains(p));
+                    self.durable.offline.retain(|p| !sequenced.contains(p));
                 }
                 Self::send(
                     out,
@@ -703,8 +707,8 @@ impl Node {
 
     /// Appends a leader's entry (its change leaves `pending` when the segment is done: see
     /// `receive`, one pass per segment rather than one per entry).
-    fn push_entry(&mut self, epoch: Epoch, entry: Entry) {
-        if let Entry::Change(id) = entry {
+    fn push_entry(&mut self, epoch: Epoch, entry: LogSlot) {
+        if let LogSlot::Change(id) = entry {
             if let Some(set) = &mut self.in_log {
                 set.insert(id);
             }
@@ -712,7 +716,7 @@ impl Node {
         self.record_push(epoch, entry);
     }
 
-    fn record_push(&mut self, epoch: Epoch, entry: Entry) {
+    fn record_push(&mut self, epoch: Epoch, entry: LogSlot) {
         self.durable.log.push((epoch, entry));
         self.ops.push(LogOp::Append {
             at: self.durable.last_lsn(),
@@ -727,12 +731,12 @@ impl Node {
             keep: Lsn(at as u64),
         });
         for (_, entry) in self.durable.log.split_off(at) {
-            if let Entry::Change(id) = entry {
+            if let LogSlot::Change(id) = entry {
                 if let Some(set) = &mut self.in_log {
                     set.remove(&id);
                 }
-                if !self.durable.pending.contains(&id) {
-                    self.durable.pending.push(id);
+                if !self.durable.offline.contains(&id) {
+                    self.durable.offline.push(id);
                 }
             }
         }

@@ -3,10 +3,10 @@
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use uuid::Uuid;
 
-use super::{Durable, Entry, Input, Message, Node, NodeConfig, Output, Role};
+use super::{Durable, ElectionRole, Input, LogSlot, Message, Output, Replica, ReplicaConfig};
 
-fn config(byte: u8) -> NodeConfig {
-    NodeConfig {
+fn config(byte: u8) -> ReplicaConfig {
+    ReplicaConfig {
         device: DeviceId([byte; 32]),
         election_timeout_ms: 100,
         heartbeat_ms: 10,
@@ -36,7 +36,7 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
         counter: 2,
         device: DeviceId([3; 32]),
     };
-    let mut follower = Node::new(
+    let mut follower = Replica::new(
         config(2),
         Durable {
             epoch: newer,
@@ -52,7 +52,7 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
                 epoch: old,
                 prev: Lsn(0),
                 prev_epoch: Epoch::default(),
-                entries: vec![(old, Entry::Change(id(1)))],
+                entries: vec![(old, LogSlot::Change(id(1)))],
             },
         },
         1,
@@ -63,8 +63,8 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
         "nothing from the stale epoch was stored"
     );
 
-    let mut leader = Node::founder(config(1), 0);
-    assert_eq!(leader.role(), Role::Leader);
+    let mut leader = Replica::founder(config(1), 0);
+    assert_eq!(leader.role(), ElectionRole::Leader);
     leader.handle(
         Input::Received {
             from: newer.device,
@@ -72,12 +72,12 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
         },
         2,
     );
-    assert_ne!(leader.role(), Role::Leader);
+    assert_ne!(leader.role(), ElectionRole::Leader);
 }
 
 #[test]
 fn a_leader_sequences_pushed_changes_once() {
-    let mut leader = Node::founder(config(1), 0);
+    let mut leader = Replica::founder(config(1), 0);
     let follower = DeviceId([2; 32]);
     leader.handle(Input::Connected(follower), 0);
     for _ in 0..2 {
@@ -95,7 +95,7 @@ fn a_leader_sequences_pushed_changes_once() {
         .durable()
         .log
         .iter()
-        .filter(|(_, e)| matches!(e, Entry::Change(_)))
+        .filter(|(_, e)| matches!(e, LogSlot::Change(_)))
         .count();
     assert_eq!(changes, 2);
 }
@@ -104,7 +104,7 @@ fn a_leader_sequences_pushed_changes_once() {
 fn a_restarted_leader_still_sequences_a_change_it_holds_only_once() {
     // The journal keeps no change-id index: after a restart the core's own log (loaded from the
     // journal) is what makes a repeated push idempotent.
-    let mut first = Node::founder(config(1), 0);
+    let mut first = Replica::founder(config(1), 0);
     let follower = DeviceId([2; 32]);
     first.handle(Input::Connected(follower), 0);
     let push = Message::Push {
@@ -118,8 +118,8 @@ fn a_restarted_leader_still_sequences_a_change_it_holds_only_once() {
         1,
     );
     let durable = first.durable().clone();
-    let mut restarted = Node::new(config(1), durable, 2);
-    assert_eq!(restarted.role(), Role::Leader);
+    let mut restarted = Replica::new(config(1), durable, 2);
+    assert_eq!(restarted.role(), ElectionRole::Leader);
     restarted.handle(Input::Connected(follower), 3);
     restarted.handle(
         Input::Received {
@@ -135,8 +135,8 @@ fn a_restarted_leader_still_sequences_a_change_it_holds_only_once() {
         .log
         .iter()
         .filter_map(|(_, e)| match e {
-            Entry::Change(c) => Some(c),
-            Entry::Barrier => None,
+            LogSlot::Change(c) => Some(c),
+            LogSlot::Barrier => None,
         })
         .collect();
     assert_eq!(changes, vec![id(7), id(8), id(9)]);
@@ -161,14 +161,14 @@ fn truncated_changes_return_to_pending() {
         epoch: a,
         voted: a,
         log: vec![
-            (base, Entry::Barrier),
-            (a, Entry::Barrier),
-            (a, Entry::Change(id(5))),
+            (base, LogSlot::Barrier),
+            (a, LogSlot::Barrier),
+            (a, LogSlot::Change(id(5))),
         ]
         .into(),
-        pending: Vec::new(),
+        offline: Vec::new(),
     };
-    let mut node = Node::new(config(1), durable, 0);
+    let mut node = Replica::new(config(1), durable, 0);
     let out = node.handle(
         Input::Received {
             from: b.device,
@@ -176,18 +176,18 @@ fn truncated_changes_return_to_pending() {
                 epoch: b,
                 prev: Lsn(1),
                 prev_epoch: base,
-                entries: vec![(b, Entry::Barrier)],
+                entries: vec![(b, LogSlot::Barrier)],
             },
         },
         1,
     );
-    assert_eq!(node.role(), Role::Follower);
+    assert_eq!(node.role(), ElectionRole::Follower);
     assert_eq!(
         node.durable().log,
-        vec![(base, Entry::Barrier), (b, Entry::Barrier)].into()
+        vec![(base, LogSlot::Barrier), (b, LogSlot::Barrier)].into()
     );
     assert_eq!(
-        node.durable().pending,
+        node.durable().offline,
         vec![id(5)],
         "the truncated change is resubmitted"
     );
@@ -223,19 +223,19 @@ fn a_heartbeat_or_a_resent_segment_keeps_the_entries_past_it() {
         counter: 2,
         device: DeviceId([2; 32]),
     };
-    let log: Vec<(Epoch, Entry)> = (1..=6).map(|i| (old, Entry::Change(id(i)))).collect();
+    let log: Vec<(Epoch, LogSlot)> = (1..=6).map(|i| (old, LogSlot::Change(id(i)))).collect();
     let durable = Durable {
         epoch: leader,
         voted: leader,
         log: log.clone().into(),
-        pending: Vec::new(),
+        offline: Vec::new(),
     };
-    let mut node = Node::new(config(1), durable, 0);
+    let mut node = Replica::new(config(1), durable, 0);
     for (prev, entries) in [
         (3, vec![]),
         (
             1,
-            vec![(old, Entry::Change(id(2))), (old, Entry::Change(id(3)))],
+            vec![(old, LogSlot::Change(id(2))), (old, LogSlot::Change(id(3)))],
         ),
     ] {
         let out = node.handle(
@@ -251,7 +251,7 @@ fn a_heartbeat_or_a_resent_segment_keeps_the_entries_past_it() {
             1,
         );
         assert_eq!(node.durable().log, log.clone().into(), "after prev {prev}");
-        assert!(node.durable().pending.is_empty());
+        assert!(node.durable().offline.is_empty());
         assert!(node.take_ops().is_empty(), "no truncation, no append");
         assert!(matches!(
             sent(&out).as_slice(),
@@ -262,13 +262,13 @@ fn a_heartbeat_or_a_resent_segment_keeps_the_entries_past_it() {
 
 #[test]
 fn a_lone_device_keeps_committing_and_never_elects_itself() {
-    let mut node = Node::new(config(4), Durable::default(), 0);
+    let mut node = Replica::new(config(4), Durable::default(), 0);
     for t in 0..50 {
         node.handle(Input::Commit(id(t)), t as u64 * 10);
         assert!(node.handle(Input::Tick, t as u64 * 10).is_empty());
     }
-    assert_eq!(node.role(), Role::Alone);
-    assert_eq!(node.durable().pending.len(), 50);
+    assert_eq!(node.role(), ElectionRole::Alone);
+    assert_eq!(node.durable().offline.len(), 50);
     assert_eq!(
         node.durable().epoch,
         Epoch::default(),
@@ -284,21 +284,21 @@ fn the_compact_log_keeps_epochs_as_runs_and_truncates_them() {
         device: DeviceId([c as u8; 32]),
     };
     let items = vec![
-        (e(1), Entry::Barrier),
-        (e(1), Entry::Change(id(1))),
-        (e(2), Entry::Barrier),
-        (e(2), Entry::Change(id(2))),
-        (e(3), Entry::Barrier),
+        (e(1), LogSlot::Barrier),
+        (e(1), LogSlot::Change(id(1))),
+        (e(2), LogSlot::Barrier),
+        (e(2), LogSlot::Change(id(2))),
+        (e(3), LogSlot::Barrier),
     ];
     let mut log = Log::from(items.clone());
     assert_eq!(log.to_vec(), items);
-    assert_eq!(log.get(3), Some((e(2), Entry::Change(id(2)))));
+    assert_eq!(log.get(3), Some((e(2), LogSlot::Change(id(2)))));
     assert_eq!(log.split_off(3), items[3..].to_vec());
     assert_eq!(log, Log::from(items[..3].to_vec()), "runs stay canonical");
     log.truncate(1);
-    log.push((e(2), Entry::Barrier));
-    assert_eq!(log.to_vec(), vec![items[0], (e(2), Entry::Barrier)]);
-    assert_eq!(log.last(), Some((e(2), Entry::Barrier)));
+    log.push((e(2), LogSlot::Barrier));
+    assert_eq!(log.to_vec(), vec![items[0], (e(2), LogSlot::Barrier)]);
+    assert_eq!(log.last(), Some((e(2), LogSlot::Barrier)));
 }
 
 /// The `(prev, entry count)` of each `Append` in `outputs`.
@@ -315,7 +315,7 @@ fn appends(outputs: &[Output]) -> Vec<(u64, usize)> {
 #[test]
 fn a_leader_keeps_segments_in_flight_and_resends_only_after_silence() {
     let peer = DeviceId([2; 32]);
-    let mut leader = Node::founder(config(1), 0);
+    let mut leader = Replica::founder(config(1), 0);
     for n in 0..450 {
         leader.handle(Input::Commit(id(n + 1)), 0);
     }
@@ -353,7 +353,7 @@ fn a_leader_keeps_segments_in_flight_and_resends_only_after_silence() {
 #[test]
 fn a_refusal_at_the_acknowledged_position_moves_the_leader_back() {
     let peer = DeviceId([2; 32]);
-    let mut leader = Node::founder(config(1), 0);
+    let mut leader = Replica::founder(config(1), 0);
     for n in 0..50 {
         leader.handle(Input::Commit(id(n + 1)), 0);
     }
@@ -384,7 +384,7 @@ fn a_refusal_at_the_acknowledged_position_moves_the_leader_back() {
 }
 
 /// Hands every message in `outputs` addressed to `to` over to it; returns what it sends back.
-fn deliver(from: DeviceId, outputs: &[Output], to: &mut Node, now: u64) -> Vec<Output> {
+fn deliver(from: DeviceId, outputs: &[Output], to: &mut Replica, now: u64) -> Vec<Output> {
     let mut back = Vec::new();
     for Output::Send { to: dest, message } in outputs {
         if *dest == to.device() {
@@ -402,8 +402,8 @@ fn deliver(from: DeviceId, outputs: &[Output], to: &mut Node, now: u64) -> Vec<O
 
 #[test]
 fn a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
-    let mut leader = Node::founder(config(1), 0);
-    let mut follower = Node::new(config(2), Durable::default(), 0);
+    let mut leader = Replica::founder(config(1), 0);
+    let mut follower = Replica::new(config(2), Durable::default(), 0);
     let (l, f) = (leader.device(), follower.device());
     follower.handle(Input::Connected(l), 0);
     let beat = leader.handle(Input::Connected(f), 0);
@@ -419,7 +419,7 @@ fn a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
         "a pre-vote, not a vote request: {out:?}"
     );
     assert_eq!(follower.durable().epoch, epoch);
-    assert_ne!(follower.role(), Role::Candidate);
+    assert_ne!(follower.role(), ElectionRole::Candidate);
 
     // The live leader refuses; nobody's epoch moves and the leader keeps leading.
     let reply = deliver(f, &out, &mut leader, 1_000);
@@ -428,17 +428,17 @@ fn a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
         [Message::PreVoteReply { granted: false, .. }]
     ));
     deliver(l, &reply, &mut follower, 1_001);
-    assert_eq!(leader.role(), Role::Leader);
+    assert_eq!(leader.role(), ElectionRole::Leader);
     assert_eq!(leader.durable().epoch, epoch);
     assert_eq!(follower.durable().epoch, epoch);
-    assert_ne!(follower.role(), Role::Candidate);
+    assert_ne!(follower.role(), ElectionRole::Candidate);
 }
 
 /// A founder leading followers `b` and `c` (connected to each other), whom it reached at time 1.
-fn leader_and_two_followers() -> (Node, Node, Node) {
-    let mut leader = Node::founder(config(1), 0);
-    let mut b = Node::new(config(2), Durable::default(), 0);
-    let mut c = Node::new(config(3), Durable::default(), 0);
+fn leader_and_two_followers() -> (Replica, Replica, Replica) {
+    let mut leader = Replica::founder(config(1), 0);
+    let mut b = Replica::new(config(2), Durable::default(), 0);
+    let mut c = Replica::new(config(3), Durable::default(), 0);
     let (l, bd, cd) = (leader.device(), b.device(), c.device());
     for (node, peers) in [(&mut b, [l, cd]), (&mut c, [l, bd])] {
         for p in peers {
@@ -481,7 +481,7 @@ fn followers_elect_a_new_leader_once_the_old_one_is_silent() {
     );
     let vote = deliver(bd, &request, &mut c, 1_001);
     deliver(cd, &vote, &mut b, 1_002);
-    assert_eq!(b.role(), Role::Leader);
+    assert_eq!(b.role(), ElectionRole::Leader);
     assert!(b.durable().epoch > leader.durable().epoch);
 }
 
@@ -492,8 +492,8 @@ fn a_refused_pre_vote_teaches_the_higher_epoch_so_the_next_one_can_win() {
         counter: 5,
         device: DeviceId([9; 32]),
     };
-    let mut p = Node::new(config(1), Durable::default(), 0);
-    let mut r = Node::new(
+    let mut p = Replica::new(config(1), Durable::default(), 0);
+    let mut r = Replica::new(
         config(2),
         Durable {
             epoch: voted,
@@ -529,7 +529,7 @@ fn a_refused_pre_vote_teaches_the_higher_epoch_so_the_next_one_can_win() {
     let request = deliver(rd, &granted, &mut p, 3_000);
     let vote = deliver(pd, &request, &mut r, 3_000);
     deliver(rd, &vote, &mut p, 3_001);
-    assert_eq!(p.role(), Role::Leader);
+    assert_eq!(p.role(), ElectionRole::Leader);
     assert_eq!(p.durable().epoch.counter, 6);
 }
 
@@ -557,21 +557,21 @@ fn two_followers_whose_timers_run_out_together_do_not_split_the_vote() {
     let not_standing = deliver(cd, &from_c, &mut b, 1_001);
     assert!(sent(&not_standing).is_empty(), "b does not stand");
     let request = deliver(bd, &from_b, &mut c, 1_001);
-    assert_eq!(c.role(), Role::Candidate);
+    assert_eq!(c.role(), ElectionRole::Candidate);
     let vote = deliver(cd, &request, &mut b, 1_002);
     assert!(matches!(
         sent(&vote).as_slice(),
         [Message::Vote { granted: true, .. }]
     ));
     deliver(bd, &vote, &mut c, 1_002);
-    assert_eq!(c.role(), Role::Leader, "elected in the first round");
+    assert_eq!(c.role(), ElectionRole::Leader, "elected in the first round");
     assert!(c.durable().epoch > leader.durable().epoch);
 }
 
 #[test]
 fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
-    let mut b = Node::new(config(2), Durable::default(), 0);
-    let mut c = Node::new(config(3), Durable::default(), 0);
+    let mut b = Replica::new(config(2), Durable::default(), 0);
+    let mut c = Replica::new(config(3), Durable::default(), 0);
     let (bd, cd) = (b.device(), c.device());
     b.handle(Input::Connected(cd), 0);
     c.handle(Input::Connected(bd), 0);
@@ -584,7 +584,7 @@ fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
         epoch,
         prev: Lsn(0),
         prev_epoch: Epoch::default(),
-        entries: vec![(epoch, Entry::Change(id(1)))],
+        entries: vec![(epoch, LogSlot::Change(id(1)))],
     };
     b.handle(
         Input::Received {

@@ -5,7 +5,7 @@ use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 /// One log entry: a sequenced change, or the barrier a new leader writes at the start of its epoch
 /// (so every follower's log ends in the newest epoch once it has caught up).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Entry {
+pub enum LogSlot {
     /// A change, by id (the payload travels beside it in the real runtime).
     Change(ChangeId),
     /// The start of a leader's epoch.
@@ -38,7 +38,7 @@ pub enum Message {
         /// Epoch of the entry at `prev` (ignored when `prev` is 0).
         prev_epoch: Epoch,
         /// The entries with their epochs.
-        entries: Vec<(Epoch, Entry)>,
+        entries: Vec<(Epoch, LogSlot)>,
     },
     /// A follower's answer to `Append`.
     AppendReply {
@@ -122,7 +122,7 @@ pub enum LogOp {
         /// The epoch it carries.
         epoch: Epoch,
         /// The entry.
-        entry: Entry,
+        entry: LogSlot,
     },
     /// Every entry after `keep` was removed (their changes are pending again).
     Truncate {
@@ -131,24 +131,43 @@ pub enum LogOp {
     },
 }
 
-/// The node's role.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
+/// A replica's part in its library's election.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ElectionRole {
     /// Sequences changes for its epoch.
     Leader,
     /// Follows a leader.
     Follower,
     /// Asking for votes.
     Candidate,
-    /// No leader and no reachable peer: commits wait in the local journal.
+    /// No leader and no reachable peer: commits wait in the offline journal.
+    #[default]
     Alone,
+}
+
+impl ElectionRole {
+    /// Its name in status output: `leader`, `follower`, `candidate` or `alone`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ElectionRole::Leader => "leader",
+            ElectionRole::Follower => "follower",
+            ElectionRole::Candidate => "candidate",
+            ElectionRole::Alone => "alone",
+        }
+    }
+}
+
+impl std::fmt::Display for ElectionRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A log held compactly: one entry per position (a change id or a barrier, 17 bytes) and the
 /// epochs as runs (a new run only where the epoch changes), so a million entries take ~17 MB.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Log {
-    entries: Vec<Entry>,
+    entries: Vec<LogSlot>,
     /// `(index of the first entry, epoch)`, increasing, no two neighbours with the same epoch.
     runs: Vec<(usize, Epoch)>,
 }
@@ -165,7 +184,7 @@ impl Log {
     }
 
     /// Appends an entry.
-    pub fn push(&mut self, (epoch, entry): (Epoch, Entry)) {
+    pub fn push(&mut self, (epoch, entry): (Epoch, LogSlot)) {
         if self.runs.last().map(|(_, e)| *e) != Some(epoch) {
             self.runs.push((self.entries.len(), epoch));
         }
@@ -181,13 +200,13 @@ impl Log {
     }
 
     /// The entry at index `index` (position `index + 1`).
-    pub fn get(&self, index: usize) -> Option<(Epoch, Entry)> {
+    pub fn get(&self, index: usize) -> Option<(Epoch, LogSlot)> {
         let entry = *self.entries.get(index)?;
         Some((self.epoch_of(index), entry))
     }
 
     /// The last entry.
-    pub fn last(&self) -> Option<(Epoch, Entry)> {
+    pub fn last(&self) -> Option<(Epoch, LogSlot)> {
         self.get(self.entries.len().checked_sub(1)?)
     }
 
@@ -200,20 +219,20 @@ impl Log {
     }
 
     /// Removes and returns the entries from index `at` on.
-    pub fn split_off(&mut self, at: usize) -> Vec<(Epoch, Entry)> {
+    pub fn split_off(&mut self, at: usize) -> Vec<(Epoch, LogSlot)> {
         let tail = self.range(at, self.entries.len());
         self.truncate(at);
         tail
     }
 
     /// The entries with indexes `from..to` (clamped).
-    pub fn range(&self, from: usize, to: usize) -> Vec<(Epoch, Entry)> {
+    pub fn range(&self, from: usize, to: usize) -> Vec<(Epoch, LogSlot)> {
         let to = to.min(self.entries.len());
         (from.min(to)..to).filter_map(|i| self.get(i)).collect()
     }
 
     /// Every entry, in order.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Epoch, Entry)> + '_ {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Epoch, LogSlot)> + '_ {
         (0..self.entries.len()).filter_map(|i| self.get(i))
     }
 
@@ -225,7 +244,7 @@ impl Log {
         Self {
             entries: ids
                 .into_iter()
-                .map(|id| id.map_or(Entry::Barrier, Entry::Change))
+                .map(|id| id.map_or(LogSlot::Barrier, LogSlot::Change))
                 .collect(),
             runs: runs
                 .into_iter()
@@ -235,13 +254,13 @@ impl Log {
     }
 
     /// Every entry, as a vector.
-    pub fn to_vec(&self) -> Vec<(Epoch, Entry)> {
+    pub fn to_vec(&self) -> Vec<(Epoch, LogSlot)> {
         self.iter().collect()
     }
 }
 
-impl FromIterator<(Epoch, Entry)> for Log {
-    fn from_iter<I: IntoIterator<Item = (Epoch, Entry)>>(iter: I) -> Self {
+impl FromIterator<(Epoch, LogSlot)> for Log {
+    fn from_iter<I: IntoIterator<Item = (Epoch, LogSlot)>>(iter: I) -> Self {
         let mut log = Self::default();
         for item in iter {
             log.push(item);
@@ -250,8 +269,8 @@ impl FromIterator<(Epoch, Entry)> for Log {
     }
 }
 
-impl From<Vec<(Epoch, Entry)>> for Log {
-    fn from(items: Vec<(Epoch, Entry)>) -> Self {
+impl From<Vec<(Epoch, LogSlot)>> for Log {
+    fn from(items: Vec<(Epoch, LogSlot)>) -> Self {
         items.into_iter().collect()
     }
 }
@@ -267,7 +286,7 @@ pub struct Durable {
     /// The log: entry `i` is at position `i + 1`.
     pub log: Log,
     /// This device's changes not yet seen in the log (the offline journal).
-    pub pending: Vec<ChangeId>,
+    pub offline: Vec<ChangeId>,
 }
 
 impl Durable {
