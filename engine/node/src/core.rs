@@ -330,7 +330,12 @@ impl Core {
             self.reload();
             return false;
         }
-        // Durable now: the committers first (they wait), then the peers.
+        // Durable now: the committers first (they wait), then the peers. Nothing is sent that the
+        // replica asked to make durable and `persist` did not write.
+        assert!(
+            self.replica.take_ops().is_empty(),
+            "log operations left unwritten"
+        );
         for (placements, reply) in self.sequenced.drain(..) {
             let _ = reply.send(SequenceReply::Done(placements));
         }

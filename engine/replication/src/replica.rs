@@ -222,8 +222,34 @@ impl Replica {
         }
     }
 
-    /// Handles one input at time `now_ms`; returns what to send. Persist [`Replica::durable`] first.
+    /// Handles one input at time `now_ms`; returns what to send. Before sending any of it, make
+    /// [`Replica::durable`]'s epoch and vote and every operation of [`Replica::take_ops`] durable.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Output> {
+        let (epoch_before, voted_before) = (self.durable.epoch, self.durable.voted);
+        let out = self.dispatch(input, now_ms);
+        // Epochs never go back, and a vote is given at most once per epoch counter.
+        assert!(self.durable.epoch >= epoch_before, "the epoch went back");
+        assert!(
+            self.durable.voted == voted_before || self.durable.voted.counter > voted_before.counter,
+            "a second vote in epoch counter {}",
+            voted_before.counter
+        );
+        out
+    }
+
+    /// The next time at which [`Input::Tick`] has something to do (an election timeout, a
+    /// heartbeat or push, a segment to send again): a runtime may sleep until then, or until
+    /// the next input, whichever comes first.
+    pub fn poll_timeout(&self) -> u64 {
+        let heartbeat = self.last_send_ms + self.config.heartbeat_ms;
+        match self.role {
+            ElectionRole::Leader => heartbeat,
+            _ if !self.durable.offline.is_empty() => heartbeat.min(self.election_deadline_ms),
+            _ => self.election_deadline_ms,
+        }
+    }
+
+    fn dispatch(&mut self, input: Input, now_ms: u64) -> Vec<Output> {
         let mut out = Vec::new();
         match input {
             Input::Tick => self.tick(now_ms, &mut out),
@@ -717,7 +743,19 @@ impl Replica {
     }
 
     fn record_push(&mut self, epoch: Epoch, entry: LogSlot) {
+        // Appends go at the end only, and a log's epochs never decrease along it.
+        let last = self.durable.last();
+        assert!(
+            epoch >= last.0,
+            "an entry of epoch {epoch:?} after one of {:?}",
+            last.0
+        );
         self.durable.log.push((epoch, entry));
+        assert_eq!(
+            self.durable.last_lsn().0,
+            last.1 .0 + 1,
+            "append not at the end"
+        );
         self.ops.push(LogOp::Append {
             at: self.durable.last_lsn(),
             epoch,

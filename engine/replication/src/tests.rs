@@ -601,3 +601,26 @@ fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
     assert_eq!(pre_vote_granted(&from_c), Some(true));
     assert_eq!(pre_vote_granted(&from_b), Some(false));
 }
+
+#[test]
+fn poll_timeout_is_the_next_time_a_tick_does_something() {
+    // A lone device: nothing to do before its election timeout (100 ms plus jitter below 100).
+    let mut alone = Replica::new(config(2), Durable::default(), 0);
+    let deadline = alone.poll_timeout();
+    assert!((100..200).contains(&deadline), "deadline {deadline}");
+    assert!(sent(&alone.handle(Input::Tick, deadline - 1)).is_empty());
+    assert_eq!(
+        alone.poll_timeout(),
+        deadline,
+        "a tick before it changes nothing"
+    );
+
+    // A leader: its next heartbeat (10 ms after the last send).
+    let mut leader = Replica::founder(config(1), 0);
+    leader.handle(Input::Connected(DeviceId([2; 32])), 0);
+    leader.handle(Input::Tick, 10);
+    assert_eq!(leader.poll_timeout(), 20);
+    let beat = leader.handle(Input::Tick, 20);
+    assert!(!sent(&beat).is_empty(), "the heartbeat is due then");
+    assert_eq!(leader.poll_timeout(), 30);
+}
