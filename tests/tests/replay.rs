@@ -3,7 +3,7 @@
 //! not.
 
 use keel_bench::workload::library_changes;
-use keel_engine::{replay, REPLAY_APPLY_BATCH};
+use keel_engine::replay;
 use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey};
 use keel_projections::{AppliedPosition, Projections};
 use keel_schema::{Change, DeviceId, Epoch, LibraryId};
@@ -88,6 +88,10 @@ fn dangling_entry(changes: &[Change]) -> Change {
     change
 }
 
+/// Changes in one replay batch (the engine's own batch size; each test checks that its replay
+/// took more than one batch, which is what it relies on).
+const REPLAY_APPLY_BATCH: usize = 65_536;
+
 /// More changes than one replay batch, so the replay loads in bulk.
 fn workload(library: LibraryId) -> Vec<Change> {
     let files = REPLAY_APPLY_BATCH / 2 + 4_000;
@@ -101,6 +105,7 @@ fn a_replay_that_proves_every_reference_stores_what_a_checked_apply_stores() {
     let changes = workload(library);
     let (fresh, report) = replayed(dir.path(), library, &changes);
     assert_eq!(report.changes, changes.len() as u64);
+    assert!(report.batches >= 2, "one batch: {report:?}");
     assert_eq!(
         report.proven, report.changes,
         "in log order every reference is met before or with its change"
@@ -143,6 +148,7 @@ fn a_replay_whose_references_come_late_parks_them_and_stores_what_an_ordered_app
     ordered.push(dangling);
     let (fresh, report) = replayed(dir.path(), library, &log);
     assert_eq!(report.changes, log.len() as u64);
+    assert!(report.batches >= 2, "one batch: {report:?}");
     assert!(
         report.proven < report.changes,
         "a batch with a missing reference is not proven"

@@ -13,6 +13,9 @@ use keel_schema::{Change, ChangeId, DeviceId, Epoch, LibraryId, Lsn, Tag};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
+/// Records read per call in P7's raw read of the log (the replay reads in chunks of this size).
+const RAW_READ_CHUNK: usize = 8192;
+
 struct Sizes {
     p1_commits: usize,
     p2_changes: usize,
@@ -337,7 +340,7 @@ fn p7(dir: &Path, files: usize, out: &mut Map<String, Value>) -> Result<()> {
     let mut next = Lsn(1);
     let mut opened = 0usize;
     loop {
-        let raw = journal.read_log_raw(next, keel_engine::REPLAY_READ_CHUNK)?;
+        let raw = journal.read_log_raw(next, RAW_READ_CHUNK)?;
         let Some((last, _)) = raw.last() else { break };
         next = Lsn(last.0 + 1);
         for (lsn, bytes) in &raw {

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use crate::events::{ChangeKind, Event, EVENT_RECORDS_MAX};
 
 /// Most changes applied in one SQLite transaction by the applier.
-pub const APPLY_GROUP_MAX: usize = 65_536;
+pub(crate) const APPLY_GROUP_MAX: usize = 65_536;
 
 /// State shared by the library and its applier thread.
 pub(crate) struct Shared {

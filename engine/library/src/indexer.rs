@@ -23,7 +23,7 @@ use crate::events::Event;
 use crate::library::{now_ms, Library};
 
 /// Changes committed per transaction while indexing.
-pub const INDEX_COMMIT_BATCH: usize = 4096;
+pub(crate) const INDEX_COMMIT_BATCH: usize = 4096;
 /// Hashing threads.
 const HASH_THREADS: usize = 2;
 /// Most hashed files waiting for the walk to end (each holds its path and entry). Tiny in unit
@@ -156,7 +156,7 @@ fn millis(time: std::io::Result<std::time::SystemTime>) -> i64 {
 }
 
 /// A coarse kind and MIME type from the file extension.
-pub fn kind_of(name: &str) -> (&'static str, Option<&'static str>) {
+pub(crate) fn kind_of(name: &str) -> (&'static str, Option<&'static str>) {
     // Lower-cased in a small buffer: no extension we know is longer than 4 bytes.
     let mut lower = [0u8; 4];
     let ext = name.rsplit_once('.').and_then(|(_, e)| {

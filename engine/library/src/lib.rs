@@ -45,11 +45,10 @@ mod replay;
 mod tx;
 mod walk;
 
-pub use applier::APPLY_GROUP_MAX;
 pub use config::{write_atomic, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
 pub use error::EngineError;
 pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
-pub use indexer::{kind_of, IndexProgress, IndexReport, INDEX_COMMIT_BATCH};
+pub use indexer::{IndexProgress, IndexReport};
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
 pub use keel_schema::{
@@ -62,7 +61,5 @@ pub use library::{
 };
 pub use link::{LinkOptions, NodeLink};
 pub use ops::{ResolvedPath, Scope};
-pub use replay::{
-    replay, ReplayReport, REPLAY_APPLY_BATCH, REPLAY_QUEUE_CHUNKS, REPLAY_READ_CHUNK,
-};
+pub use replay::{replay, ReplayReport};
 pub use tx::Tx;

@@ -11,11 +11,11 @@ use keel_schema::{Change, Lsn};
 use crate::error::EngineError;
 
 /// Records read per journal read.
-pub const REPLAY_READ_CHUNK: usize = 8192;
+pub(crate) const REPLAY_READ_CHUNK: usize = 8192;
 /// Chunks read ahead of the applier.
-pub const REPLAY_QUEUE_CHUNKS: usize = 16;
+pub(crate) const REPLAY_QUEUE_CHUNKS: usize = 16;
 /// Changes applied per SQLite transaction during replay.
-pub const REPLAY_APPLY_BATCH: usize = 65_536;
+pub(crate) const REPLAY_APPLY_BATCH: usize = 65_536;
 
 /// What a replay did.
 #[derive(Debug, Default, Clone)]
@@ -29,6 +29,8 @@ pub struct ReplayReport {
     /// Changes applied in batches whose references were proven beforehand, so SQLite did not
     /// look them up (see `keel_projections::ApplyStats::references_proven`).
     pub proven: u64,
+    /// Batches applied (each one SQLite transaction).
+    pub batches: u64,
 }
 
 struct Chunk {
@@ -155,6 +157,7 @@ pub fn replay(
                 let stats = projections.apply(&pending, Some(pending_position))?;
                 done += pending.len() as u64;
                 report.changes += pending.len() as u64;
+                report.batches += 1;
                 if stats.references_proven {
                     report.proven += pending.len() as u64;
                 }
@@ -166,6 +169,7 @@ pub fn replay(
             let stats = projections.apply(&pending, Some(pending_position))?;
             done += pending.len() as u64;
             report.changes += pending.len() as u64;
+            report.batches += 1;
             if stats.references_proven {
                 report.proven += pending.len() as u64;
             }
