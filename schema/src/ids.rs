@@ -35,6 +35,13 @@ impl<'de> Deserialize<'de> for DeviceId {
 }
 
 impl DeviceId {
+    /// The id of the device whose TLS certificate (DER) is `cert_der`: its SHA-256. A peer's id
+    /// is computed from the certificate it presents, so it cannot be claimed without the key.
+    pub fn of_certificate(cert_der: &[u8]) -> Self {
+        use sha2::Digest;
+        DeviceId(sha2::Sha256::digest(cert_der).into())
+    }
+
     /// A short readable form: the first 8 bytes in hex.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..8])

@@ -414,7 +414,10 @@ fn a_peer_sending_garbage_or_an_oversized_frame_is_cut_off_alone() {
     ] {
         let closed = rt.block_on(async {
             let endpoint = Endpoint::bind(
-                &identity.tls,
+                &keel_transport::Identity::from_parts(
+                    identity.cert_der.clone(),
+                    identity.key_der.clone(),
+                ),
                 std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 pins.clone(),
             )

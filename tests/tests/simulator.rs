@@ -1,5 +1,9 @@
 //! A seeded simulator of 3–5 replication cores through partitions (two sides, or single links cut),
-//! crashes and restarts, message loss, duplication, reordering and delays. After healing it checks:
+//! crashes and restarts (some halfway through writing), message loss, duplication, reordering,
+//! delays and damaged pushes. It drives each `Replica` through its whole contract, as the node
+//! runtime does: wire messages with payloads, a `Store` over an in-memory journal, writes made
+//! durable before anything is sent. It checks after every step that the "disk" holds the
+//! replica's own view (log, offline journal, election state), and after healing:
 //! identical logs and digests, no pending change left, every acknowledged change present exactly
 //! once, at most one leader per epoch, epochs that never go back, and no node ever losing a change
 //! it had.
@@ -10,9 +14,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use keel_replication::{
-    Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output, Replica, ReplicaConfig,
+    Durable, ElectionRole, LogSlot, LogWrite, Replica, ReplicaConfig, ReplicaEvent,
+    ReplicationMessage, Store, Transmit,
 };
-use keel_schema::{ChangeId, DeviceId, Epoch};
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -20,12 +25,120 @@ use uuid::Uuid;
 const STEP_MS: u64 = 5;
 const CHAOS_STEPS: usize = 2500;
 const HEAL_STEPS_MAX: usize = 6000;
+/// The simulator's sealing: a marker, then the change id (where the journal's `Sealer` puts it).
+const SEAL_MARK: [u8; 4] = *b"ksim";
 
 struct InFlight {
     at_ms: u64,
     from: usize,
     to: usize,
-    message: Message,
+    message: ReplicationMessage,
+}
+
+/// What a device's runtime made durable: the journal, with payloads.
+#[derive(Clone, Default)]
+struct Disk {
+    epoch: Epoch,
+    voted: Epoch,
+    log: Vec<(Epoch, Vec<u8>)>,
+    offline: Vec<(ChangeId, Vec<u8>)>,
+}
+
+fn seal(id: ChangeId) -> Vec<u8> {
+    let mut sealed = SEAL_MARK.to_vec();
+    sealed.extend_from_slice(id.0.as_bytes());
+    sealed
+}
+
+fn peek(sealed: &[u8]) -> Option<ChangeId> {
+    let id: [u8; 16] = sealed.get(4..20)?.try_into().ok()?;
+    Some(ChangeId(Uuid::from_bytes(id)))
+}
+
+impl Disk {
+    /// The replica's durable state, read back as a runtime reads its journal at start.
+    fn durable(&self) -> Durable {
+        Durable {
+            epoch: self.epoch,
+            voted: self.voted,
+            log: self
+                .log
+                .iter()
+                .map(|(e, p)| (*e, peek(p).map_or(LogSlot::Barrier, LogSlot::Change)))
+                .collect(),
+            offline: self.offline.iter().map(|(id, _)| *id).collect(),
+        }
+    }
+
+    /// Makes one write durable, as the journal does.
+    fn apply(&mut self, i: usize, write: LogWrite) {
+        match write {
+            LogWrite::Election { epoch, voted } => {
+                self.epoch = epoch;
+                self.voted = voted;
+            }
+            LogWrite::Append { at, entries } => {
+                assert_eq!(
+                    at.0,
+                    self.log.len() as u64 + 1,
+                    "node {i}: append not at the end"
+                );
+                let ids: BTreeSet<ChangeId> = entries.iter().filter_map(|(_, p)| peek(p)).collect();
+                self.offline.retain(|(id, _)| !ids.contains(id));
+                self.log.extend(entries);
+            }
+            LogWrite::Truncate { keep } => {
+                for (_, payload) in self.log.split_off(keep.0 as usize) {
+                    if let Some(id) = peek(&payload) {
+                        self.offline.push((id, payload));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a replica reads from its disk.
+struct DiskStore<'a>(&'a Disk);
+
+impl Store for DiskStore<'_> {
+    type Error = String;
+
+    fn read_log(&mut self, first: Lsn, count: usize) -> Result<Vec<(Epoch, Vec<u8>)>, String> {
+        let from = first.0.saturating_sub(1) as usize;
+        self.0
+            .log
+            .get(from..from + count)
+            .map(<[_]>::to_vec)
+            .ok_or_else(|| format!("no entries {}..+{count}", first.0))
+    }
+
+    fn read_offline(&mut self) -> Result<Vec<(ChangeId, Vec<u8>)>, String> {
+        Ok(self.0.offline.clone())
+    }
+
+    fn applied(&mut self) -> Lsn {
+        Lsn(self.0.log.len() as u64)
+    }
+
+    fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId> {
+        peek(sealed)
+    }
+
+    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String> {
+        if sealed.get(..4) != Some(&SEAL_MARK[..]) || sealed.len() != 20 {
+            return Err("does not open".into());
+        }
+        peek(sealed).ok_or_else(|| "no id".into())
+    }
+}
+
+/// An input to one replica.
+enum Input {
+    Tick,
+    Connected(DeviceId),
+    Disconnected(DeviceId),
+    Received(DeviceId, ReplicationMessage),
 }
 
 struct Sim {
@@ -33,7 +146,7 @@ struct Sim {
     now_ms: u64,
     devices: Vec<DeviceId>,
     nodes: Vec<Option<Replica>>,
-    disks: Vec<Durable>,
+    disks: Vec<Disk>,
     /// `up[a][b]`: whether a and b can talk.
     up: Vec<Vec<bool>>,
     /// What each node believes is connected.
@@ -44,6 +157,7 @@ struct Sim {
     max_epoch: Vec<Epoch>,
     ever_had: Vec<BTreeSet<ChangeId>>,
     delivered: u64,
+    refused: u64,
 }
 
 fn config(device: DeviceId) -> ReplicaConfig {
@@ -79,24 +193,22 @@ impl Sim {
                 DeviceId(id)
             })
             .collect();
-        let mut nodes = Vec::new();
-        for (i, d) in devices.iter().enumerate() {
-            let node = if i == 0 {
-                Replica::founder(config(*d), 0)
-            } else {
-                Replica::new(config(*d), Durable::default(), 0)
-            };
-            nodes.push(Some(node));
-        }
-        let disks = nodes
+        let nodes = devices
             .iter()
-            .map(|n| n.as_ref().map(|n| n.durable().clone()).unwrap_or_default())
+            .enumerate()
+            .map(|(i, d)| {
+                Some(if i == 0 {
+                    Replica::founder(config(*d), 0)
+                } else {
+                    Replica::new(config(*d), Durable::default(), 0)
+                })
+            })
             .collect();
-        Self {
+        let mut sim = Self {
             rng,
             now_ms: 0,
             nodes,
-            disks,
+            disks: vec![Disk::default(); n],
             up: vec![vec![true; n]; n],
             views: vec![BTreeSet::new(); n],
             flight: Vec::new(),
@@ -106,7 +218,11 @@ impl Sim {
             ever_had: vec![BTreeSet::new(); n],
             devices,
             delivered: 0,
-        }
+            refused: 0,
+        };
+        // The founder's epoch and barrier.
+        sim.flush(0, false);
+        sim
     }
 
     fn index_of(&self, device: DeviceId) -> usize {
@@ -116,14 +232,22 @@ impl Sim {
             .unwrap_or(usize::MAX)
     }
 
-    fn dispatch(&mut self, from: usize, outputs: Vec<Output>, lossy: bool) {
-        for Output::Send { to, message } in outputs {
+    fn dispatch(&mut self, from: usize, outputs: Vec<Transmit>, lossy: bool) {
+        for Transmit { to, mut message } in outputs {
+            message
+                .check()
+                .expect("a replica sends only messages within the limits");
             let to = self.index_of(to);
             if to == usize::MAX {
                 continue;
             }
             if lossy && self.rng.gen_bool(0.02) {
                 continue; // lost
+            }
+            if let ReplicationMessage::Push { changes } = &mut message {
+                if lossy && !changes.is_empty() && self.rng.gen_bool(0.01) {
+                    changes[0][0] ^= 0xff; // damaged: the leader refuses it, the sender pushes again
+                }
             }
             let copies = if lossy && self.rng.gen_bool(0.03) {
                 2
@@ -146,44 +270,119 @@ impl Sim {
         }
     }
 
-    fn handle(&mut self, i: usize, input: Input, lossy: bool) {
+    /// Hands one input to node `i`, then does what its runtime does (see `flush`). With `chaos`,
+    /// the node sometimes crashes halfway through writing, before sending anything.
+    fn handle(&mut self, i: usize, input: Input, chaos: bool) {
         let now = self.now_ms;
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
-        let out = node.handle(input, now);
-        self.persist(i);
+        let mut store = DiskStore(&self.disks[i]);
+        match input {
+            Input::Tick => node.handle_timeout(now),
+            Input::Connected(peer) => node.handle_connected(now, peer),
+            Input::Disconnected(peer) => node.handle_disconnected(now, peer),
+            Input::Received(from, message) => node.handle_message(now, from, message, &mut store),
+        }
+        if chaos && self.rng.gen_bool(0.001) {
+            self.crash_while_writing(i);
+        } else {
+            self.flush(i, chaos);
+        }
+    }
+
+    /// A commit on node `i`: through the offline journal, or (on a leader) sequenced directly,
+    /// as the node runtime does. Acknowledged once durable.
+    fn commit(&mut self, i: usize, id: ChangeId) {
+        let now = self.now_ms;
+        let Some(node) = self.nodes[i].as_mut() else {
+            return;
+        };
+        if node.role() == ElectionRole::Leader {
+            let placed = node.handle_commit(now, id, Some(seal(id)));
+            assert!(
+                placed.is_some(),
+                "node {i}: a leader did not sequence a new change"
+            );
+        } else {
+            self.disks[i].offline.push((id, seal(id)));
+            node.handle_commit(now, id, None);
+        }
+        self.flush(i, true);
+        self.acked.push(id);
+        self.ever_had[i].insert(id);
+    }
+
+    /// What the runtime does after inputs: events, then every write made durable, then the
+    /// messages sent. The disk must then hold the node's own view, so a restart from the disk
+    /// is a restart from exactly what the runtime wrote.
+    fn flush(&mut self, i: usize, lossy: bool) {
+        let Some(node) = self.nodes[i].as_mut() else {
+            return;
+        };
+        while let Some(event) = node.poll_event() {
+            if let ReplicaEvent::Refused { .. } = event {
+                self.refused += 1;
+            }
+        }
+        while let Some(write) = node
+            .poll_log_write(&mut DiskStore(&self.disks[i]))
+            .unwrap_or_else(|e| panic!("node {i}: {e}"))
+        {
+            self.disks[i].apply(i, write);
+        }
+        node.written();
+        let mut out = Vec::new();
+        while let Some(transmit) = node
+            .poll_transmit(&mut DiskStore(&self.disks[i]))
+            .unwrap_or_else(|e| panic!("node {i}: {e}"))
+        {
+            out.push(transmit);
+        }
+        let d = node.durable();
+        let disk = &self.disks[i];
+        // A cheap check on every step; the whole log is compared at each crash.
+        assert_eq!(disk.log.len(), d.log.len(), "node {i}: writes differ");
+        assert_eq!(
+            disk.log.last().map(|(e, p)| (*e, peek(p))),
+            d.log.last().map(|(e, s)| (
+                e,
+                match s {
+                    LogSlot::Change(id) => Some(id),
+                    LogSlot::Barrier => None,
+                }
+            )),
+            "node {i}: writes differ"
+        );
+        let on_disk: BTreeSet<ChangeId> = disk.offline.iter().map(|(id, _)| *id).collect();
+        let in_memory: BTreeSet<ChangeId> = d.offline.iter().copied().collect();
+        assert_eq!(on_disk, in_memory, "node {i}: offline journals differ");
+        assert_eq!(
+            (disk.epoch, disk.voted),
+            (d.epoch, d.voted),
+            "node {i}: election state differs"
+        );
         self.dispatch(i, out, lossy);
         self.check_node(i);
     }
 
-    /// What a runtime does before sending: writes the node's log operations and epochs to its
-    /// "disk". The disk log must then equal the node's own view, so a
-    /// restart from the disk is a restart from exactly what the runtime would have written.
-    fn persist(&mut self, i: usize) {
-        let Some(node) = self.nodes[i].as_mut() else {
+    /// Node `i` crashes after writing some of what it was asked: nothing was sent.
+    fn crash_while_writing(&mut self, i: usize) {
+        let Some(mut node) = self.nodes[i].take() else {
             return;
         };
-        let disk = &mut self.disks[i];
-        for op in node.take_ops() {
-            match op {
-                LogOp::Append { at, epoch, entry } => {
-                    assert_eq!(
-                        at.0,
-                        disk.log.len() as u64 + 1,
-                        "node {i}: append not at the end"
-                    );
-                    disk.log.push((epoch, entry));
-                }
-                LogOp::Truncate { keep } => disk.log.truncate(keep.0 as usize),
-            }
+        let mut writes = Vec::new();
+        while let Some(write) = node
+            .poll_log_write(&mut DiskStore(&self.disks[i]))
+            .unwrap_or_else(|e| panic!("node {i}: {e}"))
+        {
+            writes.push(write);
         }
-        let d = node.durable();
-        // A cheap check on every step; the whole log is compared at each crash.
-        assert_eq!(disk.log.len(), d.log.len(), "node {i}: log ops differ");
-        assert_eq!(disk.log.last(), d.log.last(), "node {i}: log ops differ");
-        disk.epoch = d.epoch;
-        disk.voted = d.voted;
+        let done = self.rng.gen_range(0..=writes.len());
+        for write in writes.into_iter().take(done) {
+            self.disks[i].apply(i, write);
+        }
+        self.views[i].clear();
     }
 
     fn check_node(&mut self, i: usize) {
@@ -203,7 +402,7 @@ impl Sim {
         for i in 0..self.nodes.len() {
             let d = match &self.nodes[i] {
                 Some(n) => n.durable().clone(),
-                None => self.disks[i].clone(),
+                None => self.disks[i].durable(),
             };
             let now = changes_of(&d);
             let missing: Vec<_> = self.ever_had[i].difference(&now).collect();
@@ -230,7 +429,12 @@ impl Sim {
             for j in new {
                 self.handle(i, Input::Connected(self.devices[j]), lossy);
             }
-            self.views[i] = reachable;
+            // A node that crashed while handling these knows no one.
+            self.views[i] = if self.nodes[i].is_some() {
+                reachable
+            } else {
+                BTreeSet::new()
+            };
         }
     }
 
@@ -262,13 +466,10 @@ impl Sim {
                 let i = self.rng.gen_range(0..n);
                 if let Some(node) = self.nodes[i].take() {
                     assert_eq!(
-                        self.disks[i].log,
+                        self.disks[i].durable().log,
                         node.durable().log,
                         "node {i}: disk differs"
                     );
-                    // The disk holds the log as persisted after the last input; the offline
-                    // journal is written by each commit itself.
-                    self.disks[i].offline = node.durable().offline.clone();
                     self.views[i].clear();
                 }
             }
@@ -276,19 +477,16 @@ impl Sim {
                 let i = self.rng.gen_range(0..n);
                 if self.nodes[i].is_some() {
                     let id = ChangeId(Uuid::from_u128(self.rng.gen()));
-                    self.handle(i, Input::Commit(id), true);
-                    // Commit is durable once handled: acknowledged.
-                    self.acked.push(id);
-                    self.ever_had[i].insert(id);
+                    self.commit(i, id);
                 }
             }
         }
         for i in 0..n {
             if self.nodes[i].is_none() && (!chaos || self.rng.gen_bool(0.02)) {
-                let node =
-                    Replica::new(config(self.devices[i]), self.disks[i].clone(), self.now_ms);
+                let durable = self.disks[i].durable();
+                let node = Replica::new(config(self.devices[i]), durable, self.now_ms);
                 self.nodes[i] = Some(node);
-                self.persist(i);
+                self.flush(i, chaos);
             }
         }
         self.refresh_views(chaos);
@@ -310,14 +508,7 @@ impl Sim {
             if self.up[m.from][m.to] && self.nodes[m.to].is_some() {
                 self.delivered += 1;
                 let from = self.devices[m.from];
-                self.handle(
-                    m.to,
-                    Input::Received {
-                        from,
-                        message: m.message,
-                    },
-                    chaos,
-                );
+                self.handle(m.to, Input::Received(from, m.message), chaos);
             }
         }
         for i in 0..n {
@@ -351,7 +542,8 @@ fn digest(d: &Durable) -> String {
     hasher.finalize().to_hex().to_string()
 }
 
-fn run(seed: u64) {
+/// Runs one seed; returns how many damaged pushes the leaders refused.
+fn run(seed: u64) -> u64 {
     let mut sim = Sim::new(seed);
     for step in 0..CHAOS_STEPS {
         sim.step(true);
@@ -405,6 +597,7 @@ fn run(seed: u64) {
         );
     }
     assert!(sim.delivered > 0);
+    sim.refused
 }
 
 #[test]
@@ -421,12 +614,19 @@ fn seeded_simulation_converges_and_loses_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(tier_default);
+    let mut refused = 0;
     for seed in 0..seeds {
-        let outcome = std::panic::catch_unwind(|| run(seed));
-        if let Err(panic) = outcome {
-            eprintln!("simulator failed with seed {seed}; rerun with KEEL_SIM_SEED={seed}");
-            std::panic::resume_unwind(panic);
+        match std::panic::catch_unwind(|| run(seed)) {
+            Ok(n) => refused += n,
+            Err(panic) => {
+                eprintln!("simulator failed with seed {seed}; rerun with KEEL_SIM_SEED={seed}");
+                std::panic::resume_unwind(panic);
+            }
         }
     }
+    assert!(
+        refused > 0,
+        "no damaged push was ever refused: that path went untested"
+    );
     eprintln!("simulator: {seeds} seeds converged");
 }

@@ -111,7 +111,15 @@ const TOOLING: &[&str] = &[
 #[test]
 fn the_library_a_host_app_embeds_compiles_no_tooling_and_no_runtime() {
     let mut banned = TOOLING.to_vec();
-    banned.extend(["keel-node", "keel-replication"]);
+    // No network stack either: the node brings QUIC; the library only stores the device's
+    // certificate and key.
+    banned.extend([
+        "keel-node",
+        "keel-replication",
+        "keel-transport",
+        "quinn",
+        "rustls",
+    ]);
     assert_free_of("keel-engine", &banned);
     assert_free_of("keel-node", TOOLING);
 }
@@ -141,8 +149,10 @@ fn storage_and_network_crates_do_not_import_each_other() {
             .filter(|n| n.starts_with("keel-") && n != p && n != "keel-schema-derive")
             .collect()
     };
-    for package in ["keel-journal", "keel-projections", "keel-transport"] {
+    for package in ["keel-journal", "keel-projections"] {
         assert_eq!(keel(package), ["keel-schema"], "{package}");
     }
+    // The wire carries the protocol core's messages; the core itself knows no other crate.
+    assert_eq!(keel("keel-transport"), ["keel-replication", "keel-schema"]);
     assert_eq!(keel("keel-replication"), ["keel-schema"]);
 }

@@ -9,7 +9,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 use crate::error::TransportError;
 use crate::frame::{encode_frame, frame_len, FRAME_HEADER_LEN};
-use crate::identity::{device_id_of, Identity};
+use crate::identity::Identity;
 use crate::message::DeviceMessage;
 use crate::verifier::{PinnedClientVerifier, PinnedServerVerifier, Pins};
 
@@ -192,7 +192,7 @@ impl Connection {
         let first = certs
             .first()
             .ok_or_else(|| TransportError::Tls("peer presented no certificate".into()))?;
-        let peer = device_id_of(first.as_ref());
+        let peer = DeviceId::of_certificate(first.as_ref());
         Ok(Self {
             pinned: pins.contains(&peer),
             peer,

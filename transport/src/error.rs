@@ -50,3 +50,9 @@ impl TransportError {
         )
     }
 }
+
+impl From<keel_replication::wire::OverLimit> for TransportError {
+    fn from(e: keel_replication::wire::OverLimit) -> Self {
+        Self::OverLimit(e.0)
+    }
+}

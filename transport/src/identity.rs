@@ -3,7 +3,6 @@
 
 use keel_schema::DeviceId;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest, Sha256};
 
 use crate::error::TransportError;
 
@@ -13,11 +12,6 @@ pub struct Identity {
     cert: CertificateDer<'static>,
     key_der: Vec<u8>,
     device: DeviceId,
-}
-
-/// The device id of a certificate: SHA-256 of its DER bytes.
-pub fn device_id_of(cert: &[u8]) -> DeviceId {
-    DeviceId(Sha256::digest(cert).into())
 }
 
 impl Identity {
@@ -32,7 +26,7 @@ impl Identity {
 
     /// An identity from stored DER bytes (certificate and PKCS#8 key).
     pub fn from_parts(cert: Vec<u8>, key_der: Vec<u8>) -> Self {
-        let device = device_id_of(&cert);
+        let device = DeviceId::of_certificate(&cert);
         Self {
             cert: CertificateDer::from(cert),
             key_der,

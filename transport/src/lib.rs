@@ -16,10 +16,11 @@ mod verifier;
 pub use endpoint::{Connection, Endpoint, ALPN, IDLE_TIMEOUT_MS, KEEP_ALIVE_MS, UDP_PAYLOAD_MAX};
 pub use error::TransportError;
 pub use frame::{decode_frame, encode_frame, frame_len, FRAME_HEADER_LEN, FRAME_LEN_MAX};
-pub use identity::{device_id_of, Identity};
+pub use identity::Identity;
+pub use keel_replication::ReplicationMessage;
 pub use message::{
-    DeviceMessage, DomainPosition, ElectionMessage, PairingMessage, WireLogEntry, MESSAGE_VERSION,
-    POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, SNAPSHOT_CHUNK_MAX, TEXT_LEN_MAX,
+    DeviceMessage, DomainPosition, PairingMessage, WireLogEntry, MESSAGE_VERSION, POSITIONS_MAX,
+    RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, SNAPSHOT_CHUNK_MAX, TEXT_LEN_MAX,
 };
 pub use pairing::{
     Binding, InviteRun, Inviter, Joined, Joiner, PairingCode, PairingError, CODE_FAILURES_MAX,

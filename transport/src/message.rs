@@ -4,7 +4,12 @@
 //! trailing bytes and anything over the limits below, so a hostile peer costs one closed
 //! connection and nothing else.
 
-use keel_schema::{DeviceId, Epoch, Hlc, LibraryId, Lsn, SyncDomain};
+use keel_replication::wire::{check_positions, check_records};
+pub use keel_replication::wire::{
+    DomainPosition, WireLogEntry, POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX,
+};
+use keel_replication::ReplicationMessage;
+use keel_schema::{DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use uuid::Uuid;
@@ -12,87 +17,11 @@ use uuid::Uuid;
 use crate::error::TransportError;
 
 /// The message version this build speaks.
-pub const MESSAGE_VERSION: u8 = 1;
-/// Most records in one segment, change push or model batch.
-pub const RECORDS_PER_MESSAGE_MAX: usize = 16_384;
-/// Largest single record or blob in a message.
-pub const RECORD_BYTES_MAX: usize = 1 << 20;
+pub const MESSAGE_VERSION: u8 = 2;
 /// Largest piece of a projection snapshot in one [`DeviceMessage::SnapshotChunk`].
 pub const SNAPSHOT_CHUNK_MAX: usize = 4 << 20;
 /// Longest name or reason string.
 pub const TEXT_LEN_MAX: usize = 256;
-/// Most domain positions in one message.
-pub const POSITIONS_MAX: usize = 16;
-
-/// A replication position in one sync domain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomainPosition {
-    /// The domain.
-    pub domain: SyncDomain,
-    /// The last log position applied in it.
-    pub lsn: Lsn,
-}
-
-/// One log entry on the wire: the epoch that sequenced it and the sealed change.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireLogEntry {
-    /// The sequencing epoch.
-    pub epoch: Epoch,
-    /// The sealed change, as stored in the journal.
-    pub sealed: ByteBuf,
-}
-
-/// Leader election.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ElectionMessage {
-    /// A candidate asks for a vote in `epoch`, showing how far its log goes.
-    RequestVote {
-        /// The epoch the candidate would lead.
-        epoch: Epoch,
-        /// The epoch of its last log entry.
-        last_epoch: Epoch,
-        /// Its last log position.
-        last_lsn: Lsn,
-    },
-    /// The answer to a vote request.
-    Vote {
-        /// The epoch voted on.
-        epoch: Epoch,
-        /// Whether the vote is granted.
-        granted: bool,
-    },
-    /// "My epoch is higher": the receiver's epoch is stale and it steps down.
-    Stale {
-        /// The sender's epoch.
-        epoch: Epoch,
-    },
-    /// The leader of `epoch` is alive; its log ends at `log_end`.
-    Heartbeat {
-        /// The leader's epoch.
-        epoch: Epoch,
-        /// Its last log position.
-        log_end: Lsn,
-    },
-    /// Before an election: would the receiver vote for the sender in `epoch`? Changes no state
-    /// on either side (a device that cannot hear a live leader does not depose it).
-    PreVote {
-        /// The epoch the sender would stand in.
-        epoch: Epoch,
-        /// The epoch of its last log entry.
-        last_epoch: Epoch,
-        /// Its last log position.
-        last_lsn: Lsn,
-    },
-    /// The answer to a pre-vote.
-    PreVoteReply {
-        /// The epoch asked about.
-        epoch: Epoch,
-        /// Whether a vote would be granted.
-        granted: bool,
-        /// The highest epoch the answering device has taken or voted in.
-        highest: Epoch,
-    },
-}
 
 /// Pairing (SPAKE2 over a short code, then key transfer).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,37 +82,6 @@ pub enum DeviceMessage {
         /// Most entries wanted.
         limit: u32,
     },
-    /// Log entries `first..` sequenced by the leader of `epoch`. An entry with an empty payload
-    /// is the barrier that starts an epoch.
-    SyncLogSegment {
-        /// The sender's (leader's) epoch.
-        epoch: Epoch,
-        /// Position of the first entry.
-        first: Lsn,
-        /// Epoch of the entry before `first` (the follower checks its log agrees there).
-        prev_epoch: Epoch,
-        /// The leader's last log position (for catch-up progress).
-        leader_end: Lsn,
-        /// The entries.
-        entries: Vec<WireLogEntry>,
-    },
-    /// A follower's own changes (sealed), pushed to the leader; idempotent by change id.
-    SyncChange {
-        /// Sealed changes.
-        changes: Vec<ByteBuf>,
-    },
-    /// A follower's acknowledgement of what it holds and applied.
-    SyncAck {
-        /// The epoch acknowledged.
-        epoch: Epoch,
-        /// Whether the segment matched the follower's log (if not, `stored` hints where to
-        /// resume).
-        ok: bool,
-        /// Last log position stored.
-        stored: Lsn,
-        /// Applied positions per domain.
-        positions: Vec<DomainPosition>,
-    },
     /// Asks for records of one model after a uuid (backfill in dependency order).
     SyncPullModelBatchRequest {
         /// Model code.
@@ -202,8 +100,8 @@ pub enum DeviceMessage {
         /// Whether this was the last batch of the model.
         done: bool,
     },
-    /// Leader election.
-    Election(ElectionMessage),
+    /// Election and replication (see `keel-replication`).
+    Replication(ReplicationMessage),
     /// Pairing.
     Pairing(PairingMessage),
     /// Sent instead of Hello by a device that has just joined: asks for the log and a snapshot
@@ -214,7 +112,7 @@ pub enum DeviceMessage {
         /// The library.
         library: LibraryId,
     },
-    /// What a snapshot holds: the log up to `log_end` (as [`DeviceMessage::SyncLogSegment`]s
+    /// What a snapshot holds: the log up to `log_end` (as [`ReplicationMessage::LogSegment`]s
     /// from position 1) and a projection file of `file_bytes` bytes with everything up to
     /// `applied` applied.
     SnapshotBegin {
@@ -245,24 +143,6 @@ pub enum DeviceMessage {
 
 fn over(what: String) -> TransportError {
     TransportError::OverLimit(what)
-}
-
-fn check_blobs<'a>(
-    what: &str,
-    blobs: impl ExactSizeIterator<Item = &'a ByteBuf>,
-) -> Result<(), TransportError> {
-    if blobs.len() > RECORDS_PER_MESSAGE_MAX {
-        return Err(over(format!(
-            "{} {what} (max {RECORDS_PER_MESSAGE_MAX})",
-            blobs.len()
-        )));
-    }
-    for blob in blobs {
-        if blob.len() > RECORD_BYTES_MAX {
-            return Err(over(format!("a {what} of {} bytes", blob.len())));
-        }
-    }
-    Ok(())
 }
 
 fn check_text(what: &str, text: &str) -> Result<(), TransportError> {
@@ -308,25 +188,17 @@ impl DeviceMessage {
     /// Checks the limits.
     pub fn check(&self) -> Result<(), TransportError> {
         match self {
-            DeviceMessage::Hello { positions, .. } | DeviceMessage::SyncAck { positions, .. } => {
-                if positions.len() > POSITIONS_MAX {
-                    return Err(over(format!("{} positions", positions.len())));
-                }
-            }
+            DeviceMessage::Hello { positions, .. } => check_positions(positions)?,
             DeviceMessage::SyncPullRequest { limit, .. }
             | DeviceMessage::SyncPullModelBatchRequest { limit, .. } => {
                 if *limit as usize > RECORDS_PER_MESSAGE_MAX {
                     return Err(over(format!("a request for {limit} records")));
                 }
             }
-            DeviceMessage::SyncLogSegment { entries, .. } => {
-                check_blobs("log entries", entries.iter().map(|e| &e.sealed))?
-            }
-            DeviceMessage::SyncChange { changes } => check_blobs("changes", changes.iter())?,
+            DeviceMessage::Replication(message) => message.check()?,
             DeviceMessage::SyncPullModelBatchResponse { records, .. } => {
-                check_blobs("records", records.iter())?
+                check_records("records", records.iter())?
             }
-            DeviceMessage::Election(_) => {}
             DeviceMessage::Pairing(p) => p.check()?,
             DeviceMessage::SnapshotChunk { data, .. } => {
                 if data.len() > SNAPSHOT_CHUNK_MAX {
@@ -377,6 +249,7 @@ impl PairingMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_schema::SyncDomain;
 
     fn samples() -> Vec<DeviceMessage> {
         let device = DeviceId([1; 32]);
@@ -396,7 +269,7 @@ mod tests {
                 from: Lsn(10),
                 limit: 100,
             },
-            DeviceMessage::SyncLogSegment {
+            DeviceMessage::Replication(ReplicationMessage::LogSegment {
                 epoch,
                 first: Lsn(10),
                 prev_epoch: epoch,
@@ -405,21 +278,30 @@ mod tests {
                     epoch,
                     sealed: ByteBuf::from(vec![5u8; 90]),
                 }],
-            },
-            DeviceMessage::SyncChange {
+            }),
+            DeviceMessage::Replication(ReplicationMessage::Push {
                 changes: vec![ByteBuf::from(vec![1u8; 10])],
-            },
-            DeviceMessage::Election(ElectionMessage::RequestVote {
+            }),
+            DeviceMessage::Replication(ReplicationMessage::Ack {
+                epoch,
+                ok: true,
+                stored: Lsn(4),
+                positions: vec![DomainPosition {
+                    domain: SyncDomain::Content,
+                    lsn: Lsn(3),
+                }],
+            }),
+            DeviceMessage::Replication(ReplicationMessage::RequestVote {
                 epoch,
                 last_epoch: epoch,
                 last_lsn: Lsn(4),
             }),
-            DeviceMessage::Election(ElectionMessage::PreVote {
+            DeviceMessage::Replication(ReplicationMessage::PreVote {
                 epoch,
                 last_epoch: epoch,
                 last_lsn: Lsn(4),
             }),
-            DeviceMessage::Election(ElectionMessage::PreVoteReply {
+            DeviceMessage::Replication(ReplicationMessage::PreVoteReply {
                 epoch,
                 granted: true,
                 highest: epoch,
@@ -464,9 +346,9 @@ mod tests {
 
     #[test]
     fn limits_are_enforced_on_decode() {
-        let too_many = DeviceMessage::SyncChange {
+        let too_many = DeviceMessage::Replication(ReplicationMessage::Push {
             changes: vec![ByteBuf::new(); RECORDS_PER_MESSAGE_MAX + 1],
-        };
+        });
         assert!(matches!(
             too_many.encode(),
             Err(TransportError::OverLimit(_))

@@ -11,8 +11,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
-use crate::identity::device_id_of;
-
 /// The set of device ids this device talks to. Shared so pairing can add to it while running.
 /// While an invitation is open, unpinned devices may connect too — for pairing only.
 #[derive(Debug, Clone, Default)]
@@ -62,7 +60,7 @@ impl Pins {
 }
 
 fn check_pinned(pins: &Pins, cert: &CertificateDer<'_>) -> Result<(), Error> {
-    let device = device_id_of(cert.as_ref());
+    let device = DeviceId::of_certificate(cert.as_ref());
     if pins.contains(&device) || pins.pairing_open() {
         Ok(())
     } else {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use keel_schema::Lsn;
 use keel_transport::{
-    DeviceMessage, Endpoint, Identity, Pins, TransportError, SNAPSHOT_CHUNK_MAX, UDP_PAYLOAD_MAX,
+    DeviceMessage, Endpoint, Identity, Pins, ReplicationMessage, TransportError,
+    SNAPSHOT_CHUNK_MAX, UDP_PAYLOAD_MAX,
 };
 
 fn localhost() -> SocketAddr {
@@ -59,9 +60,9 @@ async fn pinned_devices_exchange_messages() {
     };
     to_a.send(&ask).await.expect("sends");
     assert_eq!(to_b.recv().await.expect("receives"), ask);
-    let answer = DeviceMessage::SyncChange {
+    let answer = DeviceMessage::Replication(ReplicationMessage::Push {
         changes: Vec::new(),
-    };
+    });
     to_b.send(&answer).await.expect("sends");
     assert_eq!(to_a.recv().await.expect("receives"), answer);
 }

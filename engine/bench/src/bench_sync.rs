@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use keel_engine::{CreateOptions, Event, Home, KdfParams, Library};
 use keel_node::{join, JoinOptions, Node, NodeOptions};
 use keel_schema::{Change, DeviceId, Tag};
-use keel_transport::{DeviceMessage, Endpoint, Identity, Pins};
+use keel_transport::{DeviceMessage, Endpoint, Identity, Pins, ReplicationMessage};
 use serde_bytes::ByteBuf;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
@@ -398,12 +398,14 @@ pub(crate) fn quic_raw(out: &mut Map<String, Value>) -> Result<()> {
             let mut bytes = 0usize;
             loop {
                 match conn.recv().await {
-                    Ok(DeviceMessage::SyncChange { changes }) if changes.len() > 1 => {
+                    Ok(DeviceMessage::Replication(ReplicationMessage::Push { changes }))
+                        if changes.len() > 1 =>
+                    {
                         bytes += changes.iter().map(|c| c.len()).sum::<usize>();
                         if bytes >= 256 << 20 {
-                            conn.send(&DeviceMessage::SyncChange {
+                            conn.send(&DeviceMessage::Replication(ReplicationMessage::Push {
                                 changes: Vec::new(),
-                            })
+                            }))
                             .await?;
                         }
                     }
@@ -414,9 +416,9 @@ pub(crate) fn quic_raw(out: &mut Map<String, Value>) -> Result<()> {
             Ok::<_, anyhow::Error>(server)
         });
         let conn = client.connect(addr).await?;
-        let ping = DeviceMessage::SyncChange {
+        let ping = DeviceMessage::Replication(ReplicationMessage::Push {
             changes: vec![ByteBuf::from(vec![1u8; 64])],
-        };
+        });
         let mut rtts = Vec::new();
         for _ in 0..300 {
             let t = Instant::now();
@@ -425,11 +427,11 @@ pub(crate) fn quic_raw(out: &mut Map<String, Value>) -> Result<()> {
             rtts.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         rtts.sort_by(f64::total_cmp);
-        let block = DeviceMessage::SyncChange {
+        let block = DeviceMessage::Replication(ReplicationMessage::Push {
             changes: (0..16)
                 .map(|_| ByteBuf::from(vec![7u8; 64 << 10]))
                 .collect(),
-        };
+        });
         let t = Instant::now();
         for _ in 0..256 {
             conn.send(&block).await?;

@@ -1,11 +1,9 @@
 //! On-disk layout of a Keel home, `library.toml`, and the device identity.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use keel_journal::WrappedKey;
 use keel_schema::{DeviceId, LibraryId};
-use keel_transport::Identity;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -72,31 +70,37 @@ impl Home {
                 toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
             let cert = hex::decode(&parsed.cert).map_err(|e| bad(format!("cert: {e}")))?;
             let key = hex::decode(&parsed.key).map_err(|e| bad(format!("key: {e}")))?;
-            let tls = Identity::from_parts(cert, key);
-            if DeviceId::from_hex(&parsed.device_id) != Some(tls.device()) {
+            let id = DeviceId::of_certificate(&cert);
+            if DeviceId::from_hex(&parsed.device_id) != Some(id) {
                 return Err(bad("device_id is not the SHA-256 of the certificate".into()));
             }
             return Ok(DeviceIdentity {
-                id: tls.device(),
+                id,
                 name: parsed.name,
-                tls: Arc::new(tls),
+                cert_der: cert,
+                key_der: key,
             });
         }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let name = default_device_name();
-        let tls = Identity::generate(&name).map_err(|e| bad(e.to_string()))?;
+        let certified = rcgen::generate_simple_self_signed(vec![format!("{name}.keel")])
+            .map_err(|e| bad(e.to_string()))?;
+        let cert = certified.cert.der().to_vec();
+        let key = certified.key_pair.serialize_der();
+        let id = DeviceId::of_certificate(&cert);
         let file = DeviceIdentityFile {
-            device_id: tls.device().to_hex(),
+            device_id: id.to_hex(),
             name: name.clone(),
-            cert: hex::encode(tls.cert_der()),
-            key: hex::encode(tls.key_der()),
+            cert: hex::encode(&cert),
+            key: hex::encode(&key),
         };
         let text = toml::to_string(&file).map_err(|e| bad(e.to_string()))?;
         write_private(&path, text.as_bytes())?;
         Ok(DeviceIdentity {
-            id: tls.device(),
+            id,
             name,
-            tls: Arc::new(tls),
+            cert_der: cert,
+            key_der: key,
         })
     }
 }
@@ -114,15 +118,28 @@ fn default_device_name() -> String {
         .unwrap_or_else(|| "this device".into())
 }
 
-/// This device's identity.
-#[derive(Debug, Clone)]
+/// This device's identity: what it proves itself with on the network (the node builds its TLS
+/// identity from these bytes).
+#[derive(Clone)]
 pub struct DeviceIdentity {
     /// The device id (SHA-256 of the certificate).
     pub id: DeviceId,
     /// A readable name.
     pub name: String,
-    /// The TLS key pair and certificate.
-    pub tls: Arc<Identity>,
+    /// The self-signed certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The private key, PKCS#8 DER. Never logged (see the `Debug` impl).
+    pub key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for DeviceIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceIdentity")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("cert_der", &format_args!("{} bytes", self.cert_der.len()))
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Serialize, Deserialize)]

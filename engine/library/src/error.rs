@@ -82,12 +82,6 @@ pub enum EngineError {
         /// The journal's last log position.
         journal_last: u64,
     },
-    /// Network failure (binding, connecting, a peer's message).
-    #[error(transparent)]
-    Transport(#[from] keel_transport::TransportError),
-    /// Pairing failed (wrong or expired code, rate limit, device limit, declined).
-    #[error("pairing failed: {0}")]
-    Pairing(#[from] keel_transport::PairingError),
     /// The node (replication runtime) stopped or is not running.
     #[error("the node is not running")]
     NodeStopped,

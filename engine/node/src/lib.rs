@@ -22,10 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use keel_schema::DeviceId;
-use keel_transport::{Endpoint, Inviter, Pins};
+use keel_transport::{Endpoint, Identity, Inviter, Pins};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::core::TICK_MS;
 pub use devices::{DevicesFile, PairedDevice};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
@@ -126,7 +125,9 @@ impl Node {
         }
         let endpoint = {
             let _guard = rt.enter();
-            Endpoint::bind(&library.device().tls, options.listen, pins.clone())?
+            let device = library.device();
+            let identity = Identity::from_parts(device.cert_der.clone(), device.key_der.clone());
+            Endpoint::bind(&identity, options.listen, pins.clone())?
         };
         let listen = endpoint.local_addr()?;
         let status = Arc::new(Mutex::new(NodeStatus {

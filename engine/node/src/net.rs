@@ -223,7 +223,7 @@ impl Net {
         });
         loop {
             match conn.recv().await {
-                Ok(message) => {
+                Ok(DeviceMessage::Replication(message)) => {
                     if self
                         .core
                         .send(CoreEvent::Received {
@@ -234,6 +234,9 @@ impl Net {
                     {
                         break;
                     }
+                }
+                Ok(other) => {
+                    tracing::debug!(peer = %peer.short(), message = ?std::mem::discriminant(&other), "a message that has no place in a sync session; ignored");
                 }
                 Err(e) => {
                     if e.is_hostile() {

@@ -213,13 +213,13 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
     let code = PairingCode::parse(&options.code)
         .ok_or_else(|| NodeError::Pairing(PairingError::Protocol("malformed code".into())))?;
     let device = home.device()?;
-    let identity: &Identity = &device.tls;
+    let identity = Identity::from_parts(device.cert_der, device.key_der);
     let bind: SocketAddr = options.bind.unwrap_or(if options.addr.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
         SocketAddr::from(([0u16; 8], 0))
     });
-    let endpoint = Endpoint::bind(identity, bind, Pins::new())?;
+    let endpoint = Endpoint::bind(&identity, bind, Pins::new())?;
     let conn = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect_to_pair(options.addr))
         .await
         .map_err(|_| NodeError::Failed(format!("no answer from {}", options.addr)))??;

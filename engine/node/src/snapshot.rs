@@ -22,7 +22,8 @@ use keel_journal::{CheckedEntries, CommitRoute, Journal, JournalOptions, Library
 use keel_projections::Projections;
 use keel_schema::{DeviceId, Epoch, Hlc, LibraryId, Lsn};
 use keel_transport::{
-    Connection, DeviceMessage, Endpoint, WireLogEntry, RECORDS_PER_MESSAGE_MAX, SNAPSHOT_CHUNK_MAX,
+    Connection, DeviceMessage, Endpoint, ReplicationMessage, WireLogEntry, RECORDS_PER_MESSAGE_MAX,
+    SNAPSHOT_CHUNK_MAX,
 };
 use serde_bytes::ByteBuf;
 
@@ -252,7 +253,7 @@ async fn send(
             let Some(&(last, last_epoch, _)) = entries.last() else {
                 return Err(node_error(format!("the log ends before {}", from.0)));
             };
-            let message = DeviceMessage::SyncLogSegment {
+            let message = DeviceMessage::Replication(ReplicationMessage::LogSegment {
                 epoch,
                 first: from,
                 prev_epoch,
@@ -264,7 +265,7 @@ async fn send(
                         sealed: ByteBuf::from(sealed),
                     })
                     .collect(),
-            };
+            });
             send_within(conn, &message).await?;
             next = last.0 + 1;
             prev_epoch = last_epoch;
@@ -475,7 +476,9 @@ async fn receive(
             Err(_) => break Err(node_error("the sender went silent")),
         };
         match message {
-            DeviceMessage::SyncLogSegment { first, entries, .. } => {
+            DeviceMessage::Replication(ReplicationMessage::LogSegment {
+                first, entries, ..
+            }) => {
                 if first.0 != next || entries.is_empty() {
                     break Err(node_error(format!(
                         "a segment at {} where {next} was next",
@@ -695,7 +698,8 @@ mod tests {
                 let _ = conn.recv().await;
             });
             let local = SocketAddr::from(([127, 0, 0, 1], 0));
-            let ours = Endpoint::bind(&joiner.tls, local, Pins::new()).expect("binds");
+            let joiner = Identity::from_parts(joiner.cert_der.clone(), joiner.key_der.clone());
+            let ours = Endpoint::bind(&joiner, local, Pins::new()).expect("binds");
             let result = fetch(&ours, device, addr, library, &key, &dir, None).await;
             ours.close();
             serving.abort();
@@ -782,7 +786,7 @@ mod tests {
     #[test]
     fn a_log_record_that_does_not_open_is_refused_and_nothing_is_stored() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let segment = DeviceMessage::SyncLogSegment {
+        let segment = DeviceMessage::Replication(ReplicationMessage::LogSegment {
             epoch: Epoch::default(),
             first: Lsn(1),
             prev_epoch: Epoch::default(),
@@ -791,7 +795,7 @@ mod tests {
                 epoch: Epoch::default(),
                 sealed: ByteBuf::from(vec![1u8; 120]),
             }],
-        };
+        });
         let data = vec![7u8; 16];
         let error = fetch_from_fake(
             dir.path(),

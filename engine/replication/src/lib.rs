@@ -1,38 +1,50 @@
-//! Leader election and replication as a state machine with no I/O.
+//! Leader election and log replication as a state machine with no I/O.
 //!
 //! One [`Replica`] per device and library. It performs no I/O and reads no clock: time comes in
-//! as an argument, and everything it wants done comes out as values.
+//! as an argument, reads go through a [`Store`] the runtime supplies, and everything it wants
+//! done comes out of its polls. The node runtime (`keel-node`) and the seeded simulator
+//! (`tests/tests/simulator.rs`) drive it through exactly these calls.
 //!
 //! # The contract
 //!
-//! **Inputs.** [`Replica::handle`] takes one [`Input`] at a time with the current time in ms:
-//! a message from a peer ([`Input::Received`]), a session up or down, a commit of this device
-//! ([`Input::Commit`]), or a tick ([`Input::Tick`]).
+//! **Inputs.** [`Replica::handle_message`] (a [`ReplicationMessage`] from an authenticated
+//! peer), [`Replica::handle_connected`] and [`Replica::handle_disconnected`] (sessions),
+//! [`Replica::handle_commit`] (a change committed on this device) and
+//! [`Replica::handle_timeout`] (time passed), each with the current time in ms.
 //!
-//! **Outputs.** `handle` returns the messages to send ([`Output::Send`]). Beside them the replica
-//! holds what must be made durable first: its election state ([`Replica::durable`]'s `epoch`
-//! and `voted`) and its log operations, drained with [`Replica::take_ops`] (appends at a
-//! position, truncations after one), in order. [`Replica::poll_timeout`] says when the next tick
-//! has something to do.
+//! **Outputs**, polled after inputs, in this order:
+//! 1. [`Replica::poll_event`]: role changes, catch-up progress, refused input. Act on a
+//!    [`ReplicaEvent::CatchingUp`] before the writes that follow it.
+//! 2. [`Replica::poll_log_write`] until `None`: the election state, then log appends and
+//!    truncations, in order. Write them all durably, then call [`Replica::written`].
+//! 3. [`Replica::poll_transmit`] until `None`: the messages, in wire form.
+//! 4. [`Replica::poll_timeout`]: when to call `handle_timeout` next, a deadline.
 //!
-//! **Order.** Several inputs may be handled before a flush. A flush writes the election state,
-//! then every operation `take_ops` returns, durably, and only then sends the messages of the
-//! inputs it covers. A runtime that fails to write reloads the replica from what is durable
-//! ([`Replica::new`]) and drops the unsent messages: nothing is ever sent that is not durable.
+//! **Durable before sent.** `poll_transmit` returns nothing while a write is unpolled or polled
+//! and not confirmed by `written`: no message goes out before the state it depends on is
+//! durable. A runtime whose write fails never calls `written`; it drops the replica and starts
+//! a new one ([`Replica::new`]) from what is durable, and the messages held are lost with it.
 //!
-//! **Checked in the code.** Epochs never go back; a vote is given at most once per epoch
-//! counter; the log is appended at its end only, with epochs that never decrease along it.
-//! A violation is a bug and panics (`assert!`), in the runtime as in the simulator.
+//! **Checked in the code** (a violation is a bug and panics, in the runtime as in the
+//! simulator): epochs never go back; a vote is given at most once per epoch counter; the log is
+//! appended at its end only, with epochs that never decrease along it; `written` is called only
+//! after every write was polled.
 //!
-//! The node runtime (`keel-node`, its `core.rs`) and the seeded simulator
-//! (`tests/tests/simulator.rs`) drive it through exactly these calls; the simulator persists
-//! exactly the operations `take_ops` returns and restarts replicas from them.
+//! **Hostile input.** Messages come checked against the limits of [`wire`] (the decoder calls
+//! [`ReplicationMessage::check`]); payloads that do not open are dropped with a
+//! [`ReplicaEvent::Refused`]; payloads the rules ignore are not kept in memory.
 
+mod machine;
 mod replica;
 mod types;
+pub mod wire;
 
-pub use replica::{Replica, ReplicaConfig};
-pub use types::{Durable, ElectionRole, Input, Log, LogOp, LogSlot, Message, Output};
+pub use machine::ReplicaConfig;
+pub use replica::{LogWrite, Replica, ReplicaError, ReplicaEvent, Store, Transmit};
+pub use types::{Durable, ElectionRole, Log, LogSlot};
+pub use wire::ReplicationMessage;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_replica;

@@ -1,653 +1,584 @@
-//! `Replica`: one device's election and replication core.
-//!
-//! Rules, in brief:
-//! - An epoch is `(counter, device)`; a candidate takes `max(counter seen) + 1` with its own id,
-//!   so no two leaders share an epoch. A device votes once per counter, only for a log at least as
-//!   up to date as its own (`(last epoch, last lsn)`), and only while it has reachable peers.
-//! - A leader starts its epoch with a barrier entry, sequences its own and pushed changes
-//!   (idempotent by change id) and ships entries to each follower from its next position,
-//!   backing off on a mismatch.
-//! - A follower refuses entries from an epoch below the highest it accepted (answering `Stale`,
-//!   which deposes the sender). Entries that conflict with the leader's, and stale-epoch entries
-//!   beyond the leader's, are truncated and their changes go back to `pending` to be resubmitted:
-//!   epochs fence off log positions, never changes.
-//! - Without a reachable leader a device keeps committing into `pending` and pushes when it can.
+//! `Replica`: the protocol core a runtime drives. It wraps the election rules ([`Machine`]) with
+//! the payloads, the wire form of its messages, and the rule that nothing is sent before what it
+//! depends on is durable. See the crate documentation for the contract.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn, SyncDomain};
+use serde_bytes::ByteBuf;
 
-use super::types::{Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output};
+use crate::machine::{Machine, ReplicaConfig};
+use crate::types::{Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output};
+use crate::wire::{DomainPosition, ReplicationMessage, WireLogEntry, RECORDS_PER_MESSAGE_MAX};
 
-/// Timing and sizing of a replica.
-#[derive(Clone, Debug)]
-pub struct ReplicaConfig {
-    /// This device.
-    pub device: DeviceId,
-    /// How long without a leader before an election (plus up to the same again as jitter).
-    pub election_timeout_ms: u64,
-    /// How often a leader sends entries or heartbeats, and a follower pushes pending changes.
-    pub heartbeat_ms: u64,
-    /// Most entries per `Append`.
-    pub segment_max: usize,
-    /// Most `Append` segments sent to one follower and not yet acknowledged (at least 1). With
-    /// more than one, the leader reads and sends the next segment while the follower stores
-    /// the previous one.
-    pub segments_in_flight: usize,
+/// What a replica reads from its device: the log and offline journal it asked to be written, the
+/// projections' progress, and the sealing of changes. Reads only; writes are [`LogWrite`]s.
+pub trait Store {
+    /// Why a read failed.
+    type Error: std::fmt::Display;
+    /// The entries at positions `first..first + count` with their epochs, sealed (empty for a
+    /// barrier).
+    fn read_log(&mut self, first: Lsn, count: usize) -> Result<Vec<(Epoch, Vec<u8>)>, Self::Error>;
+    /// This device's changes in the offline journal, sealed.
+    fn read_offline(&mut self) -> Result<Vec<(ChangeId, Vec<u8>)>, Self::Error>;
+    /// The last log position applied to the projections (what a follower acknowledges).
+    fn applied(&mut self) -> Lsn;
+    /// The change a sealed log entry names, read without opening it (entries from the leader are
+    /// opened, and so checked, when applied).
+    fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId>;
+    /// Opens a change a follower pushed: its id if it is authentic, why not otherwise.
+    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String>;
 }
 
-/// What a leader has sent to one follower beyond what it acknowledged.
-#[derive(Clone, Copy, Debug)]
-struct Flight {
-    /// The last position sent.
-    upto: u64,
-    /// When the follower last made progress, or the first segment past it was sent: what is in
-    /// flight is sent again after an election timeout without progress.
-    since_ms: u64,
+/// A write the runtime makes durable, in the order polled, before [`Replica::written`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogWrite {
+    /// The election state: the highest epoch accepted and the highest voted for.
+    Election {
+        /// The epoch.
+        epoch: Epoch,
+        /// The vote.
+        voted: Epoch,
+    },
+    /// Entries from position `at` on, at the end of the log, each with its epoch and sealed
+    /// change (empty for a barrier). Their changes leave the offline journal.
+    Append {
+        /// Position of the first entry.
+        at: Lsn,
+        /// The entries.
+        entries: Vec<(Epoch, Vec<u8>)>,
+    },
+    /// Every entry after `keep` is removed and its change goes back to the offline journal.
+    Truncate {
+        /// The last position kept.
+        keep: Lsn,
+    },
 }
 
-/// One device's replication state machine. No I/O: see [`Replica::handle`].
+/// A message to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// To whom.
+    pub to: DeviceId,
+    /// What.
+    pub message: ReplicationMessage,
+}
+
+/// Something the runtime may act on or report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaEvent {
+    /// The role, epoch or leader changed.
+    RoleChanged {
+        /// The role now.
+        role: ElectionRole,
+        /// The epoch now.
+        epoch: Epoch,
+        /// The leader now.
+        leader: Option<DeviceId>,
+    },
+    /// A follower received entries: it is catching up to `leader_end`. Act on it before the
+    /// next writes (the projections may prepare for a long replay).
+    CatchingUp {
+        /// The last position of the segment received.
+        stored: Lsn,
+        /// The leader's last position.
+        leader_end: Lsn,
+        /// Payload bytes received from leaders so far.
+        bytes: u64,
+    },
+    /// Something a peer sent was dropped.
+    Refused {
+        /// The peer.
+        from: DeviceId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a poll failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError<E: std::fmt::Display> {
+    /// The store could not be read.
+    #[error("reading the store failed: {0}")]
+    Store(E),
+    /// A change to write has no payload in memory nor in the offline journal.
+    #[error("no payload for change {0}")]
+    MissingPayload(ChangeId),
+}
+
+/// One device's protocol core: election, replication, payloads and wire form. No I/O; see the
+/// crate documentation for the contract.
 #[derive(Debug)]
 pub struct Replica {
-    config: ReplicaConfig,
-    durable: Durable,
-    role: ElectionRole,
-    leader: Option<DeviceId>,
-    connected: BTreeSet<DeviceId>,
-    election_deadline_ms: u64,
-    last_send_ms: u64,
-    votes: BTreeSet<DeviceId>,
-    /// A pre-vote in progress: the epoch this replica would stand in, and who would vote for it.
-    pre_vote: Option<(Epoch, BTreeSet<DeviceId>)>,
-    /// When this replica last heard its leader (an `Append` it accepted); while that is less than
-    /// an election timeout ago it refuses pre-votes.
-    heard_ms: Option<u64>,
-    /// The highest epoch counter other devices said they took or voted in (pre-vote refusals):
-    /// the next candidacy stands above it. Not durable; refusals teach it again.
-    highest_seen: u64,
-    next: BTreeMap<DeviceId, u64>,
-    /// Sent to each follower and not yet acknowledged.
-    flights: BTreeMap<DeviceId, Flight>,
-    /// The change ids in the log, kept only while leading (to sequence idempotently); built
-    /// when needed, dropped on stepping down (a follower of a big library does not need it).
-    in_log: Option<HashSet<ChangeId>>,
-    ops: Vec<LogOp>,
+    machine: Machine,
+    segment_max: usize,
+    /// Sealed changes on their way into the log (received, pushed, committed) or out of it
+    /// (pushed to the leader). Bounded by what the runtime lets in between writes.
+    payloads: HashMap<ChangeId, Vec<u8>>,
+    /// Messages asked for since the last release, held until what they depend on is durable.
+    outbox: Vec<Output>,
+    /// Messages released, mapped to the wire one by one in `poll_transmit`.
+    ready: VecDeque<Output>,
+    /// Log operations not yet polled.
+    ops: VecDeque<LogOp>,
+    /// The election state last polled as a [`LogWrite::Election`].
+    election_polled: (Epoch, Epoch),
+    /// Writes were polled and not yet confirmed by [`Replica::written`].
+    unconfirmed: bool,
+    events: VecDeque<ReplicaEvent>,
+    /// Applied positions per follower and domain, as the followers acknowledged them.
+    acknowledged: BTreeMap<DeviceId, BTreeMap<SyncDomain, Lsn>>,
+    received_bytes: u64,
 }
 
 impl Replica {
-    /// A replica starting (or restarting) from its durable state. A device whose stored epoch is its
-    /// own resumes leading that epoch (the library's creator starts that way with epoch 1).
+    /// A replica starting (or restarting) from its durable state. A device whose stored epoch is
+    /// its own resumes leading it (the library's creator starts that way with epoch 1).
     pub fn new(config: ReplicaConfig, durable: Durable, now_ms: u64) -> Self {
-        // Resume leading only an epoch this device actually won (its barrier is in the log); a
-        // candidacy interrupted by a crash is simply abandoned.
-        // The founder's epoch 1 needs no barrier (candidates always start at 2 or above).
-        let won = durable.epoch.device == config.device
-            && (durable.epoch.counter == 1
-                || durable
-                    .log
-                    .iter()
-                    .rev()
-                    .any(|(e, entry)| e == durable.epoch && entry == LogSlot::Barrier));
-        let role = if won {
-            ElectionRole::Leader
-        } else {
-            ElectionRole::Alone
-        };
-        let mut replica = Self {
-            leader: (role == ElectionRole::Leader).then_some(config.device),
-            config,
-            durable,
-            role,
-            connected: BTreeSet::new(),
-            election_deadline_ms: 0,
-            last_send_ms: 0,
-            votes: BTreeSet::new(),
-            pre_vote: None,
-            heard_ms: None,
-            highest_seen: 0,
-            next: BTreeMap::new(),
-            flights: BTreeMap::new(),
-            in_log: None,
-            ops: Vec::new(),
-        };
-        replica.reset_election_timer(now_ms);
-        if replica.role == ElectionRole::Leader {
-            for id in std::mem::take(&mut replica.durable.offline) {
-                replica.sequence(id);
-            }
-        }
+        let written = (durable.epoch, durable.voted);
+        Self::wrap(Machine::new(config, durable, now_ms), written)
+    }
+
+    /// The creator of a library: leader of epoch `(1, device)` from the start. Its first
+    /// [`Replica::poll_log_write`]s write that epoch and the barrier.
+    pub fn founder(config: ReplicaConfig, now_ms: u64) -> Self {
+        let mut replica = Self::wrap(
+            Machine::founder(config, now_ms),
+            (Epoch::default(), Epoch::default()),
+        );
+        let epoch = replica.durable().epoch;
+        replica.ops.push_back(LogOp::Append {
+            at: Lsn(1),
+            epoch,
+            entry: LogSlot::Barrier,
+        });
         replica
     }
 
-    /// The creator of a library: leader of epoch `(1, device)` from the start.
-    pub fn founder(config: ReplicaConfig, now_ms: u64) -> Self {
-        let durable = Durable {
-            epoch: Epoch {
-                counter: 1,
-                device: config.device,
-            },
-            voted: Epoch {
-                counter: 1,
-                device: config.device,
-            },
-            log: vec![(
-                Epoch {
-                    counter: 1,
-                    device: config.device,
-                },
-                LogSlot::Barrier,
-            )]
-            .into(),
-            offline: Vec::new(),
-        };
-        Self::new(config, durable, now_ms)
-    }
-
-    /// The state the runtime must keep durable (persist it after each `handle`, before sending).
-    pub fn durable(&self) -> &Durable {
-        &self.durable
-    }
-
-    /// The log changes made since the last call, in order: the runtime writes them to the journal
-    /// (with [`Replica::durable`]'s epochs) before sending anything `handle` returned.
-    pub fn take_ops(&mut self) -> Vec<LogOp> {
-        std::mem::take(&mut self.ops)
-    }
-
-    /// Whether `id` is in this replica's log.
-    pub fn in_log(&self, id: &ChangeId) -> bool {
-        self.in_log.as_ref().is_some_and(|set| set.contains(id))
-    }
-
-    /// The devices this replica counts as reachable.
-    pub fn connected(&self) -> impl Iterator<Item = &DeviceId> {
-        self.connected.iter()
-    }
-
-    /// Tells a follower that the time since `now_ms` went on its own work (writing what its
-    /// leader sent), not on a silent leader: its election timer starts again.
-    pub fn busy_until(&mut self, now_ms: u64) {
-        if self.role == ElectionRole::Follower && self.leader.is_some() {
-            self.reset_election_timer(now_ms);
+    fn wrap(mut machine: Machine, election_polled: (Epoch, Epoch)) -> Self {
+        let ops = machine.take_ops().into();
+        Self {
+            segment_max: machine.segment_max(),
+            machine,
+            payloads: HashMap::new(),
+            outbox: Vec::new(),
+            ready: VecDeque::new(),
+            ops,
+            election_polled,
+            unconfirmed: false,
+            events: VecDeque::new(),
+            acknowledged: BTreeMap::new(),
+            received_bytes: 0,
         }
+    }
+
+    /// How many payloads are held in memory (for tests of the memory bound).
+    #[cfg(test)]
+    pub(crate) fn payloads_len(&self) -> usize {
+        self.payloads.len()
+    }
+
+    /// The durable state as this replica holds it (the journal's after the writes polled so
+    /// far are made).
+    pub fn durable(&self) -> &Durable {
+        self.machine.durable()
     }
 
     /// The current role.
     pub fn role(&self) -> ElectionRole {
-        self.role
+        self.machine.role()
     }
 
     /// The leader this replica follows (itself when leading).
     pub fn leader(&self) -> Option<DeviceId> {
-        self.leader
+        self.machine.leader()
     }
 
     /// This replica's device.
     pub fn device(&self) -> DeviceId {
-        self.config.device
+        self.machine.device()
     }
 
-    fn reset_election_timer(&mut self, now_ms: u64) {
-        // Jitter from the device, the epoch and the time (deterministic, so a simulation
-        // replays exactly), so that replicas do not time out together again and again.
-        let mut seed = self
-            .config
-            .device
-            .0
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-            });
-        seed ^= self
-            .durable
-            .epoch
-            .counter
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        seed ^= now_ms.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        seed = (seed ^ (seed >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        seed ^= seed >> 29;
-        let jitter = seed % self.config.election_timeout_ms.max(1);
-        self.election_deadline_ms = now_ms + self.config.election_timeout_ms + jitter;
+    /// The devices this replica counts as reachable.
+    pub fn connected(&self) -> impl Iterator<Item = &DeviceId> {
+        self.machine.connected()
     }
 
-    fn send(out: &mut Vec<Output>, to: DeviceId, message: Message) {
-        out.push(Output::Send { to, message });
+    /// Applied positions per follower and domain, as the followers acknowledged them (a leader's
+    /// view; a follower's own claims, not checked).
+    pub fn acknowledged(&self) -> &BTreeMap<DeviceId, BTreeMap<SyncDomain, Lsn>> {
+        &self.acknowledged
     }
 
-    fn idle_role(&self) -> ElectionRole {
-        if self.connected.is_empty() {
-            ElectionRole::Alone
-        } else {
-            ElectionRole::Follower
-        }
+    /// Tells a follower that the time until `now_ms` went on its own work (writing or applying
+    /// what its leader sent), not on a silent leader: its election timer starts again.
+    pub fn busy_until(&mut self, now_ms: u64) {
+        self.machine.busy_until(now_ms);
     }
 
-    /// Handles one input at time `now_ms`; returns what to send. Before sending any of it, make
-    /// [`Replica::durable`]'s epoch and vote and every operation of [`Replica::take_ops`] durable.
-    pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Output> {
-        let (epoch_before, voted_before) = (self.durable.epoch, self.durable.voted);
-        let out = self.dispatch(input, now_ms);
-        // Epochs never go back, and a vote is given at most once per epoch counter.
-        assert!(self.durable.epoch >= epoch_before, "the epoch went back");
-        assert!(
-            self.durable.voted == voted_before || self.durable.voted.counter > voted_before.counter,
-            "a second vote in epoch counter {}",
-            voted_before.counter
-        );
-        out
-    }
-
-    /// The next time at which [`Input::Tick`] has something to do (an election timeout, a
-    /// heartbeat or push, a segment to send again): a runtime may sleep until then, or until
-    /// the next input, whichever comes first.
+    /// The next time at which [`Replica::handle_timeout`] has something to do (an election
+    /// timeout, a heartbeat or push, a segment to send again). A runtime sleeps until then or
+    /// until the next input.
     pub fn poll_timeout(&self) -> u64 {
-        let heartbeat = self.last_send_ms + self.config.heartbeat_ms;
-        match self.role {
-            ElectionRole::Leader => heartbeat,
-            _ if !self.durable.offline.is_empty() => heartbeat.min(self.election_deadline_ms),
-            _ => self.election_deadline_ms,
-        }
+        self.machine.poll_timeout()
     }
 
-    fn dispatch(&mut self, input: Input, now_ms: u64) -> Vec<Output> {
-        let mut out = Vec::new();
-        match input {
-            Input::Tick => self.tick(now_ms, &mut out),
-            Input::Connected(peer) => {
-                if peer != self.config.device {
-                    self.connected.insert(peer);
-                    if self.role == ElectionRole::Leader {
-                        self.next.insert(peer, self.durable.last_lsn().0);
-                        self.flights.remove(&peer);
-                        self.append_to(peer, now_ms, true, &mut out);
-                    } else if self.role == ElectionRole::Alone {
-                        self.role = ElectionRole::Follower;
-                        self.reset_election_timer(now_ms);
-                    }
-                }
-            }
-            Input::Disconnected(peer) => {
-                self.connected.remove(&peer);
-                self.next.remove(&peer);
-                self.flights.remove(&peer);
-                self.votes.remove(&peer);
-                if self.leader == Some(peer) {
-                    self.leader = None;
-                }
-                if self.role != ElectionRole::Leader && self.connected.is_empty() {
-                    self.role = ElectionRole::Alone;
-                }
-            }
-            Input::Commit(id) => {
-                if self.role == ElectionRole::Leader {
-                    self.sequence(id);
-                    let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
-                    for peer in peers {
-                        self.append_to(peer, now_ms, false, &mut out);
-                    }
-                } else {
-                    self.durable.offline.push(id);
-                    if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
-                        Self::send(&mut out, leader, Message::Push { changes: vec![id] });
-                    }
-                }
-            }
-            Input::Received { from, message } => self.receive(from, message, now_ms, &mut out),
-        }
-        out
+    /// Time has passed: timers that are due fire.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.step(Input::Tick, now_ms);
     }
 
-    fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let beat = now_ms >= self.last_send_ms + self.config.heartbeat_ms;
-        match self.role {
-            ElectionRole::Leader => {
-                if beat {
-                    self.last_send_ms = now_ms;
-                    let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
-                    for peer in peers {
-                        self.append_to(peer, now_ms, true, out);
-                    }
-                }
-            }
-            ElectionRole::Follower | ElectionRole::Candidate | ElectionRole::Alone => {
-                if beat && !self.durable.offline.is_empty() {
-                    if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
-                        self.last_send_ms = now_ms;
-                        Self::send(
-                            out,
-                            leader,
-                            Message::Push {
-                                changes: self.durable.offline.clone(),
-                            },
-                        );
-                    }
-                }
-                if now_ms >= self.election_deadline_ms {
-                    if self.connected.is_empty() {
-                        self.role = ElectionRole::Alone;
-                        self.reset_election_timer(now_ms);
-                    } else {
-                        self.start_pre_vote(now_ms, out);
-                    }
-                }
-            }
-        }
+    /// A session with `peer` came up.
+    pub fn handle_connected(&mut self, now_ms: u64, peer: DeviceId) {
+        self.step(Input::Connected(peer), now_ms);
     }
 
-    /// The epoch this replica would stand in next.
-    fn next_epoch(&self) -> Epoch {
-        // Epoch 1 belongs to the founder: a candidate never takes it.
-        let counter = self
-            .durable
-            .epoch
-            .counter
-            .max(self.durable.voted.counter)
-            .max(self.highest_seen)
-            .max(1)
-            + 1;
-        Epoch {
-            counter,
-            device: self.config.device,
-        }
+    /// The last session with `peer` went down.
+    pub fn handle_disconnected(&mut self, now_ms: u64, peer: DeviceId) {
+        self.step(Input::Disconnected(peer), now_ms);
+        self.acknowledged.remove(&peer);
     }
 
-    /// Asks the reachable devices whether they would vote, before bumping any epoch: only when a
-    /// majority would does the election start (see [`Message::PreVote`]).
-    fn start_pre_vote(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let epoch = self.next_epoch();
-        self.pre_vote = Some((epoch, BTreeSet::from([self.config.device])));
-        self.reset_election_timer(now_ms);
-        let last = self.durable.last();
-        self.to_all(Message::PreVote { epoch, last }, out);
-        self.maybe_stand(now_ms, out);
+    /// A change committed on this device. `sealed` is its payload when the runtime has it in
+    /// hand (a leader sequences it at once); `None` when it waits in the offline journal, where
+    /// the store reads it. Returns its log position if it was sequenced now.
+    pub fn handle_commit(
+        &mut self,
+        now_ms: u64,
+        id: ChangeId,
+        sealed: Option<Vec<u8>>,
+    ) -> Option<Lsn> {
+        if let Some(sealed) = sealed {
+            self.payloads.insert(id, sealed);
+        }
+        let before = self.durable().last_lsn();
+        self.step(Input::Commit(id), now_ms);
+        let after = self.durable().last_lsn();
+        (after > before).then_some(after)
     }
 
-    /// Starts the election once a majority would vote in the pre-vote.
-    fn maybe_stand(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let electorate = self.connected.len() + 1;
-        if let Some((epoch, yes)) = &self.pre_vote {
-            if *epoch == self.next_epoch() && yes.len() * 2 > electorate {
-                self.pre_vote = None;
-                self.start_election(now_ms, out);
-            }
-        }
-    }
-
-    fn start_election(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let epoch = self.next_epoch();
-        self.durable.epoch = epoch;
-        self.durable.voted = epoch;
-        self.role = ElectionRole::Candidate;
-        self.leader = None;
-        self.votes = BTreeSet::from([self.config.device]);
-        self.reset_election_timer(now_ms);
-        let last = self.durable.last();
-        self.to_all(Message::RequestVote { epoch, last }, out);
-        self.maybe_win(now_ms, out);
-    }
-
-    fn maybe_win(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let electorate = self.connected.len() + 1;
-        if self.role == ElectionRole::Candidate && self.votes.len() * 2 > electorate {
-            self.become_leader(now_ms, out);
-        }
-    }
-
-    fn become_leader(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let epoch = self.durable.epoch;
-        self.role = ElectionRole::Leader;
-        self.leader = Some(self.config.device);
-        self.record_push(epoch, LogSlot::Barrier);
-        for id in std::mem::take(&mut self.durable.offline) {
-            self.sequence(id);
-        }
-        let barrier = self.durable.last_lsn().0;
-        self.next = self.connected.iter().map(|p| (*p, barrier)).collect();
-        self.flights.clear();
-        self.last_send_ms = now_ms;
-        let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
-        for peer in peers {
-            self.append_to(peer, now_ms, true, out);
-        }
-    }
-
-    /// Appends a change to the leader's log unless it is there already.
-    fn sequence(&mut self, id: ChangeId) {
-        let log = &self.durable.log;
-        let in_log = self.in_log.get_or_insert_with(|| {
-            log.iter()
-                .filter_map(|(_, e)| match e {
-                    LogSlot::Change(id) => Some(id),
-                    LogSlot::Barrier => None,
-                })
-                .collect()
-        });
-        if in_log.insert(id) {
-            self.durable.offline.retain(|p| *p != id);
-            self.record_push(self.durable.epoch, LogSlot::Change(id));
-        }
-    }
-
-    /// Sends a follower what it lacks: segments from its acknowledged position, at most
-    /// `segments_in_flight` of them unacknowledged. `beat` (a heartbeat is due): when nothing new
-    /// goes out, an empty `Append` at the acknowledged position does; and if nothing was
-    /// acknowledged for an election timeout, what is in flight is sent again (a message was lost).
-    fn append_to(&mut self, peer: DeviceId, now_ms: u64, beat: bool, out: &mut Vec<Output>) {
-        let last = self.durable.last_lsn().0;
-        let next = self
-            .next
-            .get(&peer)
-            .copied()
-            .unwrap_or(last + 1)
-            .clamp(1, last + 1);
-        let acked = next - 1;
-        let fresh = Flight {
-            upto: acked,
-            since_ms: now_ms,
-        };
-        let mut flight = self
-            .flights
-            .get(&peer)
-            .copied()
-            .filter(|f| f.upto >= acked && f.upto <= last)
-            .unwrap_or(fresh);
-        if beat
-            && flight.upto > acked
-            && now_ms >= flight.since_ms + self.config.election_timeout_ms
-        {
-            flight = fresh;
-        }
-        let segment = self.config.segment_max.max(1) as u64;
-        let window = segment.saturating_mul(self.config.segments_in_flight.max(1) as u64);
-        let limit = last.min(acked.saturating_add(window));
-        let mut sent = false;
-        while flight.upto < limit {
-            if flight.upto == acked {
-                flight.since_ms = now_ms;
-            }
-            let end = (flight.upto + segment).min(limit);
-            self.send_segment(peer, flight.upto, end, out);
-            flight.upto = end;
-            sent = true;
-        }
-        if beat && !sent {
-            self.send_segment(peer, acked, acked, out);
-        }
-        self.flights.insert(peer, flight);
-    }
-
-    /// Sends the log entries after `after` up to `end` (none: a heartbeat).
-    fn send_segment(&self, peer: DeviceId, after: u64, end: u64, out: &mut Vec<Output>) {
-        let prev = Lsn(after);
-        Self::send(
-            out,
-            peer,
-            Message::Append {
-                epoch: self.durable.epoch,
-                prev,
-                prev_epoch: self.durable.epoch_at(prev).unwrap_or_default(),
-                entries: self.durable.log.range(after as usize, end as usize),
-            },
-        );
-    }
-
-    fn step_down(&mut self, epoch: Epoch, leader: Option<DeviceId>, now_ms: u64) {
-        if epoch > self.durable.epoch {
-            self.durable.epoch = epoch;
-        }
-        if self.role == ElectionRole::Leader {
-            // Own changes this leader sequenced are safe: they stay in its log until the new
-            // leader's entries truncate them, and truncation returns them to `pending`.
-            self.next.clear();
-            self.flights.clear();
-            self.in_log = None;
-        }
-        self.role = self.idle_role();
-        self.leader = leader;
-        self.votes.clear();
-        self.pre_vote = None;
-        self.heard_ms = None;
-        self.reset_election_timer(now_ms);
-    }
-
-    /// Whether this replica would vote for `from` standing in `epoch` with a log ending at `last`:
-    /// one vote per counter, only for the candidate's own epoch, only for a log at least as up to
-    /// date. `RequestVote` grants by it; `PreVote` also asks that no live leader be known.
-    fn would_vote(&self, from: DeviceId, epoch: Epoch, last: (Epoch, Lsn)) -> bool {
-        epoch.counter > self.durable.voted.counter
-            && epoch >= self.durable.epoch
-            && last >= self.durable.last()
-            && epoch.device == from
-    }
-
-    /// Sends `message` to every reachable device.
-    fn to_all(&self, message: Message, out: &mut Vec<Output>) {
-        for peer in self.connected.iter().copied() {
-            Self::send(out, peer, message.clone());
-        }
-    }
-
-    fn receive(&mut self, from: DeviceId, message: Message, now_ms: u64, out: &mut Vec<Output>) {
-        match message {
-            Message::RequestVote { epoch, last } => {
-                let granted = self.would_vote(from, epoch, last);
-                if granted {
-                    self.durable.voted = epoch;
-                    self.step_down(epoch, None, now_ms);
-                } else if epoch > self.durable.epoch {
-                    // Learn the newer epoch even when refusing (a better log then proposes above
-                    // it), without resetting the election timer.
-                    let deadline = self.election_deadline_ms;
-                    self.step_down(epoch, None, now_ms);
-                    self.election_deadline_ms = deadline;
-                }
-                Self::send(out, from, Message::Vote { epoch, granted });
-            }
-            Message::PreVote { epoch, last } => {
-                // Would vote as for `RequestVote`, unless a live leader is known: this replica
-                // leads, or heard its leader less than an election timeout ago.
-                let leader_alive = self.role == ElectionRole::Leader
-                    || (self.leader.is_some()
-                        && self.heard_ms.is_some_and(|h| {
-                            now_ms < h.saturating_add(self.config.election_timeout_ms)
-                        }));
-                // Two devices whose timers ran out together would each grant the other's
-                // pre-vote, both stand in the same counter, vote for themselves and split it,
-                // and wait a second election timeout (P6 saw rounds near 1 s). A device asking for
-                // votes itself grants only an asker that outranks it: a better log, or the same
-                // log and a higher device id. Pre-votes change nothing durable, so refusing
-                // more of them costs liveness at most, never safety; one of any two askers
-                // outranks the other.
-                let outranked = self.pre_vote.is_some()
-                    && (last, from) < (self.durable.last(), self.config.device);
-                let granted = !leader_alive && !outranked && self.would_vote(from, epoch, last);
-                let highest = self.durable.epoch.max(self.durable.voted);
-                Self::send(
-                    out,
-                    from,
-                    Message::PreVoteReply {
-                        epoch,
-                        granted,
-                        highest,
-                    },
-                );
-            }
-            Message::PreVoteReply {
+    /// A message from `from` (an authenticated peer of this library; its content is still
+    /// hostile: payloads that do not open are dropped, with a [`ReplicaEvent::Refused`]).
+    pub fn handle_message<S: Store>(
+        &mut self,
+        now_ms: u64,
+        from: DeviceId,
+        message: ReplicationMessage,
+        store: &mut S,
+    ) {
+        let mut cached = Vec::new();
+        let message = match message {
+            ReplicationMessage::LogSegment {
                 epoch,
-                granted,
-                highest,
+                first,
+                prev_epoch,
+                leader_end,
+                entries,
             } => {
-                // A device that voted in a higher epoch than this one knows refuses every
-                // proposal up to it: the next one goes above.
-                self.highest_seen = self.highest_seen.max(highest.counter);
-                if !granted || self.role == ElectionRole::Leader {
-                    return;
+                match self.incoming_segment(from, first, leader_end, entries, store, &mut cached) {
+                    Some(entries) => Message::Append {
+                        epoch,
+                        prev: Lsn(first.0.max(1) - 1),
+                        prev_epoch,
+                        entries,
+                    },
+                    None => return,
                 }
-                if let Some((asked, yes)) = &mut self.pre_vote {
-                    if *asked == epoch {
-                        yes.insert(from);
-                        self.maybe_stand(now_ms, out);
+            }
+            ReplicationMessage::Push { changes } => Message::Push {
+                changes: self.incoming_push(from, changes, store, &mut cached),
+            },
+            ReplicationMessage::Ack {
+                epoch,
+                ok,
+                stored,
+                positions,
+            } => {
+                self.record_ack(from, &positions);
+                Message::AppendReply {
+                    epoch,
+                    ok,
+                    last: stored,
+                }
+            }
+            other => match election_message(other) {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        self.step(Input::Received { from, message }, now_ms);
+        self.drop_unused(cached);
+    }
+
+    /// Maps a segment's entries to log slots, caching their payloads. `None` drops the segment.
+    fn incoming_segment<S: Store>(
+        &mut self,
+        from: DeviceId,
+        first: Lsn,
+        leader_end: Lsn,
+        entries: Vec<WireLogEntry>,
+        store: &S,
+        cached: &mut Vec<ChangeId>,
+    ) -> Option<Vec<(Epoch, LogSlot)>> {
+        let first = Lsn(first.0.max(1));
+        let known = self.durable().last_lsn().0;
+        let mut slots = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            self.received_bytes += entry.sealed.len() as u64;
+            if entry.sealed.is_empty() {
+                slots.push((entry.epoch, LogSlot::Barrier));
+                continue;
+            }
+            let Some(id) = store.peek_change_id(&entry.sealed) else {
+                self.refuse(from, "a segment with an unreadable entry");
+                return None;
+            };
+            // Keep the payload unless this very entry is in the log already.
+            let position = first.0.saturating_add(i as u64);
+            let have = position <= known
+                && self.durable().log.get(position as usize - 1)
+                    == Some((entry.epoch, LogSlot::Change(id)));
+            if !have {
+                self.payloads.insert(id, entry.sealed.into_vec());
+                cached.push(id);
+            }
+            slots.push((entry.epoch, LogSlot::Change(id)));
+        }
+        if !slots.is_empty() {
+            self.events.push_back(ReplicaEvent::CatchingUp {
+                stored: Lsn(first.0 + slots.len() as u64 - 1),
+                leader_end,
+                bytes: self.received_bytes,
+            });
+        }
+        Some(slots)
+    }
+
+    /// Opens pushed changes; a leader caches the payloads of those not yet in its log.
+    fn incoming_push<S: Store>(
+        &mut self,
+        from: DeviceId,
+        changes: Vec<ByteBuf>,
+        store: &S,
+        cached: &mut Vec<ChangeId>,
+    ) -> Vec<ChangeId> {
+        let leading = self.role() == ElectionRole::Leader;
+        let mut ids = Vec::with_capacity(changes.len());
+        for sealed in changes {
+            match store.open_change_id(&sealed) {
+                Ok(id) => {
+                    if leading && !self.machine.in_log(&id) {
+                        self.payloads.insert(id, sealed.into_vec());
+                        cached.push(id);
                     }
+                    ids.push(id);
+                }
+                Err(reason) => {
+                    self.refuse(from, &format!("a pushed change does not open: {reason}"))
                 }
             }
-            Message::Vote { epoch, granted } => {
-                if self.role == ElectionRole::Candidate && epoch == self.durable.epoch && granted {
-                    self.votes.insert(from);
-                    self.maybe_win(now_ms, out);
-                }
+        }
+        ids
+    }
+
+    fn record_ack(&mut self, from: DeviceId, positions: &[DomainPosition]) {
+        let known = self.acknowledged.entry(from).or_default();
+        for p in positions {
+            let lsn = known.entry(p.domain).or_default();
+            *lsn = (*lsn).max(p.lsn);
+        }
+    }
+
+    fn refuse(&mut self, from: DeviceId, reason: &str) {
+        self.events.push_back(ReplicaEvent::Refused {
+            from,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Forgets payloads cached for a message that the rules ignored (a stale segment, a
+    /// duplicate): only what a pending write or the offline journal needs stays in memory.
+    fn drop_unused(&mut self, cached: Vec<ChangeId>) {
+        if cached.is_empty() {
+            return;
+        }
+        let wanted: HashSet<ChangeId> = self
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                LogOp::Append {
+                    entry: LogSlot::Change(id),
+                    ..
+                } => Some(*id),
+                _ => None,
+            })
+            .chain(self.durable().offline.iter().copied())
+            .collect();
+        for id in cached {
+            if !wanted.contains(&id) {
+                self.payloads.remove(&id);
             }
-            Message::Stale { epoch } => {
-                if epoch > self.durable.epoch {
-                    self.step_down(epoch, None, now_ms);
+        }
+    }
+
+    /// Hands one input to the rules; what they ask is queued for the polls.
+    fn step(&mut self, input: Input, now_ms: u64) {
+        let before = (self.role(), self.durable().epoch, self.leader());
+        let out = self.machine.handle(input, now_ms);
+        self.outbox.extend(out);
+        self.ops.extend(self.machine.take_ops());
+        let after = (self.role(), self.durable().epoch, self.leader());
+        if after != before {
+            self.events.push_back(ReplicaEvent::RoleChanged {
+                role: after.0,
+                epoch: after.1,
+                leader: after.2,
+            });
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<ReplicaEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next write to make durable, in order: the election state first when it changed, then
+    /// the log operations (contiguous appends as one). After the last one (`Ok(None)`), the
+    /// runtime writes them all durably and calls [`Replica::written`]; if writing fails it drops
+    /// this replica and starts a new one from what is durable.
+    pub fn poll_log_write<S: Store>(
+        &mut self,
+        store: &mut S,
+    ) -> Result<Option<LogWrite>, ReplicaError<S::Error>> {
+        let durable = self.durable();
+        let election = (durable.epoch, durable.voted);
+        if election != self.election_polled {
+            self.election_polled = election;
+            self.unconfirmed = true;
+            return Ok(Some(LogWrite::Election {
+                epoch: election.0,
+                voted: election.1,
+            }));
+        }
+        let Some(op) = self.ops.pop_front() else {
+            return Ok(None);
+        };
+        self.unconfirmed = true;
+        let (at, epoch, entry) = match op {
+            LogOp::Truncate { keep } => return Ok(Some(LogWrite::Truncate { keep })),
+            LogOp::Append { at, epoch, entry } => (at, epoch, entry),
+        };
+        let mut entries = vec![(epoch, self.take_payload(entry, store)?)];
+        while let Some(LogOp::Append {
+            at: next,
+            epoch,
+            entry,
+        }) = self.ops.front().copied()
+        {
+            if next.0 != at.0 + entries.len() as u64 {
+                break;
+            }
+            self.ops.pop_front();
+            entries.push((epoch, self.take_payload(entry, store)?));
+        }
+        Ok(Some(LogWrite::Append { at, entries }))
+    }
+
+    fn take_payload<S: Store>(
+        &mut self,
+        entry: LogSlot,
+        store: &mut S,
+    ) -> Result<Vec<u8>, ReplicaError<S::Error>> {
+        let LogSlot::Change(id) = entry else {
+            return Ok(Vec::new());
+        };
+        if let Some(bytes) = self.payloads.remove(&id) {
+            return Ok(bytes);
+        }
+        self.payloads
+            .extend(store.read_offline().map_err(ReplicaError::Store)?);
+        self.payloads
+            .remove(&id)
+            .ok_or(ReplicaError::MissingPayload(id))
+    }
+
+    /// Every write polled so far is durable: the messages that waited for them may go.
+    pub fn written(&mut self) {
+        assert!(
+            self.ops.is_empty(),
+            "written() with log operations not yet polled"
+        );
+        self.unconfirmed = false;
+    }
+
+    /// Whether every write asked for has been polled and confirmed.
+    fn all_durable(&self) -> bool {
+        let durable = self.durable();
+        !self.unconfirmed
+            && self.ops.is_empty()
+            && (durable.epoch, durable.voted) == self.election_polled
+    }
+
+    /// The next message to send. Nothing comes out while a write is pending or unconfirmed:
+    /// a message never goes before the state it depends on is durable. Contiguous segments to
+    /// one peer are merged (see [`coalesce`]). An error drops that one message (a segment is
+    /// sent again when the follower does not acknowledge it).
+    pub fn poll_transmit<S: Store>(
+        &mut self,
+        store: &mut S,
+    ) -> Result<Option<Transmit>, ReplicaError<S::Error>> {
+        if !self.all_durable() {
+            return Ok(None);
+        }
+        if self.ready.is_empty() && !self.outbox.is_empty() {
+            let outbox = std::mem::take(&mut self.outbox);
+            self.ready = coalesce(outbox, self.segment_max).into();
+        }
+        let Some(Output::Send { to, message }) = self.ready.pop_front() else {
+            return Ok(None);
+        };
+        match self.outgoing(message, store)? {
+            Some(message) => Ok(Some(Transmit { to, message })),
+            None => self.poll_transmit(store),
+        }
+    }
+
+    /// The wire form of a message, with payloads read from memory or the store.
+    fn outgoing<S: Store>(
+        &mut self,
+        message: Message,
+        store: &mut S,
+    ) -> Result<Option<ReplicationMessage>, ReplicaError<S::Error>> {
+        Ok(Some(match message {
+            Message::AppendReply { epoch, ok, last } => {
+                // Apply runs in log order, so both domains are applied through the same point.
+                let applied = store.applied();
+                ReplicationMessage::Ack {
+                    epoch,
+                    ok,
+                    stored: last,
+                    positions: [SyncDomain::Index, SyncDomain::Content]
+                        .into_iter()
+                        .map(|domain| DomainPosition {
+                            domain,
+                            lsn: applied,
+                        })
+                        .collect(),
                 }
             }
             Message::Push { changes } => {
-                if self.role == ElectionRole::Leader {
-                    let before = self.durable.log.len();
-                    for id in changes {
-                        self.sequence(id);
-                    }
-                    if self.durable.log.len() > before {
-                        let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
-                        for peer in peers {
-                            self.append_to(peer, now_ms, false, out);
-                        }
-                    }
+                let changes = &changes[..changes.len().min(RECORDS_PER_MESSAGE_MAX)];
+                if changes.iter().any(|id| !self.payloads.contains_key(id)) {
+                    // One read of the offline journal covers every payload not in memory.
+                    self.payloads
+                        .extend(store.read_offline().map_err(ReplicaError::Store)?);
                 }
-            }
-            Message::AppendReply { epoch, ok, last } => {
-                if epoch > self.durable.epoch {
-                    self.step_down(epoch, None, now_ms);
-                    return;
-                }
-                if self.role != ElectionRole::Leader || epoch != self.durable.epoch {
-                    return;
-                }
-                let log_len = self.durable.last_lsn().0;
-                let next = self.next.entry(from).or_insert(log_len + 1);
-                if ok {
-                    if last.0 + 1 > *next {
-                        // Progress: the retransmission clock starts again.
-                        if let Some(flight) = self.flights.get_mut(&from) {
-                            flight.since_ms = now_ms;
-                        }
-                    }
-                    *next = (last.0 + 1).max(*next).min(log_len + 1);
-                    if *next <= log_len {
-                        self.append_to(from, now_ms, false, out);
-                    }
-                } else {
-                    // A refusal that reaches at or past `next` answers a segment sent after one
-                    // still in flight (it was refused because that one had not arrived yet, or
-                    // for what the one in flight will settle): the reply to that one decides.
-                    let in_flight = self.flights.get(&from).is_some_and(|f| f.upto >= *next);
-                    if in_flight && last.0 + 1 >= *next {
-                        return;
-                    }
-                    *next = (last.0 + 1).min(next.saturating_sub(1)).max(1);
-                    self.flights.remove(&from);
-                    self.append_to(from, now_ms, false, out);
-                }
+                let sealed = changes
+                    .iter()
+                    .filter_map(|id| self.payloads.get(id))
+                    .map(|bytes| ByteBuf::from(bytes.clone()))
+                    .collect();
+                ReplicationMessage::Push { changes: sealed }
             }
             Message::Append {
                 epoch,
@@ -655,128 +586,149 @@ impl Replica {
                 prev_epoch,
                 entries,
             } => {
-                if epoch < self.durable.epoch {
-                    Self::send(
-                        out,
-                        from,
-                        Message::Stale {
-                            epoch: self.durable.epoch,
-                        },
-                    );
-                    return;
+                let first = Lsn(prev.0 + 1);
+                let stored = if entries.is_empty() {
+                    Vec::new()
+                } else {
+                    store
+                        .read_log(first, entries.len())
+                        .map_err(ReplicaError::Store)?
+                };
+                ReplicationMessage::LogSegment {
+                    epoch,
+                    first,
+                    prev_epoch,
+                    leader_end: self.durable().last_lsn(),
+                    entries: stored
+                        .into_iter()
+                        .map(|(epoch, sealed)| WireLogEntry {
+                            epoch,
+                            sealed: ByteBuf::from(sealed),
+                        })
+                        .collect(),
                 }
-                if epoch.device != from {
-                    return;
-                }
-                if self.role != ElectionRole::Follower
-                    || self.leader != Some(from)
-                    || epoch > self.durable.epoch
-                {
-                    self.step_down(epoch, Some(from), now_ms);
-                    self.role = ElectionRole::Follower;
-                }
-                self.reset_election_timer(now_ms);
-                self.heard_ms = Some(now_ms);
-                self.pre_vote = None;
-                if self.durable.epoch_at(prev) != Some(prev_epoch) {
-                    let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
-                    Self::send(
-                        out,
-                        from,
-                        Message::AppendReply {
-                            epoch: self.durable.epoch,
-                            ok: false,
-                            last: hint,
-                        },
-                    );
-                    return;
-                }
-                let end = prev.0 + entries.len() as u64;
-                let mut sequenced = Vec::new();
-                for (i, (entry_epoch, entry)) in entries.into_iter().enumerate() {
-                    if let LogSlot::Change(id) = entry {
-                        sequenced.push(id);
-                    }
-                    let at = prev.0 as usize + i;
-                    match self.durable.log.get(at) {
-                        Some((e, existing)) if e == entry_epoch && existing == entry => {}
-                        Some(_) => {
-                            self.truncate_from(at);
-                            self.push_entry(entry_epoch, entry);
-                        }
-                        None => self.push_entry(entry_epoch, entry),
-                    }
-                }
-                // Entries past the segment stay, whatever their epoch: with segments in flight
-                // they are usually the leader's own next entries, and a heartbeat carries none.
-                // A deposed leader's stale suffix still goes: every leader starts its epoch with
-                // a barrier, so the new leader's entries conflict with that suffix at the barrier
-                // or before it, and the conflict above truncates it.
-                // The segment's changes are sequenced now (including any a truncation above
-                // just returned): one pass over `pending` per segment.
-                if !self.durable.offline.is_empty() && !sequenced.is_empty() {
-                    let sequenced: HashSet<ChangeId> = sequenced.into_iter().collect();
-                    self.durable.offline.retain(|p| !sequenced.contains(p));
-                }
-                Self::send(
-                    out,
-                    from,
-                    Message::AppendReply {
-                        epoch: self.durable.epoch,
-                        ok: true,
-                        last: Lsn(end),
-                    },
-                );
             }
-        }
+            election => return Ok(election_wire(election)),
+        }))
     }
+}
 
-    /// Appends a leader's entry (its change leaves `pending` when the segment is done: see
-    /// `receive`, one pass per segment rather than one per entry).
-    fn push_entry(&mut self, epoch: Epoch, entry: LogSlot) {
-        if let LogSlot::Change(id) = entry {
-            if let Some(set) = &mut self.in_log {
-                set.insert(id);
-            }
-        }
-        self.record_push(epoch, entry);
-    }
-
-    fn record_push(&mut self, epoch: Epoch, entry: LogSlot) {
-        // Appends go at the end only, and a log's epochs never decrease along it.
-        let last = self.durable.last();
-        assert!(
-            epoch >= last.0,
-            "an entry of epoch {epoch:?} after one of {:?}",
-            last.0
-        );
-        self.durable.log.push((epoch, entry));
-        assert_eq!(
-            self.durable.last_lsn().0,
-            last.1 .0 + 1,
-            "append not at the end"
-        );
-        self.ops.push(LogOp::Append {
-            at: self.durable.last_lsn(),
+/// The rules' form of an election message (`None` for the kinds `handle_message` maps itself).
+fn election_message(message: ReplicationMessage) -> Option<Message> {
+    Some(match message {
+        ReplicationMessage::RequestVote {
             epoch,
-            entry,
-        });
-    }
+            last_epoch,
+            last_lsn,
+        } => Message::RequestVote {
+            epoch,
+            last: (last_epoch, last_lsn),
+        },
+        ReplicationMessage::Vote { epoch, granted } => Message::Vote { epoch, granted },
+        ReplicationMessage::Stale { epoch } => Message::Stale { epoch },
+        ReplicationMessage::PreVote {
+            epoch,
+            last_epoch,
+            last_lsn,
+        } => Message::PreVote {
+            epoch,
+            last: (last_epoch, last_lsn),
+        },
+        ReplicationMessage::PreVoteReply {
+            epoch,
+            granted,
+            highest,
+        } => Message::PreVoteReply {
+            epoch,
+            granted,
+            highest,
+        },
+        ReplicationMessage::LogSegment { .. }
+        | ReplicationMessage::Push { .. }
+        | ReplicationMessage::Ack { .. } => return None,
+    })
+}
 
-    /// Removes `log[at..]`, returning their changes to `pending` (resubmitted, never dropped).
-    fn truncate_from(&mut self, at: usize) {
-        self.ops.push(LogOp::Truncate {
-            keep: Lsn(at as u64),
-        });
-        for (_, entry) in self.durable.log.split_off(at) {
-            if let LogSlot::Change(id) = entry {
-                if let Some(set) = &mut self.in_log {
-                    set.remove(&id);
-                }
-                if !self.durable.offline.contains(&id) {
-                    self.durable.offline.push(id);
-                }
+/// The wire form of an election message (`None` for the kinds `outgoing` maps itself).
+fn election_wire(message: Message) -> Option<ReplicationMessage> {
+    Some(match message {
+        Message::RequestVote { epoch, last } => ReplicationMessage::RequestVote {
+            epoch,
+            last_epoch: last.0,
+            last_lsn: last.1,
+        },
+        Message::Vote { epoch, granted } => ReplicationMessage::Vote { epoch, granted },
+        Message::Stale { epoch } => ReplicationMessage::Stale { epoch },
+        Message::PreVote { epoch, last } => ReplicationMessage::PreVote {
+            epoch,
+            last_epoch: last.0,
+            last_lsn: last.1,
+        },
+        Message::PreVoteReply {
+            epoch,
+            granted,
+            highest,
+        } => ReplicationMessage::PreVoteReply {
+            epoch,
+            granted,
+            highest,
+        },
+        Message::Append { .. } | Message::AppendReply { .. } | Message::Push { .. } => return None,
+    })
+}
+
+/// Merges what a batch of inputs asked to send: an `Append` that continues the previous one to
+/// the same peer (same epoch, its `prev` is where that one ends) joins it, up to `segment_max`
+/// entries; a heartbeat (no entries) is dropped when that peer gets entries in the batch.
+pub(crate) fn coalesce(outbox: Vec<Output>, segment_max: usize) -> Vec<Output> {
+    let with_entries: HashSet<DeviceId> = outbox
+        .iter()
+        .filter_map(|Output::Send { to, message }| match message {
+            Message::Append { entries, .. } if !entries.is_empty() => Some(*to),
+            _ => None,
+        })
+        .collect();
+    let mut merged: Vec<Output> = Vec::with_capacity(outbox.len());
+    // Per peer: where its last `Append` sits in `merged`.
+    let mut open: HashMap<DeviceId, usize> = HashMap::new();
+    for Output::Send { to, message } in outbox {
+        let Message::Append {
+            epoch,
+            prev,
+            entries,
+            ..
+        } = &message
+        else {
+            // Nothing merges across another message to the same peer.
+            open.remove(&to);
+            merged.push(Output::Send { to, message });
+            continue;
+        };
+        if entries.is_empty() && with_entries.contains(&to) {
+            continue;
+        }
+        if let Some(Output::Send {
+            message:
+                Message::Append {
+                    epoch: open_epoch,
+                    prev: open_prev,
+                    entries: open_entries,
+                    ..
+                },
+            ..
+        }) = open.get(&to).and_then(|&i| merged.get_mut(i))
+        {
+            let open_end = open_prev.0 + open_entries.len() as u64;
+            if *open_epoch == *epoch
+                && open_end == prev.0
+                && open_entries.len() + entries.len() <= segment_max
+            {
+                open_entries.extend(entries.iter().copied());
+                continue;
             }
         }
+        open.insert(to, merged.len());
+        merged.push(Output::Send { to, message });
     }
+    merged
 }

@@ -3,9 +3,11 @@
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use uuid::Uuid;
 
-use super::{Durable, ElectionRole, Input, LogSlot, Message, Output, Replica, ReplicaConfig};
+use crate::machine::Machine;
+use crate::types::{Input, Message, Output};
+use crate::{Durable, ElectionRole, LogSlot, ReplicaConfig};
 
-fn config(byte: u8) -> ReplicaConfig {
+pub(crate) fn config(byte: u8) -> ReplicaConfig {
     ReplicaConfig {
         device: DeviceId([byte; 32]),
         election_timeout_ms: 100,
@@ -15,7 +17,7 @@ fn config(byte: u8) -> ReplicaConfig {
     }
 }
 
-fn id(n: u128) -> ChangeId {
+pub(crate) fn id(n: u128) -> ChangeId {
     ChangeId(Uuid::from_u128(n))
 }
 
@@ -36,7 +38,7 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
         counter: 2,
         device: DeviceId([3; 32]),
     };
-    let mut follower = Replica::new(
+    let mut follower = Machine::new(
         config(2),
         Durable {
             epoch: newer,
@@ -63,7 +65,7 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
         "nothing from the stale epoch was stored"
     );
 
-    let mut leader = Replica::founder(config(1), 0);
+    let mut leader = Machine::founder(config(1), 0);
     assert_eq!(leader.role(), ElectionRole::Leader);
     leader.handle(
         Input::Received {
@@ -77,7 +79,7 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
 
 #[test]
 fn a_leader_sequences_pushed_changes_once() {
-    let mut leader = Replica::founder(config(1), 0);
+    let mut leader = Machine::founder(config(1), 0);
     let follower = DeviceId([2; 32]);
     leader.handle(Input::Connected(follower), 0);
     for _ in 0..2 {
@@ -104,7 +106,7 @@ fn a_leader_sequences_pushed_changes_once() {
 fn a_restarted_leader_still_sequences_a_change_it_holds_only_once() {
     // The journal keeps no change-id index: after a restart the core's own log (loaded from the
     // journal) is what makes a repeated push idempotent.
-    let mut first = Replica::founder(config(1), 0);
+    let mut first = Machine::founder(config(1), 0);
     let follower = DeviceId([2; 32]);
     first.handle(Input::Connected(follower), 0);
     let push = Message::Push {
@@ -118,7 +120,7 @@ fn a_restarted_leader_still_sequences_a_change_it_holds_only_once() {
         1,
     );
     let durable = first.durable().clone();
-    let mut restarted = Replica::new(config(1), durable, 2);
+    let mut restarted = Machine::new(config(1), durable, 2);
     assert_eq!(restarted.role(), ElectionRole::Leader);
     restarted.handle(Input::Connected(follower), 3);
     restarted.handle(
@@ -168,7 +170,7 @@ fn truncated_changes_return_to_pending() {
         .into(),
         offline: Vec::new(),
     };
-    let mut node = Replica::new(config(1), durable, 0);
+    let mut node = Machine::new(config(1), durable, 0);
     let out = node.handle(
         Input::Received {
             from: b.device,
@@ -230,7 +232,7 @@ fn a_heartbeat_or_a_resent_segment_keeps_the_entries_past_it() {
         log: log.clone().into(),
         offline: Vec::new(),
     };
-    let mut node = Replica::new(config(1), durable, 0);
+    let mut node = Machine::new(config(1), durable, 0);
     for (prev, entries) in [
         (3, vec![]),
         (
@@ -262,7 +264,7 @@ fn a_heartbeat_or_a_resent_segment_keeps_the_entries_past_it() {
 
 #[test]
 fn a_lone_device_keeps_committing_and_never_elects_itself() {
-    let mut node = Replica::new(config(4), Durable::default(), 0);
+    let mut node = Machine::new(config(4), Durable::default(), 0);
     for t in 0..50 {
         node.handle(Input::Commit(id(t)), t as u64 * 10);
         assert!(node.handle(Input::Tick, t as u64 * 10).is_empty());
@@ -315,7 +317,7 @@ fn appends(outputs: &[Output]) -> Vec<(u64, usize)> {
 #[test]
 fn a_leader_keeps_segments_in_flight_and_resends_only_after_silence() {
     let peer = DeviceId([2; 32]);
-    let mut leader = Replica::founder(config(1), 0);
+    let mut leader = Machine::founder(config(1), 0);
     for n in 0..450 {
         leader.handle(Input::Commit(id(n + 1)), 0);
     }
@@ -353,7 +355,7 @@ fn a_leader_keeps_segments_in_flight_and_resends_only_after_silence() {
 #[test]
 fn a_refusal_at_the_acknowledged_position_moves_the_leader_back() {
     let peer = DeviceId([2; 32]);
-    let mut leader = Replica::founder(config(1), 0);
+    let mut leader = Machine::founder(config(1), 0);
     for n in 0..50 {
         leader.handle(Input::Commit(id(n + 1)), 0);
     }
@@ -384,7 +386,7 @@ fn a_refusal_at_the_acknowledged_position_moves_the_leader_back() {
 }
 
 /// Hands every message in `outputs` addressed to `to` over to it; returns what it sends back.
-fn deliver(from: DeviceId, outputs: &[Output], to: &mut Replica, now: u64) -> Vec<Output> {
+fn deliver(from: DeviceId, outputs: &[Output], to: &mut Machine, now: u64) -> Vec<Output> {
     let mut back = Vec::new();
     for Output::Send { to: dest, message } in outputs {
         if *dest == to.device() {
@@ -402,8 +404,8 @@ fn deliver(from: DeviceId, outputs: &[Output], to: &mut Replica, now: u64) -> Ve
 
 #[test]
 fn a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
-    let mut leader = Replica::founder(config(1), 0);
-    let mut follower = Replica::new(config(2), Durable::default(), 0);
+    let mut leader = Machine::founder(config(1), 0);
+    let mut follower = Machine::new(config(2), Durable::default(), 0);
     let (l, f) = (leader.device(), follower.device());
     follower.handle(Input::Connected(l), 0);
     let beat = leader.handle(Input::Connected(f), 0);
@@ -435,10 +437,10 @@ fn a_follower_that_cannot_hear_a_live_leader_does_not_depose_it() {
 }
 
 /// A founder leading followers `b` and `c` (connected to each other), whom it reached at time 1.
-fn leader_and_two_followers() -> (Replica, Replica, Replica) {
-    let mut leader = Replica::founder(config(1), 0);
-    let mut b = Replica::new(config(2), Durable::default(), 0);
-    let mut c = Replica::new(config(3), Durable::default(), 0);
+fn leader_and_two_followers() -> (Machine, Machine, Machine) {
+    let mut leader = Machine::founder(config(1), 0);
+    let mut b = Machine::new(config(2), Durable::default(), 0);
+    let mut c = Machine::new(config(3), Durable::default(), 0);
     let (l, bd, cd) = (leader.device(), b.device(), c.device());
     for (node, peers) in [(&mut b, [l, cd]), (&mut c, [l, bd])] {
         for p in peers {
@@ -492,8 +494,8 @@ fn a_refused_pre_vote_teaches_the_higher_epoch_so_the_next_one_can_win() {
         counter: 5,
         device: DeviceId([9; 32]),
     };
-    let mut p = Replica::new(config(1), Durable::default(), 0);
-    let mut r = Replica::new(
+    let mut p = Machine::new(config(1), Durable::default(), 0);
+    let mut r = Machine::new(
         config(2),
         Durable {
             epoch: voted,
@@ -570,8 +572,8 @@ fn two_followers_whose_timers_run_out_together_do_not_split_the_vote() {
 
 #[test]
 fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
-    let mut b = Replica::new(config(2), Durable::default(), 0);
-    let mut c = Replica::new(config(3), Durable::default(), 0);
+    let mut b = Machine::new(config(2), Durable::default(), 0);
+    let mut c = Machine::new(config(3), Durable::default(), 0);
     let (bd, cd) = (b.device(), c.device());
     b.handle(Input::Connected(cd), 0);
     c.handle(Input::Connected(bd), 0);
@@ -605,7 +607,7 @@ fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
 #[test]
 fn poll_timeout_is_the_next_time_a_tick_does_something() {
     // A lone device: nothing to do before its election timeout (100 ms plus jitter below 100).
-    let mut alone = Replica::new(config(2), Durable::default(), 0);
+    let mut alone = Machine::new(config(2), Durable::default(), 0);
     let deadline = alone.poll_timeout();
     assert!((100..200).contains(&deadline), "deadline {deadline}");
     assert!(sent(&alone.handle(Input::Tick, deadline - 1)).is_empty());
@@ -616,7 +618,7 @@ fn poll_timeout_is_the_next_time_a_tick_does_something() {
     );
 
     // A leader: its next heartbeat (10 ms after the last send).
-    let mut leader = Replica::founder(config(1), 0);
+    let mut leader = Machine::founder(config(1), 0);
     leader.handle(Input::Connected(DeviceId([2; 32])), 0);
     leader.handle(Input::Tick, 10);
     assert_eq!(leader.poll_timeout(), 20);

@@ -14,7 +14,7 @@ pub enum LogSlot {
 
 /// Messages between replication cores (mapped onto `DeviceMessage` by the runtime).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
+pub(crate) enum Message {
     /// A candidate asks for a vote.
     RequestVote {
         /// The epoch it would lead.
@@ -82,7 +82,7 @@ pub enum Message {
 
 /// What happens to a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Input {
+pub(crate) enum Input {
     /// Time passes (timers fire).
     Tick,
     /// A message arrived.
@@ -102,7 +102,7 @@ pub enum Input {
 
 /// What a node asks its runtime to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Output {
+pub(crate) enum Output {
     /// Send a message.
     Send {
         /// To whom.
@@ -114,7 +114,7 @@ pub enum Output {
 
 /// One change a node made to its log, for the runtime to make durable in the same order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogOp {
+pub(crate) enum LogOp {
     /// An entry was appended at position `at`.
     Append {
         /// Its position.

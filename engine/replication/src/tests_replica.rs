@@ -1,0 +1,285 @@
+//! Unit tests of [`Replica`]: its contract (nothing sent before it is durable), its handling of
+//! hostile payloads, its timeouts, and how it merges segments.
+
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
+use serde_bytes::ByteBuf;
+use uuid::Uuid;
+
+use crate::replica::coalesce;
+use crate::tests::{config, id};
+use crate::types::{LogSlot, Message, Output};
+use crate::wire::WireLogEntry;
+use crate::{Durable, ElectionRole, LogWrite, Replica, ReplicaEvent, ReplicationMessage, Store};
+
+/// Sealing for these tests: a marker, then the change id.
+fn seal(id: ChangeId) -> Vec<u8> {
+    let mut sealed = b"test".to_vec();
+    sealed.extend_from_slice(id.0.as_bytes());
+    sealed
+}
+
+/// An in-memory store: a log, an offline journal.
+#[derive(Default)]
+struct Memory {
+    log: Vec<(Epoch, Vec<u8>)>,
+    offline: Vec<(ChangeId, Vec<u8>)>,
+}
+
+impl Store for Memory {
+    type Error = String;
+
+    fn read_log(&mut self, first: Lsn, count: usize) -> Result<Vec<(Epoch, Vec<u8>)>, String> {
+        let from = first.0.saturating_sub(1) as usize;
+        self.log
+            .get(from..from + count)
+            .map(<[_]>::to_vec)
+            .ok_or_else(|| "past the end".to_string())
+    }
+
+    fn read_offline(&mut self) -> Result<Vec<(ChangeId, Vec<u8>)>, String> {
+        Ok(self.offline.clone())
+    }
+
+    fn applied(&mut self) -> Lsn {
+        Lsn(self.log.len() as u64)
+    }
+
+    fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId> {
+        let id: [u8; 16] = sealed.get(4..20)?.try_into().ok()?;
+        Some(ChangeId(Uuid::from_bytes(id)))
+    }
+
+    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String> {
+        if sealed.get(..4) != Some(&b"test"[..]) {
+            return Err("bad seal".into());
+        }
+        self.peek_change_id(sealed).ok_or_else(|| "short".into())
+    }
+}
+
+impl Memory {
+    fn write_all(&mut self, replica: &mut Replica) -> Vec<LogWrite> {
+        let mut writes = Vec::new();
+        while let Some(write) = replica.poll_log_write(self).expect("writes") {
+            if let LogWrite::Append { entries, .. } = &write {
+                self.log.extend(entries.iter().cloned());
+            }
+            writes.push(write);
+        }
+        writes
+    }
+}
+
+#[test]
+fn nothing_is_transmitted_before_the_writes_it_depends_on_are_confirmed() {
+    let mut store = Memory::default();
+    let mut leader = Replica::founder(config(1), 0);
+    store.write_all(&mut leader);
+    leader.written();
+    let follower = DeviceId([2; 32]);
+    leader.handle_connected(1, follower);
+    leader.handle_commit(2, id(7), Some(seal(id(7))));
+    // The commit's append is not polled yet: nothing goes out.
+    assert_eq!(leader.poll_transmit(&mut store).expect("polls"), None);
+    let writes = store.write_all(&mut leader);
+    assert_eq!(
+        writes,
+        vec![LogWrite::Append {
+            at: Lsn(2),
+            entries: vec![(leader.durable().epoch, seal(id(7)))],
+        }]
+    );
+    // Polled but not confirmed: still nothing.
+    assert_eq!(leader.poll_transmit(&mut store).expect("polls"), None);
+    leader.written();
+    let sent = leader
+        .poll_transmit(&mut store)
+        .expect("polls")
+        .expect("a segment");
+    assert_eq!(sent.to, follower);
+    let ReplicationMessage::LogSegment { entries, .. } = sent.message else {
+        panic!("expected a segment, got {:?}", sent.message);
+    };
+    assert_eq!(entries.last().map(|e| e.sealed.to_vec()), Some(seal(id(7))));
+}
+
+#[test]
+#[should_panic(expected = "not yet polled")]
+fn confirming_writes_that_were_not_polled_is_a_bug() {
+    let mut leader = Replica::founder(config(1), 0);
+    leader.written();
+}
+
+#[test]
+fn a_push_that_does_not_open_is_refused_and_not_kept() {
+    let mut store = Memory::default();
+    let mut leader = Replica::founder(config(1), 0);
+    store.write_all(&mut leader);
+    leader.written();
+    let from = DeviceId([2; 32]);
+    leader.handle_connected(1, from);
+    let mut forged = seal(id(9));
+    forged[0] ^= 0xff;
+    leader.handle_message(
+        2,
+        from,
+        ReplicationMessage::Push {
+            changes: vec![ByteBuf::from(forged), ByteBuf::from(seal(id(8)))],
+        },
+        &mut store,
+    );
+    let events: Vec<ReplicaEvent> = std::iter::from_fn(|| leader.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ReplicaEvent::Refused { from: f, .. } if *f == from)),
+        "{events:?}"
+    );
+    let writes = store.write_all(&mut leader);
+    // Only the authentic change is sequenced.
+    assert_eq!(
+        writes,
+        vec![LogWrite::Append {
+            at: Lsn(2),
+            entries: vec![(leader.durable().epoch, seal(id(8)))],
+        }]
+    );
+    assert!(leader.payloads_len() == 0, "payloads left in memory");
+}
+
+#[test]
+fn payloads_of_a_segment_the_rules_refuse_are_not_kept() {
+    let mut store = Memory::default();
+    let newer = Epoch {
+        counter: 5,
+        device: DeviceId([3; 32]),
+    };
+    let mut follower = Replica::new(
+        config(2),
+        Durable {
+            epoch: newer,
+            voted: newer,
+            ..Durable::default()
+        },
+        0,
+    );
+    let stale = Epoch {
+        counter: 2,
+        device: DeviceId([1; 32]),
+    };
+    follower.handle_message(
+        1,
+        stale.device,
+        ReplicationMessage::LogSegment {
+            epoch: stale,
+            first: Lsn(1),
+            prev_epoch: Epoch::default(),
+            leader_end: Lsn(2),
+            entries: (0..2)
+                .map(|n| WireLogEntry {
+                    epoch: stale,
+                    sealed: ByteBuf::from(seal(id(n))),
+                })
+                .collect(),
+        },
+        &mut store,
+    );
+    assert_eq!(
+        follower.payloads_len(),
+        0,
+        "a stale leader's payloads stayed in memory"
+    );
+    assert!(store.write_all(&mut follower).is_empty());
+    follower.written();
+    let sent = follower
+        .poll_transmit(&mut store)
+        .expect("polls")
+        .expect("an answer");
+    assert_eq!(sent.message, ReplicationMessage::Stale { epoch: newer });
+}
+
+#[test]
+fn a_follower_with_offline_changes_and_no_leader_sets_no_deadline_in_the_past() {
+    // A runtime sleeps until `poll_timeout`: a deadline that a tick does not move would spin it.
+    let mut follower = Replica::new(config(2), Durable::default(), 0);
+    follower.handle_connected(0, DeviceId([3; 32]));
+    follower.handle_commit(0, id(1), Some(seal(id(1))));
+    assert_eq!(follower.role(), ElectionRole::Follower);
+    let now = 5_000;
+    follower.handle_timeout(now);
+    let mut store = Memory::default();
+    store.write_all(&mut follower);
+    follower.written();
+    while follower.poll_transmit(&mut store).expect("polls").is_some() {}
+    assert!(
+        follower.poll_timeout() > now,
+        "deadline {} is not after {now}",
+        follower.poll_timeout()
+    );
+}
+
+fn append(to: u8, prev: u64, n: usize) -> Output {
+    let epoch = Epoch {
+        counter: 1,
+        device: DeviceId([1; 32]),
+    };
+    Output::Send {
+        to: DeviceId([to; 32]),
+        message: Message::Append {
+            epoch,
+            prev: Lsn(prev),
+            prev_epoch: epoch,
+            entries: (0..n)
+                .map(|i| {
+                    (
+                        epoch,
+                        LogSlot::Change(ChangeId(uuid::Uuid::from_u128(i as u128))),
+                    )
+                })
+                .collect(),
+        },
+    }
+}
+
+fn shape(outbox: &[Output]) -> Vec<(u8, u64, usize)> {
+    outbox
+        .iter()
+        .map(|Output::Send { to, message }| match message {
+            Message::Append { prev, entries, .. } => (to.0[0], prev.0, entries.len()),
+            _ => (to.0[0], u64::MAX, 0),
+        })
+        .collect()
+}
+
+#[test]
+fn contiguous_appends_to_a_peer_merge_and_heartbeats_give_way() {
+    let stale = Output::Send {
+        to: DeviceId([2; 32]),
+        message: Message::Stale {
+            epoch: Epoch::default(),
+        },
+    };
+    let outbox = vec![
+        append(2, 10, 0), // heartbeat: dropped, peer 2 gets entries
+        append(2, 10, 1),
+        append(3, 10, 1),
+        append(2, 11, 1), // continues peer 2's
+        append(2, 12, 3), // would exceed 4 entries: starts a new one
+        stale,
+        append(2, 15, 1), // after another message to peer 2: not merged across it
+        append(3, 20, 1), // not contiguous with peer 3's
+        append(4, 7, 0),  // a lone heartbeat stays
+    ];
+    assert_eq!(
+        shape(&coalesce(outbox, 4)),
+        vec![
+            (2, 10, 2),
+            (3, 10, 1),
+            (2, 12, 3),
+            (2, u64::MAX, 0),
+            (2, 15, 1),
+            (3, 20, 1),
+            (4, 7, 0)
+        ]
+    );
+}

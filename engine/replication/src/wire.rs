@@ -1,0 +1,160 @@
+//! The replication messages as devices send them: payloads included, limits checked.
+//!
+//! `keel-transport` carries them inside `DeviceMessage::Replication`; this crate maps them to and
+//! from its own messages (see [`crate::Replica`]), so the simulator and the node drive the same
+//! mapping.
+
+use keel_schema::{Epoch, Lsn, SyncDomain};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// Most records in one segment or push (and, in `keel-transport`, in any batch message).
+pub const RECORDS_PER_MESSAGE_MAX: usize = 16_384;
+/// Largest single record in a message.
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
+/// Most domain positions in one message.
+pub const POSITIONS_MAX: usize = 16;
+
+/// A message breaks a limit of this module (the peer that sent it is misbehaving).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("over a limit: {0}")]
+pub struct OverLimit(pub String);
+
+/// A replication position in one sync domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainPosition {
+    /// The domain.
+    pub domain: SyncDomain,
+    /// The last log position applied in it.
+    pub lsn: Lsn,
+}
+
+/// One log entry on the wire: the epoch that sequenced it and the sealed change (empty for the
+/// barrier that starts an epoch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLogEntry {
+    /// The sequencing epoch.
+    pub epoch: Epoch,
+    /// The sealed change, as stored in the journal.
+    pub sealed: ByteBuf,
+}
+
+/// Election and replication between the devices of one library.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationMessage {
+    /// A candidate asks for a vote in `epoch`, showing how far its log goes.
+    RequestVote {
+        /// The epoch the candidate would lead.
+        epoch: Epoch,
+        /// The epoch of its last log entry.
+        last_epoch: Epoch,
+        /// Its last log position.
+        last_lsn: Lsn,
+    },
+    /// The answer to a vote request.
+    Vote {
+        /// The epoch voted on.
+        epoch: Epoch,
+        /// Whether the vote is granted.
+        granted: bool,
+    },
+    /// "My epoch is higher": the receiver's epoch is stale and it steps down.
+    Stale {
+        /// The sender's epoch.
+        epoch: Epoch,
+    },
+    /// Before an election: would the receiver vote for the sender in `epoch`? Changes no state
+    /// on either side (a device that cannot hear a live leader does not depose it).
+    PreVote {
+        /// The epoch the sender would stand in.
+        epoch: Epoch,
+        /// The epoch of its last log entry.
+        last_epoch: Epoch,
+        /// Its last log position.
+        last_lsn: Lsn,
+    },
+    /// The answer to a pre-vote.
+    PreVoteReply {
+        /// The epoch asked about.
+        epoch: Epoch,
+        /// Whether a vote would be granted.
+        granted: bool,
+        /// The highest epoch the answering device has taken or voted in.
+        highest: Epoch,
+    },
+    /// Log entries `first..` sequenced by the leader of `epoch` (none: a heartbeat).
+    LogSegment {
+        /// The sender's (leader's) epoch.
+        epoch: Epoch,
+        /// Position of the first entry.
+        first: Lsn,
+        /// Epoch of the entry before `first` (the follower checks its log agrees there).
+        prev_epoch: Epoch,
+        /// The leader's last log position (for catch-up progress).
+        leader_end: Lsn,
+        /// The entries.
+        entries: Vec<WireLogEntry>,
+    },
+    /// A follower's own changes (sealed), pushed to the leader; idempotent by change id.
+    Push {
+        /// Sealed changes.
+        changes: Vec<ByteBuf>,
+    },
+    /// A follower's answer to a segment: what it stored and applied.
+    Ack {
+        /// The follower's epoch.
+        epoch: Epoch,
+        /// Whether the segment matched the follower's log (if not, `stored` hints where to
+        /// resume).
+        ok: bool,
+        /// Last log position stored.
+        stored: Lsn,
+        /// Applied positions per domain.
+        positions: Vec<DomainPosition>,
+    },
+}
+
+/// Checks a batch of blobs against the record limits.
+pub fn check_records<'a>(
+    what: &str,
+    blobs: impl ExactSizeIterator<Item = &'a ByteBuf>,
+) -> Result<(), OverLimit> {
+    if blobs.len() > RECORDS_PER_MESSAGE_MAX {
+        return Err(OverLimit(format!(
+            "{} {what} (max {RECORDS_PER_MESSAGE_MAX})",
+            blobs.len()
+        )));
+    }
+    for blob in blobs {
+        if blob.len() > RECORD_BYTES_MAX {
+            return Err(OverLimit(format!("a {what} of {} bytes", blob.len())));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a list of domain positions against [`POSITIONS_MAX`].
+pub fn check_positions(positions: &[DomainPosition]) -> Result<(), OverLimit> {
+    if positions.len() > POSITIONS_MAX {
+        return Err(OverLimit(format!("{} positions", positions.len())));
+    }
+    Ok(())
+}
+
+impl ReplicationMessage {
+    /// Checks the limits (the decoder calls it on every message from a peer).
+    pub fn check(&self) -> Result<(), OverLimit> {
+        match self {
+            ReplicationMessage::LogSegment { entries, .. } => {
+                check_records("log entries", entries.iter().map(|e| &e.sealed))
+            }
+            ReplicationMessage::Push { changes } => check_records("changes", changes.iter()),
+            ReplicationMessage::Ack { positions, .. } => check_positions(positions),
+            ReplicationMessage::RequestVote { .. }
+            | ReplicationMessage::Vote { .. }
+            | ReplicationMessage::Stale { .. }
+            | ReplicationMessage::PreVote { .. }
+            | ReplicationMessage::PreVoteReply { .. } => Ok(()),
+        }
+    }
+}
