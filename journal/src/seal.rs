@@ -10,7 +10,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use keel_schema::{ChangeId, LibraryId};
-use rand::RngCore;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -129,7 +129,7 @@ impl LibraryKey {
     /// A fresh random key with key id 1.
     pub fn generate() -> Self {
         let mut bytes = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut bytes);
+        rand::rng().fill_bytes(&mut bytes);
         Self { bytes, key_id: 1 }
     }
 
@@ -160,8 +160,8 @@ impl LibraryKey {
     ) -> Result<WrappedKey, JournalError> {
         let mut salt = [0u8; 16];
         let mut nonce = [0u8; 24];
-        rand::thread_rng().fill_bytes(&mut salt);
-        rand::thread_rng().fill_bytes(&mut nonce);
+        rand::rng().fill_bytes(&mut salt);
+        rand::rng().fill_bytes(&mut nonce);
         let kek = derive_kek(password, &salt, kdf)?;
         let cipher = XChaCha20Poly1305::new((&kek).into());
         let ad = wrap_ad(library, self.key_id);

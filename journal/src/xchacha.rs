@@ -8,7 +8,7 @@
 //! in about half the time.
 
 use chacha20::cipher::consts::U10;
-use rand::RngCore;
+use rand::Rng;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use std::cell::RefCell;
 
@@ -88,7 +88,7 @@ fn seal_with(
 
 /// Encrypts `buf[from..]` in place under a fresh nonce, appends the tag and returns the nonce.
 /// The nonce's first 16 bytes are this thread's current head (random, renewed every
-/// [`RECORDS_PER_HEAD`] records and for every other key), the last 8 random (`thread_rng`,
+/// [`RECORDS_PER_HEAD`] records and for every other key), the last 8 random (`rand::rng`,
 /// which reseeds after a fork). `None` only if the cipher refused (a message longer than
 /// ChaCha20 allows; records are capped far below that).
 pub(crate) fn seal_in_place(
@@ -98,7 +98,7 @@ pub(crate) fn seal_in_place(
     from: usize,
 ) -> Option<[u8; NONCE_LEN]> {
     let mut nonce = [0u8; NONCE_LEN];
-    let mut rng = rand::thread_rng();
+    let mut rng = rand::rng();
     rng.fill_bytes(&mut nonce[16..]);
     SEALING.with(|state| {
         let mut state = state.borrow_mut();

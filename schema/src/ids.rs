@@ -117,8 +117,8 @@ impl ChangeId {
     /// devices apart. Cheaper than `Uuid::now_v7`, which reads the clock and takes a shared
     /// context for every id.
     pub fn at(now_ms: u64) -> Self {
-        use rand::RngCore;
-        let mut rng = rand::thread_rng();
+        use rand::Rng;
+        let mut rng = rand::rng();
         let (ms, counter) = LAST_CHANGE_ID.with(|last| {
             let (last_ms, last_counter) = last.get();
             let next = if now_ms > last_ms {

@@ -7,7 +7,7 @@ use std::path::Path;
 use keel_engine::{EngineError, Home, Library, Tag};
 use keel_journal::JournalError;
 use keel_tests::{create_library, PASSWORD};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use redb::ReadableTable;
 use uuid::Uuid;
 
@@ -73,7 +73,7 @@ fn bit_flips_in_the_journal_never_panic() {
     let seed: u64 = std::env::var("KEEL_BITFLIP_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
+        .unwrap_or_else(|| rand::rng().random());
     eprintln!("bit flip seed {seed} (KEEL_BITFLIP_SEED reproduces it)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -84,9 +84,9 @@ fn bit_flips_in_the_journal_never_panic() {
     let pristine = std::fs::read(&path).expect("read");
     for _ in 0..30 {
         let mut bytes = pristine.clone();
-        for _ in 0..rng.gen_range(1..8) {
-            let i = rng.gen_range(0..bytes.len());
-            bytes[i] ^= 1 << rng.gen_range(0..8);
+        for _ in 0..rng.random_range(1..8) {
+            let i = rng.random_range(0..bytes.len());
+            bytes[i] ^= 1 << rng.random_range(0..8);
         }
         std::fs::write(&path, &bytes).expect("write");
         let _ = open_and_check(&home);

@@ -11,7 +11,7 @@ use keel_schema::{
 use keel_tests::create_library;
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -258,7 +258,7 @@ proptest! {
             let mut p = Projections::open(&dir.path().join("shuffled.sqlite")).expect("opens");
             let mut rest = &order[..];
             while !rest.is_empty() {
-                let n = rng.gen_range(1..=rest.len().min(7));
+                let n = rng.random_range(1..=rest.len().min(7));
                 p.apply(&rest[..n], None).expect("applies");
                 rest = &rest[n..];
             }

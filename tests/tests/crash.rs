@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use keel_engine::{Home, Library};
 use keel_schema::ChangeId;
 use keel_tests::{create_library, PASSWORD};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
 
 /// Kills per run: 50 by default, 500 in the full tier.
@@ -27,7 +27,7 @@ fn kill_9_loses_nothing_acknowledged() {
     let seed: u64 = std::env::var("KEEL_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
+        .unwrap_or_else(|| rand::rng().random());
     eprintln!("crash test seed {seed} (set KEEL_CRASH_SEED to reproduce the timing)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -61,7 +61,7 @@ fn kill_9_loses_nothing_acknowledged() {
             Ok("ready"),
             "round {round}: child did not start"
         );
-        let run_for = Duration::from_micros(rng.gen_range(0..40_000));
+        let run_for = Duration::from_micros(rng.random_range(0..40_000));
         let until = Instant::now() + run_for;
         while Instant::now() < until {
             std::thread::yield_now();

@@ -19,7 +19,7 @@ use keel_replication::{
 };
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
 
 const STEP_MS: u64 = 5;
@@ -184,11 +184,11 @@ fn changes_of(d: &Durable) -> BTreeSet<ChangeId> {
 impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let n = rng.gen_range(3..=5);
+        let n = rng.random_range(3..=5);
         let devices: Vec<DeviceId> = (0..n)
             .map(|i| {
                 let mut id = [0u8; 32];
-                id[0] = rng.gen();
+                id[0] = rng.random();
                 id[1] = i as u8;
                 DeviceId(id)
             })
@@ -241,24 +241,24 @@ impl Sim {
             if to == usize::MAX {
                 continue;
             }
-            if lossy && self.rng.gen_bool(0.02) {
+            if lossy && self.rng.random_bool(0.02) {
                 continue; // lost
             }
             if let ReplicationMessage::Push { changes } = &mut message {
-                if lossy && !changes.is_empty() && self.rng.gen_bool(0.01) {
+                if lossy && !changes.is_empty() && self.rng.random_bool(0.01) {
                     changes[0][0] ^= 0xff; // damaged: the leader refuses it, the sender pushes again
                 }
             }
-            let copies = if lossy && self.rng.gen_bool(0.03) {
+            let copies = if lossy && self.rng.random_bool(0.03) {
                 2
             } else {
                 1
             };
             for _ in 0..copies {
                 let delay = if lossy {
-                    self.rng.gen_range(1..40)
+                    self.rng.random_range(1..40)
                 } else {
-                    self.rng.gen_range(1..5)
+                    self.rng.random_range(1..5)
                 };
                 self.flight.push(InFlight {
                     at_ms: self.now_ms + delay,
@@ -284,7 +284,7 @@ impl Sim {
             Input::Disconnected(peer) => node.handle_disconnected(now, peer),
             Input::Received(from, message) => node.handle_message(now, from, message, &mut store),
         }
-        if chaos && self.rng.gen_bool(0.001) {
+        if chaos && self.rng.random_bool(0.001) {
             self.crash_while_writing(i);
         } else {
             self.flush(i, chaos);
@@ -378,7 +378,7 @@ impl Sim {
         {
             writes.push(write);
         }
-        let done = self.rng.gen_range(0..=writes.len());
+        let done = self.rng.random_range(0..=writes.len());
         for write in writes.into_iter().take(done) {
             self.disks[i].apply(i, write);
         }
@@ -442,28 +442,28 @@ impl Sim {
         self.now_ms += STEP_MS;
         let n = self.nodes.len();
         if chaos {
-            if self.rng.gen_bool(0.01) {
+            if self.rng.random_bool(0.01) {
                 // A random partition into two sides.
-                let side: Vec<bool> = (0..n).map(|_| self.rng.gen_bool(0.5)).collect();
+                let side: Vec<bool> = (0..n).map(|_| self.rng.random_bool(0.5)).collect();
                 for a in 0..n {
                     for b in 0..n {
                         self.up[a][b] = side[a] == side[b];
                     }
                 }
             }
-            if self.rng.gen_bool(0.005) {
+            if self.rng.random_bool(0.005) {
                 // One link cut, the others kept: a device may lose its leader and still reach
                 // the rest (what pre-vote is for).
-                let a = self.rng.gen_range(0..n);
-                let b = (a + self.rng.gen_range(1..n)) % n;
+                let a = self.rng.random_range(0..n);
+                let b = (a + self.rng.random_range(1..n)) % n;
                 self.up[a][b] = false;
                 self.up[b][a] = false;
             }
-            if self.rng.gen_bool(0.008) {
+            if self.rng.random_bool(0.008) {
                 self.up = vec![vec![true; n]; n];
             }
-            if self.rng.gen_bool(0.004) {
-                let i = self.rng.gen_range(0..n);
+            if self.rng.random_bool(0.004) {
+                let i = self.rng.random_range(0..n);
                 if let Some(node) = self.nodes[i].take() {
                     assert_eq!(
                         self.disks[i].durable().log,
@@ -473,16 +473,16 @@ impl Sim {
                     self.views[i].clear();
                 }
             }
-            if self.rng.gen_bool(0.3) {
-                let i = self.rng.gen_range(0..n);
+            if self.rng.random_bool(0.3) {
+                let i = self.rng.random_range(0..n);
                 if self.nodes[i].is_some() {
-                    let id = ChangeId(Uuid::from_u128(self.rng.gen()));
+                    let id = ChangeId(Uuid::from_u128(self.rng.random()));
                     self.commit(i, id);
                 }
             }
         }
         for i in 0..n {
-            if self.nodes[i].is_none() && (!chaos || self.rng.gen_bool(0.02)) {
+            if self.nodes[i].is_none() && (!chaos || self.rng.random_bool(0.02)) {
                 let durable = self.disks[i].durable();
                 let node = Replica::new(config(self.devices[i]), durable, self.now_ms);
                 self.nodes[i] = Some(node);
@@ -503,7 +503,7 @@ impl Sim {
         }
         self.flight = later;
         while !due.is_empty() {
-            let k = self.rng.gen_range(0..due.len());
+            let k = self.rng.random_range(0..due.len());
             let m = due.swap_remove(k);
             if self.up[m.from][m.to] && self.nodes[m.to].is_some() {
                 self.delivered += 1;

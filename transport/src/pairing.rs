@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use keel_schema::{DeviceId, LibraryId};
-use rand::{Rng, RngCore};
+use rand::{Rng, RngExt};
 use serde_bytes::ByteBuf;
 use spake2::{Ed25519Group, Identity as SpakeIdentity, Password, Spake2};
 
@@ -63,7 +63,7 @@ pub struct PairingCode(String);
 impl PairingCode {
     /// A fresh random code.
     pub fn generate() -> Self {
-        let n: u32 = rand::thread_rng().gen_range(0..100_000_000);
+        let n: u32 = rand::rng().random_range(0..100_000_000);
         Self(format!("{:04}-{:04}", n / 10_000, n % 10_000))
     }
 
@@ -125,7 +125,7 @@ fn session_key(raw: &[u8]) -> [u8; 32] {
 fn seal_key(session: &[u8; 32], library: LibraryId, key: &[u8]) -> Vec<u8> {
     let k = blake3::derive_key("keel pairing v1 key transfer", session);
     let mut nonce = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut nonce);
+    rand::rng().fill_bytes(&mut nonce);
     let cipher = XChaCha20Poly1305::new((&k).into());
     let sealed = cipher
         .encrypt(

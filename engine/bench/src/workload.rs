@@ -6,7 +6,7 @@ use keel_schema::{
     content_uuid, Change, ChangeId, ContentIdentity, Device, DeviceId, Entry, EntryKind, HlcClock,
     Location,
 };
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 use uuid::Uuid;
 
 /// A stream of changes shaped like an indexed library: one device, one location, then per file a
@@ -70,7 +70,7 @@ impl LibraryWorkload {
             self.next_file += 1;
             let hash = format!("{:016x}{:016x}", self.rng.next_u64(), i);
             let content = content_uuid(self.library, &hash);
-            let size = self.rng.gen_range(100..1_000_000);
+            let size = self.rng.random_range(100..1_000_000);
             let hlc = self.tick();
             out.extend(Change::upsert(
                 ChangeId::new(),
@@ -128,7 +128,7 @@ pub fn write_tree(root: &Path, files: usize, seed: u64) -> std::io::Result<u64> 
         if i % 100 == 0 {
             std::fs::create_dir_all(&dir)?;
         }
-        let len = rng.gen_range(100..4096);
+        let len = rng.random_range(100..4096);
         if i % 20 == 0 {
             buf[..len].fill(7);
         } else {

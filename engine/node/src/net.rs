@@ -11,7 +11,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use keel_schema::{DeviceId, LibraryId};
 use keel_transport::{Connection, DeviceMessage, Endpoint};
-use rand::Rng;
+use rand::RngExt;
 
 use super::core::CoreEvent;
 use super::pairing::{self, Invitation};
@@ -31,7 +31,7 @@ pub fn backoff_delay(attempt: u32) -> Duration {
     let base = BACKOFF_MIN_MS
         .saturating_mul(1u64 << attempt.min(16))
         .min(BACKOFF_MAX_MS);
-    let jitter = rand::thread_rng().gen_range(base / 2..=base + base / 2);
+    let jitter = rand::rng().random_range(base / 2..=base + base / 2);
     Duration::from_millis(jitter)
 }
 
