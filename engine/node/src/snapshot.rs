@@ -381,83 +381,19 @@ async fn receive(
     dir: &Path,
     progress: Option<tokio::sync::mpsc::UnboundedSender<JoinProgress>>,
 ) -> Result<Received, NodeError> {
-    let hello = tokio::time::timeout(STEP_TIMEOUT, conn.recv())
-        .await
-        .map_err(|_| node_error("no Hello"))??;
-    let log_total = match hello {
-        DeviceMessage::Hello {
-            library: l,
-            log_end,
-            ..
-        } if l == library => log_end.0,
-        _ => return Err(node_error("expected Hello for this library")),
-    };
-    if journal.stats()?.last_lsn != Lsn(0) {
-        return Err(node_error("this device's log is not empty"));
-    }
-    conn.send(&DeviceMessage::SnapshotRequest { library })
-        .await?;
-    // Two journal threads: one checks each segment's seals, the other appends checked segments
-    // in order, several per transaction. The changes are not decoded (their clocks are covered
-    // by the sender's high-water mark, raised below): this device's offline journal holds only
-    // its own Device record, which no log can contain yet.
+    let log_total = ask_for_snapshot(conn, library, &journal).await?;
     let journal = Arc::new(journal);
-    let stored = Arc::new(AtomicU64::new(0));
-    let (segments, raw) =
-        crossbeam_channel::bounded::<(Lsn, Vec<(Epoch, Vec<u8>)>)>(SEGMENTS_QUEUED);
-    let (checked_tx, checked_rx) = crossbeam_channel::bounded::<CheckedEntries>(2);
-    let checker = {
-        let journal = journal.clone();
-        std::thread::Builder::new()
-            .name("keel-snapshot-check".into())
-            .spawn(move || -> Result<(), NodeError> {
-                while let Ok((first, entries)) = raw.recv() {
-                    let checked = journal.check_seals(first, entries)?;
-                    if checked_tx.send(checked).is_err() {
-                        break;
-                    }
-                }
-                Ok(())
-            })
-            .map_err(io_at(dir))?
+    let writers = LogWriters::start(journal.clone(), log_total, dir)?;
+    let mut reader = SnapshotReader {
+        incoming_path: dir.join(INCOMING_FILE),
+        incoming: None,
+        next: 1,
+        bytes: 0,
+        seen: None,
+        segments: writers.segments.clone(),
     };
-    let appender = {
-        let stored = stored.clone();
-        let journal = journal.clone();
-        std::thread::Builder::new()
-            .name("keel-snapshot-log".into())
-            .spawn(move || -> Result<LogIndex, NodeError> {
-                // The log index, built on the way, is saved with the log: the node's first
-                // start then need not read every record back.
-                let mut index = LogIndex::default();
-                // The sender's word, so bounded (beyond it the index grows as needed).
-                index.reserve(log_total.min(INDEX_RESERVE_MAX) as usize);
-                while let Ok(mut batch) = checked_rx.recv() {
-                    while batch.len() < APPEND_BATCH {
-                        match checked_rx.try_recv() {
-                            Ok(more) => batch.extend(more)?,
-                            Err(_) => break,
-                        }
-                    }
-                    let last = batch.first().0 + batch.len() as u64 - 1;
-                    batch.index_into(&mut index);
-                    journal.append_checked(batch)?;
-                    stored.store(last, Ordering::Release);
-                }
-                drop(journal);
-                Ok(index)
-            })
-            .map_err(io_at(dir))?
-    };
-    let incoming_path = dir.join(INCOMING_FILE);
-    let mut incoming: Option<Incoming> = None;
-    // The sender's HLC mark, once the whole snapshot arrived.
-    let mut finished: Option<Hlc> = None;
-    let mut next = 1u64;
-    let mut bytes = 0u64;
-    // (log end, file bytes received, file length), kept after the file is done.
-    let mut seen: Option<(u64, u64, u64)> = None;
-    let report = |seen: &Option<(u64, u64, u64)>, bytes: u64| {
+    let stored = writers.stored.clone();
+    let report = |seen: Option<(u64, u64, u64)>, bytes: u64| {
         if let Some(tx) = &progress {
             let (log_end, file_received, file_total) = seen.unwrap_or((log_total, 0, 0));
             let _ = tx.send(JoinProgress {
@@ -475,137 +411,24 @@ async fn receive(
             Ok(Err(e)) => break Err(e.into()),
             Err(_) => break Err(node_error("the sender went silent")),
         };
-        match message {
-            DeviceMessage::Replication(ReplicationMessage::LogSegment {
-                first, entries, ..
-            }) => {
-                if first.0 != next || entries.is_empty() {
-                    break Err(node_error(format!(
-                        "a segment at {} where {next} was next",
-                        first.0
-                    )));
-                }
-                next += entries.len() as u64;
-                bytes += entries
-                    .iter()
-                    .map(|e| e.sealed.len() as u64 + 48)
-                    .sum::<u64>();
-                let entries = entries
-                    .into_iter()
-                    .map(|e| (e.epoch, e.sealed.into_vec()))
-                    .collect();
-                if segments.send((first, entries)).is_err() {
-                    break Err(node_error("the journal stopped"));
-                }
-            }
-            DeviceMessage::SnapshotBegin {
-                applied,
-                log_end,
-                file_bytes,
-                hlc,
-                ..
-            } => {
-                if incoming.is_some() || applied > log_end {
-                    break Err(node_error("a second or inconsistent header"));
-                }
-                tracing::debug!(
-                    stored = stored.load(Ordering::Acquire),
-                    received = next - 1,
-                    file_bytes,
-                    "snapshot: header"
-                );
-                let _ = Projections::remove_files(&incoming_path);
-                let sink = match FileSink::create(&incoming_path) {
-                    Ok(sink) => sink,
-                    Err(e) => break Err(e),
-                };
-                incoming = Some(Incoming {
-                    sink,
-                    len: file_bytes,
-                    written: 0,
-                    log_end,
-                    hlc,
-                });
-            }
-            DeviceMessage::SnapshotChunk { offset, data } => {
-                let Some(inc) = incoming.as_mut() else {
-                    break Err(node_error("a chunk before the header"));
-                };
-                if offset != inc.written || inc.written + data.len() as u64 > inc.len {
-                    break Err(node_error(format!("a chunk at {offset} out of place")));
-                }
-                let len = data.len() as u64;
-                if !inc.sink.write(data.into_vec()) {
-                    // The writing thread stopped on an error: `finish` gives it.
-                    let Some(inc) = incoming.take() else {
-                        break Err(node_error("the incoming file went away"));
-                    };
-                    break Err(inc
-                        .sink
-                        .finish()
-                        .err()
-                        .unwrap_or_else(|| node_error("the incoming file stopped")));
-                }
-                inc.written += len;
-                bytes += len;
-            }
-            DeviceMessage::SnapshotEnd { file_hash } => {
-                let Some(inc) = incoming.take() else {
-                    break Err(node_error("the end before the header"));
-                };
-                if inc.written != inc.len || next != inc.log_end.0 + 1 {
-                    break Err(node_error("the end came early"));
-                }
-                let (log_end, len, hlc) = (inc.log_end, inc.len, inc.hlc);
-                // Written, synced and hashed by the file's thread.
-                let hash = match inc.sink.finish() {
-                    Ok(hash) => hash,
-                    Err(e) => break Err(e),
-                };
-                if hash.as_bytes().as_slice() != file_hash.as_slice() {
-                    break Err(node_error("the projection file does not match its hash"));
-                }
-                tracing::debug!(stored = stored.load(Ordering::Acquire), "snapshot: end");
-                finished = Some(hlc);
-                // Every exit from this loop goes on to stop the journal threads.
-                break Ok((log_end.0, len));
-            }
-            other => {
-                break Err(node_error(format!(
-                    "unexpected message {:?}",
-                    std::mem::discriminant(&other)
-                )))
-            }
+        match reader.on_message(message) {
+            Ok(Some(end)) => break Ok(end),
+            Ok(None) => report(reader.seen, reader.bytes),
+            Err(e) => break Err(e),
         }
-        seen = incoming
-            .as_ref()
-            .map(|i| (i.log_end.0, i.written, i.len))
-            .or(seen);
-        report(&seen, bytes);
     };
-    drop(segments);
-    // An unfinished file's thread is stopped before anything else.
-    drop(incoming.take());
-    let (checked, appended) =
-        tokio::task::spawn_blocking(move || (checker.join(), appender.join()))
-            .await
-            .map_err(|e| node_error(format!("worker failed: {e}")))?;
-    let panicked = || node_error("a journal thread panicked");
-    let (checked, appended) = (
-        checked.map_err(|_| panicked())?,
-        appended.map_err(|_| panicked())?,
-    );
-    // A journal thread's error is the cause of whatever the receiving loop saw.
-    checked?;
-    let index = appended?;
-    let outcome = outcome?;
-    if let Some(hlc) = finished {
+    // Every exit from the loop stops the journal threads; an unfinished file's thread first.
+    drop(reader.incoming.take());
+    drop(reader.segments);
+    let index = writers.finish().await?;
+    // A journal thread's error is the cause of whatever the receiving loop saw: checked first.
+    let (hlc, log_entries, file_bytes) = outcome?;
+    {
         let journal = journal.clone();
         blocking(move || Ok(journal.raise_hlc_high_water(hlc)?)).await?;
     }
     tracing::debug!("snapshot: log stored");
-    report(&seen, bytes);
-    let (log_entries, file_bytes) = outcome;
+    report(reader.seen, reader.bytes);
     // Saving the index (~0.4 s for 2M entries, most of it new memory) overlaps the install.
     let index_saved = std::thread::Builder::new()
         .name("keel-snapshot-index".into())
@@ -620,6 +443,257 @@ async fn receive(
         file_bytes,
         index_saved,
     })
+}
+
+/// Waits for the sender's `Hello`, checks this device's log is empty and asks for the
+/// snapshot. Returns the sender's log end (its word: a hint for progress and sizing only).
+async fn ask_for_snapshot(
+    conn: &Connection,
+    library: LibraryId,
+    journal: &Journal,
+) -> Result<u64, NodeError> {
+    let hello = tokio::time::timeout(STEP_TIMEOUT, conn.recv())
+        .await
+        .map_err(|_| node_error("no Hello"))??;
+    let log_total = match hello {
+        DeviceMessage::Hello {
+            library: l,
+            log_end,
+            ..
+        } if l == library => log_end.0,
+        _ => return Err(node_error("expected Hello for this library")),
+    };
+    if journal.stats()?.last_lsn != Lsn(0) {
+        return Err(node_error("this device's log is not empty"));
+    }
+    conn.send(&DeviceMessage::SnapshotRequest { library })
+        .await?;
+    Ok(log_total)
+}
+
+/// A segment on its way to the journal: its first position and its entries, sealed.
+type Segment = (Lsn, Vec<(Epoch, Vec<u8>)>);
+
+/// Two journal threads: one checks each segment's seals, the other appends checked segments in
+/// order, several per transaction. The changes are not decoded (their clocks are covered by the
+/// sender's high-water mark, raised after): this device's offline journal holds only its own
+/// Device record, which no log can contain yet.
+struct LogWriters {
+    /// Segments to check, in order.
+    segments: crossbeam_channel::Sender<Segment>,
+    /// The last position appended.
+    stored: Arc<AtomicU64>,
+    checker: std::thread::JoinHandle<Result<(), NodeError>>,
+    appender: std::thread::JoinHandle<Result<LogIndex, NodeError>>,
+}
+
+impl LogWriters {
+    fn start(journal: Arc<Journal>, log_total: u64, dir: &Path) -> Result<Self, NodeError> {
+        let stored = Arc::new(AtomicU64::new(0));
+        let (segments, raw) =
+            crossbeam_channel::bounded::<Segment>(SEGMENTS_QUEUED);
+        let (checked_tx, checked_rx) = crossbeam_channel::bounded::<CheckedEntries>(2);
+        let checker = {
+            let journal = journal.clone();
+            std::thread::Builder::new()
+                .name("keel-snapshot-check".into())
+                .spawn(move || -> Result<(), NodeError> {
+                    while let Ok((first, entries)) = raw.recv() {
+                        let checked = journal.check_seals(first, entries)?;
+                        if checked_tx.send(checked).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(io_at(dir))?
+        };
+        let appender = {
+            let stored = stored.clone();
+            std::thread::Builder::new()
+                .name("keel-snapshot-log".into())
+                .spawn(move || append_checked(&journal, log_total, &checked_rx, &stored))
+                .map_err(io_at(dir))?
+        };
+        Ok(Self {
+            segments,
+            stored,
+            checker,
+            appender,
+        })
+    }
+
+    /// Waits for both threads (the segment sender must be dropped first) and returns the log
+    /// index built on the way.
+    async fn finish(self) -> Result<LogIndex, NodeError> {
+        drop(self.segments);
+        let (checker, appender) = (self.checker, self.appender);
+        let (checked, appended) =
+            tokio::task::spawn_blocking(move || (checker.join(), appender.join()))
+                .await
+                .map_err(|e| node_error(format!("worker failed: {e}")))?;
+        let panicked = || node_error("a journal thread panicked");
+        checked.map_err(|_| panicked())??;
+        appended.map_err(|_| panicked())?
+    }
+}
+
+/// The appending thread: checked segments in order, several per transaction. The log index,
+/// built on the way, is saved with the log, so the node's first start need not read every
+/// record back.
+fn append_checked(
+    journal: &Journal,
+    log_total: u64,
+    checked: &crossbeam_channel::Receiver<CheckedEntries>,
+    stored: &AtomicU64,
+) -> Result<LogIndex, NodeError> {
+    let mut index = LogIndex::default();
+    // The sender's word, so bounded (beyond it the index grows as needed).
+    index.reserve(log_total.min(INDEX_RESERVE_MAX) as usize);
+    while let Ok(mut batch) = checked.recv() {
+        while batch.len() < APPEND_BATCH {
+            match checked.try_recv() {
+                Ok(more) => batch.extend(more)?,
+                Err(_) => break,
+            }
+        }
+        let last = batch.first().0 + batch.len() as u64 - 1;
+        batch.index_into(&mut index);
+        journal.append_checked(batch)?;
+        stored.store(last, Ordering::Release);
+    }
+    Ok(index)
+}
+
+/// The receiving loop's state: where the log continues, the projection file coming in.
+struct SnapshotReader {
+    incoming_path: PathBuf,
+    incoming: Option<Incoming>,
+    /// The next log position expected.
+    next: u64,
+    /// Payload bytes received.
+    bytes: u64,
+    /// (log end, file bytes received, file length), kept after the file is done.
+    seen: Option<(u64, u64, u64)>,
+    segments: crossbeam_channel::Sender<Segment>,
+}
+
+impl SnapshotReader {
+    /// Takes one message; at the end, returns the sender's HLC mark, the log end and the file
+    /// length.
+    fn on_message(&mut self, message: DeviceMessage) -> Result<Option<(Hlc, u64, u64)>, NodeError> {
+        match message {
+            DeviceMessage::Replication(ReplicationMessage::LogSegment {
+                first, entries, ..
+            }) => self.on_segment(first, entries)?,
+            DeviceMessage::SnapshotBegin {
+                applied,
+                log_end,
+                file_bytes,
+                hlc,
+                ..
+            } => self.on_begin(applied, log_end, file_bytes, hlc)?,
+            DeviceMessage::SnapshotChunk { offset, data } => self.on_chunk(offset, data)?,
+            DeviceMessage::SnapshotEnd { file_hash } => return self.on_end(&file_hash).map(Some),
+            other => {
+                return Err(node_error(format!(
+                    "unexpected message {:?}",
+                    std::mem::discriminant(&other)
+                )))
+            }
+        }
+        self.seen = self
+            .incoming
+            .as_ref()
+            .map(|i| (i.log_end.0, i.written, i.len))
+            .or(self.seen);
+        Ok(None)
+    }
+
+    fn on_segment(&mut self, first: Lsn, entries: Vec<WireLogEntry>) -> Result<(), NodeError> {
+        if first.0 != self.next || entries.is_empty() {
+            return Err(node_error(format!(
+                "a segment at {} where {} was next",
+                first.0, self.next
+            )));
+        }
+        self.next += entries.len() as u64;
+        self.bytes += entries
+            .iter()
+            .map(|e| e.sealed.len() as u64 + 48)
+            .sum::<u64>();
+        let entries = entries
+            .into_iter()
+            .map(|e| (e.epoch, e.sealed.into_vec()))
+            .collect();
+        self.segments
+            .send((first, entries))
+            .map_err(|_| node_error("the journal stopped"))
+    }
+
+    fn on_begin(
+        &mut self,
+        applied: Lsn,
+        log_end: Lsn,
+        file_bytes: u64,
+        hlc: Hlc,
+    ) -> Result<(), NodeError> {
+        if self.incoming.is_some() || applied > log_end {
+            return Err(node_error("a second or inconsistent header"));
+        }
+        tracing::debug!(received = self.next - 1, file_bytes, "snapshot: header");
+        let _ = Projections::remove_files(&self.incoming_path);
+        self.incoming = Some(Incoming {
+            sink: FileSink::create(&self.incoming_path)?,
+            len: file_bytes,
+            written: 0,
+            log_end,
+            hlc,
+        });
+        Ok(())
+    }
+
+    fn on_chunk(&mut self, offset: u64, data: ByteBuf) -> Result<(), NodeError> {
+        let Some(inc) = self.incoming.as_mut() else {
+            return Err(node_error("a chunk before the header"));
+        };
+        if offset != inc.written || inc.written + data.len() as u64 > inc.len {
+            return Err(node_error(format!("a chunk at {offset} out of place")));
+        }
+        let len = data.len() as u64;
+        if !inc.sink.write(data.into_vec()) {
+            // The writing thread stopped on an error: `finish` gives it.
+            let Some(inc) = self.incoming.take() else {
+                return Err(node_error("the incoming file went away"));
+            };
+            return Err(inc
+                .sink
+                .finish()
+                .err()
+                .unwrap_or_else(|| node_error("the incoming file stopped")));
+        }
+        inc.written += len;
+        self.bytes += len;
+        Ok(())
+    }
+
+    fn on_end(&mut self, file_hash: &[u8]) -> Result<(Hlc, u64, u64), NodeError> {
+        let Some(inc) = self.incoming.take() else {
+            return Err(node_error("the end before the header"));
+        };
+        if inc.written != inc.len || self.next != inc.log_end.0 + 1 {
+            return Err(node_error("the end came early"));
+        }
+        let (log_end, len, hlc) = (inc.log_end, inc.len, inc.hlc);
+        self.seen = Some((log_end.0, len, len));
+        // Written, synced and hashed by the file's thread.
+        let hash = inc.sink.finish()?;
+        if hash.as_bytes().as_slice() != file_hash {
+            return Err(node_error("the projection file does not match its hash"));
+        }
+        tracing::debug!("snapshot: end");
+        Ok((hlc, log_end.0, len))
+    }
 }
 
 /// What [`receive`] stored.

@@ -542,66 +542,14 @@ impl Machine {
     fn receive(&mut self, from: DeviceId, message: Message, now_ms: u64, out: &mut Vec<Output>) {
         match message {
             Message::RequestVote { epoch, last } => {
-                let granted = self.would_vote(from, epoch, last);
-                if granted {
-                    self.durable.voted = epoch;
-                    self.step_down(epoch, None, now_ms);
-                } else if epoch > self.durable.epoch {
-                    // Learn the newer epoch even when refusing (a better log then proposes above
-                    // it), without resetting the election timer.
-                    let deadline = self.election_deadline_ms;
-                    self.step_down(epoch, None, now_ms);
-                    self.election_deadline_ms = deadline;
-                }
-                Self::send(out, from, Message::Vote { epoch, granted });
+                self.on_request_vote(from, epoch, last, now_ms, out)
             }
-            Message::PreVote { epoch, last } => {
-                // Would vote as for `RequestVote`, unless a live leader is known: this replica
-                // leads, or heard its leader less than an election timeout ago.
-                let leader_alive = self.role == ElectionRole::Leader
-                    || (self.leader.is_some()
-                        && self.heard_ms.is_some_and(|h| {
-                            now_ms < h.saturating_add(self.config.election_timeout_ms)
-                        }));
-                // Two devices whose timers ran out together would each grant the other's
-                // pre-vote, both stand in the same counter, vote for themselves and split it,
-                // and wait a second election timeout (P6 saw rounds near 1 s). A device asking for
-                // votes itself grants only an asker that outranks it: a better log, or the same
-                // log and a higher device id. Pre-votes change nothing durable, so refusing
-                // more of them costs liveness at most, never safety; one of any two askers
-                // outranks the other.
-                let outranked = self.pre_vote.is_some()
-                    && (last, from) < (self.durable.last(), self.config.device);
-                let granted = !leader_alive && !outranked && self.would_vote(from, epoch, last);
-                let highest = self.durable.epoch.max(self.durable.voted);
-                Self::send(
-                    out,
-                    from,
-                    Message::PreVoteReply {
-                        epoch,
-                        granted,
-                        highest,
-                    },
-                );
-            }
+            Message::PreVote { epoch, last } => self.on_pre_vote(from, epoch, last, now_ms, out),
             Message::PreVoteReply {
                 epoch,
                 granted,
                 highest,
-            } => {
-                // A device that voted in a higher epoch than this one knows refuses every
-                // proposal up to it: the next one goes above.
-                self.highest_seen = self.highest_seen.max(highest.counter);
-                if !granted || self.role == ElectionRole::Leader {
-                    return;
-                }
-                if let Some((asked, yes)) = &mut self.pre_vote {
-                    if *asked == epoch {
-                        yes.insert(from);
-                        self.maybe_stand(now_ms, out);
-                    }
-                }
-            }
+            } => self.on_pre_vote_reply(from, epoch, granted, highest, now_ms, out),
             Message::Vote { epoch, granted } => {
                 if self.role == ElectionRole::Candidate && epoch == self.durable.epoch && granted {
                     self.votes.insert(from);
@@ -613,138 +561,255 @@ impl Machine {
                     self.step_down(epoch, None, now_ms);
                 }
             }
-            Message::Push { changes } => {
-                if self.role == ElectionRole::Leader {
-                    let before = self.durable.log.len();
-                    for id in changes {
-                        self.sequence(id);
-                    }
-                    if self.durable.log.len() > before {
-                        let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
-                        for peer in peers {
-                            self.append_to(peer, now_ms, false, out);
-                        }
-                    }
-                }
-            }
+            Message::Push { changes } => self.on_push(changes, now_ms, out),
             Message::AppendReply { epoch, ok, last } => {
-                if epoch > self.durable.epoch {
-                    self.step_down(epoch, None, now_ms);
-                    return;
-                }
-                if self.role != ElectionRole::Leader || epoch != self.durable.epoch {
-                    return;
-                }
-                let log_len = self.durable.last_lsn().0;
-                let next = self.next.entry(from).or_insert(log_len + 1);
-                if ok {
-                    if last.0 + 1 > *next {
-                        // Progress: the retransmission clock starts again.
-                        if let Some(flight) = self.flights.get_mut(&from) {
-                            flight.since_ms = now_ms;
-                        }
-                    }
-                    *next = (last.0 + 1).max(*next).min(log_len + 1);
-                    if *next <= log_len {
-                        self.append_to(from, now_ms, false, out);
-                    }
-                } else {
-                    // A refusal that reaches at or past `next` answers a segment sent after one
-                    // still in flight (it was refused because that one had not arrived yet, or
-                    // for what the one in flight will settle): the reply to that one decides.
-                    let in_flight = self.flights.get(&from).is_some_and(|f| f.upto >= *next);
-                    if in_flight && last.0 + 1 >= *next {
-                        return;
-                    }
-                    *next = (last.0 + 1).min(next.saturating_sub(1)).max(1);
-                    self.flights.remove(&from);
-                    self.append_to(from, now_ms, false, out);
-                }
+                self.on_append_reply(from, epoch, ok, last, now_ms, out)
             }
             Message::Append {
                 epoch,
                 prev,
                 prev_epoch,
                 entries,
-            } => {
-                if epoch < self.durable.epoch {
-                    Self::send(
-                        out,
-                        from,
-                        Message::Stale {
-                            epoch: self.durable.epoch,
-                        },
-                    );
-                    return;
-                }
-                if epoch.device != from {
-                    return;
-                }
-                if self.role != ElectionRole::Follower
-                    || self.leader != Some(from)
-                    || epoch > self.durable.epoch
-                {
-                    self.step_down(epoch, Some(from), now_ms);
-                    self.role = ElectionRole::Follower;
-                }
-                self.reset_election_timer(now_ms);
-                self.heard_ms = Some(now_ms);
-                self.pre_vote = None;
-                if self.durable.epoch_at(prev) != Some(prev_epoch) {
-                    let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
-                    Self::send(
-                        out,
-                        from,
-                        Message::AppendReply {
-                            epoch: self.durable.epoch,
-                            ok: false,
-                            last: hint,
-                        },
-                    );
-                    return;
-                }
-                let end = prev.0 + entries.len() as u64;
-                let mut sequenced = Vec::new();
-                for (i, (entry_epoch, entry)) in entries.into_iter().enumerate() {
-                    if let LogSlot::Change(id) = entry {
-                        sequenced.push(id);
-                    }
-                    let at = prev.0 as usize + i;
-                    match self.durable.log.get(at) {
-                        Some((e, existing)) if e == entry_epoch && existing == entry => {}
-                        Some(_) => {
-                            self.truncate_from(at);
-                            self.push_entry(entry_epoch, entry);
-                        }
-                        None => self.push_entry(entry_epoch, entry),
-                    }
-                }
-                // Entries past the segment stay, whatever their epoch: with segments in flight
-                // they are usually the leader's own next entries, and a heartbeat carries none.
-                // A deposed leader's stale suffix still goes: every leader starts its epoch with
-                // a barrier, so the new leader's entries conflict with that suffix at the barrier
-                // or before it, and the conflict above truncates it.
-                // The segment's changes are sequenced now (including any a truncation above
-                // just returned): one pass over `pending` per segment.
-                if !self.durable.offline.is_empty() && !sequenced.is_empty() {
-                    let sequenced: HashSet<ChangeId> = sequenced.into_iter().collect();
-                    self.durable.offline.retain(|p| !sequenced.contains(p));
-                }
-                Self::send(
-                    out,
-                    from,
-                    Message::AppendReply {
-                        epoch: self.durable.epoch,
-                        ok: true,
-                        last: Lsn(end),
-                    },
-                );
+            } => self.on_append(from, epoch, (prev, prev_epoch), entries, now_ms, out),
+        }
+    }
+
+    fn on_request_vote(
+        &mut self,
+        from: DeviceId,
+        epoch: Epoch,
+        last: (Epoch, Lsn),
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let granted = self.would_vote(from, epoch, last);
+        if granted {
+            self.durable.voted = epoch;
+            self.step_down(epoch, None, now_ms);
+        } else if epoch > self.durable.epoch {
+            // Learn the newer epoch even when refusing (a better log then proposes above
+            // it), without resetting the election timer.
+            let deadline = self.election_deadline_ms;
+            self.step_down(epoch, None, now_ms);
+            self.election_deadline_ms = deadline;
+        }
+        Self::send(out, from, Message::Vote { epoch, granted });
+    }
+
+    fn on_pre_vote(
+        &mut self,
+        from: DeviceId,
+        epoch: Epoch,
+        last: (Epoch, Lsn),
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        // Would vote as for `RequestVote`, unless a live leader is known: this replica
+        // leads, or heard its leader less than an election timeout ago.
+        let leader_alive = self.role == ElectionRole::Leader
+            || (self.leader.is_some()
+                && self
+                    .heard_ms
+                    .is_some_and(|h| now_ms < h.saturating_add(self.config.election_timeout_ms)));
+        // Two devices whose timers ran out together would each grant the other's
+        // pre-vote, both stand in the same counter, vote for themselves and split it,
+        // and wait a second election timeout (P6 saw rounds near 1 s). A device asking for
+        // votes itself grants only an asker that outranks it: a better log, or the same
+        // log and a higher device id. Pre-votes change nothing durable, so refusing
+        // more of them costs liveness at most, never safety; one of any two askers
+        // outranks the other.
+        let outranked =
+            self.pre_vote.is_some() && (last, from) < (self.durable.last(), self.config.device);
+        let granted = !leader_alive && !outranked && self.would_vote(from, epoch, last);
+        let highest = self.durable.epoch.max(self.durable.voted);
+        Self::send(
+            out,
+            from,
+            Message::PreVoteReply {
+                epoch,
+                granted,
+                highest,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_pre_vote_reply(
+        &mut self,
+        from: DeviceId,
+        epoch: Epoch,
+        granted: bool,
+        highest: Epoch,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        // A device that voted in a higher epoch than this one knows refuses every
+        // proposal up to it: the next one goes above.
+        self.highest_seen = self.highest_seen.max(highest.counter);
+        if !granted || self.role == ElectionRole::Leader {
+            return;
+        }
+        if let Some((asked, yes)) = &mut self.pre_vote {
+            if *asked == epoch {
+                yes.insert(from);
+                self.maybe_stand(now_ms, out);
             }
         }
     }
 
+    /// A follower's changes: a leader sequences those not in its log and ships them.
+    fn on_push(&mut self, changes: Vec<ChangeId>, now_ms: u64, out: &mut Vec<Output>) {
+        if self.role == ElectionRole::Leader {
+            let before = self.durable.log.len();
+            for id in changes {
+                self.sequence(id);
+            }
+            if self.durable.log.len() > before {
+                let peers: Vec<DeviceId> = self.connected.iter().copied().collect();
+                for peer in peers {
+                    self.append_to(peer, now_ms, false, out);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_append_reply(
+        &mut self,
+        from: DeviceId,
+        epoch: Epoch,
+        ok: bool,
+        last: Lsn,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        if epoch > self.durable.epoch {
+            self.step_down(epoch, None, now_ms);
+            return;
+        }
+        if self.role != ElectionRole::Leader || epoch != self.durable.epoch {
+            return;
+        }
+        let log_len = self.durable.last_lsn().0;
+        let next = self.next.entry(from).or_insert(log_len + 1);
+        if ok {
+            if last.0 + 1 > *next {
+                // Progress: the retransmission clock starts again.
+                if let Some(flight) = self.flights.get_mut(&from) {
+                    flight.since_ms = now_ms;
+                }
+            }
+            *next = (last.0 + 1).max(*next).min(log_len + 1);
+            if *next <= log_len {
+                self.append_to(from, now_ms, false, out);
+            }
+        } else {
+            // A refusal that reaches at or past `next` answers a segment sent after one
+            // still in flight (it was refused because that one had not arrived yet, or
+            // for what the one in flight will settle): the reply to that one decides.
+            let in_flight = self.flights.get(&from).is_some_and(|f| f.upto >= *next);
+            if in_flight && last.0 + 1 >= *next {
+                return;
+            }
+            *next = (last.0 + 1).min(next.saturating_sub(1)).max(1);
+            self.flights.remove(&from);
+            self.append_to(from, now_ms, false, out);
+        }
+    }
+
+    /// Entries from the leader of `epoch` after `prev` (whose entry has `prev_epoch`).
+    #[allow(clippy::too_many_arguments)]
+    fn on_append(
+        &mut self,
+        from: DeviceId,
+        epoch: Epoch,
+        (prev, prev_epoch): (Lsn, Epoch),
+        entries: Vec<(Epoch, LogSlot)>,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        if epoch < self.durable.epoch {
+            Self::send(
+                out,
+                from,
+                Message::Stale {
+                    epoch: self.durable.epoch,
+                },
+            );
+            return;
+        }
+        if epoch.device != from {
+            return;
+        }
+        if self.role != ElectionRole::Follower
+            || self.leader != Some(from)
+            || epoch > self.durable.epoch
+        {
+            self.step_down(epoch, Some(from), now_ms);
+            self.role = ElectionRole::Follower;
+        }
+        self.reset_election_timer(now_ms);
+        self.heard_ms = Some(now_ms);
+        self.pre_vote = None;
+        if self.durable.epoch_at(prev) != Some(prev_epoch) {
+            let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
+            Self::send(
+                out,
+                from,
+                Message::AppendReply {
+                    epoch: self.durable.epoch,
+                    ok: false,
+                    last: hint,
+                },
+            );
+            return;
+        }
+        let end = prev.0 + entries.len() as u64;
+        self.store_segment(prev, entries);
+        Self::send(
+            out,
+            from,
+            Message::AppendReply {
+                epoch: self.durable.epoch,
+                ok: true,
+                last: Lsn(end),
+            },
+        );
+    }
+
+    /// Stores a segment that follows `prev`: entries already there are kept, the first that
+    /// differs truncates the log from it. The segment's changes leave the offline journal.
+    fn store_segment(&mut self, prev: Lsn, entries: Vec<(Epoch, LogSlot)>) {
+        let mut sequenced = Vec::new();
+        for (i, (entry_epoch, entry)) in entries.into_iter().enumerate() {
+            if let LogSlot::Change(id) = entry {
+                sequenced.push(id);
+            }
+            let at = prev.0 as usize + i;
+            match self.durable.log.get(at) {
+                Some((e, existing)) if e == entry_epoch && existing == entry => {}
+                Some(_) => {
+                    self.truncate_from(at);
+                    self.push_entry(entry_epoch, entry);
+                }
+                None => self.push_entry(entry_epoch, entry),
+            }
+        }
+        // Entries past the segment stay, whatever their epoch: with segments in flight
+        // they are usually the leader's own next entries, and a heartbeat carries none.
+        // A deposed leader's stale suffix still goes: every leader starts its epoch with
+        // a barrier, so the new leader's entries conflict with that suffix at the barrier
+        // or before it, and the conflict above truncates it.
+        // The segment's changes are sequenced now (including any a truncation above
+        // just returned): one pass over `pending` per segment.
+        if !self.durable.offline.is_empty() && !sequenced.is_empty() {
+            let sequenced: HashSet<ChangeId> = sequenced.into_iter().collect();
+            self.durable.offline.retain(|p| !sequenced.contains(p));
+        }
+    }
+
     /// Appends a leader's entry (its change leaves `pending` when the segment is done: see
-    /// `receive`, one pass per segment rather than one per entry).
+    /// `store_segment`, one pass per segment rather than one per entry).
     fn push_entry(&mut self, epoch: Epoch, entry: LogSlot) {
         if let LogSlot::Change(id) = entry {
             if let Some(set) = &mut self.in_log {
