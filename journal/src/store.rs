@@ -294,53 +294,15 @@ impl Journal {
         device: DeviceId,
         options: JournalOptions,
     ) -> Result<Self, JournalError> {
-        let opened = std::panic::catch_unwind(|| {
-            let mut builder = Database::builder();
-            builder.set_cache_size(JOURNAL_CACHE_BYTES);
-            // As `create` opens it.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)?;
-            #[cfg(unix)]
-            if options.direct_writes {
-                use crate::direct_writes::DirectWrites;
-                if let Some(direct) = DirectWrites::open_direct(path) {
-                    return builder.create_with_backend(DirectWrites::new(file, direct)?);
-                }
-            }
-            builder.create_with_backend(crate::filled_growth::FilledGrowth::new(file)?)
-        });
-        let db = match opened {
-            Ok(result) => result.map_err(storage)?,
-            Err(_) => {
-                return Err(JournalError::Corrupt(
-                    "the storage engine refused the file".into(),
-                ))
-            }
-        };
+        let db = open_database(path, options.direct_writes)?;
         let db = Arc::new(DbHandle::new(db));
         guarded(|| Self::init_tables(&db, library))?;
         let sealer = key.sealer(library);
 
         let stored_epoch = read_meta(&db, META_EPOCH)?.and_then(|b| decode_epoch(&b));
-        // Lead only an epoch this device won: the founder's epoch 1, or one whose barrier is in
-        // the log (a candidacy interrupted by a crash is not a win).
         let role = match options.role {
             Some(role) => role,
-            None => match stored_epoch {
-                Some(epoch) if epoch.device == device => {
-                    if epoch.counter == 1 || guarded(|| won(&db, epoch))? {
-                        CommitRoute::Log(epoch)
-                    } else {
-                        CommitRoute::Offline
-                    }
-                }
-                Some(_) => CommitRoute::Offline,
-                None => CommitRoute::Log(Epoch { counter: 1, device }),
-            },
+            None => initial_route(&db, stored_epoch, device)?,
         };
         let (next_lsn, next_local) = guarded(|| {
             let txn = db.begin_read().map_err(storage)?;
@@ -1018,6 +980,60 @@ impl Drop for Journal {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Opens (or creates) the redb file, with direct writes when asked and possible. The storage
+/// engine may panic on a damaged file: that is a typed error here.
+fn open_database(path: &Path, direct_writes: bool) -> Result<Database, JournalError> {
+    let opened = std::panic::catch_unwind(|| {
+        let mut builder = Database::builder();
+        builder.set_cache_size(JOURNAL_CACHE_BYTES);
+        // As `create` opens it.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        #[cfg(unix)]
+        if direct_writes {
+            use crate::direct_writes::DirectWrites;
+            if let Some(direct) = DirectWrites::open_direct(path) {
+                return builder.create_with_backend(DirectWrites::new(file, direct)?);
+            }
+        }
+        builder.create_with_backend(crate::filled_growth::FilledGrowth::new(file)?)
+    });
+    let db = match opened {
+        Ok(result) => result.map_err(storage)?,
+        Err(_) => {
+            return Err(JournalError::Corrupt(
+                "the storage engine refused the file".into(),
+            ))
+        }
+    };
+    Ok(db)
+}
+
+/// Where commits go when the caller does not say: a device leads only an epoch it won (the
+/// founder's epoch 1, or one whose barrier is in the log; a candidacy interrupted by a crash is
+/// not a win); a new journal is the founder's.
+fn initial_route(
+    db: &Database,
+    stored_epoch: Option<Epoch>,
+    device: DeviceId,
+) -> Result<CommitRoute, JournalError> {
+    Ok(match stored_epoch {
+        Some(epoch) if epoch.device == device => {
+            if epoch.counter == 1 || guarded(|| won(db, epoch))? {
+                CommitRoute::Log(epoch)
+            } else {
+                CommitRoute::Offline
+            }
+        }
+        Some(_) => CommitRoute::Offline,
+        None => CommitRoute::Log(Epoch { counter: 1, device }),
+    })
 }
 
 #[cfg(test)]

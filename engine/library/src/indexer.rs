@@ -431,36 +431,12 @@ impl Library {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
             });
         }
-        let location = match self.location_at(&root)? {
-            Some(l) => l,
-            None => {
-                let location = Location {
-                    uuid: Uuid::now_v7(),
-                    device: self.device_id().record_uuid(),
-                    path: root.to_string_lossy().into_owned(),
-                    name: root
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "/".into()),
-                    created_ms: now_ms() as i64,
-                };
-                self.transact(|tx| {
-                    tx.upsert(&location);
-                    Ok(())
-                })?;
-                self.flush()?;
-                location
-            }
-        };
+        let location = self.location_for(&root)?;
         let mut existing: HashMap<(String, String), Entry> = self
             .read(|p| p.entries_of_location(location.uuid))?
             .into_iter()
             .map(|e| ((e.relative_path.clone(), e.name.clone()), e))
             .collect();
-        // A file can only be a move when the location had entries before the walk. Otherwise
-        // (a first index) hashed files are taken while the walk goes on; else they wait for the
-        // walk's end, when the removals (and so the moves) are known.
-        let take_while_walking = existing.is_empty();
         let mut results = Results {
             library: self,
             location: location.uuid,
@@ -482,9 +458,66 @@ impl Library {
             result: Ok(()),
             done: 0,
         };
-        let mut gone: Vec<Entry> = Vec::new();
-        let mut total = 0;
+        let mut gone = self.walk_and_hash(&root, &mut existing, &mut results, progress);
+        let Results {
+            mut report,
+            mut planned,
+            mut contents,
+            gone_by_content,
+            mut in_flight,
+            result,
+            ..
+        } = results;
+        result?;
+        gone.extend(gone_by_content.into_values().flatten());
+        self.plan_removals(gone, &mut report, &mut planned)?;
+        self.commit_planned(&mut contents, &mut planned, &mut in_flight)?;
+        if let Some(last) = in_flight.take() {
+            last.wait()?;
+        }
+        self.flush()?;
+        Ok(report)
+    }
 
+    /// The location at `root`, created (and flushed) if the library has none there.
+    fn location_for(&self, root: &Path) -> Result<Location, EngineError> {
+        if let Some(location) = self.location_at(root)? {
+            return Ok(location);
+        }
+        let location = Location {
+            uuid: Uuid::now_v7(),
+            device: self.device_id().record_uuid(),
+            path: root.to_string_lossy().into_owned(),
+            name: root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "/".into()),
+            created_ms: now_ms() as i64,
+        };
+        self.transact(|tx| {
+            tx.upsert(&location);
+            Ok(())
+        })?;
+        self.flush()?;
+        Ok(location)
+    }
+
+    /// Walks `root` and hashes what is new or changed on [`HASH_THREADS`] threads, planning each
+    /// file's change in `results`. Returns the entries that disappeared and cannot be moves
+    /// (the files that may be are left in `results.gone_by_content`).
+    fn walk_and_hash<'a>(
+        &'a self,
+        root: &Path,
+        existing: &mut HashMap<(String, String), Entry>,
+        results: &mut Results<'a>,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Vec<Entry> {
+        // A file can only be a move when the location had entries before the walk. Otherwise
+        // (a first index) hashed files are taken while the walk goes on; else they wait for the
+        // walk's end, when the removals (and so the moves) are known.
+        let take_while_walking = existing.is_empty();
+        let location = results.location;
+        let mut gone: Vec<Entry> = Vec::new();
         std::thread::scope(|scope| {
             let (work_tx, work_rx) = bounded::<HashJob>(HASH_QUEUE_MAX);
             let (done_tx, done_rx) = bounded::<Hashed>(HASHED_AHEAD_MAX);
@@ -509,7 +542,7 @@ impl Library {
             let mut unreadable_paths = 0u64;
             let mut last_report = Instant::now();
             crate::walk::walk(
-                &root,
+                root,
                 &mut |found| {
                     // Files that need no hashing count as done as soon as they are found.
                     if last_report.elapsed() >= PROGRESS_EVERY {
@@ -529,10 +562,10 @@ impl Library {
                     let item = Item::found(found);
                     let Some(job) = classify(
                         item,
-                        &mut existing,
+                        existing,
                         &mut results.report,
                         &mut results.planned,
-                        location.uuid,
+                        location,
                     ) else {
                         return;
                     };
@@ -572,44 +605,52 @@ impl Library {
                     _ => gone.push(entry),
                 }
             }
-            total = results.report.files;
             results.done += results.report.files - to_hash;
-            progress(IndexProgress {
-                done: results.done,
-                total,
-                bytes: results.report.bytes_hashed,
-                walking: false,
-            });
-            let mut last_report = Instant::now();
-            for hashed in done_rx {
-                results.take(hashed);
-                if last_report.elapsed() >= PROGRESS_EVERY {
-                    last_report = Instant::now();
-                    self.report_progress(
-                        progress,
-                        IndexProgress {
-                            done: results.done,
-                            total,
-                            bytes: results.report.bytes_hashed,
-                            walking: false,
-                        },
-                    );
-                }
-            }
+            self.take_hashed(done_rx, results, progress);
         });
-        let Results {
-            mut report,
-            mut planned,
-            mut contents,
-            gone_by_content,
-            mut in_flight,
-            result,
-            ..
-        } = results;
-        result?;
+        gone
+    }
 
-        // Removals: the entry and its entry-scoped metadata and tags.
-        gone.extend(gone_by_content.into_values().flatten());
+    /// Takes the hashers' results once the walk is done (the total is known), reporting progress.
+    fn take_hashed(
+        &self,
+        done_rx: crossbeam_channel::Receiver<Hashed>,
+        results: &mut Results<'_>,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) {
+        let total = results.report.files;
+        progress(IndexProgress {
+            done: results.done,
+            total,
+            bytes: results.report.bytes_hashed,
+            walking: false,
+        });
+        let mut last_report = Instant::now();
+        for hashed in done_rx {
+            results.take(hashed);
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                self.report_progress(
+                    progress,
+                    IndexProgress {
+                        done: results.done,
+                        total,
+                        bytes: results.report.bytes_hashed,
+                        walking: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Plans the removal of entries that disappeared: each entry with its entry-scoped metadata
+    /// and their tags.
+    fn plan_removals(
+        &self,
+        gone: Vec<Entry>,
+        report: &mut IndexReport,
+        planned: &mut Vec<Planned>,
+    ) -> Result<(), EngineError> {
         for entry in gone {
             let Some(uuid) = entry.uuid else { continue };
             report.removed += 1;
@@ -629,12 +670,7 @@ impl Library {
             }
             planned.push(Planned::DeleteEntry(uuid));
         }
-        self.commit_planned(&mut contents, &mut planned, &mut in_flight)?;
-        if let Some(last) = in_flight.take() {
-            last.wait()?;
-        }
-        self.flush()?;
-        Ok(report)
+        Ok(())
     }
 
     /// Hands a progress report to the caller and to subscribers (as `Event::JobProgress`).

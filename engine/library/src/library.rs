@@ -313,57 +313,8 @@ impl Library {
         if let Some(epoch) = follower_epoch {
             journal.store_election(epoch, epoch)?;
         }
-        // Projections are disposable: one that cannot be opened is rebuilt from the journal.
+        let (projections, healed) = heal_projections(&journal, &dir)?;
         let projections_path = dir.join(PROJECTIONS_FILE);
-        let mut projections = match Projections::open(&projections_path) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "projection unreadable; rebuilding it from the journal");
-                remove_projection_files(&dir)?;
-                Projections::open(&projections_path)?
-            }
-        };
-        // Heal: apply whatever the journal holds beyond the applied position — from no later than
-        // a truncation point, since positions after it were reused (apply is idempotent).
-        let mut from = projections.applied_position()?;
-        let floor = journal.replay_floor()?;
-        if let Some(floor) = floor {
-            from.log = from.log.min(floor);
-        }
-        let journal_last = journal.stats()?.last_lsn;
-        if from.log > journal_last {
-            // Stopped while the journal committed a segment the projections had applied
-            // already (see `CommittedBatch::early`): nothing before it is missing from the
-            // journal, and the leader sends the rest again. Projections are disposable.
-            let stopped_mid_commit = projections
-                .ahead_from()?
-                .is_some_and(|ahead| ahead.0 <= journal_last.0 + 1);
-            if !stopped_mid_commit {
-                return Err(EngineError::ProjectionAhead {
-                    applied: from.log.0,
-                    journal_last: journal_last.0,
-                });
-            }
-            tracing::warn!(
-                applied = from.log.0,
-                journal_last = journal_last.0,
-                "the device stopped while the journal stored a segment already applied; rebuilding the projections from the journal"
-            );
-            drop(projections);
-            remove_projection_files(&dir)?;
-            projections = Projections::open(&projections_path)?;
-            from = projections.applied_position()?;
-        }
-        let healed = replay(&journal, &mut projections, from, &mut |_, _| {})?;
-        if floor.is_some() {
-            journal.clear_replay_floor()?;
-        }
-        if healed.changes > 0 {
-            tracing::info!(
-                changes = healed.changes,
-                "healed projections from the journal"
-            );
-        }
         let mut clock = HlcClock::new(device.id);
         if let Some(hwm) = journal.hlc_high_water()? {
             clock.observe(hwm);
@@ -927,4 +878,64 @@ impl Drop for Library {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Opens the projections beside the journal (rebuilding them when unreadable or ahead of the
+/// journal) and heals them: applies whatever the journal holds beyond their applied position.
+fn heal_projections(
+    journal: &Journal,
+    dir: &Path,
+) -> Result<(Projections, crate::replay::ReplayReport), EngineError> {
+    // Projections are disposable: one that cannot be opened is rebuilt from the journal.
+    let projections_path = dir.join(PROJECTIONS_FILE);
+    let mut projections = match Projections::open(&projections_path) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "projection unreadable; rebuilding it from the journal");
+            remove_projection_files(dir)?;
+            Projections::open(&projections_path)?
+        }
+    };
+    // Heal: apply whatever the journal holds beyond the applied position — from no later than
+    // a truncation point, since positions after it were reused (apply is idempotent).
+    let mut from = projections.applied_position()?;
+    let floor = journal.replay_floor()?;
+    if let Some(floor) = floor {
+        from.log = from.log.min(floor);
+    }
+    let journal_last = journal.stats()?.last_lsn;
+    if from.log > journal_last {
+        // Stopped while the journal committed a segment the projections had applied
+        // already (see `CommittedBatch::early`): nothing before it is missing from the
+        // journal, and the leader sends the rest again. Projections are disposable.
+        let stopped_mid_commit = projections
+            .ahead_from()?
+            .is_some_and(|ahead| ahead.0 <= journal_last.0 + 1);
+        if !stopped_mid_commit {
+            return Err(EngineError::ProjectionAhead {
+                applied: from.log.0,
+                journal_last: journal_last.0,
+            });
+        }
+        tracing::warn!(
+            applied = from.log.0,
+            journal_last = journal_last.0,
+            "the device stopped while the journal stored a segment already applied; rebuilding the projections from the journal"
+        );
+        drop(projections);
+        remove_projection_files(dir)?;
+        projections = Projections::open(&projections_path)?;
+        from = projections.applied_position()?;
+    }
+    let healed = replay(journal, &mut projections, from, &mut |_, _| {})?;
+    if floor.is_some() {
+        journal.clear_replay_floor()?;
+    }
+    if healed.changes > 0 {
+        tracing::info!(
+            changes = healed.changes,
+            "healed projections from the journal"
+        );
+    }
+    Ok((projections, healed))
 }

@@ -49,10 +49,6 @@ pub fn replay(
 ) -> Result<ReplayReport, EngineError> {
     let stats = journal.stats()?;
     let total = stats.last_lsn.0.saturating_sub(from.log.0) + stats.offline;
-    let mut report = ReplayReport {
-        position: from,
-        ..ReplayReport::default()
-    };
     let bulk = from == AppliedPosition::default()
         && total > REPLAY_APPLY_BATCH as u64
         && projections.is_empty()?;
@@ -61,122 +57,26 @@ pub fn replay(
     if bulk {
         projections.set_bulk_load(true)?;
     }
-    std::thread::scope(|scope| -> Result<(), EngineError> {
+    let report = std::thread::scope(|scope| {
         let (tx, rx) = bounded::<Result<Chunk, JournalError>>(REPLAY_QUEUE_CHUNKS);
         scope.spawn(move || {
-            let mut position = from;
-            let mut next = Lsn(from.log.0 + 1);
-            loop {
-                let raw = match journal.read_log_raw(next, REPLAY_READ_CHUNK) {
-                    Ok(raw) => raw,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                let Some((last, _)) = raw.last() else { break };
-                next = Lsn(last.0 + 1);
-                let mut chunk = Chunk {
-                    changes: Vec::with_capacity(raw.len()),
-                    position,
-                    faults: Vec::new(),
-                };
-                for (lsn, bytes) in &raw {
-                    match journal.open_log_record(*lsn, bytes) {
-                        Ok((_, _, change)) => chunk.changes.push(change),
-                        Err(e) => chunk.faults.push(e.to_string()),
-                    }
-                    chunk.position.log = *lsn;
-                }
-                position = chunk.position;
-                if tx.send(Ok(chunk)).is_err() {
-                    return;
-                }
-            }
-            let mut seq = from.local + 1;
-            loop {
-                let entries = match journal.read_local(seq, REPLAY_READ_CHUNK) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                if entries.is_empty() {
-                    break;
-                }
-                let mut chunk = Chunk {
-                    changes: Vec::with_capacity(entries.len()),
-                    position,
-                    faults: Vec::new(),
-                };
-                for entry in entries {
-                    match entry {
-                        Ok((Placement::Offline(s), _, change)) => {
-                            chunk.changes.push(change);
-                            chunk.position.local = s;
-                            seq = s + 1;
-                        }
-                        Ok(_) => {}
-                        Err(JournalError::BadRecord { place, reason }) => {
-                            if let keel_journal::RecordPlace::Offline(s) = place {
-                                chunk.position.local = s;
-                                seq = s + 1;
-                            }
-                            chunk
-                                .faults
-                                .push(format!("bad record at {place}: {reason}"));
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    }
-                }
-                position = chunk.position;
-                if tx.send(Ok(chunk)).is_err() {
-                    return;
-                }
+            if let Err(e) = read_chunks(journal, from, &tx) {
+                let _ = tx.send(Err(e));
             }
         });
-        let mut pending: Vec<Change> = Vec::with_capacity(REPLAY_APPLY_BATCH);
-        let mut pending_position = from;
-        let mut done = 0u64;
-        for chunk in rx.iter() {
-            let chunk = chunk?;
-            for fault in &chunk.faults {
-                tracing::error!(%fault, "skipping a journal record that failed its checks");
-            }
-            report.faults.extend(chunk.faults);
-            pending.extend(chunk.changes);
-            pending_position = chunk.position;
-            // A full batch, or the reader has nothing more yet: at the start that means applying
-            // the first chunks instead of waiting for a whole batch to be read.
-            let idle = rx.is_empty() && pending.len() >= REPLAY_READ_CHUNK;
-            if pending.len() >= REPLAY_APPLY_BATCH || idle {
-                let stats = projections.apply(&pending, Some(pending_position))?;
-                done += pending.len() as u64;
-                report.changes += pending.len() as u64;
-                report.batches += 1;
-                if stats.references_proven {
-                    report.proven += pending.len() as u64;
-                }
-                pending.clear();
-                progress(done, total);
-            }
-        }
-        if !pending.is_empty() || pending_position != from {
-            let stats = projections.apply(&pending, Some(pending_position))?;
-            done += pending.len() as u64;
-            report.changes += pending.len() as u64;
-            report.batches += 1;
-            if stats.references_proven {
-                report.proven += pending.len() as u64;
-            }
-            progress(done, total);
-        }
-        report.position = pending_position;
-        Ok(())
+        let mut applier = Applier {
+            projections,
+            report: ReplayReport {
+                position: from,
+                ..ReplayReport::default()
+            },
+            pending: Vec::with_capacity(REPLAY_APPLY_BATCH),
+            done: 0,
+            total,
+            progress,
+        };
+        applier.apply_chunks(&rx, from)?;
+        Ok::<_, EngineError>(applier.report)
     })?;
     if bulk {
         projections.set_bulk_load(false)?;
@@ -185,4 +85,127 @@ pub fn replay(
         projections.end_fast_load()?;
     }
     Ok(report)
+}
+
+/// The reader thread: log records after `from.log`, then offline records after `from.local`,
+/// opened, in chunks. Stops early when the applier hangs up.
+fn read_chunks(
+    journal: &Journal,
+    from: AppliedPosition,
+    tx: &crossbeam_channel::Sender<Result<Chunk, JournalError>>,
+) -> Result<(), JournalError> {
+    let mut position = from;
+    let mut next = Lsn(from.log.0 + 1);
+    loop {
+        let raw = journal.read_log_raw(next, REPLAY_READ_CHUNK)?;
+        let Some((last, _)) = raw.last() else { break };
+        next = Lsn(last.0 + 1);
+        let mut chunk = Chunk {
+            changes: Vec::with_capacity(raw.len()),
+            position,
+            faults: Vec::new(),
+        };
+        for (lsn, bytes) in &raw {
+            match journal.open_log_record(*lsn, bytes) {
+                Ok((_, _, change)) => chunk.changes.push(change),
+                Err(e) => chunk.faults.push(e.to_string()),
+            }
+            chunk.position.log = *lsn;
+        }
+        position = chunk.position;
+        if tx.send(Ok(chunk)).is_err() {
+            return Ok(());
+        }
+    }
+    let mut seq = from.local + 1;
+    loop {
+        let entries = journal.read_local(seq, REPLAY_READ_CHUNK)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut chunk = Chunk {
+            changes: Vec::with_capacity(entries.len()),
+            position,
+            faults: Vec::new(),
+        };
+        for entry in entries {
+            match entry {
+                Ok((Placement::Offline(s), _, change)) => {
+                    chunk.changes.push(change);
+                    chunk.position.local = s;
+                    seq = s + 1;
+                }
+                Ok(_) => {}
+                Err(JournalError::BadRecord { place, reason }) => {
+                    if let keel_journal::RecordPlace::Offline(s) = place {
+                        chunk.position.local = s;
+                        seq = s + 1;
+                    }
+                    chunk
+                        .faults
+                        .push(format!("bad record at {place}: {reason}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        position = chunk.position;
+        if tx.send(Ok(chunk)).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// The applying side: batches of chunks into the projections.
+struct Applier<'a, 'p> {
+    projections: &'a mut Projections,
+    report: ReplayReport,
+    pending: Vec<Change>,
+    done: u64,
+    total: u64,
+    progress: &'a mut (dyn FnMut(u64, u64) + 'p),
+}
+
+impl Applier<'_, '_> {
+    fn apply_chunks(
+        &mut self,
+        rx: &crossbeam_channel::Receiver<Result<Chunk, JournalError>>,
+        from: AppliedPosition,
+    ) -> Result<(), EngineError> {
+        let mut pending_position = from;
+        for chunk in rx.iter() {
+            let chunk = chunk?;
+            for fault in &chunk.faults {
+                tracing::error!(%fault, "skipping a journal record that failed its checks");
+            }
+            self.report.faults.extend(chunk.faults);
+            self.pending.extend(chunk.changes);
+            pending_position = chunk.position;
+            // A full batch, or the reader has nothing more yet: at the start that means applying
+            // the first chunks instead of waiting for a whole batch to be read.
+            let idle = rx.is_empty() && self.pending.len() >= REPLAY_READ_CHUNK;
+            if self.pending.len() >= REPLAY_APPLY_BATCH || idle {
+                self.apply_batch(pending_position)?;
+            }
+        }
+        if !self.pending.is_empty() || pending_position != from {
+            self.apply_batch(pending_position)?;
+        }
+        self.report.position = pending_position;
+        Ok(())
+    }
+
+    /// Applies what is pending in one transaction that records `position`.
+    fn apply_batch(&mut self, position: AppliedPosition) -> Result<(), EngineError> {
+        let stats = self.projections.apply(&self.pending, Some(position))?;
+        let n = self.pending.len() as u64;
+        self.done += n;
+        self.report.changes += n;
+        self.report.batches += 1;
+        if stats.references_proven {
+            self.report.proven += n;
+        }
+        self.pending.clear();
+        (self.progress)(self.done, self.total);
+        Ok(())
+    }
 }

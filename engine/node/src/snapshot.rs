@@ -490,8 +490,7 @@ struct LogWriters {
 impl LogWriters {
     fn start(journal: Arc<Journal>, log_total: u64, dir: &Path) -> Result<Self, NodeError> {
         let stored = Arc::new(AtomicU64::new(0));
-        let (segments, raw) =
-            crossbeam_channel::bounded::<Segment>(SEGMENTS_QUEUED);
+        let (segments, raw) = crossbeam_channel::bounded::<Segment>(SEGMENTS_QUEUED);
         let (checked_tx, checked_rx) = crossbeam_channel::bounded::<CheckedEntries>(2);
         let checker = {
             let journal = journal.clone();

@@ -50,127 +50,16 @@ fn is_option(ty: &Type) -> bool {
 
 fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let name = &input.ident;
-    let mut model: Option<String> = None;
-    let mut domain: Option<DomainAttr> = None;
-    let mut priority: u8 = 50;
-    for attr in input.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
-        attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("model") {
-                model = Some(meta.value()?.parse::<LitStr>()?.value());
-            } else if meta.path.is_ident("priority") {
-                priority = meta.value()?.parse::<LitInt>()?.base10_parse()?;
-            } else if meta.path.is_ident("domain") {
-                let lit = meta.value()?.parse::<LitStr>()?;
-                let text = lit.value();
-                domain = Some(match text.as_str() {
-                    "index" => DomainAttr::Index,
-                    "content" => DomainAttr::Content,
-                    "scope" => DomainAttr::Scope,
-                    other => match other.strip_prefix("parent:") {
-                        Some(field) => DomainAttr::Parent(field.to_string()),
-                        None => {
-                            return Err(syn::Error::new(
-                                lit.span(),
-                                "syncable: domain must be \"index\", \"content\", \"scope\" or \"parent:FIELD\"",
-                            ))
-                        }
-                    },
-                });
-            } else {
-                return Err(meta.error(
-                    "syncable: unknown struct attribute; expected `model`, `domain` or `priority`",
-                ));
-            }
-            Ok(())
-        })?;
-    }
-    let model = model.ok_or_else(|| {
-        syn::Error::new(
-            Span::call_site(),
-            "syncable: missing #[syncable(model = \"name\")] on the struct",
-        )
-    })?;
-    let domain = domain.ok_or_else(|| {
-        syn::Error::new(
-            Span::call_site(),
-            "syncable: missing #[syncable(domain = \"...\")] on the struct",
-        )
-    })?;
-
-    let Data::Struct(data) = &input.data else {
-        return Err(syn::Error::new(
-            Span::call_site(),
-            "syncable: only structs with named fields can be Syncable",
-        ));
-    };
-    let Fields::Named(named) = &data.fields else {
-        return Err(syn::Error::new(
-            Span::call_site(),
-            "syncable: only structs with named fields can be Syncable",
-        ));
-    };
-
-    let mut uuid_field: Option<(syn::Ident, bool)> = None;
-    let mut synced: Vec<FieldInfo> = Vec::new();
-    let mut skipped: Vec<syn::Ident> = Vec::new();
-    for field in &named.named {
-        let Some(ident) = field.ident.clone() else {
-            continue;
-        };
-        let mut is_uuid = false;
-        let mut skip = false;
-        let mut references = None;
-        let mut breaks_cycle = false;
-        for attr in field.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
-            attr.parse_nested_meta(|meta| {
-                if meta.path.is_ident("uuid") {
-                    is_uuid = true;
-                } else if meta.path.is_ident("skip") {
-                    skip = true;
-                } else if meta.path.is_ident("references") {
-                    references = Some(meta.value()?.parse::<LitStr>()?.value());
-                } else if meta.path.is_ident("breaks_cycle") {
-                    breaks_cycle = true;
-                } else {
-                    return Err(meta.error(
-                        "syncable: unknown field attribute; expected `uuid`, `skip`, `references = \"model\"` or `breaks_cycle`",
-                    ));
-                }
-                Ok(())
-            })?;
-        }
-        if breaks_cycle && (references.is_none() || !is_option(&field.ty)) {
-            return Err(syn::Error::new_spanned(
-                &field.ty,
-                "syncable: `breaks_cycle` needs `references = \"model\"` on an Option field",
-            ));
-        }
-        if is_uuid {
-            if uuid_field.is_some() {
-                return Err(syn::Error::new_spanned(
-                    &ident,
-                    "syncable: only one field can be #[syncable(uuid)]",
-                ));
-            }
-            uuid_field = Some((ident, is_option(&field.ty)));
-        } else if skip {
-            skipped.push(ident);
-        } else {
-            synced.push(FieldInfo {
-                ident,
-                ty: field.ty.clone(),
-                references,
-                breaks_cycle,
-            });
-        }
-    }
-    let (uuid_ident, uuid_is_option) = uuid_field.ok_or_else(|| {
-        syn::Error::new(
-            Span::call_site(),
-            "syncable: one field must be marked #[syncable(uuid)]",
-        )
-    })?;
-
+    let StructAttrs {
+        model,
+        domain,
+        priority,
+    } = struct_attrs(input)?;
+    let ModelFields {
+        uuid: (uuid_ident, uuid_is_option),
+        synced,
+        skipped,
+    } = model_fields(input)?;
     let field_defs = synced.iter().map(|f| {
         let fname = f.ident.to_string();
         let ty = &f.ty;
@@ -191,47 +80,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     });
     let skipped_names = skipped.iter().map(|s| s.to_string());
     let uuid_name = uuid_ident.to_string();
-    let (domain_rule, domain_body) = match &domain {
-        DomainAttr::Index => (
-            quote!(::keel_schema::DomainRule::Fixed(
-                ::keel_schema::SyncDomain::Index
-            )),
-            quote!(::keel_schema::SyncDomain::Index),
-        ),
-        DomainAttr::Content => (
-            quote!(::keel_schema::DomainRule::Fixed(
-                ::keel_schema::SyncDomain::Content
-            )),
-            quote!(::keel_schema::SyncDomain::Content),
-        ),
-        DomainAttr::Scope => (
-            quote!(::keel_schema::DomainRule::ByScope),
-            quote!(self.scope_domain()),
-        ),
-        DomainAttr::Parent(field) => {
-            let Some(parent) = synced.iter().find(|f| f.ident == field.as_str()) else {
-                return Err(syn::Error::new(
-                    Span::call_site(),
-                    format!("syncable: domain parent field `{field}` is not a synced field"),
-                ));
-            };
-            let Some(parent_model) = parent.references.clone() else {
-                return Err(syn::Error::new_spanned(
-                    &parent.ident,
-                    "syncable: a domain parent field needs `references = \"model\"`",
-                ));
-            };
-            let pident = &parent.ident;
-            (
-                quote!(::keel_schema::DomainRule::ByParent(#field)),
-                quote! {
-                    lookup
-                        .domain_of(#parent_model, ::core::convert::Into::into(self.#pident))
-                        .unwrap_or(::keel_schema::SyncDomain::Index)
-                },
-            )
-        }
-    };
+    let (domain_rule, domain_body) = domain_tokens(&domain, &synced)?;
     let to_values = synced.iter().map(|f| {
         let ident = &f.ident;
         quote!(::keel_schema::FieldValue::to_value(&self.#ident))
@@ -313,6 +162,204 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             fn sync_domain(&self, #lookup_ident: &dyn ::keel_schema::DomainLookup) -> ::keel_schema::SyncDomain {
                 #domain_body
             }
+        }
+    })
+}
+
+/// What `#[syncable(...)]` on the struct says.
+struct StructAttrs {
+    model: String,
+    domain: DomainAttr,
+    priority: u8,
+}
+
+fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
+    let mut model: Option<String> = None;
+    let mut domain: Option<DomainAttr> = None;
+    let mut priority: u8 = 50;
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("model") {
+                model = Some(meta.value()?.parse::<LitStr>()?.value());
+            } else if meta.path.is_ident("priority") {
+                priority = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+            } else if meta.path.is_ident("domain") {
+                let lit = meta.value()?.parse::<LitStr>()?;
+                let text = lit.value();
+                domain = Some(match text.as_str() {
+                    "index" => DomainAttr::Index,
+                    "content" => DomainAttr::Content,
+                    "scope" => DomainAttr::Scope,
+                    other => match other.strip_prefix("parent:") {
+                        Some(field) => DomainAttr::Parent(field.to_string()),
+                        None => {
+                            return Err(syn::Error::new(
+                                lit.span(),
+                                "syncable: domain must be \"index\", \"content\", \"scope\" or \"parent:FIELD\"",
+                            ))
+                        }
+                    },
+                });
+            } else {
+                return Err(meta.error(
+                    "syncable: unknown struct attribute; expected `model`, `domain` or `priority`",
+                ));
+            }
+            Ok(())
+        })?;
+    }
+    let model = model.ok_or_else(|| {
+        syn::Error::new(
+            Span::call_site(),
+            "syncable: missing #[syncable(model = \"name\")] on the struct",
+        )
+    })?;
+    let domain = domain.ok_or_else(|| {
+        syn::Error::new(
+            Span::call_site(),
+            "syncable: missing #[syncable(domain = \"...\")] on the struct",
+        )
+    })?;
+    Ok(StructAttrs {
+        model,
+        domain,
+        priority,
+    })
+}
+
+/// The struct's fields: the uuid field (and whether it is an `Option`), the synced fields in
+/// order, the skipped ones.
+struct ModelFields {
+    uuid: (syn::Ident, bool),
+    synced: Vec<FieldInfo>,
+    skipped: Vec<syn::Ident>,
+}
+
+fn model_fields(input: &DeriveInput) -> syn::Result<ModelFields> {
+    let Data::Struct(data) = &input.data else {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "syncable: only structs with named fields can be Syncable",
+        ));
+    };
+    let Fields::Named(named) = &data.fields else {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "syncable: only structs with named fields can be Syncable",
+        ));
+    };
+
+    let mut uuid_field: Option<(syn::Ident, bool)> = None;
+    let mut synced: Vec<FieldInfo> = Vec::new();
+    let mut skipped: Vec<syn::Ident> = Vec::new();
+    for field in &named.named {
+        let Some(ident) = field.ident.clone() else {
+            continue;
+        };
+        let mut is_uuid = false;
+        let mut skip = false;
+        let mut references = None;
+        let mut breaks_cycle = false;
+        for attr in field.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
+            attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("uuid") {
+                    is_uuid = true;
+                } else if meta.path.is_ident("skip") {
+                    skip = true;
+                } else if meta.path.is_ident("references") {
+                    references = Some(meta.value()?.parse::<LitStr>()?.value());
+                } else if meta.path.is_ident("breaks_cycle") {
+                    breaks_cycle = true;
+                } else {
+                    return Err(meta.error(
+                        "syncable: unknown field attribute; expected `uuid`, `skip`, `references = \"model\"` or `breaks_cycle`",
+                    ));
+                }
+                Ok(())
+            })?;
+        }
+        if breaks_cycle && (references.is_none() || !is_option(&field.ty)) {
+            return Err(syn::Error::new_spanned(
+                &field.ty,
+                "syncable: `breaks_cycle` needs `references = \"model\"` on an Option field",
+            ));
+        }
+        if is_uuid {
+            if uuid_field.is_some() {
+                return Err(syn::Error::new_spanned(
+                    &ident,
+                    "syncable: only one field can be #[syncable(uuid)]",
+                ));
+            }
+            uuid_field = Some((ident, is_option(&field.ty)));
+        } else if skip {
+            skipped.push(ident);
+        } else {
+            synced.push(FieldInfo {
+                ident,
+                ty: field.ty.clone(),
+                references,
+                breaks_cycle,
+            });
+        }
+    }
+    let (uuid_ident, uuid_is_option) = uuid_field.ok_or_else(|| {
+        syn::Error::new(
+            Span::call_site(),
+            "syncable: one field must be marked #[syncable(uuid)]",
+        )
+    })?;
+    Ok(ModelFields {
+        uuid: (uuid_ident, uuid_is_option),
+        synced,
+        skipped,
+    })
+}
+
+/// The domain rule of `ModelDef` and the body of `sync_domain`.
+fn domain_tokens(
+    domain: &DomainAttr,
+    synced: &[FieldInfo],
+) -> syn::Result<(proc_macro2::TokenStream, proc_macro2::TokenStream)> {
+    Ok(match domain {
+        DomainAttr::Index => (
+            quote!(::keel_schema::DomainRule::Fixed(
+                ::keel_schema::SyncDomain::Index
+            )),
+            quote!(::keel_schema::SyncDomain::Index),
+        ),
+        DomainAttr::Content => (
+            quote!(::keel_schema::DomainRule::Fixed(
+                ::keel_schema::SyncDomain::Content
+            )),
+            quote!(::keel_schema::SyncDomain::Content),
+        ),
+        DomainAttr::Scope => (
+            quote!(::keel_schema::DomainRule::ByScope),
+            quote!(self.scope_domain()),
+        ),
+        DomainAttr::Parent(field) => {
+            let Some(parent) = synced.iter().find(|f| f.ident == field.as_str()) else {
+                return Err(syn::Error::new(
+                    Span::call_site(),
+                    format!("syncable: domain parent field `{field}` is not a synced field"),
+                ));
+            };
+            let Some(parent_model) = parent.references.clone() else {
+                return Err(syn::Error::new_spanned(
+                    &parent.ident,
+                    "syncable: a domain parent field needs `references = \"model\"`",
+                ));
+            };
+            let pident = &parent.ident;
+            (
+                quote!(::keel_schema::DomainRule::ByParent(#field)),
+                quote! {
+                    lookup
+                        .domain_of(#parent_model, ::core::convert::Into::into(self.#pident))
+                        .unwrap_or(::keel_schema::SyncDomain::Index)
+                },
+            )
         }
     })
 }
