@@ -12,6 +12,7 @@ mod budget;
 mod direct_writes;
 mod error;
 mod filled_growth;
+mod handles;
 mod log_index;
 mod log_table;
 mod page;
@@ -26,6 +27,7 @@ mod xchacha;
 pub use aligned::{open_direct, AlignedBuffer, DIRECT_ALIGN};
 pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};
+pub use handles::{Election, OfflineJournal, ReplicatedLog};
 pub use log_index::LogIndex;
 pub use page::{LogPage, PageBuilder, Records, PAGE_BYTES_MAX, PAGE_HEADER_LEN, PAGE_VERSION};
 pub use record::{

@@ -261,10 +261,8 @@ fn chunk_sum(save: u64, number: u64, body: &[u8]) -> blake3::Hash {
 }
 
 impl Journal {
-    /// The log index (see [`LogIndex`]): the saved copy, if it is sound and still matches the
-    /// log, extended by the records after it; otherwise read from every record. Fails on a gap
-    /// or on a record read whose header cannot be read.
-    pub fn load_log_index(&self) -> Result<LogIndex, JournalError> {
+    /// See [`crate::ReplicatedLog::load_index`].
+    pub(crate) fn load_log_index(&self) -> Result<LogIndex, JournalError> {
         let mut index = self.saved_log_index()?.unwrap_or_default();
         self.for_each_log_index_from(Lsn(index.len() as u64 + 1), |epoch, id| {
             index.push(epoch, id)
@@ -273,7 +271,7 @@ impl Journal {
     }
 
     /// The saved index, if there is one, it decodes, and its last entry is the log's at that
-    /// position (what [`Journal::load_log_index`] starts from).
+    /// position (what [`crate::ReplicatedLog::load_index`] starts from).
     pub fn saved_log_index(&self) -> Result<Option<LogIndex>, JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
@@ -304,14 +302,8 @@ impl Journal {
         })
     }
 
-    /// Saves `index` as the log index, for [`Journal::load_log_index`]. It must be the index of
-    /// this journal's log from position 1 (the load checks its last entry against the log and
-    /// ignores it otherwise). Written in chunks over several transactions, so memory stays
-    /// small: the old header goes first and the new one last, and chunks carry the save's id,
-    /// so an interrupted save leaves no index rather than a mixed one. Not synced on its own (a
-    /// cache: lost in a crash, the next start reads the log); the next durable commit makes it
-    /// durable.
-    pub fn save_log_index(&self, index: &LogIndex) -> Result<(), JournalError> {
+    /// See [`crate::ReplicatedLog::save_index`].
+    pub(crate) fn save_log_index(&self, index: &LogIndex) -> Result<(), JournalError> {
         if index.is_empty() {
             return Ok(());
         }

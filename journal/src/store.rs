@@ -62,7 +62,7 @@ pub struct JournalStats {
     pub last_lsn: Lsn,
 }
 
-/// Log entries checked by [`Journal::check_replicated`], ready for [`Journal::append_checked`].
+/// Log entries checked by [`crate::ReplicatedLog::check`], ready for [`crate::ReplicatedLog::append_checked`].
 #[derive(Debug)]
 pub struct CheckedEntries {
     first: Lsn,
@@ -522,8 +522,8 @@ impl Journal {
         answer.recv().map_err(|_| JournalError::WriterStopped)?
     }
 
-    /// The stored current epoch.
-    pub fn epoch(&self) -> Result<Option<Epoch>, JournalError> {
+    /// See [`Election::epoch`].
+    pub(crate) fn epoch(&self) -> Result<Option<Epoch>, JournalError> {
         Ok(read_meta(&self.db, META_EPOCH)?.and_then(|b| decode_epoch(&b)))
     }
 
@@ -562,8 +562,8 @@ impl Journal {
         Ok((place, epoch, change))
     }
 
-    /// Reads up to `limit` log entries from `from` (inclusive), decoded and opened.
-    pub fn read_log(&self, from: Lsn, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
+    /// See [`crate::ReplicatedLog::read`].
+    pub(crate) fn read_log(&self, from: Lsn, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -583,10 +583,8 @@ impl Journal {
         })
     }
 
-    /// Reads up to `limit` raw log records from `from` (inclusive), unopened, barriers left out.
-    /// A damaged log page shows as one empty record at its first position, which
-    /// [`Journal::open_log_record`] reports.
-    pub fn read_log_raw(
+    /// See [`crate::ReplicatedLog::read_raw`].
+    pub(crate) fn read_log_raw(
         &self,
         from: Lsn,
         limit: usize,
@@ -610,17 +608,20 @@ impl Journal {
         })
     }
 
-    /// Decodes one raw log record (see [`Journal::read_log_raw`]); used to open records on
-    /// several threads.
-    pub fn open_log_record(&self, lsn: Lsn, bytes: &[u8]) -> ReadEntry {
+    /// See [`crate::ReplicatedLog::open_record`].
+    pub(crate) fn open_log_record(&self, lsn: Lsn, bytes: &[u8]) -> ReadEntry {
         if bytes.is_empty() {
             return Err(damaged_page(lsn, &RecordError::Framing));
         }
         self.decode_entry(Placement::Log(lsn), bytes)
     }
 
-    /// Reads up to `limit` local (not yet sequenced) entries from `from` (inclusive).
-    pub fn read_local(&self, from: u64, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
+    /// See [`OfflineJournal::read`].
+    pub(crate) fn read_local(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<ReadEntry>, JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let local = txn.open_table(OFFLINE).map_err(storage)?;
@@ -635,9 +636,8 @@ impl Journal {
         })
     }
 
-    /// Reads up to `limit` local records from `from` (inclusive) as sealed payloads, for pushing
-    /// to a leader. Records that fail their checks are skipped (`verify` reports them).
-    pub fn read_local_sealed(
+    /// See [`OfflineJournal::read_sealed`].
+    pub(crate) fn read_local_sealed(
         &self,
         from: u64,
         limit: usize,
@@ -658,9 +658,8 @@ impl Journal {
         })
     }
 
-    /// The id of every change in the journal, log and offline journal both (records that fail
-    /// their checks are left out; `verify` reports them). Reads the whole journal.
-    pub fn change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, JournalError> {
+    /// See [`crate::ReplicatedLog::change_ids`].
+    pub(crate) fn change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, JournalError> {
         let mut ids = std::collections::HashSet::new();
         self.for_each_log_index(|_, id| ids.extend(id))?;
         ids.extend(self.offline_changes()?.into_iter().map(|(id, _)| id));
@@ -737,11 +736,8 @@ impl Journal {
         answer.recv().map_err(|_| JournalError::WriterStopped)?
     }
 
-    /// Appends log entries verbatim at `first`, which must be the next position (a follower
-    /// copying its leader's segment, or a leader writing what its replication core sequenced).
-    /// An empty payload is an epoch barrier. Every record is checked first; a bad one fails the
-    /// whole segment. Changes found in the offline journal are removed from it.
-    pub fn append_replicated(
+    /// See [`crate::ReplicatedLog::append`].
+    pub(crate) fn append_replicated(
         &self,
         first: Lsn,
         entries: Vec<(Epoch, Vec<u8>)>,
@@ -750,10 +746,8 @@ impl Journal {
         self.append_checked(checked)
     }
 
-    /// The checking half of [`Journal::append_replicated`]: opens and decodes every record (a
-    /// bad one fails them all). Checking the next entries on one thread while
-    /// [`Journal::append_checked`] stores these on another keeps both busy.
-    pub fn check_replicated(
+    /// See [`crate::ReplicatedLog::check`].
+    pub(crate) fn check_replicated(
         &self,
         first: Lsn,
         entries: Vec<(Epoch, Vec<u8>)>,
@@ -763,12 +757,8 @@ impl Journal {
         })
     }
 
-    /// Like [`Journal::check_replicated`], but only checks each record's seal (it was sealed
-    /// under this library's key and is intact) without decoding its change: for the initial
-    /// sync of a device whose offline journal holds nothing the log could contain. The records'
-    /// clocks are not read, so the caller must raise the HLC high-water mark to the sender's
-    /// ([`Journal::raise_hlc_high_water`]) once they are stored.
-    pub fn check_seals(
+    /// See [`crate::ReplicatedLog::check_seals`].
+    pub(crate) fn check_seals(
         &self,
         first: Lsn,
         entries: Vec<(Epoch, Vec<u8>)>,
@@ -787,9 +777,8 @@ impl Journal {
         self.ask(|reply| Request::RaiseHlc { hlc, reply })
     }
 
-    /// The storing half of [`Journal::append_replicated`]: appends entries checked by
-    /// [`Journal::check_replicated`] in one durable transaction.
-    pub fn append_checked(&self, checked: CheckedEntries) -> Result<(), JournalError> {
+    /// See [`crate::ReplicatedLog::append_checked`].
+    pub(crate) fn append_checked(&self, checked: CheckedEntries) -> Result<(), JournalError> {
         let CheckedEntries { first, entries } = checked;
         self.ask(|reply| Request::AppendReplicated {
             first,
@@ -798,14 +787,13 @@ impl Journal {
         })
     }
 
-    /// Removes every log entry after `keep`, returning their changes to the offline journal as
-    /// pending, in one durable transaction. Returns the ids returned.
-    pub fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
+    /// See [`crate::ReplicatedLog::truncate_after`].
+    pub(crate) fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
         self.ask(|reply| Request::Truncate { keep, reply })
     }
 
-    /// The epoch of the log entry at `lsn` (`None` if there is none).
-    pub fn epoch_at(&self, lsn: Lsn) -> Result<Option<Epoch>, JournalError> {
+    /// See [`crate::ReplicatedLog::epoch_at`].
+    pub(crate) fn epoch_at(&self, lsn: Lsn) -> Result<Option<Epoch>, JournalError> {
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -843,8 +831,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Stores the current epoch without changing the writer's role (used by followers).
-    pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
+    /// See [`Election::store_epoch`].
+    pub(crate) fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
         guarded(|| write_epoch(&self.db, epoch))
     }
 
@@ -855,8 +843,8 @@ impl Journal {
             .map(|c| c.id)
     }
 
-    /// Durably stores the election state: the current epoch and the highest epoch voted for.
-    pub fn store_election(&self, epoch: Epoch, voted: Epoch) -> Result<(), JournalError> {
+    /// See [`Election::store`].
+    pub(crate) fn store_election(&self, epoch: Epoch, voted: Epoch) -> Result<(), JournalError> {
         guarded(|| {
             let mut txn = self.db.begin_write().map_err(storage)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
@@ -872,15 +860,13 @@ impl Journal {
         })
     }
 
-    /// The highest epoch this device voted for, if it ever voted.
-    pub fn voted(&self) -> Result<Option<Epoch>, JournalError> {
+    /// See [`Election::voted`].
+    pub(crate) fn voted(&self) -> Result<Option<Epoch>, JournalError> {
         Ok(read_meta(&self.db, META_VOTED)?.and_then(|b| decode_epoch(&b)))
     }
 
-    /// Reads up to `limit` log entries from `from` (inclusive) as stored, barriers included (an
-    /// empty payload), for shipping to followers: `(lsn, epoch, sealed)`. A record that fails its
-    /// checksum is an error: it must not be shipped.
-    pub fn log_entries(
+    /// See [`crate::ReplicatedLog::entries`].
+    pub(crate) fn log_entries(
         &self,
         from: Lsn,
         limit: usize,
@@ -906,26 +892,22 @@ impl Journal {
         })
     }
 
-    /// The whole log as `(epoch, change id)` per position from 1 (`None` for a barrier or a
-    /// record whose header cannot be read), without opening any payload: the replication core's
-    /// view of the log. See [`Journal::for_each_log_index`] to visit it without a copy.
-    pub fn log_index(&self) -> Result<Vec<(Epoch, Option<ChangeId>)>, JournalError> {
+    /// See [`crate::ReplicatedLog::index`].
+    pub(crate) fn log_index(&self) -> Result<Vec<(Epoch, Option<ChangeId>)>, JournalError> {
         let mut out = Vec::new();
         self.for_each_log_index(|epoch, id| out.push((epoch, id)))?;
         Ok(out)
     }
 
-    /// Visits the whole log as [`Journal::log_index`] lists it, in order, without collecting it
-    /// first (a log of millions of entries is not copied). Fails on a gap or a record whose
-    /// header cannot be read. [`Journal::load_log_index`] is faster when a saved copy exists.
-    pub fn for_each_log_index(
+    /// See [`crate::ReplicatedLog::for_each_index`].
+    pub(crate) fn for_each_log_index(
         &self,
         visit: impl FnMut(Epoch, Option<ChangeId>),
     ) -> Result<(), JournalError> {
         self.for_each_log_index_from(Lsn(1), visit)
     }
 
-    /// [`Journal::for_each_log_index`] from position `from` on.
+    /// [`crate::ReplicatedLog::for_each_index`] from position `from` on.
     pub(crate) fn for_each_log_index_from(
         &self,
         from: Lsn,
@@ -954,8 +936,8 @@ impl Journal {
         })
     }
 
-    /// The offline journal's changes as `(change id, sealed)`, oldest first (to push to a leader).
-    pub fn offline_changes(&self) -> Result<Vec<(ChangeId, Vec<u8>)>, JournalError> {
+    /// See [`OfflineJournal::changes`].
+    pub(crate) fn offline_changes(&self) -> Result<Vec<(ChangeId, Vec<u8>)>, JournalError> {
         Ok(self
             .read_local_sealed(0, usize::MAX)?
             .into_iter()

@@ -44,11 +44,11 @@ fn a_journal_written_past_the_page_cache_reads_back_the_same() {
             journal.commit(vec![one.clone()]).expect("commits");
             all.push(one);
         }
-        let read = journal.read_log(Lsn(1), usize::MAX).expect("reads");
+        let read = journal.log().read(Lsn(1), usize::MAX).expect("reads");
         assert_eq!(read.len(), all.len());
     }
     let journal = open(false);
-    let read = journal.read_log(Lsn(1), usize::MAX).expect("reads");
+    let read = journal.log().read(Lsn(1), usize::MAX).expect("reads");
     let ids: Vec<_> = read
         .into_iter()
         .map(|entry| entry.expect("opens").2.id)

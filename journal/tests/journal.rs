@@ -41,14 +41,15 @@ fn commits_survive_reopen_and_read_back_in_order() {
     let journal =
         Journal::open(&path, lib, &key, device, JournalOptions::default()).expect("reopens");
     let read: Vec<Change> = journal
-        .read_log(Lsn(1), 100)
+        .log()
+        .read(Lsn(1), 100)
         .expect("reads")
         .into_iter()
         .map(|e| e.expect("record is sound").2)
         .collect();
     assert_eq!(read, changes);
     assert_eq!(
-        journal.epoch().expect("meta"),
+        journal.election().epoch().expect("meta"),
         Some(Epoch { counter: 1, device })
     );
     assert_eq!(
@@ -58,7 +59,7 @@ fn commits_survive_reopen_and_read_back_in_order() {
             .map(|h| h.physical_ms),
         Some(109)
     );
-    let ids = journal.change_ids().expect("reads ids");
+    let ids = journal.log().change_ids().expect("reads ids");
     assert_eq!(ids.len(), changes.len());
     assert!(changes.iter().all(|c| ids.contains(&c.id)));
     let more = journal
@@ -92,7 +93,7 @@ fn follower_changes_wait_in_the_local_journal() {
     assert_eq!(placed, vec![Placement::Offline(1)]);
     let stats = journal.stats().expect("stats");
     assert_eq!((stats.offline, stats.log_len), (1, 0));
-    assert_eq!(journal.read_local(0, 10).expect("reads").len(), 1);
+    assert_eq!(journal.offline().read(0, 10).expect("reads").len(), 1);
 }
 
 #[test]

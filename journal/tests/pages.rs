@@ -53,7 +53,7 @@ impl Setup {
 
 /// Every record from position 1, as stored.
 fn all_raw(journal: &Journal) -> Vec<(Lsn, Vec<u8>)> {
-    journal.read_log_raw(Lsn(1), usize::MAX).expect("reads")
+    journal.log().read_raw(Lsn(1), usize::MAX).expect("reads")
 }
 
 fn page_keys(path: &std::path::Path) -> Vec<u64> {
@@ -76,20 +76,23 @@ fn a_large_commit_fills_several_pages_and_every_position_reads_back() {
     journal
         .commit(vec![change(s.device, 9_999)])
         .expect("commits");
-    let read = journal.read_log(Lsn(1), usize::MAX).expect("reads");
+    let read = journal.log().read(Lsn(1), usize::MAX).expect("reads");
     assert_eq!(read.len(), 2_001);
     for (i, entry) in read.iter().take(2_000).enumerate() {
         let (_, _, got) = entry.as_ref().expect("sound");
         assert_eq!(got.id, changes[i].id, "position {}", i + 1);
     }
     // A read from the middle of a page starts at that position.
-    let from_middle = journal.read_log_raw(Lsn(777), 3).expect("reads");
+    let from_middle = journal.log().read_raw(Lsn(777), 3).expect("reads");
     assert_eq!(
         from_middle.iter().map(|(l, _)| l.0).collect::<Vec<_>>(),
         vec![777, 778, 779]
     );
-    assert_eq!(journal.epoch_at(Lsn(1_500)).expect("reads"), Some(s.epoch));
-    assert_eq!(journal.epoch_at(Lsn(2_002)).expect("reads"), None);
+    assert_eq!(
+        journal.log().epoch_at(Lsn(1_500)).expect("reads"),
+        Some(s.epoch)
+    );
+    assert_eq!(journal.log().epoch_at(Lsn(2_002)).expect("reads"), None);
     assert_eq!(journal.stats().expect("stats").log_len, 2_001);
     assert!(journal.verify().expect("verifies").faults.is_empty());
     journal.close();
@@ -112,7 +115,7 @@ fn a_truncation_in_the_middle_of_a_page_keeps_the_prefix_and_returns_the_rest() 
     journal.commit(changes.clone()).expect("commits");
     let before = all_raw(&journal);
     // Keep 1..=333: the cut falls inside a page.
-    let returned = journal.truncate_after(Lsn(333)).expect("truncates");
+    let returned = journal.log().truncate_after(Lsn(333)).expect("truncates");
     assert_eq!(
         returned,
         changes[333..].iter().map(|c| c.id).collect::<Vec<_>>()
@@ -129,7 +132,8 @@ fn a_truncation_in_the_middle_of_a_page_keeps_the_prefix_and_returns_the_rest() 
         })
         .collect();
     journal
-        .append_replicated(Lsn(334), segment)
+        .log()
+        .append(Lsn(334), segment)
         .expect("appends after the cut");
     assert_eq!(all_raw(&journal), before[..400].to_vec());
     assert!(journal.verify().expect("verifies").faults.is_empty());
@@ -149,7 +153,7 @@ fn a_format_1_log_is_moved_into_pages_on_open_with_every_record_kept() {
             .expect("commits");
     }
     let before = all_raw(&journal);
-    let ids = journal.change_ids().expect("ids");
+    let ids = journal.log().change_ids().expect("ids");
     journal.close();
     // Turn the file back into format 1: one key per record, format 1 in meta.
     {
@@ -169,7 +173,7 @@ fn a_format_1_log_is_moved_into_pages_on_open_with_every_record_kept() {
     }
     let journal = s.open();
     assert_eq!(all_raw(&journal), before);
-    assert_eq!(journal.change_ids().expect("ids"), ids);
+    assert_eq!(journal.log().change_ids().expect("ids"), ids);
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(500));
     assert!(journal.verify().expect("verifies").faults.is_empty());
     journal
@@ -217,6 +221,7 @@ fn a_truncation_inside_a_damaged_page_leaves_no_gap_before_the_next_append() {
     assert_eq!(journal.verify().expect("verifies").faults.len(), 1);
     // Nothing after 50 can be read back, and the damaged page stays.
     assert!(journal
+        .log()
         .truncate_after(Lsn(50))
         .expect("truncates")
         .is_empty());
@@ -226,7 +231,8 @@ fn a_truncation_inside_a_damaged_page_leaves_no_gap_before_the_next_append() {
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(51));
     assert_eq!(
         journal
-            .read_log_raw(Lsn(51), 10)
+            .log()
+            .read_raw(Lsn(51), 10)
             .expect("reads")
             .iter()
             .map(|(l, b)| (l.0, b.is_empty()))

@@ -55,7 +55,8 @@ fn setup() -> (
 
 fn segment(journal: &Journal, from: Lsn) -> Vec<(Epoch, Vec<u8>)> {
     journal
-        .read_log_raw(from, 1000)
+        .log()
+        .read_raw(from, 1000)
         .expect("reads")
         .into_iter()
         .map(|(_, bytes)| {
@@ -75,11 +76,12 @@ fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_jou
         .commit((0..5).map(|n| change(l, n)).collect())
         .expect("commits");
     follower
-        .append_replicated(Lsn(1), segment(&leader, Lsn(1)))
+        .log()
+        .append(Lsn(1), segment(&leader, Lsn(1)))
         .expect("appends");
     assert_eq!(
-        follower.read_log_raw(Lsn(1), 100).expect("reads"),
-        leader.read_log_raw(Lsn(1), 100).expect("reads")
+        follower.log().read_raw(Lsn(1), 100).expect("reads"),
+        leader.log().read_raw(Lsn(1), 100).expect("reads")
     );
 
     // The follower commits offline, then pushes; the leader's replication core sequences the
@@ -89,17 +91,19 @@ fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_jou
         .commit(vec![mine.clone()])
         .expect("commits offline");
     let sealed: Vec<(Epoch, Vec<u8>)> = follower
-        .read_local_sealed(0, 100)
+        .offline()
+        .read_sealed(0, 100)
         .expect("reads")
         .into_iter()
         .map(|(_, s)| (epoch, s))
         .collect();
     leader
-        .append_replicated(Lsn(6), sealed.clone())
+        .log()
+        .append(Lsn(6), sealed.clone())
         .expect("sequences");
     assert!(
         matches!(
-            leader.append_replicated(Lsn(6), sealed),
+            leader.log().append(Lsn(6), sealed),
             Err(JournalError::NotContiguous { .. })
         ),
         "a position is written once"
@@ -107,7 +111,8 @@ fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_jou
     assert_eq!(leader.stats().expect("stats").log_len, 6);
 
     follower
-        .append_replicated(Lsn(6), segment(&leader, Lsn(6)))
+        .log()
+        .append(Lsn(6), segment(&leader, Lsn(6)))
         .expect("appends");
     let stats = follower.stats().expect("stats");
     assert_eq!(
@@ -115,8 +120,12 @@ fn follower_appends_leader_segments_and_its_pushed_changes_leave_the_offline_jou
         (6, 0),
         "sequenced, so no longer pending"
     );
-    assert!(follower.change_ids().expect("reads ids").contains(&mine.id));
-    assert_eq!(follower.epoch_at(Lsn(6)).expect("reads"), Some(epoch));
+    assert!(follower
+        .log()
+        .change_ids()
+        .expect("reads ids")
+        .contains(&mine.id));
+    assert_eq!(follower.log().epoch_at(Lsn(6)).expect("reads"), Some(epoch));
 }
 
 #[test]
@@ -138,19 +147,20 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
     );
     let changes: Vec<Change> = (0..7).map(|n| change(a, n)).collect();
     journal.commit(changes.clone()).expect("commits");
-    let returned = journal.truncate_after(Lsn(5)).expect("truncates");
+    let returned = journal.log().truncate_after(Lsn(5)).expect("truncates");
     assert_eq!(returned, vec![changes[5].id, changes[6].id]);
     let stats = journal.stats().expect("stats");
     assert_eq!((stats.log_len, stats.offline), (5, 2));
-    let ids = journal.change_ids().expect("reads ids");
+    let ids = journal.log().change_ids().expect("reads ids");
     assert!(
         ids.contains(&changes[6].id),
         "still in the journal: pending again"
     );
-    assert_eq!(journal.log_index().expect("reads").len(), 5);
+    assert_eq!(journal.log().index().expect("reads").len(), 5);
     assert_eq!(journal.replay_floor().expect("meta"), Some(Lsn(5)));
     let pending: Vec<ChangeId> = journal
-        .read_local(0, 10)
+        .offline()
+        .read(0, 10)
         .expect("reads")
         .into_iter()
         .map(|e| e.expect("sound").2.id)
@@ -158,7 +168,7 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
     assert_eq!(pending, returned, "nothing acknowledged is dropped");
     journal.set_role(CommitRoute::Offline).expect("steps down");
     assert!(matches!(
-        journal.append_replicated(Lsn(9), Vec::new()),
+        journal.log().append(Lsn(9), Vec::new()),
         Err(JournalError::NotContiguous { .. })
     ));
 }
@@ -188,7 +198,7 @@ fn a_tampered_or_foreign_segment_is_refused_whole() {
     let last = seg[1].1.len() - 1;
     seg[1].1[last] ^= 1;
     assert!(matches!(
-        follower.append_replicated(Lsn(1), seg),
+        follower.log().append(Lsn(1), seg),
         Err(JournalError::BadRecord { .. })
     ));
     assert_eq!(
@@ -211,10 +221,12 @@ fn a_tampered_or_foreign_segment_is_refused_whole() {
     );
     stranger.commit(vec![change(l, 9)]).expect("commits");
     assert!(follower
-        .append_replicated(Lsn(1), segment(&stranger, Lsn(1)))
+        .log()
+        .append(Lsn(1), segment(&stranger, Lsn(1)))
         .is_err());
     assert!(leader
-        .append_replicated(
+        .log()
+        .append(
             Lsn(4),
             vec![(
                 Epoch {
@@ -248,7 +260,8 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
         .commit((0..5).map(|n| change(epoch.device, n)).collect())
         .expect("commits");
     let shipped: Vec<(Epoch, Vec<u8>)> = sender
-        .log_entries(Lsn(1), 100)
+        .log()
+        .entries(Lsn(1), 100)
         .expect("reads")
         .into_iter()
         .map(|(_, e, sealed)| (e, sealed))
@@ -272,11 +285,14 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
         *byte ^= 1;
     }
     assert!(matches!(
-        joiner.check_seals(Lsn(1), tampered),
+        joiner.log().check_seals(Lsn(1), tampered),
         Err(JournalError::BadRecord { .. })
     ));
-    let checked = joiner.check_seals(Lsn(1), shipped.clone()).expect("checks");
-    joiner.append_checked(checked).expect("appends");
+    let checked = joiner
+        .log()
+        .check_seals(Lsn(1), shipped.clone())
+        .expect("checks");
+    joiner.log().append_checked(checked).expect("appends");
     joiner.raise_hlc_high_water(high).expect("raises");
     let lower = Hlc {
         physical_ms: 1,
@@ -289,11 +305,12 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
 
     let joiner = reopen();
     assert!(joiner.hlc_high_water().expect("reads") >= Some(high));
-    let stored = joiner.read_log(Lsn(1), 100).expect("reads");
+    let stored = joiner.log().read(Lsn(1), 100).expect("reads");
     assert_eq!(stored.len(), 5);
     assert!(stored.iter().all(|e| e.is_ok()), "every record opens");
     let sealed: Vec<(Epoch, Vec<u8>)> = joiner
-        .log_entries(Lsn(1), 100)
+        .log()
+        .entries(Lsn(1), 100)
         .expect("reads")
         .into_iter()
         .map(|(_, e, s)| (e, s))
@@ -303,12 +320,12 @@ fn seal_checked_entries_are_stored_verbatim_and_the_raised_clock_survives_a_reop
 
 /// The index read from every record.
 fn scanned(journal: &Journal) -> Vec<(Epoch, Option<ChangeId>)> {
-    journal.log_index().expect("reads the log")
+    journal.log().index().expect("reads the log")
 }
 
 /// The index as a node's start loads it (the saved copy, then the records after it).
 fn loaded(journal: &Journal) -> Vec<(Epoch, Option<ChangeId>)> {
-    journal.load_log_index().expect("loads").iter().collect()
+    journal.log().load_index().expect("loads").iter().collect()
 }
 
 #[test]
@@ -329,8 +346,8 @@ fn a_saved_log_index_is_used_only_while_it_matches_the_log() {
     assert_eq!(loaded(&journal), scanned(&journal));
 
     // Saved, then extended: the copy is used and the records after it are read.
-    let index = journal.load_log_index().expect("loads");
-    journal.save_log_index(&index).expect("saves");
+    let index = journal.log().load_index().expect("loads");
+    journal.log().save_index(&index).expect("saves");
     journal
         .commit((7..10).map(|n| change(a, n)).collect())
         .expect("commits");
@@ -341,9 +358,9 @@ fn a_saved_log_index_is_used_only_while_it_matches_the_log() {
     assert_eq!(loaded(&journal), scanned(&journal));
 
     // A truncation deletes it (it described positions that are gone).
-    let index = journal.load_log_index().expect("loads");
-    journal.save_log_index(&index).expect("saves");
-    journal.truncate_after(Lsn(4)).expect("truncates");
+    let index = journal.log().load_index().expect("loads");
+    journal.log().save_index(&index).expect("saves");
+    journal.log().truncate_after(Lsn(4)).expect("truncates");
     assert_eq!(journal.saved_log_index().expect("reads"), None);
     assert_eq!(loaded(&journal), scanned(&journal));
     assert_eq!(loaded(&journal).len(), 4);
@@ -353,7 +370,7 @@ fn a_saved_log_index_is_used_only_while_it_matches_the_log() {
     for (epoch, _) in scanned(&journal) {
         wrong.push(epoch, Some(ChangeId::new()));
     }
-    journal.save_log_index(&wrong).expect("saves");
+    journal.log().save_index(&wrong).expect("saves");
     assert_eq!(journal.saved_log_index().expect("reads"), None);
     assert_eq!(loaded(&journal), scanned(&journal));
 }
@@ -386,7 +403,8 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
     assert_eq!(sent.early, None, "a leader's commit is sent once durable");
 
     follower
-        .append_replicated(Lsn(1), segment(&leader, Lsn(1)))
+        .log()
+        .append(Lsn(1), segment(&leader, Lsn(1)))
         .expect("appends");
     let sent = follower_rx.try_recv().expect("the segment");
     assert_eq!(sent.early, Some(Lsn(1)));
@@ -398,7 +416,8 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
         .commit((3..5).map(|n| change(l, n)).collect())
         .expect("commits");
     follower
-        .append_replicated(Lsn(4), segment(&leader, Lsn(4)))
+        .log()
+        .append(Lsn(4), segment(&leader, Lsn(4)))
         .expect("appends");
     let sent = follower_rx.try_recv().expect("the second segment");
     assert_eq!(sent.early, Some(Lsn(4)));

@@ -8,13 +8,6 @@ use crate::workload::write_tree;
 use anyhow::{ensure, Result};
 use keel_engine::{CreateOptions, Home, Library, Scope};
 
-/// Files in the generated tree (`KEEL_DEMO_FILES` overrides, for tests).
-fn files_wanted() -> usize {
-    std::env::var("KEEL_DEMO_FILES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000)
-}
 /// The demo libraries' password.
 pub(crate) const PASSWORD: &str = "demo password";
 
@@ -24,13 +17,13 @@ pub(crate) fn step(n: &mut u32, text: &str) {
 }
 
 /// Runs the demo; exits non-zero if any digest differs.
-pub(crate) fn run() -> Result<i32> {
+pub(crate) fn run(options: &crate::DemoOptions) -> Result<i32> {
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
     let home = Home::new(dir.path().join("a"));
     let tree = dir.path().join("photos");
     let mut n = 0;
-    let file_count = files_wanted().max(40);
+    let file_count = options.files.max(40);
 
     step(
         &mut n,

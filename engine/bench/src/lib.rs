@@ -3,19 +3,90 @@
 //! of what a host app embeds.
 
 mod bench;
-mod bench_sync;
 mod demo;
 mod demo_devices;
 pub mod workload;
 
+/// What `keel bench` runs. The defaults are the full run; each benchmark is a module of
+/// `bench/` with its own options, filled from these.
+#[derive(Clone, Debug, Default)]
+pub struct BenchOptions {
+    /// Print one JSON object instead of a table.
+    pub json: bool,
+    /// Smaller sizes (under five minutes).
+    pub quick: bool,
+    /// Only the steps whose name starts with this (`p1` … `p8`, `quic`).
+    pub only: Option<String>,
+    /// Run this one step in this process and print its figures as JSON (what `keel bench`
+    /// runs each step as, so that each peak RSS is its own).
+    pub step: Option<String>,
+    /// Files in P4's library (default: 1,000,000; 100,000 with `quick`).
+    pub p4_files: Option<usize>,
+    /// P4 joins by replaying the log instead of receiving a projection snapshot (the older
+    /// path, for comparison).
+    pub p4_replication_only: bool,
+    /// P5's load in changes per second (default 1,000).
+    pub p5_rate: Option<u64>,
+    /// P5's leader commits through its offline journal instead of sequencing them itself (the
+    /// older path, for comparison).
+    pub p5_through_offline_journal: bool,
+    /// P6's rounds, one leader killed in each (default 5; 2 with `quick`).
+    pub p6_rounds: Option<usize>,
+    /// Files in P7's library (default 500,000; 100,000 with `quick`).
+    pub p7_files: Option<usize>,
+}
+
+impl BenchOptions {
+    /// The arguments of `keel bench` that carry these options to a step's process (all but
+    /// `json`, `only` and `step`).
+    fn step_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.quick {
+            args.push("--quick".to_string());
+        }
+        if self.p4_replication_only {
+            args.push("--p4-replication-only".into());
+        }
+        if self.p5_through_offline_journal {
+            args.push("--p5-through-offline-journal".into());
+        }
+        let sizes = [
+            ("--p4-files", self.p4_files.map(|n| n as u64)),
+            ("--p5-rate", self.p5_rate),
+            ("--p6-rounds", self.p6_rounds.map(|n| n as u64)),
+            ("--p7-files", self.p7_files.map(|n| n as u64)),
+        ];
+        for (flag, value) in sizes {
+            if let Some(value) = value {
+                args.push(flag.into());
+                args.push(value.to_string());
+            }
+        }
+        args
+    }
+}
+
+/// What `keel demo` runs.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Files in the generated tree.
+    pub files: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self { files: 3000 }
+    }
+}
+
 /// Runs the benchmarks (`keel bench`): every figure beside its raw limit, as a table or as one
-/// JSON object. `quick` runs smaller sizes. Returns the process exit code.
-pub fn run_bench(as_json: bool, quick: bool) -> anyhow::Result<i32> {
-    bench::run(as_json, quick)
+/// JSON object. Returns the process exit code.
+pub fn run_bench(options: &BenchOptions) -> anyhow::Result<i32> {
+    bench::run(options)
 }
 
 /// Runs the demo (`keel demo`): several devices on this machine, syncing real files over QUIC
 /// on loopback. Returns the process exit code.
-pub fn run_demo() -> anyhow::Result<i32> {
-    demo::run()
+pub fn run_demo(options: &DemoOptions) -> anyhow::Result<i32> {
+    demo::run(options)
 }

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use keel_engine::{CreateOptions, Entry, Home, KdfParams, Library, Scope};
 
@@ -135,16 +135,65 @@ pub(crate) enum Command {
         json: bool,
     },
     /// Run the benchmarks.
-    Bench {
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Smaller sizes (under five minutes).
-        #[arg(long)]
-        quick: bool,
-    },
+    Bench(BenchArgs),
     /// Run the demo in a temporary home.
-    Demo,
+    Demo {
+        /// Files in the generated tree (at least 40).
+        #[arg(long, default_value_t = 3000)]
+        files: usize,
+    },
+}
+
+/// `keel bench`'s options (see `keel_bench::BenchOptions`).
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Smaller sizes (under five minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Only the steps whose name starts with this (p1 … p8, quic).
+    #[arg(long)]
+    only: Option<String>,
+    /// Run this one step in this process (what `keel bench` runs each step as).
+    #[arg(long, hide = true)]
+    step: Option<String>,
+    /// Files in P4's library.
+    #[arg(long)]
+    p4_files: Option<usize>,
+    /// P4 joins by replaying the log instead of by snapshot (the older path).
+    #[arg(long)]
+    p4_replication_only: bool,
+    /// P5's load, changes per second (default 1000).
+    #[arg(long)]
+    p5_rate: Option<u64>,
+    /// P5's leader commits through its offline journal (the older path).
+    #[arg(long)]
+    p5_through_offline_journal: bool,
+    /// P6's rounds (one leader killed in each).
+    #[arg(long)]
+    p6_rounds: Option<usize>,
+    /// Files in P7's library.
+    #[arg(long)]
+    p7_files: Option<usize>,
+}
+
+impl From<BenchArgs> for keel_bench::BenchOptions {
+    fn from(a: BenchArgs) -> Self {
+        Self {
+            json: a.json,
+            quick: a.quick,
+            only: a.only,
+            step: a.step,
+            p4_files: a.p4_files,
+            p4_replication_only: a.p4_replication_only,
+            p5_rate: a.p5_rate,
+            p5_through_offline_journal: a.p5_through_offline_journal,
+            p6_rounds: a.p6_rounds,
+            p7_files: a.p7_files,
+        }
+    }
 }
 
 /// `keel pair …`.
@@ -312,8 +361,8 @@ pub(crate) fn run() -> Result<i32> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cli = Cli::parse();
     match cli.command {
-        Command::Bench { json, quick } => return keel_bench::run_bench(json, quick),
-        Command::Demo => return keel_bench::run_demo(),
+        Command::Bench(args) => return keel_bench::run_bench(&args.into()),
+        Command::Demo { files } => return keel_bench::run_demo(&keel_bench::DemoOptions { files }),
         _ => {}
     }
     let home = home_of(cli.home)?;
@@ -493,7 +542,7 @@ pub(crate) fn exec(
         | Command::Serve { .. }
         | Command::Pair { .. }
         | Command::Bench { .. }
-        | Command::Demo => bail!("this command does not run on an open library"),
+        | Command::Demo { .. } => bail!("this command does not run on an open library"),
     }
     Ok(0)
 }

@@ -372,8 +372,7 @@ fn serve_pair_and_status_through_the_control_socket() {
 #[test]
 fn demo_runs_three_devices_through_a_leader_kill_to_one_digest() {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("demo")
-        .env("KEEL_DEMO_FILES", "120")
+        .args(["demo", "--files", "120"])
         .output()
         .expect("demo runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -358,8 +358,11 @@ pub(crate) mod tests {
         if let Ok(mut until) = lib.shared.bulk_until.lock() {
             *until = Some(barrier);
         }
-        let epoch = journal.epoch()?.ok_or("the founder has an epoch")?;
-        journal.append_replicated(barrier, vec![(epoch, Vec::new())])?;
+        let epoch = journal
+            .election()
+            .epoch()?
+            .ok_or("the founder has an epoch")?;
+        journal.log().append(barrier, vec![(epoch, Vec::new())])?;
         lib.flush()?;
         assert_eq!(
             lib.applied_lsn(),

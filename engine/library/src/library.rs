@@ -311,7 +311,7 @@ impl Library {
             },
         )?;
         if let Some(epoch) = follower_epoch {
-            journal.store_election(epoch, epoch)?;
+            journal.election().store(epoch, epoch)?;
         }
         let (projections, healed) = heal_projections(&journal, &dir)?;
         let projections_path = dir.join(PROJECTIONS_FILE);
@@ -688,7 +688,7 @@ impl Library {
     /// The id of every change durable in this library's journal (log and offline journal both).
     /// Reads the whole journal: for checks and tools, not for a hot path.
     pub fn journal_change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, EngineError> {
-        Ok(self.journal()?.change_ids()?)
+        Ok(self.journal()?.log().change_ids()?)
     }
 
     /// How many log positions the journal's saved log index covers (`None`: none saved, or it no
@@ -708,7 +708,7 @@ impl Library {
         let mut out = Vec::new();
         let mut next = keel_schema::Lsn(1);
         loop {
-            let chunk = journal.read_log(next, crate::replay::REPLAY_READ_CHUNK)?;
+            let chunk = journal.log().read(next, crate::replay::REPLAY_READ_CHUNK)?;
             if chunk.is_empty() {
                 break;
             }
@@ -725,7 +725,8 @@ impl Library {
         }
         out.extend(
             journal
-                .read_local(0, usize::MAX)?
+                .offline()
+                .read(0, usize::MAX)?
                 .into_iter()
                 .filter_map(Result::ok)
                 .map(|(_, _, c)| c),

@@ -97,7 +97,7 @@ fn read_chunks(
     let mut position = from;
     let mut next = Lsn(from.log.0 + 1);
     loop {
-        let raw = journal.read_log_raw(next, REPLAY_READ_CHUNK)?;
+        let raw = journal.log().read_raw(next, REPLAY_READ_CHUNK)?;
         let Some((last, _)) = raw.last() else { break };
         next = Lsn(last.0 + 1);
         let mut chunk = Chunk {
@@ -106,7 +106,7 @@ fn read_chunks(
             faults: Vec::new(),
         };
         for (lsn, bytes) in &raw {
-            match journal.open_log_record(*lsn, bytes) {
+            match journal.log().open_record(*lsn, bytes) {
                 Ok((_, _, change)) => chunk.changes.push(change),
                 Err(e) => chunk.faults.push(e.to_string()),
             }
@@ -119,7 +119,7 @@ fn read_chunks(
     }
     let mut seq = from.local + 1;
     loop {
-        let entries = journal.read_local(seq, REPLAY_READ_CHUNK)?;
+        let entries = journal.offline().read(seq, REPLAY_READ_CHUNK)?;
         if entries.is_empty() {
             return Ok(());
         }

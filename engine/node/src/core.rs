@@ -81,14 +81,15 @@ impl Store for JournalStore<'_> {
     fn read_log(&mut self, first: Lsn, count: usize) -> Result<Vec<(Epoch, Vec<u8>)>, NodeError> {
         Ok(self
             .journal
-            .log_entries(first, count)?
+            .log()
+            .entries(first, count)?
             .into_iter()
             .map(|(_, epoch, sealed)| (epoch, sealed))
             .collect())
     }
 
     fn read_offline(&mut self) -> Result<Vec<(ChangeId, Vec<u8>)>, NodeError> {
-        Ok(self.journal.offline_changes()?)
+        Ok(self.journal.offline().changes()?)
     }
 
     fn applied(&mut self) -> Lsn {
@@ -128,12 +129,13 @@ fn log_index(log: &Log) -> keel_journal::LogIndex {
 
 /// The replica's durable state as the journal holds it.
 fn load(journal: &Journal) -> Result<Durable, NodeError> {
-    let epoch = journal.epoch()?.unwrap_or_default();
-    let voted = journal.voted()?.unwrap_or(epoch);
-    let (runs, ids) = journal.load_log_index()?.into_parts();
+    let epoch = journal.election().epoch()?.unwrap_or_default();
+    let voted = journal.election().voted()?.unwrap_or(epoch);
+    let (runs, ids) = journal.log().load_index()?.into_parts();
     let log = Log::from_runs(runs, ids);
     let offline = journal
-        .offline_changes()?
+        .offline()
+        .changes()?
         .into_iter()
         .map(|(id, _)| id)
         .collect();
@@ -287,7 +289,7 @@ impl Core {
             return;
         };
         let log = &self.replica.durable().log;
-        if let Err(e) = journal.save_log_index(&log_index(log)) {
+        if let Err(e) = journal.log().save_index(&log_index(log)) {
             tracing::warn!(error = %e, "saving the log index failed; the next start reads the whole log");
         }
     }
@@ -441,10 +443,10 @@ impl Core {
             .map_err(from_replica)?
         {
             match write {
-                LogWrite::Election { epoch, voted } => journal.store_election(epoch, voted)?,
-                LogWrite::Append { at, entries } => journal.append_replicated(at, entries)?,
+                LogWrite::Election { epoch, voted } => journal.election().store(epoch, voted)?,
+                LogWrite::Append { at, entries } => journal.log().append(at, entries)?,
                 LogWrite::Truncate { keep } => {
-                    let returned = journal.truncate_after(keep)?;
+                    let returned = journal.log().truncate_after(keep)?;
                     tracing::info!(
                         keep = keep.0,
                         returned = returned.len(),

@@ -247,7 +247,8 @@ async fn send(
                 let lib = weak.upgrade().ok_or(NodeError::Stopped)?;
                 Ok(lib
                     .journal()?
-                    .log_entries(from, limit.min(RECORDS_PER_MESSAGE_MAX))?)
+                    .log()
+                    .entries(from, limit.min(RECORDS_PER_MESSAGE_MAX))?)
             })
             .await?;
             let Some(&(last, last_epoch, _)) = entries.last() else {
@@ -433,7 +434,7 @@ async fn receive(
     let index_saved = std::thread::Builder::new()
         .name("keel-snapshot-index".into())
         .spawn(move || {
-            if let Err(e) = journal.save_log_index(&index) {
+            if let Err(e) = journal.log().save_index(&index) {
                 tracing::warn!(error = %e, "saving the log index failed; the first start reads the whole log");
             }
         })
@@ -498,7 +499,7 @@ impl LogWriters {
                 .name("keel-snapshot-check".into())
                 .spawn(move || -> Result<(), NodeError> {
                     while let Ok((first, entries)) = raw.recv() {
-                        let checked = journal.check_seals(first, entries)?;
+                        let checked = journal.log().check_seals(first, entries)?;
                         if checked_tx.send(checked).is_err() {
                             break;
                         }
@@ -558,7 +559,7 @@ fn append_checked(
         }
         let last = batch.first().0 + batch.len() as u64 - 1;
         batch.index_into(&mut index);
-        journal.append_checked(batch)?;
+        journal.log().append_checked(batch)?;
         stored.store(last, Ordering::Release);
     }
     Ok(index)

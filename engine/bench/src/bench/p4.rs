@@ -1,0 +1,170 @@
+//! P4: initial sync of a device that joins.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use keel_engine::{Home, Library};
+use keel_node::{Node, NodeOptions};
+use serde_json::{json, Value};
+
+use super::sync::{join_blocking, leader_with, PASSWORD};
+use super::{peak_rss_mb, reset_peak_rss, settle, Figures};
+
+/// What P4 measures.
+pub(crate) struct Options {
+    /// Files in the leader's library.
+    pub(crate) files: usize,
+    /// Join by snapshot (the default); false: by replication alone, for comparison.
+    pub(crate) snapshot: bool,
+}
+
+/// P4: a fresh device joins a library of `files` files and syncs it whole (log stored,
+/// projections built). The joining side runs in its own process so its peak RSS is its own.
+pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()> {
+    let files = options.files;
+    let leader = leader_with(dir, files)?;
+    // The leader's library was just written (about 800 MB): its write-back must not run
+    // during the join's timing, as it would not for a library that existed before.
+    settle();
+    let log_len = leader.status().log_len;
+    let invite = leader.invite(true)?;
+    let join = Join {
+        addr: leader.local_addr(),
+        code: invite.code.as_str().to_string(),
+        home: dir.join("joiner"),
+        log_len,
+        snapshot: options.snapshot,
+    };
+    // The code goes on the child's stdin, not its command line.
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "--json", "--step", JOIN_STEP])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(serde_json::to_string(&join)?.as_bytes())?;
+    }
+    let child = child.wait_with_output()?;
+    ensure!(child.status.success(), "the joining process failed");
+    let Value::Object(figures) =
+        serde_json::from_str::<Value>(String::from_utf8(child.stdout)?.trim())?
+    else {
+        anyhow::bail!("the joining process printed no JSON object");
+    };
+    // The joiner's own Device record is the one entry it added: wait for it here too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leader.status().log_len < log_len + 1 {
+        ensure!(
+            Instant::now() < deadline,
+            "the joiner's own record never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let digest = leader.library().digest()?;
+    ensure!(
+        figures.get("p4_digest").and_then(Value::as_str) == Some(digest.as_str()),
+        "the joined device's digest differs from the leader's ({:?} there, {:?} here)",
+        figures.get("p4_counts"),
+        leader.library().status()?.counts
+    );
+    for (k, v) in figures {
+        if k.starts_with("p4_") && k != "p4_digest" && k != "p4_counts" {
+            out.insert(k, v);
+        }
+    }
+    out.insert("p4_entries".into(), json!(files));
+    out.insert("p4_log_entries".into(), json!(log_len));
+    leader.stop()?;
+    Ok(())
+}
+
+/// What the joining process is told (as JSON on its stdin).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Join {
+    addr: SocketAddr,
+    code: String,
+    home: std::path::PathBuf,
+    log_len: u64,
+    snapshot: bool,
+}
+
+/// The step name of P4's joining side (`keel bench --step p4join`, reading a [`Join`] on stdin).
+pub(crate) const JOIN_STEP: &str = "p4join";
+
+/// The joining side of P4, in its own process.
+pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+    let Join {
+        addr,
+        code,
+        home,
+        log_len,
+        snapshot,
+    } = serde_json::from_str(&text).context("reading what to join from stdin")?;
+    let home = Home::new(home);
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG") {
+        // Diagnosing a slow sync: the joiner's log on stderr.
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .try_init();
+    }
+    reset_peak_rss();
+    let t = Instant::now();
+    let name = join_blocking(&home, addr, &code, snapshot)?;
+    // Pairing and the snapshot fetch; the rest is opening, starting and catching up.
+    let joined_s = t.elapsed().as_secs_f64();
+    let lib = Library::open(&home, &name, PASSWORD)?;
+    let node = Node::start(
+        lib,
+        NodeOptions {
+            peers: vec![addr],
+            ..NodeOptions::default()
+        },
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // The joiner's own Device record adds one entry to the leader's log.
+    let verbose = std::env::var_os("KEEL_LOG").is_some();
+    let mut last_print = Instant::now();
+    // Done when the joiner holds the leader's whole log, has applied it, and its projections
+    // have their secondary indexes back (a catch-up loads without them; the apply that reaches
+    // the leader's end, which may include the joiner's own record, builds them).
+    while node.status().log_len < log_len || node.library().bulk_loading() {
+        ensure!(Instant::now() < deadline, "initial sync did not finish");
+        std::thread::sleep(Duration::from_millis(5));
+        if verbose && last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            tracing::info!(
+                log = node.status().log_len,
+                applied = node.library().applied_lsn().0,
+                "initial sync"
+            );
+        }
+    }
+    node.library().flush()?;
+    let secs = t.elapsed().as_secs_f64();
+    out.insert("p4_initial_sync_s".into(), json!(secs));
+    out.insert("p4_join_s".into(), json!(joined_s));
+    out.insert("p4_changes_per_s".into(), json!(log_len as f64 / secs));
+    out.insert("p4_peak_rss_mb".into(), json!(peak_rss_mb()));
+    // Then its own Device record goes to the leader and comes back sequenced.
+    while node.status().log_len < log_len + 1 || node.status().offline > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the joiner's own record was not sequenced"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    out.insert("p4_digest".into(), json!(node.library().digest()?));
+    out.insert(
+        "p4_counts".into(),
+        json!(format!("{:?}", node.library().status()?.counts)),
+    );
+    node.stop()?;
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! What the sync figures (P4, P5, P6) share: a leader with a library, joining it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Result;
+use keel_engine::{CreateOptions, Home, KdfParams, Library};
+use keel_node::{join, JoinOptions, Node, NodeOptions};
+use keel_schema::{Change, DeviceId};
+
+use crate::workload::LibraryWorkload;
+
+/// The password of every benchmark library.
+pub(crate) const PASSWORD: &str = "bench";
+
+pub(crate) fn fast() -> CreateOptions {
+    CreateOptions {
+        kdf: KdfParams::INSECURE_FAST,
+    }
+}
+
+pub(crate) fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A library of `files` files (an Entry and a ContentIdentity each) led by a node.
+pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
+    let home = Home::new(dir.join("leader"));
+    let lib = Library::create(&home, "bench", PASSWORD, fast())?;
+    let mut workload = LibraryWorkload::new(lib.id().0, DeviceId([0x42; 32]), 4);
+    let header = workload.header();
+    commit_all(&lib, header)?;
+    let mut left = files;
+    while left > 0 {
+        let chunk = workload.files(left.min(10_000));
+        left -= chunk.len() / 2;
+        commit_all(&lib, chunk)?;
+    }
+    lib.flush()?;
+    Ok(Node::start(lib, NodeOptions::default())?)
+}
+
+pub(crate) fn commit_all(lib: &Library, changes: Vec<Change>) -> Result<()> {
+    lib.transact(|tx| {
+        for c in changes {
+            tx.push(c);
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Pairs `home` with the node at `addr` and joins its library (by snapshot unless
+/// `snapshot` is false: then by replication alone, for comparison).
+pub(crate) fn join_blocking(
+    home: &Home,
+    addr: SocketAddr,
+    code: &str,
+    snapshot: bool,
+) -> Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(join(
+        home,
+        JoinOptions {
+            addr,
+            bind: None,
+            code: code.into(),
+            device_name: Some("bench follower".into()),
+            password: PASSWORD.into(),
+            create: fast(),
+            snapshot,
+            progress: None,
+        },
+    ))?)
+}
