@@ -1,9 +1,9 @@
 //! A redb storage backend that writes large aligned pages past the page cache (`O_DIRECT`).
 //!
 //! A device that joins a library stores hundreds of megabytes of log that nothing reads back
-//! for a while. Written through the page cache, each new page-cache page had to be filled by
-//! the kernel: on our 2-core test machine that copy was 1.3 of the journal thread's 2.1 s in
-//! P4 (fresh memory is slow to touch there). This backend hands redb's large, block-aligned
+//! for a while. Written through the page cache, each new page-cache page has to be filled by
+//! the kernel, and that copy was most of the journal thread's time in a join (decision 0005).
+//! This backend hands redb's large, block-aligned
 //! writes to a second descriptor of the same file opened with `O_DIRECT`, through one aligned
 //! buffer; everything else (small or unaligned writes, reads, length, sync, locks) goes to
 //! redb's own [`FileBackend`] unchanged. Linux keeps the two coherent: a direct write first

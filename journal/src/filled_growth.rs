@@ -3,9 +3,8 @@
 //! redb grows its file by doubling it with `set_len`, which leaves the new half a hole: no disk
 //! blocks behind it yet. Every commit whose pages land there makes the file system allocate
 //! blocks, and the commit's `fdatasync` then has to commit the file system's own journal as
-//! well as write the data. Measured on our 2-core test machine (ext4 on a virtual disk), eight
-//! scattered 4 KiB writes and an `fdatasync`: 0.44 ms p50 / 0.64 ms p90 over written blocks,
-//! 0.66 / 1.21 ms when two of them land in a hole. A live follower pays that on every change.
+//! well as write the data, which makes such a commit markedly slower (decision 0007). A live
+//! follower would pay that on every change.
 //!
 //! So when the file grows, this backend writes zeros over the new space right away (up to
 //! [`FILL_MAX`] bytes of it: redb allocates from the low end, and a bulk load that grows the

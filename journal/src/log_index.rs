@@ -1,8 +1,8 @@
 //! The log index: each log position's epoch and change id, without the payloads (what the
 //! replication core holds in memory), and its saved copy in the `log_index` table.
 //!
-//! Reading the index from the log means reading every record (a 2M-entry log is ~640 MB and took
-//! ~0.9 s). A node saves the index when it stops, and a device that received the log in an
+//! Reading the index from the log means reading every record, payloads included (decision 0003).
+//! A node saves the index when it stops, and a device that received the log in an
 //! initial sync saves what it built while storing it; loading then reads the saved copy and only
 //! the records after it. The copy is only a cache:
 //! - its header and each chunk carry a BLAKE3 checksum, and its last entry must match the log

@@ -13,9 +13,9 @@ pub const PAGE_VERSION: u8 = 1;
 /// Bytes before the first record of a page: version, record count (u32 BE).
 pub const PAGE_HEADER_LEN: usize = 1 + 4;
 /// Most bytes in a page of more than one record (a single record may make a page larger). Just
-/// under 64 KiB, so that a page and redb's leaf header fit one 64 KiB redb page: at 65,700
-/// bytes redb used 128 KiB pages and the file grew to 3.3 times the records' size, at 64,000 it
-/// was 1.03 times and the append ran 1.6 times faster.
+/// under 64 KiB, so that a page and redb's leaf header fit one 64 KiB redb page: a page past it
+/// makes redb use pages twice as large and the file grows to several times the records' size
+/// (decision 0004).
 pub const PAGE_BYTES_MAX: usize = 64_000;
 /// Bytes before each record in a page: its length (u32 BE).
 const LEN_PREFIX: usize = 4;

@@ -74,8 +74,8 @@ impl Projections {
     }
 
     /// Which of `uuids` have a visible record of model `M`, in the order given. Looks them up
-    /// 256 at a time in one statement (one statement per uuid cost the indexer about 15 % of its
-    /// main thread).
+    /// 256 at a time in one statement (one statement per uuid was a large share of the indexer's
+    /// main thread: decision 0036).
     pub fn existing<M: Syncable>(&self, uuids: &[Uuid]) -> Result<Vec<bool>, ProjectionError> {
         let mut live: HashSet<Uuid> = HashSet::with_capacity(uuids.len());
         for chunk in uuids.chunks(EXISTING_CHUNK) {

@@ -50,12 +50,9 @@ pub const KEEP_ALIVE_MS: u64 = 500;
 /// default, and each packet costs a header, an encryption and an acknowledgement whatever its
 /// size; on an Ethernet path discovery settles at that path's MTU (quinn probes with "don't
 /// fragment" and keeps what is acknowledged). The bound is what quinn's batch of 10 packets per
-/// send can use: a Linux GSO send must fit in one 64 KiB UDP datagram, and 10 packets of 7,000
-/// bytes stalled the transfer (3-21 MB/s). quinn also sizes its receive buffer by it (bound × 64
-/// segments × 32 receives), so UDP's own limit would cost about 130 MB there.
-/// Loopback bulk transfer (`keel bench`, `quic_mb_per_s`): 244-266 MB/s at 1,452 bytes, 352-407
-/// at 4,000, 432-451 at 5,000, 376 at 6,000. P4 (5 interleaved pairs): 9.62-11.48 s, median
-/// 10.79, at 1,452 bytes; 8.74-10.63 s, median 9.54, at 6,000.
+/// send can use: a Linux GSO send must fit in one 64 KiB UDP datagram, and larger packets
+/// stalled the transfer. quinn also sizes its receive buffer by it (bound × 64 segments × 32
+/// receives), so UDP's own limit would cost about 130 MB there. Figures: decision 0036.
 pub const UDP_PAYLOAD_MAX: u16 = 6_000;
 
 fn transport_config() -> Arc<quinn::TransportConfig> {

@@ -147,16 +147,14 @@ fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
     Ok(Projections::remove_files(&dir.join(PROJECTIONS_FILE))?)
 }
 
-/// Durable batches waiting for the applier before the journal writer waits for it. A bound of 8
-/// cut a joining device's peak memory a little (a batch can be a 4,096-change segment); it was
-/// reverted for a P5 p99 of 27–29 ms, but p99s of 22–35 ms later showed up in half the runs at 64
-/// too and went away with the background WAL checkpointer, so the bound was likely not the
-/// cause. Memory is now bounded in changes instead.
+/// Durable batches waiting for the applier before the journal writer waits for it. Memory is
+/// bounded in changes ([`COMMITTED_QUEUE_CHANGES`]), so this bound only keeps small live
+/// commits from waiting (decision 0036).
 const COMMITTED_QUEUE_BATCHES: usize = 64;
 /// Changes in durable batches waiting for the applier before the journal writer waits for it
 /// (see [`keel_journal::ApplyBudget`]): during a catch-up, 64 batches of segments could hold
-/// 250k decoded changes; this bounds them to 32k without holding back small live commits
-/// (P4 at 1M entries: peak 195–203 MB at 32k, 219–225 MB at 64k, the same time).
+/// 250k decoded changes; this bounds them to 32k without holding back small live commits or
+/// slowing a join (decision 0036).
 pub(crate) const COMMITTED_QUEUE_CHANGES: u64 = 32_768;
 
 impl Library {

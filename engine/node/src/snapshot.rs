@@ -430,7 +430,7 @@ async fn receive(
     }
     tracing::debug!("snapshot: log stored");
     report(reader.seen, reader.bytes);
-    // Saving the index (~0.4 s for 2M entries, most of it new memory) overlaps the install.
+    // Saving the index (a large write, most of it new memory) overlaps the install.
     let index_saved = std::thread::Builder::new()
         .name("keel-snapshot-index".into())
         .spawn(move || {

@@ -613,7 +613,7 @@ impl Machine {
                     .is_some_and(|h| now_ms < h.saturating_add(self.config.election_timeout_ms)));
         // Two devices whose timers ran out together would each grant the other's
         // pre-vote, both stand in the same counter, vote for themselves and split it,
-        // and wait a second election timeout (P6 saw rounds near 1 s). A device asking for
+        // and wait a second election timeout (decision 0036). A device asking for
         // votes itself grants only an asker that outranks it: a better log, or the same
         // log and a higher device id. Pre-votes change nothing durable, so refusing
         // more of them costs liveness at most, never safety; one of any two askers

@@ -79,7 +79,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     let begin = Instant::now();
     // The load is open: change `i` is due at `begin + i × period`, whether or not the change
     // before it has committed. A durable commit takes about as long as the period, so one
-    // committer alone fell behind (852-999 changes/s); P5_COMMITTERS threads take turns.
+    // committer alone fell behind the rate; P5_COMMITTERS threads take turns.
     let committed: Vec<Result<Committed>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..P5_COMMITTERS)
             .map(|first| {
