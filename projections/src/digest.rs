@@ -7,7 +7,7 @@ use keel_schema::MODELS;
 use rusqlite::types::ValueRef;
 
 use crate::error::ProjectionError;
-use crate::store::Projections;
+use crate::queries::Query;
 
 fn hash_value(hasher: &mut blake3::Hasher, value: ValueRef<'_>) {
     match value {
@@ -35,7 +35,7 @@ fn hash_value(hasher: &mut blake3::Hasher, value: ValueRef<'_>) {
     }
 }
 
-impl Projections {
+impl Query<'_> {
     /// The digest of the whole projection, as 64 hex digits.
     pub fn digest(&self) -> Result<String, ProjectionError> {
         let mut hasher = blake3::Hasher::new();

@@ -22,7 +22,7 @@ mod store;
 pub use apply::{ApplyStats, SELF_PROOF_MIN};
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
-pub use queries::{Counts, EntryMetadata};
+pub use queries::{Counts, EntryMetadata, Query};
 pub use snapshot::FrozenFile;
 pub use store::{
     configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,

@@ -10,7 +10,7 @@ use crate::apply::read_value;
 use crate::error::ProjectionError;
 use crate::store::Projections;
 
-/// Uuids looked up per statement by [`Projections::existing`].
+/// Uuids looked up per statement by [`Query::existing`].
 pub(crate) const EXISTING_CHUNK: usize = 256;
 
 /// Visible rows per model (the `counts` object of `keel status --json`).
@@ -41,7 +41,29 @@ pub struct EntryMetadata {
     pub content: Option<(UserMetadata, Vec<Tag>)>,
 }
 
+/// Read-only queries on the projections: typed rows, listings, metadata, counts and the digest.
+/// From [`Projections::query`]; it borrows the projections, so no apply runs meanwhile.
+#[derive(Clone, Copy)]
+pub struct Query<'a> {
+    projections: &'a Projections,
+}
+
+impl std::ops::Deref for Query<'_> {
+    type Target = Projections;
+
+    fn deref(&self) -> &Projections {
+        self.projections
+    }
+}
+
 impl Projections {
+    /// The queries.
+    pub fn query(&self) -> Query<'_> {
+        Query { projections: self }
+    }
+}
+
+impl Query<'_> {
     /// Visible records of model `M` matching `filter` (an SQL condition on its columns).
     pub fn select<M: Syncable, P: Params>(
         &self,

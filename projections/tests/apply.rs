@@ -136,14 +136,14 @@ fn digest_of(changes: &[Change], batch: usize) -> (String, Projections, tempfile
     for chunk in changes.chunks(batch) {
         p.apply(chunk, None).expect("applies");
     }
-    (p.digest().expect("digest"), p, dir)
+    (p.query().digest().expect("digest"), p, dir)
 }
 
 #[test]
 fn any_order_gives_the_same_rows() {
     let changes = scenario();
     let (forward, p, _d) = digest_of(&changes, 100);
-    let counts = p.counts().expect("counts");
+    let counts = p.query().counts().expect("counts");
     assert_eq!(counts.entries, 1, "the deleted entry is hidden");
     assert_eq!(counts.user_metadata, 2);
     assert_eq!(counts.user_metadata_tags, 1);
@@ -172,14 +172,22 @@ fn entry_cycle_is_applied_in_two_steps() {
     // Device, location, content, entry — but not the entry's metadata yet.
     p.apply(&changes[..4], None).expect("applies");
     let entry_uuid = changes[3].record;
-    let entry: Entry = p.get(entry_uuid).expect("query").expect("entry is visible");
+    let entry: Entry = p
+        .query()
+        .get(entry_uuid)
+        .expect("query")
+        .expect("entry is visible");
     assert_eq!(entry.metadata, None, "the cycle reference waits");
     assert_eq!(p.parked_len(), 1);
     p.apply(&changes[4..5], None).expect("applies");
-    let entry: Entry = p.get(entry_uuid).expect("query").expect("entry is visible");
+    let entry: Entry = p
+        .query()
+        .get(entry_uuid)
+        .expect("query")
+        .expect("entry is visible");
     assert_eq!(entry.metadata, Some(changes[4].record));
     assert_eq!(p.parked_len(), 0);
-    let md = p.metadata_of(&entry).expect("metadata");
+    let md = p.query().metadata_of(&entry).expect("metadata");
     assert_eq!(
         md.entry.map(|(m, _)| m.notes),
         Some(Some("entry note".into()))
@@ -194,7 +202,7 @@ fn a_change_without_its_dependency_waits_and_is_never_shown() {
     // The entry before its location exists.
     let stats = p.apply(&changes[3..4], None).expect("applies");
     assert_eq!(stats.parked, 1);
-    assert_eq!(p.counts().expect("counts").entries, 0);
+    assert_eq!(p.query().counts().expect("counts").entries, 0);
     p.apply(
         &changes[..3],
         Some(AppliedPosition {
@@ -203,7 +211,7 @@ fn a_change_without_its_dependency_waits_and_is_never_shown() {
         }),
     )
     .expect("applies");
-    assert_eq!(p.counts().expect("counts").entries, 1);
+    assert_eq!(p.query().counts().expect("counts").entries, 1);
     assert_eq!(p.applied_position().expect("pos").log, Lsn(3));
 }
 
@@ -213,12 +221,13 @@ fn last_writer_wins_per_field_and_reapply_is_a_no_op() {
     let (before, mut p, _d) = digest_of(&changes, 100);
     let stats = p.apply(&changes, None).expect("reapplies");
     assert_eq!(stats.applied, 0);
-    assert_eq!(p.digest().expect("digest"), before);
+    assert_eq!(p.query().digest().expect("digest"), before);
     let cmeta = changes[6].record;
-    let m: UserMetadata = p.get(cmeta).expect("query").expect("visible");
+    let m: UserMetadata = p.query().get(cmeta).expect("query").expect("visible");
     assert_eq!(m.notes.as_deref(), Some("edited"));
     assert!(!m.favorite);
     let content = p
+        .query()
         .content_identity(changes[2].record)
         .expect("query")
         .expect("visible");
@@ -261,7 +270,7 @@ fn a_background_checkpoint_moves_applied_rows_into_the_database_file() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(p.counts().expect("counts").tags, 2_000);
+    assert_eq!(p.query().counts().expect("counts").tags, 2_000);
 }
 
 #[test]
@@ -298,7 +307,10 @@ fn existing_answers_for_many_uuids_in_order_and_skips_tombstones() {
     let mut asked: Vec<Uuid> = contents.iter().filter_map(|c| c.uuid).collect();
     asked.extend((0..300).map(|i| content_uuid(lib, &format!("missing{i}"))));
     asked.reverse();
-    let got = p.existing::<ContentIdentity>(&asked).expect("looks up");
+    let got = p
+        .query()
+        .existing::<ContentIdentity>(&asked)
+        .expect("looks up");
     let expected: Vec<bool> = asked
         .iter()
         .map(|u| {

@@ -80,7 +80,11 @@ fn runs_that_meet_existing_rows_count_exactly_and_match_one_at_a_time() {
         (70 + 1, 30, 0),
         "70 new rows, the newer duplicate merged, 30 already there"
     );
-    let renamed: Tag = batched.get(tag(50).uuid).expect("query").expect("visible");
+    let renamed: Tag = batched
+        .query()
+        .get(tag(50).uuid)
+        .expect("query")
+        .expect("visible");
     assert_eq!(renamed.name, "renamed");
 
     let mut single = open(&dir, "single.sqlite");
@@ -90,10 +94,10 @@ fn runs_that_meet_existing_rows_count_exactly_and_match_one_at_a_time() {
             .expect("applies");
     }
     assert_eq!(
-        batched.digest().expect("digest"),
-        single.digest().expect("digest")
+        batched.query().digest().expect("digest"),
+        single.query().digest().expect("digest")
     );
-    assert_eq!(batched.counts().expect("counts").tags, MANY as u64);
+    assert_eq!(batched.query().counts().expect("counts").tags, MANY as u64);
 }
 
 /// An upsert of some fields of entry `uuid`, by name.
@@ -130,6 +134,7 @@ fn delete_entry(clock: &mut Clock, uuid: Uuid) -> Change {
 /// `(entry_count, total_size)` of a content.
 fn counts_of(p: &Projections, content: Uuid) -> (i64, i64) {
     let c = p
+        .query()
         .content_identity(content)
         .expect("query")
         .expect("visible");
@@ -237,7 +242,7 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
         "entry 8 written after its tombstone is visible again"
     );
     assert_eq!(
-        batched.miscounted_contents().expect("recount"),
+        batched.query().miscounted_contents().expect("recount"),
         Vec::<Uuid>::new()
     );
 
@@ -309,11 +314,14 @@ fn assert_same_rows(a: &Projections, b: &Projections) {
     for p in [a, b] {
         assert_eq!(p.parked_len(), 0);
         assert_eq!(
-            p.miscounted_contents().expect("recount"),
+            p.query().miscounted_contents().expect("recount"),
             Vec::<Uuid>::new()
         );
     }
-    assert_eq!(a.digest().expect("digest"), b.digest().expect("digest"));
+    assert_eq!(
+        a.query().digest().expect("digest"),
+        b.query().digest().expect("digest")
+    );
 }
 
 /// A device, a location, `MANY` contents and one entry per content.
@@ -402,20 +410,23 @@ fn misses_a_reference_in_a_run(fast_load: bool) {
     assert_eq!(stats.parked, 1);
     assert_eq!(stats.applied, batch.len() as u64 - 1);
     assert_eq!(p.parked_len(), 1);
-    assert_eq!(p.counts().expect("counts").entries, MANY as u64 - 1);
+    assert_eq!(p.query().counts().expect("counts").entries, MANY as u64 - 1);
     let missing = entries[7].record;
-    assert!(p.get::<Entry>(missing).expect("query").is_none());
+    assert!(p.query().get::<Entry>(missing).expect("query").is_none());
 
     let stats = p.apply(&[held_back], None).expect("applies");
     assert_eq!((stats.applied, stats.unparked), (1, 1));
     p.end_fast_load().expect("ends the fast load");
     assert_eq!(p.parked_len(), 0);
-    assert_eq!(p.counts().expect("counts").entries, MANY as u64);
+    assert_eq!(p.query().counts().expect("counts").entries, MANY as u64);
 
     let mut whole = open(&dir, "whole.sqlite");
     let all: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
     whole.apply(&all, None).expect("applies");
-    assert_eq!(p.digest().expect("digest"), whole.digest().expect("digest"));
+    assert_eq!(
+        p.query().digest().expect("digest"),
+        whole.query().digest().expect("digest")
+    );
 }
 
 #[test]
@@ -443,7 +454,11 @@ fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
     let stats = p.apply(&batch, None).expect("applies");
     assert!(!stats.references_proven, "a reference is missing");
     assert_eq!(stats.parked, 1);
-    assert!(p.get::<Entry>(entries[7].record).expect("query").is_none());
+    assert!(p
+        .query()
+        .get::<Entry>(entries[7].record)
+        .expect("query")
+        .is_none());
     // Another set of files, with the held-back content: every reference is in the batch or
     // stored (the location), so the batch is proven and SQLite skips the lookups.
     let (more_parents, more_entries) = library_of(&mut clock, files, 1);
@@ -470,7 +485,7 @@ fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
         small.apply(chunk, None).expect("applies");
     }
     assert_eq!(
-        p.counts().expect("counts").content_identities,
+        p.query().counts().expect("counts").content_identities,
         2 * files as u64
     );
     assert_same_rows(&p, &small);
@@ -508,7 +523,11 @@ fn a_cycle_closed_in_the_same_batch_is_not_parked() {
     let stats = p.apply(&batch, None).expect("applies");
     assert_eq!((stats.applied, stats.parked), (batch.len() as u64, 0));
     assert_eq!(p.parked_len(), 0);
-    let entry: Entry = p.get(entries[3].record).expect("query").expect("visible");
+    let entry: Entry = p
+        .query()
+        .get(entries[3].record)
+        .expect("query")
+        .expect("visible");
     assert_eq!(entry.metadata, Some(metadata.uuid));
 }
 
@@ -527,7 +546,7 @@ fn a_projection_of_an_older_schema_is_started_over() {
     }
     let p = Projections::open(&path).expect("reopens");
     assert_eq!(
-        p.counts().expect("counts").tags,
+        p.query().counts().expect("counts").tags,
         0,
         "discarded, to be replayed"
     );

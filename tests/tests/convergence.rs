@@ -177,7 +177,7 @@ fn run(lib: &Library, location: Uuid, ops: &[Op]) -> Model {
 }
 
 fn check_against_model(p: &Projections, location: Uuid, model: &Model) {
-    let entries = p.entries_of_location(location).expect("query");
+    let entries = p.query().entries_of_location(location).expect("query");
     let mut seen: BTreeMap<String, Option<Uuid>> = BTreeMap::new();
     for e in &entries {
         seen.insert(e.name.clone(), e.content);
@@ -190,6 +190,7 @@ fn check_against_model(p: &Projections, location: Uuid, model: &Model) {
     assert_eq!(seen, expected, "entries differ from the model");
     for (content, tags) in &model.tags {
         let names: BTreeSet<String> = p
+            .query()
             .tags_of_content(*content)
             .expect("query")
             .into_iter()
@@ -201,6 +202,7 @@ fn check_against_model(p: &Projections, location: Uuid, model: &Model) {
     for content in &model.known_content {
         let files = model.files.values().filter(|(_, c)| c == content).count();
         let c = p
+            .query()
             .content_identity(*content)
             .expect("query")
             .expect("content visible");
@@ -211,11 +213,12 @@ fn check_against_model(p: &Projections, location: Uuid, model: &Model) {
         );
     }
     assert_eq!(
-        p.miscounted_contents().expect("recount"),
+        p.query().miscounted_contents().expect("recount"),
         Vec::<Uuid>::new()
     );
     for (content, note) in &model.notes {
         let m: UserMetadata = p
+            .query()
             .get(content_metadata_uuid(*content))
             .expect("query")
             .expect("metadata visible");
@@ -241,13 +244,13 @@ proptest! {
         let model = run(&lib, location.uuid, &ops);
         let incremental = lib.digest().expect("digest");
         lib.read(|p| { check_against_model(p, location.uuid, &model); Ok(()) }).expect("read");
-        let changes = lib.journal_changes().expect("journal");
+        let changes = lib.sync_state().changes().expect("journal");
 
         let replayed = {
             let mut p = Projections::open(&dir.path().join("replay.sqlite")).expect("opens");
             p.apply(&changes, None).expect("applies");
             check_against_model(&p, location.uuid, &model);
-            p.digest().expect("digest")
+            p.query().digest().expect("digest")
         };
         prop_assert_eq!(&replayed, &incremental);
 
@@ -264,7 +267,7 @@ proptest! {
             }
             prop_assert_eq!(p.parked_len(), 0, "every dependency arrived");
             check_against_model(&p, location.uuid, &model);
-            p.digest().expect("digest")
+            p.query().digest().expect("digest")
         };
         prop_assert_eq!(&shuffled, &incremental);
 

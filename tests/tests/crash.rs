@@ -87,7 +87,7 @@ fn kill_9_loses_nothing_acknowledged() {
     );
     let lib =
         Library::open(&Home::new(home.root()), "crash", PASSWORD).expect("reopens after crashes");
-    let durable = lib.journal_change_ids().expect("journal readable");
+    let durable = lib.sync_state().change_ids().expect("journal readable");
     for id in &acknowledged {
         assert!(
             durable.contains(id),

@@ -70,7 +70,7 @@ fn a_leader_commits_straight_into_its_log_and_a_follower_through_its_offline_jou
 
     // Durable on the leader: its journal holds the change after a stop and a reopen.
     let lib = Library::open(&home_a, "photos", PASSWORD).expect("opens");
-    let ids = lib.journal_change_ids().expect("reads");
+    let ids = lib.sync_state().change_ids().expect("reads");
     assert!(ids.contains(&receipt.change_ids[0]));
     assert!(ids.contains(&receipt_b.change_ids[0]));
     assert_eq!(lib.status().expect("status").counts.tags, 2);

@@ -21,16 +21,20 @@ fn reindex_keeps_entries_across_change_and_move_and_tombstones_removals() {
     let first = lib.index(&tree, &mut |_| {}).expect("indexes");
     assert_eq!((first.files, first.dirs, first.new), (4, 1, 5));
 
-    lib.note_path(&tree.join("change.txt"), "entry note", Scope::Entry)
+    lib.files()
+        .note(&tree.join("change.txt"), "entry note", Scope::Entry)
         .expect("note");
-    lib.tag_path(&tree.join("change.txt"), &["old".into()], Scope::Content)
+    lib.files()
+        .tag(&tree.join("change.txt"), &["old".into()], Scope::Content)
         .expect("tag");
-    lib.note_path(&tree.join("move.txt"), "follows the file", Scope::Entry)
+    lib.files()
+        .note(&tree.join("move.txt"), "follows the file", Scope::Entry)
         .expect("note");
-    lib.note_path(&tree.join("gone.txt"), "dies with the file", Scope::Entry)
+    lib.files()
+        .note(&tree.join("gone.txt"), "dies with the file", Scope::Entry)
         .expect("note");
-    let changed_before = lib.entry_at_path(&tree.join("change.txt")).expect("entry");
-    let moved_before = lib.entry_at_path(&tree.join("move.txt")).expect("entry");
+    let changed_before = lib.files().entry(&tree.join("change.txt")).expect("entry");
+    let moved_before = lib.files().entry(&tree.join("move.txt")).expect("entry");
     let old_content = changed_before.content.expect("identified");
     let metadata_before = lib.status().expect("status").counts.user_metadata;
 
@@ -45,14 +49,14 @@ fn reindex_keeps_entries_across_change_and_move_and_tombstones_removals() {
         "{second:?}"
     );
 
-    let changed = lib.entry_at_path(&tree.join("change.txt")).expect("entry");
+    let changed = lib.files().entry(&tree.join("change.txt")).expect("entry");
     assert_eq!(changed.uuid, changed_before.uuid, "the entry is preserved");
     assert_ne!(
         changed.content,
         Some(old_content),
         "the content is re-identified"
     );
-    let md = lib.metadata_of(&changed).expect("metadata");
+    let md = lib.files().metadata(&changed).expect("metadata");
     assert_eq!(
         md.entry.map(|(m, _)| m.notes),
         Some(Some("entry note".into()))
@@ -61,20 +65,23 @@ fn reindex_keeps_entries_across_change_and_move_and_tombstones_removals() {
         md.content.is_none(),
         "content-scoped tags stay with the old content"
     );
-    let old_tags = lib.read(|p| p.tags_of_content(old_content)).expect("tags");
+    let old_tags = lib
+        .read(|p| p.query().tags_of_content(old_content))
+        .expect("tags");
     assert_eq!(old_tags.len(), 1);
 
     let moved = lib
-        .entry_at_path(&tree.join("sub/moved.txt"))
+        .files()
+        .entry(&tree.join("sub/moved.txt"))
         .expect("entry");
     assert_eq!(moved.uuid, moved_before.uuid, "a move keeps the entry");
-    let md = lib.metadata_of(&moved).expect("metadata");
+    let md = lib.files().metadata(&moved).expect("metadata");
     assert_eq!(
         md.entry.map(|(m, _)| m.notes),
         Some(Some("follows the file".into()))
     );
 
-    assert!(lib.entry_at_path(&tree.join("gone.txt")).is_err());
+    assert!(lib.files().entry(&tree.join("gone.txt")).is_err());
     let status = lib.status().expect("status");
     assert_eq!(status.counts.entries, 4, "keep, change, sub, moved");
     assert_eq!(
@@ -88,7 +95,10 @@ fn reindex_keeps_entries_across_change_and_move_and_tombstones_removals() {
         (0, 0, 0, 0)
     );
     let content = lib
-        .read(|p| p.content_identity(moved.content.expect("identified")))
+        .read(|p| {
+            p.query()
+                .content_identity(moved.content.expect("identified"))
+        })
         .expect("query")
         .expect("content");
     assert_eq!((content.entry_count, content.total_size), (1, 12));
@@ -158,7 +168,7 @@ fn clock_never_goes_back_across_restarts() {
             Ok(())
         })
         .expect("commit");
-    let changes = lib.journal_changes().expect("journal");
+    let changes = lib.sync_state().changes().expect("journal");
     let last = changes
         .iter()
         .find(|c| c.id == receipt.change_ids[0])
@@ -200,7 +210,8 @@ fn closed_library_of_20_files(dir: &std::path::Path) -> (Home, String) {
         std::fs::write(tree.join(format!("f{i}.txt")), format!("file {i}")).expect("write");
     }
     lib.index(&tree, &mut |_| {}).expect("indexes");
-    lib.tag_path(&tree.join("f3.txt"), &["kept".into()], Scope::Content)
+    lib.files()
+        .tag(&tree.join("f3.txt"), &["kept".into()], Scope::Content)
         .expect("tags");
     let digest = lib.digest().expect("digest");
     lib.close().expect("closes");
@@ -266,7 +277,11 @@ fn verify_finds_content_counts_that_differ_from_their_entries_and_rebuild_mends_
         .execute_batch("UPDATE content_identity SET _entries = _entries + 1 WHERE rowid <= 2")
         .expect("miscounts two contents");
     assert_eq!(
-        projections.miscounted_contents().expect("recounts").len(),
+        projections
+            .query()
+            .miscounted_contents()
+            .expect("recounts")
+            .len(),
         2
     );
     drop(projections);

@@ -80,7 +80,7 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
     assert_eq!(status.counts.tags, 3000);
     assert_eq!(status.counts.devices, 2, "the inviter's Device and its own");
     assert_eq!(
-        lib.saved_log_index_len().expect("reads"),
+        lib.sync_state().saved_log_index_len().expect("reads"),
         Some(last.log_total),
         "the log index was saved with the log"
     );
@@ -106,5 +106,8 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
     let lib = Library::open(&home, &name, PASSWORD).expect("opens");
     let log_len = lib.status().expect("status").journal.log_len;
     assert!(log_len > last.log_total);
-    assert_eq!(lib.saved_log_index_len().expect("reads"), Some(log_len));
+    assert_eq!(
+        lib.sync_state().saved_log_index_len().expect("reads"),
+        Some(log_len)
+    );
 }

@@ -69,10 +69,11 @@ pub(crate) fn run(options: &crate::DemoOptions) -> Result<i32> {
         .collect();
     for (i, path) in files.iter().step_by(files.len() / 20).take(20).enumerate() {
         let tags = vec![format!("album-{}", i % 3), "demo".to_string()];
-        lib.tag_path(path, &tags, Scope::Content)?;
+        lib.files().tag(path, &tags, Scope::Content)?;
     }
     for path in files.iter().skip(7).step_by(files.len() / 5).take(5) {
-        lib.note_path(path, "checked on this device", Scope::Entry)?;
+        lib.files()
+            .note(path, "checked on this device", Scope::Entry)?;
     }
     println!("    in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
 
@@ -100,9 +101,10 @@ pub(crate) fn run(options: &crate::DemoOptions) -> Result<i32> {
         report.changed == 1 && report.moved == 1 && report.removed == 1,
         "re-index missed a change"
     );
-    let moved_entry = lib.entry_at_path(&moved_to)?;
+    let moved_entry = lib.files().entry(&moved_to)?;
     let note = lib
-        .metadata_of(&moved_entry)?
+        .files()
+        .metadata(&moved_entry)?
         .entry
         .and_then(|(m, _)| m.notes);
     ensure!(note.is_some(), "the moved entry lost its entry-scoped note");

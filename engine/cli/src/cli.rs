@@ -460,22 +460,22 @@ pub(crate) fn exec(
             path, tags, entry, ..
         } => {
             let scope = if entry { Scope::Entry } else { Scope::Content };
-            lib.tag_path(&path, &tags, scope)?;
+            lib.files().tag(&path, &tags, scope)?;
         }
         Command::Note {
             path, text, entry, ..
         } => {
             let scope = if entry { Scope::Entry } else { Scope::Content };
-            lib.note_path(&path, &text, scope)?;
+            lib.files().note(&path, &text, scope)?;
         }
         Command::Ls { path, .. } => match path {
             None => {
-                for l in lib.read(|p| p.locations())? {
+                for l in lib.read(|p| p.query().locations())? {
                     io.line(&format!("{} {}", l.uuid, l.path));
                 }
             }
             Some(path) => {
-                let r = lib.resolve(&path)?;
+                let r = lib.files().resolve(&path)?;
                 let dir = if r.name.is_empty() {
                     r.relative_path
                 } else if r.relative_path.is_empty() {
@@ -483,7 +483,7 @@ pub(crate) fn exec(
                 } else {
                     format!("{}/{}", r.relative_path, r.name)
                 };
-                let mut children = lib.read(|p| p.children(r.location.uuid, &dir))?;
+                let mut children = lib.read(|p| p.query().children(r.location.uuid, &dir))?;
                 children.sort_by(|a, b| a.name.cmp(&b.name));
                 for e in children {
                     io.line(&entry_line(&e));
@@ -620,8 +620,8 @@ pub(crate) fn short(hex: &str) -> &str {
 }
 
 fn show(lib: &Library, path: &Path, json: bool, io: &mut dyn Io) -> Result<()> {
-    let entry = lib.entry_at_path(path)?;
-    let md = lib.metadata_of(&entry)?;
+    let entry = lib.files().entry(path)?;
+    let md = lib.files().metadata(&entry)?;
     let scope_json = |s: &Option<(keel_engine::UserMetadata, Vec<keel_engine::Tag>)>| match s {
         Some((m, tags)) => serde_json::json!({
             "uuid": m.uuid.to_string(),

@@ -287,7 +287,7 @@ pub(crate) mod tests {
         let lib = Library::open(&home, "failing", "pw")?;
         lib.flush()?;
         let tags: Vec<String> = lib
-            .read(|p| p.select::<keel_schema::Tag, _>("1 = 1", []))?
+            .read(|p| p.query().select::<keel_schema::Tag, _>("1 = 1", []))?
             .into_iter()
             .map(|t| t.name)
             .collect();
@@ -318,19 +318,19 @@ pub(crate) mod tests {
         assert!(with_indexes > 0, "the projections start with their indexes");
 
         // A short way behind: nothing changes.
-        lib.catching_up(Lsn(lib.applied_lsn().0 + 10))?;
-        assert!(!lib.bulk_loading());
+        lib.catching_up(Lsn(lib.sync_state().applied_lsn().0 + 10))?;
+        assert!(!lib.sync_state().bulk_loading());
         assert_eq!(index_count(&lib), with_indexes);
 
         // Far behind: the secondary indexes go, queries still answer.
         lib.catching_up(Lsn(CATCH_UP_BULK_MIN * 10))?;
-        assert!(lib.bulk_loading());
+        assert!(lib.sync_state().bulk_loading());
         assert_eq!(index_count(&lib), 0);
         assert_eq!(lib.status()?.counts.devices, 1);
 
         // Bring the target within reach (instead of writing half a million changes): the apply
         // that reaches it builds the indexes before its position is published.
-        let target = Lsn(lib.applied_lsn().0 + 2);
+        let target = Lsn(lib.sync_state().applied_lsn().0 + 2);
         if let Ok(mut until) = lib.shared.bulk_until.lock() {
             *until = Some(target);
         }
@@ -338,8 +338,8 @@ pub(crate) mod tests {
             tag(&lib, name)?;
         }
         lib.flush()?;
-        assert!(lib.applied_lsn() >= target);
-        assert!(!lib.bulk_loading());
+        assert!(lib.sync_state().applied_lsn() >= target);
+        assert!(!lib.sync_state().bulk_loading());
         assert_eq!(index_count(&lib), with_indexes);
         assert_eq!(lib.status()?.counts.tags, 3);
         Ok(())
@@ -351,7 +351,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir()?;
         let lib = new_library(dir.path(), "barrier")?;
         lib.catching_up(Lsn(CATCH_UP_BULK_MIN * 10))?;
-        assert!(lib.bulk_loading());
+        assert!(lib.sync_state().bulk_loading());
         let journal = lib.journal()?;
         let barrier = Lsn(journal.stats()?.last_lsn.0 + 1);
         // The catch-up's target is a barrier (a new epoch's first entry, with no change).
@@ -365,11 +365,14 @@ pub(crate) mod tests {
         journal.log().append(barrier, vec![(epoch, Vec::new())])?;
         lib.flush()?;
         assert_eq!(
-            lib.applied_lsn(),
+            lib.sync_state().applied_lsn(),
             barrier,
             "the position passes the barrier"
         );
-        assert!(!lib.bulk_loading(), "the catch-up ended at the barrier");
+        assert!(
+            !lib.sync_state().bulk_loading(),
+            "the catch-up ended at the barrier"
+        );
         Ok(())
     }
 

@@ -433,7 +433,7 @@ impl Library {
         }
         let location = self.location_for(&root)?;
         let mut existing: HashMap<(String, String), Entry> = self
-            .read(|p| p.entries_of_location(location.uuid))?
+            .read(|p| p.query().entries_of_location(location.uuid))?
             .into_iter()
             .map(|e| ((e.relative_path.clone(), e.name.clone()), e))
             .collect();
@@ -481,7 +481,7 @@ impl Library {
 
     /// The location at `root`, created (and flushed) if the library has none there.
     fn location_for(&self, root: &Path) -> Result<Location, EngineError> {
-        if let Some(location) = self.location_at(root)? {
+        if let Some(location) = self.files().location(root)? {
             return Ok(location);
         }
         let location = Location {
@@ -655,11 +655,12 @@ impl Library {
             let Some(uuid) = entry.uuid else { continue };
             report.removed += 1;
             let metadata = self.read(|p| {
-                p.select::<UserMetadata, _>("entry = ?1", [uuid.as_bytes().as_slice()])
+                p.query()
+                    .select::<UserMetadata, _>("entry = ?1", [uuid.as_bytes().as_slice()])
             })?;
             for m in metadata {
                 for link in self.read(|p| {
-                    p.select::<UserMetadataTag, _>(
+                    p.query().select::<UserMetadataTag, _>(
                         "user_metadata = ?1",
                         [m.uuid.as_bytes().as_slice()],
                     )
@@ -693,7 +694,7 @@ impl Library {
         if !contents.fresh.is_empty() {
             let exists = if contents.look_up {
                 let uuids: Vec<Uuid> = contents.fresh.iter().filter_map(|c| c.uuid).collect();
-                self.read(|p| p.existing::<ContentIdentity>(&uuids))?
+                self.read(|p| p.query().existing::<ContentIdentity>(&uuids))?
             } else {
                 vec![false; contents.fresh.len()]
             };
@@ -815,7 +816,7 @@ mod tests {
             .expect("re-indexes");
         assert_eq!((again.new, fewest), (1, all));
         let children = lib
-            .read(|p| p.entries_of_location(again.location))
+            .read(|p| p.query().entries_of_location(again.location))
             .expect("reads");
         assert_eq!(children.len(), 64);
     }

@@ -22,9 +22,9 @@
 //! let library = Library::create(&home, "family", "correct horse", options)?;
 //! let mut events = library.subscribe();
 //! library.index(&photos, &mut |_progress| {})?;
-//! library.tag_path(&photos.join("beach.jpg"), &["holiday".to_string()], Scope::Content)?;
-//! let entry = library.entry_at_path(&photos.join("beach.jpg"))?;
-//! let tags = library.metadata_of(&entry)?.content.map(|(_, tags)| tags).unwrap_or_default();
+//! library.files().tag(&photos.join("beach.jpg"), &["holiday".to_string()], Scope::Content)?;
+//! let entry = library.files().entry(&photos.join("beach.jpg"))?;
+//! let tags = library.files().metadata(&entry)?.content.map(|(_, tags)| tags).unwrap_or_default();
 //! assert_eq!(tags[0].name, "holiday");
 //! assert!(events.try_recv().is_ok());
 //! library.close()?;
@@ -57,9 +57,9 @@ pub use keel_schema::{
 pub use leader_commit::{SequenceReply, SequenceRequest};
 pub use library::{
     now_ms, CommitReceipt, CreateOptions, JournalStatus, Library, PendingTransaction, Status,
-    JOURNAL_FILE, PROJECTIONS_FILE,
+    SyncState, JOURNAL_FILE, PROJECTIONS_FILE,
 };
 pub use link::{LinkOptions, NodeLink};
-pub use ops::{ResolvedPath, Scope};
+pub use ops::{Files, ResolvedPath, Scope};
 pub use replay::{replay, ReplayReport};
 pub use tx::Tx;

@@ -490,15 +490,6 @@ impl Library {
             .store(leading, std::sync::atomic::Ordering::Release);
     }
 
-    /// The last log position applied to the projections.
-    pub fn applied_lsn(&self) -> keel_schema::Lsn {
-        self.shared
-            .applied
-            .lock()
-            .map(|s| s.position.log)
-            .unwrap_or_default()
-    }
-
     /// Tells the library that the log reaches `leader_end` on the leader. When that is far ahead of
     /// what is applied (a device that just joined), the projections drop their secondary indexes
     /// and build them once when the applier reaches `leader_end` (or at the next open, if the
@@ -517,7 +508,7 @@ impl Library {
                 return Ok(());
             }
         }
-        let applied = self.applied_lsn();
+        let applied = self.sync_state().applied_lsn();
         if !crate::applier::worth_bulk_loading(applied, leader_end) {
             return Ok(());
         }
@@ -544,23 +535,9 @@ impl Library {
         Ok(())
     }
 
-    /// Whether the projections are loading without their secondary indexes (a catch-up).
-    pub fn bulk_loading(&self) -> bool {
-        self.shared
-            .bulk_until
-            .lock()
-            .map(|u| u.is_some())
-            .unwrap_or(false)
-    }
-
-    /// How many of this device's changes wait in the offline journal for a leader.
-    pub fn offline_len(&self) -> Result<u64, EngineError> {
-        Ok(self.journal()?.stats()?.offline)
-    }
-
     /// The devices of this library (their Device records), by device id.
     pub fn devices(&self) -> Result<Vec<Device>, EngineError> {
-        self.read(|p| p.select::<Device, _>("1 = 1", []))
+        self.read(|p| p.query().select::<Device, _>("1 = 1", []))
     }
 
     /// The library's name.
@@ -683,55 +660,6 @@ impl Library {
         Ok(())
     }
 
-    /// The id of every change durable in this library's journal (log and offline journal both).
-    /// Reads the whole journal: for checks and tools, not for a hot path.
-    pub fn journal_change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, EngineError> {
-        Ok(self.journal()?.log().change_ids()?)
-    }
-
-    /// How many log positions the journal's saved log index covers (`None`: none saved, or it no
-    /// longer matches the log). A node saves it when it stops and an initial sync saves it with
-    /// the log, so that starting a node need not read every record. For checks and tools.
-    pub fn saved_log_index_len(&self) -> Result<Option<u64>, EngineError> {
-        Ok(self
-            .journal()?
-            .saved_log_index()?
-            .map(|index| index.len() as u64))
-    }
-
-    /// Every change in the journal (log, then local), in order, for tests and tools. Records that
-    /// fail their checks are skipped (and reported by `verify`).
-    pub fn journal_changes(&self) -> Result<Vec<keel_schema::Change>, EngineError> {
-        let journal = self.journal()?;
-        let mut out = Vec::new();
-        let mut next = keel_schema::Lsn(1);
-        loop {
-            let chunk = journal.log().read(next, crate::replay::REPLAY_READ_CHUNK)?;
-            if chunk.is_empty() {
-                break;
-            }
-            for entry in chunk {
-                if let Ok((placement, _, change)) = entry {
-                    if let Placement::Log(lsn) = placement {
-                        next = keel_schema::Lsn(lsn.0 + 1);
-                    }
-                    out.push(change);
-                } else {
-                    next = keel_schema::Lsn(next.0 + 1);
-                }
-            }
-        }
-        out.extend(
-            journal
-                .offline()
-                .read(0, usize::MAX)?
-                .into_iter()
-                .filter_map(Result::ok)
-                .map(|(_, _, c)| c),
-        );
-        Ok(out)
-    }
-
     /// Subscribes to the library's events.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.events.subscribe()
@@ -753,13 +681,13 @@ impl Library {
 
     /// The visible record of model `M` with this uuid.
     pub fn get<M: Syncable>(&self, uuid: Uuid) -> Result<Option<M>, EngineError> {
-        self.read(|p| p.get::<M>(uuid))
+        self.read(|p| p.query().get::<M>(uuid))
     }
 
     /// The projection digest (after applying everything committed).
     pub fn digest(&self) -> Result<String, EngineError> {
         self.flush()?;
-        self.read(|p| p.digest())
+        self.read(|p| p.query().digest())
     }
 
     /// A summary of the library.
@@ -768,10 +696,10 @@ impl Library {
         let stats = self.journal()?.stats()?;
         let (counts, applied, parked, digest) = self.read(|p| {
             Ok((
-                p.counts()?,
+                p.query().counts()?,
                 p.applied_position()?,
                 p.parked_len(),
-                p.digest()?,
+                p.query().digest()?,
             ))
         })?;
         Ok(Status {
@@ -803,9 +731,9 @@ impl Library {
             AppliedPosition::default(),
             &mut |_, _| {},
         )?;
-        let expected = fresh.digest()?;
-        let live_miscounted = self.read(|p| Ok(p.miscounted_contents()?.len()))?;
-        let miscounted = live_miscounted.max(fresh.miscounted_contents()?.len());
+        let expected = fresh.query().digest()?;
+        let live_miscounted = self.read(|p| Ok(p.query().miscounted_contents()?.len()))?;
+        let miscounted = live_miscounted.max(fresh.query().miscounted_contents()?.len());
         let outcome = if miscounted > 0 {
             Err(EngineError::Miscounted {
                 contents: miscounted,
@@ -870,6 +798,102 @@ impl Library {
         if let Some(handle) = self.applier.take() {
             let _ = handle.join();
         }
+    }
+}
+
+/// Where a library's sync stands: what is applied, what waits offline, what the journal holds.
+/// For status, tests and operators; from [`Library::sync_state`].
+#[derive(Clone, Copy)]
+pub struct SyncState<'a> {
+    library: &'a Library,
+}
+
+impl std::ops::Deref for SyncState<'_> {
+    type Target = Library;
+
+    fn deref(&self) -> &Library {
+        self.library
+    }
+}
+
+impl Library {
+    /// Where this library's sync stands.
+    pub fn sync_state(&self) -> SyncState<'_> {
+        SyncState { library: self }
+    }
+}
+
+impl SyncState<'_> {
+    /// The last log position applied to the projections.
+    pub fn applied_lsn(&self) -> keel_schema::Lsn {
+        self.shared
+            .applied
+            .lock()
+            .map(|s| s.position.log)
+            .unwrap_or_default()
+    }
+
+    /// Whether the projections are loading without their secondary indexes (a catch-up).
+    pub fn bulk_loading(&self) -> bool {
+        self.shared
+            .bulk_until
+            .lock()
+            .map(|u| u.is_some())
+            .unwrap_or(false)
+    }
+
+    /// How many of this device's changes wait in the offline journal for a leader.
+    pub fn offline_len(&self) -> Result<u64, EngineError> {
+        Ok(self.journal()?.stats()?.offline)
+    }
+
+    /// The id of every change durable in this library's journal (log and offline journal both).
+    /// Reads the whole journal: for checks and tools, not for a hot path.
+    pub fn change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, EngineError> {
+        Ok(self.journal()?.log().change_ids()?)
+    }
+
+    /// How many log positions the journal's saved log index covers (`None`: none saved, or it no
+    /// longer matches the log). A node saves it when it stops and an initial sync saves it with
+    /// the log, so that starting a node need not read every record. For checks and tools.
+    pub fn saved_log_index_len(&self) -> Result<Option<u64>, EngineError> {
+        Ok(self
+            .journal()?
+            .saved_log_index()?
+            .map(|index| index.len() as u64))
+    }
+
+    /// Every change in the journal (log, then local), in order, for tests and tools. Records that
+    /// fail their checks are skipped (and reported by `verify`).
+    pub fn changes(&self) -> Result<Vec<keel_schema::Change>, EngineError> {
+        let journal = self.journal()?;
+        let mut out = Vec::new();
+        let mut next = keel_schema::Lsn(1);
+        loop {
+            let chunk = journal.log().read(next, crate::replay::REPLAY_READ_CHUNK)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for entry in chunk {
+                if let Ok((placement, _, change)) = entry {
+                    if let Placement::Log(lsn) = placement {
+                        next = keel_schema::Lsn(lsn.0 + 1);
+                    }
+                    out.push(change);
+                } else {
+                    next = keel_schema::Lsn(next.0 + 1);
+                }
+            }
+        }
+        out.extend(
+            journal
+                .offline()
+                .read(0, usize::MAX)?
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|(_, _, c)| c),
+        );
+        Ok(out)
     }
 }
 

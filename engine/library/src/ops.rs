@@ -46,13 +46,35 @@ pub(crate) fn split_relative(rel: &Path) -> (String, String) {
     }
 }
 
+/// A library's files by path: locations, entries, their metadata, tags and notes. From
+/// [`Library::files`].
+#[derive(Clone, Copy)]
+pub struct Files<'a> {
+    library: &'a Library,
+}
+
+impl std::ops::Deref for Files<'_> {
+    type Target = Library;
+
+    fn deref(&self) -> &Library {
+        self.library
+    }
+}
+
 impl Library {
+    /// The library's files by path.
+    pub fn files(&self) -> Files<'_> {
+        Files { library: self }
+    }
+}
+
+impl Files<'_> {
     /// The location whose root is `path` on this device, if any.
-    pub fn location_at(&self, path: &Path) -> Result<Option<Location>, EngineError> {
+    pub fn location(&self, path: &Path) -> Result<Option<Location>, EngineError> {
         let path_text = path.to_string_lossy().into_owned();
         let device = self.device_id().record_uuid();
         Ok(self
-            .read(|p| p.locations())?
+            .read(|p| p.query().locations())?
             .into_iter()
             .find(|l| l.device == device && l.path == path_text))
     }
@@ -63,7 +85,7 @@ impl Library {
         let canonical = absolute.canonicalize().unwrap_or(absolute);
         let device = self.device_id().record_uuid();
         let mut best: Option<(Location, PathBuf)> = None;
-        for location in self.read(|p| p.locations())? {
+        for location in self.read(|p| p.query().locations())? {
             if location.device != device {
                 continue;
             }
@@ -86,10 +108,10 @@ impl Library {
     }
 
     /// The entry at a filesystem path.
-    pub fn entry_at_path(&self, path: &Path) -> Result<Entry, EngineError> {
+    pub fn entry(&self, path: &Path) -> Result<Entry, EngineError> {
         let resolved = self.resolve(path)?;
         self.read(|p| {
-            p.entry_at(
+            p.query().entry_at(
                 resolved.location.uuid,
                 &resolved.relative_path,
                 &resolved.name,
@@ -99,8 +121,8 @@ impl Library {
     }
 
     /// An entry's metadata in both scopes.
-    pub fn metadata_of(&self, entry: &Entry) -> Result<EntryMetadata, EngineError> {
-        self.read(|p| p.metadata_of(entry))
+    pub fn metadata(&self, entry: &Entry) -> Result<EntryMetadata, EngineError> {
+        self.read(|p| p.query().metadata_of(entry))
     }
 
     /// Ensures the UserMetadata of `entry` in `scope` exists within `tx`; returns its uuid.
@@ -142,8 +164,8 @@ impl Library {
     }
 
     /// Tags the file or directory at `path` with `tags` in `scope`.
-    pub fn tag_path(&self, path: &Path, tags: &[String], scope: Scope) -> Result<(), EngineError> {
-        let entry = self.entry_at_path(path)?;
+    pub fn tag(&self, path: &Path, tags: &[String], scope: Scope) -> Result<(), EngineError> {
+        let entry = self.entry(path)?;
         let library = self.id().0;
         self.transact(|tx| {
             let metadata = self.ensure_metadata(tx, &entry, scope, path)?;
@@ -170,8 +192,8 @@ impl Library {
     }
 
     /// Sets the note of the file or directory at `path` in `scope`.
-    pub fn note_path(&self, path: &Path, text: &str, scope: Scope) -> Result<(), EngineError> {
-        let entry = self.entry_at_path(path)?;
+    pub fn note(&self, path: &Path, text: &str, scope: Scope) -> Result<(), EngineError> {
+        let entry = self.entry(path)?;
         self.transact(|tx| {
             let metadata = self.ensure_metadata(tx, &entry, scope, path)?;
             tx.update::<UserMetadata>(metadata, vec![("notes", Value::Text(text.into()))])

@@ -93,7 +93,7 @@ impl Store for JournalStore<'_> {
     }
 
     fn applied(&mut self) -> Lsn {
-        self.link.library().applied_lsn()
+        self.link.library().sync_state().applied_lsn()
     }
 
     fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId> {

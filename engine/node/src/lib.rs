@@ -206,7 +206,7 @@ impl Node {
     pub fn status(&self) -> NodeStatus {
         let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
         // The offline journal itself says what waits to be pushed (the core's view lags a tick).
-        if let Ok(pending) = self.library.offline_len() {
+        if let Ok(pending) = self.library.sync_state().offline_len() {
             status.offline = pending;
         }
         let addrs = self.net.addrs.lock().map(|a| a.clone()).unwrap_or_default();

@@ -134,14 +134,14 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
     // Done when the joiner holds the leader's whole log, has applied it, and its projections
     // have their secondary indexes back (a catch-up loads without them; the apply that reaches
     // the leader's end, which may include the joiner's own record, builds them).
-    while node.status().log_len < log_len || node.library().bulk_loading() {
+    while node.status().log_len < log_len || node.library().sync_state().bulk_loading() {
         ensure!(Instant::now() < deadline, "initial sync did not finish");
         std::thread::sleep(Duration::from_millis(5));
         if verbose && last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             tracing::info!(
                 log = node.status().log_len,
-                applied = node.library().applied_lsn().0,
+                applied = node.library().sync_state().applied_lsn().0,
                 "initial sync"
             );
         }
