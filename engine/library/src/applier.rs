@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crossbeam_channel::Receiver;
 use keel_journal::{ApplyBudget, CommittedBatch, Placement};
-use keel_projections::{AppliedPosition, Projections};
+use keel_projections::{AppliedPosition, ProjectionError, Projections};
 use keel_schema::{Change, ChangeId, Lsn};
 use tokio::sync::broadcast;
 
@@ -124,39 +124,58 @@ impl Drop for CloseOnExit {
     }
 }
 
+/// Committed batches taken off the queue together: applied in one SQLite transaction.
+struct Group {
+    entries: Vec<(Placement, Change)>,
+    seq: u64,
+    log_through: Option<Lsn>,
+    /// Where the group may be ahead of the journal (a batch sent while it committed).
+    ahead_from: Option<Lsn>,
+}
+
+impl Group {
+    /// The first batch and whatever else waits, up to [`APPLY_GROUP_MAX`] entries; the room of
+    /// each batch goes back to the budget as it leaves the queue.
+    fn take(
+        first: CommittedBatch,
+        batches: &Receiver<CommittedBatch>,
+        budget: &ApplyBudget,
+    ) -> Self {
+        budget.give_back(first.entries.len() as u64);
+        let mut group = Group {
+            entries: first.entries,
+            seq: first.seq,
+            log_through: first.log_through,
+            ahead_from: first.early,
+        };
+        while group.entries.len() < APPLY_GROUP_MAX {
+            let Ok(more) = batches.try_recv() else { break };
+            budget.give_back(more.entries.len() as u64);
+            group.ahead_from = match (group.ahead_from, more.early) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            group.entries.extend(more.entries);
+            group.seq = group.seq.max(more.seq);
+            group.log_through = group.log_through.max(more.log_through);
+        }
+        group
+    }
+}
+
 /// Runs until the journal writer stops (its sender is dropped). Gives the room of each batch
 /// back to the budget as it takes the batch off the queue.
 pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
     let budget = CloseOnExit(shared.budget.clone());
     while let Ok(first) = batches.recv() {
-        budget.0.give_back(first.entries.len() as u64);
-        let mut entries = first.entries;
-        let mut seq = first.seq;
-        let mut log_through = first.log_through;
-        // Where the group may be ahead of the journal (a batch sent while it committed).
-        let mut ahead_from = first.early;
-        while entries.len() < APPLY_GROUP_MAX {
-            match batches.try_recv() {
-                Ok(more) => {
-                    budget.0.give_back(more.entries.len() as u64);
-                    ahead_from = match (ahead_from, more.early) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    entries.extend(more.entries);
-                    seq = seq.max(more.seq);
-                    log_through = log_through.max(more.log_through);
-                }
-                Err(_) => break,
-            }
-        }
-        announce_local(&shared, &entries);
+        let group = Group::take(first, &batches, &budget.0);
+        announce_local(&shared, &group.entries);
         let mut position = match shared.applied.lock() {
             Ok(mut state) if state.error.is_some() => {
                 // An earlier apply failed: applying this batch would record a position past
                 // the changes that failed, and the next open would heal from there without
                 // them. The projections stay where they were; the next open heals from there.
-                state.batch = state.batch.max(seq);
+                state.batch = state.batch.max(group.seq);
                 drop(state);
                 shared.applied_changed.notify_all();
                 continue;
@@ -164,17 +183,17 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
             Ok(state) => state.position,
             Err(_) => return,
         };
-        for (placement, _) in &entries {
+        for (placement, _) in &group.entries {
             advance(&mut position, *placement);
         }
-        if let Some(through) = log_through {
+        if let Some(through) = group.log_through {
             // Epoch barriers carry no change, but the position passes them too.
             advance(&mut position, Placement::Log(through));
         }
-        let changes: Vec<Change> = entries.into_iter().map(|(_, c)| c).collect();
+        let changes: Vec<Change> = group.entries.into_iter().map(|(_, c)| c).collect();
         let result = match shared.projections.lock() {
             Ok(mut p) => {
-                if let Some(from) = ahead_from {
+                if let Some(from) = group.ahead_from {
                     p.mark_ahead_from(from);
                 }
                 p.apply(&changes, Some(position)).and_then(|stats| {
@@ -183,38 +202,51 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
             }
             Err(_) => return,
         };
-        let Ok(mut state) = shared.applied.lock() else {
+        if !record_result(&shared, group.seq, position, &changes, result.map(|_| ())) {
             return;
-        };
-        state.batch = state.batch.max(seq);
-        match result {
-            Ok(_) => {
-                state.position = position;
-                if shared.events.receiver_count() > 0 {
-                    let records = changes
-                        .iter()
-                        .take(EVENT_RECORDS_MAX)
-                        .filter_map(|c| {
-                            Some((c.model_def()?.name, c.record, ChangeKind::of(&c.op)))
-                        })
-                        .collect();
-                    let _ = shared.events.send(Event::RecordsChanged {
-                        records,
-                        total: changes.len(),
-                        applied: position.log,
-                    });
-                }
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                tracing::error!(%reason, "applying to the projections failed; nothing more is applied until they are healed from the journal at the next open");
-                state.error = Some(reason.clone());
-                let _ = shared.events.send(Event::ApplyFailed { reason });
+        }
+    }
+}
+
+/// Records how an apply went and tells waiters and subscribers. False when the state's lock is
+/// poisoned (the applier then stops).
+fn record_result(
+    shared: &Shared,
+    seq: u64,
+    position: AppliedPosition,
+    changes: &[Change],
+    result: Result<(), ProjectionError>,
+) -> bool {
+    let Ok(mut state) = shared.applied.lock() else {
+        return false;
+    };
+    state.batch = state.batch.max(seq);
+    match result {
+        Ok(()) => {
+            state.position = position;
+            if shared.events.receiver_count() > 0 {
+                let records = changes
+                    .iter()
+                    .take(EVENT_RECORDS_MAX)
+                    .filter_map(|c| Some((c.model_def()?.name, c.record, ChangeKind::of(&c.op))))
+                    .collect();
+                let _ = shared.events.send(Event::RecordsChanged {
+                    records,
+                    total: changes.len(),
+                    applied: position.log,
+                });
             }
         }
-        drop(state);
-        shared.applied_changed.notify_all();
+        Err(e) => {
+            let reason = e.to_string();
+            tracing::error!(%reason, "applying to the projections failed; nothing more is applied until they are healed from the journal at the next open");
+            state.error = Some(reason.clone());
+            let _ = shared.events.send(Event::ApplyFailed { reason });
+        }
     }
+    drop(state);
+    shared.applied_changed.notify_all();
+    true
 }
 
 #[cfg(test)]

@@ -519,22 +519,7 @@ impl Library {
         let location = results.location;
         let mut gone: Vec<Entry> = Vec::new();
         std::thread::scope(|scope| {
-            let (work_tx, work_rx) = bounded::<HashJob>(HASH_QUEUE_MAX);
-            let (done_tx, done_rx) = bounded::<Hashed>(HASHED_AHEAD_MAX);
-            for _ in 0..HASH_THREADS {
-                let work_rx = work_rx.clone();
-                let done_tx = done_tx.clone();
-                scope.spawn(move || {
-                    for (item, prev) in work_rx {
-                        let hashed = hash_file(&item.path);
-                        if done_tx.send((item, prev, hashed)).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            drop(done_tx);
-            drop(work_rx);
+            let (work_tx, done_rx) = spawn_hashers(scope);
             // Jobs the hashers have no room for yet. The walk never blocks on them: the hashers
             // may be waiting for this thread to take their results, which it does after the walk.
             let mut waiting: VecDeque<HashJob> = VecDeque::new();
@@ -597,14 +582,7 @@ impl Library {
                 }
             });
             // What is left in `existing` disappeared; files among them may reappear as moves.
-            for (_, entry) in existing.drain() {
-                match entry.content {
-                    Some(c) if entry.kind == EntryKind::File.code() => {
-                        results.gone_by_content.entry(c).or_default().push(entry)
-                    }
-                    _ => gone.push(entry),
-                }
-            }
+            gone = sort_gone(existing, &mut results.gone_by_content);
             results.done += results.report.files - to_hash;
             self.take_hashed(done_rx, results, progress);
         });
@@ -735,6 +713,48 @@ impl Library {
         }
         Ok(())
     }
+}
+
+/// Starts [`HASH_THREADS`] hashers in `scope`: jobs in, hashed files out (both bounded).
+fn spawn_hashers<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+) -> (
+    crossbeam_channel::Sender<HashJob>,
+    crossbeam_channel::Receiver<Hashed>,
+) {
+    let (work_tx, work_rx) = bounded::<HashJob>(HASH_QUEUE_MAX);
+    let (done_tx, done_rx) = bounded::<Hashed>(HASHED_AHEAD_MAX);
+    for _ in 0..HASH_THREADS {
+        let work_rx = work_rx.clone();
+        let done_tx = done_tx.clone();
+        scope.spawn(move || {
+            for (item, prev) in work_rx {
+                let hashed = hash_file(&item.path);
+                if done_tx.send((item, prev, hashed)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    (work_tx, done_rx)
+}
+
+/// Splits the entries the walk did not find: files with a content may reappear as moves (kept
+/// by content), the rest are gone.
+fn sort_gone(
+    existing: &mut HashMap<(String, String), Entry>,
+    gone_by_content: &mut HashMap<Uuid, Vec<Entry>>,
+) -> Vec<Entry> {
+    let mut gone = Vec::new();
+    for (_, entry) in existing.drain() {
+        match entry.content {
+            Some(c) if entry.kind == EntryKind::File.code() => {
+                gone_by_content.entry(c).or_default().push(entry)
+            }
+            _ => gone.push(entry),
+        }
+    }
+    gone
 }
 
 #[cfg(test)]

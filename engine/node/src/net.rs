@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use keel_schema::{DeviceId, LibraryId};
+use keel_schema::{DeviceId, Epoch, LibraryId, Lsn};
 use keel_transport::{Connection, DeviceMessage, Endpoint};
 use rand::RngExt;
 
@@ -160,42 +160,16 @@ impl Net {
         let (epoch, log_end) = self
             .status
             .lock()
-            .map(|s| (s.epoch, keel_schema::Lsn(s.log_len)))
+            .map(|s| (s.epoch, Lsn(s.log_len)))
             .unwrap_or_default();
-        let hello = DeviceMessage::Hello {
-            device: self.device,
-            library: self.library,
-            epoch,
-            log_end,
-            positions: Vec::new(),
-        };
-        if let Err(e) = conn.send(&hello).await {
-            tracing::debug!(peer = %peer.short(), error = %e, "hello not sent");
-            return;
-        }
-        match tokio::time::timeout(HELLO_TIMEOUT, conn.recv()).await {
-            Ok(Ok(DeviceMessage::Hello {
-                device, library, ..
-            })) if device == peer && library == self.library => {}
-            Ok(Ok(DeviceMessage::SnapshotRequest { library })) if library == self.library => {
+        match self.greet(&conn, epoch, log_end).await {
+            Greeting::Sync => {}
+            Greeting::Snapshot => {
                 // A device that has just joined: a snapshot, outside the replication core.
                 super::snapshot::serve(self.link.clone(), epoch, conn).await;
                 return;
             }
-            Ok(Ok(_)) => {
-                tracing::warn!(peer = %peer.short(), "peer did not say Hello for this library; closed");
-                conn.close("expected Hello for this library");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(peer = %peer.short(), error = %e, "peer's Hello unreadable; closed");
-                conn.close("malformed message");
-                return;
-            }
-            Err(_) => {
-                conn.close("no Hello");
-                return;
-            }
+            Greeting::Closed => return,
         }
         let addr = conn.remote_address();
         if let Ok(mut addrs) = self.addrs.lock() {
@@ -221,18 +195,69 @@ impl Net {
                 }
             }
         });
+        self.receive(peer, &conn).await;
+        writer.abort();
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&id);
+        }
+        if let Ok(mut sessions) = self.sessions.lock() {
+            if let Some(n) = sessions.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let _ = self.core.send(CoreEvent::Disconnected { peer, conn: id });
+    }
+
+    /// Sends this device's Hello and reads the peer's: a sync session, a snapshot request from a
+    /// device that has just joined, or a connection closed with the reason.
+    async fn greet(&self, conn: &Connection, epoch: Epoch, log_end: Lsn) -> Greeting {
+        let peer = conn.peer();
+        let hello = DeviceMessage::Hello {
+            device: self.device,
+            library: self.library,
+            epoch,
+            log_end,
+            positions: Vec::new(),
+        };
+        if let Err(e) = conn.send(&hello).await {
+            tracing::debug!(peer = %peer.short(), error = %e, "hello not sent");
+            return Greeting::Closed;
+        }
+        match tokio::time::timeout(HELLO_TIMEOUT, conn.recv()).await {
+            Ok(Ok(DeviceMessage::Hello {
+                device, library, ..
+            })) if device == peer && library == self.library => Greeting::Sync,
+            Ok(Ok(DeviceMessage::SnapshotRequest { library })) if library == self.library => {
+                Greeting::Snapshot
+            }
+            Ok(Ok(_)) => {
+                tracing::warn!(peer = %peer.short(), "peer did not say Hello for this library; closed");
+                conn.close("expected Hello for this library");
+                Greeting::Closed
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %peer.short(), error = %e, "peer's Hello unreadable; closed");
+                conn.close("malformed message");
+                Greeting::Closed
+            }
+            Err(_) => {
+                conn.close("no Hello");
+                Greeting::Closed
+            }
+        }
+    }
+
+    /// Hands the peer's replication messages to the core until the connection ends.
+    async fn receive(&self, peer: DeviceId, conn: &Connection) {
         loop {
             match conn.recv().await {
                 Ok(DeviceMessage::Replication(message)) => {
-                    if self
-                        .core
-                        .send(CoreEvent::Received {
-                            from: peer,
-                            message,
-                        })
-                        .is_err()
-                    {
-                        break;
+                    let received = CoreEvent::Received {
+                        from: peer,
+                        message,
+                    };
+                    if self.core.send(received).is_err() {
+                        return;
                     }
                 }
                 Ok(other) => {
@@ -245,20 +270,10 @@ impl Net {
                     } else {
                         tracing::debug!(peer = %peer.short(), error = %e, "connection ended");
                     }
-                    break;
+                    return;
                 }
             }
         }
-        writer.abort();
-        if let Ok(mut live) = self.live.lock() {
-            live.remove(&id);
-        }
-        if let Ok(mut sessions) = self.sessions.lock() {
-            if let Some(n) = sessions.get_mut(&peer) {
-                *n = n.saturating_sub(1);
-            }
-        }
-        let _ = self.core.send(CoreEvent::Disconnected { peer, conn: id });
     }
 
     /// Records where a paired device listens, so `serve` reaches it next time without `--peer`.
@@ -276,6 +291,16 @@ impl Net {
             tracing::warn!(error = %e, "could not record a peer's address");
         }
     }
+}
+
+/// How a connection's first exchange went.
+enum Greeting {
+    /// Both said Hello for this library: a sync session.
+    Sync,
+    /// The peer asked for a snapshot (it has just joined).
+    Snapshot,
+    /// Closed (the reason is logged and sent).
+    Closed,
 }
 
 #[cfg(test)]

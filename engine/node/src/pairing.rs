@@ -13,8 +13,8 @@ use std::time::Duration;
 use keel_journal::LibraryKey;
 use keel_schema::DeviceId;
 use keel_transport::{
-    Binding, Connection, DeviceMessage, Endpoint, Identity, Inviter, Joiner, PairingCode,
-    PairingError, PairingMessage, Pins,
+    Binding, Connection, DeviceMessage, Endpoint, Identity, InviteRun, Inviter, Joiner,
+    PairingCode, PairingError, PairingMessage, Pins,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -126,24 +126,49 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
             // Only now, with the code proven, is the user asked.
             let answer = match &invitation.questions {
                 None => true,
-                Some(questions) => {
-                    let (tx, rx) = oneshot::channel();
-                    let asked = questions.send(Question {
-                        name: run.joiner_name().to_string(),
-                        device: run.joiner(),
-                        answer: tx,
-                    });
-                    asked.is_ok()
-                        && matches!(
-                            tokio::time::timeout(CONFIRM_TIMEOUT, rx).await,
-                            Ok(Ok(true))
-                        )
-                }
+                Some(questions) => ask(questions, &run).await,
             };
             invitation.inviter.decide(&mut run, answer)
         }
     };
-    let finished = match &outcome {
+    let finished = settle_outcome(&net, &run, &outcome, address);
+    let _ = send_pairing(&conn, verdict).await;
+    if let Some(result) = finished {
+        if let Some(tx) = invitation.outcome.take() {
+            let _ = tx.send(result);
+        }
+        *slot = None;
+        net.endpoint.pins().set_pairing_open(false);
+    }
+    drop(slot);
+    linger(&conn).await;
+}
+
+/// Asks the user whether the joining device may join; no answer within [`CONFIRM_TIMEOUT`] is a
+/// no.
+async fn ask(questions: &mpsc::UnboundedSender<Question>, run: &InviteRun) -> bool {
+    let (tx, rx) = oneshot::channel();
+    let asked = questions.send(Question {
+        name: run.joiner_name().to_string(),
+        device: run.joiner(),
+        answer: tx,
+    });
+    asked.is_ok()
+        && matches!(
+            tokio::time::timeout(CONFIRM_TIMEOUT, rx).await,
+            Ok(Ok(true))
+        )
+}
+
+/// Pins and records a device that paired; returns what ends the invitation (a pairing, or a
+/// voided code, a declined device, a full library), `None` when it stays open.
+fn settle_outcome(
+    net: &Net,
+    run: &InviteRun,
+    outcome: &Result<DeviceId, PairingError>,
+    address: IpAddr,
+) -> Option<Result<(DeviceId, String), PairingError>> {
+    match outcome {
         Ok(device) => {
             net.endpoint.pins().pin(*device);
             if let Ok(mut file) = DevicesFile::read(&net.library_dir) {
@@ -165,17 +190,7 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
                 _ => None,
             }
         }
-    };
-    let _ = send_pairing(&conn, verdict).await;
-    if let Some(result) = finished {
-        if let Some(tx) = invitation.outcome.take() {
-            let _ = tx.send(result);
-        }
-        *slot = None;
-        net.endpoint.pins().set_pairing_open(false);
     }
-    drop(slot);
-    linger(&conn).await;
 }
 
 /// Gives the joiner time to read the last message before the connection goes (it closes first).

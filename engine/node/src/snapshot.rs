@@ -241,50 +241,13 @@ async fn send(
     // arrives.
     while next <= target.0 || out.offset < out.len {
         if next <= target.0 {
-            let (from, limit) = (Lsn(next), (target.0 - next + 1) as usize);
-            let weak = library.clone();
-            let entries = blocking(move || {
-                let lib = weak.upgrade().ok_or(NodeError::Stopped)?;
-                Ok(lib
-                    .journal()?
-                    .log()
-                    .entries(from, limit.min(RECORDS_PER_MESSAGE_MAX))?)
-            })
-            .await?;
-            let Some(&(last, last_epoch, _)) = entries.last() else {
-                return Err(node_error(format!("the log ends before {}", from.0)));
-            };
-            let message = DeviceMessage::Replication(ReplicationMessage::LogSegment {
-                epoch,
-                first: from,
-                prev_epoch,
-                leader_end: target,
-                entries: entries
-                    .into_iter()
-                    .map(|(_, epoch, sealed)| WireLogEntry {
-                        epoch,
-                        sealed: ByteBuf::from(sealed),
-                    })
-                    .collect(),
-            });
-            send_within(conn, &message).await?;
+            let (last, last_epoch) =
+                send_segment(&library, conn, epoch, (Lsn(next), prev_epoch), target).await?;
             next = last.0 + 1;
             prev_epoch = last_epoch;
         }
         if out.offset < out.len {
-            let size = (out.len - out.offset).min(SNAPSHOT_CHUNK_MAX as u64) as usize;
-            let mut data = vec![0u8; size];
-            out.file
-                .read_exact(&mut data)
-                .map_err(|e| node_error(format!("reading the projection: {e}")))?;
-            out.hasher.update(&data);
-            let offset = out.offset;
-            out.offset += size as u64;
-            let chunk = DeviceMessage::SnapshotChunk {
-                offset,
-                data: ByteBuf::from(data),
-            };
-            send_within(conn, &chunk).await?;
+            send_chunk(&mut out, conn).await?;
         }
     }
     checked
@@ -297,6 +260,59 @@ async fn send(
     };
     send_within(conn, &end).await?;
     Ok((target.0, out.len))
+}
+
+/// Sends the log segment that starts at `from` (after an entry of `prev_epoch`), up to
+/// `target`. Returns the position and epoch of its last entry.
+async fn send_segment(
+    library: &Weak<NodeLink>,
+    conn: &Connection,
+    epoch: Epoch,
+    (from, prev_epoch): (Lsn, Epoch),
+    target: Lsn,
+) -> Result<(Lsn, Epoch), NodeError> {
+    let limit = ((target.0 - from.0 + 1) as usize).min(RECORDS_PER_MESSAGE_MAX);
+    let weak = library.clone();
+    let entries = blocking(move || {
+        let lib = weak.upgrade().ok_or(NodeError::Stopped)?;
+        Ok(lib.journal()?.log().entries(from, limit)?)
+    })
+    .await?;
+    let Some(&(last, last_epoch, _)) = entries.last() else {
+        return Err(node_error(format!("the log ends before {}", from.0)));
+    };
+    let message = DeviceMessage::Replication(ReplicationMessage::LogSegment {
+        epoch,
+        first: from,
+        prev_epoch,
+        leader_end: target,
+        entries: entries
+            .into_iter()
+            .map(|(_, epoch, sealed)| WireLogEntry {
+                epoch,
+                sealed: ByteBuf::from(sealed),
+            })
+            .collect(),
+    });
+    send_within(conn, &message).await?;
+    Ok((last, last_epoch))
+}
+
+/// Sends the next chunk of the projection file, hashing it on the way.
+async fn send_chunk(out: &mut Outgoing, conn: &Connection) -> Result<(), NodeError> {
+    let size = (out.len - out.offset).min(SNAPSHOT_CHUNK_MAX as u64) as usize;
+    let mut data = vec![0u8; size];
+    out.file
+        .read_exact(&mut data)
+        .map_err(|e| node_error(format!("reading the projection: {e}")))?;
+    out.hasher.update(&data);
+    let offset = out.offset;
+    out.offset += size as u64;
+    let chunk = DeviceMessage::SnapshotChunk {
+        offset,
+        data: ByteBuf::from(data),
+    };
+    send_within(conn, &chunk).await
 }
 
 /// Fetches a snapshot from `addr` (device `peer` of `library`, which pinned this one) over
