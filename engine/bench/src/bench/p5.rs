@@ -74,7 +74,63 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
             }
         }
     });
-    let rate = options.rate;
+    let (mut started, mut commit_ms, committed_in) = commit_at_rate(&a, changes, options.rate)?;
+    let mut latencies = Vec::with_capacity(changes);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.len() < changes && Instant::now() < deadline {
+        if let Ok((uuid, at)) = seen_rx.recv_timeout(Duration::from_millis(100)) {
+            if let Some(t0) = started.remove(&uuid) {
+                latencies.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    ensure!(
+        latencies.len() == changes,
+        "{} of {changes} changes reached the follower",
+        latencies.len()
+    );
+    latencies.sort_by(f64::total_cmp);
+    out.insert(
+        "p5_latency_p50_ms".into(),
+        json!(percentile(&latencies, 0.5)),
+    );
+    out.insert(
+        "p5_latency_p99_ms".into(),
+        json!(percentile(&latencies, 0.99)),
+    );
+    // For telling one long stall from scattered slow changes when p99 misses its target.
+    out.insert(
+        "p5_latency_max_ms".into(),
+        json!(latencies.last().copied().unwrap_or(0.0)),
+    );
+    out.insert(
+        "p5_over_20ms".into(),
+        json!(latencies.iter().filter(|&&l| l > 20.0).count()),
+    );
+    // How long the leader's own commit took (durable), beside the latency to the follower.
+    commit_ms.sort_by(f64::total_cmp);
+    out.insert(
+        "p5_commit_p50_ms".into(),
+        json!(percentile(&commit_ms, 0.5)),
+    );
+    out.insert(
+        "p5_rate_per_s".into(),
+        json!(changes as f64 / committed_in.as_secs_f64()),
+    );
+    b.stop()?;
+    a.stop()?;
+    drop(seen_rx);
+    let _ = watcher.join();
+    Ok(())
+}
+
+/// Commits `changes` tags on `a` at `rate` per second on [`P5_COMMITTERS`] threads. Returns when
+/// each change's commit began (by tag uuid), each commit's duration in ms, and how long it took.
+fn commit_at_rate(
+    a: &Node,
+    changes: usize,
+    rate: u64,
+) -> Result<(HashMap<Uuid, Instant>, Vec<f64>, Duration)> {
     let period = Duration::from_micros(1_000_000 / rate.max(1));
     let begin = Instant::now();
     // The load is open: change `i` is due at `begin + i × period`, whether or not the change
@@ -126,51 +182,5 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         started.extend(s);
         commit_ms.extend(c);
     }
-    let mut latencies = Vec::with_capacity(changes);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while latencies.len() < changes && Instant::now() < deadline {
-        if let Ok((uuid, at)) = seen_rx.recv_timeout(Duration::from_millis(100)) {
-            if let Some(t0) = started.remove(&uuid) {
-                latencies.push(at.duration_since(t0).as_secs_f64() * 1000.0);
-            }
-        }
-    }
-    ensure!(
-        latencies.len() == changes,
-        "{} of {changes} changes reached the follower",
-        latencies.len()
-    );
-    latencies.sort_by(f64::total_cmp);
-    out.insert(
-        "p5_latency_p50_ms".into(),
-        json!(percentile(&latencies, 0.5)),
-    );
-    out.insert(
-        "p5_latency_p99_ms".into(),
-        json!(percentile(&latencies, 0.99)),
-    );
-    // For telling one long stall from scattered slow changes when p99 misses its target.
-    out.insert(
-        "p5_latency_max_ms".into(),
-        json!(latencies.last().copied().unwrap_or(0.0)),
-    );
-    out.insert(
-        "p5_over_20ms".into(),
-        json!(latencies.iter().filter(|&&l| l > 20.0).count()),
-    );
-    // How long the leader's own commit took (durable), beside the latency to the follower.
-    commit_ms.sort_by(f64::total_cmp);
-    out.insert(
-        "p5_commit_p50_ms".into(),
-        json!(percentile(&commit_ms, 0.5)),
-    );
-    out.insert(
-        "p5_rate_per_s".into(),
-        json!(changes as f64 / committed_in.as_secs_f64()),
-    );
-    b.stop()?;
-    a.stop()?;
-    drop(seen_rx);
-    let _ = watcher.join();
-    Ok(())
+    Ok((started, commit_ms, committed_in))
 }
