@@ -51,8 +51,14 @@ impl TransportError {
     }
 }
 
-impl From<keel_replication::wire::OverLimit> for TransportError {
-    fn from(e: keel_replication::wire::OverLimit) -> Self {
-        Self::OverLimit(e.0)
+impl From<keel_replication::ReplicaError> for TransportError {
+    fn from(e: keel_replication::ReplicaError) -> Self {
+        match e {
+            keel_replication::ReplicaError::OverLimit(what) => Self::OverLimit(what),
+            keel_replication::ReplicaError::MissingPayload(id) => {
+                Self::Malformed(format!("no payload for change {id}"))
+            }
+            keel_replication::ReplicaError::Store(never) => match never {},
+        }
     }
 }

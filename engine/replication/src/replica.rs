@@ -95,15 +95,19 @@ pub enum ReplicaEvent {
     },
 }
 
-/// Why a poll failed.
+/// What went wrong in the protocol core: a store that failed a read (`E` is its error), a
+/// payload that is nowhere, or a message over the limits of [`crate::wire`].
 #[derive(Debug, thiserror::Error)]
-pub enum ReplicaError<E: std::fmt::Display> {
+pub enum ReplicaError<E: std::fmt::Display = std::convert::Infallible> {
     /// The store could not be read.
     #[error("reading the store failed: {0}")]
     Store(E),
     /// A change to write has no payload in memory nor in the offline journal.
     #[error("no payload for change {0}")]
     MissingPayload(ChangeId),
+    /// A message breaks a limit (the peer that sent it is misbehaving).
+    #[error("over a limit: {0}")]
+    OverLimit(String),
 }
 
 /// One device's protocol core: election, replication, payloads and wire form. No I/O; see the

@@ -8,17 +8,14 @@ use keel_schema::{Epoch, Lsn, SyncDomain};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::replica::ReplicaError;
+
 /// Most records in one segment or push (and, in `keel-transport`, in any batch message).
 pub const RECORDS_PER_MESSAGE_MAX: usize = 16_384;
 /// Largest single record in a message.
 pub const RECORD_BYTES_MAX: usize = 1 << 20;
 /// Most domain positions in one message.
 pub const POSITIONS_MAX: usize = 16;
-
-/// A message breaks a limit of this module (the peer that sent it is misbehaving).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("over a limit: {0}")]
-pub struct OverLimit(pub String);
 
 /// A replication position in one sync domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,32 +115,32 @@ pub enum ReplicationMessage {
 pub fn check_records<'a>(
     what: &str,
     blobs: impl ExactSizeIterator<Item = &'a ByteBuf>,
-) -> Result<(), OverLimit> {
+) -> Result<(), ReplicaError> {
     if blobs.len() > RECORDS_PER_MESSAGE_MAX {
-        return Err(OverLimit(format!(
+        return Err(ReplicaError::OverLimit(format!(
             "{} {what} (max {RECORDS_PER_MESSAGE_MAX})",
             blobs.len()
         )));
     }
     for blob in blobs {
         if blob.len() > RECORD_BYTES_MAX {
-            return Err(OverLimit(format!("a {what} of {} bytes", blob.len())));
+            return Err(ReplicaError::OverLimit(format!("a {what} of {} bytes", blob.len())));
         }
     }
     Ok(())
 }
 
 /// Checks a list of domain positions against [`POSITIONS_MAX`].
-pub fn check_positions(positions: &[DomainPosition]) -> Result<(), OverLimit> {
+pub fn check_positions(positions: &[DomainPosition]) -> Result<(), ReplicaError> {
     if positions.len() > POSITIONS_MAX {
-        return Err(OverLimit(format!("{} positions", positions.len())));
+        return Err(ReplicaError::OverLimit(format!("{} positions", positions.len())));
     }
     Ok(())
 }
 
 impl ReplicationMessage {
     /// Checks the limits (the decoder calls it on every message from a peer).
-    pub fn check(&self) -> Result<(), OverLimit> {
+    pub fn check(&self) -> Result<(), ReplicaError> {
         match self {
             ReplicationMessage::LogSegment { entries, .. } => {
                 check_records("log entries", entries.iter().map(|e| &e.sealed))
