@@ -300,12 +300,42 @@ fn an_expired_code_is_refused() {
     let invite = a.invite(true).expect("invites");
     std::thread::sleep(Duration::from_millis(100));
     let joiner = keel_engine::Home::new(dir.path().join("b"));
+    // The invitation ended with its code: the inviter refuses the connection itself.
     let e = pairing_error(join_with_code(
         &joiner,
         a.local_addr(),
         invite.code.as_str(),
     ));
-    assert_eq!(e, PairingError::Expired);
+    assert_eq!(e, PairingError::NoInvitation);
+}
+
+/// Issue 24: an invitation nobody completes ends when its code expires: unpinned handshakes are
+/// refused again and the inviter hears `Expired`.
+#[test]
+fn an_invitation_nobody_completes_closes_when_its_code_expires() {
+    use keel_transport::PairingError;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, a) = keel_tests::cluster::founder_with(
+        dir.path(),
+        "a",
+        "pics",
+        keel_node::NodeOptions {
+            code_ttl_ms: 200,
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )
+    .expect("starts");
+    let mut invite = a.invite(true).expect("invites");
+    assert!(a.invitation_open());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a.invitation_open() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!a.invitation_open(), "the invitation outlived its code");
+    assert_eq!(
+        invite.outcome.try_recv().expect("an outcome"),
+        Err(PairingError::Expired)
+    );
 }
 
 #[test]
@@ -341,10 +371,8 @@ fn a_code_is_voided_after_five_failures_from_any_addresses() {
         a.local_addr(),
         &code,
     ));
-    assert!(
-        matches!(e, PairingError::Voided | PairingError::Protocol(_)),
-        "{e:?}"
-    );
+    // The voided invitation ended: the inviter refuses the connection itself.
+    assert_eq!(e, PairingError::NoInvitation);
 }
 
 #[test]

@@ -84,29 +84,34 @@ impl Endpoint {
             .map_err(tls)?;
         server.alpn_protocols = vec![ALPN.to_vec()];
         server.max_early_data_size = 0;
-        let client_config = |pins: Pins| -> Result<quinn::ClientConfig, TransportError> {
-            let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .map_err(tls)?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
-                    pins,
-                    provider: provider.clone(),
-                }))
-                .with_client_auth_cert(vec![identity.cert()], identity.key())
-                .map_err(tls)?;
-            client.alpn_protocols = vec![ALPN.to_vec()];
-            client.enable_early_data = false;
-            let mut config = quinn::ClientConfig::new(Arc::new(
-                QuicClientConfig::try_from(client).map_err(tls)?,
-            ));
-            config.transport_config(transport_config());
-            Ok(config)
-        };
+        // No session resumption: a resumed handshake skips the certificate verifiers, so a
+        // device unpinned (revoked) since would get back in with its ticket.
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        let client_config =
+            |pins: Pins, admit_unpinned: bool| -> Result<quinn::ClientConfig, TransportError> {
+                let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(tls)?
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
+                        pins,
+                        admit_unpinned,
+                        provider: provider.clone(),
+                    }))
+                    .with_client_auth_cert(vec![identity.cert()], identity.key())
+                    .map_err(tls)?;
+                client.alpn_protocols = vec![ALPN.to_vec()];
+                client.enable_early_data = false;
+                client.resumption = rustls::client::Resumption::disabled();
+                let mut config = quinn::ClientConfig::new(Arc::new(
+                    QuicClientConfig::try_from(client).map_err(tls)?,
+                ));
+                config.transport_config(transport_config());
+                Ok(config)
+            };
         // Joining: the inviter is not pinned yet; the PAKE binding authenticates it instead.
-        let open_pins = Pins::new();
-        open_pins.set_pairing_open(true);
-        let pairing_client = client_config(open_pins)?;
+        let pairing_client = client_config(Pins::new(), true)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server).map_err(tls)?,
         ));
@@ -121,7 +126,7 @@ impl Endpoint {
         let mut endpoint =
             quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
                 .map_err(TransportError::io)?;
-        endpoint.set_default_client_config(client_config(pins.clone())?);
+        endpoint.set_default_client_config(client_config(pins.clone(), false)?);
         Ok(Self {
             endpoint,
             device: identity.device(),
@@ -140,11 +145,20 @@ impl Endpoint {
         self.device
     }
 
-    /// Connects to `addr`; the peer must present a pinned certificate.
+    /// Connects to `addr`; the peer must present a pinned certificate (checked in the
+    /// handshake, and again once it is done).
     pub async fn connect(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
         let connecting = self.endpoint.connect(addr, "keel").map_err(tls)?;
         let connection = connecting.await.map_err(tls)?;
-        Connection::authenticated(connection, &self.pins)
+        let connection = Connection::authenticated(connection, &self.pins)?;
+        if !connection.pinned {
+            connection.close("not paired");
+            return Err(TransportError::Tls(format!(
+                "device {} is not paired",
+                connection.peer.short()
+            )));
+        }
+        Ok(connection)
     }
 
     /// Connects to an inviting device that is not pinned yet, to pair with it.

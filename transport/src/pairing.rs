@@ -51,6 +51,10 @@ pub enum PairingError {
     /// The inviting user declined.
     #[error("the other device's user declined")]
     Declined,
+    /// The device at that address has no open invitation (its code expired, was used or was
+    /// voided): it refused the connection.
+    #[error("that device has no open invitation (the code may have expired or been used)")]
+    NoInvitation,
     /// The peer sent something out of order or malformed.
     #[error("pairing protocol error: {0}")]
     Protocol(String),
@@ -251,6 +255,7 @@ fn rejected_or_protocol(message: &PairingMessage) -> PairingError {
             "voided" => PairingError::Voided,
             "rate limited" => PairingError::RateLimited,
             "declined" => PairingError::Declined,
+            "no invitation" => PairingError::NoInvitation,
             r if r.starts_with("device limit") => PairingError::DeviceLimit(
                 r.rsplit(' ')
                     .next()
@@ -271,6 +276,7 @@ fn reason(error: &PairingError) -> String {
         PairingError::RateLimited => "rate limited".into(),
         PairingError::Declined => "declined".into(),
         PairingError::DeviceLimit(n) => format!("device limit {n}"),
+        PairingError::NoInvitation => "no invitation".into(),
         PairingError::Protocol(p) => p.clone(),
     }
 }

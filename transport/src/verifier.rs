@@ -59,9 +59,10 @@ impl Pins {
     }
 }
 
-fn check_pinned(pins: &Pins, cert: &CertificateDer<'_>) -> Result<(), Error> {
+/// Accepts a pinned device, or any device when `admit_unpinned` (to pair, nothing else).
+fn check_pinned(pins: &Pins, cert: &CertificateDer<'_>, admit_unpinned: bool) -> Result<(), Error> {
     let device = DeviceId::of_certificate(cert.as_ref());
-    if pins.contains(&device) || pins.pairing_open() {
+    if pins.contains(&device) || admit_unpinned {
         Ok(())
     } else {
         Err(Error::General(format!(
@@ -71,10 +72,14 @@ fn check_pinned(pins: &Pins, cert: &CertificateDer<'_>) -> Result<(), Error> {
     }
 }
 
-/// Verifies the peer of an outgoing connection (the server side of the handshake).
+/// Verifies the peer of an outgoing connection (the server side of the handshake). An outgoing
+/// connection reaches only pinned devices, whatever the invitation state: only the one a joiner
+/// makes to pair (`admit_unpinned`) reaches a device it does not know yet, which the PAKE then
+/// authenticates.
 #[derive(Debug)]
 pub(crate) struct PinnedServerVerifier {
     pub(crate) pins: Pins,
+    pub(crate) admit_unpinned: bool,
     pub(crate) provider: Arc<CryptoProvider>,
 }
 
@@ -87,7 +92,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        check_pinned(&self.pins, end_entity)?;
+        check_pinned(&self.pins, end_entity, self.admit_unpinned)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -144,7 +149,8 @@ impl ClientCertVerifier for PinnedClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        check_pinned(&self.pins, end_entity)?;
+        // The inviting side admits unpinned devices while an invitation is open (to pair only).
+        check_pinned(&self.pins, end_entity, self.pins.pairing_open())?;
         Ok(ClientCertVerified::assertion())
     }
 

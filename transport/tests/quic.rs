@@ -341,3 +341,76 @@ async fn devices_pair_over_quic_with_a_code_then_talk_pinned() {
     connection.send(&hello).await.expect("sends");
     assert_eq!(back.recv().await.expect("receives"), hello);
 }
+
+/// Issue 24: while an invitation is open on `a`, `a` dialing an address (a `--peer` or a
+/// remembered one) must still refuse a server that is not pinned: only the inviting side admits
+/// unpinned peers, and only to pair.
+#[tokio::test]
+async fn an_outgoing_connection_refuses_an_unpinned_server_while_an_invitation_is_open() {
+    let a = Identity::generate("a").expect("identity");
+    let stranger = Identity::generate("stranger").expect("identity");
+    let pins_a = Pins::new();
+    pins_a.set_pairing_open(true);
+    let pins_s = Pins::new();
+    pins_s.pin(a.device());
+    let server = Endpoint::bind(&stranger, localhost(), pins_s).expect("binds");
+    let addr = server.local_addr().expect("addr");
+    let accept = tokio::spawn({
+        let server = server.clone();
+        async move { server.accept().await }
+    });
+    let client = Endpoint::bind(&a, localhost(), pins_a).expect("binds");
+    let outcome = tokio::time::timeout(Duration::from_secs(5), client.connect(addr)).await;
+    assert!(
+        matches!(outcome, Ok(Err(_))),
+        "connected to a stranger while an invitation was open"
+    );
+    accept.abort();
+}
+
+/// Issue 24: a device unpinned after a first connection (revoked) cannot come back through TLS
+/// session resumption, in either direction.
+#[tokio::test]
+async fn a_device_unpinned_after_a_session_cannot_resume_one() {
+    let (a, b, pins_a, pins_b) = pair();
+    let server = Endpoint::bind(&a, localhost(), pins_a.clone()).expect("binds");
+    let client = Endpoint::bind(&b, localhost(), pins_b.clone()).expect("binds");
+    let addr = server.local_addr().expect("addr");
+    let serving = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let mut pinned = Vec::new();
+            while let Some(incoming) = server.accept().await {
+                pinned.push(incoming.map(|c| c.pinned()).unwrap_or(false));
+                if pinned.len() == 2 {
+                    break;
+                }
+            }
+            pinned
+        }
+    });
+    let first = client.connect(addr).await.expect("first connection");
+    // Let the session tickets arrive before closing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.close("done");
+    // b stops trusting a: its next dial to a must fail.
+    pins_b.unpin(a.device());
+    let again = tokio::time::timeout(Duration::from_secs(5), client.connect(addr)).await;
+    assert!(
+        matches!(again, Ok(Err(_))),
+        "reconnected to an unpinned server"
+    );
+    // a stops trusting b: a connection from b must not come in as pinned.
+    pins_b.pin(a.device());
+    pins_a.unpin(b.device());
+    if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), client.connect(addr)).await {
+        conn.close("done");
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(5), serving).await;
+    if let Ok(Ok(pinned)) = seen {
+        assert!(
+            !pinned.get(1).copied().unwrap_or(false),
+            "an unpinned client came in as pinned: {pinned:?}"
+        );
+    }
+}

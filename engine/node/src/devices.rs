@@ -85,6 +85,31 @@ impl DevicesFile {
         });
     }
 
+    /// Records where `device` was last reached. A revoked device is never recorded (nor brought
+    /// back): only pairing adds a device. Returns whether the file changed.
+    pub fn remember_addr(&mut self, device: DeviceId, addr: SocketAddr) -> bool {
+        if self.is_revoked(&device) {
+            return false;
+        }
+        let id = device.to_hex();
+        match self.paired.iter_mut().find(|d| d.device_id == id) {
+            Some(entry) if entry.addr == Some(addr) => false,
+            Some(entry) => {
+                entry.addr = Some(addr);
+                true
+            }
+            None => {
+                self.paired.push(PairedDevice {
+                    device_id: id,
+                    name: String::new(),
+                    addr: Some(addr),
+                    paired_ms: 0,
+                });
+                true
+            }
+        }
+    }
+
     /// Whether `device` was revoked.
     pub fn is_revoked(&self, device: &DeviceId) -> bool {
         let id = device.to_hex();
@@ -110,5 +135,31 @@ impl DevicesFile {
     /// The known addresses of paired devices.
     pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.paired.iter().filter_map(|d| d.addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 24: a session with a revoked device (one that got in before the revocation took
+    /// effect everywhere) must not bring it back by recording its address.
+    #[test]
+    fn recording_an_address_never_unrevokes_a_device() {
+        let device = DeviceId([7; 32]);
+        let addr: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let mut file = DevicesFile::default();
+        file.add(device, "phone", None, 1);
+        file.revoke(device);
+        assert!(!file.remember_addr(device, addr));
+        assert!(file.is_revoked(&device));
+        assert!(file.paired.is_empty());
+        let other = DeviceId([8; 32]);
+        assert!(file.remember_addr(other, addr));
+        assert!(
+            !file.remember_addr(other, addr),
+            "nothing changed the second time"
+        );
+        assert_eq!(file.addrs().collect::<Vec<_>>(), vec![addr]);
     }
 }

@@ -295,11 +295,24 @@ impl Node {
             *slot.lock().await = Some(invitation);
         });
         self.net.endpoint.pins().set_pairing_open(true);
+        // The invitation ends when its code expires, whether or not anyone tried it.
+        let net = self.net.clone();
+        let expired = code.clone();
+        let ttl = std::time::Duration::from_millis(self.code_ttl_ms);
+        rt.spawn(async move {
+            tokio::time::sleep(ttl).await;
+            pairing::end_invitation(&net, &expired, keel_transport::PairingError::Expired).await;
+        });
         Ok(InviteHandle {
             code,
             questions,
             outcome,
         })
+    }
+
+    /// Whether an invitation is open (unpinned devices may connect, to pair only).
+    pub fn invitation_open(&self) -> bool {
+        self.net.endpoint.pins().pairing_open()
     }
 
     /// How many devices the library has (its Device records and paired devices).

@@ -281,11 +281,8 @@ impl Net {
         let Ok(mut file) = super::devices::DevicesFile::read(&self.library_dir) else {
             return;
         };
-        let hex = peer.to_hex();
-        match file.paired.iter_mut().find(|d| d.device_id == hex) {
-            Some(entry) if entry.addr == Some(addr) => return,
-            Some(entry) => entry.addr = Some(addr),
-            None => file.add(peer, "", Some(addr), keel_engine::now_ms()),
+        if !file.remember_addr(peer, addr) {
+            return;
         }
         if let Err(e) = file.write(&self.library_dir) {
             tracing::warn!(error = %e, "could not record a peer's address");

@@ -75,6 +75,23 @@ async fn send_pairing(conn: &Connection, message: PairingMessage) -> Result<(), 
         .map_err(|e| PairingError::Protocol(e.to_string()))
 }
 
+/// Ends the open invitation if it is still the one with `code`: unpinned handshakes are refused
+/// again and its owner hears `why`.
+pub(crate) async fn end_invitation(net: &Net, code: &PairingCode, why: PairingError) {
+    let mut slot = net.invitation.lock().await;
+    let Some(invitation) = slot.as_mut() else {
+        return;
+    };
+    if invitation.inviter.code() != code {
+        return;
+    }
+    if let Some(tx) = invitation.outcome.take() {
+        let _ = tx.send(Err(why));
+    }
+    *slot = None;
+    net.endpoint.pins().set_pairing_open(false);
+}
+
 /// Serves one unpinned connection: a pairing run if an invitation is open, else closed.
 pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
     if !net.endpoint.pins().pairing_open() {
@@ -248,8 +265,17 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
         .clone()
         .unwrap_or_else(|| device.name.clone());
     let (mut joiner, start) = Joiner::start(&code, binding, &name);
-    send_pairing(&conn, start).await?;
-    let reply = recv_pairing(&conn).await?;
+    // An inviter with no open invitation refuses the handshake; the joiner sees it on its
+    // first exchange, as a connection error.
+    send_pairing(&conn, start)
+        .await
+        .map_err(|_| PairingError::NoInvitation)?;
+    let reply = match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
+        Ok(Ok(DeviceMessage::Pairing(m))) => m,
+        Ok(Ok(_)) => return Err(PairingError::Protocol("expected a reply".into()).into()),
+        Ok(Err(_)) => return Err(PairingError::NoInvitation.into()),
+        Err(_) => return Err(PairingError::Protocol("timed out".into()).into()),
+    };
     let confirm = joiner.on_reply(&reply)?;
     send_pairing(&conn, confirm).await?;
     // The inviting user may take a while to confirm.

@@ -124,7 +124,10 @@ pub fn check_records<'a>(
     }
     for blob in blobs {
         if blob.len() > RECORD_BYTES_MAX {
-            return Err(ReplicaError::OverLimit(format!("a {what} of {} bytes", blob.len())));
+            return Err(ReplicaError::OverLimit(format!(
+                "a {what} of {} bytes",
+                blob.len()
+            )));
         }
     }
     Ok(())
@@ -133,7 +136,10 @@ pub fn check_records<'a>(
 /// Checks a list of domain positions against [`POSITIONS_MAX`].
 pub fn check_positions(positions: &[DomainPosition]) -> Result<(), ReplicaError> {
     if positions.len() > POSITIONS_MAX {
-        return Err(ReplicaError::OverLimit(format!("{} positions", positions.len())));
+        return Err(ReplicaError::OverLimit(format!(
+            "{} positions",
+            positions.len()
+        )));
     }
     Ok(())
 }
