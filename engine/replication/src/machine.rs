@@ -20,6 +20,30 @@ use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 
 use super::types::{Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output};
 
+/// How far above the highest epoch counter it knows a replica lets a peer's message go (see
+/// `Machine::in_reach`).
+const EPOCH_JUMP_MAX: u64 = 1 << 20;
+
+/// Whether a segment's entries could come from the leader of `epoch`: their epochs never go
+/// back (from `prev_epoch` on), none is above the segment's, and a barrier only starts an epoch.
+fn well_formed(epoch: Epoch, prev: Lsn, prev_epoch: Epoch, entries: &[(Epoch, LogSlot)]) -> bool {
+    if prev.0.checked_add(entries.len() as u64).is_none() {
+        return false;
+    }
+    let mut last = if prev.0 == 0 {
+        Epoch::default()
+    } else {
+        prev_epoch
+    };
+    for (e, slot) in entries {
+        if *e > epoch || *e < last || (*slot == LogSlot::Barrier && *e == last) {
+            return false;
+        }
+        last = *e;
+    }
+    true
+}
+
 /// Timing and sizing of a replica.
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
@@ -346,17 +370,53 @@ impl Machine {
         }
     }
 
-    /// The epoch this replica would stand in next.
-    fn next_epoch(&self) -> Epoch {
-        // Epoch 1 belongs to the founder: a candidate never takes it.
-        let counter = self
-            .durable
+    /// The highest epoch counter this replica knows of (taken, voted in or heard of).
+    fn known_counter(&self) -> u64 {
+        self.durable
             .epoch
             .counter
             .max(self.durable.voted.counter)
             .max(self.highest_seen)
-            .max(1)
-            + 1;
+    }
+
+    /// Whether `epoch` is within reach: at most [`EPOCH_JUMP_MAX`] above what this replica
+    /// knows. Elections raise the counter one at a time; a peer that names an epoch far above
+    /// is misbehaving, and adopting it would bring every counter near its limit.
+    fn in_reach(&self, epoch: Epoch) -> bool {
+        epoch.counter <= self.known_counter().saturating_add(EPOCH_JUMP_MAX)
+    }
+
+    /// Whether every epoch `message` names is within reach (see [`Machine::in_reach`]).
+    fn plausible(&self, message: &Message) -> bool {
+        match message {
+            Message::RequestVote { epoch, last } | Message::PreVote { epoch, last } => {
+                self.in_reach(*epoch) && self.in_reach(last.0)
+            }
+            Message::PreVoteReply { epoch, highest, .. } => {
+                self.in_reach(*epoch) && self.in_reach(*highest)
+            }
+            Message::Vote { epoch, .. }
+            | Message::Stale { epoch }
+            | Message::AppendReply { epoch, .. } => self.in_reach(*epoch),
+            Message::Append {
+                epoch,
+                prev_epoch,
+                entries,
+                ..
+            } => {
+                self.in_reach(*epoch)
+                    && self.in_reach(*prev_epoch)
+                    && entries.iter().all(|(e, _)| self.in_reach(*e))
+            }
+            Message::Push { .. } => true,
+        }
+    }
+
+    /// The epoch this replica would stand in next.
+    fn next_epoch(&self) -> Epoch {
+        // Epoch 1 belongs to the founder: a candidate never takes it. Saturating: counters stay
+        // far below the limit (see `in_reach`), and a replica at it simply never stands.
+        let counter = self.known_counter().max(1).saturating_add(1);
         Epoch {
             counter,
             device: self.config.device,
@@ -540,6 +600,9 @@ impl Machine {
     }
 
     fn receive(&mut self, from: DeviceId, message: Message, now_ms: u64, out: &mut Vec<Output>) {
+        if !self.plausible(&message) {
+            return;
+        }
         match message {
             Message::RequestVote { epoch, last } => {
                 self.on_request_vote(from, epoch, last, now_ms, out)
@@ -738,7 +801,7 @@ impl Machine {
             );
             return;
         }
-        if epoch.device != from {
+        if epoch.device != from || !well_formed(epoch, prev, prev_epoch, &entries) {
             return;
         }
         if self.role != ElectionRole::Follower

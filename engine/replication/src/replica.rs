@@ -271,6 +271,7 @@ impl Replica {
         store: &mut S,
     ) {
         let mut cached = Vec::new();
+        let mut catching_up = None;
         let message = match message {
             ReplicationMessage::LogSegment {
                 epoch,
@@ -278,17 +279,24 @@ impl Replica {
                 prev_epoch,
                 leader_end,
                 entries,
-            } => {
-                match self.incoming_segment(from, first, leader_end, entries, store, &mut cached) {
-                    Some(entries) => Message::Append {
+            } => match self.incoming_segment(from, first, entries, store, &mut cached) {
+                Some(entries) => {
+                    if !entries.is_empty() {
+                        catching_up = Some(ReplicaEvent::CatchingUp {
+                            stored: Lsn(first.0.max(1).saturating_add(entries.len() as u64 - 1)),
+                            leader_end,
+                            bytes: self.received_bytes,
+                        });
+                    }
+                    Message::Append {
                         epoch,
                         prev: Lsn(first.0.max(1) - 1),
                         prev_epoch,
                         entries,
-                    },
-                    None => return,
+                    }
                 }
-            }
+                None => return,
+            },
             ReplicationMessage::Push { changes } => Message::Push {
                 changes: self.incoming_push(from, changes, store, &mut cached),
             },
@@ -311,6 +319,16 @@ impl Replica {
             },
         };
         self.step(Input::Received { from, message }, now_ms);
+        if let Some(event) = catching_up {
+            // Only a segment the rules accepted says how far the leader's log goes.
+            let accepted = matches!(
+                self.outbox.last(),
+                Some(Output::Send { to, message: Message::AppendReply { ok: true, .. } }) if *to == from
+            );
+            if accepted {
+                self.events.push_back(event);
+            }
+        }
         self.drop_unused(cached);
     }
 
@@ -319,7 +337,6 @@ impl Replica {
         &mut self,
         from: DeviceId,
         first: Lsn,
-        leader_end: Lsn,
         entries: Vec<WireLogEntry>,
         store: &S,
         cached: &mut Vec<ChangeId>,
@@ -347,13 +364,6 @@ impl Replica {
                 cached.push(id);
             }
             slots.push((entry.epoch, LogSlot::Change(id)));
-        }
-        if !slots.is_empty() {
-            self.events.push_back(ReplicaEvent::CatchingUp {
-                stored: Lsn(first.0 + slots.len() as u64 - 1),
-                leader_end,
-                bytes: self.received_bytes,
-            });
         }
         Some(slots)
     }
