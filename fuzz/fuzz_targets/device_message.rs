@@ -7,7 +7,12 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(message) = DeviceMessage::decode(data) {
-        let bytes = message.encode().expect("a decoded message is within limits");
-        assert_eq!(DeviceMessage::decode(&bytes).expect("re-encoded decodes"), message);
+        let bytes = message
+            .encode()
+            .expect("a decoded message is within limits");
+        assert_eq!(
+            DeviceMessage::decode(&bytes).expect("re-encoded decodes"),
+            message
+        );
     }
 });

@@ -5,9 +5,7 @@
 #![no_main]
 
 use keel_schema::{DeviceId, LibraryId};
-use keel_transport::{
-    Binding, DeviceMessage, Inviter, Joiner, PairingCode, PairingMessage,
-};
+use keel_transport::{Binding, DeviceMessage, Inviter, Joiner, PairingCode, PairingMessage};
 use libfuzzer_sys::fuzz_target;
 use uuid::Uuid;
 

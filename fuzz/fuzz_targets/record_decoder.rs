@@ -26,5 +26,8 @@ fuzz_target!(|data: &[u8]| {
     assert!(LogPage::positions(data) >= 1);
     let _ = Sealer::peek_change_id(data);
     let sealer = LibraryKey::generate().sealer(LibraryId(uuid::Uuid::nil()));
-    assert!(sealer.open(data).is_err(), "a random payload opened under a fresh key");
+    assert!(
+        sealer.open(data).is_err(),
+        "a random payload opened under a fresh key"
+    );
 });

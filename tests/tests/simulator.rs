@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use keel_replication::wire::WireLogEntry;
 use keel_replication::{
     Durable, ElectionRole, LogSlot, LogWrite, Replica, ReplicaConfig, ReplicaEvent,
     ReplicationMessage, Store, Transmit,
@@ -20,11 +21,14 @@ use keel_replication::{
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use serde_bytes::ByteBuf;
 use uuid::Uuid;
 
 const STEP_MS: u64 = 5;
 const CHAOS_STEPS: usize = 2500;
 const HEAL_STEPS_MAX: usize = 6000;
+/// The hostile device of [`Sim::forge`].
+const HOSTILE: DeviceId = DeviceId([0xee; 32]);
 /// The simulator's sealing: a marker, then the change id (where the journal's `Sealer` puts it).
 const SEAL_MARK: [u8; 4] = *b"ksim";
 
@@ -158,6 +162,12 @@ struct Sim {
     ever_had: Vec<BTreeSet<ChangeId>>,
     delivered: u64,
     refused: u64,
+    /// A paired device that sends forged messages (see [`Sim::forge`]), while present.
+    hostile: Option<DeviceId>,
+    /// Whether each node has the hostile device as a session.
+    hostile_seen: Vec<bool>,
+    /// Steps at which some node followed the hostile device (its forgeries took effect).
+    followed_hostile: u64,
 }
 
 fn config(device: DeviceId) -> ReplicaConfig {
@@ -182,7 +192,7 @@ fn changes_of(d: &Durable) -> BTreeSet<ChangeId> {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Self {
+    fn new(seed: u64, with_hostile: bool) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let n = rng.random_range(3..=5);
         let devices: Vec<DeviceId> = (0..n)
@@ -219,6 +229,9 @@ impl Sim {
             devices,
             delivered: 0,
             refused: 0,
+            hostile: with_hostile.then_some(HOSTILE),
+            hostile_seen: vec![false; n],
+            followed_hostile: 0,
         };
         // The founder's epoch and barrier.
         sim.flush(0, false);
@@ -339,6 +352,9 @@ impl Sim {
         {
             out.push(transmit);
         }
+        if node.leader() == Some(HOSTILE) {
+            self.followed_hostile += 1;
+        }
         let d = node.durable();
         let disk = &self.disks[i];
         // A cheap check on every step; the whole log is compared at each crash.
@@ -435,6 +451,113 @@ impl Sim {
             } else {
                 BTreeSet::new()
             };
+            self.refresh_hostile(i, lossy);
+        }
+    }
+
+    /// Connects node `i` to the hostile device while it is present, disconnects it after.
+    fn refresh_hostile(&mut self, i: usize, lossy: bool) {
+        if self.nodes[i].is_none() {
+            self.hostile_seen[i] = false;
+            return;
+        }
+        let hostile = HOSTILE;
+        let present = self.hostile.is_some();
+        if present != self.hostile_seen[i] {
+            self.hostile_seen[i] = present;
+            let input = if present {
+                Input::Connected(hostile)
+            } else {
+                Input::Disconnected(hostile)
+            };
+            self.handle(i, input, lossy);
+        }
+    }
+
+    /// A message a misbehaving paired device might send: forged epochs (near the honest ones,
+    /// or far above), barriers and changes at random positions, votes and replies it has no
+    /// business sending, junk pushes.
+    fn forge(&mut self, hostile: DeviceId) -> ReplicationMessage {
+        let known = self
+            .nodes
+            .iter()
+            .flatten()
+            .map(|n| n.durable().epoch.counter)
+            .max()
+            .unwrap_or(1);
+        let counter = match self.rng.random_range(0..10) {
+            0 => u64::MAX - self.rng.random_range(0..3),
+            1 => known.saturating_add(self.rng.random_range(1_000..1u64 << 40)),
+            _ => known + self.rng.random_range(0..3),
+        };
+        let device = if self.rng.random_bool(0.8) {
+            hostile
+        } else {
+            self.devices[self.rng.random_range(0..self.devices.len())]
+        };
+        let epoch = Epoch { counter, device };
+        let lsn = Lsn(self.rng.random_range(0..800));
+        match self.rng.random_range(0..8) {
+            0 => ReplicationMessage::Stale { epoch },
+            1 => ReplicationMessage::RequestVote {
+                epoch,
+                last_epoch: epoch,
+                last_lsn: Lsn(u64::MAX),
+            },
+            2 => ReplicationMessage::PreVote {
+                epoch,
+                last_epoch: epoch,
+                last_lsn: lsn,
+            },
+            3 => ReplicationMessage::PreVoteReply {
+                epoch,
+                granted: true,
+                highest: epoch,
+            },
+            4 => ReplicationMessage::Vote {
+                epoch,
+                granted: true,
+            },
+            5 => ReplicationMessage::Ack {
+                epoch,
+                ok: self.rng.random_bool(0.5),
+                stored: lsn,
+                positions: Vec::new(),
+            },
+            6 => ReplicationMessage::Push {
+                changes: (0..self.rng.random_range(0..4))
+                    .map(|_| ByteBuf::from(seal(ChangeId(Uuid::from_u128(self.rng.random())))))
+                    .collect(),
+            },
+            _ => {
+                let entries = (0..self.rng.random_range(0..5))
+                    .map(|_| WireLogEntry {
+                        epoch: if self.rng.random_bool(0.7) {
+                            epoch
+                        } else {
+                            Epoch {
+                                counter: self.rng.random_range(0..=counter),
+                                device,
+                            }
+                        },
+                        sealed: ByteBuf::from(if self.rng.random_bool(0.3) {
+                            Vec::new()
+                        } else {
+                            seal(ChangeId(Uuid::from_u128(self.rng.random())))
+                        }),
+                    })
+                    .collect();
+                ReplicationMessage::LogSegment {
+                    epoch,
+                    first: Lsn(lsn.0.max(1)),
+                    prev_epoch: Epoch {
+                        counter: self.rng.random_range(0..=counter.min(known + 2)),
+                        device,
+                    },
+                    leader_end: Lsn(self.rng.random()),
+                    entries,
+                }
+            }
         }
     }
 
@@ -490,6 +613,15 @@ impl Sim {
             }
         }
         self.refresh_views(chaos);
+        if let Some(hostile) = self.hostile {
+            if chaos && self.rng.random_bool(0.3) {
+                let i = self.rng.random_range(0..n);
+                if self.nodes[i].is_some() {
+                    let forged = self.forge(hostile);
+                    self.handle(i, Input::Received(hostile, forged), chaos);
+                }
+            }
+        }
         // Deliver what is due, in a random order among the due messages (reordering).
         let now = self.now_ms;
         let mut due: Vec<InFlight> = Vec::new();
@@ -544,7 +676,14 @@ fn digest(d: &Durable) -> String {
 
 /// Runs one seed; returns how many damaged pushes the leaders refused.
 fn run(seed: u64) -> u64 {
-    let mut sim = Sim::new(seed);
+    run_with(seed, false).0
+}
+
+/// Runs one seed, with a hostile paired device during the chaos if `with_hostile` (it leaves
+/// when the network heals); returns how many damaged pushes the leaders refused and how often
+/// a node followed the hostile device.
+fn run_with(seed: u64, with_hostile: bool) -> (u64, u64) {
+    let mut sim = Sim::new(seed, with_hostile);
     for step in 0..CHAOS_STEPS {
         sim.step(true);
         if step % 100 == 0 {
@@ -553,13 +692,33 @@ fn run(seed: u64) -> u64 {
     }
     let n = sim.nodes.len();
     sim.up = vec![vec![true; n]; n];
+    sim.hostile = None;
     let mut healed_after = None;
+    let mut led_after = None;
     for step in 0..HEAL_STEPS_MAX {
         sim.step(false);
+        let leaders = sim
+            .nodes
+            .iter()
+            .flatten()
+            .filter(|r| r.role() == ElectionRole::Leader)
+            .count();
+        if led_after.is_none() && leaders == 1 && sim.nodes.iter().all(Option::is_some) {
+            led_after = Some(step);
+        }
         if sim.converged() {
             healed_after = Some(step);
             break;
         }
+    }
+    if with_hostile {
+        // Once the hostile device is gone, a leader within 10 election timeouts.
+        let bound = 10 * 150 / STEP_MS as usize;
+        let led = led_after.unwrap_or(usize::MAX);
+        assert!(
+            led <= bound,
+            "seed {seed}: no single leader {led} steps after the hostile device left (bound {bound})"
+        );
     }
     sim.check_nothing_lost();
     let Some(_) = healed_after else {
@@ -597,7 +756,7 @@ fn run(seed: u64) -> u64 {
         );
     }
     assert!(sim.delivered > 0);
-    sim.refused
+    (sim.refused, sim.followed_hostile)
 }
 
 #[test]
@@ -629,4 +788,31 @@ fn seeded_simulation_converges_and_loses_nothing() {
         "no damaged push was ever refused: that path went untested"
     );
     eprintln!("simulator: {seeds} seeds converged");
+}
+
+#[test]
+fn seeded_simulation_with_a_hostile_peer_converges_and_loses_nothing() {
+    if let Some(seed) = std::env::var("KEEL_SIM_HOSTILE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        run_with(seed, true);
+        return;
+    }
+    let seeds: u64 = if keel_tests::full_tier() { 2_000 } else { 200 };
+    let mut followed = 0;
+    for seed in 0..seeds {
+        match std::panic::catch_unwind(|| run_with(seed, true)) {
+            Ok((_, f)) => followed += f,
+            Err(panic) => {
+                eprintln!("hostile simulation failed with seed {seed}; rerun with KEEL_SIM_HOSTILE_SEED={seed}");
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+    assert!(
+        followed > 0,
+        "no node ever followed the hostile device: its forgeries never took"
+    );
+    eprintln!("simulator with a hostile peer: {seeds} seeds converged");
 }

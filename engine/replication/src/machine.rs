@@ -754,6 +754,8 @@ impl Machine {
             return;
         }
         let log_len = self.durable.last_lsn().0;
+        // A follower's word: what it stored of this leader's log cannot pass its end.
+        let last = Lsn(last.0.min(log_len));
         let next = self.next.entry(from).or_insert(log_len + 1);
         if ok {
             if last.0 + 1 > *next {

@@ -482,23 +482,30 @@ impl Replica {
             LogOp::Truncate { keep } => return Ok(Some(LogWrite::Truncate { keep })),
             LogOp::Append { at, epoch, entry } => (at, epoch, entry),
         };
-        let mut entries = vec![(epoch, self.take_payload(entry, store)?)];
+        let mut slots = vec![(epoch, entry)];
         while let Some(LogOp::Append {
             at: next,
             epoch,
             entry,
         }) = self.ops.front().copied()
         {
-            if next.0 != at.0 + entries.len() as u64 {
+            if next.0 != at.0 + slots.len() as u64 {
                 break;
             }
             self.ops.pop_front();
-            entries.push((epoch, self.take_payload(entry, store)?));
+            slots.push((epoch, entry));
         }
+        let mut entries = Vec::with_capacity(slots.len());
+        for (epoch, entry) in &slots {
+            entries.push((*epoch, self.payload_of(*entry, store)?));
+        }
+        self.forget_written(&slots);
         Ok(Some(LogWrite::Append { at, entries }))
     }
 
-    fn take_payload<S: Store>(
+    /// The sealed payload of an entry to write (empty for a barrier), from memory or the
+    /// offline journal. Copied, not taken: a (misbehaving) leader may send one change twice.
+    fn payload_of<S: Store>(
         &mut self,
         entry: LogSlot,
         store: &mut S,
@@ -506,14 +513,33 @@ impl Replica {
         let LogSlot::Change(id) = entry else {
             return Ok(Vec::new());
         };
-        if let Some(bytes) = self.payloads.remove(&id) {
-            return Ok(bytes);
+        if !self.payloads.contains_key(&id) {
+            self.payloads
+                .extend(store.read_offline().map_err(ReplicaError::Store)?);
         }
         self.payloads
-            .extend(store.read_offline().map_err(ReplicaError::Store)?);
-        self.payloads
-            .remove(&id)
+            .get(&id)
+            .cloned()
             .ok_or(ReplicaError::MissingPayload(id))
+    }
+
+    /// Drops the payloads of `written` that no pending write and no offline change needs.
+    fn forget_written(&mut self, written: &[(Epoch, LogSlot)]) {
+        let mut wanted: HashSet<ChangeId> = self.durable().offline.iter().copied().collect();
+        wanted.extend(self.ops.iter().filter_map(|op| match op {
+            LogOp::Append {
+                entry: LogSlot::Change(id),
+                ..
+            } => Some(*id),
+            _ => None,
+        }));
+        for (_, entry) in written {
+            if let LogSlot::Change(id) = entry {
+                if !wanted.contains(id) {
+                    self.payloads.remove(id);
+                }
+            }
+        }
     }
 
     /// Every write polled so far is durable: the messages that waited for them may go.

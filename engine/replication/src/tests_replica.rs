@@ -469,3 +469,64 @@ fn a_refused_segment_announces_no_catch_up() {
         "{events:?}"
     );
 }
+
+/// Found by the `replica` fuzz target: a segment naming one change twice made the second write
+/// fail for want of its payload (the first had taken it), and a runtime restarts its replica on a
+/// failed write, so a misbehaving leader could keep a follower restarting.
+#[test]
+fn a_segment_naming_a_change_twice_is_written_whole() {
+    let mut store = Memory::default();
+    let mut follower = follower_of_founder(&mut store);
+    let founder = Epoch {
+        counter: 1,
+        device: DeviceId([1; 32]),
+    };
+    follower.handle_message(
+        3,
+        founder.device,
+        segment(
+            founder,
+            4,
+            founder,
+            vec![(founder, seal(id(7))), (founder, seal(id(7)))],
+        ),
+        &mut store,
+    );
+    let mut written = 0;
+    while let Some(write) = follower.poll_log_write(&mut store).expect("no write fails") {
+        if let LogWrite::Append { entries, .. } = &write {
+            written += entries.len();
+            store.log.extend(entries.iter().cloned());
+        }
+    }
+    assert_eq!(written, 2);
+    follower.written();
+    assert_eq!(follower.payloads_len(), 0, "payloads left in memory");
+}
+
+/// Found by the `replica` fuzz target: an acknowledgement claiming position `u64::MAX` made
+/// the leader's arithmetic overflow (a panic: the node's core thread would die).
+#[test]
+fn an_acknowledgement_past_every_position_is_harmless() {
+    let mut store = Memory::default();
+    let mut leader = Replica::founder(config(1), 0);
+    store.write_all(&mut leader);
+    leader.written();
+    let peer = DeviceId([2; 32]);
+    leader.handle_connected(1, peer);
+    let epoch = leader.durable().epoch;
+    for ok in [true, false] {
+        leader.handle_message(
+            2,
+            peer,
+            ReplicationMessage::Ack {
+                epoch,
+                ok,
+                stored: Lsn(u64::MAX),
+                positions: Vec::new(),
+            },
+            &mut store,
+        );
+    }
+    assert_eq!(leader.role(), ElectionRole::Leader);
+}
