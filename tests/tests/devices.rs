@@ -165,6 +165,27 @@ fn leader_killed_a_follower_takes_over_and_the_old_leader_steps_down() {
     }
 }
 
+/// Issue 24: B and C each paired with A and were never told about each other. When A is
+/// killed, they must still find each other (they learn addresses from A while it runs), elect a
+/// leader and converge.
+#[test]
+fn devices_paired_through_one_fail_over_without_being_told_of_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "trip").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    let (_hc, c) = joiner(dir.path(), "c", &a).expect("c joins");
+    commit(&a, &tag("before"));
+    converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let old_epoch = a.status().epoch.counter;
+    drop(a);
+    let during = tag("while a is gone");
+    commit(&b, &during);
+    let new_leader = leader_among(&[&b, &c]);
+    assert!(new_leader.epoch.counter > old_epoch);
+    converge(&[&b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert!(has(&c, &during));
+}
+
 #[test]
 fn two_leaders_after_a_partition_heal_converge_and_nothing_is_lost() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -22,6 +22,18 @@ pub const MESSAGE_VERSION: u8 = 2;
 pub const SNAPSHOT_CHUNK_MAX: usize = 4 << 20;
 /// Longest name or reason string.
 pub const TEXT_LEN_MAX: usize = 256;
+/// Most devices in one [`DeviceMessage::Peers`].
+pub const PEERS_MAX: usize = 64;
+
+/// Where a device of the library was last reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddr {
+    /// The device.
+    pub device: DeviceId,
+    /// Its address, as the sender saw it (a node's one UDP socket both listens and dials, so
+    /// on a network without address translation this is where it listens).
+    pub addr: std::net::SocketAddr,
+}
 
 /// Pairing (SPAKE2 over a short code, then key transfer).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +116,12 @@ pub enum DeviceMessage {
     Replication(ReplicationMessage),
     /// Pairing.
     Pairing(PairingMessage),
+    /// The devices of the library the sender has reached, and where: so that devices paired
+    /// through one another find each other. Only pinned devices are ever dialed.
+    Peers {
+        /// At most [`PEERS_MAX`].
+        peers: Vec<PeerAddr>,
+    },
     /// Sent instead of Hello by a device that has just joined: asks for the log and a snapshot
     /// of the projections, so it need not replay the whole log. The answer is
     /// [`DeviceMessage::SnapshotBegin`], log segments and chunks in any interleaving, then
@@ -196,6 +214,11 @@ impl DeviceMessage {
                 }
             }
             DeviceMessage::Replication(message) => message.check()?,
+            DeviceMessage::Peers { peers } => {
+                if peers.len() > PEERS_MAX {
+                    return Err(over(format!("{} peers", peers.len())));
+                }
+            }
             DeviceMessage::SyncPullModelBatchResponse { records, .. } => {
                 check_records("records", records.iter())?
             }
@@ -309,6 +332,12 @@ mod tests {
             DeviceMessage::Pairing(PairingMessage::Rejected {
                 reason: "wrong code".into(),
             }),
+            DeviceMessage::Peers {
+                peers: vec![PeerAddr {
+                    device,
+                    addr: "[::1]:4000".parse().expect("addr"),
+                }],
+            },
             DeviceMessage::SnapshotRequest {
                 library: LibraryId(Uuid::nil()),
             },
@@ -363,6 +392,16 @@ mod tests {
             data: ByteBuf::from(vec![0u8; SNAPSHOT_CHUNK_MAX + 1]),
         };
         assert!(big_chunk.encode().is_err());
+        let crowd = DeviceMessage::Peers {
+            peers: vec![
+                PeerAddr {
+                    device: DeviceId([1; 32]),
+                    addr: "127.0.0.1:1".parse().expect("addr"),
+                };
+                PEERS_MAX + 1
+            ],
+        };
+        assert!(crowd.encode().is_err());
         let short_hash = DeviceMessage::SnapshotEnd {
             file_hash: ByteBuf::from(vec![0u8; 31]),
         };

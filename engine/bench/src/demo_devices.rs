@@ -232,6 +232,32 @@ fn wait_new_leader(devices: &[&Device], old_epoch: u64) -> Result<(&'static str,
     }
 }
 
+/// Waits until `x` and `y` have a session with each other (they learn each other's address
+/// from a third device).
+fn wait_connected(x: &Device, y: &Device) -> Result<()> {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let id = |d: &Device| -> Result<String> { Ok(str_of(&d.status()?, "device_id").to_string()) };
+    let (x_id, y_id) = (id(x)?, id(y)?);
+    loop {
+        let sees = |d: &Device, other: &str| -> bool {
+            d.status().ok().is_some_and(|s| {
+                s["peers"].as_array().is_some_and(|peers| {
+                    peers
+                        .iter()
+                        .any(|p| p["device_id"] == other && p["connected"] == true)
+                })
+            })
+        };
+        if sees(x, &y_id) && sees(y, &x_id) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{} and {} never reached each other", x.label, y.label);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// For `keel bench` (P6): three nodes on the library `demo` in `root/a`, the leader killed;
 /// milliseconds until another device leads a new epoch.
 pub(crate) fn failover_ms(root: &Path) -> Result<f64> {
@@ -245,9 +271,11 @@ pub(crate) fn failover_ms(root: &Path) -> Result<f64> {
         let addr = a.addr.to_string();
         joiner.run(&["pair", "join", "--addr", &addr, "--code", &code])?;
     }
-    b.serve(&[a.addr, c.addr])?;
-    c.serve(&[a.addr, b.addr])?;
+    // No --peer: B and C learn of each other from A.
+    b.serve(&[])?;
+    c.serve(&[])?;
     converge(&[&a, &b, &c])?;
+    wait_connected(&b, &c)?;
     let old_epoch = a.status()?["epoch"]["counter"].as_u64().unwrap_or(0);
     a.stop(true)?;
     let killed = Instant::now();
@@ -291,11 +319,11 @@ pub(crate) fn run(n: &mut u32, root: &Path, tree: &Path, files: &[PathBuf]) -> R
     }
     step(
         n,
-        "B and C serve; they sync the whole library from A (initial sync)",
+        "B and C serve with no --peer (each remembers A from pairing; A tells them of each other)",
     );
     let t = Instant::now();
-    b.serve(&[a.addr, c.addr])?;
-    c.serve(&[a.addr, b.addr])?;
+    b.serve(&[])?;
+    c.serve(&[])?;
     let statuses = converge(&[&a, &b, &c])?;
     println!("    converged in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
     show_roles(&[&a, &b, &c], &statuses);
@@ -339,7 +367,7 @@ pub(crate) fn run(n: &mut u32, root: &Path, tree: &Path, files: &[PathBuf]) -> R
 
     step(n, "C comes back and pushes what it wrote offline");
     let t = Instant::now();
-    c.serve(&[a.addr, b.addr])?;
+    c.serve(&[])?;
     converge(&[&a, &b, &c])?;
     println!("    converged in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
 

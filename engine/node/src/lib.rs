@@ -165,10 +165,12 @@ impl Node {
             offline: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             link: Arc::downgrade(&link),
+            heard: Mutex::new(HashMap::new()),
         });
         {
             let _guard = rt.enter();
             rt.spawn(net.clone().accept_loop());
+            rt.spawn(net.clone().share_peers_loop());
             for addr in options.peers.iter().copied().chain(file.addrs()) {
                 if addr != listen {
                     net.dial(addr);

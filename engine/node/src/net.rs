@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use keel_schema::{DeviceId, Epoch, LibraryId, Lsn};
-use keel_transport::{Connection, DeviceMessage, Endpoint};
+use keel_transport::{Connection, DeviceMessage, Endpoint, PeerAddr, PEERS_MAX};
 use rand::RngExt;
 
 use super::core::CoreEvent;
@@ -25,6 +25,10 @@ pub const BACKOFF_MAX_MS: u64 = 2_000;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a node tells its sessions where the library's other devices are.
+const PEER_SHARE_INTERVAL: Duration = Duration::from_secs(2);
+/// Most addresses a node keeps dialing (one dialer each): a peer's word cannot grow it past.
+const DIALERS_MAX: usize = 64;
 
 /// The next delay: doubled, capped, with ±50% jitter so peers do not retry in lockstep.
 pub fn backoff_delay(attempt: u32) -> Duration {
@@ -54,6 +58,9 @@ pub(crate) struct Net {
     pub(crate) live: Mutex<HashMap<u64, Arc<Connection>>>,
     /// The library, for serving snapshots to devices that join.
     pub(crate) link: std::sync::Weak<keel_engine::NodeLink>,
+    /// Addresses peers named for devices not pinned yet (their Device record has not arrived):
+    /// dialed once they are. At most [`PEERS_MAX`].
+    pub(crate) heard: Mutex<HashMap<DeviceId, SocketAddr>>,
 }
 
 impl Net {
@@ -116,12 +123,13 @@ impl Net {
         }
     }
 
-    /// Keeps a connection to `addr` up (no-op if a dialer for it runs already).
+    /// Keeps a connection to `addr` up (no-op if a dialer for it runs already, or if
+    /// [`DIALERS_MAX`] run already).
     pub(crate) fn dial(self: &Arc<Self>, addr: SocketAddr) {
         let fresh = self
             .dialing
             .lock()
-            .map(|mut d| d.insert(addr))
+            .map(|mut d| d.len() < DIALERS_MAX && d.insert(addr))
             .unwrap_or(false);
         if fresh {
             tokio::spawn(self.clone().dial_loop(addr));
@@ -186,6 +194,11 @@ impl Net {
             *sessions.entry(peer).or_default() += 1;
         }
         let _ = self.core.send(CoreEvent::Connected { peer, conn: id, tx });
+        // Tell everyone (this new peer included) where the others are.
+        tokio::spawn({
+            let net = self.clone();
+            async move { net.share_peers().await }
+        });
         let writer_conn = conn.clone();
         let writer = tokio::spawn(async move {
             while let Some(message) = rx.recv().await {
@@ -248,7 +261,7 @@ impl Net {
     }
 
     /// Hands the peer's replication messages to the core until the connection ends.
-    async fn receive(&self, peer: DeviceId, conn: &Connection) {
+    async fn receive(self: &Arc<Self>, peer: DeviceId, conn: &Connection) {
         loop {
             match conn.recv().await {
                 Ok(DeviceMessage::Replication(message)) => {
@@ -260,6 +273,7 @@ impl Net {
                         return;
                     }
                 }
+                Ok(DeviceMessage::Peers { peers }) => self.learn_peers(peer, peers),
                 Ok(other) => {
                     tracing::debug!(peer = %peer.short(), message = ?std::mem::discriminant(&other), "a message that has no place in a sync session; ignored");
                 }
@@ -273,6 +287,100 @@ impl Net {
                     return;
                 }
             }
+        }
+    }
+
+    /// Every [`PEER_SHARE_INTERVAL`], tells each session where the library's other devices
+    /// were reached, so that devices paired through this one find each other.
+    pub(crate) async fn share_peers_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PEER_SHARE_INTERVAL).await;
+            if !self.is_offline() {
+                self.dial_heard();
+                self.share_peers().await;
+            }
+        }
+    }
+
+    /// Dials the devices heard of that are pinned by now.
+    fn dial_heard(self: &Arc<Self>) {
+        let ready: Vec<(DeviceId, SocketAddr)> = self
+            .heard
+            .lock()
+            .map(|mut heard| {
+                let pins = self.endpoint.pins();
+                let ready: Vec<_> = heard
+                    .iter()
+                    .filter(|(d, _)| pins.contains(d))
+                    .map(|(d, a)| (*d, *a))
+                    .collect();
+                for (d, _) in &ready {
+                    heard.remove(d);
+                }
+                ready
+            })
+            .unwrap_or_default();
+        for (device, addr) in ready {
+            if !self.connected(&device) {
+                self.remember_addr(device, addr);
+                self.dial(addr);
+            }
+        }
+    }
+
+    async fn share_peers(&self) {
+        let known: Vec<PeerAddr> = self
+            .addrs
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .map(|(device, addr)| PeerAddr {
+                        device: *device,
+                        addr: *addr,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let live: Vec<Arc<Connection>> = self
+            .live
+            .lock()
+            .map(|l| l.values().cloned().collect())
+            .unwrap_or_default();
+        for conn in live {
+            let peers: Vec<PeerAddr> = known
+                .iter()
+                .filter(|p| p.device != conn.peer())
+                .take(PEERS_MAX)
+                .copied()
+                .collect();
+            if peers.is_empty() {
+                continue;
+            }
+            if let Err(e) = conn.send(&DeviceMessage::Peers { peers }).await {
+                tracing::debug!(peer = %conn.peer().short(), error = %e, "peers not sent");
+            }
+        }
+    }
+
+    /// Dials the devices `from` says it reached, if they are pinned (paired and not revoked)
+    /// and not connected already; remembers where they were.
+    fn learn_peers(self: &Arc<Self>, from: DeviceId, peers: Vec<PeerAddr>) {
+        for PeerAddr { device, addr } in peers {
+            if device == self.device || self.connected(&device) {
+                continue;
+            }
+            if !self.endpoint.pins().contains(&device) {
+                // Its Device record may not have arrived yet: dialed once it is pinned.
+                if let Ok(mut heard) = self.heard.lock() {
+                    if heard.len() < PEERS_MAX || heard.contains_key(&device) {
+                        heard.insert(device, addr);
+                    }
+                }
+                continue;
+            }
+            tracing::debug!(peer = %from.short(), device = %device.short(), %addr, "learned where a device is");
+            self.remember_addr(device, addr);
+            self.dial(addr);
         }
     }
 
