@@ -96,20 +96,31 @@ pub struct LibraryKey {
     key_id: u32,
 }
 
+impl Drop for LibraryKey {
+    fn drop(&mut self) {
+        // Key material does not outlive its holder in memory.
+        zeroize::Zeroize::zeroize(&mut self.bytes);
+    }
+}
+
 impl std::fmt::Debug for LibraryKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "LibraryKey(id {})", self.key_id)
     }
 }
 
-fn derive_kek(password: &str, salt: &[u8], kdf: KdfParams) -> Result<[u8; 32], JournalError> {
+fn derive_kek(
+    password: &str,
+    salt: &[u8],
+    kdf: KdfParams,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, JournalError> {
     kdf.check()?;
     let params = Params::new(kdf.m_kib, kdf.t, kdf.p, Some(32))
         .map_err(|e| JournalError::KdfParamsOutOfRange(e.to_string()))?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-    let mut kek = [0u8; 32];
+    let mut kek = zeroize::Zeroizing::new([0u8; 32]);
     argon
-        .hash_password_into(password.as_bytes(), salt, &mut kek)
+        .hash_password_into(password.as_bytes(), salt, kek.as_mut())
         .map_err(|e| JournalError::BadKeyMaterial(e.to_string()))?;
     Ok(kek)
 }
@@ -163,7 +174,7 @@ impl LibraryKey {
         rand::rng().fill_bytes(&mut salt);
         rand::rng().fill_bytes(&mut nonce);
         let kek = derive_kek(password, &salt, kdf)?;
-        let cipher = XChaCha20Poly1305::new((&kek).into());
+        let cipher = XChaCha20Poly1305::new((&*kek).into());
         let ad = wrap_ad(library, self.key_id);
         let sealed = cipher
             .encrypt(
@@ -198,7 +209,7 @@ impl LibraryKey {
             ));
         }
         let kek = derive_kek(password, &salt, wrapped.kdf)?;
-        let cipher = XChaCha20Poly1305::new((&kek).into());
+        let cipher = XChaCha20Poly1305::new((&*kek).into());
         let ad = wrap_ad(library, wrapped.key_id);
         let plain = cipher
             .decrypt(

@@ -189,8 +189,9 @@ fn password_change_rewraps_the_key_only() {
     lib.close().expect("close");
     let journal = home.library_dir("lib").join("journal.redb");
     let before = std::fs::read(&journal).expect("read");
-    assert!(Library::change_password(&home, "lib", "wrong", "new").is_err());
-    Library::change_password(&home, "lib", PASSWORD, "new password").expect("changes");
+    let kdf = keel_engine::KdfParams::INSECURE_FAST;
+    assert!(Library::change_password(&home, "lib", "wrong", "new", kdf).is_err());
+    Library::change_password(&home, "lib", PASSWORD, "new password", kdf).expect("changes");
     assert_eq!(
         std::fs::read(&journal).expect("read"),
         before,
@@ -378,4 +379,61 @@ fn projections_ahead_of_a_journal_that_lost_more_are_refused() {
         ),
         "{refused:?}"
     );
+}
+
+/// Issue 24: a library's folder is its owner's alone from `init` (and `join`) on: the folder
+/// 0700, `library.toml` (the wrapped key), the journal and the projections 0600.
+#[cfg(unix)]
+#[test]
+fn a_new_library_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.close().expect("close");
+    let folder = home.library_dir("lib");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&folder), 0o700, "the library folder");
+    for file in ["library.toml", "journal.redb", "projections.sqlite"] {
+        assert_eq!(mode(&folder.join(file)), 0o600, "{file}");
+    }
+}
+
+/// Issue 24: an empty password protects nothing: refused when creating and when changing.
+#[test]
+fn an_empty_password_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = Home::new(dir.path().join("home"));
+    let options = keel_engine::CreateOptions {
+        kdf: keel_engine::KdfParams::INSECURE_FAST,
+    };
+    assert!(matches!(
+        Library::create(&home, "lib", "", options),
+        Err(EngineError::EmptyPassword)
+    ));
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.close().expect("close");
+    assert!(matches!(
+        Library::change_password(
+            &home,
+            "lib",
+            PASSWORD,
+            "",
+            keel_engine::KdfParams::INSECURE_FAST
+        ),
+        Err(EngineError::EmptyPassword)
+    ));
+}
+
+/// Issue 24: changing the password of a library made with the test-only key derivation moves it
+/// to the parameters asked for (the CLI asks for the recommended ones).
+#[test]
+fn a_password_change_moves_the_key_to_the_kdf_asked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.close().expect("close");
+    let recommended = keel_engine::KdfParams::RECOMMENDED;
+    Library::change_password(&home, "lib", PASSWORD, "a real one", recommended).expect("changes");
+    let config = keel_engine::LibraryConfig::read(&home.library_dir("lib")).expect("reads");
+    assert_eq!(config.key.kdf, recommended);
 }

@@ -15,6 +15,10 @@ struct Cli {
     /// Data folder (default: $KEEL_HOME, else ~/.keel).
     #[arg(long, global = true, env = "KEEL_HOME")]
     home: Option<PathBuf>,
+    /// Read the library password from this file (one trailing newline is dropped), for
+    /// services: it need not sit in the environment. Else KEEL_PASSWORD, else a prompt.
+    #[arg(long, global = true, env = "KEEL_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -240,7 +244,33 @@ fn home_of(cli_home: Option<PathBuf>) -> Result<Home> {
     Ok(Home::new(PathBuf::from(base).join(".keel")))
 }
 
+/// The `--password-file` of this run, set once at start.
+static PASSWORD_FILE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Longest password file read.
+const PASSWORD_FILE_MAX: u64 = 4096;
+
+fn password_from_file(path: &Path) -> Result<String> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("password file {}", path.display()))?
+        .len();
+    if len > PASSWORD_FILE_MAX {
+        bail!(
+            "password file {} is {len} bytes; at most {PASSWORD_FILE_MAX}",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("password file {}", path.display()))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    Ok(text.to_string())
+}
+
 pub(crate) fn password() -> Result<String> {
+    if let Some(Some(path)) = PASSWORD_FILE.get() {
+        return password_from_file(path);
+    }
     if let Ok(p) = std::env::var("KEEL_PASSWORD") {
         return Ok(p);
     }
@@ -360,6 +390,7 @@ pub(crate) fn parse_forwarded(args: &[String]) -> Result<Command, String> {
 pub(crate) fn run() -> Result<i32> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cli = Cli::parse();
+    let _ = PASSWORD_FILE.set(cli.password_file.clone());
     match cli.command {
         Command::Bench(args) => return keel_bench::run_bench(&args.into()),
         Command::Demo { files } => return keel_bench::run_demo(&keel_bench::DemoOptions { files }),
@@ -387,7 +418,9 @@ pub(crate) fn run() -> Result<i32> {
                 }
                 Err(_) => bail!("no new password: set KEEL_NEW_PASSWORD or run on a terminal"),
             };
-            Library::change_password(&home, &lib, &old, &new)?;
+            // The recommended key derivation, whatever the library was made with (a library
+            // made for tests moves to it).
+            Library::change_password(&home, &lib, &old, &new, kdf())?;
             println!("password changed for {lib}");
             Ok(0)
         }

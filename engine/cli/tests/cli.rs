@@ -583,3 +583,36 @@ fn pair_invite_asks_on_the_terminal_and_yes_accepts_the_device() {
         "b holds the library"
     );
 }
+
+/// Issue 24: services read the password from a file (`--password-file`, or
+/// `KEEL_PASSWORD_FILE`), so it need not sit in the environment; one trailing newline is not
+/// part of it.
+#[test]
+fn the_password_can_come_from_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let file = dir.path().join("password");
+    std::fs::write(&file, "from a file\n").expect("writes");
+    let run = |args: &[&str], env_file: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+        cmd.arg("--home").arg(&home).args(args);
+        cmd.env_remove("KEEL_PASSWORD")
+            .env("KEEL_INSECURE_FAST_KDF", "1");
+        if env_file {
+            cmd.env("KEEL_PASSWORD_FILE", &file);
+        }
+        cmd.output().expect("keel runs")
+    };
+    ok(&run(&["init", "lib"], true));
+    let flag = file.to_string_lossy().into_owned();
+    ok(&run(&["--password-file", &flag, "status", "lib"], false));
+    // The same password as KEEL_PASSWORD opens it: the newline was not part of it.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--home")
+        .arg(&home)
+        .args(["status", "lib"])
+        .env("KEEL_PASSWORD", "from a file")
+        .output()
+        .expect("keel runs");
+    ok(&out);
+}

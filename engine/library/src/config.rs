@@ -82,6 +82,12 @@ impl Home {
             });
         }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_at(&dir))?;
+        }
         let name = default_device_name();
         let certified = rcgen::generate_simple_self_signed(vec![format!("{name}.keel")])
             .map_err(|e| bad(e.to_string()))?;
@@ -202,8 +208,41 @@ impl LibraryConfig {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&path, text.as_bytes())
+        write_private(&path, text.as_bytes())
     }
+}
+
+/// Makes a library folder its owner's alone: the folder 0700, and the files in it that hold
+/// library data 0600 (the wrapped key, the journal, the projections and their WAL). New files
+/// inherit nothing from the folder, but nobody else can reach them through it.
+pub(crate) fn make_private(dir: &Path) -> Result<(), EngineError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |path: &Path, mode: u32| -> Result<(), EngineError> {
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(EngineError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }),
+            }
+        };
+        set(dir, 0o700)?;
+        for file in [
+            "library.toml",
+            crate::library::JOURNAL_FILE,
+            crate::library::PROJECTIONS_FILE,
+            "projections.sqlite-wal",
+            "projections.sqlite-shm",
+        ] {
+            set(&dir.join(file), 0o600)?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 fn read_small(path: &Path) -> Result<String, EngineError> {

@@ -19,6 +19,9 @@ pub enum EngineError {
     /// The library name is not usable as a folder name.
     #[error("invalid library name '{0}': use letters, digits, '-', '_' or '.'")]
     InvalidName(String),
+    /// An empty password protects nothing: refused.
+    #[error("the password is empty")]
+    EmptyPassword,
     /// `library.toml` is missing.
     #[error("library.toml is missing in {0} (the library folder is incomplete)")]
     MissingConfig(PathBuf),

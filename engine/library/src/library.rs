@@ -207,6 +207,9 @@ impl Library {
         if !valid_name(name) {
             return Err(EngineError::InvalidName(name.into()));
         }
+        if password.is_empty() {
+            return Err(EngineError::EmptyPassword);
+        }
         let dir = home.library_dir(name);
         if dir.join("library.toml").exists() {
             return Err(EngineError::LibraryExists(name.into()));
@@ -216,6 +219,7 @@ impl Library {
             device.name = name.into();
         }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        crate::config::make_private(&dir)?;
         let config = LibraryConfig {
             version: LIBRARY_CONFIG_VERSION,
             name: name.into(),
@@ -264,14 +268,18 @@ impl Library {
         name: &str,
         old: &str,
         new: &str,
+        kdf: KdfParams,
     ) -> Result<(), EngineError> {
+        if new.is_empty() {
+            return Err(EngineError::EmptyPassword);
+        }
         let dir = home.library_dir(name);
         if !dir.exists() {
             return Err(EngineError::NoSuchLibrary(name.into()));
         }
         let mut config = LibraryConfig::read(&dir)?;
         let key = LibraryKey::unwrap_with(&config.key, config.library(), old)?;
-        config.key = key.wrap(config.library(), new, config.key.kdf)?;
+        config.key = key.wrap(config.library(), new, kdf)?;
         config.write(&dir)
     }
 
@@ -312,6 +320,7 @@ impl Library {
             journal.election().store(epoch, epoch)?;
         }
         let (projections, healed) = heal_projections(&journal, &dir)?;
+        crate::config::make_private(&dir)?;
         let projections_path = dir.join(PROJECTIONS_FILE);
         let mut clock = HlcClock::new(device.id);
         if let Some(hwm) = journal.hlc_high_water()? {
