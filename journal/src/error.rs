@@ -37,6 +37,17 @@ pub enum JournalError {
         /// Why.
         reason: String,
     },
+    /// A change from another device carries a clock further ahead of this device's than
+    /// [`crate::CLOCK_AHEAD_MAX_MS`]: accepted, it would move every clock past it and make every
+    /// later edit lose its last-writer-wins comparisons. Refused; the device that made it must
+    /// fix its clock.
+    #[error("a change at {place} is {ahead_ms} ms ahead of this device's clock")]
+    ClockAhead {
+        /// Which record.
+        place: RecordPlace,
+        /// How far ahead of this device's clock it is.
+        ahead_ms: u64,
+    },
     /// A change could not be encoded or decoded.
     #[error(transparent)]
     Schema(#[from] SchemaError),

@@ -37,7 +37,7 @@ pub use record::{
 pub use seal::{KdfParams, LibraryKey, Sealer, WrappedKey, SEAL_HEADER_LEN, SEAL_TAG_LEN};
 pub use store::{
     CheckedEntries, Journal, JournalOptions, JournalStats, PendingCommit, ReadEntry, VerifyReport,
-    JOURNAL_CACHE_BYTES,
+    CLOCK_AHEAD_MAX_MS, JOURNAL_CACHE_BYTES,
 };
 pub use tables::JOURNAL_FORMAT;
 pub use writer::{CommitRoute, CommittedBatch, Placement, BATCH_CHANGES_MAX, QUEUE_REQUESTS_MAX};

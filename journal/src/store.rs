@@ -283,6 +283,19 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// How far ahead of this device's clock another device's change may be (a day): clocks drift,
+/// and devices come back from long trips, but a change further ahead would drag every clock of
+/// the library with it (see [`JournalError::ClockAhead`]).
+pub const CLOCK_AHEAD_MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Journal {
     /// Opens or creates `journal.redb` at `path` for `library`, owned by `device`.
     ///
@@ -719,6 +732,13 @@ impl Journal {
         let change = Change::decode(&plain).map_err(|e| bad(e.to_string()))?;
         if change.id != id {
             return Err(bad("change id differs from the sealed header".into()));
+        }
+        let now = now_ms();
+        if change.hlc.physical_ms > now.saturating_add(CLOCK_AHEAD_MAX_MS) {
+            return Err(JournalError::ClockAhead {
+                place,
+                ahead_ms: change.hlc.physical_ms - now,
+            });
         }
         Ok(change)
     }

@@ -428,3 +428,37 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
     let sent = follower_rx.recv_timeout(wait).expect("the offline commit");
     assert_eq!(sent.early, None, "an offline commit is sent once durable");
 }
+
+/// Issue 24: a change from a peer whose clock is far in the future (`Hlc { u64::MAX, .. }`)
+/// would raise every device's clock past it, and every later local edit would lose its LWW
+/// comparisons. Such a change is refused (pushed or in a segment) with a typed error, and the
+/// clock is not moved.
+#[test]
+fn a_change_from_a_clock_far_ahead_is_refused() {
+    let (dir, lib, key, (l, f), epoch) = setup();
+    let leader = open(dir.path(), "l.redb", lib, &key, l, CommitRoute::Log(epoch));
+    let before = leader.hlc_high_water().expect("reads");
+    let mut ahead = change(f, 1);
+    ahead.hlc = Hlc {
+        physical_ms: u64::MAX,
+        counter: u32::MAX,
+        device: f,
+    };
+    let sealed = leader.seal(&ahead);
+    assert!(matches!(
+        leader.check_sealed(&sealed),
+        Err(JournalError::ClockAhead { .. })
+    ));
+    let follower = open(dir.path(), "f.redb", lib, &key, f, CommitRoute::Offline);
+    let mut entries = segment(&leader, Lsn(1));
+    entries.push((epoch, sealed));
+    assert!(matches!(
+        follower.log().append(Lsn(1), entries),
+        Err(JournalError::ClockAhead { .. })
+    ));
+    assert_eq!(leader.hlc_high_water().expect("reads"), before);
+    assert!(follower
+        .hlc_high_water()
+        .expect("reads")
+        .is_none_or(|h| h.physical_ms < u64::MAX / 2));
+}

@@ -657,6 +657,11 @@ impl SnapshotReader {
         if self.incoming.is_some() || applied > log_end {
             return Err(node_error("a second or inconsistent header"));
         }
+        // The sender's clock mark becomes this device's: not one far ahead of it.
+        if hlc.physical_ms > keel_engine::now_ms().saturating_add(keel_journal::CLOCK_AHEAD_MAX_MS)
+        {
+            return Err(node_error("the sender's clock is too far ahead"));
+        }
         tracing::debug!(received = self.next - 1, file_bytes, "snapshot: header");
         let _ = Projections::remove_files(&self.incoming_path);
         self.incoming = Some(Incoming {
