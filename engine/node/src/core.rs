@@ -10,7 +10,7 @@ use crossbeam_channel::Receiver;
 use keel_journal::{CommitRoute, Journal, Placement, Sealer};
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn, SyncDomain};
 use keel_transport::DeviceMessage;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 use crate::error::NodeError;
 use keel_engine::{Event, NodeLink, SequenceReply, SequenceRequest};
@@ -29,6 +29,11 @@ const EVENTS_PER_FLUSH_MAX: usize = 256;
 const ENTRIES_PER_FLUSH_MAX: usize = 16_384;
 /// How often the pins are refreshed from the library's Device records.
 const PIN_REFRESH_MS: u64 = 250;
+/// Events queued for the core thread. Peers' messages beyond it are dropped (the protocol
+/// resends); session changes wait for room.
+pub(crate) const CORE_QUEUE_MAX: usize = 4096;
+/// Messages queued for one session's sender; a peer that reads slower loses the rest.
+pub(crate) const SESSION_QUEUE_MAX: usize = 256;
 /// How often, at most, the status is published while things change.
 const STATUS_MS: u64 = 10;
 
@@ -43,7 +48,7 @@ pub(crate) enum CoreEvent {
     Connected {
         peer: DeviceId,
         conn: u64,
-        tx: UnboundedSender<DeviceMessage>,
+        tx: Sender<DeviceMessage>,
     },
     /// That session ended.
     Disconnected { peer: DeviceId, conn: u64 },
@@ -55,7 +60,7 @@ pub(crate) struct Core {
     link: Arc<NodeLink>,
     config: ReplicaConfig,
     replica: Replica,
-    conns: HashMap<DeviceId, Vec<(u64, UnboundedSender<DeviceMessage>)>>,
+    conns: HashMap<DeviceId, Vec<(u64, Sender<DeviceMessage>)>>,
     status: Arc<Mutex<NodeStatus>>,
     start: Instant,
     pins: keel_transport::Pins,
@@ -471,7 +476,14 @@ impl Core {
             match self.replica.poll_transmit(&mut store) {
                 Ok(Some(transmit)) => {
                     if let Some((_, tx)) = self.conns.get(&transmit.to).and_then(|l| l.last()) {
-                        let _ = tx.send(DeviceMessage::Replication(transmit.message));
+                        // A peer that does not keep up loses messages, never this node's
+                        // memory: the protocol sends again what goes unacknowledged.
+                        if tx
+                            .try_send(DeviceMessage::Replication(transmit.message))
+                            .is_err()
+                        {
+                            tracing::debug!(peer = %transmit.to.short(), "send queue full; message dropped");
+                        }
                     }
                 }
                 Ok(None) => break,

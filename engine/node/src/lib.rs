@@ -145,7 +145,7 @@ impl Node {
             leader_commits: options.leader_commits,
         })?);
         let core = Core::new(link.clone(), config, status.clone(), pins)?;
-        let (core_tx, core_rx) = crossbeam_channel::unbounded();
+        let (core_tx, core_rx) = crossbeam_channel::bounded(self::core::CORE_QUEUE_MAX);
         let core = std::thread::Builder::new()
             .name("keel-core".into())
             .spawn(move || core.run(core_rx))

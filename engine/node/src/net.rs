@@ -189,7 +189,8 @@ impl Net {
         if let Ok(mut live) = self.live.lock() {
             live.insert(id, conn.clone());
         }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DeviceMessage>();
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<DeviceMessage>(super::core::SESSION_QUEUE_MAX);
         if let Ok(mut sessions) = self.sessions.lock() {
             *sessions.entry(peer).or_default() += 1;
         }
@@ -269,8 +270,12 @@ impl Net {
                         from: peer,
                         message,
                     };
-                    if self.core.send(received).is_err() {
-                        return;
+                    match self.core.try_send(received) {
+                        Ok(()) => {}
+                        Err(crossbeam_channel::TrySendError::Full(_)) => {
+                            tracing::debug!(peer = %peer.short(), "core queue full; message dropped");
+                        }
+                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
                     }
                 }
                 Ok(DeviceMessage::Peers { peers }) => self.learn_peers(peer, peers),
