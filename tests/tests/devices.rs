@@ -359,6 +359,55 @@ fn an_invitation_nobody_completes_closes_when_its_code_expires() {
     );
 }
 
+/// Issue 24: a stranger who starts a pairing run and goes silent must not hold the invitation
+/// (it held its lock across every network wait, up to 30 s a step): a real join succeeds
+/// meanwhile.
+#[test]
+fn a_silent_pairing_attempt_does_not_hold_up_a_real_join() {
+    use keel_transport::{Binding, DeviceMessage, Endpoint, Identity, Joiner, PairingCode, Pins};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "pics").expect("founder");
+    let invite = a.invite(true).expect("invites");
+    let addr = a.local_addr();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The stranger: connects to pair, sends its start with a guessed code, then says nothing.
+    let stranger = rt.block_on(async move {
+        let identity = Identity::generate("stranger").expect("identity");
+        let endpoint = Endpoint::bind(
+            &identity,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            Pins::new(),
+        )
+        .expect("binds");
+        let conn = endpoint.connect_to_pair(addr).await.expect("connects");
+        let binding = Binding {
+            exporter: conn.exporter().expect("exporter"),
+            inviter: conn.peer(),
+            joiner: endpoint.device(),
+        };
+        let code = PairingCode::parse("1111-2222").expect("code");
+        let (_joiner, start) = Joiner::start(&code, binding, "stranger");
+        conn.send(&DeviceMessage::Pairing(start))
+            .await
+            .expect("sends");
+        (endpoint, conn)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let home = keel_engine::Home::new(dir.path().join("b"));
+    join_with_code(&home, addr, invite.code.as_str()).expect("the real join succeeds");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the real join waited {:?}",
+        started.elapsed()
+    );
+    drop(stranger);
+}
+
 #[test]
 fn a_code_is_voided_after_five_failures_from_any_addresses() {
     use keel_transport::PairingError;

@@ -111,17 +111,23 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
         conn.close("pairing: no start");
         return;
     };
-    let mut slot = net.invitation.lock().await;
-    let Some(invitation) = slot.as_mut() else {
-        conn.close("no open invitation");
-        return;
+    // The invitation's lock is held only between network waits: a peer that goes silent holds
+    // up nobody else's pairing.
+    let started = {
+        let mut slot = net.invitation.lock().await;
+        slot.as_mut().map(|invitation| {
+            invitation
+                .inviter
+                .on_start(&start, binding, address, now_ms())
+        })
     };
-    let (mut run, reply) = match invitation
-        .inviter
-        .on_start(&start, binding, address, now_ms())
-    {
-        Ok(ok) => ok,
-        Err(rejection) => {
+    let (mut run, reply) = match started {
+        None => {
+            conn.close("no open invitation");
+            return;
+        }
+        Some(Ok(ok)) => ok,
+        Some(Err(rejection)) => {
             let _ = send_pairing(&conn, rejection).await;
             linger(&conn).await;
             return;
@@ -133,31 +139,47 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
     let Ok(confirm) = recv_pairing(&conn).await else {
         return;
     };
-    let devices = invitation.devices;
-    let checked = invitation
-        .inviter
-        .check_proof(&mut run, &confirm, devices, now_ms());
-    let (verdict, outcome) = match checked {
-        Err((rejection, error)) => (rejection, Err(error)),
-        Ok(()) => {
-            // Only now, with the code proven, is the user asked.
-            let answer = match &invitation.questions {
-                None => true,
-                Some(questions) => ask(questions, &run).await,
-            };
-            invitation.inviter.decide(&mut run, answer)
-        }
+    let proven = {
+        let mut slot = net.invitation.lock().await;
+        slot.as_mut().map(|invitation| {
+            let devices = invitation.devices;
+            let checked = invitation
+                .inviter
+                .check_proof(&mut run, &confirm, devices, now_ms());
+            (checked, invitation.questions.clone())
+        })
     };
-    let finished = settle_outcome(&net, &run, &outcome, address);
-    let _ = send_pairing(&conn, verdict).await;
-    if let Some(result) = finished {
-        if let Some(tx) = invitation.outcome.take() {
-            let _ = tx.send(result);
+    let Some((checked, questions)) = proven else {
+        conn.close("the invitation ended");
+        return;
+    };
+    let answer = match (&checked, &questions) {
+        // Only now, with the code proven, is the user asked.
+        (Ok(()), Some(questions)) => ask(questions, &run).await,
+        _ => true,
+    };
+    let decided = {
+        let mut slot = net.invitation.lock().await;
+        let Some(invitation) = slot.as_mut() else {
+            drop(slot);
+            conn.close("the invitation ended");
+            return;
+        };
+        let (verdict, outcome) = match checked {
+            Err((rejection, error)) => (rejection, Err(error)),
+            Ok(()) => invitation.inviter.decide(&mut run, answer),
+        };
+        let finished = settle_outcome(&net, &run, &outcome, address);
+        if let Some(result) = finished {
+            if let Some(tx) = invitation.outcome.take() {
+                let _ = tx.send(result);
+            }
+            *slot = None;
+            net.endpoint.pins().set_pairing_open(false);
         }
-        *slot = None;
-        net.endpoint.pins().set_pairing_open(false);
-    }
-    drop(slot);
+        verdict
+    };
+    let _ = send_pairing(&conn, decided).await;
     linger(&conn).await;
 }
 
