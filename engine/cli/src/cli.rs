@@ -116,8 +116,9 @@ pub(crate) enum Command {
         /// Address to listen on (QUIC/UDP).
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
-        /// A peer to connect to (repeatable; paired devices' addresses are remembered).
-        #[arg(long = "peer")]
+        /// A peer to connect to, `HOST:PORT` (a name or an IP; repeatable; paired devices'
+        /// addresses are remembered).
+        #[arg(long = "peer", value_parser = resolve_addr)]
         peers: Vec<std::net::SocketAddr>,
         /// Most devices in the library.
         #[arg(long, default_value_t = keel_node::DEVICE_LIMIT_DEFAULT)]
@@ -214,8 +215,8 @@ pub(crate) enum PairCommand {
     },
     /// On a new device: pair with a running node and set the library up in this home.
     Join {
-        /// The inviting node's address.
-        #[arg(long)]
+        /// The inviting node's address, `HOST:PORT` (a name or an IP).
+        #[arg(long, value_parser = resolve_addr)]
         addr: std::net::SocketAddr,
         /// The code it printed.
         #[arg(long)]
@@ -695,4 +696,51 @@ fn show(lib: &Library, path: &Path, json: bool, io: &mut dyn Io) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Resolves `HOST:PORT` (a host name or an IP literal) to its first address, for `--peer` and
+/// `--addr`.
+fn resolve_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 24: `--peer` and `pair join --addr` take host names as well as IP literals.
+    #[test]
+    fn addresses_may_be_host_names() {
+        let addr = resolve_addr("localhost:7700").expect("resolves");
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(addr.port(), 7700);
+        assert_eq!(
+            resolve_addr("192.0.2.1:9").expect("parses"),
+            "192.0.2.1:9".parse().expect("addr")
+        );
+        assert!(resolve_addr("no port here").is_err());
+        let cli = Cli::try_parse_from([
+            "keel",
+            "pair",
+            "join",
+            "--addr",
+            "localhost:7701",
+            "--code",
+            "1234-5678",
+        ])
+        .expect("parses a host name");
+        assert!(matches!(
+            cli.command,
+            Command::Pair {
+                command: PairCommand::Join { addr, .. }
+            } if addr.port() == 7701
+        ));
+    }
 }
