@@ -24,7 +24,19 @@ pub struct Endpoint {
     device: DeviceId,
     pins: Pins,
     pairing_client: quinn::ClientConfig,
+    /// Connections whose handshakes finished, from the task that runs them (see
+    /// [`HANDSHAKES_MAX`]).
+    accepted: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Accepted>>>,
 }
+
+/// A finished incoming handshake.
+type Accepted = Result<Connection, TransportError>;
+
+/// Incoming handshakes run at once; more are refused until one finishes. A peer that stalls
+/// its handshake holds one of them for [`HANDSHAKE_TIMEOUT_MS`] at most, and nobody else's.
+pub const HANDSHAKES_MAX: usize = 32;
+/// Longest an incoming handshake may take.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
 /// A connection to an authenticated device (pinned, or unpinned during pairing: check
 /// [`Connection::pinned`] before acting on anything but pairing messages).
@@ -127,11 +139,14 @@ impl Endpoint {
             quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
                 .map_err(TransportError::io)?;
         endpoint.set_default_client_config(client_config(pins.clone(), false)?);
+        let (ready, accepted) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
+        tokio::spawn(run_handshakes(endpoint.clone(), pins.clone(), ready));
         Ok(Self {
             endpoint,
             device: identity.device(),
             pins,
             pairing_client,
+            accepted: Arc::new(tokio::sync::Mutex::new(accepted)),
         })
     }
 
@@ -176,18 +191,48 @@ impl Endpoint {
         &self.pins
     }
 
-    /// Waits for the next incoming connection from a pinned device; `None` once closed.
+    /// Waits for the next incoming connection whose handshake finished (from a pinned device,
+    /// or an unpinned one while an invitation is open: see [`Connection::pinned`]); `None` once
+    /// closed. Handshakes run concurrently, so one that stalls delays no other.
     pub async fn accept(&self) -> Option<Result<Connection, TransportError>> {
-        let incoming = self.endpoint.accept().await?;
-        Some(match incoming.await {
-            Ok(connection) => Connection::authenticated(connection, &self.pins),
-            Err(e) => Err(tls(e)),
-        })
+        self.accepted.lock().await.recv().await
     }
 
     /// Closes the endpoint and its connections.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"bye");
+    }
+}
+
+/// Runs incoming handshakes, at most [`HANDSHAKES_MAX`] at once, each for at most
+/// [`HANDSHAKE_TIMEOUT_MS`]; a source whose address is not validated yet is asked to prove it
+/// (a QUIC Retry) first, so a spoofed flood costs no handshake state.
+async fn run_handshakes(
+    endpoint: quinn::Endpoint,
+    pins: Pins,
+    ready: tokio::sync::mpsc::Sender<Accepted>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    while let Some(incoming) = endpoint.accept().await {
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let (ready, pins) = (ready.clone(), pins.clone());
+        tokio::spawn(async move {
+            let timeout = std::time::Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+            let result = match tokio::time::timeout(timeout, incoming).await {
+                Ok(Ok(connection)) => Connection::authenticated(connection, &pins),
+                Ok(Err(e)) => Err(tls(e)),
+                Err(_) => Err(TransportError::Tls("the handshake timed out".into())),
+            };
+            drop(slot);
+            let _ = ready.send(result).await;
+        });
     }
 }
 

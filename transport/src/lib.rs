@@ -13,7 +13,10 @@ mod message;
 mod pairing;
 mod verifier;
 
-pub use endpoint::{Connection, Endpoint, ALPN, IDLE_TIMEOUT_MS, KEEP_ALIVE_MS, UDP_PAYLOAD_MAX};
+pub use endpoint::{
+    Connection, Endpoint, ALPN, HANDSHAKES_MAX, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS,
+    KEEP_ALIVE_MS, UDP_PAYLOAD_MAX,
+};
 pub use error::TransportError;
 pub use frame::{decode_frame, encode_frame, frame_len, FRAME_HEADER_LEN, FRAME_LEN_MAX};
 pub use identity::Identity;

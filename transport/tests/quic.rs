@@ -414,3 +414,129 @@ async fn a_device_unpinned_after_a_session_cannot_resume_one() {
         );
     }
 }
+
+/// A client whose handshake stalls: its certificate check sleeps, so the server waits for the
+/// rest of its handshake.
+mod stalling {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct Sleepy(Duration);
+
+    impl ServerCertVerifier for Sleepy {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            std::thread::sleep(self.0);
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// Starts a handshake with `server` on a thread of its own that stalls for `stall`.
+    pub(super) fn start(server: SocketAddr, stall: Duration) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let certified =
+                    rcgen::generate_simple_self_signed(vec!["stall.keel".into()]).expect("cert");
+                let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .expect("tls 1.3")
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(Sleepy(stall)))
+                    .with_client_auth_cert(vec![certified.cert.der().clone()], key.into())
+                    .expect("client auth");
+                tls.alpn_protocols = vec![keel_transport::ALPN.to_vec()];
+                let config = quinn::ClientConfig::new(Arc::new(
+                    quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic"),
+                ));
+                let mut endpoint =
+                    quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("binds");
+                endpoint.set_default_client_config(config);
+                if let Ok(connecting) = endpoint.connect(server, "keel") {
+                    let _ = tokio::time::timeout(stall * 2, connecting).await;
+                }
+            });
+        })
+    }
+}
+
+/// Issue 24: handshakes that stall must not block every incoming connection (the accept loop
+/// awaited each handshake in turn): a pinned device gets in within a second while ten strangers
+/// stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_device_connects_while_strangers_stall_their_handshakes() {
+    let (a, b, pins_a, pins_b) = pair();
+    let server = Endpoint::bind(&a, localhost(), pins_a).expect("binds");
+    let addr = server.local_addr().expect("addr");
+    let stalls: Vec<_> = (0..10)
+        .map(|_| stalling::start(addr, Duration::from_secs(5)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let accepting = tokio::spawn({
+        let server = server.clone();
+        async move {
+            loop {
+                match server.accept().await {
+                    Some(Ok(conn)) if conn.pinned() => return Some(conn.peer()),
+                    Some(_) => continue,
+                    None => return None,
+                }
+            }
+        }
+    });
+    let client = Endpoint::bind(&b, localhost(), pins_b).expect("binds");
+    let started = std::time::Instant::now();
+    let _to_a = client.connect(addr).await.expect("connects");
+    let accepted = tokio::time::timeout(Duration::from_secs(10), accepting)
+        .await
+        .expect("accepted in time")
+        .expect("task");
+    assert_eq!(accepted, Some(b.device()));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the pinned device waited {:?}",
+        started.elapsed()
+    );
+    drop(stalls);
+}
