@@ -78,8 +78,25 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     {
         config.max_idle_timeout(Some(idle));
     }
+    // Keel sends one message per unidirectional stream and never opens a bidirectional one:
+    // what a peer can make this side buffer is bounded by these, not by quinn's defaults
+    // (about 250 MB per connection).
+    config.max_concurrent_bidi_streams(0u32.into());
+    config.max_concurrent_uni_streams(UNI_STREAMS_MAX.into());
+    config.stream_receive_window(STREAM_WINDOW_BYTES.into());
+    config.receive_window(CONNECTION_WINDOW_BYTES.into());
     Arc::new(config)
 }
+
+/// Unidirectional streams (messages) a peer may have open at once.
+const UNI_STREAMS_MAX: u32 = 16;
+/// Bytes a peer may send on one stream ahead of this side's reading.
+const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+/// Bytes a peer may send on one connection ahead of this side's reading.
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+/// Body bytes read at a time: a body's buffer grows as its bytes arrive, not when its header
+/// announces them.
+const BODY_CHUNK: usize = 64 << 10;
 
 impl Endpoint {
     /// Binds `addr` (use port 0 for any) with `identity`, accepting and reaching only `pins`.
@@ -311,8 +328,12 @@ impl Connection {
         let mut header = [0u8; FRAME_HEADER_LEN];
         stream.read_exact(&mut header).await.map_err(tls)?;
         let len = frame_len(header)?;
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await.map_err(tls)?;
+        let mut body = Vec::with_capacity(len.min(BODY_CHUNK));
+        while body.len() < len {
+            let start = body.len();
+            body.resize(start + (len - start).min(BODY_CHUNK), 0);
+            stream.read_exact(&mut body[start..]).await.map_err(tls)?;
+        }
         DeviceMessage::decode(&body)
     }
 

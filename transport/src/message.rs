@@ -4,7 +4,7 @@
 //! trailing bytes and anything over the limits below, so a hostile peer costs one closed
 //! connection and nothing else.
 
-use keel_replication::wire::{check_positions, check_records};
+use keel_replication::wire::{bounded, check_positions, check_records};
 pub use keel_replication::wire::{
     DomainPosition, WireLogEntry, POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX,
 };
@@ -85,6 +85,7 @@ pub enum DeviceMessage {
         /// Its last log position.
         log_end: Lsn,
         /// Its applied positions per domain.
+        #[serde(deserialize_with = "bounded::positions")]
         positions: Vec<DomainPosition>,
     },
     /// Asks for log entries from `from` (inclusive).
@@ -108,6 +109,7 @@ pub enum DeviceMessage {
         /// Model code.
         model: u8,
         /// Encoded records.
+        #[serde(deserialize_with = "bounded::records")]
         records: Vec<ByteBuf>,
         /// Whether this was the last batch of the model.
         done: bool,
@@ -120,6 +122,7 @@ pub enum DeviceMessage {
     /// through one another find each other. Only pinned devices are ever dialed.
     Peers {
         /// At most [`PEERS_MAX`].
+        #[serde(deserialize_with = "bounded::seq::<_, _, PEERS_MAX>")]
         peers: Vec<PeerAddr>,
     },
     /// Sent instead of Hello by a device that has just joined: asks for the log and a snapshot
@@ -191,8 +194,14 @@ impl DeviceMessage {
         }
         let mut reader = body;
         let mut deserializer = rmp_serde::Deserializer::new(&mut reader).with_binary();
-        let message = DeviceMessage::deserialize(&mut deserializer)
-            .map_err(|e| TransportError::Malformed(e.to_string()))?;
+        let message = DeviceMessage::deserialize(&mut deserializer).map_err(|e| {
+            let text = e.to_string();
+            if text.contains(bounded::OVER_LIMIT) {
+                TransportError::OverLimit(text)
+            } else {
+                TransportError::Malformed(text)
+            }
+        })?;
         if !reader.is_empty() {
             return Err(TransportError::Malformed(format!(
                 "{} trailing bytes",

@@ -166,6 +166,7 @@ impl Node {
             live: Mutex::new(HashMap::new()),
             link: Arc::downgrade(&link),
             heard: Mutex::new(HashMap::new()),
+            unpinned: Arc::new(tokio::sync::Semaphore::new(net::UNPINNED_MAX)),
         });
         {
             let _guard = rt.enter();

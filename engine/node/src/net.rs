@@ -27,6 +27,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a node tells its sessions where the library's other devices are.
 const PEER_SHARE_INTERVAL: Duration = Duration::from_secs(2);
+/// Connections from unpinned devices (pairing attempts) served at once.
+pub(crate) const UNPINNED_MAX: usize = 8;
 /// Most addresses a node keeps dialing (one dialer each): a peer's word cannot grow it past.
 const DIALERS_MAX: usize = 64;
 
@@ -58,6 +60,9 @@ pub(crate) struct Net {
     pub(crate) live: Mutex<HashMap<u64, Arc<Connection>>>,
     /// The library, for serving snapshots to devices that join.
     pub(crate) link: std::sync::Weak<keel_engine::NodeLink>,
+    /// Connections from unpinned devices served at once (pairing attempts): at most
+    /// [`UNPINNED_MAX`].
+    pub(crate) unpinned: Arc<tokio::sync::Semaphore>,
     /// Addresses peers named for devices not pinned yet (their Device record has not arrived):
     /// dialed once they are. At most [`PEERS_MAX`].
     pub(crate) heard: Mutex<HashMap<DeviceId, SocketAddr>>,
@@ -116,7 +121,17 @@ impl Net {
                     tokio::spawn(self.clone().session(conn));
                 }
                 Ok(conn) => {
-                    tokio::spawn(pairing::serve_joiner(self.clone(), conn));
+                    // Unpinned devices get in only to pair, and only a few at a time.
+                    match self.unpinned.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            let net = self.clone();
+                            tokio::spawn(async move {
+                                pairing::serve_joiner(net, conn).await;
+                                drop(slot);
+                            });
+                        }
+                        Err(_) => conn.close("busy"),
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, "incoming connection refused"),
             }

@@ -17,6 +17,67 @@ pub const RECORD_BYTES_MAX: usize = 1 << 20;
 /// Most domain positions in one message.
 pub const POSITIONS_MAX: usize = 16;
 
+/// Deserializers that refuse a sequence longer than its limit while decoding it, so a hostile
+/// message never becomes a huge vector first (millions of empty records fit in one frame). The
+/// error says `over a limit`, which `keel-transport` reports as its `OverLimit`.
+pub mod bounded {
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+
+    /// The marker of a limit error, for a decoder to recognise it.
+    pub const OVER_LIMIT: &str = "over a limit";
+
+    struct Bounded<T, const MAX: usize>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>, const MAX: usize> Visitor<'de> for Bounded<T, MAX> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a sequence of at most {MAX} elements")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            if seq.size_hint().is_some_and(|n| n > MAX) {
+                return Err(A::Error::custom(format!(
+                    "{OVER_LIMIT}: more than {MAX} elements"
+                )));
+            }
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX).min(4096));
+            while let Some(item) = seq.next_element()? {
+                if out.len() == MAX {
+                    return Err(A::Error::custom(format!(
+                        "{OVER_LIMIT}: more than {MAX} elements"
+                    )));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+
+    /// At most `MAX` elements.
+    pub fn seq<'de, D: Deserializer<'de>, T: Deserialize<'de>, const MAX: usize>(
+        deserializer: D,
+    ) -> Result<Vec<T>, D::Error> {
+        deserializer.deserialize_seq(Bounded::<T, MAX>(PhantomData))
+    }
+
+    /// At most [`super::RECORDS_PER_MESSAGE_MAX`] elements.
+    pub fn records<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<T>, D::Error> {
+        seq::<D, T, { super::RECORDS_PER_MESSAGE_MAX }>(deserializer)
+    }
+
+    /// At most [`super::POSITIONS_MAX`] elements.
+    pub fn positions<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<T>, D::Error> {
+        seq::<D, T, { super::POSITIONS_MAX }>(deserializer)
+    }
+}
+
 /// A replication position in one sync domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainPosition {
@@ -90,11 +151,13 @@ pub enum ReplicationMessage {
         /// The leader's last log position (for catch-up progress).
         leader_end: Lsn,
         /// The entries.
+        #[serde(deserialize_with = "bounded::records")]
         entries: Vec<WireLogEntry>,
     },
     /// A follower's own changes (sealed), pushed to the leader; idempotent by change id.
     Push {
         /// Sealed changes.
+        #[serde(deserialize_with = "bounded::records")]
         changes: Vec<ByteBuf>,
     },
     /// A follower's answer to a segment: what it stored and applied.
@@ -107,6 +170,7 @@ pub enum ReplicationMessage {
         /// Last log position stored.
         stored: Lsn,
         /// Applied positions per domain.
+        #[serde(deserialize_with = "bounded::positions")]
         positions: Vec<DomainPosition>,
     },
 }
