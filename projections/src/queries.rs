@@ -136,6 +136,25 @@ impl Query<'_> {
             .next())
     }
 
+    /// The uuids of records of model `M` that were deleted (a tombstone, not visible).
+    pub fn deleted<M: Syncable>(&self) -> Result<Vec<Uuid>, ProjectionError> {
+        let sql = format!(
+            "SELECT uuid FROM {} WHERE _live = 0 AND _tomb IS NOT NULL ORDER BY uuid",
+            M::DEF.name
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let bytes: Vec<u8> = row.get(0)?;
+            out.push(
+                Uuid::from_slice(&bytes)
+                    .map_err(|_| ProjectionError::MalformedRow(format!("{} uuid", M::DEF.name)))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// All visible locations.
     pub fn locations(&self) -> Result<Vec<Location>, ProjectionError> {
         self.select::<Location, _>("1", [])

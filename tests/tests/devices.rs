@@ -186,6 +186,41 @@ fn devices_paired_through_one_fail_over_without_being_told_of_each_other() {
     assert!(has(&c, &during));
 }
 
+/// Issue 24: revoking a device on one device removes it everywhere: every other device unpins
+/// it when the Device record's tombstone arrives and closes its sessions with it, so what it
+/// commits afterwards reaches nobody.
+#[test]
+fn a_device_revoked_on_one_device_is_cut_off_by_every_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "album").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    let (_hc, c) = joiner(dir.path(), "c", &a).expect("c joins");
+    b.add_peer(c.local_addr());
+    commit(&a, &tag("before"));
+    converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let c_id = c.library().device_id();
+    let c_hex = c_id.to_hex();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !b.status().connected.contains(&c_hex) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.status().connected.contains(&c_hex), "b never reached c");
+    a.revoke(c_id).expect("revokes");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while b.status().connected.contains(&c_hex) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !b.status().connected.contains(&c_hex),
+        "b still has a session with the revoked device"
+    );
+    let after = tag("written by the revoked device");
+    commit(&c, &after);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!has(&b, &after), "the revoked device's change reached b");
+    assert!(!has(&a, &after), "the revoked device's change reached a");
+}
+
 #[test]
 fn two_leaders_after_a_partition_heal_converge_and_nothing_is_lost() {
     let dir = tempfile::tempdir().expect("tempdir");

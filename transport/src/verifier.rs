@@ -50,6 +50,14 @@ impl Pins {
         self.pairing_open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Every pinned device.
+    pub fn all(&self) -> Vec<DeviceId> {
+        self.inner
+            .read()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether a device is pinned.
     pub fn contains(&self, device: &DeviceId) -> bool {
         self.inner

@@ -512,23 +512,56 @@ impl Core {
         }
     }
 
-    /// Pins every device with a Device record in the library (unless revoked).
+    /// Pins every device with a Device record in the library (unless revoked), and unpins the
+    /// devices whose Device record was deleted (revoked on some device): they are recorded as
+    /// revoked here too, so a Device record they write again does not bring them back. Net
+    /// closes the sessions of devices no longer pinned.
     fn refresh_pins(&mut self) {
-        let revoked = super::devices::DevicesFile::read(self.link.library().dir())
-            .map(|f| f.revoked)
+        let dir = self.link.library().dir().to_path_buf();
+        let mut file = super::devices::DevicesFile::read(&dir).unwrap_or_default();
+        let deleted: std::collections::HashSet<uuid::Uuid> = self
+            .link
+            .library()
+            .read(|p| p.query().deleted::<keel_schema::Device>())
+            .map(|ids| ids.into_iter().collect())
             .unwrap_or_default();
+        let mut newly_revoked = false;
+        for id in file.ids().collect::<Vec<_>>() {
+            if deleted.contains(&id.record_uuid()) && !file.is_revoked(&id) {
+                file.revoke(id);
+                newly_revoked = true;
+            }
+        }
         if let Ok(devices) = self.link.library().devices() {
             for device in devices {
-                if revoked.contains(&device.device_id) {
-                    continue;
-                }
                 if let Some(id) = DeviceId::from_hex(&device.device_id) {
-                    if id != self.replica.device() {
+                    if id != self.replica.device() && !file.is_revoked(&id) {
                         self.pins.pin(id);
                     }
                 }
             }
         }
+        for id in self.pinned_and_deleted(&deleted) {
+            file.revoke(id);
+            newly_revoked = true;
+        }
+        if newly_revoked {
+            for id in file.revoked_ids() {
+                self.pins.unpin(id);
+            }
+            if let Err(e) = file.write(&dir) {
+                tracing::warn!(error = %e, "could not record a revoked device");
+            }
+        }
+    }
+
+    /// The pinned devices whose Device record was deleted.
+    fn pinned_and_deleted(&self, deleted: &std::collections::HashSet<uuid::Uuid>) -> Vec<DeviceId> {
+        self.pins
+            .all()
+            .into_iter()
+            .filter(|id| deleted.contains(&id.record_uuid()))
+            .collect()
     }
 
     fn publish_status(&mut self) {

@@ -132,6 +132,11 @@ impl DevicesFile {
             .filter_map(|d| DeviceId::from_hex(&d.device_id))
     }
 
+    /// The revoked devices' ids.
+    pub fn revoked_ids(&self) -> impl Iterator<Item = DeviceId> + '_ {
+        self.revoked.iter().filter_map(|d| DeviceId::from_hex(d))
+    }
+
     /// The known addresses of paired devices.
     pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.paired.iter().filter_map(|d| d.addr)

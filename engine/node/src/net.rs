@@ -316,9 +316,29 @@ impl Net {
         loop {
             tokio::time::sleep(PEER_SHARE_INTERVAL).await;
             if !self.is_offline() {
+                self.close_unpinned();
                 self.dial_heard();
                 self.share_peers().await;
             }
+        }
+    }
+
+    /// Closes the sessions of devices that are no longer pinned (revoked, here or elsewhere).
+    fn close_unpinned(&self) {
+        let pins = self.endpoint.pins();
+        let stale: Vec<Arc<Connection>> = self
+            .live
+            .lock()
+            .map(|l| {
+                l.values()
+                    .filter(|c| !pins.contains(&c.peer()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for conn in stale {
+            tracing::info!(peer = %conn.peer().short(), "closing the session of a revoked device");
+            conn.close("revoked");
         }
     }
 
