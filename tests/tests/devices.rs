@@ -221,6 +221,51 @@ fn a_device_revoked_on_one_device_is_cut_off_by_every_other() {
     assert!(!has(&a, &after), "the revoked device's change reached a");
 }
 
+/// Issue 24: a device that stays away is retried less and less often (laptops and phones), but
+/// a network change wakes every dialer at once.
+#[test]
+fn a_network_change_wakes_a_dialer_that_backed_off() {
+    assert!(
+        keel_node::backoff_delay(20) >= Duration::from_secs(10),
+        "backoff stops growing at {:?}",
+        keel_node::backoff_delay(20)
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, a) = founder(dir.path(), "a", "notes").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let addr_a = a.local_addr();
+    let a_hex = a.library().device_id().to_hex();
+    a.stop().expect("a stops");
+    // A must not dial b itself when it comes back: only b's dialer can bring them together.
+    let a_dir = home_a.library_dir("notes");
+    let mut file = keel_node::DevicesFile::read(&a_dir).expect("reads");
+    file.paired.clear();
+    file.write(&a_dir).expect("writes");
+    // b's dialer fails for a while: its delays grow past a few seconds.
+    std::thread::sleep(Duration::from_secs(9));
+    let lib = keel_engine::Library::open(&home_a, "notes", keel_tests::PASSWORD).expect("opens");
+    let a = keel_node::Node::start(
+        lib,
+        keel_node::NodeOptions {
+            listen: addr_a,
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )
+    .expect("a restarts");
+    let started = std::time::Instant::now();
+    b.network_changed();
+    while !b.status().connected.contains(&a_hex) && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "b reconnected {:?} after the network change",
+        started.elapsed()
+    );
+    drop(a);
+}
+
 #[test]
 fn two_leaders_after_a_partition_heal_converge_and_nothing_is_lost() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -167,6 +167,7 @@ impl Node {
             link: Arc::downgrade(&link),
             heard: Mutex::new(HashMap::new()),
             unpinned: Arc::new(tokio::sync::Semaphore::new(net::UNPINNED_MAX)),
+            wake: tokio::sync::Notify::new(),
         });
         {
             let _guard = rt.enter();
@@ -257,6 +258,12 @@ impl Node {
     /// back. It keeps committing meanwhile; what it wrote is pushed when it is back.
     pub fn set_offline(&self, offline: bool) {
         self.net.set_offline(offline);
+    }
+
+    /// Tells the node the network may have changed (an interface came up, the device woke):
+    /// every dialer retries now instead of when its backoff ends.
+    pub fn network_changed(&self) {
+        self.net.wake_dialers();
     }
 
     /// Connects to another peer (kept up with reconnects).

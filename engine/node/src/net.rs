@@ -19,8 +19,9 @@ use super::status::NodeStatus;
 
 /// First reconnect delay.
 pub const BACKOFF_MIN_MS: u64 = 100;
-/// Longest reconnect delay.
-pub const BACKOFF_MAX_MS: u64 = 2_000;
+/// Longest reconnect delay: a device that stays away is retried twice a minute or so (a
+/// network change or a discovery wakes every dialer at once: [`crate::Node::network_changed`]).
+pub const BACKOFF_MAX_MS: u64 = 30_000;
 /// How long a peer has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection attempt may take.
@@ -63,15 +64,25 @@ pub(crate) struct Net {
     /// Connections from unpinned devices served at once (pairing attempts): at most
     /// [`UNPINNED_MAX`].
     pub(crate) unpinned: Arc<tokio::sync::Semaphore>,
+    /// Wakes every dialer from its backoff (a network change, a discovery).
+    pub(crate) wake: tokio::sync::Notify,
     /// Addresses peers named for devices not pinned yet (their Device record has not arrived):
     /// dialed once they are. At most [`PEERS_MAX`].
     pub(crate) heard: Mutex<HashMap<DeviceId, SocketAddr>>,
 }
 
 impl Net {
+    /// Wakes every dialer: the network may have changed.
+    pub(crate) fn wake_dialers(&self) {
+        self.wake.notify_waiters();
+    }
+
     /// Cuts the node off (closing every session) or lets it reconnect.
     pub(crate) fn set_offline(&self, offline: bool) {
         self.offline.store(offline, Ordering::SeqCst);
+        if !offline {
+            self.wake_dialers();
+        }
         if offline {
             let live: Vec<Arc<Connection>> = self
                 .live
@@ -159,20 +170,33 @@ impl Net {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            match tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(addr)).await {
+            // Registered before the attempt, so a wake during it is not missed.
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let attempted = tokio::select! {
+                result = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(addr)) => result,
+                _ = &mut woken => {
+                    attempt = 0;
+                    continue;
+                }
+            };
+            match attempted {
                 Ok(Ok(conn)) => {
                     attempt = 0;
                     known = Some(conn.peer());
                     self.clone().session(conn).await;
+                    continue;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, error = %e, "connecting failed");
-                    tokio::time::sleep(backoff_delay(attempt)).await;
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "connecting failed"),
+                Err(_) => tracing::debug!(%addr, "connecting timed out"),
+            }
+            // Failed or timed out: wait (longer each time) unless woken.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff_delay(attempt)) => {
                     attempt = attempt.saturating_add(1);
                 }
-                Err(_) => {
-                    attempt = attempt.saturating_add(1);
-                }
+                _ = &mut woken => attempt = 0,
             }
         }
     }
@@ -421,6 +445,7 @@ impl Net {
             tracing::debug!(peer = %from.short(), device = %device.short(), %addr, "learned where a device is");
             self.remember_addr(device, addr);
             self.dial(addr);
+            self.wake_dialers();
         }
     }
 
