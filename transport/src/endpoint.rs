@@ -91,9 +91,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 /// Unidirectional streams (messages) a peer may have open at once.
 const UNI_STREAMS_MAX: u32 = 16;
 /// Bytes a peer may send on one stream ahead of this side's reading.
-const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+const STREAM_WINDOW_BYTES: u32 = 2 << 20;
 /// Bytes a peer may send on one connection ahead of this side's reading.
-const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 8 << 20;
 /// Body bytes read at a time: a body's buffer grows as its bytes arrive, not when its header
 /// announces them.
 const BODY_CHUNK: usize = 64 << 10;

@@ -616,3 +616,93 @@ fn the_password_can_come_from_a_file() {
         .expect("keel runs");
     ok(&out);
 }
+
+/// A process's peak resident memory in MB (Linux).
+#[cfg(target_os = "linux")]
+fn peak_rss_mb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Issue 24: during an invitation, 8 strangers each open 100 streams of 1.2 MB and send a
+/// 16 MiB `Push` of 8M empty records: the node (`keel serve`, its own process, measured from
+/// outside) stays under 300 MB and keeps serving.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_flood_from_strangers_during_an_invitation_leaves_the_node_bounded() {
+    use keel_transport::{Endpoint, Identity, Pins, FRAME_HEADER_LEN, MESSAGE_VERSION};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    ok(&keel(&home, &["init", "lib"]));
+    let listen = free_port();
+    let served = serve(&home, &listen, &[]);
+    ok(&keel(&home, &["pair", "invite", "lib", "--yes"]));
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    let mut big = 1_200_000u32.to_be_bytes().to_vec();
+    big.resize(FRAME_HEADER_LEN + 1_200_000, 7);
+    let n: u32 = 8_000_000;
+    let mut push = vec![MESSAGE_VERSION, 0x81, 0xab];
+    push.extend_from_slice(b"Replication");
+    push.extend_from_slice(&[0x81, 0xa4]);
+    push.extend_from_slice(b"Push");
+    push.extend_from_slice(&[0x91, 0xdd]);
+    push.extend_from_slice(&n.to_be_bytes());
+    for _ in 0..n {
+        push.extend_from_slice(&[0xc4, 0x00]);
+    }
+    let mut framed = (push.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&push);
+    let (big, framed) = (std::sync::Arc::new(big), std::sync::Arc::new(framed));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let baseline = peak_rss_mb(served.0.id());
+    eprintln!("the node's RSS before: {baseline} MB");
+    let mut peak = 0;
+    rt.block_on(async {
+        let mut strangers = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let (big, framed) = (big.clone(), framed.clone());
+            strangers.spawn(async move {
+                let identity = Identity::generate(&format!("stranger {i}")).expect("identity");
+                let localhost = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                let Ok(endpoint) = Endpoint::bind(&identity, localhost, Pins::new()) else {
+                    return;
+                };
+                let Ok(conn) = endpoint.connect_to_pair(addr).await else {
+                    return;
+                };
+                let conn = std::sync::Arc::new(conn);
+                let mut sends = tokio::task::JoinSet::new();
+                for _ in 0..100 {
+                    let (conn, big) = (conn.clone(), big.clone());
+                    sends.spawn(async move {
+                        let _ = conn.send_raw(&big).await;
+                    });
+                }
+                let _ = conn.send_raw(&framed).await;
+                let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                    while sends.join_next().await.is_some() {}
+                })
+                .await;
+            });
+        }
+        while strangers.join_next().await.is_some() {
+            peak = peak.max(peak_rss_mb(served.0.id()));
+        }
+    });
+    peak = peak.max(peak_rss_mb(served.0.id()));
+    eprintln!("the node's peak RSS: {peak} MB");
+    assert!(peak > 0, "no memory figure for the node");
+    assert!(peak < 300, "the node's peak RSS reached {peak} MB");
+    ok(&keel(&home, &["status", "lib"]));
+}

@@ -28,6 +28,8 @@ use keel_engine::{now_ms, CreateOptions, Library};
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the inviting user has to answer.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an unpinned connection has to send its pairing start.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A joining device waiting for the inviting user's answer.
 #[derive(Debug)]
@@ -107,7 +109,10 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
         Err(_) => return,
     };
     let address: IpAddr = conn.remote_address().ip();
-    let Ok(start) = recv_pairing(&conn).await else {
+    // A joiner sends its start at once: an unpinned connection that does not holds one of the
+    // few pairing slots for [`START_TIMEOUT`] at most.
+    let start = tokio::time::timeout(START_TIMEOUT, recv_pairing(&conn)).await;
+    let Ok(Ok(start)) = start else {
         conn.close("pairing: no start");
         return;
     };
