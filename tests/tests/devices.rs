@@ -93,6 +93,9 @@ fn has(node: &keel_node::Node, t: &Tag) -> bool {
     node.library().get::<Tag>(t.uuid).expect("reads").as_ref() == Some(t)
 }
 
+/// Issue 24: of two devices, the survivor of the leader leads its partition within the failover
+/// target (its log grows, so a new device could join through it); the old leader, back, steps
+/// down, and nothing is lost.
 #[test]
 fn follower_writes_while_the_leader_is_down_then_the_leader_comes_back() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -100,13 +103,28 @@ fn follower_writes_while_the_leader_is_down_then_the_leader_comes_back() {
     let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
     let addr_a = a.local_addr();
+    let old_epoch = a.status().epoch.counter;
     a.stop().expect("a stops");
-    // With a single peer gone, b cannot win an election alone: it keeps committing offline.
+    let stopped = std::time::Instant::now();
+    while b.status().role != ElectionRole::Leader && stopped.elapsed() < CONVERGE {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(b.status().role, ElectionRole::Leader, "the survivor leads");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(1),
+        "the survivor led {:?} after its leader stopped",
+        stopped.elapsed()
+    );
+    assert!(b.status().epoch.counter > old_epoch);
     let offline: Vec<Tag> = (0..20).map(|i| tag(&format!("offline {i}"))).collect();
     for t in &offline {
         commit(&b, t);
     }
-    assert!(b.status().offline > 0, "b's changes wait for a leader");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while b.status().offline > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(b.status().offline, 0, "b's changes are in its own log");
     // The leader comes back on the same address; b reconnects and pushes.
     let lib = keel_engine::Library::open(&home_a, "docs", keel_tests::PASSWORD).expect("opens");
     let a = keel_node::Node::start(
@@ -118,6 +136,11 @@ fn follower_writes_while_the_leader_is_down_then_the_leader_comes_back() {
     )
     .expect("a restarts");
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert_ne!(
+        a.status().role,
+        ElectionRole::Leader,
+        "the old leader stepped down"
+    );
     for t in &offline {
         assert!(has(&a, t) && has(&b, t));
     }

@@ -97,6 +97,10 @@ pub(crate) struct Machine {
     /// when needed, dropped on stepping down (a follower of a big library does not need it).
     in_log: Option<HashSet<ChangeId>>,
     ops: Vec<LogOp>,
+    /// The most devices (this one included) reachable at once since this replica started.
+    peak_electorate: usize,
+    /// Whether this replica has followed or led a leader since it started.
+    in_cluster: bool,
 }
 
 impl Machine {
@@ -134,6 +138,8 @@ impl Machine {
             flights: BTreeMap::new(),
             in_log: None,
             ops: Vec::new(),
+            peak_electorate: 1,
+            in_cluster: false,
         };
         replica.reset_election_timer(now_ms);
         if replica.role == ElectionRole::Leader {
@@ -292,6 +298,7 @@ impl Machine {
             Input::Connected(peer) => {
                 if peer != self.config.device {
                     self.connected.insert(peer);
+                    self.peak_electorate = self.peak_electorate.max(self.connected.len() + 1);
                     if self.role == ElectionRole::Leader {
                         self.next.insert(peer, self.durable.last_lsn().0);
                         self.flights.remove(&peer);
@@ -359,7 +366,10 @@ impl Machine {
                     }
                 }
                 if now_ms >= self.election_deadline_ms {
-                    if self.connected.is_empty() {
+                    if self.connected.is_empty() && self.may_lead_alone() {
+                        // Nobody to ask: its own vote is the majority of one.
+                        self.start_election(now_ms, out);
+                    } else if self.connected.is_empty() {
                         self.role = ElectionRole::Alone;
                         self.reset_election_timer(now_ms);
                     } else {
@@ -368,6 +378,16 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// Whether this replica, with nobody reachable, leads a partition of its own: only the
+    /// survivor of a library of two devices (the most it ever reached at once was one other),
+    /// and only after following or leading that other, with a log. In a larger library a lone
+    /// device leading would depose the majority's leader when it came back (its epoch higher)
+    /// and make the majority's changes be sequenced again; and a device that has not joined the
+    /// cluster's log yet would start a log of its own.
+    fn may_lead_alone(&self) -> bool {
+        self.peak_electorate == 2 && self.in_cluster && !self.durable.log.is_empty()
     }
 
     /// The highest epoch counter this replica knows of (taken, voted in or heard of).
@@ -466,6 +486,7 @@ impl Machine {
     }
 
     fn become_leader(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        self.in_cluster = true;
         let epoch = self.durable.epoch;
         self.role = ElectionRole::Leader;
         self.leader = Some(self.config.device);
@@ -816,6 +837,7 @@ impl Machine {
         self.reset_election_timer(now_ms);
         self.heard_ms = Some(now_ms);
         self.pre_vote = None;
+        self.in_cluster = true;
         if self.durable.epoch_at(prev) != Some(prev_epoch) {
             let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
             Self::send(

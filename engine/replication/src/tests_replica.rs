@@ -530,3 +530,64 @@ fn an_acknowledgement_past_every_position_is_harmless() {
     }
     assert_eq!(leader.role(), ElectionRole::Leader);
 }
+
+/// Issue 24: in a library of two devices, the survivor of its leader leads its own partition
+/// (its commits go into its log, a new device can join through it); the old leader, back,
+/// learns the newer epoch and steps down.
+#[test]
+fn the_survivor_of_two_devices_leads_when_its_leader_is_gone() {
+    let mut store = Memory::default();
+    let mut follower = follower_of_founder(&mut store);
+    let founder = DeviceId([1; 32]);
+    follower.handle_disconnected(10, founder);
+    for now in [500, 1_000, 2_000] {
+        follower.handle_timeout(now);
+        store.write_all(&mut follower);
+        follower.written();
+    }
+    assert_eq!(follower.role(), ElectionRole::Leader);
+    let sequenced = follower.handle_commit(2_001, id(50), Some(seal(id(50))));
+    assert!(
+        sequenced.is_some(),
+        "the survivor sequences its own commits"
+    );
+    store.write_all(&mut follower);
+    follower.written();
+    // The old leader comes back still leading epoch 1: its segment is stale here.
+    follower.handle_connected(2_100, founder);
+    let old = Epoch {
+        counter: 1,
+        device: founder,
+    };
+    follower.handle_message(
+        2_101,
+        founder,
+        segment(old, 4, old, vec![(old, seal(id(60)))]),
+        &mut store,
+    );
+    store.write_all(&mut follower);
+    follower.written();
+    let stale = std::iter::from_fn(|| follower.poll_transmit(&mut store).expect("polls"))
+        .any(|t| t.to == founder && matches!(t.message, ReplicationMessage::Stale { .. }));
+    assert!(stale, "the old leader is told its epoch is stale");
+    assert_eq!(follower.role(), ElectionRole::Leader);
+}
+
+/// With three or more devices a lone device stays alone: leading a partition of one would make
+/// it depose the majority's leader when it came back (its epoch higher), re-sequencing the
+/// majority's changes.
+#[test]
+fn a_lone_device_of_a_larger_library_does_not_lead() {
+    let mut store = Memory::default();
+    let mut follower = follower_of_founder(&mut store);
+    let other = DeviceId([3; 32]);
+    follower.handle_connected(5, other);
+    follower.handle_disconnected(10, DeviceId([1; 32]));
+    follower.handle_disconnected(11, other);
+    for now in [500, 1_000, 2_000] {
+        follower.handle_timeout(now);
+        store.write_all(&mut follower);
+        follower.written();
+    }
+    assert_eq!(follower.role(), ElectionRole::Alone);
+}
