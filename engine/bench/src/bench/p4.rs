@@ -9,7 +9,7 @@ use keel_engine::{Home, Library};
 use keel_node::{Node, NodeOptions};
 use serde_json::{json, Value};
 
-use super::sync::{join_blocking, leader_with, PASSWORD};
+use super::sync::{join_counting, leader_with, PASSWORD};
 use super::{peak_rss_mb, reset_peak_rss, settle, Figures};
 
 /// What P4 measures.
@@ -116,7 +116,7 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
     }
     reset_peak_rss();
     let t = Instant::now();
-    let name = join_blocking(&home, addr, &code, snapshot)?;
+    let (name, received) = join_counting(&home, addr, &code, snapshot)?;
     // Pairing and the snapshot fetch; the rest is opening, starting and catching up.
     let joined_s = t.elapsed().as_secs_f64();
     let lib = Library::open(&home, &name, PASSWORD)?;
@@ -152,6 +152,17 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
     out.insert("p4_join_s".into(), json!(joined_s));
     out.insert("p4_changes_per_s".into(), json!(log_len as f64 / secs));
     out.insert("p4_peak_rss_mb".into(), json!(peak_rss_mb()));
+    // What the initial sync carried and what the log takes on disk, per log entry.
+    out.insert(
+        "p4_wire_bytes_per_entry".into(),
+        json!(received as f64 / log_len.max(1) as f64),
+    );
+    let journal = node.library().dir().join(keel_engine::JOURNAL_FILE);
+    let journal_bytes = std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+    out.insert(
+        "p4_disk_bytes_per_entry".into(),
+        json!(journal_bytes as f64 / log_len.max(1) as f64),
+    );
     // Then its own Device record goes to the leader and comes back sequenced.
     while node.status().log_len < log_len + 1 || node.status().offline > 0 {
         ensure!(

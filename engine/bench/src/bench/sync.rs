@@ -58,10 +58,22 @@ pub(crate) fn join_blocking(
     code: &str,
     snapshot: bool,
 ) -> Result<String> {
+    Ok(join_counting(home, addr, code, snapshot)?.0)
+}
+
+/// Like [`join_blocking`]; also returns the bytes the initial sync received (log entries and
+/// projection file, as `JoinProgress` counts them).
+pub(crate) fn join_counting(
+    home: &Home,
+    addr: SocketAddr,
+    code: &str,
+    snapshot: bool,
+) -> Result<(String, u64)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    Ok(rt.block_on(join(
+    let (progress, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let name = rt.block_on(join(
         home,
         JoinOptions {
             addr,
@@ -71,7 +83,12 @@ pub(crate) fn join_blocking(
             password: PASSWORD.into(),
             create: fast(),
             snapshot,
-            progress: None,
+            progress: Some(progress),
         },
-    ))?)
+    ))?;
+    let mut bytes = 0;
+    while let Ok(p) = heard.try_recv() {
+        bytes = bytes.max(p.bytes);
+    }
+    Ok((name, bytes))
 }
