@@ -163,29 +163,67 @@ pub(crate) async fn serve_joiner(net: Arc<Net>, conn: Connection) {
         (Ok(()), Some(questions)) => ask(questions, &run).await,
         _ => true,
     };
-    let decided = {
-        let mut slot = net.invitation.lock().await;
-        let Some(invitation) = slot.as_mut() else {
-            drop(slot);
-            conn.close("the invitation ended");
-            return;
-        };
-        let (verdict, outcome) = match checked {
-            Err((rejection, error)) => (rejection, Err(error)),
-            Ok(()) => invitation.inviter.decide(&mut run, answer),
-        };
-        let finished = settle_outcome(&net, &run, &outcome, address);
-        if let Some(result) = finished {
-            if let Some(tx) = invitation.outcome.take() {
-                let _ = tx.send(result);
-            }
-            *slot = None;
-            net.endpoint.pins().set_pairing_open(false);
-        }
-        verdict
+    let Some(decided) = decide(&net, &mut run, checked, answer, address).await else {
+        conn.close("the invitation ended");
+        return;
     };
     let _ = send_pairing(&conn, decided).await;
     linger(&conn).await;
+}
+
+/// The joiner's side of the exchange: its start, the inviter's reply, its confirmation, then
+/// the verdict (the inviting user may take a while). Returns the joiner and the verdict.
+async fn exchange(
+    conn: &Connection,
+    (mut joiner, start): (Joiner, PairingMessage),
+) -> Result<(Joiner, PairingMessage), NodeError> {
+    // An inviter with no open invitation refuses the handshake; the joiner sees it on its
+    // first exchange, as a connection error.
+    send_pairing(conn, start)
+        .await
+        .map_err(|_| PairingError::NoInvitation)?;
+    let reply = match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
+        Ok(Ok(DeviceMessage::Pairing(m))) => m,
+        Ok(Ok(_)) => return Err(PairingError::Protocol("expected a reply".into()).into()),
+        Ok(Err(_)) => return Err(PairingError::NoInvitation.into()),
+        Err(_) => return Err(PairingError::Protocol("timed out".into()).into()),
+    };
+    let confirm = joiner.on_reply(&reply)?;
+    send_pairing(conn, confirm).await?;
+    // The inviting user may take a while to confirm.
+    let verdict = match tokio::time::timeout(CONFIRM_TIMEOUT + STEP_TIMEOUT, conn.recv()).await {
+        Ok(Ok(DeviceMessage::Pairing(m))) => m,
+        Ok(Ok(_)) => return Err(PairingError::Protocol("expected a verdict".into()).into()),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(PairingError::Protocol("timed out".into()).into()),
+    };
+    Ok((joiner, verdict))
+}
+
+/// Under the invitation's lock: the verdict on a run whose proof was checked, and the end of
+/// the invitation if the run ends it. `None` when the invitation ended meanwhile.
+async fn decide(
+    net: &Net,
+    run: &mut InviteRun,
+    checked: Result<(), (PairingMessage, PairingError)>,
+    answer: bool,
+    address: IpAddr,
+) -> Option<PairingMessage> {
+    let mut slot = net.invitation.lock().await;
+    let invitation = slot.as_mut()?;
+    let (verdict, outcome) = match checked {
+        Err((rejection, error)) => (rejection, Err(error)),
+        Ok(()) => invitation.inviter.decide(run, answer),
+    };
+    let finished = settle_outcome(net, run, &outcome, address);
+    if let Some(result) = finished {
+        if let Some(tx) = invitation.outcome.take() {
+            let _ = tx.send(result);
+        }
+        *slot = None;
+        net.endpoint.pins().set_pairing_open(false);
+    }
+    Some(verdict)
 }
 
 /// Asks the user whether the joining device may join; no answer within [`CONFIRM_TIMEOUT`] is a
@@ -291,27 +329,8 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
         .device_name
         .clone()
         .unwrap_or_else(|| device.name.clone());
-    let (mut joiner, start) = Joiner::start(&code, binding, &name);
-    // An inviter with no open invitation refuses the handshake; the joiner sees it on its
-    // first exchange, as a connection error.
-    send_pairing(&conn, start)
-        .await
-        .map_err(|_| PairingError::NoInvitation)?;
-    let reply = match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
-        Ok(Ok(DeviceMessage::Pairing(m))) => m,
-        Ok(Ok(_)) => return Err(PairingError::Protocol("expected a reply".into()).into()),
-        Ok(Err(_)) => return Err(PairingError::NoInvitation.into()),
-        Err(_) => return Err(PairingError::Protocol("timed out".into()).into()),
-    };
-    let confirm = joiner.on_reply(&reply)?;
-    send_pairing(&conn, confirm).await?;
-    // The inviting user may take a while to confirm.
-    let verdict = match tokio::time::timeout(CONFIRM_TIMEOUT + STEP_TIMEOUT, conn.recv()).await {
-        Ok(Ok(DeviceMessage::Pairing(m))) => m,
-        Ok(Ok(_)) => return Err(PairingError::Protocol("expected a verdict".into()).into()),
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err(PairingError::Protocol("timed out".into()).into()),
-    };
+    let joiner = Joiner::start(&code, binding, &name);
+    let (joiner, verdict) = exchange(&conn, joiner).await?;
     let joined = joiner.on_verdict(&verdict)?;
     conn.close("paired");
     let key = LibraryKey::from_bytes(&joined.key)
