@@ -117,6 +117,9 @@ struct Row {
 }
 
 fn is_live(def: &ModelDef, clocks: &FieldClocks, tomb: Option<Hlc>) -> bool {
+    if def.permanent_delete && tomb.is_some() {
+        return false;
+    }
     let complete = def
         .fields
         .iter()

@@ -323,3 +323,36 @@ fn existing_answers_for_many_uuids_in_order_and_skips_tombstones() {
     assert_eq!(got, expected);
     assert_eq!(got.iter().filter(|x| **x).count(), 400);
 }
+
+/// Issue 24: a deleted Device record stays deleted. Revoking a device deletes its record; an
+/// upsert the revoked device writes afterwards (a newer clock) must not bring it back on any
+/// device, including ones that join later and replay the whole log.
+#[test]
+fn a_deleted_device_record_stays_deleted_whatever_comes_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = DeviceId([9; 32]);
+    let mut g = Gen { device, ms: 1000 };
+    let dev = Device {
+        uuid: device.record_uuid(),
+        device_id: device.to_hex(),
+        name: "phone".into(),
+        os: "android".into(),
+        created_ms: 1,
+    };
+    let upsert = |hlc| Change::upsert(ChangeId::new(), hlc, &dev).expect("upsert");
+    let changes = vec![
+        upsert(g.hlc()),
+        Change::delete::<Device>(ChangeId::new(), g.hlc(), dev.uuid),
+        upsert(g.hlc()),
+    ];
+    let orders: [Vec<Change>; 2] = [changes.clone(), changes.iter().rev().cloned().collect()];
+    for (i, order) in orders.iter().enumerate() {
+        let mut p = Projections::open(&dir.path().join(format!("p{i}.sqlite"))).expect("opens");
+        p.apply(order, Some(AppliedPosition::default()))
+            .expect("applies");
+        assert!(
+            p.query().get::<Device>(dev.uuid).expect("reads").is_none(),
+            "a revoked device's record came back"
+        );
+    }
+}

@@ -101,6 +101,7 @@ mod tests {
             }],
             skipped: &[],
             priority: 0,
+            permanent_delete: false,
         };
         static B: ModelDef = ModelDef {
             name: "b",
@@ -115,6 +116,7 @@ mod tests {
             }],
             skipped: &[],
             priority: 0,
+            permanent_delete: false,
         };
         assert!(matches!(plan(&[&A, &B]), Err(SchemaError::Cycle(_))));
     }

@@ -7,7 +7,7 @@ use crate::Syncable;
 
 /// A device that belongs to the library.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable)]
-#[syncable(model = "device", domain = "index", priority = 0)]
+#[syncable(model = "device", domain = "index", priority = 0, permanent_delete)]
 pub struct Device {
     /// Record uuid (UUIDv5 of the device id).
     #[syncable(uuid)]

@@ -56,6 +56,9 @@ pub struct ModelDef {
     pub skipped: &'static [&'static str],
     /// Sync priority: lower goes first within one dependency level.
     pub priority: u8,
+    /// A deleted record stays deleted, whatever upsert comes after (`#[syncable(permanent_delete)]`):
+    /// a revoked device's Device record, which that device could otherwise write again.
+    pub permanent_delete: bool,
 }
 
 impl ModelDef {

@@ -54,6 +54,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         model,
         domain,
         priority,
+        permanent_delete,
     } = struct_attrs(input)?;
     let ModelFields {
         uuid: (uuid_ident, uuid_is_option),
@@ -131,6 +132,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                 fields: &[#(#field_defs),*],
                 skipped: &[#(#skipped_names),*],
                 priority: #priority,
+                permanent_delete: #permanent_delete,
             };
 
             fn record_uuid(&self) -> ::core::option::Option<::keel_schema::uuid::Uuid> {
@@ -171,16 +173,20 @@ struct StructAttrs {
     model: String,
     domain: DomainAttr,
     priority: u8,
+    permanent_delete: bool,
 }
 
 fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
     let mut model: Option<String> = None;
     let mut domain: Option<DomainAttr> = None;
     let mut priority: u8 = 50;
+    let mut permanent_delete = false;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
         attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("model") {
                 model = Some(meta.value()?.parse::<LitStr>()?.value());
+            } else if meta.path.is_ident("permanent_delete") {
+                permanent_delete = true;
             } else if meta.path.is_ident("priority") {
                 priority = meta.value()?.parse::<LitInt>()?.base10_parse()?;
             } else if meta.path.is_ident("domain") {
@@ -202,7 +208,7 @@ fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
                 });
             } else {
                 return Err(meta.error(
-                    "syncable: unknown struct attribute; expected `model`, `domain` or `priority`",
+                    "syncable: unknown struct attribute; expected `model`, `domain`, `priority` or `permanent_delete`",
                 ));
             }
             Ok(())
@@ -224,6 +230,7 @@ fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
         model,
         domain,
         priority,
+        permanent_delete,
     })
 }
 
