@@ -56,7 +56,7 @@ pub struct ApplyStats {
     /// Changes in the Content domain.
     pub content_domain: u64,
     /// Whether the batch's references were proven present, so SQLite did not look them up
-    /// (see [`crate::references`]).
+    /// (see `references.rs`).
     pub references_proven: bool,
 }
 

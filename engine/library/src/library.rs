@@ -178,7 +178,7 @@ impl Library {
     }
 
     /// Creates library `name` in `home` from a key received by pairing (see
-    /// [`crate::runtime::join`]): same library id and key as the inviting device, wrapped under this
+    /// `keel_node::join`): same library id and key as the inviting device, wrapped under this
     /// device's `password`. The journal starts as a follower with no epoch: it learns the leader's
     /// log by replication. This device's Device record carries `device_name` (default: the home's
     /// device name).

@@ -28,7 +28,7 @@ pub struct LinkOptions {
     pub leader_commits: bool,
 }
 
-/// A running node's hold on its library; see the [module docs](self). At most one per library.
+/// A running node's hold on its library; see [`Library::link`]. At most one per library.
 pub struct NodeLink {
     library: Arc<Library>,
     offline_commits: Receiver<Vec<ChangeId>>,

@@ -561,7 +561,7 @@ impl Replica {
 
     /// The next message to send. Nothing comes out while a write is pending or unconfirmed:
     /// a message never goes before the state it depends on is durable. Contiguous segments to
-    /// one peer are merged (see [`coalesce`]). An error drops that one message (a segment is
+    /// one peer are merged. An error drops that one message (a segment is
     /// sent again when the follower does not acknowledge it).
     pub fn poll_transmit<S: Store>(
         &mut self,
