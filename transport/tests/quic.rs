@@ -533,8 +533,9 @@ async fn a_pinned_device_connects_while_strangers_stall_their_handshakes() {
         .expect("accepted in time")
         .expect("task");
     assert_eq!(accepted, Some(b.device()));
+    // The strangers stall for 5 s: a connect that waited for them took that long.
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(4),
         "the pinned device waited {:?}",
         started.elapsed()
     );
