@@ -495,17 +495,26 @@ impl Replica {
             self.ops.pop_front();
             slots.push((epoch, entry));
         }
-        let mut entries = Vec::with_capacity(slots.len());
-        for (epoch, entry) in &slots {
-            entries.push((*epoch, self.payload_of(*entry, store)?));
+        let mut entries: Vec<(Epoch, Vec<u8>)> = Vec::with_capacity(slots.len());
+        for (i, (epoch, entry)) in slots.iter().enumerate() {
+            let payload = match self.take_payload(*entry, store) {
+                // A (misbehaving) leader named this change twice: the first took its payload.
+                Err(ReplicaError::MissingPayload(id)) => slots[..i]
+                    .iter()
+                    .position(|(_, earlier)| earlier == entry)
+                    .and_then(|j| entries.get(j))
+                    .map(|(_, payload)| payload.clone())
+                    .ok_or(ReplicaError::MissingPayload(id))?,
+                other => other?,
+            };
+            entries.push((*epoch, payload));
         }
-        self.forget_written(&slots);
         Ok(Some(LogWrite::Append { at, entries }))
     }
 
-    /// The sealed payload of an entry to write (empty for a barrier), from memory or the
-    /// offline journal. Copied, not taken: a (misbehaving) leader may send one change twice.
-    fn payload_of<S: Store>(
+    /// Takes the sealed payload of an entry to write (empty for a barrier) from memory, or from
+    /// the offline journal.
+    fn take_payload<S: Store>(
         &mut self,
         entry: LogSlot,
         store: &mut S,
@@ -513,33 +522,14 @@ impl Replica {
         let LogSlot::Change(id) = entry else {
             return Ok(Vec::new());
         };
-        if !self.payloads.contains_key(&id) {
-            self.payloads
-                .extend(store.read_offline().map_err(ReplicaError::Store)?);
+        if let Some(payload) = self.payloads.remove(&id) {
+            return Ok(payload);
         }
         self.payloads
-            .get(&id)
-            .cloned()
+            .extend(store.read_offline().map_err(ReplicaError::Store)?);
+        self.payloads
+            .remove(&id)
             .ok_or(ReplicaError::MissingPayload(id))
-    }
-
-    /// Drops the payloads of `written` that no pending write and no offline change needs.
-    fn forget_written(&mut self, written: &[(Epoch, LogSlot)]) {
-        let mut wanted: HashSet<ChangeId> = self.durable().offline.iter().copied().collect();
-        wanted.extend(self.ops.iter().filter_map(|op| match op {
-            LogOp::Append {
-                entry: LogSlot::Change(id),
-                ..
-            } => Some(*id),
-            _ => None,
-        }));
-        for (_, entry) in written {
-            if let LogSlot::Change(id) = entry {
-                if !wanted.contains(id) {
-                    self.payloads.remove(id);
-                }
-            }
-        }
     }
 
     /// Every write polled so far is durable: the messages that waited for them may go.
