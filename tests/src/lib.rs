@@ -42,6 +42,72 @@ pub fn tag(name: &str) -> keel_engine::Tag {
     }
 }
 
+/// Hostile peers for tests: messages written by hand and floods from unpaired devices.
+pub mod hostile {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use keel_transport::{Endpoint, Identity, Pins, FRAME_HEADER_LEN, MESSAGE_VERSION};
+
+    /// A framed `DeviceMessage::Replication(Push)` of `n` empty byte strings, written as
+    /// MessagePack by hand (an enum is a one-entry map, a struct an array of its fields): small
+    /// on the wire, huge once decoded into a vector.
+    pub fn amplified_push(n: u32) -> Vec<u8> {
+        let mut body = vec![MESSAGE_VERSION, 0x81, 0xab];
+        body.extend_from_slice(b"Replication");
+        body.extend_from_slice(&[0x81, 0xa4]);
+        body.extend_from_slice(b"Push");
+        body.extend_from_slice(&[0x91, 0xdd]);
+        body.extend_from_slice(&n.to_be_bytes());
+        for _ in 0..n {
+            body.extend_from_slice(&[0xc4, 0x00]);
+        }
+        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        framed
+    }
+
+    /// `strangers` unpaired devices connect to `addr` to pair (an invitation must be open); each
+    /// opens `streams` streams of 1.2 MB of junk at once, sends a 16 MiB amplified `Push`, and
+    /// gives up after 3 s.
+    pub async fn flood(addr: SocketAddr, strangers: usize, streams: usize) {
+        let mut big = 1_200_000u32.to_be_bytes().to_vec();
+        big.resize(FRAME_HEADER_LEN + 1_200_000, 7);
+        let (big, push) = (Arc::new(big), Arc::new(amplified_push(8_000_000)));
+        let mut all = tokio::task::JoinSet::new();
+        for i in 0..strangers {
+            let (big, push) = (big.clone(), push.clone());
+            all.spawn(async move {
+                let Ok(identity) = Identity::generate(&format!("stranger {i}")) else {
+                    return;
+                };
+                let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+                let Ok(endpoint) = Endpoint::bind(&identity, localhost, Pins::new()) else {
+                    return;
+                };
+                let Ok(conn) = endpoint.connect_to_pair(addr).await else {
+                    return;
+                };
+                let conn = Arc::new(conn);
+                let mut sends = tokio::task::JoinSet::new();
+                for _ in 0..streams {
+                    let (conn, big) = (conn.clone(), big.clone());
+                    sends.spawn(async move {
+                        let _ = conn.send_raw(&big).await;
+                    });
+                }
+                let _ = conn.send_raw(&push).await;
+                let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                    while sends.join_next().await.is_some() {}
+                })
+                .await;
+            });
+        }
+        while all.join_next().await.is_some() {}
+    }
+}
+
 /// Multi-device helpers: nodes on 127.0.0.1 with their own homes under one folder.
 pub mod cluster {
     use std::net::SocketAddr;
@@ -93,6 +159,19 @@ pub mod cluster {
             Ok(())
         })?;
         Ok((home, node))
+    }
+
+    /// Opens library `name` in `home` again and starts it as a node listening on `listen` (a
+    /// device coming back on the address it had).
+    pub fn restart(home: &Home, name: &str, listen: SocketAddr) -> Result<Node, NodeError> {
+        let lib = Library::open(home, name, PASSWORD)?;
+        Node::start(
+            lib,
+            NodeOptions {
+                listen,
+                ..options(Vec::new())
+            },
+        )
     }
 
     /// Pairs a new device (home `root/<device>`) with `inviter` using a code, then opens the

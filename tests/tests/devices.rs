@@ -122,15 +122,7 @@ fn follower_writes_while_the_leader_is_down_then_the_leader_comes_back() {
     }
     assert_eq!(b.status().offline, 0, "b's changes are in its own log");
     // The leader comes back on the same address; b reconnects and pushes.
-    let lib = keel_engine::Library::open(&home_a, "docs", keel_tests::PASSWORD).expect("opens");
-    let a = keel_node::Node::start(
-        lib,
-        keel_node::NodeOptions {
-            listen: addr_a,
-            ..keel_tests::cluster::options(Vec::new())
-        },
-    )
-    .expect("a restarts");
+    let a = keel_tests::cluster::restart(&home_a, "docs", addr_a).expect("a restarts");
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
     assert_ne!(
         a.status().role,
@@ -160,15 +152,7 @@ fn leader_killed_a_follower_takes_over_and_the_old_leader_steps_down() {
     commit(&b, &during);
     let new_leader = leader_among(&[&b, &c]);
     assert!(new_leader.epoch.counter > old_epoch);
-    let lib = keel_engine::Library::open(&home_a, "music", keel_tests::PASSWORD).expect("opens");
-    let a = keel_node::Node::start(
-        lib,
-        keel_node::NodeOptions {
-            listen: addr_a,
-            ..keel_tests::cluster::options(Vec::new())
-        },
-    )
-    .expect("a restarts");
+    let a = keel_tests::cluster::restart(&home_a, "music", addr_a).expect("a restarts");
     let after = tag("a writes after coming back");
     commit(&a, &after);
     converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
@@ -265,15 +249,7 @@ fn a_dialer_that_backed_off_reconnects_after_a_network_change() {
     file.write(&a_dir).expect("writes");
     // b's dialer fails for a while: its delays grow past a few seconds.
     std::thread::sleep(Duration::from_secs(9));
-    let lib = keel_engine::Library::open(&home_a, "notes", keel_tests::PASSWORD).expect("opens");
-    let a = keel_node::Node::start(
-        lib,
-        keel_node::NodeOptions {
-            listen: addr_a,
-            ..keel_tests::cluster::options(Vec::new())
-        },
-    )
-    .expect("a restarts");
+    let a = keel_tests::cluster::restart(&home_a, "notes", addr_a).expect("a restarts");
     let started = std::time::Instant::now();
     b.network_changed();
     while !b.status().connected.contains(&a_hex) && started.elapsed() < Duration::from_secs(20) {
@@ -707,66 +683,17 @@ fn a_joining_device_reports_initial_sync_progress_as_events() {
 /// same flood is measured from outside, on `keel serve`: `engine/cli/tests/cli.rs`.)
 #[test]
 fn a_pinned_device_keeps_replicating_through_a_flood_from_strangers() {
-    use keel_transport::{Endpoint, Identity, Pins, FRAME_HEADER_LEN, MESSAGE_VERSION};
     let dir = tempfile::tempdir().expect("tempdir");
     let (_ha, a) = founder(dir.path(), "a", "flood").expect("founder");
     let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
     let _invite = a.invite(false).expect("invites");
-    let addr = a.local_addr();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    // A 1.2 MB message body (its header says so), and a 16 MiB Push of empty byte strings.
-    let mut big = (1_200_000u32).to_be_bytes().to_vec();
-    big.resize(FRAME_HEADER_LEN + 1_200_000, 7);
-    let n: u32 = 8_000_000;
-    let mut amplified = vec![MESSAGE_VERSION, 0x81, 0xab];
-    amplified.extend_from_slice(b"Replication");
-    amplified.extend_from_slice(&[0x81, 0xa4]);
-    amplified.extend_from_slice(b"Push");
-    amplified.extend_from_slice(&[0x91, 0xdd]);
-    amplified.extend_from_slice(&n.to_be_bytes());
-    for _ in 0..n {
-        amplified.extend_from_slice(&[0xc4, 0x00]);
-    }
-    let mut framed = (amplified.len() as u32).to_be_bytes().to_vec();
-    framed.extend_from_slice(&amplified);
-    let (big, framed) = (std::sync::Arc::new(big), std::sync::Arc::new(framed));
-    let strangers: Vec<_> = (0..8)
-        .map(|i| {
-            let (big, framed) = (big.clone(), framed.clone());
-            rt.spawn(async move {
-                let identity = Identity::generate(&format!("stranger {i}")).expect("identity");
-                let Ok(endpoint) = Endpoint::bind(
-                    &identity,
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                    Pins::new(),
-                ) else {
-                    return;
-                };
-                let Ok(conn) = endpoint.connect_to_pair(addr).await else {
-                    return;
-                };
-                // All at once: 100 streams of 1.2 MB, then the amplified Push.
-                let conn = std::sync::Arc::new(conn);
-                let mut sends = tokio::task::JoinSet::new();
-                for _ in 0..100 {
-                    let (conn, big) = (conn.clone(), big.clone());
-                    sends.spawn(async move {
-                        let _ = conn.send_raw(&big).await;
-                    });
-                }
-                let _ = conn.send_raw(&framed).await;
-                let _ = tokio::time::timeout(Duration::from_secs(3), async {
-                    while sends.join_next().await.is_some() {}
-                })
-                .await;
-            })
-        })
-        .collect();
+    let flood = rt.spawn(keel_tests::hostile::flood(a.local_addr(), 8, 100));
     // Meanwhile the pinned device keeps replicating.
     let during = tag("written during the flood");
     commit(&a, &during);
@@ -775,8 +702,6 @@ fn a_pinned_device_keeps_replicating_through_a_flood_from_strangers() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(has(&b, &during), "b stopped replicating during the flood");
-    for s in strangers {
-        let _ = rt.block_on(s);
-    }
+    let _ = rt.block_on(flood);
     drop(rt);
 }

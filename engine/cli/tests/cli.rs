@@ -636,7 +636,6 @@ fn peak_rss_mb(pid: u32) -> u64 {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_flood_from_strangers_during_an_invitation_leaves_the_node_bounded() {
-    use keel_transport::{Endpoint, Identity, Pins, FRAME_HEADER_LEN, MESSAGE_VERSION};
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("home");
@@ -645,21 +644,6 @@ fn a_flood_from_strangers_during_an_invitation_leaves_the_node_bounded() {
     let served = serve(&home, &listen, &[]);
     ok(&keel(&home, &["pair", "invite", "lib", "--yes"]));
     let addr: std::net::SocketAddr = listen.parse().expect("addr");
-    let mut big = 1_200_000u32.to_be_bytes().to_vec();
-    big.resize(FRAME_HEADER_LEN + 1_200_000, 7);
-    let n: u32 = 8_000_000;
-    let mut push = vec![MESSAGE_VERSION, 0x81, 0xab];
-    push.extend_from_slice(b"Replication");
-    push.extend_from_slice(&[0x81, 0xa4]);
-    push.extend_from_slice(b"Push");
-    push.extend_from_slice(&[0x91, 0xdd]);
-    push.extend_from_slice(&n.to_be_bytes());
-    for _ in 0..n {
-        push.extend_from_slice(&[0xc4, 0x00]);
-    }
-    let mut framed = (push.len() as u32).to_be_bytes().to_vec();
-    framed.extend_from_slice(&push);
-    let (big, framed) = (std::sync::Arc::new(big), std::sync::Arc::new(framed));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -668,38 +652,11 @@ fn a_flood_from_strangers_during_an_invitation_leaves_the_node_bounded() {
     let baseline = peak_rss_mb(served.0.id());
     eprintln!("the node's RSS before: {baseline} MB");
     let mut peak = 0;
-    rt.block_on(async {
-        let mut strangers = tokio::task::JoinSet::new();
-        for i in 0..8 {
-            let (big, framed) = (big.clone(), framed.clone());
-            strangers.spawn(async move {
-                let identity = Identity::generate(&format!("stranger {i}")).expect("identity");
-                let localhost = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-                let Ok(endpoint) = Endpoint::bind(&identity, localhost, Pins::new()) else {
-                    return;
-                };
-                let Ok(conn) = endpoint.connect_to_pair(addr).await else {
-                    return;
-                };
-                let conn = std::sync::Arc::new(conn);
-                let mut sends = tokio::task::JoinSet::new();
-                for _ in 0..100 {
-                    let (conn, big) = (conn.clone(), big.clone());
-                    sends.spawn(async move {
-                        let _ = conn.send_raw(&big).await;
-                    });
-                }
-                let _ = conn.send_raw(&framed).await;
-                let _ = tokio::time::timeout(Duration::from_secs(3), async {
-                    while sends.join_next().await.is_some() {}
-                })
-                .await;
-            });
-        }
-        while strangers.join_next().await.is_some() {
-            peak = peak.max(peak_rss_mb(served.0.id()));
-        }
-    });
+    let flood = rt.spawn(keel_tests::hostile::flood(addr, 8, 100));
+    while !flood.is_finished() {
+        peak = peak.max(peak_rss_mb(served.0.id()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     peak = peak.max(peak_rss_mb(served.0.id()));
     eprintln!("the node's peak RSS: {peak} MB");
     assert!(peak > 0, "no memory figure for the node");

@@ -82,27 +82,24 @@ impl Net {
         self.offline.store(offline, Ordering::SeqCst);
         if !offline {
             self.wake_dialers();
+            return;
         }
-        if offline {
-            let live: Vec<Arc<Connection>> = self
-                .live
-                .lock()
-                .map(|l| l.values().cloned().collect())
-                .unwrap_or_default();
-            for conn in live {
-                conn.close("going offline");
-            }
+        for conn in self.sessions_where(|_| true) {
+            conn.close("going offline");
         }
+    }
+
+    /// The live sessions' connections whose peer passes `keep`, taken out of the lock.
+    fn sessions_where(&self, keep: impl Fn(&DeviceId) -> bool) -> Vec<Arc<Connection>> {
+        self.live
+            .lock()
+            .map(|l| l.values().filter(|c| keep(&c.peer())).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Closes every session with `device` (after revoking it).
     pub(crate) fn disconnect(&self, device: DeviceId) {
-        let live: Vec<Arc<Connection>> = self
-            .live
-            .lock()
-            .map(|l| l.values().filter(|c| c.peer() == device).cloned().collect())
-            .unwrap_or_default();
-        for conn in live {
+        for conn in self.sessions_where(|peer| *peer == device) {
             conn.close("revoked");
         }
     }
@@ -350,17 +347,7 @@ impl Net {
     /// Closes the sessions of devices that are no longer pinned (revoked, here or elsewhere).
     fn close_unpinned(&self) {
         let pins = self.endpoint.pins();
-        let stale: Vec<Arc<Connection>> = self
-            .live
-            .lock()
-            .map(|l| {
-                l.values()
-                    .filter(|c| !pins.contains(&c.peer()))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        for conn in stale {
+        for conn in self.sessions_where(|peer| !pins.contains(peer)) {
             tracing::info!(peer = %conn.peer().short(), "closing the session of a revoked device");
             conn.close("revoked");
         }
@@ -405,12 +392,7 @@ impl Net {
                     .collect()
             })
             .unwrap_or_default();
-        let live: Vec<Arc<Connection>> = self
-            .live
-            .lock()
-            .map(|l| l.values().cloned().collect())
-            .unwrap_or_default();
-        for conn in live {
+        for conn in self.sessions_where(|_| true) {
             let peers: Vec<PeerAddr> = known
                 .iter()
                 .filter(|p| p.device != conn.peer())
