@@ -6,7 +6,9 @@
 #![no_main]
 
 use keel_replication::wire::WireLogEntry;
-use keel_replication::{Durable, LogWrite, Replica, ReplicaConfig, ReplicationMessage, Store};
+use keel_replication::{
+    Durable, LogWrite, Opened, Replica, ReplicaConfig, ReplicationMessage, Store,
+};
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use libfuzzer_sys::fuzz_target;
 use serde_bytes::ByteBuf;
@@ -47,7 +49,10 @@ impl Input<'_> {
         match self.u8() % 4 {
             0 => Vec::new(),
             1 => vec![self.u8(); usize::from(self.u8() % 24)],
-            _ => seal(ChangeId(Uuid::from_u128(u128::from(self.u8())))),
+            _ => seal(
+                ChangeId(Uuid::from_u128(u128::from(self.u8()))),
+                DeviceId([self.u8() % 3; 32]),
+            ),
         }
     }
 
@@ -101,9 +106,11 @@ impl Input<'_> {
     }
 }
 
-fn seal(id: ChangeId) -> Vec<u8> {
+/// A marker, the change id, the device that made it.
+fn seal(id: ChangeId, origin: DeviceId) -> Vec<u8> {
     let mut sealed = b"fuzz".to_vec();
     sealed.extend_from_slice(id.0.as_bytes());
+    sealed.extend_from_slice(&origin.0);
     sealed
 }
 
@@ -139,11 +146,15 @@ impl Store for Memory {
         Some(ChangeId(Uuid::from_bytes(id)))
     }
 
-    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String> {
-        if sealed.len() != 20 || sealed.get(..4) != Some(&b"fuzz"[..]) {
+    fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String> {
+        if sealed.len() != 52 || sealed.get(..4) != Some(&b"fuzz"[..]) {
             return Err("does not open".into());
         }
-        self.peek_change_id(sealed).ok_or_else(|| "no id".into())
+        let origin: [u8; 32] = sealed[20..].try_into().map_err(|_| "no origin")?;
+        Ok(Opened {
+            id: self.peek_change_id(sealed).ok_or("no id")?,
+            origin: DeviceId(origin),
+        })
     }
 }
 
@@ -243,7 +254,7 @@ fuzz_target!(|data: &[u8]| {
             0 => replica.handle_timeout(now),
             1 => {
                 let id = ChangeId(Uuid::from_u128(u128::from(input.u8()) + 1000));
-                replica.handle_commit(now, id, Some(seal(id)));
+                replica.handle_commit(now, id, Some(seal(id, DeviceId([*device; 32]))));
             }
             _ => {
                 let message = input.message();

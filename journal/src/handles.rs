@@ -110,8 +110,9 @@ impl ReplicatedLog<'_> {
         self.journal.append_checked(checked)
     }
 
-    /// Removes every log entry after `keep`, returning their changes to the offline journal as
-    /// pending, in one durable transaction. Returns the ids returned.
+    /// Removes every log entry after `keep`, returning the changes this device made to the
+    /// offline journal as pending, in one durable transaction; other devices' changes are
+    /// dropped (their maker resubmits them). Returns the ids returned.
     pub fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
         self.journal.truncate_after(keep)
     }

@@ -77,9 +77,15 @@ impl WriterState {
         Ok(appended)
     }
 
-    /// Removes every log entry after `keep`; their changes go back to the offline journal as
-    /// pending (to be resubmitted), and replay after a crash starts no later than `keep`.
-    pub(crate) fn truncate_after(&mut self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
+    /// Removes every log entry after `keep`; the changes this device made go back to the
+    /// offline journal as pending (to be resubmitted), and replay after a crash starts no later
+    /// than `keep`. Other devices' changes are dropped: a leader accepts a change only from its
+    /// maker, which still holds it (in its log or offline journal) and resubmits it.
+    pub(crate) fn truncate_after(
+        &mut self,
+        keep: Lsn,
+        sealer: &Sealer,
+    ) -> Result<Vec<ChangeId>, JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut returned = Vec::new();
@@ -92,7 +98,7 @@ impl WriterState {
                 let Ok(record) = LogRecord::decode(&bytes) else {
                     continue;
                 };
-                let Some(id) = Sealer::peek_change_id(record.sealed) else {
+                let Some(id) = self.own_change(sealer, record.sealed) else {
                     continue;
                 };
                 let seq = self.next_local;
@@ -126,5 +132,13 @@ impl WriterState {
         }
         self.next_lsn = keep.0 + 1;
         Ok(returned)
+    }
+
+    /// The id of a sealed change if this device made it (a record that does not open cannot be
+    /// resubmitted; `verify` reports it).
+    fn own_change(&self, sealer: &Sealer, sealed: &[u8]) -> Option<ChangeId> {
+        let (id, plain) = sealer.open(sealed).ok()?;
+        let change = Change::decode(&plain).ok()?;
+        (change.origin() == self.device).then_some(id)
     }
 }

@@ -809,7 +809,12 @@ impl Journal {
 
     /// See [`crate::ReplicatedLog::truncate_after`].
     pub(crate) fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
-        self.ask(|reply| Request::Truncate { keep, reply })
+        let sealer = self.sealer.clone();
+        self.ask(|reply| Request::Truncate {
+            keep,
+            sealer,
+            reply,
+        })
     }
 
     /// See [`crate::ReplicatedLog::epoch_at`].
@@ -857,10 +862,9 @@ impl Journal {
     }
 
     /// Checks a sealed change received from a peer (it opens under this library's key and
-    /// decodes) and returns its id.
-    pub fn check_sealed(&self, sealed: &[u8]) -> Result<ChangeId, JournalError> {
+    /// decodes) and returns it.
+    pub fn check_sealed(&self, sealed: &[u8]) -> Result<Change, JournalError> {
         self.open_incoming(RecordPlace::Incoming(0), sealed)
-            .map(|c| c.id)
     }
 
     /// See [`Election::store`].

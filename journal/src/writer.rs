@@ -116,6 +116,8 @@ pub(crate) enum Request {
     },
     Truncate {
         keep: Lsn,
+        /// Opens the removed records, to tell this device's changes from others'.
+        sealer: crate::seal::Sealer,
         reply: Sender<Result<Vec<keel_schema::ChangeId>, JournalError>>,
     },
     RaiseHlc {
@@ -191,9 +193,13 @@ impl WriterState {
                         // One transaction (one sync) for the waiting commits and the append.
                         self.flush_with(&mut commits, Some((first, entries, reply)));
                     }
-                    Request::Truncate { keep, reply } => {
+                    Request::Truncate {
+                        keep,
+                        sealer,
+                        reply,
+                    } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.truncate_after(keep)));
+                        let _ = reply.send(guarded(|| self.truncate_after(keep, &sealer)));
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);

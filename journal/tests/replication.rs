@@ -53,6 +53,17 @@ fn setup() -> (
     )
 }
 
+/// The ids in the offline journal, in order.
+fn pending(journal: &Journal) -> Vec<ChangeId> {
+    journal
+        .offline()
+        .read(0, 10)
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.expect("sound").2.id)
+        .collect()
+}
+
 fn segment(journal: &Journal, from: Lsn) -> Vec<(Epoch, Vec<u8>)> {
     journal
         .log()
@@ -158,14 +169,7 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
     );
     assert_eq!(journal.log().index().expect("reads").len(), 5);
     assert_eq!(journal.replay_floor().expect("meta"), Some(Lsn(5)));
-    let pending: Vec<ChangeId> = journal
-        .offline()
-        .read(0, 10)
-        .expect("reads")
-        .into_iter()
-        .map(|e| e.expect("sound").2.id)
-        .collect();
-    assert_eq!(pending, returned, "nothing acknowledged is dropped");
+    assert_eq!(pending(&journal), returned, "nothing acknowledged is dropped");
     journal.set_role(CommitRoute::Offline).expect("steps down");
     assert!(matches!(
         journal.log().append(Lsn(9), Vec::new()),
@@ -427,6 +431,26 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
         .expect("commits offline");
     let sent = follower_rx.recv_timeout(wait).expect("the offline commit");
     assert_eq!(sent.early, None, "an offline commit is sent once durable");
+}
+
+/// Issue 24: a leader accepts a change only from the device that made it, so a deposed log
+/// returns only this device's changes to the offline journal. Another device's change would be
+/// refused by every leader and pushed forever; its maker still holds it and resubmits it.
+#[test]
+fn truncation_returns_only_this_devices_changes() {
+    let (dir, lib, key, (l, f), epoch) = setup();
+    let leader = open(dir.path(), "l.redb", lib, &key, l, CommitRoute::Log(epoch));
+    let mine = change(l, 1);
+    leader.commit(vec![mine.clone()]).expect("commits");
+    let theirs = change(f, 2);
+    let next = Lsn(leader.stats().expect("stats").log_len + 1);
+    leader
+        .log()
+        .append(next, vec![(epoch, leader.seal(&theirs))])
+        .expect("sequences a pushed change");
+    let returned = leader.log().truncate_after(Lsn(0)).expect("truncates");
+    assert_eq!(returned, vec![mine.id]);
+    assert_eq!(pending(&leader), vec![mine.id]);
 }
 
 /// Issue 24: a change from a peer whose clock is far in the future (`Hlc { u64::MAX, .. }`)

@@ -16,13 +16,13 @@
 //! references are proven present beforehand (see [`crate::references`]), SQLite's checks are off
 //! for its transaction: the commit could not have failed, so the rows are the same.
 
-use keel_schema::{model_by_code, Change, Hlc, ModelDef, Op, SyncDomain, Value};
+use keel_schema::{model_by_code, Change, Hlc, ModelDef, Op, Owner, SyncDomain, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{
     params_from_iter, CachedStatement, Connection, ErrorCode, OptionalExtension, Params, ToSql,
 };
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use crate::clocks::FieldClocks;
@@ -30,6 +30,7 @@ use crate::ddl::{ModelSql, INSERT_ROWS};
 use crate::derived::{CountDeltas, CountPlan};
 use crate::error::ProjectionError;
 use crate::order::ApplyOrder;
+use crate::ownership::Verdict;
 use crate::store::{AppliedPosition, Projections};
 
 /// Most parked changes retried in one pass.
@@ -51,6 +52,9 @@ pub struct ApplyStats {
     pub parked: u64,
     /// Parked changes applied because their dependency arrived.
     pub unparked: u64,
+    /// Changes refused by the owner rule (see [`keel_schema::Owner`] and
+    /// [`crate::Query::refused`]).
+    pub refused: u64,
     /// Changes in the Index domain.
     pub index_domain: u64,
     /// Changes in the Content domain.
@@ -110,8 +114,8 @@ pub(crate) fn read_value(
     })
 }
 
-struct Row {
-    values: Vec<Value>,
+pub(crate) struct Row {
+    pub(crate) values: Vec<Value>,
     clocks: FieldClocks,
     tomb: Option<Hlc>,
 }
@@ -155,6 +159,7 @@ enum Outcome {
     Applied,
     Unchanged,
     Parked,
+    Refused,
 }
 
 impl ApplyStats {
@@ -163,12 +168,13 @@ impl ApplyStats {
             Outcome::Applied => self.applied += 1,
             Outcome::Unchanged => self.unchanged += 1,
             Outcome::Parked => self.parked += 1,
+            Outcome::Refused => self.refused += 1,
         }
     }
 }
 
-struct Applier<'a> {
-    conn: &'a Connection,
+pub(crate) struct Applier<'a> {
+    pub(crate) conn: &'a Connection,
     sql: &'a [ModelSql],
     /// Each model's insert statement, prepared once per `apply` call (looking it up in the
     /// connection's statement cache hashed its SQL text for every row).
@@ -181,6 +187,10 @@ struct Applier<'a> {
     counts: Option<CountPlan>,
     /// Changes to those counts not yet written, written by [`Applier::write_counts`].
     deltas: CountDeltas,
+    /// Each model's owner rule, by code.
+    rules: Vec<Owner>,
+    /// Locations' owners (device record uuids) looked up so far; an owner never changes.
+    pub(crate) owners: RefCell<HashMap<Uuid, Uuid>>,
 }
 
 impl<'a> Applier<'a> {
@@ -193,6 +203,10 @@ impl<'a> Applier<'a> {
             careful: Cell::new(careful),
             counts: CountPlan::get(),
             deltas: CountDeltas::default(),
+            rules: (0..sql.len())
+                .map(|code| Owner::of_model(u8::try_from(code).unwrap_or(u8::MAX)))
+                .collect(),
+            owners: RefCell::new(HashMap::new()),
         }
     }
 
@@ -360,9 +374,11 @@ impl<'a> Applier<'a> {
             });
             if let Some(run) = run {
                 let run: Vec<&Change> = run.iter().map(|&i| &changes[i]).collect();
-                self.apply_run(first.model, &run, stats)?;
-                next += INSERT_ROWS;
-                continue;
+                if self.run_allowed(self.rule(first.model), &run)? {
+                    self.apply_run(first.model, &run, stats)?;
+                    next += INSERT_ROWS;
+                    continue;
+                }
             }
             stats.count(self.apply(first)?);
             next += 1;
@@ -508,11 +524,49 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
+    fn rule(&self, code: u8) -> Owner {
+        self.rules
+            .get(usize::from(code))
+            .copied()
+            .unwrap_or(Owner::Anyone)
+    }
+
+    /// Applies the owner rule to a change that writes file facts: `None` to go on applying it.
+    fn owner_outcome(
+        &self,
+        def: &ModelDef,
+        sql: &ModelSql,
+        change: &Change,
+    ) -> Result<Option<Outcome>, ProjectionError> {
+        let rule = self.rule(change.model);
+        if !rule.guards(change) {
+            return Ok(None);
+        }
+        let row = match rule {
+            Owner::Itself => None,
+            _ => self.read_row(def, sql, change.record)?,
+        };
+        Ok(match self.verdict(rule, change, row.as_ref())? {
+            Verdict::Allowed => None,
+            Verdict::Refused(reason) => {
+                self.refuse(def, change, &reason)?;
+                Some(Outcome::Refused)
+            }
+            Verdict::Unknown(missing) => {
+                self.park(change, 0, &missing)?;
+                Some(Outcome::Parked)
+            }
+        })
+    }
+
     fn apply(&self, change: &Change) -> Result<Outcome, ProjectionError> {
         let Some(def) = model_by_code(change.model) else {
             return Ok(Outcome::Unchanged);
         };
         let sql = &self.sql[usize::from(change.model)];
+        if let Some(outcome) = self.owner_outcome(def, sql, change)? {
+            return Ok(outcome);
+        }
         let n = def.fields.len();
         match &change.op {
             Op::Upsert(fields) => {

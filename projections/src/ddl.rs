@@ -6,9 +6,10 @@ use crate::derived::{holds_counts, COUNT_COLUMNS};
 
 /// Projection schema version, stored in `PRAGMA user_version`. Version 2 made references
 /// deferred and dropped `NOT NULL` (see [`create_table`]); version 3 keeps a content's derived
-/// counts in its row instead of an index on `entry(content)` (see [`crate::derived`]). A
+/// counts in its row instead of an index on `entry(content)` (see [`crate::derived`]); version 4
+/// adds `_refused` (see [`crate::ownership`]). A
 /// projection of an older version is discarded on open and replayed from the journal.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes
 /// (cachegrind, whole run of the scratch harness): 2.07 G for 4 rows, 1.98 G for 8, 2.02 G for 16,
@@ -92,10 +93,11 @@ pub(crate) const INDEXES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Internal tables: the applied position and parked changes.
+/// Internal tables: the applied position, parked changes and changes the owner rule refused.
 pub(crate) const INTERNAL: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS _parked (key BLOB PRIMARY KEY NOT NULL, missing TEXT NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _refused (id BLOB PRIMARY KEY NOT NULL, model TEXT NOT NULL, record BLOB NOT NULL, origin BLOB NOT NULL, reason TEXT NOT NULL) WITHOUT ROWID",
     "CREATE VIEW IF NOT EXISTS content_identity_stats AS \
        SELECT uuid, _entries AS entry_count, _bytes AS total_size \
        FROM content_identity WHERE _live = 1",

@@ -13,6 +13,7 @@ mod derived;
 mod digest;
 mod error;
 mod order;
+mod ownership;
 mod queries;
 mod rebuild;
 mod references;
@@ -22,6 +23,7 @@ mod store;
 pub use apply::{ApplyStats, SELF_PROOF_MIN};
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
+pub use ownership::RefusedChange;
 pub use queries::{Counts, EntryMetadata, Query};
 pub use snapshot::FrozenFile;
 pub use store::{

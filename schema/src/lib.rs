@@ -13,6 +13,7 @@ mod graph;
 mod hlc;
 mod ids;
 mod models;
+mod ownership;
 mod registry;
 mod syncable;
 mod value;
@@ -27,6 +28,7 @@ pub use models::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
     ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata, UserMetadataTag,
 };
+pub use ownership::Owner;
 pub use registry::{code_of, model_by_code, model_code, MODELS};
 pub use syncable::{DomainLookup, DomainRule, FieldDef, ModelDef, SyncDomain, Syncable};
 pub use uuid;

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use keel_replication::wire::WireLogEntry;
 use keel_replication::{
-    Durable, ElectionRole, LogSlot, LogWrite, Replica, ReplicaConfig, ReplicaEvent,
+    Durable, ElectionRole, LogSlot, LogWrite, Opened, Replica, ReplicaConfig, ReplicaEvent,
     ReplicationMessage, Store, Transmit,
 };
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
@@ -48,10 +48,16 @@ struct Disk {
     offline: Vec<(ChangeId, Vec<u8>)>,
 }
 
-fn seal(id: ChangeId) -> Vec<u8> {
+/// A change's "sealed" form here: a marker, its id, the device that made it.
+fn seal(id: ChangeId, origin: DeviceId) -> Vec<u8> {
     let mut sealed = SEAL_MARK.to_vec();
     sealed.extend_from_slice(id.0.as_bytes());
+    sealed.extend_from_slice(&origin.0);
     sealed
+}
+
+fn origin(sealed: &[u8]) -> Option<DeviceId> {
+    Some(DeviceId(sealed.get(20..52)?.try_into().ok()?))
 }
 
 fn peek(sealed: &[u8]) -> Option<ChangeId> {
@@ -75,7 +81,7 @@ impl Disk {
     }
 
     /// Makes one write durable, as the journal does.
-    fn apply(&mut self, i: usize, write: LogWrite) {
+    fn apply(&mut self, i: usize, device: DeviceId, write: LogWrite) {
         match write {
             LogWrite::Election { epoch, voted } => {
                 self.epoch = epoch;
@@ -93,7 +99,10 @@ impl Disk {
             }
             LogWrite::Truncate { keep } => {
                 for (_, payload) in self.log.split_off(keep.0 as usize) {
-                    if let Some(id) = peek(&payload) {
+                    // Only this device's changes: others' are resubmitted by their maker.
+                    if let (Some(id), Some(true)) =
+                        (peek(&payload), origin(&payload).map(|o| o == device))
+                    {
                         self.offline.push((id, payload));
                     }
                 }
@@ -129,11 +138,14 @@ impl Store for DiskStore<'_> {
         peek(sealed)
     }
 
-    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String> {
-        if sealed.get(..4) != Some(&SEAL_MARK[..]) || sealed.len() != 20 {
+    fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String> {
+        if sealed.get(..4) != Some(&SEAL_MARK[..]) || sealed.len() != 52 {
             return Err("does not open".into());
         }
-        peek(sealed).ok_or_else(|| "no id".into())
+        Ok(Opened {
+            id: peek(sealed).ok_or("no id")?,
+            origin: origin(sealed).ok_or("no origin")?,
+        })
     }
 }
 
@@ -159,7 +171,9 @@ struct Sim {
     acked: Vec<ChangeId>,
     leaders: HashMap<Epoch, DeviceId>,
     max_epoch: Vec<Epoch>,
-    ever_had: Vec<BTreeSet<ChangeId>>,
+    /// The changes each node made: it never loses one (in its log or offline journal). Other
+    /// devices' changes may leave it in a truncation; their maker resubmits them.
+    made: Vec<BTreeSet<ChangeId>>,
     delivered: u64,
     refused: u64,
     /// A paired device that sends forged messages (see [`Sim::forge`]), while present.
@@ -225,7 +239,7 @@ impl Sim {
             acked: Vec::new(),
             leaders: HashMap::new(),
             max_epoch: vec![Epoch::default(); n],
-            ever_had: vec![BTreeSet::new(); n],
+            made: vec![BTreeSet::new(); n],
             devices,
             delivered: 0,
             refused: 0,
@@ -312,18 +326,18 @@ impl Sim {
             return;
         };
         if node.role() == ElectionRole::Leader {
-            let placed = node.handle_commit(now, id, Some(seal(id)));
+            let placed = node.handle_commit(now, id, Some(seal(id, self.devices[i])));
             assert!(
                 placed.is_some(),
                 "node {i}: a leader did not sequence a new change"
             );
         } else {
-            self.disks[i].offline.push((id, seal(id)));
+            self.disks[i].offline.push((id, seal(id, self.devices[i])));
             node.handle_commit(now, id, None);
         }
         self.flush(i, true);
         self.acked.push(id);
-        self.ever_had[i].insert(id);
+        self.made[i].insert(id);
     }
 
     /// What the runtime does after inputs: events, then every write made durable, then the
@@ -342,7 +356,7 @@ impl Sim {
             .poll_log_write(&mut DiskStore(&self.disks[i]))
             .unwrap_or_else(|e| panic!("node {i}: {e}"))
         {
-            self.disks[i].apply(i, write);
+            self.disks[i].apply(i, self.devices[i], write);
         }
         node.written();
         let mut out = Vec::new();
@@ -396,7 +410,7 @@ impl Sim {
         }
         let done = self.rng.random_range(0..=writes.len());
         for write in writes.into_iter().take(done) {
-            self.disks[i].apply(i, write);
+            self.disks[i].apply(i, self.devices[i], write);
         }
         self.views[i].clear();
     }
@@ -421,9 +435,11 @@ impl Sim {
                 None => self.disks[i].durable(),
             };
             let now = changes_of(&d);
-            let missing: Vec<_> = self.ever_had[i].difference(&now).collect();
-            assert!(missing.is_empty(), "node {i} lost changes {missing:?}");
-            self.ever_had[i] = now;
+            let missing: Vec<_> = self.made[i].difference(&now).collect();
+            assert!(
+                missing.is_empty(),
+                "node {i} lost changes it made {missing:?}"
+            );
         }
     }
 
@@ -477,6 +493,17 @@ impl Sim {
     /// A message a misbehaving paired device might send: forged epochs (near the honest ones,
     /// or far above), barriers and changes at random positions, votes and replies it has no
     /// business sending, junk pushes.
+    /// A change with a new id, made by the hostile device or claiming to be another's.
+    fn forged_change(&mut self, hostile: DeviceId) -> Vec<u8> {
+        let id = ChangeId(Uuid::from_u128(self.rng.random()));
+        let origin = if self.rng.random_bool(0.5) {
+            hostile
+        } else {
+            self.devices[self.rng.random_range(0..self.devices.len())]
+        };
+        seal(id, origin)
+    }
+
     fn forge(&mut self, hostile: DeviceId) -> ReplicationMessage {
         let known = self
             .nodes
@@ -526,7 +553,7 @@ impl Sim {
             },
             6 => ReplicationMessage::Push {
                 changes: (0..self.rng.random_range(0..4))
-                    .map(|_| ByteBuf::from(seal(ChangeId(Uuid::from_u128(self.rng.random())))))
+                    .map(|_| ByteBuf::from(self.forged_change(hostile)))
                     .collect(),
             },
             _ => {
@@ -543,7 +570,7 @@ impl Sim {
                         sealed: ByteBuf::from(if self.rng.random_bool(0.3) {
                             Vec::new()
                         } else {
-                            seal(ChangeId(Uuid::from_u128(self.rng.random())))
+                            self.forged_change(hostile)
                         }),
                     })
                     .collect();

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::Sender;
 use crate::error::NodeError;
 use keel_engine::{Event, NodeLink, SequenceReply, SequenceRequest};
 use keel_replication::{
-    Durable, ElectionRole, Log, LogSlot, LogWrite, Replica, ReplicaConfig, ReplicaError,
+    Durable, ElectionRole, Log, LogSlot, LogWrite, Opened, Replica, ReplicaConfig, ReplicaError,
     ReplicaEvent, ReplicationMessage, Store,
 };
 
@@ -105,8 +105,15 @@ impl Store for JournalStore<'_> {
         Sealer::peek_change_id(sealed)
     }
 
-    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String> {
-        self.journal.check_sealed(sealed).map_err(|e| e.to_string())
+    fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String> {
+        let change = self
+            .journal
+            .check_sealed(sealed)
+            .map_err(|e| e.to_string())?;
+        Ok(Opened {
+            id: change.id,
+            origin: change.origin(),
+        })
     }
 }
 

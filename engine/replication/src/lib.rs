@@ -40,7 +40,7 @@ mod types;
 pub mod wire;
 
 pub use machine::ReplicaConfig;
-pub use replica::{LogWrite, Replica, ReplicaError, ReplicaEvent, Store, Transmit};
+pub use replica::{LogWrite, Opened, Replica, ReplicaError, ReplicaEvent, Store, Transmit};
 pub use types::{Durable, ElectionRole, Log, LogSlot};
 pub use wire::ReplicationMessage;
 

@@ -504,6 +504,11 @@ impl Machine {
         }
     }
 
+    /// Forgets offline changes that no payload backs (see `Replica::outgoing`).
+    pub(crate) fn forget_offline(&mut self, gone: &HashSet<ChangeId>) {
+        self.durable.offline.retain(|id| !gone.contains(id));
+    }
+
     /// Appends a change to the leader's log unless it is there already.
     fn sequence(&mut self, id: ChangeId) {
         let log = &self.durable.log;
@@ -929,10 +934,12 @@ impl Machine {
 
     /// Removes `log[at..]`, returning their changes to `pending` (resubmitted, never dropped).
     fn truncate_from(&mut self, at: usize) {
+        let removed = self.durable.log.split_off(at);
         self.ops.push(LogOp::Truncate {
             keep: Lsn(at as u64),
+            removed: removed.len() as u64,
         });
-        for (_, entry) in self.durable.log.split_off(at) {
+        for (_, entry) in removed {
             if let LogSlot::Change(id) = entry {
                 if let Some(set) = &mut self.in_log {
                     set.remove(&id);

@@ -26,8 +26,18 @@ pub trait Store {
     /// The change a sealed log entry names, read without opening it (entries from the leader are
     /// opened, and so checked, when applied).
     fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId>;
-    /// Opens a change a follower pushed: its id if it is authentic, why not otherwise.
-    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String>;
+    /// Opens a change a follower pushed: its id and origin if it is authentic, why not
+    /// otherwise.
+    fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String>;
+}
+
+/// What [`Store::open_pushed`] read from an authentic change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The change's id.
+    pub id: ChangeId,
+    /// The device that made it.
+    pub origin: DeviceId,
 }
 
 /// A write the runtime makes durable, in the order polled, before [`Replica::written`].
@@ -48,7 +58,9 @@ pub enum LogWrite {
         /// The entries.
         entries: Vec<(Epoch, Vec<u8>)>,
     },
-    /// Every entry after `keep` is removed and its change goes back to the offline journal.
+    /// Every entry after `keep` is removed. The changes this device made go back to its offline
+    /// journal; the others are dropped, as their origin still holds them (in its log or offline
+    /// journal) and resubmits them: a leader accepts a change only from the device that made it.
     Truncate {
         /// The last position kept.
         keep: Lsn,
@@ -379,8 +391,12 @@ impl Replica {
         let leading = self.role() == ElectionRole::Leader;
         let mut ids = Vec::with_capacity(changes.len());
         for sealed in changes {
-            match store.open_change_id(&sealed) {
-                Ok(id) => {
+            match store.open_pushed(&sealed) {
+                Ok(Opened { origin, .. }) if origin != from => self.refuse(
+                    from,
+                    &format!("it pushed a change made by device {}", origin.short()),
+                ),
+                Ok(Opened { id, .. }) => {
                     if leading && !self.machine.in_log(&id) {
                         self.payloads.insert(id, sealed.into_vec());
                         cached.push(id);
@@ -479,7 +495,10 @@ impl Replica {
         };
         self.unconfirmed = true;
         let (at, epoch, entry) = match op {
-            LogOp::Truncate { keep } => return Ok(Some(LogWrite::Truncate { keep })),
+            LogOp::Truncate { keep, removed } => {
+                self.forget_others_changes(keep, removed, store)?;
+                return Ok(Some(LogWrite::Truncate { keep }));
+            }
             LogOp::Append { at, epoch, entry } => (at, epoch, entry),
         };
         let mut slots = vec![(epoch, entry)];
@@ -510,6 +529,37 @@ impl Replica {
             entries.push((*epoch, payload));
         }
         Ok(Some(LogWrite::Append { at, entries }))
+    }
+
+    /// Of the `removed` entries after `keep` that a truncation returns to the offline journal,
+    /// forgets those another device made, as the store does (see [`LogWrite::Truncate`]). The
+    /// store still holds them: every earlier write was made durable before this input.
+    fn forget_others_changes<S: Store>(
+        &mut self,
+        keep: Lsn,
+        removed: u64,
+        store: &mut S,
+    ) -> Result<(), ReplicaError<S::Error>> {
+        let device = self.machine.device();
+        let mut others = HashSet::new();
+        let mut first = keep.0 + 1;
+        let end = keep.0 + 1 + removed;
+        while first < end {
+            let count = (end - first).min(self.segment_max.max(1) as u64);
+            let entries = store
+                .read_log(Lsn(first), count as usize)
+                .map_err(ReplicaError::Store)?;
+            for (_, sealed) in entries.iter().filter(|(_, s)| !s.is_empty()) {
+                match store.open_pushed(sealed) {
+                    Ok(opened) if opened.origin == device => {}
+                    Ok(opened) => drop(others.insert(opened.id)),
+                    Err(_) => others.extend(store.peek_change_id(sealed)),
+                }
+            }
+            first += count;
+        }
+        self.machine.forget_offline(&others);
+        Ok(())
     }
 
     /// Takes the sealed payload of an entry to write (empty for a barrier) from memory, or from
@@ -603,11 +653,24 @@ impl Replica {
                     self.payloads
                         .extend(store.read_offline().map_err(ReplicaError::Store)?);
                 }
-                let sealed = changes
+                let (found, gone): (Vec<&ChangeId>, Vec<&ChangeId>) = changes
                     .iter()
+                    .partition(|id| self.payloads.contains_key(id));
+                if !gone.is_empty() {
+                    // Neither in memory nor in the offline journal (which every write polled
+                    // so far has reached): another device's change that a truncation did not
+                    // return (see `LogWrite::Truncate`). Nothing here can push it.
+                    let gone: HashSet<ChangeId> = gone.into_iter().copied().collect();
+                    self.machine.forget_offline(&gone);
+                }
+                let sealed = found
+                    .into_iter()
                     .filter_map(|id| self.payloads.get(id))
                     .map(|bytes| ByteBuf::from(bytes.clone()))
-                    .collect();
+                    .collect::<Vec<_>>();
+                if sealed.is_empty() {
+                    return Ok(None);
+                }
                 ReplicationMessage::Push { changes: sealed }
             }
             Message::Append {

@@ -9,13 +9,24 @@ use crate::replica::coalesce;
 use crate::tests::{config, id};
 use crate::types::{LogSlot, Message, Output};
 use crate::wire::WireLogEntry;
-use crate::{Durable, ElectionRole, LogWrite, Replica, ReplicaEvent, ReplicationMessage, Store};
+use crate::{
+    Durable, ElectionRole, LogWrite, Opened, Replica, ReplicaEvent, ReplicationMessage, Store,
+};
 
-/// Sealing for these tests: a marker, then the change id.
-fn seal(id: ChangeId) -> Vec<u8> {
+/// The device these tests' followers are, and that made the changes [`seal`] seals.
+const MAKER: DeviceId = DeviceId([2; 32]);
+
+/// Sealing for these tests: a marker, the change id, then the device that made it.
+fn seal_by(id: ChangeId, origin: DeviceId) -> Vec<u8> {
     let mut sealed = b"test".to_vec();
     sealed.extend_from_slice(id.0.as_bytes());
+    sealed.extend_from_slice(&origin.0);
     sealed
+}
+
+/// A change made by [`MAKER`], sealed.
+fn seal(id: ChangeId) -> Vec<u8> {
+    seal_by(id, MAKER)
 }
 
 /// An in-memory store: a log, an offline journal.
@@ -49,11 +60,18 @@ impl Store for Memory {
         Some(ChangeId(Uuid::from_bytes(id)))
     }
 
-    fn open_change_id(&self, sealed: &[u8]) -> Result<ChangeId, String> {
+    fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String> {
         if sealed.get(..4) != Some(&b"test"[..]) {
             return Err("bad seal".into());
         }
-        self.peek_change_id(sealed).ok_or_else(|| "short".into())
+        let origin: [u8; 32] = sealed
+            .get(20..52)
+            .and_then(|o| o.try_into().ok())
+            .ok_or("short")?;
+        Ok(Opened {
+            id: self.peek_change_id(sealed).ok_or("short")?,
+            origin: DeviceId(origin),
+        })
     }
 }
 
@@ -145,6 +163,85 @@ fn a_push_that_does_not_open_is_refused_and_not_kept() {
         }]
     );
     assert!(leader.payloads_len() == 0, "payloads left in memory");
+}
+
+#[test]
+fn a_change_pushed_by_another_device_than_its_maker_is_refused() {
+    let mut store = Memory::default();
+    let mut leader = Replica::founder(config(1), 0);
+    store.write_all(&mut leader);
+    leader.written();
+    let from = DeviceId([3; 32]);
+    leader.handle_connected(1, from);
+    leader.handle_message(
+        2,
+        from,
+        ReplicationMessage::Push {
+            changes: vec![
+                ByteBuf::from(seal_by(id(9), MAKER)),
+                ByteBuf::from(seal_by(id(8), from)),
+            ],
+        },
+        &mut store,
+    );
+    let events: Vec<ReplicaEvent> = std::iter::from_fn(|| leader.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(e,
+            ReplicaEvent::Refused { from: f, reason } if *f == from && reason.contains("made by"))),
+        "{events:?}"
+    );
+    // Only the pusher's own change is sequenced.
+    assert_eq!(
+        store.write_all(&mut leader),
+        vec![LogWrite::Append {
+            at: Lsn(2),
+            entries: vec![(leader.durable().epoch, seal_by(id(8), from))],
+        }]
+    );
+    assert_eq!(leader.payloads_len(), 0, "payloads left in memory");
+}
+
+#[test]
+fn an_offline_change_with_no_payload_is_forgotten_not_pushed_forever() {
+    // A truncation returned another device's change to `offline`, but the journal dropped it.
+    let leader = DeviceId([1; 32]);
+    let epoch = Epoch {
+        counter: 1,
+        device: leader,
+    };
+    let mut follower = Replica::new(
+        config(2),
+        Durable {
+            epoch,
+            voted: epoch,
+            offline: vec![id(5)],
+            ..Durable::default()
+        },
+        0,
+    );
+    let mut store = Memory::default();
+    follower.handle_connected(1, leader);
+    follower.handle_message(
+        1,
+        leader,
+        segment(epoch, 1, Epoch::default(), vec![(epoch, Vec::new())]),
+        &mut store,
+    );
+    store.write_all(&mut follower);
+    follower.written();
+    for now in [10_000, 20_000] {
+        follower.handle_timeout(now);
+        store.write_all(&mut follower);
+        follower.written();
+        while let Some(sent) = follower.poll_transmit(&mut store).expect("polls") {
+            assert!(
+                !matches!(sent.message, ReplicationMessage::Push { .. }),
+                "pushed {:?}",
+                sent.message
+            );
+        }
+    }
+    assert!(follower.durable().offline.is_empty(), "still pending");
 }
 
 #[test]

@@ -124,10 +124,12 @@ pub(crate) enum LogOp {
         /// The entry.
         entry: LogSlot,
     },
-    /// Every entry after `keep` was removed (their changes are pending again).
+    /// Every entry after `keep` was removed (the changes this device made are pending again).
     Truncate {
         /// The last position kept.
         keep: Lsn,
+        /// How many entries were removed.
+        removed: u64,
     },
 }
 
