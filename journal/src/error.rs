@@ -15,6 +15,10 @@ pub enum JournalError {
     /// The wrapped key or its parameters are malformed.
     #[error("malformed key material: {0}")]
     BadKeyMaterial(String),
+    /// Library keys from a peer that contradict the ones held (same id, other bytes; or a
+    /// generation too far ahead): none of them is taken.
+    #[error("library keys refused: {0}")]
+    KeyConflict(String),
     /// Another process holds the journal open.
     #[error("the journal is open in another process")]
     AlreadyOpen,

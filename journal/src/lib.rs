@@ -34,7 +34,10 @@ pub use record::{
     LocalRecord, LogRecord, PushState, RecordError, LOCAL_HEADER_LEN, LOG_HEADER_LEN,
     RECORD_LEN_MAX, RECORD_VERSION,
 };
-pub use seal::{KdfParams, LibraryKey, Sealer, WrappedKey, SEAL_HEADER_LEN, SEAL_TAG_LEN};
+pub use seal::{
+    ChainedKey, KdfParams, LibraryKey, Sealer, SharedKey, WrappedKey, LIBRARY_KEYS_MAX,
+    SEAL_HEADER_LEN, SEAL_TAG_LEN,
+};
 pub use store::{
     CheckedEntries, Journal, JournalOptions, JournalStats, PendingCommit, ReadEntry, VerifyReport,
     CLOCK_AHEAD_MAX_MS, JOURNAL_CACHE_BYTES,

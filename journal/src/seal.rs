@@ -87,13 +87,24 @@ pub struct WrappedKey {
     pub sealed_key: String,
     /// Key id written into every sealed record.
     pub key_id: u32,
+    /// The key's generation (see [`LibraryKey`]); 0 in files written before rotation existed.
+    #[serde(default)]
+    pub generation: u32,
 }
 
-/// The library's secret key. Never written to disk unwrapped.
+/// Most keys a library keeps (the first and one per rotation); bounds what a peer can send.
+pub const LIBRARY_KEYS_MAX: usize = 32;
+
+/// The library's secret key, and the keys it replaced (which still open the records sealed
+/// under them). Never written to disk unwrapped. A revocation rotates it: the new key gets the
+/// next generation and a fresh random key id; records keep the key id they were sealed with.
 #[derive(Clone)]
 pub struct LibraryKey {
     bytes: [u8; 32],
     key_id: u32,
+    generation: u32,
+    /// The other keys of the library, each with an empty `previous`.
+    previous: Vec<LibraryKey>,
 }
 
 impl Drop for LibraryKey {
@@ -105,8 +116,58 @@ impl Drop for LibraryKey {
 
 impl std::fmt::Debug for LibraryKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LibraryKey(id {})", self.key_id)
+        write!(
+            f,
+            "LibraryKey(id {}, generation {}, {} older)",
+            self.key_id,
+            self.generation,
+            self.previous.len()
+        )
     }
+}
+
+/// A key of the library as devices hand it to each other (over a pinned TLS session, or sealed
+/// in pairing).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedKey {
+    /// Its key id.
+    pub key_id: u32,
+    /// Its generation (0 for the library's first key, one more per rotation).
+    pub generation: u32,
+    /// The key.
+    pub bytes: Vec<u8>,
+}
+
+impl Drop for SharedKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.bytes);
+    }
+}
+
+impl std::fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SharedKey(id {}, generation {})",
+            self.key_id, self.generation
+        )
+    }
+}
+
+/// A key of the library stored in `library.toml` sealed under the password-wrapped key (so the
+/// password still guards it), named by `under`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainedKey {
+    /// The key id it was sealed under.
+    pub under: u32,
+    /// Its key id.
+    pub key_id: u32,
+    /// Its generation.
+    pub generation: u32,
+    /// XChaCha20-Poly1305 nonce, hex.
+    pub nonce: String,
+    /// The sealed key, hex.
+    pub sealed_key: String,
 }
 
 fn derive_kek(
@@ -132,34 +193,264 @@ fn wrap_ad(library: LibraryId, key_id: u32) -> Vec<u8> {
     ad
 }
 
+/// The context of the payload-sealing subkey.
+const SEALING_CONTEXT: &str = "keel 2026-11 log payload sealing v1";
+/// The context of the subkey that seals a library's other keys in `library.toml`.
+const CHAIN_CONTEXT: &str = "keel 2026-12 library key chain v1";
+
+fn key_bytes(bytes: &[u8]) -> Result<[u8; 32], JournalError> {
+    bytes
+        .try_into()
+        .map_err(|_| JournalError::BadKeyMaterial(format!("a key of {} bytes", bytes.len())))
+}
+
 fn hex_field(name: &str, text: &str) -> Result<Vec<u8>, JournalError> {
     hex::decode(text).map_err(|e| JournalError::BadKeyMaterial(format!("{name}: {e}")))
 }
 
 impl LibraryKey {
-    /// A fresh random key with key id 1.
+    /// A fresh random key with key id 1, generation 0.
     pub fn generate() -> Self {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
-        Self { bytes, key_id: 1 }
+        Self::single(bytes, 1, 0)
     }
 
-    /// A key received from another device (pairing), with key id 1. `None` unless 32 bytes.
+    fn single(bytes: [u8; 32], key_id: u32, generation: u32) -> Self {
+        Self {
+            bytes,
+            key_id,
+            generation,
+            previous: Vec::new(),
+        }
+    }
+
+    /// The keys received from another device in pairing (see [`LibraryKey::to_bytes`]); a lone
+    /// 32-byte key is the first key. `None` if malformed.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        Some(Self {
-            bytes: bytes.try_into().ok()?,
-            key_id: 1,
-        })
+        if let Ok(key) = <[u8; 32]>::try_from(bytes) {
+            return Some(Self::single(key, 1, 0));
+        }
+        let keys: Vec<SharedKey> = bytes
+            .chunks(40)
+            .map(|c| {
+                Some(SharedKey {
+                    key_id: u32::from_be_bytes(c.get(..4)?.try_into().ok()?),
+                    generation: u32::from_be_bytes(c.get(4..8)?.try_into().ok()?),
+                    bytes: c.get(8..40)?.to_vec(),
+                })
+            })
+            .collect::<Option<_>>()?;
+        if !bytes.len().is_multiple_of(40) || keys.is_empty() {
+            return None;
+        }
+        Self::from_shared(&keys).ok()
     }
 
-    /// The raw key, to hand to a device being paired (sealed under the pairing session key).
+    /// Every key, to hand to a device being paired (sealed under the pairing session key):
+    /// `(key id, generation, key)` each, 40 bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.bytes.to_vec()
+        let mut out = Vec::new();
+        for key in self.shared() {
+            out.extend_from_slice(&key.key_id.to_be_bytes());
+            out.extend_from_slice(&key.generation.to_be_bytes());
+            out.extend_from_slice(&key.bytes);
+        }
+        out
     }
 
     /// The key id written into sealed records.
     pub fn key_id(&self) -> u32 {
         self.key_id
+    }
+
+    /// The current key's generation.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Every key of the library, the current one first.
+    fn all(&self) -> impl Iterator<Item = &LibraryKey> {
+        std::iter::once(self).chain(self.previous.iter())
+    }
+
+    /// The ids of every key of the library, the current one first.
+    pub fn key_ids(&self) -> Vec<u32> {
+        self.all().map(|k| k.key_id).collect()
+    }
+
+    /// Every key of the library, to send to a paired device.
+    pub fn shared(&self) -> Vec<SharedKey> {
+        self.all()
+            .map(|k| SharedKey {
+                key_id: k.key_id,
+                generation: k.generation,
+                bytes: k.bytes.to_vec(),
+            })
+            .collect()
+    }
+
+    /// A library key made of `keys` (at least one).
+    fn from_shared(keys: &[SharedKey]) -> Result<Self, JournalError> {
+        let first = keys
+            .first()
+            .ok_or_else(|| JournalError::BadKeyMaterial("no keys".into()))?;
+        let mut ring = Self::single(key_bytes(&first.bytes)?, first.key_id, first.generation);
+        ring.previous.extend(ring.learn_all(&keys[1..])?);
+        Ok(ring.with_newest_current())
+    }
+
+    /// A new key for the library (after a revocation): the next generation, a fresh random id.
+    /// This key becomes one of its previous keys.
+    pub fn rotated(&self) -> Self {
+        let ids = self.key_ids();
+        let mut key_id = 0;
+        while key_id == 0 || ids.contains(&key_id) {
+            key_id = rand::rng().next_u32();
+        }
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let generation = self.all().map(|k| k.generation).max().unwrap_or(0) + 1;
+        let mut next = Self::single(bytes, key_id, generation);
+        next.previous = self
+            .all()
+            .map(|k| Self::single(k.bytes, k.key_id, k.generation))
+            .collect();
+        next
+    }
+
+    /// This library key with `keys` from a peer added: `None` if it had them all. A key whose id
+    /// it holds with other bytes is [`JournalError::KeyConflict`]; a generation more than one
+    /// past the highest held (after adding the lower ones) is refused the same way, so a peer
+    /// cannot make a key current for good. The current key becomes the newest: the highest
+    /// generation, then the highest id.
+    pub fn learn(&self, keys: &[SharedKey]) -> Result<Option<Self>, JournalError> {
+        let mut ring = self.clone();
+        let added = ring.learn_all(keys)?;
+        if added.is_empty() {
+            return Ok(None);
+        }
+        ring.previous.extend(added);
+        Ok(Some(ring.with_newest_current()))
+    }
+
+    /// The keys of `keys` this ring lacks, checked (see [`LibraryKey::learn`]).
+    fn learn_all(&self, keys: &[SharedKey]) -> Result<Vec<LibraryKey>, JournalError> {
+        if keys.len() + self.previous.len() >= LIBRARY_KEYS_MAX {
+            return Err(JournalError::KeyConflict(format!(
+                "more than {LIBRARY_KEYS_MAX} library keys"
+            )));
+        }
+        let mut sorted: Vec<&SharedKey> = keys.iter().collect();
+        sorted.sort_by_key(|k| (k.generation, k.key_id));
+        let mut highest = self.all().map(|k| k.generation).max().unwrap_or(0);
+        let mut added: Vec<LibraryKey> = Vec::new();
+        for key in sorted {
+            let bytes = key_bytes(&key.bytes)?;
+            match self
+                .all()
+                .chain(added.iter())
+                .find(|k| k.key_id == key.key_id)
+            {
+                Some(held) if held.bytes == bytes && held.generation == key.generation => continue,
+                Some(_) => {
+                    return Err(JournalError::KeyConflict(format!(
+                        "key id {} is held with other bytes",
+                        key.key_id
+                    )))
+                }
+                None => {}
+            }
+            if key.generation > highest.saturating_add(1) {
+                return Err(JournalError::KeyConflict(format!(
+                    "generation {} is more than one past {highest}",
+                    key.generation
+                )));
+            }
+            highest = highest.max(key.generation);
+            added.push(Self::single(bytes, key.key_id, key.generation));
+        }
+        Ok(added)
+    }
+
+    /// The same keys with the newest as the current one.
+    fn with_newest_current(self) -> Self {
+        let mut keys: Vec<LibraryKey> = self
+            .all()
+            .map(|k| Self::single(k.bytes, k.key_id, k.generation))
+            .collect();
+        keys.sort_by_key(|k| std::cmp::Reverse((k.generation, k.key_id)));
+        let mut current = keys.remove(0);
+        current.previous = keys;
+        current
+    }
+
+    /// Seals the key `key_id` of this library under its key `under`, for `library.toml`.
+    pub fn chain(
+        &self,
+        library: LibraryId,
+        under: u32,
+        key_id: u32,
+    ) -> Result<ChainedKey, JournalError> {
+        let find = |id: u32| {
+            self.all()
+                .find(|k| k.key_id == id)
+                .ok_or_else(|| JournalError::BadKeyMaterial(format!("no key id {id}")))
+        };
+        let (sealing, key) = (find(under)?, find(key_id)?);
+        let mut nonce = [0u8; 24];
+        rand::rng().fill_bytes(&mut nonce);
+        let cipher = XChaCha20Poly1305::new((&sealing.subkey(CHAIN_CONTEXT)).into());
+        let sealed = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &key.bytes,
+                    aad: &wrap_ad(library, key_id),
+                },
+            )
+            .map_err(|_| JournalError::BadKeyMaterial("key chaining failed".into()))?;
+        Ok(ChainedKey {
+            under,
+            key_id,
+            generation: key.generation,
+            nonce: hex::encode(nonce),
+            sealed_key: hex::encode(sealed),
+        })
+    }
+
+    /// This key with the keys of `chained` (from `library.toml`) opened and added.
+    pub fn unchain(self, library: LibraryId, chained: &[ChainedKey]) -> Result<Self, JournalError> {
+        let mut keys = Vec::with_capacity(chained.len());
+        for link in chained {
+            let under = self
+                .all()
+                .find(|k| k.key_id == link.under)
+                .ok_or_else(|| JournalError::BadKeyMaterial(format!("no key id {}", link.under)))?;
+            let nonce = hex_field("nonce", &link.nonce)?;
+            let sealed = hex_field("sealed_key", &link.sealed_key)?;
+            if nonce.len() != 24 {
+                return Err(JournalError::BadKeyMaterial(
+                    "chained key nonce length".into(),
+                ));
+            }
+            let cipher = XChaCha20Poly1305::new((&under.subkey(CHAIN_CONTEXT)).into());
+            let plain = cipher
+                .decrypt(
+                    XNonce::from_slice(&nonce),
+                    Payload {
+                        msg: &sealed,
+                        aad: &wrap_ad(library, link.key_id),
+                    },
+                )
+                .map_err(|_| JournalError::BadKeyMaterial("a chained key does not open".into()))?;
+            keys.push(SharedKey {
+                key_id: link.key_id,
+                generation: link.generation,
+                bytes: plain,
+            });
+        }
+        Ok(self.learn(&keys)?.unwrap_or(self))
     }
 
     /// Wraps this key under `password` for `library`.
@@ -191,6 +482,7 @@ impl LibraryKey {
             nonce: hex::encode(nonce),
             sealed_key: hex::encode(sealed),
             key_id: self.key_id,
+            generation: self.generation,
         })
     }
 
@@ -223,19 +515,22 @@ impl LibraryKey {
         let bytes: [u8; 32] = plain.try_into().map_err(|_| {
             JournalError::BadKeyMaterial("unwrapped key has the wrong length".into())
         })?;
-        Ok(Self {
-            bytes,
-            key_id: wrapped.key_id,
-        })
+        Ok(Self::single(bytes, wrapped.key_id, wrapped.generation))
     }
 
     /// The sealer for log payloads (a per-purpose subkey).
     pub fn sealer(&self, library: LibraryId) -> Sealer {
-        let subkey = blake3::derive_key("keel 2026-11 log payload sealing v1", &self.bytes);
+        let subkey = |k: &LibraryKey| blake3::derive_key(SEALING_CONTEXT, &k.bytes);
         Sealer {
             library,
             key_id: self.key_id,
-            key: subkey,
+            key: subkey(self),
+            older: self
+                .previous
+                .iter()
+                .map(|k| (k.key_id, subkey(k)))
+                .collect::<Vec<_>>()
+                .into(),
         }
     }
 
@@ -252,6 +547,8 @@ pub struct Sealer {
     key_id: u32,
     /// The payload subkey (XChaCha20-Poly1305, see [`crate::xchacha`]).
     key: [u8; 32],
+    /// The payload subkeys of the library's previous keys, by key id (opening only).
+    older: std::sync::Arc<[(u32, [u8; 32])]>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -314,16 +611,22 @@ impl Sealer {
             return Err(format!("sealed payload too short ({} bytes)", sealed.len()));
         }
         let key_id = u32::from_be_bytes([sealed[0], sealed[1], sealed[2], sealed[3]]);
-        if key_id != self.key_id {
-            return Err(format!("sealed with unknown key id {key_id}"));
-        }
+        let key = if key_id == self.key_id {
+            &self.key
+        } else {
+            self.older
+                .iter()
+                .find(|(id, _)| *id == key_id)
+                .map(|(_, k)| k)
+                .ok_or_else(|| format!("sealed with unknown key id {key_id}"))?
+        };
         let change = Self::peek_change_id(sealed).ok_or("short header")?;
         let nonce: &[u8; crate::xchacha::NONCE_LEN] = sealed
             .get(20..SEAL_HEADER_LEN)
             .and_then(|n| n.try_into().ok())
             .ok_or("short header")?;
         let ad = seal_ad(self.library, change, key_id);
-        let plain = crate::xchacha::open(&self.key, nonce, &ad, &sealed[SEAL_HEADER_LEN..])
+        let plain = crate::xchacha::open(key, nonce, &ad, &sealed[SEAL_HEADER_LEN..])
             .ok_or_else(|| "payload failed to open (tampered or foreign)".to_string())?;
         Ok((change, plain))
     }
@@ -387,5 +690,71 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert!(sealer.open(&flipped).is_err());
+    }
+
+    /// Issue 24: revocation rotates the library key. Records sealed after it cannot be opened
+    /// with the keys a revoked device holds; old records keep their key id and still open.
+    #[test]
+    fn a_rotated_key_seals_what_the_old_keys_cannot_open() {
+        let lib = library();
+        let first = LibraryKey::generate();
+        let old = first.sealer(lib);
+        let before = old.seal(ChangeId::new(), b"before");
+        let next = first.rotated();
+        assert_eq!(next.generation(), 1);
+        assert_ne!(next.key_id(), first.key_id());
+        let after = next.sealer(lib).seal(ChangeId::new(), b"after");
+        assert!(
+            old.open(&after).is_err(),
+            "the revoked device's key opens it"
+        );
+        assert!(
+            next.sealer(lib).open(&before).is_ok(),
+            "old records still open"
+        );
+        // Another device learns the new key from a peer, and then opens both.
+        let other = first
+            .learn(&next.shared())
+            .expect("learns")
+            .expect("new keys");
+        assert_eq!(other.key_id(), next.key_id(), "the newest key is current");
+        assert!(other.sealer(lib).open(&after).is_ok());
+        assert!(other.learn(&next.shared()).expect("learns").is_none());
+        // Pairing hands over every key; library.toml chains them under the wrapped one.
+        let joined = LibraryKey::from_bytes(&next.to_bytes()).expect("decodes");
+        assert_eq!(joined.key_ids(), next.key_ids());
+        let chained = next
+            .chain(lib, first.key_id(), next.key_id())
+            .expect("chains");
+        let reopened = first.clone().unchain(lib, &[chained]).expect("unchains");
+        assert_eq!(reopened.key_id(), next.key_id());
+    }
+
+    #[test]
+    fn keys_from_a_peer_that_contradict_the_held_ones_are_refused() {
+        let first = LibraryKey::generate();
+        let mut forged = first.shared();
+        forged[0].bytes = vec![9; 32];
+        assert!(matches!(
+            first.learn(&forged),
+            Err(JournalError::KeyConflict(_))
+        ));
+        let far = SharedKey {
+            key_id: 77,
+            generation: u32::MAX,
+            bytes: vec![1; 32],
+        };
+        assert!(matches!(
+            first.learn(&[far]),
+            Err(JournalError::KeyConflict(_))
+        ));
+        let many: Vec<SharedKey> = (0..LIBRARY_KEYS_MAX as u32)
+            .map(|i| SharedKey {
+                key_id: 100 + i,
+                generation: 1,
+                bytes: vec![2; 32],
+            })
+            .collect();
+        assert!(first.learn(&many).is_err());
     }
 }

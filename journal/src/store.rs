@@ -132,7 +132,8 @@ fn check_each(
 pub struct Journal {
     pub(crate) db: Arc<DbHandle>,
     library: LibraryId,
-    sealer: Sealer,
+    /// Swapped when the library key rotates (see [`Journal::set_key`]).
+    sealer: std::sync::RwLock<Arc<Sealer>>,
     requests: Option<Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     sent: Arc<std::sync::atomic::AtomicU64>,
@@ -342,7 +343,7 @@ impl Journal {
             leading: leading.clone(),
             db: db.clone(),
             library,
-            sealer,
+            sealer: std::sync::RwLock::new(Arc::new(sealer)),
             requests: Some(tx),
             writer: None,
         };
@@ -476,9 +477,27 @@ impl Journal {
     /// that appends this device's changes to the log itself).
     pub fn seal(&self, change: &Change) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(RECORD_CAPACITY_HINT);
-        self.sealer
+        self.sealer()
             .seal_into(change.id, &mut bytes, |plain| change.encode_into(plain));
         bytes
+    }
+
+    /// The sealer of the current library key.
+    fn sealer(&self) -> Arc<Sealer> {
+        match self.sealer.read() {
+            Ok(sealer) => sealer.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Seals from now on with `key`'s current key, and opens under any of its keys (after a
+    /// rotation, or keys learned from a peer).
+    pub fn set_key(&self, key: &LibraryKey) {
+        let sealer = Arc::new(key.sealer(self.library));
+        match self.sealer.write() {
+            Ok(mut slot) => *slot = sealer,
+            Err(poisoned) => *poisoned.into_inner() = sealer,
+        }
     }
 
     /// Seals and durably commits `changes` as one group. `Ok` means every change is durable.
@@ -494,6 +513,7 @@ impl Journal {
             Ok(hint) => *hint,
             Err(poisoned) => *poisoned.into_inner(),
         };
+        let sealer = self.sealer();
         let sealed = changes
             .into_iter()
             .map(|change| {
@@ -501,8 +521,7 @@ impl Journal {
                 // (sealed in place), the tag.
                 let mut bytes = Vec::with_capacity(RECORD_CAPACITY_HINT);
                 let seal = |buf: &mut Vec<u8>| {
-                    self.sealer
-                        .seal_into(change.id, buf, |plain| change.encode_into(plain))
+                    sealer.seal_into(change.id, buf, |plain| change.encode_into(plain))
                 };
                 match framed_for {
                     Some(epoch) => LogRecord::encode_into(epoch, &mut bytes, seal),
@@ -567,7 +586,7 @@ impl Journal {
             place: record_place,
             reason,
         };
-        let (id, plain) = self.sealer.open(sealed).map_err(bad)?;
+        let (id, plain) = self.sealer().open(sealed).map_err(bad)?;
         let change = Change::decode(&plain).map_err(|e| bad(e.to_string()))?;
         if change.id != id {
             return Err(bad("change id differs from the sealed header".into()));
@@ -728,7 +747,7 @@ impl Journal {
 
     fn open_incoming(&self, place: RecordPlace, sealed: &[u8]) -> Result<Change, JournalError> {
         let bad = |reason: String| JournalError::BadRecord { place, reason };
-        let (id, plain) = self.sealer.open(sealed).map_err(bad)?;
+        let (id, plain) = self.sealer().open(sealed).map_err(bad)?;
         let change = Change::decode(&plain).map_err(|e| bad(e.to_string()))?;
         if change.id != id {
             return Err(bad("change id differs from the sealed header".into()));
@@ -783,8 +802,9 @@ impl Journal {
         first: Lsn,
         entries: Vec<(Epoch, Vec<u8>)>,
     ) -> Result<CheckedEntries, JournalError> {
+        let sealer = self.sealer();
         check_each(first, entries, |place, bytes| {
-            self.sealer
+            sealer
                 .open(bytes)
                 .map(|_| None)
                 .map_err(|reason| JournalError::BadRecord { place, reason })
@@ -809,7 +829,7 @@ impl Journal {
 
     /// See [`crate::ReplicatedLog::truncate_after`].
     pub(crate) fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
-        let sealer = self.sealer.clone();
+        let sealer = Sealer::clone(&self.sealer());
         self.ask(|reply| Request::Truncate {
             keep,
             sealer,
@@ -1075,7 +1095,7 @@ mod tests {
         let change = Change::upsert(ChangeId::new(), hlc, &tag).expect("tag has a uuid");
         // Sealed while the writer led epoch 1 (as a sealing thread could see it in a race).
         let stale = Epoch { counter: 1, device };
-        let sealed = journal.sealer.seal(change.id, &change.encode());
+        let sealed = journal.sealer().seal(change.id, &change.encode());
         let (reply, answer) = crossbeam_channel::bounded(1);
         journal
             .requests

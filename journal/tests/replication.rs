@@ -169,7 +169,11 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
     );
     assert_eq!(journal.log().index().expect("reads").len(), 5);
     assert_eq!(journal.replay_floor().expect("meta"), Some(Lsn(5)));
-    assert_eq!(pending(&journal), returned, "nothing acknowledged is dropped");
+    assert_eq!(
+        pending(&journal),
+        returned,
+        "nothing acknowledged is dropped"
+    );
     journal.set_role(CommitRoute::Offline).expect("steps down");
     assert!(matches!(
         journal.log().append(Lsn(9), Vec::new()),

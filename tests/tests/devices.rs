@@ -224,6 +224,61 @@ fn a_device_revoked_on_one_device_is_cut_off_by_every_other() {
     assert!(!has(&a, &after), "the revoked device's change reached a");
 }
 
+fn key_ids(node: &keel_node::Node) -> Vec<u32> {
+    let mut ids: Vec<u32> = node
+        .library()
+        .shared_keys()
+        .iter()
+        .map(|k| k.key_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Issue 24: revocation rotates the library key. The revoking device seals what it commits
+/// afterwards under a new key, which reaches every paired device over its pinned session (and
+/// survives a restart there) but never the revoked one.
+#[test]
+fn revoking_a_device_rotates_the_library_key_everywhere_but_on_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "album").expect("founder");
+    let (hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    let (_hc, c) = joiner(dir.path(), "c", &a).expect("c joins");
+    converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let before = key_ids(&a);
+    a.revoke(c.library().device_id()).expect("revokes");
+    let rotated = key_ids(&a);
+    assert_eq!(rotated.len(), before.len() + 1, "no new key");
+    let new_key = a.library().shared_keys()[0].key_id;
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while key_ids(&b) != rotated && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(key_ids(&b), rotated, "b never received the new key");
+    assert!(
+        !key_ids(&c).contains(&new_key),
+        "the revoked device got the new key"
+    );
+    let after = tag("sealed under the new key");
+    commit(&a, &after);
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert!(has(&b, &after));
+    // A device paired after the rotation receives every key, old records' included.
+    let (_hd, d) = joiner(dir.path(), "d", &a).expect("d joins");
+    converge(&[&a, &d], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    assert!(has(&d, &after));
+    assert_eq!(key_ids(&d), rotated);
+    let listen = b.local_addr();
+    b.stop().expect("stops");
+    let b = keel_tests::cluster::restart(&hb, "album", listen).expect("b reopens");
+    assert_eq!(
+        key_ids(&b),
+        rotated,
+        "the new key did not survive a restart"
+    );
+    assert!(has(&b, &after));
+}
+
 /// Issue 24: a device that stays away is retried less and less often (laptops and phones), and
 /// a dialer that failed for a while still reconnects once the device is back (after a network
 /// change, which wakes it). This does not isolate the wake from QUIC's own retransmission of an

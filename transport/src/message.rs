@@ -25,6 +25,36 @@ pub const TEXT_LEN_MAX: usize = 256;
 /// Most devices in one [`DeviceMessage::Peers`].
 pub const PEERS_MAX: usize = 64;
 
+/// Most keys in one [`DeviceMessage::LibraryKeys`] (the journal keeps at most as many).
+pub const LIBRARY_KEYS_MAX: usize = 32;
+
+/// A key of the library, as [`DeviceMessage::LibraryKeys`] carries it. Zeroized when dropped.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireKey {
+    /// Its key id.
+    pub key_id: u32,
+    /// Its generation.
+    pub generation: u32,
+    /// The 32-byte key.
+    pub key: ByteBuf,
+}
+
+impl Drop for WireKey {
+    fn drop(&mut self) {
+        self.key.iter_mut().for_each(|b| *b = 0);
+    }
+}
+
+impl std::fmt::Debug for WireKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WireKey(id {}, generation {})",
+            self.key_id, self.generation
+        )
+    }
+}
+
 /// Where a device of the library was last reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerAddr {
@@ -124,6 +154,14 @@ pub enum DeviceMessage {
         /// At most [`PEERS_MAX`].
         #[serde(deserialize_with = "bounded::seq::<_, _, PEERS_MAX>")]
         peers: Vec<PeerAddr>,
+    },
+    /// Every key of the library, sent to a pinned device when a session starts and when the
+    /// key rotates (after a revocation), so changes sealed under a new key open everywhere but
+    /// on the revoked device. Only ever sent inside a pinned TLS session.
+    LibraryKeys {
+        /// At most [`LIBRARY_KEYS_MAX`].
+        #[serde(deserialize_with = "bounded::seq::<_, _, LIBRARY_KEYS_MAX>")]
+        keys: Vec<WireKey>,
     },
     /// Sent instead of Hello by a device that has just joined: asks for the log and a snapshot
     /// of the projections, so it need not replay the whole log. The answer is
@@ -226,6 +264,11 @@ impl DeviceMessage {
             DeviceMessage::Peers { peers } => {
                 if peers.len() > PEERS_MAX {
                     return Err(over(format!("{} peers", peers.len())));
+                }
+            }
+            DeviceMessage::LibraryKeys { keys } => {
+                if keys.len() > LIBRARY_KEYS_MAX || keys.iter().any(|k| k.key.len() != 32) {
+                    return Err(over(format!("{} library keys", keys.len())));
                 }
             }
             DeviceMessage::SyncPullModelBatchResponse { records, .. } => {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use keel_journal::WrappedKey;
+use keel_journal::{ChainedKey, WrappedKey};
 use keel_schema::{DeviceId, LibraryId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -171,6 +171,9 @@ pub struct LibraryConfig {
     pub created_ms: u64,
     /// The library key wrapped under the password (Argon2id parameters and salt inside).
     pub key: WrappedKey,
+    /// The library's other keys (from rotations), each sealed under `key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rotated: Vec<ChainedKey>,
 }
 
 impl LibraryConfig {

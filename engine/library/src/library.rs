@@ -125,7 +125,8 @@ pub struct Library {
     config: LibraryConfig,
     device: DeviceIdentity,
     journal: Option<Journal>,
-    key: LibraryKey,
+    /// The library key; replaced when it rotates or keys arrive from a peer.
+    key: Mutex<LibraryKey>,
     pub(crate) shared: Arc<Shared>,
     clock: Mutex<HlcClock>,
     committed: Mutex<AppliedPosition>,
@@ -220,13 +221,18 @@ impl Library {
         }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         crate::config::make_private(&dir)?;
-        let config = LibraryConfig {
+        let mut config = LibraryConfig {
             version: LIBRARY_CONFIG_VERSION,
             name: name.into(),
             library_id: library.0,
             created_ms: now_ms(),
             key: key.wrap(library, password, options.kdf)?,
+            rotated: Vec::new(),
         };
+        let others: Vec<u32> = key.key_ids().into_iter().skip(1).collect();
+        for id in others {
+            config.rotated.push(key.chain(library, key.key_id(), id)?);
+        }
         config.write(&dir)?;
         Self::open_with_key(
             name,
@@ -248,7 +254,8 @@ impl Library {
             return Err(EngineError::NoSuchLibrary(name.into()));
         }
         let config = LibraryConfig::read(&dir)?;
-        let key = LibraryKey::unwrap_with(&config.key, config.library(), password)?;
+        let key = LibraryKey::unwrap_with(&config.key, config.library(), password)?
+            .unchain(config.library(), &config.rotated)?;
         let journal_path = dir.join(JOURNAL_FILE);
         let journal_len = std::fs::metadata(&journal_path)
             .map(|m| m.len())
@@ -355,7 +362,7 @@ impl Library {
             config,
             device,
             journal: Some(journal),
-            key: key.clone(),
+            key: Mutex::new(key.clone()),
             shared,
             clock: Mutex::new(clock),
             committed: Mutex::new(healed.position),
@@ -404,8 +411,62 @@ impl Library {
     }
 
     /// The library key (for pairing a new device).
-    pub(crate) fn key(&self) -> &LibraryKey {
-        &self.key
+    pub(crate) fn key(&self) -> LibraryKey {
+        match self.key.lock() {
+            Ok(key) => key.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Rotates the library key (after a revocation): changes committed from now on are sealed
+    /// under a new key that the revoked device never receives. The new key is stored in
+    /// `library.toml` sealed under the password-wrapped key, and handed to paired devices by
+    /// the node. Returns the new key id.
+    pub fn rotate_key(&self) -> Result<u32, EngineError> {
+        self.replace_key(|key| Ok(Some(key.rotated())))?;
+        Ok(self.key().key_id())
+    }
+
+    /// Adds library keys a paired device sent (see [`Library::rotate_key`]). Returns whether
+    /// any was new. Keys that contradict the held ones are refused, none taken.
+    pub fn learn_keys(&self, keys: &[keel_journal::SharedKey]) -> Result<bool, EngineError> {
+        self.replace_key(|key| Ok(key.learn(keys)?))
+    }
+
+    /// Every key of the library, to hand to a paired device over its pinned session.
+    pub fn shared_keys(&self) -> Vec<keel_journal::SharedKey> {
+        self.key().shared()
+    }
+
+    /// Replaces the library key with what `next` makes of it (`None`: unchanged), storing the
+    /// keys not yet in `library.toml` there first.
+    fn replace_key(
+        &self,
+        next: impl FnOnce(&LibraryKey) -> Result<Option<LibraryKey>, EngineError>,
+    ) -> Result<bool, EngineError> {
+        let mut key = self.key.lock().map_err(|_| EngineError::Closed)?;
+        let Some(new) = next(&key)? else {
+            return Ok(false);
+        };
+        let mut config = LibraryConfig::read(&self.dir)?;
+        let base = config.key.key_id;
+        let stored: Vec<u32> = config.rotated.iter().map(|c| c.key_id).collect();
+        for id in new.key_ids() {
+            if id != base && !stored.contains(&id) {
+                config
+                    .rotated
+                    .push(new.chain(self.config.library(), base, id)?);
+            }
+        }
+        config.write(&self.dir)?;
+        self.journal()?.set_key(&new);
+        tracing::info!(
+            key_id = new.key_id(),
+            generation = new.generation(),
+            "library key replaced"
+        );
+        *key = new;
+        Ok(true)
     }
 
     /// This device's identity.

@@ -87,7 +87,7 @@ impl NodeLink {
     }
 
     /// The library key (shared with a device that pairs).
-    pub fn key(&self) -> &LibraryKey {
+    pub fn key(&self) -> LibraryKey {
         self.library.key()
     }
 

@@ -10,6 +10,7 @@ mod core;
 mod devices;
 mod error;
 mod file_sink;
+mod keys;
 mod net;
 mod pairing;
 mod snapshot;
@@ -343,11 +344,17 @@ impl Node {
 
     /// Revokes a device: it is unpinned and its sessions are closed at once (a new handshake
     /// fails), it is recorded as revoked, and its Device record is deleted so every device drops
-    /// it.
+    /// it. Then the library key rotates: changes sealed from now on use a key sent only to the
+    /// devices still paired.
     pub fn revoke(&self, device: DeviceId) -> Result<(), NodeError> {
         revoke_in(&self.library, device)?;
         self.net.endpoint.pins().unpin(device);
         self.net.disconnect(device);
+        self.library.rotate_key()?;
+        if let Some(rt) = self.rt.as_ref() {
+            let net = self.net.clone();
+            rt.spawn(async move { net.share_keys().await });
+        }
         Ok(())
     }
 

@@ -90,7 +90,7 @@ impl Net {
     }
 
     /// The live sessions' connections whose peer passes `keep`, taken out of the lock.
-    fn sessions_where(&self, keep: impl Fn(&DeviceId) -> bool) -> Vec<Arc<Connection>> {
+    pub(crate) fn sessions_where(&self, keep: impl Fn(&DeviceId) -> bool) -> Vec<Arc<Connection>> {
         self.live
             .lock()
             .map(|l| l.values().filter(|c| keep(&c.peer())).cloned().collect())
@@ -231,10 +231,15 @@ impl Net {
             *sessions.entry(peer).or_default() += 1;
         }
         let _ = self.core.send(CoreEvent::Connected { peer, conn: id, tx });
-        // Tell everyone (this new peer included) where the others are.
+        // Tell everyone (this new peer included) where the others are; give the new peer
+        // every library key (it may have missed a rotation).
         tokio::spawn({
             let net = self.clone();
-            async move { net.share_peers().await }
+            let conn = conn.clone();
+            async move {
+                net.send_keys(&conn).await;
+                net.share_peers().await
+            }
         });
         let writer_conn = conn.clone();
         let writer = tokio::spawn(async move {
@@ -315,6 +320,7 @@ impl Net {
                     }
                 }
                 Ok(DeviceMessage::Peers { peers }) => self.learn_peers(peer, peers),
+                Ok(DeviceMessage::LibraryKeys { keys }) => self.learn_keys(peer, keys),
                 Ok(other) => {
                     tracing::debug!(peer = %peer.short(), message = ?std::mem::discriminant(&other), "a message that has no place in a sync session; ignored");
                 }
