@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::error::TransportError;
 
 /// The message version this build speaks.
-pub const MESSAGE_VERSION: u8 = 2;
+pub const MESSAGE_VERSION: u8 = 3;
 /// Largest piece of a projection snapshot in one [`DeviceMessage::SnapshotChunk`].
 pub const SNAPSHOT_CHUNK_MAX: usize = 4 << 20;
 /// Longest name or reason string.
