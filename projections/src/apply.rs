@@ -191,6 +191,8 @@ pub(crate) struct Applier<'a> {
     rules: Vec<Owner>,
     /// Locations' owners (device record uuids) looked up so far; an owner never changes.
     pub(crate) owners: RefCell<HashMap<Uuid, Uuid>>,
+    /// Devices' Device record uuids computed so far.
+    pub(crate) origins: RefCell<HashMap<keel_schema::DeviceId, Uuid>>,
 }
 
 impl<'a> Applier<'a> {
@@ -207,6 +209,7 @@ impl<'a> Applier<'a> {
                 .map(|code| Owner::of_model(u8::try_from(code).unwrap_or(u8::MAX)))
                 .collect(),
             owners: RefCell::new(HashMap::new()),
+            origins: RefCell::new(HashMap::new()),
         }
     }
 

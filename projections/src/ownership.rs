@@ -82,7 +82,7 @@ impl Applier<'_> {
         change: &Change,
         row: Option<&Row>,
     ) -> Result<Verdict, ProjectionError> {
-        let origin = change.origin().record_uuid();
+        let origin = self.origin_uuid(change.origin());
         let named = |field| match &change.op {
             Op::Upsert(fields) => uuid_in(fields, field),
             Op::Delete => None,
@@ -131,6 +131,15 @@ impl Applier<'_> {
             }
         }
         Ok(true)
+    }
+
+    /// The Device record uuid of `device` (a UUIDv5, so a SHA-1: remembered per device).
+    fn origin_uuid(&self, device: DeviceId) -> Uuid {
+        *self
+            .origins
+            .borrow_mut()
+            .entry(device)
+            .or_insert_with(|| device.record_uuid())
     }
 
     /// The device record uuid that owns location `uuid`; `None` if the location is not here.
