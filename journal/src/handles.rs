@@ -39,15 +39,15 @@ impl ReplicatedLog<'_> {
 
     /// Reads up to `limit` raw log records from `from` (inclusive), unopened, barriers left out.
     /// A damaged log page shows as one empty record at its first position, which
-    /// [`ReplicatedLog::open_record`] reports.
+    /// [`ReplicatedLog::open_records`] reports.
     pub fn read_raw(&self, from: Lsn, limit: usize) -> Result<Vec<(Lsn, Vec<u8>)>, JournalError> {
         self.journal.read_log_raw(from, limit)
     }
 
-    /// Decodes one raw log record (see [`ReplicatedLog::read_raw`]); used to open records on
-    /// several threads.
-    pub fn open_record(&self, lsn: Lsn, bytes: &[u8]) -> ReadEntry {
-        self.journal.open_log_record(lsn, bytes)
+    /// Decodes raw log records (see [`ReplicatedLog::read_raw`]), one result each; used to open
+    /// records on several threads.
+    pub fn open_records(&self, raw: &[(Lsn, Vec<u8>)]) -> Vec<ReadEntry> {
+        self.journal.open_log_records(raw)
     }
 
     /// Reads up to `limit` log entries from `from` (inclusive) as stored, barriers included (an

@@ -447,8 +447,9 @@ impl Journal {
             .last()
             .map_err(storage)?
             .map(|(k, v)| (Placement::Offline(k.value()), v.value().to_vec()));
+        let sealer = self.sealer();
         for (place, bytes) in last_log.into_iter().chain(last_local) {
-            if let Ok((_, _, change)) = self.decode_entry(place, &bytes) {
+            if let Ok((_, _, change)) = Self::decode_entry(&sealer, place, &bytes) {
                 newest = newest.max(Some(change.hlc));
             }
         }
@@ -565,7 +566,7 @@ impl Journal {
         Ok(stored.max(self.last_change_hlc()?))
     }
 
-    fn decode_entry(&self, place: Placement, bytes: &[u8]) -> ReadEntry {
+    fn decode_entry(sealer: &Sealer, place: Placement, bytes: &[u8]) -> ReadEntry {
         let (record_place, epoch, sealed) = match place {
             Placement::Log(lsn) => {
                 let rec = LogRecord::decode(bytes).map_err(|e| JournalError::BadRecord {
@@ -586,7 +587,7 @@ impl Journal {
             place: record_place,
             reason,
         };
-        let (id, plain) = self.sealer().open(sealed).map_err(bad)?;
+        let (id, plain) = sealer.open(sealed).map_err(bad)?;
         let change = Change::decode(&plain).map_err(|e| bad(e.to_string()))?;
         if change.id != id {
             return Err(bad("change id differs from the sealed header".into()));
@@ -600,13 +601,16 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(65_536));
+            let sealer = self.sealer();
             log_table::visit(&log, from.0, |lsn, record| {
                 if out.len() >= limit {
                     return Ok(ControlFlow::Break(()));
                 }
                 match record {
                     Ok(bytes) if LogRecord::is_barrier(bytes) => {}
-                    Ok(bytes) => out.push(self.decode_entry(Placement::Log(Lsn(lsn)), bytes)),
+                    Ok(bytes) => {
+                        out.push(Self::decode_entry(&sealer, Placement::Log(Lsn(lsn)), bytes))
+                    }
                     Err(e) => out.push(Err(damaged_page(Lsn(lsn), &e))),
                 }
                 Ok(ControlFlow::Continue(()))
@@ -640,12 +644,17 @@ impl Journal {
         })
     }
 
-    /// See [`crate::ReplicatedLog::open_record`].
-    pub(crate) fn open_log_record(&self, lsn: Lsn, bytes: &[u8]) -> ReadEntry {
-        if bytes.is_empty() {
-            return Err(damaged_page(lsn, &RecordError::Framing));
-        }
-        self.decode_entry(Placement::Log(lsn), bytes)
+    /// See [`crate::ReplicatedLog::open_records`].
+    pub(crate) fn open_log_records(&self, raw: &[(Lsn, Vec<u8>)]) -> Vec<ReadEntry> {
+        let sealer = self.sealer();
+        raw.iter()
+            .map(|(lsn, bytes)| {
+                if bytes.is_empty() {
+                    return Err(damaged_page(*lsn, &RecordError::Framing));
+                }
+                Self::decode_entry(&sealer, Placement::Log(*lsn), bytes)
+            })
+            .collect()
     }
 
     /// See [`OfflineJournal::read`].
@@ -659,10 +668,15 @@ impl Journal {
             let local = txn.open_table(OFFLINE).map_err(storage)?;
             let mut out = Vec::new();
             let mut previous = None;
+            let sealer = self.sealer();
             for item in local.range(from..).map_err(storage)?.take(limit) {
                 let (k, v) = item.map_err(storage)?;
                 check_order(&mut previous, k.value(), from)?;
-                out.push(self.decode_entry(Placement::Offline(k.value()), v.value()));
+                out.push(Self::decode_entry(
+                    &sealer,
+                    Placement::Offline(k.value()),
+                    v.value(),
+                ));
             }
             Ok(out)
         })
@@ -727,9 +741,9 @@ impl Journal {
             let chunk = self.read_log_raw(from, 8192)?;
             let Some((last, _)) = chunk.last() else { break };
             from = Lsn(last.0 + 1);
-            for (lsn, bytes) in &chunk {
+            for ((lsn, _), opened) in chunk.iter().zip(self.open_log_records(&chunk)) {
                 report.log_records += 1;
-                if let Err(err) = self.open_log_record(*lsn, bytes) {
+                if let Err(err) = opened {
                     report
                         .faults
                         .push((RecordPlace::Log(*lsn), err.to_string()));

@@ -155,6 +155,14 @@ fn is_fk_violation(err: &rusqlite::Error) -> bool {
         if e.code == ErrorCode::ConstraintViolation && e.extended_code == 787)
 }
 
+/// What the owner rule lets [`Applier::apply`] do with a change.
+enum OwnerCheck {
+    /// Apply it; the rule's read of its row, if it made one.
+    Go(Option<Option<Row>>),
+    /// Stop: it was refused or parked.
+    Stop(Outcome),
+}
+
 enum Outcome {
     Applied,
     Unchanged,
@@ -534,32 +542,35 @@ impl<'a> Applier<'a> {
             .unwrap_or(Owner::Anyone)
     }
 
-    /// Applies the owner rule to a change that writes file facts: `None` to go on applying it.
-    fn owner_outcome(
+    /// Applies the owner rule to a change that writes file facts: stop with an outcome, or go
+    /// on with its record's row if the rule read it (`Some(None)`: there is none).
+    fn owner_check(
         &self,
         def: &ModelDef,
         sql: &ModelSql,
         change: &Change,
-    ) -> Result<Option<Outcome>, ProjectionError> {
+    ) -> Result<OwnerCheck, ProjectionError> {
         let rule = self.rule(change.model);
         if !rule.guards(change) {
-            return Ok(None);
+            return Ok(OwnerCheck::Go(None));
         }
         let row = match rule {
             Owner::Itself => None,
-            _ => self.read_row(def, sql, change.record)?,
+            _ => Some(self.read_row(def, sql, change.record)?),
         };
-        Ok(match self.verdict(rule, change, row.as_ref())? {
-            Verdict::Allowed => None,
-            Verdict::Refused(reason) => {
-                self.refuse(def, change, &reason)?;
-                Some(Outcome::Refused)
-            }
-            Verdict::Unknown(missing) => {
-                self.park(change, 0, &missing)?;
-                Some(Outcome::Parked)
-            }
-        })
+        Ok(
+            match self.verdict(rule, change, row.as_ref().and_then(Option::as_ref))? {
+                Verdict::Allowed => OwnerCheck::Go(row),
+                Verdict::Refused(reason) => {
+                    self.refuse(def, change, &reason)?;
+                    OwnerCheck::Stop(Outcome::Refused)
+                }
+                Verdict::Unknown(missing) => {
+                    self.park(change, 0, &missing)?;
+                    OwnerCheck::Stop(Outcome::Parked)
+                }
+            },
+        )
     }
 
     fn apply(&self, change: &Change) -> Result<Outcome, ProjectionError> {
@@ -567,14 +578,19 @@ impl<'a> Applier<'a> {
             return Ok(Outcome::Unchanged);
         };
         let sql = &self.sql[usize::from(change.model)];
-        if let Some(outcome) = self.owner_outcome(def, sql, change)? {
-            return Ok(outcome);
-        }
+        let read = match self.owner_check(def, sql, change)? {
+            OwnerCheck::Go(read) => read,
+            OwnerCheck::Stop(outcome) => return Ok(outcome),
+        };
         let n = def.fields.len();
         match &change.op {
             Op::Upsert(fields) => {
                 if self.careful.get() && self.misses_a_reference(def, fields)? {
                     return self.park_or_split(def, change);
+                }
+                if let Some(Some(row)) = read {
+                    // The owner rule read the row: merge into it.
+                    return self.merge_into(def, change, fields, row);
                 }
                 // Fast path: a new row, inserted in one statement; an existing one is merged.
                 let inserted = if is_whole(fields, n) {
@@ -589,7 +605,11 @@ impl<'a> Applier<'a> {
                 }
             }
             Op::Delete => {
-                match self.read_row(def, sql, change.record)? {
+                let row = match read {
+                    Some(row) => row,
+                    None => self.read_row(def, sql, change.record)?,
+                };
+                match row {
                     Some(mut row) => {
                         if row.tomb >= Some(change.hlc) {
                             return Ok(Outcome::Unchanged);
@@ -676,10 +696,21 @@ impl<'a> Applier<'a> {
         change: &Change,
         fields: &[(u8, Value)],
     ) -> Result<Outcome, ProjectionError> {
+        match self.read_row(def, sql, change.record)? {
+            Some(row) => self.merge_into(def, change, fields, row),
+            None => Ok(Outcome::Unchanged),
+        }
+    }
+
+    /// Merges an upsert into `row`, its record's row as read, field by field.
+    fn merge_into(
+        &self,
+        def: &ModelDef,
+        change: &Change,
+        fields: &[(u8, Value)],
+        mut row: Row,
+    ) -> Result<Outcome, ProjectionError> {
         let n = def.fields.len();
-        let Some(mut row) = self.read_row(def, sql, change.record)? else {
-            return Ok(Outcome::Unchanged);
-        };
         let before = self.share_of_row(def, change.model, &row);
         let mut changed = false;
         for (i, v) in fields {

@@ -105,8 +105,8 @@ fn read_chunks(
             position,
             faults: Vec::new(),
         };
-        for (lsn, bytes) in &raw {
-            match journal.log().open_record(*lsn, bytes) {
+        for ((lsn, _), opened) in raw.iter().zip(journal.log().open_records(&raw)) {
+            match opened {
                 Ok((_, _, change)) => chunk.changes.push(change),
                 Err(e) => chunk.faults.push(e.to_string()),
             }

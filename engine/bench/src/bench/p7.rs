@@ -43,9 +43,12 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         let raw = journal.log().read_raw(next, RAW_READ_CHUNK)?;
         let Some((last, _)) = raw.last() else { break };
         next = Lsn(last.0 + 1);
-        for (lsn, bytes) in &raw {
-            opened += usize::from(journal.log().open_record(*lsn, bytes).is_ok());
-        }
+        opened += journal
+            .log()
+            .open_records(&raw)
+            .iter()
+            .filter(|r| r.is_ok())
+            .count();
     }
     anyhow::ensure!(opened == n, "opened {opened} of {n}");
     out.insert(
