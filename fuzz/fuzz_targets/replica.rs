@@ -188,10 +188,12 @@ impl Memory {
                 assert_eq!(at.0, self.log.len() as u64 + 1, "append not at the end");
                 self.log.extend(entries);
             }
-            LogWrite::Truncate { keep } => {
+            LogWrite::Truncate { keep, dropped } => {
                 for (_, sealed) in self.log.split_off(keep.0 as usize) {
                     if let Some(id) = self.peek_change_id(&sealed) {
-                        self.offline.push((id, sealed));
+                        if !dropped.contains(&id) {
+                            self.offline.push((id, sealed));
+                        }
                     }
                 }
             }

@@ -110,11 +110,15 @@ impl ReplicatedLog<'_> {
         self.journal.append_checked(checked)
     }
 
-    /// Removes every log entry after `keep`, returning the changes this device made to the
-    /// offline journal as pending, in one durable transaction; other devices' changes are
-    /// dropped (their maker resubmits them). Returns the ids returned.
-    pub fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
-        self.journal.truncate_after(keep)
+    /// Removes every log entry after `keep`, returning their changes but `dropped` (other
+    /// devices' changes, which their maker resubmits) to the offline journal as pending, in one
+    /// durable transaction. Returns the ids returned.
+    pub fn truncate_after(
+        &self,
+        keep: Lsn,
+        dropped: &[ChangeId],
+    ) -> Result<Vec<ChangeId>, JournalError> {
+        self.journal.truncate_after(keep, dropped)
     }
 
     /// The whole log as `(epoch, change id)` per position from 1 (`None` for a barrier or a

@@ -3,6 +3,8 @@
 //! stale suffix with its changes returned to the offline journal (a deposed leader or a follower
 //! of one). Each is one durable transaction.
 
+use std::collections::HashSet;
+
 use keel_schema::{Change, ChangeId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
@@ -77,14 +79,14 @@ impl WriterState {
         Ok(appended)
     }
 
-    /// Removes every log entry after `keep`; the changes this device made go back to the
-    /// offline journal as pending (to be resubmitted), and replay after a crash starts no later
-    /// than `keep`. Other devices' changes are dropped: a leader accepts a change only from its
-    /// maker, which still holds it (in its log or offline journal) and resubmits it.
+    /// Removes every log entry after `keep`; their changes but `dropped` go back to the offline
+    /// journal as pending (to be resubmitted), and replay after a crash starts no later than
+    /// `keep`. `dropped` are other devices' changes: a leader accepts a change only from its
+    /// maker, which still holds it and resubmits it (the replication core names them).
     pub(crate) fn truncate_after(
         &mut self,
         keep: Lsn,
-        sealer: &Sealer,
+        dropped: &HashSet<ChangeId>,
     ) -> Result<Vec<ChangeId>, JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
@@ -98,9 +100,12 @@ impl WriterState {
                 let Ok(record) = LogRecord::decode(&bytes) else {
                     continue;
                 };
-                let Some(id) = self.own_change(sealer, record.sealed) else {
+                let Some(id) = Sealer::peek_change_id(record.sealed) else {
                     continue;
                 };
+                if dropped.contains(&id) {
+                    continue;
+                }
                 let seq = self.next_local;
                 self.next_local += 1;
                 local
@@ -132,13 +137,5 @@ impl WriterState {
         }
         self.next_lsn = keep.0 + 1;
         Ok(returned)
-    }
-
-    /// The id of a sealed change if this device made it (a record that does not open cannot be
-    /// resubmitted; `verify` reports it).
-    fn own_change(&self, sealer: &Sealer, sealed: &[u8]) -> Option<ChangeId> {
-        let (id, plain) = sealer.open(sealed).ok()?;
-        let change = Change::decode(&plain).ok()?;
-        (change.origin() == self.device).then_some(id)
     }
 }

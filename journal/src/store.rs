@@ -842,11 +842,15 @@ impl Journal {
     }
 
     /// See [`crate::ReplicatedLog::truncate_after`].
-    pub(crate) fn truncate_after(&self, keep: Lsn) -> Result<Vec<ChangeId>, JournalError> {
-        let sealer = Sealer::clone(&self.sealer());
+    pub(crate) fn truncate_after(
+        &self,
+        keep: Lsn,
+        dropped: &[ChangeId],
+    ) -> Result<Vec<ChangeId>, JournalError> {
+        let dropped = dropped.iter().copied().collect();
         self.ask(|reply| Request::Truncate {
             keep,
-            sealer,
+            dropped,
             reply,
         })
     }

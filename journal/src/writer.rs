@@ -116,8 +116,8 @@ pub(crate) enum Request {
     },
     Truncate {
         keep: Lsn,
-        /// Opens the removed records, to tell this device's changes from others'.
-        sealer: crate::seal::Sealer,
+        /// Removed changes not to return to the offline journal.
+        dropped: std::collections::HashSet<keel_schema::ChangeId>,
         reply: Sender<Result<Vec<keel_schema::ChangeId>, JournalError>>,
     },
     RaiseHlc {
@@ -195,11 +195,11 @@ impl WriterState {
                     }
                     Request::Truncate {
                         keep,
-                        sealer,
+                        dropped,
                         reply,
                     } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.truncate_after(keep, &sealer)));
+                        let _ = reply.send(guarded(|| self.truncate_after(keep, &dropped)));
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);

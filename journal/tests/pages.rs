@@ -115,7 +115,10 @@ fn a_truncation_in_the_middle_of_a_page_keeps_the_prefix_and_returns_the_rest() 
     journal.commit(changes.clone()).expect("commits");
     let before = all_raw(&journal);
     // Keep 1..=333: the cut falls inside a page.
-    let returned = journal.log().truncate_after(Lsn(333)).expect("truncates");
+    let returned = journal
+        .log()
+        .truncate_after(Lsn(333), &[])
+        .expect("truncates");
     assert_eq!(
         returned,
         changes[333..].iter().map(|c| c.id).collect::<Vec<_>>()
@@ -222,7 +225,7 @@ fn a_truncation_inside_a_damaged_page_leaves_no_gap_before_the_next_append() {
     // Nothing after 50 can be read back, and the damaged page stays.
     assert!(journal
         .log()
-        .truncate_after(Lsn(50))
+        .truncate_after(Lsn(50), &[])
         .expect("truncates")
         .is_empty());
     journal

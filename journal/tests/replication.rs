@@ -158,7 +158,10 @@ fn truncation_returns_the_suffix_to_the_offline_journal() {
     );
     let changes: Vec<Change> = (0..7).map(|n| change(a, n)).collect();
     journal.commit(changes.clone()).expect("commits");
-    let returned = journal.log().truncate_after(Lsn(5)).expect("truncates");
+    let returned = journal
+        .log()
+        .truncate_after(Lsn(5), &[])
+        .expect("truncates");
     assert_eq!(returned, vec![changes[5].id, changes[6].id]);
     let stats = journal.stats().expect("stats");
     assert_eq!((stats.log_len, stats.offline), (5, 2));
@@ -368,7 +371,10 @@ fn a_saved_log_index_is_used_only_while_it_matches_the_log() {
     // A truncation deletes it (it described positions that are gone).
     let index = journal.log().load_index().expect("loads");
     journal.log().save_index(&index).expect("saves");
-    journal.log().truncate_after(Lsn(4)).expect("truncates");
+    journal
+        .log()
+        .truncate_after(Lsn(4), &[])
+        .expect("truncates");
     assert_eq!(journal.saved_log_index().expect("reads"), None);
     assert_eq!(loaded(&journal), scanned(&journal));
     assert_eq!(loaded(&journal).len(), 4);
@@ -438,8 +444,9 @@ fn a_followers_segment_is_sent_early_and_committed_by_the_time_append_returns() 
 }
 
 /// Issue 24: a leader accepts a change only from the device that made it, so a deposed log
-/// returns only this device's changes to the offline journal. Another device's change would be
-/// refused by every leader and pushed forever; its maker still holds it and resubmits it.
+/// returns only this device's changes to the offline journal: the replication core names the
+/// others (`LogWrite::Truncate::dropped`). Another device's change would be refused by every
+/// leader and pushed forever; its maker still holds it and resubmits it.
 #[test]
 fn truncation_returns_only_this_devices_changes() {
     let (dir, lib, key, (l, f), epoch) = setup();
@@ -452,7 +459,10 @@ fn truncation_returns_only_this_devices_changes() {
         .log()
         .append(next, vec![(epoch, leader.seal(&theirs))])
         .expect("sequences a pushed change");
-    let returned = leader.log().truncate_after(Lsn(0)).expect("truncates");
+    let returned = leader
+        .log()
+        .truncate_after(Lsn(0), &[theirs.id])
+        .expect("truncates");
     assert_eq!(returned, vec![mine.id]);
     assert_eq!(pending(&leader), vec![mine.id]);
 }

@@ -97,12 +97,17 @@ impl Disk {
                 self.offline.retain(|(id, _)| !ids.contains(id));
                 self.log.extend(entries);
             }
-            LogWrite::Truncate { keep } => {
+            LogWrite::Truncate { keep, dropped } => {
                 for (_, payload) in self.log.split_off(keep.0 as usize) {
-                    // Only this device's changes: others' are resubmitted by their maker.
-                    if let (Some(id), Some(true)) =
-                        (peek(&payload), origin(&payload).map(|o| o == device))
-                    {
+                    let Some(id) = peek(&payload) else { continue };
+                    // Only this device's changes return: others' are resubmitted by their maker.
+                    let own = origin(&payload) == Some(device);
+                    assert_eq!(
+                        dropped.contains(&id),
+                        !own,
+                        "node {i}: truncation misjudged {id:?}"
+                    );
+                    if own {
                         self.offline.push((id, payload));
                     }
                 }

@@ -457,8 +457,8 @@ impl Core {
             match write {
                 LogWrite::Election { epoch, voted } => journal.election().store(epoch, voted)?,
                 LogWrite::Append { at, entries } => journal.log().append(at, entries)?,
-                LogWrite::Truncate { keep } => {
-                    let returned = journal.log().truncate_after(keep)?;
+                LogWrite::Truncate { keep, dropped } => {
+                    let returned = journal.log().truncate_after(keep, &dropped)?;
                     tracing::info!(
                         keep = keep.0,
                         returned = returned.len(),

@@ -58,12 +58,14 @@ pub enum LogWrite {
         /// The entries.
         entries: Vec<(Epoch, Vec<u8>)>,
     },
-    /// Every entry after `keep` is removed. The changes this device made go back to its offline
-    /// journal; the others are dropped, as their origin still holds them (in its log or offline
-    /// journal) and resubmits them: a leader accepts a change only from the device that made it.
+    /// Every entry after `keep` is removed. Their changes go back to the offline journal, but
+    /// for `dropped`: other devices' changes, which their maker still holds (in its log or
+    /// offline journal) and resubmits, as a leader accepts a change only from its maker.
     Truncate {
         /// The last position kept.
         keep: Lsn,
+        /// The removed changes that another device made (or that do not open): not returned.
+        dropped: Vec<ChangeId>,
     },
 }
 
@@ -496,8 +498,8 @@ impl Replica {
         self.unconfirmed = true;
         let (at, epoch, entry) = match op {
             LogOp::Truncate { keep, removed } => {
-                self.forget_others_changes(keep, removed, store)?;
-                return Ok(Some(LogWrite::Truncate { keep }));
+                let dropped = self.others_changes(keep, removed, store)?;
+                return Ok(Some(LogWrite::Truncate { keep, dropped }));
             }
             LogOp::Append { at, epoch, entry } => (at, epoch, entry),
         };
@@ -531,17 +533,18 @@ impl Replica {
         Ok(Some(LogWrite::Append { at, entries }))
     }
 
-    /// Of the `removed` entries after `keep` that a truncation returns to the offline journal,
-    /// forgets those another device made, as the store does (see [`LogWrite::Truncate`]). The
-    /// store still holds them: every earlier write was made durable before this input.
-    fn forget_others_changes<S: Store>(
+    /// Of the `removed` entries after `keep` that a truncation takes out of the log, the changes
+    /// another device made (or that do not open), forgotten from `offline`: the store drops them
+    /// too (see [`LogWrite::Truncate`]). The store still holds the entries: every earlier write
+    /// was made durable before this input.
+    fn others_changes<S: Store>(
         &mut self,
         keep: Lsn,
         removed: u64,
         store: &mut S,
-    ) -> Result<(), ReplicaError<S::Error>> {
+    ) -> Result<Vec<ChangeId>, ReplicaError<S::Error>> {
         let device = self.machine.device();
-        let mut others = HashSet::new();
+        let mut others = Vec::new();
         let mut first = keep.0 + 1;
         let end = keep.0 + 1 + removed;
         while first < end {
@@ -552,14 +555,15 @@ impl Replica {
             for (_, sealed) in entries.iter().filter(|(_, s)| !s.is_empty()) {
                 match store.open_pushed(sealed) {
                     Ok(opened) if opened.origin == device => {}
-                    Ok(opened) => drop(others.insert(opened.id)),
+                    Ok(opened) => others.push(opened.id),
                     Err(_) => others.extend(store.peek_change_id(sealed)),
                 }
             }
             first += count;
         }
-        self.machine.forget_offline(&others);
-        Ok(())
+        self.machine
+            .forget_offline(&others.iter().copied().collect::<HashSet<_>>());
+        Ok(others)
     }
 
     /// Takes the sealed payload of an entry to write (empty for a barrier) from memory, or from

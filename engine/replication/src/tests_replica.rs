@@ -433,6 +433,57 @@ fn follower_of_founder(store: &mut Memory) -> Replica {
     follower
 }
 
+/// Issue 24: a leader accepts a change only from its maker, so a truncation returns only this
+/// device's own changes to `offline`; the write names the others, for the store to drop.
+#[test]
+fn a_truncation_returns_only_this_devices_changes() {
+    let mut store = Memory::default();
+    let founder = Epoch {
+        counter: 1,
+        device: DeviceId([1; 32]),
+    };
+    let other = DeviceId([3; 32]);
+    let mut follower = Replica::new(config(2), Durable::default(), 0);
+    follower.handle_connected(0, founder.device);
+    follower.handle_message(
+        1,
+        founder.device,
+        segment(
+            founder,
+            1,
+            Epoch::default(),
+            vec![
+                (founder, Vec::new()),
+                (founder, seal_by(id(1), MAKER)),
+                (founder, seal_by(id(2), other)),
+            ],
+        ),
+        &mut store,
+    );
+    store.write_all(&mut follower);
+    follower.written();
+    let next = Epoch {
+        counter: 2,
+        device: other,
+    };
+    follower.handle_connected(2, other);
+    follower.handle_message(
+        3,
+        other,
+        segment(next, 2, founder, vec![(next, Vec::new())]),
+        &mut store,
+    );
+    let writes = store.write_all(&mut follower);
+    assert!(
+        writes.contains(&LogWrite::Truncate {
+            keep: Lsn(1),
+            dropped: vec![id(2)],
+        }),
+        "{writes:?}"
+    );
+    assert_eq!(follower.durable().offline, vec![id(1)]);
+}
+
 /// Issue 24: one segment from a paired device with an epoch counter at `u64::MAX` left every
 /// device in that epoch and made the next candidacy overflow: nobody could lead again.
 #[test]
