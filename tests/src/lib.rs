@@ -123,6 +123,8 @@ pub mod cluster {
     pub fn options(peers: Vec<SocketAddr>) -> NodeOptions {
         NodeOptions {
             peers,
+            // Test nodes do not look for each other on the LAN unless a test says so.
+            discovery: None,
             ..NodeOptions::default()
         }
     }
@@ -222,6 +224,37 @@ pub mod cluster {
         join_with(home, bind, addr, code, device_name, true)
     }
 
+    /// A UDP port for one test's mDNS, apart from the standard one and (very likely) from the
+    /// other tests running at the same time.
+    pub fn lan_port() -> u16 {
+        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spread = (std::process::id() as u16)
+            .wrapping_mul(31)
+            .wrapping_add(n.wrapping_mul(7));
+        20_000 + spread % 30_000
+    }
+
+    /// Options for a test node that announces itself and finds its devices on loopback, with
+    /// mDNS on `port`.
+    pub fn lan_options(port: u16) -> NodeOptions {
+        NodeOptions {
+            discovery: Some(keel_node::Discovery::loopback(port)),
+            ..options(Vec::new())
+        }
+    }
+
+    /// Joins with `code` from `home` with no address: the inviting device is found by mDNS on
+    /// loopback, on `port`.
+    pub fn join_on_lan(home: &Home, port: u16, code: &str) -> Result<String, NodeError> {
+        let options = JoinOptions {
+            addr: None,
+            discovery: keel_node::Discovery::loopback(port),
+            ..join_options(code, None, true)
+        };
+        run_join(home, options)
+    }
+
     /// Like [`join_as`], with the initial sync by snapshot (`snapshot`) or left to replication.
     pub fn join_with(
         home: &Home,
@@ -231,25 +264,37 @@ pub mod cluster {
         device_name: Option<String>,
         snapshot: bool,
     ) -> Result<String, NodeError> {
+        let options = JoinOptions {
+            addr: Some(addr),
+            bind,
+            ..join_options(code, device_name, snapshot)
+        };
+        run_join(home, options)
+    }
+
+    /// A test join's options: the test password, the fast KDF, no address yet.
+    fn join_options(code: &str, device_name: Option<String>, snapshot: bool) -> JoinOptions {
+        JoinOptions {
+            addr: None,
+            discovery: keel_node::Discovery::default(),
+            bind: None,
+            code: code.into(),
+            device_name,
+            password: PASSWORD.into(),
+            create: CreateOptions {
+                kdf: KdfParams::INSECURE_FAST,
+            },
+            snapshot,
+            progress: None,
+        }
+    }
+
+    fn run_join(home: &Home, options: JoinOptions) -> Result<String, NodeError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| NodeError::Failed(e.to_string()))?;
-        rt.block_on(join(
-            home,
-            JoinOptions {
-                addr,
-                bind,
-                code: code.into(),
-                device_name,
-                password: PASSWORD.into(),
-                create: CreateOptions {
-                    kdf: KdfParams::INSECURE_FAST,
-                },
-                snapshot,
-                progress: None,
-            },
-        ))
+        rt.block_on(join(home, options))
     }
 
     /// Waits until every node has the same digest, nothing waits to be pushed, and all agree on

@@ -38,7 +38,8 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
         .block_on(join(
             &home,
             JoinOptions {
-                addr: a.local_addr(),
+                addr: Some(a.local_addr()),
+                discovery: keel_node::Discovery::default(),
                 bind: None,
                 code: invite.code.as_str().into(),
                 device_name: Some("b".into()),

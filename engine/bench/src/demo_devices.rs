@@ -80,6 +80,8 @@ impl Device {
             "demo",
             "--listen",
             &self.addr.to_string(),
+            // Every device of the demo is on this machine: they find each other on loopback.
+            "--mdns-loopback",
         ]);
         for p in peers {
             cmd.args(["--peer", &p.to_string()]);

@@ -123,6 +123,8 @@ pub(crate) enum Command {
         /// Most devices in the library.
         #[arg(long, default_value_t = keel_node::DEVICE_LIMIT_DEFAULT)]
         device_limit: usize,
+        #[command(flatten)]
+        lan: LanArgs,
     },
     /// Pair devices.
     Pair {
@@ -215,16 +217,43 @@ pub(crate) enum PairCommand {
     },
     /// On a new device: pair with a running node and set the library up in this home.
     Join {
-        /// The inviting node's address, `HOST:PORT` (a name or an IP).
+        /// The inviting node's address, `HOST:PORT` (a name or an IP). Without it, the one
+        /// device with an open invitation on the local network is found by mDNS.
         #[arg(long, value_parser = resolve_addr)]
-        addr: std::net::SocketAddr,
+        addr: Option<std::net::SocketAddr>,
         /// The code it printed.
         #[arg(long)]
         code: String,
         /// This device's name, shown to the inviting user.
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        lan: LanArgs,
     },
+}
+
+/// How `serve` and `pair join` use the local network to find devices (mDNS/DNS-SD).
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct LanArgs {
+    /// Neither announce this device nor look for others on the local network.
+    #[arg(long, env = "KEEL_NO_DISCOVERY", value_parser = clap::builder::BoolishValueParser::new())]
+    no_discovery: bool,
+    /// The UDP port mDNS runs on (a test, or a second setup on one machine, may use its own).
+    #[arg(long, env = "KEEL_MDNS_PORT", default_value_t = keel_node::MDNS_PORT)]
+    mdns_port: u16,
+    /// Announce and look on the loopback interface only (devices on this machine).
+    #[arg(long, env = "KEEL_MDNS_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new())]
+    mdns_loopback: bool,
+}
+
+impl LanArgs {
+    /// The node's discovery settings (`None`: off).
+    pub(crate) fn discovery(&self) -> Option<keel_node::Discovery> {
+        (!self.no_discovery).then_some(keel_node::Discovery {
+            port: self.mdns_port,
+            loopback_only: self.mdns_loopback,
+        })
+    }
 }
 
 /// `keel devices LIB …`.
@@ -430,13 +459,34 @@ pub(crate) fn run() -> Result<i32> {
             listen,
             peers,
             device_limit,
+            lan,
         } => {
             let library = open(&home, &lib)?;
-            crate::serve::run(&home, library, listen, peers, device_limit)
+            let options = keel_node::NodeOptions {
+                listen,
+                peers,
+                device_limit,
+                discovery: lan.discovery(),
+                ..keel_node::NodeOptions::default()
+            };
+            crate::serve::run(&home, library, options)
         }
         Command::Pair {
-            command: PairCommand::Join { addr, code, name },
-        } => crate::serve::join(&home, addr, code, name, password()?, kdf()),
+            command:
+                PairCommand::Join {
+                    addr,
+                    code,
+                    name,
+                    lan,
+                },
+        } => {
+            let discovery = lan.discovery();
+            if addr.is_none() && discovery.is_none() {
+                bail!("no --addr and LAN discovery is off: give the inviting node's address");
+            }
+            let discovery = discovery.unwrap_or_default();
+            crate::serve::join(&home, addr, discovery, code, name, password()?, kdf())
+        }
         command => {
             let Some(lib) = command.library().map(str::to_string) else {
                 return Ok(0);
@@ -739,7 +789,7 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Pair {
-                command: PairCommand::Join { addr, .. }
+                command: PairCommand::Join { addr: Some(addr), .. }
             } if addr.port() == 7701
         ));
     }

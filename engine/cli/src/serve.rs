@@ -12,13 +12,7 @@ use crate::cli::{short, DevicesCommand, Io};
 use crate::control::Server;
 
 /// Runs a node until Ctrl-C or SIGTERM, then stops it cleanly.
-pub(crate) fn run(
-    home: &Home,
-    library: Library,
-    listen: SocketAddr,
-    peers: Vec<SocketAddr>,
-    device_limit: usize,
-) -> Result<i32> {
+pub(crate) fn run(home: &Home, library: Library, options: NodeOptions) -> Result<i32> {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -29,15 +23,7 @@ pub(crate) fn run(
         .try_init();
     let name = library.name().to_string();
     let dir = home.library_dir(&name);
-    let node = Arc::new(Node::start(
-        library,
-        NodeOptions {
-            listen,
-            peers,
-            device_limit,
-            ..NodeOptions::default()
-        },
-    )?);
+    let node = Arc::new(Node::start(library, options)?);
     let server = Server::start(&dir, node.clone())?;
     show_sync_progress(node.library().subscribe());
     println!(
@@ -149,7 +135,8 @@ fn show_join_progress(
 /// `keel pair join`.
 pub(crate) fn join(
     home: &Home,
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
+    discovery: keel_node::Discovery,
     code: String,
     name: Option<String>,
     password: String,
@@ -164,6 +151,7 @@ pub(crate) fn join(
         home,
         JoinOptions {
             addr,
+            discovery,
             bind: None,
             code,
             device_name: name,

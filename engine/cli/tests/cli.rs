@@ -11,6 +11,8 @@ fn keel(home: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("KEEL_PASSWORD", "pw")
         .env("KEEL_INSECURE_FAST_KDF", "1")
+        // Nodes in these tests find each other on loopback only.
+        .env("KEEL_MDNS_LOOPBACK", "1")
         .output()
         .expect("keel runs")
 }
@@ -210,17 +212,25 @@ impl Drop for Served {
 }
 
 fn serve(home: &Path, listen: &str, peers: &[&str]) -> Served {
+    let mut args = vec!["--listen", listen];
+    for p in peers {
+        args.extend(["--peer", p]);
+    }
+    serve_with(home, &args)
+}
+
+/// Starts `keel serve lib` with `args` and waits for its control socket.
+fn serve_with(home: &Path, args: &[&str]) -> Served {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
     cmd.arg("--home")
         .arg(home)
-        .args(["serve", "lib", "--listen", listen])
+        .args(["serve", "lib"])
+        .args(args)
+        .env("KEEL_MDNS_LOOPBACK", "1")
         .env("KEEL_PASSWORD", "pw")
         .env("KEEL_INSECURE_FAST_KDF", "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    for p in peers {
-        cmd.args(["--peer", p]);
-    }
     let child = Served(cmd.spawn().expect("serve starts"));
     let sock = home.join("libraries/lib.keel/control.sock");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -581,6 +591,55 @@ fn pair_invite_asks_on_the_terminal_and_yes_accepts_the_device() {
     assert!(
         home_b.join("libraries/lib.keel").exists(),
         "b holds the library"
+    );
+}
+
+/// Issue 24: `pair join` with no `--addr` finds the node with an open invitation on the local
+/// network (mDNS, here on loopback and on a port of this test's own), and `serve` with no
+/// `--peer` then reaches it.
+#[test]
+fn pair_join_with_no_addr_finds_the_inviting_node_on_the_lan() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    let mdns_port = (20_000 + std::process::id() % 30_000).to_string();
+    let lan = ["--mdns-port", &mdns_port];
+    ok(&keel(&home_a, &["init", "lib"]));
+    let _a = serve_with(&home_a, &lan);
+    let invite = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = invite.lines().next().expect("a first line").to_string();
+    let mut join = vec!["pair", "join", "--code", &code];
+    join.extend(lan);
+    ok(&keel(&home_b, &join));
+    let _b = serve_with(&home_b, &lan);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let a = ok(&keel(&home_a, &["status", "lib", "--json"]));
+        let b = keel(&home_b, &["status", "lib", "--json"]);
+        if b.status.success() {
+            let (a, b): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_str(&a).expect("json"),
+                serde_json::from_slice(&b.stdout).expect("json"),
+            );
+            if a["digest"] == b["digest"] && b["peers"][0]["connected"] == true {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never synced with a"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // With discovery off and no address, the join says what to give instead of waiting.
+    let refused = keel(
+        &dir.path().join("c"),
+        &["pair", "join", "--code", &code, "--no-discovery"],
+    );
+    fails_with_one_error_line(&refused);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--addr"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 }
 

@@ -33,6 +33,9 @@ pub enum NodeError {
     /// A join or sync step failed (what failed).
     #[error("{0}")]
     Failed(String),
+    /// LAN discovery (mDNS) could not start or found nothing usable (what happened).
+    #[error("LAN discovery: {0}")]
+    Discovery(String),
     /// `devices.toml` does not parse or holds invalid values.
     #[error("{path} is invalid: {reason}")]
     BadDevicesFile {

@@ -8,6 +8,7 @@
 
 mod core;
 mod devices;
+mod discovery;
 mod error;
 mod file_sink;
 mod keys;
@@ -27,6 +28,9 @@ use keel_transport::{Endpoint, Identity, Inviter, Pins};
 use tokio::sync::{mpsc, oneshot};
 
 pub use devices::{DevicesFile, PairedDevice};
+pub use discovery::{
+    find_inviter, tag as lan_tag, Discovery, MDNS_PORT, PAIRING_SERVICE, SERVICE as LAN_SERVICE,
+};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
 pub use snapshot::{JoinProgress, SnapshotOutcome};
@@ -66,6 +70,10 @@ pub struct NodeOptions {
     /// sync before followers are sent them; see `leader_commit.rs`). `false` sends them through
     /// the offline journal as on a follower (for comparison).
     pub leader_commits: bool,
+    /// LAN discovery over mDNS: announce this device (under an opaque, rotating name) and dial
+    /// paired devices found on the local network. `None` turns it off (tests that must not hear
+    /// each other). If mDNS cannot start, the node runs without it and logs why.
+    pub discovery: Option<Discovery>,
 }
 
 impl Default for NodeOptions {
@@ -80,6 +88,7 @@ impl Default for NodeOptions {
             device_limit: DEVICE_LIMIT_DEFAULT,
             code_ttl_ms: keel_transport::CODE_TTL_MS,
             leader_commits: true,
+            discovery: Some(Discovery::default()),
         }
     }
 }
@@ -151,6 +160,12 @@ impl Node {
             .name("keel-core".into())
             .spawn(move || core.run(core_rx))
             .map_err(io_at(library.dir()))?;
+        let lan = options.discovery.as_ref().and_then(|discovery| {
+            discovery::Lan::start(discovery, library.id(), library.device_id(), listen.port())
+                .map(Arc::new)
+                .map_err(|e| tracing::warn!(error = %e, "LAN discovery is off"))
+                .ok()
+        });
         let net = Arc::new(Net {
             endpoint,
             core: core_tx.clone(),
@@ -169,7 +184,15 @@ impl Node {
             heard: Mutex::new(HashMap::new()),
             unpinned: Arc::new(tokio::sync::Semaphore::new(net::UNPINNED_MAX)),
             wake: tokio::sync::Notify::new(),
+            lan: lan.clone(),
         });
+        if let Some(lan) = lan {
+            let (net, handle) = (net.clone(), rt.handle().clone());
+            std::thread::Builder::new()
+                .name("keel-lan".into())
+                .spawn(move || lan.run(net, handle))
+                .map_err(io_at(library.dir()))?;
+        }
         {
             let _guard = rt.enter();
             rt.spawn(net.clone().accept_loop());
@@ -306,6 +329,9 @@ impl Node {
             *slot.lock().await = Some(invitation);
         });
         self.net.endpoint.pins().set_pairing_open(true);
+        if let Some(lan) = &self.net.lan {
+            lan.announce_invitation();
+        }
         // The invitation ends when its code expires, whether or not anyone tried it.
         let net = self.net.clone();
         let expired = code.clone();
@@ -377,6 +403,9 @@ impl Node {
     }
 
     fn shutdown(&mut self) {
+        if let Some(lan) = &self.net.lan {
+            lan.stop();
+        }
         self.net.endpoint.close();
         let _ = self.core_tx.send(CoreEvent::Stop);
         if let Some(core) = self.core.take() {

@@ -69,12 +69,32 @@ pub(crate) struct Net {
     /// Addresses peers named for devices not pinned yet (their Device record has not arrived):
     /// dialed once they are. At most [`PEERS_MAX`].
     pub(crate) heard: Mutex<HashMap<DeviceId, SocketAddr>>,
+    /// mDNS announcements and browsing (`None`: LAN discovery off or unavailable).
+    pub(crate) lan: Option<Arc<super::discovery::Lan>>,
 }
 
 impl Net {
     /// Wakes every dialer: the network may have changed.
     pub(crate) fn wake_dialers(&self) {
         self.wake.notify_waiters();
+    }
+
+    /// A pinned device announced itself on the LAN at `addrs`: dial it now, unless connected.
+    pub(crate) fn found_on_lan(self: &Arc<Self>, device: DeviceId, addrs: &[SocketAddr]) {
+        if self.is_offline() || self.connected(&device) {
+            return;
+        }
+        for addr in addrs {
+            self.dial(*addr);
+        }
+        self.wake_dialers();
+    }
+
+    /// Withdraws the LAN announcement of an invitation that ended.
+    pub(crate) fn withdraw_invitation(&self) {
+        if let Some(lan) = &self.lan {
+            lan.withdraw_invitation();
+        }
     }
 
     /// Cuts the node off (closing every session) or lets it reconnect.

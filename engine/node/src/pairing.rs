@@ -92,6 +92,7 @@ pub(crate) async fn end_invitation(net: &Net, code: &PairingCode, why: PairingEr
     }
     *slot = None;
     net.endpoint.pins().set_pairing_open(false);
+    net.withdraw_invitation();
 }
 
 /// Serves one unpinned connection: a pairing run if an invitation is open, else closed.
@@ -222,6 +223,7 @@ async fn decide(
         }
         *slot = None;
         net.endpoint.pins().set_pairing_open(false);
+        net.withdraw_invitation();
     }
     Some(verdict)
 }
@@ -280,11 +282,48 @@ async fn linger(conn: &Connection) {
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.recv()).await;
 }
 
+/// How long `join` with no address looks for an inviting device on the LAN.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(5);
+
+/// Connects to the first of `candidates` that answers, to pair: the endpoint, the connection
+/// and the address that answered.
+async fn connect_to_inviter(
+    identity: &Identity,
+    bind: Option<SocketAddr>,
+    candidates: &[SocketAddr],
+) -> Result<(Endpoint, Connection, SocketAddr), NodeError> {
+    let mut last = NodeError::Failed("no address to pair with".into());
+    // One address the user gave gets the whole step; several found on the LAN (some of them
+    // unreachable from here) get a few seconds each.
+    let wait = if candidates.len() > 1 {
+        Duration::from_secs(5)
+    } else {
+        STEP_TIMEOUT
+    };
+    for addr in candidates.iter().copied() {
+        let bind: SocketAddr = bind.unwrap_or(if addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        });
+        let endpoint = Endpoint::bind(identity, bind, Pins::new())?;
+        match tokio::time::timeout(wait, endpoint.connect_to_pair(addr)).await {
+            Ok(Ok(conn)) => return Ok((endpoint, conn, addr)),
+            Ok(Err(e)) => last = e.into(),
+            Err(_) => last = NodeError::Failed(format!("no answer from {addr}")),
+        }
+        endpoint.close();
+    }
+    Err(last)
+}
+
 /// Options for [`join`].
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// The inviting node's address.
-    pub addr: SocketAddr,
+    /// The inviting node's address; `None`: look for it on the LAN with `discovery`.
+    pub addr: Option<SocketAddr>,
+    /// Where to look for the inviting node when no address is given (mDNS port, interfaces).
+    pub discovery: super::Discovery,
     /// The local address to pair from (default: any, port 0).
     pub bind: Option<SocketAddr>,
     /// The code it showed.
@@ -311,15 +350,11 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
         .ok_or_else(|| NodeError::Pairing(PairingError::Protocol("malformed code".into())))?;
     let device = home.device()?;
     let identity = Identity::from_parts(device.cert_der, device.key_der);
-    let bind: SocketAddr = options.bind.unwrap_or(if options.addr.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    });
-    let endpoint = Endpoint::bind(&identity, bind, Pins::new())?;
-    let conn = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect_to_pair(options.addr))
-        .await
-        .map_err(|_| NodeError::Failed(format!("no answer from {}", options.addr)))??;
+    let candidates = match options.addr {
+        Some(addr) => vec![addr],
+        None => super::discovery::find_inviter(&options.discovery, DISCOVERY_WAIT).await?,
+    };
+    let (endpoint, conn, addr) = connect_to_inviter(&identity, options.bind, &candidates).await?;
     let binding = Binding {
         exporter: conn.exporter()?,
         inviter: conn.peer(),
@@ -345,7 +380,7 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
         options.device_name.as_deref(),
     )?;
     let mut file = DevicesFile::read(library.dir())?;
-    file.add(joined.inviter, "inviter", Some(options.addr), now_ms());
+    file.add(joined.inviter, "inviter", Some(addr), now_ms());
     file.write(library.dir())?;
     let dir = library.dir().to_path_buf();
     library.close()?;
@@ -353,7 +388,7 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
         match super::snapshot::fetch(
             &endpoint,
             joined.inviter,
-            options.addr,
+            addr,
             joined.library,
             &key,
             &dir,

@@ -124,6 +124,7 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
         lib,
         NodeOptions {
             peers: vec![addr],
+            discovery: None,
             ..NodeOptions::default()
         },
     )?;

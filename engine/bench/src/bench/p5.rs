@@ -42,6 +42,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         Library::create(&home, "bench", PASSWORD, fast())?,
         NodeOptions {
             leader_commits,
+            discovery: None,
             ..NodeOptions::default()
         },
     )?;
@@ -52,6 +53,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         Library::open(&home_b, &name, PASSWORD)?,
         NodeOptions {
             peers: vec![a.local_addr()],
+            discovery: None,
             ..NodeOptions::default()
         },
     )?;

@@ -37,7 +37,13 @@ pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
         commit_all(&lib, chunk)?;
     }
     lib.flush()?;
-    Ok(Node::start(lib, NodeOptions::default())?)
+    Ok(Node::start(
+        lib,
+        NodeOptions {
+            discovery: None,
+            ..NodeOptions::default()
+        },
+    )?)
 }
 
 pub(crate) fn commit_all(lib: &Library, changes: Vec<Change>) -> Result<()> {
@@ -76,7 +82,8 @@ pub(crate) fn join_counting(
     let name = rt.block_on(join(
         home,
         JoinOptions {
-            addr,
+            addr: Some(addr),
+            discovery: keel_node::Discovery::default(),
             bind: None,
             code: code.into(),
             device_name: Some("bench follower".into()),
