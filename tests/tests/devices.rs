@@ -279,10 +279,11 @@ fn revoking_a_device_rotates_the_library_key_everywhere_but_on_it() {
     assert!(has(&b, &after));
 }
 
-/// Issue 24: a device that stays away is retried less and less often (laptops and phones), and
-/// a dialer that failed for a while still reconnects once the device is back (after a network
-/// change, which wakes it). This does not isolate the wake from QUIC's own retransmission of an
-/// attempt in flight; the wake is three lines in `Net::dial_loop`.
+/// Issue 24: a device that stays away is retried less and less often (laptops and phones), and a
+/// network change wakes a dialer from its backoff at once. While `a` is away a stranger answers
+/// at its address, so each of `b`'s attempts fails at once (the pin check) and `b`'s dialer is
+/// asleep in a backoff of seconds, not in an attempt that QUIC could complete by itself, when
+/// `a` comes back: only the wake can bring `b` back within the second.
 #[test]
 fn a_dialer_that_backed_off_reconnects_after_a_network_change() {
     assert!(
@@ -302,18 +303,40 @@ fn a_dialer_that_backed_off_reconnects_after_a_network_change() {
     let mut file = keel_node::DevicesFile::read(&a_dir).expect("reads");
     file.paired.clear();
     file.write(&a_dir).expect("writes");
-    // b's dialer fails for a while: its delays grow past a few seconds.
-    std::thread::sleep(Duration::from_secs(9));
+    // A stranger holds a's address and answers every attempt with a certificate b refuses.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let stranger = {
+        let _guard = rt.enter();
+        let identity = keel_transport::Identity::generate("stranger").expect("identity");
+        keel_transport::Endpoint::bind(&identity, addr_a, keel_transport::Pins::new())
+            .expect("the stranger binds a's address")
+    };
+    let stranger = std::sync::Arc::new(stranger);
+    let accepting = rt.spawn({
+        let stranger = stranger.clone();
+        async move { while stranger.accept().await.is_some() {} }
+    });
+    // b's attempts fail fast, so its delays grow: 0.1 s doubling, past 3 s after about 13 s.
+    std::thread::sleep(Duration::from_secs(13));
+    stranger.close();
+    accepting.abort();
+    drop(stranger);
+    std::thread::sleep(Duration::from_millis(100));
     let a = keel_tests::cluster::restart(&home_a, "notes", addr_a).expect("a restarts");
     let started = std::time::Instant::now();
     b.network_changed();
     while !b.status().connected.contains(&a_hex) && started.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let took = started.elapsed();
     assert!(
         b.status().connected.contains(&a_hex),
-        "b did not reconnect within {:?}",
-        started.elapsed()
+        "b did not reconnect within {took:?}"
+    );
+    // Its backoff had at least 3.2 s (6.4 s less the jitter) left: the wake did this.
+    assert!(
+        took < Duration::from_millis(1500),
+        "b reconnected only after {took:?}"
     );
     drop(a);
 }
