@@ -52,6 +52,15 @@ pub enum JournalError {
         /// How far ahead of this device's clock it is.
         ahead_ms: u64,
     },
+    /// A record sealed under a library key this device does not hold (yet: a rotation's key
+    /// travels apart from the records sealed under it, and may arrive after them).
+    #[error("the record at {place} is sealed under key {key_id}, which this device does not hold")]
+    UnknownKey {
+        /// Which record.
+        place: RecordPlace,
+        /// The key id it names.
+        key_id: u32,
+    },
     /// A change could not be encoded or decoded.
     #[error(transparent)]
     Schema(#[from] SchemaError),

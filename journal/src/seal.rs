@@ -605,6 +605,14 @@ impl Sealer {
         Some(ChangeId(Uuid::from_bytes(id)))
     }
 
+    /// The key id a sealed record names, if this sealer does not hold that key (`None`: it
+    /// holds it, or the record is too short to name one).
+    pub fn unknown_key(&self, sealed: &[u8]) -> Option<u32> {
+        let key_id = u32::from_be_bytes(sealed.get(..4)?.try_into().ok()?);
+        let held = key_id == self.key_id || self.older.iter().any(|(id, _)| *id == key_id);
+        (!held).then_some(key_id)
+    }
+
     /// Opens a sealed payload; any tampering, truncation or foreign key is an error.
     pub fn open(&self, sealed: &[u8]) -> Result<(ChangeId, Vec<u8>), String> {
         if sealed.len() < SEAL_HEADER_LEN + SEAL_TAG_LEN {

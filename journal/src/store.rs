@@ -132,6 +132,8 @@ fn check_each(
 pub struct Journal {
     pub(crate) db: Arc<DbHandle>,
     library: LibraryId,
+    /// This device: its own changes are not checked against its own clock.
+    device: DeviceId,
     /// Swapped when the library key rotates (see [`Journal::set_key`]).
     sealer: std::sync::RwLock<Arc<Sealer>>,
     requests: Option<Sender<Request>>,
@@ -343,6 +345,7 @@ impl Journal {
             leading: leading.clone(),
             db: db.clone(),
             library,
+            device,
             sealer: std::sync::RwLock::new(Arc::new(sealer)),
             requests: Some(tx),
             writer: None,
@@ -761,13 +764,21 @@ impl Journal {
 
     fn open_incoming(&self, place: RecordPlace, sealed: &[u8]) -> Result<Change, JournalError> {
         let bad = |reason: String| JournalError::BadRecord { place, reason };
-        let (id, plain) = self.sealer().open(sealed).map_err(bad)?;
+        let sealer = self.sealer();
+        if let Some(key_id) = sealer.unknown_key(sealed) {
+            return Err(JournalError::UnknownKey { place, key_id });
+        }
+        let (id, plain) = sealer.open(sealed).map_err(bad)?;
         let change = Change::decode(&plain).map_err(|e| bad(e.to_string()))?;
         if change.id != id {
             return Err(bad("change id differs from the sealed header".into()));
         }
+        // Another device's change only: this device's own clock may be ahead (its changes then
+        // wait elsewhere, refused by the others, until it is fixed) but it never refuses them.
         let now = now_ms();
-        if change.hlc.physical_ms > now.saturating_add(CLOCK_AHEAD_MAX_MS) {
+        if change.origin() != self.device
+            && change.hlc.physical_ms > now.saturating_add(CLOCK_AHEAD_MAX_MS)
+        {
             return Err(JournalError::ClockAhead {
                 place,
                 ahead_ms: change.hlc.physical_ms - now,

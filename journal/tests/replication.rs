@@ -487,9 +487,12 @@ fn a_change_from_a_clock_far_ahead_is_refused() {
         leader.check_sealed(&sealed),
         Err(JournalError::ClockAhead { .. })
     ));
+    // On a follower, a change of the leader's from far ahead is refused too.
     let follower = open(dir.path(), "f.redb", lib, &key, f, CommitRoute::Offline);
+    let mut from_leader = ahead.clone();
+    from_leader.hlc.device = l;
     let mut entries = segment(&leader, Lsn(1));
-    entries.push((epoch, sealed));
+    entries.push((epoch, leader.seal(&from_leader)));
     assert!(matches!(
         follower.log().append(Lsn(1), entries),
         Err(JournalError::ClockAhead { .. })
@@ -499,4 +502,27 @@ fn a_change_from_a_clock_far_ahead_is_refused() {
         .hlc_high_water()
         .expect("reads")
         .is_none_or(|h| h.physical_ms < u64::MAX / 2));
+}
+
+/// A device whose own clock is far ahead (its high-water mark was) still appends its own
+/// changes to its own log: the clock check is for other devices' changes. Before, a leader with
+/// a clock two days ahead refused its own commits and reloaded its replica a thousand times a
+/// second (found by `devices.rs::a_leader_whose_entries_do_not_open_here_is_shut_out...`).
+#[test]
+fn a_devices_own_change_from_its_own_clock_far_ahead_is_appended() {
+    let (dir, lib, key, (l, _f), epoch) = setup();
+    let leader = open(dir.path(), "l.redb", lib, &key, l, CommitRoute::Offline);
+    let mut own = change(l, 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    own.hlc.physical_ms = now + 2 * 24 * 3600 * 1000;
+    let sealed = leader.seal(&own);
+    leader
+        .check_sealed(&sealed)
+        .expect("its own change is no stranger's clock");
+    leader
+        .log()
+        .append(Lsn(1), vec![(epoch, Vec::new()), (epoch, sealed)])
+        .expect("appends its own change");
 }

@@ -783,3 +783,83 @@ fn a_pinned_device_keeps_replicating_through_a_flood_from_strangers() {
     let _ = rt.block_on(flood);
     drop(rt);
 }
+
+/// Moves `library`'s clock (in `home`, not running) `ahead_ms` into the future, as a device
+/// whose clock is wrong would have it: its next changes carry that time.
+fn set_clock_ahead(home: &keel_engine::Home, name: &str, ahead_ms: u64) {
+    let lib = keel_engine::Library::open(home, name, keel_tests::PASSWORD).expect("opens");
+    let (dir, library, device) = (lib.dir().to_path_buf(), lib.id(), lib.device_id());
+    let mut ring = Vec::new();
+    for key in lib.shared_keys() {
+        ring.extend_from_slice(&key.key_id.to_be_bytes());
+        ring.extend_from_slice(&key.generation.to_be_bytes());
+        ring.extend_from_slice(&key.bytes);
+    }
+    let key = keel_journal::LibraryKey::from_bytes(&ring).expect("keys");
+    lib.close().expect("closes");
+    let journal = keel_journal::Journal::open(
+        &dir.join(keel_engine::JOURNAL_FILE),
+        library,
+        &key,
+        device,
+        keel_journal::JournalOptions::default(),
+    )
+    .expect("journal opens");
+    journal
+        .raise_hlc_high_water(keel_schema::Hlc {
+            physical_ms: keel_engine::now_ms() + ahead_ms,
+            counter: 0,
+            device,
+        })
+        .expect("raises");
+    journal.close();
+}
+
+/// Issue 24: a leader whose log entries do not open on a follower (here: its clock is two days
+/// ahead, so the follower refuses its changes with `ClockAhead`) cannot hold that follower
+/// still. The follower shuts it out for a while, leads its own partition, and its changes are
+/// sequenced; the wrong-clock change is kept by its maker, not lost.
+#[test]
+fn a_leader_whose_entries_do_not_open_here_is_shut_out_and_the_follower_goes_on() {
+    const TWO_DAYS_MS: u64 = 2 * 24 * 3600 * 1000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, a) = founder(dir.path(), "a", "clocks").expect("founder");
+    let (home_b, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    commit(&a, &tag("before"));
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let (addr_a, addr_b) = (a.local_addr(), b.local_addr());
+    // Both stop; a comes back first, alone, so it leads, with its clock two days ahead.
+    b.stop().expect("b stops");
+    a.stop().expect("a stops");
+    set_clock_ahead(&home_a, "clocks", TWO_DAYS_MS);
+    let a = keel_tests::cluster::restart(&home_a, "clocks", addr_a).expect("a restarts");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while a.status().role != ElectionRole::Leader {
+        assert!(std::time::Instant::now() < deadline, "a never leads");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ahead = tag("from the future");
+    commit(&a, &ahead);
+    let b = keel_tests::cluster::restart(&home_b, "clocks", addr_b).expect("b restarts");
+    let mine = tag("made on b");
+    commit(&b, &mine);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = b.status();
+        if status.role == ElectionRole::Leader && status.offline == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b is held still by a's entries: role {} log {} offline {}",
+            status.role,
+            status.log_len,
+            status.offline
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(has(&b, &mine));
+    assert!(!has(&b, &ahead), "a change from two days ahead was applied");
+    // a keeps its change (in its log or its offline journal): nothing is lost.
+    assert!(has(&a, &ahead));
+}

@@ -72,6 +72,8 @@ pub(crate) struct Core {
     /// This device's commits sequenced directly (see `crate::leader_commit`), answered once the
     /// next flush made them durable.
     sequenced: Vec<(Vec<Placement>, crossbeam_channel::Sender<SequenceReply>)>,
+    /// Leaders whose entries did not open here, shut out for a while.
+    shut_out: super::quarantine::Quarantine,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -183,6 +185,7 @@ impl Core {
             status_dirty: true,
             batch_entries: 0,
             sequenced: Vec::new(),
+            shut_out: Default::default(),
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -201,7 +204,8 @@ impl Core {
         let mut deadline = self
             .replica
             .poll_timeout()
-            .min(self.last_pin_refresh + PIN_REFRESH_MS);
+            .min(self.last_pin_refresh + PIN_REFRESH_MS)
+            .min(self.shut_out.next_end().unwrap_or(u64::MAX));
         if self.status_dirty {
             deadline = deadline.min(self.last_status + STATUS_MS);
         }
@@ -291,6 +295,13 @@ impl Core {
         if self.status_dirty && now >= self.last_status + STATUS_MS {
             self.publish_status();
         }
+        for device in self.shut_out.ended(now) {
+            tracing::info!(peer = %device.short(), "a leader shut out is let back in");
+            if self.conns.contains_key(&device) {
+                self.replica.handle_connected(now, device);
+                self.after_input();
+            }
+        }
     }
 
     /// Saves the log index in the journal, so the next start need not read every record (see
@@ -340,7 +351,7 @@ impl Core {
                 let list = self.conns.entry(peer).or_default();
                 let first = list.is_empty();
                 list.push((conn, tx));
-                if first {
+                if first && !self.shut_out.is_out(&peer, now) {
                     self.replica.handle_connected(now, peer);
                 }
             }
@@ -349,10 +360,13 @@ impl Core {
                     list.retain(|(c, _)| *c != conn);
                     if list.is_empty() {
                         self.conns.remove(&peer);
-                        self.replica.handle_disconnected(now, peer);
+                        if !self.shut_out.is_out(&peer, now) {
+                            self.replica.handle_disconnected(now, peer);
+                        }
                     }
                 }
             }
+            CoreEvent::Received { from, .. } if self.shut_out.is_out(&from, now) => {}
             CoreEvent::Received { from, message } => {
                 if let ReplicationMessage::LogSegment { entries, .. } = &message {
                     self.batch_entries += entries.len();
@@ -427,6 +441,7 @@ impl Core {
         }
         if let Err(e) = written {
             tracing::error!(error = %e, "writing replication state failed; reloading it from the journal");
+            self.shut_out_a_leader_to_blame(&e);
             for (_, reply) in self.sequenced.drain(..) {
                 let _ = reply.send(SequenceReply::Failed(e.to_string()));
             }
@@ -440,6 +455,22 @@ impl Core {
         }
         self.transmit();
         true
+    }
+
+    /// After a write that failed on what the leader sent (an entry that does not open here, or
+    /// from a clock far ahead: see [`crate::quarantine`]), shuts that leader out. Not for a
+    /// key not held yet: the key is on its way.
+    fn shut_out_a_leader_to_blame(&mut self, error: &NodeError) {
+        use keel_journal::JournalError;
+        let blamed = matches!(
+            error,
+            NodeError::Journal(JournalError::BadRecord { .. } | JournalError::ClockAhead { .. })
+        );
+        let leader = self.replica.leader().filter(|l| *l != self.config.device);
+        if let (true, Some(leader)) = (blamed, leader) {
+            let ms = self.shut_out.shut_out(leader, self.now());
+            tracing::warn!(peer = %leader.short(), ms, error = %error, "the leader's entries do not open here; it is shut out for a while");
+        }
     }
 
     /// Writes what the replica asks, in order.
@@ -507,11 +538,13 @@ impl Core {
         match load(journal) {
             Ok(durable) => {
                 let now = self.now();
-                self.replica = Replica::new(self.config.clone(), durable, now);
+                self.replica = self.replica.restarted(durable, now);
                 // Its sessions are still up: tell the fresh replica.
                 let peers: Vec<DeviceId> = self.conns.keys().copied().collect();
                 for peer in peers {
-                    self.replica.handle_connected(now, peer);
+                    if !self.shut_out.is_out(&peer, now) {
+                        self.replica.handle_connected(now, peer);
+                    }
                 }
                 self.after_input();
             }

@@ -14,6 +14,7 @@ mod file_sink;
 mod keys;
 mod net;
 mod pairing;
+mod quarantine;
 mod snapshot;
 mod status;
 

@@ -175,6 +175,10 @@ impl Machine {
     }
 
     /// The state the runtime must keep durable (persist it after each `handle`, before sending).
+    pub(crate) fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
     pub(crate) fn durable(&self) -> &Durable {
         &self.durable
     }
@@ -378,6 +382,12 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// Takes over what `old` learned of the cluster (see [`Machine::may_lead_alone`]).
+    pub(crate) fn remember_cluster(&mut self, old: &Machine) {
+        self.peak_electorate = self.peak_electorate.max(old.peak_electorate);
+        self.in_cluster |= old.in_cluster;
     }
 
     /// Whether this replica, with nobody reachable, leads a partition of its own: only the

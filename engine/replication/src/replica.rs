@@ -157,6 +157,17 @@ impl Replica {
         Self::wrap(Machine::new(config, durable, now_ms), written)
     }
 
+    /// This replica started again from its durable state (after a write that failed, whose
+    /// effects in memory are dropped), keeping what it learned of the cluster: how many devices
+    /// it reached at once and whether it followed or led, which decide whether it may lead a
+    /// partition of its own (see `Machine::may_lead_alone`). Its peers are not connected.
+    pub fn restarted(&self, durable: Durable, now_ms: u64) -> Self {
+        let mut machine = Machine::new(self.machine.config().clone(), durable, now_ms);
+        machine.remember_cluster(&self.machine);
+        let written = (machine.durable().epoch, machine.durable().voted);
+        Self::wrap(machine, written)
+    }
+
     /// The creator of a library: leader of epoch `(1, device)` from the start. Its first
     /// [`Replica::poll_log_write`]s write that epoch and the barrier.
     pub fn founder(config: ReplicaConfig, now_ms: u64) -> Self {
