@@ -201,10 +201,22 @@ pub(crate) struct Applier<'a> {
     pub(crate) owners: RefCell<HashMap<Uuid, Uuid>>,
     /// Devices' Device record uuids computed so far.
     pub(crate) origins: RefCell<HashMap<keel_schema::DeviceId, Uuid>>,
+    /// The attestations' member digests, kept by the projections across batches.
+    pub(crate) attested: &'a RefCell<crate::attest::Attested>,
+    /// The attestation model's code.
+    attestation: u8,
+    /// Set while the changes applied were checked against their attestation already: parked
+    /// changes retried (checked before they were parked), parts of a split change.
+    pub(crate) checked: Cell<bool>,
 }
 
 impl<'a> Applier<'a> {
-    fn new(conn: &'a Connection, sql: &'a [ModelSql], careful: bool) -> Self {
+    fn new(
+        conn: &'a Connection,
+        sql: &'a [ModelSql],
+        careful: bool,
+        attested: &'a RefCell<crate::attest::Attested>,
+    ) -> Self {
         Self {
             conn,
             sql,
@@ -218,6 +230,9 @@ impl<'a> Applier<'a> {
                 .collect(),
             owners: RefCell::new(HashMap::new()),
             origins: RefCell::new(HashMap::new()),
+            attested,
+            attestation: keel_schema::code_of::<keel_schema::Attestation>(),
+            checked: Cell::new(false),
         }
     }
 
@@ -379,6 +394,7 @@ impl<'a> Applier<'a> {
             let first = &changes[order[next]];
             let run = order.get(next..next + INSERT_ROWS).filter(|run| {
                 !self.careful.get()
+                    && first.model != self.attestation
                     && run
                         .iter()
                         .all(|&i| changes[i].model == first.model && is_whole_change(&changes[i]))
@@ -554,6 +570,10 @@ impl<'a> Applier<'a> {
         if !rule.guards(change) {
             return Ok(OwnerCheck::Go(None));
         }
+        if !self.is_attested(change)? {
+            self.refuse(def, change, "no attestation of its device vouches for it")?;
+            return Ok(OwnerCheck::Stop(Outcome::Refused));
+        }
         let row = match rule {
             Owner::Itself => None,
             _ => Some(self.read_row(def, sql, change.record)?),
@@ -573,11 +593,40 @@ impl<'a> Applier<'a> {
         )
     }
 
+    /// An attestation: refused unless its signature checks out (and never deleted); its
+    /// members are taken in; stored once (`None`: go on and insert it).
+    fn take_attestation(
+        &self,
+        def: &ModelDef,
+        change: &Change,
+    ) -> Result<Option<Outcome>, ProjectionError> {
+        if matches!(change.op, Op::Delete) {
+            self.refuse(def, change, "an attestation is never deleted")?;
+            return Ok(Some(Outcome::Refused));
+        }
+        match crate::attest::check(change) {
+            Ok(members) => self.attested_add(members),
+            Err(reason) => {
+                self.refuse(def, change, &reason)?;
+                return Ok(Some(Outcome::Refused));
+            }
+        }
+        if self.exists(def.name, change.record)? {
+            return Ok(Some(Outcome::Unchanged));
+        }
+        Ok(None)
+    }
+
     fn apply(&self, change: &Change) -> Result<Outcome, ProjectionError> {
         let Some(def) = model_by_code(change.model) else {
             return Ok(Outcome::Unchanged);
         };
         let sql = &self.sql[usize::from(change.model)];
+        if change.model == self.attestation {
+            if let Some(outcome) = self.take_attestation(def, change)? {
+                return Ok(outcome);
+            }
+        }
         let read = match self.owner_check(def, sql, change)? {
             OwnerCheck::Go(read) => read,
             OwnerCheck::Stop(outcome) => return Ok(outcome),
@@ -798,7 +847,11 @@ impl<'a> Applier<'a> {
         self.park(&deferred, 1, &missing.join(","))?;
         if let Op::Upsert(f) = &rest.op {
             if !f.is_empty() {
-                self.apply(&rest)?;
+                // A part of a change that passed its checks (its attestation among them).
+                let checked = self.checked.replace(true);
+                let applied = self.apply(&rest);
+                self.checked.set(checked);
+                applied?;
             }
         }
         Ok(Outcome::Parked)
@@ -817,8 +870,10 @@ impl<'a> Applier<'a> {
     /// Retries parked changes until a pass makes no progress. Returns how many were applied.
     fn retry_parked(&self) -> Result<u64, ProjectionError> {
         let careful = self.careful.replace(true);
+        let checked = self.checked.replace(true);
         let unparked = self.retry_parked_carefully();
         self.careful.set(careful);
+        self.checked.set(checked);
         unparked
     }
 
@@ -976,7 +1031,7 @@ impl Projections {
     ) -> Result<(ApplyStats, u64), ProjectionError> {
         let mut stats = ApplyStats::default();
         let tx = self.conn.unchecked_transaction()?;
-        let applier = Applier::new(&tx, &self.sql, careful);
+        let applier = Applier::new(&tx, &self.sql, careful, &self.attested);
         applier.apply_all(changes, order, &mut stats)?;
         if (self.parked > 0 && stats.applied > 0) || stats.parked > 0 {
             stats.unparked = applier.retry_parked()?;

@@ -7,9 +7,10 @@ use crate::derived::{holds_counts, COUNT_COLUMNS};
 /// Projection schema version, stored in `PRAGMA user_version`. Version 2 made references
 /// deferred and dropped `NOT NULL` (see [`create_table`]); version 3 keeps a content's derived
 /// counts in its row instead of an index on `entry(content)` (see [`crate::derived`]); version 4
-/// adds `_refused` (see [`crate::ownership`]). A
-/// projection of an older version is discarded on open and replayed from the journal.
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+/// adds `_refused` (see [`crate::ownership`]); version 5 adds the `attestation` table and refuses
+/// file facts no attestation vouches for (see [`crate::attest`]). A projection of an older
+/// version is discarded on open and replayed from the journal.
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 /// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes
 /// (cachegrind, whole run of the scratch harness): 2.07 G for 4 rows, 1.98 G for 8, 2.02 G for 16,

@@ -35,6 +35,9 @@ pub enum ProjectionError {
     /// A projection snapshot received from another device is not usable.
     #[error("projection snapshot: {0}")]
     BadSnapshot(String),
+    /// An attestation could not be signed (the device key is unusable).
+    #[error("signing: {0}")]
+    Signing(String),
     /// The schema's dependency graph is invalid.
     #[error(transparent)]
     Schema(#[from] keel_schema::SchemaError),

@@ -6,6 +6,7 @@
 //! from the journal. It knows nothing about redb or the network.
 
 mod apply;
+mod attest;
 mod checkpoint;
 mod clocks;
 mod ddl;
@@ -21,6 +22,7 @@ mod snapshot;
 mod store;
 
 pub use apply::{ApplyStats, SELF_PROOF_MIN};
+pub use attest::Signer;
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
 pub use ownership::RefusedChange;

@@ -19,6 +19,8 @@ pub(crate) struct ApplyOrder<'a> {
     keys: Vec<Key>,
     /// Each model code's rank in the dependency plan.
     ranks: &'a [usize],
+    /// The attestation model's code (its changes go first).
+    attestation: usize,
 }
 
 impl<'a> ApplyOrder<'a> {
@@ -28,6 +30,7 @@ impl<'a> ApplyOrder<'a> {
         let mut order = Self {
             keys: Vec::with_capacity(changes.len()),
             ranks,
+            attestation: usize::from(keel_schema::code_of::<keel_schema::Attestation>()),
         };
         for (i, change) in changes.iter().enumerate() {
             let group = order.group(usize::from(change.model));
@@ -40,7 +43,16 @@ impl<'a> ApplyOrder<'a> {
     /// The sort group of model `code`: its rank, then the code itself (two models may share
     /// a rank).
     fn group(&self, code: usize) -> u64 {
-        let rank = self.ranks.get(code).copied().unwrap_or(usize::MAX);
+        // Attestations first: the changes they vouch for are checked against them.
+        if code == self.attestation {
+            return 0;
+        }
+        let rank = self
+            .ranks
+            .get(code)
+            .copied()
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
         let rank = u64::try_from(rank)
             .unwrap_or(u64::MAX >> 8)
             .min(u64::MAX >> 8);

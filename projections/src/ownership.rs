@@ -126,6 +126,9 @@ impl Applier<'_> {
             return Ok(true);
         }
         for change in run {
+            if rule.guards(change) && !self.is_attested(change)? {
+                return Ok(false);
+            }
             if !matches!(self.verdict(rule, change, None)?, Verdict::Allowed) {
                 return Ok(false);
             }

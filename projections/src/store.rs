@@ -59,6 +59,8 @@ pub struct Projections {
     pub(crate) fast_load: bool,
     /// Set by [`Projections::mark_ahead_from`] for the next apply that records a position.
     pub(crate) ahead_from: Option<Lsn>,
+    /// The attestations' member digests (see `attest.rs`).
+    pub(crate) attested: std::cell::RefCell<crate::attest::Attested>,
 }
 
 impl std::fmt::Debug for Projections {
@@ -161,6 +163,7 @@ impl Projections {
             path: path.to_path_buf(),
             fast_load: false,
             ahead_from: None,
+            attested: Default::default(),
         })
     }
 

@@ -8,6 +8,8 @@ use keel_schema::{
 };
 use uuid::Uuid;
 
+mod support;
+
 struct Gen {
     device: DeviceId,
     ms: u64,
@@ -27,7 +29,7 @@ impl Gen {
 /// A small library: device, location, content, an entry with entry-scoped metadata (the cycle),
 /// content-scoped metadata with a tag, a second entry later deleted.
 fn scenario() -> Vec<Change> {
-    let device = DeviceId([4; 32]);
+    let device = support::device();
     let mut g = Gen { device, ms: 1000 };
     let lib = Uuid::new_v4();
     let dev = Device {
@@ -130,9 +132,15 @@ fn scenario() -> Vec<Change> {
     out
 }
 
-fn digest_of(changes: &[Change], batch: usize) -> (String, Projections, tempfile::TempDir) {
+/// The digest after applying `attestations`, then `changes` `batch` at a time.
+fn digest_of(
+    attestations: &[Change],
+    changes: &[Change],
+    batch: usize,
+) -> (String, Projections, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    p.apply(attestations, None).expect("attestations apply");
     for chunk in changes.chunks(batch) {
         p.apply(chunk, None).expect("applies");
     }
@@ -142,7 +150,8 @@ fn digest_of(changes: &[Change], batch: usize) -> (String, Projections, tempfile
 #[test]
 fn any_order_gives_the_same_rows() {
     let changes = scenario();
-    let (forward, p, _d) = digest_of(&changes, 100);
+    let atts = support::attestations(&changes);
+    let (forward, p, _d) = digest_of(&atts, &changes, 100);
     let counts = p.query().counts().expect("counts");
     assert_eq!(counts.entries, 1, "the deleted entry is hidden");
     assert_eq!(counts.user_metadata, 2);
@@ -151,7 +160,7 @@ fn any_order_gives_the_same_rows() {
     let mut reversed = changes.clone();
     reversed.reverse();
     for batch in [1, 3, 100] {
-        let (d, p2, _d2) = digest_of(&reversed, batch);
+        let (d, p2, _d2) = digest_of(&atts, &reversed, batch);
         assert_eq!(d, forward, "reversed, batch {batch}");
         assert_eq!(p2.parked_len(), 0);
     }
@@ -159,7 +168,7 @@ fn any_order_gives_the_same_rows() {
     for k in 1..changes.len() {
         let mut rotated = changes.clone();
         rotated.rotate_left(k);
-        let (d, _, _dir) = digest_of(&rotated, 1);
+        let (d, _, _dir) = digest_of(&atts, &rotated, 1);
         assert_eq!(d, forward, "rotation {k}");
     }
 }
@@ -169,6 +178,7 @@ fn entry_cycle_is_applied_in_two_steps() {
     let changes = scenario();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    support::vouch(&mut p, &changes);
     // Device, location, content, entry — but not the entry's metadata yet.
     p.apply(&changes[..4], None).expect("applies");
     let entry_uuid = changes[3].record;
@@ -199,6 +209,7 @@ fn a_change_without_its_dependency_waits_and_is_never_shown() {
     let changes = scenario();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    support::vouch(&mut p, &changes);
     // The entry before its location exists.
     let stats = p.apply(&changes[3..4], None).expect("applies");
     assert_eq!(stats.parked, 1);
@@ -218,7 +229,7 @@ fn a_change_without_its_dependency_waits_and_is_never_shown() {
 #[test]
 fn last_writer_wins_per_field_and_reapply_is_a_no_op() {
     let changes = scenario();
-    let (before, mut p, _d) = digest_of(&changes, 100);
+    let (before, mut p, _d) = digest_of(&support::attestations(&changes), &changes, 100);
     let stats = p.apply(&changes, None).expect("reapplies");
     assert_eq!(stats.applied, 0);
     assert_eq!(p.query().digest().expect("digest"), before);
@@ -303,7 +314,7 @@ fn existing_answers_for_many_uuids_in_order_and_skips_tombstones() {
             c.uuid.unwrap_or_default(),
         ));
     }
-    let (_, p, _dir) = digest_of(&changes, 1000);
+    let (_, p, _dir) = digest_of(&[], &changes, 1000);
     let mut asked: Vec<Uuid> = contents.iter().filter_map(|c| c.uuid).collect();
     asked.extend((0..300).map(|i| content_uuid(lib, &format!("missing{i}"))));
     asked.reverse();
@@ -330,7 +341,7 @@ fn existing_answers_for_many_uuids_in_order_and_skips_tombstones() {
 #[test]
 fn a_deleted_device_record_stays_deleted_whatever_comes_after() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let device = DeviceId([9; 32]);
+    let device = support::device();
     let mut g = Gen { device, ms: 1000 };
     let dev = Device {
         uuid: device.record_uuid(),
@@ -348,6 +359,7 @@ fn a_deleted_device_record_stays_deleted_whatever_comes_after() {
     let orders: [Vec<Change>; 2] = [changes.clone(), changes.iter().rev().cloned().collect()];
     for (i, order) in orders.iter().enumerate() {
         let mut p = Projections::open(&dir.path().join(format!("p{i}.sqlite"))).expect("opens");
+        support::vouch(&mut p, order);
         p.apply(order, Some(AppliedPosition::default()))
             .expect("applies");
         assert!(

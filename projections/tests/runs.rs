@@ -8,6 +8,9 @@ use keel_schema::{
 };
 use uuid::Uuid;
 
+mod support;
+use support::ApplyVouched;
+
 /// More than one run of multi-row inserts.
 const MANY: usize = 100;
 
@@ -29,7 +32,7 @@ impl Clock {
 
 fn clock() -> Clock {
     Clock {
-        device: DeviceId([9; 32]),
+        device: support::device(),
         ms: 1_000,
     }
 }
@@ -72,9 +75,9 @@ fn runs_that_meet_existing_rows_count_exactly_and_match_one_at_a_time() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let mut batched = open(&dir, "batched.sqlite");
-    let stats = batched.apply(&first, None).expect("applies");
+    let stats = batched.apply_vouched(&first, None).expect("applies");
     assert_eq!((stats.applied, stats.unchanged), (30, 0));
-    let stats = batched.apply(&second, None).expect("applies");
+    let stats = batched.apply_vouched(&second, None).expect("applies");
     assert_eq!(
         (stats.applied, stats.unchanged, stats.parked),
         (70 + 1, 30, 0),
@@ -90,7 +93,7 @@ fn runs_that_meet_existing_rows_count_exactly_and_match_one_at_a_time() {
     let mut single = open(&dir, "single.sqlite");
     for change in first.iter().chain(&second) {
         single
-            .apply(std::slice::from_ref(change), None)
+            .apply_vouched(std::slice::from_ref(change), None)
             .expect("applies");
     }
     assert_eq!(
@@ -204,7 +207,7 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
     let mut batched = open(&dir, "batched.sqlite");
     assert!(
         batched
-            .apply(&first, None)
+            .apply_vouched(&first, None)
             .expect("applies")
             .references_proven
     );
@@ -212,7 +215,7 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
     assert_eq!(counts_of(&batched, content(7)), (1, 7));
     assert!(
         batched
-            .apply(&second, None)
+            .apply_vouched(&second, None)
             .expect("applies")
             .references_proven
     );
@@ -232,7 +235,7 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
     assert_eq!(counts_of(&batched, new_parents[2 + 3].record), (1, 3));
     assert!(
         !batched
-            .apply(&third, None)
+            .apply_vouched(&third, None)
             .expect("applies")
             .references_proven
     );
@@ -257,7 +260,7 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
         .cloned()
         .collect();
     for chunk in reversed.chunks(1_000) {
-        single.apply(chunk, None).expect("applies");
+        single.apply_vouched(chunk, None).expect("applies");
     }
     assert_same_rows(&batched, &single);
 }
@@ -289,7 +292,7 @@ fn sizes_that_overflow_a_contents_total_wrap_around_the_same_in_any_order() {
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut whole = open(&dir, "whole.sqlite");
-    whole.apply(&all, None).expect("applies");
+    whole.apply_vouched(&all, None).expect("applies");
     assert_eq!(
         counts_of(&whole, content),
         (3, i64::MAX.wrapping_mul(3)),
@@ -298,10 +301,10 @@ fn sizes_that_overflow_a_contents_total_wrap_around_the_same_in_any_order() {
     // The files first, then each size in a transaction of its own: the stored total overflows.
     let mut one_by_one = open(&dir, "one_by_one.sqlite");
     let files: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
-    one_by_one.apply(&files, None).expect("applies");
+    one_by_one.apply_vouched(&files, None).expect("applies");
     for change in &huge {
         one_by_one
-            .apply(std::slice::from_ref(change), None)
+            .apply_vouched(std::slice::from_ref(change), None)
             .expect("applies");
     }
     assert_eq!(counts_of(&one_by_one, content), counts_of(&whole, content));
@@ -406,7 +409,7 @@ fn misses_a_reference_in_a_run(fast_load: bool) {
     if fast_load {
         assert!(p.begin_fast_load().expect("switches"));
     }
-    let stats = p.apply(&batch, None).expect("applies");
+    let stats = p.apply_vouched(&batch, None).expect("applies");
     assert_eq!(stats.parked, 1);
     assert_eq!(stats.applied, batch.len() as u64 - 1);
     assert_eq!(p.parked_len(), 1);
@@ -414,7 +417,7 @@ fn misses_a_reference_in_a_run(fast_load: bool) {
     let missing = entries[7].record;
     assert!(p.query().get::<Entry>(missing).expect("query").is_none());
 
-    let stats = p.apply(&[held_back], None).expect("applies");
+    let stats = p.apply_vouched(&[held_back], None).expect("applies");
     assert_eq!((stats.applied, stats.unparked), (1, 1));
     p.end_fast_load().expect("ends the fast load");
     assert_eq!(p.parked_len(), 0);
@@ -422,7 +425,7 @@ fn misses_a_reference_in_a_run(fast_load: bool) {
 
     let mut whole = open(&dir, "whole.sqlite");
     let all: Vec<Change> = parents.iter().chain(&entries).cloned().collect();
-    whole.apply(&all, None).expect("applies");
+    whole.apply_vouched(&all, None).expect("applies");
     assert_eq!(
         p.query().digest().expect("digest"),
         whole.query().digest().expect("digest")
@@ -438,7 +441,7 @@ fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
     let mut p = open(&dir, "p.sqlite");
     // The device and the location first: the entries reference the location outside the batch.
     assert!(
-        !p.apply(&parents[..2], None)
+        !p.apply_vouched(&parents[..2], None)
             .expect("applies")
             .references_proven
     );
@@ -451,7 +454,7 @@ fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
         .map(|(_, c)| c.clone())
         .collect();
     batch.extend(entries.iter().cloned());
-    let stats = p.apply(&batch, None).expect("applies");
+    let stats = p.apply_vouched(&batch, None).expect("applies");
     assert!(!stats.references_proven, "a reference is missing");
     assert_eq!(stats.parked, 1);
     assert!(p
@@ -469,7 +472,7 @@ fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
         .collect();
     let mut second = vec![held_back];
     second.extend(more.iter().cloned());
-    let stats = p.apply(&second, None).expect("applies");
+    let stats = p.apply_vouched(&second, None).expect("applies");
     assert!(stats.references_proven, "{stats:?}");
     assert_eq!(stats.unparked, 1, "entry 7 found its content");
     assert_eq!(p.parked_len(), 0);
@@ -482,7 +485,7 @@ fn a_large_batch_proves_its_references_itself_and_still_parks_a_missing_one() {
         .cloned()
         .collect();
     for chunk in all.chunks(MANY) {
-        small.apply(chunk, None).expect("applies");
+        small.apply_vouched(chunk, None).expect("applies");
     }
     assert_eq!(
         p.query().counts().expect("counts").content_identities,
@@ -520,7 +523,7 @@ fn a_cycle_closed_in_the_same_batch_is_not_parked() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let mut p = open(&dir, "p.sqlite");
-    let stats = p.apply(&batch, None).expect("applies");
+    let stats = p.apply_vouched(&batch, None).expect("applies");
     assert_eq!((stats.applied, stats.parked), (batch.len() as u64, 0));
     assert_eq!(p.parked_len(), 0);
     let entry: Entry = p

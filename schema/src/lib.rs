@@ -5,6 +5,7 @@
 
 extern crate self as keel_schema;
 
+pub mod attestation;
 mod change;
 mod change_decode;
 mod change_encode;
@@ -26,7 +27,8 @@ pub use ids::{ChangeId, DeviceId, Epoch, LibraryId, Lsn};
 pub use keel_schema_derive::Syncable;
 pub use models::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
-    ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata, UserMetadataTag,
+    Attestation, ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata,
+    UserMetadataTag,
 };
 pub use ownership::Owner;
 pub use registry::{code_of, model_by_code, model_code, MODELS};

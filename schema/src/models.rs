@@ -1,4 +1,5 @@
-//! The seven synced models of a library, with the fields of the source design.
+//! The synced models of a library: the seven of the source design, and the attestations that
+//! sign file facts.
 
 use uuid::Uuid;
 
@@ -303,4 +304,21 @@ mod tests {
             Some(m)
         );
     }
+}
+
+/// A device's signature over the changes of one commit that write file facts (see
+/// [`crate::attestation`]): every device checks it before it applies them, so no device can
+/// make another's file facts, not even the leader that relays them.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "attestation", domain = "index", priority = 0)]
+pub struct Attestation {
+    /// Record uuid (random).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The signing device's certificate (DER); its SHA-256 is the device id.
+    pub cert: Vec<u8>,
+    /// The digests of the changes it vouches for ([`crate::attestation::DIGEST_LEN`] bytes each).
+    pub members: Vec<u8>,
+    /// The device key's signature over [`crate::attestation::signed_message`].
+    pub signature: Vec<u8>,
 }

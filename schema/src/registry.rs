@@ -1,11 +1,13 @@
 //! The registry of synced models: each model's stable code (its index here) and dependency order.
 
-use crate::models::{ContentIdentity, Device, Entry, Location, Tag, UserMetadata, UserMetadataTag};
+use crate::models::{
+    Attestation, ContentIdentity, Device, Entry, Location, Tag, UserMetadata, UserMetadataTag,
+};
 use crate::syncable::ModelDef;
 use crate::Syncable;
 
 /// Every synced model; a model's code in a change is its index here (append-only).
-pub static MODELS: [&ModelDef; 7] = [
+pub static MODELS: [&ModelDef; 8] = [
     Device::DEF,
     Location::DEF,
     Entry::DEF,
@@ -13,6 +15,7 @@ pub static MODELS: [&ModelDef; 7] = [
     UserMetadata::DEF,
     Tag::DEF,
     UserMetadataTag::DEF,
+    Attestation::DEF,
 ];
 
 /// The model with this code.

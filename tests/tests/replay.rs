@@ -2,7 +2,7 @@
 //! then skips looking them up): it must store exactly what a checked apply stores, in order or
 //! not.
 
-use keel_bench::workload::library_changes;
+use keel_bench::workload::LibraryWorkload;
 use keel_engine::replay;
 use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey};
 use keel_projections::{AppliedPosition, Projections};
@@ -92,17 +92,21 @@ fn dangling_entry(changes: &[Change]) -> Change {
 /// took more than one batch, which is what it relies on).
 const REPLAY_APPLY_BATCH: usize = 65_536;
 
-/// More changes than one replay batch, so the replay loads in bulk.
-fn workload(library: LibraryId) -> Vec<Change> {
+/// More changes than one replay batch, so the replay loads in bulk (signed, as a library signs
+/// them), and the workload that made them (to sign more as its device).
+fn workload(library: LibraryId) -> (Vec<Change>, LibraryWorkload) {
     let files = REPLAY_APPLY_BATCH / 2 + 4_000;
-    library_changes(library.0, DEVICE, files, 11)
+    let mut workload = LibraryWorkload::signed(library.0, 11);
+    let mut changes = workload.header();
+    changes.extend(workload.files(files));
+    (changes, workload)
 }
 
 #[test]
 fn a_replay_that_proves_every_reference_stores_what_a_checked_apply_stores() {
     let dir = tempfile::tempdir().expect("temp dir");
     let library = LibraryId(Uuid::new_v4());
-    let changes = workload(library);
+    let (changes, _) = workload(library);
     let (fresh, report) = replayed(dir.path(), library, &changes);
     assert_eq!(report.changes, changes.len() as u64);
     assert!(report.batches >= 2, "one batch: {report:?}");
@@ -121,31 +125,28 @@ fn a_replay_that_proves_every_reference_stores_what_a_checked_apply_stores() {
 fn a_replay_whose_references_come_late_parks_them_and_stores_what_an_ordered_apply_stores() {
     let dir = tempfile::tempdir().expect("temp dir");
     let library = LibraryId(Uuid::new_v4());
-    let ordered = workload(library);
+    let (ordered, mut signing) = workload(library);
     // The first 200 files' content identities move behind the first replay batch: their entries
     // arrive first and must be parked, then applied when the content arrives.
     let content = keel_schema::code_of::<keel_schema::ContentIdentity>();
-    let is_late = |i: usize, c: &Change| i < 402 && c.model == content;
-    let late: Vec<Change> = ordered
+    let late_ids: std::collections::HashSet<keel_schema::ChangeId> = ordered
         .iter()
-        .enumerate()
-        .filter(|(i, c)| is_late(*i, c))
-        .map(|(_, c)| c.clone())
+        .filter(|c| c.model == content)
+        .take(200)
+        .map(|c| c.id)
         .collect();
+    let is_late = |c: &Change| late_ids.contains(&c.id);
+    let late: Vec<Change> = ordered.iter().filter(|c| is_late(c)).cloned().collect();
     assert_eq!(late.len(), 200);
-    let mut log: Vec<Change> = ordered
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| !is_late(*i, c))
-        .map(|(_, c)| c.clone())
-        .collect();
+    let mut log: Vec<Change> = ordered.iter().filter(|c| !is_late(c)).cloned().collect();
     let at = REPLAY_APPLY_BATCH + 1_000;
     log.splice(at..at, late);
-    // And one entry whose content never comes: it stays parked, never stored.
-    let dangling = dangling_entry(&ordered);
-    log.insert(10, dangling.clone());
+    // And one entry whose content never comes (signed by its device): it stays parked, never
+    // stored.
+    let dangling = signing.sign(vec![dangling_entry(&ordered)]);
+    log.splice(10..10, dangling.iter().cloned());
     let mut ordered = ordered;
-    ordered.push(dangling);
+    ordered.extend(dangling);
     let (fresh, report) = replayed(dir.path(), library, &log);
     assert_eq!(report.changes, log.len() as u64);
     assert!(report.batches >= 2, "one batch: {report:?}");

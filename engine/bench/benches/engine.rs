@@ -11,7 +11,7 @@ use uuid::Uuid;
 fn encode_and_seal(c: &mut Criterion) {
     let library = LibraryId(Uuid::new_v4());
     let sealer = LibraryKey::generate().sealer(library);
-    let changes = library_changes(library.0, DeviceId([1; 32]), 1000, 1);
+    let changes = library_changes(library.0, 1000, 1);
     let mut group = c.benchmark_group("change");
     group.throughput(Throughput::Elements(changes.len() as u64));
     group.bench_function("encode_seal_open_decode", |b| {
@@ -38,7 +38,7 @@ fn commit(c: &mut Criterion) {
         JournalOptions::default(),
     )
     .unwrap_or_else(|e| panic!("journal: {e}"));
-    let changes = library_changes(library.0, device, 500, 2);
+    let changes = library_changes(library.0, 500, 2);
     let mut group = c.benchmark_group("journal");
     group.throughput(Throughput::Elements(1000));
     group.bench_function("commit_batch_1000", |b| {
@@ -60,7 +60,7 @@ fn commit(c: &mut Criterion) {
 }
 
 fn apply(c: &mut Criterion) {
-    let changes = library_changes(Uuid::new_v4(), DeviceId([3; 32]), 5000, 3);
+    let changes = library_changes(Uuid::new_v4(), 5000, 3);
     let mut group = c.benchmark_group("projections");
     group.throughput(Throughput::Elements(changes.len() as u64));
     group.sample_size(10);

@@ -14,6 +14,9 @@ use uuid::Uuid;
 pub struct LibraryWorkload {
     library: Uuid,
     device: DeviceId,
+    /// Signs the file facts, as a device's library does when it commits (decision 0043);
+    /// `None` when the changes go through a library, which signs them itself.
+    signer: Option<keel_projections::Signer>,
     rng: rand::rngs::StdRng,
     clock: HlcClock,
     ms: u64,
@@ -22,17 +25,51 @@ pub struct LibraryWorkload {
 }
 
 impl LibraryWorkload {
-    /// A workload for `library` written by `device`, reproducible from `seed`.
+    /// A workload for `library` written by `device`, reproducible from `seed`, unsigned: for
+    /// committing through `device`'s own library, which signs it.
     pub fn new(library: Uuid, device: DeviceId, seed: u64) -> Self {
         Self {
             library,
             device,
+            signer: None,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             clock: HlcClock::new(device),
             ms: 1_700_000_000_000,
             location: Uuid::now_v7(),
             next_file: 0,
         }
+    }
+
+    /// A workload for `library` by a new device with a real key, its file facts signed as a
+    /// library signs them (for applying or journaling without a library).
+    pub fn signed(library: Uuid, seed: u64) -> Self {
+        let certified = rcgen::generate_simple_self_signed(vec!["bench.keel".into()])
+            .unwrap_or_else(|e| panic!("a bench certificate: {e}"));
+        let signer = keel_projections::Signer::new(
+            certified.cert.der(),
+            &certified.key_pair.serialize_der(),
+        )
+        .unwrap_or_else(|e| panic!("a bench signer: {e}"));
+        let mut workload = Self::new(library, signer.device(), seed);
+        workload.signer = Some(signer);
+        workload
+    }
+
+    /// The device the changes come from.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// `changes` (this workload's device's) behind their attestations, if this workload signs.
+    pub fn sign(&mut self, changes: Vec<Change>) -> Vec<Change> {
+        let Some(signer) = self.signer.take() else {
+            return changes;
+        };
+        let signed = signer
+            .attest(changes, || (ChangeId::new(), self.tick()))
+            .unwrap_or_else(|e| panic!("signing the workload: {e}"));
+        self.signer = Some(signer);
+        signed
     }
 
     fn tick(&mut self) -> keel_schema::Hlc {
@@ -59,7 +96,7 @@ impl LibraryWorkload {
         let mut out = Vec::with_capacity(2);
         out.extend(Change::upsert(ChangeId::new(), self.tick(), &dev));
         out.extend(Change::upsert(ChangeId::new(), self.tick(), &location));
-        out
+        self.sign(out)
     }
 
     /// The next `files` files: a ContentIdentity and an Entry each.
@@ -103,13 +140,14 @@ impl LibraryWorkload {
                 },
             ));
         }
-        out
+        self.sign(out)
     }
 }
 
-/// All of a [`LibraryWorkload`] at once: `2 × files + 2` changes.
-pub fn library_changes(library: Uuid, device: DeviceId, files: usize, seed: u64) -> Vec<Change> {
-    let mut workload = LibraryWorkload::new(library, device, seed);
+/// All of a signed [`LibraryWorkload`] at once: `2 × files + 2` changes, behind the
+/// attestations of their file facts (one per 1,024 and per call of `header` and `files`).
+pub fn library_changes(library: Uuid, files: usize, seed: u64) -> Vec<Change> {
+    let mut workload = LibraryWorkload::signed(library, seed);
     let mut out = workload.header();
     out.extend(workload.files(files));
     out

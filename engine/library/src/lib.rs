@@ -33,6 +33,7 @@
 //! ```
 
 mod applier;
+mod attest;
 mod config;
 mod error;
 mod events;

@@ -129,6 +129,8 @@ pub struct Library {
     key: Mutex<LibraryKey>,
     pub(crate) shared: Arc<Shared>,
     clock: Mutex<HlcClock>,
+    /// Signs this device's file facts (see `attest.rs`).
+    signer: keel_projections::Signer,
     committed: Mutex<AppliedPosition>,
     applier: Option<JoinHandle<()>>,
 }
@@ -356,8 +358,10 @@ impl Library {
             .name("keel-applier".into())
             .spawn(move || applier::run(applier_shared, committed_rx))
             .map_err(io_at(&dir))?;
+        let signer = crate::attest::signer(&device, &dir)?;
         let library = Self {
             name: name.into(),
+            signer,
             dir,
             config,
             device,
@@ -638,9 +642,15 @@ impl Library {
     ) -> Result<(T, CommitReceipt), EngineError> {
         let changes = {
             let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
-            let mut tx = Tx::new(&mut clock, now_ms());
+            let now = now_ms();
+            let mut tx = Tx::new(&mut clock, now);
             let value = f(&mut tx)?;
-            (value, tx.changes)
+            let changes = std::mem::take(&mut tx.changes);
+            drop(tx);
+            (
+                value,
+                crate::attest::attest(&self.signer, &mut clock, now, changes)?,
+            )
         };
         let (value, changes) = changes;
         if changes.is_empty() {
@@ -680,9 +690,12 @@ impl Library {
     ) -> Result<PendingTransaction<'_>, EngineError> {
         let changes = {
             let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
-            let mut tx = Tx::new(&mut clock, now_ms());
+            let now = now_ms();
+            let mut tx = Tx::new(&mut clock, now);
             f(&mut tx)?;
-            tx.changes
+            let changes = std::mem::take(&mut tx.changes);
+            drop(tx);
+            crate::attest::attest(&self.signer, &mut clock, now, changes)?
         };
         let change_ids = changes.iter().map(|c| c.id).collect();
         let pending = if changes.is_empty() {

@@ -8,7 +8,7 @@ use keel_projections::{configure_connection, AppliedPosition, Projections};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{device, peak_rss_mb, reset_peak_rss, settle, Figures};
+use super::{peak_rss_mb, reset_peak_rss, settle, Figures};
 use crate::workload::library_changes;
 
 /// What P3 measures.
@@ -21,7 +21,7 @@ pub(crate) struct Options {
 /// rows.
 pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()> {
     let files = options.files;
-    let changes = library_changes(Uuid::new_v4(), device(), files, 3);
+    let changes = library_changes(Uuid::new_v4(), files, 3);
     // Raw runs once before and once after the apply, each into a new file, and the figure is
     // the mean of both (the machine's speed drifts between the steps); each timed pass starts
     // with no write-back of the previous one pending.

@@ -8,7 +8,7 @@ use keel_projections::{AppliedPosition, Projections};
 use keel_schema::Lsn;
 use serde_json::json;
 
-use super::{device, open_journal, peak_rss_mb, reset_peak_rss, settle, Figures};
+use super::{open_journal, peak_rss_mb, reset_peak_rss, settle, Figures};
 use crate::workload::LibraryWorkload;
 
 /// Records read per call in P7's raw read of the log (the replay reads in chunks of this size).
@@ -24,14 +24,15 @@ pub(crate) struct Options {
 pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()> {
     let files = options.files;
     let (journal, _, library) = open_journal(dir, "p7.redb")?;
-    let mut workload = LibraryWorkload::new(library.0, device(), 7);
+    let mut workload = LibraryWorkload::signed(library.0, 7);
     let header = workload.header();
     let mut n = header.len();
     journal.commit(header)?;
     let mut left = files;
     while left > 0 {
-        let chunk = workload.files(left.min(5_000));
-        left -= chunk.len() / 2;
+        let take = left.min(5_000);
+        let chunk = workload.files(take);
+        left -= take;
         n += chunk.len();
         journal.commit(chunk)?;
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use keel_engine::{CreateOptions, Home, KdfParams, Library};
 use keel_node::{join, JoinOptions, Node, NodeOptions};
-use keel_schema::{Change, DeviceId};
+use keel_schema::Change;
 
 use crate::workload::LibraryWorkload;
 
@@ -27,13 +27,15 @@ pub(crate) fn loopback() -> SocketAddr {
 pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
     let home = Home::new(dir.join("leader"));
     let lib = Library::create(&home, "bench", PASSWORD, fast())?;
-    let mut workload = LibraryWorkload::new(lib.id().0, DeviceId([0x42; 32]), 4);
+    // This device's own files, which its library signs as it commits them.
+    let mut workload = LibraryWorkload::new(lib.id().0, lib.device_id(), 4);
     let header = workload.header();
     commit_all(&lib, header)?;
     let mut left = files;
     while left > 0 {
-        let chunk = workload.files(left.min(10_000));
-        left -= chunk.len() / 2;
+        let take = left.min(10_000);
+        let chunk = workload.files(take);
+        left -= take;
         commit_all(&lib, chunk)?;
     }
     lib.flush()?;
