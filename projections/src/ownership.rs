@@ -93,6 +93,22 @@ impl Applier<'_> {
             Owner::Itself => {
                 Verdict::Refused("a Device record is written only by its device".into())
             }
+            Owner::NamedIn { field } => {
+                let named = match &change.op {
+                    Op::Upsert(fields) => fields.iter().find_map(|(i, v)| match v {
+                        Value::Text(t) if *i == field => Some(t.as_str()),
+                        _ => None,
+                    }),
+                    Op::Delete => None,
+                };
+                if matches!(change.op, Op::Delete) {
+                    Verdict::Refused("an endorsement is never deleted".into())
+                } else if named == Some(change.origin().to_hex().as_str()) {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Refused("an endorsement is written only by its endorser".into())
+                }
+            }
             Owner::DeviceIn { field } => settle(
                 named(field),
                 uuid_of_row(row, field),

@@ -27,8 +27,8 @@ pub use ids::{ChangeId, DeviceId, Epoch, LibraryId, Lsn};
 pub use keel_schema_derive::Syncable;
 pub use models::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
-    Attestation, ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata,
-    UserMetadataTag,
+    Attestation, ContentIdentity, Device, Endorsement, Entry, EntryKind, Location, Tag,
+    UserMetadata, UserMetadataTag,
 };
 pub use ownership::Owner;
 pub use registry::{code_of, model_by_code, model_code, MODELS};

@@ -322,3 +322,21 @@ pub struct Attestation {
     /// The device key's signature over [`crate::attestation::signed_message`].
     pub signature: Vec<u8>,
 }
+
+/// A device's word that another device belongs to the library: written by the inviting device
+/// once its user confirmed the joiner. A device trusts (pins) another only through a chain of
+/// endorsements from the library's founder, so a Device record alone, which its own device
+/// writes and signs, lets nobody in.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "endorsement", domain = "index", priority = 0)]
+pub struct Endorsement {
+    /// Record uuid (random).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The endorsed device's id, hex.
+    pub device_id: String,
+    /// The endorsing device's id, hex (the change's origin: see `Owner::NamedIn`).
+    pub by: String,
+    /// When, ms since the Unix epoch.
+    pub created_ms: i64,
+}

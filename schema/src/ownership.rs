@@ -5,8 +5,8 @@
 //!
 //! Every device checks this rule when it applies a change (see `keel-projections`): a change
 //! that breaks it is refused there, kept in the journal, reported, never applied. The origin it
-//! checks is trustworthy because a leader accepts a pushed change only from the device that made
-//! it (see `keel-replication`).
+//! checks is trustworthy because such a change is signed by the device that made it (see
+//! [`crate::attestation`]).
 
 use crate::change::{Change, Op};
 use crate::registry::model_by_code;
@@ -35,6 +35,12 @@ pub enum Owner {
         /// The index of the field any device may write.
         shared: u8,
     },
+    /// An Endorsement: written only by the device named (in hex) in field `field`, the device
+    /// that vouches for another; never deleted.
+    NamedIn {
+        /// The field's index.
+        field: u8,
+    },
 }
 
 fn index(def: &ModelDef, name: &str) -> Option<u8> {
@@ -53,6 +59,7 @@ impl Owner {
             "entry" => index(def, "location")
                 .zip(index(def, "metadata"))
                 .map(|(field, shared)| Self::LocationIn { field, shared }),
+            "endorsement" => index(def, "by").map(|field| Self::NamedIn { field }),
             _ => None,
         };
         rule.unwrap_or(Self::Anyone)

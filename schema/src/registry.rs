@@ -1,13 +1,14 @@
 //! The registry of synced models: each model's stable code (its index here) and dependency order.
 
 use crate::models::{
-    Attestation, ContentIdentity, Device, Entry, Location, Tag, UserMetadata, UserMetadataTag,
+    Attestation, ContentIdentity, Device, Endorsement, Entry, Location, Tag, UserMetadata,
+    UserMetadataTag,
 };
 use crate::syncable::ModelDef;
 use crate::Syncable;
 
 /// Every synced model; a model's code in a change is its index here (append-only).
-pub static MODELS: [&ModelDef; 8] = [
+pub static MODELS: [&ModelDef; 9] = [
     Device::DEF,
     Location::DEF,
     Entry::DEF,
@@ -16,6 +17,7 @@ pub static MODELS: [&ModelDef; 8] = [
     Tag::DEF,
     UserMetadataTag::DEF,
     Attestation::DEF,
+    Endorsement::DEF,
 ];
 
 /// The model with this code.

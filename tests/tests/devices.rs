@@ -863,3 +863,80 @@ fn a_leader_whose_entries_do_not_open_here_is_shut_out_and_the_follower_goes_on(
     // a keeps its change (in its log or its offline journal): nothing is lost.
     assert!(has(&a, &ahead));
 }
+
+/// Issue 24: writing a Device record is not a way in. A key pair nobody invited signs its own
+/// Device record, and a paired device (here the leader, misbehaving) sequences it: every device
+/// stores the record, but none trusts the device, because no trusted device endorsed it (an
+/// endorsement is what an inviter commits once its user lets a joiner in).
+#[test]
+fn a_device_record_alone_lets_no_device_in() {
+    use keel_schema::{Change, ChangeId, Hlc};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "closed").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    let x = keel_transport::Identity::generate("x").expect("identity");
+    let signer = keel_projections::Signer::new(x.cert_der(), x.key_der()).expect("signer");
+    let record = Device {
+        uuid: x.device().record_uuid(),
+        device_id: x.device().to_hex(),
+        name: "let me in".into(),
+        os: "linux".into(),
+        created_ms: 1,
+    };
+    let hlc = Hlc {
+        physical_ms: keel_engine::now_ms(),
+        counter: 0,
+        device: x.device(),
+    };
+    let own = Change::upsert(ChangeId::new(), hlc, &record).expect("ready");
+    let signed = signer
+        .attest(vec![own], || (ChangeId::new(), Hlc { counter: 1, ..hlc }))
+        .expect("signs");
+    a.library()
+        .transact(|tx| {
+            for change in signed {
+                tx.push(change);
+            }
+            Ok(())
+        })
+        .expect("a sequences x's record");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while b
+        .library()
+        .get::<Device>(record.uuid)
+        .expect("reads")
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never got x's record"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Pins are refreshed every 250 ms.
+    std::thread::sleep(Duration::from_millis(800));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for node in [&a, &b] {
+        let addr = node.local_addr();
+        let pins = keel_transport::Pins::new();
+        pins.pin(node.library().device_id());
+        let reached = rt.block_on(async {
+            let endpoint = keel_transport::Endpoint::bind(
+                &x,
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                pins,
+            )?;
+            let conn = endpoint.connect(addr).await?;
+            // A handshake the server refused surfaces at the first exchange, if not before.
+            conn.send(&keel_transport::DeviceMessage::Peers { peers: Vec::new() })
+                .await?;
+            conn.recv().await.map(|_| ())
+        });
+        assert!(
+            reached.is_err(),
+            "x got into {}",
+            node.library().device_id().short()
+        );
+    }
+}

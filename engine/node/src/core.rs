@@ -572,10 +572,12 @@ impl Core {
                 newly_revoked = true;
             }
         }
+        let trusted = self.trusted(&file);
         if let Ok(devices) = self.link.library().devices() {
             for device in devices {
                 if let Some(id) = DeviceId::from_hex(&device.device_id) {
-                    if id != self.replica.device() && !file.is_revoked(&id) {
+                    if id != self.replica.device() && !file.is_revoked(&id) && trusted.contains(&id)
+                    {
                         self.pins.pin(id);
                     }
                 }
@@ -591,6 +593,47 @@ impl Core {
             }
             if let Err(e) = file.write(&dir) {
                 tracing::warn!(error = %e, "could not record a revoked device");
+            }
+        }
+    }
+
+    /// The devices this one trusts: the library's founder (who led epoch 1, at the head of the
+    /// log), this device, the devices it paired with itself (`devices.toml`), and every device
+    /// endorsed by a trusted one (`Endorsement`, written by the inviter once its user let the
+    /// joiner in). A Device record alone trusts nobody: its device writes it.
+    fn trusted(&self, file: &super::devices::DevicesFile) -> std::collections::HashSet<DeviceId> {
+        let mut trusted: std::collections::HashSet<DeviceId> = file.ids().collect();
+        trusted.insert(self.replica.device());
+        trusted.extend(
+            self.replica
+                .durable()
+                .log
+                .iter()
+                .next()
+                .map(|(e, _)| e.device),
+        );
+        let endorsements: Vec<(DeviceId, DeviceId)> = self
+            .link
+            .library()
+            .read(|p| p.query().select::<keel_schema::Endorsement, _>("1 = 1", []))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| {
+                Some((
+                    DeviceId::from_hex(&e.by)?,
+                    DeviceId::from_hex(&e.device_id)?,
+                ))
+            })
+            .collect();
+        loop {
+            let before = trusted.len();
+            for (by, device) in &endorsements {
+                if trusted.contains(by) {
+                    trusted.insert(*device);
+                }
+            }
+            if trusted.len() == before {
+                return trusted;
             }
         }
     }

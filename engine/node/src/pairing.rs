@@ -244,6 +244,27 @@ async fn ask(questions: &mpsc::UnboundedSender<Question>, run: &InviteRun) -> bo
         )
 }
 
+/// Commits this device's endorsement of `device`, which its user has just let in: every other
+/// device trusts `device` through it (see `Core::refresh_pins`).
+fn endorse(net: &Net, device: DeviceId) {
+    let Some(link) = net.link.upgrade() else {
+        return;
+    };
+    let endorsement = keel_schema::Endorsement {
+        uuid: uuid::Uuid::new_v4(),
+        device_id: device.to_hex(),
+        by: net.device.to_hex(),
+        created_ms: i64::try_from(now_ms()).unwrap_or(i64::MAX),
+    };
+    let committed = link.library().transact(|tx| {
+        tx.upsert(&endorsement);
+        Ok(())
+    });
+    if let Err(e) = committed {
+        tracing::warn!(error = %e, "could not commit the endorsement of a paired device");
+    }
+}
+
 /// Pins and records a device that paired; returns what ends the invitation (a pairing, or a
 /// voided code, a declined device, a full library), `None` when it stays open.
 fn settle_outcome(
@@ -255,6 +276,7 @@ fn settle_outcome(
     match outcome {
         Ok(device) => {
             net.endpoint.pins().pin(*device);
+            endorse(net, *device);
             if let Ok(mut file) = DevicesFile::read(&net.library_dir) {
                 file.add(*device, run.joiner_name(), None, now_ms());
                 if let Err(e) = file.write(&net.library_dir) {
