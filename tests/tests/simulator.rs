@@ -48,6 +48,20 @@ struct Disk {
     offline: Vec<(ChangeId, Vec<u8>)>,
 }
 
+/// The disk of a device that has joined: the log's head (the founder's barrier), as its
+/// snapshot gives it. Every log begins with it.
+fn joined(founder: DeviceId) -> Disk {
+    let epoch = Epoch {
+        counter: 1,
+        device: founder,
+    };
+    Disk {
+        epoch,
+        log: vec![(epoch, Vec::new())],
+        ..Disk::default()
+    }
+}
+
 /// A change's "sealed" form here: a marker, its id, the device that made it.
 fn seal(id: ChangeId, origin: DeviceId) -> Vec<u8> {
     let mut sealed = SEAL_MARK.to_vec();
@@ -229,7 +243,7 @@ impl Sim {
                 Some(if i == 0 {
                     Replica::founder(config(*d), 0)
                 } else {
-                    Replica::new(config(*d), Durable::default(), 0)
+                    Replica::new(config(*d), joined(devices[0]).durable(), 0)
                 })
             })
             .collect();
@@ -237,7 +251,15 @@ impl Sim {
             rng,
             now_ms: 0,
             nodes,
-            disks: vec![Disk::default(); n],
+            disks: (0..n)
+                .map(|i| {
+                    if i == 0 {
+                        Disk::default()
+                    } else {
+                        joined(devices[0])
+                    }
+                })
+                .collect(),
             up: vec![vec![true; n]; n],
             views: vec![BTreeSet::new(); n],
             flight: Vec::new(),

@@ -370,7 +370,11 @@ impl Machine {
                     }
                 }
                 if now_ms >= self.election_deadline_ms {
-                    if self.connected.is_empty() && self.may_lead_alone() {
+                    if self.durable.log.is_empty() {
+                        // No log yet, so not the founder's head either: a device that leads
+                        // must start from the library's log, never a log of its own.
+                        self.reset_election_timer(now_ms);
+                    } else if self.connected.is_empty() && self.may_lead_alone() {
                         // Nobody to ask: its own vote is the majority of one.
                         self.start_election(now_ms, out);
                     } else if self.connected.is_empty() {
@@ -839,7 +843,10 @@ impl Machine {
             );
             return;
         }
-        if epoch.device != from || !well_formed(epoch, prev, prev_epoch, &entries) {
+        if epoch.device != from
+            || !well_formed(epoch, prev, prev_epoch, &entries)
+            || !self.keeps_the_head(prev, &entries)
+        {
             return;
         }
         if self.role != ElectionRole::Follower
@@ -877,6 +884,17 @@ impl Machine {
                 last: Lsn(end),
             },
         );
+    }
+
+    /// Whether a segment from `prev` keeps the head of this log: every log begins with the
+    /// founder's barrier (epoch 1), so a segment that disagrees at position 1 is forged, and
+    /// would otherwise truncate the whole log. (A device with no log yet takes any head: it has
+    /// not seen the founder's.)
+    fn keeps_the_head(&self, prev: Lsn, entries: &[(Epoch, LogSlot)]) -> bool {
+        match (prev.0, entries.first(), self.durable.log.get(0)) {
+            (0, Some(theirs), Some(ours)) => *theirs == ours,
+            _ => true,
+        }
     }
 
     /// Stores a segment that follows `prev`: entries already there are kept, the first that

@@ -21,6 +21,25 @@ pub(crate) fn id(n: u128) -> ChangeId {
     ChangeId(Uuid::from_u128(n))
 }
 
+/// The founder's epoch in these tests (a device none of them is).
+const FOUNDER: Epoch = Epoch {
+    counter: 1,
+    device: DeviceId([7; 32]),
+};
+
+/// A device's durable state right after it joined: the log's head (the founder's barrier),
+/// as a snapshot gives it, and `epoch` and `voted`.
+fn joined(epoch: Epoch, voted: Epoch) -> Durable {
+    let mut log = crate::Log::default();
+    log.push((FOUNDER, LogSlot::Barrier));
+    Durable {
+        epoch,
+        voted,
+        log,
+        ..Durable::default()
+    }
+}
+
 fn sent(outputs: &[Output]) -> Vec<&Message> {
     outputs
         .iter()
@@ -494,16 +513,8 @@ fn a_refused_pre_vote_teaches_the_higher_epoch_so_the_next_one_can_win() {
         counter: 5,
         device: DeviceId([9; 32]),
     };
-    let mut p = Machine::new(config(1), Durable::default(), 0);
-    let mut r = Machine::new(
-        config(2),
-        Durable {
-            epoch: voted,
-            voted,
-            ..Durable::default()
-        },
-        0,
-    );
+    let mut p = Machine::new(config(1), joined(FOUNDER, Epoch::default()), 0);
+    let mut r = Machine::new(config(2), joined(voted, voted), 0);
     let (pd, rd) = (p.device(), r.device());
     p.handle(Input::Connected(rd), 0);
     r.handle(Input::Connected(pd), 0);
@@ -515,11 +526,7 @@ fn a_refused_pre_vote_teaches_the_higher_epoch_so_the_next_one_can_win() {
         [Message::PreVoteReply { granted: false, highest, .. }] if *highest == voted
     ));
     deliver(rd, &refused, &mut p, 1_000);
-    assert_eq!(
-        p.durable().epoch,
-        Epoch::default(),
-        "a refusal bumps nothing"
-    );
+    assert_eq!(p.durable().epoch, FOUNDER, "a refusal bumps nothing");
 
     // The next pre-vote proposes above epoch 5 and is granted; p stands and wins.
     let ask = p.handle(Input::Tick, 3_000);
@@ -572,20 +579,17 @@ fn two_followers_whose_timers_run_out_together_do_not_split_the_vote() {
 
 #[test]
 fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
-    let mut b = Machine::new(config(2), Durable::default(), 0);
-    let mut c = Machine::new(config(3), Durable::default(), 0);
+    let mut b = Machine::new(config(2), joined(FOUNDER, Epoch::default()), 0);
+    let mut c = Machine::new(config(3), joined(FOUNDER, Epoch::default()), 0);
     let (bd, cd) = (b.device(), c.device());
     b.handle(Input::Connected(cd), 0);
     c.handle(Input::Connected(bd), 0);
     // b holds one entry more than c: c asks first, then b asks while c's pre-vote is open.
-    let epoch = Epoch {
-        counter: 1,
-        device: DeviceId([1; 32]),
-    };
+    let epoch = FOUNDER;
     let append = Message::Append {
         epoch,
-        prev: Lsn(0),
-        prev_epoch: Epoch::default(),
+        prev: Lsn(1),
+        prev_epoch: FOUNDER,
         entries: vec![(epoch, LogSlot::Change(id(1)))],
     };
     b.handle(

@@ -528,12 +528,10 @@ fn a_peer_cannot_push_the_epoch_to_its_limit() {
 }
 
 /// Issue 24: a paired device could truncate every log from position 1 with a segment that
-/// disagrees there. Not refused yet: devices that never received position 1 (joiners whose
-/// first sync failed, cut off from the founder) may elect a leader whose log starts with its own
-/// barrier, and the founder's log must then give way (the seeded simulator shows it). Refusing
-/// needs every log to start with the founder's barrier, which a joiner does not know yet.
+/// disagrees there. Every log begins with the founder's barrier (a device with no log never
+/// stands for election, so no log begins with another), and a segment that disagrees at
+/// position 1 is dropped.
 #[test]
-#[ignore = "needs every log to begin with the founder's barrier (issue 24, open)"]
 fn a_segment_that_disagrees_at_the_first_position_is_refused() {
     let mut store = Memory::default();
     let mut follower = follower_of_founder(&mut store);
