@@ -437,3 +437,60 @@ fn a_password_change_moves_the_key_to_the_kdf_asked_for() {
     let config = keel_engine::LibraryConfig::read(&home.library_dir("lib")).expect("reads");
     assert_eq!(config.key.kdf, recommended);
 }
+
+/// A host app's own model, not registered with the library.
+#[derive(Clone, Debug, PartialEq, Eq, keel_schema::Syncable)]
+#[syncable(model = "host_note", domain = "content", priority = 60)]
+struct HostNote {
+    #[syncable(uuid)]
+    uuid: Uuid,
+    text: String,
+}
+
+/// Issue 25: a model the library does not know was journaled and replicated under code 255,
+/// ignored by the applier, and failed every later decode. `Tx` now refuses it with a typed
+/// error and nothing of the transaction is journaled.
+#[test]
+fn a_model_the_library_does_not_know_is_refused_and_never_journaled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "host").expect("creates");
+    let before = lib.sync_state().changes().expect("changes").len();
+    let note = HostNote {
+        uuid: Uuid::new_v4(),
+        text: "hello".into(),
+    };
+    let tag = keel_tests::tag("alongside");
+    let refused = lib.transact(|tx| {
+        tx.upsert(&tag);
+        tx.upsert(&note);
+        Ok(())
+    });
+    match refused {
+        Err(EngineError::Schema(keel_schema::SchemaError::UnknownModel(name))) => {
+            assert!(name.contains("host_note"), "{name}");
+        }
+        other => panic!("expected an unknown-model error, got {other:?}"),
+    }
+    let refused = lib.transact(|tx| {
+        tx.update::<HostNote>(
+            note.uuid,
+            vec![("text", keel_schema::Value::Text("x".into()))],
+        )?;
+        tx.delete::<HostNote>(note.uuid);
+        Ok(())
+    });
+    assert!(
+        matches!(
+            refused,
+            Err(EngineError::Schema(keel_schema::SchemaError::UnknownModel(
+                _
+            )))
+        ),
+        "{refused:?}"
+    );
+    // Nothing of either transaction was journaled, and the journal still reads whole.
+    let changes = lib.sync_state().changes().expect("changes");
+    assert_eq!(changes.len(), before);
+    assert!(changes.iter().all(|c| c.model != u8::MAX));
+    assert_eq!(lib.get::<Tag>(tag.uuid).expect("reads"), None);
+}

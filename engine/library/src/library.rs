@@ -645,8 +645,7 @@ impl Library {
             let now = now_ms();
             let mut tx = Tx::new(&mut clock, now);
             let value = f(&mut tx)?;
-            let changes = std::mem::take(&mut tx.changes);
-            drop(tx);
+            let changes = tx.finish()?;
             (
                 value,
                 crate::attest::attest(&self.signer, &mut clock, now, changes)?,
@@ -693,8 +692,7 @@ impl Library {
             let now = now_ms();
             let mut tx = Tx::new(&mut clock, now);
             f(&mut tx)?;
-            let changes = std::mem::take(&mut tx.changes);
-            drop(tx);
+            let changes = tx.finish()?;
             crate::attest::attest(&self.signer, &mut clock, now, changes)?
         };
         let change_ids = changes.iter().map(|c| c.id).collect();

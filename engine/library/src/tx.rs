@@ -6,10 +6,14 @@ use uuid::Uuid;
 use crate::error::EngineError;
 
 /// Collects the changes of one transaction. Nothing is written until `transact` commits them all.
+/// A change to a model the library does not know fails the whole transaction
+/// ([`SchemaError::UnknownModel`](keel_schema::SchemaError::UnknownModel)) and journals nothing.
 pub struct Tx<'a> {
     clock: &'a mut HlcClock,
     now_ms: u64,
     pub(crate) changes: Vec<Change>,
+    /// The first model written that the library does not know.
+    unknown: Option<String>,
 }
 
 impl<'a> Tx<'a> {
@@ -18,18 +22,37 @@ impl<'a> Tx<'a> {
             clock,
             now_ms,
             changes: Vec::new(),
+            unknown: None,
+        }
+    }
+
+    /// Whether model `M` is one the library knows; remembers the first that is not.
+    fn knows<M: Syncable>(&mut self) -> bool {
+        let known = keel_schema::model_code(M::DEF.name).is_some();
+        if !known && self.unknown.is_none() {
+            self.unknown = Some(M::DEF.name.to_string());
+        }
+        known
+    }
+
+    /// The transaction's changes, or the error that refuses them all (a model the library does
+    /// not know).
+    pub(crate) fn finish(self) -> Result<Vec<Change>, EngineError> {
+        match self.unknown {
+            Some(name) => Err(keel_schema::SchemaError::UnknownModel(name).into()),
+            None => Ok(self.changes),
         }
     }
 
     /// Writes every synced field of `record`. Returns `false` (and writes nothing) if the record is
     /// not sync-ready (its uuid is `None`).
     pub fn upsert<M: Syncable>(&mut self, record: &M) -> bool {
-        self.push_upsert(|id, hlc| Change::upsert(id, hlc, record))
+        self.knows::<M>() && self.push_upsert(|id, hlc| Change::upsert(id, hlc, record))
     }
 
     /// [`Tx::upsert`] of a record it takes (its strings and bytes move into the change).
     pub fn upsert_owned<M: Syncable>(&mut self, record: M) -> bool {
-        self.push_upsert(|id, hlc| Change::upsert_owned(id, hlc, record))
+        self.knows::<M>() && self.push_upsert(|id, hlc| Change::upsert_owned(id, hlc, record))
     }
 
     /// Adds the upsert that `build` makes with a new id and clock, if it makes one.
@@ -53,6 +76,9 @@ impl<'a> Tx<'a> {
         uuid: Uuid,
         fields: Vec<(&str, Value)>,
     ) -> Result<(), EngineError> {
+        if !self.knows::<M>() {
+            return Ok(());
+        }
         let hlc = self.clock.tick(self.now_ms);
         self.changes.push(Change::upsert_fields::<M>(
             ChangeId::at(self.now_ms),
@@ -65,6 +91,9 @@ impl<'a> Tx<'a> {
 
     /// Deletes record `uuid` of model `M` (a tombstone: it never comes back through older writes).
     pub fn delete<M: Syncable>(&mut self, uuid: Uuid) {
+        if !self.knows::<M>() {
+            return;
+        }
         let hlc = self.clock.tick(self.now_ms);
         self.changes
             .push(Change::delete::<M>(ChangeId::at(self.now_ms), hlc, uuid));
@@ -72,6 +101,12 @@ impl<'a> Tx<'a> {
 
     /// Adds an already-built change (its clock is observed so later ticks stay ahead of it).
     pub fn push(&mut self, change: Change) {
+        if keel_schema::model_by_code(change.model).is_none() {
+            if self.unknown.is_none() {
+                self.unknown = Some(format!("code {}", change.model));
+            }
+            return;
+        }
         self.clock.observe(change.hlc);
         self.changes.push(change);
     }
