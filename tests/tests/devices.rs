@@ -940,3 +940,35 @@ fn a_device_record_alone_lets_no_device_in() {
         );
     }
 }
+
+/// Issue 25: a host app calls Keel from its own tokio runtime (a Tauri command, an axum
+/// handler). Starting a node, inviting, waiting through `Node::block_on`, stopping it and
+/// dropping another, all inside a runtime's worker, must not panic.
+#[test]
+fn a_node_is_started_used_stopped_and_dropped_inside_a_tokio_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the host's runtime");
+    let root = dir.path().to_path_buf();
+    let outcome = host.block_on(async move {
+        tokio::spawn(async move {
+            let (_home, a) = founder(&root, "a", "tauri").expect("starts in a runtime");
+            let invite = a.invite(true).expect("invites in a runtime");
+            assert!(a.invitation_open());
+            let status = a.block_on(async { 42 }).expect("waits in a runtime");
+            assert_eq!(status, 42);
+            drop(invite);
+            a.stop().expect("stops in a runtime");
+            let (_home_b, b) = founder(&root, "b", "dropped").expect("starts in a runtime");
+            drop(b);
+        })
+        .await
+    });
+    assert!(
+        outcome.is_ok(),
+        "a call panicked inside the runtime: {outcome:?}"
+    );
+}

@@ -326,7 +326,7 @@ impl Node {
             devices,
         };
         let slot = self.net.invitation.clone();
-        rt.block_on(async move {
+        block_on_here(rt, async move {
             *slot.lock().await = Some(invitation);
         });
         self.net.endpoint.pins().set_pairing_open(true);
@@ -385,10 +385,17 @@ impl Node {
         Ok(())
     }
 
-    /// Runs `f` on the node's tokio runtime (for async work such as answering questions).
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output, NodeError> {
+    /// Runs `f` on the node's tokio runtime (for async work such as answering questions) and
+    /// waits for it. Blocks the calling thread; safe from inside a host's runtime too (`f` then
+    /// runs from a thread of its own), though an async host should rather call it from
+    /// `spawn_blocking`.
+    pub fn block_on<F>(&self, f: F) -> Result<F::Output, NodeError>
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
         let rt = self.rt.as_ref().ok_or(NodeError::Stopped)?;
-        Ok(rt.block_on(f))
+        Ok(block_on_here(rt, f))
     }
 
     /// Stops the node cleanly: connections closed, core stopped, library closed (everything
@@ -413,7 +420,15 @@ impl Node {
             let _ = core.join();
         }
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            let shut = move || rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Inside a host's runtime a runtime may not be shut down (nor dropped) in place.
+                std::thread::scope(|s| {
+                    s.spawn(shut);
+                });
+            } else {
+                shut();
+            }
         }
     }
 }
@@ -422,6 +437,23 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Runs `f` to completion on `rt` and returns its output. From inside another runtime (a host
+/// app's), whose workers may not block on a runtime, it runs from a thread of its own while the
+/// caller waits.
+fn block_on_here<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(f);
+    }
+    std::thread::scope(|s| match s.spawn(|| rt.block_on(f)).join() {
+        Ok(output) => output,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 /// Revokes `device` in `library` without a running node (`keel devices remove`).
