@@ -24,7 +24,7 @@ pub(crate) enum Verdict {
 }
 
 /// A refused change, as [`crate::Query::refused`] lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RefusedChange {
     /// The change.
     pub id: keel_schema::ChangeId,

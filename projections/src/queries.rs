@@ -33,7 +33,7 @@ pub struct Counts {
 }
 
 /// The metadata of an entry: its own, and its content's under it.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EntryMetadata {
     /// Entry-scoped metadata and its tags.
     pub entry: Option<(UserMetadata, Vec<Tag>)>,

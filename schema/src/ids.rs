@@ -9,9 +9,14 @@ use uuid::Uuid;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct DeviceId(pub [u8; 32]);
 
+/// 32 bytes on the wire; hex in human-readable formats (JSON for a web view).
 impl Serialize for DeviceId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            s.serialize_bytes(&self.0)
+        }
     }
 }
 
@@ -21,7 +26,11 @@ impl<'de> Deserialize<'de> for DeviceId {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = DeviceId;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("32 bytes")
+                f.write_str("32 bytes, or 64 hex digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DeviceId, E> {
+                DeviceId::from_hex(v)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<DeviceId, E> {
                 let array: [u8; 32] = v
@@ -30,7 +39,11 @@ impl<'de> Deserialize<'de> for DeviceId {
                 Ok(DeviceId(array))
             }
         }
-        d.deserialize_bytes(V)
+        if d.is_human_readable() {
+            d.deserialize_str(V)
+        } else {
+            d.deserialize_bytes(V)
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use crate::syncable::SyncDomain;
 use crate::Syncable;
 
 /// A device that belongs to the library.
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "device", domain = "index", priority = 0, permanent_delete)]
 pub struct Device {
     /// Record uuid (UUIDv5 of the device id).
@@ -24,7 +24,7 @@ pub struct Device {
 }
 
 /// A folder on one device that the library indexes.
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "location", domain = "index", priority = 10)]
 pub struct Location {
     /// Record uuid.
@@ -69,7 +69,7 @@ impl EntryKind {
 }
 
 /// One file or directory inside a location.
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "entry", domain = "index", priority = 30)]
 pub struct Entry {
     /// Record uuid; `None` until the entry is identified (sync readiness).
@@ -99,7 +99,7 @@ pub struct Entry {
 }
 
 /// A unique content, identified by hash; the same bytes give the same uuid on every device.
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "content_identity", domain = "content", priority = 20)]
 pub struct ContentIdentity {
     /// UUIDv5 of (library id, content hash); see [`content_uuid`](crate::content_uuid).
@@ -122,7 +122,7 @@ pub struct ContentIdentity {
 }
 
 /// Notes and flags about one entry or one content (exactly one scope).
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "user_metadata", domain = "scope", priority = 40)]
 pub struct UserMetadata {
     /// Record uuid.
@@ -156,7 +156,7 @@ impl UserMetadata {
 }
 
 /// A tag.
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "tag", domain = "content", priority = 20)]
 pub struct Tag {
     /// Record uuid (UUIDv5 of the name, so devices agree on a tag; see [`tag_uuid`](crate::tag_uuid)).
@@ -171,7 +171,7 @@ pub struct Tag {
 }
 
 /// A tag applied to a UserMetadata, keyed by (user metadata uuid, tag uuid).
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(
     model = "user_metadata_tag",
     domain = "parent:user_metadata",
@@ -309,7 +309,7 @@ mod tests {
 /// A device's signature over the changes of one commit that write file facts (see
 /// [`crate::attestation`]): every device checks it before it applies them, so no device can
 /// make another's file facts, not even the leader that relays them.
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "attestation", domain = "index", priority = 0)]
 pub struct Attestation {
     /// Record uuid (random).
@@ -327,7 +327,7 @@ pub struct Attestation {
 /// once its user confirmed the joiner. A device trusts (pins) another only through a chain of
 /// endorsements from the library's founder, so a Device record alone, which its own device
 /// writes and signs, lets nobody in.
-#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(model = "endorsement", domain = "index", priority = 0)]
 pub struct Endorsement {
     /// Record uuid (random).

@@ -494,3 +494,44 @@ fn a_model_the_library_does_not_know_is_refused_and_never_journaled() {
     assert!(changes.iter().all(|c| c.model != u8::MAX));
     assert_eq!(lib.get::<Tag>(tag.uuid).expect("reads"), None);
 }
+
+/// Issue 25: models, events, statuses and query results reach a web view as they are (serde);
+/// a device id is hex in JSON and stays 32 raw bytes on the wire.
+#[test]
+fn models_events_and_statuses_serialize_for_a_web_view() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "view").expect("creates");
+    let mut events = lib.subscribe();
+    let tag = keel_tests::tag("json");
+    lib.transact(|tx| {
+        tx.upsert(&tag);
+        Ok(())
+    })
+    .expect("commits");
+    lib.flush().expect("flushes");
+    let json = serde_json::to_value(&tag).expect("a model serializes");
+    assert_eq!(json["name"], "json");
+    let back: Tag = serde_json::from_value(json).expect("and deserializes");
+    assert_eq!(back, tag);
+    let device = lib.devices().expect("devices").pop().expect("this device");
+    assert_eq!(
+        serde_json::to_value(&device).expect("serializes")["device_id"],
+        lib.device_id().to_hex()
+    );
+    let event = events.try_recv().expect("an event");
+    let json = serde_json::to_value(&event).expect("an event serializes");
+    assert!(json["type"].is_string(), "{json}");
+    let status = serde_json::to_value(lib.status().expect("status")).expect("serializes");
+    assert!(status["counts"]["tags"].as_u64() >= Some(1), "{status}");
+    // A device id: hex in JSON, both ways; 32 raw bytes in MessagePack (the wire's form).
+    let id = lib.device_id();
+    let json = serde_json::to_string(&id).expect("serializes");
+    assert_eq!(json, format!("\"{}\"", id.to_hex()));
+    assert_eq!(
+        serde_json::from_str::<keel_schema::DeviceId>(&json).expect("parses"),
+        id
+    );
+    let mut packed = Vec::new();
+    serde::Serialize::serialize(&id, &mut rmp_serde::Serializer::new(&mut packed)).expect("packs");
+    assert_eq!(packed.len(), 2 + 32, "bin8 header and 32 bytes");
+}

@@ -9,7 +9,8 @@ pub const EVENT_BUS_CAPACITY: usize = 1024;
 pub const EVENT_RECORDS_MAX: usize = 4096;
 
 /// What happened to one record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     /// Created or updated.
     Upserted,
@@ -27,7 +28,8 @@ impl ChangeKind {
 }
 
 /// An event on the library's bus.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
     /// Records changed in the projections (committed here or elsewhere).

@@ -52,8 +52,12 @@ pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
 pub use indexer::{IndexProgress, IndexReport};
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
+pub use keel_projections::{EntryMetadata, RefusedChange};
+/// What a host app writes and reads, so that `keel-engine` is the one dependency it needs.
 pub use keel_schema::{
-    ContentIdentity, Device, Entry, EntryKind, Location, Tag, UserMetadata, UserMetadataTag,
+    content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
+    uuid, uuid::Uuid, ChangeId, ContentIdentity, Device, DeviceId, Entry, EntryKind, LibraryId,
+    Location, Lsn, Syncable, Tag, UserMetadata, UserMetadataTag, Value,
 };
 pub use leader_commit::{SequenceReply, SequenceRequest};
 pub use library::{
