@@ -972,3 +972,51 @@ fn a_node_is_started_used_stopped_and_dropped_inside_a_tokio_runtime() {
         "a call panicked inside the runtime: {outcome:?}"
     );
 }
+
+/// Issue 25: a host waits for "in sync" instead of polling `status()`, and hears the peer, leader
+/// and sync lifecycle on the library's bus.
+#[test]
+fn a_host_waits_for_sync_and_hears_peers_leaders_and_syncs_come_and_go() {
+    use keel_engine::Event;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "lively").expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
+    b.wait_in_sync(CONVERGE).expect("b gets in sync");
+    assert!(b.is_in_sync());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async { a.synced().await })
+        .expect("a is in sync (it leads)");
+    let mut events = b.library().subscribe();
+    let a_id = a.library().device_id();
+    a.stop().expect("a stops");
+    // b loses its leader and its peer, then leads alone (two devices: the survivor leads).
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let wanted = |seen: &[Event]| {
+        let gone = seen
+            .iter()
+            .position(|e| *e == Event::PeerGone { device: a_id });
+        let started = seen.iter().position(|e| *e == Event::SyncStarted);
+        let led = seen.iter().position(|e| {
+            matches!(e, Event::LeaderChanged { leader: Some(l), .. } if *l == b.library().device_id())
+        });
+        let finished = seen
+            .iter()
+            .rposition(|e| matches!(e, Event::SyncFinished { .. }));
+        matches!((gone, started, led, finished), (Some(_), Some(s), Some(_), Some(f)) if f > s)
+    };
+    while !wanted(&seen) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events so far: {seen:?}"
+        );
+        match events.try_recv() {
+            Ok(event) => seen.push(event),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(b.is_in_sync(), "b leads its partition");
+    // In sync: the wait returns at once.
+    b.wait_in_sync(Duration::from_millis(1))
+        .expect("in sync answers at once");
+}

@@ -67,6 +67,32 @@ pub enum Event {
         /// Bytes received in log segments since the node started.
         bytes: u64,
     },
+    /// A session with another device of the library began (the first, if there are several).
+    PeerConnected {
+        /// The device.
+        device: keel_schema::DeviceId,
+    },
+    /// The last session with that device ended.
+    PeerGone {
+        /// The device.
+        device: keel_schema::DeviceId,
+    },
+    /// The leader this device knows of changed (`None`: none known, an election may run).
+    LeaderChanged {
+        /// The new leader.
+        leader: Option<keel_schema::DeviceId>,
+        /// Its epoch's counter.
+        epoch: u64,
+    },
+    /// This device fell behind its leader (or lost it, or has changes to push): it is
+    /// syncing. [`Event::SyncFinished`] follows when it is in sync again.
+    SyncStarted,
+    /// This device is in sync: it leads, or it follows a connected leader, has pushed every
+    /// change it made and applied the whole log the leader said it has.
+    SyncFinished {
+        /// The log's length here.
+        log_len: u64,
+    },
     /// The applier failed. Nothing more is applied (reads answer with what was applied before);
     /// the next open heals the projection from the journal, from the last position applied.
     ApplyFailed {

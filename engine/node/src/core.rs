@@ -74,6 +74,12 @@ pub(crate) struct Core {
     sequenced: Vec<(Vec<Placement>, crossbeam_channel::Sender<SequenceReply>)>,
     /// Leaders whose entries did not open here, shut out for a while.
     shut_out: super::quarantine::Quarantine,
+    /// Whether this device is in sync (see [`Core::publish_sync`]); hosts wait on it.
+    in_sync: tokio::sync::watch::Sender<bool>,
+    /// How far the leader last said its log goes (0: not said since the leader changed).
+    leader_end: u64,
+    /// The leader last announced in an event.
+    announced_leader: Option<DeviceId>,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -167,6 +173,7 @@ impl Core {
         config: ReplicaConfig,
         status: Arc<Mutex<NodeStatus>>,
         pins: keel_transport::Pins,
+        in_sync: tokio::sync::watch::Sender<bool>,
     ) -> Result<Self, NodeError> {
         let journal = link.journal()?;
         // The core sequences this device's changes: commits wait in the offline journal.
@@ -186,6 +193,9 @@ impl Core {
             batch_entries: 0,
             sequenced: Vec::new(),
             shut_out: Default::default(),
+            in_sync,
+            leader_end: 0,
+            announced_leader: None,
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -351,6 +361,9 @@ impl Core {
                 let list = self.conns.entry(peer).or_default();
                 let first = list.is_empty();
                 list.push((conn, tx));
+                if first {
+                    self.link.publish(Event::PeerConnected { device: peer });
+                }
                 if first && !self.shut_out.is_out(&peer, now) {
                     self.replica.handle_connected(now, peer);
                 }
@@ -360,6 +373,7 @@ impl Core {
                     list.retain(|(c, _)| *c != conn);
                     if list.is_empty() {
                         self.conns.remove(&peer);
+                        self.link.publish(Event::PeerGone { device: peer });
                         if !self.shut_out.is_out(&peer, now) {
                             self.replica.handle_disconnected(now, peer);
                         }
@@ -401,6 +415,14 @@ impl Core {
                     leader,
                 } => {
                     self.link.set_leading(role == ElectionRole::Leader);
+                    if leader != self.announced_leader {
+                        self.announced_leader = leader;
+                        self.leader_end = 0;
+                        self.link.publish(Event::LeaderChanged {
+                            leader,
+                            epoch: epoch.counter,
+                        });
+                    }
                     tracing::info!(
                         role = %role,
                         epoch = epoch.counter,
@@ -414,6 +436,7 @@ impl Core {
                     leader_end,
                     bytes,
                 } => {
+                    self.leader_end = leader_end.0;
                     if let Err(e) = self.link.catching_up(leader_end) {
                         tracing::warn!(error = %e, "could not prepare the projections for a catch-up");
                     }
@@ -647,9 +670,37 @@ impl Core {
             .collect()
     }
 
+    /// Tells hosts whether this device is in sync, and publishes the change as an event: it
+    /// leads, or it follows a connected leader, has pushed every change it made, stored as much
+    /// log as the leader last said it has, and applied all of it.
+    fn publish_sync(&mut self) {
+        let durable = self.replica.durable();
+        let log_len = durable.log.len() as u64;
+        let led = match self.replica.role() {
+            ElectionRole::Leader => true,
+            _ => self
+                .replica
+                .leader()
+                .is_some_and(|l| self.conns.contains_key(&l)),
+        };
+        let applied = self.link.library().sync_state().applied_lsn().0;
+        let in_sync =
+            led && durable.offline.is_empty() && log_len >= self.leader_end && applied >= log_len;
+        let was = *self.in_sync.borrow();
+        if in_sync != was {
+            self.in_sync.send_replace(in_sync);
+            self.link.publish(if in_sync {
+                Event::SyncFinished { log_len }
+            } else {
+                Event::SyncStarted
+            });
+        }
+    }
+
     fn publish_status(&mut self) {
         self.last_status = self.now();
         self.status_dirty = false;
+        self.publish_sync();
         let durable = self.replica.durable();
         if let Ok(mut status) = self.status.lock() {
             status.role = self.replica.role();

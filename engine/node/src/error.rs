@@ -33,6 +33,9 @@ pub enum NodeError {
     /// A join or sync step failed (what failed).
     #[error("{0}")]
     Failed(String),
+    /// The device did not get in sync within the time given ([`crate::Node::wait_in_sync`]).
+    #[error("not in sync within {0:?}")]
+    NotInSync(std::time::Duration),
     /// LAN discovery (mDNS) could not start or found nothing usable (what happened).
     #[error("LAN discovery: {0}")]
     Discovery(String),

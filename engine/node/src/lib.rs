@@ -106,6 +106,8 @@ pub struct Node {
     rt: Option<tokio::runtime::Runtime>,
     device_limit: usize,
     code_ttl_ms: u64,
+    /// Whether the device is in sync, as the core last said.
+    in_sync: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Node {
@@ -155,7 +157,8 @@ impl Node {
         let link = Arc::new(library.link(LinkOptions {
             leader_commits: options.leader_commits,
         })?);
-        let core = Core::new(link.clone(), config, status.clone(), pins)?;
+        let (in_sync_tx, in_sync) = tokio::sync::watch::channel(false);
+        let core = Core::new(link.clone(), config, status.clone(), pins, in_sync_tx)?;
         let (core_tx, core_rx) = crossbeam_channel::bounded(self::core::CORE_QUEUE_MAX);
         let core = std::thread::Builder::new()
             .name("keel-core".into())
@@ -215,7 +218,38 @@ impl Node {
             rt: Some(rt),
             device_limit: options.device_limit,
             code_ttl_ms: options.code_ttl_ms,
+            in_sync,
         })
+    }
+
+    /// Whether this device is in sync now: it leads, or it follows a connected leader, has
+    /// pushed every change it made and applied the whole log the leader said it has. The same
+    /// moments come as [`keel_engine::Event::SyncFinished`] and `SyncStarted` on the bus.
+    pub fn is_in_sync(&self) -> bool {
+        *self.in_sync.borrow()
+    }
+
+    /// Waits until this device is in sync (see [`Node::is_in_sync`]); for async hosts, on any
+    /// runtime. Returns at once if it is; [`NodeError::Stopped`] if the node stops first.
+    pub async fn synced(&self) -> Result<(), NodeError> {
+        let mut in_sync = self.in_sync.clone();
+        let synced = in_sync.wait_for(|synced| *synced).await.is_ok();
+        synced.then_some(()).ok_or(NodeError::Stopped)
+    }
+
+    /// Blocks until this device is in sync, at most `timeout` (see [`Node::is_in_sync`]).
+    pub fn wait_in_sync(&self, timeout: std::time::Duration) -> Result<(), NodeError> {
+        let rt = self.rt.as_ref().ok_or(NodeError::Stopped)?;
+        let mut in_sync = self.in_sync.clone();
+        let waited = block_on_here(rt, async move {
+            let synced = in_sync.wait_for(|synced| *synced);
+            tokio::time::timeout(timeout, async move { synced.await.is_ok() }).await
+        });
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(NodeError::Stopped),
+            Err(_) => Err(NodeError::NotInSync(timeout)),
+        }
     }
 
     /// The library (commit, query and subscribe as usual; changes replicate by themselves).
