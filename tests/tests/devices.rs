@@ -1020,3 +1020,70 @@ fn a_host_waits_for_sync_and_hears_peers_leaders_and_syncs_come_and_go() {
     b.wait_in_sync(Duration::from_millis(1))
         .expect("in sync answers at once");
 }
+
+/// Issue 25: a change made here comes from the feed once, whether the host read it while it
+/// waited in the offline journal or after the leader sequenced it into the log.
+#[test]
+fn the_change_feed_gives_this_devices_changes_once_before_and_after_the_leader_took_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "feed").expect("founder");
+    let home_b = keel_engine::Home::new(dir.path().join("b"));
+    let name = keel_tests::cluster::pair(&home_b, &a, a.local_addr()).expect("b pairs");
+    // b writes before its node starts: its changes wait in the offline journal.
+    let lib = keel_engine::Library::open(&home_b, &name, keel_tests::PASSWORD).expect("opens");
+    let mine: Vec<Tag> = (0..5).map(|i| tag(&format!("b wrote {i}"))).collect();
+    lib.transact(|tx| {
+        for t in &mine {
+            tx.upsert(t);
+        }
+        Ok(())
+    })
+    .expect("commits offline");
+    lib.flush().expect("flushes");
+    let first = lib
+        .sync_state()
+        .changes_since(keel_engine::FeedPosition::default(), usize::MAX)
+        .expect("reads");
+    let tag_code = keel_schema::code_of::<Tag>();
+    let count_mine = |changes: &[keel_schema::Change]| {
+        changes
+            .iter()
+            .filter(|c| c.model == tag_code && mine.iter().any(|t| t.uuid == c.record))
+            .count()
+    };
+    assert_eq!(count_mine(&first.changes), 5, "read while offline");
+    let b = keel_node::Node::start(lib, keel_tests::cluster::options(vec![a.local_addr()]))
+        .expect("b starts");
+    commit(&a, &tag("a wrote later"));
+    converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    b.library().flush().expect("flushes");
+    let second = b
+        .library()
+        .sync_state()
+        .changes_since(first.next, usize::MAX)
+        .expect("reads");
+    assert_eq!(count_mine(&second.changes), 0, "b's changes came once");
+    assert!(second
+        .changes
+        .iter()
+        .any(|c| c.model == tag_code && c.origin() == a.library().device_id()));
+    let mut ids: Vec<keel_schema::ChangeId> = first
+        .changes
+        .iter()
+        .chain(&second.changes)
+        .map(|c| c.id)
+        .collect();
+    let delivered = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), delivered, "nothing twice");
+    assert_eq!(
+        ids.len(),
+        b.library()
+            .sync_state()
+            .change_ids()
+            .expect("journal")
+            .len(),
+        "nothing missed"
+    );
+}

@@ -905,6 +905,15 @@ impl Library {
 }
 
 impl SyncState<'_> {
+    /// The last log position and offline-journal sequence applied to the projections.
+    pub(crate) fn applied_position(&self) -> keel_projections::AppliedPosition {
+        self.shared
+            .applied
+            .lock()
+            .map(|s| s.position)
+            .unwrap_or_default()
+    }
+
     /// The last log position applied to the projections.
     pub fn applied_lsn(&self) -> keel_schema::Lsn {
         self.shared
