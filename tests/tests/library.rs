@@ -503,11 +503,7 @@ fn models_events_and_statuses_serialize_for_a_web_view() {
     let (_home, lib) = create_library(dir.path(), "view").expect("creates");
     let mut events = lib.subscribe();
     let tag = keel_tests::tag("json");
-    lib.transact(|tx| {
-        tx.upsert(&tag);
-        Ok(())
-    })
-    .expect("commits");
+    commit_tag(&lib, &tag);
     lib.flush().expect("flushes");
     let json = serde_json::to_value(&tag).expect("a model serializes");
     assert_eq!(json["name"], "json");
@@ -605,4 +601,72 @@ fn the_change_feed_catches_a_lagging_host_up_with_nothing_missed_or_twice() {
     let (none, again) = read_feed(&lib, end, 500);
     assert!(none.is_empty());
     assert_eq!(again, end);
+}
+
+/// Issue 25: a host keeps the library's keys in its own keychain and opens the library with
+/// them, no password and no key derivation; keys rotated since it saved them come from the
+/// chain; keys of another library, or garbage, are refused before anything is read.
+#[test]
+fn a_host_opens_the_library_with_keys_from_its_keychain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "keychain").expect("creates");
+    let first = keel_tests::tag("before the rotation");
+    commit_tag(&lib, &first);
+    let saved = lib.export_keys();
+    lib.rotate_key().expect("rotates");
+    let second = keel_tests::tag("after the rotation");
+    commit_tag(&lib, &second);
+    lib.close().expect("closes");
+    // The keys saved before the rotation still open it, and read what came after.
+    let lib = Library::open_with_library_key(&home, "keychain", &saved).expect("opens with keys");
+    assert_eq!(
+        lib.get::<Tag>(first.uuid).expect("reads"),
+        Some(first.clone())
+    );
+    assert_eq!(
+        lib.get::<Tag>(second.uuid).expect("reads"),
+        Some(second.clone())
+    );
+    lib.close().expect("closes");
+    // Another library's keys, a random key and garbage are refused.
+    let (_other_home, other) = create_library(&dir.path().join("other"), "other").expect("creates");
+    let foreign = other.export_keys();
+    other.close().expect("closes");
+    for keys in [foreign, vec![7u8; 32], vec![1, 2, 3]] {
+        match Library::open_with_library_key(&home, "keychain", &keys) {
+            Err(EngineError::WrongKey) => {}
+            other => panic!("expected WrongKey, got {other:?}"),
+        }
+    }
+    // A library from before key checks: refused until it opens once with its password.
+    let toml = home.library_dir("keychain").join("library.toml");
+    let text = std::fs::read_to_string(&toml).expect("reads");
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("check"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, text, "library.toml had a check");
+    std::fs::write(&toml, without).expect("writes");
+    assert!(matches!(
+        Library::open_with_library_key(&home, "keychain", &saved),
+        Err(EngineError::WrongKey)
+    ));
+    Library::open(&home, "keychain", PASSWORD)
+        .expect("opens with the password")
+        .close()
+        .expect("closes");
+    Library::open_with_library_key(&home, "keychain", &saved)
+        .expect("the check is back")
+        .close()
+        .expect("closes");
+}
+
+/// Commits `tag` alone.
+fn commit_tag(lib: &Library, tag: &Tag) {
+    lib.transact(|tx| {
+        tx.upsert(tag);
+        Ok(())
+    })
+    .expect("commits");
 }

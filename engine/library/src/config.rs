@@ -174,6 +174,11 @@ pub struct LibraryConfig {
     /// The library's other keys (from rotations), each sealed under `key`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rotated: Vec<ChainedKey>,
+    /// A check value of the key `key` wraps (16 bytes of a keyed BLAKE3 hash, hex), so that a key
+    /// a host keeps in its keychain is checked before use ([`crate::Library::open_with_library_key`]).
+    /// Written at creation, or the next time the library opens with its password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 impl LibraryConfig {

@@ -33,6 +33,9 @@ pub enum EngineError {
         /// What is wrong.
         reason: String,
     },
+    /// The library keys given (a host's keychain) are not this library's.
+    #[error("these keys are not this library's (or it has no key check yet: open it once with its password)")]
+    WrongKey,
     /// The device identity file is invalid.
     #[error("device identity in {path} is invalid: {reason}")]
     BadDeviceIdentity {

@@ -230,13 +230,15 @@ impl Library {
             created_ms: now_ms(),
             key: key.wrap(library, password, options.kdf)?,
             rotated: Vec::new(),
+            check: None,
         };
+        config.check = key_check(key, config.key.key_id, library);
         let others: Vec<u32> = key.key_ids().into_iter().skip(1).collect();
         for id in others {
             config.rotated.push(key.chain(library, key.key_id(), id)?);
         }
         config.write(&dir)?;
-        Self::open_with_key(
+        Self::open_unlocked(
             name,
             dir,
             config,
@@ -255,9 +257,63 @@ impl Library {
         if !dir.exists() {
             return Err(EngineError::NoSuchLibrary(name.into()));
         }
-        let config = LibraryConfig::read(&dir)?;
+        let mut config = LibraryConfig::read(&dir)?;
         let key = LibraryKey::unwrap_with(&config.key, config.library(), password)?
             .unchain(config.library(), &config.rotated)?;
+        if config.check.is_none() {
+            // A library made before key checks: it gets one now.
+            config.check = key_check(&key, config.key.key_id, config.library());
+            config.write(&dir)?;
+        }
+        Self::open_checked(home, name, dir, config, &key)
+    }
+
+    /// Opens library `name` in `home` with its keys as [`Library::export_keys`] gave them (a
+    /// host that keeps them in its own keychain), instead of the password: no key derivation
+    /// runs. Keys that are not this library's fail with [`EngineError::WrongKey`] before
+    /// anything is read; so do any keys for a library that has no key check yet (open it once
+    /// with its password).
+    pub fn open_with_library_key(
+        home: &Home,
+        name: &str,
+        keys: &[u8],
+    ) -> Result<Self, EngineError> {
+        if !valid_name(name) {
+            return Err(EngineError::InvalidName(name.into()));
+        }
+        let dir = home.library_dir(name);
+        if !dir.exists() {
+            return Err(EngineError::NoSuchLibrary(name.into()));
+        }
+        let config = LibraryConfig::read(&dir)?;
+        let given = LibraryKey::from_bytes(keys).ok_or(EngineError::WrongKey)?;
+        let checked = config.check.is_some()
+            && key_check(&given, config.key.key_id, config.library()) == config.check;
+        if !checked {
+            return Err(EngineError::WrongKey);
+        }
+        // Keys rotated since the host saved these are in the chain, sealed under the first.
+        let key = given
+            .unchain(config.library(), &config.rotated)
+            .map_err(|_| EngineError::WrongKey)?;
+        Self::open_checked(home, name, dir, config, &key)
+    }
+
+    /// The library's keys (all of them, current first), for a host to keep in its own keychain
+    /// and open the library with ([`Library::open_with_library_key`]). Secret, like the
+    /// password: whoever holds them reads every change.
+    pub fn export_keys(&self) -> Vec<u8> {
+        self.key().to_bytes()
+    }
+
+    /// Opens a library whose keys are unlocked and checked.
+    fn open_checked(
+        home: &Home,
+        name: &str,
+        dir: PathBuf,
+        config: LibraryConfig,
+        key: &LibraryKey,
+    ) -> Result<Self, EngineError> {
         let journal_path = dir.join(JOURNAL_FILE);
         let journal_len = std::fs::metadata(&journal_path)
             .map(|m| m.len())
@@ -266,7 +322,7 @@ impl Library {
             return Err(EngineError::JournalMissing(journal_path));
         }
         let device = home.device()?;
-        Self::open_with_key(name, dir, config, device, &key, None)
+        Self::open_unlocked(name, dir, config, device, key, None)
     }
 
     /// Changes the password: unwraps the library key with `old` and wraps it under `new` (fresh
@@ -303,7 +359,7 @@ impl Library {
         Self::open(home, name, password)
     }
 
-    fn open_with_key(
+    fn open_unlocked(
         name: &str,
         dir: PathBuf,
         config: LibraryConfig,
@@ -991,6 +1047,15 @@ impl Drop for Library {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The check value of the key `base` of `key` for `library` (see [`LibraryConfig::check`]);
+/// `None` if `key` does not hold that key.
+fn key_check(key: &LibraryKey, base: u32, library: keel_schema::LibraryId) -> Option<String> {
+    let base = key.shared().into_iter().find(|k| k.key_id == base)?;
+    let derived = blake3::derive_key("keel 2026 library key check v1", &base.bytes);
+    let hash = blake3::keyed_hash(&derived, library.0.as_bytes());
+    Some(hex::encode(&hash.as_bytes()[..16]))
 }
 
 /// Opens the projections beside the journal (rebuilding them when unreadable or ahead of the
