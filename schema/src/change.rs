@@ -115,6 +115,23 @@ impl Change {
         Ok(change)
     }
 
+    /// An upsert of the fields `update` writes (see [`crate::FieldUpdate`]).
+    pub fn upsert_update<U: crate::FieldUpdate>(
+        id: ChangeId,
+        hlc: Hlc,
+        update: U,
+    ) -> Result<Self, SchemaError> {
+        let change = Self {
+            id,
+            hlc,
+            model: code_of::<U::Model>(),
+            record: update.record(),
+            op: Op::Upsert(update.into_fields()),
+        };
+        change.validate()?;
+        Ok(change)
+    }
+
     /// A delete of a record of model `M`.
     pub fn delete<M: Syncable>(id: ChangeId, hlc: Hlc, record: Uuid) -> Self {
         Self {

@@ -27,11 +27,14 @@ pub use ids::{ChangeId, DeviceId, Epoch, LibraryId, Lsn};
 pub use keel_schema_derive::Syncable;
 pub use models::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
-    Attestation, ContentIdentity, Device, Endorsement, Entry, EntryKind, Location, Tag,
-    UserMetadata, UserMetadataTag,
+    Attestation, AttestationUpdate, ContentIdentity, ContentIdentityUpdate, Device, DeviceUpdate,
+    Endorsement, EndorsementUpdate, Entry, EntryKind, EntryUpdate, Location, LocationUpdate, Tag,
+    TagUpdate, UserMetadata, UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate,
 };
 pub use ownership::Owner;
 pub use registry::{code_of, model_by_code, model_code, MODELS};
-pub use syncable::{DomainLookup, DomainRule, FieldDef, ModelDef, SyncDomain, Syncable};
+pub use syncable::{
+    DomainLookup, DomainRule, FieldDef, FieldUpdate, ModelDef, SyncDomain, Syncable,
+};
 pub use uuid;
 pub use value::{FieldType, FieldValue, Value};

@@ -90,6 +90,18 @@ pub trait DomainLookup {
     fn domain_of(&self, model: &str, uuid: Uuid) -> Option<SyncDomain>;
 }
 
+/// A typed update of some fields of one record: `#[derive(Syncable)]` makes one per model,
+/// named after it (`TagUpdate` for `Tag`), with a setter per field, so a field name cannot be
+/// misspelt.
+pub trait FieldUpdate {
+    /// The model it updates.
+    type Model: Syncable;
+    /// The record it updates.
+    fn record(&self) -> Uuid;
+    /// The fields it writes, by index.
+    fn into_fields(self) -> Vec<(u8, crate::Value)>;
+}
+
 /// A model that Keel syncs. Implement it with `#[derive(Syncable)]`.
 pub trait Syncable: Sized {
     /// The model's static description.

@@ -670,3 +670,34 @@ fn commit_tag(lib: &Library, tag: &Tag) {
     })
     .expect("commits");
 }
+
+/// Issue 25: typed writes: `#[derive(Syncable)]` makes `TagUpdate` with a setter per field
+/// (a misspelt one does not compile: `schema/tests/ui/misspelt_field_update.rs`).
+#[test]
+fn a_typed_update_writes_the_fields_it_sets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "typed").expect("creates");
+    let tag = keel_tests::tag("before");
+    commit_tag(&lib, &tag);
+    lib.transact(|tx| {
+        tx.set(
+            keel_engine::TagUpdate::new(tag.uuid)
+                .name("after".into())
+                .color(Some("#00ff00".into())),
+        )
+    })
+    .expect("commits");
+    lib.flush().expect("flushes");
+    let got = lib.get::<Tag>(tag.uuid).expect("reads").expect("there");
+    assert_eq!(got.name, "after");
+    assert_eq!(got.color.as_deref(), Some("#00ff00"));
+    assert_eq!(got.created_ms, tag.created_ms, "fields not set are kept");
+    // A host model the library does not know is refused through the typed path too.
+    let refused = lib.transact(|tx| tx.set(HostNoteUpdate::new(Uuid::new_v4()).text("x".into())));
+    assert!(matches!(
+        refused,
+        Err(EngineError::Schema(keel_schema::SchemaError::UnknownModel(
+            _
+        )))
+    ));
+}

@@ -58,8 +58,9 @@ pub use keel_projections::{EntryMetadata, RefusedChange};
 /// What a host app writes and reads, so that `keel-engine` is the one dependency it needs.
 pub use keel_schema::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
-    uuid, uuid::Uuid, ChangeId, ContentIdentity, Device, DeviceId, Entry, EntryKind, LibraryId,
-    Location, Lsn, Syncable, Tag, UserMetadata, UserMetadataTag, Value,
+    uuid, uuid::Uuid, ChangeId, ContentIdentity, ContentIdentityUpdate, Device, DeviceId, Entry,
+    EntryKind, EntryUpdate, FieldUpdate, LibraryId, Location, LocationUpdate, Lsn, Syncable, Tag,
+    TagUpdate, UserMetadata, UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate, Value,
 };
 pub use leader_commit::{SequenceReply, SequenceRequest};
 pub use library::{

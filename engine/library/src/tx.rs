@@ -89,6 +89,21 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
+    /// Writes the fields `update` sets (typed: `TagUpdate::new(uuid).name(…)`, made by
+    /// `#[derive(Syncable)]`; see [`keel_schema::FieldUpdate`]).
+    pub fn set<U: keel_schema::FieldUpdate>(&mut self, update: U) -> Result<(), EngineError> {
+        if !self.knows::<U::Model>() {
+            return Ok(());
+        }
+        let hlc = self.clock.tick(self.now_ms);
+        self.changes.push(Change::upsert_update(
+            ChangeId::at(self.now_ms),
+            hlc,
+            update,
+        )?);
+        Ok(())
+    }
+
     /// Deletes record `uuid` of model `M` (a tombstone: it never comes back through older writes).
     pub fn delete<M: Syncable>(&mut self, uuid: Uuid) {
         if !self.knows::<M>() {

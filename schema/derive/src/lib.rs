@@ -116,6 +116,26 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         quote!(#uuid_ident: uuid)
     };
     let field_count = synced.len();
+    let vis = &input.vis;
+    let update = quote::format_ident!("{}Update", name);
+    let update_doc = format!(
+        "Typed updates of some fields of one `{name}` record (made by `#[derive(Syncable)]`): \
+         `{update}::new(uuid)` then one setter per field to write, handed to `Tx::set`."
+    );
+    let setters = synced.iter().enumerate().map(|(i, f)| {
+        let ident = &f.ident;
+        let ty = &f.ty;
+        let index = i as u8;
+        let doc = format!("Writes `{ident}`.");
+        quote! {
+            #[doc = #doc]
+            #[must_use]
+            pub fn #ident(mut self, value: #ty) -> Self {
+                self.fields.push((#index, ::keel_schema::FieldValue::into_value(value)));
+                self
+            }
+        }
+    });
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let lookup_ident = if matches!(domain, DomainAttr::Parent(_)) {
         quote!(lookup)
@@ -163,6 +183,31 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
 
             fn sync_domain(&self, #lookup_ident: &dyn ::keel_schema::DomainLookup) -> ::keel_schema::SyncDomain {
                 #domain_body
+            }
+        }
+
+        #[doc = #update_doc]
+        #[derive(Clone, Debug, PartialEq)]
+        #vis struct #update {
+            record: ::keel_schema::uuid::Uuid,
+            fields: ::std::vec::Vec<(u8, ::keel_schema::Value)>,
+        }
+
+        impl #update {
+            /// An update of record `record` that writes nothing yet.
+            pub fn new(record: ::keel_schema::uuid::Uuid) -> Self {
+                Self { record, fields: ::std::vec::Vec::new() }
+            }
+            #(#setters)*
+        }
+
+        impl ::keel_schema::FieldUpdate for #update {
+            type Model = #name;
+            fn record(&self) -> ::keel_schema::uuid::Uuid {
+                self.record
+            }
+            fn into_fields(self) -> ::std::vec::Vec<(u8, ::keel_schema::Value)> {
+                self.fields
             }
         }
     })
