@@ -70,10 +70,20 @@ impl Query<'_> {
         filter: &str,
         params: P,
     ) -> Result<Vec<M>, ProjectionError> {
+        self.select_ordered(filter, "uuid", params)
+    }
+
+    /// Like [`Query::select`], in the order (and with the `LIMIT`) `order` gives.
+    pub(crate) fn select_ordered<M: Syncable, P: Params>(
+        &self,
+        filter: &str,
+        order: &str,
+        params: P,
+    ) -> Result<Vec<M>, ProjectionError> {
         let def = M::DEF;
         let cols: Vec<&str> = def.fields.iter().map(|f| f.name).collect();
         let sql = format!(
-            "SELECT uuid, {} FROM {} WHERE _live = 1 AND ({filter}) ORDER BY uuid",
+            "SELECT uuid, {} FROM {} WHERE _live = 1 AND ({filter}) ORDER BY {order}",
             cols.join(", "),
             def.name
         );

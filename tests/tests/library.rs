@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keel_engine::{EngineError, Event, Home, Library, Scope, Tag};
+use keel_engine::{EngineError, Entry, Event, Home, Library, Scope, Tag};
 use keel_schema::{Change, ChangeId, Hlc};
 use keel_tests::{create_library, PASSWORD};
 use uuid::Uuid;
@@ -700,4 +700,103 @@ fn a_typed_update_writes_the_fields_it_sets() {
             _
         )))
     ));
+}
+
+/// Issue 25: typed queries: filters on location, path prefix, tag, content kind, size and time,
+/// an order, and pages by key that together give every entry once.
+#[test]
+fn typed_entry_queries_filter_order_and_page_by_key() {
+    use keel_engine::{EntryFilter, EntryOrder};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "query").expect("creates");
+    let tree = dir.path().join("tree");
+    for folder in ["photos", "docs"] {
+        std::fs::create_dir_all(tree.join(folder)).expect("mkdir");
+        for i in 0..7 {
+            let body = "x".repeat(i + 1);
+            std::fs::write(tree.join(folder).join(format!("{folder}{i}.txt")), body)
+                .expect("writes");
+        }
+    }
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    lib.files()
+        .tag(&tree.join("docs/docs3.txt"), &["keep".into()], Scope::Entry)
+        .expect("tags");
+    lib.flush().expect("flushes");
+    let query = |filter: &EntryFilter| lib.read(|p| p.query().entries(filter)).expect("queries");
+    let files = |filter: EntryFilter| -> Vec<String> {
+        query(&filter)
+            .entries
+            .into_iter()
+            .filter(|e| e.name.ends_with(".txt"))
+            .map(|e| e.name)
+            .collect()
+    };
+    // Pages of 4 by size: every entry once, in (size, uuid) order.
+    let mut paged = Vec::new();
+    let mut filter = EntryFilter {
+        order: EntryOrder::Size,
+        limit: 4,
+        ..EntryFilter::default()
+    };
+    loop {
+        let page = query(&filter);
+        assert!(page.entries.len() <= 4);
+        paged.extend(page.entries);
+        match page.next {
+            Some(next) => filter.after = Some(next),
+            None => break,
+        }
+    }
+    let all = lib
+        .read(|p| p.query().select::<Entry, _>("1 = 1", []))
+        .expect("reads");
+    assert_eq!(paged.len(), all.len(), "every entry once");
+    let keys: Vec<(i64, Option<Uuid>)> = paged.iter().map(|e| (e.size, e.uuid)).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "in order");
+    // Filters.
+    let photos = files(EntryFilter {
+        path_prefix: Some("photos".into()),
+        ..EntryFilter::default()
+    });
+    assert_eq!(photos.len(), 7);
+    assert!(photos.iter().all(|n| n.starts_with("photos")));
+    let mid = files(EntryFilter {
+        size_min: Some(3),
+        size_max: Some(4),
+        ..EntryFilter::default()
+    });
+    assert_eq!(mid.len(), 4, "{mid:?}");
+    assert_eq!(
+        files(EntryFilter {
+            tag: Some(keel_schema::tag_uuid(lib.id().0, "keep")),
+            ..EntryFilter::default()
+        }),
+        vec!["docs3.txt".to_string()]
+    );
+    let kind = all
+        .iter()
+        .find_map(|e| e.content)
+        .and_then(|c| lib.read(|p| p.query().content_identity(c)).ok().flatten())
+        .expect("a content")
+        .kind;
+    assert_eq!(
+        files(EntryFilter {
+            content_kind: Some(kind),
+            ..EntryFilter::default()
+        })
+        .len(),
+        14
+    );
+    let location = all[0].location;
+    assert_eq!(
+        files(EntryFilter {
+            location: Some(location),
+            modified_until: Some(0),
+            ..EntryFilter::default()
+        }),
+        Vec::<String>::new()
+    );
 }

@@ -54,7 +54,9 @@ pub use feed::{ChangeFeed, FeedPosition};
 pub use indexer::{IndexProgress, IndexReport};
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
-pub use keel_projections::{EntryMetadata, RefusedChange};
+pub use keel_projections::{
+    EntryFilter, EntryMetadata, EntryOrder, EntryPage, PageCursor, PageKey, RefusedChange,
+};
 /// What a host app writes and reads, so that `keel-engine` is the one dependency it needs.
 pub use keel_schema::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
