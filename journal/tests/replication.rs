@@ -526,3 +526,23 @@ fn a_devices_own_change_from_its_own_clock_far_ahead_is_appended() {
         .append(Lsn(1), vec![(epoch, Vec::new()), (epoch, sealed)])
         .expect("appends its own change");
 }
+
+/// Issue 25: a device that lacks a model the library uses (an older app, or one without a
+/// host's model) keeps the changes of that model: a segment holding one is stored whole, not
+/// refused (refusing it would hold this follower still and shut its leader out).
+#[test]
+fn a_segment_with_a_model_this_device_lacks_is_stored_whole() {
+    let (dir, lib, key, (l, f), epoch) = setup();
+    let leader = open(dir.path(), "l.redb", lib, &key, l, CommitRoute::Log(epoch));
+    let follower = open(dir.path(), "f.redb", lib, &key, f, CommitRoute::Offline);
+    let mut newer = change(l, 1);
+    newer.model = 200;
+    let mut entries = segment(&leader, Lsn(1));
+    entries.push((epoch, leader.seal(&newer)));
+    let n = entries.len() as u64;
+    follower
+        .log()
+        .append(Lsn(1), entries)
+        .expect("a model this device lacks is kept, not refused");
+    assert_eq!(follower.log().read(Lsn(n), 1).expect("reads").len(), 1);
+}

@@ -55,6 +55,9 @@ pub struct ApplyStats {
     /// Changes refused by the owner rule (see [`keel_schema::Owner`] and
     /// [`crate::Query::refused`]).
     pub refused: u64,
+    /// Changes of a model this build lacks: kept aside, not applied (see
+    /// [`crate::Query::lacking_models`]).
+    pub lacking: u64,
     /// Changes in the Index domain.
     pub index_domain: u64,
     /// Changes in the Content domain.
@@ -168,6 +171,7 @@ enum Outcome {
     Unchanged,
     Parked,
     Refused,
+    Lacking,
 }
 
 impl ApplyStats {
@@ -177,6 +181,7 @@ impl ApplyStats {
             Outcome::Unchanged => self.unchanged += 1,
             Outcome::Parked => self.parked += 1,
             Outcome::Refused => self.refused += 1,
+            Outcome::Lacking => self.lacking += 1,
         }
     }
 }
@@ -619,7 +624,17 @@ impl<'a> Applier<'a> {
 
     fn apply(&self, change: &Change) -> Result<Outcome, ProjectionError> {
         let Some(def) = model_by_code(change.model) else {
-            return Ok(Outcome::Unchanged);
+            // A newer app's model, or another host's: kept aside, said, applied by a rebuild
+            // once this build knows it.
+            let mut stmt = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO _lacking (id, model, change) VALUES (?1, ?2, ?3)",
+            )?;
+            stmt.execute((
+                change.id.0.as_bytes().as_slice(),
+                i64::from(change.model),
+                change.encode(),
+            ))?;
+            return Ok(Outcome::Lacking);
         };
         let sql = &self.sql[usize::from(change.model)];
         if change.model == self.attestation {

@@ -209,6 +209,25 @@ impl Applier<'_> {
 }
 
 impl crate::Query<'_> {
+    /// The models whose changes this build lacks, by code, with how many changes of each were
+    /// kept aside (not applied: a rebuild applies them once the app knows the model).
+    pub fn lacking_models(&self) -> Result<Vec<(u8, u64)>, ProjectionError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT model, count(*) FROM _lacking GROUP BY model ORDER BY model")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (model, count) = row?;
+            let bad = || ProjectionError::MalformedRow("_lacking".into());
+            out.push((
+                u8::try_from(model).map_err(|_| bad())?,
+                u64::try_from(count).map_err(|_| bad())?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// The changes refused by the owner rule, oldest first.
     pub fn refused(&self) -> Result<Vec<RefusedChange>, ProjectionError> {
         let mut stmt = self

@@ -368,3 +368,33 @@ fn a_deleted_device_record_stays_deleted_whatever_comes_after() {
         );
     }
 }
+
+/// Issue 25: a change of a model this build lacks (a newer app's, another host's) is kept aside
+/// with its model named, never applied and never an error; once is enough however often it
+/// comes.
+#[test]
+fn a_change_of_a_model_this_build_lacks_is_kept_aside_and_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    let mut g = Gen {
+        device: DeviceId([5; 32]),
+        ms: 1,
+    };
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: "from a newer app".into(),
+        color: None,
+        created_ms: 1,
+    };
+    let mut newer = Change::upsert(ChangeId::new(), g.hlc(), &tag).expect("ready");
+    newer.model = 200;
+    let decoded = Change::decode(&newer.encode()).expect("a model this build lacks decodes");
+    for _ in 0..2 {
+        let stats = p
+            .apply(std::slice::from_ref(&decoded), None)
+            .expect("applies");
+        assert_eq!(stats.lacking, 1, "{stats:?}");
+    }
+    assert_eq!(p.query().lacking_models().expect("lists"), vec![(200, 1)]);
+    assert_eq!(p.query().counts().expect("counts").tags, 0);
+}

@@ -143,10 +143,10 @@ impl Change {
         }
     }
 
-    /// Checks the model code, field indexes and value types.
+    /// Checks the field count and, for a model this build knows, the field indexes and value
+    /// types. A change of a model this build lacks (a newer app's, another host's) is well
+    /// formed if its size is: it is kept, and the projections say which model they lack.
     pub fn validate(&self) -> Result<(), SchemaError> {
-        let def = model_by_code(self.model)
-            .ok_or_else(|| SchemaError::UnknownModel(format!("code {}", self.model)))?;
         if let Op::Upsert(fields) = &self.op {
             if fields.len() > FIELDS_PER_CHANGE_MAX {
                 return Err(SchemaError::Malformed(format!(
@@ -154,6 +154,11 @@ impl Change {
                     fields.len()
                 )));
             }
+        }
+        let Some(def) = model_by_code(self.model) else {
+            return Ok(());
+        };
+        if let Op::Upsert(fields) = &self.op {
             for (index, value) in fields {
                 let field =
                     def.fields
