@@ -200,8 +200,6 @@ pub(crate) struct Applier<'a> {
     counts: Option<CountPlan>,
     /// Changes to those counts not yet written, written by [`Applier::write_counts`].
     deltas: CountDeltas,
-    /// Each model's owner rule, by code.
-    rules: Vec<Owner>,
     /// Locations' owners (device record uuids) looked up so far; an owner never changes.
     pub(crate) owners: RefCell<HashMap<Uuid, Uuid>>,
     /// Devices' Device record uuids computed so far.
@@ -230,9 +228,6 @@ impl<'a> Applier<'a> {
             careful: Cell::new(careful),
             counts: CountPlan::get(),
             deltas: CountDeltas::default(),
-            rules: (0..sql.len())
-                .map(|code| Owner::of_model(u8::try_from(code).unwrap_or(u8::MAX)))
-                .collect(),
             owners: RefCell::new(HashMap::new()),
             origins: RefCell::new(HashMap::new()),
             attested,
@@ -557,10 +552,7 @@ impl<'a> Applier<'a> {
     }
 
     fn rule(&self, code: u8) -> Owner {
-        self.rules
-            .get(usize::from(code))
-            .copied()
-            .unwrap_or(Owner::Anyone)
+        Owner::of_model(code)
     }
 
     /// Applies the owner rule to a change that writes file facts: stop with an outcome, or go
@@ -599,7 +591,9 @@ impl<'a> Applier<'a> {
     }
 
     /// An attestation: refused unless its signature checks out (and never deleted); its
-    /// members are taken in; stored once (`None`: go on and insert it).
+    /// members are taken in; stored once (`None`: go on and insert it). One already stored (its
+    /// log copy on the device that made it, a redelivery) is not checked again: its members
+    /// were taken in when it was, and are read back from its row after a restart.
     fn take_attestation(
         &self,
         def: &ModelDef,
@@ -609,17 +603,19 @@ impl<'a> Applier<'a> {
             self.refuse(def, change, "an attestation is never deleted")?;
             return Ok(Some(Outcome::Refused));
         }
-        match crate::attest::check(change) {
-            Ok(members) => self.attested_add(members),
-            Err(reason) => {
-                self.refuse(def, change, &reason)?;
-                return Ok(Some(Outcome::Refused));
-            }
-        }
         if self.exists(def.name, change.record)? {
             return Ok(Some(Outcome::Unchanged));
         }
-        Ok(None)
+        match crate::attest::check(change) {
+            Ok(members) => {
+                self.attested_add(members);
+                Ok(None)
+            }
+            Err(reason) => {
+                self.refuse(def, change, &reason)?;
+                Ok(Some(Outcome::Refused))
+            }
+        }
     }
 
     fn apply(&self, change: &Change) -> Result<Outcome, ProjectionError> {

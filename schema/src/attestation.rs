@@ -17,16 +17,7 @@ pub const MEMBERS_MAX: usize = 1024;
 
 /// Whether `change` must be vouched for by an attestation of its origin.
 pub fn needs_attestation(change: &Change) -> bool {
-    // Each model's rule, worked out once (by name, from the registry).
-    static RULES: std::sync::OnceLock<Vec<Owner>> = std::sync::OnceLock::new();
-    let rules = RULES.get_or_init(|| {
-        (0..crate::MODELS.len())
-            .map(|code| Owner::of_model(u8::try_from(code).unwrap_or(u8::MAX)))
-            .collect()
-    });
-    rules
-        .get(usize::from(change.model))
-        .is_some_and(|rule| rule.guards(change))
+    Owner::of_model(change.model).guards(change)
 }
 
 /// The digest of `change` an attestation lists: BLAKE3 of every part of the change (id, clock,

@@ -9,7 +9,6 @@
 //! [`crate::attestation`]).
 
 use crate::change::{Change, Op};
-use crate::registry::model_by_code;
 use crate::syncable::ModelDef;
 
 /// Whose a model's records are.
@@ -48,11 +47,19 @@ fn index(def: &ModelDef, name: &str) -> Option<u8> {
 }
 
 impl Owner {
-    /// The rule of model `code` (an unknown code: [`Owner::Anyone`]).
+    /// The rule of model `code` (an unknown code: [`Owner::Anyone`]). Worked out once per
+    /// model (by name, from the registry) and then looked up: it is asked for every change.
     pub fn of_model(code: u8) -> Self {
-        let Some(def) = model_by_code(code) else {
-            return Self::Anyone;
-        };
+        static RULES: std::sync::OnceLock<Vec<Owner>> = std::sync::OnceLock::new();
+        let rules =
+            RULES.get_or_init(|| crate::MODELS.iter().map(|def| Self::of_def(def)).collect());
+        rules
+            .get(usize::from(code))
+            .copied()
+            .unwrap_or(Self::Anyone)
+    }
+
+    fn of_def(def: &ModelDef) -> Self {
         let rule = match def.name {
             "device" => Some(Self::Itself),
             "location" => index(def, "device").map(|field| Self::DeviceIn { field }),

@@ -26,13 +26,18 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// Whether model `M` is one the library knows; remembers the first that is not.
-    fn knows<M: Syncable>(&mut self) -> bool {
-        let known = keel_schema::model_code(M::DEF.name).is_some();
-        if !known && self.unknown.is_none() {
-            self.unknown = Some(M::DEF.name.to_string());
+    /// Keeps `change`, unless its model is one the library does not know: then it remembers
+    /// that model (`name`, the first such) and the transaction fails when it finishes. The
+    /// change's model code was looked up when it was built; this only indexes the registry.
+    fn keep(&mut self, change: Change, name: impl FnOnce() -> String) -> bool {
+        if keel_schema::model_by_code(change.model).is_none() {
+            if self.unknown.is_none() {
+                self.unknown = Some(name());
+            }
+            return false;
         }
-        known
+        self.changes.push(change);
+        true
     }
 
     /// The transaction's changes, or the error that refuses them all (a model the library does
@@ -47,83 +52,62 @@ impl<'a> Tx<'a> {
     /// Writes every synced field of `record`. Returns `false` (and writes nothing) if the record is
     /// not sync-ready (its uuid is `None`).
     pub fn upsert<M: Syncable>(&mut self, record: &M) -> bool {
-        self.knows::<M>() && self.push_upsert(|id, hlc| Change::upsert(id, hlc, record))
+        self.push_upsert::<M>(|id, hlc| Change::upsert(id, hlc, record))
     }
 
     /// [`Tx::upsert`] of a record it takes (its strings and bytes move into the change).
     pub fn upsert_owned<M: Syncable>(&mut self, record: M) -> bool {
-        self.knows::<M>() && self.push_upsert(|id, hlc| Change::upsert_owned(id, hlc, record))
+        self.push_upsert::<M>(|id, hlc| Change::upsert_owned(id, hlc, record))
     }
 
-    /// Adds the upsert that `build` makes with a new id and clock, if it makes one.
-    fn push_upsert(
+    /// Adds the upsert of model `M` that `build` makes with a new id and clock, if it makes one.
+    fn push_upsert<M: Syncable>(
         &mut self,
         build: impl FnOnce(ChangeId, keel_schema::Hlc) -> Option<Change>,
     ) -> bool {
         let hlc = self.clock.tick(self.now_ms);
         match build(ChangeId::at(self.now_ms), hlc) {
-            Some(change) => {
-                self.changes.push(change);
-                true
-            }
+            Some(change) => self.keep(change, || M::DEF.name.to_string()),
             None => false,
         }
     }
 
-    /// Writes some fields of record `uuid` of model `M`, by field name.
+    /// Writes some fields of record `uuid` of model `M`, by field name (prefer the typed
+    /// [`Tx::set`]).
     pub fn update<M: Syncable>(
         &mut self,
         uuid: Uuid,
         fields: Vec<(&str, Value)>,
     ) -> Result<(), EngineError> {
-        if !self.knows::<M>() {
-            return Ok(());
-        }
         let hlc = self.clock.tick(self.now_ms);
-        self.changes.push(Change::upsert_fields::<M>(
-            ChangeId::at(self.now_ms),
-            hlc,
-            uuid,
-            fields,
-        )?);
+        let change = Change::upsert_fields::<M>(ChangeId::at(self.now_ms), hlc, uuid, fields)?;
+        self.keep(change, || M::DEF.name.to_string());
         Ok(())
     }
 
     /// Writes the fields `update` sets (typed: `TagUpdate::new(uuid).name(…)`, made by
     /// `#[derive(Syncable)]`; see [`keel_schema::FieldUpdate`]).
     pub fn set<U: keel_schema::FieldUpdate>(&mut self, update: U) -> Result<(), EngineError> {
-        if !self.knows::<U::Model>() {
-            return Ok(());
-        }
         let hlc = self.clock.tick(self.now_ms);
-        self.changes.push(Change::upsert_update(
-            ChangeId::at(self.now_ms),
-            hlc,
-            update,
-        )?);
+        let change = Change::upsert_update(ChangeId::at(self.now_ms), hlc, update)?;
+        self.keep(change, || <U::Model as Syncable>::DEF.name.to_string());
         Ok(())
     }
 
     /// Deletes record `uuid` of model `M` (a tombstone: it never comes back through older writes).
     pub fn delete<M: Syncable>(&mut self, uuid: Uuid) {
-        if !self.knows::<M>() {
-            return;
-        }
         let hlc = self.clock.tick(self.now_ms);
-        self.changes
-            .push(Change::delete::<M>(ChangeId::at(self.now_ms), hlc, uuid));
+        let change = Change::delete::<M>(ChangeId::at(self.now_ms), hlc, uuid);
+        self.keep(change, || M::DEF.name.to_string());
     }
 
     /// Adds an already-built change (its clock is observed so later ticks stay ahead of it).
     pub fn push(&mut self, change: Change) {
-        if keel_schema::model_by_code(change.model).is_none() {
-            if self.unknown.is_none() {
-                self.unknown = Some(format!("code {}", change.model));
-            }
-            return;
+        let hlc = change.hlc;
+        let code = change.model;
+        if self.keep(change, || format!("code {code}")) {
+            self.clock.observe(hlc);
         }
-        self.clock.observe(change.hlc);
-        self.changes.push(change);
     }
 
     /// Changes collected so far.

@@ -1,7 +1,7 @@
 //! LAN discovery over mDNS/DNS-SD (the `mdns-sd` crate).
 //!
-//! A running node announces itself under [`SERVICE`] with an opaque instance name: a keyed hash
-//! of the library id, its device id and the current ten-minute window ([`tag`]). Only devices
+//! A running node announces itself under [`LAN_SERVICE`] with an opaque instance name: a keyed hash
+//! of the library id, its device id and the current ten-minute window ([`lan_tag`]). Only devices
 //! that know the library id (paired devices) can tell which announcements are their library's;
 //! a stranger sees random names that change every window, never the library's name or id. The
 //! host name announced is the same tag, not the machine's name.
@@ -29,7 +29,7 @@ use super::net::Net;
 use crate::error::NodeError;
 
 /// The DNS-SD service type running nodes announce.
-pub const SERVICE: &str = "_keel._udp.local.";
+pub const LAN_SERVICE: &str = "_keel._udp.local.";
 /// The DNS-SD service type of a node with an open invitation.
 pub const PAIRING_SERVICE: &str = "_keel-pair._udp.local.";
 /// The standard mDNS port.
@@ -97,7 +97,7 @@ pub(crate) fn window(now_ms: u64) -> u64 {
 
 /// The instance name `device` announces for `library` in `window`: opaque to anyone who does
 /// not know the library id, and different in every window.
-pub fn tag(library: LibraryId, device: DeviceId, window: u64) -> String {
+pub fn lan_tag(library: LibraryId, device: DeviceId, window: u64) -> String {
     let key = blake3::derive_key("keel 2026 lan discovery v1", library.0.as_bytes());
     let mut hasher = blake3::Hasher::new_keyed(&key);
     hasher.update(&device.0);
@@ -191,7 +191,7 @@ impl Lan {
         if let Some((_, old)) = announced.device.take() {
             self.unregister(&old);
         }
-        match self.register(SERVICE, &tag(self.library, self.device, now)) {
+        match self.register(LAN_SERVICE, &lan_tag(self.library, self.device, now)) {
             Ok(fullname) => announced.device = Some((now, fullname)),
             Err(e) => tracing::warn!(error = %e, "could not announce this device on the LAN"),
         }
@@ -235,13 +235,17 @@ impl Lan {
             .all()
             .into_iter()
             .filter(|d| *d != self.device)
-            .find(|d| windows.iter().any(|w| tag(self.library, *d, *w) == name))
+            .find(|d| {
+                windows
+                    .iter()
+                    .any(|w| lan_tag(self.library, *d, *w) == name)
+            })
     }
 
     /// Announces this device and dials its pinned devices as they are found, until stopped.
     /// Runs on its own thread (mDNS events arrive on a blocking channel).
     pub(crate) fn run(self: Arc<Self>, net: Arc<Net>, rt: tokio::runtime::Handle) {
-        let events = match self.daemon.browse(SERVICE) {
+        let events = match self.daemon.browse(LAN_SERVICE) {
             Ok(events) => events,
             Err(e) => {
                 tracing::warn!(error = %e, "LAN discovery is off: browsing failed");
@@ -256,7 +260,7 @@ impl Lan {
             let ServiceEvent::ServiceResolved(found) = event else {
                 continue;
             };
-            let Some(name) = instance(&found.fullname, SERVICE) else {
+            let Some(name) = instance(&found.fullname, LAN_SERVICE) else {
                 continue;
             };
             let Some(device) = self.device_named(&net, name, keel_engine::now_ms()) else {
@@ -356,13 +360,13 @@ mod tests {
     fn a_tag_is_opaque_and_rotates_with_the_window() {
         let library = LibraryId(uuid::Uuid::from_u128(7));
         let device = DeviceId([3; 32]);
-        let a = tag(library, device, 100);
+        let a = lan_tag(library, device, 100);
         assert_eq!(a.len(), TAG_BYTES * 2);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(a, tag(library, device, 100), "deterministic");
-        assert_ne!(a, tag(library, device, 101), "rotates");
-        assert_ne!(a, tag(LibraryId(uuid::Uuid::from_u128(8)), device, 100));
-        assert_ne!(a, tag(library, DeviceId([4; 32]), 100));
+        assert_eq!(a, lan_tag(library, device, 100), "deterministic");
+        assert_ne!(a, lan_tag(library, device, 101), "rotates");
+        assert_ne!(a, lan_tag(LibraryId(uuid::Uuid::from_u128(8)), device, 100));
+        assert_ne!(a, lan_tag(library, DeviceId([4; 32]), 100));
         assert!(!a.contains(&library.0.simple().to_string()[..8]));
     }
 
@@ -374,7 +378,7 @@ mod tests {
         assert!(addrs
             .iter()
             .all(|a| a.port() == 9 && !a.ip().is_unspecified()));
-        assert_eq!(instance("abc._keel._udp.local.", SERVICE), Some("abc"));
-        assert_eq!(instance("abc._other._udp.local.", SERVICE), None);
+        assert_eq!(instance("abc._keel._udp.local.", LAN_SERVICE), Some("abc"));
+        assert_eq!(instance("abc._other._udp.local.", LAN_SERVICE), None);
     }
 }

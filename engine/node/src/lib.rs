@@ -29,9 +29,7 @@ use keel_transport::{Endpoint, Identity, Inviter, Pins};
 use tokio::sync::{mpsc, oneshot};
 
 pub use devices::{DevicesFile, PairedDevice};
-pub use discovery::{
-    find_inviter, tag as lan_tag, Discovery, MDNS_PORT, PAIRING_SERVICE, SERVICE as LAN_SERVICE,
-};
+pub use discovery::{find_inviter, lan_tag, Discovery, LAN_SERVICE, MDNS_PORT, PAIRING_SERVICE};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
 pub use snapshot::{JoinProgress, SnapshotOutcome};

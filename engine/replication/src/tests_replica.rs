@@ -402,27 +402,27 @@ fn segment(
     }
 }
 
+/// Founder 1's epoch in these tests.
+const FOUNDER: Epoch = Epoch {
+    counter: 1,
+    device: DeviceId([1; 32]),
+};
+
 /// A follower of founder 1 holding the founder's barrier and two changes, written.
 fn follower_of_founder(store: &mut Memory) -> Replica {
-    let founder = Epoch {
-        counter: 1,
-        device: DeviceId([1; 32]),
-    };
+    follower_holding(store, [seal(id(1)), seal(id(2))])
+}
+
+/// A follower of founder 1 holding the founder's barrier and `changes` (sealed), written.
+fn follower_holding(store: &mut Memory, changes: [Vec<u8>; 2]) -> Replica {
+    let mut entries = vec![(FOUNDER, Vec::new())];
+    entries.extend(changes.into_iter().map(|sealed| (FOUNDER, sealed)));
     let mut follower = Replica::new(config(2), Durable::default(), 0);
-    follower.handle_connected(0, founder.device);
+    follower.handle_connected(0, FOUNDER.device);
     follower.handle_message(
         1,
-        founder.device,
-        segment(
-            founder,
-            1,
-            Epoch::default(),
-            vec![
-                (founder, Vec::new()),
-                (founder, seal(id(1))),
-                (founder, seal(id(2))),
-            ],
-        ),
+        FOUNDER.device,
+        segment(FOUNDER, 1, Epoch::default(), entries),
         store,
     );
     store.write_all(&mut follower);
@@ -438,30 +438,9 @@ fn follower_of_founder(store: &mut Memory) -> Replica {
 #[test]
 fn a_truncation_returns_only_this_devices_changes() {
     let mut store = Memory::default();
-    let founder = Epoch {
-        counter: 1,
-        device: DeviceId([1; 32]),
-    };
+    let founder = FOUNDER;
     let other = DeviceId([3; 32]);
-    let mut follower = Replica::new(config(2), Durable::default(), 0);
-    follower.handle_connected(0, founder.device);
-    follower.handle_message(
-        1,
-        founder.device,
-        segment(
-            founder,
-            1,
-            Epoch::default(),
-            vec![
-                (founder, Vec::new()),
-                (founder, seal_by(id(1), MAKER)),
-                (founder, seal_by(id(2), other)),
-            ],
-        ),
-        &mut store,
-    );
-    store.write_all(&mut follower);
-    follower.written();
+    let mut follower = follower_holding(&mut store, [seal_by(id(1), MAKER), seal_by(id(2), other)]);
     let next = Epoch {
         counter: 2,
         device: other,
@@ -563,10 +542,7 @@ fn a_segment_that_disagrees_at_the_first_position_is_refused() {
 fn a_segment_with_impossible_epochs_is_refused() {
     let mut store = Memory::default();
     let mut follower = follower_of_founder(&mut store);
-    let founder = Epoch {
-        counter: 1,
-        device: DeviceId([1; 32]),
-    };
+    let founder = FOUNDER;
     let later = Epoch {
         counter: 3,
         device: DeviceId([1; 32]),
@@ -590,10 +566,7 @@ fn a_segment_with_impossible_epochs_is_refused() {
 fn a_refused_segment_announces_no_catch_up() {
     let mut store = Memory::default();
     let mut follower = follower_of_founder(&mut store);
-    let founder = Epoch {
-        counter: 1,
-        device: DeviceId([1; 32]),
-    };
+    let founder = FOUNDER;
     let mut forged = segment(
         founder,
         10,
@@ -623,10 +596,7 @@ fn a_refused_segment_announces_no_catch_up() {
 fn a_segment_naming_a_change_twice_is_written_whole() {
     let mut store = Memory::default();
     let mut follower = follower_of_founder(&mut store);
-    let founder = Epoch {
-        counter: 1,
-        device: DeviceId([1; 32]),
-    };
+    let founder = FOUNDER;
     follower.handle_message(
         3,
         founder.device,
