@@ -16,7 +16,7 @@
 //! references are proven present beforehand (see [`crate::references`]), SQLite's checks are off
 //! for its transaction: the commit could not have failed, so the rows are the same.
 
-use keel_schema::{model_by_code, Change, Hlc, ModelDef, Op, Owner, SyncDomain, Value};
+use keel_schema::{Change, Hlc, ModelDef, Op, Owner, Registry, SyncDomain, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{
     params_from_iter, CachedStatement, Connection, ErrorCode, OptionalExtension, Params, ToSql,
@@ -144,10 +144,15 @@ fn is_whole(fields: &[(u8, Value)], n: usize) -> bool {
             .all(|(i, (f, _))| usize::from(*f) == i)
 }
 
-/// Whether `change` upserts a whole record of a known model.
-fn is_whole_change(change: &Change) -> bool {
-    match (&change.op, change.model_def()) {
-        (Op::Upsert(fields), Some(def)) => is_whole(fields, def.fields.len()),
+/// Whether `change` upserts a whole record of a model of `registry`, at its version (and, for a
+/// host's model, with values of its fields' types: Keel's were checked as they were decoded).
+fn is_whole_change(registry: &Registry, change: &Change) -> bool {
+    match (&change.op, registry.get(change.model)) {
+        (Op::Upsert(fields), Some(def)) => {
+            def.version == change.version
+                && is_whole(fields, def.fields.len())
+                && (def.code < keel_schema::HOST_CODE_MIN || change.validate_as(def).is_ok())
+        }
         _ => false,
     }
 }
@@ -189,6 +194,8 @@ impl ApplyStats {
 pub(crate) struct Applier<'a> {
     pub(crate) conn: &'a Connection,
     sql: &'a [ModelSql],
+    /// The library's models.
+    registry: &'a Registry,
     /// Each model's insert statement, prepared once per `apply` call (looking it up in the
     /// connection's statement cache hashed its SQL text for every row).
     inserts: Vec<RefCell<Option<CachedStatement<'a>>>>,
@@ -217,12 +224,14 @@ impl<'a> Applier<'a> {
     fn new(
         conn: &'a Connection,
         sql: &'a [ModelSql],
+        registry: &'a Registry,
         careful: bool,
         attested: &'a RefCell<crate::attest::Attested>,
     ) -> Self {
         Self {
             conn,
             sql,
+            registry,
             inserts: sql.iter().map(|_| RefCell::new(None)).collect(),
             insert_runs: sql.iter().map(|_| RefCell::new(None)).collect(),
             careful: Cell::new(careful),
@@ -395,9 +404,10 @@ impl<'a> Applier<'a> {
             let run = order.get(next..next + INSERT_ROWS).filter(|run| {
                 !self.careful.get()
                     && first.model != self.attestation
-                    && run
-                        .iter()
-                        .all(|&i| changes[i].model == first.model && is_whole_change(&changes[i]))
+                    && run.iter().all(|&i| {
+                        changes[i].model == first.model
+                            && is_whole_change(self.registry, &changes[i])
+                    })
             });
             if let Some(run) = run {
                 let run: Vec<&Change> = run.iter().map(|&i| &changes[i]).collect();
@@ -618,20 +628,57 @@ impl<'a> Applier<'a> {
         }
     }
 
+    /// Applies one change: of a model (or a version of it) this library lacks, kept aside; of
+    /// an older version, upcast first; of a host's model, checked against its definition.
     fn apply(&self, change: &Change) -> Result<Outcome, ProjectionError> {
-        let Some(def) = model_by_code(change.model) else {
-            // A newer app's model, or another host's: kept aside, said, applied by a rebuild
-            // once this build knows it.
-            let mut stmt = self.conn.prepare_cached(
-                "INSERT OR IGNORE INTO _lacking (id, model, change) VALUES (?1, ?2, ?3)",
-            )?;
-            stmt.execute((
-                change.id.0.as_bytes().as_slice(),
-                i64::from(change.model),
-                change.encode(),
-            ))?;
-            return Ok(Outcome::Lacking);
+        let Some(def) = self.registry.get(change.model) else {
+            return self.keep_lacking(change);
         };
+        if change.version > def.version {
+            return self.keep_lacking(change);
+        }
+        if change.version < def.version {
+            let mut upcast = change.clone();
+            upcast.version = def.version;
+            if let Op::Upsert(fields) = &mut upcast.op {
+                if let Err(e) = def.upcast(change.version, fields) {
+                    self.refuse(def, change, &e.to_string())?;
+                    return Ok(Outcome::Refused);
+                }
+            }
+            return self.apply_valid(def, &upcast);
+        }
+        self.apply_valid(def, change)
+    }
+
+    /// A change of a newer app's model or version, or another host's: kept aside, said (see
+    /// [`crate::Query::lacking_models`]), applied by the replay once this build knows it.
+    fn keep_lacking(&self, change: &Change) -> Result<Outcome, ProjectionError> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO _lacking (id, model, version, change) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        stmt.execute((
+            change.id.0.as_bytes().as_slice(),
+            i64::from(change.model),
+            i64::from(change.version),
+            change.encode(),
+        ))?;
+        Ok(Outcome::Lacking)
+    }
+
+    /// Applies a change of model `def` at its version; one whose values do not fit the
+    /// definition is refused (Keel's models were checked as they were decoded).
+    fn apply_valid(
+        &self,
+        def: &'static ModelDef,
+        change: &Change,
+    ) -> Result<Outcome, ProjectionError> {
+        if def.code >= keel_schema::HOST_CODE_MIN {
+            if let Err(e) = change.validate_as(def) {
+                self.refuse(def, change, &e.to_string())?;
+                return Ok(Outcome::Refused);
+            }
+        }
         let sql = &self.sql[usize::from(change.model)];
         if change.model == self.attestation {
             if let Some(outcome) = self.take_attestation(def, change)? {
@@ -789,7 +836,7 @@ impl<'a> Applier<'a> {
     }
 
     fn exists(&self, model: &str, uuid: Uuid) -> Result<bool, ProjectionError> {
-        let Some(code) = keel_schema::model_code(model) else {
+        let Some(code) = self.registry.code(model) else {
             return Ok(false);
         };
         let mut stmt = self
@@ -972,7 +1019,9 @@ impl Projections {
             return Ok(false);
         }
         let limit = changes.len() / 16;
-        let Some(outside) = crate::references::references_outside(changes, order, limit) else {
+        let Some(outside) =
+            crate::references::references_outside(&self.registry, changes, order, limit)
+        else {
             return Ok(false);
         };
         for (target, uuid) in outside {
@@ -1042,7 +1091,7 @@ impl Projections {
     ) -> Result<(ApplyStats, u64), ProjectionError> {
         let mut stats = ApplyStats::default();
         let tx = self.conn.unchecked_transaction()?;
-        let applier = Applier::new(&tx, &self.sql, careful, &self.attested);
+        let applier = Applier::new(&tx, &self.sql, &self.registry, careful, &self.attested);
         applier.apply_all(changes, order, &mut stats)?;
         if (self.parked > 0 && stats.applied > 0) || stats.parked > 0 {
             stats.unparked = applier.retry_parked()?;
@@ -1069,7 +1118,7 @@ impl Projections {
     /// The domain of a change's record. UserMetadata by its scope; UserMetadataTag by its parent,
     /// whose domain is cached.
     pub fn domain_of(&mut self, change: &Change) -> SyncDomain {
-        let Some(def) = change.model_def() else {
+        let Some(def) = self.registry.get(change.model) else {
             return SyncDomain::Index;
         };
         let scope_of = |fields: &[(u8, Value)]| -> Option<SyncDomain> {

@@ -9,9 +9,11 @@ use crate::derived::{holds_counts, COUNT_COLUMNS};
 /// counts in its row instead of an index on `entry(content)` (see [`crate::derived`]); version 4
 /// adds `_refused` (see [`crate::ownership`]); version 5 adds the `attestation` table and refuses
 /// file facts no attestation vouches for (see [`crate::attest`]); version 6 adds `_lacking`, the
-/// changes of models this build lacks. A projection of an older version is discarded on open
-/// and replayed from the journal.
-pub(crate) const SCHEMA_VERSION: i64 = 6;
+/// changes of models this build lacks; version 7 adds host models, `_registry` (the fingerprint
+/// of the models the file was built for) and the version of a lacking change. A projection of
+/// an older version, or built for other models, is discarded on open and replayed from the
+/// journal.
+pub(crate) const SCHEMA_VERSION: i64 = 7;
 
 /// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes
 /// (cachegrind, whole run of the scratch harness): 2.07 G for 4 rows, 1.98 G for 8, 2.02 G for 16,
@@ -99,15 +101,17 @@ pub(crate) const INDEXES: &[(&str, &str)] = &[
 pub(crate) const INTERNAL: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS _parked (key BLOB PRIMARY KEY NOT NULL, missing TEXT NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS _lacking (id BLOB PRIMARY KEY NOT NULL, model INTEGER NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _lacking (id BLOB PRIMARY KEY NOT NULL, model INTEGER NOT NULL, version INTEGER NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _registry (fingerprint TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS _refused (id BLOB PRIMARY KEY NOT NULL, model TEXT NOT NULL, record BLOB NOT NULL, origin BLOB NOT NULL, reason TEXT NOT NULL) WITHOUT ROWID",
     "CREATE VIEW IF NOT EXISTS content_identity_stats AS \
        SELECT uuid, _entries AS entry_count, _bytes AS total_size \
        FROM content_identity WHERE _live = 1",
 ];
 
-/// The prepared statements of one model.
-#[derive(Debug, Clone)]
+/// The prepared statements of one model. The default, with no statements, stands for a code no
+/// model holds: the apply code looks the model up in the registry first and never reaches it.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ModelSql {
     /// Insert a new row; does nothing if the uuid exists.
     pub(crate) insert: String,

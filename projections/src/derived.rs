@@ -229,6 +229,7 @@ mod tests {
             model,
             record: Uuid::from_u128(1),
             op: keel_schema::Op::Delete,
+            version: 0,
         };
         let changes = vec![
             change(other),

@@ -5,7 +5,6 @@
 //! changes they vouch for are applied, not records: the same records signed in other commits
 //! are the same library). Equal state gives an equal digest.
 
-use keel_schema::MODELS;
 use rusqlite::types::ValueRef;
 
 use crate::error::ProjectionError;
@@ -43,7 +42,7 @@ impl Query<'_> {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"keel projection digest v1");
         let attestation = <keel_schema::Attestation as keel_schema::Syncable>::DEF.name;
-        for def in MODELS.iter().filter(|def| def.name != attestation) {
+        for def in self.registry.iter().filter(|def| def.name != attestation) {
             hasher.update(def.name.as_bytes());
             let mut stmt = self
                 .conn

@@ -27,7 +27,7 @@ pub use attest::Signer;
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use error::ProjectionError;
 pub use filters::{EntryFilter, EntryOrder, EntryPage, PageCursor, PageKey, PAGE_MAX};
-pub use ownership::RefusedChange;
+pub use ownership::{Lacking, RefusedChange};
 pub use queries::{Counts, EntryMetadata, Query};
 pub use snapshot::FrozenFile;
 pub use store::{

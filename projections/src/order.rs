@@ -7,7 +7,7 @@
 //! record of the batch?" by a merge with the sorted references ([`crate::references`]), with no
 //! hashing and no worst case an adversary could pick.
 
-use keel_schema::{model_by_code, Change};
+use keel_schema::Change;
 use uuid::Uuid;
 
 /// One change's sort key: (rank and model, record uuid as a big-endian integer, position in
@@ -65,7 +65,8 @@ impl<'a> ApplyOrder<'a> {
     }
 
     /// Of the references `wanted` (model code, uuid), those that name no record of the batch
-    /// (a record of a known model with a change in it), each once, in apply order. They are
+    /// (a record of a model with a rank, one this library knows, with a change in it), each
+    /// once, in apply order. They are
     /// sorted and walked beside the batch's keys in one pass: a binary search per reference
     /// jumped around keys that outgrow the CPU caches (2 MiB for 65,536 changes).
     pub(crate) fn records_missing(&self, wanted: &[(usize, Uuid)]) -> Vec<(usize, Uuid)> {
@@ -85,7 +86,7 @@ impl<'a> ApplyOrder<'a> {
             {
                 at += 1;
             }
-            let known = u8::try_from(code).ok().and_then(model_by_code).is_some();
+            let known = self.ranks.get(code).is_some_and(|rank| *rank != usize::MAX);
             let held = self
                 .keys
                 .get(at)

@@ -208,22 +208,42 @@ impl Applier<'_> {
     }
 }
 
+/// Changes of a model, or a version of one, that this library's app lacks: kept aside, not
+/// applied (see [`crate::Query::lacking_models`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lacking {
+    /// The model's code.
+    pub model: u8,
+    /// The newest version of its changes kept.
+    pub version: u8,
+    /// How many changes were kept.
+    pub changes: u64,
+}
+
 impl crate::Query<'_> {
-    /// The models whose changes this build lacks, by code, with how many changes of each were
-    /// kept aside (not applied: a rebuild applies them once the app knows the model).
-    pub fn lacking_models(&self) -> Result<Vec<(u8, u64)>, ProjectionError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT model, count(*) FROM _lacking GROUP BY model ORDER BY model")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+    /// The models (or model versions) whose changes this build lacks, by code, with how many
+    /// changes of each were kept aside. Not applied: once the app registers the model or its
+    /// newer version, the projection is built again from the journal and they are.
+    pub fn lacking_models(&self) -> Result<Vec<Lacking>, ProjectionError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT model, max(version), count(*) FROM _lacking GROUP BY model ORDER BY model",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (model, count) = row?;
+            let (model, version, count) = row?;
             let bad = || ProjectionError::MalformedRow("_lacking".into());
-            out.push((
-                u8::try_from(model).map_err(|_| bad())?,
-                u64::try_from(count).map_err(|_| bad())?,
-            ));
+            out.push(Lacking {
+                model: u8::try_from(model).map_err(|_| bad())?,
+                version: u8::try_from(version).map_err(|_| bad())?,
+                changes: u64::try_from(count).map_err(|_| bad())?,
+            });
         }
         Ok(out)
     }

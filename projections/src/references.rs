@@ -8,26 +8,26 @@
 //! there, SQLite's checks are off for that batch's transaction. The rows are the same either
 //! way: the check only decides whether the commit may fail, and for a proven batch it cannot.
 
-use keel_schema::{model_code, Change, Op, Value, MODELS};
+use keel_schema::{Change, Op, Registry, Value};
 use uuid::Uuid;
 
 use crate::order::ApplyOrder;
 
-/// For each model code, each reference field: (field index, target model code).
-fn reference_fields() -> Vec<Vec<(u8, usize)>> {
-    MODELS
-        .iter()
-        .map(|def| {
-            def.fields
-                .iter()
-                .enumerate()
-                .filter_map(|(i, field)| {
-                    let target = field.references.and_then(model_code).map(usize::from)?;
-                    Some((u8::try_from(i).ok()?, target))
-                })
-                .collect()
-        })
-        .collect()
+/// For each model code of `registry`, each reference field: (field index, target model code).
+fn reference_fields(registry: &Registry) -> Vec<Vec<(u8, usize)>> {
+    let mut refs = vec![Vec::new(); registry.code_end()];
+    for def in registry.iter() {
+        refs[usize::from(def.code)] = def
+            .fields
+            .iter()
+            .enumerate()
+            .filter_map(|(i, field)| {
+                let target = field.references.and_then(|t| registry.code(t))?;
+                Some((u8::try_from(i).ok()?, usize::from(target)))
+            })
+            .collect();
+    }
+    refs
 }
 
 /// Each reference of `change` (per `refs`, see [`reference_fields`]) that is not NULL, as
@@ -62,11 +62,12 @@ fn references_of<'a>(
 /// inserts or merges, a delete tombstones or leaves a placeholder; rows are never removed), so
 /// a reference to a record of the same batch finds its row at commit.
 pub(crate) fn references_outside(
+    registry: &Registry,
     changes: &[Change],
     order: &ApplyOrder<'_>,
     limit: usize,
 ) -> Option<Vec<(usize, Uuid)>> {
-    let refs = reference_fields();
+    let refs = reference_fields(registry);
     // The last one taken answers the common repeat (entries of one location) at once.
     let mut wanted = Vec::new();
     let mut last = None;
@@ -91,8 +92,9 @@ mod tests {
 
     /// [`references_outside`] with every model at its own rank.
     fn outside_of(changes: &[Change], limit: usize) -> Option<Vec<(usize, Uuid)>> {
-        let ranks: Vec<usize> = (0..MODELS.len()).collect();
-        references_outside(changes, &ApplyOrder::new(changes, &ranks), limit)
+        let ranks: Vec<usize> = (0..keel_schema::MODELS.len()).collect();
+        let registry = Registry::builtin();
+        references_outside(registry, changes, &ApplyOrder::new(changes, &ranks), limit)
     }
 
     fn content(uuid: Uuid) -> Vec<Change> {
@@ -137,7 +139,7 @@ mod tests {
     #[test]
     fn a_reference_to_another_model_or_elsewhere_is_outside() {
         let missing = Uuid::new_v4();
-        let code = usize::from(model_code("content_identity").expect("model"));
+        let code = usize::from(keel_schema::model_code("content_identity").expect("model"));
         assert_eq!(
             outside_of(&[metadata_of_content(Uuid::new_v4(), missing)], 1),
             Some(vec![(code, missing)])
@@ -166,7 +168,7 @@ mod tests {
         batch.push(metadata_of_content(Uuid::new_v4(), inside));
         batch.push(metadata_of_content(Uuid::new_v4(), outside));
         batch.push(metadata_of_content(Uuid::new_v4(), outside));
-        let code = usize::from(model_code("content_identity").expect("model"));
+        let code = usize::from(keel_schema::model_code("content_identity").expect("model"));
         assert_eq!(outside_of(&batch, 1), Some(vec![(code, outside)]));
         assert_eq!(outside_of(&batch, 0), None, "over the limit");
         assert_eq!(outside_of(&content(inside), 0), Some(Vec::new()));

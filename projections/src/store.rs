@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use keel_schema::{plan, Lsn, SyncDomain, MODELS};
+use keel_schema::{plan, Lsn, Registry, SyncDomain};
 use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
@@ -46,6 +46,9 @@ pub struct AppliedPosition {
 /// The SQLite views of one library.
 pub struct Projections {
     pub(crate) conn: Connection,
+    /// The library's models, Keel's and the host's.
+    pub(crate) registry: Registry,
+    /// Each model's statements, by code (a code no model holds has none: see [`ModelSql`]).
     pub(crate) sql: Vec<ModelSql>,
     pub(crate) ranks: Vec<usize>,
     pub(crate) parked: u64,
@@ -85,15 +88,46 @@ pub fn configure_connection(conn: &Connection) -> Result<(), rusqlite::Error> {
 }
 
 impl Projections {
-    /// Opens or creates the projection file and migrates its schema.
+    /// Opens or creates the projection file of Keel's models alone and migrates its schema.
     pub fn open(path: &Path) -> Result<Self, ProjectionError> {
-        Self::open_with(path, false)
+        Self::open_for(path, Registry::builtin())
+    }
+
+    /// Opens or creates the projection file of the models of `registry`. A file built for
+    /// other models (a field added or renamed, a model added, an older build) is started over:
+    /// the journal replays into it.
+    pub fn open_for(path: &Path, registry: &Registry) -> Result<Self, ProjectionError> {
+        Self::open_with(path, registry, false)
     }
 
     /// Opens a second, query-only connection to a projection that [`Projections::open`] has
     /// created. In WAL mode it reads committed state while the writer applies, without waiting.
     pub fn open_reader(path: &Path) -> Result<Self, ProjectionError> {
-        Self::open_with(path, true)
+        Self::open_reader_for(path, Registry::builtin())
+    }
+
+    /// [`Projections::open_reader`] of a projection of the models of `registry`.
+    pub fn open_reader_for(path: &Path, registry: &Registry) -> Result<Self, ProjectionError> {
+        Self::open_with(path, registry, true)
+    }
+
+    /// The models this projection holds.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Whether the file was built for the models of `registry` (its fingerprint, see
+    /// [`Registry::fingerprint`], is the one recorded).
+    fn built_for(conn: &Connection, registry: &Registry) -> Result<bool, ProjectionError> {
+        let recorded: Option<String> = conn
+            .query_row("SELECT fingerprint FROM _registry", [], |r| r.get(0))
+            .optional()
+            .or_else(|e| match e {
+                // A file of an older build, with no such table.
+                rusqlite::Error::SqliteFailure(..) => Ok(None),
+                other => Err(other),
+            })?;
+        Ok(recorded.as_deref() == Some(registry.fingerprint().as_str()))
     }
 
     fn connect(path: &Path) -> Result<Connection, ProjectionError> {
@@ -103,19 +137,23 @@ impl Projections {
         Ok(conn)
     }
 
-    fn open_with(path: &Path, reader: bool) -> Result<Self, ProjectionError> {
+    fn open_with(path: &Path, registry: &Registry, reader: bool) -> Result<Self, ProjectionError> {
         if !reader {
             crate::rebuild::discard_interrupted_load(path)?;
         }
         let mut conn = Self::connect(path)?;
         let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if !reader && version > 0 && version < SCHEMA_VERSION {
-            // Written by an older build: a projection is disposable, the journal replays it.
+        let other_models =
+            version == SCHEMA_VERSION && !reader && !Self::built_for(&conn, registry)?;
+        if !reader && version > 0 && (version < SCHEMA_VERSION || other_models) {
+            // Written by an older build or for other models: a projection is disposable, the
+            // journal replays it.
             tracing::warn!(
                 path = %path.display(),
                 found = version,
                 current = SCHEMA_VERSION,
-                "projection schema is older than this build; starting it over"
+                other_models,
+                "projection schema is not this build's; starting it over"
             );
             conn.close().map_err(|(_, e)| e)?;
             Self::remove_files(path)?;
@@ -128,13 +166,14 @@ impl Projections {
                 supported: SCHEMA_VERSION,
             });
         }
-        let plan = plan(&MODELS)?;
-        let mut ranks = Vec::with_capacity(MODELS.len());
-        let mut sql = Vec::with_capacity(MODELS.len());
+        let plan = plan(&registry.defs())?;
+        let mut ranks = vec![usize::MAX; registry.code_end()];
+        let mut sql = vec![ModelSql::default(); registry.code_end()];
         let mut ddl = String::from("BEGIN;");
-        for def in MODELS.iter() {
-            ranks.push(plan.rank(def.name).unwrap_or(usize::MAX));
-            sql.push(ModelSql::new(def));
+        for def in registry.iter() {
+            let code = usize::from(def.code);
+            ranks[code] = plan.rank(def.name).unwrap_or(usize::MAX);
+            sql[code] = ModelSql::new(def);
             ddl.push_str(&create_table(def));
             ddl.push(';');
         }
@@ -142,6 +181,10 @@ impl Projections {
             ddl.push_str(stmt);
             ddl.push(';');
         }
+        ddl.push_str(&format!(
+            "DELETE FROM _registry; INSERT INTO _registry (fingerprint) VALUES ('{}');",
+            registry.fingerprint()
+        ));
         ddl.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
         let checkpointer = if reader {
             conn.pragma_update(None, "query_only", "ON")?;
@@ -155,6 +198,7 @@ impl Projections {
         let parked: i64 = conn.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
         Ok(Self {
             conn,
+            registry: registry.clone(),
             sql,
             ranks,
             parked: u64::try_from(parked).unwrap_or(0),
@@ -213,7 +257,7 @@ impl Projections {
 
     /// Whether no model table has a row (a fresh projection).
     pub fn is_empty(&self) -> Result<bool, ProjectionError> {
-        for def in keel_schema::MODELS.iter() {
+        for def in self.registry.iter() {
             if self.table_has_rows(def.name)? {
                 return Ok(false);
             }

@@ -395,6 +395,13 @@ fn a_change_of_a_model_this_build_lacks_is_kept_aside_and_named() {
             .expect("applies");
         assert_eq!(stats.lacking, 1, "{stats:?}");
     }
-    assert_eq!(p.query().lacking_models().expect("lists"), vec![(200, 1)]);
+    assert_eq!(
+        p.query().lacking_models().expect("lists"),
+        vec![keel_projections::Lacking {
+            model: 200,
+            version: 0,
+            changes: 1
+        }]
+    );
     assert_eq!(p.query().counts().expect("counts").tags, 0);
 }

@@ -121,6 +121,7 @@ fn entry_fields(clock: &mut Clock, uuid: Uuid, fields: &[(&str, Value)]) -> Chan
                 })
                 .collect(),
         ),
+        version: 0,
     }
 }
 
@@ -131,6 +132,7 @@ fn delete_entry(clock: &mut Clock, uuid: Uuid) -> Change {
         model: keel_schema::model_code("entry").expect("entry model"),
         record: uuid,
         op: Op::Delete,
+        version: 0,
     }
 }
 

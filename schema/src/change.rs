@@ -33,12 +33,20 @@ pub struct Change {
     pub id: ChangeId,
     /// When and where it was made; its `device` is the origin device.
     pub hlc: Hlc,
-    /// The model's code (see [`MODELS`](crate::MODELS)).
+    /// The model's code (see [`Registry`](crate::Registry)).
     pub model: u8,
     /// The record's uuid.
     pub record: Uuid,
     /// What it does.
     pub op: Op,
+    /// The version of the model its fields are written in ([`ModelDef::version`]); encoded only
+    /// when not 0, so a change of a model's first version is the same bytes as before versions.
+    #[serde(default, skip_serializing_if = "is_first")]
+    pub version: u8,
+}
+
+fn is_first(version: &u8) -> bool {
+    *version == 0
 }
 
 impl Change {
@@ -47,7 +55,7 @@ impl Change {
         self.hlc.device
     }
 
-    /// The model's definition (`None` only for a change that failed [`Change::validate`]).
+    /// Keel's model of this change (`None` for a host's model: see [`crate::Registry`]).
     pub fn model_def(&self) -> Option<&'static ModelDef> {
         model_by_code(self.model)
     }
@@ -83,6 +91,7 @@ impl Change {
             model: code_of::<M>(),
             record: uuid,
             op: Op::Upsert(fields),
+            version: M::DEF.version,
         }
     }
 
@@ -110,6 +119,7 @@ impl Change {
             model: code_of::<M>(),
             record,
             op: Op::Upsert(indexed),
+            version: def.version,
         };
         change.validate()?;
         Ok(change)
@@ -127,6 +137,7 @@ impl Change {
             model: code_of::<U::Model>(),
             record: update.record(),
             op: Op::Upsert(update.into_fields()),
+            version: <U::Model as Syncable>::DEF.version,
         };
         change.validate()?;
         Ok(change)
@@ -140,12 +151,14 @@ impl Change {
             model: code_of::<M>(),
             record,
             op: Op::Delete,
+            version: M::DEF.version,
         }
     }
 
-    /// Checks the field count and, for a model this build knows, the field indexes and value
-    /// types. A change of a model this build lacks (a newer app's, another host's) is well
-    /// formed if its size is: it is kept, and the projections say which model they lack.
+    /// Checks the field count and, for one of Keel's models at its version, the field indexes
+    /// and value types. A change of a model this build lacks (a host's, a newer app's) or of a
+    /// version it does not know is well formed if its size is: it is kept, and the projections
+    /// check it against their library's registry ([`Change::validate_as`]) or say what they lack.
     pub fn validate(&self) -> Result<(), SchemaError> {
         if let Op::Upsert(fields) = &self.op {
             if fields.len() > FIELDS_PER_CHANGE_MAX {
@@ -155,9 +168,14 @@ impl Change {
                 )));
             }
         }
-        let Some(def) = model_by_code(self.model) else {
-            return Ok(());
-        };
+        match model_by_code(self.model) {
+            Some(def) if def.version == self.version => self.validate_as(def),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the field indexes and value types against `def` (fields at `def`'s version).
+    pub fn validate_as(&self, def: &'static ModelDef) -> Result<(), SchemaError> {
         if let Op::Upsert(fields) = &self.op {
             for (index, value) in fields {
                 let field =

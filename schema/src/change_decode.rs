@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! [ id: bin16, [ physical_ms: uint, counter: uint, device: bin32 ], model: uint, record: bin16,
-//!   "Delete" | { "Upsert": [ [index: uint, [tag: uint, payload]] … ] } ]
+//!   "Delete" | { "Upsert": [ [index: uint, [tag: uint, payload]] … ] } (, version: uint)? ]
 //! ```
 //!
 //! Anything else (another valid MessagePack spelling, or garbage) makes it return `None`, and the
@@ -131,7 +131,8 @@ impl<'a> Reader<'a> {
 /// `None` if the body has any other shape or trailing bytes. Does not validate the change.
 pub(crate) fn decode_body(body: &[u8]) -> Option<Change> {
     let mut r = Reader { bytes: body };
-    if r.array()? != 5 {
+    let elements = r.array()?;
+    if elements != 5 && elements != 6 {
         return None;
     }
     let id = ChangeId(r.uuid()?);
@@ -166,6 +167,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Option<Change> {
     } else {
         return None;
     };
+    let version = if elements == 6 { r.uint::<u8>()? } else { 0 };
     if !r.bytes.is_empty() {
         return None;
     }
@@ -179,6 +181,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Option<Change> {
         model,
         record,
         op,
+        version,
     })
 }
 
@@ -222,24 +225,27 @@ pub(crate) mod tests {
             any::<u64>(),
             any::<u32>(),
             any::<[u8; 32]>(),
-            any::<u8>(),
+            (any::<u8>(), prop_oneof![Just(0u8), any::<u8>()]),
             any::<u128>(),
             proptest::option::of(proptest::collection::vec(
                 (any::<u8>(), value(len)),
                 0..fields,
             )),
         )
-            .prop_map(|(id, ms, counter, device, model, record, fields)| Change {
-                id: ChangeId(Uuid::from_u128(id)),
-                hlc: Hlc {
-                    physical_ms: ms,
-                    counter,
-                    device: DeviceId(device),
+            .prop_map(
+                |(id, ms, counter, device, (model, version), record, fields)| Change {
+                    id: ChangeId(Uuid::from_u128(id)),
+                    hlc: Hlc {
+                        physical_ms: ms,
+                        counter,
+                        device: DeviceId(device),
+                    },
+                    model,
+                    record: Uuid::from_u128(record),
+                    op: fields.map_or(Op::Delete, Op::Upsert),
+                    version,
                 },
-                model,
-                record: Uuid::from_u128(record),
-                op: fields.map_or(Op::Delete, Op::Upsert),
-            })
+            )
     }
 
     proptest! {

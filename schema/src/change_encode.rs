@@ -114,7 +114,8 @@ fn value(out: &mut Vec<u8>, value: &Value) {
 
 /// Appends the canonical body of `change` (everything after the format version) to `out`.
 pub(crate) fn encode_body(change: &Change, out: &mut Vec<u8>) {
-    array(out, 5);
+    // The version is a sixth element only when it is not 0 (as serde skips it).
+    array(out, if change.version == 0 { 5 } else { 6 });
     bin(out, change.id.0.as_bytes());
     array(out, 3);
     uint(out, change.hlc.physical_ms);
@@ -135,6 +136,9 @@ pub(crate) fn encode_body(change: &Change, out: &mut Vec<u8>) {
                 value(out, v);
             }
         }
+    }
+    if change.version != 0 {
+        uint(out, u64::from(change.version));
     }
 }
 

@@ -39,6 +39,34 @@ pub enum SchemaError {
         /// What was expected.
         expected: &'static str,
     },
+    /// A change of a model version newer than this build's: kept, not applied.
+    #[error("{model} changes of version {found}: this build knows up to version {known}")]
+    NewerVersion {
+        /// The model.
+        model: &'static str,
+        /// The version of the change.
+        found: u8,
+        /// The newest version this build knows.
+        known: u8,
+    },
+    /// A host's upcaster could not bring a change to the next version.
+    #[error("{model} changes of version {from} could not be upcast: {reason}")]
+    Upcast {
+        /// The model.
+        model: &'static str,
+        /// The version it was in.
+        from: u8,
+        /// The upcaster's reason.
+        reason: String,
+    },
+    /// Registering a model that clashes with one registered before.
+    #[error("cannot register model {model}: {reason}")]
+    Registry {
+        /// The model.
+        model: &'static str,
+        /// What clashes.
+        reason: String,
+    },
     /// The dependency graph has a cycle that no nullable reference breaks.
     #[error("dependency cycle among models: {0}")]
     Cycle(String),

@@ -90,6 +90,9 @@ mod tests {
         use crate::value::FieldType;
         static A: ModelDef = ModelDef {
             name: "a",
+            code: 40,
+            version: 0,
+            upcast: None,
             uuid_field: "uuid",
             domain: DomainRule::Fixed(SyncDomain::Index),
             fields: &[FieldDef {
@@ -98,6 +101,8 @@ mod tests {
                 nullable: false,
                 references: Some("b"),
                 breaks_cycle: false,
+                since: 0,
+                default: || crate::Value::Null,
             }],
             skipped: &[],
             priority: 0,
@@ -105,6 +110,9 @@ mod tests {
         };
         static B: ModelDef = ModelDef {
             name: "b",
+            code: 41,
+            version: 0,
+            upcast: None,
             uuid_field: "uuid",
             domain: DomainRule::Fixed(SyncDomain::Index),
             fields: &[FieldDef {
@@ -113,6 +121,8 @@ mod tests {
                 nullable: false,
                 references: Some("a"),
                 breaks_cycle: false,
+                since: 0,
+                default: || crate::Value::Null,
             }],
             skipped: &[],
             priority: 0,

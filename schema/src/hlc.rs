@@ -96,8 +96,17 @@ impl HlcClock {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A clock reading at 1 ms of device `[1; 32]` (shared by the crate's unit tests).
+    pub(crate) fn hlc() -> Hlc {
+        Hlc {
+            physical_ms: 1,
+            counter: 0,
+            device: DeviceId([1; 32]),
+        }
+    }
 
     #[test]
     fn ticks_increase_even_when_time_goes_back() {

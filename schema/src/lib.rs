@@ -1,4 +1,4 @@
-//! Keel's domain schema: the seven synced models, the `Syncable` trait and its derive, the
+//! Keel's domain schema: its own synced models, the registry a host's join, the `Syncable` trait and its derive, the
 //! dependency graph, `Change`/`Op`, hybrid logical clocks, ids, and the canonical encoding.
 //!
 //! This crate does no I/O. Every other Keel crate depends on it.
@@ -26,15 +26,16 @@ pub use hlc::{Hlc, HlcClock};
 pub use ids::{ChangeId, DeviceId, Epoch, LibraryId, Lsn};
 pub use keel_schema_derive::Syncable;
 pub use models::{
-    content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
-    Attestation, AttestationUpdate, ContentIdentity, ContentIdentityUpdate, Device, DeviceUpdate,
-    Endorsement, EndorsementUpdate, Entry, EntryKind, EntryUpdate, Location, LocationUpdate, Tag,
-    TagUpdate, UserMetadata, UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate,
+    content_metadata_uuid, content_uuid, entry_metadata_uuid, registered_model_uuid, tag_uuid,
+    user_metadata_tag_uuid, Attestation, AttestationUpdate, ContentIdentity, ContentIdentityUpdate,
+    Device, DeviceUpdate, Endorsement, EndorsementUpdate, Entry, EntryKind, EntryUpdate, Location,
+    LocationUpdate, RegisteredModel, RegisteredModelUpdate, Tag, TagUpdate, UserMetadata,
+    UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate,
 };
 pub use ownership::Owner;
-pub use registry::{code_of, model_by_code, model_code, MODELS};
+pub use registry::{code_of, model_by_code, model_code, Registry, HOST_CODE_MIN, MODELS};
 pub use syncable::{
-    DomainLookup, DomainRule, FieldDef, FieldUpdate, ModelDef, SyncDomain, Syncable,
+    DomainLookup, DomainRule, FieldDef, FieldUpdate, ModelDef, SyncDomain, Syncable, Upcast,
 };
 pub use uuid;
 pub use value::{FieldType, FieldValue, Value};

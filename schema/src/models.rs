@@ -8,7 +8,13 @@ use crate::Syncable;
 
 /// A device that belongs to the library.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "device", domain = "index", priority = 0, permanent_delete)]
+#[syncable(
+    model = "device",
+    code = 0,
+    domain = "index",
+    priority = 0,
+    permanent_delete
+)]
 pub struct Device {
     /// Record uuid (UUIDv5 of the device id).
     #[syncable(uuid)]
@@ -25,7 +31,7 @@ pub struct Device {
 
 /// A folder on one device that the library indexes.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "location", domain = "index", priority = 10)]
+#[syncable(model = "location", code = 1, domain = "index", priority = 10)]
 pub struct Location {
     /// Record uuid.
     #[syncable(uuid)]
@@ -70,7 +76,7 @@ impl EntryKind {
 
 /// One file or directory inside a location.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "entry", domain = "index", priority = 30)]
+#[syncable(model = "entry", code = 2, domain = "index", priority = 30)]
 pub struct Entry {
     /// Record uuid; `None` until the entry is identified (sync readiness).
     #[syncable(uuid)]
@@ -100,7 +106,12 @@ pub struct Entry {
 
 /// A unique content, identified by hash; the same bytes give the same uuid on every device.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "content_identity", domain = "content", priority = 20)]
+#[syncable(
+    model = "content_identity",
+    code = 3,
+    domain = "content",
+    priority = 20
+)]
 pub struct ContentIdentity {
     /// UUIDv5 of (library id, content hash); see [`content_uuid`](crate::content_uuid).
     #[syncable(uuid)]
@@ -123,7 +134,7 @@ pub struct ContentIdentity {
 
 /// Notes and flags about one entry or one content (exactly one scope).
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "user_metadata", domain = "scope", priority = 40)]
+#[syncable(model = "user_metadata", code = 4, domain = "scope", priority = 40)]
 pub struct UserMetadata {
     /// Record uuid.
     #[syncable(uuid)]
@@ -157,7 +168,7 @@ impl UserMetadata {
 
 /// A tag.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "tag", domain = "content", priority = 20)]
+#[syncable(model = "tag", code = 5, domain = "content", priority = 20)]
 pub struct Tag {
     /// Record uuid (UUIDv5 of the name, so devices agree on a tag; see [`tag_uuid`](crate::tag_uuid)).
     #[syncable(uuid)]
@@ -174,6 +185,7 @@ pub struct Tag {
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[syncable(
     model = "user_metadata_tag",
+    code = 6,
     domain = "parent:user_metadata",
     priority = 50
 )]
@@ -194,6 +206,7 @@ pub struct UserMetadataTag {
 const CONTENT_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d63_6f6e_7465_6e74_0000_0001);
 const TAG_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d74_6167_0000_0000_0000_0001);
 const UMT_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d75_6d74_0000_0000_0000_0001);
+const REGISTERED_MODEL_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d6d_6f64_656c_0000_0000_0001);
 
 /// The deterministic uuid of a content: UUIDv5 of (library id, content hash).
 pub fn content_uuid(library: Uuid, content_hash: &str) -> Uuid {
@@ -310,7 +323,7 @@ mod tests {
 /// [`crate::attestation`]): every device checks it before it applies them, so no device can
 /// make another's file facts, not even the leader that relays them.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "attestation", domain = "index", priority = 0)]
+#[syncable(model = "attestation", code = 7, domain = "index", priority = 0)]
 pub struct Attestation {
     /// Record uuid (random).
     #[syncable(uuid)]
@@ -328,7 +341,7 @@ pub struct Attestation {
 /// endorsements from the library's founder, so a Device record alone, which its own device
 /// writes and signs, lets nobody in.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
-#[syncable(model = "endorsement", domain = "index", priority = 0)]
+#[syncable(model = "endorsement", code = 8, domain = "index", priority = 0)]
 pub struct Endorsement {
     /// Record uuid (random).
     #[syncable(uuid)]
@@ -339,4 +352,28 @@ pub struct Endorsement {
     pub by: String,
     /// When, ms since the Unix epoch.
     pub created_ms: i64,
+}
+
+/// A host's model as the library records it: which model a code names and the newest version
+/// of its changes written. Every device that opens the library with the model registered
+/// writes it (the same record, so it converges), and checks that no other model holds its code;
+/// a device that lacks the model tells its name from here.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[syncable(model = "registered_model", code = 9, domain = "content", priority = 0)]
+pub struct RegisteredModel {
+    /// Record uuid ([`registered_model_uuid`] of the code).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The model's code.
+    pub code: i64,
+    /// Its name.
+    pub name: String,
+    /// The newest version of its changes written in the library.
+    pub version: i64,
+}
+
+/// The uuid of the [`RegisteredModel`] record of code `code` (the same in every library and on
+/// every device, so that two devices recording one model write one record).
+pub fn registered_model_uuid(code: u8) -> Uuid {
+    uuid_v5(&REGISTERED_MODEL_NAMESPACE, &[&[code]])
 }

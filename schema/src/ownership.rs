@@ -87,16 +87,10 @@ impl Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{code_of, ChangeId, Device, DeviceId, Entry, Hlc, Location, Tag, Value};
+    use crate::{code_of, ChangeId, Device, Entry, Location, Tag, Value};
     use uuid::Uuid;
 
-    fn hlc() -> Hlc {
-        Hlc {
-            physical_ms: 1,
-            counter: 0,
-            device: DeviceId([1; 32]),
-        }
-    }
+    use crate::hlc::tests::hlc;
 
     #[test]
     fn file_facts_are_guarded_and_user_data_is_not() {

@@ -39,13 +39,30 @@ pub struct FieldDef {
     pub references: Option<&'static str>,
     /// A nullable reference that breaks a dependency cycle: applied in a second step.
     pub breaks_cycle: bool,
+    /// The model version that added this field (`#[syncable(since = N)]`; 0 for the first).
+    pub since: u8,
+    /// The value a whole record of an older version takes for this field when it is upcast
+    /// (`#[syncable(default = "path")]`, else the type's `Default`).
+    pub default: fn() -> Value,
 }
+
+/// A host's step from one version of a model's changes to the next (`#[syncable(upcast =
+/// "path")]`): called with the version the fields are in and the fields, it rewrites them into
+/// the next version's encoding (a changed type, say), or says why it cannot.
+pub type Upcast = fn(from: u8, fields: &mut Vec<(u8, Value)>) -> Result<(), String>;
 
 /// Everything the engine needs to know about a model, produced by `#[derive(Syncable)]`.
 #[derive(Debug)]
 pub struct ModelDef {
     /// The model's name (also its SQL table), e.g. `entry`.
     pub name: &'static str,
+    /// Its stable code in changes (`#[syncable(code = N)]`): Keel's models hold 0 to
+    /// [`crate::HOST_CODE_MIN`]` - 1`, a host's the codes from there to 254. Never reused.
+    pub code: u8,
+    /// The version of its changes this build writes (`#[syncable(version = N)]`, 0 first).
+    pub version: u8,
+    /// The host's upcaster, for versions that change more than adding fields.
+    pub upcast: Option<Upcast>,
     /// The Rust field that holds the record uuid.
     pub uuid_field: &'static str,
     /// How the domain is decided.
@@ -81,6 +98,56 @@ impl ModelDef {
     /// The index of a field by name.
     pub fn field_index(&self, name: &str) -> Option<usize> {
         self.fields.iter().position(|f| f.name == name)
+    }
+
+    /// Brings the fields of a change written at version `from` to this build's version: the
+    /// host's [`ModelDef::upcast`] one step at a time, then, if the change wrote every field its
+    /// version had (a whole record), the fields added since, at their default (which is in this
+    /// version's encoding, so no upcaster sees it). A partial change stays partial: it never
+    /// overwrites a field its writer did not know. The fields come out sorted by index.
+    pub fn upcast(
+        &self,
+        from: u8,
+        fields: &mut Vec<(u8, Value)>,
+    ) -> Result<(), crate::SchemaError> {
+        if from > self.version {
+            return Err(crate::SchemaError::NewerVersion {
+                model: self.name,
+                found: from,
+                known: self.version,
+            });
+        }
+        let whole = self.is_whole_at(from, fields);
+        if let Some(step) = self.upcast {
+            for version in from..self.version {
+                step(version, fields).map_err(|reason| crate::SchemaError::Upcast {
+                    model: self.name,
+                    from: version,
+                    reason,
+                })?;
+            }
+        }
+        if whole {
+            for (i, field) in self.fields.iter().enumerate() {
+                if let (true, Ok(i)) = (field.since > from, u8::try_from(i)) {
+                    fields.push((i, (field.default)()));
+                }
+            }
+        }
+        fields.sort_by_key(|(i, _)| *i);
+        Ok(())
+    }
+
+    /// Whether `fields` write every field version `version` of this model had.
+    fn is_whole_at(&self, version: u8, fields: &[(u8, Value)]) -> bool {
+        let had = self.fields.iter().filter(|f| f.since <= version).count();
+        fields.len() == had
+            && self
+                .fields
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.since <= version)
+                .all(|(i, _)| fields.iter().any(|(j, _)| usize::from(*j) == i))
     }
 }
 

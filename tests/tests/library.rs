@@ -440,7 +440,7 @@ fn a_password_change_moves_the_key_to_the_kdf_asked_for() {
 
 /// A host app's own model, not registered with the library.
 #[derive(Clone, Debug, PartialEq, Eq, keel_schema::Syncable)]
-#[syncable(model = "host_note", domain = "content", priority = 60)]
+#[syncable(model = "host_note", code = 40, domain = "content", priority = 60)]
 struct HostNote {
     #[syncable(uuid)]
     uuid: Uuid,

@@ -14,16 +14,35 @@ pub const LIBRARY_CONFIG_VERSION: u32 = 1;
 /// Largest `library.toml` read (a bigger file is not ours).
 const CONFIG_LEN_MAX: u64 = 64 * 1024;
 
-/// A Keel home folder: `device/` and `libraries/<name>.keel/`.
+/// A Keel home folder: `device/` and `libraries/<name>.keel/`, and the models its libraries
+/// open with: Keel's, and those a host app registers ([`Home::with_model`]).
 #[derive(Debug, Clone)]
 pub struct Home {
     root: PathBuf,
+    models: keel_schema::Registry,
 }
 
 impl Home {
-    /// A home at `root` (created on first use).
+    /// A home at `root` (created on first use), with Keel's models.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            models: keel_schema::Registry::builtin().clone(),
+        }
+    }
+
+    /// This home with host model `M` registered: every library it opens or creates syncs `M`
+    /// (its table, dependency order, clocks, tombstones and digest), and records `M`'s code in
+    /// the library (see [`keel_schema::RegisteredModel`]). Register a model after the models it
+    /// references. Refused as [`keel_schema::Registry::with`] refuses.
+    pub fn with_model<M: keel_schema::Syncable>(mut self) -> Result<Self, EngineError> {
+        self.models = self.models.with::<M>()?;
+        Ok(self)
+    }
+
+    /// The models its libraries open with.
+    pub fn models(&self) -> &keel_schema::Registry {
+        &self.models
     }
 
     /// The home folder.

@@ -94,6 +94,16 @@ pub enum EngineError {
     /// A node is linked to this library already (one at a time).
     #[error("a node is already linked to this library")]
     Linked,
+    /// The library records another model under the code of a model the app registered.
+    #[error("the library records model {recorded} under code {code}, which this app gives to {registered}; a model's code never changes")]
+    ModelClash {
+        /// The code.
+        code: u8,
+        /// The model this app registered under it.
+        registered: String,
+        /// The model the library records under it.
+        recorded: String,
+    },
     /// A request to a running node failed or timed out.
     #[error("{0}")]
     Node(String),

@@ -42,6 +42,7 @@ mod indexer;
 mod leader_commit;
 mod library;
 mod link;
+mod models;
 mod ops;
 mod replay;
 mod tx;
@@ -61,8 +62,9 @@ pub use keel_projections::{
 pub use keel_schema::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,
     uuid, uuid::Uuid, ChangeId, ContentIdentity, ContentIdentityUpdate, Device, DeviceId, Entry,
-    EntryKind, EntryUpdate, FieldUpdate, LibraryId, Location, LocationUpdate, Lsn, Syncable, Tag,
-    TagUpdate, UserMetadata, UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate, Value,
+    EntryKind, EntryUpdate, FieldUpdate, LibraryId, Location, LocationUpdate, Lsn, RegisteredModel,
+    Registry, Syncable, Tag, TagUpdate, Upcast, UserMetadata, UserMetadataTag,
+    UserMetadataTagUpdate, UserMetadataUpdate, Value, HOST_CODE_MIN,
 };
 pub use leader_commit::{SequenceReply, SequenceRequest};
 pub use library::{
@@ -70,6 +72,7 @@ pub use library::{
     SyncState, JOURNAL_FILE, PROJECTIONS_FILE,
 };
 pub use link::{LinkOptions, NodeLink};
+pub use models::LackingModel;
 pub use ops::{Files, ResolvedPath, Scope};
 pub use replay::{replay, ReplayReport};
 pub use tx::Tx;

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use keel_journal::{Journal, JournalOptions, KdfParams, LibraryKey, Placement, VerifyReport};
 use keel_projections::{AppliedPosition, Counts, Projections};
-use keel_schema::{ChangeId, Device, DeviceId, Epoch, HlcClock, LibraryId, Syncable};
+use keel_schema::{ChangeId, Device, DeviceId, Epoch, HlcClock, LibraryId, Registry, Syncable};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -133,6 +133,8 @@ pub struct Library {
     signer: keel_projections::Signer,
     committed: Mutex<AppliedPosition>,
     applier: Option<JoinHandle<()>>,
+    /// The models it syncs: Keel's and the host's (see [`Home::with_model`]).
+    models: Registry,
 }
 
 impl std::fmt::Debug for Library {
@@ -245,6 +247,7 @@ impl Library {
             device,
             key,
             joined.map(|_| Epoch::default()),
+            home.models(),
         )
     }
 
@@ -322,7 +325,7 @@ impl Library {
             return Err(EngineError::JournalMissing(journal_path));
         }
         let device = home.device()?;
-        Self::open_unlocked(name, dir, config, device, key, None)
+        Self::open_unlocked(name, dir, config, device, key, None, home.models())
     }
 
     /// Changes the password: unwraps the library key with `old` and wraps it under `new` (fresh
@@ -366,6 +369,7 @@ impl Library {
         device: DeviceIdentity,
         key: &LibraryKey,
         follower_epoch: Option<Epoch>,
+        models: &Registry,
     ) -> Result<Self, EngineError> {
         let (committed_tx, committed_rx) = crossbeam_channel::bounded(COMMITTED_QUEUE_BATCHES);
         let budget = Arc::new(keel_journal::ApplyBudget::new(COMMITTED_QUEUE_CHANGES));
@@ -384,7 +388,7 @@ impl Library {
         if let Some(epoch) = follower_epoch {
             journal.election().store(epoch, epoch)?;
         }
-        let (projections, healed) = heal_projections(&journal, &dir)?;
+        let (projections, healed) = heal_projections(&journal, &dir, models)?;
         crate::config::make_private(&dir)?;
         let projections_path = dir.join(PROJECTIONS_FILE);
         let mut clock = HlcClock::new(device.id);
@@ -392,7 +396,7 @@ impl Library {
             clock.observe(hwm);
         }
         let (events, _) = broadcast::channel(EVENT_BUS_CAPACITY);
-        let reader = Projections::open_reader(&projections_path)?;
+        let reader = Projections::open_reader_for(&projections_path, models)?;
         let shared = Arc::new(Shared {
             projections: Mutex::new(projections),
             reader: Mutex::new(reader),
@@ -427,9 +431,16 @@ impl Library {
             clock: Mutex::new(clock),
             committed: Mutex::new(healed.position),
             applier: Some(applier),
+            models: models.clone(),
         };
         library.register_device()?;
+        library.record_models()?;
         Ok(library)
+    }
+
+    /// The models this library syncs: Keel's and the host's.
+    pub fn models(&self) -> &Registry {
+        &self.models
     }
 
     /// Makes sure this device has its Device record.
@@ -699,7 +710,7 @@ impl Library {
         let changes = {
             let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
             let now = now_ms();
-            let mut tx = Tx::new(&mut clock, now);
+            let mut tx = Tx::new(&mut clock, &self.models, now);
             let value = f(&mut tx)?;
             let changes = tx.finish()?;
             (
@@ -746,7 +757,7 @@ impl Library {
         let changes = {
             let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
             let now = now_ms();
-            let mut tx = Tx::new(&mut clock, now);
+            let mut tx = Tx::new(&mut clock, &self.models, now);
             f(&mut tx)?;
             let changes = tx.finish()?;
             crate::attest::attest(&self.signer, &mut clock, now, changes)?
@@ -861,7 +872,8 @@ impl Library {
         let report = self.journal()?.verify()?;
         let live = self.digest()?;
         let scratch = tempfile::tempdir_in(&self.dir).map_err(io_at(&self.dir))?;
-        let mut fresh = Projections::open(&scratch.path().join(PROJECTIONS_FILE))?;
+        let mut fresh =
+            Projections::open_for(&scratch.path().join(PROJECTIONS_FILE), &self.models)?;
         replay(
             self.journal()?,
             &mut fresh,
@@ -909,10 +921,10 @@ impl Library {
             Projections::open_reader(&placeholder_path)?,
         ));
         remove_projection_files(&self.dir)?;
-        let mut fresh = Projections::open(&path)?;
+        let mut fresh = Projections::open_for(&path, &self.models)?;
         let report = replay(journal, &mut fresh, AppliedPosition::default(), progress)?;
         *guard = fresh;
-        *reader = Projections::open_reader(&path)?;
+        *reader = Projections::open_reader_for(&path, &self.models)?;
         drop(reader);
         drop(guard);
         if let Ok(mut state) = self.shared.applied.lock() {
@@ -1063,15 +1075,16 @@ fn key_check(key: &LibraryKey, base: u32, library: keel_schema::LibraryId) -> Op
 fn heal_projections(
     journal: &Journal,
     dir: &Path,
+    models: &Registry,
 ) -> Result<(Projections, crate::replay::ReplayReport), EngineError> {
     // Projections are disposable: one that cannot be opened is rebuilt from the journal.
     let projections_path = dir.join(PROJECTIONS_FILE);
-    let mut projections = match Projections::open(&projections_path) {
+    let mut projections = match Projections::open_for(&projections_path, models) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "projection unreadable; rebuilding it from the journal");
             remove_projection_files(dir)?;
-            Projections::open(&projections_path)?
+            Projections::open_for(&projections_path, models)?
         }
     };
     // Heal: apply whatever the journal holds beyond the applied position — from no later than
@@ -1102,7 +1115,7 @@ fn heal_projections(
         );
         drop(projections);
         remove_projection_files(dir)?;
-        projections = Projections::open(&projections_path)?;
+        projections = Projections::open_for(&projections_path, models)?;
         from = projections.applied_position()?;
     }
     let healed = replay(journal, &mut projections, from, &mut |_, _| {})?;

@@ -1,6 +1,6 @@
 //! `Tx`: the changes of one `Library::transact` call, stamped with the device's clock.
 
-use keel_schema::{Change, ChangeId, HlcClock, Syncable, Value};
+use keel_schema::{Change, ChangeId, HlcClock, ModelDef, Registry, Syncable, Value};
 use uuid::Uuid;
 
 use crate::error::EngineError;
@@ -10,6 +10,8 @@ use crate::error::EngineError;
 /// ([`SchemaError::UnknownModel`](keel_schema::SchemaError::UnknownModel)) and journals nothing.
 pub struct Tx<'a> {
     clock: &'a mut HlcClock,
+    /// The library's models.
+    models: &'a Registry,
     now_ms: u64,
     pub(crate) changes: Vec<Change>,
     /// The first model written that the library does not know.
@@ -17,9 +19,10 @@ pub struct Tx<'a> {
 }
 
 impl<'a> Tx<'a> {
-    pub(crate) fn new(clock: &'a mut HlcClock, now_ms: u64) -> Self {
+    pub(crate) fn new(clock: &'a mut HlcClock, models: &'a Registry, now_ms: u64) -> Self {
         Self {
             clock,
+            models,
             now_ms,
             changes: Vec::new(),
             unknown: None,
@@ -27,12 +30,25 @@ impl<'a> Tx<'a> {
     }
 
     /// Keeps `change`, unless its model is one the library does not know: then it remembers
-    /// that model (`name`, the first such) and the transaction fails when it finishes. The
-    /// change's model code was looked up when it was built; this only indexes the registry.
-    fn keep(&mut self, change: Change, name: impl FnOnce() -> String) -> bool {
-        if keel_schema::model_by_code(change.model).is_none() {
+    /// that model (the first such) and the transaction fails when it finishes. A change built
+    /// from a model type (`written_as`) must be of the registered definition and version; an
+    /// already built one ([`Tx::push`]), of a version the library knows.
+    fn keep(&mut self, change: Change, written_as: Option<&'static ModelDef>) -> bool {
+        let known = self
+            .models
+            .get(change.model)
+            .is_some_and(|def| match written_as {
+                Some(written) => written.name == def.name && written.version == def.version,
+                None => change.version <= def.version,
+            });
+        if !known {
             if self.unknown.is_none() {
-                self.unknown = Some(name());
+                self.unknown = Some(match written_as {
+                    Some(def) => {
+                        format!("{} (code {}, version {})", def.name, def.code, def.version)
+                    }
+                    None => format!("code {} version {}", change.model, change.version),
+                });
             }
             return false;
         }
@@ -67,7 +83,7 @@ impl<'a> Tx<'a> {
     ) -> bool {
         let hlc = self.clock.tick(self.now_ms);
         match build(ChangeId::at(self.now_ms), hlc) {
-            Some(change) => self.keep(change, || M::DEF.name.to_string()),
+            Some(change) => self.keep(change, Some(M::DEF)),
             None => false,
         }
     }
@@ -81,7 +97,7 @@ impl<'a> Tx<'a> {
     ) -> Result<(), EngineError> {
         let hlc = self.clock.tick(self.now_ms);
         let change = Change::upsert_fields::<M>(ChangeId::at(self.now_ms), hlc, uuid, fields)?;
-        self.keep(change, || M::DEF.name.to_string());
+        self.keep(change, Some(M::DEF));
         Ok(())
     }
 
@@ -90,7 +106,7 @@ impl<'a> Tx<'a> {
     pub fn set<U: keel_schema::FieldUpdate>(&mut self, update: U) -> Result<(), EngineError> {
         let hlc = self.clock.tick(self.now_ms);
         let change = Change::upsert_update(ChangeId::at(self.now_ms), hlc, update)?;
-        self.keep(change, || <U::Model as Syncable>::DEF.name.to_string());
+        self.keep(change, Some(<U::Model as Syncable>::DEF));
         Ok(())
     }
 
@@ -98,14 +114,13 @@ impl<'a> Tx<'a> {
     pub fn delete<M: Syncable>(&mut self, uuid: Uuid) {
         let hlc = self.clock.tick(self.now_ms);
         let change = Change::delete::<M>(ChangeId::at(self.now_ms), hlc, uuid);
-        self.keep(change, || M::DEF.name.to_string());
+        self.keep(change, Some(M::DEF));
     }
 
     /// Adds an already-built change (its clock is observed so later ticks stay ahead of it).
     pub fn push(&mut self, change: Change) {
         let hlc = change.hlc;
-        let code = change.model;
-        if self.keep(change, || format!("code {code}")) {
+        if self.keep(change, None) {
             self.clock.observe(hlc);
         }
     }

@@ -1,11 +1,14 @@
 //! `#[derive(Syncable)]`: generates a Keel model's `Syncable` implementation from attributes.
 //!
-//! Struct attributes: `#[syncable(model = "entry", domain = "index", priority = 30)]` where `domain`
+//! Struct attributes: `#[syncable(model = "entry", code = 2, domain = "index", priority = 30)]`
+//! where `code` is the model's stable code in changes (a host's models take 32 to 254), `domain`
 //! is `index`, `content`, `scope` (the type provides `fn scope_domain(&self) -> SyncDomain`) or
-//! `parent:FIELD` (the domain of the record that FIELD references).
+//! `parent:FIELD` (the domain of the record that FIELD references); optionally `version = N` (the
+//! version of its changes, 0 first) and `upcast = "path::to::fn"` (a `keel_schema::Upcast`).
 //! Field attributes: `uuid` (the record uuid, `Uuid` or `Option<Uuid>`), `skip` (not synced),
-//! `references = "model"` (a dependency) and `breaks_cycle` (a nullable reference applied in a
-//! second step).
+//! `references = "model"` (a dependency), `breaks_cycle` (a nullable reference applied in a
+//! second step), `since = N` (the version that added the field; new fields go last) and
+//! `default = "path::to::fn"` (its value in an upcast whole record; else `Default::default()`).
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
@@ -27,6 +30,8 @@ struct FieldInfo {
     ty: Type,
     references: Option<String>,
     breaks_cycle: bool,
+    since: u8,
+    default: Option<syn::Path>,
 }
 
 enum DomainAttr {
@@ -55,6 +60,9 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         domain,
         priority,
         permanent_delete,
+        code,
+        version,
+        upcast,
     } = struct_attrs(input)?;
     let ModelFields {
         uuid: (uuid_ident, uuid_is_option),
@@ -69,6 +77,13 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             None => quote!(::core::option::Option::None),
         };
         let breaks_cycle = f.breaks_cycle;
+        let since = f.since;
+        let default = match &f.default {
+            Some(path) => quote!(|| ::keel_schema::FieldValue::into_value(#path())),
+            None => quote!(|| ::keel_schema::FieldValue::into_value(
+                <#ty as ::core::default::Default>::default()
+            )),
+        };
         quote! {
             ::keel_schema::FieldDef {
                 name: #fname,
@@ -76,9 +91,27 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                 nullable: <#ty as ::keel_schema::FieldValue>::NULLABLE,
                 references: #references,
                 breaks_cycle: #breaks_cycle,
+                since: #since,
+                default: #default,
             }
         }
     });
+    if let Some(late) = synced.iter().find(|f| f.since > version) {
+        return Err(syn::Error::new_spanned(
+            &late.ident,
+            "syncable: a field's `since` is at most the model's `version`",
+        ));
+    }
+    if synced.windows(2).any(|w| w[1].since < w[0].since) {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "syncable: fields added by a later version go after the older ones (a change names a field by its position)",
+        ));
+    }
+    let upcast = match upcast {
+        Some(path) => quote!(::core::option::Option::Some(#path)),
+        None => quote!(::core::option::Option::None),
+    };
     let skipped_names = skipped.iter().map(|s| s.to_string());
     let uuid_name = uuid_ident.to_string();
     let (domain_rule, domain_body) = domain_tokens(&domain, &synced)?;
@@ -147,6 +180,9 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         impl #impl_generics ::keel_schema::Syncable for #name #ty_generics #where_clause {
             const DEF: &'static ::keel_schema::ModelDef = &::keel_schema::ModelDef {
                 name: #model,
+                code: #code,
+                version: #version,
+                upcast: #upcast,
                 uuid_field: #uuid_name,
                 domain: #domain_rule,
                 fields: &[#(#field_defs),*],
@@ -219,6 +255,9 @@ struct StructAttrs {
     domain: DomainAttr,
     priority: u8,
     permanent_delete: bool,
+    code: u8,
+    version: u8,
+    upcast: Option<syn::Path>,
 }
 
 fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
@@ -226,6 +265,9 @@ fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
     let mut domain: Option<DomainAttr> = None;
     let mut priority: u8 = 50;
     let mut permanent_delete = false;
+    let mut code: Option<u8> = None;
+    let mut version: u8 = 0;
+    let mut upcast: Option<syn::Path> = None;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
         attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("model") {
@@ -234,6 +276,17 @@ fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
                 permanent_delete = true;
             } else if meta.path.is_ident("priority") {
                 priority = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+            } else if meta.path.is_ident("code") {
+                let lit = meta.value()?.parse::<LitInt>()?;
+                let value: u8 = lit.base10_parse()?;
+                if value == u8::MAX {
+                    return Err(syn::Error::new(lit.span(), "syncable: code 255 is reserved"));
+                }
+                code = Some(value);
+            } else if meta.path.is_ident("version") {
+                version = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+            } else if meta.path.is_ident("upcast") {
+                upcast = Some(meta.value()?.parse::<LitStr>()?.parse()?);
             } else if meta.path.is_ident("domain") {
                 let lit = meta.value()?.parse::<LitStr>()?;
                 let text = lit.value();
@@ -253,7 +306,7 @@ fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
                 });
             } else {
                 return Err(meta.error(
-                    "syncable: unknown struct attribute; expected `model`, `domain`, `priority` or `permanent_delete`",
+                    "syncable: unknown struct attribute; expected `model`, `code`, `domain`, `priority`, `version`, `upcast` or `permanent_delete`",
                 ));
             }
             Ok(())
@@ -263,6 +316,12 @@ fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
         syn::Error::new(
             Span::call_site(),
             "syncable: missing #[syncable(model = \"name\")] on the struct",
+        )
+    })?;
+    let code = code.ok_or_else(|| {
+        syn::Error::new(
+            Span::call_site(),
+            "syncable: missing #[syncable(code = N)] on the struct: the model's stable code in changes (a host's models take 32 to 254)",
         )
     })?;
     let domain = domain.ok_or_else(|| {
@@ -276,6 +335,9 @@ fn struct_attrs(input: &DeriveInput) -> syn::Result<StructAttrs> {
         domain,
         priority,
         permanent_delete,
+        code,
+        version,
+        upcast,
     })
 }
 
@@ -312,6 +374,8 @@ fn model_fields(input: &DeriveInput) -> syn::Result<ModelFields> {
         let mut skip = false;
         let mut references = None;
         let mut breaks_cycle = false;
+        let mut since = 0u8;
+        let mut default = None;
         for attr in field.attrs.iter().filter(|a| a.path().is_ident("syncable")) {
             attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("uuid") {
@@ -322,9 +386,13 @@ fn model_fields(input: &DeriveInput) -> syn::Result<ModelFields> {
                     references = Some(meta.value()?.parse::<LitStr>()?.value());
                 } else if meta.path.is_ident("breaks_cycle") {
                     breaks_cycle = true;
+                } else if meta.path.is_ident("since") {
+                    since = meta.value()?.parse::<LitInt>()?.base10_parse()?;
+                } else if meta.path.is_ident("default") {
+                    default = Some(meta.value()?.parse::<LitStr>()?.parse()?);
                 } else {
                     return Err(meta.error(
-                        "syncable: unknown field attribute; expected `uuid`, `skip`, `references = \"model\"` or `breaks_cycle`",
+                        "syncable: unknown field attribute; expected `uuid`, `skip`, `references = \"model\"`, `breaks_cycle`, `since = N` or `default = \"path\"`",
                     ));
                 }
                 Ok(())
@@ -352,6 +420,8 @@ fn model_fields(input: &DeriveInput) -> syn::Result<ModelFields> {
                 ty: field.ty.clone(),
                 references,
                 breaks_cycle,
+                since,
+                default,
             });
         }
     }

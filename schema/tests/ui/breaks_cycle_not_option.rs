@@ -3,7 +3,7 @@ use keel_schema::Syncable;
 use keel_schema::uuid::Uuid;
 
 #[derive(Syncable)]
-#[syncable(model = "note", domain = "content")]
+#[syncable(model = "note", code = 40, domain = "content")]
 struct Note {
     #[syncable(uuid)]
     uuid: Uuid,

@@ -2,7 +2,7 @@
 use keel_schema::Syncable;
 
 #[derive(Syncable)]
-#[syncable(model = "note", domain = "content")]
+#[syncable(model = "note", code = 40, domain = "content")]
 struct Note {
     text: String,
 }

@@ -1,0 +1,252 @@
+//! Issue 25: a host app's own models, synced across devices over real QUIC, redb and SQLite,
+//! while one device still runs the app's older version.
+
+use std::time::{Duration, Instant};
+
+use keel_engine::{Home, Library, Syncable, Uuid};
+use keel_node::Node;
+use keel_tests::cluster::{converge, options, pair};
+use keel_tests::PASSWORD;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A host's album: its first and only version.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "album", code = 40, domain = "content", priority = 10)]
+struct Album {
+    #[syncable(uuid)]
+    uuid: Uuid,
+    name: String,
+}
+
+/// The app's first version of a photo.
+mod v1 {
+    use super::*;
+
+    /// A photo in an album.
+    #[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+    #[syncable(model = "photo", code = 41, domain = "content", priority = 20)]
+    pub(crate) struct Photo {
+        #[syncable(uuid)]
+        pub(crate) uuid: Uuid,
+        #[syncable(references = "album")]
+        pub(crate) album: Uuid,
+        pub(crate) caption: String,
+    }
+}
+
+/// The app's second version: a photo has stars, five unless said.
+mod v2 {
+    use super::*;
+
+    /// A photo in an album, with stars.
+    #[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+    #[syncable(
+        model = "photo",
+        code = 41,
+        version = 1,
+        domain = "content",
+        priority = 20
+    )]
+    pub(crate) struct Photo {
+        #[syncable(uuid)]
+        pub(crate) uuid: Uuid,
+        #[syncable(references = "album")]
+        pub(crate) album: Uuid,
+        pub(crate) caption: String,
+        #[syncable(since = 1, default = "five")]
+        pub(crate) stars: i64,
+    }
+
+    fn five() -> i64 {
+        5
+    }
+}
+
+/// A home under `root/<device>` with the album and version `new` (2) or 1 of the photo.
+fn home(root: &std::path::Path, device: &str, new: bool) -> Home {
+    let home = Home::new(root.join(device))
+        .with_model::<Album>()
+        .expect("album registers");
+    if new {
+        home.with_model::<v2::Photo>().expect("photo registers")
+    } else {
+        home.with_model::<v1::Photo>().expect("photo registers")
+    }
+}
+
+/// Pairs the device of `home` with `inviter` and starts it.
+fn join(home: &Home, inviter: &Node) -> Node {
+    let name = pair(home, inviter, inviter.local_addr()).expect("pairs");
+    let lib = Library::open(home, &name, PASSWORD).expect("opens");
+    Node::start(lib, options(vec![inviter.local_addr()])).expect("starts")
+}
+
+/// Waits until every node holds the same log and has nothing to push (digests may differ while
+/// an old app lacks a version).
+fn settle(nodes: &[&Node]) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let ids: Vec<_> = nodes
+            .iter()
+            .map(|n| n.library().sync_state().change_ids().expect("ids"))
+            .collect();
+        let pending = nodes.iter().map(|n| n.status().offline).sum::<u64>();
+        if pending == 0 && ids.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the devices never settled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn photo2(node: &Node, uuid: Uuid) -> Option<v2::Photo> {
+    node.library().get::<v2::Photo>(uuid).expect("reads")
+}
+
+/// Three devices share a library with the host's models; `b` runs the app's first version while
+/// `a` and `c` run the second, which added a field. Every change reaches every journal; `b`
+/// applies what its version knows and keeps the rest, naming what it lacks; `a` and `c` take
+/// `b`'s old whole records with the new field's default and its partial edit without touching
+/// the field it did not know. Once `b` runs the new version too, all three digests are equal,
+/// and a rebuild gives the same digest.
+#[test]
+fn a_host_model_syncs_across_three_devices_and_two_app_versions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, a) = {
+        let (home, lib) =
+            keel_tests::create_in(home(dir.path(), "a", true), "photos").expect("creates");
+        let node = Node::start(lib, options(Vec::new())).expect("starts");
+        (home, node)
+    };
+    let home_b = home(dir.path(), "b", false);
+    let b = join(&home_b, &a);
+    let c = join(&home(dir.path(), "c", true), &a);
+
+    let album = Album {
+        uuid: Uuid::new_v4(),
+        name: "Summer".into(),
+    };
+    let rated = v2::Photo {
+        uuid: Uuid::new_v4(),
+        album: album.uuid,
+        caption: "beach".into(),
+        stars: 3,
+    };
+    a.library()
+        .transact(|tx| {
+            tx.upsert(&album);
+            tx.upsert(&rated);
+            Ok(())
+        })
+        .expect("a commits");
+    let from_c = v2::Photo {
+        uuid: Uuid::new_v4(),
+        album: album.uuid,
+        caption: "dunes".into(),
+        stars: 1,
+    };
+    c.library()
+        .transact(|tx| Ok(tx.upsert(&from_c)))
+        .expect("c commits");
+    settle(&[&a, &b, &c]);
+    let old = v1::Photo {
+        uuid: Uuid::new_v4(),
+        album: album.uuid,
+        caption: "old app".into(),
+    };
+    b.library()
+        .transact(|tx| {
+            tx.upsert(&old);
+            // A partial edit of a photo the new app rated: its stars must stay.
+            tx.set(v1::PhotoUpdate::new(rated.uuid).caption("sunset".into()))
+        })
+        .expect("b commits");
+    settle(&[&a, &b, &c]);
+
+    // The new devices agree, and read b's changes in the new shape.
+    let digest = converge(&[&a, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    for node in [&a, &c] {
+        let seen = photo2(node, old.uuid).expect("b's photo");
+        assert_eq!((seen.caption.as_str(), seen.stars), ("old app", 5));
+        let edited = photo2(node, rated.uuid).expect("a's photo");
+        assert_eq!((edited.caption.as_str(), edited.stars), ("sunset", 3));
+    }
+    // The old device applied its version's changes, kept the others and says what it lacks.
+    let lib_b = b.library();
+    assert!(lib_b.get::<v1::Photo>(old.uuid).expect("reads").is_some());
+    assert!(lib_b.get::<Album>(album.uuid).expect("reads").is_some());
+    assert!(
+        lib_b
+            .get::<v1::Photo>(from_c.uuid)
+            .expect("reads")
+            .is_none(),
+        "b applied a change of a version it does not know"
+    );
+    let lacking = lib_b.lacking_models().expect("lists");
+    assert_eq!(lacking.len(), 1, "{lacking:?}");
+    assert_eq!(lacking[0].name.as_deref(), Some("photo"));
+    assert_eq!((lacking[0].version, lacking[0].known_version), (1, Some(0)));
+    assert!(lacking[0].changes >= 2, "{lacking:?}");
+    assert!(a.library().lacking_models().expect("lists").is_empty());
+
+    // b upgrades: its projection is built again for the new models, from its journal.
+    let listen = b.local_addr();
+    b.stop().expect("b stops");
+    let b = {
+        let lib = Library::open(&home(dir.path(), "b", true), "photos", PASSWORD).expect("opens");
+        Node::start(
+            lib,
+            keel_node::NodeOptions {
+                listen,
+                ..options(vec![a.local_addr()])
+            },
+        )
+        .expect("b restarts")
+    };
+    assert_eq!(
+        converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}")),
+        digest
+    );
+    assert!(b.library().lacking_models().expect("lists").is_empty());
+    assert_eq!(
+        photo2(&b, from_c.uuid).map(|p| p.stars),
+        Some(1),
+        "b lost c's photo"
+    );
+    b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+    assert_eq!(b.library().digest().expect("digest"), digest);
+    drop(home_a);
+}
+
+/// The library records which model a code names; an app that gives the code to another model
+/// is refused at open, before it writes anything.
+#[test]
+fn an_app_that_moves_a_models_code_is_refused_at_open() {
+    /// Another model under the album's code.
+    #[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+    #[syncable(model = "sticker", code = 40, domain = "content")]
+    struct Sticker {
+        #[syncable(uuid)]
+        uuid: Uuid,
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) =
+        keel_tests::create_in(home(dir.path(), "a", true), "photos").expect("creates");
+    let recorded = lib.recorded_models().expect("lists");
+    let names: Vec<_> = recorded
+        .iter()
+        .map(|m| (m.code, m.name.as_str(), m.version))
+        .collect();
+    assert_eq!(names, vec![(40, "album", 0), (41, "photo", 1)]);
+    lib.close().expect("closes");
+    let moved = Home::new(dir.path().join("a"))
+        .with_model::<Sticker>()
+        .expect("registers");
+    match Library::open(&moved, "photos", PASSWORD) {
+        Err(keel_engine::EngineError::ModelClash { code, recorded, .. }) => {
+            assert_eq!((code, recorded.as_str()), (40, "album"))
+        }
+        other => panic!("expected a clash, got {other:?}"),
+    }
+}
