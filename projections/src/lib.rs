@@ -19,6 +19,7 @@ mod ownership;
 mod queries;
 mod rebuild;
 mod references;
+mod search;
 mod snapshot;
 mod store;
 
@@ -29,6 +30,7 @@ pub use error::ProjectionError;
 pub use filters::{EntryFilter, EntryOrder, EntryPage, PageCursor, PageKey, PAGE_MAX};
 pub use ownership::{Lacking, RefusedChange};
 pub use queries::{Counts, EntryMetadata, Query};
+pub use search::{SearchHit, SearchMatch, SEARCH_TEXT_MAX, SEARCH_WORDS_MAX};
 pub use snapshot::FrozenFile;
 pub use store::{
     configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,

@@ -250,3 +250,31 @@ fn an_app_that_moves_a_models_code_is_refused_at_open() {
         other => panic!("expected a clash, got {other:?}"),
     }
 }
+
+/// Found by the example: a host model's changes were left out of `RecordsChanged` (the event
+/// named records through Keel's models alone), so a host never heard of its own records.
+#[test]
+fn a_host_models_records_are_in_the_change_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) =
+        keel_tests::create_in(home(dir.path(), "a", true), "photos").expect("creates");
+    let mut events = lib.subscribe();
+    let album = Album {
+        uuid: Uuid::new_v4(),
+        name: "Winter".into(),
+    };
+    lib.transact(|tx| Ok(tx.upsert(&album))).expect("commits");
+    lib.flush().expect("flushes");
+    let mut named = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let keel_engine::Event::RecordsChanged { records, .. } = event {
+            named.extend(records);
+        }
+    }
+    assert!(
+        named
+            .iter()
+            .any(|(model, uuid, _)| *model == "album" && *uuid == album.uuid),
+        "{named:?}"
+    );
+}

@@ -69,6 +69,20 @@ pub(crate) enum Command {
         /// Folder inside a location.
         path: Option<PathBuf>,
     },
+    /// Find entries by words of their names or of their notes (the first search builds the
+    /// index).
+    Search {
+        /// Library name.
+        lib: String,
+        /// The words (all must match, each as a word or a word's start).
+        text: String,
+        /// Entries shown at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an entry with its tags and notes in both scopes.
     Show {
         /// Library name.
@@ -396,6 +410,7 @@ impl Command {
             | Command::Tag { lib, .. }
             | Command::Note { lib, .. }
             | Command::Ls { lib, .. }
+            | Command::Search { lib, .. }
             | Command::Show { lib, .. }
             | Command::Status { lib, .. }
             | Command::Digest { lib }
@@ -574,6 +589,21 @@ pub(crate) fn exec(
                 }
             }
         },
+        Command::Search {
+            text, limit, json, ..
+        } => {
+            let hits = lib.search(&text, limit)?;
+            if json {
+                io.line(&serde_json::to_string(&hits)?);
+            }
+            for hit in hits.iter().filter(|_| !json) {
+                let by = match hit.matched {
+                    keel_engine::SearchMatch::Name => "name",
+                    keel_engine::SearchMatch::Note => "note",
+                };
+                io.line(&format!("{by} {}", entry_line(&hit.entry)));
+            }
+        }
         Command::Show { path, json, .. } => show(lib, &path, json, io)?,
         Command::Status { json, .. } => status(lib, node, json, io)?,
         Command::Digest { .. } => io.line(&lib.digest()?),

@@ -109,6 +109,17 @@ fn index_tag_note_show_status_digest_rebuild() {
     ok(&keel(&home, &["verify", "lib"]));
     let ls = ok(&keel(&home, &["ls", "lib", tree_s]));
     assert!(ls.contains("a.txt") && ls.contains("sub"), "{ls}");
+    // Search by a name's start, and by an entry's note.
+    let found = ok(&keel(&home, &["search", "lib", "c.m"]));
+    assert!(
+        found.starts_with("name file") && found.contains("c.md"),
+        "{found}"
+    );
+    let hits: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home, &["search", "lib", "MINE", "--json"])))
+            .expect("json");
+    assert_eq!(hits[0]["entry"]["name"], "b.txt", "{hits}");
+    assert_eq!(hits[0]["matched"], "Note", "{hits}");
 }
 
 #[test]

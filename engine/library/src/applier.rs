@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) bulk_until: Mutex<Option<Lsn>>,
     /// Bounds the journal's queue of durable batches to the applier, in changes.
     pub(crate) budget: Arc<ApplyBudget>,
+    /// The library's models (events name records by them).
+    pub(crate) models: keel_schema::Registry,
 }
 
 /// A catch-up bulk-loads when at least this many log entries are missing...
@@ -228,7 +230,10 @@ fn record_result(
                 let records = changes
                     .iter()
                     .take(EVENT_RECORDS_MAX)
-                    .filter_map(|c| Some((c.model_def()?.name, c.record, ChangeKind::of(&c.op))))
+                    .filter_map(|c| {
+                        let name = shared.models.get(c.model)?.name;
+                        Some((name, c.record, ChangeKind::of(&c.op)))
+                    })
                     .collect();
                 let _ = shared.events.send(Event::RecordsChanged {
                     records,

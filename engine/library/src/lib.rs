@@ -57,7 +57,11 @@ pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
 pub use keel_projections::{
     EntryFilter, EntryMetadata, EntryOrder, EntryPage, PageCursor, PageKey, RefusedChange,
+    SearchHit, SearchMatch,
 };
+/// Keel's schema crate, whole: `#[derive(Syncable)]` in a crate that depends on `keel-engine`
+/// alone generates paths through it.
+pub use keel_schema as schema;
 /// What a host app writes and reads, so that `keel-engine` is the one dependency it needs.
 pub use keel_schema::{
     content_metadata_uuid, content_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid,

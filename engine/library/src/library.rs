@@ -412,6 +412,7 @@ impl Library {
             leading: std::sync::atomic::AtomicBool::new(false),
             bulk_until: Mutex::new(None),
             budget,
+            models: models.clone(),
         });
         let applier_shared = shared.clone();
         let applier = std::thread::Builder::new()

@@ -1,6 +1,7 @@
-//! A host's models in a library: recorded at open, checked against the record, and what this
-//! device lacks (decision 0045).
+//! What a host app asks of a library beyond records: its own models (recorded at open, checked
+//! against the record, what this device lacks: decision 0045) and full-text search.
 
+use keel_projections::SearchHit;
 use keel_schema::{registered_model_uuid, RegisteredModel, Syncable};
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +78,21 @@ impl Library {
             });
         }
         Ok(out)
+    }
+
+    /// Visible entries whose name, or a note on them or on their content, has every word of
+    /// `text` (see [`keel_projections::Query::search`]), at most `limit`. The first search
+    /// builds the index (a pass over the entries and notes); every apply after keeps it current.
+    pub fn search(&self, text: &str, limit: usize) -> Result<Vec<SearchHit>, EngineError> {
+        if !self.read(|p| p.query().search_enabled())? {
+            let mut writer = self
+                .shared
+                .projections
+                .lock()
+                .map_err(|_| EngineError::Closed)?;
+            writer.enable_search()?;
+        }
+        self.read(|p| p.query().search(text, limit))
     }
 
     /// The host models this library records (from every device that opened it), in code order.

@@ -53,7 +53,31 @@ fn is_option(ty: &Type) -> bool {
     }
 }
 
+/// The path to `keel_schema` from the deriving crate: `keel_schema` itself, under whatever name
+/// the crate's manifest gives it, or re-exported as `keel_engine::schema` for a host that depends
+/// on `keel-engine` alone.
+fn schema_path() -> proc_macro2::TokenStream {
+    use proc_macro_crate::{crate_name, FoundCrate};
+    let named = |name: &str| {
+        let ident = syn::Ident::new(name, Span::call_site());
+        quote!(::#ident)
+    };
+    match crate_name("keel-schema") {
+        Ok(FoundCrate::Itself) => quote!(::keel_schema),
+        Ok(FoundCrate::Name(name)) => named(&name),
+        Err(_) => match crate_name("keel-engine") {
+            Ok(FoundCrate::Name(name)) => {
+                let engine = named(&name);
+                quote!(#engine::schema)
+            }
+            Ok(FoundCrate::Itself) => quote!(crate::schema),
+            Err(_) => quote!(::keel_schema),
+        },
+    }
+}
+
 fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
+    let k = schema_path();
     let name = &input.ident;
     let StructAttrs {
         model,
@@ -79,16 +103,16 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         let breaks_cycle = f.breaks_cycle;
         let since = f.since;
         let default = match &f.default {
-            Some(path) => quote!(|| ::keel_schema::FieldValue::into_value(#path())),
-            None => quote!(|| ::keel_schema::FieldValue::into_value(
+            Some(path) => quote!(|| #k::FieldValue::into_value(#path())),
+            None => quote!(|| #k::FieldValue::into_value(
                 <#ty as ::core::default::Default>::default()
             )),
         };
         quote! {
-            ::keel_schema::FieldDef {
+            #k::FieldDef {
                 name: #fname,
-                ty: <#ty as ::keel_schema::FieldValue>::TYPE,
-                nullable: <#ty as ::keel_schema::FieldValue>::NULLABLE,
+                ty: <#ty as #k::FieldValue>::TYPE,
+                nullable: <#ty as #k::FieldValue>::NULLABLE,
                 references: #references,
                 breaks_cycle: #breaks_cycle,
                 since: #since,
@@ -114,10 +138,10 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     };
     let skipped_names = skipped.iter().map(|s| s.to_string());
     let uuid_name = uuid_ident.to_string();
-    let (domain_rule, domain_body) = domain_tokens(&domain, &synced)?;
+    let (domain_rule, domain_body) = domain_tokens(&k, &domain, &synced)?;
     let to_values = synced.iter().map(|f| {
         let ident = &f.ident;
-        quote!(::keel_schema::FieldValue::to_value(&self.#ident))
+        quote!(#k::FieldValue::to_value(&self.#ident))
     });
     if synced.len() > usize::from(u8::MAX) {
         return Err(syn::Error::new(
@@ -128,12 +152,12 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let into_values = synced.iter().enumerate().map(|(i, f)| {
         let ident = &f.ident;
         let index = i as u8;
-        quote!((#index, ::keel_schema::FieldValue::into_value(self.#ident)))
+        quote!((#index, #k::FieldValue::into_value(self.#ident)))
     });
     let from_values = synced.iter().enumerate().map(|(i, f)| {
         let ident = &f.ident;
         let ty = &f.ty;
-        quote!(#ident: <#ty as ::keel_schema::FieldValue>::from_value(values.get(#i)?)?)
+        quote!(#ident: <#ty as #k::FieldValue>::from_value(values.get(#i)?)?)
     });
     let skipped_init = skipped
         .iter()
@@ -164,7 +188,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             #[doc = #doc]
             #[must_use]
             pub fn #ident(mut self, value: #ty) -> Self {
-                self.fields.push((#index, ::keel_schema::FieldValue::into_value(value)));
+                self.fields.push((#index, #k::FieldValue::into_value(value)));
                 self
             }
         }
@@ -177,8 +201,8 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     };
 
     Ok(quote! {
-        impl #impl_generics ::keel_schema::Syncable for #name #ty_generics #where_clause {
-            const DEF: &'static ::keel_schema::ModelDef = &::keel_schema::ModelDef {
+        impl #impl_generics #k::Syncable for #name #ty_generics #where_clause {
+            const DEF: &'static #k::ModelDef = &#k::ModelDef {
                 name: #model,
                 code: #code,
                 version: #version,
@@ -191,21 +215,21 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                 permanent_delete: #permanent_delete,
             };
 
-            fn record_uuid(&self) -> ::core::option::Option<::keel_schema::uuid::Uuid> {
+            fn record_uuid(&self) -> ::core::option::Option<#k::uuid::Uuid> {
                 #record_uuid
             }
 
-            fn field_values(&self) -> ::std::vec::Vec<::keel_schema::Value> {
+            fn field_values(&self) -> ::std::vec::Vec<#k::Value> {
                 ::std::vec![#(#to_values),*]
             }
 
-            fn into_indexed_values(self) -> ::std::vec::Vec<(u8, ::keel_schema::Value)> {
+            fn into_indexed_values(self) -> ::std::vec::Vec<(u8, #k::Value)> {
                 ::std::vec![#(#into_values),*]
             }
 
             fn from_field_values(
-                uuid: ::keel_schema::uuid::Uuid,
-                values: &[::keel_schema::Value],
+                uuid: #k::uuid::Uuid,
+                values: &[#k::Value],
             ) -> ::core::option::Option<Self> {
                 if values.len() != #field_count {
                     return ::core::option::Option::None;
@@ -217,7 +241,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                 })
             }
 
-            fn sync_domain(&self, #lookup_ident: &dyn ::keel_schema::DomainLookup) -> ::keel_schema::SyncDomain {
+            fn sync_domain(&self, #lookup_ident: &dyn #k::DomainLookup) -> #k::SyncDomain {
                 #domain_body
             }
         }
@@ -225,24 +249,24 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         #[doc = #update_doc]
         #[derive(Clone, Debug, PartialEq)]
         #vis struct #update {
-            record: ::keel_schema::uuid::Uuid,
-            fields: ::std::vec::Vec<(u8, ::keel_schema::Value)>,
+            record: #k::uuid::Uuid,
+            fields: ::std::vec::Vec<(u8, #k::Value)>,
         }
 
         impl #update {
             /// An update of record `record` that writes nothing yet.
-            pub fn new(record: ::keel_schema::uuid::Uuid) -> Self {
+            pub fn new(record: #k::uuid::Uuid) -> Self {
                 Self { record, fields: ::std::vec::Vec::new() }
             }
             #(#setters)*
         }
 
-        impl ::keel_schema::FieldUpdate for #update {
+        impl #k::FieldUpdate for #update {
             type Model = #name;
-            fn record(&self) -> ::keel_schema::uuid::Uuid {
+            fn record(&self) -> #k::uuid::Uuid {
                 self.record
             }
-            fn into_fields(self) -> ::std::vec::Vec<(u8, ::keel_schema::Value)> {
+            fn into_fields(self) -> ::std::vec::Vec<(u8, #k::Value)> {
                 self.fields
             }
         }
@@ -440,26 +464,24 @@ fn model_fields(input: &DeriveInput) -> syn::Result<ModelFields> {
 
 /// The domain rule of `ModelDef` and the body of `sync_domain`.
 fn domain_tokens(
+    k: &proc_macro2::TokenStream,
     domain: &DomainAttr,
     synced: &[FieldInfo],
 ) -> syn::Result<(proc_macro2::TokenStream, proc_macro2::TokenStream)> {
     Ok(match domain {
         DomainAttr::Index => (
-            quote!(::keel_schema::DomainRule::Fixed(
-                ::keel_schema::SyncDomain::Index
+            quote!(#k::DomainRule::Fixed(
+                #k::SyncDomain::Index
             )),
-            quote!(::keel_schema::SyncDomain::Index),
+            quote!(#k::SyncDomain::Index),
         ),
         DomainAttr::Content => (
-            quote!(::keel_schema::DomainRule::Fixed(
-                ::keel_schema::SyncDomain::Content
+            quote!(#k::DomainRule::Fixed(
+                #k::SyncDomain::Content
             )),
-            quote!(::keel_schema::SyncDomain::Content),
+            quote!(#k::SyncDomain::Content),
         ),
-        DomainAttr::Scope => (
-            quote!(::keel_schema::DomainRule::ByScope),
-            quote!(self.scope_domain()),
-        ),
+        DomainAttr::Scope => (quote!(#k::DomainRule::ByScope), quote!(self.scope_domain())),
         DomainAttr::Parent(field) => {
             let Some(parent) = synced.iter().find(|f| f.ident == field.as_str()) else {
                 return Err(syn::Error::new(
@@ -475,11 +497,11 @@ fn domain_tokens(
             };
             let pident = &parent.ident;
             (
-                quote!(::keel_schema::DomainRule::ByParent(#field)),
+                quote!(#k::DomainRule::ByParent(#field)),
                 quote! {
                     lookup
                         .domain_of(#parent_model, ::core::convert::Into::into(self.#pident))
-                        .unwrap_or(::keel_schema::SyncDomain::Index)
+                        .unwrap_or(#k::SyncDomain::Index)
                 },
             )
         }

@@ -1,15 +1,32 @@
-//! A minimal host app: two devices of one library in one process, on loopback. The first
-//! creates the library and invites; the second joins with the code, and hears the first's
-//! changes on its event bus as they arrive.
+//! A minimal host app: its own model, two devices of one library in one process, on loopback.
+//! The first creates the library and invites; the second joins with the code, and hears the
+//! first's albums on its event bus as they arrive.
 //!
-//! `cargo run -p keel-node --example two_devices`
+//! `cargo run -p keel-example`
 
 use std::time::Duration;
 
-use keel_engine::{CreateOptions, Event, Home, KdfParams, Library, Tag, Uuid};
+use keel_engine::{CreateOptions, Event, Home, KdfParams, Library, Syncable, Uuid};
 use keel_node::{join, JoinOptions, Node, NodeOptions};
 
 const PASSWORD: &str = "an example password";
+
+/// The app's own model: an album of photos. Its code is its name in every change, for good.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "album", code = 32, domain = "content")]
+struct Album {
+    #[syncable(uuid)]
+    uuid: Uuid,
+    name: String,
+    /// The cover photo's content, if any (a reference to one of Keel's models).
+    #[syncable(references = "content_identity")]
+    cover: Option<Uuid>,
+}
+
+/// The app's home on this device: Keel's models and its own.
+fn home(dir: &std::path::Path) -> Result<Home, keel_engine::EngineError> {
+    Home::new(dir).with_model::<Album>()
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -23,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // Device A: a library and a node that invites.
-    let home_a = Home::new(dir.path().join("a"));
+    let home_a = home(&dir.path().join("a"))?;
     let a = Node::start(
         Library::create(&home_a, "photos", PASSWORD, fast())?,
         on_loopback.clone(),
@@ -32,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("A invites with code {}", invite.code.as_str());
 
     // Device B: joins with the code (the user would type it), then runs its own node.
-    let home_b = Home::new(dir.path().join("b"));
+    let home_b = home(&dir.path().join("b"))?;
     let joining = JoinOptions {
         addr: Some(a.local_addr()),
         discovery: keel_node::Discovery::default(),
@@ -51,20 +68,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A writes; B hears it on its bus.
     let mut events = b.library().subscribe();
-    let tag = Tag {
+    let album = Album {
         uuid: Uuid::new_v4(),
-        name: "holidays".into(),
-        color: Some("#ffaa00".into()),
-        created_ms: 0,
+        name: "Holidays".into(),
+        cover: None,
     };
     a.library().transact(|tx| {
-        tx.upsert(&tag);
+        tx.upsert(&album);
         Ok(())
     })?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         if std::time::Instant::now() > deadline {
-            return Err("B never heard of the tag".into());
+            return Err("B never heard of the album".into());
         }
         let Ok(event) = events.try_recv() else {
             std::thread::sleep(Duration::from_millis(10));
@@ -73,13 +89,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Events serialize as they are, for a web view.
         println!("B heard {}", serde_json::to_string(&event)?);
         if let Event::RecordsChanged { records, .. } = &event {
-            if records.iter().any(|(_, uuid, _)| *uuid == tag.uuid) {
+            if records.iter().any(|(_, uuid, _)| *uuid == album.uuid) {
                 break;
             }
         }
     }
-    let got = b.library().get::<Tag>(tag.uuid)?.ok_or("B has no tag")?;
-    println!("B has the tag {:?}", got.name);
+    let got = b
+        .library()
+        .get::<Album>(album.uuid)?
+        .ok_or("B has no album")?;
+    println!("B has the album {:?}", got.name);
     b.stop()?;
     a.stop()?;
     Ok(())
