@@ -4,27 +4,12 @@
 use keel_projections::{AppliedPosition, Projections};
 use keel_schema::{
     content_uuid, user_metadata_tag_uuid, Change, ChangeId, ContentIdentity, Device, DeviceId,
-    Entry, EntryKind, Hlc, Location, Lsn, Tag, UserMetadata, UserMetadataTag, Value,
+    Entry, EntryKind, Location, Lsn, Tag, UserMetadata, UserMetadataTag, Value,
 };
 use uuid::Uuid;
 
 mod support;
-
-struct Gen {
-    device: DeviceId,
-    ms: u64,
-}
-
-impl Gen {
-    fn hlc(&mut self) -> Hlc {
-        self.ms += 1;
-        Hlc {
-            physical_ms: self.ms,
-            counter: 0,
-            device: self.device,
-        }
-    }
-}
+use support::Gen;
 
 /// A small library: device, location, content, an entry with entry-scoped metadata (the cycle),
 /// content-scoped metadata with a tag, a second entry later deleted.

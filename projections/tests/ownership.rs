@@ -5,11 +5,12 @@
 
 use keel_projections::Projections;
 use keel_schema::{
-    Change, ChangeId, Device, DeviceId, Entry, EntryKind, Hlc, Location, Tag, UserMetadata, Value,
+    Change, ChangeId, Device, DeviceId, Entry, Hlc, Location, Tag, UserMetadata, Value,
 };
 use uuid::Uuid;
 
 mod support;
+use support::entry;
 
 struct Clock(u64);
 
@@ -42,21 +43,6 @@ fn location(id: DeviceId, name: &str) -> Location {
         path: format!("/{name}"),
         name: name.into(),
         created_ms: 2,
-    }
-}
-
-fn entry(location: Uuid, name: &str) -> Entry {
-    Entry {
-        uuid: Some(Uuid::now_v7()),
-        location,
-        relative_path: String::new(),
-        name: name.into(),
-        kind: EntryKind::File.code(),
-        size: 3,
-        created_ms: 0,
-        modified_ms: 5,
-        content: None,
-        metadata: None,
     }
 }
 

@@ -2,45 +2,15 @@
 
 use keel_projections::{Projections, SearchMatch};
 use keel_schema::uuid::Uuid;
-use keel_schema::{
-    Change, ChangeId, ContentIdentity, DeviceId, Entry, EntryKind, Hlc, Location, UserMetadata,
-};
+use keel_schema::{Change, ChangeId, ContentIdentity, Entry, Location, UserMetadata};
 
 mod support;
-use support::ApplyVouched;
-
-struct Gen {
-    device: DeviceId,
-    ms: u64,
-}
-
-impl Gen {
-    fn hlc(&mut self) -> Hlc {
-        self.ms += 1;
-        Hlc {
-            physical_ms: self.ms,
-            counter: 0,
-            device: self.device,
-        }
-    }
-
-    fn upsert<M: keel_schema::Syncable>(&mut self, record: &M) -> Change {
-        Change::upsert(ChangeId::new(), self.hlc(), record).expect("ready")
-    }
-}
+use support::{ApplyVouched, Gen};
 
 fn entry(location: Uuid, name: &str, content: Option<Uuid>) -> Entry {
     Entry {
-        uuid: Some(Uuid::now_v7()),
-        location,
-        relative_path: String::new(),
-        name: name.into(),
-        kind: EntryKind::File.code(),
-        size: 1,
-        created_ms: 1,
-        modified_ms: 1,
         content,
-        metadata: None,
+        ..support::entry(location, name)
     }
 }
 

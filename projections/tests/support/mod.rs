@@ -3,7 +3,8 @@
 use std::sync::Mutex;
 
 use keel_projections::{Projections, Signer};
-use keel_schema::{Attestation, Change, ChangeId, DeviceId, Hlc};
+use keel_schema::{Attestation, Change, ChangeId, DeviceId, Entry, EntryKind, Hlc, Syncable};
+use uuid::Uuid;
 
 static SIGNERS: Mutex<Vec<Signer>> = Mutex::new(Vec::new());
 
@@ -65,5 +66,49 @@ impl ApplyVouched for Projections {
     ) -> Result<keel_projections::ApplyStats, keel_projections::ProjectionError> {
         vouch(self, changes);
         self.apply(changes, position)
+    }
+}
+
+/// Clock readings of one device, one millisecond apart.
+#[allow(dead_code)]
+pub(crate) struct Gen {
+    /// The device.
+    pub(crate) device: DeviceId,
+    /// The last reading's milliseconds.
+    pub(crate) ms: u64,
+}
+
+#[allow(dead_code)]
+impl Gen {
+    /// The next reading.
+    pub(crate) fn hlc(&mut self) -> Hlc {
+        self.ms += 1;
+        Hlc {
+            physical_ms: self.ms,
+            counter: 0,
+            device: self.device,
+        }
+    }
+
+    /// An upsert of `record` at the next reading.
+    pub(crate) fn upsert<M: Syncable>(&mut self, record: &M) -> Change {
+        Change::upsert(ChangeId::new(), self.hlc(), record).expect("sync-ready")
+    }
+}
+
+/// A file entry named `name` at the top of `location`, with no content.
+#[allow(dead_code)]
+pub(crate) fn entry(location: Uuid, name: &str) -> Entry {
+    Entry {
+        uuid: Some(Uuid::now_v7()),
+        location,
+        relative_path: String::new(),
+        name: name.into(),
+        kind: EntryKind::File.code(),
+        size: 3,
+        created_ms: 0,
+        modified_ms: 5,
+        content: None,
+        metadata: None,
     }
 }
