@@ -11,6 +11,7 @@ use crate::queries::Query;
 
 /// The order of [`Query::entries`]; ties go by record uuid.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum EntryOrder {
     /// By name.
@@ -42,6 +43,7 @@ impl EntryOrder {
 
 /// The order key of the last entry of a page.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[serde(untagged)]
 pub enum PageKey {
     /// A text key (a name).
@@ -52,6 +54,7 @@ pub enum PageKey {
 
 /// Where the next page starts: after this key and record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct PageCursor {
     /// The last entry's order key.
     pub key: PageKey,
@@ -61,6 +64,7 @@ pub struct PageCursor {
 
 /// What [`Query::entries`] selects: every condition given holds for each entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct EntryFilter {
     /// In this location.
     pub location: Option<Uuid>,
@@ -88,6 +92,7 @@ pub struct EntryFilter {
 
 /// One page of [`Query::entries`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct EntryPage {
     /// The entries, in order.
     pub entries: Vec<Entry>,

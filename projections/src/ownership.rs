@@ -25,6 +25,7 @@ pub(crate) enum Verdict {
 
 /// A refused change, as [`crate::Query::refused`] lists it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct RefusedChange {
     /// The change.
     pub id: keel_schema::ChangeId,
@@ -211,6 +212,7 @@ impl Applier<'_> {
 /// Changes of a model, or a version of one, that this library's app lacks: kept aside, not
 /// applied (see [`crate::Query::lacking_models`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct Lacking {
     /// The model's code.
     pub model: u8,

@@ -15,6 +15,7 @@ pub(crate) const EXISTING_CHUNK: usize = 256;
 
 /// Visible rows per model (the `counts` object of `keel status --json`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct Counts {
     /// Devices.
     pub devices: u64,
@@ -34,6 +35,7 @@ pub struct Counts {
 
 /// The metadata of an entry: its own, and its content's under it.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct EntryMetadata {
     /// Entry-scoped metadata and its tags.
     pub entry: Option<(UserMetadata, Vec<Tag>)>,

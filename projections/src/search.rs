@@ -54,6 +54,7 @@ const ENABLE: &str = "
 
 /// Why an entry matched a search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub enum SearchMatch {
     /// Its name.
     Name,
@@ -63,6 +64,7 @@ pub enum SearchMatch {
 
 /// One entry a search found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct SearchHit {
     /// The entry.
     pub entry: Entry,

@@ -19,6 +19,7 @@ pub const FIELDS_PER_CHANGE_MAX: usize = 64;
 
 /// What a change does to its record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub enum Op {
     /// Sets these fields (by index in the model's field list); other fields keep their values.
     Upsert(Vec<(u8, Value)>),
@@ -28,6 +29,7 @@ pub enum Op {
 
 /// One write to one record, made by one device at one HLC reading.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct Change {
     /// Unique id (UUIDv7); pushing a change twice is idempotent by this id.
     pub id: ChangeId,

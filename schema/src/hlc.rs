@@ -8,6 +8,7 @@ use crate::ids::DeviceId;
 #[derive(
     Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch (the larger of wall time and the last reading).
     pub physical_ms: u64,

@@ -95,6 +95,7 @@ const DEVICE_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d64_6576_6963_6500_0
 
 /// A library's identity.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct LibraryId(pub Uuid);
 
 impl fmt::Display for LibraryId {
@@ -105,6 +106,7 @@ impl fmt::Display for LibraryId {
 
 /// A change's identity: a UUIDv7, unique across devices.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct ChangeId(pub Uuid);
 
 thread_local! {
@@ -175,6 +177,7 @@ impl fmt::Display for ChangeId {
 #[derive(
     Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct Lsn(pub u64);
 
 impl fmt::Display for Lsn {
@@ -187,6 +190,7 @@ impl fmt::Display for Lsn {
 #[derive(
     Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct Epoch {
     /// Increases by one at each election.
     pub counter: u64,

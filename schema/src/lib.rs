@@ -17,6 +17,8 @@ mod models;
 mod ownership;
 mod registry;
 mod syncable;
+#[cfg(feature = "typescript")]
+mod typescript;
 mod value;
 
 pub use change::{Change, Op, CHANGE_FORMAT_VERSION, FIELDS_PER_CHANGE_MAX};

@@ -8,6 +8,7 @@ use crate::Syncable;
 
 /// A device that belongs to the library.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(
     model = "device",
     code = 0,
@@ -31,6 +32,7 @@ pub struct Device {
 
 /// A folder on one device that the library indexes.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(model = "location", code = 1, domain = "index", priority = 10)]
 pub struct Location {
     /// Record uuid.
@@ -76,6 +78,7 @@ impl EntryKind {
 
 /// One file or directory inside a location.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(model = "entry", code = 2, domain = "index", priority = 30)]
 pub struct Entry {
     /// Record uuid; `None` until the entry is identified (sync readiness).
@@ -106,6 +109,7 @@ pub struct Entry {
 
 /// A unique content, identified by hash; the same bytes give the same uuid on every device.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(
     model = "content_identity",
     code = 3,
@@ -134,6 +138,7 @@ pub struct ContentIdentity {
 
 /// Notes and flags about one entry or one content (exactly one scope).
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(model = "user_metadata", code = 4, domain = "scope", priority = 40)]
 pub struct UserMetadata {
     /// Record uuid.
@@ -168,6 +173,7 @@ impl UserMetadata {
 
 /// A tag.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(model = "tag", code = 5, domain = "content", priority = 20)]
 pub struct Tag {
     /// Record uuid (UUIDv5 of the name, so devices agree on a tag; see [`tag_uuid`](crate::tag_uuid)).
@@ -183,6 +189,7 @@ pub struct Tag {
 
 /// A tag applied to a UserMetadata, keyed by (user metadata uuid, tag uuid).
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(
     model = "user_metadata_tag",
     code = 6,
@@ -323,6 +330,7 @@ mod tests {
 /// [`crate::attestation`]): every device checks it before it applies them, so no device can
 /// make another's file facts, not even the leader that relays them.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(model = "attestation", code = 7, domain = "index", priority = 0)]
 pub struct Attestation {
     /// Record uuid (random).
@@ -341,6 +349,7 @@ pub struct Attestation {
 /// endorsements from the library's founder, so a Device record alone, which its own device
 /// writes and signs, lets nobody in.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(model = "endorsement", code = 8, domain = "index", priority = 0)]
 pub struct Endorsement {
     /// Record uuid (random).
@@ -359,6 +368,7 @@ pub struct Endorsement {
 /// writes it (the same record, so it converges), and checks that no other model holds its code;
 /// a device that lacks the model tells its name from here.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[syncable(model = "registered_model", code = 9, domain = "content", priority = 0)]
 pub struct RegisteredModel {
     /// Record uuid ([`registered_model_uuid`] of the code).

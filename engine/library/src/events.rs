@@ -10,6 +10,7 @@ pub const EVENT_RECORDS_MAX: usize = 4096;
 
 /// What happened to one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     /// Created or updated.
@@ -29,6 +30,7 @@ impl ChangeKind {
 
 /// An event on the library's bus.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {

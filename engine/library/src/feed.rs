@@ -16,6 +16,7 @@ use crate::library::SyncState;
 
 /// Where a host stands in the change feed; `FeedPosition::default()` is the beginning.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct FeedPosition {
     /// The last log position delivered.
     pub log: Lsn,
@@ -27,6 +28,7 @@ pub struct FeedPosition {
 
 /// One read of the change feed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct ChangeFeed {
     /// The changes, in order: log order, then this device's changes not yet in the log.
     /// Attestations and endorsements are among them, and so are changes the owner rule

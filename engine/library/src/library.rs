@@ -80,6 +80,7 @@ impl PendingTransaction<'_> {
 
 /// A summary of a library for `keel status`.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct Status {
     /// Library name.
     pub name: String,
@@ -101,6 +102,7 @@ pub struct Status {
 
 /// Journal counters in `status --json`.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct JournalStatus {
     /// Changes this device has made (all durable).
     pub local_changes: u64,

@@ -11,6 +11,7 @@ use crate::library::Library;
 /// Changes of a model (or a newer version of one) that this device's app lacks: journaled and
 /// kept, not applied, until an app that knows it opens the library.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct LackingModel {
     /// The model's code.
     pub code: u8,

@@ -17,6 +17,8 @@ mod pairing;
 mod quarantine;
 mod snapshot;
 mod status;
+#[cfg(feature = "typescript")]
+mod typescript;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +36,8 @@ pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
 pub use snapshot::{JoinProgress, SnapshotOutcome};
 pub use status::{AppliedDomains, NodeStatus, PeerStatus};
+#[cfg(feature = "typescript")]
+pub use typescript::typescript;
 
 use self::core::{Core, CoreEvent};
 use self::net::Net;

@@ -25,6 +25,7 @@ fn role_name<S: Serializer>(role: &ElectionRole, serializer: S) -> Result<S::Ok,
 
 /// One peer of a node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct PeerStatus {
     /// Its device id, hex.
     pub device_id: String,
@@ -38,6 +39,7 @@ pub struct PeerStatus {
 
 /// Applied log positions per sync domain.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct AppliedDomains {
     /// Index domain (devices, locations, entries, entry-scoped metadata).
     pub index: u64,
@@ -47,12 +49,21 @@ pub struct AppliedDomains {
 
 /// A running node's replication state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
 pub struct NodeStatus {
     /// Its part in the election.
     #[serde(serialize_with = "role_name")]
+    #[cfg_attr(
+        feature = "typescript",
+        ts(type = "\"leader\" | \"follower\" | \"candidate\" | \"alone\"")
+    )]
     pub role: ElectionRole,
     /// The highest epoch accepted.
     #[serde(serialize_with = "epoch_fields")]
+    #[cfg_attr(
+        feature = "typescript",
+        ts(type = "{ counter: number, device: string }")
+    )]
     pub epoch: Epoch,
     /// The leader followed (itself when leading), hex.
     pub leader: Option<String>,
