@@ -166,6 +166,7 @@ impl Projections {
                 supported: SCHEMA_VERSION,
             });
         }
+        registry.check()?;
         let plan = plan(&registry.defs())?;
         let mut ranks = vec![usize::MAX; registry.code_end()];
         let mut sql = vec![ModelSql::default(); registry.code_end()];

@@ -304,3 +304,68 @@ fn a_projection_built_for_other_models_is_started_over() {
     );
     assert!(hosts.query().lacking_models().expect("lists").is_empty());
 }
+
+/// A person's favourite photo, and a photo's person: a cycle between two host models, broken by
+/// a nullable reference as Keel's own Entry ↔ UserMetadata cycle is.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "person", code = 50, domain = "content")]
+struct Person {
+    #[syncable(uuid)]
+    uuid: Uuid,
+    name: String,
+    #[syncable(references = "portrait", breaks_cycle)]
+    favourite: Option<Uuid>,
+}
+
+/// A portrait of a person.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable)]
+#[syncable(model = "portrait", code = 51, domain = "content")]
+struct Portrait {
+    #[syncable(uuid)]
+    uuid: Uuid,
+    #[syncable(references = "person")]
+    person: Uuid,
+}
+
+#[test]
+fn a_cycle_between_host_models_is_broken_by_its_nullable_reference() {
+    let registry = Registry::builtin()
+        .clone()
+        .with::<Person>()
+        .expect("a person may refer to a portrait not registered yet: the cycle's nullable side");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let half = Projections::open_for(&dir.path().join("half.sqlite"), &registry);
+    assert!(
+        matches!(half, Err(keel_projections::ProjectionError::Schema(_))),
+        "opened with a reference to no model"
+    );
+    let registry = registry.with::<Portrait>().expect("registers");
+    let mut p = open(&dir, "p.sqlite", &registry);
+    let (ada, portrait) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    let person = Person {
+        uuid: ada,
+        name: "Ada".into(),
+        favourite: Some(portrait),
+    };
+    let picture = Portrait {
+        uuid: portrait,
+        person: ada,
+    };
+    // The person (with the reference to a portrait not yet there) comes after the portrait
+    // that needs the person, in one batch and in the opposite order too.
+    for batch in [
+        vec![
+            Change::upsert(ChangeId::new(), hlc(2), &picture).expect("ready"),
+            Change::upsert(ChangeId::new(), hlc(1), &person).expect("ready"),
+        ],
+        vec![Change::upsert(ChangeId::new(), hlc(3), &person).expect("ready")],
+    ] {
+        let stats = p.apply(&batch, None).expect("applies");
+        assert_eq!(stats.parked, 0, "{stats:?}");
+    }
+    assert_eq!(p.query().get::<Person>(ada).expect("reads"), Some(person));
+    assert_eq!(
+        p.query().get::<Portrait>(portrait).expect("reads"),
+        Some(picture)
+    );
+}

@@ -84,7 +84,8 @@ impl Registry {
     }
 
     /// This registry with host model `M` added. Refused: a code below [`HOST_CODE_MIN`], a code
-    /// or name another model holds, a reference to a model not registered (register it first)
+    /// or name another model holds, a reference to a model not registered (register it first;
+    /// a cycle-breaking reference may name a model registered after: see [`Registry::check`])
     /// or a dependency cycle no nullable reference breaks.
     pub fn with<M: Syncable>(self) -> Result<Self, SchemaError> {
         self.with_def(M::DEF)
@@ -116,6 +117,7 @@ impl Registry {
         if let Some(target) = def
             .fields
             .iter()
+            .filter(|f| !f.breaks_cycle)
             .filter_map(|f| f.references)
             .find(|t| *t != def.name && self.code(t).is_none())
         {
@@ -128,6 +130,25 @@ impl Registry {
         };
         crate::plan(&registry.defs())?;
         Ok(registry)
+    }
+
+    /// Checks that every reference names a registered model (a cycle-breaking reference may
+    /// name one registered later, so it is checked once all are: when a library opens).
+    pub fn check(&self) -> Result<(), SchemaError> {
+        for def in self.host_models() {
+            if let Some(target) = def
+                .fields
+                .iter()
+                .filter_map(|f| f.references)
+                .find(|t| self.code(t).is_none())
+            {
+                return Err(SchemaError::Registry {
+                    model: def.name,
+                    reason: format!("it references {target}, not registered"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The model with this code.

@@ -373,6 +373,8 @@ impl Library {
         follower_epoch: Option<Epoch>,
         models: &Registry,
     ) -> Result<Self, EngineError> {
+        // Every reference names a registered model (before anything opens or is written).
+        models.check()?;
         let (committed_tx, committed_rx) = crossbeam_channel::bounded(COMMITTED_QUEUE_BATCHES);
         let budget = Arc::new(keel_journal::ApplyBudget::new(COMMITTED_QUEUE_CHANGES));
         let journal = Journal::open(
