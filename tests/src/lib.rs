@@ -123,8 +123,10 @@ pub mod cluster {
     pub fn options(peers: Vec<SocketAddr>) -> NodeOptions {
         NodeOptions {
             peers,
-            // Test nodes do not look for each other on the LAN unless a test says so.
+            // Test nodes do not look for each other on the LAN unless a test says so, nor
+            // watch their locations.
             discovery: None,
+            watch: None,
             ..NodeOptions::default()
         }
     }

@@ -800,3 +800,40 @@ fn typed_entry_queries_filter_order_and_page_by_key() {
         Vec::<String>::new()
     );
 }
+
+/// Issue 26: `index` on a folder inside a location re-indexes that part of it, instead of
+/// making a second, nested location; the rest of the location is left as it is.
+#[test]
+fn indexing_a_folder_inside_a_location_reindexes_that_part() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).expect("tree");
+    std::fs::write(tree.join("top.txt"), b"top").expect("file");
+    std::fs::write(tree.join("sub/x.txt"), b"x").expect("file");
+    let tree = tree.canonicalize().expect("canonical");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    let x = lib.files().entry(&tree.join("sub/x.txt")).expect("indexed");
+    std::fs::remove_file(tree.join("top.txt")).expect("removes");
+    std::fs::write(tree.join("sub/deeper/y.txt"), b"y").expect("file");
+    std::fs::write(tree.join("sub/x.txt"), b"x, edited").expect("file");
+    let report = lib.index(&tree.join("sub"), &mut |_| {}).expect("indexes");
+    assert_eq!(
+        (report.new, report.changed, report.removed),
+        (1, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!(lib.read(|p| p.query().locations()).expect("reads").len(), 1);
+    assert!(lib.files().entry(&tree.join("sub/deeper/y.txt")).is_ok());
+    assert_eq!(
+        lib.files()
+            .entry(&tree.join("sub/x.txt"))
+            .expect("kept")
+            .uuid,
+        x.uuid
+    );
+    assert!(
+        lib.files().entry(&tree.join("top.txt")).is_ok(),
+        "outside the folder, nothing was looked at"
+    );
+}

@@ -139,6 +139,15 @@ pub(crate) enum Command {
         device_limit: usize,
         #[command(flatten)]
         lan: LanArgs,
+        /// Do not follow this device's locations on disk (then only `keel index` updates them).
+        #[arg(long, env = "KEEL_NO_WATCH", value_parser = clap::builder::BoolishValueParser::new())]
+        no_watch: bool,
+    },
+    /// Follow this device's locations on disk without the network (a single device): files
+    /// created, edited, moved and deleted become changes. Runs until Ctrl-C.
+    Watch {
+        /// Library name.
+        lib: String,
     },
     /// Pair devices.
     Pair {
@@ -475,6 +484,7 @@ pub(crate) fn run() -> Result<i32> {
             peers,
             device_limit,
             lan,
+            no_watch,
         } => {
             let library = open(&home, &lib)?;
             let options = keel_node::NodeOptions {
@@ -482,10 +492,12 @@ pub(crate) fn run() -> Result<i32> {
                 peers,
                 device_limit,
                 discovery: lan.discovery(),
+                watch: (!no_watch).then(keel_engine::WatchOptions::default),
                 ..keel_node::NodeOptions::default()
             };
             crate::serve::run(&home, library, options)
         }
+        Command::Watch { lib } => crate::serve::watch(open(&home, &lib)?),
         Command::Pair {
             command:
                 PairCommand::Join {
@@ -654,6 +666,7 @@ pub(crate) fn exec(
         Command::Init { .. }
         | Command::Passwd { .. }
         | Command::Serve { .. }
+        | Command::Watch { .. }
         | Command::Pair { .. }
         | Command::Bench { .. }
         | Command::Demo { .. } => bail!("this command does not run on an open library"),

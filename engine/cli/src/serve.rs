@@ -33,6 +33,20 @@ pub(crate) fn run(home: &Home, library: Library, options: NodeOptions) -> Result
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    wait_for_stop_signal()?;
+    eprintln!("stopping {name}");
+    drop(server);
+    match Arc::try_unwrap(node) {
+        Ok(node) => node.stop()?,
+        // A control request is still running: dropping the node still stops it (everything
+        // acknowledged is durable in the journal already).
+        Err(node) => drop(node),
+    }
+    Ok(0)
+}
+
+/// Blocks until Ctrl-C or SIGTERM.
+fn wait_for_stop_signal() -> Result<()> {
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -44,15 +58,42 @@ pub(crate) fn run(home: &Home, library: Library, options: NodeOptions) -> Result
         }
         Ok::<(), std::io::Error>(())
     })?;
-    eprintln!("stopping {name}");
-    drop(server);
-    match Arc::try_unwrap(node) {
-        Ok(node) => node.stop()?,
-        // A control request is still running: dropping the node still stops it (everything
-        // acknowledged is durable in the journal already).
-        Err(node) => drop(node),
-    }
-    Ok(0)
+    Ok(())
+}
+
+/// `keel watch`: follows the library's locations on disk, without the network, until Ctrl-C or
+/// SIGTERM; prints what each burst of changes did.
+pub(crate) fn watch(library: Library) -> Result<i32> {
+    let mut events = library.subscribe();
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    let printer = std::thread::spawn(move || {
+        while let Ok(event) = events.blocking_recv() {
+            if let keel_engine::Event::JobFinished {
+                job: "watcher",
+                summary,
+            } = event
+            {
+                println!("{summary}");
+            }
+        }
+    });
+    println!(
+        "watching the locations of {} (Ctrl-C stops)",
+        library.name()
+    );
+    let watched = std::thread::scope(|scope| {
+        let watcher =
+            scope.spawn(|| library.watch(&keel_engine::WatchOptions::default(), &stopped));
+        let waited = wait_for_stop_signal();
+        drop(stop);
+        let watched = watcher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
+        waited.and(watched.map_err(anyhow::Error::from))
+    });
+    library.close()?;
+    let _ = printer.join();
+    watched.map(|()| 0)
 }
 
 /// A progress bar drawn with `template` (indicatif's default if the template is invalid).

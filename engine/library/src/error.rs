@@ -104,6 +104,9 @@ pub enum EngineError {
         /// The model the library records under it.
         recorded: String,
     },
+    /// The platform's file watcher could not start.
+    #[error("the file watcher: {0}")]
+    Watch(String),
     /// A request to a running node failed or timed out.
     #[error("{0}")]
     Node(String),

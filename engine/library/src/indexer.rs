@@ -346,6 +346,18 @@ struct NewContents {
     fresh: Vec<ContentIdentity>,
 }
 
+/// Whether the entry at `relative_path`/`name` is one of the folders `scopes` or under one.
+fn in_scopes(relative_path: &str, name: &str, scopes: &[String]) -> bool {
+    let full = crate::ops::join_relative(relative_path, name);
+    scopes.iter().any(|scope| {
+        scope.is_empty()
+            || full == *scope
+            || full
+                .strip_prefix(scope.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
 fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = blake3::Hasher::new();
@@ -419,6 +431,8 @@ impl Library {
 
     /// [`Library::index`] up to the applied projections: the walk, the hashing and the
     /// commits, then a flush. The last progress report and the event are left to the caller.
+    /// A folder inside one of this device's locations re-indexes that part of it; any other
+    /// folder is (or becomes) a location.
     fn index_location(
         &self,
         path: &Path,
@@ -431,10 +445,30 @@ impl Library {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
             });
         }
-        let location = self.location_for(&root)?;
+        let (location, scope) = match self.files().resolve(&root) {
+            Ok(inside) if !inside.name.is_empty() => {
+                let scope = crate::ops::join_relative(&inside.relative_path, &inside.name);
+                (inside.location, scope)
+            }
+            _ => (self.location_for(&root)?, String::new()),
+        };
+        self.index_scopes(&location, vec![scope], progress)
+    }
+
+    /// Indexes the folders `scopes` of `location` (relative to its root; empty for all of it;
+    /// none nested in another): entries under them are compared with the disk, the rest of the
+    /// location is left as it is. A file that moved between two scopes is a move.
+    pub(crate) fn index_scopes(
+        &self,
+        location: &Location,
+        scopes: Vec<String>,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
+        let root = PathBuf::from(&location.path);
         let mut existing: HashMap<(String, String), Entry> = self
             .read(|p| p.query().entries_of_location(location.uuid))?
             .into_iter()
+            .filter(|e| in_scopes(&e.relative_path, &e.name, &scopes))
             .map(|e| ((e.relative_path.clone(), e.name.clone()), e))
             .collect();
         let mut results = Results {
@@ -458,7 +492,7 @@ impl Library {
             result: Ok(()),
             done: 0,
         };
-        let mut gone = self.walk_and_hash(&root, &mut existing, &mut results, progress);
+        let mut gone = self.walk_and_hash(&root, &scopes, &mut existing, &mut results, progress);
         let Results {
             mut report,
             mut planned,
@@ -508,6 +542,7 @@ impl Library {
     fn walk_and_hash<'a>(
         &'a self,
         root: &Path,
+        scopes: &[String],
         existing: &mut HashMap<(String, String), Entry>,
         results: &mut Results<'a>,
         progress: &mut dyn FnMut(IndexProgress),
@@ -526,8 +561,9 @@ impl Library {
             let mut to_hash = 0u64;
             let mut unreadable_paths = 0u64;
             let mut last_report = Instant::now();
-            crate::walk::walk(
+            crate::walk::walk_under(
                 root,
+                scopes,
                 &mut |found| {
                     // Files that need no hashing count as done as soon as they are found.
                     if last_report.elapsed() >= PROGRESS_EVERY {

@@ -47,6 +47,7 @@ mod ops;
 mod replay;
 mod tx;
 mod walk;
+mod watch;
 
 pub use config::{write_atomic, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
 pub use error::EngineError;
@@ -80,3 +81,4 @@ pub use models::LackingModel;
 pub use ops::{Files, ResolvedPath, Scope};
 pub use replay::{replay, ReplayReport};
 pub use tx::Tx;
+pub use watch::{WatchOptions, WATCH_QUEUE_MAX};

@@ -46,6 +46,15 @@ pub(crate) fn split_relative(rel: &Path) -> (String, String) {
     }
 }
 
+/// The path of `name` in folder `relative_path` (both relative to a location's root).
+pub(crate) fn join_relative(relative_path: &str, name: &str) -> String {
+    if relative_path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{relative_path}/{name}")
+    }
+}
+
 /// A library's files by path: locations, entries, their metadata, tags and notes. From
 /// [`Library::files`].
 #[derive(Clone, Copy)]

@@ -23,13 +23,53 @@ pub(crate) struct Found {
 /// order, then its subdirectories' in the same way, depth first. A path that cannot be read goes
 /// to `skipped` and is left out (with everything under it). At most one directory is open at a
 /// time, however deep the tree.
+#[cfg(test)]
 pub(crate) fn walk(
     root: &Path,
     found: &mut dyn FnMut(Found),
     skipped: &mut dyn FnMut(&Path, std::io::Error),
 ) {
+    walk_under(root, &[String::new()], found, skipped);
+}
+
+/// [`walk`] of the folders `scopes` under `root` (relative, `/`-separated; empty for the root
+/// itself), with paths still relative to `root`: each folder itself (but the root), then what
+/// it holds. The scopes must not nest.
+pub(crate) fn walk_under(
+    root: &Path,
+    scopes: &[String],
+    found: &mut dyn FnMut(Found),
+    skipped: &mut dyn FnMut(&Path, std::io::Error),
+) {
+    for scope in scopes.iter().filter(|s| !s.is_empty()) {
+        let path = root.join(scope);
+        match fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.is_dir() => {
+                let (relative_path, name) = match scope.rsplit_once('/') {
+                    Some((parent, name)) => (parent.to_string(), name.to_string()),
+                    None => (String::new(), scope.clone()),
+                };
+                found(Found {
+                    path,
+                    relative_path,
+                    name,
+                    file_type: metadata.file_type(),
+                    metadata,
+                });
+            }
+            Ok(_) => skipped(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
+            ),
+            Err(e) => skipped(&path, e),
+        }
+    }
     // Directories still to read, the next one last.
-    let mut pending: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
+    let mut pending: Vec<(PathBuf, String)> = scopes
+        .iter()
+        .rev()
+        .map(|scope| (root.join(scope), scope.clone()))
+        .collect();
     while let Some((dir, relative)) = pending.pop() {
         let read = match fs::read_dir(&dir) {
             Ok(read) => read,

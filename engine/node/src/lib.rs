@@ -77,6 +77,10 @@ pub struct NodeOptions {
     /// paired devices found on the local network. `None` turns it off (tests that must not hear
     /// each other). If mDNS cannot start, the node runs without it and logs why.
     pub discovery: Option<Discovery>,
+    /// Follow this device's locations on disk (see [`keel_engine::WatchOptions`]): files
+    /// created, edited, moved and deleted become changes without anyone running `index`.
+    /// `None` turns it off.
+    pub watch: Option<keel_engine::WatchOptions>,
 }
 
 impl Default for NodeOptions {
@@ -92,6 +96,7 @@ impl Default for NodeOptions {
             code_ttl_ms: keel_transport::CODE_TTL_MS,
             leader_commits: true,
             discovery: Some(Discovery::default()),
+            watch: Some(keel_engine::WatchOptions::default()),
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct Node {
     code_ttl_ms: u64,
     /// Whether the device is in sync, as the core last said.
     in_sync: tokio::sync::watch::Receiver<bool>,
+    /// The location watcher's thread and its stop signal (dropping the sender stops it).
+    watcher: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -209,6 +216,10 @@ impl Node {
                 }
             }
         }
+        let watcher = match &options.watch {
+            Some(watch) => Some(start_watcher(&library, watch.clone())?),
+            None => None,
+        };
         tracing::info!(%listen, device = %library.device_id().short(), "node started");
         Ok(Self {
             link,
@@ -221,6 +232,7 @@ impl Node {
             device_limit: options.device_limit,
             code_ttl_ms: options.code_ttl_ms,
             in_sync,
+            watcher,
         })
     }
 
@@ -447,6 +459,10 @@ impl Node {
     }
 
     fn shutdown(&mut self) {
+        if let Some((stop, watcher)) = self.watcher.take() {
+            drop(stop);
+            let _ = watcher.join();
+        }
         if let Some(lan) = &self.net.lan {
             lan.stop();
         }
@@ -473,6 +489,26 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Starts the location watcher of `library` on a thread of its own; it stops when the returned
+/// sender is dropped. A watcher that fails is logged (and announced by the library); the node
+/// goes on without it.
+fn start_watcher(
+    library: &Arc<Library>,
+    options: keel_engine::WatchOptions,
+) -> Result<(crossbeam_channel::Sender<()>, JoinHandle<()>), NodeError> {
+    let (stop, stopped) = crossbeam_channel::bounded(1);
+    let watched = library.clone();
+    let thread = std::thread::Builder::new()
+        .name("keel-watch".into())
+        .spawn(move || {
+            if let Err(error) = watched.watch(&options, &stopped) {
+                tracing::error!(%error, "the location watcher stopped");
+            }
+        })
+        .map_err(io_at(library.dir()))?;
+    Ok((stop, thread))
 }
 
 /// Runs `f` to completion on `rt` and returns its output. From inside another runtime (a host

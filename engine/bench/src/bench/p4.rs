@@ -125,6 +125,7 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
         NodeOptions {
             peers: vec![addr],
             discovery: None,
+            watch: None,
             ..NodeOptions::default()
         },
     )?;

@@ -43,6 +43,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         NodeOptions {
             leader_commits,
             discovery: None,
+            watch: None,
             ..NodeOptions::default()
         },
     )?;
@@ -54,6 +55,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         NodeOptions {
             peers: vec![a.local_addr()],
             discovery: None,
+            watch: None,
             ..NodeOptions::default()
         },
     )?;

@@ -43,6 +43,7 @@ pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
         lib,
         NodeOptions {
             discovery: None,
+            watch: None,
             ..NodeOptions::default()
         },
     )?)

@@ -1,0 +1,238 @@
+//! Issue 26: the location watcher on real files (inotify here): creates, edits, renames, moves,
+//! a move with an edit, deletes, a folder of many files moved, and what changed while nothing
+//! watched. Each step waits for the watcher's events, then checks the projection.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use keel_engine::{Entry, Event, Library, Scope, WatchOptions};
+use keel_tests::create_library;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The library's events, forwarded to a channel that can be waited on with a timeout.
+fn events_of(lib: &Library) -> Receiver<Event> {
+    let mut bus = lib.subscribe();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        while let Ok(event) = bus.blocking_recv() {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits, event by event, until `ready` holds.
+fn wait_until(events: &Receiver<Event>, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ready() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for {what}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("the event bus closed"),
+        }
+    }
+}
+
+/// Waits for the watcher's first report (its rescan at start: it watches from then on).
+fn wait_watching(events: &Receiver<Event>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::JobFinished { job: "watcher", .. }) => return,
+            Ok(_) => {}
+            Err(_) => panic!("the watcher never started"),
+        }
+    }
+}
+
+fn entry(lib: &Library, path: &Path) -> Option<Entry> {
+    lib.files().entry(path).ok()
+}
+
+fn note(lib: &Library, entry: &Entry) -> Option<String> {
+    lib.files()
+        .metadata(entry)
+        .expect("metadata")
+        .entry
+        .and_then(|(m, _)| m.notes)
+}
+
+/// Runs `steps` while `lib` is watched, then stops the watcher.
+fn watched(lib: &Library, steps: impl FnOnce(&Receiver<Event>)) {
+    let events = events_of(lib);
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    let options = WatchOptions {
+        debounce: Duration::from_millis(100),
+        ..WatchOptions::default()
+    };
+    std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| lib.watch(&options, &stopped));
+        wait_watching(&events);
+        steps(&events);
+        drop(stop);
+        watcher.join().expect("joins").expect("watches");
+    });
+}
+
+#[test]
+fn the_watcher_follows_creates_edits_renames_moves_and_deletes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("tree/sub")).expect("tree");
+    let tree = dir.path().join("tree").canonicalize().expect("canonical");
+    std::fs::write(tree.join("a.txt"), b"first").expect("file");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    lib.files()
+        .note(&tree.join("a.txt"), "mine", Scope::Entry)
+        .expect("notes");
+    let original = entry(&lib, &tree.join("a.txt")).expect("indexed");
+    watched(&lib, |events| {
+        std::fs::write(tree.join("new.txt"), b"hello").expect("creates");
+        wait_until(events, "a created file", || {
+            entry(&lib, &tree.join("new.txt")).is_some()
+        });
+        let created = entry(&lib, &tree.join("new.txt")).expect("entry");
+        std::fs::write(tree.join("new.txt"), b"hello, edited").expect("edits");
+        wait_until(events, "an edit", || {
+            entry(&lib, &tree.join("new.txt")).is_some_and(|e| e.content != created.content)
+        });
+        assert_eq!(
+            entry(&lib, &tree.join("new.txt")).expect("entry").uuid,
+            created.uuid
+        );
+
+        std::fs::rename(tree.join("a.txt"), tree.join("b.txt")).expect("renames");
+        wait_until(events, "a rename", || {
+            entry(&lib, &tree.join("b.txt")).is_some()
+        });
+        let renamed = entry(&lib, &tree.join("b.txt")).expect("entry");
+        assert_eq!(renamed.uuid, original.uuid, "a rename keeps the entry");
+        assert_eq!(note(&lib, &renamed).as_deref(), Some("mine"));
+
+        std::fs::rename(tree.join("b.txt"), tree.join("sub/b.txt")).expect("moves");
+        wait_until(events, "a move", || {
+            entry(&lib, &tree.join("sub/b.txt")).is_some()
+        });
+        assert_eq!(
+            entry(&lib, &tree.join("sub/b.txt")).expect("entry").uuid,
+            original.uuid
+        );
+
+        std::fs::rename(tree.join("sub/b.txt"), tree.join("c.txt")).expect("moves");
+        std::fs::write(tree.join("c.txt"), b"moved and edited").expect("edits");
+        wait_until(events, "a move with an edit", || {
+            entry(&lib, &tree.join("c.txt")).is_some_and(|e| e.content != original.content)
+        });
+        let moved = entry(&lib, &tree.join("c.txt")).expect("entry");
+        assert_eq!(
+            moved.uuid, original.uuid,
+            "moved and edited, the entry is kept"
+        );
+        assert_eq!(
+            note(&lib, &moved).as_deref(),
+            Some("mine"),
+            "and so is its note"
+        );
+        assert!(entry(&lib, &tree.join("sub/b.txt")).is_none());
+
+        std::fs::remove_file(tree.join("c.txt")).expect("deletes");
+        wait_until(events, "a delete", || {
+            entry(&lib, &tree.join("c.txt")).is_none()
+        });
+    });
+}
+
+/// A folder of many files moved is one burst of path updates: every entry keeps its uuid, and
+/// no file is hashed again.
+#[test]
+fn a_folder_of_many_files_moved_keeps_every_entry() {
+    let files = if keel_tests::full_tier() {
+        10_000
+    } else {
+        2_000
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("big")).expect("tree");
+    std::fs::create_dir_all(tree.join("archive")).expect("tree");
+    for i in 0..files {
+        std::fs::write(tree.join(format!("big/{i}.txt")), format!("file {i}")).expect("file");
+    }
+    let tree = tree.canonicalize().expect("canonical");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    let before: Vec<Entry> = (0..files)
+        .map(|i| entry(&lib, &tree.join(format!("big/{i}.txt"))).expect("indexed"))
+        .collect();
+    watched(&lib, |events| {
+        std::fs::rename(tree.join("big"), tree.join("archive/big")).expect("moves");
+        let last = tree.join(format!("archive/big/{}.txt", files - 1));
+        wait_until(events, "the folder's move", || entry(&lib, &last).is_some());
+    });
+    for (i, old) in before.iter().enumerate() {
+        let now = entry(&lib, &tree.join(format!("archive/big/{i}.txt"))).expect("moved");
+        assert_eq!(now.uuid, old.uuid, "file {i}");
+        assert_eq!(now.content, old.content);
+    }
+    assert!(entry(&lib, &tree.join("big/0.txt")).is_none());
+}
+
+/// What changed while nothing watched is found when the watcher starts.
+#[test]
+fn changes_made_while_nothing_watched_are_found_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    std::fs::write(tree.join("kept.txt"), b"kept").expect("file");
+    std::fs::write(tree.join("gone.txt"), b"gone").expect("file");
+    let tree = tree.canonicalize().expect("canonical");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    std::fs::remove_file(tree.join("gone.txt")).expect("deletes");
+    std::fs::write(tree.join("added.txt"), b"added").expect("file");
+    watched(&lib, |_| {});
+    assert!(entry(&lib, &tree.join("added.txt")).is_some());
+    assert!(entry(&lib, &tree.join("gone.txt")).is_none());
+    assert!(entry(&lib, &tree.join("kept.txt")).is_some());
+}
+
+/// A running node watches its locations: a file written on `a` reaches `b`'s projection with
+/// nobody running `index`.
+#[test]
+fn a_file_written_on_a_watched_device_reaches_the_other() {
+    use keel_tests::cluster::{converge, founder_with, joiner, options};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let watching = keel_node::NodeOptions {
+        watch: Some(WatchOptions {
+            debounce: Duration::from_millis(100),
+            ..WatchOptions::default()
+        }),
+        ..options(Vec::new())
+    };
+    let (_ha, a) = founder_with(dir.path(), "a", "lib", watching).expect("founder");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("joins");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    let tree = tree.canonicalize().expect("canonical");
+    a.library().index(&tree, &mut |_| {}).expect("indexes");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let location = a
+        .library()
+        .files()
+        .location(&tree)
+        .expect("reads")
+        .expect("a location");
+    let on_b = events_of(b.library());
+    std::fs::write(tree.join("written.txt"), b"on a").expect("writes");
+    wait_until(&on_b, "the file on b", || {
+        b.library()
+            .read(|p| p.query().entry_at(location.uuid, "", "written.txt"))
+            .expect("reads")
+            .is_some()
+    });
+}
