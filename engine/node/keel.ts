@@ -558,7 +558,11 @@ done: number,
 /**
  * Units in all (0 if unknown).
  */
-total: number, } | { "type": "job_finished", 
+total: number, } | { "type": "job_changed", 
+/**
+ * The job as now recorded.
+ */
+job: Job, } | { "type": "job_finished", 
 /**
  * The job's name.
  */
@@ -724,6 +728,78 @@ next: FeedPosition,
  * Whether the limit stopped the read before the end of what is applied.
  */
 more: boolean, };
+
+/**
+ * One job, as kept in the journal and listed by [`Library::jobs`].
+ */
+export type Job = { 
+/**
+ * Its id (a UUIDv7: ids sort by start).
+ */
+id: string, 
+/**
+ * What it does.
+ */
+kind: JobKind, 
+/**
+ * Where it stands.
+ */
+state: JobState, 
+/**
+ * How far it is.
+ */
+progress: Progress, 
+/**
+ * When it started, ms since the Unix epoch.
+ */
+started_ms: number, 
+/**
+ * When its record was last saved.
+ */
+updated_ms: number, 
+/**
+ * What it did (once finished), or why it failed.
+ */
+summary: string | null, };
+
+/**
+ * What a job does.
+ */
+export type JobKind = { "kind": "index", 
+/**
+ * The location.
+ */
+location: string, 
+/**
+ * The folder, relative to the location's root.
+ */
+folder: string, } | { "kind": "rebuild" } | { "kind": "verify" };
+
+/**
+ * Where a job stands.
+ */
+export type JobState = "running" | "paused" | "completed" | "failed" | "cancelled" | "interrupted";
+
+/**
+ * How far a job is.
+ */
+export type Progress = { 
+/**
+ * Units done (files, changes).
+ */
+done: number, 
+/**
+ * Units in all (0 while unknown; it may grow while a walk goes on).
+ */
+total: number, 
+/**
+ * Units per second since the job started.
+ */
+per_second: number, 
+/**
+ * Time left at that rate, if it can be told.
+ */
+eta_ms: number | null, };
 
 /**
  * One peer of a node.

@@ -103,6 +103,8 @@ pub enum RecordPlace {
     Offline(u64),
     /// The n-th record of an incoming batch from a peer.
     Incoming(usize),
+    /// The record of a job (nil: a key that is not a job id).
+    Job(uuid::Uuid),
 }
 
 impl std::fmt::Display for RecordPlace {
@@ -111,6 +113,7 @@ impl std::fmt::Display for RecordPlace {
             RecordPlace::Log(lsn) => write!(f, "log lsn {lsn}"),
             RecordPlace::Offline(seq) => write!(f, "offline journal seq {seq}"),
             RecordPlace::Incoming(n) => write!(f, "incoming record #{n}"),
+            RecordPlace::Job(id) => write!(f, "job record {id}"),
         }
     }
 }

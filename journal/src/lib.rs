@@ -13,6 +13,7 @@ mod direct_writes;
 mod error;
 mod filled_growth;
 mod handles;
+mod jobs;
 mod log_index;
 mod log_table;
 mod page;
@@ -28,6 +29,7 @@ pub use aligned::{open_direct, AlignedBuffer, DIRECT_ALIGN};
 pub use budget::ApplyBudget;
 pub use error::{JournalError, RecordPlace};
 pub use handles::{Election, OfflineJournal, ReplicatedLog};
+pub use jobs::{JobRecords, JOB_RECORD_MAX};
 pub use log_index::LogIndex;
 pub use page::{LogPage, PageBuilder, Records, PAGE_BYTES_MAX, PAGE_HEADER_LEN, PAGE_VERSION};
 pub use record::{

@@ -486,6 +486,16 @@ impl Journal {
         bytes
     }
 
+    /// Seals `plain` under this library's key, bound to `id` (records beside the changes: jobs).
+    pub(crate) fn seal_bytes(&self, id: ChangeId, plain: &[u8]) -> Vec<u8> {
+        self.sealer().seal(id, plain)
+    }
+
+    /// Opens what [`Journal::seal_bytes`] sealed: the id it is bound to and the plaintext.
+    pub(crate) fn open_bytes(&self, sealed: &[u8]) -> Result<(ChangeId, Vec<u8>), String> {
+        self.sealer().open(sealed)
+    }
+
     /// The sealer of the current library key.
     fn sealer(&self) -> Arc<Sealer> {
         match self.sealer.read() {

@@ -125,3 +125,39 @@ fn wrong_library_and_foreign_key_are_refused() {
     assert_eq!(report.faults[0].0, RecordPlace::Log(Lsn(1)));
     let _ = KdfParams::INSECURE_FAST;
 }
+
+/// Job records survive a reopen, are sealed (the file never holds them in the clear), are
+/// replaced and removed, and are bounded in size.
+#[test]
+fn job_records_are_sealed_kept_and_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let device = DeviceId([1; 32]);
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let secret = b"index /home/someone/Private Photos".to_vec();
+    {
+        let journal =
+            Journal::open(&path, lib, &key, device, JournalOptions::default()).expect("opens");
+        journal.jobs().put(a, &secret).expect("puts");
+        journal.jobs().put(b, b"first").expect("puts");
+        journal.jobs().put(b, b"second").expect("replaces");
+        let too_big = vec![0u8; keel_journal::JOB_RECORD_MAX + 1];
+        assert!(journal.jobs().put(a, &too_big).is_err());
+        journal.close();
+    }
+    let bytes = std::fs::read(&path).expect("reads the file");
+    assert!(
+        !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+        "a job record is in the clear"
+    );
+    let journal =
+        Journal::open(&path, lib, &key, device, JournalOptions::default()).expect("reopens");
+    let mut all = journal.jobs().all().expect("reads");
+    all.sort();
+    assert_eq!(all, vec![(a, secret), (b, b"second".to_vec())]);
+    journal.jobs().remove(a).expect("removes");
+    assert_eq!(journal.jobs().all().expect("reads").len(), 1);
+    journal.close();
+}

@@ -32,6 +32,20 @@ pub fn create_in(home: Home, name: &str) -> Result<(Home, Library), EngineError>
     Ok((home, lib))
 }
 
+/// The library's events, forwarded to a channel that can be waited on with a timeout.
+pub fn events_of(lib: &Library) -> crossbeam_channel::Receiver<keel_engine::Event> {
+    let mut bus = lib.subscribe();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        while let Ok(event) = bus.blocking_recv() {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// A new tag named `name` with a random uuid.
 pub fn tag(name: &str) -> keel_engine::Tag {
     keel_engine::Tag {

@@ -136,6 +136,7 @@ fn real_values() -> String {
         "ChangeFeed",
         "LackingModel",
         "RegisteredModel",
+        "Job",
     ]
     .to_vec();
     let mut body = format!("import type {{ {} }} from \"./keel\";\n", names.join(", "));

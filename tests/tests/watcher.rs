@@ -7,23 +7,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use keel_engine::{Entry, Event, Library, Scope, WatchOptions};
-use keel_tests::create_library;
+use keel_tests::{create_library, events_of};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The library's events, forwarded to a channel that can be waited on with a timeout.
-fn events_of(lib: &Library) -> Receiver<Event> {
-    let mut bus = lib.subscribe();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        while let Ok(event) = bus.blocking_recv() {
-            if tx.send(event).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
 
 /// Waits, event by event, until `ready` holds.
 fn wait_until(events: &Receiver<Event>, what: &str, mut ready: impl FnMut() -> bool) {

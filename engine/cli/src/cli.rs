@@ -69,6 +69,17 @@ pub(crate) enum Command {
         /// Folder inside a location.
         path: Option<PathBuf>,
     },
+    /// List the library's jobs (running, paused, interrupted, and the finished history), or
+    /// pause, resume or cancel one.
+    Jobs {
+        /// Library name.
+        lib: String,
+        #[command(subcommand)]
+        command: Option<JobsCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Find entries by words of their names or of their notes (the first search builds the
     /// index).
     Search {
@@ -279,6 +290,26 @@ impl LanArgs {
     }
 }
 
+/// `keel jobs LIB …`.
+#[derive(Subcommand)]
+pub(crate) enum JobsCommand {
+    /// Pause a running job at its next checkpoint.
+    Pause {
+        /// The job's id.
+        id: uuid::Uuid,
+    },
+    /// Resume a paused job, or run an interrupted one again (to its end).
+    Resume {
+        /// The job's id.
+        id: uuid::Uuid,
+    },
+    /// Cancel a running, paused or interrupted job (what it committed stays).
+    Cancel {
+        /// The job's id.
+        id: uuid::Uuid,
+    },
+}
+
 /// `keel devices LIB …`.
 #[derive(Subcommand)]
 pub(crate) enum DevicesCommand {
@@ -360,6 +391,38 @@ fn bar(total: u64, what: &str, terminal: bool) -> ProgressBar {
     bar
 }
 
+/// `keel jobs`: lists the jobs, or steers one.
+fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io) -> Result<()> {
+    match command {
+        Some(JobsCommand::Pause { id }) => lib.pause_job(id)?,
+        Some(JobsCommand::Resume { id }) => lib.resume_job(id)?,
+        Some(JobsCommand::Cancel { id }) => lib.cancel_job(id)?,
+        None if json => io.line(&serde_json::to_string(&lib.jobs()?)?),
+        None => {
+            for job in lib.jobs()? {
+                let what = match &job.kind {
+                    keel_engine::JobKind::Index { folder, .. } if folder.is_empty() => {
+                        "index".to_string()
+                    }
+                    keel_engine::JobKind::Index { folder, .. } => format!("index {folder}"),
+                    keel_engine::JobKind::Rebuild => "rebuild".into(),
+                    keel_engine::JobKind::Verify => "verify".into(),
+                };
+                let state = serde_json::to_value(job.state)?;
+                io.line(&format!(
+                    "{} {:<11} {what}: {}/{} {}",
+                    job.id,
+                    state.as_str().unwrap_or("?"),
+                    job.progress.done,
+                    job.progress.total,
+                    job.summary.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn entry_line(e: &Entry) -> String {
     let kind = match keel_engine::EntryKind::from_code(e.kind) {
         keel_engine::EntryKind::Directory => "dir ",
@@ -420,6 +483,7 @@ impl Command {
             | Command::Note { lib, .. }
             | Command::Ls { lib, .. }
             | Command::Search { lib, .. }
+            | Command::Jobs { lib, .. }
             | Command::Show { lib, .. }
             | Command::Status { lib, .. }
             | Command::Digest { lib }
@@ -601,6 +665,7 @@ pub(crate) fn exec(
                 }
             }
         },
+        Command::Jobs { command, json, .. } => jobs(lib, command, json, io)?,
         Command::Search {
             text, limit, json, ..
         } => {

@@ -120,6 +120,19 @@ fn index_tag_note_show_status_digest_rebuild() {
             .expect("json");
     assert_eq!(hits[0]["entry"]["name"], "b.txt", "{hits}");
     assert_eq!(hits[0]["matched"], "Note", "{hits}");
+    // The index, rebuild and verify runs are jobs, listed as history.
+    let jobs: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home, &["jobs", "lib", "--json"]))).expect("json");
+    let kinds: Vec<&str> = jobs
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|j| j["state"] == "completed")
+        .filter_map(|j| j["kind"]["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["index", "rebuild", "verify"], "{jobs}");
+    let id = jobs[0]["id"].as_str().expect("an id");
+    fails_with_one_error_line(&keel(&home, &["jobs", "lib", "pause", id]));
 }
 
 #[test]

@@ -39,6 +39,11 @@ pub(crate) struct Shared {
     pub(crate) budget: Arc<ApplyBudget>,
     /// The library's models (events name records by them).
     pub(crate) models: keel_schema::Registry,
+    /// The jobs running in this process.
+    pub(crate) jobs: crate::jobs::RunningJobs,
+    /// Held by an index run: two runs over one folder (a resumed job and the watcher's rescan)
+    /// would each make an entry for a new file.
+    pub(crate) indexing: Mutex<()>,
 }
 
 /// A catch-up bulk-loads when at least this many log entries are missing...

@@ -104,6 +104,18 @@ pub enum EngineError {
         /// The model the library records under it.
         recorded: String,
     },
+    /// A job stopped because it was cancelled (what it committed stays).
+    #[error("the job was cancelled")]
+    Cancelled,
+    /// No job has this id.
+    #[error("no job {0}")]
+    NoSuchJob(uuid::Uuid),
+    /// The job is not running (nor paused, nor interrupted): nothing to pause, resume or cancel.
+    #[error("job {0} is not running")]
+    JobNotRunning(uuid::Uuid),
+    /// The job runs to its end: it has no checkpoint to pause or cancel at.
+    #[error("job {0} cannot be paused or cancelled (it runs to its end)")]
+    JobNotPausable(uuid::Uuid),
     /// The platform's file watcher could not start.
     #[error("the file watcher: {0}")]
     Watch(String),

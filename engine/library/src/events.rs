@@ -52,6 +52,12 @@ pub enum Event {
         /// Units in all (0 if unknown).
         total: u64,
     },
+    /// A job started, changed state, made progress (at most every second) or ended; see
+    /// [`Library::jobs`](crate::Library::jobs).
+    JobChanged {
+        /// The job as now recorded.
+        job: crate::jobs::Job,
+    },
     /// A job finished.
     JobFinished {
         /// The job's name.

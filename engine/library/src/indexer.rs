@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::error::{io_at, EngineError};
 use crate::events::Event;
+use crate::jobs::{JobKind, JobRun};
 use crate::library::{now_ms, Library};
 
 /// Changes committed per transaction while indexing.
@@ -261,6 +262,8 @@ struct Results<'a> {
     result: Result<(), EngineError>,
     /// Files processed.
     done: u64,
+    /// The job this run is, whose checkpoints are the committed batches.
+    job: Option<&'a JobRun<'a>>,
 }
 
 impl Results<'_> {
@@ -327,11 +330,13 @@ impl Results<'_> {
             )));
         }
         if self.planned.len() + self.contents.fresh.len() >= INDEX_COMMIT_BATCH {
-            if let Err(e) = self.library.commit_planned(
+            let committed = self.library.commit_planned(
                 &mut self.contents,
                 &mut self.planned,
                 &mut self.in_flight,
-            ) {
+            );
+            let checked = committed.and_then(|()| self.job.map_or(Ok(()), JobRun::checkpoint));
+            if let Err(e) = checked {
                 self.result = Err(e);
             }
         }
@@ -377,12 +382,52 @@ impl Library {
         path: &Path,
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
+        let (location, folder) = self.index_target(path)?;
+        self.index_as_job(&location, folder, None, progress)
+    }
+
+    /// Indexes `folder` of `location` as a job (under `id` when it resumes an interrupted one):
+    /// listed, paused and cancelled at each committed batch, resumed after a crash.
+    pub(crate) fn index_as_job(
+        &self,
+        location: &Location,
+        folder: String,
+        id: Option<Uuid>,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
+        let kind = JobKind::Index {
+            location: location.uuid,
+            folder: folder.clone(),
+        };
+        let summary = |r: &IndexReport| {
+            format!(
+                "{} files, {} new, {} changed, {} moved, {} removed",
+                r.files, r.new, r.changed, r.moved, r.removed
+            )
+        };
+        self.run_job(kind, id, summary, |run| {
+            self.index_run(location, folder, run, progress)
+        })
+    }
+
+    /// The work of an index job.
+    fn index_run(
+        &self,
+        location: &Location,
+        folder: String,
+        run: &JobRun<'_>,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
         let started = Instant::now();
         let bulk = !self.read(|p| p.has_rows::<Entry>())?;
         if bulk {
             self.set_bulk_load(true)?;
         }
-        let report = self.index_location(path, progress);
+        let mut observed = |p: IndexProgress| {
+            progress(p);
+            run.progress(p.done, p.total);
+        };
+        let report = self.index_folders(location, vec![folder], Some(run), &mut observed);
         // The indexes come back whether or not the run succeeded.
         let rebuilt = if bulk {
             self.set_bulk_load(false)
@@ -391,7 +436,7 @@ impl Library {
         };
         let mut report = report?;
         rebuilt?;
-        progress(IndexProgress {
+        observed(IndexProgress {
             done: report.files,
             total: report.files,
             bytes: report.bytes_hashed,
@@ -429,15 +474,9 @@ impl Library {
         Ok(())
     }
 
-    /// [`Library::index`] up to the applied projections: the walk, the hashing and the
-    /// commits, then a flush. The last progress report and the event are left to the caller.
-    /// A folder inside one of this device's locations re-indexes that part of it; any other
-    /// folder is (or becomes) a location.
-    fn index_location(
-        &self,
-        path: &Path,
-        progress: &mut dyn FnMut(IndexProgress),
-    ) -> Result<IndexReport, EngineError> {
+    /// What `path` indexes: a folder inside one of this device's locations is that part of
+    /// it; any other folder is (or becomes) a location, indexed whole.
+    fn index_target(&self, path: &Path) -> Result<(Location, String), EngineError> {
         let root = path.canonicalize().map_err(io_at(path))?;
         if !root.is_dir() {
             return Err(EngineError::Io {
@@ -445,25 +484,42 @@ impl Library {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
             });
         }
-        let (location, scope) = match self.files().resolve(&root) {
+        Ok(match self.files().resolve(&root) {
             Ok(inside) if !inside.name.is_empty() => {
-                let scope = crate::ops::join_relative(&inside.relative_path, &inside.name);
-                (inside.location, scope)
+                let folder = crate::ops::join_relative(&inside.relative_path, &inside.name);
+                (inside.location, folder)
             }
             _ => (self.location_for(&root)?, String::new()),
-        };
-        self.index_scopes(&location, vec![scope], progress)
+        })
     }
 
-    /// Indexes the folders `scopes` of `location` (relative to its root; empty for all of it;
-    /// none nested in another): entries under them are compared with the disk, the rest of the
-    /// location is left as it is. A file that moved between two scopes is a move.
+    /// [`Library::index_folders`] outside a job (the watcher's bursts).
     pub(crate) fn index_scopes(
         &self,
         location: &Location,
         scopes: Vec<String>,
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
+        self.index_folders(location, scopes, None, progress)
+    }
+
+    /// Indexes the folders `scopes` of `location` (relative to its root; empty for all of it;
+    /// none nested in another): entries under them are compared with the disk, the rest of the
+    /// location is left as it is. A file that moved between two scopes is a move. Under a job,
+    /// each committed batch is a checkpoint (pause, cancel), and the run ends with a flush.
+    fn index_folders<'a>(
+        &'a self,
+        location: &Location,
+        scopes: Vec<String>,
+        job: Option<&'a JobRun<'a>>,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
+        // One run at a time (a paused job holds the others back until it resumes).
+        let _one_run = self
+            .shared
+            .indexing
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
         let root = PathBuf::from(&location.path);
         let mut existing: HashMap<(String, String), Entry> = self
             .read(|p| p.query().entries_of_location(location.uuid))?
@@ -491,6 +547,7 @@ impl Library {
             in_flight: None,
             result: Ok(()),
             done: 0,
+            job,
         };
         let mut gone = self.walk_and_hash(&root, &scopes, &mut existing, &mut results, progress);
         let Results {

@@ -39,6 +39,7 @@ mod error;
 mod events;
 mod feed;
 mod indexer;
+mod jobs;
 mod leader_commit;
 mod library;
 mod link;
@@ -54,6 +55,7 @@ pub use error::EngineError;
 pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
 pub use feed::{ChangeFeed, FeedPosition};
 pub use indexer::{IndexProgress, IndexReport};
+pub use jobs::{Job, JobKind, JobState, Progress, JOB_HISTORY_MAX, JOB_SAVE_EVERY};
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
 pub use keel_projections::{

@@ -417,6 +417,8 @@ impl Library {
             bulk_until: Mutex::new(None),
             budget,
             models: models.clone(),
+            jobs: Default::default(),
+            indexing: Mutex::new(()),
         });
         let applier_shared = shared.clone();
         let applier = std::thread::Builder::new()
@@ -440,6 +442,7 @@ impl Library {
         };
         library.register_device()?;
         library.record_models()?;
+        library.mark_interrupted_jobs()?;
         Ok(library)
     }
 
@@ -874,6 +877,27 @@ impl Library {
     /// Checks every journal record, then replays the journal into a scratch projection and compares
     /// its digest with the live one, and recounts each content's entries in both.
     pub fn verify(&self) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
+        self.verify_as(None)
+    }
+
+    /// [`Library::verify`] as a job (under `id` when it resumes one).
+    pub(crate) fn verify_as(
+        &self,
+        id: Option<uuid::Uuid>,
+    ) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
+        let summary = |(report, digest): &(VerifyReport, Result<String, EngineError>)| {
+            let outcome = match digest {
+                Ok(_) => "projections match a fresh replay".to_string(),
+                Err(e) => e.to_string(),
+            };
+            format!("{} faults; {outcome}", report.faults.len())
+        };
+        self.run_job(crate::jobs::JobKind::Verify, id, summary, |_| {
+            self.verify_now()
+        })
+    }
+
+    fn verify_now(&self) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
         let report = self.journal()?.verify()?;
         let live = self.digest()?;
         let scratch = tempfile::tempdir_in(&self.dir).map_err(io_at(&self.dir))?;
@@ -905,6 +929,25 @@ impl Library {
 
     /// Drops the projections and replays the whole journal into fresh ones.
     pub fn rebuild(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReplayReport, EngineError> {
+        self.rebuild_as(None, progress)
+    }
+
+    /// [`Library::rebuild`] as a job (under `id` when it resumes one).
+    pub(crate) fn rebuild_as(
+        &self,
+        id: Option<uuid::Uuid>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ReplayReport, EngineError> {
+        let summary = |r: &ReplayReport| format!("{} changes replayed", r.changes);
+        self.run_job(crate::jobs::JobKind::Rebuild, id, summary, |run| {
+            self.rebuild_now(&mut |done, total| {
+                progress(done, total);
+                run.progress(done, total);
+            })
+        })
+    }
+
+    fn rebuild_now(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReplayReport, EngineError> {
         self.flush()?;
         let journal = self.journal()?;
         let mut guard = self

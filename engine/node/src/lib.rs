@@ -117,6 +117,8 @@ pub struct Node {
     in_sync: tokio::sync::watch::Receiver<bool>,
     /// The location watcher's thread and its stop signal (dropping the sender stops it).
     watcher: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
+    /// The thread running the jobs the last process left unfinished.
+    resumed_jobs: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -220,6 +222,17 @@ impl Node {
             Some(watch) => Some(start_watcher(&library, watch.clone())?),
             None => None,
         };
+        let resumed_jobs = {
+            let resuming = library.clone();
+            std::thread::Builder::new()
+                .name("keel-jobs".into())
+                .spawn(move || match resuming.resume_jobs() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "resumed interrupted jobs"),
+                    Err(error) => tracing::warn!(%error, "an interrupted job failed again"),
+                })
+                .map_err(io_at(library.dir()))?
+        };
         tracing::info!(%listen, device = %library.device_id().short(), "node started");
         Ok(Self {
             link,
@@ -233,6 +246,7 @@ impl Node {
             code_ttl_ms: options.code_ttl_ms,
             in_sync,
             watcher,
+            resumed_jobs: Some(resumed_jobs),
         })
     }
 
@@ -459,6 +473,11 @@ impl Node {
     }
 
     fn shutdown(&mut self) {
+        // Running jobs stop at their next checkpoint, to resume at the next open.
+        let _ = self.library.stop_jobs();
+        if let Some(jobs) = self.resumed_jobs.take() {
+            let _ = jobs.join();
+        }
         if let Some((stop, watcher)) = self.watcher.take() {
             drop(stop);
             let _ = watcher.join();

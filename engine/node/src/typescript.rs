@@ -62,6 +62,10 @@ pub fn typescript() -> String {
         keel_engine::LackingModel,
         keel_engine::FeedPosition,
         keel_engine::ChangeFeed,
+        keel_engine::Job,
+        keel_engine::JobKind,
+        keel_engine::JobState,
+        keel_engine::Progress,
         // The node.
         crate::PeerStatus,
         crate::AppliedDomains,

@@ -1,5 +1,6 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
-//! change id on its own line, until it is killed.
+//! change id on its own line, until it is killed. With `index PATH` after the library, it
+//! indexes PATH instead, printing `progress DONE` as files are processed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,6 +18,16 @@ fn main() -> anyhow::Result<()> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB"))?;
     let lib = Library::open(&Home::new(home), &name, keel_tests::PASSWORD)?;
+    if args.next().as_deref() == Some("index") {
+        let path = PathBuf::from(
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB index PATH"))?,
+        );
+        println!("ready");
+        lib.index(&path, &mut |p| println!("progress {}", p.done))?;
+        println!("done");
+        return Ok(());
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     writeln!(out, "ready")?;

@@ -1,0 +1,218 @@
+//! Issue 26: jobs. An index run is a job: listed with its progress, paused and resumed, cancelled
+//! leaving a valid library, and after a `kill -9`, interrupted and resumed to the end when the
+//! library opens again. The library serves its other users while a job runs or waits.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use keel_engine::{EngineError, Event, Home, Job, JobKind, JobState, Library};
+use keel_tests::{create_library, events_of, PASSWORD};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Enough files for several committed batches (each batch is a checkpoint).
+const FILES: usize = 6_000;
+
+fn tree(root: &Path) -> std::path::PathBuf {
+    let tree = root.join("tree");
+    for d in 0..10 {
+        std::fs::create_dir_all(tree.join(format!("d{d}"))).expect("dir");
+    }
+    for i in 0..FILES {
+        let path = tree.join(format!("d{}/f{i}.txt", i % 10));
+        std::fs::write(path, format!("file {i}")).expect("file");
+    }
+    tree.canonicalize().expect("canonical")
+}
+
+/// Waits for a `JobChanged` event that `wanted` accepts; returns its job.
+fn wait_job(events: &Receiver<Event>, what: &str, wanted: impl Fn(&Job) -> bool) -> Job {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::JobChanged { job }) if wanted(&job) => return job,
+            Ok(_) => {}
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Each file entry's path and content, from the projection.
+fn files_of(lib: &Library) -> BTreeSet<(String, String)> {
+    let location = lib
+        .read(|p| p.query().locations())
+        .expect("reads")
+        .pop()
+        .expect("a location");
+    lib.read(|p| p.query().entries_of_location(location.uuid))
+        .expect("reads")
+        .into_iter()
+        .filter(|e| e.content.is_some())
+        .map(|e| {
+            let content = lib
+                .get::<keel_engine::ContentIdentity>(e.content.unwrap_or_default())
+                .expect("reads")
+                .map(|c| c.content_hash)
+                .unwrap_or_default();
+            (format!("{}/{}", e.relative_path, e.name), content)
+        })
+        .collect()
+}
+
+#[test]
+fn an_index_job_pauses_resumes_and_serves_the_library_meanwhile() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = tree(dir.path());
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let events = events_of(&lib);
+    std::thread::scope(|scope| {
+        let indexing = scope.spawn(|| lib.index(&tree, &mut |_| {}));
+        let running = wait_job(&events, "a running job", |j| {
+            j.state == JobState::Running && matches!(j.kind, JobKind::Index { .. })
+        });
+        lib.pause_job(running.id).expect("pauses");
+        let paused = wait_job(&events, "the pause", |j| j.state == JobState::Paused);
+        assert_eq!(lib.job(running.id).expect("listed").state, JobState::Paused);
+        // The library serves its other users while the job waits.
+        let tag = keel_tests::tag("while paused");
+        lib.transact(|tx| Ok(tx.upsert(&tag))).expect("commits");
+        lib.flush().expect("flushes");
+        assert!(lib
+            .get::<keel_engine::Tag>(tag.uuid)
+            .expect("reads")
+            .is_some());
+        assert!(paused.progress.done < FILES as u64, "{paused:?}");
+        assert!(matches!(
+            lib.resume_job(Uuid::now_v7()),
+            Err(EngineError::NoSuchJob(_))
+        ));
+        lib.resume_job(running.id).expect("resumes");
+        let report = indexing.join().expect("joins").expect("indexes");
+        assert_eq!(report.files as usize, FILES);
+    });
+    let job = lib.jobs().expect("lists").pop().expect("the job");
+    assert_eq!(job.state, JobState::Completed);
+    assert!(
+        job.summary
+            .as_deref()
+            .is_some_and(|s| s.contains("6000 files")),
+        "{job:?}"
+    );
+    assert_eq!(files_of(&lib).len(), FILES);
+    assert!(matches!(
+        lib.pause_job(job.id),
+        Err(EngineError::JobNotRunning(_))
+    ));
+}
+
+#[test]
+fn a_cancelled_index_job_leaves_a_valid_library() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = tree(dir.path());
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let events = events_of(&lib);
+    std::thread::scope(|scope| {
+        let indexing = scope.spawn(|| lib.index(&tree, &mut |_| {}));
+        let running = wait_job(&events, "a running job", |j| j.state == JobState::Running);
+        lib.cancel_job(running.id).expect("cancels");
+        let outcome = indexing.join().expect("joins");
+        assert!(
+            matches!(outcome, Err(EngineError::Cancelled)),
+            "{outcome:?}"
+        );
+    });
+    let job = lib.jobs().expect("lists").pop().expect("the job");
+    assert_eq!(job.state, JobState::Cancelled);
+    let (report, digest) = lib.verify().expect("verifies");
+    assert!(report.faults.is_empty());
+    digest.expect("the projections match a replay");
+    let partial = files_of(&lib).len();
+    assert!(
+        partial < FILES,
+        "cancelled at the first checkpoint, {partial} files in"
+    );
+    lib.index(&tree, &mut |_| {}).expect("indexes again");
+    assert_eq!(files_of(&lib).len(), FILES);
+}
+
+/// `kill -9` in the middle of an index run: the job is interrupted, and resumed to the end when
+/// the library opens again, with the same files and contents as a run that was never killed.
+#[test]
+fn an_index_job_killed_midway_resumes_when_the_library_opens_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = tree(dir.path());
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.close().expect("closes");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crash_child"))
+        .arg(home.root())
+        .arg("lib")
+        .arg("index")
+        .arg(&tree)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("child starts");
+    let stdout = child.stdout.take().expect("piped");
+    // Killed once a batch or two are committed (progress counts files taken).
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("reads");
+        let done: u64 = line
+            .strip_prefix("progress ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert_ne!(line, "done", "the run ended before the kill");
+        if done >= 2_200 {
+            break;
+        }
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let lib = Library::open(&Home::new(home.root()), "lib", PASSWORD).expect("reopens");
+    let interrupted = lib.jobs().expect("lists").pop().expect("the job");
+    assert_eq!(interrupted.state, JobState::Interrupted, "{interrupted:?}");
+    let before = files_of(&lib).len();
+    assert!(before < FILES, "{before} files were in before the kill");
+    assert_eq!(lib.resume_jobs().expect("resumes"), 1);
+    let resumed = lib.job(interrupted.id).expect("listed");
+    assert_eq!(resumed.state, JobState::Completed, "{resumed:?}");
+    assert_eq!(lib.resume_jobs().expect("nothing left"), 0);
+    let (report, digest) = lib.verify().expect("verifies");
+    assert!(report.faults.is_empty());
+    digest.expect("the projections match a replay");
+    // The same files and contents as a run that was never interrupted.
+    let (_other_home, other) = create_library(&dir.path().join("other"), "lib").expect("creates");
+    other.index(&tree, &mut |_| {}).expect("indexes");
+    assert_eq!(files_of(&lib), files_of(&other));
+}
+
+#[test]
+fn finished_jobs_are_kept_as_bounded_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    let runs = keel_engine::JOB_HISTORY_MAX + 3;
+    let mut ids = Vec::new();
+    for _ in 0..runs {
+        let (_, digest) = lib.verify().expect("verifies");
+        digest.expect("matches");
+        ids.push(lib.jobs().expect("lists").pop().expect("a job").id);
+    }
+    let kept: Vec<Uuid> = lib
+        .jobs()
+        .expect("lists")
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(kept.len(), keel_engine::JOB_HISTORY_MAX);
+    assert_eq!(kept, ids[3..], "the oldest go first");
+    let verify = lib.job(kept[0]).expect("listed");
+    assert!(matches!(verify.kind, JobKind::Verify));
+    assert!(matches!(
+        lib.cancel_job(verify.id),
+        Err(EngineError::JobNotRunning(_))
+    ));
+}
