@@ -37,12 +37,16 @@ pub(crate) enum Command {
         /// Folder to index.
         path: PathBuf,
     },
-    /// Tag a file or folder (content scope by default).
+    /// Tag a file or folder (content scope by default): a path in any device's location, or an
+    /// entry's uuid.
     Tag {
         /// Library name.
         lib: String,
-        /// File or folder.
+        /// File or folder (or an entry uuid).
         path: PathBuf,
+        /// Resolve the path in this device's locations (by name).
+        #[arg(long)]
+        device: Option<String>,
         /// Tags.
         #[arg(required = true)]
         tags: Vec<String>,
@@ -50,12 +54,16 @@ pub(crate) enum Command {
         #[arg(long)]
         entry: bool,
     },
-    /// Set a note on a file or folder (content scope by default).
+    /// Set a note on a file or folder (content scope by default): a path in any device's
+    /// location, or an entry's uuid.
     Note {
         /// Library name.
         lib: String,
-        /// File or folder.
+        /// File or folder (or an entry uuid).
         path: PathBuf,
+        /// Resolve the path in this device's locations (by name).
+        #[arg(long)]
+        device: Option<String>,
         /// The note.
         text: String,
         /// Attach to this entry only, not to its content.
@@ -391,6 +399,41 @@ fn bar(total: u64, what: &str, terminal: bool) -> ProgressBar {
     bar
 }
 
+/// `args` with the command's path argument made absolute against the working directory (an
+/// entry uuid given in its place is left as it is).
+fn absolute_path_args(mut args: Vec<String>, command: &Command) -> Result<Vec<String>> {
+    let path = match command {
+        Command::Index { path, .. }
+        | Command::Tag { path, .. }
+        | Command::Note { path, .. }
+        | Command::Show { path, .. } => Some(path),
+        Command::Ls { path, .. } => path.as_ref(),
+        _ => None,
+    };
+    let Some(path) = path else {
+        return Ok(args);
+    };
+    let Some(given) = path.to_str() else {
+        return Ok(args);
+    };
+    if path.is_absolute() || uuid::Uuid::parse_str(given).is_ok() {
+        return Ok(args);
+    }
+    let absolute = std::path::absolute(path)?;
+    if let Some(arg) = args.iter_mut().find(|a| a.as_str() == given) {
+        *arg = absolute.to_string_lossy().into_owned();
+    }
+    Ok(args)
+}
+
+/// The files of `lib` as device `device` has them (by name), or as resolved by default.
+fn files_on<'a>(lib: &'a Library, device: Option<&str>) -> Result<keel_engine::Files<'a>> {
+    Ok(match device {
+        Some(name) => lib.files().on(lib.device_named(name)?.uuid),
+        None => lib.files(),
+    })
+}
+
 /// `keel jobs`: lists the jobs, or steers one.
 fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io) -> Result<()> {
     match command {
@@ -582,7 +625,9 @@ pub(crate) fn run() -> Result<i32> {
             let Some(lib) = command.library().map(str::to_string) else {
                 return Ok(0);
             };
-            // A running node holds the library: ask it.
+            // A running node holds the library: ask it, with paths made absolute here (the node
+            // runs elsewhere; a path means what it means where the caller stands).
+            let args = absolute_path_args(args, &command)?;
             if let Some(code) = crate::control::forward(&home.library_dir(&lib), &args)? {
                 return Ok(code);
             }
@@ -632,21 +677,34 @@ pub(crate) fn exec(
             ));
         }
         Command::Tag {
-            path, tags, entry, ..
+            path,
+            tags,
+            entry,
+            device,
+            ..
         } => {
             let scope = if entry { Scope::Entry } else { Scope::Content };
-            lib.files().tag(&path, &tags, scope)?;
+            files_on(lib, device.as_deref())?.tag(&path, &tags, scope)?;
         }
         Command::Note {
-            path, text, entry, ..
+            path,
+            text,
+            entry,
+            device,
+            ..
         } => {
             let scope = if entry { Scope::Entry } else { Scope::Content };
-            lib.files().note(&path, &text, scope)?;
+            files_on(lib, device.as_deref())?.note(&path, &text, scope)?;
         }
         Command::Ls { path, .. } => match path {
             None => {
+                let devices = lib.devices()?;
                 for l in lib.read(|p| p.query().locations())? {
-                    io.line(&format!("{} {}", l.uuid, l.path));
+                    let device = devices
+                        .iter()
+                        .find(|d| d.uuid == l.device)
+                        .map_or("an unknown device", |d| d.name.as_str());
+                    io.line(&format!("{} {} (on {device})", l.uuid, l.path));
                 }
             }
             Some(path) => {

@@ -5,7 +5,13 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn keel(home: &Path, args: &[&str]) -> Output {
+    keel_in(Path::new("."), home, args)
+}
+
+/// `keel` run from folder `cwd`.
+fn keel_in(cwd: &Path, home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(cwd)
         .arg("--home")
         .arg(home)
         .args(args)
@@ -745,4 +751,32 @@ fn a_flood_from_strangers_during_an_invitation_leaves_the_node_bounded() {
     assert!(peak > 0, "no memory figure for the node");
     assert!(peak < 300, "the node's peak RSS reached {peak} MB");
     ok(&keel(&home, &["status", "lib"]));
+}
+
+/// Issue 26: a relative path given to a command that runs through a node's control socket
+/// means what it means where the caller stands, not where the node was started.
+#[test]
+fn relative_paths_through_the_control_socket_resolve_where_the_caller_stands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).expect("tree");
+    std::fs::write(tree.join("sub/a.txt"), b"a").expect("file");
+    ok(&keel(&home, &["init", "lib"]));
+    let _node = serve(&home, &free_port(), &[]);
+    ok(&keel_in(&tree, &home, &["index", "lib", "."]));
+    ok(&keel_in(
+        &tree.join("sub"),
+        &home,
+        &["tag", "lib", "a.txt", "red"],
+    ));
+    let shown: serde_json::Value = serde_json::from_str(&ok(&keel_in(
+        &tree,
+        &home,
+        &["show", "lib", "sub/a.txt", "--json"],
+    )))
+    .expect("json");
+    assert!(shown.to_string().contains("\"red\""), "{shown}");
+    let listed = ok(&keel_in(&tree, &home, &["ls", "lib"]));
+    assert!(listed.contains("(on "), "{listed}");
 }

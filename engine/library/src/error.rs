@@ -104,6 +104,22 @@ pub enum EngineError {
         /// The model the library records under it.
         recorded: String,
     },
+    /// A path lies in same-named locations of several other devices.
+    #[error(
+        "{path} is in a location of several devices ({devices}); say which with --device NAME"
+    )]
+    AmbiguousPath {
+        /// The path.
+        path: PathBuf,
+        /// The devices' names.
+        devices: String,
+    },
+    /// No device of the library has this name (or id prefix).
+    #[error("no device of this library is named {0}")]
+    NoSuchDevice(String),
+    /// Several devices of the library match this name.
+    #[error("several devices of this library are named {0}; give the start of its id instead")]
+    AmbiguousDevice(String),
     /// A job stopped because it was cancelled (what it committed stays).
     #[error("the job was cancelled")]
     Cancelled,

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use keel_projections::EntryMetadata;
 use keel_schema::{
-    content_metadata_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid, Entry, Location,
-    Tag, UserMetadata, UserMetadataTag, Value,
+    content_metadata_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid, Device, Entry,
+    Location, Tag, UserMetadata, UserMetadataTag, Value,
 };
 use uuid::Uuid;
 
@@ -60,6 +60,8 @@ pub(crate) fn join_relative(relative_path: &str, name: &str) -> String {
 #[derive(Clone, Copy)]
 pub struct Files<'a> {
     library: &'a Library,
+    /// Paths resolve in this device's locations only (its Device record uuid), when set.
+    device: Option<Uuid>,
 }
 
 impl std::ops::Deref for Files<'_> {
@@ -73,7 +75,25 @@ impl std::ops::Deref for Files<'_> {
 impl Library {
     /// The library's files by path.
     pub fn files(&self) -> Files<'_> {
-        Files { library: self }
+        Files {
+            library: self,
+            device: None,
+        }
+    }
+
+    /// The device of the library named `name` (its Device record's name, or the start of its
+    /// id in hex).
+    pub fn device_named(&self, name: &str) -> Result<Device, EngineError> {
+        let mut found: Vec<Device> = self
+            .devices()?
+            .into_iter()
+            .filter(|d| d.name == name || (name.len() >= 4 && d.device_id.starts_with(name)))
+            .collect();
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(EngineError::NoSuchDevice(name.into())),
+            _ => Err(EngineError::AmbiguousDevice(name.into())),
+        }
     }
 }
 
@@ -88,26 +108,49 @@ impl Files<'_> {
             .find(|l| l.device == device && l.path == path_text))
     }
 
-    /// Resolves a filesystem path to its location and relative position.
+    /// These files as they are on one device (its Device record uuid): paths resolve in its
+    /// locations only.
+    pub fn on(self, device: Uuid) -> Self {
+        Self {
+            device: Some(device),
+            ..self
+        }
+    }
+
+    /// Resolves a path to its location and relative position: in this device's locations
+    /// first (the innermost), else in the other devices' (as `keel ls` lists them), unless
+    /// [`Files::on`] named a device. A path in same-named locations of several other devices
+    /// is ambiguous ([`EngineError::AmbiguousPath`]): name the device.
     pub fn resolve(&self, path: &Path) -> Result<ResolvedPath, EngineError> {
         let absolute = std::path::absolute(path).map_err(io_at(path))?;
         let canonical = absolute.canonicalize().unwrap_or(absolute);
-        let device = self.device_id().record_uuid();
-        let mut best: Option<(Location, PathBuf)> = None;
-        for location in self.read(|p| p.query().locations())? {
-            if location.device != device {
-                continue;
-            }
-            if let Ok(rel) = canonical.strip_prefix(&location.path) {
-                let better = best
-                    .as_ref()
-                    .is_none_or(|(l, _)| location.path.len() > l.path.len());
-                if better {
-                    best = Some((location, rel.to_path_buf()));
+        let here = self.device_id().record_uuid();
+        let mut inside: Vec<(Location, PathBuf)> = self
+            .read(|p| p.query().locations())?
+            .into_iter()
+            .filter(|l| self.device.is_none_or(|d| l.device == d))
+            .filter_map(|l| {
+                let rel = canonical.strip_prefix(&l.path).ok()?.to_path_buf();
+                Some((l, rel))
+            })
+            .collect();
+        // This device's first, then the innermost location.
+        inside.sort_by_key(|(l, _)| (l.device != here, std::cmp::Reverse(l.path.len())));
+        let (location, rel) = match inside.first() {
+            Some((first, _)) if first.device != here => {
+                let same: Vec<Uuid> = inside
+                    .iter()
+                    .filter(|(l, _)| l.path == first.path)
+                    .map(|(l, _)| l.device)
+                    .collect();
+                if same.len() > 1 {
+                    return Err(self.ambiguous(&canonical, &same));
                 }
+                inside.swap_remove(0)
             }
-        }
-        let (location, rel) = best.ok_or_else(|| EngineError::NotInLocation(canonical.clone()))?;
+            Some(_) => inside.swap_remove(0),
+            None => return Err(EngineError::NotInLocation(canonical.clone())),
+        };
         let (relative_path, name) = split_relative(&rel);
         Ok(ResolvedPath {
             location,
@@ -116,8 +159,28 @@ impl Files<'_> {
         })
     }
 
-    /// The entry at a filesystem path.
+    /// [`EngineError::AmbiguousPath`] for `path`, naming the devices.
+    fn ambiguous(&self, path: &Path, devices: &[Uuid]) -> EngineError {
+        let names: Vec<String> = self
+            .devices()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| devices.contains(&d.uuid))
+            .map(|d| d.name)
+            .collect();
+        EngineError::AmbiguousPath {
+            path: path.to_path_buf(),
+            devices: names.join(", "),
+        }
+    }
+
+    /// The entry at a path (see [`Files::resolve`]), or with this uuid (a path that is one).
     pub fn entry(&self, path: &Path) -> Result<Entry, EngineError> {
+        if let Some(uuid) = path.to_str().and_then(|s| Uuid::parse_str(s).ok()) {
+            if let Some(entry) = self.get::<Entry>(uuid)? {
+                return Ok(entry);
+            }
+        }
         let resolved = self.resolve(path)?;
         self.read(|p| {
             p.query().entry_at(
