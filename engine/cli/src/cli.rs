@@ -34,8 +34,11 @@ pub(crate) enum Command {
     Index {
         /// Library name.
         lib: String,
-        /// Folder to index.
+        /// Folder to index (or a folder or file inside a location: that part of it).
         path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Tag a file or folder (content scope by default): a path in any device's location, or an
     /// entry's uuid.
@@ -70,12 +73,65 @@ pub(crate) enum Command {
         #[arg(long)]
         entry: bool,
     },
+    /// Remove tags from a file or folder.
+    Untag {
+        #[command(flatten)]
+        target: crate::everyday::Target,
+        /// Tags.
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
+    /// Remove the note of a file or folder.
+    Unnote {
+        #[command(flatten)]
+        target: crate::everyday::Target,
+    },
+    /// Mark a file or folder favourite or hidden (or not).
+    Flag {
+        #[command(flatten)]
+        target: crate::everyday::Target,
+        /// Favourite (`true` or `false`).
+        #[arg(long)]
+        favorite: Option<bool>,
+        /// Hidden (`true` or `false`).
+        #[arg(long)]
+        hidden: Option<bool>,
+    },
+    /// List the tags, or rename or recolour one.
+    Tags {
+        /// Library name.
+        lib: String,
+        #[command(subcommand)]
+        command: Option<crate::everyday::TagsCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the locations of every device, or remove one of this device's.
+    Locations {
+        /// Library name.
+        lib: String,
+        #[command(subcommand)]
+        command: Option<crate::everyday::LocationsCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the libraries of this home.
+    Libraries {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List locations, or the entries of a folder.
     Ls {
         /// Library name.
         lib: String,
         /// Folder inside a location.
         path: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the library's jobs (running, paused, interrupted, and the finished history), or
     /// pause, resume or cancel one.
@@ -124,16 +180,25 @@ pub(crate) enum Command {
     Digest {
         /// Library name.
         lib: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Check every journal record and compare the projections with a fresh replay.
     Verify {
         /// Library name.
         lib: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Drop the projections and rebuild them from the journal.
     Rebuild {
         /// Library name.
         lib: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Change the library password (the key is rewrapped; the journal is not re-encrypted).
     /// The new password comes from KEEL_NEW_PASSWORD or a prompt.
@@ -407,6 +472,9 @@ fn absolute_path_args(mut args: Vec<String>, command: &Command) -> Result<Vec<St
         | Command::Tag { path, .. }
         | Command::Note { path, .. }
         | Command::Show { path, .. } => Some(path),
+        Command::Untag { target, .. }
+        | Command::Unnote { target }
+        | Command::Flag { target, .. } => Some(&target.path),
         Command::Ls { path, .. } => path.as_ref(),
         _ => None,
     };
@@ -427,7 +495,10 @@ fn absolute_path_args(mut args: Vec<String>, command: &Command) -> Result<Vec<St
 }
 
 /// The files of `lib` as device `device` has them (by name), or as resolved by default.
-fn files_on<'a>(lib: &'a Library, device: Option<&str>) -> Result<keel_engine::Files<'a>> {
+pub(crate) fn files_on<'a>(
+    lib: &'a Library,
+    device: Option<&str>,
+) -> Result<keel_engine::Files<'a>> {
     Ok(match device {
         Some(name) => lib.files().on(lib.device_named(name)?.uuid),
         None => lib.files(),
@@ -526,12 +597,25 @@ impl Command {
             | Command::Note { lib, .. }
             | Command::Ls { lib, .. }
             | Command::Search { lib, .. }
+            | Command::Untag {
+                target: crate::everyday::Target { lib, .. },
+                ..
+            }
+            | Command::Unnote {
+                target: crate::everyday::Target { lib, .. },
+            }
+            | Command::Flag {
+                target: crate::everyday::Target { lib, .. },
+                ..
+            }
             | Command::Jobs { lib, .. }
+            | Command::Tags { lib, .. }
+            | Command::Locations { lib, .. }
             | Command::Show { lib, .. }
             | Command::Status { lib, .. }
-            | Command::Digest { lib }
-            | Command::Verify { lib }
-            | Command::Rebuild { lib }
+            | Command::Digest { lib, .. }
+            | Command::Verify { lib, .. }
+            | Command::Rebuild { lib, .. }
             | Command::Devices { lib, .. } => Some(lib),
             Command::Pair {
                 command: PairCommand::Invite { lib, .. },
@@ -605,6 +689,7 @@ pub(crate) fn run() -> Result<i32> {
             crate::serve::run(&home, library, options)
         }
         Command::Watch { lib } => crate::serve::watch(open(&home, &lib)?),
+        Command::Libraries { json } => crate::everyday::libraries(&home, json),
         Command::Pair {
             command:
                 PairCommand::Join {
@@ -654,8 +739,8 @@ pub(crate) fn exec(
     io: &mut dyn Io,
 ) -> Result<i32> {
     match command {
-        Command::Index { path, .. } => {
-            let bar = bar(0, "indexing", io.terminal());
+        Command::Index { path, json, .. } => {
+            let bar = bar(0, "indexing", io.terminal() && !json);
             let report = lib.index(&path, &mut |p| {
                 // While the walk goes on, the total is only what was found so far.
                 bar.set_message(if p.walking { "(still walking) " } else { "" });
@@ -663,6 +748,10 @@ pub(crate) fn exec(
                 bar.set_position(p.done);
             })?;
             bar.finish_and_clear();
+            if json {
+                io.line(&serde_json::to_string(&report)?);
+                return Ok(0);
+            }
             io.line(&format!(
                 "indexed {}: {} files, {} dirs; {} new, {} changed, {} moved, {} removed, {} unchanged in {:.2}s",
                 path.display(),
@@ -696,34 +785,43 @@ pub(crate) fn exec(
             let scope = if entry { Scope::Entry } else { Scope::Content };
             files_on(lib, device.as_deref())?.note(&path, &text, scope)?;
         }
-        Command::Ls { path, .. } => match path {
-            None => {
-                let devices = lib.devices()?;
-                for l in lib.read(|p| p.query().locations())? {
-                    let device = devices
-                        .iter()
-                        .find(|d| d.uuid == l.device)
-                        .map_or("an unknown device", |d| d.name.as_str());
-                    io.line(&format!("{} {} (on {device})", l.uuid, l.path));
-                }
+        Command::Ls {
+            path: None, json, ..
+        } => crate::everyday::locations(lib, None, json, io)?,
+        Command::Ls {
+            path: Some(path),
+            json,
+            ..
+        } => {
+            let r = lib.files().resolve(&path)?;
+            let dir = if r.name.is_empty() {
+                r.relative_path
+            } else if r.relative_path.is_empty() {
+                r.name
+            } else {
+                format!("{}/{}", r.relative_path, r.name)
+            };
+            let mut children = lib.read(|p| p.query().children(r.location.uuid, &dir))?;
+            children.sort_by(|a, b| a.name.cmp(&b.name));
+            if json {
+                io.line(&serde_json::to_string(&children)?);
             }
-            Some(path) => {
-                let r = lib.files().resolve(&path)?;
-                let dir = if r.name.is_empty() {
-                    r.relative_path
-                } else if r.relative_path.is_empty() {
-                    r.name
-                } else {
-                    format!("{}/{}", r.relative_path, r.name)
-                };
-                let mut children = lib.read(|p| p.query().children(r.location.uuid, &dir))?;
-                children.sort_by(|a, b| a.name.cmp(&b.name));
-                for e in children {
-                    io.line(&entry_line(&e));
-                }
+            for e in children.iter().filter(|_| !json) {
+                io.line(&entry_line(e));
             }
-        },
+        }
         Command::Jobs { command, json, .. } => jobs(lib, command, json, io)?,
+        Command::Untag { target, tags } => crate::everyday::untag(lib, &target, &tags)?,
+        Command::Unnote { target } => crate::everyday::unnote(lib, &target)?,
+        Command::Flag {
+            target,
+            favorite,
+            hidden,
+        } => crate::everyday::flag(lib, &target, favorite, hidden)?,
+        Command::Tags { command, json, .. } => crate::everyday::tags(lib, command, json, io)?,
+        Command::Locations { command, json, .. } => {
+            crate::everyday::locations(lib, command, json, io)?
+        }
         Command::Search {
             text, limit, json, ..
         } => {
@@ -741,7 +839,29 @@ pub(crate) fn exec(
         }
         Command::Show { path, json, .. } => show(lib, &path, json, io)?,
         Command::Status { json, .. } => status(lib, node, json, io)?,
-        Command::Digest { .. } => io.line(&lib.digest()?),
+        Command::Digest { json: false, .. } => io.line(&lib.digest()?),
+        Command::Digest { json: true, .. } => {
+            io.line(&serde_json::json!({ "digest": lib.digest()? }).to_string())
+        }
+        Command::Verify { json: true, .. } => {
+            let (report, digest) = lib.verify()?;
+            let faults: Vec<String> = report
+                .faults
+                .iter()
+                .map(|(place, reason)| format!("{place}: {reason}"))
+                .collect();
+            let value = serde_json::json!({
+                "log_records": report.log_records,
+                "local_records": report.local_records,
+                "faults": faults,
+                "digest": digest.as_ref().ok(),
+                "mismatch": digest.as_ref().err().map(|e| e.to_string()),
+            });
+            io.line(&value.to_string());
+            if !faults.is_empty() || digest.is_err() {
+                bail!("the library failed its checks");
+            }
+        }
         Command::Verify { .. } => {
             let (report, digest) = lib.verify()?;
             for (place, reason) in &report.faults {
@@ -762,13 +882,19 @@ pub(crate) fn exec(
                 );
             }
         }
-        Command::Rebuild { .. } => {
-            let bar = bar(0, "replaying", io.terminal());
+        Command::Rebuild { json, .. } => {
+            let bar = bar(0, "replaying", io.terminal() && !json);
             let report = lib.rebuild(&mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })?;
             bar.finish_and_clear();
+            if json {
+                let value =
+                    serde_json::json!({ "changes": report.changes, "digest": lib.digest()? });
+                io.line(&value.to_string());
+                return Ok(0);
+            }
             io.line(&format!(
                 "rebuilt from {} changes; digest {}",
                 report.changes,
@@ -790,6 +916,7 @@ pub(crate) fn exec(
         | Command::Passwd { .. }
         | Command::Serve { .. }
         | Command::Watch { .. }
+        | Command::Libraries { .. }
         | Command::Pair { .. }
         | Command::Bench { .. }
         | Command::Demo { .. } => bail!("this command does not run on an open library"),

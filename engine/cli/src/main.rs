@@ -2,6 +2,7 @@
 
 mod cli;
 mod control;
+mod everyday;
 mod serve;
 
 /// mimalloc: the replay and sync pipelines allocate changes on one thread and free them on

@@ -139,6 +139,64 @@ fn index_tag_note_show_status_digest_rebuild() {
     assert_eq!(kinds, ["index", "rebuild", "verify"], "{jobs}");
     let id = jobs[0]["id"].as_str().expect("an id");
     fails_with_one_error_line(&keel(&home, &["jobs", "lib", "pause", id]));
+    everyday_commands(&home, &tree);
+}
+
+/// Issue 26: untag, unnote, flag, tags, locations, libraries, and `--json` on what prints.
+fn everyday_commands(home: &Path, tree: &Path) {
+    let a = tree.join("a.txt");
+    let a = a.to_str().expect("path");
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(&keel(home, args))).expect("json")
+    };
+    ok(&keel(home, &["untag", "lib", a, "blue"]));
+    ok(&keel(home, &["tags", "lib", "rename", "red", "crimson"]));
+    ok(&keel(home, &["tags", "lib", "color", "crimson", "#c00"]));
+    let tags = json(&["tags", "lib", "--json"]);
+    assert_eq!(tags[1]["name"], "crimson", "{tags}");
+    assert_eq!(tags[1]["color"], "#c00", "{tags}");
+    ok(&keel(
+        home,
+        &["flag", "lib", a, "--favorite", "true", "--entry"],
+    ));
+    ok(&keel(
+        home,
+        &[
+            "unnote",
+            "lib",
+            tree.join("sub/b.txt").to_str().expect("path"),
+            "--entry",
+        ],
+    ));
+    let shown = json(&["show", "lib", a, "--json"]);
+    assert!(shown.to_string().contains("\"favorite\":true"), "{shown}");
+    assert_eq!(json(&["libraries", "--json"]), serde_json::json!(["lib"]));
+    let locations = json(&["locations", "lib", "--json"]);
+    assert_eq!(locations.as_array().map(Vec::len), Some(1), "{locations}");
+    let listed = json(&["ls", "lib", tree.to_str().expect("path"), "--json"]);
+    assert!(listed.to_string().contains("a.txt"), "{listed}");
+    assert_eq!(
+        json(&["digest", "lib", "--json"])["digest"]
+            .as_str()
+            .map(str::len),
+        Some(64)
+    );
+    assert!(json(&["verify", "lib", "--json"])["faults"]
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    assert!(json(&["rebuild", "lib", "--json"])["changes"]
+        .as_u64()
+        .is_some());
+    let indexed = json(&["index", "lib", tree.to_str().expect("path"), "--json"]);
+    assert_eq!(
+        (indexed["files"].as_u64(), indexed["new"].as_u64()),
+        (Some(3), Some(0)),
+        "{indexed}"
+    );
+    let root = tree.to_str().expect("path");
+    let removed = ok(&keel(home, &["locations", "lib", "remove", root]));
+    assert!(removed.contains("4 entries"), "{removed}");
+    assert_eq!(json(&["locations", "lib", "--json"]), serde_json::json!([]));
 }
 
 #[test]

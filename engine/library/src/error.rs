@@ -104,6 +104,18 @@ pub enum EngineError {
         /// The model the library records under it.
         recorded: String,
     },
+    /// No tag has this name.
+    #[error("no tag is named {0}")]
+    NoSuchTag(String),
+    /// A tag has this name already (or the name is empty).
+    #[error("a tag is named {0:?} already (or the name is empty)")]
+    TagExists(String),
+    /// No location has this uuid or root.
+    #[error("no location {0}")]
+    NoSuchLocation(uuid::Uuid),
+    /// The location is another device's: only the device that has the files removes them.
+    #[error("{0} is another device's location; remove it on that device")]
+    NotYourLocation(PathBuf),
     /// A path lies in same-named locations of several other devices.
     #[error(
         "{path} is in a location of several devices ({devices}); say which with --device NAME"

@@ -61,7 +61,7 @@ pub struct IndexProgress {
 }
 
 /// What an indexing run found.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct IndexReport {
     /// The location.
     pub location: Uuid,
@@ -474,18 +474,28 @@ impl Library {
         Ok(())
     }
 
-    /// What `path` indexes: a folder inside one of this device's locations is that part of
-    /// it; any other folder is (or becomes) a location, indexed whole.
+    /// What `path` indexes: a folder or a file inside one of this device's locations is that
+    /// part of it; any other folder is (or becomes) a location, indexed whole.
     fn index_target(&self, path: &Path) -> Result<(Location, String), EngineError> {
         let root = path.canonicalize().map_err(io_at(path))?;
-        if !root.is_dir() {
+        let here = self.device_id().record_uuid();
+        let inside = self
+            .files()
+            .on(here)
+            .resolve(&root)
+            .ok()
+            .filter(|inside| !inside.name.is_empty());
+        if !root.is_dir() && inside.is_none() {
             return Err(EngineError::Io {
                 path: root,
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a folder, nor a file in a location of this device",
+                ),
             });
         }
-        Ok(match self.files().resolve(&root) {
-            Ok(inside) if !inside.name.is_empty() => {
+        Ok(match inside {
+            Some(inside) => {
                 let folder = crate::ops::join_relative(&inside.relative_path, &inside.name);
                 (inside.location, folder)
             }

@@ -37,6 +37,7 @@ mod attest;
 mod config;
 mod error;
 mod events;
+mod everyday;
 mod feed;
 mod indexer;
 mod jobs;

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use keel_projections::EntryMetadata;
 use keel_schema::{
-    content_metadata_uuid, entry_metadata_uuid, tag_uuid, user_metadata_tag_uuid, Device, Entry,
-    Location, Tag, UserMetadata, UserMetadataTag, Value,
+    content_metadata_uuid, entry_metadata_uuid, user_metadata_tag_uuid, Device, Entry, Location,
+    Tag, UserMetadata, UserMetadataTag, Value,
 };
 use uuid::Uuid;
 
@@ -197,8 +197,24 @@ impl Files<'_> {
         self.read(|p| p.query().metadata_of(entry))
     }
 
+    /// The uuid of the UserMetadata of the entry at `path` in `scope`, if it exists.
+    pub(crate) fn metadata_uuid(
+        &self,
+        path: &Path,
+        scope: Scope,
+    ) -> Result<Option<Uuid>, EngineError> {
+        let entry = self.entry(path)?;
+        let uuid = match (scope, entry.uuid, entry.content) {
+            (Scope::Entry, Some(uuid), _) => entry_metadata_uuid(uuid),
+            (Scope::Content, _, Some(content)) => content_metadata_uuid(content),
+            (Scope::Content, _, None) => return Err(EngineError::NoContent(path.to_path_buf())),
+            (Scope::Entry, None, _) => return Err(EngineError::NotIndexed(path.to_path_buf())),
+        };
+        Ok(self.get::<UserMetadata>(uuid)?.map(|m| m.uuid))
+    }
+
     /// Ensures the UserMetadata of `entry` in `scope` exists within `tx`; returns its uuid.
-    fn ensure_metadata(
+    pub(crate) fn ensure_metadata(
         &self,
         tx: &mut Tx<'_>,
         entry: &Entry,
@@ -238,11 +254,10 @@ impl Files<'_> {
     /// Tags the file or directory at `path` with `tags` in `scope`.
     pub fn tag(&self, path: &Path, tags: &[String], scope: Scope) -> Result<(), EngineError> {
         let entry = self.entry(path)?;
-        let library = self.id().0;
         self.transact(|tx| {
             let metadata = self.ensure_metadata(tx, &entry, scope, path)?;
             for name in tags {
-                let tag = tag_uuid(library, name);
+                let tag = self.tag_uuid_for(name)?;
                 if self.get::<Tag>(tag)?.is_none() {
                     tx.upsert(&Tag {
                         uuid: tag,

@@ -32,23 +32,32 @@ pub(crate) fn walk(
     walk_under(root, &[String::new()], found, skipped);
 }
 
-/// [`walk`] of the folders `scopes` under `root` (relative, `/`-separated; empty for the root
-/// itself), with paths still relative to `root`: each folder itself (but the root), then what
-/// it holds. The scopes must not nest.
+/// [`walk`] of the folders (or files) `scopes` under `root` (relative, `/`-separated; empty for
+/// the root itself), with paths still relative to `root`: each scope itself (but the root),
+/// then, for a folder, what it holds. The scopes must not nest.
 pub(crate) fn walk_under(
     root: &Path,
     scopes: &[String],
     found: &mut dyn FnMut(Found),
     skipped: &mut dyn FnMut(&Path, std::io::Error),
 ) {
-    for scope in scopes.iter().filter(|s| !s.is_empty()) {
+    // Folders to read: the root, and each scope that is a folder (a file scope is only itself).
+    let mut folders: Vec<&String> = Vec::new();
+    for scope in scopes {
+        if scope.is_empty() {
+            folders.push(scope);
+            continue;
+        }
         let path = root.join(scope);
         match fs::symlink_metadata(&path) {
-            Ok(metadata) if metadata.is_dir() => {
+            Ok(metadata) => {
                 let (relative_path, name) = match scope.rsplit_once('/') {
                     Some((parent, name)) => (parent.to_string(), name.to_string()),
                     None => (String::new(), scope.clone()),
                 };
+                if metadata.is_dir() {
+                    folders.push(scope);
+                }
                 found(Found {
                     path,
                     relative_path,
@@ -57,16 +66,12 @@ pub(crate) fn walk_under(
                     metadata,
                 });
             }
-            Ok(_) => skipped(
-                &path,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
-            ),
             Err(e) => skipped(&path, e),
         }
     }
     // Directories still to read, the next one last.
-    let mut pending: Vec<(PathBuf, String)> = scopes
-        .iter()
+    let mut pending: Vec<(PathBuf, String)> = folders
+        .into_iter()
         .rev()
         .map(|scope| (root.join(scope), scope.clone()))
         .collect();

@@ -1,0 +1,171 @@
+//! `keel untag`, `unnote`, `flag`, `tags`, `locations` and `libraries`: the everyday operations
+//! beside indexing, tagging and notes.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+use keel_engine::{Home, Library, Scope};
+
+use crate::cli::Io;
+
+/// The everyday commands on a library.
+#[derive(clap::Args)]
+pub(crate) struct Target {
+    /// Library name.
+    pub(crate) lib: String,
+    /// File or folder (or an entry uuid).
+    pub(crate) path: PathBuf,
+    /// Resolve the path in this device's locations (by name or start of id).
+    #[arg(long)]
+    pub(crate) device: Option<String>,
+    /// The entry's own metadata, not its content's.
+    #[arg(long)]
+    pub(crate) entry: bool,
+}
+
+impl Target {
+    fn scope(&self) -> Scope {
+        if self.entry {
+            Scope::Entry
+        } else {
+            Scope::Content
+        }
+    }
+}
+
+/// `keel tags LIB …`.
+#[derive(Subcommand)]
+pub(crate) enum TagsCommand {
+    /// Rename a tag everywhere (its uses follow).
+    Rename {
+        /// Its name now.
+        old: String,
+        /// Its new name.
+        new: String,
+    },
+    /// Set a tag's colour (none: clear it).
+    Color {
+        /// The tag.
+        name: String,
+        /// The colour, e.g. `#ffaa00`.
+        color: Option<String>,
+    },
+}
+
+/// `keel locations LIB …`.
+#[derive(Subcommand)]
+pub(crate) enum LocationsCommand {
+    /// Remove one of this device's locations: its entries become tombstones on every device
+    /// (the files stay on disk).
+    Remove {
+        /// The location's root path or uuid.
+        location: String,
+    },
+}
+
+/// `keel untag`.
+pub(crate) fn untag(lib: &Library, target: &Target, tags: &[String]) -> Result<()> {
+    let files = crate::cli::files_on(lib, target.device.as_deref())?;
+    Ok(files.untag(&target.path, tags, target.scope())?)
+}
+
+/// `keel unnote`.
+pub(crate) fn unnote(lib: &Library, target: &Target) -> Result<()> {
+    let files = crate::cli::files_on(lib, target.device.as_deref())?;
+    Ok(files.remove_note(&target.path, target.scope())?)
+}
+
+/// `keel flag`.
+pub(crate) fn flag(
+    lib: &Library,
+    target: &Target,
+    favorite: Option<bool>,
+    hidden: Option<bool>,
+) -> Result<()> {
+    let files = crate::cli::files_on(lib, target.device.as_deref())?;
+    Ok(files.set_flags(&target.path, target.scope(), favorite, hidden)?)
+}
+
+/// `keel tags`.
+pub(crate) fn tags(
+    lib: &Library,
+    command: Option<TagsCommand>,
+    json: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    match command {
+        Some(TagsCommand::Rename { old, new }) => lib.rename_tag(&old, &new)?,
+        Some(TagsCommand::Color { name, color }) => lib.recolor_tag(&name, color.as_deref())?,
+        None if json => io.line(&serde_json::to_string(&lib.tags()?)?),
+        None => {
+            for tag in lib.tags()? {
+                io.line(&format!("{} {}", tag.name, tag.color.unwrap_or_default()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `keel locations`.
+pub(crate) fn locations(
+    lib: &Library,
+    command: Option<LocationsCommand>,
+    json: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    if let Some(LocationsCommand::Remove { location }) = command {
+        let uuid = match uuid::Uuid::parse_str(&location) {
+            Ok(uuid) => uuid,
+            Err(_) => {
+                let path = std::path::absolute(&location)?;
+                let path = path.canonicalize().unwrap_or(path);
+                lib.files()
+                    .location(&path)?
+                    .ok_or_else(|| anyhow::anyhow!("{location} is not a location of this device"))?
+                    .uuid
+            }
+        };
+        let removed = lib.remove_location(uuid)?;
+        io.line(&format!("removed the location and its {removed} entries"));
+        return Ok(());
+    }
+    let devices = lib.devices()?;
+    let listed: Vec<serde_json::Value> = lib
+        .read(|p| p.query().locations())?
+        .into_iter()
+        .map(|l| {
+            let device = devices
+                .iter()
+                .find(|d| d.uuid == l.device)
+                .map(|d| d.name.clone());
+            serde_json::json!({ "uuid": l.uuid, "path": l.path, "device": device })
+        })
+        .collect();
+    if json {
+        io.line(&serde_json::to_string(&listed)?);
+    } else {
+        for l in listed {
+            io.line(&format!(
+                "{} {} (on {})",
+                l["uuid"].as_str().unwrap_or_default(),
+                l["path"].as_str().unwrap_or_default(),
+                l["device"].as_str().unwrap_or("an unknown device")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `keel libraries`: the libraries of the home.
+pub(crate) fn libraries(home: &Home, json: bool) -> Result<i32> {
+    let names = home.libraries()?;
+    if json {
+        println!("{}", serde_json::to_string(&names)?);
+    } else {
+        for name in names {
+            println!("{name}");
+        }
+    }
+    Ok(0)
+}
