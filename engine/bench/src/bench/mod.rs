@@ -12,6 +12,7 @@ mod p7;
 mod p8;
 mod quic;
 mod sync;
+mod watch;
 
 use std::path::Path;
 
@@ -27,7 +28,9 @@ use crate::BenchOptions;
 pub(crate) type Figures = Map<String, Value>;
 
 /// The steps, in the order they run.
-const STEPS: [&str; 9] = ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic"];
+const STEPS: [&str; 10] = [
+    "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic", "watch",
+];
 
 /// The sizes of a full or a quick run.
 struct Sizes {
@@ -39,6 +42,8 @@ struct Sizes {
     p6_rounds: usize,
     p7_files: usize,
     p8_files: usize,
+    watch_samples: usize,
+    watch_burst: usize,
 }
 
 impl Sizes {
@@ -53,6 +58,8 @@ impl Sizes {
                 p6_rounds: 2,
                 p7_files: 100_000,
                 p8_files: 10_000,
+                watch_samples: 30,
+                watch_burst: 2_000,
             }
         } else {
             Sizes {
@@ -64,6 +71,8 @@ impl Sizes {
                 p6_rounds: 5,
                 p7_files: 500_000,
                 p8_files: 100_000,
+                watch_samples: 100,
+                watch_burst: 10_000,
             }
         };
         Sizes {
@@ -179,6 +188,14 @@ fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
             &mut out,
         )?,
         "quic" => quic::run(&mut out)?,
+        "watch" => watch::run(
+            dir,
+            &watch::Options {
+                samples: sizes.watch_samples,
+                burst: sizes.watch_burst,
+            },
+            &mut out,
+        )?,
         other => anyhow::bail!("no benchmark step {other:?} (steps: {})", STEPS.join(", ")),
     }
     print_figures(&out, true);
