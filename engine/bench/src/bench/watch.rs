@@ -2,7 +2,7 @@
 //! projection (latency), and how fast a burst of new files is absorbed against indexing the
 //! same files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -135,7 +135,7 @@ fn wait_for_count(lib: &Library, location: &Location, files: usize) -> Result<us
 }
 
 /// Files per second `keel index` takes the same files at, in a fresh library.
-fn index_rate(dir: &Path, files_dir: &PathBuf, files: usize) -> Result<f64> {
+fn index_rate(dir: &Path, files_dir: &Path, files: usize) -> Result<f64> {
     let lib = Library::create(
         &Home::new(dir.join("watch-index")),
         "bench",
