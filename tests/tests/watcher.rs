@@ -50,14 +50,19 @@ fn note(lib: &Library, entry: &Entry) -> Option<String> {
 
 /// Runs `steps` while `lib` is watched, then stops the watcher.
 fn watched(lib: &Library, steps: impl FnOnce(&Receiver<Event>)) {
-    let events = events_of(lib);
-    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
     let options = WatchOptions {
         debounce: Duration::from_millis(100),
         ..WatchOptions::default()
     };
+    watched_with(lib, &options, steps);
+}
+
+/// [`watched`] with its own options.
+fn watched_with(lib: &Library, options: &WatchOptions, steps: impl FnOnce(&Receiver<Event>)) {
+    let events = events_of(lib);
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
     std::thread::scope(|scope| {
-        let watcher = scope.spawn(|| lib.watch(&options, &stopped));
+        let watcher = scope.spawn(|| lib.watch(options, &stopped));
         wait_watching(&events);
         steps(&events);
         drop(stop);
@@ -220,5 +225,49 @@ fn a_file_written_on_a_watched_device_reaches_the_other() {
             .read(|p| p.query().entry_at(location.uuid, "", "written.txt"))
             .expect("reads")
             .is_some()
+    });
+}
+
+/// A location whose folder is gone (an unplugged drive) is not emptied by a rescan or an
+/// index run: its entries stay, and the run says the folder is missing. The platform cannot
+/// watch it, so the watcher says so and rescans it periodically: once the drive is back, its
+/// changes are found.
+#[test]
+fn a_missing_location_folder_keeps_its_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("drive");
+    std::fs::create_dir_all(&tree).expect("tree");
+    std::fs::write(tree.join("kept.txt"), b"kept").expect("file");
+    let tree = tree.canonicalize().expect("canonical");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    let unplugged = dir.path().join("unplugged");
+    std::fs::rename(&tree, &unplugged).expect("unplugs");
+    let location = lib
+        .read(|p| p.query().locations())
+        .expect("reads")
+        .remove(0);
+    let rescanned = lib.index(&tree, &mut |_| {});
+    assert!(rescanned.is_err(), "{rescanned:?}");
+    let polling = WatchOptions {
+        debounce: Duration::from_millis(100),
+        poll_every: Duration::from_millis(200),
+        ..WatchOptions::default()
+    };
+    watched_with(&lib, &polling, |events| {
+        let entries = lib
+            .read(|p| p.query().entries_of_location(location.uuid))
+            .expect("reads");
+        assert_eq!(
+            entries.len(),
+            1,
+            "the entries of a missing folder were removed"
+        );
+        std::fs::rename(&unplugged, &tree).expect("plugs back");
+        std::fs::write(tree.join("new.txt"), b"new").expect("file");
+        wait_until(events, "a periodic rescan", || {
+            entry(&lib, &tree.join("new.txt")).is_some()
+        });
+        assert!(entry(&lib, &tree.join("kept.txt")).is_some());
     });
 }

@@ -104,6 +104,10 @@ pub enum EngineError {
         /// The model the library records under it.
         recorded: String,
     },
+    /// A location's folder is missing (an unplugged drive, a folder moved away): its entries
+    /// are kept as they are until it is back.
+    #[error("the folder of location {0} is missing; its entries are kept until it is back")]
+    LocationMissing(PathBuf),
     /// No tag has this name.
     #[error("no tag is named {0}")]
     NoSuchTag(String),

@@ -531,6 +531,10 @@ impl Library {
             .lock()
             .map_err(|_| EngineError::Closed)?;
         let root = PathBuf::from(&location.path);
+        // A folder that is gone (an unplugged drive) would look like every file removed.
+        if !root.is_dir() {
+            return Err(EngineError::LocationMissing(root));
+        }
         let mut existing: HashMap<(String, String), Entry> = self
             .read(|p| p.query().entries_of_location(location.uuid))?
             .into_iter()

@@ -186,10 +186,22 @@ impl Library {
         Ok(added)
     }
 
-    /// Re-indexes `locations` whole.
+    /// Re-indexes `locations` whole. A location whose folder is missing is left as it is (and
+    /// said so); the others go on.
     fn rescan(&self, locations: &[Location], why: &str) -> Result<(), EngineError> {
         for location in locations {
-            let report = self.index_scopes(location, vec![String::new()], &mut |_| {})?;
+            let report = match self.index_scopes(location, vec![String::new()], &mut |_| {}) {
+                Ok(report) => report,
+                Err(missing @ EngineError::LocationMissing(_)) => {
+                    tracing::warn!(location = %location.path, "a location's folder is missing");
+                    self.publish(Event::JobFinished {
+                        job: "watcher",
+                        summary: missing.to_string(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             self.publish(Event::JobFinished {
                 job: "watcher",
                 summary: format!(
@@ -234,7 +246,10 @@ impl Library {
             if scopes.is_empty() {
                 continue;
             }
-            let r = self.index_scopes(location, scopes, &mut |_| {})?;
+            let r = match self.index_scopes(location, scopes, &mut |_| {}) {
+                Err(EngineError::LocationMissing(_)) => continue,
+                other => other?,
+            };
             report.new += r.new;
             report.changed += r.changed;
             report.moved += r.moved;
