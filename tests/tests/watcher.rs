@@ -271,3 +271,44 @@ fn a_missing_location_folder_keeps_its_entries() {
         assert!(entry(&lib, &tree.join("kept.txt")).is_some());
     });
 }
+
+/// A large file written over several bursts is hashed once, when it stops changing: the
+/// library never holds a content of it half written.
+#[test]
+fn a_file_being_written_is_hashed_once_when_it_stops_changing() {
+    use std::io::Write;
+    let megabytes = if keel_tests::full_tier() { 1024 } else { 48 };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    let tree = tree.canonicalize().expect("canonical");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    // Bursts end every 300 ms while the file grows: each sees it still being written.
+    let options = WatchOptions {
+        debounce: Duration::from_millis(100),
+        burst_max: Duration::from_millis(300),
+        ..WatchOptions::default()
+    };
+    let big = tree.join("big.bin");
+    watched_with(&lib, &options, |events| {
+        let mut file = std::fs::File::create(&big).expect("creates");
+        let chunk = vec![7u8; 1024 * 1024];
+        for i in 0..megabytes {
+            file.write_all(&chunk).expect("writes");
+            if i % 4 == 3 {
+                file.sync_data().expect("syncs");
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        }
+        drop(file);
+        let expected = (megabytes as i64) * 1024 * 1024;
+        wait_until(events, "the whole file", || {
+            entry(&lib, &big).is_some_and(|e| e.size == expected && e.content.is_some())
+        });
+    });
+    let contents = lib
+        .read(|p| p.query().select::<keel_engine::ContentIdentity, _>("1", []))
+        .expect("reads");
+    assert_eq!(contents.len(), 1, "hashed more than once: {contents:?}");
+}

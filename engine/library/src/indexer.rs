@@ -23,6 +23,9 @@ use crate::events::Event;
 use crate::jobs::{JobKind, JobRun};
 use crate::library::{now_ms, Library};
 
+/// Most paths an index run lists as still being written (the rest are found by a later run).
+pub const SETTLING_LISTED_MAX: usize = 4096;
+
 /// Changes committed per transaction while indexing.
 pub(crate) const INDEX_COMMIT_BATCH: usize = 4096;
 /// Hashing threads.
@@ -83,6 +86,9 @@ pub struct IndexReport {
     pub unreadable: u64,
     /// Bytes hashed.
     pub bytes_hashed: u64,
+    /// Files left for a later run because they were still being written (modified within
+    /// the settle time the watcher gives), at most [`SETTLING_LISTED_MAX`] listed.
+    pub settling: Vec<PathBuf>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -264,9 +270,31 @@ struct Results<'a> {
     done: u64,
     /// The job this run is, whose checkpoints are the committed batches.
     job: Option<&'a JobRun<'a>>,
+    /// Files modified after this (ms since the Unix epoch) are still being written: left for a
+    /// later run.
+    settle_after_ms: Option<i64>,
 }
 
 impl Results<'_> {
+    /// Whether `item` is a file still being written: then it is left as it is (its entry, if it
+    /// has one, is neither changed nor removed) and listed for a later run.
+    fn still_written(
+        &mut self,
+        item: &Item,
+        existing: &mut HashMap<(String, String), Entry>,
+    ) -> bool {
+        let writing = self
+            .settle_after_ms
+            .is_some_and(|cutoff| item.kind == EntryKind::File && item.modified_ms > cutoff);
+        if writing {
+            existing.remove(&(item.relative_path.clone(), item.name.clone()));
+            if self.report.settling.len() < SETTLING_LISTED_MAX {
+                self.report.settling.push(item.path.clone());
+            }
+        }
+        writing
+    }
+
     /// Plans the change of one hashed file (new, changed or moved), and commits when a batch
     /// is full.
     fn take(&mut self, (item, prev, hashed): Hashed) {
@@ -427,7 +455,7 @@ impl Library {
             progress(p);
             run.progress(p.done, p.total);
         };
-        let report = self.index_folders(location, vec![folder], Some(run), &mut observed);
+        let report = self.index_folders(location, vec![folder], Some(run), None, &mut observed);
         // The indexes come back whether or not the run succeeded.
         let rebuilt = if bulk {
             self.set_bulk_load(false)
@@ -503,14 +531,16 @@ impl Library {
         })
     }
 
-    /// [`Library::index_folders`] outside a job (the watcher's bursts).
+    /// [`Library::index_folders`] outside a job (the watcher's bursts), leaving the files
+    /// modified within `settle` for a later run (a file still being written is hashed once,
+    /// when it stops changing).
     pub(crate) fn index_scopes(
         &self,
         location: &Location,
         scopes: Vec<String>,
-        progress: &mut dyn FnMut(IndexProgress),
+        settle: Duration,
     ) -> Result<IndexReport, EngineError> {
-        self.index_folders(location, scopes, None, progress)
+        self.index_folders(location, scopes, None, Some(settle), &mut |_| {})
     }
 
     /// Indexes the folders `scopes` of `location` (relative to its root; empty for all of it;
@@ -522,6 +552,7 @@ impl Library {
         location: &Location,
         scopes: Vec<String>,
         job: Option<&'a JobRun<'a>>,
+        settle: Option<Duration>,
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
         // One run at a time (a paused job holds the others back until it resumes).
@@ -562,6 +593,10 @@ impl Library {
             result: Ok(()),
             done: 0,
             job,
+            settle_after_ms: settle.map(|settle| {
+                let cutoff = now_ms().saturating_sub(settle.as_millis() as u64);
+                i64::try_from(cutoff).unwrap_or(i64::MAX)
+            }),
         };
         let mut gone = self.walk_and_hash(&root, &scopes, &mut existing, &mut results, progress);
         let Results {
@@ -652,6 +687,9 @@ impl Library {
                         );
                     }
                     let item = Item::found(found);
+                    if results.still_written(&item, existing) {
+                        return;
+                    }
                     let Some(job) = classify(
                         item,
                         existing,

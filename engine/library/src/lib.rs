@@ -55,7 +55,7 @@ pub use config::{write_atomic, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONF
 pub use error::EngineError;
 pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
 pub use feed::{ChangeFeed, FeedPosition};
-pub use indexer::{IndexProgress, IndexReport};
+pub use indexer::{IndexProgress, IndexReport, SETTLING_LISTED_MAX};
 pub use jobs::{Job, JobKind, JobState, Progress, JOB_HISTORY_MAX, JOB_SAVE_EVERY};
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;

@@ -126,28 +126,39 @@ impl Library {
             last_poll: Instant::now(),
             last_locations: Instant::now(),
         };
+        let settle = options.debounce;
         let fresh = self.watch_new_locations(&mut state)?;
+        // Files still being written, looked at again once they stop changing.
+        let mut deferred: Vec<PathBuf> = Vec::new();
         if options.rescan_at_start {
-            self.rescan(&fresh, "changes made while nothing watched")?;
+            deferred = self.rescan(&fresh, "changes made while nothing watched", settle)?;
         }
         loop {
+            let wait = if deferred.is_empty() {
+                LOCATIONS_EVERY
+            } else {
+                options.debounce
+            };
             let first = crossbeam_channel::select! {
                 recv(stop) -> _ => return Ok(()),
                 recv(events) -> event => event.ok(),
-                default(LOCATIONS_EVERY) => None,
+                default(wait) => None,
             };
-            if let Some(first) = first {
-                let burst = gather(first, &events, options);
+            if first.is_some() || !deferred.is_empty() {
+                let burst = first.map_or_else(Vec::new, |first| gather(first, &events, options));
                 let overflow = overflowed.swap(false, Ordering::Relaxed);
-                self.apply_burst(&state.locations, burst, overflow)?;
+                let again = std::mem::take(&mut deferred);
+                deferred = self.apply_burst(&state.locations, burst, again, overflow, settle)?;
             }
             if state.last_locations.elapsed() >= LOCATIONS_EVERY {
                 let added = self.watch_new_locations(&mut state)?;
-                self.rescan(&added, "a location added while watching")?;
+                let writing = self.rescan(&added, "a location added while watching", settle)?;
+                deferred.extend(writing);
             }
             if !state.polled.is_empty() && state.last_poll.elapsed() >= options.poll_every {
                 state.last_poll = Instant::now();
-                self.rescan(&state.polled, "a location the platform cannot watch")?;
+                let why = "a location the platform cannot watch";
+                deferred.extend(self.rescan(&state.polled, why, settle)?);
             }
         }
     }
@@ -187,10 +198,16 @@ impl Library {
     }
 
     /// Re-indexes `locations` whole. A location whose folder is missing is left as it is (and
-    /// said so); the others go on.
-    fn rescan(&self, locations: &[Location], why: &str) -> Result<(), EngineError> {
+    /// said so); the others go on. Returns the files still being written.
+    fn rescan(
+        &self,
+        locations: &[Location],
+        why: &str,
+        settle: Duration,
+    ) -> Result<Vec<PathBuf>, EngineError> {
+        let mut writing = Vec::new();
         for location in locations {
-            let report = match self.index_scopes(location, vec![String::new()], &mut |_| {}) {
+            let report = match self.index_scopes(location, vec![String::new()], settle) {
                 Ok(report) => report,
                 Err(missing @ EngineError::LocationMissing(_)) => {
                     tracing::warn!(location = %location.path, "a location's folder is missing");
@@ -209,21 +226,25 @@ impl Library {
                     location.path, report.new, report.changed, report.moved, report.removed
                 ),
             });
+            writing.extend(report.settling);
         }
-        Ok(())
+        Ok(writing)
     }
 
-    /// Applies one burst: renames first, then the folders that hold what was touched.
+    /// Applies one burst (and the paths `again` left from the last one): renames first, then
+    /// the folders that hold what was touched. Returns the files still being written.
     fn apply_burst(
         &self,
         locations: &[Location],
         burst: Vec<notify::Event>,
+        again: Vec<PathBuf>,
         overflow: bool,
-    ) -> Result<(), EngineError> {
+        settle: Duration,
+    ) -> Result<Vec<PathBuf>, EngineError> {
         if overflow {
-            return self.rescan(locations, "more events than the watcher holds");
+            return self.rescan(locations, "more events than the watcher holds", settle);
         }
-        let mut touched: Vec<PathBuf> = Vec::new();
+        let mut touched: Vec<PathBuf> = again;
         let mut moved = 0u64;
         for event in burst {
             match event.kind {
@@ -246,10 +267,11 @@ impl Library {
             if scopes.is_empty() {
                 continue;
             }
-            let r = match self.index_scopes(location, scopes, &mut |_| {}) {
+            let r = match self.index_scopes(location, scopes, settle) {
                 Err(EngineError::LocationMissing(_)) => continue,
                 other => other?,
             };
+            report.settling.extend(r.settling);
             report.new += r.new;
             report.changed += r.changed;
             report.moved += r.moved;
@@ -258,11 +280,16 @@ impl Library {
         self.publish(Event::JobFinished {
             job: "watcher",
             summary: format!(
-                "{} renamed, {} new, {} changed, {} moved, {} removed",
-                moved, report.new, report.changed, report.moved, report.removed
+                "{} renamed, {} new, {} changed, {} moved, {} removed, {} still being written",
+                moved,
+                report.new,
+                report.changed,
+                report.moved,
+                report.removed,
+                report.settling.len()
             ),
         });
-        Ok(())
+        Ok(report.settling)
     }
 
     /// Moves the entry at `from` (and, for a folder, every entry under it) to `to`, both in one
