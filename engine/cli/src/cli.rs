@@ -450,7 +450,7 @@ fn open(home: &Home, lib: &str) -> Result<Library> {
     Ok(Library::open(home, lib, &password()?)?)
 }
 
-fn bar(total: u64, what: &str, terminal: bool) -> ProgressBar {
+pub(crate) fn bar(total: u64, what: &str, terminal: bool) -> ProgressBar {
     let bar = ProgressBar::new(total);
     if terminal {
         let style = ProgressStyle::with_template(&format!(
@@ -554,6 +554,9 @@ pub(crate) trait Io {
     fn ask(&mut self, question: &str) -> bool;
     /// Whether progress bars make sense.
     fn terminal(&self) -> bool;
+    /// Progress of a long command, for a caller that is not this process (a control-socket
+    /// client draws it); this process draws its own bar.
+    fn progress(&mut self, _what: &str, _done: u64, _total: u64) {}
 }
 
 /// This process's own stdout and stdin.
@@ -746,6 +749,7 @@ pub(crate) fn exec(
                 bar.set_message(if p.walking { "(still walking) " } else { "" });
                 bar.set_length(p.total);
                 bar.set_position(p.done);
+                io.progress("indexing", p.done, p.total);
             })?;
             bar.finish_and_clear();
             if json {
@@ -887,6 +891,7 @@ pub(crate) fn exec(
             let report = lib.rebuild(&mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
+                io.progress("replaying", done, total);
             })?;
             bar.finish_and_clear();
             if json {

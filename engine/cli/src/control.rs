@@ -6,7 +6,7 @@
 //! with any number of `{"out": line}`, `{"err": line}` and `{"ask": question}` (the client
 //! answers `{"answer": bool}`), then `{"exit": code}`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,8 +33,13 @@ enum Reply {
     Out(String),
     Err(String),
     Ask(String),
+    /// Progress of a long command: what, done, total.
+    Progress(String, u64, u64),
     Exit(i32),
 }
+
+/// Shortest time between two progress replies.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Serialize, Deserialize)]
 struct Answer {
@@ -58,6 +63,8 @@ pub(crate) fn forward(dir: &Path, args: &[String]) -> Result<Option<i32>> {
     writeln!(stream, "{request}").context("sending to the node")?;
     let mut reader = BufReader::new(stream.try_clone().context("control socket")?);
     let mut line = String::new();
+    // The node's progress, drawn here as this process would draw its own.
+    let mut bar: Option<indicatif::ProgressBar> = None;
     loop {
         line.clear();
         if reader
@@ -74,7 +81,19 @@ pub(crate) fn forward(dir: &Path, args: &[String]) -> Result<Option<i32>> {
                 let answer = crate::cli::ask_terminal(&question);
                 writeln!(stream, "{}", serde_json::to_string(&Answer { answer })?)?;
             }
-            Reply::Exit(code) => return Ok(Some(code)),
+            Reply::Progress(what, done, total) => {
+                let bar = bar.get_or_insert_with(|| {
+                    crate::cli::bar(total, &what, std::io::stderr().is_terminal())
+                });
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            Reply::Exit(code) => {
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
+                return Ok(Some(code));
+            }
         }
     }
 }
@@ -83,6 +102,8 @@ pub(crate) fn forward(dir: &Path, args: &[String]) -> Result<Option<i32>> {
 struct SocketIo {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
+    /// When progress was last sent.
+    progressed: Option<std::time::Instant>,
 }
 
 impl SocketIo {
@@ -112,6 +133,16 @@ impl Io for SocketIo {
 
     fn terminal(&self) -> bool {
         false
+    }
+
+    fn progress(&mut self, what: &str, done: u64, total: u64) {
+        let due = self
+            .progressed
+            .is_none_or(|at| at.elapsed() >= PROGRESS_EVERY || done == total);
+        if due {
+            self.progressed = Some(std::time::Instant::now());
+            self.send(&Reply::Progress(what.into(), done, total));
+        }
     }
 }
 
@@ -168,6 +199,7 @@ fn serve_client(stream: UnixStream, node: &Node) {
     let mut io = SocketIo {
         writer: stream,
         reader: BufReader::new(read_half),
+        progressed: None,
     };
     let mut line = String::new();
     let read = std::io::Read::take(&mut io.reader, REQUEST_LEN_MAX).read_line(&mut line);

@@ -838,3 +838,40 @@ fn relative_paths_through_the_control_socket_resolve_where_the_caller_stands() {
     let listed = ok(&keel_in(&tree, &home, &["ls", "lib"]));
     assert!(listed.contains("(on "), "{listed}");
 }
+
+/// Issue 26: a long command forwarded to a running node reports its progress as it goes (the
+/// client draws it as a bar), not only its result at the end.
+#[test]
+fn a_forwarded_index_reports_progress_through_the_control_socket() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    for i in 0..5000 {
+        std::fs::write(tree.join(format!("{i}.txt")), format!("file {i}")).expect("file");
+    }
+    ok(&keel(&home, &["init", "lib"]));
+    let _node = serve(&home, &free_port(), &[]);
+    let sock = home.join("libraries/lib.keel/control.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock).expect("connects");
+    let request = serde_json::json!({ "args": ["index", "lib", tree.to_str().expect("path")] });
+    writeln!(stream, "{request}").expect("sends");
+    let mut midway = 0;
+    let mut exit = None;
+    for line in BufReader::new(stream).lines() {
+        let reply: serde_json::Value = serde_json::from_str(&line.expect("reads")).expect("json");
+        if let Some(progress) = reply.get("progress") {
+            // [what, done, total]
+            if progress[1].as_u64() < progress[2].as_u64() {
+                midway += 1;
+            }
+        }
+        if let Some(code) = reply.get("exit") {
+            exit = code.as_i64();
+            break;
+        }
+    }
+    assert_eq!(exit, Some(0));
+    assert!(midway >= 1, "no progress came before the end");
+}
