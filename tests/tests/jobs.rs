@@ -216,3 +216,54 @@ fn finished_jobs_are_kept_as_bounded_history() {
         Err(EngineError::JobNotRunning(_))
     ));
 }
+
+/// `kill -9` in the middle of a rebuild: the job is interrupted; the next open heals the
+/// projection from where the rebuild had reached, and resuming completes the job with the
+/// digest a replay gives.
+#[test]
+fn a_rebuild_killed_midway_resumes_when_the_library_opens_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = tree(dir.path());
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    let digest = lib.digest().expect("digest");
+    lib.close().expect("closes");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crash_child"))
+        .arg(home.root())
+        .arg("lib")
+        .arg("rebuild")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("child starts");
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("reads");
+        assert_ne!(line, "done", "the rebuild ended before the kill");
+        let mut numbers = line
+            .strip_prefix("progress ")
+            .unwrap_or_default()
+            .split(' ')
+            .filter_map(|n| n.parse::<u64>().ok());
+        if let (Some(done), Some(total)) = (numbers.next(), numbers.next()) {
+            if done > 0 && done < total {
+                break;
+            }
+        }
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let lib = Library::open(&Home::new(home.root()), "lib", PASSWORD).expect("reopens");
+    let interrupted = lib.jobs().expect("lists").pop().expect("the job");
+    assert!(matches!(interrupted.kind, JobKind::Rebuild));
+    assert_eq!(interrupted.state, JobState::Interrupted, "{interrupted:?}");
+    assert_eq!(lib.resume_jobs().expect("resumes"), 1);
+    assert_eq!(
+        lib.job(interrupted.id).expect("listed").state,
+        JobState::Completed
+    );
+    assert_eq!(lib.digest().expect("digest"), digest);
+    let (report, replayed) = lib.verify().expect("verifies");
+    assert!(report.faults.is_empty());
+    assert_eq!(replayed.expect("matches"), digest);
+}

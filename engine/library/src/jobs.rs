@@ -394,7 +394,13 @@ impl Library {
                 self.index_as_job(&location, folder, Some(job.id), &mut |_| {})?;
             }
             JobKind::Rebuild => {
-                self.rebuild_as(Some(job.id), &mut |_, _| {})?;
+                // The open healed the projection from the position the interrupted rebuild
+                // had applied (its checkpoint) to the journal's end: it is rebuilt.
+                let summary = |at: &keel_schema::Lsn| format!("resumed: applied to {}", at.0);
+                self.run_job(JobKind::Rebuild, Some(job.id), summary, |_| {
+                    self.flush()?;
+                    Ok(self.sync_state().applied_lsn())
+                })?;
             }
             JobKind::Verify => {
                 // Its outcome is in the job's summary.

@@ -1,6 +1,7 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
 //! change id on its own line, until it is killed. With `index PATH` after the library, it
-//! indexes PATH instead, printing `progress DONE` as files are processed.
+//! indexes PATH instead, printing `progress DONE` as files are processed; with `rebuild`, it
+//! rebuilds the projections, printing `progress DONE TOTAL`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,7 +19,14 @@ fn main() -> anyhow::Result<()> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB"))?;
     let lib = Library::open(&Home::new(home), &name, keel_tests::PASSWORD)?;
-    if args.next().as_deref() == Some("index") {
+    let mode = args.next();
+    if mode.as_deref() == Some("rebuild") {
+        println!("ready");
+        lib.rebuild(&mut |done, total| println!("progress {done} {total}"))?;
+        println!("done");
+        return Ok(());
+    }
+    if mode.as_deref() == Some("index") {
         let path = PathBuf::from(
             args.next()
                 .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB index PATH"))?,
