@@ -773,7 +773,7 @@ location: string,
 /**
  * The folder, relative to the location's root.
  */
-folder: string, } | { "kind": "rebuild" } | { "kind": "verify" };
+folder: string, } | { "kind": "rebuild" } | { "kind": "verify" } | { "kind": "catch_up" };
 
 /**
  * Where a job stands.

@@ -267,3 +267,45 @@ fn a_rebuild_killed_midway_resumes_when_the_library_opens_again() {
     assert!(report.faults.is_empty());
     assert_eq!(replayed.expect("matches"), digest);
 }
+
+/// Catching up a long log is a job: a device back after an absence lists it with its progress,
+/// completed once the log here reaches the leader's end.
+#[test]
+fn catching_up_a_long_log_is_a_job() {
+    use keel_tests::cluster::{converge, founder, joiner, restart};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "lib").expect("founder");
+    let (home_b, b) = joiner(dir.path(), "b", &a).expect("joins");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let listen = b.local_addr();
+    b.stop().expect("b goes away");
+    a.library()
+        .transact(|tx| {
+            for i in 0..3_000 {
+                tx.upsert(&keel_tests::tag(&format!("while away {i}")));
+            }
+            Ok(())
+        })
+        .expect("a commits");
+    let b = restart(&home_b, "lib", listen).expect("b comes back");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let deadline = Instant::now() + WAIT;
+    let job = loop {
+        let found = b
+            .library()
+            .jobs()
+            .expect("lists")
+            .into_iter()
+            .find(|j| matches!(j.kind, JobKind::CatchUp));
+        if let Some(job) = found.filter(|j| j.state == JobState::Completed) {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "no completed catch-up job");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        job.progress.total >= keel_engine::CATCH_UP_JOB_MIN,
+        "{job:?}"
+    );
+    assert_eq!(job.progress.done, job.progress.total, "{job:?}");
+}

@@ -521,6 +521,7 @@ fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io
                     keel_engine::JobKind::Index { folder, .. } => format!("index {folder}"),
                     keel_engine::JobKind::Rebuild => "rebuild".into(),
                     keel_engine::JobKind::Verify => "verify".into(),
+                    keel_engine::JobKind::CatchUp => "catch up".into(),
                 };
                 let state = serde_json::to_value(job.state)?;
                 io.line(&format!(

@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) models: keel_schema::Registry,
     /// The jobs running in this process.
     pub(crate) jobs: crate::jobs::RunningJobs,
+    /// The catch-up job under way, when and where it began.
+    pub(crate) catch_up: Mutex<Option<(crate::jobs::Job, std::time::Instant, u64)>>,
     /// Held by an index run: two runs over one folder (a resumed job and the watcher's rescan)
     /// would each make an entry for a new file.
     pub(crate) indexing: Mutex<()>,

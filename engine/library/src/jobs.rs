@@ -23,6 +23,8 @@ use crate::library::{now_ms, Library};
 pub const JOB_HISTORY_MAX: usize = 100;
 /// Longest time between two saves of a running job's record.
 pub const JOB_SAVE_EVERY: Duration = Duration::from_secs(1);
+/// Log entries behind the leader that make catching up a job (fewer: a live sync).
+pub const CATCH_UP_JOB_MIN: u64 = 1_000;
 
 /// What a job does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,9 @@ pub enum JobKind {
     Rebuild,
     /// Checks every journal record and compares the projections with a fresh replay.
     Verify,
+    /// Catches up with the leader's log (a device back after a long absence, or one that
+    /// joined): progress is log entries stored against the leader's end.
+    CatchUp,
 }
 
 /// Where a job stands.
@@ -368,6 +373,71 @@ impl Library {
         Ok(())
     }
 
+    /// Follows a catch-up (the node reports each segment stored: the log here was at `before`,
+    /// now at `stored`): a job starts when this device was at least [`CATCH_UP_JOB_MIN`] entries
+    /// behind, its progress is saved at most every [`JOB_SAVE_EVERY`], and it completes when
+    /// the log here reaches the leader's end.
+    pub(crate) fn catch_up_progress(
+        &self,
+        before: u64,
+        stored: u64,
+        leader_end: u64,
+    ) -> Result<(), EngineError> {
+        let mut current = self
+            .shared
+            .catch_up
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        if current.is_none() {
+            if leader_end.saturating_sub(before) < CATCH_UP_JOB_MIN {
+                return Ok(());
+            }
+            let now = now_ms();
+            let mut job = Job {
+                id: Uuid::now_v7(),
+                kind: JobKind::CatchUp,
+                state: JobState::Running,
+                progress: Progress::default(),
+                started_ms: now,
+                updated_ms: now,
+                summary: None,
+            };
+            self.save_job(&mut job)?;
+            *current = Some((job, Instant::now(), before));
+        }
+        let Some((job, started, from)) = current.as_mut() else {
+            return Ok(());
+        };
+        let (done, total) = (
+            stored - (*from).min(stored),
+            leader_end - (*from).min(leader_end),
+        );
+        let secs = started.elapsed().as_secs_f64();
+        let per_second = if secs > 0.0 {
+            (done as f64 / secs) as u64
+        } else {
+            0
+        };
+        job.progress = Progress {
+            done,
+            total,
+            per_second,
+            eta_ms: (per_second > 0 && total >= done)
+                .then(|| (total - done).saturating_mul(1000) / per_second),
+        };
+        if stored >= leader_end {
+            job.state = JobState::Completed;
+            job.summary = Some(format!("caught up to log position {leader_end}"));
+            self.save_job(job)?;
+            *current = None;
+            return self.prune_jobs();
+        }
+        if now_ms().saturating_sub(job.updated_ms) >= JOB_SAVE_EVERY.as_millis() as u64 {
+            self.save_job(job)?;
+        }
+        Ok(())
+    }
+
     /// Runs again, one after the other on the calling thread, every job the last process left
     /// unfinished. Returns how many ran.
     pub fn resume_jobs(&self) -> Result<usize, EngineError> {
@@ -405,6 +475,14 @@ impl Library {
             JobKind::Verify => {
                 // Its outcome is in the job's summary.
                 let (_report, _outcome) = self.verify_as(Some(job.id))?;
+            }
+            JobKind::CatchUp => {
+                // Replication goes on from the log stored here when the node reconnects, under
+                // a catch-up job of its own: this one ends.
+                let mut job = job;
+                job.state = JobState::Cancelled;
+                job.summary = Some("interrupted; the next catch-up goes on from here".into());
+                self.save_job(&mut job)?;
             }
         }
         Ok(())

@@ -56,7 +56,9 @@ pub use error::EngineError;
 pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
 pub use feed::{ChangeFeed, FeedPosition};
 pub use indexer::{IndexProgress, IndexReport, SETTLING_LISTED_MAX};
-pub use jobs::{Job, JobKind, JobState, Progress, JOB_HISTORY_MAX, JOB_SAVE_EVERY};
+pub use jobs::{
+    Job, JobKind, JobState, Progress, CATCH_UP_JOB_MIN, JOB_HISTORY_MAX, JOB_SAVE_EVERY,
+};
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
 pub use keel_projections::{

@@ -419,6 +419,7 @@ impl Library {
             models: models.clone(),
             jobs: Default::default(),
             indexing: Mutex::new(()),
+            catch_up: Mutex::new(None),
         });
         let applier_shared = shared.clone();
         let applier = std::thread::Builder::new()

@@ -104,6 +104,19 @@ impl NodeLink {
         self.library.catching_up(leader_end)
     }
 
+    /// Tells the library how far a catch-up is: the entries `first..=stored` were just stored
+    /// here, and the leader's log ends at `leader_end` (a long catch-up is followed as a job,
+    /// see [`Library::jobs`]).
+    pub fn catch_up_progress(
+        &self,
+        first: Lsn,
+        stored: Lsn,
+        leader_end: Lsn,
+    ) -> Result<(), EngineError> {
+        self.library
+            .catch_up_progress(first.0.saturating_sub(1), stored.0, leader_end.0)
+    }
+
     /// Stops offering commits to [`NodeLink::sequence_requests`] (the node is stopping):
     /// commits go through the offline journal from here, and requests still queued may be
     /// dropped unanswered, which sends their callers that way too.

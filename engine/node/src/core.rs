@@ -432,6 +432,7 @@ impl Core {
                     );
                 }
                 ReplicaEvent::CatchingUp {
+                    first,
                     stored,
                     leader_end,
                     bytes,
@@ -439,6 +440,9 @@ impl Core {
                     self.leader_end = leader_end.0;
                     if let Err(e) = self.link.catching_up(leader_end) {
                         tracing::warn!(error = %e, "could not prepare the projections for a catch-up");
+                    }
+                    if let Err(e) = self.link.catch_up_progress(first, stored, leader_end) {
+                        tracing::warn!(error = %e, "could not record the catch-up job");
                     }
                     self.link.publish(Event::SyncProgress {
                         stored: stored.0,

@@ -93,6 +93,8 @@ pub enum ReplicaEvent {
     /// A follower received entries: it is catching up to `leader_end`. Act on it before the
     /// next writes (the projections may prepare for a long replay).
     CatchingUp {
+        /// The first position of the entries received.
+        first: Lsn,
         /// The last position of the segment received.
         stored: Lsn,
         /// The leader's last position.
@@ -308,6 +310,7 @@ impl Replica {
                 Some(entries) => {
                     if !entries.is_empty() {
                         catching_up = Some(ReplicaEvent::CatchingUp {
+                            first: Lsn(first.0.max(1)),
                             stored: Lsn(first.0.max(1).saturating_add(entries.len() as u64 - 1)),
                             leader_end,
                             bytes: self.received_bytes,
