@@ -875,3 +875,43 @@ fn a_forwarded_index_reports_progress_through_the_control_socket() {
     assert_eq!(exit, Some(0));
     assert!(midway >= 1, "no progress came before the end");
 }
+
+/// Issue 26: `keel watch` follows a location without the network: a file created while it runs
+/// is an entry, and SIGTERM stops it cleanly.
+#[test]
+fn keel_watch_follows_a_location_until_stopped() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    let tree_s = tree.to_str().expect("path");
+    ok(&keel(&home, &["init", "lib"]));
+    ok(&keel(&home, &["index", "lib", tree_s]));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--home")
+        .arg(&home)
+        .args(["watch", "lib"])
+        .env("KEEL_PASSWORD", "pw")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("keel watch starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    // The rescan at start: it watches from then on.
+    let rescanned = lines.find(|l| l.as_ref().is_ok_and(|l| l.starts_with("rescanned")));
+    assert!(rescanned.is_some(), "no rescan at start");
+    std::fs::write(tree.join("new.txt"), b"new").expect("file");
+    let burst = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("1 new")));
+    assert!(burst.is_some(), "the new file was not reported");
+    let pid = child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    let status = child.wait().expect("reaped");
+    assert!(
+        status.success(),
+        "keel watch did not stop cleanly: {status:?}"
+    );
+    let listed = ok(&keel(&home, &["ls", "lib", tree_s]));
+    assert!(listed.contains("new.txt"), "{listed}");
+}
