@@ -309,3 +309,24 @@ fn catching_up_a_long_log_is_a_job() {
     );
     assert_eq!(job.progress.done, job.progress.total, "{job:?}");
 }
+
+/// A verify reports its progress as a job (it showed none before): the finished job counts
+/// every change replayed.
+#[test]
+fn a_verify_reports_its_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.transact(|tx| {
+        for i in 0..500 {
+            tx.upsert(&keel_tests::tag(&format!("t{i}")));
+        }
+        Ok(())
+    })
+    .expect("commits");
+    let (_, digest) = lib.verify().expect("verifies");
+    digest.expect("matches");
+    let job = lib.jobs().expect("lists").pop().expect("the job");
+    assert!(matches!(job.kind, JobKind::Verify));
+    assert!(job.progress.total >= 500, "{job:?}");
+    assert_eq!(job.progress.done, job.progress.total, "{job:?}");
+}

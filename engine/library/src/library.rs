@@ -893,12 +893,16 @@ impl Library {
             };
             format!("{} faults; {outcome}", report.faults.len())
         };
-        self.run_job(crate::jobs::JobKind::Verify, id, summary, |_| {
-            self.verify_now()
+        self.run_job(crate::jobs::JobKind::Verify, id, summary, |run| {
+            self.verify_now(&mut |done, total| run.progress(done, total))
         })
     }
 
-    fn verify_now(&self) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
+    /// The work of [`Library::verify`]; `progress` follows the replay (changes done, total).
+    fn verify_now(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
         let report = self.journal()?.verify()?;
         let live = self.digest()?;
         let scratch = tempfile::tempdir_in(&self.dir).map_err(io_at(&self.dir))?;
@@ -908,7 +912,7 @@ impl Library {
             self.journal()?,
             &mut fresh,
             AppliedPosition::default(),
-            &mut |_, _| {},
+            progress,
         )?;
         let expected = fresh.query().digest()?;
         let live_miscounted = self.read(|p| Ok(p.query().miscounted_contents()?.len()))?;
