@@ -666,21 +666,25 @@ impl Library {
             let mut waiting: VecDeque<HashJob> = VecDeque::new();
             let mut to_hash = 0u64;
             let mut unreadable_paths = 0u64;
-            let mut last_report = Instant::now();
+            // The first file found is reported at once (a bar shows from the start), then at
+            // most every `PROGRESS_EVERY`.
+            let mut last_report: Option<Instant> = None;
             crate::walk::walk_under(
                 root,
                 scopes,
                 &mut |found| {
                     // Files that need no hashing count as done as soon as they are found.
-                    if last_report.elapsed() >= PROGRESS_EVERY {
-                        last_report = Instant::now();
-                        let found = results.report.files;
-                        let done = results.done + found.saturating_sub(to_hash);
+                    if last_report.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+                        last_report = Some(Instant::now());
+                        // Those seen before are done unless hashing; the path found now is
+                        // not done yet, but counts in the total.
+                        let seen = results.report.files;
+                        let done = results.done + seen.saturating_sub(to_hash);
                         self.report_progress(
                             progress,
                             IndexProgress {
                                 done,
-                                total: found,
+                                total: seen + 1,
                                 bytes: results.report.bytes_hashed,
                                 walking: true,
                             },
