@@ -330,3 +330,64 @@ fn a_verify_reports_its_progress() {
     assert!(job.progress.total >= 500, "{job:?}");
     assert_eq!(job.progress.done, job.progress.total, "{job:?}");
 }
+
+/// A join cut halfway (the process stops while the snapshot's log arrives) continues instead
+/// of starting over: the device is paired before the snapshot begins, so its node catches up
+/// from the log it stored, as a catch-up job of the rest.
+#[test]
+#[ignore = "unfinished: a 20,000-entry snapshot arrives in too few messages to be cut midway \
+            reliably (the cut is reached 1 run in 3; when it is, the join continues)"]
+fn a_join_cut_halfway_continues_from_what_it_stored() {
+    use keel_tests::cluster::{converge, founder_with_tags, options};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder_with_tags(dir.path(), "a", "lib", 20_000).expect("founder");
+    let leader_end = a.status().log_len;
+    let home_b = Home::new(dir.path().join("b"));
+    let invite = a.invite(true).expect("invites");
+    let (progress, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let joining = keel_node::JoinOptions {
+        addr: Some(a.local_addr()),
+        discovery: keel_node::Discovery::default(),
+        bind: None,
+        code: invite.code.as_str().into(),
+        device_name: Some("b".into()),
+        password: PASSWORD.into(),
+        create: keel_engine::CreateOptions {
+            kdf: keel_engine::KdfParams::INSECURE_FAST,
+        },
+        snapshot: true,
+        progress: Some(progress),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cut_at = rt.block_on(async {
+        tokio::select! {
+            joined = keel_node::join(&home_b, joining) => panic!("the join ended first: {joined:?}"),
+            cut = async {
+                while let Some(p) = heard.recv().await {
+                    let midway_log = p.log_stored > 0 && p.log_stored < p.log_total;
+                    let midway_file = p.file_received > 0 && p.file_received < p.file_total;
+                    if midway_log || midway_file {
+                        return p.log_stored;
+                    }
+                }
+                0
+            } => cut,
+        }
+    });
+    drop(rt);
+    assert!(cut_at > 0, "no progress before the cut");
+    let lib = Library::open(&home_b, "lib", PASSWORD).expect("the cut join's library opens");
+    let b = keel_node::Node::start(lib, options(vec![a.local_addr()])).expect("starts");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    // It went on from what it stored, not from zero: no catch-up covered the whole log.
+    let from_zero = b
+        .library()
+        .jobs()
+        .expect("lists")
+        .into_iter()
+        .find(|j| matches!(j.kind, JobKind::CatchUp) && j.progress.total >= leader_end);
+    assert!(from_zero.is_none(), "{from_zero:?} of {leader_end}");
+}
