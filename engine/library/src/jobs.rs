@@ -87,6 +87,26 @@ pub struct Progress {
     pub eta_ms: Option<u64>,
 }
 
+impl Progress {
+    /// `done` of `total` units after `elapsed`, with the rate so far and the time left at it.
+    fn at(done: u64, total: u64, elapsed: Duration) -> Self {
+        let secs = elapsed.as_secs_f64();
+        let per_second = if secs > 0.0 {
+            (done as f64 / secs) as u64
+        } else {
+            0
+        };
+        let eta_ms = (per_second > 0 && total >= done)
+            .then(|| (total - done).saturating_mul(1000) / per_second);
+        Self {
+            done,
+            total,
+            per_second,
+            eta_ms,
+        }
+    }
+}
+
 /// One job, as kept in the journal and listed by [`Library::jobs`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
@@ -141,20 +161,7 @@ impl JobRun<'_> {
     /// Records progress: saved and announced at most every [`JOB_SAVE_EVERY`].
     pub(crate) fn progress(&self, done: u64, total: u64) {
         let Ok(mut job) = self.job.lock() else { return };
-        let secs = self.started.elapsed().as_secs_f64();
-        let per_second = if secs > 0.0 {
-            (done as f64 / secs) as u64
-        } else {
-            0
-        };
-        let eta_ms = (per_second > 0 && total >= done)
-            .then(|| (total - done).saturating_mul(1000) / per_second);
-        job.progress = Progress {
-            done,
-            total,
-            per_second,
-            eta_ms,
-        };
+        job.progress = Progress::at(done, total, self.started.elapsed());
         let due = self
             .saved
             .lock()
@@ -412,19 +419,7 @@ impl Library {
             stored - (*from).min(stored),
             leader_end - (*from).min(leader_end),
         );
-        let secs = started.elapsed().as_secs_f64();
-        let per_second = if secs > 0.0 {
-            (done as f64 / secs) as u64
-        } else {
-            0
-        };
-        job.progress = Progress {
-            done,
-            total,
-            per_second,
-            eta_ms: (per_second > 0 && total >= done)
-                .then(|| (total - done).saturating_mul(1000) / per_second),
-        };
+        job.progress = Progress::at(done, total, started.elapsed());
         if stored >= leader_end {
             job.state = JobState::Completed;
             job.summary = Some(format!("caught up to log position {leader_end}"));

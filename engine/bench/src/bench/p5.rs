@@ -11,7 +11,7 @@ use keel_schema::Tag;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::sync::{fast, join_blocking, PASSWORD};
+use super::sync::{fast, follower_of, PASSWORD};
 use super::{percentile, Figures};
 
 /// What P5 measures.
@@ -47,18 +47,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
             ..NodeOptions::default()
         },
     )?;
-    let invite = a.invite(true)?;
-    let home_b = Home::new(dir.join("p5-b"));
-    let name = join_blocking(&home_b, a.local_addr(), invite.code.as_str(), true)?;
-    let b = Node::start(
-        Library::open(&home_b, &name, PASSWORD)?,
-        NodeOptions {
-            peers: vec![a.local_addr()],
-            discovery: None,
-            watch: None,
-            ..NodeOptions::default()
-        },
-    )?;
+    let b = follower_of(&a, &dir.join("p5-b"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while b.status().log_len < a.status().log_len || b.status().leader.is_none() {
         ensure!(Instant::now() < deadline, "the follower did not catch up");

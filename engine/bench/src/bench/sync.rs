@@ -49,6 +49,23 @@ pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
     )?)
 }
 
+/// A second device joined to `leader` (by snapshot) in home `dir`, started as a follower
+/// that neither discovers nor watches.
+pub(crate) fn follower_of(leader: &Node, dir: &Path) -> Result<Node> {
+    let invite = leader.invite(true)?;
+    let home = Home::new(dir);
+    let name = join_blocking(&home, leader.local_addr(), invite.code.as_str(), true)?;
+    Ok(Node::start(
+        Library::open(&home, &name, PASSWORD)?,
+        NodeOptions {
+            peers: vec![leader.local_addr()],
+            discovery: None,
+            watch: None,
+            ..NodeOptions::default()
+        },
+    )?)
+}
+
 pub(crate) fn commit_all(lib: &Library, changes: Vec<Change>) -> Result<()> {
     lib.transact(|tx| {
         for c in changes {

@@ -10,7 +10,7 @@ use keel_engine::{Home, Library, Location, WatchOptions};
 use keel_node::{Node, NodeOptions};
 use serde_json::json;
 
-use super::sync::{fast, join_blocking, PASSWORD};
+use super::sync::{fast, follower_of, PASSWORD};
 use super::{percentile, Figures};
 use crate::workload::write_tree;
 
@@ -45,18 +45,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
             ..NodeOptions::default()
         },
     )?;
-    let invite = a.invite(true)?;
-    let home_b = Home::new(dir.join("watch-b"));
-    let name = join_blocking(&home_b, a.local_addr(), invite.code.as_str(), true)?;
-    let b = Node::start(
-        Library::open(&home_b, &name, PASSWORD)?,
-        NodeOptions {
-            peers: vec![a.local_addr()],
-            discovery: None,
-            watch: None,
-            ..NodeOptions::default()
-        },
-    )?;
+    let b = follower_of(&a, &dir.join("watch-b"))?;
     b.wait_in_sync(WAIT)?;
     let mut latencies = Vec::with_capacity(options.samples);
     for i in 0..options.samples {
