@@ -76,6 +76,24 @@ impl Projections {
         Ok(())
     }
 
+    /// Moves the projection file at `from` and SQLite's files beside it to `to` (whose files must
+    /// be gone), and syncs the folder. No connection may be open on either.
+    pub fn rename_files(from: &Path, to: &Path) -> Result<(), ProjectionError> {
+        // The main file last: until it moves, `to` has no database, only leftovers SQLite
+        // ignores without one.
+        for suffix in ["-wal", "-shm", "-journal", ""] {
+            let (mut source, mut target) = (from.as_os_str().to_owned(), to.as_os_str().to_owned());
+            source.push(suffix);
+            target.push(suffix);
+            match std::fs::rename(&source, &target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !suffix.is_empty() => {}
+                Err(e) => return Err(io(Path::new(&source))(e)),
+            }
+        }
+        sync_parent(to)
+    }
+
     /// Starts a fast load (see the module docs) of this projection, which must be empty and the
     /// only connection to its file. Returns `false`, changing nothing, when another connection
     /// holds the file (SQLite then keeps WAL mode). End it with [`Projections::end_fast_load`].

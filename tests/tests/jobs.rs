@@ -17,6 +17,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// Enough files for several committed batches (each batch is a checkpoint).
 const FILES: usize = 6_000;
+/// Enough tags for several replay batches (each batch is a checkpoint of a rebuild or verify).
+const TAGS: usize = 40_000;
 
 fn tree(root: &Path) -> std::path::PathBuf {
     let tree = root.join("tree");
@@ -217,21 +219,27 @@ fn finished_jobs_are_kept_as_bounded_history() {
     ));
 }
 
-/// `kill -9` in the middle of a rebuild: the job is interrupted; the next open heals the
-/// projection from where the rebuild had reached, and resuming completes the job with the
-/// digest a replay gives.
-#[test]
-fn a_rebuild_killed_midway_resumes_when_the_library_opens_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tree = tree(dir.path());
-    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
-    lib.index(&tree, &mut |_| {}).expect("indexes");
-    let digest = lib.digest().expect("digest");
+/// A library of `n` tags, committed at once, closed: enough changes for several replay batches.
+fn tagged_library(root: &Path, n: usize) -> Home {
+    let (home, lib) = create_library(root, "lib").expect("creates");
+    lib.transact(|tx| {
+        for i in 0..n {
+            tx.upsert(&keel_tests::tag(&format!("t{i}")));
+        }
+        Ok(())
+    })
+    .expect("commits");
     lib.close().expect("closes");
+    home
+}
+
+/// Runs `crash_child HOME lib MODE` and kills it once it reports progress past its first batch
+/// and before its end.
+fn kill_midway(home: &Home, mode: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_crash_child"))
         .arg(home.root())
         .arg("lib")
-        .arg("rebuild")
+        .arg(mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -239,7 +247,7 @@ fn a_rebuild_killed_midway_resumes_when_the_library_opens_again() {
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("reads");
-        assert_ne!(line, "done", "the rebuild ended before the kill");
+        assert_ne!(line, "done", "the {mode} ended before the kill");
         let mut numbers = line
             .strip_prefix("progress ")
             .unwrap_or_default()
@@ -253,19 +261,178 @@ fn a_rebuild_killed_midway_resumes_when_the_library_opens_again() {
     }
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
-    let lib = Library::open(&Home::new(home.root()), "lib", PASSWORD).expect("reopens");
+}
+
+/// The position an aside projection left by a stopped job had reached.
+fn aside_position(home: &Home, file: &str) -> u64 {
+    let path = home.library_dir("lib").join(file);
+    assert!(path.exists(), "{file} is kept for the resume");
+    let aside = keel_projections::Projections::open(&path).expect("the aside file opens");
+    aside.applied_position().expect("reads").log.0
+}
+
+/// `kill -9` in the middle of a rebuild: the live projection is untouched; the job is
+/// interrupted, and resumes from the position its aside projection reached, ending with the
+/// digest a replay gives.
+#[test]
+fn a_rebuild_killed_midway_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = tagged_library(dir.path(), TAGS);
+    let digest = {
+        let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+        lib.digest().expect("digest")
+    };
+    kill_midway(&home, "rebuild");
+    let checkpoint = aside_position(&home, keel_engine::REBUILD_FILE);
+    assert!(checkpoint > 0, "the aside projection stored a position");
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
+    assert_eq!(
+        lib.digest().expect("digest"),
+        digest,
+        "the live projection is untouched"
+    );
     let interrupted = lib.jobs().expect("lists").pop().expect("the job");
     assert!(matches!(interrupted.kind, JobKind::Rebuild));
     assert_eq!(interrupted.state, JobState::Interrupted, "{interrupted:?}");
     assert_eq!(lib.resume_jobs().expect("resumes"), 1);
-    assert_eq!(
-        lib.job(interrupted.id).expect("listed").state,
-        JobState::Completed
+    let resumed = lib.job(interrupted.id).expect("listed");
+    assert_eq!(resumed.state, JobState::Completed, "{resumed:?}");
+    let replayed: u64 = resumed
+        .summary
+        .as_deref()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count of changes replayed");
+    assert!(
+        replayed < TAGS as u64,
+        "resumed from {checkpoint}: {replayed} changes replayed, not all"
     );
+    assert!(!home
+        .library_dir("lib")
+        .join(keel_engine::REBUILD_FILE)
+        .exists());
     assert_eq!(lib.digest().expect("digest"), digest);
-    let (report, replayed) = lib.verify().expect("verifies");
+    let (report, fresh) = lib.verify().expect("verifies");
     assert!(report.faults.is_empty());
-    assert_eq!(replayed.expect("matches"), digest);
+    assert_eq!(fresh.expect("matches"), digest);
+}
+
+/// `kill -9` in the middle of a verify: the job resumes from its aside projection's position
+/// and reaches the same verdict.
+#[test]
+fn a_verify_killed_midway_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = tagged_library(dir.path(), TAGS);
+    kill_midway(&home, "verify");
+    assert!(aside_position(&home, keel_engine::VERIFY_FILE) > 0);
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
+    let interrupted = lib.jobs().expect("lists").pop().expect("the job");
+    assert!(matches!(interrupted.kind, JobKind::Verify));
+    assert_eq!(interrupted.state, JobState::Interrupted, "{interrupted:?}");
+    assert_eq!(lib.resume_jobs().expect("resumes"), 1);
+    let resumed = lib.job(interrupted.id).expect("listed");
+    assert_eq!(resumed.state, JobState::Completed, "{resumed:?}");
+    assert!(
+        resumed
+            .summary
+            .as_deref()
+            .is_some_and(|s| s.contains("match a fresh replay")),
+        "{resumed:?}"
+    );
+    assert!(!home
+        .library_dir("lib")
+        .join(keel_engine::VERIFY_FILE)
+        .exists());
+}
+
+/// Runs `work` (a rebuild or a verify) on another thread, pauses it at its first checkpoint,
+/// checks the library serves meanwhile, then resumes it to its end.
+fn pause_and_resume<T: Send>(
+    lib: &Library,
+    kind: &str,
+    work: impl FnOnce() -> Result<T, EngineError> + Send,
+) -> T {
+    let events = events_of(lib);
+    std::thread::scope(|scope| {
+        let running = scope.spawn(work);
+        let job = wait_job(&events, "a running job", |j| j.state == JobState::Running);
+        lib.pause_job(job.id).expect("pauses");
+        let paused = wait_job(&events, "the pause", |j| j.state == JobState::Paused);
+        assert!(
+            paused.progress.done < paused.progress.total.max(1),
+            "{kind}: {paused:?}"
+        );
+        // Reads and commits go on while the job waits.
+        let tag = keel_tests::tag(&format!("while the {kind} is paused"));
+        lib.transact(|tx| Ok(tx.upsert(&tag))).expect("commits");
+        lib.flush().expect("flushes");
+        assert!(lib
+            .get::<keel_engine::Tag>(tag.uuid)
+            .expect("reads")
+            .is_some());
+        lib.resume_job(job.id).expect("resumes");
+        let done = running.join().expect("joins").expect("ends");
+        assert_eq!(lib.job(job.id).expect("listed").state, JobState::Completed);
+        done
+    })
+}
+
+/// Starts `work` on another thread and cancels it as soon as it runs.
+fn cancel<T: Send + std::fmt::Debug>(
+    lib: &Library,
+    work: impl FnOnce() -> Result<T, EngineError> + Send,
+) {
+    let events = events_of(lib);
+    std::thread::scope(|scope| {
+        let running = scope.spawn(work);
+        let job = wait_job(&events, "a running job", |j| j.state == JobState::Running);
+        lib.cancel_job(job.id).expect("cancels");
+        let outcome = running.join().expect("joins");
+        assert!(
+            matches!(outcome, Err(EngineError::Cancelled)),
+            "{outcome:?}"
+        );
+        assert_eq!(lib.job(job.id).expect("listed").state, JobState::Cancelled);
+    });
+}
+
+/// A rebuild pauses, serves meanwhile and resumes, its result including what was committed
+/// while it waited; a cancelled one leaves the live projection as it was, and no aside file.
+#[test]
+fn a_rebuild_pauses_resumes_and_cancels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = tagged_library(dir.path(), TAGS);
+    let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+    let report = pause_and_resume(&lib, "rebuild", || lib.rebuild(&mut |_, _| {}));
+    assert!(report.changes > TAGS as u64, "{report:?}");
+    let (_, fresh) = lib.verify().expect("verifies");
+    let digest = fresh.expect("the rebuilt projection matches a replay");
+    assert_eq!(
+        lib.read(|p| p.query().counts()).expect("counts").tags,
+        TAGS as u64 + 1
+    );
+    cancel(&lib, || lib.rebuild(&mut |_, _| {}));
+    assert!(!home
+        .library_dir("lib")
+        .join(keel_engine::REBUILD_FILE)
+        .exists());
+    assert_eq!(lib.digest().expect("digest"), digest);
+}
+
+/// A verify pauses and resumes to its verdict; a cancelled one leaves no aside file.
+#[test]
+fn a_verify_pauses_resumes_and_cancels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = tagged_library(dir.path(), TAGS);
+    let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+    let (report, verdict) = pause_and_resume(&lib, "verify", || lib.verify());
+    assert!(report.faults.is_empty());
+    verdict.expect("matches, with the commit made while it was paused");
+    cancel(&lib, || lib.verify());
+    assert!(!home
+        .library_dir("lib")
+        .join(keel_engine::VERIFY_FILE)
+        .exists());
 }
 
 /// Catching up a long log is a job: a device back after an absence lists it with its progress,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use keel_engine::{CreateOptions, Entry, Home, KdfParams, Library, Scope};
+use keel_engine::{CreateOptions, EngineError, Entry, Home, KdfParams, Library, Scope};
 
 /// Keel keeps a file library's metadata identical across your devices.
 #[derive(Parser)]
@@ -724,7 +724,15 @@ pub(crate) fn run() -> Result<i32> {
                 bail!("`pair invite` needs a running node: start `keel serve {lib}` first");
             }
             let library = if matches!(command, Command::Rebuild { .. }) {
-                Library::open_rebuilding(&home, &lib, &password()?)?
+                // The rebuild replays aside while the live projection serves; one that does not
+                // open is discarded first (and rebuilt by the open).
+                let password = password()?;
+                match Library::open(&home, &lib, &password) {
+                    Err(EngineError::ProjectionAhead { .. } | EngineError::Projection(_)) => {
+                        Library::open_rebuilding(&home, &lib, &password)?
+                    }
+                    opened => opened?,
+                }
             } else {
                 open(&home, &lib)?
             };
@@ -849,7 +857,9 @@ pub(crate) fn exec(
             io.line(&serde_json::json!({ "digest": lib.digest()? }).to_string())
         }
         Command::Verify { json: true, .. } => {
-            let (report, digest) = lib.verify()?;
+            let (report, digest) = lib.verify_with(&mut |done, total| {
+                io.progress("verifying", done, total);
+            })?;
             let faults: Vec<String> = report
                 .faults
                 .iter()
@@ -868,7 +878,13 @@ pub(crate) fn exec(
             }
         }
         Command::Verify { .. } => {
-            let (report, digest) = lib.verify()?;
+            let bar = bar(0, "verifying", io.terminal());
+            let (report, digest) = lib.verify_with(&mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+                io.progress("verifying", done, total);
+            })?;
+            bar.finish_and_clear();
             for (place, reason) in &report.faults {
                 io.line(&format!("bad record at {place}: {reason}"));
             }

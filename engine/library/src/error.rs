@@ -145,9 +145,6 @@ pub enum EngineError {
     /// The job is not running (nor paused, nor interrupted): nothing to pause, resume or cancel.
     #[error("job {0} is not running")]
     JobNotRunning(uuid::Uuid),
-    /// The job runs to its end: it has no checkpoint to pause or cancel at.
-    #[error("job {0} cannot be paused or cancelled (it runs to its end)")]
-    JobNotPausable(uuid::Uuid),
     /// The platform's file watcher could not start.
     #[error("the file watcher: {0}")]
     Watch(String),

@@ -5,8 +5,10 @@
 //! each state change and when it ends. A job the process left running (a crash, a shutdown) is
 //! `interrupted` when the library opens again, and [`Library::resume_jobs`] runs it again from
 //! its checkpoint: an index run skips what its committed batches recorded (the files whose size
-//! and time match), a rebuild replays from the position the projection reached. Indexing
-//! pauses and cancels at each committed batch; what it committed stays.
+//! and time match), a rebuild or a verify replays on from the position its aside projection
+//! reached (see `rebuild.rs`). Every job pauses and cancels at its checkpoints: indexing at each
+//! committed batch (what it committed stays), a rebuild or a verify at each applied batch (its
+//! aside projection is deleted; the live one is untouched).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -141,8 +143,6 @@ enum Wanted {
 pub(crate) struct JobControl {
     wanted: Mutex<Wanted>,
     changed: Condvar,
-    /// Whether its work has checkpoints (indexing); the others run to their end.
-    pausable: bool,
 }
 
 /// The jobs running in this process, by id.
@@ -236,7 +236,6 @@ impl Library {
         let control = Arc::new(JobControl {
             wanted: Mutex::new(Wanted::Run),
             changed: Condvar::new(),
-            pausable: matches!(job.kind, JobKind::Index { .. }),
         });
         let id = job.id;
         // Steerable before anyone hears of it.
@@ -365,16 +364,17 @@ impl Library {
         if job.state != JobState::Interrupted {
             return Err(EngineError::JobNotRunning(id));
         }
+        self.remove_aside(&job.kind)?;
         job.state = JobState::Cancelled;
         self.save_job(&mut job)
     }
 
     /// Asks every running job to stop at its next checkpoint, to be resumed when the library
-    /// opens again (a shutdown); jobs without checkpoints run to their end.
+    /// opens again (a shutdown).
     pub fn stop_jobs(&self) -> Result<(), EngineError> {
         let ids: Vec<Uuid> = self.running_jobs()?.keys().copied().collect();
         for id in ids {
-            // A job that is not pausable, or that ended meanwhile, is left to finish.
+            // A job that ended meanwhile is gone.
             let _ = self.steer(id, Wanted::Stop);
         }
         Ok(())
@@ -459,17 +459,12 @@ impl Library {
                 self.index_as_job(&location, folder, Some(job.id), &mut |_| {})?;
             }
             JobKind::Rebuild => {
-                // The open healed the projection from the position the interrupted rebuild
-                // had applied (its checkpoint) to the journal's end: it is rebuilt.
-                let summary = |at: &keel_schema::Lsn| format!("resumed: applied to {}", at.0);
-                self.run_job(JobKind::Rebuild, Some(job.id), summary, |_| {
-                    self.flush()?;
-                    Ok(self.sync_state().applied_lsn())
-                })?;
+                // From the position its aside projection reached.
+                self.rebuild_as(Some(job.id), &mut |_, _| {})?;
             }
             JobKind::Verify => {
                 // Its outcome is in the job's summary.
-                let (_report, _outcome) = self.verify_as(Some(job.id))?;
+                let (_report, _outcome) = self.verify_as(Some(job.id), &mut |_, _| {})?;
             }
             JobKind::CatchUp => {
                 // Replication goes on from the log stored here when the node reconnects, under
@@ -490,9 +485,6 @@ impl Library {
             .get(&id)
             .cloned()
             .ok_or(EngineError::JobNotRunning(id))?;
-        if !control.pausable && wanted != Wanted::Run {
-            return Err(EngineError::JobNotPausable(id));
-        }
         let mut current = control.wanted.lock().map_err(|_| EngineError::Closed)?;
         if *current == Wanted::Cancel {
             return Err(EngineError::JobNotRunning(id));

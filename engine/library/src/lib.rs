@@ -46,6 +46,7 @@ mod library;
 mod link;
 mod models;
 mod ops;
+mod rebuild;
 mod replay;
 mod tx;
 mod walk;
@@ -84,6 +85,7 @@ pub use library::{
 pub use link::{LinkOptions, NodeLink};
 pub use models::LackingModel;
 pub use ops::{Files, ResolvedPath, Scope};
+pub use rebuild::{VerifyOutcome, REBUILD_FILE, VERIFY_FILE};
 pub use replay::{replay, ReplayReport};
 pub use tx::Tx;
 pub use watch::{WatchOptions, WATCH_QUEUE_MAX};

@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use keel_journal::{Journal, JournalOptions, KdfParams, LibraryKey, Placement, VerifyReport};
+use keel_journal::{Journal, JournalOptions, KdfParams, LibraryKey, Placement};
 use keel_projections::{AppliedPosition, Counts, Projections};
 use keel_schema::{ChangeId, Device, DeviceId, Epoch, HlcClock, LibraryId, Registry, Syncable};
 use serde::Serialize;
@@ -16,7 +16,7 @@ use crate::applier::{self, advance, ApplyState, Shared};
 use crate::config::{valid_name, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
 use crate::error::{io_at, EngineError};
 use crate::events::{Event, EVENT_BUS_CAPACITY};
-use crate::replay::{replay, ReplayReport};
+use crate::replay::replay;
 use crate::tx::Tx;
 
 /// A library created by pairing: it starts as a follower with no epoch, and its Device record
@@ -873,117 +873,6 @@ impl Library {
             parked,
             digest,
         })
-    }
-
-    /// Checks every journal record, then replays the journal into a scratch projection and compares
-    /// its digest with the live one, and recounts each content's entries in both.
-    pub fn verify(&self) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
-        self.verify_as(None)
-    }
-
-    /// [`Library::verify`] as a job (under `id` when it resumes one).
-    pub(crate) fn verify_as(
-        &self,
-        id: Option<uuid::Uuid>,
-    ) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
-        let summary = |(report, digest): &(VerifyReport, Result<String, EngineError>)| {
-            let outcome = match digest {
-                Ok(_) => "projections match a fresh replay".to_string(),
-                Err(e) => e.to_string(),
-            };
-            format!("{} faults; {outcome}", report.faults.len())
-        };
-        self.run_job(crate::jobs::JobKind::Verify, id, summary, |run| {
-            self.verify_now(&mut |done, total| run.progress(done, total))
-        })
-    }
-
-    /// The work of [`Library::verify`]; `progress` follows the replay (changes done, total).
-    fn verify_now(
-        &self,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(VerifyReport, Result<String, EngineError>), EngineError> {
-        let report = self.journal()?.verify()?;
-        let live = self.digest()?;
-        let scratch = tempfile::tempdir_in(&self.dir).map_err(io_at(&self.dir))?;
-        let mut fresh =
-            Projections::open_for(&scratch.path().join(PROJECTIONS_FILE), &self.models)?;
-        replay(
-            self.journal()?,
-            &mut fresh,
-            AppliedPosition::default(),
-            progress,
-        )?;
-        let expected = fresh.query().digest()?;
-        let live_miscounted = self.read(|p| Ok(p.query().miscounted_contents()?.len()))?;
-        let miscounted = live_miscounted.max(fresh.query().miscounted_contents()?.len());
-        let outcome = if miscounted > 0 {
-            Err(EngineError::Miscounted {
-                contents: miscounted,
-            })
-        } else if expected == live {
-            Ok(live)
-        } else {
-            Err(EngineError::DigestMismatch {
-                found: live,
-                expected,
-            })
-        };
-        Ok((report, outcome))
-    }
-
-    /// Drops the projections and replays the whole journal into fresh ones.
-    pub fn rebuild(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReplayReport, EngineError> {
-        self.rebuild_as(None, progress)
-    }
-
-    /// [`Library::rebuild`] as a job (under `id` when it resumes one).
-    pub(crate) fn rebuild_as(
-        &self,
-        id: Option<uuid::Uuid>,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<ReplayReport, EngineError> {
-        let summary = |r: &ReplayReport| format!("{} changes replayed", r.changes);
-        self.run_job(crate::jobs::JobKind::Rebuild, id, summary, |run| {
-            self.rebuild_now(&mut |done, total| {
-                progress(done, total);
-                run.progress(done, total);
-            })
-        })
-    }
-
-    fn rebuild_now(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ReplayReport, EngineError> {
-        self.flush()?;
-        let journal = self.journal()?;
-        let mut guard = self
-            .shared
-            .projections
-            .lock()
-            .map_err(|_| EngineError::Closed)?;
-        let mut reader = self.shared.reader.lock().map_err(|_| EngineError::Closed)?;
-        let path = self.dir.join(PROJECTIONS_FILE);
-        // Close both connections before removing the files; placeholders stand in meanwhile.
-        let placeholder_dir = tempfile::tempdir().map_err(io_at(&self.dir))?;
-        let placeholder_path = placeholder_dir.path().join("placeholder.sqlite");
-        drop(std::mem::replace(
-            &mut *guard,
-            Projections::open(&placeholder_path)?,
-        ));
-        drop(std::mem::replace(
-            &mut *reader,
-            Projections::open_reader(&placeholder_path)?,
-        ));
-        remove_projection_files(&self.dir)?;
-        let mut fresh = Projections::open_for(&path, &self.models)?;
-        let report = replay(journal, &mut fresh, AppliedPosition::default(), progress)?;
-        *guard = fresh;
-        *reader = Projections::open_reader_for(&path, &self.models)?;
-        drop(reader);
-        drop(guard);
-        if let Ok(mut state) = self.shared.applied.lock() {
-            state.position = report.position;
-        }
-        Ok(report)
     }
 
     /// Closes the library: waits for the projections to catch up, stops the writer and applier.

@@ -39,6 +39,10 @@ struct Chunk {
     faults: Vec<String>,
 }
 
+/// Changes applied between two durable checkpoints of a steered replay's fast load (see
+/// [`replay_steered`]): a `kill -9` loses at most this much of a rebuild or a verify.
+pub(crate) const FAST_LOAD_CHECKPOINT: u64 = 262_144;
+
 /// Applies every log record after `from.log` and every local record after `from.local`.
 /// `progress(done, total)` is called after each applied batch.
 pub fn replay(
@@ -46,6 +50,32 @@ pub fn replay(
     projections: &mut Projections,
     from: AppliedPosition,
     progress: &mut dyn FnMut(u64, u64),
+) -> Result<ReplayReport, EngineError> {
+    replay_with(journal, projections, from, None, &mut |done, total| {
+        progress(done, total);
+        Ok(())
+    })
+}
+
+/// [`replay`] for a job: `step(done, total)` runs after each applied batch, when the batch's
+/// position is stored, and stops the replay with its error (a pause blocks inside it). A fast
+/// load is made durable every [`FAST_LOAD_CHECKPOINT`] changes and when `step` stops it, so the
+/// projection is always left at a position it can be resumed from.
+pub(crate) fn replay_steered(
+    journal: &Journal,
+    projections: &mut Projections,
+    from: AppliedPosition,
+    step: &mut dyn FnMut(u64, u64) -> Result<(), EngineError>,
+) -> Result<ReplayReport, EngineError> {
+    replay_with(journal, projections, from, Some(FAST_LOAD_CHECKPOINT), step)
+}
+
+fn replay_with(
+    journal: &Journal,
+    projections: &mut Projections,
+    from: AppliedPosition,
+    checkpoint_every: Option<u64>,
+    step: &mut dyn FnMut(u64, u64) -> Result<(), EngineError>,
 ) -> Result<ReplayReport, EngineError> {
     let stats = journal.stats()?;
     let total = stats.last_lsn.0.saturating_sub(from.log.0) + stats.offline;
@@ -57,7 +87,7 @@ pub fn replay(
     if bulk {
         projections.set_bulk_load(true)?;
     }
-    let report = std::thread::scope(|scope| {
+    let replayed = std::thread::scope(|scope| {
         let (tx, rx) = bounded::<Result<Chunk, JournalError>>(REPLAY_QUEUE_CHUNKS);
         scope.spawn(move || {
             if let Err(e) = read_chunks(journal, from, &tx) {
@@ -73,16 +103,25 @@ pub fn replay(
             pending: Vec::with_capacity(REPLAY_APPLY_BATCH),
             done: 0,
             total,
-            progress,
+            step,
+            fast,
+            checkpoint_every,
+            since_checkpoint: 0,
         };
-        applier.apply_chunks(&rx, from)?;
-        Ok::<_, EngineError>(applier.report)
-    })?;
-    if bulk {
-        projections.set_bulk_load(false)?;
-    }
+        // The reader stops once the receiver is gone, whatever stopped the applier.
+        let applied = applier.apply_chunks(&rx, from);
+        drop(rx);
+        applied.map(|()| applier.report)
+    });
+    // A fast load ends durably even when a step stopped it: a job resumes from the position
+    // stored. The secondary indexes come back whenever the replay ends, so a resumed one
+    // (which is not a bulk load) ends with them too.
     if fast {
         projections.end_fast_load()?;
+    }
+    let report = replayed?;
+    if bulk || checkpoint_every.is_some() {
+        projections.set_bulk_load(false)?;
     }
     Ok(report)
 }
@@ -162,7 +201,12 @@ struct Applier<'a, 'p> {
     pending: Vec<Change>,
     done: u64,
     total: u64,
-    progress: &'a mut (dyn FnMut(u64, u64) + 'p),
+    step: &'a mut (dyn FnMut(u64, u64) -> Result<(), EngineError> + 'p),
+    /// Whether the projection is in a fast load.
+    fast: bool,
+    /// Changes between durable checkpoints of a fast load (`None`: durable only at the end).
+    checkpoint_every: Option<u64>,
+    since_checkpoint: u64,
 }
 
 impl Applier<'_, '_> {
@@ -205,7 +249,15 @@ impl Applier<'_, '_> {
             self.report.proven += n;
         }
         self.pending.clear();
-        (self.progress)(self.done, self.total);
-        Ok(())
+        self.since_checkpoint += n;
+        if let Some(every) = self.checkpoint_every.filter(|_| self.fast) {
+            if self.since_checkpoint >= every {
+                // Durable here: a kill from now on resumes from this batch's position.
+                self.projections.end_fast_load()?;
+                self.fast = self.projections.begin_fast_load()?;
+                self.since_checkpoint = 0;
+            }
+        }
+        (self.step)(self.done, self.total)
     }
 }

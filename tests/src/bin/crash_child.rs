@@ -1,7 +1,7 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
 //! change id on its own line, until it is killed. With `index PATH` after the library, it
-//! indexes PATH instead, printing `progress DONE` as files are processed; with `rebuild`, it
-//! rebuilds the projections, printing `progress DONE TOTAL`.
+//! indexes PATH instead, printing `progress DONE` as files are processed; with `rebuild` or
+//! `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +23,14 @@ fn main() -> anyhow::Result<()> {
     if mode.as_deref() == Some("rebuild") {
         println!("ready");
         lib.rebuild(&mut |done, total| println!("progress {done} {total}"))?;
+        println!("done");
+        return Ok(());
+    }
+    if mode.as_deref() == Some("verify") {
+        println!("ready");
+        let (_, digest) =
+            lib.verify_with(&mut |done, total| println!("progress {done} {total}"))?;
+        digest?;
         println!("done");
         return Ok(());
     }
