@@ -773,7 +773,11 @@ location: string,
 /**
  * The folder, relative to the location's root.
  */
-folder: string, } | { "kind": "rebuild" } | { "kind": "verify" } | { "kind": "catch_up" };
+folder: string, } | { "kind": "rebuild" } | { "kind": "verify" } | { "kind": "catch_up" } | { "kind": "join", 
+/**
+ * The inviting device (its id, hex).
+ */
+inviter: string, };
 
 /**
  * Where a job stands.

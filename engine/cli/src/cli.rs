@@ -522,6 +522,7 @@ fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io
                     keel_engine::JobKind::Rebuild => "rebuild".into(),
                     keel_engine::JobKind::Verify => "verify".into(),
                     keel_engine::JobKind::CatchUp => "catch up".into(),
+                    keel_engine::JobKind::Join { inviter } => format!("join from {inviter}"),
                 };
                 let state = serde_json::to_value(job.state)?;
                 io.line(&format!(

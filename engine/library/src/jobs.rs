@@ -47,6 +47,12 @@ pub enum JobKind {
     /// Catches up with the leader's log (a device back after a long absence, or one that
     /// joined): progress is log entries stored against the leader's end.
     CatchUp,
+    /// The initial sync of a device that joined: the inviter's log and projection file arrive
+    /// (progress is log entries stored). Cut short, it goes on as a catch-up from the log stored.
+    Join {
+        /// The inviting device (its id, hex).
+        inviter: String,
+    },
 }
 
 /// Where a job stands.
@@ -127,6 +133,38 @@ pub struct Job {
     pub updated_ms: u64,
     /// What it did (once finished), or why it failed.
     pub summary: Option<String>,
+}
+
+impl Job {
+    /// A job of `kind` starting now, running.
+    pub fn start(kind: JobKind) -> Self {
+        let now = now_ms();
+        Self {
+            id: Uuid::now_v7(),
+            kind,
+            state: JobState::Running,
+            progress: Progress::default(),
+            started_ms: now,
+            updated_ms: now,
+            summary: None,
+        }
+    }
+
+    /// Sets its progress: `done` of `total` units since it started.
+    pub fn advance(&mut self, done: u64, total: u64) {
+        let elapsed = now_ms().saturating_sub(self.started_ms);
+        self.progress = Progress::at(done, total, Duration::from_millis(elapsed));
+    }
+}
+
+/// Saves `job`'s record (stamped now) in `journal`, for work that runs before its library is
+/// open (a join's initial sync). Announced to nobody: no library is open to announce it.
+pub fn save_job_to(journal: &keel_journal::Journal, job: &mut Job) -> Result<(), EngineError> {
+    job.updated_ms = now_ms();
+    let bytes = rmp_serde::to_vec_named(&*job)
+        .map_err(|e| EngineError::Node(format!("encoding a job: {e}")))?;
+    journal.jobs().put(job.id, &bytes)?;
+    Ok(())
 }
 
 /// What a running job was asked.
@@ -223,16 +261,8 @@ impl Library {
         summary: impl FnOnce(&T) -> String,
         work: impl FnOnce(&JobRun<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        let now = now_ms();
-        let mut job = Job {
-            id: id.unwrap_or_else(Uuid::now_v7),
-            kind,
-            state: JobState::Running,
-            progress: Progress::default(),
-            started_ms: now,
-            updated_ms: now,
-            summary: None,
-        };
+        let mut job = Job::start(kind);
+        job.id = id.unwrap_or(job.id);
         let control = Arc::new(JobControl {
             wanted: Mutex::new(Wanted::Run),
             changed: Condvar::new(),
@@ -271,10 +301,7 @@ impl Library {
 
     /// Saves `job`'s record (stamped now) and announces it.
     fn save_job(&self, job: &mut Job) -> Result<(), EngineError> {
-        job.updated_ms = now_ms();
-        let bytes = rmp_serde::to_vec_named(&*job)
-            .map_err(|e| EngineError::Node(format!("encoding a job: {e}")))?;
-        self.journal()?.jobs().put(job.id, &bytes)?;
+        save_job_to(self.journal()?, job)?;
         self.publish(Event::JobChanged { job: job.clone() });
         Ok(())
     }
@@ -399,16 +426,7 @@ impl Library {
             if leader_end.saturating_sub(before) < CATCH_UP_JOB_MIN {
                 return Ok(());
             }
-            let now = now_ms();
-            let mut job = Job {
-                id: Uuid::now_v7(),
-                kind: JobKind::CatchUp,
-                state: JobState::Running,
-                progress: Progress::default(),
-                started_ms: now,
-                updated_ms: now,
-                summary: None,
-            };
+            let mut job = Job::start(JobKind::CatchUp);
             self.save_job(&mut job)?;
             *current = Some((job, Instant::now(), before));
         }
@@ -472,6 +490,18 @@ impl Library {
                 let mut job = job;
                 job.state = JobState::Cancelled;
                 job.summary = Some("interrupted; the next catch-up goes on from here".into());
+                self.save_job(&mut job)?;
+            }
+            JobKind::Join { .. } => {
+                // What arrived is stored; the node catches up the rest from there (a catch-up
+                // job of its own when it is long), not from the start.
+                let mut job = job;
+                let stored = self.journal()?.stats()?.last_lsn.0;
+                job.state = JobState::Completed;
+                job.summary = Some(format!(
+                    "cut at log position {stored} of {}; the rest arrives by catch-up",
+                    job.progress.total
+                ));
                 self.save_job(&mut job)?;
             }
         }

@@ -58,7 +58,8 @@ pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
 pub use feed::{ChangeFeed, FeedPosition};
 pub use indexer::{IndexProgress, IndexReport, SETTLING_LISTED_MAX};
 pub use jobs::{
-    Job, JobKind, JobState, Progress, CATCH_UP_JOB_MIN, JOB_HISTORY_MAX, JOB_SAVE_EVERY,
+    save_job_to, Job, JobKind, JobState, Progress, CATCH_UP_JOB_MIN, JOB_HISTORY_MAX,
+    JOB_SAVE_EVERY,
 };
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;

@@ -37,6 +37,9 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 const SEGMENTS_QUEUED: usize = 4;
 /// Most log entries appended in one journal transaction on the receiving side.
 const APPEND_BATCH: usize = 131_072;
+/// Least number of journal transactions a join's log is stored in (when it spans several
+/// segments): a join cut short keeps all but at most this fraction of what had arrived.
+const APPEND_COMMITS_MIN: u64 = 8;
 /// Most log-index entries reserved up front from the sender's announced log length.
 const INDEX_RESERVE_MAX: u64 = 1 << 24;
 /// Suffix of the sender's scratch copies (removed when a node starts).
@@ -344,13 +347,14 @@ pub(crate) async fn fetch(
             ..JournalOptions::default()
         },
     )?;
-    let result = receive(&conn, library, journal, dir, progress).await;
+    let result = receive(&conn, (library, peer), journal, dir, progress).await;
     conn.close("snapshot received");
     let incoming = dir.join(INCOMING_FILE);
     let Received {
         log_entries,
         file_bytes,
         index_saved,
+        mut job,
     } = match result {
         Ok(done) => done,
         Err(e) => {
@@ -366,13 +370,17 @@ pub(crate) async fn fetch(
         if applied.is_err() {
             let _ = Projections::remove_files(&incoming);
         }
-        // The journal is closed when this returns, whatever happened.
         index_saved
             .join()
             .map_err(|_| node_error("the thread saving the log index panicked"))?;
         Ok(applied?)
     })
-    .await?;
+    .await;
+    // The log is all stored either way: without the projection, the node replays it.
+    job.end(Ok(log_entries)).await;
+    // The journal is closed when this returns.
+    drop(job);
+    let applied = applied?;
     Ok(SnapshotOutcome {
         log_entries,
         applied,
@@ -393,13 +401,14 @@ struct Incoming {
 
 async fn receive(
     conn: &Connection,
-    library: LibraryId,
+    (library, inviter): (LibraryId, DeviceId),
     journal: Journal,
     dir: &Path,
     progress: Option<tokio::sync::mpsc::UnboundedSender<JoinProgress>>,
 ) -> Result<Received, NodeError> {
     let log_total = ask_for_snapshot(conn, library, &journal).await?;
     let journal = Arc::new(journal);
+    let mut job = JoinJob::start(journal.clone(), inviter).await?;
     let writers = LogWriters::start(journal.clone(), log_total, dir)?;
     let mut reader = SnapshotReader {
         incoming_path: dir.join(INCOMING_FILE),
@@ -433,17 +442,25 @@ async fn receive(
             Ok(None) => report(reader.seen, reader.bytes),
             Err(e) => break Err(e),
         }
+        let (log_end, stored) = (reader.log_end(log_total), stored.load(Ordering::Acquire));
+        if let Err(e) = job.follow(reader.hlc(), stored, log_end).await {
+            break Err(e);
+        }
     };
     // Every exit from the loop stops the journal threads; an unfinished file's thread first.
     drop(reader.incoming.take());
     drop(reader.segments);
-    let index = writers.finish().await?;
+    let finished = writers.finish().await;
     // A journal thread's error is the cause of whatever the receiving loop saw: checked first.
-    let (hlc, log_entries, file_bytes) = outcome?;
-    {
-        let journal = journal.clone();
-        blocking(move || Ok(journal.raise_hlc_high_water(hlc)?)).await?;
-    }
+    let (index, (hlc, log_entries, file_bytes)) =
+        match finished.and_then(|index| outcome.map(|end| (index, end))) {
+            Ok(done) => done,
+            Err(e) => {
+                job.end(Err(&e)).await;
+                return Err(e);
+            }
+        };
+    job.follow(Some(hlc), log_entries, log_entries).await?;
     tracing::debug!("snapshot: log stored");
     report(reader.seen, reader.bytes);
     // Saving the index (a large write, most of it new memory) overlaps the install.
@@ -459,7 +476,85 @@ async fn receive(
         log_entries,
         file_bytes,
         index_saved,
+        job,
     })
+}
+
+/// The join's job record in the new library's journal (see `keel_engine::JobKind::Join`): saved
+/// when the fetch starts, at most every [`keel_engine::JOB_SAVE_EVERY`] while the log arrives,
+/// and when it ends. It also raises this device's clock mark to the sender's as soon as the
+/// header brings it, so a log cut short is covered too.
+struct JoinJob {
+    journal: Arc<Journal>,
+    job: keel_engine::Job,
+    saved: Instant,
+    clock_raised: bool,
+}
+
+impl JoinJob {
+    async fn start(journal: Arc<Journal>, inviter: DeviceId) -> Result<Self, NodeError> {
+        let mut job = keel_engine::Job::start(keel_engine::JobKind::Join {
+            inviter: inviter.to_hex(),
+        });
+        let job = {
+            let journal = journal.clone();
+            blocking(move || {
+                keel_engine::save_job_to(&journal, &mut job)?;
+                Ok(job)
+            })
+            .await?
+        };
+        Ok(Self {
+            journal,
+            job,
+            saved: Instant::now(),
+            clock_raised: false,
+        })
+    }
+
+    /// Follows the fetch: `stored` of `log_end` entries; `hlc` once the header is in.
+    async fn follow(
+        &mut self,
+        hlc: Option<Hlc>,
+        stored: u64,
+        log_end: u64,
+    ) -> Result<(), NodeError> {
+        if let Some(hlc) = hlc.filter(|_| !self.clock_raised) {
+            let journal = self.journal.clone();
+            blocking(move || Ok(journal.raise_hlc_high_water(hlc)?)).await?;
+            self.clock_raised = true;
+        }
+        self.job.advance(stored, log_end);
+        if self.saved.elapsed() >= keel_engine::JOB_SAVE_EVERY {
+            self.save().await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the job: completed with the log stored, or failed with why (best effort: the
+    /// journal may be what failed).
+    async fn end(&mut self, outcome: Result<u64, &NodeError>) {
+        (self.job.state, self.job.summary) = match outcome {
+            Ok(entries) => (
+                keel_engine::JobState::Completed,
+                Some(format!("{entries} log entries stored")),
+            ),
+            Err(e) => (
+                keel_engine::JobState::Failed,
+                Some(format!("{e}; the node catches up by replication instead")),
+            ),
+        };
+        if let Err(e) = self.save().await {
+            tracing::warn!(error = %e, "could not record the end of the join's job");
+        }
+    }
+
+    async fn save(&mut self) -> Result<(), NodeError> {
+        let (journal, mut job) = (self.journal.clone(), self.job.clone());
+        blocking(move || Ok(keel_engine::save_job_to(&journal, &mut job)?)).await?;
+        self.saved = Instant::now();
+        Ok(())
+    }
 }
 
 /// Waits for the sender's `Hello`, checks this device's log is empty and asks for the
@@ -566,8 +661,9 @@ fn append_checked(
     let mut index = LogIndex::default();
     // The sender's word, so bounded (beyond it the index grows as needed).
     index.reserve(log_total.min(INDEX_RESERVE_MAX) as usize);
+    let most = append_batch(log_total);
     while let Ok(mut batch) = checked.recv() {
-        while batch.len() < APPEND_BATCH {
+        while batch.len() < most {
             match checked.try_recv() {
                 Ok(more) => batch.extend(more)?,
                 Err(_) => break,
@@ -579,6 +675,13 @@ fn append_checked(
         stored.store(last, Ordering::Release);
     }
     Ok(index)
+}
+
+/// Most entries appended in one transaction for a log of `log_total` entries: at least
+/// [`APPEND_COMMITS_MIN`] transactions, none smaller than a segment, none over [`APPEND_BATCH`].
+fn append_batch(log_total: u64) -> usize {
+    let share = (log_total / APPEND_COMMITS_MIN) as usize;
+    share.clamp(RECORDS_PER_MESSAGE_MAX, APPEND_BATCH)
 }
 
 /// The receiving loop's state: where the log continues, the projection file coming in.
@@ -595,6 +698,16 @@ struct SnapshotReader {
 }
 
 impl SnapshotReader {
+    /// The sender's clock mark, once its header is in.
+    fn hlc(&self) -> Option<Hlc> {
+        self.incoming.as_ref().map(|i| i.hlc)
+    }
+
+    /// The log's end: the header's, or the `Hello`'s before it.
+    fn log_end(&self, hello: u64) -> u64 {
+        self.seen.map_or(hello, |(end, _, _)| end)
+    }
+
     /// Takes one message; at the end, returns the sender's HLC mark, the log end and the file
     /// length.
     fn on_message(&mut self, message: DeviceMessage) -> Result<Option<(Hlc, u64, u64)>, NodeError> {
@@ -723,6 +836,8 @@ struct Received {
     file_bytes: u64,
     /// The thread saving the log index; it holds the journal open until it ends.
     index_saved: std::thread::JoinHandle<()>,
+    /// The join's job, ended once the projection is installed (it holds the journal open).
+    job: JoinJob,
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
 //! change id on its own line, until it is killed. With `index PATH` after the library, it
 //! indexes PATH instead, printing `progress DONE` as files are processed; with `rebuild` or
-//! `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`.
+//! `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`; with
+//! `join ADDR CODE`, it joins library LIB from the node at ADDR with invitation CODE, printing
+//! `progress STORED TOTAL` as the inviter's log is stored.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,8 +20,15 @@ fn main() -> anyhow::Result<()> {
     let name = args
         .next()
         .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB"))?;
-    let lib = Library::open(&Home::new(home), &name, keel_tests::PASSWORD)?;
     let mode = args.next();
+    if mode.as_deref() == Some("join") {
+        let (addr, code) = (args.next(), args.next());
+        let (Some(addr), Some(code)) = (addr, code) else {
+            anyhow::bail!("usage: crash_child HOME LIB join ADDR CODE");
+        };
+        return join(&Home::new(home), addr.parse()?, code);
+    }
+    let lib = Library::open(&Home::new(home), &name, keel_tests::PASSWORD)?;
     if mode.as_deref() == Some("rebuild") {
         println!("ready");
         lib.rebuild(&mut |done, total| println!("progress {done} {total}"))?;
@@ -67,5 +76,37 @@ fn main() -> anyhow::Result<()> {
         }
         out.flush()?;
     }
+    Ok(())
+}
+
+/// Joins a library as device "b", printing the log's progress, then `done`.
+fn join(home: &Home, addr: std::net::SocketAddr, code: String) -> anyhow::Result<()> {
+    let (progress, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let options = keel_node::JoinOptions {
+        addr: Some(addr),
+        discovery: keel_node::Discovery::default(),
+        bind: None,
+        code,
+        device_name: Some("b".into()),
+        password: keel_tests::PASSWORD.into(),
+        create: keel_engine::CreateOptions {
+            kdf: keel_engine::KdfParams::INSECURE_FAST,
+        },
+        snapshot: true,
+        progress: Some(progress),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let printing = async {
+            while let Some(p) = heard.recv().await {
+                println!("progress {} {}", p.log_stored, p.log_total);
+            }
+        };
+        let (joined, ()) = tokio::join!(keel_node::join(home, options), printing);
+        joined
+    })?;
+    println!("done");
     Ok(())
 }
