@@ -773,6 +773,14 @@ location: string,
 /**
  * The folder, relative to the location's root.
  */
+folder: string, } | { "kind": "identify", 
+/**
+ * The location.
+ */
+location: string, 
+/**
+ * The folder, relative to the location's root.
+ */
 folder: string, } | { "kind": "rebuild" } | { "kind": "verify" } | { "kind": "catch_up" } | { "kind": "join", 
 /**
  * The inviting device (its id, hex).

@@ -519,9 +519,11 @@ fn a_join_killed_midway_continues_from_what_it_stored() {
     let invite = a.invite(true).expect("invites");
     let home_b = Home::new(dir.path().join("b"));
     let addr = a.local_addr().to_string();
-    let (stored, total) = kill_at(&home_b, &["join", &addr, invite.code.as_str()], |stored, _| {
-        stored > 0
-    });
+    let (stored, total) = kill_at(
+        &home_b,
+        &["join", &addr, invite.code.as_str()],
+        |stored, _| stored > 0,
+    );
     eprintln!("killed with {stored} of {total} log entries stored");
     let lib = Library::open(&home_b, "lib", PASSWORD).expect("the cut join's library opens");
     let kept = lib.status().expect("status").journal.log_len;
@@ -560,4 +562,52 @@ fn a_join_is_a_job() {
         .expect("the join's job");
     assert_eq!(join.state, JobState::Completed, "{join:?}");
     assert_eq!(join.progress.done, join.progress.total, "{join:?}");
+}
+
+/// Re-identifying contents is a job: a file whose bytes changed while its size and time stayed
+/// (which an index does not see) gets its new content and keeps its entry; every other file is
+/// hashed again and found as it was. A cancelled one leaves a valid library.
+#[test]
+fn reidentifying_finds_a_change_that_size_and_time_hide() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = tree(dir.path());
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    let path = tree.join("d0/f0.txt");
+    let before = lib.files().entry(&path).expect("the entry");
+    let modified = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("time");
+    std::fs::write(&path, "FILE 0").expect("same size, other bytes");
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(modified))
+        .expect("the old time back");
+    let indexed = lib.index(&tree, &mut |_| {}).expect("indexes");
+    assert_eq!(
+        indexed.changed, 0,
+        "size and time hide the change from an index"
+    );
+    let report = lib.reidentify(&tree, &mut |_| {}).expect("re-identifies");
+    assert_eq!(report.changed, 1, "{report:?}");
+    assert_eq!(
+        report.unchanged,
+        FILES as u64 - 1 + report.dirs,
+        "{report:?}"
+    );
+    let after = lib.files().entry(&path).expect("the entry");
+    assert_eq!(after.uuid, before.uuid, "the entry is kept");
+    assert_ne!(after.content, before.content, "its content is the new one");
+    let job = lib.jobs().expect("lists").pop().expect("the job");
+    assert!(matches!(job.kind, JobKind::Identify { .. }), "{job:?}");
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    cancel(&lib, || lib.reidentify(&tree, &mut |_| {}));
+    let (faults, digest) = lib.verify().expect("verifies");
+    assert!(faults.faults.is_empty());
+    digest.expect("the projections match a replay");
+    assert!(matches!(
+        lib.reidentify(dir.path(), &mut |_| {}),
+        Err(EngineError::NotInLocation(_))
+    ));
 }

@@ -36,6 +36,10 @@ pub(crate) enum Command {
         lib: String,
         /// Folder to index (or a folder or file inside a location: that part of it).
         path: PathBuf,
+        /// Re-identify contents: hash every file again, even one whose size and time match
+        /// (PATH must be in a location of this device).
+        #[arg(long)]
+        rehash: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -519,6 +523,9 @@ fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io
                         "index".to_string()
                     }
                     keel_engine::JobKind::Index { folder, .. } => format!("index {folder}"),
+                    keel_engine::JobKind::Identify { folder, .. } => {
+                        format!("re-identify {folder}").trim_end().to_string()
+                    }
                     keel_engine::JobKind::Rebuild => "rebuild".into(),
                     keel_engine::JobKind::Verify => "verify".into(),
                     keel_engine::JobKind::CatchUp => "catch up".into(),
@@ -752,15 +759,22 @@ pub(crate) fn exec(
     io: &mut dyn Io,
 ) -> Result<i32> {
     match command {
-        Command::Index { path, json, .. } => {
+        Command::Index {
+            path, json, rehash, ..
+        } => {
             let bar = bar(0, "indexing", io.terminal() && !json);
-            let report = lib.index(&path, &mut |p| {
+            let mut progress = |p: keel_engine::IndexProgress| {
                 // While the walk goes on, the total is only what was found so far.
                 bar.set_message(if p.walking { "(still walking) " } else { "" });
                 bar.set_length(p.total);
                 bar.set_position(p.done);
                 io.progress("indexing", p.done, p.total);
-            })?;
+            };
+            let report = if rehash {
+                lib.reidentify(&path, &mut progress)?
+            } else {
+                lib.index(&path, &mut progress)?
+            };
             bar.finish_and_clear();
             if json {
                 io.line(&serde_json::to_string(&report)?);

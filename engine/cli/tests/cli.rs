@@ -113,6 +113,13 @@ fn index_tag_note_show_status_digest_rebuild() {
     ok(&keel(&home, &["rebuild", "lib"]));
     assert_eq!(ok(&keel(&home, &["digest", "lib"])).trim_end(), digest);
     ok(&keel(&home, &["verify", "lib"]));
+    let rehashed: serde_json::Value = serde_json::from_str(&ok(&keel(
+        &home,
+        &["index", "lib", tree_s, "--rehash", "--json"],
+    )))
+    .expect("json");
+    assert_eq!(rehashed["changed"], 0, "{rehashed}");
+    assert!(rehashed["bytes_hashed"].as_u64() > Some(0), "{rehashed}");
     let ls = ok(&keel(&home, &["ls", "lib", tree_s]));
     assert!(ls.contains("a.txt") && ls.contains("sub"), "{ls}");
     // Search by a name's start, and by an entry's note.
@@ -126,7 +133,7 @@ fn index_tag_note_show_status_digest_rebuild() {
             .expect("json");
     assert_eq!(hits[0]["entry"]["name"], "b.txt", "{hits}");
     assert_eq!(hits[0]["matched"], "Note", "{hits}");
-    // The index, rebuild and verify runs are jobs, listed as history.
+    // The index, rebuild, verify and re-identify runs are jobs, listed as history.
     let jobs: serde_json::Value =
         serde_json::from_str(&ok(&keel(&home, &["jobs", "lib", "--json"]))).expect("json");
     let kinds: Vec<&str> = jobs
@@ -136,7 +143,7 @@ fn index_tag_note_show_status_digest_rebuild() {
         .filter(|j| j["state"] == "completed")
         .filter_map(|j| j["kind"]["kind"].as_str())
         .collect();
-    assert_eq!(kinds, ["index", "rebuild", "verify"], "{jobs}");
+    assert_eq!(kinds, ["index", "rebuild", "verify", "identify"], "{jobs}");
     let id = jobs[0]["id"].as_str().expect("an id");
     fails_with_one_error_line(&keel(&home, &["jobs", "lib", "pause", id]));
     everyday_commands(&home, &tree);

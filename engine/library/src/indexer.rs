@@ -193,7 +193,7 @@ fn classify(
     existing: &mut HashMap<(String, String), Entry>,
     report: &mut IndexReport,
     planned: &mut Vec<Planned>,
-    location: Uuid,
+    (location, rehash): (Uuid, bool),
 ) -> Option<HashJob> {
     // A first index has nothing to look up (and need not build the key).
     let previous = if existing.is_empty() {
@@ -206,7 +206,8 @@ fn classify(
             report.files += 1;
             match previous {
                 Some(prev)
-                    if prev.kind == EntryKind::File.code()
+                    if !rehash
+                        && prev.kind == EntryKind::File.code()
                         && prev.size == item.size
                         && prev.modified_ms == item.modified_ms
                         && prev.content.is_some() =>
@@ -273,6 +274,17 @@ struct Results<'a> {
     /// Files modified after this (ms since the Unix epoch) are still being written: left for a
     /// later run.
     settle_after_ms: Option<i64>,
+    /// Whether files whose size and time match are hashed again (a re-identify).
+    rehash: bool,
+}
+
+/// How an index run treats files: see [`Library::reidentify`] and [`Library::index_scopes`].
+#[derive(Clone, Copy, Default)]
+struct RunMode {
+    /// Files modified within this are left for a later run (the watcher's bursts).
+    settle: Option<Duration>,
+    /// Hash every file again, even those whose size and time match.
+    rehash: bool,
 }
 
 impl Results<'_> {
@@ -331,7 +343,15 @@ impl Results<'_> {
         } else {
             None
         };
-        if let Some(prev) = prev {
+        let same = prev.as_ref().is_some_and(|prev| {
+            prev.content == Some(content)
+                && prev.size == item.size
+                && prev.modified_ms == item.modified_ms
+        });
+        if same {
+            // Hashed again (a re-identify) and found as it was.
+            self.report.unchanged += 1;
+        } else if let Some(prev) = prev {
             self.report.changed += 1;
             self.planned.push(Planned::Update(
                 prev.uuid.unwrap_or_default(),
@@ -414,6 +434,60 @@ impl Library {
         self.index_as_job(&location, folder, None, progress)
     }
 
+    /// Re-identifies the contents under `path` (a location of this device, or a folder or file
+    /// in one): every file is hashed again, even one whose size and time match its entry (a
+    /// change the file system's times hide, a suspected bit rot), and an entry whose content
+    /// differs points to the new one, keeping its uuid and metadata. Runs as a job like
+    /// [`Library::index`]: paused and cancelled at each committed batch; one resumed after a
+    /// stop hashes from the start again (what it committed stays).
+    pub fn reidentify(
+        &self,
+        path: &Path,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
+        let root = path.canonicalize().map_err(io_at(path))?;
+        let here = self.device_id().record_uuid();
+        let inside = self
+            .files()
+            .on(here)
+            .resolve(&root)
+            .map_err(|_| EngineError::NotInLocation(root.clone()))?;
+        let folder = crate::ops::join_relative(&inside.relative_path, &inside.name);
+        self.identify_as_job(&inside.location, folder, None, progress)
+    }
+
+    /// [`Library::reidentify`] of `folder` of `location` as a job (under `id` when it resumes
+    /// one).
+    pub(crate) fn identify_as_job(
+        &self,
+        location: &Location,
+        folder: String,
+        id: Option<Uuid>,
+        progress: &mut dyn FnMut(IndexProgress),
+    ) -> Result<IndexReport, EngineError> {
+        let kind = JobKind::Identify {
+            location: location.uuid,
+            folder: folder.clone(),
+        };
+        let summary = |r: &IndexReport| {
+            format!(
+                "{} files hashed again, {} changed, {} as they were",
+                r.files, r.changed, r.unchanged
+            )
+        };
+        self.run_job(kind, id, summary, |run| {
+            let mode = RunMode {
+                settle: None,
+                rehash: true,
+            };
+            let mut observed = |p: IndexProgress| {
+                progress(p);
+                run.progress(p.done, p.total);
+            };
+            self.index_folders(location, vec![folder], Some(run), mode, &mut observed)
+        })
+    }
+
     /// Indexes `folder` of `location` as a job (under `id` when it resumes an interrupted one):
     /// listed, paused and cancelled at each committed batch, resumed after a crash.
     pub(crate) fn index_as_job(
@@ -455,7 +529,8 @@ impl Library {
             progress(p);
             run.progress(p.done, p.total);
         };
-        let report = self.index_folders(location, vec![folder], Some(run), None, &mut observed);
+        let mode = RunMode::default();
+        let report = self.index_folders(location, vec![folder], Some(run), mode, &mut observed);
         // The indexes come back whether or not the run succeeded.
         let rebuilt = if bulk {
             self.set_bulk_load(false)
@@ -540,7 +615,11 @@ impl Library {
         scopes: Vec<String>,
         settle: Duration,
     ) -> Result<IndexReport, EngineError> {
-        self.index_folders(location, scopes, None, Some(settle), &mut |_| {})
+        let mode = RunMode {
+            settle: Some(settle),
+            rehash: false,
+        };
+        self.index_folders(location, scopes, None, mode, &mut |_| {})
     }
 
     /// Indexes the folders `scopes` of `location` (relative to its root; empty for all of it;
@@ -552,7 +631,7 @@ impl Library {
         location: &Location,
         scopes: Vec<String>,
         job: Option<&'a JobRun<'a>>,
-        settle: Option<Duration>,
+        mode: RunMode,
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
         // One run at a time (a paused job holds the others back until it resumes).
@@ -593,7 +672,8 @@ impl Library {
             result: Ok(()),
             done: 0,
             job,
-            settle_after_ms: settle.map(|settle| {
+            rehash: mode.rehash,
+            settle_after_ms: mode.settle.map(|settle| {
                 let cutoff = now_ms().saturating_sub(settle.as_millis() as u64);
                 i64::try_from(cutoff).unwrap_or(i64::MAX)
             }),
@@ -699,7 +779,7 @@ impl Library {
                         existing,
                         &mut results.report,
                         &mut results.planned,
-                        location,
+                        (location, results.rehash),
                     ) else {
                         return;
                     };

@@ -40,6 +40,13 @@ pub enum JobKind {
         /// The folder, relative to the location's root.
         folder: String,
     },
+    /// Hashes every file of a folder of a location again (see [`Library::reidentify`]).
+    Identify {
+        /// The location.
+        location: Uuid,
+        /// The folder, relative to the location's root.
+        folder: String,
+    },
     /// Replays the journal into fresh projections.
     Rebuild,
     /// Checks every journal record and compares the projections with a fresh replay.
@@ -475,6 +482,14 @@ impl Library {
                     .find(|l| l.uuid == location)
                     .ok_or(EngineError::NoSuchJob(job.id))?;
                 self.index_as_job(&location, folder, Some(job.id), &mut |_| {})?;
+            }
+            JobKind::Identify { location, folder } => {
+                let location = self
+                    .read(|p| p.query().locations())?
+                    .into_iter()
+                    .find(|l| l.uuid == location)
+                    .ok_or(EngineError::NoSuchJob(job.id))?;
+                self.identify_as_job(&location, folder, Some(job.id), &mut |_| {})?;
             }
             JobKind::Rebuild => {
                 // From the position its aside projection reached.
