@@ -280,11 +280,11 @@ struct Results<'a> {
 
 /// How an index run treats files: see [`Library::reidentify`] and [`Library::index_scopes`].
 #[derive(Clone, Copy, Default)]
-struct RunMode {
+pub(crate) struct RunMode {
     /// Files modified within this are left for a later run (the watcher's bursts).
-    settle: Option<Duration>,
+    pub(crate) settle: Option<Duration>,
     /// Hash every file again, even those whose size and time match.
-    rehash: bool,
+    pub(crate) rehash: bool,
 }
 
 impl Results<'_> {
@@ -431,7 +431,7 @@ impl Library {
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
         let (location, folder) = self.index_target(path)?;
-        self.index_as_job(&location, folder, None, progress)
+        self.index_as_job(&location, folder, None, RunMode::default(), progress)
     }
 
     /// Re-identifies the contents under `path` (a location of this device, or a folder or file
@@ -453,62 +453,44 @@ impl Library {
             .resolve(&root)
             .map_err(|_| EngineError::NotInLocation(root.clone()))?;
         let folder = crate::ops::join_relative(&inside.relative_path, &inside.name);
-        self.identify_as_job(&inside.location, folder, None, progress)
+        let mode = RunMode {
+            settle: None,
+            rehash: true,
+        };
+        self.index_as_job(&inside.location, folder, None, mode, progress)
     }
 
-    /// [`Library::reidentify`] of `folder` of `location` as a job (under `id` when it resumes
-    /// one).
-    pub(crate) fn identify_as_job(
-        &self,
-        location: &Location,
-        folder: String,
-        id: Option<Uuid>,
-        progress: &mut dyn FnMut(IndexProgress),
-    ) -> Result<IndexReport, EngineError> {
-        let kind = JobKind::Identify {
-            location: location.uuid,
-            folder: folder.clone(),
-        };
-        let summary = |r: &IndexReport| {
-            format!(
-                "{} files hashed again, {} changed, {} as they were",
-                r.files, r.changed, r.unchanged
-            )
-        };
-        self.run_job(kind, id, summary, |run| {
-            let mode = RunMode {
-                settle: None,
-                rehash: true,
-            };
-            let mut observed = |p: IndexProgress| {
-                progress(p);
-                run.progress(p.done, p.total);
-            };
-            self.index_folders(location, vec![folder], Some(run), mode, &mut observed)
-        })
-    }
-
-    /// Indexes `folder` of `location` as a job (under `id` when it resumes an interrupted one):
-    /// listed, paused and cancelled at each committed batch, resumed after a crash.
+    /// Indexes (or re-identifies, as `mode` says) `folder` of `location` as a job (under `id`
+    /// when it resumes an interrupted one): listed, paused and cancelled at each committed
+    /// batch, resumed after a crash.
     pub(crate) fn index_as_job(
         &self,
         location: &Location,
         folder: String,
         id: Option<Uuid>,
+        mode: RunMode,
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
-        let kind = JobKind::Index {
-            location: location.uuid,
-            folder: folder.clone(),
+        let (location_id, folder_name) = (location.uuid, folder.clone());
+        let kind = if mode.rehash {
+            JobKind::Identify {
+                location: location_id,
+                folder: folder_name,
+            }
+        } else {
+            JobKind::Index {
+                location: location_id,
+                folder: folder_name,
+            }
         };
         let summary = |r: &IndexReport| {
             format!(
-                "{} files, {} new, {} changed, {} moved, {} removed",
-                r.files, r.new, r.changed, r.moved, r.removed
+                "{} files, {} new, {} changed, {} moved, {} removed, {} as they were",
+                r.files, r.new, r.changed, r.moved, r.removed, r.unchanged
             )
         };
         self.run_job(kind, id, summary, |run| {
-            self.index_run(location, folder, run, progress)
+            self.index_run(location, folder, run, mode, progress)
         })
     }
 
@@ -518,6 +500,7 @@ impl Library {
         location: &Location,
         folder: String,
         run: &JobRun<'_>,
+        mode: RunMode,
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
         let started = Instant::now();
@@ -529,7 +512,6 @@ impl Library {
             progress(p);
             run.progress(p.done, p.total);
         };
-        let mode = RunMode::default();
         let report = self.index_folders(location, vec![folder], Some(run), mode, &mut observed);
         // The indexes come back whether or not the run succeeded.
         let rebuilt = if bulk {

@@ -474,22 +474,19 @@ impl Library {
 
     /// Runs an interrupted job again under its id.
     fn run_again(&self, job: Job) -> Result<(), EngineError> {
+        let rehash = matches!(job.kind, JobKind::Identify { .. });
         match job.kind {
-            JobKind::Index { location, folder } => {
+            JobKind::Index { location, folder } | JobKind::Identify { location, folder } => {
                 let location = self
                     .read(|p| p.query().locations())?
                     .into_iter()
                     .find(|l| l.uuid == location)
                     .ok_or(EngineError::NoSuchJob(job.id))?;
-                self.index_as_job(&location, folder, Some(job.id), &mut |_| {})?;
-            }
-            JobKind::Identify { location, folder } => {
-                let location = self
-                    .read(|p| p.query().locations())?
-                    .into_iter()
-                    .find(|l| l.uuid == location)
-                    .ok_or(EngineError::NoSuchJob(job.id))?;
-                self.identify_as_job(&location, folder, Some(job.id), &mut |_| {})?;
+                let mode = crate::indexer::RunMode {
+                    settle: None,
+                    rehash,
+                };
+                self.index_as_job(&location, folder, Some(job.id), mode, &mut |_| {})?;
             }
             JobKind::Rebuild => {
                 // From the position its aside projection reached.
