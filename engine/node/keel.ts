@@ -94,7 +94,16 @@ content: string | null,
 /**
  * Its entry-scoped metadata; breaks the Entry ↔ UserMetadata cycle.
  */
-metadata: string | null, };
+metadata: string | null, 
+/**
+ * Its inode number, where the platform gives one: a file moved *and* edited while nobody
+ * watched is matched to its entry by it (with [`Entry::volume`]). Since version 1.
+ */
+inode: number | null, 
+/**
+ * The file system (device number) its inode is on. Since version 1.
+ */
+volume: number | null, };
 
 /**
  * A unique content, identified by hash; the same bytes give the same uuid on every device.

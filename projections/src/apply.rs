@@ -646,9 +646,9 @@ impl<'a> Applier<'a> {
                     return Ok(Outcome::Refused);
                 }
             }
-            return self.apply_valid(def, &upcast);
+            return self.apply_valid(def, &upcast, change);
         }
-        self.apply_valid(def, change)
+        self.apply_valid(def, change, change)
     }
 
     /// A change of a newer app's model or version, or another host's: kept aside, said (see
@@ -667,11 +667,14 @@ impl<'a> Applier<'a> {
     }
 
     /// Applies a change of model `def` at its version; one whose values do not fit the
-    /// definition is refused (Keel's models were checked as they were decoded).
+    /// definition is refused (Keel's models were checked as they were decoded). `as_written` is
+    /// the change as its writer made it (`change` may be it upcast): what an attestation vouches
+    /// for, and what is parked or refused.
     fn apply_valid(
         &self,
         def: &'static ModelDef,
         change: &Change,
+        as_written: &Change,
     ) -> Result<Outcome, ProjectionError> {
         if def.code >= keel_schema::HOST_CODE_MIN {
             if let Err(e) = change.validate_as(def) {
@@ -685,7 +688,7 @@ impl<'a> Applier<'a> {
                 return Ok(outcome);
             }
         }
-        let read = match self.owner_check(def, sql, change)? {
+        let read = match self.owner_check(def, sql, as_written)? {
             OwnerCheck::Go(read) => read,
             OwnerCheck::Stop(outcome) => return Ok(outcome),
         };

@@ -61,11 +61,15 @@ fn scenario() -> Vec<Change> {
         modified_ms: 5,
         content: content.uuid,
         metadata: Some(meta.uuid),
+        inode: None,
+        volume: None,
     };
     let gone = Entry {
         uuid: Some(Uuid::now_v7()),
         name: "b.txt".into(),
         metadata: None,
+        inode: None,
+        volume: None,
         ..entry.clone()
     };
     let cmeta = UserMetadata {

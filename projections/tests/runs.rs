@@ -377,6 +377,8 @@ fn library_of(clock: &mut Clock, files: usize, set: u128) -> (Vec<Change>, Vec<C
             modified_ms: 0,
             content: content.uuid,
             metadata: None,
+            inode: None,
+            volume: None,
         };
         entries.push(upsert(clock, &entry));
     }

@@ -108,6 +108,8 @@ mod tests {
             modified_ms: 5,
             content: None,
             metadata: None,
+            inode: None,
+            volume: None,
         };
         let hlc = Hlc {
             physical_ms: 6,

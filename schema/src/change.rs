@@ -256,6 +256,8 @@ mod tests {
             modified_ms: 1_700_000_000_001,
             content: Some(Uuid::new_v4()),
             metadata: None,
+            inode: None,
+            volume: None,
         };
         let hlc = Hlc {
             physical_ms: 1_700_000_000_002,

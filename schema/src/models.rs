@@ -79,7 +79,13 @@ impl EntryKind {
 /// One file or directory inside a location.
 #[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
-#[syncable(model = "entry", code = 2, domain = "index", priority = 30)]
+#[syncable(
+    model = "entry",
+    code = 2,
+    version = 1,
+    domain = "index",
+    priority = 30
+)]
 pub struct Entry {
     /// Record uuid; `None` until the entry is identified (sync readiness).
     #[syncable(uuid)]
@@ -105,6 +111,13 @@ pub struct Entry {
     /// Its entry-scoped metadata; breaks the Entry ↔ UserMetadata cycle.
     #[syncable(references = "user_metadata", breaks_cycle)]
     pub metadata: Option<Uuid>,
+    /// Its inode number, where the platform gives one: a file moved *and* edited while nobody
+    /// watched is matched to its entry by it (with [`Entry::volume`]). Since version 1.
+    #[syncable(since = 1)]
+    pub inode: Option<i64>,
+    /// The file system (device number) its inode is on. Since version 1.
+    #[syncable(since = 1)]
+    pub volume: Option<i64>,
 }
 
 /// A unique content, identified by hash; the same bytes give the same uuid on every device.

@@ -102,6 +102,8 @@ fn run(lib: &Library, location: Uuid, ops: &[Op]) -> Model {
                         modified_ms: 0,
                         content: Some(c),
                         metadata: None,
+                        inode: None,
+                        volume: None,
                     });
                     model.files.insert(name, (uuid, c));
                 }

@@ -192,6 +192,54 @@ fn changes_made_while_nothing_watched_are_found_at_start() {
     assert!(entry(&lib, &tree.join("kept.txt")).is_some());
 }
 
+/// A file moved into another folder *and* edited while nothing watched keeps its entry and its
+/// note: the rescan at start matches it by inode (its content is new, so content cannot). A new
+/// file that may reuse a deleted file's inode is not taken for it.
+#[test]
+fn a_file_moved_and_edited_while_nothing_watched_keeps_its_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("from")).expect("tree");
+    std::fs::create_dir_all(tree.join("to")).expect("tree");
+    std::fs::write(tree.join("from/photo.jpg"), b"the photo").expect("file");
+    std::fs::write(tree.join("from/old.txt"), b"an old file").expect("file");
+    let tree = tree.canonicalize().expect("canonical");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    let before = entry(&lib, &tree.join("from/photo.jpg")).expect("the entry");
+    let old = entry(&lib, &tree.join("from/old.txt")).expect("the entry");
+    lib.files()
+        .note(
+            &tree.join("from/photo.jpg"),
+            "beach, 2024",
+            keel_engine::Scope::Entry,
+        )
+        .expect("notes");
+    std::fs::rename(tree.join("from/photo.jpg"), tree.join("to/renamed.jpg")).expect("moves");
+    std::fs::write(tree.join("to/renamed.jpg"), b"the photo, cropped").expect("edits");
+    // Deleted, then a new file (the file system may give it the freed inode).
+    std::fs::remove_file(tree.join("from/old.txt")).expect("deletes");
+    std::fs::write(tree.join("to/new.txt"), b"a new file").expect("creates");
+    // The rescan at start leaves files written this recently for its next run.
+    watched(&lib, |events| {
+        wait_until(events, "the rescan of the files just written", || {
+            entry(&lib, &tree.join("to/renamed.jpg")).is_some()
+                && entry(&lib, &tree.join("to/new.txt")).is_some()
+        });
+    });
+    let after = entry(&lib, &tree.join("to/renamed.jpg")).expect("the moved entry");
+    assert_eq!(after.uuid, before.uuid, "the entry is kept");
+    assert_ne!(after.content, before.content, "with its new content");
+    assert_eq!(note(&lib, &after).as_deref(), Some("beach, 2024"));
+    assert!(entry(&lib, &tree.join("from/photo.jpg")).is_none());
+    let new = entry(&lib, &tree.join("to/new.txt")).expect("the new file");
+    assert_ne!(new.uuid, old.uuid, "a new file is not the deleted one");
+    assert!(entry(&lib, &tree.join("from/old.txt")).is_none());
+    let (report, digest) = lib.verify().expect("verifies");
+    assert!(report.faults.is_empty());
+    digest.expect("the projections match a replay");
+}
+
 /// A running node watches its locations: a file written on `a` reaches `b`'s projection with
 /// nobody running `index`.
 #[test]

@@ -137,6 +137,8 @@ impl LibraryWorkload {
                     modified_ms: 1_600_000_000_000 + i as i64,
                     content: Some(content),
                     metadata: None,
+                    inode: None,
+                    volume: None,
                 },
             ));
         }

@@ -89,6 +89,10 @@ pub struct IndexReport {
     /// Files left for a later run because they were still being written (modified within
     /// the settle time the watcher gives), at most [`SETTLING_LISTED_MAX`] listed.
     pub settling: Vec<PathBuf>,
+    /// Files not found where they were, kept (not removed) because files were still being
+    /// written: one of those may be one of these, moved and then edited. A later run over
+    /// their folders decides.
+    pub held: Vec<PathBuf>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -101,6 +105,21 @@ struct Item {
     size: i64,
     created_ms: i64,
     modified_ms: i64,
+    /// Its inode and the device it is on, where the platform gives them.
+    inode: Option<(i64, i64)>,
+}
+
+/// The inode of `meta` and the device it is on (unix), as stored in an entry.
+#[cfg(unix)]
+fn inode_of(meta: &std::fs::Metadata) -> Option<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.ino() as i64, meta.dev() as i64))
+}
+
+/// Other platforms give no inode: moves are matched by content, then by name and size.
+#[cfg(not(unix))]
+fn inode_of(_meta: &std::fs::Metadata) -> Option<(i64, i64)> {
+    None
 }
 
 impl Item {
@@ -122,6 +141,7 @@ impl Item {
             },
             created_ms: millis(meta.created()),
             modified_ms: millis(meta.modified()),
+            inode: inode_of(meta),
             path: found.path,
             relative_path: found.relative_path,
             name: found.name,
@@ -142,7 +162,23 @@ impl Item {
             modified_ms: self.modified_ms,
             content,
             metadata: None,
+            inode: self.inode.map(|(inode, _)| inode),
+            volume: self.inode.map(|(_, volume)| volume),
         }
+    }
+
+    /// The fields that say where its bytes are: its inode and device.
+    fn inode_fields(&self) -> [(&'static str, Value); 2] {
+        let int = |v: Option<i64>| v.map_or(Value::Null, Value::Int);
+        [
+            ("inode", int(self.inode.map(|(inode, _)| inode))),
+            ("volume", int(self.inode.map(|(_, volume)| volume))),
+        ]
+    }
+
+    /// Whether `entry` records another inode than this item's.
+    fn inode_differs(&self, entry: &Entry) -> bool {
+        self.inode.map(|(i, _)| i) != entry.inode || self.inode.map(|(_, v)| v) != entry.volume
     }
 }
 
@@ -213,6 +249,11 @@ fn classify(
                         && prev.content.is_some() =>
                 {
                     report.unchanged += 1;
+                    if item.inode_differs(&prev) {
+                        // Indexed before entries kept inodes, or replaced in place.
+                        let uuid = prev.uuid.unwrap_or_default();
+                        planned.push(Planned::Update(uuid, item.inode_fields().to_vec()));
+                    }
                     None
                 }
                 Some(prev) if prev.kind == EntryKind::File.code() => {
@@ -260,9 +301,9 @@ struct Results<'a> {
     contents: NewContents,
     /// Contents seen in this run.
     known_content: HashSet<Uuid>,
-    /// Files of the location that the walk did not find, by content: a new file with one of
-    /// these contents is a move.
-    gone_by_content: HashMap<Uuid, Vec<Entry>>,
+    /// Files of the location that the walk did not find: a new file with one of their inodes,
+    /// or contents, is a move.
+    gone: Gone,
     /// The last commit, not yet durable.
     in_flight: Option<crate::library::PendingTransaction<'a>>,
     /// The first error; once set, the remaining files are only counted.
@@ -339,7 +380,7 @@ impl Results<'_> {
             });
         }
         let moved_from = if prev.is_none() {
-            self.gone_by_content.get_mut(&content).and_then(|v| v.pop())
+            self.gone.take_move(&item, content)
         } else {
             None
         };
@@ -353,24 +394,29 @@ impl Results<'_> {
             self.report.unchanged += 1;
         } else if let Some(prev) = prev {
             self.report.changed += 1;
-            self.planned.push(Planned::Update(
-                prev.uuid.unwrap_or_default(),
-                vec![
-                    ("content", Value::Uuid(content)),
-                    ("size", Value::Int(item.size)),
-                    ("modified_ms", Value::Int(item.modified_ms)),
-                ],
-            ));
+            let mut fields = vec![
+                ("content", Value::Uuid(content)),
+                ("size", Value::Int(item.size)),
+                ("modified_ms", Value::Int(item.modified_ms)),
+            ];
+            fields.extend(item.inode_fields());
+            self.planned
+                .push(Planned::Update(prev.uuid.unwrap_or_default(), fields));
         } else if let Some(old) = moved_from {
+            // Moved, and perhaps edited too: the entry keeps its uuid and metadata.
             self.report.moved += 1;
-            self.planned.push(Planned::Update(
-                old.uuid.unwrap_or_default(),
-                vec![
-                    ("relative_path", Value::Text(item.relative_path.clone())),
-                    ("name", Value::Text(item.name.clone())),
-                    ("modified_ms", Value::Int(item.modified_ms)),
-                ],
-            ));
+            let mut fields = vec![
+                ("relative_path", Value::Text(item.relative_path.clone())),
+                ("name", Value::Text(item.name.clone())),
+                ("modified_ms", Value::Int(item.modified_ms)),
+            ];
+            if old.content != Some(content) {
+                fields.push(("content", Value::Uuid(content)));
+                fields.push(("size", Value::Int(item.size)));
+            }
+            fields.extend(item.inode_fields());
+            self.planned
+                .push(Planned::Update(old.uuid.unwrap_or_default(), fields));
         } else {
             self.report.new += 1;
             self.planned.push(Planned::Upsert(Box::new(
@@ -649,7 +695,7 @@ impl Library {
                 fresh: Vec::new(),
             },
             known_content: HashSet::new(),
-            gone_by_content: HashMap::new(),
+            gone: Gone::default(),
             in_flight: None,
             result: Ok(()),
             done: 0,
@@ -665,13 +711,22 @@ impl Library {
             mut report,
             mut planned,
             mut contents,
-            gone_by_content,
+            gone: gone_files,
             mut in_flight,
             result,
             ..
         } = results;
         result?;
-        gone.extend(gone_by_content.into_values().flatten());
+        if report.settling.is_empty() {
+            gone.extend(gone_files.into_rest());
+        } else {
+            // A file still being written may be one of the files not found (moved, then
+            // edited): they stay, listed for the run that takes it.
+            report.held = gone_files
+                .into_rest()
+                .map(|e| root.join(crate::ops::join_relative(&e.relative_path, &e.name)))
+                .collect();
+        }
         self.plan_removals(gone, &mut report, &mut planned)?;
         self.commit_planned(&mut contents, &mut planned, &mut in_flight)?;
         if let Some(last) = in_flight.take() {
@@ -706,7 +761,7 @@ impl Library {
 
     /// Walks `root` and hashes what is new or changed on [`HASH_THREADS`] threads, planning each
     /// file's change in `results`. Returns the entries that disappeared and cannot be moves
-    /// (the files that may be are left in `results.gone_by_content`).
+    /// (the files that may be are left in `results.gone`).
     fn walk_and_hash<'a>(
         &'a self,
         root: &Path,
@@ -793,7 +848,7 @@ impl Library {
                 }
             });
             // What is left in `existing` disappeared; files among them may reappear as moves.
-            gone = sort_gone(existing, &mut results.gone_by_content);
+            gone = sort_gone(existing, &mut results.gone);
             results.done += results.report.files - to_hash;
             self.take_hashed(done_rx, results, progress);
         });
@@ -952,20 +1007,89 @@ fn spawn_hashers<'scope>(
 
 /// Splits the entries the walk did not find: files with a content may reappear as moves (kept
 /// by content), the rest are gone.
-fn sort_gone(
-    existing: &mut HashMap<(String, String), Entry>,
-    gone_by_content: &mut HashMap<Uuid, Vec<Entry>>,
-) -> Vec<Entry> {
+fn sort_gone(existing: &mut HashMap<(String, String), Entry>, files: &mut Gone) -> Vec<Entry> {
     let mut gone = Vec::new();
     for (_, entry) in existing.drain() {
-        match entry.content {
-            Some(c) if entry.kind == EntryKind::File.code() => {
-                gone_by_content.entry(c).or_default().push(entry)
-            }
-            _ => gone.push(entry),
+        if entry.kind == EntryKind::File.code() && entry.content.is_some() {
+            files.add(entry);
+        } else {
+            gone.push(entry);
         }
     }
     gone
+}
+
+/// The files of a location an index run did not find where they were, each of which a new
+/// file may turn out to be (a move): matched by inode and device where the platform gives
+/// them, then by content, then (without inodes) by name and size.
+#[derive(Default)]
+struct Gone {
+    entries: HashMap<Uuid, Entry>,
+    by_inode: HashMap<(i64, i64), Uuid>,
+    by_content: HashMap<Uuid, Vec<Uuid>>,
+    by_name_size: HashMap<(String, i64), Vec<Uuid>>,
+}
+
+impl Gone {
+    fn add(&mut self, entry: Entry) {
+        let uuid = entry.uuid.unwrap_or_default();
+        if let (Some(inode), Some(volume)) = (entry.inode, entry.volume) {
+            self.by_inode.insert((inode, volume), uuid);
+        }
+        if let Some(content) = entry.content {
+            self.by_content.entry(content).or_default().push(uuid);
+        }
+        self.by_name_size
+            .entry((entry.name.clone(), entry.size))
+            .or_default()
+            .push(uuid);
+        self.entries.insert(uuid, entry);
+    }
+
+    /// The gone entry that new file `item` (of `content`) is, if any; taken out.
+    fn take_move(&mut self, item: &Item, content: Uuid) -> Option<Entry> {
+        if let Some(uuid) = item.inode.and_then(|key| self.by_inode.remove(&key)) {
+            // An inode is reused once its file is deleted: the same one is also born at the
+            // same time (a move keeps its creation time), or, where that is unknown, keeps
+            // its name.
+            let same_file = self.entries.get(&uuid).is_some_and(|entry| {
+                if entry.created_ms != 0 && item.created_ms != 0 {
+                    entry.created_ms == item.created_ms
+                } else {
+                    entry.name == item.name
+                }
+            });
+            if same_file {
+                return self.entries.remove(&uuid);
+            }
+        }
+        let by_content = self.by_content.get_mut(&content);
+        if let Some(entry) = by_content.and_then(|uuids| take_one(uuids, &mut self.entries)) {
+            return Some(entry);
+        }
+        if item.inode.is_some() {
+            // Its inode matched none: a same name and size is another file.
+            return None;
+        }
+        let key = (item.name.clone(), item.size);
+        let by_name = self.by_name_size.get_mut(&key);
+        by_name.and_then(|uuids| take_one(uuids, &mut self.entries))
+    }
+
+    /// The entries no new file turned out to be.
+    fn into_rest(self) -> impl Iterator<Item = Entry> {
+        self.entries.into_values()
+    }
+}
+
+/// Takes out of `entries` one of `uuids` still in it (the last added).
+fn take_one(uuids: &mut Vec<Uuid>, entries: &mut HashMap<Uuid, Entry>) -> Option<Entry> {
+    while let Some(uuid) = uuids.pop() {
+        if let Some(entry) = entries.remove(&uuid) {
+            return Some(entry);
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -227,6 +227,7 @@ impl Library {
                 ),
             });
             writing.extend(report.settling);
+            writing.extend(report.held);
         }
         Ok(writing)
     }
@@ -272,6 +273,7 @@ impl Library {
                 other => other?,
             };
             report.settling.extend(r.settling);
+            report.held.extend(r.held);
             report.new += r.new;
             report.changed += r.changed;
             report.moved += r.moved;
@@ -289,6 +291,7 @@ impl Library {
                 report.settling.len()
             ),
         });
+        report.settling.extend(report.held);
         Ok(report.settling)
     }
 

@@ -110,5 +110,7 @@ pub(crate) fn entry(location: Uuid, name: &str) -> Entry {
         modified_ms: 5,
         content: None,
         metadata: None,
+        inode: None,
+        volume: None,
     }
 }
