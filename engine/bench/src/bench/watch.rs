@@ -103,23 +103,32 @@ fn wait_for(lib: &Library, location: &Location, relative_path: &str, name: &str)
     }
 }
 
-/// Waits until `lib` has at least `files` file entries in `location`; returns how many.
+/// Waits until `lib` has at least `files` file entries in `location`; returns how many. It
+/// looks when the library reports a change (a cheap count first), so that waiting does not
+/// take CPU from the watcher it measures.
 fn wait_for_count(lib: &Library, location: &Location, files: usize) -> Result<usize> {
     let deadline = Instant::now() + WAIT;
+    let mut events = lib.subscribe();
     loop {
-        let count = lib
-            .read(|p| p.query().entries_of_location(location.uuid))?
-            .iter()
-            .filter(|e| e.content.is_some())
-            .count();
-        if count >= files {
-            return Ok(count);
+        if lib.read(|p| p.query().counts())?.entries >= files as u64 {
+            let count = lib
+                .read(|p| p.query().entries_of_location(location.uuid))?
+                .iter()
+                .filter(|e| e.content.is_some())
+                .count();
+            if count >= files {
+                return Ok(count);
+            }
         }
-        ensure!(
-            Instant::now() < deadline,
-            "{count} of {files} files absorbed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        ensure!(Instant::now() < deadline, "{files} files never absorbed");
+        // Any event (or a lagged bus) is a reason to look again; none for a while, too.
+        let until = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < until {
+            match events.try_recv() {
+                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
     }
 }
 
