@@ -543,7 +543,23 @@ export type PageKey = string | number;
 /**
  * An event on the library's bus.
  */
-export type Event = { "type": "records_changed", 
+export type Event = { "type": "conflict_recorded", 
+/**
+ * The conflict's id.
+ */
+id: string, 
+/**
+ * Its model.
+ */
+model: string, 
+/**
+ * Its record.
+ */
+record: string, 
+/**
+ * Its field.
+ */
+field: string, } | { "type": "records_changed", 
 /**
  * `(model name, record uuid, kind)`, at most [`EVENT_RECORDS_MAX`].
  */

@@ -65,10 +65,12 @@ pub struct ApplyStats {
     /// Whether the batch's references were proven present, so SQLite did not look them up
     /// (see `references.rs`).
     pub references_proven: bool,
+    /// Conflicts recorded (see [`crate::Query::conflicts`]).
+    pub conflicts: u64,
 }
 
 /// A SQL parameter borrowed from a change or a row.
-enum Param<'a> {
+pub(crate) enum Param<'a> {
     Null,
     Value(&'a Value),
     Blob(&'a [u8]),
@@ -988,6 +990,18 @@ impl Projections {
         changes: &[Change],
         position: Option<AppliedPosition>,
     ) -> Result<ApplyStats, ProjectionError> {
+        self.apply_logged(changes, &[], position)
+    }
+
+    /// [`Projections::apply`] of changes of which some are log entries: `logged[i]` is the log
+    /// position of `changes[i]` (`None`, or missing, for a local change). The log entries are
+    /// looked at for conflicts, in order (see [`crate::Query::conflicts`]).
+    pub fn apply_logged(
+        &mut self,
+        changes: &[Change],
+        logged: &[Option<u64>],
+        position: Option<AppliedPosition>,
+    ) -> Result<ApplyStats, ProjectionError> {
         let order = ApplyOrder::new(changes, &self.ranks);
         let unchecked = self.references_found(changes, &order)?;
         let positions = order.positions();
@@ -997,7 +1011,7 @@ impl Projections {
             // transaction are applied carefully, each reference looked up by Keel.
             self.conn.pragma_update(None, "foreign_keys", "OFF")?;
         }
-        let applied = self.apply_checked(changes, &positions, unchecked, position);
+        let applied = self.apply_checked(changes, (&positions, logged), unchecked, position);
         if position.is_some() {
             self.ahead_from = None;
         }
@@ -1044,7 +1058,7 @@ impl Projections {
     fn apply_checked(
         &mut self,
         changes: &[Change],
-        order: &[usize],
+        (order, logged): (&[usize], &[Option<u64>]),
         unchecked: bool,
         position: Option<AppliedPosition>,
     ) -> Result<ApplyStats, ProjectionError> {
@@ -1066,11 +1080,11 @@ impl Projections {
             _ => order.to_vec(),
         };
         let (mut stats, parked) =
-            match self.apply_in_transaction(changes, &optimistic, position, false) {
+            match self.apply_in_transaction(changes, (&optimistic, logged), position, false) {
                 Err(ProjectionError::Sqlite(e)) if is_fk_violation(&e) => {
                     // A reference still missing at commit (the transaction rolled back): apply the
                     // batch again, parking what waits for a dependency.
-                    self.apply_in_transaction(changes, order, position, true)?
+                    self.apply_in_transaction(changes, (order, logged), position, true)?
                 }
                 other => other?,
             };
@@ -1088,7 +1102,7 @@ impl Projections {
     fn apply_in_transaction(
         &mut self,
         changes: &[Change],
-        order: &[usize],
+        (order, logged): (&[usize], &[Option<u64>]),
         position: Option<AppliedPosition>,
         careful: bool,
     ) -> Result<(ApplyStats, u64), ProjectionError> {
@@ -1100,6 +1114,9 @@ impl Projections {
             stats.unparked = applier.retry_parked()?;
         }
         applier.write_counts()?;
+        if !logged.is_empty() {
+            stats.conflicts = crate::conflicts::observe(&tx, &self.registry, changes, logged)?;
+        }
         if let Some(position) = position {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO _meta (key, value) VALUES ('applied_lsn', ?1), ('applied_local', ?2), \

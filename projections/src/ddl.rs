@@ -13,7 +13,7 @@ use crate::derived::{holds_counts, COUNT_COLUMNS};
 /// of the models the file was built for) and the version of a lacking change. A projection of
 /// an older version, or built for other models, is discarded on open and replayed from the
 /// journal.
-pub(crate) const SCHEMA_VERSION: i64 = 7;
+pub(crate) const SCHEMA_VERSION: i64 = 8;
 
 /// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes
 /// (cachegrind, whole run of the scratch harness): 2.07 G for 4 rows, 1.98 G for 8, 2.02 G for 16,
@@ -103,6 +103,16 @@ pub(crate) const INTERNAL: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS _parked (key BLOB PRIMARY KEY NOT NULL, missing TEXT NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _lacking (id BLOB PRIMARY KEY NOT NULL, model INTEGER NOT NULL, version INTEGER NOT NULL, change BLOB NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _registry (fingerprint TEXT NOT NULL)",
+    // Conflicts (see `crate::conflicts`): each user-edited field's last log write, and the
+    // concurrent writes found.
+    "CREATE TABLE IF NOT EXISTS _field_writes (model INTEGER NOT NULL, record BLOB NOT NULL, \
+     field INTEGER NOT NULL, pos INTEGER NOT NULL, change BLOB NOT NULL, hlc BLOB NOT NULL, \
+     value, PRIMARY KEY (model, record, field)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _conflicts (id BLOB PRIMARY KEY NOT NULL, pos INTEGER NOT NULL, \
+     model INTEGER NOT NULL, record BLOB NOT NULL, field INTEGER NOT NULL, \
+     a_change BLOB NOT NULL, a_hlc BLOB NOT NULL, a_value, \
+     b_change BLOB NOT NULL, b_hlc BLOB NOT NULL, b_value, \
+     winner INTEGER NOT NULL, strategy TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _refused (id BLOB PRIMARY KEY NOT NULL, model TEXT NOT NULL, record BLOB NOT NULL, origin BLOB NOT NULL, reason TEXT NOT NULL) WITHOUT ROWID",
     "CREATE VIEW IF NOT EXISTS content_identity_stats AS \
        SELECT uuid, _entries AS entry_count, _bytes AS total_size \

@@ -230,6 +230,7 @@ mod tests {
             record: Uuid::from_u128(1),
             op: keel_schema::Op::Delete,
             version: 0,
+            seen: 0,
         };
         let changes = vec![
             change(other),

@@ -211,6 +211,7 @@ fn a_middle_version_is_upcast_and_a_bad_one_refused() {
             (2, stars),
         ]),
         version: 1,
+        seen: 0,
     };
     let batch = vec![
         v1(1, Value::Text("three".into())),

@@ -122,6 +122,7 @@ fn entry_fields(clock: &mut Clock, uuid: Uuid, fields: &[(&str, Value)]) -> Chan
                 .collect(),
         ),
         version: 0,
+        seen: 0,
     }
 }
 
@@ -133,6 +134,7 @@ fn delete_entry(clock: &mut Clock, uuid: Uuid) -> Change {
         record: uuid,
         op: Op::Delete,
         version: 0,
+        seen: 0,
     }
 }
 

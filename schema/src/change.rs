@@ -45,6 +45,14 @@ pub struct Change {
     /// when not 0, so a change of a model's first version is the same bytes as before versions.
     #[serde(default, skip_serializing_if = "is_first")]
     pub version: u8,
+    /// Its causal context: the log position its writer had applied when it wrote it (0: none
+    /// known). A change at log position `p` that another device wrote was seen by this one iff
+    /// `seen >= p`; two writes to one field, neither of which saw the other, are concurrent
+    /// (see the conflicts in `keel_projections`). Encoded only when not 0, as a seventh element
+    /// (the version then written even when 0), so a change without one keeps its bytes. Not
+    /// in the serde form, which host apps read: only in the canonical encoding.
+    #[serde(skip)]
+    pub seen: u64,
 }
 
 fn is_first(version: &u8) -> bool {
@@ -94,6 +102,7 @@ impl Change {
             record: uuid,
             op: Op::Upsert(fields),
             version: M::DEF.version,
+            seen: 0,
         }
     }
 
@@ -122,6 +131,7 @@ impl Change {
             record,
             op: Op::Upsert(indexed),
             version: def.version,
+            seen: 0,
         };
         change.validate()?;
         Ok(change)
@@ -140,6 +150,7 @@ impl Change {
             record: update.record(),
             op: Op::Upsert(update.into_fields()),
             version: <U::Model as Syncable>::DEF.version,
+            seen: 0,
         };
         change.validate()?;
         Ok(change)
@@ -154,6 +165,7 @@ impl Change {
             record,
             op: Op::Delete,
             version: M::DEF.version,
+            seen: 0,
         }
     }
 
@@ -338,6 +350,27 @@ mod tests {
         assert_eq!(bytes[0], CHANGE_FORMAT_VERSION);
         assert!(bytes.len() < 256, "encoded size {}", bytes.len());
         assert_eq!(Change::decode(&bytes).expect("decodes"), change);
+    }
+
+    #[test]
+    fn a_causal_context_round_trips_and_costs_nothing_when_absent() {
+        let mut change = sample();
+        let without = change.encode();
+        assert_eq!(without[1], 0x96, "version 1, no context: six elements");
+        change.seen = 70_000;
+        let with = change.encode();
+        assert_eq!(with[1], 0x97, "a context is a seventh element");
+        assert_eq!(Change::decode(&with).expect("decodes"), change);
+        change.version = 0;
+        let first_version = change.encode();
+        assert_eq!(first_version[1], 0x97, "the version is written before it");
+        assert_eq!(Change::decode(&first_version).expect("decodes"), change);
+        change.seen = 0;
+        assert_eq!(
+            change.encode()[1],
+            0x95,
+            "neither: five elements, as before both"
+        );
     }
 
     #[test]

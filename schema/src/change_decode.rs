@@ -132,7 +132,7 @@ impl<'a> Reader<'a> {
 pub(crate) fn decode_body(body: &[u8]) -> Option<Change> {
     let mut r = Reader { bytes: body };
     let elements = r.array()?;
-    if elements != 5 && elements != 6 {
+    if !(5..=7).contains(&elements) {
         return None;
     }
     let id = ChangeId(r.uuid()?);
@@ -167,7 +167,8 @@ pub(crate) fn decode_body(body: &[u8]) -> Option<Change> {
     } else {
         return None;
     };
-    let version = if elements == 6 { r.uint::<u8>()? } else { 0 };
+    let version = if elements >= 6 { r.uint::<u8>()? } else { 0 };
+    let seen = if elements == 7 { r.uint::<u64>()? } else { 0 };
     if !r.bytes.is_empty() {
         return None;
     }
@@ -182,6 +183,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Option<Change> {
         record,
         op,
         version,
+        seen,
     })
 }
 
@@ -244,6 +246,7 @@ pub(crate) mod tests {
                     record: Uuid::from_u128(record),
                     op: fields.map_or(Op::Delete, Op::Upsert),
                     version,
+                    seen: 0,
                 },
             )
     }

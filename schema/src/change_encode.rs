@@ -114,8 +114,14 @@ fn value(out: &mut Vec<u8>, value: &Value) {
 
 /// Appends the canonical body of `change` (everything after the format version) to `out`.
 pub(crate) fn encode_body(change: &Change, out: &mut Vec<u8>) {
-    // The version is a sixth element only when it is not 0 (as serde skips it).
-    array(out, if change.version == 0 { 5 } else { 6 });
+    // The version is a sixth element only when it or the causal context is not 0 (as serde
+    // skips it), the causal context a seventh only when it is not 0.
+    let elements = match (change.version, change.seen) {
+        (0, 0) => 5,
+        (_, 0) => 6,
+        _ => 7,
+    };
+    array(out, elements);
     bin(out, change.id.0.as_bytes());
     array(out, 3);
     uint(out, change.hlc.physical_ms);
@@ -137,8 +143,11 @@ pub(crate) fn encode_body(change: &Change, out: &mut Vec<u8>) {
             }
         }
     }
-    if change.version != 0 {
+    if elements >= 6 {
         uint(out, u64::from(change.version));
+    }
+    if elements == 7 {
+        uint(out, change.seen);
     }
 }
 

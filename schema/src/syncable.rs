@@ -100,6 +100,21 @@ impl ModelDef {
         self.fields.iter().position(|f| f.name == name)
     }
 
+    /// Whether several devices may write its records (it is not always index-domain, where the
+    /// owning device is the only writer).
+    pub fn shared_writes(&self) -> bool {
+        !matches!(self.domain, DomainRule::Fixed(SyncDomain::Index))
+    }
+
+    /// Whether users edit its records' values on several devices: it has
+    /// [`ModelDef::shared_writes`] and is not one whose every value is derived, the same on
+    /// every device (a ContentIdentity from a file's bytes, a RegisteredModel from an app's
+    /// code). Writes to such models are looked at for conflicts, and carry their causal
+    /// context ([`crate::Change::seen`]).
+    pub fn user_edited(&self) -> bool {
+        self.shared_writes() && !matches!(self.name, "content_identity" | "registered_model")
+    }
+
     /// Brings the fields of a change written at version `from` to this build's version: the
     /// host's [`ModelDef::upcast`] one step at a time, then, if the change wrote every field its
     /// version had (a whole record), the fields added since, at their default (which is in this

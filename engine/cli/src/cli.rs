@@ -101,6 +101,14 @@ pub(crate) enum Command {
         #[arg(long)]
         hidden: Option<bool>,
     },
+    /// List the conflicts: two devices' writes to one field, neither of which saw the other.
+    Conflicts {
+        /// Library name.
+        lib: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the tags, or rename or recolour one.
     Tags {
         /// Library name.
@@ -622,6 +630,7 @@ impl Command {
             }
             | Command::Jobs { lib, .. }
             | Command::Tags { lib, .. }
+            | Command::Conflicts { lib, .. }
             | Command::Locations { lib, .. }
             | Command::Show { lib, .. }
             | Command::Status { lib, .. }
@@ -847,6 +856,7 @@ pub(crate) fn exec(
             hidden,
         } => crate::everyday::flag(lib, &target, favorite, hidden)?,
         Command::Tags { command, json, .. } => crate::everyday::tags(lib, command, json, io)?,
+        Command::Conflicts { json, .. } => crate::everyday::conflicts(lib, json, io)?,
         Command::Locations { command, json, .. } => {
             crate::everyday::locations(lib, command, json, io)?
         }

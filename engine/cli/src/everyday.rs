@@ -1,5 +1,5 @@
-//! `keel untag`, `unnote`, `flag`, `tags`, `locations` and `libraries`: the everyday operations
-//! beside indexing, tagging and notes.
+//! `keel untag`, `unnote`, `flag`, `tags`, `locations`, `libraries` and `conflicts`: the
+//! everyday operations beside indexing, tagging and notes.
 
 use std::path::PathBuf;
 
@@ -168,4 +168,68 @@ pub(crate) fn libraries(home: &Home, json: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A field's value as JSON.
+fn value_json(value: &keel_engine::schema::Value) -> serde_json::Value {
+    use keel_engine::schema::Value;
+    match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => (*b).into(),
+        Value::Int(i) => (*i).into(),
+        Value::Text(t) => t.as_str().into(),
+        Value::Bytes(b) => b
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+            .into(),
+        Value::Uuid(u) => u.to_string().into(),
+    }
+}
+
+/// `keel conflicts`.
+pub(crate) fn conflicts(lib: &Library, json: bool, io: &mut dyn Io) -> Result<()> {
+    for conflict in lib.conflicts()? {
+        let sides: Vec<serde_json::Value> = conflict
+            .sides
+            .iter()
+            .map(|side| {
+                serde_json::json!({
+                    "change": side.change.0.to_string(),
+                    "device": side.device.to_hex(),
+                    "written_ms": side.hlc.physical_ms,
+                    "value": value_json(&side.value),
+                })
+            })
+            .collect();
+        if json {
+            let line = serde_json::json!({
+                "id": conflict.id.to_string(),
+                "model": conflict.model,
+                "record": conflict.record.to_string(),
+                "field": conflict.field,
+                "sides": sides,
+                "winner": conflict.winner,
+                "strategy": conflict.strategy,
+                "position": conflict.position,
+            });
+            io.line(&line.to_string());
+            continue;
+        }
+        let [first, second] = &conflict.sides;
+        io.line(&format!(
+            "{} {}.{} of {}: {} ({}) vs {} ({}); {} won ({})",
+            conflict.id,
+            conflict.model,
+            conflict.field,
+            conflict.record,
+            value_json(&first.value),
+            first.device.short(),
+            value_json(&second.value),
+            second.device.short(),
+            conflict.sides[conflict.winner].device.short(),
+            conflict.strategy,
+        ));
+    }
+    Ok(())
 }

@@ -119,6 +119,9 @@ fn index_tag_note_show_status_digest_rebuild() {
     )))
     .expect("json");
     assert_eq!(rehashed["changed"], 0, "{rehashed}");
+    // One device writes alone: no conflicts, listed as none.
+    assert_eq!(ok(&keel(&home, &["conflicts", "lib", "--json"])), "");
+    assert_eq!(ok(&keel(&home, &["conflicts", "lib"])), "");
     assert!(rehashed["bytes_hashed"].as_u64() > Some(0), "{rehashed}");
     let ls = ok(&keel(&home, &["ls", "lib", tree_s]));
     assert!(ls.contains("a.txt") && ls.contains("sub"), "{ls}");

@@ -199,15 +199,25 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
             // Epoch barriers carry no change, but the position passes them too.
             advance(&mut position, Placement::Log(through));
         }
+        let logged: Vec<Option<u64>> = group
+            .entries
+            .iter()
+            .map(|(placement, _)| match placement {
+                Placement::Log(lsn) => Some(lsn.0),
+                Placement::Offline(_) => None,
+            })
+            .collect();
         let changes: Vec<Change> = group.entries.into_iter().map(|(_, c)| c).collect();
         let result = match shared.projections.lock() {
             Ok(mut p) => {
                 if let Some(from) = group.ahead_from {
                     p.mark_ahead_from(from);
                 }
-                p.apply(&changes, Some(position)).and_then(|stats| {
-                    end_bulk_load_if_reached(&shared, &mut p, position).map(|()| stats)
-                })
+                p.apply_logged(&changes, &logged, Some(position))
+                    .and_then(|stats| {
+                        end_bulk_load_if_reached(&shared, &mut p, position).map(|()| stats)
+                    })
+                    .and_then(|stats| announce_conflicts(&shared, &p, stats.conflicts))
             }
             Err(_) => return,
         };
@@ -215,6 +225,29 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
             return;
         }
     }
+}
+
+/// Announces the `recorded` conflicts an apply just recorded (at most [`EVENT_RECORDS_MAX`]).
+fn announce_conflicts(
+    shared: &Shared,
+    projections: &Projections,
+    recorded: u64,
+) -> Result<(), ProjectionError> {
+    if recorded == 0 || shared.events.receiver_count() == 0 {
+        return Ok(());
+    }
+    let n = usize::try_from(recorded)
+        .unwrap_or(usize::MAX)
+        .min(EVENT_RECORDS_MAX);
+    for conflict in projections.query().latest_conflicts(n)? {
+        let _ = shared.events.send(Event::ConflictRecorded {
+            id: conflict.id,
+            model: conflict.model,
+            record: conflict.record,
+            field: conflict.field,
+        });
+    }
+    Ok(())
 }
 
 /// Records how an apply went and tells waiters and subscribers. False when the state's lock is

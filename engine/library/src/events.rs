@@ -34,6 +34,18 @@ impl ChangeKind {
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
+    /// Two devices wrote one field while neither had seen the other's write: recorded as a
+    /// conflict (see [`crate::Library::conflicts`]); the same on every device.
+    ConflictRecorded {
+        /// The conflict's id.
+        id: Uuid,
+        /// Its model.
+        model: &'static str,
+        /// Its record.
+        record: Uuid,
+        /// Its field.
+        field: &'static str,
+    },
     /// Records changed in the projections (committed here or elsewhere).
     RecordsChanged {
         /// `(model name, record uuid, kind)`, at most [`EVENT_RECORDS_MAX`].

@@ -35,6 +35,7 @@
 mod applier;
 mod attest;
 mod config;
+mod conflicts;
 mod error;
 mod events;
 mod everyday;
@@ -64,8 +65,8 @@ pub use jobs::{
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
 pub use keel_projections::{
-    EntryFilter, EntryMetadata, EntryOrder, EntryPage, PageCursor, PageKey, RefusedChange,
-    SearchHit, SearchMatch,
+    Conflict, ConflictSide, EntryFilter, EntryMetadata, EntryOrder, EntryPage, PageCursor, PageKey,
+    RefusedChange, SearchHit, SearchMatch,
 };
 /// Keel's schema crate, whole: `#[derive(Syncable)]` in a crate that depends on `keel-engine`
 /// alone generates paths through it.

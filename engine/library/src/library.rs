@@ -721,7 +721,19 @@ impl Library {
             let now = now_ms();
             let mut tx = Tx::new(&mut clock, &self.models, now);
             let value = f(&mut tx)?;
-            let changes = tx.finish()?;
+            let mut changes = tx.finish()?;
+            // Their causal context: what this device had applied of the log (see
+            // `Change::seen`), on the changes that can conflict.
+            let seen = self.sync_state().applied_lsn().0;
+            for change in &mut changes {
+                if self
+                    .models
+                    .get(change.model)
+                    .is_some_and(|d| d.user_edited())
+                {
+                    change.seen = seen;
+                }
+            }
             (
                 value,
                 crate::attest::attest(&self.signer, &mut clock, now, changes)?,

@@ -35,6 +35,8 @@ pub struct ReplayReport {
 
 struct Chunk {
     changes: Vec<Change>,
+    /// Each change's log position (`None` for an offline one): conflicts are found in them.
+    logged: Vec<Option<u64>>,
     position: AppliedPosition,
     faults: Vec<String>,
 }
@@ -101,6 +103,7 @@ fn replay_with(
                 ..ReplayReport::default()
             },
             pending: Vec::with_capacity(REPLAY_APPLY_BATCH),
+            pending_logged: Vec::with_capacity(REPLAY_APPLY_BATCH),
             done: 0,
             total,
             step,
@@ -141,12 +144,16 @@ fn read_chunks(
         next = Lsn(last.0 + 1);
         let mut chunk = Chunk {
             changes: Vec::with_capacity(raw.len()),
+            logged: Vec::with_capacity(raw.len()),
             position,
             faults: Vec::new(),
         };
         for ((lsn, _), opened) in raw.iter().zip(journal.log().open_records(&raw)) {
             match opened {
-                Ok((_, _, change)) => chunk.changes.push(change),
+                Ok((_, _, change)) => {
+                    chunk.changes.push(change);
+                    chunk.logged.push(Some(lsn.0));
+                }
                 Err(e) => chunk.faults.push(e.to_string()),
             }
             chunk.position.log = *lsn;
@@ -164,6 +171,7 @@ fn read_chunks(
         }
         let mut chunk = Chunk {
             changes: Vec::with_capacity(entries.len()),
+            logged: Vec::new(),
             position,
             faults: Vec::new(),
         };
@@ -199,6 +207,9 @@ struct Applier<'a, 'p> {
     projections: &'a mut Projections,
     report: ReplayReport,
     pending: Vec<Change>,
+    /// The log positions of `pending`'s changes, as far as they are log entries (offline ones
+    /// come after every log entry, so this is a prefix).
+    pending_logged: Vec<Option<u64>>,
     done: u64,
     total: u64,
     step: &'a mut (dyn FnMut(u64, u64) -> Result<(), EngineError> + 'p),
@@ -223,6 +234,7 @@ impl Applier<'_, '_> {
             }
             self.report.faults.extend(chunk.faults);
             self.pending.extend(chunk.changes);
+            self.pending_logged.extend(chunk.logged);
             pending_position = chunk.position;
             // A full batch, or the reader has nothing more yet: at the start that means applying
             // the first chunks instead of waiting for a whole batch to be read.
@@ -240,7 +252,9 @@ impl Applier<'_, '_> {
 
     /// Applies what is pending in one transaction that records `position`.
     fn apply_batch(&mut self, position: AppliedPosition) -> Result<(), EngineError> {
-        let stats = self.projections.apply(&self.pending, Some(position))?;
+        let stats =
+            self.projections
+                .apply_logged(&self.pending, &self.pending_logged, Some(position))?;
         let n = self.pending.len() as u64;
         self.done += n;
         self.report.changes += n;
@@ -249,6 +263,7 @@ impl Applier<'_, '_> {
             self.report.proven += n;
         }
         self.pending.clear();
+        self.pending_logged.clear();
         self.since_checkpoint += n;
         if let Some(every) = self.checkpoint_every.filter(|_| self.fast) {
             if self.since_checkpoint >= every {

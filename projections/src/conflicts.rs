@@ -1,0 +1,266 @@
+//! Conflicts: two devices' writes to one field, neither of which saw the other (decision 0051).
+//!
+//! A change carries its causal context, `Change::seen`: the log position its writer had
+//! applied when it wrote it. The log orders every change the same way on every device, so a
+//! write `y` at log position `p` to a field whose last log write `x` (at `q < p`) came from
+//! another device is concurrent with it iff `y.seen < q`, and then, if their values differ,
+//! both are recorded as a conflict. Only log entries are looked at, in log order, and only
+//! fields a user edits (of models that `ModelDef::user_edited` accepts, references left
+//! out: a tag set is a set of records, merged by union). So every device records the same
+//! conflicts with the same ids, and a replay records them again. The field's value itself
+//! is still last-writer-wins, as everywhere: the conflict says what was overwritten.
+//!
+//! `_field_writes` keeps the last log write of each such field; `_conflicts` the record (both
+//! created with the other internal tables, `crate::ddl::INTERNAL`).
+
+use keel_schema::{Change, ChangeId, DeviceId, Hlc, ModelDef, Op, Registry, Value};
+use rusqlite::{Connection, OptionalExtension};
+use uuid::Uuid;
+
+use crate::apply::{read_value, Param};
+use crate::error::ProjectionError;
+
+/// The strategy that picks a conflict's winner (only this one so far).
+pub const LATEST_WINS: &str = "latest-wins";
+
+/// One side of a conflict: a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictSide {
+    /// The change.
+    pub change: ChangeId,
+    /// The device that wrote it.
+    pub device: DeviceId,
+    /// Its clock (`physical_ms` is when it was written).
+    pub hlc: Hlc,
+    /// The value it wrote.
+    pub value: Value,
+}
+
+/// Two concurrent writes to one field, as recorded (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// Its id: the same on every device.
+    pub id: Uuid,
+    /// The log position of the later write, where it was found.
+    pub position: u64,
+    /// The model.
+    pub model: &'static str,
+    /// The record.
+    pub record: Uuid,
+    /// The field.
+    pub field: &'static str,
+    /// The earlier write in the log, then the later one.
+    pub sides: [ConflictSide; 2],
+    /// Which side's value won (an index into `sides`).
+    pub winner: usize,
+    /// The strategy that picked it.
+    pub strategy: String,
+}
+
+/// The last log write of a field.
+struct Written {
+    pos: u64,
+    change: Uuid,
+    hlc: Hlc,
+    value: Value,
+}
+
+/// Looks at the log entries among `changes` (`logged[i]`: the log position of `changes[i]`,
+/// `None` for a local one; missing entries are `None`), in order, and records the conflicts
+/// they make. Returns how many it recorded. Runs in the caller's transaction.
+pub(crate) fn observe(
+    conn: &Connection,
+    registry: &Registry,
+    changes: &[Change],
+    logged: &[Option<u64>],
+) -> Result<u64, ProjectionError> {
+    let mut recorded = 0;
+    for (change, pos) in changes.iter().zip(logged) {
+        let (Some(pos), Some(def)) = (pos, registry.get(change.model)) else {
+            continue;
+        };
+        let Op::Upsert(fields) = &change.op else {
+            continue;
+        };
+        if !def.user_edited() {
+            continue;
+        }
+        for (index, value) in fields {
+            let Some(field) = def.fields.get(usize::from(*index)) else {
+                continue;
+            };
+            if field.references.is_some() {
+                continue;
+            }
+            let previous = last_write(conn, def, change, *index)?;
+            if previous.as_ref().is_some_and(|p| p.pos >= *pos) {
+                // Seen already (the same entry applied again).
+                continue;
+            }
+            if let Some(previous) = previous {
+                let concurrent = previous.hlc.device != change.hlc.device
+                    && change.seen < previous.pos
+                    && previous.value != *value;
+                if concurrent {
+                    recorded += record(conn, def, change, (*pos, *index, value), &previous)?;
+                }
+            }
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO _field_writes (model, record, field, pos, change, hlc, value) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (model, record, field) DO UPDATE \
+                 SET pos = excluded.pos, change = excluded.change, hlc = excluded.hlc, \
+                 value = excluded.value",
+            )?;
+            stmt.execute((
+                i64::from(change.model),
+                change.record.as_bytes().as_slice(),
+                i64::from(*index),
+                i64::try_from(*pos).unwrap_or(i64::MAX),
+                change.id.0.as_bytes().as_slice(),
+                change.hlc.to_bytes().as_slice(),
+                Param::Value(value),
+            ))?;
+        }
+    }
+    Ok(recorded)
+}
+
+/// The last log write of field `index` of `change`'s record, if any.
+fn last_write(
+    conn: &Connection,
+    def: &ModelDef,
+    change: &Change,
+    index: u8,
+) -> Result<Option<Written>, ProjectionError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT pos, change, hlc, value FROM _field_writes \
+         WHERE model = ?1 AND record = ?2 AND field = ?3",
+    )?;
+    let raw = stmt
+        .query_row(
+            (
+                i64::from(change.model),
+                change.record.as_bytes().as_slice(),
+                i64::from(index),
+            ),
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    read_value(def, usize::from(index), r.get_ref(3)?),
+                ))
+            },
+        )
+        .optional()?;
+    let Some((pos, id, hlc, value)) = raw else {
+        return Ok(None);
+    };
+    let bad = || ProjectionError::MalformedRow("_field_writes".into());
+    Ok(Some(Written {
+        pos: u64::try_from(pos).map_err(|_| bad())?,
+        change: Uuid::from_slice(&id).map_err(|_| bad())?,
+        hlc: Hlc::from_bytes(&hlc).ok_or_else(bad)?,
+        value: value?,
+    }))
+}
+
+/// Records the conflict between `previous` and `change` (writing `value` to field `index`, at
+/// log position `pos`); returns 1 if it was new.
+fn record(
+    conn: &Connection,
+    def: &ModelDef,
+    change: &Change,
+    (pos, index, value): (u64, u8, &Value),
+    previous: &Written,
+) -> Result<u64, ProjectionError> {
+    let mut key = blake3::Hasher::new();
+    key.update(b"keel conflict v1");
+    key.update(&[change.model, index]);
+    key.update(change.record.as_bytes());
+    key.update(previous.change.as_bytes());
+    key.update(change.id.0.as_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&key.finalize().as_bytes()[..16]);
+    // Latest wins: the later clock, as the field itself shows.
+    let winner = i64::from(change.hlc > previous.hlc);
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR IGNORE INTO _conflicts (id, pos, model, record, field, a_change, a_hlc, \
+         a_value, b_change, b_hlc, b_value, winner, strategy) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    let inserted = stmt.execute(rusqlite::params![
+        id.as_slice(),
+        i64::try_from(pos).unwrap_or(i64::MAX),
+        i64::from(def.code),
+        change.record.as_bytes().as_slice(),
+        i64::from(index),
+        previous.change.as_bytes().as_slice(),
+        previous.hlc.to_bytes().as_slice(),
+        Param::Value(&previous.value),
+        change.id.0.as_bytes().as_slice(),
+        change.hlc.to_bytes().as_slice(),
+        Param::Value(value),
+        winner,
+        LATEST_WINS,
+    ])?;
+    Ok(inserted as u64)
+}
+
+/// The conflicts recorded, oldest first; the newest `limit` of them when it is given.
+fn all(
+    conn: &Connection,
+    registry: &Registry,
+    limit: Option<usize>,
+) -> Result<Vec<Conflict>, ProjectionError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT * FROM (SELECT id, pos, model, record, field, a_change, a_hlc, a_value, \
+         b_change, b_hlc, b_value, winner, strategy FROM _conflicts ORDER BY pos DESC, id DESC \
+         LIMIT ?1) ORDER BY pos, id",
+    )?;
+    let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    let mut rows = stmt.query([limit])?;
+    let mut conflicts = Vec::new();
+    let bad = || ProjectionError::MalformedRow("_conflicts".into());
+    while let Some(r) = rows.next()? {
+        let code = u8::try_from(r.get::<_, i64>(2)?).map_err(|_| bad())?;
+        let index = usize::try_from(r.get::<_, i64>(4)?).map_err(|_| bad())?;
+        let def = registry.get(code).ok_or_else(bad)?;
+        let field = def.fields.get(index).ok_or_else(bad)?;
+        let side =
+            |change: usize, hlc: usize, value: usize| -> Result<ConflictSide, ProjectionError> {
+                let hlc = Hlc::from_bytes(&r.get::<_, Vec<u8>>(hlc)?).ok_or_else(bad)?;
+                Ok(ConflictSide {
+                    change: ChangeId(
+                        Uuid::from_slice(&r.get::<_, Vec<u8>>(change)?).map_err(|_| bad())?,
+                    ),
+                    device: hlc.device,
+                    hlc,
+                    value: read_value(def, index, r.get_ref(value)?)?,
+                })
+            };
+        conflicts.push(Conflict {
+            id: Uuid::from_slice(&r.get::<_, Vec<u8>>(0)?).map_err(|_| bad())?,
+            position: u64::try_from(r.get::<_, i64>(1)?).map_err(|_| bad())?,
+            model: def.name,
+            record: Uuid::from_slice(&r.get::<_, Vec<u8>>(3)?).map_err(|_| bad())?,
+            field: field.name,
+            sides: [side(5, 6, 7)?, side(8, 9, 10)?],
+            winner: usize::from(r.get::<_, i64>(11)? != 0),
+            strategy: r.get(12)?,
+        });
+    }
+    Ok(conflicts)
+}
+
+impl crate::Query<'_> {
+    /// Every conflict recorded, in log order (see the module docs of `conflicts`).
+    pub fn conflicts(&self) -> Result<Vec<Conflict>, ProjectionError> {
+        all(self.connection(), &self.registry, None)
+    }
+
+    /// The newest `n` conflicts recorded, in log order.
+    pub fn latest_conflicts(&self, n: usize) -> Result<Vec<Conflict>, ProjectionError> {
+        all(self.connection(), &self.registry, Some(n))
+    }
+}

@@ -1,0 +1,76 @@
+//! Issue 27, first part: concurrent edits are recorded as conflicts, the same on every device.
+
+use std::time::Duration;
+
+use keel_engine::{Library, Tag};
+use keel_tests::cluster::{converge, founder, joiner, restart};
+use keel_tests::PASSWORD;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn renamed(tag: &Tag, name: &str) -> Tag {
+    Tag {
+        name: name.into(),
+        ..tag.clone()
+    }
+}
+
+/// Two devices rename one tag while apart: after they meet, each records one conflict, with the
+/// same id, both values and the same winner, whose value the tag shows. A rename made after
+/// seeing the other's is not a conflict.
+#[test]
+fn concurrent_edits_are_one_conflict_on_every_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "lib").expect("founder");
+    let (home_b, b) = joiner(dir.path(), "b", &a).expect("joins");
+    let tag = keel_tests::tag("holiday");
+    a.library()
+        .transact(|tx| Ok(tx.upsert(&tag)))
+        .expect("commits");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let listen = b.local_addr();
+    b.stop().expect("b goes away");
+    a.library()
+        .transact(|tx| Ok(tx.upsert(&renamed(&tag, "summer"))))
+        .expect("a renames");
+    {
+        let offline = Library::open(&home_b, "lib", PASSWORD).expect("b opens alone");
+        offline
+            .transact(|tx| Ok(tx.upsert(&renamed(&tag, "beach"))))
+            .expect("b renames while apart");
+        offline.close().expect("closes");
+    }
+    let b = restart(&home_b, "lib", listen).expect("b comes back");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let on_a = a.library().conflicts().expect("lists");
+    let on_b = b.library().conflicts().expect("lists");
+    assert_eq!(on_a.len(), 1, "{on_a:?}");
+    assert_eq!(on_a, on_b, "the same conflict on both devices");
+    let conflict = &on_a[0];
+    assert_eq!((conflict.model, conflict.field), ("tag", "name"));
+    assert_eq!(conflict.record, tag.uuid);
+    let values: Vec<&keel_engine::schema::Value> =
+        conflict.sides.iter().map(|s| &s.value).collect();
+    assert!(values.contains(&&keel_engine::schema::Value::Text("summer".into())));
+    assert!(values.contains(&&keel_engine::schema::Value::Text("beach".into())));
+    assert_ne!(conflict.sides[0].device, conflict.sides[1].device);
+    let shown = a
+        .library()
+        .get::<Tag>(tag.uuid)
+        .expect("reads")
+        .expect("the tag");
+    assert_eq!(
+        keel_engine::schema::Value::Text(shown.name.clone()),
+        conflict.sides[conflict.winner].value,
+        "the field shows the winner"
+    );
+    // Seen, then edited (the last write was b's): not concurrent.
+    a.library()
+        .transact(|tx| Ok(tx.upsert(&renamed(&tag, "beach 2026"))))
+        .expect("a renames again");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(a.library().conflicts().expect("lists").len(), 1);
+    // A replay finds the same conflict.
+    b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+    assert_eq!(b.library().conflicts().expect("lists"), on_a);
+}
