@@ -370,3 +370,34 @@ fn a_cycle_between_host_models_is_broken_by_its_nullable_reference() {
         Some(picture)
     );
 }
+
+/// A host model's field conflicts like a built-in one: two devices rename one album, the
+/// second without having seen the first's rename.
+#[test]
+fn a_host_models_field_conflicts_like_a_built_in_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = registry();
+    let mut p = open(&dir, "p.sqlite", &registry);
+    let renamed = |device: u8, name: &str, seen: u64| {
+        let album = Album {
+            uuid: ALBUM,
+            name: name.into(),
+        };
+        let hlc = Hlc {
+            physical_ms: 10 + u64::from(device),
+            counter: 0,
+            device: DeviceId([device; 32]),
+        };
+        Change {
+            seen,
+            ..Change::upsert(ChangeId::new(), hlc, &album).expect("ready")
+        }
+    };
+    let log = [album_change(), renamed(1, "trip", 1), renamed(2, "holiday", 1)];
+    p.apply_logged(&log, &[Some(1), Some(2), Some(3)], None)
+        .expect("applies");
+    let conflicts = p.query().conflicts().expect("lists");
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!((conflicts[0].model, conflicts[0].field), ("album", "name"));
+    assert_eq!(conflicts[0].sides[conflicts[0].winner].value, Value::Text("holiday".into()));
+}
