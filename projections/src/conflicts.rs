@@ -22,6 +22,9 @@ use crate::error::ProjectionError;
 
 /// The strategy that picks a conflict's winner (only this one so far).
 pub const LATEST_WINS: &str = "latest-wins";
+/// Most resolved conflicts kept as history (the oldest in the log are dropped first, the same
+/// ones on every device). Unresolved ones are all kept.
+pub const CONFLICT_HISTORY_MAX: usize = 1_000;
 
 /// One side of a conflict: a write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +58,9 @@ pub struct Conflict {
     pub winner: usize,
     /// The strategy that picked it.
     pub strategy: String,
+    /// The first later write to the field made by a device that had seen the conflict (a
+    /// pick, or any edit after it), and its log position: then it is resolved.
+    pub resolved: Option<(ChangeId, u64)>,
 }
 
 /// The last log write of a field.
@@ -105,6 +111,9 @@ pub(crate) fn observe(
                     recorded += record(conn, def, change, (*pos, *index, value), &previous)?;
                 }
             }
+            if resolve(conn, change, (*pos, *index))? {
+                prune(conn)?;
+            }
             let mut stmt = conn.prepare_cached(
                 "INSERT INTO _field_writes (model, record, field, pos, change, hlc, value) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (model, record, field) DO UPDATE \
@@ -123,6 +132,42 @@ pub(crate) fn observe(
         }
     }
     Ok(recorded)
+}
+
+/// Marks the conflicts on field `index` of `change`'s record that its writer had seen as
+/// resolved by it (at log position `pos`). Returns whether it marked any.
+fn resolve(
+    conn: &Connection,
+    change: &Change,
+    (pos, index): (u64, u8),
+) -> Result<bool, ProjectionError> {
+    if change.seen == 0 {
+        return Ok(false);
+    }
+    let mut stmt = conn.prepare_cached(
+        "UPDATE _conflicts SET resolved_by = ?1, resolved_pos = ?2 WHERE model = ?3 \
+         AND record = ?4 AND field = ?5 AND resolved_by IS NULL AND pos <= ?6",
+    )?;
+    let marked = stmt.execute((
+        change.id.0.as_bytes().as_slice(),
+        i64::try_from(pos).unwrap_or(i64::MAX),
+        i64::from(change.model),
+        change.record.as_bytes().as_slice(),
+        i64::from(index),
+        i64::try_from(change.seen).unwrap_or(i64::MAX),
+    ))?;
+    Ok(marked > 0)
+}
+
+/// Drops the oldest resolved conflicts beyond [`CONFLICT_HISTORY_MAX`].
+fn prune(conn: &Connection) -> Result<(), ProjectionError> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM _conflicts WHERE id IN (SELECT id FROM _conflicts \
+         WHERE resolved_by IS NOT NULL ORDER BY pos, id LIMIT max(0, \
+         (SELECT count(*) FROM _conflicts WHERE resolved_by IS NOT NULL) - ?1))",
+    )?;
+    stmt.execute([i64::try_from(CONFLICT_HISTORY_MAX).unwrap_or(i64::MAX)])?;
+    Ok(())
 }
 
 /// The last log write of field `index` of `change`'s record, if any.
@@ -215,8 +260,8 @@ fn all(
 ) -> Result<Vec<Conflict>, ProjectionError> {
     let mut stmt = conn.prepare_cached(
         "SELECT * FROM (SELECT id, pos, model, record, field, a_change, a_hlc, a_value, \
-         b_change, b_hlc, b_value, winner, strategy FROM _conflicts ORDER BY pos DESC, id DESC \
-         LIMIT ?1) ORDER BY pos, id",
+         b_change, b_hlc, b_value, winner, strategy, resolved_by, resolved_pos FROM _conflicts \
+         ORDER BY pos DESC, id DESC LIMIT ?1) ORDER BY pos, id",
     )?;
     let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
     let mut rows = stmt.query([limit])?;
@@ -248,6 +293,16 @@ fn all(
             sides: [side(5, 6, 7)?, side(8, 9, 10)?],
             winner: usize::from(r.get::<_, i64>(11)? != 0),
             strategy: r.get(12)?,
+            resolved: match (
+                r.get::<_, Option<Vec<u8>>>(13)?,
+                r.get::<_, Option<i64>>(14)?,
+            ) {
+                (Some(by), Some(at)) => Some((
+                    ChangeId(Uuid::from_slice(&by).map_err(|_| bad())?),
+                    u64::try_from(at).map_err(|_| bad())?,
+                )),
+                _ => None,
+            },
         });
     }
     Ok(conflicts)

@@ -112,7 +112,8 @@ pub(crate) const INTERNAL: &[&str] = &[
      model INTEGER NOT NULL, record BLOB NOT NULL, field INTEGER NOT NULL, \
      a_change BLOB NOT NULL, a_hlc BLOB NOT NULL, a_value, \
      b_change BLOB NOT NULL, b_hlc BLOB NOT NULL, b_value, \
-     winner INTEGER NOT NULL, strategy TEXT NOT NULL) WITHOUT ROWID",
+     winner INTEGER NOT NULL, strategy TEXT NOT NULL, resolved_by BLOB, resolved_pos INTEGER) \
+     WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _refused (id BLOB PRIMARY KEY NOT NULL, model TEXT NOT NULL, record BLOB NOT NULL, origin BLOB NOT NULL, reason TEXT NOT NULL) WITHOUT ROWID",
     "CREATE VIEW IF NOT EXISTS content_identity_stats AS \
        SELECT uuid, _entries AS entry_count, _bytes AS total_size \

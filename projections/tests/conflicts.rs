@@ -166,3 +166,55 @@ fn a_conflict_needs_another_device_an_unseen_write_and_another_value() {
         "same value"
     );
 }
+
+/// A write made after a conflict was seen resolves it, on every device alike; resolved ones are
+/// kept up to `CONFLICT_HISTORY_MAX`, the oldest dropped first, unresolved ones all kept.
+#[test]
+fn resolved_conflicts_are_bounded_history() {
+    let extra = 3;
+    let n = keel_projections::CONFLICT_HISTORY_MAX + extra;
+    let write = |device: u8, record: u128, name: &str, seen: u64, ms: u64| {
+        let tag = Tag {
+            uuid: Uuid::from_u128(record),
+            name: name.into(),
+            color: None,
+            created_ms: 1,
+        };
+        let hlc = Hlc {
+            physical_ms: ms,
+            counter: 0,
+            device: DeviceId([device; 32]),
+        };
+        Change {
+            seen,
+            ..Change::upsert(ChangeId::new(), hlc, &tag).expect("a tag")
+        }
+    };
+    let mut log = Vec::new();
+    for k in 0..n as u128 {
+        let at = log.len() as u64;
+        log.push(write(1, k + 1, "x", at, 10));
+        log.push(write(2, k + 1, "y", at, 11));
+        // Seen both: resolves the conflict the second write made.
+        log.push(write(1, k + 1, "y", at + 2, 12));
+    }
+    // One more, never resolved.
+    let at = log.len() as u64;
+    log.push(write(1, 99_999, "x", at, 10));
+    log.push(write(2, 99_999, "y", at, 11));
+    let logged: Vec<Option<u64>> = (1..=log.len() as u64).map(Some).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+    p.apply_logged(&log, &logged, None).expect("applies");
+    let kept = p.query().conflicts().expect("lists");
+    let resolved: Vec<_> = kept.iter().filter(|c| c.resolved.is_some()).collect();
+    assert_eq!(resolved.len(), keel_projections::CONFLICT_HISTORY_MAX);
+    assert_eq!(
+        resolved[0].record,
+        Uuid::from_u128(extra as u128 + 1),
+        "the oldest went first"
+    );
+    let open: Vec<_> = kept.iter().filter(|c| c.resolved.is_none()).collect();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].record, Uuid::from_u128(99_999));
+}

@@ -393,11 +393,18 @@ fn a_host_models_field_conflicts_like_a_built_in_one() {
             ..Change::upsert(ChangeId::new(), hlc, &album).expect("ready")
         }
     };
-    let log = [album_change(), renamed(1, "trip", 1), renamed(2, "holiday", 1)];
+    let log = [
+        album_change(),
+        renamed(1, "trip", 1),
+        renamed(2, "holiday", 1),
+    ];
     p.apply_logged(&log, &[Some(1), Some(2), Some(3)], None)
         .expect("applies");
     let conflicts = p.query().conflicts().expect("lists");
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
     assert_eq!((conflicts[0].model, conflicts[0].field), ("album", "name"));
-    assert_eq!(conflicts[0].sides[conflicts[0].winner].value, Value::Text("holiday".into()));
+    assert_eq!(
+        conflicts[0].sides[conflicts[0].winner].value,
+        Value::Text("holiday".into())
+    );
 }

@@ -101,10 +101,13 @@ pub(crate) enum Command {
         #[arg(long)]
         hidden: Option<bool>,
     },
-    /// List the conflicts: two devices' writes to one field, neither of which saw the other.
+    /// List the conflicts (two devices' writes to one field, neither of which saw the other),
+    /// or resolve one.
     Conflicts {
         /// Library name.
         lib: String,
+        #[command(subcommand)]
+        command: Option<crate::everyday::ConflictsCommand>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -856,7 +859,9 @@ pub(crate) fn exec(
             hidden,
         } => crate::everyday::flag(lib, &target, favorite, hidden)?,
         Command::Tags { command, json, .. } => crate::everyday::tags(lib, command, json, io)?,
-        Command::Conflicts { json, .. } => crate::everyday::conflicts(lib, json, io)?,
+        Command::Conflicts { command, json, .. } => {
+            crate::everyday::conflicts(lib, command, json, io)?
+        }
         Command::Locations { command, json, .. } => {
             crate::everyday::locations(lib, command, json, io)?
         }

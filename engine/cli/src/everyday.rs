@@ -187,8 +187,53 @@ fn value_json(value: &keel_engine::schema::Value) -> serde_json::Value {
     }
 }
 
+/// What `keel conflicts` does besides listing.
+#[derive(Subcommand)]
+pub(crate) enum ConflictsCommand {
+    /// Resolve a conflict: its field gets the value kept, on every device.
+    Resolve {
+        /// The conflict's id.
+        id: uuid::Uuid,
+        /// The value to keep: a device of the conflict (its id or short id) for its value, or
+        /// a value of the field's type.
+        #[arg(long)]
+        keep: String,
+    },
+}
+
+/// The value `keep` names for `conflict`: a side's device, else a value of the field's type.
+fn kept(conflict: &keel_engine::Conflict, keep: &str) -> Result<keel_engine::schema::Value> {
+    use keel_engine::schema::Value;
+    let side = conflict
+        .sides
+        .iter()
+        .find(|s| s.device.to_hex() == keep || s.device.short() == keep);
+    if let Some(side) = side {
+        return Ok(side.value.clone());
+    }
+    Ok(match &conflict.sides[0].value {
+        Value::Int(_) => Value::Int(keep.parse()?),
+        Value::Bool(_) => Value::Bool(keep.parse()?),
+        _ => Value::Text(keep.into()),
+    })
+}
+
 /// `keel conflicts`.
-pub(crate) fn conflicts(lib: &Library, json: bool, io: &mut dyn Io) -> Result<()> {
+pub(crate) fn conflicts(
+    lib: &Library,
+    command: Option<ConflictsCommand>,
+    json: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    if let Some(ConflictsCommand::Resolve { id, keep }) = command {
+        let conflict = lib
+            .conflicts()?
+            .into_iter()
+            .find(|c| c.id == id)
+            .ok_or(keel_engine::EngineError::NoSuchConflict(id))?;
+        lib.resolve_conflict(id, kept(&conflict, &keep)?)?;
+        return Ok(());
+    }
     for conflict in lib.conflicts()? {
         let sides: Vec<serde_json::Value> = conflict
             .sides
@@ -212,13 +257,14 @@ pub(crate) fn conflicts(lib: &Library, json: bool, io: &mut dyn Io) -> Result<()
                 "winner": conflict.winner,
                 "strategy": conflict.strategy,
                 "position": conflict.position,
+                "resolved_by": conflict.resolved.map(|(change, _)| change.0.to_string()),
             });
             io.line(&line.to_string());
             continue;
         }
         let [first, second] = &conflict.sides;
         io.line(&format!(
-            "{} {}.{} of {}: {} ({}) vs {} ({}); {} won ({})",
+            "{} {}.{} of {}: {} ({}) vs {} ({}); {} won ({}){}",
             conflict.id,
             conflict.model,
             conflict.field,
@@ -229,6 +275,11 @@ pub(crate) fn conflicts(lib: &Library, json: bool, io: &mut dyn Io) -> Result<()
             second.device.short(),
             conflict.sides[conflict.winner].device.short(),
             conflict.strategy,
+            if conflict.resolved.is_some() {
+                "; resolved"
+            } else {
+                ""
+            },
         ));
     }
     Ok(())

@@ -142,6 +142,9 @@ pub enum EngineError {
     /// No job has this id.
     #[error("no job {0}")]
     NoSuchJob(uuid::Uuid),
+    /// No conflict has this id.
+    #[error("no conflict {0}")]
+    NoSuchConflict(uuid::Uuid),
     /// The job is not running (nor paused, nor interrupted): nothing to pause, resume or cancel.
     #[error("job {0} is not running")]
     JobNotRunning(uuid::Uuid),

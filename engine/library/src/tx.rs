@@ -76,6 +76,27 @@ impl<'a> Tx<'a> {
         self.push_upsert::<M>(|id, hlc| Change::upsert_owned(id, hlc, record))
     }
 
+    /// Writes `value` to field `index` of record `record` of the model with code `model` (a
+    /// model known only by its code: a conflict's pick).
+    pub(crate) fn write_field(
+        &mut self,
+        def: &'static ModelDef,
+        record: Uuid,
+        (index, value): (u8, Value),
+    ) -> bool {
+        let hlc = self.clock.tick(self.now_ms);
+        let change = Change {
+            id: ChangeId::at(self.now_ms),
+            hlc,
+            model: def.code,
+            record,
+            op: keel_schema::Op::Upsert(vec![(index, value)]),
+            version: def.version,
+            seen: 0,
+        };
+        self.keep(change, Some(def))
+    }
+
     /// Adds the upsert of model `M` that `build` makes with a new id and clock, if it makes one.
     fn push_upsert<M: Syncable>(
         &mut self,
