@@ -20,8 +20,13 @@ use uuid::Uuid;
 use crate::apply::{read_value, Param};
 use crate::error::ProjectionError;
 
-/// The strategy that picks a conflict's winner (only this one so far).
+/// The default strategy: the later clock wins, as the field shows by last-writer-wins.
 pub const LATEST_WINS: &str = "latest-wins";
+/// A named device's value wins (`ConflictPolicy::device`); the field is set to it on every
+/// device alike, without a change, as the conflict is found.
+pub const PREFER_DEVICE: &str = "prefer-device";
+/// The later clock shows until a user picks (`Library::resolve_conflict`).
+pub const MANUAL: &str = "manual";
 /// Most resolved conflicts kept as history (the oldest in the log are dropped first, the same
 /// ones on every device). Unresolved ones are all kept.
 pub const CONFLICT_HISTORY_MAX: usize = 1_000;
@@ -81,10 +86,15 @@ pub(crate) fn observe(
     logged: &[Option<u64>],
 ) -> Result<u64, ProjectionError> {
     let mut recorded = 0;
+    let policy_code = keel_schema::code_of::<keel_schema::ConflictPolicy>();
     for (change, pos) in changes.iter().zip(logged) {
         let (Some(pos), Some(def)) = (pos, registry.get(change.model)) else {
             continue;
         };
+        if change.model == policy_code {
+            // In log order, so that a conflict later in the same batch is settled by it.
+            take_policy(conn, def, change)?;
+        }
         let Op::Upsert(fields) = &change.op else {
             continue;
         };
@@ -132,6 +142,86 @@ pub(crate) fn observe(
         }
     }
     Ok(recorded)
+}
+
+/// Takes a [`keel_schema::ConflictPolicy`] change into `_policies` (its fields merged into the
+/// record's; a delete removes it).
+fn take_policy(conn: &Connection, def: &ModelDef, change: &Change) -> Result<(), ProjectionError> {
+    let record = change.record.as_bytes().as_slice();
+    let Op::Upsert(fields) = &change.op else {
+        conn.prepare_cached("DELETE FROM _policies WHERE record = ?1")?
+            .execute([record])?;
+        return Ok(());
+    };
+    conn.prepare_cached("INSERT OR IGNORE INTO _policies (record) VALUES (?1)")?
+        .execute([record])?;
+    for (index, value) in fields {
+        let column = match def.fields.get(usize::from(*index)).map(|f| f.name) {
+            Some("model") => "model",
+            Some("strategy") => "strategy",
+            Some("device") => "device",
+            _ => continue,
+        };
+        let sql = format!("UPDATE _policies SET {column} = ?1 WHERE record = ?2");
+        conn.prepare_cached(&sql)?
+            .execute((Param::Value(value), record))?;
+    }
+    Ok(())
+}
+
+/// The strategy for conflicts on model `model` (its own policy, else the library's default,
+/// else latest-wins) and, for prefer-device, the device (hex).
+fn policy_for(conn: &Connection, model: &str) -> Result<(String, Option<String>), ProjectionError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT strategy, device FROM _policies WHERE model = ?1 OR model = '' \
+         ORDER BY model = ?1 DESC LIMIT 1",
+    )?;
+    let found = stmt
+        .query_row([model], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                r.get::<_, Option<String>>(1)?,
+            ))
+        })
+        .optional()?;
+    Ok(match found {
+        Some((Some(strategy), device)) if [PREFER_DEVICE, MANUAL].contains(&strategy.as_str()) => {
+            (strategy, device)
+        }
+        _ => (LATEST_WINS.to_string(), None),
+    })
+}
+
+/// Sets field `index` of `record` to the winner's value where the row shows the conflict's later
+/// write (its field clock is `latest`): a row that shows a write applied here before its log
+/// copy came is left for that write's own turn, so every device ends alike.
+fn settle(
+    conn: &Connection,
+    def: &ModelDef,
+    record: Uuid,
+    (index, value): (u8, &Value),
+    latest: Hlc,
+) -> Result<(), ProjectionError> {
+    let select = format!("SELECT _clocks FROM {} WHERE uuid = ?1", def.name);
+    let clocks: Option<Vec<u8>> = conn
+        .prepare_cached(&select)?
+        .query_row([record.as_bytes().as_slice()], |r| r.get(0))
+        .optional()?
+        .flatten();
+    let shows_latest = clocks
+        .and_then(|b| crate::clocks::FieldClocks::decode(&b, def.fields.len()))
+        .and_then(|c| c.0.get(usize::from(index)).copied().flatten())
+        == Some(latest);
+    let Some(field) = def.fields.get(usize::from(index)).filter(|_| shows_latest) else {
+        return Ok(());
+    };
+    let update = format!(
+        "UPDATE {} SET {} = ?1 WHERE uuid = ?2",
+        def.name, field.name
+    );
+    conn.prepare_cached(&update)?
+        .execute((Param::Value(value), record.as_bytes().as_slice()))?;
+    Ok(())
 }
 
 /// Marks the conflicts on field `index` of `change`'s record that its writer had seen as
@@ -227,8 +317,23 @@ fn record(
     key.update(change.id.0.as_bytes());
     let mut id = [0u8; 16];
     id.copy_from_slice(&key.finalize().as_bytes()[..16]);
-    // Latest wins: the later clock, as the field itself shows.
-    let winner = i64::from(change.hlc > previous.hlc);
+    let latest = usize::from(change.hlc > previous.hlc);
+    let (strategy, preferred) = policy_for(conn, def.name)?;
+    let winner = match preferred.filter(|_| strategy == PREFER_DEVICE) {
+        Some(device) if change.hlc.device.to_hex() == device => 1,
+        Some(device) if previous.hlc.device.to_hex() == device => 0,
+        _ => latest,
+    };
+    if winner != latest {
+        let latest_hlc = if latest == 1 {
+            change.hlc
+        } else {
+            previous.hlc
+        };
+        let kept = if winner == 1 { value } else { &previous.value };
+        settle(conn, def, change.record, (index, kept), latest_hlc)?;
+    }
+    let winner = i64::try_from(winner).unwrap_or(0);
     let mut stmt = conn.prepare_cached(
         "INSERT OR IGNORE INTO _conflicts (id, pos, model, record, field, a_change, a_hlc, \
          a_value, b_change, b_hlc, b_value, winner, strategy) \
@@ -247,7 +352,7 @@ fn record(
         change.hlc.to_bytes().as_slice(),
         Param::Value(value),
         winner,
-        LATEST_WINS,
+        strategy,
     ])?;
     Ok(inserted as u64)
 }

@@ -114,6 +114,8 @@ pub(crate) const INTERNAL: &[&str] = &[
      b_change BLOB NOT NULL, b_hlc BLOB NOT NULL, b_value, \
      winner INTEGER NOT NULL, strategy TEXT NOT NULL, resolved_by BLOB, resolved_pos INTEGER) \
      WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _policies (record BLOB PRIMARY KEY NOT NULL, model TEXT, \
+     strategy TEXT, device TEXT) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _refused (id BLOB PRIMARY KEY NOT NULL, model TEXT NOT NULL, record BLOB NOT NULL, origin BLOB NOT NULL, reason TEXT NOT NULL) WITHOUT ROWID",
     "CREATE VIEW IF NOT EXISTS content_identity_stats AS \
        SELECT uuid, _entries AS entry_count, _bytes AS total_size \

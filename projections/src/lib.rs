@@ -27,7 +27,9 @@ mod store;
 pub use apply::{ApplyStats, SELF_PROOF_MIN};
 pub use attest::Signer;
 pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
-pub use conflicts::{Conflict, ConflictSide, CONFLICT_HISTORY_MAX, LATEST_WINS};
+pub use conflicts::{
+    Conflict, ConflictSide, CONFLICT_HISTORY_MAX, LATEST_WINS, MANUAL, PREFER_DEVICE,
+};
 pub use error::ProjectionError;
 pub use filters::{EntryFilter, EntryOrder, EntryPage, PageCursor, PageKey, PAGE_MAX};
 pub use ownership::{Lacking, RefusedChange};

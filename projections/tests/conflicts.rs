@@ -58,6 +58,13 @@ fn log_of(writes: &[Write]) -> Vec<Change> {
 }
 
 fn applied(batches: &[Vec<(Change, Option<u64>)>]) -> Vec<keel_projections::Conflict> {
+    applied_with_digest(batches).0
+}
+
+/// The conflicts and the digest of a projection `batches` were applied to.
+fn applied_with_digest(
+    batches: &[Vec<(Change, Option<u64>)>],
+) -> (Vec<keel_projections::Conflict>, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
     for batch in batches {
@@ -65,7 +72,24 @@ fn applied(batches: &[Vec<(Change, Option<u64>)>]) -> Vec<keel_projections::Conf
         let logged: Vec<Option<u64>> = batch.iter().map(|(_, p)| *p).collect();
         p.apply_logged(&changes, &logged, None).expect("applies");
     }
-    p.query().conflicts().expect("lists")
+    let conflicts = p.query().conflicts().expect("lists");
+    (conflicts, p.query().digest().expect("digest"))
+}
+
+/// A policy record for tags, written first in the log.
+fn tag_policy(strategy: &str, device: Option<DeviceId>) -> Change {
+    let record = keel_schema::ConflictPolicy {
+        uuid: keel_schema::conflict_policy_uuid("tag"),
+        model: "tag".into(),
+        strategy: strategy.into(),
+        device: device.map(|d| d.to_hex()),
+    };
+    let hlc = Hlc {
+        physical_ms: 1,
+        counter: 0,
+        device: DeviceId([9; 32]),
+    };
+    Change::upsert(ChangeId::new(), hlc, &record).expect("a policy")
 }
 
 fn writes() -> impl Strategy<Value = Vec<Write>> {
@@ -90,14 +114,28 @@ proptest! {
         writes in writes(),
         cuts in proptest::collection::vec(1usize..6, 1..8),
         early_device in 0u8..3,
+        strategy in 0u8..4,
     ) {
-        let log = log_of(&writes);
+        let mut log = log_of(&writes);
+        // Under every strategy (the last: none set), the rows too are the same.
+        let policy = match strategy {
+            0 => Some(tag_policy("latest-wins", None)),
+            1 => Some(tag_policy("prefer-device", Some(device(early_device)))),
+            2 => Some(tag_policy("manual", None)),
+            _ => None,
+        };
+        if let Some(policy) = policy {
+            for change in &mut log {
+                change.seen += 1;
+            }
+            log.insert(0, policy);
+        }
         let placed: Vec<(Change, Option<u64>)> = log
             .iter()
             .enumerate()
             .map(|(i, c)| (c.clone(), Some(i as u64 + 1)))
             .collect();
-        let whole = applied(std::slice::from_ref(&placed));
+        let (whole, digest) = applied_with_digest(std::slice::from_ref(&placed));
         let mut batches = Vec::new();
         let mut rest = placed.as_slice();
         for cut in cuts.iter().cycle() {
@@ -108,16 +146,18 @@ proptest! {
             batches.push(batch.to_vec());
             rest = tail;
         }
-        prop_assert_eq!(&applied(&batches), &whole);
+        prop_assert_eq!(&applied_with_digest(&batches), &(whole.clone(), digest.clone()));
         // One device's own changes first, as it applies them before their log copies come.
+        let first_writes = if strategy < 3 { 2 } else { 1 };
         let own: Vec<(Change, Option<u64>)> = placed
             .iter()
-            .skip(1)
+            .skip(first_writes)
             .filter(|(c, _)| c.hlc.device == device(early_device))
             .map(|(c, _)| (c.clone(), None))
             .collect();
-        let early = applied(&[placed[..1].to_vec(), own, placed.clone()]);
-        prop_assert_eq!(&early, &whole);
+        let early =
+            applied_with_digest(&[placed[..first_writes].to_vec(), own, placed.clone()]);
+        prop_assert_eq!(&early, &(whole.clone(), digest));
         // Each conflict is between two devices, neither of which saw the other's write.
         for conflict in &whole {
             prop_assert_ne!(conflict.sides[0].device, conflict.sides[1].device);
@@ -217,4 +257,55 @@ fn resolved_conflicts_are_bounded_history() {
     let open: Vec<_> = kept.iter().filter(|c| c.resolved.is_none()).collect();
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].record, Uuid::from_u128(99_999));
+}
+
+/// A policy taken from the log settles the conflicts found after it: prefer-device makes the
+/// named device's value win and shows it (without a change), manual records the later one.
+#[test]
+fn a_policy_settles_the_conflicts_found_after_it() {
+    let policy = |strategy: &str, device: Option<u8>| {
+        tag_policy(strategy, device.map(|d| DeviceId([d; 32])))
+    };
+    let run = |first: Change| {
+        // Device 1 renames at time 10, device 2 at time 5 without having seen it.
+        let mut log = vec![first];
+        log.extend(log_of(&[
+            Write {
+                device: 0,
+                value: 1,
+                behind: 1,
+                ms: 10,
+            },
+            Write {
+                device: 1,
+                value: 2,
+                behind: 1,
+                ms: 5,
+            },
+        ]));
+        let logged: Vec<Option<u64>> = (1..=log.len() as u64).map(Some).collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+        p.apply_logged(&log, &logged, None).expect("applies");
+        let name = p
+            .query()
+            .get::<Tag>(TAG)
+            .expect("reads")
+            .expect("the tag")
+            .name;
+        (p.query().conflicts().expect("lists"), name)
+    };
+    // device(1) is DeviceId([2; 32]): the earlier clock, which latest-wins makes lose.
+    let (found, shown) = run(policy("prefer-device", Some(2)));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].strategy, "prefer-device");
+    assert_eq!(found[0].sides[found[0].winner].device, DeviceId([2; 32]));
+    assert_eq!(shown, "name 2", "the preferred value shows");
+    let (found, shown) = run(policy("manual", None));
+    assert_eq!(found[0].strategy, "manual");
+    assert_eq!(found[0].sides[found[0].winner].device, DeviceId([1; 32]));
+    assert_eq!(shown, "name 1", "the later value shows until a pick");
+    let (found, shown) = run(policy("latest-wins", None));
+    assert_eq!(found[0].strategy, "latest-wins");
+    assert_eq!(shown, "name 1");
 }

@@ -28,9 +28,10 @@ pub use hlc::{Hlc, HlcClock};
 pub use ids::{ChangeId, DeviceId, Epoch, LibraryId, Lsn};
 pub use keel_schema_derive::Syncable;
 pub use models::{
-    content_metadata_uuid, content_uuid, entry_metadata_uuid, registered_model_uuid, tag_uuid,
-    user_metadata_tag_uuid, Attestation, AttestationUpdate, ContentIdentity, ContentIdentityUpdate,
-    Device, DeviceUpdate, Endorsement, EndorsementUpdate, Entry, EntryKind, EntryUpdate, Location,
+    conflict_policy_uuid, content_metadata_uuid, content_uuid, entry_metadata_uuid,
+    registered_model_uuid, tag_uuid, user_metadata_tag_uuid, Attestation, AttestationUpdate,
+    ConflictPolicy, ConflictPolicyUpdate, ContentIdentity, ContentIdentityUpdate, Device,
+    DeviceUpdate, Endorsement, EndorsementUpdate, Entry, EntryKind, EntryUpdate, Location,
     LocationUpdate, RegisteredModel, RegisteredModelUpdate, Tag, TagUpdate, UserMetadata,
     UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate,
 };

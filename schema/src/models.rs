@@ -400,3 +400,30 @@ pub struct RegisteredModel {
 pub fn registered_model_uuid(code: u8) -> Uuid {
     uuid_v5(&REGISTERED_MODEL_NAMESPACE, &[&[code]])
 }
+
+/// How the conflicts on one model's records are settled (or, with an empty `model`, on every
+/// model without one of its own): a record synced like any other, so every device settles them
+/// alike (see decision 0051). Its uuid is [`conflict_policy_uuid`] of the model, so two devices
+/// setting one model's policy write one record.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
+#[syncable(model = "conflict_policy", code = 10, domain = "content", priority = 0)]
+pub struct ConflictPolicy {
+    /// Record uuid ([`conflict_policy_uuid`] of the model).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The model's name; empty for the library's default.
+    pub model: String,
+    /// `latest-wins`, `prefer-device` or `manual`.
+    pub strategy: String,
+    /// For `prefer-device`: the device whose value wins, hex.
+    pub device: Option<String>,
+}
+
+/// Namespace of [`ConflictPolicy`] uuids.
+const CONFLICT_POLICY_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_636f_6e66_6c69_6374_706f_6c69);
+
+/// The uuid of the [`ConflictPolicy`] of model `model` (empty: the library's default).
+pub fn conflict_policy_uuid(model: &str) -> Uuid {
+    uuid_v5(&CONFLICT_POLICY_NAMESPACE, &[model.as_bytes()])
+}

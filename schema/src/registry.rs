@@ -10,14 +10,14 @@ use std::sync::{Arc, OnceLock};
 
 use crate::error::SchemaError;
 use crate::models::{
-    Attestation, ContentIdentity, Device, Endorsement, Entry, Location, RegisteredModel, Tag,
-    UserMetadata, UserMetadataTag,
+    Attestation, ConflictPolicy, ContentIdentity, Device, Endorsement, Entry, Location,
+    RegisteredModel, Tag, UserMetadata, UserMetadataTag,
 };
 use crate::syncable::ModelDef;
 use crate::Syncable;
 
 /// Keel's own models, in code order; a model's code is its index here (append-only).
-pub static MODELS: [&ModelDef; 10] = [
+pub static MODELS: [&ModelDef; 11] = [
     Device::DEF,
     Location::DEF,
     Entry::DEF,
@@ -28,6 +28,7 @@ pub static MODELS: [&ModelDef; 10] = [
     Attestation::DEF,
     Endorsement::DEF,
     RegisteredModel::DEF,
+    ConflictPolicy::DEF,
 ];
 
 /// The first code a host's model may take; the codes below are Keel's.

@@ -96,3 +96,56 @@ fn concurrent_edits_are_one_conflict_on_every_device() {
         a.library().conflicts().expect("lists")
     );
 }
+
+/// With a policy that prefers b, set on a before the devices part, b's value wins the next
+/// conflict and shows on both, whichever clock is later.
+#[test]
+fn a_preferred_devices_value_wins_on_every_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "lib").expect("founder");
+    let (home_b, b) = joiner(dir.path(), "b", &a).expect("joins");
+    let tag = keel_tests::tag("holiday");
+    a.library()
+        .transact(|tx| Ok(tx.upsert(&tag)))
+        .expect("commits");
+    a.library()
+        .set_conflict_strategy(
+            Some("tag"),
+            keel_engine::Strategy::PreferDevice(b.library().device_id()),
+        )
+        .expect("sets");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let listen = b.local_addr();
+    b.stop().expect("b goes away");
+    {
+        let offline = Library::open(&home_b, "lib", PASSWORD).expect("b opens alone");
+        offline
+            .transact(|tx| Ok(tx.upsert(&renamed(&tag, "b's name"))))
+            .expect("b renames while apart");
+        offline.close().expect("closes");
+    }
+    // a writes later, so latest-wins would keep a's name.
+    std::thread::sleep(Duration::from_millis(5));
+    a.library()
+        .transact(|tx| Ok(tx.upsert(&renamed(&tag, "a's name"))))
+        .expect("a renames");
+    let b = restart(&home_b, "lib", listen).expect("b comes back");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let conflicts = a.library().conflicts().expect("lists");
+    assert_eq!(conflicts, b.library().conflicts().expect("lists"));
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].strategy, "prefer-device");
+    for node in [&a, &b] {
+        let shown = node
+            .library()
+            .get::<Tag>(tag.uuid)
+            .expect("reads")
+            .expect("the tag");
+        assert_eq!(shown.name, "b's name");
+    }
+    assert!(matches!(
+        a.library()
+            .set_conflict_strategy(Some("no such model"), keel_engine::Strategy::Manual),
+        Err(keel_engine::EngineError::NoSuchModel(_))
+    ));
+}

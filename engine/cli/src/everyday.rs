@@ -199,6 +199,36 @@ pub(crate) enum ConflictsCommand {
         #[arg(long)]
         keep: String,
     },
+    /// Set how conflicts are settled, on every device: `latest-wins` (the default),
+    /// `prefer-device` (with --device) or `manual`.
+    Strategy {
+        /// The strategy.
+        strategy: String,
+        /// For `prefer-device`: the device (its name or id).
+        #[arg(long)]
+        device: Option<String>,
+        /// Only for this model (a model's name, such as `tag`); else every model without one.
+        #[arg(long)]
+        model: Option<String>,
+    },
+}
+
+/// The strategy `keel conflicts strategy` names.
+fn strategy(lib: &Library, name: &str, device: Option<&str>) -> Result<keel_engine::Strategy> {
+    Ok(match (name, device) {
+        ("latest-wins", None) => keel_engine::Strategy::LatestWins,
+        ("manual", None) => keel_engine::Strategy::Manual,
+        ("prefer-device", Some(device)) => {
+            let found = lib.device_named(device)?;
+            let id = keel_engine::schema::DeviceId::from_hex(&found.device_id)
+                .ok_or_else(|| anyhow::anyhow!("device {device} has a malformed id"))?;
+            keel_engine::Strategy::PreferDevice(id)
+        }
+        ("prefer-device", None) => anyhow::bail!("prefer-device needs --device"),
+        (other, _) => anyhow::bail!(
+            "no strategy {other} (with these options): latest-wins, prefer-device --device D, manual"
+        ),
+    })
 }
 
 /// The value `keep` names for `conflict`: a side's device, else a value of the field's type.
@@ -225,14 +255,26 @@ pub(crate) fn conflicts(
     json: bool,
     io: &mut dyn Io,
 ) -> Result<()> {
-    if let Some(ConflictsCommand::Resolve { id, keep }) = command {
-        let conflict = lib
-            .conflicts()?
-            .into_iter()
-            .find(|c| c.id == id)
-            .ok_or(keel_engine::EngineError::NoSuchConflict(id))?;
-        lib.resolve_conflict(id, kept(&conflict, &keep)?)?;
-        return Ok(());
+    match command {
+        Some(ConflictsCommand::Resolve { id, keep }) => {
+            let conflict = lib
+                .conflicts()?
+                .into_iter()
+                .find(|c| c.id == id)
+                .ok_or(keel_engine::EngineError::NoSuchConflict(id))?;
+            lib.resolve_conflict(id, kept(&conflict, &keep)?)?;
+            return Ok(());
+        }
+        Some(ConflictsCommand::Strategy {
+            strategy: name,
+            device,
+            model,
+        }) => {
+            let chosen = strategy(lib, &name, device.as_deref())?;
+            lib.set_conflict_strategy(model.as_deref(), chosen)?;
+            return Ok(());
+        }
+        None => {}
     }
     for conflict in lib.conflicts()? {
         let sides: Vec<serde_json::Value> = conflict

@@ -122,6 +122,25 @@ fn index_tag_note_show_status_digest_rebuild() {
     // One device writes alone: no conflicts, listed as none.
     assert_eq!(ok(&keel(&home, &["conflicts", "lib", "--json"])), "");
     assert_eq!(ok(&keel(&home, &["conflicts", "lib"])), "");
+    ok(&keel(
+        &home,
+        &["conflicts", "lib", "strategy", "manual", "--model", "tag"],
+    ));
+    fails_with_one_error_line(&keel(
+        &home,
+        &["conflicts", "lib", "strategy", "prefer-device"],
+    ));
+    fails_with_one_error_line(&keel(
+        &home,
+        &[
+            "conflicts",
+            "lib",
+            "strategy",
+            "manual",
+            "--model",
+            "nothing",
+        ],
+    ));
     assert!(rehashed["bytes_hashed"].as_u64() > Some(0), "{rehashed}");
     let ls = ok(&keel(&home, &["ls", "lib", tree_s]));
     assert!(ls.contains("a.txt") && ls.contains("sub"), "{ls}");

@@ -2,13 +2,56 @@
 //! `keel_projections`' conflicts and decision 0051).
 
 use keel_projections::Conflict;
-use keel_schema::Value;
+use keel_schema::{ConflictPolicy, DeviceId, Value};
 use uuid::Uuid;
 
 use crate::error::EngineError;
 use crate::library::{CommitReceipt, Library};
 
+/// How a model's conflicts are settled (see [`Library::set_conflict_strategy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// The later write wins (the default).
+    LatestWins,
+    /// This device's write wins.
+    PreferDevice(DeviceId),
+    /// The later write shows until a user picks ([`Library::resolve_conflict`]).
+    Manual,
+}
+
 impl Library {
+    /// Sets how conflicts on `model` (a model's name; `None`: every model without its own) are
+    /// settled, for every device: a synced record, taken in log order, so conflicts found after
+    /// it are settled by it everywhere alike.
+    pub fn set_conflict_strategy(
+        &self,
+        model: Option<&str>,
+        strategy: Strategy,
+    ) -> Result<(), EngineError> {
+        let model = model.unwrap_or_default();
+        if !model.is_empty() && !self.models().iter().any(|d| d.name == model) {
+            return Err(EngineError::NoSuchModel(model.to_string()));
+        }
+        let (name, device) = match strategy {
+            Strategy::LatestWins => (keel_projections::LATEST_WINS, None),
+            Strategy::PreferDevice(device) => {
+                (keel_projections::PREFER_DEVICE, Some(device.to_hex()))
+            }
+            Strategy::Manual => (keel_projections::MANUAL, None),
+        };
+        let policy = ConflictPolicy {
+            uuid: keel_schema::conflict_policy_uuid(model),
+            model: model.to_string(),
+            strategy: name.to_string(),
+            device,
+        };
+        self.transact(|tx| {
+            tx.upsert(&policy);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Every conflict recorded, in log order: two devices wrote one field while neither had
     /// seen the other's write. Every device records the same ones, with the same ids and
     /// winners; the field shows the winner's value.

@@ -142,6 +142,9 @@ pub enum EngineError {
     /// No job has this id.
     #[error("no job {0}")]
     NoSuchJob(uuid::Uuid),
+    /// The library has no model of this name.
+    #[error("no model named {0}")]
+    NoSuchModel(String),
     /// No conflict has this id.
     #[error("no conflict {0}")]
     NoSuchConflict(uuid::Uuid),

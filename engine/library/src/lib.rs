@@ -54,6 +54,7 @@ mod walk;
 mod watch;
 
 pub use config::{write_atomic, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
+pub use conflicts::Strategy;
 pub use error::EngineError;
 pub use events::{ChangeKind, Event, EVENT_BUS_CAPACITY, EVENT_RECORDS_MAX};
 pub use feed::{ChangeFeed, FeedPosition};
