@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use keel_engine::{Library, Tag};
+use keel_engine::{Home, Library, Tag};
+use keel_node::Node;
 use keel_tests::cluster::{converge, founder, joiner, restart};
 use keel_tests::PASSWORD;
 
@@ -15,31 +16,45 @@ fn renamed(tag: &Tag, name: &str) -> Tag {
     }
 }
 
+/// Two converged devices, `a` leading, and a tag `a` made; `setup` runs on `a` before they
+/// converge.
+fn two_devices_and_a_tag(
+    root: &std::path::Path,
+    setup: impl FnOnce(&Node, &Node),
+) -> (Node, Home, Node, Tag) {
+    let (_ha, a) = founder(root, "a", "lib").expect("founder");
+    let (home_b, b) = joiner(root, "b", &a).expect("joins");
+    let tag = keel_tests::tag("holiday");
+    a.library()
+        .transact(|tx| Ok(tx.upsert(&tag)))
+        .expect("commits");
+    setup(&a, &b);
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    (a, home_b, b, tag)
+}
+
+/// Renames `tag` to `name` in b's library, opened alone while its node is stopped.
+fn rename_while_apart(home_b: &Home, tag: &Tag, name: &str) {
+    let offline = Library::open(home_b, "lib", PASSWORD).expect("b opens alone");
+    offline
+        .transact(|tx| Ok(tx.upsert(&renamed(tag, name))))
+        .expect("b renames while apart");
+    offline.close().expect("closes");
+}
+
 /// Two devices rename one tag while apart: after they meet, each records one conflict, with the
 /// same id, both values and the same winner, whose value the tag shows. A pick resolves it on
 /// both; a rename made after seeing the other's is not a conflict; a replay finds the same.
 #[test]
 fn concurrent_edits_are_one_conflict_on_every_device() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = founder(dir.path(), "a", "lib").expect("founder");
-    let (home_b, b) = joiner(dir.path(), "b", &a).expect("joins");
-    let tag = keel_tests::tag("holiday");
-    a.library()
-        .transact(|tx| Ok(tx.upsert(&tag)))
-        .expect("commits");
-    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let (a, home_b, b, tag) = two_devices_and_a_tag(dir.path(), |_, _| {});
     let listen = b.local_addr();
     b.stop().expect("b goes away");
     a.library()
         .transact(|tx| Ok(tx.upsert(&renamed(&tag, "summer"))))
         .expect("a renames");
-    {
-        let offline = Library::open(&home_b, "lib", PASSWORD).expect("b opens alone");
-        offline
-            .transact(|tx| Ok(tx.upsert(&renamed(&tag, "beach"))))
-            .expect("b renames while apart");
-        offline.close().expect("closes");
-    }
+    rename_while_apart(&home_b, &tag, "beach");
     let b = restart(&home_b, "lib", listen).expect("b comes back");
     converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
     let on_a = a.library().conflicts().expect("lists");
@@ -102,28 +117,15 @@ fn concurrent_edits_are_one_conflict_on_every_device() {
 #[test]
 fn a_preferred_devices_value_wins_on_every_device() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = founder(dir.path(), "a", "lib").expect("founder");
-    let (home_b, b) = joiner(dir.path(), "b", &a).expect("joins");
-    let tag = keel_tests::tag("holiday");
-    a.library()
-        .transact(|tx| Ok(tx.upsert(&tag)))
-        .expect("commits");
-    a.library()
-        .set_conflict_strategy(
-            Some("tag"),
-            keel_engine::Strategy::PreferDevice(b.library().device_id()),
-        )
-        .expect("sets");
-    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let (a, home_b, b, tag) = two_devices_and_a_tag(dir.path(), |a, b| {
+        let prefer_b = keel_engine::Strategy::PreferDevice(b.library().device_id());
+        a.library()
+            .set_conflict_strategy(Some("tag"), prefer_b)
+            .expect("sets");
+    });
     let listen = b.local_addr();
     b.stop().expect("b goes away");
-    {
-        let offline = Library::open(&home_b, "lib", PASSWORD).expect("b opens alone");
-        offline
-            .transact(|tx| Ok(tx.upsert(&renamed(&tag, "b's name"))))
-            .expect("b renames while apart");
-        offline.close().expect("closes");
-    }
+    rename_while_apart(&home_b, &tag, "b's name");
     // a writes later, so latest-wins would keep a's name.
     std::thread::sleep(Duration::from_millis(5));
     a.library()
