@@ -219,3 +219,26 @@ pub(crate) fn indexed(values: Vec<Value>) -> Vec<(u8, Value)> {
         .filter_map(|(i, v)| u8::try_from(i).ok().map(|i| (i, v)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    /// Index-domain models (one writer) never conflict; derived ones (the same values on every
+    /// device) are not looked at; what users edit on several devices is.
+    #[test]
+    fn only_what_users_edit_on_several_devices_can_conflict() {
+        let edited: Vec<&str> = crate::MODELS
+            .iter()
+            .filter(|d| d.user_edited())
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(
+            edited,
+            [
+                "user_metadata",
+                "tag",
+                "user_metadata_tag",
+                "conflict_policy"
+            ]
+        );
+    }
+}
