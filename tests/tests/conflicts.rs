@@ -55,9 +55,18 @@ fn concurrent_edits_are_one_conflict_on_every_device() {
         .transact(|tx| Ok(tx.upsert(&renamed(&tag, "summer"))))
         .expect("a renames");
     rename_while_apart(&home_b, &tag, "beach");
+    let heard = keel_tests::events_of(a.library());
     let b = restart(&home_b, "lib", listen).expect("b comes back");
     converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
     let on_a = a.library().conflicts().expect("lists");
+    // A host app hears of it.
+    let deadline = std::time::Instant::now() + WAIT;
+    let announced =
+        std::iter::from_fn(|| heard.recv_deadline(deadline).ok()).find_map(|event| match event {
+            keel_engine::Event::ConflictRecorded { id, field, .. } => Some((id, field)),
+            _ => None,
+        });
+    assert_eq!(announced, on_a.first().map(|c| (c.id, "name")));
     let on_b = b.library().conflicts().expect("lists");
     assert_eq!(on_a.len(), 1, "{on_a:?}");
     assert_eq!(on_a, on_b, "the same conflict on both devices");
