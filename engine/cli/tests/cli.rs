@@ -944,3 +944,105 @@ fn keel_watch_follows_a_location_until_stopped() {
     let listed = ok(&keel(&home, &["ls", "lib", tree_s]));
     assert!(listed.contains("new.txt"), "{listed}");
 }
+
+/// Waits until the two homes' served libraries have applied the same log, nothing waits
+/// offline, and their digests are equal.
+fn wait_same_digest(home_a: &Path, home_b: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let state = |home: &Path| {
+            let status: serde_json::Value =
+                serde_json::from_str(&ok(&keel(home, &["status", "lib", "--json"]))).expect("json");
+            let offline = status["journal"]["offline"].as_u64();
+            (
+                status["digest"].clone(),
+                status["applied_lsn"].clone(),
+                offline,
+            )
+        };
+        let (a, b) = (state(home_a), state(home_b));
+        if a == b && a.2 == Some(0) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no sync: {a:?} {b:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Issue 27: two devices rename one tag while apart; both list the same conflict, and a pick
+/// made on one with `--keep DEVICE` shows on both and resolves it on both.
+#[test]
+fn conflicts_are_listed_and_resolved_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    std::fs::write(tree.join("a.txt"), "a").expect("file");
+    let file = tree.join("a.txt");
+    let file = file.to_str().expect("path");
+    ok(&keel(&home_a, &["init", "lib"]));
+    ok(&keel(
+        &home_a,
+        &["index", "lib", tree.to_str().expect("path")],
+    ));
+    ok(&keel(&home_a, &["tag", "lib", file, "holiday"]));
+    let (addr_a, addr_b) = (free_port(), free_port());
+    let _a = serve(&home_a, &addr_a, &[]);
+    let invite = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = invite.lines().next().expect("a code").to_string();
+    ok(&keel(
+        &home_b,
+        &["pair", "join", "--addr", &addr_a, "--code", &code],
+    ));
+    let b = serve(&home_b, &addr_b, &[]);
+    wait_same_digest(&home_a, &home_b);
+    drop(b);
+    // The killed node's socket would look like the next one's before that one is up.
+    let _ = std::fs::remove_file(home_b.join("libraries/lib.keel/control.sock"));
+    ok(&keel(
+        &home_a,
+        &["tags", "lib", "rename", "holiday", "summer"],
+    ));
+    ok(&keel(
+        &home_b,
+        &["tags", "lib", "rename", "holiday", "beach"],
+    ));
+    let _b = serve(&home_b, &addr_b, &[]);
+    wait_same_digest(&home_a, &home_b);
+    let listed = ok(&keel(&home_a, &["conflicts", "lib", "--json"]));
+    assert_eq!(listed, ok(&keel(&home_b, &["conflicts", "lib", "--json"])));
+    let conflict: serde_json::Value = serde_json::from_str(listed.trim()).expect("one line");
+    assert_eq!(conflict["field"], "name", "{conflict}");
+    let values: Vec<&str> = conflict["sides"]
+        .as_array()
+        .expect("sides")
+        .iter()
+        .filter_map(|s| s["value"].as_str())
+        .collect();
+    assert!(
+        values.contains(&"summer") && values.contains(&"beach"),
+        "{conflict}"
+    );
+    let status_b: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home_b, &["status", "lib", "--json"]))).expect("json");
+    let b_id = status_b["device_id"].as_str().expect("id");
+    let id = conflict["id"].as_str().expect("an id");
+    ok(&keel(
+        &home_a,
+        &["conflicts", "lib", "resolve", id, "--keep", b_id],
+    ));
+    wait_same_digest(&home_a, &home_b);
+    for home in [&home_a, &home_b] {
+        let tags = ok(&keel(home, &["tags", "lib"]));
+        assert!(tags.starts_with("beach"), "{tags}");
+        let after: serde_json::Value =
+            serde_json::from_str(ok(&keel(home, &["conflicts", "lib", "--json"])).trim())
+                .expect("json");
+        assert!(after["resolved_by"].is_string(), "{after}");
+    }
+    let text = ok(&keel(&home_a, &["conflicts", "lib"]));
+    assert!(
+        text.contains("tag.name") && text.ends_with("; resolved\n"),
+        "{text}"
+    );
+}
