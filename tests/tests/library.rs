@@ -562,13 +562,15 @@ fn the_change_feed_catches_a_lagging_host_up_with_nothing_missed_or_twice() {
     let (_home, lib) = create_library(dir.path(), "feed").expect("creates");
     let mut events = lib.subscribe();
     let (before, at) = read_feed(&lib, keel_engine::FeedPosition::default(), 7);
-    // More commits (one event each) than the bus holds: the host lags.
+    // More commits than the bus holds, each applied on its own (one event each; the applier
+    // would otherwise take several queued commits in one apply, with one event): the host lags.
     for i in 0..(keel_engine::EVENT_BUS_CAPACITY + 100) {
         lib.transact(|tx| {
             tx.upsert(&keel_tests::tag(&format!("feed {i}")));
             Ok(())
         })
         .expect("commits");
+        lib.flush().expect("flushes");
     }
     lib.flush().expect("flushes");
     let mut lagged = false;
