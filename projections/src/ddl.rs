@@ -108,12 +108,14 @@ pub(crate) const INTERNAL: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS _field_writes (model INTEGER NOT NULL, record BLOB NOT NULL, \
      field INTEGER NOT NULL, pos INTEGER NOT NULL, change BLOB NOT NULL, hlc BLOB NOT NULL, \
      value, PRIMARY KEY (model, record, field)) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS _conflicts (id BLOB PRIMARY KEY NOT NULL, pos INTEGER NOT NULL, \
+    // Keyed by field first: each user-edited write looks for the conflicts on its field that it
+    // resolves (the id is a hash of the field and the two changes).
+    "CREATE TABLE IF NOT EXISTS _conflicts (id BLOB NOT NULL, pos INTEGER NOT NULL, \
      model INTEGER NOT NULL, record BLOB NOT NULL, field INTEGER NOT NULL, \
      a_change BLOB NOT NULL, a_hlc BLOB NOT NULL, a_value, \
      b_change BLOB NOT NULL, b_hlc BLOB NOT NULL, b_value, \
-     winner INTEGER NOT NULL, strategy TEXT NOT NULL, resolved_by BLOB, resolved_pos INTEGER) \
-     WITHOUT ROWID",
+     winner INTEGER NOT NULL, strategy TEXT NOT NULL, resolved_by BLOB, resolved_pos INTEGER, \
+     PRIMARY KEY (model, record, field, id)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _policies (record BLOB PRIMARY KEY NOT NULL, model TEXT, \
      strategy TEXT, device TEXT) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _refused (id BLOB PRIMARY KEY NOT NULL, model TEXT NOT NULL, record BLOB NOT NULL, origin BLOB NOT NULL, reason TEXT NOT NULL) WITHOUT ROWID",

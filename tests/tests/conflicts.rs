@@ -33,6 +33,15 @@ fn two_devices_and_a_tag(
     (a, home_b, b, tag)
 }
 
+/// The name `node` shows for `tag`.
+fn name_on(node: &Node, tag: &Tag) -> String {
+    node.library()
+        .get::<Tag>(tag.uuid)
+        .expect("reads")
+        .expect("the tag")
+        .name
+}
+
 /// Renames `tag` to `name` in b's library, opened alone while its node is stopped.
 fn rename_while_apart(home_b: &Home, tag: &Tag, name: &str) {
     let offline = Library::open(home_b, "lib", PASSWORD).expect("b opens alone");
@@ -78,13 +87,8 @@ fn concurrent_edits_are_one_conflict_on_every_device() {
     assert!(values.contains(&&keel_engine::schema::Value::Text("summer".into())));
     assert!(values.contains(&&keel_engine::schema::Value::Text("beach".into())));
     assert_ne!(conflict.sides[0].device, conflict.sides[1].device);
-    let shown = a
-        .library()
-        .get::<Tag>(tag.uuid)
-        .expect("reads")
-        .expect("the tag");
     assert_eq!(
-        keel_engine::schema::Value::Text(shown.name.clone()),
+        keel_engine::schema::Value::Text(name_on(&a, &tag)),
         conflict.sides[conflict.winner].value,
         "the field shows the winner"
     );
@@ -97,12 +101,7 @@ fn concurrent_edits_are_one_conflict_on_every_device() {
         .expect("resolves");
     converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
     for node in [&a, &b] {
-        let shown = node
-            .library()
-            .get::<Tag>(tag.uuid)
-            .expect("reads")
-            .expect("the tag");
-        assert_eq!(keel_engine::schema::Value::Text(shown.name), lost);
+        assert_eq!(keel_engine::schema::Value::Text(name_on(node, &tag)), lost);
     }
     let resolved = a.library().conflicts().expect("lists");
     assert_eq!(resolved, b.library().conflicts().expect("lists"));
@@ -147,12 +146,7 @@ fn a_preferred_devices_value_wins_on_every_device() {
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
     assert_eq!(conflicts[0].strategy, "prefer-device");
     for node in [&a, &b] {
-        let shown = node
-            .library()
-            .get::<Tag>(tag.uuid)
-            .expect("reads")
-            .expect("the tag");
-        assert_eq!(shown.name, "b's name");
+        assert_eq!(name_on(node, &tag), "b's name");
     }
     assert!(matches!(
         a.library()

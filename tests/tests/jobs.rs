@@ -117,19 +117,7 @@ fn a_cancelled_index_job_leaves_a_valid_library() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tree = tree(dir.path());
     let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
-    let events = events_of(&lib);
-    std::thread::scope(|scope| {
-        let indexing = scope.spawn(|| lib.index(&tree, &mut |_| {}));
-        let running = wait_job(&events, "a running job", |j| j.state == JobState::Running);
-        lib.cancel_job(running.id).expect("cancels");
-        let outcome = indexing.join().expect("joins");
-        assert!(
-            matches!(outcome, Err(EngineError::Cancelled)),
-            "{outcome:?}"
-        );
-    });
-    let job = lib.jobs().expect("lists").pop().expect("the job");
-    assert_eq!(job.state, JobState::Cancelled);
+    cancel(&lib, || lib.index(&tree, &mut |_| {}));
     let (report, digest) = lib.verify().expect("verifies");
     assert!(report.faults.is_empty());
     digest.expect("the projections match a replay");

@@ -492,11 +492,8 @@ impl Library {
         progress: &mut dyn FnMut(IndexProgress),
     ) -> Result<IndexReport, EngineError> {
         let root = path.canonicalize().map_err(io_at(path))?;
-        let here = self.device_id().record_uuid();
         let inside = self
-            .files()
-            .on(here)
-            .resolve(&root)
+            .resolve_here(&root)
             .map_err(|_| EngineError::NotInLocation(root.clone()))?;
         let folder = crate::ops::join_relative(&inside.relative_path, &inside.name);
         let mode = RunMode {
@@ -605,15 +602,18 @@ impl Library {
         Ok(())
     }
 
+    /// `root` (canonical) in one of this device's locations.
+    fn resolve_here(&self, root: &Path) -> Result<crate::ops::ResolvedPath, EngineError> {
+        let here = self.device_id().record_uuid();
+        self.files().on(here).resolve(root)
+    }
+
     /// What `path` indexes: a folder or a file inside one of this device's locations is that
     /// part of it; any other folder is (or becomes) a location, indexed whole.
     fn index_target(&self, path: &Path) -> Result<(Location, String), EngineError> {
         let root = path.canonicalize().map_err(io_at(path))?;
-        let here = self.device_id().record_uuid();
         let inside = self
-            .files()
-            .on(here)
-            .resolve(&root)
+            .resolve_here(&root)
             .ok()
             .filter(|inside| !inside.name.is_empty());
         if !root.is_dir() && inside.is_none() {

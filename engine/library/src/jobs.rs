@@ -223,6 +223,19 @@ impl JobRun<'_> {
         }
     }
 
+    /// The step of a replay this job runs: tells `progress`, records it, and stops at a pause
+    /// or a cancel (see [`JobRun::checkpoint`]).
+    pub(crate) fn replay_step<'b>(
+        &'b self,
+        progress: &'b mut dyn FnMut(u64, u64),
+    ) -> impl FnMut(u64, u64) -> Result<(), EngineError> + 'b {
+        move |done, total| {
+            progress(done, total);
+            self.progress(done, total);
+            self.checkpoint()
+        }
+    }
+
     /// A point where the job may stop: blocks while it is paused (saved as paused), and
     /// returns [`EngineError::Cancelled`] once it is cancelled.
     pub(crate) fn checkpoint(&self) -> Result<(), EngineError> {

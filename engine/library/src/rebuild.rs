@@ -61,11 +61,7 @@ impl Library {
             format!("{} faults; {outcome}", report.faults.len())
         };
         self.run_job(JobKind::Verify, id, summary, |run| {
-            self.verify_now(&mut |done, total| {
-                progress(done, total);
-                run.progress(done, total);
-                run.checkpoint()
-            })
+            self.verify_now(&mut run.replay_step(progress))
         })
     }
 
@@ -138,11 +134,7 @@ impl Library {
     ) -> Result<ReplayReport, EngineError> {
         let summary = |r: &ReplayReport| format!("{} changes replayed", r.changes);
         self.run_job(JobKind::Rebuild, id, summary, |run| {
-            self.rebuild_now(&mut |done, total| {
-                progress(done, total);
-                run.progress(done, total);
-                run.checkpoint()
-            })
+            self.rebuild_now(&mut run.replay_step(progress))
         })
     }
 
