@@ -785,7 +785,12 @@ updated_ms: number,
 /**
  * What it did (once finished), or why it failed.
  */
-summary: string | null, };
+summary: string | null, 
+/**
+ * Where it goes on from when it runs again, in its kind's own terms (a merge: the model
+ * and the last record carried); `None` for kinds whose checkpoint is elsewhere.
+ */
+checkpoint?: string | null, };
 
 /**
  * What a job does.
@@ -810,7 +815,15 @@ folder: string, } | { "kind": "rebuild" } | { "kind": "verify" } | { "kind": "ca
 /**
  * The inviting device (its id, hex).
  */
-inviter: string, };
+inviter: string, } | { "kind": "merge", 
+/**
+ * The other library's name in this home.
+ */
+source: string, 
+/**
+ * Its id.
+ */
+library: string, };
 
 /**
  * Where a job stands.
@@ -837,6 +850,71 @@ per_second: number,
  * Time left at that rate, if it can be told.
  */
 eta_ms: number | null, };
+
+/**
+ * What [`Library::merge_from`] did, or (dry run) would do.
+ */
+export type MergeReport = { 
+/**
+ * The other library's name.
+ */
+source: string, 
+/**
+ * Whether nothing was written.
+ */
+dry_run: boolean, 
+/**
+ * Per model, in the order merged.
+ */
+models: Array<ModelMerge>, 
+/**
+ * Changes committed (0 in a dry run).
+ */
+changes: number, 
+/**
+ * Fields written over another value here: each is recorded as a conflict.
+ */
+conflicting: number, 
+/**
+ * Whether this run went on from an interrupted merge's checkpoint (what it carried
+ * before is not counted again).
+ */
+resumed: boolean, };
+
+/**
+ * What a merge does (dry: would do) with the records of one model.
+ */
+export type ModelMerge = { 
+/**
+ * The model.
+ */
+model: string, 
+/**
+ * Visible records of it in the other library (looked at by this run).
+ */
+source: number, 
+/**
+ * Records new here, written whole.
+ */
+added: number, 
+/**
+ * Records already here that some field of was written (filled, or a conflicting value).
+ */
+updated: number, 
+/**
+ * Records already here as they are there: nothing written.
+ */
+unchanged: number, 
+/**
+ * Of those added, updated or unchanged: records that became one with a record here of
+ * another uuid (a content of the same hash, a tag of the same name, what hangs on them).
+ */
+became_one: number, 
+/**
+ * Records not carried: another device's file facts and what hangs on them, and the
+ * library's own records (devices, attestations, endorsements, models, policies).
+ */
+left: number, };
 
 /**
  * One peer of a node.

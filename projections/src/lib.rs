@@ -20,6 +20,7 @@ mod ownership;
 mod queries;
 mod rebuild;
 mod references;
+mod rows;
 mod search;
 mod snapshot;
 mod store;
@@ -34,6 +35,7 @@ pub use error::ProjectionError;
 pub use filters::{EntryFilter, EntryOrder, EntryPage, PageCursor, PageKey, PAGE_MAX};
 pub use ownership::{Lacking, RefusedChange};
 pub use queries::{Counts, EntryMetadata, Query};
+pub use rows::RowValues;
 pub use search::{SearchHit, SearchMatch, SEARCH_TEXT_MAX, SEARCH_WORDS_MAX};
 pub use snapshot::FrozenFile;
 pub use store::{

@@ -350,3 +350,44 @@ pub mod cluster {
         }
     }
 }
+
+/// Runs `CHILD HOME lib ARGS…` (the `crash_child` binary) and kills it (`SIGKILL`) at the first
+/// `progress DONE TOTAL` line that `stop` accepts; returns that progress. Panics if the child
+/// ends first.
+pub fn kill_child_at(
+    child: &Path,
+    home: &Home,
+    args: &[&str],
+    stop: impl Fn(u64, u64) -> bool,
+) -> (u64, u64) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mode = args.first().copied().unwrap_or_default();
+    let mut child = Command::new(child)
+        .arg(home.root())
+        .arg("lib")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("child starts");
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("reads");
+        assert_ne!(line, "done", "the {mode} ended before the kill");
+        let mut numbers = line
+            .strip_prefix("progress ")
+            .unwrap_or_default()
+            .split(' ')
+            .filter_map(|n| n.parse::<u64>().ok());
+        if let (Some(done), Some(total)) = (numbers.next(), numbers.next()) {
+            if stop(done, total) {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reaped");
+                return (done, total);
+            }
+        }
+    }
+    child.wait().expect("reaped");
+    panic!("the {mode} ended without the progress awaited");
+}

@@ -3,9 +3,7 @@
 //! library opens again. The library serves its other users while a job runs or waits.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -138,30 +136,9 @@ fn an_index_job_killed_midway_resumes_when_the_library_opens_again() {
     let tree = tree(dir.path());
     let (home, lib) = create_library(dir.path(), "lib").expect("creates");
     lib.close().expect("closes");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crash_child"))
-        .arg(home.root())
-        .arg("lib")
-        .arg("index")
-        .arg(&tree)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("child starts");
-    let stdout = child.stdout.take().expect("piped");
     // Killed once a batch or two are committed (progress counts files taken).
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("reads");
-        let done: u64 = line
-            .strip_prefix("progress ")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        assert_ne!(line, "done", "the run ended before the kill");
-        if done >= 2_200 {
-            break;
-        }
-    }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    let tree_arg = tree.to_str().expect("utf-8");
+    kill_at(&home, &["index", tree_arg], |done, _| done >= 2_200);
     let lib = Library::open(&Home::new(home.root()), "lib", PASSWORD).expect("reopens");
     let interrupted = lib.jobs().expect("lists").pop().expect("the job");
     assert_eq!(interrupted.state, JobState::Interrupted, "{interrupted:?}");
@@ -227,37 +204,9 @@ fn kill_midway(home: &Home, mode: &str) {
     kill_at(home, &[mode], |done, total| done > 0 && done < total);
 }
 
-/// Runs `crash_child HOME lib ARGS…` and kills it at the first `progress DONE TOTAL` that
-/// `stop` accepts; returns that progress.
 fn kill_at(home: &Home, args: &[&str], stop: impl Fn(u64, u64) -> bool) -> (u64, u64) {
-    let mode = args[0];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crash_child"))
-        .arg(home.root())
-        .arg("lib")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("child starts");
-    let stdout = child.stdout.take().expect("piped");
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("reads");
-        assert_ne!(line, "done", "the {mode} ended before the kill");
-        let mut numbers = line
-            .strip_prefix("progress ")
-            .unwrap_or_default()
-            .split(' ')
-            .filter_map(|n| n.parse::<u64>().ok());
-        if let (Some(done), Some(total)) = (numbers.next(), numbers.next()) {
-            if stop(done, total) {
-                child.kill().expect("SIGKILL");
-                child.wait().expect("reaped");
-                return (done, total);
-            }
-        }
-    }
-    child.wait().expect("reaped");
-    panic!("the {mode} ended without the progress awaited");
+    let child = Path::new(env!("CARGO_BIN_EXE_crash_child"));
+    keel_tests::kill_child_at(child, home, args, stop)
 }
 
 /// The position an aside projection left by a stopped job had reached.

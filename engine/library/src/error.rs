@@ -148,6 +148,9 @@ pub enum EngineError {
     /// No conflict has this id.
     #[error("no conflict {0}")]
     NoSuchConflict(uuid::Uuid),
+    /// A library cannot be merged into itself (the same library id).
+    #[error("library {0} is the library it would be merged into")]
+    MergeIntoItself(String),
     /// The job is not running (nor paused, nor interrupted): nothing to pause, resume or cancel.
     #[error("job {0} is not running")]
     JobNotRunning(uuid::Uuid),

@@ -60,6 +60,14 @@ pub enum JobKind {
         /// The inviting device (its id, hex).
         inviter: String,
     },
+    /// Carries another library's records into this one (see [`Library::merge_from`]).
+    /// Interrupted, it goes on from its checkpoint when the same merge is asked again.
+    Merge {
+        /// The other library's name in this home.
+        source: String,
+        /// Its id.
+        library: Uuid,
+    },
 }
 
 /// Where a job stands.
@@ -140,6 +148,10 @@ pub struct Job {
     pub updated_ms: u64,
     /// What it did (once finished), or why it failed.
     pub summary: Option<String>,
+    /// Where it goes on from when it runs again, in its kind's own terms (a merge: the model
+    /// and the last record carried); `None` for kinds whose checkpoint is elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 impl Job {
@@ -154,6 +166,7 @@ impl Job {
             started_ms: now,
             updated_ms: now,
             summary: None,
+            checkpoint: None,
         }
     }
 
@@ -221,6 +234,18 @@ impl JobRun<'_> {
         if due {
             let _ = self.library.save_job(&mut job);
         }
+    }
+
+    /// Saves where the job goes on from if it stops now, with its progress.
+    pub(crate) fn save_checkpoint(
+        &self,
+        checkpoint: String,
+        (done, total): (u64, u64),
+    ) -> Result<(), EngineError> {
+        let mut job = self.job.lock().map_err(|_| EngineError::Closed)?;
+        job.checkpoint = Some(checkpoint);
+        job.progress = Progress::at(done, total, self.started.elapsed());
+        self.library.save_job(&mut job)
     }
 
     /// The step of a replay this job runs: tells `progress`, records it, and stops at a pause
@@ -472,12 +497,14 @@ impl Library {
     }
 
     /// Runs again, one after the other on the calling thread, every job the last process left
-    /// unfinished. Returns how many ran.
+    /// unfinished, but a merge (it needs its other library: it goes on when the same merge is
+    /// asked again). Returns how many ran.
     pub fn resume_jobs(&self) -> Result<usize, EngineError> {
         let interrupted: Vec<Job> = self
             .jobs()?
             .into_iter()
             .filter(|j| j.state == JobState::Interrupted)
+            .filter(|j| !matches!(j.kind, JobKind::Merge { .. }))
             .collect();
         for job in &interrupted {
             self.run_again(job.clone())?;
@@ -528,6 +555,10 @@ impl Library {
                     job.progress.total
                 ));
                 self.save_job(&mut job)?;
+            }
+            JobKind::Merge { .. } => {
+                // It needs the other library open: it goes on when the same merge is asked
+                // again (`Library::merge_from`), from its checkpoint.
             }
         }
         Ok(())

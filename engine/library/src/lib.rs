@@ -45,6 +45,7 @@ mod jobs;
 mod leader_commit;
 mod library;
 mod link;
+mod merge;
 mod models;
 mod ops;
 mod rebuild;
@@ -86,6 +87,7 @@ pub use library::{
     SyncState, JOURNAL_FILE, PROJECTIONS_FILE,
 };
 pub use link::{LinkOptions, NodeLink};
+pub use merge::{MergeReport, ModelMerge, MERGE_BATCH};
 pub use models::LackingModel;
 pub use ops::{Files, ResolvedPath, Scope};
 pub use rebuild::{VerifyOutcome, REBUILD_FILE, VERIFY_FILE};

@@ -721,10 +721,15 @@ impl Library {
             let now = now_ms();
             let mut tx = Tx::new(&mut clock, &self.models, now);
             let value = f(&mut tx)?;
+            let unseen = tx.unseen;
             let mut changes = tx.finish()?;
             // Their causal context: what this device had applied of the log (see
-            // `Change::seen`), on the changes that can conflict.
-            let seen = self.sync_state().applied_lsn().0;
+            // `Change::seen`), on the changes that can conflict; none on unseen ones.
+            let seen = if unseen {
+                0
+            } else {
+                self.sync_state().applied_lsn().0
+            };
             for change in &mut changes {
                 if self
                     .models

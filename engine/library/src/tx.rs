@@ -16,6 +16,8 @@ pub struct Tx<'a> {
     pub(crate) changes: Vec<Change>,
     /// The first model written that the library does not know.
     unknown: Option<String>,
+    /// Whether its changes were made without seeing this library's log (see [`Tx::unseen`]).
+    pub(crate) unseen: bool,
 }
 
 impl<'a> Tx<'a> {
@@ -26,6 +28,7 @@ impl<'a> Tx<'a> {
             now_ms,
             changes: Vec::new(),
             unknown: None,
+            unseen: false,
         }
     }
 
@@ -84,17 +87,37 @@ impl<'a> Tx<'a> {
         record: Uuid,
         (index, value): (u8, Value),
     ) -> bool {
+        self.write_fields(def, record, vec![(index, value)])
+    }
+
+    /// Writes `fields` (sorted by index) of record `record` of model `def`, known by its
+    /// definition (a merge carrying records of any model).
+    pub(crate) fn write_fields(
+        &mut self,
+        def: &'static ModelDef,
+        record: Uuid,
+        fields: Vec<(u8, Value)>,
+    ) -> bool {
+        debug_assert!(fields.windows(2).all(|w| w[0].0 < w[1].0), "sorted fields");
         let hlc = self.clock.tick(self.now_ms);
         let change = Change {
             id: ChangeId::at(self.now_ms),
             hlc,
             model: def.code,
             record,
-            op: keel_schema::Op::Upsert(vec![(index, value)]),
+            op: keel_schema::Op::Upsert(fields),
             version: def.version,
             seen: 0,
         };
         self.keep(change, Some(def))
+    }
+
+    /// Marks this transaction's changes as made without seeing this library's log (a merge
+    /// carries another library's records): their causal context stays empty
+    /// ([`Change::seen`] 0), so a write of theirs to a field this library already holds
+    /// another value of is a conflict.
+    pub(crate) fn unseen(&mut self) {
+        self.unseen = true;
     }
 
     /// Adds the upsert of model `M` that `build` makes with a new id and clock, if it makes one.

@@ -66,6 +66,8 @@ pub fn typescript() -> String {
         keel_engine::JobKind,
         keel_engine::JobState,
         keel_engine::Progress,
+        keel_engine::MergeReport,
+        keel_engine::ModelMerge,
         // The node.
         crate::PeerStatus,
         crate::AppliedDomains,

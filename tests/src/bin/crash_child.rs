@@ -1,9 +1,10 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
 //! change id on its own line, until it is killed. With `index PATH` after the library, it
-//! indexes PATH instead, printing `progress DONE` as files are processed; with `rebuild` or
+//! indexes PATH instead, printing `progress DONE TOTAL` as files are processed; with `rebuild` or
 //! `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`; with
 //! `join ADDR CODE`, it joins library LIB from the node at ADDR with invitation CODE, printing
-//! `progress STORED TOTAL` as the inviter's log is stored.
+//! `progress STORED TOTAL` as the inviter's log is stored; with `merge SRC`, it merges library
+//! SRC of the same home into LIB, printing `progress DONE TOTAL` as records are carried.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,7 +29,8 @@ fn main() -> anyhow::Result<()> {
         };
         return join(&Home::new(home), addr.parse()?, code);
     }
-    let lib = Library::open(&Home::new(home), &name, keel_tests::PASSWORD)?;
+    let home = Home::new(home);
+    let lib = Library::open(&home, &name, keel_tests::PASSWORD)?;
     if mode.as_deref() == Some("rebuild") {
         println!("ready");
         lib.rebuild(&mut |done, total| println!("progress {done} {total}"))?;
@@ -43,13 +45,25 @@ fn main() -> anyhow::Result<()> {
         println!("done");
         return Ok(());
     }
+    if mode.as_deref() == Some("merge") {
+        let source = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB merge SRC"))?;
+        let source = Library::open(&home, &source, keel_tests::PASSWORD)?;
+        println!("ready");
+        lib.merge_from(&source, false, &mut |done, total| {
+            println!("progress {done} {total}")
+        })?;
+        println!("done");
+        return Ok(());
+    }
     if mode.as_deref() == Some("index") {
         let path = PathBuf::from(
             args.next()
                 .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB index PATH"))?,
         );
         println!("ready");
-        lib.index(&path, &mut |p| println!("progress {}", p.done))?;
+        lib.index(&path, &mut |p| println!("progress {} {}", p.done, p.total))?;
         println!("done");
         return Ok(());
     }
