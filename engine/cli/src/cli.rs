@@ -199,6 +199,23 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Merge library SOURCE of this home into library LIB (both opened with the one password):
+    /// contents of the same hash and tags of the same name become one, this device's locations
+    /// and entries and every note and tag are carried over; a note LIB holds another value of
+    /// is kept as a conflict. Merging again changes nothing; an interrupted merge goes on from
+    /// its checkpoint when asked again. SOURCE is left as it was.
+    Merge {
+        /// The library carried over.
+        source: String,
+        /// The library it is merged into.
+        lib: String,
+        /// Report what it would do (counts per model), write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check every journal record and compare the projections with a fresh replay.
     Verify {
         /// Library name.
@@ -349,6 +366,14 @@ pub(crate) enum PairCommand {
         /// This device's name, shown to the inviting user.
         #[arg(long)]
         name: Option<String>,
+        /// A library of this home to merge into the joined one once it has arrived (see
+        /// `keel merge`); it is checked to open before pairing.
+        #[arg(long)]
+        merge: Option<String>,
+        /// With `--merge`: join, then report what the merge would do without merging
+        /// (`keel merge` does it later).
+        #[arg(long, requires = "merge")]
+        dry_run: bool,
         #[command(flatten)]
         lan: LanArgs,
     },
@@ -541,6 +566,7 @@ fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io
                     keel_engine::JobKind::Verify => "verify".into(),
                     keel_engine::JobKind::CatchUp => "catch up".into(),
                     keel_engine::JobKind::Join { inviter } => format!("join from {inviter}"),
+                    keel_engine::JobKind::Merge { source, .. } => format!("merge of {source}"),
                 };
                 let state = serde_json::to_value(job.state)?;
                 io.line(&format!(
@@ -720,6 +746,8 @@ pub(crate) fn run() -> Result<i32> {
                     addr,
                     code,
                     name,
+                    merge,
+                    dry_run,
                     lan,
                 },
         } => {
@@ -728,7 +756,38 @@ pub(crate) fn run() -> Result<i32> {
                 bail!("no --addr and LAN discovery is off: give the inviting node's address");
             }
             let discovery = discovery.unwrap_or_default();
-            crate::serve::join(&home, addr, discovery, code, name, password()?, kdf())
+            let password = password()?;
+            if let Some(source) = &merge {
+                // Before the invitation is spent: the library to merge opens with this password.
+                Library::open(&home, source, &password)?.close()?;
+            }
+            let joined = crate::serve::join(&home, addr, discovery, code, name, &password, kdf())?;
+            match merge {
+                Some(source) => {
+                    let merge = crate::serve::Merge {
+                        source,
+                        lib: joined,
+                        dry_run,
+                        json: false,
+                    };
+                    crate::serve::merge(&home, &merge, &password)
+                }
+                None => Ok(0),
+            }
+        }
+        Command::Merge {
+            source,
+            lib,
+            dry_run,
+            json,
+        } => {
+            let merge = crate::serve::Merge {
+                source,
+                lib,
+                dry_run,
+                json,
+            };
+            crate::serve::merge(&home, &merge, &password()?)
         }
         command => {
             let Some(lib) = command.library().map(str::to_string) else {
@@ -969,6 +1028,7 @@ pub(crate) fn exec(
         | Command::Serve { .. }
         | Command::Watch { .. }
         | Command::Libraries { .. }
+        | Command::Merge { .. }
         | Command::Pair { .. }
         | Command::Bench { .. }
         | Command::Demo { .. } => bail!("this command does not run on an open library"),

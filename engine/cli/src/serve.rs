@@ -180,9 +180,9 @@ pub(crate) fn join(
     discovery: keel_node::Discovery,
     code: String,
     name: Option<String>,
-    password: String,
+    password: &str,
     kdf: KdfParams,
-) -> Result<i32> {
+) -> Result<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -196,7 +196,7 @@ pub(crate) fn join(
             bind: None,
             code,
             device_name: name,
-            password,
+            password: password.into(),
             create: CreateOptions { kdf },
             snapshot: true,
             progress: Some(progress),
@@ -207,6 +207,68 @@ pub(crate) fn join(
     }
     let library = library?;
     println!("joined library {library}; run `keel serve {library}` to sync it");
+    Ok(library)
+}
+
+/// `keel merge` (and `pair join --merge`): what to merge into what.
+pub(crate) struct Merge {
+    /// The library carried over.
+    pub(crate) source: String,
+    /// The library it is merged into.
+    pub(crate) lib: String,
+    /// Only report what it would do.
+    pub(crate) dry_run: bool,
+    /// Print the report as JSON.
+    pub(crate) json: bool,
+}
+
+/// Merges `merge.source` into `merge.lib` (both opened with `password`), with a bar on a
+/// terminal, and prints the report.
+pub(crate) fn merge(home: &Home, merge: &Merge, password: &str) -> Result<i32> {
+    use std::io::IsTerminal;
+    let source = Library::open(home, &merge.source, password)?;
+    let into = Library::open(home, &merge.lib, password)?;
+    let bar = crate::cli::bar(0, "merging", std::io::stderr().is_terminal());
+    let report = into.merge_from(&source, merge.dry_run, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    source.close()?;
+    into.close()?;
+    if merge.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(0);
+    }
+    let (verb, lib) = if report.dry_run {
+        ("would merge", &merge.lib)
+    } else {
+        ("merged", &merge.lib)
+    };
+    println!(
+        "{verb} {} into {lib}: {} changes, {} fields over another value{}",
+        report.source,
+        report.changes,
+        report.conflicting,
+        if report.resumed {
+            " (went on from an interrupted merge)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<20} {:>8} {:>8} {:>8} {:>9} {:>10} {:>8}",
+        "model", "source", "added", "updated", "unchanged", "became one", "left"
+    );
+    for m in &report.models {
+        println!(
+            "{:<20} {:>8} {:>8} {:>8} {:>9} {:>10} {:>8}",
+            m.model, m.source, m.added, m.updated, m.unchanged, m.became_one, m.left
+        );
+    }
+    if report.conflicting > 0 && !report.dry_run {
+        println!("see `keel conflicts {lib}` for the values kept as conflicts");
+    }
     Ok(0)
 }
 

@@ -1046,3 +1046,73 @@ fn conflicts_are_listed_and_resolved_from_the_command_line() {
         "{text}"
     );
 }
+
+/// Issue 27: a device with a library of its own joins with `--merge`: a dry run reports the
+/// counts and writes nothing, `keel merge` carries it over (merging again changes nothing), and
+/// once served, the inviter holds the union: one content per hash, one tag per name.
+#[test]
+fn pair_join_merges_a_library_of_this_device_into_the_joined_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    let (tree_a, tree_b) = (dir.path().join("ta"), dir.path().join("tb"));
+    for (tree, files) in [(&tree_a, vec!["same"]), (&tree_b, vec!["same", "own"])] {
+        std::fs::create_dir_all(tree).expect("tree");
+        for (i, text) in files.iter().enumerate() {
+            std::fs::write(tree.join(format!("{i}.txt")), text).expect("file");
+        }
+    }
+    let path = |p: &Path| p.to_str().expect("utf-8").to_string();
+    ok(&keel(&home_a, &["init", "lib"]));
+    ok(&keel(&home_a, &["index", "lib", &path(&tree_a)]));
+    ok(&keel(
+        &home_a,
+        &["tag", "lib", &path(&tree_a.join("0.txt")), "holiday"],
+    ));
+    ok(&keel(&home_b, &["init", "own"]));
+    ok(&keel(&home_b, &["index", "own", &path(&tree_b)]));
+    let own_file = path(&tree_b.join("1.txt"));
+    ok(&keel(
+        &home_b,
+        &["tag", "own", &own_file, "holiday", "mine"],
+    ));
+    let addr_a = free_port();
+    let _a = serve(&home_a, &addr_a, &[]);
+    let invite = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = invite.lines().next().expect("a code").to_string();
+    let args = ["pair", "join", "--addr", &addr_a, "--code", &code];
+    let dry = ok(&keel(
+        &home_b,
+        &[&args[..], &["--merge", "own", "--dry-run"]].concat(),
+    ));
+    assert!(dry.contains("would merge own into lib"), "{dry}");
+    let line = |text: &str, model: &str| -> Vec<u64> {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{model} ")))
+            .unwrap_or_else(|| panic!("no {model} in {text}"));
+        row.split_whitespace()
+            .skip(1)
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    // source, added, updated, unchanged, became one, left
+    assert_eq!(line(&dry, "content_identity"), [2, 1, 0, 1, 1, 0], "{dry}");
+    assert_eq!(line(&dry, "tag"), [2, 1, 0, 1, 1, 0], "{dry}");
+    let merged = ok(&keel(&home_b, &["merge", "own", "lib"]));
+    assert!(merged.contains("merged own into lib"), "{merged}");
+    let again: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home_b, &["merge", "own", "lib", "--json"])))
+            .expect("json");
+    assert_eq!(again["changes"], 0, "{again}");
+    let jobs = ok(&keel(&home_b, &["jobs", "lib"]));
+    assert!(jobs.contains("merge of own"), "{jobs}");
+    let _b = serve(&home_b, &free_port(), &[]);
+    wait_same_digest(&home_a, &home_b);
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
+    assert_eq!(status["counts"]["content_identities"], 2, "{status}");
+    assert_eq!(status["counts"]["tags"], 2, "{status}");
+    assert_eq!(status["counts"]["locations"], 2, "{status}");
+    let tags = ok(&keel(&home_a, &["show", "lib", &own_file]));
+    assert!(tags.contains("mine") && tags.contains("holiday"), "{tags}");
+}

@@ -366,7 +366,9 @@ pub struct JoinOptions {
 }
 
 /// Pairs this home's device with a running node and creates the library here. Returns the
-/// library's name; `serve` then reaches the inviter without `--peer`.
+/// library's name here (the inviter's, or `NAME-2`… when this home has a library of that name);
+/// `serve` then reaches the inviter without `--peer`. To bring a library this device built
+/// alone into the joined one, merge it afterwards (`keel_engine::Library::merge_from`).
 pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError> {
     let code = PairingCode::parse(&options.code)
         .ok_or_else(|| NodeError::Pairing(PairingError::Protocol("malformed code".into())))?;
@@ -392,9 +394,10 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
     conn.close("paired");
     let key = LibraryKey::from_bytes(&joined.key)
         .ok_or_else(|| PairingError::Protocol("the library key has the wrong length".into()))?;
+    let local_name = free_name(home, &joined.name)?;
     let library = Library::create_joined(
         home,
-        &joined.name,
+        &local_name,
         &options.password,
         joined.library,
         &key,
@@ -432,5 +435,18 @@ pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError
         }
     }
     endpoint.close();
-    Ok(joined.name)
+    Ok(local_name)
+}
+
+/// `name`, or if this home has a library of that name already (one of its own, to merge into
+/// the joined one: see `keel_engine::Library::merge_from`), the first free `name-2`, `name-3`…
+fn free_name(home: &Home, name: &str) -> Result<String, NodeError> {
+    let taken = home.libraries()?;
+    let mut candidate = name.to_string();
+    let mut n = 1;
+    while taken.contains(&candidate) {
+        n += 1;
+        candidate = format!("{name}-{n}");
+    }
+    Ok(candidate)
 }
