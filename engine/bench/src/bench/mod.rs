@@ -2,6 +2,7 @@
 //! figure, each with its options; this module runs them, each in its own process (so each peak
 //! RSS is its own step's), and prints the figures.
 
+mod merge;
 mod p1;
 mod p2;
 mod p3;
@@ -28,8 +29,8 @@ use crate::BenchOptions;
 pub(crate) type Figures = Map<String, Value>;
 
 /// The steps, in the order they run.
-const STEPS: [&str; 10] = [
-    "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic", "watch",
+const STEPS: [&str; 11] = [
+    "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic", "watch", "merge",
 ];
 
 /// The sizes of a full or a quick run.
@@ -44,6 +45,7 @@ struct Sizes {
     p8_files: usize,
     watch_samples: usize,
     watch_burst: usize,
+    merge_records: usize,
 }
 
 impl Sizes {
@@ -60,6 +62,7 @@ impl Sizes {
                 p8_files: 10_000,
                 watch_samples: 30,
                 watch_burst: 2_000,
+                merge_records: 20_000,
             }
         } else {
             Sizes {
@@ -73,6 +76,7 @@ impl Sizes {
                 p8_files: 100_000,
                 watch_samples: 100,
                 watch_burst: 10_000,
+                merge_records: 100_000,
             }
         };
         Sizes {
@@ -193,6 +197,13 @@ fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
             &watch::Options {
                 samples: sizes.watch_samples,
                 burst: sizes.watch_burst,
+            },
+            &mut out,
+        )?,
+        "merge" => merge::run(
+            dir,
+            &merge::Options {
+                records: sizes.merge_records,
             },
             &mut out,
         )?,
