@@ -245,6 +245,19 @@ fn revoking_a_device_rotates_the_library_key_everywhere_but_on_it() {
     let (hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
     let (_hc, c) = joiner(dir.path(), "c", &a).expect("c joins");
     converge(&[&a, &b, &c], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
+    // b and c hold a session of their own (c joined through a and found b by gossip): the new
+    // key reaches b before the revocation's log entry does, and b must not pass it on to c.
+    let c_hex = c.library().device_id().to_hex();
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while !b
+        .status()
+        .peers
+        .iter()
+        .any(|p| p.device_id == c_hex && p.connected)
+    {
+        assert!(std::time::Instant::now() < deadline, "b never reached c");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before = key_ids(&a);
     a.revoke(c.library().device_id()).expect("revokes");
     let rotated = key_ids(&a);
@@ -263,6 +276,10 @@ fn revoking_a_device_rotates_the_library_key_everywhere_but_on_it() {
     commit(&a, &after);
     converge(&[&a, &b], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
     assert!(has(&b, &after));
+    assert!(
+        !key_ids(&c).contains(&new_key),
+        "the revoked device got the new key later"
+    );
     // A device paired after the rotation receives every key, old records' included.
     let (_hd, d) = joiner(dir.path(), "d", &a).expect("d joins");
     converge(&[&a, &d], CONVERGE).unwrap_or_else(|r| panic!("{r}"));
