@@ -24,7 +24,7 @@ pub use keel_replication::ReplicationMessage;
 pub use message::{
     DeviceMessage, DomainPosition, PairingMessage, PeerAddr, WireKey, WireLogEntry,
     LIBRARY_KEYS_MAX, MESSAGE_VERSION, PEERS_MAX, POSITIONS_MAX, RECORDS_PER_MESSAGE_MAX,
-    RECORD_BYTES_MAX, SNAPSHOT_CHUNK_MAX, TEXT_LEN_MAX,
+    RECORD_BYTES_MAX, REVOKED_MAX, SNAPSHOT_CHUNK_MAX, TEXT_LEN_MAX,
 };
 pub use pairing::{
     Binding, InviteRun, Inviter, Joined, Joiner, PairingCode, PairingError, CODE_FAILURES_MAX,

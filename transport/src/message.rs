@@ -27,6 +27,8 @@ pub const PEERS_MAX: usize = 64;
 
 /// Most keys in one [`DeviceMessage::LibraryKeys`] (the journal keeps at most as many).
 pub const LIBRARY_KEYS_MAX: usize = 32;
+/// Most revoked devices one [`DeviceMessage::LibraryKeys`] names.
+pub const REVOKED_MAX: usize = 256;
 
 /// A key of the library, as [`DeviceMessage::LibraryKeys`] carries it. Zeroized when dropped.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +164,11 @@ pub enum DeviceMessage {
         /// At most [`LIBRARY_KEYS_MAX`].
         #[serde(deserialize_with = "bounded::seq::<_, _, LIBRARY_KEYS_MAX>")]
         keys: Vec<WireKey>,
+        /// The devices the sender has revoked (at most [`REVOKED_MAX`]): the
+        /// receiver revokes them too before it takes the keys or passes them on, so a key made
+        /// after a revocation never overtakes it on the way to the revoked device.
+        #[serde(default, deserialize_with = "bounded::seq::<_, _, REVOKED_MAX>")]
+        revoked: Vec<DeviceId>,
     },
     /// Sent instead of Hello by a device that has just joined: asks for the log and a snapshot
     /// of the projections, so it need not replay the whole log. The answer is
@@ -266,9 +273,12 @@ impl DeviceMessage {
                     return Err(over(format!("{} peers", peers.len())));
                 }
             }
-            DeviceMessage::LibraryKeys { keys } => {
+            DeviceMessage::LibraryKeys { keys, revoked } => {
                 if keys.len() > LIBRARY_KEYS_MAX || keys.iter().any(|k| k.key.len() != 32) {
                     return Err(over(format!("{} library keys", keys.len())));
+                }
+                if revoked.len() > REVOKED_MAX {
+                    return Err(over(format!("{} revoked devices", revoked.len())));
                 }
             }
             DeviceMessage::SyncPullModelBatchResponse { records, .. } => {
@@ -454,6 +464,11 @@ mod tests {
             ],
         };
         assert!(crowd.encode().is_err());
+        let revocations = DeviceMessage::LibraryKeys {
+            keys: Vec::new(),
+            revoked: vec![DeviceId([1; 32]); REVOKED_MAX + 1],
+        };
+        assert!(revocations.encode().is_err());
         let short_hash = DeviceMessage::SnapshotEnd {
             file_hash: ByteBuf::from(vec![0u8; 31]),
         };

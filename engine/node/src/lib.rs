@@ -200,6 +200,7 @@ impl Node {
             unpinned: Arc::new(tokio::sync::Semaphore::new(net::UNPINNED_MAX)),
             wake: tokio::sync::Notify::new(),
             lan: lan.clone(),
+            withheld: Mutex::new(std::collections::HashSet::new()),
         });
         if let Some(lan) = lan {
             let (net, handle) = (net.clone(), rt.handle().clone());
@@ -437,6 +438,9 @@ impl Node {
     /// devices still paired.
     pub fn revoke(&self, device: DeviceId) -> Result<(), NodeError> {
         revoke_in(&self.library, device)?;
+        if let Ok(mut withheld) = self.net.withheld.lock() {
+            withheld.insert(device);
+        }
         self.net.endpoint.pins().unpin(device);
         self.net.disconnect(device);
         self.library.rotate_key()?;

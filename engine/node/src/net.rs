@@ -71,6 +71,10 @@ pub(crate) struct Net {
     pub(crate) heard: Mutex<HashMap<DeviceId, SocketAddr>>,
     /// mDNS announcements and browsing (`None`: LAN discovery off or unavailable).
     pub(crate) lan: Option<Arc<super::discovery::Lan>>,
+    /// Devices revoked by this node or named revoked by a peer's key message: never sent a
+    /// key, even if something pins them again before the log's revocation arrives. Only
+    /// devices that were pinned here enter it, so it is bounded by the library's devices.
+    pub(crate) withheld: Mutex<HashSet<DeviceId>>,
 }
 
 impl Net {
@@ -340,7 +344,9 @@ impl Net {
                     }
                 }
                 Ok(DeviceMessage::Peers { peers }) => self.learn_peers(peer, peers),
-                Ok(DeviceMessage::LibraryKeys { keys }) => self.learn_keys(peer, keys),
+                Ok(DeviceMessage::LibraryKeys { keys, revoked }) => {
+                    self.learn_keys(peer, keys, revoked)
+                }
                 Ok(other) => {
                     tracing::debug!(peer = %peer.short(), message = ?std::mem::discriminant(&other), "a message that has no place in a sync session; ignored");
                 }
