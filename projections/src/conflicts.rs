@@ -4,10 +4,13 @@
 //! applied when it wrote it. The log orders every change the same way on every device, so a
 //! write `y` at log position `p` to a field whose last log write `x` (at `q < p`) came from
 //! another device is concurrent with it iff `y.seen < q`, and then, if their values differ,
-//! both are recorded as a conflict. Only log entries are looked at, in log order, and only
-//! fields a user edits (of models that `ModelDef::user_edited` accepts, references left
-//! out: a tag set is a set of records, merged by union). So every device records the same
-//! conflicts with the same ids, and a replay records them again. The field's value itself
+//! both are recorded as a conflict. A device's own later write is concurrent with its earlier
+//! one only if it was made with less of the log seen (`y.seen < x.seen`): a device's context
+//! only grows, so that is a write a merge carried from another library (decision 0052).
+//! Only log entries are looked at, in log order, and only fields a user edits (of models that
+//! `ModelDef::user_edited` accepts, references left out: a tag set is a set of records, merged
+//! by union). So every device records the same conflicts with the same ids, and a replay
+//! records them again. The field's value itself
 //! is still last-writer-wins, as everywhere: the conflict says what was overwritten.
 //!
 //! `_field_writes` keeps the last log write of each such field; `_conflicts` the record (both
@@ -71,6 +74,8 @@ pub struct Conflict {
 /// The last log write of a field.
 struct Written {
     pos: u64,
+    /// The causal context it was written with (its `Change::seen`).
+    seen: u64,
     change: Uuid,
     hlc: Hlc,
     value: Value,
@@ -114,9 +119,12 @@ pub(crate) fn observe(
                 continue;
             }
             if let Some(previous) = previous {
-                let concurrent = previous.hlc.device != change.hlc.device
-                    && change.seen < previous.pos
-                    && previous.value != *value;
+                // Another device's write not seen; or this device's own, made with less of
+                // the log seen than the write it follows (a device's context only grows: such
+                // a write was carried from another library by a merge, decision 0052).
+                let unseen =
+                    previous.hlc.device != change.hlc.device || change.seen < previous.seen;
+                let concurrent = unseen && change.seen < previous.pos && previous.value != *value;
                 if concurrent {
                     recorded += record(conn, def, change, (*pos, *index, value), &previous)?;
                 }
@@ -125,10 +133,10 @@ pub(crate) fn observe(
                 prune(conn)?;
             }
             let mut stmt = conn.prepare_cached(
-                "INSERT INTO _field_writes (model, record, field, pos, change, hlc, value) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (model, record, field) DO UPDATE \
-                 SET pos = excluded.pos, change = excluded.change, hlc = excluded.hlc, \
-                 value = excluded.value",
+                "INSERT INTO _field_writes (model, record, field, pos, change, hlc, value, seen) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (model, record, field) \
+                 DO UPDATE SET pos = excluded.pos, change = excluded.change, hlc = excluded.hlc, \
+                 value = excluded.value, seen = excluded.seen",
             )?;
             stmt.execute((
                 i64::from(change.model),
@@ -138,6 +146,7 @@ pub(crate) fn observe(
                 change.id.0.as_bytes().as_slice(),
                 change.hlc.to_bytes().as_slice(),
                 Param::Value(value),
+                i64::try_from(change.seen).unwrap_or(i64::MAX),
             ))?;
         }
     }
@@ -268,7 +277,7 @@ fn last_write(
     index: u8,
 ) -> Result<Option<Written>, ProjectionError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT pos, change, hlc, value FROM _field_writes \
+        "SELECT pos, change, hlc, value, seen FROM _field_writes \
          WHERE model = ?1 AND record = ?2 AND field = ?3",
     )?;
     let raw = stmt
@@ -284,16 +293,18 @@ fn last_write(
                     r.get::<_, Vec<u8>>(1)?,
                     r.get::<_, Vec<u8>>(2)?,
                     read_value(def, usize::from(index), r.get_ref(3)?),
+                    r.get::<_, i64>(4)?,
                 ))
             },
         )
         .optional()?;
-    let Some((pos, id, hlc, value)) = raw else {
+    let Some((pos, id, hlc, value, seen)) = raw else {
         return Ok(None);
     };
     let bad = || ProjectionError::MalformedRow("_field_writes".into());
     Ok(Some(Written {
         pos: u64::try_from(pos).map_err(|_| bad())?,
+        seen: u64::try_from(seen).map_err(|_| bad())?,
         change: Uuid::from_slice(&id).map_err(|_| bad())?,
         hlc: Hlc::from_bytes(&hlc).ok_or_else(bad)?,
         value: value?,

@@ -13,7 +13,7 @@ use crate::derived::{holds_counts, COUNT_COLUMNS};
 /// of the models the file was built for) and the version of a lacking change. A projection of
 /// an older version, or built for other models, is discarded on open and replayed from the
 /// journal.
-pub(crate) const SCHEMA_VERSION: i64 = 8;
+pub(crate) const SCHEMA_VERSION: i64 = 9;
 
 /// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes
 /// (cachegrind, whole run of the scratch harness): 2.07 G for 4 rows, 1.98 G for 8, 2.02 G for 16,
@@ -107,7 +107,7 @@ pub(crate) const INTERNAL: &[&str] = &[
     // concurrent writes found.
     "CREATE TABLE IF NOT EXISTS _field_writes (model INTEGER NOT NULL, record BLOB NOT NULL, \
      field INTEGER NOT NULL, pos INTEGER NOT NULL, change BLOB NOT NULL, hlc BLOB NOT NULL, \
-     value, PRIMARY KEY (model, record, field)) WITHOUT ROWID",
+     value, seen INTEGER NOT NULL, PRIMARY KEY (model, record, field)) WITHOUT ROWID",
     // Keyed by field first: each user-edited write looks for the conflicts on its field that it
     // resolves (the id is a hash of the field and the two changes).
     "CREATE TABLE IF NOT EXISTS _conflicts (id BLOB NOT NULL, pos INTEGER NOT NULL, \

@@ -41,8 +41,13 @@ fn log_of(writes: &[Write]) -> Vec<Change> {
         .and_then(|d| d.field_index("name"))
         .and_then(|i| u8::try_from(i).ok())
         .expect("name");
+    // A device's context only grows: it never writes having seen less than before (a write
+    // carried by a merge does; the rule test covers it).
+    let mut seen_by = [0u64; 256];
     for (i, w) in writes.iter().enumerate() {
         let position = i as u64 + 2;
+        let seen = &mut seen_by[usize::from(w.device)];
+        *seen = (*seen).max((position - 1).saturating_sub(u64::from(w.behind)));
         let hlc = Hlc {
             physical_ms: w.ms,
             counter: i as u32,
@@ -50,7 +55,7 @@ fn log_of(writes: &[Write]) -> Vec<Change> {
         };
         log.push(Change {
             op: Op::Upsert(vec![(name, Value::Text(format!("name {}", w.value)))]),
-            seen: (position - 1).saturating_sub(u64::from(w.behind)),
+            seen: *seen,
             ..Change::upsert(ChangeId::new(), hlc, &tag).expect("a tag")
         });
     }
@@ -167,7 +172,7 @@ proptest! {
 }
 
 /// The rule, case by case: another device's write not seen is a conflict; a write that saw it,
-/// the same device again, or the same value, is not.
+/// the same device again (unless it had seen less than before), or the same value, is not.
 #[test]
 fn a_conflict_needs_another_device_an_unseen_write_and_another_value() {
     let w = |device, value, behind, ms| Write {
@@ -201,6 +206,18 @@ fn a_conflict_needs_another_device_an_unseen_write_and_another_value() {
         conflicts(&[w(1, 1, 0, 10), w(1, 2, 1, 5)]).is_empty(),
         "same device"
     );
+    // The same device, with less of the log seen than its write before (what a merge carries
+    // from another library: decision 0052): position 3 saw nothing, position 4 had seen 3.
+    let mut log = log_of(&[w(0, 3, 0, 2), w(1, 1, 0, 10), w(1, 2, 0, 11)]);
+    log[3].seen = 0;
+    let placed: Vec<(Change, Option<u64>)> = log
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c, Some(i as u64 + 1)))
+        .collect();
+    let carried = applied(&[placed]);
+    assert_eq!(carried.len(), 1, "{carried:?}");
+    assert_eq!(carried[0].position, 4);
     assert!(
         conflicts(&[w(1, 1, 0, 10), w(2, 1, 1, 5)]).is_empty(),
         "same value"

@@ -85,8 +85,9 @@ fn records(lib: &Library) -> BTreeMap<(String, Uuid), Vec<Value>> {
 }
 
 /// Two libraries with a shared content and a shared tag name merge to the union: one content
-/// per hash, one tag per name, both locations, every entry; the tag uses re-pointed; a dry run
-/// first reports it and writes nothing; merging again writes nothing.
+/// per hash, one tag per name, both locations, every entry; the tag uses re-pointed; the two
+/// notes on the shared content kept as a conflict; a dry run first reports it and writes
+/// nothing; merging again writes nothing.
 #[test]
 fn two_libraries_merge_to_the_union_and_merging_twice_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -156,9 +157,20 @@ fn two_libraries_merge_to_the_union_and_merging_twice_changes_nothing() {
         .0
         .notes;
     assert_eq!(d_note.as_deref(), Some("d's note"));
-    // One device wrote both notes (in two libraries): the carried one shows, and a conflict
-    // is recorded only between two devices' writes (see `pair_join_merge_…`).
-    assert_eq!(hello_meta.notes.as_deref(), Some("from s"));
+    // One device wrote both notes, in two libraries: still a conflict, both values kept.
+    assert_eq!(
+        hello_meta.notes.as_deref(),
+        Some("from s"),
+        "the later shows"
+    );
+    let conflicts = t.conflicts().expect("conflicts");
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let sides: Vec<&Value> = conflicts[0].sides.iter().map(|s| &s.value).collect();
+    assert_eq!(
+        sides,
+        [&Value::Text("from t".into()), &Value::Text("from s".into())]
+    );
+    assert_eq!(conflicts[0].record, hello_meta.uuid);
     let hello = c.content.expect("identified");
     let content: ContentIdentity = t
         .read(|p| p.query().content_identity(hello))
