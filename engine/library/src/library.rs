@@ -55,16 +55,44 @@ pub struct CommitReceipt {
 #[must_use = "a pipelined transaction is acknowledged only by wait()"]
 pub struct PendingTransaction<'a> {
     library: &'a Library,
-    pending: Option<keel_journal::PendingCommit>,
+    pending: Pending,
     change_ids: Vec<ChangeId>,
+}
+
+/// Where a pipelined transaction's changes went.
+enum Pending {
+    /// Nothing to commit.
+    Nothing,
+    /// To the journal writer.
+    Journal(keel_journal::PendingCommit),
+    /// To the leading node's core (see `crate::leader_commit`); the changes are kept for the
+    /// journal in case the core does not write them.
+    Leader {
+        answer: crossbeam_channel::Receiver<crate::leader_commit::SequenceReply>,
+        changes: Vec<keel_schema::Change>,
+    },
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pending::Nothing => f.write_str("Nothing"),
+            Pending::Journal(p) => f.debug_tuple("Journal").field(p).finish(),
+            Pending::Leader { changes, .. } => write!(f, "Leader({} changes)", changes.len()),
+        }
+    }
 }
 
 impl PendingTransaction<'_> {
     /// Waits until the changes are durable.
     pub fn wait(self) -> Result<CommitReceipt, EngineError> {
         let placements = match self.pending {
-            Some(p) => p.wait()?,
-            None => Vec::new(),
+            Pending::Journal(p) => p.wait()?,
+            Pending::Leader { answer, changes } => match sequenced(&answer) {
+                Some(placements) => placements,
+                None => self.library.journal()?.commit(changes)?,
+            },
+            Pending::Nothing => Vec::new(),
         };
         if let Ok(mut committed) = self.library.committed.lock() {
             for p in &placements {
@@ -75,6 +103,24 @@ impl PendingTransaction<'_> {
             change_ids: self.change_ids,
             placements,
         })
+    }
+}
+
+/// Waits for the core's answer to a sequencing request: the placements, or `None` when the
+/// changes must go down the usual path (nothing was written, or writing the log failed and the
+/// leader deduplicates them by id).
+fn sequenced(
+    answer: &crossbeam_channel::Receiver<crate::leader_commit::SequenceReply>,
+) -> Option<Vec<Placement>> {
+    use crate::leader_commit::SequenceReply;
+    match answer.recv() {
+        Ok(SequenceReply::Done(placements)) => Some(placements),
+        Ok(SequenceReply::Failed(reason)) => {
+            tracing::warn!(%reason, "the core could not append this commit; committing it to the offline journal");
+            None
+        }
+        // Not leading, or the core stopped before it took the request: nothing written.
+        Ok(SequenceReply::NotLeading) | Err(_) => None,
     }
 }
 
@@ -561,7 +607,20 @@ impl Library {
         &self,
         changes: &[keel_schema::Change],
     ) -> Result<Option<Vec<Placement>>, EngineError> {
-        use crate::leader_commit::{SequenceReply, SequenceRequest};
+        match self.request_sequencing(changes)? {
+            Some(answer) => Ok(sequenced(&answer)),
+            None => Ok(None),
+        }
+    }
+
+    /// Hands `changes` to the core to sequence, if the node leads: the answer arrives on the
+    /// receiver (see [`sequenced`]). `None`: not leading, or no core; nothing was sent.
+    fn request_sequencing(
+        &self,
+        changes: &[keel_schema::Change],
+    ) -> Result<Option<crossbeam_channel::Receiver<crate::leader_commit::SequenceReply>>, EngineError>
+    {
+        use crate::leader_commit::SequenceRequest;
         if !self
             .shared
             .leading
@@ -582,15 +641,7 @@ impl Library {
         if sequencer.send(request).is_err() {
             return Ok(None);
         }
-        match answer.recv() {
-            Ok(SequenceReply::Done(placements)) => Ok(Some(placements)),
-            Ok(SequenceReply::Failed(reason)) => {
-                tracing::warn!(%reason, "the core could not append this commit; committing it to the offline journal");
-                Ok(None)
-            }
-            // Not leading, or the core stopped before it took the request: nothing written.
-            Ok(SequenceReply::NotLeading) | Err(_) => Ok(None),
-        }
+        Ok(Some(answer))
     }
 
     /// Attaches a node's channels (see [`crate::NodeLink`]); fails if one is attached already.
@@ -789,10 +840,14 @@ impl Library {
             crate::attest::attest(&self.signer, &mut clock, now, changes)?
         };
         let change_ids = changes.iter().map(|c| c.id).collect();
+        // A leading node sequences them into the log itself: one write and one apply, not a
+        // commit to the offline journal and another to the log (decision 0047).
         let pending = if changes.is_empty() {
-            None
+            Pending::Nothing
+        } else if let Some(answer) = self.request_sequencing(&changes)? {
+            Pending::Leader { answer, changes }
         } else {
-            Some(self.journal()?.commit_pipelined(changes)?)
+            Pending::Journal(self.journal()?.commit_pipelined(changes)?)
         };
         Ok(PendingTransaction {
             library: self,
