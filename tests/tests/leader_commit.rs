@@ -107,3 +107,44 @@ fn with_leader_commits_off_a_leader_commits_through_its_offline_journal() {
     }
     a.stop().expect("stops");
 }
+
+/// The indexer's pipelined commits too: on a leader they go straight into the log (one write,
+/// one apply), not through the offline journal first. A folder indexed on the leader is all in
+/// the log, and nothing of it is in the offline journal.
+#[test]
+fn a_leaders_pipelined_commits_and_its_index_go_straight_into_its_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, a) = founder(dir.path(), "a", "photos").expect("founder");
+    let deadline = Instant::now() + CONVERGE;
+    while a.status().role != ElectionRole::Leader {
+        assert!(Instant::now() < deadline, "a never leads");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pending = a
+        .library()
+        .transact_pipelined(|tx| {
+            tx.upsert(&tag("pipelined"));
+            Ok(())
+        })
+        .expect("hands over");
+    let receipt = pending.wait().expect("durable");
+    assert!(
+        all_in(&receipt.placements, true) && !receipt.placements.is_empty(),
+        "{:?}",
+        receipt.placements
+    );
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    for i in 0..50 {
+        std::fs::write(tree.join(format!("{i}.txt")), format!("file {i}")).expect("file");
+    }
+    let before = a.library().status().expect("status").journal;
+    a.library().index(&tree, &mut |_| {}).expect("indexes");
+    let after = a.library().status().expect("status").journal;
+    assert_eq!(after.offline, 0, "nothing waits in the offline journal");
+    assert!(
+        after.log_len >= before.log_len + 50,
+        "{before:?} -> {after:?}"
+    );
+    a.stop().expect("stops");
+}
