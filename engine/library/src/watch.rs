@@ -71,6 +71,10 @@ struct Handler {
 impl notify::EventHandler for Handler {
     fn handle_event(&mut self, event: notify::Result<notify::Event>) {
         match event {
+            // Opening or reading a file changes nothing, and the indexer's own reads would
+            // otherwise fill the queue (a burst of 100k files read is 100k events: an overflow
+            // and a full rescan).
+            Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
             Ok(event) => {
                 if self.events.try_send(event).is_err() {
                     self.overflowed.store(true, Ordering::Relaxed);
