@@ -2,7 +2,7 @@
 //! a move with an edit, deletes, a folder of many files moved, and what changed while nothing
 //! watched. Each step waits for the watcher's events, then checks the projection.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -366,4 +366,153 @@ fn a_file_being_written_is_hashed_once_when_it_stops_changing() {
         .read(|p| p.query().select::<keel_engine::ContentIdentity, _>("1", []))
         .expect("reads");
     assert_eq!(contents.len(), 1, "hashed more than once: {contents:?}");
+}
+
+/// A watcher run by `crash_child … watch` in a user namespace whose inotify watch limit is
+/// `limit`, over a location of six subfolders (seven watches in all); its reports as lines.
+struct LimitedWatcher {
+    dir: tempfile::TempDir,
+    tree: PathBuf,
+    home: keel_engine::Home,
+    child: std::process::Child,
+    lines: Receiver<String>,
+}
+
+impl LimitedWatcher {
+    /// `None` where user namespaces are not available (`unshare -U -r` fails): said on stderr.
+    fn start(limit: u32) -> Option<Self> {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let set_limit = format!("echo {limit} > /proc/sys/user/max_inotify_watches");
+        let probe = Command::new("unshare")
+            .args(["-U", "-r", "sh", "-c", &set_limit])
+            .status();
+        if !probe.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: no user namespace to set a watch limit in (unshare -U -r)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        for i in 0..6 {
+            std::fs::create_dir_all(tree.join(format!("sub{i}"))).expect("tree");
+            std::fs::write(tree.join(format!("sub{i}/old.txt")), format!("{i}")).expect("file");
+        }
+        let tree = tree.canonicalize().expect("canonical");
+        let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+        lib.index(&tree, &mut |_| {}).expect("indexes");
+        lib.close().expect("closes");
+        let script = format!(
+            "{set_limit} && exec '{}' '{}' lib watch",
+            env!("CARGO_BIN_EXE_crash_child"),
+            home.root().display()
+        );
+        let mut child = Command::new("unshare")
+            .args(["-U", "-r", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the watcher starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (lines_tx, lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        Some(Self {
+            dir,
+            tree,
+            home,
+            child,
+            lines,
+        })
+    }
+
+    /// The first report `matches` accepts.
+    fn wait_for(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) if matches(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the watcher never reported {what}"),
+            }
+        }
+    }
+
+    /// Waits until the reports count `n` new files in all.
+    fn wait_for_new(&self, n: u64) {
+        let mut found = 0;
+        while found < n {
+            let line = self.wait_for("the new files", |l| l.contains(" new, "));
+            found += line
+                .split(" new, ")
+                .next()
+                .and_then(|head| head.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+
+    /// Stops the watcher (`kill -9`) and opens the library.
+    fn stop(mut self) -> (tempfile::TempDir, Library) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+        let lib = Library::open(&self.home, "lib", keel_tests::PASSWORD).expect("reopens");
+        (self.dir, lib)
+    }
+}
+
+/// The platform's watch limit, for real (limit 0: nothing can be watched). Keel says so,
+/// naming the limit and how to raise it, and rescans the location periodically: files added
+/// after the rescan at start (no event can tell of them) are found.
+#[test]
+fn a_location_past_the_watch_limit_is_rescanned_periodically() {
+    let Some(watcher) = LimitedWatcher::start(0) else {
+        return;
+    };
+    let tree = watcher.tree.clone();
+    let said = watcher.wait_for("the limit", |l| l.contains("cannot watch"));
+    assert!(
+        said.contains(tree.to_str().expect("utf-8")) && said.contains("max_user_watches"),
+        "{said}"
+    );
+    watcher.wait_for("the rescan at start", |l| {
+        l.contains("changes made while nothing watched")
+    });
+    // Only a periodic rescan (or the look again it schedules for a file that seemed still
+    // written) can find them.
+    for i in 0..6 {
+        std::fs::write(tree.join(format!("sub{i}/new.txt")), b"new").expect("file");
+    }
+    watcher.wait_for_new(6);
+    let (_dir, lib) = watcher.stop();
+    for i in 0..6 {
+        let path = tree.join(format!("sub{i}/new.txt"));
+        assert!(entry(&lib, &path).is_some(), "sub{i}");
+    }
+}
+
+/// The limit reached after the start (limit 7: the location's seven folders are watched, a new
+/// one is not): Keel says so and rescans periodically from then on, so a file in the new folder,
+/// which sends no event, is found.
+#[test]
+fn a_new_folder_past_the_watch_limit_turns_the_location_to_rescans() {
+    let Some(watcher) = LimitedWatcher::start(7) else {
+        return;
+    };
+    let tree = watcher.tree.clone();
+    watcher.wait_for("the rescan at start", |l| {
+        l.contains("changes made while nothing watched")
+    });
+    std::fs::create_dir(tree.join("later")).expect("a new folder");
+    let said = watcher.wait_for("the limit", |l| l.contains("cannot watch"));
+    assert!(
+        said.contains("reached by a new folder") && said.contains("max_user_watches"),
+        "{said}"
+    );
+    std::fs::write(tree.join("later/unwatched.txt"), b"no event").expect("file");
+    watcher.wait_for_new(1);
+    let (_dir, lib) = watcher.stop();
+    assert!(entry(&lib, &tree.join("later/unwatched.txt")).is_some());
 }

@@ -66,6 +66,9 @@ const LOCATIONS_EVERY: Duration = Duration::from_secs(1);
 struct Handler {
     events: crossbeam_channel::Sender<notify::Event>,
     overflowed: Arc<AtomicBool>,
+    /// Set when the platform's watch limit refused a folder made after the start (one that
+    /// `notify` tried to add to a recursive watch).
+    limit_hit: Arc<AtomicBool>,
 }
 
 impl notify::EventHandler for Handler {
@@ -82,6 +85,9 @@ impl notify::EventHandler for Handler {
             }
             Err(error) => {
                 tracing::warn!(%error, "the platform's watcher reported an error; rescanning");
+                if matches!(error.kind, notify::ErrorKind::MaxFilesWatch) {
+                    self.limit_hit.store(true, Ordering::Relaxed);
+                }
                 self.overflowed.store(true, Ordering::Relaxed);
             }
         }
@@ -118,9 +124,11 @@ impl Library {
     fn watch_until(&self, options: &WatchOptions, stop: &Receiver<()>) -> Result<(), EngineError> {
         let (events_tx, events) = crossbeam_channel::bounded(WATCH_QUEUE_MAX);
         let overflowed = Arc::new(AtomicBool::new(false));
+        let limit_hit = Arc::new(AtomicBool::new(false));
         let handler = Handler {
             events: events_tx,
             overflowed: overflowed.clone(),
+            limit_hit: limit_hit.clone(),
         };
         let watcher = notify::recommended_watcher(handler).map_err(watch_error)?;
         let mut state = Watching {
@@ -148,7 +156,12 @@ impl Library {
                 recv(events) -> event => event.ok(),
                 default(wait) => None,
             };
-            if first.is_some() || !deferred.is_empty() {
+            if limit_hit.swap(false, Ordering::Relaxed) {
+                // Some folder made since the start is not watched: every location is rescanned
+                // periodically from now on (which one holds it, the platform does not say).
+                self.poll_all(&mut state, "the watch limit was reached by a new folder");
+            }
+            if first.is_some() || !deferred.is_empty() || overflowed.load(Ordering::Relaxed) {
                 let burst = first.map_or_else(Vec::new, |first| gather(first, &events, options));
                 let overflow = overflowed.swap(false, Ordering::Relaxed);
                 let again = std::mem::take(&mut deferred);
@@ -180,15 +193,8 @@ impl Library {
             }
             let path = PathBuf::from(&location.path);
             if let Err(error) = state.watcher.watch(&path, RecursiveMode::Recursive) {
-                let summary = format!(
-                    "cannot watch {} ({error}); it is rescanned periodically instead",
-                    location.path
-                );
                 tracing::warn!(location = %location.path, %error, "cannot watch a location");
-                self.publish(Event::JobFinished {
-                    job: "watcher",
-                    summary,
-                });
+                self.say_polled(&location, &error.to_string(), limit_hint(&error));
                 state.polled.push(location.clone());
             }
             state.locations.push(location.clone());
@@ -199,6 +205,28 @@ impl Library {
             .locations
             .sort_by_key(|l| std::cmp::Reverse(l.path.len()));
         Ok(added)
+    }
+
+    /// Says that `location` is rescanned every `poll_every` because `why`.
+    fn say_polled(&self, location: &Location, why: &str, hint: &str) {
+        let summary = format!(
+            "cannot watch {} ({why}); it is rescanned periodically instead{hint}",
+            location.path
+        );
+        self.publish(Event::JobFinished {
+            job: "watcher",
+            summary,
+        });
+    }
+
+    /// Rescans every watched location periodically from now on, and says so.
+    fn poll_all(&self, state: &mut Watching, why: &str) {
+        for location in &state.locations {
+            if !state.polled.iter().any(|l| l.uuid == location.uuid) {
+                self.say_polled(location, why, LIMIT_HINT);
+                state.polled.push(location.clone());
+            }
+        }
     }
 
     /// Re-indexes `locations` whole. A location whose folder is missing is left as it is (and
@@ -421,6 +449,19 @@ fn scopes_of(location: &Location, touched: &[PathBuf]) -> Vec<String> {
         }
     }
     kept
+}
+
+/// What to do about the platform's watch limit.
+const LIMIT_HINT: &str =
+    " (on Linux, raise fs.inotify.max_user_watches to watch it: sysctl fs.inotify.max_user_watches=N)";
+
+/// [`LIMIT_HINT`] if `error` is the platform's watch limit, else nothing.
+fn limit_hint(error: &notify::Error) -> &'static str {
+    if matches!(error.kind, notify::ErrorKind::MaxFilesWatch) {
+        LIMIT_HINT
+    } else {
+        ""
+    }
 }
 
 fn watch_error(error: notify::Error) -> EngineError {

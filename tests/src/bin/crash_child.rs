@@ -4,7 +4,9 @@
 //! `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`; with
 //! `join ADDR CODE`, it joins library LIB from the node at ADDR with invitation CODE, printing
 //! `progress STORED TOTAL` as the inviter's log is stored; with `merge SRC`, it merges library
-//! SRC of the same home into LIB, printing `progress DONE TOTAL` as records are carried.
+//! SRC of the same home into LIB, printing `progress DONE TOTAL` as records are carried; with
+//! `watch`, it watches LIB's locations (debounce 100 ms, a rescan every 300 ms of a location it
+//! cannot watch), printing `watcher SUMMARY` for each report of the watcher.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -56,6 +58,9 @@ fn main() -> anyhow::Result<()> {
         })?;
         println!("done");
         return Ok(());
+    }
+    if mode.as_deref() == Some("watch") {
+        return watch(&lib);
     }
     if mode.as_deref() == Some("index") {
         let path = PathBuf::from(
@@ -122,5 +127,30 @@ fn join(home: &Home, addr: std::net::SocketAddr, code: String) -> anyhow::Result
         joined
     })?;
     println!("done");
+    Ok(())
+}
+
+/// Watches `lib` until killed, printing the watcher's reports.
+fn watch(lib: &Library) -> anyhow::Result<()> {
+    let mut events = lib.subscribe();
+    std::thread::spawn(move || {
+        while let Ok(event) = events.blocking_recv() {
+            if let keel_engine::Event::JobFinished {
+                job: "watcher",
+                summary,
+            } = event
+            {
+                println!("watcher {summary}");
+            }
+        }
+    });
+    println!("ready");
+    let options = keel_engine::WatchOptions {
+        debounce: std::time::Duration::from_millis(100),
+        poll_every: std::time::Duration::from_millis(300),
+        ..keel_engine::WatchOptions::default()
+    };
+    let (_stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    lib.watch(&options, &stopped)?;
     Ok(())
 }
