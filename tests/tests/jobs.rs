@@ -157,6 +157,65 @@ fn an_index_job_killed_midway_resumes_when_the_library_opens_again() {
     assert_eq!(files_of(&lib), files_of(&other));
 }
 
+/// `kill -9` in the middle of a re-identify: the job is interrupted with a checkpoint (the first
+/// file not yet re-identified, in walk order), and the resumed run hashes only the files from
+/// there on (the ones before are indexed by size and time), ending complete: a change that
+/// size and time hide, made after the checkpoint, is found.
+#[test]
+fn a_reidentify_killed_midway_goes_on_from_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = tree(dir.path());
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.index(&tree, &mut |_| {}).expect("indexes");
+    let total_bytes: u64 = (0..FILES).map(|i| format!("file {i}").len() as u64).sum();
+    lib.close().expect("closes");
+    let tree_arg = tree.to_str().expect("utf-8");
+    // Paused at its first saved place (every 2,048 files), then killed.
+    let (done, total) = kill_at(&home, &["reidentify", tree_arg], |_, _| true);
+    assert!(done < total, "{done} of {total}");
+    // The last file in walk order (d9 is the last folder, f999 its last name) is changed
+    // with its size and time put back: only hashing it again can tell.
+    let hidden = tree.join("d9/f999.txt");
+    let modified = std::fs::metadata(&hidden)
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    std::fs::write(&hidden, "FILE 999").expect("edits");
+    std::fs::File::options()
+        .write(true)
+        .open(&hidden)
+        .and_then(|f| f.set_modified(modified))
+        .expect("puts the time back");
+    let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
+    let interrupted = lib.jobs().expect("lists").pop().expect("the job");
+    assert!(
+        matches!(interrupted.kind, JobKind::Identify { .. }),
+        "{interrupted:?}"
+    );
+    assert_eq!(interrupted.state, JobState::Interrupted);
+    assert!(interrupted.checkpoint.is_some(), "{interrupted:?}");
+    let before = lib.files().entry(&hidden).expect("entry").content;
+    assert_eq!(lib.resume_jobs().expect("resumes"), 1);
+    let resumed = lib.job(interrupted.id).expect("listed");
+    assert_eq!(resumed.state, JobState::Completed, "{resumed:?}");
+    let summary = resumed.summary.expect("a summary");
+    let hashed: u64 = summary
+        .split("; ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
+    assert!(
+        hashed > 0 && hashed < total_bytes * 3 / 4,
+        "the resumed run hashed {hashed} of {total_bytes} bytes: {summary}"
+    );
+    let after = lib.files().entry(&hidden).expect("entry").content;
+    assert_ne!(
+        after, before,
+        "the hidden change after the checkpoint was found"
+    );
+}
+
 #[test]
 fn finished_jobs_are_kept_as_bounded_history() {
     let dir = tempfile::tempdir().expect("tempdir");

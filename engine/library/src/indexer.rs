@@ -8,7 +8,7 @@
 //! - **moved**: a path that disappeared and a new path with the same content: the Entry moves;
 //! - **removed**: a path gone: the Entry and its entry-scoped metadata become tombstones.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::error::{io_at, EngineError};
 use crate::events::Event;
-use crate::jobs::{JobKind, JobRun};
+use crate::jobs::{JobKind, JobRun, JOB_SAVE_EVERY};
 use crate::library::{now_ms, Library};
 
 /// Most paths an index run lists as still being written (the rest are found by a later run).
@@ -317,6 +317,67 @@ struct Results<'a> {
     settle_after_ms: Option<i64>,
     /// Whether files whose size and time match are hashed again (a re-identify).
     rehash: bool,
+    /// A re-identify job's place (see [`RehashPlace`]); `None` for other runs.
+    place: Option<RehashPlace>,
+}
+
+/// Where a re-identify job stands, so that one interrupted goes on from there: the files sent
+/// to be hashed and not yet taken back, in walk order, and the point an interrupted run left.
+/// Walk order is the order of the path's components (each folder's names sorted), so it is
+/// the same for every run over the same folders.
+struct RehashPlace {
+    /// Files before this one were re-identified by the run interrupted (they are indexed as
+    /// usual, by size and time); `None`: from the start.
+    from: Option<Vec<String>>,
+    /// Files being hashed, by walk order.
+    outstanding: BTreeSet<Vec<String>>,
+    /// When the place was last saved.
+    saved: Instant,
+    /// Files taken back from the hashers.
+    taken: u64,
+}
+
+/// A re-identify job's place is saved at least every this many files (and every
+/// [`JOB_SAVE_EVERY`]): each save commits what is planned and waits for it.
+const REHASH_SAVE_FILES: u64 = 2_048;
+
+impl RehashPlace {
+    /// The walk-order key of a file.
+    fn key(relative_path: &str, name: &str) -> Vec<String> {
+        let mut key: Vec<String> = relative_path
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect();
+        key.push(name.to_string());
+        key
+    }
+
+    /// The checkpoint an interrupted run goes on from: `"relative_path\nname"` of the first
+    /// file not yet re-identified.
+    fn parse(checkpoint: &str) -> Option<Vec<String>> {
+        let (relative_path, name) = checkpoint.split_once('\n')?;
+        Some(Self::key(relative_path, name))
+    }
+
+    /// Whether the file at `key` is hashed again in this run.
+    fn rehashes(&self, key: &[String]) -> bool {
+        self.from.as_deref().is_none_or(|from| key >= from)
+    }
+
+    /// The checkpoint now: the first file still being hashed (everything taken back before it
+    /// is committed by the caller first), or the end of the walk when none is.
+    fn checkpoint(&self) -> String {
+        match self.outstanding.first() {
+            Some(key) => {
+                let (name, path) = key
+                    .split_last()
+                    .map_or(("", &[][..]), |(n, p)| (n.as_str(), p));
+                format!("{}\n{name}", path.join("/"))
+            }
+            None => "\u{10ffff}\n".to_string(),
+        }
+    }
 }
 
 /// How an index run treats files: see [`Library::reidentify`] and [`Library::index_scopes`].
@@ -350,7 +411,46 @@ impl Results<'_> {
 
     /// Plans the change of one hashed file (new, changed or moved), and commits when a batch
     /// is full.
-    fn take(&mut self, (item, prev, hashed): Hashed) {
+    fn take(&mut self, hashed: Hashed) {
+        let key = self
+            .place
+            .as_ref()
+            .map(|_| RehashPlace::key(&hashed.0.relative_path, &hashed.0.name));
+        self.take_file(hashed);
+        if let (Some(place), Some(key)) = (self.place.as_mut(), key) {
+            place.outstanding.remove(&key);
+        }
+        let due = self.place.as_mut().is_some_and(|p| {
+            p.taken += 1;
+            p.taken % REHASH_SAVE_FILES == 0 || p.saved.elapsed() >= JOB_SAVE_EVERY
+        });
+        if self.result.is_ok() && due {
+            // A point where the job may stop (pause, cancel, shutdown): nothing is pending.
+            let saved = self
+                .save_place()
+                .and_then(|()| self.job.map_or(Ok(()), JobRun::checkpoint));
+            if let Err(e) = saved {
+                self.result = Err(e);
+            }
+        }
+    }
+
+    /// Commits what is planned, waits until it is durable, and saves the re-identify job's
+    /// place: every file before it is re-identified and committed.
+    fn save_place(&mut self) -> Result<(), EngineError> {
+        self.library
+            .commit_planned(&mut self.contents, &mut self.planned, &mut self.in_flight)?;
+        if let Some(last) = self.in_flight.take() {
+            last.wait()?;
+        }
+        let (Some(place), Some(job)) = (self.place.as_mut(), self.job) else {
+            return Ok(());
+        };
+        place.saved = Instant::now();
+        job.save_checkpoint(place.checkpoint(), (self.done, self.report.files))
+    }
+
+    fn take_file(&mut self, (item, prev, hashed): Hashed) {
         self.done += 1;
         if self.result.is_err() {
             return;
@@ -528,8 +628,8 @@ impl Library {
         };
         let summary = |r: &IndexReport| {
             format!(
-                "{} files, {} new, {} changed, {} moved, {} removed, {} as they were",
-                r.files, r.new, r.changed, r.moved, r.removed, r.unchanged
+                "{} files, {} new, {} changed, {} moved, {} removed, {} as they were; {} bytes hashed",
+                r.files, r.new, r.changed, r.moved, r.removed, r.unchanged, r.bytes_hashed
             )
         };
         self.run_job(kind, id, summary, |run| {
@@ -701,6 +801,14 @@ impl Library {
             done: 0,
             job,
             rehash: mode.rehash,
+            place: (mode.rehash && job.is_some()).then(|| RehashPlace {
+                from: job
+                    .and_then(|j| j.resumed_from.as_deref())
+                    .and_then(RehashPlace::parse),
+                outstanding: BTreeSet::new(),
+                saved: Instant::now(),
+                taken: 0,
+            }),
             settle_after_ms: mode.settle.map(|settle| {
                 let cutoff = now_ms().saturating_sub(settle.as_millis() as u64);
                 i64::try_from(cutoff).unwrap_or(i64::MAX)
@@ -811,15 +919,27 @@ impl Library {
                     if results.still_written(&item, existing) {
                         return;
                     }
+                    let key = results
+                        .place
+                        .as_ref()
+                        .map(|_| RehashPlace::key(&item.relative_path, &item.name));
+                    let rehash = results.rehash
+                        && match (&results.place, &key) {
+                            (Some(place), Some(key)) => place.rehashes(key),
+                            _ => true,
+                        };
                     let Some(job) = classify(
                         item,
                         existing,
                         &mut results.report,
                         &mut results.planned,
-                        (location, results.rehash),
+                        (location, rehash),
                     ) else {
                         return;
                     };
+                    if let (Some(place), Some(key)) = (results.place.as_mut(), key) {
+                        place.outstanding.insert(key);
+                    }
                     to_hash += 1;
                     waiting.push_back(job);
                     while let Some(job) = waiting.pop_front() {

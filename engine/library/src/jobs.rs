@@ -209,6 +209,8 @@ pub(crate) type RunningJobs = Mutex<HashMap<Uuid, Arc<JobControl>>>;
 /// A job while it runs: what its work reports progress and checkpoints through.
 pub(crate) struct JobRun<'a> {
     library: &'a Library,
+    /// The checkpoint the interrupted run this one resumes left (see [`Job::checkpoint`]).
+    pub(crate) resumed_from: Option<String>,
     job: Mutex<Job>,
     control: Arc<JobControl>,
     started: Instant,
@@ -308,6 +310,11 @@ impl Library {
     ) -> Result<T, EngineError> {
         let mut job = Job::start(kind);
         job.id = id.unwrap_or(job.id);
+        // A resumed run keeps the checkpoint it goes on from until it saves one of its own.
+        if let Some(id) = id {
+            job.checkpoint = self.job(id).ok().and_then(|j| j.checkpoint);
+        }
+        let resumed_from = job.checkpoint.clone();
         let control = Arc::new(JobControl {
             wanted: Mutex::new(Wanted::Run),
             changed: Condvar::new(),
@@ -323,6 +330,7 @@ impl Library {
         }
         let run = JobRun {
             library: self,
+            resumed_from,
             job: Mutex::new(job),
             control,
             started: Instant::now(),

@@ -1,7 +1,8 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
 //! change id on its own line, until it is killed. With `index PATH` after the library, it
-//! indexes PATH instead, printing `progress DONE TOTAL` as files are processed; with `rebuild` or
-//! `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`; with
+//! indexes PATH instead, printing `progress DONE TOTAL` as files are processed; with
+//! `reidentify PATH`, it re-identifies PATH, pausing it at its first saved checkpoint and then
+//! printing its progress the same way; with `rebuild` or `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`; with
 //! `join ADDR CODE`, it joins library LIB from the node at ADDR with invitation CODE, printing
 //! `progress STORED TOTAL` as the inviter's log is stored; with `merge SRC`, it merges library
 //! SRC of the same home into LIB, printing `progress DONE TOTAL` as records are carried; with
@@ -61,6 +62,13 @@ fn main() -> anyhow::Result<()> {
     }
     if mode.as_deref() == Some("watch") {
         return watch(&lib);
+    }
+    if mode.as_deref() == Some("reidentify") {
+        let path = PathBuf::from(
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB reidentify PATH"))?,
+        );
+        return reidentify(&lib, &path);
     }
     if mode.as_deref() == Some("index") {
         let path = PathBuf::from(
@@ -153,4 +161,33 @@ fn watch(lib: &Library) -> anyhow::Result<()> {
     let (_stop, stopped) = crossbeam_channel::bounded::<()>(1);
     lib.watch(&options, &stopped)?;
     Ok(())
+}
+
+/// Re-identifies `path`; once the job has saved a checkpoint, pauses it and prints its
+/// `progress DONE TOTAL`, so that a kill lands after a checkpoint and before the end.
+fn reidentify(lib: &Library, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut events = lib.subscribe();
+    let ended = AtomicBool::new(false);
+    println!("ready");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !ended.load(Ordering::Relaxed) {
+                let Ok(keel_engine::Event::JobChanged { job }) = events.try_recv() else {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    continue;
+                };
+                if job.checkpoint.is_some() && job.state == keel_engine::JobState::Running {
+                    let _ = lib.pause_job(job.id);
+                    println!("progress {} {}", job.progress.done, job.progress.total);
+                    return;
+                }
+            }
+        });
+        let result = lib.reidentify(path, &mut |_| {});
+        ended.store(true, Ordering::Relaxed);
+        result?;
+        println!("done");
+        Ok(())
+    })
 }
