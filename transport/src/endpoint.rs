@@ -299,6 +299,13 @@ impl Connection {
         self.connection.stats().path.current_mtu
     }
 
+    /// The UDP bytes this connection has sent and received so far (QUIC's own counters:
+    /// headers, acknowledgements and retransmissions included).
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        let stats = self.connection.stats();
+        (stats.udp_tx.bytes, stats.udp_rx.bytes)
+    }
+
     /// The authenticated peer.
     pub fn peer(&self) -> DeviceId {
         self.peer

@@ -201,6 +201,7 @@ impl Node {
             wake: tokio::sync::Notify::new(),
             lan: lan.clone(),
             withheld: Mutex::new(std::collections::HashSet::new()),
+            ended_bytes: Mutex::new((0, 0)),
         });
         if let Some(lan) = lan {
             let (net, handle) = (net.clone(), rt.handle().clone());
@@ -462,6 +463,13 @@ impl Node {
     {
         let rt = self.rt.as_ref().ok_or(NodeError::Stopped)?;
         Ok(block_on_here(rt, f))
+    }
+
+    /// UDP bytes (sent, received) of this node's sync sessions since it started, QUIC's
+    /// headers, acknowledgements and retransmissions included (pairing and the initial sync of
+    /// a joining device are not sync sessions).
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        self.net.wire_bytes()
     }
 
     /// Stops the node cleanly: connections closed, core stopped, library closed (everything

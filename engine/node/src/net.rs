@@ -75,6 +75,8 @@ pub(crate) struct Net {
     /// key, even if something pins them again before the log's revocation arrives. Only
     /// devices that were pinned here enter it, so it is bounded by the library's devices.
     pub(crate) withheld: Mutex<HashSet<DeviceId>>,
+    /// UDP bytes (sent, received) of the sync sessions that ended.
+    pub(crate) ended_bytes: Mutex<(u64, u64)>,
 }
 
 impl Net {
@@ -111,6 +113,17 @@ impl Net {
         for conn in self.sessions_where(|_| true) {
             conn.close("going offline");
         }
+    }
+
+    /// UDP bytes (sent, received) of every sync session since the node started.
+    pub(crate) fn wire_bytes(&self) -> (u64, u64) {
+        let (mut sent, mut received) = self.ended_bytes.lock().map(|e| *e).unwrap_or_default();
+        for conn in self.sessions_where(|_| true) {
+            let (s, r) = conn.wire_bytes();
+            sent += s;
+            received += r;
+        }
+        (sent, received)
     }
 
     /// The live sessions' connections whose peer passes `keep`, taken out of the lock.
@@ -278,6 +291,11 @@ impl Net {
         writer.abort();
         if let Ok(mut live) = self.live.lock() {
             live.remove(&id);
+        }
+        if let Ok(mut ended) = self.ended_bytes.lock() {
+            let (sent, received) = conn.wire_bytes();
+            ended.0 += sent;
+            ended.1 += received;
         }
         if let Ok(mut sessions) = self.sessions.lock() {
             if let Some(n) = sessions.get_mut(&peer) {

@@ -14,7 +14,7 @@
 //!   epochs fence off log positions, never changes.
 //! - Without a reachable leader a device keeps committing into `pending` and pushes when it can.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 
@@ -101,7 +101,16 @@ pub(crate) struct Machine {
     peak_electorate: usize,
     /// Whether this replica has followed or led a leader since it started.
     in_cluster: bool,
+    /// This device's pending changes pushed to `pushed_to`, and when: each is pushed once, and
+    /// again only after [`PUSH_RESEND_BEATS`] heartbeats without coming back in the log (a
+    /// lost message), or to another leader, or after the link to it was lost.
+    pushed: HashMap<ChangeId, u64>,
+    /// The leader `pushed` was pushed to.
+    pushed_to: Option<DeviceId>,
 }
+
+/// Heartbeats after which a pushed change that has not come back sequenced is pushed again.
+pub(crate) const PUSH_RESEND_BEATS: u64 = 20;
 
 impl Machine {
     /// A replica starting (or restarting) from its durable state. A device whose stored epoch is its
@@ -137,6 +146,8 @@ impl Machine {
             next: BTreeMap::new(),
             flights: BTreeMap::new(),
             in_log: None,
+            pushed: HashMap::new(),
+            pushed_to: None,
             ops: Vec::new(),
             peak_electorate: 1,
             in_cluster: false,
@@ -321,6 +332,11 @@ impl Machine {
                 if self.leader == Some(peer) {
                     self.leader = None;
                 }
+                if self.pushed_to == Some(peer) {
+                    // What was in flight on that link may be lost: pushed again when it is back.
+                    self.pushed.clear();
+                    self.pushed_to = None;
+                }
                 if self.role != ElectionRole::Leader && self.connected.is_empty() {
                     self.role = ElectionRole::Alone;
                 }
@@ -335,6 +351,7 @@ impl Machine {
                 } else {
                     self.durable.offline.push(id);
                     if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
+                        self.mark_pushed(leader, &[id], now_ms);
                         Self::send(&mut out, leader, Message::Push { changes: vec![id] });
                     }
                 }
@@ -360,13 +377,11 @@ impl Machine {
                 if beat && !self.durable.offline.is_empty() {
                     if let Some(leader) = self.leader.filter(|l| self.connected.contains(l)) {
                         self.last_send_ms = now_ms;
-                        Self::send(
-                            out,
-                            leader,
-                            Message::Push {
-                                changes: self.durable.offline.clone(),
-                            },
-                        );
+                        let due = self.push_due(leader, now_ms);
+                        if !due.is_empty() {
+                            self.mark_pushed(leader, &due, now_ms);
+                            Self::send(out, leader, Message::Push { changes: due });
+                        }
                     }
                 }
                 if now_ms >= self.election_deadline_ms {
@@ -757,6 +772,46 @@ impl Machine {
                 yes.insert(from);
                 self.maybe_stand(now_ms, out);
             }
+        }
+    }
+
+    /// The pending changes to push to `leader` now (at most one message's worth): those not
+    /// pushed to it yet, or pushed [`PUSH_RESEND_BEATS`] heartbeats ago and not back in the
+    /// log since.
+    fn push_due(&mut self, leader: DeviceId, now_ms: u64) -> Vec<ChangeId> {
+        if self.pushed_to != Some(leader) {
+            self.pushed.clear();
+            self.pushed_to = Some(leader);
+        }
+        if self.pushed.len() > self.durable.offline.len() {
+            // Some came back sequenced: forget them.
+            let pending: HashSet<ChangeId> = self.durable.offline.iter().copied().collect();
+            self.pushed.retain(|id, _| pending.contains(id));
+        }
+        let resend = self.config.heartbeat_ms.saturating_mul(PUSH_RESEND_BEATS);
+        // One message's worth per beat: more would be cut off by the message's bound, and the
+        // rest counted as pushed.
+        self.durable
+            .offline
+            .iter()
+            .filter(|id| {
+                self.pushed
+                    .get(*id)
+                    .is_none_or(|at| now_ms >= at.saturating_add(resend))
+            })
+            .take(crate::wire::RECORDS_PER_MESSAGE_MAX)
+            .copied()
+            .collect()
+    }
+
+    /// Records `changes` as pushed to `leader` at `now_ms`.
+    fn mark_pushed(&mut self, leader: DeviceId, changes: &[ChangeId], now_ms: u64) {
+        if self.pushed_to != Some(leader) {
+            self.pushed.clear();
+            self.pushed_to = Some(leader);
+        }
+        for id in changes {
+            self.pushed.insert(*id, now_ms);
         }
     }
 

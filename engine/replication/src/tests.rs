@@ -630,3 +630,76 @@ fn poll_timeout_is_the_next_time_a_tick_does_something() {
     assert!(!sent(&beat).is_empty(), "the heartbeat is due then");
     assert_eq!(leader.poll_timeout(), 30);
 }
+
+/// Issue 28: a follower pushes each pending change once, not on every heartbeat; again only
+/// after `PUSH_RESEND_BEATS` heartbeats without it coming back in the log (a lost message), and
+/// at once after the link to the leader was lost and is back.
+#[test]
+fn a_follower_pushes_each_change_once_until_it_may_have_been_lost() {
+    let leader = FOUNDER.device;
+    let mut follower = Machine::new(config(2), joined(FOUNDER, FOUNDER), 0);
+    let heartbeat = |follower: &mut Machine, now: u64| {
+        follower.handle(
+            Input::Received {
+                from: leader,
+                message: Message::Append {
+                    epoch: FOUNDER,
+                    prev: Lsn(1),
+                    prev_epoch: FOUNDER,
+                    entries: Vec::new(),
+                },
+            },
+            now,
+        );
+    };
+    heartbeat(&mut follower, 0);
+    follower.handle(Input::Connected(leader), 0);
+    let pushed = |out: &[Output]| -> Vec<ChangeId> {
+        sent(out)
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Push { changes } => Some(changes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let mut first = Vec::new();
+    for n in 1..=3 {
+        first.extend(pushed(&follower.handle(Input::Commit(id(n)), 1)));
+    }
+    assert_eq!(
+        first,
+        vec![id(1), id(2), id(3)],
+        "each pushed as it is committed"
+    );
+    let beat = config(2).heartbeat_ms;
+    let resend = beat * crate::machine::PUSH_RESEND_BEATS;
+    let mut now = 1;
+    let mut again = Vec::new();
+    while now + beat < 1 + resend {
+        now += beat;
+        heartbeat(&mut follower, now);
+        again.extend(pushed(&follower.handle(Input::Tick, now)));
+    }
+    assert!(
+        again.is_empty(),
+        "pushed again within the resend time: {again:?}"
+    );
+    now = 1 + resend;
+    heartbeat(&mut follower, now);
+    let resent = pushed(&follower.handle(Input::Tick, now));
+    assert_eq!(
+        resent,
+        vec![id(1), id(2), id(3)],
+        "not back in the log: maybe lost"
+    );
+    // The link drops and comes back: everything pending goes again at the next beat.
+    follower.handle(Input::Disconnected(leader), now + 1);
+    heartbeat(&mut follower, now + 2);
+    follower.handle(Input::Connected(leader), now + 2);
+    now += 2 + beat;
+    heartbeat(&mut follower, now);
+    let after_reconnect = pushed(&follower.handle(Input::Tick, now));
+    assert_eq!(after_reconnect, vec![id(1), id(2), id(3)]);
+}

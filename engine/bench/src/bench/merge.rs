@@ -158,13 +158,16 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     raw.flush()?;
     let raw_secs = t.elapsed().as_secs_f64();
     raw.close()?;
-    out.insert("merge_records".into(), json!(n));
-    out.insert("merge_records_looked_at".into(), json!(looked_at));
-    out.insert("merge_changes".into(), json!(report.changes));
-    out.insert("merge_s".into(), json!(secs));
-    out.insert("merge_records_per_s".into(), json!(looked_at as f64 / secs));
-    out.insert("merge_peak_rss_mb".into(), json!(rss));
-    out.insert("merge_rss_before_mb".into(), json!(rss_before));
-    out.insert("merge_raw_commit_s".into(), json!(raw_secs));
+    out.insert("library_merge_records".into(), json!(n));
+    out.insert("library_merge_records_looked_at".into(), json!(looked_at));
+    out.insert("library_merge_changes".into(), json!(report.changes));
+    out.insert("library_merge_s".into(), json!(secs));
+    out.insert(
+        "library_merge_records_per_s".into(),
+        json!(looked_at as f64 / secs),
+    );
+    out.insert("library_merge_peak_rss_mb".into(), json!(rss));
+    out.insert("library_merge_rss_before_mb".into(), json!(rss_before));
+    out.insert("library_merge_raw_commit_s".into(), json!(raw_secs));
     Ok(())
 }

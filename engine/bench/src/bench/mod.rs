@@ -11,6 +11,7 @@ mod p5;
 mod p6;
 mod p7;
 mod p8;
+mod push;
 mod quic;
 mod sync;
 mod watch;
@@ -29,8 +30,8 @@ use crate::BenchOptions;
 pub(crate) type Figures = Map<String, Value>;
 
 /// The steps, in the order they run.
-const STEPS: [&str; 11] = [
-    "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic", "watch", "merge",
+const STEPS: [&str; 12] = [
+    "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic", "watch", "merge", "push",
 ];
 
 /// The sizes of a full or a quick run.
@@ -46,6 +47,7 @@ struct Sizes {
     watch_samples: usize,
     watch_burst: usize,
     merge_records: usize,
+    push_changes: usize,
 }
 
 impl Sizes {
@@ -63,6 +65,7 @@ impl Sizes {
                 watch_samples: 30,
                 watch_burst: 2_000,
                 merge_records: 20_000,
+                push_changes: 5_000,
             }
         } else {
             Sizes {
@@ -77,6 +80,7 @@ impl Sizes {
                 watch_samples: 100,
                 watch_burst: 10_000,
                 merge_records: 100_000,
+                push_changes: 65_000,
             }
         };
         Sizes {
@@ -204,6 +208,13 @@ fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
             dir,
             &merge::Options {
                 records: sizes.merge_records,
+            },
+            &mut out,
+        )?,
+        "push" => push::run(
+            dir,
+            &push::Options {
+                changes: sizes.push_changes,
             },
             &mut out,
         )?,
