@@ -673,7 +673,11 @@ parked: number,
 /**
  * The projection digest.
  */
-digest: string, };
+digest: string, 
+/**
+ * Bytes on disk, by part.
+ */
+disk: DiskUsage, };
 
 /**
  * Journal counters in `status --json`.
@@ -691,6 +695,24 @@ offline: number,
  * Records in the leader log.
  */
 log_len: number, };
+
+/**
+ * What a library takes on disk, by part (bytes).
+ */
+export type DiskUsage = { 
+/**
+ * The journal (`journal.redb`): the log, the offline journal, positions and jobs.
+ */
+journal: number, 
+/**
+ * The projections (`projections.sqlite` and its write-ahead log).
+ */
+projections: number, 
+/**
+ * Everything else in the library's folder (its configuration, the paired devices, a
+ * rebuild's or verify's aside projection while one runs).
+ */
+other: number, };
 
 /**
  * Changes of a model (or a newer version of one) that this device's app lacks: journaled and

@@ -839,3 +839,47 @@ fn indexing_a_folder_inside_a_location_reindexes_that_part() {
         "outside the folder, nothing was looked at"
     );
 }
+
+/// Issue 28: `status` tells what the library takes on disk, by part: the journal, the
+/// projections (with their write-ahead log) and the rest of the folder's files.
+#[test]
+fn status_tells_the_disk_bytes_by_part() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.transact(|tx| {
+        for i in 0..1_000 {
+            tx.upsert(&keel_tests::tag(&format!("t{i}")));
+        }
+        Ok(())
+    })
+    .expect("commits");
+    let disk = lib.status().expect("status").disk;
+    assert!(
+        disk.journal > 0 && disk.projections > 0 && disk.other > 0,
+        "{disk:?}"
+    );
+    // The journal and the rest are still once the status is read; a WAL checkpoint may run
+    // on the projections meanwhile.
+    let size = |name: &str| {
+        std::fs::metadata(lib.dir().join(name))
+            .expect("a file")
+            .len()
+    };
+    assert_eq!(disk.journal, size(keel_engine::JOURNAL_FILE));
+    let other: u64 = std::fs::read_dir(lib.dir())
+        .expect("lists")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name != keel_engine::JOURNAL_FILE && !name.starts_with(keel_engine::PROJECTIONS_FILE)
+        })
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    assert_eq!(disk.other, other, "{disk:?}");
+    assert!(
+        disk.projections >= size(keel_engine::PROJECTIONS_FILE) / 2,
+        "{disk:?}"
+    );
+}

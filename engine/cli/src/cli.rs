@@ -1076,6 +1076,14 @@ fn status(
         "journal   {} local changes, {} pending, {} in log; applied up to {}",
         s.journal.local_changes, s.journal.offline, s.journal.log_len, s.applied_lsn
     ));
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    io.line(&format!(
+        "disk      {:.1} MB: journal {:.1}, projections {:.1}, other {:.1}",
+        mb(s.disk.total()),
+        mb(s.disk.journal),
+        mb(s.disk.projections),
+        mb(s.disk.other)
+    ));
     if let Some(n) = n {
         io.line(&format!(
             "node      {} in epoch {} ({}), leader {}, listening on {}, {} to push",

@@ -144,6 +144,51 @@ pub struct Status {
     pub parked: u64,
     /// The projection digest.
     pub digest: String,
+    /// Bytes on disk, by part.
+    pub disk: DiskUsage,
+}
+
+/// What a library takes on disk, by part (bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
+pub struct DiskUsage {
+    /// The journal (`journal.redb`): the log, the offline journal, positions and jobs.
+    pub journal: u64,
+    /// The projections (`projections.sqlite` and its write-ahead log).
+    pub projections: u64,
+    /// Everything else in the library's folder (its configuration, the paired devices, a
+    /// rebuild's or verify's aside projection while one runs).
+    pub other: u64,
+}
+
+impl DiskUsage {
+    /// The usage of library folder `dir` (files directly in it; a missing one counts 0).
+    fn of(dir: &Path) -> Result<Self, EngineError> {
+        let mut usage = Self::default();
+        for item in std::fs::read_dir(dir).map_err(io_at(dir))? {
+            let item = item.map_err(io_at(dir))?;
+            // A file removed meanwhile (an aside projection moved into place) counts 0.
+            let Ok(meta) = item.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let name = item.file_name();
+            let name = name.to_string_lossy();
+            if name == JOURNAL_FILE {
+                usage.journal += meta.len();
+            } else if name.starts_with(PROJECTIONS_FILE) {
+                usage.projections += meta.len();
+            } else {
+                usage.other += meta.len();
+            }
+        }
+        Ok(usage)
+    }
+
+    /// All of it.
+    pub fn total(&self) -> u64 {
+        self.journal + self.projections + self.other
+    }
 }
 
 /// Journal counters in `status --json`.
@@ -944,6 +989,7 @@ impl Library {
             applied_lsn: applied.log.0,
             parked,
             digest,
+            disk: DiskUsage::of(&self.dir)?,
         })
     }
 

@@ -59,6 +59,7 @@ pub fn typescript() -> String {
         keel_engine::ChangeKind,
         keel_engine::Status,
         keel_engine::JournalStatus,
+        keel_engine::DiskUsage,
         keel_engine::LackingModel,
         keel_engine::FeedPosition,
         keel_engine::ChangeFeed,
