@@ -43,6 +43,20 @@ fn wait_job(events: &Receiver<Event>, what: &str, wanted: impl Fn(&Job) -> bool)
 }
 
 /// Each file entry's path and content, from the projection.
+/// Writes `text` (of the file's size) over `path` and puts its modification time back: a change
+/// that size and time hide, which only hashing again finds.
+fn edit_hiding_it(path: &Path, text: &str) {
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .expect("time");
+    std::fs::write(path, text).expect("same size, other bytes");
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(modified))
+        .expect("the old time back");
+}
+
 fn files_of(lib: &Library) -> BTreeSet<(String, String)> {
     let location = lib
         .read(|p| p.query().locations())
@@ -176,16 +190,7 @@ fn a_reidentify_killed_midway_goes_on_from_its_checkpoint() {
     // The last file in walk order (d9 is the last folder, f999 its last name) is changed
     // with its size and time put back: only hashing it again can tell.
     let hidden = tree.join("d9/f999.txt");
-    let modified = std::fs::metadata(&hidden)
-        .expect("meta")
-        .modified()
-        .expect("mtime");
-    std::fs::write(&hidden, "FILE 999").expect("edits");
-    std::fs::File::options()
-        .write(true)
-        .open(&hidden)
-        .and_then(|f| f.set_modified(modified))
-        .expect("puts the time back");
+    edit_hiding_it(&hidden, "FILE 999");
     let lib = Library::open(&home, "lib", PASSWORD).expect("reopens");
     let interrupted = lib.jobs().expect("lists").pop().expect("the job");
     assert!(
@@ -571,15 +576,7 @@ fn reidentifying_finds_a_change_that_size_and_time_hide() {
     lib.index(&tree, &mut |_| {}).expect("indexes");
     let path = tree.join("d0/f0.txt");
     let before = lib.files().entry(&path).expect("the entry");
-    let modified = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .expect("time");
-    std::fs::write(&path, "FILE 0").expect("same size, other bytes");
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .and_then(|f| f.set_modified(modified))
-        .expect("the old time back");
+    edit_hiding_it(&path, "FILE 0");
     let indexed = lib.index(&tree, &mut |_| {}).expect("indexes");
     assert_eq!(
         indexed.changed, 0,

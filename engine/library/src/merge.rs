@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::EngineError;
-use crate::jobs::{Job, JobKind, JobRun, JobState};
+use crate::jobs::{JobKind, JobRun, JobState};
 use crate::library::Library;
 
 /// Records read, compared and written per transaction.
@@ -280,7 +280,7 @@ impl Library {
             ..MergeReport::default()
         };
         if dry_run {
-            self.merge_pass(source, (&order, &carry), &mut report, progress)?;
+            self.merge_pass(source, (&order, &carry), None, &mut report, progress)?;
             return Ok(report);
         }
         let resumed = self.jobs()?.into_iter().rev().find(|j| {
@@ -288,14 +288,12 @@ impl Library {
                 && matches!(&j.kind, JobKind::Merge { library, .. } if *library == source.id().0)
         });
         report.resumed = resumed.is_some();
+        // Its checkpoint comes back as the run's `resumed_from`.
         let kind = JobKind::Merge {
             source: source.name().into(),
             library: source.id().0,
         };
-        let (id, from) = match resumed {
-            Some(Job { id, checkpoint, .. }) => (Some(id), parse_checkpoint(checkpoint.as_deref())),
-            None => (None, None),
-        };
+        let id = resumed.map(|j| j.id);
         let summary = |r: &MergeReport| {
             format!(
                 "merged {}: {} changes, {} conflicting",
@@ -305,7 +303,7 @@ impl Library {
         self.run_job(kind, id, summary, |run| {
             let mut report = report;
             let steps = (order.as_slice(), &carry);
-            self.merge_pass_from(source, steps, Some(run), from, &mut report, progress)?;
+            self.merge_pass(source, steps, Some(run), &mut report, progress)?;
             Ok(report)
         })
     }
@@ -355,28 +353,18 @@ impl Library {
         Ok(carry)
     }
 
-    /// Carries every model (or, dry, counts what it would carry) from the start, outside a job.
+    /// Carries every model in `order` (dry: counts what it would carry), a batch per
+    /// transaction. Under a job, it checkpoints `run` after each batch, and a resumed run goes
+    /// on from the checkpoint it left (a model and the last record carried).
     fn merge_pass(
-        &self,
-        source: &Library,
-        steps: (&[&'static ModelDef], &Carry),
-        report: &mut MergeReport,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), EngineError> {
-        self.merge_pass_from(source, steps, None, None, report, progress)
-    }
-
-    /// Carries every model in `order` from `from` (a model and the last record carried) on,
-    /// a batch per transaction, checkpointing `run` after each.
-    fn merge_pass_from(
         &self,
         source: &Library,
         (order, carry): (&[&'static ModelDef], &Carry),
         run: Option<&JobRun<'_>>,
-        from: Option<(String, Uuid)>,
         report: &mut MergeReport,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(), EngineError> {
+        let from = run.and_then(|r| parse_checkpoint(r.resumed_from.as_deref()));
         let mut total = 0;
         for &def in order {
             total += source.read(|p| p.query().live_count(def))?;

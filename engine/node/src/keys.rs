@@ -50,24 +50,27 @@ impl Net {
     }
 
     /// Sends every key of the library to one session, unless its device is revoked.
-    pub(crate) async fn send_keys(&self, conn: &Connection) {
-        let withheld = self.withheld_from();
-        if withheld.contains(&conn.peer()) {
-            return;
-        }
-        let Some(message) = self.keys_message(&withheld) else {
-            return;
-        };
-        if let Err(e) = conn.send(&message).await {
-            tracing::debug!(peer = %conn.peer().short(), error = %e, "library keys not sent");
-        }
+    pub(crate) async fn send_keys(&self, conn: &Arc<Connection>) {
+        self.send_keys_to(std::slice::from_ref(conn)).await;
     }
 
     /// Sends every key of the library to every session (after a rotation, or new keys).
     pub(crate) async fn share_keys(&self) {
         // Never to a device revoked a moment ago whose session is still closing.
-        for conn in self.sessions_where(|d| self.endpoint.pins().contains(d)) {
-            self.send_keys(&conn).await;
+        let sessions = self.sessions_where(|d| self.endpoint.pins().contains(d));
+        self.send_keys_to(&sessions).await;
+    }
+
+    /// Sends one key message to each of `sessions` whose device is not revoked.
+    async fn send_keys_to(&self, sessions: &[Arc<Connection>]) {
+        let withheld = self.withheld_from();
+        let Some(message) = self.keys_message(&withheld) else {
+            return;
+        };
+        for conn in sessions.iter().filter(|c| !withheld.contains(&c.peer())) {
+            if let Err(e) = conn.send(&message).await {
+                tracing::debug!(peer = %conn.peer().short(), error = %e, "library keys not sent");
+            }
         }
     }
 

@@ -779,10 +779,7 @@ impl Machine {
     /// pushed to it yet, or pushed [`PUSH_RESEND_BEATS`] heartbeats ago and not back in the
     /// log since.
     fn push_due(&mut self, leader: DeviceId, now_ms: u64) -> Vec<ChangeId> {
-        if self.pushed_to != Some(leader) {
-            self.pushed.clear();
-            self.pushed_to = Some(leader);
-        }
+        self.pushing_to(leader);
         if self.pushed.len() > self.durable.offline.len() {
             // Some came back sequenced: forget them.
             let pending: HashSet<ChangeId> = self.durable.offline.iter().copied().collect();
@@ -804,12 +801,17 @@ impl Machine {
             .collect()
     }
 
-    /// Records `changes` as pushed to `leader` at `now_ms`.
-    fn mark_pushed(&mut self, leader: DeviceId, changes: &[ChangeId], now_ms: u64) {
+    /// Forgets what was pushed to another leader than `leader`.
+    fn pushing_to(&mut self, leader: DeviceId) {
         if self.pushed_to != Some(leader) {
             self.pushed.clear();
             self.pushed_to = Some(leader);
         }
+    }
+
+    /// Records `changes` as pushed to `leader` at `now_ms`.
+    fn mark_pushed(&mut self, leader: DeviceId, changes: &[ChangeId], now_ms: u64) {
+        self.pushing_to(leader);
         for id in changes {
             self.pushed.insert(*id, now_ms);
         }
