@@ -10,7 +10,7 @@ use rusqlite::types::ValueRef;
 use crate::error::ProjectionError;
 use crate::queries::Query;
 
-fn hash_value(hasher: &mut blake3::Hasher, value: ValueRef<'_>) {
+pub(crate) fn hash_value(hasher: &mut blake3::Hasher, value: ValueRef<'_>) {
     match value {
         ValueRef::Null => {
             hasher.update(&[0]);

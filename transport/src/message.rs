@@ -29,6 +29,27 @@ pub const PEERS_MAX: usize = 64;
 pub const LIBRARY_KEYS_MAX: usize = 32;
 /// Most revoked devices one [`DeviceMessage::LibraryKeys`] names.
 pub const REVOKED_MAX: usize = 256;
+/// Most key ranges one [`DeviceMessage::RangeDigestsRequest`] names.
+pub const RANGES_PER_REQUEST_MAX: usize = 256;
+
+/// The record uuids of one model from `start` (inclusive; `None`: the first) to `end`
+/// (exclusive; `None`: past the last).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRange {
+    /// First uuid in the range.
+    pub start: Option<Uuid>,
+    /// First uuid after it.
+    pub end: Option<Uuid>,
+}
+
+/// One range's rows as the sender holds them: how many, and their digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRangeDigest {
+    /// Rows in the range.
+    pub rows: u64,
+    /// Their 32-byte BLAKE3 digest.
+    pub digest: ByteBuf,
+}
 
 /// A key of the library, as [`DeviceMessage::LibraryKeys`] carries it. Zeroized when dropped.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,7 +148,8 @@ pub enum DeviceMessage {
         /// Most entries wanted.
         limit: u32,
     },
-    /// Asks for records of one model after a uuid (backfill in dependency order).
+    /// Asks for the rows of one model after a uuid, within `range`, in uuid order. Answered
+    /// on an anti-entropy connection (see [`DeviceMessage::RangeDigestsRequest`]).
     SyncPullModelBatchRequest {
         /// Model code.
         model: u8,
@@ -135,16 +157,42 @@ pub enum DeviceMessage {
         after: Option<Uuid>,
         /// Most records wanted.
         limit: u32,
+        /// Only rows in this range (all of the model's without it).
+        #[serde(default)]
+        range: Option<WireRange>,
     },
-    /// Records of one model (each an encoded change upserting it).
+    /// Rows of one model, each a row image (every column of its projection row, clocks
+    /// included; the layout is `keel_projections::Query::range_rows`'s).
     SyncPullModelBatchResponse {
         /// Model code.
         model: u8,
-        /// Encoded records.
+        /// The row images.
         #[serde(deserialize_with = "bounded::records")]
         records: Vec<ByteBuf>,
-        /// Whether this was the last batch of the model.
+        /// Whether this was the last batch of the range.
         done: bool,
+    },
+    /// Anti-entropy: asks for the digests of the answering device's rows of `model` in each of
+    /// `ranges`. Sent by a pinned device instead of Hello on a connection of its own, and again
+    /// on it; answered by [`DeviceMessage::RangeDigests`] (and row requests by
+    /// [`DeviceMessage::SyncPullModelBatchResponse`]) until the asking device closes it.
+    RangeDigestsRequest {
+        /// The library.
+        library: LibraryId,
+        /// Model code.
+        model: u8,
+        /// At most [`RANGES_PER_REQUEST_MAX`], in order, not overlapping.
+        #[serde(deserialize_with = "bounded::seq::<_, _, RANGES_PER_REQUEST_MAX>")]
+        ranges: Vec<WireRange>,
+    },
+    /// The digests asked for, one per range, and the log position the answering device's
+    /// projection has applied.
+    RangeDigests {
+        /// Its applied log position.
+        applied: Lsn,
+        /// One per range asked for.
+        #[serde(deserialize_with = "bounded::seq::<_, _, RANGES_PER_REQUEST_MAX>")]
+        digests: Vec<WireRangeDigest>,
     },
     /// Election and replication (see `keel-replication`).
     Replication(ReplicationMessage),
@@ -284,6 +332,18 @@ impl DeviceMessage {
             DeviceMessage::SyncPullModelBatchResponse { records, .. } => {
                 check_records("records", records.iter())?
             }
+            DeviceMessage::RangeDigestsRequest { ranges, .. } => {
+                if ranges.len() > RANGES_PER_REQUEST_MAX {
+                    return Err(over(format!("{} key ranges", ranges.len())));
+                }
+            }
+            DeviceMessage::RangeDigests { digests, .. } => {
+                if digests.len() > RANGES_PER_REQUEST_MAX
+                    || digests.iter().any(|d| d.digest.len() != 32)
+                {
+                    return Err(over(format!("{} range digests", digests.len())));
+                }
+            }
             DeviceMessage::Pairing(p) => p.check()?,
             DeviceMessage::SnapshotChunk { data, .. } => {
                 if data.len() > SNAPSHOT_CHUNK_MAX {
@@ -421,6 +481,38 @@ mod tests {
             DeviceMessage::SnapshotEnd {
                 file_hash: ByteBuf::from(vec![8u8; 32]),
             },
+            DeviceMessage::RangeDigestsRequest {
+                library: LibraryId(Uuid::nil()),
+                model: 3,
+                ranges: vec![
+                    WireRange {
+                        start: None,
+                        end: Some(Uuid::from_u128(9)),
+                    },
+                    WireRange {
+                        start: Some(Uuid::from_u128(9)),
+                        end: None,
+                    },
+                ],
+            },
+            DeviceMessage::RangeDigests {
+                applied: Lsn(12),
+                digests: vec![WireRangeDigest {
+                    rows: 8,
+                    digest: ByteBuf::from(vec![1u8; 32]),
+                }],
+            },
+            DeviceMessage::SyncPullModelBatchRequest {
+                model: 3,
+                after: Some(Uuid::from_u128(10)),
+                limit: 100,
+                range: Some(WireRange::default()),
+            },
+            DeviceMessage::SyncPullModelBatchResponse {
+                model: 3,
+                records: vec![ByteBuf::from(vec![0u8, 1, 0])],
+                done: true,
+            },
         ]
     }
 
@@ -469,6 +561,20 @@ mod tests {
             revoked: vec![DeviceId([1; 32]); REVOKED_MAX + 1],
         };
         assert!(revocations.encode().is_err());
+        let ranges = DeviceMessage::RangeDigestsRequest {
+            library: LibraryId(Uuid::nil()),
+            model: 1,
+            ranges: vec![WireRange::default(); RANGES_PER_REQUEST_MAX + 1],
+        };
+        assert!(ranges.encode().is_err());
+        let short_digest = DeviceMessage::RangeDigests {
+            applied: Lsn(1),
+            digests: vec![WireRangeDigest {
+                rows: 1,
+                digest: ByteBuf::from(vec![0u8; 31]),
+            }],
+        };
+        assert!(short_digest.encode().is_err());
         let short_hash = DeviceMessage::SnapshotEnd {
             file_hash: ByteBuf::from(vec![0u8; 31]),
         };

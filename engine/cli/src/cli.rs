@@ -216,10 +216,20 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check every journal record and compare the projections with a fresh replay.
+    /// Check every journal record and compare the projections with a fresh replay; with
+    /// `--against PEER` (on a running node), compare them with a connected device's instead,
+    /// range by range.
     Verify {
         /// Library name.
         lib: String,
+        /// A connected device (its name, or the start of its id): report the key ranges where
+        /// the two devices' projections differ.
+        #[arg(long, value_name = "PEER")]
+        against: Option<String>,
+        /// With `--against`: replace this device's rows of every differing range by the
+        /// peer's (both must have applied the same log position).
+        #[arg(long, requires = "against")]
+        repair: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -822,6 +832,50 @@ pub(crate) fn run() -> Result<i32> {
     }
 }
 
+/// `keel verify --against PEER [--repair]`: the differing ranges, and what a repair wrote.
+fn verify_against(
+    node: &keel_node::Node,
+    peer: &str,
+    repair: bool,
+    json: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    let report = node.verify_against(peer, repair)?;
+    if json {
+        io.line(&serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let hex = |u: Option<uuid::Uuid>| u.map_or("…".to_string(), |u| u.simple().to_string());
+    io.line(&format!(
+        "compared {} models in {} ranges with {} (applied here {}, there {})",
+        report.models,
+        report.ranges_compared,
+        &report.peer[..12.min(report.peer.len())],
+        report.applied_here,
+        report.applied_there
+    ));
+    for d in &report.differing {
+        io.line(&format!(
+            "differs: {} [{} .. {}) {} rows here, {} there",
+            d.model,
+            hex(d.start),
+            hex(d.end),
+            d.rows_here,
+            d.rows_there
+        ));
+    }
+    if report.differing.is_empty() {
+        io.line("no difference");
+    } else if report.repaired {
+        io.line(&format!(
+            "repaired {} ranges: {} rows written from the peer",
+            report.differing.len(),
+            report.rows_written
+        ));
+    }
+    Ok(())
+}
+
 /// Runs a library command on an open library (directly, or in a node for a socket client).
 pub(crate) fn exec(
     lib: &Library,
@@ -944,6 +998,17 @@ pub(crate) fn exec(
         Command::Digest { json: false, .. } => io.line(&lib.digest()?),
         Command::Digest { json: true, .. } => {
             io.line(&serde_json::json!({ "digest": lib.digest()? }).to_string())
+        }
+        Command::Verify {
+            against: Some(peer),
+            repair,
+            json,
+            ..
+        } => {
+            let Some(node) = node else {
+                bail!("`verify --against` needs a running node: start `keel serve` first");
+            };
+            verify_against(node, &peer, repair, json, io)?;
         }
         Command::Verify { json: true, .. } => {
             let (report, digest) = lib.verify_with(&mut |done, total| {

@@ -1116,3 +1116,40 @@ fn pair_join_merges_a_library_of_this_device_into_the_joined_one() {
     let tags = ok(&keel(&home_a, &["show", "lib", &own_file]));
     assert!(tags.contains("mine") && tags.contains("holiday"), "{tags}");
 }
+
+/// Issue 28: `keel verify LIB --against PEER` compares two running devices range by range
+/// through the control socket; `--repair` needs `--against`, and `--against` a running node.
+#[test]
+fn verify_against_a_peer_reports_the_ranges_compared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&keel(&home_a, &["init", "lib"]));
+    let alone = keel(&home_a, &["verify", "lib", "--against", "b"]);
+    fails_with_one_error_line(&alone);
+    let repair_alone = keel(&home_a, &["verify", "lib", "--repair"]);
+    assert!(!repair_alone.status.success());
+    assert!(String::from_utf8_lossy(&repair_alone.stderr).contains("--against"));
+    let addr_a = free_port();
+    let _a = serve(&home_a, &addr_a, &[]);
+    let code = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = code.lines().next().expect("a code").to_string();
+    ok(&keel(
+        &home_b,
+        &["pair", "join", "--addr", &addr_a, "--code", &code],
+    ));
+    let _b = serve(&home_b, &free_port(), &[&addr_a]);
+    wait_same_digest(&home_a, &home_b);
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
+    let a_id = status["device_id"].as_str().expect("an id")[..16].to_string();
+    let text = ok(&keel(&home_b, &["verify", "lib", "--against", &a_id]));
+    assert!(text.contains("no difference"), "{text}");
+    let report: serde_json::Value = serde_json::from_str(&ok(&keel(
+        &home_b,
+        &["verify", "lib", "--against", &a_id, "--repair", "--json"],
+    )))
+    .expect("json");
+    assert_eq!(report["differing"], serde_json::json!([]), "{report}");
+    assert!(report["ranges_compared"].as_u64() >= Some(7), "{report}");
+    assert_eq!(report["applied_here"], report["applied_there"], "{report}");
+}

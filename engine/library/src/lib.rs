@@ -48,6 +48,7 @@ mod link;
 mod merge;
 mod models;
 mod ops;
+mod ranges;
 mod rebuild;
 mod replay;
 mod tx;
@@ -67,8 +68,8 @@ pub use jobs::{
 pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
 pub use keel_projections::{
-    Conflict, ConflictSide, EntryFilter, EntryMetadata, EntryOrder, EntryPage, PageCursor, PageKey,
-    RefusedChange, SearchHit, SearchMatch,
+    image_uuid, Conflict, ConflictSide, EntryFilter, EntryMetadata, EntryOrder, EntryPage,
+    KeyRange, PageCursor, PageKey, RangeDigest, RefusedChange, SearchHit, SearchMatch, RANGES_MAX,
 };
 /// Keel's schema crate, whole: `#[derive(Syncable)]` in a crate that depends on `keel-engine`
 /// alone generates paths through it.
@@ -90,6 +91,7 @@ pub use link::{LinkOptions, NodeLink};
 pub use merge::{MergeReport, ModelMerge, MERGE_BATCH};
 pub use models::LackingModel;
 pub use ops::{Files, ResolvedPath, Scope};
+pub use ranges::Ranges;
 pub use rebuild::{VerifyOutcome, REBUILD_FILE, VERIFY_FILE};
 pub use replay::{replay, ReplayReport};
 pub use tx::Tx;

@@ -6,6 +6,7 @@
 //! Messages from peers reach the core through one channel; the core answers through one
 //! unbounded channel per session. Everything the core decides is durable before it is sent.
 
+mod anti_entropy;
 mod core;
 mod devices;
 mod discovery;
@@ -30,6 +31,7 @@ use keel_schema::DeviceId;
 use keel_transport::{Endpoint, Identity, Inviter, Pins};
 use tokio::sync::{mpsc, oneshot};
 
+pub use anti_entropy::{AntiEntropyReport, RangeDiff, DEPTH_MAX, LEAF_ROWS};
 pub use devices::{DevicesFile, PairedDevice};
 pub use discovery::{find_inviter, lan_tag, Discovery, LAN_SERVICE, MDNS_PORT, PAIRING_SERVICE};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
@@ -450,6 +452,31 @@ impl Node {
             rt.spawn(async move { net.share_keys().await });
         }
         Ok(())
+    }
+
+    /// Compares this device's projection with the one of `peer` (a device name, or the start
+    /// of its id in hex), which must be connected, over key ranges; with `repair`, replaces the
+    /// rows of every range that differs by the peer's (both must have applied the same log
+    /// position). See decision 0054.
+    pub fn verify_against(&self, peer: &str, repair: bool) -> Result<AntiEntropyReport, NodeError> {
+        let record = self.library.files().device_named(peer)?;
+        let device = DeviceId::from_hex(&record.device_id)
+            .ok_or_else(|| NodeError::Failed(format!("{peer} has no valid device id")))?;
+        if device == self.library.device_id() {
+            return Err(NodeError::Failed(format!("{peer} is this device")));
+        }
+        let addr = self
+            .net
+            .addrs
+            .lock()
+            .ok()
+            .and_then(|addrs| addrs.get(&device).copied())
+            .ok_or_else(|| NodeError::Failed(format!("{peer} has not been reached")))?;
+        self.library.flush()?;
+        let (net, link) = (self.net.clone(), self.link.clone());
+        self.block_on(async move {
+            anti_entropy::compare(&net.endpoint, link, net.library, (device, addr), repair).await
+        })?
     }
 
     /// Runs `f` on the node's tokio runtime (for async work such as answering questions) and

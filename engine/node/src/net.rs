@@ -250,6 +250,11 @@ impl Net {
                 super::snapshot::serve(self.link.clone(), epoch, conn).await;
                 return;
             }
+            Greeting::AntiEntropy(first) => {
+                let (link, library) = (self.link.clone(), self.library);
+                super::anti_entropy::serve(link, library, conn, *first).await;
+                return;
+            }
             Greeting::Closed => return,
         }
         let addr = conn.remote_address();
@@ -326,6 +331,11 @@ impl Net {
             })) if device == peer && library == self.library => Greeting::Sync,
             Ok(Ok(DeviceMessage::SnapshotRequest { library })) if library == self.library => {
                 Greeting::Snapshot
+            }
+            Ok(Ok(request @ DeviceMessage::RangeDigestsRequest { library, .. }))
+                if library == self.library =>
+            {
+                Greeting::AntiEntropy(Box::new(request))
             }
             Ok(Ok(_)) => {
                 tracing::warn!(peer = %peer.short(), "peer did not say Hello for this library; closed");
@@ -501,6 +511,8 @@ enum Greeting {
     Sync,
     /// The peer asked for a snapshot (it has just joined).
     Snapshot,
+    /// The peer asked for range digests (anti-entropy): its first request.
+    AntiEntropy(Box<DeviceMessage>),
     /// Closed (the reason is logged and sent).
     Closed,
 }
