@@ -140,16 +140,10 @@ impl Query<'_> {
         )?;
         let count = u64::try_from(count).unwrap_or(0);
         let per_part = count.div_ceil(parts.clamp(1, RANGES_MAX) as u64).max(1);
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT * FROM {} WHERE {condition} ORDER BY uuid",
-            def.name
-        ))?;
-        let columns = stmt.column_count();
-        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
         let mut out = Vec::new();
         let mut start = within.start;
         let mut hasher = RangeHasher::new(def);
-        while let Some(row) = rows.next()? {
+        self.visit_range(def, within, None, None, |row, columns| {
             if hasher.rows == per_part {
                 let end = uuid_of(def, row.get_ref(0)?)?;
                 let done = std::mem::replace(&mut hasher, RangeHasher::new(def));
@@ -162,8 +156,8 @@ impl Query<'_> {
                 ));
                 start = Some(end);
             }
-            hasher.row(row, columns)?;
-        }
+            hasher.row(row, columns)
+        })?;
         out.push((
             KeyRange {
                 start,
@@ -185,17 +179,10 @@ impl Query<'_> {
         check_ranges(ranges)?;
         let mut out = Vec::with_capacity(ranges.len());
         for range in ranges {
-            let (condition, params) = range.condition(1);
-            let mut stmt = self.conn.prepare_cached(&format!(
-                "SELECT * FROM {} WHERE {condition} ORDER BY uuid",
-                def.name
-            ))?;
-            let columns = stmt.column_count();
-            let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
             let mut hasher = RangeHasher::new(def);
-            while let Some(row) = rows.next()? {
-                hasher.row(row, columns)?;
-            }
+            self.visit_range(def, *range, None, None, |row, columns| {
+                hasher.row(row, columns)
+            })?;
             out.push(hasher.finish());
         }
         Ok(out)
@@ -210,25 +197,44 @@ impl Query<'_> {
         after: Option<Uuid>,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>, ProjectionError> {
+        let mut out = Vec::new();
+        self.visit_range(def, range, after, Some(limit), |row, columns| {
+            let mut image = Vec::new();
+            encode_row(row, columns, &mut image)?;
+            out.push(image);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+impl Query<'_> {
+    /// Visits the rows of `def` in `range` after `after`, at most `limit`, in uuid order, with
+    /// every column (and their count).
+    fn visit_range(
+        &self,
+        def: &ModelDef,
+        range: KeyRange,
+        after: Option<Uuid>,
+        limit: Option<usize>,
+        mut each: impl FnMut(&rusqlite::Row<'_>, usize) -> Result<(), ProjectionError>,
+    ) -> Result<(), ProjectionError> {
         let (mut condition, mut params) = range.condition(1);
         if let Some(after) = after {
             condition.push_str(&format!(" AND uuid > ?{}", params.len() + 1));
             params.push(after.as_bytes().to_vec());
         }
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT * FROM {} WHERE {condition} ORDER BY uuid LIMIT {}",
-            def.name,
-            i64::try_from(limit).unwrap_or(i64::MAX)
+            "SELECT * FROM {} WHERE {condition} ORDER BY uuid LIMIT {limit}",
+            def.name
         ))?;
         let columns = stmt.column_count();
         let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
-        let mut out = Vec::new();
         while let Some(row) = rows.next()? {
-            let mut image = Vec::new();
-            encode_row(row, columns, &mut image)?;
-            out.push(image);
+            each(row, columns)?;
         }
-        Ok(out)
+        Ok(())
     }
 }
 

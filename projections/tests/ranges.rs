@@ -2,7 +2,7 @@
 //! agree range by range; a damaged row shows in exactly its range, and replacing that range
 //! with the other's rows restores the digest without touching the rest.
 
-use keel_projections::{KeyRange, Projections, RANGES_MAX};
+use keel_projections::{KeyRange, Projections, RangeDigest, RANGES_MAX};
 use keel_schema::{Change, Syncable, Tag};
 use uuid::Uuid;
 
@@ -32,6 +32,30 @@ fn projection(dir: &tempfile::TempDir, name: &str, changes: &[Change]) -> Projec
     p
 }
 
+/// `here` cuts its tag rows, `there` digests its own over the same bounds: the cut, and the
+/// ranges whose digests differ.
+fn compare(
+    here: &Projections,
+    there: &Projections,
+) -> (Vec<(KeyRange, RangeDigest)>, Vec<KeyRange>) {
+    let split = here
+        .query()
+        .split_range(Tag::DEF, KeyRange::ALL, RANGES_MAX)
+        .expect("splits");
+    let bounds: Vec<KeyRange> = split.iter().map(|(r, _)| *r).collect();
+    let theirs = there
+        .query()
+        .range_digests(Tag::DEF, &bounds)
+        .expect("digests");
+    let differing = split
+        .iter()
+        .zip(&theirs)
+        .filter(|((_, d), t)| d != *t)
+        .map(|((r, _), _)| *r)
+        .collect();
+    (split, differing)
+}
+
 #[test]
 fn a_damaged_row_differs_in_its_range_alone_and_its_repair_restores_the_digest() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -45,15 +69,10 @@ fn a_damaged_row_differs_in_its_range_alone_and_its_repair_restores_the_digest()
     );
 
     // B cuts, A digests over B's bounds: all equal.
-    let split = b
-        .query()
-        .split_range(def, KeyRange::ALL, RANGES_MAX)
-        .expect("works");
+    let (split, differing) = compare(&b, &a);
     assert_eq!(split.len(), 250, "2,000 rows in ranges of 8");
     assert_eq!(split.iter().map(|(_, d)| d.rows).sum::<u64>(), 2_000);
-    let bounds: Vec<KeyRange> = split.iter().map(|(r, _)| *r).collect();
-    let theirs = a.query().range_digests(def, &bounds).expect("works");
-    assert!(split.iter().zip(&theirs).all(|((_, d), t)| d == t));
+    assert!(differing.is_empty());
 
     // Damage one row of B.
     let victim = split[100].0.start.expect("a start");
@@ -67,18 +86,7 @@ fn a_damaged_row_differs_in_its_range_alone_and_its_repair_restores_the_digest()
         a.query().digest().expect("works"),
         b.query().digest().expect("works")
     );
-    let split = b
-        .query()
-        .split_range(def, KeyRange::ALL, RANGES_MAX)
-        .expect("works");
-    let bounds: Vec<KeyRange> = split.iter().map(|(r, _)| *r).collect();
-    let theirs = a.query().range_digests(def, &bounds).expect("works");
-    let differing: Vec<KeyRange> = split
-        .iter()
-        .zip(&theirs)
-        .filter(|((_, d), t)| d != *t)
-        .map(|((r, _), _)| *r)
-        .collect();
+    let (_, differing) = compare(&b, &a);
     assert_eq!(differing.len(), 1);
     assert!(differing[0].holds(victim));
 

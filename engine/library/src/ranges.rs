@@ -42,15 +42,20 @@ impl Ranges<'_> {
     }
 
     /// The rows of `def` in `within`, cut into at most `parts` ranges of about equal row
-    /// counts, with their digests.
+    /// counts, with their digests, and the log position the projection has applied (read
+    /// together).
     pub fn split(
         &self,
         def: &ModelDef,
         within: KeyRange,
         parts: usize,
-    ) -> Result<Vec<(KeyRange, RangeDigest)>, EngineError> {
-        self.library
-            .read(|p| p.query().split_range(def, within, parts))
+    ) -> Result<(Lsn, Vec<(KeyRange, RangeDigest)>), EngineError> {
+        self.library.read(|p| {
+            Ok((
+                p.applied_position()?.log,
+                p.query().split_range(def, within, parts)?,
+            ))
+        })
     }
 
     /// The digests of `ranges` of `def`, and the log position the projection has applied.

@@ -23,7 +23,7 @@ use keel_transport::{Connection, DeviceMessage, WireRange, WireRangeDigest};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 
-use crate::error::NodeError;
+use crate::error::{blocking, NodeError};
 
 /// A range that differs and holds at most this many rows (on either device) is not cut again.
 pub const LEAF_ROWS: u64 = 64;
@@ -88,14 +88,6 @@ fn from_wire(range: WireRange) -> KeyRange {
         start: range.start,
         end: range.end,
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
-) -> Result<T, NodeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| failed(format!("worker failed: {e}")))?
 }
 
 async fn recv(conn: &Connection) -> Result<DeviceMessage, NodeError> {
@@ -273,13 +265,9 @@ impl Asking {
         let mut pending = vec![(KeyRange::ALL, 0usize)];
         while let Some((within, depth)) = pending.pop() {
             let link = self.link.clone();
-            let (applied, mine) = blocking(move || {
-                let ranges = link.library().ranges();
-                let split = ranges.split(def, within, RANGES_MAX)?;
-                let (applied, _) = ranges.digests(def, &[])?;
-                Ok((applied, split))
-            })
-            .await?;
+            let (applied, mine) =
+                blocking(move || Ok(link.library().ranges().split(def, within, RANGES_MAX)?))
+                    .await?;
             self.report.applied_here = applied.0;
             let theirs = self.their_digests(def, &mine).await?;
             self.report.ranges_compared += mine.len() as u64;

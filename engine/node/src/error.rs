@@ -62,3 +62,12 @@ pub(crate) fn io_at(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> 
     let path = path.into();
     move |source| NodeError::Io { path, source }
 }
+
+/// Runs blocking work (the journal, the projections) off the runtime's workers and waits for it.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NodeError::Failed(format!("a worker thread failed: {e}")))?
+}

@@ -28,7 +28,7 @@ use keel_transport::{
 use serde_bytes::ByteBuf;
 
 use super::file_sink::FileSink;
-use crate::error::{io_at, NodeError};
+use crate::error::{blocking, io_at, NodeError};
 use keel_engine::{NodeLink, JOURNAL_FILE, PROJECTIONS_FILE};
 
 /// How long either side waits for the next message.
@@ -105,14 +105,6 @@ impl Drop for Scratch {
 
 fn node_error(what: impl std::fmt::Display) -> NodeError {
     NodeError::Failed(format!("snapshot: {what}"))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
-) -> Result<T, NodeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| node_error(format!("worker failed: {e}")))?
 }
 
 /// The sending side: answers a [`DeviceMessage::SnapshotRequest`] on `conn`, then waits for the
