@@ -115,7 +115,8 @@ impl RangeHasher {
     }
 }
 
-fn uuid_of(def: &ModelDef, value: ValueRef<'_>) -> Result<Uuid, ProjectionError> {
+/// The uuid in a row's `uuid` column.
+pub(crate) fn uuid_of(def: &ModelDef, value: ValueRef<'_>) -> Result<Uuid, ProjectionError> {
     value
         .as_blob()
         .ok()

@@ -78,13 +78,7 @@ fn columns(def: &ModelDef) -> String {
 }
 
 fn row_values(def: &ModelDef, row: &rusqlite::Row<'_>) -> Result<RowValues, ProjectionError> {
-    let bad = || ProjectionError::MalformedRow(format!("{} uuid", def.name));
-    let uuid = row
-        .get_ref(0)?
-        .as_blob()
-        .ok()
-        .and_then(|b| Uuid::from_slice(b).ok())
-        .ok_or_else(bad)?;
+    let uuid = crate::ranges::uuid_of(def, row.get_ref(0)?)?;
     let mut values = Vec::with_capacity(def.fields.len());
     for i in 0..def.fields.len() {
         values.push(read_value(def, i, row.get_ref(i + 1)?)?);

@@ -281,7 +281,6 @@ impl Library {
         let mut moved = 0u64;
         for event in burst {
             match event.kind {
-                EventKind::Access(_) => {}
                 EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if event.paths.len() == 2 => {
                     let (from, to) = (&event.paths[0], &event.paths[1]);
                     moved += self.move_path(locations, from, to)?;
