@@ -58,7 +58,8 @@ pub struct JoinProgress {
     pub file_received: u64,
     /// Size of the projection file (0 until the sender's header arrives).
     pub file_total: u64,
-    /// Bytes received on the connection so far.
+    /// UDP bytes received on the connection so far, as QUIC counts them (headers,
+    /// acknowledgements and retransmissions included).
     pub bytes: u64,
 }
 
@@ -406,12 +407,12 @@ async fn receive(
         incoming_path: dir.join(INCOMING_FILE),
         incoming: None,
         next: 1,
-        bytes: 0,
         seen: None,
         segments: writers.segments.clone(),
     };
     let stored = writers.stored.clone();
-    let report = |seen: Option<(u64, u64, u64)>, bytes: u64| {
+    let report = |seen: Option<(u64, u64, u64)>| {
+        let bytes = conn.wire_bytes().1;
         if let Some(tx) = &progress {
             let (log_end, file_received, file_total) = seen.unwrap_or((log_total, 0, 0));
             let _ = tx.send(JoinProgress {
@@ -431,7 +432,7 @@ async fn receive(
         };
         match reader.on_message(message) {
             Ok(Some(end)) => break Ok(end),
-            Ok(None) => report(reader.seen, reader.bytes),
+            Ok(None) => report(reader.seen),
             Err(e) => break Err(e),
         }
         let (log_end, stored) = (reader.log_end(log_total), stored.load(Ordering::Acquire));
@@ -454,7 +455,7 @@ async fn receive(
         };
     job.follow(Some(hlc), log_entries, log_entries).await?;
     tracing::debug!("snapshot: log stored");
-    report(reader.seen, reader.bytes);
+    report(reader.seen);
     // Saving the index (a large write, most of it new memory) overlaps the install.
     let index_saved = std::thread::Builder::new()
         .name("keel-snapshot-index".into())
@@ -682,8 +683,6 @@ struct SnapshotReader {
     incoming: Option<Incoming>,
     /// The next log position expected.
     next: u64,
-    /// Payload bytes received.
-    bytes: u64,
     /// (log end, file bytes received, file length), kept after the file is done.
     seen: Option<(u64, u64, u64)>,
     segments: crossbeam_channel::Sender<Segment>,
@@ -739,10 +738,6 @@ impl SnapshotReader {
             )));
         }
         self.next += entries.len() as u64;
-        self.bytes += entries
-            .iter()
-            .map(|e| e.sealed.len() as u64 + 48)
-            .sum::<u64>();
         let entries = entries
             .into_iter()
             .map(|e| (e.epoch, e.sealed.into_vec()))
@@ -799,7 +794,6 @@ impl SnapshotReader {
                 .unwrap_or_else(|| node_error("the incoming file stopped")));
         }
         inc.written += len;
-        self.bytes += len;
         Ok(())
     }
 

@@ -35,6 +35,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         code: invite.code.as_str().to_string(),
         home: dir.join("joiner"),
         log_len,
+        entries: files as u64,
         snapshot: options.snapshot,
     };
     // The code goes on the child's stdin, not its command line.
@@ -89,6 +90,8 @@ pub(crate) struct Join {
     code: String,
     home: std::path::PathBuf,
     log_len: u64,
+    /// File entries in the library: what the byte figures are per.
+    entries: u64,
     snapshot: bool,
 }
 
@@ -104,6 +107,7 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
         code,
         home,
         log_len,
+        entries,
         snapshot,
     } = serde_json::from_str(&text).context("reading what to join from stdin")?;
     let home = Home::new(home);
@@ -154,16 +158,12 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
     out.insert("p4_join_s".into(), json!(joined_s));
     out.insert("p4_changes_per_s".into(), json!(log_len as f64 / secs));
     out.insert("p4_peak_rss_mb".into(), json!(peak_rss_mb()));
-    // What the initial sync carried and what the log takes on disk, per log entry.
+    // What the initial sync carried (QUIC's UDP bytes), per file entry (an entry and its
+    // content are two log entries).
+    let entries = entries.max(1) as f64;
     out.insert(
         "p4_wire_bytes_per_entry".into(),
-        json!(received as f64 / log_len.max(1) as f64),
-    );
-    let journal = node.library().dir().join(keel_engine::JOURNAL_FILE);
-    let journal_bytes = std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
-    out.insert(
-        "p4_disk_bytes_per_entry".into(),
-        json!(journal_bytes as f64 / log_len.max(1) as f64),
+        json!(received as f64 / entries),
     );
     // Then its own Device record goes to the leader and comes back sequenced.
     while node.status().log_len < log_len + 1 || node.status().offline > 0 {
@@ -173,6 +173,20 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    // What the library takes on disk once joined, per file entry: journal and projections.
+    let disk = node.library().status()?.disk;
+    out.insert(
+        "p4_disk_bytes_per_entry".into(),
+        json!((disk.journal + disk.projections) as f64 / entries),
+    );
+    out.insert(
+        "p4_disk_journal_bytes_per_entry".into(),
+        json!(disk.journal as f64 / entries),
+    );
+    out.insert(
+        "p4_disk_projections_bytes_per_entry".into(),
+        json!(disk.projections as f64 / entries),
+    );
     out.insert("p4_digest".into(), json!(node.library().digest()?));
     out.insert(
         "p4_counts".into(),
