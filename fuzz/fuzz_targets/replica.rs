@@ -58,8 +58,13 @@ impl Input<'_> {
 
     fn message(&mut self) -> ReplicationMessage {
         let epoch = self.epoch();
-        match self.u8() % 8 {
+        match self.u8() % 9 {
             0 => ReplicationMessage::Stale { epoch },
+            7 => ReplicationMessage::Compacted {
+                epoch,
+                base: Lsn(self.u64()),
+                base_epoch: self.epoch(),
+            },
             1 => ReplicationMessage::RequestVote {
                 epoch,
                 last_epoch: self.epoch(),
@@ -95,6 +100,7 @@ impl Input<'_> {
                 first: Lsn(self.u64()),
                 prev_epoch: self.epoch(),
                 leader_end: Lsn(self.u64()),
+                base: Lsn(self.u64()),
                 entries: (0..self.u8() % 6)
                     .map(|_| WireLogEntry {
                         epoch: self.epoch(),

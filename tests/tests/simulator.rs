@@ -551,8 +551,13 @@ impl Sim {
         };
         let epoch = Epoch { counter, device };
         let lsn = Lsn(self.rng.random_range(0..800));
-        match self.rng.random_range(0..8) {
+        match self.rng.random_range(0..9) {
             0 => ReplicationMessage::Stale { epoch },
+            8 => ReplicationMessage::Compacted {
+                epoch,
+                base: lsn,
+                base_epoch: epoch,
+            },
             1 => ReplicationMessage::RequestVote {
                 epoch,
                 last_epoch: epoch,
@@ -610,6 +615,7 @@ impl Sim {
                     },
                     leader_end: Lsn(self.rng.random()),
                     entries,
+                    base: Lsn(self.rng.random_range(0..=lsn.0)),
                 }
             }
         }

@@ -423,6 +423,12 @@ mod tests {
                     epoch,
                     sealed: ByteBuf::from(vec![5u8; 90]),
                 }],
+                base: Lsn(4),
+            }),
+            DeviceMessage::Replication(ReplicationMessage::Compacted {
+                epoch,
+                base: Lsn(4),
+                base_epoch: epoch,
             }),
             DeviceMessage::Replication(ReplicationMessage::Push {
                 changes: vec![ByteBuf::from(vec![1u8; 10])],

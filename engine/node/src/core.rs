@@ -453,6 +453,13 @@ impl Core {
                 ReplicaEvent::Refused { from, reason } => {
                     tracing::warn!(peer = %from.short(), %reason, "dropped input from a peer");
                 }
+                ReplicaEvent::BehindCompaction { leader, base } => {
+                    tracing::warn!(
+                        leader = %leader.short(),
+                        base = base.0,
+                        "behind the leader's compaction point: this device must backfill"
+                    );
+                }
             }
         }
     }

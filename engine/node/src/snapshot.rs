@@ -282,6 +282,7 @@ async fn send_segment(
         first: from,
         prev_epoch,
         leader_end: target,
+        base: Lsn(0),
         entries: entries
             .into_iter()
             .map(|(_, epoch, sealed)| WireLogEntry {
@@ -987,6 +988,7 @@ mod tests {
             first: Lsn(1),
             prev_epoch: Epoch::default(),
             leader_end: Lsn(1),
+            base: Lsn(0),
             entries: vec![WireLogEntry {
                 epoch: Epoch::default(),
                 sealed: ByteBuf::from(vec![1u8; 120]),

@@ -47,4 +47,6 @@ pub use wire::ReplicationMessage;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_compaction;
+#[cfg(test)]
 mod tests_replica;

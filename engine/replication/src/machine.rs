@@ -91,6 +91,14 @@ pub(crate) struct Machine {
     /// the next candidacy stands above it. Not durable; refusals teach it again.
     highest_seen: u64,
     next: BTreeMap<DeviceId, u64>,
+    /// The last position each follower said it stored of this leader's log (while leading).
+    matched: BTreeMap<DeviceId, u64>,
+    /// The compaction base of the leader this replica follows, as its last segment said.
+    leader_base: Lsn,
+    /// Set when this device's log cannot continue the leader's: the leader's compaction base
+    /// (what it lacks was compacted there, or its compacted history differs). Taken by the
+    /// runtime, which backfills.
+    behind: Option<Lsn>,
     /// Sent to each follower and not yet acknowledged.
     flights: BTreeMap<DeviceId, Flight>,
     /// The change ids in the log, kept only while leading (to sequence idempotently); built
@@ -125,7 +133,9 @@ impl Machine {
                     .log
                     .iter()
                     .rev()
-                    .any(|(e, entry)| e == durable.epoch && entry == LogSlot::Barrier));
+                    .any(|(e, entry)| e == durable.epoch && entry == LogSlot::Barrier)
+                // Its barrier compacted away: the base is in its epoch.
+                || (durable.log.base().0 > 0 && durable.log.base_epoch() == durable.epoch));
         let role = if won {
             ElectionRole::Leader
         } else {
@@ -144,6 +154,9 @@ impl Machine {
             heard_ms: None,
             highest_seen: 0,
             next: BTreeMap::new(),
+            matched: BTreeMap::new(),
+            leader_base: Lsn(0),
+            behind: None,
             flights: BTreeMap::new(),
             in_log: None,
             pushed: HashMap::new(),
@@ -198,6 +211,31 @@ impl Machine {
     /// (with [`Machine::durable`]'s epochs) before sending anything `handle` returned.
     pub(crate) fn take_ops(&mut self) -> Vec<LogOp> {
         std::mem::take(&mut self.ops)
+    }
+
+    /// The leader's compaction base when this device must backfill to follow it (once).
+    pub(crate) fn take_behind(&mut self) -> Option<Lsn> {
+        self.behind.take()
+    }
+
+    /// The compaction base of the leader this replica follows (0 when none or unknown).
+    pub(crate) fn leader_base(&self) -> Lsn {
+        if self.role == ElectionRole::Follower {
+            self.leader_base
+        } else {
+            Lsn(0)
+        }
+    }
+
+    /// The last position each follower stored of this leader's log, as it acknowledged
+    /// (empty unless leading).
+    pub(crate) fn matched(&self) -> &BTreeMap<DeviceId, u64> {
+        &self.matched
+    }
+
+    /// Drops the log up to `base`, which the runtime compacted in the journal.
+    pub(crate) fn compact(&mut self, base: Lsn) {
+        self.durable.log.compact(base);
     }
 
     /// Whether `id` is in this replica's log.
@@ -385,7 +423,7 @@ impl Machine {
                     }
                 }
                 if now_ms >= self.election_deadline_ms {
-                    if self.durable.log.is_empty() {
+                    if self.durable.last_lsn().0 == 0 {
                         // No log yet, so not the founder's head either: a device that leads
                         // must start from the library's log, never a log of its own.
                         self.reset_election_timer(now_ms);
@@ -416,7 +454,7 @@ impl Machine {
     /// and make the majority's changes be sequenced again; and a device that has not joined the
     /// cluster's log yet would start a log of its own.
     fn may_lead_alone(&self) -> bool {
-        self.peak_electorate == 2 && self.in_cluster && !self.durable.log.is_empty()
+        self.peak_electorate == 2 && self.in_cluster && self.durable.last_lsn().0 > 0
     }
 
     /// The highest epoch counter this replica knows of (taken, voted in or heard of).
@@ -457,6 +495,9 @@ impl Machine {
                     && self.in_reach(*prev_epoch)
                     && entries.iter().all(|(e, _)| self.in_reach(*e))
             }
+            Message::Compacted {
+                epoch, base_epoch, ..
+            } => self.in_reach(*epoch) && self.in_reach(*base_epoch),
             Message::Push { .. } => true,
         }
     }
@@ -568,6 +609,29 @@ impl Machine {
             .unwrap_or(last + 1)
             .clamp(1, last + 1);
         let acked = next - 1;
+        let base = self.durable.log.base();
+        if acked < base.0 {
+            // What the follower lacks was compacted here: it must backfill from a snapshot.
+            if beat || !self.flights.contains_key(&peer) {
+                Self::send(
+                    out,
+                    peer,
+                    Message::Compacted {
+                        epoch: self.durable.epoch,
+                        base,
+                        base_epoch: self.durable.log.base_epoch(),
+                    },
+                );
+                self.flights.insert(
+                    peer,
+                    Flight {
+                        upto: acked,
+                        since_ms: now_ms,
+                    },
+                );
+            }
+            return;
+        }
         let fresh = Flight {
             upto: acked,
             since_ms: now_ms,
@@ -614,6 +678,7 @@ impl Machine {
                 prev,
                 prev_epoch: self.durable.epoch_at(prev).unwrap_or_default(),
                 entries: self.durable.log.range(after as usize, end as usize),
+                base: self.durable.log.base(),
             },
         );
     }
@@ -626,6 +691,7 @@ impl Machine {
             // Own changes this leader sequenced are safe: they stay in its log until the new
             // leader's entries truncate them, and truncation returns them to `pending`.
             self.next.clear();
+            self.matched.clear();
             self.flights.clear();
             self.in_log = None;
         }
@@ -688,7 +754,25 @@ impl Machine {
                 prev,
                 prev_epoch,
                 entries,
-            } => self.on_append(from, epoch, (prev, prev_epoch), entries, now_ms, out),
+                base,
+            } => {
+                if self.follow(from, epoch, out) {
+                    self.on_append(from, epoch, (prev, prev_epoch), entries, now_ms, out);
+                    if self.leader == Some(from) {
+                        self.leader_base = base;
+                    }
+                }
+            }
+            Message::Compacted {
+                epoch,
+                base,
+                base_epoch,
+            } => {
+                if self.follow(from, epoch, out) {
+                    self.heard_leader(from, epoch, now_ms);
+                    self.on_compacted(from, base, base_epoch, out);
+                }
+            }
         }
     }
 
@@ -862,6 +946,8 @@ impl Machine {
                 }
             }
             *next = (last.0 + 1).max(*next).min(log_len + 1);
+            let matched = self.matched.entry(from).or_default();
+            *matched = (*matched).max(last.0);
             if *next <= log_len {
                 self.append_to(from, now_ms, false, out);
             }
@@ -879,17 +965,9 @@ impl Machine {
         }
     }
 
-    /// Entries from the leader of `epoch` after `prev` (whose entry has `prev_epoch`).
-    #[allow(clippy::too_many_arguments)]
-    fn on_append(
-        &mut self,
-        from: DeviceId,
-        epoch: Epoch,
-        (prev, prev_epoch): (Lsn, Epoch),
-        entries: Vec<(Epoch, LogSlot)>,
-        now_ms: u64,
-        out: &mut Vec<Output>,
-    ) {
+    /// Whether `from`, claiming to lead `epoch`, is followed: a stale epoch is answered with
+    /// `Stale`; a message that cannot come from that epoch's leader is dropped.
+    fn follow(&mut self, from: DeviceId, epoch: Epoch, out: &mut Vec<Output>) -> bool {
         if epoch < self.durable.epoch {
             Self::send(
                 out,
@@ -898,14 +976,16 @@ impl Machine {
                     epoch: self.durable.epoch,
                 },
             );
-            return;
+            return false;
         }
-        if epoch.device != from
-            || !well_formed(epoch, prev, prev_epoch, &entries)
-            || !self.keeps_the_head(prev, &entries)
-        {
-            return;
+        if epoch.device != from {
+            return false;
         }
+        true
+    }
+
+    /// Takes `from` as the leader of `epoch` (a message from it was accepted).
+    fn heard_leader(&mut self, from: DeviceId, epoch: Epoch, now_ms: u64) {
         if self.role != ElectionRole::Follower
             || self.leader != Some(from)
             || epoch > self.durable.epoch
@@ -917,6 +997,27 @@ impl Machine {
         self.heard_ms = Some(now_ms);
         self.pre_vote = None;
         self.in_cluster = true;
+    }
+
+    /// Entries from the leader of `epoch` after `prev` (whose entry has `prev_epoch`); `follow`
+    /// accepted the epoch.
+    fn on_append(
+        &mut self,
+        from: DeviceId,
+        epoch: Epoch,
+        (prev, prev_epoch): (Lsn, Epoch),
+        entries: Vec<(Epoch, LogSlot)>,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        if !well_formed(epoch, prev, prev_epoch, &entries) || !self.keeps_the_head(prev, &entries) {
+            return;
+        }
+        self.heard_leader(from, epoch, now_ms);
+        let Some((prev, prev_epoch, entries)) = self.past_the_base(prev, prev_epoch, entries)
+        else {
+            return;
+        };
         if self.durable.epoch_at(prev) != Some(prev_epoch) {
             let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
             Self::send(
@@ -941,6 +1042,58 @@ impl Machine {
                 last: Lsn(end),
             },
         );
+    }
+
+    /// A segment's part after this log's compaction base: positions up to the base are settled
+    /// here, so the entries before it are skipped, after checking the epoch at the base where
+    /// the segment reaches it. `None` when the segment disagrees at the base (this device must
+    /// backfill: said by [`Machine::behind`]).
+    #[allow(clippy::type_complexity)]
+    fn past_the_base(
+        &mut self,
+        prev: Lsn,
+        prev_epoch: Epoch,
+        mut entries: Vec<(Epoch, LogSlot)>,
+    ) -> Option<(Lsn, Epoch, Vec<(Epoch, LogSlot)>)> {
+        let base = self.durable.log.base();
+        if prev >= base {
+            return Some((prev, prev_epoch, entries));
+        }
+        let skip = (base.0 - prev.0) as usize;
+        if entries.len() < skip {
+            // All of it is settled here: an empty segment at the base asks for what follows.
+            return Some((base, self.durable.log.base_epoch(), Vec::new()));
+        }
+        if entries[skip - 1].0 != self.durable.log.base_epoch() {
+            self.behind = Some(base);
+            return None;
+        }
+        let rest = entries.split_off(skip);
+        Some((base, self.durable.log.base_epoch(), rest))
+    }
+
+    /// The leader's word that what this device lacks is before its compaction `base`: a log
+    /// that holds `base` with the same epoch continues from there; any other must backfill.
+    fn on_compacted(
+        &mut self,
+        from: DeviceId,
+        base: Lsn,
+        base_epoch: Epoch,
+        out: &mut Vec<Output>,
+    ) {
+        if self.durable.epoch_at(base) == Some(base_epoch) {
+            Self::send(
+                out,
+                from,
+                Message::AppendReply {
+                    epoch: self.durable.epoch,
+                    ok: true,
+                    last: base,
+                },
+            );
+        } else {
+            self.behind = Some(base);
+        }
     }
 
     /// Whether a segment from `prev` keeps the head of this log: every log begins with the

@@ -102,6 +102,16 @@ pub enum ReplicaEvent {
         /// Payload bytes received from leaders so far.
         bytes: u64,
     },
+    /// This device's log cannot continue its leader's: what it lacks is at or before the
+    /// leader's compaction `base` (compacted there), or its own compacted history differs. The
+    /// runtime backfills the state at `base` or later from `leader`, then starts a new replica
+    /// from the journal. Said once per message that shows it.
+    BehindCompaction {
+        /// The leader.
+        leader: DeviceId,
+        /// The leader's compaction base.
+        base: Lsn,
+    },
     /// Something a peer sent was dropped.
     Refused {
         /// The peer.
@@ -306,6 +316,7 @@ impl Replica {
                 prev_epoch,
                 leader_end,
                 entries,
+                base,
             } => match self.incoming_segment(from, first, entries, store, &mut cached) {
                 Some(entries) => {
                     if !entries.is_empty() {
@@ -321,6 +332,7 @@ impl Replica {
                         prev: Lsn(first.0.max(1) - 1),
                         prev_epoch,
                         entries,
+                        base,
                     }
                 }
                 None => return,
@@ -384,9 +396,11 @@ impl Replica {
             };
             // Keep the payload unless this very entry is in the log already.
             let position = first.0.saturating_add(i as u64);
-            let have = position <= known
-                && self.durable().log.get(position as usize - 1)
-                    == Some((entry.epoch, LogSlot::Change(id)));
+            // (At or below the compaction base it is settled here: the rules skip it.)
+            let have = position <= self.durable().log.base().0
+                || (position <= known
+                    && self.durable().log.get(position as usize - 1)
+                        == Some((entry.epoch, LogSlot::Change(id))));
             if !have {
                 self.payloads.insert(id, entry.sealed.into_vec());
                 cached.push(id);
@@ -473,6 +487,10 @@ impl Replica {
         let out = self.machine.handle(input, now_ms);
         self.outbox.extend(out);
         self.ops.extend(self.machine.take_ops());
+        if let (Some(base), Some(leader)) = (self.machine.take_behind(), self.leader()) {
+            self.events
+                .push_back(ReplicaEvent::BehindCompaction { leader, base });
+        }
         let after = (self.role(), self.durable().epoch, self.leader());
         if after != before {
             self.events.push_back(ReplicaEvent::RoleChanged {
@@ -481,6 +499,39 @@ impl Replica {
                 leader: after.2,
             });
         }
+    }
+
+    /// The position up to which this device may compact its log, as far as the protocol
+    /// knows: a leader, the least position every device in `devices` (the library's other
+    /// devices) acknowledged storing of its log this epoch (0 if any has not); a follower, its
+    /// leader's compaction base. Never past this log's end. The runtime also keeps it at or
+    /// below what its projections applied.
+    pub fn compactable(&self, devices: &[DeviceId]) -> Lsn {
+        let end = self.durable().last_lsn();
+        let upto = match self.role() {
+            ElectionRole::Leader => {
+                let matched = self.machine.matched();
+                devices
+                    .iter()
+                    .filter(|d| **d != self.machine.device())
+                    .map(|d| matched.get(d).copied().unwrap_or(0))
+                    .min()
+                    .map_or(end, Lsn)
+            }
+            _ => self.machine.leader_base(),
+        };
+        upto.min(end)
+    }
+
+    /// Drops the log up to `base` in memory, after the runtime compacted the journal to it
+    /// (at most [`Replica::compactable`] when it chose it). A base at or below the current
+    /// one changes nothing.
+    pub fn compacted(&mut self, base: Lsn) {
+        assert!(
+            base <= self.durable().last_lsn(),
+            "a compaction past the log's end"
+        );
+        self.machine.compact(base);
     }
 
     /// The next event, if any.
@@ -696,6 +747,7 @@ impl Replica {
                 prev,
                 prev_epoch,
                 entries,
+                base,
             } => {
                 let first = Lsn(prev.0 + 1);
                 let stored = if entries.is_empty() {
@@ -710,6 +762,7 @@ impl Replica {
                     first,
                     prev_epoch,
                     leader_end: self.durable().last_lsn(),
+                    base,
                     entries: stored
                         .into_iter()
                         .map(|(epoch, sealed)| WireLogEntry {
@@ -754,6 +807,15 @@ fn election_message(message: ReplicationMessage) -> Option<Message> {
             granted,
             highest,
         },
+        ReplicationMessage::Compacted {
+            epoch,
+            base,
+            base_epoch,
+        } => Message::Compacted {
+            epoch,
+            base,
+            base_epoch,
+        },
         ReplicationMessage::LogSegment { .. }
         | ReplicationMessage::Push { .. }
         | ReplicationMessage::Ack { .. } => return None,
@@ -783,6 +845,15 @@ fn election_wire(message: Message) -> Option<ReplicationMessage> {
             epoch,
             granted,
             highest,
+        },
+        Message::Compacted {
+            epoch,
+            base,
+            base_epoch,
+        } => ReplicationMessage::Compacted {
+            epoch,
+            base,
+            base_epoch,
         },
         Message::Append { .. } | Message::AppendReply { .. } | Message::Push { .. } => return None,
     })

@@ -74,6 +74,7 @@ fn a_follower_refuses_an_older_epoch_and_deposes_its_sender() {
                 prev: Lsn(0),
                 prev_epoch: Epoch::default(),
                 entries: vec![(old, LogSlot::Change(id(1)))],
+                base: Lsn(0),
             },
         },
         1,
@@ -198,6 +199,7 @@ fn truncated_changes_return_to_pending() {
                 prev: Lsn(1),
                 prev_epoch: base,
                 entries: vec![(b, LogSlot::Barrier)],
+                base: Lsn(0),
             },
         },
         1,
@@ -267,6 +269,7 @@ fn a_heartbeat_or_a_resent_segment_keeps_the_entries_past_it() {
                     prev: Lsn(prev),
                     prev_epoch: old,
                     entries,
+                    base: Lsn(0),
                 },
             },
             1,
@@ -591,6 +594,7 @@ fn a_device_asking_for_votes_still_grants_one_with_a_longer_log() {
         prev: Lsn(1),
         prev_epoch: FOUNDER,
         entries: vec![(epoch, LogSlot::Change(id(1)))],
+        base: Lsn(0),
     };
     b.handle(
         Input::Received {
@@ -647,6 +651,7 @@ fn a_follower_pushes_each_change_once_until_it_may_have_been_lost() {
                     prev: Lsn(1),
                     prev_epoch: FOUNDER,
                     entries: Vec::new(),
+                    base: Lsn(0),
                 },
             },
             now,

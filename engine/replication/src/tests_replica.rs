@@ -272,6 +272,7 @@ fn payloads_of_a_segment_the_rules_refuse_are_not_kept() {
             first: Lsn(1),
             prev_epoch: Epoch::default(),
             leader_end: Lsn(2),
+            base: Lsn(0),
             entries: (0..2)
                 .map(|n| WireLogEntry {
                     epoch: stale,
@@ -326,6 +327,7 @@ fn append(to: u8, prev: u64, n: usize) -> Output {
             epoch,
             prev: Lsn(prev),
             prev_epoch: epoch,
+            base: Lsn(0),
             entries: (0..n)
                 .map(|i| {
                     (
@@ -392,6 +394,7 @@ fn segment(
         first: Lsn(first),
         prev_epoch,
         leader_end: Lsn(first + entries.len() as u64 - 1),
+        base: Lsn(0),
         entries: entries
             .into_iter()
             .map(|(epoch, sealed)| WireLogEntry {

@@ -39,6 +39,18 @@ pub(crate) enum Message {
         prev_epoch: Epoch,
         /// The entries with their epochs.
         entries: Vec<(Epoch, LogSlot)>,
+        /// The leader's compaction base: a follower may compact its own log up to it.
+        base: Lsn,
+    },
+    /// From the leader of `epoch`: what the follower lacks is before `base`, which the leader
+    /// compacted (the entry at `base` has `base_epoch`); the follower must backfill.
+    Compacted {
+        /// The leader's epoch.
+        epoch: Epoch,
+        /// The leader's compaction base.
+        base: Lsn,
+        /// The epoch of the entry at `base`.
+        base_epoch: Epoch,
     },
     /// A follower's answer to `Append`.
     AppendReply {
@@ -167,22 +179,47 @@ impl std::fmt::Display for ElectionRole {
 
 /// A log held compactly: one entry per position (a change id or a barrier, 17 bytes) and the
 /// epochs as runs (a new run only where the epoch changes), so a million entries take ~17 MB.
+///
+/// A compacted log starts after its *base*: positions up to the base were dropped (their state
+/// is in the journal's snapshot), and only the base's epoch is kept. Indexes are absolute:
+/// entry `i` is at position `i + 1` whatever the base.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Log {
+    /// Positions up to this one were compacted away.
+    base: u64,
+    /// The epoch of the entry at `base` (the default epoch when `base` is 0).
+    base_epoch: Epoch,
+    /// The entries after the base.
     entries: Vec<LogSlot>,
-    /// `(index of the first entry, epoch)`, increasing, no two neighbours with the same epoch.
+    /// `(index in entries of the first entry, epoch)`, increasing, no two neighbours with the
+    /// same epoch.
     runs: Vec<(usize, Epoch)>,
 }
 
 impl Log {
-    /// Number of entries.
+    /// Number of entries held (after the base).
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether the log is empty.
+    /// Whether no entry is held after the base.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The last position: the base plus the entries held.
+    pub fn end(&self) -> u64 {
+        self.base + self.entries.len() as u64
+    }
+
+    /// The position up to which the log was compacted (0: never).
+    pub fn base(&self) -> Lsn {
+        Lsn(self.base)
+    }
+
+    /// The epoch of the entry at the base.
+    pub fn base_epoch(&self) -> Epoch {
+        self.base_epoch
     }
 
     /// Appends an entry.
@@ -193,57 +230,107 @@ impl Log {
         self.entries.push(entry);
     }
 
-    fn epoch_of(&self, index: usize) -> Epoch {
-        let run = self.runs.partition_point(|(start, _)| *start <= index);
+    /// The epoch of the held entry at `held` (an index into `entries`).
+    fn epoch_of(&self, held: usize) -> Epoch {
+        let run = self.runs.partition_point(|(start, _)| *start <= held);
         run.checked_sub(1)
             .and_then(|r| self.runs.get(r))
             .map(|(_, e)| *e)
             .unwrap_or_default()
     }
 
-    /// The entry at index `index` (position `index + 1`).
+    /// The index into `entries` of absolute index `index`, if held.
+    fn held(&self, index: usize) -> Option<usize> {
+        index.checked_sub(usize::try_from(self.base).ok()?)
+    }
+
+    /// The entry at index `index` (position `index + 1`); `None` past the end or at or below
+    /// the base.
     pub fn get(&self, index: usize) -> Option<(Epoch, LogSlot)> {
-        let entry = *self.entries.get(index)?;
-        Some((self.epoch_of(index), entry))
+        let held = self.held(index)?;
+        let entry = *self.entries.get(held)?;
+        Some((self.epoch_of(held), entry))
     }
 
-    /// The last entry.
+    /// The last entry held.
     pub fn last(&self) -> Option<(Epoch, LogSlot)> {
-        self.get(self.entries.len().checked_sub(1)?)
+        let held = self.entries.len().checked_sub(1)?;
+        Some((self.epoch_of(held), self.entries[held]))
     }
 
-    /// Keeps the first `len` entries.
+    /// Keeps the positions up to `len`. Never below the base: compacted positions are
+    /// settled (every device acknowledged them).
     pub fn truncate(&mut self, len: usize) {
-        self.entries.truncate(len);
-        while self.runs.last().is_some_and(|(start, _)| *start >= len) {
+        let held = self
+            .held(len)
+            .expect("a truncation below the compaction base");
+        self.entries.truncate(held);
+        while self.runs.last().is_some_and(|(start, _)| *start >= held) {
             self.runs.pop();
         }
     }
 
-    /// Removes and returns the entries from index `at` on.
+    /// Removes and returns the entries from index `at` on (not below the base).
     pub fn split_off(&mut self, at: usize) -> Vec<(Epoch, LogSlot)> {
-        let tail = self.range(at, self.entries.len());
+        let tail = self.range(at, self.end() as usize);
         self.truncate(at);
         tail
     }
 
-    /// The entries with indexes `from..to` (clamped).
+    /// The entries with indexes `from..to` (clamped to what is held).
     pub fn range(&self, from: usize, to: usize) -> Vec<(Epoch, LogSlot)> {
-        let to = to.min(self.entries.len());
+        let to = to.min(self.end() as usize);
+        let from = from.max(self.base as usize);
         (from.min(to)..to).filter_map(|i| self.get(i)).collect()
     }
 
-    /// Every entry, in order.
+    /// Every entry held, in order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Epoch, LogSlot)> + '_ {
-        (0..self.entries.len()).filter_map(|i| self.get(i))
+        (0..self.entries.len()).map(|held| (self.epoch_of(held), self.entries[held]))
+    }
+
+    /// Drops the positions up to `base` (which must be held or already compacted, and not past
+    /// the end); a base at or below the current one changes nothing.
+    pub fn compact(&mut self, base: Lsn) {
+        assert!(base.0 <= self.end(), "a compaction base past the log's end");
+        let Some(drop) = base.0.checked_sub(self.base).filter(|d| *d > 0) else {
+            return;
+        };
+        let drop = drop as usize;
+        let base_epoch = self.epoch_of(drop - 1);
+        self.entries.drain(..drop);
+        let mut runs = Vec::with_capacity(self.runs.len());
+        for (start, epoch) in self.runs.drain(..) {
+            let start = start.saturating_sub(drop);
+            if runs.last().is_some_and(|(s, _)| *s == start) {
+                runs.pop();
+            }
+            runs.push((start, epoch));
+        }
+        runs.retain(|(start, _)| *start < self.entries.len());
+        self.runs = runs;
+        self.base = base.0;
+        self.base_epoch = base_epoch;
     }
 
     /// A log from its runs (the index at which each epoch starts, ascending) and its entries
     /// (`None` is a barrier): the form the journal saves it in. The ids are converted in place
     /// (same size), so a long log is not held twice.
     pub fn from_runs(runs: Vec<(u64, Epoch)>, ids: Vec<Option<ChangeId>>) -> Self {
+        Self::from_parts((Lsn(0), Epoch::default()), runs, ids)
+    }
+
+    /// A compacted log: `base` with its epoch, then the entries after it as in
+    /// [`Log::from_runs`] (run starts are indexes into `ids`).
+    pub fn from_parts(
+        (base, base_epoch): (Lsn, Epoch),
+        runs: Vec<(u64, Epoch)>,
+        ids: Vec<Option<ChangeId>>,
+    ) -> Self {
         debug_assert!(runs.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1));
         Self {
+            base: base.0,
+            base_epoch,
             entries: ids
                 .into_iter()
                 .map(|id| id.map_or(LogSlot::Barrier, LogSlot::Change))
@@ -255,7 +342,7 @@ impl Log {
         }
     }
 
-    /// Every entry, as a vector.
+    /// Every entry held, as a vector.
     pub fn to_vec(&self) -> Vec<(Epoch, LogSlot)> {
         self.iter().collect()
     }
@@ -294,22 +381,25 @@ pub struct Durable {
 impl Durable {
     /// The last position.
     pub fn last_lsn(&self) -> Lsn {
-        Lsn(self.log.len() as u64)
+        Lsn(self.log.end())
     }
 
     /// Epoch and position of the last entry (the "how up to date" order used in elections).
     pub fn last(&self) -> (Epoch, Lsn) {
         (
-            self.log.last().map(|(e, _)| e).unwrap_or_default(),
+            self.log.last().map_or(self.log.base_epoch(), |(e, _)| e),
             self.last_lsn(),
         )
     }
 
-    /// The epoch of the entry at `lsn` (`None` past the end; the default epoch at 0).
+    /// The epoch of the entry at `lsn` (`None` past the end or below the compaction base; the
+    /// default epoch at 0).
     pub fn epoch_at(&self, lsn: Lsn) -> Option<Epoch> {
-        if lsn.0 == 0 {
-            return Some(Epoch::default());
+        if lsn == self.log.base() {
+            return Some(self.log.base_epoch());
         }
-        self.log.get(lsn.0 as usize - 1).map(|(e, _)| e)
+        self.log
+            .get(usize::try_from(lsn.0.checked_sub(1)?).ok()?)
+            .map(|(e, _)| e)
     }
 }

@@ -153,6 +153,10 @@ pub enum ReplicationMessage {
         /// The entries.
         #[serde(deserialize_with = "bounded::records")]
         entries: Vec<WireLogEntry>,
+        /// The leader's compaction base: the follower may compact its own log up to it
+        /// (0 from a leader that never compacted, or one that predates compaction).
+        #[serde(default)]
+        base: Lsn,
     },
     /// A follower's own changes (sealed), pushed to the leader; idempotent by change id.
     Push {
@@ -172,6 +176,17 @@ pub enum ReplicationMessage {
         /// Applied positions per domain.
         #[serde(deserialize_with = "bounded::positions")]
         positions: Vec<DomainPosition>,
+    },
+    /// From the leader of `epoch`: what the receiver lacks is at or before `base`, which the
+    /// leader compacted (its entry at `base` has `base_epoch`). The receiver backfills from a
+    /// snapshot, or answers with an `Ack` at `base` if its log holds that entry.
+    Compacted {
+        /// The sender's (leader's) epoch.
+        epoch: Epoch,
+        /// The leader's compaction base.
+        base: Lsn,
+        /// The epoch of the entry at `base`.
+        base_epoch: Epoch,
     },
 }
 
@@ -221,7 +236,8 @@ impl ReplicationMessage {
             | ReplicationMessage::Vote { .. }
             | ReplicationMessage::Stale { .. }
             | ReplicationMessage::PreVote { .. }
-            | ReplicationMessage::PreVoteReply { .. } => Ok(()),
+            | ReplicationMessage::PreVoteReply { .. }
+            | ReplicationMessage::Compacted { .. } => Ok(()),
         }
     }
 }
