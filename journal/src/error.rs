@@ -81,6 +81,17 @@ pub enum JournalError {
         /// Where the segment starts.
         found: Lsn,
     },
+    /// A read asked for positions compacted away (at or before the log's base).
+    #[error("log position {} was compacted (the log starts after {})", asked.0, base.0)]
+    Compacted {
+        /// The log's base.
+        base: Lsn,
+        /// The first position asked for.
+        asked: Lsn,
+    },
+    /// A compaction that cannot be made as asked.
+    #[error("cannot compact the log: {0}")]
+    Compaction(String),
     /// The writer thread has stopped (the journal is closing or crashed).
     #[error("the journal writer has stopped")]
     WriterStopped,

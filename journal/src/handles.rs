@@ -149,6 +149,25 @@ impl ReplicatedLog<'_> {
         self.journal.save_log_index(index)
     }
 
+    /// Drops every log entry up to and including `base` (which must be in the log), in one
+    /// durable transaction, keeping `base` and its entry's epoch: what the library's snapshot
+    /// holds must cover them. A base at or below the current one changes nothing. Reads from
+    /// a compacted position fail with [`JournalError::Compacted`] from then on.
+    pub fn compact(&self, base: Lsn) -> Result<crate::Compaction, JournalError> {
+        self.journal.compact_log(base)
+    }
+
+    /// Makes this empty log start after `base`, whose entry has `epoch`: a device that joins
+    /// by snapshot from a device whose log was compacted.
+    pub fn start_after(&self, base: Lsn, epoch: Epoch) -> Result<(), JournalError> {
+        self.journal.start_log_after(base, epoch)
+    }
+
+    /// The compaction base and its entry's epoch (`(0, default)` if never compacted).
+    pub fn base(&self) -> Result<(Lsn, Epoch), JournalError> {
+        self.journal.log_base()
+    }
+
     /// The log index (see [`LogIndex`]): the saved copy, if it is sound and still matches the
     /// log, extended by the records after it; otherwise read from every record. Fails on a gap
     /// or on a record read whose header cannot be read.

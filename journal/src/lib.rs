@@ -8,6 +8,7 @@
 mod aligned;
 mod backends;
 mod budget;
+mod compact;
 #[cfg(unix)]
 mod direct_writes;
 mod error;
@@ -27,6 +28,7 @@ mod xchacha;
 
 pub use aligned::{open_direct, AlignedBuffer, DIRECT_ALIGN};
 pub use budget::ApplyBudget;
+pub use compact::Compaction;
 pub use error::{JournalError, RecordPlace};
 pub use handles::{Election, OfflineJournal, ReplicatedLog};
 pub use jobs::{JobRecords, JOB_RECORD_MAX};

@@ -40,9 +40,11 @@ type Runs = Vec<(u64, Epoch)>;
 /// order and the epochs as runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogIndex {
+    /// The compaction base the entries follow, with its entry's epoch (0: from position 1).
+    base: (Lsn, Epoch),
     /// `(index of the first entry, epoch)`, increasing, no two neighbours with the same epoch.
     runs: Vec<(u64, Epoch)>,
-    /// Entry `i` is at position `i + 1`.
+    /// Entry `i` is at position `base + i + 1`.
     ids: Vec<Option<ChangeId>>,
 }
 
@@ -73,6 +75,20 @@ impl LogIndex {
     /// The change id of each entry, in order.
     pub fn ids(&self) -> &[Option<ChangeId>] {
         &self.ids
+    }
+
+    /// An empty index of a log that starts after `base`, whose entry has `epoch`.
+    pub fn after(base: Lsn, epoch: Epoch) -> Self {
+        Self {
+            base: (base, epoch),
+            ..Self::default()
+        }
+    }
+
+    /// The compaction base the entries follow and its entry's epoch (`(0, default)`: they
+    /// start at position 1).
+    pub fn base(&self) -> (Lsn, Epoch) {
+        self.base
     }
 
     /// The epoch runs and the ids, taken apart (no copy).
@@ -228,6 +244,7 @@ fn read_saved(txn: &redb::ReadTransaction) -> Result<Option<LogIndex>, JournalEr
     };
     drop(header);
     let mut index = LogIndex {
+        base: Default::default(),
         runs,
         ids: Vec::with_capacity(len),
     };
@@ -263,10 +280,15 @@ fn chunk_sum(save: u64, number: u64, body: &[u8]) -> blake3::Hash {
 impl Journal {
     /// See [`crate::ReplicatedLog::load_index`].
     pub(crate) fn load_log_index(&self) -> Result<LogIndex, JournalError> {
-        let mut index = self.saved_log_index()?.unwrap_or_default();
-        self.for_each_log_index_from(Lsn(index.len() as u64 + 1), |epoch, id| {
-            index.push(epoch, id)
-        })?;
+        let (base, base_epoch) = self.log_base()?;
+        let mut index = if base.0 > 0 {
+            // A compacted log has no saved index (it describes positions from 1).
+            LogIndex::after(base, base_epoch)
+        } else {
+            self.saved_log_index()?.unwrap_or_default()
+        };
+        let from = base.0 + index.len() as u64 + 1;
+        self.for_each_log_index_from(Lsn(from), |epoch, id| index.push(epoch, id))?;
         Ok(index)
     }
 
@@ -304,7 +326,8 @@ impl Journal {
 
     /// See [`crate::ReplicatedLog::save_index`].
     pub(crate) fn save_log_index(&self, index: &LogIndex) -> Result<(), JournalError> {
-        if index.is_empty() {
+        // The saved form starts at position 1: a compacted log's index is read from the log.
+        if index.is_empty() || index.base.0 .0 > 0 {
             return Ok(());
         }
         let save: u64 = rand::random();
@@ -382,6 +405,7 @@ mod tests {
         );
         let chunk = index.encode_chunk(7, 1);
         let mut back = LogIndex {
+            base: Default::default(),
             runs: index.runs().to_vec(),
             ids: Vec::new(),
         };

@@ -236,3 +236,49 @@ pub(crate) fn split_off(
     }
     Ok(suffix)
 }
+
+/// Removes every record up to and including `base`, returning how many; the page holding
+/// `base + 1` keeps its records after `base` (rewritten under the key `base + 1`). A damaged
+/// page that ends at or before `base` goes with the rest; one that holds `base + 1` stays.
+pub(crate) fn drop_through(
+    table: &mut Table<'_, u64, &'static [u8]>,
+    base: u64,
+) -> Result<u64, JournalError> {
+    let mut dropped = 0u64;
+    let mut pages = Vec::new();
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    for item in table.range(..=base).map_err(storage)? {
+        let (key, page) = item.map_err(storage)?;
+        let key = key.value();
+        let count = LogPage::positions(page.value());
+        let end = key.saturating_add(count);
+        if end <= base.saturating_add(1) {
+            pages.push(key);
+            dropped += count;
+            continue;
+        }
+        // The page straddles the base.
+        let parsed = LogPage::parse(page.value()).map_err(|e| {
+            JournalError::Corrupt(format!("the log page at {key} cannot be compacted: {e}"))
+        })?;
+        pages.push(key);
+        for (lsn, record) in (key..).zip(parsed.records()) {
+            if lsn <= base {
+                dropped += 1;
+            } else {
+                kept.push(record.to_vec());
+            }
+        }
+    }
+    for key in &pages {
+        table.remove(*key).map_err(storage)?;
+    }
+    if !kept.is_empty() {
+        let mut writer = PageWriter::new(base + 1);
+        for record in &kept {
+            writer.push(table, record)?;
+        }
+        writer.flush(table)?;
+    }
+    Ok(dropped)
+}

@@ -56,10 +56,12 @@ pub struct JournalStats {
     pub own_changes: u64,
     /// Changes in the local journal, not yet sequenced by a leader.
     pub offline: u64,
-    /// Records in the leader log.
+    /// Records in the leader log (after its compaction base).
     pub log_len: u64,
     /// The last log position (0 if empty).
     pub last_lsn: Lsn,
+    /// The compaction base: positions up to it were dropped (0: never compacted).
+    pub base: Lsn,
 }
 
 /// Log entries checked by [`crate::ReplicatedLog::check`], ready for [`crate::ReplicatedLog::append_checked`].
@@ -180,7 +182,7 @@ pub struct JournalOptions {
     pub direct_writes: bool,
 }
 
-fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+pub(crate) fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
     guarded(|| {
         let txn = db.begin_read().map_err(storage)?;
         let meta = match txn.open_table(META) {
@@ -192,7 +194,7 @@ fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> 
     })
 }
 
-fn decode_epoch(bytes: &[u8]) -> Option<Epoch> {
+pub(crate) fn decode_epoch(bytes: &[u8]) -> Option<Epoch> {
     if bytes.len() != 40 {
         return None;
     }
@@ -326,6 +328,13 @@ impl Journal {
             let local = txn.open_table(OFFLINE).map_err(storage)?;
             Ok((log_table::last_lsn(&log)? + 1, next_key(&local)?))
         })?;
+        // A log compacted to its very end continues after its base.
+        let next_lsn = next_lsn.max(
+            crate::compact::decode_base(read_meta(&db, crate::tables::META_LOG_BASE)?.as_deref())?
+                .0
+                 .0
+                + 1,
+        );
         let mut hlc_high_water = read_meta(&db, META_HLC)?
             .and_then(|b| Hlc::from_bytes(&b))
             .unwrap_or(Hlc {
@@ -610,6 +619,7 @@ impl Journal {
 
     /// See [`crate::ReplicatedLog::read`].
     pub(crate) fn read_log(&self, from: Lsn, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
+        self.check_not_compacted(from)?;
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -638,6 +648,7 @@ impl Journal {
         from: Lsn,
         limit: usize,
     ) -> Result<Vec<(Lsn, Vec<u8>)>, JournalError> {
+        self.check_not_compacted(from)?;
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -731,16 +742,18 @@ impl Journal {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let local = txn.open_table(OFFLINE).map_err(storage)?;
-            let last_lsn = log_table::last_lsn(&log)?;
+            let (base, _) = self.log_base()?;
+            let last_lsn = log_table::last_lsn(&log)?.max(base.0);
             let own_changes = read_meta(&self.db, META_OWN_CHANGES)?
                 .map(|b| decode_u64(&b))
                 .unwrap_or(0);
             Ok(JournalStats {
                 own_changes,
                 offline: local.len().map_err(storage)?,
-                // The log is contiguous from position 1.
-                log_len: last_lsn,
+                // The log is contiguous from its base.
+                log_len: last_lsn - base.0,
                 last_lsn: Lsn(last_lsn),
+                base,
             })
         })
     }
@@ -749,7 +762,7 @@ impl Journal {
     /// position; never stops at the first.
     pub fn verify(&self) -> Result<VerifyReport, JournalError> {
         let mut report = VerifyReport::default();
-        let mut from = Lsn(1);
+        let mut from = Lsn(self.log_base()?.0 .0 + 1);
         loop {
             let chunk = self.read_log_raw(from, 8192)?;
             let Some((last, _)) = chunk.last() else { break };
@@ -797,7 +810,7 @@ impl Journal {
         Ok(change)
     }
 
-    fn ask<T>(
+    pub(crate) fn ask<T>(
         &self,
         make: impl FnOnce(crossbeam_channel::Sender<Result<T, JournalError>>) -> Request,
     ) -> Result<T, JournalError> {
@@ -868,6 +881,11 @@ impl Journal {
         keep: Lsn,
         dropped: &[ChangeId],
     ) -> Result<Vec<ChangeId>, JournalError> {
+        // Compacted positions are settled: never truncated.
+        let (base, _) = self.log_base()?;
+        if keep < base {
+            return Err(JournalError::Compacted { base, asked: keep });
+        }
         let dropped = dropped.iter().copied().collect();
         self.ask(|reply| Request::Truncate {
             keep,
@@ -878,6 +896,13 @@ impl Journal {
 
     /// See [`crate::ReplicatedLog::epoch_at`].
     pub(crate) fn epoch_at(&self, lsn: Lsn) -> Result<Option<Epoch>, JournalError> {
+        let (base, base_epoch) = self.log_base()?;
+        if lsn == base && base.0 > 0 {
+            return Ok(Some(base_epoch));
+        }
+        if lsn < base {
+            return Ok(None);
+        }
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -954,6 +979,7 @@ impl Journal {
         from: Lsn,
         limit: usize,
     ) -> Result<Vec<(Lsn, Epoch, Vec<u8>)>, JournalError> {
+        self.check_not_compacted(from)?;
         guarded(|| {
             let txn = self.db.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -987,7 +1013,8 @@ impl Journal {
         &self,
         visit: impl FnMut(Epoch, Option<ChangeId>),
     ) -> Result<(), JournalError> {
-        self.for_each_log_index_from(Lsn(1), visit)
+        let (base, _) = self.log_base()?;
+        self.for_each_log_index_from(Lsn(base.0 + 1), visit)
     }
 
     /// [`crate::ReplicatedLog::for_each_index`] from position `from` on.

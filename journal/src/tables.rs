@@ -46,3 +46,7 @@ pub(crate) const META_REPLAY_FROM: &str = "replay_from";
 /// The journal format this build writes: 2 stores the log in pages (format 1 had one key per
 /// record, and is converted on open).
 pub const JOURNAL_FORMAT: u64 = 2;
+
+/// The log's compaction base: positions up to it were dropped (their state is in the library's
+/// snapshot). 8-byte position ‖ its entry's epoch (40 bytes, as [`META_EPOCH`]). Absent: 0.
+pub(crate) const META_LOG_BASE: &str = "log_base";

@@ -120,6 +120,12 @@ pub(crate) enum Request {
         dropped: std::collections::HashSet<keel_schema::ChangeId>,
         reply: Sender<Result<Vec<keel_schema::ChangeId>, JournalError>>,
     },
+    /// Makes an empty log start after a base (a joining device's, from its sender's).
+    StartAfter {
+        base: Lsn,
+        epoch: Epoch,
+        reply: Sender<Result<(), JournalError>>,
+    },
     RaiseHlc {
         hlc: Hlc,
         reply: Sender<Result<(), JournalError>>,
@@ -200,6 +206,10 @@ impl WriterState {
                     } => {
                         self.flush(&mut commits);
                         let _ = reply.send(guarded(|| self.truncate_after(keep, &dropped)));
+                    }
+                    Request::StartAfter { base, epoch, reply } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(guarded(|| self.start_after(base, epoch)));
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);

@@ -134,7 +134,7 @@ fn from_replica(e: ReplicaError<NodeError>) -> NodeError {
 
 /// The log as the journal saves it.
 fn log_index(log: &Log) -> keel_journal::LogIndex {
-    let mut index = keel_journal::LogIndex::default();
+    let mut index = keel_journal::LogIndex::after(log.base(), log.base_epoch());
     for (epoch, entry) in log.iter() {
         index.push(
             epoch,
@@ -151,8 +151,10 @@ fn log_index(log: &Log) -> keel_journal::LogIndex {
 fn load(journal: &Journal) -> Result<Durable, NodeError> {
     let epoch = journal.election().epoch()?.unwrap_or_default();
     let voted = journal.election().voted()?.unwrap_or(epoch);
-    let (runs, ids) = journal.log().load_index()?.into_parts();
-    let log = Log::from_runs(runs, ids);
+    let index = journal.log().load_index()?;
+    let base = index.base();
+    let (runs, ids) = index.into_parts();
+    let log = Log::from_parts(base, runs, ids);
     let offline = journal
         .offline()
         .changes()?

@@ -1,0 +1,142 @@
+//! Compacting the log: positions up to a base are dropped once every device has them (their
+//! state is kept by the library as a snapshot), and only the base with its epoch stays. A
+//! joining device's empty log can also start after a base (the sender's).
+
+use keel_schema::{Epoch, Lsn};
+use redb::{Durability, ReadableTable};
+
+use crate::error::{guarded, storage, JournalError};
+use crate::log_table;
+use crate::record::LogRecord;
+use crate::store::{decode_epoch, read_meta, Journal};
+use crate::tables::{LOG, LOG_INDEX, META, META_LOG_BASE};
+use crate::writer::{epoch_bytes, Request, WriterState};
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// The base now.
+    pub base: Lsn,
+    /// Its entry's epoch.
+    pub base_epoch: Epoch,
+    /// Records dropped.
+    pub dropped: u64,
+}
+
+/// The base's bytes in meta.
+fn base_bytes(base: Lsn, epoch: Epoch) -> [u8; 48] {
+    let mut out = [0u8; 48];
+    out[..8].copy_from_slice(&base.0.to_be_bytes());
+    out[8..].copy_from_slice(&epoch_bytes(epoch));
+    out
+}
+
+/// The base stored in meta (0 and the default epoch when absent).
+pub(crate) fn decode_base(bytes: Option<&[u8]>) -> Result<(Lsn, Epoch), JournalError> {
+    let Some(bytes) = bytes else {
+        return Ok((Lsn(0), Epoch::default()));
+    };
+    let lsn = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes);
+    match (lsn, bytes.get(8..).and_then(decode_epoch)) {
+        (Some(lsn), Some(epoch)) => Ok((Lsn(lsn), epoch)),
+        _ => Err(JournalError::Corrupt(
+            "the log base in meta is malformed".into(),
+        )),
+    }
+}
+
+impl Journal {
+    /// The log's compaction base and its entry's epoch (`(0, default)` if never compacted).
+    pub fn log_base(&self) -> Result<(Lsn, Epoch), JournalError> {
+        decode_base(read_meta(&self.db, META_LOG_BASE)?.as_deref())
+    }
+
+    /// See [`crate::ReplicatedLog::compact`].
+    pub(crate) fn compact_log(&self, base: Lsn) -> Result<Compaction, JournalError> {
+        guarded(|| {
+            let (old, old_epoch) = self.log_base()?;
+            if base <= old {
+                return Ok(Compaction {
+                    base: old,
+                    base_epoch: old_epoch,
+                    dropped: 0,
+                });
+            }
+            let mut txn = self.db.begin_write().map_err(storage)?;
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            let compaction = {
+                let mut log = txn.open_table(LOG).map_err(storage)?;
+                let last = log_table::last_lsn(&log)?;
+                if base.0 > last {
+                    return Err(JournalError::Compaction(format!(
+                        "position {} is past the log's end ({last})",
+                        base.0
+                    )));
+                }
+                let record = log_table::get(&log, base.0)?
+                    .ok_or_else(|| JournalError::Corrupt(format!("no log record at {}", base.0)))?
+                    .map_err(|e| JournalError::Corrupt(format!("log record {}: {e}", base.0)))?;
+                let base_epoch = LogRecord::decode(&record)
+                    .map_err(|e| JournalError::Corrupt(format!("log record {}: {e}", base.0)))?
+                    .epoch;
+                let dropped = log_table::drop_through(&mut log, base.0)?;
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(META_LOG_BASE, &base_bytes(base, base_epoch)[..])
+                    .map_err(storage)?;
+                // The saved index starts at position 1: it no longer describes the log.
+                let mut saved = txn.open_table(LOG_INDEX).map_err(storage)?;
+                loop {
+                    let last = saved.last().map_err(storage)?.map(|(k, _)| k.value());
+                    let Some(key) = last else { break };
+                    saved.remove(key).map_err(storage)?;
+                }
+                Compaction {
+                    base,
+                    base_epoch,
+                    dropped,
+                }
+            };
+            txn.commit().map_err(storage)?;
+            Ok(compaction)
+        })
+    }
+
+    /// See [`crate::ReplicatedLog::start_after`].
+    pub(crate) fn start_log_after(&self, base: Lsn, epoch: Epoch) -> Result<(), JournalError> {
+        self.ask(|reply| Request::StartAfter { base, epoch, reply })
+    }
+
+    /// Whether reading from `from` reaches positions that were compacted away.
+    pub(crate) fn check_not_compacted(&self, from: Lsn) -> Result<(), JournalError> {
+        let (base, _) = self.log_base()?;
+        if from.0 > 0 && from <= base {
+            return Err(JournalError::Compacted { base, asked: from });
+        }
+        Ok(())
+    }
+}
+
+impl WriterState {
+    /// Makes an empty log start after `base` (whose entry has `epoch`).
+    pub(crate) fn start_after(&mut self, base: Lsn, epoch: Epoch) -> Result<(), JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        {
+            let log = txn.open_table(LOG).map_err(storage)?;
+            if log.first().map_err(storage)?.is_some() || self.next_lsn > 1 {
+                return Err(JournalError::Compaction(
+                    "only an empty log can start after a base".into(),
+                ));
+            }
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_LOG_BASE, &base_bytes(base, epoch)[..])
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        self.next_lsn = base.0 + 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Compacting the log on a real redb file: the records up to a base are dropped (the cut falls
+//! inside a page), the base and its epoch stay, reads below it fail with a typed error, the
+//! log continues after it, and all of it survives a reopen.
+
+mod common;
+use common::change;
+use keel_journal::{CommitRoute, Journal, JournalError, JournalOptions, LibraryKey};
+use keel_schema::{Change, DeviceId, Epoch, LibraryId, Lsn};
+use uuid::Uuid;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    lib: LibraryId,
+    key: LibraryKey,
+    device: DeviceId,
+    epoch: Epoch,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let device = DeviceId([1; 32]);
+        Self {
+            path: dir.path().join("journal.redb"),
+            _dir: dir,
+            lib: LibraryId(Uuid::new_v4()),
+            key: LibraryKey::generate(),
+            device,
+            epoch: Epoch { counter: 1, device },
+        }
+    }
+
+    fn open(&self) -> Journal {
+        Journal::open(
+            &self.path,
+            self.lib,
+            &self.key,
+            self.device,
+            JournalOptions {
+                role: Some(CommitRoute::Log(self.epoch)),
+                ..JournalOptions::default()
+            },
+        )
+        .expect("opens")
+    }
+}
+
+fn ids_from(journal: &Journal, from: Lsn) -> Vec<uuid::Uuid> {
+    journal
+        .log()
+        .read(from, usize::MAX)
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.expect("sound").2.id.0)
+        .collect()
+}
+
+#[test]
+fn a_compacted_log_keeps_its_base_and_continues_after_it() {
+    let s = Setup::new();
+    let journal = s.open();
+    let changes: Vec<Change> = (0..1_000).map(|n| change(s.device, n)).collect();
+    journal.commit(changes.clone()).expect("commits");
+    let before = journal.stats().expect("stats");
+    let compaction = journal.log().compact(Lsn(333)).expect("compacts");
+    assert_eq!(
+        (compaction.base, compaction.base_epoch, compaction.dropped),
+        (Lsn(333), s.epoch, 333)
+    );
+    let stats = journal.stats().expect("stats");
+    assert_eq!(
+        (stats.base, stats.last_lsn, stats.log_len),
+        (Lsn(333), before.last_lsn, 667)
+    );
+    assert_eq!(journal.log().base().expect("base"), (Lsn(333), s.epoch));
+    assert_eq!(
+        journal.log().epoch_at(Lsn(333)).expect("reads"),
+        Some(s.epoch)
+    );
+    assert_eq!(journal.log().epoch_at(Lsn(332)).expect("reads"), None);
+    // What is left reads from the position after the base, and nothing before it.
+    let expected: Vec<uuid::Uuid> = changes[333..].iter().map(|c| c.id.0).collect();
+    assert_eq!(ids_from(&journal, Lsn(334)), expected);
+    for from in [Lsn(1), Lsn(333)] {
+        assert!(matches!(
+            journal.log().read(from, 10),
+            Err(JournalError::Compacted { base: Lsn(333), .. })
+        ));
+        assert!(journal.log().entries(from, 10).is_err());
+    }
+    // Settled positions are never truncated; after the base they still are.
+    assert!(journal.log().truncate_after(Lsn(100), &[]).is_err());
+    let index = journal.log().load_index().expect("loads");
+    assert_eq!((index.base(), index.len()), ((Lsn(333), s.epoch), 667));
+    assert!(journal.verify().expect("verifies").faults.is_empty());
+    // A lower base changes nothing; commits go on after the end.
+    assert_eq!(journal.log().compact(Lsn(10)).expect("no-op").dropped, 0);
+    journal
+        .commit(vec![change(s.device, 5_000)])
+        .expect("commits");
+    journal.close();
+
+    let journal = s.open();
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(1_001));
+    assert_eq!(ids_from(&journal, Lsn(334)).len(), 668);
+    // Compacted to its very end, the log still knows its last position, and continues.
+    journal.log().compact(Lsn(1_001)).expect("compacts all");
+    journal.close();
+    let journal = s.open();
+    let stats = journal.stats().expect("stats");
+    assert_eq!(
+        (stats.base, stats.last_lsn, stats.log_len),
+        (Lsn(1_001), Lsn(1_001), 0)
+    );
+    journal
+        .commit(vec![change(s.device, 6_000)])
+        .expect("commits");
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(1_002));
+    assert_eq!(ids_from(&journal, Lsn(1_002)).len(), 1);
+    // Past the end is refused.
+    assert!(matches!(
+        journal.log().compact(Lsn(5_000)),
+        Err(JournalError::Compaction(_))
+    ));
+}
+
+#[test]
+fn an_empty_log_starts_after_a_base_and_a_used_one_cannot() {
+    let s = Setup::new();
+    let journal = Journal::open(
+        &s.path,
+        s.lib,
+        &s.key,
+        s.device,
+        JournalOptions {
+            role: Some(CommitRoute::Offline),
+            ..JournalOptions::default()
+        },
+    )
+    .expect("opens");
+    let other = Epoch {
+        counter: 4,
+        device: DeviceId([9; 32]),
+    };
+    journal
+        .log()
+        .start_after(Lsn(500), other)
+        .expect("starts after");
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(500));
+    // The next segment goes at 501 (and not at 1).
+    assert!(journal
+        .log()
+        .append(Lsn(1), vec![(other, Vec::new())])
+        .is_err());
+    journal
+        .log()
+        .append(Lsn(501), vec![(other, Vec::new())])
+        .expect("appends a barrier after the base");
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(501));
+    assert!(journal.log().start_after(Lsn(900), other).is_err());
+}
