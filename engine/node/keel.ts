@@ -692,9 +692,18 @@ local_changes: number,
  */
 offline: number, 
 /**
- * Records in the leader log.
+ * Records in the leader log (after its compaction position).
  */
-log_len: number, };
+log_len: number, 
+/**
+ * The last log position.
+ */
+last_lsn: number, 
+/**
+ * The compaction position: the log before it was dropped, its state kept in the snapshot
+ * (0: never compacted).
+ */
+compacted_to: number, };
 
 /**
  * What a library takes on disk, by part (bytes).
@@ -708,6 +717,10 @@ journal: number,
  * The projections (`projections.sqlite` and its write-ahead log).
  */
 projections: number, 
+/**
+ * The snapshot the compacted log lives on as (`snapshot.sqlite`, 0 until a compaction).
+ */
+snapshot: number, 
 /**
  * Everything else in the library's folder (its configuration, the paired devices, a
  * rebuild's or verify's aside projection while one runs).
@@ -837,7 +850,11 @@ folder: string, } | { "kind": "rebuild" } | { "kind": "verify" } | { "kind": "ca
 /**
  * The inviting device (its id, hex).
  */
-inviter: string, } | { "kind": "merge", 
+inviter: string, } | { "kind": "compact", 
+/**
+ * The least position every device acknowledged when it started.
+ */
+upto: number, } | { "kind": "merge", 
 /**
  * The other library's name in this home.
  */

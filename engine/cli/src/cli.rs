@@ -577,6 +577,7 @@ fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io
                     keel_engine::JobKind::CatchUp => "catch up".into(),
                     keel_engine::JobKind::Join { inviter } => format!("join from {inviter}"),
                     keel_engine::JobKind::Merge { source, .. } => format!("merge of {source}"),
+                    keel_engine::JobKind::Compact { .. } => "compact".into(),
                 };
                 let state = serde_json::to_value(job.state)?;
                 io.line(&format!(

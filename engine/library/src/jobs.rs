@@ -60,6 +60,12 @@ pub enum JobKind {
         /// The inviting device (its id, hex).
         inviter: String,
     },
+    /// Compacts the log up to what the projections applied, at most `upto` (see
+    /// [`Library::compact`]). Interrupted, it runs again with the same bound.
+    Compact {
+        /// The least position every device acknowledged when it started.
+        upto: u64,
+    },
     /// Carries another library's records into this one (see [`Library::merge_from`]).
     /// Interrupted, it goes on from its checkpoint when the same merge is asked again.
     Merge {
@@ -563,6 +569,9 @@ impl Library {
                     job.progress.total
                 ));
                 self.save_job(&mut job)?;
+            }
+            JobKind::Compact { upto } => {
+                self.compact_as(Some(job.id), keel_schema::Lsn(upto))?;
             }
             JobKind::Merge { .. } => {
                 // It needs the other library open: it goes on when the same merge is asked

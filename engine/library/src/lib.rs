@@ -34,6 +34,7 @@
 
 mod applier;
 mod attest;
+mod compact;
 mod config;
 mod conflicts;
 mod error;
@@ -55,6 +56,7 @@ mod tx;
 mod walk;
 mod watch;
 
+pub use compact::{CompactReport, SNAPSHOT_FILE};
 pub use config::{write_atomic, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
 pub use conflicts::Strategy;
 pub use error::EngineError;

@@ -156,6 +156,8 @@ pub struct DiskUsage {
     pub journal: u64,
     /// The projections (`projections.sqlite` and its write-ahead log).
     pub projections: u64,
+    /// The snapshot the compacted log lives on as (`snapshot.sqlite`, 0 until a compaction).
+    pub snapshot: u64,
     /// Everything else in the library's folder (its configuration, the paired devices, a
     /// rebuild's or verify's aside projection while one runs).
     pub other: u64,
@@ -178,6 +180,8 @@ impl DiskUsage {
                 usage.journal += meta.len();
             } else if name.starts_with(PROJECTIONS_FILE) {
                 usage.projections += meta.len();
+            } else if name == crate::compact::SNAPSHOT_FILE {
+                usage.snapshot += meta.len();
             } else {
                 usage.other += meta.len();
             }
@@ -187,7 +191,7 @@ impl DiskUsage {
 
     /// All of it.
     pub fn total(&self) -> u64 {
-        self.journal + self.projections + self.other
+        self.journal + self.projections + self.snapshot + self.other
     }
 }
 
@@ -199,8 +203,13 @@ pub struct JournalStatus {
     pub local_changes: u64,
     /// Changes in the offline journal not yet sequenced by a leader.
     pub offline: u64,
-    /// Records in the leader log.
+    /// Records in the leader log (after its compaction position).
     pub log_len: u64,
+    /// The last log position.
+    pub last_lsn: u64,
+    /// The compaction position: the log before it was dropped, its state kept in the snapshot
+    /// (0: never compacted).
+    pub compacted_to: u64,
 }
 
 /// The current time in ms since the Unix epoch.
@@ -985,6 +994,8 @@ impl Library {
                 local_changes: stats.own_changes,
                 offline: stats.offline,
                 log_len: stats.log_len,
+                last_lsn: stats.last_lsn.0,
+                compacted_to: stats.base.0,
             },
             applied_lsn: applied.log.0,
             parked,
@@ -1081,12 +1092,13 @@ impl SyncState<'_> {
             .map(|index| index.len() as u64))
     }
 
-    /// Every change in the journal (log, then local), in order, for tests and tools. Records that
-    /// fail their checks are skipped (and reported by `verify`).
+    /// Every change in the journal (the log after its compaction base, then local), in order,
+    /// for tests and tools. Records that fail their checks are skipped (and reported by
+    /// `verify`).
     pub fn changes(&self) -> Result<Vec<keel_schema::Change>, EngineError> {
         let journal = self.journal()?;
         let mut out = Vec::new();
-        let mut next = keel_schema::Lsn(1);
+        let mut next = keel_schema::Lsn(journal.log().base()?.0 .0 + 1);
         loop {
             let chunk = journal.log().read(next, crate::replay::REPLAY_READ_CHUNK)?;
             if chunk.is_empty() {
@@ -1147,6 +1159,16 @@ fn heal_projections(
             Projections::open_for(&projections_path, models)?
         }
     };
+    // A projection behind the compaction base (a new or unreadable file) starts from the
+    // snapshot: the log before the base is gone.
+    let (base, _) = journal.log().base()?;
+    let journal_last = journal.stats()?.last_lsn;
+    let behind = projections.applied_position()?.log;
+    if base.0 > 0 && behind < base {
+        drop(projections);
+        crate::compact::start_from_snapshot(dir, &projections_path, behind, base, journal_last)?;
+        projections = Projections::open_for(&projections_path, models)?;
+    }
     // Heal: apply whatever the journal holds beyond the applied position — from no later than
     // a truncation point, since positions after it were reused (apply is idempotent).
     let mut from = projections.applied_position()?;
@@ -1154,7 +1176,6 @@ fn heal_projections(
     if let Some(floor) = floor {
         from.log = from.log.min(floor);
     }
-    let journal_last = journal.stats()?.last_lsn;
     if from.log > journal_last {
         // Stopped while the journal committed a segment the projections had applied
         // already (see `CommittedBatch::early`): nothing before it is missing from the
@@ -1175,8 +1196,23 @@ fn heal_projections(
         );
         drop(projections);
         remove_projection_files(dir)?;
+        crate::compact::start_from_snapshot(
+            dir,
+            &projections_path,
+            keel_schema::Lsn(0),
+            base,
+            journal_last,
+        )?;
         projections = Projections::open_for(&projections_path, models)?;
         from = projections.applied_position()?;
+    }
+    if from.log < base {
+        // The snapshot was built for other models (the host's changed): nothing can replay
+        // the positions before the base.
+        return Err(EngineError::SnapshotMissing {
+            path: dir.join(crate::compact::SNAPSHOT_FILE),
+            base: base.0,
+        });
     }
     let healed = replay(journal, &mut projections, from, &mut |_, _| {})?;
     if floor.is_some() {

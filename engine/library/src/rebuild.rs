@@ -189,6 +189,16 @@ impl Library {
     ) -> Result<(Projections, ReplayReport), EngineError> {
         let path = self.dir().join(file);
         let mut aside = open_aside(&path, self)?;
+        let journal = self.journal()?;
+        let (base, _) = journal.log().base()?;
+        let behind = aside.applied_position()?.log;
+        if base.0 > 0 && behind < base {
+            // The log before the base is gone: the replay starts from the snapshot.
+            drop(aside);
+            let last = journal.stats()?.last_lsn;
+            crate::compact::start_from_snapshot(self.dir(), &path, behind, base, last)?;
+            aside = open_aside(&path, self)?;
+        }
         let from = aside.applied_position()?;
         let before = from.log.0 + from.local;
         let replayed = replay_steered(self.journal()?, &mut aside, from, &mut |done, total| {

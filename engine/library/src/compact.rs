@@ -1,0 +1,146 @@
+//! Compaction: the library keeps a snapshot of its projections at a log position (the rows with
+//! their clocks, as SQLite holds them: `snapshot.sqlite`) and the journal drops the log up to
+//! that position. A projection rebuilt, verified or healed from scratch starts from the
+//! snapshot and replays the log after it (decision 0055).
+//!
+//! The order keeps every crash recoverable: the new snapshot is in place (synced, renamed)
+//! before the journal drops anything, and a snapshot newer than the journal's base is still a
+//! valid start (apply is idempotent, and the log after the base holds everything after it).
+
+use std::path::Path;
+
+use keel_projections::Projections;
+use keel_schema::Lsn;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::{io_at, EngineError};
+use crate::jobs::JobKind;
+use crate::library::{Library, JOURNAL_FILE, PROJECTIONS_FILE};
+
+/// The snapshot the log's compacted part lives on as, in the library's folder.
+pub const SNAPSHOT_FILE: &str = "snapshot.sqlite";
+/// A snapshot being written (moved to [`SNAPSHOT_FILE`] once complete and synced).
+const SNAPSHOT_INCOMING: &str = "snapshot.sqlite.incoming";
+
+/// What a compaction did.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
+pub struct CompactReport {
+    /// The compaction position now: the log starts after it.
+    #[cfg_attr(feature = "typescript", ts(type = "number"))]
+    pub base: u64,
+    /// Log records dropped by this compaction.
+    pub dropped: u64,
+    /// Bytes of the snapshot kept in their place.
+    pub snapshot_bytes: u64,
+    /// Bytes of the journal file before and after (redb reuses the space it frees: the file
+    /// does not shrink, it stops growing).
+    pub journal_bytes: (u64, u64),
+}
+
+impl Library {
+    /// Compacts the log up to the position the projections have applied, which must not be
+    /// past `upto` (the least position every device of the library acknowledged: a node
+    /// knows it, see `keel_node::Node::compact`; a library with no other device may pass its
+    /// log's end). Runs as a job. Compacting again at or below the current base does nothing.
+    pub fn compact(&self, upto: Lsn) -> Result<CompactReport, EngineError> {
+        self.compact_as(None, upto)
+    }
+
+    /// [`Library::compact`] as a job (under `id` when it resumes one).
+    pub(crate) fn compact_as(
+        &self,
+        id: Option<Uuid>,
+        upto: Lsn,
+    ) -> Result<CompactReport, EngineError> {
+        let summary = |r: &CompactReport| {
+            format!(
+                "log compacted to {} ({} records dropped, snapshot {} bytes)",
+                r.base, r.dropped, r.snapshot_bytes
+            )
+        };
+        self.run_job(JobKind::Compact { upto: upto.0 }, id, summary, |_| {
+            self.compact_now(upto)
+        })
+    }
+
+    fn compact_now(&self, upto: Lsn) -> Result<CompactReport, EngineError> {
+        let dir = self.dir().to_path_buf();
+        let journal = self.journal()?;
+        let journal_before = file_len(&dir.join(JOURNAL_FILE));
+        let (old_base, _) = journal.log().base()?;
+        let incoming = dir.join(SNAPSHOT_INCOMING);
+        // One read transaction: a consistent state at the position it has applied.
+        let applied = Projections::snapshot(&dir.join(PROJECTIONS_FILE), &incoming)?.log;
+        let base = applied.min(journal.stats()?.last_lsn);
+        if base <= old_base || base > upto {
+            Projections::remove_files(&incoming)?;
+            if base > upto {
+                return Err(EngineError::NotAcknowledged {
+                    applied: base.0,
+                    acknowledged: upto.0,
+                });
+            }
+            return Ok(CompactReport {
+                base: old_base.0,
+                dropped: 0,
+                snapshot_bytes: file_len(&dir.join(SNAPSHOT_FILE)),
+                journal_bytes: (journal_before, journal_before),
+            });
+        }
+        put_in_place(&incoming, &dir.join(SNAPSHOT_FILE))?;
+        let compaction = journal.log().compact(base)?;
+        tracing::info!(base = base.0, dropped = compaction.dropped, "log compacted");
+        Ok(CompactReport {
+            base: compaction.base.0,
+            dropped: compaction.dropped,
+            snapshot_bytes: file_len(&dir.join(SNAPSHOT_FILE)),
+            journal_bytes: (journal_before, file_len(&dir.join(JOURNAL_FILE))),
+        })
+    }
+}
+
+/// Syncs `file` and moves it to `dest` durably.
+fn put_in_place(file: &Path, dest: &Path) -> Result<(), EngineError> {
+    std::fs::File::open(file)
+        .and_then(|f| f.sync_all())
+        .map_err(io_at(file))?;
+    std::fs::rename(file, dest).map_err(io_at(dest))?;
+    if let Some(parent) = dest.parent() {
+        // The rename is durable once the folder is synced.
+        let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Puts a copy of the library's snapshot at `dest` (replacing what is there) when the journal
+/// is compacted past `applied`, what the projection at `dest` has applied: the log before the
+/// base is gone, so a projection behind it starts from the snapshot. Returns whether it did.
+pub(crate) fn start_from_snapshot(
+    dir: &Path,
+    dest: &Path,
+    applied: Lsn,
+    base: Lsn,
+    journal_last: Lsn,
+) -> Result<bool, EngineError> {
+    if base.0 == 0 || applied >= base {
+        return Ok(false);
+    }
+    let snapshot = dir.join(SNAPSHOT_FILE);
+    if !snapshot.exists() {
+        return Err(EngineError::SnapshotMissing {
+            path: snapshot,
+            base: base.0,
+        });
+    }
+    let copy = dest.with_extension("from-snapshot");
+    std::fs::copy(&snapshot, &copy).map_err(io_at(&copy))?;
+    Projections::install_snapshot(&copy, dest, journal_last)?;
+    tracing::info!(base = base.0, dest = %dest.display(), "projection started from the snapshot");
+    Ok(true)
+}
