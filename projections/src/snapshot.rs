@@ -163,6 +163,23 @@ impl Projections {
         Ok(())
     }
 
+    /// Makes the copy `path` (made by [`Projections::snapshot`], not open elsewhere) claim no
+    /// more than log position `at` as applied, so that a replay goes over the positions after
+    /// `at` again (applying a change twice changes nothing): a snapshot taken past its log's
+    /// compaction base replays from the base, whatever the log after it became.
+    pub fn replay_from(path: &Path, at: Lsn) -> Result<(), ProjectionError> {
+        let conn = Connection::open(path)?;
+        let at = i64::try_from(at.0).map_err(|_| {
+            ProjectionError::BadSnapshot(format!("position {} is out of range", at.0))
+        })?;
+        conn.execute(
+            "UPDATE _meta SET value = min(value, ?1) WHERE key = 'applied_lsn'",
+            [at],
+        )?;
+        conn.close().map_err(|(_, e)| e)?;
+        Ok(())
+    }
+
     /// Installs `incoming`, a file made by [`Projections::snapshot`] on another device of the
     /// library and received whole, as the projection file `dest`, replacing whatever `dest` held.
     /// Checks it is a projection of this schema, records that none of this device's own

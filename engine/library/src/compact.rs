@@ -1,11 +1,12 @@
-//! Compaction: the library keeps a snapshot of its projections at a log position (the rows with
-//! their clocks, as SQLite holds them: `snapshot.sqlite`) and the journal drops the log up to
-//! that position. A projection rebuilt, verified or healed from scratch starts from the
-//! snapshot and replays the log after it (decision 0055).
+//! Compaction: the library keeps a snapshot of its projections (the rows with their clocks, as
+//! SQLite holds them: `snapshot.sqlite`) and the journal drops the log up to a base at or
+//! before the position the snapshot applied. A projection rebuilt, verified or healed from
+//! scratch starts from the snapshot and replays the log after the base (decision 0055).
 //!
-//! The order keeps every crash recoverable: the new snapshot is in place (synced, renamed)
-//! before the journal drops anything, and a snapshot newer than the journal's base is still a
-//! valid start (apply is idempotent, and the log after the base holds everything after it).
+//! A snapshot past the base is sound because apply is idempotent and order-independent: the
+//! positions between the base and the snapshot's are applied again, whatever a new leader made
+//! of them. The order keeps every crash recoverable: the new snapshot is in place (synced,
+//! renamed) before the journal drops anything, and it is a valid start for the old base too.
 
 use std::path::Path;
 
@@ -40,10 +41,11 @@ pub struct CompactReport {
 }
 
 impl Library {
-    /// Compacts the log up to the position the projections have applied, which must not be
-    /// past `upto` (the least position every device of the library acknowledged: a node
-    /// knows it, see `keel_node::Node::compact`; a library with no other device may pass its
-    /// log's end). Runs as a job. Compacting again at or below the current base does nothing.
+    /// Compacts the log up to `upto` or the position the projections have applied, whichever
+    /// is lower. `upto` is the least position every device of the library acknowledged: a
+    /// node knows it (see `keel_node::Node::compact`); a library with no other device may
+    /// pass its log's end. Runs as a job. Compacting at or below the current base does
+    /// nothing.
     pub fn compact(&self, upto: Lsn) -> Result<CompactReport, EngineError> {
         self.compact_as(None, upto)
     }
@@ -72,22 +74,14 @@ impl Library {
         let (old_base, _) = journal.log().base()?;
         let incoming = dir.join(SNAPSHOT_INCOMING);
         // One read transaction: a consistent state at the position it has applied.
+        if upto <= old_base {
+            return Ok(self.nothing_compacted(old_base, journal_before));
+        }
         let applied = Projections::snapshot(&dir.join(PROJECTIONS_FILE), &incoming)?.log;
-        let base = applied.min(journal.stats()?.last_lsn);
-        if base <= old_base || base > upto {
+        let base = applied.min(upto).min(journal.stats()?.last_lsn);
+        if base <= old_base {
             Projections::remove_files(&incoming)?;
-            if base > upto {
-                return Err(EngineError::NotAcknowledged {
-                    applied: base.0,
-                    acknowledged: upto.0,
-                });
-            }
-            return Ok(CompactReport {
-                base: old_base.0,
-                dropped: 0,
-                snapshot_bytes: file_len(&dir.join(SNAPSHOT_FILE)),
-                journal_bytes: (journal_before, journal_before),
-            });
+            return Ok(self.nothing_compacted(old_base, journal_before));
         }
         put_in_place(&incoming, &dir.join(SNAPSHOT_FILE))?;
         let compaction = journal.log().compact(base)?;
@@ -98,6 +92,15 @@ impl Library {
             snapshot_bytes: file_len(&dir.join(SNAPSHOT_FILE)),
             journal_bytes: (journal_before, file_len(&dir.join(JOURNAL_FILE))),
         })
+    }
+
+    fn nothing_compacted(&self, base: Lsn, journal_bytes: u64) -> CompactReport {
+        CompactReport {
+            base: base.0,
+            dropped: 0,
+            snapshot_bytes: file_len(&self.dir().join(SNAPSHOT_FILE)),
+            journal_bytes: (journal_bytes, journal_bytes),
+        }
     }
 }
 
@@ -140,6 +143,8 @@ pub(crate) fn start_from_snapshot(
     }
     let copy = dest.with_extension("from-snapshot");
     std::fs::copy(&snapshot, &copy).map_err(io_at(&copy))?;
+    // What the snapshot applied past the base is replayed again from the log.
+    Projections::replay_from(&copy, base)?;
     Projections::install_snapshot(&copy, dest, journal_last)?;
     tracing::info!(base = base.0, dest = %dest.display(), "projection started from the snapshot");
     Ok(true)

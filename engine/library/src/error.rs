@@ -157,14 +157,6 @@ pub enum EngineError {
     /// The platform's file watcher could not start.
     #[error("the file watcher: {0}")]
     Watch(String),
-    /// A compaction would drop log positions not every device has acknowledged.
-    #[error("cannot compact to position {applied}: every device has acknowledged only up to {acknowledged}")]
-    NotAcknowledged {
-        /// What the projections have applied (the position the compaction would keep).
-        applied: u64,
-        /// The least position every device acknowledged.
-        acknowledged: u64,
-    },
     /// The journal was compacted but its snapshot is gone: the projections cannot be rebuilt.
     #[error("{}: the snapshot of the log's first {base} positions is missing (copy it back from a backup, or join the library again from another device)", path.display())]
     SnapshotMissing {
