@@ -9,7 +9,7 @@ use crate::error::{guarded, storage, JournalError};
 use crate::log_table;
 use crate::record::LogRecord;
 use crate::store::{decode_epoch, read_meta, Journal};
-use crate::tables::{LOG, LOG_INDEX, META, META_LOG_BASE};
+use crate::tables::{LOG, LOG_INDEX, META, META_LOG_BASE, META_LOG_HEAD};
 use crate::writer::{epoch_bytes, Request, WriterState};
 
 /// What a compaction did.
@@ -82,8 +82,15 @@ impl Journal {
                 let base_epoch = LogRecord::decode(&record)
                     .map_err(|e| JournalError::Corrupt(format!("log record {}: {e}", base.0)))?
                     .epoch;
+                let head = log_table::get(&log, 1)?
+                    .and_then(Result::ok)
+                    .and_then(|bytes| LogRecord::decode(&bytes).ok().map(|r| r.epoch));
                 let dropped = log_table::drop_through(&mut log, base.0)?;
                 let mut meta = txn.open_table(META).map_err(storage)?;
+                if let Some(head) = head {
+                    meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
+                        .map_err(storage)?;
+                }
                 meta.insert(META_LOG_BASE, &base_bytes(base, base_epoch)[..])
                     .map_err(storage)?;
                 // The saved index starts at position 1: it no longer describes the log.
@@ -105,8 +112,26 @@ impl Journal {
     }
 
     /// See [`crate::ReplicatedLog::start_after`].
-    pub(crate) fn start_log_after(&self, base: Lsn, epoch: Epoch) -> Result<(), JournalError> {
-        self.ask(|reply| Request::StartAfter { base, epoch, reply })
+    pub(crate) fn start_log_after(
+        &self,
+        base: Lsn,
+        epoch: Epoch,
+        head: Epoch,
+    ) -> Result<(), JournalError> {
+        self.ask(|reply| Request::StartAfter {
+            base,
+            epoch,
+            head,
+            reply,
+        })
+    }
+
+    /// See [`crate::ReplicatedLog::head`].
+    pub(crate) fn log_head(&self) -> Result<Option<Epoch>, JournalError> {
+        match read_meta(&self.db, META_LOG_HEAD)? {
+            Some(bytes) => Ok(decode_epoch(&bytes)),
+            None => self.epoch_at(Lsn(1)),
+        }
     }
 
     /// Whether reading from `from` reaches positions that were compacted away.
@@ -121,7 +146,12 @@ impl Journal {
 
 impl WriterState {
     /// Makes an empty log start after `base` (whose entry has `epoch`).
-    pub(crate) fn start_after(&mut self, base: Lsn, epoch: Epoch) -> Result<(), JournalError> {
+    pub(crate) fn start_after(
+        &mut self,
+        base: Lsn,
+        epoch: Epoch,
+        head: Epoch,
+    ) -> Result<(), JournalError> {
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
@@ -133,6 +163,8 @@ impl WriterState {
             }
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(META_LOG_BASE, &base_bytes(base, epoch)[..])
+                .map_err(storage)?;
+            meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
                 .map_err(storage)?;
         }
         txn.commit().map_err(storage)?;

@@ -157,10 +157,17 @@ impl ReplicatedLog<'_> {
         self.journal.compact_log(base)
     }
 
-    /// Makes this empty log start after `base`, whose entry has `epoch`: a device that joins
-    /// by snapshot from a device whose log was compacted.
-    pub fn start_after(&self, base: Lsn, epoch: Epoch) -> Result<(), JournalError> {
-        self.journal.start_log_after(base, epoch)
+    /// Makes this empty log start after `base`, whose entry has `epoch`, in a library whose
+    /// log began with an entry of epoch `head` (its founder's): a device that joins by
+    /// snapshot from a device whose log was compacted.
+    pub fn start_after(&self, base: Lsn, epoch: Epoch, head: Epoch) -> Result<(), JournalError> {
+        self.journal.start_log_after(base, epoch, head)
+    }
+
+    /// The epoch of the log's first entry (the founder's), kept when it was compacted away;
+    /// `None` for an empty log.
+    pub fn head(&self) -> Result<Option<Epoch>, JournalError> {
+        self.journal.log_head()
     }
 
     /// The compaction base and its entry's epoch (`(0, default)` if never compacted).

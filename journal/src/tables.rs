@@ -50,3 +50,6 @@ pub const JOURNAL_FORMAT: u64 = 2;
 /// The log's compaction base: positions up to it were dropped (their state is in the library's
 /// snapshot). 8-byte position ‖ its entry's epoch (40 bytes, as [`META_EPOCH`]). Absent: 0.
 pub(crate) const META_LOG_BASE: &str = "log_base";
+/// The epoch of the log's first entry (the founder's), kept once that entry is compacted away
+/// (40 bytes, as [`META_EPOCH`]).
+pub(crate) const META_LOG_HEAD: &str = "log_head";

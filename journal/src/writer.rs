@@ -124,6 +124,7 @@ pub(crate) enum Request {
     StartAfter {
         base: Lsn,
         epoch: Epoch,
+        head: Epoch,
         reply: Sender<Result<(), JournalError>>,
     },
     RaiseHlc {
@@ -207,9 +208,14 @@ impl WriterState {
                         self.flush(&mut commits);
                         let _ = reply.send(guarded(|| self.truncate_after(keep, &dropped)));
                     }
-                    Request::StartAfter { base, epoch, reply } => {
+                    Request::StartAfter {
+                        base,
+                        epoch,
+                        head,
+                        reply,
+                    } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.start_after(base, epoch)));
+                        let _ = reply.send(guarded(|| self.start_after(base, epoch, head)));
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);

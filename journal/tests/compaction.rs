@@ -74,6 +74,7 @@ fn a_compacted_log_keeps_its_base_and_continues_after_it() {
         (Lsn(333), before.last_lsn, 667)
     );
     assert_eq!(journal.log().base().expect("base"), (Lsn(333), s.epoch));
+    assert_eq!(journal.log().head().expect("head"), Some(s.epoch), "kept");
     assert_eq!(
         journal.log().epoch_at(Lsn(333)).expect("reads"),
         Some(s.epoch)
@@ -143,10 +144,15 @@ fn an_empty_log_starts_after_a_base_and_a_used_one_cannot() {
         counter: 4,
         device: DeviceId([9; 32]),
     };
+    let founder = Epoch {
+        counter: 1,
+        device: DeviceId([3; 32]),
+    };
     journal
         .log()
-        .start_after(Lsn(500), other)
+        .start_after(Lsn(500), other, founder)
         .expect("starts after");
+    assert_eq!(journal.log().head().expect("head"), Some(founder));
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(500));
     // The next segment goes at 501 (and not at 1).
     assert!(journal
@@ -158,5 +164,5 @@ fn an_empty_log_starts_after_a_base_and_a_used_one_cannot() {
         .append(Lsn(501), vec![(other, Vec::new())])
         .expect("appends a barrier after the base");
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(501));
-    assert!(journal.log().start_after(Lsn(900), other).is_err());
+    assert!(journal.log().start_after(Lsn(900), other, founder).is_err());
 }

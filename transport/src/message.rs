@@ -240,6 +240,16 @@ pub enum DeviceMessage {
         file_bytes: u64,
         /// The sender's HLC high-water mark (at least every clock in the log sent).
         hlc: Hlc,
+        /// The sender's compaction position: the log sent starts after it (0: from 1).
+        #[serde(default)]
+        base: Lsn,
+        /// The epoch of the entry at `base`.
+        #[serde(default)]
+        base_epoch: Epoch,
+        /// The epoch of the log's first entry (its founder's), which a compacted log no
+        /// longer holds.
+        #[serde(default)]
+        head: Epoch,
     },
     /// A piece of the projection file.
     SnapshotChunk {
@@ -479,6 +489,9 @@ mod tests {
                     counter: 1,
                     device,
                 },
+                base: Lsn(3),
+                base_epoch: epoch,
+                head: epoch,
             },
             DeviceMessage::SnapshotChunk {
                 offset: 4096,

@@ -80,6 +80,12 @@ pub(crate) struct Core {
     leader_end: u64,
     /// The leader last announced in an event.
     announced_leader: Option<DeviceId>,
+    /// The library's other devices this one trusts and has not revoked: what must have
+    /// acknowledged a position before the log is compacted to it.
+    members: Vec<DeviceId>,
+    /// The device that led the log's first epoch (kept by the journal once that entry is
+    /// compacted away).
+    founder: Option<DeviceId>,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -181,6 +187,7 @@ impl Core {
         // The core sequences this device's changes: commits wait in the offline journal.
         journal.set_role(CommitRoute::Offline)?;
         let replica = Replica::new(config.clone(), load(journal)?, 0);
+        let founder = journal.log().head()?.map(|e| e.device);
         let mut core = Self {
             link,
             config,
@@ -198,6 +205,8 @@ impl Core {
             in_sync,
             leader_end: 0,
             announced_leader: None,
+            members: Vec::new(),
+            founder,
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -608,13 +617,16 @@ impl Core {
                 newly_revoked = true;
             }
         }
+        self.follow_compaction();
         let trusted = self.trusted(&file);
         if let Ok(devices) = self.link.library().devices() {
+            self.members.clear();
             for device in devices {
                 if let Some(id) = DeviceId::from_hex(&device.device_id) {
                     if id != self.replica.device() && !file.is_revoked(&id) && trusted.contains(&id)
                     {
                         self.pins.pin(id);
+                        self.members.push(id);
                     }
                 }
             }
@@ -633,6 +645,23 @@ impl Core {
         }
     }
 
+    /// Drops from the replica's log what the journal compacted (a compaction job ran).
+    fn follow_compaction(&mut self) {
+        let Ok(journal) = self.link.journal() else {
+            return;
+        };
+        let Ok((base, _)) = journal.log().base() else {
+            return;
+        };
+        if base > self.replica.durable().log.base() && base <= self.replica.durable().last_lsn() {
+            if self.founder.is_none() {
+                self.founder = journal.log().head().ok().flatten().map(|e| e.device);
+            }
+            self.replica.compacted(base);
+            self.status_dirty = true;
+        }
+    }
+
     /// The devices this one trusts: the library's founder (who led epoch 1, at the head of the
     /// log), this device, the devices it paired with itself (`devices.toml`), and every device
     /// endorsed by a trusted one (`Endorsement`, written by the inviter once its user let the
@@ -640,14 +669,13 @@ impl Core {
     fn trusted(&self, file: &super::devices::DevicesFile) -> std::collections::HashSet<DeviceId> {
         let mut trusted: std::collections::HashSet<DeviceId> = file.ids().collect();
         trusted.insert(self.replica.device());
-        trusted.extend(
-            self.replica
-                .durable()
-                .log
-                .iter()
-                .next()
-                .map(|(e, _)| e.device),
-        );
+        let log = &self.replica.durable().log;
+        let head = if log.base().0 == 0 {
+            log.iter().next().map(|(e, _)| e.device)
+        } else {
+            self.founder
+        };
+        trusted.extend(head);
         let endorsements: Vec<(DeviceId, DeviceId)> = self
             .link
             .library()
@@ -719,7 +747,9 @@ impl Core {
             status.role = self.replica.role();
             status.epoch = durable.epoch;
             status.leader = self.replica.leader().map(|d| d.to_hex());
-            status.log_len = durable.log.len() as u64;
+            status.log_len = durable.last_lsn().0;
+            status.compacted_to = durable.log.base().0;
+            status.compactable = self.replica.compactable(&self.members).0;
             status.offline = durable.offline.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
             status.acknowledged = self

@@ -83,7 +83,17 @@ pub struct NodeOptions {
     /// created, edited, moved and deleted become changes without anyone running `index`.
     /// `None` turns it off.
     pub watch: Option<keel_engine::WatchOptions>,
+    /// Compact the log (see [`Node::compact`]) once it holds more than this many entries past
+    /// its compaction position and every device has acknowledged more of it. `None` compacts
+    /// only when asked.
+    pub compact_after: Option<u64>,
 }
+
+/// The log entries past the compaction position that start an automatic compaction by
+/// default (about 0.4 GB of journal on the P4 workload).
+pub const COMPACT_AFTER_DEFAULT: u64 = 1_000_000;
+/// How often a node looks whether its log is due for compaction.
+const COMPACT_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Default for NodeOptions {
     fn default() -> Self {
@@ -99,6 +109,7 @@ impl Default for NodeOptions {
             leader_commits: true,
             discovery: Some(Discovery::default()),
             watch: Some(keel_engine::WatchOptions::default()),
+            compact_after: Some(COMPACT_AFTER_DEFAULT),
         }
     }
 }
@@ -121,6 +132,8 @@ pub struct Node {
     watcher: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
     /// The thread running the jobs the last process left unfinished.
     resumed_jobs: Option<JoinHandle<()>>,
+    /// The thread that compacts the log past its threshold, and its stop signal.
+    compactor: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -237,6 +250,10 @@ impl Node {
                 })
                 .map_err(io_at(library.dir()))?
         };
+        let compactor = match options.compact_after {
+            Some(after) => Some(start_compactor(&library, &status, after)?),
+            None => None,
+        };
         tracing::info!(%listen, device = %library.device_id().short(), "node started");
         Ok(Self {
             link,
@@ -251,6 +268,7 @@ impl Node {
             in_sync,
             watcher,
             resumed_jobs: Some(resumed_jobs),
+            compactor,
         })
     }
 
@@ -499,6 +517,15 @@ impl Node {
         self.net.wire_bytes()
     }
 
+    /// Compacts the log now (see [`Library::compact`]) up to what every device of the
+    /// library has acknowledged storing and this device has applied, as a job. A device that
+    /// leads knows what its followers acknowledged this epoch; one that follows compacts to its
+    /// leader's compaction position. Nothing happens while that is not past the current one.
+    pub fn compact(&self) -> Result<keel_engine::CompactReport, NodeError> {
+        let upto = self.status().compactable;
+        Ok(self.library.compact(keel_schema::Lsn(upto))?)
+    }
+
     /// Stops the node cleanly: connections closed, core stopped, library closed (everything
     /// committed is applied first).
     pub fn stop(mut self) -> Result<(), NodeError> {
@@ -520,6 +547,10 @@ impl Node {
         if let Some((stop, watcher)) = self.watcher.take() {
             drop(stop);
             let _ = watcher.join();
+        }
+        if let Some((stop, compactor)) = self.compactor.take() {
+            drop(stop);
+            let _ = compactor.join();
         }
         if let Some(lan) = &self.net.lan {
             lan.stop();
@@ -552,6 +583,49 @@ impl Drop for Node {
 /// Starts the location watcher of `library` on a thread of its own; it stops when the returned
 /// sender is dropped. A watcher that fails is logged (and announced by the library); the node
 /// goes on without it.
+/// Starts the thread that compacts `library`'s log once it holds more than `after` entries
+/// past the compaction position (see [`Node::compact`]).
+fn start_compactor(
+    library: &Arc<Library>,
+    status: &Arc<Mutex<NodeStatus>>,
+    after: u64,
+) -> Result<(crossbeam_channel::Sender<()>, JoinHandle<()>), NodeError> {
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    let (library, status) = (library.clone(), status.clone());
+    let dir = library.dir().to_path_buf();
+    std::thread::Builder::new()
+        .name("keel-compact".into())
+        .spawn(move || {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(COMPACT_CHECK)
+            {
+                let Some(upto) = status.lock().ok().and_then(|s| compaction_due(&s, after)) else {
+                    continue;
+                };
+                match library.compact(keel_schema::Lsn(upto)) {
+                    Ok(report) if report.dropped > 0 => {
+                        tracing::info!(
+                            base = report.base,
+                            dropped = report.dropped,
+                            "compacted the log"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "compacting the log failed"),
+                }
+            }
+        })
+        .map(|thread| (stop, thread))
+        .map_err(io_at(dir))
+}
+
+/// Where to compact to, if the log holds more than `after` entries past its compaction
+/// position and more of it may go.
+fn compaction_due(status: &NodeStatus, after: u64) -> Option<u64> {
+    let held = status.log_len.saturating_sub(status.compacted_to);
+    (held > after && status.compactable > status.compacted_to).then_some(status.compactable)
+}
+
 fn start_watcher(
     library: &Arc<Library>,
     options: keel_engine::WatchOptions,

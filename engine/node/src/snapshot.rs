@@ -212,13 +212,17 @@ async fn send(
         let path = out.path.clone();
         tokio::task::spawn_blocking(move || keel_projections::Projections::check_file(&path))
     };
-    let (target, hlc) = {
+    let (target, hlc, (base, base_epoch), head) = {
         let lib = library.upgrade().ok_or(NodeError::Stopped)?;
         let journal = lib.journal()?;
         // The log must reach what the copy has applied.
         let target = journal.stats()?.last_lsn.max(applied.log);
         // Read after the log end: it covers every entry up to there.
-        (target, journal.hlc_high_water()?.unwrap_or_default())
+        let hlc = journal.hlc_high_water()?.unwrap_or_default();
+        // A compacted log is sent from its base: the file holds what came before.
+        let base = journal.log().base()?;
+        let head = journal.log().head()?.unwrap_or_default();
+        (target, hlc, base, head)
     };
     send_within(
         conn,
@@ -228,11 +232,14 @@ async fn send(
             log_end: target,
             file_bytes: out.len,
             hlc,
+            base,
+            base_epoch,
+            head,
         },
     )
     .await?;
-    let mut next = 1u64;
-    let mut prev_epoch = Epoch::default();
+    let mut next = base.0 + 1;
+    let mut prev_epoch = base_epoch;
     // Log segments and file chunks alternate, so the receiver stores the log while the file
     // arrives.
     while next <= target.0 || out.offset < out.len {
@@ -349,6 +356,7 @@ pub(crate) async fn fetch(
         file_bytes,
         index_saved,
         mut job,
+        compacted,
     } = match result {
         Ok(done) => done,
         Err(e) => {
@@ -359,7 +367,15 @@ pub(crate) async fn fetch(
     let dest = dir.join(PROJECTIONS_FILE);
     tracing::debug!("snapshot: installing");
     let stored = Lsn(log_entries);
+    let snapshot = dir.join(keel_engine::SNAPSHOT_FILE);
     let applied = blocking(move || {
+        if compacted {
+            // The log before the base is not here: the file is what rebuilds start from.
+            std::fs::copy(&incoming, &snapshot).map_err(io_at(&snapshot))?;
+            std::fs::File::open(&snapshot)
+                .and_then(|f| f.sync_all())
+                .map_err(io_at(&snapshot))?;
+        }
         let applied = Projections::install_snapshot(&incoming, &dest, stored);
         if applied.is_err() {
             let _ = Projections::remove_files(&incoming);
@@ -409,6 +425,8 @@ async fn receive(
         incoming: None,
         next: 1,
         seen: None,
+        base: (Lsn(0), Epoch::default(), Epoch::default()),
+        start_after: false,
         segments: writers.segments.clone(),
     };
     let stored = writers.stored.clone();
@@ -436,6 +454,14 @@ async fn receive(
             Ok(None) => report(reader.seen),
             Err(e) => break Err(e),
         }
+        if std::mem::take(&mut reader.start_after) {
+            // Before any segment is appended: the log starts after the sender's base.
+            let (journal, (base, epoch, head)) = (journal.clone(), reader.base);
+            let started = blocking(move || Ok(journal.log().start_after(base, epoch, head)?));
+            if let Err(e) = started.await {
+                break Err(e);
+            }
+        }
         let (log_end, stored) = (reader.log_end(log_total), stored.load(Ordering::Acquire));
         if let Err(e) = job.follow(reader.hlc(), stored, log_end).await {
             break Err(e);
@@ -457,10 +483,15 @@ async fn receive(
     job.follow(Some(hlc), log_entries, log_entries).await?;
     tracing::debug!("snapshot: log stored");
     report(reader.seen);
-    // Saving the index (a large write, most of it new memory) overlaps the install.
+    // Saving the index (a large write, most of it new memory) overlaps the install. A log
+    // that starts after a base has no saved index (it describes positions from 1).
+    let compacted = reader.base.0 .0 > 0;
     let index_saved = std::thread::Builder::new()
         .name("keel-snapshot-index".into())
         .spawn(move || {
+            if compacted {
+                return;
+            }
             if let Err(e) = journal.log().save_index(&index) {
                 tracing::warn!(error = %e, "saving the log index failed; the first start reads the whole log");
             }
@@ -471,6 +502,7 @@ async fn receive(
         file_bytes,
         index_saved,
         job,
+        compacted,
     })
 }
 
@@ -686,6 +718,11 @@ struct SnapshotReader {
     next: u64,
     /// (log end, file bytes received, file length), kept after the file is done.
     seen: Option<(u64, u64, u64)>,
+    /// The sender's compaction position, its epoch and the log's head epoch, from the header
+    /// (the base 0: the log comes from position 1).
+    base: (Lsn, Epoch, Epoch),
+    /// Set by a header with a base, until this device's empty log is made to start there.
+    start_after: bool,
     segments: crossbeam_channel::Sender<Segment>,
 }
 
@@ -712,8 +749,21 @@ impl SnapshotReader {
                 log_end,
                 file_bytes,
                 hlc,
+                base,
+                base_epoch,
+                head,
                 ..
-            } => self.on_begin(applied, log_end, file_bytes, hlc)?,
+            } => {
+                if base > applied || self.next != 1 {
+                    return Err(node_error("a base past the file's position, or late"));
+                }
+                self.on_begin(applied, log_end, file_bytes, hlc)?;
+                if base.0 > 0 {
+                    self.base = (base, base_epoch, head);
+                    self.next = base.0 + 1;
+                    self.start_after = true;
+                }
+            }
             DeviceMessage::SnapshotChunk { offset, data } => self.on_chunk(offset, data)?,
             DeviceMessage::SnapshotEnd { file_hash } => return self.on_end(&file_hash).map(Some),
             other => {
@@ -825,6 +875,9 @@ struct Received {
     index_saved: std::thread::JoinHandle<()>,
     /// The join's job, ended once the projection is installed (it holds the journal open).
     job: JoinJob,
+    /// Whether the log arrived from a compaction base: the file received is also the
+    /// library's snapshot of what came before it.
+    compacted: bool,
 }
 
 #[cfg(test)]
@@ -911,6 +964,9 @@ mod tests {
             log_end: Lsn(0),
             file_bytes,
             hlc: Hlc::default(),
+            base: Lsn(0),
+            base_epoch: Epoch::default(),
+            head: Epoch::default(),
         }
     }
 
@@ -1004,6 +1060,9 @@ mod tests {
                     log_end: Lsn(1),
                     file_bytes: 16,
                     hlc: Hlc::default(),
+                    base: Lsn(0),
+                    base_epoch: Epoch::default(),
+                    head: Epoch::default(),
                 },
                 segment,
                 chunk(&data),

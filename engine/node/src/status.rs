@@ -71,8 +71,15 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
     /// This device's changes not yet in the log.
     pub offline: u64,
-    /// Entries in the log (changes and epoch barriers).
+    /// The log's last position: its entries (changes and epoch barriers), the compacted ones
+    /// included.
     pub log_len: u64,
+    /// The compaction position: the log up to it was dropped (0: never compacted).
+    pub compacted_to: u64,
+    /// How far the log may be compacted as far as replication knows: leading, the least
+    /// position every other device of the library acknowledged this epoch (0 if one has not);
+    /// following, the leader's compaction position.
+    pub compactable: u64,
     /// Where this node listens.
     pub listen: String,
     /// Devices with a session up, hex (also shown per peer in `peers`).
