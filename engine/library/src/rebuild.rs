@@ -174,7 +174,14 @@ impl Library {
         *live = Projections::open_for(&path, self.models())?;
         *reader = Projections::open_reader_for(&path, self.models())?;
         if let Ok(mut state) = self.shared.applied.lock() {
-            state.position = report.position;
+            // The new projection holds every local commit applied before: those sequenced
+            // since are in the log it replayed, the others in the offline journal it
+            // replayed. Only their counter is gone with the records that left the offline
+            // journal, so the local position cannot go back (`flush` waits on it).
+            state.position = keel_projections::AppliedPosition {
+                log: report.position.log,
+                local: report.position.local.max(state.position.local),
+            };
         }
         Ok(report)
     }
