@@ -1014,9 +1014,20 @@ peers: Array<PeerStatus>,
  */
 offline: number, 
 /**
- * Entries in the log (changes and epoch barriers).
+ * The log's last position: its entries (changes and epoch barriers), the compacted ones
+ * included.
  */
 log_len: number, 
+/**
+ * The compaction position: the log up to it was dropped (0: never compacted).
+ */
+compacted_to: number, 
+/**
+ * How far the log may be compacted as far as replication knows: leading, the least
+ * position every other device of the library acknowledged this epoch (0 if one has not);
+ * following, the leader's compaction position.
+ */
+compactable: number, 
 /**
  * Where this node listens.
  */
