@@ -242,6 +242,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compact the log: keep a snapshot of the projections and drop the log up to what every
+    /// device has (on a running node, what they acknowledged; without one, only a library
+    /// with no other device).
+    Compact {
+        /// Library name.
+        lib: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change the library password (the key is rewrapped; the journal is not re-encrypted).
     /// The new password comes from KEEL_NEW_PASSWORD or a prompt.
     Passwd {
@@ -677,6 +687,7 @@ impl Command {
             | Command::Digest { lib, .. }
             | Command::Verify { lib, .. }
             | Command::Rebuild { lib, .. }
+            | Command::Compact { lib, .. }
             | Command::Devices { lib, .. } => Some(lib),
             Command::Pair {
                 command: PairCommand::Invite { lib, .. },
@@ -1078,6 +1089,7 @@ pub(crate) fn exec(
                 lib.digest()?
             ));
         }
+        Command::Compact { json, .. } => compact(lib, node, json, io)?,
         Command::Devices { command, json, .. } => {
             crate::serve::devices(lib, node, command, json, io)?;
         }
@@ -1117,7 +1129,15 @@ fn status(
             let serde_json::Value::Object(node) = serde_json::to_value(n)? else {
                 anyhow::bail!("a node status that is not a JSON object");
             };
-            for key in ["role", "epoch", "leader", "peers", "offline", "listen"] {
+            for key in [
+                "role",
+                "epoch",
+                "leader",
+                "peers",
+                "offline",
+                "listen",
+                "compactable",
+            ] {
                 if let Some(field) = node.get(key) {
                     map.insert(key.into(), field.clone());
                 }
@@ -1139,15 +1159,20 @@ fn status(
         s.counts.user_metadata_tags
     ));
     io.line(&format!(
-        "journal   {} local changes, {} pending, {} in log; applied up to {}",
-        s.journal.local_changes, s.journal.offline, s.journal.log_len, s.applied_lsn
+        "journal   {} local changes, {} pending, {} in log after position {}; applied up to {}",
+        s.journal.local_changes,
+        s.journal.offline,
+        s.journal.log_len,
+        s.journal.compacted_to,
+        s.applied_lsn
     ));
     let mb = |bytes: u64| bytes as f64 / 1e6;
     io.line(&format!(
-        "disk      {:.1} MB: journal {:.1}, projections {:.1}, other {:.1}",
+        "disk      {:.1} MB: journal {:.1}, projections {:.1}, snapshot {:.1}, other {:.1}",
         mb(s.disk.total()),
         mb(s.disk.journal),
         mb(s.disk.projections),
+        mb(s.disk.snapshot),
         mb(s.disk.other)
     ));
     if let Some(n) = n {
@@ -1238,6 +1263,51 @@ fn resolve_addr(text: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// `keel compact`: through the node when one runs (it knows what every device acknowledged);
+/// without one, only a library whose only device is this one.
+fn compact(
+    lib: &Library,
+    node: Option<&keel_node::Node>,
+    json: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    let report = match node {
+        Some(node) => node.compact()?,
+        None => {
+            let me = lib.device_id().to_hex();
+            let others = lib
+                .devices()?
+                .into_iter()
+                .filter(|d| d.device_id != me)
+                .count();
+            if others > 0 {
+                bail!(
+                    "the library has {others} other device(s): compact on a running node \
+                     (`keel serve`), which knows what they have"
+                );
+            }
+            let last = lib.status()?.journal.last_lsn;
+            lib.compact(keel_engine::Lsn(last))?
+        }
+    };
+    if json {
+        io.line(&serde_json::to_string(&report)?);
+    } else if report.dropped == 0 {
+        io.line(&format!(
+            "nothing to compact: the log starts after position {}",
+            report.base
+        ));
+    } else {
+        io.line(&format!(
+            "compacted to position {}: {} log records dropped, snapshot {:.1} MB",
+            report.base,
+            report.dropped,
+            report.snapshot_bytes as f64 / 1e6
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

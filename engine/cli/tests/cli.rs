@@ -1153,3 +1153,82 @@ fn verify_against_a_peer_reports_the_ranges_compared() {
     assert!(report["ranges_compared"].as_u64() >= Some(7), "{report}");
     assert_eq!(report["applied_here"], report["applied_there"], "{report}");
 }
+
+#[test]
+fn compact_drops_the_log_alone_or_through_a_node_and_status_shows_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&keel(&home_a, &["init", "lib"]));
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    for i in 0..20 {
+        std::fs::write(tree.join(format!("f{i}.txt")), format!("file {i}")).expect("file");
+    }
+    ok(&keel(
+        &home_a,
+        &["index", "lib", tree.to_str().expect("utf-8")],
+    ));
+    let digest = ok(&keel(&home_a, &["digest", "lib"]));
+    // Alone: a library with no other device compacts without a node.
+    let text = ok(&keel(&home_a, &["compact", "lib"]));
+    assert!(text.contains("compacted to position"), "{text}");
+    let again = ok(&keel(&home_a, &["compact", "lib"]));
+    assert!(again.contains("nothing to compact"), "{again}");
+    let status = ok(&keel(&home_a, &["status", "lib"]));
+    assert!(status.contains("0 in log after position"), "{status}");
+    assert!(status.contains("snapshot"), "{status}");
+    ok(&keel(&home_a, &["rebuild", "lib"]));
+    assert_eq!(ok(&keel(&home_a, &["digest", "lib"])), digest);
+
+    // With another device, only a node knows what it has.
+    let addr_a = free_port();
+    let served = serve(&home_a, &addr_a, &[]);
+    let code = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = code.lines().next().expect("a code").to_string();
+    ok(&keel(
+        &home_b,
+        &["pair", "join", "--addr", &addr_a, "--code", &code],
+    ));
+    let _b = serve(&home_b, &free_port(), &[&addr_a]);
+    wait_same_digest(&home_a, &home_b);
+    ok(&keel(
+        &home_a,
+        &[
+            "tag",
+            "lib",
+            tree.join("f1.txt").to_str().expect("utf-8"),
+            "x",
+        ],
+    ));
+    wait_same_digest(&home_a, &home_b);
+    // Through the control socket: compacted up to what b acknowledged (retried while its
+    // acknowledgement of the last entries is on its way).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let report = loop {
+        let report: serde_json::Value =
+            serde_json::from_str(&ok(&keel(&home_a, &["compact", "lib", "--json"]))).expect("json");
+        if report["dropped"].as_u64() > Some(0) {
+            break report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never compacted: {report}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
+    assert_eq!(
+        status["journal"]["compacted_to"], report["base"],
+        "{status}"
+    );
+    assert!(
+        status["compactable"].as_u64() >= report["base"].as_u64(),
+        "{status}"
+    );
+    drop(served);
+    // Stopped, a library with another device is not compacted from the command line.
+    let out = keel(&home_a, &["compact", "lib"]);
+    fails_with_one_error_line(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("running node"));
+}
