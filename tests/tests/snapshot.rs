@@ -71,7 +71,8 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
         last.file_total > 0 && last.file_received == last.file_total,
         "{last:?}"
     );
-    assert!(last.bytes >= last.file_total);
+    // The file crosses the wire packed: fewer UDP bytes than its size, but some.
+    assert!(last.bytes > 0 && last.bytes < last.file_total, "{last:?}");
 
     // Before any node runs, the library holds the log and projections that applied it.
     let lib = Library::open(&home, &name, PASSWORD).expect("opens");

@@ -255,8 +255,12 @@ pub enum DeviceMessage {
     SnapshotChunk {
         /// Where the piece goes in the file.
         offset: u64,
-        /// The bytes.
+        /// The bytes: as they are in the file, or (`raw_len` > 0) one zstd frame of them.
         data: ByteBuf,
+        /// 0: `data` is the piece itself. Otherwise the piece's length, which `data`, a zstd
+        /// frame, must decompress to exactly (at most [`SNAPSHOT_CHUNK_MAX`]).
+        #[serde(default)]
+        raw_len: u32,
     },
     /// The snapshot is complete.
     SnapshotEnd {
@@ -355,9 +359,12 @@ impl DeviceMessage {
                 }
             }
             DeviceMessage::Pairing(p) => p.check()?,
-            DeviceMessage::SnapshotChunk { data, .. } => {
-                if data.len() > SNAPSHOT_CHUNK_MAX {
-                    return Err(over(format!("a snapshot chunk of {} bytes", data.len())));
+            DeviceMessage::SnapshotChunk { data, raw_len, .. } => {
+                if data.len() > SNAPSHOT_CHUNK_MAX || *raw_len as usize > SNAPSHOT_CHUNK_MAX {
+                    return Err(over(format!(
+                        "a snapshot chunk of {} bytes ({raw_len} uncompressed)",
+                        data.len()
+                    )));
                 }
             }
             DeviceMessage::SnapshotEnd { file_hash } => {
@@ -496,6 +503,12 @@ mod tests {
             DeviceMessage::SnapshotChunk {
                 offset: 4096,
                 data: ByteBuf::from(vec![3u8; 100]),
+                raw_len: 0,
+            },
+            DeviceMessage::SnapshotChunk {
+                offset: 0,
+                data: ByteBuf::from(vec![3u8; 100]),
+                raw_len: 4096,
             },
             DeviceMessage::SnapshotEnd {
                 file_hash: ByteBuf::from(vec![8u8; 32]),
@@ -563,8 +576,17 @@ mod tests {
         let big_chunk = DeviceMessage::SnapshotChunk {
             offset: 0,
             data: ByteBuf::from(vec![0u8; SNAPSHOT_CHUNK_MAX + 1]),
+            raw_len: 0,
         };
         assert!(big_chunk.encode().is_err());
+        // A small frame that claims to unpack past the limit is refused before anything is
+        // unpacked.
+        let bomb = DeviceMessage::SnapshotChunk {
+            offset: 0,
+            data: ByteBuf::from(vec![0u8; 64]),
+            raw_len: SNAPSHOT_CHUNK_MAX as u32 + 1,
+        };
+        assert!(bomb.encode().is_err());
         let crowd = DeviceMessage::Peers {
             peers: vec![
                 PeerAddr {

@@ -76,6 +76,7 @@ async fn on_loopback_mtu_discovery_raises_the_packet_size_above_ethernets() {
     let chunk = DeviceMessage::SnapshotChunk {
         offset: 0,
         data: serde_bytes::ByteBuf::from(vec![7u8; SNAPSHOT_CHUNK_MAX / 16]),
+        raw_len: 0,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while to_a.path_mtu() <= 1452 && tokio::time::Instant::now() < deadline {

@@ -29,14 +29,50 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     // during the join's timing, as it would not for a library that existed before.
     settle();
     let log_len = leader.status().log_len;
+    for (k, v) in join_once(&leader, &dir.join("joiner"), files, options.snapshot)? {
+        out.insert(k, v);
+    }
+    // The same join from the leader once it compacted its log (what a library past
+    // `compact_after` entries looks like): the file and the log after its base.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leader.status().compactable < leader.status().log_len {
+        ensure!(
+            Instant::now() < deadline,
+            "the joiner never acknowledged the log"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let compacted = leader.compact()?;
+    ensure!(compacted.base > 0, "the leader did not compact");
+    settle();
+    for (k, v) in join_once(&leader, &dir.join("joiner-compacted"), files, true)? {
+        if let Some(figure) = k.strip_prefix("p4_") {
+            out.insert(format!("p4_compacted_{figure}"), v);
+        }
+    }
+    out.insert("p4_entries".into(), json!(files));
+    out.insert("p4_log_entries".into(), json!(log_len));
+    leader.stop()?;
+    Ok(())
+}
+
+/// Joins `leader` from a new process with its home at `home`; returns its `p4_` figures once
+/// the leader has its Device record and the digests agree.
+fn join_once(
+    leader: &Node,
+    home: &Path,
+    files: usize,
+    snapshot: bool,
+) -> Result<serde_json::Map<String, Value>> {
+    let log_len = leader.status().log_len;
     let invite = leader.invite(true)?;
     let join = Join {
         addr: leader.local_addr(),
         code: invite.code.as_str().to_string(),
-        home: dir.join("joiner"),
+        home: home.to_path_buf(),
         log_len,
         entries: files as u64,
-        snapshot: options.snapshot,
+        snapshot,
     };
     // The code goes on the child's stdin, not its command line.
     let mut child = std::process::Command::new(std::env::current_exe()?)
@@ -72,15 +108,10 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         figures.get("p4_counts"),
         leader.library().status()?.counts
     );
-    for (k, v) in figures {
-        if k.starts_with("p4_") && k != "p4_digest" && k != "p4_counts" {
-            out.insert(k, v);
-        }
-    }
-    out.insert("p4_entries".into(), json!(files));
-    out.insert("p4_log_entries".into(), json!(log_len));
-    leader.stop()?;
-    Ok(())
+    Ok(figures
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("p4_") && k != "p4_digest" && k != "p4_counts")
+        .collect())
 }
 
 /// What the joining process is told (as JSON on its stdin).
@@ -130,6 +161,8 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
             peers: vec![addr],
             discovery: None,
             watch: None,
+            // Benchmarks time one thing: no compaction behind their back.
+            compact_after: None,
             ..NodeOptions::default()
         },
     )?;
@@ -173,11 +206,16 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // What the library takes on disk once joined, per file entry: journal and projections.
+    // What the library takes on disk once joined, per file entry: journal, projections and
+    // the snapshot a compacted log lives on as.
     let disk = node.library().status()?.disk;
     out.insert(
         "p4_disk_bytes_per_entry".into(),
-        json!((disk.journal + disk.projections) as f64 / entries),
+        json!((disk.journal + disk.projections + disk.snapshot) as f64 / entries),
+    );
+    out.insert(
+        "p4_disk_snapshot_bytes_per_entry".into(),
+        json!(disk.snapshot as f64 / entries),
     );
     out.insert(
         "p4_disk_journal_bytes_per_entry".into(),

@@ -44,6 +44,8 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
             leader_commits,
             discovery: None,
             watch: None,
+            // Benchmarks time one thing: no compaction behind their back.
+            compact_after: None,
             ..NodeOptions::default()
         },
     )?;

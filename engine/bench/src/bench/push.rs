@@ -62,6 +62,8 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
             peers: vec![a.local_addr()],
             discovery: None,
             watch: None,
+            // Benchmarks time one thing: no compaction behind their back.
+            compact_after: None,
             ..NodeOptions::default()
         },
     )?;

@@ -44,6 +44,8 @@ pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
         NodeOptions {
             discovery: None,
             watch: None,
+            // Benchmarks time one thing: no compaction behind their back.
+            compact_after: None,
             ..NodeOptions::default()
         },
     )?)
@@ -61,6 +63,8 @@ pub(crate) fn follower_of(leader: &Node, dir: &Path) -> Result<Node> {
             peers: vec![leader.local_addr()],
             discovery: None,
             watch: None,
+            // Benchmarks time one thing: no compaction behind their back.
+            compact_after: None,
             ..NodeOptions::default()
         },
     )?)

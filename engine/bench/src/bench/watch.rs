@@ -42,6 +42,8 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         NodeOptions {
             discovery: None,
             watch: Some(WatchOptions::default()),
+            // Benchmarks time one thing: no compaction behind their back.
+            compact_after: None,
             ..NodeOptions::default()
         },
     )?;
