@@ -1,5 +1,5 @@
 //! Compaction: the library keeps a snapshot of its projections (the rows with their clocks, as
-//! SQLite holds them: `snapshot.sqlite`) and the journal drops the log up to a base at or
+//! SQLite holds them, packed with zstd: `snapshot.sqlite.zst`) and the journal drops the log up to a base at or
 //! before the position the snapshot applied. A projection rebuilt, verified or healed from
 //! scratch starts from the snapshot and replays the log after the base (decision 0055).
 //!
@@ -19,10 +19,15 @@ use crate::error::{io_at, EngineError};
 use crate::jobs::JobKind;
 use crate::library::{Library, JOURNAL_FILE, PROJECTIONS_FILE};
 
-/// The snapshot the log's compacted part lives on as, in the library's folder.
-pub const SNAPSHOT_FILE: &str = "snapshot.sqlite";
+/// The snapshot the log's compacted part lives on as, in the library's folder: a copy of the
+/// projection file as one or more zstd frames.
+pub const SNAPSHOT_FILE: &str = "snapshot.sqlite.zst";
+/// The copy being made (packed into [`SNAPSHOT_FILE`], then removed).
+const SNAPSHOT_COPY: &str = "snapshot.sqlite.incoming";
 /// A snapshot being written (moved to [`SNAPSHOT_FILE`] once complete and synced).
-const SNAPSHOT_INCOMING: &str = "snapshot.sqlite.incoming";
+const SNAPSHOT_PACKING: &str = "snapshot.sqlite.zst.incoming";
+/// zstd level of a snapshot at rest: the fast level the wire uses for the same file.
+const SNAPSHOT_ZSTD_LEVEL: i32 = -1;
 
 /// What a compaction did.
 #[derive(Debug, Clone, Serialize)]
@@ -72,7 +77,7 @@ impl Library {
         let journal = self.journal()?;
         let journal_before = file_len(&dir.join(JOURNAL_FILE));
         let (old_base, _) = journal.log().base()?;
-        let incoming = dir.join(SNAPSHOT_INCOMING);
+        let incoming = dir.join(SNAPSHOT_COPY);
         // One read transaction: a consistent state at the position it has applied.
         if upto <= old_base {
             return Ok(self.nothing_compacted(old_base, journal_before));
@@ -83,7 +88,11 @@ impl Library {
             Projections::remove_files(&incoming)?;
             return Ok(self.nothing_compacted(old_base, journal_before));
         }
-        put_in_place(&incoming, &dir.join(SNAPSHOT_FILE))?;
+        let packing = dir.join(SNAPSHOT_PACKING);
+        let packed = pack(&incoming, &packing);
+        Projections::remove_files(&incoming)?;
+        packed?;
+        put_in_place(&packing, &dir.join(SNAPSHOT_FILE))?;
         let compaction = journal.log().compact(base)?;
         tracing::info!(base = base.0, dropped = compaction.dropped, "log compacted");
         Ok(CompactReport {
@@ -102,6 +111,29 @@ impl Library {
             journal_bytes: (journal_bytes, journal_bytes),
         }
     }
+}
+
+/// Packs `file` into `dest` (one zstd stream).
+fn pack(file: &Path, dest: &Path) -> Result<(), EngineError> {
+    let mut from = std::fs::File::open(file).map_err(io_at(file))?;
+    let to = std::fs::File::create(dest).map_err(io_at(dest))?;
+    let mut encoder = zstd::stream::Encoder::new(std::io::BufWriter::new(to), SNAPSHOT_ZSTD_LEVEL)
+        .map_err(io_at(dest))?;
+    std::io::copy(&mut from, &mut encoder).map_err(io_at(dest))?;
+    let mut to = encoder.finish().map_err(io_at(dest))?;
+    std::io::Write::flush(&mut to).map_err(io_at(dest))?;
+    Ok(())
+}
+
+/// Unpacks the zstd frames of `file` into the new file `dest`.
+fn unpack(file: &Path, dest: &Path) -> Result<(), EngineError> {
+    let from = std::fs::File::open(file).map_err(io_at(file))?;
+    let mut decoder = zstd::stream::Decoder::new(from).map_err(io_at(file))?;
+    let mut to = std::io::BufWriter::new(std::fs::File::create(dest).map_err(io_at(dest))?);
+    std::io::copy(&mut decoder, &mut to)
+        .map_err(|e| EngineError::SnapshotDamaged(format!("{}: {e}", file.display())))?;
+    std::io::Write::flush(&mut to).map_err(io_at(dest))?;
+    Ok(())
 }
 
 /// Syncs `file` and moves it to `dest` durably.
@@ -142,7 +174,7 @@ pub(crate) fn start_from_snapshot(
         });
     }
     let copy = dest.with_extension("from-snapshot");
-    std::fs::copy(&snapshot, &copy).map_err(io_at(&copy))?;
+    unpack(&snapshot, &copy)?;
     // What the snapshot applied past the base is replayed again from the log.
     Projections::replay_from(&copy, base)?;
     Projections::install_snapshot(&copy, dest, journal_last)?;

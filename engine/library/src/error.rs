@@ -165,6 +165,9 @@ pub enum EngineError {
         /// The journal's compaction base.
         base: u64,
     },
+    /// The snapshot of the compacted log does not unpack.
+    #[error("the snapshot is damaged: {0} (copy it back from a backup, or join the library again from another device)")]
+    SnapshotDamaged(String),
     /// A request to a running node failed or timed out.
     #[error("{0}")]
     Node(String),

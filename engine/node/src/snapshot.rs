@@ -46,6 +46,9 @@ const INDEX_RESERVE_MAX: u64 = 1 << 24;
 pub(crate) const SCRATCH_SUFFIX: &str = ".snapshot-out";
 /// Name of the receiver's incoming file, beside the projection.
 const INCOMING_FILE: &str = "projections.sqlite.incoming";
+/// The file's chunks as they arrive packed, kept as the library's snapshot when the log comes
+/// from a compaction base (moved to `keel_engine::SNAPSHOT_FILE` once the file is in place).
+const FRAMES_FILE: &str = "snapshot.sqlite.zst.incoming";
 
 /// How far a snapshot fetch has come (sent to [`crate::JoinOptions::progress`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -358,11 +361,11 @@ fn compressed_chunk(offset: u64, data: Vec<u8>) -> DeviceMessage {
 
 /// The bytes of a chunk: `data` itself, or unpacked to exactly `raw_len` bytes (never more:
 /// the bound is the transport's limit, checked when the message was decoded).
-fn unpacked(data: ByteBuf, raw_len: u32) -> Result<Vec<u8>, NodeError> {
+fn unpacked(data: &ByteBuf, raw_len: u32) -> Result<Vec<u8>, NodeError> {
     if raw_len == 0 {
-        return Ok(data.into_vec());
+        return Ok(data.to_vec());
     }
-    let raw = zstd::bulk::decompress(&data, raw_len as usize)
+    let raw = zstd::bulk::decompress(data, raw_len as usize)
         .map_err(|e| node_error(format!("a chunk that does not unpack: {e}")))?;
     if raw.len() != raw_len as usize {
         return Err(node_error(format!(
@@ -415,20 +418,22 @@ pub(crate) async fn fetch(
         Ok(done) => done,
         Err(e) => {
             let _ = Projections::remove_files(&incoming);
+            let _ = std::fs::remove_file(dir.join(FRAMES_FILE));
             return Err(e);
         }
     };
     let dest = dir.join(PROJECTIONS_FILE);
     tracing::debug!("snapshot: installing");
     let stored = Lsn(log_entries);
-    let snapshot = dir.join(keel_engine::SNAPSHOT_FILE);
+    let (frames, snapshot) = (dir.join(FRAMES_FILE), dir.join(keel_engine::SNAPSHOT_FILE));
     let applied = blocking(move || {
         if compacted {
-            // The log before the base is not here: the file is what rebuilds start from.
-            std::fs::copy(&incoming, &snapshot).map_err(io_at(&snapshot))?;
-            std::fs::File::open(&snapshot)
+            // The log before the base is not here: the file, packed as it arrived, is what
+            // rebuilds start from.
+            std::fs::File::open(&frames)
                 .and_then(|f| f.sync_all())
-                .map_err(io_at(&snapshot))?;
+                .map_err(io_at(&frames))?;
+            std::fs::rename(&frames, &snapshot).map_err(io_at(&snapshot))?;
         }
         let applied = Projections::install_snapshot(&incoming, &dest, stored);
         if applied.is_err() {
@@ -481,6 +486,7 @@ async fn receive(
         seen: None,
         base: (Lsn(0), Epoch::default(), Epoch::default()),
         start_after: false,
+        frames: None,
         segments: writers.segments.clone(),
     };
     let stored = writers.stored.clone();
@@ -777,6 +783,8 @@ struct SnapshotReader {
     base: (Lsn, Epoch, Epoch),
     /// Set by a header with a base, until this device's empty log is made to start there.
     start_after: bool,
+    /// With a base: where the chunks go packed, to become the library's snapshot.
+    frames: Option<(PathBuf, std::fs::File)>,
     segments: crossbeam_channel::Sender<Segment>,
 }
 
@@ -816,13 +824,20 @@ impl SnapshotReader {
                     self.base = (base, base_epoch, head);
                     self.next = base.0 + 1;
                     self.start_after = true;
+                    let path = self.incoming_path.with_file_name(FRAMES_FILE);
+                    let file = std::fs::File::create(&path).map_err(io_at(&path))?;
+                    self.frames = Some((path, file));
                 }
             }
             DeviceMessage::SnapshotChunk {
                 offset,
                 data,
                 raw_len,
-            } => self.on_chunk(offset, unpacked(data, raw_len)?)?,
+            } => {
+                let raw = unpacked(&data, raw_len)?;
+                self.keep_frame(data, raw_len, &raw)?;
+                self.on_chunk(offset, raw)?
+            }
             DeviceMessage::SnapshotEnd { file_hash } => return self.on_end(&file_hash).map(Some),
             other => {
                 return Err(node_error(format!(
@@ -881,6 +896,21 @@ impl SnapshotReader {
             hlc,
         });
         Ok(())
+    }
+
+    /// With a base, appends the chunk to the frames kept as the snapshot: as it came when it
+    /// came packed (a checked frame), packed here otherwise.
+    fn keep_frame(&mut self, data: ByteBuf, raw_len: u32, raw: &[u8]) -> Result<(), NodeError> {
+        use std::io::Write;
+        let Some((path, file)) = self.frames.as_mut() else {
+            return Ok(());
+        };
+        let frame = if raw_len > 0 {
+            data.into_vec()
+        } else {
+            zstd::bulk::compress(raw, CHUNK_ZSTD_LEVEL).map_err(io_at(path.as_path()))?
+        };
+        file.write_all(&frame).map_err(io_at(path.as_path()))
     }
 
     fn on_chunk(&mut self, offset: u64, data: Vec<u8>) -> Result<(), NodeError> {
@@ -1098,7 +1128,7 @@ mod tests {
             "{raw_len} {}",
             packed.len()
         );
-        assert_eq!(unpacked(packed.clone(), raw_len).expect("unpacks"), data);
+        assert_eq!(unpacked(&packed, raw_len).expect("unpacks"), data);
         // Claiming fewer bytes than the frame holds, or more, or a frame that is not one.
         for (bytes, claimed) in [
             (packed.clone(), 8191),
