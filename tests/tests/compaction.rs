@@ -261,3 +261,34 @@ fn a_follower_that_rebuilt_still_flushes() {
     b.stop().expect("stops");
     a.stop().expect("stops");
 }
+
+/// Past `compact_after` entries a node compacts its log by itself (it looks every 5 s).
+#[test]
+fn a_node_compacts_on_its_own_past_its_threshold() {
+    use keel_tests::cluster;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = keel_node::NodeOptions {
+        compact_after: Some(500),
+        ..cluster::options(Vec::new())
+    };
+    let (_home, a) = cluster::founder_with(dir.path(), "a", "lib", options).expect("founds");
+    tags(a.library(), (0..400).map(|i| format!("tag {i}")));
+    // Below the threshold nothing happens; past it, the next look compacts.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    assert_eq!(a.status().compacted_to, 0, "compacted below its threshold");
+    tags(a.library(), (0..200).map(|i| format!("more {i}")));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while a.library().status().expect("status").journal.compacted_to == 0 {
+        assert!(std::time::Instant::now() < deadline, "never compacted");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = a.library().status().expect("status");
+    assert!(status.disk.snapshot > 0);
+    let jobs = a.library().jobs().expect("jobs");
+    assert!(
+        jobs.iter()
+            .any(|j| matches!(j.kind, keel_engine::JobKind::Compact { .. })),
+        "the compaction ran as a job"
+    );
+    a.stop().expect("stops");
+}
