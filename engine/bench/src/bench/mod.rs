@@ -13,6 +13,7 @@ mod p7;
 mod p8;
 mod push;
 mod quic;
+mod relay;
 mod sync;
 mod watch;
 

@@ -29,7 +29,14 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     // during the join's timing, as it would not for a library that existed before.
     settle();
     let log_len = leader.status().log_len;
-    for (k, v) in join_once(&leader, &dir.join("joiner"), files, options.snapshot)? {
+    let direct = leader.local_addr();
+    for (k, v) in join_once(
+        &leader,
+        &dir.join("joiner"),
+        files,
+        options.snapshot,
+        direct,
+    )? {
         out.insert(k, v);
     }
     // The same join from the leader once it compacted its log (what a library past
@@ -45,29 +52,51 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     let compacted = leader.compact()?;
     ensure!(compacted.base > 0, "the leader did not compact");
     settle();
-    for (k, v) in join_once(&leader, &dir.join("joiner-compacted"), files, true)? {
+    for (k, v) in join_once(&leader, &dir.join("joiner-compacted"), files, true, direct)? {
         if let Some(figure) = k.strip_prefix("p4_") {
             out.insert(format!("p4_compacted_{figure}"), v);
         }
     }
+    // And over a home network: 100 Mbit/s, 2 ms round trip, a 50 ms router buffer.
+    let relay = super::relay::Relay::start(direct, LIMITED_LINK)?;
+    for (k, v) in join_once(
+        &leader,
+        &dir.join("joiner-limited"),
+        files,
+        true,
+        relay.addr,
+    )? {
+        if let Some(figure) = k.strip_prefix("p4_") {
+            out.insert(format!("p4_limited_{figure}"), v);
+        }
+    }
+    drop(relay);
     out.insert("p4_entries".into(), json!(files));
     out.insert("p4_log_entries".into(), json!(log_len));
     leader.stop()?;
     Ok(())
 }
 
-/// Joins `leader` from a new process with its home at `home`; returns its `p4_` figures once
+/// The link P4's last join crosses: 100 Mbit/s each way, 1 ms each way, 50 ms of buffer.
+const LIMITED_LINK: super::relay::Shape = super::relay::Shape {
+    rate: 100_000_000 / 8,
+    delay: Duration::from_millis(1),
+    queue: Duration::from_millis(50),
+};
+
+/// Joins `leader` (at `addr`: its own address, or a relay's) from a new process with its home at `home`; returns its `p4_` figures once
 /// the leader has its Device record and the digests agree.
 fn join_once(
     leader: &Node,
     home: &Path,
     files: usize,
     snapshot: bool,
+    addr: SocketAddr,
 ) -> Result<serde_json::Map<String, Value>> {
     let log_len = leader.status().log_len;
     let invite = leader.invite(true)?;
     let join = Join {
-        addr: leader.local_addr(),
+        addr,
         code: invite.code.as_str().to_string(),
         home: home.to_path_buf(),
         log_len,
