@@ -292,3 +292,72 @@ fn a_node_compacts_on_its_own_past_its_threshold() {
     );
     a.stop().expect("stops");
 }
+
+/// `kill -9` at random moments of a child that commits and compacts over and over: every
+/// acknowledged tag is there when the library opens, and the projections equal the snapshot
+/// plus a replay of the log after the base.
+#[test]
+fn kill_9_during_compactions_loses_nothing_acknowledged() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.close().expect("closes");
+    let mut acknowledged = Vec::new();
+    let mut compacted = 0;
+    for round in 0..12u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crash_child"))
+            .arg(home.root())
+            .arg("lib")
+            .arg("compact")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("child starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = crossbeam_channel::unbounded::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(30))
+                .as_deref(),
+            Ok("ready"),
+            "round {round}"
+        );
+        // A spread of moments: inside a commit, a snapshot copy or the journal's compaction.
+        std::thread::sleep(std::time::Duration::from_millis(20 + (round * 37) % 150));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        reader.join().expect("reader");
+        acknowledged.extend(rx.try_iter().filter_map(|line| {
+            line.strip_prefix("tag ")
+                .map(|id| uuid::Uuid::parse_str(id).expect("a uuid"))
+        }));
+        let lib = Library::open(&home, "lib", keel_tests::PASSWORD).expect("opens after a kill");
+        compacted = compacted.max(lib.status().expect("status").journal.compacted_to);
+        lib.close().expect("closes");
+    }
+    assert!(compacted > 0, "no compaction ran before a kill");
+    let lib = Library::open(&home, "lib", keel_tests::PASSWORD).expect("opens");
+    for id in &acknowledged {
+        assert!(
+            lib.get::<Tag>(*id).expect("reads").is_some(),
+            "acknowledged tag {id} is missing"
+        );
+    }
+    let (report, outcome) = lib.verify().expect("verifies");
+    assert!(report.faults.is_empty(), "{:?}", report.faults);
+    let digest = outcome.expect("projections equal the snapshot plus a replay");
+    lib.rebuild(&mut |_, _| {}).expect("rebuilds");
+    assert_eq!(lib.digest().expect("digest"), digest);
+    assert!(
+        acknowledged.len() > 100,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+}

@@ -7,7 +7,9 @@
 //! `progress STORED TOTAL` as the inviter's log is stored; with `merge SRC`, it merges library
 //! SRC of the same home into LIB, printing `progress DONE TOTAL` as records are carried; with
 //! `watch`, it watches LIB's locations (debounce 100 ms, a rescan every 300 ms of a location it
-//! cannot watch), printing `watcher SUMMARY` for each report of the watcher.
+//! cannot watch), printing `watcher SUMMARY` for each report of the watcher; with `compact`, it
+//! commits tags and compacts the log after every few commits, printing `tag UUID` for each tag
+//! acknowledged (compacted changes leave the journal: the tags are what stays).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -63,6 +65,9 @@ fn main() -> anyhow::Result<()> {
     if mode.as_deref() == Some("watch") {
         return watch(&lib);
     }
+    if mode.as_deref() == Some("compact") {
+        return compact(&lib);
+    }
     if mode.as_deref() == Some("reidentify") {
         let path = PathBuf::from(
             args.next()
@@ -102,6 +107,40 @@ fn main() -> anyhow::Result<()> {
             writeln!(out, "{id}")?;
         }
         out.flush()?;
+    }
+    Ok(())
+}
+
+/// Commits tags, compacting the log after every fourth commit, until killed; prints each
+/// acknowledged tag's uuid.
+fn compact(lib: &Library) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    for i in 0u64.. {
+        let tags: Vec<Tag> = (0..20)
+            .map(|k| Tag {
+                uuid: Uuid::now_v7(),
+                name: format!("compact-{i}-{k}"),
+                color: None,
+                created_ms: i as i64,
+            })
+            .collect();
+        lib.transact(|tx| {
+            for tag in &tags {
+                tx.upsert(tag);
+            }
+            Ok(())
+        })?;
+        for tag in &tags {
+            writeln!(out, "tag {}", tag.uuid)?;
+        }
+        out.flush()?;
+        if i % 4 == 3 {
+            let last = lib.status()?.journal.last_lsn;
+            lib.compact(keel_engine::Lsn(last))?;
+        }
     }
     Ok(())
 }
