@@ -1029,6 +1029,12 @@ compacted_to: number,
  */
 compactable: number, 
 /**
+ * Non-zero when this device's log cannot continue its leader's: the leader compacted up to
+ * this position, which this device lacks (or holds with another history). Replication is
+ * stopped until it backfills (by joining the library again, for now).
+ */
+behind_compaction: number, 
+/**
  * Where this node listens.
  */
 listen: string, };

@@ -361,3 +361,37 @@ fn kill_9_during_compactions_loses_nothing_acknowledged() {
         acknowledged.len()
     );
 }
+
+/// A device stopped while its library was compacted past what it holds (a compaction asked of
+/// the library directly, without the node's rule) says so when it is back, and stays as it
+/// was: it neither takes what follows the leader's base nor drops what it holds.
+#[test]
+fn a_device_behind_the_compaction_point_says_so_and_keeps_its_log() {
+    use keel_tests::cluster;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder_with_tags(dir.path(), "a", "lib", 100).expect("founds");
+    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let b_addr = b.local_addr();
+    b.stop().expect("stops");
+    tags(
+        a.library(),
+        (0..300).map(|i| format!("while b was away {i}")),
+    );
+    a.library().flush().expect("flushes");
+    let end = Lsn(a.library().status().expect("status").journal.last_lsn);
+    let report = a.library().compact(end).expect("compacts past b");
+    assert_eq!(report.base, end.0);
+    let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
+    wait_status(&b, "b to learn it is behind", |s| {
+        s.behind_compaction == end.0
+    });
+    let held = b.status().log_len;
+    assert!(held < end.0, "b holds {held}, the base is {}", end.0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.status().log_len, held, "nothing was taken past the gap");
+    assert_eq!(b.library().status().expect("status").counts.tags, 100);
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+}

@@ -1137,6 +1137,7 @@ fn status(
                 "offline",
                 "listen",
                 "compactable",
+                "behind_compaction",
             ] {
                 if let Some(field) = node.get(key) {
                     map.insert(key.into(), field.clone());
@@ -1185,6 +1186,13 @@ fn status(
             n.listen,
             n.offline
         ));
+        if n.behind_compaction > 0 {
+            io.line(&format!(
+                "behind    the leader compacted its log up to {}, which this device lacks: \
+                 join the library again to catch up",
+                n.behind_compaction
+            ));
+        }
         for p in &n.peers {
             io.line(&format!(
                 "peer      {} {} {}",

@@ -86,6 +86,9 @@ pub(crate) struct Core {
     /// The device that led the log's first epoch (kept by the journal once that entry is
     /// compacted away).
     founder: Option<DeviceId>,
+    /// The leader's compaction position when this device's log cannot continue the leader's
+    /// (0: it can).
+    behind_compaction: u64,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -207,6 +210,7 @@ impl Core {
             announced_leader: None,
             members: Vec::new(),
             founder,
+            behind_compaction: 0,
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -429,6 +433,8 @@ impl Core {
                     if leader != self.announced_leader {
                         self.announced_leader = leader;
                         self.leader_end = 0;
+                        // Behind one leader's base says nothing of the next one's.
+                        self.behind_compaction = 0;
                         self.link.publish(Event::LeaderChanged {
                             leader,
                             epoch: epoch.counter,
@@ -465,11 +471,14 @@ impl Core {
                     tracing::warn!(peer = %from.short(), %reason, "dropped input from a peer");
                 }
                 ReplicaEvent::BehindCompaction { leader, base } => {
-                    tracing::warn!(
-                        leader = %leader.short(),
-                        base = base.0,
-                        "behind the leader's compaction point: this device must backfill"
-                    );
+                    if self.behind_compaction != base.0 {
+                        tracing::warn!(
+                            leader = %leader.short(),
+                            base = base.0,
+                            "behind the leader's compaction point: this device must backfill"
+                        );
+                    }
+                    self.behind_compaction = base.0;
                 }
             }
         }
@@ -750,6 +759,11 @@ impl Core {
             status.log_len = durable.last_lsn().0;
             status.compacted_to = durable.log.base().0;
             status.compactable = self.replica.compactable(&self.members).0;
+            // Backfilled to the leader's base (or past it), it is not behind any more.
+            if self.replica.durable().log.base().0 >= self.behind_compaction {
+                self.behind_compaction = 0;
+            }
+            status.behind_compaction = self.behind_compaction;
             status.offline = durable.offline.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
             status.acknowledged = self

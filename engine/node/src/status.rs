@@ -80,6 +80,10 @@ pub struct NodeStatus {
     /// position every other device of the library acknowledged this epoch (0 if one has not);
     /// following, the leader's compaction position.
     pub compactable: u64,
+    /// Non-zero when this device's log cannot continue its leader's: the leader compacted up to
+    /// this position, which this device lacks (or holds with another history). Replication is
+    /// stopped until it backfills (by joining the library again, for now).
+    pub behind_compaction: u64,
     /// Where this node listens.
     pub listen: String,
     /// Devices with a session up, hex (also shown per peer in `peers`).
