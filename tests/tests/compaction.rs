@@ -344,6 +344,12 @@ fn kill_9_during_compactions_loses_nothing_acknowledged() {
     }
     assert!(compacted > 0, "no compaction ran before a kill");
     let lib = Library::open(&home, "lib", keel_tests::PASSWORD).expect("opens");
+    let scratch: Vec<_> = std::fs::read_dir(home.library_dir("lib"))
+        .expect("lists")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("snapshot") && n.contains("incoming"))
+        .collect();
+    assert!(scratch.is_empty(), "left by a cut compaction: {scratch:?}");
     for id in &acknowledged {
         assert!(
             lib.get::<Tag>(*id).expect("reads").is_some(),

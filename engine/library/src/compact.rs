@@ -113,6 +113,31 @@ impl Library {
     }
 }
 
+/// Removes what a compaction cut short left in `dir` (a copy or a packing never moved in
+/// place; the snapshot in place is whole, since it is renamed only once synced).
+pub(crate) fn remove_scratch(dir: &Path) {
+    let unpacked = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == FROM_SNAPSHOT));
+    let scratch: Vec<_> = [SNAPSHOT_COPY, SNAPSHOT_PACKING]
+        .iter()
+        .map(|name| dir.join(name))
+        .chain(unpacked)
+        .collect();
+    for path in scratch {
+        if path.exists() {
+            tracing::info!(path = %path.display(), "removing what a compaction cut short left");
+            let _ = Projections::remove_files(&path);
+        }
+    }
+}
+
+/// The extension of a snapshot being unpacked in place of a projection.
+const FROM_SNAPSHOT: &str = "from-snapshot";
+
 /// Packs `file` into `dest` (one zstd stream).
 fn pack(file: &Path, dest: &Path) -> Result<(), EngineError> {
     let mut from = std::fs::File::open(file).map_err(io_at(file))?;
@@ -173,7 +198,7 @@ pub(crate) fn start_from_snapshot(
             base: base.0,
         });
     }
-    let copy = dest.with_extension("from-snapshot");
+    let copy = dest.with_extension(FROM_SNAPSHOT);
     unpack(&snapshot, &copy)?;
     // What the snapshot applied past the base is replayed again from the log.
     Projections::replay_from(&copy, base)?;

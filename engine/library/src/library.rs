@@ -492,6 +492,7 @@ impl Library {
         if let Some(epoch) = follower_epoch {
             journal.election().store(epoch, epoch)?;
         }
+        crate::compact::remove_scratch(&dir);
         let (projections, healed) = heal_projections(&journal, &dir, models)?;
         crate::config::make_private(&dir)?;
         let projections_path = dir.join(PROJECTIONS_FILE);
