@@ -9,7 +9,9 @@ use serde_bytes::ByteBuf;
 
 use crate::machine::{Machine, ReplicaConfig};
 use crate::types::{Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output};
-use crate::wire::{DomainPosition, ReplicationMessage, WireLogEntry, RECORDS_PER_MESSAGE_MAX};
+use crate::wire::{
+    DomainPosition, ReplicationMessage, WireLogEntry, ECHO_LEN, RECORDS_PER_MESSAGE_MAX,
+};
 
 /// What a replica reads from its device: the log and offline journal it asked to be written, the
 /// projections' progress, and the sealing of changes. Reads only; writes are [`LogWrite`]s.
@@ -159,7 +161,14 @@ pub struct Replica {
     /// Applied positions per follower and domain, as the followers acknowledged them.
     acknowledged: BTreeMap<DeviceId, BTreeMap<SyncDomain, Lsn>>,
     received_bytes: u64,
+    /// While leading: who pushed each change not yet shipped back to it. Its author gets the
+    /// entry as an echo (the id alone: it holds the payload), so a change crosses its author's
+    /// link once.
+    authored: HashMap<ChangeId, DeviceId>,
 }
+
+/// Most changes remembered as pushed by their author (past it, an entry goes back whole).
+const AUTHORED_MAX: usize = 1 << 20;
 
 impl Replica {
     /// A replica starting (or restarting) from its durable state. A device whose stored epoch is
@@ -202,6 +211,7 @@ impl Replica {
             segment_max: machine.segment_max(),
             machine,
             payloads: HashMap::new(),
+            authored: HashMap::new(),
             outbox: Vec::new(),
             ready: VecDeque::new(),
             ops,
@@ -378,17 +388,30 @@ impl Replica {
         from: DeviceId,
         first: Lsn,
         entries: Vec<WireLogEntry>,
-        store: &S,
+        store: &mut S,
         cached: &mut Vec<ChangeId>,
     ) -> Option<Vec<(Epoch, LogSlot)>> {
         let first = Lsn(first.0.max(1));
         let known = self.durable().last_lsn().0;
         let mut slots = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.into_iter().enumerate() {
+        let mut offline = None;
+        for (i, mut entry) in entries.into_iter().enumerate() {
             self.received_bytes += entry.sealed.len() as u64;
             if entry.sealed.is_empty() {
                 slots.push((entry.epoch, LogSlot::Barrier));
                 continue;
+            }
+            if entry.sealed.len() == ECHO_LEN {
+                // This device's own change, named by id: its payload is here.
+                let id = keel_schema::uuid::Uuid::from_slice(&entry.sealed)
+                    .ok()
+                    .map(ChangeId);
+                let Some(payload) = id.and_then(|id| self.own_payload(id, store, &mut offline))
+                else {
+                    self.refuse(from, "an echo of a change this device does not hold");
+                    return None;
+                };
+                entry.sealed = ByteBuf::from(payload);
             }
             let Some(id) = store.peek_change_id(&entry.sealed) else {
                 self.refuse(from, "a segment with an unreadable entry");
@@ -430,6 +453,9 @@ impl Replica {
                     if leading && !self.machine.in_log(&id) {
                         self.payloads.insert(id, sealed.into_vec());
                         cached.push(id);
+                        if self.authored.len() < AUTHORED_MAX {
+                            self.authored.insert(id, from);
+                        }
                     }
                     ids.push(id);
                 }
@@ -439,6 +465,44 @@ impl Replica {
             }
         }
         ids
+    }
+
+    /// A log entry for `to` as it goes on the wire: the change's id alone when `to` made it
+    /// and pushed it here (an echo, see [`ECHO_LEN`]), the sealed change otherwise.
+    fn echo_or_whole<S: Store>(&mut self, to: DeviceId, store: &S, sealed: Vec<u8>) -> Vec<u8> {
+        if self.authored.is_empty() || sealed.is_empty() {
+            return sealed;
+        }
+        match store.peek_change_id(&sealed) {
+            Some(id) if self.authored.get(&id) == Some(&to) => {
+                // Once: a segment sent again goes whole.
+                self.authored.remove(&id);
+                id.0.as_bytes().to_vec()
+            }
+            _ => sealed,
+        }
+    }
+
+    /// The payload of this device's own change `id`, echoed by its leader: from memory, or
+    /// from the offline journal (read once per segment, into `offline`).
+    fn own_payload<S: Store>(
+        &self,
+        id: ChangeId,
+        store: &mut S,
+        offline: &mut Option<HashMap<ChangeId, Vec<u8>>>,
+    ) -> Option<Vec<u8>> {
+        if let Some(payload) = self.payloads.get(&id) {
+            return Some(payload.clone());
+        }
+        let offline = offline.get_or_insert_with(|| {
+            // A journal that cannot be read holds nothing here: the segment is refused, and
+            // the leader sends it again whole.
+            store
+                .read_offline()
+                .map(|changes| changes.into_iter().collect())
+                .unwrap_or_default()
+        });
+        offline.get(&id).cloned()
     }
 
     fn record_ack(&mut self, from: DeviceId, positions: &[DomainPosition]) {
@@ -686,7 +750,7 @@ impl Replica {
         let Some(Output::Send { to, message }) = self.ready.pop_front() else {
             return Ok(None);
         };
-        match self.outgoing(message, store)? {
+        match self.outgoing(to, message, store)? {
             Some(message) => Ok(Some(Transmit { to, message })),
             None => self.poll_transmit(store),
         }
@@ -695,6 +759,7 @@ impl Replica {
     /// The wire form of a message, with payloads read from memory or the store.
     fn outgoing<S: Store>(
         &mut self,
+        to: DeviceId,
         message: Message,
         store: &mut S,
     ) -> Result<Option<ReplicationMessage>, ReplicaError<S::Error>> {
@@ -767,7 +832,7 @@ impl Replica {
                         .into_iter()
                         .map(|(epoch, sealed)| WireLogEntry {
                             epoch,
-                            sealed: ByteBuf::from(sealed),
+                            sealed: ByteBuf::from(self.echo_or_whole(to, store, sealed)),
                         })
                         .collect(),
                 }

@@ -710,3 +710,80 @@ fn a_lone_device_of_a_larger_library_does_not_lead() {
     }
     assert_eq!(follower.role(), ElectionRole::Alone);
 }
+
+/// A leader ships a pushed change back to its author as its id alone (the author holds it) and
+/// whole to everyone else; the author stores it whole, from its own copy. Sent again, the entry
+/// goes whole. An echo of a change the receiver does not hold is refused.
+#[test]
+fn a_pushed_change_goes_back_to_its_author_as_its_id_alone() {
+    let mut store = Memory::default();
+    let mut leader = Replica::founder(config(1), 0);
+    store.write_all(&mut leader);
+    leader.written();
+    let other = DeviceId([3; 32]);
+    leader.handle_connected(1, MAKER);
+    leader.handle_connected(1, other);
+    let pushed = seal(id(21));
+    leader.handle_message(
+        2,
+        MAKER,
+        ReplicationMessage::Push {
+            changes: vec![ByteBuf::from(pushed.clone())],
+        },
+        &mut store,
+    );
+    store.write_all(&mut leader);
+    leader.written();
+    let mut to = std::collections::HashMap::new();
+    while let Some(sent) = leader.poll_transmit(&mut store).expect("polls") {
+        if let ReplicationMessage::LogSegment { entries, first, .. } = sent.message {
+            if let Some(last) = entries.last() {
+                to.insert(sent.to, (first, last.sealed.to_vec()));
+            }
+        }
+    }
+    let (_, echo) = to.get(&MAKER).cloned().expect("a segment to the author");
+    assert_eq!(echo, id(21).0.as_bytes().to_vec(), "the id alone");
+    assert_eq!(to.get(&other).map(|(_, s)| s.clone()), Some(pushed.clone()));
+    let epoch = leader.durable().epoch;
+    let log = vec![(epoch, Vec::new()), (epoch, echo.clone())];
+
+    // The author stores the change whole, from its offline journal.
+    let mut author_store = Memory {
+        offline: vec![(id(21), pushed.clone())],
+        ..Memory::default()
+    };
+    let mut author = Replica::new(config(2), Durable::default(), 0);
+    author.handle_connected(0, epoch.device);
+    author.handle_message(
+        3,
+        epoch.device,
+        segment(epoch, 1, Epoch::default(), log.clone()),
+        &mut author_store,
+    );
+    author_store.write_all(&mut author);
+    assert_eq!(
+        author_store.log,
+        vec![(epoch, Vec::new()), (epoch, pushed.clone())]
+    );
+
+    // A device that does not hold the change refuses the echo and stores nothing.
+    let mut stranger_store = Memory::default();
+    let mut stranger = Replica::new(config(4), Durable::default(), 0);
+    stranger.handle_connected(0, epoch.device);
+    stranger.handle_message(
+        3,
+        epoch.device,
+        segment(epoch, 1, Epoch::default(), log),
+        &mut stranger_store,
+    );
+    stranger_store.write_all(&mut stranger);
+    assert!(stranger_store.log.is_empty());
+    let events: Vec<ReplicaEvent> = std::iter::from_fn(|| stranger.poll_event()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ReplicaEvent::Refused { reason, .. } if reason.contains("echo"))),
+        "{events:?}"
+    );
+}

@@ -87,8 +87,12 @@ pub struct DomainPosition {
     pub lsn: Lsn,
 }
 
+/// Length of an entry's `sealed` that is an echo: the id of a change its receiver made and
+/// pushed, which the receiver holds (a sealed change is longer; a barrier is empty).
+pub const ECHO_LEN: usize = 16;
+
 /// One log entry on the wire: the epoch that sequenced it and the sealed change (empty for the
-/// barrier that starts an epoch).
+/// barrier that starts an epoch; [`ECHO_LEN`] bytes, the change's id, when the receiver made it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireLogEntry {
     /// The sequencing epoch.
