@@ -3,48 +3,9 @@
 //! log continues after it, and all of it survives a reopen.
 
 mod common;
-use common::change;
-use keel_journal::{CommitRoute, Journal, JournalError, JournalOptions, LibraryKey};
-use keel_schema::{Change, DeviceId, Epoch, LibraryId, Lsn};
-use uuid::Uuid;
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    lib: LibraryId,
-    key: LibraryKey,
-    device: DeviceId,
-    epoch: Epoch,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let device = DeviceId([1; 32]);
-        Self {
-            path: dir.path().join("journal.redb"),
-            _dir: dir,
-            lib: LibraryId(Uuid::new_v4()),
-            key: LibraryKey::generate(),
-            device,
-            epoch: Epoch { counter: 1, device },
-        }
-    }
-
-    fn open(&self) -> Journal {
-        Journal::open(
-            &self.path,
-            self.lib,
-            &self.key,
-            self.device,
-            JournalOptions {
-                role: Some(CommitRoute::Log(self.epoch)),
-                ..JournalOptions::default()
-            },
-        )
-        .expect("opens")
-    }
-}
+use common::{change, Setup};
+use keel_journal::{CommitRoute, Journal, JournalError, JournalOptions};
+use keel_schema::{Change, DeviceId, Epoch, Lsn};
 
 fn ids_from(journal: &Journal, from: Lsn) -> Vec<uuid::Uuid> {
     journal

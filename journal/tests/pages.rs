@@ -3,53 +3,14 @@
 //! pages on open with every record and position kept.
 
 mod common;
-use common::change;
-use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey, LogRecord, PAGE_BYTES_MAX};
-use keel_schema::{Change, DeviceId, Epoch, LibraryId, Lsn};
+use common::{change, Setup};
+use keel_journal::{Journal, LogRecord, PAGE_BYTES_MAX};
+use keel_schema::{Change, Epoch, Lsn};
 use redb::{ReadableDatabase, ReadableTable};
-use uuid::Uuid;
 
 const PAGES: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
 const LEGACY: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
 const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    lib: LibraryId,
-    key: LibraryKey,
-    device: DeviceId,
-    epoch: Epoch,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let device = DeviceId([1; 32]);
-        Self {
-            path: dir.path().join("journal.redb"),
-            _dir: dir,
-            lib: LibraryId(Uuid::new_v4()),
-            key: LibraryKey::generate(),
-            device,
-            epoch: Epoch { counter: 1, device },
-        }
-    }
-
-    fn open(&self) -> Journal {
-        Journal::open(
-            &self.path,
-            self.lib,
-            &self.key,
-            self.device,
-            JournalOptions {
-                role: Some(CommitRoute::Log(self.epoch)),
-                ..JournalOptions::default()
-            },
-        )
-        .expect("opens")
-    }
-}
 
 /// Every record from position 1, as stored.
 fn all_raw(journal: &Journal) -> Vec<(Lsn, Vec<u8>)> {

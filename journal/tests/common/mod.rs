@@ -1,7 +1,51 @@
 //! Helpers shared by the journal's integration tests.
 
-use keel_schema::{Change, ChangeId, DeviceId, Hlc, Tag};
+use keel_journal::{CommitRoute, Journal, JournalOptions, LibraryKey};
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Tag};
 use uuid::Uuid;
+
+/// A journal file in a temporary folder, opened as the leader of epoch 1 of device 1.
+pub(crate) struct Setup {
+    _dir: tempfile::TempDir,
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) lib: LibraryId,
+    pub(crate) key: LibraryKey,
+    pub(crate) device: DeviceId,
+    pub(crate) epoch: Epoch,
+}
+
+impl Setup {
+    /// A new folder, library id and key.
+    #[allow(dead_code)]
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let device = DeviceId([1; 32]);
+        Self {
+            path: dir.path().join("journal.redb"),
+            _dir: dir,
+            lib: LibraryId(Uuid::new_v4()),
+            key: LibraryKey::generate(),
+            device,
+            epoch: Epoch { counter: 1, device },
+        }
+    }
+
+    /// Opens the journal as the leader of epoch 1.
+    #[allow(dead_code)]
+    pub(crate) fn open(&self) -> Journal {
+        Journal::open(
+            &self.path,
+            self.lib,
+            &self.key,
+            self.device,
+            JournalOptions {
+                role: Some(CommitRoute::Log(self.epoch)),
+                ..JournalOptions::default()
+            },
+        )
+        .expect("opens")
+    }
+}
 
 /// A tag upsert by `device`, its clock and name numbered by `n`.
 pub(crate) fn change(device: DeviceId, n: u64) -> Change {
