@@ -1020,26 +1020,23 @@ impl Machine {
         };
         if self.durable.epoch_at(prev) != Some(prev_epoch) {
             let hint = Lsn(self.durable.last_lsn().0.min(prev.0.saturating_sub(1)));
-            Self::send(
-                out,
-                from,
-                Message::AppendReply {
-                    epoch: self.durable.epoch,
-                    ok: false,
-                    last: hint,
-                },
-            );
+            self.reply(from, false, hint, out);
             return;
         }
         let end = prev.0 + entries.len() as u64;
         self.store_segment(prev, entries);
+        self.reply(from, true, Lsn(end), out);
+    }
+
+    /// Answers the leader `from`: whether its segment matched, and where this log stands.
+    fn reply(&self, from: DeviceId, ok: bool, last: Lsn, out: &mut Vec<Output>) {
         Self::send(
             out,
             from,
             Message::AppendReply {
                 epoch: self.durable.epoch,
-                ok: true,
-                last: Lsn(end),
+                ok,
+                last,
             },
         );
     }
@@ -1082,15 +1079,7 @@ impl Machine {
         out: &mut Vec<Output>,
     ) {
         if self.durable.epoch_at(base) == Some(base_epoch) {
-            Self::send(
-                out,
-                from,
-                Message::AppendReply {
-                    epoch: self.durable.epoch,
-                    ok: true,
-                    last: base,
-                },
-            );
+            self.reply(from, true, base, out);
         } else {
             self.behind = Some(base);
         }
