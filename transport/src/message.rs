@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::error::TransportError;
 
 /// The message version this build speaks.
-pub const MESSAGE_VERSION: u8 = 3;
+pub const MESSAGE_VERSION: u8 = 4;
 /// Largest piece of a projection snapshot in one [`DeviceMessage::SnapshotChunk`].
 pub const SNAPSHOT_CHUNK_MAX: usize = 4 << 20;
 /// Longest name or reason string.
@@ -556,6 +556,63 @@ mod tests {
             for cut in 0..bytes.len() {
                 assert!(DeviceMessage::decode(&bytes[..cut]).is_err());
             }
+        }
+    }
+
+    #[test]
+    fn a_segment_s_epochs_cross_as_runs_and_runs_that_do_not_fit_are_refused() {
+        use keel_replication::wire::epoch_runs;
+        let (a, b) = (
+            Epoch {
+                counter: 2,
+                device: DeviceId([1; 32]),
+            },
+            Epoch {
+                counter: 3,
+                device: DeviceId([2; 32]),
+            },
+        );
+        let entries: Vec<WireLogEntry> = [a, a, a, b, b]
+            .into_iter()
+            .map(|epoch| WireLogEntry {
+                epoch,
+                sealed: ByteBuf::from(vec![9u8; 70]),
+            })
+            .collect();
+        let segment = |entries: Vec<WireLogEntry>| {
+            DeviceMessage::Replication(ReplicationMessage::LogSegment {
+                epoch: b,
+                first: Lsn(1),
+                prev_epoch: Epoch::default(),
+                leader_end: Lsn(5),
+                entries,
+                base: Lsn(0),
+            })
+        };
+        let bytes = segment(entries.clone()).encode().expect("encodes");
+        assert_eq!(
+            DeviceMessage::decode(&bytes).expect("decodes"),
+            segment(entries)
+        );
+        // Two epochs for five entries: far less than one per entry.
+        let per_entry = segment(vec![WireLogEntry {
+            epoch: a,
+            sealed: ByteBuf::from(vec![9u8; 70]),
+        }])
+        .encode()
+        .expect("encodes")
+        .len();
+        assert!(bytes.len() < 5 * 75 + per_entry, "{} bytes", bytes.len());
+        let one = ByteBuf::from(vec![1u8]);
+        for (runs, sealed) in [
+            (vec![(1u32, a)], vec![one.clone()]),
+            (vec![(0, a), (5, b)], vec![one.clone(), one.clone()]),
+            (vec![(0, a), (0, b)], vec![one.clone(), one.clone()]),
+            (vec![], vec![one.clone()]),
+        ] {
+            let bytes = rmp_serde::to_vec(&(runs.clone(), sealed)).expect("encodes");
+            let decoded = epoch_runs::deserialize(&mut rmp_serde::Deserializer::new(&bytes[..]));
+            assert!(decoded.is_err(), "{runs:?} accepted");
         }
     }
 

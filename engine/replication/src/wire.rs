@@ -154,8 +154,8 @@ pub enum ReplicationMessage {
         prev_epoch: Epoch,
         /// The leader's last log position (for catch-up progress).
         leader_end: Lsn,
-        /// The entries.
-        #[serde(deserialize_with = "bounded::records")]
+        /// The entries (on the wire, their epochs as runs: see [`epoch_runs`]).
+        #[serde(with = "epoch_runs")]
         entries: Vec<WireLogEntry>,
         /// The leader's compaction base: the follower may compact its own log up to it
         /// (0 from a leader that never compacted, or one that predates compaction).
@@ -192,6 +192,67 @@ pub enum ReplicationMessage {
         /// The epoch of the entry at `base`.
         base_epoch: Epoch,
     },
+}
+
+/// A segment's entries on the wire: each epoch once per run of entries that share it, then the
+/// payloads, `(runs: [(start index, epoch)], sealed: [bytes])`. An epoch is 44 bytes encoded and
+/// a segment's entries nearly all share one. Decoding checks the runs (the first starts at 0,
+/// starts increase and fall inside the entries) and the limits before expanding them.
+pub mod epoch_runs {
+    use keel_schema::Epoch;
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_bytes::ByteBuf;
+
+    use super::{bounded, WireLogEntry, RECORDS_PER_MESSAGE_MAX};
+
+    #[derive(Serialize)]
+    struct Out<'a>(Vec<(u32, Epoch)>, Vec<&'a ByteBuf>);
+
+    #[derive(Deserialize)]
+    struct In(
+        #[serde(deserialize_with = "bounded::records")] Vec<(u32, Epoch)>,
+        #[serde(deserialize_with = "bounded::records")] Vec<ByteBuf>,
+    );
+
+    /// Writes `entries` as runs and payloads.
+    pub fn serialize<S: Serializer>(entries: &[WireLogEntry], s: S) -> Result<S::Ok, S::Error> {
+        let mut runs: Vec<(u32, Epoch)> = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            if runs.last().map(|(_, e)| *e) != Some(entry.epoch) {
+                // At most RECORDS_PER_MESSAGE_MAX entries: the index fits.
+                runs.push((u32::try_from(i).unwrap_or(u32::MAX), entry.epoch));
+            }
+        }
+        Out(runs, entries.iter().map(|e| &e.sealed).collect()).serialize(s)
+    }
+
+    /// Reads runs and payloads back into entries, refusing runs that do not describe them.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<WireLogEntry>, D::Error> {
+        let In(runs, sealed) = In::deserialize(d)?;
+        debug_assert!(sealed.len() <= RECORDS_PER_MESSAGE_MAX);
+        let starts_right = match runs.first() {
+            None => sealed.is_empty(),
+            Some((first, _)) => *first == 0,
+        };
+        let increasing = runs.windows(2).all(|w| w[0].0 < w[1].0);
+        let inside = runs
+            .last()
+            .is_none_or(|(at, _)| (*at as usize) < sealed.len());
+        if !(starts_right && increasing && inside) {
+            return Err(D::Error::custom("epoch runs that do not fit the entries"));
+        }
+        let mut entries = Vec::with_capacity(sealed.len());
+        let mut run = 0;
+        for (i, sealed) in sealed.into_iter().enumerate() {
+            while runs.get(run + 1).is_some_and(|(at, _)| *at as usize <= i) {
+                run += 1;
+            }
+            let epoch = runs.get(run).map(|(_, e)| *e).unwrap_or_default();
+            entries.push(WireLogEntry { epoch, sealed });
+        }
+        Ok(entries)
+    }
 }
 
 /// Checks a batch of blobs against the record limits.
