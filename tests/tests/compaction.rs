@@ -45,6 +45,24 @@ fn a_compacted_library_rebuilds_verifies_and_heals_from_its_snapshot() {
     );
     assert_eq!(after.disk.snapshot, report.snapshot_bytes);
 
+    // A change feed from before the compaction is told where it may go on from; from there it
+    // reads on.
+    match lib
+        .sync_state()
+        .changes_since(keel_engine::FeedPosition::default(), 10)
+    {
+        Err(EngineError::FeedCompacted { base }) => assert_eq!(base, compacted_to),
+        other => panic!("a feed from the start: {other:?}"),
+    }
+    let from_base = keel_engine::FeedPosition {
+        log: Lsn(compacted_to),
+        ..keel_engine::FeedPosition::default()
+    };
+    let empty = lib
+        .sync_state()
+        .changes_since(from_base, 10)
+        .expect("reads");
+    assert!(empty.changes.is_empty() && !empty.more);
     // Changes after the compaction, one of them to a compacted record.
     tags(&lib, (0..100).map(|i| format!("later {i}")));
     let mut renamed = first[7].clone();

@@ -165,6 +165,12 @@ pub enum EngineError {
         /// The journal's compaction base.
         base: u64,
     },
+    /// The change feed was asked for changes the log no longer holds (it was compacted).
+    #[error("the change feed before log position {base} was compacted: read the state with queries, then go on from position {base}")]
+    FeedCompacted {
+        /// The log's compaction position: a feed may go on from it.
+        base: u64,
+    },
     /// The snapshot of the compacted log does not unpack.
     #[error("the snapshot is damaged: {0} (copy it back from a backup, or join the library again from another device)")]
     SnapshotDamaged(String),

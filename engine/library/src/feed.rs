@@ -50,6 +50,11 @@ impl SyncState<'_> {
     ) -> Result<ChangeFeed, EngineError> {
         let applied = self.applied_position();
         let journal = self.journal()?;
+        let (base, _) = journal.log().base()?;
+        if after.log < base {
+            // The changes before the base are gone from the log: only the state remains.
+            return Err(EngineError::FeedCompacted { base: base.0 });
+        }
         let me = self.device_id();
         let mut feed = ChangeFeed {
             next: after,
