@@ -419,3 +419,39 @@ fn a_device_behind_the_compaction_point_says_so_and_keeps_its_log() {
     b.stop().expect("stops");
     a.stop().expect("stops");
 }
+
+/// Two compactions at once (a node's own and one asked through its control socket), and a
+/// verify while compactions go on: each either compacts or finds nothing to do, none fails on
+/// the other's files or on log positions dropped under it.
+#[test]
+fn compactions_at_once_and_a_verify_meanwhile_do_not_trip_on_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_home, lib) = create_library(dir.path(), "lib").expect("creates");
+    tags(&lib, (0..2_000).map(|i| format!("tag {i}")));
+    std::thread::scope(|s| {
+        let compacting: Vec<_> = (0..2)
+            .map(|t| {
+                let lib = &lib;
+                s.spawn(move || {
+                    for round in 0..15 {
+                        tags(lib, (0..100).map(|i| format!("t{t} r{round} {i}")));
+                        lib.flush().expect("flushes");
+                        lib.compact(last(lib)).expect("compacts");
+                    }
+                })
+            })
+            .collect();
+        let verifying = s.spawn(|| {
+            for _ in 0..5 {
+                let (report, outcome) = lib.verify().expect("verifies");
+                assert!(report.faults.is_empty(), "{:?}", report.faults);
+                outcome.expect("projections match");
+            }
+        });
+        for t in compacting {
+            t.join().expect("a compaction thread");
+        }
+        verifying.join().expect("the verify thread");
+    });
+    assert_eq!(lib.status().expect("status").counts.tags, 5_000);
+}
