@@ -57,16 +57,22 @@ impl Journal {
     /// See [`crate::ReplicatedLog::compact`].
     pub(crate) fn compact_log(&self, base: Lsn) -> Result<Compaction, JournalError> {
         guarded(|| {
-            let (old, old_epoch) = self.log_base()?;
+            let mut txn = self.db.begin_write().map_err(storage)?;
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            // Read in the transaction that moves it: two compactions see each other's base.
+            let (old, old_epoch) = {
+                let meta = txn.open_table(META).map_err(storage)?;
+                let value = meta.get(META_LOG_BASE).map_err(storage)?;
+                decode_base(value.as_ref().map(|v| v.value()))?
+            };
             if base <= old {
+                txn.abort().map_err(storage)?;
                 return Ok(Compaction {
                     base: old,
                     base_epoch: old_epoch,
                     dropped: 0,
                 });
             }
-            let mut txn = self.db.begin_write().map_err(storage)?;
-            txn.set_durability(Durability::Immediate).map_err(storage)?;
             let compaction = {
                 let mut log = txn.open_table(LOG).map_err(storage)?;
                 let last = log_table::last_lsn(&log)?;

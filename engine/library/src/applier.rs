@@ -46,6 +46,10 @@ pub(crate) struct Shared {
     /// Held by an index run: two runs over one folder (a resumed job and the watcher's rescan)
     /// would each make an entry for a new file.
     pub(crate) indexing: Mutex<()>,
+    /// Held by a compaction, and by a rebuild or verify while it replays the log aside: a
+    /// compaction drops log positions such a replay has still to read, and two compactions
+    /// would write the same scratch files.
+    pub(crate) history: Mutex<()>,
 }
 
 /// A catch-up bulk-loads when at least this many log entries are missing...

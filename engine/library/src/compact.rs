@@ -73,6 +73,8 @@ impl Library {
     }
 
     fn compact_now(&self, upto: Lsn) -> Result<CompactReport, EngineError> {
+        // One compaction at a time, and none under a rebuild's or a verify's replay.
+        let _history = self.history()?;
         let dir = self.dir().to_path_buf();
         let journal = self.journal()?;
         let journal_before = file_len(&dir.join(JOURNAL_FILE));
@@ -101,6 +103,11 @@ impl Library {
             snapshot_bytes: file_len(&dir.join(SNAPSHOT_FILE)),
             journal_bytes: (journal_before, file_len(&dir.join(JOURNAL_FILE))),
         })
+    }
+
+    /// The lock a compaction holds, and a replay of the log aside (see `Shared::history`).
+    pub(crate) fn history(&self) -> Result<std::sync::MutexGuard<'_, ()>, EngineError> {
+        self.shared.history.lock().map_err(|_| EngineError::Closed)
     }
 
     fn nothing_compacted(&self, base: Lsn, journal_bytes: u64) -> CompactReport {

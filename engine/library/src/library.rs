@@ -520,6 +520,7 @@ impl Library {
             models: models.clone(),
             jobs: Default::default(),
             indexing: Mutex::new(()),
+            history: Mutex::new(()),
             catch_up: Mutex::new(None),
         });
         let applier_shared = shared.clone();

@@ -69,6 +69,8 @@ impl Library {
         &self,
         step: &mut dyn FnMut(u64, u64) -> Result<(), EngineError>,
     ) -> Result<VerifyOutcome, EngineError> {
+        // The log stays whole under the replay (no compaction meanwhile).
+        let _history = self.history()?;
         let report = self.journal()?.verify()?;
         let (mut aside, _) = self.replay_aside(VERIFY_FILE, step)?;
         let compared = self.compare_level(&mut aside);
@@ -142,6 +144,8 @@ impl Library {
         &self,
         step: &mut dyn FnMut(u64, u64) -> Result<(), EngineError>,
     ) -> Result<ReplayReport, EngineError> {
+        // The log stays whole under the replay (no compaction meanwhile).
+        let _history = self.history()?;
         let (mut aside, mut report) = self.replay_aside(REBUILD_FILE, step)?;
         self.flush()?;
         let mut live = self
