@@ -947,6 +947,20 @@ fn keel_watch_follows_a_location_until_stopped() {
 
 /// Waits until the two homes' served libraries have applied the same log, nothing waits
 /// offline, and their digests are equal.
+/// Pairs `home_b` with the node of `home_a` serving at `addr_a`, serves it too, and waits until
+/// both hold the same digest.
+fn join_and_serve(home_a: &Path, addr_a: &str, home_b: &Path) -> Served {
+    let code = ok(&keel(home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = code.lines().next().expect("a code").to_string();
+    ok(&keel(
+        home_b,
+        &["pair", "join", "--addr", addr_a, "--code", &code],
+    ));
+    let served = serve(home_b, &free_port(), &[addr_a]);
+    wait_same_digest(home_a, home_b);
+    served
+}
+
 fn wait_same_digest(home_a: &Path, home_b: &Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -1131,14 +1145,7 @@ fn verify_against_a_peer_reports_the_ranges_compared() {
     assert!(String::from_utf8_lossy(&repair_alone.stderr).contains("--against"));
     let addr_a = free_port();
     let _a = serve(&home_a, &addr_a, &[]);
-    let code = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
-    let code = code.lines().next().expect("a code").to_string();
-    ok(&keel(
-        &home_b,
-        &["pair", "join", "--addr", &addr_a, "--code", &code],
-    ));
-    let _b = serve(&home_b, &free_port(), &[&addr_a]);
-    wait_same_digest(&home_a, &home_b);
+    let _b = join_and_serve(&home_a, &addr_a, &home_b);
     let status: serde_json::Value =
         serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
     let a_id = status["device_id"].as_str().expect("an id")[..16].to_string();
@@ -1183,14 +1190,7 @@ fn compact_drops_the_log_alone_or_through_a_node_and_status_shows_it() {
     // With another device, only a node knows what it has.
     let addr_a = free_port();
     let served = serve(&home_a, &addr_a, &[]);
-    let code = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
-    let code = code.lines().next().expect("a code").to_string();
-    ok(&keel(
-        &home_b,
-        &["pair", "join", "--addr", &addr_a, "--code", &code],
-    ));
-    let _b = serve(&home_b, &free_port(), &[&addr_a]);
-    wait_same_digest(&home_a, &home_b);
+    let _b = join_and_serve(&home_a, &addr_a, &home_b);
     ok(&keel(
         &home_a,
         &[
