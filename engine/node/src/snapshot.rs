@@ -361,11 +361,14 @@ fn compressed_chunk(offset: u64, data: Vec<u8>) -> DeviceMessage {
 
 /// The bytes of a chunk: `data` itself, or unpacked to exactly `raw_len` bytes (never more:
 /// the bound is the transport's limit, checked when the message was decoded).
-fn unpacked(data: &ByteBuf, raw_len: u32) -> Result<Vec<u8>, NodeError> {
+fn unpacked(data: ByteBuf, raw_len: u32) -> Result<Chunk, NodeError> {
     if raw_len == 0 {
-        return Ok(data.to_vec());
+        return Ok(Chunk {
+            bytes: data.into_vec(),
+            frame: None,
+        });
     }
-    let raw = zstd::bulk::decompress(data, raw_len as usize)
+    let raw = zstd::bulk::decompress(&data, raw_len as usize)
         .map_err(|e| node_error(format!("a chunk that does not unpack: {e}")))?;
     if raw.len() != raw_len as usize {
         return Err(node_error(format!(
@@ -373,7 +376,16 @@ fn unpacked(data: &ByteBuf, raw_len: u32) -> Result<Vec<u8>, NodeError> {
             raw.len()
         )));
     }
-    Ok(raw)
+    Ok(Chunk {
+        bytes: raw,
+        frame: Some(data.into_vec()),
+    })
+}
+
+/// A chunk of the file as received: its bytes, and the zstd frame they came in, if packed.
+struct Chunk {
+    bytes: Vec<u8>,
+    frame: Option<Vec<u8>>,
 }
 
 /// Fetches a snapshot from `addr` (device `peer` of `library`, which pinned this one) over
@@ -834,9 +846,9 @@ impl SnapshotReader {
                 data,
                 raw_len,
             } => {
-                let raw = unpacked(&data, raw_len)?;
-                self.keep_frame(data, raw_len, &raw)?;
-                self.on_chunk(offset, raw)?
+                let raw = unpacked(data, raw_len)?;
+                self.keep_frame(&raw)?;
+                self.on_chunk(offset, raw.bytes)?
             }
             DeviceMessage::SnapshotEnd { file_hash } => return self.on_end(&file_hash).map(Some),
             other => {
@@ -900,17 +912,21 @@ impl SnapshotReader {
 
     /// With a base, appends the chunk to the frames kept as the snapshot: as it came when it
     /// came packed (a checked frame), packed here otherwise.
-    fn keep_frame(&mut self, data: ByteBuf, raw_len: u32, raw: &[u8]) -> Result<(), NodeError> {
+    fn keep_frame(&mut self, chunk: &Chunk) -> Result<(), NodeError> {
         use std::io::Write;
         let Some((path, file)) = self.frames.as_mut() else {
             return Ok(());
         };
-        let frame = if raw_len > 0 {
-            data.into_vec()
-        } else {
-            zstd::bulk::compress(raw, CHUNK_ZSTD_LEVEL).map_err(io_at(path.as_path()))?
+        let packed_here;
+        let frame = match &chunk.frame {
+            Some(frame) => frame,
+            None => {
+                packed_here = zstd::bulk::compress(&chunk.bytes, CHUNK_ZSTD_LEVEL)
+                    .map_err(io_at(path.as_path()))?;
+                &packed_here
+            }
         };
-        file.write_all(&frame).map_err(io_at(path.as_path()))
+        file.write_all(frame).map_err(io_at(path.as_path()))
     }
 
     fn on_chunk(&mut self, offset: u64, data: Vec<u8>) -> Result<(), NodeError> {
@@ -1128,7 +1144,10 @@ mod tests {
             "{raw_len} {}",
             packed.len()
         );
-        assert_eq!(unpacked(&packed, raw_len).expect("unpacks"), data);
+        assert_eq!(
+            unpacked(packed.clone(), raw_len).expect("unpacks").bytes,
+            data
+        );
         // Claiming fewer bytes than the frame holds, or more, or a frame that is not one.
         for (bytes, claimed) in [
             (packed.clone(), 8191),
