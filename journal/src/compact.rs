@@ -2,14 +2,15 @@
 //! state is kept by the library as a snapshot), and only the base with its epoch stays. A
 //! joining device's empty log can also start after a base (the sender's).
 
-use keel_schema::{Epoch, Lsn};
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
 use crate::error::{guarded, storage, JournalError};
 use crate::log_table;
 use crate::record::LogRecord;
+use crate::seal::Sealer;
 use crate::store::{decode_epoch, read_meta, Journal};
-use crate::tables::{LOG, LOG_INDEX, META, META_LOG_BASE, META_LOG_HEAD};
+use crate::tables::{LOG, LOG_INDEX, META, META_LOG_BASE, META_LOG_HEAD, OFFLINE};
 use crate::writer::{epoch_bytes, Request, WriterState};
 
 /// What a compaction did.
@@ -100,12 +101,7 @@ impl Journal {
                 meta.insert(META_LOG_BASE, &base_bytes(base, base_epoch)[..])
                     .map_err(storage)?;
                 // The saved index starts at position 1: it no longer describes the log.
-                let mut saved = txn.open_table(LOG_INDEX).map_err(storage)?;
-                loop {
-                    let last = saved.last().map_err(storage)?.map(|(k, _)| k.value());
-                    let Some(key) = last else { break };
-                    saved.remove(key).map_err(storage)?;
-                }
+                clear_saved_index(&txn)?;
                 Compaction {
                     base,
                     base_epoch,
@@ -128,6 +124,30 @@ impl Journal {
             base,
             epoch,
             head,
+            reply,
+        })
+    }
+
+    /// See [`crate::ReplicatedLog::rebase`].
+    pub(crate) fn rebase_log(
+        &self,
+        base: Lsn,
+        epoch: Epoch,
+        head: Epoch,
+        led_by: DeviceId,
+    ) -> Result<Vec<ChangeId>, JournalError> {
+        let (old, _) = self.log_base()?;
+        if base <= old {
+            return Err(JournalError::Compaction(format!(
+                "a rebase to {} is not past the base {}",
+                base.0, old.0
+            )));
+        }
+        self.ask(|reply| Request::Rebase {
+            base,
+            epoch,
+            head,
+            led_by,
             reply,
         })
     }
@@ -177,4 +197,63 @@ impl WriterState {
         self.next_lsn = base.0 + 1;
         Ok(())
     }
+
+    /// Drops every log entry and makes the log start after `base` (whose entry has `epoch`)
+    /// in a library whose log began with an entry of epoch `head`, in one durable
+    /// transaction. The changes of entries in epochs `led_by` led (this device's own
+    /// leadership, which no other device may hold) go back to the offline journal as
+    /// pending, as a truncation returns them; the others are the leader's to keep. Returns
+    /// the ids returned.
+    pub(crate) fn rebase(
+        &mut self,
+        base: Lsn,
+        epoch: Epoch,
+        head: Epoch,
+        led_by: DeviceId,
+    ) -> Result<Vec<ChangeId>, JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let next_local_before = self.next_local;
+        let mut returned = Vec::new();
+        {
+            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let mut local = txn.open_table(OFFLINE).map_err(storage)?;
+            for bytes in log_table::split_off(&mut log, 0)? {
+                let Ok(record) = LogRecord::decode(&bytes) else {
+                    continue;
+                };
+                if record.epoch.device != led_by {
+                    continue;
+                }
+                let Some(id) = Sealer::peek_change_id(record.sealed) else {
+                    continue;
+                };
+                self.resubmit(&mut local, record.sealed)?;
+                returned.push(id);
+            }
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(META_LOG_BASE, &base_bytes(base, epoch)[..])
+                .map_err(storage)?;
+            meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
+                .map_err(storage)?;
+            clear_saved_index(&txn)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.next_local = next_local_before;
+            return Err(storage(e));
+        }
+        self.next_lsn = base.0 + 1;
+        Ok(returned)
+    }
+}
+
+/// Removes the saved log index (it would describe positions that are gone).
+fn clear_saved_index(txn: &redb::WriteTransaction) -> Result<(), JournalError> {
+    let mut saved = txn.open_table(LOG_INDEX).map_err(storage)?;
+    loop {
+        let last = saved.last().map_err(storage)?.map(|(k, _)| k.value());
+        let Some(key) = last else { break };
+        saved.remove(key).map_err(storage)?;
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Handles on the concepts a [`Journal`] holds, in the way redb layers a database and its
 //! tables: [`ReplicatedLog`], [`OfflineJournal`] and [`Election`]. Each borrows the journal.
 
-use keel_schema::{ChangeId, Epoch, Lsn};
+use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 
 use crate::error::JournalError;
 use crate::log_index::LogIndex;
@@ -162,6 +162,21 @@ impl ReplicatedLog<'_> {
     /// snapshot from a device whose log was compacted.
     pub fn start_after(&self, base: Lsn, epoch: Epoch, head: Epoch) -> Result<(), JournalError> {
         self.journal.start_log_after(base, epoch, head)
+    }
+
+    /// Drops the whole log and makes it start after `base` (whose entry has `epoch`, in a
+    /// library whose log began with an entry of epoch `head`): a device behind its leader's
+    /// compaction point, once the library holds a snapshot at `base`. The changes of entries
+    /// in epochs `led_by` led go back to the offline journal as pending (only this device
+    /// may hold them); returns their ids. `base` must be past the current base.
+    pub fn rebase(
+        &self,
+        base: Lsn,
+        epoch: Epoch,
+        head: Epoch,
+        led_by: DeviceId,
+    ) -> Result<Vec<ChangeId>, JournalError> {
+        self.journal.rebase_log(base, epoch, head, led_by)
     }
 
     /// The epoch of the log's first entry (the founder's), kept when it was compacted away;

@@ -106,14 +106,7 @@ impl WriterState {
                 if dropped.contains(&id) {
                     continue;
                 }
-                let seq = self.next_local;
-                self.next_local += 1;
-                local
-                    .insert(
-                        seq,
-                        LocalRecord::encode(PushState::Pending, record.sealed).as_slice(),
-                    )
-                    .map_err(storage)?;
+                self.resubmit(&mut local, record.sealed)?;
                 returned.push(id);
             }
             let mut meta = txn.open_table(META).map_err(storage)?;
@@ -137,5 +130,25 @@ impl WriterState {
         }
         self.next_lsn = keep.0 + 1;
         Ok(returned)
+    }
+}
+
+impl WriterState {
+    /// Puts a change dropped from the log back in the offline journal as pending, inside the
+    /// caller's transaction (its maker pushes it again).
+    pub(crate) fn resubmit(
+        &mut self,
+        offline: &mut redb::Table<'_, u64, &'static [u8]>,
+        sealed: &[u8],
+    ) -> Result<(), JournalError> {
+        let seq = self.next_local;
+        self.next_local += 1;
+        offline
+            .insert(
+                seq,
+                LocalRecord::encode(PushState::Pending, sealed).as_slice(),
+            )
+            .map_err(storage)?;
+        Ok(())
     }
 }

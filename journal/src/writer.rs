@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use keel_schema::{Change, Epoch, Hlc, Lsn};
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, Lsn};
 use redb::{Durability, ReadableTable};
 
 use crate::error::{guarded, storage, DbHandle, JournalError};
@@ -127,6 +127,15 @@ pub(crate) enum Request {
         head: Epoch,
         reply: Sender<Result<(), JournalError>>,
     },
+    /// Drops the whole log and makes it start after a base (a device behind its leader's
+    /// compaction point, backfilled from a snapshot at that base).
+    Rebase {
+        base: Lsn,
+        epoch: Epoch,
+        head: Epoch,
+        led_by: DeviceId,
+        reply: Sender<Result<Vec<ChangeId>, JournalError>>,
+    },
     RaiseHlc {
         hlc: Hlc,
         reply: Sender<Result<(), JournalError>>,
@@ -216,6 +225,16 @@ impl WriterState {
                     } => {
                         self.flush(&mut commits);
                         let _ = reply.send(guarded(|| self.start_after(base, epoch, head)));
+                    }
+                    Request::Rebase {
+                        base,
+                        epoch,
+                        head,
+                        led_by,
+                        reply,
+                    } => {
+                        self.flush(&mut commits);
+                        let _ = reply.send(guarded(|| self.rebase(base, epoch, head, led_by)));
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);

@@ -127,3 +127,63 @@ fn an_empty_log_starts_after_a_base_and_a_used_one_cannot() {
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(501));
     assert!(journal.log().start_after(Lsn(900), other, founder).is_err());
 }
+
+#[test]
+fn a_rebase_drops_the_log_and_returns_only_the_changes_of_epochs_this_device_led() {
+    let s = Setup::new();
+    let journal = s.open();
+    let changes: Vec<Change> = (0..100).map(|n| change(s.device, n)).collect();
+    journal.commit(changes.clone()).expect("commits");
+    journal.log().compact(Lsn(30)).expect("compacts");
+    let leader = Epoch {
+        counter: 7,
+        device: DeviceId([9; 32]),
+    };
+    let founder = Epoch {
+        counter: 1,
+        device: DeviceId([3; 32]),
+    };
+    assert!(
+        journal
+            .log()
+            .rebase(Lsn(30), leader, founder, s.device)
+            .is_err(),
+        "not past the base"
+    );
+    // Every entry left was sequenced in an epoch this device led: their changes go back.
+    let returned = journal
+        .log()
+        .rebase(Lsn(500), leader, founder, s.device)
+        .expect("rebases");
+    let expected: Vec<_> = changes[30..].iter().map(|c| c.id).collect();
+    assert_eq!(returned, expected);
+    journal.close();
+
+    let journal = s.open_offline();
+    let stats = journal.stats().expect("stats");
+    assert_eq!(
+        (stats.base, stats.last_lsn, stats.log_len),
+        (Lsn(500), Lsn(500), 0)
+    );
+    assert_eq!(journal.log().base().expect("base"), (Lsn(500), leader));
+    assert_eq!(journal.log().head().expect("head"), Some(founder));
+    let pending: Vec<_> = journal
+        .offline()
+        .changes()
+        .expect("reads")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(pending, expected, "pending again, to be pushed");
+    journal
+        .log()
+        .append(Lsn(501), vec![(leader, Vec::new())])
+        .expect("the log goes on after the new base");
+    // Entries of another device's epochs are that leader's to keep: nothing returns.
+    let returned = journal
+        .log()
+        .rebase(Lsn(900), leader, founder, DeviceId([5; 32]))
+        .expect("rebases");
+    assert!(returned.is_empty());
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(900));
+}

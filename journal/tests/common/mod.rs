@@ -33,13 +33,23 @@ impl Setup {
     /// Opens the journal as the leader of epoch 1.
     #[allow(dead_code)]
     pub(crate) fn open(&self) -> Journal {
+        self.open_as(CommitRoute::Log(self.epoch))
+    }
+
+    /// Opens the journal with commits going to the offline journal (a follower).
+    #[allow(dead_code)]
+    pub(crate) fn open_offline(&self) -> Journal {
+        self.open_as(CommitRoute::Offline)
+    }
+
+    fn open_as(&self, role: CommitRoute) -> Journal {
         Journal::open(
             &self.path,
             self.lib,
             &self.key,
             self.device,
             JournalOptions {
-                role: Some(CommitRoute::Log(self.epoch)),
+                role: Some(role),
                 ..JournalOptions::default()
             },
         )
