@@ -322,7 +322,7 @@ const BLOB: u8 = 4;
 
 /// A row image: the column count (u16 BE), then each cell as a tag and its bytes (8 for a
 /// number, a u32 BE length and the bytes for text and blobs).
-fn encode_row(
+pub(crate) fn encode_row(
     row: &rusqlite::Row<'_>,
     columns: usize,
     out: &mut Vec<u8>,
@@ -366,7 +366,7 @@ pub fn image_uuid(image: &[u8]) -> Option<Uuid> {
 }
 
 /// Reads a row image of exactly `columns` cells; never panics on any input.
-fn decode_row(image: &[u8], columns: usize) -> Result<Vec<SqlValue>, ProjectionError> {
+pub(crate) fn decode_row(image: &[u8], columns: usize) -> Result<Vec<SqlValue>, ProjectionError> {
     let bad = |why: &str| ProjectionError::MalformedRow(format!("row image: {why}"));
     if image.len() > ROW_IMAGE_MAX {
         return Err(bad("too large"));

@@ -22,9 +22,9 @@ pub use frame::{decode_frame, encode_frame, frame_len, FRAME_HEADER_LEN, FRAME_L
 pub use identity::Identity;
 pub use keel_replication::ReplicationMessage;
 pub use message::{
-    DeviceMessage, DomainPosition, PairingMessage, PeerAddr, WireKey, WireLogEntry, WireRange,
-    WireRangeDigest, LIBRARY_KEYS_MAX, MESSAGE_VERSION, PEERS_MAX, POSITIONS_MAX,
-    RANGES_PER_REQUEST_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, REVOKED_MAX,
+    DeviceMessage, DomainPosition, PairingMessage, PeerAddr, WireKey, WireLogEntry, WirePart,
+    WireRange, WireRangeDigest, BACKFILL_PARTS_MAX, LIBRARY_KEYS_MAX, MESSAGE_VERSION, PEERS_MAX,
+    POSITIONS_MAX, RANGES_PER_REQUEST_MAX, RECORDS_PER_MESSAGE_MAX, RECORD_BYTES_MAX, REVOKED_MAX,
     SNAPSHOT_CHUNK_MAX, TEXT_LEN_MAX,
 };
 pub use pairing::{

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::error::TransportError;
 
 /// The message version this build speaks.
-pub const MESSAGE_VERSION: u8 = 4;
+pub const MESSAGE_VERSION: u8 = 5;
 /// Largest piece of a projection snapshot in one [`DeviceMessage::SnapshotChunk`].
 pub const SNAPSHOT_CHUNK_MAX: usize = 4 << 20;
 /// Longest name or reason string.
@@ -31,6 +31,8 @@ pub const LIBRARY_KEYS_MAX: usize = 32;
 pub const REVOKED_MAX: usize = 256;
 /// Most key ranges one [`DeviceMessage::RangeDigestsRequest`] names.
 pub const RANGES_PER_REQUEST_MAX: usize = 256;
+/// Most parts (tables) one [`DeviceMessage::BackfillPlan`] names.
+pub const BACKFILL_PARTS_MAX: usize = 256;
 
 /// The record uuids of one model from `start` (inclusive; `None`: the first) to `end`
 /// (exclusive; `None`: past the last).
@@ -49,6 +51,17 @@ pub struct WireRangeDigest {
     pub rows: u64,
     /// Their 32-byte BLAKE3 digest.
     pub digest: ByteBuf,
+}
+
+/// One table of a snapshot as [`DeviceMessage::BackfillPlan`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WirePart {
+    /// Its table.
+    pub table: String,
+    /// A model's code; `None` for an internal table.
+    pub model: Option<u8>,
+    /// Rows it holds.
+    pub rows: u64,
 }
 
 /// A key of the library, as [`DeviceMessage::LibraryKeys`] carries it. Zeroized when dropped.
@@ -160,6 +173,13 @@ pub enum DeviceMessage {
         /// Only rows in this range (all of the model's without it).
         #[serde(default)]
         range: Option<WireRange>,
+        /// A backfill's internal table (see [`DeviceMessage::BackfillPlan`]) instead of the
+        /// model: its rows from the `skip`th on, in the snapshot's fixed order.
+        #[serde(default)]
+        table: Option<String>,
+        /// Rows of `table` already taken.
+        #[serde(default)]
+        skip: u64,
     },
     /// Rows of one model, each a row image (every column of its projection row, clocks
     /// included; the layout is `keel_projections::Query::range_rows`'s).
@@ -262,6 +282,29 @@ pub enum DeviceMessage {
         #[serde(default)]
         raw_len: u32,
     },
+    /// Backfill: a device behind its leader's compaction point asks for the leader's snapshot,
+    /// sent instead of Hello on a connection of its own by a pinned device. The answer is a
+    /// [`DeviceMessage::BackfillPlan`]; then [`DeviceMessage::SyncPullModelBatchRequest`]s are
+    /// answered from that snapshot until the asking device closes the connection.
+    BackfillRequest {
+        /// The library.
+        library: LibraryId,
+    },
+    /// The snapshot a backfill reads: the log base it stands for, and its parts (every model
+    /// in dependency order, then the internal tables) with their row counts.
+    BackfillPlan {
+        /// The log position the snapshot stands for: the log after it follows.
+        base: Lsn,
+        /// The epoch of the entry at `base`.
+        base_epoch: Epoch,
+        /// The epoch of the log's first entry (its founder's).
+        head: Epoch,
+        /// The sender's HLC high-water mark.
+        hlc: Hlc,
+        /// Its parts, in the order they are taken.
+        #[serde(deserialize_with = "bounded::seq::<_, _, BACKFILL_PARTS_MAX>")]
+        parts: Vec<WirePart>,
+    },
     /// The snapshot is complete.
     SnapshotEnd {
         /// BLAKE3 of the whole projection file.
@@ -271,6 +314,13 @@ pub enum DeviceMessage {
 
 fn over(what: String) -> TransportError {
     TransportError::OverLimit(what)
+}
+
+fn check_limit(limit: u32) -> Result<(), TransportError> {
+    if limit as usize > RECORDS_PER_MESSAGE_MAX {
+        return Err(over(format!("a request for {limit} records")));
+    }
+    Ok(())
 }
 
 fn check_text(what: &str, text: &str) -> Result<(), TransportError> {
@@ -323,10 +373,11 @@ impl DeviceMessage {
     pub fn check(&self) -> Result<(), TransportError> {
         match self {
             DeviceMessage::Hello { positions, .. } => check_positions(positions)?,
-            DeviceMessage::SyncPullRequest { limit, .. }
-            | DeviceMessage::SyncPullModelBatchRequest { limit, .. } => {
-                if *limit as usize > RECORDS_PER_MESSAGE_MAX {
-                    return Err(over(format!("a request for {limit} records")));
+            DeviceMessage::SyncPullRequest { limit, .. } => check_limit(*limit)?,
+            DeviceMessage::SyncPullModelBatchRequest { limit, table, .. } => {
+                check_limit(*limit)?;
+                if let Some(table) = table {
+                    check_text("table", table)?;
                 }
             }
             DeviceMessage::Replication(message) => message.check()?,
@@ -345,6 +396,14 @@ impl DeviceMessage {
             }
             DeviceMessage::SyncPullModelBatchResponse { records, .. } => {
                 check_records("records", records.iter())?
+            }
+            DeviceMessage::BackfillPlan { parts, .. } => {
+                if parts.len() > BACKFILL_PARTS_MAX {
+                    return Err(over(format!("{} backfill parts", parts.len())));
+                }
+                for part in parts {
+                    check_text("table", &part.table)?;
+                }
             }
             DeviceMessage::RangeDigestsRequest { ranges, .. } => {
                 if ranges.len() > RANGES_PER_REQUEST_MAX {
@@ -372,7 +431,9 @@ impl DeviceMessage {
                     return Err(over(format!("a file hash of {} bytes", file_hash.len())));
                 }
             }
-            DeviceMessage::SnapshotRequest { .. } | DeviceMessage::SnapshotBegin { .. } => {}
+            DeviceMessage::SnapshotRequest { .. }
+            | DeviceMessage::SnapshotBegin { .. }
+            | DeviceMessage::BackfillRequest { .. } => {}
         }
         Ok(())
     }
@@ -539,6 +600,30 @@ mod tests {
                 after: Some(Uuid::from_u128(10)),
                 limit: 100,
                 range: Some(WireRange::default()),
+                table: None,
+                skip: 0,
+            },
+            DeviceMessage::SyncPullModelBatchRequest {
+                model: 0,
+                after: None,
+                limit: 100,
+                range: None,
+                table: Some("_field_writes".into()),
+                skip: 4096,
+            },
+            DeviceMessage::BackfillRequest {
+                library: LibraryId(Uuid::from_u128(5)),
+            },
+            DeviceMessage::BackfillPlan {
+                base: Lsn(900),
+                base_epoch: Epoch::default(),
+                head: Epoch::default(),
+                hlc: Hlc::default(),
+                parts: vec![WirePart {
+                    table: "entry".into(),
+                    model: Some(3),
+                    rows: 12,
+                }],
             },
             DeviceMessage::SyncPullModelBatchResponse {
                 model: 3,
@@ -630,6 +715,35 @@ mod tests {
             name: "x".repeat(TEXT_LEN_MAX + 1),
         });
         assert!(long_name.encode().is_err());
+        let part = WirePart {
+            table: "entry".into(),
+            model: Some(3),
+            rows: 1,
+        };
+        let plan = |parts: Vec<WirePart>| DeviceMessage::BackfillPlan {
+            base: Lsn(1),
+            base_epoch: Epoch::default(),
+            head: Epoch::default(),
+            hlc: Hlc::default(),
+            parts,
+        };
+        assert!(plan(vec![part.clone(); BACKFILL_PARTS_MAX + 1])
+            .encode()
+            .is_err());
+        let long_table = WirePart {
+            table: "x".repeat(TEXT_LEN_MAX + 1),
+            ..part
+        };
+        assert!(plan(vec![long_table]).encode().is_err());
+        let long_table_asked = DeviceMessage::SyncPullModelBatchRequest {
+            model: 0,
+            after: None,
+            limit: 1,
+            range: None,
+            table: Some("x".repeat(TEXT_LEN_MAX + 1)),
+            skip: 0,
+        };
+        assert!(long_table_asked.encode().is_err());
         let big_chunk = DeviceMessage::SnapshotChunk {
             offset: 0,
             data: ByteBuf::from(vec![0u8; SNAPSHOT_CHUNK_MAX + 1]),
