@@ -854,7 +854,15 @@ inviter: string, } | { "kind": "compact",
 /**
  * The least position every device acknowledged when it started.
  */
-upto: number, } | { "kind": "merge", 
+upto: number, } | { "kind": "backfill", 
+/**
+ * The device it pulls from (its id, hex).
+ */
+from: string, 
+/**
+ * The log position the snapshot stands for.
+ */
+base: number, } | { "kind": "merge", 
 /**
  * The other library's name in this home.
  */

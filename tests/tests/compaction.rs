@@ -386,36 +386,105 @@ fn kill_9_during_compactions_loses_nothing_acknowledged() {
     );
 }
 
-/// A device stopped while its library was compacted past what it holds (a compaction asked of
-/// the library directly, without the node's rule) says so when it is back, and stays as it
-/// was: it neither takes what follows the leader's base nor drops what it holds.
+/// Names of the tags a library holds.
+fn tag_names(lib: &Library) -> std::collections::BTreeSet<String> {
+    lib.read(|p| p.query().select::<Tag, _>("1 = 1", []))
+        .expect("reads")
+        .into_iter()
+        .map(|t| t.name)
+        .collect()
+}
+
+/// Deletes the tags of `lib` named in `names`.
+fn delete_tags(lib: &Library, names: &[String]) {
+    let doomed: Vec<Tag> = lib
+        .read(|p| p.query().select::<Tag, _>("1 = 1", []))
+        .expect("reads")
+        .into_iter()
+        .filter(|t| names.contains(&t.name))
+        .collect();
+    assert_eq!(doomed.len(), names.len());
+    lib.transact(|tx| {
+        for t in &doomed {
+            tx.delete::<Tag>(t.uuid);
+        }
+        Ok(())
+    })
+    .expect("deletes");
+}
+
+/// A device away across two compactions (the leader keeps 50 entries for an absent device)
+/// comes back behind the compaction point: it backfills from the leader's snapshot, starts
+/// its log again after the base, pushes what it committed while away, and converges. What
+/// was deleted meanwhile stays deleted there, and it rebuilds to the same digest.
 #[test]
-fn a_device_behind_the_compaction_point_says_so_and_keeps_its_log() {
+fn a_device_offline_across_two_compactions_catches_up_by_backfill() {
     use keel_tests::cluster;
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = cluster::founder_with_tags(dir.path(), "a", "lib", 100).expect("founds");
+    let options = keel_node::NodeOptions {
+        retain_for_absent: Some(50),
+        compact_after: None,
+        ..cluster::options(Vec::new())
+    };
+    let (_ha, a) = cluster::founder_with(dir.path(), "a", "lib", options).expect("founds");
+    let bulk: Vec<String> = (0..100).map(|i| format!("bulk {i}")).collect();
+    tags(a.library(), bulk.iter().cloned());
     let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
     cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
     let b_addr = b.local_addr();
-    b.stop().expect("stops");
+    // Acknowledged on b while it is cut off: it must reach a in the end.
+    b.set_offline(true);
     tags(
-        a.library(),
-        (0..300).map(|i| format!("while b was away {i}")),
+        b.library(),
+        std::iter::once("made on b while away".to_string()),
     );
-    a.library().flush().expect("flushes");
-    let end = Lsn(a.library().status().expect("status").journal.last_lsn);
-    let report = a.library().compact(end).expect("compacts past b");
-    assert_eq!(report.base, end.0);
+    b.library().flush().expect("flushes");
+    b.stop().expect("stops");
+
+    let mut bases = Vec::new();
+    for round in 0..2 {
+        delete_tags(a.library(), &bulk[round * 10..round * 10 + 10]);
+        tags(a.library(), (0..200).map(|i| format!("round {round} {i}")));
+        a.library().flush().expect("flushes");
+        let end = a.status().log_len;
+        wait_status(&a, "the rule to pass the absent device", |s| {
+            s.compactable + 50 >= end
+        });
+        let report = a.compact().expect("compacts");
+        assert!(report.base + 50 >= end && report.dropped > 0, "{report:?}");
+        bases.push(report.base);
+    }
+    assert!(bases[1] > bases[0]);
+
     let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
-    wait_status(&b, "b to learn it is behind", |s| {
-        s.behind_compaction == end.0
+    let digest = cluster::converge(&[&a, &b], Duration::from_secs(60)).expect("converges");
+    wait_status(&b, "b's log to start after a base", |s| {
+        s.compacted_to >= bases[1]
     });
-    let held = b.status().log_len;
-    assert!(held < end.0, "b holds {held}, the base is {}", end.0);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(b.status().log_len, held, "nothing was taken past the gap");
-    assert_eq!(b.library().status().expect("status").counts.tags, 100);
+    let names = tag_names(b.library());
+    assert_eq!(names, tag_names(a.library()));
+    assert!(
+        names.contains("made on b while away"),
+        "pushed after the backfill"
+    );
+    for gone in &bulk[..20] {
+        assert!(!names.contains(gone), "{gone} came back");
+    }
+    assert_eq!(names.len(), 100 - 20 + 400 + 1);
+    let jobs = b.library().jobs().expect("jobs");
+    let backfill = jobs
+        .iter()
+        .find(|j| matches!(j.kind, keel_engine::JobKind::Backfill { .. }))
+        .expect("a backfill job");
+    assert_eq!(backfill.state, keel_engine::JobState::Completed);
+    assert!(backfill.progress.total > 0);
+    assert_eq!(
+        backfill.progress.done, backfill.progress.total,
+        "exact row counts"
+    );
+    b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+    assert_eq!(b.library().digest().expect("digest"), digest);
     b.stop().expect("stops");
     a.stop().expect("stops");
 }
@@ -454,4 +523,78 @@ fn compactions_at_once_and_a_verify_meanwhile_do_not_trip_on_each_other() {
         verifying.join().expect("the verify thread");
     });
     assert_eq!(lib.status().expect("status").counts.tags, 5_000);
+}
+
+/// Reads another library's snapshot, and is cut after `left` batches of tags.
+struct CutSource {
+    from: std::sync::Arc<keel_engine::SnapshotSource>,
+    left: usize,
+    given: u64,
+}
+
+impl keel_engine::BackfillSource for CutSource {
+    fn batch(
+        &mut self,
+        part: &keel_engine::Part,
+        cursor: keel_engine::PartCursor,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
+        if part.table == "tag" {
+            if self.left == 0 {
+                return Err(EngineError::Backfill("the connection was cut".into()));
+            }
+            self.left -= 1;
+        }
+        let rows = self.from.rows(part, cursor, limit)?;
+        self.given += rows.len() as u64;
+        let done = rows.len() < limit;
+        Ok((rows, done))
+    }
+}
+
+/// A backfill cut after two batches of tags fails, leaves the library as it was, and the next one
+/// of the same snapshot goes on from its last batch.
+#[test]
+fn a_cut_backfill_resumes_from_its_last_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = create_library(&dir.path().join("a"), "lib").expect("creates");
+    tags(&a, (0..10_000).map(|i| format!("tag {i}")));
+    a.flush().expect("flushes");
+    a.compact(last(&a)).expect("compacts");
+    let source = a.snapshot_source().expect("a snapshot to read");
+    let plan = source.plan().clone();
+    assert!(plan.rows() > 10_000, "{}", plan.rows());
+    let (_hb, b) = create_library(&dir.path().join("b"), "lib").expect("creates");
+    let digest_before = b.digest().expect("digest");
+    let from = keel_engine::DeviceId([7; 32]);
+    let mut cut = CutSource {
+        from: source.clone(),
+        left: 2,
+        given: 0,
+    };
+    let error = b
+        .backfill(from, &plan, &mut cut, &mut |_, _| {})
+        .expect_err("cut");
+    assert!(matches!(error, EngineError::Backfill(_)), "{error}");
+    assert_eq!(b.digest().expect("digest"), digest_before, "unchanged");
+    let kept = cut.given;
+    assert!(kept >= 2 * keel_engine::BACKFILL_BATCH as u64, "{kept}");
+    let mut rest = CutSource {
+        from: source,
+        left: usize::MAX,
+        given: 0,
+    };
+    let mut seen = Vec::new();
+    let report = b
+        .backfill(from, &plan, &mut rest, &mut |done, total| {
+            seen.push((done, total))
+        })
+        .expect("goes on");
+    assert_eq!(report.rows, plan.rows());
+    assert_eq!(report.pulled, plan.rows() - kept, "what arrived was kept");
+    assert_eq!(rest.given, report.pulled, "and not asked again");
+    assert_eq!(seen.first().map(|s| s.0), Some(kept));
+    assert_eq!(seen.last(), Some(&(plan.rows(), plan.rows())));
+    assert!(b.dir().join(keel_engine::SNAPSHOT_FILE).exists());
+    assert!(!b.dir().join(keel_engine::BACKFILL_FILE).exists());
 }

@@ -588,6 +588,9 @@ fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io
                     keel_engine::JobKind::Join { inviter } => format!("join from {inviter}"),
                     keel_engine::JobKind::Merge { source, .. } => format!("merge of {source}"),
                     keel_engine::JobKind::Compact { .. } => "compact".into(),
+                    keel_engine::JobKind::Backfill { from, base } => {
+                        format!("backfill from {} at {base}", &from[..from.len().min(8)])
+                    }
                 };
                 let state = serde_json::to_value(job.state)?;
                 io.line(&format!(

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     /// compaction drops log positions such a replay has still to read, and two compactions
     /// would write the same scratch files.
     pub(crate) history: Mutex<()>,
+    /// The snapshot backfills read, unpacked once per base (see `crate::backfill`).
+    pub(crate) serving: Mutex<Option<Arc<crate::backfill::SnapshotSource>>>,
 }
 
 /// A catch-up bulk-loads when at least this many log entries are missing...

@@ -129,11 +129,15 @@ pub(crate) fn remove_scratch(dir: &Path) {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == FROM_SNAPSHOT));
-    let scratch: Vec<_> = [SNAPSHOT_COPY, SNAPSHOT_PACKING]
-        .iter()
-        .map(|name| dir.join(name))
-        .chain(unpacked)
-        .collect();
+    let scratch: Vec<_> = [
+        SNAPSHOT_COPY,
+        SNAPSHOT_PACKING,
+        crate::backfill::BACKFILL_PACKING,
+    ]
+    .iter()
+    .map(|name| dir.join(name))
+    .chain(unpacked)
+    .collect();
     for path in scratch {
         if path.exists() {
             tracing::info!(path = %path.display(), "removing what a compaction cut short left");
@@ -146,7 +150,7 @@ pub(crate) fn remove_scratch(dir: &Path) {
 const FROM_SNAPSHOT: &str = "from-snapshot";
 
 /// Packs `file` into `dest` (one zstd stream).
-fn pack(file: &Path, dest: &Path) -> Result<(), EngineError> {
+pub(crate) fn pack(file: &Path, dest: &Path) -> Result<(), EngineError> {
     let mut from = std::fs::File::open(file).map_err(io_at(file))?;
     let to = std::fs::File::create(dest).map_err(io_at(dest))?;
     let mut encoder = zstd::stream::Encoder::new(std::io::BufWriter::new(to), SNAPSHOT_ZSTD_LEVEL)
@@ -158,7 +162,7 @@ fn pack(file: &Path, dest: &Path) -> Result<(), EngineError> {
 }
 
 /// Unpacks the zstd frames of `file` into the new file `dest`.
-fn unpack(file: &Path, dest: &Path) -> Result<(), EngineError> {
+pub(crate) fn unpack(file: &Path, dest: &Path) -> Result<(), EngineError> {
     let from = std::fs::File::open(file).map_err(io_at(file))?;
     let mut decoder = zstd::stream::Decoder::new(from).map_err(io_at(file))?;
     let mut to = std::io::BufWriter::new(std::fs::File::create(dest).map_err(io_at(dest))?);
@@ -169,7 +173,7 @@ fn unpack(file: &Path, dest: &Path) -> Result<(), EngineError> {
 }
 
 /// Syncs `file` and moves it to `dest` durably.
-fn put_in_place(file: &Path, dest: &Path) -> Result<(), EngineError> {
+pub(crate) fn put_in_place(file: &Path, dest: &Path) -> Result<(), EngineError> {
     std::fs::File::open(file)
         .and_then(|f| f.sync_all())
         .map_err(io_at(file))?;

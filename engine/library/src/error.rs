@@ -174,6 +174,10 @@ pub enum EngineError {
     /// The snapshot of the compacted log does not unpack.
     #[error("the snapshot is damaged: {0} (copy it back from a backup, or join the library again from another device)")]
     SnapshotDamaged(String),
+    /// A backfill from the leader's snapshot failed (the library is unchanged; the next one
+    /// goes on from its last batch).
+    #[error("backfill: {0}")]
+    Backfill(String),
     /// A request to a running node failed or timed out.
     #[error("{0}")]
     Node(String),

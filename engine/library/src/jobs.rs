@@ -66,6 +66,15 @@ pub enum JobKind {
         /// The least position every device acknowledged when it started.
         upto: u64,
     },
+    /// Pulls the leader's snapshot into this library, which fell behind the leader's
+    /// compaction point (see [`Library::backfill`]); progress is rows. Interrupted, it goes on
+    /// from its last batch when the node finds itself behind the same base again.
+    Backfill {
+        /// The device it pulls from (its id, hex).
+        from: String,
+        /// The log position the snapshot stands for.
+        base: u64,
+    },
     /// Carries another library's records into this one (see [`Library::merge_from`]).
     /// Interrupted, it goes on from its checkpoint when the same merge is asked again.
     Merge {
@@ -572,6 +581,14 @@ impl Library {
             }
             JobKind::Compact { upto } => {
                 self.compact_as(Some(job.id), keel_schema::Lsn(upto))?;
+            }
+            JobKind::Backfill { .. } => {
+                // It needs the leader: the node goes on from the scratch file's checkpoint
+                // when it finds itself behind the same base again, under a job of its own.
+                let mut job = job;
+                job.state = JobState::Cancelled;
+                job.summary = Some("interrupted; the next backfill goes on from here".into());
+                self.save_job(&mut job)?;
             }
             JobKind::Merge { .. } => {
                 // It needs the other library open: it goes on when the same merge is asked

@@ -34,6 +34,7 @@
 
 mod applier;
 mod attest;
+mod backfill;
 mod compact;
 mod config;
 mod conflicts;
@@ -56,6 +57,9 @@ mod tx;
 mod walk;
 mod watch;
 
+pub use backfill::{
+    BackfillPlan, BackfillReport, BackfillSource, SnapshotSource, BACKFILL_BATCH, BACKFILL_FILE,
+};
 pub use compact::{CompactReport, SNAPSHOT_FILE};
 pub use config::{write_atomic, DeviceIdentity, Home, LibraryConfig, LIBRARY_CONFIG_VERSION};
 pub use conflicts::Strategy;
@@ -71,7 +75,8 @@ pub use keel_journal::KdfParams;
 pub use keel_projections::Counts;
 pub use keel_projections::{
     image_uuid, Conflict, ConflictSide, EntryFilter, EntryMetadata, EntryOrder, EntryPage,
-    KeyRange, PageCursor, PageKey, RangeDigest, RefusedChange, SearchHit, SearchMatch, RANGES_MAX,
+    KeyRange, PageCursor, PageKey, Part, PartCursor, RangeDigest, RefusedChange, SearchHit,
+    SearchMatch, RANGES_MAX,
 };
 /// Keel's schema crate, whole: `#[derive(Syncable)]` in a crate that depends on `keel-engine`
 /// alone generates paths through it.

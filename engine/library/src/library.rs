@@ -521,6 +521,7 @@ impl Library {
             jobs: Default::default(),
             indexing: Mutex::new(()),
             history: Mutex::new(()),
+            serving: Mutex::new(None),
             catch_up: Mutex::new(None),
         });
         let applier_shared = shared.clone();

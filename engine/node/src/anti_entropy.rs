@@ -169,6 +169,8 @@ async fn answer(
                 after,
                 limit,
                 range,
+                table: None,
+                ..
             } => {
                 let def = ranges.model(model)?;
                 let range = range.map_or(KeyRange::ALL, from_wire);
@@ -206,18 +208,7 @@ pub(crate) async fn compare(
     (peer, addr): (DeviceId, SocketAddr),
     repair: bool,
 ) -> Result<AntiEntropyReport, NodeError> {
-    let conn = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect(addr))
-        .await
-        .map_err(|_| failed("the peer did not answer"))??;
-    if conn.peer() != peer {
-        conn.close("not the device asked for");
-        return Err(failed("another device answered at the peer's address"));
-    }
-    // The peer speaks first.
-    match recv(&conn).await? {
-        DeviceMessage::Hello { library: l, .. } if l == library => {}
-        _ => return Err(failed("the peer did not say Hello for this library")),
-    }
+    let conn = crate::net::dial_for_talk(endpoint, library, (peer, addr)).await?;
     let mut asking = Asking {
         conn,
         link,
@@ -335,6 +326,8 @@ impl Asking {
                 after,
                 limit: ROWS_PER_BATCH as u32,
                 range: Some(to_wire(range)),
+                table: None,
+                skip: 0,
             };
             self.conn.send(&request).await?;
             let DeviceMessage::SyncPullModelBatchResponse {

@@ -52,6 +52,13 @@ pub(crate) enum CoreEvent {
     },
     /// That session ended.
     Disconnected { peer: DeviceId, conn: u64 },
+    /// A backfill pulled the leader's snapshot: drop the log, start it again after the
+    /// snapshot's base, and reload (see `crate::backfill`). Answered with the changes sent
+    /// back to the offline journal.
+    Rebase {
+        plan: Box<keel_engine::BackfillPlan>,
+        reply: crossbeam_channel::Sender<Result<u64, NodeError>>,
+    },
     /// Stop the core.
     Stop,
 }
@@ -89,6 +96,11 @@ pub(crate) struct Core {
     /// The leader's compaction position when this device's log cannot continue the leader's
     /// (0: it can).
     behind_compaction: u64,
+    /// Log entries a leader keeps for a device that has not acknowledged them (see
+    /// `NodeOptions::retain_for_absent`).
+    retain: u64,
+    /// Where to ask for a backfill from a leader (the node's backfill task; full: one runs).
+    backfill: tokio::sync::mpsc::Sender<DeviceId>,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -185,6 +197,7 @@ impl Core {
         status: Arc<Mutex<NodeStatus>>,
         pins: keel_transport::Pins,
         in_sync: tokio::sync::watch::Sender<bool>,
+        (backfill, retain): (tokio::sync::mpsc::Sender<DeviceId>, u64),
     ) -> Result<Self, NodeError> {
         let journal = link.journal()?;
         // The core sequences this device's changes: commits wait in the offline journal.
@@ -211,6 +224,8 @@ impl Core {
             members: Vec::new(),
             founder,
             behind_compaction: 0,
+            backfill,
+            retain,
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -408,6 +423,9 @@ impl Core {
                     self.replica.handle_message(now, from, message, &mut store);
                 }
             }
+            CoreEvent::Rebase { plan, reply } => {
+                let _ = reply.send(self.rebase(&plan));
+            }
             CoreEvent::Stop => {}
         }
         self.after_input();
@@ -479,6 +497,8 @@ impl Core {
                         );
                     }
                     self.behind_compaction = base.0;
+                    // Full: a backfill is under way (it looks again whether it is needed).
+                    let _ = self.backfill.try_send(leader);
                 }
             }
         }
@@ -582,6 +602,23 @@ impl Core {
                 Err(e) => tracing::error!(error = %e, "a message could not be prepared; dropped"),
             }
         }
+    }
+
+    /// Puts a backfilled snapshot to use (see [`CoreEvent::Rebase`]): nothing else writes the
+    /// log meanwhile, since this thread does all its writes.
+    fn rebase(&mut self, plan: &keel_engine::BackfillPlan) -> Result<u64, NodeError> {
+        self.flush();
+        if plan.base <= self.replica.durable().log.base() {
+            return Err(NodeError::Failed(format!(
+                "backfill: the log is compacted to {} already",
+                self.replica.durable().log.base().0
+            )));
+        }
+        let returned = self.link.library().rebase_onto(plan, self.config.device)?;
+        self.behind_compaction = 0;
+        self.reload();
+        self.status_dirty = true;
+        Ok(returned.len() as u64)
     }
 
     /// Starts the replica again from the journal after a failed write.
@@ -758,7 +795,7 @@ impl Core {
             status.leader = self.replica.leader().map(|d| d.to_hex());
             status.log_len = durable.last_lsn().0;
             status.compacted_to = durable.log.base().0;
-            status.compactable = self.replica.compactable(&self.members).0;
+            status.compactable = self.replica.compactable(&self.members, self.retain).0;
             // Backfilled to the leader's base (or past it), it is not behind any more.
             if self.replica.durable().log.base().0 >= self.behind_compaction {
                 self.behind_compaction = 0;

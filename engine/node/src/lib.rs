@@ -7,6 +7,7 @@
 //! unbounded channel per session. Everything the core decides is durable before it is sent.
 
 mod anti_entropy;
+mod backfill;
 mod core;
 mod devices;
 mod discovery;
@@ -87,11 +88,18 @@ pub struct NodeOptions {
     /// its compaction position and every device has acknowledged more of it. `None` compacts
     /// only when asked.
     pub compact_after: Option<u64>,
+    /// While leading, keep at most this many log entries for a device that has not
+    /// acknowledged them: compaction passes a device further behind, which backfills from
+    /// the snapshot when it comes back (see [`NodeStatus::behind_compaction`]). `None` keeps
+    /// the log for every device however long it stays away.
+    pub retain_for_absent: Option<u64>,
 }
 
 /// The log entries past the compaction position that start an automatic compaction by
 /// default (about 0.4 GB of journal on the P4 workload).
 pub const COMPACT_AFTER_DEFAULT: u64 = 1_000_000;
+/// The log entries a leader keeps for an absent device by default.
+pub const RETAIN_FOR_ABSENT_DEFAULT: u64 = 2_000_000;
 /// How often a node looks whether its log is due for compaction.
 const COMPACT_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -110,6 +118,7 @@ impl Default for NodeOptions {
             discovery: Some(Discovery::default()),
             watch: Some(keel_engine::WatchOptions::default()),
             compact_after: Some(COMPACT_AFTER_DEFAULT),
+            retain_for_absent: Some(RETAIN_FOR_ABSENT_DEFAULT),
         }
     }
 }
@@ -184,7 +193,15 @@ impl Node {
             leader_commits: options.leader_commits,
         })?);
         let (in_sync_tx, in_sync) = tokio::sync::watch::channel(false);
-        let core = Core::new(link.clone(), config, status.clone(), pins, in_sync_tx)?;
+        let (backfill_tx, backfill_rx) = tokio::sync::mpsc::channel(1);
+        let core = Core::new(
+            link.clone(),
+            config,
+            status.clone(),
+            pins,
+            in_sync_tx,
+            (backfill_tx, options.retain_for_absent.unwrap_or(u64::MAX)),
+        )?;
         let (core_tx, core_rx) = crossbeam_channel::bounded(self::core::CORE_QUEUE_MAX);
         let core = std::thread::Builder::new()
             .name("keel-core".into())
@@ -229,6 +246,7 @@ impl Node {
             let _guard = rt.enter();
             rt.spawn(net.clone().accept_loop());
             rt.spawn(net.clone().share_peers_loop());
+            rt.spawn(net.clone().backfill_loop(backfill_rx));
             for addr in options.peers.iter().copied().chain(file.addrs()) {
                 if addr != listen {
                     net.dial(addr);
@@ -510,9 +528,9 @@ impl Node {
         Ok(block_on_here(rt, f))
     }
 
-    /// UDP bytes (sent, received) of this node's sync sessions since it started, QUIC's
-    /// headers, acknowledgements and retransmissions included (pairing and the initial sync of
-    /// a joining device are not sync sessions).
+    /// UDP bytes (sent, received) of this node's sync sessions and backfills since it
+    /// started, QUIC's headers, acknowledgements and retransmissions included (pairing and the
+    /// initial sync of a joining device are not sync sessions).
     pub fn wire_bytes(&self) -> (u64, u64) {
         self.net.wire_bytes()
     }

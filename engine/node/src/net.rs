@@ -30,6 +30,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const PEER_SHARE_INTERVAL: Duration = Duration::from_secs(2);
 /// Connections from unpinned devices (pairing attempts) served at once.
 pub(crate) const UNPINNED_MAX: usize = 8;
+/// How long a node waits after a failed backfill before it tries again.
+const BACKFILL_RETRY: Duration = Duration::from_secs(2);
 /// Most addresses a node keeps dialing (one dialer each): a peer's word cannot grow it past.
 const DIALERS_MAX: usize = 64;
 
@@ -40,6 +42,31 @@ pub fn backoff_delay(attempt: u32) -> Duration {
         .min(BACKOFF_MAX_MS);
     let jitter = rand::rng().random_range(base / 2..=base + base / 2);
     Duration::from_millis(jitter)
+}
+
+/// Dials `peer` at `addr` for a talk outside the sync session (anti-entropy, backfill): the
+/// connection, once the device that answers is `peer` and has said Hello for `library` (the
+/// answering device speaks first; the caller's first message takes the place of its Hello).
+pub(crate) async fn dial_for_talk(
+    endpoint: &Endpoint,
+    library: LibraryId,
+    (peer, addr): (DeviceId, SocketAddr),
+) -> Result<Connection, super::NodeError> {
+    let failed = |what: &str| super::NodeError::Failed(format!("{}: {what}", peer.short()));
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT + HELLO_TIMEOUT, endpoint.connect(addr))
+        .await
+        .map_err(|_| failed("did not answer"))??;
+    if conn.peer() != peer {
+        conn.close("not the device asked for");
+        return Err(failed("another device answered at its address"));
+    }
+    match tokio::time::timeout(HELLO_TIMEOUT, conn.recv()).await {
+        Ok(Ok(DeviceMessage::Hello { library: l, .. })) if l == library => Ok(conn),
+        _ => {
+            conn.close("expected Hello for this library");
+            Err(failed("did not say Hello for this library"))
+        }
+    }
 }
 
 /// State shared by the network tasks.
@@ -152,6 +179,38 @@ impl Net {
             .unwrap_or(false)
     }
 
+    /// Runs the backfills the core asks for, one at a time, while this device is still behind
+    /// its leader's compaction point when one starts.
+    pub(crate) async fn backfill_loop(
+        self: Arc<Self>,
+        mut wanted: tokio::sync::mpsc::Receiver<DeviceId>,
+    ) {
+        while let Some(leader) = wanted.recv().await {
+            let behind = self
+                .status
+                .lock()
+                .map(|s| s.behind_compaction > s.compacted_to)
+                .unwrap_or(false);
+            let addr = self.addrs.lock().ok().and_then(|a| a.get(&leader).copied());
+            let (Some(link), true, Some(addr)) = (self.link.upgrade(), behind, addr) else {
+                continue;
+            };
+            let pulled = super::backfill::pull(&self, link, (leader, addr)).await;
+            match pulled {
+                Ok(report) => tracing::info!(
+                    base = report.base,
+                    rows = report.rows,
+                    resubmitted = report.resubmitted,
+                    "backfilled from the leader's snapshot"
+                ),
+                Err(error) => {
+                    tracing::warn!(%error, "backfill failed; it goes on from its last batch");
+                    tokio::time::sleep(BACKFILL_RETRY).await;
+                }
+            }
+        }
+    }
+
     /// Accepts connections until the endpoint closes.
     pub(crate) async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
@@ -250,6 +309,10 @@ impl Net {
                 super::snapshot::serve(self.link.clone(), epoch, conn).await;
                 return;
             }
+            Greeting::Backfill => {
+                super::backfill::serve(self.link.clone(), conn).await;
+                return;
+            }
             Greeting::AntiEntropy(first) => {
                 let (link, library) = (self.link.clone(), self.library);
                 super::anti_entropy::serve(link, library, conn, *first).await;
@@ -331,6 +394,9 @@ impl Net {
             })) if device == peer && library == self.library => Greeting::Sync,
             Ok(Ok(DeviceMessage::SnapshotRequest { library })) if library == self.library => {
                 Greeting::Snapshot
+            }
+            Ok(Ok(DeviceMessage::BackfillRequest { library })) if library == self.library => {
+                Greeting::Backfill
             }
             Ok(Ok(request @ DeviceMessage::RangeDigestsRequest { library, .. }))
                 if library == self.library =>
@@ -511,6 +577,8 @@ enum Greeting {
     Sync,
     /// The peer asked for a snapshot (it has just joined).
     Snapshot,
+    /// The peer asked for this device's snapshot (it is behind the compaction point).
+    Backfill,
     /// The peer asked for range digests (anti-entropy): its first request.
     AntiEntropy(Box<DeviceMessage>),
     /// Closed (the reason is logged and sent).

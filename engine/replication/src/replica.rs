@@ -567,20 +567,23 @@ impl Replica {
 
     /// The position up to which this device may compact its log, as far as the protocol
     /// knows: a leader, the least position every device in `devices` (the library's other
-    /// devices) acknowledged storing of its log this epoch (0 if any has not); a follower, its
+    /// devices) acknowledged storing of its log this epoch (0 if any has not), but never less
+    /// than `retain` entries before the log's end: a device further behind no longer holds
+    /// the log back, and backfills from the snapshot when it comes back; a follower, its
     /// leader's compaction base. Never past this log's end. The runtime also keeps it at or
     /// below what its projections applied.
-    pub fn compactable(&self, devices: &[DeviceId]) -> Lsn {
+    pub fn compactable(&self, devices: &[DeviceId], retain: u64) -> Lsn {
         let end = self.durable().last_lsn();
         let upto = match self.role() {
             ElectionRole::Leader => {
                 let matched = self.machine.matched();
-                devices
+                let acknowledged = devices
                     .iter()
                     .filter(|d| **d != self.machine.device())
                     .map(|d| matched.get(d).copied().unwrap_or(0))
                     .min()
-                    .map_or(end, Lsn)
+                    .map_or(end, Lsn);
+                acknowledged.max(Lsn(end.0.saturating_sub(retain)))
             }
             _ => self.machine.leader_base(),
         };

@@ -787,3 +787,31 @@ fn a_pushed_change_goes_back_to_its_author_as_its_id_alone() {
         "{events:?}"
     );
 }
+
+#[test]
+fn a_leader_compacts_what_all_acknowledged_but_retains_no_more_than_asked_for_the_absent() {
+    let mut store = Memory::default();
+    let mut leader = Replica::founder(config(1), 0);
+    store.write_all(&mut leader);
+    leader.written();
+    for n in 0..20 {
+        leader.handle_commit(1, id(n), Some(seal(id(n))));
+    }
+    store.write_all(&mut leader);
+    leader.written();
+    let end = leader.durable().last_lsn();
+    assert_eq!(end, Lsn(21));
+    let absent = DeviceId([2; 32]);
+    assert_eq!(leader.compactable(&[], u64::MAX), end, "alone: all of it");
+    assert_eq!(
+        leader.compactable(&[absent], u64::MAX),
+        Lsn(0),
+        "an absent device holds the whole log back"
+    );
+    assert_eq!(
+        leader.compactable(&[absent], 5),
+        Lsn(16),
+        "but only 5 entries"
+    );
+    assert_eq!(leader.compactable(&[absent], 100), Lsn(0));
+}

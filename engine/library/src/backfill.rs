@@ -1,0 +1,350 @@
+//! Backfill (decision 0056): a device whose log cannot continue its leader's, because the
+//! leader compacted past it, pulls the leader's snapshot table by table in batches, keeps it as
+//! its own snapshot, drops its log and starts it again after the leader's base, and rebuilds
+//! its projection from the snapshot (the log after the base then arrives as usual).
+//!
+//! The serving side reads its `snapshot.sqlite.zst`, unpacked once per base ([`SnapshotSource`]):
+//! a snapshot never changes, so every batch of one backfill reads the same state. The pulling
+//! side writes into a scratch file ([`BACKFILL_FILE`]) that keeps its checkpoint with each
+//! batch: a cut backfill resumes from its last batch when the same base is asked again.
+//!
+//! The network is the node's: it drives [`Library::backfill`] with a [`BackfillSource`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use keel_projections::{image_uuid, Part, PartCursor, Projections};
+use keel_schema::{ChangeId, DeviceId, Epoch, Hlc, Lsn};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::compact::{pack, put_in_place, unpack, SNAPSHOT_FILE};
+use crate::error::EngineError;
+use crate::jobs::JobKind;
+use crate::library::Library;
+
+/// The scratch projection a backfill writes (packed into the snapshot once whole).
+pub const BACKFILL_FILE: &str = "backfill.sqlite";
+/// Rows a backfill asks for at a time.
+pub const BACKFILL_BATCH: usize = 4096;
+/// The snapshot being packed from the scratch file.
+pub(crate) const BACKFILL_PACKING: &str = "backfill.sqlite.zst.incoming";
+
+/// What a backfill pulls: a snapshot and the log position it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackfillPlan {
+    /// The log position the snapshot stands for.
+    pub base: Lsn,
+    /// The epoch of the entry at `base`.
+    pub base_epoch: Epoch,
+    /// The epoch of the log's first entry (its founder's).
+    pub head: Epoch,
+    /// The serving device's clock high-water mark.
+    pub hlc: Hlc,
+    /// The snapshot's parts with their row counts, in the order they are taken.
+    pub parts: Vec<(Part, u64)>,
+}
+
+impl BackfillPlan {
+    /// Rows in every part.
+    pub fn rows(&self) -> u64 {
+        self.parts.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Where a backfill's rows come from (the node's connection to its leader).
+pub trait BackfillSource {
+    /// At most `limit` rows of `part` from `cursor` on, and whether they are its last.
+    fn batch(
+        &mut self,
+        part: &Part,
+        cursor: PartCursor,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), EngineError>;
+}
+
+/// What a backfill did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BackfillReport {
+    /// The log position the library now starts after.
+    pub base: u64,
+    /// Rows pulled in all.
+    pub rows: u64,
+    /// Rows this run pulled (fewer than `rows` when it resumed a cut one).
+    pub pulled: u64,
+    /// Changes of this device's own epochs that went back to the offline journal.
+    pub resubmitted: u64,
+}
+
+/// A backfill's checkpoint, kept in the scratch file with each batch.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    base: u64,
+    part: usize,
+    after: Option<Uuid>,
+    skip: u64,
+    done: u64,
+    /// Every part is in.
+    whole: bool,
+}
+
+/// A library's snapshot opened for backfills to read: unpacked once, shared while any reads.
+pub struct SnapshotSource {
+    plan: BackfillPlan,
+    reader: Mutex<Projections>,
+    path: PathBuf,
+}
+
+impl SnapshotSource {
+    /// What it holds.
+    pub fn plan(&self) -> &BackfillPlan {
+        &self.plan
+    }
+
+    /// At most `limit` rows of `part` from `cursor` on (`part` must be one of the plan's).
+    pub fn rows(
+        &self,
+        part: &Part,
+        cursor: PartCursor,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
+        let reader = self.reader.lock().map_err(|_| EngineError::Closed)?;
+        Ok(reader.query().part_rows(part, cursor, limit)?)
+    }
+}
+
+impl Drop for SnapshotSource {
+    fn drop(&mut self) {
+        let _ = Projections::remove_files(&self.path);
+    }
+}
+
+impl Library {
+    /// This library's snapshot as a backfill reads it: unpacked from `snapshot.sqlite.zst`
+    /// the first time a base is asked, then shared. Fails with
+    /// [`EngineError::SnapshotMissing`] when the log was never compacted.
+    pub fn snapshot_source(&self) -> Result<Arc<SnapshotSource>, EngineError> {
+        let journal = self.journal()?;
+        let mut serving = self
+            .shared
+            .serving
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        let (base, base_epoch) = journal.log().base()?;
+        if let Some(source) = serving.as_ref().filter(|s| s.plan.base == base) {
+            return Ok(source.clone());
+        }
+        let snapshot = self.dir().join(SNAPSHOT_FILE);
+        if base.0 == 0 || !snapshot.exists() {
+            return Err(EngineError::SnapshotMissing {
+                path: snapshot,
+                base: base.0,
+            });
+        }
+        // The snapshot and the base read together: no compaction moves them meanwhile.
+        let _history = self.history()?;
+        let path = self.dir().join(format!("serving-{}.from-snapshot", base.0));
+        unpack(&snapshot, &path)?;
+        let reader = Projections::open_reader_for(&path, self.models())?;
+        let mut parts = Vec::new();
+        for part in reader.backfill_parts() {
+            let rows = reader.query().part_len(&part)?;
+            parts.push((part, rows));
+        }
+        let plan = BackfillPlan {
+            base,
+            base_epoch,
+            head: journal.log().head()?.unwrap_or(base_epoch),
+            hlc: journal.hlc_high_water()?.unwrap_or_default(),
+            parts,
+        };
+        let source = Arc::new(SnapshotSource {
+            plan,
+            reader: Mutex::new(reader),
+            path,
+        });
+        *serving = Some(source.clone());
+        Ok(source)
+    }
+
+    /// Pulls the snapshot of `plan` from `source` into the scratch file, batch by batch (a
+    /// checkpoint with each), resuming a cut backfill of the same base, then keeps it as this
+    /// library's snapshot. Runs as a job; `progress(rows, of)`. The library is unchanged
+    /// until [`Library::rebase_onto`] puts the snapshot to use.
+    pub fn backfill(
+        &self,
+        from: DeviceId,
+        plan: &BackfillPlan,
+        source: &mut dyn BackfillSource,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<BackfillReport, EngineError> {
+        let kind = JobKind::Backfill {
+            from: from.to_hex(),
+            base: plan.base.0,
+        };
+        let summary = |r: &BackfillReport| {
+            format!(
+                "{} rows of the snapshot at {} ({} pulled by this run)",
+                r.rows, r.base, r.pulled
+            )
+        };
+        self.run_job(kind, None, summary, |run| {
+            let mut step = run.replay_step(progress);
+            self.pull_snapshot(plan, source, &mut step)
+        })
+    }
+
+    fn pull_snapshot(
+        &self,
+        plan: &BackfillPlan,
+        source: &mut dyn BackfillSource,
+        step: &mut dyn FnMut(u64, u64) -> Result<(), EngineError>,
+    ) -> Result<BackfillReport, EngineError> {
+        let path = self.dir().join(BACKFILL_FILE);
+        let mut scratch = open_scratch(&path, self, plan)?;
+        let ours = scratch.backfill_parts();
+        if ours.len() != plan.parts.len() || ours.iter().zip(&plan.parts).any(|(a, (b, _))| a != b)
+        {
+            return Err(EngineError::Backfill(
+                "the leader's snapshot holds other models than this library".into(),
+            ));
+        }
+        let mut at = read_checkpoint(&scratch)?.unwrap_or(Checkpoint {
+            base: plan.base.0,
+            ..Checkpoint::default()
+        });
+        let (total, resumed_at) = (plan.rows(), at.done);
+        while !at.whole {
+            step(at.done, total)?;
+            at = pull_batch(&mut scratch, plan, at, source)?;
+        }
+        step(at.done, total)?;
+        scratch.end_backfill()?;
+        drop(scratch);
+        let packing = self.dir().join(BACKFILL_PACKING);
+        let packed = pack(&path, &packing);
+        if packed.is_ok() {
+            put_in_place(&packing, &self.dir().join(SNAPSHOT_FILE))?;
+        }
+        Projections::remove_files(&path)?;
+        packed?;
+        Ok(BackfillReport {
+            base: plan.base.0,
+            rows: at.done,
+            pulled: at.done - resumed_at,
+            resubmitted: 0,
+        })
+    }
+
+    /// Puts a backfilled snapshot to use: the log is dropped and starts again after
+    /// `plan.base` (the changes of epochs `led_by` led go back to the offline journal), the
+    /// clock is raised to the leader's, and the projection is rebuilt from the snapshot and
+    /// the offline journal. The replication runtime must not write the log meanwhile, and
+    /// reloads its state from the journal afterwards. Returns the changes sent back.
+    pub fn rebase_onto(
+        &self,
+        plan: &BackfillPlan,
+        led_by: DeviceId,
+    ) -> Result<Vec<ChangeId>, EngineError> {
+        let journal = self.journal()?;
+        let returned = {
+            let _history = self.history()?;
+            journal.raise_hlc_high_water(plan.hlc)?;
+            journal
+                .log()
+                .rebase(plan.base, plan.base_epoch, plan.head, led_by)?
+        };
+        tracing::info!(
+            base = plan.base.0,
+            resubmitted = returned.len(),
+            "log started again after the leader's compaction point"
+        );
+        self.rebuild(&mut |_, _| {})?;
+        Ok(returned)
+    }
+}
+
+/// Opens the scratch file; one of another base, or one that does not open, starts over.
+fn open_scratch(
+    path: &Path,
+    library: &Library,
+    plan: &BackfillPlan,
+) -> Result<Projections, EngineError> {
+    if let Ok(scratch) = Projections::open_for(path, library.models()) {
+        if read_checkpoint(&scratch)
+            .ok()
+            .flatten()
+            .is_none_or(|c| c.base == plan.base.0)
+        {
+            return Ok(scratch);
+        }
+    }
+    Projections::remove_files(path)?;
+    Ok(Projections::open_for(path, library.models())?)
+}
+
+fn read_checkpoint(scratch: &Projections) -> Result<Option<Checkpoint>, EngineError> {
+    match scratch.backfill_checkpoint()? {
+        None => Ok(None),
+        Some(bytes) => rmp_serde::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| EngineError::Backfill(format!("a damaged checkpoint: {e}"))),
+    }
+}
+
+/// Pulls and writes the next batch at `at`; returns where the backfill stands after it.
+fn pull_batch(
+    scratch: &mut Projections,
+    plan: &BackfillPlan,
+    at: Checkpoint,
+    source: &mut dyn BackfillSource,
+) -> Result<Checkpoint, EngineError> {
+    let Some((part, rows)) = plan.parts.get(at.part) else {
+        return Ok(Checkpoint { whole: true, ..at });
+    };
+    let cursor = PartCursor {
+        after: at.after,
+        skip: at.skip,
+    };
+    let (images, last) = source.batch(part, cursor, BACKFILL_BATCH)?;
+    let bad = |why: &str| EngineError::Backfill(format!("{} from the leader: {why}", part.table));
+    if images.len() > BACKFILL_BATCH || at.skip + images.len() as u64 > *rows {
+        return Err(bad("more rows than its snapshot holds"));
+    }
+    let mut after = at.after;
+    if part.model.is_some() {
+        for image in &images {
+            let uuid = image_uuid(image).ok_or_else(|| bad("a row without a uuid"))?;
+            if after.is_some_and(|a| a >= uuid) {
+                return Err(bad("rows out of order"));
+            }
+            after = Some(uuid);
+        }
+    }
+    let skip = at.skip + images.len() as u64;
+    let ended = last || images.len() < BACKFILL_BATCH;
+    if ended && skip != *rows {
+        return Err(bad(&format!("{skip} rows where its snapshot holds {rows}")));
+    }
+    let next = if ended {
+        Checkpoint {
+            part: at.part + 1,
+            after: None,
+            skip: 0,
+            done: at.done + images.len() as u64,
+            whole: at.part + 1 == plan.parts.len(),
+            ..at
+        }
+    } else {
+        Checkpoint {
+            after,
+            skip,
+            done: at.done + images.len() as u64,
+            ..at
+        }
+    };
+    let bytes = rmp_serde::to_vec(&next)
+        .map_err(|e| EngineError::Backfill(format!("encoding a checkpoint: {e}")))?;
+    scratch.put_backfill_rows(part, at.skip == 0, &images, &bytes)?;
+    Ok(next)
+}
