@@ -2,6 +2,7 @@
 //! figure, each with its options; this module runs them, each in its own process (so each peak
 //! RSS is its own step's), and prints the figures.
 
+mod backfill;
 mod merge;
 mod p1;
 mod p2;
@@ -166,6 +167,7 @@ fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
             &mut out,
         )?,
         p4::JOIN_STEP => p4::run_join(&mut out)?,
+        backfill::BACKFILL_STEP => backfill::run_backfill(&mut out)?,
         "p5" => p5::run(
             dir,
             &p5::Options {
@@ -291,6 +293,30 @@ fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryI
 
 /// Writes dirty pages out (best effort), so that the kernel's write-back of what a step just
 /// wrote does not run during the next step's timing.
+/// Runs `keel bench --json --step STEP` in a new process with `task` as JSON on its stdin
+/// (nothing secret on its command line), and returns the figures it printed.
+pub(crate) fn child_figures(
+    step: &str,
+    task: &impl serde::Serialize,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "--json", "--step", step])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(serde_json::to_string(task)?.as_bytes())?;
+    }
+    let child = child.wait_with_output()?;
+    anyhow::ensure!(child.status.success(), "the {step} process failed");
+    match serde_json::from_str(String::from_utf8(child.stdout)?.trim())? {
+        serde_json::Value::Object(figures) => Ok(figures),
+        _ => anyhow::bail!("the {step} process printed no JSON object"),
+    }
+}
+
 pub(crate) fn settle() {
     let _ = std::process::Command::new("sync").status();
 }

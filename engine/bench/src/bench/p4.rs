@@ -71,6 +71,11 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         }
     }
     drop(relay);
+    // The first joiner, away since, comes back behind a compaction past everything: it
+    // backfills the whole snapshot table by table.
+    for (k, v) in super::backfill::measure(&leader, &dir.join("joiner"), files)? {
+        out.insert(k, v);
+    }
     out.insert("p4_entries".into(), json!(files));
     out.insert("p4_log_entries".into(), json!(log_len));
     leader.stop()?;
@@ -104,23 +109,7 @@ fn join_once(
         snapshot,
     };
     // The code goes on the child's stdin, not its command line.
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "--json", "--step", JOIN_STEP])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin.write_all(serde_json::to_string(&join)?.as_bytes())?;
-    }
-    let child = child.wait_with_output()?;
-    ensure!(child.status.success(), "the joining process failed");
-    let Value::Object(figures) =
-        serde_json::from_str::<Value>(String::from_utf8(child.stdout)?.trim())?
-    else {
-        anyhow::bail!("the joining process printed no JSON object");
-    };
+    let figures = super::child_figures(JOIN_STEP, &join)?;
     // The joiner's own Device record is the one entry it added: wait for it here too.
     let deadline = Instant::now() + Duration::from_secs(60);
     while leader.status().log_len < log_len + 1 {
