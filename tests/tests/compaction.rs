@@ -525,11 +525,13 @@ fn compactions_at_once_and_a_verify_meanwhile_do_not_trip_on_each_other() {
     assert_eq!(lib.status().expect("status").counts.tags, 5_000);
 }
 
-/// Reads another library's snapshot, and is cut after `left` batches of tags.
+/// Reads another library's snapshot, at most `cap` rows at a time (as a leader caps a batch
+/// by bytes), and is cut after `left` batches of tags.
 struct CutSource {
     from: std::sync::Arc<keel_engine::SnapshotSource>,
     left: usize,
     given: u64,
+    cap: usize,
 }
 
 impl keel_engine::BackfillSource for CutSource {
@@ -545,9 +547,9 @@ impl keel_engine::BackfillSource for CutSource {
             }
             self.left -= 1;
         }
-        let rows = self.from.rows(part, cursor, limit)?;
+        let rows = self.from.rows(part, cursor, limit.min(self.cap))?;
         self.given += rows.len() as u64;
-        let done = rows.len() < limit;
+        let done = rows.len() < limit.min(self.cap);
         Ok((rows, done))
     }
 }
@@ -571,6 +573,7 @@ fn a_cut_backfill_resumes_from_its_last_batch() {
         from: source.clone(),
         left: 2,
         given: 0,
+        cap: usize::MAX,
     };
     let error = b
         .backfill(from, &plan, &mut cut, &mut |_, _| {})
@@ -583,6 +586,7 @@ fn a_cut_backfill_resumes_from_its_last_batch() {
         from: source,
         left: usize::MAX,
         given: 0,
+        cap: usize::MAX,
     };
     let mut seen = Vec::new();
     let report = b
@@ -597,4 +601,28 @@ fn a_cut_backfill_resumes_from_its_last_batch() {
     assert_eq!(seen.last(), Some(&(plan.rows(), plan.rows())));
     assert!(b.dir().join(keel_engine::SNAPSHOT_FILE).exists());
     assert!(!b.dir().join(keel_engine::BACKFILL_FILE).exists());
+}
+
+/// A leader caps a batch by its bytes: a short batch that is not the last is followed by the
+/// rest of its part.
+#[test]
+fn a_backfill_takes_short_batches_that_are_not_the_last() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = create_library(&dir.path().join("a"), "lib").expect("creates");
+    tags(&a, (0..3_000).map(|i| format!("tag {i}")));
+    a.flush().expect("flushes");
+    a.compact(last(&a)).expect("compacts");
+    let source = a.snapshot_source().expect("a snapshot to read");
+    let plan = source.plan().clone();
+    let (_hb, b) = create_library(&dir.path().join("b"), "lib").expect("creates");
+    let mut capped = CutSource {
+        from: source,
+        left: usize::MAX,
+        given: 0,
+        cap: 1_000,
+    };
+    let report = b
+        .backfill(keel_engine::DeviceId([7; 32]), &plan, &mut capped, &mut |_, _| {})
+        .expect("takes every batch");
+    assert_eq!((report.rows, capped.given), (plan.rows(), plan.rows()));
 }
