@@ -218,19 +218,19 @@ impl WriterState {
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
             let mut local = txn.open_table(OFFLINE).map_err(storage)?;
-            for bytes in log_table::split_off(&mut log, 0)? {
-                let Ok(record) = LogRecord::decode(&bytes) else {
-                    continue;
+            log_table::drain(&mut log, |bytes| {
+                let Ok(record) = LogRecord::decode(bytes) else {
+                    return Ok(());
                 };
                 if record.epoch.device != led_by {
-                    continue;
+                    return Ok(());
                 }
-                let Some(id) = Sealer::peek_change_id(record.sealed) else {
-                    continue;
-                };
-                self.resubmit(&mut local, record.sealed)?;
-                returned.push(id);
-            }
+                if let Some(id) = Sealer::peek_change_id(record.sealed) {
+                    self.resubmit(&mut local, record.sealed)?;
+                    returned.push(id);
+                }
+                Ok(())
+            })?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(META_LOG_BASE, &base_bytes(base, epoch)[..])
                 .map_err(storage)?;

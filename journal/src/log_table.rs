@@ -237,6 +237,28 @@ pub(crate) fn split_off(
     Ok(suffix)
 }
 
+/// Removes every record, visiting each readable one first (in order, without holding them
+/// all: a log of millions stays out of memory). A damaged page goes unvisited.
+pub(crate) fn drain(
+    table: &mut Table<'_, u64, &'static [u8]>,
+    mut each: impl FnMut(&[u8]) -> Result<(), JournalError>,
+) -> Result<(), JournalError> {
+    let mut pages = Vec::new();
+    for item in table.range(0..).map_err(storage)? {
+        let (key, page) = item.map_err(storage)?;
+        pages.push(key.value());
+        if let Ok(parsed) = LogPage::parse(page.value()) {
+            for record in parsed.records() {
+                each(record)?;
+            }
+        }
+    }
+    for key in &pages {
+        table.remove(*key).map_err(storage)?;
+    }
+    Ok(())
+}
+
 /// Removes every record up to and including `base`, returning how many; the page holding
 /// `base + 1` keeps its records after `base` (rewritten under the key `base + 1`). A damaged
 /// page that ends at or before `base` goes with the rest; one that holds `base + 1` stays.

@@ -191,6 +191,13 @@ pub enum DeviceMessage {
         records: Vec<ByteBuf>,
         /// Whether this was the last batch of the range.
         done: bool,
+        /// The row images packed instead (a backfill's answers): one zstd frame of each image
+        /// after its length (u32 BE), `records` then empty.
+        #[serde(default)]
+        packed: ByteBuf,
+        /// The bytes `packed` unpacks to, exactly (at most [`crate::FRAME_LEN_MAX`]).
+        #[serde(default)]
+        raw_len: u32,
     },
     /// Anti-entropy: asks for the digests of the answering device's rows of `model` in each of
     /// `ranges`. Sent by a pinned device instead of Hello on a connection of its own, and again
@@ -394,8 +401,19 @@ impl DeviceMessage {
                     return Err(over(format!("{} revoked devices", revoked.len())));
                 }
             }
-            DeviceMessage::SyncPullModelBatchResponse { records, .. } => {
-                check_records("records", records.iter())?
+            DeviceMessage::SyncPullModelBatchResponse {
+                records,
+                packed,
+                raw_len,
+                ..
+            } => {
+                check_records("records", records.iter())?;
+                if *raw_len as usize > crate::FRAME_LEN_MAX
+                    || (*raw_len > 0 && !records.is_empty())
+                    || (*raw_len == 0 && !packed.is_empty())
+                {
+                    return Err(over(format!("packed rows claiming {raw_len} bytes")));
+                }
             }
             DeviceMessage::BackfillPlan { parts, .. } => {
                 if parts.len() > BACKFILL_PARTS_MAX {
@@ -629,6 +647,15 @@ mod tests {
                 model: 3,
                 records: vec![ByteBuf::from(vec![0u8, 1, 0])],
                 done: true,
+                packed: ByteBuf::new(),
+                raw_len: 0,
+            },
+            DeviceMessage::SyncPullModelBatchResponse {
+                model: 3,
+                records: Vec::new(),
+                done: false,
+                packed: ByteBuf::from(vec![1u8; 20]),
+                raw_len: 300,
             },
         ]
     }
@@ -744,6 +771,22 @@ mod tests {
             skip: 0,
         };
         assert!(long_table_asked.encode().is_err());
+        let rows = |records: Vec<ByteBuf>, packed: usize, raw_len: u32| {
+            DeviceMessage::SyncPullModelBatchResponse {
+                model: 1,
+                records,
+                done: true,
+                packed: ByteBuf::from(vec![0u8; packed]),
+                raw_len,
+            }
+        };
+        for (what, message) in [
+            ("a claim past the frame limit", rows(Vec::new(), 8, crate::FRAME_LEN_MAX as u32 + 1)),
+            ("packed and plain rows at once", rows(vec![ByteBuf::new()], 8, 10)),
+            ("packed bytes without their length", rows(Vec::new(), 8, 0)),
+        ] {
+            assert!(message.encode().is_err(), "{what} accepted");
+        }
         let big_chunk = DeviceMessage::SnapshotChunk {
             offset: 0,
             data: ByteBuf::from(vec![0u8; SNAPSHOT_CHUNK_MAX + 1]),

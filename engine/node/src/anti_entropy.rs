@@ -183,6 +183,8 @@ async fn answer(
                     model,
                     done: rows.len() < limit,
                     records: rows.into_iter().map(ByteBuf::from).collect(),
+                    packed: ByteBuf::new(),
+                    raw_len: 0,
                 })
             }
             _ => Err(failed("not an anti-entropy request")),
@@ -334,6 +336,8 @@ impl Asking {
                 model,
                 records,
                 done,
+                raw_len: 0,
+                ..
             } = recv(&self.conn).await?
             else {
                 return Err(failed("the peer answered something else than rows"));

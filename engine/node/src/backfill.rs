@@ -58,14 +58,18 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection) {
             return;
         }
     };
-    if send(&conn, plan_message(source.plan())).await.is_err() {
+    if let Err(e) = send(&conn, plan_message(source.plan())).await {
+        tracing::debug!(%peer, error = %e, "backfill plan not sent");
         return;
     }
     for _ in 0..REQUESTS_MAX {
         let request = match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
             Ok(Ok(request)) => request,
             // Closed by the asking device (done), or it went quiet.
-            _ => return,
+            outcome => {
+                tracing::debug!(%peer, ?outcome, "backfill connection ended");
+                return;
+            }
         };
         let answer = match answer(&source, request).await {
             Ok(answer) => answer,
@@ -75,7 +79,8 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection) {
                 return;
             }
         };
-        if send(&conn, answer).await.is_err() {
+        if let Err(e) = send(&conn, answer).await {
+            tracing::debug!(%peer, error = %e, "backfill rows not sent");
             return;
         }
     }
@@ -151,28 +156,83 @@ async fn answer(
             .max(1)
             .min(fetched);
         rows.truncate(fits);
-        Ok(DeviceMessage::SyncPullModelBatchResponse {
-            model,
-            done: fetched < limit && fits == fetched,
-            records: rows.into_iter().map(ByteBuf::from).collect(),
-        })
+        rows_message(model, &rows, fetched < limit && fits == fetched)
     })
     .await
 }
 
-/// The asking side's connection, as the library pulls from it.
+/// An answer of `rows` of `model`, packed (none: nothing to pack, since a packed answer
+/// unpacks to at least one row).
+fn rows_message(model: u8, rows: &[Vec<u8>], done: bool) -> Result<DeviceMessage, NodeError> {
+    let (packed, raw_len) = match rows.is_empty() {
+        true => (Vec::new(), 0),
+        false => pack_rows(rows)?,
+    };
+    Ok(DeviceMessage::SyncPullModelBatchResponse {
+        model,
+        done,
+        records: Vec::new(),
+        packed: ByteBuf::from(packed),
+        raw_len,
+    })
+}
+
+/// zstd level of a batch of rows: the fast level the snapshot chunks use.
+const ROWS_ZSTD_LEVEL: i32 = -1;
+
+/// Row images as one zstd frame, each after its length (u32 BE), and the bytes it unpacks to.
+fn pack_rows(rows: &[Vec<u8>]) -> Result<(Vec<u8>, u32), NodeError> {
+    let mut raw = Vec::with_capacity(rows.iter().map(|r| r.len() + 4).sum());
+    for row in rows {
+        let len = u32::try_from(row.len()).map_err(|_| failed("a row over 4 GiB"))?;
+        raw.extend_from_slice(&len.to_be_bytes());
+        raw.extend_from_slice(row);
+    }
+    let raw_len = u32::try_from(raw.len()).map_err(|_| failed("a batch over 4 GiB"))?;
+    let packed = zstd::bulk::compress(&raw, ROWS_ZSTD_LEVEL).map_err(|e| failed(e))?;
+    Ok((packed, raw_len))
+}
+
+/// The row images of a packed batch: it must unpack to exactly `raw_len` bytes (bounded by
+/// the transport when the message was decoded) of at most [`BACKFILL_BATCH`] whole rows.
+fn unpack_rows(packed: &[u8], raw_len: u32) -> Result<Vec<Vec<u8>>, EngineError> {
+    let bad = |why: String| EngineError::Backfill(format!("a batch from the leader {why}"));
+    let raw = zstd::bulk::decompress(packed, raw_len as usize)
+        .map_err(|e| bad(format!("does not unpack: {e}")))?;
+    if raw.len() != raw_len as usize {
+        return Err(bad(format!("unpacks to {} bytes, not {raw_len}", raw.len())));
+    }
+    let mut rows = Vec::new();
+    let mut rest = &raw[..];
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| bad("ends inside a length".into()))?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > tail.len() || rows.len() == BACKFILL_BATCH {
+            return Err(bad("holds a row past its end, or too many".into()));
+        }
+        rows.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    Ok(rows)
+}
+
+/// The asking side's connection, as the library pulls from it. While the library writes a
+/// batch, the next one of the same part is already asked for (the leader reads it meanwhile).
 struct Pull {
     conn: Arc<Connection>,
     rt: tokio::runtime::Handle,
+    /// The request sent ahead, and its answer to come.
+    ahead: Option<(Part, PartCursor, Asked)>,
 }
 
-impl BackfillSource for Pull {
-    fn batch(
-        &mut self,
-        part: &Part,
-        cursor: PartCursor,
-        limit: usize,
-    ) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
+type Asked = tokio::task::JoinHandle<Result<DeviceMessage, NodeError>>;
+
+impl Pull {
+    /// Sends the request for `limit` rows of `part` from `cursor`; the answer comes from the
+    /// handle.
+    fn ask(&self, part: &Part, cursor: PartCursor, limit: usize) -> Asked {
         let request = DeviceMessage::SyncPullModelBatchRequest {
             model: part.model.unwrap_or(0),
             after: cursor.after,
@@ -182,27 +242,72 @@ impl BackfillSource for Pull {
             skip: cursor.skip,
         };
         let conn = self.conn.clone();
-        let answer = self.rt.block_on(async move {
+        self.rt.spawn(async move {
             send(&conn, request).await?;
             recv(&conn).await
-        });
-        match answer.map_err(|e| EngineError::Backfill(e.to_string()))? {
-            DeviceMessage::SyncPullModelBatchResponse {
-                model,
-                records,
-                done,
-            } if model == part.model.unwrap_or(0) => {
-                if records.is_empty() && !done {
-                    return Err(EngineError::Backfill(
-                        "the leader sent an empty batch that is not the last".into(),
-                    ));
-                }
-                Ok((records.into_iter().map(ByteBuf::into_vec).collect(), done))
-            }
-            _ => Err(EngineError::Backfill(
-                "the leader answered something else than the rows asked".into(),
-            )),
+        })
+    }
+}
+
+impl BackfillSource for Pull {
+    fn batch(
+        &mut self,
+        part: &Part,
+        cursor: PartCursor,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
+        let failed = |e: String| EngineError::Backfill(e);
+        let asked = match self.ahead.take() {
+            Some((p, c, asked)) if p == *part && c == cursor => asked,
+            // Answers come in order: one asked ahead and not taken would be read next.
+            Some(_) => return Err(failed("rows asked out of order".into())),
+            None => self.ask(part, cursor, limit),
+        };
+        let answer = self
+            .rt
+            .block_on(asked)
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let (rows, done) = rows_of(answer, part)?;
+        if !done {
+            let next = PartCursor {
+                after: rows
+                    .last()
+                    .and_then(|r| keel_engine::image_uuid(r))
+                    .or(cursor.after),
+                skip: cursor.skip + rows.len() as u64,
+            };
+            self.ahead = Some((part.clone(), next, self.ask(part, next, limit)));
         }
+        Ok((rows, done))
+    }
+}
+
+/// The rows of an answer to a request for `part`, and whether they are its last.
+fn rows_of(answer: DeviceMessage, part: &Part) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
+    match answer {
+        DeviceMessage::SyncPullModelBatchResponse {
+            model,
+            records,
+            done,
+            packed,
+            raw_len,
+        } if model == part.model.unwrap_or(0) => {
+            let rows = if raw_len > 0 {
+                unpack_rows(&packed, raw_len)?
+            } else {
+                records.into_iter().map(ByteBuf::into_vec).collect()
+            };
+            if rows.is_empty() && !done {
+                return Err(EngineError::Backfill(
+                    "the leader sent an empty batch that is not the last".into(),
+                ));
+            }
+            Ok((rows, done))
+        }
+        _ => Err(EngineError::Backfill(
+            "the leader answered something else than the rows asked".into(),
+        )),
     }
 }
 
@@ -251,6 +356,7 @@ pub(crate) async fn pull(
     let mut source = Pull {
         conn: conn.clone(),
         rt: tokio::runtime::Handle::current(),
+        ahead: None,
     };
     let pulled = {
         let (link, plan) = (link.clone(), plan.clone());
@@ -277,4 +383,37 @@ pub(crate) async fn pull(
         .map_err(|_| NodeError::Stopped)?;
     report.resubmitted = blocking(move || replied.recv().map_err(|_| NodeError::Stopped)?).await?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_rows_unpack_to_themselves_and_a_lying_batch_is_refused() {
+        let rows: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; usize::from(i) * 3]).collect();
+        let (packed, raw_len) = pack_rows(&rows).expect("packs");
+        assert!(packed.len() < raw_len as usize, "compressible rows shrink");
+        assert_eq!(unpack_rows(&packed, raw_len).expect("unpacks"), rows);
+        // A length that is not the frame's, either way, and a row cut short.
+        for claim in [raw_len - 1, raw_len + 1] {
+            assert!(unpack_rows(&packed, claim).is_err(), "{claim} accepted");
+        }
+        let (cut, cut_len) = {
+            let mut raw = 10u32.to_be_bytes().to_vec();
+            raw.extend_from_slice(&[1, 2, 3]);
+            let len = raw.len() as u32;
+            (zstd::bulk::compress(&raw, 1).expect("packs"), len)
+        };
+        assert!(unpack_rows(&cut, cut_len).is_err());
+        assert!(unpack_rows(b"not zstd", 8).is_err());
+    }
+
+    #[test]
+    fn an_answer_of_rows_encodes_even_empty() {
+        for rows in [Vec::new(), vec![vec![1u8, 2, 3]]] {
+            let message = rows_message(4, &rows, true).expect("packs");
+            message.encode().expect("within the limits");
+        }
+    }
 }

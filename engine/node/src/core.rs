@@ -617,7 +617,8 @@ impl Core {
         let returned = self.link.library().rebase_onto(plan, self.config.device)?;
         self.behind_compaction = 0;
         self.reload();
-        self.status_dirty = true;
+        // Now, not at the next tick: the backfill task looks at it before another backfill.
+        self.publish_status();
         Ok(returned.len() as u64)
     }
 

@@ -197,12 +197,16 @@ impl Net {
             };
             let pulled = super::backfill::pull(&self, link, (leader, addr)).await;
             match pulled {
-                Ok(report) => tracing::info!(
-                    base = report.base,
-                    rows = report.rows,
-                    resubmitted = report.resubmitted,
-                    "backfilled from the leader's snapshot"
-                ),
+                Ok(report) => {
+                    tracing::info!(
+                        base = report.base,
+                        rows = report.rows,
+                        resubmitted = report.resubmitted,
+                        "backfilled from the leader's snapshot"
+                    );
+                    // Asked while this one ran: answered by it.
+                    while wanted.try_recv().is_ok() {}
+                }
                 Err(error) => {
                     tracing::warn!(%error, "backfill failed; it goes on from its last batch");
                     tokio::time::sleep(BACKFILL_RETRY).await;

@@ -90,6 +90,7 @@ pub(crate) fn run_backfill(out: &mut super::Figures) -> Result<()> {
         log_len,
         entries,
     } = serde_json::from_str(&text).context("reading what to backfill from stdin")?;
+    super::child_tracing();
     reset_peak_rss();
     let t = Instant::now();
     let lib = Library::open(&Home::new(home), "bench", PASSWORD)?;

@@ -132,6 +132,7 @@ fn run_all(options: &BenchOptions) -> Result<i32> {
 
 /// Runs one step here and prints its figures as one JSON object.
 fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
+    child_tracing();
     let mut out = Figures::new();
     let sizes = Sizes::of(options);
     let dir = tempfile::tempdir()?;
@@ -314,6 +315,17 @@ pub(crate) fn child_figures(
     match serde_json::from_str(String::from_utf8(child.stdout)?.trim())? {
         serde_json::Value::Object(figures) => Ok(figures),
         _ => anyhow::bail!("the {step} process printed no JSON object"),
+    }
+}
+
+/// In a child process of a step: its log on stderr when `KEEL_LOG` says what to show
+/// (diagnosing a slow sync).
+pub(crate) fn child_tracing() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .try_init();
     }
 }
 

@@ -160,13 +160,7 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
         snapshot,
     } = serde_json::from_str(&text).context("reading what to join from stdin")?;
     let home = Home::new(home);
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG") {
-        // Diagnosing a slow sync: the joiner's log on stderr.
-        let _ = tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .try_init();
-    }
+    super::child_tracing();
     reset_peak_rss();
     let t = Instant::now();
     let (name, received) = join_counting(&home, addr, &code, snapshot)?;
