@@ -134,9 +134,13 @@ impl Projections {
             .optional()?)
     }
 
-    /// Drops the checkpoint once every part is in: the file is a snapshot like any other.
+    /// Drops the checkpoint once every part is in, and moves everything into the main file
+    /// (the WAL emptied): the file is a snapshot like any other, which may be copied while
+    /// this connection stays open and idle.
     pub fn end_backfill(&mut self) -> Result<(), ProjectionError> {
         self.conn.execute("DROP TABLE IF EXISTS _backfill", [])?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
     }
 }

@@ -625,7 +625,12 @@ fn a_backfill_takes_short_batches_that_are_not_the_last() {
         cap: 1_000,
     };
     let report = b
-        .backfill(keel_engine::DeviceId([7; 32]), &plan, &mut capped, &mut |_, _| {})
+        .backfill(
+            keel_engine::DeviceId([7; 32]),
+            &plan,
+            &mut capped,
+            &mut |_, _| {},
+        )
         .expect("takes every batch");
     assert_eq!((report.rows, capped.given), (plan.rows(), plan.rows()));
 }

@@ -781,8 +781,14 @@ mod tests {
             }
         };
         for (what, message) in [
-            ("a claim past the frame limit", rows(Vec::new(), 8, crate::FRAME_LEN_MAX as u32 + 1)),
-            ("packed and plain rows at once", rows(vec![ByteBuf::new()], 8, 10)),
+            (
+                "a claim past the frame limit",
+                rows(Vec::new(), 8, crate::FRAME_LEN_MAX as u32 + 1),
+            ),
+            (
+                "packed and plain rows at once",
+                rows(vec![ByteBuf::new()], 8, 10),
+            ),
             ("packed bytes without their length", rows(Vec::new(), 8, 0)),
         ] {
             assert!(message.encode().is_err(), "{what} accepted");

@@ -223,19 +223,20 @@ impl Library {
         }
         step(at.done, total)?;
         let pulled_ms = started.elapsed().as_millis();
-        scratch.set_bulk_load(false)?;
         scratch.end_backfill()?;
-        drop(scratch);
-        let indexed_ms = started.elapsed().as_millis();
-        // Kept as this library's snapshot; the scratch file stays for `rebase_onto`.
+        // Kept as this library's snapshot without its secondary indexes (smaller, and an open
+        // builds them), then the scratch file gets them for `rebase_onto`.
         let packing = self.dir().join(BACKFILL_PACKING);
         pack(&path, &packing)?;
         put_in_place(&packing, &self.dir().join(SNAPSHOT_FILE))?;
+        let packed_ms = started.elapsed().as_millis();
+        scratch.set_bulk_load(false)?;
+        drop(scratch);
         tracing::info!(
             rows = at.done,
             pulled_ms,
-            indexed_ms,
-            packed_ms = started.elapsed().as_millis(),
+            packed_ms,
+            indexed_ms = started.elapsed().as_millis(),
             "backfill pulled the snapshot"
         );
         Ok(BackfillReport {

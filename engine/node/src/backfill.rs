@@ -189,7 +189,7 @@ fn pack_rows(rows: &[Vec<u8>]) -> Result<(Vec<u8>, u32), NodeError> {
         raw.extend_from_slice(row);
     }
     let raw_len = u32::try_from(raw.len()).map_err(|_| failed("a batch over 4 GiB"))?;
-    let packed = zstd::bulk::compress(&raw, ROWS_ZSTD_LEVEL).map_err(|e| failed(e))?;
+    let packed = zstd::bulk::compress(&raw, ROWS_ZSTD_LEVEL).map_err(failed)?;
     Ok((packed, raw_len))
 }
 
@@ -200,7 +200,10 @@ fn unpack_rows(packed: &[u8], raw_len: u32) -> Result<Vec<Vec<u8>>, EngineError>
     let raw = zstd::bulk::decompress(packed, raw_len as usize)
         .map_err(|e| bad(format!("does not unpack: {e}")))?;
     if raw.len() != raw_len as usize {
-        return Err(bad(format!("unpacks to {} bytes, not {raw_len}", raw.len())));
+        return Err(bad(format!(
+            "unpacks to {} bytes, not {raw_len}",
+            raw.len()
+        )));
     }
     let mut rows = Vec::new();
     let mut rest = &raw[..];
