@@ -634,3 +634,99 @@ fn a_backfill_takes_short_batches_that_are_not_the_last() {
         .expect("takes every batch");
     assert_eq!((report.rows, capped.given), (plan.rows(), plan.rows()));
 }
+
+/// `kill -9` of a device in the middle of its backfill, again and again: each start goes on
+/// from the last batch it kept, and in the end it converges with nothing it acknowledged lost.
+#[test]
+fn a_backfill_killed_midway_goes_on_and_loses_nothing() {
+    use keel_tests::cluster;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = keel_node::NodeOptions {
+        retain_for_absent: Some(10),
+        compact_after: None,
+        ..cluster::options(Vec::new())
+    };
+    let (_ha, a) = cluster::founder_with(dir.path(), "a", "lib", options).expect("founds");
+    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let b_addr = b.local_addr();
+    b.set_offline(true);
+    tags(
+        b.library(),
+        std::iter::once("made on b while away".to_string()),
+    );
+    b.library().flush().expect("flushes");
+    b.stop().expect("stops");
+    tags(
+        a.library(),
+        (0..15_000).map(|i| format!("while b was away {i}")),
+    );
+    a.library().flush().expect("flushes");
+    let end = a.status().log_len;
+    wait_status(&a, "the rule to pass b", |s| s.compactable + 10 >= end);
+    a.compact().expect("compacts past b");
+
+    let scratch = hb.library_dir("lib").join(keel_engine::BACKFILL_FILE);
+    let mut cut = 0;
+    for round in 0..10u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crash_child"))
+            .arg(hb.root())
+            .arg("lib")
+            .arg("serve")
+            .arg(a.local_addr().to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("child starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = crossbeam_channel::unbounded::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(30)).as_deref(),
+            Ok("ready"),
+            "round {round}"
+        );
+        // A spread of moments: before the backfill, inside it, at its end.
+        std::thread::sleep(Duration::from_millis(100 + (round * 97) % 700));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        reader.join().expect("reader");
+        if rx.try_iter().any(|line| line == "done") {
+            break;
+        }
+        cut += usize::from(scratch.exists());
+    }
+    assert!(cut > 0, "no kill landed inside the backfill");
+    let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
+    let digest = cluster::converge(&[&a, &b], Duration::from_secs(60)).expect("converges");
+    let names = tag_names(b.library());
+    assert_eq!(names, tag_names(a.library()));
+    assert!(
+        names.contains("made on b while away"),
+        "acknowledged, then killed"
+    );
+    let jobs = b.library().jobs().expect("jobs");
+    let backfills: Vec<_> = jobs
+        .iter()
+        .filter(|j| matches!(j.kind, keel_engine::JobKind::Backfill { .. }))
+        .collect();
+    assert!(
+        backfills
+            .iter()
+            .any(|j| j.state == keel_engine::JobState::Completed),
+        "{backfills:?}"
+    );
+    b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+    assert_eq!(b.library().digest().expect("digest"), digest);
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+}

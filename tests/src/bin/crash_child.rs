@@ -9,7 +9,9 @@
 //! `watch`, it watches LIB's locations (debounce 100 ms, a rescan every 300 ms of a location it
 //! cannot watch), printing `watcher SUMMARY` for each report of the watcher; with `compact`, it
 //! commits tags and compacts the log after every few commits, printing `tag UUID` for each tag
-//! acknowledged (compacted changes leave the journal: the tags are what stays).
+//! acknowledged (compacted changes leave the journal: the tags are what stays); with
+//! `serve ADDR`, it runs LIB as a node that dials ADDR, printing `progress DONE TOTAL` as a
+//! backfill goes and `done` once it runs past it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -67,6 +69,12 @@ fn main() -> anyhow::Result<()> {
     }
     if mode.as_deref() == Some("compact") {
         return compact(&lib);
+    }
+    if mode.as_deref() == Some("serve") {
+        let addr = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB serve ADDR"))?;
+        return serve(lib, addr.parse()?);
     }
     if mode.as_deref() == Some("reidentify") {
         let path = PathBuf::from(
@@ -229,4 +237,41 @@ fn reidentify(lib: &Library, path: &std::path::Path) -> anyhow::Result<()> {
         println!("done");
         Ok(())
     })
+}
+
+/// Runs `lib` as a node dialing `addr` until killed, printing the progress of its backfill
+/// (polled from its jobs and its scratch file's checkpoint rows) and `done` once its log
+/// starts after a base it did not have.
+fn serve(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let base = lib.status()?.journal.compacted_to;
+    let node = keel_node::Node::start(
+        lib,
+        keel_node::NodeOptions {
+            peers: vec![addr],
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )?;
+    println!("ready");
+    let mut last = None;
+    loop {
+        let status = node.status();
+        if status.compacted_to > base && status.behind_compaction == 0 {
+            println!("done");
+            return Ok(());
+        }
+        let backfill = node
+            .library()
+            .jobs()?
+            .into_iter()
+            .rev()
+            .find(|j| matches!(j.kind, keel_engine::JobKind::Backfill { .. }));
+        if let Some(job) = backfill {
+            let now = (job.progress.done, job.progress.total);
+            if last != Some(now) {
+                println!("progress {} {}", now.0, now.1);
+                last = Some(now);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
