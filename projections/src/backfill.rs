@@ -9,12 +9,13 @@
 //! [`crate::ranges`]). The written side keeps its checkpoint in the file it writes, in the
 //! transaction that writes the batch, so a batch is never half there nor written twice.
 
+use rusqlite::types::ToSqlOutput;
 use rusqlite::OptionalExtension;
 use uuid::Uuid;
 
 use crate::error::ProjectionError;
 use crate::queries::Query;
-use crate::ranges::{decode_row, encode_row};
+use crate::ranges::{decode_row_ref, encode_row};
 use crate::store::Projections;
 
 /// The internal tables a snapshot's backfill carries after the models, with the order they
@@ -85,7 +86,7 @@ impl Projections {
             .column_count();
         let rows = images
             .iter()
-            .map(|image| decode_row(image, columns))
+            .map(|image| decode_row_ref(image, columns))
             .collect::<Result<Vec<_>, _>>()?;
         self.conn.pragma_update(None, "foreign_keys", "OFF")?;
         let written = (|| {
@@ -95,12 +96,13 @@ impl Projections {
             }
             {
                 let marks = vec!["?"; columns].join(", ");
-                let mut insert = tx.prepare(&format!(
+                let mut insert = tx.prepare_cached(&format!(
                     "INSERT OR REPLACE INTO {} VALUES ({marks})",
                     part.table
                 ))?;
                 for cells in &rows {
-                    insert.execute(rusqlite::params_from_iter(cells.iter()))?;
+                    let cells = cells.iter().map(|c| ToSqlOutput::Borrowed(*c));
+                    insert.execute(rusqlite::params_from_iter(cells))?;
                 }
             }
             tx.execute(

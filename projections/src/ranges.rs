@@ -367,6 +367,17 @@ pub fn image_uuid(image: &[u8]) -> Option<Uuid> {
 
 /// Reads a row image of exactly `columns` cells; never panics on any input.
 pub(crate) fn decode_row(image: &[u8], columns: usize) -> Result<Vec<SqlValue>, ProjectionError> {
+    Ok(decode_row_ref(image, columns)?
+        .into_iter()
+        .map(SqlValue::from)
+        .collect())
+}
+
+/// [`decode_row`] without copying a cell: each borrows the image (what an insert binds).
+pub(crate) fn decode_row_ref(
+    image: &[u8],
+    columns: usize,
+) -> Result<Vec<ValueRef<'_>>, ProjectionError> {
     let bad = |why: &str| ProjectionError::MalformedRow(format!("row image: {why}"));
     if image.len() > ROW_IMAGE_MAX {
         return Err(bad("too large"));
@@ -388,22 +399,23 @@ pub(crate) fn decode_row(image: &[u8], columns: usize) -> Result<Vec<SqlValue>, 
     for _ in 0..columns {
         let tag = take(1)?[0];
         let cell = match tag {
-            NULL => SqlValue::Null,
+            NULL => ValueRef::Null,
             INTEGER | REAL => {
                 let v = u64::from_be_bytes(take(8)?.try_into().map_err(|_| bad("number"))?);
                 if tag == INTEGER {
-                    SqlValue::Integer(v as i64)
+                    ValueRef::Integer(v as i64)
                 } else {
-                    SqlValue::Real(f64::from_bits(v))
+                    ValueRef::Real(f64::from_bits(v))
                 }
             }
             TEXT | BLOB => {
                 let len = u32::from_be_bytes(take(4)?.try_into().map_err(|_| bad("length"))?);
-                let bytes = take(len as usize)?.to_vec();
+                let bytes = take(len as usize)?;
                 if tag == TEXT {
-                    SqlValue::Text(String::from_utf8(bytes).map_err(|_| bad("text"))?)
+                    std::str::from_utf8(bytes).map_err(|_| bad("text"))?;
+                    ValueRef::Text(bytes)
                 } else {
-                    SqlValue::Blob(bytes)
+                    ValueRef::Blob(bytes)
                 }
             }
             _ => return Err(bad("unknown cell")),

@@ -230,7 +230,8 @@ struct Pull {
     ahead: Option<(Part, PartCursor, Asked)>,
 }
 
-type Asked = tokio::task::JoinHandle<Result<DeviceMessage, NodeError>>;
+/// An answer to come, already unpacked (on the runtime, while the library writes).
+type Asked = tokio::task::JoinHandle<Result<(Vec<Vec<u8>>, bool), EngineError>>;
 
 impl Pull {
     /// Sends the request for `limit` rows of `part` from `cursor`; the answer comes from the
@@ -244,10 +245,16 @@ impl Pull {
             table: part.model.is_none().then(|| part.table.clone()),
             skip: cursor.skip,
         };
-        let conn = self.conn.clone();
+        let (conn, part) = (self.conn.clone(), part.clone());
         self.rt.spawn(async move {
-            send(&conn, request).await?;
-            recv(&conn).await
+            let asked = async {
+                send(&conn, request).await?;
+                recv(&conn).await
+            };
+            let answer = asked
+                .await
+                .map_err(|e| EngineError::Backfill(e.to_string()))?;
+            rows_of(answer, &part)
         })
     }
 }
@@ -266,12 +273,10 @@ impl BackfillSource for Pull {
             Some(_) => return Err(failed("rows asked out of order".into())),
             None => self.ask(part, cursor, limit),
         };
-        let answer = self
+        let (rows, done) = self
             .rt
             .block_on(asked)
-            .map_err(|e| failed(e.to_string()))?
-            .map_err(|e| failed(e.to_string()))?;
-        let (rows, done) = rows_of(answer, part)?;
+            .map_err(|e| failed(e.to_string()))??;
         if !done {
             let next = PartCursor {
                 after: rows
