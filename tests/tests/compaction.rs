@@ -485,6 +485,21 @@ fn a_device_offline_across_two_compactions_catches_up_by_backfill() {
     );
     b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
     assert_eq!(b.library().digest().expect("digest"), digest);
+    // The leader's unpacked copy goes once no backfill reads it.
+    let serving = || {
+        std::fs::read_dir(a.library().dir())
+            .expect("lists")
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with("serving-"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while serving() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader kept its unpacked snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     b.stop().expect("stops");
     a.stop().expect("stops");
 }
