@@ -50,8 +50,8 @@ pub(crate) struct Shared {
     /// compaction drops log positions such a replay has still to read, and two compactions
     /// would write the same scratch files.
     pub(crate) history: Mutex<()>,
-    /// The snapshot backfills read, unpacked once per base (see `crate::backfill`).
-    pub(crate) serving: Mutex<Option<Arc<crate::backfill::SnapshotSource>>>,
+    /// The snapshot backfills read while any does (see `crate::backfill`).
+    pub(crate) serving: Mutex<std::sync::Weak<crate::backfill::SnapshotSource>>,
 }
 
 /// A catch-up bulk-loads when at least this many log entries are missing...

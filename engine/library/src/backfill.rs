@@ -88,7 +88,8 @@ struct Checkpoint {
     whole: bool,
 }
 
-/// A library's snapshot opened for backfills to read: unpacked once, shared while any reads.
+/// A library's snapshot opened for backfills to read: unpacked once, shared while any reads,
+/// removed when the last one ends.
 pub struct SnapshotSource {
     plan: BackfillPlan,
     reader: Mutex<Projections>,
@@ -121,7 +122,7 @@ impl Drop for SnapshotSource {
 
 impl Library {
     /// This library's snapshot as a backfill reads it: unpacked from `snapshot.sqlite.zst`
-    /// the first time a base is asked, then shared. Fails with
+    /// when no backfill reads it already, then shared with those that start meanwhile. Fails with
     /// [`EngineError::SnapshotMissing`] when the log was never compacted.
     pub fn snapshot_source(&self) -> Result<Arc<SnapshotSource>, EngineError> {
         let journal = self.journal()?;
@@ -131,8 +132,8 @@ impl Library {
             .lock()
             .map_err(|_| EngineError::Closed)?;
         let (base, base_epoch) = journal.log().base()?;
-        if let Some(source) = serving.as_ref().filter(|s| s.plan.base == base) {
-            return Ok(source.clone());
+        if let Some(source) = serving.upgrade().filter(|s| s.plan.base == base) {
+            return Ok(source);
         }
         let snapshot = self.dir().join(SNAPSHOT_FILE);
         if base.0 == 0 || !snapshot.exists() {
@@ -143,7 +144,12 @@ impl Library {
         }
         // The snapshot and the base read together: no compaction moves them meanwhile.
         let _history = self.history()?;
-        let path = self.dir().join(format!("serving-{}.from-snapshot", base.0));
+        // A name of its own: the copy a last reader drops may still be going away.
+        let path = self.dir().join(format!(
+            "serving-{}-{}.from-snapshot",
+            base.0,
+            Uuid::new_v4().simple()
+        ));
         unpack(&snapshot, &path)?;
         let reader = Projections::open_reader_for(&path, self.models())?;
         let mut parts = Vec::new();
@@ -163,7 +169,7 @@ impl Library {
             reader: Mutex::new(reader),
             path,
         });
-        *serving = Some(source.clone());
+        *serving = Arc::downgrade(&source);
         Ok(source)
     }
 

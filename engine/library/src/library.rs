@@ -521,7 +521,7 @@ impl Library {
             jobs: Default::default(),
             indexing: Mutex::new(()),
             history: Mutex::new(()),
-            serving: Mutex::new(None),
+            serving: Mutex::new(std::sync::Weak::new()),
             catch_up: Mutex::new(None),
         });
         let applier_shared = shared.clone();
