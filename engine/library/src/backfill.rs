@@ -3,8 +3,9 @@
 //! its own snapshot, drops its log and starts it again after the leader's base, and rebuilds
 //! its projection from the snapshot (the log after the base then arrives as usual).
 //!
-//! The serving side reads its `snapshot.sqlite.zst`, unpacked once per base ([`SnapshotSource`]):
-//! a snapshot never changes, so every batch of one backfill reads the same state. The pulling
+//! The serving side reads its `snapshot.sqlite.zst`, unpacked while any backfill reads it
+//! ([`SnapshotSource`]): a snapshot never changes, so every batch of one backfill reads the same
+//! state. The pulling
 //! side writes into a scratch file ([`BACKFILL_FILE`]) that keeps its checkpoint with each
 //! batch: a cut backfill resumes from its last batch when the same base is asked again.
 //!
