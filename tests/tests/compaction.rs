@@ -745,3 +745,90 @@ fn a_backfill_killed_midway_goes_on_and_loses_nothing() {
     b.stop().expect("stops");
     a.stop().expect("stops");
 }
+
+/// What a hostile leader may send a backfill.
+#[derive(Clone, Copy, Debug)]
+enum Lie {
+    /// The batches of tags in reverse order.
+    OutOfOrder,
+    /// A tag row twice.
+    Repeated,
+    /// The tags end early.
+    Short,
+}
+
+/// Reads another library's snapshot, and lies about the tags.
+struct LyingSource {
+    from: std::sync::Arc<keel_engine::SnapshotSource>,
+    lie: Lie,
+}
+
+impl keel_engine::BackfillSource for LyingSource {
+    fn batch(
+        &mut self,
+        part: &keel_engine::Part,
+        cursor: keel_engine::PartCursor,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
+        let mut rows = self.from.rows(part, cursor, limit)?;
+        let mut done = rows.len() < limit;
+        if part.table == "tag" {
+            match self.lie {
+                Lie::OutOfOrder => rows.reverse(),
+                Lie::Repeated => {
+                    let first = rows[0].clone();
+                    rows.insert(1, first);
+                }
+                Lie::Short => {
+                    rows.truncate(rows.len() / 2);
+                    done = true;
+                }
+            }
+        }
+        Ok((rows, done))
+    }
+}
+
+/// Rows out of order, a row twice, a part that ends short of its count, or a plan of other
+/// models: each stops the backfill with a typed error and leaves the library as it was.
+#[test]
+fn a_lying_leader_stops_the_backfill_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = create_library(&dir.path().join("a"), "lib").expect("creates");
+    tags(&a, (0..500).map(|i| format!("tag {i}")));
+    a.flush().expect("flushes");
+    a.compact(last(&a)).expect("compacts");
+    let source = a.snapshot_source().expect("a snapshot to read");
+    let plan = source.plan().clone();
+    let (_hb, b) = create_library(&dir.path().join("b"), "lib").expect("creates");
+    let before = b.digest().expect("digest");
+    let from = keel_engine::DeviceId([7; 32]);
+    for lie in [Lie::OutOfOrder, Lie::Repeated, Lie::Short] {
+        let mut lying = LyingSource {
+            from: source.clone(),
+            lie,
+        };
+        let error = b
+            .backfill(from, &plan, &mut lying, &mut |_, _| {})
+            .expect_err("refused");
+        assert!(
+            matches!(error, EngineError::Backfill(_)),
+            "{lie:?}: {error}"
+        );
+        assert_eq!(b.digest().expect("digest"), before, "{lie:?}");
+        assert!(
+            !b.dir().join(keel_engine::SNAPSHOT_FILE).exists(),
+            "{lie:?}"
+        );
+    }
+    let mut other = plan.clone();
+    other.parts.retain(|(p, _)| p.table != "tag");
+    let mut honest = LyingSource {
+        from: source,
+        lie: Lie::Short,
+    };
+    let error = b
+        .backfill(from, &other, &mut honest, &mut |_, _| {})
+        .expect_err("refused");
+    assert!(matches!(error, EngineError::Backfill(_)), "{error}");
+}
