@@ -832,3 +832,34 @@ fn a_lying_leader_stops_the_backfill_and_changes_nothing() {
         .expect_err("refused");
     assert!(matches!(error, EngineError::Backfill(_)), "{error}");
 }
+
+/// A new device that joins a compacted library without the projection file (the initial sync
+/// left to replication) is behind the compaction point from its first step: it backfills, and
+/// converges.
+#[test]
+fn a_new_device_without_the_file_copy_joins_by_backfill() {
+    use keel_tests::cluster;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder_with_tags(dir.path(), "a", "lib", 2_000).expect("founds");
+    a.library().flush().expect("flushes");
+    let report = a.compact().expect("compacts: alone, all of it");
+    assert!(report.base > 2_000, "{report:?}");
+    let hb = keel_engine::Home::new(dir.path().join("b"));
+    let code = a.invite(true).expect("invites").code.as_str().to_string();
+    let name = cluster::join_with(&hb, None, a.local_addr(), &code, None, false).expect("joins");
+    let lib = Library::open(&hb, &name, keel_tests::PASSWORD).expect("opens");
+    let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()])).expect("starts");
+    let digest = cluster::converge(&[&a, &b], Duration::from_secs(60)).expect("converges");
+    assert!(b.status().compacted_to >= report.base, "{:?}", b.status());
+    assert_eq!(tag_names(b.library()), tag_names(a.library()));
+    assert!(b.library().jobs().expect("jobs").iter().any(|j| matches!(
+        j.kind,
+        keel_engine::JobKind::Backfill { .. }
+    ) && j.state
+        == keel_engine::JobState::Completed));
+    b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+    assert_eq!(b.library().digest().expect("digest"), digest);
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+}

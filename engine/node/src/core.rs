@@ -617,6 +617,10 @@ impl Core {
         let returned = self.link.library().rebase_onto(plan, self.config.device)?;
         self.behind_compaction = 0;
         self.reload();
+        // Trust starts from the log's head, which only the journal knows now.
+        if let Ok(journal) = self.link.journal() {
+            self.founder = journal.log().head().ok().flatten().map(|e| e.device);
+        }
         // Now, not at the next tick: the backfill task looks at it before another backfill.
         self.publish_status();
         Ok(returned.len() as u64)
