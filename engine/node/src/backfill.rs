@@ -278,16 +278,21 @@ impl BackfillSource for Pull {
             .block_on(asked)
             .map_err(|e| failed(e.to_string()))??;
         if !done {
-            let next = PartCursor {
-                after: rows
-                    .last()
-                    .and_then(|r| keel_engine::image_uuid(r))
-                    .or(cursor.after),
-                skip: cursor.skip + rows.len() as u64,
-            };
+            let next = next_cursor(part, cursor, &rows);
             self.ahead = Some((part.clone(), next, self.ask(part, next, limit)));
         }
         Ok((rows, done))
+    }
+}
+
+/// Where the library goes on in `part` after `rows` taken at `cursor` (what is asked ahead).
+fn next_cursor(_part: &Part, cursor: PartCursor, rows: &[Vec<u8>]) -> PartCursor {
+    PartCursor {
+        after: rows
+            .last()
+            .and_then(|r| keel_engine::image_uuid(r))
+            .or(cursor.after),
+        skip: cursor.skip + rows.len() as u64,
     }
 }
 
@@ -415,6 +420,35 @@ mod tests {
         };
         assert!(unpack_rows(&cut, cut_len).is_err());
         assert!(unpack_rows(b"not zstd", 8).is_err());
+    }
+
+    #[test]
+    fn the_cursor_asked_ahead_is_the_one_the_library_asks_next() {
+        // A row whose first cell is a 16-byte blob, as `_conflicts` and `_refused` rows are.
+        let mut row = vec![0u8, 2, 4, 0, 0, 0, 16];
+        row.extend_from_slice(&[9u8; 16]);
+        row.extend_from_slice(&[0]);
+        let rows = vec![row];
+        let internal = Part {
+            table: "_conflicts".into(),
+            model: None,
+        };
+        let next = next_cursor(&internal, PartCursor::default(), &rows);
+        assert_eq!(
+            next,
+            PartCursor {
+                after: None,
+                skip: 1
+            },
+            "by place only"
+        );
+        let model = Part {
+            table: "tag".into(),
+            model: Some(5),
+        };
+        let next = next_cursor(&model, PartCursor::default(), &rows);
+        assert_eq!(next.after, keel_engine::image_uuid(&rows[0]));
+        assert_eq!(next.skip, 1);
     }
 
     #[test]
