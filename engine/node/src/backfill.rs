@@ -285,13 +285,18 @@ impl BackfillSource for Pull {
     }
 }
 
-/// Where the library goes on in `part` after `rows` taken at `cursor` (what is asked ahead).
-fn next_cursor(_part: &Part, cursor: PartCursor, rows: &[Vec<u8>]) -> PartCursor {
-    PartCursor {
-        after: rows
+/// Where the library goes on in `part` after `rows` taken at `cursor` (what is asked ahead): a
+/// model by its last uuid, an internal table by place alone.
+fn next_cursor(part: &Part, cursor: PartCursor, rows: &[Vec<u8>]) -> PartCursor {
+    let after = match part.model {
+        Some(_) => rows
             .last()
             .and_then(|r| keel_engine::image_uuid(r))
             .or(cursor.after),
+        None => cursor.after,
+    };
+    PartCursor {
+        after,
         skip: cursor.skip + rows.len() as u64,
     }
 }
