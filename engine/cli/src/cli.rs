@@ -1192,7 +1192,7 @@ fn status(
         if n.behind_compaction > 0 {
             io.line(&format!(
                 "behind    the leader compacted its log up to {}, which this device lacks: \
-                 join the library again to catch up",
+                 it backfills from the leader's snapshot (`keel jobs` shows how far)",
                 n.behind_compaction
             ));
         }
