@@ -82,7 +82,7 @@ pub struct NodeStatus {
     pub compactable: u64,
     /// Non-zero when this device's log cannot continue its leader's: the leader compacted up to
     /// this position, which this device lacks (or holds with another history). Replication is
-    /// stopped until it backfills (by joining the library again, for now).
+    /// stopped until it has backfilled from the leader's snapshot (a `Backfill` job).
     pub behind_compaction: u64,
     /// Where this node listens.
     pub listen: String,
