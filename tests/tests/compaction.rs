@@ -863,3 +863,73 @@ fn a_new_device_without_the_file_copy_joins_by_backfill() {
     b.stop().expect("stops");
     a.stop().expect("stops");
 }
+
+/// A backfill its user cancels stops: the device stays behind for a while, and keeps what it
+/// pulled for the backfill that goes on later.
+#[test]
+fn a_cancelled_backfill_stops_and_keeps_what_it_pulled() {
+    use keel_tests::cluster;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = keel_node::NodeOptions {
+        retain_for_absent: Some(10),
+        compact_after: None,
+        ..cluster::options(Vec::new())
+    };
+    let (_ha, a) = cluster::founder_with(dir.path(), "a", "lib", options).expect("founds");
+    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let b_addr = b.local_addr();
+    b.stop().expect("stops");
+    tags(
+        a.library(),
+        (0..40_000).map(|i| format!("while b was away {i}")),
+    );
+    a.library().flush().expect("flushes");
+    let end = a.status().log_len;
+    wait_status(&a, "the rule to pass b", |s| s.compactable + 10 >= end);
+    a.compact().expect("compacts past b");
+
+    let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
+    let backfill =
+        |state: keel_engine::JobState| {
+            b.library().jobs().expect("jobs").into_iter().find(|j| {
+                matches!(j.kind, keel_engine::JobKind::Backfill { .. }) && j.state == state
+            })
+        };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let running = loop {
+        if let Some(job) = backfill(keel_engine::JobState::Running) {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "no backfill started");
+        assert!(
+            backfill(keel_engine::JobState::Completed).is_none(),
+            "done before it could be cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    b.library().cancel_job(running.id).expect("cancels");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backfill(keel_engine::JobState::Cancelled).is_none() {
+        assert!(Instant::now() < deadline, "the cancel was not heard");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // It stays stopped (a node tries again only after a while), behind, with its batches kept.
+    let quiet = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < quiet {
+        assert!(
+            backfill(keel_engine::JobState::Running).is_none(),
+            "started again at once"
+        );
+        assert!(backfill(keel_engine::JobState::Completed).is_none());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b.status().behind_compaction > 0, "{:?}", b.status());
+    assert!(hb
+        .library_dir("lib")
+        .join(keel_engine::BACKFILL_FILE)
+        .exists());
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+}
