@@ -32,6 +32,9 @@ const PEER_SHARE_INTERVAL: Duration = Duration::from_secs(2);
 pub(crate) const UNPINNED_MAX: usize = 8;
 /// How long a node waits after a failed backfill before it tries again.
 const BACKFILL_RETRY: Duration = Duration::from_secs(2);
+/// How long it waits after its user cancelled a backfill (`keel jobs cancel`): the device
+/// stays behind meanwhile, and a later backfill goes on from the last batch kept.
+pub(crate) const BACKFILL_AFTER_CANCEL: Duration = Duration::from_secs(60);
 /// Most addresses a node keeps dialing (one dialer each): a peer's word cannot grow it past.
 const DIALERS_MAX: usize = 64;
 
@@ -205,6 +208,14 @@ impl Net {
                         "backfilled from the leader's snapshot"
                     );
                     // Asked while this one ran: answered by it.
+                    while wanted.try_recv().is_ok() {}
+                }
+                Err(super::NodeError::Engine(keel_engine::EngineError::Cancelled)) => {
+                    tracing::info!(
+                        secs = BACKFILL_AFTER_CANCEL.as_secs(),
+                        "backfill cancelled; it goes on from its last batch after a while"
+                    );
+                    tokio::time::sleep(BACKFILL_AFTER_CANCEL).await;
                     while wanted.try_recv().is_ok() {}
                 }
                 Err(error) => {
