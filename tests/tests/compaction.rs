@@ -413,25 +413,29 @@ fn delete_tags(lib: &Library, names: &[String]) {
     .expect("deletes");
 }
 
-/// A device away across two compactions (the leader keeps 50 entries for an absent device)
-/// comes back behind the compaction point: it backfills from the leader's snapshot, starts
-/// its log again after the base, pushes what it committed while away, and converges. What
-/// was deleted meanwhile stays deleted there, and it rebuilds to the same digest.
-#[test]
-fn a_device_offline_across_two_compactions_catches_up_by_backfill() {
+/// A founder `a` that keeps `retain` log entries for an absent device, with tags named `bulk`,
+/// and a device `b` that joined it, committed a tag (`made on b while away`) while cut off and
+/// stopped: `a`'s home and node, `b`'s home and address.
+fn founder_and_away_device(
+    dir: &std::path::Path,
+    retain: u64,
+    bulk: &[String],
+) -> (
+    keel_engine::Home,
+    keel_node::Node,
+    keel_engine::Home,
+    std::net::SocketAddr,
+) {
     use keel_tests::cluster;
-    use std::time::Duration;
-    let dir = tempfile::tempdir().expect("tempdir");
     let options = keel_node::NodeOptions {
-        retain_for_absent: Some(50),
+        retain_for_absent: Some(retain),
         compact_after: None,
         ..cluster::options(Vec::new())
     };
-    let (_ha, a) = cluster::founder_with(dir.path(), "a", "lib", options).expect("founds");
-    let bulk: Vec<String> = (0..100).map(|i| format!("bulk {i}")).collect();
+    let (ha, a) = cluster::founder_with(dir, "a", "lib", options).expect("founds");
     tags(a.library(), bulk.iter().cloned());
-    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
-    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let (hb, b) = cluster::joiner(dir, "b", &a).expect("joins");
+    cluster::converge(&[&a, &b], std::time::Duration::from_secs(30)).expect("converges");
     let b_addr = b.local_addr();
     // Acknowledged on b while it is cut off: it must reach a in the end.
     b.set_offline(true);
@@ -441,19 +445,49 @@ fn a_device_offline_across_two_compactions_catches_up_by_backfill() {
     );
     b.library().flush().expect("flushes");
     b.stop().expect("stops");
+    (ha, a, hb, b_addr)
+}
+
+/// `a` compacts as soon as its rule passes the absent device (it keeps `retain` entries).
+fn compact_past_the_away_device(a: &keel_node::Node, retain: u64) -> keel_engine::CompactReport {
+    a.library().flush().expect("flushes");
+    let end = a.status().log_len;
+    wait_status(a, "the rule to pass the absent device", |s| {
+        s.compactable + retain >= end
+    });
+    let report = a.compact().expect("compacts");
+    assert!(
+        report.base + retain >= end && report.dropped > 0,
+        "{report:?}"
+    );
+    report
+}
+
+/// `lib`'s backfill job in `state`, if any.
+fn backfill_job(lib: &Library, state: keel_engine::JobState) -> Option<keel_engine::Job> {
+    lib.jobs()
+        .expect("jobs")
+        .into_iter()
+        .find(|j| matches!(j.kind, keel_engine::JobKind::Backfill { .. }) && j.state == state)
+}
+
+/// A device away across two compactions (the leader keeps 50 entries for an absent device)
+/// comes back behind the compaction point: it backfills from the leader's snapshot, starts
+/// its log again after the base, pushes what it committed while away, and converges. What
+/// was deleted meanwhile stays deleted there, and it rebuilds to the same digest.
+#[test]
+fn a_device_offline_across_two_compactions_catches_up_by_backfill() {
+    use keel_tests::cluster;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bulk: Vec<String> = (0..100).map(|i| format!("bulk {i}")).collect();
+    let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), 50, &bulk);
 
     let mut bases = Vec::new();
     for round in 0..2 {
         delete_tags(a.library(), &bulk[round * 10..round * 10 + 10]);
         tags(a.library(), (0..200).map(|i| format!("round {round} {i}")));
-        a.library().flush().expect("flushes");
-        let end = a.status().log_len;
-        wait_status(&a, "the rule to pass the absent device", |s| {
-            s.compactable + 50 >= end
-        });
-        let report = a.compact().expect("compacts");
-        assert!(report.base + 50 >= end && report.dropped > 0, "{report:?}");
-        bases.push(report.base);
+        bases.push(compact_past_the_away_device(&a, 50).base);
     }
     assert!(bases[1] > bases[0]);
 
@@ -569,19 +603,33 @@ impl keel_engine::BackfillSource for CutSource {
     }
 }
 
+/// A compacted library with `n` tags, its snapshot as a backfill reads it, and a fresh
+/// library to backfill (both under `dir`).
+fn snapshot_and_fresh_library(
+    dir: &std::path::Path,
+    n: usize,
+) -> (
+    std::sync::Arc<keel_engine::SnapshotSource>,
+    keel_engine::BackfillPlan,
+    Library,
+) {
+    let (_ha, a) = create_library(&dir.join("a"), "lib").expect("creates");
+    tags(&a, (0..n).map(|i| format!("tag {i}")));
+    a.flush().expect("flushes");
+    a.compact(last(&a)).expect("compacts");
+    let source = a.snapshot_source().expect("a snapshot to read");
+    let plan = source.plan().clone();
+    let (_hb, b) = create_library(&dir.join("b"), "lib").expect("creates");
+    (source, plan, b)
+}
+
 /// A backfill cut after two batches of tags fails, leaves the library as it was, and the next one
 /// of the same snapshot goes on from its last batch.
 #[test]
 fn a_cut_backfill_resumes_from_its_last_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = create_library(&dir.path().join("a"), "lib").expect("creates");
-    tags(&a, (0..10_000).map(|i| format!("tag {i}")));
-    a.flush().expect("flushes");
-    a.compact(last(&a)).expect("compacts");
-    let source = a.snapshot_source().expect("a snapshot to read");
-    let plan = source.plan().clone();
+    let (source, plan, b) = snapshot_and_fresh_library(dir.path(), 10_000);
     assert!(plan.rows() > 10_000, "{}", plan.rows());
-    let (_hb, b) = create_library(&dir.path().join("b"), "lib").expect("creates");
     let digest_before = b.digest().expect("digest");
     let from = keel_engine::DeviceId([7; 32]);
     let mut cut = CutSource {
@@ -626,13 +674,7 @@ fn a_cut_backfill_resumes_from_its_last_batch() {
 #[test]
 fn a_backfill_takes_short_batches_that_are_not_the_last() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = create_library(&dir.path().join("a"), "lib").expect("creates");
-    tags(&a, (0..3_000).map(|i| format!("tag {i}")));
-    a.flush().expect("flushes");
-    a.compact(last(&a)).expect("compacts");
-    let source = a.snapshot_source().expect("a snapshot to read");
-    let plan = source.plan().clone();
-    let (_hb, b) = create_library(&dir.path().join("b"), "lib").expect("creates");
+    let (source, plan, b) = snapshot_and_fresh_library(dir.path(), 3_000);
     let mut capped = CutSource {
         from: source,
         left: usize::MAX,
@@ -659,30 +701,12 @@ fn a_backfill_killed_midway_goes_on_and_loses_nothing() {
     use std::process::{Command, Stdio};
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
-    let options = keel_node::NodeOptions {
-        retain_for_absent: Some(10),
-        compact_after: None,
-        ..cluster::options(Vec::new())
-    };
-    let (_ha, a) = cluster::founder_with(dir.path(), "a", "lib", options).expect("founds");
-    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
-    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
-    let b_addr = b.local_addr();
-    b.set_offline(true);
-    tags(
-        b.library(),
-        std::iter::once("made on b while away".to_string()),
-    );
-    b.library().flush().expect("flushes");
-    b.stop().expect("stops");
+    let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), 10, &[]);
     tags(
         a.library(),
         (0..15_000).map(|i| format!("while b was away {i}")),
     );
-    a.library().flush().expect("flushes");
-    let end = a.status().log_len;
-    wait_status(&a, "the rule to pass b", |s| s.compactable + 10 >= end);
-    a.compact().expect("compacts past b");
+    compact_past_the_away_device(&a, 10);
 
     let scratch = hb.library_dir("lib").join(keel_engine::BACKFILL_FILE);
     let mut cut = 0;
@@ -729,17 +753,7 @@ fn a_backfill_killed_midway_goes_on_and_loses_nothing() {
         names.contains("made on b while away"),
         "acknowledged, then killed"
     );
-    let jobs = b.library().jobs().expect("jobs");
-    let backfills: Vec<_> = jobs
-        .iter()
-        .filter(|j| matches!(j.kind, keel_engine::JobKind::Backfill { .. }))
-        .collect();
-    assert!(
-        backfills
-            .iter()
-            .any(|j| j.state == keel_engine::JobState::Completed),
-        "{backfills:?}"
-    );
+    assert!(backfill_job(b.library(), keel_engine::JobState::Completed).is_some());
     b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
     assert_eq!(b.library().digest().expect("digest"), digest);
     b.stop().expect("stops");
@@ -794,13 +808,7 @@ impl keel_engine::BackfillSource for LyingSource {
 #[test]
 fn a_lying_leader_stops_the_backfill_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = create_library(&dir.path().join("a"), "lib").expect("creates");
-    tags(&a, (0..500).map(|i| format!("tag {i}")));
-    a.flush().expect("flushes");
-    a.compact(last(&a)).expect("compacts");
-    let source = a.snapshot_source().expect("a snapshot to read");
-    let plan = source.plan().clone();
-    let (_hb, b) = create_library(&dir.path().join("b"), "lib").expect("creates");
+    let (source, plan, b) = snapshot_and_fresh_library(dir.path(), 500);
     let before = b.digest().expect("digest");
     let from = keel_engine::DeviceId([7; 32]);
     for lie in [Lie::OutOfOrder, Lie::Repeated, Lie::Short] {
@@ -871,32 +879,15 @@ fn a_cancelled_backfill_stops_and_keeps_what_it_pulled() {
     use keel_tests::cluster;
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().expect("tempdir");
-    let options = keel_node::NodeOptions {
-        retain_for_absent: Some(10),
-        compact_after: None,
-        ..cluster::options(Vec::new())
-    };
-    let (_ha, a) = cluster::founder_with(dir.path(), "a", "lib", options).expect("founds");
-    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
-    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
-    let b_addr = b.local_addr();
-    b.stop().expect("stops");
+    let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), 10, &[]);
     tags(
         a.library(),
         (0..40_000).map(|i| format!("while b was away {i}")),
     );
-    a.library().flush().expect("flushes");
-    let end = a.status().log_len;
-    wait_status(&a, "the rule to pass b", |s| s.compactable + 10 >= end);
-    a.compact().expect("compacts past b");
+    compact_past_the_away_device(&a, 10);
 
     let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
-    let backfill =
-        |state: keel_engine::JobState| {
-            b.library().jobs().expect("jobs").into_iter().find(|j| {
-                matches!(j.kind, keel_engine::JobKind::Backfill { .. }) && j.state == state
-            })
-        };
+    let backfill = |state| backfill_job(b.library(), state);
     let deadline = Instant::now() + Duration::from_secs(30);
     let running = loop {
         if let Some(job) = backfill(keel_engine::JobState::Running) {
