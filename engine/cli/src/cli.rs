@@ -589,7 +589,7 @@ fn jobs(lib: &Library, command: Option<JobsCommand>, json: bool, io: &mut dyn Io
                     keel_engine::JobKind::Merge { source, .. } => format!("merge of {source}"),
                     keel_engine::JobKind::Compact { .. } => "compact".into(),
                     keel_engine::JobKind::Backfill { from, base } => {
-                        format!("backfill from {} at {base}", &from[..from.len().min(8)])
+                        format!("backfill from {} at {base}", short(from))
                     }
                 };
                 let state = serde_json::to_value(job.state)?;
