@@ -177,10 +177,7 @@ fn rows_message(model: u8, rows: &[Vec<u8>], done: bool) -> Result<DeviceMessage
     })
 }
 
-/// zstd level of a batch of rows: the fast level the snapshot chunks use.
-const ROWS_ZSTD_LEVEL: i32 = -1;
-
-/// Row images as one zstd frame, each after its length (u32 BE), and the bytes it unpacks to.
+/// Row images as one zstd frame (the level snapshot chunks cross at), each after its length (u32 BE), and the bytes it unpacks to.
 fn pack_rows(rows: &[Vec<u8>]) -> Result<(Vec<u8>, u32), NodeError> {
     let mut raw = Vec::with_capacity(rows.iter().map(|r| r.len() + 4).sum());
     for row in rows {
@@ -189,7 +186,7 @@ fn pack_rows(rows: &[Vec<u8>]) -> Result<(Vec<u8>, u32), NodeError> {
         raw.extend_from_slice(row);
     }
     let raw_len = u32::try_from(raw.len()).map_err(|_| failed("a batch over 4 GiB"))?;
-    let packed = zstd::bulk::compress(&raw, ROWS_ZSTD_LEVEL).map_err(failed)?;
+    let packed = zstd::bulk::compress(&raw, crate::snapshot::WIRE_ZSTD_LEVEL).map_err(failed)?;
     Ok((packed, raw_len))
 }
 

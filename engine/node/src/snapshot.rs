@@ -338,14 +338,15 @@ fn next_chunk(mut out: Outgoing) -> Result<(Outgoing, DeviceMessage), NodeError>
     Ok((out, compressed_chunk(offset, data)))
 }
 
-/// zstd level for the projection file's chunks: -1 (the fastest of the "fast" levels that
-/// packs as well as level 1) packs the P4 file to about a third in 75% of level 1's time;
-/// level 3 gains 7% more for twice the time.
-const CHUNK_ZSTD_LEVEL: i32 = -1;
+/// zstd level of what crosses the network packed (the projection file's chunks, a backfill's
+/// rows): -1 (the fastest of the "fast" levels that packs as well as level 1) packs the P4 file
+/// to about a third in 75% of level 1's time; level 3 gains 7% more for twice the time (3% more
+/// for a backfill's rows, decision 0056).
+pub(crate) const WIRE_ZSTD_LEVEL: i32 = -1;
 
 /// A chunk of the file at `offset`, compressed when that makes it smaller.
 fn compressed_chunk(offset: u64, data: Vec<u8>) -> DeviceMessage {
-    match zstd::bulk::compress(&data, CHUNK_ZSTD_LEVEL) {
+    match zstd::bulk::compress(&data, WIRE_ZSTD_LEVEL) {
         Ok(packed) if packed.len() < data.len() => DeviceMessage::SnapshotChunk {
             offset,
             raw_len: data.len() as u32,
@@ -921,7 +922,7 @@ impl SnapshotReader {
         let frame = match &chunk.frame {
             Some(frame) => frame,
             None => {
-                packed_here = zstd::bulk::compress(&chunk.bytes, CHUNK_ZSTD_LEVEL)
+                packed_here = zstd::bulk::compress(&chunk.bytes, WIRE_ZSTD_LEVEL)
                     .map_err(io_at(path.as_path()))?;
                 &packed_here
             }
