@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use keel_engine::{Home, Library};
-use keel_node::{Node, NodeOptions};
+use keel_node::Node;
 use serde_json::{json, Value};
 
 use super::sync::PASSWORD;
@@ -94,16 +94,7 @@ pub(crate) fn run_backfill(out: &mut super::Figures) -> Result<()> {
     reset_peak_rss();
     let t = Instant::now();
     let lib = Library::open(&Home::new(home), "bench", PASSWORD)?;
-    let node = Node::start(
-        lib,
-        NodeOptions {
-            peers: vec![addr],
-            discovery: None,
-            watch: None,
-            compact_after: None,
-            ..NodeOptions::default()
-        },
-    )?;
+    let node = Node::start(lib, super::sync::node_options(vec![addr]))?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let caught_up = |node: &Node| {
         let status = node.status();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use keel_engine::{Home, Library};
-use keel_node::{Node, NodeOptions};
+use keel_node::Node;
 use serde_json::{json, Value};
 
 use super::sync::{join_counting, leader_with, PASSWORD};
@@ -167,17 +167,7 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
     // Pairing and the snapshot fetch; the rest is opening, starting and catching up.
     let joined_s = t.elapsed().as_secs_f64();
     let lib = Library::open(&home, &name, PASSWORD)?;
-    let node = Node::start(
-        lib,
-        NodeOptions {
-            peers: vec![addr],
-            discovery: None,
-            watch: None,
-            // Benchmarks time one thing: no compaction behind their back.
-            compact_after: None,
-            ..NodeOptions::default()
-        },
-    )?;
+    let node = Node::start(lib, super::sync::node_options(vec![addr]))?;
     let deadline = Instant::now() + Duration::from_secs(600);
     // The joiner's own Device record adds one entry to the leader's log.
     let verbose = std::env::var_os("KEEL_LOG").is_some();

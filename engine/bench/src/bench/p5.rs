@@ -42,11 +42,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         Library::create(&home, "bench", PASSWORD, fast())?,
         NodeOptions {
             leader_commits,
-            discovery: None,
-            watch: None,
-            // Benchmarks time one thing: no compaction behind their back.
-            compact_after: None,
-            ..NodeOptions::default()
+            ..super::sync::node_options(Vec::new())
         },
     )?;
     let b = follower_of(&a, &dir.join("p5-b"))?;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use keel_engine::{Home, Library, Tag};
-use keel_node::{Node, NodeOptions};
+use keel_node::Node;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -58,14 +58,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     lib.close()?;
     let b = Node::start(
         Library::open(&home, &name, PASSWORD)?,
-        NodeOptions {
-            peers: vec![a.local_addr()],
-            discovery: None,
-            watch: None,
-            // Benchmarks time one thing: no compaction behind their back.
-            compact_after: None,
-            ..NodeOptions::default()
-        },
+        super::sync::node_options(vec![a.local_addr()]),
     )?;
     let t = Instant::now();
     let want = log_before + options.changes as u64;

@@ -39,16 +39,19 @@ pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
         commit_all(&lib, chunk)?;
     }
     lib.flush()?;
-    Ok(Node::start(
-        lib,
-        NodeOptions {
-            discovery: None,
-            watch: None,
-            // Benchmarks time one thing: no compaction behind their back.
-            compact_after: None,
-            ..NodeOptions::default()
-        },
-    )?)
+    Ok(Node::start(lib, node_options(Vec::new()))?)
+}
+
+/// A benchmark node's options: loopback peers `peers`, no LAN discovery, no watcher, and no
+/// compaction behind the benchmark's back (it times one thing).
+pub(crate) fn node_options(peers: Vec<std::net::SocketAddr>) -> NodeOptions {
+    NodeOptions {
+        peers,
+        discovery: None,
+        watch: None,
+        compact_after: None,
+        ..NodeOptions::default()
+    }
 }
 
 /// A second device joined to `leader` (by snapshot) in home `dir`, started as a follower
@@ -59,14 +62,7 @@ pub(crate) fn follower_of(leader: &Node, dir: &Path) -> Result<Node> {
     let name = join_blocking(&home, leader.local_addr(), invite.code.as_str(), true)?;
     Ok(Node::start(
         Library::open(&home, &name, PASSWORD)?,
-        NodeOptions {
-            peers: vec![leader.local_addr()],
-            discovery: None,
-            watch: None,
-            // Benchmarks time one thing: no compaction behind their back.
-            compact_after: None,
-            ..NodeOptions::default()
-        },
+        node_options(vec![leader.local_addr()]),
     )?)
 }
 

@@ -40,11 +40,8 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     let a = Node::start(
         lib,
         NodeOptions {
-            discovery: None,
             watch: Some(WatchOptions::default()),
-            // Benchmarks time one thing: no compaction behind their back.
-            compact_after: None,
-            ..NodeOptions::default()
+            ..super::sync::node_options(Vec::new())
         },
     )?;
     let b = follower_of(&a, &dir.join("watch-b"))?;
