@@ -43,6 +43,8 @@ mod events;
 mod everyday;
 mod feed;
 mod indexer;
+#[cfg(target_os = "linux")]
+mod inotify;
 mod jobs;
 mod leader_commit;
 mod library;

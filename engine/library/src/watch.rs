@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use keel_schema::{Entry, EntryUpdate, Location};
 use notify::event::{ModifyKind, RenameMode};
-use notify::{EventKind, RecursiveMode, Watcher as _};
+use notify::EventKind;
 
 use crate::error::EngineError;
 use crate::events::Event;
@@ -56,6 +56,25 @@ impl Default for WatchOptions {
             poll_every: Duration::from_secs(60),
             rescan_at_start: true,
         }
+    }
+}
+
+/// The platform's watcher: on Linux Keel's own inotify backend, which leaves out opens and
+/// reads (see [`crate::inotify`]); elsewhere `notify`'s recommended one.
+#[cfg(target_os = "linux")]
+type PlatformWatcher = crate::inotify::InotifyWatcher;
+#[cfg(not(target_os = "linux"))]
+struct PlatformWatcher(notify::RecommendedWatcher);
+
+#[cfg(not(target_os = "linux"))]
+impl PlatformWatcher {
+    fn new(handler: Handler) -> notify::Result<Self> {
+        notify::recommended_watcher(handler).map(Self)
+    }
+
+    fn watch(&mut self, root: &Path) -> notify::Result<()> {
+        use notify::Watcher as _;
+        self.0.watch(root, notify::RecursiveMode::Recursive)
     }
 }
 
@@ -96,7 +115,7 @@ impl notify::EventHandler for Handler {
 
 /// The watcher's state between bursts.
 struct Watching {
-    watcher: notify::RecommendedWatcher,
+    watcher: PlatformWatcher,
     /// This device's locations, watched or polled.
     locations: Vec<Location>,
     /// Locations that could not be watched, rescanned every `poll_every`.
@@ -130,7 +149,7 @@ impl Library {
             overflowed: overflowed.clone(),
             limit_hit: limit_hit.clone(),
         };
-        let watcher = notify::recommended_watcher(handler).map_err(watch_error)?;
+        let watcher = PlatformWatcher::new(handler).map_err(watch_error)?;
         let mut state = Watching {
             watcher,
             locations: Vec::new(),
@@ -162,10 +181,18 @@ impl Library {
                 self.poll_all(&mut state, "the watch limit was reached by a new folder");
             }
             if first.is_some() || !deferred.is_empty() || overflowed.load(Ordering::Relaxed) {
+                let gathering = Instant::now();
                 let burst = first.map_or_else(Vec::new, |first| gather(first, &events, options));
                 let overflow = overflowed.swap(false, Ordering::Relaxed);
                 let again = std::mem::take(&mut deferred);
+                let (events, gathered) = (burst.len(), gathering.elapsed());
                 deferred = self.apply_burst(&state.locations, burst, again, overflow, settle)?;
+                tracing::debug!(
+                    events,
+                    gather_ms = gathered.as_millis() as u64,
+                    apply_ms = (gathering.elapsed() - gathered).as_millis() as u64,
+                    "burst applied"
+                );
             }
             if state.last_locations.elapsed() >= LOCATIONS_EVERY {
                 let added = self.watch_new_locations(&mut state)?;
@@ -192,7 +219,7 @@ impl Library {
                 continue;
             }
             let path = PathBuf::from(&location.path);
-            if let Err(error) = state.watcher.watch(&path, RecursiveMode::Recursive) {
+            if let Err(error) = state.watcher.watch(&path) {
                 tracing::warn!(location = %location.path, %error, "cannot watch a location");
                 self.say_polled(&location, &error.to_string(), limit_hint(&error));
                 state.polled.push(location.clone());
