@@ -398,6 +398,20 @@ mod tests {
         }
     }
 
+    /// Renames `from` to `to` and returns the event that reports `from`, which must be a
+    /// rename of `mode`.
+    fn renamed(
+        rx: &Receiver<notify::Result<Event>>,
+        from: &Path,
+        to: &Path,
+        mode: RenameMode,
+    ) -> Event {
+        std::fs::rename(from, to).expect("rename");
+        let (event, _) = until(rx, from);
+        assert_eq!(event.kind, EventKind::Modify(ModifyKind::Name(mode)));
+        event
+    }
+
     #[test]
     fn reading_files_is_no_event_and_writing_one_is() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -421,12 +435,7 @@ mod tests {
         let root = dir.path().canonicalize().expect("canonical");
         std::fs::create_dir_all(root.join("a/deep")).expect("dirs");
         let (_watcher, rx) = watching(&root);
-        std::fs::rename(root.join("a"), root.join("b")).expect("rename");
-        let (event, _) = until(&rx, &root.join("b"));
-        assert!(matches!(
-            event.kind,
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both))
-        ));
+        let event = renamed(&rx, &root.join("a"), &root.join("b"), RenameMode::Both);
         assert_eq!(event.paths, vec![root.join("a"), root.join("b")]);
         // A file in a folder under the moved one is reported where it is now.
         let file = root.join("b/deep/file.txt");
@@ -448,12 +457,13 @@ mod tests {
         let watched = root.join("watched");
         std::fs::create_dir_all(watched.join("gone")).expect("dirs");
         let (watcher, rx) = watching(&watched);
-        std::fs::rename(watched.join("gone"), root.join("away")).expect("rename");
-        let (event, _) = until(&rx, &watched.join("gone"));
-        assert!(matches!(
-            event.kind,
-            EventKind::Modify(ModifyKind::Name(RenameMode::From))
-        ));
+        let event = renamed(
+            &rx,
+            &watched.join("gone"),
+            &root.join("away"),
+            RenameMode::From,
+        );
+        assert_eq!(event.paths, vec![watched.join("gone")]);
         let folders = watcher.folders.lock().expect("folders");
         assert_eq!(folders.paths.len(), 1, "only the root is watched");
     }
