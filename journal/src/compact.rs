@@ -2,6 +2,8 @@
 //! state is kept by the library as a snapshot), and only the base with its epoch stays. A
 //! joining device's empty log can also start after a base (the sender's).
 
+use std::ops::ControlFlow;
+
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
@@ -10,7 +12,7 @@ use crate::log_table;
 use crate::record::LogRecord;
 use crate::seal::Sealer;
 use crate::store::{decode_epoch, read_meta, Journal};
-use crate::tables::{LOG, LOG_INDEX, META, META_LOG_BASE, META_LOG_HEAD, OFFLINE};
+use crate::tables::{DROPPED_LOG, LOG, LOG_INDEX, META, META_LOG_BASE, META_LOG_HEAD, OFFLINE};
 use crate::writer::{epoch_bytes, Request, WriterState};
 
 /// What a compaction did.
@@ -216,21 +218,33 @@ impl WriterState {
         let next_local_before = self.next_local;
         let mut returned = Vec::new();
         {
-            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
             let mut local = txn.open_table(OFFLINE).map_err(storage)?;
-            log_table::drain(&mut log, |bytes| {
-                let Ok(record) = LogRecord::decode(bytes) else {
-                    return Ok(());
-                };
-                if record.epoch.device != led_by {
-                    return Ok(());
-                }
-                if let Some(id) = Sealer::peek_change_id(record.sealed) {
-                    self.resubmit(&mut local, record.sealed)?;
-                    returned.push(id);
-                }
-                Ok(())
-            })?;
+            // Only the epochs this device led are read (a follower's log, none of it); the
+            // rest goes with the table.
+            let led = log_table::epoch_ranges(&log, |e| e.device == led_by)?;
+            for (first, last) in led {
+                log_table::visit(&log, first, |lsn, record| {
+                    if lsn > last {
+                        return Ok(ControlFlow::Break(()));
+                    }
+                    let Ok(record) = record.and_then(LogRecord::decode) else {
+                        return Ok(ControlFlow::Continue(()));
+                    };
+                    if record.epoch.device == led_by {
+                        if let Some(id) = Sealer::peek_change_id(record.sealed) {
+                            self.resubmit(&mut local, record.sealed)?;
+                            returned.push(id);
+                        }
+                    }
+                    Ok(ControlFlow::Continue(()))
+                })?;
+            }
+            drop(log);
+            // Renamed, not deleted: the writer deletes it once it replied (see `DROPPED_LOG`).
+            txn.delete_table(DROPPED_LOG).map_err(storage)?;
+            txn.rename_table(LOG, DROPPED_LOG).map_err(storage)?;
+            txn.open_table(LOG).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(META_LOG_BASE, &base_bytes(base, epoch)[..])
                 .map_err(storage)?;
@@ -244,6 +258,15 @@ impl WriterState {
         }
         self.next_lsn = base.0 + 1;
         Ok(returned)
+    }
+
+    /// Deletes the log a rebase dropped, if any. Not durable by itself: a crash before the
+    /// next durable commit leaves it for the next open to delete.
+    pub(crate) fn delete_dropped_log(&mut self) -> Result<(), JournalError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::None).map_err(storage)?;
+        txn.delete_table(DROPPED_LOG).map_err(storage)?;
+        txn.commit().map_err(storage)
     }
 }
 

@@ -5,9 +5,11 @@ use std::ops::ControlFlow;
 
 use redb::{ReadableTable, Table};
 
+use keel_schema::Epoch;
+
 use crate::error::{storage, JournalError};
 use crate::page::{LogPage, PageBuilder};
-use crate::record::RecordError;
+use crate::record::{LogRecord, RecordError};
 
 /// What a visitor sees at one position: a record's bytes, or (once, at the page's first
 /// position) why a whole page could not be read.
@@ -237,27 +239,49 @@ pub(crate) fn split_off(
     Ok(suffix)
 }
 
-/// Removes every record, visiting each readable one first (in order, without holding them
-/// all: a log of millions stays out of memory). A damaged page goes unvisited.
-pub(crate) fn drain(
-    table: &mut Table<'_, u64, &'static [u8]>,
-    mut each: impl FnMut(&[u8]) -> Result<(), JournalError>,
-) -> Result<(), JournalError> {
-    let mut pages = Vec::new();
-    for item in table.range(0..).map_err(storage)? {
-        let (key, page) = item.map_err(storage)?;
-        pages.push(key.value());
-        if let Ok(parsed) = LogPage::parse(page.value()) {
-            for record in parsed.records() {
-                each(record)?;
+/// The position ranges `(first, last)` of the log that may hold records of an epoch
+/// `wanted` accepts, found by bisection: epochs never decrease along the log, so a range whose
+/// two ends have the same epoch holds only that epoch, and only the epochs' boundaries are
+/// looked at (a few pages per epoch), not every page. A position that cannot be read makes
+/// its range one to look at.
+pub(crate) fn epoch_ranges<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+    wanted: impl Fn(Epoch) -> bool,
+) -> Result<Vec<(u64, u64)>, JournalError> {
+    let Some((first, _)) = table.first().map_err(storage)? else {
+        return Ok(Vec::new());
+    };
+    let (first, last) = (first.value(), last_lsn(table)?);
+    let epoch_at = |lsn: u64| -> Result<Option<Epoch>, JournalError> {
+        Ok(match get(table, lsn)? {
+            Some(Ok(bytes)) => LogRecord::decode(&bytes).ok().map(|r| r.epoch),
+            _ => None,
+        })
+    };
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut pending = vec![(first, last)];
+    while let Some((a, b)) = pending.pop() {
+        let (ea, eb) = (epoch_at(a)?, epoch_at(b)?);
+        match (ea, eb) {
+            (Some(ea), Some(eb)) if ea == eb => {
+                if wanted(ea) {
+                    ranges.push((a, b));
+                }
+            }
+            _ if b - a < BISECT_MIN => ranges.push((a, b)),
+            _ => {
+                let mid = a + (b - a) / 2;
+                pending.push((mid + 1, b));
+                pending.push((a, mid));
             }
         }
     }
-    for key in &pages {
-        table.remove(*key).map_err(storage)?;
-    }
-    Ok(())
+    ranges.sort_unstable();
+    Ok(ranges)
 }
+
+/// A range this short is read whole rather than bisected further.
+const BISECT_MIN: u64 = 64;
 
 /// Removes every record up to and including `base`, returning how many; the page holding
 /// `base + 1` keeps its records after `base` (rewritten under the key `base + 1`). A damaged

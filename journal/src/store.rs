@@ -16,9 +16,9 @@ use crate::log_table;
 use crate::record::{LocalRecord, LogRecord, RecordError};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
-    CONFLICTS, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LEGACY_LOG, LOG, META, META_EPOCH,
-    META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM, META_VOTED, OFFLINE,
-    POSITIONS,
+    CONFLICTS, DROPPED_LOG, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LEGACY_LOG, LOG, META,
+    META_EPOCH, META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM,
+    META_VOTED, OFFLINE, POSITIONS,
 };
 use crate::writer::{
     epoch_bytes, next_key, write_epoch, CommitRoute, CommittedBatch, LeadingHint, Placement,
@@ -398,6 +398,7 @@ impl Journal {
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             txn.delete_table(LEGACY_CHANGE_INDEX).map_err(storage)?;
+            txn.delete_table(DROPPED_LOG).map_err(storage)?;
             txn.open_table(OFFLINE).map_err(storage)?;
             txn.open_table(POSITIONS).map_err(storage)?;
             txn.open_table(JOBS).map_err(storage)?;

@@ -234,7 +234,14 @@ impl WriterState {
                         reply,
                     } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.rebase(base, epoch, head, led_by)));
+                        let rebased = guarded(|| self.rebase(base, epoch, head, led_by));
+                        let ok = rebased.is_ok();
+                        let _ = reply.send(rebased);
+                        if ok {
+                            if let Err(e) = guarded(|| self.delete_dropped_log()) {
+                                tracing::warn!(error = %e, "deleting the dropped log failed");
+                            }
+                        }
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);

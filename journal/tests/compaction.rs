@@ -187,3 +187,46 @@ fn a_rebase_drops_the_log_and_returns_only_the_changes_of_epochs_this_device_led
     assert!(returned.is_empty());
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(900));
 }
+
+/// A log of several epochs, long enough that the rebase looks for this device's epochs by
+/// bisection instead of reading every record: exactly the changes of the epochs it led come
+/// back, in log order, and the rest of the log goes.
+#[test]
+fn a_rebase_finds_the_epochs_this_device_led_among_many() {
+    let s = Setup::new();
+    let other = DeviceId([9; 32]);
+    // (leader, entries) of each epoch in turn.
+    let epochs = [
+        (other, 300),
+        (s.device, 350),
+        (other, 350),
+        (s.device, 10),
+        (other, 5),
+        (s.device, 1),
+    ];
+    let mut led = Vec::new();
+    let mut n = 0;
+    for (counter, (device, entries)) in (1..).zip(epochs) {
+        let journal = s.open_as(CommitRoute::Log(Epoch { counter, device }));
+        let changes: Vec<Change> = (n..n + entries).map(|n| change(s.device, n)).collect();
+        n += entries;
+        journal.commit(changes.clone()).expect("commits");
+        if device == s.device {
+            led.extend(changes.iter().map(|c| c.id));
+        }
+        journal.close();
+    }
+    let journal = s.open_offline();
+    let base_epoch = Epoch {
+        counter: 9,
+        device: other,
+    };
+    let returned = journal
+        .log()
+        .rebase(Lsn(5_000), base_epoch, base_epoch, s.device)
+        .expect("rebases");
+    assert_eq!(returned.len(), 361);
+    assert_eq!(returned, led);
+    let stats = journal.stats().expect("stats");
+    assert_eq!((stats.base, stats.log_len), (Lsn(5_000), 0));
+}

@@ -42,7 +42,9 @@ impl Setup {
         self.open_as(CommitRoute::Offline)
     }
 
-    fn open_as(&self, role: CommitRoute) -> Journal {
+    /// Opens the journal with commits going where `role` says.
+    #[allow(dead_code)]
+    pub(crate) fn open_as(&self, role: CommitRoute) -> Journal {
         Journal::open(
             &self.path,
             self.lib,
