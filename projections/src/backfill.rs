@@ -112,7 +112,12 @@ impl Projections {
             tx.commit()
         })();
         self.conn.pragma_update(None, "foreign_keys", "ON")?;
-        Ok(written?)
+        written?;
+        if let Some(checkpointer) = &self.checkpointer {
+            // Checkpointed on the background thread as the rows come, not all at the end.
+            checkpointer.written(rows.len() as u64);
+        }
+        Ok(())
     }
 
     /// The checkpoint the last [`Projections::put_backfill_rows`] wrote, if any.

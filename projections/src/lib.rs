@@ -30,7 +30,7 @@ mod store;
 pub use apply::{ApplyStats, SELF_PROOF_MIN};
 pub use attest::Signer;
 pub use backfill::{Part, PartCursor};
-pub use checkpoint::{CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
+pub use checkpoint::{BULK_CHECKPOINT_ROWS, CHECKPOINT_INTERVAL, CHECKPOINT_ROWS};
 pub use conflicts::{
     Conflict, ConflictSide, CONFLICT_HISTORY_MAX, LATEST_WINS, MANUAL, PREFER_DEVICE,
 };

@@ -294,6 +294,14 @@ impl Projections {
                 sql.push(';');
             }
         }
+        if let Some(checkpointer) = &self.checkpointer {
+            let every = if bulk {
+                crate::checkpoint::BULK_CHECKPOINT_ROWS
+            } else {
+                crate::CHECKPOINT_ROWS
+            };
+            checkpointer.every(every);
+        }
         if bulk {
             self.conn.execute_batch(&sql)?;
             return Ok(());

@@ -231,6 +231,7 @@ impl Library {
         step(at.done, total)?;
         let pulled_ms = started.elapsed().as_millis();
         scratch.end_backfill()?;
+        let ended_ms = started.elapsed().as_millis();
         // Kept as this library's snapshot without its secondary indexes (smaller, and an open
         // builds them), then the scratch file gets them for `rebase_onto`.
         let packing = self.dir().join(BACKFILL_PACKING);
@@ -242,6 +243,7 @@ impl Library {
         tracing::info!(
             rows = at.done,
             pulled_ms,
+            ended_ms,
             packed_ms,
             indexed_ms = started.elapsed().as_millis(),
             "backfill pulled the snapshot"
@@ -266,12 +268,14 @@ impl Library {
         led_by: DeviceId,
     ) -> Result<Vec<ChangeId>, EngineError> {
         let journal = self.journal()?;
+        let started = std::time::Instant::now();
         let returned = {
             let _history = self.history()?;
             journal.raise_hlc_high_water(plan.hlc)?;
             let returned = journal
                 .log()
                 .rebase(plan.base, plan.base_epoch, plan.head, led_by)?;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "log rebased");
             // The pulled file is the snapshot unpacked: the rebuild starts from it.
             let scratch = self.dir().join(BACKFILL_FILE);
             if scratch.exists() {
@@ -284,9 +288,14 @@ impl Library {
         tracing::info!(
             base = plan.base.0,
             resubmitted = returned.len(),
+            ms = started.elapsed().as_millis() as u64,
             "log started again after the leader's compaction point"
         );
         self.rebuild(&mut |_, _| {})?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "rebuilt on the backfill"
+        );
         Ok(returned)
     }
 }
