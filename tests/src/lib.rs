@@ -141,6 +141,9 @@ pub mod cluster {
             // watch their locations.
             discovery: None,
             watch: None,
+            // A leader's unpacked snapshot goes soon after a backfill (tests that look at the
+            // keeping set their own).
+            snapshot_keep: std::time::Duration::from_millis(100),
             ..NodeOptions::default()
         }
     }

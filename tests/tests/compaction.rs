@@ -520,14 +520,8 @@ fn a_device_offline_across_two_compactions_catches_up_by_backfill() {
     b.library().rebuild(&mut |_, _| {}).expect("rebuilds");
     assert_eq!(b.library().digest().expect("digest"), digest);
     // The leader's unpacked copy goes once no backfill reads it.
-    let serving = || {
-        std::fs::read_dir(a.library().dir())
-            .expect("lists")
-            .filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().starts_with("serving-"))
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while serving() {
+    while !serving_copies(&a).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "the leader kept its unpacked snapshot"
@@ -849,16 +843,36 @@ fn a_new_device_without_the_file_copy_joins_by_backfill() {
     use keel_tests::cluster;
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = cluster::founder_with_tags(dir.path(), "a", "lib", 2_000).expect("founds");
+    let keeping = keel_node::NodeOptions {
+        snapshot_keep: Duration::from_secs(60),
+        ..cluster::options(Vec::new())
+    };
+    let (_ha, a) = cluster::founder_with(dir.path(), "a", "lib", keeping).expect("founds");
+    tags(a.library(), (0..2_000).map(|i| format!("bulk {i}")));
     a.library().flush().expect("flushes");
     let report = a.compact().expect("compacts: alone, all of it");
     assert!(report.base > 2_000, "{report:?}");
-    let hb = keel_engine::Home::new(dir.path().join("b"));
-    let code = a.invite(true).expect("invites").code.as_str().to_string();
-    let name = cluster::join_with(&hb, None, a.local_addr(), &code, None, false).expect("joins");
-    let lib = Library::open(&hb, &name, keel_tests::PASSWORD).expect("opens");
-    let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()])).expect("starts");
-    let digest = cluster::converge(&[&a, &b], Duration::from_secs(60)).expect("converges");
+    let joined = |device: &str| {
+        let home = keel_engine::Home::new(dir.path().join(device));
+        let code = a.invite(true).expect("invites").code.as_str().to_string();
+        let name =
+            cluster::join_with(&home, None, a.local_addr(), &code, None, false).expect("joins");
+        let lib = Library::open(&home, &name, keel_tests::PASSWORD).expect("opens");
+        keel_node::Node::start(lib, cluster::options(vec![a.local_addr()])).expect("starts")
+    };
+    let b = joined("b");
+    cluster::converge(&[&a, &b], Duration::from_secs(60)).expect("converges");
+    // The leader keeps its unpacked snapshot a while: the next backfill reads the same copy.
+    let kept = serving_copies(&a);
+    assert_eq!(kept.len(), 1, "one unpacked copy kept: {kept:?}");
+    let c = joined("c");
+    let digest = cluster::converge(&[&a, &b, &c], Duration::from_secs(60)).expect("converges");
+    assert_eq!(
+        serving_copies(&a),
+        kept,
+        "the second backfill read the kept copy"
+    );
+    c.stop().expect("stops");
     assert!(b.status().compacted_to >= report.base, "{:?}", b.status());
     assert_eq!(tag_names(b.library()), tag_names(a.library()));
     assert!(b.library().jobs().expect("jobs").iter().any(|j| matches!(
@@ -923,4 +937,16 @@ fn a_cancelled_backfill_stops_and_keeps_what_it_pulled() {
         .exists());
     b.stop().expect("stops");
     a.stop().expect("stops");
+}
+
+/// The unpacked snapshot copies in `node`'s library folder, by name.
+fn serving_copies(node: &keel_node::Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.library().dir())
+        .expect("lists")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("serving-") && name.ends_with(".from-snapshot"))
+        .collect();
+    names.sort();
+    names
 }

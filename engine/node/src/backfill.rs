@@ -38,8 +38,9 @@ fn failed(what: impl std::fmt::Display) -> NodeError {
 }
 
 /// The serving side: answers a pinned device's backfill on `conn` from this library's snapshot
-/// until it closes the connection.
-pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection) {
+/// until it closes the connection, then keeps the snapshot unpacked for `keep` (see
+/// `NodeOptions::snapshot_keep`).
+pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection, keep: Duration) {
     let peer = conn.peer().short();
     if !conn.pinned() {
         conn.close("not a device of this library");
@@ -58,7 +59,18 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection) {
             return;
         }
     };
-    if let Err(e) = send(&conn, plan_message(source.plan())).await {
+    answer_requests(&source, &conn).await;
+    // Held a while longer: the last holder to drop it removes the copy.
+    tokio::spawn(async move {
+        tokio::time::sleep(keep).await;
+        drop(source);
+    });
+}
+
+/// Sends the plan, then answers `conn`'s requests from `source` until it ends.
+async fn answer_requests(source: &Arc<SnapshotSource>, conn: &Connection) {
+    let peer = conn.peer().short();
+    if let Err(e) = send(conn, plan_message(source.plan())).await {
         tracing::debug!(%peer, error = %e, "backfill plan not sent");
         return;
     }
@@ -71,7 +83,7 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection) {
                 return;
             }
         };
-        let answer = match answer(&source, request).await {
+        let answer = match answer(source, request).await {
             Ok(answer) => answer,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "backfill request refused; closed");
@@ -79,7 +91,7 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection) {
                 return;
             }
         };
-        if let Err(e) = send(&conn, answer).await {
+        if let Err(e) = send(conn, answer).await {
             tracing::debug!(%peer, error = %e, "backfill rows not sent");
             return;
         }

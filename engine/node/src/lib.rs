@@ -93,6 +93,10 @@ pub struct NodeOptions {
     /// the snapshot when it comes back (see [`NodeStatus::behind_compaction`]). `None` keeps
     /// the log for every device however long it stays away.
     pub retain_for_absent: Option<u64>,
+    /// How long a leader keeps its snapshot unpacked after the last backfill that read it
+    /// ended, so that a device asking again meanwhile (a retry, a cut connection) is served
+    /// from the same copy rather than a new one (the projection file's size, unpacked again).
+    pub snapshot_keep: std::time::Duration,
 }
 
 /// The log entries past the compaction position that start an automatic compaction by
@@ -100,6 +104,8 @@ pub struct NodeOptions {
 pub const COMPACT_AFTER_DEFAULT: u64 = 1_000_000;
 /// The log entries a leader keeps for an absent device by default.
 pub const RETAIN_FOR_ABSENT_DEFAULT: u64 = 2_000_000;
+/// How long a leader keeps its snapshot unpacked after a backfill by default.
+pub const SNAPSHOT_KEEP_DEFAULT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often a node looks whether its log is due for compaction.
 const COMPACT_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -119,6 +125,7 @@ impl Default for NodeOptions {
             watch: Some(keel_engine::WatchOptions::default()),
             compact_after: Some(COMPACT_AFTER_DEFAULT),
             retain_for_absent: Some(RETAIN_FOR_ABSENT_DEFAULT),
+            snapshot_keep: SNAPSHOT_KEEP_DEFAULT,
         }
     }
 }
@@ -234,6 +241,8 @@ impl Node {
             lan: lan.clone(),
             withheld: Mutex::new(std::collections::HashSet::new()),
             ended_bytes: Mutex::new((0, 0)),
+            backfilling: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            snapshot_keep: options.snapshot_keep,
         });
         if let Some(lan) = lan {
             let (net, handle) = (net.clone(), rt.handle().clone());

@@ -107,6 +107,35 @@ pub(crate) struct Net {
     pub(crate) withheld: Mutex<HashSet<DeviceId>>,
     /// UDP bytes (sent, received) of the sync sessions that ended.
     pub(crate) ended_bytes: Mutex<(u64, u64)>,
+    /// Devices being served a backfill now (at most one backfill each).
+    pub(crate) backfilling: Arc<Mutex<HashSet<DeviceId>>>,
+    /// How long the snapshot a backfill read stays unpacked after it (`NodeOptions`).
+    pub(crate) snapshot_keep: Duration,
+}
+
+/// A device's one backfill being served; the device may ask again once it is dropped.
+pub(crate) struct BackfillSlot {
+    held: Arc<Mutex<HashSet<DeviceId>>>,
+    device: DeviceId,
+}
+
+impl BackfillSlot {
+    /// The slot of `device` among those `held`, unless it holds it already.
+    pub(crate) fn claim(held: &Arc<Mutex<HashSet<DeviceId>>>, device: DeviceId) -> Option<Self> {
+        let mut devices = held.lock().ok()?;
+        devices.insert(device).then(|| Self {
+            held: held.clone(),
+            device,
+        })
+    }
+}
+
+impl Drop for BackfillSlot {
+    fn drop(&mut self) {
+        if let Ok(mut devices) = self.held.lock() {
+            devices.remove(&self.device);
+        }
+    }
 }
 
 impl Net {
@@ -325,7 +354,13 @@ impl Net {
                 return;
             }
             Greeting::Backfill => {
-                super::backfill::serve(self.link.clone(), conn).await;
+                // One at a time per device: each holds a thread reading the snapshot.
+                let Some(_slot) = BackfillSlot::claim(&self.backfilling, peer) else {
+                    tracing::warn!(peer = %peer.short(), "a second backfill of one device; closed");
+                    conn.close("a backfill of this device is being served");
+                    return;
+                };
+                super::backfill::serve(self.link.clone(), conn, self.snapshot_keep).await;
                 return;
             }
             Greeting::AntiEntropy(first) => {
@@ -618,5 +653,24 @@ mod tests {
             assert!(delays.iter().any(|d| *d != delays[0]), "attempt {attempt}");
         }
         assert!(backoff_delay(30).as_millis() as u64 <= BACKOFF_MAX_MS * 3 / 2);
+    }
+
+    #[test]
+    fn a_device_holds_one_backfill_slot_at_a_time() {
+        let held = Arc::new(Mutex::new(HashSet::new()));
+        let (a, b) = (DeviceId([1; 32]), DeviceId([2; 32]));
+        let first = BackfillSlot::claim(&held, a).expect("free");
+        assert!(
+            BackfillSlot::claim(&held, a).is_none(),
+            "a second one refused"
+        );
+        let other = BackfillSlot::claim(&held, b).expect("another device's is its own");
+        drop(first);
+        assert!(
+            BackfillSlot::claim(&held, a).is_some(),
+            "free again once it ended"
+        );
+        drop(other);
+        assert!(held.lock().expect("lock").is_empty());
     }
 }
