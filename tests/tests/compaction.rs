@@ -950,3 +950,28 @@ fn serving_copies(node: &keel_node::Node) -> Vec<String> {
     names.sort();
     names
 }
+
+/// A device that gets the log from its leader is not behind its compaction point: a backfill
+/// it pulled before and never put to use (a new leader that still had the log) is removed.
+#[test]
+fn an_unused_backfill_goes_once_the_log_comes() {
+    use keel_tests::cluster;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), u64::MAX, &[]);
+    let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
+    let scratch = lib.dir().join(keel_engine::BACKFILL_FILE);
+    lib.close().expect("closes");
+    std::fs::write(&scratch, b"a backfill cut short").expect("writes");
+    tags(a.library(), (0..10).map(|i| format!("while b was away {i}")));
+    let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scratch.exists() {
+        assert!(Instant::now() < deadline, "the unused backfill stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(b.status().behind_compaction, 0);
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+}
