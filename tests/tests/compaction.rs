@@ -963,7 +963,10 @@ fn an_unused_backfill_goes_once_the_log_comes() {
     let scratch = lib.dir().join(keel_engine::BACKFILL_FILE);
     lib.close().expect("closes");
     std::fs::write(&scratch, b"a backfill cut short").expect("writes");
-    tags(a.library(), (0..10).map(|i| format!("while b was away {i}")));
+    tags(
+        a.library(),
+        (0..10).map(|i| format!("while b was away {i}")),
+    );
     let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
     cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
     let deadline = Instant::now() + Duration::from_secs(10);

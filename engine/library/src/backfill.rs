@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::compact::{pack, put_in_place, unpack, SNAPSHOT_FILE};
 use crate::error::EngineError;
-use crate::jobs::JobKind;
+use crate::jobs::{JobKind, JobState};
 use crate::library::Library;
 
 /// The scratch projection a backfill writes (packed into the snapshot once whole).
@@ -254,6 +254,25 @@ impl Library {
             pulled: at.done - resumed_at,
             resubmitted: 0,
         })
+    }
+
+    /// Removes what a backfill pulled and never put to use (a device that stopped being
+    /// behind its leader's compaction point before its backfill ended: a new leader that
+    /// still has the log), unless a backfill is running. Returns whether there was a file.
+    pub fn discard_backfill(&self) -> Result<bool, EngineError> {
+        let path = self.dir().join(BACKFILL_FILE);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let running = self.jobs()?.iter().any(|job| {
+            matches!(job.kind, JobKind::Backfill { .. }) && job.state == JobState::Running
+        });
+        if running {
+            return Ok(false);
+        }
+        Projections::remove_files(&path)?;
+        tracing::info!("removed a backfill this device no longer needs");
+        Ok(true)
     }
 
     /// Puts a backfilled snapshot to use: the log is dropped and starts again after

@@ -96,6 +96,8 @@ pub(crate) struct Core {
     /// The leader's compaction position when this device's log cannot continue the leader's
     /// (0: it can).
     behind_compaction: u64,
+    /// Whether an unused backfill was looked for since this device was last behind.
+    scratch_checked: bool,
     /// Log entries a leader keeps for a device that has not acknowledged them (see
     /// `NodeOptions::retain_for_absent`).
     retain: u64,
@@ -224,6 +226,7 @@ impl Core {
             members: Vec::new(),
             founder,
             behind_compaction: 0,
+            scratch_checked: false,
             backfill,
             retain,
         };
@@ -473,6 +476,14 @@ impl Core {
                     bytes,
                 } => {
                     self.leader_end = leader_end.0;
+                    if !self.scratch_checked {
+                        // Entries from a leader: this device is not behind its compaction
+                        // point, so a backfill it pulled before is of no use.
+                        self.scratch_checked = true;
+                        if let Err(e) = self.link.library().discard_backfill() {
+                            tracing::warn!(error = %e, "could not remove an unused backfill");
+                        }
+                    }
                     if let Err(e) = self.link.catching_up(leader_end) {
                         tracing::warn!(error = %e, "could not prepare the projections for a catch-up");
                     }
@@ -497,6 +508,7 @@ impl Core {
                         );
                     }
                     self.behind_compaction = base.0;
+                    self.scratch_checked = false;
                     // Full: a backfill is under way (it looks again whether it is needed).
                     let _ = self.backfill.try_send(leader);
                 }
