@@ -15,7 +15,6 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use keel_engine::{image_uuid, KeyRange, NodeLink, RangeDigest, RANGES_MAX};
 use keel_schema::{DeviceId, LibraryId, ModelDef};
@@ -24,6 +23,7 @@ use serde::Serialize;
 use serde_bytes::ByteBuf;
 
 use crate::error::{blocking, NodeError};
+use crate::net::{answer_each, STEP_TIMEOUT};
 
 /// A range that differs and holds at most this many rows (on either device) is not cut again.
 pub const LEAF_ROWS: u64 = 64;
@@ -33,8 +33,6 @@ pub const DEPTH_MAX: usize = 4;
 const ROWS_PER_BATCH: usize = 1024;
 /// Most requests the answering device serves on one connection.
 const REQUESTS_MAX: usize = 65_536;
-/// Longest wait for one answer or request.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A key range of one model where the two devices' rows differ.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -104,34 +102,12 @@ pub(crate) async fn serve(
     conn: Connection,
     first: DeviceMessage,
 ) {
-    let peer = conn.peer().short();
     if !conn.pinned() {
         conn.close("not a device of this library");
         return;
     }
-    let mut request = first;
-    for _ in 0..REQUESTS_MAX {
-        let answer = match answer(&library, id, request).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "anti-entropy request refused; closed");
-                conn.close("bad anti-entropy request");
-                return;
-            }
-        };
-        if tokio::time::timeout(STEP_TIMEOUT, conn.send(&answer))
-            .await
-            .map_or(true, |sent| sent.is_err())
-        {
-            return;
-        }
-        request = match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
-            Ok(Ok(next)) => next,
-            // Closed by the asking device (done), or it went quiet.
-            _ => return,
-        };
-    }
-    conn.close("too many requests");
+    let answer_one = |request| answer(&library, id, request);
+    answer_each(&conn, "anti-entropy", Some(first), REQUESTS_MAX, answer_one).await;
 }
 
 /// The answer to one request.

@@ -24,10 +24,8 @@ use serde_bytes::ByteBuf;
 
 use crate::core::CoreEvent;
 use crate::error::{blocking, NodeError};
-use crate::net::Net;
+use crate::net::{answer_each, Net, STEP_TIMEOUT};
 
-/// Longest wait for one answer or request.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes of row images one answer carries at most (a frame holds 16 MiB).
 const BATCH_BYTES_MAX: usize = 8 << 20;
 /// Most requests one connection is served.
@@ -69,34 +67,12 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection, keep: Durat
 
 /// Sends the plan, then answers `conn`'s requests from `source` until it ends.
 async fn answer_requests(source: &Arc<SnapshotSource>, conn: &Connection) {
-    let peer = conn.peer().short();
     if let Err(e) = send(conn, plan_message(source.plan())).await {
-        tracing::debug!(%peer, error = %e, "backfill plan not sent");
+        tracing::debug!(peer = %conn.peer().short(), error = %e, "backfill plan not sent");
         return;
     }
-    for _ in 0..REQUESTS_MAX {
-        let request = match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
-            Ok(Ok(request)) => request,
-            // Closed by the asking device (done), or it went quiet.
-            outcome => {
-                tracing::debug!(%peer, ?outcome, "backfill connection ended");
-                return;
-            }
-        };
-        let answer = match answer(source, request).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "backfill request refused; closed");
-                conn.close("bad backfill request");
-                return;
-            }
-        };
-        if let Err(e) = send(conn, answer).await {
-            tracing::debug!(%peer, error = %e, "backfill rows not sent");
-            return;
-        }
-    }
-    conn.close("too many requests");
+    let answer_one = |request| answer(source, request);
+    answer_each(conn, "backfill", None, REQUESTS_MAX, answer_one).await;
 }
 
 async fn send(conn: &Connection, message: DeviceMessage) -> Result<(), NodeError> {

@@ -113,6 +113,54 @@ pub(crate) struct Net {
     pub(crate) snapshot_keep: Duration,
 }
 
+/// Longest wait for one request or for sending its answer, when a device is served requests
+/// in turn (backfill, anti-entropy).
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Answers a device's requests on `conn` in turn, starting with `first` if given, until it
+/// closes the connection, goes quiet for [`STEP_TIMEOUT`], is refused an answer (`what` says
+/// of what, in the log and the close reason) or has been answered `max` times.
+pub(crate) async fn answer_each<F, Fut>(
+    conn: &Connection,
+    what: &str,
+    first: Option<DeviceMessage>,
+    max: usize,
+    mut answer: F,
+) where
+    F: FnMut(DeviceMessage) -> Fut,
+    Fut: std::future::Future<Output = Result<DeviceMessage, crate::error::NodeError>>,
+{
+    let peer = conn.peer().short();
+    let mut next = first;
+    for _ in 0..max {
+        let request = match next.take() {
+            Some(request) => request,
+            None => match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
+                Ok(Ok(request)) => request,
+                // Closed by the asking device (done), or it went quiet.
+                outcome => {
+                    tracing::debug!(%peer, ?outcome, "{what} connection ended");
+                    return;
+                }
+            },
+        };
+        let reply = match answer(request).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "{what} request refused; closed");
+                conn.close(&format!("bad {what} request"));
+                return;
+            }
+        };
+        let sent = tokio::time::timeout(STEP_TIMEOUT, conn.send(&reply)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::debug!(%peer, "{what} answer not sent");
+            return;
+        }
+    }
+    conn.close("too many requests");
+}
+
 /// A device's one backfill being served; the device may ask again once it is dropped.
 pub(crate) struct BackfillSlot {
     held: Arc<Mutex<HashSet<DeviceId>>>,
