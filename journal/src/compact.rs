@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
-use crate::error::{guarded, storage, JournalError};
+use crate::error::{guarded, storage, JournalError, WriteTxn};
 use crate::log_table;
 use crate::record::LogRecord;
 use crate::seal::Sealer;
@@ -60,7 +60,7 @@ impl Journal {
     /// See [`crate::ReplicatedLog::compact`].
     pub(crate) fn compact_log(&self, base: Lsn) -> Result<Compaction, JournalError> {
         guarded(|| {
-            let mut txn = self.db.begin_write().map_err(storage)?;
+            let mut txn = WriteTxn::begin(&self.db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             // Read in the transaction that moves it: two compactions see each other's base.
             let (old, old_epoch) = {
@@ -69,7 +69,8 @@ impl Journal {
                 decode_base(value.as_ref().map(|v| v.value()))?
             };
             if base <= old {
-                txn.abort().map_err(storage)?;
+                // Dropped unused: redb aborts it.
+                drop(txn);
                 return Ok(Compaction {
                     base: old,
                     base_epoch: old_epoch,
@@ -180,7 +181,7 @@ impl WriterState {
         epoch: Epoch,
         head: Epoch,
     ) -> Result<(), JournalError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = WriteTxn::begin(&self.db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -213,7 +214,7 @@ impl WriterState {
         head: Epoch,
         led_by: DeviceId,
     ) -> Result<Vec<ChangeId>, JournalError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = WriteTxn::begin(&self.db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let next_local_before = self.next_local;
         let mut returned = Vec::new();
@@ -263,7 +264,7 @@ impl WriterState {
     /// Deletes the log a rebase dropped, if any. Not durable by itself: a crash before the
     /// next durable commit leaves it for the next open to delete.
     pub(crate) fn delete_dropped_log(&mut self) -> Result<(), JournalError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = WriteTxn::begin(&self.db)?;
         txn.set_durability(Durability::None).map_err(storage)?;
         txn.delete_table(DROPPED_LOG).map_err(storage)?;
         txn.commit().map_err(storage)

@@ -150,6 +150,49 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, JournalError>) -> Result<
     }
 }
 
+/// A redb write transaction that is forgotten, not dropped, while its thread unwinds from a
+/// panic: on a damaged file redb's drop of the transaction can panic again, and a panic while
+/// unwinding aborts the process before [`guarded`] reports [`JournalError::Corrupt`]. The
+/// forgotten transaction keeps the database's write lock, so the journal's writes fail until
+/// it is opened again, which a damaged file calls for anyway.
+pub(crate) struct WriteTxn(Option<redb::WriteTransaction>);
+
+impl WriteTxn {
+    /// Begins a write transaction on `db`.
+    pub(crate) fn begin(db: &redb::Database) -> Result<Self, JournalError> {
+        Ok(Self(Some(db.begin_write().map_err(storage)?)))
+    }
+
+    /// Commits it.
+    pub(crate) fn commit(mut self) -> Result<(), redb::CommitError> {
+        // Only `commit` and `drop` take it, and both consume the wrapper.
+        self.0.take().expect("a live transaction").commit()
+    }
+}
+
+impl std::ops::Deref for WriteTxn {
+    type Target = redb::WriteTransaction;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `commit` and `drop` take it, and both consume the wrapper.
+        self.0.as_ref().expect("a live transaction")
+    }
+}
+
+impl std::ops::DerefMut for WriteTxn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("a live transaction")
+    }
+}
+
+impl Drop for WriteTxn {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            std::mem::forget(self.0.take());
+        }
+    }
+}
+
 /// The redb database, dropped inside `catch_unwind`: closing a file whose pages were damaged must
 /// not take the process down.
 pub(crate) struct DbHandle(Option<redb::Database>);

@@ -6,7 +6,7 @@ use keel_schema::ChangeId;
 use redb::{Durability, ReadableDatabase, ReadableTable};
 use uuid::Uuid;
 
-use crate::error::{guarded, storage, JournalError, RecordPlace};
+use crate::error::{guarded, storage, JournalError, RecordPlace, WriteTxn};
 use crate::store::Journal;
 use crate::tables::JOBS;
 
@@ -38,7 +38,7 @@ impl JobRecords<'_> {
         let sealed = self.journal.seal_bytes(ChangeId(id), record);
         let key = id.to_string();
         guarded(|| {
-            let mut txn = self.journal.db.begin_write().map_err(storage)?;
+            let mut txn = WriteTxn::begin(&self.journal.db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             {
                 let mut jobs = txn.open_table(JOBS).map_err(storage)?;
@@ -54,7 +54,7 @@ impl JobRecords<'_> {
     pub fn remove(&self, id: Uuid) -> Result<(), JournalError> {
         let key = id.to_string();
         guarded(|| {
-            let mut txn = self.journal.db.begin_write().map_err(storage)?;
+            let mut txn = WriteTxn::begin(&self.journal.db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             {
                 let mut jobs = txn.open_table(JOBS).map_err(storage)?;

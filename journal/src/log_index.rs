@@ -14,7 +14,7 @@ use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use redb::{Durability, ReadableDatabase, ReadableTable};
 use uuid::Uuid;
 
-use crate::error::{guarded, storage, JournalError};
+use crate::error::{guarded, storage, JournalError, WriteTxn};
 use crate::record::LogRecord;
 use crate::seal::Sealer;
 use crate::store::Journal;
@@ -334,7 +334,7 @@ impl Journal {
         let chunks = LogIndex::chunks(index.len());
         let write = |from: u64, to: u64, header: bool| {
             guarded(|| {
-                let mut txn = self.db.begin_write().map_err(storage)?;
+                let mut txn = WriteTxn::begin(&self.db)?;
                 txn.set_durability(Durability::None).map_err(storage)?;
                 {
                     let mut saved = txn.open_table(LOG_INDEX).map_err(storage)?;

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use keel_schema::{Change, ChangeId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
-use crate::error::{storage, JournalError};
+use crate::error::{storage, JournalError, WriteTxn};
 use crate::log_table::{split_off, PageWriter};
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
@@ -88,7 +88,7 @@ impl WriterState {
         keep: Lsn,
         dropped: &HashSet<ChangeId>,
     ) -> Result<Vec<ChangeId>, JournalError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = WriteTxn::begin(&self.db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut returned = Vec::new();
         let next_local_before = self.next_local;

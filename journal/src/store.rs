@@ -7,11 +7,13 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, LibraryId, Lsn};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle,
+};
 use uuid::Uuid;
 
 use crate::budget::ApplyBudget;
-use crate::error::{guarded, storage, DbHandle, JournalError, RecordPlace};
+use crate::error::{guarded, storage, DbHandle, JournalError, RecordPlace, WriteTxn};
 use crate::log_table;
 use crate::record::{LocalRecord, LogRecord, RecordError};
 use crate::seal::{LibraryKey, Sealer};
@@ -249,6 +251,16 @@ fn damaged_page(lsn: Lsn, e: &RecordError) -> JournalError {
 /// Moves a format-1 log (one key per record) into pages, keeping every record's bytes and
 /// position, and drops the old table. Returns how many records moved.
 fn migrate_legacy_log(txn: &redb::WriteTransaction) -> Result<u64, JournalError> {
+    // Looked up, not opened: opening would create it (a write on every open, and on a file
+    // whose page allocator is damaged, a panic with the log table open, whose drop then
+    // panics again while unwinding: an abort).
+    let legacy = txn
+        .list_tables()
+        .map_err(storage)?
+        .any(|table| table.name() == LEGACY_LOG.name());
+    if !legacy {
+        return Ok(0);
+    }
     let mut log = txn.open_table(LOG).map_err(storage)?;
     let mut moved = 0u64;
     {
@@ -394,11 +406,12 @@ impl Journal {
     }
 
     fn init_tables(db: &Database, library: LibraryId) -> Result<(), JournalError> {
-        let mut txn = db.begin_write().map_err(storage)?;
+        let mut txn = WriteTxn::begin(db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             txn.delete_table(LEGACY_CHANGE_INDEX).map_err(storage)?;
             txn.delete_table(DROPPED_LOG).map_err(storage)?;
+            txn.open_table(LOG).map_err(storage)?;
             txn.open_table(OFFLINE).map_err(storage)?;
             txn.open_table(POSITIONS).map_err(storage)?;
             txn.open_table(JOBS).map_err(storage)?;
@@ -931,7 +944,7 @@ impl Journal {
     }
 
     fn clear_replay_floor_inner(&self) -> Result<(), JournalError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = WriteTxn::begin(&self.db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
@@ -955,7 +968,7 @@ impl Journal {
     /// See [`Election::store`].
     pub(crate) fn store_election(&self, epoch: Epoch, voted: Epoch) -> Result<(), JournalError> {
         guarded(|| {
-            let mut txn = self.db.begin_write().map_err(storage)?;
+            let mut txn = WriteTxn::begin(&self.db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             {
                 let mut meta = txn.open_table(META).map_err(storage)?;

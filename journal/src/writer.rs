@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, Lsn};
 use redb::{Durability, ReadableTable};
 
-use crate::error::{guarded, storage, DbHandle, JournalError};
+use crate::error::{guarded, storage, DbHandle, JournalError, WriteTxn};
 use crate::log_table::PageWriter;
 use crate::record::{LocalRecord, LogRecord, PushState, LOG_HEADER_LEN};
 use crate::tables::{LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES, OFFLINE};
@@ -167,7 +167,7 @@ pub(crate) struct WriterState {
 
 /// Durably records `epoch` as the current epoch.
 pub(crate) fn write_epoch(db: &redb::Database, epoch: Epoch) -> Result<(), JournalError> {
-    let mut txn = db.begin_write().map_err(storage)?;
+    let mut txn = WriteTxn::begin(db)?;
     txn.set_durability(Durability::Immediate).map_err(storage)?;
     {
         let mut meta = txn.open_table(META).map_err(storage)?;
@@ -409,8 +409,8 @@ impl WriterState {
         &mut self,
         batch: &[(Vec<Sealed>, CommitReply)],
         append: Option<(Lsn, AppendEntries)>,
-    ) -> Result<(redb::WriteTransaction, Vec<Placement>, Placed), JournalError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+    ) -> Result<(WriteTxn, Vec<Placement>, Placed), JournalError> {
+        let mut txn = WriteTxn::begin(&self.db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut placements = Vec::new();
         {
@@ -471,7 +471,7 @@ impl WriterState {
         if hlc <= self.hlc_high_water {
             return Ok(());
         }
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = WriteTxn::begin(&self.db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
