@@ -150,11 +150,10 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, JournalError>) -> Result<
     }
 }
 
-/// A redb write transaction that is forgotten, not dropped, while its thread unwinds from a
-/// panic: on a damaged file redb's drop of the transaction can panic again, and a panic while
-/// unwinding aborts the process before [`guarded`] reports [`JournalError::Corrupt`]. The
-/// forgotten transaction keeps the database's write lock, so the journal's writes fail until
-/// it is opened again, which a damaged file calls for anyway.
+/// A redb write transaction whose drop, while its thread unwinds from a panic, runs inside
+/// `catch_unwind`: on a damaged file redb's drop of the transaction can panic again, and a panic
+/// escaping a destructor while unwinding aborts the process before [`guarded`] reports
+/// [`JournalError::Corrupt`].
 pub(crate) struct WriteTxn(Option<redb::WriteTransaction>);
 
 impl WriteTxn {
@@ -187,8 +186,13 @@ impl std::ops::DerefMut for WriteTxn {
 
 impl Drop for WriteTxn {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            std::mem::forget(self.0.take());
+        if let Some(txn) = self.0.take() {
+            if std::thread::panicking() {
+                let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(txn)));
+                if dropped.is_err() {
+                    tracing::error!("a write transaction on a damaged journal failed to abort");
+                }
+            }
         }
     }
 }
