@@ -463,6 +463,26 @@ fn compact_past_the_away_device(a: &keel_node::Node, retain: u64) -> keel_engine
     report
 }
 
+/// [`founder_and_away_device`] keeping 10 entries for the absent, then `tags_meanwhile` new
+/// tags on the founder and a compaction past the away device: it must backfill `tags` rows and more.
+fn away_past_compaction(
+    dir: &std::path::Path,
+    tags_meanwhile: usize,
+) -> (
+    keel_engine::Home,
+    keel_node::Node,
+    keel_engine::Home,
+    std::net::SocketAddr,
+) {
+    let (ha, a, hb, b_addr) = founder_and_away_device(dir, 10, &[]);
+    tags(
+        a.library(),
+        (0..tags_meanwhile).map(|i| format!("while b was away {i}")),
+    );
+    compact_past_the_away_device(&a, 10);
+    (ha, a, hb, b_addr)
+}
+
 /// `lib`'s backfill job in `state`, if any.
 fn backfill_job(lib: &Library, state: keel_engine::JobState) -> Option<keel_engine::Job> {
     lib.jobs()
@@ -695,12 +715,7 @@ fn a_backfill_killed_midway_goes_on_and_loses_nothing() {
     use std::process::{Command, Stdio};
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), 10, &[]);
-    tags(
-        a.library(),
-        (0..15_000).map(|i| format!("while b was away {i}")),
-    );
-    compact_past_the_away_device(&a, 10);
+    let (_ha, a, hb, b_addr) = away_past_compaction(dir.path(), 15_000);
 
     let scratch = hb.library_dir("lib").join(keel_engine::BACKFILL_FILE);
     let mut cut = 0;
@@ -893,12 +908,7 @@ fn a_cancelled_backfill_stops_and_keeps_what_it_pulled() {
     use keel_tests::cluster;
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), 10, &[]);
-    tags(
-        a.library(),
-        (0..40_000).map(|i| format!("while b was away {i}")),
-    );
-    compact_past_the_away_device(&a, 10);
+    let (_ha, a, hb, b_addr) = away_past_compaction(dir.path(), 40_000);
 
     let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
     let backfill = |state| backfill_job(b.library(), state);
@@ -959,9 +969,7 @@ fn an_unused_backfill_goes_once_the_log_comes() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().expect("tempdir");
     let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), u64::MAX, &[]);
-    let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
-    let scratch = lib.dir().join(keel_engine::BACKFILL_FILE);
-    lib.close().expect("closes");
+    let scratch = hb.library_dir("lib").join(keel_engine::BACKFILL_FILE);
     std::fs::write(&scratch, b"a backfill cut short").expect("writes");
     tags(
         a.library(),
