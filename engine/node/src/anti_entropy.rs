@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_bytes::ByteBuf;
 
 use crate::error::{blocking, NodeError};
-use crate::net::{answer_each, STEP_TIMEOUT};
+use crate::net::{answer_each, recv_in_time, send_in_time};
 
 /// A range that differs and holds at most this many rows (on either device) is not cut again.
 pub const LEAF_ROWS: u64 = 64;
@@ -86,12 +86,6 @@ fn from_wire(range: WireRange) -> KeyRange {
         start: range.start,
         end: range.end,
     }
-}
-
-async fn recv(conn: &Connection) -> Result<DeviceMessage, NodeError> {
-    Ok(tokio::time::timeout(STEP_TIMEOUT, conn.recv())
-        .await
-        .map_err(|_| failed("no answer"))??)
 }
 
 /// The answering side: serves the digest and row requests of a pinned device on `conn`, the
@@ -272,8 +266,9 @@ impl Asking {
             model: def.code,
             ranges: mine.iter().map(|(r, _)| to_wire(*r)).collect(),
         };
-        self.conn.send(&request).await?;
-        let DeviceMessage::RangeDigests { applied, digests } = recv(&self.conn).await? else {
+        send_in_time(&self.conn, &request).await?;
+        let DeviceMessage::RangeDigests { applied, digests } = recv_in_time(&self.conn).await?
+        else {
             return Err(failed("the peer answered something else than digests"));
         };
         if digests.len() != mine.len() {
@@ -307,14 +302,14 @@ impl Asking {
                 table: None,
                 skip: 0,
             };
-            self.conn.send(&request).await?;
+            send_in_time(&self.conn, &request).await?;
             let DeviceMessage::SyncPullModelBatchResponse {
                 model,
                 records,
                 done,
                 raw_len: 0,
                 ..
-            } = recv(&self.conn).await?
+            } = recv_in_time(&self.conn).await?
             else {
                 return Err(failed("the peer answered something else than rows"));
             };

@@ -24,7 +24,7 @@ use serde_bytes::ByteBuf;
 
 use crate::core::CoreEvent;
 use crate::error::{blocking, NodeError};
-use crate::net::{answer_each, Net, STEP_TIMEOUT};
+use crate::net::{answer_each, recv_in_time, send_in_time, Net};
 
 /// Bytes of row images one answer carries at most (a frame holds 16 MiB).
 const BATCH_BYTES_MAX: usize = 8 << 20;
@@ -73,19 +73,12 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection, keep: Durat
 
 /// Sends the plan, then answers `conn`'s requests from `source` until it ends.
 async fn answer_requests(source: &Arc<SnapshotSource>, conn: &Connection) {
-    if let Err(e) = send(conn, plan_message(source.plan())).await {
+    if let Err(e) = send_in_time(conn, &plan_message(source.plan())).await {
         tracing::debug!(peer = %conn.peer().short(), error = %e, "backfill plan not sent");
         return;
     }
     let answer_one = |request| answer(source, request);
     answer_each(conn, "backfill", None, REQUESTS_MAX, answer_one).await;
-}
-
-async fn send(conn: &Connection, message: DeviceMessage) -> Result<(), NodeError> {
-    match tokio::time::timeout(STEP_TIMEOUT, conn.send(&message)).await {
-        Ok(sent) => Ok(sent?),
-        Err(_) => Err(failed("the peer does not read")),
-    }
 }
 
 fn plan_message(plan: &BackfillPlan) -> DeviceMessage {
@@ -239,8 +232,8 @@ impl Pull {
         let (conn, part) = (self.conn.clone(), part.clone());
         self.rt.spawn(async move {
             let asked = async {
-                send(&conn, request).await?;
-                recv(&conn).await
+                send_in_time(&conn, &request).await?;
+                recv_in_time(&conn).await
             };
             let answer = asked
                 .await
@@ -320,12 +313,6 @@ fn rows_of(answer: DeviceMessage, part: &Part) -> Result<(Vec<Vec<u8>>, bool), E
     }
 }
 
-async fn recv(conn: &Connection) -> Result<DeviceMessage, NodeError> {
-    Ok(tokio::time::timeout(STEP_TIMEOUT, conn.recv())
-        .await
-        .map_err(|_| failed("no answer"))??)
-}
-
 /// Pulls `leader`'s snapshot (at `addr`) into this library and has the core start the log
 /// again after its base.
 pub(crate) async fn pull(
@@ -335,8 +322,8 @@ pub(crate) async fn pull(
 ) -> Result<BackfillReport, NodeError> {
     let library = net.library;
     let conn = crate::net::dial_for_talk(&net.endpoint, library, (leader, addr)).await?;
-    send(&conn, DeviceMessage::BackfillRequest { library }).await?;
-    let plan = match recv(&conn).await? {
+    send_in_time(&conn, &DeviceMessage::BackfillRequest { library }).await?;
+    let plan = match recv_in_time(&conn).await? {
         DeviceMessage::BackfillPlan {
             base,
             base_epoch,

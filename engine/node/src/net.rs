@@ -152,13 +152,35 @@ pub(crate) async fn answer_each<F, Fut>(
                 return;
             }
         };
-        let sent = tokio::time::timeout(STEP_TIMEOUT, conn.send(&reply)).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            tracing::debug!(%peer, "{what} answer not sent");
+        if let Err(e) = send_in_time(conn, &reply).await {
+            tracing::debug!(%peer, error = %e, "{what} answer not sent");
             return;
         }
     }
     conn.close("too many requests");
+}
+
+/// Sends `message` on `conn` unless the peer does not take it within [`STEP_TIMEOUT`].
+pub(crate) async fn send_in_time(
+    conn: &Connection,
+    message: &DeviceMessage,
+) -> Result<(), crate::error::NodeError> {
+    match tokio::time::timeout(STEP_TIMEOUT, conn.send(message)).await {
+        Ok(sent) => Ok(sent?),
+        Err(_) => Err(crate::error::NodeError::Failed(
+            "the peer does not read".into(),
+        )),
+    }
+}
+
+/// The next message on `conn`, unless none comes within [`STEP_TIMEOUT`].
+pub(crate) async fn recv_in_time(
+    conn: &Connection,
+) -> Result<DeviceMessage, crate::error::NodeError> {
+    match tokio::time::timeout(STEP_TIMEOUT, conn.recv()).await {
+        Ok(received) => Ok(received?),
+        Err(_) => Err(crate::error::NodeError::Failed("no answer".into())),
+    }
 }
 
 /// A device's one backfill being served; the device may ask again once it is dropped.
