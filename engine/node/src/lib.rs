@@ -607,9 +607,6 @@ impl Drop for Node {
     }
 }
 
-/// Starts the location watcher of `library` on a thread of its own; it stops when the returned
-/// sender is dropped. A watcher that fails is logged (and announced by the library); the node
-/// goes on without it.
 /// Starts the thread that compacts `library`'s log once it holds more than `after` entries
 /// past the compaction position (see [`Node::compact`]).
 fn start_compactor(
@@ -653,6 +650,9 @@ fn compaction_due(status: &NodeStatus, after: u64) -> Option<u64> {
     (held > after && status.compactable > status.compacted_to).then_some(status.compactable)
 }
 
+/// Starts the location watcher of `library` on a thread of its own; it stops when the returned
+/// sender is dropped. A watcher that fails is logged (and announced by the library); the node
+/// goes on without it.
 fn start_watcher(
     library: &Arc<Library>,
     options: keel_engine::WatchOptions,
