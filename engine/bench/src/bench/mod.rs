@@ -136,7 +136,15 @@ fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
     let mut out = Figures::new();
     let sizes = Sizes::of(options);
     let dir = tempfile::tempdir()?;
-    let dir = dir.path();
+    // `KEEL_BENCH_KEEP=1` keeps the step's folder (its path is logged) to inspect the files.
+    let dir = if std::env::var_os("KEEL_BENCH_KEEP").is_some() {
+        let kept = dir.keep();
+        eprintln!("{step}: files kept in {}", kept.display());
+        kept
+    } else {
+        dir.path().to_path_buf()
+    };
+    let dir = dir.as_path();
     match step {
         "p1" => p1::run(
             dir,
