@@ -22,22 +22,40 @@ pub(crate) const FILL_MAX: u64 = 8 << 20;
 /// Zeros written per call.
 const FILL_CHUNK: usize = 256 * 1024;
 
-/// redb's file backend, with the space a `set_len` adds written as zeros (see the module docs).
+/// redb's file backend (or another below it), with the space a `set_len` adds written as zeros
+/// (see the module docs).
 #[derive(Debug)]
-pub(crate) struct FilledGrowth {
-    inner: FileBackend,
+pub(crate) struct FilledGrowth<B = FileBackend> {
+    inner: B,
 }
 
 impl FilledGrowth {
     /// Wraps `file`, opened for reading and writing.
     pub(crate) fn new(file: std::fs::File) -> Result<Self, redb::DatabaseError> {
-        Ok(Self {
-            inner: FileBackend::new(file)?,
-        })
+        Ok(Self::over(FileBackend::new(file)?))
     }
 }
 
-impl StorageBackend for FilledGrowth {
+impl<B: StorageBackend> FilledGrowth<B> {
+    /// Wraps `inner`.
+    pub(crate) fn over(inner: B) -> Self {
+        Self { inner }
+    }
+
+    /// Writes zeros over `start..end`.
+    fn fill(&self, start: u64, end: u64) -> Result<(), io::Error> {
+        let zeros = vec![0u8; FILL_CHUNK];
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(FILL_CHUNK as u64) as usize;
+            self.inner.write(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl<B: StorageBackend> StorageBackend for FilledGrowth<B> {
     fn len(&self) -> Result<u64, io::Error> {
         self.inner.len()
     }
@@ -51,13 +69,7 @@ impl StorageBackend for FilledGrowth {
         self.inner.set_len(len)?;
         if len > old {
             let end = len.min(old.saturating_add(FILL_MAX));
-            let zeros = vec![0u8; FILL_CHUNK];
-            let mut at = old;
-            while at < end {
-                let n = (end - at).min(FILL_CHUNK as u64) as usize;
-                self.inner.write(at, &zeros[..n])?;
-                at += n as u64;
-            }
+            self.fill(old, end)?;
         }
         Ok(())
     }
@@ -80,6 +92,28 @@ impl StorageBackend for FilledGrowth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The zeros are only an optimization: a disk too full for them still grows the file (the
+    /// space reads as zeros as a hole), instead of failing the resize and latching redb.
+    #[cfg(feature = "faults")]
+    #[test]
+    fn a_fill_the_disk_has_no_room_for_still_grows_the_file() {
+        use crate::faults::{FaultKind, FaultOp, Faults, Faulty};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, _) = crate::backends::new_file(dir.path());
+        let faults = Faults::new();
+        let b = FilledGrowth::over(Faulty::new(
+            FileBackend::new(file).expect("wraps"),
+            faults.clone(),
+        ));
+        faults.fail(FaultOp::Write, 0, FaultKind::NoSpace, true);
+        b.set_len(1 << 20).expect("grows without its zeros");
+        assert!(faults.injected() > 0, "the fill was tried");
+        assert_eq!(b.len().expect("len"), 1 << 20);
+        let mut grown = vec![1u8; 4096];
+        b.read(0, &mut grown).expect("reads");
+        assert!(grown.iter().all(|&x| x == 0));
+    }
 
     fn backend(dir: &std::path::Path) -> (FilledGrowth, std::path::PathBuf) {
         let (file, path) = crate::backends::new_file(dir);

@@ -12,6 +12,8 @@ mod compact;
 #[cfg(unix)]
 mod direct_writes;
 mod error;
+#[cfg(feature = "faults")]
+pub mod faults;
 mod filled_growth;
 mod handles;
 mod jobs;

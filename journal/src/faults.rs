@@ -1,0 +1,191 @@
+//! Storage faults for tests (feature `faults`): a redb backend that makes the Nth write, sync
+//! or resize of a journal file fail, once or until cleared, with `ENOSPC` or `EIO`.
+//!
+//! A test registers a plan for a journal's path with [`inject`] before the journal opens (a
+//! node opens its library's journal itself); every open of that path then goes through
+//! [`Faulty`], below the zero-filling of growth, where the disk would fail. Nothing is faked
+//! above it: redb, the file and the engine are the real ones.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use redb::StorageBackend;
+
+/// A backend call that can be made to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOp {
+    /// `write`.
+    Write,
+    /// `sync_data`.
+    Sync,
+    /// `set_len`.
+    SetLen,
+}
+
+/// The error a failing call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The disk is full (`ENOSPC`).
+    NoSpace,
+    /// The device failed (`EIO`).
+    Io,
+}
+
+impl FaultKind {
+    fn error(self) -> io::Error {
+        match self {
+            // Linux and macOS share both numbers.
+            FaultKind::NoSpace => io::Error::from_raw_os_error(28),
+            FaultKind::Io => io::Error::from_raw_os_error(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    op: FaultOp,
+    kind: FaultKind,
+    /// Calls of `op` still to succeed before one fails.
+    after: u64,
+    /// Every call of `op` fails once the first did, until [`Faults::clear`].
+    persistent: bool,
+    /// The first failure happened.
+    tripped: bool,
+}
+
+/// The faults planned for one journal file; shared by the test and the backend.
+#[derive(Debug, Default)]
+pub struct Faults {
+    plan: Mutex<Option<Plan>>,
+    injected: AtomicU64,
+}
+
+impl Faults {
+    /// No fault planned yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// From now on: `after` more calls of `op` succeed, then one fails with `kind`; with
+    /// `persistent`, every later call of `op` fails too, until [`Faults::clear`].
+    pub fn fail(&self, op: FaultOp, after: u64, kind: FaultKind, persistent: bool) {
+        if let Ok(mut plan) = self.plan.lock() {
+            *plan = Some(Plan {
+                op,
+                kind,
+                after,
+                persistent,
+                tripped: false,
+            });
+        }
+    }
+
+    /// Lets every call through again (the disk has room, the device recovered).
+    pub fn clear(&self) {
+        if let Ok(mut plan) = self.plan.lock() {
+            *plan = None;
+        }
+    }
+
+    /// How many calls failed so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    /// Whether this call of `op` fails, and with what.
+    fn check(&self, op: FaultOp) -> Result<(), io::Error> {
+        let Ok(mut guard) = self.plan.lock() else {
+            return Ok(());
+        };
+        let Some(plan) = guard.as_mut().filter(|p| p.op == op) else {
+            return Ok(());
+        };
+        if plan.tripped && !plan.persistent {
+            return Ok(());
+        }
+        if !plan.tripped && plan.after > 0 {
+            plan.after -= 1;
+            return Ok(());
+        }
+        plan.tripped = true;
+        self.injected.fetch_add(1, Ordering::SeqCst);
+        Err(plan.kind.error())
+    }
+}
+
+/// The plans registered by path (the file's folder made canonical, and its name).
+static PLANS: Mutex<Vec<(PathBuf, Arc<Faults>)>> = Mutex::new(Vec::new());
+
+fn key(path: &Path) -> PathBuf {
+    let folder = path
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    folder.join(path.file_name().unwrap_or_default())
+}
+
+/// Makes every open of the journal file at `path` (from now on) go through `faults`.
+pub fn inject(path: &Path, faults: Arc<Faults>) {
+    let key = key(path);
+    if let Ok(mut plans) = PLANS.lock() {
+        plans.retain(|(p, _)| *p != key);
+        plans.push((key, faults));
+    }
+}
+
+/// The faults registered for `path`, if any.
+pub(crate) fn planned_for(path: &Path) -> Option<Arc<Faults>> {
+    let key = key(path);
+    PLANS
+        .lock()
+        .ok()?
+        .iter()
+        .find(|(p, _)| *p == key)
+        .map(|(_, f)| f.clone())
+}
+
+/// A backend whose calls fail as its [`Faults`] plan.
+#[derive(Debug)]
+pub(crate) struct Faulty<B> {
+    inner: B,
+    faults: Arc<Faults>,
+}
+
+impl<B> Faulty<B> {
+    pub(crate) fn new(inner: B, faults: Arc<Faults>) -> Self {
+        Self { inner, faults }
+    }
+}
+
+impl<B: StorageBackend> StorageBackend for Faulty<B> {
+    fn len(&self) -> Result<u64, io::Error> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        self.faults.check(FaultOp::SetLen)?;
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> Result<(), io::Error> {
+        self.faults.check(FaultOp::Sync)?;
+        self.inner.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        self.faults.check(FaultOp::Write)?;
+        self.inner.write(offset, data)
+    }
+
+    fn close(&self) -> Result<(), io::Error> {
+        self.inner.close()
+    }
+
+    crate::backends::forward_range_locks!();
+}
