@@ -69,7 +69,11 @@ impl<B: StorageBackend> StorageBackend for FilledGrowth<B> {
         self.inner.set_len(len)?;
         if len > old {
             let end = len.min(old.saturating_add(FILL_MAX));
-            self.fill(old, end)?;
+            // Only an optimization: a fill that fails (a nearly full disk) leaves a hole, which
+            // reads the same. Failing the resize for it would latch redb on a file that is fine.
+            if let Err(error) = self.fill(old, end) {
+                tracing::warn!(%error, "zero-filling the journal's new space failed; left a hole");
+            }
         }
         Ok(())
     }
