@@ -25,6 +25,8 @@ mod replicate;
 mod seal;
 mod store;
 mod tables;
+#[cfg(all(test, feature = "faults"))]
+mod tests_faults;
 mod writer;
 mod xchacha;
 

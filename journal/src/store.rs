@@ -1101,6 +1101,13 @@ fn open_database(path: &Path, direct_writes: bool) -> Result<Database, JournalEr
             .create(true)
             .truncate(false)
             .open(path)?;
+        #[cfg(feature = "faults")]
+        if let Some(faults) = crate::faults::planned_for(path) {
+            let inner = redb::backends::FileBackend::new(file)?;
+            return builder.create_with_backend(crate::filled_growth::FilledGrowth::over(
+                crate::faults::Faulty::new(inner, faults),
+            ));
+        }
         #[cfg(unix)]
         if direct_writes {
             use crate::direct_writes::DirectWrites;

@@ -1,0 +1,101 @@
+//! Storage faults under a running journal (feature `faults`): a failed commit is never
+//! acknowledged, and the journal takes commits again once the fault clears, without a restart.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use keel_schema::{Change, ChangeId, DeviceId, Hlc, LibraryId, Lsn, Tag};
+use uuid::Uuid;
+
+use crate::faults::{inject, FaultKind, FaultOp, Faults};
+use crate::{Journal, JournalOptions, LibraryKey, Placement};
+
+const DEVICE: DeviceId = DeviceId([5; 32]);
+
+fn open(path: &Path, faults: &Arc<Faults>) -> Journal {
+    inject(path, faults.clone());
+    Journal::open(
+        path,
+        LibraryId(Uuid::from_u128(7)),
+        &LibraryKey::from_bytes(&[3; 32]).expect("a key"),
+        DEVICE,
+        JournalOptions::default(),
+    )
+    .expect("opens")
+}
+
+fn tag(ms: u64) -> Change {
+    let tag = Tag {
+        uuid: Uuid::now_v7(),
+        name: format!("t{ms}"),
+        color: None,
+        created_ms: ms as i64,
+    };
+    let hlc = Hlc {
+        physical_ms: ms,
+        counter: 0,
+        device: DEVICE,
+    };
+    Change::upsert(ChangeId::new(), hlc, &tag).expect("tag has a uuid")
+}
+
+/// The change ids in the log, in order, from position 1 (which must be gap-free).
+fn logged(journal: &Journal) -> Vec<ChangeId> {
+    let read = journal.read_log(Lsn(1), 1_000).expect("reads the log");
+    read.into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let (place, _, change) = entry.expect("a sound record");
+            assert_eq!(place, Placement::Log(Lsn(i as u64 + 1)), "gap-free");
+            change.id
+        })
+        .collect()
+}
+
+#[test]
+fn a_commit_whose_sync_fails_is_refused_and_the_next_one_lands_without_a_restart() {
+    for kind in [FaultKind::Io, FaultKind::NoSpace] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.redb");
+        let faults = Faults::new();
+        let journal = open(&path, &faults);
+        let first = tag(1);
+        journal.commit(vec![first.clone()]).expect("durable");
+        faults.fail(FaultOp::Sync, 0, kind, false);
+        let refused = journal.commit(vec![tag(2)]);
+        assert!(refused.is_err(), "{kind:?}: a failed sync acknowledged");
+        assert_eq!(faults.injected(), 1);
+        let after = tag(3);
+        let placed = journal
+            .commit(vec![after.clone()])
+            .unwrap_or_else(|e| panic!("{kind:?}: the journal stayed latched: {e}"));
+        assert_eq!(placed, vec![Placement::Log(Lsn(2))]);
+        assert_eq!(logged(&journal), vec![first.id, after.id]);
+        journal.close();
+        let reopened = open(&path, &faults);
+        assert_eq!(logged(&reopened), vec![first.id, after.id]);
+    }
+}
+
+#[test]
+fn persistent_write_faults_refuse_every_commit_until_they_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("journal.redb");
+    let faults = Faults::new();
+    let journal = open(&path, &faults);
+    let first = tag(1);
+    journal.commit(vec![first.clone()]).expect("durable");
+    faults.fail(FaultOp::Write, 0, FaultKind::NoSpace, true);
+    for ms in 2..6 {
+        assert!(
+            journal.commit(vec![tag(ms)]).is_err(),
+            "acknowledged on a full disk"
+        );
+    }
+    faults.clear();
+    let after = tag(9);
+    journal
+        .commit(vec![after.clone()])
+        .unwrap_or_else(|e| panic!("the journal stayed latched once the disk had room: {e}"));
+    assert_eq!(logged(&journal), vec![first.id, after.id]);
+}
