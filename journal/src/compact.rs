@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
-use crate::error::{guarded, storage, JournalError, WriteTxn};
+use crate::error::{storage, JournalError, WriteTxn};
 use crate::log_table;
 use crate::record::LogRecord;
 use crate::seal::Sealer;
@@ -54,13 +54,13 @@ pub(crate) fn decode_base(bytes: Option<&[u8]>) -> Result<(Lsn, Epoch), JournalE
 impl Journal {
     /// The log's compaction base and its entry's epoch (`(0, default)` if never compacted).
     pub fn log_base(&self) -> Result<(Lsn, Epoch), JournalError> {
-        decode_base(read_meta(&self.db, META_LOG_BASE)?.as_deref())
+        decode_base(read_meta(&*self.db.get()?, META_LOG_BASE)?.as_deref())
     }
 
     /// See [`crate::ReplicatedLog::compact`].
     pub(crate) fn compact_log(&self, base: Lsn) -> Result<Compaction, JournalError> {
-        guarded(|| {
-            let mut txn = WriteTxn::begin(&self.db)?;
+        self.db.write(|db| {
+            let mut txn = WriteTxn::begin(db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             // Read in the transaction that moves it: two compactions see each other's base.
             let (old, old_epoch) = {
@@ -157,7 +157,7 @@ impl Journal {
 
     /// See [`crate::ReplicatedLog::head`].
     pub(crate) fn log_head(&self) -> Result<Option<Epoch>, JournalError> {
-        match read_meta(&self.db, META_LOG_HEAD)? {
+        match read_meta(&*self.db.get()?, META_LOG_HEAD)? {
             Some(bytes) => Ok(decode_epoch(&bytes)),
             None => self.epoch_at(Lsn(1)),
         }
@@ -181,7 +181,7 @@ impl WriterState {
         epoch: Epoch,
         head: Epoch,
     ) -> Result<(), JournalError> {
-        let mut txn = WriteTxn::begin(&self.db)?;
+        let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             let log = txn.open_table(LOG).map_err(storage)?;
@@ -214,7 +214,7 @@ impl WriterState {
         head: Epoch,
         led_by: DeviceId,
     ) -> Result<Vec<ChangeId>, JournalError> {
-        let mut txn = WriteTxn::begin(&self.db)?;
+        let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let next_local_before = self.next_local;
         let mut returned = Vec::new();
@@ -264,7 +264,7 @@ impl WriterState {
     /// Deletes the log a rebase dropped, if any. Not durable by itself: a crash before the
     /// next durable commit leaves it for the next open to delete.
     pub(crate) fn delete_dropped_log(&mut self) -> Result<(), JournalError> {
-        let mut txn = WriteTxn::begin(&self.db)?;
+        let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::None).map_err(storage)?;
         txn.delete_table(DROPPED_LOG).map_err(storage)?;
         txn.commit().map_err(storage)

@@ -92,6 +92,10 @@ pub enum JournalError {
     /// A compaction that cannot be made as asked.
     #[error("cannot compact the log: {0}")]
     Compaction(String),
+    /// The storage failed and the journal could not be opened again yet (see `db.rs`): nothing
+    /// is read or committed until it can; each later call tries again.
+    #[error("the journal is unavailable after a storage failure: {0}")]
+    Unavailable(String),
     /// The writer thread has stopped (the journal is closing or crashed).
     #[error("the journal writer has stopped")]
     WriterStopped,
@@ -103,6 +107,17 @@ pub enum JournalError {
         /// The newest this build reads.
         supported: u64,
     },
+}
+
+impl JournalError {
+    /// Whether this is the storage failing (I/O, a full disk, or redb refusing everything
+    /// after one), after which the database must be opened again.
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(
+            self,
+            JournalError::Storage(_) | JournalError::Unavailable(_)
+        )
+    }
 }
 
 /// Where a record lives, for error reports.
@@ -193,36 +208,6 @@ impl Drop for WriteTxn {
                     tracing::error!("a write transaction on a damaged journal failed to abort");
                 }
             }
-        }
-    }
-}
-
-/// The redb database, dropped inside `catch_unwind`: closing a file whose pages were damaged must
-/// not take the process down.
-pub(crate) struct DbHandle(Option<redb::Database>);
-
-impl DbHandle {
-    pub(crate) fn new(db: redb::Database) -> Self {
-        Self(Some(db))
-    }
-}
-
-impl std::ops::Deref for DbHandle {
-    type Target = redb::Database;
-
-    fn deref(&self) -> &redb::Database {
-        match &self.0 {
-            Some(db) => db,
-            // Only `drop` takes the database out, and nothing derefs after that.
-            None => unreachable!("database used after drop"),
-        }
-    }
-}
-
-impl Drop for DbHandle {
-    fn drop(&mut self) {
-        if let Some(db) = self.0.take() {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
         }
     }
 }

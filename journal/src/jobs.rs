@@ -37,8 +37,8 @@ impl JobRecords<'_> {
         }
         let sealed = self.journal.seal_bytes(ChangeId(id), record);
         let key = id.to_string();
-        guarded(|| {
-            let mut txn = WriteTxn::begin(&self.journal.db)?;
+        self.journal.db.write(|db| {
+            let mut txn = WriteTxn::begin(db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             {
                 let mut jobs = txn.open_table(JOBS).map_err(storage)?;
@@ -53,8 +53,8 @@ impl JobRecords<'_> {
     /// Removes the record of job `id`.
     pub fn remove(&self, id: Uuid) -> Result<(), JournalError> {
         let key = id.to_string();
-        guarded(|| {
-            let mut txn = WriteTxn::begin(&self.journal.db)?;
+        self.journal.db.write(|db| {
+            let mut txn = WriteTxn::begin(db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             {
                 let mut jobs = txn.open_table(JOBS).map_err(storage)?;
@@ -69,7 +69,7 @@ impl JobRecords<'_> {
     /// an error naming it.
     pub fn all(&self) -> Result<Vec<(Uuid, Vec<u8>)>, JournalError> {
         let sealed: Vec<(String, Vec<u8>)> = guarded(|| {
-            let txn = self.journal.db.begin_read().map_err(storage)?;
+            let txn = self.journal.db.get()?.begin_read().map_err(storage)?;
             let jobs = txn.open_table(JOBS).map_err(storage)?;
             let mut out = Vec::new();
             for row in jobs.iter().map_err(storage)? {

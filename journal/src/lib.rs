@@ -9,6 +9,7 @@ mod aligned;
 mod backends;
 mod budget;
 mod compact;
+mod db;
 #[cfg(unix)]
 mod direct_writes;
 mod error;

@@ -296,7 +296,7 @@ impl Journal {
     /// position (what [`crate::ReplicatedLog::load_index`] starts from).
     pub fn saved_log_index(&self) -> Result<Option<LogIndex>, JournalError> {
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let Some(index) = read_saved(&txn)? else {
                 return Ok(None);
             };
@@ -333,8 +333,8 @@ impl Journal {
         let save: u64 = rand::random();
         let chunks = LogIndex::chunks(index.len());
         let write = |from: u64, to: u64, header: bool| {
-            guarded(|| {
-                let mut txn = WriteTxn::begin(&self.db)?;
+            self.db.write(|db| {
+                let mut txn = WriteTxn::begin(db)?;
                 txn.set_durability(Durability::None).map_err(storage)?;
                 {
                     let mut saved = txn.open_table(LOG_INDEX).map_err(storage)?;
@@ -456,7 +456,7 @@ mod tests {
     }
 
     fn read(journal: &Journal) -> Option<LogIndex> {
-        let txn = journal.db.begin_read().expect("reads");
+        let txn = journal.db.get().expect("open").begin_read().expect("reads");
         read_saved(&txn).expect("reads")
     }
 
@@ -480,7 +480,7 @@ mod tests {
         let short = synthetic(CHUNK_ENTRIES + 1, 1 << 80);
         journal.save_log_index(&short).expect("saves");
         assert_eq!(read(&journal).as_ref(), Some(&short));
-        let txn = journal.db.begin_read().expect("reads");
+        let txn = journal.db.get().expect("open").begin_read().expect("reads");
         let saved = txn.open_table(LOG_INDEX).expect("table");
         assert_eq!(
             saved.len().expect("len"),
@@ -491,7 +491,12 @@ mod tests {
         drop(txn);
 
         // A missing chunk voids the whole copy.
-        let txn = journal.db.begin_write().expect("writes");
+        let txn = journal
+            .db
+            .get()
+            .expect("open")
+            .begin_write()
+            .expect("writes");
         txn.open_table(LOG_INDEX)
             .expect("table")
             .remove(2)

@@ -88,7 +88,7 @@ impl WriterState {
         keep: Lsn,
         dropped: &HashSet<ChangeId>,
     ) -> Result<Vec<ChangeId>, JournalError> {
-        let mut txn = WriteTxn::begin(&self.db)?;
+        let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut returned = Vec::new();
         let next_local_before = self.next_local;

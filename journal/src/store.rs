@@ -13,7 +13,8 @@ use redb::{
 use uuid::Uuid;
 
 use crate::budget::ApplyBudget;
-use crate::error::{guarded, storage, DbHandle, JournalError, RecordPlace, WriteTxn};
+use crate::db::DbHandle;
+use crate::error::{guarded, storage, JournalError, RecordPlace, WriteTxn};
 use crate::log_table;
 use crate::record::{LocalRecord, LogRecord, RecordError};
 use crate::seal::{LibraryKey, Sealer};
@@ -23,7 +24,7 @@ use crate::tables::{
     META_VOTED, OFFLINE, POSITIONS,
 };
 use crate::writer::{
-    epoch_bytes, next_key, write_epoch, CommitRoute, CommittedBatch, LeadingHint, Placement,
+    epoch_bytes, write_epoch, CommitRoute, CommittedBatch, Counters, LeadingHint, Placement,
     Request, Sealed, WriterState, QUEUE_REQUESTS_MAX,
 };
 
@@ -296,7 +297,7 @@ fn migrate_legacy_log(txn: &redb::WriteTransaction) -> Result<u64, JournalError>
     Ok(moved)
 }
 
-fn decode_u64(bytes: &[u8]) -> u64 {
+pub(crate) fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
@@ -324,8 +325,8 @@ impl Journal {
         device: DeviceId,
         options: JournalOptions,
     ) -> Result<Self, JournalError> {
-        let db = open_database(path, options.direct_writes)?;
-        let db = Arc::new(DbHandle::new(db));
+        let handle = Arc::new(DbHandle::open(path, options.direct_writes)?);
+        let db = handle.get()?;
         guarded(|| Self::init_tables(&db, library))?;
         let sealer = key.sealer(library);
 
@@ -334,29 +335,13 @@ impl Journal {
             Some(role) => role,
             None => initial_route(&db, stored_epoch, device)?,
         };
-        let (next_lsn, next_local) = guarded(|| {
-            let txn = db.begin_read().map_err(storage)?;
-            let log = txn.open_table(LOG).map_err(storage)?;
-            let local = txn.open_table(OFFLINE).map_err(storage)?;
-            Ok((log_table::last_lsn(&log)? + 1, next_key(&local)?))
-        })?;
-        // A log compacted to its very end continues after its base.
-        let next_lsn = next_lsn.max(
-            crate::compact::decode_base(read_meta(&db, crate::tables::META_LOG_BASE)?.as_deref())?
-                .0
-                 .0
-                + 1,
-        );
-        let mut hlc_high_water = read_meta(&db, META_HLC)?
-            .and_then(|b| Hlc::from_bytes(&b))
-            .unwrap_or(Hlc {
-                physical_ms: 0,
-                counter: 0,
-                device,
-            });
-        let own_changes = read_meta(&db, META_OWN_CHANGES)?
-            .map(|b| decode_u64(&b))
-            .unwrap_or(0);
+        let Counters {
+            next_lsn,
+            next_local,
+            mut hlc_high_water,
+            own_changes,
+        } = Counters::read(&db, device)?;
+        drop(db);
 
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_REQUESTS_MAX);
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -364,7 +349,7 @@ impl Journal {
         let mut journal = Self {
             sent: sent.clone(),
             leading: leading.clone(),
-            db: db.clone(),
+            db: handle.clone(),
             library,
             device,
             sealer: std::sync::RwLock::new(Arc::new(sealer)),
@@ -379,7 +364,7 @@ impl Journal {
             }
         }
         let state = WriterState {
-            db,
+            db: handle,
             role,
             next_lsn,
             next_local,
@@ -390,6 +375,7 @@ impl Journal {
             budget: options.committed_budget,
             sent: sent.clone(),
             leading,
+            stale: false,
         };
         state.publish_role();
         let handle = std::thread::Builder::new()
@@ -463,7 +449,7 @@ impl Journal {
     }
 
     fn last_change_hlc(&self) -> Result<Option<Hlc>, JournalError> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = self.db.get()?.begin_read().map_err(storage)?;
         let mut newest = None;
         let log = txn.open_table(LOG).map_err(storage)?;
         let local = txn.open_table(OFFLINE).map_err(storage)?;
@@ -593,12 +579,12 @@ impl Journal {
 
     /// See [`Election::epoch`].
     pub(crate) fn epoch(&self) -> Result<Option<Epoch>, JournalError> {
-        Ok(read_meta(&self.db, META_EPOCH)?.and_then(|b| decode_epoch(&b)))
+        Ok(read_meta(&*self.db.get()?, META_EPOCH)?.and_then(|b| decode_epoch(&b)))
     }
 
     /// The HLC high-water mark: seed the device's clock with it so it never goes back.
     pub fn hlc_high_water(&self) -> Result<Option<Hlc>, JournalError> {
-        let stored = read_meta(&self.db, META_HLC)?.and_then(|b| Hlc::from_bytes(&b));
+        let stored = read_meta(&*self.db.get()?, META_HLC)?.and_then(|b| Hlc::from_bytes(&b));
         Ok(stored.max(self.last_change_hlc()?))
     }
 
@@ -635,7 +621,7 @@ impl Journal {
     pub(crate) fn read_log(&self, from: Lsn, limit: usize) -> Result<Vec<ReadEntry>, JournalError> {
         self.check_not_compacted(from)?;
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(65_536));
             let sealer = self.sealer();
@@ -664,7 +650,7 @@ impl Journal {
     ) -> Result<Vec<(Lsn, Vec<u8>)>, JournalError> {
         self.check_not_compacted(from)?;
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out: Vec<(Lsn, Vec<u8>)> = Vec::with_capacity(limit.min(65_536));
             log_table::visit(&log, from.0, |lsn, record| {
@@ -702,7 +688,7 @@ impl Journal {
         limit: usize,
     ) -> Result<Vec<ReadEntry>, JournalError> {
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let local = txn.open_table(OFFLINE).map_err(storage)?;
             let mut out = Vec::new();
             let mut previous = None;
@@ -727,7 +713,7 @@ impl Journal {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let local = txn.open_table(OFFLINE).map_err(storage)?;
             let mut out = Vec::new();
             let mut previous = None;
@@ -753,12 +739,12 @@ impl Journal {
     /// Counters for `status`.
     pub fn stats(&self) -> Result<JournalStats, JournalError> {
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let local = txn.open_table(OFFLINE).map_err(storage)?;
             let (base, _) = self.log_base()?;
             let last_lsn = log_table::last_lsn(&log)?.max(base.0);
-            let own_changes = read_meta(&self.db, META_OWN_CHANGES)?
+            let own_changes = read_meta(&*self.db.get()?, META_OWN_CHANGES)?
                 .map(|b| decode_u64(&b))
                 .unwrap_or(0);
             Ok(JournalStats {
@@ -918,7 +904,7 @@ impl Journal {
             return Ok(None);
         }
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let Some(bytes) = log_table::get(&log, lsn.0)? else {
                 return Ok(None);
@@ -935,28 +921,26 @@ impl Journal {
     /// After a truncation, the position replay must start from (at most); cleared by
     /// [`Journal::clear_replay_floor`] once the projections have caught up.
     pub fn replay_floor(&self) -> Result<Option<Lsn>, JournalError> {
-        Ok(read_meta(&self.db, META_REPLAY_FROM)?.map(|b| Lsn(decode_u64(&b))))
+        Ok(read_meta(&*self.db.get()?, META_REPLAY_FROM)?.map(|b| Lsn(decode_u64(&b))))
     }
 
     /// Forgets the replay floor.
     pub fn clear_replay_floor(&self) -> Result<(), JournalError> {
-        guarded(|| self.clear_replay_floor_inner())
-    }
-
-    fn clear_replay_floor_inner(&self) -> Result<(), JournalError> {
-        let mut txn = WriteTxn::begin(&self.db)?;
-        txn.set_durability(Durability::Immediate).map_err(storage)?;
-        {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.remove(META_REPLAY_FROM).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
-        Ok(())
+        self.db.write(|db| {
+            let mut txn = WriteTxn::begin(db)?;
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.remove(META_REPLAY_FROM).map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+            Ok(())
+        })
     }
 
     /// See [`Election::store_epoch`].
     pub(crate) fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
-        guarded(|| write_epoch(&self.db, epoch))
+        self.db.write(|db| write_epoch(db, epoch))
     }
 
     /// Checks a sealed change received from a peer (it opens under this library's key and
@@ -967,8 +951,8 @@ impl Journal {
 
     /// See [`Election::store`].
     pub(crate) fn store_election(&self, epoch: Epoch, voted: Epoch) -> Result<(), JournalError> {
-        guarded(|| {
-            let mut txn = WriteTxn::begin(&self.db)?;
+        self.db.write(|db| {
+            let mut txn = WriteTxn::begin(db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             {
                 let mut meta = txn.open_table(META).map_err(storage)?;
@@ -984,7 +968,7 @@ impl Journal {
 
     /// See [`Election::voted`].
     pub(crate) fn voted(&self) -> Result<Option<Epoch>, JournalError> {
-        Ok(read_meta(&self.db, META_VOTED)?.and_then(|b| decode_epoch(&b)))
+        Ok(read_meta(&*self.db.get()?, META_VOTED)?.and_then(|b| decode_epoch(&b)))
     }
 
     /// See [`crate::ReplicatedLog::entries`].
@@ -995,7 +979,7 @@ impl Journal {
     ) -> Result<Vec<(Lsn, Epoch, Vec<u8>)>, JournalError> {
         self.check_not_compacted(from)?;
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(65_536));
             log_table::visit(&log, from.0, |lsn, record| {
@@ -1038,7 +1022,7 @@ impl Journal {
         mut visit: impl FnMut(Epoch, Option<ChangeId>),
     ) -> Result<(), JournalError> {
         guarded(|| {
-            let txn = self.db.begin_read().map_err(storage)?;
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
             let log = txn.open_table(LOG).map_err(storage)?;
             let mut expected = from.0;
             log_table::visit(&log, from.0, |lsn, record| {
@@ -1086,46 +1070,6 @@ impl Drop for Journal {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// Opens (or creates) the redb file, with direct writes when asked and possible. The storage
-/// engine may panic on a damaged file: that is a typed error here.
-fn open_database(path: &Path, direct_writes: bool) -> Result<Database, JournalError> {
-    let opened = std::panic::catch_unwind(|| {
-        let mut builder = Database::builder();
-        builder.set_cache_size(JOURNAL_CACHE_BYTES);
-        // As `create` opens it.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        #[cfg(feature = "faults")]
-        if let Some(faults) = crate::faults::planned_for(path) {
-            let inner = redb::backends::FileBackend::new(file)?;
-            return builder.create_with_backend(crate::filled_growth::FilledGrowth::over(
-                crate::faults::Faulty::new(inner, faults),
-            ));
-        }
-        #[cfg(unix)]
-        if direct_writes {
-            use crate::direct_writes::DirectWrites;
-            if let Some(direct) = DirectWrites::open_direct(path) {
-                return builder.create_with_backend(DirectWrites::new(file, direct)?);
-            }
-        }
-        builder.create_with_backend(crate::filled_growth::FilledGrowth::new(file)?)
-    });
-    let db = match opened {
-        Ok(result) => result.map_err(storage)?,
-        Err(_) => {
-            return Err(JournalError::Corrupt(
-                "the storage engine refused the file".into(),
-            ))
-        }
-    };
-    Ok(db)
 }
 
 /// Where commits go when the caller does not say: a device leads only an epoch it won (the

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, Lsn};
-use redb::{Durability, ReadableTable};
+use redb::{Durability, ReadableDatabase, ReadableTable};
 
-use crate::error::{guarded, storage, DbHandle, JournalError, WriteTxn};
+use crate::db::DbHandle;
+use crate::error::{guarded, storage, JournalError, WriteTxn};
 use crate::log_table::PageWriter;
 use crate::record::{LocalRecord, LogRecord, PushState, LOG_HEADER_LEN};
 use crate::tables::{LOG, META, META_EPOCH, META_HLC, META_OWN_CHANGES, OFFLINE};
@@ -163,6 +164,8 @@ pub(crate) struct WriterState {
     pub(crate) sent: Arc<std::sync::atomic::AtomicU64>,
     /// The role as the sealing threads see it.
     pub(crate) leading: LeadingHint,
+    /// A write failed and the database was not read since: the counters may not be its own.
+    pub(crate) stale: bool,
 }
 
 /// Durably records `epoch` as the current epoch.
@@ -199,7 +202,8 @@ impl WriterState {
                     }
                     Request::SetRole { role, reply } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.set_role(role)));
+                        let result = guarded(|| self.set_role(role));
+                        let _ = reply.send(self.reopened_after(result));
                     }
                     Request::AppendReplicated {
                         first,
@@ -215,7 +219,8 @@ impl WriterState {
                         reply,
                     } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.truncate_after(keep, &dropped)));
+                        let result = guarded(|| self.truncate_after(keep, &dropped));
+                        let _ = reply.send(self.reopened_after(result));
                     }
                     Request::StartAfter {
                         base,
@@ -224,7 +229,8 @@ impl WriterState {
                         reply,
                     } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.start_after(base, epoch, head)));
+                        let result = guarded(|| self.start_after(base, epoch, head));
+                        let _ = reply.send(self.reopened_after(result));
                     }
                     Request::Rebase {
                         base,
@@ -235,6 +241,7 @@ impl WriterState {
                     } => {
                         self.flush(&mut commits);
                         let rebased = guarded(|| self.rebase(base, epoch, head, led_by));
+                        let rebased = self.reopened_after(rebased);
                         let ok = rebased.is_ok();
                         let _ = reply.send(rebased);
                         if ok {
@@ -245,7 +252,8 @@ impl WriterState {
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);
-                        let _ = reply.send(guarded(|| self.raise_hlc(hlc)));
+                        let result = guarded(|| self.raise_hlc(hlc));
+                        let _ = reply.send(self.reopened_after(result));
                     }
                     Request::Barrier { reply } => {
                         self.flush(&mut commits);
@@ -292,7 +300,7 @@ impl WriterState {
 
     fn set_role(&mut self, role: CommitRoute) -> Result<(), JournalError> {
         if let CommitRoute::Log(epoch) = role {
-            write_epoch(&self.db, epoch)?;
+            write_epoch(&*self.db.get()?, epoch)?;
         }
         self.role = role;
         self.publish_role();
@@ -331,12 +339,7 @@ impl WriterState {
             Some((first, entries, reply)) => (Some((first, entries)), Some(reply)),
             None => (None, None),
         };
-        let saved = (
-            self.next_lsn,
-            self.next_local,
-            self.hlc_high_water,
-            self.own_changes,
-        );
+        let saved = self.counters();
         // A follower's segment alone goes to the applier while it commits (see
         // `CommittedBatch::early`); nothing of this device's own is in the transaction then.
         let early = append
@@ -347,60 +350,142 @@ impl WriterState {
                     && self.committed.is_some()
             })
             .map(|(first, _)| *first);
-        let written = guarded(|| {
-            let (txn, placements, appended) = self.write(&batch, append)?;
-            let appended = if early.is_some() {
-                self.send_batch(appended, appended_through, early);
-                Vec::new()
-            } else {
-                appended
-            };
-            txn.commit().map_err(storage)?;
-            Ok((placements, appended))
+        let mut prepared = None;
+        let written = self.refresh_if_stale().and_then(|()| {
+            guarded(|| {
+                let (txn, placements, appended) = self.write(&batch, append)?;
+                let appended = if early.is_some() {
+                    self.send_batch(appended, appended_through, early);
+                    Vec::new()
+                } else {
+                    appended
+                };
+                prepared = Some((placements, appended));
+                txn.commit().map_err(storage)
+            })
         });
-        match written {
-            Ok((placements, appended)) => {
-                let mut entries = Vec::new();
-                let mut offset = 0;
-                for (sealed, reply) in batch {
-                    let n = sealed.len();
-                    let mine = placements[offset..offset + n].to_vec();
-                    offset += n;
-                    let _ = reply.send(Ok(mine.clone()));
-                    if self.committed.is_some() {
-                        entries.extend(mine.into_iter().zip(sealed.into_iter().map(|s| s.change)));
-                    }
-                }
-                entries.extend(appended);
-                // Appended entries are handed to the applier before their writer hears back, so
-                // once `append_replicated` returns, `Journal::batches_sent` counts them (what
-                // `Library::flush` waits for: replicated entries have no commit position).
-                if early.is_none() && (!entries.is_empty() || appended_through.is_some()) {
-                    self.send_batch(entries, appended_through, None);
-                }
-                if let Some(reply) = append_reply {
-                    let _ = reply.send(Ok(()));
-                }
-            }
+        let mut stored = true;
+        let failed = match written {
+            Ok(()) => None,
             Err(err) => {
-                (
-                    self.next_lsn,
-                    self.next_local,
-                    self.hlc_high_water,
-                    self.own_changes,
-                ) = saved;
-                let reason = err.to_string();
-                // An early segment may be applied already: its positions are written again
-                // when the leader sends it again (applying is idempotent), or the next open
-                // finds the projections marked ahead.
-                tracing::error!(%reason, "journal commit failed; nothing in this batch was acknowledged");
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(JournalError::CommitFailed(reason.clone())));
+                // A commit whose sync failed may still be in the file (redb wrote it, the disk
+                // did not confirm it). It is not acknowledged, but the log holds it now: its
+                // entries go to the applier too, so the projections follow the log.
+                let landed = err.is_storage_failure() && self.landed_after_failure(saved);
+                if !err.is_storage_failure() {
+                    self.set_counters(saved);
                 }
-                if let Some(reply) = append_reply {
-                    let _ = reply.send(Err(err));
+                if !landed {
+                    prepared = None;
+                    stored = false;
                 }
+                Some(err)
             }
+        };
+        let (placements, appended) = prepared.unwrap_or_default();
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        let reason = failed.as_ref().map(ToString::to_string);
+        if let Some(reason) = &reason {
+            // An early segment may be applied already: its positions are written again when
+            // the leader sends it again (applying is idempotent), or the next open finds the
+            // projections marked ahead.
+            tracing::error!(%reason, "journal commit failed; nothing in this batch was acknowledged");
+        }
+        for (sealed, reply) in batch {
+            let n = sealed.len();
+            let mine = placements
+                .get(offset..offset + n)
+                .map(<[Placement]>::to_vec);
+            offset += n;
+            let _ = reply.send(match (&reason, &mine) {
+                (None, Some(mine)) => Ok(mine.clone()),
+                (Some(reason), _) => Err(JournalError::CommitFailed(reason.clone())),
+                (None, None) => Err(JournalError::CommitFailed("not written".into())),
+            });
+            if let (Some(mine), true) = (mine, self.committed.is_some()) {
+                entries.extend(mine.into_iter().zip(sealed.into_iter().map(|s| s.change)));
+            }
+        }
+        entries.extend(appended);
+        // Appended entries are handed to the applier before their writer hears back, so once
+        // `append_replicated` returns, `Journal::batches_sent` counts them (what
+        // `Library::flush` waits for: replicated entries have no commit position).
+        if stored && early.is_none() && (!entries.is_empty() || appended_through.is_some()) {
+            self.send_batch(entries, appended_through, None);
+        }
+        if let Some(reply) = append_reply {
+            let _ = reply.send(failed.map_or(Ok(()), Err));
+        }
+    }
+
+    /// The counters as this writer holds them.
+    fn counters(&self) -> Counters {
+        Counters {
+            next_lsn: self.next_lsn,
+            next_local: self.next_local,
+            hlc_high_water: self.hlc_high_water,
+            own_changes: self.own_changes,
+        }
+    }
+
+    fn set_counters(&mut self, counters: Counters) {
+        self.next_lsn = counters.next_lsn;
+        self.next_local = counters.next_local;
+        self.hlc_high_water = counters.hlc_high_water;
+        self.own_changes = counters.own_changes;
+    }
+
+    /// After a failed write whose counters were `before`: opens the database again (redb
+    /// refuses everything after an I/O error until then) and goes on from the counters it
+    /// holds. Returns whether the write landed: the database holds this writer's counters
+    /// after the write rather than `before`. If the database does not open, the counters are
+    /// read again before the next write ([`WriterState::refresh_if_stale`]).
+    fn landed_after_failure(&mut self, before: Counters) -> bool {
+        let after = self.counters();
+        self.set_counters(before);
+        self.stale = true;
+        if let Err(error) = self.db.reopen() {
+            tracing::error!(%error, "the journal could not be opened again after a failed write; commits are refused until it can");
+            return false;
+        }
+        if self.refresh_if_stale().is_err() {
+            return false;
+        }
+        let now = self.counters();
+        let position = |c: &Counters| (c.next_lsn, c.next_local, c.own_changes);
+        if position(&now) == position(&after) {
+            self.hlc_high_water = self.hlc_high_water.max(after.hlc_high_water);
+            return true;
+        }
+        if position(&now) != position(&before) {
+            tracing::error!(
+                "after a failed write the journal holds neither the state before it nor after"
+            );
+        }
+        false
+    }
+
+    /// Reads the counters from the database again if a failure left them in doubt.
+    fn refresh_if_stale(&mut self) -> Result<(), JournalError> {
+        if self.stale {
+            let db = self.db.get()?;
+            let counters = Counters::read(&db, self.device)?;
+            self.set_counters(counters);
+            self.stale = false;
+        }
+        Ok(())
+    }
+
+    /// `result` of a write made outside a group commit; after a failure, the database is
+    /// opened again and the counters reread before the next write.
+    fn reopened_after<T>(&mut self, result: Result<T, JournalError>) -> Result<T, JournalError> {
+        match &result {
+            Err(e) if e.is_storage_failure() => {
+                self.stale = true;
+                self.db.reopen_after(result)
+            }
+            _ => result,
         }
     }
 
@@ -410,7 +495,7 @@ impl WriterState {
         batch: &[(Vec<Sealed>, CommitReply)],
         append: Option<(Lsn, AppendEntries)>,
     ) -> Result<(WriteTxn, Vec<Placement>, Placed), JournalError> {
-        let mut txn = WriteTxn::begin(&self.db)?;
+        let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut placements = Vec::new();
         {
@@ -465,13 +550,54 @@ impl WriterState {
     }
 }
 
+/// Where the writer goes on from, as the database holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub(crate) next_lsn: u64,
+    pub(crate) next_local: u64,
+    pub(crate) hlc_high_water: Hlc,
+    pub(crate) own_changes: u64,
+}
+
+impl Counters {
+    /// Reads them from `db`, for `device`'s writer.
+    pub(crate) fn read(db: &redb::Database, device: DeviceId) -> Result<Self, JournalError> {
+        use crate::store::{decode_u64, read_meta};
+        let (next_lsn, next_local) = guarded(|| {
+            let txn = db.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            let local = txn.open_table(OFFLINE).map_err(storage)?;
+            Ok((crate::log_table::last_lsn(&log)? + 1, next_key(&local)?))
+        })?;
+        // A log compacted to its very end continues after its base.
+        let base = read_meta(db, crate::tables::META_LOG_BASE)?;
+        let next_lsn = next_lsn.max(crate::compact::decode_base(base.as_deref())?.0 .0 + 1);
+        let hlc_high_water = read_meta(db, META_HLC)?
+            .and_then(|b| Hlc::from_bytes(&b))
+            .unwrap_or(Hlc {
+                physical_ms: 0,
+                counter: 0,
+                device,
+            });
+        let own_changes = read_meta(db, META_OWN_CHANGES)?
+            .map(|b| decode_u64(&b))
+            .unwrap_or(0);
+        Ok(Self {
+            next_lsn,
+            next_local,
+            hlc_high_water,
+            own_changes,
+        })
+    }
+}
+
 impl WriterState {
     /// Raises the HLC high-water mark to `hlc` (no-op if it is not higher), durably.
     fn raise_hlc(&mut self, hlc: Hlc) -> Result<(), JournalError> {
         if hlc <= self.hlc_high_water {
             return Ok(());
         }
-        let mut txn = WriteTxn::begin(&self.db)?;
+        let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
