@@ -982,7 +982,11 @@ connected: boolean,
 /**
  * What it last acknowledged applying, per sync domain (reported to its leader).
  */
-applied: AppliedDomains | null, };
+applied: AppliedDomains | null, 
+/**
+ * How far it acknowledged storing this node's log (leading, this epoch).
+ */
+stored: number | null, };
 
 /**
  * Applied log positions per sync domain.
@@ -1042,6 +1046,12 @@ compactable: number,
  * stopped until it has backfilled from the leader's snapshot (a `Backfill` job).
  */
 behind_compaction: number, 
+/**
+ * The journal's storage failed and could not be opened again yet: replication is stopped
+ * (nothing is stored, so nothing is acknowledged) and commits are refused; the node tries
+ * again by itself and goes on once the disk works.
+ */
+storage_failed: boolean, 
 /**
  * Where this node listens.
  */

@@ -118,12 +118,23 @@ impl Faults {
 /// The plans registered by path (the file's folder made canonical, and its name).
 static PLANS: Mutex<Vec<(PathBuf, Arc<Faults>)>> = Mutex::new(Vec::new());
 
+/// `path` with its longest existing ancestor made canonical (a test registers a path before
+/// the library's folder exists).
 fn key(path: &Path) -> PathBuf {
-    let folder = path
-        .parent()
-        .and_then(|p| p.canonicalize().ok())
-        .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
-    folder.join(path.file_name().unwrap_or_default())
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 /// Makes every open of the journal file at `path` (from now on) go through `faults`.

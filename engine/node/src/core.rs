@@ -820,6 +820,12 @@ impl Core {
             status.behind_compaction = self.behind_compaction;
             status.offline = durable.offline.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
+            status.stored = self
+                .replica
+                .stored()
+                .iter()
+                .map(|(d, lsn)| (d.to_hex(), *lsn))
+                .collect();
             status.acknowledged = self
                 .replica
                 .acknowledged()

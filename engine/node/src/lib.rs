@@ -379,8 +379,14 @@ impl Node {
                     .iter()
                     .find(|(d, _)| *d == hex)
                     .map(|(_, p)| *p);
+                let stored = status
+                    .stored
+                    .iter()
+                    .find(|(d, _)| *d == hex)
+                    .map(|(_, lsn)| *lsn);
                 PeerStatus {
                     applied,
+                    stored,
                     connected: status.connected.contains(&hex),
                     device_id: hex,
                     addr: addr.map(|a| a.to_string()),

@@ -35,6 +35,8 @@ pub struct PeerStatus {
     pub connected: bool,
     /// What it last acknowledged applying, per sync domain (reported to its leader).
     pub applied: Option<AppliedDomains>,
+    /// How far it acknowledged storing this node's log (leading, this epoch).
+    pub stored: Option<u64>,
 }
 
 /// Applied log positions per sync domain.
@@ -84,6 +86,10 @@ pub struct NodeStatus {
     /// this position, which this device lacks (or holds with another history). Replication is
     /// stopped until it has backfilled from the leader's snapshot (a `Backfill` job).
     pub behind_compaction: u64,
+    /// The journal's storage failed and could not be opened again yet: replication is stopped
+    /// (nothing is stored, so nothing is acknowledged) and commits are refused; the node tries
+    /// again by itself and goes on once the disk works.
+    pub storage_failed: bool,
     /// Where this node listens.
     pub listen: String,
     /// Devices with a session up, hex (also shown per peer in `peers`).
@@ -92,4 +98,7 @@ pub struct NodeStatus {
     /// Applied positions followers acknowledged, by device hex (shown per peer in `peers`).
     #[serde(skip)]
     pub acknowledged: Vec<(String, AppliedDomains)>,
+    /// Log positions followers acknowledged storing, by device hex (shown per peer in `peers`).
+    #[serde(skip)]
+    pub stored: Vec<(String, u64)>,
 }

@@ -261,6 +261,11 @@ impl Replica {
         &self.acknowledged
     }
 
+    /// Leading: how far each follower said it stored this epoch's log (its match).
+    pub fn stored(&self) -> &BTreeMap<DeviceId, u64> {
+        self.machine.matched()
+    }
+
     /// Tells a follower that the time until `now_ms` went on its own work (writing or applying
     /// what its leader sent), not on a silent leader: its election timer starts again.
     pub fn busy_until(&mut self, now_ms: u64) {
