@@ -19,10 +19,16 @@ use crate::store::JOURNAL_CACHE_BYTES;
 /// How long a reopen waits for the readers still holding the old database.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
+/// What must be done to a database opened again before anyone reads it: take back a write
+/// whose sync failed (see [`DbHandle::reopen_undoing`]).
+pub(crate) type Undo = Box<dyn Fn(&Database) -> Result<(), JournalError> + Send + Sync>;
+
 /// The open database, shared by the journal's handles and its writer.
 pub(crate) struct DbHandle {
     /// `None` while closed after a failure that the reopen did not get past.
     slot: RwLock<Option<Arc<Database>>>,
+    /// Run on the database at its next open, before it is handed out.
+    undo: std::sync::Mutex<Option<Undo>>,
     path: PathBuf,
     direct_writes: bool,
 }
@@ -32,6 +38,7 @@ impl DbHandle {
     pub(crate) fn open(path: &Path, direct_writes: bool) -> Result<Self, JournalError> {
         Ok(Self {
             slot: RwLock::new(Some(Arc::new(open_database(path, direct_writes)?))),
+            undo: std::sync::Mutex::new(None),
             path: path.to_path_buf(),
             direct_writes,
         })
@@ -63,20 +70,35 @@ impl DbHandle {
             drop_guarded(sole(old)?);
         }
         let deadline = Instant::now() + REOPEN_WAIT;
-        loop {
+        let db = loop {
             // Transactions still alive keep the file locked for a moment.
             match open_database(&self.path, self.direct_writes) {
-                Ok(db) => {
-                    *slot = Some(Arc::new(db));
-                    tracing::info!(path = %self.path.display(), "journal opened again after a storage failure");
-                    return Ok(());
-                }
+                Ok(db) => break db,
                 Err(JournalError::AlreadyOpen) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => return Err(e),
             }
+        };
+        let mut undo = self.undo.lock().map_err(|_| poisoned())?;
+        if let Some(take_back) = undo.as_ref() {
+            if let Err(e) = guarded(|| take_back(&db)) {
+                drop_guarded(db);
+                return Err(e);
+            }
+            *undo = None;
         }
+        *slot = Some(Arc::new(db));
+        tracing::info!(path = %self.path.display(), "journal opened again after a storage failure");
+        Ok(())
+    }
+
+    /// [`DbHandle::reopen`] after a write whose outcome is in doubt: `undo` runs on the
+    /// database as soon as it opens again (now or at a later open), before anyone else reads
+    /// it, so nothing reads what the disk never confirmed.
+    pub(crate) fn reopen_undoing(&self, undo: Undo) -> Result<(), JournalError> {
+        *self.undo.lock().map_err(|_| poisoned())? = Some(undo);
+        self.reopen()
     }
 
     /// Runs `write` on the database (inside `guarded`); if the storage fails, opens the

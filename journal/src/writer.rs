@@ -350,7 +350,6 @@ impl WriterState {
                     && self.committed.is_some()
             })
             .map(|(first, _)| *first);
-        let mut prepared = None;
         let written = self.refresh_if_stale().and_then(|()| {
             guarded(|| {
                 let (txn, placements, appended) = self.write(&batch, append)?;
@@ -360,62 +359,52 @@ impl WriterState {
                 } else {
                     appended
                 };
-                prepared = Some((placements, appended));
-                txn.commit().map_err(storage)
+                txn.commit().map_err(storage)?;
+                Ok((placements, appended))
             })
         });
-        let mut stored = true;
-        let failed = match written {
-            Ok(()) => None,
+        match written {
+            Ok((placements, appended)) => {
+                let mut entries = Vec::new();
+                let mut offset = 0;
+                for (sealed, reply) in batch {
+                    let n = sealed.len();
+                    let mine = placements[offset..offset + n].to_vec();
+                    offset += n;
+                    let _ = reply.send(Ok(mine.clone()));
+                    if self.committed.is_some() {
+                        entries.extend(mine.into_iter().zip(sealed.into_iter().map(|s| s.change)));
+                    }
+                }
+                entries.extend(appended);
+                // Appended entries are handed to the applier before their writer hears back, so
+                // once `append_replicated` returns, `Journal::batches_sent` counts them (what
+                // `Library::flush` waits for: replicated entries have no commit position).
+                if early.is_none() && (!entries.is_empty() || appended_through.is_some()) {
+                    self.send_batch(entries, appended_through, None);
+                }
+                if let Some(reply) = append_reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
             Err(err) => {
-                // A commit whose sync failed may still be in the file (redb wrote it, the disk
-                // did not confirm it). It is not acknowledged, but the log holds it now: its
-                // entries go to the applier too, so the projections follow the log.
-                let landed = err.is_storage_failure() && self.landed_after_failure(saved);
-                if !err.is_storage_failure() {
+                if err.is_storage_failure() {
+                    self.recover_after_failure(saved);
+                } else {
                     self.set_counters(saved);
                 }
-                if !landed {
-                    prepared = None;
-                    stored = false;
+                let reason = err.to_string();
+                // An early segment may be applied already: its positions are written again
+                // when the leader sends it again (applying is idempotent), or the next open
+                // finds the projections marked ahead.
+                tracing::error!(%reason, "journal commit failed; nothing in this batch was acknowledged");
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(JournalError::CommitFailed(reason.clone())));
                 }
-                Some(err)
+                if let Some(reply) = append_reply {
+                    let _ = reply.send(Err(err));
+                }
             }
-        };
-        let (placements, appended) = prepared.unwrap_or_default();
-        let mut entries = Vec::new();
-        let mut offset = 0;
-        let reason = failed.as_ref().map(ToString::to_string);
-        if let Some(reason) = &reason {
-            // An early segment may be applied already: its positions are written again when
-            // the leader sends it again (applying is idempotent), or the next open finds the
-            // projections marked ahead.
-            tracing::error!(%reason, "journal commit failed; nothing in this batch was acknowledged");
-        }
-        for (sealed, reply) in batch {
-            let n = sealed.len();
-            let mine = placements
-                .get(offset..offset + n)
-                .map(<[Placement]>::to_vec);
-            offset += n;
-            let _ = reply.send(match (&reason, &mine) {
-                (None, Some(mine)) => Ok(mine.clone()),
-                (Some(reason), _) => Err(JournalError::CommitFailed(reason.clone())),
-                (None, None) => Err(JournalError::CommitFailed("not written".into())),
-            });
-            if let (Some(mine), true) = (mine, self.committed.is_some()) {
-                entries.extend(mine.into_iter().zip(sealed.into_iter().map(|s| s.change)));
-            }
-        }
-        entries.extend(appended);
-        // Appended entries are handed to the applier before their writer hears back, so once
-        // `append_replicated` returns, `Journal::batches_sent` counts them (what
-        // `Library::flush` waits for: replicated entries have no commit position).
-        if stored && early.is_none() && (!entries.is_empty() || appended_through.is_some()) {
-            self.send_batch(entries, appended_through, None);
-        }
-        if let Some(reply) = append_reply {
-            let _ = reply.send(failed.map_or(Ok(()), Err));
         }
     }
 
@@ -437,33 +426,20 @@ impl WriterState {
     }
 
     /// After a failed write whose counters were `before`: opens the database again (redb
-    /// refuses everything after an I/O error until then) and goes on from the counters it
-    /// holds. Returns whether the write landed: the database holds this writer's counters
-    /// after the write rather than `before`. If the database does not open, the counters are
-    /// read again before the next write ([`WriterState::refresh_if_stale`]).
-    fn landed_after_failure(&mut self, before: Counters) -> bool {
-        let after = self.counters();
+    /// refuses everything after an I/O error until then), first taking back whatever of the
+    /// write is in the file (its sync failed, so the disk never confirmed it: see
+    /// [`take_back`]). If the database does not open, the next open takes it back, and the
+    /// counters are read again before the next write ([`WriterState::refresh_if_stale`]).
+    fn recover_after_failure(&mut self, before: Counters) {
         self.set_counters(before);
         self.stale = true;
-        if let Err(error) = self.db.reopen() {
+        let device = self.device;
+        let undo = Box::new(move |db: &redb::Database| take_back(db, before, device));
+        if let Err(error) = self.db.reopen_undoing(undo) {
             tracing::error!(%error, "the journal could not be opened again after a failed write; commits are refused until it can");
-            return false;
+            return;
         }
-        if self.refresh_if_stale().is_err() {
-            return false;
-        }
-        let now = self.counters();
-        let position = |c: &Counters| (c.next_lsn, c.next_local, c.own_changes);
-        if position(&now) == position(&after) {
-            self.hlc_high_water = self.hlc_high_water.max(after.hlc_high_water);
-            return true;
-        }
-        if position(&now) != position(&before) {
-            tracing::error!(
-                "after a failed write the journal holds neither the state before it nor after"
-            );
-        }
-        false
+        let _ = self.refresh_if_stale();
     }
 
     /// Reads the counters from the database again if a failure left them in doubt.
@@ -548,6 +524,46 @@ impl WriterState {
         }
         Ok((txn, placements, appended))
     }
+}
+
+/// Takes back from `db` what a write after `before` left in it (the positions past
+/// `before`'s, in the log and the offline journal), in a durable transaction. A write whose
+/// sync failed may be in the file without being on the disk; nothing may read it as stored.
+fn take_back(db: &redb::Database, before: Counters, device: DeviceId) -> Result<(), JournalError> {
+    let now = Counters::read(db, device)?;
+    if (now.next_lsn, now.next_local) == (before.next_lsn, before.next_local) {
+        return Ok(());
+    }
+    let mut txn = WriteTxn::begin(db)?;
+    txn.set_durability(Durability::Immediate).map_err(storage)?;
+    {
+        let mut log = txn.open_table(LOG).map_err(storage)?;
+        crate::log_table::split_off(&mut log, before.next_lsn.saturating_sub(1))?;
+        let mut local = txn.open_table(OFFLINE).map_err(storage)?;
+        let taken: Vec<u64> = local
+            .range(before.next_local..)
+            .map_err(storage)?
+            .map(|item| item.map(|(k, _)| k.value()).map_err(storage))
+            .collect::<Result<_, _>>()?;
+        for key in taken {
+            local.remove(key).map_err(storage)?;
+        }
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        meta.insert(META_OWN_CHANGES, &before.own_changes.to_be_bytes()[..])
+            .map_err(storage)?;
+        // The saved index may describe positions taken back.
+        txn.open_table(crate::tables::LOG_INDEX)
+            .map_err(storage)?
+            .remove(0)
+            .map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    tracing::warn!(
+        log_from = before.next_lsn,
+        offline_from = before.next_local,
+        "took back a write whose sync failed"
+    );
+    Ok(())
 }
 
 /// Where the writer goes on from, as the database holds it.

@@ -36,6 +36,8 @@ pub(crate) const CORE_QUEUE_MAX: usize = 4096;
 pub(crate) const SESSION_QUEUE_MAX: usize = 256;
 /// How often, at most, the status is published while things change.
 const STATUS_MS: u64 = 10;
+/// How often a core whose journal could not be read after a failed write tries again.
+const STORAGE_RETRY_MS: u64 = 100;
 
 /// What the network side tells the core.
 pub(crate) enum CoreEvent {
@@ -103,6 +105,10 @@ pub(crate) struct Core {
     retain: u64,
     /// Where to ask for a backfill from a leader (the node's backfill task; full: one runs).
     backfill: tokio::sync::mpsc::Sender<DeviceId>,
+    /// When the journal last failed to load after a failed write (`None`: it loads). Until it
+    /// loads again the replica's state is not the journal's: it takes no input and sends
+    /// nothing, so it acknowledges nothing the disk does not hold.
+    storage_failed_at: Option<u64>,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -229,6 +235,7 @@ impl Core {
             scratch_checked: false,
             backfill,
             retain,
+            storage_failed_at: None,
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -327,7 +334,7 @@ impl Core {
     /// Fires what is due: the replica's timers, the pin refresh, the status.
     fn on_deadlines(&mut self) {
         let now = self.now();
-        if now >= self.replica.poll_timeout() {
+        if self.storage_failed_at.is_none() && now >= self.replica.poll_timeout() {
             self.replica.handle_timeout(now);
             self.after_input();
         }
@@ -362,6 +369,12 @@ impl Core {
 
     /// Appends this device's commits to the log while leading; answered at the next flush.
     fn on_sequence(&mut self, request: SequenceRequest) {
+        if self.storage_failed_at.is_some() {
+            let _ = request
+                .reply
+                .send(SequenceReply::Failed("the journal's storage failed".into()));
+            return;
+        }
         if self.replica.role() != ElectionRole::Leader {
             let _ = request.reply.send(SequenceReply::NotLeading);
             return;
@@ -380,6 +393,10 @@ impl Core {
 
     /// This device's commits that wait in the offline journal.
     fn on_commits(&mut self, ids: Vec<ChangeId>) {
+        if self.storage_failed_at.is_some() {
+            // In the offline journal: the replica finds them there when it loads again.
+            return;
+        }
         let now = self.now();
         for id in ids {
             self.replica.handle_commit(now, id, None);
@@ -414,6 +431,8 @@ impl Core {
                 }
             }
             CoreEvent::Received { from, .. } if self.shut_out.is_out(&from, now) => {}
+            // Not stored, so not acknowledged: the sender sends it again.
+            CoreEvent::Received { .. } if self.storage_failed_at.is_some() => {}
             CoreEvent::Received { from, message } => {
                 if let ReplicationMessage::LogSegment { entries, .. } = &message {
                     self.batch_entries += entries.len();
@@ -520,6 +539,9 @@ impl Core {
     /// writes succeeded.
     fn flush(&mut self) -> bool {
         self.batch_entries = 0;
+        if !self.storage_works() {
+            return false;
+        }
         let started = self.now();
         let written = self.write();
         if self.now() > started + SLOW_STEP_MS {
@@ -655,8 +677,30 @@ impl Core {
                     }
                 }
                 self.after_input();
+                if self.storage_failed_at.take().is_some() {
+                    tracing::info!("the journal loads again; replication goes on");
+                }
             }
-            Err(e) => tracing::error!(error = %e, "reloading replication state failed"),
+            Err(e) => {
+                if self.storage_failed_at.is_none() {
+                    tracing::error!(error = %e, "reloading replication state failed; replication stops until the journal loads again");
+                }
+                self.storage_failed_at = Some(self.now());
+                self.status_dirty = true;
+            }
+        }
+    }
+
+    /// Whether the journal works (the replica's state is the journal's). While it does not,
+    /// loads it again every [`STORAGE_RETRY_MS`].
+    fn storage_works(&mut self) -> bool {
+        match self.storage_failed_at {
+            None => true,
+            Some(at) if self.now() >= at + STORAGE_RETRY_MS => {
+                self.reload();
+                self.storage_failed_at.is_none()
+            }
+            Some(_) => false,
         }
     }
 
@@ -818,6 +862,7 @@ impl Core {
                 self.behind_compaction = 0;
             }
             status.behind_compaction = self.behind_compaction;
+            status.storage_failed = self.storage_failed_at.is_some();
             status.offline = durable.offline.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
             status.stored = self
