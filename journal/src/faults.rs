@@ -55,11 +55,40 @@ struct Plan {
     tripped: bool,
 }
 
+/// One call that changed the file, as recorded (see [`Faults::record`]).
+#[derive(Debug, Clone)]
+enum Op {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen(u64),
+    Sync,
+}
+
 /// The faults planned for one journal file; shared by the test and the backend.
 #[derive(Debug, Default)]
 pub struct Faults {
     plan: Mutex<Option<Plan>>,
     injected: AtomicU64,
+    /// Every write, resize and sync that went through, once [`Faults::record`] was called.
+    recorded: Mutex<Option<Vec<Op>>>,
+    syncs: AtomicU64,
+}
+
+/// What a power loss leaves of the writes made since the last sync (see
+/// [`Faults::crash_image`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerLoss {
+    /// Only what was synced.
+    SyncedOnly,
+    /// What was synced, and each later write or resize with even odds (`seed` picks which).
+    SomeUnsynced {
+        /// Picks the writes that made it.
+        seed: u64,
+    },
+    /// What was synced and every later write, the last one torn after this many bytes.
+    TornLast {
+        /// Bytes of the last write that made it.
+        bytes: usize,
+    },
 }
 
 impl Faults {
@@ -94,6 +123,73 @@ impl Faults {
         self.injected.load(Ordering::SeqCst)
     }
 
+    /// Starts recording every write, resize and sync of the file from its creation (call it
+    /// before the journal creates the file).
+    pub fn record(&self) {
+        if let Ok(mut recorded) = self.recorded.lock() {
+            *recorded = Some(Vec::new());
+        }
+    }
+
+    /// Syncs that completed so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
+    }
+
+    /// The file a power loss right after the `n`th sync (0: before the first) would leave,
+    /// with `loss` deciding what of the writes after it reached the disk; `None` past the last
+    /// sync recorded.
+    pub fn crash_image(&self, n: u64, loss: PowerLoss) -> Option<Vec<u8>> {
+        let recorded = self.recorded.lock().ok()?;
+        let ops = recorded.as_ref()?;
+        let mut image = Vec::new();
+        let mut synced = 0u64;
+        let mut at = 0usize;
+        while synced < n {
+            let op = ops.get(at)?;
+            at += 1;
+            match op {
+                Op::Sync => synced += 1,
+                other => apply(&mut image, other, usize::MAX),
+            }
+        }
+        let pending: Vec<&Op> = ops[at..]
+            .iter()
+            .take_while(|op| !matches!(op, Op::Sync))
+            .collect();
+        match loss {
+            PowerLoss::SyncedOnly => {}
+            PowerLoss::SomeUnsynced { seed } => {
+                let mut state = seed | 1;
+                for op in pending {
+                    // xorshift: the same seed picks the same writes.
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    if state & 1 == 1 {
+                        apply(&mut image, op, usize::MAX);
+                    }
+                }
+            }
+            PowerLoss::TornLast { bytes } => {
+                let last = pending.len().checked_sub(1);
+                for (i, op) in pending.into_iter().enumerate() {
+                    let limit = if Some(i) == last { bytes } else { usize::MAX };
+                    apply(&mut image, op, limit);
+                }
+            }
+        }
+        Some(image)
+    }
+
+    fn note(&self, op: Op) {
+        if let Ok(mut recorded) = self.recorded.lock() {
+            if let Some(ops) = recorded.as_mut() {
+                ops.push(op);
+            }
+        }
+    }
+
     /// Whether this call of `op` fails, and with what.
     fn check(&self, op: FaultOp) -> Result<(), io::Error> {
         let Ok(mut guard) = self.plan.lock() else {
@@ -112,6 +208,25 @@ impl Faults {
         plan.tripped = true;
         self.injected.fetch_add(1, Ordering::SeqCst);
         Err(plan.kind.error())
+    }
+}
+
+/// Applies `op` to `image`, writing at most `limit` bytes of a write.
+fn apply(image: &mut Vec<u8>, op: &Op, limit: usize) {
+    match op {
+        Op::Write { offset, data } => {
+            let Ok(start) = usize::try_from(*offset) else {
+                return;
+            };
+            let data = &data[..data.len().min(limit)];
+            let end = start + data.len();
+            if image.len() < end {
+                image.resize(end, 0);
+            }
+            image[start..end].copy_from_slice(data);
+        }
+        Op::SetLen(len) => image.resize(usize::try_from(*len).unwrap_or(usize::MAX), 0),
+        Op::Sync => {}
     }
 }
 
@@ -181,17 +296,27 @@ impl<B: StorageBackend> StorageBackend for Faulty<B> {
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
         self.faults.check(FaultOp::SetLen)?;
-        self.inner.set_len(len)
+        self.inner.set_len(len)?;
+        self.faults.note(Op::SetLen(len));
+        Ok(())
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
         self.faults.check(FaultOp::Sync)?;
-        self.inner.sync_data()
+        self.inner.sync_data()?;
+        self.faults.note(Op::Sync);
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
         self.faults.check(FaultOp::Write)?;
-        self.inner.write(offset, data)
+        self.inner.write(offset, data)?;
+        self.faults.note(Op::Write {
+            offset,
+            data: data.to_vec(),
+        });
+        Ok(())
     }
 
     fn close(&self) -> Result<(), io::Error> {
