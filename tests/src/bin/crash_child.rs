@@ -11,7 +11,8 @@
 //! commits tags and compacts the log after every few commits, printing `tag UUID` for each tag
 //! acknowledged (compacted changes leave the journal: the tags are what stays); with
 //! `serve ADDR`, it runs LIB as a node that dials ADDR, printing `progress DONE TOTAL` as a
-//! backfill goes and `done` once it runs past it.
+//! backfill goes and `done` once it runs past it; with `replicate ADDR`, it runs LIB as a node
+//! that dials ADDR and commits tags in a loop, printing `tag UUID` for each one acknowledged.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -75,6 +76,12 @@ fn main() -> anyhow::Result<()> {
             .next()
             .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB serve ADDR"))?;
         return serve(lib, addr.parse()?);
+    }
+    if mode.as_deref() == Some("replicate") {
+        let addr = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB replicate ADDR"))?;
+        return replicate(lib, addr.parse()?);
     }
     if mode.as_deref() == Some("reidentify") {
         let path = PathBuf::from(
@@ -242,6 +249,43 @@ fn reidentify(lib: &Library, path: &std::path::Path) -> anyhow::Result<()> {
 /// Runs `lib` as a node dialing `addr` until killed, printing the progress of its backfill
 /// (polled from its jobs and its scratch file's checkpoint rows) and `done` once its log
 /// starts after a base it did not have.
+/// Runs `lib` as a node that dials `addr` and commits tags (one, or a group of four) in a
+/// loop, printing `tag UUID` once each commit is acknowledged.
+fn replicate(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let node = keel_node::Node::start(
+        lib,
+        keel_node::NodeOptions {
+            peers: vec![addr],
+            ..keel_tests::cluster::options(Vec::new())
+        },
+    )?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    for i in 0u64.. {
+        let tags: Vec<Tag> = (0..if i % 3 == 0 { 4 } else { 1 })
+            .map(|k| Tag {
+                uuid: Uuid::now_v7(),
+                name: format!("soak-{i}-{k}"),
+                color: None,
+                created_ms: i as i64,
+            })
+            .collect();
+        node.library().transact(|tx| {
+            for t in &tags {
+                tx.upsert(t);
+            }
+            Ok(())
+        })?;
+        for t in &tags {
+            writeln!(out, "tag {}", t.uuid)?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
 fn serve(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let base = lib.status()?.journal.compacted_to;
     let node = keel_node::Node::start(
