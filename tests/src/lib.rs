@@ -56,6 +56,8 @@ pub fn tag(name: &str) -> keel_engine::Tag {
     }
 }
 
+pub mod proxy;
+
 /// Hostile peers for tests: messages written by hand and floods from unpaired devices.
 pub mod hostile {
     use std::net::SocketAddr;

@@ -1,0 +1,77 @@
+//! Two nodes over a hostile link (issue 29): a UDP proxy between them drops, duplicates,
+//! reorders, delays and corrupts QUIC datagrams and cuts the link now and then, while both
+//! commit. They converge to the same digest with every change on both.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keel_engine::{Library, Tag};
+use keel_tests::cluster;
+use keel_tests::proxy::{LinkFaults, Proxy};
+
+fn tag_count(lib: &Library) -> usize {
+    lib.read(|p| p.query().select::<Tag, _>("1 = 1", []))
+        .expect("reads")
+        .len()
+}
+
+fn commit_tags(lib: &Library, prefix: &str, n: usize) {
+    lib.transact(|tx| {
+        for i in 0..n {
+            tx.upsert(&keel_tests::tag(&format!("{prefix} {i}")));
+        }
+        Ok(())
+    })
+    .expect("commits");
+}
+
+#[test]
+fn nodes_converge_over_a_link_that_drops_duplicates_reorders_corrupts_and_cuts() {
+    let seed: u64 = std::env::var("KEEL_LINK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
+    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+    b.stop().expect("stops");
+    let faults = LinkFaults {
+        drop: 50,
+        duplicate: 30,
+        reorder: 50,
+        corrupt: 20,
+    };
+    let proxy = Proxy::start(a.local_addr(), faults, seed).expect("proxy");
+    let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
+    let b = keel_node::Node::start(lib, cluster::options(vec![proxy.addr])).expect("starts");
+    for round in 0..8 {
+        commit_tags(a.library(), &format!("a {round}"), 150);
+        commit_tags(b.library(), &format!("b {round}"), 150);
+        if round % 3 == 1 {
+            proxy.cut(true);
+            std::thread::sleep(Duration::from_millis(400));
+            proxy.cut(false);
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let digest = cluster::converge(&[&a, &b], Duration::from_secs(90)).unwrap_or_else(|e| {
+        panic!("no convergence over the bad link (seed {seed}): {e}");
+    });
+    assert_eq!(tag_count(a.library()), 2_400, "every tag on a");
+    assert_eq!(tag_count(b.library()), 2_400, "every tag on b");
+    assert_eq!(b.library().digest().expect("digest"), digest);
+    let stats = proxy.stats();
+    let figures = [
+        ("forwarded", stats.forwarded.load(Ordering::Relaxed)),
+        ("dropped", stats.dropped.load(Ordering::Relaxed)),
+        ("duplicated", stats.duplicated.load(Ordering::Relaxed)),
+        ("reordered", stats.reordered.load(Ordering::Relaxed)),
+        ("corrupted", stats.corrupted.load(Ordering::Relaxed)),
+        ("lost to cuts", stats.cut.load(Ordering::Relaxed)),
+    ];
+    eprintln!("bad link (seed {seed}): {figures:?}");
+    for (what, n) in figures {
+        assert!(n > 0, "nothing {what}: the link was not as bad as asked");
+    }
+}
