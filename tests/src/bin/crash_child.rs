@@ -2,7 +2,8 @@
 //! change id on its own line, until it is killed. With `index PATH` after the library, it
 //! indexes PATH instead, printing `progress DONE TOTAL` as files are processed; with
 //! `reidentify PATH`, it re-identifies PATH, pausing it at its first saved checkpoint and then
-//! printing its progress the same way; with `rebuild` or `verify`, it rebuilds or verifies the projections, printing `progress DONE TOTAL`; with
+//! printing its progress the same way; with `rebuild` or `verify`, it rebuilds or verifies the
+//! projections, printing `progress DONE TOTAL` (and, after a rebuild, `peak_rss_kb N`); with
 //! `join ADDR CODE`, it joins library LIB from the node at ADDR with invitation CODE, printing
 //! `progress STORED TOTAL` as the inviter's log is stored; with `merge SRC`, it merges library
 //! SRC of the same home into LIB, printing `progress DONE TOTAL` as records are carried; with
@@ -43,6 +44,9 @@ fn main() -> anyhow::Result<()> {
         println!("ready");
         lib.rebuild(&mut |done, total| println!("progress {done} {total}"))?;
         println!("done");
+        if let Some(kb) = peak_rss_kb() {
+            println!("peak_rss_kb {kb}");
+        }
         return Ok(());
     }
     if mode.as_deref() == Some("verify") {
@@ -249,6 +253,19 @@ fn reidentify(lib: &Library, path: &std::path::Path) -> anyhow::Result<()> {
 /// Runs `lib` as a node dialing `addr` until killed, printing the progress of its backfill
 /// (polled from its jobs and its scratch file's checkpoint rows) and `done` once its log
 /// starts after a base it did not have.
+/// This process's peak resident memory (Linux: `VmHWM`), in KiB.
+fn peak_rss_kb() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Runs `lib` as a node that dials `addr` and commits tags (one, or a group of four) in a
 /// loop, printing `tag UUID` once each commit is acknowledged.
 fn replicate(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
