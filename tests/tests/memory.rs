@@ -45,7 +45,7 @@ fn a_replay_of_100k_changes_stays_under_its_memory_bound() {
         .filter_map(|l| l.strip_prefix("progress "))
         .filter_map(|l| l.split_once(' '))
         .filter_map(|(d, t)| Some((d.parse::<usize>().ok()?, t.parse::<usize>().ok()?)))
-        .last()
+        .next_back()
         .expect("progress was reported");
     assert!(
         done == total && total >= REPLAY_CHANGES,
