@@ -504,4 +504,37 @@ mod tests {
         txn.commit().expect("commits");
         assert_eq!(read(&journal), None);
     }
+
+    /// A header whose checksum is sound (it is not keyed: anyone with the file can write one)
+    /// claiming 2^40 entries: the saved index is refused when its chunks are missing, without
+    /// reserving room for the entries it claims first (about 26 TB: the allocation would abort
+    /// the process).
+    #[test]
+    fn a_header_claiming_a_huge_index_is_refused_without_reserving_for_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = journal(dir.path());
+        let claimed: u64 = 1 << 40;
+        let mut header = vec![INDEX_VERSION];
+        header.extend_from_slice(&7u64.to_be_bytes());
+        header.extend_from_slice(&claimed.to_be_bytes());
+        header.extend_from_slice(&1u64.to_be_bytes());
+        header.extend_from_slice(&0u64.to_be_bytes());
+        header.extend_from_slice(&epoch(1).counter.to_be_bytes());
+        header.extend_from_slice(&epoch(1).device.0);
+        let sum = blake3::hash(&header);
+        header.extend_from_slice(sum.as_bytes());
+        assert!(LogIndex::decode_header(&header).is_some(), "a sound header");
+        let txn = journal
+            .db
+            .get()
+            .expect("open")
+            .begin_write()
+            .expect("writes");
+        txn.open_table(LOG_INDEX)
+            .expect("table")
+            .insert(0, header.as_slice())
+            .expect("inserts");
+        txn.commit().expect("commits");
+        assert_eq!(read(&journal), None);
+    }
 }
