@@ -246,7 +246,8 @@ fn read_saved(txn: &redb::ReadTransaction) -> Result<Option<LogIndex>, JournalEr
     let mut index = LogIndex {
         base: Default::default(),
         runs,
-        ids: Vec::with_capacity(len),
+        // The count is the file's word: room grows with the chunks actually read.
+        ids: Vec::with_capacity(len.min(CHUNK_ENTRIES)),
     };
     for number in 1..=LogIndex::chunks(len) {
         let expected = (len - index.ids.len()).min(CHUNK_ENTRIES);
