@@ -235,35 +235,49 @@ fn read_saved(txn: &redb::ReadTransaction) -> Result<Option<LogIndex>, JournalEr
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(storage(e)),
     };
-    let Some(header) = saved.get(0).map_err(storage)? else {
+    let Some(header) = saved.get(0).map_err(storage)?.map(|h| h.value().to_vec()) else {
         return Ok(None);
     };
-    let Some((save, len, runs)) = LogIndex::decode_header(header.value()) else {
-        tracing::warn!("the saved log index is damaged; reading the whole log");
-        return Ok(None);
-    };
-    drop(header);
-    let mut index = LogIndex {
-        base: Default::default(),
-        runs,
-        // The count is the file's word: room grows with the chunks actually read.
-        ids: Vec::with_capacity(len.min(CHUNK_ENTRIES)),
-    };
-    for number in 1..=LogIndex::chunks(len) {
-        let expected = (len - index.ids.len()).min(CHUNK_ENTRIES);
-        let sound = saved
+    let index = LogIndex::decode_saved(&header, |number| -> Result<_, JournalError> {
+        Ok(saved
             .get(number)
             .map_err(storage)?
-            .and_then(|chunk| index.decode_chunk_into(save, number, expected, chunk.value()));
-        if sound.is_none() {
-            tracing::warn!(
-                number,
-                "the saved log index is damaged; reading the whole log"
-            );
-            return Ok(None);
-        }
+            .map(|chunk| chunk.value().to_vec()))
+    })?;
+    if index.is_none() {
+        tracing::warn!("the saved log index is damaged; reading the whole log");
     }
-    Ok(Some(index))
+    Ok(index)
+}
+
+impl LogIndex {
+    /// Decodes a saved index from its header and its chunks (`chunk(n)` gives chunk `n`, from
+    /// 1, if there is one): `Ok(None)` if the header or any chunk is damaged, missing or of
+    /// another save. Bounded by what `chunk` gives, whatever the header claims. Public for
+    /// fuzzing.
+    pub fn decode_saved<E>(
+        header: &[u8],
+        mut chunk: impl FnMut(u64) -> Result<Option<Vec<u8>>, E>,
+    ) -> Result<Option<LogIndex>, E> {
+        let Some((save, len, runs)) = LogIndex::decode_header(header) else {
+            return Ok(None);
+        };
+        let mut index = LogIndex {
+            base: Default::default(),
+            runs,
+            // The count is the file's word: room grows with the chunks actually read.
+            ids: Vec::with_capacity(len.min(CHUNK_ENTRIES)),
+        };
+        for number in 1..=LogIndex::chunks(len) {
+            let expected = (len - index.ids.len()).min(CHUNK_ENTRIES);
+            let sound = chunk(number)?
+                .and_then(|bytes| index.decode_chunk_into(save, number, expected, &bytes));
+            if sound.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(index))
+    }
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
