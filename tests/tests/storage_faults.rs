@@ -106,3 +106,70 @@ fn a_follower_whose_disk_fails_acknowledges_nothing_and_catches_up_when_it_recov
     tags(b.library(), std::iter::once("made on b after".to_string()));
     cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges again");
 }
+
+/// A record of a follower's log damaged at rest (a byte flipped in its page, as a bad sector
+/// or someone with the file would): the follower's node starts, drops its log from the damaged
+/// record on (its readable changes of its own go back to pending), fetches it again from its
+/// leader, and ends with a sound log and the leader's digest.
+#[test]
+fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
+    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+    for round in 0..3 {
+        tags(a.library(), (0..10).map(|i| format!("a {round} {i}")));
+    }
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let end = last_lsn(b.library());
+    b.stop().expect("stops");
+    let damaged = end - 12;
+    flip_a_byte_of_log_record(&hb.library_dir("lib").join("journal.redb"), damaged);
+    {
+        let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
+        let (report, _) = lib.verify().expect("verifies");
+        assert_eq!(report.faults.len(), 1, "the damage is seen: {:?}", report.faults);
+        lib.close().expect("closes");
+    }
+    let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
+    let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
+        .expect("a node with a damaged log record starts");
+    let digest = cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while last_lsn(b.library()) < end {
+        assert!(Instant::now() < deadline, "b never stored its log again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (report, replayed) = b.library().verify().expect("verifies");
+    assert!(report.faults.is_empty(), "still damaged: {:?}", report.faults);
+    assert_eq!(replayed.expect("projections equal a replay"), digest);
+}
+
+/// Flips the last byte of the log record at `lsn` in the journal file at `path` (its page is
+/// rewritten in place through redb, as bytes damaged at rest would read).
+fn flip_a_byte_of_log_record(path: &std::path::Path, lsn: u64) {
+    use redb::ReadableTable;
+    let db = redb::Database::open(path).expect("redb opens");
+    let pages: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
+    let txn = db.begin_write().expect("write");
+    {
+        let mut table = txn.open_table(pages).expect("log table");
+        let (first, mut bytes): (u64, Vec<u8>) = {
+            let (k, v) = table
+                .range(..=lsn)
+                .expect("range")
+                .next_back()
+                .expect("a page holds it")
+                .expect("reads");
+            (k.value(), v.value().to_vec())
+        };
+        let page = keel_journal::LogPage::parse(&bytes).expect("a sound page");
+        let record = page
+            .records()
+            .nth((lsn - first) as usize)
+            .expect("the page holds the position");
+        let end = record.as_ptr() as usize - bytes.as_ptr() as usize + record.len();
+        bytes[end - 1] ^= 0x40;
+        table.insert(first, bytes.as_slice()).expect("insert");
+    }
+    txn.commit().expect("commit");
+}
