@@ -785,6 +785,32 @@ impl Journal {
         Ok(report)
     }
 
+    /// The first log record that is damaged (its page unreadable, or it fails its checksum,
+    /// its seal or its encoding), reading the whole log; `None` if every one is sound. A record
+    /// sealed under a key this device does not hold yet is not damaged.
+    pub fn first_damaged_log_record(&self) -> Result<Option<Lsn>, JournalError> {
+        let mut from = Lsn(self.log_base()?.0 .0 + 1);
+        loop {
+            let chunk = match self.read_log_raw(from, 8192) {
+                Ok(chunk) => chunk,
+                Err(JournalError::BadRecord {
+                    place: RecordPlace::Log(lsn),
+                    ..
+                }) => return Ok(Some(lsn)),
+                Err(e) => return Err(e),
+            };
+            let Some((last, _)) = chunk.last() else {
+                return Ok(None);
+            };
+            from = Lsn(last.0 + 1);
+            for ((lsn, _), opened) in chunk.iter().zip(self.open_log_records(&chunk)) {
+                if let Err(JournalError::BadRecord { .. }) = opened {
+                    return Ok(Some(*lsn));
+                }
+            }
+        }
+    }
+
     fn open_incoming(&self, place: RecordPlace, sealed: &[u8]) -> Result<Change, JournalError> {
         let bad = |reason: String| JournalError::BadRecord { place, reason };
         let sealer = self.sealer();

@@ -108,9 +108,10 @@ fn a_follower_whose_disk_fails_acknowledges_nothing_and_catches_up_when_it_recov
 }
 
 /// A record of a follower's log damaged at rest (a byte flipped in its page, as a bad sector
-/// or someone with the file would): the follower's node starts, drops its log from the damaged
-/// record on (its readable changes of its own go back to pending), fetches it again from its
-/// leader, and ends with a sound log and the leader's digest.
+/// or someone with the file would): the follower's node starts; `repair_log` (what `keel
+/// verify` on a node runs when it finds log faults) finds it, drops the log from it on (its
+/// readable changes of its own go back to pending), fetches it again from its leader, and
+/// ends with a sound log and the leader's digest.
 #[test]
 fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -127,12 +128,18 @@ fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
     {
         let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
         let (report, _) = lib.verify().expect("verifies");
-        assert_eq!(report.faults.len(), 1, "the damage is seen: {:?}", report.faults);
+        assert_eq!(
+            report.faults.len(),
+            1,
+            "the damage is seen: {:?}",
+            report.faults
+        );
         lib.close().expect("closes");
     }
     let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
     let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
         .expect("a node with a damaged log record starts");
+    assert_eq!(b.repair_log().expect("repairs"), Some(damaged));
     let digest = cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
     let deadline = Instant::now() + Duration::from_secs(30);
     while last_lsn(b.library()) < end {
@@ -140,7 +147,11 @@ fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (report, replayed) = b.library().verify().expect("verifies");
-    assert!(report.faults.is_empty(), "still damaged: {:?}", report.faults);
+    assert!(
+        report.faults.is_empty(),
+        "still damaged: {:?}",
+        report.faults
+    );
     assert_eq!(replayed.expect("projections equal a replay"), digest);
 }
 

@@ -227,8 +227,10 @@ pub(crate) enum Command {
         #[arg(long, value_name = "PEER")]
         against: Option<String>,
         /// With `--against`: replace this device's rows of every differing range by the
-        /// peer's (both must have applied the same log position).
-        #[arg(long, requires = "against")]
+        /// peer's (both must have applied the same log position). Without it, on a running
+        /// node that follows: drop the log from its first damaged record on and fetch it again
+        /// from the leader.
+        #[arg(long)]
         repair: bool,
         /// Print JSON.
         #[arg(long)]
@@ -1046,7 +1048,10 @@ pub(crate) fn exec(
                 bail!("the library failed its checks");
             }
         }
-        Command::Verify { .. } => {
+        Command::Verify { repair, .. } => {
+            if repair && node.is_none() {
+                bail!("`verify --repair` needs a running node (it fetches from the leader, or with `--against` from that peer): start `keel serve` first");
+            }
             let bar = bar(0, "verifying", io.terminal());
             let (report, digest) = lib.verify_with(&mut |done, total| {
                 bar.set_length(total);
@@ -1056,6 +1061,14 @@ pub(crate) fn exec(
             bar.finish_and_clear();
             for (place, reason) in &report.faults {
                 io.line(&format!("bad record at {place}: {reason}"));
+            }
+            if let (true, false, Some(node)) = (repair, report.faults.is_empty(), node) {
+                if let Some(from) = node.repair_log()? {
+                    io.line(&format!(
+                        "the log from position {from} on is dropped and fetched again from the leader"
+                    ));
+                    return Ok(0);
+                }
             }
             io.line(&format!(
                 "{} log records, {} local records, {} faults",

@@ -1132,7 +1132,7 @@ fn pair_join_merges_a_library_of_this_device_into_the_joined_one() {
 }
 
 /// Issue 28: `keel verify LIB --against PEER` compares two running devices range by range
-/// through the control socket; `--repair` needs `--against`, and `--against` a running node.
+/// through the control socket; `--repair` and `--against` need a running node.
 #[test]
 fn verify_against_a_peer_reports_the_ranges_compared() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1142,7 +1142,7 @@ fn verify_against_a_peer_reports_the_ranges_compared() {
     fails_with_one_error_line(&alone);
     let repair_alone = keel(&home_a, &["verify", "lib", "--repair"]);
     assert!(!repair_alone.status.success());
-    assert!(String::from_utf8_lossy(&repair_alone.stderr).contains("--against"));
+    assert!(String::from_utf8_lossy(&repair_alone.stderr).contains("running node"));
     let addr_a = free_port();
     let _a = serve(&home_a, &addr_a, &[]);
     let _b = join_and_serve(&home_a, &addr_a, &home_b);

@@ -61,6 +61,10 @@ pub(crate) enum CoreEvent {
         plan: Box<keel_engine::BackfillPlan>,
         reply: crossbeam_channel::Sender<Result<u64, NodeError>>,
     },
+    /// Check the log and fetch again what is damaged (see [`crate::Node::repair_log`]).
+    RepairLog {
+        reply: crossbeam_channel::Sender<Result<Option<u64>, NodeError>>,
+    },
     /// Stop the core.
     Stop,
 }
@@ -448,6 +452,9 @@ impl Core {
             CoreEvent::Rebase { plan, reply } => {
                 let _ = reply.send(self.rebase(&plan));
             }
+            CoreEvent::RepairLog { reply } => {
+                let _ = reply.send(self.repair_log());
+            }
             CoreEvent::Stop => {}
         }
         self.after_input();
@@ -658,6 +665,32 @@ impl Core {
         // Now, not at the next tick: the backfill task looks at it before another backfill.
         self.publish_status();
         Ok(returned.len() as u64)
+    }
+
+    /// Drops the log from its first damaged record on, so the leader sends it again; this
+    /// device's readable changes after it go back to pending. A leader refuses: its followers
+    /// hold those positions, and it would write others there.
+    fn repair_log(&mut self) -> Result<Option<u64>, NodeError> {
+        self.flush();
+        let journal = self.link.journal()?;
+        let Some(damaged) = journal.first_damaged_log_record()? else {
+            return Ok(None);
+        };
+        if self.replica.role() == ElectionRole::Leader {
+            return Err(NodeError::Failed(format!(
+                "log record {} is damaged and this device leads: another device must lead before it can fetch it again",
+                damaged.0
+            )));
+        }
+        let keep = Lsn(damaged.0.saturating_sub(1));
+        let returned = journal.log().truncate_after(keep, &[])?;
+        tracing::warn!(
+            damaged = damaged.0,
+            returned = returned.len(),
+            "a damaged log record: the log from it on is dropped and fetched again from the leader"
+        );
+        self.reload();
+        Ok(Some(damaged.0))
     }
 
     /// Starts the replica again from the journal after a failed write.

@@ -550,6 +550,21 @@ impl Node {
         self.net.wire_bytes()
     }
 
+    /// Checks every record of this device's log (checksums and seals: it reads the whole
+    /// log) and, if one is damaged, drops the log from it on and fetches it again from the
+    /// leader; this device's own readable changes after it go back to pending and are pushed
+    /// again. Returns the first damaged position, if any. A leading device refuses: its
+    /// followers hold those positions, so another device must lead first.
+    pub fn repair_log(&self) -> Result<Option<u64>, NodeError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.core_tx
+            .send(CoreEvent::RepairLog { reply })
+            .map_err(|_| NodeError::Failed("the node is stopping".into()))?;
+        answer
+            .recv()
+            .map_err(|_| NodeError::Failed("the node is stopping".into()))?
+    }
+
     /// Compacts the log now (see [`Library::compact`]) up to what every device of the
     /// library has acknowledged storing and this device has applied, as a job. A device that
     /// leads knows what its followers acknowledged this epoch; one that follows compacts to its
