@@ -48,8 +48,8 @@ pub use seal::{
     SEAL_HEADER_LEN, SEAL_TAG_LEN,
 };
 pub use store::{
-    CheckedEntries, Journal, JournalOptions, JournalStats, PendingCommit, ReadEntry, VerifyReport,
-    CLOCK_AHEAD_MAX_MS, JOURNAL_CACHE_BYTES,
+    CheckedEntries, Journal, JournalOptions, JournalStats, LogCheck, PendingCommit, ReadEntry,
+    VerifyReport, CLOCK_AHEAD_MAX_MS, JOURNAL_CACHE_BYTES,
 };
 pub use tables::JOURNAL_FORMAT;
 pub use writer::{CommitRoute, CommittedBatch, Placement, BATCH_CHANGES_MAX, QUEUE_REQUESTS_MAX};

@@ -67,6 +67,15 @@ pub struct JournalStats {
     pub base: Lsn,
 }
 
+/// What [`Journal::check_log`] found in one stretch of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogCheck {
+    /// The first damaged record, if any.
+    pub damaged: Option<Lsn>,
+    /// Where the next stretch starts (`None`: the log ends here, or a record is damaged).
+    pub next: Option<Lsn>,
+}
+
 /// Log entries checked by [`crate::ReplicatedLog::check`], ready for [`crate::ReplicatedLog::append_checked`].
 #[derive(Debug)]
 pub struct CheckedEntries {
@@ -791,24 +800,47 @@ impl Journal {
     pub fn first_damaged_log_record(&self) -> Result<Option<Lsn>, JournalError> {
         let mut from = Lsn(self.log_base()?.0 .0 + 1);
         loop {
-            let chunk = match self.read_log_raw(from, 8192) {
-                Ok(chunk) => chunk,
-                Err(JournalError::BadRecord {
-                    place: RecordPlace::Log(lsn),
-                    ..
-                }) => return Ok(Some(lsn)),
-                Err(e) => return Err(e),
-            };
-            let Some((last, _)) = chunk.last() else {
-                return Ok(None);
-            };
-            from = Lsn(last.0 + 1);
-            for ((lsn, _), opened) in chunk.iter().zip(self.open_log_records(&chunk)) {
-                if let Err(JournalError::BadRecord { .. }) = opened {
-                    return Ok(Some(*lsn));
-                }
+            match self.check_log(from, 8192)? {
+                LogCheck {
+                    damaged: Some(lsn), ..
+                } => return Ok(Some(lsn)),
+                LogCheck {
+                    next: Some(next), ..
+                } => from = next,
+                LogCheck { .. } => return Ok(None),
             }
         }
+    }
+
+    /// Checks up to `limit` log records from `from` (a position compacted away starts at the
+    /// base): the first damaged one, or where to go on (`None` at the log's end).
+    pub fn check_log(&self, from: Lsn, limit: usize) -> Result<LogCheck, JournalError> {
+        let from = from.max(Lsn(self.log_base()?.0 .0 + 1));
+        let chunk = match self.read_log_raw(from, limit) {
+            Ok(chunk) => chunk,
+            Err(JournalError::BadRecord {
+                place: RecordPlace::Log(lsn),
+                ..
+            }) => {
+                return Ok(LogCheck {
+                    damaged: Some(lsn),
+                    next: None,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        for ((lsn, _), opened) in chunk.iter().zip(self.open_log_records(&chunk)) {
+            if let Err(JournalError::BadRecord { .. }) = opened {
+                return Ok(LogCheck {
+                    damaged: Some(*lsn),
+                    next: None,
+                });
+            }
+        }
+        Ok(LogCheck {
+            damaged: None,
+            next: chunk.last().map(|(last, _)| Lsn(last.0 + 1)),
+        })
     }
 
     fn open_incoming(&self, place: RecordPlace, sealed: &[u8]) -> Result<Change, JournalError> {

@@ -146,6 +146,8 @@ pub mod cluster {
             // A leader's unpacked snapshot goes soon after a backfill (tests that look at the
             // keeping set their own).
             snapshot_keep: std::time::Duration::from_millis(100),
+            // Nor read their logs for damage unless a test says so.
+            scrub_every: None,
             ..NodeOptions::default()
         }
     }

@@ -107,16 +107,12 @@ fn a_follower_whose_disk_fails_acknowledges_nothing_and_catches_up_when_it_recov
     cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges again");
 }
 
-/// A record of a follower's log damaged at rest (a byte flipped in its page, as a bad sector
-/// or someone with the file would): the follower's node starts; `repair_log` (what `keel
-/// verify` on a node runs when it finds log faults) finds it, drops the log from it on (its
-/// readable changes of its own go back to pending), fetches it again from its leader, and
-/// ends with a sound log and the leader's digest.
-#[test]
-fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
-    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+/// A founder `a` and a follower `b` that stored 36 log entries, then stopped with a byte of
+/// its record at position 24 flipped (as a bad sector or someone with the file would), which
+/// `verify` reports: `a`, `b`'s home, the log's end and the damaged position.
+fn a_follower_damaged_at_rest(dir: &std::path::Path) -> (keel_node::Node, Home, u64, u64) {
+    let (_, a) = cluster::founder(dir, "a", "lib").expect("founds");
+    let (hb, b) = cluster::joiner(dir, "b", &a).expect("joins");
     for round in 0..3 {
         tags(a.library(), (0..10).map(|i| format!("a {round} {i}")));
     }
@@ -125,26 +121,31 @@ fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
     b.stop().expect("stops");
     let damaged = end - 12;
     flip_a_byte_of_log_record(&hb.library_dir("lib").join("journal.redb"), damaged);
-    {
-        let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
-        let (report, _) = lib.verify().expect("verifies");
-        assert_eq!(
-            report.faults.len(),
-            1,
-            "the damage is seen: {:?}",
-            report.faults
-        );
-        lib.close().expect("closes");
-    }
     let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
-    let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
-        .expect("a node with a damaged log record starts");
-    assert_eq!(b.repair_log().expect("repairs"), Some(damaged));
-    let digest = cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let (report, _) = lib.verify().expect("verifies");
+    assert_eq!(
+        report.faults.len(),
+        1,
+        "the damage is seen: {:?}",
+        report.faults
+    );
+    lib.close().expect("closes");
+    (a, hb, end, damaged)
+}
+
+/// Waits until `b` stored the log to `end` again, then checks its log is sound and its
+/// projections equal a replay at `a`'s digest.
+fn fetched_again(a: &keel_node::Node, b: &keel_node::Node, end: u64) {
+    let digest = cluster::converge(&[a, b], Duration::from_secs(30)).expect("converges");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while last_lsn(b.library()) < end {
-        assert!(Instant::now() < deadline, "b never stored its log again");
-        std::thread::sleep(Duration::from_millis(20));
+    while last_lsn(b.library()) < end
+        || !b.library().verify().expect("verifies").0.faults.is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "b never stored a sound log again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     let (report, replayed) = b.library().verify().expect("verifies");
     assert!(
@@ -153,6 +154,39 @@ fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
         report.faults
     );
     assert_eq!(replayed.expect("projections equal a replay"), digest);
+}
+
+/// A follower's log record damaged at rest: `repair_log` (what `keel verify --repair` on a
+/// node runs) finds it, drops the log from it on (its readable changes of its own go back to
+/// pending) and the leader sends it again: a sound log at the leader's digest.
+#[test]
+fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, hb, end, damaged) = a_follower_damaged_at_rest(dir.path());
+    let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
+    let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
+        .expect("a node with a damaged log record starts");
+    assert_eq!(b.repair_log().expect("repairs"), Some(damaged));
+    fetched_again(&a, &b, end);
+    assert_eq!(
+        b.repair_log().expect("checks"),
+        None,
+        "nothing left to repair"
+    );
+}
+
+/// The same damage found by the node's own scrub, without anyone asking.
+#[test]
+fn a_follower_s_scrub_finds_a_damaged_log_record_and_fetches_it_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, hb, end, _) = a_follower_damaged_at_rest(dir.path());
+    let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
+    let options = keel_node::NodeOptions {
+        scrub_every: Some(Duration::from_millis(200)),
+        ..cluster::options(vec![a.local_addr()])
+    };
+    let b = keel_node::Node::start(lib, options).expect("starts");
+    fetched_again(&a, &b, end);
 }
 
 /// Flips the last byte of the log record at `lsn` in the journal file at `path` (its page is

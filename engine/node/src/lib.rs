@@ -17,6 +17,7 @@ mod keys;
 mod net;
 mod pairing;
 mod quarantine;
+mod scrub;
 mod snapshot;
 mod status;
 #[cfg(feature = "typescript")]
@@ -97,7 +98,15 @@ pub struct NodeOptions {
     /// ended, so that a device asking again meanwhile (a retry, a cut connection) is served
     /// from the same copy rather than a new one (the projection file's size, unpacked again).
     pub snapshot_keep: std::time::Duration,
+    /// Read the whole log this often, a stretch at a time, checking every record's checksum
+    /// and seal (the first pass a minute after the node starts, or sooner if this is shorter).
+    /// A damaged record on a follower is fetched again from the leader (see
+    /// [`Node::repair_log`]). `None` checks only when asked.
+    pub scrub_every: Option<std::time::Duration>,
 }
+
+/// How often a node reads its whole log for damage by default.
+pub const SCRUB_EVERY_DEFAULT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The log entries past the compaction position that start an automatic compaction by
 /// default (about 0.4 GB of journal on the P4 workload).
@@ -126,6 +135,7 @@ impl Default for NodeOptions {
             compact_after: Some(COMPACT_AFTER_DEFAULT),
             retain_for_absent: Some(RETAIN_FOR_ABSENT_DEFAULT),
             snapshot_keep: SNAPSHOT_KEEP_DEFAULT,
+            scrub_every: Some(SCRUB_EVERY_DEFAULT),
         }
     }
 }
@@ -150,6 +160,7 @@ pub struct Node {
     resumed_jobs: Option<JoinHandle<()>>,
     /// The thread that compacts the log past its threshold, and its stop signal.
     compactor: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
+    scrubber: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -281,6 +292,10 @@ impl Node {
             Some(after) => Some(start_compactor(&library, &status, after)?),
             None => None,
         };
+        let scrubber = match options.scrub_every {
+            Some(every) => Some(scrub::start(link.clone(), core_tx.clone(), every)?),
+            None => None,
+        };
         tracing::info!(%listen, device = %library.device_id().short(), "node started");
         Ok(Self {
             link,
@@ -296,6 +311,7 @@ impl Node {
             watcher,
             resumed_jobs: Some(resumed_jobs),
             compactor,
+            scrubber,
         })
     }
 
@@ -599,6 +615,10 @@ impl Node {
         if let Some((stop, compactor)) = self.compactor.take() {
             drop(stop);
             let _ = compactor.join();
+        }
+        if let Some((stop, scrubber)) = self.scrubber.take() {
+            drop(stop);
+            let _ = scrubber.join();
         }
         if let Some(lan) = &self.net.lan {
             lan.stop();
