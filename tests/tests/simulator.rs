@@ -1,6 +1,7 @@
 //! A seeded simulator of 3–5 replication cores through partitions (two sides, or single links cut),
 //! crashes and restarts (some halfway through writing), message loss, duplication, reordering,
-//! delays and damaged pushes. It drives each `Replica` through its whole contract, as the node
+//! delays and damaged pushes, each device's clock off by up to a day either way and jumping
+//! back and forth by up to 2 s during the chaos. It drives each `Replica` through its whole contract, as the node
 //! runtime does: wire messages with payloads, a `Store` over an in-memory journal, writes made
 //! durable before anything is sent. It checks after every step that the "disk" holds the
 //! replica's own view (log, offline journal, election state), and after healing:
@@ -25,6 +26,14 @@ use serde_bytes::ByteBuf;
 use uuid::Uuid;
 
 const STEP_MS: u64 = 5;
+/// A day, in ms: each device's clock is off the simulation's by up to this, either way.
+const DAY_MS: i64 = 24 * 3600 * 1000;
+/// Most a device's clock jumps back (or forward) at once during the chaos. The node runtime
+/// feeds its replica a monotonic clock (time since it started), so a wall clock set back never
+/// reaches it; here a jump checks that no safety decision reads the time. A replica's timers
+/// are deadlines on its clock, so a clock set back by J delays them by J: with 60 s jumps, a
+/// seed's follower did not push its pending changes within the 30 s the heal allows.
+const JUMP_MS_MAX: i64 = 2_000;
 const CHAOS_STEPS: usize = 2500;
 const HEAL_STEPS_MAX: usize = 6000;
 /// The hostile device of [`Sim::forge`].
@@ -178,7 +187,11 @@ enum Input {
 
 struct Sim {
     rng: StdRng,
+    /// The simulation's time (starts two days in, so a clock a day behind stays positive).
     now_ms: u64,
+    /// Each device's clock, as an offset from `now_ms`: skewed by up to a day, and jumping
+    /// back and forth during the chaos. Only timers read it: no safety decision may.
+    clocks: Vec<i64>,
     devices: Vec<DeviceId>,
     nodes: Vec<Option<Replica>>,
     disks: Vec<Disk>,
@@ -236,20 +249,24 @@ impl Sim {
                 DeviceId(id)
             })
             .collect();
+        let clocks: Vec<i64> = (0..n).map(|_| rng.random_range(-DAY_MS..=DAY_MS)).collect();
+        let start = 2 * DAY_MS;
         let nodes = devices
             .iter()
             .enumerate()
             .map(|(i, d)| {
+                let now = (start + clocks[i]) as u64;
                 Some(if i == 0 {
-                    Replica::founder(config(*d), 0)
+                    Replica::founder(config(*d), now)
                 } else {
-                    Replica::new(config(*d), joined(devices[0]).durable(), 0)
+                    Replica::new(config(*d), joined(devices[0]).durable(), now)
                 })
             })
             .collect();
         let mut sim = Self {
             rng,
-            now_ms: 0,
+            now_ms: start as u64,
+            clocks,
             nodes,
             disks: (0..n)
                 .map(|i| {
@@ -327,7 +344,7 @@ impl Sim {
     /// Hands one input to node `i`, then does what its runtime does (see `flush`). With `chaos`,
     /// the node sometimes crashes halfway through writing, before sending anything.
     fn handle(&mut self, i: usize, input: Input, chaos: bool) {
-        let now = self.now_ms;
+        let now = self.clock(i);
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
@@ -348,7 +365,7 @@ impl Sim {
     /// A commit on node `i`: through the offline journal, or (on a leader) sequenced directly,
     /// as the node runtime does. Acknowledged once durable.
     fn commit(&mut self, i: usize, id: ChangeId) {
-        let now = self.now_ms;
+        let now = self.clock(i);
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
@@ -621,9 +638,19 @@ impl Sim {
         }
     }
 
+    /// Device `i`'s clock now.
+    fn clock(&self, i: usize) -> u64 {
+        u64::try_from(self.now_ms as i64 + self.clocks[i]).unwrap_or(0)
+    }
+
     fn step(&mut self, chaos: bool) {
         self.now_ms += STEP_MS;
         let n = self.nodes.len();
+        if chaos && self.rng.random_bool(0.01) {
+            // A clock set back (or forward) by hand or by a time server.
+            let i = self.rng.random_range(0..n);
+            self.clocks[i] += self.rng.random_range(-JUMP_MS_MAX..=JUMP_MS_MAX);
+        }
         if chaos {
             if self.rng.random_bool(0.01) {
                 // A random partition into two sides.
@@ -667,7 +694,7 @@ impl Sim {
         for i in 0..n {
             if self.nodes[i].is_none() && (!chaos || self.rng.random_bool(0.02)) {
                 let durable = self.disks[i].durable();
-                let node = Replica::new(config(self.devices[i]), durable, self.now_ms);
+                let node = Replica::new(config(self.devices[i]), durable, self.clock(i));
                 self.nodes[i] = Some(node);
                 self.flush(i, chaos);
             }
