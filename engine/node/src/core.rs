@@ -61,8 +61,9 @@ pub(crate) enum CoreEvent {
         plan: Box<keel_engine::BackfillPlan>,
         reply: crossbeam_channel::Sender<Result<u64, NodeError>>,
     },
-    /// Check the log and fetch again what is damaged (see [`crate::Node::repair_log`]).
+    /// Fetch the log again from this damaged record on (see [`crate::Node::repair_log`]).
     RepairLog {
+        damaged: Lsn,
         reply: crossbeam_channel::Sender<Result<Option<u64>, NodeError>>,
     },
     /// Stop the core.
@@ -452,8 +453,8 @@ impl Core {
             CoreEvent::Rebase { plan, reply } => {
                 let _ = reply.send(self.rebase(&plan));
             }
-            CoreEvent::RepairLog { reply } => {
-                let _ = reply.send(self.repair_log());
+            CoreEvent::RepairLog { damaged, reply } => {
+                let _ = reply.send(self.repair_log(damaged));
             }
             CoreEvent::Stop => {}
         }
@@ -667,15 +668,15 @@ impl Core {
         Ok(returned.len() as u64)
     }
 
-    /// Drops the log from its first damaged record on, so the leader sends it again; this
-    /// device's readable changes after it go back to pending. A leader refuses: its followers
-    /// hold those positions, and it would write others there.
-    fn repair_log(&mut self) -> Result<Option<u64>, NodeError> {
+    /// Drops the log from `damaged` on (found by a scan; checked again here, one record), so
+    /// the leader sends it again; this device's readable changes after it go back to pending.
+    /// A leader refuses: its followers hold those positions, and it would write others there.
+    fn repair_log(&mut self, damaged: Lsn) -> Result<Option<u64>, NodeError> {
         self.flush();
         let journal = self.link.journal()?;
-        let Some(damaged) = journal.first_damaged_log_record()? else {
+        if journal.check_log(damaged, 1)?.damaged != Some(damaged) {
             return Ok(None);
-        };
+        }
         if self.replica.role() == ElectionRole::Leader {
             return Err(NodeError::Failed(format!(
                 "log record {} is damaged and this device leads: another device must lead before it can fetch it again",

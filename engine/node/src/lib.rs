@@ -572,9 +572,13 @@ impl Node {
     /// again. Returns the first damaged position, if any. A leading device refuses: its
     /// followers hold those positions, so another device must lead first.
     pub fn repair_log(&self) -> Result<Option<u64>, NodeError> {
+        // The scan reads the whole log: here, not on the core's thread.
+        let Some(damaged) = self.link.journal()?.first_damaged_log_record()? else {
+            return Ok(None);
+        };
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.core_tx
-            .send(CoreEvent::RepairLog { reply })
+            .send(CoreEvent::RepairLog { damaged, reply })
             .map_err(|_| NodeError::Failed("the node is stopping".into()))?;
         answer
             .recv()

@@ -77,7 +77,7 @@ fn pass(link: &NodeLink, stopped: &Receiver<()>) -> Result<Option<Lsn>, NodeErro
 fn repair(core: &Sender<CoreEvent>, damaged: Lsn) {
     tracing::warn!(at = damaged.0, "the log scrub found a damaged record");
     let (reply, answer) = crossbeam_channel::bounded(1);
-    if core.send(CoreEvent::RepairLog { reply }).is_err() {
+    if core.send(CoreEvent::RepairLog { damaged, reply }).is_err() {
         return;
     }
     match answer.recv() {
