@@ -29,10 +29,6 @@ fn last_lsn(lib: &Library) -> u64 {
 /// (no restart) and catches up.
 #[test]
 fn a_follower_whose_disk_fails_acknowledges_nothing_and_catches_up_when_it_recovers() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("KEEL_LOG"))
-        .with_test_writer()
-        .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let (_ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
     let faults = Faults::new();
