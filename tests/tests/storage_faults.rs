@@ -150,6 +150,20 @@ fn fetched_again(a: &keel_node::Node, b: &keel_node::Node, end: u64) {
         report.faults
     );
     assert_eq!(replayed.expect("projections equal a replay"), digest);
+    // What went back to pending (the readable changes after the damage) is settled: nothing
+    // stays pending for good.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending = b.library().status().expect("status").journal.offline;
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pending} changes stay pending on b"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A follower's log record damaged at rest: `repair_log` (what `keel verify --repair` on a
