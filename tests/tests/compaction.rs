@@ -988,3 +988,56 @@ fn an_unused_backfill_goes_once_the_log_comes() {
     b.stop().expect("stops");
     a.stop().expect("stops");
 }
+
+/// Tags made while the device of [`a_backfill_of_100k_tags_stays_under_its_memory_bound`] is
+/// away: its backfill pulls about four snapshot rows per tag, over all the snapshot's tables.
+const BACKFILL_TAGS: usize = 100_000;
+/// Most resident memory a device backfilling [`BACKFILL_TAGS`] tags may take, in MiB. Measured
+/// (debug build): 50 MiB for 25k tags (100k rows), 72 for 100k (400k rows). `keel bench`
+/// reports the same at 1M entries (`p4_backfill_peak_rss_mb`, about 190 MB in release).
+const BACKFILL_BOUND_MB: u64 = 120;
+
+/// A device away past a compaction of 100k tags backfills them in a child process whose peak
+/// memory stays under a bound (issue 29): batches go to disk as they come, nothing holds the
+/// whole snapshot.
+#[test]
+fn a_backfill_of_100k_tags_stays_under_its_memory_bound() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a, hb, _) = away_past_compaction(dir.path(), BACKFILL_TAGS);
+    let out = Command::new(env!("CARGO_BIN_EXE_crash_child"))
+        .arg(hb.root())
+        .arg("lib")
+        .arg("serve")
+        .arg(a.local_addr().to_string())
+        .stderr(Stdio::null())
+        .output()
+        .expect("the child runs");
+    assert!(out.status.success(), "the backfilling child failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (done, total) = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("progress "))
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(d, t)| Some((d.parse::<usize>().ok()?, t.parse::<usize>().ok()?)))
+        .next_back()
+        .expect("progress was reported");
+    assert!(
+        done == total && total >= BACKFILL_TAGS,
+        "backfilled {done} of {total}"
+    );
+    let kb: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_rss_kb "))
+        .and_then(|n| n.parse().ok())
+        .expect("the child reported its peak memory");
+    eprintln!(
+        "backfill of {total} rows: peak RSS {} MiB (bound {BACKFILL_BOUND_MB})",
+        kb / 1024
+    );
+    assert!(
+        kb / 1024 <= BACKFILL_BOUND_MB,
+        "the backfill of {total} rows peaked at {} MiB, over {BACKFILL_BOUND_MB}",
+        kb / 1024
+    );
+}

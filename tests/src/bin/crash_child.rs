@@ -12,7 +12,7 @@
 //! commits tags and compacts the log after every few commits, printing `tag UUID` for each tag
 //! acknowledged (compacted changes leave the journal: the tags are what stays); with
 //! `serve ADDR`, it runs LIB as a node that dials ADDR, printing `progress DONE TOTAL` as a
-//! backfill goes and `done` once it runs past it; with `replicate ADDR`, it runs LIB as a node
+//! backfill goes, `done` once it runs past it and then `peak_rss_kb N`; with `replicate ADDR`, it runs LIB as a node
 //! that dials ADDR and commits tags in a loop, printing `tag UUID` for each one acknowledged.
 
 use std::io::Write;
@@ -318,6 +318,9 @@ fn serve(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
         let status = node.status();
         if status.compacted_to > base && status.behind_compaction == 0 {
             println!("done");
+            if let Some(kb) = peak_rss_kb() {
+                println!("peak_rss_kb {kb}");
+            }
             return Ok(());
         }
         let backfill = node
