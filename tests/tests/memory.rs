@@ -66,3 +66,73 @@ fn a_replay_of_100k_changes_stays_under_its_memory_bound() {
         kb / 1024
     );
 }
+
+/// Files indexed: 100k in the full tier (`KEEL_FULL=1`), 5k by default (making the files is
+/// the slow part: 12–15 s for 20k to 100k here, the indexing itself 0.8 s for 20k and 3 s for
+/// 100k in a debug build).
+fn index_files() -> usize {
+    if keel_tests::full_tier() {
+        100_000
+    } else {
+        5_000
+    }
+}
+
+/// Most resident memory indexing [`index_files`] files may take, in MiB. Measured (debug
+/// build): 51–56 MiB for 20k files, 123 for 100k. P8 indexes 1M files (release) and reports
+/// `p8_peak_rss_mb`.
+const INDEX_BOUND_MB: u64 = 200;
+
+#[test]
+fn indexing_files_stays_under_its_memory_bound() {
+    let files = index_files();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tree = dir.path().join("tree");
+    for folder in 0..files.div_ceil(1_000) {
+        let sub = tree.join(format!("d{folder}"));
+        std::fs::create_dir_all(&sub).expect("a folder");
+        for i in 0..1_000.min(files - folder * 1_000) {
+            std::fs::write(sub.join(format!("f{i}.txt")), format!("file {folder} {i}"))
+                .expect("a file");
+        }
+    }
+    let (home, lib) = create_library(dir.path(), "lib").expect("creates");
+    lib.close().expect("closes");
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_crash_child"))
+        .arg(home.root())
+        .arg("lib")
+        .arg("index")
+        .arg(&tree)
+        .output()
+        .expect("the child runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let done = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("progress "))
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(d, _)| d.parse::<usize>().ok())
+        .max()
+        .expect("progress was reported");
+    assert!(done >= files, "indexed {done} of {files}");
+    let kb: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_rss_kb "))
+        .and_then(|n| n.parse().ok())
+        .expect("the child reported its peak memory");
+    eprintln!(
+        "indexing {files} files: peak RSS {} MiB (bound {INDEX_BOUND_MB}), {:.1} s",
+        kb / 1024,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        kb / 1024 <= INDEX_BOUND_MB,
+        "indexing {files} files peaked at {} MiB, over {INDEX_BOUND_MB}",
+        kb / 1024
+    );
+}

@@ -1,6 +1,7 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
 //! change id on its own line, until it is killed. With `index PATH` after the library, it
-//! indexes PATH instead, printing `progress DONE TOTAL` as files are processed; with
+//! indexes PATH instead, printing `progress DONE TOTAL` as files are processed (and at the end
+//! `peak_rss_kb N`); with
 //! `reidentify PATH`, it re-identifies PATH, pausing it at its first saved checkpoint and then
 //! printing its progress the same way; with `rebuild` or `verify`, it rebuilds or verifies the
 //! projections, printing `progress DONE TOTAL` (and, after a rebuild, `peak_rss_kb N`); with
@@ -102,6 +103,9 @@ fn main() -> anyhow::Result<()> {
         println!("ready");
         lib.index(&path, &mut |p| println!("progress {} {}", p.done, p.total))?;
         println!("done");
+        if let Some(kb) = peak_rss_kb() {
+            println!("peak_rss_kb {kb}");
+        }
         return Ok(());
     }
     let stdout = std::io::stdout();
