@@ -18,6 +18,9 @@ use crate::store::JOURNAL_CACHE_BYTES;
 
 /// How long a reopen waits for the readers still holding the old database.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// How often, at most, a read tries to open a database left closed (an open repairs the file,
+/// which reads all of it).
+const RETRY_EVERY: Duration = Duration::from_millis(100);
 
 /// What must be done to a database opened again before anyone reads it: take back a write
 /// whose sync failed (see [`DbHandle::reopen_undoing`]).
@@ -29,6 +32,8 @@ pub(crate) struct DbHandle {
     slot: RwLock<Option<Arc<Database>>>,
     /// Run on the database at its next open, before it is handed out.
     undo: std::sync::Mutex<Option<Undo>>,
+    /// When an open was last tried (see [`RETRY_EVERY`]).
+    tried: std::sync::Mutex<Option<Instant>>,
     path: PathBuf,
     direct_writes: bool,
 }
@@ -39,13 +44,33 @@ impl DbHandle {
         Ok(Self {
             slot: RwLock::new(Some(Arc::new(open_database(path, direct_writes)?))),
             undo: std::sync::Mutex::new(None),
+            tried: std::sync::Mutex::new(None),
             path: path.to_path_buf(),
             direct_writes,
         })
     }
 
-    /// The database; opens it again first if a failure left it closed.
+    /// The database; opens it again first if a failure left it closed (at most every
+    /// [`RETRY_EVERY`]: between tries it answers `Unavailable` at once).
     pub(crate) fn get(&self) -> Result<Arc<Database>, JournalError> {
+        if let Some(db) = self.read_slot()?.as_ref() {
+            return Ok(db.clone());
+        }
+        {
+            let mut tried = self.tried.lock().map_err(|_| poisoned())?;
+            if tried.is_some_and(|at| at.elapsed() < RETRY_EVERY) {
+                return Err(JournalError::Unavailable(
+                    "the storage failed; the next try to open it again is due soon".into(),
+                ));
+            }
+            *tried = Some(Instant::now());
+        }
+        self.get_or_open()
+    }
+
+    /// The database, opening it again now if a failure left it closed (the writer's: a
+    /// commit after the fault cleared must not wait for the next try).
+    pub(crate) fn get_or_open(&self) -> Result<Arc<Database>, JournalError> {
         if let Some(db) = self.read_slot()?.as_ref() {
             return Ok(db.clone());
         }

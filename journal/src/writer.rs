@@ -445,7 +445,7 @@ impl WriterState {
     /// Reads the counters from the database again if a failure left them in doubt.
     fn refresh_if_stale(&mut self) -> Result<(), JournalError> {
         if self.stale {
-            let db = self.db.get()?;
+            let db = self.db.get_or_open()?;
             let counters = Counters::read(&db, self.device)?;
             self.set_counters(counters);
             self.stale = false;
