@@ -1154,6 +1154,7 @@ fn status(
                 "listen",
                 "compactable",
                 "behind_compaction",
+                "storage_failed",
             ] {
                 if let Some(field) = node.get(key) {
                     map.insert(key.into(), field.clone());
@@ -1209,9 +1210,19 @@ fn status(
                 n.behind_compaction
             ));
         }
+        if n.storage_failed {
+            io.line(
+                "storage   FAILED: the journal could not be opened again after a write failed; \
+                 replication is stopped and commits are refused until it can (retried every 100 ms)",
+            );
+        }
         for p in &n.peers {
+            let stored = p
+                .stored
+                .map(|lsn| format!(", stored to {lsn}"))
+                .unwrap_or_default();
             io.line(&format!(
-                "peer      {} {} {}",
+                "peer      {} {} {}{stored}",
                 short(&p.device_id),
                 p.addr.as_deref().unwrap_or("-"),
                 if p.connected {

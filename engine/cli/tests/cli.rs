@@ -1226,6 +1226,17 @@ fn compact_drops_the_log_alone_or_through_a_node_and_status_shows_it() {
         status["compactable"].as_u64() >= report["base"].as_u64(),
         "{status}"
     );
+    // What b acknowledged storing, in the JSON and in words.
+    let stored = status["peers"][0]["stored"]
+        .as_u64()
+        .expect("a stored position");
+    assert!(
+        stored >= report["base"].as_u64().expect("a base"),
+        "{status}"
+    );
+    assert_eq!(status["storage_failed"], false, "{status}");
+    let text = ok(&keel(&home_a, &["status", "lib"]));
+    assert!(text.contains(", stored to "), "{text}");
     drop(served);
     // Stopped, a library with another device is not compacted from the command line.
     let out = keel(&home_a, &["compact", "lib"]);
