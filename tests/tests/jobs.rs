@@ -152,7 +152,9 @@ fn an_index_job_killed_midway_resumes_when_the_library_opens_again() {
     lib.close().expect("closes");
     // Killed once a batch or two are committed (progress counts files taken).
     let tree_arg = tree.to_str().expect("utf-8");
-    kill_at(&home, &["index", tree_arg], |done, _| done >= 2_200);
+    // The child stops taking files at 2,200 until the kill: the kill cannot come after the
+    // whole tree is in, whatever the load.
+    kill_at(&home, &["index", tree_arg, "2200"], |done, _| done >= 2_200);
     let lib = Library::open(&Home::new(home.root()), "lib", PASSWORD).expect("reopens");
     let interrupted = lib.jobs().expect("lists").pop().expect("the job");
     assert_eq!(interrupted.state, JobState::Interrupted, "{interrupted:?}");

@@ -1,7 +1,7 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
-//! change id on its own line, until it is killed. With `index PATH` after the library, it
-//! indexes PATH instead, printing `progress DONE TOTAL` as files are processed (and at the end
-//! `peak_rss_kb N`); with
+//! change id on its own line, until it is killed. With `index PATH [STOP]` after the library,
+//! it indexes PATH instead, printing `progress DONE TOTAL` as files are processed (and at the
+//! end `peak_rss_kb N`), or stopping for good once STOP files are taken; with
 //! `reidentify PATH`, it re-identifies PATH, pausing it at its first saved checkpoint and then
 //! printing its progress the same way; with `rebuild` or `verify`, it rebuilds or verifies the
 //! projections, printing `progress DONE TOTAL` (and, after a rebuild, `peak_rss_kb N`); with
@@ -100,8 +100,18 @@ fn main() -> anyhow::Result<()> {
             args.next()
                 .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB index PATH"))?,
         );
+        // With a count after PATH, it stops there (the progress call never returns) until
+        // it is killed: a kill then always lands midway, however slow the parent is to act.
+        let stop_at: Option<u64> = args.next().map(|n| n.parse()).transpose()?;
         println!("ready");
-        lib.index(&path, &mut |p| println!("progress {} {}", p.done, p.total))?;
+        lib.index(&path, &mut |p| {
+            println!("progress {} {}", p.done, p.total);
+            if stop_at.is_some_and(|n| p.done >= n) {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        })?;
         println!("done");
         if let Some(kb) = peak_rss_kb() {
             println!("peak_rss_kb {kb}");
