@@ -1,10 +1,11 @@
 //! Crash-test child: opens a library and commits tags in a loop, printing each acknowledged
-//! change id on its own line, until it is killed. With `index PATH [STOP]` after the library,
-//! it indexes PATH instead, printing `progress DONE TOTAL` as files are processed (and at the
-//! end `peak_rss_kb N`), or stopping for good once STOP files are taken; with
+//! change id on its own line, until it is killed. With `index PATH` after the library, it
+//! indexes PATH instead, printing `progress DONE TOTAL` as files are processed (and at the end
+//! `peak_rss_kb N`); with
 //! `reidentify PATH`, it re-identifies PATH, pausing it at its first saved checkpoint and then
-//! printing its progress the same way; with `rebuild` or `verify`, it rebuilds or verifies the
-//! projections, printing `progress DONE TOTAL` (and, after a rebuild, `peak_rss_kb N`); with
+//! printing its progress the same way; with `rebuild [STOP]` or `verify [STOP]`, it rebuilds or
+//! verifies the projections, printing `progress DONE TOTAL` (and, after a rebuild, `peak_rss_kb
+//! N`), stopping for good at the first progress past STOP short of the end; with
 //! `join ADDR CODE`, it joins library LIB from the node at ADDR with invitation CODE, printing
 //! `progress STORED TOTAL` as the inviter's log is stored; with `merge SRC`, it merges library
 //! SRC of the same home into LIB, printing `progress DONE TOTAL` as records are carried; with
@@ -41,9 +42,19 @@ fn main() -> anyhow::Result<()> {
     }
     let home = Home::new(home);
     let lib = Library::open(&home, &name, keel_tests::PASSWORD)?;
+    // `rebuild` and `verify` with a count after them stop at the first progress past it and
+    // short of the end, until killed (see `stop_midway`).
+    let stop_at: Option<u64> = if matches!(mode.as_deref(), Some("rebuild" | "verify")) {
+        args.next().map(|n| n.parse()).transpose()?
+    } else {
+        None
+    };
     if mode.as_deref() == Some("rebuild") {
         println!("ready");
-        lib.rebuild(&mut |done, total| println!("progress {done} {total}"))?;
+        lib.rebuild(&mut |done, total| {
+            println!("progress {done} {total}");
+            stop_midway(stop_at, done, total);
+        })?;
         println!("done");
         if let Some(kb) = peak_rss_kb() {
             println!("peak_rss_kb {kb}");
@@ -52,8 +63,10 @@ fn main() -> anyhow::Result<()> {
     }
     if mode.as_deref() == Some("verify") {
         println!("ready");
-        let (_, digest) =
-            lib.verify_with(&mut |done, total| println!("progress {done} {total}"))?;
+        let (_, digest) = lib.verify_with(&mut |done, total| {
+            println!("progress {done} {total}");
+            stop_midway(stop_at, done, total);
+        })?;
         digest?;
         println!("done");
         return Ok(());
@@ -100,18 +113,8 @@ fn main() -> anyhow::Result<()> {
             args.next()
                 .ok_or_else(|| anyhow::anyhow!("usage: crash_child HOME LIB index PATH"))?,
         );
-        // With a count after PATH, it stops there (the progress call never returns) until
-        // it is killed: a kill then always lands midway, however slow the parent is to act.
-        let stop_at: Option<u64> = args.next().map(|n| n.parse()).transpose()?;
         println!("ready");
-        lib.index(&path, &mut |p| {
-            println!("progress {} {}", p.done, p.total);
-            if stop_at.is_some_and(|n| p.done >= n) {
-                loop {
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                }
-            }
-        })?;
+        lib.index(&path, &mut |p| println!("progress {} {}", p.done, p.total))?;
         println!("done");
         if let Some(kb) = peak_rss_kb() {
             println!("peak_rss_kb {kb}");
@@ -238,6 +241,15 @@ fn watch(lib: &Library) -> anyhow::Result<()> {
 /// Re-identifies `path`; once the job has saved a checkpoint, pauses it and prints its
 /// `progress DONE TOTAL`, so that a kill lands after a checkpoint and before the end.
 fn reidentify(lib: &Library, path: &std::path::Path) -> anyhow::Result<()> {
+    paused_at_first_checkpoint(lib, |lib| lib.reidentify(path, &mut |_| {}))
+}
+
+/// Runs `work` on `lib`, pausing its job at the job's first saved checkpoint and printing its
+/// progress then (`progress DONE TOTAL`), or `done` if it ended first.
+fn paused_at_first_checkpoint<T>(
+    lib: &Library,
+    work: impl FnOnce(&Library) -> Result<T, keel_engine::EngineError>,
+) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut events = lib.subscribe();
     let ended = AtomicBool::new(false);
@@ -256,7 +268,7 @@ fn reidentify(lib: &Library, path: &std::path::Path) -> anyhow::Result<()> {
                 }
             }
         });
-        let result = lib.reidentify(path, &mut |_| {});
+        let result = work(lib);
         ended.store(true, Ordering::Relaxed);
         result?;
         println!("done");
@@ -264,9 +276,16 @@ fn reidentify(lib: &Library, path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
-/// Runs `lib` as a node dialing `addr` until killed, printing the progress of its backfill
-/// (polled from its jobs and its scratch file's checkpoint rows) and `done` once its log
-/// starts after a base it did not have.
+/// Stops this thread for good (until the process is killed) once `done` reached `stop_at`
+/// and work is left: a parent that kills on such a progress line then always kills midway.
+fn stop_midway(stop_at: Option<u64>, done: u64, total: u64) {
+    if stop_at.is_some_and(|n| done >= n && done < total) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
 /// This process's peak resident memory (Linux: `VmHWM`), in KiB.
 fn peak_rss_kb() -> Option<u64> {
     std::fs::read_to_string("/proc/self/status")
@@ -317,6 +336,9 @@ fn replicate(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `lib` as a node dialing `addr` until killed, printing the progress of its backfill
+/// (polled from its jobs and its scratch file's checkpoint rows) and `done` once its log
+/// starts after a base it did not have.
 fn serve(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let base = lib.status()?.journal.compacted_to;
     let node = keel_node::Node::start(
