@@ -58,6 +58,82 @@ pub fn tag(name: &str) -> keel_engine::Tag {
 
 pub mod proxy;
 
+/// What a crash-child run to its end printed (see `src/bin/crash_child.rs`): its last
+/// `progress DONE TOTAL` and its peak resident memory (`peak_rss_kb N`), in MiB.
+#[derive(Debug, Clone, Copy)]
+pub struct ChildReport {
+    /// The last progress: done.
+    pub done: usize,
+    /// The last progress: total.
+    pub total: usize,
+    /// Its peak resident memory, MiB.
+    pub peak_mib: u64,
+}
+
+impl ChildReport {
+    /// Reads the report from a child's standard output; panics (a test helper) if a part is
+    /// missing.
+    pub fn from_stdout(stdout: &[u8]) -> Self {
+        let stdout = String::from_utf8_lossy(stdout);
+        let (done, total) = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("progress "))
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(d, t)| Some((d.parse::<usize>().ok()?, t.parse::<usize>().ok()?)))
+            .next_back()
+            .expect("progress was reported");
+        let kb: u64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("peak_rss_kb "))
+            .and_then(|n| n.parse().ok())
+            .expect("the child reported its peak memory");
+        Self {
+            done,
+            total,
+            peak_mib: kb / 1024,
+        }
+    }
+}
+
+/// Rewrites the log page of the journal file at `path` that holds `lsn` with `edit`, which gets
+/// the page's bytes and the byte range of that record within them (as damage at rest would
+/// leave it, through redb). Returns the page's first position and record count.
+pub fn edit_log_page(
+    path: &Path,
+    lsn: u64,
+    edit: impl FnOnce(&mut Vec<u8>, std::ops::Range<usize>),
+) -> (u64, u64) {
+    use redb::ReadableTable;
+    let db = redb::Database::open(path).expect("redb opens");
+    let pages: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
+    let txn = db.begin_write().expect("write");
+    let found;
+    {
+        let mut table = txn.open_table(pages).expect("log table");
+        let (first, mut bytes): (u64, Vec<u8>) = {
+            let (k, v) = table
+                .range(..=lsn)
+                .expect("range")
+                .next_back()
+                .expect("a page holds it")
+                .expect("reads");
+            (k.value(), v.value().to_vec())
+        };
+        let page = keel_journal::LogPage::parse(&bytes).expect("a sound page");
+        let record = page
+            .records()
+            .nth((lsn - first) as usize)
+            .expect("the page holds the position");
+        let at = record.as_ptr() as usize - bytes.as_ptr() as usize;
+        let range = at..at + record.len();
+        found = (first, page.len());
+        edit(&mut bytes, range);
+        table.insert(first, bytes.as_slice()).expect("insert");
+    }
+    txn.commit().expect("commit");
+    found
+}
+
 /// Hostile peers for tests: messages written by hand and floods from unpaired devices.
 pub mod hostile {
     use std::net::SocketAddr;

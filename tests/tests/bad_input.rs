@@ -6,9 +6,8 @@ use std::path::Path;
 
 use keel_engine::{EngineError, Home, Library, Tag};
 use keel_journal::JournalError;
-use keel_tests::{create_library, PASSWORD};
+use keel_tests::{create_library, edit_log_page, PASSWORD};
 use rand::{RngExt, SeedableRng};
-use redb::ReadableTable;
 use uuid::Uuid;
 
 fn fill(lib: &Library, n: usize) {
@@ -121,43 +120,6 @@ fn fill_one_page(lib: &Library) {
         Ok(())
     })
     .expect("commit");
-}
-
-/// Rewrites the log page holding `lsn` with `edit`, which gets the page's bytes and the byte
-/// range of that record within them. Returns the page's first position and record count.
-fn edit_log_page(
-    path: &Path,
-    lsn: u64,
-    edit: impl FnOnce(&mut Vec<u8>, std::ops::Range<usize>),
-) -> (u64, u64) {
-    let db = redb::Database::open(path).expect("redb opens");
-    let pages: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
-    let txn = db.begin_write().expect("write");
-    let found;
-    {
-        let mut table = txn.open_table(pages).expect("log table");
-        let (first, mut bytes) = {
-            let (k, v) = table
-                .range(..=lsn)
-                .expect("range")
-                .next_back()
-                .expect("a page holds it")
-                .expect("reads");
-            (k.value(), v.value().to_vec())
-        };
-        let page = keel_journal::LogPage::parse(&bytes).expect("a sound page");
-        let record = page
-            .records()
-            .nth((lsn - first) as usize)
-            .expect("the page holds the position");
-        let at = record.as_ptr() as usize - bytes.as_ptr() as usize;
-        let range = at..at + record.len();
-        found = (first, page.len());
-        edit(&mut bytes, range);
-        table.insert(first, bytes.as_slice()).expect("insert");
-    }
-    txn.commit().expect("commit");
-    found
 }
 
 #[test]

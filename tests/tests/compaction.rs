@@ -1014,30 +1014,22 @@ fn a_backfill_of_100k_tags_stays_under_its_memory_bound() {
         .output()
         .expect("the child runs");
     assert!(out.status.success(), "the backfilling child failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let (done, total) = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("progress "))
-        .filter_map(|l| l.split_once(' '))
-        .filter_map(|(d, t)| Some((d.parse::<usize>().ok()?, t.parse::<usize>().ok()?)))
-        .next_back()
-        .expect("progress was reported");
+    let keel_tests::ChildReport {
+        done,
+        total,
+        peak_mib,
+    } = keel_tests::ChildReport::from_stdout(&out.stdout);
     assert!(
         done == total && total >= BACKFILL_TAGS,
         "backfilled {done} of {total}"
     );
-    let kb: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("peak_rss_kb "))
-        .and_then(|n| n.parse().ok())
-        .expect("the child reported its peak memory");
     eprintln!(
         "backfill of {total} rows: peak RSS {} MiB (bound {BACKFILL_BOUND_MB})",
-        kb / 1024
+        peak_mib
     );
     assert!(
-        kb / 1024 <= BACKFILL_BOUND_MB,
+        peak_mib <= BACKFILL_BOUND_MB,
         "the backfill of {total} rows peaked at {} MiB, over {BACKFILL_BOUND_MB}",
-        kb / 1024
+        peak_mib
     );
 }

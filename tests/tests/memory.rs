@@ -39,31 +39,23 @@ fn a_replay_of_100k_changes_stays_under_its_memory_bound() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let (done, total) = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("progress "))
-        .filter_map(|l| l.split_once(' '))
-        .filter_map(|(d, t)| Some((d.parse::<usize>().ok()?, t.parse::<usize>().ok()?)))
-        .next_back()
-        .expect("progress was reported");
+    let keel_tests::ChildReport {
+        done,
+        total,
+        peak_mib,
+    } = keel_tests::ChildReport::from_stdout(&out.stdout);
     assert!(
         done == total && total >= REPLAY_CHANGES,
         "replayed {done} of {total}"
     );
-    let kb: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("peak_rss_kb "))
-        .and_then(|n| n.parse().ok())
-        .expect("the child reported its peak memory");
     eprintln!(
         "replay of {REPLAY_CHANGES} changes: peak RSS {} MiB (bound {REPLAY_BOUND_MB})",
-        kb / 1024
+        peak_mib
     );
     assert!(
-        kb / 1024 <= REPLAY_BOUND_MB,
+        peak_mib <= REPLAY_BOUND_MB,
         "the replay of {REPLAY_CHANGES} changes peaked at {} MiB, over {REPLAY_BOUND_MB}",
-        kb / 1024
+        peak_mib
     );
 }
 
@@ -111,28 +103,17 @@ fn indexing_files_stays_under_its_memory_bound() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let done = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("progress "))
-        .filter_map(|l| l.split_once(' '))
-        .filter_map(|(d, _)| d.parse::<usize>().ok())
-        .max()
-        .expect("progress was reported");
+    let keel_tests::ChildReport { done, peak_mib, .. } =
+        keel_tests::ChildReport::from_stdout(&out.stdout);
     assert!(done >= files, "indexed {done} of {files}");
-    let kb: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("peak_rss_kb "))
-        .and_then(|n| n.parse().ok())
-        .expect("the child reported its peak memory");
     eprintln!(
         "indexing {files} files: peak RSS {} MiB (bound {INDEX_BOUND_MB}), {:.1} s",
-        kb / 1024,
+        peak_mib,
         started.elapsed().as_secs_f64()
     );
     assert!(
-        kb / 1024 <= INDEX_BOUND_MB,
+        peak_mib <= INDEX_BOUND_MB,
         "indexing {files} files peaked at {} MiB, over {INDEX_BOUND_MB}",
-        kb / 1024
+        peak_mib
     );
 }

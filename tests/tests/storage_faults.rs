@@ -118,7 +118,13 @@ fn a_follower_damaged_at_rest(dir: &std::path::Path) -> (keel_node::Node, Home, 
     let end = last_lsn(b.library());
     b.stop().expect("stops");
     let damaged = end - 12;
-    flip_a_byte_of_log_record(&hb.library_dir("lib").join("journal.redb"), damaged);
+    keel_tests::edit_log_page(
+        &hb.library_dir("lib").join("journal.redb"),
+        damaged,
+        |bytes, record| {
+            bytes[record.end - 1] ^= 0x40;
+        },
+    );
     let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
     let (report, _) = lib.verify().expect("verifies");
     assert_eq!(
@@ -199,36 +205,6 @@ fn a_follower_s_scrub_finds_a_damaged_log_record_and_fetches_it_again() {
     };
     let b = keel_node::Node::start(lib, options).expect("starts");
     fetched_again(&a, &b, end);
-}
-
-/// Flips the last byte of the log record at `lsn` in the journal file at `path` (its page is
-/// rewritten in place through redb, as bytes damaged at rest would read).
-fn flip_a_byte_of_log_record(path: &std::path::Path, lsn: u64) {
-    use redb::ReadableTable;
-    let db = redb::Database::open(path).expect("redb opens");
-    let pages: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log_pages");
-    let txn = db.begin_write().expect("write");
-    {
-        let mut table = txn.open_table(pages).expect("log table");
-        let (first, mut bytes): (u64, Vec<u8>) = {
-            let (k, v) = table
-                .range(..=lsn)
-                .expect("range")
-                .next_back()
-                .expect("a page holds it")
-                .expect("reads");
-            (k.value(), v.value().to_vec())
-        };
-        let page = keel_journal::LogPage::parse(&bytes).expect("a sound page");
-        let record = page
-            .records()
-            .nth((lsn - first) as usize)
-            .expect("the page holds the position");
-        let end = record.as_ptr() as usize - bytes.as_ptr() as usize + record.len();
-        bytes[end - 1] ^= 0x40;
-        table.insert(first, bytes.as_slice()).expect("insert");
-    }
-    txn.commit().expect("commit");
 }
 
 /// Copies the files of library folder `from` that a power loss leaves as they were into `to`

@@ -55,10 +55,7 @@ fn main() -> anyhow::Result<()> {
             println!("progress {done} {total}");
             stop_midway(stop_at, done, total);
         })?;
-        println!("done");
-        if let Some(kb) = peak_rss_kb() {
-            println!("peak_rss_kb {kb}");
-        }
+        print_done();
         return Ok(());
     }
     if mode.as_deref() == Some("verify") {
@@ -115,10 +112,7 @@ fn main() -> anyhow::Result<()> {
         );
         println!("ready");
         lib.index(&path, &mut |p| println!("progress {} {}", p.done, p.total))?;
-        println!("done");
-        if let Some(kb) = peak_rss_kb() {
-            println!("peak_rss_kb {kb}");
-        }
+        print_done();
         return Ok(());
     }
     let stdout = std::io::stdout();
@@ -286,6 +280,14 @@ fn stop_midway(stop_at: Option<u64>, done: u64, total: u64) {
     }
 }
 
+/// Prints `done`, then this process's peak memory (`peak_rss_kb N`) where the platform says.
+fn print_done() {
+    println!("done");
+    if let Some(kb) = peak_rss_kb() {
+        println!("peak_rss_kb {kb}");
+    }
+}
+
 /// This process's peak resident memory (Linux: `VmHWM`), in KiB.
 fn peak_rss_kb() -> Option<u64> {
     std::fs::read_to_string("/proc/self/status")
@@ -353,10 +355,7 @@ fn serve(lib: Library, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     loop {
         let status = node.status();
         if status.compacted_to > base && status.behind_compaction == 0 {
-            println!("done");
-            if let Some(kb) = peak_rss_kb() {
-                println!("peak_rss_kb {kb}");
-            }
+            print_done();
             return Ok(());
         }
         let backfill = node
