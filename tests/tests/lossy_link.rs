@@ -26,6 +26,7 @@ fn commit_tags(lib: &Library, prefix: &str, n: usize) {
 }
 
 #[test]
+#[ignore = "the traffic can leave the proxy: a learns b's own address and dials it directly (one run in six here saw 131 datagrams through the proxy, none dropped); run with --ignored until a node can be kept on the proxy"]
 fn nodes_converge_over_a_link_that_drops_duplicates_reorders_corrupts_and_cuts() {
     let seed: u64 = std::env::var("KEEL_LINK_SEED")
         .ok()
@@ -44,7 +45,18 @@ fn nodes_converge_over_a_link_that_drops_duplicates_reorders_corrupts_and_cuts()
     let proxy = Proxy::start(a.local_addr(), faults, seed).expect("proxy");
     let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
     let b = keel_node::Node::start(lib, cluster::options(vec![proxy.addr])).expect("starts");
-    for round in 0..8 {
+    // At least 8 rounds, and more (up to 40) until every fault has hit a datagram: how many
+    // datagrams a round takes varies with how QUIC packs them.
+    let every_fault_seen = |p: &Proxy| {
+        let st = p.stats();
+        [&st.dropped, &st.duplicated, &st.reordered, &st.corrupted]
+            .iter()
+            .all(|n| n.load(Ordering::Relaxed) > 0)
+    };
+    let mut rounds = 0;
+    while rounds < 8 || (rounds < 40 && !every_fault_seen(&proxy)) {
+        let round = rounds;
+        rounds += 1;
         commit_tags(a.library(), &format!("a {round}"), 150);
         commit_tags(b.library(), &format!("b {round}"), 150);
         if round % 3 == 1 {
@@ -58,8 +70,8 @@ fn nodes_converge_over_a_link_that_drops_duplicates_reorders_corrupts_and_cuts()
     let digest = cluster::converge(&[&a, &b], Duration::from_secs(90)).unwrap_or_else(|e| {
         panic!("no convergence over the bad link (seed {seed}): {e}");
     });
-    assert_eq!(tag_count(a.library()), 2_400, "every tag on a");
-    assert_eq!(tag_count(b.library()), 2_400, "every tag on b");
+    assert_eq!(tag_count(a.library()), rounds * 300, "every tag on a");
+    assert_eq!(tag_count(b.library()), rounds * 300, "every tag on b");
     assert_eq!(b.library().digest().expect("digest"), digest);
     let stats = proxy.stats();
     let figures = [
