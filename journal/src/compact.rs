@@ -95,7 +95,7 @@ impl Journal {
                 let head = log_table::get(&log, 1)?
                     .and_then(Result::ok)
                     .and_then(|bytes| LogRecord::decode(&bytes).ok().map(|r| r.epoch));
-                let dropped = log_table::drop_through(&mut log, base.0)?;
+                let dropped = log_table::drop_through(&mut log, base.0, self.sealer().page_keys())?;
                 let mut meta = txn.open_table(META).map_err(storage)?;
                 if let Some(head) = head {
                     meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])

@@ -7,6 +7,7 @@
 
 mod aligned;
 mod backends;
+pub mod binding;
 mod budget;
 mod compact;
 mod db;
@@ -38,7 +39,10 @@ pub use error::{JournalError, RecordPlace};
 pub use handles::{Election, OfflineJournal, ReplicatedLog};
 pub use jobs::{JobRecords, JOB_RECORD_MAX};
 pub use log_index::LogIndex;
-pub use page::{LogPage, PageBuilder, Records, PAGE_BYTES_MAX, PAGE_HEADER_LEN, PAGE_VERSION};
+pub use page::{
+    LogPage, PageBuilder, PageTrailer, Records, LINK_LEN, PAGE_BYTES_MAX, PAGE_HEADER_LEN,
+    PAGE_TRAILER_LEN, PAGE_VERSION, PAGE_VERSION_UNBOUND, TAG_LEN,
+};
 pub use record::{
     LocalRecord, LogRecord, PushState, RecordError, LOCAL_HEADER_LEN, LOG_HEADER_LEN,
     RECORD_LEN_MAX, RECORD_VERSION,

@@ -7,8 +7,9 @@ use redb::{ReadableTable, Table};
 
 use keel_schema::Epoch;
 
+use crate::binding::{link_of, BindingFault, PageKeys};
 use crate::error::{storage, JournalError};
-use crate::page::{LogPage, PageBuilder};
+use crate::page::{LogPage, PageBuilder, LINK_LEN};
 use crate::record::{LogRecord, RecordError};
 
 /// What a visitor sees at one position: a record's bytes, or (once, at the page's first
@@ -133,24 +134,74 @@ pub(crate) fn visit_back<T: ReadableTable<u64, &'static [u8]>>(
     Ok(())
 }
 
-/// Writes records at consecutive positions into a log table, packed into pages.
-pub(crate) struct PageWriter {
+/// The link a page starting at `first` carries: that of the record just before it, if `table`
+/// holds it in a sound page (zeros otherwise: the log's start, or a record compacted away).
+pub(crate) fn link_before<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
     first: u64,
+) -> Result<[u8; LINK_LEN], JournalError> {
+    let Some(item) = table.range(..first).map_err(storage)?.next_back() else {
+        return Ok([0; LINK_LEN]);
+    };
+    let (key, page) = item.map_err(storage)?;
+    let Ok(parsed) = LogPage::parse(page.value()) else {
+        return Ok([0; LINK_LEN]);
+    };
+    if key.value().saturating_add(parsed.len()) != first {
+        return Ok([0; LINK_LEN]);
+    }
+    Ok(parsed.records().last().map(link_of).unwrap_or_default())
+}
+
+/// Writes records at consecutive positions into a log table, packed into pages, each bound to
+/// its position (see [`crate::binding`]).
+pub(crate) struct PageWriter<'k> {
+    first: u64,
+    /// The link of the next page written.
+    link: [u8; LINK_LEN],
+    keys: &'k PageKeys,
     page: PageBuilder,
 }
 
-impl PageWriter {
-    /// A writer whose first record goes at `first`.
-    pub(crate) fn new(first: u64) -> Self {
+impl<'k> PageWriter<'k> {
+    /// A writer whose first record goes at `first`, after the record whose link is `link`.
+    pub(crate) fn new(first: u64, link: [u8; LINK_LEN], keys: &'k PageKeys) -> Self {
         Self {
             first,
+            link,
+            keys,
             page: PageBuilder::default(),
         }
+    }
+
+    /// A writer that appends to `table` at `first`, linked to the record before it.
+    pub(crate) fn after<T: ReadableTable<u64, &'static [u8]>>(
+        table: &T,
+        first: u64,
+        keys: &'k PageKeys,
+    ) -> Result<Self, JournalError> {
+        Ok(Self::new(first, link_before(table, first)?, keys))
     }
 
     /// The position the next record pushed goes to.
     pub(crate) fn next(&self) -> u64 {
         self.first + self.page.len()
+    }
+
+    /// Binds `page` (of `count` records) to the next positions and inserts it.
+    fn write(
+        &mut self,
+        table: &mut Table<'_, u64, &'static [u8]>,
+        mut page: Vec<u8>,
+        count: u64,
+    ) -> Result<(), JournalError> {
+        self.keys.bind(&mut page, self.first, self.link);
+        if let Some(last) = LogPage::parse(&page).ok().and_then(|p| p.records().last()) {
+            self.link = link_of(last);
+        }
+        table.insert(self.first, page.as_slice()).map_err(storage)?;
+        self.first += count;
+        Ok(())
     }
 
     /// Appends the record that `write` appends to the buffer it is given; writes the page out
@@ -162,8 +213,7 @@ impl PageWriter {
     ) -> Result<(), JournalError> {
         self.page.push_with(write);
         while let Some((page, count)) = self.page.take_full() {
-            table.insert(self.first, page.as_slice()).map_err(storage)?;
-            self.first += count;
+            self.write(table, page, count)?;
         }
         Ok(())
     }
@@ -187,12 +237,76 @@ impl PageWriter {
         }
         let count = self.page.len();
         let bytes = self.page.take();
-        table
-            .insert(self.first, bytes.as_slice())
-            .map_err(storage)?;
-        self.first += count;
-        Ok(())
+        self.write(table, bytes, count)
     }
+}
+
+/// Checks the binding of every page holding a position in `from..=to` (see
+/// [`crate::binding`]), and the link of the page after them: each fault at its page's first
+/// position (a gap at its first missing position; a broken link at the first of the two pages,
+/// either of which may have been replaced). A page whose framing is damaged, or whose tag fails
+/// because one of its records fails its own checksum, is left to the record checks (which say
+/// which record).
+pub(crate) fn check_bindings<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+    from: u64,
+    to: u64,
+    keys: &PageKeys,
+) -> Result<Vec<(u64, BindingFault)>, JournalError> {
+    let start = page_of(table, from)?.unwrap_or(from);
+    let mut faults = Vec::new();
+    // The page before: its first position, where it ended, and the link of its last record
+    // (if it was sound).
+    let mut before: Option<(u64, u64, [u8; LINK_LEN])> =
+        match table.range(..start).map_err(storage)?.next_back() {
+            Some(item) => {
+                let (key, page) = item.map_err(storage)?;
+                sound_end(key.value(), page.value())
+            }
+            None => None,
+        };
+    for item in table.range(start..).map_err(storage)? {
+        let (key, page) = item.map_err(storage)?;
+        let key = key.value();
+        let beyond = key > to;
+        let Ok(parsed) = LogPage::parse(page.value()) else {
+            if beyond {
+                break;
+            }
+            before = None;
+            continue;
+        };
+        if let Some((previous, end, link)) = before {
+            if key > end && !beyond {
+                faults.push((
+                    end,
+                    BindingFault::Gap {
+                        from: end,
+                        to: key - 1,
+                    },
+                ));
+            } else if key == end && parsed.trailer().is_some_and(|t| t.link != link) {
+                faults.push((previous, BindingFault::Link));
+            }
+        }
+        if beyond {
+            break;
+        }
+        match keys.check(&parsed, key) {
+            Err(BindingFault::Tag) if parsed.records().any(|r| LogRecord::decode(r).is_err()) => {}
+            Err(fault) => faults.push((key, fault)),
+            Ok(()) => {}
+        }
+        before = sound_end(key, page.value());
+    }
+    Ok(faults)
+}
+
+/// For a sound page at `key`: its key, where it ends, and the link of its last record.
+fn sound_end(key: u64, page: &[u8]) -> Option<(u64, u64, [u8; LINK_LEN])> {
+    let parsed = LogPage::parse(page).ok()?;
+    let last = parsed.records().last()?;
+    Some((key, key.saturating_add(parsed.len()), link_of(last)))
 }
 
 /// Removes every record after `keep` and returns them (a damaged page's records cannot be
@@ -201,6 +315,7 @@ impl PageWriter {
 pub(crate) fn split_off(
     table: &mut Table<'_, u64, &'static [u8]>,
     keep: u64,
+    keys: &PageKeys,
 ) -> Result<Vec<Vec<u8>>, JournalError> {
     let mut suffix = Vec::new();
     let mut pages = Vec::new();
@@ -230,7 +345,7 @@ pub(crate) fn split_off(
         table.remove(*key).map_err(storage)?;
     }
     if !kept.is_empty() {
-        let mut writer = PageWriter::new(start);
+        let mut writer = PageWriter::after(table, start, keys)?;
         for record in &kept {
             writer.push(table, record)?;
         }
@@ -289,10 +404,13 @@ const BISECT_MIN: u64 = 64;
 pub(crate) fn drop_through(
     table: &mut Table<'_, u64, &'static [u8]>,
     base: u64,
+    keys: &PageKeys,
 ) -> Result<u64, JournalError> {
     let mut dropped = 0u64;
     let mut pages = Vec::new();
     let mut kept: Vec<Vec<u8>> = Vec::new();
+    // The link of the record at `base`, which a rewritten page follows.
+    let mut link = [0; LINK_LEN];
     for item in table.range(..=base).map_err(storage)? {
         let (key, page) = item.map_err(storage)?;
         let key = key.value();
@@ -309,6 +427,9 @@ pub(crate) fn drop_through(
         })?;
         pages.push(key);
         for (lsn, record) in (key..).zip(parsed.records()) {
+            if lsn == base {
+                link = link_of(record);
+            }
             if lsn <= base {
                 dropped += 1;
             } else {
@@ -320,7 +441,7 @@ pub(crate) fn drop_through(
         table.remove(*key).map_err(storage)?;
     }
     if !kept.is_empty() {
-        let mut writer = PageWriter::new(base + 1);
+        let mut writer = PageWriter::new(base + 1, link, keys);
         for record in &kept {
             writer.push(table, record)?;
         }

@@ -5,13 +5,26 @@
 //! that joins stores millions of records): packing the records of one transaction into pages of
 //! up to [`PAGE_BYTES_MAX`] bytes cuts the keys by two orders of magnitude. Every record keeps
 //! its own checksum, so a damaged record is still reported with its own position.
+//!
+//! A version-2 page ends with its binding (see [`crate::binding`]): a keyed tag over the page,
+//! its first position and a link to the record before it, so that a record moved, dropped or
+//! rolled back by someone with the file is found by `verify`. Version-1 pages (written before
+//! the binding) are read as they are.
 
 use crate::record::{RecordError, RECORD_LEN_MAX};
 
-/// Version byte of a log page.
-pub const PAGE_VERSION: u8 = 1;
+/// Version byte of a log page written today (bound to its position).
+pub const PAGE_VERSION: u8 = 2;
+/// Version byte of a page written before pages were bound (no trailer).
+pub const PAGE_VERSION_UNBOUND: u8 = 1;
 /// Bytes before the first record of a page: version, record count (u32 BE).
 pub const PAGE_HEADER_LEN: usize = 1 + 4;
+/// Bytes after the last record of a version-2 page: link (8), key id (u32 BE), tag (16).
+pub const PAGE_TRAILER_LEN: usize = LINK_LEN + 4 + TAG_LEN;
+/// Bytes of a page's link: the start of the BLAKE3 hash of the record before the page.
+pub const LINK_LEN: usize = 8;
+/// Bytes of a page's tag.
+pub const TAG_LEN: usize = 16;
 /// Most bytes in a page of more than one record (a single record may make a page larger). Just
 /// under 64 KiB, so that a page and redb's leaf header fit one 64 KiB redb page: a page past it
 /// makes redb use pages twice as large and the file grows to several times the records' size
@@ -20,6 +33,44 @@ pub const PAGE_BYTES_MAX: usize = 64_000;
 /// Bytes before each record in a page: its length (u32 BE).
 const LEN_PREFIX: usize = 4;
 
+/// The trailer of a version-2 page: what binds it to its position (see [`crate::binding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageTrailer {
+    /// The start of the hash of the record before the page's first (zeros when the writer had
+    /// none: the log's start, or the base of a compaction whose record is gone).
+    pub link: [u8; LINK_LEN],
+    /// The id of the library key whose subkey made the tag.
+    pub key_id: u32,
+    /// The keyed tag.
+    pub tag: [u8; TAG_LEN],
+}
+
+impl PageTrailer {
+    fn read(bytes: &[u8; PAGE_TRAILER_LEN]) -> Self {
+        let (link, rest) = bytes.split_at(LINK_LEN);
+        let (key_id, tag) = rest.split_at(4);
+        let mut out = Self {
+            link: [0; LINK_LEN],
+            key_id: u32::from_be_bytes([key_id[0], key_id[1], key_id[2], key_id[3]]),
+            tag: [0; TAG_LEN],
+        };
+        out.link.copy_from_slice(link);
+        out.tag.copy_from_slice(tag);
+        out
+    }
+
+    /// Writes the trailer into the last [`PAGE_TRAILER_LEN`] bytes of `page`.
+    pub fn write(&self, page: &mut [u8]) {
+        let Some(at) = page.len().checked_sub(PAGE_TRAILER_LEN) else {
+            return;
+        };
+        let out = &mut page[at..];
+        out[..LINK_LEN].copy_from_slice(&self.link);
+        out[LINK_LEN..LINK_LEN + 4].copy_from_slice(&self.key_id.to_be_bytes());
+        out[LINK_LEN + 4..].copy_from_slice(&self.tag);
+    }
+}
+
 /// A checked log page: its framing (version, count, lengths) is sound, so iterating its
 /// records cannot fail; each record is still checked when decoded
 /// ([`crate::LogRecord::decode`]).
@@ -27,16 +78,25 @@ const LEN_PREFIX: usize = 4;
 pub struct LogPage<'a> {
     count: u32,
     body: &'a [u8],
+    /// The header and records: what the tag covers.
+    bound: &'a [u8],
+    trailer: Option<PageTrailer>,
 }
 
 impl<'a> LogPage<'a> {
     /// Checks a page's framing. Never panics on any input.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, RecordError> {
+        let (bytes, trailer) = match bytes.first() {
+            Some(&PAGE_VERSION) => match bytes.split_last_chunk::<PAGE_TRAILER_LEN>() {
+                Some((bound, trailer)) => (bound, Some(PageTrailer::read(trailer))),
+                None => return Err(RecordError::TooShort(bytes.len())),
+            },
+            Some(&PAGE_VERSION_UNBOUND) => (bytes, None),
+            Some(&other) => return Err(RecordError::Version(other)),
+            None => return Err(RecordError::TooShort(0)),
+        };
         if bytes.len() < PAGE_HEADER_LEN + LEN_PREFIX {
             return Err(RecordError::TooShort(bytes.len()));
-        }
-        if bytes[0] != PAGE_VERSION {
-            return Err(RecordError::Version(bytes[0]));
         }
         let count = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
         let body = &bytes[PAGE_HEADER_LEN..];
@@ -56,7 +116,22 @@ impl<'a> LogPage<'a> {
         if seen != count || count == 0 {
             return Err(RecordError::Framing);
         }
-        Ok(Self { count, body })
+        Ok(Self {
+            count,
+            body,
+            bound: bytes,
+            trailer,
+        })
+    }
+
+    /// The trailer that binds the page to its position (`None`: a version-1 page).
+    pub fn trailer(&self) -> Option<PageTrailer> {
+        self.trailer
+    }
+
+    /// The bytes the trailer's tag covers: the header and the records.
+    pub fn bound_bytes(&self) -> &'a [u8] {
+        self.bound
     }
 
     /// How many positions a page's bytes cover: its record count once parsed; for a page whose
@@ -168,14 +243,15 @@ impl PageBuilder {
         self.buf.len()
     }
 
-    /// If the page has passed [`PAGE_BYTES_MAX`], returns the page to write: every record but
-    /// the last, which starts the next page (or all of them, if there is only one), with its
-    /// record count.
+    /// If the page (with its trailer) has passed [`PAGE_BYTES_MAX`], returns the page to write:
+    /// every record but the last, which starts the next page (or all of them, if there is only
+    /// one), with its record count.
     pub fn take_full(&mut self) -> Option<(Vec<u8>, u64)> {
-        if self.buf.len() < PAGE_BYTES_MAX {
+        let with_trailer = self.buf.len() + PAGE_TRAILER_LEN;
+        if with_trailer < PAGE_BYTES_MAX {
             return None;
         }
-        if self.count == 1 || self.buf.len() == PAGE_BYTES_MAX {
+        if self.count == 1 || with_trailer == PAGE_BYTES_MAX {
             let count = self.len();
             return Some((self.take(), count));
         }
@@ -188,13 +264,14 @@ impl PageBuilder {
         Some((page, count))
     }
 
-    /// The page's bytes (empty if no record was appended); the builder is empty again
-    /// afterwards.
+    /// The page's bytes (empty if no record was appended), its trailer zeros until a writer
+    /// binds it ([`crate::binding`]); the builder is empty again afterwards.
     pub fn take(&mut self) -> Vec<u8> {
         let count = std::mem::take(&mut self.count);
         let mut page = std::mem::take(&mut self.buf);
         if let Some(header) = page.get_mut(1..PAGE_HEADER_LEN) {
             header.copy_from_slice(&count.to_be_bytes());
+            page.extend_from_slice(&[0; PAGE_TRAILER_LEN]);
         }
         self.last = 0;
         self.reserve = page.len().min(PAGE_BYTES_MAX + 1024);

@@ -41,7 +41,8 @@ impl WriterState {
         let waiting = local.first().map_err(storage)?.is_some();
         let mut ids = std::collections::HashSet::new();
         let mut own = 0u64;
-        let mut pages = PageWriter::new(self.next_lsn);
+        let sealer = crate::store::current_sealer(&self.sealer);
+        let mut pages = PageWriter::after(&log, self.next_lsn, sealer.page_keys())?;
         for (epoch, change, sealed) in entries {
             let lsn = self.next_lsn;
             self.next_lsn += 1;
@@ -95,7 +96,8 @@ impl WriterState {
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
             let mut local = txn.open_table(OFFLINE).map_err(storage)?;
-            for bytes in split_off(&mut log, keep.0)? {
+            let sealer = crate::store::current_sealer(&self.sealer);
+            for bytes in split_off(&mut log, keep.0, sealer.page_keys())? {
                 // A record that fails its checks cannot be resubmitted; `verify` reports it.
                 let Ok(record) = LogRecord::decode(&bytes) else {
                     continue;

@@ -531,6 +531,7 @@ impl LibraryKey {
                 .map(|k| (k.key_id, subkey(k)))
                 .collect::<Vec<_>>()
                 .into(),
+            pages: crate::binding::PageKeys::derive(self.all().map(|k| (k.key_id, &k.bytes))),
         }
     }
 
@@ -549,6 +550,8 @@ pub struct Sealer {
     key: [u8; 32],
     /// The payload subkeys of the library's previous keys, by key id (opening only).
     older: std::sync::Arc<[(u32, [u8; 32])]>,
+    /// The subkeys that bind log pages to their positions (see [`crate::binding`]).
+    pages: crate::binding::PageKeys,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -611,6 +614,11 @@ impl Sealer {
         let key_id = u32::from_be_bytes(sealed.get(..4)?.try_into().ok()?);
         let held = key_id == self.key_id || self.older.iter().any(|(id, _)| *id == key_id);
         (!held).then_some(key_id)
+    }
+
+    /// The keys that bind log pages to their positions (see [`crate::binding`]).
+    pub fn page_keys(&self) -> &crate::binding::PageKeys {
+        &self.pages
     }
 
     /// Opens a sealed payload; any tampering, truncation or foreign key is an error.

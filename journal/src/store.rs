@@ -142,14 +142,26 @@ fn check_each(
     })
 }
 
+/// The current sealer, swapped when the library key rotates.
+pub(crate) type SealerSlot = Arc<std::sync::RwLock<Arc<Sealer>>>;
+
+/// The sealer in `slot` now.
+pub(crate) fn current_sealer(slot: &SealerSlot) -> Arc<Sealer> {
+    match slot.read() {
+        Ok(sealer) => sealer.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
 /// A library's journal. Cheap to share by reference across threads.
 pub struct Journal {
     pub(crate) db: Arc<DbHandle>,
     library: LibraryId,
     /// This device: its own changes are not checked against its own clock.
     device: DeviceId,
-    /// Swapped when the library key rotates (see [`Journal::set_key`]).
-    sealer: std::sync::RwLock<Arc<Sealer>>,
+    /// Swapped when the library key rotates (see [`Journal::set_key`]); shared with the writer,
+    /// which binds log pages under it.
+    sealer: SealerSlot,
     requests: Option<Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     sent: Arc<std::sync::atomic::AtomicU64>,
@@ -260,7 +272,10 @@ fn damaged_page(lsn: Lsn, e: &RecordError) -> JournalError {
 
 /// Moves a format-1 log (one key per record) into pages, keeping every record's bytes and
 /// position, and drops the old table. Returns how many records moved.
-fn migrate_legacy_log(txn: &redb::WriteTransaction) -> Result<u64, JournalError> {
+fn migrate_legacy_log(
+    txn: &redb::WriteTransaction,
+    keys: &crate::binding::PageKeys,
+) -> Result<u64, JournalError> {
     // Looked up, not opened: opening would create it (a write on every open, and on a file
     // whose page allocator is damaged, a panic with the log table open, whose drop then
     // panics again while unwinding: an abort).
@@ -285,7 +300,7 @@ fn migrate_legacy_log(txn: &redb::WriteTransaction) -> Result<u64, JournalError>
                 if let Some(mut w) = writer.take() {
                     w.flush(&mut log)?;
                 }
-                writer = Some(log_table::PageWriter::new(key));
+                writer = Some(log_table::PageWriter::after(&log, key, keys)?);
             }
             if let Some(w) = writer.as_mut() {
                 w.push(&mut log, record.value())?;
@@ -336,8 +351,8 @@ impl Journal {
     ) -> Result<Self, JournalError> {
         let handle = Arc::new(DbHandle::open(path, options.direct_writes)?);
         let db = handle.get()?;
-        guarded(|| Self::init_tables(&db, library))?;
         let sealer = key.sealer(library);
+        guarded(|| Self::init_tables(&db, library, sealer.page_keys()))?;
 
         let stored_epoch = read_meta(&db, META_EPOCH)?.and_then(|b| decode_epoch(&b));
         let role = match options.role {
@@ -361,7 +376,7 @@ impl Journal {
             db: handle.clone(),
             library,
             device,
-            sealer: std::sync::RwLock::new(Arc::new(sealer)),
+            sealer: Arc::new(std::sync::RwLock::new(Arc::new(sealer))),
             requests: Some(tx),
             writer: None,
         };
@@ -385,6 +400,7 @@ impl Journal {
             sent: sent.clone(),
             leading,
             stale: false,
+            sealer: journal.sealer.clone(),
         };
         state.publish_role();
         let handle = std::thread::Builder::new()
@@ -400,7 +416,11 @@ impl Journal {
         Ok(journal)
     }
 
-    fn init_tables(db: &Database, library: LibraryId) -> Result<(), JournalError> {
+    fn init_tables(
+        db: &Database,
+        library: LibraryId,
+        keys: &crate::binding::PageKeys,
+    ) -> Result<(), JournalError> {
         let mut txn = WriteTxn::begin(db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         {
@@ -452,7 +472,7 @@ impl Journal {
             }
         }
         // After the format check: a newer format is refused before anything moves.
-        migrate_legacy_log(&txn)?;
+        migrate_legacy_log(&txn, keys)?;
         txn.commit().map_err(storage)?;
         Ok(())
     }
@@ -515,11 +535,8 @@ impl Journal {
     }
 
     /// The sealer of the current library key.
-    fn sealer(&self) -> Arc<Sealer> {
-        match self.sealer.read() {
-            Ok(sealer) => sealer.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    pub(crate) fn sealer(&self) -> Arc<Sealer> {
+        current_sealer(&self.sealer)
     }
 
     /// Seals from now on with `key`'s current key, and opens under any of its keys (after a
@@ -767,11 +784,19 @@ impl Journal {
         })
     }
 
-    /// Reads every record, checking checksums, seals and encodings. Reports each fault with its
-    /// position; never stops at the first.
+    /// Reads every record, checking checksums, seals and encodings, and every log page's
+    /// binding to its position (see [`crate::binding`]). Reports each fault with its position;
+    /// never stops at the first.
     pub fn verify(&self) -> Result<VerifyReport, JournalError> {
         let mut report = VerifyReport::default();
-        let mut from = Lsn(self.log_base()?.0 .0 + 1);
+        let first = Lsn(self.log_base()?.0 .0 + 1);
+        for (at, fault) in self.binding_faults(first, Lsn(u64::MAX))? {
+            report.faults.push((
+                RecordPlace::Log(Lsn(at)),
+                format!("log page at {at}: {fault}"),
+            ));
+        }
+        let mut from = first;
         loop {
             let chunk = self.read_log_raw(from, 8192)?;
             let Some((last, _)) = chunk.last() else { break };
@@ -829,18 +854,50 @@ impl Journal {
             }
             Err(e) => return Err(e),
         };
-        for ((lsn, _), opened) in chunk.iter().zip(self.open_log_records(&chunk)) {
-            if let Err(JournalError::BadRecord { .. }) = opened {
-                return Ok(LogCheck {
-                    damaged: Some(*lsn),
-                    next: None,
+        let record =
+            chunk
+                .iter()
+                .zip(self.open_log_records(&chunk))
+                .find_map(|((lsn, _), opened)| {
+                    matches!(opened, Err(JournalError::BadRecord { .. })).then_some(*lsn)
                 });
-            }
+        let Some((to, _)) = chunk.last() else {
+            return Ok(LogCheck {
+                damaged: None,
+                next: None,
+            });
+        };
+        let bound = self
+            .binding_faults(from, *to)?
+            .first()
+            .map(|(at, _)| Lsn(*at));
+        match record.into_iter().chain(bound).min() {
+            Some(damaged) => Ok(LogCheck {
+                damaged: Some(damaged),
+                next: None,
+            }),
+            None => Ok(LogCheck {
+                damaged: None,
+                next: Some(Lsn(to.0 + 1)),
+            }),
         }
-        Ok(LogCheck {
-            damaged: None,
-            next: chunk.last().map(|(last, _)| Lsn(last.0 + 1)),
-        })
+    }
+
+    /// The pages holding `from..=to` whose binding to their positions fails (see
+    /// [`crate::binding`]), sorted by position.
+    fn binding_faults(
+        &self,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Vec<(u64, crate::binding::BindingFault)>, JournalError> {
+        let sealer = self.sealer();
+        let mut faults = guarded(|| {
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
+            let log = txn.open_table(LOG).map_err(storage)?;
+            log_table::check_bindings(&log, from.0, to.0, sealer.page_keys())
+        })?;
+        faults.sort_by_key(|(at, _)| *at);
+        Ok(faults)
     }
 
     fn open_incoming(&self, place: RecordPlace, sealed: &[u8]) -> Result<Change, JournalError> {

@@ -166,6 +166,8 @@ pub(crate) struct WriterState {
     pub(crate) leading: LeadingHint,
     /// A write failed and the database was not read since: the counters may not be its own.
     pub(crate) stale: bool,
+    /// The journal's sealer: log pages are bound under its keys.
+    pub(crate) sealer: crate::store::SealerSlot,
 }
 
 /// Durably records `epoch` as the current epoch.
@@ -434,7 +436,8 @@ impl WriterState {
         self.set_counters(before);
         self.stale = true;
         let device = self.device;
-        let undo = Box::new(move |db: &redb::Database| take_back(db, before, device));
+        let sealer = crate::store::current_sealer(&self.sealer);
+        let undo = Box::new(move |db: &redb::Database| take_back(db, before, device, &sealer));
         if let Err(error) = self.db.reopen_undoing(undo) {
             tracing::error!(%error, "the journal could not be opened again after a failed write; commits are refused until it can");
             return;
@@ -477,7 +480,8 @@ impl WriterState {
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
             let mut local = txn.open_table(OFFLINE).map_err(storage)?;
-            let mut pages = PageWriter::new(self.next_lsn);
+            let sealer = crate::store::current_sealer(&self.sealer);
+            let mut pages = PageWriter::after(&log, self.next_lsn, sealer.page_keys())?;
             for (sealed, _) in batch {
                 for item in sealed {
                     if item.change.hlc > self.hlc_high_water {
@@ -529,7 +533,12 @@ impl WriterState {
 /// Takes back from `db` what a write after `before` left in it (the positions past
 /// `before`'s, in the log and the offline journal), in a durable transaction. A write whose
 /// sync failed may be in the file without being on the disk; nothing may read it as stored.
-fn take_back(db: &redb::Database, before: Counters, device: DeviceId) -> Result<(), JournalError> {
+fn take_back(
+    db: &redb::Database,
+    before: Counters,
+    device: DeviceId,
+    sealer: &crate::Sealer,
+) -> Result<(), JournalError> {
     let now = Counters::read(db, device)?;
     if (now.next_lsn, now.next_local) == (before.next_lsn, before.next_local) {
         return Ok(());
@@ -538,7 +547,11 @@ fn take_back(db: &redb::Database, before: Counters, device: DeviceId) -> Result<
     txn.set_durability(Durability::Immediate).map_err(storage)?;
     {
         let mut log = txn.open_table(LOG).map_err(storage)?;
-        crate::log_table::split_off(&mut log, before.next_lsn.saturating_sub(1))?;
+        crate::log_table::split_off(
+            &mut log,
+            before.next_lsn.saturating_sub(1),
+            sealer.page_keys(),
+        )?;
         let mut local = txn.open_table(OFFLINE).map_err(storage)?;
         let taken: Vec<u64> = local
             .range(before.next_local..)

@@ -30,6 +30,20 @@ impl Setup {
         }
     }
 
+    /// Another journal file of the same library, key and device, in a folder of its own.
+    #[allow(dead_code)]
+    pub(crate) fn twin(&self) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self {
+            path: dir.path().join("journal.redb"),
+            _dir: dir,
+            lib: self.lib,
+            key: self.key.clone(),
+            device: self.device,
+            epoch: self.epoch,
+        }
+    }
+
     /// Opens the journal as the leader of epoch 1.
     #[allow(dead_code)]
     pub(crate) fn open(&self) -> Journal {
