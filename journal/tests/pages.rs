@@ -19,14 +19,7 @@ fn all_raw(journal: &Journal) -> Vec<(Lsn, Vec<u8>)> {
 }
 
 fn page_keys(path: &std::path::Path) -> Vec<u64> {
-    let db = redb::Database::open(path).expect("redb opens");
-    let txn = db.begin_read().expect("read");
-    let table = txn.open_table(PAGES).expect("pages");
-    table
-        .range(0..)
-        .expect("range")
-        .map(|item| item.expect("reads").0.value())
-        .collect()
+    raw_pages(path).into_keys().collect()
 }
 
 #[test]
