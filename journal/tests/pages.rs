@@ -312,6 +312,23 @@ fn a_record_moved_dropped_or_replaced_is_reported_by_its_page_binding() {
         );
         journal.close();
     }
+    // A record damaged at rest (its checksum fails) that ends a page is reported once, as a
+    // record: the next page's link to it is not a second fault.
+    let mut damaged = original.clone();
+    if let Some(page) = damaged.get_mut(&3) {
+        let at = page.len() - keel_journal::PAGE_TRAILER_LEN - 1;
+        page[at] ^= 0x40;
+    }
+    put_pages(&s.path, &damaged);
+    let journal = s.open();
+    let faults = journal.verify().expect("verifies").faults;
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    assert!(faults[0].1.contains("checksum"), "{faults:?}");
+    assert_eq!(
+        journal.first_damaged_log_record().expect("checks"),
+        Some(Lsn(3))
+    );
+    journal.close();
     put_pages(&s.path, &original);
     assert!(s.open().verify().expect("verifies").faults.is_empty());
 }
