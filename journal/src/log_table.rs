@@ -256,8 +256,8 @@ pub(crate) fn check_bindings<T: ReadableTable<u64, &'static [u8]>>(
     let start = page_of(table, from)?.unwrap_or(from);
     let mut faults = Vec::new();
     // The page before: its first position, where it ended, and the link of its last record
-    // (if it was sound).
-    let mut before: Option<(u64, u64, [u8; LINK_LEN])> =
+    // (`None` if that record is damaged: the damage, not a link, is then reported).
+    let mut before: Option<(u64, u64, Option<[u8; LINK_LEN]>)> =
         match table.range(..start).map_err(storage)?.next_back() {
             Some(item) => {
                 let (key, page) = item.map_err(storage)?;
@@ -285,7 +285,9 @@ pub(crate) fn check_bindings<T: ReadableTable<u64, &'static [u8]>>(
                         to: key - 1,
                     },
                 ));
-            } else if key == end && parsed.trailer().is_some_and(|t| t.link != link) {
+            } else if key == end
+                && link.is_some_and(|link| parsed.trailer().is_some_and(|t| t.link != link))
+            {
                 faults.push((previous, BindingFault::Link));
             }
         }
@@ -302,11 +304,13 @@ pub(crate) fn check_bindings<T: ReadableTable<u64, &'static [u8]>>(
     Ok(faults)
 }
 
-/// For a sound page at `key`: its key, where it ends, and the link of its last record.
-fn sound_end(key: u64, page: &[u8]) -> Option<(u64, u64, [u8; LINK_LEN])> {
+/// For a page at `key` whose framing is sound: its key, where it ends, and the link of its
+/// last record (`None` if that record fails its own checks).
+fn sound_end(key: u64, page: &[u8]) -> Option<(u64, u64, Option<[u8; LINK_LEN]>)> {
     let parsed = LogPage::parse(page).ok()?;
     let last = parsed.records().last()?;
-    Some((key, key.saturating_add(parsed.len()), link_of(last)))
+    let link = LogRecord::decode(last).is_ok().then(|| link_of(last));
+    Some((key, key.saturating_add(parsed.len()), link))
 }
 
 /// Removes every record after `keep` and returns them (a damaged page's records cannot be
