@@ -26,15 +26,15 @@ pub struct Compaction {
     pub dropped: u64,
 }
 
-/// The base's bytes in meta.
-fn base_bytes(base: Lsn, epoch: Epoch) -> [u8; 48] {
+/// A position and its entry's epoch as meta stores them: 8-byte position ‖ 40-byte epoch.
+pub(crate) fn position_bytes(lsn: Lsn, epoch: Epoch) -> [u8; 48] {
     let mut out = [0u8; 48];
-    out[..8].copy_from_slice(&base.0.to_be_bytes());
+    out[..8].copy_from_slice(&lsn.0.to_be_bytes());
     out[8..].copy_from_slice(&epoch_bytes(epoch));
     out
 }
 
-/// The base stored in meta (0 and the default epoch when absent).
+/// A position stored in meta by [`position_bytes`] (0 and the default epoch when absent).
 pub(crate) fn decode_base(bytes: Option<&[u8]>) -> Result<(Lsn, Epoch), JournalError> {
     let Some(bytes) = bytes else {
         return Ok((Lsn(0), Epoch::default()));
@@ -101,7 +101,7 @@ impl Journal {
                     meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
                         .map_err(storage)?;
                 }
-                meta.insert(META_LOG_BASE, &base_bytes(base, base_epoch)[..])
+                meta.insert(META_LOG_BASE, &position_bytes(base, base_epoch)[..])
                     .map_err(storage)?;
                 // The saved index starts at position 1: it no longer describes the log.
                 clear_saved_index(&txn)?;
@@ -191,7 +191,7 @@ impl WriterState {
                 ));
             }
             let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(META_LOG_BASE, &base_bytes(base, epoch)[..])
+            meta.insert(META_LOG_BASE, &position_bytes(base, epoch)[..])
                 .map_err(storage)?;
             meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
                 .map_err(storage)?;
@@ -247,7 +247,7 @@ impl WriterState {
             txn.rename_table(LOG, DROPPED_LOG).map_err(storage)?;
             txn.open_table(LOG).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(META_LOG_BASE, &base_bytes(base, epoch)[..])
+            meta.insert(META_LOG_BASE, &position_bytes(base, epoch)[..])
                 .map_err(storage)?;
             meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
                 .map_err(storage)?;

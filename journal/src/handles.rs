@@ -250,6 +250,18 @@ impl Election<'_> {
         self.journal.store_election(epoch, voted)
     }
 
+    /// The log end (epoch and position of its last entry) this device held before it last
+    /// cut its log at a damaged record, if it ever did: it votes only for logs at least as up
+    /// to date, and stands only once its own log is.
+    pub fn vote_floor(&self) -> Result<Option<(Epoch, Lsn)>, JournalError> {
+        self.journal.vote_floor()
+    }
+
+    /// Durably raises the vote floor to `floor` (it never goes down). Store it before the cut.
+    pub fn store_vote_floor(&self, floor: (Epoch, Lsn)) -> Result<(), JournalError> {
+        self.journal.store_vote_floor(floor)
+    }
+
     /// Stores the current epoch without changing the writer's role (used by followers).
     pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
         self.journal.store_epoch(epoch)

@@ -1081,6 +1081,33 @@ impl Journal {
         })
     }
 
+    /// See [`Election::vote_floor`].
+    pub(crate) fn vote_floor(&self) -> Result<Option<(Epoch, Lsn)>, JournalError> {
+        let bytes = read_meta(&*self.db.get()?, crate::tables::META_VOTE_FLOOR)?;
+        match bytes {
+            None => Ok(None),
+            Some(bytes) => crate::compact::decode_base(Some(&bytes)).map(|(lsn, e)| Some((e, lsn))),
+        }
+    }
+
+    /// See [`Election::store_vote_floor`].
+    pub(crate) fn store_vote_floor(&self, floor: (Epoch, Lsn)) -> Result<(), JournalError> {
+        let floor = self.vote_floor()?.map_or(floor, |stored| stored.max(floor));
+        self.db.write(|db| {
+            let mut txn = WriteTxn::begin(db)?;
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            txn.open_table(META)
+                .map_err(storage)?
+                .insert(
+                    crate::tables::META_VOTE_FLOOR,
+                    &crate::compact::position_bytes(floor.1, floor.0)[..],
+                )
+                .map_err(storage)?;
+            txn.commit().map_err(storage)?;
+            Ok(())
+        })
+    }
+
     /// See [`Election::voted`].
     pub(crate) fn voted(&self) -> Result<Option<Epoch>, JournalError> {
         Ok(read_meta(&*self.db.get()?, META_VOTED)?.and_then(|b| decode_epoch(&b)))

@@ -40,6 +40,10 @@ pub(crate) const META_LIBRARY: &str = "library_id";
 pub(crate) const META_EPOCH: &str = "epoch";
 /// The highest epoch this device voted for (same layout as the epoch).
 pub(crate) const META_VOTED: &str = "voted";
+/// The log end this device held before it last cut its log at a damaged record: it votes only
+/// for logs at least as up to date, and stands only once its log reaches it again. 8-byte
+/// position ‖ its entry's epoch (40 bytes, as [`META_EPOCH`]). Absent: none.
+pub(crate) const META_VOTE_FLOOR: &str = "vote_floor";
 /// The HLC high-water mark (44 bytes, [`keel_schema::Hlc::to_bytes`]).
 pub(crate) const META_HLC: &str = "hlc_high_water";
 /// Count of changes this device made (u64 BE).

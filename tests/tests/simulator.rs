@@ -100,6 +100,7 @@ impl Disk {
                 .map(|(e, p)| (*e, peek(p).map_or(LogSlot::Barrier, LogSlot::Change)))
                 .collect(),
             offline: self.offline.iter().map(|(id, _)| *id).collect(),
+            vote_floor: None,
         }
     }
 

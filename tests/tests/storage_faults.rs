@@ -207,6 +207,145 @@ fn a_follower_s_scrub_finds_a_damaged_log_record_and_fetches_it_again() {
     fetched_again(&a, &b, end);
 }
 
+/// Three devices whose leader `a` has a log record damaged at rest: they stop, the record is
+/// damaged in `a`'s journal, and `a` and `b` start again, `a` first, leading its epoch as
+/// before; `c` starts again too, unless `c_behind`: then it was stopped before the last 30
+/// changes and is left stopped (its home is returned). Returns the nodes, `c`'s home, the log's
+/// end and the damaged position.
+fn a_damaged_leader(
+    dir: &std::path::Path,
+    c_behind: bool,
+) -> (Vec<keel_node::Node>, Home, std::net::SocketAddr, u64, u64) {
+    use keel_replication::ElectionRole;
+    let (ha, a) = cluster::founder(dir, "a", "lib").expect("founds");
+    let (hb, b) = cluster::joiner(dir, "b", &a).expect("joins");
+    let (hc, c) = cluster::joiner(dir, "c", &a).expect("joins");
+    tags(b.library(), (0..5).map(|i| format!("b {i}")));
+    cluster::converge(&[&a, &b, &c], Duration::from_secs(30)).expect("converges");
+    let addrs = [a.local_addr(), b.local_addr(), c.local_addr()];
+    let mut c = Some(c);
+    if c_behind {
+        if let Some(c) = c.take() {
+            c.stop().expect("stops");
+        }
+    }
+    for round in 0..3 {
+        tags(a.library(), (0..10).map(|i| format!("a {round} {i}")));
+    }
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let end = last_lsn(a.library());
+    for node in [Some(b), c, Some(a)].into_iter().flatten() {
+        node.stop().expect("stops");
+    }
+    let damaged = end - 12;
+    keel_tests::edit_log_page(
+        &ha.library_dir("lib").join("journal.redb"),
+        damaged,
+        |bytes, record| bytes[record.end - 1] ^= 0x40,
+    );
+    let a = cluster::restart(&ha, "lib", addrs[0]).expect("a restarts");
+    assert_eq!(
+        a.status().role,
+        ElectionRole::Leader,
+        "a leads its epoch again"
+    );
+    let mut nodes = vec![
+        a,
+        cluster::restart(&hb, "lib", addrs[1]).expect("b restarts"),
+    ];
+    if !c_behind {
+        nodes.push(cluster::restart(&hc, "lib", addrs[2]).expect("c restarts"));
+    }
+    let a_id = nodes[0].status().leader.expect("a leads");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes[1..]
+        .iter()
+        .any(|n| n.status().leader.as_deref() != Some(a_id.as_str()))
+    {
+        assert!(Instant::now() < deadline, "the others never followed a");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (nodes, hc, addrs[2], end, damaged)
+}
+
+/// Waits until one of `others` leads, checking meanwhile that `cut` (the device whose log was
+/// cut at a damaged record) never does; returns the leader.
+fn another_leads<'n>(cut: &keel_node::Node, others: &[&'n keel_node::Node]) -> &'n keel_node::Node {
+    use keel_replication::ElectionRole;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert_ne!(
+            cut.status().role,
+            ElectionRole::Leader,
+            "the device with the cut log led again"
+        );
+        if let Some(n) = others
+            .iter()
+            .find(|n| n.status().role == ElectionRole::Leader)
+        {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no device leads: {:?}",
+            std::iter::once(cut)
+                .chain(others.iter().copied())
+                .map(|n| {
+                    let s = n.status();
+                    (s.role, s.epoch.counter, s.leader, s.log_len, s.peers.len())
+                })
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The leader's own log record damaged at rest: `repair_log` on it (what `keel verify
+/// --repair` and the scrub run) steps it down (a new epoch of its own that it never won);
+/// another device leads, the damaged device's cut log wins no election, and it fetches the log
+/// from the new leader: a sound log at the common digest, nothing left pending.
+#[test]
+fn a_leader_with_a_damaged_log_record_steps_down_and_fetches_it_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (nodes, _, _, end, damaged) = a_damaged_leader(dir.path(), false);
+    let [a, b, c] = nodes.as_slice() else {
+        unreachable!("three nodes")
+    };
+    assert_eq!(a.repair_log().expect("repairs"), Some(damaged));
+    let leader = another_leads(a, &[b, c]);
+    fetched_again(leader, a, end);
+    assert_ne!(a.status().role, keel_replication::ElectionRole::Leader);
+    assert_eq!(
+        a.repair_log().expect("checks"),
+        None,
+        "nothing left to repair"
+    );
+    cluster::converge(&[a, b, c], Duration::from_secs(30)).expect("converges");
+}
+
+/// The same damage found by the leader itself when a follower needs the record: `c`, behind,
+/// comes back and asks for the log past it. The damaged record is never sent; the leader
+/// steps down on its own, and another device leads: `b` (the only one holding the whole log),
+/// or `c` once it got it from `b`; `a` and `c` get the whole log.
+#[test]
+fn a_leader_that_finds_a_record_to_send_damaged_steps_down_and_another_serves_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (nodes, hc, c_addr, end, _) = a_damaged_leader(dir.path(), true);
+    let [a, b] = nodes.as_slice() else {
+        unreachable!("two nodes")
+    };
+    let c = cluster::restart(&hc, "lib", c_addr).expect("c restarts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.status().role == keel_replication::ElectionRole::Leader {
+        assert!(Instant::now() < deadline, "a never stepped down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let leader = another_leads(a, &[b, &c]);
+    fetched_again(leader, a, end);
+    fetched_again(leader, &c, end);
+    cluster::converge(&[a, b, &c], Duration::from_secs(30)).expect("converges");
+}
+
 /// Copies the files of library folder `from` that a power loss leaves as they were into `to`
 /// (the snapshot and the settings), with `journal` as the journal and `projections` (a copy
 /// of the projection file) as the projections.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use keel_journal::{CommitRoute, Journal, Placement, Sealer};
+use keel_journal::{CommitRoute, Journal, JournalError, Placement, RecordPlace, Sealer};
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn, SyncDomain};
 use keel_transport::DeviceMessage;
 use tokio::sync::mpsc::Sender;
@@ -114,6 +114,9 @@ pub(crate) struct Core {
     /// loads again the replica's state is not the journal's: it takes no input and sends
     /// nothing, so it acknowledges nothing the disk does not hold.
     storage_failed_at: Option<u64>,
+    /// A log record found damaged while preparing a message: repaired (see
+    /// [`Core::repair_log`]) once the current step is done.
+    damage_found: Option<Lsn>,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -200,6 +203,7 @@ fn load(journal: &Journal) -> Result<Durable, NodeError> {
         voted,
         log,
         offline,
+        vote_floor: journal.election().vote_floor()?,
     })
 }
 
@@ -241,6 +245,7 @@ impl Core {
             backfill,
             retain,
             storage_failed_at: None,
+            damage_found: None,
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -297,6 +302,9 @@ impl Core {
             }
             self.on_deadlines();
             self.flush();
+            if let Some(damaged) = self.damage_found.take() {
+                self.repair_found(damaged);
+            }
         }
         // Commits go by the offline journal again from here (requests still queued are dropped
         // unanswered, which sends their callers that way too).
@@ -641,7 +649,27 @@ impl Core {
                     }
                 }
                 Ok(None) => break,
+                Err(ReplicaError::Store(NodeError::Journal(JournalError::BadRecord {
+                    place: RecordPlace::Log(lsn),
+                    reason,
+                }))) => {
+                    // Never served: repaired after this step (a leader steps down first).
+                    tracing::error!(at = lsn.0, %reason, "a log record to send is damaged");
+                    self.damage_found = Some(self.damage_found.map_or(lsn, |d| d.min(lsn)));
+                    break;
+                }
                 Err(e) => tracing::error!(error = %e, "a message could not be prepared; dropped"),
+            }
+        }
+    }
+
+    /// Repairs the log from a record found damaged on a read (see [`Core::repair_log`]).
+    fn repair_found(&mut self, damaged: Lsn) {
+        match self.repair_log(damaged) {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::debug!(at = damaged.0, "the damaged record was repaired already"),
+            Err(e) => {
+                tracing::error!(at = damaged.0, error = %e, "a damaged log record could not be repaired")
             }
         }
     }
@@ -668,29 +696,46 @@ impl Core {
         Ok(returned.len() as u64)
     }
 
-    /// Drops the log from `damaged` on (found by a scan; checked again here, one record), so
-    /// the leader sends it again; this device's readable changes after it go back to pending.
-    /// A leader refuses: its followers hold those positions, and it would write others there.
+    /// Drops the log from `damaged` on (found by a scan or a read; checked again here, one
+    /// record), so the leader sends it again; this device's readable changes after it go back
+    /// to pending. Before the cut, a leader hands over: it abdicates (a new epoch of its own,
+    /// never won, made durable first), so it never writes at those positions again in its old
+    /// epoch; and every device stores its vote floor, so its cut log neither wins an election
+    /// nor elects a leader lacking what it held (see `Replica::handle_abdicate`). The only
+    /// device of a library just cuts its log: nobody else holds it.
     fn repair_log(&mut self, damaged: Lsn) -> Result<Option<u64>, NodeError> {
         self.flush();
-        let journal = self.link.journal()?;
-        if journal.check_log(damaged, 1)?.damaged != Some(damaged) {
+        if self.link.journal()?.check_log(damaged, 1)?.damaged != Some(damaged) {
             return Ok(None);
         }
-        if self.replica.role() == ElectionRole::Leader {
-            return Err(NodeError::Failed(format!(
-                "log record {} is damaged and this device leads: another device must lead before it can fetch it again",
-                damaged.0
-            )));
+        let alone = self.link.library().devices()?.len() <= 1;
+        if !alone {
+            let leading = self.replica.role() == ElectionRole::Leader;
+            let floor = self.replica.handle_abdicate(self.now());
+            if leading {
+                tracing::warn!(
+                    damaged = damaged.0,
+                    "a damaged log record on the leader: it steps down so that another device leads"
+                );
+                self.after_input();
+                if !self.flush() {
+                    return Err(NodeError::Failed(format!(
+                        "log record {} is damaged, and stepping down could not be written",
+                        damaged.0
+                    )));
+                }
+            }
+            self.link.journal()?.election().store_vote_floor(floor)?;
         }
         let keep = Lsn(damaged.0.saturating_sub(1));
-        let returned = journal.log().truncate_after(keep, &[])?;
+        let returned = self.link.journal()?.log().truncate_after(keep, &[])?;
         tracing::warn!(
             damaged = damaged.0,
             returned = returned.len(),
             "a damaged log record: the log from it on is dropped and fetched again from the leader"
         );
         self.reload();
+        self.publish_status();
         Ok(Some(damaged.0))
     }
 

@@ -569,8 +569,8 @@ impl Node {
     /// Checks every record of this device's log (checksums and seals: it reads the whole
     /// log) and, if one is damaged, drops the log from it on and fetches it again from the
     /// leader; this device's own readable changes after it go back to pending and are pushed
-    /// again. Returns the first damaged position, if any. A leading device refuses: its
-    /// followers hold those positions, so another device must lead first.
+    /// again. Returns the first damaged position, if any. A leading device first steps down
+    /// (see `Replica::handle_abdicate`): another device leads, and this one fetches from it.
     pub fn repair_log(&self) -> Result<Option<u64>, NodeError> {
         // The scan reads the whole log: here, not on the core's thread.
         let Some(damaged) = self.link.journal()?.first_damaged_log_record()? else {

@@ -1,8 +1,8 @@
 //! The log scrub: a node reads its whole log now and then, a stretch at a time, checking every
-//! record's checksum and seal, so that damage at rest (a bad sector, a flipped bit) is found
-//! before a peer needs the record. A follower drops its log from the first damaged record on
-//! and fetches it again from its leader (see [`crate::Node::repair_log`]); a leader cannot, and
-//! logs it.
+//! record's checksum, seal and page binding, so that damage at rest (a bad sector, a flipped
+//! bit, an edit) is found before a peer needs the record. A follower drops its log from the
+//! first damaged record on and fetches it again from its leader (see
+//! [`crate::Node::repair_log`]); a leader steps down first, and fetches from the next one.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;

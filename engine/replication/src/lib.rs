@@ -9,7 +9,8 @@
 //!
 //! **Inputs.** [`Replica::handle_message`] (a [`ReplicationMessage`] from an authenticated
 //! peer), [`Replica::handle_connected`] and [`Replica::handle_disconnected`] (sessions),
-//! [`Replica::handle_commit`] (a change committed on this device) and
+//! [`Replica::handle_commit`] (a change committed on this device),
+//! [`Replica::handle_abdicate`] (this device's log is damaged: stop leading) and
 //! [`Replica::handle_timeout`] (time passed), each with the current time in ms.
 //!
 //! **Outputs**, polled after inputs, in this order:

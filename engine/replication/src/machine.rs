@@ -194,6 +194,7 @@ impl Machine {
             )]
             .into(),
             offline: Vec::new(),
+            vote_floor: None,
         };
         Self::new(config, durable, now_ms)
     }
@@ -348,6 +349,7 @@ impl Machine {
         let mut out = Vec::new();
         match input {
             Input::Tick => self.tick(now_ms, &mut out),
+            Input::Abdicate => self.abdicate(now_ms),
             Input::Connected(peer) => {
                 if peer != self.config.device {
                     self.connected.insert(peer);
@@ -427,7 +429,8 @@ impl Machine {
                         // No log yet, so not the founder's head either: a device that leads
                         // must start from the library's log, never a log of its own.
                         self.reset_election_timer(now_ms);
-                    } else if self.connected.is_empty() && self.may_lead_alone() {
+                    } else if self.connected.is_empty() && self.may_lead_alone() && self.may_stand()
+                    {
                         // Nobody to ask: its own vote is the majority of one.
                         self.start_election(now_ms, out);
                     } else if self.connected.is_empty() {
@@ -513,9 +516,35 @@ impl Machine {
         }
     }
 
+    /// Stops leading, for good: the epoch moves to a new one of this device's, as when standing,
+    /// but without asking for votes, so that neither this replica nor one restarted from its
+    /// durable state leads the old epoch again (it never won the new one, whose barrier is not
+    /// in its log). Its log may then be cut like a follower's (no entry is ever written again
+    /// at a position of the old epoch), and the next leader is elected as usual: by the
+    /// election rule, one whose log holds every committed entry. A no-op unless leading.
+    fn abdicate(&mut self, now_ms: u64) {
+        if self.role != ElectionRole::Leader {
+            return;
+        }
+        let epoch = self.next_epoch();
+        self.durable.epoch = epoch;
+        self.durable.voted = epoch;
+        self.role = self.idle_role();
+        self.leader = None;
+        self.votes.clear();
+        self.pre_vote = None;
+        self.next.clear();
+        self.flights.clear();
+        self.reset_election_timer(now_ms);
+    }
+
     /// Asks the reachable devices whether they would vote, before bumping any epoch: only when a
     /// majority would does the election start (see [`Message::PreVote`]).
     fn start_pre_vote(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        if !self.may_stand() {
+            self.reset_election_timer(now_ms);
+            return;
+        }
         let epoch = self.next_epoch();
         self.pre_vote = Some((epoch, BTreeSet::from([self.config.device])));
         self.reset_election_timer(now_ms);
@@ -709,8 +738,43 @@ impl Machine {
     fn would_vote(&self, from: DeviceId, epoch: Epoch, last: (Epoch, Lsn)) -> bool {
         epoch.counter > self.durable.voted.counter
             && epoch >= self.durable.epoch
-            && last >= self.durable.last()
+            && last >= self.vouched()
             && epoch.device == from
+    }
+
+    /// The log end this replica vouches for in elections: its own, or the end it held before
+    /// it cut its log at a damaged record, whichever is more up to date.
+    fn vouched(&self) -> (Epoch, Lsn) {
+        let own = self.durable.last();
+        self.durable.vote_floor.map_or(own, |floor| floor.max(own))
+    }
+
+    /// Whether this replica may stand: not while its log is short of what it vouched for
+    /// before cutting it (it would win without entries it had, and others may have counted on).
+    fn may_stand(&self) -> bool {
+        self.durable
+            .vote_floor
+            .is_none_or(|floor| self.durable.last() >= floor)
+    }
+
+    /// The vote floor to store with a cut of this replica's log at a damaged record (see
+    /// [`crate::Replica::handle_abdicate`]): its own log end; for a leader, the furthest
+    /// position a follower acknowledged this epoch (every committed entry is at or before it,
+    /// and a device holding it can win this replica's vote), or its own end if none did.
+    pub(crate) fn floor_for_cut(&self) -> (Epoch, Lsn) {
+        let own = self.durable.last();
+        let floor = match self.role {
+            ElectionRole::Leader => self
+                .matched
+                .values()
+                .copied()
+                .max()
+                .filter(|m| *m > 0 && *m < own.1 .0)
+                .and_then(|m| Some((self.durable.epoch_at(Lsn(m))?, Lsn(m))))
+                .unwrap_or(own),
+            _ => own,
+        };
+        self.durable.vote_floor.map_or(floor, |f| f.max(floor))
     }
 
     /// Sends `message` to every reachable device.

@@ -284,6 +284,21 @@ impl Replica {
         self.step(Input::Tick, now_ms);
     }
 
+    /// The runtime found this device's log damaged (a record that fails its checks) and will
+    /// cut it there. A leader stops leading, fenced by a new epoch of its own that it never
+    /// won, so that it never writes at those positions again in its old epoch; poll the
+    /// election-state write this asks for and make it durable before the cut. Returns the vote
+    /// floor to store durably before the cut ([`Durable::vote_floor`]); then start a replica
+    /// again from what is durable ([`Replica::restarted`]). The next leader is elected as
+    /// usual, among the devices whose logs reach the floor.
+    ///
+    /// For a library of one device, nothing of this is needed: its log is nobody else's.
+    pub fn handle_abdicate(&mut self, now_ms: u64) -> (Epoch, Lsn) {
+        let floor = self.machine.floor_for_cut();
+        self.step(Input::Abdicate, now_ms);
+        floor
+    }
+
     /// A session with `peer` came up.
     pub fn handle_connected(&mut self, now_ms: u64, peer: DeviceId) {
         self.step(Input::Connected(peer), now_ms);

@@ -189,6 +189,7 @@ fn truncated_changes_return_to_pending() {
         ]
         .into(),
         offline: Vec::new(),
+        vote_floor: None,
     };
     let mut node = Machine::new(config(1), durable, 0);
     let out = node.handle(
@@ -252,6 +253,7 @@ fn a_heartbeat_or_a_resent_segment_keeps_the_entries_past_it() {
         voted: leader,
         log: log.clone().into(),
         offline: Vec::new(),
+        vote_floor: None,
     };
     let mut node = Machine::new(config(1), durable, 0);
     for (prev, entries) in [
@@ -707,4 +709,117 @@ fn a_follower_pushes_each_change_once_until_it_may_have_been_lost() {
     heartbeat(&mut follower, now);
     let after_reconnect = pushed(&follower.handle(Input::Tick, now));
     assert_eq!(after_reconnect, vec![id(1), id(2), id(3)]);
+}
+
+/// A leader whose log is found damaged abdicates: it stops leading, fenced by a new epoch of
+/// its own that it never won, so that a restart from its durable state does not lead the old
+/// epoch again. With its log cut before the damage, it cannot win a vote from the followers
+/// holding more; one of them leads, and the cut device follows it.
+#[test]
+fn a_leader_with_a_damaged_log_abdicates_and_its_cut_log_never_wins() {
+    let (mut a, mut b, mut c) = leader_and_two_followers();
+    let (ad, bd, cd) = (a.device(), b.device(), c.device());
+    let old = a.durable().epoch;
+    let out = a.handle(Input::Commit(id(1)), 2);
+    let from_b = deliver(ad, &out, &mut b, 3);
+    let from_c = deliver(ad, &out, &mut c, 3);
+    deliver(bd, &from_b, &mut a, 4);
+    deliver(cd, &from_c, &mut a, 4);
+    assert_eq!(b.durable().last(), a.durable().last());
+    assert_eq!(c.durable().last(), a.durable().last());
+
+    // A follower's abdication changes nothing.
+    b.handle(Input::Abdicate, 5);
+    assert_eq!((b.role(), b.durable().epoch), (ElectionRole::Follower, old));
+
+    // Both followers acknowledged everything: the floor is the whole log.
+    let floor = a.floor_for_cut();
+    assert_eq!(floor, a.durable().last());
+    a.handle(Input::Abdicate, 5);
+    assert_ne!(a.role(), ElectionRole::Leader);
+    assert_eq!(a.leader(), None);
+    let fence = a.durable().epoch;
+    assert!(fence > old && fence.device == ad && a.durable().voted == fence);
+    // Restarted from what is durable, it does not lead: it never won `fence`.
+    assert_ne!(
+        Machine::new(config(1), a.durable().clone(), 6).role(),
+        ElectionRole::Leader
+    );
+
+    // Its log cut before the damaged entry, with its floor: it does not even ask for votes.
+    let mut cut = a.durable().clone();
+    cut.log.truncate(cut.log.len() - 1);
+    cut.vote_floor = Some(floor);
+    let mut a = Machine::new(config(1), cut.clone(), 6);
+    for peer in [bd, cd] {
+        a.handle(Input::Connected(peer), 6);
+    }
+    let ask = a.handle(Input::Tick, 2_000);
+    assert!(sent(&ask).is_empty(), "{ask:?}");
+    // Without the floor it would ask, and be refused by both (their logs are longer).
+    let mut unfloored = Machine::new(
+        config(1),
+        Durable {
+            vote_floor: None,
+            ..cut
+        },
+        6,
+    );
+    for peer in [bd, cd] {
+        unfloored.handle(Input::Connected(peer), 6);
+    }
+    let ask = unfloored.handle(Input::Tick, 2_000);
+    for node in [&mut b, &mut c] {
+        let reply = deliver(ad, &ask, node, 2_000);
+        assert_eq!(
+            pre_vote_granted(&reply),
+            Some(false),
+            "a cut log wins no vote"
+        );
+    }
+    assert_ne!(a.role(), ElectionRole::Leader);
+
+    // b asks: c grants, b stands and wins a newer epoch than the fence, and a follows it.
+    let ask = b.handle(Input::Tick, 3_000);
+    let from_c = deliver(bd, &ask, &mut c, 3_000);
+    assert_eq!(pre_vote_granted(&from_c), Some(true));
+    let request = deliver(cd, &from_c, &mut b, 3_001);
+    let vote = deliver(bd, &request, &mut c, 3_002);
+    let beats = deliver(cd, &vote, &mut b, 3_003);
+    assert_eq!(b.role(), ElectionRole::Leader);
+    assert!(
+        b.durable().epoch > fence,
+        "{:?} {fence:?}",
+        b.durable().epoch
+    );
+    deliver(bd, &beats, &mut a, 3_004);
+    assert_eq!(a.leader(), Some(bd));
+}
+
+/// A device that cut its log votes as if it still held what it vouched for: a candidate
+/// whose log is shorter than its floor (but longer than its cut log) gets no vote, one that
+/// reaches the floor does.
+#[test]
+fn a_cut_log_votes_only_for_logs_reaching_its_floor() {
+    let epoch = FOUNDER;
+    let mut cut = joined(epoch, Epoch::default());
+    cut.vote_floor = Some((epoch, Lsn(5)));
+    let mut voter = Machine::new(config(1), cut, 0);
+    let ask = |counter: u64, last: u64, device: u8| Input::Received {
+        from: DeviceId([device; 32]),
+        message: Message::PreVote {
+            epoch: Epoch {
+                counter,
+                device: DeviceId([device; 32]),
+            },
+            last: (epoch, Lsn(last)),
+        },
+    };
+    for peer in [2, 3] {
+        voter.handle(Input::Connected(DeviceId([peer; 32])), 0);
+    }
+    let short = voter.handle(ask(2, 4, 2), 1_000);
+    assert_eq!(pre_vote_granted(&short), Some(false), "short of the floor");
+    let reaching = voter.handle(ask(2, 5, 3), 1_000);
+    assert_eq!(pre_vote_granted(&reaching), Some(true), "at the floor");
 }

@@ -76,6 +76,7 @@ fn compacted_leader(n: u128, base: u64, peer: DeviceId) -> (Machine, Vec<Output>
         voted: epoch(3, 1),
         log,
         offline: Vec::new(),
+        vote_floor: None,
     };
     let mut leader = Machine::new(config(1), durable, 0);
     assert_eq!(leader.role(), ElectionRole::Leader, "its barrier is held");
@@ -281,6 +282,7 @@ fn a_replica_restarted_on_a_log_compacted_past_its_barrier_still_leads() {
         voted: epoch(2, 1),
         log,
         offline: vec![id(99)],
+        vote_floor: None,
     };
     let leader = Machine::new(config(1), durable, 0);
     assert_eq!(leader.role(), ElectionRole::Leader);

@@ -110,6 +110,8 @@ pub(crate) enum Input {
     Disconnected(DeviceId),
     /// The host committed a change on this device (already durable in the local journal).
     Commit(ChangeId),
+    /// The host found this device's log damaged: stop leading (see `Machine::abdicate`).
+    Abdicate,
 }
 
 /// What a node asks its runtime to do.
@@ -376,6 +378,11 @@ pub struct Durable {
     pub log: Log,
     /// This device's changes not yet seen in the log (the offline journal).
     pub offline: Vec<ChangeId>,
+    /// The log end (epoch and position of its last entry) this device vouched for before it
+    /// last cut its log at a damaged record (see [`crate::Replica::handle_abdicate`]): it votes
+    /// only for logs at least as up to date, and stands only once its own log is, so a log
+    /// that lost entries never elects a leader that lacks them.
+    pub vote_floor: Option<(Epoch, Lsn)>,
 }
 
 impl Durable {
