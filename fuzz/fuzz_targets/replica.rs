@@ -2,7 +2,8 @@
 //! paired peer, as a leader and as a follower, driven through its whole contract (writes made
 //! durable in an in-memory journal, then transmits). The core's own assertions (epochs never go
 //! back, one vote per counter, appends at the end only, nothing sent before it is written) and
-//! the journal's (an append lands at the end) must hold whatever the peer sends.
+//! the journal's (an append lands at the end) must hold whatever the peer sends, and whenever
+//! the runtime finds its log damaged and cuts it (abdicating first, keeping a vote floor).
 #![no_main]
 
 use keel_replication::wire::WireLogEntry;
@@ -126,6 +127,7 @@ struct Memory {
     election: (Epoch, Epoch),
     log: Vec<(Epoch, Vec<u8>)>,
     offline: Vec<(ChangeId, Vec<u8>)>,
+    vote_floor: Option<(Epoch, Lsn)>,
 }
 
 impl Store for Memory {
@@ -184,6 +186,20 @@ impl Memory {
                 })
                 .collect(),
             offline: self.offline.iter().map(|(id, _)| *id).collect(),
+            vote_floor: self.vote_floor,
+        }
+    }
+
+    /// The runtime found the record at `at` damaged: it cuts the log before it (this device's
+    /// changes after it go back to pending), after storing `floor`.
+    fn cut(&mut self, at: usize, floor: (Epoch, Lsn), device: u8) {
+        self.vote_floor = Some(self.vote_floor.map_or(floor, |f| f.max(floor)));
+        let keep = at.clamp(1, self.log.len().max(1));
+        for (_, sealed) in self.log.split_off(keep.min(self.log.len())) {
+            let own = sealed.get(20..) == Some(&[device; 32][..]);
+            if let (Some(id), true) = (self.peek_change_id(&sealed), own) {
+                self.offline.push((id, sealed));
+            }
         }
     }
 
@@ -258,8 +274,15 @@ fuzz_target!(|data: &[u8]| {
         } else {
             &mut follower
         };
-        match input.u8() % 8 {
+        match input.u8() % 9 {
             0 => replica.handle_timeout(now),
+            8 => {
+                let floor = replica.handle_abdicate(now);
+                drive(replica, store, *device, now);
+                store.cut(usize::from(input.u8()), floor, *device);
+                *replica = replica.restarted(store.durable(), now);
+                replica.handle_connected(now, peer);
+            }
             1 => {
                 let id = ChangeId(Uuid::from_u128(u128::from(input.u8()) + 1000));
                 replica.handle_commit(now, id, Some(seal(id, DeviceId([*device; 32]))));

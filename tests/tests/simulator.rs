@@ -1,13 +1,14 @@
 //! A seeded simulator of 3–5 replication cores through partitions (two sides, or single links cut),
-//! crashes and restarts (some halfway through writing), message loss, duplication, reordering,
+//! crashes and restarts (some halfway through writing), one device's log found damaged and cut
+//! (again and again), message loss, duplication, reordering,
 //! delays and damaged pushes, each device's clock off by up to a day either way and jumping
 //! back and forth by up to 2 s during the chaos. It drives each `Replica` through its whole contract, as the node
 //! runtime does: wire messages with payloads, a `Store` over an in-memory journal, writes made
 //! durable before anything is sent. It checks after every step that the "disk" holds the
 //! replica's own view (log, offline journal, election state), and after healing:
 //! identical logs and digests, no pending change left, every acknowledged change present exactly
-//! once, at most one leader per epoch, epochs that never go back, and no node ever losing a change
-//! it had.
+//! once, at most one leader per epoch, epochs that never go back, no node ever losing a change
+//! it had, and no cut log leading below its vote floor.
 //!
 //! `KEEL_SIM_SEED=N` runs one seed; `KEEL_SIM_SEEDS=N` sets how many (default 200; 1,000 in
 //! the full tier, `KEEL_FULL=1`).
@@ -55,6 +56,8 @@ struct Disk {
     voted: Epoch,
     log: Vec<(Epoch, Vec<u8>)>,
     offline: Vec<(ChangeId, Vec<u8>)>,
+    /// Stored before the runtime cuts the log at a damaged record.
+    vote_floor: Option<(Epoch, Lsn)>,
 }
 
 /// The disk of a device that has joined: the log's head (the founder's barrier), as its
@@ -100,7 +103,7 @@ impl Disk {
                 .map(|(e, p)| (*e, peek(p).map_or(LogSlot::Barrier, LogSlot::Change)))
                 .collect(),
             offline: self.offline.iter().map(|(id, _)| *id).collect(),
-            vote_floor: None,
+            vote_floor: self.vote_floor,
         }
     }
 
@@ -215,6 +218,13 @@ struct Sim {
     hostile_seen: Vec<bool>,
     /// Steps at which some node followed the hostile device (its forgeries took effect).
     followed_hostile: u64,
+    /// Logs found damaged and cut (see [`Sim::damage`]).
+    damaged: u64,
+    /// The device whose disk goes bad, once one did.
+    damaged_device: Option<usize>,
+    /// Whether logs are damaged during the chaos (not beside a hostile device, whose test
+    /// bounds how soon a leader follows its departure).
+    with_damage: bool,
 }
 
 fn config(device: DeviceId) -> ReplicaConfig {
@@ -291,6 +301,9 @@ impl Sim {
             hostile: with_hostile.then_some(HOSTILE),
             hostile_seen: vec![false; n],
             followed_hostile: 0,
+            damaged: 0,
+            damaged_device: None,
+            with_damage: !with_hostile,
         };
         // The founder's epoch and barrier.
         sim.flush(0, false);
@@ -441,6 +454,40 @@ impl Sim {
         self.check_node(i);
     }
 
+    /// Node `i` finds a record of its log damaged, at a random position past the head, and does
+    /// what the node runtime does: it abdicates (if it leads), makes that durable, stores its
+    /// vote floor, cuts its log before the damage (its own changes after it go back to its
+    /// offline journal, others' are their makers' to resubmit), and starts again from its disk.
+    fn damage(&mut self, i: usize) {
+        let now = self.clock(i);
+        let len = self.disks[i].log.len();
+        let Some(node) = self.nodes[i].as_mut() else {
+            return;
+        };
+        if len < 2 {
+            return;
+        }
+        let at = self.rng.random_range(2..=len);
+        let floor = node.handle_abdicate(now);
+        self.flush(i, true);
+        let device = self.devices[i];
+        let disk = &mut self.disks[i];
+        disk.vote_floor = Some(disk.vote_floor.map_or(floor, |f| f.max(floor)));
+        for (_, payload) in disk.log.split_off(at - 1) {
+            if let (Some(id), Some(true)) = (peek(&payload), origin(&payload).map(|o| o == device))
+            {
+                disk.offline.push((id, payload));
+            }
+        }
+        let durable = disk.durable();
+        if let Some(node) = self.nodes[i].take() {
+            self.nodes[i] = Some(node.restarted(durable, now));
+        }
+        self.views[i].clear();
+        self.damaged += 1;
+        self.flush(i, true);
+    }
+
     /// Node `i` crashes after writing some of what it was asked: nothing was sent.
     fn crash_while_writing(&mut self, i: usize) {
         let Some(mut node) = self.nodes[i].take() else {
@@ -470,6 +517,14 @@ impl Sim {
         if node.role() == ElectionRole::Leader {
             let leader = *self.leaders.entry(d.epoch).or_insert(node.device());
             assert_eq!(leader, node.device(), "two leaders in epoch {}", d.epoch);
+            // A log cut at a damaged record never leads until it holds what it vouched for.
+            if let Some(floor) = self.disks[i].vote_floor {
+                assert!(
+                    d.last() >= floor,
+                    "node {i} leads with a cut log: {:?} below its floor {floor:?}",
+                    d.last()
+                );
+            }
         }
     }
 
@@ -691,6 +746,15 @@ impl Sim {
                     self.commit(i, id);
                 }
             }
+            if self.with_damage && self.rng.random_bool(0.002) {
+                // One device's disk goes bad, and stays its only bad one: with the logs of
+                // two devices cut, the entries only they held may be gone everywhere, and no
+                // device can then be elected safely (decision 0063).
+                let i = *self
+                    .damaged_device
+                    .get_or_insert_with(|| self.rng.random_range(0..n));
+                self.damage(i);
+            }
         }
         for i in 0..n {
             if self.nodes[i].is_none() && (!chaos || self.rng.random_bool(0.02)) {
@@ -762,15 +826,25 @@ fn digest(d: &Durable) -> String {
     hasher.finalize().to_hex().to_string()
 }
 
-/// Runs one seed; returns how many damaged pushes the leaders refused.
-fn run(seed: u64) -> u64 {
-    run_with(seed, false).0
+/// What one seed did, for the figures and for checking each path was taken.
+#[derive(Default)]
+struct Ran {
+    /// Damaged pushes the leaders refused.
+    refused: u64,
+    /// Steps at which a node followed the hostile device.
+    followed_hostile: u64,
+    /// Logs found damaged and cut.
+    damaged: u64,
+}
+
+/// Runs one seed.
+fn run(seed: u64) -> Ran {
+    run_with(seed, false)
 }
 
 /// Runs one seed, with a hostile paired device during the chaos if `with_hostile` (it leaves
-/// when the network heals); returns how many damaged pushes the leaders refused and how often
-/// a node followed the hostile device.
-fn run_with(seed: u64, with_hostile: bool) -> (u64, u64) {
+/// when the network heals).
+fn run_with(seed: u64, with_hostile: bool) -> Ran {
     let mut sim = Sim::new(seed, with_hostile);
     for step in 0..CHAOS_STEPS {
         sim.step(true);
@@ -844,7 +918,11 @@ fn run_with(seed: u64, with_hostile: bool) -> (u64, u64) {
         );
     }
     assert!(sim.delivered > 0);
-    (sim.refused, sim.followed_hostile)
+    Ran {
+        refused: sim.refused,
+        followed_hostile: sim.followed_hostile,
+        damaged: sim.damaged,
+    }
 }
 
 #[test]
@@ -861,10 +939,13 @@ fn seeded_simulation_converges_and_loses_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(tier_default);
-    let mut refused = 0;
+    let (mut refused, mut damaged) = (0, 0);
     for seed in 0..seeds {
         match std::panic::catch_unwind(|| run(seed)) {
-            Ok(n) => refused += n,
+            Ok(ran) => {
+                refused += ran.refused;
+                damaged += ran.damaged;
+            }
             Err(panic) => {
                 eprintln!("simulator failed with seed {seed}; rerun with KEEL_SIM_SEED={seed}");
                 std::panic::resume_unwind(panic);
@@ -875,7 +956,11 @@ fn seeded_simulation_converges_and_loses_nothing() {
         refused > 0,
         "no damaged push was ever refused: that path went untested"
     );
-    eprintln!("simulator: {seeds} seeds converged");
+    assert!(
+        damaged > 0,
+        "no log was ever damaged: that path went untested"
+    );
+    eprintln!("simulator: {seeds} seeds converged ({damaged} logs damaged and cut)");
 }
 
 #[test]
@@ -891,7 +976,7 @@ fn seeded_simulation_with_a_hostile_peer_converges_and_loses_nothing() {
     let mut followed = 0;
     for seed in 0..seeds {
         match std::panic::catch_unwind(|| run_with(seed, true)) {
-            Ok((_, f)) => followed += f,
+            Ok(ran) => followed += ran.followed_hostile,
             Err(panic) => {
                 eprintln!("hostile simulation failed with seed {seed}; rerun with KEEL_SIM_HOSTILE_SEED={seed}");
                 std::panic::resume_unwind(panic);
