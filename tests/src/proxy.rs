@@ -24,6 +24,8 @@ pub struct LinkFaults {
 /// What the proxy did so far, both ways together.
 #[derive(Debug, Default)]
 pub struct LinkStats {
+    /// Bytes received from either side (UDP payloads), whatever became of them.
+    pub received_bytes: AtomicU64,
     /// Datagrams passed on.
     pub forwarded: AtomicU64,
     /// Dropped by the faults.
@@ -148,6 +150,11 @@ impl Proxy {
                         back.recv(&mut buf)
                     };
                     let datagram = received.ok().map(|n| buf[..n].to_vec());
+                    if let Some(d) = &datagram {
+                        stats
+                            .received_bytes
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
                     if datagram.is_some() && cut.load(Ordering::Relaxed) {
                         stats.cut.fetch_add(1, Ordering::Relaxed);
                         continue;
