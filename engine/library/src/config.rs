@@ -213,11 +213,17 @@ impl LibraryConfig {
             return Err(EngineError::MissingConfig(dir.to_path_buf()));
         }
         let text = read_small(&path)?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks the text of a `library.toml` (`path` names it in errors): its version
+    /// and its key derivation parameters (bounded before anything derives a key with them).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, EngineError> {
         let bad = |reason: String| EngineError::BadConfig {
-            path: path.clone(),
+            path: path.to_path_buf(),
             reason,
         };
-        let config: LibraryConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let config: LibraryConfig = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         if config.version > LIBRARY_CONFIG_VERSION {
             return Err(bad(format!(
                 "version {} is newer than this build ({LIBRARY_CONFIG_VERSION})",

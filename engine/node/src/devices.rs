@@ -59,7 +59,15 @@ impl DevicesFile {
             return Err(bad(format!("{} bytes is too large", meta.len())));
         }
         let text = std::fs::read_to_string(&path).map_err(io_at(&path))?;
-        toml::from_str(&text).map_err(|e| bad(e.to_string()))
+        Self::parse(&text, &path)
+    }
+
+    /// Parses the text of a `devices.toml` (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, NodeError> {
+        toml::from_str(text).map_err(|e| NodeError::BadDevicesFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
     }
 
     /// Writes the file atomically.
