@@ -370,6 +370,29 @@ fn cut_library(
     }
 }
 
+/// Opens the library `lib` of `home` (a cut copy, removed afterwards): it opens, holds every
+/// tag of `acked`, and its projections equal a replay of its journal. Returns how many tags
+/// it found.
+fn opens_with_every_tag(home: &Home, what: &str, acked: impl Iterator<Item = uuid::Uuid>) -> u64 {
+    let lib = Library::open(home, "lib", keel_tests::PASSWORD)
+        .unwrap_or_else(|e| panic!("{what}: does not open: {e}"));
+    lib.flush().expect("flushes");
+    let mut found = 0;
+    for id in acked {
+        assert!(
+            lib.get::<keel_engine::Tag>(id).expect("reads").is_some(),
+            "{what}: acknowledged tag {id} is missing"
+        );
+        found += 1;
+    }
+    let (report, digest) = lib.verify().expect("verifies");
+    assert!(report.faults.is_empty(), "{what}: {:?}", report.faults);
+    digest.unwrap_or_else(|e| panic!("{what}: projections differ from a replay: {e}"));
+    lib.close().expect("closes");
+    std::fs::remove_dir_all(home.root()).expect("removes");
+    found
+}
+
 /// The projection file and its write-ahead log as a power loss may leave them, beside a whole
 /// journal. SQLite runs with `synchronous=NORMAL` in WAL mode: a commit is not synced, so a
 /// power loss keeps any prefix of the log's bytes written since the last sync, a torn last
@@ -457,21 +480,7 @@ fn projections_cut_by_a_power_loss_catch_up_with_the_journal() {
                 &journal,
                 &projections,
             );
-            let lib = Library::open(&cut_home, "lib", keel_tests::PASSWORD)
-                .unwrap_or_else(|e| panic!("{what}: does not open: {e}"));
-            lib.flush().expect("flushes");
-            for id in &acked {
-                assert!(
-                    lib.get::<Tag>(*id).expect("reads").is_some(),
-                    "{what}: acknowledged tag {id} is missing"
-                );
-                found += 1;
-            }
-            let (report, digest) = lib.verify().expect("verifies");
-            assert!(report.faults.is_empty(), "{what}: {:?}", report.faults);
-            digest.unwrap_or_else(|e| panic!("{what}: projections differ from a replay: {e}"));
-            lib.close().expect("closes");
-            std::fs::remove_dir_all(cut_home.root()).expect("removes");
+            found += opens_with_every_tag(&cut_home, &what, acked.iter().copied());
             opened += 1;
         }
     }
@@ -556,21 +565,8 @@ fn a_library_cut_by_a_power_loss_opens_with_every_acknowledged_change() {
                 &[("projections.sqlite", &behind)],
             );
             let what = format!("power loss after sync {n} of {total}, {loss:?}");
-            let due: Vec<_> = acked.iter().filter(|(s, _)| *s <= n).collect();
-            let lib = Library::open(&cut_home, "lib", keel_tests::PASSWORD)
-                .unwrap_or_else(|e| panic!("{what}: does not open: {e}"));
-            for (_, id) in &due {
-                assert!(
-                    lib.get::<Tag>(*id).expect("reads").is_some(),
-                    "{what}: acknowledged tag {id} is missing"
-                );
-                found += 1;
-            }
-            let (report, digest) = lib.verify().expect("verifies");
-            assert!(report.faults.is_empty(), "{what}: {:?}", report.faults);
-            digest.unwrap_or_else(|e| panic!("{what}: projections differ from a replay: {e}"));
-            lib.close().expect("closes");
-            std::fs::remove_dir_all(cut_home.root()).expect("removes");
+            let due = acked.iter().filter(|(s, _)| *s <= n).map(|(_, id)| *id);
+            found += opens_with_every_tag(&cut_home, &what, due);
             opened += 1;
         }
     }
