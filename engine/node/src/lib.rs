@@ -38,6 +38,8 @@ pub use devices::{DevicesFile, PairedDevice};
 pub use discovery::{find_inviter, lan_tag, Discovery, LAN_SERVICE, MDNS_PORT, PAIRING_SERVICE};
 pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
+#[cfg(fuzzing)]
+pub use snapshot::fuzz_receive;
 pub use snapshot::{JoinProgress, SnapshotOutcome};
 pub use status::{AppliedDomains, NodeStatus, PeerStatus};
 #[cfg(feature = "typescript")]

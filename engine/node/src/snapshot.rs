@@ -972,6 +972,39 @@ impl SnapshotReader {
     }
 }
 
+/// Feeds `messages` to a snapshot receiver writing into `dir`, as a joining device's receiving
+/// loop does, until one is refused or the snapshot ends: the log entries it handed to the
+/// journal, and the log end and file length it reached (`Ok(None)`: not the end yet). For the
+/// `snapshot_receiver` fuzz target only (built by cargo-fuzz, which sets `cfg(fuzzing)`).
+#[cfg(fuzzing)]
+pub fn fuzz_receive(
+    dir: &Path,
+    messages: impl IntoIterator<Item = DeviceMessage>,
+) -> (u64, Result<Option<(u64, u64)>, String>) {
+    let (segments, stored) = crossbeam_channel::unbounded();
+    let mut reader = SnapshotReader {
+        incoming_path: dir.join(INCOMING_FILE),
+        incoming: None,
+        next: 1,
+        seen: None,
+        base: (Lsn(0), Epoch::default(), Epoch::default()),
+        start_after: false,
+        frames: None,
+        segments,
+    };
+    let mut entries = 0u64;
+    for message in messages {
+        let step = reader.on_message(message);
+        entries += stored.try_iter().map(|(_, e)| e.len() as u64).sum::<u64>();
+        match step {
+            Ok(Some((_, log_end, len))) => return (entries, Ok(Some((log_end, len)))),
+            Ok(None) => {}
+            Err(e) => return (entries, Err(e.to_string())),
+        }
+    }
+    (entries, Ok(None))
+}
+
 /// What [`receive`] stored.
 struct Received {
     log_entries: u64,
