@@ -160,6 +160,92 @@ pub mod hostile {
         framed
     }
 
+    /// A paired device (`identity`, of `library`, which trusts `node`) floods the node at
+    /// `addr` over sync sessions for `secs` seconds: `connections` connections, each saying
+    /// Hello and then sending, on 16 streams at once, 1.2 MB frames of junk, amplified
+    /// `Push`es and pushes of changes as large as the limits allow that do not open. Returns
+    /// how many sessions the node accepted.
+    pub async fn paired_flood(
+        addr: SocketAddr,
+        (identity, library, node): (Identity, keel_schema::LibraryId, keel_schema::DeviceId),
+        connections: usize,
+        secs: u64,
+    ) -> usize {
+        use keel_transport::DeviceMessage;
+        let pins = Pins::new();
+        pins.pin(node);
+        let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+        let Ok(endpoint) = Endpoint::bind(&identity, localhost, pins) else {
+            return 0;
+        };
+        let mut big = 1_200_000u32.to_be_bytes().to_vec();
+        big.resize(FRAME_HEADER_LEN + 1_200_000, 7);
+        let junk = DeviceMessage::Replication(keel_replication::ReplicationMessage::Push {
+            changes: (0..64)
+                .map(|i| serde_bytes::ByteBuf::from(vec![i as u8; 60_000]))
+                .collect(),
+        });
+        let Ok(junk) = junk.encode() else {
+            return 0;
+        };
+        let frames = Arc::new([big, amplified_push(8_000_000), junk]);
+        let hello = DeviceMessage::Hello {
+            device: identity.device(),
+            library,
+            epoch: keel_schema::Epoch::default(),
+            log_end: keel_schema::Lsn(0),
+            positions: Vec::new(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let (endpoint, hello) = (Arc::new(endpoint), Arc::new(hello));
+        let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let (endpoint, hello, frames, sessions) = (
+                endpoint.clone(),
+                hello.clone(),
+                frames.clone(),
+                sessions.clone(),
+            );
+            // A session the node closes (on a frame over the limits) is opened again.
+            all.spawn(async move {
+                while tokio::time::Instant::now() < deadline {
+                    let Ok(conn) = endpoint.connect(addr).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    if conn.send(&hello).await.is_err() || conn.recv().await.is_err() {
+                        continue;
+                    }
+                    sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let conn = Arc::new(conn);
+                    let mut sends = tokio::task::JoinSet::new();
+                    for stream in 0..16 {
+                        let (conn, frames) = (conn.clone(), frames.clone());
+                        sends.spawn(async move {
+                            let mut n = stream;
+                            while tokio::time::Instant::now() < deadline {
+                                let frame = &frames[n % frames.len()];
+                                n += 1;
+                                let sent = tokio::time::timeout(
+                                    Duration::from_secs(1),
+                                    conn.send_raw(frame),
+                                )
+                                .await;
+                                if matches!(sent, Ok(Err(_))) {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                    while sends.join_next().await.is_some() {}
+                }
+            });
+        }
+        while all.join_next().await.is_some() {}
+        sessions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// `strangers` unpaired devices connect to `addr` to pair (an invitation must be open); each
     /// opens `streams` streams of 1.2 MB of junk at once, sends a 16 MiB amplified `Push`, and
     /// gives up after 3 s.

@@ -840,6 +840,70 @@ fn a_flood_from_strangers_during_an_invitation_leaves_the_node_bounded() {
     ok(&keel(&home, &["status", "lib"]));
 }
 
+/// Issue 29: a paired device that misbehaves floods the node (`keel serve`, its own process,
+/// measured from outside) over sync sessions for 4 s: 4 connections at a time, each with 16
+/// streams of 1.2 MB junk frames, amplified `Push`es and pushes of 64 changes of 60 kB that do
+/// not open, opened again whenever the node closes them. The node stays under 300 MB and keeps
+/// serving.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_flood_from_a_paired_device_leaves_the_node_bounded() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&keel(&home_a, &["init", "lib"]));
+    let listen = free_port();
+    let served = serve(&home_a, &listen, &[]);
+    let invite = ok(&keel(&home_a, &["pair", "invite", "lib", "--yes"]));
+    let code = invite.lines().next().expect("a code").to_string();
+    ok(&keel(
+        &home_b,
+        &[
+            "pair", "join", "--addr", &listen, "--code", &code, "--name", "bee",
+        ],
+    ));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&keel(&home_a, &["status", "lib", "--json"]))).expect("json");
+    let node = status["device_id"]
+        .as_str()
+        .and_then(keel_engine::DeviceId::from_hex)
+        .expect("a's device id");
+    let home = keel_engine::Home::new(&home_b);
+    let library = keel_engine::LibraryConfig::read(&home.library_dir("lib"))
+        .expect("b's library.toml")
+        .library();
+    let device = home.device().expect("b's identity");
+    let identity = keel_transport::Identity::from_parts(device.cert_der, device.key_der);
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let baseline = peak_rss_mb(served.0.id());
+    let flood = rt.spawn(keel_tests::hostile::paired_flood(
+        addr,
+        (identity, library, node),
+        4,
+        4,
+    ));
+    let mut peak = 0;
+    while !flood.is_finished() {
+        peak = peak.max(peak_rss_mb(served.0.id()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sessions = rt.block_on(flood).expect("the flood ran");
+    peak = peak.max(peak_rss_mb(served.0.id()));
+    eprintln!("a paired flood: {sessions} sessions; the node's RSS {baseline} MB before, {peak} MB at its peak");
+    assert!(
+        sessions > 0,
+        "the node took no session from the paired device"
+    );
+    assert!(peak > 0, "no memory figure for the node");
+    assert!(peak < 300, "the node's peak RSS reached {peak} MB");
+    ok(&keel(&home_a, &["status", "lib"]));
+}
+
 /// Issue 26: a relative path given to a command that runs through a node's control socket
 /// means what it means where the caller stands, not where the node was started.
 #[test]
