@@ -494,6 +494,89 @@ fn projections_cut_by_a_power_loss_catch_up_with_the_journal() {
     );
 }
 
+/// The tags of `lib`, by uuid.
+fn tag_ids(lib: &Library) -> std::collections::BTreeSet<uuid::Uuid> {
+    lib.read(|p| p.query().select::<keel_engine::Tag, _>("1 = 1", []))
+        .expect("reads")
+        .into_iter()
+        .map(|t| t.uuid)
+        .collect()
+}
+
+/// A joining device's journal cut by a power loss after each sync of its initial sync (only
+/// what was synced, or with the last write torn at 4 KiB), without the projection file, which
+/// is installed only once the whole log is stored. Each cut library opens, its log is sound
+/// and a prefix of the leader's (its tags are the leader's, and no more of them than the
+/// leader's log end), its projections are a replay of it; and a node started on the first,
+/// a middle and the last cut catches up with the leader.
+#[test]
+fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
+    use keel_journal::faults::PowerLoss;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
+    for round in 0..8 {
+        tags(a.library(), (0..150).map(|i| format!("a {round} {i}")));
+    }
+    a.library().flush().expect("flushes");
+    let leader_tags = tag_ids(a.library());
+    let leader_end = last_lsn(a.library());
+    let home = Home::new(dir.path().join("b"));
+    let folder = home.library_dir("lib");
+    let faults = Faults::new();
+    faults.record();
+    inject(&folder.join("journal.redb"), faults.clone());
+    let name = cluster::pair(&home, &a, a.local_addr()).expect("joins");
+    assert_eq!(name, "lib");
+    let total = faults.syncs();
+    assert!(total >= 2, "the join synced {total} times: no cut to try");
+    let mut opened = 0u64;
+    let started = [1, total / 2, total];
+    for n in 1..=total {
+        for loss in [PowerLoss::SyncedOnly, PowerLoss::TornLast { bytes: 4096 }] {
+            let what = format!("a join cut after sync {n} of {total}, {loss:?}");
+            let image = faults.crash_image(n, loss).expect("a recorded sync");
+            let cut_home = Home::new(dir.path().join(format!("cut-{opened}")));
+            cut_library(&folder, &cut_home.library_dir("lib"), &image, &[]);
+            let lib = Library::open(&cut_home, "lib", keel_tests::PASSWORD)
+                .unwrap_or_else(|e| panic!("{what}: does not open: {e}"));
+            lib.flush().expect("flushes");
+            let (report, digest) = lib.verify().expect("verifies");
+            assert!(report.faults.is_empty(), "{what}: {:?}", report.faults);
+            digest.unwrap_or_else(|e| panic!("{what}: projections differ from a replay: {e}"));
+            let end = last_lsn(&lib);
+            let held = tag_ids(&lib);
+            assert!(end <= leader_end, "{what}: a log past the leader's");
+            assert!(
+                held.is_subset(&leader_tags),
+                "{what}: tags the leader has not"
+            );
+            assert!(
+                held.len() as u64 <= end,
+                "{what}: more tags than log entries"
+            );
+            if loss == PowerLoss::SyncedOnly && started.contains(&n) {
+                let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
+                    .unwrap_or_else(|e| panic!("{what}: the node does not start: {e}"));
+                cluster::converge(&[&a, &b], Duration::from_secs(30))
+                    .unwrap_or_else(|e| panic!("{what}: no catch-up: {e}"));
+                assert_eq!(
+                    tag_ids(b.library()),
+                    leader_tags,
+                    "{what}: after catching up"
+                );
+                b.stop().expect("stops");
+            } else {
+                lib.close().expect("closes");
+            }
+            std::fs::remove_dir_all(cut_home.root()).expect("removes");
+            opened += 1;
+        }
+    }
+    eprintln!(
+        "power-loss sweep (join): {total} syncs x 2 ways, {opened} libraries opened, 3 caught up"
+    );
+}
+
 /// A library's journal cut by a power loss after its Nth sync (only what was synced, or with
 /// the last write torn at 4 KiB), beside projections as they were at an earlier moment (SQLite
 /// syncs less often than the journal, so a power loss leaves them behind it): the library
