@@ -197,9 +197,69 @@ fn drop_guarded(db: Database) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
 }
 
+/// Creates an empty journal at `path` so that the file appears there only once redb has
+/// initialised it. redb writes its header, syncs, then writes its magic number and syncs
+/// again: a file cut by a power loss between the two is refused ever after ("not a redb
+/// database"). Built beside it under another name, synced, renamed, and the folder synced.
+fn create_aside(path: &Path) -> Result<(), JournalError> {
+    let io = |e: std::io::Error| JournalError::Storage(redb::Error::Io(e));
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".creating");
+    let aside = path.with_file_name(name);
+    match std::fs::remove_file(&aside) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&aside)
+        .map_err(io)?;
+    let backend = redb::backends::FileBackend::new(file).map_err(storage)?;
+    #[cfg(feature = "faults")]
+    let planned = crate::faults::planned_for(path);
+    #[cfg(feature = "faults")]
+    if let Some(faults) = planned.clone() {
+        let faulty = crate::faults::Faulty::new(backend, faults);
+        drop(
+            Database::builder()
+                .create_with_backend(faulty)
+                .map_err(storage)?,
+        );
+    } else {
+        drop(
+            Database::builder()
+                .create_with_backend(backend)
+                .map_err(storage)?,
+        );
+    }
+    #[cfg(not(feature = "faults"))]
+    drop(
+        Database::builder()
+            .create_with_backend(backend)
+            .map_err(storage)?,
+    );
+    std::fs::rename(&aside, path).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    #[cfg(feature = "faults")]
+    if let Some(faults) = planned {
+        faults.appeared();
+    }
+    Ok(())
+}
+
 /// Opens (or creates) the redb file, with direct writes when asked and possible. The storage
 /// engine may panic on a damaged file: that is a typed error here.
 fn open_database(path: &Path, direct_writes: bool) -> Result<Database, JournalError> {
+    let absent = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+    if absent {
+        create_aside(path)?;
+    }
     let opened = std::panic::catch_unwind(|| {
         let mut builder = Database::builder();
         builder.set_cache_size(JOURNAL_CACHE_BYTES);

@@ -58,9 +58,15 @@ struct Plan {
 /// One call that changed the file, as recorded (see [`Faults::record`]).
 #[derive(Debug, Clone)]
 enum Op {
-    Write { offset: u64, data: Vec<u8> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     SetLen(u64),
     Sync,
+    /// The file appears at its path (built aside and renamed there, the folder synced): before
+    /// it, a power loss leaves no file at the path.
+    Appear,
 }
 
 /// The faults planned for one journal file; shared by the test and the backend.
@@ -139,19 +145,27 @@ impl Faults {
     /// The file a power loss right after the `n`th sync (0: before the first) would leave,
     /// with `loss` deciding what of the writes after it reached the disk; `None` past the last
     /// sync recorded.
+    ///
+    /// An empty image: no file at the path yet (the journal is built aside and appears there
+    /// only once redb has initialised it).
     pub fn crash_image(&self, n: u64, loss: PowerLoss) -> Option<Vec<u8>> {
         let recorded = self.recorded.lock().ok()?;
         let ops = recorded.as_ref()?;
         let mut image = Vec::new();
         let mut synced = 0u64;
         let mut at = 0usize;
+        let mut appeared = !ops.iter().any(|op| matches!(op, Op::Appear));
         while synced < n {
             let op = ops.get(at)?;
             at += 1;
             match op {
                 Op::Sync => synced += 1,
+                Op::Appear => appeared = true,
                 other => apply(&mut image, other, usize::MAX),
             }
+        }
+        if !appeared {
+            return Some(Vec::new());
         }
         let pending: Vec<&Op> = ops[at..]
             .iter()
@@ -180,6 +194,11 @@ impl Faults {
             }
         }
         Some(image)
+    }
+
+    /// Records that the file appeared at its path (see [`Op::Appear`]).
+    pub(crate) fn appeared(&self) {
+        self.note(Op::Appear);
     }
 
     fn note(&self, op: Op) {
@@ -226,7 +245,7 @@ fn apply(image: &mut Vec<u8>, op: &Op, limit: usize) {
             image[start..end].copy_from_slice(data);
         }
         Op::SetLen(len) => image.resize(usize::try_from(*len).unwrap_or(usize::MAX), 0),
-        Op::Sync => {}
+        Op::Sync | Op::Appear => {}
     }
 }
 

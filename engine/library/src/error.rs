@@ -79,6 +79,10 @@ pub enum EngineError {
     /// The journal file of an existing library is missing or empty.
     #[error("the journal {0} is missing or empty; restore it from a backup (the projections alone cannot be trusted)")]
     JournalMissing(PathBuf),
+    /// The library's folder holds its settings but no journal and no projections: its creation
+    /// or its join stopped (a crash, a power loss) before anything was stored.
+    #[error("the library in {0} holds nothing yet: its creation or join did not finish; remove the folder and create or join the library again")]
+    Unfinished(PathBuf),
     /// The projections have applied more than the journal holds (the journal was truncated or
     /// replaced by an older copy).
     #[error("the projections are ahead of the journal (applied lsn {applied}, journal ends at {journal_last}); restore the journal, or run `keel rebuild` to accept it as it is")]

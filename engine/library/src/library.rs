@@ -424,7 +424,14 @@ impl Library {
             .map(|m| m.len())
             .unwrap_or(0);
         if journal_len == 0 {
-            return Err(EngineError::JournalMissing(journal_path));
+            let stored = [PROJECTIONS_FILE, crate::SNAPSHOT_FILE]
+                .iter()
+                .any(|f| dir.join(f).exists());
+            return Err(if stored {
+                EngineError::JournalMissing(journal_path)
+            } else {
+                EngineError::Unfinished(dir)
+            });
         }
         let device = home.device()?;
         Self::open_unlocked(name, dir, config, device, key, None, home.models())
