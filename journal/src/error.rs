@@ -99,6 +99,10 @@ pub enum JournalError {
     /// The writer thread has stopped (the journal is closing or crashed).
     #[error("the journal writer has stopped")]
     WriterStopped,
+    /// An existing library's journal holds nothing of it: its creation stopped before the
+    /// journal's first commit (see [`crate::JournalOptions::existing`]).
+    #[error("the journal was never initialised: its library's creation or join did not finish")]
+    Uninitialised,
     /// The journal was written by a newer format.
     #[error("journal format {found} is newer than this build reads ({supported})")]
     UnsupportedFormat {

@@ -204,6 +204,11 @@ pub struct JournalOptions {
     /// nothing reads back soon, such as the log a joining device receives (see
     /// `direct_writes.rs`). Ignored where the platform or file system does not offer it.
     pub direct_writes: bool,
+    /// The library exists already (it is being opened, not created): a journal that holds
+    /// nothing of it (its creation stopped before the journal's first commit) is
+    /// [`JournalError::Uninitialised`] instead of being made anew, and so never founds a
+    /// library as this device's.
+    pub existing: bool,
 }
 
 pub(crate) fn read_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
@@ -352,7 +357,22 @@ impl Journal {
         let handle = Arc::new(DbHandle::open(path, options.direct_writes)?);
         let db = handle.get()?;
         let sealer = key.sealer(library);
-        guarded(|| Self::init_tables(&db, library, sealer.page_keys()))?;
+        // A new journal stores its first epoch with its library id, in one commit: this
+        // device's epoch 1 (it founds the library) unless a role is given (a joining device
+        // follows). No state holds the library id without an epoch.
+        let first_epoch = match options.role {
+            None => Epoch { counter: 1, device },
+            Some(CommitRoute::Log(epoch)) => epoch,
+            Some(CommitRoute::Offline) => Epoch::default(),
+        };
+        guarded(|| {
+            Self::init_tables(
+                &db,
+                library,
+                sealer.page_keys(),
+                (first_epoch, options.existing),
+            )
+        })?;
 
         let stored_epoch = read_meta(&db, META_EPOCH)?.and_then(|b| decode_epoch(&b));
         let role = match options.role {
@@ -416,10 +436,13 @@ impl Journal {
         Ok(journal)
     }
 
+    /// Creates the tables, checks the format and the library id, and on a new journal stores
+    /// the library id with `first_epoch` (unless `existing`: then a new journal is refused).
     fn init_tables(
         db: &Database,
         library: LibraryId,
         keys: &crate::binding::PageKeys,
+        (first_epoch, existing): (Epoch, bool),
     ) -> Result<(), JournalError> {
         let mut txn = WriteTxn::begin(db)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
@@ -465,9 +488,15 @@ impl Journal {
                         });
                     }
                 }
+                None if existing => return Err(JournalError::Uninitialised),
                 None => {
                     meta.insert(META_LIBRARY, library.0.as_bytes().as_slice())
                         .map_err(storage)?;
+                    if meta.get(META_EPOCH).map_err(storage)?.is_none() {
+                        let epoch = epoch_bytes(first_epoch);
+                        meta.insert(META_EPOCH, &epoch[..]).map_err(storage)?;
+                        meta.insert(META_VOTED, &epoch[..]).map_err(storage)?;
+                    }
                 }
             }
         }
@@ -1231,8 +1260,19 @@ fn initial_route(
             }
         }
         Some(_) => CommitRoute::Offline,
-        None => CommitRoute::Log(Epoch { counter: 1, device }),
+        // No epoch stored: a new journal founds the library; one that holds a log already (a
+        // joining device's, cut before its epoch was stored) follows whoever leads it.
+        None if guarded(|| log_is_empty(db))? => CommitRoute::Log(Epoch { counter: 1, device }),
+        None => CommitRoute::Offline,
     })
+}
+
+/// Whether the log holds nothing and starts at the beginning (no compaction base).
+fn log_is_empty(db: &Database) -> Result<bool, JournalError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let log = txn.open_table(LOG).map_err(storage)?;
+    let no_base = read_meta(db, crate::tables::META_LOG_BASE)?.is_none();
+    Ok(log.first().map_err(storage)?.is_none() && no_base)
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ fn follower_changes_wait_in_the_local_journal() {
             committed_budget: None,
             direct_writes: false,
             role: Some(CommitRoute::Offline),
+            existing: false,
         },
     )
     .expect("opens");
@@ -164,4 +165,57 @@ fn job_records_are_sealed_kept_and_bounded() {
     journal.jobs().remove(a).expect("removes");
     assert_eq!(journal.jobs().all().expect("reads").len(), 1);
     journal.close();
+}
+
+/// A new journal stores its first epoch with its library id, in one commit: this device's
+/// epoch 1 when it founds the library, none of its own when it joins one (a joining device's
+/// journal cut before its epoch was stored once founded a library of its own). An existing
+/// library's journal that holds nothing of it is `Uninitialised`, never made anew.
+#[test]
+fn a_new_journal_stores_its_first_epoch_and_an_existing_one_must_hold_its_library() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = LibraryId(Uuid::new_v4());
+    let key = LibraryKey::generate();
+    let device = DeviceId([4; 32]);
+    let open = |name: &str, role: Option<CommitRoute>, existing: bool| {
+        Journal::open(
+            &dir.path().join(name),
+            lib,
+            &key,
+            device,
+            JournalOptions {
+                role,
+                existing,
+                ..JournalOptions::default()
+            },
+        )
+    };
+    let founder = open("founder.redb", None, false).expect("opens");
+    assert_eq!(
+        founder.election().epoch().expect("reads"),
+        Some(Epoch { counter: 1, device })
+    );
+    founder.close();
+    let joiner = open("joiner.redb", Some(CommitRoute::Offline), false).expect("opens");
+    assert_eq!(
+        joiner.election().epoch().expect("reads"),
+        Some(Epoch::default())
+    );
+    joiner.close();
+    // Reopened as existing libraries: as they were.
+    let joiner = open("joiner.redb", None, true).expect("reopens");
+    assert_eq!(
+        joiner.election().epoch().expect("reads"),
+        Some(Epoch::default())
+    );
+    joiner.close();
+    assert!(matches!(
+        open("never.redb", None, true),
+        Err(JournalError::Uninitialised)
+    ));
+    // Refused, not made: it stays so.
+    assert!(matches!(
+        open("never.redb", None, true),
+        Err(JournalError::Uninitialised)
+    ));
 }

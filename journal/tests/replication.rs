@@ -28,6 +28,7 @@ fn options(role: CommitRoute) -> JournalOptions {
         committed_budget: None,
         direct_writes: false,
         role: Some(role),
+        existing: false,
     }
 }
 

@@ -26,6 +26,7 @@ fn journal_of(dir: &std::path::Path, library: LibraryId, changes: &[Change]) -> 
                 counter: 1,
                 device: DEVICE,
             })),
+            existing: false,
         },
     )
     .expect("opens the journal");

@@ -19,6 +19,15 @@ use crate::events::{Event, EVENT_BUS_CAPACITY};
 use crate::replay::replay;
 use crate::tx::Tx;
 
+/// How a library's journal is reached when it opens.
+#[derive(Clone, Copy)]
+enum Opening {
+    /// Just created: the journal is made now (a joining device's follows, from `follower`).
+    Created { follower: Option<Epoch> },
+    /// An existing library: a journal that holds nothing of it means its creation stopped.
+    Existing,
+}
+
 /// A library created by pairing: it starts as a follower with no epoch, and its Device record
 /// carries `device_name` when one was given.
 #[derive(Debug, Clone, Copy)]
@@ -348,7 +357,9 @@ impl Library {
             config,
             device,
             key,
-            joined.map(|_| Epoch::default()),
+            Opening::Created {
+                follower: joined.map(|_| Epoch::default()),
+            },
             home.models(),
         )
     }
@@ -434,7 +445,21 @@ impl Library {
             });
         }
         let device = home.device()?;
-        Self::open_unlocked(name, dir, config, device, key, None, home.models())
+        let opened = Self::open_unlocked(
+            name,
+            dir.clone(),
+            config,
+            device,
+            key,
+            Opening::Existing,
+            home.models(),
+        );
+        match opened {
+            Err(EngineError::Journal(keel_journal::JournalError::Uninitialised)) => {
+                Err(EngineError::Unfinished(dir))
+            }
+            other => other,
+        }
     }
 
     /// Changes the password: unwraps the library key with `old` and wraps it under `new` (fresh
@@ -477,9 +502,13 @@ impl Library {
         config: LibraryConfig,
         device: DeviceIdentity,
         key: &LibraryKey,
-        follower_epoch: Option<Epoch>,
+        opening: Opening,
         models: &Registry,
     ) -> Result<Self, EngineError> {
+        let (follower_epoch, existing) = match opening {
+            Opening::Created { follower } => (follower, false),
+            Opening::Existing => (None, true),
+        };
         // Every reference names a registered model (before anything opens or is written).
         models.check()?;
         let (committed_tx, committed_rx) = crossbeam_channel::bounded(COMMITTED_QUEUE_BATCHES);
@@ -494,6 +523,7 @@ impl Library {
                 role: follower_epoch.map(|_| keel_journal::CommitRoute::Offline),
                 committed_budget: Some(budget.clone()),
                 direct_writes: false,
+                existing,
             },
         )?;
         if let Some(epoch) = follower_epoch {

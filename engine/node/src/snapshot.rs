@@ -415,6 +415,8 @@ pub(crate) async fn fetch(
             role: Some(CommitRoute::Offline),
             // The whole log arrives at once, and nothing reads it back before the node starts.
             direct_writes: true,
+            // Made when the library was created for the join.
+            existing: true,
             ..JournalOptions::default()
         },
     )?;

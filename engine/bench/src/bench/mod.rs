@@ -295,6 +295,7 @@ fn open_journal(dir: &Path, name: &str) -> Result<(Journal, LibraryKey, LibraryI
                 counter: 1,
                 device: device(),
             })),
+            existing: false,
         },
     )?;
     Ok((journal, key, library))
