@@ -198,6 +198,7 @@ impl WriterState {
         }
         txn.commit().map_err(storage)?;
         self.next_lsn = base.0 + 1;
+        self.tail = None;
         Ok(())
     }
 
@@ -258,6 +259,7 @@ impl WriterState {
             return Err(storage(e));
         }
         self.next_lsn = base.0 + 1;
+        self.tail = None;
         Ok(returned)
     }
 

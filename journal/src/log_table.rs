@@ -188,6 +188,12 @@ impl<'k> PageWriter<'k> {
         self.first + self.page.len()
     }
 
+    /// After [`PageWriter::flush`]: the position that follows, and the link of the record before
+    /// it (what a writer continuing there starts with).
+    pub(crate) fn tail(&self) -> (u64, [u8; LINK_LEN]) {
+        (self.first, self.link)
+    }
+
     /// Binds `page` (of `count` records) to the next positions and inserts it.
     fn write(
         &mut self,

@@ -9,7 +9,7 @@ use keel_schema::{Change, ChangeId, Epoch, Lsn};
 use redb::{Durability, ReadableTable};
 
 use crate::error::{storage, JournalError, WriteTxn};
-use crate::log_table::{split_off, PageWriter};
+use crate::log_table::split_off;
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
 use crate::tables::{LOG, LOG_INDEX, META, META_REPLAY_FROM, OFFLINE};
@@ -42,7 +42,7 @@ impl WriterState {
         let mut ids = std::collections::HashSet::new();
         let mut own = 0u64;
         let sealer = crate::store::current_sealer(&self.sealer);
-        let mut pages = PageWriter::after(&log, self.next_lsn, sealer.page_keys())?;
+        let mut pages = self.page_writer(&log, sealer.page_keys())?;
         for (epoch, change, sealed) in entries {
             let lsn = self.next_lsn;
             self.next_lsn += 1;
@@ -59,6 +59,7 @@ impl WriterState {
             appended.push((Placement::Log(Lsn(lsn)), change));
         }
         pages.flush(&mut log)?;
+        self.tail = Some(pages.tail());
         let mut sequenced = Vec::new();
         if !ids.is_empty() {
             for item in local.iter().map_err(storage)? {
@@ -131,6 +132,7 @@ impl WriterState {
             return Err(storage(e));
         }
         self.next_lsn = keep.0 + 1;
+        self.tail = None;
         Ok(returned)
     }
 }

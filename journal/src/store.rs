@@ -421,6 +421,7 @@ impl Journal {
             leading,
             stale: false,
             sealer: journal.sealer.clone(),
+            tail: None,
         };
         state.publish_role();
         let handle = std::thread::Builder::new()
