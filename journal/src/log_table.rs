@@ -267,7 +267,9 @@ pub(crate) fn check_bindings<T: ReadableTable<u64, &'static [u8]>>(
         match table.range(..start).map_err(storage)?.next_back() {
             Some(item) => {
                 let (key, page) = item.map_err(storage)?;
-                sound_end(key.value(), page.value())
+                LogPage::parse(page.value())
+                    .ok()
+                    .and_then(|parsed| sound_end(key.value(), &parsed))
             }
             None => None,
         };
@@ -305,15 +307,14 @@ pub(crate) fn check_bindings<T: ReadableTable<u64, &'static [u8]>>(
             Err(fault) => faults.push((key, fault)),
             Ok(()) => {}
         }
-        before = sound_end(key, page.value());
+        before = sound_end(key, &parsed);
     }
     Ok(faults)
 }
 
 /// For a page at `key` whose framing is sound: its key, where it ends, and the link of its
 /// last record (`None` if that record fails its own checks).
-fn sound_end(key: u64, page: &[u8]) -> Option<(u64, u64, Option<[u8; LINK_LEN]>)> {
-    let parsed = LogPage::parse(page).ok()?;
+fn sound_end(key: u64, parsed: &LogPage<'_>) -> Option<(u64, u64, Option<[u8; LINK_LEN]>)> {
     let last = parsed.records().last()?;
     let link = LogRecord::decode(last).is_ok().then(|| link_of(last));
     Some((key, key.saturating_add(parsed.len()), link))

@@ -494,16 +494,7 @@ async fn receive(
     let journal = Arc::new(journal);
     let mut job = JoinJob::start(journal.clone(), inviter).await?;
     let writers = LogWriters::start(journal.clone(), log_total, dir)?;
-    let mut reader = SnapshotReader {
-        incoming_path: dir.join(INCOMING_FILE),
-        incoming: None,
-        next: 1,
-        seen: None,
-        base: (Lsn(0), Epoch::default(), Epoch::default()),
-        start_after: false,
-        frames: None,
-        segments: writers.segments.clone(),
-    };
+    let mut reader = SnapshotReader::new(dir, writers.segments.clone());
     let stored = writers.stored.clone();
     let report = |seen: Option<(u64, u64, u64)>| {
         let bytes = conn.wire_bytes().1;
@@ -804,6 +795,21 @@ struct SnapshotReader {
 }
 
 impl SnapshotReader {
+    /// A reader writing the file into `dir` and handing log segments to `segments`, expecting
+    /// the log from position 1 until a header names a base.
+    fn new(dir: &Path, segments: crossbeam_channel::Sender<Segment>) -> Self {
+        Self {
+            incoming_path: dir.join(INCOMING_FILE),
+            incoming: None,
+            next: 1,
+            seen: None,
+            base: (Lsn(0), Epoch::default(), Epoch::default()),
+            start_after: false,
+            frames: None,
+            segments,
+        }
+    }
+
     /// The sender's clock mark, once its header is in.
     fn hlc(&self) -> Option<Hlc> {
         self.incoming.as_ref().map(|i| i.hlc)
@@ -984,16 +990,7 @@ pub fn fuzz_receive(
     messages: impl IntoIterator<Item = DeviceMessage>,
 ) -> (u64, Result<Option<(u64, u64)>, String>) {
     let (segments, stored) = crossbeam_channel::unbounded();
-    let mut reader = SnapshotReader {
-        incoming_path: dir.join(INCOMING_FILE),
-        incoming: None,
-        next: 1,
-        seen: None,
-        base: (Lsn(0), Epoch::default(), Epoch::default()),
-        start_after: false,
-        frames: None,
-        segments,
-    };
+    let mut reader = SnapshotReader::new(dir, segments);
     let mut entries = 0u64;
     for message in messages {
         let step = reader.on_message(message);
