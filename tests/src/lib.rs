@@ -56,6 +56,30 @@ pub fn tag(name: &str) -> keel_engine::Tag {
     }
 }
 
+/// The journal of the closed library `name` in `home`, opened with the library's keys, for a
+/// test to change what a library's own code would not; and the library's device.
+pub fn journal_of(home: &Home, name: &str) -> (keel_journal::Journal, keel_schema::DeviceId) {
+    let lib = Library::open(home, name, PASSWORD).expect("opens");
+    let (dir, library, device) = (lib.dir().to_path_buf(), lib.id(), lib.device_id());
+    let mut ring = Vec::new();
+    for key in lib.shared_keys() {
+        ring.extend_from_slice(&key.key_id.to_be_bytes());
+        ring.extend_from_slice(&key.generation.to_be_bytes());
+        ring.extend_from_slice(&key.bytes);
+    }
+    let key = keel_journal::LibraryKey::from_bytes(&ring).expect("keys");
+    lib.close().expect("closes");
+    let journal = keel_journal::Journal::open(
+        &dir.join(keel_engine::JOURNAL_FILE),
+        library,
+        &key,
+        device,
+        keel_journal::JournalOptions::default(),
+    )
+    .expect("journal opens");
+    (journal, device)
+}
+
 pub mod proxy;
 
 /// What a crash-child run to its end printed (see `src/bin/crash_child.rs`): its last

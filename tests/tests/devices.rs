@@ -804,24 +804,7 @@ fn a_pinned_device_keeps_replicating_through_a_flood_from_strangers() {
 /// Moves `library`'s clock (in `home`, not running) `ahead_ms` into the future, as a device
 /// whose clock is wrong would have it: its next changes carry that time.
 fn set_clock_ahead(home: &keel_engine::Home, name: &str, ahead_ms: u64) {
-    let lib = keel_engine::Library::open(home, name, keel_tests::PASSWORD).expect("opens");
-    let (dir, library, device) = (lib.dir().to_path_buf(), lib.id(), lib.device_id());
-    let mut ring = Vec::new();
-    for key in lib.shared_keys() {
-        ring.extend_from_slice(&key.key_id.to_be_bytes());
-        ring.extend_from_slice(&key.generation.to_be_bytes());
-        ring.extend_from_slice(&key.bytes);
-    }
-    let key = keel_journal::LibraryKey::from_bytes(&ring).expect("keys");
-    lib.close().expect("closes");
-    let journal = keel_journal::Journal::open(
-        &dir.join(keel_engine::JOURNAL_FILE),
-        library,
-        &key,
-        device,
-        keel_journal::JournalOptions::default(),
-    )
-    .expect("journal opens");
+    let (journal, device) = keel_tests::journal_of(home, name);
     journal
         .raise_hlc_high_water(keel_schema::Hlc {
             physical_ms: keel_engine::now_ms() + ahead_ms,

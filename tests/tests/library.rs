@@ -381,6 +381,40 @@ fn projections_ahead_of_a_journal_that_lost_more_are_refused() {
     );
 }
 
+/// Found by the simulator (issue 29): a follower's log truncated below what its projections
+/// applied, dropping only other devices' entries (their makers send them again), opened once
+/// replays from the truncation point but left the projections' stored position past the log's
+/// end; the next open refused the library as `ProjectionAhead`.
+#[test]
+fn a_log_truncated_below_what_the_projections_applied_opens_every_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, _) = closed_library_of_20_files(dir.path());
+    let last = log_len(&home);
+    let keep = last - 3;
+    let (journal, _) = keel_tests::journal_of(&home, "lib");
+    let dropped: Vec<ChangeId> = journal
+        .log()
+        .entries(keel_schema::Lsn(keep + 1), 3)
+        .expect("reads the tail")
+        .iter()
+        .filter_map(|(_, _, sealed)| keel_journal::Sealer::peek_change_id(sealed))
+        .collect();
+    assert_eq!(dropped.len(), 3);
+    let returned = journal
+        .log()
+        .truncate_after(keel_schema::Lsn(keep), &dropped)
+        .expect("truncates");
+    assert!(returned.is_empty(), "{returned:?}");
+    journal.close();
+
+    for open in 1..=2 {
+        let lib = Library::open(&home, "lib", PASSWORD)
+            .unwrap_or_else(|e| panic!("open {open} refused the library: {e}"));
+        assert_eq!(lib.status().expect("status").applied_lsn, keep);
+        lib.close().expect("closes");
+    }
+}
+
 /// Issue 24: a library's folder is its owner's alone from `init` (and `join`) on: the folder
 /// 0700, `library.toml` (the wrapped key), the journal and the projections 0600.
 #[cfg(unix)]
