@@ -1256,6 +1256,12 @@ fn heal_projections(
     }
     let healed = replay(journal, &mut projections, from, &mut |_, _| {})?;
     if floor.is_some() {
+        // A replay with nothing after the floor stores no position: the one past the cut
+        // would stay, and the next open would find the projections ahead of the log.
+        if projections.applied_position()?.log > healed.position.log {
+            projections.apply(&[], Some(healed.position))?;
+        }
+        debug_assert!(projections.applied_position()?.log <= journal_last);
         journal.clear_replay_floor()?;
     }
     if healed.changes > 0 {
