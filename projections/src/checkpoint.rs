@@ -31,7 +31,7 @@ pub const CHECKPOINT_ROWS: u64 = 32_768;
 pub const BULK_CHECKPOINT_ROWS: u64 = 8 * CHECKPOINT_ROWS;
 /// Longest time rows wait for a checkpoint (see the module docs for why not shorter).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// How often the checkpointer looks.
+/// How often the checkpointer looks (it parks, and a drop wakes it at once).
 const POLL: Duration = Duration::from_millis(50);
 
 struct Shared {
@@ -86,6 +86,8 @@ impl Drop for Checkpointer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            // Woken now rather than at its next look: closing costs no wait.
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
@@ -94,7 +96,8 @@ impl Drop for Checkpointer {
 fn run(conn: &Connection, shared: &Shared) {
     let mut last = Instant::now();
     loop {
-        std::thread::sleep(POLL);
+        // A wake-up before the time (an unpark, or a spurious one) only looks early.
+        std::thread::park_timeout(POLL);
         let stopping = shared.stop.load(Ordering::Relaxed);
         let written = shared.written.load(Ordering::Relaxed);
         let every = shared.every.load(Ordering::Relaxed);
