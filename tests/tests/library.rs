@@ -415,6 +415,38 @@ fn a_log_truncated_below_what_the_projections_applied_opens_every_time() {
     }
 }
 
+/// Found by the simulator (issue 29): a truncation drops other devices' changes from the log,
+/// and their makers send them again; but a follower's projections had applied them, and when
+/// a maker never does (gone, or a paired device that forged them), they stayed in the
+/// projections for good: the device differed from a replay of its own log, and from the others.
+#[test]
+fn changes_a_truncation_dropped_leave_the_projections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, _) = closed_library_of_20_files(dir.path());
+    let last = log_len(&home);
+    let (journal, _) = keel_tests::journal_of(&home, "lib");
+    let tail = journal
+        .log()
+        .entries(keel_schema::Lsn(last), 1)
+        .expect("reads the tail");
+    let dropped: Vec<ChangeId> = tail
+        .iter()
+        .filter_map(|(_, _, sealed)| keel_journal::Sealer::peek_change_id(sealed))
+        .collect();
+    journal
+        .log()
+        .truncate_after(keel_schema::Lsn(last - 1), &dropped)
+        .expect("truncates");
+    journal.close();
+
+    let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+    let (_, outcome) = lib.verify().expect("verifies");
+    assert!(
+        outcome.is_ok(),
+        "the projections differ from a replay of the log: {outcome:?}"
+    );
+}
+
 /// Issue 24: a library's folder is its owner's alone from `init` (and `join`) on: the folder
 /// 0700, `library.toml` (the wrapped key), the journal and the projections 0600.
 #[cfg(unix)]
