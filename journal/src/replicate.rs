@@ -12,7 +12,7 @@ use crate::error::{storage, JournalError, WriteTxn};
 use crate::log_table::split_off;
 use crate::record::{LocalRecord, LogRecord, PushState};
 use crate::seal::Sealer;
-use crate::tables::{LOG, LOG_INDEX, META, META_REPLAY_FROM, OFFLINE};
+use crate::tables::{LOG, LOG_INDEX, META, META_PROJECTIONS_STALE, META_REPLAY_FROM, OFFLINE};
 use crate::writer::{Placement, WriterState};
 
 impl WriterState {
@@ -84,7 +84,9 @@ impl WriterState {
     /// Removes every log entry after `keep`; their changes but `dropped` go back to the offline
     /// journal as pending (to be resubmitted), and replay after a crash starts no later than
     /// `keep`. `dropped` are other devices' changes: a leader accepts a change only from its
-    /// maker, which still holds it and resubmits it (the replication core names them).
+    /// maker, which still holds it and resubmits it (the replication core names them). Until
+    /// it does, and for good if it never does, projections that applied one show what no log
+    /// holds: a truncation that drops any counts in [`META_PROJECTIONS_STALE`].
     pub(crate) fn truncate_after(
         &mut self,
         keep: Lsn,
@@ -93,6 +95,7 @@ impl WriterState {
         let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut returned = Vec::new();
+        let mut dropped_any = false;
         let next_local_before = self.next_local;
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
@@ -107,6 +110,7 @@ impl WriterState {
                     continue;
                 };
                 if dropped.contains(&id) {
+                    dropped_any = true;
                     continue;
                 }
                 self.resubmit(&mut local, record.sealed)?;
@@ -121,6 +125,16 @@ impl WriterState {
                 .min(keep.0);
             meta.insert(META_REPLAY_FROM, &floor.to_be_bytes()[..])
                 .map_err(storage)?;
+            if dropped_any {
+                let stale = meta
+                    .get(META_PROJECTIONS_STALE)
+                    .map_err(storage)?
+                    .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes))
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                meta.insert(META_PROJECTIONS_STALE, &stale.to_be_bytes()[..])
+                    .map_err(storage)?;
+            }
             // The saved index may describe removed positions.
             txn.open_table(LOG_INDEX)
                 .map_err(storage)?

@@ -20,8 +20,8 @@ use crate::record::{LocalRecord, LogRecord, RecordError};
 use crate::seal::{LibraryKey, Sealer};
 use crate::tables::{
     CONFLICTS, DROPPED_LOG, JOBS, JOURNAL_FORMAT, LEGACY_CHANGE_INDEX, LEGACY_LOG, LOG, META,
-    META_EPOCH, META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_REPLAY_FROM,
-    META_VOTED, OFFLINE, POSITIONS,
+    META_EPOCH, META_FORMAT, META_HLC, META_LIBRARY, META_OWN_CHANGES, META_PROJECTIONS_STALE,
+    META_REPLAY_FROM, META_VOTED, OFFLINE, POSITIONS,
 };
 use crate::writer::{
     epoch_bytes, write_epoch, CommitRoute, CommittedBatch, Counters, LeadingHint, Placement,
@@ -1080,6 +1080,37 @@ impl Journal {
             }
             txn.commit().map_err(storage)?;
             Ok(())
+        })
+    }
+
+    /// How many truncations dropped other devices' changes since the projections were last
+    /// rebuilt (0: none). Projections may have applied those changes, and then show what no
+    /// log holds until their makers send them again, or for good if they never do (a device
+    /// gone, or a paired device that forged them): rebuild them from the journal, then call
+    /// [`Journal::projections_rebuilt`] with the count read before.
+    pub fn projections_stale(&self) -> Result<u64, JournalError> {
+        Ok(read_meta(&*self.db.get()?, META_PROJECTIONS_STALE)?.map_or(0, |b| decode_u64(&b)))
+    }
+
+    /// Forgets the count of [`Journal::projections_stale`] if it is still `seen`; returns
+    /// whether it did (if not, a truncation since then wants another rebuild).
+    pub fn projections_rebuilt(&self, seen: u64) -> Result<bool, JournalError> {
+        self.db.write(|db| {
+            let mut txn = WriteTxn::begin(db)?;
+            txn.set_durability(Durability::Immediate).map_err(storage)?;
+            let cleared = {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                let now = meta
+                    .get(META_PROJECTIONS_STALE)
+                    .map_err(storage)?
+                    .map_or(0, |v| decode_u64(v.value()));
+                if now == seen {
+                    meta.remove(META_PROJECTIONS_STALE).map_err(storage)?;
+                }
+                now == seen
+            };
+            txn.commit().map_err(storage)?;
+            Ok(cleared)
         })
     }
 

@@ -51,6 +51,9 @@ pub(crate) const META_OWN_CHANGES: &str = "own_changes";
 
 /// After a truncation: replay after a crash must start no later than this log position (u64 BE).
 pub(crate) const META_REPLAY_FROM: &str = "replay_from";
+/// Truncations that dropped other devices' changes since the projections were last rebuilt
+/// (u64 BE; absent: none). See [`crate::Journal::projections_stale`].
+pub(crate) const META_PROJECTIONS_STALE: &str = "projections_stale";
 
 /// The journal format this build writes: 2 stores the log in pages (format 1 had one key per
 /// record, and is converted on open).

@@ -447,6 +447,45 @@ fn changes_a_truncation_dropped_leave_the_projections() {
     );
 }
 
+/// The same while the library runs (a node's truncation): `rebuild_if_stale` rebuilds it
+/// aside, and the projections equal a replay again.
+#[test]
+fn a_running_library_rebuilds_without_the_changes_a_truncation_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, _) = closed_library_of_20_files(dir.path());
+    let last = log_len(&home);
+    let lib = std::sync::Arc::new(Library::open(&home, "lib", PASSWORD).expect("opens"));
+    assert!(lib.rebuild_if_stale().expect("nothing to rebuild"));
+    let link = lib
+        .link(keel_engine::LinkOptions {
+            leader_commits: false,
+        })
+        .expect("links");
+    let journal = link.journal().expect("journal");
+    let dropped: Vec<ChangeId> = journal
+        .log()
+        .entries(keel_schema::Lsn(last - 1), 2)
+        .expect("reads the tail")
+        .iter()
+        .filter_map(|(_, _, sealed)| keel_journal::Sealer::peek_change_id(sealed))
+        .collect();
+    journal
+        .log()
+        .truncate_after(keel_schema::Lsn(last - 2), &dropped)
+        .expect("truncates");
+    assert_eq!(journal.projections_stale().expect("reads"), 1);
+    let (_, before) = lib.verify().expect("verifies");
+    assert!(
+        before.is_err(),
+        "the projections still hold the dropped changes"
+    );
+
+    assert!(lib.rebuild_if_stale().expect("rebuilds"));
+    assert_eq!(journal.projections_stale().expect("reads"), 0);
+    let (_, after) = lib.verify().expect("verifies");
+    assert!(after.is_ok(), "{after:?}");
+}
+
 /// Issue 24: a library's folder is its owner's alone from `init` (and `join`) on: the folder
 /// 0700, `library.toml` (the wrapped key), the journal and the projections 0600.
 #[cfg(unix)]

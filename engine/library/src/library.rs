@@ -953,9 +953,22 @@ impl Library {
     /// Waits until everything committed so far is applied to the projections (and everything
     /// applied is committed to the journal).
     pub fn flush(&self) -> Result<(), EngineError> {
-        let target = *self.committed.lock().map_err(|_| EngineError::Closed)?;
+        let mut target = *self.committed.lock().map_err(|_| EngineError::Closed)?;
         // Also everything the journal handed over so far (replicated segments included).
         let batches = self.journal()?.batches_sent();
+        let behind = self
+            .shared
+            .applied
+            .lock()
+            .map_err(|_| EngineError::Closed)?
+            .position
+            .log
+            < target.log;
+        if behind {
+            // A commit is durable before it counts here, so a position past the log's end
+            // was truncated away (a node's new leader, or a damaged record): never applied.
+            target.log = target.log.min(self.journal()?.stats()?.last_lsn);
+        }
         let mut state = self
             .shared
             .applied
@@ -1189,8 +1202,16 @@ fn heal_projections(
     dir: &Path,
     models: &Registry,
 ) -> Result<(Projections, crate::replay::ReplayReport), EngineError> {
-    // Projections are disposable: one that cannot be opened is rebuilt from the journal.
+    // Projections are disposable: one that may hold changes a truncation dropped, or that
+    // cannot be opened, is rebuilt from the journal.
     let projections_path = dir.join(PROJECTIONS_FILE);
+    let stale = journal.projections_stale()?;
+    if stale > 0 {
+        tracing::warn!(
+            "a truncation dropped changes the projections had applied; rebuilding them from the journal"
+        );
+        remove_projection_files(dir)?;
+    }
     let mut projections = match Projections::open_for(&projections_path, models) {
         Ok(p) => p,
         Err(e) => {
@@ -1263,6 +1284,9 @@ fn heal_projections(
         }
         debug_assert!(projections.applied_position()?.log <= journal_last);
         journal.clear_replay_floor()?;
+    }
+    if stale > 0 {
+        journal.projections_rebuilt(stale)?;
     }
     if healed.changes > 0 {
         tracing::info!(

@@ -128,6 +128,29 @@ impl Library {
         self.rebuild_as(None, progress)
     }
 
+    /// Rebuilds the projections if a truncation dropped changes they may have applied
+    /// (see [`keel_journal::Journal::projections_stale`]), again while truncations come during
+    /// the rebuild, up to three times (the next call goes on). Returns whether the projections
+    /// are known to hold no dropped change now. A node calls it after such a truncation; an
+    /// open does the same itself.
+    pub fn rebuild_if_stale(&self) -> Result<bool, EngineError> {
+        for _ in 0..3 {
+            let stale = self.journal()?.projections_stale()?;
+            if stale == 0 {
+                return Ok(true);
+            }
+            let report = self.rebuild(&mut |_, _| {})?;
+            tracing::info!(
+                changes = report.changes,
+                "rebuilt the projections without the changes a truncation dropped"
+            );
+            if self.journal()?.projections_rebuilt(stale)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// [`Library::rebuild`] as a job (under `id` when it resumes one).
     pub(crate) fn rebuild_as(
         &self,
@@ -154,8 +177,12 @@ impl Library {
             .lock()
             .map_err(|_| EngineError::Closed)?;
         let mut reader = self.shared.reader.lock().map_err(|_| EngineError::Closed)?;
-        // What was committed while the replay ran, with the applier held off.
-        let from = aside.applied_position()?;
+        // What was committed while the replay ran, with the applier held off: from no later
+        // than a truncation point, since positions after it were reused.
+        let mut from = aside.applied_position()?;
+        if let Some(floor) = self.journal()?.replay_floor()? {
+            from.log = from.log.min(floor);
+        }
         let rest = replay(self.journal()?, &mut aside, from, &mut |_, _| {})?;
         report.changes += rest.changes;
         report.faults.extend(rest.faults);

@@ -117,6 +117,11 @@ pub(crate) struct Core {
     /// A log record found damaged while preparing a message: repaired (see
     /// [`Core::repair_log`]) once the current step is done.
     damage_found: Option<Lsn>,
+    /// A truncation dropped other devices' changes the projections may hold: they are rebuilt
+    /// (see `Library::rebuild_if_stale`) on a thread of their own, one at a time.
+    rebuild_wanted: bool,
+    /// The rebuild running; it ends with whether it caught up with the truncations.
+    rebuilding: Option<std::thread::JoinHandle<bool>>,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -246,6 +251,8 @@ impl Core {
             retain,
             storage_failed_at: None,
             damage_found: None,
+            rebuild_wanted: false,
+            rebuilding: None,
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -305,6 +312,7 @@ impl Core {
             if let Some(damaged) = self.damage_found.take() {
                 self.repair_found(damaged);
             }
+            self.rebuild_if_wanted();
         }
         // Commits go by the offline journal again from here (requests still queued are dropped
         // unanswered, which sends their callers that way too).
@@ -312,7 +320,44 @@ impl Core {
         if self.flush() {
             self.save_log_index();
         }
+        if let Some(rebuilding) = self.rebuilding.take() {
+            // A rebuild stops at its next checkpoint; the next open rebuilds (the journal
+            // still counts the truncation).
+            let _ = self.link.library().stop_jobs();
+            let _ = rebuilding.join();
+        }
         self.publish_status();
+    }
+
+    /// Starts a rebuild of the projections after a truncation dropped changes they may hold,
+    /// unless one runs (it is started again after it ends, since the truncation may have come
+    /// after its last look at the journal).
+    fn rebuild_if_wanted(&mut self) {
+        if self.rebuilding.as_ref().is_some_and(|r| r.is_finished()) {
+            let caught_up = self.rebuilding.take().map(|r| r.join());
+            // Truncations kept coming: once more. (A failed one is left to the next open.)
+            self.rebuild_wanted |= matches!(caught_up, Some(Ok(false)));
+        }
+        if !self.rebuild_wanted || self.rebuilding.is_some() {
+            return;
+        }
+        self.rebuild_wanted = false;
+        let library = self.link.library().clone();
+        let spawned = std::thread::Builder::new()
+            .name("keel-rebuild".into())
+            .spawn(move || match library.rebuild_if_stale() {
+                Ok(caught_up) => caught_up,
+                Err(error) => {
+                    tracing::warn!(%error, "rebuilding the projections after a truncation failed; the next open does");
+                    true
+                }
+            });
+        match spawned {
+            Ok(handle) => self.rebuilding = Some(handle),
+            Err(error) => {
+                tracing::warn!(%error, "no thread to rebuild the projections; the next open does")
+            }
+        }
     }
 
     /// Takes whatever else is waiting, so one journal write covers all of it (within bounds: a
@@ -614,6 +659,7 @@ impl Core {
                 LogWrite::Append { at, entries } => journal.log().append(at, entries)?,
                 LogWrite::Truncate { keep, dropped } => {
                     let returned = journal.log().truncate_after(keep, &dropped)?;
+                    self.rebuild_wanted |= !dropped.is_empty();
                     tracing::info!(
                         keep = keep.0,
                         returned = returned.len(),
