@@ -2,29 +2,37 @@
 //! crashes and restarts (some halfway through writing), one device's log found damaged and cut
 //! (again and again), message loss, duplication, reordering,
 //! delays and damaged pushes, each device's clock off by up to a day either way and jumping
-//! back and forth by up to 2 s during the chaos. It drives each `Replica` through its whole contract, as the node
-//! runtime does: wire messages with payloads, a `Store` over an in-memory journal, writes made
-//! durable before anything is sent. It checks after every step that the "disk" holds the
-//! replica's own view (log, offline journal, election state), and after healing:
-//! identical logs and digests, no pending change left, every acknowledged change present exactly
-//! once, at most one leader per epoch, epochs that never go back, no node ever losing a change
-//! it had, and no cut log leading below its vote floor.
+//! back and forth by up to 2 s during the chaos. It drives each `Replica` through its whole
+//! contract, as the node runtime does: wire messages with payloads (tag edits sealed under the
+//! library's key, stamped by each device's hybrid clock), a `Store` over an in-memory journal,
+//! writes made durable before anything is sent, and each device's projections, a real SQLite
+//! file, fed as the applier feeds them (see `sim/projected.rs`). It checks after every step
+//! that the "disk" holds the replica's own view (log, offline journal, election state), and
+//! after healing: identical logs, projection digests equal on every device and equal to a
+//! replay of the log, no pending change left, every acknowledged change present exactly once,
+//! at most one leader per epoch, epochs that never go back, no node ever losing a change it
+//! had, and no cut log leading below its vote floor.
 //!
 //! `KEEL_SIM_SEED=N` runs one seed; `KEEL_SIM_SEEDS=N` sets how many (default 200; 1,000 in
 //! the full tier, `KEEL_FULL=1`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use keel_journal::Sealer;
 use keel_replication::wire::WireLogEntry;
 use keel_replication::{
     Durable, ElectionRole, LogSlot, LogWrite, Opened, Replica, ReplicaConfig, ReplicaEvent,
     ReplicationMessage, Store, Transmit,
 };
-use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
+use keel_schema::{ChangeId, DeviceId, Epoch, HlcClock, Lsn};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_bytes::ByteBuf;
 use uuid::Uuid;
+
+#[path = "sim/projected.rs"]
+mod projected;
+use projected::{open, seal, Projected};
 
 const STEP_MS: u64 = 5;
 /// A day, in ms: each device's clock is off the simulation's by up to this, either way.
@@ -39,8 +47,6 @@ const CHAOS_STEPS: usize = 2500;
 const HEAL_STEPS_MAX: usize = 6000;
 /// The hostile device of [`Sim::forge`].
 const HOSTILE: DeviceId = DeviceId([0xee; 32]);
-/// The simulator's sealing: a marker, then the change id (where the journal's `Sealer` puts it).
-const SEAL_MARK: [u8; 4] = *b"ksim";
 
 struct InFlight {
     at_ms: u64,
@@ -58,6 +64,13 @@ struct Disk {
     offline: Vec<(ChangeId, Vec<u8>)>,
     /// Stored before the runtime cuts the log at a damaged record.
     vote_floor: Option<(Epoch, Lsn)>,
+    /// Left by a truncation: the projections replay from no later than it at a restart.
+    replay_floor: Option<Lsn>,
+    /// Records ever added to the offline journal (its last sequence number).
+    local_seq: u64,
+    /// Truncations that dropped other devices' changes since the projections were rebuilt
+    /// (`Journal::projections_stale`).
+    stale: u64,
 }
 
 /// The disk of a device that has joined: the log's head (the founder's barrier), as its
@@ -74,21 +87,13 @@ fn joined(founder: DeviceId) -> Disk {
     }
 }
 
-/// A change's "sealed" form here: a marker, its id, the device that made it.
-fn seal(id: ChangeId, origin: DeviceId) -> Vec<u8> {
-    let mut sealed = SEAL_MARK.to_vec();
-    sealed.extend_from_slice(id.0.as_bytes());
-    sealed.extend_from_slice(&origin.0);
-    sealed
-}
-
+/// The device that made a sealed change.
 fn origin(sealed: &[u8]) -> Option<DeviceId> {
-    Some(DeviceId(sealed.get(20..52)?.try_into().ok()?))
+    open(sealed).map(|c| c.origin())
 }
 
 fn peek(sealed: &[u8]) -> Option<ChangeId> {
-    let id: [u8; 16] = sealed.get(4..20)?.try_into().ok()?;
-    Some(ChangeId(Uuid::from_bytes(id)))
+    Sealer::peek_change_id(sealed)
 }
 
 impl Disk {
@@ -125,6 +130,14 @@ impl Disk {
                 self.log.extend(entries);
             }
             LogWrite::Truncate { keep, dropped } => {
+                self.lower_replay_floor(keep);
+                let removed = &self.log[(keep.0 as usize).min(self.log.len())..];
+                if removed
+                    .iter()
+                    .any(|(_, p)| peek(p).is_some_and(|id| dropped.contains(&id)))
+                {
+                    self.stale += 1;
+                }
                 for (_, payload) in self.log.split_off(keep.0 as usize) {
                     let Some(id) = peek(&payload) else { continue };
                     // Only this device's changes return: others' are resubmitted by their maker.
@@ -135,7 +148,7 @@ impl Disk {
                         "node {i}: truncation misjudged {id:?}"
                     );
                     if own {
-                        self.offline.push((id, payload));
+                        self.push_offline(id, payload);
                     }
                 }
             }
@@ -143,8 +156,35 @@ impl Disk {
     }
 }
 
-/// What a replica reads from its disk.
-struct DiskStore<'a>(&'a Disk);
+impl Disk {
+    fn push_offline(&mut self, id: ChangeId, sealed: Vec<u8>) {
+        self.offline.push((id, sealed));
+        self.local_seq += 1;
+    }
+
+    fn lower_replay_floor(&mut self, keep: Lsn) {
+        self.replay_floor = Some(self.replay_floor.map_or(keep, |f| f.min(keep)));
+    }
+}
+
+/// Makes one write durable on device `i`'s disk, then applies what it appended to its
+/// projections (as the applier does once the journal committed), its clock observing it.
+fn store(
+    (disk, projected, hlc): (&mut Disk, &mut Projected, &mut HlcClock),
+    i: usize,
+    device: DeviceId,
+    write: LogWrite,
+) {
+    if let LogWrite::Append { at, entries } = &write {
+        for seen in projected.apply_log(*at, entries) {
+            hlc.observe(seen);
+        }
+    }
+    disk.apply(i, device, write);
+}
+
+/// What a replica reads: its disk, and how far its projections applied.
+struct DiskStore<'a>(&'a Disk, Lsn);
 
 impl Store for DiskStore<'_> {
     type Error = String;
@@ -163,7 +203,7 @@ impl Store for DiskStore<'_> {
     }
 
     fn applied(&mut self) -> Lsn {
-        Lsn(self.0.log.len() as u64)
+        self.1
     }
 
     fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId> {
@@ -171,12 +211,10 @@ impl Store for DiskStore<'_> {
     }
 
     fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String> {
-        if sealed.get(..4) != Some(&SEAL_MARK[..]) || sealed.len() != 52 {
-            return Err("does not open".into());
-        }
+        let change = open(sealed).ok_or("does not open")?;
         Ok(Opened {
-            id: peek(sealed).ok_or("no id")?,
-            origin: origin(sealed).ok_or("no origin")?,
+            id: change.id,
+            origin: change.origin(),
         })
     }
 }
@@ -199,6 +237,11 @@ struct Sim {
     devices: Vec<DeviceId>,
     nodes: Vec<Option<Replica>>,
     disks: Vec<Disk>,
+    /// Each device's projections (files in `dir`).
+    projected: Vec<Projected>,
+    /// Each device's hybrid logical clock, which stamps its changes.
+    hlcs: Vec<HlcClock>,
+    dir: tempfile::TempDir,
     /// `up[a][b]`: whether a and b can talk.
     up: Vec<Vec<bool>>,
     /// What each node believes is connected.
@@ -225,6 +268,9 @@ struct Sim {
     /// Whether logs are damaged during the chaos (not beside a hostile device, whose test
     /// bounds how soon a leader follows its departure).
     with_damage: bool,
+    /// Segments a follower applied before a crash stopped it storing them.
+    applied_early: u64,
+    steps: u64,
 }
 
 fn config(device: DeviceId) -> ReplicaConfig {
@@ -274,20 +320,32 @@ impl Sim {
                 })
             })
             .collect();
+        let disks: Vec<Disk> = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    Disk::default()
+                } else {
+                    joined(devices[0])
+                }
+            })
+            .collect();
+        let dir = projected::scratch();
+        let projected = (0..n)
+            .map(|i| {
+                let mut p = Projected::new(dir.path().join(format!("{i}.sqlite")));
+                p.heal(&disks[i]);
+                p
+            })
+            .collect();
         let mut sim = Self {
             rng,
             now_ms: start as u64,
             clocks,
             nodes,
-            disks: (0..n)
-                .map(|i| {
-                    if i == 0 {
-                        Disk::default()
-                    } else {
-                        joined(devices[0])
-                    }
-                })
-                .collect(),
+            disks,
+            projected,
+            hlcs: devices.iter().map(|d| HlcClock::new(*d)).collect(),
+            dir,
             up: vec![vec![true; n]; n],
             views: vec![BTreeSet::new(); n],
             flight: Vec::new(),
@@ -304,6 +362,8 @@ impl Sim {
             damaged: 0,
             damaged_device: None,
             with_damage: !with_hostile,
+            applied_early: 0,
+            steps: 0,
         };
         // The founder's epoch and barrier.
         sim.flush(0, false);
@@ -362,7 +422,7 @@ impl Sim {
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
-        let mut store = DiskStore(&self.disks[i]);
+        let mut store = DiskStore(&self.disks[i], self.projected[i].applied());
         match input {
             Input::Tick => node.handle_timeout(now),
             Input::Connected(peer) => node.handle_connected(now, peer),
@@ -380,17 +440,21 @@ impl Sim {
     /// as the node runtime does. Acknowledged once durable.
     fn commit(&mut self, i: usize, id: ChangeId) {
         let now = self.clock(i);
+        let rolls = self.rng.random();
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
+        let change = projected::edit(id, self.hlcs[i].tick(now), rolls);
+        let sealed = seal(&change);
         if node.role() == ElectionRole::Leader {
-            let placed = node.handle_commit(now, id, Some(seal(id, self.devices[i])));
+            let placed = node.handle_commit(now, id, Some(sealed));
             assert!(
                 placed.is_some(),
                 "node {i}: a leader did not sequence a new change"
             );
         } else {
-            self.disks[i].offline.push((id, seal(id, self.devices[i])));
+            self.disks[i].push_offline(id, sealed);
+            self.projected[i].apply_local(&change, self.disks[i].local_seq);
             node.handle_commit(now, id, None);
         }
         self.flush(i, true);
@@ -411,15 +475,20 @@ impl Sim {
             }
         }
         while let Some(write) = node
-            .poll_log_write(&mut DiskStore(&self.disks[i]))
+            .poll_log_write(&mut DiskStore(&self.disks[i], self.projected[i].applied()))
             .unwrap_or_else(|e| panic!("node {i}: {e}"))
         {
-            self.disks[i].apply(i, self.devices[i], write);
+            let device = (
+                &mut self.disks[i],
+                &mut self.projected[i],
+                &mut self.hlcs[i],
+            );
+            store(device, i, self.devices[i], write);
         }
         node.written();
         let mut out = Vec::new();
         while let Some(transmit) = node
-            .poll_transmit(&mut DiskStore(&self.disks[i]))
+            .poll_transmit(&mut DiskStore(&self.disks[i], self.projected[i].applied()))
             .unwrap_or_else(|e| panic!("node {i}: {e}"))
         {
             out.push(transmit);
@@ -473,10 +542,11 @@ impl Sim {
         let device = self.devices[i];
         let disk = &mut self.disks[i];
         disk.vote_floor = Some(disk.vote_floor.map_or(floor, |f| f.max(floor)));
+        disk.lower_replay_floor(Lsn(at as u64 - 1));
         for (_, payload) in disk.log.split_off(at - 1) {
             if let (Some(id), Some(true)) = (peek(&payload), origin(&payload).map(|o| o == device))
             {
-                disk.offline.push((id, payload));
+                disk.push_offline(id, payload);
             }
         }
         let durable = disk.durable();
@@ -488,21 +558,36 @@ impl Sim {
         self.flush(i, true);
     }
 
-    /// Node `i` crashes after writing some of what it was asked: nothing was sent.
+    /// Node `i` crashes after writing some of what it was asked: nothing was sent. A follower
+    /// may have applied the segment being stored already (`CommittedBatch::early`).
     fn crash_while_writing(&mut self, i: usize) {
         let Some(mut node) = self.nodes[i].take() else {
             return;
         };
+        let follower = node.role() != ElectionRole::Leader;
         let mut writes = Vec::new();
         while let Some(write) = node
-            .poll_log_write(&mut DiskStore(&self.disks[i]))
+            .poll_log_write(&mut DiskStore(&self.disks[i], self.projected[i].applied()))
             .unwrap_or_else(|e| panic!("node {i}: {e}"))
         {
             writes.push(write);
         }
         let done = self.rng.random_range(0..=writes.len());
-        for write in writes.into_iter().take(done) {
-            self.disks[i].apply(i, self.devices[i], write);
+        let early = follower && self.rng.random_bool(0.5);
+        for (k, write) in writes.into_iter().enumerate() {
+            if k < done {
+                let device = (
+                    &mut self.disks[i],
+                    &mut self.projected[i],
+                    &mut self.hlcs[i],
+                );
+                store(device, i, self.devices[i], write);
+            } else if let (true, true, LogWrite::Append { at, entries }) =
+                (k == done, early, &write)
+            {
+                self.projected[i].apply_early(*at, entries);
+                self.applied_early += 1;
+            }
         }
         self.views[i].clear();
     }
@@ -593,7 +678,8 @@ impl Sim {
     /// A message a misbehaving paired device might send: forged epochs (near the honest ones,
     /// or far above), barriers and changes at random positions, votes and replies it has no
     /// business sending, junk pushes.
-    /// A change with a new id, made by the hostile device or claiming to be another's.
+    /// A change with a new id, made by the hostile device or claiming to be another's, sealed
+    /// under the library's key (a paired device holds it), stamped up to two days ahead.
     fn forged_change(&mut self, hostile: DeviceId) -> Vec<u8> {
         let id = ChangeId(Uuid::from_u128(self.rng.random()));
         let origin = if self.rng.random_bool(0.5) {
@@ -601,7 +687,12 @@ impl Sim {
         } else {
             self.devices[self.rng.random_range(0..self.devices.len())]
         };
-        seal(id, origin)
+        let hlc = keel_schema::Hlc {
+            physical_ms: self.now_ms + self.rng.random_range(0..2 * DAY_MS as u64),
+            counter: 0,
+            device: origin,
+        };
+        seal(&projected::edit(id, hlc, self.rng.random()))
     }
 
     fn forge(&mut self, hostile: DeviceId) -> ReplicationMessage {
@@ -701,6 +792,7 @@ impl Sim {
 
     fn step(&mut self, chaos: bool) {
         self.now_ms += STEP_MS;
+        self.steps += 1;
         let n = self.nodes.len();
         if chaos && self.rng.random_bool(0.01) {
             // A clock set back (or forward) by hand or by a time server.
@@ -758,10 +850,23 @@ impl Sim {
         }
         for i in 0..n {
             if self.nodes[i].is_none() && (!chaos || self.rng.random_bool(0.02)) {
+                // What `Library::open` does first.
+                self.projected[i].heal(&self.disks[i]);
+                self.disks[i].replay_floor = None;
+                self.disks[i].stale = 0;
                 let durable = self.disks[i].durable();
                 let node = Replica::new(config(self.devices[i]), durable, self.clock(i));
                 self.nodes[i] = Some(node);
                 self.flush(i, chaos);
+            }
+            // A running node rebuilds its projections after a truncation dropped changes
+            // they may hold, on a thread of its own: done some steps later.
+            if self.nodes[i].is_some()
+                && self.disks[i].stale > 0
+                && (!chaos || self.rng.random_bool(0.1))
+            {
+                self.projected[i].rebuild(&self.disks[i]);
+                self.disks[i].stale = 0;
             }
         }
         self.refresh_views(chaos);
@@ -818,14 +923,6 @@ impl Sim {
     }
 }
 
-fn digest(d: &Durable) -> String {
-    let mut hasher = blake3::Hasher::new();
-    for id in changes_of(d) {
-        hasher.update(id.0.as_bytes());
-    }
-    hasher.finalize().to_hex().to_string()
-}
-
 /// What one seed did, for the figures and for checking each path was taken.
 #[derive(Default)]
 struct Ran {
@@ -835,6 +932,43 @@ struct Ran {
     followed_hostile: u64,
     /// Logs found damaged and cut.
     damaged: u64,
+    /// Segments applied just before a crash stopped their storing.
+    applied_early: u64,
+    /// Projections rebuilt at a restart (found ahead of the log).
+    rebuilt_ahead: u64,
+    /// Projections rebuilt after a truncation dropped changes they may hold.
+    rebuilt_stale: u64,
+    /// Changes in the converged log.
+    changes: u64,
+    steps: u64,
+}
+
+impl Ran {
+    fn add(&mut self, other: &Ran) {
+        self.refused += other.refused;
+        self.followed_hostile += other.followed_hostile;
+        self.damaged += other.damaged;
+        self.applied_early += other.applied_early;
+        self.rebuilt_ahead += other.rebuilt_ahead;
+        self.rebuilt_stale += other.rebuilt_stale;
+        self.changes += other.changes;
+        self.steps += other.steps;
+    }
+
+    fn figures(&self) -> String {
+        format!(
+            "{} steps, converged to equal projection digests, each equal to a replay of the \
+             log; {} changes in the logs, 0 acknowledged changes lost; {} logs damaged and cut; \
+             {} segments applied early, {} projections rebuilt for it at a restart; {} rebuilt \
+             after a truncation dropped changes they held",
+            self.steps,
+            self.changes,
+            self.damaged,
+            self.applied_early,
+            self.rebuilt_ahead,
+            self.rebuilt_stale
+        )
+    }
 }
 
 /// Runs one seed.
@@ -901,8 +1035,13 @@ fn run_with(seed: u64, with_hostile: bool) -> Ran {
         panic!("seed {seed}: no convergence after healing: {summary:?}");
     };
     let nodes: Vec<&Replica> = sim.nodes.iter().flatten().collect();
-    let digests: BTreeSet<String> = nodes.iter().map(|n| digest(n.durable())).collect();
-    assert_eq!(digests.len(), 1, "seed {seed}: digests differ");
+    let digests: BTreeSet<String> = sim.projected.iter().map(Projected::digest).collect();
+    assert_eq!(digests.len(), 1, "seed {seed}: projection digests differ");
+    let replayed = Projected::replayed(sim.dir.path(), &sim.disks[0].log);
+    assert!(
+        digests.contains(&replayed),
+        "seed {seed}: the projections differ from a replay of the log"
+    );
     let log = &nodes[0].durable().log;
     let mut counts: BTreeMap<ChangeId, usize> = BTreeMap::new();
     for (_, e) in log.iter() {
@@ -922,7 +1061,59 @@ fn run_with(seed: u64, with_hostile: bool) -> Ran {
         refused: sim.refused,
         followed_hostile: sim.followed_hostile,
         damaged: sim.damaged,
+        applied_early: sim.applied_early,
+        rebuilt_ahead: sim.projected.iter().map(|p| p.rebuilt_ahead).sum(),
+        rebuilt_stale: sim.projected.iter().map(|p| p.rebuilt_stale).sum(),
+        changes: counts.len() as u64,
+        steps: sim.steps,
     }
+}
+
+/// How many seeds a test runs: `KEEL_SIM_SEEDS`, else 200 (the fast tier sets fewer), or
+/// `full` in the full tier.
+fn seeds(full: u64) -> u64 {
+    let tier_default = if keel_tests::full_tier() { full } else { 200 };
+    std::env::var("KEEL_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(tier_default)
+}
+
+/// Runs seeds `0..seeds` of `hostile` simulations on `KEEL_SIM_THREADS` threads (default 1: the
+/// test harness runs the two simulations side by side already), and adds up what they did. A
+/// failed seed is named with the variable that runs it alone, and fails the test.
+fn run_seeds(seeds: u64, hostile: bool) -> Ran {
+    let threads: u64 = std::env::var("KEEL_SIM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let total = std::sync::Mutex::new(Ran::default());
+    let rerun = if hostile {
+        "KEEL_SIM_HOSTILE_SEED"
+    } else {
+        "KEEL_SIM_SEED"
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seed >= seeds {
+                    return;
+                }
+                match std::panic::catch_unwind(|| run_with(seed, hostile)) {
+                    Ok(ran) => total.lock().expect("a seed panicked holding it").add(&ran),
+                    Err(panic) => {
+                        eprintln!("simulator failed with seed {seed}; rerun with {rerun}={seed}");
+                        // The others stop at their next seed.
+                        next.store(seeds, std::sync::atomic::Ordering::Relaxed);
+                        std::panic::resume_unwind(panic);
+                    }
+                }
+            });
+        }
+    });
+    total.into_inner().expect("a seed panicked holding it")
 }
 
 #[test]
@@ -934,33 +1125,25 @@ fn seeded_simulation_converges_and_loses_nothing() {
         run(seed);
         return;
     }
-    let tier_default = if keel_tests::full_tier() { 1_000 } else { 200 };
-    let seeds: u64 = std::env::var("KEEL_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(tier_default);
-    let (mut refused, mut damaged) = (0, 0);
-    for seed in 0..seeds {
-        match std::panic::catch_unwind(|| run(seed)) {
-            Ok(ran) => {
-                refused += ran.refused;
-                damaged += ran.damaged;
-            }
-            Err(panic) => {
-                eprintln!("simulator failed with seed {seed}; rerun with KEEL_SIM_SEED={seed}");
-                std::panic::resume_unwind(panic);
-            }
-        }
-    }
+    let seeds = seeds(1_000);
+    let total = run_seeds(seeds, false);
     assert!(
-        refused > 0,
+        total.refused > 0,
         "no damaged push was ever refused: that path went untested"
     );
     assert!(
-        damaged > 0,
+        total.damaged > 0,
         "no log was ever damaged: that path went untested"
     );
-    eprintln!("simulator: {seeds} seeds converged ({damaged} logs damaged and cut)");
+    assert!(
+        total.applied_early > 0 && total.rebuilt_ahead > 0,
+        "no crash left projections ahead of their log: that path went untested"
+    );
+    assert!(
+        total.rebuilt_stale > 0,
+        "no truncation dropped applied changes: that path went untested"
+    );
+    eprintln!("simulator: {seeds} seeds, {}", total.figures());
 }
 
 #[test]
@@ -972,20 +1155,14 @@ fn seeded_simulation_with_a_hostile_peer_converges_and_loses_nothing() {
         run_with(seed, true);
         return;
     }
-    let seeds: u64 = if keel_tests::full_tier() { 2_000 } else { 200 };
-    let mut followed = 0;
-    for seed in 0..seeds {
-        match std::panic::catch_unwind(|| run_with(seed, true)) {
-            Ok(ran) => followed += ran.followed_hostile,
-            Err(panic) => {
-                eprintln!("hostile simulation failed with seed {seed}; rerun with KEEL_SIM_HOSTILE_SEED={seed}");
-                std::panic::resume_unwind(panic);
-            }
-        }
-    }
+    let seeds = seeds(2_000);
+    let total = run_seeds(seeds, true);
     assert!(
-        followed > 0,
+        total.followed_hostile > 0,
         "no node ever followed the hostile device: its forgeries never took"
     );
-    eprintln!("simulator with a hostile peer: {seeds} seeds converged");
+    eprintln!(
+        "simulator with a hostile peer: {seeds} seeds, {}",
+        total.figures()
+    );
 }
