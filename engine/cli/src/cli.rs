@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use keel_engine::{CreateOptions, EngineError, Entry, Home, KdfParams, Library, Scope};
 
 /// Keel keeps a file library's metadata identical across your devices.
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(name = "keel", version, about)]
 struct Cli {
     /// Data folder (default: $KEEL_HOME, else ~/.keel).
@@ -23,7 +23,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 pub(crate) enum Command {
     /// Create a library.
     Init {
@@ -365,7 +365,7 @@ impl From<BenchArgs> for keel_bench::BenchOptions {
 }
 
 /// `keel pair …`.
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 pub(crate) enum PairCommand {
     /// On a running node: print a pairing code (first line of stdout) and accept a device that
     /// proves it.
@@ -426,7 +426,7 @@ impl LanArgs {
 }
 
 /// `keel jobs LIB …`.
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 pub(crate) enum JobsCommand {
     /// Pause a running job at its next checkpoint.
     Pause {
@@ -446,7 +446,7 @@ pub(crate) enum JobsCommand {
 }
 
 /// `keel devices LIB …`.
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 pub(crate) enum DevicesCommand {
     /// Revoke a device: it can no longer connect, and its Device record is deleted everywhere.
     Remove {

@@ -192,6 +192,44 @@ impl Drop for Server {
     }
 }
 
+/// Reads a client's request: one line of at most [`REQUEST_LEN_MAX`] bytes, JSON. `None` for
+/// anything else (the client is told so and the connection ends).
+fn read_request(reader: &mut impl BufRead) -> Option<Request> {
+    let mut line = String::new();
+    std::io::Read::take(reader, REQUEST_LEN_MAX)
+        .read_line(&mut line)
+        .ok()?;
+    serde_json::from_str::<Request>(&line).ok()
+}
+
+/// Fuzzing entry (`cfg(fuzzing)` only): `data` as the bytes a client sends, read and parsed as
+/// `serve_client` does. Returns whether the request parsed to a command. Checks what must hold
+/// of any input: nothing past the first line or past [`REQUEST_LEN_MAX`] bytes is read into the
+/// request, and a command line that parses once parses again to the same command (`keel` never
+/// gets two readings).
+#[cfg(fuzzing)]
+pub fn fuzz_request(data: &[u8]) -> bool {
+    let first_line = data.iter().position(|b| *b == b'\n').unwrap_or(data.len());
+    let read = read_request(&mut BufReader::new(data)).map(|r| r.args);
+    let end = first_line.min(REQUEST_LEN_MAX as usize);
+    let expected = std::str::from_utf8(&data[..end])
+        .ok()
+        .and_then(|line| serde_json::from_str::<Request>(line).ok())
+        .map(|r| r.args);
+    assert_eq!(read, expected, "a request read from past its line or limit");
+    let Some(args) = read else {
+        return false;
+    };
+    let parsed = parse_forwarded(&args);
+    let again = parse_forwarded(&args);
+    assert_eq!(
+        format!("{parsed:?}"),
+        format!("{again:?}"),
+        "one command line, two readings"
+    );
+    parsed.is_ok()
+}
+
 fn serve_client(stream: UnixStream, node: &Node) {
     let Ok(read_half) = stream.try_clone() else {
         return;
@@ -201,12 +239,7 @@ fn serve_client(stream: UnixStream, node: &Node) {
         reader: BufReader::new(read_half),
         progressed: None,
     };
-    let mut line = String::new();
-    let read = std::io::Read::take(&mut io.reader, REQUEST_LEN_MAX).read_line(&mut line);
-    let request = match read
-        .ok()
-        .and_then(|_| serde_json::from_str::<Request>(&line).ok())
-    {
+    let request = match read_request(&mut io.reader) {
         Some(r) => r,
         None => {
             io.send(&Reply::Err("error: malformed control request".into()));

@@ -10,7 +10,7 @@ use keel_engine::{Home, Library, Scope};
 use crate::cli::Io;
 
 /// The everyday commands on a library.
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 pub(crate) struct Target {
     /// Library name.
     pub(crate) lib: String,
@@ -35,7 +35,7 @@ impl Target {
 }
 
 /// `keel tags LIB …`.
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 pub(crate) enum TagsCommand {
     /// Rename a tag everywhere (its uses follow).
     Rename {
@@ -54,7 +54,7 @@ pub(crate) enum TagsCommand {
 }
 
 /// `keel locations LIB …`.
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 pub(crate) enum LocationsCommand {
     /// Remove one of this device's locations: its entries become tombstones on every device
     /// (the files stay on disk).
@@ -188,7 +188,7 @@ fn value_json(value: &keel_engine::schema::Value) -> serde_json::Value {
 }
 
 /// What `keel conflicts` does besides listing.
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 pub(crate) enum ConflictsCommand {
     /// Resolve a conflict: its field gets the value kept, on every device.
     Resolve {
