@@ -986,7 +986,16 @@ applied: AppliedDomains | null,
 /**
  * How far it acknowledged storing this node's log (leading, this epoch).
  */
-stored: number | null, };
+stored: number | null, 
+/**
+ * When a session with it was last up (ms since the Unix epoch), since this node started.
+ */
+last_seen_ms: number | null, 
+/**
+ * When it last held this leader's whole log (ms since the Unix epoch; leading, since this
+ * node started): how long it has been behind, beside `stored`.
+ */
+caught_up_ms: number | null, };
 
 /**
  * Applied log positions per sync domain.
@@ -1055,5 +1064,10 @@ storage_failed: boolean,
 /**
  * Where this node listens.
  */
-listen: string, };
+listen: string, 
+/**
+ * Epoch changes this node saw since it started (elections won by anyone, and a damaged
+ * leader's step down).
+ */
+elections: number, };
 

@@ -214,6 +214,13 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
             })
             .collect();
         let changes: Vec<Change> = group.entries.into_iter().map(|(_, c)| c).collect();
+        let _apply = tracing::debug_span!(
+            "apply_batch",
+            changes = changes.len(),
+            log = position.log.0,
+            local = position.local
+        )
+        .entered();
         let result = match shared.projections.lock() {
             Ok(mut p) => {
                 if let Some(from) = group.ahead_from {

@@ -1129,6 +1129,11 @@ impl SyncState<'_> {
         Ok(self.journal()?.stats()?.offline)
     }
 
+    /// How many changes this device made, ever (a counter for metrics).
+    pub fn own_changes(&self) -> Result<u64, EngineError> {
+        Ok(self.journal()?.stats()?.own_changes)
+    }
+
     /// The id of every change durable in this library's journal (log and offline journal both).
     /// Reads the whole journal: for checks and tools, not for a hot path.
     pub fn change_ids(&self) -> Result<std::collections::HashSet<ChangeId>, EngineError> {

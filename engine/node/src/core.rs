@@ -122,6 +122,12 @@ pub(crate) struct Core {
     rebuild_wanted: bool,
     /// The rebuild running; it ends with whether it caught up with the truncations.
     rebuilding: Option<std::thread::JoinHandle<bool>>,
+    /// Epoch changes seen since the start, and the last epoch seen.
+    elections: (u64, Epoch),
+    /// When each device's session was last up (wall-clock ms), for the status.
+    last_seen: HashMap<DeviceId, u64>,
+    /// When each follower last held the whole log (wall-clock ms), for the status.
+    caught_up: HashMap<DeviceId, u64>,
 }
 
 /// What the replica reads: the journal, the projections' progress, the library key.
@@ -165,6 +171,11 @@ impl Store for JournalStore<'_> {
             origin: change.origin(),
         })
     }
+}
+
+/// A map by device as (hex, value) pairs, for the status.
+fn by_hex<'a>(map: impl IntoIterator<Item = (&'a DeviceId, &'a u64)>) -> Vec<(String, u64)> {
+    map.into_iter().map(|(d, v)| (d.to_hex(), *v)).collect()
 }
 
 fn from_replica(e: ReplicaError<NodeError>) -> NodeError {
@@ -253,6 +264,9 @@ impl Core {
             damage_found: None,
             rebuild_wanted: false,
             rebuilding: None,
+            elections: (0, Epoch::default()),
+            last_seen: HashMap::new(),
+            caught_up: HashMap::new(),
         };
         core.link
             .set_leading(core.replica.role() == ElectionRole::Leader);
@@ -541,6 +555,11 @@ impl Core {
                             epoch: epoch.counter,
                         });
                     }
+                    if epoch != self.elections.1 {
+                        self.elections = (self.elections.0 + 1, epoch);
+                    }
+                    let _election =
+                        tracing::info_span!("election", epoch = epoch.counter).entered();
                     tracing::info!(
                         role = %role,
                         epoch = epoch.counter,
@@ -555,6 +574,12 @@ impl Core {
                     leader_end,
                     bytes,
                 } => {
+                    let _catch_up = tracing::debug_span!(
+                        "catch_up",
+                        stored = stored.0,
+                        leader_end = leader_end.0
+                    )
+                    .entered();
                     self.leader_end = leader_end.0;
                     if !self.scratch_checked {
                         // Entries from a leader: this device is not behind its compaction
@@ -990,12 +1015,20 @@ impl Core {
             status.storage_failed = self.storage_failed_at.is_some();
             status.offline = durable.offline.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
-            status.stored = self
-                .replica
-                .stored()
-                .iter()
-                .map(|(d, lsn)| (d.to_hex(), *lsn))
-                .collect();
+            let now = keel_engine::now_ms();
+            for peer in self.conns.keys() {
+                self.last_seen.insert(*peer, now);
+            }
+            let end = durable.last_lsn();
+            for (device, stored) in self.replica.stored() {
+                if *stored >= end.0 {
+                    self.caught_up.insert(*device, now);
+                }
+            }
+            status.elections = self.elections.0;
+            status.last_seen = by_hex(&self.last_seen);
+            status.caught_up = by_hex(&self.caught_up);
+            status.stored = by_hex(self.replica.stored());
             status.acknowledged = self
                 .replica
                 .acknowledged()

@@ -402,9 +402,16 @@ impl Node {
                     .iter()
                     .find(|(d, _)| *d == hex)
                     .map(|(_, lsn)| *lsn);
+                let at = |list: &[(String, u64)]| {
+                    list.iter().find(|(d, _)| *d == hex).map(|(_, ms)| *ms)
+                };
+                let last_seen_ms = at(&status.last_seen);
+                let caught_up_ms = at(&status.caught_up);
                 PeerStatus {
                     applied,
                     stored,
+                    last_seen_ms,
+                    caught_up_ms,
                     connected: status.connected.contains(&hex),
                     device_id: hex,
                     addr: addr.map(|a| a.to_string()),

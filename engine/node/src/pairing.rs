@@ -370,6 +370,12 @@ pub struct JoinOptions {
 /// `serve` then reaches the inviter without `--peer`. To bring a library this device built
 /// alone into the joined one, merge it afterwards (`keel_engine::Library::merge_from`).
 pub async fn join(home: &Home, options: JoinOptions) -> Result<String, NodeError> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("join", addr = ?options.addr);
+    join_in(home, options).instrument(span).await
+}
+
+async fn join_in(home: &Home, options: JoinOptions) -> Result<String, NodeError> {
     let code = PairingCode::parse(&options.code)
         .ok_or_else(|| NodeError::Pairing(PairingError::Protocol("malformed code".into())))?;
     let device = home.device()?;

@@ -37,6 +37,11 @@ pub struct PeerStatus {
     pub applied: Option<AppliedDomains>,
     /// How far it acknowledged storing this node's log (leading, this epoch).
     pub stored: Option<u64>,
+    /// When a session with it was last up (ms since the Unix epoch), since this node started.
+    pub last_seen_ms: Option<u64>,
+    /// When it last held this leader's whole log (ms since the Unix epoch; leading, since this
+    /// node started): how long it has been behind, beside `stored`.
+    pub caught_up_ms: Option<u64>,
 }
 
 /// Applied log positions per sync domain.
@@ -92,6 +97,9 @@ pub struct NodeStatus {
     pub storage_failed: bool,
     /// Where this node listens.
     pub listen: String,
+    /// Epoch changes this node saw since it started (elections won by anyone, and a damaged
+    /// leader's step down).
+    pub elections: u64,
     /// Devices with a session up, hex (also shown per peer in `peers`).
     #[serde(skip)]
     pub connected: Vec<String>,
@@ -101,4 +109,10 @@ pub struct NodeStatus {
     /// Log positions followers acknowledged storing, by device hex (shown per peer in `peers`).
     #[serde(skip)]
     pub stored: Vec<(String, u64)>,
+    /// When each device's session was last up, by device hex (shown per peer in `peers`).
+    #[serde(skip)]
+    pub last_seen: Vec<(String, u64)>,
+    /// When each follower last held the whole log, by device hex (shown per peer in `peers`).
+    #[serde(skip)]
+    pub caught_up: Vec<(String, u64)>,
 }
