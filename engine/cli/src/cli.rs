@@ -280,6 +280,10 @@ pub(crate) enum Command {
         /// Do not follow this device's locations on disk (then only `keel index` updates them).
         #[arg(long, env = "KEEL_NO_WATCH", value_parser = clap::builder::BoolishValueParser::new())]
         no_watch: bool,
+        /// Serve the web inspector and `/metrics` on ADDR (HTTP; 127.0.0.1 on a free port if
+        /// no ADDR is given). It prints the address with the token that requests need.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
+        gui: Option<std::net::SocketAddr>,
     },
     /// Follow this device's locations on disk without the network (a single device): files
     /// created, edited, moved and deleted become changes. Runs until Ctrl-C.
@@ -753,6 +757,7 @@ pub(crate) fn run() -> Result<i32> {
             device_limit,
             lan,
             no_watch,
+            gui,
         } => {
             let library = open(&home, &lib)?;
             let options = keel_node::NodeOptions {
@@ -763,7 +768,7 @@ pub(crate) fn run() -> Result<i32> {
                 watch: (!no_watch).then(keel_engine::WatchOptions::default),
                 ..keel_node::NodeOptions::default()
             };
-            crate::serve::run(&home, library, options)
+            crate::serve::run(&home, library, options, gui)
         }
         Command::Watch { lib } => crate::serve::watch(open(&home, &lib)?),
         Command::Libraries { json } => crate::everyday::libraries(&home, json),

@@ -5,6 +5,8 @@
 mod cli;
 mod control;
 mod everyday;
+mod gui;
+mod metrics;
 mod serve;
 
 /// Runs the command line of this process; returns its exit code (errors are printed).

@@ -12,7 +12,12 @@ use crate::cli::{short, DevicesCommand, Io};
 use crate::control::Server;
 
 /// Runs a node until Ctrl-C or SIGTERM, then stops it cleanly.
-pub(crate) fn run(home: &Home, library: Library, options: NodeOptions) -> Result<i32> {
+pub(crate) fn run(
+    home: &Home,
+    library: Library,
+    options: NodeOptions,
+    gui: Option<std::net::SocketAddr>,
+) -> Result<i32> {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -31,10 +36,24 @@ pub(crate) fn run(home: &Home, library: Library, options: NodeOptions) -> Result
         node.local_addr(),
         node.library().device_id().to_hex()
     );
+    let inspector = match gui {
+        Some(addr) => {
+            let gui = crate::gui::Gui::start(&dir, &name, node.clone(), addr)?;
+            println!(
+                "inspector on http://{}/#token={} (the token is also in {})",
+                gui.addr,
+                gui.token,
+                dir.join(crate::gui::TOKEN_FILE).display()
+            );
+            Some(gui)
+        }
+        None => None,
+    };
     use std::io::Write;
     let _ = std::io::stdout().flush();
     wait_for_stop_signal()?;
     eprintln!("stopping {name}");
+    drop(inspector);
     drop(server);
     match Arc::try_unwrap(node) {
         Ok(node) => node.stop()?,

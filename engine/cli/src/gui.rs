@@ -1,0 +1,424 @@
+//! The web inspector of `keel serve --gui ADDR`: a page for the library's operator (devices,
+//! the log, jobs, conflicts, locations and tags), its JSON, live updates, and Prometheus
+//! metrics, on one HTTP listener (loopback by default).
+//!
+//! The page reads the same JSON the commands print (`keel status --json`, `jobs`, `conflicts`,
+//! `locations`, `tags`, `ls`): each request runs the command on the node, as the control socket
+//! does, so the inspector shows nothing the command line does not. Everything under `/api/`
+//! and `/events` needs the token `serve` prints (stored 0600 as `gui.token` in the library
+//! folder), as an `Authorization: Bearer` header: reads show the library's content, and POSTs
+//! change it. The page itself and `/metrics` (counts only) do not.
+//!
+//! Bounds: at most [`HANDLERS_MAX`] requests are served at once (others get 503), of which at
+//! most [`STREAMS_MAX`] live streams; a URL longer than [`URL_LEN_MAX`] is refused; no request
+//! body is read.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use keel_node::Node;
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::cli::{exec, parse_forwarded, Io};
+
+/// The token's file name in the library folder.
+pub(crate) const TOKEN_FILE: &str = "gui.token";
+/// Requests served at once.
+const HANDLERS_MAX: usize = 16;
+/// Live streams (`/events`) at once.
+const STREAMS_MAX: usize = 4;
+/// Longest URL accepted.
+const URL_LEN_MAX: usize = 2048;
+/// How often a live stream looks for a change.
+const STREAM_EVERY: Duration = Duration::from_millis(500);
+/// A comment on a quiet stream this often, so that a gone client is noticed.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
+
+const PAGE: &str = include_str!("gui/page.html");
+const SCRIPT: &str = include_str!("gui/app.js");
+const STYLE: &str = include_str!("gui/app.css");
+
+/// A running inspector; stops when dropped.
+pub(crate) struct Gui {
+    server: Arc<Server>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Where it listens.
+    pub(crate) addr: SocketAddr,
+    /// The token that state-changing requests carry.
+    pub(crate) token: String,
+    token_path: PathBuf,
+}
+
+/// What each request handler shares.
+struct Shared {
+    node: Arc<Node>,
+    lib: String,
+    token: String,
+    handlers: AtomicUsize,
+    streams: AtomicUsize,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Gui {
+    /// Listens on `addr` for the node serving library `lib` in `dir`, with a new token.
+    pub(crate) fn start(dir: &Path, lib: &str, node: Arc<Node>, addr: SocketAddr) -> Result<Self> {
+        let server = Arc::new(
+            Server::http(addr)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("the inspector cannot listen on {addr}"))?,
+        );
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .context("the inspector listens on no IP address")?;
+        let token = new_token();
+        let token_path = dir.join(TOKEN_FILE);
+        write_private(&token_path, token.as_bytes())?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            node,
+            lib: lib.to_string(),
+            token: token.clone(),
+            handlers: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
+            stopping: stopping.clone(),
+        });
+        let thread = {
+            let server = server.clone();
+            std::thread::Builder::new()
+                .name("keel-gui".into())
+                .spawn(move || accept(&server, &shared))
+                .context("no thread for the inspector")?
+        };
+        Ok(Self {
+            server,
+            stopping,
+            thread: Some(thread),
+            addr,
+            token,
+            token_path,
+        })
+    }
+}
+
+impl Drop for Gui {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.token_path);
+    }
+}
+
+/// 32 random bytes in hex.
+fn new_token() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("{}{}", hex::encode(a.as_bytes()), hex::encode(b.as_bytes()))
+}
+
+/// Writes `bytes` to `path`, readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(bytes)?;
+    Ok(())
+}
+
+fn accept(server: &Server, shared: &Arc<Shared>) {
+    for request in server.incoming_requests() {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        if shared.handlers.fetch_add(1, Ordering::SeqCst) >= HANDLERS_MAX {
+            shared.handlers.fetch_sub(1, Ordering::SeqCst);
+            let _ = request.respond(text(503, "busy"));
+            continue;
+        }
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("keel-gui-request".into())
+            .spawn(move || {
+                handle(request, &shared);
+                shared.handlers.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            tracing::warn!("no thread for an inspector request; dropped");
+        }
+    }
+}
+
+type Reply = Response<std::io::Cursor<Vec<u8>>>;
+
+fn text(status: u16, body: &str) -> Reply {
+    Response::from_string(body).with_status_code(status)
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|()| {
+        Header::from_bytes(&b"X-Keel"[..], &b"-"[..]).unwrap_or_else(|()| unreachable!())
+    })
+}
+
+fn typed(body: &str, content_type: &str) -> Reply {
+    Response::from_string(body)
+        .with_header(header("Content-Type", content_type))
+        .with_header(header(
+            "Content-Security-Policy",
+            "default-src 'self'; frame-ancestors 'none'",
+        ))
+        .with_header(header("Cache-Control", "no-store"))
+}
+
+fn handle(request: Request, shared: &Shared) {
+    if request.url().len() > URL_LEN_MAX {
+        let _ = request.respond(text(414, "URL too long"));
+        return;
+    }
+    let url = request.url().to_string();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let method = request.method().clone();
+    let open = matches!(path, "/" | "/app.js" | "/app.css" | "/metrics");
+    if !open && !authorized(&request, &shared.token) {
+        let reply = text(401, "a token is needed: the one `keel serve --gui` printed")
+            .with_header(header("WWW-Authenticate", "Bearer"));
+        let _ = request.respond(reply);
+        return;
+    }
+    let reply = match (method, path) {
+        (Method::Get, "/") => typed(PAGE, "text/html; charset=utf-8"),
+        (Method::Get, "/app.js") => typed(SCRIPT, "text/javascript; charset=utf-8"),
+        (Method::Get, "/app.css") => typed(STYLE, "text/css; charset=utf-8"),
+        (Method::Get, "/metrics") => typed(
+            &crate::metrics::render(&shared.node),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        (Method::Get, "/api/state") => json(&state(shared)),
+        (Method::Get, "/api/ls") => json(&ls(shared, query)),
+        (Method::Get, "/api/show") => json(&show(shared, query)),
+        (Method::Get, "/events") => return stream(request, shared),
+        (Method::Post, path) if path.starts_with("/api/") => act(shared, path),
+        (Method::Get | Method::Post, _) => text(404, "not found"),
+        _ => text(405, "method not allowed"),
+    };
+    let _ = request.respond(reply);
+}
+
+/// Whether `request` carries the token (compared in constant time).
+fn authorized(request: &Request, token: &str) -> bool {
+    let given = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Authorization"))
+        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn json(value: &serde_json::Value) -> Reply {
+    typed(&value.to_string(), "application/json")
+}
+
+/// The output of a command run on the node, as the control socket runs it.
+struct Captured {
+    lines: Vec<String>,
+}
+
+impl Io for Captured {
+    fn line(&mut self, text: &str) {
+        self.lines.push(text.to_string());
+    }
+
+    fn ask(&mut self, _question: &str) -> bool {
+        // Nothing the inspector runs asks; if one did, no answer is no.
+        false
+    }
+
+    fn terminal(&self) -> bool {
+        false
+    }
+}
+
+/// Runs `args` on the node; its output lines, or the error.
+fn run(shared: &Shared, args: &[&str]) -> Result<Vec<String>, String> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+    let command = parse_forwarded(&args)?;
+    let mut io = Captured { lines: Vec::new() };
+    match exec(shared.node.library(), Some(&shared.node), command, &mut io) {
+        Ok(0) => Ok(io.lines),
+        Ok(code) => Err(format!("exit {code}: {}", io.lines.join(" "))),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// The JSON a command prints, as one array: its one line if that is an array, else its lines
+/// (or `{"error": …}`).
+fn lines_json(shared: &Shared, args: &[&str]) -> serde_json::Value {
+    match run(shared, args) {
+        Ok(lines) => {
+            let mut values: Vec<serde_json::Value> = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            match values.as_slice() {
+                [serde_json::Value::Array(_)] => values.swap_remove(0),
+                _ => serde_json::Value::Array(values),
+            }
+        }
+        Err(e) => serde_json::json!({ "error": e }),
+    }
+}
+
+/// Everything the page shows but the entries: the node's status (as `keel status --json` shows
+/// it, without the digest, which reads the whole projection), jobs, conflicts, locations, tags.
+fn state(shared: &Shared) -> serde_json::Value {
+    let lib = shared.lib.as_str();
+    let library = shared.node.library();
+    let node = serde_json::to_value(shared.node.status()).unwrap_or_default();
+    let (sent, received) = shared.node.wire_bytes();
+    serde_json::json!({
+        "library": lib,
+        "device_id": library.device_id().to_hex(),
+        "applied_lsn": library.sync_state().applied_lsn().0,
+        "wire_bytes": { "sent": sent, "received": received },
+        "node": node,
+        "jobs": lines_json(shared, &["jobs", lib, "--json"]),
+        "conflicts": lines_json(shared, &["conflicts", lib, "--json"]),
+        "locations": lines_json(shared, &["locations", lib, "--json"]),
+        "tags": lines_json(shared, &["tags", lib, "--json"]),
+    })
+}
+
+/// The `path=` of a query, decoded.
+fn path_of(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("path="))
+        .map(percent_decode)
+}
+
+/// `keel show` of the entry `path=` names: its tags and note.
+fn show(shared: &Shared, query: &str) -> serde_json::Value {
+    let Some(path) = path_of(query) else {
+        return serde_json::json!({ "error": "which entry? (path=)" });
+    };
+    let shown = lines_json(shared, &["show", shared.lib.as_str(), &path, "--json"]);
+    match shown {
+        serde_json::Value::Array(mut one) if one.len() == 1 => one.swap_remove(0),
+        other => other,
+    }
+}
+
+/// `keel ls` of the folder `path=` names (the locations when none).
+fn ls(shared: &Shared, query: &str) -> serde_json::Value {
+    let path = path_of(query);
+    let lib = shared.lib.as_str();
+    match path.as_deref() {
+        Some(p) if !p.is_empty() => lines_json(shared, &["ls", lib, p, "--json"]),
+        _ => lines_json(shared, &["ls", lib, "--json"]),
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A POST: `/api/jobs/ID/pause|resume|cancel`, `/api/conflicts/ID/keep/DEVICE`.
+fn act(shared: &Shared, path: &str) -> Reply {
+    let parts: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
+    let lib = shared.lib.as_str();
+    let args: Vec<&str> = match parts.as_slice() {
+        ["jobs", id, action @ ("pause" | "resume" | "cancel")] => vec!["jobs", lib, action, id],
+        ["conflicts", id, "keep", device] => {
+            vec!["conflicts", lib, "resolve", id, "--keep", device]
+        }
+        _ => return text(404, "no such action"),
+    };
+    tracing::info!(action = %path, "inspector request");
+    match run(shared, &args) {
+        Ok(lines) => json(&serde_json::json!({ "ok": true, "output": lines })),
+        Err(e) => text(400, &e),
+    }
+}
+
+/// Server-sent events: the state (as `/api/state`) each time it changes, written straight to
+/// the connection (no chunking: the response ends when the connection closes).
+fn stream(request: Request, shared: &Shared) {
+    if shared.streams.fetch_add(1, Ordering::SeqCst) >= STREAMS_MAX {
+        shared.streams.fetch_sub(1, Ordering::SeqCst);
+        let _ = request.respond(text(503, "too many live views"));
+        return;
+    }
+    let mut writer = request.into_writer();
+    let _ = send_events(&mut *writer, shared);
+    shared.streams.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Writes the stream until the client goes or the inspector stops.
+fn send_events(writer: &mut dyn std::io::Write, shared: &Shared) -> std::io::Result<()> {
+    writer.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n\
+          Connection: close\r\n\r\n",
+    )?;
+    writer.flush()?;
+    let mut last = String::new();
+    let mut last_at = Instant::now();
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let now = state(shared).to_string();
+        if now != last {
+            writer.write_all(format!("data: {now}\n\n").as_bytes())?;
+            writer.flush()?;
+            last = now;
+            last_at = Instant::now();
+        } else if last_at.elapsed() >= KEEPALIVE_EVERY {
+            writer.write_all(b": still here\n\n")?;
+            writer.flush()?;
+            last_at = Instant::now();
+        }
+        std::thread::sleep(STREAM_EVERY);
+    }
+    Ok(())
+}
