@@ -30,6 +30,9 @@ pub struct BenchOptions {
     /// P5's leader commits through its offline journal instead of sequencing them itself (the
     /// older path, for comparison).
     pub p5_through_offline_journal: bool,
+    /// Started on P5's leader before the load and dropped after it: the `keel` command opens
+    /// its inspector there, with a browser on it (`--p5-inspector`).
+    pub p5_inspector: Option<Observer>,
     /// P6's rounds, one leader killed in each (default 5; 2 with `quick`).
     pub p6_rounds: Option<usize>,
     /// Files in P7's library (default 500,000; 100,000 with `quick`).
@@ -50,6 +53,9 @@ impl BenchOptions {
         if self.p5_through_offline_journal {
             args.push("--p5-through-offline-journal".into());
         }
+        if self.p5_inspector.is_some() {
+            args.push("--p5-inspector".into());
+        }
         let sizes = [
             ("--p4-files", self.p4_files.map(|n| n as u64)),
             ("--p5-rate", self.p5_rate),
@@ -63,6 +69,21 @@ impl BenchOptions {
             }
         }
         args
+    }
+}
+
+/// Something watching a node while a benchmark runs: called with the node, it returns what
+/// keeps watching until dropped.
+#[derive(Clone)]
+pub struct Observer(pub std::sync::Arc<Watch>);
+
+/// What an [`Observer`] calls.
+pub type Watch =
+    dyn Fn(std::sync::Arc<keel_node::Node>) -> anyhow::Result<Box<dyn std::any::Any>> + Send + Sync;
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
     }
 }
 

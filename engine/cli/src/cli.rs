@@ -343,6 +343,10 @@ pub(crate) struct BenchArgs {
     /// P5's leader commits through its offline journal (the older path).
     #[arg(long)]
     p5_through_offline_journal: bool,
+    /// P5 with the leader's inspector open in a browser (headless Chromium where installed,
+    /// and a reader of its live stream).
+    #[arg(long)]
+    p5_inspector: bool,
     /// P6's rounds (one leader killed in each).
     #[arg(long)]
     p6_rounds: Option<usize>,
@@ -362,6 +366,9 @@ impl From<BenchArgs> for keel_bench::BenchOptions {
             p4_replication_only: a.p4_replication_only,
             p5_rate: a.p5_rate,
             p5_through_offline_journal: a.p5_through_offline_journal,
+            p5_inspector: a
+                .p5_inspector
+                .then(|| keel_bench::Observer(std::sync::Arc::new(crate::gui::watch_node))),
             p6_rounds: a.p6_rounds,
             p7_files: a.p7_files,
         }

@@ -46,6 +46,7 @@ const STYLE: &str = include_str!("gui/app.css");
 /// A running inspector; stops when dropped.
 pub(crate) struct Gui {
     server: Arc<Server>,
+    shared: Arc<Shared>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// Where it listens.
@@ -90,7 +91,7 @@ impl Gui {
             stopping: stopping.clone(),
         });
         let thread = {
-            let server = server.clone();
+            let (server, shared) = (server.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("keel-gui".into())
                 .spawn(move || accept(&server, &shared))
@@ -98,6 +99,7 @@ impl Gui {
         };
         Ok(Self {
             server,
+            shared,
             stopping,
             thread: Some(thread),
             addr,
@@ -113,6 +115,11 @@ impl Drop for Gui {
         self.server.unblock();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        // Requests under way end soon (a live stream at its next look): they hold the node.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.handlers.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
         let _ = std::fs::remove_file(&self.token_path);
     }
@@ -421,4 +428,99 @@ fn send_events(writer: &mut dyn std::io::Write, shared: &Shared) -> std::io::Res
         std::thread::sleep(STREAM_EVERY);
     }
     Ok(())
+}
+
+/// For `keel bench --p5-inspector`: the inspector on `node` with a browser on it (headless
+/// Chromium, `KEEL_CHROMIUM` or `/usr/bin/chromium`, where there is one) and a reader of its
+/// live stream, until the returned value is dropped.
+pub(crate) fn watch_node(node: Arc<Node>) -> Result<Box<dyn std::any::Any>> {
+    let dir = node.library().dir().to_path_buf();
+    let lib = node.library().name().to_string();
+    let gui = Gui::start(&dir, &lib, node, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let chromium = std::env::var_os("KEEL_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    let browser = chromium.exists().then(|| {
+        std::process::Command::new(&chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.join("chromium").display()
+            ))
+            .arg(format!("http://{}/#token={}", gui.addr, gui.token))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    });
+    let browser = browser.transpose().context("Chromium does not start")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (addr, token, stop) = (gui.addr, gui.token.clone(), stop.clone());
+        std::thread::spawn(move || read_stream(addr, &token, &stop))
+    };
+    Ok(Box::new(Watching {
+        browser,
+        stop,
+        reader: Some(reader),
+        _gui: gui,
+    }))
+}
+
+/// Reads the live stream at `addr` until `stop` (counts its bytes, as a browser would read them).
+fn read_stream(addr: SocketAddr, token: &str, stop: &AtomicBool) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let request =
+        format!("GET /events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return 0;
+    }
+    let (mut buf, mut read) = ([0u8; 16 * 1024], 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => read += n as u64,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    read
+}
+
+/// What [`watch_node`] keeps running; stops it all when dropped (the browser first).
+struct Watching {
+    browser: Option<std::process::Child>,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<u64>>,
+    _gui: Gui,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Some(browser) = &mut self.browser {
+            let _ = browser.kill();
+            let _ = browser.wait();
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let read = reader.join().unwrap_or(0);
+            tracing::debug!(bytes = read, "the inspector's live stream was read");
+        }
+    }
 }

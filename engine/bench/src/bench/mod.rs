@@ -183,6 +183,7 @@ fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
                 changes: sizes.p5_changes,
                 rate: options.p5_rate.unwrap_or(1000),
                 leader_commits: !options.p5_through_offline_journal,
+                observer: options.p5_inspector.clone(),
             },
             &mut out,
         )?,

@@ -23,6 +23,8 @@ pub(crate) struct Options {
     /// The leader's node sequences its own commits (the default); false: they go through its
     /// offline journal, for comparison.
     pub(crate) leader_commits: bool,
+    /// Watches the leader during the load (see [`crate::BenchOptions::p5_inspector`]).
+    pub(crate) observer: Option<crate::Observer>,
 }
 
 /// Threads committing P5's changes in turn (see the comment in [`run`]).
@@ -38,19 +40,24 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     let changes = options.changes;
     let home = Home::new(dir.join("p5-a"));
     let leader_commits = options.leader_commits;
-    let a = Node::start(
+    let a = std::sync::Arc::new(Node::start(
         Library::create(&home, "bench", PASSWORD, fast())?,
         NodeOptions {
             leader_commits,
             ..super::sync::node_options(Vec::new())
         },
-    )?;
+    )?);
     let b = follower_of(&a, &dir.join("p5-b"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while b.status().log_len < a.status().log_len || b.status().leader.is_none() {
         ensure!(Instant::now() < deadline, "the follower did not catch up");
         std::thread::sleep(Duration::from_millis(10));
     }
+    let watching = match &options.observer {
+        Some(observer) => Some((observer.0)(a.clone())?),
+        None => None,
+    };
+    out.insert("p5_inspector_open".into(), json!(watching.is_some()));
     let mut events = b.library().subscribe();
     let (seen_tx, seen_rx) = std::sync::mpsc::channel::<(Uuid, Instant)>();
     let watcher = std::thread::spawn(move || {
@@ -108,8 +115,12 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
         "p5_rate_per_s".into(),
         json!(changes as f64 / committed_in.as_secs_f64()),
     );
+    drop(watching);
     b.stop()?;
-    a.stop()?;
+    match std::sync::Arc::try_unwrap(a) {
+        Ok(a) => a.stop()?,
+        Err(_) => anyhow::bail!("P5's leader is still held after its watcher stopped"),
+    }
     drop(seen_rx);
     let _ = watcher.join();
     Ok(())
