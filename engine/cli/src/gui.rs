@@ -430,6 +430,9 @@ fn send_events(writer: &mut dyn std::io::Write, shared: &Shared) -> std::io::Res
     Ok(())
 }
 
+/// How long a browser started by [`watch_node`] gets to load the page before the load begins.
+const BROWSER_SETTLE: Duration = Duration::from_secs(4);
+
 /// For `keel bench --p5-inspector`: the inspector on `node` with a browser on it (headless
 /// Chromium, `KEEL_CHROMIUM` or `/usr/bin/chromium`, where there is one) and a reader of its
 /// live stream, until the returned value is dropped.
@@ -462,6 +465,11 @@ pub(crate) fn watch_node(node: Arc<Node>) -> Result<Box<dyn std::any::Any>> {
             .spawn()
     });
     let browser = browser.transpose().context("Chromium does not start")?;
+    if browser.is_some() {
+        // A browser that has loaded the page and settled, not one starting up (which takes
+        // both cores of a small machine for a second or two).
+        std::thread::sleep(BROWSER_SETTLE);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (addr, token, stop) = (gui.addr, gui.token.clone(), stop.clone());

@@ -110,7 +110,15 @@ function drawLog(state) {
     ["Bytes sent / received", state.wire_bytes.sent + " / " + state.wire_bytes.received],
   ];
   if (node.storage_failed) items.push(["Storage", "FAILING: nothing is acknowledged"]);
-  $("log").replaceChildren(...items.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))]));
+  // Text changed in place (a rebuilt list is laid out and painted again as a whole).
+  const list = $("log");
+  if (list.children.length !== items.length * 2) {
+    list.replaceChildren(...items.flatMap(([k]) => [el("dt", {}, k), el("dd", {})]));
+  }
+  items.forEach(([, v], i) => {
+    const dd = list.children[i * 2 + 1];
+    if (dd.textContent !== String(v)) dd.textContent = String(v);
+  });
   $("summary").textContent =
     "this device " + short(state.device_id) + " is " + node.role +
     " in epoch " + (node.epoch ? node.epoch.counter : "?") +
@@ -231,14 +239,27 @@ function drawLibrary(state) {
   $("tags").replaceChildren(...tags.map((t) => el("li", {}, t.name || JSON.stringify(t))));
 }
 
+// What each section last drew from: a section whose part of the state did not change is left
+// as it is (under load only the log's positions move, twice a second).
+const drawn = {};
+
+function changed(section, ...parts) {
+  const key = JSON.stringify(parts);
+  if (drawn[section] === key) return false;
+  drawn[section] = key;
+  return true;
+}
+
 function draw(state) {
   last = state;
-  $("library").textContent = state.library;
-  drawDevices(state);
+  if (changed("library", state.library)) $("library").textContent = state.library;
+  if (changed("devices", state.device_id, state.node.peers, state.node.leader, state.node.role, state.node.log_len)) {
+    drawDevices(state);
+  }
   drawLog(state);
-  drawJobs(state);
-  drawConflicts(state);
-  drawLibrary(state);
+  if (changed("jobs", state.jobs)) drawJobs(state);
+  if (changed("conflicts", state.conflicts)) drawConflicts(state);
+  if (changed("library-browser", state.locations, state.tags)) drawLibrary(state);
 }
 
 // The live stream: each `data:` line is the whole state. Reconnects after a pause.
