@@ -238,7 +238,8 @@ fn playwright() -> Option<std::path::PathBuf> {
 /// Issue 30: an operator's session in headless Chromium, driven by Playwright. Three devices
 /// serve one library; the browser opens the leader's inspector, sees the three devices and
 /// which leads, keeps one side of an open conflict, pauses a running index, finds a file's
-/// tag in the library's browser, and opens a follower's inspector. The results are then read
+/// tag in the library's browser, and opens a follower's inspector and that of a library alone
+/// on its device. The results are then read
 /// through the command line (`status`, `conflicts`, `jobs` with `--json`).
 #[test]
 #[ignore = "needs Chromium (/usr/bin/chromium) and playwright-core: .ci/run installs both and runs it"]
@@ -291,6 +292,10 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
     for i in 0..20_000 {
         std::fs::write(big.join(format!("file{i:05}.txt")), format!("{i}")).expect("file");
     }
+    // A library alone on a device of its own.
+    let lone_home = dir.path().join("d");
+    ok(&keel(&lone_home, &["init", "lib"]));
+    let lone = serve_gui(&lone_home, &["--listen", &free_port(), "--no-discovery"]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gui/operator.cjs");
     // Kept under the target folder, to be looked at.
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("inspector.png");
@@ -303,6 +308,10 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
         .env(
             "KEEL_FOLLOWER_URL",
             format!("{}/#token={}", b.base, b.token),
+        )
+        .env(
+            "KEEL_ALONE_URL",
+            format!("{}/#token={}", lone.base, lone.token),
         )
         .env("KEEL_SCREENSHOT", &shot)
         .stdout(Stdio::piped())
@@ -343,6 +352,7 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
     let status = status_of(&homes[0]);
     assert_eq!(seen["devices"], 3, "{seen}");
     assert_eq!(seen["followerRole"], "follower", "{seen}");
+    assert_eq!(seen["aloneDevices"], 1, "{seen}");
     assert_eq!(
         seen["leader"].as_str(),
         status["leader"].as_str().map(|l| &l[..8]),

@@ -5,8 +5,9 @@
 //   shows it resolved (the update arrives through the live stream, without a reload);
 // - waits for a running job, pauses it, and waits until the page shows it paused.
 // - opens a location and a file in the library's browser, and finds the kept tag;
-// - opens a follower's inspector (KEEL_FOLLOWER_URL) and reads its role there.
-// Prints one JSON line: { devices, leader, resolved, paused, followerRole }.
+// - opens a follower's inspector (KEEL_FOLLOWER_URL) and reads its role there;
+// - opens the inspector of a library alone on its device (KEEL_ALONE_URL).
+// Prints one JSON line: { devices, leader, resolved, paused, followerRole, aloneDevices }.
 "use strict";
 const { chromium } = require("playwright-core");
 
@@ -58,9 +59,16 @@ const LONG = { timeout: 60_000 };
   await follower.waitForFunction(() => document.querySelectorAll("#devices tbody tr").length === 3, null, LONG);
   const own = follower.locator("#devices tbody tr").first();
   const followerRole = await own.locator(".badge").first().textContent();
+
+  // A library alone on its device: one device, which leads.
+  const alone = await browser.newPage();
+  alone.on("pageerror", (e) => errors.push(String(e)));
+  await alone.goto(process.env.KEEL_ALONE_URL);
+  await alone.locator("#devices tbody tr .badge.leader").waitFor(LONG);
+  const aloneDevices = await alone.locator("#devices tbody tr").count();
   await browser.close();
   if (errors.length) throw new Error("errors on the page: " + errors.join("; "));
-  console.log(JSON.stringify({ devices, leader, resolved: conflict, paused: job, followerRole }));
+  console.log(JSON.stringify({ devices, leader, resolved: conflict, paused: job, followerRole, aloneDevices }));
 })().catch((e) => {
   console.error(e);
   process.exit(1);
