@@ -36,6 +36,9 @@ const STREAMS_MAX: usize = 4;
 const URL_LEN_MAX: usize = 2048;
 /// How often a live stream looks for a change.
 const STREAM_EVERY: Duration = Duration::from_millis(500);
+/// Most tags, conflicts and locations in the state (each list also gives its length): the
+/// state is sent twice a second while the library changes, and drawn each time.
+const LISTED_MAX: usize = 100;
 /// A comment on a quiet stream this often, so that a gone client is noticed.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 
@@ -303,6 +306,9 @@ fn state(shared: &Shared) -> serde_json::Value {
     let library = shared.node.library();
     let node = serde_json::to_value(shared.node.status()).unwrap_or_default();
     let (sent, received) = shared.node.wire_bytes();
+    let (conflicts, conflicts_total) = first(lines_json(shared, &["conflicts", lib, "--json"]));
+    let (locations, locations_total) = first(lines_json(shared, &["locations", lib, "--json"]));
+    let (tags, tags_total) = first(lines_json(shared, &["tags", lib, "--json"]));
     serde_json::json!({
         "library": lib,
         "device_id": library.device_id().to_hex(),
@@ -310,10 +316,25 @@ fn state(shared: &Shared) -> serde_json::Value {
         "wire_bytes": { "sent": sent, "received": received },
         "node": node,
         "jobs": lines_json(shared, &["jobs", lib, "--json"]),
-        "conflicts": lines_json(shared, &["conflicts", lib, "--json"]),
-        "locations": lines_json(shared, &["locations", lib, "--json"]),
-        "tags": lines_json(shared, &["tags", lib, "--json"]),
+        "conflicts": conflicts,
+        "conflicts_total": conflicts_total,
+        "locations": locations,
+        "locations_total": locations_total,
+        "tags": tags,
+        "tags_total": tags_total,
     })
+}
+
+/// The first [`LISTED_MAX`] items of a list, and its length (an error stays as it is).
+fn first(list: serde_json::Value) -> (serde_json::Value, usize) {
+    match list {
+        serde_json::Value::Array(mut items) => {
+            let total = items.len();
+            items.truncate(LISTED_MAX);
+            (serde_json::Value::Array(items), total)
+        }
+        other => (other, 0),
+    }
 }
 
 /// The `path=` of a query, decoded.

@@ -172,7 +172,9 @@ function drawConflicts(state) {
     $("conflicts").replaceChildren(el("p", { class: "muted" }, "no conflicts"));
     return;
   }
-  $("conflicts").replaceChildren(...conflicts.map((c) => {
+  const hidden = (state.conflicts_total || 0) - conflicts.length;
+  const note = hidden > 0 ? [el("p", { class: "muted" }, hidden + " more not shown (keel conflicts LIB)")] : [];
+  $("conflicts").replaceChildren(...note, ...conflicts.map((c) => {
     const resolved = !!c.resolved_by;
     const side = (s, i) => el("div", { class: "side" + (i === c.winner ? " won" : ""), "data-side": i },
       el("div", {}, el("strong", {}, JSON.stringify(s.value))),
@@ -236,7 +238,11 @@ function drawLibrary(state) {
   $("locations").replaceChildren(...locations.map((l) =>
     el("li", {}, el("a", { onclick: () => browse(l.path) }, l.path), " ", el("span", { class: "muted" }, "on " + (l.device || "?")))));
   const tags = Array.isArray(state.tags) ? state.tags : [];
-  $("tags").replaceChildren(...tags.map((t) => el("li", {}, t.name || JSON.stringify(t))));
+  const more = (shown, total) => (total > shown ? [el("li", { class: "muted" }, "and " + (total - shown) + " more")] : []);
+  $("tags").replaceChildren(
+    ...tags.map((t) => el("li", {}, t.name || JSON.stringify(t))),
+    ...more(tags.length, state.tags_total),
+  );
 }
 
 // What each section last drew from: a section whose part of the state did not change is left
@@ -258,8 +264,8 @@ function draw(state) {
   }
   drawLog(state);
   if (changed("jobs", state.jobs)) drawJobs(state);
-  if (changed("conflicts", state.conflicts)) drawConflicts(state);
-  if (changed("library-browser", state.locations, state.tags)) drawLibrary(state);
+  if (changed("conflicts", state.conflicts, state.conflicts_total)) drawConflicts(state);
+  if (changed("library-browser", state.locations, state.tags, state.tags_total)) drawLibrary(state);
 }
 
 // The live stream: each `data:` line is the whole state. Reconnects after a pause.
