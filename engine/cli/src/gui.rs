@@ -35,7 +35,7 @@ const STREAMS_MAX: usize = 4;
 /// Longest URL accepted.
 const URL_LEN_MAX: usize = 2048;
 /// How often a live stream looks for a change.
-const STREAM_EVERY: Duration = Duration::from_millis(500);
+const STREAM_EVERY: Duration = Duration::from_millis(1000);
 /// Most tags, conflicts and locations in the state (each list also gives its length): the
 /// state is sent twice a second while the library changes, and drawn each time.
 const LISTED_MAX: usize = 100;

@@ -268,6 +268,32 @@ function draw(state) {
   if (changed("library-browser", state.locations, state.tags, state.tags_total)) drawLibrary(state);
 }
 
+// Draws at most once a second (the stream may bring two states a second while the log moves):
+// the browser's drawing is work on the same machine as the node, and an operator reads no
+// faster.
+const DRAW_EVERY_MS = 1000;
+let pending = null;
+let drawnAt = 0;
+
+function schedule(state) {
+  const wait = drawnAt + DRAW_EVERY_MS - Date.now();
+  if (pending === null && wait <= 0) {
+    drawnAt = Date.now();
+    draw(state);
+    return;
+  }
+  const first = pending === null;
+  pending = state;
+  if (first) {
+    setTimeout(() => {
+      const next = pending;
+      pending = null;
+      drawnAt = Date.now();
+      draw(next);
+    }, Math.max(0, wait));
+  }
+}
+
 // The live stream: each `data:` line is the whole state. Reconnects after a pause.
 async function live() {
   if (!token) return;
@@ -292,7 +318,7 @@ async function live() {
         const event = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
         const data = event.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-        if (data) draw(JSON.parse(data));
+        if (data) schedule(JSON.parse(data));
       }
     }
   } catch (e) {
