@@ -35,7 +35,9 @@ const STREAMS_MAX: usize = 4;
 /// Longest URL accepted.
 const URL_LEN_MAX: usize = 2048;
 /// How often a live stream looks for a change.
-const STREAM_EVERY: Duration = Duration::from_millis(1000);
+const STREAM_EVERY: Duration = Duration::from_millis(250);
+/// Least time between two states sent when only positions moved (jobs and conflicts go at once).
+const SEND_EVERY: Duration = Duration::from_secs(1);
 /// Most tags, conflicts and locations in the state (each list also gives its length): the
 /// state is sent twice a second while the library changes, and drawn each time.
 const LISTED_MAX: usize = 100;
@@ -432,14 +434,20 @@ fn send_events(writer: &mut dyn std::io::Write, shared: &Shared) -> std::io::Res
           Connection: close\r\n\r\n",
     )?;
     writer.flush()?;
-    let mut last = String::new();
-    let mut last_at = Instant::now();
+    let (mut last, mut last_acts) = (String::new(), String::new());
+    let mut last_at = Instant::now()
+        .checked_sub(SEND_EVERY)
+        .unwrap_or_else(Instant::now);
     while !shared.stopping.load(Ordering::Relaxed) {
-        let now = state(shared).to_string();
-        if now != last {
+        let state = state(shared);
+        // What an operator acts on goes out at once; the rest (positions that move with every
+        // change) at most once a second.
+        let acts = serde_json::json!([state["jobs"], state["conflicts"]]).to_string();
+        let now = state.to_string();
+        if now != last && (acts != last_acts || last_at.elapsed() >= SEND_EVERY) {
             writer.write_all(format!("data: {now}\n\n").as_bytes())?;
             writer.flush()?;
-            last = now;
+            (last, last_acts) = (now, acts);
             last_at = Instant::now();
         } else if last_at.elapsed() >= KEEPALIVE_EVERY {
             writer.write_all(b": still here\n\n")?;

@@ -268,16 +268,20 @@ function draw(state) {
   if (changed("library-browser", state.locations, state.tags, state.tags_total)) drawLibrary(state);
 }
 
-// Draws at most once a second (the stream may bring two states a second while the log moves):
-// the browser's drawing is work on the same machine as the node, and an operator reads no
-// faster.
+// Draws at most once a second while only positions move (the browser's drawing is work on the
+// same machine as the node, and an operator reads no faster); jobs and conflicts at once.
 const DRAW_EVERY_MS = 1000;
 let pending = null;
 let drawnAt = 0;
 
 function schedule(state) {
   const wait = drawnAt + DRAW_EVERY_MS - Date.now();
-  if (pending === null && wait <= 0) {
+  // A job or a conflict that changed is drawn at once: they are what an operator acts on.
+  const acts = JSON.stringify([state.jobs, state.conflicts]);
+  const urgent = acts !== drawn.acts;
+  drawn.acts = acts;
+  if (urgent || wait <= 0) {
+    pending = null;
     drawnAt = Date.now();
     draw(state);
     return;
@@ -286,11 +290,12 @@ function schedule(state) {
   pending = state;
   if (first) {
     setTimeout(() => {
+      if (pending === null) return;
       const next = pending;
       pending = null;
       drawnAt = Date.now();
       draw(next);
-    }, Math.max(0, wait));
+    }, wait);
   }
 }
 
