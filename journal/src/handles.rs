@@ -262,6 +262,12 @@ impl Election<'_> {
         self.journal.store_vote_floor(floor)
     }
 
+    /// Forgets the vote floor, an operator's decision (see `Library::forget_vote_floor`):
+    /// returns the one forgotten.
+    pub fn forget_vote_floor(&self) -> Result<Option<(Epoch, Lsn)>, JournalError> {
+        self.journal.forget_vote_floor()
+    }
+
     /// Stores the current epoch without changing the writer's role (used by followers).
     pub fn store_epoch(&self, epoch: Epoch) -> Result<(), JournalError> {
         self.journal.store_epoch(epoch)

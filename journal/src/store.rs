@@ -1169,6 +1169,24 @@ impl Journal {
         })
     }
 
+    /// See [`Election::forget_vote_floor`].
+    pub(crate) fn forget_vote_floor(&self) -> Result<Option<(Epoch, Lsn)>, JournalError> {
+        let floor = self.vote_floor()?;
+        if floor.is_some() {
+            self.db.write(|db| {
+                let mut txn = WriteTxn::begin(db)?;
+                txn.set_durability(Durability::Immediate).map_err(storage)?;
+                txn.open_table(META)
+                    .map_err(storage)?
+                    .remove(crate::tables::META_VOTE_FLOOR)
+                    .map_err(storage)?;
+                txn.commit().map_err(storage)?;
+                Ok(())
+            })?;
+        }
+        Ok(floor)
+    }
+
     /// See [`Election::voted`].
     pub(crate) fn voted(&self) -> Result<Option<Epoch>, JournalError> {
         Ok(read_meta(&*self.db.get()?, META_VOTED)?.and_then(|b| decode_epoch(&b)))

@@ -59,7 +59,16 @@ pub fn tag(name: &str) -> keel_engine::Tag {
 /// The journal of the closed library `name` in `home`, opened with the library's keys, for a
 /// test to change what a library's own code would not; and the library's device.
 pub fn journal_of(home: &Home, name: &str) -> (keel_journal::Journal, keel_schema::DeviceId) {
-    let lib = Library::open(home, name, PASSWORD).expect("opens");
+    journal_opened_with(home, name, PASSWORD)
+}
+
+/// [`journal_of`] for a library whose password is `password`.
+pub fn journal_opened_with(
+    home: &Home,
+    name: &str,
+    password: &str,
+) -> (keel_journal::Journal, keel_schema::DeviceId) {
+    let lib = Library::open(home, name, password).expect("opens");
     let (dir, library, device) = (lib.dir().to_path_buf(), lib.id(), lib.device_id());
     let mut ring = Vec::new();
     for key in lib.shared_keys() {

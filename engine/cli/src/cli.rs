@@ -254,6 +254,20 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show this device's vote floor (set when it cut its log at a damaged record: it votes
+    /// only for logs reaching it), or forget it. Forget it only when every device that held
+    /// the entries past the cut lost them too and no leader can be elected: entries no device
+    /// holds are then lost for good. Stop `keel serve` first.
+    VoteFloor {
+        /// Library name.
+        lib: String,
+        /// Forget the floor.
+        #[arg(long)]
+        forget: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change the library password (the key is rewrapped; the journal is not re-encrypted).
     /// The new password comes from KEEL_NEW_PASSWORD or a prompt.
     Passwd {
@@ -704,6 +718,7 @@ impl Command {
             | Command::Verify { lib, .. }
             | Command::Rebuild { lib, .. }
             | Command::Compact { lib, .. }
+            | Command::VoteFloor { lib, .. }
             | Command::Devices { lib, .. } => Some(lib),
             Command::Pair {
                 command: PairCommand::Invite { lib, .. },
@@ -1118,6 +1133,7 @@ pub(crate) fn exec(
             ));
         }
         Command::Compact { json, .. } => compact(lib, node, json, io)?,
+        Command::VoteFloor { forget, json, .. } => vote_floor(lib, node, forget, json, io)?,
         Command::Devices { command, json, .. } => {
             crate::serve::devices(lib, node, command, json, io)?;
         }
@@ -1140,6 +1156,45 @@ pub(crate) fn exec(
         | Command::Demo { .. } => bail!("this command does not run on an open library"),
     }
     Ok(0)
+}
+
+/// `keel vote-floor`.
+fn vote_floor(
+    lib: &Library,
+    node: Option<&keel_node::Node>,
+    forget: bool,
+    json: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    if forget && node.is_some() {
+        bail!("a running node holds the vote floor: stop `keel serve` first");
+    }
+    let floor = if forget {
+        lib.forget_vote_floor()?
+    } else {
+        lib.vote_floor()?
+    };
+    if json {
+        let value = floor.map(|(counter, device, at)| {
+            serde_json::json!({ "epoch": counter, "by": device.to_hex(), "position": at })
+        });
+        io.line(
+            &serde_json::json!({ "vote_floor": value, "forgotten": forget && floor.is_some() })
+                .to_string(),
+        );
+        return Ok(());
+    }
+    io.line(&match (floor, forget) {
+        (None, _) => "no vote floor: this device never cut its log".to_string(),
+        (Some((counter, device, at)), false) => format!(
+            "vote floor: position {at} of epoch {counter} (by {}); this device votes only for logs reaching it",
+            device.short()
+        ),
+        (Some((counter, _, at)), true) => format!(
+            "forgot the vote floor (position {at} of epoch {counter}): entries past it that no device holds are lost"
+        ),
+    });
+    Ok(())
 }
 
 fn status(

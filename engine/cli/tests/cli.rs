@@ -1204,3 +1204,42 @@ fn compact_drops_the_log_alone_or_through_a_node_and_status_shows_it() {
     fails_with_one_error_line(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("running node"));
 }
+
+/// Issue 29: the operator's way out when two devices cut their logs (decision 0063): a device's
+/// vote floor is shown, and forgotten only while no node holds the library.
+#[test]
+fn the_vote_floor_is_shown_and_forgotten_only_without_a_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    ok(&keel(&home, &["init", "lib"]));
+    let floor = |home: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&keel(home, &["vote-floor", "lib", "--json"]))).expect("json")
+    };
+    assert!(floor(&home)["vote_floor"].is_null());
+    {
+        let (journal, device) =
+            keel_tests::journal_opened_with(&keel_engine::Home::new(home.clone()), "lib", "pw");
+        let epoch = keel_schema::Epoch { counter: 3, device };
+        journal
+            .election()
+            .store_vote_floor((epoch, keel_schema::Lsn(7)))
+            .expect("stores");
+        journal.close();
+    }
+    let shown = floor(&home);
+    assert_eq!(shown["vote_floor"]["position"], 7, "{shown}");
+    assert_eq!(shown["vote_floor"]["epoch"], 3, "{shown}");
+    {
+        let _served = serve(&home, &free_port(), &[]);
+        fails_with_one_error_line(&keel(&home, &["vote-floor", "lib", "--forget"]));
+        assert_eq!(floor(&home)["vote_floor"]["position"], 7, "still there");
+    }
+    let _ = std::fs::remove_file(home.join("libraries/lib.keel/control.sock"));
+    let forgot: serde_json::Value = serde_json::from_str(&ok(&keel(
+        &home,
+        &["vote-floor", "lib", "--forget", "--json"],
+    )))
+    .expect("json");
+    assert_eq!(forgot["forgotten"], true, "{forgot}");
+    assert!(floor(&home)["vote_floor"].is_null());
+}

@@ -762,6 +762,40 @@ impl Library {
         Ok(())
     }
 
+    /// The log end this device held before it last cut its log at a damaged record, if it did
+    /// (epoch counter, epoch's device, position): it votes only for logs reaching it and
+    /// stands only once its own log does (see `Replica::handle_abdicate`).
+    pub fn vote_floor(&self) -> Result<Option<(u64, DeviceId, u64)>, EngineError> {
+        let floor = self.journal()?.election().vote_floor()?;
+        Ok(floor.map(|(epoch, lsn)| (epoch.counter, epoch.device, lsn.0)))
+    }
+
+    /// Forgets the vote floor, on an operator's word: when the devices that held the entries
+    /// past a cut all lost them (two disks damaged), no log reaches the floors and no leader can
+    /// be elected; forgetting lets this device vote and stand again, and the entries no device
+    /// holds are lost for good. Refused while a node holds the library (its replica keeps the
+    /// floor): stop it first. Returns the floor forgotten.
+    pub fn forget_vote_floor(&self) -> Result<Option<(u64, DeviceId, u64)>, EngineError> {
+        let linked = self
+            .shared
+            .local_commits
+            .lock()
+            .map_err(|_| EngineError::Closed)?
+            .is_some();
+        if linked {
+            return Err(EngineError::Linked);
+        }
+        let floor = self.journal()?.election().forget_vote_floor()?;
+        if let Some((epoch, lsn)) = floor {
+            tracing::warn!(
+                epoch = epoch.counter,
+                at = lsn.0,
+                "the vote floor was forgotten by the operator"
+            );
+        }
+        Ok(floor.map(|(epoch, lsn)| (epoch.counter, epoch.device, lsn.0)))
+    }
+
     /// Commits go through the offline journal from here, never to the node's core.
     pub(crate) fn stop_sequencing(&self) {
         self.set_leading(false);

@@ -822,4 +822,11 @@ fn a_cut_log_votes_only_for_logs_reaching_its_floor() {
     assert_eq!(pre_vote_granted(&short), Some(false), "short of the floor");
     let reaching = voter.handle(ask(2, 5, 3), 1_000);
     assert_eq!(pre_vote_granted(&reaching), Some(true), "at the floor");
+
+    // Forgotten by the operator (`keel vote-floor --forget`, when every device that held the
+    // entries past the cut lost them): the short log gets the vote again.
+    let mut forgotten = Machine::new(config(1), joined(epoch, Epoch::default()), 0);
+    forgotten.handle(Input::Connected(DeviceId([2; 32])), 0);
+    let short = forgotten.handle(ask(2, 4, 2), 1_000);
+    assert_eq!(pre_vote_granted(&short), Some(true), "no floor");
 }
