@@ -226,7 +226,7 @@ async function details(path) {
     ]);
     $("details").replaceChildren(
       el("h3", {}, path),
-      el("dl", { class: "grid" }, el("dt", {}, "Size"), el("dd", {}, shown.size + " bytes"), ...rows),
+      el("dl", { class: "grid" }, el("dt", {}, "Size"), el("dd", {}, shown.size + " B"), ...rows),
     );
   } catch (e) {
     showError("showing " + path + ": " + e);
