@@ -82,6 +82,26 @@ fn http(base: &str, method: &str, path: &str, token: Option<&str>) -> (u16, Stri
     (status, body.to_string())
 }
 
+/// The states of the live stream at `base`, as they come.
+fn live_states(base: &str, token: &str) -> impl Iterator<Item = serde_json::Value> {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).expect("connects");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .expect("sends");
+    let mut lines = BufReader::new(stream).lines();
+    let status = lines.next().expect("a status line").expect("reads");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    lines
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(l.strip_prefix("data: ")?).ok())
+}
+
 /// A library "lib" in `home` with a few indexed files (its index is a finished job).
 fn library_with_files(dir: &Path, home: &Path) {
     let tree = dir.join("tree");
@@ -218,6 +238,22 @@ fn the_inspector_needs_its_token_and_its_metrics_parse() {
     ] {
         value(name);
     }
+
+    // The live stream: a state at once, then another when the library changes (a tag).
+    let mut events = live_states(&gui.base, &gui.token);
+    let first = events.next().expect("a first state");
+    assert_eq!(first["library"], "lib");
+    assert_eq!(first["applied_lsn"], state["applied_lsn"]);
+    let file = dir.path().join("tree/f0.txt");
+    ok(&keel(
+        &home,
+        &["tag", "lib", file.to_str().expect("path"), "streamed"],
+    ));
+    let tagged = events
+        .find(|s| s["tags"].as_array().is_some_and(|t| !t.is_empty()))
+        .expect("a state with the tag");
+    assert_eq!(tagged["tags"][0]["name"], "streamed", "{tagged}");
+    assert_eq!(tagged["tags_total"], 1);
 }
 
 /// The node's role, leader and epoch as `keel status --json` gives them.
