@@ -162,14 +162,16 @@ fn accept(server: &Server, shared: &Arc<Shared>) {
             let _ = request.respond(text(503, "busy"));
             continue;
         }
-        let shared = shared.clone();
+        let held = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("keel-gui-request".into())
             .spawn(move || {
-                handle(request, &shared);
-                shared.handlers.fetch_sub(1, Ordering::SeqCst);
+                handle(request, &held);
+                held.handlers.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
+            // The request went with the closure (its connection closes); its slot comes back.
+            shared.handlers.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("no thread for an inspector request; dropped");
         }
     }
