@@ -411,15 +411,7 @@ fn projections_cut_by_a_power_loss_catch_up_with_the_journal() {
     let mut copies: Vec<Vec<(&str, Vec<u8>)>> = Vec::new();
     let mut acked: Vec<uuid::Uuid> = Vec::new();
     for round in 0..12u64 {
-        let made: Vec<Tag> = (0..20).map(|i| tag(&format!("r{round} {i}"))).collect();
-        lib.transact(|tx| {
-            for t in &made {
-                tx.upsert(t);
-            }
-            Ok(())
-        })
-        .expect("commits");
-        acked.extend(made.iter().map(|t| t.uuid));
+        acked.extend(commit_tags(&lib, round, 20));
         if round == 5 {
             let doomed = acked.remove(0);
             lib.transact(|tx| {
@@ -503,7 +495,6 @@ fn projections_cut_by_a_power_loss_catch_up_with_the_journal() {
 /// image opens with every acknowledged tag and projections equal to a replay of the journal.
 #[test]
 fn a_projection_checkpoint_torn_by_a_power_loss_is_recovered_from_its_log() {
-    use keel_engine::Tag;
     let dir = tempfile::tempdir().expect("tempdir");
     let home = Home::new(dir.path().join("home"));
     let folder = home.library_dir("lib");
@@ -511,15 +502,7 @@ fn a_projection_checkpoint_torn_by_a_power_loss_is_recovered_from_its_log() {
     let mut acked: Vec<uuid::Uuid> = Vec::new();
     let mut before: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     for round in 0..4u64 {
-        let made: Vec<Tag> = (0..200).map(|i| tag(&format!("r{round} {i}"))).collect();
-        lib.transact(|tx| {
-            for t in &made {
-                tx.upsert(t);
-            }
-            Ok(())
-        })
-        .expect("commits");
-        acked.extend(made.iter().map(|t| t.uuid));
+        acked.extend(commit_tags(&lib, round, 200));
         lib.flush().expect("flushes");
         let read = |name: &str| std::fs::read(folder.join(name)).unwrap_or_default();
         before.push((read("projections.sqlite"), read("projections.sqlite-wal")));
@@ -580,14 +563,37 @@ fn a_projection_checkpoint_torn_by_a_power_loss_is_recovered_from_its_log() {
     );
 }
 
-/// SQLite reads `db` beside `wal` (copies in `dir`) as sound: recovered from its log, not
-/// rebuilt by Keel.
-fn assert_sound(dir: &std::path::Path, db: &[u8], wal: &[u8], what: &str) {
+/// `n` new tags of round `round`, committed in one transaction; their uuids.
+fn commit_tags(lib: &Library, round: u64, n: usize) -> Vec<uuid::Uuid> {
+    let made: Vec<keel_engine::Tag> = (0..n).map(|i| tag(&format!("r{round} {i}"))).collect();
+    lib.transact(|tx| {
+        for t in &made {
+            tx.upsert(t);
+        }
+        Ok(())
+    })
+    .expect("commits");
+    made.iter().map(|t| t.uuid).collect()
+}
+
+/// `db` and its `wal` written as a projection file in `dir`, opened with SQLite alone.
+fn sqlite_copy(
+    dir: &std::path::Path,
+    db: &[u8],
+    wal: &[u8],
+) -> (std::path::PathBuf, rusqlite::Connection) {
     std::fs::create_dir_all(dir).expect("a folder");
     let path = dir.join("projections.sqlite");
     std::fs::write(&path, db).expect("writes");
     std::fs::write(dir.join("projections.sqlite-wal"), wal).expect("writes");
     let conn = rusqlite::Connection::open(&path).expect("opens the copy");
+    (path, conn)
+}
+
+/// SQLite reads `db` beside `wal` (copies in `dir`) as sound: recovered from its log, not
+/// rebuilt by Keel.
+fn assert_sound(dir: &std::path::Path, db: &[u8], wal: &[u8], what: &str) {
+    let (_, conn) = sqlite_copy(dir, db, wal);
     let check: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("checks");
@@ -596,11 +602,7 @@ fn assert_sound(dir: &std::path::Path, db: &[u8], wal: &[u8], what: &str) {
 
 /// The main projection file after a checkpoint of `wal` into `db` (copies in `dir`).
 fn checkpointed_copy(dir: &std::path::Path, db: &[u8], wal: &[u8]) -> Vec<u8> {
-    std::fs::create_dir_all(dir).expect("a folder");
-    let path = dir.join("projections.sqlite");
-    std::fs::write(&path, db).expect("writes");
-    std::fs::write(dir.join("projections.sqlite-wal"), wal).expect("writes");
-    let conn = rusqlite::Connection::open(&path).expect("opens the copy");
+    let (path, conn) = sqlite_copy(dir, db, wal);
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
         .expect("checkpoints");
     // Read while the connection holds the log, which a last close would remove.
