@@ -381,6 +381,17 @@ fn projections_ahead_of_a_journal_that_lost_more_are_refused() {
     );
 }
 
+/// The ids of the `count` log entries from position `first` (what a truncation there drops).
+fn ids_from(journal: &keel_journal::Journal, first: u64, count: usize) -> Vec<ChangeId> {
+    journal
+        .log()
+        .entries(keel_schema::Lsn(first), count)
+        .expect("reads the tail")
+        .iter()
+        .filter_map(|(_, _, sealed)| keel_journal::Sealer::peek_change_id(sealed))
+        .collect()
+}
+
 /// Found by the simulator (issue 29): a follower's log truncated below what its projections
 /// applied, dropping only other devices' entries (their makers send them again), opened once
 /// replays from the truncation point but left the projections' stored position past the log's
@@ -392,13 +403,7 @@ fn a_log_truncated_below_what_the_projections_applied_opens_every_time() {
     let last = log_len(&home);
     let keep = last - 3;
     let (journal, _) = keel_tests::journal_of(&home, "lib");
-    let dropped: Vec<ChangeId> = journal
-        .log()
-        .entries(keel_schema::Lsn(keep + 1), 3)
-        .expect("reads the tail")
-        .iter()
-        .filter_map(|(_, _, sealed)| keel_journal::Sealer::peek_change_id(sealed))
-        .collect();
+    let dropped = ids_from(&journal, keep + 1, 3);
     assert_eq!(dropped.len(), 3);
     let returned = journal
         .log()
@@ -425,14 +430,7 @@ fn changes_a_truncation_dropped_leave_the_projections() {
     let (home, _) = closed_library_of_20_files(dir.path());
     let last = log_len(&home);
     let (journal, _) = keel_tests::journal_of(&home, "lib");
-    let tail = journal
-        .log()
-        .entries(keel_schema::Lsn(last), 1)
-        .expect("reads the tail");
-    let dropped: Vec<ChangeId> = tail
-        .iter()
-        .filter_map(|(_, _, sealed)| keel_journal::Sealer::peek_change_id(sealed))
-        .collect();
+    let dropped = ids_from(&journal, last, 1);
     journal
         .log()
         .truncate_after(keel_schema::Lsn(last - 1), &dropped)
@@ -462,13 +460,7 @@ fn a_running_library_rebuilds_without_the_changes_a_truncation_dropped() {
         })
         .expect("links");
     let journal = link.journal().expect("journal");
-    let dropped: Vec<ChangeId> = journal
-        .log()
-        .entries(keel_schema::Lsn(last - 1), 2)
-        .expect("reads the tail")
-        .iter()
-        .filter_map(|(_, _, sealed)| keel_journal::Sealer::peek_change_id(sealed))
-        .collect();
+    let dropped = ids_from(&journal, last - 1, 2);
     journal
         .log()
         .truncate_after(keel_schema::Lsn(last - 2), &dropped)
