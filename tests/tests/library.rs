@@ -460,7 +460,7 @@ fn a_running_library_rebuilds_without_the_changes_a_truncation_dropped() {
         })
         .expect("links");
     let journal = link.journal().expect("journal");
-    let dropped = ids_from(&journal, last - 1, 2);
+    let dropped = ids_from(journal, last - 1, 2);
     journal
         .log()
         .truncate_after(keel_schema::Lsn(last - 2), &dropped)
