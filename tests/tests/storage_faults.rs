@@ -657,10 +657,7 @@ fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
             let cut_home = Home::new(dir.path().join(format!("cut-{n}-{loss:?}")));
             cut_library(&folder, &cut_home.library_dir("lib"), &image, &[]);
             // The same device: its identity is the home's, beside the library folders.
-            let identity = cut_home.root().join("device");
-            std::fs::create_dir_all(&identity).expect("a folder");
-            let from = home.root().join("device").join("identity.toml");
-            std::fs::copy(&from, identity.join("identity.toml")).expect("copies the identity");
+            copy_identity(&home, &cut_home);
             let opening = Library::open(&cut_home, "lib", keel_tests::PASSWORD);
             if let Err(keel_engine::EngineError::Unfinished(_)) = opening {
                 // Cut before the journal's first commit (or before it appeared at all):
@@ -718,6 +715,85 @@ fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
         caught_up >= 2,
         "only {caught_up} cuts were started as nodes"
     );
+}
+
+/// A join from a compacted device (its projection file, then only the log after its base) cut
+/// by a power loss after each of the joiner's journal syncs. The journal stores the base as
+/// soon as the file begins to arrive; the file received (kept as the joiner's snapshot) and
+/// the installed projection are durable only once the install syncs their folder, after which
+/// the journal syncs once more (the join's job ends): every cut but the last lacks them. Each
+/// cut opens (or is `Unfinished`, before the journal's first commit) and a node started on it
+/// converges with the leader, holding every tag of it.
+#[test]
+fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
+    use keel_journal::faults::PowerLoss;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
+    for round in 0..4 {
+        tags(a.library(), (0..150).map(|i| format!("a {round} {i}")));
+    }
+    a.library().flush().expect("flushes");
+    let compacted = a.compact().expect("compacts alone");
+    assert!(compacted.base > 0, "{compacted:?}");
+    tags(a.library(), (0..100).map(|i| format!("after the base {i}")));
+    a.library().flush().expect("flushes");
+    let leader_tags = tag_ids(a.library());
+    let home = Home::new(dir.path().join("b"));
+    let folder = home.library_dir("lib");
+    let faults = Faults::new();
+    faults.record();
+    inject(&folder.join("journal.redb"), faults.clone());
+    cluster::pair(&home, &a, a.local_addr()).expect("joins");
+    assert!(
+        folder.join(keel_engine::SNAPSHOT_FILE).exists(),
+        "the join kept no snapshot: not a compacted join"
+    );
+    let total = faults.syncs();
+    let (mut unfinished, mut caught_up) = (0u64, 0u64);
+    for n in 1..=total {
+        let what = format!("a compacted join cut after sync {n} of {total}");
+        let image = faults
+            .crash_image(n, PowerLoss::SyncedOnly)
+            .expect("a recorded sync");
+        let cut_home = Home::new(dir.path().join(format!("cut-{n}")));
+        let cut = cut_home.library_dir("lib");
+        cut_library(&folder, &cut, &image, &[]);
+        if n < total {
+            for lost in [keel_engine::SNAPSHOT_FILE, "snapshot.sqlite.zst.incoming"] {
+                let _ = std::fs::remove_file(cut.join(lost));
+            }
+        }
+        copy_identity(&home, &cut_home);
+        let lib = match Library::open(&cut_home, "lib", keel_tests::PASSWORD) {
+            Err(keel_engine::EngineError::Unfinished(_)) => {
+                assert_eq!(caught_up, 0, "{what}: unfinished after a cut that opened");
+                unfinished += 1;
+                continue;
+            }
+            opened => opened.unwrap_or_else(|e| panic!("{what}: does not open: {e}")),
+        };
+        let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
+            .unwrap_or_else(|e| panic!("{what}: the node does not start: {e}"));
+        cluster::converge(&[&a, &b], Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{what}: no catch-up: {e}"));
+        assert_eq!(tag_ids(b.library()), leader_tags, "{what}: after catching up");
+        b.stop().expect("stops");
+        std::fs::remove_dir_all(cut_home.root()).expect("removes");
+        caught_up += 1;
+    }
+    eprintln!(
+        "power-loss sweep (compacted join): {total} syncs, {unfinished} cut before the journal's first commit (Unfinished), {caught_up} opened and caught up"
+    );
+    assert!(caught_up > 1, "only {caught_up} cuts opened");
+}
+
+/// Gives `cut`, a copy of `home`'s library, the same device identity (kept beside the library
+/// folders).
+fn copy_identity(home: &Home, cut: &Home) {
+    let identity = cut.root().join("device");
+    std::fs::create_dir_all(&identity).expect("a folder");
+    let from = home.root().join("device").join("identity.toml");
+    std::fs::copy(&from, identity.join("identity.toml")).expect("copies the identity");
 }
 
 /// A library's journal cut by a power loss after its Nth sync (only what was synced, or with
