@@ -26,6 +26,15 @@ pub struct Compaction {
     pub dropped: u64,
 }
 
+/// Where a rebased log starts: after `base`, whose entry has `epoch`, in a library whose log
+/// began with an entry of epoch `head`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogStart {
+    pub(crate) base: Lsn,
+    pub(crate) epoch: Epoch,
+    pub(crate) head: Epoch,
+}
+
 /// A position and its entry's epoch as meta stores them: 8-byte position ‖ 40-byte epoch.
 pub(crate) fn position_bytes(lsn: Lsn, epoch: Epoch) -> [u8; 48] {
     let mut out = [0u8; 48];
@@ -147,9 +156,16 @@ impl Journal {
             )));
         }
         self.ask(|reply| Request::Rebase {
-            base,
-            epoch,
-            head,
+            to: Some(LogStart { base, epoch, head }),
+            led_by,
+            reply,
+        })
+    }
+
+    /// See [`crate::ReplicatedLog::forget`].
+    pub(crate) fn forget_log(&self, led_by: DeviceId) -> Result<Vec<ChangeId>, JournalError> {
+        self.ask(|reply| Request::Rebase {
+            to: None,
             led_by,
             reply,
         })
@@ -202,17 +218,15 @@ impl WriterState {
         Ok(())
     }
 
-    /// Drops every log entry and makes the log start after `base` (whose entry has `epoch`)
-    /// in a library whose log began with an entry of epoch `head`, in one durable
-    /// transaction. The changes of entries in epochs `led_by` led (this device's own
-    /// leadership, which no other device may hold) go back to the offline journal as
-    /// pending, as a truncation returns them; the others are the leader's to keep. Returns
-    /// the ids returned.
+    /// Drops every log entry and makes the log start after `to`'s base (whose entry has its
+    /// epoch) in a library whose log began with an entry of its head epoch, or, without
+    /// `to`, from position 1 with no base, in one durable transaction. The changes of
+    /// entries in epochs `led_by` led (this device's own leadership, which no other device
+    /// may hold) go back to the offline journal as pending, as a truncation returns them;
+    /// the others are the leader's to keep. Returns the ids returned.
     pub(crate) fn rebase(
         &mut self,
-        base: Lsn,
-        epoch: Epoch,
-        head: Epoch,
+        to: Option<LogStart>,
         led_by: DeviceId,
     ) -> Result<Vec<ChangeId>, JournalError> {
         let mut txn = WriteTxn::begin(&*self.db.get()?)?;
@@ -248,17 +262,25 @@ impl WriterState {
             txn.rename_table(LOG, DROPPED_LOG).map_err(storage)?;
             txn.open_table(LOG).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(META_LOG_BASE, &position_bytes(base, epoch)[..])
-                .map_err(storage)?;
-            meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
-                .map_err(storage)?;
+            match to {
+                Some(LogStart { base, epoch, head }) => {
+                    meta.insert(META_LOG_BASE, &position_bytes(base, epoch)[..])
+                        .map_err(storage)?;
+                    meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
+                        .map_err(storage)?;
+                }
+                None => {
+                    meta.remove(META_LOG_BASE).map_err(storage)?;
+                    meta.remove(META_LOG_HEAD).map_err(storage)?;
+                }
+            }
             clear_saved_index(&txn)?;
         }
         if let Err(e) = txn.commit() {
             self.next_local = next_local_before;
             return Err(storage(e));
         }
-        self.next_lsn = base.0 + 1;
+        self.next_lsn = to.map_or(1, |to| to.base.0 + 1);
         self.tail = None;
         Ok(returned)
     }

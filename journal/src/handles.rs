@@ -179,6 +179,15 @@ impl ReplicatedLog<'_> {
         self.journal.rebase_log(base, epoch, head, led_by)
     }
 
+    /// Drops the whole log and its compaction base, as if no entry had arrived: a device whose
+    /// join from a compacted device was cut after the log's base was stored and before the
+    /// snapshot holding what came before it was (its leader then finds it behind the
+    /// compaction point, and it backfills). The changes of entries in epochs `led_by` led go
+    /// back to the offline journal as pending; returns their ids.
+    pub fn forget(&self, led_by: DeviceId) -> Result<Vec<ChangeId>, JournalError> {
+        self.journal.forget_log(led_by)
+    }
+
     /// The epoch of the log's first entry (the founder's), kept when it was compacted away;
     /// `None` for an empty log.
     pub fn head(&self) -> Result<Option<Epoch>, JournalError> {

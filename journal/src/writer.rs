@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use keel_schema::{Change, ChangeId, DeviceId, Epoch, Hlc, Lsn};
 use redb::{Durability, ReadableDatabase, ReadableTable};
 
+use crate::compact::LogStart;
 use crate::db::DbHandle;
 use crate::error::{guarded, storage, JournalError, WriteTxn};
 use crate::log_table::PageWriter;
@@ -130,10 +131,10 @@ pub(crate) enum Request {
     },
     /// Drops the whole log and makes it start after a base (a device behind its leader's
     /// compaction point, backfilled from a snapshot at that base).
+    /// Without a base (`to: None`): drops the whole log and its base (a join cut before the
+    /// snapshot that holds what came before the base was stored).
     Rebase {
-        base: Lsn,
-        epoch: Epoch,
-        head: Epoch,
+        to: Option<LogStart>,
         led_by: DeviceId,
         reply: Sender<Result<Vec<ChangeId>, JournalError>>,
     },
@@ -239,15 +240,9 @@ impl WriterState {
                         let result = guarded(|| self.start_after(base, epoch, head));
                         let _ = reply.send(self.reopened_after(result));
                     }
-                    Request::Rebase {
-                        base,
-                        epoch,
-                        head,
-                        led_by,
-                        reply,
-                    } => {
+                    Request::Rebase { to, led_by, reply } => {
                         self.flush(&mut commits);
-                        let rebased = guarded(|| self.rebase(base, epoch, head, led_by));
+                        let rebased = guarded(|| self.rebase(to, led_by));
                         let rebased = self.reopened_after(rebased);
                         let ok = rebased.is_ok();
                         let _ = reply.send(rebased);

@@ -17,6 +17,22 @@ fn ids_from(journal: &Journal, from: Lsn) -> Vec<uuid::Uuid> {
         .collect()
 }
 
+/// Opens `s`'s journal as a follower's (its commits go to the offline journal).
+fn open_as_follower(s: &Setup, existing: bool) -> Journal {
+    Journal::open(
+        &s.path,
+        s.lib,
+        &s.key,
+        s.device,
+        JournalOptions {
+            role: Some(CommitRoute::Offline),
+            existing,
+            ..JournalOptions::default()
+        },
+    )
+    .expect("opens")
+}
+
 #[test]
 fn a_compacted_log_keeps_its_base_and_continues_after_it() {
     let s = Setup::new();
@@ -90,17 +106,7 @@ fn a_compacted_log_keeps_its_base_and_continues_after_it() {
 #[test]
 fn an_empty_log_starts_after_a_base_and_a_used_one_cannot() {
     let s = Setup::new();
-    let journal = Journal::open(
-        &s.path,
-        s.lib,
-        &s.key,
-        s.device,
-        JournalOptions {
-            role: Some(CommitRoute::Offline),
-            ..JournalOptions::default()
-        },
-    )
-    .expect("opens");
+    let journal = open_as_follower(&s, false);
     let other = Epoch {
         counter: 4,
         device: DeviceId([9; 32]),
@@ -126,6 +132,24 @@ fn an_empty_log_starts_after_a_base_and_a_used_one_cannot() {
         .expect("appends a barrier after the base");
     assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(501));
     assert!(journal.log().start_after(Lsn(900), other, founder).is_err());
+
+    // A join cut before its snapshot was stored forgets the log and its base: it starts at 1
+    // again, and survives a reopen.
+    assert!(journal.log().forget(s.device).expect("forgets").is_empty());
+    assert_eq!(journal.log().base().expect("base").0, Lsn(0));
+    assert_eq!(journal.log().head().expect("head"), None);
+    assert_eq!(journal.stats().expect("stats").last_lsn, Lsn(0));
+    drop(journal);
+    let journal = open_as_follower(&s, true);
+    assert_eq!(journal.log().base().expect("base").0, Lsn(0));
+    assert!(journal
+        .log()
+        .append(Lsn(501), vec![(other, Vec::new())])
+        .is_err());
+    journal
+        .log()
+        .start_after(Lsn(700), other, founder)
+        .expect("an empty log starts after a base again");
 }
 
 #[test]

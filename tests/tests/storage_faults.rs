@@ -721,9 +721,9 @@ fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
 /// by a power loss after each of the joiner's journal syncs. The journal stores the base as
 /// soon as the file begins to arrive; the file received (kept as the joiner's snapshot) and
 /// the installed projection are durable only once the install syncs their folder, after which
-/// the journal syncs once more (the join's job ends): every cut but the last lacks them. Each
-/// cut opens (or is `Unfinished`, before the journal's first commit) and a node started on it
-/// converges with the leader, holding every tag of it.
+/// the join's job is stored as completed: a cut whose journal holds no completed join lacks
+/// them. Each cut opens (or is `Unfinished`, before the journal's first commit) and a node
+/// started on it converges with the leader, holding every tag of it.
 #[test]
 fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
     use keel_journal::faults::PowerLoss;
@@ -749,7 +749,7 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
         "the join kept no snapshot: not a compacted join"
     );
     let total = faults.syncs();
-    let (mut unfinished, mut caught_up) = (0u64, 0u64);
+    let (mut unfinished, mut caught_up, mut lost_files) = (0u64, 0u64, 0u64);
     for n in 1..=total {
         let what = format!("a compacted join cut after sync {n} of {total}");
         let image = faults
@@ -758,12 +758,13 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
         let cut_home = Home::new(dir.path().join(format!("cut-{n}")));
         let cut = cut_home.library_dir("lib");
         cut_library(&folder, &cut, &image, &[]);
-        if n < total {
+        copy_identity(&home, &cut_home);
+        let completed = join_completed(&cut_home);
+        if !completed {
             for lost in [keel_engine::SNAPSHOT_FILE, "snapshot.sqlite.zst.incoming"] {
                 let _ = std::fs::remove_file(cut.join(lost));
             }
         }
-        copy_identity(&home, &cut_home);
         let lib = match Library::open(&cut_home, "lib", keel_tests::PASSWORD) {
             Err(keel_engine::EngineError::Unfinished(_)) => {
                 assert_eq!(caught_up, 0, "{what}: unfinished after a cut that opened");
@@ -776,15 +777,46 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
             .unwrap_or_else(|e| panic!("{what}: the node does not start: {e}"));
         cluster::converge(&[&a, &b], Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{what}: no catch-up: {e}"));
-        assert_eq!(tag_ids(b.library()), leader_tags, "{what}: after catching up");
+        assert_eq!(
+            tag_ids(b.library()),
+            leader_tags,
+            "{what}: after catching up"
+        );
         b.stop().expect("stops");
         std::fs::remove_dir_all(cut_home.root()).expect("removes");
         caught_up += 1;
+        lost_files += u64::from(!completed);
     }
     eprintln!(
-        "power-loss sweep (compacted join): {total} syncs, {unfinished} cut before the journal's first commit (Unfinished), {caught_up} opened and caught up"
+        "power-loss sweep (compacted join): {total} syncs, {unfinished} cut before the journal's first commit (Unfinished), {caught_up} opened and caught up, {lost_files} of them without the received files"
     );
-    assert!(caught_up > 1, "only {caught_up} cuts opened");
+    assert!(
+        caught_up > lost_files && lost_files > 0,
+        "both kinds of cut were tried"
+    );
+}
+
+/// Whether the library of `home` (a cut copy) holds its join's job as completed; looked at in
+/// a copy of it, which is removed.
+fn join_completed(home: &Home) -> bool {
+    let look = Home::new(home.root().with_extension("look"));
+    std::fs::create_dir_all(look.root()).expect("a folder");
+    let copied = std::process::Command::new("cp")
+        .args(["-a", "--"])
+        .arg(home.root().join("."))
+        .arg(look.root())
+        .status()
+        .expect("runs cp");
+    assert!(copied.success(), "copies the cut");
+    let completed = match Library::open(&look, "lib", keel_tests::PASSWORD) {
+        Ok(lib) => lib.jobs().expect("jobs").iter().any(|j| {
+            matches!(j.kind, keel_engine::JobKind::Join { .. })
+                && j.state == keel_engine::JobState::Completed
+        }),
+        Err(_) => false,
+    };
+    std::fs::remove_dir_all(look.root()).expect("removes");
+    completed
 }
 
 /// Gives `cut`, a copy of `home`'s library, the same device identity (kept beside the library

@@ -197,6 +197,31 @@ fn file_len(path: &Path) -> u64 {
 /// Puts a copy of the library's snapshot at `dest` (replacing what is there) when the journal
 /// is compacted past `applied`, what the projection at `dest` has applied: the log before the
 /// base is gone, so a projection behind it starts from the snapshot. Returns whether it did.
+/// Whether this library's join, from a device whose log was compacted, was cut before the
+/// snapshot of the positions up to the base was stored: the journal stored the base when the
+/// file began to arrive, the snapshot is not here, and the join's job never completed. The
+/// inviter holds that snapshot, so the device can fetch it again (a backfill), where a library
+/// that lost its own snapshot cannot.
+pub(crate) fn join_cut_before_its_snapshot(
+    journal: &keel_journal::Journal,
+    dir: &Path,
+) -> Result<bool, EngineError> {
+    if dir.join(SNAPSHOT_FILE).exists() {
+        return Ok(false);
+    }
+    for (_, bytes) in journal.jobs().all()? {
+        let Ok(job) = rmp_serde::from_slice::<crate::Job>(&bytes) else {
+            continue;
+        };
+        if matches!(job.kind, crate::JobKind::Join { .. })
+            && job.state != crate::JobState::Completed
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 pub(crate) fn start_from_snapshot(
     dir: &Path,
     dest: &Path,

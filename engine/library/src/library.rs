@@ -530,7 +530,7 @@ impl Library {
             journal.election().store(epoch, epoch)?;
         }
         crate::compact::remove_scratch(&dir);
-        let (projections, healed) = heal_projections(&journal, &dir, models)?;
+        let (projections, healed) = heal_projections(&journal, &dir, models, device.id)?;
         crate::config::make_private(&dir)?;
         let projections_path = dir.join(PROJECTIONS_FILE);
         let mut clock = HlcClock::new(device.id);
@@ -1240,6 +1240,7 @@ fn heal_projections(
     journal: &Journal,
     dir: &Path,
     models: &Registry,
+    device: keel_schema::DeviceId,
 ) -> Result<(Projections, crate::replay::ReplayReport), EngineError> {
     // Projections are disposable: one that may hold changes a truncation dropped, or that
     // cannot be opened, is rebuilt from the journal.
@@ -1261,9 +1262,17 @@ fn heal_projections(
     };
     // A projection behind the compaction base (a new or unreadable file) starts from the
     // snapshot: the log before the base is gone.
-    let (base, _) = journal.log().base()?;
-    let journal_last = journal.stats()?.last_lsn;
+    let (mut base, _) = journal.log().base()?;
     let behind = projections.applied_position()?.log;
+    if base.0 > 0 && behind < base && crate::compact::join_cut_before_its_snapshot(journal, dir)? {
+        tracing::warn!(
+            base = base.0,
+            "the join was cut before the snapshot of the log's first positions was stored: the log is dropped, and the node backfills from the leader"
+        );
+        journal.log().forget(device)?;
+        base = keel_schema::Lsn(0);
+    }
+    let journal_last = journal.stats()?.last_lsn;
     if base.0 > 0 && behind < base {
         drop(projections);
         crate::compact::start_from_snapshot(dir, &projections_path, behind, base, journal_last)?;
