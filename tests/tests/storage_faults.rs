@@ -621,8 +621,9 @@ fn tag_ids(lib: &Library) -> std::collections::BTreeSet<uuid::Uuid> {
 }
 
 /// A joining device's journal cut by a power loss after each sync of its initial sync (only
-/// what was synced, or with the last write torn at 4 KiB), without the projection file, which
-/// is installed only once the whole log is stored. A cut before the journal's first commit
+/// what was synced, or with the last write torn at 4 KiB). The projection file the join
+/// installs is there only in cuts whose journal holds the join's job as completed (the install
+/// syncs it, and its folder, before that). A cut before the journal's first commit
 /// (while redb made it, it is built aside and appears once made) stores nothing: the library
 /// says its join did not finish (`Unfinished`), and never founds a library of its own. Every
 /// later cut opens, its log is sound and a prefix of
@@ -648,7 +649,7 @@ fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
     assert_eq!(name, "lib");
     let total = faults.syncs();
     assert!(total >= 2, "the join synced {total} times: no cut to try");
-    let (mut opened, mut unfinished, mut caught_up) = (0u64, 0u64, 0u64);
+    let (mut opened, mut unfinished, mut caught_up, mut installed) = (0u64, 0u64, 0u64, 0u64);
     let mut started = vec![total / 2, total];
     for n in 1..=total {
         for loss in [PowerLoss::SyncedOnly, PowerLoss::TornLast { bytes: 4096 }] {
@@ -658,6 +659,10 @@ fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
             cut_library(&folder, &cut_home.library_dir("lib"), &image, &[]);
             // The same device: its identity is the home's, beside the library folders.
             copy_identity(&home, &cut_home);
+            if join_completed(&cut_home) {
+                install_received_projection(&folder, &cut_home.library_dir("lib"));
+                installed += 1;
+            }
             let opening = Library::open(&cut_home, "lib", keel_tests::PASSWORD);
             if let Err(keel_engine::EngineError::Unfinished(_)) = opening {
                 // Cut before the journal's first commit (or before it appeared at all):
@@ -707,9 +712,13 @@ fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
         }
     }
     eprintln!(
-        "power-loss sweep (join): {total} syncs x 2 ways, {opened} libraries opened, {unfinished} cut before the journal's first commit (Unfinished), {caught_up} caught up"
+        "power-loss sweep (join): {total} syncs x 2 ways, {opened} libraries opened ({installed} with the projection file the join installed), {unfinished} cut before the journal's first commit (Unfinished), {caught_up} caught up"
     );
     assert!(opened > 0 && unfinished > 0, "both kinds of cut were tried");
+    assert!(
+        installed > 0 && installed < opened,
+        "cuts with and without the installed projection"
+    );
     // The first cut that opened, the middle sync's and the last (two may be one).
     assert!(
         caught_up >= 2,
@@ -760,9 +769,13 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
         cut_library(&folder, &cut, &image, &[]);
         copy_identity(&home, &cut_home);
         let completed = join_completed(&cut_home);
-        if !completed {
-            for lost in [keel_engine::SNAPSHOT_FILE, "snapshot.sqlite.zst.incoming"] {
-                let _ = std::fs::remove_file(cut.join(lost));
+        if completed {
+            install_received_projection(&folder, &cut);
+        } else {
+            let _ = std::fs::remove_file(cut.join(keel_engine::SNAPSHOT_FILE));
+            // What was arriving, cut short (written, not synced: some of it may be there).
+            for arriving in JOIN_ARRIVING {
+                std::fs::write(cut.join(arriving), b"SQLite format 3\0 cut short").expect("writes");
             }
         }
         let lib = match Library::open(&cut_home, "lib", keel_tests::PASSWORD) {
@@ -783,6 +796,9 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
             "{what}: after catching up"
         );
         b.stop().expect("stops");
+        for arriving in JOIN_ARRIVING {
+            assert!(!cut.join(arriving).exists(), "{what}: {arriving} is left");
+        }
         std::fs::remove_dir_all(cut_home.root()).expect("removes");
         caught_up += 1;
         lost_files += u64::from(!completed);
@@ -794,6 +810,20 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
         caught_up > lost_files && lost_files > 0,
         "both kinds of cut were tried"
     );
+}
+
+/// The files a join writes while they arrive: the projection file and, from a compacted
+/// device, the same file as packed frames (kept as the snapshot).
+const JOIN_ARRIVING: [&str; 2] = [
+    "projections.sqlite.incoming",
+    "snapshot.sqlite.zst.incoming",
+];
+
+/// Puts the projection file a join installed in `joined` (nothing opened the library since)
+/// into `cut`: it was durable before the join's job was stored as completed.
+fn install_received_projection(joined: &std::path::Path, cut: &std::path::Path) {
+    let file = keel_engine::PROJECTIONS_FILE;
+    std::fs::copy(joined.join(file), cut.join(file)).expect("copies the installed projection");
 }
 
 /// Whether the library of `home` (a cut copy) holds its join's job as completed; looked at in
