@@ -815,8 +815,8 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
 /// The files a join writes while they arrive: the projection file and, from a compacted
 /// device, the same file as packed frames (kept as the snapshot).
 const JOIN_ARRIVING: [&str; 2] = [
-    "projections.sqlite.incoming",
-    "snapshot.sqlite.zst.incoming",
+    keel_engine::JOIN_INCOMING_FILE,
+    keel_engine::JOIN_FRAMES_FILE,
 ];
 
 /// Puts the projection file a join installed in `joined` (nothing opened the library since)

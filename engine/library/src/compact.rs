@@ -123,8 +123,9 @@ impl Library {
     }
 }
 
-/// Removes what a compaction cut short left in `dir` (a copy or a packing never moved in
-/// place; the snapshot in place is whole, since it is renamed only once synced).
+/// Removes what a compaction, a backfill or a join cut short left in `dir` (a copy, a packing
+/// or a received file never moved in place; the snapshot in place is whole, since it is
+/// renamed only once synced).
 pub(crate) fn remove_scratch(dir: &Path) {
     let unpacked = std::fs::read_dir(dir)
         .into_iter()
@@ -136,6 +137,9 @@ pub(crate) fn remove_scratch(dir: &Path) {
         SNAPSHOT_COPY,
         SNAPSHOT_PACKING,
         crate::backfill::BACKFILL_PACKING,
+        // A join cut short (its journal is closed: the library opens).
+        crate::JOIN_INCOMING_FILE,
+        crate::JOIN_FRAMES_FILE,
     ]
     .iter()
     .map(|name| dir.join(name))
@@ -143,7 +147,7 @@ pub(crate) fn remove_scratch(dir: &Path) {
     .collect();
     for path in scratch {
         if path.exists() {
-            tracing::info!(path = %path.display(), "removing what a compaction cut short left");
+            tracing::info!(path = %path.display(), "removing what a compaction, a backfill or a join cut short left");
             let _ = Projections::remove_files(&path);
         }
     }

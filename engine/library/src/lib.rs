@@ -94,7 +94,7 @@ pub use keel_schema::{
 pub use leader_commit::{SequenceReply, SequenceRequest};
 pub use library::{
     now_ms, CommitReceipt, CreateOptions, DiskUsage, JournalStatus, Library, PendingTransaction,
-    Status, SyncState, JOURNAL_FILE, PROJECTIONS_FILE,
+    Status, SyncState, JOIN_FRAMES_FILE, JOIN_INCOMING_FILE, JOURNAL_FILE, PROJECTIONS_FILE,
 };
 pub use link::{LinkOptions, NodeLink};
 pub use merge::{MergeReport, ModelMerge, MERGE_BATCH};

@@ -258,6 +258,11 @@ impl std::fmt::Debug for Library {
 pub const JOURNAL_FILE: &str = "journal.redb";
 /// The projection's file in a library folder.
 pub const PROJECTIONS_FILE: &str = "projections.sqlite";
+/// The projection file a joining device receives, beside the projection until it is installed.
+pub const JOIN_INCOMING_FILE: &str = "projections.sqlite.incoming";
+/// The received file's chunks as they arrive packed, when the log comes from a compaction
+/// base: moved to [`SNAPSHOT_FILE`](crate::SNAPSHOT_FILE) once the file is installed.
+pub const JOIN_FRAMES_FILE: &str = "snapshot.sqlite.zst.incoming";
 
 fn remove_projection_files(dir: &Path) -> Result<(), EngineError> {
     Ok(Projections::remove_files(&dir.join(PROJECTIONS_FILE))?)

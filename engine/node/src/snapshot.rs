@@ -29,7 +29,10 @@ use serde_bytes::ByteBuf;
 
 use super::file_sink::FileSink;
 use crate::error::{blocking, io_at, NodeError};
-use keel_engine::{NodeLink, JOURNAL_FILE, PROJECTIONS_FILE};
+use keel_engine::{
+    NodeLink, JOIN_FRAMES_FILE as FRAMES_FILE, JOIN_INCOMING_FILE as INCOMING_FILE, JOURNAL_FILE,
+    PROJECTIONS_FILE,
+};
 
 /// How long either side waits for the next message.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,11 +47,6 @@ const APPEND_COMMITS_MIN: u64 = 8;
 const INDEX_RESERVE_MAX: u64 = 1 << 24;
 /// Suffix of the sender's scratch copies (removed when a node starts).
 pub(crate) const SCRATCH_SUFFIX: &str = ".snapshot-out";
-/// Name of the receiver's incoming file, beside the projection.
-const INCOMING_FILE: &str = "projections.sqlite.incoming";
-/// The file's chunks as they arrive packed, kept as the library's snapshot when the log comes
-/// from a compaction base (moved to `keel_engine::SNAPSHOT_FILE` once the file is in place).
-const FRAMES_FILE: &str = "snapshot.sqlite.zst.incoming";
 
 /// How far a snapshot fetch has come (sent to [`crate::JoinOptions::progress`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
