@@ -15,7 +15,8 @@ pub struct BenchOptions {
     pub json: bool,
     /// Smaller sizes (under five minutes).
     pub quick: bool,
-    /// Only the steps whose name starts with this (`p1` … `p8`, `quic`).
+    /// Only the steps whose name starts with this (`p1` … `p8`, `quic`, `watch`, `merge`,
+    /// `push`; `scale` runs only when named whole).
     pub only: Option<String>,
     /// Run this one step in this process and print its figures as JSON (what `keel bench`
     /// runs each step as, so that each peak RSS is its own).
@@ -37,6 +38,9 @@ pub struct BenchOptions {
     pub p6_rounds: Option<usize>,
     /// Files in P7's library (default 500,000; 100,000 with `quick`).
     pub p7_files: Option<usize>,
+    /// Files in the scale run's library (`--only scale`; default 1,000,000, 100,000 with
+    /// `quick`).
+    pub scale_files: Option<usize>,
 }
 
 impl BenchOptions {
@@ -61,6 +65,7 @@ impl BenchOptions {
             ("--p5-rate", self.p5_rate),
             ("--p6-rounds", self.p6_rounds.map(|n| n as u64)),
             ("--p7-files", self.p7_files.map(|n| n as u64)),
+            ("--scale-files", self.scale_files.map(|n| n as u64)),
         ];
         for (flag, value) in sizes {
             if let Some(value) = value {

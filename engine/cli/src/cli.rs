@@ -339,7 +339,8 @@ pub(crate) struct BenchArgs {
     /// Smaller sizes (under five minutes).
     #[arg(long)]
     quick: bool,
-    /// Only the steps whose name starts with this (p1 … p8, quic).
+    /// Only the steps whose name starts with this (p1 … p8, quic, watch, merge, push; `scale`
+    /// runs only when named whole).
     #[arg(long)]
     only: Option<String>,
     /// Run this one step in this process (what `keel bench` runs each step as).
@@ -367,6 +368,9 @@ pub(crate) struct BenchArgs {
     /// Files in P7's library.
     #[arg(long)]
     p7_files: Option<usize>,
+    /// Files in the scale run's library (`--only scale`: generate, replay, compact, join).
+    #[arg(long)]
+    scale_files: Option<usize>,
 }
 
 impl From<BenchArgs> for keel_bench::BenchOptions {
@@ -385,6 +389,7 @@ impl From<BenchArgs> for keel_bench::BenchOptions {
                 .then(|| keel_bench::Observer(std::sync::Arc::new(crate::gui::watch_node))),
             p6_rounds: a.p6_rounds,
             p7_files: a.p7_files,
+            scale_files: a.scale_files,
         }
     }
 }

@@ -15,6 +15,7 @@ mod p8;
 mod push;
 mod quic;
 mod relay;
+mod scale;
 mod sync;
 mod watch;
 
@@ -36,6 +37,9 @@ const STEPS: [&str; 12] = [
     "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "quic", "watch", "merge", "push",
 ];
 
+/// Steps that run only when named whole (`--only scale`): not part of a full run.
+const NAMED_STEPS: [&str; 1] = ["scale"];
+
 /// The sizes of a full or a quick run.
 struct Sizes {
     p1_commits: usize,
@@ -50,6 +54,7 @@ struct Sizes {
     watch_burst: usize,
     merge_records: usize,
     push_changes: usize,
+    scale_files: usize,
 }
 
 impl Sizes {
@@ -68,6 +73,7 @@ impl Sizes {
                 watch_burst: 2_000,
                 merge_records: 20_000,
                 push_changes: 5_000,
+                scale_files: 100_000,
             }
         } else {
             Sizes {
@@ -83,12 +89,14 @@ impl Sizes {
                 watch_burst: 10_000,
                 merge_records: 100_000,
                 push_changes: 65_000,
+                scale_files: 1_000_000,
             }
         };
         Sizes {
             p4_files: options.p4_files.unwrap_or(base.p4_files),
             p6_rounds: options.p6_rounds.unwrap_or(base.p6_rounds),
             p7_files: options.p7_files.unwrap_or(base.p7_files),
+            scale_files: options.scale_files.unwrap_or(base.scale_files),
             ..base
         }
     }
@@ -107,7 +115,12 @@ fn run_all(options: &BenchOptions) -> Result<i32> {
     let mut out = Figures::new();
     out.insert("quick".into(), json!(options.quick));
     let only = options.only.as_deref().unwrap_or_default().to_lowercase();
-    for step in STEPS.into_iter().filter(|s| s.starts_with(&only)) {
+    let named = NAMED_STEPS.into_iter().filter(|s| *s == only);
+    for step in STEPS
+        .into_iter()
+        .filter(|s| s.starts_with(&only))
+        .chain(named)
+    {
         if !options.json {
             eprintln!("running {step}…");
         }
@@ -221,6 +234,13 @@ fn run_step(step: &str, options: &BenchOptions) -> Result<i32> {
             dir,
             &merge::Options {
                 records: sizes.merge_records,
+            },
+            &mut out,
+        )?,
+        "scale" => scale::run(
+            dir,
+            &scale::Options {
+                files: sizes.scale_files,
             },
             &mut out,
         )?,

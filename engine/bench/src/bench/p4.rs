@@ -91,7 +91,7 @@ const LIMITED_LINK: super::relay::Shape = super::relay::Shape {
 
 /// Joins `leader` (at `addr`: its own address, or a relay's) from a new process with its home at `home`; returns its `p4_` figures once
 /// the leader has its Device record and the digests agree.
-fn join_once(
+pub(crate) fn join_once(
     leader: &Node,
     home: &Path,
     files: usize,

@@ -25,7 +25,13 @@ pub(crate) fn loopback() -> SocketAddr {
 
 /// A library of `files` files (an Entry and a ContentIdentity each) led by a node.
 pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
-    let home = Home::new(dir.join("leader"));
+    let lib = generate_library(&dir.join("leader"), files)?;
+    Ok(Node::start(lib, node_options(Vec::new()))?)
+}
+
+/// A library of `files` generated files (an entry and its content each) in home `home`.
+pub(crate) fn generate_library(home: &Path, files: usize) -> Result<Library> {
+    let home = Home::new(home);
     let lib = Library::create(&home, "bench", PASSWORD, fast())?;
     // This device's own files, which its library signs as it commits them.
     let mut workload = LibraryWorkload::new(lib.id().0, lib.device_id(), 4);
@@ -39,7 +45,7 @@ pub(crate) fn leader_with(dir: &Path, files: usize) -> Result<Node> {
         commit_all(&lib, chunk)?;
     }
     lib.flush()?;
-    Ok(Node::start(lib, node_options(Vec::new()))?)
+    Ok(lib)
 }
 
 /// A benchmark node's options: loopback peers `peers`, no LAN discovery, no watcher, and no
