@@ -41,16 +41,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     }
     // The same join from the leader once it compacted its log (what a library past
     // `compact_after` entries looks like): the file and the log after its base.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while leader.status().compactable < leader.status().log_len {
-        ensure!(
-            Instant::now() < deadline,
-            "the joiner never acknowledged the log"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let compacted = leader.compact()?;
-    ensure!(compacted.base > 0, "the leader did not compact");
+    super::sync::compact_whole_log(&leader, Duration::from_secs(60))?;
     settle();
     for (k, v) in join_once(&leader, &dir.join("joiner-compacted"), files, true, direct)? {
         if let Some(figure) = k.strip_prefix("p4_") {

@@ -7,11 +7,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use keel_node::Node;
 use serde_json::json;
 
-use super::sync::{generate_library, node_options};
+use super::sync::{compact_whole_log, generate_library, node_options};
 use super::{peak_rss_mb, reset_peak_rss, settle, Figures};
 
 /// What the scale run measures.
@@ -52,16 +52,7 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
     reset_peak_rss();
     let t = Instant::now();
     let leader = Node::start(lib, node_options(Vec::new()))?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while leader.status().compactable < leader.status().log_len {
-        ensure!(
-            Instant::now() < deadline,
-            "the log never became compactable"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let compacted = leader.compact()?;
-    ensure!(compacted.base > 0, "the leader did not compact");
+    compact_whole_log(&leader, Duration::from_secs(600))?;
     step(out, &mut leader_peak, "compact", t.elapsed().as_secs_f64());
     let disk = leader.library().status()?.disk;
     out.insert(

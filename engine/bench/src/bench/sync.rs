@@ -48,6 +48,24 @@ pub(crate) fn generate_library(home: &Path, files: usize) -> Result<Library> {
     Ok(lib)
 }
 
+/// Compacts `leader`'s whole log once every device acknowledged it (waiting up to `wait`).
+pub(crate) fn compact_whole_log(
+    leader: &Node,
+    wait: std::time::Duration,
+) -> Result<keel_engine::CompactReport> {
+    let deadline = std::time::Instant::now() + wait;
+    while leader.status().compactable < leader.status().log_len {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the log was never acknowledged whole"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let compacted = leader.compact()?;
+    anyhow::ensure!(compacted.base > 0, "the leader did not compact");
+    Ok(compacted)
+}
+
 /// A benchmark node's options: loopback peers `peers`, no LAN discovery, no watcher, and no
 /// compaction behind the benchmark's back (it times one thing).
 pub(crate) fn node_options(peers: Vec<std::net::SocketAddr>) -> NodeOptions {
