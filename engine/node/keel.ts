@@ -998,6 +998,35 @@ last_seen_ms: number | null,
 caught_up_ms: number | null, };
 
 /**
+ * A device this node is sending its initial sync to (a snapshot join): how far it is.
+ */
+export type JoiningStatus = { 
+/**
+ * The joining device's id, hex.
+ */
+device_id: string, 
+/**
+ * Bytes of the projection file sent.
+ */
+file_sent: number, 
+/**
+ * Bytes of the projection file in all.
+ */
+file_bytes: number, 
+/**
+ * The last log position sent.
+ */
+log_sent: number, 
+/**
+ * The log position the join sends up to.
+ */
+log_end: number, 
+/**
+ * When the join began (ms since the Unix epoch).
+ */
+started_ms: number, };
+
+/**
  * Applied log positions per sync domain.
  */
 export type AppliedDomains = { 
@@ -1030,6 +1059,10 @@ leader: string | null,
  * Known peers.
  */
 peers: Array<PeerStatus>, 
+/**
+ * Devices receiving their initial sync from this node now (joining).
+ */
+joining: Array<JoiningStatus>, 
 /**
  * This device's changes not yet in the log.
  */

@@ -45,6 +45,8 @@ pub struct Proxy {
     /// Where the client sends to.
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Received bytes (both ways) past which the link cuts itself.
+    cut_at: Arc<AtomicU64>,
     stats: Arc<LinkStats>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -127,9 +129,11 @@ impl Proxy {
         let addr = front.local_addr()?;
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let (cut, stats, stop) = (Arc::default(), Arc::<LinkStats>::default(), Arc::default());
+        let cut_at = Arc::new(AtomicU64::new(u64::MAX));
         let mut threads = Vec::new();
         for upward in [true, false] {
-            let (front, back, client) = (front.clone(), back.clone(), client.clone());
+            let (front, back, client, cut_at) =
+                (front.clone(), back.clone(), client.clone(), cut_at.clone());
             let (cut, stats, stop): (Arc<AtomicBool>, Arc<LinkStats>, Arc<AtomicBool>) =
                 (Arc::clone(&cut), stats.clone(), Arc::clone(&stop));
             let mut direction = Direction {
@@ -151,9 +155,11 @@ impl Proxy {
                     };
                     let datagram = received.ok().map(|n| buf[..n].to_vec());
                     if let Some(d) = &datagram {
-                        stats
-                            .received_bytes
-                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+                        let len = d.len() as u64;
+                        let total = stats.received_bytes.fetch_add(len, Ordering::Relaxed) + len;
+                        if total >= cut_at.load(Ordering::Relaxed) {
+                            cut.store(true, Ordering::Relaxed);
+                        }
                     }
                     if datagram.is_some() && cut.load(Ordering::Relaxed) {
                         stats.cut.fetch_add(1, Ordering::Relaxed);
@@ -176,15 +182,28 @@ impl Proxy {
         Ok(Self {
             addr,
             cut,
+            cut_at,
             stats,
             stop,
             threads,
         })
     }
 
-    /// Cuts the link (every datagram dropped, both ways) or restores it.
+    /// Cuts the link (every datagram dropped, both ways) or restores it (and forgets a
+    /// [`Proxy::cut_after`]).
     pub fn cut(&self, cut: bool) {
+        if !cut {
+            self.cut_at.store(u64::MAX, Ordering::Relaxed);
+        }
         self.cut.store(cut, Ordering::Relaxed);
+    }
+
+    /// Cuts the link by itself once it has received `bytes` more (both ways together): a
+    /// transfer held at a point, however fast it runs. [`Proxy::cut`]`(false)` restores it.
+    pub fn cut_after(&self, bytes: u64) {
+        let now = self.stats.received_bytes.load(Ordering::Relaxed);
+        self.cut_at
+            .store(now.saturating_add(bytes), Ordering::Relaxed);
     }
 
     /// What it did so far.

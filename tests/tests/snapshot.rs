@@ -113,3 +113,63 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
         Some(log_len)
     );
 }
+
+/// The inviter's status shows a device while it receives its initial sync (`joining`: how much
+/// of the file and the log it was sent), and no longer once it is done. The link is cut for a
+/// moment mid-join, through a proxy, so the state can be looked at.
+#[test]
+fn the_inviter_shows_a_device_joining_while_its_initial_sync_runs() {
+    use keel_tests::proxy::{LinkFaults, Proxy};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder_with_tags(dir.path(), "a", "big", 20_000).expect("founder");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while a.status().log_len < 20_000 {
+        assert!(std::time::Instant::now() < deadline, "never sequenced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let clean = LinkFaults {
+        drop: 0,
+        duplicate: 0,
+        reorder: 0,
+        corrupt: 0,
+    };
+    let proxy = Proxy::start(a.local_addr(), clean, 1).expect("proxy");
+    let home = Home::new(dir.path().join("b"));
+    let seen = std::thread::scope(|s| {
+        let joined = s.spawn(|| keel_tests::cluster::pair(&home, &a, proxy.addr));
+        let deadline = std::time::Instant::now() + CONVERGE;
+        let seen = loop {
+            if let Some(join) = a.status().joining.first().filter(|j| j.file_bytes > 0) {
+                proxy.cut(true);
+                break join.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no join shown");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // Held where the cut left it.
+        std::thread::sleep(Duration::from_millis(300));
+        let held = a.status().joining;
+        assert_eq!(held.len(), 1, "{held:?}");
+        let held = &held[0];
+        assert_eq!(held.device_id, seen.device_id);
+        assert!(held.file_sent <= held.file_bytes, "{held:?}");
+        assert!(held.log_sent <= held.log_end, "{held:?}");
+        assert!(held.log_end >= 20_000, "{held:?}");
+        assert!(held.started_ms > 0 && held.started_ms <= keel_engine::now_ms());
+        proxy.cut(false);
+        joined.join().expect("the join thread").expect("joins");
+        seen
+    });
+    let b = Library::open(&home, "big", PASSWORD).expect("opens");
+    assert_eq!(seen.device_id, b.device_id().to_hex(), "the joining device");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while !a.status().joining.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the join is still shown: {:?}",
+            a.status().joining
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    a.stop().expect("stops");
+}

@@ -1227,6 +1227,7 @@ fn status(
                 "compactable",
                 "behind_compaction",
                 "storage_failed",
+                "joining",
             ] {
                 if let Some(field) = node.get(key) {
                     map.insert(key.into(), field.clone());
@@ -1287,6 +1288,16 @@ fn status(
                 "storage   FAILED: the journal could not be opened again after a write failed; \
                  replication is stopped and commits are refused until it can (retried every 100 ms)",
             );
+        }
+        for j in &n.joining {
+            io.line(&format!(
+                "joining   {} initial sync: file {:.1} of {:.1} MB, log {} of {}",
+                short(&j.device_id),
+                mb(j.file_sent),
+                mb(j.file_bytes),
+                j.log_sent,
+                j.log_end
+            ));
         }
         for p in &n.peers {
             let stored = p

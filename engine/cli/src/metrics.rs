@@ -131,6 +131,18 @@ fn peers(out: &mut Metrics, status: &keel_node::NodeStatus) {
             );
         }
     }
+    out.head(
+        "keel_join_file_sent_bytes",
+        "gauge",
+        "Bytes of the projection file sent to a device joining now (its initial sync).",
+    );
+    for join in &status.joining {
+        out.labelled(
+            "keel_join_file_sent_bytes",
+            &[("peer", &short(&join.device_id))],
+            join.file_sent,
+        );
+    }
 }
 
 fn jobs(out: &mut Metrics, node: &Node) {

@@ -257,6 +257,70 @@ fn the_inspector_needs_its_token_and_its_metrics_parse() {
 }
 
 /// The node's role, leader and epoch as `keel status --json` gives them.
+/// Starts `keel pair join` from `home` to the node of `inviter_home` (listening at `addr`)
+/// through a proxy that cuts itself a little way into the initial sync, and waits until the
+/// inviter shows the device joining: the join stays in progress (its steps wait up to 30 s)
+/// until the proxy is restored.
+fn join_held_mid_way(
+    inviter_home: &Path,
+    home: &Path,
+    addr: &str,
+) -> (std::process::Child, keel_tests::proxy::Proxy) {
+    use keel_tests::proxy::{LinkFaults, Proxy};
+    let clean = LinkFaults {
+        drop: 0,
+        duplicate: 0,
+        reorder: 0,
+        corrupt: 0,
+    };
+    let proxy = Proxy::start(addr.parse().expect("an address"), clean, 7).expect("proxy");
+    // Pairing takes a few kilobytes; the library's projection file is several megabytes.
+    proxy.cut_after(256 * 1024);
+    let invite = ok(&keel(inviter_home, &["pair", "invite", "lib", "--yes"]));
+    let code = invite.lines().next().expect("a code").to_string();
+    let mut join = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--home")
+        .arg(home)
+        .args([
+            "pair",
+            "join",
+            "--addr",
+            &proxy.addr.to_string(),
+            "--code",
+            &code,
+        ])
+        .env("KEEL_PASSWORD", "pw")
+        .env("KEEL_INSECURE_FAST_KDF", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("join runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let shown = loop {
+        let joining = status_of(inviter_home)["joining"]
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["file_bytes"].as_u64() > Some(0)));
+        if joining || Instant::now() >= deadline {
+            break joining;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if !shown {
+        let _ = join.kill();
+        let _ = join.wait();
+        panic!("the join never showed");
+    }
+    (join, proxy)
+}
+
+/// The device id of the library `lib` of `home` (no node running there).
+fn joiner_device(home: &Path) -> String {
+    status_of(home)["device_id"]
+        .as_str()
+        .expect("an id")
+        .to_string()
+}
+
 fn status_of(home: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(&keel(home, &["status", "lib", "--json"]))).expect("json")
 }
@@ -374,8 +438,26 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
         .stderr(Stdio::null())
         .spawn()
         .expect("index runs");
+    // Then a device joins a through a link held cut mid-join, once the browser waits for it.
+    for line in said.by_ref() {
+        let line = line.expect("reads");
+        let ready = line == "waiting for a join";
+        report.push(line);
+        if ready {
+            break;
+        }
+    }
+    let joiner_home = dir.path().join("e");
+    let (join, proxy) = join_held_mid_way(&homes[0], &joiner_home, &addrs[0]);
     report.extend(said.map_while(Result::ok));
     let out = browser.wait_with_output().expect("the browser script ends");
+    proxy.cut(false);
+    let joined = join.wait_with_output().expect("the join ends");
+    assert!(
+        joined.status.success(),
+        "the held join failed: {}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
     assert!(
         out.status.success(),
         "browser script failed: {report:?}\n{}",
@@ -389,6 +471,14 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
     assert_eq!(seen["devices"], 3, "{seen}");
     assert_eq!(seen["followerRole"], "follower", "{seen}");
     assert_eq!(seen["aloneDevices"], 1, "{seen}");
+    let joiner_id = joiner_device(&joiner_home);
+    assert_eq!(seen["joining"].as_str(), Some(&joiner_id[..8]), "{seen}");
+    assert!(
+        seen["joinText"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("initial sync: file")),
+        "{seen}"
+    );
     assert_eq!(
         seen["leader"].as_str(),
         status["leader"].as_str().map(|l| &l[..8]),
@@ -403,6 +493,12 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
         .find(|j| j["id"] == seen["paused"])
         .unwrap_or_else(|| panic!("no job {} in {jobs}", seen["paused"]));
     assert_eq!(paused["state"], "paused", "{paused}");
+    // The bar drawn for it is as long as its progress (the page's own figures).
+    let (bar, share) = (
+        seen["pausedBar"].as_f64().expect("a bar"),
+        seen["pausedShare"].as_f64().expect("a share"),
+    );
+    assert!((bar - share).abs() < 0.03, "bar {bar}, progress {share}");
     ok(&keel(
         &homes[0],
         &[

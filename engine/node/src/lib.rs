@@ -41,7 +41,7 @@ pub use pairing::{join, InviteHandle, JoinOptions, Question};
 #[cfg(fuzzing)]
 pub use snapshot::fuzz_receive;
 pub use snapshot::{JoinProgress, SnapshotOutcome};
-pub use status::{AppliedDomains, NodeStatus, PeerStatus};
+pub use status::{AppliedDomains, JoiningStatus, NodeStatus, PeerStatus};
 #[cfg(feature = "typescript")]
 pub use typescript::typescript;
 
@@ -255,6 +255,7 @@ impl Node {
             withheld: Mutex::new(std::collections::HashSet::new()),
             ended_bytes: Mutex::new((0, 0)),
             backfilling: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            joins: Arc::default(),
             snapshot_keep: options.snapshot_keep,
         });
         if let Some(lan) = lan {
@@ -418,6 +419,12 @@ impl Node {
                 }
             })
             .collect();
+        status.joining = self
+            .net
+            .joins
+            .lock()
+            .map(|joins| joins.values().cloned().collect())
+            .unwrap_or_default();
         status
     }
 

@@ -109,6 +109,8 @@ pub(crate) struct Net {
     pub(crate) ended_bytes: Mutex<(u64, u64)>,
     /// Devices being served a backfill now (at most one backfill each).
     pub(crate) backfilling: Arc<Mutex<HashSet<DeviceId>>>,
+    /// Devices being sent their initial sync now, with how far each is.
+    pub(crate) joins: super::snapshot::ServedJoins,
     /// How long the snapshot a backfill read stays unpacked after it (`NodeOptions`).
     pub(crate) snapshot_keep: Duration,
 }
@@ -420,7 +422,7 @@ impl Net {
             Greeting::Sync => {}
             Greeting::Snapshot => {
                 // A device that has just joined: a snapshot, outside the replication core.
-                super::snapshot::serve(self.link.clone(), epoch, conn).await;
+                super::snapshot::serve(self.link.clone(), epoch, conn, &self.joins).await;
                 return;
             }
             Greeting::Backfill => {

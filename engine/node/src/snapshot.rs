@@ -11,6 +11,7 @@
 //! valid follower with a shorter log, and an interrupted fetch leaves nothing worse than a
 //! slower catch-up.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use serde_bytes::ByteBuf;
 
 use super::file_sink::FileSink;
 use crate::error::{blocking, io_at, NodeError};
+use crate::status::JoiningStatus;
 use keel_engine::{
     NodeLink, JOIN_FRAMES_FILE as FRAMES_FILE, JOIN_INCOMING_FILE as INCOMING_FILE, JOURNAL_FILE,
     PROJECTIONS_FILE,
@@ -109,12 +111,71 @@ fn node_error(what: impl std::fmt::Display) -> NodeError {
     NodeError::Failed(format!("snapshot: {what}"))
 }
 
+/// Joins being served now, by joining device (what [`crate::Node::status`] shows as joining).
+pub(crate) type ServedJoins = Arc<std::sync::Mutex<BTreeMap<DeviceId, JoiningStatus>>>;
+
+/// Most joins shown at once; more are served all the same.
+const JOINS_SHOWN_MAX: usize = 64;
+
+/// One join in [`ServedJoins`] while it is served; it leaves the map when dropped.
+struct ServedJoin {
+    joins: ServedJoins,
+    device: DeviceId,
+}
+
+impl ServedJoin {
+    fn start(joins: &ServedJoins, device: DeviceId) -> Self {
+        if let Ok(mut map) = joins.lock() {
+            if map.len() < JOINS_SHOWN_MAX || map.contains_key(&device) {
+                map.insert(
+                    device,
+                    JoiningStatus {
+                        device_id: device.to_hex(),
+                        started_ms: keel_engine::now_ms(),
+                        ..JoiningStatus::default()
+                    },
+                );
+            }
+        }
+        Self {
+            joins: joins.clone(),
+            device,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut JoiningStatus)) {
+        if let Some(status) = self
+            .joins
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|m| m.get_mut(&self.device))
+        {
+            f(status);
+        }
+    }
+}
+
+impl Drop for ServedJoin {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.joins.lock() {
+            map.remove(&self.device);
+        }
+    }
+}
+
 /// The sending side: answers a [`DeviceMessage::SnapshotRequest`] on `conn`, then waits for the
-/// receiver to close the connection.
-pub(crate) async fn serve(library: Weak<NodeLink>, epoch: Epoch, conn: Connection) {
+/// receiver to close the connection. The join shows in `joins` meanwhile.
+pub(crate) async fn serve(
+    library: Weak<NodeLink>,
+    epoch: Epoch,
+    conn: Connection,
+    joins: &ServedJoins,
+) {
     let peer = conn.peer();
     let started = Instant::now();
-    match send(library, epoch, &conn).await {
+    let shown = ServedJoin::start(joins, peer);
+    match send(library, epoch, &conn, &shown).await {
         Ok((entries, bytes)) => {
             tracing::info!(
                 peer = %peer.short(),
@@ -205,6 +266,7 @@ async fn send(
     library: Weak<NodeLink>,
     epoch: Epoch,
     conn: &Connection,
+    shown: &ServedJoin,
 ) -> Result<(u64, u64), NodeError> {
     let (out, applied) = projection_source(&library).await?;
     // The file's structure is checked here, while it is sent (its bytes do not change until
@@ -239,6 +301,11 @@ async fn send(
         },
     )
     .await?;
+    shown.update(|s| {
+        s.file_bytes = out.len;
+        s.log_end = target.0;
+        s.log_sent = base.0;
+    });
     let mut next = base.0 + 1;
     let mut prev_epoch = base_epoch;
     // The next chunk is read and packed on a blocking thread while the one before it is sent.
@@ -256,17 +323,20 @@ async fn send(
                 send_segment(&library, conn, epoch, (Lsn(next), prev_epoch), target).await?;
             next = last.0 + 1;
             prev_epoch = last_epoch;
+            shown.update(|s| s.log_sent = last.0);
         }
         if let Some(packed) = packing.take() {
             let (rest, chunk) = packed
                 .await
                 .map_err(|e| node_error(format!("packing a chunk failed: {e}")))??;
+            let sent = rest.offset;
             if rest.offset < rest.len {
                 packing = Some(pack(rest));
             } else {
                 out = Some(rest);
             }
             send_within(conn, &chunk).await?;
+            shown.update(|s| s.file_sent = sent);
         }
     }
     let Some(out) = out else {

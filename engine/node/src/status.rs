@@ -44,6 +44,24 @@ pub struct PeerStatus {
     pub caught_up_ms: Option<u64>,
 }
 
+/// A device this node is sending its initial sync to (a snapshot join): how far it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
+pub struct JoiningStatus {
+    /// The joining device's id, hex.
+    pub device_id: String,
+    /// Bytes of the projection file sent.
+    pub file_sent: u64,
+    /// Bytes of the projection file in all.
+    pub file_bytes: u64,
+    /// The last log position sent.
+    pub log_sent: u64,
+    /// The log position the join sends up to.
+    pub log_end: u64,
+    /// When the join began (ms since the Unix epoch).
+    pub started_ms: u64,
+}
+
 /// Applied log positions per sync domain.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
@@ -76,6 +94,8 @@ pub struct NodeStatus {
     pub leader: Option<String>,
     /// Known peers.
     pub peers: Vec<PeerStatus>,
+    /// Devices receiving their initial sync from this node now (joining).
+    pub joining: Vec<JoiningStatus>,
     /// This device's changes not yet in the log.
     pub offline: u64,
     /// The log's last position: its entries (changes and epoch barriers), the compacted ones

@@ -71,6 +71,7 @@ pub fn typescript() -> String {
         keel_engine::ModelMerge,
         // The node.
         crate::PeerStatus,
+        crate::JoiningStatus,
         crate::AppliedDomains,
         crate::NodeStatus,
     ];

@@ -70,11 +70,20 @@ function drawDevices(state) {
     if (node.leader === hex) return "leader";
     return own ? node.role : "follower";
   };
+  const joining = new Map((node.joining || []).map((j) => [j.device_id, j]));
   const row = (hex, own, peer) => {
-    const role = roleOf(hex, own);
-    const connected = own || (peer && peer.connected);
+    const join = joining.get(hex);
+    const role = join ? "joining" : roleOf(hex, own);
+    const connected = own || (peer && peer.connected) || Boolean(join);
     let lag = "—";
-    if (peer && peer.stored !== null && peer.stored !== undefined) {
+    if (join) {
+      const share = join.file_bytes > 0 ? Math.min(100, (100 * join.file_sent) / join.file_bytes) : 0;
+      const mb = (n) => (n / 1048576).toFixed(1);
+      lag = el("div", { class: "joining" },
+        el("div", { class: "bar" }, el("div", { style: "width:" + share.toFixed(1) + "%" })),
+        "initial sync: file " + mb(join.file_sent) + " of " + mb(join.file_bytes) + " MB, log " +
+        join.log_sent + " of " + join.log_end + ", for " + duration(Date.now() - join.started_ms));
+    } else if (peer && peer.stored !== null && peer.stored !== undefined) {
       const behind = Math.max(0, node.log_len - peer.stored);
       lag = behind === 0 ? "in step" : behind + " changes behind" +
         (peer.caught_up_ms ? ", for " + duration(Date.now() - peer.caught_up_ms) : "");
@@ -94,6 +103,9 @@ function drawDevices(state) {
   };
   row(state.device_id, true, null);
   for (const peer of node.peers || []) row(peer.device_id, false, peer);
+  // A device joining before this node knows it as a peer.
+  const known = new Set([state.device_id, ...(node.peers || []).map((p) => p.device_id)]);
+  for (const hex of joining.keys()) if (!known.has(hex)) row(hex, false, null);
 }
 
 function drawLog(state) {

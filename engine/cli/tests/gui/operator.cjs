@@ -3,11 +3,15 @@
 // - waits for the three devices and reads which one leads;
 // - keeps the side of the open conflict written by KEEL_KEEP_DEVICE, and waits until the page
 //   shows it resolved (the update arrives through the live stream, without a reload);
-// - waits for a running job, pauses it, and waits until the page shows it paused.
+// - waits for a running job, pauses it, and waits until the page shows it paused (and reads
+//   how long its progress bar is drawn);
 // - opens a location and a file in the library's browser, and finds the kept tag;
 // - opens a follower's inspector (KEEL_FOLLOWER_URL) and reads its role there;
-// - opens the inspector of a library alone on its device (KEEL_ALONE_URL).
-// Prints one JSON line: { devices, leader, resolved, paused, followerRole, aloneDevices }.
+// - opens the inspector of a library alone on its device (KEEL_ALONE_URL);
+// - back on the first page, waits for a device joining (the test starts one once the script
+//   says it waits for it, and holds its link cut) and reads its row.
+// Prints one JSON line: { devices, leader, resolved, paused, pausedBar, pausedShare,
+// followerRole, aloneDevices, joining, joinText }.
 "use strict";
 const { chromium } = require("playwright-core");
 
@@ -44,6 +48,11 @@ const LONG = { timeout: 60_000 };
   const job = await running.first().getAttribute("data-job");
   await page.locator(`.job[data-job="${job}"] button[data-action="pause"]`).click();
   await page.locator(`.job[data-job="${job}"][data-state="paused"]`).waitFor(LONG);
+  // Its bar is as long as its progress says.
+  const pausedBar = await page.locator(`.job[data-job="${job}"] .bar`)
+    .evaluate((b) => b.firstElementChild.getBoundingClientRect().width / b.getBoundingClientRect().width);
+  const counts = (await page.locator(`.job[data-job="${job}"] .muted`).textContent()).match(/(\d+) of (\d+)/);
+  const pausedShare = Number(counts[1]) / Number(counts[2]);
 
   // The library's browser: a location, then a file's tags and note.
   await page.locator("#locations a", { hasText: "/tree" }).click();
@@ -66,9 +75,22 @@ const LONG = { timeout: 60_000 };
   await alone.goto(process.env.KEEL_ALONE_URL);
   await alone.locator("#devices tbody tr .badge.leader").waitFor(LONG);
   const aloneDevices = await alone.locator("#devices tbody tr").count();
+
+  // A device joining through a link the test holds cut: its row, with its initial sync.
+  console.log("waiting for a join");
+  const joiningRow = page.locator("#devices tbody tr", { has: page.locator(".badge.joining") });
+  await joiningRow.first().waitFor(LONG);
+  const joining = (await joiningRow.first().getAttribute("data-device")).slice(0, 8);
+  const joinText = await joiningRow.first().locator("div.joining").textContent();
+  const joinBar = await joiningRow.first().locator(".bar")
+    .evaluate((b) => b.firstElementChild.getBoundingClientRect().width / b.getBoundingClientRect().width);
+  await page.screenshot({ path: process.env.KEEL_SCREENSHOT.replace(/\.png$/, "-joining.png"), fullPage: true });
   await browser.close();
   if (errors.length) throw new Error("errors on the page: " + errors.join("; "));
-  console.log(JSON.stringify({ devices, leader, resolved: conflict, paused: job, followerRole, aloneDevices }));
+  console.log(JSON.stringify({
+    devices, leader, resolved: conflict, paused: job, pausedBar, pausedShare, followerRole,
+    aloneDevices, joining, joinText, joinBar,
+  }));
 })().catch((e) => {
   console.error(e);
   process.exit(1);
