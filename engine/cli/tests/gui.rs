@@ -451,6 +451,8 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
     let (join, proxy) = join_held_mid_way(&homes[0], &joiner_home, &addrs[0]);
     report.extend(said.map_while(Result::ok));
     let out = browser.wait_with_output().expect("the browser script ends");
+    // The join is held where the cut left it: what the page drew is what the node says.
+    let held = status_of(&homes[0])["joining"][0].clone();
     proxy.cut(false);
     let joined = join.wait_with_output().expect("the join ends");
     assert!(
@@ -479,6 +481,10 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
             .is_some_and(|t| t.starts_with("initial sync: file")),
         "{seen}"
     );
+    let sent = held["file_sent"].as_f64().expect("bytes sent")
+        / held["file_bytes"].as_f64().expect("bytes");
+    let bar = seen["joinBar"].as_f64().expect("a bar");
+    assert!((bar - sent).abs() < 0.03, "bar {bar}, sent {sent}: {held}");
     assert_eq!(
         seen["leader"].as_str(),
         status["leader"].as_str().map(|l| &l[..8]),
