@@ -306,11 +306,29 @@ fn lines_json(shared: &Shared, args: &[&str]) -> serde_json::Value {
 /// Everything the page shows but the entries: the node's status (as `keel status --json` shows
 /// it, without the digest, which reads the whole projection), jobs, conflicts, locations, tags.
 fn state(shared: &Shared) -> serde_json::Value {
+    state_with(shared, acts(shared))
+}
+
+/// What an operator acts on: the jobs and the conflicts (the first [`LISTED_MAX`], and how
+/// many), as `[jobs, conflicts, conflicts_total]`. Cheaper than the whole state: a live
+/// stream looks at it often and builds the rest only when it sends.
+fn acts(shared: &Shared) -> [serde_json::Value; 3] {
+    let lib = shared.lib.as_str();
+    let (conflicts, total) = first(lines_json(shared, &["conflicts", lib, "--json"]));
+    [
+        lines_json(shared, &["jobs", lib, "--json"]),
+        conflicts,
+        total.into(),
+    ]
+}
+
+/// The whole state around `acts` (see [`acts`]).
+fn state_with(shared: &Shared, acts: [serde_json::Value; 3]) -> serde_json::Value {
     let lib = shared.lib.as_str();
     let library = shared.node.library();
     let node = serde_json::to_value(shared.node.status()).unwrap_or_default();
     let (sent, received) = shared.node.wire_bytes();
-    let (conflicts, conflicts_total) = first(lines_json(shared, &["conflicts", lib, "--json"]));
+    let [jobs, conflicts, conflicts_total] = acts;
     let (locations, locations_total) = first(lines_json(shared, &["locations", lib, "--json"]));
     let (tags, tags_total) = first(lines_json(shared, &["tags", lib, "--json"]));
     serde_json::json!({
@@ -319,7 +337,7 @@ fn state(shared: &Shared) -> serde_json::Value {
         "applied_lsn": library.sync_state().applied_lsn().0,
         "wire_bytes": { "sent": sent, "received": received },
         "node": node,
-        "jobs": lines_json(shared, &["jobs", lib, "--json"]),
+        "jobs": jobs,
         "conflicts": conflicts,
         "conflicts_total": conflicts_total,
         "locations": locations,
@@ -437,19 +455,26 @@ fn send_events(writer: &mut dyn std::io::Write, shared: &Shared) -> std::io::Res
     )?;
     writer.flush()?;
     let (mut last, mut last_acts) = (String::new(), String::new());
-    let mut last_at = Instant::now()
+    let mut last_at = Instant::now();
+    let mut built_at = Instant::now()
         .checked_sub(SEND_EVERY)
         .unwrap_or_else(Instant::now);
     while !shared.stopping.load(Ordering::Relaxed) {
-        let state = state(shared);
         // What an operator acts on goes out at once; the rest (positions that move with every
-        // change) at most once a second.
-        let acts = serde_json::json!([state["jobs"], state["conflicts"]]).to_string();
-        let now = state.to_string();
-        if now != last && (acts != last_acts || last_at.elapsed() >= SEND_EVERY) {
+        // change) at most once a second, and is built only then.
+        let looked = acts(shared);
+        let acts_now = serde_json::Value::from(looked.to_vec()).to_string();
+        let due = acts_now != last_acts || built_at.elapsed() >= SEND_EVERY;
+        let now = if due {
+            built_at = Instant::now();
+            state_with(shared, looked).to_string()
+        } else {
+            String::new()
+        };
+        if due && now != last {
             writer.write_all(format!("data: {now}\n\n").as_bytes())?;
             writer.flush()?;
-            (last, last_acts) = (now, acts);
+            (last, last_acts) = (now, acts_now);
             last_at = Instant::now();
         } else if last_at.elapsed() >= KEEPALIVE_EVERY {
             writer.write_all(b": still here\n\n")?;
