@@ -423,7 +423,7 @@ impl Node {
             .net
             .joins
             .lock()
-            .map(|joins| joins.values().cloned().collect())
+            .map(|joins| joins.values().map(|(_, j)| j.clone()).collect())
             .unwrap_or_default();
         status
     }

@@ -111,47 +111,49 @@ fn node_error(what: impl std::fmt::Display) -> NodeError {
     NodeError::Failed(format!("snapshot: {what}"))
 }
 
-/// Joins being served now, by joining device (what [`crate::Node::status`] shows as joining).
-pub(crate) type ServedJoins = Arc<std::sync::Mutex<BTreeMap<DeviceId, JoiningStatus>>>;
+/// Joins being served now, by joining device, each with the serial of the serving that shows
+/// it (what [`crate::Node::status`] shows as joining).
+pub(crate) type ServedJoins = Arc<std::sync::Mutex<BTreeMap<DeviceId, (u64, JoiningStatus)>>>;
 
 /// Most joins shown at once; more are served all the same.
 const JOINS_SHOWN_MAX: usize = 64;
 
-/// One join in [`ServedJoins`] while it is served; it leaves the map when dropped.
+/// One join in [`ServedJoins`] while it is served; it leaves the map when dropped, unless a
+/// later serving of the same device (a retry) took its place.
 struct ServedJoin {
     joins: ServedJoins,
     device: DeviceId,
+    serial: u64,
 }
 
 impl ServedJoin {
     fn start(joins: &ServedJoins, device: DeviceId) -> Self {
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut map) = joins.lock() {
             if map.len() < JOINS_SHOWN_MAX || map.contains_key(&device) {
-                map.insert(
-                    device,
-                    JoiningStatus {
-                        device_id: device.to_hex(),
-                        started_ms: keel_engine::now_ms(),
-                        ..JoiningStatus::default()
-                    },
-                );
+                let status = JoiningStatus {
+                    device_id: device.to_hex(),
+                    started_ms: keel_engine::now_ms(),
+                    ..JoiningStatus::default()
+                };
+                map.insert(device, (serial, status));
             }
         }
         Self {
             joins: joins.clone(),
             device,
+            serial,
         }
     }
 
     fn update(&self, f: impl FnOnce(&mut JoiningStatus)) {
-        if let Some(status) = self
-            .joins
-            .lock()
-            .ok()
-            .as_mut()
-            .and_then(|m| m.get_mut(&self.device))
-        {
-            f(status);
+        if let Ok(mut map) = self.joins.lock() {
+            if let Some((serial, status)) = map.get_mut(&self.device) {
+                if *serial == self.serial {
+                    f(status);
+                }
+            }
         }
     }
 }
@@ -159,7 +161,12 @@ impl ServedJoin {
 impl Drop for ServedJoin {
     fn drop(&mut self) {
         if let Ok(mut map) = self.joins.lock() {
-            map.remove(&self.device);
+            if map
+                .get(&self.device)
+                .is_some_and(|(s, _)| *s == self.serial)
+            {
+                map.remove(&self.device);
+            }
         }
     }
 }
