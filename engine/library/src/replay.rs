@@ -12,8 +12,9 @@ use crate::error::EngineError;
 
 /// Records read per journal read.
 pub(crate) const REPLAY_READ_CHUNK: usize = 8192;
-/// Chunks read ahead of the applier.
-pub(crate) const REPLAY_QUEUE_CHUNKS: usize = 16;
+/// Chunks read ahead of the applier (under one apply batch): at 16, the sealed changes in
+/// flight held about 50 MB more at P7's peak for the same replay rate (decision 0069).
+pub(crate) const REPLAY_QUEUE_CHUNKS: usize = 6;
 /// Changes applied per SQLite transaction during replay.
 pub(crate) const REPLAY_APPLY_BATCH: usize = 65_536;
 
