@@ -40,13 +40,21 @@ pub struct LinkStats {
     pub corrupted: AtomicU64,
 }
 
+/// Longest datagram a held link passes at any time (see [`Proxy::hold_after`]):
+/// acknowledgements and keep-alives, not a full packet of data.
+pub const HELD_PASS_MAX: usize = 160;
+/// A held link passes one longer datagram each way this often: enough for each side to hear
+/// the other before QUIC's idle timeout, a few kilobytes a second of data.
+pub const HELD_TRICKLE_EVERY: Duration = Duration::from_millis(250);
+
 /// A running proxy; stops when dropped.
 pub struct Proxy {
     /// Where the client sends to.
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
-    /// Received bytes (both ways) past which the link cuts itself.
-    cut_at: Arc<AtomicU64>,
+    /// Received bytes (both ways) past which the link holds (see [`Proxy::hold_after`]).
+    hold_at: Arc<AtomicU64>,
+    held: Arc<AtomicBool>,
     stats: Arc<LinkStats>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -129,11 +137,12 @@ impl Proxy {
         let addr = front.local_addr()?;
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let (cut, stats, stop) = (Arc::default(), Arc::<LinkStats>::default(), Arc::default());
-        let cut_at = Arc::new(AtomicU64::new(u64::MAX));
+        let hold_at = Arc::new(AtomicU64::new(u64::MAX));
+        let held = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for upward in [true, false] {
-            let (front, back, client, cut_at) =
-                (front.clone(), back.clone(), client.clone(), cut_at.clone());
+            let (front, back, client) = (front.clone(), back.clone(), client.clone());
+            let (hold_at, held) = (hold_at.clone(), held.clone());
             let (cut, stats, stop): (Arc<AtomicBool>, Arc<LinkStats>, Arc<AtomicBool>) =
                 (Arc::clone(&cut), stats.clone(), Arc::clone(&stop));
             let mut direction = Direction {
@@ -142,6 +151,7 @@ impl Proxy {
             };
             threads.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65_536];
+                let mut trickled = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let received = if upward {
                         front.recv_from(&mut buf).map(|(n, from)| {
@@ -157,11 +167,17 @@ impl Proxy {
                     if let Some(d) = &datagram {
                         let len = d.len() as u64;
                         let total = stats.received_bytes.fetch_add(len, Ordering::Relaxed) + len;
-                        if total >= cut_at.load(Ordering::Relaxed) {
-                            cut.store(true, Ordering::Relaxed);
+                        if total >= hold_at.load(Ordering::Relaxed) {
+                            held.store(true, Ordering::Relaxed);
                         }
                     }
-                    if datagram.is_some() && cut.load(Ordering::Relaxed) {
+                    let holding = held.load(Ordering::Relaxed)
+                        && datagram.as_ref().is_some_and(|d| d.len() > HELD_PASS_MAX)
+                        && trickled.elapsed() < HELD_TRICKLE_EVERY;
+                    if held.load(Ordering::Relaxed) && !holding && datagram.is_some() {
+                        trickled = Instant::now();
+                    }
+                    if datagram.is_some() && (cut.load(Ordering::Relaxed) || holding) {
                         stats.cut.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -182,28 +198,37 @@ impl Proxy {
         Ok(Self {
             addr,
             cut,
-            cut_at,
+            hold_at,
+            held,
             stats,
             stop,
             threads,
         })
     }
 
-    /// Cuts the link (every datagram dropped, both ways) or restores it (and forgets a
-    /// [`Proxy::cut_after`]).
+    /// Cuts the link (every datagram dropped, both ways) or restores it (and ends a hold).
     pub fn cut(&self, cut: bool) {
         if !cut {
-            self.cut_at.store(u64::MAX, Ordering::Relaxed);
+            self.hold_at.store(u64::MAX, Ordering::Relaxed);
+            self.held.store(false, Ordering::Relaxed);
         }
         self.cut.store(cut, Ordering::Relaxed);
     }
 
-    /// Cuts the link by itself once it has received `bytes` more (both ways together): a
-    /// transfer held at a point, however fast it runs. [`Proxy::cut`]`(false)` restores it.
-    pub fn cut_after(&self, bytes: u64) {
+    /// Holds the link once it has received `bytes` more (both ways together): from then on
+    /// datagrams of at most [`HELD_PASS_MAX`] bytes pass (acknowledgements and keep-alives)
+    /// and one longer one each way every [`HELD_TRICKLE_EVERY`], so a QUIC connection stays
+    /// up while its data all but stops where it was, however fast it ran.
+    /// [`Proxy::cut`]`(false)` ends the hold.
+    pub fn hold_after(&self, bytes: u64) {
         let now = self.stats.received_bytes.load(Ordering::Relaxed);
-        self.cut_at
+        self.hold_at
             .store(now.saturating_add(bytes), Ordering::Relaxed);
+    }
+
+    /// Whether a [`Proxy::hold_after`] has begun.
+    pub fn holding(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// What it did so far.

@@ -258,9 +258,9 @@ fn the_inspector_needs_its_token_and_its_metrics_parse() {
 
 /// The node's role, leader and epoch as `keel status --json` gives them.
 /// Starts `keel pair join` from `home` to the node of `inviter_home` (listening at `addr`)
-/// through a proxy that cuts itself a little way into the initial sync, and waits until the
-/// inviter shows the device joining: the join stays in progress (its steps wait up to 30 s)
-/// until the proxy is restored.
+/// through a proxy that holds the link a little way into the initial sync (the connection
+/// stays up, its data stops), and waits until the inviter shows the device joining: the join
+/// stays in progress (its steps wait up to 30 s) until the hold ends.
 fn join_held_mid_way(
     inviter_home: &Path,
     home: &Path,
@@ -275,7 +275,7 @@ fn join_held_mid_way(
     };
     let proxy = Proxy::start(addr.parse().expect("an address"), clean, 7).expect("proxy");
     // Pairing takes a few kilobytes; the library's projection file is several megabytes.
-    proxy.cut_after(256 * 1024);
+    proxy.hold_after(256 * 1024);
     let invite = ok(&keel(inviter_home, &["pair", "invite", "lib", "--yes"]));
     let code = invite.lines().next().expect("a code").to_string();
     let mut join = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -297,9 +297,10 @@ fn join_held_mid_way(
         .expect("join runs");
     let deadline = Instant::now() + Duration::from_secs(60);
     let shown = loop {
-        let joining = status_of(inviter_home)["joining"]
-            .as_array()
-            .is_some_and(|j| j.iter().any(|j| j["file_bytes"].as_u64() > Some(0)));
+        let joining = proxy.holding()
+            && status_of(inviter_home)["joining"]
+                .as_array()
+                .is_some_and(|j| j.iter().any(|j| j["file_bytes"].as_u64() > Some(0)));
         if joining || Instant::now() >= deadline {
             break joining;
         }
