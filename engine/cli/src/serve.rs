@@ -29,6 +29,7 @@ pub(crate) fn run(
         .try_init();
     let name = library.name().to_string();
     let dir = home.library_dir(&name);
+    let stop = StopSignal::install()?;
     let node = Arc::new(Node::start(library, options)?);
     let server = Server::start(&dir, node.clone())?;
     show_sync_progress(node.library().subscribe());
@@ -52,7 +53,7 @@ pub(crate) fn run(
     };
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    wait_for_stop_signal()?;
+    stop.wait();
     eprintln!("stopping {name}");
     drop(inspector);
     drop(server);
@@ -65,20 +66,43 @@ pub(crate) fn run(
     Ok(0)
 }
 
-/// Blocks until Ctrl-C or SIGTERM.
-fn wait_for_stop_signal() -> Result<()> {
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    signals.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        Ok::<(), std::io::Error>(())
-    })?;
-    Ok(())
+/// Ctrl-C and SIGTERM, caught from the moment this is made: one that arrives before
+/// [`StopSignal::wait`] is kept for it, instead of ending the process (a service manager may
+/// stop a node the moment its control socket appears).
+struct StopSignal {
+    runtime: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    fn install() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (term, interrupt) = runtime.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })?;
+        Ok(Self {
+            runtime,
+            term,
+            interrupt,
+        })
+    }
+
+    /// Blocks until Ctrl-C or SIGTERM (or returns at once for one that came already).
+    fn wait(mut self) {
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = self.interrupt.recv() => {}
+                _ = self.term.recv() => {}
+            }
+        });
+    }
 }
 
 /// `keel watch`: follows the library's locations on disk, without the network, until Ctrl-C or
@@ -97,6 +121,7 @@ pub(crate) fn watch(library: Library) -> Result<i32> {
             }
         }
     });
+    let signal = StopSignal::install()?;
     println!(
         "watching the locations of {} (Ctrl-C stops)",
         library.name()
@@ -104,12 +129,12 @@ pub(crate) fn watch(library: Library) -> Result<i32> {
     let watched = std::thread::scope(|scope| {
         let watcher =
             scope.spawn(|| library.watch(&keel_engine::WatchOptions::default(), &stopped));
-        let waited = wait_for_stop_signal();
+        signal.wait();
         drop(stop);
         let watched = watcher
             .join()
             .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
-        waited.and(watched.map_err(anyhow::Error::from))
+        watched.map_err(anyhow::Error::from)
     });
     library.close()?;
     let _ = printer.join();
