@@ -693,16 +693,7 @@ fn a_join_cut_by_a_power_loss_keeps_a_prefix_of_the_log_and_catches_up() {
             );
             if loss == PowerLoss::SyncedOnly && (opened == 0 || started.contains(&n)) {
                 started.push(n);
-                let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
-                    .unwrap_or_else(|e| panic!("{what}: the node does not start: {e}"));
-                cluster::converge(&[&a, &b], Duration::from_secs(30))
-                    .unwrap_or_else(|e| panic!("{what}: no catch-up: {e}"));
-                assert_eq!(
-                    tag_ids(b.library()),
-                    leader_tags,
-                    "{what}: after catching up"
-                );
-                b.stop().expect("stops");
+                catches_up(&a, lib, &leader_tags, &what);
                 caught_up += 1;
             } else {
                 lib.close().expect("closes");
@@ -786,16 +777,7 @@ fn a_compacted_join_cut_by_a_power_loss_opens_and_catches_up() {
             }
             opened => opened.unwrap_or_else(|e| panic!("{what}: does not open: {e}")),
         };
-        let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
-            .unwrap_or_else(|e| panic!("{what}: the node does not start: {e}"));
-        cluster::converge(&[&a, &b], Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{what}: no catch-up: {e}"));
-        assert_eq!(
-            tag_ids(b.library()),
-            leader_tags,
-            "{what}: after catching up"
-        );
-        b.stop().expect("stops");
+        catches_up(&a, lib, &leader_tags, &what);
         for arriving in JOIN_ARRIVING {
             assert!(!cut.join(arriving).exists(), "{what}: {arriving} is left");
         }
@@ -847,6 +829,26 @@ fn join_completed(home: &Home) -> bool {
     };
     std::fs::remove_dir_all(look.root()).expect("removes");
     completed
+}
+
+/// Starts a node on `lib` (a cut joiner) beside its leader `a`, which converges with it and
+/// holds `leader_tags`; stops it.
+fn catches_up(
+    a: &keel_node::Node,
+    lib: Library,
+    leader_tags: &std::collections::BTreeSet<uuid::Uuid>,
+    what: &str,
+) {
+    let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
+        .unwrap_or_else(|e| panic!("{what}: the node does not start: {e}"));
+    cluster::converge(&[a, &b], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{what}: no catch-up: {e}"));
+    assert_eq!(
+        &tag_ids(b.library()),
+        leader_tags,
+        "{what}: after catching up"
+    );
+    b.stop().expect("stops");
 }
 
 /// Gives `cut`, a copy of `home`'s library, the same device identity (kept beside the library
