@@ -75,6 +75,32 @@ impl Query<'_> {
         self.select_ordered(filter, "uuid", params)
     }
 
+    /// The first `limit` visible records of model `M` in the order of its field `field` (then
+    /// uuid), and how many visible records it has: a page for a view that shows a few of many
+    /// without reading them all.
+    ///
+    /// # Panics
+    /// If `field` is not one of `M`'s fields (a caller's mistake, never data).
+    pub fn first<M: Syncable>(
+        &self,
+        field: &'static str,
+        limit: usize,
+    ) -> Result<(Vec<M>, u64), ProjectionError> {
+        assert!(
+            M::DEF.fields.iter().any(|f| f.name == field),
+            "{field} is not a field of {}",
+            M::DEF.name
+        );
+        let order = format!("{field}, uuid LIMIT {limit}");
+        let first = self.select_ordered("1", &order, [])?;
+        let total: i64 = self.conn.query_row(
+            &format!("SELECT count(*) FROM {} WHERE _live = 1", M::DEF.name),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((first, u64::try_from(total).unwrap_or(0)))
+    }
+
     /// Like [`Query::select`], in the order (and with the `LIMIT`) `order` gives.
     pub(crate) fn select_ordered<M: Syncable, P: Params>(
         &self,

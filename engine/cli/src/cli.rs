@@ -121,6 +121,10 @@ pub(crate) enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// List only the first N tags by name, and how many there are (with `--json`: an
+        /// object, `{"tags": [...], "total": T}`).
+        #[arg(long, value_name = "N")]
+        first: Option<usize>,
     },
     /// List the locations of every device, or remove one of this device's.
     Locations {
@@ -1020,7 +1024,12 @@ pub(crate) fn exec(
             favorite,
             hidden,
         } => crate::everyday::flag(lib, &target, favorite, hidden)?,
-        Command::Tags { command, json, .. } => crate::everyday::tags(lib, command, json, io)?,
+        Command::Tags {
+            command,
+            json,
+            first,
+            ..
+        } => crate::everyday::tags(lib, command, json, first, io)?,
         Command::Conflicts { command, json, .. } => {
             crate::everyday::conflicts(lib, command, json, io)?
         }

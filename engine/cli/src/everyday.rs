@@ -92,19 +92,37 @@ pub(crate) fn tags(
     lib: &Library,
     command: Option<TagsCommand>,
     json: bool,
+    first: Option<usize>,
     io: &mut dyn Io,
 ) -> Result<()> {
-    match command {
-        Some(TagsCommand::Rename { old, new }) => lib.rename_tag(&old, &new)?,
-        Some(TagsCommand::Color { name, color }) => lib.recolor_tag(&name, color.as_deref())?,
-        None if json => io.line(&serde_json::to_string(&lib.tags()?)?),
-        None => {
-            for tag in lib.tags()? {
-                io.line(&format!("{} {}", tag.name, tag.color.unwrap_or_default()));
+    match (command, first) {
+        (Some(TagsCommand::Rename { old, new }), _) => lib.rename_tag(&old, &new)?,
+        (Some(TagsCommand::Color { name, color }), _) => {
+            lib.recolor_tag(&name, color.as_deref())?
+        }
+        (None, Some(limit)) => {
+            let (tags, total) = lib.first_tags(limit)?;
+            if json {
+                let page = serde_json::json!({ "tags": tags, "total": total });
+                io.line(&page.to_string());
+            } else {
+                let more = total.saturating_sub(tags.len() as u64);
+                print_tags(tags, io);
+                if more > 0 {
+                    io.line(&format!("and {more} more"));
+                }
             }
         }
+        (None, None) if json => io.line(&serde_json::to_string(&lib.tags()?)?),
+        (None, None) => print_tags(lib.tags()?, io),
     }
     Ok(())
+}
+
+fn print_tags(tags: Vec<keel_engine::Tag>, io: &mut dyn Io) {
+    for tag in tags {
+        io.line(&format!("{} {}", tag.name, tag.color.unwrap_or_default()));
+    }
 }
 
 /// `keel locations`.

@@ -41,6 +41,9 @@ const SEND_EVERY: Duration = Duration::from_secs(1);
 /// Most tags, conflicts and locations in the state (each list also gives its length): the
 /// state is sent twice a second while the library changes, and drawn each time.
 const LISTED_MAX: usize = 100;
+/// The nice value of the inspector's threads (see [`yield_to_the_node`]).
+#[cfg(target_os = "linux")]
+const INSPECTOR_NICE: i32 = 19;
 /// A comment on a quiet stream this often, so that a gone client is noticed.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 
@@ -153,6 +156,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn accept(server: &Server, shared: &Arc<Shared>) {
+    yield_to_the_node();
     for request in server.incoming_requests() {
         if shared.stopping.load(Ordering::Relaxed) {
             return;
@@ -174,6 +178,18 @@ fn accept(server: &Server, shared: &Arc<Shared>) {
             shared.handlers.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("no thread for an inspector request; dropped");
         }
+    }
+}
+
+/// Lowers the calling thread's priority (Linux: its nice value; the threads it starts inherit
+/// it): the inspector is an observer, and its work (building states, answering a page) waits
+/// for the node's (sequencing, storing, applying) when both want a core.
+fn yield_to_the_node() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), INSPECTOR_NICE)
+    {
+        tracing::debug!(%error, "the inspector runs at the node's priority");
     }
 }
 
@@ -330,7 +346,9 @@ fn state_with(shared: &Shared, acts: [serde_json::Value; 3]) -> serde_json::Valu
     let (sent, received) = shared.node.wire_bytes();
     let [jobs, conflicts, conflicts_total] = acts;
     let (locations, locations_total) = first(lines_json(shared, &["locations", lib, "--json"]));
-    let (tags, tags_total) = first(lines_json(shared, &["tags", lib, "--json"]));
+    let listed = LISTED_MAX.to_string();
+    let tags = lines_json(shared, &["tags", lib, "--json", "--first", &listed]);
+    let (tags, tags_total) = tags_page(tags);
     serde_json::json!({
         "library": lib,
         "device_id": library.device_id().to_hex(),
@@ -354,6 +372,18 @@ fn first(list: serde_json::Value) -> (serde_json::Value, usize) {
             let total = items.len();
             items.truncate(LISTED_MAX);
             (serde_json::Value::Array(items), total)
+        }
+        other => (other, 0),
+    }
+}
+
+/// The tags and their total from `keel tags --first` (an error stays as it is).
+fn tags_page(printed: serde_json::Value) -> (serde_json::Value, u64) {
+    match printed {
+        serde_json::Value::Array(mut one) if one.len() == 1 => {
+            let mut page = one.swap_remove(0);
+            let total = page["total"].as_u64().unwrap_or(0);
+            (page["tags"].take(), total)
         }
         other => (other, 0),
     }

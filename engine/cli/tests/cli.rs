@@ -160,6 +160,17 @@ fn everyday_commands(home: &Path, tree: &Path) {
     let tags = json(&["tags", "lib", "--json"]);
     assert_eq!(tags[1]["name"], "crimson", "{tags}");
     assert_eq!(tags[1]["color"], "#c00", "{tags}");
+    // A page of them, and how many: what a live view reads each second.
+    let page = json(&["tags", "lib", "--json", "--first", "1"]);
+    assert_eq!(page["tags"], serde_json::json!([tags[0]]), "{page}");
+    let total = tags.as_array().map_or(0, Vec::len);
+    assert!(total >= 2, "{tags}");
+    assert_eq!(page["total"], total, "{page}");
+    let text = ok(&keel(home, &["tags", "lib", "--first", "1"]));
+    assert_eq!(
+        text.lines().last(),
+        Some(format!("and {} more", total - 1).as_str())
+    );
     ok(&keel(
         home,
         &["flag", "lib", a, "--favorite", "true", "--entry"],

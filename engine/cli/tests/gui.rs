@@ -254,6 +254,34 @@ fn the_inspector_needs_its_token_and_its_metrics_parse() {
         .expect("a state with the tag");
     assert_eq!(tagged["tags"][0]["name"], "streamed", "{tagged}");
     assert_eq!(tagged["tags_total"], 1);
+
+    // The inspector's threads (the stream's among them) yield to the node's.
+    let nice = threads_nice(gui._served.0.id());
+    let of = |prefix: &str| -> Vec<i64> {
+        nice.iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, n)| *n)
+            .collect()
+    };
+    let inspector = of("keel-gui");
+    assert!(inspector.len() >= 2, "{nice:?}");
+    assert!(inspector.iter().all(|n| *n == 19), "{nice:?}");
+    assert!(of("keel-core").iter().all(|n| *n == 0), "{nice:?}");
+    assert!(!of("keel-core").is_empty(), "{nice:?}");
+}
+
+/// Each thread of process `pid`: its name and nice value (Linux' `/proc`).
+fn threads_nice(pid: u32) -> Vec<(String, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process' threads");
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            // After the name: state is field 3 and nice field 19 of proc(5).
+            let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
+            Some((name.to_string(), nice))
+        })
+        .collect()
 }
 
 /// The node's role, leader and epoch as `keel status --json` gives them.

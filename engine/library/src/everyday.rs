@@ -39,6 +39,12 @@ impl Library {
         Ok(tags)
     }
 
+    /// The first `limit` tags by name (as [`Library::tags`] orders them), and how many tags
+    /// there are.
+    pub fn first_tags(&self, limit: usize) -> Result<(Vec<Tag>, u64), EngineError> {
+        self.read(|p| p.query().first::<Tag>("name", limit))
+    }
+
     /// Renames tag `old` to `new` on every device; its uses follow (they name it by uuid).
     pub fn rename_tag(&self, old: &str, new: &str) -> Result<(), EngineError> {
         let tag = self

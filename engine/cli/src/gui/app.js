@@ -32,19 +32,41 @@ function showError(text) {
   $("error").textContent = text || "";
 }
 
+// Elements with a listener: `patch` replaces them whole (a listener may hold the old data).
+const listening = new WeakSet();
+
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (k === "class") node.className = v;
     // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
     else if (k === "style") node.style.cssText = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else node.setAttribute(k, v);
+    else if (k.startsWith("on")) {
+      node.addEventListener(k.slice(2), v);
+      listening.add(node);
+    } else node.setAttribute(k, v);
   }
   for (const child of children) {
     if (child !== null && child !== undefined) node.append(child);
   }
   return node;
+}
+
+// Makes `parent`'s children equal to `fresh` (nodes not in the page), changing only the parts
+// that differ: the browser then lays out and paints only those, not the whole section (that
+// drawing is work on the node's own machine, done while the library changes).
+function patch(parent, fresh) {
+  const old = parent.childNodes;
+  fresh.forEach((node, i) => {
+    const was = old[i];
+    if (!was) parent.append(node);
+    else if (was.isEqualNode(node)) return;
+    else if (was.nodeType === Node.TEXT_NODE && node.nodeType === Node.TEXT_NODE) was.nodeValue = node.nodeValue;
+    else if (was.nodeType === Node.ELEMENT_NODE && !listening.has(was) && !listening.has(node) &&
+      was.cloneNode(false).isEqualNode(node.cloneNode(false))) patch(was, [...node.childNodes]);
+    else was.replaceWith(node);
+  });
+  while (old.length > fresh.length) parent.lastChild.remove();
 }
 
 const short = (hex) => (hex || "").slice(0, 8);
@@ -66,8 +88,7 @@ function duration(ms) {
 
 function drawDevices(state) {
   const node = state.node || {};
-  const body = $("devices").querySelector("tbody");
-  body.replaceChildren();
+  const rows = [];
   const roleOf = (hex, own) => {
     if (node.leader === hex) return "leader";
     return own ? node.role : "follower";
@@ -92,7 +113,7 @@ function drawDevices(state) {
     } else if (own && node.role !== "leader") {
       lag = node.offline + " of its changes to push";
     }
-    body.append(
+    rows.push(
       el("tr", { "data-device": hex },
         el("td", {}, short(hex) + (own ? " (this device)" : "")),
         el("td", {}, el("span", { class: "badge " + role }, role)),
@@ -108,6 +129,7 @@ function drawDevices(state) {
   // A device joining before this node knows it as a peer.
   const known = new Set([state.device_id, ...(node.peers || []).map((p) => p.device_id)]);
   for (const hex of joining.keys()) if (!known.has(hex)) row(hex, false, null);
+  patch($("devices").querySelector("tbody"), rows);
 }
 
 function drawLog(state) {
@@ -249,14 +271,14 @@ async function details(path) {
 
 function drawLibrary(state) {
   const locations = Array.isArray(state.locations) ? state.locations : [];
-  $("locations").replaceChildren(...locations.map((l) =>
+  patch($("locations"), locations.map((l) =>
     el("li", {}, el("a", { onclick: () => browse(l.path) }, l.path), " ", el("span", { class: "muted" }, "on " + (l.device || "?")))));
   const tags = Array.isArray(state.tags) ? state.tags : [];
   const more = (shown, total) => (total > shown ? [el("li", { class: "muted" }, "and " + (total - shown) + " more")] : []);
-  $("tags").replaceChildren(
+  patch($("tags"), [
     ...tags.map((t) => el("li", {}, t.name || JSON.stringify(t))),
     ...more(tags.length, state.tags_total),
-  );
+  ]);
 }
 
 // What each section last drew from: a section whose part of the state did not change is left
