@@ -77,8 +77,26 @@ async fn answer_requests(source: &Arc<SnapshotSource>, conn: &Connection) {
         tracing::debug!(peer = %conn.peer().short(), error = %e, "backfill plan not sent");
         return;
     }
-    let answer_one = |request| answer(source, request);
+    // The batch an answer's cursor leads to, read and packed while the answer crosses and
+    // the asking side writes it: it asks for that one next (see `Pull`).
+    let ahead: Arc<std::sync::Mutex<Option<Prepared>>> = Arc::default();
+    let answer_one = |request| answer(source, request, ahead.clone());
     answer_each(conn, "backfill", None, REQUESTS_MAX, answer_one).await;
+}
+
+/// A request's batch: what it asks for, and its answer on the way.
+struct Prepared {
+    asked: Wanted,
+    answer: tokio::task::JoinHandle<Result<(DeviceMessage, Option<Wanted>), NodeError>>,
+}
+
+/// What a row request asks for: a part of the plan, from a cursor, at most `limit` rows.
+#[derive(Clone, PartialEq, Eq)]
+struct Wanted {
+    part: Part,
+    model: u8,
+    cursor: PartCursor,
+    limit: usize,
 }
 
 fn plan_message(plan: &BackfillPlan) -> DeviceMessage {
@@ -100,11 +118,35 @@ fn plan_message(plan: &BackfillPlan) -> DeviceMessage {
 }
 
 /// The answer to one row request: rows of a part of the plan, at most [`BACKFILL_BATCH`] and
-/// [`BATCH_BYTES_MAX`] bytes of them.
+/// [`BATCH_BYTES_MAX`] bytes of them. The one `ahead` prepared when it is the one asked; the
+/// batch after it is prepared in turn.
 async fn answer(
     source: &Arc<SnapshotSource>,
     request: DeviceMessage,
+    ahead: Arc<std::sync::Mutex<Option<Prepared>>>,
 ) -> Result<DeviceMessage, NodeError> {
+    let asked = asked_of(source, request)?;
+    let prepared = ahead.lock().map_err(|_| failed("poisoned"))?.take();
+    let answer = match prepared {
+        Some(prepared) if prepared.asked == asked => prepared.answer,
+        // Another batch (a retry after a cut, or a new part): the one prepared is dropped.
+        _ => prepare(source, asked),
+    };
+    let (message, next) = answer
+        .await
+        .map_err(|e| failed(format!("a batch's thread: {e}")))??;
+    if let Some(next) = next {
+        let prepared = Prepared {
+            answer: prepare(source, next.clone()),
+            asked: next,
+        };
+        *ahead.lock().map_err(|_| failed("poisoned"))? = Some(prepared);
+    }
+    Ok(message)
+}
+
+/// What `request` asks for, checked against the plan.
+fn asked_of(source: &SnapshotSource, request: DeviceMessage) -> Result<Wanted, NodeError> {
     let DeviceMessage::SyncPullModelBatchRequest {
         model,
         after,
@@ -127,10 +169,23 @@ async fn answer(
         })
         .cloned()
         .ok_or_else(|| failed("a part the snapshot does not have"))?;
-    let limit = (limit as usize).min(BACKFILL_BATCH);
+    Ok(Wanted {
+        part,
+        model,
+        cursor: PartCursor { after, skip },
+        limit: (limit as usize).min(BACKFILL_BATCH),
+    })
+}
+
+/// Reads and packs the batch `asked` names on a blocking thread: its answer, and what the
+/// asking side asks next unless it was the part's last.
+fn prepare(
+    source: &Arc<SnapshotSource>,
+    asked: Wanted,
+) -> tokio::task::JoinHandle<Result<(DeviceMessage, Option<Wanted>), NodeError>> {
     let source = source.clone();
-    blocking(move || {
-        let mut rows = source.rows(&part, PartCursor { after, skip }, limit)?;
+    tokio::task::spawn_blocking(move || {
+        let mut rows = source.rows(&asked.part, asked.cursor, asked.limit)?;
         let fetched = rows.len();
         let mut bytes = 0usize;
         let fits = rows
@@ -143,9 +198,14 @@ async fn answer(
             .max(1)
             .min(fetched);
         rows.truncate(fits);
-        rows_message(model, &rows, fetched < limit && fits == fetched)
+        let done = fetched < asked.limit && fits == fetched;
+        let message = rows_message(asked.model, &rows, done)?;
+        let next = (!done).then(|| Wanted {
+            cursor: next_cursor(&asked.part, asked.cursor, &rows),
+            ..asked
+        });
+        Ok((message, next))
     })
-    .await
 }
 
 /// An answer of `rows` of `model`, packed (none: nothing to pack, since a packed answer

@@ -180,6 +180,9 @@ pub(crate) fn run_join(out: &mut Figures) -> Result<()> {
     }
     node.library().flush()?;
     let secs = t.elapsed().as_secs_f64();
+    // What the node received catching up after the join, beside what the join's own
+    // connection did: both crossed the link to bring the device level.
+    let received = received + node.wire_bytes().1;
     out.insert("p4_initial_sync_s".into(), json!(secs));
     out.insert("p4_join_s".into(), json!(joined_s));
     out.insert("p4_changes_per_s".into(), json!(log_len as f64 / secs));
