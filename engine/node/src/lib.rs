@@ -15,6 +15,7 @@ mod error;
 mod file_sink;
 mod keys;
 mod net;
+mod pacing;
 mod pairing;
 mod quarantine;
 mod scrub;

@@ -30,6 +30,7 @@ use serde_bytes::ByteBuf;
 
 use super::file_sink::FileSink;
 use crate::error::{blocking, io_at, NodeError};
+use crate::pacing::Pacing;
 use crate::status::JoiningStatus;
 use keel_engine::{
     NodeLink, JOIN_FRAMES_FILE as FRAMES_FILE, JOIN_INCOMING_FILE as INCOMING_FILE, JOURNAL_FILE,
@@ -315,10 +316,12 @@ async fn send(
     });
     let mut next = base.0 + 1;
     let mut prev_epoch = base_epoch;
-    // The next chunk is read and packed on a blocking thread while the one before it is sent.
-    let pack = |out: Outgoing| tokio::task::spawn_blocking(move || next_chunk(out));
+    // The next chunk is read and packed on a blocking thread while the one before it is sent,
+    // harder while the link is what holds the sending back.
+    let pack = |out: Outgoing, level| tokio::task::spawn_blocking(move || next_chunk(out, level));
+    let mut pacing = Pacing::default();
     let (mut packing, mut out) = if out.offset < out.len {
-        (Some(pack(out)), None)
+        (Some(pack(out, pacing.level())), None)
     } else {
         (None, Some(out))
     };
@@ -333,16 +336,24 @@ async fn send(
             shown.update(|s| s.log_sent = last.0);
         }
         if let Some(packed) = packing.take() {
+            let waited = Instant::now();
             let (rest, chunk) = packed
                 .await
                 .map_err(|e| node_error(format!("packing a chunk failed: {e}")))??;
+            let packing_wait = waited.elapsed();
             let sent = rest.offset;
+            let sending = Instant::now();
+            let level = pacing.level();
             if rest.offset < rest.len {
-                packing = Some(pack(rest));
+                packing = Some(pack(rest, level));
             } else {
                 out = Some(rest);
             }
             send_within(conn, &chunk).await?;
+            pacing.heard(packing_wait, sending.elapsed());
+            if pacing.level() != level {
+                tracing::debug!(level = pacing.level(), at = sent, "snapshot: packing level");
+            }
             shown.update(|s| s.file_sent = sent);
         }
     }
@@ -401,7 +412,7 @@ async fn send_segment(
 /// Sends the next chunk of the projection file, hashing it on the way.
 /// Reads, hashes and packs the file's next chunk; returns the file with it (it moves between
 /// threads).
-fn next_chunk(mut out: Outgoing) -> Result<(Outgoing, DeviceMessage), NodeError> {
+fn next_chunk(mut out: Outgoing, level: i32) -> Result<(Outgoing, DeviceMessage), NodeError> {
     let size = (out.len - out.offset).min(SNAPSHOT_CHUNK_MAX as u64) as usize;
     let mut data = vec![0u8; size];
     out.file
@@ -410,18 +421,17 @@ fn next_chunk(mut out: Outgoing) -> Result<(Outgoing, DeviceMessage), NodeError>
     out.hasher.update(&data);
     let offset = out.offset;
     out.offset += size as u64;
-    Ok((out, compressed_chunk(offset, data)))
+    Ok((out, compressed_chunk(offset, data, level)))
 }
 
-/// zstd level of what crosses the network packed (the projection file's chunks, a backfill's
-/// rows): -1 (the fastest of the "fast" levels that packs as well as level 1) packs the P4 file
-/// to about a third in 75% of level 1's time; level 3 gains 7% more for twice the time (3% more
-/// for a backfill's rows, decision 0056).
-pub(crate) const WIRE_ZSTD_LEVEL: i32 = -1;
+/// zstd level of a chunk that came unpacked and is kept packed, and of the first chunk sent
+/// (the sender's [`Pacing`] goes from there): -1 (the fastest of the "fast" levels that packs
+/// as well as level 1) packs the P4 file to about a third in 75% of level 1's time.
+pub(crate) const WIRE_ZSTD_LEVEL: i32 = crate::pacing::LEVELS[0];
 
-/// A chunk of the file at `offset`, compressed when that makes it smaller.
-fn compressed_chunk(offset: u64, data: Vec<u8>) -> DeviceMessage {
-    match zstd::bulk::compress(&data, WIRE_ZSTD_LEVEL) {
+/// A chunk of the file at `offset`, compressed at `level` when that makes it smaller.
+fn compressed_chunk(offset: u64, data: Vec<u8>, level: i32) -> DeviceMessage {
+    match zstd::bulk::compress(&data, level) {
         Ok(packed) if packed.len() < data.len() => DeviceMessage::SnapshotChunk {
             offset,
             raw_len: data.len() as u32,
@@ -1243,7 +1253,7 @@ mod tests {
             data: packed,
             raw_len,
             ..
-        } = compressed_chunk(0, data.clone())
+        } = compressed_chunk(0, data.clone(), WIRE_ZSTD_LEVEL)
         else {
             panic!("a chunk");
         };
