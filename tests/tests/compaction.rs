@@ -1033,3 +1033,103 @@ fn a_backfill_of_100k_tags_stays_under_its_memory_bound() {
         peak_mib
     );
 }
+
+/// A paired device may ask the leader's snapshot for any batch in any order. The leader reads
+/// the next batch in turn ahead of each request (decision 0070); an answer still holds exactly
+/// the rows asked for, whether or not the request is the one read ahead, and a request outside
+/// the plan ends the connection and nothing else.
+#[test]
+fn backfill_answers_hold_the_rows_asked_for_in_any_order() {
+    use keel_transport::{DeviceMessage, Endpoint, Identity, Pins};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bulk: Vec<String> = (0..9_000).map(|i| format!("bulk {i}")).collect();
+    let (_ha, a, hb, _) = founder_and_away_device(dir.path(), 10, &bulk);
+    tags(a.library(), (0..20).map(|i| format!("later {i}")));
+    compact_past_the_away_device(&a, 10);
+    let source = a.library().snapshot_source().expect("a snapshot to read");
+    let part = source
+        .plan()
+        .parts
+        .iter()
+        .map(|(p, _)| p.clone())
+        .find(|p| p.table == "tag")
+        .expect("tags in the plan");
+    let expected = |after: Option<uuid::Uuid>, limit: usize| {
+        let cursor = keel_engine::PartCursor { after, skip: 0 };
+        source.rows(&part, cursor, limit).expect("reads")
+    };
+    let device = hb.device().expect("b's identity");
+    let identity = Identity::from_parts(device.cert_der, device.key_der);
+    let (library, leader, addr) = (a.library().id(), a.library().device_id(), a.local_addr());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let pins = Pins::new();
+        pins.pin(leader);
+        let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let endpoint = Endpoint::bind(&identity, local, pins).expect("binds");
+        let conn = endpoint.connect(addr).await.expect("connects");
+        assert!(matches!(conn.recv().await, Ok(DeviceMessage::Hello { .. })));
+        let request = DeviceMessage::BackfillRequest { library };
+        conn.send(&request).await.expect("asks");
+        assert!(matches!(
+            conn.recv().await,
+            Ok(DeviceMessage::BackfillPlan { .. })
+        ));
+        let model = part.model.expect("a model's part");
+        let ask = |model: u8, after: Option<uuid::Uuid>, limit: u32| {
+            DeviceMessage::SyncPullModelBatchRequest {
+                model,
+                after,
+                limit,
+                range: None,
+                table: None,
+                skip: 0,
+            }
+        };
+        // In turn, then the start again, then what follows a short batch, then a batch
+        // after the one read ahead, skipping it.
+        let first = expected(None, 4096);
+        let after_first = keel_engine::image_uuid(&first[4095]);
+        let short_end = keel_engine::image_uuid(&first[99]);
+        let skipped = expected(after_first, 4096);
+        let beyond = keel_engine::image_uuid(&skipped[4095]);
+        for (after, limit) in [
+            (None, 4096),
+            (None, 100),
+            (short_end, 4096),
+            (beyond, 4096),
+            (after_first, 4096),
+        ] {
+            conn.send(&ask(model, after, limit)).await.expect("asks");
+            let rows = match conn.recv().await.expect("an answer") {
+                DeviceMessage::SyncPullModelBatchResponse {
+                    packed, raw_len, ..
+                } => unpack(&packed, raw_len),
+                other => panic!("not rows: {other:?}"),
+            };
+            assert_eq!(rows, expected(after, limit as usize), "after {after:?}");
+            assert!(!rows.is_empty());
+        }
+        conn.send(&ask(200, None, 10)).await.expect("asks");
+        assert!(
+            conn.recv().await.is_err(),
+            "a part outside the plan ends it"
+        );
+        endpoint.close();
+    });
+    assert_eq!(tag_names(a.library()).len(), 9_000 + 20);
+    a.stop().expect("stops");
+}
+
+/// Length-prefixed row images from one zstd frame.
+fn unpack(packed: &[u8], raw_len: u32) -> Vec<Vec<u8>> {
+    let raw = zstd::bulk::decompress(packed, raw_len as usize).expect("unpacks");
+    let mut rows = Vec::new();
+    let mut rest = &raw[..];
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_be_bytes(*len) as usize;
+        rows.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    rows
+}
