@@ -316,18 +316,10 @@ async fn send(
     });
     let mut next = base.0 + 1;
     let mut prev_epoch = base_epoch;
-    // The next chunk is read and packed on a blocking thread while the one before it is sent,
-    // harder while the link is what holds the sending back.
-    let pack = |out: Outgoing, level| tokio::task::spawn_blocking(move || next_chunk(out, level));
-    let mut pacing = Pacing::default();
-    let (mut packing, mut out) = if out.offset < out.len {
-        (Some(pack(out, pacing.level())), None)
-    } else {
-        (None, Some(out))
-    };
+    let mut file = FileSender::new(out);
     // Log segments and file chunks alternate, so the receiver stores the log while the file
     // arrives.
-    while next <= target.0 || packing.is_some() {
+    while next <= target.0 || file.sending() {
         if next <= target.0 {
             let (last, last_epoch) =
                 send_segment(&library, conn, epoch, (Lsn(next), prev_epoch), target).await?;
@@ -335,31 +327,11 @@ async fn send(
             prev_epoch = last_epoch;
             shown.update(|s| s.log_sent = last.0);
         }
-        if let Some(packed) = packing.take() {
-            let waited = Instant::now();
-            let (rest, chunk) = packed
-                .await
-                .map_err(|e| node_error(format!("packing a chunk failed: {e}")))??;
-            let packing_wait = waited.elapsed();
-            let sent = rest.offset;
-            let sending = Instant::now();
-            let level = pacing.level();
-            if rest.offset < rest.len {
-                packing = Some(pack(rest, level));
-            } else {
-                out = Some(rest);
-            }
-            send_within(conn, &chunk).await?;
-            pacing.heard(packing_wait, sending.elapsed());
-            if pacing.level() != level {
-                tracing::debug!(level = pacing.level(), at = sent, "snapshot: packing level");
-            }
+        if let Some(sent) = file.send_next(conn).await? {
             shown.update(|s| s.file_sent = sent);
         }
     }
-    let Some(out) = out else {
-        return Err(node_error("the projection file was empty"));
-    };
+    let out = file.sent()?;
     checked
         .await
         .map_err(|e| node_error(format!("the file check failed: {e}")))?
@@ -370,6 +342,74 @@ async fn send(
     };
     send_within(conn, &end).await?;
     Ok((target.0, out.len))
+}
+
+/// The projection file's chunks on their way: the next is read and packed on a blocking
+/// thread while the one before it is sent, harder while the link is what holds the sending
+/// back ([`Pacing`]).
+struct FileSender {
+    packing: Option<tokio::task::JoinHandle<Result<(Outgoing, DeviceMessage), NodeError>>>,
+    /// The file once its last chunk is packed.
+    done: Option<Outgoing>,
+    pacing: Pacing,
+}
+
+impl FileSender {
+    fn new(out: Outgoing) -> Self {
+        let mut sender = Self {
+            packing: None,
+            done: None,
+            pacing: Pacing::default(),
+        };
+        sender.pack_or_end(out);
+        sender
+    }
+
+    fn pack_or_end(&mut self, out: Outgoing) {
+        if out.offset < out.len {
+            let level = self.pacing.level();
+            self.packing = Some(tokio::task::spawn_blocking(move || next_chunk(out, level)));
+        } else {
+            self.done = Some(out);
+        }
+    }
+
+    /// Whether a chunk is still to be sent.
+    fn sending(&self) -> bool {
+        self.packing.is_some()
+    }
+
+    /// Sends the next chunk, if any; returns how far into the file it reaches.
+    async fn send_next(&mut self, conn: &Connection) -> Result<Option<u64>, NodeError> {
+        let Some(packed) = self.packing.take() else {
+            return Ok(None);
+        };
+        let waited = Instant::now();
+        let (rest, chunk) = packed
+            .await
+            .map_err(|e| node_error(format!("packing a chunk failed: {e}")))??;
+        let packing_wait = waited.elapsed();
+        let (sent, level) = (rest.offset, self.pacing.level());
+        let sending = Instant::now();
+        self.pack_or_end(rest);
+        send_within(conn, &chunk).await?;
+        self.pacing.heard(packing_wait, sending.elapsed());
+        if self.pacing.level() != level {
+            tracing::debug!(
+                level = self.pacing.level(),
+                at = sent,
+                "snapshot: packing level"
+            );
+        }
+        Ok(Some(sent))
+    }
+
+    /// The file, every chunk sent.
+    fn sent(self) -> Result<Outgoing, NodeError> {
+        debug_assert!(self.packing.is_none(), "chunks left to send");
+        self.done
+            .ok_or_else(|| node_error("the projection file was empty"))
+    }
 }
 
 /// Sends the log segment that starts at `from` (after an entry of `prev_epoch`), up to
