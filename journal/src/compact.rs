@@ -189,6 +189,10 @@ impl Journal {
     }
 }
 
+/// Pages of a dropped log deleted in one transaction: a request that comes meanwhile waits
+/// for one slice at most (decision 0072).
+pub(crate) const DROPPED_SLICE_PAGES: usize = 64;
+
 impl WriterState {
     /// Makes an empty log start after `base` (whose entry has `epoch`).
     pub(crate) fn start_after(
@@ -285,13 +289,25 @@ impl WriterState {
         Ok(returned)
     }
 
-    /// Deletes the log a rebase dropped, if any. Not durable by itself: a crash before the
-    /// next durable commit leaves it for the next open to delete.
-    pub(crate) fn delete_dropped_log(&mut self) -> Result<(), JournalError> {
+    /// Deletes up to [`DROPPED_SLICE_PAGES`] pages of the log a rebase dropped, and the table
+    /// once it is empty; returns whether pages are left. Not durable by itself: a crash before
+    /// the next durable commit leaves the rest for the next open to delete.
+    pub(crate) fn delete_dropped_slice(&mut self) -> Result<bool, JournalError> {
         let mut txn = WriteTxn::begin(&*self.db.get()?)?;
         txn.set_durability(Durability::None).map_err(storage)?;
-        txn.delete_table(DROPPED_LOG).map_err(storage)?;
-        txn.commit().map_err(storage)
+        let mut deleted = 0;
+        {
+            let mut dropped = txn.open_table(DROPPED_LOG).map_err(storage)?;
+            while deleted < DROPPED_SLICE_PAGES && dropped.pop_first().map_err(storage)?.is_some() {
+                deleted += 1;
+            }
+        }
+        let more = deleted == DROPPED_SLICE_PAGES;
+        if !more {
+            txn.delete_table(DROPPED_LOG).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(more)
     }
 }
 

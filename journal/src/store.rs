@@ -422,6 +422,7 @@ impl Journal {
             stale: false,
             sealer: journal.sealer.clone(),
             tail: None,
+            dropping: false,
         };
         state.publish_role();
         let handle = std::thread::Builder::new()

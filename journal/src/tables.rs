@@ -5,9 +5,9 @@ use redb::TableDefinition;
 /// The leader log: `first lsn → log page` (consecutive log records, each with its epoch,
 /// checksum and sealed change; see `crate::page`).
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log_pages");
-/// A log a rebase dropped, renamed in the rebase's transaction and deleted by the writer right
-/// after it replied (freeing a long log's pages takes about a second); a journal opened after a
-/// crash in between deletes it.
+/// A log a rebase dropped, renamed in the rebase's transaction and deleted by the writer after
+/// it replied, a slice at a time between requests (freeing a long log's pages whole took about
+/// a second); a journal opened after a crash in between deletes the rest.
 pub(crate) const DROPPED_LOG: TableDefinition<u64, &[u8]> =
     TableDefinition::new("log_pages_dropped");
 /// The leader log of format 1, one record per key: `lsn → log record`. Opening a journal moves

@@ -174,6 +174,8 @@ pub(crate) struct WriterState {
     /// it is not in the page cache: reading it before every append cost about 15% of a join).
     /// Forgotten whenever `next_lsn` moves otherwise.
     pub(crate) tail: Option<(u64, [u8; crate::page::LINK_LEN])>,
+    /// A log a rebase dropped is being deleted, a slice at a time, while no request waits.
+    pub(crate) dropping: bool,
 }
 
 /// Durably records `epoch` as the current epoch.
@@ -198,7 +200,7 @@ pub(crate) fn epoch_bytes(epoch: Epoch) -> [u8; 40] {
 
 impl WriterState {
     pub(crate) fn run(mut self, requests: Receiver<Request>) {
-        while let Ok(first) = requests.recv() {
+        while let Some(first) = self.next_request(&requests) {
             let mut commits: Vec<(Vec<Sealed>, CommitReply)> = Vec::new();
             let mut pending = Some(first);
             let mut total = 0usize;
@@ -244,13 +246,11 @@ impl WriterState {
                         self.flush(&mut commits);
                         let rebased = guarded(|| self.rebase(to, led_by));
                         let rebased = self.reopened_after(rebased);
-                        let ok = rebased.is_ok();
+                        // The old log goes a slice at a time between requests (see
+                        // `next_request`): deleting a long log whole held the next request up
+                        // for about a second.
+                        self.dropping |= rebased.is_ok();
                         let _ = reply.send(rebased);
-                        if ok {
-                            if let Err(e) = guarded(|| self.delete_dropped_log()) {
-                                tracing::warn!(error = %e, "deleting the dropped log failed");
-                            }
-                        }
                     }
                     Request::RaiseHlc { hlc, reply } => {
                         self.flush(&mut commits);
@@ -267,6 +267,35 @@ impl WriterState {
                 }
             }
             self.flush(&mut commits);
+        }
+    }
+
+    /// The next request; while a dropped log is being deleted, a slice of it goes each time
+    /// none waits. `None` once every sender is gone (the rest of a dropped log deleted first).
+    fn next_request(&mut self, requests: &Receiver<Request>) -> Option<Request> {
+        while self.dropping {
+            match requests.try_recv() {
+                Ok(request) => return Some(request),
+                Err(crossbeam_channel::TryRecvError::Empty) => self.delete_a_dropped_slice(),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    while self.dropping {
+                        self.delete_a_dropped_slice();
+                    }
+                    return None;
+                }
+            }
+        }
+        requests.recv().ok()
+    }
+
+    fn delete_a_dropped_slice(&mut self) {
+        match guarded(|| self.delete_dropped_slice()) {
+            Ok(more) => self.dropping = more,
+            Err(e) => {
+                // Left to the next open, which deletes it.
+                tracing::warn!(error = %e, "deleting the dropped log failed");
+                self.dropping = false;
+            }
         }
     }
 

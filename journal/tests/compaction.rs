@@ -254,3 +254,53 @@ fn a_rebase_finds_the_epochs_this_device_led_among_many() {
     let stats = journal.stats().expect("stats");
     assert_eq!((stats.base, stats.log_len), (Lsn(5_000), 0));
 }
+
+/// A long log a rebase dropped is deleted after the rebase replied, a slice at a time between
+/// other requests (decision 0072): the log goes on right after the rebase, the journal closes
+/// with nothing of the old log left in its file, and opens again after the base.
+#[test]
+fn a_dropped_log_goes_between_requests_and_is_gone_once_closed() {
+    let s = Setup::new();
+    let journal = s.open();
+    // Several slices of 64 KiB pages.
+    for from in (0..60_000).step_by(10_000) {
+        let changes: Vec<Change> = (from..from + 10_000).map(|n| change(s.device, n)).collect();
+        journal.commit(changes).expect("commits");
+    }
+    let leader = Epoch {
+        counter: 7,
+        device: DeviceId([9; 32]),
+    };
+    let elsewhere = DeviceId([5; 32]);
+    journal
+        .log()
+        .rebase(Lsn(100_000), leader, leader, elsewhere)
+        .expect("rebases");
+    journal
+        .log()
+        .append(Lsn(100_001), vec![(leader, Vec::new())])
+        .expect("the log goes on at once");
+    journal.close();
+
+    use redb::{ReadableDatabase, TableHandle};
+    let db = redb::Database::open(&s.path).expect("opens");
+    let read = db.begin_read().expect("reads");
+    let tables: Vec<String> = read
+        .list_tables()
+        .expect("lists")
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(tables.iter().any(|t| t == "log_pages"), "{tables:?}");
+    assert!(
+        !tables.iter().any(|t| t == "log_pages_dropped"),
+        "the dropped log is left: {tables:?}"
+    );
+    drop(read);
+    drop(db);
+    let journal = s.open_offline();
+    let stats = journal.stats().expect("stats");
+    assert_eq!(
+        (stats.base, stats.last_lsn, stats.log_len),
+        (Lsn(100_000), Lsn(100_001), 1)
+    );
+}
