@@ -98,8 +98,14 @@ impl Library {
         Projections::remove_files(&incoming)?;
         packed?;
         put_in_place(&packing, &dir.join(SNAPSHOT_FILE))?;
+        let dropping = std::time::Instant::now();
         let compaction = journal.log().compact(base)?;
-        tracing::info!(base = base.0, dropped = compaction.dropped, "log compacted");
+        tracing::info!(
+            base = base.0,
+            dropped = compaction.dropped,
+            ms = dropping.elapsed().as_millis() as u64,
+            "log compacted"
+        );
         Ok(CompactReport {
             base: compaction.base.0,
             dropped: compaction.dropped,
