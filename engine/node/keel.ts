@@ -703,7 +703,12 @@ last_lsn: number,
  * The compaction position: the log before it was dropped, its state kept in the snapshot
  * (0: never compacted).
  */
-compacted_to: number, };
+compacted_to: number, 
+/**
+ * Pages of a dropped log still being deleted in the background after a compaction or a
+ * backfill (0: none); their disk space is reused once they are gone.
+ */
+dropped_log_pages: number, };
 
 /**
  * What a library takes on disk, by part (bytes).

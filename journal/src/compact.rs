@@ -12,7 +12,9 @@ use crate::log_table;
 use crate::record::LogRecord;
 use crate::seal::Sealer;
 use crate::store::{decode_epoch, read_meta, Journal};
-use crate::tables::{DROPPED_LOG, LOG, LOG_INDEX, META, META_LOG_BASE, META_LOG_HEAD, OFFLINE};
+use crate::tables::{
+    DROPPED_LOG, FRESH_LOG, LOG, LOG_INDEX, META, META_LOG_BASE, META_LOG_HEAD, OFFLINE,
+};
 use crate::writer::{epoch_bytes, Request, WriterState};
 
 /// What a compaction did.
@@ -68,7 +70,8 @@ impl Journal {
 
     /// See [`crate::ReplicatedLog::compact`].
     pub(crate) fn compact_log(&self, base: Lsn) -> Result<Compaction, JournalError> {
-        self.db.write(|db| {
+        let sealer = self.sealer();
+        let (compaction, moved) = self.db.write(|db| {
             let mut txn = WriteTxn::begin(db)?;
             txn.set_durability(Durability::Immediate).map_err(storage)?;
             // Read in the transaction that moves it: two compactions see each other's base.
@@ -80,49 +83,22 @@ impl Journal {
             if base <= old {
                 // Dropped unused: redb aborts it.
                 drop(txn);
-                return Ok(Compaction {
+                let nothing = Compaction {
                     base: old,
                     base_epoch: old_epoch,
                     dropped: 0,
-                });
+                };
+                return Ok((nothing, false));
             }
-            let compaction = {
-                let mut log = txn.open_table(LOG).map_err(storage)?;
-                let last = log_table::last_lsn(&log)?;
-                if base.0 > last {
-                    return Err(JournalError::Compaction(format!(
-                        "position {} is past the log's end ({last})",
-                        base.0
-                    )));
-                }
-                let record = log_table::get(&log, base.0)?
-                    .ok_or_else(|| JournalError::Corrupt(format!("no log record at {}", base.0)))?
-                    .map_err(|e| JournalError::Corrupt(format!("log record {}: {e}", base.0)))?;
-                let base_epoch = LogRecord::decode(&record)
-                    .map_err(|e| JournalError::Corrupt(format!("log record {}: {e}", base.0)))?
-                    .epoch;
-                let head = log_table::get(&log, 1)?
-                    .and_then(Result::ok)
-                    .and_then(|bytes| LogRecord::decode(&bytes).ok().map(|r| r.epoch));
-                let dropped = log_table::drop_through(&mut log, base.0, self.sealer().page_keys())?;
-                let mut meta = txn.open_table(META).map_err(storage)?;
-                if let Some(head) = head {
-                    meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
-                        .map_err(storage)?;
-                }
-                meta.insert(META_LOG_BASE, &position_bytes(base, base_epoch)[..])
-                    .map_err(storage)?;
-                // The saved index starts at position 1: it no longer describes the log.
-                clear_saved_index(&txn)?;
-                Compaction {
-                    base,
-                    base_epoch,
-                    dropped,
-                }
-            };
+            let done = compact_in(&txn, base, sealer.page_keys())?;
             txn.commit().map_err(storage)?;
-            Ok(compaction)
-        })
+            Ok(done)
+        })?;
+        if moved {
+            // Without a writer (none runs), the next open deletes it.
+            let _ = self.ask(|reply| Request::DeleteDropped { reply });
+        }
+        Ok(compaction)
     }
 
     /// See [`crate::ReplicatedLog::start_after`].
@@ -309,6 +285,68 @@ impl WriterState {
         txn.commit().map_err(storage)?;
         Ok(more)
     }
+}
+
+/// Drops the log through `base` in `txn` and stores the base; returns what it did and whether
+/// the log after the base was moved to a new table, leaving the old one to be deleted (it is
+/// when that part is the shorter: the rest then goes a slice at a time on the writer,
+/// decision 0072, instead of inside this transaction).
+fn compact_in(
+    txn: &redb::WriteTransaction,
+    base: Lsn,
+    keys: &crate::binding::PageKeys,
+) -> Result<(Compaction, bool), JournalError> {
+    let mut log = txn.open_table(LOG).map_err(storage)?;
+    let last = log_table::last_lsn(&log)?;
+    if base.0 > last {
+        return Err(JournalError::Compaction(format!(
+            "position {} is past the log's end ({last})",
+            base.0
+        )));
+    }
+    let corrupt = |e: String| JournalError::Corrupt(format!("log record {}: {e}", base.0));
+    let record = log_table::get(&log, base.0)?
+        .ok_or_else(|| corrupt("missing".into()))?
+        .map_err(|e| corrupt(e.to_string()))?;
+    let base_epoch = LogRecord::decode(&record)
+        .map_err(|e| corrupt(e.to_string()))?
+        .epoch;
+    let head = log_table::get(&log, 1)?
+        .and_then(Result::ok)
+        .and_then(|bytes| LogRecord::decode(&bytes).ok().map(|r| r.epoch));
+    let first = log
+        .first()
+        .map_err(storage)?
+        .map_or(1, |(key, _)| key.value());
+    let moved = last - base.0 < base.0.saturating_sub(first);
+    let dropped = if moved {
+        let mut fresh = txn.open_table(FRESH_LOG).map_err(storage)?;
+        log_table::copy_after(&log, &mut fresh, base.0, keys)?
+    } else {
+        log_table::drop_through(&mut log, base.0, keys)?
+    };
+    drop(log);
+    if moved {
+        txn.delete_table(DROPPED_LOG).map_err(storage)?;
+        txn.rename_table(LOG, DROPPED_LOG).map_err(storage)?;
+        txn.rename_table(FRESH_LOG, LOG).map_err(storage)?;
+    }
+    let mut meta = txn.open_table(META).map_err(storage)?;
+    if let Some(head) = head {
+        meta.insert(META_LOG_HEAD, &epoch_bytes(head)[..])
+            .map_err(storage)?;
+    }
+    meta.insert(META_LOG_BASE, &position_bytes(base, base_epoch)[..])
+        .map_err(storage)?;
+    drop(meta);
+    // The saved index starts at position 1: it no longer describes the log.
+    clear_saved_index(txn)?;
+    let compaction = Compaction {
+        base,
+        base_epoch,
+        dropped,
+    };
+    Ok((compaction, moved))
 }
 
 /// Removes the saved log index (it would describe positions that are gone).

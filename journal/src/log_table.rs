@@ -409,6 +409,50 @@ pub(crate) fn epoch_ranges<T: ReadableTable<u64, &'static [u8]>>(
 /// A range this short is read whole rather than bisected further.
 const BISECT_MIN: u64 = 64;
 
+/// Copies the log after `base` from `from` into the empty table `to`: the page straddling
+/// the base rewritten from its first record after it (bound again, as in [`drop_through`]),
+/// the pages after it as they are (a page's binding is to its position, not its table).
+/// Returns the positions at or below the base, which stay in `from` for it to be dropped
+/// whole; they are counted from the first page's key, the log being gap-free.
+pub(crate) fn copy_after(
+    from: &Table<'_, u64, &'static [u8]>,
+    to: &mut Table<'_, u64, &'static [u8]>,
+    base: u64,
+    keys: &PageKeys,
+) -> Result<u64, JournalError> {
+    let Some(first) = from.first().map_err(storage)?.map(|(key, _)| key.value()) else {
+        return Ok(0);
+    };
+    if let Some(item) = from.range(..=base).map_err(storage)?.next_back() {
+        let (key, page) = item.map_err(storage)?;
+        let key = key.value();
+        if key.saturating_add(LogPage::positions(page.value())) > base.saturating_add(1) {
+            let parsed = LogPage::parse(page.value()).map_err(|e| {
+                JournalError::Corrupt(format!("the log page at {key} cannot be compacted: {e}"))
+            })?;
+            let mut link = [0; LINK_LEN];
+            let mut writer = None;
+            for (lsn, record) in (key..).zip(parsed.records()) {
+                if lsn == base {
+                    link = link_of(record);
+                } else if lsn > base {
+                    writer
+                        .get_or_insert_with(|| PageWriter::new(base + 1, link, keys))
+                        .push(to, record)?;
+                }
+            }
+            if let Some(mut writer) = writer {
+                writer.flush(to)?;
+            }
+        }
+    }
+    for item in from.range(base.saturating_add(1)..).map_err(storage)? {
+        let (key, page) = item.map_err(storage)?;
+        to.insert(key.value(), page.value()).map_err(storage)?;
+    }
+    Ok(base.saturating_add(1).saturating_sub(first))
+}
+
 /// Removes every record up to and including `base`, returning how many; the page holding
 /// `base + 1` keeps its records after `base` (rewritten under the key `base + 1`). A damaged
 /// page that ends at or before `base` goes with the rest; one that holds `base + 1` stays.

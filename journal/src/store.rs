@@ -65,6 +65,9 @@ pub struct JournalStats {
     pub last_lsn: Lsn,
     /// The compaction base: positions up to it were dropped (0: never compacted).
     pub base: Lsn,
+    /// Pages of a log that a compaction or a rebase dropped and the writer is still deleting,
+    /// a slice at a time (0: none).
+    pub dropped_log_pages: u64,
 }
 
 /// What [`Journal::check_log`] found in one stretch of the log.
@@ -804,6 +807,11 @@ impl Journal {
             let own_changes = read_meta(&*self.db.get()?, META_OWN_CHANGES)?
                 .map(|b| decode_u64(&b))
                 .unwrap_or(0);
+            let dropped_log_pages = match txn.open_table(DROPPED_LOG) {
+                Ok(dropped) => dropped.len().map_err(storage)?,
+                Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                Err(e) => return Err(storage(e)),
+            };
             Ok(JournalStats {
                 own_changes,
                 offline: local.len().map_err(storage)?,
@@ -811,6 +819,7 @@ impl Journal {
                 log_len: last_lsn - base.0,
                 last_lsn: Lsn(last_lsn),
                 base,
+                dropped_log_pages,
             })
         })
     }

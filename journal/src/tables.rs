@@ -10,6 +10,10 @@ pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log_pa
 /// a second); a journal opened after a crash in between deletes the rest.
 pub(crate) const DROPPED_LOG: TableDefinition<u64, &[u8]> =
     TableDefinition::new("log_pages_dropped");
+/// The log after a compaction's base while the compaction copies it (see
+/// `log_table::copy_after`); renamed to [`LOG`] in the same transaction, so never seen after a
+/// commit.
+pub(crate) const FRESH_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log_pages_fresh");
 /// The leader log of format 1, one record per key: `lsn → log record`. Opening a journal moves
 /// it into [`LOG`].
 pub(crate) const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");

@@ -142,6 +142,11 @@ pub(crate) enum Request {
         hlc: Hlc,
         reply: Sender<Result<(), JournalError>>,
     },
+    /// Deletes the log a compaction moved aside, a slice at a time between requests; answered
+    /// at once.
+    DeleteDropped {
+        reply: Sender<Result<(), JournalError>>,
+    },
     /// Answered once every request before it is done (commits included).
     Barrier {
         reply: Sender<Result<(), JournalError>>,
@@ -256,6 +261,10 @@ impl WriterState {
                         self.flush(&mut commits);
                         let result = guarded(|| self.raise_hlc(hlc));
                         let _ = reply.send(self.reopened_after(result));
+                    }
+                    Request::DeleteDropped { reply } => {
+                        self.dropping = true;
+                        let _ = reply.send(Ok(()));
                     }
                     Request::Barrier { reply } => {
                         self.flush(&mut commits);

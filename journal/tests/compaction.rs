@@ -282,25 +282,87 @@ fn a_dropped_log_goes_between_requests_and_is_gone_once_closed() {
         .expect("the log goes on at once");
     journal.close();
 
-    use redb::{ReadableDatabase, TableHandle};
-    let db = redb::Database::open(&s.path).expect("opens");
-    let read = db.begin_read().expect("reads");
-    let tables: Vec<String> = read
-        .list_tables()
-        .expect("lists")
-        .map(|t| t.name().to_string())
-        .collect();
+    let tables = table_names(&s.path);
     assert!(tables.iter().any(|t| t == "log_pages"), "{tables:?}");
     assert!(
         !tables.iter().any(|t| t == "log_pages_dropped"),
         "the dropped log is left: {tables:?}"
     );
-    drop(read);
-    drop(db);
     let journal = s.open_offline();
     let stats = journal.stats().expect("stats");
     assert_eq!(
         (stats.base, stats.last_lsn, stats.log_len),
         (Lsn(100_000), Lsn(100_001), 1)
     );
+}
+
+/// A compaction whose base leaves the shorter part after it copies that part into a new table
+/// and drops the old one whole, a slice at a time on the writer (decision 0072): the same log
+/// after the base as a compaction that deletes pages, its pages still bound (the cut falls
+/// inside a page), readable, indexable, verified, and the old table gone once closed.
+#[test]
+fn a_compaction_that_keeps_the_short_end_moves_it_and_drops_the_rest() {
+    let s = Setup::new();
+    let journal = s.open();
+    let changes: Vec<Change> = (0..3_000).map(|n| change(s.device, n)).collect();
+    journal.commit(changes.clone()).expect("commits");
+    for base in [2_501u64, 2_900] {
+        let compaction = journal.log().compact(Lsn(base)).expect("compacts");
+        assert_eq!(compaction.base, Lsn(base));
+        let stats = journal.stats().expect("stats");
+        assert_eq!(
+            (stats.base, stats.last_lsn, stats.log_len),
+            (Lsn(base), Lsn(3_000), 3_000 - base)
+        );
+        let expected: Vec<uuid::Uuid> = changes[base as usize..].iter().map(|c| c.id.0).collect();
+        assert_eq!(ids_from(&journal, Lsn(base + 1)), expected);
+        assert!(matches!(
+            journal.log().read(Lsn(base), 10),
+            Err(JournalError::Compacted { .. })
+        ));
+        assert_eq!(
+            journal.log().epoch_at(Lsn(base)).expect("reads"),
+            Some(s.epoch)
+        );
+        let index = journal.log().load_index().expect("loads");
+        assert_eq!(index.len() as u64, 3_000 - base);
+        let report = journal.verify().expect("verifies");
+        assert!(report.faults.is_empty(), "{:?}", report.faults);
+    }
+    assert_eq!(
+        journal.log().compact(Lsn(2_501)).expect("compacts").dropped,
+        0
+    );
+    // The writer deletes the moved-aside log while nothing else waits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while journal.stats().expect("stats").dropped_log_pages > 0 {
+        assert!(std::time::Instant::now() < deadline, "never deleted");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    journal
+        .commit(vec![change(s.device, 9_000)])
+        .expect("commits after");
+    journal.close();
+
+    let tables = table_names(&s.path);
+    assert!(
+        !tables.iter().any(|t| t.starts_with("log_pages_")),
+        "a moved-aside log is left: {tables:?}"
+    );
+    let journal = s.open();
+    assert_eq!(ids_from(&journal, Lsn(2_901)).len(), 101);
+    assert!(journal.verify().expect("verifies").faults.is_empty());
+}
+
+/// The tables of the closed journal at `path`, read with redb itself.
+fn table_names(path: &std::path::Path) -> Vec<String> {
+    use redb::{ReadableDatabase, TableHandle};
+    let db = redb::Database::open(path).expect("opens");
+    let read = db.begin_read().expect("reads");
+    let names = read
+        .list_tables()
+        .expect("lists")
+        .map(|t| t.name().to_string())
+        .collect();
+    names
 }

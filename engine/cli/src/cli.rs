@@ -1266,6 +1266,12 @@ fn status(
         s.journal.compacted_to,
         s.applied_lsn
     ));
+    if s.journal.dropped_log_pages > 0 {
+        io.line(&format!(
+            "          {} pages of a dropped log still being deleted",
+            s.journal.dropped_log_pages
+        ));
+    }
     let mb = |bytes: u64| bytes as f64 / 1e6;
     io.line(&format!(
         "disk      {:.1} MB: journal {:.1}, projections {:.1}, snapshot {:.1}, other {:.1}",

@@ -219,6 +219,9 @@ pub struct JournalStatus {
     /// The compaction position: the log before it was dropped, its state kept in the snapshot
     /// (0: never compacted).
     pub compacted_to: u64,
+    /// Pages of a dropped log still being deleted in the background after a compaction or a
+    /// backfill (0: none); their disk space is reused once they are gone.
+    pub dropped_log_pages: u64,
 }
 
 /// The current time in ms since the Unix epoch.
@@ -1088,6 +1091,7 @@ impl Library {
                 log_len: stats.log_len,
                 last_lsn: stats.last_lsn.0,
                 compacted_to: stats.base.0,
+                dropped_log_pages: stats.dropped_log_pages,
             },
             applied_lsn: applied.log.0,
             parked,
@@ -1171,6 +1175,12 @@ impl SyncState<'_> {
     /// How many changes this device made, ever (a counter for metrics).
     pub fn own_changes(&self) -> Result<u64, EngineError> {
         Ok(self.journal()?.stats()?.own_changes)
+    }
+
+    /// Pages of a dropped log the journal is still deleting in the background (see
+    /// [`JournalStatus::dropped_log_pages`]).
+    pub fn dropped_log_pages(&self) -> Result<u64, EngineError> {
+        Ok(self.journal()?.stats()?.dropped_log_pages)
     }
 
     /// The id of every change durable in this library's journal (log and offline journal both).

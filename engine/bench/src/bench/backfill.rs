@@ -58,6 +58,15 @@ pub(crate) fn measure(
         "the leader compacted to {}",
         report.base
     );
+    // The leader deletes the log it compacted away in the background: not during the measure.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while leader.library().sync_state().dropped_log_pages()? > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the leader's dropped log is still there"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     super::settle();
     let task = Backfill {
         addr: leader.local_addr(),
