@@ -265,7 +265,8 @@ impl WriterState {
         Ok(returned)
     }
 
-    /// Deletes up to [`DROPPED_SLICE_PAGES`] pages of the log a rebase dropped, and the table
+    /// Deletes up to [`DROPPED_SLICE_PAGES`] pages of the log a rebase or a compaction dropped,
+    /// and the table
     /// once it is empty; returns whether pages are left. Not durable by itself: a crash before
     /// the next durable commit leaves the rest for the next open to delete.
     pub(crate) fn delete_dropped_slice(&mut self) -> Result<bool, JournalError> {

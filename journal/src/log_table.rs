@@ -427,23 +427,8 @@ pub(crate) fn copy_after(
         let (key, page) = item.map_err(storage)?;
         let key = key.value();
         if key.saturating_add(LogPage::positions(page.value())) > base.saturating_add(1) {
-            let parsed = LogPage::parse(page.value()).map_err(|e| {
-                JournalError::Corrupt(format!("the log page at {key} cannot be compacted: {e}"))
-            })?;
-            let mut link = [0; LINK_LEN];
-            let mut writer = None;
-            for (lsn, record) in (key..).zip(parsed.records()) {
-                if lsn == base {
-                    link = link_of(record);
-                } else if lsn > base {
-                    writer
-                        .get_or_insert_with(|| PageWriter::new(base + 1, link, keys))
-                        .push(to, record)?;
-                }
-            }
-            if let Some(mut writer) = writer {
-                writer.flush(to)?;
-            }
+            let split = split_at_base(key, page.value(), base)?;
+            rewrite_after_base(to, base, split.link, &split.after, keys)?;
         }
     }
     for item in from.range(base.saturating_add(1)..).map_err(storage)? {
@@ -451,6 +436,57 @@ pub(crate) fn copy_after(
         to.insert(key.value(), page.value()).map_err(storage)?;
     }
     Ok(base.saturating_add(1).saturating_sub(first))
+}
+
+/// A page that straddles a compaction base, split there.
+struct Split {
+    /// The link of the record at the base (zeros if the page starts after it).
+    link: [u8; LINK_LEN],
+    /// The records after the base.
+    after: Vec<Vec<u8>>,
+    /// How many records are at or below the base.
+    before: u64,
+}
+
+/// The page at `key` that straddles `base`, split there.
+fn split_at_base(key: u64, page: &[u8], base: u64) -> Result<Split, JournalError> {
+    let parsed = LogPage::parse(page).map_err(|e| {
+        JournalError::Corrupt(format!("the log page at {key} cannot be compacted: {e}"))
+    })?;
+    let (mut link, mut after, mut before) = ([0; LINK_LEN], Vec::new(), 0);
+    for (lsn, record) in (key..).zip(parsed.records()) {
+        if lsn == base {
+            link = link_of(record);
+        }
+        if lsn <= base {
+            before += 1;
+        } else {
+            after.push(record.to_vec());
+        }
+    }
+    Ok(Split {
+        link,
+        after,
+        before,
+    })
+}
+
+/// Writes `records` from `base + 1` on, after the record whose link is `link`, bound again.
+fn rewrite_after_base(
+    table: &mut Table<'_, u64, &'static [u8]>,
+    base: u64,
+    link: [u8; LINK_LEN],
+    records: &[Vec<u8>],
+    keys: &PageKeys,
+) -> Result<(), JournalError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut writer = PageWriter::new(base + 1, link, keys);
+    for record in records {
+        writer.push(table, record)?;
+    }
+    writer.flush(table)
 }
 
 /// Removes every record up to and including `base`, returning how many; the page holding
@@ -477,30 +513,14 @@ pub(crate) fn drop_through(
             continue;
         }
         // The page straddles the base.
-        let parsed = LogPage::parse(page.value()).map_err(|e| {
-            JournalError::Corrupt(format!("the log page at {key} cannot be compacted: {e}"))
-        })?;
         pages.push(key);
-        for (lsn, record) in (key..).zip(parsed.records()) {
-            if lsn == base {
-                link = link_of(record);
-            }
-            if lsn <= base {
-                dropped += 1;
-            } else {
-                kept.push(record.to_vec());
-            }
-        }
+        let split = split_at_base(key, page.value(), base)?;
+        (link, kept) = (split.link, split.after);
+        dropped += split.before;
     }
     for key in &pages {
         table.remove(*key).map_err(storage)?;
     }
-    if !kept.is_empty() {
-        let mut writer = PageWriter::new(base + 1, link, keys);
-        for record in &kept {
-            writer.push(table, record)?;
-        }
-        writer.flush(table)?;
-    }
+    rewrite_after_base(table, base, link, &kept, keys)?;
     Ok(dropped)
 }

@@ -179,7 +179,8 @@ pub(crate) struct WriterState {
     /// it is not in the page cache: reading it before every append cost about 15% of a join).
     /// Forgotten whenever `next_lsn` moves otherwise.
     pub(crate) tail: Option<(u64, [u8; crate::page::LINK_LEN])>,
-    /// A log a rebase dropped is being deleted, a slice at a time, while no request waits.
+    /// A log a rebase or a compaction dropped is being deleted, a slice at a time, while no
+    /// request waits.
     pub(crate) dropping: bool,
 }
 

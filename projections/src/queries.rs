@@ -93,12 +93,7 @@ impl Query<'_> {
         );
         let order = format!("{field}, uuid LIMIT {limit}");
         let first = self.select_ordered("1", &order, [])?;
-        let total: i64 = self.conn.query_row(
-            &format!("SELECT count(*) FROM {} WHERE _live = 1", M::DEF.name),
-            [],
-            |r| r.get(0),
-        )?;
-        Ok((first, u64::try_from(total).unwrap_or(0)))
+        Ok((first, self.live_count(M::DEF)?))
     }
 
     /// Like [`Query::select`], in the order (and with the `LIMIT`) `order` gives.
@@ -336,12 +331,7 @@ impl Query<'_> {
     pub fn counts(&self) -> Result<Counts, ProjectionError> {
         let mut n = [0u64; 7];
         for (slot, def) in n.iter_mut().zip(MODELS.iter()) {
-            let count: i64 = self.conn.query_row(
-                &format!("SELECT count(*) FROM {} WHERE _live = 1", def.name),
-                [],
-                |r| r.get(0),
-            )?;
-            *slot = u64::try_from(count).unwrap_or(0);
+            *slot = self.live_count(def)?;
         }
         Ok(Counts {
             devices: n[0],
