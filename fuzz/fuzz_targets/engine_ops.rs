@@ -2,9 +2,9 @@
 //! arbitrary operations against a simple model. Each input is a run of transactions of tag
 //! upserts (whole records, or the name alone) and deletes; after each transaction (and
 //! `flush`) the library's visible tags of the run equal the model's: on one device each write
-//! is newer than the last, so a field keeps its last value, a delete hides the row, and a write
-//! after it shows it again with its fields' last values (the projections' rule), once every
-//! non-nullable field was written. Every few thousand inputs the library
+//! is newer than the last, so a field keeps its last value, a delete hides the row and forgets
+//! its fields, and a write after it shows it again with the fields written since (the
+//! projections' rule), once every non-nullable field was written after the delete. Every few thousand inputs the library
 //! is closed, opened again, verified (every record sound, the projections equal a replay of
 //! the journal) and checked against the model of all runs.
 #![no_main]
@@ -20,7 +20,8 @@ const PASSWORD: &str = "fuzz";
 /// Inputs one library takes before it is reopened, verified and made again.
 const RUNS_PER_LIBRARY: u64 = 2048;
 
-/// A tag in the model: each field's last value, and whether a delete came last.
+/// A tag in the model: each field's last value since its last delete, and whether a delete came
+/// last.
 #[derive(Clone, Default)]
 struct ModelTag {
     name: Option<String>,
@@ -182,7 +183,13 @@ fuzz_target!(|data: &[u8]| {
                         }
                         Operation::Delete(uuid) => {
                             tx.delete::<Tag>(*uuid);
-                            model.entry(*uuid).or_default().deleted = true;
+                            model.insert(
+                                *uuid,
+                                ModelTag {
+                                    deleted: true,
+                                    ..ModelTag::default()
+                                },
+                            );
                         }
                     }
                 }

@@ -1,8 +1,8 @@
 //! Fuzz target: `Projections::apply` on arbitrary changes to a few tags (whole and partial
 //! upserts, deletes, from three devices, at arbitrary clocks), against a reference model of its
-//! documented rule (`projections/src/apply.rs`): each field keeps its newest write by clock; a
-//! row is visible when no delete is newer than its newest field write and its non-nullable
-//! fields were written. The same changes applied in another order and other batches give the
+//! documented rule (`projections/src/apply.rs`): each field keeps its newest write by clock if
+//! that write is newer than the record's newest delete (a delete forgets the fields it covers);
+//! a row is visible when its non-nullable fields were written after its newest delete. The same changes applied in another order and other batches give the
 //! same rows (the result is a function of the set of changes).
 //!
 //! Opening projections costs about 100 ms (their schema), so one pair serves many inputs, each
@@ -33,24 +33,19 @@ impl ModelRow {
         }
     }
 
+    /// A field's newest write, unless the newest delete came after it.
+    fn kept<'a, T>(&self, slot: &'a Option<(Hlc, T)>) -> Option<&'a T> {
+        let (at, value) = slot.as_ref()?;
+        self.deleted.is_none_or(|d| *at > d).then_some(value)
+    }
+
     /// The visible tag, if any.
     fn visible(&self, uuid: Uuid) -> Option<Tag> {
-        let newest = [
-            self.name.as_ref().map(|v| v.0),
-            self.color.as_ref().map(|v| v.0),
-            self.created.as_ref().map(|v| v.0),
-        ]
-        .into_iter()
-        .flatten()
-        .max()?;
-        if self.deleted.is_some_and(|d| d > newest) {
-            return None;
-        }
         Some(Tag {
             uuid,
-            name: self.name.as_ref()?.1.clone(),
-            color: self.color.as_ref().and_then(|c| c.1.clone()),
-            created_ms: self.created.as_ref()?.1,
+            name: self.kept(&self.name)?.clone(),
+            color: self.kept(&self.color).cloned().flatten(),
+            created_ms: *self.kept(&self.created)?,
         })
     }
 }

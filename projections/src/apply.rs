@@ -2,8 +2,11 @@
 //!
 //! The result is a function of the *set* of changes applied, whatever their order:
 //! - each field keeps the value of its newest write by `(HLC, device)`;
-//! - a delete is a tombstone clock; a row is visible (`_live = 1`) when no tombstone is newer than
-//!   its newest field write and every non-nullable field has been written;
+//! - a delete is a tombstone clock that forgets the fields it covers: a field keeps its newest
+//!   write only if that write is newer than the row's newest tombstone (an older field is NULL,
+//!   without a clock). A row is visible (`_live = 1`) when a field was written after its
+//!   tombstone and every non-nullable field has been written. So a row holding only a
+//!   tombstone answers every newer write as a row that never existed would (decision 0073);
 //! - a change whose reference points at a row that does not exist yet is parked and applied when
 //!   that row arrives; a missing cycle-breaking reference (`Entry.metadata`) is split off and
 //!   parked alone, so the rest of the change applies now (the two-step apply).
@@ -123,6 +126,26 @@ pub(crate) struct Row {
     pub(crate) values: Vec<Value>,
     clocks: FieldClocks,
     tomb: Option<Hlc>,
+}
+
+impl Row {
+    /// Takes tombstone `tomb` (newer than the row's): every field written before it is
+    /// forgotten (NULL, no clock).
+    fn delete(&mut self, tomb: Hlc) {
+        debug_assert!(self.tomb < Some(tomb), "a tombstone older than the row's");
+        self.tomb = Some(tomb);
+        forget_before(&mut self.values, &mut self.clocks, tomb);
+    }
+}
+
+/// Forgets each field (NULL value, no clock) whose write is older than `tomb`.
+pub(crate) fn forget_before(values: &mut [Value], clocks: &mut FieldClocks, tomb: Hlc) {
+    for (value, clock) in values.iter_mut().zip(clocks.0.iter_mut()) {
+        if clock.is_some_and(|c| c < tomb) {
+            *value = Value::Null;
+            *clock = None;
+        }
+    }
 }
 
 fn is_live(def: &ModelDef, clocks: &FieldClocks, tomb: Option<Hlc>) -> bool {
@@ -727,7 +750,7 @@ impl<'a> Applier<'a> {
                             return Ok(Outcome::Unchanged);
                         }
                         let before = self.share_of_row(def, change.model, &row);
-                        row.tomb = Some(change.hlc);
+                        row.delete(change.hlc);
                         self.write_row(def, change.model, change.record, &row, before)?;
                     }
                     None => {
@@ -745,6 +768,41 @@ impl<'a> Applier<'a> {
                 Ok(Outcome::Applied)
             }
         }
+    }
+
+    /// Has every deleted row of `def` forget the fields written before its tombstone (what
+    /// [`Row::delete`] does as a delete is applied; files of schema version 9 kept them).
+    /// Returns the rows changed.
+    fn forget_deleted(&self, def: &ModelDef) -> Result<u64, ProjectionError> {
+        let sql = &self.sql[usize::from(def.code)];
+        let deleted: Vec<Vec<u8>> = {
+            let select = format!("SELECT uuid FROM {} WHERE _tomb IS NOT NULL", def.name);
+            let mut stmt = self.conn.prepare(&select)?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut changed = 0;
+        for bytes in deleted {
+            let uuid = Uuid::from_slice(&bytes)
+                .map_err(|_| ProjectionError::MalformedRow(format!("{} uuid", def.name)))?;
+            let Some(mut row) = self.read_row(def, sql, uuid)? else {
+                continue;
+            };
+            let Some(tomb) = row.tomb else {
+                continue;
+            };
+            if def.user_edited() {
+                crate::conflicts::forget_writes_before(self.conn, def.code, uuid, tomb)?;
+            }
+            let before = self.share_of_row(def, def.code, &row);
+            let clocks = row.clocks.clone();
+            forget_before(&mut row.values, &mut row.clocks, tomb);
+            if row.clocks != clocks {
+                self.write_row(def, def.code, uuid, &row, before)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     /// Inserts a whole record (see [`is_whole`]) as a new row unless its uuid exists, with the
@@ -823,6 +881,10 @@ impl<'a> Applier<'a> {
         mut row: Row,
     ) -> Result<Outcome, ProjectionError> {
         let n = def.fields.len();
+        if row.tomb >= Some(change.hlc) {
+            // Written before the record's delete: the delete forgot it.
+            return Ok(Outcome::Unchanged);
+        }
         let before = self.share_of_row(def, change.model, &row);
         let mut changed = false;
         for (i, v) in fields {
@@ -1133,6 +1195,23 @@ impl Projections {
         let parked: i64 = tx.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
         tx.commit()?;
         Ok((stats, u64::try_from(parked).unwrap_or(0)))
+    }
+
+    /// Migrates a file of schema version 9: every deleted record forgets the fields written
+    /// before its delete, its visibility and the derived counts follow, and the file is stamped
+    /// with the current version, in one transaction. Returns the rows changed.
+    pub(crate) fn forget_deleted_fields(&self) -> Result<u64, ProjectionError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let applier = Applier::new(&tx, &self.sql, &self.registry, true, &self.attested);
+        let mut changed = 0;
+        for def in self.registry.iter() {
+            changed += applier.forget_deleted(def)?;
+        }
+        applier.write_counts()?;
+        drop(applier);
+        tx.pragma_update(None, "user_version", crate::ddl::SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// The domain of a change's record. UserMetadata by its scope; UserMetadataTag by its parent,

@@ -100,12 +100,13 @@ pub(crate) fn observe(
             // In log order, so that a conflict later in the same batch is settled by it.
             take_policy(conn, def, change)?;
         }
-        let Op::Upsert(fields) = &change.op else {
-            continue;
-        };
         if !def.user_edited() {
             continue;
         }
+        let Op::Upsert(fields) = &change.op else {
+            forget_writes_before(conn, change.model, change.record, change.hlc)?;
+            continue;
+        };
         for (index, value) in fields {
             let Some(field) = def.fields.get(usize::from(*index)) else {
                 continue;
@@ -151,6 +152,39 @@ pub(crate) fn observe(
         }
     }
     Ok(recorded)
+}
+
+/// Forgets the last log writes of `record` made before its delete `tomb`, as its row forgets their
+/// values (see [`crate::apply`]): a later write is then compared with what a record that never
+/// existed would hold, so a device that collected the row records the same conflicts.
+pub(crate) fn forget_writes_before(
+    conn: &Connection,
+    model: u8,
+    record: Uuid,
+    tomb: Hlc,
+) -> Result<(), ProjectionError> {
+    let key = (i64::from(model), record.as_bytes().as_slice());
+    let mut older = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT field, hlc FROM _field_writes WHERE model = ?1 AND record = ?2",
+        )?;
+        let mut rows = stmt.query(key)?;
+        while let Some(r) = rows.next()? {
+            let hlc = Hlc::from_bytes(&r.get::<_, Vec<u8>>(1)?)
+                .ok_or_else(|| ProjectionError::MalformedRow("_field_writes".into()))?;
+            if hlc < tomb {
+                older.push(r.get::<_, i64>(0)?);
+            }
+        }
+    }
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM _field_writes WHERE model = ?1 AND record = ?2 AND field = ?3",
+    )?;
+    for field in older {
+        stmt.execute((key.0, key.1, field))?;
+    }
+    Ok(())
 }
 
 /// Takes a [`keel_schema::ConflictPolicy`] change into `_policies` (its fields merged into the

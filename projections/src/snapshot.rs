@@ -12,7 +12,7 @@ use std::path::Path;
 use keel_schema::Lsn;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::ddl::SCHEMA_VERSION;
+use crate::ddl::{FORGETS_DELETED_FROM, SCHEMA_VERSION};
 use crate::error::ProjectionError;
 use crate::store::{configure_connection, AppliedPosition, Projections};
 
@@ -195,7 +195,8 @@ impl Projections {
         let applied = {
             let conn = Connection::open(incoming)?;
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            if version != SCHEMA_VERSION {
+            // A version 9 file is migrated when it is opened (see `FORGETS_DELETED_FROM`).
+            if version != SCHEMA_VERSION && version != FORGETS_DELETED_FROM - 1 {
                 return Err(ProjectionError::BadSnapshot(format!(
                     "schema version {version}, this build has {SCHEMA_VERSION}"
                 )));

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
 use crate::checkpoint::Checkpointer;
-use crate::ddl::{create_table, ModelSql, INDEXES, INTERNAL, SCHEMA_VERSION};
+use crate::ddl::{create_table, ModelSql, FORGETS_DELETED_FROM, INDEXES, INTERNAL, SCHEMA_VERSION};
 use crate::error::ProjectionError;
 
 /// Page cache of the projection connection, in KiB (random uuid keys thrash SQLite's 2 MB default;
@@ -143,6 +143,12 @@ impl Projections {
         }
         let mut conn = Self::connect(path)?;
         let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        // Version 9 kept the fields a delete covers: its rows are migrated, not replayed (a
+        // compacted library's snapshot cannot be replayed), see `forget_deleted_fields`.
+        let mut migrate = !reader && version == FORGETS_DELETED_FROM - 1;
+        if migrate {
+            version = SCHEMA_VERSION;
+        }
         let other_models =
             version == SCHEMA_VERSION && !reader && !Self::built_for(&conn, registry)?;
         if !reader && version > 0 && (version < SCHEMA_VERSION || other_models) {
@@ -159,6 +165,7 @@ impl Projections {
             Self::remove_files(path)?;
             conn = Self::connect(path)?;
             version = 0;
+            migrate = false;
         }
         if version > SCHEMA_VERSION {
             return Err(ProjectionError::UnsupportedSchema {
@@ -186,7 +193,13 @@ impl Projections {
             "DELETE FROM _registry; INSERT INTO _registry (fingerprint) VALUES ('{}');",
             registry.fingerprint()
         ));
-        ddl.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
+        // A migrating file keeps its old version until its rows are migrated.
+        let stamped = if migrate {
+            FORGETS_DELETED_FROM - 1
+        } else {
+            SCHEMA_VERSION
+        };
+        ddl.push_str(&format!("PRAGMA user_version = {stamped}; COMMIT;"));
         let checkpointer = if reader {
             conn.pragma_update(None, "query_only", "ON")?;
             conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
@@ -197,7 +210,7 @@ impl Projections {
             Some(Checkpointer::start(path)?)
         };
         let parked: i64 = conn.query_row("SELECT count(*) FROM _parked", [], |r| r.get(0))?;
-        Ok(Self {
+        let projections = Self {
             conn,
             registry: registry.clone(),
             sql,
@@ -209,7 +222,16 @@ impl Projections {
             fast_load: false,
             ahead_from: None,
             attested: Default::default(),
-        })
+        };
+        if migrate {
+            let rows = projections.forget_deleted_fields()?;
+            tracing::info!(
+                path = %path.display(),
+                rows,
+                "projection migrated: deleted records forget their fields"
+            );
+        }
+        Ok(projections)
     }
 
     /// The position applied so far (saved in the same transaction as the rows).

@@ -245,8 +245,20 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
     );
     assert_eq!(
         counts_of(&batched, content(8)),
+        (0, 0),
+        "a rename of deleted entry 8 does not bring it back: its delete forgot its other fields"
+    );
+    // The whole entry written again after its tombstone: visible again.
+    let fourth = vec![Change {
+        id: ChangeId::new(),
+        hlc: clock.next(),
+        ..entries[8].clone()
+    }];
+    batched.apply_vouched(&fourth, None).expect("applies");
+    assert_eq!(
+        counts_of(&batched, content(8)),
         (1, 8),
-        "entry 8 written after its tombstone is visible again"
+        "entry 8 written whole after its tombstone is visible again"
     );
     assert_eq!(
         batched.query().miscounted_contents().expect("recount"),
@@ -260,6 +272,7 @@ fn content_counts_follow_entries_through_runs_existing_rows_moves_and_deletes() 
         .iter()
         .chain(&second)
         .chain(&third)
+        .chain(&fourth)
         .rev()
         .cloned()
         .collect();
