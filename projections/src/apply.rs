@@ -4,9 +4,10 @@
 //! - each field keeps the value of its newest write by `(HLC, device)`;
 //! - a delete is a tombstone clock that forgets the fields it covers: a field keeps its newest
 //!   write only if that write is newer than the row's newest tombstone (an older field is NULL,
-//!   without a clock). A row is visible (`_live = 1`) when a field was written after its
-//!   tombstone and every non-nullable field has been written. So a row holding only a
-//!   tombstone answers every newer write as a row that never existed would (decision 0073);
+//!   without a clock), except the field naming the record's owner, which the owner rule fixes
+//!   for good. A row is visible (`_live = 1`) when every non-nullable field was written after
+//!   its tombstone (or it has none). So a row holding only a tombstone answers every newer
+//!   write as a row that never existed would, but for its remembered owner (decision 0073);
 //! - a change whose reference points at a row that does not exist yet is parked and applied when
 //!   that row arrives; a missing cycle-breaking reference (`Entry.metadata`) is split off and
 //!   parked alone, so the rest of the change applies now (the two-step apply).
@@ -130,17 +131,36 @@ pub(crate) struct Row {
 
 impl Row {
     /// Takes tombstone `tomb` (newer than the row's): every field written before it is
-    /// forgotten (NULL, no clock).
-    fn delete(&mut self, tomb: Hlc) {
+    /// forgotten (NULL, no clock), but the owner field of model `code`.
+    fn delete(&mut self, code: u8, tomb: Hlc) {
         debug_assert!(self.tomb < Some(tomb), "a tombstone older than the row's");
         self.tomb = Some(tomb);
-        forget_before(&mut self.values, &mut self.clocks, tomb);
+        forget_before(
+            &mut self.values,
+            &mut self.clocks,
+            (tomb, owner_field(code)),
+        );
     }
 }
 
-/// Forgets each field (NULL value, no clock) whose write is older than `tomb`.
-pub(crate) fn forget_before(values: &mut [Value], clocks: &mut FieldClocks, tomb: Hlc) {
-    for (value, clock) in values.iter_mut().zip(clocks.0.iter_mut()) {
+/// The field of model `code` that names its record's owner (see [`keel_schema::Owner`]), if
+/// any: a delete keeps it, since the owner rule fixes a record's owner for good; it counts
+/// towards visibility only when written after the tombstone, as every field does.
+pub(crate) fn owner_field(code: u8) -> Option<usize> {
+    match Owner::of_model(code) {
+        Owner::DeviceIn { field } | Owner::LocationIn { field, .. } => Some(usize::from(field)),
+        Owner::Anyone | Owner::Itself | Owner::NamedIn { .. } => None,
+    }
+}
+
+/// Forgets each field (NULL value, no clock) whose write is older than `tomb`, but field `keep`.
+pub(crate) fn forget_before(
+    values: &mut [Value],
+    clocks: &mut FieldClocks,
+    (tomb, keep): (Hlc, Option<usize>),
+) {
+    let fields = values.iter_mut().zip(clocks.0.iter_mut()).enumerate();
+    for (_, (value, clock)) in fields.filter(|(i, _)| Some(*i) != keep) {
         if clock.is_some_and(|c| c < tomb) {
             *value = Value::Null;
             *clock = None;
@@ -152,11 +172,12 @@ fn is_live(def: &ModelDef, clocks: &FieldClocks, tomb: Option<Hlc>) -> bool {
     if def.permanent_delete && tomb.is_some() {
         return false;
     }
+    // A field counts when written after the tombstone (only an owner field outlives one).
     let complete = def
         .fields
         .iter()
         .zip(&clocks.0)
-        .all(|(f, c)| f.nullable || c.is_some());
+        .all(|(f, c)| f.nullable || c.is_some_and(|c| tomb.is_none_or(|t| c > t)));
     complete && tomb.is_none_or(|t| clocks.newest().is_some_and(|n| n > t))
 }
 
@@ -750,7 +771,7 @@ impl<'a> Applier<'a> {
                             return Ok(Outcome::Unchanged);
                         }
                         let before = self.share_of_row(def, change.model, &row);
-                        row.delete(change.hlc);
+                        row.delete(change.model, change.hlc);
                         self.write_row(def, change.model, change.record, &row, before)?;
                     }
                     None => {
@@ -796,7 +817,11 @@ impl<'a> Applier<'a> {
             }
             let before = self.share_of_row(def, def.code, &row);
             let clocks = row.clocks.clone();
-            forget_before(&mut row.values, &mut row.clocks, tomb);
+            forget_before(
+                &mut row.values,
+                &mut row.clocks,
+                (tomb, owner_field(def.code)),
+            );
             if row.clocks != clocks {
                 self.write_row(def, def.code, uuid, &row, before)?;
                 changed += 1;
@@ -881,14 +906,17 @@ impl<'a> Applier<'a> {
         mut row: Row,
     ) -> Result<Outcome, ProjectionError> {
         let n = def.fields.len();
-        if row.tomb >= Some(change.hlc) {
-            // Written before the record's delete: the delete forgot it.
-            return Ok(Outcome::Unchanged);
-        }
+        // Written before the record's delete: forgotten, but for the owner field (kept by
+        // last-writer-wins whatever the delete, see `owner_field`).
+        let forgotten = row.tomb >= Some(change.hlc);
+        let keep = owner_field(change.model);
         let before = self.share_of_row(def, change.model, &row);
         let mut changed = false;
         for (i, v) in fields {
             let i = usize::from(*i);
+            if forgotten && Some(i) != keep {
+                continue;
+            }
             if i < n && row.clocks.0[i] < Some(change.hlc) {
                 row.values[i] = v.clone();
                 row.clocks.0[i] = Some(change.hlc);
