@@ -29,7 +29,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
-use crate::clocks::FieldClocks;
+use crate::clocks::{decode_clock, encode_clock, stored, FieldClocks};
 use crate::ddl::{ModelSql, INSERT_ROWS};
 use crate::derived::{CountDeltas, CountPlan};
 use crate::error::ProjectionError;
@@ -568,7 +568,7 @@ impl<'a> Applier<'a> {
         let bad = || ProjectionError::MalformedRow(format!("{} clocks", def.name));
         let clocks = FieldClocks::decode(&clocks, n).ok_or_else(bad)?;
         let tomb = match tomb {
-            Some(bytes) => Some(Hlc::from_bytes(&bytes).ok_or_else(bad)?),
+            Some(bytes) => Some(decode_clock(&bytes).ok_or_else(bad)?),
             None => None,
         };
         Ok(Some(Row {
@@ -589,7 +589,7 @@ impl<'a> Applier<'a> {
     ) -> Result<(), rusqlite::Error> {
         let sql = &self.sql[usize::from(code)];
         let clocks = row.clocks.encode();
-        let tomb = row.tomb.map(|t| t.to_bytes());
+        let tomb = row.tomb.map(|t| encode_clock(&t));
         let live = is_live(def, &row.clocks, row.tomb);
         self.deltas
             .replace(before, self.share(code, live, |i| row.values.get(i)));
@@ -767,16 +767,17 @@ impl<'a> Applier<'a> {
                 };
                 match row {
                     Some(mut row) => {
-                        if row.tomb >= Some(change.hlc) {
+                        let hlc = stored(change.hlc);
+                        if row.tomb >= Some(hlc) {
                             return Ok(Outcome::Unchanged);
                         }
                         let before = self.share_of_row(def, change.model, &row);
-                        row.delete(change.model, change.hlc);
+                        row.delete(change.model, hlc);
                         self.write_row(def, change.model, change.record, &row, before)?;
                     }
                     None => {
                         // A tombstone for a row not seen yet: a hidden placeholder keeps the clock.
-                        let tomb = change.hlc.to_bytes();
+                        let tomb = encode_clock(&change.hlc);
                         let mut params: Vec<Param<'_>> = Vec::with_capacity(n + 4);
                         params.push(Param::Blob(change.record.as_bytes()));
                         params.extend((0..n).map(|_| Param::Null));
@@ -787,6 +788,48 @@ impl<'a> Applier<'a> {
                     }
                 }
                 Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    /// Re-encodes the clocks of every row of `def` from schema version 9's whole clocks to
+    /// stored ones (see [`crate::clocks`]), a chunk of rows at a time. Returns the rows.
+    fn restamp_clocks(&self, def: &ModelDef) -> Result<u64, ProjectionError> {
+        const CHUNK: i64 = 8_192;
+        let n = def.fields.len();
+        let bad = || ProjectionError::MalformedRow(format!("{} clocks", def.name));
+        let select = format!(
+            "SELECT rowid, _clocks, _tomb FROM {} WHERE rowid > ?1 ORDER BY rowid LIMIT {CHUNK}",
+            def.name
+        );
+        let update = format!(
+            "UPDATE {} SET _clocks = ?1, _tomb = ?2 WHERE rowid = ?3",
+            def.name
+        );
+        let (mut after, mut rows) = (0_i64, 0_u64);
+        loop {
+            type Raw = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+            let chunk: Vec<Raw> = {
+                let mut stmt = self.conn.prepare_cached(&select)?;
+                let found = stmt.query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                found.collect::<Result<_, _>>()?
+            };
+            let Some(last) = chunk.last() else {
+                return Ok(rows);
+            };
+            after = last.0;
+            let mut stmt = self.conn.prepare_cached(&update)?;
+            for (rowid, clocks, tomb) in chunk {
+                let clocks = match clocks {
+                    Some(b) => Some(FieldClocks::decode_v9(&b, n).ok_or_else(bad)?.encode()),
+                    None => None,
+                };
+                let tomb = match tomb {
+                    Some(b) => Some(encode_clock(&Hlc::from_bytes(&b).ok_or_else(bad)?)),
+                    None => None,
+                };
+                stmt.execute((clocks, tomb.as_ref().map(|t| t.as_slice()), rowid))?;
+                rows += 1;
             }
         }
     }
@@ -866,7 +909,8 @@ impl<'a> Applier<'a> {
                 *slot = Some(v);
             }
         }
-        let clocks = FieldClocks(slots.iter().map(|s| s.map(|_| change.hlc)).collect());
+        let hlc = stored(change.hlc);
+        let clocks = FieldClocks(slots.iter().map(|s| s.map(|_| hlc)).collect());
         let live = is_live(def, &clocks, None);
         let clock_bytes = clocks.encode();
         let mut params: Vec<Param<'_>> = Vec::with_capacity(n + 4);
@@ -906,9 +950,10 @@ impl<'a> Applier<'a> {
         mut row: Row,
     ) -> Result<Outcome, ProjectionError> {
         let n = def.fields.len();
+        let hlc = stored(change.hlc);
         // Written before the record's delete: forgotten, but for the owner field (kept by
         // last-writer-wins whatever the delete, see `owner_field`).
-        let forgotten = row.tomb >= Some(change.hlc);
+        let forgotten = row.tomb >= Some(hlc);
         let keep = owner_field(change.model);
         let before = self.share_of_row(def, change.model, &row);
         let mut changed = false;
@@ -917,9 +962,9 @@ impl<'a> Applier<'a> {
             if forgotten && Some(i) != keep {
                 continue;
             }
-            if i < n && row.clocks.0[i] < Some(change.hlc) {
+            if i < n && row.clocks.0[i] < Some(hlc) {
                 row.values[i] = v.clone();
-                row.clocks.0[i] = Some(change.hlc);
+                row.clocks.0[i] = Some(hlc);
                 changed = true;
             }
         }
@@ -1225,14 +1270,16 @@ impl Projections {
         Ok((stats, u64::try_from(parked).unwrap_or(0)))
     }
 
-    /// Migrates a file of schema version 9: every deleted record forgets the fields written
-    /// before its delete, its visibility and the derived counts follow, and the file is stamped
-    /// with the current version, in one transaction. Returns the rows changed.
-    pub(crate) fn forget_deleted_fields(&self) -> Result<u64, ProjectionError> {
+    /// Migrates a file of schema version 9: every row's clocks are re-encoded as stored clocks
+    /// (see [`crate::clocks`]), every deleted record forgets the fields written before its
+    /// delete, its visibility and the derived counts follow, and the file is stamped with the
+    /// current version, in one transaction. Returns the deleted rows changed.
+    pub(crate) fn migrate_from_v9(&self) -> Result<u64, ProjectionError> {
         let tx = self.conn.unchecked_transaction()?;
         let applier = Applier::new(&tx, &self.sql, &self.registry, true, &self.attested);
         let mut changed = 0;
         for def in self.registry.iter() {
+            applier.restamp_clocks(def)?;
             changed += applier.forget_deleted(def)?;
         }
         applier.write_counts()?;

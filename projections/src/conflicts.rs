@@ -173,7 +173,7 @@ pub(crate) fn forget_writes_before(
         while let Some(r) = rows.next()? {
             let hlc = Hlc::from_bytes(&r.get::<_, Vec<u8>>(1)?)
                 .ok_or_else(|| ProjectionError::MalformedRow("_field_writes".into()))?;
-            if hlc < tomb {
+            if crate::clocks::stored(hlc) < tomb {
                 older.push(r.get::<_, i64>(0)?);
             }
         }
@@ -254,7 +254,7 @@ fn settle(
     let shows_latest = clocks
         .and_then(|b| crate::clocks::FieldClocks::decode(&b, def.fields.len()))
         .and_then(|c| c.0.get(usize::from(index)).copied().flatten())
-        == Some(latest);
+        == Some(crate::clocks::stored(latest));
     let Some(field) = def.fields.get(usize::from(index)).filter(|_| shows_latest) else {
         return Ok(());
     };

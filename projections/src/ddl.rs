@@ -11,14 +11,15 @@ use crate::derived::{holds_counts, COUNT_COLUMNS};
 /// file facts no attestation vouches for (see [`crate::attest`]); version 6 adds `_lacking`, the
 /// changes of models this build lacks; version 7 adds host models, `_registry` (the fingerprint
 /// of the models the file was built for) and the version of a lacking change; version 10 has a
-/// delete forget the fields it covers (see [`crate::apply`]; a version 9 file is migrated on
-/// open, see [`FORGETS_DELETED_FROM`]). A projection of an older version, or built for other
+/// delete forget the fields it covers (see [`crate::apply`]) and stores clocks with a device
+/// prefix (see [`crate::clocks`]); a version 9 file is migrated on open, see
+/// [`FORGETS_DELETED_FROM`]. A projection of an older version, or built for other
 /// models, is discarded on open and replayed from the journal.
 pub(crate) const SCHEMA_VERSION: i64 = 10;
 
-/// The first version whose deleted records hold no field written before their delete. A file
-/// of the version before it is migrated in place on open (a compacted library's snapshot
-/// cannot be replayed), see `Projections::forget_deleted_fields`.
+/// The first version whose deleted records hold no field written before their delete and whose
+/// clocks are stored ones. A file of the version before it is migrated in place on open (a
+/// compacted library's snapshot cannot be replayed), see `Projections::migrate_from_v9`.
 pub(crate) const FORGETS_DELETED_FROM: i64 = 10;
 
 /// Rows in one multi-row insert ([`ModelSql::insert_run`]). Instructions to apply 100k changes

@@ -143,8 +143,8 @@ impl Projections {
         }
         let mut conn = Self::connect(path)?;
         let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        // Version 9 kept the fields a delete covers: its rows are migrated, not replayed (a
-        // compacted library's snapshot cannot be replayed), see `forget_deleted_fields`.
+        // Version 9 kept whole clocks and the fields a delete covers: its rows are migrated, not
+        // replayed (a compacted library's snapshot cannot be replayed), see `migrate_from_v9`.
         let mut migrate = !reader && version == FORGETS_DELETED_FROM - 1;
         if migrate {
             version = SCHEMA_VERSION;
@@ -224,11 +224,11 @@ impl Projections {
             attested: Default::default(),
         };
         if migrate {
-            let rows = projections.forget_deleted_fields()?;
+            let rows = projections.migrate_from_v9()?;
             tracing::info!(
                 path = %path.display(),
                 rows,
-                "projection migrated: deleted records forget their fields"
+                "projection migrated from version 9: stored clocks, deleted records forget their fields"
             );
         }
         Ok(projections)

@@ -1,7 +1,7 @@
 //! A delete forgets the fields it covers (decision 0073): a write older than the delete is
 //! dropped, a row holding only a tombstone answers every newer write as a row that never existed,
 //! the result does not depend on the order, and a file of schema version 9 (which kept the
-//! fields) is migrated on open to the rows a replay gives.
+//! fields, and whole clocks) is migrated on open to the rows a replay gives.
 
 use keel_projections::Projections;
 use keel_schema::{Change, ChangeId, DeviceId, Hlc, Tag, Value};
@@ -168,12 +168,25 @@ fn a_version_9_projection_is_migrated_to_the_rows_a_replay_gives() {
         field(40, "name", Value::Text("renamed".into())),
     ];
     // What version 9 held: the fields' newest writes whatever the delete, visible since a write
-    // is newer than the tombstone. A projection without the delete has those fields and clocks.
+    // is newer than the tombstone. A projection without the delete has those fields; version 9
+    // stored each clock whole, `(field index, Hlc::to_bytes)`, and the tombstone the same way.
     let mut undeleted = open(&dir, "undeleted.sqlite");
     undeleted
         .apply(&[changes[0].clone(), changes[2].clone()], None)
         .expect("applies");
     let old = stored(&undeleted).expect("a row");
+    let index = |name: &str| -> u8 {
+        let i = <Tag as keel_schema::Syncable>::DEF
+            .field_index(name)
+            .expect("a tag field");
+        u8::try_from(i).expect("an index")
+    };
+    let mut v9_clocks = Vec::new();
+    for (name, ms) in [("name", 40), ("color", 10), ("created_ms", 10)] {
+        v9_clocks.push(index(name));
+        v9_clocks.extend_from_slice(&at(ms).to_bytes());
+    }
+    let v9_tomb = at(30).to_bytes().to_vec();
 
     let path = dir.path().join("old.sqlite");
     {
@@ -182,9 +195,16 @@ fn a_version_9_projection_is_migrated_to_the_rows_a_replay_gives() {
         assert_eq!(visible(&p), None);
         p.connection()
             .execute(
-                "UPDATE tag SET name = ?1, color = ?2, created_ms = ?3, _clocks = ?4, _live = 1 \
-                 WHERE uuid = ?5",
-                rusqlite::params![old[0], old[1], old[2], old[3], RECORD.as_bytes().as_slice()],
+                "UPDATE tag SET name = ?1, color = ?2, created_ms = ?3, _clocks = ?4, _tomb = ?5, \
+                 _live = 1 WHERE uuid = ?6",
+                rusqlite::params![
+                    old[0],
+                    old[1],
+                    old[2],
+                    v9_clocks,
+                    v9_tomb,
+                    RECORD.as_bytes().as_slice()
+                ],
             )
             .expect("puts back what version 9 kept");
         p.connection()
