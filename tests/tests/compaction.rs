@@ -1036,8 +1036,9 @@ fn a_backfill_of_100k_tags_stays_under_its_memory_bound() {
 
 /// A paired device may ask the leader's snapshot for any batch in any order. The leader reads
 /// the next batch in turn ahead of each request (decision 0070); an answer still holds exactly
-/// the rows asked for, whether or not the request is the one read ahead, and a request outside
-/// the plan ends the connection and nothing else.
+/// the rows asked for, whether or not the request is the one read ahead; a streaming request
+/// gets the rest of its part in turn (decision 0075); and a request outside the plan ends the
+/// connection and nothing else.
 #[test]
 fn backfill_answers_hold_the_rows_asked_for_in_any_order() {
     use keel_transport::{DeviceMessage, Endpoint, Identity, Pins};
@@ -1076,7 +1077,7 @@ fn backfill_answers_hold_the_rows_asked_for_in_any_order() {
             Ok(DeviceMessage::BackfillPlan { .. })
         ));
         let model = part.model.expect("a model's part");
-        let ask = |model: u8, after: Option<uuid::Uuid>, limit: u32| {
+        let ask_as = |model: u8, after: Option<uuid::Uuid>, limit: u32, stream: bool| {
             DeviceMessage::SyncPullModelBatchRequest {
                 model,
                 after,
@@ -1084,8 +1085,10 @@ fn backfill_answers_hold_the_rows_asked_for_in_any_order() {
                 range: None,
                 table: None,
                 skip: 0,
+                stream,
             }
         };
+        let ask = |model, after, limit| ask_as(model, after, limit, false);
         // In turn, then the start again, then what follows a short batch, then a batch
         // after the one read ahead, skipping it.
         let first = expected(None, 4096);
@@ -1110,6 +1113,40 @@ fn backfill_answers_hold_the_rows_asked_for_in_any_order() {
             assert_eq!(rows, expected(after, limit as usize), "after {after:?}");
             assert!(!rows.is_empty());
         }
+        // A stream from the short batch's end: every batch after it in turn, unasked, then
+        // the connection answers a request again.
+        conn.send(&ask_as(model, short_end, 4096, true))
+            .await
+            .expect("asks");
+        let (mut rows, mut batches) = (Vec::new(), 0);
+        loop {
+            match conn.recv().await.expect("a batch") {
+                DeviceMessage::SyncPullModelBatchResponse {
+                    packed,
+                    raw_len,
+                    done,
+                    ..
+                } => {
+                    rows.extend(unpack(&packed, raw_len));
+                    batches += 1;
+                    if done {
+                        break;
+                    }
+                }
+                other => panic!("not rows: {other:?}"),
+            }
+        }
+        assert_eq!(
+            rows,
+            expected(short_end, 1 << 20),
+            "the rest of the part, in order"
+        );
+        assert_eq!(batches, rows.len() / 4096 + 1);
+        conn.send(&ask(model, None, 100)).await.expect("asks");
+        assert!(matches!(
+            conn.recv().await,
+            Ok(DeviceMessage::SyncPullModelBatchResponse { .. })
+        ));
         conn.send(&ask(200, None, 10)).await.expect("asks");
         assert!(
             conn.recv().await.is_err(),

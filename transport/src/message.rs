@@ -180,6 +180,12 @@ pub enum DeviceMessage {
         /// Rows of `table` already taken.
         #[serde(default)]
         skip: u64,
+        /// A backfill's request for the rest of the part: the answering side sends each
+        /// batch after the one asked in turn, without waiting to be asked, until the part's
+        /// last (the asking side reads them as it writes them; QUIC's flow control holds the
+        /// sender back meanwhile).
+        #[serde(default)]
+        stream: bool,
     },
     /// Rows of one model, each a row image (every column of its projection row, clocks
     /// included; the layout is `keel_projections::Query::range_rows`'s).
@@ -620,6 +626,7 @@ mod tests {
                 range: Some(WireRange::default()),
                 table: None,
                 skip: 0,
+                stream: false,
             },
             DeviceMessage::SyncPullModelBatchRequest {
                 model: 0,
@@ -628,6 +635,7 @@ mod tests {
                 range: None,
                 table: Some("_field_writes".into()),
                 skip: 4096,
+                stream: false,
             },
             DeviceMessage::BackfillRequest {
                 library: LibraryId(Uuid::from_u128(5)),
@@ -769,6 +777,7 @@ mod tests {
             range: None,
             table: Some("x".repeat(TEXT_LEN_MAX + 1)),
             skip: 0,
+            stream: false,
         };
         assert!(long_table_asked.encode().is_err());
         let rows = |records: Vec<ByteBuf>, packed: usize, raw_len: u32| {

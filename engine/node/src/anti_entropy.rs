@@ -301,6 +301,7 @@ impl Asking {
                 range: Some(to_wire(range)),
                 table: None,
                 skip: 0,
+                stream: false,
             };
             send_in_time(&self.conn, &request).await?;
             let DeviceMessage::SyncPullModelBatchResponse {

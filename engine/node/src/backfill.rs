@@ -24,7 +24,7 @@ use serde_bytes::ByteBuf;
 
 use crate::core::CoreEvent;
 use crate::error::{blocking, NodeError};
-use crate::net::{answer_each, recv_in_time, send_in_time, Net};
+use crate::net::{recv_in_time, send_in_time, Net};
 
 /// Bytes of row images one answer carries at most (a frame holds 16 MiB).
 const BATCH_BYTES_MAX: usize = 8 << 20;
@@ -71,17 +71,58 @@ pub(crate) async fn serve(library: Weak<NodeLink>, conn: Connection, keep: Durat
     });
 }
 
-/// Sends the plan, then answers `conn`'s requests from `source` until it ends.
+/// Sends the plan, then answers `conn`'s requests from `source` until it ends. A streaming
+/// request is answered with every batch of its part from its cursor on, in turn. Every batch
+/// sent counts towards [`REQUESTS_MAX`], asked or streamed.
 async fn answer_requests(source: &Arc<SnapshotSource>, conn: &Connection) {
+    let peer = conn.peer().short();
     if let Err(e) = send_in_time(conn, &plan_message(source.plan())).await {
-        tracing::debug!(peer = %conn.peer().short(), error = %e, "backfill plan not sent");
+        tracing::debug!(%peer, error = %e, "backfill plan not sent");
         return;
     }
     // The batch an answer's cursor leads to, read and packed while the answer crosses and
-    // the asking side writes it: it asks for that one next (see `Pull`).
+    // the asking side writes it: it asks for that one next, or it is streamed next.
     let ahead: Arc<std::sync::Mutex<Option<Prepared>>> = Arc::default();
-    let answer_one = |request| answer(source, request, ahead.clone());
-    answer_each(conn, "backfill", None, REQUESTS_MAX, answer_one).await;
+    let mut sent = 0;
+    while sent < REQUESTS_MAX {
+        let request = match tokio::time::timeout(crate::net::STEP_TIMEOUT, conn.recv()).await {
+            Ok(Ok(request)) => request,
+            // Closed by the asking device (done), or it went quiet.
+            outcome => {
+                tracing::debug!(%peer, ?outcome, "backfill connection ended");
+                return;
+            }
+        };
+        let stream = matches!(
+            request,
+            DeviceMessage::SyncPullModelBatchRequest { stream: true, .. }
+        );
+        let mut asked = match asked_of(source, request) {
+            Ok(asked) => Some(asked),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "backfill request refused; closed");
+                conn.close("bad backfill request");
+                return;
+            }
+        };
+        while let Some(wanted) = asked.take() {
+            let (message, next) = match answer(source, wanted, ahead.clone()).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "backfill batch not read; closed");
+                    conn.close("backfill batch not read");
+                    return;
+                }
+            };
+            if let Err(e) = send_in_time(conn, &message).await {
+                tracing::debug!(%peer, error = %e, "backfill answer not sent");
+                return;
+            }
+            sent += 1;
+            asked = next.filter(|_| stream && sent < REQUESTS_MAX);
+        }
+    }
+    conn.close("too many requests");
 }
 
 /// A request's batch: what it asks for, and its answer on the way.
@@ -117,15 +158,14 @@ fn plan_message(plan: &BackfillPlan) -> DeviceMessage {
     }
 }
 
-/// The answer to one row request: rows of a part of the plan, at most [`BACKFILL_BATCH`] and
-/// [`BATCH_BYTES_MAX`] bytes of them. The one `ahead` prepared when it is the one asked; the
-/// batch after it is prepared in turn.
+/// The answer to `asked`: rows of a part of the plan, at most [`BACKFILL_BATCH`] and
+/// [`BATCH_BYTES_MAX`] bytes of them, and what follows it unless it was the part's last. The
+/// one `ahead` prepared when it is the one asked; the batch after it is prepared in turn.
 async fn answer(
     source: &Arc<SnapshotSource>,
-    request: DeviceMessage,
+    asked: Wanted,
     ahead: Arc<std::sync::Mutex<Option<Prepared>>>,
-) -> Result<DeviceMessage, NodeError> {
-    let asked = asked_of(source, request)?;
+) -> Result<(DeviceMessage, Option<Wanted>), NodeError> {
     let prepared = ahead.lock().map_err(|_| failed("poisoned"))?.take();
     let answer = match prepared {
         Some(prepared) if prepared.asked == asked => prepared.answer,
@@ -135,14 +175,14 @@ async fn answer(
     let (message, next) = answer
         .await
         .map_err(|e| failed(format!("a batch's thread: {e}")))??;
-    if let Some(next) = next {
+    if let Some(next) = &next {
         let prepared = Prepared {
             answer: prepare(source, next.clone()),
-            asked: next,
+            asked: next.clone(),
         };
         *ahead.lock().map_err(|_| failed("poisoned"))? = Some(prepared);
     }
-    Ok(message)
+    Ok((message, next))
 }
 
 /// What `request` asks for, checked against the plan.
@@ -154,6 +194,7 @@ fn asked_of(source: &SnapshotSource, request: DeviceMessage) -> Result<Wanted, N
         table,
         skip,
         range: None,
+        ..
     } = request
     else {
         return Err(failed("not a backfill request"));
@@ -265,12 +306,14 @@ fn unpack_rows(packed: &[u8], raw_len: u32) -> Result<Vec<Vec<u8>>, EngineError>
     Ok(rows)
 }
 
-/// The asking side's connection, as the library pulls from it. While the library writes a
-/// batch, the next one of the same part is already asked for (the leader reads it meanwhile).
+/// The asking side's connection, as the library pulls from it. A part is asked for once, as a
+/// stream: the leader sends its batches in turn, and while the library writes one, the next
+/// is already read and unpacked. The link never waits for a request between batches.
 struct Pull {
     conn: Arc<Connection>,
     rt: tokio::runtime::Handle,
-    /// The request sent ahead, and its answer to come.
+    /// The batch being read ahead (the part and the cursor it starts at) and its answer to
+    /// come.
     ahead: Option<(Part, PartCursor, Asked)>,
 }
 
@@ -278,8 +321,8 @@ struct Pull {
 type Asked = tokio::task::JoinHandle<Result<(Vec<Vec<u8>>, bool), EngineError>>;
 
 impl Pull {
-    /// Sends the request for `limit` rows of `part` from `cursor`; the answer comes from the
-    /// handle.
+    /// Sends the request for the rest of `part` from `cursor`, `limit` rows a batch; the first
+    /// batch comes from the handle.
     fn ask(&self, part: &Part, cursor: PartCursor, limit: usize) -> Asked {
         let request = DeviceMessage::SyncPullModelBatchRequest {
             model: part.model.unwrap_or(0),
@@ -288,11 +331,22 @@ impl Pull {
             range: None,
             table: part.model.is_none().then(|| part.table.clone()),
             skip: cursor.skip,
+            stream: true,
         };
+        let conn = self.conn.clone();
+        self.read(part, async move { send_in_time(&conn, &request).await })
+    }
+
+    /// Reads the next batch of `part`'s stream once `sent` is done.
+    fn read(
+        &self,
+        part: &Part,
+        sent: impl std::future::Future<Output = Result<(), NodeError>> + Send + 'static,
+    ) -> Asked {
         let (conn, part) = (self.conn.clone(), part.clone());
         self.rt.spawn(async move {
             let asked = async {
-                send_in_time(&conn, &request).await?;
+                sent.await?;
                 recv_in_time(&conn).await
             };
             let answer = asked
@@ -313,7 +367,7 @@ impl BackfillSource for Pull {
         let failed = |e: String| EngineError::Backfill(e);
         let asked = match self.ahead.take() {
             Some((p, c, asked)) if p == *part && c == cursor => asked,
-            // Answers come in order: one asked ahead and not taken would be read next.
+            // Batches come in order: one read ahead and not taken would be read next.
             Some(_) => return Err(failed("rows asked out of order".into())),
             None => self.ask(part, cursor, limit),
         };
@@ -323,7 +377,7 @@ impl BackfillSource for Pull {
             .map_err(|e| failed(e.to_string()))??;
         if !done {
             let next = next_cursor(part, cursor, &rows);
-            self.ahead = Some((part.clone(), next, self.ask(part, next, limit)));
+            self.ahead = Some((part.clone(), next, self.read(part, async { Ok(()) })));
         }
         Ok((rows, done))
     }

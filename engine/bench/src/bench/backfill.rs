@@ -32,12 +32,13 @@ pub(crate) struct Backfill {
 }
 
 /// Leaves the device at `home` (stopped, joined earlier) behind `leader`'s compaction point,
-/// runs its return in a new process, and returns its `p4_backfill_` figures once its digest
-/// is the leader's.
+/// runs its return in a new process that reaches the leader at `addr` (its own address, or a
+/// relay's), and returns its `p4_backfill_` figures once its digest is the leader's.
 pub(crate) fn measure(
     leader: &Node,
     home: &Path,
     entries: usize,
+    addr: SocketAddr,
 ) -> Result<serde_json::Map<String, Value>> {
     // A change the away device lacks, then a compaction past everything (the rule that keeps
     // the log for absent devices is the node's; the library compacts where it is told).
@@ -69,7 +70,7 @@ pub(crate) fn measure(
     }
     super::settle();
     let task = Backfill {
-        addr: leader.local_addr(),
+        addr,
         home: home.to_path_buf(),
         base: report.base,
         log_len: end,

@@ -61,12 +61,20 @@ pub(crate) fn run(dir: &Path, options: &Options, out: &mut Figures) -> Result<()
             out.insert(format!("p4_limited_{figure}"), v);
         }
     }
-    drop(relay);
     // The first joiner, away since, comes back behind a compaction past everything: it
     // backfills the whole snapshot table by table.
-    for (k, v) in super::backfill::measure(&leader, &dir.join("joiner"), files)? {
+    for (k, v) in super::backfill::measure(&leader, &dir.join("joiner"), files, direct)? {
         out.insert(k, v);
     }
+    // The compacted joiner comes back the same way over the home network.
+    let limited =
+        super::backfill::measure(&leader, &dir.join("joiner-compacted"), files, relay.addr)?;
+    for (k, v) in limited {
+        if let Some(figure) = k.strip_prefix("p4_") {
+            out.insert(format!("p4_limited_{figure}"), v);
+        }
+    }
+    drop(relay);
     out.insert("p4_entries".into(), json!(files));
     out.insert("p4_log_entries".into(), json!(log_len));
     leader.stop()?;
