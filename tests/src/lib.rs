@@ -404,6 +404,26 @@ pub mod cluster {
         Ok((home, node))
     }
 
+    /// [`joiner`], the join's file copy left for a backfill by `slow_link`'s rule.
+    pub fn joiner_over(
+        root: &Path,
+        device: &str,
+        inviter: &Node,
+        slow_link: keel_node::SlowLink,
+    ) -> Result<(Home, Node), NodeError> {
+        let home = Home::new(root.join(device));
+        let invite = inviter.invite(true)?;
+        let joining = JoinOptions {
+            addr: Some(inviter.local_addr()),
+            slow_link,
+            ..join_options(invite.code.as_str(), Some(device.to_string()), true)
+        };
+        let name = run_join(&home, joining)?;
+        let lib = Library::open(&home, &name, PASSWORD)?;
+        let node = Node::start(lib, options(vec![inviter.local_addr()]))?;
+        Ok((home, node))
+    }
+
     /// Opens an auto-accepting invitation on `inviter` and joins it from `home` at `addr`. The
     /// joining device names itself after its home's folder (`b` for `root/b`).
     pub fn pair(home: &Home, inviter: &Node, addr: SocketAddr) -> Result<String, NodeError> {
@@ -504,6 +524,8 @@ pub mod cluster {
             },
             snapshot,
             progress: None,
+            // Copy the file whatever the link: tests measure nothing.
+            slow_link: keel_node::SlowLink::never(),
         }
     }
 

@@ -248,6 +248,48 @@ fn devices_compact_what_all_acknowledged_and_a_new_device_joins_from_the_compact
     }
 }
 
+/// A join over a slow link leaves the file's copy once its probe measured the link, and the
+/// device backfills from the inviter's snapshot when its node starts (decision 0075). Here
+/// every link is slow: the rule's rate is above any.
+#[test]
+fn a_join_over_a_slow_link_backfills_instead_of_copying_the_file() {
+    use keel_tests::cluster;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder_with_tags(dir.path(), "a", "lib", 3_000).expect("founds");
+    a.library().flush().expect("flushes");
+    let report = a.compact().expect("compacts");
+    assert!(report.snapshot_bytes > 32 << 10, "{report:?}");
+    wait_status(&a, "the core to follow", |s| s.compacted_to == report.base);
+    tags(a.library(), (0..20).map(|i| format!("after the base {i}")));
+    let slow = keel_node::SlowLink {
+        probe_bytes: 16 << 10,
+        backfill_below: u64::MAX,
+    };
+    let (_hc, c) = cluster::joiner_over(dir.path(), "c", &a, slow).expect("joins");
+    cluster::converge(&[&a, &c], Duration::from_secs(60)).expect("converges");
+    let jobs = c.library().jobs().expect("jobs");
+    let state_of = |kind: fn(&keel_engine::JobKind) -> bool| {
+        jobs.iter().find(|j| kind(&j.kind)).map(|j| j.state)
+    };
+    assert_eq!(
+        state_of(|k| matches!(k, keel_engine::JobKind::Backfill { .. })),
+        Some(keel_engine::JobState::Completed),
+        "{jobs:?}"
+    );
+    assert_ne!(
+        state_of(|k| matches!(k, keel_engine::JobKind::Join { .. })),
+        Some(keel_engine::JobState::Completed),
+        "the copy was left: {jobs:?}"
+    );
+    let status = c.library().status().expect("status");
+    assert_eq!(status.journal.compacted_to, report.base);
+    assert_eq!(status.counts.tags, 3_020);
+    for node in [c, a] {
+        node.stop().expect("stops");
+    }
+}
+
 /// A bug found by the test above: a follower's own commits pass through its offline journal
 /// and leave it once sequenced, so a rebuild's replay reached local position 0 and the
 /// library's applied position went back to it; `flush` then waited forever for local commits

@@ -49,6 +49,8 @@ fn a_joining_device_gets_the_log_and_a_projection_copy_with_progress_then_conver
                 },
                 snapshot: true,
                 progress: Some(progress),
+                // Copy the file whatever the link: tests measure nothing.
+                slow_link: keel_node::SlowLink::never(),
             },
         ))
         .expect("joins");

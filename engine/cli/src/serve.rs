@@ -245,6 +245,7 @@ pub(crate) fn join(
             create: CreateOptions { kdf },
             snapshot: true,
             progress: Some(progress),
+            slow_link: keel_node::SlowLink::default(),
         },
     ));
     if let Some(shown) = shown {

@@ -60,6 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         create: fast(),
         snapshot: true,
         progress: None,
+        slow_link: keel_node::SlowLink::default(),
     };
     let name = tokio::runtime::Runtime::new()?.block_on(join(&home_b, joining))?;
     let b = Node::start(Library::open(&home_b, &name, PASSWORD)?, on_loopback)?;

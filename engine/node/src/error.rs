@@ -33,6 +33,14 @@ pub enum NodeError {
     /// A join or sync step failed (what failed).
     #[error("{0}")]
     Failed(String),
+    /// A join's projection file arrived slower than [`crate::SlowLink::backfill_below`]: the
+    /// copy was left, and the device backfills from the inviter's snapshot once its node
+    /// starts (decision 0075).
+    #[error("the link is slow ({bytes_per_s} bytes/s): the device backfills instead of copying the file")]
+    SlowLink {
+        /// The rate measured.
+        bytes_per_s: u64,
+    },
     /// The device did not get in sync within the time given ([`crate::Node::wait_in_sync`]).
     #[error("not in sync within {0:?}")]
     NotInSync(std::time::Duration),

@@ -41,7 +41,7 @@ pub use net::{backoff_delay, BACKOFF_MAX_MS, BACKOFF_MIN_MS};
 pub use pairing::{join, InviteHandle, JoinOptions, Question};
 #[cfg(fuzzing)]
 pub use snapshot::fuzz_receive;
-pub use snapshot::{JoinProgress, SnapshotOutcome};
+pub use snapshot::{JoinProgress, SlowLink, SnapshotOutcome};
 pub use status::{AppliedDomains, JoiningStatus, NodeStatus, PeerStatus};
 #[cfg(feature = "typescript")]
 pub use typescript::typescript;

@@ -363,6 +363,9 @@ pub struct JoinOptions {
     pub snapshot: bool,
     /// Hears how far the snapshot fetch has come.
     pub progress: Option<mpsc::UnboundedSender<super::JoinProgress>>,
+    /// When the fetch leaves the file's copy for a backfill (a slow link to a compacted
+    /// inviter).
+    pub slow_link: super::SlowLink,
 }
 
 /// Pairs this home's device with a running node and creates the library here. Returns the
@@ -422,11 +425,15 @@ async fn join_in(home: &Home, options: JoinOptions) -> Result<String, NodeError>
             addr,
             joined.library,
             &key,
-            &dir,
+            (&dir, options.slow_link),
             options.progress,
         )
         .await
         {
+            Err(NodeError::SlowLink { bytes_per_s }) => tracing::info!(
+                bytes_per_s,
+                "the link is slow: the node backfills from the inviter's snapshot instead"
+            ),
             Ok(done) => tracing::info!(
                 log_entries = done.log_entries,
                 applied = done.applied.0,

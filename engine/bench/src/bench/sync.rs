@@ -135,6 +135,7 @@ pub(crate) fn join_counting(
             create: fast(),
             snapshot,
             progress: Some(progress),
+            slow_link: keel_node::SlowLink::default(),
         },
     ))?;
     let mut bytes = 0;
