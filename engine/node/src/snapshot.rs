@@ -710,10 +710,7 @@ async fn receive(
         }
     };
     let outcome = loop {
-        // Only a compacted inviter has a snapshot to backfill from: the link is measured
-        // from the file's header on, while its chunks arrive.
-        let watch = reader.base.0 .0 > 0 && reader.incoming.is_some();
-        let message = match next_message(conn, &mut probe, watch).await {
+        let message = match next_message(conn, &mut probe, reader.measures_link()).await {
             Ok(Next::Message(message)) => message,
             Ok(Next::Slow(bytes_per_s)) => break Err(NodeError::SlowLink { bytes_per_s }),
             Err(e) => break Err(e),
@@ -724,7 +721,7 @@ async fn receive(
             Err(e) => break Err(e),
         }
         // And at each message, for a link fast enough to bring a chunk between two ticks.
-        if reader.base.0 .0 > 0 && reader.incoming.is_some() {
+        if reader.measures_link() {
             if let Some(bytes_per_s) = probe.observe(conn.wire_bytes().1) {
                 break Err(NodeError::SlowLink { bytes_per_s });
             }
@@ -1053,6 +1050,12 @@ impl SnapshotReader {
             frames: None,
             segments,
         }
+    }
+
+    /// Whether the link is measured for [`SlowLink`]: only a compacted sender has a snapshot
+    /// to backfill from, and only from the file's header on, while its chunks arrive.
+    fn measures_link(&self) -> bool {
+        self.base.0 .0 > 0 && self.incoming.is_some()
     }
 
     /// The sender's clock mark, once its header is in.
