@@ -1100,6 +1100,12 @@ behind_compaction: number,
  */
 storage_failed: boolean, 
 /**
+ * The log this node found on disk when it started is still being read back for damage
+ * (see [`crate::NodeOptions::check_log_at_start`]): until it is, this device does not
+ * stand for election.
+ */
+log_unchecked: boolean, 
+/**
  * Where this node listens.
  */
 listen: string, 

@@ -384,14 +384,19 @@ pub mod cluster {
     /// Opens library `name` in `home` again and starts it as a node listening on `listen` (a
     /// device coming back on the address it had).
     pub fn restart(home: &Home, name: &str, listen: SocketAddr) -> Result<Node, NodeError> {
-        let lib = Library::open(home, name, PASSWORD)?;
-        Node::start(
-            lib,
+        restart_with(
+            home,
+            name,
             NodeOptions {
                 listen,
                 ..options(Vec::new())
             },
         )
+    }
+
+    /// Opens library `name` of `home` again and starts it as a node with `options`.
+    pub fn restart_with(home: &Home, name: &str, options: NodeOptions) -> Result<Node, NodeError> {
+        Node::start(Library::open(home, name, PASSWORD)?, options)
     }
 
     /// Pairs a new device (home `root/<device>`) with `inviter` using a code, then opens the

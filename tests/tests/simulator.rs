@@ -1,6 +1,6 @@
 //! A seeded simulator of 3–5 replication cores through partitions (two sides, or single links cut),
 //! crashes and restarts (some halfway through writing), one device's log found damaged and cut
-//! (again and again), message loss, duplication, reordering,
+//! (again and again; also damaged while it was off, found by its start check), message loss, duplication, reordering,
 //! delays and damaged pushes, each device's clock off by up to a day either way and jumping
 //! back and forth by up to 2 s during the chaos. It drives each `Replica` through its whole
 //! contract, as the node runtime does: wire messages with payloads (tag edits sealed under the
@@ -11,7 +11,8 @@
 //! after healing: identical logs, projection digests equal on every device and equal to a
 //! replay of the log, no pending change left, every acknowledged change present exactly once,
 //! at most one leader per epoch, epochs that never go back, no node ever losing a change it
-//! had, and no cut log leading below its vote floor.
+//! had, no cut log leading below its vote floor, and no log with damage nobody read yet
+//! winning an election.
 //!
 //! `KEEL_SIM_SEED=N` runs one seed; `KEEL_SIM_SEEDS=N` sets how many (default 200; 1,000 in
 //! the full tier, `KEEL_FULL=1`).
@@ -66,6 +67,9 @@ struct Disk {
     vote_floor: Option<(Epoch, Lsn)>,
     /// Left by a truncation: the projections replay from no later than it at a restart.
     replay_floor: Option<Lsn>,
+    /// A log record damaged while the device was off (its position), not found yet: the
+    /// runtime's start check finds it (see [`Sim::finish_start_check`]).
+    hidden_damage: Option<usize>,
     /// Records ever added to the offline journal (its last sequence number).
     local_seq: u64,
     /// Truncations that dropped other devices' changes since the projections were rebuilt
@@ -265,6 +269,11 @@ struct Sim {
     damaged: u64,
     /// The device whose disk goes bad, once one did.
     damaged_device: Option<usize>,
+    /// The epoch each node resumed leading at its last start, if it did: the only epoch it may
+    /// lead with a damaged record its start check has not found.
+    resumed: Vec<Option<Epoch>>,
+    /// Damage at rest found by a start check.
+    found_at_start: u64,
     /// Whether logs are damaged during the chaos (not beside a hostile device, whose test
     /// bounds how soon a leader follows its departure).
     with_damage: bool,
@@ -361,6 +370,8 @@ impl Sim {
             followed_hostile: 0,
             damaged: 0,
             damaged_device: None,
+            resumed: vec![None; n],
+            found_at_start: 0,
             with_damage: !with_hostile,
             applied_early: 0,
             steps: 0,
@@ -528,15 +539,19 @@ impl Sim {
     /// vote floor, cuts its log before the damage (its own changes after it go back to its
     /// offline journal, others' are their makers' to resubmit), and starts again from its disk.
     fn damage(&mut self, i: usize) {
-        let now = self.clock(i);
         let len = self.disks[i].log.len();
+        if len >= 2 {
+            let at = self.rng.random_range(2..=len);
+            self.damage_at(i, at);
+        }
+    }
+
+    /// Node `i` finds its log record at `at` (past the head) damaged: see [`Sim::damage`].
+    fn damage_at(&mut self, i: usize, at: usize) {
+        let now = self.clock(i);
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
-        if len < 2 {
-            return;
-        }
-        let at = self.rng.random_range(2..=len);
         let floor = node.handle_abdicate(now);
         self.flush(i, true);
         let device = self.devices[i];
@@ -556,6 +571,45 @@ impl Sim {
         self.views[i].clear();
         self.damaged += 1;
         self.flush(i, true);
+    }
+
+    /// While node `i` is off, a record of its log is damaged at rest, unless another device's
+    /// disk is the bad one: nobody knows until its start check reads it.
+    fn damage_at_rest(&mut self, i: usize) {
+        let len = self.disks[i].log.len();
+        if *self.damaged_device.get_or_insert(i) == i && len >= 2 {
+            self.disks[i].hidden_damage = Some(self.rng.random_range(2..=len));
+        }
+    }
+
+    /// Starts node `i` from its disk, held from standing until its start check is done (as the
+    /// node runtime does).
+    fn start_node(&mut self, i: usize) {
+        let durable = self.disks[i].durable();
+        let end = durable.last_lsn();
+        let mut node = Replica::new(config(self.devices[i]), durable, self.clock(i));
+        node.hold_until_checked(end);
+        self.resumed[i] = (node.role() == ElectionRole::Leader).then(|| node.durable().epoch);
+        self.nodes[i] = Some(node);
+    }
+
+    /// Node `i`'s start check reads its log back: it finds the damage at rest, if any is still
+    /// in its log, and does what a found damage makes the runtime do; then the hold ends. It
+    /// waits while the node leads (a leader resumed its epoch without standing).
+    fn finish_start_check(&mut self, i: usize) {
+        match &self.nodes[i] {
+            Some(node) if node.is_unchecked() && node.role() != ElectionRole::Leader => {}
+            _ => return,
+        }
+        if let Some(at) = self.disks[i].hidden_damage.take() {
+            if at <= self.disks[i].log.len() {
+                self.damage_at(i, at);
+                self.found_at_start += 1;
+            }
+        }
+        if let Some(node) = self.nodes[i].as_mut() {
+            node.log_checked(Lsn(u64::MAX));
+        }
     }
 
     /// Node `i` crashes after writing some of what it was asked: nothing was sent. A follower
@@ -602,6 +656,16 @@ impl Sim {
         if node.role() == ElectionRole::Leader {
             let leader = *self.leaders.entry(d.epoch).or_insert(node.device());
             assert_eq!(leader, node.device(), "two leaders in epoch {}", d.epoch);
+            // A log with a damaged record nobody read yet never wins an election: only an
+            // epoch it resumed at its start is led with it.
+            if self.disks[i].hidden_damage.is_some() {
+                assert_eq!(
+                    self.resumed[i],
+                    Some(d.epoch),
+                    "node {i} won epoch {} with a damaged log record it had not read back",
+                    d.epoch
+                );
+            }
             // A log cut at a damaged record never leads until it holds what it vouched for.
             if let Some(floor) = self.disks[i].vote_floor {
                 assert!(
@@ -850,14 +914,19 @@ impl Sim {
         }
         for i in 0..n {
             if self.nodes[i].is_none() && (!chaos || self.rng.random_bool(0.02)) {
+                if chaos && self.with_damage && self.rng.random_bool(0.3) {
+                    self.damage_at_rest(i);
+                }
                 // What `Library::open` does first.
                 self.projected[i].heal(&self.disks[i]);
                 self.disks[i].replay_floor = None;
                 self.disks[i].stale = 0;
-                let durable = self.disks[i].durable();
-                let node = Replica::new(config(self.devices[i]), durable, self.clock(i));
-                self.nodes[i] = Some(node);
+                self.start_node(i);
                 self.flush(i, chaos);
+            }
+            // The start check reads a stretch at a time: done some steps later.
+            if !chaos || self.rng.random_bool(0.05) {
+                self.finish_start_check(i);
             }
             // A running node rebuilds its projections after a truncation dropped changes
             // they may hold, on a thread of its own: done some steps later.
@@ -932,6 +1001,8 @@ struct Ran {
     followed_hostile: u64,
     /// Logs found damaged and cut.
     damaged: u64,
+    /// Of them, damage at rest found by a start check.
+    found_at_start: u64,
     /// Segments applied just before a crash stopped their storing.
     applied_early: u64,
     /// Projections rebuilt at a restart (found ahead of the log).
@@ -948,6 +1019,7 @@ impl Ran {
         self.refused += other.refused;
         self.followed_hostile += other.followed_hostile;
         self.damaged += other.damaged;
+        self.found_at_start += other.found_at_start;
         self.applied_early += other.applied_early;
         self.rebuilt_ahead += other.rebuilt_ahead;
         self.rebuilt_stale += other.rebuilt_stale;
@@ -958,12 +1030,13 @@ impl Ran {
     fn figures(&self) -> String {
         format!(
             "{} steps, converged to equal projection digests, each equal to a replay of the \
-             log; {} changes in the logs, 0 acknowledged changes lost; {} logs damaged and cut; \
-             {} segments applied early, {} projections rebuilt for it at a restart; {} rebuilt \
+             log; {} changes in the logs, 0 acknowledged changes lost; {} logs damaged and cut \
+             ({} of them damaged while off, found by the start check); {} segments applied early, {} projections rebuilt for it at a restart; {} rebuilt \
              after a truncation dropped changes they held",
             self.steps,
             self.changes,
             self.damaged,
+            self.found_at_start,
             self.applied_early,
             self.rebuilt_ahead,
             self.rebuilt_stale
@@ -1061,6 +1134,7 @@ fn run_with(seed: u64, with_hostile: bool) -> Ran {
         refused: sim.refused,
         followed_hostile: sim.followed_hostile,
         damaged: sim.damaged,
+        found_at_start: sim.found_at_start,
         applied_early: sim.applied_early,
         rebuilt_ahead: sim.projected.iter().map(|p| p.rebuilt_ahead).sum(),
         rebuilt_stale: sim.projected.iter().map(|p| p.rebuilt_stale).sum(),

@@ -23,6 +23,19 @@ fn last_lsn(lib: &Library) -> u64 {
     lib.status().expect("status").journal.last_lsn
 }
 
+/// Test options for a node that does not read its log back when it starts: its damage at rest
+/// is left for the test to find (`repair_log`, the scrub, a read).
+fn without_start_check(
+    listen: std::net::SocketAddr,
+    peers: Vec<std::net::SocketAddr>,
+) -> keel_node::NodeOptions {
+    keel_node::NodeOptions {
+        listen,
+        check_log_at_start: false,
+        ..cluster::options(peers)
+    }
+}
+
 /// A follower whose every sync fails (`EIO`) stores nothing of what its leader sends: it
 /// acknowledges none of it (the leader's view of what it holds stays where its disk stopped),
 /// and refuses its own commits. Once the disk works again it opens its journal again by itself
@@ -182,8 +195,8 @@ fn a_follower_with_a_damaged_log_record_fetches_it_again_from_its_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, hb, end, damaged) = a_follower_damaged_at_rest(dir.path());
     let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
-    let b = keel_node::Node::start(lib, cluster::options(vec![a.local_addr()]))
-        .expect("a node with a damaged log record starts");
+    let options = without_start_check(cluster::options(vec![]).listen, vec![a.local_addr()]);
+    let b = keel_node::Node::start(lib, options).expect("a node with a damaged log record starts");
     assert_eq!(b.repair_log().expect("repairs"), Some(damaged));
     fetched_again(&a, &b, end);
     assert_eq!(
@@ -201,7 +214,7 @@ fn a_follower_s_scrub_finds_a_damaged_log_record_and_fetches_it_again() {
     let lib = Library::open(&hb, "lib", keel_tests::PASSWORD).expect("opens");
     let options = keel_node::NodeOptions {
         scrub_every: Some(Duration::from_millis(200)),
-        ..cluster::options(vec![a.local_addr()])
+        ..without_start_check(cluster::options(vec![]).listen, vec![a.local_addr()])
     };
     let b = keel_node::Node::start(lib, options).expect("starts");
     fetched_again(&a, &b, end);
@@ -243,7 +256,8 @@ fn a_damaged_leader(
         damaged,
         |bytes, record| bytes[record.end - 1] ^= 0x40,
     );
-    let a = cluster::restart(&ha, "lib", addrs[0]).expect("a restarts");
+    let a = cluster::restart_with(&ha, "lib", without_start_check(addrs[0], Vec::new()))
+        .expect("a restarts");
     assert_eq!(
         a.status().role,
         ElectionRole::Leader,
@@ -344,6 +358,71 @@ fn a_leader_that_finds_a_record_to_send_damaged_steps_down_and_another_serves_it
     fetched_again(leader, a, end);
     fetched_again(leader, &c, end);
     cluster::converge(&[a, b, &c], Duration::from_secs(30)).expect("converges");
+}
+
+/// A follower whose log record was damaged while the devices were off, and whose log is the
+/// longest of those that start again: it reads its log back before it stands (the start
+/// check), finds the damage by itself, cuts its log there with its vote floor, and never
+/// leads; `c`, short of that floor, cannot win its vote either, so nobody leads until `a`,
+/// holding the whole log, comes back and does. `b` fetches the log again from `a`.
+#[test]
+fn a_log_damaged_while_off_is_checked_before_its_device_stands_and_never_wins() {
+    use keel_replication::ElectionRole;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
+    let (hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+    let (hc, c) = cluster::joiner(dir.path(), "c", &a).expect("joins");
+    cluster::converge(&[&a, &b, &c], Duration::from_secs(30)).expect("converges");
+    let addrs = [a.local_addr(), b.local_addr(), c.local_addr()];
+    c.stop().expect("stops");
+    for round in 0..3 {
+        tags(a.library(), (0..10).map(|i| format!("a {round} {i}")));
+    }
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let end = last_lsn(b.library());
+    b.stop().expect("stops");
+    a.stop().expect("stops");
+    let damaged = end - 12;
+    keel_tests::edit_log_page(
+        &hb.library_dir("lib").join("journal.redb"),
+        damaged,
+        |bytes, record| bytes[record.end - 1] ^= 0x40,
+    );
+
+    let b = cluster::restart(&hb, "lib", addrs[1]).expect("b restarts");
+    let c = cluster::restart(&hc, "lib", addrs[2]).expect("c restarts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.status().log_unchecked || last_lsn(b.library()) >= damaged {
+        assert_ne!(b.status().role, ElectionRole::Leader, "b led unchecked");
+        assert!(
+            Instant::now() < deadline,
+            "b never checked its log: {:?}",
+            b.status()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Three election timeouts and more without `a`: the cut log stands for nothing.
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        assert_ne!(b.status().role, ElectionRole::Leader, "b's cut log led");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vote_floor = b.library().vote_floor().expect("reads the floor");
+    assert_eq!(
+        vote_floor.map(|(_, _, at)| at),
+        Some(end),
+        "the floor is b's old end"
+    );
+
+    let a = cluster::restart(&ha, "lib", addrs[0]).expect("a restarts");
+    let leader = another_leads(&b, &[&a, &c]);
+    assert_eq!(
+        leader.library().device_id(),
+        a.library().device_id(),
+        "a holds the whole log"
+    );
+    fetched_again(leader, &b, end);
+    cluster::converge(&[&a, &b, &c], Duration::from_secs(30)).expect("converges");
 }
 
 /// Copies the files of library folder `from` that a power loss leaves as they were into `to`

@@ -66,6 +66,9 @@ pub(crate) enum CoreEvent {
         damaged: Lsn,
         reply: crossbeam_channel::Sender<Result<Option<u64>, NodeError>>,
     },
+    /// The start check read the log back through this position and found it whole (see
+    /// `keel_replication::Replica::hold_until_checked`).
+    LogChecked { through: Lsn },
     /// Stop the core.
     Stop,
 }
@@ -523,6 +526,10 @@ impl Core {
             CoreEvent::RepairLog { damaged, reply } => {
                 let _ = reply.send(self.repair_log(damaged));
             }
+            CoreEvent::LogChecked { through } => {
+                self.replica.log_checked(through);
+                self.status_dirty = true;
+            }
             CoreEvent::Stop => {}
         }
         self.after_input();
@@ -765,6 +772,17 @@ impl Core {
         // Now, not at the next tick: the backfill task looks at it before another backfill.
         self.publish_status();
         Ok(returned.len() as u64)
+    }
+
+    /// Holds the replica from standing until the log it found on disk is read back (see
+    /// `keel_replication::Replica::hold_until_checked`): returns that log's end, or `None` if
+    /// there is no log.
+    pub(crate) fn hold_until_checked(&mut self) -> Option<Lsn> {
+        let end = self.replica.durable().last_lsn();
+        (end.0 > self.replica.durable().log.base().0).then(|| {
+            self.replica.hold_until_checked(end);
+            end
+        })
     }
 
     /// Drops the log from `damaged` on (found by a scan or a read; checked again here, one
@@ -1013,6 +1031,7 @@ impl Core {
             }
             status.behind_compaction = self.behind_compaction;
             status.storage_failed = self.storage_failed_at.is_some();
+            status.log_unchecked = self.replica.is_unchecked();
             status.offline = durable.offline.len() as u64;
             status.connected = self.conns.keys().map(|d| d.to_hex()).collect();
             let now = keel_engine::now_ms();

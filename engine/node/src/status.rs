@@ -115,6 +115,10 @@ pub struct NodeStatus {
     /// (nothing is stored, so nothing is acknowledged) and commits are refused; the node tries
     /// again by itself and goes on once the disk works.
     pub storage_failed: bool,
+    /// The log this node found on disk when it started is still being read back for damage
+    /// (see [`crate::NodeOptions::check_log_at_start`]): until it is, this device does not
+    /// stand for election.
+    pub log_unchecked: bool,
     /// Where this node listens.
     pub listen: String,
     /// Epoch changes this node saw since it started (elections won by anyone, and a damaged

@@ -115,6 +115,10 @@ pub(crate) struct Machine {
     pushed: HashMap<ChangeId, u64>,
     /// The leader `pushed` was pushed to.
     pushed_to: Option<DeviceId>,
+    /// The end of the log as it was on disk when this replica's node started, while the node
+    /// has not read it back and checked it yet (see [`crate::Replica::hold_until_checked`]):
+    /// damage at rest is known only once read, so the replica does not stand until then.
+    unchecked: Option<Lsn>,
 }
 
 /// Heartbeats after which a pushed change that has not come back sequenced is pushed again.
@@ -151,6 +155,7 @@ impl Machine {
             last_send_ms: 0,
             votes: BTreeSet::new(),
             pre_vote: None,
+            unchecked: None,
             heard_ms: None,
             highest_seen: 0,
             next: BTreeMap::new(),
@@ -448,6 +453,25 @@ impl Machine {
     pub(crate) fn remember_cluster(&mut self, old: &Machine) {
         self.peak_electorate = self.peak_electorate.max(old.peak_electorate);
         self.in_cluster |= old.in_cluster;
+        self.unchecked = old.unchecked;
+    }
+
+    /// Holds standing until the log through `end` is checked (see
+    /// [`crate::Replica::hold_until_checked`]).
+    pub(crate) fn hold_until_checked(&mut self, end: Lsn) {
+        self.unchecked = (end.0 > 0).then_some(end);
+    }
+
+    /// The node read the log back through `through` and found it whole.
+    pub(crate) fn log_checked(&mut self, through: Lsn) {
+        if self.unchecked.is_some_and(|end| through >= end) {
+            self.unchecked = None;
+        }
+    }
+
+    /// Whether the log is still held back as unchecked (see [`Machine::hold_until_checked`]).
+    pub(crate) fn is_unchecked(&self) -> bool {
+        self.unchecked.is_some()
     }
 
     /// Whether this replica, with nobody reachable, leads a partition of its own: only the
@@ -750,11 +774,15 @@ impl Machine {
     }
 
     /// Whether this replica may stand: not while its log is short of what it vouched for
-    /// before cutting it (it would win without entries it had, and others may have counted on).
+    /// before cutting it (it would win without entries it had, and others may have counted on),
+    /// and not while the log it found on disk is unchecked (a damaged record nobody read yet
+    /// would make it win with a log it does not have).
     fn may_stand(&self) -> bool {
-        self.durable
-            .vote_floor
-            .is_none_or(|floor| self.durable.last() >= floor)
+        self.unchecked.is_none()
+            && self
+                .durable
+                .vote_floor
+                .is_none_or(|floor| self.durable.last() >= floor)
     }
 
     /// The vote floor to store with a cut of this replica's log at a damaged record (see

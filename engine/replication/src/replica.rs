@@ -284,6 +284,30 @@ impl Replica {
         self.step(Input::Tick, now_ms);
     }
 
+    /// The log through `end` was on disk before this replica started and has not been read
+    /// back since: a record damaged at rest (a bad sector, a flipped bit) is found only when
+    /// read. Until [`Replica::log_checked`] reaches `end`, the replica neither stands nor asks
+    /// for pre-votes, so a log damaged while the device was off never wins an election; it
+    /// still follows and votes (its vote asks for at least its own log end: stricter, not
+    /// weaker). A replica that resumes leading an epoch it won keeps leading meanwhile; a
+    /// damaged record the check finds makes it step down ([`Replica::handle_abdicate`]).
+    /// Carried over by [`Replica::restarted`]. A runtime that never calls this is never held.
+    pub fn hold_until_checked(&mut self, end: Lsn) {
+        self.machine.hold_until_checked(end);
+    }
+
+    /// The runtime read the log back through `through` and every record passed its checks
+    /// (see [`Replica::hold_until_checked`]).
+    pub fn log_checked(&mut self, through: Lsn) {
+        self.machine.log_checked(through);
+    }
+
+    /// Whether the replica is still held from standing by an unchecked log (see
+    /// [`Replica::hold_until_checked`]).
+    pub fn is_unchecked(&self) -> bool {
+        self.machine.is_unchecked()
+    }
+
     /// The runtime found this device's log damaged (a record that fails its checks) and will
     /// cut it there. A leader stops leading, fenced by a new epoch of its own that it never
     /// won, so that it never writes at those positions again in its old epoch; poll the

@@ -800,6 +800,48 @@ fn a_leader_with_a_damaged_log_abdicates_and_its_cut_log_never_wins() {
 /// whose log is shorter than its floor (but longer than its cut log) gets no vote, one that
 /// reaches the floor does.
 #[test]
+fn a_log_not_read_back_since_the_start_does_not_stand_until_checked() {
+    let stands = |outputs: &[Output]| {
+        sent(outputs)
+            .iter()
+            .any(|m| matches!(m, Message::PreVote { .. } | Message::RequestVote { .. }))
+    };
+    let mut held = Machine::new(config(1), joined(FOUNDER, Epoch::default()), 0);
+    held.hold_until_checked(Lsn(1));
+    held.handle(Input::Connected(DeviceId([2; 32])), 0);
+    // Election timeouts pass with no leader: a held replica asks nobody.
+    for now in (100..2_000).step_by(50) {
+        assert!(
+            !stands(&held.handle(Input::Tick, now)),
+            "stood at {now} ms unchecked"
+        );
+    }
+    assert!(held.is_unchecked());
+    // A check short of the end found at the start does not release it.
+    held.log_checked(Lsn(0));
+    assert!(held.is_unchecked());
+    // Still a voter meanwhile: it grants a pre-vote to a log as up to date as its own.
+    let ask = Input::Received {
+        from: DeviceId([2; 32]),
+        message: Message::PreVote {
+            epoch: Epoch {
+                counter: 2,
+                device: DeviceId([2; 32]),
+            },
+            last: (FOUNDER, Lsn(1)),
+        },
+    };
+    assert_eq!(pre_vote_granted(&held.handle(ask, 2_000)), Some(true));
+    // Checked through the end: it stands at its next timeout.
+    held.log_checked(Lsn(1));
+    assert!(!held.is_unchecked());
+    let stood = (2_000..4_000)
+        .step_by(50)
+        .any(|now| stands(&held.handle(Input::Tick, now)));
+    assert!(stood, "a checked log stands again");
+}
+
+#[test]
 fn a_cut_log_votes_only_for_logs_reaching_its_floor() {
     let epoch = FOUNDER;
     let mut cut = joined(epoch, Epoch::default());
