@@ -278,3 +278,40 @@ fn a_host_models_records_are_in_the_change_events() {
         "{named:?}"
     );
 }
+
+/// An app upgraded after its library compacted its log: the projection was built for the old
+/// models, and the log before the base is gone, so it cannot be replayed for the new ones.
+#[test]
+#[ignore = "open bug: a compacted library does not open after its app's models change (SnapshotMissing); the snapshot is not migrated to the new models (see the issue 28 note)"]
+fn a_compacted_library_opens_after_its_app_changes_its_models() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home_old, lib) =
+        keel_tests::create_in(home(dir.path(), "a", false), "photos").expect("creates");
+    let album = Album {
+        uuid: Uuid::new_v4(),
+        name: "Summer".into(),
+    };
+    let photo = v1::Photo {
+        uuid: Uuid::new_v4(),
+        album: album.uuid,
+        caption: "beach".into(),
+    };
+    lib.transact(|tx| {
+        tx.upsert(&album);
+        tx.upsert(&photo);
+        Ok(())
+    })
+    .expect("commits");
+    let report = lib.compact(keel_engine::Lsn(u64::MAX)).expect("compacts");
+    assert!(report.base > 0, "{report:?}");
+    lib.close().expect("closes");
+    drop(home_old);
+
+    let upgraded = home(dir.path(), "a", true);
+    let lib = Library::open(&upgraded, "photos", PASSWORD).expect("opens with the new models");
+    let seen = lib
+        .get::<v2::Photo>(photo.uuid)
+        .expect("reads")
+        .expect("the photo is still there");
+    assert_eq!((seen.caption.as_str(), seen.stars), ("beach", 5));
+}
