@@ -799,6 +799,86 @@ fn a_leader_with_a_damaged_log_abdicates_and_its_cut_log_never_wins() {
 /// A device that cut its log votes as if it still held what it vouched for: a candidate
 /// whose log is shorter than its floor (but longer than its cut log) gets no vote, one that
 /// reaches the floor does.
+/// A paired peer that misbehaves names epoch 1 of this device's in a message: epoch 1 is the
+/// founder's, made only by founding, and a replica holding it as its own resumes leading at
+/// its next start, beside the real founder (found by the `replica` fuzz target).
+#[test]
+fn a_peer_cannot_hand_a_replica_the_founders_epoch_of_its_own() {
+    let me = DeviceId([9; 32]);
+    let peer = DeviceId([2; 32]);
+    let own = |counter| Epoch {
+        counter,
+        device: me,
+    };
+    let forged = [
+        Message::Stale { epoch: own(1) },
+        Message::AppendReply {
+            epoch: own(1),
+            ok: true,
+            last: Lsn(1),
+        },
+        Message::RequestVote {
+            epoch: own(1),
+            last: (FOUNDER, Lsn(1)),
+        },
+        Message::Append {
+            epoch: own(3),
+            prev: Lsn(1),
+            prev_epoch: FOUNDER,
+            entries: vec![],
+            base: Lsn(0),
+        },
+    ];
+    for message in forged {
+        let mut victim = Machine::new(config(9), joined(FOUNDER, Epoch::default()), 0);
+        victim.handle(Input::Connected(peer), 0);
+        let what = format!("{message:?}");
+        victim.handle(
+            Input::Received {
+                from: peer,
+                message,
+            },
+            10,
+        );
+        assert_ne!(
+            victim.durable().epoch,
+            own(1),
+            "took epoch 1 of its own from {what}"
+        );
+        let restarted = Machine::new(config(9), victim.durable().clone(), 20);
+        assert_ne!(restarted.role(), ElectionRole::Leader, "leads after {what}");
+    }
+}
+
+/// A leader's epoch is its own: an `Append` or `Compacted` from `peer` naming another device's
+/// epoch is forged, and is not followed.
+#[test]
+fn an_append_in_an_epoch_of_another_device_is_not_followed() {
+    let peer = DeviceId([2; 32]);
+    let other = Epoch {
+        counter: 3,
+        device: DeviceId([5; 32]),
+    };
+    let mut follower = Machine::new(config(1), joined(FOUNDER, Epoch::default()), 0);
+    follower.handle(Input::Connected(peer), 0);
+    follower.handle(
+        Input::Received {
+            from: peer,
+            message: Message::Append {
+                epoch: other,
+                prev: Lsn(1),
+                prev_epoch: FOUNDER,
+                entries: vec![(other, LogSlot::Barrier)],
+                base: Lsn(0),
+            },
+        },
+        10,
+    );
+    assert_eq!(follower.durable().epoch, FOUNDER);
+    assert_eq!(follower.durable().last_lsn(), Lsn(1), "nothing stored");
+    assert_eq!(follower.leader(), None);
+}
+
 #[test]
 fn a_log_not_read_back_since_the_start_does_not_stand_until_checked() {
     let stands = |outputs: &[Output]| {
