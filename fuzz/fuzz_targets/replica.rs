@@ -8,7 +8,7 @@
 
 use keel_replication::wire::WireLogEntry;
 use keel_replication::{
-    Durable, LogWrite, Opened, Replica, ReplicaConfig, ReplicationMessage, Store,
+    Durable, ElectionRole, LogWrite, Opened, Replica, ReplicaConfig, ReplicationMessage, Store,
 };
 use keel_schema::{ChangeId, DeviceId, Epoch, Lsn};
 use libfuzzer_sys::fuzz_target;
@@ -255,13 +255,16 @@ fn config(byte: u8) -> ReplicaConfig {
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let peer = DeviceId([2; 32]);
-    let mut leader = (Replica::founder(config(0), 0), Memory::default(), 0u8);
+    // Each side: its replica, store, device byte, and whether it was held by the start check
+    // while neither leading nor standing (it must then not stand until released).
+    let mut leader = (Replica::founder(config(0), 0), Memory::default(), 0u8, false);
     let mut follower = (
         Replica::new(config(1), Durable::default(), 0),
         Memory::default(),
         1u8,
+        false,
     );
-    for (replica, store, device) in [&mut leader, &mut follower] {
+    for (replica, store, device, _) in [&mut leader, &mut follower] {
         drive(replica, store, *device, 0);
         replica.handle_connected(0, peer);
         drive(replica, store, *device, 0);
@@ -269,13 +272,28 @@ fuzz_target!(|data: &[u8]| {
     let mut now = 1u64;
     while !input.done() {
         now += u64::from(input.u8());
-        let (replica, store, device) = if input.u8() % 2 == 0 {
+        let (replica, store, device, held) = if input.u8() % 2 == 0 {
             &mut leader
         } else {
             &mut follower
         };
-        match input.u8() % 9 {
+        match input.u8() % 10 {
             0 => replica.handle_timeout(now),
+            9 => {
+                // The start check: held from standing until the log through some end is read
+                // back, or released by a check (that may fall short of it).
+                let at = Lsn(u64::from(input.u8()));
+                if input.u8() % 2 == 0 {
+                    replica.hold_until_checked(at);
+                    *held = replica.is_unchecked()
+                        && !matches!(
+                            replica.role(),
+                            ElectionRole::Leader | ElectionRole::Candidate
+                        );
+                } else {
+                    replica.log_checked(at);
+                }
+            }
             8 => {
                 let floor = replica.handle_abdicate(now);
                 drive(replica, store, *device, now);
@@ -295,5 +313,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         drive(replica, store, *device, now);
+        *held &= replica.is_unchecked();
+        assert!(
+            !*held || !matches!(replica.role(), ElectionRole::Leader | ElectionRole::Candidate),
+            "a replica held by the start check stood"
+        );
     }
 });

@@ -495,9 +495,18 @@ impl Machine {
 
     /// Whether `epoch` is within reach: at most [`EPOCH_JUMP_MAX`] above what this replica
     /// knows. Elections raise the counter one at a time; a peer that names an epoch far above
-    /// is misbehaving, and adopting it would bring every counter near its limit.
+    /// is misbehaving, and adopting it would bring every counter near its limit. Nor is a
+    /// founder's epoch of this device's that it does not hold.
     fn in_reach(&self, epoch: Epoch) -> bool {
         epoch.counter <= self.known_counter().saturating_add(EPOCH_JUMP_MAX)
+            && !self.founders_epoch_forged(epoch)
+    }
+
+    /// Whether `epoch`, named by a peer, is epoch 1 of this device while this device does not
+    /// hold it: epoch 1 is the founder's, made only by founding, and a replica that held it as
+    /// its own would resume leading at its next start (see [`Machine::new`]).
+    fn founders_epoch_forged(&self, epoch: Epoch) -> bool {
+        epoch.counter == 1 && epoch.device == self.config.device && epoch > self.durable.epoch
     }
 
     /// Whether every epoch `message` names is within reach (see [`Machine::in_reach`]).
