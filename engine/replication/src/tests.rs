@@ -900,6 +900,38 @@ fn a_log_not_read_back_since_the_start_does_not_stand_until_checked() {
     // A check short of the end found at the start does not release it.
     held.log_checked(Lsn(0));
     assert!(held.is_unchecked());
+    // Held while a pre-vote of its own was out: a majority granting it afterwards does not
+    // make it stand.
+    let mut late = Machine::new(config(1), joined(FOUNDER, Epoch::default()), 0);
+    let peer = DeviceId([2; 32]);
+    late.handle(Input::Connected(peer), 0);
+    let asked = (100..2_000)
+        .step_by(50)
+        .find_map(|now| {
+            sent(&late.handle(Input::Tick, now))
+                .into_iter()
+                .find_map(|m| match m {
+                    Message::PreVote { epoch, .. } => Some((*epoch, now)),
+                    _ => None,
+                })
+        })
+        .expect("an unheld replica asks for pre-votes");
+    late.hold_until_checked(Lsn(1));
+    let granted = late.handle(
+        Input::Received {
+            from: peer,
+            message: Message::PreVoteReply {
+                epoch: asked.0,
+                granted: true,
+                highest: FOUNDER,
+            },
+        },
+        asked.1 + 1,
+    );
+    assert!(
+        !stands(&granted),
+        "stood on a pre-vote granted after the hold"
+    );
     // Still a voter meanwhile: it grants a pre-vote to a log as up to date as its own.
     let ask = Input::Received {
         from: DeviceId([2; 32]),
