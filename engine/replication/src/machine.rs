@@ -586,9 +586,14 @@ impl Machine {
         self.maybe_stand(now_ms, out);
     }
 
-    /// Starts the election once a majority would vote in the pre-vote.
+    /// Starts the election once a majority would vote in the pre-vote, if this replica may
+    /// still stand (a hold or a floor may have come since the pre-vote began).
     fn maybe_stand(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let electorate = self.connected.len() + 1;
+        if !self.may_stand() {
+            self.pre_vote = None;
+            return;
+        }
         if let Some((epoch, yes)) = &self.pre_vote {
             if *epoch == self.next_epoch() && yes.len() * 2 > electorate {
                 self.pre_vote = None;
