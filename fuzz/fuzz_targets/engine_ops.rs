@@ -4,9 +4,12 @@
 //! `flush`) the library's visible tags of the run equal the model's: on one device each write
 //! is newer than the last, so a field keeps its last value, a delete hides the row and forgets
 //! its fields, and a write after it shows it again with the fields written since (the
-//! projections' rule), once every non-nullable field was written after the delete. Every few thousand inputs the library
-//! is closed, opened again, verified (every record sound, the projections equal a replay of
-//! the journal) and checked against the model of all runs.
+//! projections' rule), once every non-nullable field was written after the delete. Every
+//! [`COMPACT_EVERY`] inputs the log is compacted (the library is alone: up to its end), so the
+//! runs after it write over a snapshot. Every few thousand inputs the library is closed, opened
+//! again, verified (every record sound, the projections equal a replay of the journal: the
+//! snapshot and the log after it), rebuilt from the journal, and checked against the model of
+//! all runs.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -19,6 +22,8 @@ use uuid::Uuid;
 const PASSWORD: &str = "fuzz";
 /// Inputs one library takes before it is reopened, verified and made again.
 const RUNS_PER_LIBRARY: u64 = 2048;
+/// Inputs between two compactions of the log.
+const COMPACT_EVERY: u64 = 512;
 
 /// A tag in the model: each field's last value since its last delete, and whether a delete came
 /// last.
@@ -99,13 +104,16 @@ impl Fixture {
         let lib = Library::open(&Home::new(self.dir.path()), "lib", PASSWORD).expect("opens");
         let (report, replayed) = lib.verify().expect("verifies");
         assert!(report.faults.is_empty(), "faults: {:?}", report.faults);
-        assert_eq!(replayed.expect("a replay"), lib.digest().expect("digest"));
+        let digest = lib.digest().expect("digest");
+        assert_eq!(replayed.expect("a replay"), digest);
+        lib.rebuild(&mut |_, _| {}).expect("rebuilds");
+        assert_eq!(lib.digest().expect("digest"), digest, "after a rebuild");
         self.lib = Some(lib);
         let uuids: Vec<Uuid> = self.model.keys().copied().collect();
         assert_eq!(
             self.visible(&uuids),
             self.expected(&uuids),
-            "after reopening"
+            "after reopening and rebuilding"
         );
     }
 }
@@ -202,6 +210,19 @@ fuzz_target!(|data: &[u8]| {
             fixture.visible(&uuids),
             fixture.expected(&uuids),
             "the library differs from the model"
+        );
+    }
+    if fixture.runs % COMPACT_EVERY == 0 {
+        let report = fixture
+            .lib()
+            .compact(keel_engine::Lsn(u64::MAX))
+            .expect("compacts");
+        let uuids: Vec<Uuid> = fixture.model.keys().copied().collect();
+        assert!(report.base > 0, "{report:?}");
+        assert_eq!(
+            fixture.visible(&uuids),
+            fixture.expected(&uuids),
+            "after compacting"
         );
     }
     if fixture.runs % RUNS_PER_LIBRARY == 0 {
