@@ -52,18 +52,26 @@ pub(crate) fn create_table(def: &ModelDef) -> String {
         def.name
     );
     for f in def.fields {
-        sql.push_str(&format!(", {} {}", f.name, sql_type(f.ty)));
-        if let Some(target) = f.references {
-            sql.push_str(&format!(
-                " REFERENCES {target}(uuid) DEFERRABLE INITIALLY DEFERRED"
-            ));
-        }
+        sql.push_str(", ");
+        sql.push_str(&column(f));
     }
     sql.push_str(", _clocks BLOB, _tomb BLOB, _live INTEGER");
     if holds_counts(def) {
         sql.push_str(", _entries INTEGER DEFAULT 0, _bytes INTEGER DEFAULT 0");
     }
     sql.push(')');
+    sql
+}
+
+/// A field's column: its name, type and reference (as `CREATE TABLE` and `ALTER TABLE ADD
+/// COLUMN` write it).
+pub(crate) fn column(f: &keel_schema::FieldDef) -> String {
+    let mut sql = format!("{} {}", f.name, sql_type(f.ty));
+    if let Some(target) = f.references {
+        sql.push_str(&format!(
+            " REFERENCES {target}(uuid) DEFERRABLE INITIALLY DEFERRED"
+        ));
+    }
     sql
 }
 

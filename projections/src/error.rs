@@ -35,6 +35,10 @@ pub enum ProjectionError {
     /// A projection snapshot received from another device is not usable.
     #[error("projection snapshot: {0}")]
     BadSnapshot(String),
+    /// A projection of older models cannot be brought to the app's models in place (see
+    /// [`crate::Projections::upgrade_models`]): a field was removed, renamed or moved.
+    #[error("the projection cannot be brought to the app's models: {0}")]
+    ModelsNotUpgradable(String),
     /// An attestation could not be signed (the device key is unusable).
     #[error("signing: {0}")]
     Signing(String),

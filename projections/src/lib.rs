@@ -26,6 +26,7 @@ mod rows;
 mod search;
 mod snapshot;
 mod store;
+mod upgrade;
 
 pub use apply::{ApplyStats, SELF_PROOF_MIN};
 pub use attest::Signer;
@@ -46,3 +47,4 @@ pub use store::{
     configure_connection, AppliedPosition, Projections, PAGE_CACHE_KIB, PAGE_SIZE,
     READER_CACHE_KIB, WAL_CHECKPOINT_BACKSTOP_PAGES, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT,
 };
+pub use upgrade::ModelsUpgrade;

@@ -118,7 +118,10 @@ impl Projections {
 
     /// Whether the file was built for the models of `registry` (its fingerprint, see
     /// [`Registry::fingerprint`], is the one recorded).
-    fn built_for(conn: &Connection, registry: &Registry) -> Result<bool, ProjectionError> {
+    pub(crate) fn built_for(
+        conn: &Connection,
+        registry: &Registry,
+    ) -> Result<bool, ProjectionError> {
         let recorded: Option<String> = conn
             .query_row("SELECT fingerprint FROM _registry", [], |r| r.get(0))
             .optional()
@@ -130,7 +133,7 @@ impl Projections {
         Ok(recorded.as_deref() == Some(registry.fingerprint().as_str()))
     }
 
-    fn connect(path: &Path) -> Result<Connection, ProjectionError> {
+    pub(crate) fn connect(path: &Path) -> Result<Connection, ProjectionError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         configure_connection(&conn)?;

@@ -26,6 +26,8 @@ pub const SNAPSHOT_FILE: &str = "snapshot.sqlite.zst";
 const SNAPSHOT_COPY: &str = "snapshot.sqlite.incoming";
 /// A snapshot being written (moved to [`SNAPSHOT_FILE`] once complete and synced).
 const SNAPSHOT_PACKING: &str = "snapshot.sqlite.zst.incoming";
+/// The snapshot unpacked to be brought to new models (see [`upgrade_snapshot`]).
+const SNAPSHOT_UPGRADING: &str = "snapshot.sqlite.upgrading";
 /// zstd worker threads packing a snapshot. Measured on the 1M backfill's snapshot (decision
 /// 0056).
 const PACK_THREADS: u32 = 2;
@@ -142,6 +144,7 @@ pub(crate) fn remove_scratch(dir: &Path) {
     let scratch: Vec<_> = [
         SNAPSHOT_COPY,
         SNAPSHOT_PACKING,
+        SNAPSHOT_UPGRADING,
         crate::backfill::BACKFILL_PACKING,
         // A join cut short (its journal is closed: the library opens).
         crate::JOIN_INCOMING_FILE,
@@ -230,6 +233,52 @@ pub(crate) fn join_cut_before_its_snapshot(
         }
     }
     Ok(false)
+}
+
+/// Brings the library's snapshot to the app's `models` when it was built for others (an app
+/// upgraded after its library compacted: the log before the base cannot be replayed for the
+/// new models; see `Projections::upgrade_models`), and puts it back in place packed. Returns
+/// what it did, or `None` when there is no snapshot or it is built for `models` already.
+pub(crate) fn upgrade_snapshot(
+    dir: &Path,
+    models: &keel_schema::Registry,
+) -> Result<Option<keel_projections::ModelsUpgrade>, EngineError> {
+    let snapshot = dir.join(SNAPSHOT_FILE);
+    if !snapshot.exists() {
+        return Ok(None);
+    }
+    let copy = dir.join(SNAPSHOT_UPGRADING);
+    unpack(&snapshot, &copy)?;
+    if Projections::built_for_models(&copy, models) != Some(false) {
+        Projections::remove_files(&copy)?;
+        return Ok(None);
+    }
+    let upgraded = Projections::upgrade_models(&copy, models);
+    let packing = dir.join(SNAPSHOT_PACKING);
+    let packed = upgraded.and_then(|report| {
+        // The copy is closed: its write-ahead log folded in before it is packed.
+        Projections::checkpoint_file(&copy)?;
+        Ok(report)
+    });
+    let report = match packed {
+        Ok(report) => report,
+        Err(e) => {
+            Projections::remove_files(&copy)?;
+            return Err(e.into());
+        }
+    };
+    let result = pack(&copy, &packing);
+    Projections::remove_files(&copy)?;
+    result?;
+    put_in_place(&packing, &snapshot)?;
+    tracing::info!(
+        models = ?report.models,
+        upcast = report.upcast,
+        approximated = report.approximated,
+        lacking_applied = report.lacking_applied,
+        "the snapshot was brought to the app's new models"
+    );
+    Ok(Some(report))
 }
 
 pub(crate) fn start_from_snapshot(

@@ -1267,6 +1267,15 @@ fn heal_projections(
         );
         remove_projection_files(dir)?;
     }
+    if journal.log().base()?.0 .0 > 0
+        && Projections::built_for_models(&projections_path, models) == Some(false)
+    {
+        // The app's models changed since the library compacted: the positions before the base
+        // cannot be replayed for them, so the snapshot is brought to them in place, and the
+        // projections start again from it and the log after the base.
+        crate::compact::upgrade_snapshot(dir, models)?;
+        remove_projection_files(dir)?;
+    }
     let mut projections = match Projections::open_for(&projections_path, models) {
         Ok(p) => p,
         Err(e) => {
