@@ -78,6 +78,7 @@ fn message(input: &mut Input<'_>, sent: &mut Sent) -> Option<DeviceMessage> {
                 }),
                 base_epoch: input.epoch(),
                 head: input.epoch(),
+                base_kept: input.u8() % 2 == 0,
             }
         }
         1 | 2 => {

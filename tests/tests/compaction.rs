@@ -248,6 +248,62 @@ fn devices_compact_what_all_acknowledged_and_a_new_device_joins_from_the_compact
     }
 }
 
+/// A join to a log longer than the leader's `join_history` starts the joiner's log at a base of
+/// its own (decision 0079): the file is its snapshot at the position every other device holds
+/// (here `b`'s acknowledgement caps it), and the history before it stays behind. The joiner
+/// converges, rebuilds from its snapshot to the shared digest, verifies, and a device that
+/// joins through it later gets the history it holds.
+#[test]
+fn a_join_to_a_long_log_starts_at_a_base_of_its_own() {
+    use keel_tests::cluster;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let short_history = |peers| keel_node::NodeOptions {
+        join_history: Some(100),
+        ..cluster::options(peers)
+    };
+    let (_ha, a) =
+        cluster::founder_with(dir.path(), "a", "lib", short_history(Vec::new())).expect("founds");
+    let (_hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins a short log whole");
+    assert_eq!(
+        b.library().status().expect("status").journal.compacted_to,
+        0
+    );
+    tags(a.library(), (0..400).map(|i| format!("before c {i}")));
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    wait_status(&a, "b's acknowledgement", |s| s.compactable == s.log_len);
+
+    let (_hc, c) = cluster::joiner(dir.path(), "c", &a).expect("joins at a base");
+    let joined = c.library().status().expect("status");
+    let leader_end = last(a.library()).0;
+    assert!(
+        joined.journal.compacted_to > 400 && joined.journal.compacted_to <= leader_end,
+        "c's log starts at {} of {leader_end}",
+        joined.journal.compacted_to
+    );
+    assert!(
+        joined.disk.snapshot > 0,
+        "the received file is its snapshot"
+    );
+    assert_eq!(
+        a.library().status().expect("status").journal.compacted_to,
+        0,
+        "the leader keeps its whole log"
+    );
+    tags(c.library(), (0..20).map(|i| format!("from c {i}")));
+    let digest =
+        cluster::converge(&[&a, &b, &c], Duration::from_secs(30)).expect("all three converge");
+    assert_eq!(c.library().status().expect("status").counts.tags, 420);
+    c.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+    assert_eq!(c.library().digest().expect("digest"), digest);
+    let (report, replayed) = c.library().verify().expect("verifies");
+    assert!(report.faults.is_empty(), "{:?}", report.faults);
+    assert_eq!(replayed.expect("a replay"), digest);
+    for node in [c, b, a] {
+        node.stop().expect("stops");
+    }
+}
+
 /// A join over a slow link leaves the file's copy once its probe measured the link, and the
 /// device backfills from the inviter's snapshot when its node starts (decision 0075). Here
 /// every link is slow: the rule's rate is above any.

@@ -258,6 +258,12 @@ pub enum DeviceMessage {
     SnapshotRequest {
         /// The library.
         library: LibraryId,
+        /// The fingerprint of the asker's models (`Registry::fingerprint`, 64 hex digits;
+        /// empty: unknown). Only a sender whose projections hold the same models may start the
+        /// asker's log at a base of its own: a file of other models is replayed from the log,
+        /// which then has to be whole.
+        #[serde(default)]
+        models: String,
     },
     /// What a snapshot holds: the log up to `log_end` (as [`ReplicationMessage::LogSegment`]s
     /// from position 1) and a projection file of `file_bytes` bytes with everything up to
@@ -283,6 +289,11 @@ pub enum DeviceMessage {
         /// longer holds.
         #[serde(default)]
         head: Epoch,
+        /// Whether `base` is the sender's compaction position, whose snapshot it keeps (a
+        /// backfill can pull it). Otherwise a base above 0 is this join's own: the sender's log
+        /// goes back further, and the file sent is the only snapshot at it.
+        #[serde(default)]
+        base_kept: bool,
     },
     /// A piece of the projection file.
     SnapshotChunk {
@@ -324,6 +335,9 @@ pub enum DeviceMessage {
         file_hash: ByteBuf,
     },
 }
+
+/// Longest models fingerprint in a [`DeviceMessage::SnapshotRequest`] (a blake3 digest in hex).
+const MODELS_FINGERPRINT_MAX: usize = 64;
 
 fn over(what: String) -> TransportError {
     TransportError::OverLimit(what)
@@ -455,9 +469,15 @@ impl DeviceMessage {
                     return Err(over(format!("a file hash of {} bytes", file_hash.len())));
                 }
             }
-            DeviceMessage::SnapshotRequest { .. }
-            | DeviceMessage::SnapshotBegin { .. }
-            | DeviceMessage::BackfillRequest { .. } => {}
+            DeviceMessage::SnapshotRequest { models, .. } => {
+                if models.len() > MODELS_FINGERPRINT_MAX {
+                    return Err(over(format!(
+                        "a models fingerprint of {} bytes",
+                        models.len()
+                    )));
+                }
+            }
+            DeviceMessage::SnapshotBegin { .. } | DeviceMessage::BackfillRequest { .. } => {}
         }
         Ok(())
     }
@@ -570,6 +590,7 @@ mod tests {
             },
             DeviceMessage::SnapshotRequest {
                 library: LibraryId(Uuid::nil()),
+                models: "ab".repeat(32),
             },
             DeviceMessage::SnapshotBegin {
                 epoch,
@@ -584,6 +605,7 @@ mod tests {
                 base: Lsn(3),
                 base_epoch: epoch,
                 head: epoch,
+                base_kept: true,
             },
             DeviceMessage::SnapshotChunk {
                 offset: 4096,

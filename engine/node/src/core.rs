@@ -66,6 +66,12 @@ pub(crate) enum CoreEvent {
         damaged: Lsn,
         reply: crossbeam_channel::Sender<Result<Option<u64>, NodeError>>,
     },
+    /// A join asks where the joiner's log may start: the position every other device of the
+    /// library holds for good (see `Replica::compactable`), 0 unless leading.
+    Settled {
+        except: DeviceId,
+        reply: crossbeam_channel::Sender<Lsn>,
+    },
     /// The start check read the log back through this position and found it whole (see
     /// `keel_replication::Replica::hold_until_checked`).
     LogChecked { through: Lsn },
@@ -526,6 +532,9 @@ impl Core {
             CoreEvent::RepairLog { damaged, reply } => {
                 let _ = reply.send(self.repair_log(damaged));
             }
+            CoreEvent::Settled { except, reply } => {
+                let _ = reply.send(self.settled(except));
+            }
             CoreEvent::LogChecked { through } => {
                 self.replica.log_checked(through);
                 self.status_dirty = true;
@@ -772,6 +781,22 @@ impl Core {
         // Now, not at the next tick: the backfill task looks at it before another backfill.
         self.publish_status();
         Ok(returned.len() as u64)
+    }
+
+    /// The log position every device of the library but `except` stored this epoch, while
+    /// leading (the least of what they acknowledged; this log's end if there is no other): no
+    /// election can truncate it, since every device that could win holds it. 0 otherwise.
+    fn settled(&self, except: DeviceId) -> Lsn {
+        if self.replica.role() != ElectionRole::Leader {
+            return Lsn(0);
+        }
+        let others: Vec<DeviceId> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|d| *d != except)
+            .collect();
+        self.replica.compactable(&others, u64::MAX)
     }
 
     /// Holds the replica from standing until the log it found on disk is read back (see

@@ -112,6 +112,13 @@ pub struct NodeOptions {
     /// 10 ms pause plus the reading (see `NodeStatus::log_unchecked`). `false` stands at once
     /// with a log not read back (damage at rest is then found by the scrub or a read).
     pub check_log_at_start: bool,
+    /// The most log entries a device joining through this node receives as history. A longer
+    /// log (past the compaction base) starts the joiner's log at a base of its own: the
+    /// projection file it receives, at the position this node applied, capped by what every
+    /// other device of the library stored; the history before it stays on the devices that
+    /// hold it, as after a compaction (decision 0079). A joiner whose app has other models
+    /// than this node's always receives the whole log. `None`: always the whole log.
+    pub join_history: Option<u64>,
 }
 
 /// How often a node reads its whole log for damage by default.
@@ -120,6 +127,10 @@ pub const SCRUB_EVERY_DEFAULT: std::time::Duration = std::time::Duration::from_s
 /// The log entries past the compaction position that start an automatic compaction by
 /// default (about 0.4 GB of journal on the P4 workload).
 pub const COMPACT_AFTER_DEFAULT: u64 = 1_000_000;
+/// The most log entries a joining device receives as history by default: a tenth of
+/// [`COMPACT_AFTER_DEFAULT`] (a join's history costs about 540 bytes an entry on the wire,
+/// sealed changes that do not compress; the file after it about 140).
+pub const JOIN_HISTORY_DEFAULT: u64 = 100_000;
 /// The log entries a leader keeps for an absent device by default.
 pub const RETAIN_FOR_ABSENT_DEFAULT: u64 = 2_000_000;
 /// How long a leader keeps its snapshot unpacked after a backfill by default.
@@ -146,6 +157,7 @@ impl Default for NodeOptions {
             snapshot_keep: SNAPSHOT_KEEP_DEFAULT,
             scrub_every: Some(SCRUB_EVERY_DEFAULT),
             check_log_at_start: true,
+            join_history: Some(JOIN_HISTORY_DEFAULT),
         }
     }
 }
@@ -269,6 +281,7 @@ impl Node {
             backfilling: Arc::new(Mutex::new(std::collections::HashSet::new())),
             joins: Arc::default(),
             snapshot_keep: options.snapshot_keep,
+            join_history: options.join_history.unwrap_or(u64::MAX),
         });
         if let Some(lan) = lan {
             let (net, handle) = (net.clone(), rt.handle().clone());

@@ -113,6 +113,9 @@ pub(crate) struct Net {
     pub(crate) joins: super::snapshot::ServedJoins,
     /// How long the snapshot a backfill read stays unpacked after it (`NodeOptions`).
     pub(crate) snapshot_keep: Duration,
+    /// The most log entries a joining device is sent as history (`NodeOptions::join_history`;
+    /// `u64::MAX`: all).
+    pub(crate) join_history: u64,
 }
 
 /// Longest wait for one request or for sending its answer, when a device is served requests
@@ -420,9 +423,15 @@ impl Net {
             .unwrap_or_default();
         match self.greet(&conn, epoch, log_end).await {
             Greeting::Sync => {}
-            Greeting::Snapshot => {
+            Greeting::Snapshot(models) => {
                 // A device that has just joined: a snapshot, outside the replication core.
-                super::snapshot::serve(self.link.clone(), epoch, conn, &self.joins).await;
+                let asker = super::snapshot::Asker {
+                    conn,
+                    models,
+                    history: self.join_history,
+                };
+                super::snapshot::serve((self.link.clone(), &self.core), epoch, asker, &self.joins)
+                    .await;
                 return;
             }
             Greeting::Backfill => {
@@ -514,8 +523,10 @@ impl Net {
             Ok(Ok(DeviceMessage::Hello {
                 device, library, ..
             })) if device == peer && library == self.library => Greeting::Sync,
-            Ok(Ok(DeviceMessage::SnapshotRequest { library })) if library == self.library => {
-                Greeting::Snapshot
+            Ok(Ok(DeviceMessage::SnapshotRequest { library, models }))
+                if library == self.library =>
+            {
+                Greeting::Snapshot(models)
             }
             Ok(Ok(DeviceMessage::BackfillRequest { library })) if library == self.library => {
                 Greeting::Backfill
@@ -697,8 +708,8 @@ impl Net {
 enum Greeting {
     /// Both said Hello for this library: a sync session.
     Sync,
-    /// The peer asked for a snapshot (it has just joined).
-    Snapshot,
+    /// The peer asked for a snapshot (it has just joined), for models of this fingerprint.
+    Snapshot(String),
     /// The peer asked for this device's snapshot (it is behind the compaction point).
     Backfill,
     /// The peer asked for range digests (anti-entropy): its first request.

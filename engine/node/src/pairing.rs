@@ -423,7 +423,7 @@ async fn join_in(home: &Home, options: JoinOptions) -> Result<String, NodeError>
             &endpoint,
             joined.inviter,
             addr,
-            joined.library,
+            (joined.library, &home.models().fingerprint()),
             &key,
             (&dir, options.slow_link),
             options.progress,

@@ -29,9 +29,11 @@ use keel_transport::{
 use serde_bytes::ByteBuf;
 
 use super::file_sink::FileSink;
+use crate::core::CoreEvent;
 use crate::error::{blocking, io_at, NodeError};
 use crate::pacing::Pacing;
 use crate::status::JoiningStatus;
+use crossbeam_channel::Sender;
 use keel_engine::{
     NodeLink, JOIN_FRAMES_FILE as FRAMES_FILE, JOIN_INCOMING_FILE as INCOMING_FILE, JOURNAL_FILE,
     PROJECTIONS_FILE,
@@ -246,18 +248,31 @@ impl Drop for ServedJoin {
     }
 }
 
+/// A device asking for a snapshot: its connection, its models' fingerprint, and the most log
+/// entries it is sent as history (see `NodeOptions::join_history`).
+pub(crate) struct Asker {
+    pub(crate) conn: Connection,
+    pub(crate) models: String,
+    pub(crate) history: u64,
+}
+
 /// The sending side: answers a [`DeviceMessage::SnapshotRequest`] on `conn`, then waits for the
 /// receiver to close the connection. The join shows in `joins` meanwhile.
 pub(crate) async fn serve(
-    library: Weak<NodeLink>,
+    (library, core): (Weak<NodeLink>, &Sender<CoreEvent>),
     epoch: Epoch,
-    conn: Connection,
+    asker: Asker,
     joins: &ServedJoins,
 ) {
+    let Asker {
+        conn,
+        models,
+        history,
+    } = asker;
     let peer = conn.peer();
     let started = Instant::now();
     let shown = ServedJoin::start(joins, peer);
-    match send(library, epoch, &conn, &shown).await {
+    match send((library, core), epoch, (&conn, &models, history), &shown).await {
         Ok((entries, bytes)) => {
             tracing::info!(
                 peer = %peer.short(),
@@ -344,10 +359,47 @@ async fn send_within(conn: &Connection, message: &DeviceMessage) -> Result<(), N
     Ok(())
 }
 
+/// The log position every device of the library but `joiner` holds for good, as the core
+/// knows it (0 if it cannot tell): see [`join_base`].
+async fn settled_for(core: &Sender<CoreEvent>, joiner: DeviceId) -> Lsn {
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    if core
+        .send(CoreEvent::Settled {
+            except: joiner,
+            reply,
+        })
+        .is_err()
+    {
+        return Lsn(0);
+    }
+    tokio::task::spawn_blocking(move || answer.recv_timeout(STEP_TIMEOUT).unwrap_or(Lsn(0)))
+        .await
+        .unwrap_or(Lsn(0))
+}
+
+/// Where the joiner's log starts, and whether the sender keeps a snapshot there: a compacted
+/// log's base `kept`; else (an uncompacted log longer than the join's history) `upto`, the
+/// file's position capped by what every other device holds for good (no election can
+/// truncate it), so the file sent is the joiner's snapshot there and the history before it
+/// stays behind (decision 0079). An `upto` of 0 sends the whole log.
+fn join_base(
+    journal: &Journal,
+    kept: (Lsn, Epoch),
+    upto: Lsn,
+) -> Result<((Lsn, Epoch), bool), NodeError> {
+    if kept.0 .0 > 0 || upto.0 == 0 {
+        return Ok((kept, kept.0 .0 > 0));
+    }
+    match journal.log().epoch_at(upto)? {
+        Some(epoch) => Ok(((upto, epoch), false)),
+        None => Ok((kept, false)),
+    }
+}
+
 async fn send(
-    library: Weak<NodeLink>,
+    (library, core): (Weak<NodeLink>, &Sender<CoreEvent>),
     epoch: Epoch,
-    conn: &Connection,
+    (conn, models, history): (&Connection, &str, u64),
     shown: &ServedJoin,
 ) -> Result<(u64, u64), NodeError> {
     let (out, applied) = projection_source(&library).await?;
@@ -357,17 +409,32 @@ async fn send(
         let path = out.path.clone();
         tokio::task::spawn_blocking(move || keel_projections::Projections::check_file(&path))
     };
-    let (target, hlc, (base, base_epoch), head) = {
+    let settled = settled_for(core, conn.peer()).await;
+    let (target, hlc, (base, base_epoch), head, base_kept) = {
         let lib = library.upgrade().ok_or(NodeError::Stopped)?;
+        // A file of the asker's models is its snapshot; of other models it is replayed.
+        let settled = if lib.library().models().fingerprint() == models {
+            settled
+        } else {
+            Lsn(0)
+        };
         let journal = lib.journal()?;
         // The log must reach what the copy has applied.
         let target = journal.stats()?.last_lsn.max(applied.log);
         // Read after the log end: it covers every entry up to there.
         let hlc = journal.hlc_high_water()?.unwrap_or_default();
         // A compacted log is sent from its base: the file holds what came before.
-        let base = journal.log().base()?;
+        let kept = journal.log().base()?;
         let head = journal.log().head()?.unwrap_or_default();
-        (target, hlc, base, head)
+        // A short history is sent whole: the joiner can replay it for other models, and
+        // serve it to a device behind it.
+        let upto = if target.0.saturating_sub(kept.0 .0) > history {
+            applied.log.min(settled)
+        } else {
+            Lsn(0)
+        };
+        let (base, base_kept) = join_base(journal, kept, upto)?;
+        (target, hlc, base, head, base_kept)
     };
     send_within(
         conn,
@@ -380,6 +447,7 @@ async fn send(
             base,
             base_epoch,
             head,
+            base_kept,
         },
     )
     .await?;
@@ -595,7 +663,7 @@ pub(crate) async fn fetch(
     endpoint: &Endpoint,
     peer: DeviceId,
     addr: SocketAddr,
-    library: LibraryId,
+    (library, models): (LibraryId, &str),
     key: &LibraryKey,
     (dir, slow_link): (&Path, SlowLink),
     progress: Option<tokio::sync::mpsc::UnboundedSender<JoinProgress>>,
@@ -619,7 +687,14 @@ pub(crate) async fn fetch(
             ..JournalOptions::default()
         },
     )?;
-    let result = receive(&conn, (library, peer), journal, (dir, slow_link), progress).await;
+    let result = receive(
+        &conn,
+        (library, models, peer),
+        journal,
+        (dir, slow_link),
+        progress,
+    )
+    .await;
     conn.close("snapshot received");
     let incoming = dir.join(INCOMING_FILE);
     let Received {
@@ -684,12 +759,12 @@ struct Incoming {
 
 async fn receive(
     conn: &Connection,
-    (library, inviter): (LibraryId, DeviceId),
+    (library, models, inviter): (LibraryId, &str, DeviceId),
     journal: Journal,
     (dir, slow_link): (&Path, SlowLink),
     progress: Option<tokio::sync::mpsc::UnboundedSender<JoinProgress>>,
 ) -> Result<Received, NodeError> {
-    let log_total = ask_for_snapshot(conn, library, &journal).await?;
+    let log_total = ask_for_snapshot(conn, (library, models), &journal).await?;
     let journal = Arc::new(journal);
     let mut job = JoinJob::start(journal.clone(), inviter).await?;
     let writers = LogWriters::start(journal.clone(), log_total, dir)?;
@@ -733,6 +808,8 @@ async fn receive(
             if let Err(e) = started.await {
                 break Err(e);
             }
+            // The positions up to the base are held: in the file, which becomes the snapshot.
+            stored.fetch_max(base.0, Ordering::AcqRel);
         }
         let (log_end, stored) = (reader.log_end(log_total), stored.load(Ordering::Acquire));
         if let Err(e) = job.follow(reader.hlc(), stored, log_end).await {
@@ -895,7 +972,7 @@ impl JoinJob {
 /// snapshot. Returns the sender's log end (its word: a hint for progress and sizing only).
 async fn ask_for_snapshot(
     conn: &Connection,
-    library: LibraryId,
+    (library, models): (LibraryId, &str),
     journal: &Journal,
 ) -> Result<u64, NodeError> {
     let hello = tokio::time::timeout(STEP_TIMEOUT, conn.recv())
@@ -912,8 +989,11 @@ async fn ask_for_snapshot(
     if journal.stats()?.last_lsn != Lsn(0) {
         return Err(node_error("this device's log is not empty"));
     }
-    conn.send(&DeviceMessage::SnapshotRequest { library })
-        .await?;
+    conn.send(&DeviceMessage::SnapshotRequest {
+        library,
+        models: models.to_string(),
+    })
+    .await?;
     Ok(log_total)
 }
 
@@ -1031,6 +1111,8 @@ struct SnapshotReader {
     base: (Lsn, Epoch, Epoch),
     /// Set by a header with a base, until this device's empty log is made to start there.
     start_after: bool,
+    /// Whether the sender keeps its snapshot at the base (a backfill could pull it).
+    base_kept: bool,
     /// With a base: where the chunks go packed, to become the library's snapshot.
     frames: Option<(PathBuf, std::fs::File)>,
     segments: crossbeam_channel::Sender<Segment>,
@@ -1047,6 +1129,7 @@ impl SnapshotReader {
             seen: None,
             base: (Lsn(0), Epoch::default(), Epoch::default()),
             start_after: false,
+            base_kept: false,
             frames: None,
             segments,
         }
@@ -1055,7 +1138,7 @@ impl SnapshotReader {
     /// Whether the link is measured for [`SlowLink`]: only a compacted sender has a snapshot
     /// to backfill from, and only from the file's header on, while its chunks arrive.
     fn measures_link(&self) -> bool {
-        self.base.0 .0 > 0 && self.incoming.is_some()
+        self.base_kept && self.incoming.is_some()
     }
 
     /// The sender's clock mark, once its header is in.
@@ -1083,6 +1166,7 @@ impl SnapshotReader {
                 base,
                 base_epoch,
                 head,
+                base_kept,
                 ..
             } => {
                 if base > applied || self.next != 1 {
@@ -1090,6 +1174,7 @@ impl SnapshotReader {
                 }
                 self.on_begin(applied, log_end, file_bytes, hlc)?;
                 if base.0 > 0 {
+                    self.base_kept = base_kept;
                     self.base = (base, base_epoch, head);
                     self.next = base.0 + 1;
                     self.start_after = true;
@@ -1339,7 +1424,7 @@ mod tests {
                 &ours,
                 device,
                 addr,
-                library,
+                (library, ""),
                 &key,
                 (&dir, SlowLink::never()),
                 None,
@@ -1361,6 +1446,7 @@ mod tests {
             base: Lsn(0),
             base_epoch: Epoch::default(),
             head: Epoch::default(),
+            base_kept: false,
         }
     }
 
@@ -1497,6 +1583,7 @@ mod tests {
                     base: Lsn(0),
                     base_epoch: Epoch::default(),
                     head: Epoch::default(),
+                    base_kept: false,
                 },
                 segment,
                 chunk(&data),
