@@ -445,3 +445,88 @@ fn a_compacted_library_whose_app_dropped_a_field_is_refused_with_a_reason() {
         Some(photo)
     );
 }
+
+/// A joiner whose app has other models than its inviter's receives the whole log, however long
+/// (the file would be replayed for its models, not kept as its snapshot); one with the same
+/// models starts at a base of its own past the inviter's `join_history` (decision 0079).
+#[test]
+fn a_joiner_of_another_app_version_receives_the_whole_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, lib) = keel_tests::create_in(home(dir.path(), "a", true), "photos").expect("creates");
+    let a = Node::start(
+        lib,
+        keel_node::NodeOptions {
+            join_history: Some(10),
+            ..options(Vec::new())
+        },
+    )
+    .expect("starts");
+    let album = Album {
+        uuid: Uuid::new_v4(),
+        name: "Summer".into(),
+    };
+    a.library()
+        .transact(|tx| {
+            tx.upsert(&album);
+            for i in 0..50 {
+                tx.upsert(&v2::Photo {
+                    uuid: Uuid::new_v4(),
+                    album: album.uuid,
+                    caption: format!("photo {i}"),
+                    stars: i % 5,
+                });
+            }
+            Ok(())
+        })
+        .expect("commits");
+    a.library()
+        .transact(|tx| {
+            tx.upsert(&Album {
+                name: "Summer '26".into(),
+                ..album.clone()
+            });
+            Ok(())
+        })
+        .expect("commits");
+    let old_app = join(&home(dir.path(), "b", false), &a);
+    let same_app = join(&home(dir.path(), "c", true), &a);
+    let base = |node: &Node| {
+        node.library()
+            .status()
+            .expect("status")
+            .journal
+            .compacted_to
+    };
+    assert_eq!(
+        base(&old_app),
+        0,
+        "the older app's device holds the whole log"
+    );
+    assert!(
+        base(&same_app) > 0,
+        "the same app's device starts at a base"
+    );
+    // The same log end everywhere and nothing to push (`settle` compares change ids, which a
+    // log started at a base does not all hold).
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let ends: Vec<_> = [&a, &old_app, &same_app]
+            .iter()
+            .map(|n| (n.status().log_len, n.status().offline))
+            .collect();
+        if ends.iter().all(|e| *e == (ends[0].0, 0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never settled: {ends:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for node in [&old_app, &same_app] {
+        assert_eq!(
+            node.library()
+                .get::<Album>(album.uuid)
+                .expect("reads")
+                .map(|a| a.name),
+            Some("Summer '26".to_string())
+        );
+    }
+}
