@@ -229,6 +229,17 @@ fn a_damaged_leader(
     dir: &std::path::Path,
     c_behind: bool,
 ) -> (Vec<keel_node::Node>, Home, std::net::SocketAddr, u64, u64) {
+    a_damaged_leader_with(dir, c_behind, |listen| {
+        without_start_check(listen, Vec::new())
+    })
+}
+
+/// [`a_damaged_leader`], `a` restarted with `a_options` (given its address).
+fn a_damaged_leader_with(
+    dir: &std::path::Path,
+    c_behind: bool,
+    a_options: impl Fn(std::net::SocketAddr) -> keel_node::NodeOptions,
+) -> (Vec<keel_node::Node>, Home, std::net::SocketAddr, u64, u64) {
     use keel_replication::ElectionRole;
     let (ha, a) = cluster::founder(dir, "a", "lib").expect("founds");
     let (hb, b) = cluster::joiner(dir, "b", &a).expect("joins");
@@ -256,8 +267,7 @@ fn a_damaged_leader(
         damaged,
         |bytes, record| bytes[record.end - 1] ^= 0x40,
     );
-    let a = cluster::restart_with(&ha, "lib", without_start_check(addrs[0], Vec::new()))
-        .expect("a restarts");
+    let a = cluster::restart_with(&ha, "lib", a_options(addrs[0])).expect("a restarts");
     assert_eq!(
         a.status().role,
         ElectionRole::Leader,
@@ -358,6 +368,31 @@ fn a_leader_that_finds_a_record_to_send_damaged_steps_down_and_another_serves_it
     fetched_again(leader, a, end);
     fetched_again(leader, &c, end);
     cluster::converge(&[a, b, &c], Duration::from_secs(30)).expect("converges");
+}
+
+/// A leader that resumes its epoch at start is not held by the start check, which waits until
+/// it stops leading; its periodic scrub still runs meanwhile, finds the record damaged while it
+/// was off, and it steps down and fetches the record again.
+#[test]
+fn a_resumed_leader_s_scrub_still_runs_and_finds_its_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (nodes, _, _, end, _) =
+        a_damaged_leader_with(dir.path(), false, |listen| keel_node::NodeOptions {
+            listen,
+            scrub_every: Some(Duration::from_millis(200)),
+            ..cluster::options(Vec::new())
+        });
+    let [a, b, c] = nodes.as_slice() else {
+        unreachable!("three nodes")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.status().role == keel_replication::ElectionRole::Leader {
+        assert!(Instant::now() < deadline, "a's scrub never found its damage");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let leader = another_leads(a, &[b, c]);
+    fetched_again(leader, a, end);
+    cluster::converge(&[a, b, c], Duration::from_secs(30)).expect("converges");
 }
 
 /// A follower whose log record was damaged while the devices were off, and whose log is the
