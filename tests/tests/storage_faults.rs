@@ -387,7 +387,10 @@ fn a_resumed_leader_s_scrub_still_runs_and_finds_its_damage() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while a.status().role == keel_replication::ElectionRole::Leader {
-        assert!(Instant::now() < deadline, "a's scrub never found its damage");
+        assert!(
+            Instant::now() < deadline,
+            "a's scrub never found its damage"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let leader = another_leads(a, &[b, c]);

@@ -36,17 +36,10 @@ const FIRST_AFTER: Duration = Duration::from_secs(60);
 /// How often a start check waiting for its device to stop leading looks again.
 const LEADING_POLL: Duration = Duration::from_millis(100);
 
-/// How a pass goes on between stretches.
-struct Pace<'a> {
-    /// The pause after each stretch.
-    pause: Duration,
-    /// While this holds, the pass reads nothing (it looks again every [`LEADING_POLL`]).
-    wait_while: &'a dyn Fn() -> bool,
-}
-
-/// Starts the scrub thread: first the start check of the log through `check_to`, if given,
-/// then a pass every `every`, if given; it stops when the returned sender is dropped.
-/// `status` tells it whether the device leads.
+/// Starts the scrub thread: the start check of the log through `check_to`, if given, once the
+/// device does not lead (at once, unless it resumed leading), and a pass every `every`, if
+/// given, meanwhile and after; it stops when the returned sender is dropped. `status` tells it
+/// whether the device leads.
 pub(crate) fn start(
     link: Arc<NodeLink>,
     (core, status): (Sender<CoreEvent>, Arc<Mutex<NodeStatus>>),
@@ -54,48 +47,60 @@ pub(crate) fn start(
     every: Option<Duration>,
 ) -> Result<(Sender<()>, JoinHandle<()>), NodeError> {
     let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    let leading = move || {
+        status
+            .lock()
+            .is_ok_and(|s| s.role == keel_replication::ElectionRole::Leader)
+    };
     std::thread::Builder::new()
         .name("keel-scrub".into())
         .spawn(move || {
-            if let Some(end) = check_to {
-                let leading = || {
-                    status
-                        .lock()
-                        .is_ok_and(|s| s.role == keel_replication::ElectionRole::Leader)
-                };
-                let pace = Pace {
-                    pause: START_PAUSE,
-                    wait_while: &leading,
-                };
-                match check_at_start(&link, &core, &stopped, end, &pace) {
-                    Ok(true) => {
-                        let _ = core.send(CoreEvent::LogChecked { through: end });
+            let mut unchecked = check_to;
+            let mut next = every.map(|every| Instant::now() + FIRST_AFTER.min(every));
+            loop {
+                if let Some(end) = unchecked.filter(|_| !leading()) {
+                    unchecked = None;
+                    match check_at_start(&link, &core, &stopped, end) {
+                        Ok(true) => {
+                            let _ = core.send(CoreEvent::LogChecked { through: end });
+                        }
+                        Ok(false) => return,
+                        Err(error) => tracing::error!(
+                            %error,
+                            "the start check of the log stopped: this device does not stand \
+                             for election until the node starts again"
+                        ),
                     }
-                    Ok(false) => return,
-                    Err(error) => tracing::error!(
-                        %error,
-                        "the start check of the log stopped: this device does not stand for \
-                         election until the node starts again"
-                    ),
+                    continue;
                 }
-            }
-            let Some(every) = every else { return };
-            let mut next = Instant::now() + FIRST_AFTER.min(every);
-            while wait_until(&stopped, next) {
-                let pace = Pace {
-                    pause: PAUSE,
-                    wait_while: &|| false,
+                let wake = match (unchecked, next) {
+                    (Some(_), Some(next)) => next.min(Instant::now() + LEADING_POLL),
+                    (Some(_), None) => Instant::now() + LEADING_POLL,
+                    (None, Some(next)) => next,
+                    (None, None) => return,
                 };
-                match pass(&link, &stopped, (Lsn(1), Lsn(u64::MAX)), &pace) {
-                    Ok(Some(damaged)) => repair(&core, damaged),
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "the log scrub stopped"),
+                if !wait_until(&stopped, wake) {
+                    return;
                 }
-                next = Instant::now() + every;
+                if let (Some(due), Some(every)) = (next, every) {
+                    if Instant::now() >= due {
+                        scrub_once(&link, &core, &stopped);
+                        next = Some(Instant::now() + every);
+                    }
+                }
             }
         })
         .map(|thread| (stop, thread))
         .map_err(|e| NodeError::Failed(format!("the scrub thread did not start: {e}")))
+}
+
+/// One periodic pass over the whole log, repairing the first damaged record it finds.
+fn scrub_once(link: &NodeLink, core: &Sender<CoreEvent>, stopped: &Receiver<()>) {
+    match pass(link, stopped, (Lsn(1), Lsn(u64::MAX)), PAUSE) {
+        Ok(Some(damaged)) => repair(core, damaged),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "the log scrub stopped"),
+    }
 }
 
 /// The start check: reads the log through `end` (its end when the node started), repairing
@@ -106,13 +111,12 @@ fn check_at_start(
     core: &Sender<CoreEvent>,
     stopped: &Receiver<()>,
     end: Lsn,
-    pace: &Pace,
 ) -> Result<bool, NodeError> {
     let started = Instant::now();
     let mut damages = 0u32;
     let mut from = Lsn(1);
     loop {
-        match pass(link, stopped, (from, end), pace)? {
+        match pass(link, stopped, (from, end), START_PAUSE)? {
             Some(damaged) if damages < MAX_REPAIRS_AT_START => {
                 damages += 1;
                 repair(core, damaged);
@@ -151,20 +155,15 @@ fn wait_until(stopped: &Receiver<()>, when: Instant) -> bool {
     matches!(stopped.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
 }
 
-/// One pass over the log from `from` through `end` at `pace`: the first damaged record, if
-/// any.
+/// One pass over the log from `from` through `end`, pausing `pause` between stretches: the
+/// first damaged record, if any.
 fn pass(
     link: &NodeLink,
     stopped: &Receiver<()>,
     (mut from, end): (Lsn, Lsn),
-    pace: &Pace,
+    pause: Duration,
 ) -> Result<Option<Lsn>, NodeError> {
     loop {
-        while (pace.wait_while)() {
-            if !wait_until(stopped, Instant::now() + LEADING_POLL) {
-                return Ok(None);
-            }
-        }
         let check = link.journal()?.check_log(from, STRETCH)?;
         if check.damaged.is_some() {
             return Ok(check.damaged);
@@ -173,7 +172,7 @@ fn pass(
             return Ok(None);
         };
         from = next;
-        if !wait_until(stopped, Instant::now() + pace.pause) {
+        if !wait_until(stopped, Instant::now() + pause) {
             return Ok(None);
         }
     }
