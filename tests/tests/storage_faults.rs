@@ -370,6 +370,25 @@ fn a_leader_that_finds_a_record_to_send_damaged_steps_down_and_another_serves_it
     cluster::converge(&[a, b, &c], Duration::from_secs(30)).expect("converges");
 }
 
+/// A device that resumes leading at start leaves its start check for later: its log stays
+/// unchecked while it leads (its disk and CPU go to its followers).
+#[test]
+fn a_resumed_leader_leaves_its_start_check_for_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ha, a) = cluster::founder(dir.path(), "a", "lib").expect("founds");
+    tags(a.library(), (0..20).map(|i| format!("t {i}")));
+    let listen = a.local_addr();
+    a.stop().expect("stops");
+    let a = cluster::restart(&ha, "lib", listen).expect("restarts");
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        let status = a.status();
+        assert_eq!(status.role, keel_replication::ElectionRole::Leader);
+        assert!(status.log_unchecked, "a leader ran its start check");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A leader that resumes its epoch at start is not held by the start check, which waits until
 /// it stops leading; its periodic scrub still runs meanwhile, finds the record damaged while it
 /// was off, and it steps down and fetches the record again.
