@@ -804,10 +804,13 @@ impl Core {
     /// there is no log.
     pub(crate) fn hold_until_checked(&mut self) -> Option<Lsn> {
         let end = self.replica.durable().last_lsn();
-        (end.0 > self.replica.durable().log.base().0).then(|| {
+        let held = (end.0 > self.replica.durable().log.base().0).then(|| {
             self.replica.hold_until_checked(end);
             end
-        })
+        });
+        // Published before the check's thread starts: it must see a resumed leader as one.
+        self.publish_status();
+        held
     }
 
     /// Drops the log from `damaged` on (found by a scan or a read; checked again here, one
