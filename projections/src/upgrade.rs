@@ -138,7 +138,7 @@ impl Projections {
         let (mut after, mut exact, mut approximated) = (0_i64, 0_u64, 0_u64);
         loop {
             let mut changes = Vec::with_capacity(BATCH);
-            let mut restamped = Vec::with_capacity(BATCH);
+            let mut restamps = Vec::with_capacity(BATCH);
             let mut last = None;
             {
                 let mut stmt = self.conn.prepare(&select)?;
@@ -146,10 +146,11 @@ impl Projections {
                 while let Some(row) = rows.next()? {
                     let rowid = row.get::<_, i64>(0)?;
                     last = Some(rowid);
-                    if let Some(blob) = restamped_clocks(model, row)? {
-                        restamped.push((rowid, blob));
-                    }
-                    let Some((change, uniform)) = whole_row_change(model, row)? else {
+                    let Some(clocks) = old_clocks(model, row)? else {
+                        continue;
+                    };
+                    restamps.push((rowid, restamped(model, &clocks)));
+                    let Some((change, uniform)) = whole_row_change(model, row, &clocks)? else {
                         continue;
                     };
                     if uniform {
@@ -167,7 +168,7 @@ impl Projections {
             {
                 let tx = self.conn.unchecked_transaction()?;
                 let mut stmt = tx.prepare_cached(&restamp)?;
-                for (rowid, blob) in &restamped {
+                for (rowid, blob) in &restamps {
                     stmt.execute((blob, rowid))?;
                 }
                 drop(stmt);
@@ -342,36 +343,39 @@ fn rebuild_tables(
     Ok(())
 }
 
-/// `row`'s clocks encoded for the model's new fields: a blob of uniform clocks names every
-/// field at once (`0xFF`), which the new fields would then seem to have been written at;
-/// decoded for the old fields alone and encoded again, each old field is named. `None` when
-/// the row has no clocks.
-fn restamped_clocks(
+/// `row`'s clocks, decoded for the model's old fields (`None` when the row has none).
+fn old_clocks(
     model: &Extended,
     row: &rusqlite::Row<'_>,
-) -> Result<Option<Vec<u8>>, ProjectionError> {
+) -> Result<Option<FieldClocks>, ProjectionError> {
     let Some(blob) = row.get::<_, Option<Vec<u8>>>(2)? else {
         return Ok(None);
     };
     let bad = || ProjectionError::MalformedRow(format!("{} clocks", model.def.name));
-    let mut clocks = FieldClocks::decode(&blob, model.old_fields).ok_or_else(bad)?;
-    clocks.0.resize(model.def.fields.len(), None);
-    Ok(Some(clocks.encode()))
+    FieldClocks::decode(&blob, model.old_fields)
+        .ok_or_else(bad)
+        .map(Some)
 }
 
-/// The change that wrote `row` whole at `model`'s old version, and whether it is exactly
-/// that (one clock on every old field); `None` for a row with an old field never written.
+/// `clocks` encoded for the model's new fields: a blob of uniform clocks names every field at
+/// once (`0xFF`), which the new fields would then seem to have been written at; encoded again
+/// for the new field count, each old field is named.
+fn restamped(model: &Extended, clocks: &FieldClocks) -> Vec<u8> {
+    let mut clocks = clocks.clone();
+    clocks.0.resize(model.def.fields.len(), None);
+    clocks.encode()
+}
+
+/// The change that wrote `row` (whose old fields' clocks are `clocks`) whole at `model`'s old
+/// version, and whether it is exactly that (one clock on every old field); `None` for a row
+/// with an old field never written.
 fn whole_row_change(
     model: &Extended,
     row: &rusqlite::Row<'_>,
+    clocks: &FieldClocks,
 ) -> Result<Option<(Change, bool)>, ProjectionError> {
     let def = model.def;
-    let bad = || ProjectionError::MalformedRow(format!("{} clocks", def.name));
     let uuid = crate::ranges::uuid_of(def, row.get_ref(1)?)?;
-    let Some(blob) = row.get::<_, Option<Vec<u8>>>(2)? else {
-        return Ok(None);
-    };
-    let clocks = FieldClocks::decode(&blob, model.old_fields).ok_or_else(bad)?;
     let Some(written) = clocks.0.iter().copied().collect::<Option<Vec<_>>>() else {
         return Ok(None);
     };

@@ -4,8 +4,8 @@
 //! first damaged record on and fetches it again from its leader (see
 //! [`crate::Node::repair_log`]); a leader steps down first, and fetches from the next one.
 //!
-//! Before its first pass, the thread checks the log the node found on disk when it started
-//! (the start check, [`crate::NodeOptions::check_log_at_start`]): at a brisker pace, since the
+//! The same thread checks the log the node found on disk when it started (the start check,
+//! [`crate::NodeOptions::check_log_at_start`]): at a brisker pace, since the
 //! replica does not stand for election until it is done (see
 //! `keel_replication::Replica::hold_until_checked`).
 

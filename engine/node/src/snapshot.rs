@@ -377,23 +377,24 @@ async fn settled_for(core: &Sender<CoreEvent>, joiner: DeviceId) -> Lsn {
         .unwrap_or(Lsn(0))
 }
 
-/// Where the joiner's log starts, and whether the sender keeps a snapshot there: a compacted
-/// log's base `kept`; else (an uncompacted log longer than the join's history) `upto`, the
+/// Where the log of a joiner of an uncompacted log starts (decision 0079): at `upto`, the
 /// file's position capped by what every other device holds for good (no election can
 /// truncate it), so the file sent is the joiner's snapshot there and the history before it
-/// stays behind (decision 0079). An `upto` of 0 sends the whole log.
+/// stays behind; `kept` (no base) when `upto` is 0 or not in the log.
 fn join_base(
-    journal: &Journal,
+    library: &Weak<NodeLink>,
     kept: (Lsn, Epoch),
     upto: Lsn,
-) -> Result<((Lsn, Epoch), bool), NodeError> {
-    if kept.0 .0 > 0 || upto.0 == 0 {
-        return Ok((kept, kept.0 .0 > 0));
+) -> Result<(Lsn, Epoch), NodeError> {
+    if upto.0 == 0 {
+        return Ok(kept);
     }
-    match journal.log().epoch_at(upto)? {
-        Some(epoch) => Ok(((upto, epoch), false)),
-        None => Ok((kept, false)),
-    }
+    let lib = library.upgrade().ok_or(NodeError::Stopped)?;
+    Ok(lib
+        .journal()?
+        .log()
+        .epoch_at(upto)?
+        .map_or(kept, |epoch| (upto, epoch)))
 }
 
 async fn send(
@@ -409,15 +410,8 @@ async fn send(
         let path = out.path.clone();
         tokio::task::spawn_blocking(move || keel_projections::Projections::check_file(&path))
     };
-    let settled = settled_for(core, conn.peer()).await;
-    let (target, hlc, (base, base_epoch), head, base_kept) = {
+    let (target, hlc, kept, head, same_models) = {
         let lib = library.upgrade().ok_or(NodeError::Stopped)?;
-        // A file of the asker's models is its snapshot; of other models it is replayed.
-        let settled = if lib.library().models().fingerprint() == models {
-            settled
-        } else {
-            Lsn(0)
-        };
         let journal = lib.journal()?;
         // The log must reach what the copy has applied.
         let target = journal.stats()?.last_lsn.max(applied.log);
@@ -426,16 +420,20 @@ async fn send(
         // A compacted log is sent from its base: the file holds what came before.
         let kept = journal.log().base()?;
         let head = journal.log().head()?.unwrap_or_default();
-        // A short history is sent whole: the joiner can replay it for other models, and
-        // serve it to a device behind it.
-        let upto = if target.0.saturating_sub(kept.0 .0) > history {
-            applied.log.min(settled)
-        } else {
-            Lsn(0)
-        };
-        let (base, base_kept) = join_base(journal, kept, upto)?;
-        (target, hlc, base, head, base_kept)
+        let same_models = lib.library().models().fingerprint() == models;
+        (target, hlc, kept, head, same_models)
     };
+    // An uncompacted log longer than the join's history, to an asker of these models (a file
+    // of other models is replayed, not kept), starts the joiner at a base of its own; a short
+    // history is sent whole (the joiner can replay it for other models, and serve it).
+    let own_base = kept.0 .0 == 0 && target.0 > history && same_models;
+    let (base, base_epoch) = if own_base {
+        let upto = applied.log.min(settled_for(core, conn.peer()).await);
+        join_base(&library, kept, upto)?
+    } else {
+        kept
+    };
+    let base_kept = kept.0 .0 > 0;
     send_within(
         conn,
         &DeviceMessage::SnapshotBegin {
