@@ -125,11 +125,16 @@ impl LinkProbe {
     /// Takes the bytes received so far once the file's header is in; returns the rate
     /// measured when it is below the rule's (the join should backfill), once.
     fn observe(&mut self, received: u64) -> Option<u64> {
+        self.observe_at(received, Instant::now())
+    }
+
+    /// [`Self::observe`] at `now`.
+    fn observe_at(&mut self, received: u64, now: Instant) -> Option<u64> {
         if self.decided || self.rule.backfill_below == 0 {
             return None;
         }
         let Some((at, start)) = self.from else {
-            self.from = Some((Instant::now(), received));
+            self.from = Some((now, received));
             return None;
         };
         let bytes = received.saturating_sub(start);
@@ -137,7 +142,7 @@ impl LinkProbe {
             return None;
         }
         self.decided = true;
-        let secs = at.elapsed().as_secs_f64().max(1e-6);
+        let secs = now.saturating_duration_since(at).as_secs_f64().max(1e-6);
         let rate = (bytes as f64 / secs) as u64;
         (rate < self.rule.backfill_below).then_some(rate)
     }
@@ -1356,6 +1361,34 @@ mod tests {
     use super::*;
     use keel_engine::{CreateOptions, Home, KdfParams, Library};
     use keel_transport::{Identity, Pins};
+
+    /// Feeds `probe` `(milliseconds, bytes received)` readings; returns what it decided.
+    fn probe_readings(probe: &mut LinkProbe, readings: &[(u64, u64)]) -> Option<u64> {
+        let start = Instant::now();
+        readings.iter().find_map(|&(ms, received)| {
+            probe.observe_at(received, start + Duration::from_millis(ms))
+        })
+    }
+
+    #[test]
+    fn a_sender_that_pauses_before_its_first_bytes_does_not_make_a_fast_link_slow() {
+        // The header in, then 200 ms of nothing (the sender reading its file), then 1 MiB
+        // in 20 ms: 50 MB/s while bytes flow.
+        let mut readings: Vec<(u64, u64)> = (0..=40).map(|tick| (tick * 5, 100)).collect();
+        readings.extend((1..=4).map(|tick| (200 + tick * 5, 100 + tick * (256 << 10))));
+        let mut probe = LinkProbe::new(SlowLink::default());
+        assert_eq!(probe_readings(&mut probe, &readings), None);
+        assert!(probe.decided, "the probe measured its bytes");
+    }
+
+    #[test]
+    fn a_link_slower_than_the_rule_is_found_slow_while_bytes_flow() {
+        // 8 MB/s, steady: 40 KB every 5 ms.
+        let readings: Vec<(u64, u64)> = (0..=100).map(|tick| (tick * 5, tick * 40_000)).collect();
+        let mut probe = LinkProbe::new(SlowLink::default());
+        let rate = probe_readings(&mut probe, &readings).expect("found slow");
+        assert!((7_000_000..9_000_000).contains(&rate), "{rate}");
+    }
 
     /// A joined (follower) library with an empty log, closed; returns its folder and key.
     fn joined_library(root: &Path) -> (Home, PathBuf, LibraryId, LibraryKey) {
