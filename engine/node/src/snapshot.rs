@@ -104,12 +104,17 @@ impl SlowLink {
 }
 
 /// Measures the link while the file arrives: from its header, the bytes received over the
-/// time they took, once [`SlowLink::probe_bytes`] arrived.
+/// time they took, once [`SlowLink::probe_bytes`] arrived. Only the time between two readings
+/// with bytes between them counts: a sender that pauses (reading or packing its file) is not
+/// a slow link, and a backfill would wait for it as long.
 struct LinkProbe {
     rule: SlowLink,
-    /// When the header came and the bytes received by then; `None` before it, or once
-    /// decided.
-    from: Option<(Instant, u64)>,
+    /// The bytes received when the header came; `None` before it.
+    start: Option<u64>,
+    /// The last reading: when, and the bytes received by then.
+    last: Option<(Instant, u64)>,
+    /// Time between readings that saw bytes arrive.
+    flowing: Duration,
     decided: bool,
 }
 
@@ -117,7 +122,9 @@ impl LinkProbe {
     fn new(rule: SlowLink) -> Self {
         Self {
             rule,
-            from: None,
+            start: None,
+            last: None,
+            flowing: Duration::ZERO,
             decided: false,
         }
     }
@@ -133,16 +140,19 @@ impl LinkProbe {
         if self.decided || self.rule.backfill_below == 0 {
             return None;
         }
-        let Some((at, start)) = self.from else {
-            self.from = Some((now, received));
-            return None;
-        };
+        let start = *self.start.get_or_insert(received);
+        if let Some((at, before)) = self.last {
+            if received > before {
+                self.flowing += now.saturating_duration_since(at);
+            }
+        }
+        self.last = Some((now, received));
         let bytes = received.saturating_sub(start);
         if bytes < self.rule.probe_bytes {
             return None;
         }
         self.decided = true;
-        let secs = now.saturating_duration_since(at).as_secs_f64().max(1e-6);
+        let secs = self.flowing.as_secs_f64().max(1e-6);
         let rate = (bytes as f64 / secs) as u64;
         (rate < self.rule.backfill_below).then_some(rate)
     }
