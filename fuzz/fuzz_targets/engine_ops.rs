@@ -12,6 +12,9 @@
 //! all runs.
 #![no_main]
 
+#[path = "../../tests/src/shm.rs"]
+mod scratch;
+
 use std::collections::BTreeMap;
 
 use keel_engine::{CreateOptions, Home, Library, Tag, TagUpdate};
@@ -59,9 +62,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let dir = tempfile::tempdir_in("/dev/shm")
-            .or_else(|_| tempfile::tempdir())
-            .expect("a folder");
+        let dir = scratch::dir("keel-fuzz");
         let options = CreateOptions {
             kdf: KdfParams::INSECURE_FAST,
         };

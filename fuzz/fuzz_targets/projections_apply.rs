@@ -10,6 +10,9 @@
 //! two, every change applied in both, must also agree).
 #![no_main]
 
+#[path = "../../tests/src/shm.rs"]
+mod scratch;
+
 use std::collections::BTreeMap;
 
 use keel_projections::Projections;
@@ -142,9 +145,7 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
-        let dir = tempfile::tempdir_in("/dev/shm")
-            .or_else(|_| tempfile::tempdir())
-            .expect("a folder");
+        let dir = scratch::dir("keel-fuzz");
         let open = |name: &str| Projections::open(&dir.path().join(name)).expect("opens");
         Self {
             forward: open("forward.sqlite"),

@@ -8,6 +8,9 @@
 //! the chunks sent, and every log position up to its end was handed to the journal.
 #![no_main]
 
+#[path = "../../tests/src/shm.rs"]
+mod scratch;
+
 use keel_replication::wire::WireLogEntry;
 use keel_replication::ReplicationMessage;
 use keel_schema::{DeviceId, Epoch, Hlc, Lsn};
@@ -154,9 +157,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    let dir = tempfile::tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .expect("a folder");
+    let dir = scratch::dir("keel-fuzz");
     let (entries, outcome) = keel_node::fuzz_receive(dir.path(), messages);
     if let Ok(Some((log_end, len))) = outcome {
         let file = std::fs::read(dir.path().join("projections.sqlite.incoming"))

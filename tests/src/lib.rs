@@ -90,6 +90,7 @@ pub fn journal_opened_with(
 }
 
 pub mod proxy;
+pub mod shm;
 
 /// What a crash-child run to its end printed (see `src/bin/crash_child.rs`): its last
 /// `progress DONE TOTAL` and its peak resident memory (`peak_rss_kb N`), in MiB.

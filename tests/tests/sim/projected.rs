@@ -83,16 +83,9 @@ fn template() -> &'static Path {
     path
 }
 
-/// A folder for a seed's files: in memory where the machine has a tmpfs (still real SQLite
-/// files, only without a disk's latency).
+/// A folder for a seed's files (see [`keel_tests::shm`]).
 pub(crate) fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new().prefix("keel-sim").tempdir_in(shm) {
-            return dir;
-        }
-    }
-    tempfile::tempdir().expect("a temporary folder")
+    keel_tests::shm::dir("keel-sim")
 }
 
 /// One device's projections and what they applied.
