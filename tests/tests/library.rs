@@ -445,6 +445,59 @@ fn changes_a_truncation_dropped_leave_the_projections() {
     );
 }
 
+/// A snapshot is taken at the position the projections applied, which may be past the base
+/// the log is compacted to. A truncation between the two drops changes the snapshot holds:
+/// a projection started from it must not keep them (as `changes_a_truncation_dropped_leave_the_projections`
+/// shows for a library never compacted).
+#[test]
+#[ignore = "known hazard, not fixed: a snapshot past its base keeps the changes a truncation \
+            drops (decision 0073, last section)"]
+fn a_truncation_past_a_compaction_base_leaves_no_change_in_the_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, _) = closed_library_of_20_files(&dir.path().join("a"));
+    let last = log_len(&home);
+    // The same library, never compacted: what the log gives once truncated.
+    let twin = dir.path().join("twin");
+    copy_dir(home.root(), &twin);
+    let twin = Home::new(&twin);
+    let truncate = |home: &Home| {
+        let (journal, _) = keel_tests::journal_of(home, "lib");
+        let dropped = ids_from(&journal, last, 1);
+        assert_eq!(dropped.len(), 1);
+        journal
+            .log()
+            .truncate_after(keel_schema::Lsn(last - 1), &dropped)
+            .expect("truncates");
+        journal.close();
+    };
+    truncate(&twin);
+    let expected = Library::open(&twin, "lib", PASSWORD).expect("opens");
+    let expected_digest = expected.digest().expect("digest");
+    expected.close().expect("closes");
+
+    let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+    let report = lib.compact(keel_schema::Lsn(last - 3)).expect("compacts");
+    assert_eq!(report.base, last - 3, "the snapshot is past the base");
+    lib.close().expect("closes");
+    truncate(&home);
+    let lib = Library::open(&home, "lib", PASSWORD).expect("opens");
+    assert_eq!(lib.digest().expect("digest"), expected_digest);
+    lib.close().expect("closes");
+}
+
+/// Copies the folder `from` to `to`, recursively.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("reads").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).expect("copies");
+        }
+    }
+}
+
 /// The same while the library runs (a node's truncation): `rebuild_if_stale` rebuilds it
 /// aside, and the projections equal a replay again.
 #[test]
