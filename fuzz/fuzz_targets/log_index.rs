@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((header, chunks)) = parts.split_first() else {
         return;
     };
-    let decoded = LogIndex::decode_saved(header, |n| -> Result<_, ()> {
+    // Room as the journal makes it: the entries the chunks could hold at most.
+    let room = chunks.iter().map(|c| c.len()).sum::<usize>();
+    let decoded = LogIndex::decode_saved(header, room, |n| -> Result<_, ()> {
         Ok(usize::try_from(n)
             .ok()
             .and_then(|n| chunks.get(n - 1))

@@ -49,6 +49,12 @@ pub struct LogIndex {
 }
 
 impl LogIndex {
+    /// Makes room for exactly `additional` more entries (an index of a long log built without
+    /// it would hold up to twice its entries while its vector grows: 340 MB of ids at 20M).
+    pub fn reserve_exact(&mut self, additional: usize) {
+        self.ids.reserve_exact(additional);
+    }
+
     /// Appends the entry of the next position.
     pub fn push(&mut self, epoch: Epoch, id: Option<ChangeId>) {
         if self.runs.last().map(|(_, e)| *e) != Some(epoch) {
@@ -228,8 +234,9 @@ impl LogIndex {
     }
 }
 
-/// The saved index as stored (header and every chunk sound), not yet checked against the log.
-fn read_saved(txn: &redb::ReadTransaction) -> Result<Option<LogIndex>, JournalError> {
+/// The saved index as stored (header and every chunk sound), not yet checked against the log;
+/// room made at once for at most `room` entries.
+fn read_saved(txn: &redb::ReadTransaction, room: usize) -> Result<Option<LogIndex>, JournalError> {
     let saved = match txn.open_table(LOG_INDEX) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -238,7 +245,7 @@ fn read_saved(txn: &redb::ReadTransaction) -> Result<Option<LogIndex>, JournalEr
     let Some(header) = saved.get(0).map_err(storage)?.map(|h| h.value().to_vec()) else {
         return Ok(None);
     };
-    let index = LogIndex::decode_saved(&header, |number| -> Result<_, JournalError> {
+    let index = LogIndex::decode_saved(&header, room, |number| -> Result<_, JournalError> {
         Ok(saved
             .get(number)
             .map_err(storage)?
@@ -253,10 +260,12 @@ fn read_saved(txn: &redb::ReadTransaction) -> Result<Option<LogIndex>, JournalEr
 impl LogIndex {
     /// Decodes a saved index from its header and its chunks (`chunk(n)` gives chunk `n`, from
     /// 1, if there is one): `Ok(None)` if the header or any chunk is damaged, missing or of
-    /// another save. Bounded by what `chunk` gives, whatever the header claims. Public for
-    /// fuzzing.
+    /// another save. Bounded by what `chunk` gives, whatever the header claims; room is made
+    /// at once for the header's count of entries, at most `room` (the log's length: the rest
+    /// grows with the chunks actually read). Public for fuzzing.
     pub fn decode_saved<E>(
         header: &[u8],
+        room: usize,
         mut chunk: impl FnMut(u64) -> Result<Option<Vec<u8>>, E>,
     ) -> Result<Option<LogIndex>, E> {
         let Some((save, len, runs)) = LogIndex::decode_header(header) else {
@@ -265,8 +274,8 @@ impl LogIndex {
         let mut index = LogIndex {
             base: Default::default(),
             runs,
-            // The count is the file's word: room grows with the chunks actually read.
-            ids: Vec::with_capacity(len.min(CHUNK_ENTRIES)),
+            // The count is the file's word: past `room`, room grows with the chunks read.
+            ids: Vec::with_capacity(len.min(room.max(CHUNK_ENTRIES))),
         };
         for number in 1..=LogIndex::chunks(len) {
             let expected = (len - index.ids.len()).min(CHUNK_ENTRIES);
@@ -303,6 +312,10 @@ impl Journal {
             self.saved_log_index()?.unwrap_or_default()
         };
         let from = base.0 + index.len() as u64 + 1;
+        let last = self.stats()?.last_lsn;
+        index.reserve_exact(
+            usize::try_from(last.0.saturating_add(1).saturating_sub(from)).unwrap_or(0),
+        );
         self.for_each_log_index_from(Lsn(from), |epoch, id| index.push(epoch, id))?;
         Ok(index)
     }
@@ -312,13 +325,15 @@ impl Journal {
     pub fn saved_log_index(&self) -> Result<Option<LogIndex>, JournalError> {
         guarded(|| {
             let txn = self.db.get()?.begin_read().map_err(storage)?;
-            let Some(index) = read_saved(&txn)? else {
+            let log = txn.open_table(LOG).map_err(storage)?;
+            // Room for the log's entries, and not for more whatever the saved header says.
+            let room = usize::try_from(crate::log_table::last_lsn(&log)?).unwrap_or(usize::MAX);
+            let Some(index) = read_saved(&txn, room)? else {
                 return Ok(None);
             };
             let Some(last) = index.last() else {
                 return Ok(None);
             };
-            let log = txn.open_table(LOG).map_err(storage)?;
             let at = index.len() as u64;
             let matches = crate::log_table::get(&log, at)?
                 .and_then(Result::ok)
@@ -472,7 +487,7 @@ mod tests {
 
     fn read(journal: &Journal) -> Option<LogIndex> {
         let txn = journal.db.get().expect("open").begin_read().expect("reads");
-        read_saved(&txn).expect("reads")
+        read_saved(&txn, CHUNK_ENTRIES).expect("reads")
     }
 
     fn synthetic(len: usize, salt: u128) -> LogIndex {

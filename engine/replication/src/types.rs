@@ -301,6 +301,11 @@ impl Log {
         let drop = drop as usize;
         let base_epoch = self.epoch_of(drop - 1);
         self.entries.drain(..drop);
+        // The room of what was dropped goes back (20M entries are 340 MB), unless the log
+        // still fills half of it.
+        if self.entries.capacity() / 2 > self.entries.len() {
+            self.entries.shrink_to_fit();
+        }
         let mut runs = Vec::with_capacity(self.runs.len());
         for (start, epoch) in self.runs.drain(..) {
             let start = start.saturating_sub(drop);
