@@ -87,30 +87,45 @@ impl Signer {
     }
 }
 
-/// Digests held in memory at most; past it they are dropped and read again from the
-/// attestation table when a change misses.
-const DIGESTS_HELD_MAX: usize = 4_000_000;
+/// Digests in one generation of [`Attested`]: two are held at most, about 20 MB. An
+/// attestation comes just before its members (in the same batch), so a digest is looked up
+/// soon after it came; at 4M digests in one set (the bound before), a replay of 10M entries
+/// held 142 MB for it and twice that while the set grew (decision 0069).
+const GENERATION_DIGESTS: usize = 500_000;
 
-/// The member digests of the attestations applied (and checked): those applied by this process,
-/// and all of the table's once a change missed.
+/// The member digests of the attestations applied (and checked): the newest, in two
+/// generations (when the current one is full it becomes the previous one, and the previous one
+/// is dropped), and all of the table's newest once a change missed.
 #[derive(Default)]
 pub(crate) struct Attested {
-    digests: HashSet<[u8; DIGEST_LEN]>,
-    /// Whether every attestation in the table has been read in.
+    current: HashSet<[u8; DIGEST_LEN]>,
+    previous: HashSet<[u8; DIGEST_LEN]>,
+    /// Whether every attestation in the table has been read in since a generation was last
+    /// dropped.
     loaded: bool,
 }
 
 impl Attested {
     fn add(&mut self, members: &[u8]) {
-        if self.digests.len() >= DIGESTS_HELD_MAX {
-            self.digests.clear();
-            self.loaded = false;
-        }
         for digest in members.chunks_exact(DIGEST_LEN) {
+            if self.current.len() >= GENERATION_DIGESTS {
+                self.previous = std::mem::take(&mut self.current);
+                self.loaded = false;
+            }
             if let Ok(digest) = <[u8; DIGEST_LEN]>::try_from(digest) {
-                self.digests.insert(digest);
+                self.current.insert(digest);
             }
         }
+    }
+
+    fn contains(&self, digest: &[u8; DIGEST_LEN]) -> bool {
+        self.current.contains(digest) || self.previous.contains(digest)
+    }
+
+    /// Digests held now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.current.len() + self.previous.len()
     }
 }
 
@@ -165,22 +180,41 @@ impl Applier<'_> {
             return Ok(true);
         }
         let digest = member_digest(change);
-        if self.attested.borrow().digests.contains(&digest) {
+        if self.attested.borrow().contains(&digest) {
             return Ok(true);
         }
-        if self.attested.borrow().loaded {
-            return Ok(false);
+        if !self.attested.borrow().loaded {
+            self.load_attested()?;
+            if self.attested.borrow().contains(&digest) {
+                return Ok(true);
+            }
         }
-        self.load_attested()?;
-        Ok(self.attested.borrow().digests.contains(&digest))
+        // Older than what is held: looked for in the table itself before a refusal.
+        self.attested_in_table(&digest)
     }
 
-    /// Reads every applied attestation's members (once, after a miss: after a restart, or on a
-    /// device that joined with a copy of another's projections).
+    /// Whether an applied attestation lists `digest` (a scan of the table's members).
+    fn attested_in_table(&self, digest: &[u8; DIGEST_LEN]) -> Result<bool, ProjectionError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT members FROM attestation WHERE members IS NOT NULL AND instr(members, ?1) > 0",
+        )?;
+        let mut rows = stmt.query([&digest[..]])?;
+        while let Some(row) = rows.next()? {
+            let members: Vec<u8> = row.get(0)?;
+            if members.chunks_exact(DIGEST_LEN).any(|d| d == digest) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Reads every applied attestation's members, oldest first, so the newest stay held (once
+    /// after a miss: after a restart, or on a device that joined with a copy of another's
+    /// projections).
     fn load_attested(&self) -> Result<(), ProjectionError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT members FROM attestation WHERE members IS NOT NULL")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT members FROM attestation WHERE members IS NOT NULL ORDER BY rowid",
+        )?;
         let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
         let mut attested = self.attested.borrow_mut();
         for members in rows {
@@ -188,5 +222,97 @@ impl Applier<'_> {
         }
         attested.loaded = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: usize) -> [u8; DIGEST_LEN] {
+        let mut d = [0u8; DIGEST_LEN];
+        d[..8].copy_from_slice(&(n as u64).to_be_bytes());
+        d
+    }
+
+    #[test]
+    fn the_newest_digests_stay_held_and_no_more_than_two_generations() {
+        let mut attested = Attested::default();
+        let total = GENERATION_DIGESTS * 5 / 2;
+        let members: Vec<u8> = (0..total).flat_map(digest).collect();
+        for part in members.chunks(512 * DIGEST_LEN) {
+            attested.add(part);
+            assert!(
+                attested.held() <= 2 * GENERATION_DIGESTS,
+                "{}",
+                attested.held()
+            );
+        }
+        // The newest generation and the one before it whole; the oldest dropped.
+        assert!((total - GENERATION_DIGESTS..total).all(|n| attested.contains(&digest(n))));
+        assert!(!attested.contains(&digest(0)));
+        assert!(
+            !attested.loaded,
+            "a dropped generation asks for the table again"
+        );
+    }
+
+    #[test]
+    fn a_member_whose_digest_is_no_longer_held_is_found_in_the_table() {
+        use keel_schema::{code_of, Attestation, ChangeId, Device, Hlc, Location};
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["test.keel".into()]).expect("a certificate");
+        let signer = Signer::new(certified.cert.der(), &certified.key_pair.serialize_der())
+            .expect("a signer");
+        let b = signer.device();
+        let hlc = |ms| Hlc {
+            physical_ms: ms,
+            counter: 0,
+            device: b,
+        };
+        let device = Device {
+            uuid: b.record_uuid(),
+            device_id: b.to_hex(),
+            name: "d".into(),
+            os: "linux".into(),
+            created_ms: 1,
+        };
+        let location = |name: &str| Location {
+            uuid: uuid::Uuid::now_v7(),
+            device: b.record_uuid(),
+            path: format!("/{name}"),
+            name: name.into(),
+            created_ms: 2,
+        };
+        let changes = vec![
+            Change::upsert(ChangeId::new(), hlc(1), &device).expect("ready"),
+            Change::upsert(ChangeId::new(), hlc(2), &location("b")).expect("ready"),
+        ];
+        let mut ms = 10;
+        let vouching: Vec<Change> = signer
+            .attest(changes.clone(), || {
+                ms += 1;
+                (ChangeId::new(), hlc(ms))
+            })
+            .expect("signs")
+            .into_iter()
+            .take_while(|c| c.model == code_of::<Attestation>())
+            .collect();
+        assert_eq!(vouching.len(), 1);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = crate::Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+        p.apply(&vouching, None).expect("applies");
+        {
+            // Two generations came after it, and the table was read since.
+            let mut held = p.attested.borrow_mut();
+            held.current.clear();
+            held.previous.clear();
+            held.loaded = true;
+        }
+        let stats = p.apply(&changes, None).expect("applies");
+        assert_eq!(stats.refused, 0, "{stats:?}");
+        // A change no attestation lists is still refused.
+        let forged = Change::upsert(ChangeId::new(), hlc(3), &location("c")).expect("ready");
+        assert_eq!(p.apply(&[forged], None).expect("applies").refused, 1);
     }
 }
