@@ -362,8 +362,8 @@ pub(crate) struct BenchArgs {
     /// P5's leader commits through its offline journal (the older path).
     #[arg(long)]
     p5_through_offline_journal: bool,
-    /// P5 with the leader's inspector open in a browser (headless Chromium where installed,
-    /// and a reader of its live stream).
+    /// P5 with the leader's inspector open in a browser (headless Chromium where installed, at
+    /// idle priority unless KEEL_BROWSER_PRIORITY=normal) and a reader of its live stream.
     #[arg(long)]
     p5_inspector: bool,
     /// P6's rounds (one leader killed in each).
