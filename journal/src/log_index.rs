@@ -261,8 +261,8 @@ impl LogIndex {
     /// Decodes a saved index from its header and its chunks (`chunk(n)` gives chunk `n`, from
     /// 1, if there is one): `Ok(None)` if the header or any chunk is damaged, missing or of
     /// another save. Bounded by what `chunk` gives, whatever the header claims; room is made
-    /// at once for the header's count of entries, at most `room` (the log's length: the rest
-    /// grows with the chunks actually read). Public for fuzzing.
+    /// at once for `room` entries (the log's length) when the header's count fits in it, else
+    /// it grows with the chunks actually read. Public for fuzzing.
     pub fn decode_saved<E>(
         header: &[u8],
         room: usize,
@@ -274,8 +274,13 @@ impl LogIndex {
         let mut index = LogIndex {
             base: Default::default(),
             runs,
-            // The count is the file's word: past `room`, room grows with the chunks read.
-            ids: Vec::with_capacity(len.min(room.max(CHUNK_ENTRIES))),
+            // The count is the file's word: within `room` (the whole log, so that the entries
+            // read after the saved ones fit too), else room grows with the chunks read.
+            ids: Vec::with_capacity(if len <= room {
+                room
+            } else {
+                len.min(CHUNK_ENTRIES)
+            }),
         };
         for number in 1..=LogIndex::chunks(len) {
             let expected = (len - index.ids.len()).min(CHUNK_ENTRIES);

@@ -87,7 +87,7 @@ impl Signer {
     }
 }
 
-/// Digests in one generation of [`Attested`]: two are held at most, about 20 MB. An
+/// Digests in one generation of [`Attested`]: two are held at most, about 36 MB. An
 /// attestation comes just before its members (in the same batch), so a digest is looked up
 /// soon after it came; at 4M digests in one set (the bound before), a replay of 10M entries
 /// held 142 MB for it and twice that while the set grew (decision 0069).
@@ -103,12 +103,16 @@ pub(crate) struct Attested {
     /// Whether every attestation in the table has been read in since a generation was last
     /// dropped.
     loaded: bool,
+    /// Whether a dropped generation held digests: only then can a digest be in the table and
+    /// not here.
+    evicted: bool,
 }
 
 impl Attested {
     fn add(&mut self, members: &[u8]) {
         for digest in members.chunks_exact(DIGEST_LEN) {
             if self.current.len() >= GENERATION_DIGESTS {
+                self.evicted |= !self.previous.is_empty();
                 self.previous = std::mem::take(&mut self.current);
                 self.loaded = false;
             }
@@ -189,7 +193,11 @@ impl Applier<'_> {
                 return Ok(true);
             }
         }
-        // Older than what is held: looked for in the table itself before a refusal.
+        // Older than what is held (a library past two generations): looked for in the table
+        // itself before a refusal. A scan of the table, so only when digests were dropped.
+        if !self.attested.borrow().evicted {
+            return Ok(false);
+        }
         self.attested_in_table(&digest)
     }
 
@@ -308,6 +316,7 @@ mod tests {
             held.current.clear();
             held.previous.clear();
             held.loaded = true;
+            held.evicted = true;
         }
         let stats = p.apply(&changes, None).expect("applies");
         assert_eq!(stats.refused, 0, "{stats:?}");
