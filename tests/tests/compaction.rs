@@ -169,6 +169,10 @@ fn a_steady_rewrite_workload_stops_growing_the_journal() {
     );
 }
 
+/// The projections are copied at the position they applied, which may be past what every
+/// device acknowledged (`upto`): that copy waits, and goes in place, the log dropped up to its
+/// position, once a compaction's `upto` reaches it (decision 0081). Never a snapshot past the
+/// base a truncation could cut (`library::a_truncation_past_a_compaction_base_leaves_no_change_in_the_snapshot`).
 #[test]
 fn compaction_stops_at_what_every_device_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -178,20 +182,32 @@ fn compaction_stops_at_what_every_device_acknowledged() {
     let end = last(&lib);
     let digest = lib.digest().expect("digest");
     // The projections applied `end`; the other devices acknowledged three positions less.
-    let report = lib.compact(Lsn(end.0 - 3)).expect("compacts");
-    assert_eq!(report.base, end.0 - 3);
+    let waiting = lib.compact(Lsn(end.0 - 3)).expect("compacts");
+    assert_eq!((waiting.base, waiting.dropped), (0, 0), "{waiting:?}");
+    assert_eq!(waiting.waiting_at, Some(end.0));
+    assert_eq!(waiting.snapshot_bytes, 0, "no snapshot in place yet");
+    // Still short of it: still waiting.
+    let again = lib.compact(Lsn(end.0 - 1)).expect("compacts");
+    assert_eq!((again.dropped, again.waiting_at), (0, Some(end.0)));
+    let done = lib.compact(end).expect("compacts");
+    assert_eq!(
+        (done.base, done.dropped, done.waiting_at),
+        (end.0, end.0, None)
+    );
+    assert!(done.snapshot_bytes > 0);
     let status = lib.status().expect("status");
     assert_eq!(
         (status.journal.compacted_to, status.journal.log_len),
-        (end.0 - 3, 3)
+        (end.0, 0)
     );
-    // The snapshot applied past the base: a rebuild replays those three again, to the same.
+    // A rebuild starts from the snapshot, to the same.
     lib.rebuild(&mut |_, _| {}).expect("rebuilds");
     assert_eq!(lib.digest().expect("digest"), digest);
+    let (_, verified) = lib.verify().expect("verifies");
+    assert!(verified.is_ok(), "{verified:?}");
     // At or below the base, nothing happens.
     assert_eq!(lib.compact(Lsn(2)).expect("no-op").dropped, 0);
-    assert_eq!(lib.compact(Lsn(end.0 - 3)).expect("no-op").dropped, 0);
-    assert!(lib.compact(end).expect("compacts").dropped == 3);
+    assert_eq!(lib.compact(end).expect("no-op").dropped, 0);
 }
 
 /// Waits until `ready` holds of `node`'s status, at most 30 s.
@@ -244,6 +260,55 @@ fn devices_compact_what_all_acknowledged_and_a_new_device_joins_from_the_compact
         assert_eq!(node.library().digest().expect("digest"), digest);
     }
     for node in [c, b, a] {
+        node.stop().expect("stops");
+    }
+}
+
+/// While the leader writes on, each device compacts: its copy of the projections is past what
+/// every device acknowledged, so it waits until they did (a heartbeat or two), and a follower
+/// need not wait for its leader to compact first: the leader's segments offer what it may
+/// compact itself (decision 0081). The devices then rebuild from their snapshots to the digest
+/// they share.
+#[test]
+fn devices_compact_while_the_leader_writes_on() {
+    use keel_tests::cluster;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = cluster::founder_with_tags(dir.path(), "a", "lib", 2_000).expect("founds");
+    let (_hb, b) = cluster::joiner(dir.path(), "b", &a).expect("joins");
+    cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    let a = std::sync::Arc::new(a);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (a, stop) = (a.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tags(a.library(), (0..20).map(|i| format!("during {round} {i}")));
+                round += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let followed = b.compact().expect("compacts");
+    let led = a.compact().expect("compacts");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("the writer ends");
+    assert!(
+        followed.dropped > 2_000 && followed.waiting_at.is_none(),
+        "the follower compacts before its leader: {followed:?}"
+    );
+    assert!(
+        led.dropped > 0 && led.waiting_at.is_none(),
+        "the leader's snapshot went in place: {led:?}"
+    );
+    let a = std::sync::Arc::into_inner(a).expect("the writer let go");
+    let digest = cluster::converge(&[&a, &b], Duration::from_secs(30)).expect("converges");
+    for node in [&a, &b] {
+        node.library().rebuild(&mut |_, _| {}).expect("rebuilds");
+        assert_eq!(node.library().digest().expect("digest"), digest);
+    }
+    for node in [b, a] {
         node.stop().expect("stops");
     }
 }

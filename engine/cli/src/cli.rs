@@ -1427,6 +1427,11 @@ fn compact(
     };
     if json {
         io.line(&serde_json::to_string(&report)?);
+    } else if let Some(at) = report.waiting_at {
+        io.line(&format!(
+            "nothing compacted yet: a snapshot at position {at} waits for every device to \
+             acknowledge it (the node puts it in place then)"
+        ));
     } else if report.dropped == 0 {
         io.line(&format!(
             "nothing to compact: the log starts after position {}",

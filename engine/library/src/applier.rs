@@ -48,8 +48,9 @@ pub(crate) struct Shared {
     pub(crate) indexing: Mutex<()>,
     /// Held by a compaction, and by a rebuild or verify while it replays the log aside: a
     /// compaction drops log positions such a replay has still to read, and two compactions
-    /// would write the same scratch files.
-    pub(crate) history: Mutex<()>,
+    /// would write the same scratch files. It holds the compaction's snapshot that waits
+    /// for its position to be acknowledged (see `crate::compact`).
+    pub(crate) history: Mutex<crate::compact::History>,
     /// The snapshot backfills read while any does (see `crate::backfill`).
     pub(crate) serving: Mutex<std::sync::Weak<crate::backfill::SnapshotSource>>,
 }

@@ -289,7 +289,9 @@ impl Library {
         let journal = self.journal()?;
         let started = std::time::Instant::now();
         let returned = {
-            let _history = self.history()?;
+            let mut history = self.history()?;
+            // A copy of the projections this backfill replaces.
+            history.discard_waiting(self.dir());
             journal.raise_hlc_high_water(plan.hlc)?;
             let returned = journal
                 .log()

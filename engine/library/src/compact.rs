@@ -1,17 +1,20 @@
 //! Compaction: the library keeps a snapshot of its projections (the rows with their clocks, as
-//! SQLite holds them, packed with zstd: `snapshot.sqlite.zst`) and the journal drops the log up to a base at or
-//! before the position the snapshot applied. A projection rebuilt, verified or healed from
+//! SQLite holds them, packed with zstd: `snapshot.sqlite.zst`) and the journal drops the log up
+//! to the position the snapshot applied, its base. A projection rebuilt, verified or healed from
 //! scratch starts from the snapshot and replays the log after the base (decision 0055).
 //!
-//! A snapshot past the base is sound because apply is idempotent and order-independent: the
-//! positions between the base and the snapshot's are applied again, whatever a new leader made
-//! of them. The order keeps every crash recoverable: the new snapshot is in place (synced,
-//! renamed) before the journal drops anything, and it is a valid start for the old base too.
+//! The snapshot is never past what every device acknowledged (decision 0081): a truncation
+//! below its position would leave the changes it dropped in the snapshot, for good. The
+//! projections are copied at the position they applied, which may be past the caller's
+//! `upto`; such a copy waits, packed, until a later call's `upto` reaches it, and is thrown
+//! away if the log at its position changed meanwhile (a truncation) or the projections hold
+//! changes a truncation dropped. The order keeps every crash recoverable: the new snapshot is
+//! in place (synced, renamed) before the journal drops anything.
 
 use std::path::Path;
 
 use keel_projections::Projections;
-use keel_schema::Lsn;
+use keel_schema::{Epoch, Lsn};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -26,6 +29,8 @@ pub const SNAPSHOT_FILE: &str = "snapshot.sqlite.zst";
 const SNAPSHOT_COPY: &str = "snapshot.sqlite.incoming";
 /// A snapshot being written (moved to [`SNAPSHOT_FILE`] once complete and synced).
 const SNAPSHOT_PACKING: &str = "snapshot.sqlite.zst.incoming";
+/// A snapshot past what every device acknowledged, packed, waiting (see [`History`]).
+const SNAPSHOT_WAITING: &str = "snapshot.sqlite.zst.waiting";
 /// The snapshot unpacked to be brought to new models (see [`upgrade_snapshot`]).
 const SNAPSHOT_UPGRADING: &str = "snapshot.sqlite.upgrading";
 /// zstd worker threads packing a snapshot. Measured on the 1M backfill's snapshot (decision
@@ -48,6 +53,35 @@ pub struct CompactReport {
     /// Bytes of the journal file before and after (redb reuses the space it frees: the file
     /// does not shrink, it stops growing).
     pub journal_bytes: (u64, u64),
+    /// The position of a snapshot made but not put in place, because not every device has
+    /// acknowledged it yet (it is past `upto`): a later compaction whose `upto` reaches it
+    /// puts it in place. `None` when no snapshot waits.
+    #[cfg_attr(feature = "typescript", ts(type = "number | null"))]
+    pub waiting_at: Option<u64>,
+}
+
+/// What the history lock guards besides the log's compacted part: the snapshot a compaction
+/// made past its `upto`, waiting for a later one (see the module's docs).
+#[derive(Debug, Default)]
+pub(crate) struct History {
+    waiting: Option<Waiting>,
+}
+
+/// A packed snapshot ([`SNAPSHOT_WAITING`]) of the projections at `at`, whose log entry had
+/// `epoch` when it was made: the same position and epoch later mean the same log up to it.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    at: Lsn,
+    epoch: Epoch,
+}
+
+impl History {
+    /// Forgets the waiting snapshot and removes its file.
+    pub(crate) fn discard_waiting(&mut self, dir: &Path) {
+        if self.waiting.take().is_some() {
+            let _ = std::fs::remove_file(dir.join(SNAPSHOT_WAITING));
+        }
+    }
 }
 
 impl Library {
@@ -79,29 +113,74 @@ impl Library {
 
     fn compact_now(&self, upto: Lsn) -> Result<CompactReport, EngineError> {
         // One compaction at a time, and none under a rebuild's or a verify's replay.
-        let _history = self.history()?;
+        let mut history = self.history()?;
         let dir = self.dir().to_path_buf();
         let journal = self.journal()?;
         let journal_before = file_len(&dir.join(JOURNAL_FILE));
         let (old_base, _) = journal.log().base()?;
+        if upto <= old_base {
+            return Ok(self.nothing_compacted(old_base, journal_before, &history));
+        }
+        if let Some(waiting) = history.waiting {
+            if !self.still_holds(waiting)? || waiting.at <= old_base {
+                history.discard_waiting(&dir);
+            } else if waiting.at <= upto {
+                history.waiting = None;
+                return self.put_snapshot_in_place(waiting.at, journal_before);
+            } else {
+                return Ok(self.nothing_compacted(old_base, journal_before, &history));
+            }
+        }
+        if journal.projections_stale()? > 0 {
+            // They hold changes a truncation dropped: a copy would keep them.
+            tracing::info!("not compacting: the projections wait for a rebuild");
+            return Ok(self.nothing_compacted(old_base, journal_before, &history));
+        }
         let incoming = dir.join(SNAPSHOT_COPY);
         // One read transaction: a consistent state at the position it has applied.
-        if upto <= old_base {
-            return Ok(self.nothing_compacted(old_base, journal_before));
-        }
-        let applied = Projections::snapshot(&dir.join(PROJECTIONS_FILE), &incoming)?.log;
-        let base = applied.min(upto).min(journal.stats()?.last_lsn);
-        if base <= old_base {
+        let at = Projections::snapshot(&dir.join(PROJECTIONS_FILE), &incoming)?.log;
+        let epoch = journal.log().epoch_at(at)?;
+        let stale = journal.projections_stale()? > 0;
+        let (Some(epoch), false, true) = (epoch, stale, at > old_base) else {
             Projections::remove_files(&incoming)?;
-            return Ok(self.nothing_compacted(old_base, journal_before));
-        }
+            return Ok(self.nothing_compacted(old_base, journal_before, &history));
+        };
         let packing = dir.join(SNAPSHOT_PACKING);
         let packed = pack(&incoming, &packing);
         Projections::remove_files(&incoming)?;
         packed?;
-        put_in_place(&packing, &dir.join(SNAPSHOT_FILE))?;
+        std::fs::rename(&packing, dir.join(SNAPSHOT_WAITING)).map_err(io_at(&packing))?;
+        if at <= upto {
+            return self.put_snapshot_in_place(at, journal_before);
+        }
+        history.waiting = Some(Waiting { at, epoch });
+        tracing::info!(
+            at = at.0,
+            upto = upto.0,
+            "the snapshot waits until every device acknowledged its position"
+        );
+        Ok(self.nothing_compacted(old_base, journal_before, &history))
+    }
+
+    /// Whether the log still holds the waiting snapshot's position with the same epoch, and
+    /// no truncation since left the projections (so perhaps the copy) stale.
+    fn still_holds(&self, waiting: Waiting) -> Result<bool, EngineError> {
+        let journal = self.journal()?;
+        Ok(journal.projections_stale()? == 0
+            && journal.log().epoch_at(waiting.at)? == Some(waiting.epoch))
+    }
+
+    /// Puts the packed snapshot at `base` ([`SNAPSHOT_WAITING`]) in place and drops the log
+    /// up to `base`.
+    fn put_snapshot_in_place(
+        &self,
+        base: Lsn,
+        journal_before: u64,
+    ) -> Result<CompactReport, EngineError> {
+        let dir = self.dir();
+        put_in_place(&dir.join(SNAPSHOT_WAITING), &dir.join(SNAPSHOT_FILE))?;
         let dropping = std::time::Instant::now();
-        let compaction = journal.log().compact(base)?;
+        let compaction = self.journal()?.log().compact(base)?;
         tracing::info!(
             base = base.0,
             dropped = compaction.dropped,
@@ -113,20 +192,22 @@ impl Library {
             dropped: compaction.dropped,
             snapshot_bytes: file_len(&dir.join(SNAPSHOT_FILE)),
             journal_bytes: (journal_before, file_len(&dir.join(JOURNAL_FILE))),
+            waiting_at: None,
         })
     }
 
     /// The lock a compaction holds, and a replay of the log aside (see `Shared::history`).
-    pub(crate) fn history(&self) -> Result<std::sync::MutexGuard<'_, ()>, EngineError> {
+    pub(crate) fn history(&self) -> Result<std::sync::MutexGuard<'_, History>, EngineError> {
         self.shared.history.lock().map_err(|_| EngineError::Closed)
     }
 
-    fn nothing_compacted(&self, base: Lsn, journal_bytes: u64) -> CompactReport {
+    fn nothing_compacted(&self, base: Lsn, journal_bytes: u64, history: &History) -> CompactReport {
         CompactReport {
             base: base.0,
             dropped: 0,
             snapshot_bytes: file_len(&self.dir().join(SNAPSHOT_FILE)),
             journal_bytes: (journal_bytes, journal_bytes),
+            waiting_at: history.waiting.map(|w| w.at.0),
         }
     }
 }
@@ -144,6 +225,8 @@ pub(crate) fn remove_scratch(dir: &Path) {
     let scratch: Vec<_> = [
         SNAPSHOT_COPY,
         SNAPSHOT_PACKING,
+        // A waiting snapshot is known only to the process that made it.
+        SNAPSHOT_WAITING,
         SNAPSHOT_UPGRADING,
         crate::backfill::BACKFILL_PACKING,
         // A join cut short (its journal is closed: the library opens).

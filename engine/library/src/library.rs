@@ -565,7 +565,7 @@ impl Library {
             models: models.clone(),
             jobs: Default::default(),
             indexing: Mutex::new(()),
-            history: Mutex::new(()),
+            history: Mutex::new(crate::compact::History::default()),
             serving: Mutex::new(std::sync::Weak::new()),
             catch_up: Mutex::new(None),
         });

@@ -1045,6 +1045,9 @@ impl Core {
         self.last_status = self.now();
         self.status_dirty = false;
         self.publish_sync();
+        // Followers may compact as far as this leader may (their snapshots wait for it).
+        let compactable = self.replica.compactable(&self.members, self.retain);
+        self.replica.offer_compaction(compactable);
         let durable = self.replica.durable();
         if let Ok(mut status) = self.status.lock() {
             status.role = self.replica.role();

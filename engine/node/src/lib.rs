@@ -137,6 +137,9 @@ pub const RETAIN_FOR_ABSENT_DEFAULT: u64 = 2_000_000;
 pub const SNAPSHOT_KEEP_DEFAULT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often a node looks whether its log is due for compaction.
 const COMPACT_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long [`Node::compact`] waits for the devices to acknowledge its snapshot's position:
+/// a few heartbeats.
+pub const COMPACT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Default for NodeOptions {
     fn default() -> Self {
@@ -633,9 +636,20 @@ impl Node {
 
     /// Compacts the log now (see [`Library::compact`]) up to what every device of the
     /// library has acknowledged storing and this device has applied, as a job. A device that
-    /// leads knows what its followers acknowledged this epoch; one that follows compacts to its
-    /// leader's compaction position. Nothing happens while that is not past the current one.
+    /// leads knows what its followers acknowledged this epoch; one that follows compacts as far
+    /// as its leader offers. Nothing happens while that is not past the current one. A
+    /// snapshot made past it waits up to [`COMPACT_WAIT`] for the devices to acknowledge its
+    /// position; the report says if it still waits (the node's compactor finishes it later).
     pub fn compact(&self) -> Result<keel_engine::CompactReport, NodeError> {
+        let upto = self.status().compactable;
+        let report = self.library.compact(keel_schema::Lsn(upto))?;
+        let Some(at) = report.waiting_at else {
+            return Ok(report);
+        };
+        let deadline = std::time::Instant::now() + COMPACT_WAIT;
+        while self.status().compactable < at && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let upto = self.status().compactable;
         Ok(self.library.compact(keel_schema::Lsn(upto))?)
     }

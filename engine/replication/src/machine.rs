@@ -95,6 +95,9 @@ pub(crate) struct Machine {
     matched: BTreeMap<DeviceId, u64>,
     /// The compaction base of the leader this replica follows, as its last segment said.
     leader_base: Lsn,
+    /// While leading: how far it may compact, as the runtime last said (see
+    /// [`crate::Replica::offer_compaction`]).
+    settled: Lsn,
     /// Set when this device's log cannot continue the leader's: the leader's compaction base
     /// (what it lacks was compacted there, or its compacted history differs). Taken by the
     /// runtime, which backfills.
@@ -161,6 +164,7 @@ impl Machine {
             next: BTreeMap::new(),
             matched: BTreeMap::new(),
             leader_base: Lsn(0),
+            settled: Lsn(0),
             behind: None,
             flights: BTreeMap::new(),
             in_log: None,
@@ -231,6 +235,19 @@ impl Machine {
         } else {
             Lsn(0)
         }
+    }
+
+    /// Sets what segments offer followers to compact to (see [`Machine::compact_offer`]).
+    pub(crate) fn offer_compaction(&mut self, settled: Lsn) {
+        self.settled = settled;
+    }
+
+    /// The compaction position a segment to `peer` carries: this log's base, or how far this
+    /// leader may compact if that is further, but never past what `peer` stored itself (so it
+    /// never compacts a tail its leader would truncate).
+    fn compact_offer(&self, peer: DeviceId) -> Lsn {
+        let stored = Lsn(self.matched.get(&peer).copied().unwrap_or(0));
+        self.durable.log.base().max(self.settled.min(stored))
     }
 
     /// The last position each follower stored of this leader's log, as it acknowledged
@@ -627,6 +644,7 @@ impl Machine {
         let epoch = self.durable.epoch;
         self.role = ElectionRole::Leader;
         self.leader = Some(self.config.device);
+        self.settled = Lsn(0);
         self.record_push(epoch, LogSlot::Barrier);
         for id in std::mem::take(&mut self.durable.offline) {
             self.sequence(id);
@@ -745,7 +763,7 @@ impl Machine {
                 prev,
                 prev_epoch: self.durable.epoch_at(prev).unwrap_or_default(),
                 entries: self.durable.log.range(after as usize, end as usize),
-                base: self.durable.log.base(),
+                base: self.compact_offer(peer),
             },
         );
     }

@@ -611,27 +611,38 @@ impl Replica {
 
     /// The position up to which this device may compact its log, as far as the protocol
     /// knows: a leader, the least position every device in `devices` (the library's other
-    /// devices) acknowledged storing of its log this epoch (0 if any has not), but never less
-    /// than `retain` entries before the log's end: a device further behind no longer holds
-    /// the log back, and backfills from the snapshot when it comes back; a follower, its
-    /// leader's compaction base. Never past this log's end. The runtime also keeps it at or
+    /// devices) acknowledged storing of its log this epoch (0 if any has not), leaving out a
+    /// device more than `retain` entries behind the log's end: it no longer holds the log
+    /// back, and backfills from the snapshot when it comes back; a follower, what its
+    /// leader's last segment offered (see [`Replica::offer_compaction`]). Never past this log's end. The runtime also keeps it at or
     /// below what its projections applied.
     pub fn compactable(&self, devices: &[DeviceId], retain: u64) -> Lsn {
         let end = self.durable().last_lsn();
         let upto = match self.role() {
             ElectionRole::Leader => {
                 let matched = self.machine.matched();
-                let acknowledged = devices
+                let floor = end.0.saturating_sub(retain);
+                devices
                     .iter()
                     .filter(|d| **d != self.machine.device())
                     .map(|d| matched.get(d).copied().unwrap_or(0))
+                    .filter(|m| *m >= floor)
                     .min()
-                    .map_or(end, Lsn);
-                acknowledged.max(Lsn(end.0.saturating_sub(retain)))
+                    .map_or(end, Lsn)
             }
             _ => self.machine.leader_base(),
         };
         upto.min(end)
+    }
+
+    /// Tells a leading replica how far it may compact (its [`Replica::compactable`]): its
+    /// segments offer followers to compact up to it, each never past what it stored itself,
+    /// so a follower's snapshot waits no longer than the leader's. Ignored unless leading; an
+    /// election forgets it.
+    pub fn offer_compaction(&mut self, settled: Lsn) {
+        if self.role() == ElectionRole::Leader {
+            self.machine.offer_compaction(settled);
+        }
     }
 
     /// Drops the log up to `base` in memory, after the runtime compacted the journal to it

@@ -810,8 +810,23 @@ fn a_leader_compacts_what_all_acknowledged_but_retains_no_more_than_asked_for_th
     );
     assert_eq!(
         leader.compactable(&[absent], 5),
-        Lsn(16),
-        "but only 5 entries"
+        end,
+        "but not once more than 5 entries behind: what the others stored"
+    );
+    let near = DeviceId([3; 32]);
+    leader.handle_connected(1, near);
+    let epoch = leader.durable().epoch;
+    let ack = ReplicationMessage::Ack {
+        epoch,
+        ok: true,
+        stored: Lsn(18),
+        positions: Vec::new(),
+    };
+    leader.handle_message(2, near, ack, &mut store);
+    assert_eq!(
+        leader.compactable(&[absent, near], 5),
+        Lsn(18),
+        "a device within 5 entries holds the log back"
     );
     assert_eq!(leader.compactable(&[absent], 100), Lsn(0));
 }

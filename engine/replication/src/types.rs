@@ -39,7 +39,9 @@ pub(crate) enum Message {
         prev_epoch: Epoch,
         /// The entries with their epochs.
         entries: Vec<(Epoch, LogSlot)>,
-        /// The leader's compaction base: a follower may compact its own log up to it.
+        /// Where the follower may compact its own log up to: the leader's compaction base, or
+        /// further, what every device stored this epoch (never past what this follower
+        /// acknowledged).
         base: Lsn,
     },
     /// From the leader of `epoch`: what the follower lacks is before `base`, which the leader
