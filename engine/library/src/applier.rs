@@ -473,7 +473,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir()?;
         let lib = new_library(dir.path(), "budget")?;
         let per_batch = 8_192;
-        let batches = 5;
+        let batches = 1 + crate::library::COMMITTED_QUEUE_CHANGES / per_batch;
         assert!(per_batch * batches > crate::library::COMMITTED_QUEUE_CHANGES);
         let mut pending = Vec::new();
         for b in 0..batches {
