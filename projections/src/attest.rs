@@ -95,7 +95,9 @@ const GENERATION_DIGESTS: usize = 500_000;
 
 /// The member digests of the attestations applied (and checked): the newest, in two
 /// generations (when the current one is full it becomes the previous one, and the previous one
-/// is dropped), and all of the table's newest once a change missed.
+/// is dropped), and all of the table's newest once a change missed. Every digest taken in also
+/// goes into a filter that can say a digest was never taken in, so that a change no attestation
+/// lists (a forgery) is refused without a scan of the table, however many there are.
 #[derive(Default)]
 pub(crate) struct Attested {
     current: HashSet<[u8; DIGEST_LEN]>,
@@ -106,6 +108,11 @@ pub(crate) struct Attested {
     /// Whether a dropped generation held digests: only then can a digest be in the table and
     /// not here.
     evicted: bool,
+    /// Every digest of the table and taken in since it was read (see [`Filter`]); built only
+    /// for a table of more digests than two generations hold, the only kind that is scanned.
+    ever: Filter,
+    /// Scans of the table so far (what a forgery must not cost).
+    scans: u64,
 }
 
 impl Attested {
@@ -118,8 +125,17 @@ impl Attested {
             }
             if let Ok(digest) = <[u8; DIGEST_LEN]>::try_from(digest) {
                 self.current.insert(digest);
+                if self.ever.is_built() && !self.ever.insert(&digest) {
+                    // Full: the next miss reads the table into a filter twice the size.
+                    self.loaded = false;
+                }
             }
         }
+    }
+
+    /// Forgets that the table was read in (rows came into it another way).
+    pub(crate) fn table_changed(&mut self) {
+        self.loaded = false;
     }
 
     fn contains(&self, digest: &[u8; DIGEST_LEN]) -> bool {
@@ -130,6 +146,75 @@ impl Attested {
     #[cfg(test)]
     fn held(&self) -> usize {
         self.current.len() + self.previous.len()
+    }
+}
+
+/// A Bloom filter of digests (which are uniform hashes already: their bytes are the probes):
+/// "absent" is exact, "present" is wrong for about 0.3% of absent digests at the load it
+/// allows (12 bits a digest, 8 probes). It grows by being built again at twice the size: when
+/// full, [`Filter::insert`] says so and the caller reads the table into a new one.
+#[derive(Default)]
+struct Filter {
+    bits: Vec<u64>,
+    count: usize,
+    /// Digests it takes before it is full.
+    room: usize,
+}
+
+/// Bits per digest a filter is sized for, and its probes per digest.
+const FILTER_BITS_PER_DIGEST: usize = 12;
+const FILTER_PROBES: u64 = 8;
+/// The smallest filter, in digests (12 KB).
+const FILTER_MIN_DIGESTS: usize = 8_192;
+
+impl Filter {
+    /// The probes of `digest`: double hashing over its two halves.
+    fn probes(&self, digest: &[u8; DIGEST_LEN]) -> impl Iterator<Item = usize> {
+        let (a, b) = digest.split_at(8);
+        let h1 = u64::from_le_bytes(a.try_into().unwrap_or_default());
+        let h2 = u64::from_le_bytes(b.try_into().unwrap_or_default()) | 1;
+        let m = (self.bits.len() * 64) as u64;
+        (0..FILTER_PROBES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % m) as usize)
+    }
+
+    /// An empty filter with room for `digests`.
+    fn with_room(digests: usize) -> Self {
+        let digests = digests.max(FILTER_MIN_DIGESTS);
+        Filter {
+            bits: vec![0; (digests * FILTER_BITS_PER_DIGEST).div_ceil(64)],
+            count: 0,
+            room: digests,
+        }
+    }
+
+    /// Takes `digest` in; `false` if it held digests and was full: it is then built again,
+    /// twice the size, holding this digest alone, and the caller reads the rest back in.
+    fn insert(&mut self, digest: &[u8; DIGEST_LEN]) -> bool {
+        let fits = self.count < self.room;
+        let held = self.count > 0;
+        if !fits {
+            *self = Filter::with_room(self.room * 2);
+        }
+        let probes: Vec<usize> = self.probes(digest).collect();
+        for bit in probes {
+            self.bits[bit / 64] |= 1 << (bit % 64);
+        }
+        self.count += 1;
+        fits || !held
+    }
+
+    /// Whether it was built (an empty default holds nothing and answers nothing).
+    fn is_built(&self) -> bool {
+        !self.bits.is_empty()
+    }
+
+    /// Whether `digest` may have been taken in (`false`: it never was). Only for a built one.
+    fn may_hold(&self, digest: &[u8; DIGEST_LEN]) -> bool {
+        debug_assert!(self.is_built(), "an unbuilt filter asked");
+        self.is_built()
+            && self
+                .probes(digest)
+                .all(|bit| self.bits[bit / 64] & (1 << (bit % 64)) != 0)
     }
 }
 
@@ -194,10 +279,14 @@ impl Applier<'_> {
             }
         }
         // Older than what is held (a library past two generations): looked for in the table
-        // itself before a refusal. A scan of the table, so only when digests were dropped.
-        if !self.attested.borrow().evicted {
+        // itself before a refusal. A scan of the table, so only when digests were dropped and
+        // the filter of every digest taken in may hold it.
+        let attested = self.attested.borrow();
+        if !attested.evicted || (attested.ever.is_built() && !attested.ever.may_hold(&digest)) {
             return Ok(false);
         }
+        drop(attested);
+        self.attested.borrow_mut().scans += 1;
         self.attested_in_table(&digest)
     }
 
@@ -224,7 +313,20 @@ impl Applier<'_> {
             "SELECT members FROM attestation WHERE members IS NOT NULL ORDER BY rowid",
         )?;
         let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let digests: i64 = self.conn.query_row(
+            "SELECT COALESCE(SUM(length(members)), 0) FROM attestation",
+            [],
+            |r| r.get(0),
+        )?;
+        let digests = usize::try_from(digests).unwrap_or(0) / DIGEST_LEN;
         let mut attested = self.attested.borrow_mut();
+        // Room for all of them and as many again: no growth (which forgets) while reading. A
+        // table that two generations hold is never scanned, and needs none.
+        attested.ever = if attested.evicted || digests > 2 * GENERATION_DIGESTS {
+            Filter::with_room(digests.saturating_mul(2))
+        } else {
+            Filter::default()
+        };
         for members in rows {
             attested.add(&members?);
         }
@@ -311,17 +413,62 @@ mod tests {
         let mut p = crate::Projections::open(&dir.path().join("p.sqlite")).expect("opens");
         p.apply(&vouching, None).expect("applies");
         {
-            // Two generations came after it, and the table was read since.
+            // Two generations came after it, and the table was read since: its digests are in
+            // the filter of a table past two generations, not in the generations.
             let mut held = p.attested.borrow_mut();
             held.current.clear();
             held.previous.clear();
             held.loaded = true;
             held.evicted = true;
+            held.ever = Filter::with_room(0);
+            let members = check(&vouching[0]).expect("a sound attestation");
+            for digest in members.chunks_exact(DIGEST_LEN) {
+                let digest = <[u8; DIGEST_LEN]>::try_from(digest).expect("whole");
+                assert!(held.ever.insert(&digest));
+            }
         }
         let stats = p.apply(&changes, None).expect("applies");
         assert_eq!(stats.refused, 0, "{stats:?}");
-        // A change no attestation lists is still refused.
-        let forged = Change::upsert(ChangeId::new(), hlc(3), &location("c")).expect("ready");
-        assert_eq!(p.apply(&[forged], None).expect("applies").refused, 1);
+        let scans = p.attested.borrow().scans;
+        assert!(scans >= 1, "found by a scan of the table");
+        // Changes no attestation lists are still refused, and the filter of every digest taken
+        // in answers for them without a scan (but for its rare false positives).
+        let forged: Vec<Change> = (0..200)
+            .map(|i| Change::upsert(ChangeId::new(), hlc(3 + i), &location("c")).expect("ready"))
+            .collect();
+        for change in forged {
+            assert_eq!(p.apply(&[change], None).expect("applies").refused, 1);
+        }
+        let forged_scans = p.attested.borrow().scans - scans;
+        assert!(
+            forged_scans <= 8,
+            "200 forgeries scanned the table {forged_scans} times"
+        );
+    }
+
+    #[test]
+    fn the_filter_never_forgets_a_digest_and_rarely_claims_one() {
+        let mut filter = Filter::default();
+        assert!(!filter.is_built());
+        let random = |n: u64| {
+            let mut d = [0u8; DIGEST_LEN];
+            d.copy_from_slice(&blake3::hash(&n.to_le_bytes()).as_bytes()[..DIGEST_LEN]);
+            d
+        };
+        assert!(filter.insert(&random(0)), "the first digest builds it");
+        let room = filter.room;
+        for n in 1..room as u64 {
+            assert!(filter.insert(&random(n)));
+        }
+        assert!((0..room as u64).all(|n| filter.may_hold(&random(n))));
+        let claimed = (1_000_000..1_100_000u64)
+            .filter(|n| filter.may_hold(&random(*n)))
+            .count();
+        assert!(
+            claimed < 1_000,
+            "{claimed} of 100,000 absent digests claimed"
+        );
+        assert!(!filter.insert(&random(room as u64)), "full: built again");
+        assert_eq!((filter.count, filter.room), (1, 2 * room));
     }
 }

@@ -309,6 +309,8 @@ impl Projections {
             }
         }
         tx.commit()?;
+        // Attestations that came this way were never taken in: the next miss reads the table.
+        self.attested.borrow_mut().table_changed();
         Ok(rows.len() as u64)
     }
 }
