@@ -415,11 +415,13 @@ fn an_operator_resolves_a_conflict_and_pauses_a_job_in_a_real_browser() {
         .expect("an id")
         .to_string();
 
-    // A big folder, indexed through a's node while the browser watches: a job to pause.
+    // A big folder, indexed through a's node while the browser watches: a job to pause. Big
+    // enough to outlast the page's click: 20,000 files were indexed in under a second here,
+    // and the job sometimes ended before the pause came ("job ... is not running").
     let big = dir.path().join("big");
     std::fs::create_dir_all(&big).expect("big");
-    for i in 0..20_000 {
-        std::fs::write(big.join(format!("file{i:05}.txt")), format!("{i}")).expect("file");
+    for i in 0..100_000 {
+        std::fs::write(big.join(format!("file{i:06}.txt")), format!("{i}")).expect("file");
     }
     // A library alone on a device of its own.
     let lone_home = dir.path().join("d");

@@ -47,7 +47,15 @@ const LONG = { timeout: 60_000 };
   await running.first().waitFor(LONG);
   const job = await running.first().getAttribute("data-job");
   await page.locator(`.job[data-job="${job}"] button[data-action="pause"]`).click();
-  await page.locator(`.job[data-job="${job}"][data-state="paused"]`).waitFor(LONG);
+  try {
+    await page.locator(`.job[data-job="${job}"][data-state="paused"]`).waitFor(LONG);
+  } catch (e) {
+    // What the page shows instead (a job that ended before the click says so in #error).
+    console.log("page errors", JSON.stringify(errors));
+    console.log("jobs drawn", await page.locator("#jobs").innerHTML());
+    console.log("error shown", await page.locator("#error").textContent().catch(() => "none"));
+    throw e;
+  }
   // Its bar is as long as its progress says.
   const pausedBar = await page.locator(`.job[data-job="${job}"] .bar`)
     .evaluate((b) => b.firstElementChild.getBoundingClientRect().width / b.getBoundingClientRect().width);
