@@ -446,6 +446,95 @@ mod tests {
         );
     }
 
+    /// A process that reads a table past two generations (after a restart) builds the filter
+    /// from it: the oldest digests, no longer held, are found by a scan, and forgeries cost
+    /// none.
+    #[test]
+    fn a_table_past_two_generations_is_read_into_the_filter() {
+        use keel_schema::{Attestation, ChangeId, Hlc, Location};
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["test.keel".into()]).expect("a certificate");
+        let signer = Signer::new(certified.cert.der(), &certified.key_pair.serialize_der())
+            .expect("a signer");
+        let b = signer.device();
+        let hlc = |ms| Hlc {
+            physical_ms: ms,
+            counter: 0,
+            device: b,
+        };
+        let location = |name: &str| Location {
+            uuid: uuid::Uuid::now_v7(),
+            device: b.record_uuid(),
+            path: format!("/{name}"),
+            name: name.into(),
+            created_ms: 2,
+        };
+        let device = keel_schema::Device {
+            uuid: b.record_uuid(),
+            device_id: b.to_hex(),
+            name: "d".into(),
+            os: "linux".into(),
+            created_ms: 1,
+        };
+        let changes = vec![
+            Change::upsert(ChangeId::new(), hlc(1), &device).expect("ready"),
+            Change::upsert(ChangeId::new(), hlc(2), &location("b")).expect("ready"),
+        ];
+        let mut ms = 10;
+        let vouching: Vec<Change> = signer
+            .attest(changes.clone(), || {
+                ms += 1;
+                (ChangeId::new(), hlc(ms))
+            })
+            .expect("signs")
+            .into_iter()
+            .take_while(|c| c.model == keel_schema::code_of::<Attestation>())
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = crate::Projections::open(&dir.path().join("p.sqlite")).expect("opens");
+        p.apply(&vouching, None).expect("applies");
+        // Newer attestations of more digests than two generations hold, as rows.
+        let per_row = 1_000;
+        let rows = (2 * GENERATION_DIGESTS + GENERATION_DIGESTS / 5) / per_row;
+        {
+            let mut insert = p
+                .conn
+                .prepare("INSERT INTO attestation (uuid, members, _live) VALUES (?1, ?2, 1)")
+                .expect("prepares");
+            for row in 0..rows {
+                let members: Vec<u8> = (0..per_row)
+                    .flat_map(|i| digest(1 + row * per_row + i))
+                    .collect();
+                insert
+                    .execute((uuid::Uuid::now_v7().as_bytes().as_slice(), members))
+                    .expect("inserts");
+            }
+        }
+        // A process that has not read the table yet.
+        *p.attested.borrow_mut() = Attested::default();
+        let stats = p.apply(&changes, None).expect("applies");
+        assert_eq!(stats.refused, 0, "{stats:?}");
+        let held = p.attested.borrow();
+        assert!(
+            held.evicted && held.ever.is_built(),
+            "read past two generations"
+        );
+        assert!(held.ever.count > 2 * GENERATION_DIGESTS);
+        let scans = held.scans;
+        assert!(scans >= 1, "the oldest digest was found by a scan");
+        drop(held);
+        for i in 0..200 {
+            let forged =
+                Change::upsert(ChangeId::new(), hlc(100 + i), &location("c")).expect("ready");
+            assert_eq!(p.apply(&[forged], None).expect("applies").refused, 1);
+        }
+        let forged_scans = p.attested.borrow().scans - scans;
+        assert!(
+            forged_scans <= 8,
+            "200 forgeries scanned the table {forged_scans} times"
+        );
+    }
+
     #[test]
     fn the_filter_never_forgets_a_digest_and_rarely_claims_one() {
         let mut filter = Filter::default();
