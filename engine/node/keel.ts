@@ -708,7 +708,12 @@ compacted_to: number,
  * Pages of a dropped log still being deleted in the background after a compaction or a
  * backfill (0: none); their disk space is reused once they are gone.
  */
-dropped_log_pages: number, };
+dropped_log_pages: number, 
+/**
+ * The position of a snapshot a compaction made that waits for every device to
+ * acknowledge it (see [`crate::CompactReport::waiting_at`]); `None` when none waits.
+ */
+snapshot_waiting_at: number | null, };
 
 /**
  * What a library takes on disk, by part (bytes).

@@ -186,6 +186,8 @@ fn compaction_stops_at_what_every_device_acknowledged() {
     assert_eq!((waiting.base, waiting.dropped), (0, 0), "{waiting:?}");
     assert_eq!(waiting.waiting_at, Some(end.0));
     assert_eq!(waiting.snapshot_bytes, 0, "no snapshot in place yet");
+    let said = lib.status().expect("status").journal.snapshot_waiting_at;
+    assert_eq!(said, Some(end.0), "the status says a snapshot waits");
     // Still short of it: still waiting.
     let again = lib.compact(Lsn(end.0 - 1)).expect("compacts");
     assert_eq!((again.dropped, again.waiting_at), (0, Some(end.0)));
@@ -197,8 +199,12 @@ fn compaction_stops_at_what_every_device_acknowledged() {
     assert!(done.snapshot_bytes > 0);
     let status = lib.status().expect("status");
     assert_eq!(
-        (status.journal.compacted_to, status.journal.log_len),
-        (end.0, 0)
+        (
+            status.journal.compacted_to,
+            status.journal.log_len,
+            status.journal.snapshot_waiting_at
+        ),
+        (end.0, 0, None)
     );
     // A rebuild starts from the snapshot, to the same.
     lib.rebuild(&mut |_, _| {}).expect("rebuilds");

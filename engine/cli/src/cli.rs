@@ -1266,6 +1266,11 @@ fn status(
         s.journal.compacted_to,
         s.applied_lsn
     ));
+    if let Some(at) = s.journal.snapshot_waiting_at {
+        io.line(&format!(
+            "          a snapshot at position {at} waits for every device to acknowledge it"
+        ));
+    }
     if s.journal.dropped_log_pages > 0 {
         io.line(&format!(
             "          {} pages of a dropped log still being deleted",

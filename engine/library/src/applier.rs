@@ -51,6 +51,9 @@ pub(crate) struct Shared {
     /// would write the same scratch files. It holds the compaction's snapshot that waits
     /// for its position to be acknowledged (see `crate::compact`).
     pub(crate) history: Mutex<crate::compact::History>,
+    /// The waiting snapshot's position as `history` holds it (0: none), readable without
+    /// waiting for a compaction or a replay to let go of `history`.
+    pub(crate) waiting_at: std::sync::atomic::AtomicU64,
     /// The snapshot backfills read while any does (see `crate::backfill`).
     pub(crate) serving: Mutex<std::sync::Weak<crate::backfill::SnapshotSource>>,
 }

@@ -292,6 +292,7 @@ impl Library {
             let mut history = self.history()?;
             // A copy of the projections this backfill replaces.
             history.discard_waiting(self.dir());
+            self.publish_waiting(&history);
             journal.raise_hlc_high_water(plan.hlc)?;
             let returned = journal
                 .log()

@@ -114,12 +114,42 @@ impl Library {
     fn compact_now(&self, upto: Lsn) -> Result<CompactReport, EngineError> {
         // One compaction at a time, and none under a rebuild's or a verify's replay.
         let mut history = self.history()?;
+        let report = self.compact_holding(&mut history, upto);
+        self.publish_waiting(&history);
+        report
+    }
+
+    /// The position of the snapshot that waits, if one does (see [`History`]).
+    pub(crate) fn compaction_waiting(&self) -> Option<u64> {
+        match self
+            .shared
+            .waiting_at
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
+    /// Makes what `history` holds readable by [`Library::compaction_waiting`].
+    pub(crate) fn publish_waiting(&self, history: &History) {
+        let at = history.waiting.map_or(0, |w| w.at.0);
+        self.shared
+            .waiting_at
+            .store(at, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn compact_holding(
+        &self,
+        history: &mut History,
+        upto: Lsn,
+    ) -> Result<CompactReport, EngineError> {
         let dir = self.dir().to_path_buf();
         let journal = self.journal()?;
         let journal_before = file_len(&dir.join(JOURNAL_FILE));
         let (old_base, _) = journal.log().base()?;
         if upto <= old_base {
-            return Ok(self.nothing_compacted(old_base, journal_before, &history));
+            return Ok(self.nothing_compacted(old_base, journal_before, history));
         }
         if let Some(waiting) = history.waiting {
             if !self.still_holds(waiting)? || waiting.at <= old_base {
@@ -128,13 +158,13 @@ impl Library {
                 history.waiting = None;
                 return self.put_snapshot_in_place(waiting.at, journal_before);
             } else {
-                return Ok(self.nothing_compacted(old_base, journal_before, &history));
+                return Ok(self.nothing_compacted(old_base, journal_before, history));
             }
         }
         if journal.projections_stale()? > 0 {
             // They hold changes a truncation dropped: a copy would keep them.
             tracing::info!("not compacting: the projections wait for a rebuild");
-            return Ok(self.nothing_compacted(old_base, journal_before, &history));
+            return Ok(self.nothing_compacted(old_base, journal_before, history));
         }
         let incoming = dir.join(SNAPSHOT_COPY);
         // One read transaction: a consistent state at the position it has applied.
@@ -143,7 +173,7 @@ impl Library {
         let stale = journal.projections_stale()? > 0;
         let (Some(epoch), false, true) = (epoch, stale, at > old_base) else {
             Projections::remove_files(&incoming)?;
-            return Ok(self.nothing_compacted(old_base, journal_before, &history));
+            return Ok(self.nothing_compacted(old_base, journal_before, history));
         };
         let packing = dir.join(SNAPSHOT_PACKING);
         let packed = pack(&incoming, &packing);
@@ -159,7 +189,7 @@ impl Library {
             upto = upto.0,
             "the snapshot waits until every device acknowledged its position"
         );
-        Ok(self.nothing_compacted(old_base, journal_before, &history))
+        Ok(self.nothing_compacted(old_base, journal_before, history))
     }
 
     /// Whether the log still holds the waiting snapshot's position with the same epoch, and

@@ -222,6 +222,10 @@ pub struct JournalStatus {
     /// Pages of a dropped log still being deleted in the background after a compaction or a
     /// backfill (0: none); their disk space is reused once they are gone.
     pub dropped_log_pages: u64,
+    /// The position of a snapshot a compaction made that waits for every device to
+    /// acknowledge it (see [`crate::CompactReport::waiting_at`]); `None` when none waits.
+    #[cfg_attr(feature = "typescript", ts(type = "number | null"))]
+    pub snapshot_waiting_at: Option<u64>,
 }
 
 /// The current time in ms since the Unix epoch.
@@ -568,6 +572,7 @@ impl Library {
             jobs: Default::default(),
             indexing: Mutex::new(()),
             history: Mutex::new(crate::compact::History::default()),
+            waiting_at: std::sync::atomic::AtomicU64::new(0),
             serving: Mutex::new(std::sync::Weak::new()),
             catch_up: Mutex::new(None),
         });
@@ -1094,6 +1099,7 @@ impl Library {
                 last_lsn: stats.last_lsn.0,
                 compacted_to: stats.base.0,
                 dropped_log_pages: stats.dropped_log_pages,
+                snapshot_waiting_at: self.compaction_waiting(),
             },
             applied_lsn: applied.log.0,
             parked,
