@@ -1055,7 +1055,7 @@ impl Core {
             status.leader = self.replica.leader().map(|d| d.to_hex());
             status.log_len = durable.last_lsn().0;
             status.compacted_to = durable.log.base().0;
-            status.compactable = self.replica.compactable(&self.members, self.retain).0;
+            status.compactable = compactable.0;
             // Backfilled to the leader's base (or past it), it is not behind any more.
             if self.replica.durable().log.base().0 >= self.behind_compaction {
                 self.behind_compaction = 0;

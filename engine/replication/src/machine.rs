@@ -97,7 +97,7 @@ pub(crate) struct Machine {
     leader_base: Lsn,
     /// While leading: how far it may compact, as the runtime last said (see
     /// [`crate::Replica::offer_compaction`]).
-    settled: Lsn,
+    offered: Lsn,
     /// Set when this device's log cannot continue the leader's: the leader's compaction base
     /// (what it lacks was compacted there, or its compacted history differs). Taken by the
     /// runtime, which backfills.
@@ -164,7 +164,7 @@ impl Machine {
             next: BTreeMap::new(),
             matched: BTreeMap::new(),
             leader_base: Lsn(0),
-            settled: Lsn(0),
+            offered: Lsn(0),
             behind: None,
             flights: BTreeMap::new(),
             in_log: None,
@@ -238,8 +238,8 @@ impl Machine {
     }
 
     /// Sets what segments offer followers to compact to (see [`Machine::compact_offer`]).
-    pub(crate) fn offer_compaction(&mut self, settled: Lsn) {
-        self.settled = settled;
+    pub(crate) fn offer_compaction(&mut self, upto: Lsn) {
+        self.offered = upto;
     }
 
     /// The compaction position a segment to `peer` carries: this log's base, or how far this
@@ -247,7 +247,7 @@ impl Machine {
     /// never compacts a tail its leader would truncate).
     fn compact_offer(&self, peer: DeviceId) -> Lsn {
         let stored = Lsn(self.matched.get(&peer).copied().unwrap_or(0));
-        self.durable.log.base().max(self.settled.min(stored))
+        self.durable.log.base().max(self.offered.min(stored))
     }
 
     /// The last position each follower stored of this leader's log, as it acknowledged
@@ -644,7 +644,7 @@ impl Machine {
         let epoch = self.durable.epoch;
         self.role = ElectionRole::Leader;
         self.leader = Some(self.config.device);
-        self.settled = Lsn(0);
+        self.offered = Lsn(0);
         self.record_push(epoch, LogSlot::Barrier);
         for id in std::mem::take(&mut self.durable.offline) {
             self.sequence(id);

@@ -614,8 +614,8 @@ impl Replica {
     /// devices) acknowledged storing of its log this epoch (0 if any has not), leaving out a
     /// device more than `retain` entries behind the log's end: it no longer holds the log
     /// back, and backfills from the snapshot when it comes back; a follower, what its
-    /// leader's last segment offered (see [`Replica::offer_compaction`]). Never past this log's end. The runtime also keeps it at or
-    /// below what its projections applied.
+    /// leader's last segment offered (see [`Replica::offer_compaction`]). Never past this
+    /// log's end. The runtime also keeps it at or below what its projections applied.
     pub fn compactable(&self, devices: &[DeviceId], retain: u64) -> Lsn {
         let end = self.durable().last_lsn();
         let upto = match self.role() {
@@ -639,9 +639,9 @@ impl Replica {
     /// segments offer followers to compact up to it, each never past what it stored itself,
     /// so a follower's snapshot waits no longer than the leader's. Ignored unless leading; an
     /// election forgets it.
-    pub fn offer_compaction(&mut self, settled: Lsn) {
+    pub fn offer_compaction(&mut self, upto: Lsn) {
         if self.role() == ElectionRole::Leader {
-            self.machine.offer_compaction(settled);
+            self.machine.offer_compaction(upto);
         }
     }
 
