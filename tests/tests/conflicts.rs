@@ -159,7 +159,6 @@ fn a_preferred_devices_value_wins_on_every_device() {
 /// device whose clock runs ahead: its rename was made later, so it wins on both, as a user who
 /// renames what they see expects (the clock observes every change the device applies).
 #[test]
-#[ignore = "bug: a device's clock does not observe the changes it applies"]
 fn a_rename_made_after_seeing_one_from_a_clock_ahead_wins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, _home_b, b, tag) = two_devices_and_a_tag(dir.path(), |_, _| {});

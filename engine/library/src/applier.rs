@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crossbeam_channel::Receiver;
 use keel_journal::{ApplyBudget, CommittedBatch, Placement};
 use keel_projections::{AppliedPosition, ProjectionError, Projections};
-use keel_schema::{Change, ChangeId, Lsn};
+use keel_schema::{Change, ChangeId, Hlc, Lsn};
 use tokio::sync::broadcast;
 
 use crate::events::{ChangeKind, Event, EVENT_RECORDS_MAX};
@@ -56,6 +56,42 @@ pub(crate) struct Shared {
     pub(crate) waiting_at: std::sync::atomic::AtomicU64,
     /// The snapshot backfills read while any does (see `crate::backfill`).
     pub(crate) serving: Mutex<std::sync::Weak<crate::backfill::SnapshotSource>>,
+    /// The newest clock among the changes applied since a transaction last took it (at most
+    /// [`CLOCK_AHEAD_MAX_MS`] ahead of this device's time): the next transaction's clock
+    /// observes it, so a change made after seeing another is ordered after it.
+    pub(crate) clock_seen: Mutex<Option<Hlc>>,
+}
+
+/// How far ahead of this device's time an applied change may move its clock: a peer whose clock
+/// runs further ahead (or lies) still wins what it writes until then, but cannot drag every
+/// device's clock to the end of time.
+pub(crate) const CLOCK_AHEAD_MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
+impl Shared {
+    /// Takes in the clocks of `changes` as applied (see [`Shared::clock_seen`]).
+    fn saw_clocks(&self, changes: &[Change]) {
+        let Some(newest) = changes.iter().map(|c| c.hlc).max() else {
+            return;
+        };
+        let cap = crate::library::now_ms().saturating_add(CLOCK_AHEAD_MAX_MS);
+        let newest = if newest.physical_ms > cap {
+            Hlc {
+                physical_ms: cap,
+                counter: 0,
+                device: newest.device,
+            }
+        } else {
+            newest
+        };
+        if let Ok(mut seen) = self.clock_seen.lock() {
+            *seen = (*seen).max(Some(newest));
+        }
+    }
+
+    /// The newest clock applied since the last call, if any.
+    pub(crate) fn take_clock_seen(&self) -> Option<Hlc> {
+        self.clock_seen.lock().ok().and_then(|mut seen| seen.take())
+    }
 }
 
 /// A catch-up bulk-loads when at least this many log entries are missing...
@@ -238,6 +274,9 @@ pub(crate) fn run(shared: Arc<Shared>, batches: Receiver<CommittedBatch>) {
             }
             Err(_) => return,
         };
+        if result.is_ok() {
+            shared.saw_clocks(&changes);
+        }
         if !record_result(&shared, group.seq, position, &changes, result.map(|_| ())) {
             return;
         }
@@ -498,6 +537,41 @@ pub(crate) mod tests {
         lib.flush()?;
         assert_eq!(lib.status()?.counts.tags, per_batch * batches);
         assert_eq!(lib.shared.budget.queued(), 0);
+        Ok(())
+    }
+
+    /// An applied change from a clock at the end of time moves this device's clock at most
+    /// [`CLOCK_AHEAD_MAX_MS`] ahead of its own time, and the next change is still after it.
+    #[test]
+    fn an_applied_clock_far_ahead_moves_the_clock_only_so_far(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let lib = new_library(dir.path(), "ahead")?;
+        let end_of_time = Hlc {
+            physical_ms: u64::MAX,
+            counter: u32::MAX,
+            device: keel_schema::DeviceId([7; 32]),
+        };
+        let tag = keel_schema::Tag {
+            uuid: keel_schema::tag_uuid(lib.id().0, "late"),
+            name: "late".into(),
+            color: None,
+            created_ms: 1,
+        };
+        let far = Change::upsert(ChangeId::new(), end_of_time, &tag).ok_or("sync-ready")?;
+        lib.shared.saw_clocks(&[far]);
+        let before = crate::library::now_ms();
+        let (_, receipt) = lib.transact(|tx| {
+            tx.upsert(&tag);
+            Ok(())
+        })?;
+        let hlc = lib.journal()?.hlc_high_water()?.ok_or("a clock")?;
+        assert!(!receipt.change_ids.is_empty());
+        assert!(hlc.physical_ms >= before + CLOCK_AHEAD_MAX_MS, "{hlc:?}");
+        assert!(
+            hlc.physical_ms <= crate::library::now_ms() + CLOCK_AHEAD_MAX_MS,
+            "{hlc:?}"
+        );
         Ok(())
     }
 }

@@ -573,6 +573,7 @@ impl Library {
             indexing: Mutex::new(()),
             history: Mutex::new(crate::compact::History::default()),
             waiting_at: std::sync::atomic::AtomicU64::new(0),
+            clock_seen: Mutex::new(None),
             serving: Mutex::new(std::sync::Weak::new()),
             catch_up: Mutex::new(None),
         });
@@ -904,6 +905,15 @@ impl Library {
         self.device.id
     }
 
+    /// This device's clock, past every change applied so far.
+    fn clock(&self) -> Result<std::sync::MutexGuard<'_, HlcClock>, EngineError> {
+        let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+        if let Some(seen) = self.shared.take_clock_seen() {
+            clock.observe(seen);
+        }
+        Ok(clock)
+    }
+
     /// Runs `f` to collect changes, then commits them as one durable group. `Ok` means durable.
     /// The projections follow a moment later; call [`Library::flush`] to wait for them.
     pub fn transact<T>(
@@ -911,7 +921,7 @@ impl Library {
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, EngineError>,
     ) -> Result<(T, CommitReceipt), EngineError> {
         let changes = {
-            let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+            let mut clock = self.clock()?;
             let now = now_ms();
             let mut tx = Tx::new(&mut clock, &self.models, now);
             let value = f(&mut tx)?;
@@ -975,7 +985,7 @@ impl Library {
         f: impl FnOnce(&mut Tx<'_>) -> Result<(), EngineError>,
     ) -> Result<PendingTransaction<'_>, EngineError> {
         let changes = {
-            let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+            let mut clock = self.clock()?;
             let now = now_ms();
             let mut tx = Tx::new(&mut clock, &self.models, now);
             f(&mut tx)?;
