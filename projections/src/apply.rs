@@ -71,6 +71,25 @@ pub struct ApplyStats {
     pub references_proven: bool,
     /// Conflicts recorded (see [`crate::Query::conflicts`]).
     pub conflicts: u64,
+    /// Rows removed or freed of their tombstone by horizons (see [`keel_schema::Horizon`]).
+    pub collected: u64,
+}
+
+impl ApplyStats {
+    /// Adds what a later part of the same batch did.
+    fn absorb(&mut self, other: ApplyStats) {
+        self.applied += other.applied;
+        self.unchanged += other.unchanged;
+        self.parked += other.parked;
+        self.unparked += other.unparked;
+        self.refused += other.refused;
+        self.lacking += other.lacking;
+        self.index_domain += other.index_domain;
+        self.content_domain += other.content_domain;
+        self.references_proven |= other.references_proven;
+        self.conflicts += other.conflicts;
+        self.collected += other.collected;
+    }
 }
 
 /// A SQL parameter borrowed from a change or a row.
@@ -125,8 +144,8 @@ pub(crate) fn read_value(
 
 pub(crate) struct Row {
     pub(crate) values: Vec<Value>,
-    clocks: FieldClocks,
-    tomb: Option<Hlc>,
+    pub(crate) clocks: FieldClocks,
+    pub(crate) tomb: Option<Hlc>,
 }
 
 impl Row {
@@ -301,8 +320,27 @@ impl<'a> Applier<'a> {
         self.counts.and_then(|plan| plan.share(code, live, value))
     }
 
+    /// The library's models.
+    pub(crate) fn registry(&self) -> &Registry {
+        self.registry
+    }
+
+    /// Takes what a row removed added to the derived counts out of them.
+    pub(crate) fn forget_share(&self, before: Option<(Uuid, i64)>) {
+        self.deltas.replace(before, None);
+    }
+
+    /// The row of `uuid` in model `def`, if any.
+    pub(crate) fn read_row(
+        &self,
+        def: &ModelDef,
+        uuid: Uuid,
+    ) -> Result<Option<Row>, ProjectionError> {
+        self.read_row_with(def, &self.sql[usize::from(def.code)], uuid)
+    }
+
     /// What a row read back adds to the derived counts.
-    fn share_of_row(&self, def: &ModelDef, code: u8, row: &Row) -> Option<(Uuid, i64)> {
+    pub(crate) fn share_of_row(&self, def: &ModelDef, code: u8, row: &Row) -> Option<(Uuid, i64)> {
         let live = is_live(def, &row.clocks, row.tomb);
         self.share(code, live, |i| row.values.get(i))
     }
@@ -542,7 +580,7 @@ impl<'a> Applier<'a> {
         stmt.execute(params)
     }
 
-    fn read_row(
+    fn read_row_with(
         &self,
         def: &ModelDef,
         sql: &ModelSql,
@@ -579,7 +617,7 @@ impl<'a> Applier<'a> {
     }
 
     /// Writes `row` over the row of `uuid`, which added `before` to the derived counts.
-    fn write_row(
+    pub(crate) fn write_row(
         &self,
         def: &ModelDef,
         code: u8,
@@ -629,7 +667,7 @@ impl<'a> Applier<'a> {
         }
         let row = match rule {
             Owner::Itself => None,
-            _ => Some(self.read_row(def, sql, change.record)?),
+            _ => Some(self.read_row_with(def, sql, change.record)?),
         };
         Ok(
             match self.verdict(rule, change, row.as_ref().and_then(Option::as_ref))? {
@@ -763,7 +801,7 @@ impl<'a> Applier<'a> {
             Op::Delete => {
                 let row = match read {
                     Some(row) => row,
-                    None => self.read_row(def, sql, change.record)?,
+                    None => self.read_row_with(def, sql, change.record)?,
                 };
                 match row {
                     Some(mut row) => {
@@ -849,7 +887,7 @@ impl<'a> Applier<'a> {
         for bytes in deleted {
             let uuid = Uuid::from_slice(&bytes)
                 .map_err(|_| ProjectionError::MalformedRow(format!("{} uuid", def.name)))?;
-            let Some(mut row) = self.read_row(def, sql, uuid)? else {
+            let Some(mut row) = self.read_row_with(def, sql, uuid)? else {
                 continue;
             };
             let Some(tomb) = row.tomb else {
@@ -935,7 +973,7 @@ impl<'a> Applier<'a> {
         change: &Change,
         fields: &[(u8, Value)],
     ) -> Result<Outcome, ProjectionError> {
-        match self.read_row(def, sql, change.record)? {
+        match self.read_row_with(def, sql, change.record)? {
             Some(row) => self.merge_into(def, change, fields, row),
             None => Ok(Outcome::Unchanged),
         }
@@ -1131,12 +1169,61 @@ impl Projections {
     /// [`Projections::apply`] of changes of which some are log entries: `logged[i]` is the log
     /// position of `changes[i]` (`None`, or missing, for a local change). The log entries are
     /// looked at for conflicts, in order (see [`crate::Query::conflicts`]).
+    ///
+    /// A horizon among the log entries (see [`keel_schema::Horizon`]) ends a part of the
+    /// batch: what comes before it is applied and committed, then its tombstones are collected,
+    /// then the rest is applied, so that it collects after the same changes on every device. The
+    /// applied position is recorded with the last part only: a crash in between applies the
+    /// whole batch again, which gives the same rows.
     pub fn apply_logged(
         &mut self,
         changes: &[Change],
         logged: &[Option<u64>],
         position: Option<AppliedPosition>,
     ) -> Result<ApplyStats, ProjectionError> {
+        let mut stats = ApplyStats::default();
+        let mut from = 0;
+        while let Some((at, bound)) = crate::collect::next_horizon(changes, logged, from) {
+            let part = self.apply_part(&changes[from..=at], &logged[from..=at], None)?;
+            stats.absorb(part);
+            stats.collected += self.collect_tombstones(bound)?;
+            from = at + 1;
+        }
+        let rest = logged.get(from..).unwrap_or(&[]);
+        let part = self.apply_part(&changes[from..], rest, position)?;
+        stats.absorb(part);
+        Ok(stats)
+    }
+
+    /// Collects the tombstones older than `bound` in one transaction (see `crate::collect`).
+    /// Returns the rows changed.
+    fn collect_tombstones(&mut self, bound: (u64, u32)) -> Result<u64, ProjectionError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let applier = Applier::new(&tx, &self.sql, &self.registry, true, &self.attested);
+        let mut defs: Vec<&ModelDef> = self.registry.iter().collect();
+        // Referencing models first: a record's last reference may go in the same pass.
+        defs.sort_by_key(|d| std::cmp::Reverse(self.ranks[usize::from(d.code)]));
+        let mut changed = 0;
+        for def in defs {
+            changed += applier.collect_tombstones(def, bound)?;
+        }
+        applier.write_counts()?;
+        drop(applier);
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// [`Projections::apply_logged`] of a part of a batch that holds no horizon but maybe as
+    /// its last change.
+    fn apply_part(
+        &mut self,
+        changes: &[Change],
+        logged: &[Option<u64>],
+        position: Option<AppliedPosition>,
+    ) -> Result<ApplyStats, ProjectionError> {
+        if changes.is_empty() && position.is_none() {
+            return Ok(ApplyStats::default());
+        }
         let order = ApplyOrder::new(changes, &self.ranks);
         let unchecked = self.references_found(changes, &order)?;
         let positions = order.positions();

@@ -63,6 +63,16 @@ pub(crate) fn create_table(def: &ModelDef) -> String {
     sql
 }
 
+/// A partial index of a model's rows that hold a tombstone: a horizon reads them (see
+/// `crate::collect`) without reading the whole table. Rows without one are not in it, so it costs
+/// an insert nothing but the check.
+pub(crate) fn create_deleted_index(def: &ModelDef) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS {0}_deleted ON {0}(uuid) WHERE _tomb IS NOT NULL",
+        def.name
+    )
+}
+
 /// A field's column: its name, type and reference (as `CREATE TABLE` and `ALTER TABLE ADD
 /// COLUMN` write it).
 pub(crate) fn column(f: &keel_schema::FieldDef) -> String {
@@ -111,6 +121,12 @@ pub(crate) const INDEXES: &[(&str, &str)] = &[
         "CREATE INDEX IF NOT EXISTS user_metadata_tag_tag ON user_metadata_tag(tag)",
     ),
 ];
+
+/// Whether one of [`INDEXES`] starts with column `field` of table `table`.
+pub(crate) fn indexed(table: &str, field: &str) -> bool {
+    let on = format!(" ON {table}({field}");
+    INDEXES.iter().any(|(_, sql)| sql.contains(&on))
+}
 
 /// Internal tables: the applied position, parked changes and changes the owner rule refused.
 pub(crate) const INTERNAL: &[&str] = &[

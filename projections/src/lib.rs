@@ -10,6 +10,7 @@ mod attest;
 mod backfill;
 mod checkpoint;
 mod clocks;
+mod collect;
 mod conflicts;
 mod ddl;
 mod derived;

@@ -187,6 +187,8 @@ impl Projections {
             sql[code] = ModelSql::new(def);
             ddl.push_str(&create_table(def));
             ddl.push(';');
+            ddl.push_str(&crate::ddl::create_deleted_index(def));
+            ddl.push(';');
         }
         for stmt in INDEXES.iter().map(|(_, sql)| sql).chain(INTERNAL) {
             ddl.push_str(stmt);

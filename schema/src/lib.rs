@@ -31,9 +31,9 @@ pub use models::{
     conflict_policy_uuid, content_metadata_uuid, content_uuid, entry_metadata_uuid,
     registered_model_uuid, tag_uuid, user_metadata_tag_uuid, Attestation, AttestationUpdate,
     ConflictPolicy, ConflictPolicyUpdate, ContentIdentity, ContentIdentityUpdate, Device,
-    DeviceUpdate, Endorsement, EndorsementUpdate, Entry, EntryKind, EntryUpdate, Location,
-    LocationUpdate, RegisteredModel, RegisteredModelUpdate, Tag, TagUpdate, UserMetadata,
-    UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate,
+    DeviceUpdate, Endorsement, EndorsementUpdate, Entry, EntryKind, EntryUpdate, Horizon,
+    HorizonUpdate, Location, LocationUpdate, RegisteredModel, RegisteredModelUpdate, Tag,
+    TagUpdate, UserMetadata, UserMetadataTag, UserMetadataTagUpdate, UserMetadataUpdate,
 };
 pub use ownership::Owner;
 pub use registry::{code_of, model_by_code, model_code, Registry, HOST_CODE_MIN, MODELS};

@@ -420,6 +420,34 @@ pub struct ConflictPolicy {
     pub device: Option<String>,
 }
 
+/// A leader's word that no change older than a clock can reach the log any more: every device
+/// of the library reported that whatever it will still push is at or after it. Applied at its
+/// log position (never as a local change), it has every device collect the tombstones older
+/// than that clock: the same rows on every device, since it is applied after the same changes
+/// (see decision 0082). Only a leader makes one, and a leader refuses one pushed to it.
+#[derive(Clone, Debug, PartialEq, Eq, Syncable, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "typescript", derive(ts_rs::TS))]
+#[syncable(model = "horizon", code = 11, domain = "index", priority = 0)]
+pub struct Horizon {
+    /// Record uuid (random).
+    #[syncable(uuid)]
+    pub uuid: Uuid,
+    /// The clock's milliseconds: tombstones before `(before_ms, before_counter)` are collected.
+    pub before_ms: i64,
+    /// The clock's counter within its millisecond.
+    pub before_counter: i64,
+}
+
+impl Horizon {
+    /// The bound as a clock reading `(milliseconds, counter)`; `None` for values out of range.
+    pub fn bound(&self) -> Option<(u64, u32)> {
+        Some((
+            u64::try_from(self.before_ms).ok()?,
+            u32::try_from(self.before_counter).ok()?,
+        ))
+    }
+}
+
 /// Namespace of [`ConflictPolicy`] uuids.
 const CONFLICT_POLICY_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_636f_6e66_6c69_6374_706f_6c69);
 

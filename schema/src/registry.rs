@@ -10,14 +10,14 @@ use std::sync::{Arc, OnceLock};
 
 use crate::error::SchemaError;
 use crate::models::{
-    Attestation, ConflictPolicy, ContentIdentity, Device, Endorsement, Entry, Location,
+    Attestation, ConflictPolicy, ContentIdentity, Device, Endorsement, Entry, Horizon, Location,
     RegisteredModel, Tag, UserMetadata, UserMetadataTag,
 };
 use crate::syncable::ModelDef;
 use crate::Syncable;
 
 /// Keel's own models, in code order; a model's code is its index here (append-only).
-pub static MODELS: [&ModelDef; 11] = [
+pub static MODELS: [&ModelDef; 12] = [
     Device::DEF,
     Location::DEF,
     Entry::DEF,
@@ -29,6 +29,7 @@ pub static MODELS: [&ModelDef; 11] = [
     Endorsement::DEF,
     RegisteredModel::DEF,
     ConflictPolicy::DEF,
+    Horizon::DEF,
 ];
 
 /// The first code a host's model may take; the codes below are Keel's.
