@@ -90,6 +90,10 @@ impl Input<'_> {
                 ok: self.u8() % 2 == 0,
                 stored: Lsn(self.u64()),
                 positions: Vec::new(),
+                floor: (self.u8() % 2 == 0).then(|| keel_replication::wire::ClockFloor {
+                    ms: self.u64(),
+                    counter: u32::from(self.u8()),
+                }),
             },
             6 => ReplicationMessage::Push {
                 changes: (0..self.u8() % 4)

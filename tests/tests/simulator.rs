@@ -810,6 +810,13 @@ impl Sim {
                 ok: self.rng.random_bool(0.5),
                 stored: lsn,
                 positions: Vec::new(),
+                floor: self
+                    .rng
+                    .random_bool(0.5)
+                    .then(|| keel_replication::wire::ClockFloor {
+                        ms: self.rng.random(),
+                        counter: self.rng.random(),
+                    }),
             },
             6 => ReplicationMessage::Push {
                 changes: (0..self.rng.random_range(0..4))

@@ -563,6 +563,10 @@ mod tests {
                     domain: SyncDomain::Content,
                     lsn: Lsn(3),
                 }],
+                floor: Some(keel_replication::wire::ClockFloor {
+                    ms: 1_700_000_000_000,
+                    counter: 7,
+                }),
             }),
             DeviceMessage::Replication(ReplicationMessage::RequestVote {
                 epoch,

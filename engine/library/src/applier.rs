@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     /// [`CLOCK_AHEAD_MAX_MS`] ahead of this device's time): the next transaction's clock
     /// observes it, so a change made after seeing another is ordered after it.
     pub(crate) clock_seen: Mutex<Option<Hlc>>,
+    /// The commits that took their clock and are not in the journal yet (see `crate::floor`).
+    pub(crate) in_flight: crate::floor::InFlight,
 }
 
 /// How far ahead of this device's time an applied change may move its clock: a peer whose clock

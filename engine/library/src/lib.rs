@@ -42,6 +42,7 @@ mod error;
 mod events;
 mod everyday;
 mod feed;
+mod floor;
 mod indexer;
 #[cfg(target_os = "linux")]
 mod inotify;

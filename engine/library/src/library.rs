@@ -66,6 +66,8 @@ pub struct PendingTransaction<'a> {
     library: &'a Library,
     pending: Pending,
     change_ids: Vec<ChangeId>,
+    /// Held until the changes are durable (see `crate::floor`).
+    _in_flight: crate::floor::Ticket<'a>,
 }
 
 /// Where a pipelined transaction's changes went.
@@ -113,6 +115,11 @@ impl PendingTransaction<'_> {
             placements,
         })
     }
+}
+
+/// The oldest clock among `changes`.
+fn oldest_clock(changes: &[keel_schema::Change]) -> Option<keel_schema::Hlc> {
+    changes.iter().map(|c| c.hlc).min()
 }
 
 /// Waits for the core's answer to a sequencing request: the placements, or `None` when the
@@ -574,6 +581,7 @@ impl Library {
             history: Mutex::new(crate::compact::History::default()),
             waiting_at: std::sync::atomic::AtomicU64::new(0),
             clock_seen: Mutex::new(None),
+            in_flight: crate::floor::InFlight::default(),
             serving: Mutex::new(std::sync::Weak::new()),
             catch_up: Mutex::new(None),
         });
@@ -713,7 +721,7 @@ impl Library {
     /// While the running node leads: has its core append `changes` to the log (see
     /// `crate::leader_commit`). `None` when the node does not lead or runs no more: nothing was
     /// written, and the caller commits by the usual path.
-    fn sequence_as_leader(
+    pub(crate) fn sequence_as_leader(
         &self,
         changes: &[keel_schema::Change],
     ) -> Result<Option<Vec<Placement>>, EngineError> {
@@ -906,7 +914,7 @@ impl Library {
     }
 
     /// This device's clock, past every change applied so far.
-    fn clock(&self) -> Result<std::sync::MutexGuard<'_, HlcClock>, EngineError> {
+    pub(crate) fn clock(&self) -> Result<std::sync::MutexGuard<'_, HlcClock>, EngineError> {
         let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
         if let Some(seen) = self.shared.take_clock_seen() {
             clock.observe(seen);
@@ -943,12 +951,12 @@ impl Library {
                     change.seen = seen;
                 }
             }
-            (
-                value,
-                crate::attest::attest(&self.signer, &mut clock, now, changes)?,
-            )
+            let changes = crate::attest::attest(&self.signer, &mut clock, now, changes)?;
+            // Registered before the clock is let go (see `crate::floor`).
+            let ticket = self.shared.in_flight.begin(oldest_clock(&changes));
+            (value, changes, ticket)
         };
-        let (value, changes) = changes;
+        let (value, changes, _in_flight) = changes;
         if changes.is_empty() {
             return Ok((
                 value,
@@ -990,8 +998,11 @@ impl Library {
             let mut tx = Tx::new(&mut clock, &self.models, now);
             f(&mut tx)?;
             let changes = tx.finish()?;
-            crate::attest::attest(&self.signer, &mut clock, now, changes)?
+            let changes = crate::attest::attest(&self.signer, &mut clock, now, changes)?;
+            let ticket = self.shared.in_flight.begin(oldest_clock(&changes));
+            (changes, ticket)
         };
+        let (changes, in_flight) = changes;
         let change_ids = changes.iter().map(|c| c.id).collect();
         // A leading node sequences them into the log itself: one write and one apply, not a
         // commit to the offline journal and another to the log (decision 0047).
@@ -1006,6 +1017,7 @@ impl Library {
             library: self,
             pending,
             change_ids,
+            _in_flight: in_flight,
         })
     }
 

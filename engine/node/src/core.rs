@@ -14,6 +14,7 @@ use tokio::sync::mpsc::Sender;
 
 use crate::error::NodeError;
 use keel_engine::{Event, NodeLink, SequenceReply, SequenceRequest};
+use keel_replication::wire::ClockFloor;
 use keel_replication::{
     Durable, ElectionRole, Log, LogSlot, LogWrite, Opened, Replica, ReplicaConfig, ReplicaError,
     ReplicaEvent, ReplicationMessage, Store,
@@ -166,6 +167,10 @@ impl Store for JournalStore<'_> {
         self.link.library().sync_state().applied_lsn()
     }
 
+    fn floor(&mut self) -> Option<ClockFloor> {
+        own_floor(self.link.library())
+    }
+
     fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId> {
         Sealer::peek_change_id(sealed)
     }
@@ -175,10 +180,28 @@ impl Store for JournalStore<'_> {
             .journal
             .check_sealed(sealed)
             .map_err(|e| e.to_string())?;
+        if change.model == keel_schema::code_of::<keel_schema::Horizon>() {
+            // Only a leader makes a horizon, from every device's floor (decision 0082).
+            return Err("a horizon comes only from the leader that made it".into());
+        }
         Ok(Opened {
             id: change.id,
             origin: change.origin(),
         })
+    }
+}
+
+/// This device's clock floor as the replica sends it (see `Library::clock_floor`).
+fn own_floor(library: &keel_engine::Library) -> Option<ClockFloor> {
+    match library.clock_floor() {
+        Ok(floor) => floor.map(|hlc| ClockFloor {
+            ms: hlc.physical_ms,
+            counter: hlc.counter,
+        }),
+        Err(error) => {
+            tracing::warn!(%error, "reading this device's clock floor failed");
+            None
+        }
     }
 }
 
@@ -1048,6 +1071,12 @@ impl Core {
         // Followers may compact as far as this leader may (their snapshots wait for it).
         let compactable = self.replica.compactable(&self.members, self.retain);
         self.replica.offer_compaction(compactable);
+        let horizon = match self.replica.role() {
+            ElectionRole::Leader => self
+                .replica
+                .horizon(&self.members, own_floor(self.link.library())),
+            _ => None,
+        };
         let durable = self.replica.durable();
         if let Ok(mut status) = self.status.lock() {
             status.role = self.replica.role();
@@ -1056,6 +1085,7 @@ impl Core {
             status.log_len = durable.last_lsn().0;
             status.compacted_to = durable.log.base().0;
             status.compactable = compactable.0;
+            status.horizon = horizon;
             // Backfilled to the leader's base (or past it), it is not behind any more.
             if self.replica.durable().log.base().0 >= self.behind_compaction {
                 self.behind_compaction = 0;

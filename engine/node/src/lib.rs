@@ -641,6 +641,7 @@ impl Node {
     /// snapshot made past it waits up to [`COMPACT_WAIT`] for the devices to acknowledge its
     /// position; the report says if it still waits (the node's compactor finishes it later).
     pub fn compact(&self) -> Result<keel_engine::CompactReport, NodeError> {
+        self.collect_tombstones()?;
         let upto = self.status().compactable;
         let report = self.library.compact(keel_schema::Lsn(upto))?;
         let Some(at) = report.waiting_at else {
@@ -652,6 +653,15 @@ impl Node {
         }
         let upto = self.status().compactable;
         Ok(self.library.compact(keel_schema::Lsn(upto))?)
+    }
+
+    /// While leading: appends a horizon at the least clock floor every device of the library
+    /// reported this epoch, if it is newer than the last one, so that every device collects
+    /// the tombstones older than it (decision 0082). [`Node::compact`] and the node's
+    /// compactor do this first. `false` when nothing was appended (not leading, a device has
+    /// not reported a floor, or no newer one).
+    pub fn collect_tombstones(&self) -> Result<bool, NodeError> {
+        append_horizon(&self.library, &self.status)
     }
 
     /// Stops the node cleanly: connections closed, core stopped, library closed (everything
@@ -731,6 +741,9 @@ fn start_compactor(
                 let Some(upto) = status.lock().ok().and_then(|s| compaction_due(&s, after)) else {
                     continue;
                 };
+                if let Err(error) = append_horizon(&library, &status) {
+                    tracing::warn!(%error, "appending a horizon failed");
+                }
                 match library.compact(keel_schema::Lsn(upto)) {
                     Ok(report) if report.dropped > 0 => {
                         tracing::info!(
@@ -746,6 +759,34 @@ fn start_compactor(
         })
         .map(|thread| (stop, thread))
         .map_err(io_at(dir))
+}
+
+/// While leading, and every device of the library reported a clock floor newer than the last
+/// horizon's: appends a horizon at the least floor, which has every device collect the
+/// tombstones older than it (decision 0082). Returns whether one was appended.
+fn append_horizon(library: &Library, status: &Mutex<NodeStatus>) -> Result<bool, NodeError> {
+    let Some(floor) = status.lock().ok().and_then(|mut s| {
+        let floor = s.horizon?;
+        if s.horizon_appended.is_some_and(|last| last >= floor) {
+            return None;
+        }
+        s.horizon_appended = Some(floor);
+        Some(floor)
+    }) else {
+        return Ok(false);
+    };
+    let bound = keel_schema::Hlc {
+        physical_ms: floor.ms,
+        counter: floor.counter,
+        device: keel_schema::DeviceId([0; 32]),
+    };
+    let appended = library.append_horizon(bound)?;
+    if !appended {
+        if let Ok(mut s) = status.lock() {
+            s.horizon_appended = None;
+        }
+    }
+    Ok(appended)
 }
 
 /// Where to compact to, if the log holds more than `after` entries past its compaction

@@ -107,6 +107,16 @@ pub struct NodeStatus {
     /// position every other device of the library acknowledged this epoch (0 if one has not);
     /// following, the leader's compaction position.
     pub compactable: u64,
+    /// Leading: the least clock floor of every device of the library this epoch (see
+    /// `Replica::horizon`), before which tombstones may be collected; `None` otherwise, or
+    /// while a device has not reported one.
+    #[serde(skip)]
+    #[cfg_attr(feature = "typescript", ts(skip))]
+    pub horizon: Option<keel_replication::wire::ClockFloor>,
+    /// The bound of the last horizon this node appended (see `append_horizon`).
+    #[serde(skip)]
+    #[cfg_attr(feature = "typescript", ts(skip))]
+    pub horizon_appended: Option<keel_replication::wire::ClockFloor>,
     /// Non-zero when this device's log cannot continue its leader's: the leader compacted up to
     /// this position, which this device lacks (or holds with another history). Replication is
     /// stopped until it has backfilled from the leader's snapshot (a `Backfill` job).

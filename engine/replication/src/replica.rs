@@ -10,7 +10,7 @@ use serde_bytes::ByteBuf;
 use crate::machine::{Machine, ReplicaConfig};
 use crate::types::{Durable, ElectionRole, Input, LogOp, LogSlot, Message, Output};
 use crate::wire::{
-    DomainPosition, ReplicationMessage, WireLogEntry, ECHO_LEN, RECORDS_PER_MESSAGE_MAX,
+    ClockFloor, DomainPosition, ReplicationMessage, WireLogEntry, ECHO_LEN, RECORDS_PER_MESSAGE_MAX,
 };
 
 /// What a replica reads from its device: the log and offline journal it asked to be written, the
@@ -31,6 +31,11 @@ pub trait Store {
     /// Opens a change a follower pushed: its id and origin if it is authentic, why not
     /// otherwise.
     fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String>;
+    /// This device's clock floor, sent with each acknowledgement (see
+    /// [`Replica::horizon`]); `None` when it cannot tell.
+    fn floor(&mut self) -> Option<ClockFloor> {
+        None
+    }
 }
 
 /// What [`Store::open_pushed`] read from an authentic change.
@@ -160,6 +165,8 @@ pub struct Replica {
     events: VecDeque<ReplicaEvent>,
     /// Applied positions per follower and domain, as the followers acknowledged them.
     acknowledged: BTreeMap<DeviceId, BTreeMap<SyncDomain, Lsn>>,
+    /// Each follower's last clock floor, with the epoch it was acknowledged in.
+    floors: BTreeMap<DeviceId, (Epoch, Option<ClockFloor>)>,
     received_bytes: u64,
     /// While leading: who pushed each change not yet shipped back to it. Its author gets the
     /// entry as an echo (the id alone: it holds the payload), so a change crosses its author's
@@ -219,6 +226,7 @@ impl Replica {
             unconfirmed: false,
             events: VecDeque::new(),
             acknowledged: BTreeMap::new(),
+            floors: BTreeMap::new(),
             received_bytes: 0,
         }
     }
@@ -399,8 +407,10 @@ impl Replica {
                 ok,
                 stored,
                 positions,
+                floor,
             } => {
                 self.record_ack(from, &positions);
+                self.floors.insert(from, (epoch, floor));
                 Message::AppendReply {
                     epoch,
                     ok,
@@ -635,6 +645,27 @@ impl Replica {
         upto.min(end)
     }
 
+    /// For a leading replica: the least clock floor of this device (`own`) and of every other
+    /// of `devices` (the library's devices that are not revoked), each as acknowledged this
+    /// epoch. No change older can still reach the log, so the tombstones older may be
+    /// collected (a `Horizon` appended to the log). `None` unless leading, or while any device
+    /// has not acknowledged a floor this epoch: a device that is away holds collection back
+    /// until it comes back, as it must (its offline changes may be older).
+    pub fn horizon(&self, devices: &[DeviceId], own: Option<ClockFloor>) -> Option<ClockFloor> {
+        if self.role() != ElectionRole::Leader {
+            return None;
+        }
+        let epoch = self.durable().epoch;
+        let mut least = own?;
+        for device in devices.iter().filter(|d| **d != self.machine.device()) {
+            match self.floors.get(device) {
+                Some((e, Some(floor))) if *e == epoch => least = least.min(*floor),
+                _ => return None,
+            }
+        }
+        Some(least)
+    }
+
     /// Tells a leading replica how far it may compact (its [`Replica::compactable`]): its
     /// segments offer followers to compact up to it, each never past what it stored itself,
     /// so a follower's snapshot waits no longer than the leader's. Ignored unless leading; an
@@ -836,6 +867,7 @@ impl Replica {
                             lsn: applied,
                         })
                         .collect(),
+                    floor: store.floor(),
                 }
             }
             Message::Push { changes } => {

@@ -643,6 +643,7 @@ fn an_acknowledgement_past_every_position_is_harmless() {
                 ok,
                 stored: Lsn(u64::MAX),
                 positions: Vec::new(),
+                floor: None,
             },
             &mut store,
         );
@@ -821,6 +822,7 @@ fn a_leader_compacts_what_all_acknowledged_but_retains_no_more_than_asked_for_th
         ok: true,
         stored: Lsn(18),
         positions: Vec::new(),
+        floor: None,
     };
     leader.handle_message(2, near, ack, &mut store);
     assert_eq!(

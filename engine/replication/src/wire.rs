@@ -78,6 +78,16 @@ pub mod bounded {
     }
 }
 
+/// A device's clock floor (see `Library::clock_floor` in the engine): every change it will still
+/// push has a clock at or after `(ms, counter)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClockFloor {
+    /// Milliseconds of the clock.
+    pub ms: u64,
+    /// The counter within the millisecond.
+    pub counter: u32,
+}
+
 /// A replication position in one sync domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainPosition {
@@ -180,6 +190,9 @@ pub enum ReplicationMessage {
         /// Applied positions per domain.
         #[serde(deserialize_with = "bounded::positions")]
         positions: Vec<DomainPosition>,
+        /// The follower's clock floor; none when it cannot tell (or predates floors).
+        #[serde(default)]
+        floor: Option<ClockFloor>,
     },
     /// From the leader of `epoch`: what the receiver lacks is at or before `base`, which the
     /// leader compacted (its entry at `base` has `base_epoch`). The receiver backfills from a
