@@ -62,6 +62,56 @@ pub(crate) fn next_horizon(
     })
 }
 
+/// `bound` as the leading bytes of a stored clock: a stored tombstone compares below it (as
+/// SQLite compares blobs) exactly when its time and counter are older.
+fn bound_key(bound: (u64, u32)) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&bound.0.to_be_bytes());
+    key[8..].copy_from_slice(&bound.1.to_be_bytes());
+    key
+}
+
+/// The uuids of the rows of `def` whose tombstone is older than `bound` (through the partial
+/// index of deleted rows).
+fn deleted_before(
+    conn: &rusqlite::Connection,
+    def: &ModelDef,
+    bound: (u64, u32),
+) -> Result<Vec<Uuid>, ProjectionError> {
+    let select = format!(
+        "SELECT uuid FROM {} WHERE _tomb IS NOT NULL AND _tomb < ?1",
+        def.name
+    );
+    let mut stmt = conn.prepare(&select)?;
+    let rows = stmt.query_map([bound_key(bound).as_slice()], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut uuids = Vec::new();
+    for bytes in rows {
+        uuids.push(
+            Uuid::from_slice(&bytes?)
+                .map_err(|_| ProjectionError::MalformedRow(format!("{} uuid", def.name)))?,
+        );
+    }
+    Ok(uuids)
+}
+
+impl crate::Query<'_> {
+    /// Whether any row holds a tombstone older than `(ms, counter)` that a horizon there would
+    /// look at (models whose deletes are permanent left out): a leader appends one only then.
+    pub fn holds_tombstones_before(&self, ms: u64, counter: u32) -> Result<bool, ProjectionError> {
+        let key = bound_key((ms, counter));
+        for def in self.registry.iter().filter(|d| !d.permanent_delete) {
+            let mut stmt = self.connection().prepare_cached(&format!(
+                "SELECT 1 FROM {} WHERE _tomb IS NOT NULL AND _tomb < ?1 LIMIT 1",
+                def.name
+            ))?;
+            if stmt.exists([key.as_slice()])? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 impl Applier<'_> {
     /// Collects the tombstones of `def` older than `bound` (see the module docs). Returns the
     /// rows removed and the rows that lost their tombstone.
@@ -75,7 +125,7 @@ impl Applier<'_> {
         }
         let mut changed = 0;
         let mut only_tombstones = Vec::new();
-        for uuid in self.deleted_uuids(def)? {
+        for uuid in deleted_before(self.conn, def, bound)? {
             let Some(mut row) = self.read_row(def, uuid)? else {
                 continue;
             };
@@ -109,21 +159,6 @@ impl Applier<'_> {
             changed += 1;
         }
         Ok(changed)
-    }
-
-    /// The uuids of the rows of `def` that hold a tombstone.
-    fn deleted_uuids(&self, def: &ModelDef) -> Result<Vec<Uuid>, ProjectionError> {
-        let select = format!("SELECT uuid FROM {} WHERE _tomb IS NOT NULL", def.name);
-        let mut stmt = self.conn.prepare(&select)?;
-        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut uuids = Vec::new();
-        for bytes in rows {
-            uuids.push(
-                Uuid::from_slice(&bytes?)
-                    .map_err(|_| ProjectionError::MalformedRow(format!("{} uuid", def.name)))?,
-            );
-        }
-        Ok(uuids)
     }
 
     /// Which of `candidates`, rows of `target`, a row of any model still references.

@@ -63,12 +63,12 @@ pub(crate) fn create_table(def: &ModelDef) -> String {
     sql
 }
 
-/// A partial index of a model's rows that hold a tombstone: a horizon reads them (see
-/// `crate::collect`) without reading the whole table. Rows without one are not in it, so it costs
+/// A partial index of a model's rows that hold a tombstone, in clock order: a horizon reads those
+/// older than its bound (see `crate::collect`) without reading the whole table. Rows without one are not in it, so it costs
 /// an insert nothing but the check.
 pub(crate) fn create_deleted_index(def: &ModelDef) -> String {
     format!(
-        "CREATE INDEX IF NOT EXISTS {0}_deleted ON {0}(uuid) WHERE _tomb IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS {0}_deleted ON {0}(_tomb) WHERE _tomb IS NOT NULL",
         def.name
     )
 }

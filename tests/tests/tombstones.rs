@@ -157,3 +157,29 @@ fn an_away_device_holds_back_the_tombstones_its_offline_edits_could_lose_to() {
         assert!(names(node.library()).is_empty());
     }
 }
+
+/// With no tombstone to collect, a compaction appends no horizon: the log ends where every
+/// device acknowledged it, so a device that is away does not hold the compaction back.
+#[test]
+fn a_compaction_with_nothing_to_collect_appends_no_horizon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "lib").expect("founds");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("joins");
+    a.library()
+        .transact(|tx| Ok(tx.upsert(&tag("kept"))))
+        .expect("commits");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    // b acknowledges floors and the whole log, then goes away.
+    std::thread::sleep(Duration::from_millis(300));
+    b.stop().expect("b goes away");
+    let end = a.library().status().expect("status").journal.last_lsn;
+    let deadline = Instant::now() + WAIT;
+    while a.status().compactable < end || a.status().horizon.is_none() {
+        assert!(Instant::now() < deadline, "{:?}", a.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = a.compact().expect("compacts");
+    assert_eq!((report.base, report.waiting_at), (end, None), "{report:?}");
+    assert!(!a.collect_tombstones().expect("collects"));
+    assert_eq!(a.library().status().expect("status").journal.last_lsn, end);
+}

@@ -640,8 +640,18 @@ impl Node {
     /// as its leader offers. Nothing happens while that is not past the current one. A
     /// snapshot made past it waits up to [`COMPACT_WAIT`] for the devices to acknowledge its
     /// position; the report says if it still waits (the node's compactor finishes it later).
+    /// Then, leading, it appends a horizon if the devices' floors let one collect tombstones
+    /// (see [`Node::collect_tombstones`]).
     pub fn compact(&self) -> Result<keel_engine::CompactReport, NodeError> {
+        let report = self.compact_log()?;
+        // After the compaction: a horizon is a new entry, which the snapshot of this one
+        // would have to wait for every device to hold. The next compaction keeps what it
+        // collected.
         self.collect_tombstones()?;
+        Ok(report)
+    }
+
+    fn compact_log(&self) -> Result<keel_engine::CompactReport, NodeError> {
         let upto = self.status().compactable;
         let report = self.library.compact(keel_schema::Lsn(upto))?;
         let Some(at) = report.waiting_at else {
@@ -657,8 +667,8 @@ impl Node {
 
     /// While leading: appends a horizon at the least clock floor every device of the library
     /// reported this epoch, if it is newer than the last one, so that every device collects
-    /// the tombstones older than it (decision 0082). [`Node::compact`] and the node's
-    /// compactor do this first. `false` when nothing was appended (not leading, a device has
+    /// the tombstones older than it (decision 0082), if any row holds one. [`Node::compact`]
+    /// and the node's compactor do this after each compaction. `false` when nothing was appended (not leading, a device has
     /// not reported a floor, or no newer one).
     pub fn collect_tombstones(&self) -> Result<bool, NodeError> {
         append_horizon(&self.library, &self.status)
@@ -741,9 +751,6 @@ fn start_compactor(
                 let Some(upto) = status.lock().ok().and_then(|s| compaction_due(&s, after)) else {
                     continue;
                 };
-                if let Err(error) = append_horizon(&library, &status) {
-                    tracing::warn!(%error, "appending a horizon failed");
-                }
                 match library.compact(keel_schema::Lsn(upto)) {
                     Ok(report) if report.dropped > 0 => {
                         tracing::info!(
@@ -755,6 +762,9 @@ fn start_compactor(
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "compacting the log failed"),
                 }
+                if let Err(error) = append_horizon(&library, &status) {
+                    tracing::warn!(%error, "appending a horizon failed");
+                }
             }
         })
         .map(|thread| (stop, thread))
@@ -765,16 +775,21 @@ fn start_compactor(
 /// horizon's: appends a horizon at the least floor, which has every device collect the
 /// tombstones older than it (decision 0082). Returns whether one was appended.
 fn append_horizon(library: &Library, status: &Mutex<NodeStatus>) -> Result<bool, NodeError> {
-    let Some(floor) = status.lock().ok().and_then(|mut s| {
+    let Some(floor) = status.lock().ok().and_then(|s| {
         let floor = s.horizon?;
-        if s.horizon_appended.is_some_and(|last| last >= floor) {
-            return None;
-        }
-        s.horizon_appended = Some(floor);
-        Some(floor)
+        s.horizon_appended
+            .is_none_or(|last| last < floor)
+            .then_some(floor)
     }) else {
         return Ok(false);
     };
+    // Nothing to collect: no entry (each makes a snapshot wait for every device to hold it).
+    if !library.read(|p| p.query().holds_tombstones_before(floor.ms, floor.counter))? {
+        return Ok(false);
+    }
+    if let Ok(mut s) = status.lock() {
+        s.horizon_appended = Some(floor);
+    }
     let bound = keel_schema::Hlc {
         physical_ms: floor.ms,
         counter: floor.counter,
