@@ -10,6 +10,7 @@ use redb::{Durability, ReadableTable};
 use crate::error::{storage, JournalError, WriteTxn};
 use crate::log_table;
 use crate::record::LogRecord;
+use crate::replicate::is_horizon;
 use crate::seal::Sealer;
 use crate::store::{decode_epoch, read_meta, Journal};
 use crate::tables::{
@@ -219,6 +220,7 @@ impl WriterState {
             // Only the epochs this device led are read (a follower's log, none of it); the
             // rest goes with the table.
             let led = log_table::epoch_ranges(&log, |e| e.device == led_by)?;
+            let sealer = crate::store::current_sealer(&self.sealer);
             for (first, last) in led {
                 log_table::visit(&log, first, |lsn, record| {
                     if lsn > last {
@@ -227,7 +229,8 @@ impl WriterState {
                     let Ok(record) = record.and_then(LogRecord::decode) else {
                         return Ok(ControlFlow::Continue(()));
                     };
-                    if record.epoch.device == led_by {
+                    // A horizon is its leader's own entry: never pushed (a leader refuses one).
+                    if record.epoch.device == led_by && !is_horizon(&sealer, record.sealed) {
                         if let Some(id) = Sealer::peek_change_id(record.sealed) {
                             self.resubmit(&mut local, record.sealed)?;
                             returned.push(id);

@@ -230,6 +230,13 @@ impl OfflineJournal<'_> {
         self.journal.read_local_sealed(from, limit)
     }
 
+    /// How many records it holds and the sequence number of its last: a record added (a
+    /// commit, a truncation's return) raises the last, and one removed lowers the count, so
+    /// the pair tells a reader that caches what it read whether it changed.
+    pub fn extent(&self) -> Result<(u64, Option<u64>), JournalError> {
+        self.journal.offline_extent()
+    }
+
     /// The offline journal's changes as `(change id, sealed)`, oldest first (to push to a leader).
     pub fn changes(&self) -> Result<Vec<(ChangeId, Vec<u8>)>, JournalError> {
         self.journal.offline_changes()

@@ -83,7 +83,7 @@ impl WriterState {
 
     /// Removes every log entry after `keep`; their changes but `dropped` go back to the offline
     /// journal as pending (to be resubmitted), and replay after a crash starts no later than
-    /// `keep`. `dropped` are other devices' changes: a leader accepts a change only from its
+    /// `keep`. Horizons are dropped too, whoever made them. `dropped` are other devices' changes: a leader accepts a change only from its
     /// maker, which still holds it and resubmits it (the replication core names them). Until
     /// it does, and for good if it never does, projections that applied one show what no log
     /// holds: a truncation that drops any counts in [`META_PROJECTIONS_STALE`].
@@ -109,7 +109,9 @@ impl WriterState {
                 let Some(id) = Sealer::peek_change_id(record.sealed) else {
                     continue;
                 };
-                if dropped.contains(&id) {
+                // A horizon goes with the log, whoever made it: a leader refuses one pushed to
+                // it, so it would wait in the offline journal for good (decision 0082).
+                if dropped.contains(&id) || is_horizon(&sealer, record.sealed) {
                     dropped_any = true;
                     continue;
                 }
@@ -169,4 +171,13 @@ impl WriterState {
             .map_err(storage)?;
         Ok(())
     }
+}
+
+/// Whether `sealed` opens to a [`keel_schema::Horizon`] (decision 0082).
+pub(crate) fn is_horizon(sealer: &crate::seal::Sealer, sealed: &[u8]) -> bool {
+    sealer
+        .open(sealed)
+        .ok()
+        .and_then(|(_, plain)| keel_schema::Change::decode(&plain).ok())
+        .is_some_and(|c| c.model == keel_schema::code_of::<keel_schema::Horizon>())
 }

@@ -1276,6 +1276,16 @@ impl Journal {
     }
 
     /// See [`OfflineJournal::changes`].
+    /// See [`crate::OfflineJournal::extent`].
+    pub(crate) fn offline_extent(&self) -> Result<(u64, Option<u64>), JournalError> {
+        guarded(|| {
+            let txn = self.db.get()?.begin_read().map_err(storage)?;
+            let local = txn.open_table(OFFLINE).map_err(storage)?;
+            let last = local.last().map_err(storage)?.map(|(k, _)| k.value());
+            Ok((local.len().map_err(storage)?, last))
+        })
+    }
+
     pub(crate) fn offline_changes(&self) -> Result<Vec<(ChangeId, Vec<u8>)>, JournalError> {
         Ok(self
             .read_local_sealed(0, usize::MAX)?

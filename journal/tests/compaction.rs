@@ -366,3 +366,35 @@ fn table_names(path: &std::path::Path) -> Vec<String> {
         .collect();
     names
 }
+
+/// A horizon this device appended while it led never goes back to the offline journal: a
+/// leader refuses one pushed to it, so it would wait there for good (decision 0082).
+#[test]
+fn a_rebase_returns_no_horizon() {
+    let s = Setup::new();
+    let journal = s.open();
+    let plain = change(s.device, 1);
+    let horizon = keel_schema::Horizon {
+        uuid: uuid::Uuid::from_u128(0x4021),
+        before_ms: 1,
+        before_counter: 0,
+    };
+    let horizon =
+        Change::upsert(keel_schema::ChangeId::new(), plain.hlc, &horizon).expect("sync-ready");
+    journal
+        .commit(vec![plain.clone(), horizon, change(s.device, 2)])
+        .expect("commits");
+    let founder = Epoch {
+        counter: 1,
+        device: DeviceId([3; 32]),
+    };
+    let returned = journal
+        .log()
+        .rebase(Lsn(10), founder, founder, s.device)
+        .expect("rebases");
+    assert_eq!(returned.len(), 2, "{returned:?}");
+    assert_eq!(returned[0], plain.id);
+    journal.close();
+    let journal = s.open_offline();
+    assert_eq!(journal.offline().changes().expect("reads").len(), 2);
+}

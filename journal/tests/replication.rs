@@ -468,6 +468,29 @@ fn truncation_returns_only_this_devices_changes() {
     assert_eq!(pending(&leader), vec![mine.id]);
 }
 
+/// A horizon (decision 0082) goes with a truncated log, whoever made it, and the projections
+/// that applied it are marked stale: a leader refuses one pushed to it, so back in the offline
+/// journal it would wait there for good.
+#[test]
+fn truncation_drops_a_horizon_and_marks_the_projections_stale() {
+    let (dir, lib, key, (l, _), epoch) = setup();
+    let leader = open(dir.path(), "l.redb", lib, &key, l, CommitRoute::Log(epoch));
+    let mine = change(l, 1);
+    let horizon = keel_schema::Horizon {
+        uuid: uuid::Uuid::from_u128(0x4021),
+        before_ms: 1,
+        before_counter: 0,
+    };
+    let horizon = keel_schema::Change::upsert(keel_schema::ChangeId::new(), mine.hlc, &horizon)
+        .expect("sync-ready");
+    leader.commit(vec![mine.clone(), horizon]).expect("commits");
+    assert_eq!(leader.projections_stale().expect("reads"), 0);
+    let returned = leader.log().truncate_after(Lsn(0), &[]).expect("truncates");
+    assert_eq!(returned, vec![mine.id]);
+    assert_eq!(pending(&leader), vec![mine.id]);
+    assert_eq!(leader.projections_stale().expect("reads"), 1);
+}
+
 /// Issue 24: a change from a peer whose clock is far in the future (`Hlc { u64::MAX, .. }`)
 /// would raise every device's clock past it, and every later local edit would lose its LWW
 /// comparisons. Such a change is refused (pushed or in a segment) with a typed error, and the

@@ -20,12 +20,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use keel_journal::Sealer;
-use keel_replication::wire::WireLogEntry;
+use keel_replication::wire::{ClockFloor, WireLogEntry};
 use keel_replication::{
     Durable, ElectionRole, LogSlot, LogWrite, Opened, Replica, ReplicaConfig, ReplicaEvent,
     ReplicationMessage, Store, Transmit,
 };
-use keel_schema::{ChangeId, DeviceId, Epoch, HlcClock, Lsn};
+use keel_schema::{Change, ChangeId, DeviceId, Epoch, HlcClock, Horizon, Lsn};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_bytes::ByteBuf;
@@ -75,7 +75,13 @@ struct Disk {
     /// Truncations that dropped other devices' changes since the projections were rebuilt
     /// (`Journal::projections_stale`).
     stale: u64,
+    /// The oldest clock in `offline` (`None`: empty), for the offline journal as it was at
+    /// `(records, local_seq)` (as `Library::clock_floor` caches it).
+    oldest_offline: std::cell::RefCell<Option<OldestOffline>>,
 }
+
+/// The offline journal's `(records, local_seq)` and its oldest clock then.
+type OldestOffline = ((usize, u64), Option<(u64, u32)>);
 
 /// The disk of a device that has joined: the log's head (the founder's barrier), as its
 /// snapshot gives it. Every log begins with it.
@@ -145,7 +151,8 @@ impl Disk {
                 for (_, payload) in self.log.split_off(keep.0 as usize) {
                     let Some(id) = peek(&payload) else { continue };
                     // Only this device's changes return: others' are resubmitted by their maker.
-                    let own = origin(&payload) == Some(device);
+                    // A horizon goes with the log: a leader refuses one pushed to it.
+                    let own = origin(&payload) == Some(device) && !is_horizon(&payload);
                     assert_eq!(
                         dropped.contains(&id),
                         !own,
@@ -187,8 +194,43 @@ fn store(
     disk.apply(i, device, write);
 }
 
-/// What a replica reads: its disk, and how far its projections applied.
-struct DiskStore<'a>(&'a Disk, Lsn);
+/// What a replica reads: its disk, how far its projections applied, and its clock (for its
+/// floor).
+struct DiskStore<'a>(&'a Disk, Lsn, &'a HlcClock);
+
+/// A device's clock floor, as `Library::clock_floor` finds it: one past its clock, or older for
+/// a change waiting in its offline journal.
+fn floor_of(disk: &Disk, hlc: &HlcClock) -> Option<ClockFloor> {
+    let last = hlc.last();
+    let mut floor = (last.physical_ms, last.counter.checked_add(1)?);
+    let key = (disk.offline.len(), disk.local_seq);
+    let mut cached = disk.oldest_offline.borrow_mut();
+    let oldest = match *cached {
+        Some((k, oldest)) if k == key => oldest,
+        _ => {
+            let oldest = disk
+                .offline
+                .iter()
+                .filter_map(|(_, s)| open(s))
+                .map(|c| (c.hlc.physical_ms, c.hlc.counter))
+                .min();
+            *cached = Some((key, oldest));
+            oldest
+        }
+    };
+    if let Some(oldest) = oldest {
+        floor = floor.min(oldest);
+    }
+    Some(ClockFloor {
+        ms: floor.0,
+        counter: floor.1,
+    })
+}
+
+/// Whether a sealed change is a horizon (a leader's own entry, never pushed).
+fn is_horizon(sealed: &[u8]) -> bool {
+    open(sealed).is_some_and(|c| c.model == keel_schema::code_of::<Horizon>())
+}
 
 impl Store for DiskStore<'_> {
     type Error = String;
@@ -210,12 +252,19 @@ impl Store for DiskStore<'_> {
         self.1
     }
 
+    fn floor(&mut self) -> Option<ClockFloor> {
+        floor_of(self.0, self.2)
+    }
+
     fn peek_change_id(&self, sealed: &[u8]) -> Option<ChangeId> {
         peek(sealed)
     }
 
     fn open_pushed(&self, sealed: &[u8]) -> Result<Opened, String> {
         let change = open(sealed).ok_or("does not open")?;
+        if change.model == keel_schema::code_of::<Horizon>() {
+            return Err("a horizon comes only from the leader that made it".into());
+        }
         Ok(Opened {
             id: change.id,
             origin: change.origin(),
@@ -279,6 +328,10 @@ struct Sim {
     with_damage: bool,
     /// Segments a follower applied before a crash stopped it storing them.
     applied_early: u64,
+    /// The bound of the last horizon each node appended.
+    horizons: Vec<Option<ClockFloor>>,
+    /// Horizons appended.
+    horizons_appended: u64,
     steps: u64,
 }
 
@@ -374,6 +427,8 @@ impl Sim {
             found_at_start: 0,
             with_damage: !with_hostile,
             applied_early: 0,
+            horizons: vec![None; n],
+            horizons_appended: 0,
             steps: 0,
         };
         // The founder's epoch and barrier.
@@ -433,7 +488,7 @@ impl Sim {
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
-        let mut store = DiskStore(&self.disks[i], self.projected[i].applied());
+        let mut store = DiskStore(&self.disks[i], self.projected[i].applied(), &self.hlcs[i]);
         match input {
             Input::Tick => node.handle_timeout(now),
             Input::Connected(peer) => node.handle_connected(now, peer),
@@ -473,6 +528,38 @@ impl Sim {
         self.made[i].insert(id);
     }
 
+    /// A leading node appends a horizon at the least floor of every device, if newer than its
+    /// last (as `Node::collect_tombstones` does): every device collects the tombstones older
+    /// than it where it applies it.
+    fn horizon(&mut self, i: usize, lossy: bool) {
+        let now = self.clock(i);
+        let floor = floor_of(&self.disks[i], &self.hlcs[i]);
+        let Some(node) = self.nodes[i].as_mut() else {
+            return;
+        };
+        let Some(bound) = node.horizon(&self.devices, floor) else {
+            return;
+        };
+        if self.horizons[i].is_some_and(|last| last >= bound) {
+            return;
+        }
+        self.horizons[i] = Some(bound);
+        let horizon = Horizon {
+            uuid: Uuid::from_u128(self.rng.random()),
+            before_ms: bound.ms as i64,
+            before_counter: i64::from(bound.counter),
+        };
+        let id = ChangeId(Uuid::from_u128(self.rng.random()));
+        let change = Change::upsert(id, self.hlcs[i].tick(now), &horizon).expect("sync-ready");
+        let placed = node.handle_commit(now, id, Some(seal(&change)));
+        assert!(
+            placed.is_some(),
+            "node {i}: a leader did not sequence its horizon"
+        );
+        self.horizons_appended += 1;
+        self.flush(i, lossy);
+    }
+
     /// What the runtime does after inputs: events, then every write made durable, then the
     /// messages sent. The disk must then hold the node's own view, so a restart from the disk
     /// is a restart from exactly what the runtime wrote.
@@ -486,7 +573,11 @@ impl Sim {
             }
         }
         while let Some(write) = node
-            .poll_log_write(&mut DiskStore(&self.disks[i], self.projected[i].applied()))
+            .poll_log_write(&mut DiskStore(
+                &self.disks[i],
+                self.projected[i].applied(),
+                &self.hlcs[i],
+            ))
             .unwrap_or_else(|e| panic!("node {i}: {e}"))
         {
             let device = (
@@ -499,7 +590,11 @@ impl Sim {
         node.written();
         let mut out = Vec::new();
         while let Some(transmit) = node
-            .poll_transmit(&mut DiskStore(&self.disks[i], self.projected[i].applied()))
+            .poll_transmit(&mut DiskStore(
+                &self.disks[i],
+                self.projected[i].applied(),
+                &self.hlcs[i],
+            ))
             .unwrap_or_else(|e| panic!("node {i}: {e}"))
         {
             out.push(transmit);
@@ -559,6 +654,11 @@ impl Sim {
         disk.vote_floor = Some(disk.vote_floor.map_or(floor, |f| f.max(floor)));
         disk.lower_replay_floor(Lsn(at as u64 - 1));
         for (_, payload) in disk.log.split_off(at - 1) {
+            if is_horizon(&payload) {
+                // Dropped with the log (the journal's truncation does it), never pushed.
+                disk.stale += 1;
+                continue;
+            }
             if let (Some(id), Some(true)) = (peek(&payload), origin(&payload).map(|o| o == device))
             {
                 disk.push_offline(id, payload);
@@ -621,7 +721,11 @@ impl Sim {
         let follower = node.role() != ElectionRole::Leader;
         let mut writes = Vec::new();
         while let Some(write) = node
-            .poll_log_write(&mut DiskStore(&self.disks[i], self.projected[i].applied()))
+            .poll_log_write(&mut DiskStore(
+                &self.disks[i],
+                self.projected[i].applied(),
+                &self.hlcs[i],
+            ))
             .unwrap_or_else(|e| panic!("node {i}: {e}"))
         {
             writes.push(write);
@@ -919,6 +1023,10 @@ impl Sim {
                 self.damage(i);
             }
         }
+        if self.rng.random_bool(0.01) {
+            let i = self.rng.random_range(0..n);
+            self.horizon(i, chaos);
+        }
         for i in 0..n {
             if self.nodes[i].is_none() && (!chaos || self.rng.random_bool(0.02)) {
                 if chaos && self.with_damage && self.rng.random_bool(0.3) {
@@ -1018,6 +1126,8 @@ struct Ran {
     rebuilt_stale: u64,
     /// Changes in the converged log.
     changes: u64,
+    /// Horizons appended (some cut again by a truncation).
+    horizons: u64,
     steps: u64,
 }
 
@@ -1031,6 +1141,7 @@ impl Ran {
         self.rebuilt_ahead += other.rebuilt_ahead;
         self.rebuilt_stale += other.rebuilt_stale;
         self.changes += other.changes;
+        self.horizons += other.horizons;
         self.steps += other.steps;
     }
 
@@ -1039,14 +1150,15 @@ impl Ran {
             "{} steps, converged to equal projection digests, each equal to a replay of the \
              log; {} changes in the logs, 0 acknowledged changes lost; {} logs damaged and cut \
              ({} of them damaged while off, found by the start check); {} segments applied early, {} projections rebuilt for it at a restart; {} rebuilt \
-             after a truncation dropped changes they held",
+             after a truncation dropped changes they held; {} horizons appended",
             self.steps,
             self.changes,
             self.damaged,
             self.found_at_start,
             self.applied_early,
             self.rebuilt_ahead,
-            self.rebuilt_stale
+            self.rebuilt_stale,
+            self.horizons
         )
     }
 }
@@ -1098,17 +1210,23 @@ fn run_with(seed: u64, with_hostile: bool) -> Ran {
     }
     sim.check_nothing_lost();
     let Some(_) = healed_after else {
+        for (i, disk) in sim.disks.iter().enumerate() {
+            for (id, sealed) in &disk.offline {
+                eprintln!("disk {i} offline {id:?} horizon {}", is_horizon(sealed));
+            }
+        }
         let summary: Vec<String> = sim
             .nodes
             .iter()
             .flatten()
             .map(|n| {
                 format!(
-                    "{:?} epoch {} log {} pending {}",
+                    "{:?} epoch {} log {} pending {} {:?}",
                     n.role(),
                     n.durable().epoch,
                     n.durable().log.len(),
-                    n.durable().offline.len()
+                    n.durable().offline.len(),
+                    n.durable().offline
                 )
             })
             .collect();
@@ -1146,6 +1264,7 @@ fn run_with(seed: u64, with_hostile: bool) -> Ran {
         rebuilt_ahead: sim.projected.iter().map(|p| p.rebuilt_ahead).sum(),
         rebuilt_stale: sim.projected.iter().map(|p| p.rebuilt_stale).sum(),
         changes: counts.len() as u64,
+        horizons: sim.horizons_appended,
         steps: sim.steps,
     }
 }
@@ -1223,6 +1342,10 @@ fn seeded_simulation_converges_and_loses_nothing() {
     assert!(
         total.rebuilt_stale > 0,
         "no truncation dropped applied changes: that path went untested"
+    );
+    assert!(
+        total.horizons > 0,
+        "no leader ever appended a horizon: collection went untested"
     );
     eprintln!("simulator: {seeds} seeds, {}", total.figures());
 }

@@ -183,3 +183,34 @@ fn a_compaction_with_nothing_to_collect_appends_no_horizon() {
     assert!(!a.collect_tombstones().expect("collects"));
     assert_eq!(a.library().status().expect("status").journal.last_lsn, end);
 }
+
+/// A device's floor is never above a change waiting in its offline journal, however old its
+/// clock (a change carried in from elsewhere keeps its own), and rises past it once it is
+/// sequenced.
+#[test]
+fn a_floor_stays_at_or_below_every_change_waiting_to_be_pushed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_ha, a) = founder(dir.path(), "a", "lib").expect("founds");
+    let (_hb, b) = joiner(dir.path(), "b", &a).expect("joins");
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    let floor = |n: &Node| n.library().clock_floor().expect("reads").expect("known");
+    b.set_offline(true);
+    let old = keel_schema::Hlc {
+        physical_ms: 1_000,
+        counter: 3,
+        device: b.library().device_id(),
+    };
+    let carried = keel_schema::Change::upsert(keel_schema::ChangeId::new(), old, &tag("carried"))
+        .expect("sync-ready");
+    b.library()
+        .transact(|tx| {
+            tx.push(carried);
+            Ok(())
+        })
+        .expect("commits while cut off");
+    assert_eq!(b.library().status().expect("status").journal.offline, 1);
+    assert_eq!(floor(&b), old, "the waiting change's own clock");
+    b.set_offline(false);
+    converge(&[&a, &b], WAIT).unwrap_or_else(|r| panic!("{r}"));
+    assert!(floor(&b) > old, "{:?}", floor(&b));
+}

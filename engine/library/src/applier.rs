@@ -4,7 +4,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use crossbeam_channel::Receiver;
-use keel_journal::{ApplyBudget, CommittedBatch, Placement};
+use keel_journal::{ApplyBudget, CommittedBatch, Placement, CLOCK_AHEAD_MAX_MS};
 use keel_projections::{AppliedPosition, ProjectionError, Projections};
 use keel_schema::{Change, ChangeId, Hlc, Lsn};
 use tokio::sync::broadcast;
@@ -57,17 +57,12 @@ pub(crate) struct Shared {
     /// The snapshot backfills read while any does (see `crate::backfill`).
     pub(crate) serving: Mutex<std::sync::Weak<crate::backfill::SnapshotSource>>,
     /// The newest clock among the changes applied since a transaction last took it (at most
-    /// [`CLOCK_AHEAD_MAX_MS`] ahead of this device's time): the next transaction's clock
+    /// [`CLOCK_AHEAD_MAX_MS`] ahead of this device's time, as the journal accepts them): the next transaction's clock
     /// observes it, so a change made after seeing another is ordered after it.
     pub(crate) clock_seen: Mutex<Option<Hlc>>,
-    /// The commits that took their clock and are not in the journal yet (see `crate::floor`).
-    pub(crate) in_flight: crate::floor::InFlight,
+    /// What this device's clock floor is made of (see `crate::floor`).
+    pub(crate) floor: crate::floor::FloorState,
 }
-
-/// How far ahead of this device's time an applied change may move its clock: a peer whose clock
-/// runs further ahead (or lies) still wins what it writes until then, but cannot drag every
-/// device's clock to the end of time.
-pub(crate) const CLOCK_AHEAD_MAX_MS: u64 = 24 * 60 * 60 * 1000;
 
 impl Shared {
     /// Takes in the clocks of `changes` as applied (see [`Shared::clock_seen`]).

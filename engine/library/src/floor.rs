@@ -23,14 +23,32 @@ use crate::{EngineError, Library};
 /// Most offline changes read for a floor; with more waiting, the floor is unknown.
 pub(crate) const FLOOR_SCAN_MAX: usize = 1024;
 
-/// The commits that took their clock and are not in the journal yet.
+/// The commits that took their clock and are not in the journal yet, and what the offline
+/// journal held when last read.
 #[derive(Default)]
-pub(crate) struct InFlight {
+pub(crate) struct FloorState {
     next: AtomicU64,
     commits: Mutex<HashMap<u64, Hlc>>,
+    /// The offline journal's oldest clock, for its extent when it was read.
+    waiting: Mutex<Option<(Extent, Waiting)>>,
 }
 
-impl InFlight {
+/// The offline journal's record count and last sequence number (see
+/// [`keel_journal::OfflineJournal::extent`]).
+type Extent = (u64, Option<u64>);
+
+/// What the offline journal holds, for a floor.
+#[derive(Clone, Copy, Debug)]
+enum Waiting {
+    /// Nothing.
+    None,
+    /// Changes, the oldest with this clock.
+    Oldest(Hlc),
+    /// Too many to read, or one unreadable.
+    Unknown,
+}
+
+impl FloorState {
     /// Registers a commit whose oldest change has clock `oldest`, until the ticket is dropped.
     pub(crate) fn begin(&self, oldest: Option<Hlc>) -> Ticket<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -50,11 +68,11 @@ impl InFlight {
     }
 }
 
-/// A commit in flight (see [`InFlight::begin`]); dropped once its changes are in the journal
+/// A commit in flight (see [`FloorState::begin`]); dropped once its changes are in the journal
 /// or the log, or failed.
 #[derive(Debug)]
 pub(crate) struct Ticket<'a> {
-    in_flight: &'a InFlight,
+    in_flight: &'a FloorState,
     id: u64,
 }
 
@@ -66,9 +84,9 @@ impl Drop for Ticket<'_> {
     }
 }
 
-impl std::fmt::Debug for InFlight {
+impl std::fmt::Debug for FloorState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InFlight")
+        f.write_str("FloorState")
     }
 }
 
@@ -93,19 +111,50 @@ impl Library {
         // flight until its changes are in the journal, so it is seen in one place or the other.
         // Every later change ticks past the reading.
         let reading = after(self.clock()?.last());
-        let in_flight = self.shared.in_flight.oldest()?;
-        let waiting = self.journal()?.offline().read(0, FLOOR_SCAN_MAX + 1)?;
-        if waiting.len() > FLOOR_SCAN_MAX {
-            return Ok(None);
+        let in_flight = self.shared.floor.oldest()?;
+        let floor = in_flight.map_or(reading, |c| c.min(reading));
+        Ok(match self.oldest_waiting()? {
+            Waiting::Unknown => None,
+            Waiting::None => Some(floor),
+            Waiting::Oldest(oldest) => Some(floor.min(oldest)),
+        })
+    }
+
+    /// The oldest clock in the offline journal, read again only when it changed (see
+    /// [`keel_journal::OfflineJournal::extent`]).
+    fn oldest_waiting(&self) -> Result<Waiting, EngineError> {
+        let offline = self.journal()?.offline();
+        let extent = offline.extent()?;
+        let mut cached = self
+            .shared
+            .floor
+            .waiting
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        if let Some((at, waiting)) = *cached {
+            if at == extent {
+                return Ok(waiting);
+            }
         }
-        let mut floor = in_flight.map_or(reading, |c| c.min(reading));
-        for entry in waiting {
-            let Ok((_, _, change)) = entry else {
-                return Ok(None);
-            };
-            floor = floor.min(change.hlc);
-        }
-        Ok(Some(floor))
+        let entries = offline.read(0, FLOOR_SCAN_MAX + 1)?;
+        let waiting = if entries.len() > FLOOR_SCAN_MAX {
+            Waiting::Unknown
+        } else {
+            let mut oldest = Waiting::None;
+            for entry in entries {
+                let Ok((_, _, change)) = entry else {
+                    oldest = Waiting::Unknown;
+                    break;
+                };
+                oldest = match oldest {
+                    Waiting::Oldest(o) => Waiting::Oldest(o.min(change.hlc)),
+                    _ => Waiting::Oldest(change.hlc),
+                };
+            }
+            oldest
+        };
+        *cached = Some((extent, waiting));
+        Ok(waiting)
     }
 }
 

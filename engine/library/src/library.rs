@@ -581,7 +581,7 @@ impl Library {
             history: Mutex::new(crate::compact::History::default()),
             waiting_at: std::sync::atomic::AtomicU64::new(0),
             clock_seen: Mutex::new(None),
-            in_flight: crate::floor::InFlight::default(),
+            floor: crate::floor::FloorState::default(),
             serving: Mutex::new(std::sync::Weak::new()),
             catch_up: Mutex::new(None),
         });
@@ -953,7 +953,7 @@ impl Library {
             }
             let changes = crate::attest::attest(&self.signer, &mut clock, now, changes)?;
             // Registered before the clock is let go (see `crate::floor`).
-            let ticket = self.shared.in_flight.begin(oldest_clock(&changes));
+            let ticket = self.shared.floor.begin(oldest_clock(&changes));
             (value, changes, ticket)
         };
         let (value, changes, _in_flight) = changes;
@@ -999,7 +999,7 @@ impl Library {
             f(&mut tx)?;
             let changes = tx.finish()?;
             let changes = crate::attest::attest(&self.signer, &mut clock, now, changes)?;
-            let ticket = self.shared.in_flight.begin(oldest_clock(&changes));
+            let ticket = self.shared.floor.begin(oldest_clock(&changes));
             (changes, ticket)
         };
         let (changes, in_flight) = changes;
