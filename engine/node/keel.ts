@@ -1093,6 +1093,12 @@ compacted_to: number,
  */
 compactable: number, 
 /**
+ * Leading: the least clock floor of every device of the library this epoch (see
+ * `Replica::horizon`), before which tombstones may be collected; `None` otherwise, or
+ * while a device has not reported one (a device away since this epoch began holds it).
+ */
+horizon: { ms: number, counter: number } | null, 
+/**
  * Non-zero when this device's log cannot continue its leader's: the leader compacted up to
  * this position, which this device lacks (or holds with another history). Replication is
  * stopped until it has backfilled from the leader's snapshot (a `Backfill` job).

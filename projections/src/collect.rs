@@ -26,7 +26,9 @@ use uuid::Uuid;
 use crate::apply::{forget_before, Applier};
 use crate::error::ProjectionError;
 
-/// The bound of `change` if it is a horizon (a whole one, with values in range).
+/// The bound of `change` if it is a horizon (a whole one, with values in range, and not past its
+/// own clock: a leader's floor is never past its clock's reading, so a bound beyond the clock
+/// it was made at is forged, and ignored).
 pub(crate) fn horizon_bound(change: &Change) -> Option<(u64, u32)> {
     if change.model != keel_schema::code_of::<Horizon>() {
         return None;
@@ -40,12 +42,13 @@ pub(crate) fn horizon_bound(change: &Change) -> Option<(u64, u32)> {
             _ => None,
         })
     };
-    Horizon {
+    let bound = Horizon {
         uuid: change.record,
         before_ms: field(0)?,
         before_counter: field(1)?,
     }
-    .bound()
+    .bound()?;
+    (bound <= (change.hlc.physical_ms, change.hlc.counter)).then_some(bound)
 }
 
 /// The first horizon at or after `from` among `changes` that is a log entry (`logged[i]` set),

@@ -209,3 +209,17 @@ fn a_tombstone_only_row_that_a_row_references_stays_until_the_reference_goes() {
     assert!(!has_row(&p, "tag", OLD));
     assert!(has_row(&p, "user_metadata", metadata.uuid));
 }
+
+/// A horizon whose bound is past the clock it was made at is forged (a leader's floor never is):
+/// it collects nothing.
+#[test]
+fn a_horizon_bound_past_its_own_clock_collects_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = open(&dir, "p.sqlite");
+    log(&mut p, 1, &[tag(OLD, 10), delete::<Tag>(OLD, 30)]);
+    let stats = log(&mut p, 3, &[horizon(40, 1_000)]);
+    assert_eq!(stats.collected, 0);
+    assert!(has_row(&p, "tag", OLD));
+    let stats = log(&mut p, 4, &[horizon(1_000, 1_000)]);
+    assert_eq!(stats.collected, 1);
+}

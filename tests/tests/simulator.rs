@@ -1128,6 +1128,8 @@ struct Ran {
     changes: u64,
     /// Horizons appended (some cut again by a truncation).
     horizons: u64,
+    /// Rows the horizons collected, summed over devices.
+    collected: u64,
     steps: u64,
 }
 
@@ -1142,6 +1144,7 @@ impl Ran {
         self.rebuilt_stale += other.rebuilt_stale;
         self.changes += other.changes;
         self.horizons += other.horizons;
+        self.collected += other.collected;
         self.steps += other.steps;
     }
 
@@ -1150,7 +1153,8 @@ impl Ran {
             "{} steps, converged to equal projection digests, each equal to a replay of the \
              log; {} changes in the logs, 0 acknowledged changes lost; {} logs damaged and cut \
              ({} of them damaged while off, found by the start check); {} segments applied early, {} projections rebuilt for it at a restart; {} rebuilt \
-             after a truncation dropped changes they held; {} horizons appended",
+             after a truncation dropped changes they held; {} horizons appended, {} rows \
+             collected",
             self.steps,
             self.changes,
             self.damaged,
@@ -1158,7 +1162,8 @@ impl Ran {
             self.applied_early,
             self.rebuilt_ahead,
             self.rebuilt_stale,
-            self.horizons
+            self.horizons,
+            self.collected
         )
     }
 }
@@ -1265,6 +1270,7 @@ fn run_with(seed: u64, with_hostile: bool) -> Ran {
         rebuilt_stale: sim.projected.iter().map(|p| p.rebuilt_stale).sum(),
         changes: counts.len() as u64,
         horizons: sim.horizons_appended,
+        collected: sim.projected.iter().map(|p| p.collected).sum(),
         steps: sim.steps,
     }
 }
@@ -1344,8 +1350,8 @@ fn seeded_simulation_converges_and_loses_nothing() {
         "no truncation dropped applied changes: that path went untested"
     );
     assert!(
-        total.horizons > 0,
-        "no leader ever appended a horizon: collection went untested"
+        total.horizons > 0 && total.collected > 0,
+        "no horizon ever collected a row: collection went untested"
     );
     eprintln!("simulator: {seeds} seeds, {}", total.figures());
 }

@@ -1234,6 +1234,7 @@ fn status(
                 "offline",
                 "listen",
                 "compactable",
+                "horizon",
                 "behind_compaction",
                 "storage_failed",
                 "joining",
@@ -1296,6 +1297,13 @@ fn status(
             n.listen,
             n.offline
         ));
+        if let Some(h) = n.horizon {
+            io.line(&format!(
+                "horizon   every device has passed {} ms.{}: tombstones before it are collected \
+                 at the next compaction",
+                h.ms, h.counter
+            ));
+        }
         if n.behind_compaction > 0 {
             io.line(&format!(
                 "behind    the leader compacted its log up to {}, which this device lacks: \

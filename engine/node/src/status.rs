@@ -109,9 +109,11 @@ pub struct NodeStatus {
     pub compactable: u64,
     /// Leading: the least clock floor of every device of the library this epoch (see
     /// `Replica::horizon`), before which tombstones may be collected; `None` otherwise, or
-    /// while a device has not reported one.
-    #[serde(skip)]
-    #[cfg_attr(feature = "typescript", ts(skip))]
+    /// while a device has not reported one (a device away since this epoch began holds it).
+    #[cfg_attr(
+        feature = "typescript",
+        ts(type = "{ ms: number, counter: number } | null")
+    )]
     pub horizon: Option<keel_replication::wire::ClockFloor>,
     /// The bound of the last horizon this node appended (see `append_horizon`).
     #[serde(skip)]

@@ -97,6 +97,8 @@ pub(crate) struct Projected {
     pub(crate) rebuilt_ahead: u64,
     /// Rebuilds after a truncation dropped changes they may hold.
     pub(crate) rebuilt_stale: u64,
+    /// Rows horizons collected here (removed, or freed of their tombstone).
+    pub(crate) collected: u64,
 }
 
 impl Projected {
@@ -113,6 +115,7 @@ impl Projected {
             position: AppliedPosition::default(),
             rebuilt_ahead: 0,
             rebuilt_stale: 0,
+            collected: 0,
         }
     }
 
@@ -149,9 +152,11 @@ impl Projected {
             logged.push(Some(at.0 + k as u64));
         }
         self.position.log = Lsn(at.0 + entries.len() as u64 - 1);
-        self.projections
+        let stats = self
+            .projections
             .apply_logged(&changes, &logged, Some(self.position))
             .expect("apply log entries");
+        self.collected += stats.collected;
         changes.iter().map(|c| c.hlc).collect()
     }
 
