@@ -31,6 +31,9 @@ pub(crate) struct FloorState {
     commits: Mutex<HashMap<u64, Hlc>>,
     /// The offline journal's oldest clock, for its extent when it was read.
     waiting: Mutex<Option<(Extent, Waiting)>>,
+    /// One past the clock's last reading taken for a floor: still a floor's bound later (every
+    /// later tick passes it), used while a transaction holds the clock.
+    reading: Mutex<Option<Hlc>>,
 }
 
 /// The offline journal's record count and last sequence number (see
@@ -110,7 +113,9 @@ impl Library {
         // In this order: a commit that took its clock before the reading is registered in
         // flight until its changes are in the journal, so it is seen in one place or the other.
         // Every later change ticks past the reading.
-        let reading = after(self.clock()?.last());
+        let Some(reading) = self.clock_reading()? else {
+            return Ok(None);
+        };
         let in_flight = self.shared.floor.oldest()?;
         let floor = in_flight.map_or(reading, |c| c.min(reading));
         Ok(match self.oldest_waiting()? {
@@ -118,6 +123,22 @@ impl Library {
             Waiting::None => Some(floor),
             Waiting::Oldest(oldest) => Some(floor.min(oldest)),
         })
+    }
+
+    /// One past the clock's reading. While a transaction holds the clock (its closure may run
+    /// for a while), the last reading taken instead: the replication core, which asks for a
+    /// floor with each acknowledgement, never waits on a host's closure. `None` before any.
+    fn clock_reading(&self) -> Result<Option<Hlc>, EngineError> {
+        let mut last = self
+            .shared
+            .floor
+            .reading
+            .lock()
+            .map_err(|_| EngineError::Closed)?;
+        if let Some(clock) = self.clock_if_free()? {
+            *last = Some(after(clock.last()));
+        }
+        Ok(*last)
     }
 
     /// The oldest clock in the offline journal, read again only when it changed (see
@@ -177,5 +198,56 @@ impl Library {
             )?
         };
         Ok(self.sequence_as_leader(&[change])?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::{CreateOptions, Home, KdfParams, Library};
+
+    /// The replication core asks for a floor with each acknowledgement: it must not wait while
+    /// a host's transaction holds the clock through its closure, and the last reading it gets
+    /// meanwhile is still a floor.
+    #[test]
+    fn a_floor_does_not_wait_for_a_transaction_that_holds_the_clock(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let options = CreateOptions {
+            kdf: KdfParams::INSECURE_FAST,
+        };
+        let lib = Library::create(&Home::new(dir.path().join("home")), "floor", "pw", options)?;
+        let before = lib.clock_floor()?.ok_or("a floor")?;
+        let (started, holding) = crossbeam_channel::bounded(1);
+        let (release, released) = crossbeam_channel::bounded::<()>(1);
+        let (answer, floor) = crossbeam_channel::bounded(1);
+        std::thread::scope(|s| {
+            let lib = &lib;
+            let writer = s.spawn(move || {
+                lib.transact(|tx| {
+                    let _ = started.send(());
+                    let _ = released.recv();
+                    tx.upsert(&keel_schema::Tag {
+                        uuid: keel_schema::tag_uuid(lib.id().0, "held"),
+                        name: "held".into(),
+                        color: None,
+                        created_ms: 1,
+                    });
+                    Ok(())
+                })
+                .map(|_| ())
+            });
+            let _ = holding.recv_timeout(Duration::from_secs(10));
+            s.spawn(move || {
+                let _ = answer.send(lib.clock_floor().ok().flatten());
+            });
+            let during = floor.recv_timeout(Duration::from_secs(5));
+            let _ = release.send(());
+            assert_eq!(during, Ok(Some(before)), "the last reading, at once");
+            assert!(writer.join().is_ok_and(|r| r.is_ok()));
+        });
+        assert!(lib.clock_floor()?.ok_or("a floor")? > before);
+        Ok(())
     }
 }

@@ -915,11 +915,30 @@ impl Library {
 
     /// This device's clock, past every change applied so far.
     pub(crate) fn clock(&self) -> Result<std::sync::MutexGuard<'_, HlcClock>, EngineError> {
-        let mut clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+        let clock = self.clock.lock().map_err(|_| EngineError::Closed)?;
+        Ok(self.caught_up(clock))
+    }
+
+    /// [`Library::clock`] if no transaction holds it now (one holds it while its closure
+    /// runs); `None` otherwise.
+    pub(crate) fn clock_if_free(
+        &self,
+    ) -> Result<Option<std::sync::MutexGuard<'_, HlcClock>>, EngineError> {
+        match self.clock.try_lock() {
+            Ok(clock) => Ok(Some(self.caught_up(clock))),
+            Err(std::sync::TryLockError::WouldBlock) => Ok(None),
+            Err(std::sync::TryLockError::Poisoned(_)) => Err(EngineError::Closed),
+        }
+    }
+
+    fn caught_up<'a>(
+        &self,
+        mut clock: std::sync::MutexGuard<'a, HlcClock>,
+    ) -> std::sync::MutexGuard<'a, HlcClock> {
         if let Some(seen) = self.shared.take_clock_seen() {
             clock.observe(seen);
         }
-        Ok(clock)
+        clock
     }
 
     /// Runs `f` to collect changes, then commits them as one durable group. `Ok` means durable.
