@@ -1339,3 +1339,95 @@ fn unpack(packed: &[u8], raw_len: u32) -> Vec<Vec<u8>> {
     }
     rows
 }
+
+/// A tag renamed on `a` with a clock ten minutes ahead, then compacted into `a`'s snapshot to
+/// its log's end: the rename crosses only inside a snapshot.
+fn rename_ahead_and_compact(a: &keel_node::Node, tag: &Tag) {
+    let ahead = keel_schema::Hlc {
+        physical_ms: keel_engine::now_ms() + 600_000,
+        counter: 0,
+        device: a.library().device_id(),
+    };
+    let renamed = Tag {
+        name: "from a clock ahead".into(),
+        ..tag.clone()
+    };
+    let change = keel_schema::Change::upsert(keel_schema::ChangeId::new(), ahead, &renamed)
+        .expect("sync-ready");
+    a.library()
+        .transact(|tx| {
+            tx.push(change);
+            Ok(())
+        })
+        .expect("a renames");
+    a.library().flush().expect("flushes");
+    let end = last(a.library());
+    let report = a.library().compact(end).expect("compacts");
+    assert_eq!(report.base, end.0, "{report:?}");
+}
+
+/// Renames `tag` on `node` to what it now reads there, then checks that every node holds the
+/// new name once converged.
+fn rename_after_seeing(node: &keel_node::Node, all: &[&keel_node::Node], tag: &Tag) {
+    let seen = node
+        .library()
+        .get::<Tag>(tag.uuid)
+        .expect("reads")
+        .expect("the tag");
+    assert_eq!(seen.name, "from a clock ahead");
+    let name = format!("seen on {} and renamed", node.library().device_id());
+    node.library()
+        .transact(|tx| {
+            tx.upsert(&Tag {
+                name: name.clone(),
+                ..seen
+            });
+            Ok(())
+        })
+        .expect("renames what it sees");
+    keel_tests::cluster::converge(all, std::time::Duration::from_secs(60)).expect("converges");
+    for n in all {
+        let now = n.library().get::<Tag>(tag.uuid).expect("reads");
+        assert_eq!(
+            now.map(|t| t.name),
+            Some(name.clone()),
+            "the later rename lost"
+        );
+    }
+}
+
+/// A device's clock observes the clocks of a snapshot it takes in, as it does those of the
+/// changes it applies: a device that came back by backfill, and a new device that joined from
+/// the file copy, each rename a tag after seeing a rename stamped ten minutes ahead that
+/// reached them only inside the leader's snapshot. Their renames were made later and win.
+#[test]
+#[ignore = "fails: a snapshot's clocks do not reach the running clock (fixed next)"]
+fn a_rename_made_after_a_snapshot_from_a_clock_ahead_wins() {
+    use keel_tests::cluster;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bulk = vec!["holiday".to_string()];
+    let (_ha, a, hb, b_addr) = founder_and_away_device(dir.path(), 10, &bulk);
+    let tag = a
+        .library()
+        .read(|p| p.query().select::<Tag, _>("name = 'holiday'", []))
+        .expect("reads")
+        .remove(0);
+    rename_ahead_and_compact(&a, &tag);
+
+    let b = cluster::restart(&hb, "lib", b_addr).expect("restarts");
+    cluster::converge(&[&a, &b], Duration::from_secs(60)).expect("converges");
+    assert!(
+        backfill_job(b.library(), keel_engine::JobState::Completed).is_some(),
+        "b came back by backfill"
+    );
+    rename_after_seeing(&b, &[&a, &b], &tag);
+
+    rename_ahead_and_compact(&a, &tag);
+    let (_hc, c) = cluster::joiner(dir.path(), "c", &a).expect("joins");
+    cluster::converge(&[&a, &b, &c], Duration::from_secs(60)).expect("converges");
+    rename_after_seeing(&c, &[&a, &b, &c], &tag);
+    for node in [c, b, a] {
+        node.stop().expect("stops");
+    }
+}
