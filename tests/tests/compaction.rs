@@ -1401,7 +1401,6 @@ fn rename_after_seeing(node: &keel_node::Node, all: &[&keel_node::Node], tag: &T
 /// the file copy, each rename a tag after seeing a rename stamped ten minutes ahead that
 /// reached them only inside the leader's snapshot. Their renames were made later and win.
 #[test]
-#[ignore = "fails: a snapshot's clocks do not reach the running clock (fixed next)"]
 fn a_rename_made_after_a_snapshot_from_a_clock_ahead_wins() {
     use keel_tests::cluster;
     use std::time::Duration;

@@ -67,9 +67,14 @@ pub(crate) struct Shared {
 impl Shared {
     /// Takes in the clocks of `changes` as applied (see [`Shared::clock_seen`]).
     fn saw_clocks(&self, changes: &[Change]) {
-        let Some(newest) = changes.iter().map(|c| c.hlc).max() else {
-            return;
-        };
+        if let Some(newest) = changes.iter().map(|c| c.hlc).max() {
+            self.saw_clock(newest);
+        }
+    }
+
+    /// Takes in `newest` as a clock this device has seen: a change applied, or the high water
+    /// of a snapshot taken in (see [`Shared::clock_seen`]).
+    pub(crate) fn saw_clock(&self, newest: Hlc) {
         let cap = crate::library::now_ms().saturating_add(CLOCK_AHEAD_MAX_MS);
         let newest = if newest.physical_ms > cap {
             Hlc {

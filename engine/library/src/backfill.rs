@@ -294,6 +294,7 @@ impl Library {
             history.discard_waiting(self.dir());
             self.publish_waiting(&history);
             journal.raise_hlc_high_water(plan.hlc)?;
+            self.shared.saw_clock(plan.hlc);
             let returned = journal
                 .log()
                 .rebase(plan.base, plan.base_epoch, plan.head, led_by)?;
