@@ -1306,11 +1306,50 @@ fn heal_projections(
     models: &Registry,
     device: keel_schema::DeviceId,
 ) -> Result<(Projections, crate::replay::ReplayReport), EngineError> {
+    let stale = journal.projections_stale()?;
+    let (projections, base, journal_last) =
+        open_for_healing(journal, dir, models, device, stale > 0)?;
+    // Heal: apply whatever the journal holds beyond the applied position — from no later than
+    // a truncation point, since positions after it were reused (apply is idempotent).
+    let floor = journal.replay_floor()?;
+    let (mut projections, from) =
+        heal_start(dir, models, projections, (base, journal_last), floor)?;
+    let healed = replay(journal, &mut projections, from, &mut |_, _| {})?;
+    if floor.is_some() {
+        // A replay with nothing after the floor stores no position: the one past the cut
+        // would stay, and the next open would find the projections ahead of the log.
+        if projections.applied_position()?.log > healed.position.log {
+            projections.apply(&[], Some(healed.position))?;
+        }
+        debug_assert!(projections.applied_position()?.log <= journal_last);
+        journal.clear_replay_floor()?;
+    }
+    if stale > 0 {
+        journal.projections_rebuilt(stale)?;
+    }
+    if healed.changes > 0 {
+        tracing::info!(
+            changes = healed.changes,
+            "healed projections from the journal"
+        );
+    }
+    Ok((projections, healed))
+}
+
+/// Opens the projections for [`heal_projections`]: from scratch when `stale` (a truncation
+/// dropped changes they applied) or unreadable, and from the snapshot when behind the
+/// compaction base. Returns them, the log's base and its last position.
+fn open_for_healing(
+    journal: &Journal,
+    dir: &Path,
+    models: &Registry,
+    device: keel_schema::DeviceId,
+    stale: bool,
+) -> Result<(Projections, keel_schema::Lsn, keel_schema::Lsn), EngineError> {
     // Projections are disposable: one that may hold changes a truncation dropped, or that
     // cannot be opened, is rebuilt from the journal.
     let projections_path = dir.join(PROJECTIONS_FILE);
-    let stale = journal.projections_stale()?;
-    if stale > 0 {
+    if stale {
         tracing::warn!(
             "a truncation dropped changes the projections had applied; rebuilding them from the journal"
         );
@@ -1351,10 +1390,21 @@ fn heal_projections(
         crate::compact::start_from_snapshot(dir, &projections_path, behind, base, journal_last)?;
         projections = Projections::open_for(&projections_path, models)?;
     }
-    // Heal: apply whatever the journal holds beyond the applied position — from no later than
-    // a truncation point, since positions after it were reused (apply is idempotent).
+    Ok((projections, base, journal_last))
+}
+
+/// Where [`heal_projections`] replays from: the applied position, no later than the replay
+/// `floor`. Projections ahead of the journal because the device stopped while the journal
+/// stored a segment they had applied start again from the snapshot; ahead for any other
+/// reason, or behind the base, they are an error.
+fn heal_start(
+    dir: &Path,
+    models: &Registry,
+    mut projections: Projections,
+    (base, journal_last): (keel_schema::Lsn, keel_schema::Lsn),
+    floor: Option<keel_schema::Lsn>,
+) -> Result<(Projections, AppliedPosition), EngineError> {
     let mut from = projections.applied_position()?;
-    let floor = journal.replay_floor()?;
     if let Some(floor) = floor {
         from.log = from.log.min(floor);
     }
@@ -1378,6 +1428,7 @@ fn heal_projections(
         );
         drop(projections);
         remove_projection_files(dir)?;
+        let projections_path = dir.join(PROJECTIONS_FILE);
         crate::compact::start_from_snapshot(
             dir,
             &projections_path,
@@ -1396,24 +1447,5 @@ fn heal_projections(
             base: base.0,
         });
     }
-    let healed = replay(journal, &mut projections, from, &mut |_, _| {})?;
-    if floor.is_some() {
-        // A replay with nothing after the floor stores no position: the one past the cut
-        // would stay, and the next open would find the projections ahead of the log.
-        if projections.applied_position()?.log > healed.position.log {
-            projections.apply(&[], Some(healed.position))?;
-        }
-        debug_assert!(projections.applied_position()?.log <= journal_last);
-        journal.clear_replay_floor()?;
-    }
-    if stale > 0 {
-        journal.projections_rebuilt(stale)?;
-    }
-    if healed.changes > 0 {
-        tracing::info!(
-            changes = healed.changes,
-            "healed projections from the journal"
-        );
-    }
-    Ok((projections, healed))
+    Ok((projections, from))
 }

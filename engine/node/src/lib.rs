@@ -24,9 +24,7 @@ mod status;
 #[cfg(feature = "typescript")]
 mod typescript;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -209,10 +207,8 @@ impl Node {
         let file = DevicesFile::read(library.dir())?;
         snapshot::remove_scratch(library.dir());
         let pins = Pins::new();
-        for id in file.ids() {
-            if !file.is_revoked(&id) {
-                pins.pin(id);
-            }
+        for id in file.ids().filter(|id| !file.is_revoked(id)) {
+            pins.pin(id);
         }
         let endpoint = {
             let _guard = rt.enter();
@@ -225,67 +221,24 @@ impl Node {
             listen: listen.to_string(),
             ..NodeStatus::default()
         }));
-        let config = ReplicaConfig {
-            device: library.device_id(),
-            election_timeout_ms: options.election_timeout_ms,
-            heartbeat_ms: options.heartbeat_ms,
-            segment_max: options.segment_max,
-            segments_in_flight: options.segments_in_flight,
-        };
         let link = Arc::new(library.link(LinkOptions {
             leader_commits: options.leader_commits,
         })?);
-        let (in_sync_tx, in_sync) = tokio::sync::watch::channel(false);
-        let (backfill_tx, backfill_rx) = tokio::sync::mpsc::channel(1);
-        let mut core = Core::new(
-            link.clone(),
-            config,
-            status.clone(),
-            pins,
-            in_sync_tx,
-            (backfill_tx, options.retain_for_absent.unwrap_or(u64::MAX)),
-        )?;
-        let check_to = options
-            .check_log_at_start
-            .then(|| core.hold_until_checked())
-            .flatten();
-        let (core_tx, core_rx) = crossbeam_channel::bounded(self::core::CORE_QUEUE_MAX);
-        let core = std::thread::Builder::new()
-            .name("keel-core".into())
-            .spawn(move || core.run(core_rx))
-            .map_err(io_at(library.dir()))?;
+        let started = start_core(&library, &link, &options, (status.clone(), pins))?;
         let lan = options.discovery.as_ref().and_then(|discovery| {
             discovery::Lan::start(discovery, library.id(), library.device_id(), listen.port())
                 .map(Arc::new)
                 .map_err(|e| tracing::warn!(error = %e, "LAN discovery is off"))
                 .ok()
         });
-        let net = Arc::new(Net {
-            endpoint,
-            core: core_tx.clone(),
-            library: library.id(),
-            device: library.device_id(),
+        let parts = net::NetParts {
             status: status.clone(),
-            invitation: Arc::new(tokio::sync::Mutex::new(None)),
-            sessions: Mutex::new(HashMap::new()),
-            addrs: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(Default::default()),
-            next_conn: AtomicU64::new(0),
-            library_dir: library.dir().to_path_buf(),
-            offline: AtomicBool::new(false),
-            live: Mutex::new(HashMap::new()),
             link: Arc::downgrade(&link),
-            heard: Mutex::new(HashMap::new()),
-            unpinned: Arc::new(tokio::sync::Semaphore::new(net::UNPINNED_MAX)),
-            wake: tokio::sync::Notify::new(),
             lan: lan.clone(),
-            withheld: Mutex::new(std::collections::HashSet::new()),
-            ended_bytes: Mutex::new((0, 0)),
-            backfilling: Arc::new(Mutex::new(std::collections::HashSet::new())),
-            joins: Arc::default(),
             snapshot_keep: options.snapshot_keep,
             join_history: options.join_history.unwrap_or(u64::MAX),
-        });
+        };
+        let net = Arc::new(Net::new(endpoint, started.tx.clone(), &library, parts));
         if let Some(lan) = lan {
             let (net, handle) = (net.clone(), rt.handle().clone());
             std::thread::Builder::new()
@@ -297,7 +250,7 @@ impl Node {
             let _guard = rt.enter();
             rt.spawn(net.clone().accept_loop());
             rt.spawn(net.clone().share_peers_loop());
-            rt.spawn(net.clone().backfill_loop(backfill_rx));
+            rt.spawn(net.clone().backfill_loop(started.backfill));
             for addr in options.peers.iter().copied().chain(file.addrs()) {
                 if addr != listen {
                     net.dial(addr);
@@ -308,26 +261,16 @@ impl Node {
             Some(watch) => Some(start_watcher(&library, watch.clone())?),
             None => None,
         };
-        let resumed_jobs = {
-            let resuming = library.clone();
-            std::thread::Builder::new()
-                .name("keel-jobs".into())
-                .spawn(move || match resuming.resume_jobs() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(jobs = n, "resumed interrupted jobs"),
-                    Err(error) => tracing::warn!(%error, "an interrupted job failed again"),
-                })
-                .map_err(io_at(library.dir()))?
-        };
+        let resumed_jobs = start_resuming_jobs(&library)?;
         let compactor = match options.compact_after {
             Some(after) => Some(start_compactor(&library, &status, after)?),
             None => None,
         };
-        let scrubber = match (check_to, options.scrub_every) {
+        let scrubber = match (started.check_to, options.scrub_every) {
             (None, None) => None,
             (check_to, every) => Some(scrub::start(
                 link.clone(),
-                (core_tx.clone(), status.clone()),
+                (started.tx.clone(), status.clone()),
                 check_to,
                 every,
             )?),
@@ -338,12 +281,12 @@ impl Node {
             library,
             net,
             status,
-            core_tx,
-            core: Some(core),
+            core_tx: started.tx,
+            core: Some(started.thread),
             rt: Some(rt),
             device_limit: options.device_limit,
             code_ttl_ms: options.code_ttl_ms,
-            in_sync,
+            in_sync: started.in_sync,
             watcher,
             resumed_jobs: Some(resumed_jobs),
             compactor,
@@ -730,6 +673,75 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The replication core of a node, started on its own thread.
+struct StartedCore {
+    /// Its queue of events.
+    tx: crossbeam_channel::Sender<CoreEvent>,
+    thread: JoinHandle<()>,
+    /// Whether this device is in sync, as the core sees it.
+    in_sync: tokio::sync::watch::Receiver<bool>,
+    /// Where the core asks for a backfill from a leader.
+    backfill: mpsc::Receiver<DeviceId>,
+    /// The position the log is checked to before this device may stand (see
+    /// `NodeOptions::check_log_at_start`).
+    check_to: Option<keel_schema::Lsn>,
+}
+
+/// Starts `library`'s replication core on a thread of its own, with the devices in `pins`.
+fn start_core(
+    library: &Library,
+    link: &Arc<NodeLink>,
+    options: &NodeOptions,
+    (status, pins): (Arc<Mutex<NodeStatus>>, Pins),
+) -> Result<StartedCore, NodeError> {
+    let config = ReplicaConfig {
+        device: library.device_id(),
+        election_timeout_ms: options.election_timeout_ms,
+        heartbeat_ms: options.heartbeat_ms,
+        segment_max: options.segment_max,
+        segments_in_flight: options.segments_in_flight,
+    };
+    let (in_sync_tx, in_sync) = tokio::sync::watch::channel(false);
+    let (backfill_tx, backfill) = mpsc::channel(1);
+    let mut core = Core::new(
+        link.clone(),
+        config,
+        status,
+        pins,
+        in_sync_tx,
+        (backfill_tx, options.retain_for_absent.unwrap_or(u64::MAX)),
+    )?;
+    let check_to = options
+        .check_log_at_start
+        .then(|| core.hold_until_checked())
+        .flatten();
+    let (tx, rx) = crossbeam_channel::bounded(self::core::CORE_QUEUE_MAX);
+    let thread = std::thread::Builder::new()
+        .name("keel-core".into())
+        .spawn(move || core.run(rx))
+        .map_err(io_at(library.dir()))?;
+    Ok(StartedCore {
+        tx,
+        thread,
+        in_sync,
+        backfill,
+        check_to,
+    })
+}
+
+/// Resumes `library`'s interrupted jobs on a thread of its own.
+fn start_resuming_jobs(library: &Arc<Library>) -> Result<JoinHandle<()>, NodeError> {
+    let resuming = library.clone();
+    std::thread::Builder::new()
+        .name("keel-jobs".into())
+        .spawn(move || match resuming.resume_jobs() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "resumed interrupted jobs"),
+            Err(error) => tracing::warn!(%error, "an interrupted job failed again"),
+        })
+        .map_err(io_at(library.dir()))
 }
 
 /// Starts the thread that compacts `library`'s log once it holds more than `after` entries

@@ -118,6 +118,53 @@ pub(crate) struct Net {
     pub(crate) join_history: u64,
 }
 
+/// What a [`Net`] is made from at a node's start, beside its endpoint and core.
+pub(crate) struct NetParts {
+    pub(crate) status: Arc<Mutex<NodeStatus>>,
+    pub(crate) link: std::sync::Weak<keel_engine::NodeLink>,
+    pub(crate) lan: Option<Arc<super::discovery::Lan>>,
+    pub(crate) snapshot_keep: Duration,
+    pub(crate) join_history: u64,
+}
+
+impl Net {
+    /// The network state of a node of `library` that listens on `endpoint` and reports to
+    /// `core`: no sessions, invitations or dials yet.
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        core: Sender<CoreEvent>,
+        library: &keel_engine::Library,
+        parts: NetParts,
+    ) -> Self {
+        Net {
+            endpoint,
+            core,
+            library: library.id(),
+            device: library.device_id(),
+            status: parts.status,
+            invitation: Arc::new(tokio::sync::Mutex::new(None)),
+            sessions: Mutex::new(HashMap::new()),
+            addrs: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashSet::new()),
+            next_conn: AtomicU64::new(0),
+            library_dir: library.dir().to_path_buf(),
+            offline: AtomicBool::new(false),
+            live: Mutex::new(HashMap::new()),
+            link: parts.link,
+            heard: Mutex::new(HashMap::new()),
+            unpinned: Arc::new(tokio::sync::Semaphore::new(UNPINNED_MAX)),
+            wake: tokio::sync::Notify::new(),
+            lan: parts.lan,
+            withheld: Mutex::new(HashSet::new()),
+            ended_bytes: Mutex::new((0, 0)),
+            backfilling: Arc::new(Mutex::new(HashSet::new())),
+            joins: Arc::default(),
+            snapshot_keep: parts.snapshot_keep,
+            join_history: parts.join_history,
+        }
+    }
+}
+
 /// Longest wait for one request or for sending its answer, when a device is served requests
 /// in turn (backfill, anti-entropy).
 pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
