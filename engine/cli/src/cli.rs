@@ -939,38 +939,7 @@ pub(crate) fn exec(
     match command {
         Command::Index {
             path, json, rehash, ..
-        } => {
-            let bar = bar(0, "indexing", io.terminal() && !json);
-            let mut progress = |p: keel_engine::IndexProgress| {
-                // While the walk goes on, the total is only what was found so far.
-                bar.set_message(if p.walking { "(still walking) " } else { "" });
-                bar.set_length(p.total);
-                bar.set_position(p.done);
-                io.progress("indexing", p.done, p.total);
-            };
-            let report = if rehash {
-                lib.reidentify(&path, &mut progress)?
-            } else {
-                lib.index(&path, &mut progress)?
-            };
-            bar.finish_and_clear();
-            if json {
-                io.line(&serde_json::to_string(&report)?);
-                return Ok(0);
-            }
-            io.line(&format!(
-                "indexed {}: {} files, {} dirs; {} new, {} changed, {} moved, {} removed, {} unchanged in {:.2}s",
-                path.display(),
-                report.files,
-                report.dirs,
-                report.new,
-                report.changed,
-                report.moved,
-                report.removed,
-                report.unchanged,
-                report.elapsed.as_secs_f64()
-            ));
-        }
+        } => index(lib, &path, json, rehash, io)?,
         Command::Tag {
             path,
             tags,
@@ -998,24 +967,7 @@ pub(crate) fn exec(
             path: Some(path),
             json,
             ..
-        } => {
-            let r = lib.files().resolve(&path)?;
-            let dir = if r.name.is_empty() {
-                r.relative_path
-            } else if r.relative_path.is_empty() {
-                r.name
-            } else {
-                format!("{}/{}", r.relative_path, r.name)
-            };
-            let mut children = lib.read(|p| p.query().children(r.location.uuid, &dir))?;
-            children.sort_by(|a, b| a.name.cmp(&b.name));
-            if json {
-                io.line(&serde_json::to_string(&children)?);
-            }
-            for e in children.iter().filter(|_| !json) {
-                io.line(&entry_line(e));
-            }
-        }
+        } => list_dir(lib, &path, json, io)?,
         Command::Jobs { command, json, .. } => jobs(lib, command, json, io)?,
         Command::Untag { target, tags } => crate::everyday::untag(lib, &target, &tags)?,
         Command::Unnote { target } => crate::everyday::unnote(lib, &target)?,
@@ -1038,19 +990,7 @@ pub(crate) fn exec(
         }
         Command::Search {
             text, limit, json, ..
-        } => {
-            let hits = lib.search(&text, limit)?;
-            if json {
-                io.line(&serde_json::to_string(&hits)?);
-            }
-            for hit in hits.iter().filter(|_| !json) {
-                let by = match hit.matched {
-                    keel_engine::SearchMatch::Name => "name",
-                    keel_engine::SearchMatch::Note => "note",
-                };
-                io.line(&format!("{by} {}", entry_line(&hit.entry)));
-            }
-        }
+        } => search(lib, &text, limit, json, io)?,
         Command::Show { path, json, .. } => show(lib, &path, json, io)?,
         Command::Status { json, .. } => status(lib, node, json, io)?,
         Command::Digest { json: false, .. } => io.line(&lib.digest()?),
@@ -1068,84 +1008,9 @@ pub(crate) fn exec(
             };
             verify_against(node, &peer, repair, json, io)?;
         }
-        Command::Verify { json: true, .. } => {
-            let (report, digest) = lib.verify_with(&mut |done, total| {
-                io.progress("verifying", done, total);
-            })?;
-            let faults: Vec<String> = report
-                .faults
-                .iter()
-                .map(|(place, reason)| format!("{place}: {reason}"))
-                .collect();
-            let value = serde_json::json!({
-                "log_records": report.log_records,
-                "local_records": report.local_records,
-                "faults": faults,
-                "digest": digest.as_ref().ok(),
-                "mismatch": digest.as_ref().err().map(|e| e.to_string()),
-            });
-            io.line(&value.to_string());
-            if !faults.is_empty() || digest.is_err() {
-                bail!("the library failed its checks");
-            }
-        }
-        Command::Verify { repair, .. } => {
-            if repair && node.is_none() {
-                bail!("`verify --repair` needs a running node (it fetches from the leader, or with `--against` from that peer): start `keel serve` first");
-            }
-            let bar = bar(0, "verifying", io.terminal());
-            let (report, digest) = lib.verify_with(&mut |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-                io.progress("verifying", done, total);
-            })?;
-            bar.finish_and_clear();
-            for (place, reason) in &report.faults {
-                io.line(&format!("bad record at {place}: {reason}"));
-            }
-            if let (true, false, Some(node)) = (repair, report.faults.is_empty(), node) {
-                if let Some(from) = node.repair_log()? {
-                    io.line(&format!(
-                        "the log from position {from} on is dropped and fetched again from the leader"
-                    ));
-                    return Ok(0);
-                }
-            }
-            io.line(&format!(
-                "{} log records, {} local records, {} faults",
-                report.log_records,
-                report.local_records,
-                report.faults.len()
-            ));
-            let digest = digest?;
-            io.line(&format!("projections match a fresh replay: {digest}"));
-            if !report.faults.is_empty() {
-                bail!(
-                    "{} journal records failed their checks",
-                    report.faults.len()
-                );
-            }
-        }
-        Command::Rebuild { json, .. } => {
-            let bar = bar(0, "replaying", io.terminal() && !json);
-            let report = lib.rebuild(&mut |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-                io.progress("replaying", done, total);
-            })?;
-            bar.finish_and_clear();
-            if json {
-                let value =
-                    serde_json::json!({ "changes": report.changes, "digest": lib.digest()? });
-                io.line(&value.to_string());
-                return Ok(0);
-            }
-            io.line(&format!(
-                "rebuilt from {} changes; digest {}",
-                report.changes,
-                lib.digest()?
-            ));
-        }
+        Command::Verify { json: true, .. } => verify_json(lib, io)?,
+        Command::Verify { repair, .. } => verify(lib, node, repair, io)?,
+        Command::Rebuild { json, .. } => rebuild(lib, json, io)?,
         Command::Compact { json, .. } => compact(lib, node, json, io)?,
         Command::VoteFloor { forget, json, .. } => vote_floor(lib, node, forget, json, io)?,
         Command::Devices { command, json, .. } => {
@@ -1170,6 +1035,175 @@ pub(crate) fn exec(
         | Command::Demo { .. } => bail!("this command does not run on an open library"),
     }
     Ok(0)
+}
+
+/// `keel index`.
+fn index(
+    lib: &Library,
+    path: &std::path::Path,
+    json: bool,
+    rehash: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    let bar = bar(0, "indexing", io.terminal() && !json);
+    let mut progress = |p: keel_engine::IndexProgress| {
+        // While the walk goes on, the total is only what was found so far.
+        bar.set_message(if p.walking { "(still walking) " } else { "" });
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        io.progress("indexing", p.done, p.total);
+    };
+    let report = if rehash {
+        lib.reidentify(path, &mut progress)?
+    } else {
+        lib.index(path, &mut progress)?
+    };
+    bar.finish_and_clear();
+    if json {
+        io.line(&serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    io.line(&format!(
+        "indexed {}: {} files, {} dirs; {} new, {} changed, {} moved, {} removed, {} unchanged in {:.2}s",
+        path.display(),
+        report.files,
+        report.dirs,
+        report.new,
+        report.changed,
+        report.moved,
+        report.removed,
+        report.unchanged,
+        report.elapsed.as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// `keel ls PATH`: the entries of a folder, by name.
+fn list_dir(lib: &Library, path: &std::path::Path, json: bool, io: &mut dyn Io) -> Result<()> {
+    let r = lib.files().resolve(path)?;
+    let dir = if r.name.is_empty() {
+        r.relative_path
+    } else if r.relative_path.is_empty() {
+        r.name
+    } else {
+        format!("{}/{}", r.relative_path, r.name)
+    };
+    let mut children = lib.read(|p| p.query().children(r.location.uuid, &dir))?;
+    children.sort_by(|a, b| a.name.cmp(&b.name));
+    if json {
+        io.line(&serde_json::to_string(&children)?);
+    }
+    for e in children.iter().filter(|_| !json) {
+        io.line(&entry_line(e));
+    }
+    Ok(())
+}
+
+/// `keel search`.
+fn search(lib: &Library, text: &str, limit: usize, json: bool, io: &mut dyn Io) -> Result<()> {
+    let hits = lib.search(text, limit)?;
+    if json {
+        io.line(&serde_json::to_string(&hits)?);
+    }
+    for hit in hits.iter().filter(|_| !json) {
+        let by = match hit.matched {
+            keel_engine::SearchMatch::Name => "name",
+            keel_engine::SearchMatch::Note => "note",
+        };
+        io.line(&format!("{by} {}", entry_line(&hit.entry)));
+    }
+    Ok(())
+}
+
+/// `keel verify --json`: the checks as one JSON object; an error if any failed.
+fn verify_json(lib: &Library, io: &mut dyn Io) -> Result<()> {
+    let (report, digest) = lib.verify_with(&mut |done, total| {
+        io.progress("verifying", done, total);
+    })?;
+    let faults: Vec<String> = report
+        .faults
+        .iter()
+        .map(|(place, reason)| format!("{place}: {reason}"))
+        .collect();
+    let value = serde_json::json!({
+        "log_records": report.log_records,
+        "local_records": report.local_records,
+        "faults": faults,
+        "digest": digest.as_ref().ok(),
+        "mismatch": digest.as_ref().err().map(|e| e.to_string()),
+    });
+    io.line(&value.to_string());
+    if !faults.is_empty() || digest.is_err() {
+        bail!("the library failed its checks");
+    }
+    Ok(())
+}
+
+/// `keel verify [--repair]`, for a person: a progress bar, each bad record, the totals.
+fn verify(
+    lib: &Library,
+    node: Option<&keel_node::Node>,
+    repair: bool,
+    io: &mut dyn Io,
+) -> Result<()> {
+    if repair && node.is_none() {
+        bail!("`verify --repair` needs a running node (it fetches from the leader, or with `--against` from that peer): start `keel serve` first");
+    }
+    let bar = bar(0, "verifying", io.terminal());
+    let (report, digest) = lib.verify_with(&mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        io.progress("verifying", done, total);
+    })?;
+    bar.finish_and_clear();
+    for (place, reason) in &report.faults {
+        io.line(&format!("bad record at {place}: {reason}"));
+    }
+    if let (true, false, Some(node)) = (repair, report.faults.is_empty(), node) {
+        if let Some(from) = node.repair_log()? {
+            io.line(&format!(
+                "the log from position {from} on is dropped and fetched again from the leader"
+            ));
+            return Ok(());
+        }
+    }
+    io.line(&format!(
+        "{} log records, {} local records, {} faults",
+        report.log_records,
+        report.local_records,
+        report.faults.len()
+    ));
+    let digest = digest?;
+    io.line(&format!("projections match a fresh replay: {digest}"));
+    if !report.faults.is_empty() {
+        bail!(
+            "{} journal records failed their checks",
+            report.faults.len()
+        );
+    }
+    Ok(())
+}
+
+/// `keel rebuild`.
+fn rebuild(lib: &Library, json: bool, io: &mut dyn Io) -> Result<()> {
+    let bar = bar(0, "replaying", io.terminal() && !json);
+    let report = lib.rebuild(&mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        io.progress("replaying", done, total);
+    })?;
+    bar.finish_and_clear();
+    if json {
+        let value = serde_json::json!({ "changes": report.changes, "digest": lib.digest()? });
+        io.line(&value.to_string());
+        return Ok(());
+    }
+    io.line(&format!(
+        "rebuilt from {} changes; digest {}",
+        report.changes,
+        lib.digest()?
+    ));
+    Ok(())
 }
 
 /// `keel vote-floor`.
