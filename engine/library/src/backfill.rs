@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use keel_journal::CLOCK_AHEAD_MAX_MS;
 use keel_projections::{image_uuid, Part, PartCursor, Projections};
 use keel_schema::{ChangeId, DeviceId, Epoch, Hlc, Lsn};
 use serde::{Deserialize, Serialize};
@@ -185,6 +186,7 @@ impl Library {
         source: &mut dyn BackfillSource,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<BackfillReport, EngineError> {
+        check_plan_clock(plan)?;
         let kind = JobKind::Backfill {
             from: from.to_hex(),
             base: plan.base.0,
@@ -286,6 +288,7 @@ impl Library {
         plan: &BackfillPlan,
         led_by: DeviceId,
     ) -> Result<Vec<ChangeId>, EngineError> {
+        check_plan_clock(plan)?;
         let journal = self.journal()?;
         let started = std::time::Instant::now();
         let returned = {
@@ -321,6 +324,20 @@ impl Library {
         );
         Ok(returned)
     }
+}
+
+/// Refuses a plan whose clock is further ahead of this device's time than the journal accepts
+/// a change's ([`CLOCK_AHEAD_MAX_MS`]): the device's clock would start from it.
+fn check_plan_clock(plan: &BackfillPlan) -> Result<(), EngineError> {
+    let limit = crate::library::now_ms().saturating_add(CLOCK_AHEAD_MAX_MS);
+    if plan.hlc.physical_ms > limit {
+        return Err(EngineError::Backfill(format!(
+            "the leader's clock ({} ms) is more than {} h ahead of this device's",
+            plan.hlc.physical_ms,
+            CLOCK_AHEAD_MAX_MS / 3_600_000
+        )));
+    }
+    Ok(())
 }
 
 /// Opens the scratch file; one of another base, or one that does not open, starts over.
