@@ -1468,7 +1468,6 @@ fn a_backfill_plan_with_a_clock_far_ahead_is_refused() {
 /// that misbehaves cannot start another device's log in an epoch no election made, which it
 /// would then vote and stand from.
 #[test]
-#[ignore = "fails: a backfill plan's epochs are not checked (fixed next)"]
 fn a_backfill_plan_with_epochs_past_this_device_s_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (source, plan, b) = snapshot_and_fresh_library(dir.path(), 50);

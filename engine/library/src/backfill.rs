@@ -288,7 +288,7 @@ impl Library {
         plan: &BackfillPlan,
         led_by: DeviceId,
     ) -> Result<Vec<ChangeId>, EngineError> {
-        check_plan_clock(plan)?;
+        self.check_plan(plan)?;
         let journal = self.journal()?;
         let started = std::time::Instant::now();
         let returned = {
@@ -326,18 +326,43 @@ impl Library {
     }
 }
 
-/// Refuses a plan whose clock is further ahead of this device's time than the journal accepts
-/// a change's ([`CLOCK_AHEAD_MAX_MS`]): the device's clock would start from it.
+/// Refuses a leader's plan whose clock is further ahead of this device's time than the
+/// journal accepts a change's ([`CLOCK_AHEAD_MAX_MS`]): the device's clock would start from it.
 fn check_plan_clock(plan: &BackfillPlan) -> Result<(), EngineError> {
     let limit = crate::library::now_ms().saturating_add(CLOCK_AHEAD_MAX_MS);
     if plan.hlc.physical_ms > limit {
         return Err(EngineError::Backfill(format!(
-            "the leader's clock ({} ms) is more than {} h ahead of this device's",
+            "the leader's plan has a clock ({} ms) more than {} h ahead of this device's",
             plan.hlc.physical_ms,
             CLOCK_AHEAD_MAX_MS / 3_600_000
         )));
     }
     Ok(())
+}
+
+impl Library {
+    /// Refuses a leader's plan this device must not start its log from: [`check_plan_clock`],
+    /// a base entry of an epoch past any this device accepted (it follows the leader whose
+    /// plan this is, so it accepted that leader's epoch), or a log that began (`head`) after
+    /// its base's epoch. Its elections would start from those epochs.
+    fn check_plan(&self, plan: &BackfillPlan) -> Result<(), EngineError> {
+        check_plan_clock(plan)?;
+        let refused = |why: String| Err(EngineError::Backfill(format!("the leader's plan {why}")));
+        let accepted = self.journal()?.election().epoch()?.unwrap_or_default();
+        if plan.base_epoch > accepted {
+            return refused(format!(
+                "starts after an entry of epoch {}, past this device's {accepted}",
+                plan.base_epoch
+            ));
+        }
+        if plan.head > plan.base_epoch {
+            return refused(format!(
+                "has a log that began in epoch {}, after its base's {}",
+                plan.head, plan.base_epoch
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Opens the scratch file; one of another base, or one that does not open, starts over.
