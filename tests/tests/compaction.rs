@@ -1501,7 +1501,6 @@ fn a_backfill_plan_with_epochs_past_this_device_s_is_refused() {
 /// A plan whose row counts add up past `u64::MAX` is refused with a typed error (its parts end
 /// short of their counts), not a panic on the total.
 #[test]
-#[ignore = "fails: the plan's total overflows (fixed next)"]
 fn a_backfill_plan_with_counts_past_u64_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (source, mut plan, b) = snapshot_and_fresh_library(dir.path(), 50);

@@ -48,9 +48,11 @@ pub struct BackfillPlan {
 }
 
 impl BackfillPlan {
-    /// Rows in every part.
+    /// Rows in every part (a leader's counts: at most `u64::MAX` in all).
     pub fn rows(&self) -> u64 {
-        self.parts.iter().map(|(_, n)| n).sum()
+        self.parts
+            .iter()
+            .fold(0u64, |all, (_, n)| all.saturating_add(*n))
     }
 }
 
