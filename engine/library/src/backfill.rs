@@ -326,23 +326,7 @@ impl Library {
         );
         Ok(returned)
     }
-}
 
-/// Refuses a leader's plan whose clock is further ahead of this device's time than the
-/// journal accepts a change's ([`CLOCK_AHEAD_MAX_MS`]): the device's clock would start from it.
-fn check_plan_clock(plan: &BackfillPlan) -> Result<(), EngineError> {
-    let limit = crate::library::now_ms().saturating_add(CLOCK_AHEAD_MAX_MS);
-    if plan.hlc.physical_ms > limit {
-        return Err(EngineError::Backfill(format!(
-            "the leader's plan has a clock ({} ms) more than {} h ahead of this device's",
-            plan.hlc.physical_ms,
-            CLOCK_AHEAD_MAX_MS / 3_600_000
-        )));
-    }
-    Ok(())
-}
-
-impl Library {
     /// Refuses a leader's plan this device must not start its log from: [`check_plan_clock`],
     /// a base entry of an epoch past any this device accepted (it follows the leader whose
     /// plan this is, so it accepted that leader's epoch), or a log that began (`head`) after
@@ -365,6 +349,20 @@ impl Library {
         }
         Ok(())
     }
+}
+
+/// Refuses a leader's plan whose clock is further ahead of this device's time than the
+/// journal accepts a change's ([`CLOCK_AHEAD_MAX_MS`]): the device's clock would start from it.
+fn check_plan_clock(plan: &BackfillPlan) -> Result<(), EngineError> {
+    let limit = crate::library::now_ms().saturating_add(CLOCK_AHEAD_MAX_MS);
+    if plan.hlc.physical_ms > limit {
+        return Err(EngineError::Backfill(format!(
+            "the leader's plan has a clock ({} ms) more than {} h ahead of this device's",
+            plan.hlc.physical_ms,
+            CLOCK_AHEAD_MAX_MS / 3_600_000
+        )));
+    }
+    Ok(())
 }
 
 /// Opens the scratch file; one of another base, or one that does not open, starts over.
