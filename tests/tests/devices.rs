@@ -1091,7 +1091,6 @@ fn the_change_feed_gives_this_devices_changes_once_before_and_after_the_leader_t
 /// A device invited by a follower joins, and syncs with the leader: its tag reaches both, and
 /// a tag of the leader reaches it.
 #[test]
-#[ignore = "fails: the leader never pins a device a follower invited (fixed next)"]
 fn a_device_invited_by_a_follower_syncs_with_the_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_ha, a) = founder(dir.path(), "a", "lib").expect("founds");

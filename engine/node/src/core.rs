@@ -107,6 +107,9 @@ pub(crate) struct Core {
     /// The library's other devices this one trusts and has not revoked: what must have
     /// acknowledged a position before the log is compacted to it.
     members: Vec<DeviceId>,
+    /// The other devices this one trusts and has not revoked, with a Device record here or not
+    /// yet (a device a follower invited): each is pinned.
+    awaited: Vec<DeviceId>,
     /// The device that led the log's first epoch (kept by the journal once that entry is
     /// compacted away).
     founder: Option<DeviceId>,
@@ -287,6 +290,7 @@ impl Core {
             leader_end: 0,
             announced_leader: None,
             members: Vec::new(),
+            awaited: Vec::new(),
             founder,
             behind_compaction: 0,
             scratch_checked: false,
@@ -923,10 +927,11 @@ impl Core {
         }
     }
 
-    /// Pins every device with a Device record in the library (unless revoked), and unpins the
-    /// devices whose Device record was deleted (revoked on some device): they are recorded as
-    /// revoked here too, so a Device record they write again does not bring them back. Net
-    /// closes the sessions of devices no longer pinned.
+    /// Pins every device this one trusts (unless revoked), and unpins the devices whose Device
+    /// record was deleted (revoked on some device): they are recorded as revoked here too, so a
+    /// Device record they write again does not bring them back. Net closes the sessions of
+    /// devices no longer pinned. A trusted device is pinned before its Device record is here:
+    /// a device a follower invited brings its record with its first push to the leader.
     fn refresh_pins(&mut self) {
         let dir = self.link.library().dir().to_path_buf();
         let mut file = super::devices::DevicesFile::read(&dir).unwrap_or_default();
@@ -945,6 +950,16 @@ impl Core {
         }
         self.follow_compaction();
         let trusted = self.trusted(&file);
+        let me = self.replica.device();
+        self.awaited = trusted
+            .iter()
+            .copied()
+            .filter(|id| *id != me && !file.is_revoked(id) && !deleted.contains(&id.record_uuid()))
+            .collect();
+        self.awaited.sort();
+        for id in &self.awaited {
+            self.pins.pin(*id);
+        }
         if let Ok(devices) = self.link.library().devices() {
             self.members.clear();
             for device in devices {
