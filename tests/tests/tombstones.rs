@@ -229,7 +229,6 @@ fn wait_until(node: &Node, what: &str, ready: impl Fn(&keel_node::NodeStatus) ->
 /// floor (a change it made offline meanwhile may be older than a tombstone), and has one again
 /// once it does.
 #[test]
-#[ignore = "fails: the horizon counts only devices whose record arrived (fixed next)"]
 fn the_horizon_waits_for_a_device_a_follower_invited() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_ha, a) = founder(dir.path(), "a", "lib").expect("founds");

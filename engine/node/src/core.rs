@@ -108,7 +108,8 @@ pub(crate) struct Core {
     /// acknowledged a position before the log is compacted to it.
     members: Vec<DeviceId>,
     /// The other devices this one trusts and has not revoked, with a Device record here or not
-    /// yet (a device a follower invited): each is pinned.
+    /// yet (a device a follower invited): each is pinned, and the horizon waits for each one's
+    /// clock floor.
     awaited: Vec<DeviceId>,
     /// The device that led the log's first epoch (kept by the journal once that entry is
     /// compacted away).
@@ -1089,7 +1090,7 @@ impl Core {
         let horizon = match self.replica.role() {
             ElectionRole::Leader => self
                 .replica
-                .horizon(&self.members, own_floor(self.link.library())),
+                .horizon(&self.awaited, own_floor(self.link.library())),
             _ => None,
         };
         let durable = self.replica.durable();
