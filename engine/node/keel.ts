@@ -1099,6 +1099,12 @@ compactable: number,
  */
 horizon: { ms: number, counter: number } | null, 
 /**
+ * Leading: the devices (hex ids) the horizon waits for, which have not reported a clock
+ * floor this epoch: away, or paired and not joined yet. Empty otherwise. Revoking a device
+ * that will not come back lets collection go on.
+ */
+horizon_waits_for: Array<string>, 
+/**
  * Non-zero when this device's log cannot continue its leader's: the leader compacted up to
  * this position, which this device lacks (or holds with another history). Replication is
  * stopped until it has backfilled from the leader's snapshot (a `Backfill` job).

@@ -238,15 +238,16 @@ fn the_horizon_waits_for_a_device_a_follower_invited() {
 
     let home_c = keel_engine::Home::new(dir.path().join("c"));
     let name = keel_tests::cluster::pair(&home_c, &b, b.local_addr()).expect("c pairs with b");
+    let lib_c = Library::open(&home_c, &name, PASSWORD).expect("c opens");
+    let c_id = lib_c.device_id().to_hex();
     wait_until(&a, "no horizon while c has not reported", |s| {
-        s.horizon.is_none()
+        s.horizon.is_none() && s.horizon_waits_for == [c_id.clone()]
     });
 
-    let c = Node::start(
-        Library::open(&home_c, &name, PASSWORD).expect("c opens"),
-        keel_tests::cluster::options(vec![b.local_addr()]),
-    )
-    .expect("c starts");
+    let c =
+        Node::start(lib_c, keel_tests::cluster::options(vec![b.local_addr()])).expect("c starts");
     converge(&[&a, &b, &c], WAIT).expect("the three converge");
-    wait_until(&a, "a horizon over a, b and c", |s| s.horizon.is_some());
+    wait_until(&a, "a horizon over a, b and c", |s| {
+        s.horizon.is_some() && s.horizon_waits_for.is_empty()
+    });
 }

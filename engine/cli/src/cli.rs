@@ -1338,6 +1338,14 @@ fn status(
                 h.ms, h.counter
             ));
         }
+        if !n.horizon_waits_for.is_empty() {
+            let devices: Vec<&str> = n.horizon_waits_for.iter().map(|d| short(d)).collect();
+            io.line(&format!(
+                "horizon   none yet: waiting for the clock floor of {} (away, or paired and not \
+                 joined yet; revoking a device that will not come back lets collection go on)",
+                devices.join(", ")
+            ));
+        }
         if n.behind_compaction > 0 {
             io.line(&format!(
                 "behind    the leader compacted its log up to {}, which this device lacks: \

@@ -1093,6 +1093,7 @@ impl Core {
                 .horizon(&self.awaited, own_floor(self.link.library())),
             _ => None,
         };
+        let waits_for = self.replica.floors_missing(&self.awaited);
         let durable = self.replica.durable();
         if let Ok(mut status) = self.status.lock() {
             status.role = self.replica.role();
@@ -1102,6 +1103,7 @@ impl Core {
             status.compacted_to = durable.log.base().0;
             status.compactable = compactable.0;
             status.horizon = horizon;
+            status.horizon_waits_for = waits_for.iter().map(|d| d.to_hex()).collect();
             // Backfilled to the leader's base (or past it), it is not behind any more.
             if self.replica.durable().log.base().0 >= self.behind_compaction {
                 self.behind_compaction = 0;

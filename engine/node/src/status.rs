@@ -115,6 +115,11 @@ pub struct NodeStatus {
         ts(type = "{ ms: number, counter: number } | null")
     )]
     pub horizon: Option<keel_replication::wire::ClockFloor>,
+    /// Leading: the devices (hex ids) the horizon waits for, which have not reported a clock
+    /// floor this epoch: away, or paired and not joined yet. Empty otherwise. Revoking a device
+    /// that will not come back lets collection go on.
+    #[serde(default)]
+    pub horizon_waits_for: Vec<String>,
     /// The bound of the last horizon this node appended (see `append_horizon`).
     #[serde(skip)]
     #[cfg_attr(feature = "typescript", ts(skip))]

@@ -646,8 +646,8 @@ impl Replica {
     }
 
     /// For a leading replica: the least clock floor of this device (`own`) and of every other
-    /// of `devices` (the library's devices that are not revoked), each as acknowledged this
-    /// epoch. No change older can still reach the log, so the tombstones older may be
+    /// of `devices` (the devices the runtime trusts and has not revoked), each as acknowledged
+    /// this epoch. No change older can still reach the log, so the tombstones older may be
     /// collected (a `Horizon` appended to the log). `None` unless leading, or while any device
     /// has not acknowledged a floor this epoch: a device that is away holds collection back
     /// until it comes back, as it must (its offline changes may be older).
@@ -664,6 +664,22 @@ impl Replica {
             }
         }
         Some(least)
+    }
+
+    /// For a leading replica: the devices of `devices`, besides this one, that have not
+    /// acknowledged a clock floor this epoch, which [`Replica::horizon`] waits for (in the
+    /// order given). Empty unless leading.
+    pub fn floors_missing(&self, devices: &[DeviceId]) -> Vec<DeviceId> {
+        if self.role() != ElectionRole::Leader {
+            return Vec::new();
+        }
+        let epoch = self.durable().epoch;
+        devices
+            .iter()
+            .copied()
+            .filter(|d| *d != self.machine.device())
+            .filter(|d| !matches!(self.floors.get(d), Some((e, Some(_))) if *e == epoch))
+            .collect()
     }
 
     /// Tells a leading replica how far it may compact (its [`Replica::compactable`]): its
