@@ -1089,7 +1089,8 @@ fn the_change_feed_gives_this_devices_changes_once_before_and_after_the_leader_t
 }
 
 /// A device invited by a follower joins, and syncs with the leader: its tag reaches both, and
-/// a tag of the leader reaches it.
+/// a tag of the leader reaches it. When the leader goes, the other two elect one of them and
+/// go on.
 #[test]
 fn a_device_invited_by_a_follower_syncs_with_the_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1116,4 +1117,13 @@ fn a_device_invited_by_a_follower_syncs_with_the_leader() {
             );
         }
     }
+    // The leader goes: b and c elect one of them, and c's next change reaches b.
+    a.stop().expect("a stops");
+    leader_among(&[&b, &c]);
+    let after = tag("made on c after a went");
+    c.library()
+        .transact(|tx| Ok(tx.upsert(&after)))
+        .expect("c commits");
+    converge(&[&b, &c], Duration::from_secs(30)).expect("b and c converge");
+    assert!(b.library().get::<Tag>(after.uuid).expect("reads").is_some());
 }
