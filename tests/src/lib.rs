@@ -382,6 +382,20 @@ pub mod cluster {
         Ok((home, node))
     }
 
+    /// Waits until `ready` holds of `node`'s status, at most 60 s; panics saying `what`
+    /// otherwise, with the status.
+    pub fn wait_status(node: &Node, what: &str, ready: impl Fn(&keel_node::NodeStatus) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !ready(&node.status()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                node.status()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Opens library `name` in `home` again and starts it as a node listening on `listen` (a
     /// device coming back on the address it had).
     pub fn restart(home: &Home, name: &str, listen: SocketAddr) -> Result<Node, NodeError> {

@@ -4,6 +4,7 @@
 //! refused.
 
 use keel_engine::{EngineError, Library, Lsn, Tag};
+use keel_tests::cluster::wait_status;
 use keel_tests::{create_library, tag};
 
 fn tags(lib: &Library, names: impl Iterator<Item = String>) -> Vec<Tag> {
@@ -214,19 +215,6 @@ fn compaction_stops_at_what_every_device_acknowledged() {
     // At or below the base, nothing happens.
     assert_eq!(lib.compact(Lsn(2)).expect("no-op").dropped, 0);
     assert_eq!(lib.compact(end).expect("no-op").dropped, 0);
-}
-
-/// Waits until `ready` holds of `node`'s status, at most 30 s.
-fn wait_status(node: &keel_node::Node, what: &str, ready: impl Fn(&keel_node::NodeStatus) -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !ready(&node.status()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            node.status()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use keel_engine::{Library, Tag};
 use keel_node::Node;
-use keel_tests::cluster::{converge, founder, joiner, restart};
+use keel_tests::cluster::{converge, founder, joiner, restart, wait_status};
 use keel_tests::{tag, PASSWORD};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -215,15 +215,6 @@ fn a_floor_stays_at_or_below_every_change_waiting_to_be_pushed() {
     assert!(floor(&b) > old, "{:?}", floor(&b));
 }
 
-/// Waits until `ready` holds for `node`'s status, or panics saying `what`.
-fn wait_until(node: &Node, what: &str, ready: impl Fn(&keel_node::NodeStatus) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !ready(&node.status()) {
-        assert!(Instant::now() < deadline, "{what}: {:?}", node.status());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A device a follower invited is waited for from its endorsement on, before its own Device
 /// record reaches the leader: the leader has no horizon until the new device reports a clock
 /// floor (a change it made offline meanwhile may be older than a tombstone), and has one again
@@ -234,20 +225,20 @@ fn the_horizon_waits_for_a_device_a_follower_invited() {
     let (_ha, a) = founder(dir.path(), "a", "lib").expect("founds");
     let (_hb, b) = joiner(dir.path(), "b", &a).expect("b joins");
     converge(&[&a, &b], WAIT).expect("converges");
-    wait_until(&a, "a horizon over a and b", |s| s.horizon.is_some());
+    wait_status(&a, "a horizon over a and b", |s| s.horizon.is_some());
 
     let home_c = keel_engine::Home::new(dir.path().join("c"));
     let name = keel_tests::cluster::pair(&home_c, &b, b.local_addr()).expect("c pairs with b");
     let lib_c = Library::open(&home_c, &name, PASSWORD).expect("c opens");
     let c_id = lib_c.device_id().to_hex();
-    wait_until(&a, "no horizon while c has not reported", |s| {
+    wait_status(&a, "no horizon while c has not reported", |s| {
         s.horizon.is_none() && s.horizon_waits_for == [c_id.clone()]
     });
 
     let c =
         Node::start(lib_c, keel_tests::cluster::options(vec![b.local_addr()])).expect("c starts");
     converge(&[&a, &b, &c], WAIT).expect("the three converge");
-    wait_until(&a, "a horizon over a, b and c", |s| {
+    wait_status(&a, "a horizon over a, b and c", |s| {
         s.horizon.is_some() && s.horizon_waits_for.is_empty()
     });
 }

@@ -961,17 +961,13 @@ impl Core {
         for id in &self.awaited {
             self.pins.pin(*id);
         }
+        // Members: those of them whose Device record is here (a deleted one is not listed).
         if let Ok(devices) = self.link.library().devices() {
-            self.members.clear();
-            for device in devices {
-                if let Some(id) = DeviceId::from_hex(&device.device_id) {
-                    if id != self.replica.device() && !file.is_revoked(&id) && trusted.contains(&id)
-                    {
-                        self.pins.pin(id);
-                        self.members.push(id);
-                    }
-                }
-            }
+            self.members = devices
+                .iter()
+                .filter_map(|d| DeviceId::from_hex(&d.device_id))
+                .filter(|id| self.awaited.binary_search(id).is_ok())
+                .collect();
         }
         for id in self.pinned_and_deleted(&deleted) {
             file.revoke(id);
